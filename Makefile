@@ -1,0 +1,67 @@
+# Everything installs itself: a fresh machine needs only python3 and gcc.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PYTHON  := $(BIN)/python
+STAMP   := $(VENV)/.installed
+SOURCES := pyproject.toml native/engine.h native/engine.c native/build_native.py native/build_backend.py
+
+.PHONY: all run test test-all bench bench-suite soak chaos lint typecheck sanitize clean
+
+all: $(STAMP)
+
+$(PYTHON):
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# the package with its C extension (editable: engine/_native*.so lands in the tree)
+$(STAMP): $(PYTHON) $(SOURCES)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+## run: the stress demo (spawn one worker per core, hammer, verify, print figures)
+run: $(STAMP)
+	$(PYTHON) -m engine stress --seconds 5
+
+## test: the test suite (short chaos and soak versions included)
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+## test-all: also the long chaos and soak tests (marked slow)
+test-all: $(STAMP)
+	$(PYTHON) -m pytest -q -m "slow or not slow"
+
+## soak: 10-minute oversubscribed stress (8 workers on this host), zero violations expected
+soak: $(STAMP)
+	$(PYTHON) -m engine stress --workers 8 --seconds 600 --json soak.json
+
+## bench-suite: pytest-benchmark micro-benchmarks (ratios to the empty-call floor)
+bench-suite: $(STAMP)
+	$(PYTHON) -m pytest bench -q --benchmark-only --benchmark-columns=min,median,mean,ops
+
+## bench: side-by-side against the peers (installs redis-server and the bench extra)
+bench: $(STAMP)
+	@command -v redis-server >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
+	  echo "redis-server could not be installed: the bench will say so and skip Redis"
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(PYTHON) -m engine bench --json bench.json --plots bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check engine tests bench native
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## sanitize: rebuild the extension with ASan + UBSan and run the tests under it
+sanitize: $(STAMP)
+	rm -f engine/_native*.so
+	ENGINE_SANITIZE=1 $(BIN)/pip install -q --no-build-isolation -e . || \
+	  (ENGINE_SANITIZE=1 $(BIN)/pip install -q -e .)
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PYTHON) -m pytest -q -p no:cacheprovider; status=$$?; \
+	  rm -f engine/_native*.so; $(BIN)/pip install -q -e . ; rm -f $(STAMP); exit $$status
+
+clean:
+	rm -rf $(VENV) build *.egg-info engine/_native*.so engine/_native.c .pytest_cache .benchmarks

@@ -1,0 +1,63 @@
+"""Multiprocess shared-memory state engine.
+
+>>> from engine import Engine, Trigger
+>>> with Engine.create(capacity=16) as eng:
+...     slot = eng.open_position(entry_price=100.0, amount=2.0, side=1, token=7)
+...     eng.transition(slot, Trigger.POSITION_OPENED).name
+...     eng.unlink()
+'APPLIED'
+"""
+
+from engine.core import Engine, Handle, RecoveryReport
+from engine.errors import (
+    ArgumentError,
+    BusyError,
+    CapacityError,
+    ClosedError,
+    EngineError,
+    EngineTypeError,
+    NotOpenError,
+    PriceError,
+    SegmentError,
+    SegmentNotFoundError,
+    SlotError,
+    SpecError,
+    SpecMismatchError,
+    TriggerError,
+    WaitTimeout,
+)
+from engine.metrics import Metrics, OpMetrics
+from engine.records import Context, PriceSnapshot
+from engine.spec import POSITION_SPEC, MachineSpec, Outcome, Rule, State, Trigger
+
+__all__ = [
+    "POSITION_SPEC",
+    "ArgumentError",
+    "BusyError",
+    "CapacityError",
+    "ClosedError",
+    "Context",
+    "Engine",
+    "EngineError",
+    "EngineTypeError",
+    "Handle",
+    "MachineSpec",
+    "Metrics",
+    "NotOpenError",
+    "OpMetrics",
+    "Outcome",
+    "PriceError",
+    "PriceSnapshot",
+    "RecoveryReport",
+    "Rule",
+    "SegmentError",
+    "SegmentNotFoundError",
+    "SlotError",
+    "SpecError",
+    "SpecMismatchError",
+    "State",
+    "Trigger",
+    "TriggerError",
+    "WaitTimeout",
+]
+__version__ = "0.1.0"

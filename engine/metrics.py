@@ -1,0 +1,89 @@
+"""Merged metrics: the per-Engine shards in the segment, summed.
+
+Each attached Engine writes only its own shard (no contention); a departed
+Engine's counts live on in the retired shard.  Latencies are sampled into a
+log2 histogram in C: bucket b holds [2^(b-1), 2^b) ns.  Percentiles are read
+off the histogram with linear interpolation inside the bucket, so they are
+accurate to within one power of two and never below the true bucket.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from engine._native import lib
+from engine.records import OP_METRICS_DTYPE
+
+OPS = ("transition", "transition_ctx", "open", "price", "price_batch", "read", "wait", "recover")
+assert len(OPS) == lib.ENG_OP_COUNT
+assert [getattr(lib, "ENG_OP_" + op.upper()) for op in OPS] == list(range(len(OPS)))
+
+
+@dataclass(frozen=True)
+class OpMetrics:
+    """Counts and sampled latency of one operation."""
+
+    attempts: int
+    applied: int
+    invalid: int
+    conflicts: int
+    rejected: int
+    halted: int
+    errors: int
+    retries: int
+    takeovers: int
+    samples: int
+    p50_ns: float
+    p99_ns: float
+    p999_ns: float
+    max_ns: int
+
+    @property
+    def success_rate(self) -> float:
+        """Applied / attempts (1.0 with no attempts)."""
+        return self.applied / self.attempts if self.attempts else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "success_rate": self.success_rate}
+
+
+Metrics = dict[str, OpMetrics]
+
+
+def percentile(hist: np.ndarray, q: float) -> float:
+    """The q-quantile (0..1) of a log2 histogram, in ns (0.0 if empty)."""
+    total = int(hist.sum())
+    if total == 0:
+        return 0.0
+    rank = q * total
+    cum = np.cumsum(hist)
+    b = int(np.searchsorted(cum, rank, side="left"))
+    below = int(cum[b - 1]) if b else 0
+    lo, hi = (0.0, 1.0) if b == 0 else (float(2 ** (b - 1)), float(2**b))
+    frac = (rank - below) / int(hist[b]) if hist[b] else 1.0
+    return lo + (hi - lo) * min(max(frac, 0.0), 1.0)
+
+
+def read_metrics(mm: mmap.mmap, shards_off: int) -> Metrics:
+    n_shards = lib.ENG_MAX_PROCS + 1
+    view = np.frombuffer(mm, dtype=OP_METRICS_DTYPE, count=n_shards * lib.ENG_OP_COUNT,
+                         offset=shards_off).reshape(n_shards, lib.ENG_OP_COUNT)
+    try:
+        shards = view.copy()
+    finally:
+        del view   # the mmap cannot close while a view of it lives
+    out: Metrics = {}
+    for i, op in enumerate(OPS):
+        col = shards[:, i]
+        hist = col["hist"].sum(axis=0)
+        counts = {k: int(col[k].sum()) for k in ("attempts", "applied", "invalid", "conflicts",
+                                                  "rejected", "halted", "errors", "retries",
+                                                  "takeovers", "samples")}
+        out[op] = OpMetrics(**counts, p50_ns=percentile(hist, 0.5),
+                            p99_ns=percentile(hist, 0.99), p999_ns=percentile(hist, 0.999),
+                            max_ns=int(col["max_ns"].max()))
+    return out

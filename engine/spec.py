@@ -1,0 +1,227 @@
+"""State machines: the default position lifecycle and custom specs.
+
+A :class:`MachineSpec` compiles to a dense table (state index x trigger ->
+target index + 1) that is stored in the segment header, so every attached
+process enforces the same rules.  Its fingerprint goes in the header too; an
+attach with a different spec is refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from engine._native import lib
+from engine.errors import SpecError
+
+if TYPE_CHECKING:
+    from engine.records import Context, PriceSnapshot
+
+#: A guard sees the context and price read under the transition lock and
+#: says whether the transition may go ahead.  It must be importable (module
+#: level) to travel to spawned workers inside a handle.
+Guard = Callable[["Context", "PriceSnapshot"], bool]
+
+
+class State(enum.IntEnum):
+    """States of the default position lifecycle (one-hot codes)."""
+
+    CREATED = 0x01
+    MONITORING = 0x02
+    EXIT_PENDING = 0x04
+    EXITING = 0x08
+    CLOSED = 0x10
+    ERROR = 0x20
+    PAUSED = 0x40
+
+
+class Trigger(enum.IntEnum):
+    """Triggers of the default position lifecycle."""
+
+    POSITION_OPENED = 0
+    EXIT_CONDITION_MET = 1
+    EXIT_CANCELLED = 2
+    EXIT_STARTED = 3
+    EXIT_COMPLETED = 4
+    EXIT_FAILED = 5
+    PAUSE = 6
+    RESUME = 7
+    ERROR_OCCURRED = 8
+    RECOVER = 9
+
+
+class Outcome(enum.IntEnum):
+    """What a transition did (codes from the C header)."""
+
+    APPLIED = lib.ENG_APPLIED
+    INVALID = lib.ENG_INVALID
+    CONFLICT = lib.ENG_CONFLICT
+    REJECTED = lib.ENG_REJECTED
+    HALTED = lib.ENG_HALTED
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``trigger`` moves a slot from any of ``sources`` to ``target``."""
+
+    trigger: str
+    sources: tuple[str, ...]
+    target: str
+    guard: Guard | None = None
+
+    @classmethod
+    def of(cls, trigger: str, sources: str | Sequence[str], target: str,
+           guard: Guard | None = None) -> Rule:
+        srcs = (sources,) if isinstance(sources, str) else tuple(sources)
+        return cls(trigger, srcs, target, guard)
+
+
+class MachineSpec:
+    """A state machine: up to ``ENG_MAX_STATES`` states and its rules.
+
+    >>> spec = MachineSpec(
+    ...     states=["IDLE", "ANALYZING", "EXECUTING"],
+    ...     triggers=["START", "EXECUTE", "DONE"],
+    ...     rules=[Rule.of("START", "IDLE", "ANALYZING"),
+    ...            Rule.of("EXECUTE", "ANALYZING", "EXECUTING"),
+    ...            Rule.of("DONE", ["ANALYZING", "EXECUTING"], "IDLE")],
+    ...     initial="IDLE")
+    >>> spec.table_bytes()[:3]
+    b'\\x00\\x00\\x00'
+    """
+
+    def __init__(self, states: Sequence[str], triggers: Sequence[str],
+                 rules: Iterable[Rule], initial: str, closed: Iterable[str] = (),
+                 name: str = "custom") -> None:
+        self.name = name
+        self.states: tuple[str, ...] = tuple(states)
+        self.triggers: tuple[str, ...] = tuple(triggers)
+        self.rules: tuple[Rule, ...] = tuple(rules)
+        self.initial = initial
+        self.closed: tuple[str, ...] = tuple(closed)
+        self._check()
+        self.state_index: Mapping[str, int] = {s: i for i, s in enumerate(self.states)}
+        self.trigger_index: Mapping[str, int] = {t: i for i, t in enumerate(self.triggers)}
+        self.State: type[enum.IntEnum] = (
+            State if self.states == tuple(State.__members__) else
+            enum.IntEnum(f"{name}State", {s: 1 << i for i, s in enumerate(self.states)}))  # type: ignore[misc]
+        self.Trigger: type[enum.IntEnum] = (
+            Trigger if self.triggers == tuple(Trigger.__members__) else
+            enum.IntEnum(f"{name}Trigger", {t: i for i, t in enumerate(self.triggers)}))  # type: ignore[misc]
+        #: (source state index, trigger index) -> guard
+        self.guards: dict[tuple[int, int], Guard] = {
+            (self.state_index[src], self.trigger_index[r.trigger]): r.guard
+            for r in self.rules if r.guard is not None for src in r.sources}
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def position(cls) -> MachineSpec:
+        """The default position lifecycle of the design."""
+        s, t = State, Trigger
+        rule = Rule.of
+        rules = [
+            rule(t.POSITION_OPENED.name, s.CREATED.name, s.MONITORING.name),
+            rule(t.EXIT_CONDITION_MET.name, s.MONITORING.name, s.EXIT_PENDING.name),
+            rule(t.EXIT_CANCELLED.name, s.EXIT_PENDING.name, s.MONITORING.name),
+            rule(t.EXIT_STARTED.name, s.EXIT_PENDING.name, s.EXITING.name),
+            rule(t.EXIT_COMPLETED.name, s.EXITING.name, s.CLOSED.name),
+            rule(t.EXIT_FAILED.name, s.EXITING.name, s.EXIT_PENDING.name),
+            rule(t.PAUSE.name, s.MONITORING.name, s.PAUSED.name),
+            rule(t.RESUME.name, s.PAUSED.name, s.MONITORING.name),
+            rule(t.ERROR_OCCURRED.name, [x.name for x in s if x is not s.CLOSED], s.ERROR.name),
+            rule(t.RECOVER.name, s.ERROR.name, s.MONITORING.name),
+        ]
+        return cls(states=list(s.__members__), triggers=list(t.__members__), rules=rules,
+                   initial=s.CREATED.name, closed=[s.CLOSED.name], name="position")
+
+    def _check(self) -> None:
+        n_states, n_triggers = len(self.states), len(self.triggers)
+        if not 1 <= n_states <= lib.ENG_MAX_STATES:
+            raise SpecError(f"a spec has 1 to {lib.ENG_MAX_STATES} states, got {n_states}")
+        if not 1 <= n_triggers <= lib.ENG_MAX_TRIGGERS:
+            raise SpecError(f"a spec has 1 to {lib.ENG_MAX_TRIGGERS} triggers, got {n_triggers}")
+        for kind, names in (("state", self.states), ("trigger", self.triggers)):
+            if len(set(names)) != len(names):
+                raise SpecError(f"duplicate {kind} names in {names}")
+            for n in names:
+                if not isinstance(n, str) or not n.isidentifier():
+                    raise SpecError(f"{kind} names must be identifiers, got {n!r}")
+        known = set(self.states)
+        if self.initial not in known:
+            raise SpecError(f"initial state {self.initial!r} is not one of {self.states}")
+        for c in self.closed:
+            if c not in known:
+                raise SpecError(f"closed state {c!r} is not one of {self.states}")
+        seen: set[tuple[str, str]] = set()
+        for r in self.rules:
+            if r.trigger not in self.triggers:
+                raise SpecError(f"rule trigger {r.trigger!r} is not one of {self.triggers}")
+            if r.target not in known:
+                raise SpecError(f"rule target {r.target!r} is not one of {self.states}")
+            if r.guard is not None and not callable(r.guard):
+                raise SpecError(f"guard of rule {r.trigger} must be callable")
+            for src in r.sources:
+                if src not in known:
+                    raise SpecError(f"rule source {src!r} is not one of {self.states}")
+                if (src, r.trigger) in seen:
+                    raise SpecError(f"two rules for trigger {r.trigger} from {src}")
+                seen.add((src, r.trigger))
+
+    # -- compiled forms ------------------------------------------------------------
+    def table_bytes(self) -> bytes:
+        """The dense table for the segment header."""
+        table = bytearray(lib.ENG_MAX_STATES * lib.ENG_MAX_TRIGGERS)
+        for r in self.rules:
+            t = self.trigger_index[r.trigger]
+            entry = self.state_index[r.target] + 1
+            if r.guard is not None:
+                entry |= lib.ENG_RULE_GUARDED
+            for src in r.sources:
+                table[self.state_index[src] * lib.ENG_MAX_TRIGGERS + t] = entry
+        return bytes(table)
+
+    @property
+    def closed_mask(self) -> int:
+        return sum(1 << self.state_index[c] for c in self.closed)
+
+    @property
+    def fingerprint(self) -> int:
+        """64-bit digest of everything that decides behaviour (never 0)."""
+        doc: dict[str, Any] = {
+            "states": self.states, "triggers": self.triggers, "initial": self.initial,
+            "closed": sorted(self.closed),
+            "rules": sorted((r.trigger, list(r.sources), r.target,
+                             _guard_name(r.guard)) for r in self.rules),
+        }
+        digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).digest()
+        return int.from_bytes(digest[:8], "little") or 1
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MachineSpec) and other.fingerprint == self.fingerprint
+
+    def __hash__(self) -> int:
+        return self.fingerprint
+
+    def __repr__(self) -> str:
+        return (f"MachineSpec({self.name!r}, states={len(self.states)}, "
+                f"triggers={len(self.triggers)}, rules={len(self.rules)})")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self.name, "states": self.states, "triggers": self.triggers,
+                "rules": self.rules, "initial": self.initial, "closed": self.closed}
+
+    def __setstate__(self, st: dict[str, Any]) -> None:
+        self.__init__(**st)  # type: ignore[misc]
+
+
+def _guard_name(g: Guard | None) -> str | None:
+    if g is None:
+        return None
+    return f"{getattr(g, '__module__', '?')}.{getattr(g, '__qualname__', repr(g))}"
+
+
+POSITION_SPEC = MachineSpec.position()

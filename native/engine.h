@@ -1,0 +1,393 @@
+/*
+ * engine.h - the shared layout and C API of the shared-memory state engine.
+ *
+ * This header is the ONE source of every size, offset, bit position, flag and
+ * status code.  The region between the cdef markers is read by
+ * native/build_native.py as the cffi cdef (each `#define NAME value` becomes
+ * `#define NAME ...` and each `[MACRO]` array bound becomes `[...]`), so
+ * Python reads lib.ENG_* and ffi.offsetof(...) and never retypes a number.
+ *
+ * Segment layout (every part starts on a cache line):
+ *
+ *   +--------------------+  0
+ *   | eng_header         |  identity, controls, transition table
+ *   +--------------------+  hdr.registry_off
+ *   | eng_proc[MAX_PROCS]|  one entry per attached Engine (pid, start time)
+ *   +--------------------+  hdr.shards_off
+ *   | eng_shard[PROCS+1] |  metrics: one shard per entry + one "retired"
+ *   +--------------------+  hdr.slots_off
+ *   | eng_slot[capacity] |  one 256-byte record per position
+ *   +--------------------+  hdr.segment_size
+ */
+#ifndef ENGINE_H
+#define ENGINE_H
+
+#include <stdint.h>
+
+/* cdef-begin */
+
+/* ---- identity ---------------------------------------------------------- */
+#define ENG_MAGIC            0x31454E49474E4545ULL   /* "EENGINE1" little-endian */
+#define ENG_LAYOUT_VERSION   3
+#define ENG_CACHE_LINE       64
+
+/* ---- limits ------------------------------------------------------------ */
+#define ENG_MAX_STATES       16
+#define ENG_MAX_TRIGGERS     256
+#define ENG_MAX_PROCS        128
+#define ENG_MAX_CAPACITY     16777216
+#define ENG_HIST_BUCKETS     48      /* bucket b holds latencies in [2^(b-1), 2^b) ns */
+
+/*
+ * ---- the state word (eng_slot.word, 64 bits) -------------------------------
+ *
+ *   63 62 61                 40 39          24 23 22 21  18 17 16 15        0
+ *  +-----+---------------------+--------------+-----+------+--+--+-----------+
+ *  | 0 0 | owner pid (22 bits) | generation   | 0 0 |target|E |L | one-hot   |
+ *  +-----+---------------------+--------------+-----+------+--+--+-----------+
+ *
+ *  one-hot   the current state, 1 << state index; 0 = slot free (never opened
+ *            or released)
+ *  L         transition lock; owner and target are meaningful only while set
+ *  E         the last slow-path transition on this slot was rolled back by a
+ *            takeover after its owner died; cleared by the next commit
+ *  target    index of the state the lock holder is moving to
+ *  generation +1 on every committed transition (mod 2^16): a CAS can never
+ *            succeed against a state that left and came back
+ */
+#define ENG_SW_STATE_MASK    0xFFFFULL
+#define ENG_SW_LOCK          0x10000ULL
+#define ENG_SW_ERROR         0x20000ULL
+#define ENG_SW_TARGET_SHIFT  18
+#define ENG_SW_TARGET_MASK   0xFULL
+#define ENG_SW_GEN_SHIFT     24
+#define ENG_SW_GEN_MASK      0xFFFFULL
+#define ENG_SW_OWNER_SHIFT   40
+#define ENG_SW_OWNER_MASK    0x3FFFFFULL
+#define ENG_MAX_PID          0x3FFFFF
+
+/* ---- transition table entries: target index + 1 (0 = no rule) ---------- */
+#define ENG_RULE_TARGET_MASK 0x1F
+#define ENG_RULE_GUARDED     0x80
+
+/* ---- outcomes (>= 0) ----------------------------------------------------- */
+#define ENG_APPLIED          0
+#define ENG_INVALID          1       /* no rule for this trigger from this state */
+#define ENG_CONFLICT         2       /* retries spent against other writers */
+#define ENG_REJECTED         3       /* a guard said no */
+#define ENG_HALTED           4       /* emergency stop is on */
+
+/* ---- errors (< 0) -------------------------------------------------------- */
+#define ENG_EBADSLOT         -1      /* slot id >= capacity */
+#define ENG_ENOTOPEN         -2      /* slot was never opened, or released */
+#define ENG_EBADTRIGGER      -3      /* trigger >= number of triggers */
+#define ENG_EBADPRICE        -4      /* price not finite or <= 0 */
+#define ENG_EBADARG          -5      /* other argument out of range */
+#define ENG_EFULL            -6      /* no free slot */
+#define ENG_ETIMEDOUT        -7
+#define ENG_EINTR            -8      /* a signal arrived: Python checks it, then resumes */
+#define ENG_EBUSY            -9      /* a live writer held the record past the bound */
+#define ENG_EMAGIC           -10     /* not an engine segment */
+#define ENG_ELAYOUT          -11     /* another layout version */
+#define ENG_ESIZE            -12     /* sizes in the header disagree with the mapping */
+#define ENG_ENOTREADY        -13     /* creator has not finished formatting */
+#define ENG_ESPEC            -14     /* machine spec fingerprint differs */
+#define ENG_ENOPROC          -15     /* process registry full */
+#define ENG_ENOTLOCKED       -16     /* guard commit without holding the lock */
+#define ENG_EGUARDED         -17     /* rule has a guard: use the guarded path */
+#define ENG_ECORRUPT         -18     /* a field of the header is out of range */
+#define ENG_ECLOSED          -19     /* the eng_seg was detached */
+
+/* ---- context update mask (eng_ctx_update.mask) --------------------------- */
+#define ENG_CTX_EXIT_REASON  1
+#define ENG_CTX_STOP_LOSS    2
+#define ENG_CTX_TAKE_PROFIT  4
+
+/* ---- metrics operations -------------------------------------------------- */
+#define ENG_OP_TRANSITION    0       /* fast path */
+#define ENG_OP_TRANSITION_CTX 1      /* slow path: context update or guard */
+#define ENG_OP_OPEN          2
+#define ENG_OP_PRICE         3       /* update_price */
+#define ENG_OP_PRICE_BATCH   4       /* update_prices / update_token_price, per call */
+#define ENG_OP_READ          5       /* price / context read */
+#define ENG_OP_WAIT          6
+#define ENG_OP_RECOVER       7
+#define ENG_OP_COUNT         8
+
+/* ---- registry entry states ----------------------------------------------- */
+#define ENG_PROC_FREE        0
+#define ENG_PROC_CLAIMED     1       /* pid written, start time not yet */
+#define ENG_PROC_ACTIVE      2
+
+/* ---- test-only fault switches (eng_header.fault_flags) -------------------- */
+#define ENG_FAULT_SKIP_GEN   1       /* commit without generation + 1 */
+#define ENG_FAULT_BLIND_STORE 2      /* fast path stores instead of CAS */
+
+/* ---- misc ---------------------------------------------------------------- */
+#define ENG_WAIT_CURRENT     0xFFFFFFFF   /* eng_wait_change: since = now */
+#define ENG_SLOT_SIZE        256
+#define ENG_HEADER_SIZE      4352
+
+/*
+ * One price record (32 bytes).  Two copies per slot; eng_slot.pseq says which
+ * one readers use (pseq & 1) and is the record's version.
+ */
+typedef struct eng_price_rec {
+    double   price;
+    int64_t  ts_ns;          /* CLOCK_REALTIME at the update */
+    double   pnl_pct;
+    double   pnl_usd;
+} eng_price_rec;
+
+/*
+ * One context record (64 bytes, one cache line).  Two copies per slot;
+ * eng_slot.cseq selects and versions them.  gen is the state-word generation
+ * the record belongs to (used by takeover to roll forward or back).
+ */
+typedef struct eng_ctx_rec {
+    double   entry_price;
+    double   amount;
+    double   stop_loss;
+    double   take_profit;
+    int64_t  token;
+    int64_t  opened_ns;
+    int32_t  side;           /* +1 long, -1 short */
+    int32_t  exit_reason;
+    uint32_t gen;
+    uint32_t pad;
+} eng_ctx_rec;
+
+/*
+ * One position slot (256 bytes = 4 cache lines):
+ *
+ *   line 0  | word | transitions | waiters | token | cseq | pseq | pwriter |
+ *   line 1  | price[0]                  | price[1]                  |
+ *   line 2  | ctx[0]                                                 |
+ *   line 3  | ctx[1]                                                 |
+ *
+ * Everything written by a transition or a price update for one position sits
+ * on that position's own lines, so writers of different slots never share a
+ * cache line.
+ */
+typedef struct eng_slot {
+    uint64_t word;           /* state word, see above */
+    uint64_t transitions;    /* committed transitions; its low 32 bits are the
+                                futex word that eng_wait_change sleeps on */
+    uint32_t waiters;        /* processes in eng_wait_change on this slot */
+    uint32_t pad2;
+    int64_t  token;          /* copy of the context's token, set at open */
+    uint64_t cseq;           /* context seqlock sequence = context version */
+    uint64_t pseq;           /* price seqlock sequence = price version */
+    uint32_t pwriter;        /* price writer latch: 0 or the writer's pid */
+    uint32_t pad0;
+    uint64_t pad1;
+    eng_price_rec price[2];
+    eng_ctx_rec ctx[2];
+} eng_slot;
+
+/* One registry entry per attached Engine object (64 bytes). */
+typedef struct eng_proc {
+    uint32_t pid;            /* 0 = free; claimed by CAS 0 -> pid */
+    uint32_t state;          /* ENG_PROC_* */
+    uint64_t start_time;     /* /proc/<pid>/stat field 22: tells a reused pid apart */
+    uint64_t attached_ns;
+    uint64_t pad[5];
+} eng_proc;
+
+/* Counters of one operation in one shard (512 bytes). */
+typedef struct eng_op_metrics {
+    uint64_t attempts;
+    uint64_t applied;
+    uint64_t invalid;
+    uint64_t conflicts;
+    uint64_t rejected;
+    uint64_t halted;
+    uint64_t errors;
+    uint64_t retries;        /* failed CAS attempts and latch waits */
+    uint64_t takeovers;      /* locks taken from dead owners */
+    uint64_t samples;        /* latencies recorded in hist */
+    uint64_t max_ns;
+    uint64_t pad[5];
+    uint64_t hist[ENG_HIST_BUCKETS];
+} eng_op_metrics;
+
+typedef struct eng_shard {
+    eng_op_metrics op[ENG_OP_COUNT];
+} eng_shard;
+
+/*
+ * The segment header.  ready is written last, with release; attach reads it
+ * with acquire before trusting anything else.
+ */
+typedef struct eng_header {
+    /* line 0: identity, written once by the creator */
+    uint64_t magic;
+    uint32_t layout_version;
+    uint32_t ready;
+    uint64_t segment_size;
+    uint32_t capacity;
+    uint32_t slot_size;
+    uint64_t fingerprint;    /* of the machine spec */
+    uint32_t n_states;
+    uint32_t n_triggers;
+    uint32_t initial_index;
+    uint32_t closed_mask;    /* one-hot states that count as closed */
+    uint32_t creator_pid;
+    uint32_t pad0;
+    /* line 1 */
+    uint64_t created_ns;
+    uint64_t registry_off;
+    uint64_t shards_off;
+    uint64_t slots_off;
+    uint64_t pad1[4];
+    /* line 2: controls, read on hot paths, written rarely */
+    uint32_t halted;
+    uint32_t metrics_on;
+    uint32_t sample_mask;    /* latency sampled when (attempts & mask) == 0 */
+    uint32_t fault_flags;    /* ENG_FAULT_*: tests only */
+    uint64_t test_pause_ns;  /* slow path sleeps this long holding the lock: tests only */
+    uint64_t pad2[5];
+    /* line 3: written by open and recover */
+    uint32_t alloc_hint;
+    uint32_t recovering;     /* 0 or the pid running eng_recover */
+    uint64_t pad3[7];
+    /* the transition table: table[state index * ENG_MAX_TRIGGERS + trigger]
+     * = target index + 1, | ENG_RULE_GUARDED; 0 = no rule */
+    uint8_t  table[ENG_MAX_STATES * ENG_MAX_TRIGGERS];
+} eng_header;
+
+/* Process-local view of an attached segment (not shared). */
+typedef struct eng_seg {
+    uint8_t        *base;
+    uint64_t        size;
+    eng_header     *hdr;
+    eng_proc       *registry;
+    eng_shard      *shards;
+    eng_slot       *slots;
+    eng_shard      *me;          /* this Engine's shard */
+    uint32_t        capacity;
+    uint32_t        n_triggers;
+    uint32_t        pid;
+    uint32_t        proc_index;
+    uint64_t        last_old_word;   /* state words around this Engine's last */
+    uint64_t        last_new_word;   /* applied transition (for stress logs) */
+} eng_seg;
+
+/* Context fields a transition may change, atomically with the state. */
+typedef struct eng_ctx_update {
+    uint32_t mask;           /* ENG_CTX_* */
+    int32_t  exit_reason;
+    double   stop_loss;
+    double   take_profit;
+} eng_ctx_update;
+
+/* A consistent price read (what Engine.price returns). */
+typedef struct eng_price_out {
+    double   price;
+    int64_t  ts_ns;
+    double   pnl_pct;
+    double   pnl_usd;
+    uint64_t version;
+} eng_price_out;
+
+/* A consistent context read. */
+typedef struct eng_ctx_out {
+    eng_ctx_rec rec;
+    uint64_t    version;
+} eng_ctx_out;
+
+/* One row of a snapshot: each record inside it is read consistently. */
+typedef struct eng_row {
+    uint32_t slot;
+    uint32_t state;          /* one-hot code */
+    uint32_t generation;
+    uint32_t locked;
+    uint64_t transitions;
+    double   price;
+    int64_t  price_ts_ns;
+    double   pnl_pct;
+    double   pnl_usd;
+    uint64_t price_version;
+    double   entry_price;
+    double   amount;
+    double   stop_loss;
+    double   take_profit;
+    int64_t  token;
+    int64_t  opened_ns;
+    int32_t  side;
+    int32_t  exit_reason;
+    uint64_t context_version;
+} eng_row;
+
+/* What eng_recover did. */
+typedef struct eng_recover_report {
+    uint32_t rolled_forward;     /* interrupted transitions completed */
+    uint32_t rolled_back;        /* interrupted transitions undone */
+    uint32_t price_latches;      /* price writer latches released */
+    uint32_t procs_removed;      /* dead registry entries removed */
+    uint32_t removed_pids[ENG_MAX_PROCS];
+} eng_recover_report;
+
+/* ---- functions ----------------------------------------------------------- */
+int      eng_noop(void);
+uint64_t eng_segment_size(uint32_t capacity);
+int      eng_format(void *base, uint64_t size, uint32_t capacity,
+                    const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
+                    uint32_t initial_index, uint32_t closed_mask,
+                    uint64_t fingerprint, uint32_t creator_pid);
+int      eng_validate(const void *base, uint64_t size, uint64_t fingerprint);
+int      eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint);
+void     eng_detach(eng_seg *s);
+
+int      eng_open_position(eng_seg *s, double entry_price, double amount,
+                           int32_t side, int64_t token, uint32_t *out_slot);
+int      eng_release_position(eng_seg *s, uint32_t slot);
+int      eng_transition(eng_seg *s, uint32_t slot, uint32_t trigger);
+int      eng_transition_ctx(eng_seg *s, uint32_t slot, uint32_t trigger,
+                            const eng_ctx_update *update);
+int      eng_guard_lock(eng_seg *s, uint32_t slot, uint32_t trigger);
+int      eng_guard_finish(eng_seg *s, uint32_t slot, int commit,
+                          const eng_ctx_update *update);
+int      eng_state(eng_seg *s, uint32_t slot);
+int      eng_state_word(eng_seg *s, uint32_t slot, uint64_t *out_word);
+
+int      eng_update_price(eng_seg *s, uint32_t slot, double price);
+int      eng_update_prices(eng_seg *s, const uint32_t *slots, const double *prices,
+                           uint64_t n, uint64_t *out_bad_index);
+int64_t  eng_update_token_price(eng_seg *s, int64_t token, double price);
+int      eng_read_price(eng_seg *s, uint32_t slot, eng_price_out *out);
+int      eng_read_context(eng_seg *s, uint32_t slot, eng_ctx_out *out);
+
+int      eng_wait_change(eng_seg *s, uint32_t slot, uint32_t since,
+                         int64_t timeout_ns, uint32_t *out_change);
+int      eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n);
+int      eng_recover(eng_seg *s, eng_recover_report *out);
+int      eng_proc_alive(uint32_t pid, uint64_t start_time);
+int      eng_owner_alive(eng_seg *s, uint32_t pid);
+uint64_t eng_proc_start_time(uint32_t pid);
+
+/* cdef-end */
+
+/* ---- layout checks --------------------------------------------------------- */
+#include <stddef.h>
+_Static_assert(sizeof(eng_price_rec) == 32, "price record is 32 bytes");
+_Static_assert(sizeof(eng_ctx_rec) == ENG_CACHE_LINE, "context record is one line");
+_Static_assert(sizeof(eng_slot) == ENG_SLOT_SIZE, "slot size");
+_Static_assert(offsetof(eng_slot, price) == ENG_CACHE_LINE, "prices on line 1");
+_Static_assert(offsetof(eng_slot, ctx) == 2 * ENG_CACHE_LINE, "contexts on lines 2-3");
+_Static_assert(offsetof(eng_slot, pwriter) < ENG_CACHE_LINE, "latch on line 0");
+_Static_assert(offsetof(eng_slot, transitions) % 8 == 0, "futex word aligned");
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "futex word is the low half of transitions");
+_Static_assert(sizeof(eng_proc) == ENG_CACHE_LINE, "registry entry is one line");
+_Static_assert(sizeof(eng_op_metrics) % ENG_CACHE_LINE == 0, "metrics padded to lines");
+_Static_assert(offsetof(eng_header, created_ns) == ENG_CACHE_LINE, "header line 1");
+_Static_assert(offsetof(eng_header, halted) == 2 * ENG_CACHE_LINE, "header line 2");
+_Static_assert(offsetof(eng_header, alloc_hint) == 3 * ENG_CACHE_LINE, "header line 3");
+_Static_assert(offsetof(eng_header, table) == 4 * ENG_CACHE_LINE, "table after line 3");
+_Static_assert(sizeof(eng_header) == ENG_HEADER_SIZE, "header size");
+_Static_assert(ENG_HEADER_SIZE % ENG_CACHE_LINE == 0, "header padded to lines");
+_Static_assert(ENG_MAX_STATES <= ENG_SW_TARGET_MASK + 1, "target index fits the word");
+_Static_assert(ENG_MAX_STATES <= 16, "one-hot state fits 16 bits");
+_Static_assert(ENG_MAX_STATES < ENG_RULE_TARGET_MASK, "rule target fits its mask");
+
+#endif /* ENGINE_H */
