@@ -59,7 +59,7 @@ sanitize: $(STAMP)
 	ENGINE_SANITIZE=1 $(BIN)/pip install -q --no-build-isolation -e . || \
 	  (ENGINE_SANITIZE=1 $(BIN)/pip install -q -e .)
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(PYTHON) -m pytest -q -p no:cacheprovider; status=$$?; \
 	  rm -f engine/_native*.so; $(BIN)/pip install -q -e . ; rm -f $(STAMP); exit $$status
 
