@@ -271,7 +271,9 @@ class Engine:
             if not (math.isfinite(v) and v > 0):
                 err = PriceError if key == "entry_price" else ArgumentError
                 raise err(f"{key} must be finite and > 0, got {v!r}")
-        if side not in (1, -1) or isinstance(side, bool):
+        if not isinstance(side, int) or isinstance(side, bool):
+            raise EngineTypeError(f"side must be the int 1 (long) or -1 (short), got {side!r}")
+        if side not in (1, -1):
             raise ArgumentError(f"side must be 1 (long) or -1 (short), got {side!r}")
         if not isinstance(token, int) or not _INT64[0] <= token <= _INT64[1]:
             raise ArgumentError(f"token must be an int in [{_INT64[0]}, {_INT64[1]}], "
@@ -429,11 +431,15 @@ class Engine:
         rc = lib.eng_update_prices(self._seg, ffi.from_buffer("uint32_t[]", s),
                                    ffi.from_buffer("double[]", p), len(s), bad)
         if rc:
+            if rc in (lib.ENG_ECLOSED, lib.ENG_EBADARG):   # out_bad_index not set
+                self._fail(rc)
             i = int(bad[0])
+            done = ("slots before it were written" if rc == lib.ENG_EBUSY
+                    else "nothing in the batch was written")
             try:
                 self._fail(rc, int(s[i]), price=float(p[i]))
             except EngineError as e:
-                raise type(e)(f"{e} (at index {i}; nothing in the batch was written)") from None
+                raise type(e)(f"{e} (at index {i}; {done})") from None
 
     def update_token_price(self, token: int, price: float) -> int:
         """Publish ``price`` to every open position on ``token``; returns the count."""
