@@ -87,3 +87,27 @@ def read_metrics(mm: mmap.mmap, shards_off: int) -> Metrics:
                             p99_ns=percentile(hist, 0.99), p999_ns=percentile(hist, 0.999),
                             max_ns=int(col["max_ns"].max()))
     return out
+
+
+def check_alerts(metrics: Metrics, p99_ns: float | None = None,
+                 success_rate: float | None = None) -> list[str]:
+    """Alert messages for every operation that breaches a threshold.
+
+    ``p99_ns``: an operation whose sampled p99 latency exceeds it alerts.
+    ``success_rate``: an operation whose applied / attempts falls below it
+    alerts.  ``None`` turns a check off; operations never attempted (or with
+    no latency samples, for the p99 check) are skipped.  Note what counts as a
+    failure: invalid outcomes and conflicts, and for ``wait`` a timeout.
+    """
+    alerts: list[str] = []
+    for op, m in metrics.items():
+        if not m.attempts:
+            continue
+        p99 = min(m.p99_ns, m.max_ns)   # interpolation inside a bucket can pass the max
+        if p99_ns is not None and m.samples and p99 > p99_ns:
+            alerts.append(f"{op}: p99 latency {p99 / 1e3:.2f} us > "
+                          f"{p99_ns / 1e3:.2f} us ({m.samples} samples)")
+        if success_rate is not None and m.success_rate < success_rate:
+            alerts.append(f"{op}: success rate {m.success_rate:.3f} < {success_rate:.3f} "
+                          f"({m.applied} of {m.attempts} applied)")
+    return alerts

@@ -1,0 +1,270 @@
+"""The stress harness: its chain checker on hand-made logs, and whole runs that
+must come out clean, and must come out dirty when a fault is switched on.
+
+Allowed in a clean run: INVALID, CONFLICT, not-open and timeout outcomes
+(workers contend for the same slots on purpose).  Forbidden: any violation
+(lost, duplicated or misordered commits, counter mismatches, torn reads,
+versions going back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from engine import State, _native
+from engine.metrics import OpMetrics, check_alerts
+from engine.stress import (
+    KINDS,
+    PRESETS,
+    StressConfig,
+    StressResult,
+    add_parsers,
+    decode_links,
+    encode_links,
+    links_from_words,
+    parse_mix,
+    run_stress,
+    verify_chains,
+)
+
+SHM = pathlib.Path("/dev/shm")
+lib = _native.lib
+
+
+def word(state: int, gen: int, locked: bool = False) -> int:
+    """A state word with the C header's bit positions."""
+    w = int(state) | ((gen & lib.ENG_SW_GEN_MASK) << lib.ENG_SW_GEN_SHIFT)
+    return w | lib.ENG_SW_LOCK if locked else w
+
+
+#: open, a whole lifecycle, release, reopen: 7 commits from the fresh word
+LIFE = [0, State.CREATED, State.MONITORING, State.EXIT_PENDING, State.EXITING, State.CLOSED,
+        0, State.CREATED]
+
+
+def chain(slot: int = 0, states: list[int] = LIFE) -> tuple[list[int], list[int], list[int]]:
+    """(slots, old words, new words) of a clean chain through ``states``."""
+    olds = [word(states[i], i) for i in range(len(states) - 1)]
+    news = [word(states[i + 1], i + 1) for i in range(len(states) - 1)]
+    return [slot] * len(olds), olds, news
+
+
+def check(slots: list[int], olds: list[int], news: list[int], counter: int | None = None,
+          final: int | None = None, capacity: int = 2) -> dict[str, int]:
+    """Run the checker on one slot's links; the other slots stay fresh."""
+    counters = np.zeros(capacity, dtype=np.uint64)
+    counters[0] = len(slots) if counter is None else counter
+    words = np.zeros(capacity, dtype=np.uint64)
+    words[0] = news[-1] if final is None else final
+    rep = verify_chains(links_from_words(slots, olds, news), counters, words)
+    assert rep.violations == sum(rep.by_category.values())
+    return rep.by_category
+
+
+def assert_gone(res: StressResult) -> None:
+    """The run removed its segment and its start gate."""
+    assert res.segment and not (SHM / res.segment).exists()
+    assert res.gate and not (SHM / ("sem." + res.gate.lstrip("/"))).exists()
+
+
+class TestParseMix:
+    def test_preset(self) -> None:
+        """A preset name gives its weights, other kinds weigh 0."""
+        assert parse_mix("transitions") == {k: PRESETS["transitions"].get(k, 0) for k in KINDS}
+
+    def test_weights_and_override(self) -> None:
+        """kind=weight items set weights, alone or after a preset."""
+        assert parse_mix("price=3,read=1") == {k: {"price": 3, "read": 1}.get(k, 0) for k in KINDS}
+        assert parse_mix("default,wait=0")["wait"] == 0
+        assert parse_mix("default,wait=0")["price"] == PRESETS["default"]["price"]
+
+    @pytest.mark.parametrize("bad", ["nope", "price=-1", "price=x", "bogus=1", "read=0",
+                                     "price=1,default"])
+    def test_bad_mix(self, bad: str) -> None:
+        """Unknown presets or kinds, bad or negative weights and all-zero mixes are refused."""
+        with pytest.raises(ValueError):
+            parse_mix(bad)
+
+
+class TestLinkEncoding:
+    def test_round_trip(self) -> None:
+        """Slot, time, states and generations survive packing; lock/owner bits are dropped."""
+        old = word(State.EXITING, 0xFFFF) | (1234 << lib.ENG_SW_OWNER_SHIFT)
+        new = word(State.CLOSED, 0)
+        raw = np.array([[(77 << 40) | 99, old, new]], dtype=np.uint64)
+        (link,) = decode_links(encode_links(raw))
+        assert (link["slot"], link["t"]) == (77, 99)
+        assert (link["old_state"], link["old_gen"]) == (State.EXITING, 0xFFFF)
+        assert (link["new_state"], link["new_gen"]) == (State.CLOSED, 0)
+
+
+class TestVerifyChains:
+    def test_clean_chain(self) -> None:
+        """An unbroken chain matching its counter and final word has no violation."""
+        assert check(*chain()) == {}
+
+    def test_missing_link(self) -> None:
+        """A link dropped from the middle is reported missing (and the count disagrees)."""
+        slots, olds, news = chain()
+        del slots[3], olds[3], news[3]
+        found = check(slots, olds, news, counter=len(LIFE) - 1)
+        assert found == {"missing": 1, "counter_mismatch": 1}
+
+    def test_missing_first_and_last(self) -> None:
+        """Lost links at either end of the chain are caught too."""
+        slots, olds, news = chain()
+        assert "missing" in check(slots[1:], olds[1:], news[1:], counter=len(slots))
+        assert "final_word" in check(slots[:-1], olds[:-1], news[:-1], counter=len(slots),
+                                     final=news[-1])
+
+    def test_duplicated_link(self) -> None:
+        """Two links from the same generation are reported as a duplicate (even when
+        the counter counted both, as a store without CAS would)."""
+        slots, olds, news = chain()
+        found = check([*slots, 0], [*olds, olds[2]], [*news, news[2]], counter=len(slots) + 1,
+                      final=news[-1])
+        assert found == {"duplicate": 1}
+
+    def test_state_mismatch(self) -> None:
+        """A link whose to-state is not the next link's from-state is reported."""
+        slots, olds, news = chain()
+        news[2] = word(State.PAUSED, 3)
+        assert check(slots, olds, news) == {"state_mismatch": 1}
+
+    def test_counter_mismatch(self) -> None:
+        """A chain shorter than the slot's transitions counter is reported."""
+        slots, olds, news = chain()
+        assert check(slots, olds, news, counter=len(slots) + 1) == {"counter_mismatch": 1}
+
+    def test_generation_not_advanced(self) -> None:
+        """A commit that kept its generation (the skip-gen fault) is reported."""
+        slots, olds, news = chain()
+        news[2] = word(State.EXIT_PENDING, 2)
+        assert "gen_step" in check(slots, olds, news)
+
+    def test_bad_final_words(self) -> None:
+        """A locked final word and a final state that is not one-hot are reported."""
+        slots, olds, news = chain()
+        assert "locked" in check(slots, olds, news, final=word(State.CREATED, 7, locked=True))
+        assert "bad_state" in check(slots, olds, news, final=word(0x3, 7))
+
+    def test_activity_on_a_fresh_slot(self) -> None:
+        """A slot with no links must still hold the fresh zero word and counter."""
+        counters = np.zeros(2, dtype=np.uint64)
+        words = np.array([0, word(State.CREATED, 1)], dtype=np.uint64)
+        rep = verify_chains(links_from_words([], [], []), counters, words)
+        assert rep.by_category == {"final_word": 1}
+
+    def test_wrapped_generations_from_two_processes(self) -> None:
+        """70,000 commits (the 16-bit generation wraps) logged by two processes,
+        with their clocks slightly out of order, still verify clean."""
+        n = 70_000
+        states = [0, State.CREATED] + [State.MONITORING if i % 2 == 0 else State.PAUSED
+                                       for i in range(n - 1)]
+        slots, olds, news = chain(1, states)
+        t = np.arange(n, dtype=np.int64) * 10 + 100
+        t[1::2] -= 15                     # each odd link stamped before its predecessor
+        order = np.r_[np.arange(0, n, 2), np.arange(1, n, 2)]    # "worker 0", then "worker 1"
+        links = links_from_words(np.array(slots)[order], np.array(olds, dtype=np.uint64)[order],
+                                 np.array(news, dtype=np.uint64)[order], t[order])
+        counters = np.array([0, n], dtype=np.uint64)
+        words = np.array([0, news[-1]], dtype=np.uint64)
+        rep = verify_chains(links, counters, words)
+        assert rep.violations == 0, rep.messages
+        assert rep.links == n
+
+
+class TestCheckAlerts:
+    @staticmethod
+    def op(attempts: int, applied: int, p99_ns: float, samples: int = 10) -> OpMetrics:
+        return OpMetrics(attempts=attempts, applied=applied, invalid=attempts - applied,
+                         conflicts=0, rejected=0, halted=0, errors=0, retries=0, takeovers=0,
+                         samples=samples, p50_ns=p99_ns / 2, p99_ns=p99_ns, p999_ns=p99_ns,
+                         max_ns=int(p99_ns))
+
+    def test_thresholds(self) -> None:
+        """Only operations over the p99 bound or under the success rate alert."""
+        metrics = {"transition": self.op(100, 50, 2_000.0), "price": self.op(100, 100, 500.0),
+                   "wait": self.op(0, 0, 0.0, samples=0)}
+        alerts = check_alerts(metrics, p99_ns=1_000.0, success_rate=0.9)
+        assert len(alerts) == 2
+        assert all(a.startswith("transition:") for a in alerts)
+
+    def test_disabled(self) -> None:
+        """With no thresholds nothing alerts."""
+        assert check_alerts({"transition": self.op(100, 0, 1e9)}) == []
+
+
+class TestRunStress:
+    def test_clean_run(self) -> None:
+        """Two workers for two seconds: operations happen and nothing is violated."""
+        res = run_stress(StressConfig(workers=2, positions=8, seconds=2.0))
+        assert res.ops > 0
+        assert res.violations == 0, res.violation_messages
+        v = res.verification
+        assert v["links"] == v["applied"] == v["counters_total"] == v["engine_applied"] > 8
+        assert v["reads_checked"] > 0
+        assert {row["op"] for row in res.table} >= {"transition", "transition_ctx", "price"}
+        assert_gone(res)
+
+
+class TestFaultsAreCaught:
+    def test_skip_gen(self) -> None:
+        """Commits that do not advance the generation are reported as violations."""
+        res = run_stress(StressConfig(workers=2, positions=4, seconds=1.0, fault="skip-gen"))
+        assert res.violations > 0
+        assert res.verification["by_category"].get("gen_step", 0) > 0
+        assert_gone(res)
+
+    def test_blind_store(self) -> None:
+        """Fast-path stores without CAS lose or duplicate commits under contention,
+        and the chain check reports it."""
+        res = run_stress(StressConfig(workers=4, positions=2, seconds=2.0, mix="transitions",
+                                      fault="blind-store"))
+        assert res.violations > 0
+        cats = res.verification["by_category"]
+        assert cats.get("duplicate", 0) + cats.get("missing", 0) > 0, cats
+        assert_gone(res)
+
+
+class TestCommandLine:
+    @staticmethod
+    def parse(argv: list[str]) -> argparse.Namespace:
+        parser = argparse.ArgumentParser(prog="engine")
+        add_parsers(parser.add_subparsers(dest="command", required=True))
+        return parser.parse_args(argv)
+
+    def test_json(self, tmp_path: pathlib.Path) -> None:
+        """``stress --json`` writes ops and violations and exits 0 on a clean run."""
+        out = tmp_path / "stress.json"
+        args = self.parse(["stress", "--workers", "2", "--positions", "8", "--seconds", "1",
+                           "--json", str(out), "--quiet"])
+        assert args.func(args) == 0
+        data = json.loads(out.read_text())
+        assert data["ops"] > 0
+        assert data["violations"] == 0
+        assert {"table", "workload", "verification", "alerts"} <= data.keys()
+
+    def test_fault_exits_nonzero(self, tmp_path: pathlib.Path) -> None:
+        """A run with violations exits 1 and says so in the JSON."""
+        out = tmp_path / "stress.json"
+        args = self.parse(["stress", "--workers", "2", "--seconds", "1", "--fault", "skip-gen",
+                           "--json", str(out), "--quiet"])
+        assert args.func(args) == 1
+        assert json.loads(out.read_text())["violations"] > 0
+
+    def test_help(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--help lists the options and hides the test-only --fault."""
+        with pytest.raises(SystemExit) as exc:
+            self.parse(["stress", "--help"])
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        for opt in ("--workers", "--positions", "--seconds", "--mix", "--seed", "--json",
+                    "--quiet", "--sample-every", "--alert-p99-us", "--alert-success"):
+            assert opt in text
+        assert "--fault" not in text
