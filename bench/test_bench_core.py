@@ -1,0 +1,178 @@
+"""Hot-call costs of the engine against the empty-call floors.
+
+Each benchmark's pytest-benchmark row is microseconds per round of 1000
+calls, which is nanoseconds per call (see ``conftest.py``).  ``*_raw``
+benchmarks call ``lib`` directly on the Engine's private segment pointer:
+the difference to the public call is what the Python wrapper costs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+from engine._native import ffi, lib
+
+from engine import Engine, Trigger
+
+if TYPE_CHECKING:
+    from conftest import CallTimer, Recorder
+
+PAUSE, RESUME = int(Trigger.PAUSE), int(Trigger.RESUME)
+TRANSITION_SLOT, PRICE_SLOT, READ_SLOT = 0, 1, 2
+
+
+@pytest.mark.benchmark(group="floors (us per round = ns per call)")
+class TestFloors:
+    """The cost of calling C at all, per argument shape."""
+
+    def test_floor_noop(self, timer: CallTimer) -> None:
+        """``lib.eng_noop()``: no arguments, empty C body (METH_NOARGS)."""
+        timer.calls("floor_noop", ["f()"], f=lib.eng_noop)
+
+    def test_floor_1arg(self, timer: CallTimer, engine: Engine) -> None:
+        """``lib.eng_segment_size(n)``: one argument (METH_O), a few adds in C."""
+        timer.calls("floor_1arg", ["f(n)"], f=lib.eng_segment_size, n=engine.capacity)
+
+    def test_floor_2arg(self, timer: CallTimer, engine: Engine) -> None:
+        """``lib.eng_state(seg, slot)``: two arguments (METH_VARARGS), one
+        acquire load in C."""
+        timer.calls("floor_2arg", ["f(seg, s)"], f=lib.eng_state, seg=engine._seg,
+                    s=TRANSITION_SLOT)
+
+    def test_floor_transition_shape(self, timer: CallTimer, engine: Engine) -> None:
+        """``eng_transition(seg, slot, trigger)`` refused before any work
+        (trigger past the table): the transition's own call shape."""
+        bad = len(engine.spec.triggers)
+        assert lib.eng_transition(engine._seg, TRANSITION_SLOT, bad) == lib.ENG_EBADTRIGGER
+        timer.calls("floor_transition_shape", ["f(seg, s, t)"], f=lib.eng_transition,
+                    seg=engine._seg, s=TRANSITION_SLOT, t=bad)
+
+    def test_floor_update_price_shape(self, timer: CallTimer, engine: Engine) -> None:
+        """``eng_update_price(seg, slot, price)`` refused before any work (NaN)."""
+        nan = float("nan")
+        assert lib.eng_update_price(engine._seg, PRICE_SLOT, nan) == lib.ENG_EBADPRICE
+        timer.calls("floor_update_price_shape", ["f(seg, s, p)"], f=lib.eng_update_price,
+                    seg=engine._seg, s=PRICE_SLOT, p=nan)
+
+    def test_floor_price_read_shape(self, timer: CallTimer, engine: Engine) -> None:
+        """``eng_read_price(seg, slot, out)`` refused before any work (slot
+        past the capacity)."""
+        out = ffi.new("eng_price_out *")
+        assert lib.eng_read_price(engine._seg, engine.capacity, out) == lib.ENG_EBADSLOT
+        timer.calls("floor_price_read_shape", ["f(seg, s, o)"], f=lib.eng_read_price,
+                    seg=engine._seg, s=engine.capacity, o=out)
+
+
+@pytest.mark.benchmark(group="hot calls (us per round = ns per call)")
+class TestHotCalls:
+    """One whole operation per C call, through the public API and raw.
+
+    Metrics are on with the default sampling (1 in 64), as users run it.
+    """
+
+    def test_transition(self, timer: CallTimer, metrics_default: Engine) -> None:
+        """``Engine.transition``: PAUSE then RESUME on one slot, per transition."""
+        eng = metrics_default
+        timer.calls("transition", ["f(s, P)", "f(s, R)"], f=eng.transition,
+                    s=TRANSITION_SLOT, P=PAUSE, R=RESUME)
+        assert eng.state(TRANSITION_SLOT).name == "MONITORING"
+
+    def test_transition_raw(self, timer: CallTimer, metrics_default: Engine) -> None:
+        """``lib.eng_transition``: the same without the Python wrapper."""
+        timer.calls("transition_raw", ["f(seg, s, P)", "f(seg, s, R)"], f=lib.eng_transition,
+                    seg=metrics_default._seg, s=TRANSITION_SLOT, P=PAUSE, R=RESUME)
+
+    def test_update_price(self, timer: CallTimer, metrics_default: Engine) -> None:
+        """``Engine.update_price``: seqlock write with PnL computed in C."""
+        timer.calls("update_price", ["f(s, 101.5)", "f(s, 99.5)"],
+                    f=metrics_default.update_price, s=PRICE_SLOT)
+
+    def test_update_price_raw(self, timer: CallTimer, metrics_default: Engine) -> None:
+        """``lib.eng_update_price`` without the wrapper."""
+        timer.calls("update_price_raw", ["f(seg, s, 101.5)", "f(seg, s, 99.5)"],
+                    f=lib.eng_update_price, seg=metrics_default._seg, s=PRICE_SLOT)
+
+    def test_price_read(self, timer: CallTimer, metrics_default: Engine) -> None:
+        """``Engine.price``: a consistent read returned as a 5-field PriceSnapshot."""
+        snap = metrics_default.price(READ_SLOT)
+        assert len(snap) == 5 and snap.price == 100.0
+        timer.calls("price_read", ["f(s)"], f=metrics_default.price, s=READ_SLOT)
+
+    def test_price_read_raw(self, timer: CallTimer, metrics_default: Engine) -> None:
+        """``lib.eng_read_price`` into a cffi struct; no Python snapshot built."""
+        timer.calls("price_read_raw", ["f(seg, s, o)"], f=lib.eng_read_price,
+                    seg=metrics_default._seg, s=READ_SLOT, o=ffi.new("eng_price_out *"))
+
+
+@pytest.mark.benchmark(group="batch (s per round of one call)")
+class TestBatch:
+    """``update_prices`` over every slot of the engine in one C call."""
+
+    def test_update_prices_batch(self, timer: CallTimer, metrics_default: Engine) -> None:
+        """``Engine.update_prices`` of 10 000 slots (uint32 / float64 arrays)."""
+        eng = metrics_default
+        slots = np.arange(eng.capacity, dtype=np.uint32)
+        prices = np.linspace(90.0, 110.0, eng.capacity)
+
+        def batch() -> None:
+            eng.update_prices(slots, prices)
+
+        timer.rounds("update_prices_batch", batch, eng.capacity, unit="slot")
+        assert eng.price(eng.capacity - 1).price == 110.0
+
+    def test_update_prices_batch_raw(self, timer: CallTimer, metrics_default: Engine) -> None:
+        """``lib.eng_update_prices`` on prepared buffers: the C loop alone."""
+        n = metrics_default.capacity
+        slots = np.arange(n, dtype=np.uint32)
+        prices = np.linspace(90.0, 110.0, n)
+        sbuf, pbuf = ffi.from_buffer("uint32_t[]", slots), ffi.from_buffer("double[]", prices)
+        bad = ffi.new("uint64_t *")
+        seg, f = metrics_default._seg, lib.eng_update_prices
+
+        def batch() -> None:
+            f(seg, sbuf, pbuf, n, bad)
+
+        assert f(seg, sbuf, pbuf, n, bad) == 0
+        timer.rounds("update_prices_batch_raw", batch, n, unit="slot")
+
+
+@pytest.mark.benchmark(group="metrics overhead (us per round = ns per call)")
+class TestMetricsOverhead:
+    """Transition cost with metrics on (default sampling, 1 in 64) and off."""
+
+    def test_transition_metrics_off(self, timer: CallTimer, metrics_default: Engine) -> None:
+        """Metrics off: no counters, no clock reads."""
+        eng = metrics_default
+        eng.set_metrics(False)
+        timer.calls("transition_metrics_off", ["f(s, P)", "f(s, R)"], f=eng.transition,
+                    s=TRANSITION_SLOT, P=PAUSE, R=RESUME)
+
+    def test_transition_metrics_on(self, timer: CallTimer, metrics_default: Engine) -> None:
+        """Metrics on: counters on every call, latency sampled 1 in 64.
+
+        Afterwards the two settings are also timed interleaved, round by
+        round, so that drift in the host's speed between the two benchmarks
+        cannot pass for overhead."""
+        eng = metrics_default
+        eng.set_metrics(True, 64)
+        timer.calls("transition_metrics_on", ["f(s, P)", "f(s, R)"], f=eng.transition,
+                    s=TRANSITION_SLOT, P=PAUSE, R=RESUME)
+        timer.interleaved(["f(s, P)", "f(s, R)"],
+                          {"f": eng.transition, "s": TRANSITION_SLOT, "P": PAUSE, "R": RESUME},
+                          {"metrics_ab_on": lambda: eng.set_metrics(True, 64),
+                           "metrics_ab_off": lambda: eng.set_metrics(False)})
+
+
+@pytest.mark.benchmark(group="memory")
+def test_memory_per_position(benchmark: Any, recorder: Recorder, engine: Engine) -> None:
+    """Segment bytes per position at capacity 10 000 (timed only so that
+    ``--benchmark-only`` keeps this test; the result is a size)."""
+    cap = engine.capacity
+    size = benchmark.pedantic(lib.eng_segment_size, args=(cap,), rounds=1, iterations=1)
+    marginal = (lib.eng_segment_size(2 * cap) - size) / cap
+    recorder.note("segment_bytes", size)
+    recorder.note("bytes_per_position", size / cap)
+    recorder.note("marginal_bytes_per_position", marginal)
+    assert marginal == lib.ENG_SLOT_SIZE
