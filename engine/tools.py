@@ -1,0 +1,567 @@
+"""Segment tools: ``python -m engine {ls,inspect,rm,top}``.
+
+They read segments raw, never through ``Engine.attach``: looking at a segment
+takes no registry entry and changes nothing in it, and segments of any machine
+spec (or of a damaged or half-formatted one) can be shown.  Every size, offset
+and constant comes from the compiled module (``ffi.offsetof``,
+``ffi.typeof(...).fields``, ``lib.ENG_*``).
+
+Reads are copies.  ``ls`` reads with ``pread`` (a segment truncated under it
+gives a short read, not a SIGBUS); ``inspect`` and ``top`` map the segment with
+``engine.segment.open_existing`` and copy out of short-lived views that are
+released before the mapping is closed.
+
+Exit codes: 0 done, 1 could not (no such segment, no permission, damaged),
+2 refused (not an engine segment, bad name or usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import mmap
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from engine import segment
+from engine._native import ffi, lib
+from engine.errors import EngineError, SegmentError, SegmentNotFoundError
+from engine.metrics import OPS, Metrics, read_metrics
+from engine.records import PROC_DTYPE
+from engine.spec import POSITION_SPEC
+
+__all__ = ["ProcEntry", "SegmentInfo", "add_parsers", "is_engine_file", "main",
+           "read_info", "state_counts"]
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+
+_HEADER_SIZE: int = ffi.sizeof("eng_header")
+_MAGIC_SIZE: int = ffi.sizeof("uint64_t")
+_REGISTRY_SIZE: int = ffi.sizeof("eng_proc") * lib.ENG_MAX_PROCS
+_WORD_OFF: int = ffi.offsetof("eng_slot", "word")
+#: the scalar header fields, in C order (padding and the rule table left out)
+_HEADER_FIELDS: tuple[str, ...] = tuple(
+    name for name, f in ffi.typeof("eng_header").fields
+    if not name.startswith("pad") and f.type.kind == "primitive")
+_PROC_STATES = {lib.ENG_PROC_FREE: "free", lib.ENG_PROC_CLAIMED: "claimed",
+                lib.ENG_PROC_ACTIVE: "active"}
+_STATUS = {
+    0: "ok",
+    lib.ENG_EMAGIC: "not an engine segment (bad magic number)",
+    lib.ENG_ELAYOUT: f"another layout version (this build reads version "
+                     f"{lib.ENG_LAYOUT_VERSION})",
+    lib.ENG_ESIZE: "truncated, or its sizes disagree with its header",
+    lib.ENG_ENOTREADY: "not ready: its creator has not finished formatting it "
+                       "(or died doing so)",
+    lib.ENG_ECORRUPT: "a header field is out of range (corrupt)",
+}
+
+
+# -- reading ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProcEntry:
+    """One used entry of a segment's process registry."""
+
+    index: int
+    pid: int
+    state: str
+    alive: bool
+    start_time: int
+    attached_ns: int
+
+
+@dataclass
+class SegmentInfo:
+    """What a raw read of one segment found."""
+
+    name: str
+    size: int
+    status: int                    # 0 or the lib.ENG_E* code eng_validate gave
+    header: dict[str, int] = field(default_factory=dict)   # empty if too short
+    rules: int = 0                 # transition table entries in use
+    guarded_rules: int = 0
+    procs: list[ProcEntry] = field(default_factory=list)   # only when status is 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    @property
+    def is_engine(self) -> bool:
+        return bool(self.status != lib.ENG_EMAGIC)
+
+    @property
+    def problem(self) -> str:
+        return _STATUS.get(self.status, f"refused by eng_validate (code {self.status})")
+
+    @property
+    def age_s(self) -> float | None:
+        created = self.header.get("created_ns", 0)
+        return (time.time_ns() - int(created)) / 1e9 if created else None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(ok=self.ok, problem=None if self.ok else self.problem, age_s=self.age_s)
+        return d
+
+
+def is_engine_file(path: str) -> bool:
+    """True if the file's first 8 bytes are the engine magic (little-endian u64).
+
+    Raises ``OSError`` (``PermissionError``, ``FileNotFoundError``) if it
+    cannot be read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(_MAGIC_SIZE)
+    return len(head) == _MAGIC_SIZE and int.from_bytes(head, "little") == lib.ENG_MAGIC
+
+
+def _parse_header(data: bytes, size: int) -> tuple[int, dict[str, int], int, int]:
+    """Validate ``data`` (the segment's first bytes) for a segment of ``size``
+    bytes; return (status, scalar header fields, rules, guarded rules)."""
+    if len(data) < _HEADER_SIZE:   # eng_validate reads no further than it may
+        size = min(size, len(data))
+    with ffi.from_buffer(data) as buf:
+        status = lib.eng_validate(buf, size, 0)
+        if len(data) < _HEADER_SIZE:
+            return status, {}, 0, 0
+        hdr = ffi.cast("eng_header *", buf)
+        fields = {name: int(getattr(hdr, name)) for name in _HEADER_FIELDS}
+        table = bytes(ffi.buffer(hdr.table))
+    targets = [b & lib.ENG_RULE_TARGET_MASK for b in table]
+    rules = sum(1 for t in targets if t)
+    guarded = sum(1 for b in table if b & lib.ENG_RULE_GUARDED and b & lib.ENG_RULE_TARGET_MASK)
+    return status, fields, rules, guarded
+
+
+def _parse_registry(data: bytes) -> list[ProcEntry]:
+    entries = np.frombuffer(data, dtype=PROC_DTYPE, count=lib.ENG_MAX_PROCS)
+    out = []
+    for i in np.flatnonzero(entries["pid"]):
+        e = entries[i]
+        pid, start = int(e["pid"]), int(e["start_time"])
+        out.append(ProcEntry(index=int(i), pid=pid,
+                             state=_PROC_STATES.get(int(e["state"]), f"?{int(e['state'])}"),
+                             alive=bool(lib.eng_proc_alive(pid, start)), start_time=start,
+                             attached_ns=int(e["attached_ns"])))
+    return out
+
+
+Reader = Callable[[int, int], bytes]   # (offset, n) -> a copy of up to n bytes
+
+
+def read_info(name: str, read: Reader, size: int) -> SegmentInfo:
+    """Read a segment through ``read(offset, n) -> bytes`` (a copy, possibly short)."""
+    status, header, rules, guarded = _parse_header(read(0, _HEADER_SIZE), size)
+    info = SegmentInfo(name, size, status, header, rules, guarded)
+    if status == 0:
+        data = read(header["registry_off"], _REGISTRY_SIZE)
+        if len(data) == _REGISTRY_SIZE:
+            info.procs = _parse_registry(data)
+    return info
+
+
+def _info_from_fd(name: str, fd: int) -> SegmentInfo:
+    return read_info(name, lambda off, n: os.pread(fd, n, off), os.fstat(fd).st_size)
+
+
+def _info_from_mmap(name: str, mm: mmap.mmap) -> SegmentInfo:
+    return read_info(name, lambda off, n: mm[off:off + n], len(mm))
+
+
+def state_words(mm: mmap.mmap, header: dict[str, int]) -> np.ndarray:
+    """A copy of every slot's state word (the header must have validated)."""
+    view = np.ndarray(shape=(header["capacity"],), dtype="<u8", buffer=mm,
+                      offset=header["slots_off"] + _WORD_OFF, strides=(header["slot_size"],))
+    try:
+        return view.copy()
+    finally:
+        del view   # the mmap cannot close while a view of it lives
+
+
+def _state_name(index: int, header: dict[str, int]) -> str:
+    if header.get("fingerprint") == POSITION_SPEC.fingerprint:
+        return POSITION_SPEC.states[index]
+    return f"S{index}"
+
+
+def state_counts(words: np.ndarray, header: dict[str, int]) -> dict[str, int]:
+    """Slots per state (open slots only; named for the default lifecycle,
+    ``S<index>`` otherwise), plus ``locked``, ``rolled_back`` (error flag) and
+    ``free``."""
+    onehot = words & lib.ENG_SW_STATE_MASK
+    out: dict[str, int] = {}
+    for index in range(header["n_states"]):
+        out[_state_name(index, header)] = int(np.count_nonzero(onehot == (1 << index)))
+    valid = np.uint64(sum(1 << i for i in range(header["n_states"])))
+    single = (onehot & (onehot - np.uint64(1))) == 0     # at most one bit set
+    out["invalid"] = int(np.count_nonzero((onehot != 0) & ~(single & ((onehot & ~valid) == 0))))
+    out["locked"] = int(np.count_nonzero(words & lib.ENG_SW_LOCK))
+    out["rolled_back"] = int(np.count_nonzero(words & lib.ENG_SW_ERROR))
+    out["free"] = int(np.count_nonzero(onehot == 0))
+    return out
+
+
+@contextlib.contextmanager
+def _mapped(name: str) -> Iterator[mmap.mmap]:
+    mm = segment.open_existing(name)
+    try:
+        yield mm
+    finally:
+        mm.close()
+
+
+# -- formatting ------------------------------------------------------------------------
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 172800:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _fmt_size(n: int) -> str:
+    v = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if v < 1024 or unit == "GiB":
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+    return f"{n} B"
+
+
+def _fmt_ns(ns: float) -> str:
+    if ns >= 1e6:
+        return f"{ns / 1e6:.1f}ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.1f}us"
+    return f"{ns:.0f}ns"
+
+
+def _fmt_procs(procs: Sequence[ProcEntry]) -> str:
+    return ",".join(f"{p.pid}" + ("" if p.alive else "(dead)") for p in procs) or "-"
+
+
+def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+
+
+# -- ls ---------------------------------------------------------------------------------
+def list_segments() -> tuple[list[SegmentInfo], list[str]]:
+    """Every engine segment in /dev/shm, and the names that could not be read."""
+    found: list[SegmentInfo] = []
+    unreadable: list[str] = []
+    for name in segment.list_names():
+        path = os.path.join(segment.SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue                     # removed while we looked
+        except PermissionError:
+            unreadable.append(name)
+            continue
+        try:
+            head = os.pread(fd, _MAGIC_SIZE, 0)
+            if len(head) < _MAGIC_SIZE or int.from_bytes(head, "little") != lib.ENG_MAGIC:
+                continue                 # not ours: skipped silently
+            found.append(_info_from_fd(name, fd))
+        except OSError:
+            unreadable.append(name)
+        finally:
+            os.close(fd)
+    return found, unreadable
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List engine segments."""
+    found, unreadable = list_segments()
+    out = sys.stdout
+    if args.json:
+        json.dump([i.as_dict() for i in found], out, indent=2)
+        out.write("\n")
+    elif found:
+        rows = [["NAME", "CREATOR", "PROCESSES", "CAPACITY", "AGE", "SIZE", "STATUS"]]
+        for i in found:
+            h = i.header
+            creator = str(h.get("creator_pid", "-"))
+            if h.get("creator_pid"):
+                creator += "" if lib.eng_proc_alive(h["creator_pid"], 0) else "(exited)"
+            rows.append([i.name, creator, _fmt_procs(i.procs), str(h.get("capacity", "-")),
+                         _fmt_age(i.age_s), _fmt_size(i.size), "ok" if i.ok else i.problem])
+        _table(rows, out)
+    else:
+        out.write(f"no engine segments in {segment.SHM_DIR}\n")
+    if unreadable:
+        _err(f"ls: {len(unreadable)} entries of {segment.SHM_DIR} could not be read "
+             f"(permission denied): {', '.join(unreadable)}")
+    return EXIT_OK
+
+
+# -- inspect ----------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Show a segment's header, state counts and registry."""
+    name = args.name
+    try:
+        with _mapped(name) as mm:
+            info = _info_from_mmap(name, mm)
+            counts = state_counts(state_words(mm, info.header), info.header) if info.ok else {}
+    except SegmentNotFoundError as e:
+        _err(f"inspect: {e.strerror or e}")
+        return EXIT_FAILED
+    except SegmentError as e:
+        if e.errno == errno.EACCES:
+            _err(f"inspect: {e.strerror or e}")
+            return EXIT_FAILED
+        _err(f"inspect: segment {name!r} is not an engine segment ({e.strerror or e})")
+        return EXIT_REFUSED
+    except EngineError as e:
+        _err(f"inspect: {e}")
+        return EXIT_REFUSED
+    if not info.is_engine:
+        _err(f"inspect: segment {name!r} is not an engine segment (its first "
+             f"{_MAGIC_SIZE} bytes are not the engine magic {lib.ENG_MAGIC:#x})")
+        return EXIT_REFUSED
+    if args.json:
+        json.dump({**info.as_dict(), "states": counts}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK if info.ok else EXIT_FAILED
+    out = sys.stdout
+    out.write(f"segment {name}: {_fmt_size(info.size)} ({info.size} bytes), "
+              f"status: {'ok' if info.ok else info.problem}\n")
+    if info.header:
+        h = info.header
+        out.write("header:\n")
+        for key, value in h.items():
+            if key in ("magic", "fingerprint"):
+                shown = f"{value:#018x}"
+                if key == "fingerprint" and value == POSITION_SPEC.fingerprint:
+                    shown += " (default position lifecycle)"
+            elif key in ("closed_mask", "sample_mask", "fault_flags"):
+                shown = f"{value:#x}"
+            elif key == "created_ns":
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value / 1e9))
+                shown = f"{value} ({when}, {_fmt_age(info.age_s)} ago)"
+            else:
+                shown = str(value)
+            out.write(f"  {key:<15} {shown}\n")
+        out.write(f"  {'rules':<15} {info.rules} ({info.guarded_rules} guarded)\n")
+        out.write(f"metrics: {'on' if h['metrics_on'] else 'off'}, latency sampled every "
+                  f"{h['sample_mask'] + 1} operations; halted: {'yes' if h['halted'] else 'no'}\n")
+    if not info.ok:
+        return EXIT_FAILED
+    out.write("states:\n")
+    for key, value in counts.items():
+        out.write(f"  {key:<15} {value}\n")
+    out.write(f"registry ({len(info.procs)} of {lib.ENG_MAX_PROCS} entries used):\n")
+    if info.procs:
+        rows = [["ENTRY", "PID", "STATE", "ALIVE", "ATTACHED"]]
+        for p in info.procs:
+            age = (time.time_ns() - p.attached_ns) / 1e9 if p.attached_ns else None
+            rows.append([str(p.index), str(p.pid), p.state, "yes" if p.alive else "DEAD",
+                         f"{_fmt_age(age)} ago"])
+        _table(rows, out)
+    dead = sum(1 for p in info.procs if not p.alive)
+    if dead:
+        out.write(f"{dead} dead entries: an attached process's recover() removes them\n")
+    return EXIT_OK
+
+
+# -- rm -----------------------------------------------------------------------------------
+def cmd_rm(args: argparse.Namespace) -> int:
+    """Unlink segments (engine segments only, unless --force)."""
+    code = EXIT_OK
+    for name in args.names:
+        try:
+            segment.check_name(name)
+        except EngineError as e:
+            _err(f"rm: {e}")
+            code = max(code, EXIT_REFUSED)
+            continue
+        path = os.path.join(segment.SHM_DIR, name)
+        live = 0
+        try:
+            if not is_engine_file(path):
+                if not args.force:
+                    _err(f"rm: {name!r} is not an engine segment; refusing "
+                         "(use --force to remove it anyway)")
+                    code = max(code, EXIT_REFUSED)
+                    continue
+            else:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    live = sum(1 for p in _info_from_fd(name, fd).procs if p.alive)
+                finally:
+                    os.close(fd)
+        except FileNotFoundError:
+            _err(f"rm: no segment named {name!r}")
+            code = max(code, EXIT_FAILED)
+            continue
+        except PermissionError:
+            if not args.force:
+                _err(f"rm: cannot read {name!r} to check it is an engine segment "
+                     "(permission denied); use --force to remove it anyway")
+                code = max(code, EXIT_FAILED)
+                continue
+        try:
+            segment.unlink(name)
+        except SegmentNotFoundError:
+            _err(f"rm: no segment named {name!r}")
+            code = max(code, EXIT_FAILED)
+            continue
+        except OSError as e:   # posix_ipc.PermissionsError is an OSError too
+            _err(f"rm: cannot remove {name!r}: {e}")
+            code = max(code, EXIT_FAILED)
+            continue
+        note = f" ({live} live processes keep their mappings until they exit)" if live else ""
+        if not args.quiet:
+            sys.stdout.write(f"removed {name}{note}\n")
+    return code
+
+
+# -- top ------------------------------------------------------------------------------------
+@dataclass
+class _Frame:
+    at: float
+    counts: dict[str, int]
+    metrics: Metrics
+    procs: list[ProcEntry]
+    header: dict[str, int]
+
+
+def _sample(name: str, mm: mmap.mmap) -> _Frame:
+    info = _info_from_mmap(name, mm)
+    if not info.ok:
+        raise SegmentError(f"segment {name!r}: {info.problem}")
+    h = info.header
+    return _Frame(time.monotonic(), state_counts(state_words(mm, h), h),
+                  read_metrics(mm, h["shards_off"]), info.procs, h)
+
+
+def _render(name: str, cur: _Frame, prev: _Frame | None, out: TextIO) -> None:
+    h = cur.header
+    alive = sum(1 for p in cur.procs if p.alive)
+    opened = h["capacity"] - cur.counts["free"]
+    out.write(f"segment {name}  capacity {h['capacity']}  open {opened}  processes {alive} alive"
+              f" / {len(cur.procs) - alive} dead  halted {'YES' if h['halted'] else 'no'}  "
+              f"metrics {'on' if h['metrics_on'] else 'off'}\n")
+    out.write("  ".join(f"{k} {v}" for k, v in cur.counts.items()
+                        if v or k not in ("invalid", "locked", "rolled_back")) + "\n\n")
+    rows = [["OP", "OPS/S", "ATTEMPTS", "APPLIED", "INVALID", "CONFLICTS", "ERRORS",
+             "RETRIES", "TAKEOVERS", "P50", "P99", "MAX"]]
+    dt = cur.at - prev.at if prev else 0.0
+    for op in OPS:
+        m = cur.metrics[op]
+        rate = "-"
+        if prev and dt > 0:
+            rate = f"{(m.attempts - prev.metrics[op].attempts) / dt:,.0f}"
+        rows.append([op, rate, str(m.attempts), str(m.applied), str(m.invalid),
+                     str(m.conflicts), str(m.errors), str(m.retries), str(m.takeovers),
+                     _fmt_ns(m.p50_ns) if m.samples else "-",
+                     _fmt_ns(m.p99_ns) if m.samples else "-",
+                     _fmt_ns(m.max_ns) if m.samples else "-"])
+    _table(rows, out)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """Refresh state counts and per-operation metrics every --interval seconds."""
+    if not (args.interval > 0):
+        _err(f"top: --interval must be > 0, got {args.interval}")
+        return EXIT_REFUSED
+    out = sys.stdout
+    clear = out.isatty() and not args.once
+    try:
+        with _mapped(args.name) as mm:
+            info = _info_from_mmap(args.name, mm)
+            if not info.ok:
+                _err(f"top: segment {args.name!r}: {info.problem}")
+                return EXIT_FAILED if info.is_engine else EXIT_REFUSED
+            prev = _sample(args.name, mm)
+            while True:
+                time.sleep(args.interval)
+                cur = _sample(args.name, mm)
+                if clear:
+                    out.write("\x1b[H\x1b[2J")
+                _render(args.name, cur, prev, out)
+                out.flush()
+                if args.once:
+                    return EXIT_OK
+                prev = cur
+    except SegmentNotFoundError as e:
+        _err(f"top: {e.strerror or e}")
+        return EXIT_FAILED
+    except SegmentError as e:
+        _err(f"top: {e.strerror or e}")
+        return EXIT_FAILED if e.errno == errno.EACCES else EXIT_REFUSED
+    except EngineError as e:
+        _err(f"top: {e}")
+        return EXIT_REFUSED
+
+
+# -- wiring -----------------------------------------------------------------------------------
+def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``ls``, ``inspect``, ``rm`` and ``top``; each sets ``func(args) -> exit code``."""
+    p = subparsers.add_parser("ls", help="list engine segments in /dev/shm",
+                              description="List engine segments: creator, attached processes "
+                                          "(alive or dead), capacity, age and size.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_ls)
+
+    p = subparsers.add_parser("inspect", help="show a segment's header, states and registry",
+                              description="Read a segment raw (no attach): header, state "
+                                          "counts and process registry.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = subparsers.add_parser("rm", help="remove engine segments",
+                              description="Unlink segments.  Processes still attached keep "
+                                          "their mappings until they exit.")
+    p.add_argument("names", metavar="NAME", nargs="+")
+    p.add_argument("--force", action="store_true",
+                   help="remove even what is not an engine segment")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_rm)
+
+    p = subparsers.add_parser("top", help="watch a segment's states and metrics",
+                              description="Refresh state counts, per-operation metrics and "
+                                          "ops/s (Ctrl-C to stop).")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="refresh period (default 1)")
+    p.add_argument("--once", action="store_true",
+                   help="print one frame (rates over one interval) and exit")
+    p.set_defaults(func=cmd_top)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine.tools``: these four commands without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="python -m engine.tools",
+                                     description="Inspect and manage engine segments.")
+    add_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

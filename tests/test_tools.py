@@ -1,0 +1,332 @@
+"""The segment tools: ls, inspect, rm, top (``engine.tools``).
+
+They are driven through their own argparse wiring (``add_parsers``), the way
+``python -m engine`` drives them, and once end to end through a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import mmap
+import multiprocessing as mp
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import posix_ipc
+import pytest
+from engine._native import ffi, lib
+
+from engine import Engine, MachineSpec, Rule, State, Trigger, segment, tools
+
+CTX = mp.get_context("spawn")
+JOIN_TIMEOUT = 30.0
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Parse ``argv`` with the tools' parsers, run it; (exit code, stdout, stderr)."""
+    parser = argparse.ArgumentParser(prog="engine")
+    tools.add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    code = args.func(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def attach_and_wait(name: str, ready: Any) -> None:
+    """Attach, say so, then wait to be killed."""
+    eng = Engine.attach(name)
+    ready.set()
+    signal.pause()
+    eng.close()
+
+
+@pytest.fixture
+def names() -> Iterator[Callable[[], str]]:
+    """Random segment names; whatever exists under them at the end is unlinked."""
+    made: list[str] = []
+
+    def new() -> str:
+        made.append(f"ttools_{secrets.token_hex(6)}")
+        return made[-1]
+
+    yield new
+    for n in made:
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory("/" + n)
+
+
+@pytest.fixture
+def eng(names: Callable[[], str]) -> Iterator[Engine]:
+    """An engine with positions in a few states."""
+    e = Engine.create(capacity=32, name=names())
+    try:
+        for i in range(6):
+            s = e.open_position(100.0, 1.0)
+            if i >= 2:
+                e.transition(s, Trigger.POSITION_OPENED)
+            if i >= 4:
+                e.transition(s, Trigger.EXIT_CONDITION_MET, exit_reason=2)
+        yield e
+    finally:
+        e.close()
+
+
+@pytest.fixture
+def foreign(names: Callable[[], str]) -> str:
+    """A plain shm segment of random bytes (not an engine segment)."""
+    name = names()
+    shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=8192)
+    try:
+        with mmap.mmap(shm.fd, 8192) as mm:
+            mm[:] = os.urandom(8192)
+    finally:
+        shm.close_fd()
+    return name
+
+
+@pytest.fixture
+def dead_attached(eng: Engine) -> Iterator[int]:
+    """The pid of a process that attached to ``eng`` and was SIGKILLed."""
+    ready = CTX.Event()
+    p = CTX.Process(target=attach_and_wait, args=(eng.name, ready), daemon=True)
+    p.start()
+    try:
+        assert ready.wait(JOIN_TIMEOUT)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(JOIN_TIMEOUT)
+        yield p.pid
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join(JOIN_TIMEOUT)
+
+
+class TestLs:
+    """``ls`` lists engine segments and nothing else."""
+
+    def test_lists_segment_with_details(self, capsys, eng):
+        """The segment appears with its creator, capacity and attached pid."""
+        code, out, _ = run(capsys, "ls")
+        assert code == 0
+        line = next(ln for ln in out.splitlines() if ln.startswith(eng.name))
+        assert str(os.getpid()) in line and " 32 " in line and "ok" in line
+
+    def test_json(self, capsys, eng):
+        """--json gives creator pid, processes (alive or dead), capacity, age, size."""
+        code, out, _ = run(capsys, "ls", "--json")
+        assert code == 0
+        row = next(r for r in json.loads(out) if r["name"] == eng.name)
+        assert row["header"]["creator_pid"] == os.getpid()
+        assert row["header"]["capacity"] == 32
+        assert row["size"] == lib.eng_segment_size(32)
+        assert 0 <= row["age_s"] < 600 and row["ok"]
+        assert [(p["pid"], p["alive"]) for p in row["procs"]] == [(os.getpid(), True)]
+
+    def test_dead_process_is_shown_dead(self, capsys, eng, dead_attached):
+        """A SIGKILLed attached process is listed as dead until recover()."""
+        _, out, _ = run(capsys, "ls", "--json")
+        row = next(r for r in json.loads(out) if r["name"] == eng.name)
+        assert {p["pid"]: p["alive"] for p in row["procs"]} == {os.getpid(): True,
+                                                                dead_attached: False}
+        _, text, _ = run(capsys, "ls")
+        assert f"{dead_attached}(dead)" in text
+        assert eng.recover().removed_pids == (dead_attached,)
+
+    def test_skips_foreign_segments(self, capsys, eng, foreign):
+        """A non-engine segment is skipped silently."""
+        code, out, err = run(capsys, "ls", "--json")
+        names = {r["name"] for r in json.loads(out)}
+        assert code == 0 and eng.name in names and foreign not in names
+        assert foreign not in err
+
+    def test_shows_damaged_engine_segment(self, capsys, names):
+        """An engine segment truncated under its header sizes is listed with its problem."""
+        name = names()
+        Engine.create(capacity=32, name=name).close()   # detached: truncating is safe
+        os.truncate(os.path.join(segment.SHM_DIR, name), lib.eng_segment_size(32) // 2)
+        code, out, _ = run(capsys, "ls", "--json")
+        row = next(r for r in json.loads(out) if r["name"] == name)
+        assert code == 0 and not row["ok"] and "truncated" in row["problem"]
+
+    def test_unreadable_entries_are_reported_not_fatal(self, capsys, monkeypatch, eng):
+        """An entry that cannot be opened (permission) is named on stderr; ls goes on."""
+        real_open = os.open
+
+        def deny(path: str, *a: Any, **kw: Any) -> int:
+            if path.endswith(eng.name):
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *a, **kw)
+
+        monkeypatch.setattr(os, "open", deny)
+        code, out, err = run(capsys, "ls")
+        assert code == 0 and eng.name not in out and eng.name in err
+
+
+class TestInspect:
+    """``inspect`` reads a segment raw: header, states, registry."""
+
+    def test_header_states_registry(self, capsys, eng):
+        """Prints the header fields, per-state counts and the registry."""
+        code, out, _ = run(capsys, "inspect", eng.name)
+        assert code == 0
+        assert f"layout_version  {lib.ENG_LAYOUT_VERSION}" in out
+        assert "capacity        32" in out and "default position lifecycle" in out
+        counts = dict(ln.split() for ln in out.split("states:\n")[1].split("registry (")[0]
+                      .strip().splitlines())
+        assert counts["CREATED"] == "2" and counts["MONITORING"] == "2"
+        assert counts["EXIT_PENDING"] == "2" and counts["free"] == "26"
+        assert str(os.getpid()) in out.split("registry (")[1]
+
+    def test_counts_match_snapshot(self, capsys, eng):
+        """--json state counts agree with Engine.snapshot()."""
+        code, out, _ = run(capsys, "inspect", eng.name, "--json")
+        doc = json.loads(out)
+        snap = eng.snapshot()
+        for st in State:
+            assert doc["states"][st.name] == int((snap["state"] == st).sum())
+        assert doc["header"]["n_states"] == len(State) and code == 0
+
+    def test_does_not_attach(self, capsys, eng):
+        """Inspecting takes no registry entry and changes no byte of the segment."""
+        path = os.path.join(segment.SHM_DIR, eng.name)
+        with open(path, "rb") as f:
+            before = f.read()
+        assert run(capsys, "inspect", eng.name)[0] == 0
+        with open(path, "rb") as f:
+            assert f.read() == before
+
+    def test_custom_spec(self, capsys, names):
+        """A segment of another machine spec is inspected too (states by index)."""
+        spec = MachineSpec(states=["IDLE", "BUSY"], triggers=["GO"],
+                           rules=[Rule.of("GO", "IDLE", "BUSY")], initial="IDLE", name="c")
+        with Engine.create(capacity=4, name=names(), spec=spec) as e:
+            e.transition(e.open_position(1.0, 1.0), "GO")
+            code, out, _ = run(capsys, "inspect", e.name, "--json")
+        doc = json.loads(out)
+        assert code == 0 and doc["states"]["S0"] == 0 and doc["states"]["S1"] == 1
+        assert doc["header"]["fingerprint"] == spec.fingerprint
+
+    def test_refuses_foreign(self, capsys, foreign):
+        """A non-engine segment: a clear message and exit code 2."""
+        code, out, err = run(capsys, "inspect", foreign)
+        assert code == 2 and "not an engine segment" in err and out == ""
+
+    def test_refuses_empty(self, capsys, names):
+        """A 0-byte segment: refused with exit code 2."""
+        name = names()
+        posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600).close_fd()
+        code, _, err = run(capsys, "inspect", name)
+        assert code == 2 and "not an engine segment" in err
+
+    def test_nonexistent(self, capsys, names):
+        """No such segment: exit code 1 and a message."""
+        code, _, err = run(capsys, "inspect", names())
+        assert code == 1 and "no segment" in err
+
+    def test_damaged_shows_header_and_problem(self, capsys, eng):
+        """An engine segment of another layout version: header shown, problem named, exit 1."""
+        with contextlib.closing(segment.open_existing(eng.name)) as mm:
+            off = ffi.offsetof("eng_header", "layout_version")
+            mm[off:off + 4] = (lib.ENG_LAYOUT_VERSION + 1).to_bytes(4, "little")
+        code, out, _ = run(capsys, "inspect", eng.name)
+        assert code == 1 and "another layout version" in out
+        assert f"layout_version  {lib.ENG_LAYOUT_VERSION + 1}" in out and "registry (" not in out
+
+    def test_dead_entries(self, capsys, eng, dead_attached):
+        """A SIGKILLed attached process shows as DEAD in the registry."""
+        code, out, _ = run(capsys, "inspect", eng.name)
+        line = next(ln for ln in out.splitlines() if f" {dead_attached} " in ln)
+        assert code == 0 and "DEAD" in line and "1 dead entries" in out
+
+
+class TestRm:
+    """``rm`` unlinks engine segments, and others only with --force."""
+
+    def test_removes(self, capsys, eng):
+        """An engine segment is removed; processes attached keep working."""
+        slot = 0
+        code, out, _ = run(capsys, "rm", eng.name)
+        assert code == 0 and f"removed {eng.name}" in out and "1 live" in out
+        assert not os.path.exists(os.path.join(segment.SHM_DIR, eng.name))
+        assert eng.state(slot) is State.CREATED
+
+    def test_refuses_foreign_without_force(self, capsys, foreign):
+        """A non-engine segment is kept, exit code 2; --force removes it."""
+        code, _, err = run(capsys, "rm", foreign)
+        assert code == 2 and "not an engine segment" in err
+        assert os.path.exists(os.path.join(segment.SHM_DIR, foreign))
+        assert run(capsys, "rm", "--force", foreign)[0] == 0
+        assert not os.path.exists(os.path.join(segment.SHM_DIR, foreign))
+
+    def test_several_and_missing(self, capsys, names):
+        """Several names: the existing are removed, a missing one gives exit code 1."""
+        a, b, missing = names(), names(), names()
+        for n in (a, b):
+            Engine.create(capacity=1, name=n).close()
+        code, _, err = run(capsys, "rm", a, missing, b)
+        assert code == 1 and missing in err
+        assert not any(os.path.exists(os.path.join(segment.SHM_DIR, n)) for n in (a, b))
+
+    def test_bad_name(self, capsys):
+        """A name that cannot be a segment is refused (exit code 2), nothing removed."""
+        code, _, err = run(capsys, "rm", "../etc/passwd")
+        assert code == 2 and "segment name" in err
+
+
+class TestTop:
+    """``top`` shows states, per-operation metrics and rates."""
+
+    def test_once(self, capsys, eng):
+        """--once prints one frame: states, every operation's counters, ops/s."""
+        for _ in range(50):
+            eng.update_price(0, 101.0)
+        code, out, _ = run(capsys, "top", eng.name, "--once", "--interval", "0.05")
+        assert code == 0 and eng.name in out
+        assert "CREATED 2" in out and "EXIT_PENDING 2" in out
+        rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.strip()}
+        for op in ("transition", "transition_ctx", "open", "price", "recover"):
+            assert op in rows
+        assert rows["price"][2] == "50" and rows["open"][2] == "6"
+        assert rows["OP"][:3] == ["OP", "OPS/S", "ATTEMPTS"]
+
+    def test_refuses_foreign(self, capsys, foreign):
+        """A non-engine segment is refused with exit code 2."""
+        code, _, err = run(capsys, "top", foreign, "--once", "--interval", "0.01")
+        assert code == 2 and "not an engine segment" in err
+
+    def test_bad_interval(self, capsys, eng):
+        """A non-positive interval is refused."""
+        assert run(capsys, "top", eng.name, "--once", "--interval", "0")[0] == 2
+
+
+class TestCommandLine:
+    """The tools as a program."""
+
+    def test_subprocess_end_to_end(self, eng):
+        """``python -m engine.tools`` ls / inspect / top --once / rm in a fresh process."""
+        base = [sys.executable, "-m", "engine.tools"]
+
+        def call(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(base + list(argv), capture_output=True, text=True,
+                                  timeout=60, check=False)
+
+        assert eng.name in call("ls").stdout
+        assert "registry" in call("inspect", eng.name).stdout
+        assert "transition" in call("top", eng.name, "--once", "--interval", "0.01").stdout
+        r = call("rm", eng.name)
+        assert r.returncode == 0 and eng.name not in call("ls").stdout
+
+    def test_parsers_have_funcs(self):
+        """add_parsers adds ls, inspect, rm and top, each with a func."""
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers(dest="command", required=True)
+        tools.add_parsers(sub)
+        for argv in (["ls"], ["inspect", "x"], ["rm", "x"], ["top", "x"]):
+            assert callable(parser.parse_args(argv).func)
