@@ -58,6 +58,8 @@ _tuple_new = tuple.__new__
 _CTX_FIELDS = {"exit_reason": lib.ENG_CTX_EXIT_REASON, "stop_loss": lib.ENG_CTX_STOP_LOSS,
                "take_profit": lib.ENG_CTX_TAKE_PROFIT}
 _INT32 = (-(2**31), 2**31 - 1)
+# what cffi raises for an argument it cannot convert (NaN to int: ValueError)
+_CONVERSION_ERRORS = (TypeError, OverflowError, ValueError)
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -91,6 +93,26 @@ _SEGMENT_ERRORS = {
     lib.ENG_ENOTREADY: "is not ready (its creator has not finished formatting it)",
     lib.ENG_ECORRUPT: "has a corrupt header",
 }
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v: float) -> bool:
+    """math.isfinite that also says False for ints too large for a double."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _check_spec(spec: object) -> MachineSpec:
+    if spec is None:
+        return POSITION_SPEC
+    if not isinstance(spec, MachineSpec):
+        raise EngineTypeError(f"spec must be a MachineSpec or None, got {spec!r:.80}")
+    return spec
 
 
 def _detach(seg: Any, buf: Any, mm: mmap.mmap) -> None:
@@ -142,7 +164,7 @@ class Engine:
     def create(cls, capacity: int = 10_000, *, name: str | None = None,
                spec: MachineSpec | None = None) -> Engine:
         """Create a new segment for ``capacity`` positions and attach to it."""
-        spec = spec or POSITION_SPEC
+        spec = _check_spec(spec)
         if not isinstance(capacity, int) or isinstance(capacity, bool):
             raise EngineTypeError(f"capacity must be an int, got {capacity!r}")
         if not 1 <= capacity <= lib.ENG_MAX_CAPACITY:
@@ -175,7 +197,8 @@ class Engine:
             name = target
         else:
             raise EngineTypeError(f"attach takes a Handle or a segment name, got {target!r}")
-        return cls(name, segment.open_existing(name), spec or POSITION_SPEC, check_spec=True)
+        spec = _check_spec(spec)
+        return cls(name, segment.open_existing(name), spec, check_spec=True)
 
     @property
     def handle(self) -> Handle:
@@ -250,6 +273,8 @@ class Engine:
                                     f"[0, {len(self.spec.triggers)})")
             if key == "price" and not isinstance(v, (int, float)):
                 return EngineTypeError(f"price must be a float, got {v!r} ({type(v).__name__})")
+            if key == "price":   # an int too large for a double
+                return PriceError(f"price must be finite and > 0, got {v!r:.40}")
         return EngineTypeError(f"bad argument types: slot={slot!r}, {values}")
 
     def _trigger_index(self, trigger: Any) -> int:
@@ -266,9 +291,9 @@ class Engine:
                       token: int = 0) -> int:
         """Allocate a free slot atomically; it starts in the spec's initial state."""
         for key, v in (("entry_price", entry_price), ("amount", amount)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
+            if not _is_number(v):
                 raise EngineTypeError(f"{key} must be a float, got {v!r}")
-            if not (math.isfinite(v) and v > 0):
+            if not (_finite(v) and v > 0):
                 err = PriceError if key == "entry_price" else ArgumentError
                 raise err(f"{key} must be finite and > 0, got {v!r}")
         if not isinstance(side, int) or isinstance(side, bool):
@@ -287,7 +312,7 @@ class Engine:
         """Return a closed position's slot to the free pool."""
         try:
             rc = lib.eng_release_position(self._seg, slot)
-        except (TypeError, OverflowError):
+        except _CONVERSION_ERRORS:
             raise self._bad_types(slot) from None
         return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, slot)
 
@@ -302,7 +327,7 @@ class Engine:
             return self._transition_slow(slot, trigger, context)
         try:
             rc = _transition(self._seg, slot, trigger)
-        except (TypeError, OverflowError):
+        except _CONVERSION_ERRORS:
             if isinstance(trigger, str):
                 return self.transition(slot, self._trigger_index(trigger))
             raise self._bad_types(slot, trigger=trigger) from None
@@ -324,8 +349,7 @@ class Engine:
                 if not isinstance(value, int) or not _INT32[0] <= value <= _INT32[1]:
                     raise ArgumentError(f"exit_reason must be an int in [{_INT32[0]}, "
                                         f"{_INT32[1]}], got {value!r}")
-            elif (not isinstance(value, (int, float)) or isinstance(value, bool)
-                  or not (math.isfinite(value) and value >= 0)):
+            elif not (_is_number(value) and _finite(value) and value >= 0):
                 raise ArgumentError(f"{key} must be a finite float >= 0, got {value!r}")
             setattr(u, key, value)
             u.mask |= bit
@@ -336,7 +360,7 @@ class Engine:
         update = self._fill_update(context) if context else ffi.NULL
         try:
             rc = lib.eng_transition_ctx(self._seg, slot, trigger, update)
-        except (TypeError, OverflowError):
+        except _CONVERSION_ERRORS:
             raise self._bad_types(slot, trigger=trigger) from None
         if rc == lib.ENG_EGUARDED:
             return self._transition_guarded(slot, trigger, update)
@@ -360,7 +384,7 @@ class Engine:
         """The slot's current state (a ``State`` for the default lifecycle)."""
         try:
             rc = _state(self._seg, slot)
-        except (TypeError, OverflowError):
+        except _CONVERSION_ERRORS:
             raise self._bad_types(slot) from None
         return self._states[rc] if rc > 0 else self._fail(rc, slot)
 
@@ -368,7 +392,7 @@ class Engine:
         """The raw 64-bit state word (bit layout in native/engine.h)."""
         try:
             rc = lib.eng_state_word(self._seg, slot, self._u64)
-        except (TypeError, OverflowError):
+        except _CONVERSION_ERRORS:
             raise self._bad_types(slot) from None
         if rc:
             self._fail(rc, slot)
@@ -379,7 +403,7 @@ class Engine:
         """Publish a new price; PnL is computed in C from the context."""
         try:
             rc = _update_price(self._seg, slot, price)
-        except (TypeError, OverflowError):
+        except _CONVERSION_ERRORS:
             raise self._bad_types(slot, price=price) from None
         if rc:
             self._fail(rc, slot, price=price)
@@ -388,7 +412,7 @@ class Engine:
         """A consistent price record (never torn)."""
         try:
             rc = _read_price(self._seg, slot, self._price_out)
-        except (TypeError, OverflowError):
+        except _CONVERSION_ERRORS:
             raise self._bad_types(slot) from None
         if rc:
             self._fail(rc, slot)
@@ -398,7 +422,7 @@ class Engine:
         """A consistent context record."""
         try:
             rc = lib.eng_read_context(self._seg, slot, self._ctx_out)
-        except (TypeError, OverflowError):
+        except _CONVERSION_ERRORS:
             raise self._bad_types(slot) from None
         if rc:
             self._fail(rc, slot)
@@ -407,8 +431,11 @@ class Engine:
     def update_prices(self, slots: npt.ArrayLike, prices: npt.ArrayLike) -> None:
         """Publish many prices in one C call.  Every slot and price is checked
         first; one bad value refuses the whole batch."""
-        s = np.asarray(slots)
-        p = np.asarray(prices)
+        try:
+            s = np.asarray(slots)
+            p = np.asarray(prices)
+        except (TypeError, ValueError) as e:
+            raise EngineTypeError(f"slots and prices must be 1-D numeric arrays: {e}") from None
         if s.ndim != 1 or p.ndim != 1:
             raise ArgumentError(f"slots and prices must be 1-D, got shapes {s.shape} and {p.shape}")
         if len(s) != len(p):
@@ -448,7 +475,7 @@ class Engine:
                                 f"got {token!r}")
         try:
             n = lib.eng_update_token_price(self._seg, token, price)
-        except TypeError:
+        except _CONVERSION_ERRORS:
             raise self._bad_types(0, price=price) from None
         return int(n) if n >= 0 else self._fail(int(n), price=price)  # type: ignore[no-any-return]
 
@@ -459,15 +486,15 @@ class Engine:
         Raises ``WaitTimeout`` (a ``TimeoutError``) when ``timeout`` seconds pass
         first.  Ctrl-C and other signals are handled while waiting.
         """
-        if not isinstance(timeout, (int, float)) or not (math.isfinite(timeout) and timeout >= 0):
+        if not (_is_number(timeout) and _finite(timeout) and timeout >= 0):
             raise ArgumentError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
         deadline = time.monotonic() + timeout
-        since = lib.ENG_WAIT_CURRENT
+        since = -1   # C: the counter's value at entry
         while True:
             left = max(0, int((deadline - time.monotonic()) * 1e9))
             try:
                 rc = lib.eng_wait_change(self._seg, slot, since, left, self._u32)
-            except (TypeError, OverflowError):
+            except _CONVERSION_ERRORS:
                 raise self._bad_types(slot) from None
             if rc == lib.ENG_APPLIED:
                 return self.state(slot)
@@ -498,7 +525,8 @@ class Engine:
     def set_metrics(self, enabled: bool = True, sample_every: int = 64) -> None:
         """Turn metrics on or off and set the latency sampling period (a power
         of two: 1 samples every operation)."""
-        if sample_every < 1 or sample_every & (sample_every - 1):
+        if (not isinstance(sample_every, int) or isinstance(sample_every, bool)
+                or not 1 <= sample_every <= 2**31 or sample_every & (sample_every - 1)):
             raise ArgumentError(f"sample_every must be a power of two >= 1, got {sample_every}")
         hdr = self._header()
         hdr.sample_mask = sample_every - 1

@@ -4,7 +4,10 @@ Each attached Engine writes only its own shard (no contention); a departed
 Engine's counts live on in the retired shard.  Latencies are sampled into a
 log2 histogram in C: bucket b holds [2^(b-1), 2^b) ns.  Percentiles are read
 off the histogram with linear interpolation inside the bucket, so they are
-accurate to within one power of two and never below the true bucket.
+accurate to within one power of two, and capped at the sampled maximum.
+
+For ``wait``, ``applied`` counts waits that saw a change and ``conflicts``
+counts the ones that timed out.
 """
 
 from __future__ import annotations
@@ -83,9 +86,10 @@ def read_metrics(mm: mmap.mmap, shards_off: int) -> Metrics:
         counts = {k: int(col[k].sum()) for k in ("attempts", "applied", "invalid", "conflicts",
                                                   "rejected", "halted", "errors", "retries",
                                                   "takeovers", "samples")}
-        out[op] = OpMetrics(**counts, p50_ns=percentile(hist, 0.5),
-                            p99_ns=percentile(hist, 0.99), p999_ns=percentile(hist, 0.999),
-                            max_ns=int(col["max_ns"].max()))
+        max_ns = int(col["max_ns"].max())
+        # interpolation inside the top bucket may overshoot the true maximum
+        p50, p99, p999 = (min(percentile(hist, q), float(max_ns)) for q in (0.5, 0.99, 0.999))
+        out[op] = OpMetrics(**counts, p50_ns=p50, p99_ns=p99, p999_ns=p999, max_ns=max_ns)
     return out
 
 

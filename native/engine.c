@@ -176,6 +176,12 @@ static inline void op_end(op_timer t, int rc)
 {
     if (!t.m)
         return;
+    if (rc == ENG_EGUARDED) {
+        /* not an outcome: the caller retries on the guarded path, which
+         * counts the transition once; take this attempt back */
+        store_relaxed_u64(&t.m->attempts, load_relaxed_u64(&t.m->attempts) - 1);
+        return;
+    }
     uint64_t *counter;
     switch (rc) {
     case ENG_APPLIED: counter = &t.m->applied; break;
@@ -497,14 +503,16 @@ void eng_detach(eng_seg *s)
  *
  *   writer (holds latch):              reader:
  *     q = seq (relaxed)                  q1 = seq (acquire)       [pairs with W3]
- *     W1 write copy[(q+1)&1] (relaxed)   R1 copy copy[q1&1] (relaxed words)
- *     W3 seq = q+1 (release)             fence (acquire)          [orders R1 before R2]
- *                                        q2 = seq (relaxed)
+ *     W0 fence (release)                 R1 copy copy[q1&1] (relaxed words)
+ *     W1 write copy[(q+1)&1] (relaxed)   R2 fence (acquire)       [pairs with W0]
+ *     W3 seq = q+1 (release)             q2 = seq (relaxed)
  *                                        retry if q1 != q2
  *
  * If q2 == q1, no writer published since the read began, so no writer can
  * have started on copy[q1&1] (the next writer writes copy[(q1+1)&1]; the one
- * after that only starts once seq is q1+1).
+ * after that only starts once seq is q1+1).  W0/R2 make that hold on weakly
+ * ordered CPUs too: a reader that saw any word of a later writer's W1 also
+ * sees the sequence that writer advanced from, so its q2 != q1.
  *
  * Does not guarantee: progress for a reader while writers publish back to back
  * forever; it gives up after READ_RETRIES attempts with ENG_EBUSY.
@@ -531,6 +539,7 @@ static int read_ctx(const eng_slot *sl, eng_ctx_rec *out, uint64_t *version)
 static void publish_ctx(eng_slot *sl, const eng_ctx_rec *rec)
 {
     uint64_t q = load_relaxed_u64(&sl->cseq);
+    fence_release();   /* W0: pairs with the reader's acquire fence, see above */
     copy_words_relaxed(&sl->ctx[(q + 1) & 1], rec, REC_WORDS(eng_ctx_rec));
     store_release_u64(&sl->cseq, q + 1);   /* pairs with the acquire in read_ctx */
 }
@@ -594,6 +603,7 @@ static int write_price(eng_slot *sl, double price, int64_t ts)
     r.pnl_pct = diff / c.entry_price * 100.0 * (double)c.side;
     r.pnl_usd = diff * c.amount * (double)c.side;
     uint64_t q = load_relaxed_u64(&sl->pseq);
+    fence_release();   /* W0: pairs with the reader's acquire fence, see above */
     copy_words_relaxed(&sl->price[(q + 1) & 1], &r, REC_WORDS(eng_price_rec));
     store_release_u64(&sl->pseq, q + 1);   /* pairs with the acquire in read_price_rec */
     return 0;
@@ -714,7 +724,7 @@ int eng_transition(eng_seg *s, uint32_t slot, uint32_t trigger)
     uint64_t w = load_acquire_u64(&sl->word);
     for (;;) {
         if (load_relaxed_u32(&s->hdr->halted)) {
-            rc = ENG_HALTED;
+            rc = sw_state(w) ? ENG_HALTED : ENG_ENOTOPEN;   /* a free slot is bad input */
             break;
         }
         if (sw_locked(w)) {
@@ -763,7 +773,7 @@ static int lock_slot(eng_seg *s, eng_slot *sl, uint32_t trigger, int guarded,
     int rc;
     for (;;) {
         if (load_relaxed_u32(&s->hdr->halted)) {
-            rc = ENG_HALTED;
+            rc = sw_state(w) ? ENG_HALTED : ENG_ENOTOPEN;   /* a free slot is bad input */
             break;
         }
         if (sw_locked(w)) {
@@ -1025,7 +1035,7 @@ int eng_release_position(eng_seg *s, uint32_t slot)
     eng_slot *sl = &s->slots[slot];
     uint64_t w = load_acquire_u64(&sl->word);
     for (uint32_t retries = 0; retries < CAS_RETRIES; retries++) {
-        uint32_t st = sw_state(w);
+        uint32_t st = sw_state(w);   /* housekeeping: allowed while halted */
         if (st == 0)
             return ENG_ENOTOPEN;
         if (sw_locked(w) || !(st & s->hdr->closed_mask))
@@ -1036,6 +1046,7 @@ int eng_release_position(eng_seg *s, uint32_t slot)
             commit_after(s, sl, old, nw);
             return ENG_APPLIED;
         }
+        backoff_step(retries / 4);
     }
     return ENG_CONFLICT;
 }
@@ -1144,6 +1155,7 @@ int eng_read_price(eng_seg *s, uint32_t slot, eng_price_out *out)
     eng_slot *sl = &s->slots[slot];
     if (sw_state(load_acquire_u64(&sl->word)) == 0)
         return ENG_ENOTOPEN;
+    op_timer t = op_begin(s, ENG_OP_READ);
     eng_price_rec r;
     uint64_t v;
     int rc = read_price_rec(sl, &r, &v);
@@ -1154,6 +1166,7 @@ int eng_read_price(eng_seg *s, uint32_t slot, eng_price_out *out)
         out->pnl_usd = r.pnl_usd;
         out->version = v;
     }
+    op_end(t, rc);
     return rc;
 }
 
@@ -1165,18 +1178,21 @@ int eng_read_context(eng_seg *s, uint32_t slot, eng_ctx_out *out)
     eng_slot *sl = &s->slots[slot];
     if (sw_state(load_acquire_u64(&sl->word)) == 0)
         return ENG_ENOTOPEN;
-    return read_ctx(sl, &out->rec, &out->version);
+    op_timer t = op_begin(s, ENG_OP_READ);
+    int rc = read_ctx(sl, &out->rec, &out->version);
+    op_end(t, rc);
+    return rc;
 }
 
 /* ==== waiting for a change ========================================================= */
 /*
  * Blocks until the low 32 bits of the slot's transition counter differ from `since` (or from its
- * value at entry, with ENG_WAIT_CURRENT), the timeout passes (ENG_ETIMEDOUT),
+ * value at entry, with since < 0), the timeout passes (ENG_ETIMEDOUT),
  * or a signal arrives (ENG_EINTR: Python runs its handlers, then calls again
  * with the same `since` and the remaining time).  Spurious wakes re-check and
  * wait again.
  */
-int eng_wait_change(eng_seg *s, uint32_t slot, uint32_t since, int64_t timeout_ns,
+int eng_wait_change(eng_seg *s, uint32_t slot, int64_t since, int64_t timeout_ns,
                     uint32_t *out_change)
 {
     CHECK_SEG(s);
@@ -1188,7 +1204,7 @@ int eng_wait_change(eng_seg *s, uint32_t slot, uint32_t since, int64_t timeout_n
     if (sw_state(load_acquire_u64(&sl->word)) == 0)
         return ENG_ENOTOPEN;
     op_timer t = op_begin(s, ENG_OP_WAIT);
-    uint32_t base = since == ENG_WAIT_CURRENT ? (uint32_t)load_acquire_u64(&sl->transitions) : since;
+    uint32_t base = since < 0 ? (uint32_t)load_acquire_u64(&sl->transitions) : (uint32_t)since;
     int64_t deadline = now_ns(CLOCK_MONOTONIC) + timeout_ns;
     int rc = ENG_ETIMEDOUT;
     fetch_add_seq_cst_u32(&sl->waiters, 1);   /* then read the counter: see commit_after */

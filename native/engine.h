@@ -124,7 +124,6 @@
 #define ENG_FAULT_BLIND_STORE 2      /* fast path stores instead of CAS */
 
 /* ---- misc ---------------------------------------------------------------- */
-#define ENG_WAIT_CURRENT     0xFFFFFFFF   /* eng_wait_change: since = now */
 #define ENG_SLOT_SIZE        256
 #define ENG_HEADER_SIZE      4352
 
@@ -358,7 +357,7 @@ int64_t  eng_update_token_price(eng_seg *s, int64_t token, double price);
 int      eng_read_price(eng_seg *s, uint32_t slot, eng_price_out *out);
 int      eng_read_context(eng_seg *s, uint32_t slot, eng_ctx_out *out);
 
-int      eng_wait_change(eng_seg *s, uint32_t slot, uint32_t since,
+int      eng_wait_change(eng_seg *s, uint32_t slot, int64_t since,
                          int64_t timeout_ns, uint32_t *out_change);
 int      eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n);
 int      eng_recover(eng_seg *s, eng_recover_report *out);
