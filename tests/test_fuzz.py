@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -232,10 +234,20 @@ class TestFuzzLifecycle:
     def test_create(self, capacity, name, spec):
         """Garbage capacity/name/spec: a working Engine or an EngineError, and
         no segment left behind by a refused create."""
-        before = set(segment.list_names())
+        # Only names this call could have created are checked (and removed):
+        # other processes create and remove /dev/shm entries all the time.
+        generated: list[str] = []
+
+        def random_name() -> str:
+            generated.append(f"tfuzz_{secrets.token_hex(8)}")
+            return generated[-1]
+
+        candidates = {name} if isinstance(name, str) and name.isprintable() else set()
+        existed = {n for n in candidates if os.path.exists(os.path.join(segment.SHM_DIR, n))}
         eng = None
         try:
-            eng = Engine.create(capacity, name=name, spec=spec)
+            with mock.patch.object(segment, "random_name", random_name):
+                eng = Engine.create(capacity, name=name, spec=spec)
         except EngineError:
             pass
         except Exception as e:  # the finding: something else escaped
@@ -244,7 +256,8 @@ class TestFuzzLifecycle:
             if eng is not None:
                 eng.close()
                 eng.unlink()
-            leaked = set(segment.list_names()) - before
+            leaked = [n for n in (candidates - existed) | set(generated)
+                      if "/" not in n and os.path.exists(os.path.join(segment.SHM_DIR, n))]
             for n in leaked:
                 segment.unlink(n)
         assert not leaked, f"a refused create left segments behind: {leaked}"
