@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import operator
 import os
 import time
 import weakref
@@ -146,6 +147,7 @@ class Engine:
         self._u32 = ffi.new("uint32_t *")
         self._u64 = ffi.new("uint64_t *")
         self._update = ffi.new("eng_ctx_update *")
+        self._trigger_types = frozenset((int, spec.Trigger))
         self._states = {1 << i: spec.State(1 << i) for i in range(len(spec.states))}
         self._finalizer = weakref.finalize(self, _detach, self._seg, self._buf, mm)
 
@@ -284,7 +286,19 @@ class Engine:
             except KeyError:
                 raise TriggerError(f"unknown trigger {trigger!r}; spec {self.spec.name!r} has "
                                    f"{list(self.spec.triggers)}") from None
-        return trigger  # type: ignore[no-any-return]
+        return self._index(trigger, "trigger")
+
+    def _index(self, value: Any, what: str) -> Any:
+        """An exact int for an integer-like value (numpy ints, IntEnum);
+        anything else (floats included) is refused, never truncated."""
+        if isinstance(value, int):
+            return value
+        try:
+            return operator.index(value)
+        except TypeError:
+            bound = self.capacity if what == "slot" else len(self.spec.triggers)
+            raise EngineTypeError(f"{what} must be an int in [0, {bound}), got {value!r:.40} "
+                                  f"({type(value).__name__})") from None
 
     # -- positions -------------------------------------------------------------------
     def open_position(self, entry_price: float, amount: float, side: int = 1,
@@ -310,6 +324,8 @@ class Engine:
 
     def release_position(self, slot: int) -> Outcome:
         """Return a closed position's slot to the free pool."""
+        if slot.__class__ is not int:   # cffi would truncate a numpy float
+            slot = self._index(slot, "slot")
         try:
             rc = lib.eng_release_position(self._seg, slot)
         except _CONVERSION_ERRORS:
@@ -325,11 +341,13 @@ class Engine:
             context = {k: v for k, v in (("exit_reason", exit_reason), ("stop_loss", stop_loss),
                                          ("take_profit", take_profit)) if v is not None}
             return self._transition_slow(slot, trigger, context)
+        if slot.__class__ is not int:   # cffi would truncate a numpy float
+            slot = self._index(slot, "slot")
+        if trigger.__class__ not in self._trigger_types:
+            trigger = self._trigger_index(trigger)
         try:
             rc = _transition(self._seg, slot, trigger)
         except _CONVERSION_ERRORS:
-            if isinstance(trigger, str):
-                return self.transition(slot, self._trigger_index(trigger))
             raise self._bad_types(slot, trigger=trigger) from None
         if rc >= 0:
             return _OUTCOMES[rc]
@@ -358,6 +376,10 @@ class Engine:
     def _transition_slow(self, slot: Any, trigger: Any, context: Mapping[str, Any]) -> Outcome:
         trigger = self._trigger_index(trigger)
         update = self._fill_update(context) if context else ffi.NULL
+        if slot.__class__ is not int:   # cffi would truncate a numpy float
+            slot = self._index(slot, "slot")
+        if trigger.__class__ not in self._trigger_types:
+            trigger = self._trigger_index(trigger)
         try:
             rc = lib.eng_transition_ctx(self._seg, slot, trigger, update)
         except _CONVERSION_ERRORS:
@@ -382,6 +404,8 @@ class Engine:
 
     def state(self, slot: int) -> Any:
         """The slot's current state (a ``State`` for the default lifecycle)."""
+        if slot.__class__ is not int:   # cffi would truncate a numpy float
+            slot = self._index(slot, "slot")
         try:
             rc = _state(self._seg, slot)
         except _CONVERSION_ERRORS:
@@ -390,6 +414,8 @@ class Engine:
 
     def state_word(self, slot: int) -> int:
         """The raw 64-bit state word (bit layout in native/engine.h)."""
+        if slot.__class__ is not int:   # cffi would truncate a numpy float
+            slot = self._index(slot, "slot")
         try:
             rc = lib.eng_state_word(self._seg, slot, self._u64)
         except _CONVERSION_ERRORS:
@@ -401,6 +427,8 @@ class Engine:
     # -- prices and context ---------------------------------------------------------
     def update_price(self, slot: int, price: float) -> None:
         """Publish a new price; PnL is computed in C from the context."""
+        if slot.__class__ is not int:   # cffi would truncate a numpy float
+            slot = self._index(slot, "slot")
         try:
             rc = _update_price(self._seg, slot, price)
         except _CONVERSION_ERRORS:
@@ -410,6 +438,8 @@ class Engine:
 
     def price(self, slot: int) -> PriceSnapshot:
         """A consistent price record (never torn)."""
+        if slot.__class__ is not int:   # cffi would truncate a numpy float
+            slot = self._index(slot, "slot")
         try:
             rc = _read_price(self._seg, slot, self._price_out)
         except _CONVERSION_ERRORS:
@@ -420,6 +450,8 @@ class Engine:
 
     def context(self, slot: int) -> Context:
         """A consistent context record."""
+        if slot.__class__ is not int:   # cffi would truncate a numpy float
+            slot = self._index(slot, "slot")
         try:
             rc = lib.eng_read_context(self._seg, slot, self._ctx_out)
         except _CONVERSION_ERRORS:
@@ -492,6 +524,8 @@ class Engine:
         since = -1   # C: the counter's value at entry
         while True:
             left = max(0, int((deadline - time.monotonic()) * 1e9))
+            if slot.__class__ is not int:   # cffi would truncate a numpy float
+                slot = self._index(slot, "slot")
             try:
                 rc = lib.eng_wait_change(self._seg, slot, since, left, self._u32)
             except _CONVERSION_ERRORS:

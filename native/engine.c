@@ -762,6 +762,19 @@ int eng_transition(eng_seg *s, uint32_t slot, uint32_t trigger)
     return rc;
 }
 
+/* Just after locking: a published context left over from 2^16 commits ago
+ * could carry new_gen by coincidence and mislead a takeover (during a guard,
+ * or before our own context is out) into rolling forward.  Republish it with
+ * a generation that cannot match. */
+static void disown_stale_ctx(eng_slot *sl, uint32_t new_gen)
+{
+    eng_ctx_rec cur;
+    if (read_ctx(sl, &cur, NULL) == 0 && cur.gen == new_gen) {
+        cur.gen = new_gen ^ 0x8000u;
+        publish_ctx(sl, &cur);
+    }
+}
+
 /* Take the slot's transition lock for (trigger -> target).  On success *out_w
  * is the word before locking and *out_target the target index.  guarded says
  * whether guarded rules are allowed. */
@@ -789,6 +802,7 @@ static int lock_slot(eng_seg *s, eng_slot *sl, uint32_t trigger, int guarded,
             break;
         uint64_t old = w;
         if (cas_acq_rel_u64(&sl->word, &w, sw_make_locked(w, (uint32_t)target, s->pid))) {
+            disown_stale_ctx(sl, next_gen(s, sw_gen(old)));
             *out_w = old;
             *out_target = (uint32_t)target;
             rc = ENG_APPLIED;
@@ -821,14 +835,6 @@ static int finish_locked(eng_seg *s, eng_slot *sl, uint64_t old_w, uint32_t targ
     uint32_t new_gen = next_gen(s, sw_gen(old_w));
     if (ctx) {
         eng_ctx_rec c = *ctx;
-        eng_ctx_rec cur;
-        /* A published context left over from 2^16 commits ago could carry
-         * new_gen by coincidence and mislead a takeover into rolling forward:
-         * move it out of the way first. */
-        if (read_ctx(sl, &cur, NULL) == 0 && cur.gen == new_gen) {
-            cur.gen = new_gen ^ 0x8000u;
-            publish_ctx(sl, &cur);
-        }
         c.gen = new_gen;
         publish_ctx(sl, &c);
     }

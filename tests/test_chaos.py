@@ -522,12 +522,8 @@ class TestKillInsideSlowPath:
 
     def test_killed_in_guard_after_generation_wrap_rolls_back(self, make_engine, spawn):
         """Killed inside a guard when the published context's generation (from
-        2^16 commits ago) equals the lock's new generation: still rolled back.
-
-        Exposes a bug: the stale context is only moved out of the way in
-        finish_locked, after the guard ran, so a takeover during the guard
-        mistakes it for the dying transition's and rolls FORWARD a guarded
-        transition the guard never approved."""
+        2^16 commits ago) equals the lock's new generation: still rolled back
+        (the locker disowns the stale context right after taking the lock)."""
         eng = make_engine(spec=GUARDED_SPEC)
         slot = eng.open_position(100.0, 1.0)
         eng.transition(slot, "ARM")
