@@ -14,7 +14,7 @@ CFFI_MODULES = ["native/build_native.py:ffibuilder"]
 
 
 class _Backend(_build_meta._BuildMetaBackend):
-    def run_setup(self, setup_script: str = "setup.py") -> None:  # noqa: ARG002
+    def run_setup(self, setup_script: str = "setup.py") -> None:
         setup(cffi_modules=CFFI_MODULES)
 
 
