@@ -70,7 +70,11 @@ the fraction that committed is reported beside them.
 Reading the numbers: each case reports its workers' CPU share (CPU time /
 wall time).  A CPU-bound system below ~90% did not get its CPUs (other load
 on the host, or more workers than cores), and the target verdicts say so.
-``--repeat K`` keeps the fastest of K runs of every case.
+``--repeat K`` keeps the fastest of K runs of every case.  Manager and Redis
+pay a cross-process wake-up on every call; the bench measures a pipe round
+trip between two processes first and prints it.  On a VM it moves several-
+fold with the host's state (11 to 69 us on the same 2-vCPU guest, depending
+on whether the other vCPU was halted), and those peers' numbers move with it.
 """
 
 from __future__ import annotations
@@ -976,6 +980,50 @@ def _plot(cases: list[Case], systems: Sequence[str], workloads: Sequence[str],
 
 
 # ==== command line ===============================================================================
+def _host_idle(seconds: float = 0.5) -> float | None:
+    """Fraction of all CPUs idle over ``seconds`` (from /proc/stat; None elsewhere)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])    # idle + iowait, all but guest time
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def _echo(conn: Any) -> None:
+    """Pipe echo server for ``_pipe_round_trip_us`` (module level: spawn imports it)."""
+    while (msg := conn.recv_bytes()) != b"q":
+        conn.send_bytes(msg)
+
+
+def _pipe_round_trip_us(n: int = 2000) -> float:
+    """One byte there and back through a pipe between two processes: the
+    host's cost of waking another process, which Manager and Redis pay on
+    every call.  On a VM it is much higher when the other vCPU is idle."""
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=_echo, args=(b,), daemon=True)
+    p.start()
+    try:
+        for _ in range(200):
+            a.send_bytes(b"x")
+            a.recv_bytes()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            a.send_bytes(b"x")
+            a.recv_bytes()
+        return (time.perf_counter() - t0) / n * 1e6
+    finally:
+        a.send_bytes(b"q")
+        p.join(timeout=5)
+
+
 def _default_workers() -> list[int]:
     cpus = os.cpu_count() or 2
     return sorted({2, min(cpus, 8)}) if cpus > 2 else [2]
@@ -1035,15 +1083,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"too many workers: the cases need {slots_needed} slots of {N_SLOTS}",
               file=sys.stderr)
         return 2
-    load_before = os.getloadavg()[0]
+    idle = _host_idle()
     print(f"engine bench: {len(systems)} systems x {len(workloads)} workloads x "
           f"{len(layout)} cases{f' x {args.repeat} repeats' if args.repeat > 1 else ''} = "
           f"{total * args.repeat} runs of {seconds:g} s (+{warmup:g} s warm-up and "
-          f"process start each); {os.cpu_count()} CPUs, load average {load_before:.2f}, "
+          f"process start each); {os.cpu_count()} CPUs"
+          f"{'' if idle is None else f' ({idle:.0%} idle now)'}, "
           f"Python {platform.python_version()}", flush=True)
-    if load_before > 0.5:
-        print("  note: the host is busy; multi-worker cases may not get a CPU per worker "
-              "(see the cpu column)", flush=True)
+    rtt = _pipe_round_trip_us()
+    print(f"  pipe round trip between two processes: {rtt:.1f} us (Manager and Redis pay "
+          "this on every call)", flush=True)
+    if idle is not None and idle < 0.9:
+        print("  note: other processes are using the CPUs; multi-worker cases may not get a "
+              "CPU per worker (see the cpu column)", flush=True)
     cases: list[Case] = []
     skipped: dict[str, str] = {}
     meta: dict[str, Any] = {}
@@ -1109,7 +1161,8 @@ def run(args: argparse.Namespace) -> int:
                      "engine_metrics": "on, latency sampled 1 in 64 (the default)",
                      "latency": "sampled single ops (2 per batch), perf_counter_ns, timer "
                                 "overhead subtracted per worker",
-                     "elapsed_seconds": elapsed, "load_average_before": load_before,
+                     "elapsed_seconds": elapsed, "host_idle_before": idle,
+                     "pipe_round_trip_us": rtt,
                      "load_average_after": os.getloadavg()[0], **meta},
             "ratios": summary["ratios"],
             "ratios_all": summary["ratios_all"],
