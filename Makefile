@@ -1,5 +1,4 @@
 # Everything installs itself: a fresh machine needs only python3 and gcc.
-PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
@@ -11,7 +10,7 @@ SOURCES := pyproject.toml native/engine.h native/engine.c native/build_native.py
 all: $(STAMP)
 
 $(PYTHON):
-	$(PY) -m venv $(VENV)
+	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # the package with its C extension (editable: engine/_native*.so lands in the tree)

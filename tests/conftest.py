@@ -7,9 +7,11 @@ import contextlib
 import multiprocessing
 import os
 import pathlib
+import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import posix_ipc
 import pytest
 
 from engine import Engine, SegmentNotFoundError
@@ -108,3 +110,18 @@ def child_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
+
+
+@pytest.fixture
+def names() -> Iterator[Callable[[], str]]:
+    """Random segment names; whatever exists under them at the end is unlinked."""
+    made: list[str] = []
+
+    def new() -> str:
+        made.append(f"tseg_{secrets.token_hex(6)}")
+        return made[-1]
+
+    yield new
+    for n in made:
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory("/" + n)

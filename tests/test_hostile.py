@@ -13,8 +13,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import posix_ipc
 import pytest
@@ -57,21 +56,6 @@ def patch_field(name: str, fld: str, value: int) -> None:
 def read_bytes(name: str) -> bytes:
     with open(shm_path(name), "rb") as f:
         return f.read()
-
-
-@pytest.fixture
-def names() -> Iterator[Callable[[], str]]:
-    """Random segment names; whatever exists under them at the end is unlinked."""
-    made: list[str] = []
-
-    def new() -> str:
-        made.append(f"thostile_{secrets.token_hex(6)}")
-        return made[-1]
-
-    yield new
-    for n in made:
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            posix_ipc.unlink_shared_memory("/" + n)
 
 
 @pytest.fixture

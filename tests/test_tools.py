@@ -12,7 +12,6 @@ import json
 import mmap
 import multiprocessing as mp
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -45,21 +44,6 @@ def attach_and_wait(name: str, ready: Any) -> None:
     ready.set()
     signal.pause()
     eng.close()
-
-
-@pytest.fixture
-def names() -> Iterator[Callable[[], str]]:
-    """Random segment names; whatever exists under them at the end is unlinked."""
-    made: list[str] = []
-
-    def new() -> str:
-        made.append(f"ttools_{secrets.token_hex(6)}")
-        return made[-1]
-
-    yield new
-    for n in made:
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            posix_ipc.unlink_shared_memory("/" + n)
 
 
 @pytest.fixture
