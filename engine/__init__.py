@@ -2,8 +2,8 @@
 
 >>> from engine import Engine, Trigger
 >>> with Engine.create(capacity=16) as eng:
-...     slot = eng.open_position(entry_price=100.0, amount=2.0, side=1, token=7)
-...     eng.transition(slot, Trigger.POSITION_OPENED).name
+...     pos = eng.open_position(entry_price=100.0, amount=2.0, side=1, token=7)
+...     eng.transition(pos, Trigger.POSITION_OPENED).name
 ...     eng.unlink()
 'APPLIED'
 """
@@ -16,6 +16,7 @@ from engine.errors import (
     ClosedError,
     EngineError,
     EngineTypeError,
+    InternalError,
     NotOpenError,
     PriceError,
     SegmentError,
@@ -23,6 +24,7 @@ from engine.errors import (
     SlotError,
     SpecError,
     SpecMismatchError,
+    StaleIdError,
     TriggerError,
     WaitTimeout,
 )
@@ -40,6 +42,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineTypeError",
+    "InternalError",
     "Handle",
     "MachineSpec",
     "Metrics",
@@ -55,6 +58,7 @@ __all__ = [
     "SlotError",
     "SpecError",
     "SpecMismatchError",
+    "StaleIdError",
     "State",
     "Trigger",
     "TriggerError",

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import math
 import mmap
+import numbers
 import operator
 import os
+import threading
 import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -28,18 +30,13 @@ from engine import segment
 from engine._native import ffi, lib
 from engine.errors import (
     ArgumentError,
-    BusyError,
-    CapacityError,
-    ClosedError,
     EngineError,
     EngineTypeError,
-    NotOpenError,
+    InternalError,
     PriceError,
-    SegmentError,
     SlotError,
-    SpecMismatchError,
     TriggerError,
-    WaitTimeout,
+    raise_for,
 )
 from engine.metrics import Metrics, read_metrics
 from engine.records import CONTEXT_STRUCT, PRICE_STRUCT, ROW_DTYPE, Context, PriceSnapshot
@@ -59,9 +56,10 @@ _tuple_new = tuple.__new__
 _CTX_FIELDS = {"exit_reason": lib.ENG_CTX_EXIT_REASON, "stop_loss": lib.ENG_CTX_STOP_LOSS,
                "take_profit": lib.ENG_CTX_TAKE_PROFIT}
 _INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
 # what cffi raises for an argument it cannot convert (NaN to int: ValueError)
 _CONVERSION_ERRORS = (TypeError, OverflowError, ValueError)
-_INT64 = (-(2**63), 2**63 - 1)
+_SLOT_MASK = lib.ENG_ID_SLOT_MASK
 
 
 @dataclass(frozen=True)
@@ -87,15 +85,6 @@ class RecoveryReport:
                     or self.removed_pids)
 
 
-_SEGMENT_ERRORS = {
-    lib.ENG_EMAGIC: "is not an engine segment (bad magic number)",
-    lib.ENG_ELAYOUT: "has another layout version",
-    lib.ENG_ESIZE: "is truncated or its sizes disagree with its header",
-    lib.ENG_ENOTREADY: "is not ready (its creator has not finished formatting it)",
-    lib.ENG_ECORRUPT: "has a corrupt header",
-}
-
-
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -117,14 +106,46 @@ def _check_spec(spec: object) -> MachineSpec:
 
 
 def _detach(seg: Any, buf: Any, mm: mmap.mmap) -> None:
-    """Leave the registry, then unmap (the cffi buffer must go first)."""
+    """Leave the registry (C does nothing in a fork child), then unmap (the
+    cffi buffer must go first)."""
     lib.eng_detach(seg)
     ffi.release(buf)
     mm.close()
 
 
+# -- guards ----------------------------------------------------------------------------
+# eng_guard_transition calls _engine_guard with the slot locked.  Whatever the
+# guard does (False, raise, or a signal handler raising while it runs), C
+# releases the lock before it returns; the exception is kept here, per thread
+# (an Engine belongs to one thread), and raised after the C call.
+_guard_failure = threading.local()
+
+
+def _keep_guard_failure(exc_type: Any, exc: BaseException | None, tb: Any) -> int:
+    _guard_failure.exc = exc
+    return -1
+
+
+@ffi.def_extern(onerror=_keep_guard_failure)   # type: ignore[misc]
+def _engine_guard(user: Any, pos: int, source: int, trigger: int) -> int:
+    eng: Engine = ffi.from_handle(user)
+    guard = eng.spec.guards.get((source, trigger))
+    return 1 if guard is None or guard(eng.context(pos), eng.price(pos)) else 0
+
+
+def _take_guard_failure() -> BaseException | None:
+    exc: BaseException | None = getattr(_guard_failure, "exc", None)
+    _guard_failure.exc = None
+    return exc
+
+
 class Engine:
-    """One attached view of a shared-memory segment of positions."""
+    """One attached view of a shared-memory segment of positions.
+
+    Positions are named by ids: ``open_position`` returns an id naming that
+    opening of a slot, and every per-position call refuses an id whose
+    opening was released (``StaleIdError``).
+    """
 
     # -- life cycle ------------------------------------------------------------------
     def __init__(self, name: str, mm: mmap.mmap, spec: MachineSpec, *, check_spec: bool) -> None:
@@ -133,11 +154,13 @@ class Engine:
         self._mm = mm
         self._buf = ffi.from_buffer(mm)
         self._seg = ffi.new("eng_seg *")
+        # registered before attaching: an exception at any point after the C
+        # call (a signal handler's included) still frees the registry entry
+        self._finalizer = weakref.finalize(self, _detach, self._seg, self._buf, mm)
         rc = lib.eng_attach(self._seg, self._buf, len(mm), spec.fingerprint if check_spec else 0)
         if rc:
-            ffi.release(self._buf)
-            mm.close()
-            raise self._attach_error(rc)
+            self._finalizer()
+            raise_for(rc, name=name, spec=spec.name)
         self.capacity: int = self._seg.capacity
         self._pid = os.getpid()
         self._price_out = ffi.new("eng_price_out *")
@@ -145,22 +168,11 @@ class Engine:
         self._ctx_out = ffi.new("eng_ctx_out *")
         self._ctx_view = memoryview(ffi.buffer(self._ctx_out))
         self._u32 = ffi.new("uint32_t *")
-        self._u64 = ffi.new("uint64_t *")
+        self._u64 = ffi.new("uint64_t[2]")
+        self._i64 = ffi.new("int64_t *")
         self._update = ffi.new("eng_ctx_update *")
         self._trigger_types = frozenset((int, spec.Trigger))
         self._states = {1 << i: spec.State(1 << i) for i in range(len(spec.states))}
-        self._finalizer = weakref.finalize(self, _detach, self._seg, self._buf, mm)
-
-    def _attach_error(self, rc: int) -> EngineError:
-        if rc == lib.ENG_ESPEC:
-            return SpecMismatchError(
-                f"segment {self.name!r} runs another machine spec than {self.spec!r} "
-                f"(fingerprint {self.spec.fingerprint:#x}); attach with the creator's spec")
-        if rc == lib.ENG_ENOPROC:
-            return CapacityError(f"segment {self.name!r}: all {lib.ENG_MAX_PROCS} registry "
-                                 "entries are taken; close unused Engines or run recover()")
-        why = _SEGMENT_ERRORS.get(rc, f"was refused (code {rc})")
-        return SegmentError(f"segment {self.name!r} {why}")
 
     @classmethod
     def create(cls, capacity: int = 10_000, *, name: str | None = None,
@@ -184,7 +196,11 @@ class Engine:
             mm.close()
             segment.unlink(name)
             raise ArgumentError(f"cannot format segment {name!r} (code {rc})")
-        return cls(name, mm, spec, check_spec=True)
+        try:
+            return cls(name, mm, spec, check_spec=True)
+        except BaseException:
+            segment.unlink(name)
+            raise
 
     @classmethod
     def attach(cls, target: Handle | str, *, spec: MachineSpec | None = None) -> Engine:
@@ -209,7 +225,8 @@ class Engine:
 
     @property
     def closed(self) -> bool:
-        return not self._finalizer.alive
+        """True once closed, and in a child that inherited this Engine through fork()."""
+        return not self._finalizer.alive or lib.eng_check(self._seg) != 0
 
     def close(self) -> None:
         """Detach: leave the registry and unmap.  The segment lives on."""
@@ -236,36 +253,21 @@ class Engine:
                         "Engine.attach(handle) in the worker")
 
     # -- errors ------------------------------------------------------------------------
-    def _fail(self, rc: int, slot: Any = None, trigger: Any = None, price: Any = None) -> Any:
-        """Raise the exception for C status ``rc`` (never returns)."""
-        cap = self.capacity
-        if rc == lib.ENG_EBADSLOT:
-            raise SlotError(f"slot {slot!r} out of range [0, {cap})")
-        if rc == lib.ENG_ENOTOPEN:
-            raise NotOpenError(f"slot {slot} is not open (never opened, or released)")
-        if rc == lib.ENG_EBADTRIGGER:
-            raise TriggerError(f"trigger {trigger!r} out of range [0, {len(self.spec.triggers)})"
-                               f" of spec {self.spec.name!r}")
-        if rc == lib.ENG_EBADPRICE:
-            raise PriceError(f"price must be finite and > 0, got {price!r}")
-        if rc == lib.ENG_EBUSY:
-            raise BusyError(f"slot {slot}: a live writer held the record past the bound; "
-                            "nothing was changed")
-        if rc == lib.ENG_EFULL:
-            raise CapacityError(f"all {cap} slots are in use; release closed positions "
-                                "or create a larger engine")
-        if rc == lib.ENG_ECLOSED:
-            raise ClosedError(f"engine {self.name!r} is closed")
-        if rc == lib.ENG_EBADARG:
-            raise ArgumentError("argument out of range")
-        raise EngineError(f"engine call failed with code {rc}")
+    def _fail(self, rc: int, pos: Any = None, trigger: Any = None, price: Any = None,
+              **more: Any) -> NoReturn:
+        """Raise the exception for C status ``rc``."""
+        slot = pos & _SLOT_MASK if isinstance(pos, int) and pos >= 0 else "?"
+        raise_for(rc, id=pos, slot=slot, capacity=self.capacity, trigger=trigger,
+                  n_triggers=len(self.spec.triggers), spec=self.spec.name, price=price,
+                  name=self.name, **more)
 
-    def _bad_types(self, slot: Any, **values: Any) -> EngineError:
-        if not isinstance(slot, int) and not hasattr(slot, "__index__"):
-            return EngineTypeError(f"slot must be an int in [0, {self.capacity}), "
-                                   f"got {slot!r} ({type(slot).__name__})")
-        if isinstance(slot, int) and not 0 <= slot < self.capacity:
-            return SlotError(f"slot {slot!r} out of range [0, {self.capacity})")
+    def _bad_types(self, pos: Any, **values: Any) -> EngineError:
+        """The error for arguments cffi refused to convert."""
+        if not isinstance(pos, int):
+            return EngineTypeError(f"id must be an int from open_position, got {pos!r:.40} "
+                                   f"({type(pos).__name__})")
+        if not 0 <= pos <= lib.ENG_ID_MAX:
+            return SlotError(f"id {pos!r} out of range [1, {lib.ENG_ID_MAX:#x}]")
         for key, v in values.items():
             if key == "trigger":
                 if not isinstance(v, int):
@@ -273,11 +275,9 @@ class Engine:
                                            f"{self.spec.name!r}, got {v!r}")
                 return TriggerError(f"trigger {v!r} out of range "
                                     f"[0, {len(self.spec.triggers)})")
-            if key == "price" and not isinstance(v, (int, float)):
-                return EngineTypeError(f"price must be a float, got {v!r} ({type(v).__name__})")
             if key == "price":   # an int too large for a double
                 return PriceError(f"price must be finite and > 0, got {v!r:.40}")
-        return EngineTypeError(f"bad argument types: slot={slot!r}, {values}")
+        return EngineTypeError(f"bad argument types: id={pos!r}, {values}")
 
     def _trigger_index(self, trigger: Any) -> int:
         if isinstance(trigger, str):
@@ -288,22 +288,56 @@ class Engine:
                                    f"{list(self.spec.triggers)}") from None
         return self._index(trigger, "trigger")
 
-    def _index(self, value: Any, what: str) -> Any:
+    def _index(self, value: Any, what: str = "id") -> Any:
         """An exact int for an integer-like value (numpy ints, IntEnum);
         anything else (floats included) is refused, never truncated."""
-        if isinstance(value, int):
-            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return int(value)
         try:
+            if isinstance(value, bool):
+                raise TypeError
             return operator.index(value)
         except TypeError:
-            bound = self.capacity if what == "slot" else len(self.spec.triggers)
-            raise EngineTypeError(f"{what} must be an int in [0, {bound}), got {value!r:.40} "
+            allowed = {"id": "an int from open_position",
+                       "slot": f"an int in [0, {self.capacity})",
+                       "trigger": f"an int in [0, {len(self.spec.triggers)}) or a trigger name"}
+            raise EngineTypeError(f"{what} must be {allowed[what]}, got {value!r:.40} "
                                   f"({type(value).__name__})") from None
+
+    @staticmethod
+    def _price_arg(price: Any) -> float:
+        """A real number as a float; complex, bool, str and the rest are refused."""
+        if isinstance(price, numbers.Real) and not isinstance(price, bool):
+            try:
+                return float(price)
+            except OverflowError:
+                raise PriceError(f"price must be finite and > 0, got {price!r:.40}") from None
+        raise EngineTypeError(f"price must be a real number, got {price!r:.40} "
+                              f"({type(price).__name__})")
+
+    # -- ids ---------------------------------------------------------------------------
+    def slot_of(self, pos: int) -> int:
+        """The slot index an id names (ids of one slot share it)."""
+        pos = self._index(pos)
+        if not 0 <= pos <= lib.ENG_ID_MAX or pos & _SLOT_MASK >= self.capacity:
+            self._fail(lib.ENG_EBADSLOT, pos)
+        return int(pos & _SLOT_MASK)
+
+    def id_of(self, slot: int) -> int:
+        """The id of ``slot``'s current opening (NotOpenError if it is free)."""
+        slot = self._index(slot, "slot")
+        if not 0 <= slot < self.capacity:
+            raise SlotError(f"slot {slot} out of range [0, {self.capacity})")
+        rc = lib.eng_id_of(self._seg, slot, self._u64)
+        if rc:
+            self._fail(rc, slot)
+        return int(self._u64[0])
 
     # -- positions -------------------------------------------------------------------
     def open_position(self, entry_price: float, amount: float, side: int = 1,
                       token: int = 0) -> int:
-        """Allocate a free slot atomically; it starts in the spec's initial state."""
+        """Open a position on a free slot; it starts in the spec's initial
+        state.  Returns its id."""
         for key, v in (("entry_price", entry_price), ("amount", amount)):
             if not _is_number(v):
                 raise EngineTypeError(f"{key} must be a float, got {v!r}")
@@ -317,43 +351,52 @@ class Engine:
         if not isinstance(token, int) or not _INT64[0] <= token <= _INT64[1]:
             raise ArgumentError(f"token must be an int in [{_INT64[0]}, {_INT64[1]}], "
                                 f"got {token!r}")
-        rc = lib.eng_open_position(self._seg, entry_price, amount, side, token, self._u32)
-        if rc:
-            self._fail(rc, price=entry_price)
-        return int(self._u32[0])
-
-    def release_position(self, slot: int) -> Outcome:
-        """Return a closed position's slot to the free pool."""
-        if slot.__class__ is not int:   # cffi would truncate a numpy float
-            slot = self._index(slot, "slot")
+        out = self._u64
+        out[0] = 0
         try:
-            rc = lib.eng_release_position(self._seg, slot)
+            rc = lib.eng_open_position(self._seg, entry_price, amount, side, token, out)
+            if rc:
+                self._fail(rc, price=entry_price)
+            return int(out[0])
+        except BaseException:
+            # an exception (a signal handler's) after C opened it: the id
+            # never reaches the caller, so give the slot back
+            if out[0]:
+                lib.eng_abandon_open(self._seg, out[0])
+            raise
+
+    def release_position(self, pos: int) -> Outcome:
+        """Return a closed position's slot to the free pool; ``pos`` goes stale."""
+        if pos.__class__ is not int:   # cffi would truncate a numpy float
+            pos = self._index(pos)
+        try:
+            rc = lib.eng_release_position(self._seg, pos)
         except _CONVERSION_ERRORS:
-            raise self._bad_types(slot) from None
-        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, slot)
+            raise self._bad_types(pos) from None
+        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)
 
     # -- transitions -------------------------------------------------------------------
-    def transition(self, slot: int, trigger: int | str, exit_reason: int | None = None,
+    def transition(self, pos: int, trigger: int | str, exit_reason: int | None = None,
                    stop_loss: float | None = None, take_profit: float | None = None) -> Outcome:
-        """Fire ``trigger`` on ``slot``.  ``exit_reason``, ``stop_loss`` and
-        ``take_profit`` update the context atomically with the state change."""
+        """Fire ``trigger`` on position ``pos``.  ``exit_reason``, ``stop_loss``
+        and ``take_profit`` update the context atomically with the state change."""
         if exit_reason is not None or stop_loss is not None or take_profit is not None:
             context = {k: v for k, v in (("exit_reason", exit_reason), ("stop_loss", stop_loss),
                                          ("take_profit", take_profit)) if v is not None}
-            return self._transition_slow(slot, trigger, context)
-        if slot.__class__ is not int:   # cffi would truncate a numpy float
-            slot = self._index(slot, "slot")
+            return self._transition_slow(pos, trigger, context)
+        if pos.__class__ is not int:   # cffi would truncate a numpy float
+            pos = self._index(pos)
         if trigger.__class__ not in self._trigger_types:
             trigger = self._trigger_index(trigger)
         try:
-            rc = _transition(self._seg, slot, trigger)
+            rc = _transition(self._seg, pos, trigger)
         except _CONVERSION_ERRORS:
-            raise self._bad_types(slot, trigger=trigger) from None
+            raise self._bad_types(pos, trigger=trigger) from None
         if rc >= 0:
             return _OUTCOMES[rc]
         if rc == lib.ENG_EGUARDED:
-            return self._transition_slow(slot, trigger, {})
-        return self._fail(rc, slot, trigger)  # type: ignore[no-any-return]
+            return self._transition_slow(pos, trigger, {})
+        self._fail(rc, pos, trigger)
 
     def _fill_update(self, context: Mapping[str, Any]) -> Any:
         u = self._update
@@ -364,7 +407,8 @@ class Engine:
                 raise ArgumentError(f"unknown context field {key!r}; "
                                     f"a transition may set {sorted(_CTX_FIELDS)}")
             if key == "exit_reason":
-                if not isinstance(value, int) or not _INT32[0] <= value <= _INT32[1]:
+                if (not isinstance(value, int) or isinstance(value, bool)
+                        or not _INT32[0] <= value <= _INT32[1]):
                     raise ArgumentError(f"exit_reason must be an int in [{_INT32[0]}, "
                                         f"{_INT32[1]}], got {value!r}")
             elif not (_is_number(value) and _finite(value) and value >= 0):
@@ -373,175 +417,163 @@ class Engine:
             u.mask |= bit
         return u
 
-    def _transition_slow(self, slot: Any, trigger: Any, context: Mapping[str, Any]) -> Outcome:
-        trigger = self._trigger_index(trigger)
-        update = self._fill_update(context) if context else ffi.NULL
-        if slot.__class__ is not int:   # cffi would truncate a numpy float
-            slot = self._index(slot, "slot")
+    def _transition_slow(self, pos: Any, trigger: Any, context: Mapping[str, Any]) -> Outcome:
+        if pos.__class__ is not int:   # cffi would truncate a numpy float
+            pos = self._index(pos)
         if trigger.__class__ not in self._trigger_types:
             trigger = self._trigger_index(trigger)
+        update = self._fill_update(context) if context else ffi.NULL
         try:
-            rc = lib.eng_transition_ctx(self._seg, slot, trigger, update)
+            rc = lib.eng_transition_ctx(self._seg, pos, trigger, update)
         except _CONVERSION_ERRORS:
-            raise self._bad_types(slot, trigger=trigger) from None
+            raise self._bad_types(pos, trigger=trigger) from None
         if rc == lib.ENG_EGUARDED:
-            return self._transition_guarded(slot, trigger, update)
-        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, slot, trigger)  # type: ignore[no-any-return]
+            rc = lib.eng_guard_transition(self._seg, pos, trigger, update, lib._engine_guard,
+                                          ffi.new_handle(self))
+            failure = _take_guard_failure()
+            if failure is not None:
+                raise failure
+        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos, trigger)
 
-    def _transition_guarded(self, slot: int, trigger: int, update: Any) -> Outcome:
-        rc = lib.eng_guard_lock(self._seg, slot, trigger)
-        if rc != lib.ENG_APPLIED:
-            return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, slot, trigger)  # type: ignore[no-any-return]
-        commit = 0
+    def state(self, pos: int) -> Any:
+        """The position's current state (a ``State`` for the default lifecycle)."""
+        if pos.__class__ is not int:   # cffi would truncate a numpy float
+            pos = self._index(pos)
         try:
-            lib.eng_state_word(self._seg, slot, self._u64)
-            source = (int(self._u64[0]) & lib.ENG_SW_STATE_MASK).bit_length() - 1
-            guard = self.spec.guards.get((source, trigger))
-            commit = 1 if guard is None or guard(self.context(slot), self.price(slot)) else 0
-        finally:
-            rc = lib.eng_guard_finish(self._seg, slot, commit, update)
-        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, slot, trigger)  # type: ignore[no-any-return]
-
-    def state(self, slot: int) -> Any:
-        """The slot's current state (a ``State`` for the default lifecycle)."""
-        if slot.__class__ is not int:   # cffi would truncate a numpy float
-            slot = self._index(slot, "slot")
-        try:
-            rc = _state(self._seg, slot)
+            rc = _state(self._seg, pos)
         except _CONVERSION_ERRORS:
-            raise self._bad_types(slot) from None
-        return self._states[rc] if rc > 0 else self._fail(rc, slot)
+            raise self._bad_types(pos) from None
+        return self._states[rc] if rc > 0 else self._fail(rc, pos)
 
     def state_word(self, slot: int) -> int:
-        """The raw 64-bit state word (bit layout in native/engine.h)."""
-        if slot.__class__ is not int:   # cffi would truncate a numpy float
-            slot = self._index(slot, "slot")
-        try:
-            rc = lib.eng_state_word(self._seg, slot, self._u64)
-        except _CONVERSION_ERRORS:
-            raise self._bad_types(slot) from None
+        """The raw 64-bit state word of a SLOT (bit layout in native/engine.h)."""
+        slot = self._index(slot, "slot")
+        if not 0 <= slot < self.capacity:
+            raise SlotError(f"slot {slot} out of range [0, {self.capacity})")
+        rc = lib.eng_state_word(self._seg, slot, self._u64)
         if rc:
             self._fail(rc, slot)
         return int(self._u64[0])
 
     # -- prices and context ---------------------------------------------------------
-    def update_price(self, slot: int, price: float) -> None:
+    def update_price(self, pos: int, price: float) -> None:
         """Publish a new price; PnL is computed in C from the context."""
-        if slot.__class__ is not int:   # cffi would truncate a numpy float
-            slot = self._index(slot, "slot")
+        if pos.__class__ is not int:   # cffi would truncate a numpy float
+            pos = self._index(pos)
+        if price.__class__ is not float:
+            price = self._price_arg(price)
         try:
-            rc = _update_price(self._seg, slot, price)
+            rc = _update_price(self._seg, pos, price)
         except _CONVERSION_ERRORS:
-            raise self._bad_types(slot, price=price) from None
+            raise self._bad_types(pos, price=price) from None
         if rc:
-            self._fail(rc, slot, price=price)
+            self._fail(rc, pos, price=price)
 
-    def price(self, slot: int) -> PriceSnapshot:
-        """A consistent price record (never torn)."""
-        if slot.__class__ is not int:   # cffi would truncate a numpy float
-            slot = self._index(slot, "slot")
+    def price(self, pos: int) -> PriceSnapshot:
+        """A consistent price record of this opening (never torn)."""
+        if pos.__class__ is not int:   # cffi would truncate a numpy float
+            pos = self._index(pos)
         try:
-            rc = _read_price(self._seg, slot, self._price_out)
+            rc = _read_price(self._seg, pos, self._price_out)
         except _CONVERSION_ERRORS:
-            raise self._bad_types(slot) from None
+            raise self._bad_types(pos) from None
         if rc:
-            self._fail(rc, slot)
+            self._fail(rc, pos)
         return _tuple_new(PriceSnapshot, _unpack_price(self._price_view))
 
-    def context(self, slot: int) -> Context:
-        """A consistent context record."""
-        if slot.__class__ is not int:   # cffi would truncate a numpy float
-            slot = self._index(slot, "slot")
+    def context(self, pos: int) -> Context:
+        """A consistent context record of this opening."""
+        if pos.__class__ is not int:   # cffi would truncate a numpy float
+            pos = self._index(pos)
         try:
-            rc = lib.eng_read_context(self._seg, slot, self._ctx_out)
+            rc = lib.eng_read_context(self._seg, pos, self._ctx_out)
         except _CONVERSION_ERRORS:
-            raise self._bad_types(slot) from None
+            raise self._bad_types(pos) from None
         if rc:
-            self._fail(rc, slot)
+            self._fail(rc, pos)
         return _tuple_new(Context, _unpack_context(self._ctx_view))
 
-    def update_prices(self, slots: npt.ArrayLike, prices: npt.ArrayLike) -> None:
-        """Publish many prices in one C call.  Every slot and price is checked
-        first; one bad value refuses the whole batch."""
+    def update_prices(self, ids: npt.ArrayLike, prices: npt.ArrayLike) -> int:
+        """Publish many prices in one C call; returns how many were written.
+
+        Every id and price is checked first; one bad value refuses the whole
+        batch.  A position released while the call runs is skipped."""
         try:
-            s = np.asarray(slots)
+            s = np.asarray(ids)
             p = np.asarray(prices)
         except (TypeError, ValueError) as e:
-            raise EngineTypeError(f"slots and prices must be 1-D numeric arrays: {e}") from None
+            raise EngineTypeError(f"ids and prices must be 1-D numeric arrays: {e}") from None
         if s.ndim != 1 or p.ndim != 1:
-            raise ArgumentError(f"slots and prices must be 1-D, got shapes {s.shape} and {p.shape}")
+            raise ArgumentError(f"ids and prices must be 1-D, got shapes {s.shape} and {p.shape}")
         if len(s) != len(p):
-            raise ArgumentError(f"slots and prices differ in length: {len(s)} != {len(p)}")
+            raise ArgumentError(f"ids and prices differ in length: {len(s)} != {len(p)}")
         if s.dtype.kind not in "iu":
-            raise EngineTypeError(f"slots must be an integer array, got dtype {s.dtype}")
+            raise EngineTypeError(f"ids must be an integer array, got dtype {s.dtype}")
         if p.dtype.kind != "f":
             raise EngineTypeError(f"prices must be a float array, got dtype {p.dtype}")
         if len(s) == 0:
-            return
-        if s.dtype != np.uint32:
-            lo, hi = int(s.min()), int(s.max())
-            if lo < 0 or hi >= self.capacity:
-                bad = lo if lo < 0 else hi
-                raise SlotError(f"slot {bad} out of range [0, {self.capacity}) "
-                                f"at index {int(np.flatnonzero(s == bad)[0])}")
-        s = np.ascontiguousarray(s, dtype=np.uint32)
+            return 0
+        if s.dtype.kind == "i" and int(s.min()) < 0:
+            i = int(np.argmin(s))
+            raise SlotError(f"id {int(s[i])} out of range [1, {lib.ENG_ID_MAX:#x}] at index {i}")
+        s = np.ascontiguousarray(s, dtype=np.uint64)
         p = np.ascontiguousarray(p, dtype=np.float64)
-        bad = self._u64
-        rc = lib.eng_update_prices(self._seg, ffi.from_buffer("uint32_t[]", s),
-                                   ffi.from_buffer("double[]", p), len(s), bad)
+        out = self._u64
+        rc = lib.eng_update_prices(self._seg, ffi.from_buffer("uint64_t[]", s),
+                                   ffi.from_buffer("double[]", p), len(s), out, out + 1)
         if rc:
-            if rc in (lib.ENG_ECLOSED, lib.ENG_EBADARG):   # out_bad_index not set
+            if rc in (lib.ENG_ECLOSED, lib.ENG_EFORKED, lib.ENG_EBADARG):
                 self._fail(rc)
-            i = int(bad[0])
-            done = ("slots before it were written" if rc == lib.ENG_EBUSY
+            i = int(out[0])
+            done = (f"{int(out[1])} before it were written" if rc == lib.ENG_EBUSY
                     else "nothing in the batch was written")
             try:
                 self._fail(rc, int(s[i]), price=float(p[i]))
             except EngineError as e:
                 raise type(e)(f"{e} (at index {i}; {done})") from None
+        return int(out[1])
 
     def update_token_price(self, token: int, price: float) -> int:
         """Publish ``price`` to every open position on ``token``; returns the count."""
         if not isinstance(token, int) or not _INT64[0] <= token <= _INT64[1]:
             raise ArgumentError(f"token must be an int in [{_INT64[0]}, {_INT64[1]}], "
                                 f"got {token!r}")
-        try:
-            n = lib.eng_update_token_price(self._seg, token, price)
-        except _CONVERSION_ERRORS:
-            raise self._bad_types(0, price=price) from None
-        return int(n) if n >= 0 else self._fail(int(n), price=price)  # type: ignore[no-any-return]
+        if price.__class__ is not float:
+            price = self._price_arg(price)
+        n = lib.eng_update_token_price(self._seg, token, price)
+        return int(n) if n >= 0 else self._fail(int(n), price=price)
 
     # -- waiting, snapshots, metrics, recovery ---------------------------------------
-    def wait_for_change(self, slot: int, timeout: float = 1.0) -> Any:
-        """Block until a transition commits on ``slot``; return the new state.
+    def wait_for_change(self, pos: int, timeout: float = 1.0) -> Any:
+        """Block until a transition commits on ``pos``; return the new state.
 
         Raises ``WaitTimeout`` (a ``TimeoutError``) when ``timeout`` seconds pass
-        first.  Ctrl-C and other signals are handled while waiting.
+        first, ``StaleIdError`` if the position was released meanwhile.  Ctrl-C
+        and other signals are handled while waiting.
         """
         if not (_is_number(timeout) and _finite(timeout) and timeout >= 0):
             raise ArgumentError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
+        if pos.__class__ is not int:   # cffi would truncate a numpy float
+            pos = self._index(pos)
         deadline = time.monotonic() + timeout
-        since = -1   # C: the counter's value at entry
+        since = -1   # C: the state word at entry
         while True:
-            left = max(0, int((deadline - time.monotonic()) * 1e9))
-            if slot.__class__ is not int:   # cffi would truncate a numpy float
-                slot = self._index(slot, "slot")
+            left = min(max(0, int((deadline - time.monotonic()) * 1e9)), lib.ENG_MAX_TIMEOUT_NS)
             try:
-                rc = lib.eng_wait_change(self._seg, slot, since, left, self._u32)
+                rc = lib.eng_wait_change(self._seg, pos, since, left, self._i64)
             except _CONVERSION_ERRORS:
-                raise self._bad_types(slot) from None
+                raise self._bad_types(pos) from None
             if rc == lib.ENG_APPLIED:
-                return self.state(slot)
+                return self.state(pos)
             if rc == lib.ENG_EINTR:      # signal handlers run here, between calls
-                since = int(self._u32[0])
+                since = int(self._i64[0])
                 continue
-            if rc == lib.ENG_ETIMEDOUT:
-                raise WaitTimeout(f"slot {slot}: no change within {timeout} s")
-            self._fail(rc, slot)
+            self._fail(rc, pos, timeout=timeout)
 
     def snapshot(self) -> np.ndarray:
-        """Every open slot as one row of a structured array; each record in a
-        row (state, price, context) is read consistently."""
+        """Every open position as one row of a structured array (``id`` and
+        ``slot`` columns first); each row's state, context and price belong to
+        one opening and were read together."""
         rows = np.zeros(self.capacity, dtype=ROW_DTYPE)
         rc = lib.eng_snapshot(self._seg, ffi.from_buffer("eng_row[]", rows, require_writable=True),
                               self.capacity, self._u32)
@@ -552,8 +584,7 @@ class Engine:
     def metrics(self) -> Metrics:
         """Counters and latency percentiles per operation, merged over every
         attached (and departed) Engine."""
-        if self.closed:
-            raise ClosedError(f"engine {self.name!r} is closed")
+        self._check_open()
         return read_metrics(self._mm, self._seg.hdr.shards_off)
 
     def set_metrics(self, enabled: bool = True, sample_every: int = 64) -> None:
@@ -562,12 +593,12 @@ class Engine:
         if (not isinstance(sample_every, int) or isinstance(sample_every, bool)
                 or not 1 <= sample_every <= 2**31 or sample_every & (sample_every - 1)):
             raise ArgumentError(f"sample_every must be a power of two >= 1, got {sample_every}")
-        hdr = self._header()
-        hdr.sample_mask = sample_every - 1
-        hdr.metrics_on = 1 if enabled else 0
+        rc = lib.eng_set_metrics(self._seg, 1 if enabled else 0, sample_every - 1)
+        if rc:
+            self._fail(rc, what=f"sample_every={sample_every}")
 
     def recover(self) -> RecoveryReport:
-        """Release what dead processes hold and drop them from the registry."""
+        """Release what proven-dead processes hold and drop them from the registry."""
         out = ffi.new("eng_recover_report *")
         rc = lib.eng_recover(self._seg, out)
         if rc:
@@ -577,18 +608,20 @@ class Engine:
 
     def halt(self, on: bool = True) -> None:
         """Emergency stop: while on, every transition returns ``Outcome.HALTED``."""
-        self._header().halted = 1 if on else 0
+        rc = lib.eng_set_halt(self._seg, 1 if on else 0)
+        if rc:
+            self._fail(rc)
 
-    def _header(self) -> Any:
-        if self.closed:
-            raise ClosedError(f"engine {self.name!r} is closed")
-        return self._seg.hdr
+    def _check_open(self) -> None:
+        rc = lib.eng_check(self._seg)
+        if rc:
+            self._fail(rc)
 
     def _set_fault(self, flags: int = 0, pause_ns: int = 0) -> None:
         """Test hooks: ENG_FAULT_* switches and a pause inside the slow path."""
-        hdr = self._header()
-        hdr.fault_flags = flags
-        hdr.test_pause_ns = pause_ns
+        rc = lib.eng_set_faults(self._seg, flags, pause_ns)
+        if rc:
+            self._fail(rc, what=f"flags={flags}, pause_ns={pause_ns}")
 
     @property
     def pid(self) -> int:

@@ -7,6 +7,10 @@ inherits the builtin a caller would naturally catch (``SlotError`` is an
 
 from __future__ import annotations
 
+from typing import Any, NoReturn
+
+from engine._native import ffi, lib
+
 
 class EngineError(Exception):
     """Base of every error the engine raises (never raised itself)."""
@@ -17,7 +21,12 @@ class SlotError(EngineError, IndexError):
 
 
 class NotOpenError(SlotError):
-    """A slot that was never opened, or was released."""
+    """An id that names no open position: never issued, or released."""
+
+
+class StaleIdError(NotOpenError, LookupError):
+    """An id whose opening was released: the slot is free or holds another
+    position now.  The id never reads or changes that position."""
 
 
 class EngineTypeError(EngineError, TypeError):
@@ -65,4 +74,62 @@ class SpecError(EngineError, ValueError):
 
 
 class ClosedError(EngineError, RuntimeError):
-    """The Engine was closed."""
+    """The Engine was closed, or inherited through ``fork()``."""
+
+
+class InternalError(EngineError, RuntimeError):
+    """A status the API should never see (a bug: please report it)."""
+
+
+class _Context(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+_ID_MAX = f"{lib.ENG_ID_MAX:#x}"
+_SEGMENT = "segment {name!r} "
+
+# Each C status code: the one exception class it raises and its message.
+ERRORS: dict[int, tuple[type[EngineError], str]] = {
+    lib.ENG_EBADSLOT: (SlotError, "id {id!r} names slot {slot}, out of range [0, {capacity}) "
+                                  f"(an id is an int in [1, {_ID_MAX}])"),
+    lib.ENG_ENOTOPEN: (NotOpenError, "id {id!r} was never issued (slot {slot}): ids come from "
+                                     "open_position, they are not slot indexes"),
+    lib.ENG_ESTALE: (StaleIdError, "id {id!r} is stale: its opening of slot {slot} was released"),
+    lib.ENG_EBADTRIGGER: (TriggerError, "trigger {trigger!r} out of range [0, {n_triggers}) of "
+                                        "spec {spec!r}"),
+    lib.ENG_EBADPRICE: (PriceError, "price must be finite and > 0, got {price!r}"),
+    lib.ENG_EBADARG: (ArgumentError, "argument out of range: {what}"),
+    lib.ENG_EFULL: (CapacityError, "all {capacity} slots are in use; release closed positions "
+                                   "or create a larger engine"),
+    lib.ENG_ETIMEDOUT: (WaitTimeout, "id {id!r}: no change within {timeout} s"),
+    lib.ENG_EBUSY: (BusyError, "id {id!r}: a live writer held the record past the bound; "
+                               "nothing was changed"),
+    lib.ENG_EMAGIC: (SegmentError, _SEGMENT + "is not an engine segment (bad magic number)"),
+    lib.ENG_ELAYOUT: (SegmentError, _SEGMENT + "has another layout version (this build reads "
+                                    f"version {lib.ENG_LAYOUT_VERSION})"),
+    lib.ENG_ESIZE: (SegmentError, _SEGMENT + "is truncated or its sizes disagree with its header"),
+    lib.ENG_ENOTREADY: (SegmentError, _SEGMENT + "is not ready (its creator has not finished "
+                                      "formatting it)"),
+    lib.ENG_ESPEC: (SpecMismatchError, _SEGMENT + "runs another machine spec than {spec!r}; "
+                                       "attach with the creator's spec"),
+    lib.ENG_ENOPROC: (CapacityError, _SEGMENT + f"all {lib.ENG_MAX_PROCS} registry entries are "
+                                     "taken; close unused Engines or run recover()"),
+    lib.ENG_ECORRUPT: (SegmentError, _SEGMENT + "has a corrupt header"),
+    lib.ENG_ECLOSED: (ClosedError, "engine {name!r} is closed"),
+    lib.ENG_EFORKED: (ClosedError, "engine {name!r} was inherited through fork(): this process "
+                                   "must attach its own, with Engine.attach(handle)"),
+    lib.ENG_ERECOVERING: (BusyError, "another live process is running recover() on {name!r}; "
+                                     "try again when it is done"),
+    lib.ENG_ENOPROCFS: (SegmentError, "cannot read this process's start time from "
+                                      "/proc/self/stat (out of file descriptors, or no /proc); "
+                                      "without it a reused pid could pass for this process"),
+    lib.ENG_EGUARDFAIL: (InternalError, "id {id!r}: the guard failed; nothing was changed"),
+}
+
+
+def raise_for(code: int, **context: Any) -> NoReturn:
+    """Raise the exception for C status ``code``; ``context`` fills its message."""
+    cls, template = ERRORS.get(code, (InternalError, "engine call failed with code {code} ({why})"))
+    why = ffi.string(lib.eng_strerror(code)).decode()
+    raise cls(template.format_map(_Context(context, code=code, why=why)))

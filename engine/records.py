@@ -89,7 +89,7 @@ class Context(NamedTuple):
 
 
 PRICE_STRUCT, _price_names = struct_for("eng_price_out")
-CONTEXT_STRUCT, _ctx_names = struct_for("eng_ctx_out", skip=("gen", "pad"))
+CONTEXT_STRUCT, _ctx_names = struct_for("eng_ctx_out")
 # the NamedTuples above name the C fields in C order
 assert _price_names == ["price", "ts_ns", "pnl_pct", "pnl_usd", "version"], _price_names
 assert _ctx_names == [f for f in Context._fields], _ctx_names

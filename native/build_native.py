@@ -36,8 +36,13 @@ def compile_args() -> list[str]:
     return args
 
 
+# The guard callback: C calls it inside eng_guard_transition (see engine/core.py).
+CALLBACKS = """
+extern "Python" int _engine_guard(void *, uint64_t, uint32_t, uint32_t);
+"""
+
 ffibuilder = FFI()
-ffibuilder.cdef(cdef_from_header(HEADER.read_text()))
+ffibuilder.cdef(cdef_from_header(HEADER.read_text()) + CALLBACKS)
 ffibuilder.set_source(
     "engine._native",
     '#include "engine.h"',

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -49,9 +50,9 @@ static inline int cas_acq_rel_u32(uint32_t *p, uint32_t *expected, uint32_t desi
 
 static inline uint64_t fetch_add_relaxed_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline uint32_t fetch_add_relaxed_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
-static inline uint32_t fetch_add_seq_cst_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 static inline uint64_t fetch_add_seq_cst_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-static inline uint32_t fetch_sub_seq_cst_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t exchange_seq_cst_u32(uint32_t *p, uint32_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+static inline void store_seq_cst_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 static inline void fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 static inline void fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 
@@ -127,25 +128,43 @@ static inline int64_t now_ns(clockid_t clk)
 
 /* ==== state word ============================================================== */
 
+#define SW_KEEP      (ENG_SW_STATE_MASK | ENG_SW_ERROR | ENG_SW_CTX | \
+                      (ENG_SW_GEN_MASK << ENG_SW_GEN_SHIFT))
+/* the bits a commit changes: what waiters and consistent readers watch */
+#define SW_COMMITTED (ENG_SW_STATE_MASK | ENG_SW_CTX | (ENG_SW_GEN_MASK << ENG_SW_GEN_SHIFT))
+
 static inline uint32_t sw_state(uint64_t w) { return (uint32_t)(w & ENG_SW_STATE_MASK); }
 static inline int sw_locked(uint64_t w) { return (w & ENG_SW_LOCK) != 0; }
 static inline uint32_t sw_gen(uint64_t w) { return (uint32_t)((w >> ENG_SW_GEN_SHIFT) & ENG_SW_GEN_MASK); }
-static inline uint32_t sw_owner(uint64_t w) { return (uint32_t)((w >> ENG_SW_OWNER_SHIFT) & ENG_SW_OWNER_MASK); }
+static inline uint32_t sw_owner(uint64_t w) { return (uint32_t)((w >> ENG_SW_OWNER_SHIFT) & ENG_TOKEN_MASK); }
 static inline uint32_t sw_target(uint64_t w) { return (uint32_t)((w >> ENG_SW_TARGET_SHIFT) & ENG_SW_TARGET_MASK); }
+static inline uint32_t sw_ctx(uint64_t w) { return (w & ENG_SW_CTX) ? 1u : 0u; }
 
-static inline uint64_t sw_make(uint32_t onehot, uint32_t gen)
+/* An unlocked word: state, generation and published context copy. */
+static inline uint64_t sw_make(uint32_t onehot, uint32_t gen, uint32_t ctx)
 {
-    return (uint64_t)onehot | ((uint64_t)(gen & ENG_SW_GEN_MASK) << ENG_SW_GEN_SHIFT);
+    return (uint64_t)onehot | ((uint64_t)(gen & ENG_SW_GEN_MASK) << ENG_SW_GEN_SHIFT)
+         | (ctx ? ENG_SW_CTX : 0);
 }
 
-static inline uint64_t sw_make_locked(uint64_t w, uint32_t target, uint32_t pid)
+/* w locked by token for a move to target; unlocking restores w exactly. */
+static inline uint64_t sw_make_locked(uint64_t w, uint32_t target, uint32_t token)
 {
-    uint64_t keep = w & (ENG_SW_STATE_MASK | (ENG_SW_GEN_MASK << ENG_SW_GEN_SHIFT));
-    return keep | ENG_SW_LOCK | ((uint64_t)target << ENG_SW_TARGET_SHIFT)
-         | ((uint64_t)pid << ENG_SW_OWNER_SHIFT);
+    return (w & SW_KEEP) | ENG_SW_LOCK | ((uint64_t)target << ENG_SW_TARGET_SHIFT)
+         | ((uint64_t)token << ENG_SW_OWNER_SHIFT);
 }
+
+static inline uint64_t sw_unlocked(uint64_t locked) { return locked & SW_KEEP; }
 
 static inline uint32_t onehot_index(uint32_t onehot) { return (uint32_t)__builtin_ctz(onehot); }
+
+/* ==== ids ======================================================================= */
+
+static inline uint32_t id_opening(uint64_t id) { return (uint32_t)(id >> ENG_ID_SLOT_BITS); }
+static inline uint64_t make_id(uint32_t opening, uint32_t slot)
+{
+    return ((uint64_t)opening << ENG_ID_SLOT_BITS) | slot;
+}
 
 /* ==== metrics ================================================================== */
 /*
@@ -213,32 +232,42 @@ static inline void op_count(op_timer t, size_t field_offset, uint64_t v)
 #define OP_RETRIES(t, v)   op_count((t), offsetof(eng_op_metrics, retries), (v))
 #define OP_TAKEOVERS(t, v) op_count((t), offsetof(eng_op_metrics, takeovers), (v))
 
-/* ==== liveness ================================================================= */
+/* ==== liveness: dead means proven dead ========================================= */
+/*
+ * A process is dead only on definite evidence: kill(pid, 0) says ESRCH,
+ * /proc/<pid>/stat is gone (ENOENT, ESRCH), the process is a zombie, or it
+ * started at another time than the one recorded (its pid was reused).  Every
+ * other failure to look (EMFILE, ENFILE, ENOMEM, EACCES, a short read) means
+ * "alive": the caller keeps waiting within its bound and reports CONFLICT or
+ * BUSY, which is always safe; taking a live owner's lock never is.
+ */
 
 /* Field 22 of /proc/<pid>/stat (start time in clock ticks after boot) and
- * field 3 (state letter).  Returns 0 on success. */
+ * field 3 (state letter).  Returns 0, or the errno that stopped the read
+ * (EIO for a line it could not parse). */
 static int read_proc_stat(uint32_t pid, uint64_t *start_time, char *state)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%u/stat", pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return -1;
+        return errno ? errno : EIO;
     ssize_t n = read(fd, buf, sizeof buf - 1);
+    int err = n < 0 ? errno : 0;
     close(fd);
     if (n <= 0)
-        return -1;
+        return err ? err : EIO;
     buf[n] = '\0';
     char *p = strrchr(buf, ')');          /* comm may contain spaces and ')' */
     if (!p || p[1] != ' ')
-        return -1;
+        return EIO;
     p += 2;
     *state = *p;
     /* after ')' come fields 3..: skip 19 separators to reach field 22 */
     for (int field = 3; field < 22; field++) {
         p = strchr(p, ' ');
         if (!p)
-            return -1;
+            return EIO;
         p++;
     }
     *start_time = strtoull(p, NULL, 10);
@@ -249,43 +278,59 @@ uint64_t eng_proc_start_time(uint32_t pid)
 {
     uint64_t st = 0;
     char state;
-    if (read_proc_stat(pid, &st, &state) != 0)
+    if (pid == 0 || read_proc_stat(pid, &st, &state) != 0)
         return 0;
     return st;
 }
 
-/* 1 if pid runs and (when start_time != 0) started at start_time; zombies
- * count as dead. */
-int eng_proc_alive(uint32_t pid, uint64_t start_time)
+/* 1 only when pid is proven not to be the process that started at
+ * start_time (0: any start time). */
+static int proc_dead(uint32_t pid, uint64_t start_time)
 {
-    if (pid == 0)
-        return 0;
+    if (pid == 0 || pid > (uint32_t)INT_MAX)
+        return 1;
     if (kill((pid_t)pid, 0) != 0 && errno == ESRCH)
-        return 0;
-    uint64_t st;
-    char state;
-    if (read_proc_stat(pid, &st, &state) != 0)
-        return 0;
+        return 1;
+    uint64_t st = 0;
+    char state = '?';
+    int err = read_proc_stat(pid, &st, &state);
+    if (err == ENOENT || err == ESRCH)
+        return 1;
+    if (err)
+        return 0;                          /* could not tell: alive */
     if (state == 'Z' || state == 'X')
-        return 0;
-    return start_time == 0 || st == start_time;
+        return 1;
+    return start_time != 0 && st != start_time;
 }
 
-/* An owner is alive if some registry entry names its pid and that process
- * (same start time) still runs.  A pid in no entry cannot own anything: every
- * Engine registers before it takes a lock, and recover() removes an entry only
- * after releasing what its process held. */
-int eng_owner_alive(eng_seg *s, uint32_t pid)
+int eng_proc_alive(uint32_t pid, uint64_t start_time)
 {
-    for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
-        eng_proc *e = &s->registry[i];
-        if (load_acquire_u32(&e->pid) != pid)
-            continue;
-        uint64_t st = load_relaxed_u64(&e->start_time);   /* 0 while CLAIMED */
-        if (eng_proc_alive(pid, st))
-            return 1;
-    }
-    return 0;
+    return !proc_dead(pid, start_time);
+}
+
+/* 1 only when the owner named by token is proven gone: its registry entry
+ * moved to another incarnation or was freed (an entry is freed only by its
+ * own detach, which holds nothing, or by recover() after it resolved
+ * everything the dead owner held), or its process is proven dead. */
+static int token_dead(eng_seg *s, uint32_t token)
+{
+    uint32_t i = token & ENG_TOKEN_ENTRY_MASK;
+    uint32_t inc = token >> ENG_TOKEN_ENTRY_BITS;
+    eng_proc *e = &s->registry[i];
+    uint32_t inc1 = load_acquire_u32(&e->incarnation);   /* pairs with the claim in eng_attach */
+    if (inc1 != inc)
+        return 1;
+    uint32_t pid = load_acquire_u32(&e->pid);
+    uint32_t state = load_acquire_u32(&e->state);
+    uint64_t st = load_relaxed_u64(&e->start_time);
+    fence_acquire();
+    if (load_relaxed_u32(&e->incarnation) != inc1)
+        return 1;                          /* reclaimed while we looked */
+    if (pid == 0)
+        return 1;                          /* freed: its owner left */
+    if (state != ENG_PROC_ACTIVE)
+        return proc_dead(pid, 0);          /* start time not written yet */
+    return proc_dead(pid, st);
 }
 
 /* ==== futex ==================================================================== */
@@ -299,6 +344,33 @@ static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *t
     /* shared (non-private) ops: the word lives in memory mapped by many processes */
     return syscall(SYS_futex, addr, op, val, ts, NULL, 0);
 }
+
+/* ==== fork ====================================================================== */
+/*
+ * A child made by fork() inherits every eng_seg of its parent, registry entry
+ * and token included.  The child's copy must never act as the parent: each
+ * eng_seg records the process's fork count at attach, a pthread_atfork hook
+ * bumps the count in every child, and every entry point refuses a view from
+ * another fork count with ENG_EFORKED.  eng_detach of such a view forgets it
+ * without touching the registry.
+ */
+static uint32_t fork_epoch;
+static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
+
+static void on_fork_child(void) { store_relaxed_u32(&fork_epoch, load_relaxed_u32(&fork_epoch) + 1); }
+static void install_fork_hook(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+
+/* Every exported function taking an eng_seg starts here. */
+static inline int seg_error(const eng_seg *s)
+{
+    if (!s || !s->hdr)
+        return ENG_ECLOSED;
+    if (__builtin_expect(s->fork_epoch != load_relaxed_u32(&fork_epoch), 0))
+        return ENG_EFORKED;
+    return 0;
+}
+
+#define CHECK_SEG(s) do { int seg_rc_ = seg_error(s); if (seg_rc_) return seg_rc_; } while (0)
 
 /* ==== layout ==================================================================== */
 
@@ -329,6 +401,41 @@ uint64_t eng_segment_size(uint32_t capacity)
 }
 
 int eng_noop(void) { return 0; }
+
+const char *eng_strerror(int code)
+{
+    switch (code) {
+    case ENG_APPLIED: return "applied";
+    case ENG_INVALID: return "no rule for this trigger from this state";
+    case ENG_CONFLICT: return "retries spent against other writers";
+    case ENG_REJECTED: return "rejected by the guard";
+    case ENG_HALTED: return "emergency stop is on";
+    case ENG_EBADSLOT: return "id names a slot out of range";
+    case ENG_ENOTOPEN: return "id was never issued by open";
+    case ENG_EBADTRIGGER: return "trigger out of range";
+    case ENG_EBADPRICE: return "price is not finite and > 0";
+    case ENG_EBADARG: return "argument out of range";
+    case ENG_EFULL: return "no free slot";
+    case ENG_ETIMEDOUT: return "timed out";
+    case ENG_EINTR: return "interrupted by a signal";
+    case ENG_EBUSY: return "a live writer held the record past the bound";
+    case ENG_EMAGIC: return "not an engine segment";
+    case ENG_ELAYOUT: return "another layout version";
+    case ENG_ESIZE: return "segment sizes disagree with its header";
+    case ENG_ENOTREADY: return "segment not formatted yet";
+    case ENG_ESPEC: return "another machine spec";
+    case ENG_ENOPROC: return "process registry full";
+    case ENG_ESTALE: return "id's opening was released";
+    case ENG_EGUARDED: return "rule has a guard";
+    case ENG_ECORRUPT: return "segment header is corrupt";
+    case ENG_ECLOSED: return "engine is closed";
+    case ENG_EFORKED: return "engine was inherited through fork";
+    case ENG_ERECOVERING: return "another live process is recovering";
+    case ENG_ENOPROCFS: return "cannot read this process's start time from /proc";
+    case ENG_EGUARDFAIL: return "the guard raised";
+    default: return "unknown code";
+    }
+}
 
 /* ==== format, validate, attach ================================================== */
 
@@ -382,7 +489,7 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
 int eng_validate(const void *base, uint64_t size, uint64_t fingerprint)
 {
     if (!base || size < sizeof(eng_header))
-        return size < sizeof(uint64_t) ? ENG_EMAGIC : ENG_ESIZE;
+        return size < sizeof(uint64_t) || !base ? ENG_EMAGIC : ENG_ESIZE;
     const eng_header *h = base;
     if (h->magic != ENG_MAGIC)
         return ENG_EMAGIC;
@@ -411,41 +518,60 @@ int eng_validate(const void *base, uint64_t size, uint64_t fingerprint)
     return 0;
 }
 
+/*
+ * Registry protocol.  Claim: CAS pid 0 -> pid (CLAIMED), bump the incarnation
+ * (never 0) with release, write start time, clear the shard, state ACTIVE
+ * with release.  The Engine's token is (incarnation << 7) | entry.  Free:
+ * fold the shard, start time 0, FREE, pid 0 with release; the incarnation
+ * stays, so any token of the old incarnation reads as dead once the entry is
+ * claimed again, and as "freed" before that.
+ */
 int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint)
 {
+    if (!s)
+        return ENG_EBADARG;
     int rc = eng_validate(base, size, fingerprint);
     if (rc)
         return rc;
+    pthread_once(&fork_hook_once, install_fork_hook);
     uint32_t pid = (uint32_t)getpid();
-    if (pid > ENG_MAX_PID)
-        return ENG_EBADARG;
+    uint64_t start = eng_proc_start_time(pid);
+    if (start == 0)
+        return ENG_ENOPROCFS;     /* without it a reused pid could pass for us */
     eng_header *h = base;
     memset(s, 0, sizeof *s);
-    s->base = base;
-    s->size = size;
-    s->hdr = h;
-    s->registry = (eng_proc *)((uint8_t *)base + h->registry_off);
-    s->shards = (eng_shard *)((uint8_t *)base + h->shards_off);
-    s->slots = (eng_slot *)((uint8_t *)base + h->slots_off);
-    s->capacity = h->capacity;
-    s->n_triggers = h->n_triggers;
-    s->pid = pid;
-    uint64_t start = eng_proc_start_time(pid);
+    eng_proc *registry = (eng_proc *)((uint8_t *)base + h->registry_off);
     for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
-        eng_proc *e = &s->registry[i];
+        eng_proc *e = &registry[i];
         uint32_t expected = 0;
         if (load_relaxed_u32(&e->pid) != 0 || !cas_acq_rel_u32(&e->pid, &expected, pid))
             continue;
         store_relaxed_u32(&e->state, ENG_PROC_CLAIMED);
+        uint32_t inc = (load_relaxed_u32(&e->incarnation) + 1) & ENG_TOKEN_INC_MASK;
+        if (inc == 0)
+            inc = 1;
+        store_release_u32(&e->incarnation, inc);   /* pairs with token_dead */
         store_relaxed_u64(&e->start_time, start);
         store_relaxed_u64(&e->attached_ns, (uint64_t)now_ns(CLOCK_REALTIME));
+        eng_shard *shards = (eng_shard *)((uint8_t *)base + h->shards_off);
         /* a fresh shard: the previous owner's counts were folded into the
          * retired shard when it left */
-        memset(&s->shards[i], 0, sizeof(eng_shard));
+        memset(&shards[i], 0, sizeof(eng_shard));
         fence_release();
-        store_release_u32(&e->state, ENG_PROC_ACTIVE);  /* pairs with readers of the registry */
+        store_release_u32(&e->state, ENG_PROC_ACTIVE);  /* pairs with token_dead */
+        s->base = base;
+        s->size = size;
+        s->hdr = h;
+        s->registry = registry;
+        s->shards = shards;
+        s->slots = (eng_slot *)((uint8_t *)base + h->slots_off);
+        s->capacity = h->capacity;
+        s->n_triggers = h->n_triggers;
+        s->pid = pid;
         s->proc_index = i;
-        s->me = &s->shards[i];
+        s->token = (inc << ENG_TOKEN_ENTRY_BITS) | i;
+        s->fork_epoch = load_relaxed_u32(&fork_epoch);
+        s->me = &shards[i];
         return 0;
     }
     return ENG_ENOPROC;
@@ -484,29 +610,39 @@ static void release_entry(eng_seg *s, uint32_t i)
 
 void eng_detach(eng_seg *s)
 {
-    if (!s->hdr || !s->me)
+    if (!s)
         return;
-    release_entry(s, s->proc_index);
-    s->me = NULL;
-    s->hdr = NULL;
+    /* a view inherited through fork() is forgotten, never released: the
+     * entry is the parent's */
+    if (s->hdr && s->me && s->fork_epoch == load_relaxed_u32(&fork_epoch))
+        release_entry(s, s->proc_index);
+    memset(s, 0, sizeof *s);
 }
 
-/* ==== seqlock records: the latch variant ======================================= */
+int eng_check(eng_seg *s)
+{
+    CHECK_SEG(s);
+    return 0;
+}
+
+/* ==== the price word: latch and seqlock in one ================================= */
 /*
- * Each record (price, context) has a sequence word and two copies.
+ * Each price record has two copies and a 64-bit word: sequence (the version)
+ * above the writer's token.  The sequence says which copy readers use.
  *
  * Guarantees: a reader never waits for a writer, not even one killed mid-write,
- * and never returns a torn record; the version it returns is the sequence,
- * which never goes backwards.  Writers are serialised by a latch (the price
- * writer word, or for contexts the transition lock) and write the copy readers
- * are NOT using, then publish it by incrementing the sequence with release.
+ * and never returns a torn record; the version never goes backwards.  Writers
+ * are serialised by the latch, write the copy readers are NOT using, and
+ * publish it by one CAS from the exact latched word, which also unlatches: a
+ * writer whose latch was taken over (its owner proven dead) can never make a
+ * write visible.
  *
- *   writer (holds latch):              reader:
- *     q = seq (relaxed)                  q1 = seq (acquire)       [pairs with W3]
- *     W0 fence (release)                 R1 copy copy[q1&1] (relaxed words)
- *     W1 write copy[(q+1)&1] (relaxed)   R2 fence (acquire)       [pairs with W0]
- *     W3 seq = q+1 (release)             q2 = seq (relaxed)
- *                                        retry if q1 != q2
+ *   writer:                                   reader:
+ *     L = CAS (q, 0) -> (q, token)              q1 = seq (acquire)      [pairs with W3]
+ *     W0 fence (release)                        R1 copy copy[q1&1] (relaxed words)
+ *     W1 write copy[(q+1)&1] (relaxed)          R2 fence (acquire)      [pairs with W0]
+ *     W3 CAS L -> (q+1, 0)  (release)           q2 = seq (relaxed)
+ *                                               retry if q1 != q2
  *
  * If q2 == q1, no writer published since the read began, so no writer can
  * have started on copy[q1&1] (the next writer writes copy[(q1+1)&1]; the one
@@ -518,39 +654,16 @@ void eng_detach(eng_seg *s)
  * forever; it gives up after READ_RETRIES attempts with ENG_EBUSY.
  */
 
-static int read_ctx(const eng_slot *sl, eng_ctx_rec *out, uint64_t *version)
-{
-    for (uint32_t i = 0; i < READ_RETRIES; i++) {
-        uint64_t q1 = load_acquire_u64(&sl->cseq);
-        copy_words_relaxed(out, &sl->ctx[q1 & 1], REC_WORDS(eng_ctx_rec));
-        fence_acquire();
-        if (load_relaxed_u64(&sl->cseq) == q1) {
-            if (version)
-                *version = q1;
-            return 0;
-        }
-        if (i > SPIN_STEPS)
-            sched_yield();
-    }
-    return ENG_EBUSY;
-}
-
-/* Caller holds the slot's transition lock (the context latch). */
-static void publish_ctx(eng_slot *sl, const eng_ctx_rec *rec)
-{
-    uint64_t q = load_relaxed_u64(&sl->cseq);
-    fence_release();   /* W0: pairs with the reader's acquire fence, see above */
-    copy_words_relaxed(&sl->ctx[(q + 1) & 1], rec, REC_WORDS(eng_ctx_rec));
-    store_release_u64(&sl->cseq, q + 1);   /* pairs with the acquire in read_ctx */
-}
+static inline uint64_t pw_seq(uint64_t pw) { return pw >> ENG_PW_SEQ_SHIFT; }
+static inline uint32_t pw_token(uint64_t pw) { return (uint32_t)(pw & ENG_TOKEN_MASK); }
 
 static int read_price_rec(const eng_slot *sl, eng_price_rec *out, uint64_t *version)
 {
     for (uint32_t i = 0; i < READ_RETRIES; i++) {
-        uint64_t q1 = load_acquire_u64(&sl->pseq);
+        uint64_t q1 = pw_seq(load_acquire_u64(&sl->pword));       /* pairs with W3 */
         copy_words_relaxed(out, &sl->price[q1 & 1], REC_WORDS(eng_price_rec));
-        fence_acquire();
-        if (load_relaxed_u64(&sl->pseq) == q1) {
+        fence_acquire();                                           /* pairs with W0 */
+        if (pw_seq(load_relaxed_u64(&sl->pword)) == q1) {
             *version = q1;
             return 0;
         }
@@ -560,88 +673,177 @@ static int read_price_rec(const eng_slot *sl, eng_price_rec *out, uint64_t *vers
     return ENG_EBUSY;
 }
 
-/* ---- the price writer latch ---- */
-/* CAS pwriter 0 -> pid.  A holder that keeps it past the bound is checked:
- * if dead, the latch is taken over (its half-written copy was never
- * published, so nothing needs repair). */
-static int price_latch(eng_seg *s, eng_slot *sl, op_timer t)
+/* Take the latch; *latched receives the latched word.  A holder that keeps it
+ * past the bound is checked: if proven dead, the latch is taken over (its
+ * half-written copy was never published, so nothing needs repair). */
+static int price_latch(eng_seg *s, eng_slot *sl, op_timer t, uint64_t *latched)
 {
     for (uint32_t step = 0; step < MAX_WAIT_STEPS; step++) {
-        uint32_t cur = 0;
-        if (cas_acq_rel_u32(&sl->pwriter, &cur, s->pid))
-            return 0;
-        OP_RETRIES(t, 1);
-        if (time_to_check_owner(step) && !eng_owner_alive(s, cur)) {
-            if (cas_acq_rel_u32(&sl->pwriter, &cur, s->pid)) {
-                OP_TAKEOVERS(t, 1);
+        uint64_t cur = load_relaxed_u64(&sl->pword);
+        uint32_t holder = pw_token(cur);
+        if (holder == 0 || (time_to_check_owner(step) && token_dead(s, holder))) {
+            uint64_t mine = (cur & ~ENG_TOKEN_MASK) | s->token;
+            if (cas_acq_rel_u64(&sl->pword, &cur, mine)) {
+                if (holder)
+                    OP_TAKEOVERS(t, 1);
+                *latched = mine;
                 return 0;
             }
         }
+        OP_RETRIES(t, 1);
         backoff_step(step);
     }
     return ENG_EBUSY;
 }
 
-static inline void price_unlatch(eng_slot *sl)
+/* Publish rec and unlatch, in one CAS from the latched word. */
+static void price_publish(eng_slot *sl, uint64_t latched, const eng_price_rec *rec)
 {
-    store_release_u32(&sl->pwriter, 0);   /* pairs with the next writer's CAS */
+    uint64_t q = pw_seq(latched);
+    fence_release();                                               /* W0 */
+    copy_words_relaxed(&sl->price[(q + 1) & 1], rec, REC_WORDS(eng_price_rec));
+    cas_acq_rel_u64(&sl->pword, &latched, (q + 1) << ENG_PW_SEQ_SHIFT);   /* W3 */
+}
+
+/* Unlatch without publishing. */
+static void price_unlatch(eng_slot *sl, uint64_t latched)
+{
+    cas_acq_rel_u64(&sl->pword, &latched, latched & ~ENG_TOKEN_MASK);
 }
 
 static inline int price_ok(double p) { return isfinite(p) && p > 0.0; }
 
-/* Write one price, latch held.  PnL from the context read consistently. */
-static int write_price(eng_slot *sl, double price, int64_t ts)
+/* ==== contexts: published by the state word ===================================== */
+/*
+ * Each slot has two context copies; the state word's C bit names the
+ * published one.  Only a transition-lock holder writes, and only the other
+ * copy; its commit CAS on the state word flips C, so the context and the
+ * state become visible in one step, and a holder whose lock was taken over
+ * makes nothing visible.  The copy's `commit` field, written last with
+ * release, is the exact locked word it was written under: a takeover rolls
+ * forward only when it equals the locked word it finds.
+ *
+ *   holder (state word locked: L):            reader:
+ *     W0 fence (release)                        w1 = word (acquire)
+ *     W1 fill ctx[!C(L)] (relaxed words)        R1 copy ctx[C(w1)] (relaxed words)
+ *     W2 ctx[!C(L)].commit = L (release)        R2 fence (acquire)      [pairs with W0]
+ *     W3 CAS L -> (target, gen + 1, !C)         w2 = word (relaxed)
+ *                                               retry unless w1, w2 agree on
+ *                                               state, generation and C
+ *
+ * The copy a reader reads is written only by a holder that locked after the
+ * commit that made it unpublished again, which moved the generation; W0/R2
+ * make a reader that saw any of its words also see that generation.
+ *
+ * Does not guarantee: progress for a reader while commits land back to back
+ * forever (ENG_EBUSY after READ_RETRIES); exactness across exactly 2^16
+ * commits during one read.
+ */
+
+#define CTX_WORDS (offsetof(eng_ctx_rec, pad) / sizeof(uint64_t))
+
+/* Read the published context with the word it belongs to. */
+static int read_ctx(const eng_slot *sl, eng_ctx_rec *out, uint64_t *word, uint32_t *opening)
 {
-    eng_ctx_rec c;
-    int rc = read_ctx(sl, &c, NULL);
-    if (rc)
-        return rc;
-    eng_price_rec r;
-    double diff = price - c.entry_price;
-    r.price = price;
-    r.ts_ns = ts;
-    r.pnl_pct = diff / c.entry_price * 100.0 * (double)c.side;
-    r.pnl_usd = diff * c.amount * (double)c.side;
-    uint64_t q = load_relaxed_u64(&sl->pseq);
-    fence_release();   /* W0: pairs with the reader's acquire fence, see above */
-    copy_words_relaxed(&sl->price[(q + 1) & 1], &r, REC_WORDS(eng_price_rec));
-    store_release_u64(&sl->pseq, q + 1);   /* pairs with the acquire in read_price_rec */
+    for (uint32_t i = 0; i < READ_RETRIES; i++) {
+        uint64_t w1 = load_acquire_u64(&sl->word);
+        uint32_t op = load_relaxed_u32(&sl->opening);
+        copy_words_relaxed(out, &sl->ctx[sw_ctx(w1)], CTX_WORDS);
+        fence_acquire();                                           /* pairs with W0 */
+        if (((load_relaxed_u64(&sl->word) ^ w1) & SW_COMMITTED) == 0) {
+            *word = w1;
+            if (opening)
+                *opening = op;
+            return 0;
+        }
+        if (i > SPIN_STEPS)
+            sched_yield();
+    }
+    return ENG_EBUSY;
+}
+
+/* Holder of lock L: fill the unpublished copy and seal it with L (W0-W2). */
+static void write_pending_ctx(eng_slot *sl, uint64_t locked, const eng_ctx_rec *rec)
+{
+    eng_ctx_rec *dst = &sl->ctx[sw_ctx(locked) ^ 1];
+    eng_ctx_rec c = *rec;
+    c.version = load_relaxed_u64(&sl->ctx[sw_ctx(locked)].version) + 1;
+    fence_release();                                               /* W0 */
+    copy_words_relaxed((uint64_t *)dst + 1, (uint64_t *)&c + 1, CTX_WORDS - 1);
+    store_release_u64(&dst->commit, locked);                       /* W2 */
+}
+
+/* ==== id checks ================================================================== */
+
+static inline int slot_of_id(eng_seg *s, uint64_t id, eng_slot **out)
+{
+    if (id > ENG_ID_MAX || (id & ENG_ID_SLOT_MASK) >= s->capacity)
+        return ENG_EBADSLOT;
+    *out = &s->slots[id & ENG_ID_SLOT_MASK];
     return 0;
 }
 
-/* Every exported function taking an eng_seg starts here: a detached (or
- * never attached) view has no header. */
-#define CHECK_SEG(s) do { if (!(s) || !(s)->hdr) return ENG_ECLOSED; } while (0)
+/* 0 if the slot's word w (loaded with acquire) and its opening count
+ * (loaded after it) belong to the opening named by id. */
+static inline int opening_check(uint64_t w, uint32_t cur, uint64_t id)
+{
+    uint32_t want = id_opening(id);
+    if (want == cur && sw_state(w))
+        return 0;
+    if (want == 0 || want > cur)
+        return ENG_ENOTOPEN;
+    return ENG_ESTALE;
+}
+
+static inline int id_live(const eng_slot *sl, uint64_t w, uint64_t id)
+{
+    return opening_check(w, load_relaxed_u32(&sl->opening), id);
+}
 
 /* ==== transitions ================================================================ */
 /*
- * Protocol.  Fast path (no context change, no guard): load the word, look the
- * rule up, CAS old -> new with generation + 1.  Slow path: CAS old -> locked
- * (lock bit, owner pid, target index; state and generation unchanged), write
- * the context copy carrying generation + 1 and publish it, then publish the
- * new state unlocked with generation + 1.  After any commit: bump the slot's
- * transition counter (whose low half is the futex word) and wake waiters if any.
+ * Protocol.  Fast path (no context change, no guard): load the word, check
+ * the id, look the rule up, CAS old -> new with generation + 1.  Slow path:
+ * CAS old -> L (lock bit, owner token, target; state, generation, C and E
+ * unchanged), fill the unpublished context copy and seal it with L, then CAS
+ * L -> new (target, generation + 1, C flipped if a context was written).
+ * After any commit: bump the slot's transition counter (whose low half is the
+ * futex word) and wake sleepers if any announced themselves.
  *
- *   locker:                               takeover (owner found dead):
- *     CAS w -> L(w, target, pid)            if published ctx.gen == gen(w)+1:
- *     publish ctx (gen + 1)                   CAS L -> target, gen + 1  (forward)
- *     CAS L -> target, gen + 1              else:
- *                                             CAS L -> w | E            (back)
+ *   holder:                                  takeover (owner proven dead):
+ *     disown ctx[!C] if its commit == L        if ctx[!C(L)].commit == L:
+ *     CAS w -> L                                 CAS L -> target, gen + 1, !C  (forward)
+ *     fill ctx[!C], commit = L                 else:
+ *     CAS L -> target, gen + 1, !C               CAS L -> w | E                 (back)
+ *
+ * Forward needs the exact locked word in the copy, so a copy sealed under an
+ * older lock never passes for this one: before locking, a holder clears a
+ * seal equal to the word it is about to lock with (which can only be left
+ * from 2^16 commits ago), so dying right after the lock CAS rolls back.
  *
  * Guarantees: every transition is applied exactly once or not at all, even if
- * its process dies between any two steps; generations grow by one per commit.
+ * its process dies between any two steps; generations grow by one per commit;
+ * nothing written by a holder whose lock was taken over becomes visible.
  * Does not guarantee: fairness between contending writers (a loser gets
  * ENG_CONFLICT after its bounded retries).
  */
+
+static void die_if(eng_seg *s, uint32_t fault)
+{
+    if (__builtin_expect(load_relaxed_u32(&s->hdr->fault_flags) & fault, 0))
+        kill(getpid(), SIGKILL);
+}
 
 static void commit_after(eng_seg *s, eng_slot *sl, uint64_t old_w, uint64_t new_w)
 {
     s->last_old_word = old_w;
     s->last_new_word = new_w;
-    /* seq_cst pair: increment the counter, then read waiters; a waiter
-     * increments waiters, then reads the counter.  One sees the other. */
+    die_if(s, ENG_FAULT_DIE_AFTER_CAS);
+    /* seq_cst pair: increment the counter, then read `waiting`; a sleeper
+     * sets `waiting`, then reads the counter.  One sees the other.  Only
+     * committers clear the flag, so a sleeper that died leaves one wake. */
     fetch_add_seq_cst_u64(&sl->transitions, 1);
-    if (load_seq_cst_u32(&sl->waiters))
+    if (load_seq_cst_u32(&sl->waiting) && exchange_seq_cst_u32(&sl->waiting, 0))
         futex(futex_word(sl), FUTEX_WAKE, INT_MAX, NULL);
 }
 
@@ -652,23 +854,22 @@ static inline uint32_t next_gen(eng_seg *s, uint32_t gen)
     return (gen + 1) & ENG_SW_GEN_MASK;
 }
 
-/* Resolve a lock whose owner is dead.  Returns 1 if this call resolved it
- * (the word changed from w), 0 if someone else changed the word first. */
-static int takeover(eng_seg *s, eng_slot *sl, uint64_t w, op_timer t)
+/* Resolve lock L whose owner is proven dead.  Returns 1 forward, 2 back,
+ * 0 if the word moved first. */
+static int takeover(eng_seg *s, eng_slot *sl, uint64_t L, op_timer t)
 {
-    eng_ctx_rec c;
-    uint32_t gen = sw_gen(w);
-    uint32_t new_gen = (gen + 1) & ENG_SW_GEN_MASK;
-    int forward = read_ctx(sl, &c, NULL) == 0 && c.gen == new_gen;
-    uint64_t resolved = forward ? sw_make(1u << sw_target(w), new_gen)
-                                : sw_make(sw_state(w), gen) | (sw_state(w) ? ENG_SW_ERROR : 0);
-    uint64_t expected = w;
+    uint32_t pending = sw_ctx(L) ^ 1;
+    int forward = load_acquire_u64(&sl->ctx[pending].commit) == L;   /* pairs with W2 */
+    uint32_t st = sw_state(L);
+    uint64_t resolved = forward ? sw_make(1u << sw_target(L), sw_gen(L) + 1, pending)
+                                : sw_unlocked(L) | (st ? ENG_SW_ERROR : 0);
+    uint64_t expected = L;
     if (!cas_acq_rel_u64(&sl->word, &expected, resolved))
         return 0;
     OP_TAKEOVERS(t, 1);
     if (forward)
-        commit_after(s, sl, sw_make(sw_state(w), gen), resolved);
-    return 1;
+        commit_after(s, sl, sw_unlocked(L), resolved);
+    return forward ? 1 : 2;
 }
 
 /* Wait while the word is locked.  Returns the unlocked word, or leaves
@@ -681,7 +882,7 @@ static uint64_t wait_unlocked(eng_seg *s, eng_slot *sl, uint64_t w, op_timer t, 
             return w;
         }
         OP_RETRIES(t, 1);
-        if (time_to_check_owner(step) && !eng_owner_alive(s, sw_owner(w)))
+        if (time_to_check_owner(step) && token_dead(s, sw_owner(w)))
             takeover(s, sl, w, t);
         else
             backoff_step(step);
@@ -691,17 +892,10 @@ static uint64_t wait_unlocked(eng_seg *s, eng_slot *sl, uint64_t w, op_timer t, 
     return w;
 }
 
-
-/* Find the rule for trigger in word w.  Returns >= 0 target index, or an
- * outcome / error code as a negative-encoded value via *rc. */
+/* The rule for trigger in word w: the target index, or -1 with *rc set. */
 static inline int lookup(eng_seg *s, uint64_t w, uint32_t trigger, int *rc)
 {
-    uint32_t st = sw_state(w);
-    if (st == 0) {
-        *rc = ENG_ENOTOPEN;
-        return -1;
-    }
-    uint8_t e = s->hdr->table[onehot_index(st) * ENG_MAX_TRIGGERS + trigger];
+    uint8_t e = s->hdr->table[onehot_index(sw_state(w)) * ENG_MAX_TRIGGERS + trigger];
     if (!(e & ENG_RULE_TARGET_MASK)) {
         *rc = ENG_INVALID;
         return -1;
@@ -710,35 +904,45 @@ static inline int lookup(eng_seg *s, uint64_t w, uint32_t trigger, int *rc)
     return (int)(e & ENG_RULE_TARGET_MASK) - 1;
 }
 
-int eng_transition(eng_seg *s, uint32_t slot, uint32_t trigger)
+/* Common start of a transition: the id's word, unlocked, not halted.
+ * Returns 0 with *w set, or an outcome / error. */
+static int ready_word(eng_seg *s, eng_slot *sl, uint64_t id, op_timer t, uint64_t *w)
+{
+    for (;;) {
+        int rc = id_live(sl, *w, id);
+        if (rc)
+            return rc;
+        if (load_relaxed_u32(&s->hdr->halted))
+            return ENG_HALTED;
+        if (!sw_locked(*w))
+            return 0;
+        int locked;
+        *w = wait_unlocked(s, sl, *w, t, &locked);
+        if (locked)
+            return ENG_CONFLICT;
+    }
+}
+
+int eng_transition(eng_seg *s, uint64_t id, uint32_t trigger)
 {
     CHECK_SEG(s);
-    if (slot >= s->capacity)
-        return ENG_EBADSLOT;
+    eng_slot *sl;
+    int rc = slot_of_id(s, id, &sl);
+    if (rc)
+        return rc;
     if (trigger >= s->n_triggers)
         return ENG_EBADTRIGGER;
     op_timer t = op_begin(s, ENG_OP_TRANSITION);
-    eng_slot *sl = &s->slots[slot];
-    int rc;
     uint64_t retries = 0;
     uint64_t w = load_acquire_u64(&sl->word);
     for (;;) {
-        if (load_relaxed_u32(&s->hdr->halted)) {
-            rc = sw_state(w) ? ENG_HALTED : ENG_ENOTOPEN;   /* a free slot is bad input */
+        rc = ready_word(s, sl, id, t, &w);
+        if (rc)
             break;
-        }
-        if (sw_locked(w)) {
-            int locked;
-            w = wait_unlocked(s, sl, w, t, &locked);
-            if (locked) {
-                rc = ENG_CONFLICT;
-                break;
-            }
-        }
         int target = lookup(s, w, trigger, &rc);
         if (target < 0 || rc)
             break;
-        uint64_t nw = sw_make(1u << target, next_gen(s, sw_gen(w)));
+        uint64_t nw = sw_make(1u << target, next_gen(s, sw_gen(w)), sw_ctx(w));
         if (__builtin_expect(load_relaxed_u32(&s->hdr->fault_flags) & ENG_FAULT_BLIND_STORE, 0)) {
             store_release_u64(&sl->word, nw);   /* deliberately broken: tests only */
             commit_after(s, sl, w, nw);
@@ -762,49 +966,34 @@ int eng_transition(eng_seg *s, uint32_t slot, uint32_t trigger)
     return rc;
 }
 
-/* Just after locking: a published context left over from 2^16 commits ago
- * could carry new_gen by coincidence and mislead a takeover (during a guard,
- * or before our own context is out) into rolling forward.  Republish it with
- * a generation that cannot match. */
-static void disown_stale_ctx(eng_slot *sl, uint32_t new_gen)
+/* Clear a seal equal to the lock word about to be taken (see the protocol). */
+static inline void disown_seal(eng_slot *sl, uint64_t L)
 {
-    eng_ctx_rec cur;
-    if (read_ctx(sl, &cur, NULL) == 0 && cur.gen == new_gen) {
-        cur.gen = new_gen ^ 0x8000u;
-        publish_ctx(sl, &cur);
-    }
+    uint64_t *seal = &sl->ctx[sw_ctx(L) ^ 1].commit;
+    if (load_relaxed_u64(seal) == L)
+        store_relaxed_u64(seal, 0);   /* ordered before the lock CAS by its release */
 }
 
-/* Take the slot's transition lock for (trigger -> target).  On success *out_w
- * is the word before locking and *out_target the target index.  guarded says
- * whether guarded rules are allowed. */
-static int lock_slot(eng_seg *s, eng_slot *sl, uint32_t trigger, int guarded,
-                     op_timer t, uint64_t *out_w, uint32_t *out_target)
+/* Lock the id's slot for (trigger -> target).  On success *out_L is the
+ * locked word.  guarded says whether guarded rules are allowed. */
+static int lock_slot(eng_seg *s, eng_slot *sl, uint64_t id, uint32_t trigger, int guarded,
+                     op_timer t, uint64_t *out_L)
 {
     uint64_t retries = 0;
     uint64_t w = load_acquire_u64(&sl->word);
     int rc;
     for (;;) {
-        if (load_relaxed_u32(&s->hdr->halted)) {
-            rc = sw_state(w) ? ENG_HALTED : ENG_ENOTOPEN;   /* a free slot is bad input */
+        rc = ready_word(s, sl, id, t, &w);
+        if (rc)
             break;
-        }
-        if (sw_locked(w)) {
-            int locked;
-            w = wait_unlocked(s, sl, w, t, &locked);
-            if (locked) {
-                rc = ENG_CONFLICT;
-                break;
-            }
-        }
         int target = lookup(s, w, trigger, &rc);
         if (target < 0 || (rc && !(rc == ENG_EGUARDED && guarded)))
             break;
-        uint64_t old = w;
-        if (cas_acq_rel_u64(&sl->word, &w, sw_make_locked(w, (uint32_t)target, s->pid))) {
-            disown_stale_ctx(sl, next_gen(s, sw_gen(old)));
-            *out_w = old;
-            *out_target = (uint32_t)target;
+        uint64_t L = sw_make_locked(w, (uint32_t)target, s->token);
+        disown_seal(sl, L);
+        if (cas_acq_rel_u64(&sl->word, &w, L)) {
+            die_if(s, ENG_FAULT_DIE_AFTER_LOCK);
+            *out_L = L;
             rc = ENG_APPLIED;
             break;
         }
@@ -828,29 +1017,33 @@ static void test_pause(eng_seg *s)
     }
 }
 
-/* Slot locked by us from old_w; publish the context (if any), then the state. */
-static int finish_locked(eng_seg *s, eng_slot *sl, uint64_t old_w, uint32_t target,
-                         const eng_ctx_rec *ctx)
+/* Holder of L: seal ctx (if any) into the unpublished copy, then publish
+ * state and context in one CAS from L. */
+static int finish_locked(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec *ctx)
 {
-    uint32_t new_gen = next_gen(s, sw_gen(old_w));
+    uint32_t c = sw_ctx(L);
     if (ctx) {
-        eng_ctx_rec c = *ctx;
-        c.gen = new_gen;
-        publish_ctx(sl, &c);
+        write_pending_ctx(sl, L, ctx);
+        c ^= 1;
     }
     test_pause(s);
-    uint64_t locked = sw_make_locked(old_w, target, s->pid);
-    uint64_t nw = sw_make(1u << target, new_gen);
-    if (!cas_acq_rel_u64(&sl->word, &locked, nw))
-        return ENG_CONFLICT;   /* taken over: only if we were judged dead */
-    commit_after(s, sl, sw_make(sw_state(old_w), sw_gen(old_w)), nw);
+    uint64_t nw = sw_make(1u << sw_target(L), next_gen(s, sw_gen(L)), c);
+    uint64_t expected = L;
+    if (!cas_acq_rel_u64(&sl->word, &expected, nw))   /* W3 */
+        return ENG_CONFLICT;   /* taken over: only if we were proven dead */
+    commit_after(s, sl, sw_unlocked(L), nw);
     return ENG_APPLIED;
+}
+
+/* Holder of L gives up: restore the word exactly. */
+static void unlock_unchanged(eng_slot *sl, uint64_t L)
+{
+    uint64_t expected = L;
+    cas_acq_rel_u64(&sl->word, &expected, sw_unlocked(L));
 }
 
 static void apply_update(eng_ctx_rec *c, const eng_ctx_update *u)
 {
-    if (!u)
-        return;
     if (u->mask & ENG_CTX_EXIT_REASON)
         c->exit_reason = u->exit_reason;
     if (u->mask & ENG_CTX_STOP_LOSS)
@@ -872,96 +1065,87 @@ static int check_update(const eng_ctx_update *u)
     return 0;
 }
 
-/* Under the lock: read the context, apply the update, publish context and
- * state. */
-static int commit_with_update(eng_seg *s, eng_slot *sl, uint64_t old_w, uint32_t target,
-                              const eng_ctx_update *u)
+/* Holder of L: apply the update to the published context and commit. */
+static int commit_with_update(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_update *u)
 {
-    eng_ctx_rec c;
     if (!u || !u->mask)
-        return finish_locked(s, sl, old_w, target, NULL);
-    if (read_ctx(sl, &c, NULL) != 0) {   /* we hold the latch: cannot move */
-        store_release_u64(&sl->word, old_w);
-        return ENG_EBUSY;
-    }
+        return finish_locked(s, sl, L, NULL);
+    eng_ctx_rec c;
+    /* we hold the lock: the published copy cannot change under us */
+    copy_words_relaxed(&c, &sl->ctx[sw_ctx(L)], CTX_WORDS);
     apply_update(&c, u);
-    return finish_locked(s, sl, old_w, target, &c);
+    return finish_locked(s, sl, L, &c);
 }
 
-int eng_transition_ctx(eng_seg *s, uint32_t slot, uint32_t trigger, const eng_ctx_update *u)
+int eng_transition_ctx(eng_seg *s, uint64_t id, uint32_t trigger, const eng_ctx_update *u)
 {
     CHECK_SEG(s);
-    if (slot >= s->capacity)
-        return ENG_EBADSLOT;
+    eng_slot *sl;
+    int rc = slot_of_id(s, id, &sl);
+    if (rc)
+        return rc;
     if (trigger >= s->n_triggers)
         return ENG_EBADTRIGGER;
-    int rc = check_update(u);
+    rc = check_update(u);
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_TRANSITION_CTX);
-    eng_slot *sl = &s->slots[slot];
-    uint64_t old_w;
-    uint32_t target;
-    rc = lock_slot(s, sl, trigger, 0, t, &old_w, &target);
+    uint64_t L;
+    rc = lock_slot(s, sl, id, trigger, 0, t, &L);
     if (rc == ENG_APPLIED)
-        rc = commit_with_update(s, sl, old_w, target, u);
+        rc = commit_with_update(s, sl, L, u);
     op_end(t, rc);
     return rc;
 }
 
 /*
- * Guarded transitions run a Python guard between two calls: eng_guard_lock
- * takes the lock (guarded rules allowed); the caller reads the context and
- * price, runs the guard, then eng_guard_finish commits (with the update) or
- * restores the word (ENG_REJECTED).  If the process dies in between, a
- * takeover rolls the transition back: the context was not published.
+ * A guarded transition is one C call: lock (guarded rules allowed), call the
+ * guard (a Python callback; it may read the position), then commit or
+ * restore the word.  However the guard ends (False, an exception, a signal
+ * handler's exception), the lock is released before this returns; a process
+ * killed inside the guard is rolled back by takeover (nothing was sealed).
  */
-int eng_guard_lock(eng_seg *s, uint32_t slot, uint32_t trigger)
+int eng_guard_transition(eng_seg *s, uint64_t id, uint32_t trigger,
+                         const eng_ctx_update *u, eng_guard_fn guard, void *user)
 {
     CHECK_SEG(s);
-    if (slot >= s->capacity)
-        return ENG_EBADSLOT;
+    eng_slot *sl;
+    int rc = slot_of_id(s, id, &sl);
+    if (rc)
+        return rc;
     if (trigger >= s->n_triggers)
         return ENG_EBADTRIGGER;
+    if (!guard)
+        return ENG_EBADARG;
+    rc = check_update(u);
+    if (rc)
+        return rc;
     op_timer t = op_begin(s, ENG_OP_TRANSITION_CTX);
-    uint64_t old_w;
-    uint32_t target;
-    int rc = lock_slot(s, &s->slots[slot], trigger, 1, t, &old_w, &target);
-    if (rc != ENG_APPLIED)
-        op_end(t, rc);   /* a successful lock is counted by eng_guard_finish */
-    return rc;
-}
-
-int eng_guard_finish(eng_seg *s, uint32_t slot, int commit, const eng_ctx_update *u)
-{
-    CHECK_SEG(s);
-    if (slot >= s->capacity)
-        return ENG_EBADSLOT;
-    eng_slot *sl = &s->slots[slot];
-    uint64_t w = load_acquire_u64(&sl->word);
-    if (!sw_locked(w) || sw_owner(w) != s->pid)
-        return ENG_ENOTLOCKED;
-    op_timer t = {s->hdr->metrics_on ? &s->me->op[ENG_OP_TRANSITION_CTX] : NULL, 0};
-    uint64_t old_w = sw_make(sw_state(w), sw_gen(w));
-    int rc = commit ? check_update(u) : 0;
-    if (!commit || rc) {
-        uint64_t expected = w;
-        cas_acq_rel_u64(&sl->word, &expected, old_w);   /* unlock, nothing changed */
-        rc = rc ? rc : ENG_REJECTED;
-    } else {
-        rc = commit_with_update(s, sl, old_w, sw_target(w), u);
+    uint64_t L;
+    rc = lock_slot(s, sl, id, trigger, 1, t, &L);
+    if (rc == ENG_APPLIED) {
+        int verdict = guard(user, id, onehot_index(sw_state(L)), trigger);
+        if (verdict == 1) {
+            rc = commit_with_update(s, sl, L, u);
+        } else {
+            unlock_unchanged(sl, L);
+            rc = verdict == 0 ? ENG_REJECTED : ENG_EGUARDFAIL;
+        }
     }
     op_end(t, rc);
     return rc;
 }
 
-int eng_state(eng_seg *s, uint32_t slot)
+int eng_state(eng_seg *s, uint64_t id)
 {
     CHECK_SEG(s);
-    if (slot >= s->capacity)
-        return ENG_EBADSLOT;
-    uint32_t st = sw_state(load_acquire_u64(&s->slots[slot].word));
-    return st ? (int)st : ENG_ENOTOPEN;
+    eng_slot *sl;
+    int rc = slot_of_id(s, id, &sl);
+    if (rc)
+        return rc;
+    uint64_t w = load_acquire_u64(&sl->word);
+    rc = id_live(sl, w, id);
+    return rc ? rc : (int)sw_state(w);
 }
 
 int eng_state_word(eng_seg *s, uint32_t slot, uint64_t *out_word)
@@ -969,23 +1153,55 @@ int eng_state_word(eng_seg *s, uint32_t slot, uint64_t *out_word)
     CHECK_SEG(s);
     if (slot >= s->capacity)
         return ENG_EBADSLOT;
+    if (!out_word)
+        return ENG_EBADARG;
     *out_word = load_acquire_u64(&s->slots[slot].word);
+    return 0;
+}
+
+int eng_id_of(eng_seg *s, uint32_t slot, uint64_t *out_id)
+{
+    CHECK_SEG(s);
+    if (slot >= s->capacity)
+        return ENG_EBADSLOT;
+    if (!out_id)
+        return ENG_EBADARG;
+    eng_slot *sl = &s->slots[slot];
+    uint64_t w = load_acquire_u64(&sl->word);
+    if (!sw_state(w))
+        return ENG_ENOTOPEN;
+    *out_id = make_id(load_relaxed_u32(&sl->opening), slot);
     return 0;
 }
 
 /* ==== open and release ============================================================ */
 /*
- * Opening uses the slow path from state 0 (free) to the initial state: lock a
- * free word, write the price record and the context, publish the state.  A
- * takeover of a dead opener rolls forward (context published) or back to free.
+ * Opening is the slow path from state 0 (free) to the initial state: lock a
+ * free word, count the opening, latch the price and publish the opening
+ * price, seal the context, publish the state.  The price latch is taken
+ * before anything of the new opening is visible, so a price writer that
+ * checked the old opening under the latch cannot write into the new one.  A
+ * takeover of a dead opener rolls forward (context sealed, so the price is
+ * out too) or back to free; the counted opening is then never issued.
  */
+static void price_rec_for(eng_price_rec *r, const eng_ctx_rec *c, double price, int64_t ts)
+{
+    double diff = price - c->entry_price;
+    r->price = price;
+    r->ts_ns = ts;
+    r->pnl_pct = diff / c->entry_price * 100.0 * (double)c->side;
+    r->pnl_usd = diff * c->amount * (double)c->side;
+}
+
 int eng_open_position(eng_seg *s, double entry_price, double amount,
-                      int32_t side, int64_t token, uint32_t *out_slot)
+                      int32_t side, int64_t token, uint64_t *out_id)
 {
     CHECK_SEG(s);
+    if (!out_id)
+        return ENG_EBADARG;
     if (!price_ok(entry_price))
         return ENG_EBADPRICE;
-    if (!(isfinite(amount) && amount > 0.0) || (side != 1 && side != -1) || !out_slot)
+    if (!(isfinite(amount) && amount > 0.0) || (side != 1 && side != -1))
         return ENG_EBADARG;
     op_timer t = op_begin(s, ENG_OP_OPEN);
     uint32_t cap = s->capacity;
@@ -998,9 +1214,22 @@ int eng_open_position(eng_seg *s, double entry_price, double amount,
         uint64_t w = load_relaxed_u64(&sl->word);
         if (sw_state(w) != 0 || sw_locked(w))
             continue;
-        if (!cas_acq_rel_u64(&sl->word, &w, sw_make_locked(w, target, s->pid)))
+        uint64_t L = sw_make_locked(w, target, s->token);
+        disown_seal(sl, L);
+        if (!cas_acq_rel_u64(&sl->word, &w, L))
             continue;
-        /* slot locked and free: write the records */
+        die_if(s, ENG_FAULT_DIE_AFTER_LOCK);
+        uint32_t opening = load_relaxed_u32(&sl->opening) + 1;
+        if (opening == 0)
+            opening = 1;
+        store_relaxed_u32(&sl->opening, opening);
+        store_relaxed_u64((uint64_t *)&sl->token, (uint64_t)token);
+        uint64_t latched;
+        if (price_latch(s, sl, t, &latched) != 0) {
+            unlock_unchanged(sl, L);   /* a live writer sits on this slot's price */
+            rc = ENG_EBUSY;
+            continue;
+        }
         int64_t ts = now_ns(CLOCK_REALTIME);
         eng_ctx_rec c;
         memset(&c, 0, sizeof c);
@@ -1009,44 +1238,57 @@ int eng_open_position(eng_seg *s, double entry_price, double amount,
         c.side = side;
         c.token = token;
         c.opened_ns = ts;
-        __atomic_store_n(&sl->token, token, __ATOMIC_RELAXED);
-        /* publish the context first so the opening price uses it */
-        uint32_t new_gen = next_gen(s, sw_gen(w));
-        c.gen = new_gen ^ 0x8000u;   /* not yet "ours": a takeover rolls back */
-        publish_ctx(sl, &c);
-        rc = price_latch(s, sl, t);
-        if (rc == 0) {
-            rc = write_price(sl, entry_price, ts);
-            price_unlatch(sl);
-        }
-        if (rc) {
-            store_release_u64(&sl->word, w);   /* back to free */
-            break;
-        }
-        rc = finish_locked(s, sl, w, target, &c);
+        eng_price_rec r;
+        price_rec_for(&r, &c, entry_price, ts);
+        price_publish(sl, latched, &r);
+        rc = finish_locked(s, sl, L, &c);
         if (rc == ENG_APPLIED)
-            *out_slot = slot;
+            *out_id = make_id(opening, slot);
         break;
     }
     op_end(t, rc);
     return rc;
 }
 
-/* A closed position's slot goes back to the free pool (generation + 1). */
-int eng_release_position(eng_seg *s, uint32_t slot)
+/* Undo an open whose id never reached its caller (an exception between the
+ * C call and the caller): only if nothing happened to it since this Engine
+ * published it. */
+int eng_abandon_open(eng_seg *s, uint64_t id)
 {
     CHECK_SEG(s);
-    if (slot >= s->capacity)
-        return ENG_EBADSLOT;
-    eng_slot *sl = &s->slots[slot];
+    eng_slot *sl;
+    int rc = slot_of_id(s, id, &sl);
+    if (rc)
+        return rc;
+    uint64_t w = load_acquire_u64(&sl->word);
+    rc = id_live(sl, w, id);
+    if (rc)
+        return rc;
+    if (w != s->last_new_word)
+        return ENG_INVALID;
+    uint64_t nw = sw_make(0, sw_gen(w) + 1, sw_ctx(w));
+    if (!cas_acq_rel_u64(&sl->word, &w, nw))
+        return ENG_INVALID;
+    commit_after(s, sl, w, nw);
+    return ENG_APPLIED;
+}
+
+/* A closed position's slot goes back to the free pool (generation + 1). */
+int eng_release_position(eng_seg *s, uint64_t id)
+{
+    CHECK_SEG(s);
+    eng_slot *sl;
+    int rc = slot_of_id(s, id, &sl);
+    if (rc)
+        return rc;
     uint64_t w = load_acquire_u64(&sl->word);
     for (uint32_t retries = 0; retries < CAS_RETRIES; retries++) {
-        uint32_t st = sw_state(w);   /* housekeeping: allowed while halted */
-        if (st == 0)
-            return ENG_ENOTOPEN;
-        if (sw_locked(w) || !(st & s->hdr->closed_mask))
+        rc = id_live(sl, w, id);   /* housekeeping: allowed while halted */
+        if (rc)
+            return rc;
+        if (sw_locked(w) || !(sw_state(w) & s->hdr->closed_mask))
             return ENG_INVALID;
-        uint64_t nw = sw_make(0, sw_gen(w) + 1);
+        uint64_t nw = sw_make(0, sw_gen(w) + 1, sw_ctx(w));
         uint64_t old = w;
         if (cas_acq_rel_u64(&sl->word, &w, nw)) {
             commit_after(s, sl, old, nw);
@@ -1059,71 +1301,117 @@ int eng_release_position(eng_seg *s, uint32_t slot)
 
 /* ==== prices ======================================================================= */
 
-int eng_update_price(eng_seg *s, uint32_t slot, double price)
+/* Latch the slot's price, then check under the latch that the published
+ * context still belongs to an opening `accept` takes (an opener needs the
+ * latch before anything of a new opening is visible), and publish the price
+ * with PnL from that context.  Returns 0, ENG_ESTALE (nothing written), or
+ * ENG_EBUSY. */
+typedef int (*accept_fn)(eng_seg *s, const eng_slot *sl, uint64_t w, uint32_t opening,
+                         const eng_ctx_rec *c, uint64_t key);
+
+static int write_price_checked(eng_seg *s, eng_slot *sl, double price, int64_t ts, op_timer t,
+                               accept_fn accept, uint64_t key)
 {
-    CHECK_SEG(s);
-    if (slot >= s->capacity)
-        return ENG_EBADSLOT;
-    if (!price_ok(price))
-        return ENG_EBADPRICE;
-    eng_slot *sl = &s->slots[slot];
-    if (sw_state(load_acquire_u64(&sl->word)) == 0)
-        return ENG_ENOTOPEN;
-    op_timer t = op_begin(s, ENG_OP_PRICE);
-    int rc = price_latch(s, sl, t);
-    if (rc == 0) {
-        rc = write_price(sl, price, now_ns(CLOCK_REALTIME));
-        price_unlatch(sl);
+    uint64_t latched, w;
+    uint32_t opening;
+    eng_ctx_rec c;
+    int rc = price_latch(s, sl, t, &latched);
+    if (rc)
+        return rc;
+    rc = read_ctx(sl, &c, &w, &opening);
+    if (rc == 0 && !accept(s, sl, w, opening, &c, key))
+        rc = ENG_ESTALE;
+    if (rc) {
+        price_unlatch(sl, latched);
+        return rc;
     }
-    op_end(t, rc);
-    return rc;
+    eng_price_rec r;
+    price_rec_for(&r, &c, price, ts);
+    price_publish(sl, latched, &r);
+    return 0;
 }
 
-/* The whole batch is checked before anything is written: one bad slot or
- * price refuses it all, with its index in *out_bad_index. */
-int eng_update_prices(eng_seg *s, const uint32_t *slots, const double *prices,
-                      uint64_t n, uint64_t *out_bad_index)
+static int accept_id(eng_seg *s, const eng_slot *sl, uint64_t w, uint32_t opening,
+                     const eng_ctx_rec *c, uint64_t id)
+{
+    (void)s; (void)sl; (void)c;
+    return opening_check(w, opening, id) == 0;
+}
+
+static inline int is_open_state(eng_seg *s, uint32_t st)
+{
+    return st != 0 && !(st & s->hdr->closed_mask);
+}
+
+static int accept_token(eng_seg *s, const eng_slot *sl, uint64_t w, uint32_t opening,
+                        const eng_ctx_rec *c, uint64_t token)
+{
+    (void)sl; (void)opening;
+    return is_open_state(s, sw_state(w)) && c->token == (int64_t)token;
+}
+
+int eng_update_price(eng_seg *s, uint64_t id, double price)
 {
     CHECK_SEG(s);
-    if (n && (!slots || !prices))
+    eng_slot *sl;
+    int rc = slot_of_id(s, id, &sl);
+    if (rc)
+        return rc;
+    if (!price_ok(price))
+        return ENG_EBADPRICE;
+    rc = id_live(sl, load_acquire_u64(&sl->word), id);
+    if (rc)
+        return rc;
+    op_timer t = op_begin(s, ENG_OP_PRICE);
+    rc = write_price_checked(s, sl, price, now_ns(CLOCK_REALTIME), t, accept_id, id);
+    if (rc == ENG_ESTALE)
+        rc = id_live(sl, load_acquire_u64(&sl->word), id);   /* say which: never issued or released */
+    op_end(t, rc);
+    return rc ? rc : 0;
+}
+
+/* The whole batch is checked before anything is written: one bad id or
+ * price refuses it all, with its index in *out_bad_index.  A position
+ * released while the batch runs is skipped; *out_written counts the rest. */
+int eng_update_prices(eng_seg *s, const uint64_t *ids, const double *prices,
+                      uint64_t n, uint64_t *out_bad_index, uint64_t *out_written)
+{
+    CHECK_SEG(s);
+    if (!out_bad_index || !out_written || (n && (!ids || !prices)))
         return ENG_EBADARG;
+    *out_written = 0;
     for (uint64_t i = 0; i < n; i++) {
-        int rc = 0;
-        if (slots[i] >= s->capacity)
-            rc = ENG_EBADSLOT;
-        else if (!price_ok(prices[i]))
+        eng_slot *sl;
+        int rc = slot_of_id(s, ids[i], &sl);
+        if (rc == 0 && !price_ok(prices[i]))
             rc = ENG_EBADPRICE;
-        else if (sw_state(load_acquire_u64(&s->slots[slots[i]].word)) == 0)
-            rc = ENG_ENOTOPEN;
+        if (rc == 0)
+            rc = id_live(sl, load_acquire_u64(&sl->word), ids[i]);
         if (rc) {
-            if (out_bad_index)
-                *out_bad_index = i;
+            *out_bad_index = i;
             return rc;
         }
     }
     op_timer t = op_begin(s, ENG_OP_PRICE_BATCH);
     int64_t ts = now_ns(CLOCK_REALTIME);
     int rc = 0;
+    uint64_t written = 0;
     for (uint64_t i = 0; i < n; i++) {
-        eng_slot *sl = &s->slots[slots[i]];
-        rc = price_latch(s, sl, t);
-        if (rc == 0) {
-            rc = write_price(sl, prices[i], ts);
-            price_unlatch(sl);
+        rc = write_price_checked(s, &s->slots[ids[i] & ENG_ID_SLOT_MASK], prices[i], ts, t,
+                                 accept_id, ids[i]);
+        if (rc == ENG_ESTALE) {
+            rc = 0;
+            continue;
         }
         if (rc) {
-            if (out_bad_index)
-                *out_bad_index = i;
+            *out_bad_index = i;
             break;
         }
+        written++;
     }
+    *out_written = written;
     op_end(t, rc);
     return rc;
-}
-
-static inline int is_open_state(eng_seg *s, uint32_t st)
-{
-    return st != 0 && !(st & s->hdr->closed_mask);
 }
 
 int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
@@ -1137,13 +1425,14 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
     int rc = 0;
     for (uint32_t i = 0; i < s->capacity; i++) {
         eng_slot *sl = &s->slots[i];
-        if (__atomic_load_n(&sl->token, __ATOMIC_RELAXED) != token ||
+        /* the token hint filters; the check under the latch decides */
+        if ((int64_t)load_relaxed_u64((const uint64_t *)&sl->token) != token ||
             !is_open_state(s, sw_state(load_acquire_u64(&sl->word))))
             continue;
-        rc = price_latch(s, sl, t);
-        if (rc == 0) {
-            rc = write_price(sl, price, ts);
-            price_unlatch(sl);
+        rc = write_price_checked(s, sl, price, ts, t, accept_token, (uint64_t)token);
+        if (rc == ENG_ESTALE) {
+            rc = 0;
+            continue;
         }
         if (rc)
             break;
@@ -1153,18 +1442,27 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
     return rc ? rc : count;
 }
 
-int eng_read_price(eng_seg *s, uint32_t slot, eng_price_out *out)
+/* Read a record of the id's opening, then check the opening again: a record
+ * of a later opening is written only after that opening's lock CAS, which the
+ * read's acquire makes visible to the second check. */
+int eng_read_price(eng_seg *s, uint64_t id, eng_price_out *out)
 {
     CHECK_SEG(s);
-    if (slot >= s->capacity)
-        return ENG_EBADSLOT;
-    eng_slot *sl = &s->slots[slot];
-    if (sw_state(load_acquire_u64(&sl->word)) == 0)
-        return ENG_ENOTOPEN;
+    eng_slot *sl;
+    int rc = slot_of_id(s, id, &sl);
+    if (rc)
+        return rc;
+    if (!out)
+        return ENG_EBADARG;
+    rc = id_live(sl, load_acquire_u64(&sl->word), id);
+    if (rc)
+        return rc;
     op_timer t = op_begin(s, ENG_OP_READ);
     eng_price_rec r;
     uint64_t v;
-    int rc = read_price_rec(sl, &r, &v);
+    rc = read_price_rec(sl, &r, &v);
+    if (rc == 0)
+        rc = id_live(sl, load_acquire_u64(&sl->word), id);
     if (rc == 0) {
         out->price = r.price;
         out->ts_ns = r.ts_ns;
@@ -1176,91 +1474,131 @@ int eng_read_price(eng_seg *s, uint32_t slot, eng_price_out *out)
     return rc;
 }
 
-int eng_read_context(eng_seg *s, uint32_t slot, eng_ctx_out *out)
+static void ctx_out_from(eng_ctx_out *out, const eng_ctx_rec *c)
+{
+    out->entry_price = c->entry_price;
+    out->amount = c->amount;
+    out->stop_loss = c->stop_loss;
+    out->take_profit = c->take_profit;
+    out->token = c->token;
+    out->opened_ns = c->opened_ns;
+    out->side = c->side;
+    out->exit_reason = c->exit_reason;
+    out->version = c->version;
+}
+
+int eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out)
 {
     CHECK_SEG(s);
-    if (slot >= s->capacity)
-        return ENG_EBADSLOT;
-    eng_slot *sl = &s->slots[slot];
-    if (sw_state(load_acquire_u64(&sl->word)) == 0)
-        return ENG_ENOTOPEN;
+    eng_slot *sl;
+    int rc = slot_of_id(s, id, &sl);
+    if (rc)
+        return rc;
+    if (!out)
+        return ENG_EBADARG;
     op_timer t = op_begin(s, ENG_OP_READ);
-    int rc = read_ctx(sl, &out->rec, &out->version);
+    eng_ctx_rec c;
+    uint64_t w;
+    uint32_t opening;
+    rc = read_ctx(sl, &c, &w, &opening);
+    if (rc == 0)
+        rc = opening_check(w, opening, id);
+    if (rc == 0)
+        ctx_out_from(out, &c);
     op_end(t, rc);
     return rc;
 }
 
 /* ==== waiting for a change ========================================================= */
 /*
- * Blocks until the low 32 bits of the slot's transition counter differ from `since` (or from its
- * value at entry, with since < 0), the timeout passes (ENG_ETIMEDOUT),
- * or a signal arrives (ENG_EINTR: Python runs its handlers, then calls again
- * with the same `since` and the remaining time).  Spurious wakes re-check and
- * wait again.
+ * Blocks until the state word's committed bits (state, generation, C) differ
+ * from `since` (or from their value at entry, with since < 0), the timeout
+ * passes (ENG_ETIMEDOUT), or a signal arrives (ENG_EINTR: Python runs its
+ * handlers, then calls again with *out_since and the remaining time).
+ *
+ * A sleeper sets the slot's `waiting` flag, reads the futex word, re-checks
+ * the state word, then sleeps at most ENG_WAIT_SLICE_NS: a committer killed
+ * between its CAS and its wake costs a waiter one slice, not its timeout.
+ * Only committers clear the flag, so a sleeper killed here leaves at most one
+ * spurious wake behind.
  */
-int eng_wait_change(eng_seg *s, uint32_t slot, int64_t since, int64_t timeout_ns,
-                    uint32_t *out_change)
+int eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns,
+                    int64_t *out_since)
 {
     CHECK_SEG(s);
-    if (slot >= s->capacity)
-        return ENG_EBADSLOT;
-    if (timeout_ns < 0 || !out_change)
+    eng_slot *sl;
+    int rc = slot_of_id(s, id, &sl);
+    if (rc)
+        return rc;
+    if (timeout_ns < 0 || !out_since)
         return ENG_EBADARG;
-    eng_slot *sl = &s->slots[slot];
-    if (sw_state(load_acquire_u64(&sl->word)) == 0)
-        return ENG_ENOTOPEN;
+    uint64_t w = load_acquire_u64(&sl->word);
+    rc = id_live(sl, w, id);
+    if (rc)
+        return rc;
+    if (timeout_ns > ENG_MAX_TIMEOUT_NS)
+        timeout_ns = ENG_MAX_TIMEOUT_NS;
     op_timer t = op_begin(s, ENG_OP_WAIT);
-    uint32_t base = since < 0 ? (uint32_t)load_acquire_u64(&sl->transitions) : (uint32_t)since;
-    int64_t deadline = now_ns(CLOCK_MONOTONIC) + timeout_ns;
-    int rc = ENG_ETIMEDOUT;
-    fetch_add_seq_cst_u32(&sl->waiters, 1);   /* then read the counter: see commit_after */
+    uint64_t base = since < 0 ? (w & SW_COMMITTED) : (uint64_t)since;
+    int64_t deadline = now_ns(CLOCK_MONOTONIC) + timeout_ns;   /* < 2^63: both terms < 2^62 */
+    rc = ENG_ETIMEDOUT;
+    *out_since = (int64_t)base;
     for (;;) {
-        uint32_t cur = (uint32_t)__atomic_load_n(&sl->transitions, __ATOMIC_SEQ_CST);
+        store_seq_cst_u32(&sl->waiting, 1);   /* then read the counter: see commit_after */
+        uint32_t seen = load_seq_cst_u32(futex_word(sl));
+        uint64_t cur = load_acquire_u64(&sl->word) & SW_COMMITTED;
         if (cur != base) {
-            *out_change = cur;
+            *out_since = (int64_t)cur;
             rc = ENG_APPLIED;
             break;
         }
         int64_t left = deadline - now_ns(CLOCK_MONOTONIC);
         if (left <= 0)
             break;
+        if (left > ENG_WAIT_SLICE_NS)
+            left = ENG_WAIT_SLICE_NS;
         struct timespec ts = {(time_t)(left / 1000000000LL), (long)(left % 1000000000LL)};
-        if (futex(futex_word(sl), FUTEX_WAIT, base, &ts) != 0 && errno == EINTR) {
+        if (futex(futex_word(sl), FUTEX_WAIT, seen, &ts) != 0 && errno == EINTR) {
             rc = ENG_EINTR;
-            *out_change = base;
             break;
         }
-        /* woken, value changed (EAGAIN), timed out or spurious: re-check */
+        /* woken, value changed (EAGAIN), slice over or spurious: re-check */
     }
-    fetch_sub_seq_cst_u32(&sl->waiters, 1);
     op_end(t, rc == ENG_ETIMEDOUT ? ENG_CONFLICT : rc);
     return rc;
 }
 
 /* ==== snapshot ======================================================================= */
-
-int eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n)
+/*
+ * Each row is one opening's state, context and price read together: the
+ * state word's committed bits did not move between the first and the last
+ * read (a lock taken meanwhile does not move them; the row says locked).
+ */
+static int read_row(eng_slot *sl, uint32_t slot, eng_row *r)
 {
-    CHECK_SEG(s);
-    if (!rows || !out_n)
-        return ENG_EBADARG;
-    uint32_t n = 0;
-    for (uint32_t i = 0; i < s->capacity && n < max_rows; i++) {
-        eng_slot *sl = &s->slots[i];
-        uint64_t w = load_acquire_u64(&sl->word);
-        if (sw_state(w) == 0)
-            continue;
-        eng_price_rec p;
+    for (uint32_t i = 0; i < READ_RETRIES; i++) {
         eng_ctx_rec c;
-        uint64_t pv, cv;
-        if (read_price_rec(sl, &p, &pv) || read_ctx(sl, &c, &cv))
-            return ENG_EBUSY;
-        eng_row *r = &rows[n++];
-        r->slot = i;
+        eng_price_rec p;
+        uint64_t w, pv;
+        uint32_t opening;
+        int rc = read_ctx(sl, &c, &w, &opening);
+        if (rc)
+            return rc;
+        if (!sw_state(w))
+            return 1;                              /* free: no row */
+        rc = read_price_rec(sl, &p, &pv);
+        if (rc)
+            return rc;
+        uint64_t transitions = load_relaxed_u64(&sl->transitions);
+        fence_acquire();
+        if (((load_relaxed_u64(&sl->word) ^ w) & SW_COMMITTED) != 0)
+            continue;
+        r->id = make_id(opening, slot);
+        r->slot = slot;
         r->state = sw_state(w);
         r->generation = sw_gen(w);
         r->locked = sw_locked(w);
-        r->transitions = load_relaxed_u64(&sl->transitions);
+        r->transitions = transitions;
         r->price = p.price;
         r->price_ts_ns = p.ts_ns;
         r->pnl_pct = p.pnl_pct;
@@ -1274,7 +1612,24 @@ int eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n)
         r->opened_ns = c.opened_ns;
         r->side = c.side;
         r->exit_reason = c.exit_reason;
-        r->context_version = cv;
+        r->context_version = c.version;
+        return 0;
+    }
+    return ENG_EBUSY;
+}
+
+int eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n)
+{
+    CHECK_SEG(s);
+    if (!rows || !out_n)
+        return ENG_EBADARG;
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < s->capacity && n < max_rows; i++) {
+        int rc = read_row(&s->slots[i], i, &rows[n]);
+        if (rc < 0)
+            return rc;
+        if (rc == 0)
+            n++;
     }
     *out_n = n;
     return 0;
@@ -1282,12 +1637,27 @@ int eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n)
 
 /* ==== recovery ========================================================================= */
 /*
- * One recovery at a time: header.recovering is a CAS flag naming its owner,
- * taken over if that owner is dead.  The sweep resolves every transition lock
- * and price latch whose owner is dead, then removes dead registry entries
- * (their shards are folded into the retired shard first).  Live processes
- * keep working throughout: every change is a CAS against the exact word seen.
+ * One recovery at a time: header.recovering is a CAS flag holding its
+ * owner's token, taken over if that owner is proven dead.  The sweep resolves
+ * every transition lock and price latch whose owner is proven dead, then frees
+ * the registry entries of proven-dead processes (their shards are folded into
+ * the retired shard first).  Live processes keep working throughout: every
+ * change is a CAS against the exact word seen.
  */
+static int take_recovery_flag(eng_seg *s)
+{
+    for (uint32_t step = 0; step < MAX_WAIT_STEPS * 4; step++) {
+        uint32_t cur = 0;
+        if (cas_acq_rel_u32(&s->hdr->recovering, &cur, s->token))
+            return 0;
+        if (time_to_check_owner(step) && token_dead(s, cur) &&
+            cas_acq_rel_u32(&s->hdr->recovering, &cur, s->token))
+            return 0;
+        backoff_step(step);
+    }
+    return ENG_ERECOVERING;
+}
+
 int eng_recover(eng_seg *s, eng_recover_report *out)
 {
     CHECK_SEG(s);
@@ -1295,20 +1665,7 @@ int eng_recover(eng_seg *s, eng_recover_report *out)
         return ENG_EBADARG;
     memset(out, 0, sizeof *out);
     op_timer t = op_begin(s, ENG_OP_RECOVER);
-    int rc = ENG_EBUSY;
-    for (uint32_t step = 0; step < MAX_WAIT_STEPS * 4; step++) {
-        uint32_t cur = 0;
-        if (cas_acq_rel_u32(&s->hdr->recovering, &cur, s->pid)) {
-            rc = 0;
-            break;
-        }
-        if (time_to_check_owner(step) && !eng_proc_alive(cur, 0) &&
-            cas_acq_rel_u32(&s->hdr->recovering, &cur, s->pid)) {
-            rc = 0;
-            break;
-        }
-        backoff_step(step);
-    }
+    int rc = take_recovery_flag(s);
     if (rc) {
         op_end(t, rc);
         return rc;
@@ -1316,32 +1673,27 @@ int eng_recover(eng_seg *s, eng_recover_report *out)
     for (uint32_t i = 0; i < s->capacity; i++) {
         eng_slot *sl = &s->slots[i];
         uint64_t w = load_acquire_u64(&sl->word);
-        if (sw_locked(w) && sw_owner(w) != s->pid && !eng_owner_alive(s, sw_owner(w))) {
-            eng_ctx_rec c;
-            int forward = read_ctx(sl, &c, NULL) == 0 &&
-                          c.gen == ((sw_gen(w) + 1) & ENG_SW_GEN_MASK);
-            if (takeover(s, sl, w, t)) {
-                if (forward)
-                    out->rolled_forward++;
-                else
-                    out->rolled_back++;
-            }
+        if (sw_locked(w) && sw_owner(w) != s->token && token_dead(s, sw_owner(w))) {
+            int how = takeover(s, sl, w, t);
+            out->rolled_forward += how == 1;
+            out->rolled_back += how == 2;
         }
-        uint32_t pw = load_acquire_u32(&sl->pwriter);
-        if (pw && pw != s->pid && !eng_owner_alive(s, pw) &&
-            cas_acq_rel_u32(&sl->pwriter, &pw, 0))
+        uint64_t pw = load_acquire_u64(&sl->pword);
+        uint32_t holder = pw_token(pw);
+        if (holder && holder != s->token && token_dead(s, holder) &&
+            cas_acq_rel_u64(&sl->pword, &pw, pw & ~ENG_TOKEN_MASK))
             out->price_latches++;
     }
     for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
         eng_proc *e = &s->registry[i];
         uint32_t pid = load_acquire_u32(&e->pid);
-        if (pid == 0 || pid == s->pid)
+        if (pid == 0 || i == s->proc_index)
             continue;
-        if (eng_proc_alive(pid, load_relaxed_u64(&e->start_time)))
+        uint32_t inc = load_acquire_u32(&e->incarnation);
+        if (!token_dead(s, (inc << ENG_TOKEN_ENTRY_BITS) | i))
             continue;
-        /* a CLAIMED entry may be mid-attach by a live process whose start
-         * time is not written yet: eng_proc_alive(pid, 0) covers that */
-        if (load_acquire_u32(&e->state) != ENG_PROC_ACTIVE && eng_proc_alive(pid, 0))
+        /* the same entry, not one freed and claimed again meanwhile */
+        if (load_acquire_u32(&e->pid) != pid || load_acquire_u32(&e->incarnation) != inc)
             continue;
         out->removed_pids[out->procs_removed++] = pid;
         release_entry(s, i);
@@ -1349,4 +1701,74 @@ int eng_recover(eng_seg *s, eng_recover_report *out)
     store_release_u32(&s->hdr->recovering, 0);
     op_end(t, ENG_APPLIED);
     return 0;
+}
+
+/* ==== controls: every shared switch is stored here, never from Python ======== */
+
+int eng_set_halt(eng_seg *s, uint32_t on)
+{
+    CHECK_SEG(s);
+    store_release_u32(&s->hdr->halted, on ? 1 : 0);   /* read relaxed on hot paths */
+    return 0;
+}
+
+int eng_set_metrics(eng_seg *s, uint32_t on, uint32_t sample_mask)
+{
+    CHECK_SEG(s);
+    if (sample_mask & (sample_mask + 1))
+        return ENG_EBADARG;   /* a power of two minus one */
+    store_release_u32(&s->hdr->sample_mask, sample_mask);
+    store_release_u32(&s->hdr->metrics_on, on ? 1 : 0);
+    return 0;
+}
+
+int eng_set_faults(eng_seg *s, uint32_t flags, uint64_t pause_ns)
+{
+    CHECK_SEG(s);
+    if (flags & ~(uint32_t)(ENG_FAULT_SKIP_GEN | ENG_FAULT_BLIND_STORE |
+                            ENG_FAULT_DIE_AFTER_CAS | ENG_FAULT_DIE_AFTER_LOCK) ||
+        pause_ns > 60ULL * 1000000000ULL)
+        return ENG_EBADARG;
+    store_release_u64(&s->hdr->test_pause_ns, pause_ns);
+    store_release_u32(&s->hdr->fault_flags, flags);
+    return 0;
+}
+
+/* Tests only: take something and return holding it, so that a test can kill
+ * or stop its holder.  what: 1 the id's price latch, 2 its transition lock
+ * (target = its current state), 3 the recovery flag. */
+int eng_test_hold(eng_seg *s, uint32_t what, uint64_t id)
+{
+    CHECK_SEG(s);
+    if (what == 3) {
+        uint32_t cur = 0;
+        return cas_acq_rel_u32(&s->hdr->recovering, &cur, s->token) ? 0 : ENG_EBUSY;
+    }
+    eng_slot *sl;
+    int rc = slot_of_id(s, id, &sl);
+    if (rc)
+        return rc;
+    uint64_t w = load_acquire_u64(&sl->word);
+    rc = id_live(sl, w, id);
+    if (rc)
+        return rc;
+    op_timer none = {NULL, 0};
+    if (what == 1) {
+        uint64_t latched;
+        return price_latch(s, sl, none, &latched);
+    }
+    if (what == 2) {
+        if (sw_locked(w))
+            return ENG_EBUSY;
+        uint64_t L = sw_make_locked(w, onehot_index(sw_state(w)), s->token);
+        disown_seal(sl, L);
+        return cas_acq_rel_u64(&sl->word, &w, L) ? 0 : ENG_EBUSY;
+    }
+    return ENG_EBADARG;
+}
+
+int eng_owner_alive(eng_seg *s, uint32_t token)
+{
+    CHECK_SEG(s);
+    return !token_dead(s, token & (uint32_t)ENG_TOKEN_MASK);
 }

@@ -16,7 +16,7 @@
  *   +--------------------+  hdr.shards_off
  *   | eng_shard[PROCS+1] |  metrics: one shard per entry + one "retired"
  *   +--------------------+  hdr.slots_off
- *   | eng_slot[capacity] |  one 256-byte record per position
+ *   | eng_slot[capacity] |  one 384-byte record per position
  *   +--------------------+  hdr.segment_size
  */
 #ifndef ENGINE_H
@@ -28,7 +28,7 @@
 
 /* ---- identity ---------------------------------------------------------- */
 #define ENG_MAGIC            0x31454E49474E4545ULL   /* "EENGINE1" little-endian */
-#define ENG_LAYOUT_VERSION   3
+#define ENG_LAYOUT_VERSION   4
 #define ENG_CACHE_LINE       64
 
 /* ---- limits ------------------------------------------------------------ */
@@ -39,32 +39,84 @@
 #define ENG_HIST_BUCKETS     48      /* bucket b holds latencies in [2^(b-1), 2^b) ns */
 
 /*
+ * ---- fencing tokens ----------------------------------------------------------
+ *
+ *   23                         7 6          0
+ *  +----------------------------+------------+
+ *  | incarnation (17 bits, != 0)| entry (7)  |
+ *  +----------------------------+------------+
+ *
+ * A lock word names its owner by token: the registry entry it attached
+ * through and that entry's incarnation (bumped every time the entry is
+ * claimed; never 0, so a token is never 0).  The entry holds pid and start
+ * time.  An owner is dead only when proven so: its entry moved to another
+ * incarnation, or its pid does not exist, is a zombie, or started at another
+ * time.  Any other failure to tell (EMFILE, ENOMEM, EACCES) means alive.
+ */
+#define ENG_TOKEN_BITS       24
+#define ENG_TOKEN_MASK       0xFFFFFFULL
+#define ENG_TOKEN_ENTRY_BITS 7
+#define ENG_TOKEN_ENTRY_MASK 0x7FU
+#define ENG_TOKEN_INC_MASK   0x1FFFFU
+
+/*
+ * ---- ids ----------------------------------------------------------------------
+ *
+ *   63       56 55                       24 23                 0
+ *  +-----------+---------------------------+--------------------+
+ *  | 0         | opening count (32 bits)   | slot (24 bits)     |
+ *  +-----------+---------------------------+--------------------+
+ *
+ * open returns an id naming this opening of the slot; eng_slot.opening counts
+ * the slot's openings (the first is 1, so no id is 0).  Every call by id
+ * checks the opening against the slot's, next to the state word it loads.
+ */
+#define ENG_ID_SLOT_BITS     24
+#define ENG_ID_SLOT_MASK     0xFFFFFFULL
+#define ENG_ID_MAX           0x00FFFFFFFFFFFFFFULL
+
+/*
  * ---- the state word (eng_slot.word, 64 bits) -------------------------------
  *
- *   63 62 61                 40 39          24 23 22 21  18 17 16 15        0
- *  +-----+---------------------+--------------+-----+------+--+--+-----------+
- *  | 0 0 | owner pid (22 bits) | generation   | 0 0 |target|E |L | one-hot   |
- *  +-----+---------------------+--------------+-----+------+--+--+-----------+
+ *   63 62            39 38          23 22   19 18 17 16 15        0
+ *  +--+----------------+--------------+-------+--+--+--+-----------+
+ *  |0 | owner token    | generation   |target |C |E |L | one-hot   |
+ *  +--+----------------+--------------+-------+--+--+--+-----------+
  *
  *  one-hot   the current state, 1 << state index; 0 = slot free (never opened
  *            or released)
  *  L         transition lock; owner and target are meaningful only while set
  *  E         the last slow-path transition on this slot was rolled back by a
  *            takeover after its owner died; cleared by the next commit
+ *  C         which of the slot's two context copies is the published one
  *  target    index of the state the lock holder is moving to
- *  generation +1 on every committed transition (mod 2^16): a CAS can never
- *            succeed against a state that left and came back
+ *  generation +1 on every commit (mod 2^16): a CAS can never succeed against
+ *            a state that left and came back
+ *  owner     the lock holder's fencing token (see above)
  */
 #define ENG_SW_STATE_MASK    0xFFFFULL
 #define ENG_SW_LOCK          0x10000ULL
 #define ENG_SW_ERROR         0x20000ULL
-#define ENG_SW_TARGET_SHIFT  18
+#define ENG_SW_CTX           0x40000ULL
+#define ENG_SW_TARGET_SHIFT  19
 #define ENG_SW_TARGET_MASK   0xFULL
-#define ENG_SW_GEN_SHIFT     24
+#define ENG_SW_GEN_SHIFT     23
 #define ENG_SW_GEN_MASK      0xFFFFULL
-#define ENG_SW_OWNER_SHIFT   40
-#define ENG_SW_OWNER_MASK    0x3FFFFFULL
-#define ENG_MAX_PID          0x3FFFFF
+#define ENG_SW_OWNER_SHIFT   39
+
+/*
+ * ---- the price word (eng_slot.pword, 64 bits) ------------------------------
+ *
+ *   63                                   24 23                  0
+ *  +---------------------------------------+---------------------+
+ *  | sequence = price version (40 bits)    | writer token or 0   |
+ *  +---------------------------------------+---------------------+
+ *
+ * The writer latches by CAS (seq, 0) -> (seq, token) and publishes by CAS
+ * (seq, token) -> (seq + 1, 0): publish and unlatch are one CAS from the
+ * exact latched word, so a writer whose latch was taken over never publishes.
+ */
+#define ENG_PW_SEQ_SHIFT     24
 
 /* ---- transition table entries: target index + 1 (0 = no rule) ---------- */
 #define ENG_RULE_TARGET_MASK 0x1F
@@ -77,12 +129,12 @@
 #define ENG_REJECTED         3       /* a guard said no */
 #define ENG_HALTED           4       /* emergency stop is on */
 
-/* ---- errors (< 0) -------------------------------------------------------- */
-#define ENG_EBADSLOT         -1      /* slot id >= capacity */
-#define ENG_ENOTOPEN         -2      /* slot was never opened, or released */
+/* ---- errors (< 0); eng_strerror(code) gives each one's words -------------- */
+#define ENG_EBADSLOT         -1      /* id's slot >= capacity, or id > ENG_ID_MAX */
+#define ENG_ENOTOPEN         -2      /* id never issued (opening 0 or not yet reached) */
 #define ENG_EBADTRIGGER      -3      /* trigger >= number of triggers */
 #define ENG_EBADPRICE        -4      /* price not finite or <= 0 */
-#define ENG_EBADARG          -5      /* other argument out of range */
+#define ENG_EBADARG          -5      /* other argument out of range, or a NULL pointer */
 #define ENG_EFULL            -6      /* no free slot */
 #define ENG_ETIMEDOUT        -7
 #define ENG_EINTR            -8      /* a signal arrived: Python checks it, then resumes */
@@ -93,10 +145,15 @@
 #define ENG_ENOTREADY        -13     /* creator has not finished formatting */
 #define ENG_ESPEC            -14     /* machine spec fingerprint differs */
 #define ENG_ENOPROC          -15     /* process registry full */
-#define ENG_ENOTLOCKED       -16     /* guard commit without holding the lock */
+#define ENG_ESTALE           -16     /* id's opening was released (slot free or reopened) */
 #define ENG_EGUARDED         -17     /* rule has a guard: use the guarded path */
 #define ENG_ECORRUPT         -18     /* a field of the header is out of range */
-#define ENG_ECLOSED          -19     /* the eng_seg was detached */
+#define ENG_ECLOSED          -19     /* the eng_seg was detached, or never attached */
+#define ENG_EFORKED          -20     /* the eng_seg was attached by the parent of a fork */
+#define ENG_ERECOVERING      -21     /* another live process runs recover() */
+#define ENG_ENOPROCFS        -22     /* this process's start time is unreadable (/proc) */
+#define ENG_EGUARDFAIL       -23     /* the guard callback raised; nothing was changed */
+#define ENG_ERRNO_MIN        -23
 
 /* ---- context update mask (eng_ctx_update.mask) --------------------------- */
 #define ENG_CTX_EXIT_REASON  1
@@ -116,20 +173,29 @@
 
 /* ---- registry entry states ----------------------------------------------- */
 #define ENG_PROC_FREE        0
-#define ENG_PROC_CLAIMED     1       /* pid written, start time not yet */
+#define ENG_PROC_CLAIMED     1       /* pid written, incarnation and start time not yet */
 #define ENG_PROC_ACTIVE      2
 
-/* ---- test-only fault switches (eng_header.fault_flags) -------------------- */
+/* ---- test-only fault switches (eng_set_faults) ----------------------------- */
 #define ENG_FAULT_SKIP_GEN   1       /* commit without generation + 1 */
 #define ENG_FAULT_BLIND_STORE 2      /* fast path stores instead of CAS */
+/* a committer SIGKILLs itself between its state CAS and its counter bump */
+#define ENG_FAULT_DIE_AFTER_CAS 4
+/* a slow path or an open SIGKILLs itself right after its lock CAS */
+#define ENG_FAULT_DIE_AFTER_LOCK 8
+
+/* ---- waits ------------------------------------------------------------------ */
+#define ENG_WAIT_SLICE_NS    20000000    /* a futex sleep re-checks the state word this often */
+#define ENG_MAX_TIMEOUT_NS   0x3FFFFFFFFFFFFFFFLL
 
 /* ---- misc ---------------------------------------------------------------- */
-#define ENG_SLOT_SIZE        256
+#define ENG_SLOT_SIZE        384
+#define ENG_CTX_SIZE         128
 #define ENG_HEADER_SIZE      4352
 
 /*
- * One price record (32 bytes).  Two copies per slot; eng_slot.pseq says which
- * one readers use (pseq & 1) and is the record's version.
+ * One price record (32 bytes).  Two copies per slot; the sequence in
+ * eng_slot.pword says which one readers use (seq & 1) and is the version.
  */
 typedef struct eng_price_rec {
     double   price;
@@ -139,11 +205,17 @@ typedef struct eng_price_rec {
 } eng_price_rec;
 
 /*
- * One context record (64 bytes, one cache line).  Two copies per slot;
- * eng_slot.cseq selects and versions them.  gen is the state-word generation
- * the record belongs to (used by takeover to roll forward or back).
+ * One context copy (128 bytes, two cache lines).  Two per slot; the state
+ * word's C bit says which one is published.  A lock holder fills the other
+ * one and writes commit last: the exact locked word it was written under.
+ * A takeover rolls forward only when commit equals the locked word it finds.
+ *
+ *   | commit | version | entry_price | amount | stop_loss | take_profit |
+ *   | token | opened_ns | side | exit_reason | pad ...                  |
  */
 typedef struct eng_ctx_rec {
+    uint64_t commit;         /* the locked word this copy was written under */
+    uint64_t version;        /* context version: +1 per published copy */
     double   entry_price;
     double   amount;
     double   stop_loss;
@@ -152,17 +224,16 @@ typedef struct eng_ctx_rec {
     int64_t  opened_ns;
     int32_t  side;           /* +1 long, -1 short */
     int32_t  exit_reason;
-    uint32_t gen;
-    uint32_t pad;
+    uint64_t pad[7];
 } eng_ctx_rec;
 
 /*
- * One position slot (256 bytes = 4 cache lines):
+ * One position slot (384 bytes = 6 cache lines):
  *
- *   line 0  | word | transitions | waiters | token | cseq | pseq | pwriter |
- *   line 1  | price[0]                  | price[1]                  |
- *   line 2  | ctx[0]                                                 |
- *   line 3  | ctx[1]                                                 |
+ *   line 0    | word | transitions | pword | opening | waiting | token |
+ *   line 1    | price[0]                  | price[1]                  |
+ *   lines 2-3 | ctx[0]                                                |
+ *   lines 4-5 | ctx[1]                                                |
  *
  * Everything written by a transition or a price update for one position sits
  * on that position's own lines, so writers of different slots never share a
@@ -172,14 +243,11 @@ typedef struct eng_slot {
     uint64_t word;           /* state word, see above */
     uint64_t transitions;    /* committed transitions; its low 32 bits are the
                                 futex word that eng_wait_change sleeps on */
-    uint32_t waiters;        /* processes in eng_wait_change on this slot */
-    uint32_t pad2;
-    int64_t  token;          /* copy of the context's token, set at open */
-    uint64_t cseq;           /* context seqlock sequence = context version */
-    uint64_t pseq;           /* price seqlock sequence = price version */
-    uint32_t pwriter;        /* price writer latch: 0 or the writer's pid */
-    uint32_t pad0;
-    uint64_t pad1;
+    uint64_t pword;          /* price word: sequence | writer token */
+    uint32_t opening;        /* openings of this slot (the id's high part) */
+    uint32_t waiting;        /* 1: some process may sleep on the futex word */
+    int64_t  token;          /* hint for token scans: the context's token */
+    uint64_t pad0[3];
     eng_price_rec price[2];
     eng_ctx_rec ctx[2];
 } eng_slot;
@@ -190,7 +258,9 @@ typedef struct eng_proc {
     uint32_t state;          /* ENG_PROC_* */
     uint64_t start_time;     /* /proc/<pid>/stat field 22: tells a reused pid apart */
     uint64_t attached_ns;
-    uint64_t pad[5];
+    uint32_t incarnation;    /* bumped on every claim; the token's high bits */
+    uint32_t pad0;
+    uint64_t pad[4];
 } eng_proc;
 
 /* Counters of one operation in one shard (512 bytes). */
@@ -239,7 +309,7 @@ typedef struct eng_header {
     uint64_t shards_off;
     uint64_t slots_off;
     uint64_t pad1[4];
-    /* line 2: controls, read on hot paths, written rarely */
+    /* line 2: controls, read on hot paths, written rarely (by C setters) */
     uint32_t halted;
     uint32_t metrics_on;
     uint32_t sample_mask;    /* latency sampled when (attempts & mask) == 0 */
@@ -248,7 +318,7 @@ typedef struct eng_header {
     uint64_t pad2[5];
     /* line 3: written by open and recover */
     uint32_t alloc_hint;
-    uint32_t recovering;     /* 0 or the pid running eng_recover */
+    uint32_t recovering;     /* 0 or the token of the Engine running eng_recover */
     uint64_t pad3[7];
     /* the transition table: table[state index * ENG_MAX_TRIGGERS + trigger]
      * = target index + 1, | ENG_RULE_GUARDED; 0 = no rule */
@@ -268,6 +338,8 @@ typedef struct eng_seg {
     uint32_t        n_triggers;
     uint32_t        pid;
     uint32_t        proc_index;
+    uint32_t        token;       /* this Engine's fencing token */
+    uint32_t        fork_epoch;  /* the process-wide fork count at attach */
     uint64_t        last_old_word;   /* state words around this Engine's last */
     uint64_t        last_new_word;   /* applied transition (for stress logs) */
 } eng_seg;
@@ -289,14 +361,23 @@ typedef struct eng_price_out {
     uint64_t version;
 } eng_price_out;
 
-/* A consistent context read. */
+/* A consistent context read (what Engine.context returns). */
 typedef struct eng_ctx_out {
-    eng_ctx_rec rec;
-    uint64_t    version;
+    double   entry_price;
+    double   amount;
+    double   stop_loss;
+    double   take_profit;
+    int64_t  token;
+    int64_t  opened_ns;
+    int32_t  side;
+    int32_t  exit_reason;
+    uint64_t version;
 } eng_ctx_out;
 
-/* One row of a snapshot: each record inside it is read consistently. */
+/* One row of a snapshot: state, context and price of one opening, read
+ * together (the state word did not move while they were read). */
 typedef struct eng_row {
+    uint64_t id;
     uint32_t slot;
     uint32_t state;          /* one-hot code */
     uint32_t generation;
@@ -327,8 +408,14 @@ typedef struct eng_recover_report {
     uint32_t removed_pids[ENG_MAX_PROCS];
 } eng_recover_report;
 
+/* A guard: called by eng_guard_transition with the slot locked; returns 1 to
+ * commit, 0 to reject, < 0 if it failed (nothing is changed). */
+typedef int (*eng_guard_fn)(void *user, uint64_t id, uint32_t source_index,
+                            uint32_t trigger);
+
 /* ---- functions ----------------------------------------------------------- */
 int      eng_noop(void);
+const char *eng_strerror(int code);
 uint64_t eng_segment_size(uint32_t capacity);
 int      eng_format(void *base, uint64_t size, uint32_t capacity,
                     const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
@@ -337,44 +424,52 @@ int      eng_format(void *base, uint64_t size, uint32_t capacity,
 int      eng_validate(const void *base, uint64_t size, uint64_t fingerprint);
 int      eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint);
 void     eng_detach(eng_seg *s);
+int      eng_check(eng_seg *s);
 
 int      eng_open_position(eng_seg *s, double entry_price, double amount,
-                           int32_t side, int64_t token, uint32_t *out_slot);
-int      eng_release_position(eng_seg *s, uint32_t slot);
-int      eng_transition(eng_seg *s, uint32_t slot, uint32_t trigger);
-int      eng_transition_ctx(eng_seg *s, uint32_t slot, uint32_t trigger,
+                           int32_t side, int64_t token, uint64_t *out_id);
+int      eng_abandon_open(eng_seg *s, uint64_t id);
+int      eng_release_position(eng_seg *s, uint64_t id);
+int      eng_transition(eng_seg *s, uint64_t id, uint32_t trigger);
+int      eng_transition_ctx(eng_seg *s, uint64_t id, uint32_t trigger,
                             const eng_ctx_update *update);
-int      eng_guard_lock(eng_seg *s, uint32_t slot, uint32_t trigger);
-int      eng_guard_finish(eng_seg *s, uint32_t slot, int commit,
-                          const eng_ctx_update *update);
-int      eng_state(eng_seg *s, uint32_t slot);
+int      eng_guard_transition(eng_seg *s, uint64_t id, uint32_t trigger,
+                              const eng_ctx_update *update, eng_guard_fn guard,
+                              void *user);
+int      eng_state(eng_seg *s, uint64_t id);
 int      eng_state_word(eng_seg *s, uint32_t slot, uint64_t *out_word);
+int      eng_id_of(eng_seg *s, uint32_t slot, uint64_t *out_id);
 
-int      eng_update_price(eng_seg *s, uint32_t slot, double price);
-int      eng_update_prices(eng_seg *s, const uint32_t *slots, const double *prices,
-                           uint64_t n, uint64_t *out_bad_index);
+int      eng_update_price(eng_seg *s, uint64_t id, double price);
+int      eng_update_prices(eng_seg *s, const uint64_t *ids, const double *prices,
+                           uint64_t n, uint64_t *out_bad_index, uint64_t *out_written);
 int64_t  eng_update_token_price(eng_seg *s, int64_t token, double price);
-int      eng_read_price(eng_seg *s, uint32_t slot, eng_price_out *out);
-int      eng_read_context(eng_seg *s, uint32_t slot, eng_ctx_out *out);
+int      eng_read_price(eng_seg *s, uint64_t id, eng_price_out *out);
+int      eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out);
 
-int      eng_wait_change(eng_seg *s, uint32_t slot, int64_t since,
-                         int64_t timeout_ns, uint32_t *out_change);
+int      eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns,
+                         int64_t *out_since);
 int      eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n);
 int      eng_recover(eng_seg *s, eng_recover_report *out);
 int      eng_proc_alive(uint32_t pid, uint64_t start_time);
-int      eng_owner_alive(eng_seg *s, uint32_t pid);
+int      eng_owner_alive(eng_seg *s, uint32_t token);
 uint64_t eng_proc_start_time(uint32_t pid);
+
+int      eng_set_halt(eng_seg *s, uint32_t on);
+int      eng_set_metrics(eng_seg *s, uint32_t on, uint32_t sample_mask);
+int      eng_set_faults(eng_seg *s, uint32_t flags, uint64_t pause_ns);
+int      eng_test_hold(eng_seg *s, uint32_t what, uint64_t id);
 
 /* cdef-end */
 
 /* ---- layout checks --------------------------------------------------------- */
 #include <stddef.h>
 _Static_assert(sizeof(eng_price_rec) == 32, "price record is 32 bytes");
-_Static_assert(sizeof(eng_ctx_rec) == ENG_CACHE_LINE, "context record is one line");
+_Static_assert(sizeof(eng_ctx_rec) == ENG_CTX_SIZE, "context copy is two lines");
 _Static_assert(sizeof(eng_slot) == ENG_SLOT_SIZE, "slot size");
 _Static_assert(offsetof(eng_slot, price) == ENG_CACHE_LINE, "prices on line 1");
-_Static_assert(offsetof(eng_slot, ctx) == 2 * ENG_CACHE_LINE, "contexts on lines 2-3");
-_Static_assert(offsetof(eng_slot, pwriter) < ENG_CACHE_LINE, "latch on line 0");
+_Static_assert(offsetof(eng_slot, ctx) == 2 * ENG_CACHE_LINE, "contexts on lines 2-5");
+_Static_assert(offsetof(eng_slot, opening) < ENG_CACHE_LINE, "opening beside the word");
 _Static_assert(offsetof(eng_slot, transitions) % 8 == 0, "futex word aligned");
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "futex word is the low half of transitions");
 _Static_assert(sizeof(eng_proc) == ENG_CACHE_LINE, "registry entry is one line");
@@ -388,5 +483,13 @@ _Static_assert(ENG_HEADER_SIZE % ENG_CACHE_LINE == 0, "header padded to lines");
 _Static_assert(ENG_MAX_STATES <= ENG_SW_TARGET_MASK + 1, "target index fits the word");
 _Static_assert(ENG_MAX_STATES <= 16, "one-hot state fits 16 bits");
 _Static_assert(ENG_MAX_STATES < ENG_RULE_TARGET_MASK, "rule target fits its mask");
+_Static_assert(ENG_SW_GEN_SHIFT == ENG_SW_TARGET_SHIFT + 4, "generation above target");
+_Static_assert(ENG_SW_OWNER_SHIFT == ENG_SW_GEN_SHIFT + 16, "owner above generation");
+_Static_assert(ENG_SW_OWNER_SHIFT + ENG_TOKEN_BITS <= 64, "owner token fits the word");
+_Static_assert(ENG_PW_SEQ_SHIFT == ENG_TOKEN_BITS, "price word: token below sequence");
+_Static_assert((1u << ENG_TOKEN_ENTRY_BITS) == ENG_MAX_PROCS, "token entry bits cover the registry");
+_Static_assert(ENG_TOKEN_ENTRY_BITS + 17 == ENG_TOKEN_BITS, "token = incarnation | entry");
+_Static_assert((1ULL << ENG_ID_SLOT_BITS) == ENG_MAX_CAPACITY, "id slot bits cover the capacity");
+_Static_assert(ENG_ID_MAX >> ENG_ID_SLOT_BITS == 0xFFFFFFFFULL, "id opening is 32 bits");
 
 #endif /* ENGINE_H */
