@@ -32,7 +32,6 @@ from engine.errors import (
     ArgumentError,
     EngineError,
     EngineTypeError,
-    InternalError,
     PriceError,
     SlotError,
     TriggerError,
@@ -126,7 +125,7 @@ def _keep_guard_failure(exc_type: Any, exc: BaseException | None, tb: Any) -> in
     return -1
 
 
-@ffi.def_extern(onerror=_keep_guard_failure)   # type: ignore[misc]
+@ffi.def_extern(onerror=_keep_guard_failure)   # type: ignore[untyped-decorator]
 def _engine_guard(user: Any, pos: int, source: int, trigger: int) -> int:
     eng: Engine = ffi.from_handle(user)
     guard = eng.spec.guards.get((source, trigger))
@@ -288,7 +287,7 @@ class Engine:
                                    f"{list(self.spec.triggers)}") from None
         return self._index(trigger, "trigger")
 
-    def _index(self, value: Any, what: str = "id") -> Any:
+    def _index(self, value: Any, what: str = "id") -> int:
         """An exact int for an integer-like value (numpy ints, IntEnum);
         anything else (floats included) is refused, never truncated."""
         if isinstance(value, int) and not isinstance(value, bool):
@@ -321,7 +320,7 @@ class Engine:
         pos = self._index(pos)
         if not 0 <= pos <= lib.ENG_ID_MAX or pos & _SLOT_MASK >= self.capacity:
             self._fail(lib.ENG_EBADSLOT, pos)
-        return int(pos & _SLOT_MASK)
+        return pos & int(_SLOT_MASK)
 
     def id_of(self, slot: int) -> int:
         """The id of ``slot``'s current opening (NotOpenError if it is free)."""
@@ -373,7 +372,7 @@ class Engine:
             rc = lib.eng_release_position(self._seg, pos)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
-        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)
+        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)  # type: ignore[no-any-return]
 
     # -- transitions -------------------------------------------------------------------
     def transition(self, pos: int, trigger: int | str, exit_reason: int | None = None,
@@ -393,7 +392,7 @@ class Engine:
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos, trigger=trigger) from None
         if rc >= 0:
-            return _OUTCOMES[rc]
+            return _OUTCOMES[rc]  # type: ignore[no-any-return]
         if rc == lib.ENG_EGUARDED:
             return self._transition_slow(pos, trigger, {})
         self._fail(rc, pos, trigger)
@@ -433,7 +432,7 @@ class Engine:
             failure = _take_guard_failure()
             if failure is not None:
                 raise failure
-        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos, trigger)
+        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos, trigger)  # type: ignore[no-any-return]
 
     def state(self, pos: int) -> Any:
         """The position's current state (a ``State`` for the default lifecycle)."""

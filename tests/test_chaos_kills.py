@@ -16,6 +16,7 @@ The short run is in ``make test``; ``TestThousandKills`` (slow, in
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pathlib
@@ -119,11 +120,9 @@ class Worker:
 
     def open(self) -> None:
         r = self.rng
-        try:
+        with contextlib.suppress(CapacityError):
             self.eng.open_position(r.uniform(50.0, 150.0), r.uniform(0.5, 4.0),
                                    r.choice((1, -1)), token=r.randrange(4))
-        except CapacityError:
-            pass
 
     def read(self, pos: int) -> None:
         ctx, price = self.eng.context(pos), self.eng.price(pos)
