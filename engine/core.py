@@ -30,6 +30,7 @@ from engine import segment
 from engine._native import ffi, lib
 from engine.errors import (
     ArgumentError,
+    ClosedError,
     EngineError,
     EngineTypeError,
     PriceError,
@@ -59,6 +60,7 @@ _INT64 = (-(2**63), 2**63 - 1)
 # what cffi raises for an argument it cannot convert (NaN to int: ValueError)
 _CONVERSION_ERRORS = (TypeError, OverflowError, ValueError)
 _SLOT_MASK = lib.ENG_ID_SLOT_MASK
+_MAX_TIMEOUT_S = lib.ENG_MAX_TIMEOUT_NS / 1e9 / 2   # C clamps too; this keeps floats exact
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,12 @@ def _finite(v: float) -> bool:
         return False
 
 
+def _new_out(ctype: str) -> tuple[Any, memoryview]:
+    """An output struct for C and a view of its bytes."""
+    out = ffi.new(ctype)
+    return out, memoryview(ffi.buffer(out))
+
+
 def _check_spec(spec: object) -> MachineSpec:
     if spec is None:
         return POSITION_SPEC
@@ -105,8 +113,8 @@ def _check_spec(spec: object) -> MachineSpec:
 
 
 def _detach(seg: Any, buf: Any, mm: mmap.mmap) -> None:
-    """Leave the registry (C does nothing in a fork child), then unmap (the
-    cffi buffer must go first)."""
+    """Leave the registry and close the liveness descriptor (C does neither
+    in a fork child), then unmap (the cffi buffer must go first)."""
     lib.eng_detach(seg)
     ffi.release(buf)
     mm.close()
@@ -115,8 +123,10 @@ def _detach(seg: Any, buf: Any, mm: mmap.mmap) -> None:
 # -- guards ----------------------------------------------------------------------------
 # eng_guard_transition calls _engine_guard with the slot locked.  Whatever the
 # guard does (False, raise, or a signal handler raising while it runs), C
-# releases the lock before it returns; the exception is kept here, per thread
-# (an Engine belongs to one thread), and raised after the C call.
+# releases the lock before it returns: an exception makes the callback return
+# -1 (cffi's onerror, or error=-1 if onerror itself is interrupted) and is
+# kept here, per thread (an Engine belongs to one thread), to be raised after
+# the C call.
 _guard_failure = threading.local()
 
 
@@ -125,7 +135,7 @@ def _keep_guard_failure(exc_type: Any, exc: BaseException | None, tb: Any) -> in
     return -1
 
 
-@ffi.def_extern(onerror=_keep_guard_failure)   # type: ignore[untyped-decorator]
+@ffi.def_extern(error=-1, onerror=_keep_guard_failure)   # type: ignore[untyped-decorator]
 def _engine_guard(user: Any, pos: int, source: int, trigger: int) -> int:
     eng: Engine = ffi.from_handle(user)
     guard = eng.spec.guards.get((source, trigger))
@@ -147,29 +157,31 @@ class Engine:
     """
 
     # -- life cycle ------------------------------------------------------------------
-    def __init__(self, name: str, mm: mmap.mmap, spec: MachineSpec, *, check_spec: bool) -> None:
+    def __init__(self, name: str, mapped: tuple[mmap.mmap, int], spec: MachineSpec, *,
+                 check_spec: bool) -> None:
+        """Attach to a mapped segment; ``mapped`` is (mapping, descriptor) and
+        the Engine owns both from here on."""
+        mm, fd = mapped
         self.name = name
         self.spec = spec
         self._mm = mm
         self._buf = ffi.from_buffer(mm)
         self._seg = ffi.new("eng_seg *")
+        self._in_guard = 0
         # registered before attaching: an exception at any point after the C
         # call (a signal handler's included) still frees the registry entry
         self._finalizer = weakref.finalize(self, _detach, self._seg, self._buf, mm)
-        rc = lib.eng_attach(self._seg, self._buf, len(mm), spec.fingerprint if check_spec else 0)
+        rc = lib.eng_attach(self._seg, self._buf, len(mm), spec.fingerprint if check_spec else 0,
+                            fd)
         if rc:
+            os.close(fd)   # C owns the descriptor only once attached
             self._finalizer()
             raise_for(rc, name=name, spec=spec.name)
         self.capacity: int = self._seg.capacity
         self._pid = os.getpid()
-        self._price_out = ffi.new("eng_price_out *")
-        self._price_view = memoryview(ffi.buffer(self._price_out))
-        self._ctx_out = ffi.new("eng_ctx_out *")
-        self._ctx_view = memoryview(ffi.buffer(self._ctx_out))
+        self._price_buf: tuple[Any, memoryview] | None = _new_out("eng_price_out *")
+        self._ctx_buf: tuple[Any, memoryview] | None = _new_out("eng_ctx_out *")
         self._u32 = ffi.new("uint32_t *")
-        self._u64 = ffi.new("uint64_t[2]")
-        self._i64 = ffi.new("int64_t *")
-        self._update = ffi.new("eng_ctx_update *")
         self._trigger_types = frozenset((int, spec.Trigger))
         self._states = {1 << i: spec.State(1 << i) for i in range(len(spec.states))}
 
@@ -185,7 +197,7 @@ class Engine:
                 f"capacity must be in [1, {lib.ENG_MAX_CAPACITY}], got {capacity}")
         name = segment.check_name(name) if name is not None else segment.random_name()
         size = lib.eng_segment_size(capacity)
-        mm = segment.create(name, size)
+        mm, fd = segment.create_with_fd(name, size)
         table = spec.table_bytes()
         with ffi.from_buffer(mm) as buf:
             rc = lib.eng_format(buf, size, capacity, table, len(spec.states),
@@ -193,10 +205,11 @@ class Engine:
                                 spec.closed_mask, spec.fingerprint, os.getpid())
         if rc:
             mm.close()
+            os.close(fd)
             segment.unlink(name)
             raise ArgumentError(f"cannot format segment {name!r} (code {rc})")
         try:
-            return cls(name, mm, spec, check_spec=True)
+            return cls(name, (mm, fd), spec, check_spec=True)
         except BaseException:
             segment.unlink(name)
             raise
@@ -215,7 +228,7 @@ class Engine:
         else:
             raise EngineTypeError(f"attach takes a Handle or a segment name, got {target!r}")
         spec = _check_spec(spec)
-        return cls(name, segment.open_existing(name), spec, check_spec=True)
+        return cls(name, segment.open_with_fd(name), spec, check_spec=True)
 
     @property
     def handle(self) -> Handle:
@@ -229,6 +242,9 @@ class Engine:
 
     def close(self) -> None:
         """Detach: leave the registry and unmap.  The segment lives on."""
+        if self._in_guard:
+            raise ClosedError(f"engine {self.name!r} cannot be closed from inside one of its "
+                              "own guards; close it after the transition returns")
         if self._finalizer.alive:
             self._finalizer()
             self._seg = ffi.new("eng_seg *")   # zeroed: every C call says ENG_ECLOSED
@@ -327,10 +343,11 @@ class Engine:
         slot = self._index(slot, "slot")
         if not 0 <= slot < self.capacity:
             raise SlotError(f"slot {slot} out of range [0, {self.capacity})")
-        rc = lib.eng_id_of(self._seg, slot, self._u64)
+        out = ffi.new("uint64_t *")
+        rc = lib.eng_id_of(self._seg, slot, out)
         if rc:
             self._fail(rc, slot)
-        return int(self._u64[0])
+        return int(out[0])
 
     # -- positions -------------------------------------------------------------------
     def open_position(self, entry_price: float, amount: float, side: int = 1,
@@ -350,8 +367,7 @@ class Engine:
         if not isinstance(token, int) or not _INT64[0] <= token <= _INT64[1]:
             raise ArgumentError(f"token must be an int in [{_INT64[0]}, {_INT64[1]}], "
                                 f"got {token!r}")
-        out = self._u64
-        out[0] = 0
+        out = ffi.new("uint64_t *")   # per call: a signal handler may open too
         try:
             rc = lib.eng_open_position(self._seg, entry_price, amount, side, token, out)
             if rc:
@@ -397,9 +413,9 @@ class Engine:
             return self._transition_slow(pos, trigger, {})
         self._fail(rc, pos, trigger)
 
-    def _fill_update(self, context: Mapping[str, Any]) -> Any:
-        u = self._update
-        u.mask = 0
+    @staticmethod
+    def _fill_update(context: Mapping[str, Any]) -> Any:
+        u = ffi.new("eng_ctx_update *")   # per call: a signal handler may transition too
         for key, value in context.items():
             bit = _CTX_FIELDS.get(key)
             if bit is None:
@@ -427,8 +443,13 @@ class Engine:
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos, trigger=trigger) from None
         if rc == lib.ENG_EGUARDED:
-            rc = lib.eng_guard_transition(self._seg, pos, trigger, update, lib._engine_guard,
-                                          ffi.new_handle(self))
+            _take_guard_failure()   # drop one left by a call a signal interrupted
+            self._in_guard += 1
+            try:
+                rc = lib.eng_guard_transition(self._seg, pos, trigger, update,
+                                              lib._engine_guard, ffi.new_handle(self))
+            finally:
+                self._in_guard -= 1
             failure = _take_guard_failure()
             if failure is not None:
                 raise failure
@@ -449,10 +470,11 @@ class Engine:
         slot = self._index(slot, "slot")
         if not 0 <= slot < self.capacity:
             raise SlotError(f"slot {slot} out of range [0, {self.capacity})")
-        rc = lib.eng_state_word(self._seg, slot, self._u64)
+        out = ffi.new("uint64_t *")
+        rc = lib.eng_state_word(self._seg, slot, out)
         if rc:
             self._fail(rc, slot)
-        return int(self._u64[0])
+        return int(out[0])
 
     # -- prices and context ---------------------------------------------------------
     def update_price(self, pos: int, price: float) -> None:
@@ -472,25 +494,37 @@ class Engine:
         """A consistent price record of this opening (never torn)."""
         if pos.__class__ is not int:   # cffi would truncate a numpy float
             pos = self._index(pos)
+        # take the Engine's buffer; a signal handler's nested call makes its own
+        out, view = self._price_buf or _new_out("eng_price_out *")
+        self._price_buf = None
         try:
-            rc = _read_price(self._seg, pos, self._price_out)
+            rc = _read_price(self._seg, pos, out)
+            values = None if rc else _unpack_price(view)   # read before the buffer is given back
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
+        finally:
+            self._price_buf = out, view
         if rc:
             self._fail(rc, pos)
-        return _tuple_new(PriceSnapshot, _unpack_price(self._price_view))
+        return _tuple_new(PriceSnapshot, values)  # type: ignore[no-any-return]
 
     def context(self, pos: int) -> Context:
         """A consistent context record of this opening."""
         if pos.__class__ is not int:   # cffi would truncate a numpy float
             pos = self._index(pos)
+        # take the Engine's buffer; a signal handler's nested call makes its own
+        out, view = self._ctx_buf or _new_out("eng_ctx_out *")
+        self._ctx_buf = None
         try:
-            rc = lib.eng_read_context(self._seg, pos, self._ctx_out)
+            rc = lib.eng_read_context(self._seg, pos, out)
+            values = None if rc else _unpack_context(view)   # read before the buffer is given back
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
+        finally:
+            self._ctx_buf = out, view
         if rc:
             self._fail(rc, pos)
-        return _tuple_new(Context, _unpack_context(self._ctx_view))
+        return _tuple_new(Context, values)  # type: ignore[no-any-return]
 
     def update_prices(self, ids: npt.ArrayLike, prices: npt.ArrayLike) -> int:
         """Publish many prices in one C call; returns how many were written.
@@ -517,7 +551,7 @@ class Engine:
             raise SlotError(f"id {int(s[i])} out of range [1, {lib.ENG_ID_MAX:#x}] at index {i}")
         s = np.ascontiguousarray(s, dtype=np.uint64)
         p = np.ascontiguousarray(p, dtype=np.float64)
-        out = self._u64
+        out = ffi.new("uint64_t[2]")
         rc = lib.eng_update_prices(self._seg, ffi.from_buffer("uint64_t[]", s),
                                    ffi.from_buffer("double[]", p), len(s), out, out + 1)
         if rc:
@@ -554,18 +588,19 @@ class Engine:
             raise ArgumentError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
         if pos.__class__ is not int:   # cffi would truncate a numpy float
             pos = self._index(pos)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + min(timeout, _MAX_TIMEOUT_S)
         since = -1   # C: the state word at entry
+        out = ffi.new("int64_t *")
         while True:
-            left = min(max(0, int((deadline - time.monotonic()) * 1e9)), lib.ENG_MAX_TIMEOUT_NS)
+            left = max(0, int((deadline - time.monotonic()) * 1e9))
             try:
-                rc = lib.eng_wait_change(self._seg, pos, since, left, self._i64)
+                rc = lib.eng_wait_change(self._seg, pos, since, left, out)
             except _CONVERSION_ERRORS:
                 raise self._bad_types(pos) from None
             if rc == lib.ENG_APPLIED:
                 return self.state(pos)
             if rc == lib.ENG_EINTR:      # signal handlers run here, between calls
-                since = int(self._i64[0])
+                since = int(out[0])
                 continue
             self._fail(rc, pos, timeout=timeout)
 

@@ -121,10 +121,9 @@ ERRORS: dict[int, tuple[type[EngineError], str]] = {
                                    "must attach its own, with Engine.attach(handle)"),
     lib.ENG_ERECOVERING: (BusyError, "another live process is running recover() on {name!r}; "
                                      "try again when it is done"),
-    lib.ENG_ENOPROCFS: (SegmentError, "cannot read this process's start time from "
-                                      "/proc/self/stat (out of file descriptors, or no /proc); "
-                                      "without it a reused pid could pass for this process"),
-    lib.ENG_EGUARDFAIL: (InternalError, "id {id!r}: the guard failed; nothing was changed"),
+    lib.ENG_EGUARDFAIL: (InternalError, "id {id!r}: the guard raised and a signal handler's "
+                                        "exception raised over it, so neither could be kept; "
+                                        "nothing was changed"),
 }
 
 

@@ -11,6 +11,7 @@ it exits).  The creator does not own the segment's life either: only
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import re
@@ -39,6 +40,14 @@ def random_name() -> str:
 def create(name: str, size: int) -> mmap.mmap:
     """Create ``name`` with ``size`` bytes reserved up front (a too-small
     /dev/shm fails here with a clear error, not with SIGBUS later)."""
+    mm, fd = create_with_fd(name, size)
+    os.close(fd)
+    return mm
+
+
+def create_with_fd(name: str, size: int) -> tuple[mmap.mmap, int]:
+    """``create``, also returning a close-on-exec descriptor of the segment
+    (an Engine keeps it: it carries the Engine's liveness lock)."""
     check_name(name)
     try:
         shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600)
@@ -55,7 +64,7 @@ def create(name: str, size: int) -> mmap.mmap:
             raise SegmentError(e.errno, f"cannot reserve {size} bytes for segment {name!r} "
                                f"({os.strerror(e.errno or 0)}; {SHM_DIR} has {free} bytes "
                                "free)") from None
-        return mmap.mmap(shm.fd, size)
+        return mmap.mmap(shm.fd, size), fcntl.fcntl(shm.fd, fcntl.F_DUPFD_CLOEXEC, 0)
     except BaseException:
         shm.close_fd()
         posix_ipc.unlink_shared_memory("/" + name)
@@ -67,6 +76,14 @@ def create(name: str, size: int) -> mmap.mmap:
 
 def open_existing(name: str) -> mmap.mmap:
     """Map an existing segment read-write, at its current size."""
+    mm, fd = open_with_fd(name)
+    os.close(fd)
+    return mm
+
+
+def open_with_fd(name: str) -> tuple[mmap.mmap, int]:
+    """``open_existing``, also returning a close-on-exec descriptor of the
+    same segment file."""
     check_name(name)
     try:
         shm = posix_ipc.SharedMemory("/" + name)
@@ -79,7 +96,7 @@ def open_existing(name: str) -> mmap.mmap:
         if size == 0:
             raise SegmentError(errno.EINVAL, f"segment {name!r} is empty (0 bytes): "
                                "not an engine segment, or its creator has not sized it yet")
-        return mmap.mmap(shm.fd, size)
+        return mmap.mmap(shm.fd, size), fcntl.fcntl(shm.fd, fcntl.F_DUPFD_CLOEXEC, 0)
     finally:
         shm.close_fd()
 

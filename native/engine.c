@@ -234,13 +234,49 @@ static inline void op_count(op_timer t, size_t field_offset, uint64_t v)
 
 /* ==== liveness: dead means proven dead ========================================= */
 /*
- * A process is dead only on definite evidence: kill(pid, 0) says ESRCH,
- * /proc/<pid>/stat is gone (ENOENT, ESRCH), the process is a zombie, or it
- * started at another time than the one recorded (its pid was reused).  Every
- * other failure to look (EMFILE, ENFILE, ENOMEM, EACCES, a short read) means
- * "alive": the caller keeps waiting within its bound and reports CONFLICT or
- * BUSY, which is always safe; taking a live owner's lock never is.
+ * An Engine holds an OFD write lock on its registry entry's first byte of the
+ * segment file from before it claims the entry until it detaches.  The kernel
+ * drops an OFD lock only when the last descriptor of its open file
+ * description closes: the holder detached, or its process died (a zombie has
+ * closed its files).  So "nobody holds entry i's lock" proves that whoever
+ * claimed entry i is gone, in any pid namespace and however fast pids are
+ * reused.  Any failure to ask the kernel means "alive": the caller keeps
+ * waiting within its bound and reports CONFLICT or BUSY, which is always
+ * safe; taking a live owner's lock never is.  Pid and start time stay in the
+ * entry for people and tools (eng_proc_alive).
  */
+
+static inline off_t entry_lock_offset(const eng_seg *s, uint32_t i)
+{
+    return (off_t)((const uint8_t *)&s->registry[i] - s->base);
+}
+
+/* F_OFD_SETLK on one byte: 0, or -1 if another description holds it. */
+static int ofd_setlk(int fd, off_t off, short type)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = off;
+    fl.l_len = 1;
+    return fcntl(fd, F_OFD_SETLK, &fl);
+}
+
+/* 1 if another open file description holds the byte, 0 if none does,
+ * -1 if the kernel could not say. */
+static int ofd_held(int fd, off_t off)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = off;
+    fl.l_len = 1;
+    if (fcntl(fd, F_OFD_GETLK, &fl) != 0)
+        return -1;
+    return fl.l_type != F_UNLCK;
+}
 
 /* Field 22 of /proc/<pid>/stat (start time in clock ticks after boot) and
  * field 3 (state letter).  Returns 0, or the errno that stopped the read
@@ -283,54 +319,44 @@ uint64_t eng_proc_start_time(uint32_t pid)
     return st;
 }
 
-/* 1 only when pid is proven not to be the process that started at
- * start_time (0: any start time). */
-static int proc_dead(uint32_t pid, uint64_t start_time)
+/* For tools: 0 only when pid is proven not to be the process that started at
+ * start_time (0: any), as seen from this pid namespace. */
+int eng_proc_alive(uint32_t pid, uint64_t start_time)
 {
     if (pid == 0 || pid > (uint32_t)INT_MAX)
-        return 1;
+        return 0;
     if (kill((pid_t)pid, 0) != 0 && errno == ESRCH)
-        return 1;
+        return 0;
     uint64_t st = 0;
     char state = '?';
     int err = read_proc_stat(pid, &st, &state);
     if (err == ENOENT || err == ESRCH)
-        return 1;
+        return 0;
     if (err)
-        return 0;                          /* could not tell: alive */
+        return 1;                          /* could not tell: alive */
     if (state == 'Z' || state == 'X')
-        return 1;
-    return start_time != 0 && st != start_time;
-}
-
-int eng_proc_alive(uint32_t pid, uint64_t start_time)
-{
-    return !proc_dead(pid, start_time);
+        return 0;
+    return start_time == 0 || st == start_time;
 }
 
 /* 1 only when the owner named by token is proven gone: its registry entry
- * moved to another incarnation or was freed (an entry is freed only by its
- * own detach, which holds nothing, or by recover() after it resolved
- * everything the dead owner held), or its process is proven dead. */
+ * moved to another incarnation or was freed, or nobody holds the entry's
+ * liveness lock. */
 static int token_dead(eng_seg *s, uint32_t token)
 {
+    if (token == s->token)
+        return 0;
     uint32_t i = token & ENG_TOKEN_ENTRY_MASK;
     uint32_t inc = token >> ENG_TOKEN_ENTRY_BITS;
     eng_proc *e = &s->registry[i];
-    uint32_t inc1 = load_acquire_u32(&e->incarnation);   /* pairs with the claim in eng_attach */
-    if (inc1 != inc)
+    if (load_acquire_u32(&e->incarnation) != inc)   /* pairs with the claim in eng_attach */
         return 1;
-    uint32_t pid = load_acquire_u32(&e->pid);
-    uint32_t state = load_acquire_u32(&e->state);
-    uint64_t st = load_relaxed_u64(&e->start_time);
+    int freed = load_acquire_u32(&e->pid) == 0;
+    int held = freed ? 0 : ofd_held(s->fd, entry_lock_offset(s, i));
     fence_acquire();
-    if (load_relaxed_u32(&e->incarnation) != inc1)
-        return 1;                          /* reclaimed while we looked */
-    if (pid == 0)
-        return 1;                          /* freed: its owner left */
-    if (state != ENG_PROC_ACTIVE)
-        return proc_dead(pid, 0);          /* start time not written yet */
-    return proc_dead(pid, st);
+    if (load_relaxed_u32(&e->incarnation) != inc)
+        return 1;                          /* claimed again while we looked */
+    return freed || held == 0;
 }
 
 /* ==== futex ==================================================================== */
@@ -357,7 +383,42 @@ static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *t
 static uint32_t fork_epoch;
 static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
 
-static void on_fork_child(void) { store_relaxed_u32(&fork_epoch, load_relaxed_u32(&fork_epoch) + 1); }
+/* The liveness descriptors of this process's Engines.  A fork child closes
+ * its copies at once: the parent's OFD locks then live and die with the
+ * parent alone.  (Closing a copy never drops an OFD lock the parent holds.) */
+#define LOCAL_FDS 1024
+static int local_fds[LOCAL_FDS];   /* fd + 1; 0 = empty */
+
+static void remember_fd(int fd)
+{
+    for (int i = 0; i < LOCAL_FDS; i++) {
+        int empty = 0;
+        if (__atomic_compare_exchange_n(&local_fds[i], &empty, fd + 1, 0,
+                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return;
+    }
+}
+
+static void forget_fd(int fd)
+{
+    for (int i = 0; i < LOCAL_FDS; i++) {
+        int mine = fd + 1;
+        if (__atomic_compare_exchange_n(&local_fds[i], &mine, 0, 0,
+                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return;
+    }
+}
+
+static void on_fork_child(void)
+{
+    store_relaxed_u32(&fork_epoch, load_relaxed_u32(&fork_epoch) + 1);
+    for (int i = 0; i < LOCAL_FDS; i++) {
+        int v = __atomic_exchange_n(&local_fds[i], 0, __ATOMIC_RELAXED);
+        if (v)
+            close(v - 1);
+    }
+}
+
 static void install_fork_hook(void) { pthread_atfork(NULL, NULL, on_fork_child); }
 
 /* Every exported function taking an eng_seg starts here. */
@@ -431,7 +492,6 @@ const char *eng_strerror(int code)
     case ENG_ECLOSED: return "engine is closed";
     case ENG_EFORKED: return "engine was inherited through fork";
     case ENG_ERECOVERING: return "another live process is recovering";
-    case ENG_ENOPROCFS: return "cannot read this process's start time from /proc";
     case ENG_EGUARDFAIL: return "the guard raised";
     default: return "unknown code";
     }
@@ -519,61 +579,78 @@ int eng_validate(const void *base, uint64_t size, uint64_t fingerprint)
 }
 
 /*
- * Registry protocol.  Claim: CAS pid 0 -> pid (CLAIMED), bump the incarnation
- * (never 0) with release, write start time, clear the shard, state ACTIVE
- * with release.  The Engine's token is (incarnation << 7) | entry.  Free:
- * fold the shard, start time 0, FREE, pid 0 with release; the incarnation
- * stays, so any token of the old incarnation reads as dead once the entry is
- * claimed again, and as "freed" before that.
+ * Registry protocol.  Claim: take entry i's liveness lock (F_OFD_SETLK on its
+ * first byte), then CAS pid -> our pid (CLAIMED), bump the incarnation (never
+ * 0) with release, write start time, clear the shard, state ACTIVE with
+ * release.  The Engine's token is (incarnation << 7) | i.  An entry whose
+ * lock we get while its pid is set belongs to a process that is gone: when
+ * no entry is free, attach takes such an entry over (its shard is folded
+ * into the retired shard first; its old token now reads as dead).  Free:
+ * fold the shard, start time 0, FREE, pid 0 with release, then drop the lock.
  */
-int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint)
+static void retire_shard(eng_seg *s, eng_shard *src);
+
+static int claim_entry(eng_seg *s, uint32_t i, uint32_t pid, uint64_t start, int take_dead)
 {
-    if (!s)
+    eng_proc *e = &s->registry[i];
+    uint32_t old = load_relaxed_u32(&e->pid);
+    if ((old != 0) != take_dead)
+        return 0;
+    off_t off = entry_lock_offset(s, i);
+    if (ofd_setlk(s->fd, off, F_WRLCK) != 0)
+        return 0;                          /* a live Engine (or a recoverer) has it */
+    if (!cas_acq_rel_u32(&e->pid, &old, pid)) {
+        ofd_setlk(s->fd, off, F_UNLCK);
+        return 0;
+    }
+    store_relaxed_u32(&e->state, ENG_PROC_CLAIMED);
+    if (take_dead)
+        retire_shard(s, &s->shards[i]);
+    uint32_t inc = (load_relaxed_u32(&e->incarnation) + 1) & ENG_TOKEN_INC_MASK;
+    if (inc == 0)
+        inc = 1;
+    store_release_u32(&e->incarnation, inc);   /* pairs with token_dead */
+    store_relaxed_u64(&e->start_time, start);
+    store_relaxed_u64(&e->attached_ns, (uint64_t)now_ns(CLOCK_REALTIME));
+    /* a fresh shard: the previous owner's counts are in the retired shard */
+    memset(&s->shards[i], 0, sizeof(eng_shard));
+    fence_release();
+    store_release_u32(&e->state, ENG_PROC_ACTIVE);
+    s->proc_index = i;
+    s->token = (inc << ENG_TOKEN_ENTRY_BITS) | i;
+    s->me = &s->shards[i];
+    return 1;
+}
+
+int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd)
+{
+    if (!s || fd < 0)
         return ENG_EBADARG;
     int rc = eng_validate(base, size, fingerprint);
     if (rc)
         return rc;
     pthread_once(&fork_hook_once, install_fork_hook);
-    uint32_t pid = (uint32_t)getpid();
-    uint64_t start = eng_proc_start_time(pid);
-    if (start == 0)
-        return ENG_ENOPROCFS;     /* without it a reused pid could pass for us */
     eng_header *h = base;
     memset(s, 0, sizeof *s);
-    eng_proc *registry = (eng_proc *)((uint8_t *)base + h->registry_off);
-    for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
-        eng_proc *e = &registry[i];
-        uint32_t expected = 0;
-        if (load_relaxed_u32(&e->pid) != 0 || !cas_acq_rel_u32(&e->pid, &expected, pid))
-            continue;
-        store_relaxed_u32(&e->state, ENG_PROC_CLAIMED);
-        uint32_t inc = (load_relaxed_u32(&e->incarnation) + 1) & ENG_TOKEN_INC_MASK;
-        if (inc == 0)
-            inc = 1;
-        store_release_u32(&e->incarnation, inc);   /* pairs with token_dead */
-        store_relaxed_u64(&e->start_time, start);
-        store_relaxed_u64(&e->attached_ns, (uint64_t)now_ns(CLOCK_REALTIME));
-        eng_shard *shards = (eng_shard *)((uint8_t *)base + h->shards_off);
-        /* a fresh shard: the previous owner's counts were folded into the
-         * retired shard when it left */
-        memset(&shards[i], 0, sizeof(eng_shard));
-        fence_release();
-        store_release_u32(&e->state, ENG_PROC_ACTIVE);  /* pairs with token_dead */
-        s->base = base;
-        s->size = size;
-        s->hdr = h;
-        s->registry = registry;
-        s->shards = shards;
-        s->slots = (eng_slot *)((uint8_t *)base + h->slots_off);
-        s->capacity = h->capacity;
-        s->n_triggers = h->n_triggers;
-        s->pid = pid;
-        s->proc_index = i;
-        s->token = (inc << ENG_TOKEN_ENTRY_BITS) | i;
-        s->fork_epoch = load_relaxed_u32(&fork_epoch);
-        s->me = &shards[i];
-        return 0;
-    }
+    s->base = base;
+    s->size = size;
+    s->hdr = h;
+    s->registry = (eng_proc *)((uint8_t *)base + h->registry_off);
+    s->shards = (eng_shard *)((uint8_t *)base + h->shards_off);
+    s->slots = (eng_slot *)((uint8_t *)base + h->slots_off);
+    s->capacity = h->capacity;
+    s->n_triggers = h->n_triggers;
+    s->fd = fd;
+    s->pid = (uint32_t)getpid();
+    s->fork_epoch = load_relaxed_u32(&fork_epoch);
+    uint64_t start = eng_proc_start_time(s->pid);
+    for (int take_dead = 0; take_dead < 2; take_dead++)
+        for (uint32_t i = 0; i < ENG_MAX_PROCS; i++)
+            if (claim_entry(s, i, s->pid, start, take_dead)) {
+                remember_fd(fd);
+                return 0;
+            }
+    memset(s, 0, sizeof *s);
     return ENG_ENOPROC;
 }
 
@@ -599,6 +676,8 @@ static void retire_shard(eng_seg *s, eng_shard *src)
     }
 }
 
+/* Free entry i; the caller holds its liveness lock (its own, or a dead
+ * owner's that recover took). */
 static void release_entry(eng_seg *s, uint32_t i)
 {
     eng_proc *e = &s->registry[i];
@@ -606,6 +685,7 @@ static void release_entry(eng_seg *s, uint32_t i)
     store_relaxed_u64(&e->start_time, 0);
     store_relaxed_u32(&e->state, ENG_PROC_FREE);
     store_release_u32(&e->pid, 0);   /* entry free only after its shard is folded */
+    ofd_setlk(s->fd, entry_lock_offset(s, i), F_UNLCK);
 }
 
 void eng_detach(eng_seg *s)
@@ -613,9 +693,12 @@ void eng_detach(eng_seg *s)
     if (!s)
         return;
     /* a view inherited through fork() is forgotten, never released: the
-     * entry is the parent's */
-    if (s->hdr && s->me && s->fork_epoch == load_relaxed_u32(&fork_epoch))
+     * entry is the parent's, and the fork hook closed our copy of its fd */
+    if (s->hdr && s->me && s->fork_epoch == load_relaxed_u32(&fork_epoch)) {
         release_entry(s, s->proc_index);
+        forget_fd(s->fd);
+        close(s->fd);
+    }
     memset(s, 0, sizeof *s);
 }
 
@@ -1125,6 +1208,10 @@ int eng_guard_transition(eng_seg *s, uint64_t id, uint32_t trigger,
     rc = lock_slot(s, sl, id, trigger, 1, t, &L);
     if (rc == ENG_APPLIED) {
         int verdict = guard(user, id, onehot_index(sw_state(L)), trigger);
+        int gone = seg_error(s);
+        if (gone)
+            return gone;   /* the guard forked (this is the child: the lock is the
+                              parent's) or closed the view: touch nothing */
         if (verdict == 1) {
             rc = commit_with_update(s, sl, L, u);
         } else {
@@ -1243,7 +1330,7 @@ int eng_open_position(eng_seg *s, double entry_price, double amount,
         price_publish(sl, latched, &r);
         rc = finish_locked(s, sl, L, &c);
         if (rc == ENG_APPLIED)
-            *out_id = make_id(opening, slot);
+            *out_id = s->last_open_id = make_id(opening, slot);
         break;
     }
     op_end(t, rc);
@@ -1264,7 +1351,7 @@ int eng_abandon_open(eng_seg *s, uint64_t id)
     rc = id_live(sl, w, id);
     if (rc)
         return rc;
-    if (w != s->last_new_word)
+    if (id != s->last_open_id || w != s->last_new_word)
         return ENG_INVALID;
     uint64_t nw = sw_make(0, sw_gen(w) + 1, sw_ctx(w));
     if (!cas_acq_rel_u64(&sl->word, &w, nw))
@@ -1397,8 +1484,14 @@ int eng_update_prices(eng_seg *s, const uint64_t *ids, const double *prices,
     int rc = 0;
     uint64_t written = 0;
     for (uint64_t i = 0; i < n; i++) {
-        rc = write_price_checked(s, &s->slots[ids[i] & ENG_ID_SLOT_MASK], prices[i], ts, t,
-                                 accept_id, ids[i]);
+        uint64_t id = ids[i];   /* checked again: the caller's array may change under us */
+        double price = prices[i];
+        eng_slot *sl;
+        rc = slot_of_id(s, id, &sl);
+        if (rc == 0 && !price_ok(price))
+            rc = ENG_EBADPRICE;
+        if (rc == 0)
+            rc = write_price_checked(s, sl, price, ts, t, accept_id, id);
         if (rc == ENG_ESTALE) {
             rc = 0;
             continue;
@@ -1689,13 +1782,15 @@ int eng_recover(eng_seg *s, eng_recover_report *out)
         uint32_t pid = load_acquire_u32(&e->pid);
         if (pid == 0 || i == s->proc_index)
             continue;
-        uint32_t inc = load_acquire_u32(&e->incarnation);
-        if (!token_dead(s, (inc << ENG_TOKEN_ENTRY_BITS) | i))
+        /* getting the entry's liveness lock proves its owner gone, and keeps
+         * an attach off the entry while it is freed */
+        if (ofd_setlk(s->fd, entry_lock_offset(s, i), F_WRLCK) != 0)
             continue;
-        /* the same entry, not one freed and claimed again meanwhile */
-        if (load_acquire_u32(&e->pid) != pid || load_acquire_u32(&e->incarnation) != inc)
+        if (load_acquire_u32(&e->pid) == 0) {
+            ofd_setlk(s->fd, entry_lock_offset(s, i), F_UNLCK);
             continue;
-        out->removed_pids[out->procs_removed++] = pid;
+        }
+        out->removed_pids[out->procs_removed++] = load_relaxed_u32(&e->pid);
         release_entry(s, i);
     }
     store_release_u32(&s->hdr->recovering, 0);

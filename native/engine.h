@@ -48,10 +48,15 @@
  *
  * A lock word names its owner by token: the registry entry it attached
  * through and that entry's incarnation (bumped every time the entry is
- * claimed; never 0, so a token is never 0).  The entry holds pid and start
- * time.  An owner is dead only when proven so: its entry moved to another
- * incarnation, or its pid does not exist, is a zombie, or started at another
- * time.  Any other failure to tell (EMFILE, ENOMEM, EACCES) means alive.
+ * claimed; never 0, so a token is never 0).  An owner is dead only when
+ * proven so: its entry moved to another incarnation or was freed, or nobody
+ * holds the entry's liveness lock any more.  The liveness lock is an OFD
+ * write lock on the entry's first byte of the segment file, taken before the
+ * entry is claimed and held for the whole attachment; the kernel drops it
+ * only when the holder's last descriptor closes (its process died, or it
+ * detached), whatever pid namespace it runs in and however fast its pid is
+ * reused.  Any failure to tell (EMFILE, ENOLCK, ...) means alive.  The entry
+ * also records pid and start time, for people and tools.
  */
 #define ENG_TOKEN_BITS       24
 #define ENG_TOKEN_MASK       0xFFFFFFULL
@@ -151,9 +156,7 @@
 #define ENG_ECLOSED          -19     /* the eng_seg was detached, or never attached */
 #define ENG_EFORKED          -20     /* the eng_seg was attached by the parent of a fork */
 #define ENG_ERECOVERING      -21     /* another live process runs recover() */
-#define ENG_ENOPROCFS        -22     /* this process's start time is unreadable (/proc) */
-#define ENG_EGUARDFAIL       -23     /* the guard callback raised; nothing was changed */
-#define ENG_ERRNO_MIN        -23
+#define ENG_EGUARDFAIL       -22     /* the guard callback raised; nothing was changed */
 
 /* ---- context update mask (eng_ctx_update.mask) --------------------------- */
 #define ENG_CTX_EXIT_REASON  1
@@ -256,7 +259,7 @@ typedef struct eng_slot {
 typedef struct eng_proc {
     uint32_t pid;            /* 0 = free; claimed by CAS 0 -> pid */
     uint32_t state;          /* ENG_PROC_* */
-    uint64_t start_time;     /* /proc/<pid>/stat field 22: tells a reused pid apart */
+    uint64_t start_time;     /* /proc/<pid>/stat field 22 (0: unreadable); for tools */
     uint64_t attached_ns;
     uint32_t incarnation;    /* bumped on every claim; the token's high bits */
     uint32_t pad0;
@@ -340,8 +343,11 @@ typedef struct eng_seg {
     uint32_t        proc_index;
     uint32_t        token;       /* this Engine's fencing token */
     uint32_t        fork_epoch;  /* the process-wide fork count at attach */
+    int32_t         fd;          /* the segment file: holds the liveness lock */
+    uint32_t        pad0;
     uint64_t        last_old_word;   /* state words around this Engine's last */
     uint64_t        last_new_word;   /* applied transition (for stress logs) */
+    uint64_t        last_open_id;    /* this Engine's last open, for eng_abandon_open */
 } eng_seg;
 
 /* Context fields a transition may change, atomically with the state. */
@@ -422,7 +428,7 @@ int      eng_format(void *base, uint64_t size, uint32_t capacity,
                     uint32_t initial_index, uint32_t closed_mask,
                     uint64_t fingerprint, uint32_t creator_pid);
 int      eng_validate(const void *base, uint64_t size, uint64_t fingerprint);
-int      eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint);
+int      eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd);
 void     eng_detach(eng_seg *s);
 int      eng_check(eng_seg *s);
 

@@ -348,6 +348,7 @@ class TestKillsEverywhere:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 class TestThousandKills:
     """The long run (``make test-all``): 1000 SIGKILLs, 8 workers on 2 cores."""
 
