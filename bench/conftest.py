@@ -17,7 +17,7 @@ Floors, all measured in the same run:
 
 * ``floor_noop``: ``lib.eng_noop()``, the cheapest cffi call (METH_NOARGS).
 * ``floor_1arg``: ``lib.eng_segment_size(n)`` (METH_O).
-* ``floor_2arg``: ``lib.eng_state(seg, slot)``: one acquire load of C work;
+* ``floor_2arg``: ``lib.eng_state(seg, id)``: one acquire load of C work;
   cffi packs two or more arguments into a tuple (METH_VARARGS).
 * same-shape floors: the hot call itself with an argument that C refuses
   before doing any work (a trigger past the table, a NaN price, a slot past
@@ -117,11 +117,13 @@ def engine() -> Iterator[Engine]:
     """A 10 000-slot engine, every slot open and MONITORING; unlinked at the end."""
     eng = Engine.create(capacity=CAPACITY)
     try:
+        ids = []
         for i in range(CAPACITY):
-            slot = eng.open_position(entry_price=100.0, amount=2.0,
-                                     side=1 if i % 2 else -1, token=i % 64)
-            eng.transition(slot, Trigger.POSITION_OPENED)
-        eng.update_prices(list(range(CAPACITY)), [100.0] * CAPACITY)
+            pos = eng.open_position(entry_price=100.0, amount=2.0,
+                                    side=1 if i % 2 else -1, token=i % 64)
+            eng.transition(pos, Trigger.POSITION_OPENED)
+            ids.append(pos)
+        eng.update_prices(ids, [100.0] * CAPACITY)
         yield eng
     finally:
         eng.close()

@@ -20,7 +20,12 @@ if TYPE_CHECKING:
     from conftest import CallTimer, Recorder
 
 PAUSE, RESUME = int(Trigger.PAUSE), int(Trigger.RESUME)
-TRANSITION_SLOT, PRICE_SLOT, READ_SLOT = 0, 1, 2
+TRANSITION_SLOT, PRICE_SLOT, READ_SLOT = 0, 1, 2   # slot indexes; calls take eng.id_of(slot)
+
+
+def all_ids(eng: Engine) -> np.ndarray:
+    """The id of every slot's position, by slot (every slot is open)."""
+    return np.array([eng.id_of(s) for s in range(eng.capacity)], dtype=np.uint64)
 
 
 @pytest.mark.benchmark(group="floors (us per round = ns per call)")
@@ -36,29 +41,31 @@ class TestFloors:
         timer.calls("floor_1arg", ["f(n)"], f=lib.eng_segment_size, n=engine.capacity)
 
     def test_floor_2arg(self, timer: CallTimer, engine: Engine) -> None:
-        """``lib.eng_state(seg, slot)``: two arguments (METH_VARARGS), one
+        """``lib.eng_state(seg, id)``: two arguments (METH_VARARGS), one
         acquire load in C."""
         timer.calls("floor_2arg", ["f(seg, s)"], f=lib.eng_state, seg=engine._seg,
-                    s=TRANSITION_SLOT)
+                    s=engine.id_of(TRANSITION_SLOT))
 
     def test_floor_transition_shape(self, timer: CallTimer, engine: Engine) -> None:
-        """``eng_transition(seg, slot, trigger)`` refused before any work
+        """``eng_transition(seg, id, trigger)`` refused before any work
         (trigger past the table): the transition's own call shape."""
         bad = len(engine.spec.triggers)
-        assert lib.eng_transition(engine._seg, TRANSITION_SLOT, bad) == lib.ENG_EBADTRIGGER
+        s = engine.id_of(TRANSITION_SLOT)
+        assert lib.eng_transition(engine._seg, s, bad) == lib.ENG_EBADTRIGGER
         timer.calls("floor_transition_shape", ["f(seg, s, t)"], f=lib.eng_transition,
-                    seg=engine._seg, s=TRANSITION_SLOT, t=bad)
+                    seg=engine._seg, s=s, t=bad)
 
     def test_floor_update_price_shape(self, timer: CallTimer, engine: Engine) -> None:
-        """``eng_update_price(seg, slot, price)`` refused before any work (NaN)."""
+        """``eng_update_price(seg, id, price)`` refused before any work (NaN)."""
         nan = float("nan")
-        assert lib.eng_update_price(engine._seg, PRICE_SLOT, nan) == lib.ENG_EBADPRICE
+        s = engine.id_of(PRICE_SLOT)
+        assert lib.eng_update_price(engine._seg, s, nan) == lib.ENG_EBADPRICE
         timer.calls("floor_update_price_shape", ["f(seg, s, p)"], f=lib.eng_update_price,
-                    seg=engine._seg, s=PRICE_SLOT, p=nan)
+                    seg=engine._seg, s=s, p=nan)
 
     def test_floor_price_read_shape(self, timer: CallTimer, engine: Engine) -> None:
-        """``eng_read_price(seg, slot, out)`` refused before any work (slot
-        past the capacity)."""
+        """``eng_read_price(seg, id, out)`` refused before any work (an id
+        whose slot is past the capacity)."""
         out = ffi.new("eng_price_out *")
         assert lib.eng_read_price(engine._seg, engine.capacity, out) == lib.ENG_EBADSLOT
         timer.calls("floor_price_read_shape", ["f(seg, s, o)"], f=lib.eng_read_price,
@@ -75,35 +82,40 @@ class TestHotCalls:
     def test_transition(self, timer: CallTimer, metrics_default: Engine) -> None:
         """``Engine.transition``: PAUSE then RESUME on one slot, per transition."""
         eng = metrics_default
+        s = eng.id_of(TRANSITION_SLOT)
         timer.calls("transition", ["f(s, P)", "f(s, R)"], f=eng.transition,
-                    s=TRANSITION_SLOT, P=PAUSE, R=RESUME)
-        assert eng.state(TRANSITION_SLOT).name == "MONITORING"
+                    s=s, P=PAUSE, R=RESUME)
+        assert eng.state(s).name == "MONITORING"
 
     def test_transition_raw(self, timer: CallTimer, metrics_default: Engine) -> None:
         """``lib.eng_transition``: the same without the Python wrapper."""
         timer.calls("transition_raw", ["f(seg, s, P)", "f(seg, s, R)"], f=lib.eng_transition,
-                    seg=metrics_default._seg, s=TRANSITION_SLOT, P=PAUSE, R=RESUME)
+                    seg=metrics_default._seg, s=metrics_default.id_of(TRANSITION_SLOT),
+                    P=PAUSE, R=RESUME)
 
     def test_update_price(self, timer: CallTimer, metrics_default: Engine) -> None:
         """``Engine.update_price``: seqlock write with PnL computed in C."""
         timer.calls("update_price", ["f(s, 101.5)", "f(s, 99.5)"],
-                    f=metrics_default.update_price, s=PRICE_SLOT)
+                    f=metrics_default.update_price, s=metrics_default.id_of(PRICE_SLOT))
 
     def test_update_price_raw(self, timer: CallTimer, metrics_default: Engine) -> None:
         """``lib.eng_update_price`` without the wrapper."""
         timer.calls("update_price_raw", ["f(seg, s, 101.5)", "f(seg, s, 99.5)"],
-                    f=lib.eng_update_price, seg=metrics_default._seg, s=PRICE_SLOT)
+                    f=lib.eng_update_price, seg=metrics_default._seg,
+                    s=metrics_default.id_of(PRICE_SLOT))
 
     def test_price_read(self, timer: CallTimer, metrics_default: Engine) -> None:
         """``Engine.price``: a consistent read returned as a 5-field PriceSnapshot."""
-        snap = metrics_default.price(READ_SLOT)
+        s = metrics_default.id_of(READ_SLOT)
+        snap = metrics_default.price(s)
         assert len(snap) == 5 and snap.price == 100.0
-        timer.calls("price_read", ["f(s)"], f=metrics_default.price, s=READ_SLOT)
+        timer.calls("price_read", ["f(s)"], f=metrics_default.price, s=s)
 
     def test_price_read_raw(self, timer: CallTimer, metrics_default: Engine) -> None:
         """``lib.eng_read_price`` into a cffi struct; no Python snapshot built."""
         timer.calls("price_read_raw", ["f(seg, s, o)"], f=lib.eng_read_price,
-                    seg=metrics_default._seg, s=READ_SLOT, o=ffi.new("eng_price_out *"))
+                    seg=metrics_default._seg, s=metrics_default.id_of(READ_SLOT),
+                    o=ffi.new("eng_price_out *"))
 
 
 @pytest.mark.benchmark(group="batch (s per round of one call)")
@@ -111,30 +123,30 @@ class TestBatch:
     """``update_prices`` over every slot of the engine in one C call."""
 
     def test_update_prices_batch(self, timer: CallTimer, metrics_default: Engine) -> None:
-        """``Engine.update_prices`` of 10 000 slots (uint32 / float64 arrays)."""
+        """``Engine.update_prices`` of 10 000 positions (uint64 ids / float64 arrays)."""
         eng = metrics_default
-        slots = np.arange(eng.capacity, dtype=np.uint32)
+        ids = all_ids(eng)
         prices = np.linspace(90.0, 110.0, eng.capacity)
 
         def batch() -> None:
-            eng.update_prices(slots, prices)
+            eng.update_prices(ids, prices)
 
         timer.rounds("update_prices_batch", batch, eng.capacity, unit="slot")
-        assert eng.price(eng.capacity - 1).price == 110.0
+        assert eng.price(int(ids[-1])).price == 110.0
 
     def test_update_prices_batch_raw(self, timer: CallTimer, metrics_default: Engine) -> None:
         """``lib.eng_update_prices`` on prepared buffers: the C loop alone."""
         n = metrics_default.capacity
-        slots = np.arange(n, dtype=np.uint32)
+        ids = all_ids(metrics_default)
         prices = np.linspace(90.0, 110.0, n)
-        sbuf, pbuf = ffi.from_buffer("uint32_t[]", slots), ffi.from_buffer("double[]", prices)
-        bad = ffi.new("uint64_t *")
+        sbuf, pbuf = ffi.from_buffer("uint64_t[]", ids), ffi.from_buffer("double[]", prices)
+        bad, written = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         seg, f = metrics_default._seg, lib.eng_update_prices
 
         def batch() -> None:
-            f(seg, sbuf, pbuf, n, bad)
+            f(seg, sbuf, pbuf, n, bad, written)
 
-        assert f(seg, sbuf, pbuf, n, bad) == 0
+        assert f(seg, sbuf, pbuf, n, bad, written) == 0 and written[0] == n
         timer.rounds("update_prices_batch_raw", batch, n, unit="slot")
 
 
@@ -147,7 +159,7 @@ class TestMetricsOverhead:
         eng = metrics_default
         eng.set_metrics(False)
         timer.calls("transition_metrics_off", ["f(s, P)", "f(s, R)"], f=eng.transition,
-                    s=TRANSITION_SLOT, P=PAUSE, R=RESUME)
+                    s=eng.id_of(TRANSITION_SLOT), P=PAUSE, R=RESUME)
 
     def test_transition_metrics_on(self, timer: CallTimer, metrics_default: Engine) -> None:
         """Metrics on: counters on every call, latency sampled 1 in 64.
@@ -157,10 +169,11 @@ class TestMetricsOverhead:
         cannot pass for overhead."""
         eng = metrics_default
         eng.set_metrics(True, 64)
+        s = eng.id_of(TRANSITION_SLOT)
         timer.calls("transition_metrics_on", ["f(s, P)", "f(s, R)"], f=eng.transition,
-                    s=TRANSITION_SLOT, P=PAUSE, R=RESUME)
+                    s=s, P=PAUSE, R=RESUME)
         timer.interleaved(["f(s, P)", "f(s, R)"],
-                          {"f": eng.transition, "s": TRANSITION_SLOT, "P": PAUSE, "R": RESUME},
+                          {"f": eng.transition, "s": s, "P": PAUSE, "R": RESUME},
                           {"metrics_ab_on": lambda: eng.set_metrics(True, 64),
                            "metrics_ab_off": lambda: eng.set_metrics(False)})
 

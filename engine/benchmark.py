@@ -166,12 +166,15 @@ class Unavailable(Exception):
 
 @dataclass
 class Ops:
-    """The three calls a worker makes, bound for one process."""
+    """The three calls a worker makes, bound for one process.  ``key(slot)``
+    is what the calls take for slot index ``slot`` (the engine: the id of the
+    position open there; the peers: the index itself)."""
 
     transition: Callable[[int, int], Any]
     update_price: Callable[[int, float], Any]
     read_price: Callable[[int], Any]
     close: Callable[[], None] = lambda: None
+    key: Callable[[int], Any] = lambda slot: slot
 
 
 # ==== engine =====================================================================================
@@ -181,9 +184,9 @@ class EngineHost:
     def setup(self) -> None:
         self.eng = Engine.create(capacity=N_SLOTS)
         for i in range(N_SLOTS):
-            slot = self.eng.open_position(ENTRY, AMOUNT, side=_side(i), token=1)
-            self.eng.transition(slot, Trigger.POSITION_OPENED)
-            self.eng.update_price(slot, ENTRY)
+            pos = self.eng.open_position(ENTRY, AMOUNT, side=_side(i), token=1)
+            self.eng.transition(pos, Trigger.POSITION_OPENED)
+            self.eng.update_price(pos, ENTRY)
 
     def payload(self) -> Handle:
         return self.eng.handle
@@ -199,7 +202,7 @@ class EngineHost:
 
 def _engine_ops(handle: Handle) -> Ops:
     eng = Engine.attach(handle)
-    return Ops(eng.transition, eng.update_price, eng.price, eng.close)
+    return Ops(eng.transition, eng.update_price, eng.price, eng.close, key=eng.id_of)
 
 
 # ==== RawArray + Lock ============================================================================
@@ -668,7 +671,7 @@ def _worker(system: str, payload: Any, workload: str, slot: int, budget_ns: int,
     ops: Ops | None = None
     try:
         ops = CONNECT[system](payload)
-        batch, single = _loops(workload, ops, slot)
+        batch, single = _loops(workload, ops, ops.key(slot))
         out["timer_overhead_ns"] = _timer_overhead_ns()
         pairs, end, warm = 1, time.monotonic_ns() + warmup_ns, 0
         while True:

@@ -91,8 +91,9 @@ _SEGMENT = "segment {name!r} "
 
 # Each C status code: the one exception class it raises and its message.
 ERRORS: dict[int, tuple[type[EngineError], str]] = {
-    lib.ENG_EBADSLOT: (SlotError, "id {id!r} names slot {slot}, out of range [0, {capacity}) "
-                                  f"(an id is an int in [1, {_ID_MAX}])"),
+    lib.ENG_EBADSLOT: (SlotError, "id {id!r} is out of range: an id is an int in "
+                                  f"[1, {_ID_MAX}] whose slot (its low 24 bits, here "
+                                  "{slot}) is in [0, {capacity})"),
     lib.ENG_ENOTOPEN: (NotOpenError, "id {id!r} was never issued (slot {slot}): ids come from "
                                      "open_position, they are not slot indexes"),
     lib.ENG_ESTALE: (StaleIdError, "id {id!r} is stale: its opening of slot {slot} was released"),
@@ -124,6 +125,9 @@ ERRORS: dict[int, tuple[type[EngineError], str]] = {
     lib.ENG_EGUARDFAIL: (InternalError, "id {id!r}: the guard raised and a signal handler's "
                                         "exception raised over it, so neither could be kept; "
                                         "nothing was changed"),
+    # statuses the API consumes itself; seeing one is a bug
+    lib.ENG_EGUARDED: (InternalError, "internal status {code} ({why}) escaped: please report"),
+    lib.ENG_EINTR: (InternalError, "internal status {code} ({why}) escaped: please report"),
 }
 
 

@@ -11,13 +11,18 @@ How a run goes:
    is ready the parent releases the gate once per worker, so they all start
    together.
 3. Each worker runs a weighted mix of operations on random shared slots
-   (contention is the point: INVALID and CONFLICT outcomes are expected):
+   (contention is the point: INVALID and CONFLICT outcomes are expected).
+   An operation acts on the position open at the slot: the worker keeps the
+   id of each slot's opening it last saw (``eng.id_of(slot)``) and looks it
+   up again when the engine says that opening is gone (``StaleIdError``,
+   a ``NotOpenError``):
    whole lifecycles with context updates, release and reopen, PAUSE/RESUME,
    ERROR_OCCURRED/RECOVER, single, batch and per-token price updates,
    consistent reads checked for tearing, and short ``wait_for_change`` calls.
    After every APPLIED commit (transition, open, release) it logs one
-   16-byte link: slot, time, and the state words around the commit as the C
-   core recorded them (``eng_seg.last_old_word`` / ``last_new_word``).
+   16-byte link: slot index (``eng.slot_of(id)``), time, and the state words
+   around the commit as the C core recorded them (``eng_seg.last_old_word`` /
+   ``last_new_word``).
 4. The parent prints progress once a second, stops the workers, and
    verifies: per slot, every logged link from every process forms one
    unbroken chain of generations starting at the fresh slot's (state 0,
@@ -514,7 +519,13 @@ def _pnl_matches(price: float, pnl_pct: float, pnl_usd: float,
 
 
 class _Worker:
-    """One process's share of the workload."""
+    """One process's share of the workload.
+
+    Operations pick a slot index; they act on the position open there through
+    its id.  ``ids[slot]`` is the id of the slot's opening this worker last
+    saw (0: none known, or the slot was free), refreshed with ``eng.id_of``
+    when a call says that opening is gone.
+    """
 
     def __init__(self, eng: Engine, plan: _Plan, log: LinkLog) -> None:
         self.eng = eng
@@ -531,11 +542,12 @@ class _Worker:
         self.regressions = 0
         self.messages: list[str] = []
         n = plan.positions
+        self.ids = [0] * n
         self.last_pv = [0] * n
         self.last_cv = [0] * n
         self.prices = [round(self.rng.uniform(50.0, 200.0), 4) for _ in range(4099)]
         nb = min(plan.batch_size, n)
-        self.batches = [(np.array(self.rng.sample(range(n), nb), dtype=np.uint32),
+        self.batches = [(self.rng.sample(range(n), nb),
                          np.array([self.rng.uniform(50.0, 200.0) for _ in range(nb)]))
                         for _ in range(61)]
         self.ops: list[Callable[[int, int], int]] = [
@@ -550,25 +562,44 @@ class _Worker:
             self.messages.append(f"worker {self.plan.index}: {message}")
         return _UNEXPECTED
 
-    def fire(self, slot: int, trigger: int, reason: int | None = None) -> int:
-        """Fire one trigger; log the link if it applied."""
+    def refresh(self, slot: int) -> int:
+        """The id of the slot's current opening, 0 if the slot is free."""
+        try:
+            pos = self.eng.id_of(slot)
+        except NotOpenError:
+            pos = 0
+        self.ids[slot] = pos
+        return pos
+
+    def pos(self, slot: int) -> int:
+        """The id last seen at ``slot`` (looked up if none is known; 0 if free:
+        a call with it raises NotOpenError, as a free slot did)."""
+        return self.ids[slot] or self.refresh(slot)
+
+    def gone(self, slot: int) -> int:
+        """A call said the opening is gone: look it up next time."""
+        self.ids[slot] = 0
+        return _NOT_OPEN
+
+    def fire(self, slot: int, pos: int, trigger: int, reason: int | None = None) -> int:
+        """Fire one trigger on opening ``pos`` of ``slot``; log the link if it applied."""
         try:
             if reason is None:
-                out = int(self.eng.transition(slot, trigger))
+                out = int(self.eng.transition(pos, trigger))
             else:
-                out = int(self.eng.transition(slot, trigger, exit_reason=reason,
+                out = int(self.eng.transition(pos, trigger, exit_reason=reason,
                                               stop_loss=reason * STOP_PER_REASON,
                                               take_profit=reason * TAKE_PER_REASON))
         except NotOpenError:
-            return _NOT_OPEN
+            return self.gone(slot)
         except BusyError:
             return _BUSY
         except EngineError as e:
-            return self.note(f"transition({slot}, {Trigger(trigger).name}): {e!r}")
+            return self.note(f"transition(slot {slot}, {Trigger(trigger).name}): {e!r}")
         if out == _OK:
             self.record(slot)
         elif out > _CONFLICT:
-            return self.note(f"transition({slot}, {Trigger(trigger).name}) -> outcome {out}")
+            return self.note(f"transition(slot {slot}, {Trigger(trigger).name}) -> outcome {out}")
         return out
 
     def open(self) -> int:
@@ -576,86 +607,103 @@ class _Worker:
         token = self.rng.randrange(N_TOKENS)
         entry, amount, side = TOKEN_PARAMS[token]
         try:
-            slot = self.eng.open_position(entry, amount, side, token)
+            pos = self.eng.open_position(entry, amount, side, token)
         except CapacityError:
             return _FULL
         except BusyError:
             return _BUSY
         except EngineError as e:
             return self.note(f"open_position: {e!r}")
+        slot = self.eng.slot_of(pos)
         self.record(slot)
+        self.ids[slot] = pos
         return _OK
 
-    def state(self, slot: int) -> int:
-        """The slot's one-hot state, 0 if free."""
-        try:
-            return int(self.eng.state(slot))
-        except NotOpenError:
-            return 0
+    def current(self, slot: int) -> tuple[int, int]:
+        """(id, one-hot state) of the position open at ``slot``; (0, 0) if free."""
+        pos = self.ids[slot]
+        if pos:
+            try:
+                return pos, int(self.eng.state(pos))
+            except NotOpenError:
+                pass   # released (and maybe reopened) since: look again
+        pos = self.refresh(slot)
+        if pos:
+            try:
+                return pos, int(self.eng.state(pos))
+            except NotOpenError:
+                self.ids[slot] = 0
+        return 0, 0
 
     # -- the operations: each returns a RESULTS index -----------------------------
     def op_lifecycle(self, slot: int, i: int) -> int:
         """Move a position one step along its lifecycle; release and reopen when closed."""
-        st = self.state(slot)
+        pos, st = self.current(slot)
         r = self.rng.random()
         if st == 0:
             return self.open()
         if st == State.CREATED:
-            return self.fire(slot, Trigger.POSITION_OPENED)
+            return self.fire(slot, pos, Trigger.POSITION_OPENED)
         if st == State.MONITORING:
-            return self.fire(slot, Trigger.EXIT_CONDITION_MET, 1 + i % 7)
+            return self.fire(slot, pos, Trigger.EXIT_CONDITION_MET, 1 + i % 7)
         if st == State.EXIT_PENDING:
-            return self.fire(slot, Trigger.EXIT_STARTED if r < 0.8 else Trigger.EXIT_CANCELLED)
+            return self.fire(slot, pos,
+                             Trigger.EXIT_STARTED if r < 0.8 else Trigger.EXIT_CANCELLED)
         if st == State.EXITING:
             if r < 0.75:
-                return self.fire(slot, Trigger.EXIT_COMPLETED)
-            return self.fire(slot, Trigger.EXIT_FAILED, 100 + i % 5)
+                return self.fire(slot, pos, Trigger.EXIT_COMPLETED)
+            return self.fire(slot, pos, Trigger.EXIT_FAILED, 100 + i % 5)
         if st == State.CLOSED:
             try:
-                out = int(self.eng.release_position(slot))
+                out = int(self.eng.release_position(pos))
             except NotOpenError:
-                return _NOT_OPEN
+                return self.gone(slot)
             if out != _OK:
                 return out
             self.record(slot)
+            self.ids[slot] = 0
             self.releases += 1
             if self.open() == _FULL:
                 self.reopen_full += 1
             return _OK
         if st == State.PAUSED:
-            return self.fire(slot, Trigger.RESUME)
+            return self.fire(slot, pos, Trigger.RESUME)
         if st == State.ERROR:
-            return self.fire(slot, Trigger.RECOVER)
+            return self.fire(slot, pos, Trigger.RECOVER)
         return self.note(f"slot {slot} in unknown state {st:#x}")
 
     def op_pause(self, slot: int, i: int) -> int:
         """PAUSE a monitored position, RESUME a paused one."""
-        if self.state(slot) == State.PAUSED:
-            return self.fire(slot, Trigger.RESUME)
-        return self.fire(slot, Trigger.PAUSE)
+        pos, st = self.current(slot)
+        return self.fire(slot, pos, Trigger.RESUME if st == State.PAUSED else Trigger.PAUSE)
 
     def op_error(self, slot: int, i: int) -> int:
         """Raise ERROR_OCCURRED on a position, or RECOVER one in ERROR."""
-        if self.state(slot) == State.ERROR:
-            return self.fire(slot, Trigger.RECOVER)
-        return self.fire(slot, Trigger.ERROR_OCCURRED)
+        pos, st = self.current(slot)
+        return self.fire(slot, pos,
+                         Trigger.RECOVER if st == State.ERROR else Trigger.ERROR_OCCURRED)
 
     def op_price(self, slot: int, i: int) -> int:
         """One ``update_price``."""
         try:
-            self.eng.update_price(slot, self.prices[i % 4099])
+            self.eng.update_price(self.pos(slot), self.prices[i % 4099])
         except NotOpenError:
-            return _NOT_OPEN
+            return self.gone(slot)
         except BusyError:
             return _BUSY
         return _OK
 
     def op_batch(self, slot: int, i: int) -> int:
-        """One ``update_prices`` over a batch of slots (refused whole if one is free)."""
+        """One ``update_prices`` over a batch of slots' positions (refused whole
+        if one of them is gone)."""
         slots, prices = self.batches[i % 61]
+        ids = self.ids
+        batch = [ids[s] or self.refresh(s) for s in slots]
         try:
-            self.eng.update_prices(slots, prices)
+            self.eng.update_prices(batch, prices)
         except NotOpenError:
+            for s in slots:
+                ids[s] = 0
             return _NOT_OPEN
         except BusyError:
             return _BUSY
@@ -671,11 +719,12 @@ class _Worker:
 
     def op_read(self, slot: int, i: int) -> int:
         """Read price and context; check both for tearing and their versions for regress."""
+        pos = self.pos(slot)
         try:
-            p = self.eng.price(slot)
-            c = self.eng.context(slot)
+            p = self.eng.price(pos)
+            c = self.eng.context(pos)
         except NotOpenError:
-            return _NOT_OPEN
+            return self.gone(slot)
         except BusyError:
             return _BUSY
         if not (_pnl_matches(p.price, p.pnl_pct, p.pnl_usd,
@@ -700,11 +749,11 @@ class _Worker:
     def op_wait(self, slot: int, i: int) -> int:
         """A short ``wait_for_change``: a commit or a timeout."""
         try:
-            self.eng.wait_for_change(slot, timeout=self.plan.wait_timeout)
+            self.eng.wait_for_change(self.pos(slot), timeout=self.plan.wait_timeout)
         except WaitTimeout:
             return _TIMEOUT
         except NotOpenError:
-            return _NOT_OPEN
+            return self.gone(slot)
         return _OK
 
     # -- the loop --------------------------------------------------------------
@@ -812,7 +861,7 @@ def _open_all(eng: Engine, log: LinkLog, seed: int) -> None:
     for _ in range(eng.capacity):
         token = rng.randrange(N_TOKENS)
         entry, amount, side = TOKEN_PARAMS[token]
-        log.record(eng.open_position(entry, amount, side, token))
+        log.record(eng.slot_of(eng.open_position(entry, amount, side, token)))
 
 
 def _wait_ready(procs: list[Any], ready: Any, timeout: float) -> None:

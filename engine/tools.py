@@ -11,6 +11,12 @@ gives a short read, not a SIGBUS); ``inspect`` and ``top`` map the segment with
 ``engine.segment.open_existing`` and copy out of short-lived views that are
 released before the mapping is closed.
 
+Lock words name their holder by fencing token (registry entry index and that
+entry's incarnation, see native/engine.h), not by pid.  Where the tools show
+a holder (``inspect``, ``top``) they resolve the token through the registry:
+the pid of the entry when its incarnation still matches, otherwise the holder
+is gone (its entry was released or claimed again).
+
 Exit codes: 0 done, 1 could not (no such segment, no permission, damaged),
 2 refused (not an engine segment, bad name or usage).
 """
@@ -38,8 +44,8 @@ from engine.metrics import OPS, Metrics, read_metrics
 from engine.records import PROC_DTYPE
 from engine.spec import POSITION_SPEC
 
-__all__ = ["ProcEntry", "SegmentInfo", "add_parsers", "is_engine_file", "main",
-           "read_info", "state_counts"]
+__all__ = ["Holder", "ProcEntry", "SegmentInfo", "add_parsers", "held", "is_engine_file",
+           "main", "price_words", "read_info", "state_counts", "state_words", "token_owner"]
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 
@@ -47,6 +53,7 @@ _HEADER_SIZE: int = ffi.sizeof("eng_header")
 _MAGIC_SIZE: int = ffi.sizeof("uint64_t")
 _REGISTRY_SIZE: int = ffi.sizeof("eng_proc") * lib.ENG_MAX_PROCS
 _WORD_OFF: int = ffi.offsetof("eng_slot", "word")
+_PWORD_OFF: int = ffi.offsetof("eng_slot", "pword")
 #: the scalar header fields, in C order (padding and the rule table left out)
 _HEADER_FIELDS: tuple[str, ...] = tuple(
     name for name, f in ffi.typeof("eng_header").fields
@@ -76,6 +83,21 @@ class ProcEntry:
     alive: bool
     start_time: int
     attached_ns: int
+    incarnation: int
+    token: int                     # the fencing token its Engine holds locks with
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A transition lock or price latch held in a slot (or the segment's
+    recovery flag), with its holder resolved."""
+
+    slot: int                      # -1 for the recovery flag
+    what: str                      # "lock" (transition lock), "latch" (price writer latch)
+                                   # or "recovery"
+    token: int
+    pid: int | None                # None: no registry entry has that token any more
+    alive: bool
 
 
 @dataclass
@@ -89,6 +111,7 @@ class SegmentInfo:
     rules: int = 0                 # transition table entries in use
     guarded_rules: int = 0
     procs: list[ProcEntry] = field(default_factory=list)   # only when status is 0
+    recovering: Holder | None = None   # who holds the recovery flag, if anyone
 
     @property
     def ok(self) -> bool:
@@ -147,12 +170,27 @@ def _parse_registry(data: bytes) -> list[ProcEntry]:
     out = []
     for i in np.flatnonzero(entries["pid"]):
         e = entries[i]
-        pid, start = int(e["pid"]), int(e["start_time"])
+        pid, start, inc = int(e["pid"]), int(e["start_time"]), int(e["incarnation"])
         out.append(ProcEntry(index=int(i), pid=pid,
                              state=_PROC_STATES.get(int(e["state"]), f"?{int(e['state'])}"),
                              alive=bool(lib.eng_proc_alive(pid, start)), start_time=start,
-                             attached_ns=int(e["attached_ns"])))
+                             attached_ns=int(e["attached_ns"]), incarnation=inc,
+                             token=(inc << lib.ENG_TOKEN_ENTRY_BITS) | int(i)))
     return out
+
+
+def token_owner(token: int, procs: Sequence[ProcEntry]) -> ProcEntry | None:
+    """The registry entry a fencing token names, if that entry is still in the
+    token's incarnation (otherwise the holder is gone)."""
+    for p in procs:
+        if p.token == token:
+            return p
+    return None
+
+
+def _holder(slot: int, what: str, token: int, procs: Sequence[ProcEntry]) -> Holder:
+    p = token_owner(token, procs)
+    return Holder(slot, what, token, None if p is None else p.pid, p is not None and p.alive)
 
 
 Reader = Callable[[int, int], bytes]   # (offset, n) -> a copy of up to n bytes
@@ -166,6 +204,8 @@ def read_info(name: str, read: Reader, size: int) -> SegmentInfo:
         data = read(header["registry_off"], _REGISTRY_SIZE)
         if len(data) == _REGISTRY_SIZE:
             info.procs = _parse_registry(data)
+        if header.get("recovering"):
+            info.recovering = _holder(-1, "recovery", header["recovering"], info.procs)
     return info
 
 
@@ -177,14 +217,37 @@ def _info_from_mmap(name: str, mm: mmap.mmap) -> SegmentInfo:
     return read_info(name, lambda off, n: mm[off:off + n], len(mm))
 
 
-def state_words(mm: mmap.mmap, header: dict[str, int]) -> np.ndarray:
-    """A copy of every slot's state word (the header must have validated)."""
+def _slot_words(mm: mmap.mmap, header: dict[str, int], field_off: int) -> np.ndarray:
     view = np.ndarray(shape=(header["capacity"],), dtype="<u8", buffer=mm,
-                      offset=header["slots_off"] + _WORD_OFF, strides=(header["slot_size"],))
+                      offset=header["slots_off"] + field_off, strides=(header["slot_size"],))
     try:
         return view.copy()
     finally:
         del view   # the mmap cannot close while a view of it lives
+
+
+def state_words(mm: mmap.mmap, header: dict[str, int]) -> np.ndarray:
+    """A copy of every slot's state word (the header must have validated)."""
+    return _slot_words(mm, header, _WORD_OFF)
+
+
+def price_words(mm: mmap.mmap, header: dict[str, int]) -> np.ndarray:
+    """A copy of every slot's price word (sequence << 24 | writer token)."""
+    return _slot_words(mm, header, _PWORD_OFF)
+
+
+def held(words: np.ndarray, pwords: np.ndarray, procs: Sequence[ProcEntry]) -> list[Holder]:
+    """Every transition lock and price latch held, by slot, holders resolved."""
+    out = []
+    mask = np.uint64(lib.ENG_TOKEN_MASK)
+    owners = (words >> np.uint64(lib.ENG_SW_OWNER_SHIFT)) & mask
+    for s in np.flatnonzero(words & np.uint64(lib.ENG_SW_LOCK)):
+        out.append(_holder(int(s), "lock", int(owners[s]), procs))
+    writers = pwords & mask
+    for s in np.flatnonzero(writers):
+        out.append(_holder(int(s), "latch", int(writers[s]), procs))
+    out.sort(key=lambda h: (h.slot, h.what))
+    return out
 
 
 def _state_name(index: int, header: dict[str, int]) -> str:
@@ -254,6 +317,12 @@ def _fmt_procs(procs: Sequence[ProcEntry]) -> str:
     return ",".join(f"{p.pid}" + ("" if p.alive else "(dead)") for p in procs) or "-"
 
 
+def _fmt_holder(h: Holder) -> str:
+    """``pid 123`` / ``pid 123 (dead)`` / ``gone``, and the token."""
+    who = "gone" if h.pid is None else f"pid {h.pid}" + ("" if h.alive else " (dead)")
+    return f"{who}, token {h.token:#x}"
+
+
 def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -319,10 +388,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a segment's header, state counts and registry."""
     name = args.name
+    holders: list[Holder] = []
     try:
         with _mapped(name) as mm:
             info = _info_from_mmap(name, mm)
-            counts = state_counts(state_words(mm, info.header), info.header) if info.ok else {}
+            counts: dict[str, int] = {}
+            if info.ok:
+                words = state_words(mm, info.header)
+                counts = state_counts(words, info.header)
+                holders = held(words, price_words(mm, info.header), info.procs)
     except SegmentNotFoundError as e:
         _err(f"inspect: {e.strerror or e}")
         return EXIT_FAILED
@@ -340,7 +414,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
              f"{_MAGIC_SIZE} bytes are not the engine magic {lib.ENG_MAGIC:#x})")
         return EXIT_REFUSED
     if args.json:
-        json.dump({**info.as_dict(), "states": counts}, sys.stdout, indent=2)
+        json.dump({**info.as_dict(), "states": counts,
+                   "held": [asdict(h) for h in holders]}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK if info.ok else EXIT_FAILED
     out = sys.stdout
@@ -359,6 +434,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             elif key == "created_ns":
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value / 1e9))
                 shown = f"{value} ({when}, {_fmt_age(info.age_s)} ago)"
+            elif key == "recovering" and value:
+                shown = (f"{value:#x} ({_fmt_holder(info.recovering)})" if info.recovering
+                         else f"{value:#x}")
             else:
                 shown = str(value)
             out.write(f"  {key:<15} {shown}\n")
@@ -372,15 +450,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         out.write(f"  {key:<15} {value}\n")
     out.write(f"registry ({len(info.procs)} of {lib.ENG_MAX_PROCS} entries used):\n")
     if info.procs:
-        rows = [["ENTRY", "PID", "STATE", "ALIVE", "ATTACHED"]]
+        rows = [["ENTRY", "PID", "TOKEN", "STATE", "ALIVE", "ATTACHED"]]
         for p in info.procs:
             age = (time.time_ns() - p.attached_ns) / 1e9 if p.attached_ns else None
-            rows.append([str(p.index), str(p.pid), p.state, "yes" if p.alive else "DEAD",
-                         f"{_fmt_age(age)} ago"])
+            rows.append([str(p.index), str(p.pid), f"{p.token:#x}", p.state,
+                         "yes" if p.alive else "DEAD", f"{_fmt_age(age)} ago"])
         _table(rows, out)
     dead = sum(1 for p in info.procs if not p.alive)
     if dead:
         out.write(f"{dead} dead entries: an attached process's recover() removes them\n")
+    if holders:
+        out.write(f"held ({len(holders)}; lock = transition lock, latch = price writer "
+                  "latch):\n")
+        rows = [["SLOT", "WHAT", "TOKEN", "HOLDER"]]
+        for hold in holders:
+            who = "gone" if hold.pid is None else f"{hold.pid}" + ("" if hold.alive else " DEAD")
+            rows.append([str(hold.slot), hold.what, f"{hold.token:#x}", who])
+        _table(rows, out)
     return EXIT_OK
 
 
@@ -444,6 +530,8 @@ class _Frame:
     metrics: Metrics
     procs: list[ProcEntry]
     header: dict[str, int]
+    holders: list[Holder]
+    recovering: Holder | None
 
 
 def _sample(name: str, mm: mmap.mmap) -> _Frame:
@@ -451,8 +539,9 @@ def _sample(name: str, mm: mmap.mmap) -> _Frame:
     if not info.ok:
         raise SegmentError(f"segment {name!r}: {info.problem}")
     h = info.header
-    return _Frame(time.monotonic(), state_counts(state_words(mm, h), h),
-                  read_metrics(mm, h["shards_off"]), info.procs, h)
+    words = state_words(mm, h)
+    return _Frame(time.monotonic(), state_counts(words, h), read_metrics(mm, h["shards_off"]),
+                  info.procs, h, held(words, price_words(mm, h), info.procs), info.recovering)
 
 
 def _render(name: str, cur: _Frame, prev: _Frame | None, out: TextIO) -> None:
@@ -463,7 +552,14 @@ def _render(name: str, cur: _Frame, prev: _Frame | None, out: TextIO) -> None:
               f" / {len(cur.procs) - alive} dead  halted {'YES' if h['halted'] else 'no'}  "
               f"metrics {'on' if h['metrics_on'] else 'off'}\n")
     out.write("  ".join(f"{k} {v}" for k, v in cur.counts.items()
-                        if v or k not in ("invalid", "locked", "rolled_back")) + "\n\n")
+                        if v or k not in ("invalid", "locked", "rolled_back")) + "\n")
+    if cur.recovering is not None:
+        out.write(f"recovering: {_fmt_holder(cur.recovering)}\n")
+    if cur.holders:
+        shown = [f"slot {h.slot} {h.what} {_fmt_holder(h)}" for h in cur.holders[:6]]
+        more = f" (+{len(cur.holders) - 6} more)" if len(cur.holders) > 6 else ""
+        out.write(f"held: {'; '.join(shown)}{more}\n")
+    out.write("\n")
     rows = [["OP", "OPS/S", "ATTEMPTS", "APPLIED", "INVALID", "CONFLICTS", "ERRORS",
              "RETRIES", "TAKEOVERS", "P50", "P99", "MAX"]]
     dt = cur.at - prev.at if prev else 0.0

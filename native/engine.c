@@ -1636,10 +1636,16 @@ int eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns,
     int64_t deadline = now_ns(CLOCK_MONOTONIC) + timeout_ns;   /* < 2^63: both terms < 2^62 */
     rc = ENG_ETIMEDOUT;
     *out_since = (int64_t)base;
+    uint32_t seen;
     for (;;) {
-        store_seq_cst_u32(&sl->waiting, 1);   /* then read the counter: see commit_after */
-        uint32_t seen = load_seq_cst_u32(futex_word(sl));
         uint64_t cur = load_acquire_u64(&sl->word) & SW_COMMITTED;
+        if (cur == base) {
+            /* about to sleep: announce it, then read the counter (see
+             * commit_after), then look once more */
+            store_seq_cst_u32(&sl->waiting, 1);
+            seen = load_seq_cst_u32(futex_word(sl));
+            cur = load_acquire_u64(&sl->word) & SW_COMMITTED;
+        }
         if (cur != base) {
             *out_since = (int64_t)cur;
             rc = ENG_APPLIED;

@@ -157,6 +157,7 @@
 #define ENG_EFORKED          -20     /* the eng_seg was attached by the parent of a fork */
 #define ENG_ERECOVERING      -21     /* another live process runs recover() */
 #define ENG_EGUARDFAIL       -22     /* the guard callback raised; nothing was changed */
+#define ENG_ERRNO_MIN        -22     /* the lowest code: every code in [it, -1] has words */
 
 /* ---- context update mask (eng_ctx_update.mask) --------------------------- */
 #define ENG_CTX_EXIT_REASON  1

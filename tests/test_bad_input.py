@@ -29,6 +29,7 @@ from engine import (
     SlotError,
     SpecError,
     SpecMismatchError,
+    StaleIdError,
     State,
     Trigger,
     TriggerError,
@@ -37,19 +38,24 @@ from engine import (
 
 BAD_PRICES = [math.nan, math.inf, -math.inf, 0.0, -0.0, -1.0, -1e-300]
 BAD_PRICE_IDS = ["nan", "inf", "-inf", "zero", "-zero", "negative", "tiny-negative"]
+#: what every refusal of an out-of-range id names: the range of ids
+ID_RANGE = f"[1, {lib.ENG_ID_MAX:#x}]"
+SLOT_BITS = lib.ENG_ID_SLOT_BITS
 
 
 @pytest.fixture
 def eng(engine):
-    """The fixture engine with two MONITORING positions (slots in `eng.slots`)
-    and its remaining slots never opened."""
+    """The fixture engine with two MONITORING positions (their ids in
+    `eng.slots`) and its remaining slots never opened; `eng.free` is a
+    never-opened slot's index, which as an id was never issued."""
     a = engine.open_position(entry_price=100.0, amount=2.0, side=1, token=7)
     b = engine.open_position(entry_price=50.0, amount=1.0, side=-1, token=7)
     for s in (a, b):
         engine.transition(s, Trigger.POSITION_OPENED)
         engine.update_price(s, 101.0)
     engine.slots = (a, b)
-    engine.free = next(s for s in range(engine.capacity) if s not in (a, b))
+    used = {engine.slot_of(a), engine.slot_of(b)}
+    engine.free = next(s for s in range(engine.capacity) if s not in used)
     return engine
 
 
@@ -60,7 +66,7 @@ def observe(engine: Engine) -> np.ndarray:
 
 def assert_unchanged(engine: Engine, before: np.ndarray) -> None:
     after = observe(engine)
-    for field in ("slot", "state", "generation", "locked", "transitions", "price",
+    for field in ("id", "slot", "state", "generation", "locked", "transitions", "price",
                   "price_version", "pnl_pct", "pnl_usd", "entry_price", "amount",
                   "stop_loss", "take_profit", "token", "side", "exit_reason",
                   "context_version"):
@@ -98,6 +104,10 @@ class TestExceptionClasses:
     def test_not_open_is_a_slot_error(self):
         """NotOpenError is caught by `except SlotError`."""
         assert issubclass(NotOpenError, SlotError)
+
+    def test_stale_id_is_not_open(self):
+        """StaleIdError (a released opening's id) is caught by `except NotOpenError`."""
+        assert issubclass(StaleIdError, NotOpenError) and issubclass(StaleIdError, LookupError)
 
 
 # ---------------------------------------------------------------------------------
@@ -155,7 +165,8 @@ class TestBadPrices:
 
 # ---------------------------------------------------------------------------------
 def slot_calls(engine: Engine, slot):
-    """Every API call that takes a slot id."""
+    """Every API call that takes a position id (and state_word, which takes a
+    slot index)."""
     return {
         "state": lambda: engine.state(slot),
         "state_word": lambda: engine.state_word(slot),
@@ -173,51 +184,84 @@ def slot_calls(engine: Engine, slot):
 SLOT_CALLS = list(slot_calls(None, 0))   # type: ignore[arg-type]
 
 
+def out_of_range(eng: Engine, which: str) -> int:
+    """Ids that name no slot of ``eng``: a slot part past the capacity (with
+    opening 0 or 1), negative, past ENG_ID_MAX, past uint64."""
+    return {"capacity": eng.capacity, "capacity+opening": (1 << SLOT_BITS) | eng.capacity,
+            "-1": -1, "2**56": lib.ENG_ID_MAX + 1, "2**64": 2**64}[which]
+
+
 class TestBadSlots:
-    @pytest.mark.parametrize("call", SLOT_CALLS)
-    @pytest.mark.parametrize("which", ["capacity", "-1", "2**40", "2**64"])
+    @pytest.mark.parametrize(("which", "call"), [
+        (which, call) for which in ("capacity", "capacity+opening", "-1", "2**56", "2**64")
+        for call in SLOT_CALLS
+        if not (call == "state_word" and which == "capacity+opening")])   # a slot index
     def test_out_of_range(self, eng, call, which):
-        """A slot outside [0, capacity) raises SlotError naming it and the range."""
-        slot = {"capacity": eng.capacity, "-1": -1, "2**40": 2**40, "2**64": 2**64}[which]
-        err = refused(eng, SlotError, slot_calls(eng, slot)[call], str(slot),
-                      f"[0, {eng.capacity})")
+        """An id outside the ids of the engine's slots (or a slot index outside
+        [0, capacity) for state_word) raises SlotError naming it and the range."""
+        slot = out_of_range(eng, which)
+        needle = f"[0, {eng.capacity})" if call == "state_word" else ID_RANGE
+        err = refused(eng, SlotError, slot_calls(eng, slot)[call], str(slot), needle)
         assert isinstance(err, IndexError) and not isinstance(err, NotOpenError)
 
     @pytest.mark.parametrize("call", SLOT_CALLS)
     @pytest.mark.parametrize("slot", [1.5, "3", None, 1.0, b"\x01"], ids=repr)
     def test_wrong_type(self, eng, call, slot):
-        """A non-int slot raises EngineTypeError naming it and the range."""
-        err = refused(eng, EngineTypeError, slot_calls(eng, slot)[call], repr(slot),
-                      f"[0, {eng.capacity})")
+        """A non-int id raises EngineTypeError naming it and what is allowed (an
+        int from open_position; for state_word's slot index, the range)."""
+        needle = f"[0, {eng.capacity})" if call == "state_word" else "open_position"
+        err = refused(eng, EngineTypeError, slot_calls(eng, slot)[call], repr(slot), needle)
         assert isinstance(err, TypeError)
 
     @pytest.mark.parametrize("call", [c for c in SLOT_CALLS if c != "state_word"])
-    def test_never_opened(self, eng, call):
-        """A slot that was never opened raises NotOpenError and changes nothing."""
-        refused(eng, NotOpenError, slot_calls(eng, eng.free)[call], str(eng.free), "not open")
+    @pytest.mark.parametrize("opening", [0, 1, 2], ids=["opening0", "opening1", "opening2"])
+    def test_never_opened(self, eng, call, opening):
+        """An id never issued (a never-opened slot's index, or an opening the
+        slot has not reached) raises NotOpenError and changes nothing."""
+        pos = (opening << SLOT_BITS) | eng.free
+        err = refused(eng, NotOpenError, slot_calls(eng, pos)[call], str(pos), "never issued")
+        assert not isinstance(err, StaleIdError)
+
+    @pytest.mark.parametrize("call", [c for c in SLOT_CALLS if c != "state_word"])
+    def test_opening_not_reached_on_an_open_slot(self, eng, call):
+        """The next opening's id of an open slot was never issued either."""
+        a = eng.slots[0]
+        pos = a + (1 << SLOT_BITS)
+        refused(eng, NotOpenError, slot_calls(eng, pos)[call], str(pos), "never issued")
 
     def test_released_slot_is_not_open(self, make_engine):
-        """A released slot is refused like a never-opened one."""
-        engine = make_engine(capacity=2)
-        slot = engine.open_position(100.0, 1.0)
+        """A released position's id is refused like a never-opened one
+        (StaleIdError, a NotOpenError), also after its slot was reopened."""
+        engine = make_engine(capacity=1)
+        pos = engine.open_position(100.0, 1.0)
         for trig in ("POSITION_OPENED", "EXIT_CONDITION_MET", "EXIT_STARTED", "EXIT_COMPLETED"):
-            engine.transition(slot, trig)
-        engine.release_position(slot)
-        for name, call in slot_calls(engine, slot).items():
+            engine.transition(pos, trig)
+        engine.release_position(pos)
+        for name, call in slot_calls(engine, pos).items():
             if name != "state_word":
-                refused(engine, NotOpenError, call, "not open")
+                err = refused(engine, NotOpenError, call, str(pos), "released")
+                assert isinstance(err, StaleIdError), name
+        again = engine.open_position(100.0, 1.0)
+        assert engine.slot_of(again) == engine.slot_of(pos)
+        for name, call in slot_calls(engine, pos).items():
+            if name != "state_word":
+                err = refused(engine, NotOpenError, call, str(pos), "released")
+                assert isinstance(err, StaleIdError), name
+        assert engine.state(again) is State.CREATED
 
     @settings(max_examples=100, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(slot=st.integers(min_value=-(2**70), max_value=2**70))
+    @given(slot=st.one_of(st.integers(min_value=-(2**70), max_value=2**70),
+                          st.integers(0, 3).flatmap(lambda o: st.integers(0, 20).map(
+                              lambda s: (o << SLOT_BITS) | s))))
     def test_any_int_slot_is_served_or_refused(self, eng, slot):
-        """Any int is a served slot, a never-opened slot, or a SlotError."""
+        """Any int is a served id, an id never issued, or a SlotError."""
         if slot in eng.slots:
             assert eng.state(slot) is State.MONITORING
-        elif 0 <= slot < eng.capacity:
+        elif 0 <= slot <= lib.ENG_ID_MAX and slot & lib.ENG_ID_SLOT_MASK < eng.capacity:
             refused(eng, NotOpenError, lambda: eng.state(slot))
         else:
-            refused(eng, SlotError, lambda: eng.state(slot), f"[0, {eng.capacity})")
+            refused(eng, SlotError, lambda: eng.state(slot), ID_RANGE)
             refused(eng, SlotError, lambda: eng.update_price(slot, 1.0))
 
 
@@ -250,6 +294,7 @@ class TestBadTriggers:
     def test_bad_trigger_on_never_opened_slot(self, eng):
         """A bad trigger is refused even on a free slot (before it is looked at)."""
         refused(eng, TriggerError, lambda: eng.transition(eng.free, 99))
+        refused(eng, TriggerError, lambda: eng.transition((1 << SLOT_BITS) | eng.free, 99))
 
 
 # ---------------------------------------------------------------------------------
@@ -296,7 +341,7 @@ class TestBadBatches:
         assert {s: engine.price(s).version for s in engine.slots} == versions
 
     def test_lengths_differ(self, eng):
-        """Slots and prices of different lengths are refused, naming both lengths."""
+        """Ids and prices of different lengths are refused, naming both lengths."""
         a, b = eng.slots
         self.batch_refused(eng, ArgumentError, np.array([a, b]), np.array([1.0]), "2", "1")
 
@@ -311,10 +356,10 @@ class TestBadBatches:
 
     @pytest.mark.parametrize("dtype", [object, str, bool, np.float64, np.complex128])
     def test_wrong_slot_dtype(self, eng, dtype):
-        """Slots that are not an integer array are refused, naming the dtype."""
+        """Ids that are not an integer array are refused, naming the dtype."""
         a, b = eng.slots
         slots = np.array([a, b]).astype(dtype)
-        self.batch_refused(eng, EngineTypeError, slots, np.array([1.0, 2.0]), "slots",
+        self.batch_refused(eng, EngineTypeError, slots, np.array([1.0, 2.0]), "ids",
                            str(slots.dtype))
 
     @pytest.mark.parametrize("dtype", [object, str, bool, np.int64, np.complex128])
@@ -328,34 +373,47 @@ class TestBadBatches:
     def test_one_bad_price_in_the_middle(self, eng, bad):
         """One bad price in a batch refuses all of it: no slot's version moves."""
         a, b = eng.slots
-        slots = np.array([a, b, a, b, a], dtype=np.uint32)
+        slots = np.array([a, b, a, b, a], dtype=np.uint64)
         prices = np.array([110.0, 111.0, bad, 112.0, 113.0])
         self.batch_refused(eng, PriceError, slots, prices, "index 2", repr(bad))
 
     @pytest.mark.parametrize(("dtype", "which"), [
         (dtype, which) for dtype in (np.uint32, np.int64, np.uint64, np.int32)
-        for which in ("capacity", "2**31", "-1")
+        for which in ("capacity", "capacity+opening", "-1", "2**56")
         if not (which == "-1" and np.dtype(dtype).kind == "u")            # cannot hold -1
-        and not (which == "2**31" and dtype is np.int32)])                # cannot hold 2**31
+        and not (which == "2**56" and np.dtype(dtype).itemsize < 8)])     # cannot hold 2**56
     def test_one_bad_slot_in_the_middle(self, eng, dtype, which):
-        """One out-of-range slot in a batch refuses all of it, naming slot and index."""
-        bad = {"capacity": eng.capacity, "2**31": 2**31, "-1": -1}[which]
-        a, b = eng.slots
+        """One out-of-range id in a batch refuses all of it, naming id, range and index."""
+        bad = out_of_range(eng, which)
+        a, b = eng.slots        # first openings: their ids fit 32 bits
         slots = np.array([a, b, bad, a], dtype=dtype)
         self.batch_refused(eng, SlotError, slots, np.array([110.0, 111.0, 112.0, 113.0]),
-                           str(bad), f"[0, {eng.capacity})", "index 2")
+                           str(bad), ID_RANGE, "index 2")
 
     def test_never_opened_slot_in_the_middle(self, eng):
-        """A never-opened slot in a batch refuses all of it."""
+        """An id never issued in a batch refuses all of it."""
         a, b = eng.slots
-        slots = np.array([a, eng.free, b], dtype=np.uint32)
+        slots = np.array([a, eng.free, b], dtype=np.uint64)
         self.batch_refused(eng, NotOpenError, slots, np.array([110.0, 111.0, 112.0]),
                            str(eng.free), "index 1")
+
+    def test_stale_id_in_the_middle(self, make_engine):
+        """A released position's id in a batch refuses all of it (StaleIdError)."""
+        engine = make_engine(capacity=3)
+        a, gone, b = (engine.open_position(100.0, 1.0) for _ in range(3))
+        for trig in ("POSITION_OPENED", "EXIT_CONDITION_MET", "EXIT_STARTED", "EXIT_COMPLETED"):
+            engine.transition(gone, trig)
+        engine.release_position(gone)
+        versions = [engine.price(p).version for p in (a, b)]
+        err = refused(engine, StaleIdError, lambda: engine.update_prices(
+            np.array([a, gone, b]), np.array([110.0, 111.0, 112.0])), str(gone), "index 1")
+        assert isinstance(err, NotOpenError)
+        assert [engine.price(p).version for p in (a, b)] == versions
 
     def test_lists_of_python_floats_are_accepted(self, eng):
         """Plain lists of ints and floats convert to the right dtypes."""
         a, b = eng.slots
-        eng.update_prices([a, b], [120.0, 121.0])
+        assert eng.update_prices([a, b], [120.0, 121.0]) == 2
         assert (eng.price(a).price, eng.price(b).price) == (120.0, 121.0)
 
 

@@ -65,7 +65,8 @@ def sw_gen(w: int) -> int:
 
 
 def sw_owner(w: int) -> int:
-    return (w >> lib.ENG_SW_OWNER_SHIFT) & lib.ENG_SW_OWNER_MASK
+    """The lock holder's fencing token (registry entry | incarnation << 7)."""
+    return (w >> lib.ENG_SW_OWNER_SHIFT) & lib.ENG_TOKEN_MASK
 
 
 def sw_target(w: int) -> int:
@@ -73,14 +74,42 @@ def sw_target(w: int) -> int:
 
 
 # -- white-box reads of the shared slot (through the attached cffi view) -------------
-def published_ctx_gen(eng: Engine, slot: int) -> int:
-    """Generation carried by the context copy readers currently use."""
-    sl = eng._seg.slots[slot]
-    return int(sl.ctx[int(sl.cseq) & 1].gen)
+def token_pid(eng: Engine, token: int) -> int:
+    """The pid of the process a fencing token names: its registry entry's pid
+    while the entry is still in the token's incarnation, else 0 (gone)."""
+    if not token:
+        return 0
+    e = eng._seg.registry[token & lib.ENG_TOKEN_ENTRY_MASK]
+    if e.pid and int(e.incarnation) == token >> lib.ENG_TOKEN_ENTRY_BITS:
+        return int(e.pid)
+    return 0
+
+
+def owner_pid(eng: Engine, w: int) -> int:
+    """The pid of the holder of state word ``w``'s lock (0: unlocked or gone)."""
+    return token_pid(eng, sw_owner(w)) if w & LOCK else 0
+
+
+def staged_ctx(eng: Engine, slot: int, w: int) -> Any:
+    """The context copy a lock holder of word ``w`` fills: the one the C bit
+    does not publish."""
+    return eng._seg.slots[slot].ctx[0 if w & lib.ENG_SW_CTX else 1]
+
+
+def ctx_written_under_lock(eng: Engine, slot: int) -> bool:
+    """The slot is locked and its holder has written its context copy (the
+    copy's commit is the exact locked word): a takeover would roll forward."""
+    w = eng.state_word(slot)
+    return bool(w & LOCK) and int(staged_ctx(eng, slot, w).commit) == w
 
 
 def pwriter(eng: Engine, slot: int) -> int:
-    return int(eng._seg.slots[slot].pwriter)
+    """The pid of the slot's price latch holder (0: unlatched or gone)."""
+    return token_pid(eng, int(eng._seg.slots[slot].pword) & lib.ENG_TOKEN_MASK)
+
+
+def latched(eng: Engine, slot: int) -> bool:
+    return bool(int(eng._seg.slots[slot].pword) & lib.ENG_TOKEN_MASK)
 
 
 def transitions(eng: Engine, slot: int) -> int:
@@ -162,16 +191,16 @@ EXIT_REASON_OK: dict[int, Callable[[int], bool]] = {
 
 
 # -- workers (module level for spawn) -------------------------------------------------
-def ctx_transition_worker(handle: Any, slot: int, exit_reason: int) -> None:
+def ctx_transition_worker(handle: Any, pos: int, exit_reason: int) -> None:
     """Slow-path transition that pauses holding the lock (test_pause)."""
     eng = Engine.attach(handle)
-    eng.transition(slot, Trigger.EXIT_CONDITION_MET, exit_reason=exit_reason)
+    eng.transition(pos, Trigger.EXIT_CONDITION_MET, exit_reason=exit_reason)
 
 
-def guarded_worker(handle: Any, slot: int, trigger: str, exit_reason: int | None) -> None:
+def guarded_worker(handle: Any, pos: int, trigger: str, exit_reason: int | None) -> None:
     """Guarded transition whose guard sleeps holding the lock."""
     eng = Engine.attach(handle)
-    eng.transition(slot, trigger, exit_reason=exit_reason)
+    eng.transition(pos, trigger, exit_reason=exit_reason)
 
 
 def open_worker(handle: Any, entry_price: float) -> None:
@@ -180,62 +209,89 @@ def open_worker(handle: Any, entry_price: float) -> None:
     eng.open_position(entry_price=entry_price, amount=3.0, side=-1, token=42)
 
 
-def latch_and_die_worker(handle: Any, slot: int) -> None:
-    """Take a slot's price writer latch exactly as price_latch does (0 -> pid)
-    and die holding it, as a writer killed inside write_price would."""
+def latch_and_die_worker(handle: Any, pos: int) -> None:
+    """Take a position's price writer latch the way a price write does (C test
+    helper: pword (seq, 0) -> (seq, token)) and die holding it, as a writer
+    killed inside write_price would."""
     eng = Engine.attach(handle)
-    eng._seg.slots[slot].pwriter = os.getpid()
+    assert lib.eng_test_hold(eng._seg, 1, pos) == 0
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def waiter_worker(handle: Any, slot: int, out: Any) -> None:
+def wrap_then_die_worker(handle: Any, pos: int, ready: Any, go: Any) -> None:
+    """Seal a context copy with a slow-path lock, bring that copy back in line
+    to be filled next and the generation round to the sealed lock's (2^16
+    commits later), then take the very same lock word again (the parent
+    switches ENG_FAULT_DIE_AFTER_LOCK on first: killed right after the CAS)."""
+    eng = Engine.attach(handle)
+    slot = eng.slot_of(pos)
+    eng.transition(pos, "TICK", exit_reason=5)   # seals copy A under lock word L1
+    eng.transition(pos, "TICK", exit_reason=6)   # seals copy B: A is the next to fill
+    w = eng.state_word(slot)
+    sealed = int(staged_ctx(eng, slot, w).commit)
+    for _ in range((sw_gen(sealed) - sw_gen(w)) % 2**16):
+        eng.transition(pos, "TICK")              # fast path: generation + 1, C unchanged
+    ready.set()
+    go.wait(READY_TIMEOUT)
+    eng.transition(pos, "TICK", exit_reason=7)   # locks with L1 again
+
+
+def waiter_worker(handle: Any, pos: int, out: Any) -> None:
     """Block in wait_for_change; report the state it woke to."""
     eng = Engine.attach(handle)
-    out.put(int(eng.wait_for_change(slot, timeout=60.0)))
+    out.put(int(eng.wait_for_change(pos, timeout=60.0)))
 
 
 def recover_and_die_worker(handle: Any) -> None:
-    """Take the recovery flag exactly as eng_recover does (0 -> pid) and die
-    holding it, as a process killed in the middle of recover() would."""
+    """Take the recovery flag the way eng_recover does (C test helper: 0 ->
+    token) and die holding it, as a process killed in the middle of recover() would."""
     eng = Engine.attach(handle)
-    eng._seg.hdr.recovering = os.getpid()
+    assert lib.eng_test_hold(eng._seg, 3, 0) == 0
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def exit_worker() -> None:
-    """Exit at once (its pid then names a dead process)."""
+def fill_registry_and_die_worker(handle: Any) -> None:
+    """Attach until the registry is full (every free entry ACTIVE for this
+    pid), then die holding them all."""
+    engines = []
+    while True:
+        try:
+            engines.append(Engine.attach(handle))
+        except CapacityError:
+            break
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def batch_price_worker(handle: Any, ready: Any) -> None:
-    """Publish every slot's price in one C call, forever."""
+    """Publish every position's price in one C call, forever."""
     eng = Engine.attach(handle)
-    slots = np.arange(eng.capacity, dtype=np.uint32)
-    prices = np.full(eng.capacity, 101.25)
+    ids = eng.snapshot()["id"]
+    prices = np.full(len(ids), 101.25)
     ready.set()
     while True:
-        eng.update_prices(slots, prices)
+        eng.update_prices(ids, prices)
         prices += 0.25
 
 
 def creator_worker(name: str, n: int, ready: Any) -> None:
     """Create the segment, open positions, then keep transitioning until killed."""
     eng = Engine.create(capacity=4 * n, name=name)
-    slots = [eng.open_position(100.0 + i, 1.0) for i in range(n)]
-    for s in slots:
+    ids = [eng.open_position(100.0 + i, 1.0) for i in range(n)]
+    for s in ids:
         eng.transition(s, Trigger.POSITION_OPENED)
     ready.set()
     while True:
-        for s in slots:
+        for s in ids:
             eng.transition(s, Trigger.PAUSE)
             eng.transition(s, Trigger.RESUME)
 
 
-def flipper_worker(handle: Any, slots: list[int], counter: Any, ready: Any) -> None:
-    """PAUSE/RESUME the slots forever, counting calls that returned."""
+def flipper_worker(handle: Any, ids: list[int], counter: Any, ready: Any) -> None:
+    """PAUSE/RESUME the positions forever, counting calls that returned."""
     eng = Engine.attach(handle)
     ready.set()
     while True:
-        for s in slots:
+        for s in ids:
             eng.transition(s, Trigger.PAUSE)
             eng.transition(s, Trigger.RESUME)
             counter.value += 2
@@ -252,29 +308,30 @@ def price_writer_worker(handle: Any, seed: int, ready: Any) -> None:
     """Random single and batch price updates, forever."""
     eng = Engine.attach(handle)
     rng = random.Random(seed)
-    slots = np.arange(eng.capacity, dtype=np.uint32)
+    ids = eng.snapshot()["id"]
     ready.set()
     while True:
         try:
             if rng.random() < 0.5:
-                eng.update_prices(slots, np.array([rng.uniform(50.0, 150.0)] * eng.capacity))
+                eng.update_prices(ids, np.array([rng.uniform(50.0, 150.0)] * len(ids)))
             else:
-                eng.update_price(rng.randrange(eng.capacity), rng.uniform(50.0, 150.0))
+                eng.update_price(int(rng.choice(ids)), rng.uniform(50.0, 150.0))
         except BusyError:
             pass   # a live writer (descheduled on a busy host) held a latch past the bound
 
 
-def reader_worker(handle: Any, n_slots: int, counter: Any, ready: Any, stop: Any,
-                  out: Any) -> None:
-    """Read prices, contexts and states in a loop; report reads, the slowest
-    read, errors and torn records (PnL that disagrees with the price)."""
+def reader_worker(handle: Any, counter: Any, ready: Any, stop: Any, out: Any) -> None:
+    """Read prices, contexts and states of every open position in a loop;
+    report reads, the slowest read, errors and torn records (PnL that
+    disagrees with the price)."""
     eng = Engine.attach(handle)
-    entry = {s: eng.context(s) for s in range(n_slots)}
+    ids = [int(i) for i in eng.snapshot()["id"]]
+    entry = {s: eng.context(s) for s in ids}
     reads = errors = torn = 0
     slowest = 0.0
     ready.set()
     while not stop.is_set():
-        for s in range(n_slots):
+        for s in ids:
             t0 = time.perf_counter()
             try:
                 p = eng.price(s)
@@ -297,44 +354,46 @@ def reader_worker(handle: Any, n_slots: int, counter: Any, ready: Any, stop: Any
     out.put({"reads": reads, "errors": errors, "torn": torn, "slowest_s": slowest})
 
 
-def hammer_worker(handle: Any, n_slots: int, seed: int, ready: Any, stop: Any) -> None:
+def hammer_worker(handle: Any, seed: int, ready: Any, stop: Any) -> None:
     """Random transitions (fast, slow with context, guarded), prices and reads
-    on shared slots, keeping the exit_reason invariant on every commit."""
+    on shared positions, keeping the exit_reason invariant on every commit."""
     eng = Engine.attach(handle)
     rng = random.Random(seed)
-    slots = np.arange(n_slots, dtype=np.uint32)
+    ids = eng.snapshot()["id"]
+    n = len(ids)
+    positions = [int(i) for i in ids]
     ready.set()
     while not stop.is_set():
-        slot = rng.randrange(n_slots)
+        pos = positions[rng.randrange(n)]
         r = rng.random()
         try:
             if r < 0.40:
-                st = eng.state(slot)
+                st = eng.state(pos)
                 if st is State.MONITORING:
-                    eng.transition(slot, Trigger.EXIT_CONDITION_MET,
+                    eng.transition(pos, Trigger.EXIT_CONDITION_MET,
                                    exit_reason=rng.randrange(1, 1000))
                 elif st is State.EXIT_PENDING:
                     if rng.random() < 0.5:
-                        eng.transition(slot, Trigger.EXIT_CANCELLED, exit_reason=0)
+                        eng.transition(pos, Trigger.EXIT_CANCELLED, exit_reason=0)
                     else:
-                        eng.transition(slot, Trigger.EXIT_STARTED)   # guarded, no context
+                        eng.transition(pos, Trigger.EXIT_STARTED)   # guarded, no context
                 elif st is State.EXITING:
-                    eng.transition(slot, Trigger.EXIT_FAILED)
+                    eng.transition(pos, Trigger.EXIT_FAILED)
                 elif st is State.ERROR:
-                    eng.transition(slot, Trigger.RECOVER, exit_reason=0)
+                    eng.transition(pos, Trigger.RECOVER, exit_reason=0)
                 elif st is State.PAUSED:
-                    eng.transition(slot, Trigger.RESUME)
+                    eng.transition(pos, Trigger.RESUME)
             elif r < 0.45:
-                eng.transition(slot, Trigger.ERROR_OCCURRED, exit_reason=-1)
+                eng.transition(pos, Trigger.ERROR_OCCURRED, exit_reason=-1)
             elif r < 0.60:
-                eng.transition(slot, rng.choice((Trigger.PAUSE, Trigger.RESUME)))
+                eng.transition(pos, rng.choice((Trigger.PAUSE, Trigger.RESUME)))
             elif r < 0.80:
-                eng.update_price(slot, rng.uniform(50.0, 150.0))
+                eng.update_price(pos, rng.uniform(50.0, 150.0))
             elif r < 0.85:
-                eng.update_prices(slots, np.full(n_slots, rng.uniform(50.0, 150.0)))
+                eng.update_prices(ids, np.full(n, rng.uniform(50.0, 150.0)))
             else:
-                eng.price(slot)
-                eng.context(slot)
+                eng.price(pos)
+                eng.context(pos)
         except BusyError:
             pass   # a live writer held the record past the bound: allowed, nothing changed
 
@@ -375,11 +434,11 @@ def spawn() -> Iterator[Callable[..., Any]]:
         p.join(JOIN_TIMEOUT)
 
 
-def monitoring_slot(eng: Engine) -> int:
-    """Open a position and move it to MONITORING."""
-    slot = eng.open_position(entry_price=100.0, amount=2.0, token=3)
-    assert eng.transition(slot, Trigger.POSITION_OPENED) is Outcome.APPLIED
-    return slot
+def monitoring_slot(eng: Engine) -> tuple[int, int]:
+    """Open a position and move it to MONITORING; (id, slot index)."""
+    pos = eng.open_position(entry_price=100.0, amount=2.0, token=3)
+    assert eng.transition(pos, Trigger.POSITION_OPENED) is Outcome.APPLIED
+    return pos, eng.slot_of(pos)
 
 
 # -- the slow path, killed at a chosen point ---------------------------------------------
@@ -387,35 +446,36 @@ class TestKillInsideSlowPath:
     """A process killed holding a slot's transition lock: the lock is taken
     over and the transition ends fully applied or not at all."""
 
-    def _pause_in_ctx_transition(self, eng: Engine, spawn: Any, slot: int) -> Any:
+    def _pause_in_ctx_transition(self, eng: Engine, spawn: Any, pos: int) -> Any:
         """Child fires EXIT_CONDITION_MET(exit_reason=7) and pauses after
-        publishing the context, lock held.  Returns the child."""
+        writing its context copy, lock held.  Returns the child."""
+        slot = eng.slot_of(pos)
         eng._set_fault(pause_ns=LONG_PAUSE_NS)
-        p = spawn(ctx_transition_worker, eng.handle, slot, 7)
-        until(lambda: published_ctx_gen(eng, slot) == sw_gen(eng.state_word(slot)) + 1,
-              "the child to publish its context under the lock")
+        p = spawn(ctx_transition_worker, eng.handle, pos, 7)
+        until(lambda: ctx_written_under_lock(eng, slot),
+              "the child to write its context under the lock")
         w = eng.state_word(slot)
-        assert w & LOCK and sw_owner(w) == p.pid
+        assert w & LOCK and owner_pid(eng, w) == p.pid
         return p
 
     def test_takeover_rolls_forward_after_context_published(self, make_engine, spawn):
-        """Killed in the pause after publishing its context: another process's
+        """Killed in the pause after writing its context: another process's
         transition takes the lock over, completes the interrupted one, then applies."""
         eng = make_engine()
-        slot = monitoring_slot(eng)
-        before, gen0 = eng.context(slot), sw_gen(eng.state_word(slot))
-        p = self._pause_in_ctx_transition(eng, spawn, slot)
+        pos, slot = monitoring_slot(eng)
+        before, gen0 = eng.context(pos), sw_gen(eng.state_word(slot))
+        p = self._pause_in_ctx_transition(eng, spawn, pos)
         sigkill(p)
         eng._set_fault(pause_ns=0)
-        assert eng.state(slot) is State.MONITORING   # locked: the new state is not published
+        assert eng.state(pos) is State.MONITORING   # locked: the new state is not published
         takeovers0 = eng.metrics()["transition"].takeovers
-        outcome, took = timed(lambda: eng.transition(slot, Trigger.EXIT_STARTED))
+        outcome, took = timed(lambda: eng.transition(pos, Trigger.EXIT_STARTED))
         assert outcome is Outcome.APPLIED and took < ANSWER_BOUND
         # rolled forward (EXIT_PENDING, generation + 1), then ours applied on top
-        assert eng.state(slot) is State.EXITING
+        assert eng.state(pos) is State.EXITING
         w = eng.state_word(slot)
         assert sw_gen(w) == gen0 + 2 and not w & (LOCK | ERROR_FLAG)
-        ctx = eng.context(slot)
+        ctx = eng.context(pos)
         assert ctx.exit_reason == 7 and ctx.version == before.version + 1
         assert eng.metrics()["transition"].takeovers == takeovers0 + 1
 
@@ -423,9 +483,9 @@ class TestKillInsideSlowPath:
         """recover() completes the interrupted transition and removes the killed
         process's registry entry, and says so."""
         eng = make_engine()
-        slot = monitoring_slot(eng)
+        pos, slot = monitoring_slot(eng)
         gen0 = sw_gen(eng.state_word(slot))
-        p = self._pause_in_ctx_transition(eng, spawn, slot)
+        p = self._pause_in_ctx_transition(eng, spawn, pos)
         sigkill(p)
         eng._set_fault(pause_ns=0)
         report, took = timed(eng.recover)
@@ -433,18 +493,18 @@ class TestKillInsideSlowPath:
         assert (report.rolled_forward, report.rolled_back) == (1, 0)
         assert report.removed_pids == (p.pid,)
         assert p.pid not in registry_pids(eng)
-        assert eng.state(slot) is State.EXIT_PENDING
+        assert eng.state(pos) is State.EXIT_PENDING
         assert sw_gen(eng.state_word(slot)) == gen0 + 1
-        assert eng.context(slot).exit_reason == 7
+        assert eng.context(pos).exit_reason == 7
         assert not eng.recover().changed   # nothing left to do
 
     def test_live_holder_is_not_taken_over(self, make_engine, spawn):
         """While the holder lives, a contender gets CONFLICT within the bound
         (no hang, no steal) and recover() leaves the lock alone."""
         eng = make_engine()
-        slot = monitoring_slot(eng)
-        p = self._pause_in_ctx_transition(eng, spawn, slot)
-        outcome, took = timed(lambda: eng.transition(slot, Trigger.EXIT_STARTED))
+        pos, slot = monitoring_slot(eng)
+        p = self._pause_in_ctx_transition(eng, spawn, pos)
+        outcome, took = timed(lambda: eng.transition(pos, Trigger.EXIT_STARTED))
         assert outcome is Outcome.CONFLICT and took < ANSWER_BOUND
         report = eng.recover()
         assert (report.rolled_forward, report.rolled_back, report.removed_pids) == (0, 0, ())
@@ -454,36 +514,37 @@ class TestKillInsideSlowPath:
         assert eng.recover().rolled_forward == 1
 
     def test_killed_opener_rolls_forward(self, make_engine, spawn):
-        """open_position killed in the pause after its records were published:
+        """open_position killed in the pause after its records were written:
         recover() completes the open with the opener's context and price."""
         eng = make_engine(capacity=4)
         eng._set_fault(pause_ns=LONG_PAUSE_NS)
         p = spawn(open_worker, eng.handle, 77.5)
 
         def opener_locked() -> bool:
-            return any(sw_owner(eng.state_word(s)) == p.pid and eng.state_word(s) & LOCK
-                       and published_ctx_gen(eng, s) == sw_gen(eng.state_word(s)) + 1
-                       for s in range(eng.capacity))
+            return any(owner_pid(eng, eng.state_word(s)) == p.pid
+                       and ctx_written_under_lock(eng, s) for s in range(eng.capacity))
 
-        until(opener_locked, "the opener to lock a slot and publish its context")
+        until(opener_locked, "the opener to lock a slot and write its context")
         slot = next(s for s in range(eng.capacity) if eng.state_word(s) & LOCK)
         with pytest.raises(NotOpenError):
-            eng.state(slot)   # not open until the initial state is published
+            eng.id_of(slot)   # not open until the initial state is published
         sigkill(p)
         eng._set_fault(pause_ns=0)
         report = eng.recover()
         assert (report.rolled_forward, report.rolled_back) == (1, 0)
-        assert eng.state(slot) is State.CREATED
-        ctx = eng.context(slot)
+        pos = eng.id_of(slot)
+        assert eng.state(pos) is State.CREATED
+        ctx = eng.context(pos)
         assert (ctx.entry_price, ctx.amount, ctx.side, ctx.token) == (77.5, 3.0, -1, 42)
-        assert eng.price(slot).price == 77.5
+        assert eng.price(pos).price == 77.5
 
-    def _kill_inside_guard(self, eng: Engine, spawn: Any, slot: int,
+    def _kill_inside_guard(self, eng: Engine, spawn: Any, pos: int,
                            exit_reason: int | None) -> Any:
-        p = spawn(guarded_worker, eng.handle, slot, "FIRE", exit_reason)
+        slot = eng.slot_of(pos)
+        p = spawn(guarded_worker, eng.handle, pos, "FIRE", exit_reason)
         until(lambda: bool(eng.state_word(slot) & LOCK), "the child to take the lock")
         w = eng.state_word(slot)
-        assert sw_owner(w) == p.pid and sw_target(w) == GUARDED_SPEC.state_index["FIRED"]
+        assert owner_pid(eng, w) == p.pid and sw_target(w) == GUARDED_SPEC.state_index["FIRED"]
         time.sleep(0.05)   # well inside the guard by now (it sleeps a minute)
         sigkill(p)
         return p
@@ -493,49 +554,67 @@ class TestKillInsideSlowPath:
         restores the old state and generation, sets the error flag, and the
         context update never happened."""
         eng = make_engine(spec=GUARDED_SPEC)
-        slot = eng.open_position(100.0, 1.0)
-        assert eng.transition(slot, "ARM") is Outcome.APPLIED
-        w0, ctx0 = eng.state_word(slot), eng.context(slot)
-        p = self._kill_inside_guard(eng, spawn, slot, exit_reason=9)
+        pos = eng.open_position(100.0, 1.0)
+        slot = eng.slot_of(pos)
+        assert eng.transition(pos, "ARM") is Outcome.APPLIED
+        w0, ctx0 = eng.state_word(slot), eng.context(pos)
+        p = self._kill_inside_guard(eng, spawn, pos, exit_reason=9)
         report = eng.recover()
         assert (report.rolled_forward, report.rolled_back) == (0, 1)
         assert report.removed_pids == (p.pid,)
         w = eng.state_word(slot)
         assert w == w0 | ERROR_FLAG            # same state, same generation, flagged
-        assert eng.context(slot) == ctx0       # exit_reason 9 never published
-        assert eng.transition(slot, "DISARM") is Outcome.APPLIED
+        assert eng.context(pos) == ctx0        # exit_reason 9 never published
+        assert eng.transition(pos, "DISARM") is Outcome.APPLIED
         assert not eng.state_word(slot) & ERROR_FLAG   # cleared by the next commit
 
     def test_takeover_rolls_back_guard_then_applies(self, make_engine, spawn):
         """Another process's transition finds the guard's owner dead, rolls the
         guarded transition back and applies its own, within the bound."""
         eng = make_engine(spec=GUARDED_SPEC)
-        slot = eng.open_position(100.0, 1.0)
-        eng.transition(slot, "ARM")
+        pos = eng.open_position(100.0, 1.0)
+        slot = eng.slot_of(pos)
+        eng.transition(pos, "ARM")
         gen0 = sw_gen(eng.state_word(slot))
-        self._kill_inside_guard(eng, spawn, slot, exit_reason=None)
-        outcome, took = timed(lambda: eng.transition(slot, "DISARM"))
+        self._kill_inside_guard(eng, spawn, pos, exit_reason=None)
+        outcome, took = timed(lambda: eng.transition(pos, "DISARM"))
         assert outcome is Outcome.APPLIED and took < ANSWER_BOUND
-        assert eng.state(slot) == GUARDED_SPEC.State["IDLE"]
+        assert eng.state(pos) == GUARDED_SPEC.State["IDLE"]
         assert sw_gen(eng.state_word(slot)) == gen0 + 1   # only DISARM committed
-        assert eng.context(slot).exit_reason == 0
+        assert eng.context(pos).exit_reason == 0
 
-    def test_killed_in_guard_after_generation_wrap_rolls_back(self, make_engine, spawn):
-        """Killed inside a guard when the published context's generation (from
-        2^16 commits ago) equals the lock's new generation: still rolled back
-        (the locker disowns the stale context right after taking the lock)."""
+    def test_killed_after_lock_matching_a_wrapped_seal_rolls_back(self, make_engine, spawn):
+        """Killed right after taking a lock whose exact word (state, target,
+        generation, C bit, owner token) sealed the context copy it is about to
+        fill 2^16 commits ago: still rolled back, never forward with that stale
+        copy (the locker clears a seal equal to its lock word before the CAS)."""
         eng = make_engine(spec=GUARDED_SPEC)
-        slot = eng.open_position(100.0, 1.0)
-        eng.transition(slot, "ARM")
-        ticks = (published_ctx_gen(eng, slot) - 1 - sw_gen(eng.state_word(slot))) % 2**16
-        for _ in range(ticks):   # fast-path self-loops: generation + 1 each, context untouched
-            eng.transition(slot, "TICK")
+        pos = eng.open_position(100.0, 1.0)
+        slot = eng.slot_of(pos)
+        eng.transition(pos, "ARM")
+        ready, go = CTX.Event(), CTX.Event()
+        p = spawn(wrap_then_die_worker, eng.handle, pos, ready, go)
+        assert ready.wait(READY_TIMEOUT * 4), "the child never wrapped the generation"
         w0 = eng.state_word(slot)
-        assert published_ctx_gen(eng, slot) == (sw_gen(w0) + 1) % 2**16
-        self._kill_inside_guard(eng, spawn, slot, exit_reason=None)
+        token = next(int(e.incarnation) << lib.ENG_TOKEN_ENTRY_BITS | i
+                     for i, e in ((i, eng._seg.registry[i]) for i in range(lib.ENG_MAX_PROCS))
+                     if e.pid == p.pid)
+        next_lock = (w0 | LOCK | (GUARDED_SPEC.state_index["ARMED"] << lib.ENG_SW_TARGET_SHIFT)
+                     | (token << lib.ENG_SW_OWNER_SHIFT))
+        assert int(staged_ctx(eng, slot, w0).commit) == next_lock   # the stale seal matches
+        ctx0 = eng.context(pos)
+        eng._set_fault(lib.ENG_FAULT_DIE_AFTER_LOCK)
+        try:
+            go.set()
+            p.join(JOIN_TIMEOUT)
+            assert p.exitcode == -signal.SIGKILL
+        finally:
+            eng._set_fault(0)
         report = eng.recover()
-        assert eng.state(slot) == GUARDED_SPEC.State["ARMED"], "guard never approved FIRE"
         assert (report.rolled_forward, report.rolled_back) == (0, 1)
+        assert report.removed_pids == (p.pid,)
+        assert eng.state_word(slot) == w0 | ERROR_FLAG   # same word, flagged
+        assert eng.context(pos) == ctx0                  # the stale copy was not published
 
 
 # -- the price latch ------------------------------------------------------------------------
@@ -547,27 +626,27 @@ class TestKillInsidePriceWrite:
         """update_price on a slot whose latch a dead process holds succeeds
         within the bound and counts a takeover."""
         eng = make_engine()
-        slot = monitoring_slot(eng)
-        p = spawn(latch_and_die_worker, eng.handle, slot)
+        pos, slot = monitoring_slot(eng)
+        p = spawn(latch_and_die_worker, eng.handle, pos)
         p.join(JOIN_TIMEOUT)
         assert p.exitcode == -signal.SIGKILL and pwriter(eng, slot) == p.pid
-        v0 = eng.price(slot).version     # readers are not blocked by the dead latch
-        _, took = timed(lambda: eng.update_price(slot, 104.0))
+        v0 = eng.price(pos).version      # readers are not blocked by the dead latch
+        _, took = timed(lambda: eng.update_price(pos, 104.0))
         assert took < ANSWER_BOUND
-        snap = eng.price(slot)
+        snap = eng.price(pos)
         assert (snap.price, snap.version) == (104.0, v0 + 1)
-        assert pwriter(eng, slot) == 0
+        assert not latched(eng, slot)
         assert eng.metrics()["price"].takeovers == 1
 
     def test_recover_releases_dead_latch(self, make_engine, spawn):
         """recover() releases a dead writer's latch and reports it."""
         eng = make_engine()
-        slot = monitoring_slot(eng)
-        p = spawn(latch_and_die_worker, eng.handle, slot)
+        pos, slot = monitoring_slot(eng)
+        p = spawn(latch_and_die_worker, eng.handle, pos)
         p.join(JOIN_TIMEOUT)
         report = eng.recover()
         assert report.price_latches == 1 and report.removed_pids == (p.pid,)
-        assert pwriter(eng, slot) == 0
+        assert not latched(eng, slot)
 
     def test_kill_mid_batch_leaves_latch_that_is_taken_over(self, make_engine, spawn):
         """SIGKILL during a large update_prices batch (most of its time is spent
@@ -583,7 +662,7 @@ class TestKillInsidePriceWrite:
             assert ready.wait(READY_TIMEOUT)
             time.sleep(rng.uniform(0.02, 0.2))
             sigkill(p)
-            held = [s for s in range(eng.capacity) if pwriter(eng, s)]
+            held = [s for s in range(eng.capacity) if latched(eng, s)]
             if held:
                 break
             assert eng.recover().removed_pids == (p.pid,)
@@ -591,8 +670,9 @@ class TestKillInsidePriceWrite:
             pytest.fail("15 kills mid-batch never left a latch held")
         assert held == [held[0]] and pwriter(eng, held[0]) == p.pid, attempt
         takeovers0 = eng.metrics()["price"].takeovers
-        _, took = timed(lambda: eng.update_price(held[0], 99.0))
-        assert took < ANSWER_BOUND and eng.price(held[0]).price == 99.0
+        pos = eng.id_of(held[0])
+        _, took = timed(lambda: eng.update_price(pos, 99.0))
+        assert took < ANSWER_BOUND and eng.price(pos).price == 99.0
         assert eng.metrics()["price"].takeovers == takeovers0 + 1
         report = eng.recover()
         assert report.price_latches == 0 and report.removed_pids == (p.pid,)
@@ -603,24 +683,27 @@ class TestKillElsewhere:
     """Deaths outside transitions and price writes: waiting, recovering, attaching."""
 
     def test_killed_waiter_does_not_break_wakeups(self, make_engine, spawn):
-        """A process killed inside wait_for_change: other waiters are still
-        woken by the next commit, within the bound."""
+        """A process killed inside wait_for_change leaves the slot's waiting flag
+        set: the next commit pays one spurious wake and clears it.  A later
+        waiter is still woken by the next commit, within the bound."""
         eng = make_engine()
-        slot = monitoring_slot(eng)
+        pos, slot = monitoring_slot(eng)
+        rec = eng._seg.slots[slot]
         out = CTX.Queue()
-        first = spawn(waiter_worker, eng.handle, slot, out)
-        until(lambda: eng._seg.slots[slot].waiters == 1, "the first waiter to block")
+        first = spawn(waiter_worker, eng.handle, pos, out)
+        until(lambda: rec.waiting == 1, "the first waiter to block")
         sigkill(first)
-        second = spawn(waiter_worker, eng.handle, slot, out)
-        until(lambda: eng._seg.slots[slot].waiters == 2, "the second waiter to block")
-        assert eng.transition(slot, Trigger.PAUSE) is Outcome.APPLIED
-        assert out.get(timeout=ANSWER_BOUND) == State.PAUSED
+        assert rec.waiting == 1            # the dead waiter's flag outlives it ...
+        assert eng.transition(pos, Trigger.PAUSE) is Outcome.APPLIED
+        assert rec.waiting == 0            # ... until the next commit clears it
+        second = spawn(waiter_worker, eng.handle, pos, out)
+        until(lambda: rec.waiting == 1, "the second waiter to block")
+        assert eng.transition(pos, Trigger.RESUME) is Outcome.APPLIED
+        assert out.get(timeout=ANSWER_BOUND) == State.MONITORING
         second.join(JOIN_TIMEOUT)
         assert second.exitcode == 0
-        # the dead waiter's registration is never taken back: every later commit
-        # on this slot pays a FUTEX_WAKE (harmless, reported)
-        print(f"\nwaiters left registered by the killed waiter: "
-              f"{int(eng._seg.slots[slot].waiters)}")
+        assert eng.transition(pos, Trigger.PAUSE) is Outcome.APPLIED
+        assert rec.waiting == 0            # whatever the woken waiter left, cleared
 
     def test_killed_recoverer_is_taken_over(self, make_engine, spawn):
         """The recovery flag held by a dead process is taken over: recover()
@@ -628,33 +711,36 @@ class TestKillElsewhere:
         eng = make_engine()
         p = spawn(recover_and_die_worker, eng.handle)
         p.join(JOIN_TIMEOUT)
-        assert int(eng._seg.hdr.recovering) == p.pid
+        assert token_pid(eng, int(eng._seg.hdr.recovering)) == p.pid
         report, took = timed(eng.recover)
         assert took < ANSWER_BOUND and report.removed_pids == (p.pid,)
         assert int(eng._seg.hdr.recovering) == 0
 
     def test_registry_full_of_dead_entries(self, make_engine, spawn):
-        """Every registry entry held by dead processes (ACTIVE, and CLAIMED as a
-        process killed mid-attach leaves it): attach says the registry is full,
-        recover() removes them all, attach works again."""
+        """Every registry entry but ours held by a dead process (one process
+        attached until the registry was full, then was SIGKILLed): attach
+        still works, taking one dead entry over in a new incarnation (the dead
+        holder's token stays dead); recover() removes the other dead entries."""
         eng = make_engine()
-        p = spawn(exit_worker)
+        p = spawn(fill_registry_and_die_worker, eng.handle)
         p.join(JOIN_TIMEOUT)
+        assert p.exitcode == -signal.SIGKILL
         dead = p.pid
-        filled = 0
-        for i in range(lib.ENG_MAX_PROCS):
-            e = eng._seg.registry[i]
-            if e.pid == 0:
-                e.state = lib.ENG_PROC_CLAIMED if i % 2 else lib.ENG_PROC_ACTIVE
-                e.start_time = 0 if i % 2 else 12345
-                e.pid = dead
-                filled += 1
-        with pytest.raises(CapacityError, match="recover"):
-            Engine.attach(eng.handle)
-        report = eng.recover()
-        assert report.removed_pids == (dead,) * filled
+        reg = eng._seg.registry
+        dead_tokens = {i: int(reg[i].incarnation) << lib.ENG_TOKEN_ENTRY_BITS | i
+                       for i in range(lib.ENG_MAX_PROCS) if reg[i].pid == dead}
+        filled = len(dead_tokens)
+        assert filled == lib.ENG_MAX_PROCS - 1     # every entry but ours
         with Engine.attach(eng.handle) as other:
-            assert other.state(monitoring_slot(eng)) is State.MONITORING
+            i = other._seg.token & lib.ENG_TOKEN_ENTRY_MASK
+            assert i in dead_tokens and other._seg.token != dead_tokens[i]
+            assert int(reg[i].pid) == os.getpid()
+            assert not lib.eng_owner_alive(eng._seg, dead_tokens[i])
+            assert registry_pids(eng).count(dead) == filled - 1
+            report = eng.recover()
+            assert report.removed_pids == (dead,) * (filled - 1)
+            assert set(registry_pids(eng)) == {os.getpid()}
+            assert other.state(monitoring_slot(eng)[0]) is State.MONITORING
 
 
 # -- the creator dies --------------------------------------------------------------------------
@@ -671,9 +757,9 @@ class TestCreatorKilled:
             creator = spawn(creator_worker, name, 8, ready)
             assert ready.wait(READY_TIMEOUT)
             eng = Engine.attach(name)
-            slots = [int(r["slot"]) for r in eng.snapshot()]
+            ids = [int(r["id"]) for r in eng.snapshot()]
             counter, ready2 = CTX.Value("Q", 0, lock=False), CTX.Event()
-            spawn(flipper_worker, eng.handle, slots[:4], counter, ready2)
+            spawn(flipper_worker, eng.handle, ids[:4], counter, ready2)
             assert ready2.wait(READY_TIMEOUT)
             time.sleep(0.1)
             sigkill(creator)
@@ -689,7 +775,7 @@ class TestCreatorKilled:
             assert all(s in (State.MONITORING, State.PAUSED) for s in states)
             report = eng.recover()
             assert creator.pid in report.removed_pids
-            for s in slots:
+            for s in ids:
                 outcome, took = timed(lambda s=s: eng.transition(s, Trigger.ERROR_OCCURRED))
                 assert outcome in (Outcome.APPLIED, Outcome.CONFLICT) and took < ANSWER_BOUND
         finally:
@@ -711,7 +797,7 @@ class TestReadersNeverBlocked:
             eng.open_position(100.0 + i % 7, 1.0 + i % 3, side=1 if i % 2 else -1)
         counter, ready, stop, out = (CTX.Value("Q", 0, lock=False), CTX.Event(), CTX.Event(),
                                      CTX.Queue())
-        reader = spawn(reader_worker, eng.handle, eng.capacity, counter, ready, stop, out)
+        reader = spawn(reader_worker, eng.handle, counter, ready, stop, out)
         assert ready.wait(READY_TIMEOUT)
         rng = random.Random(7)
         writers = []
@@ -771,18 +857,18 @@ def run_chaos(eng: Engine, spawn: Any, workers: int, seconds: float, kill_every:
     rng = random.Random(seed)
     n = eng.capacity
     for i in range(n):
-        eng.open_position(100.0, 1.0 + i % 4, side=1 if i % 2 else -1, token=i % 5)
-        eng.transition(i, Trigger.POSITION_OPENED)
+        pos = eng.open_position(100.0, 1.0 + i % 4, side=1 if i % 2 else -1, token=i % 5)
+        eng.transition(pos, Trigger.POSITION_OPENED)
     figs = ChaosFigures()
     stop = CTX.Event()
     counter, rready, rstop, rout = (CTX.Value("Q", 0, lock=False), CTX.Event(), CTX.Event(),
                                     CTX.Queue())
-    reader = spawn(reader_worker, eng.handle, n, counter, rready, rstop, rout)
+    reader = spawn(reader_worker, eng.handle, counter, rready, rstop, rout)
     assert rready.wait(READY_TIMEOUT)
 
     def start_worker() -> Any:
         ready = CTX.Event()
-        p = spawn(hammer_worker, eng.handle, n, rng.randrange(2**32), ready, stop)
+        p = spawn(hammer_worker, eng.handle, rng.randrange(2**32), ready, stop)
         assert ready.wait(READY_TIMEOUT), "a worker did not start"
         return p
 
@@ -825,18 +911,19 @@ def run_chaos(eng: Engine, spawn: Any, workers: int, seconds: float, kill_every:
     for s in range(n):
         w = eng.state_word(s)
         st = sw_state(w)
-        assert not w & LOCK and pwriter(eng, s) == 0, f"slot {s}: {w:#x}"
+        assert not w & LOCK and not latched(eng, s), f"slot {s}: {w:#x}"
         assert st and st & (st - 1) == 0 and st.bit_length() <= len(POSITION_SPEC.states), \
             f"slot {s}: state {st:#x} is not one-hot"
-        ctx = eng.context(s)
+        pos = eng.id_of(s)
+        ctx = eng.context(pos)
         assert EXIT_REASON_OK[State(st)](ctx.exit_reason), \
             f"slot {s}: state {State(st).name} with exit_reason {ctx.exit_reason}"
         # every commit adds one to both, except a kill between them can lose a count
         lag = (sw_gen(w) - transitions(eng, s)) % 2**16
         assert lag <= figs.kills, f"slot {s}: generation {sw_gen(w)} vs {transitions(eng, s)}"
         figs.error_flags += bool(w & ERROR_FLAG)
-        outcome, took = timed(lambda s=s: eng.transition(s, Trigger.ERROR_OCCURRED,
-                                                         exit_reason=-1))
+        outcome, took = timed(lambda pos=pos: eng.transition(pos, Trigger.ERROR_OCCURRED,
+                                                             exit_reason=-1))
         assert outcome is Outcome.APPLIED and took < ANSWER_BOUND
     print(f"\nchaos: {workers} workers, {figs.seconds:.0f} s, {figs.kills} kills, "
           f"{figs.takeovers} takeovers (metrics), recover: {figs.rolled_forward} rolled "
@@ -857,7 +944,7 @@ class TestChaos:
         eng = make_engine(capacity=48, spec=CHAOS_SPEC)
         figs = run_chaos(eng, spawn, workers=4, seconds=15, kill_every=0.4,
                          pause_ns=200_000, seed=11)
-        assert figs.kills >= 10
+        assert figs.kills >= 5, "too few kills to mean anything (is the host overloaded?)"
 
 
 @pytest.mark.slow

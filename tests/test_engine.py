@@ -51,16 +51,22 @@ def shm_path(name: str) -> str:
 
 def opened(eng: Engine, entry: float = 100.0, amount: float = 2.0, side: int = 1,
            token: int = 7) -> int:
-    """A position moved to MONITORING."""
-    slot = eng.open_position(entry_price=entry, amount=amount, side=side, token=token)
-    assert eng.transition(slot, Trigger.POSITION_OPENED) is Outcome.APPLIED
-    return slot
+    """A position moved to MONITORING; returns its id."""
+    pos = eng.open_position(entry_price=entry, amount=amount, side=side, token=token)
+    assert eng.transition(pos, Trigger.POSITION_OPENED) is Outcome.APPLIED
+    return pos
 
 
-def waiters(eng: Engine, slot: int) -> int:
-    """Processes blocked in wait_for_change on ``slot`` (read from the shared
-    slot record: the only way to know a waiter is really asleep)."""
-    return int(eng._seg.slots[slot].waiters)
+def word_of(eng: Engine, pos: int) -> int:
+    """The state word of position ``pos``'s slot (state_word takes a slot index)."""
+    return eng.state_word(eng.slot_of(pos))
+
+
+def waiting(eng: Engine, pos: int) -> int:
+    """The slot's waiting flag: 1 once a process in wait_for_change on it may
+    sleep on its futex word, cleared by the next commit (read from the shared
+    slot record: the only way to know a waiter got as far as sleeping)."""
+    return int(eng._seg.slots[eng.slot_of(pos)].waiting)
 
 
 def wait_until(pred, timeout: float = 10.0) -> bool:
@@ -91,13 +97,13 @@ class TestCreateAttach:
 
     def test_create_refuses_existing_name_and_leaves_it_intact(self, engine):
         """create() on a name in use raises SegmentError and does not touch the segment."""
-        slot = opened(engine)
+        pos = opened(engine)
         with pytest.raises(SegmentError, match="already exists"):
             Engine.create(capacity=4, name=engine.name)
-        assert engine.state(slot) is State.MONITORING
+        assert engine.state(pos) is State.MONITORING
         with Engine.attach(engine.name) as other:
             assert other.capacity == engine.capacity
-            assert other.state(slot) is State.MONITORING
+            assert other.state(pos) is State.MONITORING
 
     def test_segment_mode_is_0600(self, engine):
         """The segment file is readable and writable by its owner only."""
@@ -106,18 +112,18 @@ class TestCreateAttach:
 
     def test_attach_by_name_shares_state(self, engine):
         """An Engine attached by name sees and changes the same slots."""
-        slot = opened(engine)
+        pos = opened(engine)
         with Engine.attach(engine.name) as other:
-            assert other.state(slot) is State.MONITORING
-            assert other.transition(slot, Trigger.PAUSE) is Outcome.APPLIED
-        assert engine.state(slot) is State.PAUSED
+            assert other.state(pos) is State.MONITORING
+            assert other.transition(pos, Trigger.PAUSE) is Outcome.APPLIED
+        assert engine.state(pos) is State.PAUSED
 
     def test_attach_by_handle_shares_state(self, engine):
         """An Engine attached by handle sees the same segment."""
-        slot = opened(engine)
+        pos = opened(engine)
         with Engine.attach(engine.handle) as other:
             assert other.name == engine.name
-            assert other.context(slot) == engine.context(slot)
+            assert other.context(pos) == engine.context(pos)
 
     def test_handle_is_small_and_picklable(self, engine):
         """The handle survives a pickle round trip and still attaches."""
@@ -161,12 +167,12 @@ class TestCreateAttach:
 class TestCloseUnlink:
     def test_close_detaches_but_segment_lives(self, engine):
         """close() detaches this view only; the segment and its data remain."""
-        slot = opened(engine)
+        pos = opened(engine)
         engine.close()
         assert engine.closed
         assert os.path.exists(shm_path(engine.name))
         with Engine.attach(engine.name) as other:
-            assert other.state(slot) is State.MONITORING
+            assert other.state(pos) is State.MONITORING
 
     def test_close_twice_is_harmless(self, engine):
         """A second close() does nothing."""
@@ -176,19 +182,20 @@ class TestCloseUnlink:
 
     def test_calls_after_close_raise_closed_error(self, engine):
         """Every operation on a closed Engine raises ClosedError."""
-        slot = opened(engine)
+        pos = opened(engine)
+        slot = engine.slot_of(pos)
         engine.close()
         calls = [
-            lambda: engine.state(slot), lambda: engine.state_word(slot),
-            lambda: engine.price(slot), lambda: engine.context(slot),
-            lambda: engine.transition(slot, Trigger.PAUSE),
-            lambda: engine.transition(slot, Trigger.PAUSE, exit_reason=1),
-            lambda: engine.update_price(slot, 1.0),
-            lambda: engine.update_prices(np.array([slot]), np.array([1.0])),
+            lambda: engine.state(pos), lambda: engine.state_word(slot),
+            lambda: engine.price(pos), lambda: engine.context(pos),
+            lambda: engine.transition(pos, Trigger.PAUSE),
+            lambda: engine.transition(pos, Trigger.PAUSE, exit_reason=1),
+            lambda: engine.update_price(pos, 1.0),
+            lambda: engine.update_prices(np.array([pos]), np.array([1.0])),
             lambda: engine.update_token_price(7, 1.0),
             lambda: engine.open_position(1.0, 1.0),
-            lambda: engine.release_position(slot),
-            lambda: engine.wait_for_change(slot, 0.01),
+            lambda: engine.release_position(pos),
+            lambda: engine.wait_for_change(pos, 0.01),
             engine.snapshot, engine.metrics, engine.recover, engine.halt,
         ]
         for call in calls:
@@ -204,20 +211,20 @@ class TestCloseUnlink:
 
     def test_unlink_keeps_existing_mappings_working(self, engine):
         """After unlink() an attached Engine keeps working on its mapping."""
-        slot = opened(engine)
+        pos = opened(engine)
         engine.unlink()
-        assert engine.transition(slot, Trigger.PAUSE) is Outcome.APPLIED
-        assert engine.state(slot) is State.PAUSED
+        assert engine.transition(pos, Trigger.PAUSE) is Outcome.APPLIED
+        assert engine.state(pos) is State.PAUSED
 
     def test_context_manager_closes_and_keeps_segment(self):
         """`with Engine.create(...)` closes on exit but does not unlink."""
         with Engine.create(capacity=2) as eng:
             name = eng.name
-            slot = opened(eng)
+            pos = opened(eng)
         try:
             assert eng.closed
             with Engine.attach(name) as other:
-                assert other.state(slot) is State.MONITORING
+                assert other.state(pos) is State.MONITORING
         finally:
             eng.unlink()
 
@@ -237,13 +244,13 @@ class TestIndependentInterpreter:
     @pytest.mark.parametrize("close", [True, False], ids=["close", "no-close"])
     def test_attach_and_exit_leaves_segment(self, engine, child_env, close):
         """Another interpreter attaching and exiting keeps the segment; stderr stays clean."""
-        slot = opened(engine)
+        pos = opened(engine)
         code = textwrap.dedent(f"""
             from engine import Engine, Trigger
             eng = Engine.attach({engine.name!r})
-            print(eng.state({slot}).name)
-            eng.transition({slot}, Trigger.PAUSE)
-            eng.update_price({slot}, 123.0)
+            print(eng.state({pos}).name)
+            eng.transition({pos}, Trigger.PAUSE)
+            eng.update_price({pos}, 123.0)
             {"eng.close()" if close else "pass"}
         """)
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -253,8 +260,8 @@ class TestIndependentInterpreter:
         assert r.stderr == "", r.stderr          # no resource_tracker leak warning
         assert os.path.exists(shm_path(engine.name))
         with Engine.attach(engine.name) as again:
-            assert again.state(slot) is State.PAUSED
-            assert again.price(slot).price == 123.0
+            assert again.state(pos) is State.PAUSED
+            assert again.price(pos).price == 123.0
         assert engine.recover().changed is False   # the child left the registry
 
     def test_segment_outlives_its_creator(self, child_env):
@@ -300,12 +307,14 @@ class TestRegistry:
 # ---------------------------------------------------------------------------------
 class TestOpenRelease:
     def test_open_starts_created_with_context(self, engine):
-        """open_position returns a slot in CREATED whose context holds its arguments."""
+        """open_position returns the id of a position in CREATED whose context
+        holds its arguments."""
         before = time.time_ns()
-        slot = engine.open_position(entry_price=100.0, amount=2.5, side=-1, token=42)
-        assert 0 <= slot < engine.capacity
-        assert engine.state(slot) is State.CREATED
-        ctx = engine.context(slot)
+        pos = engine.open_position(entry_price=100.0, amount=2.5, side=-1, token=42)
+        assert 0 <= engine.slot_of(pos) < engine.capacity
+        assert engine.id_of(engine.slot_of(pos)) == pos
+        assert engine.state(pos) is State.CREATED
+        ctx = engine.context(pos)
         assert isinstance(ctx, Context)
         assert (ctx.entry_price, ctx.amount, ctx.side, ctx.token) == (100.0, 2.5, -1, 42)
         assert (ctx.stop_loss, ctx.take_profit, ctx.exit_reason) == (0.0, 0.0, 0)
@@ -313,8 +322,8 @@ class TestOpenRelease:
 
     def test_open_publishes_entry_price(self, engine):
         """A new position's price record is its entry price with zero PnL."""
-        slot = engine.open_position(entry_price=50.0, amount=1.0)
-        p = engine.price(slot)
+        pos = engine.open_position(entry_price=50.0, amount=1.0)
+        p = engine.price(pos)
         assert isinstance(p, PriceSnapshot)
         assert (p.price, p.pnl_pct, p.pnl_usd) == (50.0, 0.0, 0.0)
         assert p.version >= 1
@@ -322,8 +331,9 @@ class TestOpenRelease:
     def test_open_gives_distinct_slots(self, make_engine):
         """Every open position gets its own slot."""
         eng = make_engine(capacity=8)
-        slots = [eng.open_position(100.0, 1.0) for _ in range(8)]
-        assert sorted(slots) == list(range(8))
+        ids = [eng.open_position(100.0, 1.0) for _ in range(8)]
+        assert sorted(eng.slot_of(p) for p in ids) == list(range(8))
+        assert len(set(ids)) == 8
 
     def test_open_when_full_raises_capacity_error_and_changes_nothing(self, make_engine):
         """open_position on a full engine raises CapacityError; no slot changes."""
@@ -338,36 +348,39 @@ class TestOpenRelease:
     def test_release_closed_frees_slot_for_reuse(self, make_engine):
         """release_position on a CLOSED slot frees it; the next open can reuse it."""
         eng = make_engine(capacity=1)
-        slot = opened(eng)
+        pos = opened(eng)
         for trig in (Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED, Trigger.EXIT_COMPLETED):
-            assert eng.transition(slot, trig) is Outcome.APPLIED
-        gen = generation(eng.state_word(slot))
-        assert eng.release_position(slot) is Outcome.APPLIED
-        assert generation(eng.state_word(slot)) == (gen + 1) & GEN_MASK
+            assert eng.transition(pos, trig) is Outcome.APPLIED
+        gen = generation(word_of(eng, pos))
+        assert eng.release_position(pos) is Outcome.APPLIED
+        assert generation(word_of(eng, pos)) == (gen + 1) & GEN_MASK
         with pytest.raises(NotOpenError):
-            eng.state(slot)
+            eng.state(pos)
         assert len(eng.snapshot()) == 0
-        assert eng.open_position(10.0, 1.0, token=9) == slot
-        assert eng.state(slot) is State.CREATED
-        assert eng.context(slot).token == 9
+        again = eng.open_position(10.0, 1.0, token=9)
+        assert eng.slot_of(again) == eng.slot_of(pos) and again != pos   # same slot, new id
+        assert eng.state(again) is State.CREATED
+        assert eng.context(again).token == 9
+        with pytest.raises(NotOpenError):
+            eng.state(pos)          # the released opening's id stays refused
 
     def test_release_open_position_is_invalid_and_changes_nothing(self, engine):
         """release_position of a position that is not CLOSED returns INVALID."""
-        slot = opened(engine)
-        word = engine.state_word(slot)
-        assert engine.release_position(slot) is Outcome.INVALID
-        assert engine.state_word(slot) == word
+        pos = opened(engine)
+        word = word_of(engine, pos)
+        assert engine.release_position(pos) is Outcome.INVALID
+        assert word_of(engine, pos) == word
 
     def test_release_twice_raises_not_open(self, make_engine):
         """A released slot cannot be released again."""
         eng = make_engine(capacity=1)
-        slot = opened(eng)
-        eng.transition(slot, Trigger.EXIT_CONDITION_MET)
-        eng.transition(slot, Trigger.EXIT_STARTED)
-        eng.transition(slot, Trigger.EXIT_COMPLETED)
-        eng.release_position(slot)
+        pos = opened(eng)
+        eng.transition(pos, Trigger.EXIT_CONDITION_MET)
+        eng.transition(pos, Trigger.EXIT_STARTED)
+        eng.transition(pos, Trigger.EXIT_COMPLETED)
+        eng.release_position(pos)
         with pytest.raises(NotOpenError):
-            eng.release_position(slot)
+            eng.release_position(pos)
 
 
 # ---------------------------------------------------------------------------------
@@ -391,69 +404,69 @@ DEFAULT_WALK = [
 class TestTransition:
     def test_fast_path_walks_the_lifecycle(self, engine):
         """Each rule of the default lifecycle moves the slot to its target."""
-        slot = engine.open_position(100.0, 1.0)
+        pos = engine.open_position(100.0, 1.0)
         for trig, target in DEFAULT_WALK:
-            assert engine.transition(slot, trig) is Outcome.APPLIED, trig
-            assert engine.state(slot) is target
+            assert engine.transition(pos, trig) is Outcome.APPLIED, trig
+            assert engine.state(pos) is target
 
     def test_invalid_trigger_from_state_changes_nothing(self, engine):
         """A trigger with no rule from the state returns INVALID; the word is unchanged."""
-        slot = opened(engine)
-        word = engine.state_word(slot)
+        pos = opened(engine)
+        word = word_of(engine, pos)
         for trig in (Trigger.POSITION_OPENED, Trigger.RESUME, Trigger.EXIT_STARTED,
                      Trigger.EXIT_COMPLETED, Trigger.RECOVER):
-            assert engine.transition(slot, trig) is Outcome.INVALID
-        assert engine.state_word(slot) == word
+            assert engine.transition(pos, trig) is Outcome.INVALID
+        assert word_of(engine, pos) == word
 
     def test_closed_is_final(self, engine):
         """Nothing leaves CLOSED, not even ERROR_OCCURRED."""
-        slot = engine.open_position(100.0, 1.0)
+        pos = engine.open_position(100.0, 1.0)
         for trig, _ in DEFAULT_WALK:
-            engine.transition(slot, trig)
-        assert engine.state(slot) is State.CLOSED
+            engine.transition(pos, trig)
+        assert engine.state(pos) is State.CLOSED
         for trig in Trigger:
-            assert engine.transition(slot, trig) is Outcome.INVALID
-        assert engine.state(slot) is State.CLOSED
+            assert engine.transition(pos, trig) is Outcome.INVALID
+        assert engine.state(pos) is State.CLOSED
 
     def test_string_trigger_names(self, engine):
         """A trigger may be given by name; it does what its enum does."""
-        slot = engine.open_position(100.0, 1.0)
-        assert engine.transition(slot, "POSITION_OPENED") is Outcome.APPLIED
-        assert engine.transition(slot, "PAUSE") is Outcome.APPLIED
-        assert engine.state(slot) is State.PAUSED
-        assert engine.transition(slot, "PAUSE") is Outcome.INVALID
-        assert engine.transition(slot, "RESUME", exit_reason=4) is Outcome.APPLIED
-        assert engine.state(slot) is State.MONITORING
-        assert engine.context(slot).exit_reason == 4
+        pos = engine.open_position(100.0, 1.0)
+        assert engine.transition(pos, "POSITION_OPENED") is Outcome.APPLIED
+        assert engine.transition(pos, "PAUSE") is Outcome.APPLIED
+        assert engine.state(pos) is State.PAUSED
+        assert engine.transition(pos, "PAUSE") is Outcome.INVALID
+        assert engine.transition(pos, "RESUME", exit_reason=4) is Outcome.APPLIED
+        assert engine.state(pos) is State.MONITORING
+        assert engine.context(pos).exit_reason == 4
 
     def test_plain_int_triggers(self, engine):
         """A trigger may be given as a plain int index."""
-        slot = engine.open_position(100.0, 1.0)
-        assert engine.transition(slot, int(Trigger.POSITION_OPENED)) is Outcome.APPLIED
-        assert engine.state(slot) is State.MONITORING
+        pos = engine.open_position(100.0, 1.0)
+        assert engine.transition(pos, int(Trigger.POSITION_OPENED)) is Outcome.APPLIED
+        assert engine.state(pos) is State.MONITORING
 
     def test_generation_and_counter_step_once_per_applied(self, engine):
         """Generation and counter grow by one per APPLIED transition, none for INVALID."""
-        slot = engine.open_position(100.0, 1.0)
-        gen = generation(engine.state_word(slot))
+        pos = engine.open_position(100.0, 1.0)
+        gen = generation(word_of(engine, pos))
         count = int(engine.snapshot()["transitions"][0])
         for trig in (Trigger.POSITION_OPENED, Trigger.RESUME, Trigger.PAUSE, Trigger.PAUSE,
                      Trigger.RESUME):
-            outcome = engine.transition(slot, trig)
+            outcome = engine.transition(pos, trig)
             step = 1 if outcome is Outcome.APPLIED else 0
             gen, count = (gen + step) & GEN_MASK, count + step
-            assert generation(engine.state_word(slot)) == gen
+            assert generation(word_of(engine, pos)) == gen
             assert int(engine.snapshot()["transitions"][0]) == count
 
     def test_context_update_is_applied_with_the_state(self, engine):
         """Context fields given to an APPLIED transition land with the new state."""
-        slot = opened(engine)
-        before = engine.context(slot)
-        out = engine.transition(slot, Trigger.EXIT_CONDITION_MET, exit_reason=3,
+        pos = opened(engine)
+        before = engine.context(pos)
+        out = engine.transition(pos, Trigger.EXIT_CONDITION_MET, exit_reason=3,
                                 stop_loss=95.5, take_profit=120.25)
         assert out is Outcome.APPLIED
-        assert engine.state(slot) is State.EXIT_PENDING
-        ctx = engine.context(slot)
+        assert engine.state(pos) is State.EXIT_PENDING
+        ctx = engine.context(pos)
         assert (ctx.exit_reason, ctx.stop_loss, ctx.take_profit) == (3, 95.5, 120.25)
         assert ctx._replace(exit_reason=0, stop_loss=0.0, take_profit=0.0,
                             version=0) == before._replace(version=0)
@@ -461,44 +474,44 @@ class TestTransition:
 
     def test_partial_context_update_keeps_other_fields(self, engine):
         """Setting one context field leaves the others as they were."""
-        slot = opened(engine)
-        engine.transition(slot, Trigger.PAUSE, stop_loss=90.0)
-        engine.transition(slot, Trigger.RESUME, take_profit=110.0)
-        engine.transition(slot, Trigger.EXIT_CONDITION_MET, exit_reason=-2)
-        ctx = engine.context(slot)
+        pos = opened(engine)
+        engine.transition(pos, Trigger.PAUSE, stop_loss=90.0)
+        engine.transition(pos, Trigger.RESUME, take_profit=110.0)
+        engine.transition(pos, Trigger.EXIT_CONDITION_MET, exit_reason=-2)
+        ctx = engine.context(pos)
         assert (ctx.stop_loss, ctx.take_profit, ctx.exit_reason) == (90.0, 110.0, -2)
 
     def test_context_update_with_invalid_trigger_changes_nothing(self, engine):
         """A context update attached to an INVALID transition is not applied."""
-        slot = opened(engine)
-        ctx, word = engine.context(slot), engine.state_word(slot)
-        out = engine.transition(slot, Trigger.EXIT_COMPLETED, exit_reason=9, stop_loss=1.0)
+        pos = opened(engine)
+        ctx, word = engine.context(pos), word_of(engine, pos)
+        out = engine.transition(pos, Trigger.EXIT_COMPLETED, exit_reason=9, stop_loss=1.0)
         assert out is Outcome.INVALID
-        assert engine.context(slot) == ctx
-        assert engine.state_word(slot) == word
+        assert engine.context(pos) == ctx
+        assert word_of(engine, pos) == word
 
     def test_slow_path_counts_like_fast_path(self, engine):
         """A transition with a context update steps generation and counter by one."""
-        slot = opened(engine)
-        word = engine.state_word(slot)
+        pos = opened(engine)
+        word = word_of(engine, pos)
         count = int(engine.snapshot()["transitions"][0])
-        engine.transition(slot, Trigger.PAUSE, exit_reason=1)
-        assert generation(engine.state_word(slot)) == (generation(word) + 1) & GEN_MASK
+        engine.transition(pos, Trigger.PAUSE, exit_reason=1)
+        assert generation(word_of(engine, pos)) == (generation(word) + 1) & GEN_MASK
         assert int(engine.snapshot()["transitions"][0]) == count + 1
 
 
 class TestStateWord:
     def test_word_fields(self, engine):
         """The word holds the one-hot state, no lock bit, and the generation."""
-        slot = engine.open_position(100.0, 1.0)
-        word = engine.state_word(slot)
+        pos = engine.open_position(100.0, 1.0)
+        word = word_of(engine, pos)
         assert word & lib.ENG_SW_STATE_MASK == State.CREATED
         assert not word & lib.ENG_SW_LOCK
         assert not word & lib.ENG_SW_ERROR
         assert generation(word) == 1   # the open was the slot's first commit
-        engine.transition(slot, Trigger.POSITION_OPENED)
-        word = engine.state_word(slot)
-        assert word & lib.ENG_SW_STATE_MASK == State.MONITORING == engine.state(slot)
+        engine.transition(pos, Trigger.POSITION_OPENED)
+        word = word_of(engine, pos)
+        assert word & lib.ENG_SW_STATE_MASK == State.MONITORING == engine.state(pos)
         assert generation(word) == 2
 
     def test_never_opened_slot_word_is_zero(self, engine):
@@ -518,9 +531,9 @@ class TestPrices:
                                                   (-1, 87.5), (1, 100.0)])
     def test_update_price_computes_pnl(self, engine, side, price):
         """PnL is (p-e)/e*100*side percent and (p-e)*amount*side USD."""
-        slot = engine.open_position(entry_price=100.0, amount=3.0, side=side)
-        engine.update_price(slot, price)
-        p = engine.price(slot)
+        pos = engine.open_position(entry_price=100.0, amount=3.0, side=side)
+        engine.update_price(pos, price)
+        p = engine.price(pos)
         assert p.price == price
         assert (p.pnl_pct, p.pnl_usd) == expected_pnl(price, 100.0, 3.0, side)
         assert p.pnl_pct == pytest.approx((price - 100.0) / 100.0 * 100.0 * side)
@@ -528,39 +541,40 @@ class TestPrices:
 
     def test_short_profits_when_price_falls(self, engine):
         """A short position's PnL is positive below its entry price."""
-        slot = engine.open_position(entry_price=200.0, amount=0.5, side=-1)
-        engine.update_price(slot, 150.0)
-        p = engine.price(slot)
+        pos = engine.open_position(entry_price=200.0, amount=0.5, side=-1)
+        engine.update_price(pos, 150.0)
+        p = engine.price(pos)
         assert p.pnl_pct == 25.0 and p.pnl_usd == 25.0
 
     def test_version_and_timestamp_advance(self, engine):
         """Each update bumps the price version by one; timestamps do not go back."""
-        slot = opened(engine)
-        prev = engine.price(slot)
+        pos = opened(engine)
+        prev = engine.price(pos)
         for i in range(5):
-            engine.update_price(slot, 100.0 + i)
-            p = engine.price(slot)
+            engine.update_price(pos, 100.0 + i)
+            p = engine.price(pos)
             assert p.version == prev.version + 1
             assert p.timestamp_ns >= prev.timestamp_ns - 10**9   # wall clock
             prev = p
 
     def test_price_update_does_not_touch_state_or_context(self, engine):
         """A price update changes neither the state word nor the context."""
-        slot = opened(engine)
-        word, ctx = engine.state_word(slot), engine.context(slot)
-        engine.update_price(slot, 101.0)
-        assert engine.state_word(slot) == word
-        assert engine.context(slot) == ctx
+        pos = opened(engine)
+        word, ctx = word_of(engine, pos), engine.context(pos)
+        engine.update_price(pos, 101.0)
+        assert word_of(engine, pos) == word
+        assert engine.context(pos) == ctx
 
     def test_update_prices_batch(self, make_engine):
-        """update_prices writes each slot's price and PnL, one version step each."""
+        """update_prices writes each position's price and PnL, one version step each,
+        and returns how many it wrote."""
         eng = make_engine(capacity=10)
-        slots = np.array([eng.open_position(10.0 + i, 1.0 + i, side=1 if i % 2 else -1)
-                          for i in range(10)])
-        versions = [eng.price(int(s)).version for s in slots]
-        prices = np.linspace(5.0, 50.0, len(slots))
-        eng.update_prices(slots, prices)
-        for s, p, v in zip(slots, prices, versions, strict=True):
+        ids = np.array([eng.open_position(10.0 + i, 1.0 + i, side=1 if i % 2 else -1)
+                        for i in range(10)])
+        versions = [eng.price(int(s)).version for s in ids]
+        prices = np.linspace(5.0, 50.0, len(ids))
+        assert eng.update_prices(ids, prices) == len(ids)
+        for s, p, v in zip(ids, prices, versions, strict=True):
             snap, ctx = eng.price(int(s)), eng.context(int(s))
             assert snap.price == p
             assert snap.version == v + 1
@@ -570,28 +584,28 @@ class TestPrices:
     def test_update_prices_is_one_batch_operation(self, make_engine):
         """A batch of N prices is one C call: one price_batch attempt."""
         eng = make_engine(capacity=32)
-        slots = np.array([eng.open_position(100.0, 1.0) for _ in range(32)], dtype=np.uint32)
+        ids = np.array([eng.open_position(100.0, 1.0) for _ in range(32)], dtype=np.uint64)
         m0 = eng.metrics()
-        eng.update_prices(slots, np.full(32, 101.0))
+        eng.update_prices(ids, np.full(32, 101.0))
         m1 = eng.metrics()
         assert m1["price_batch"].attempts - m0["price_batch"].attempts == 1
         assert m1["price_batch"].applied - m0["price_batch"].applied == 1
         assert m1["price"].attempts == m0["price"].attempts
 
     def test_update_prices_accepts_other_int_and_float_dtypes(self, engine):
-        """int64 / uint16 slots and float32 prices are converted, not refused."""
+        """int64 / uint32 ids and float32 prices are converted, not refused."""
         a, b = opened(engine), opened(engine)
         engine.update_prices(np.array([a, b], dtype=np.int64), np.array([1.5, 2.5], np.float32))
-        engine.update_prices(np.array([a], dtype=np.uint16), [3.25])
+        engine.update_prices(np.array([a], dtype=np.uint32), [3.25])   # a first opening's id fits
         assert engine.price(a).price == 3.25 and engine.price(b).price == 2.5
 
     def test_empty_batch_is_a_no_op(self, engine):
         """An empty batch changes nothing."""
-        slot = opened(engine)
+        pos = opened(engine)
         before = engine.snapshot()
         engine.update_prices(np.array([], dtype=np.uint32), np.array([], dtype=np.float64))
         assert np.array_equal(engine.snapshot(), before)
-        assert engine.price(slot).version == before["price_version"][0]
+        assert engine.price(pos).version == before["price_version"][0]
 
     def test_update_token_price_counts_open_positions_of_token(self, engine):
         """A token price reaches and counts its open positions only."""
@@ -613,10 +627,10 @@ class TestPrices:
     def test_update_token_price_skips_released_slots(self, make_engine):
         """A released slot's old token is not counted."""
         eng = make_engine(capacity=2)
-        slot = opened(eng, token=8)
+        pos = opened(eng, token=8)
         for trig in (Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED, Trigger.EXIT_COMPLETED):
-            eng.transition(slot, trig)
-        eng.release_position(slot)
+            eng.transition(pos, trig)
+        eng.release_position(pos)
         assert eng.update_token_price(8, 50.0) == 0
 
     def test_price_of_short_and_long_from_token_update(self, engine):
@@ -634,64 +648,67 @@ class TestPrices:
 class TestWaitForChange:
     def test_timeout_raises_wait_timeout(self, engine):
         """With no transition, wait_for_change raises WaitTimeout, a TimeoutError."""
-        slot = opened(engine)
+        pos = opened(engine)
         with pytest.raises(WaitTimeout) as info:
-            engine.wait_for_change(slot, timeout=0.05)
+            engine.wait_for_change(pos, timeout=0.05)
         assert isinstance(info.value, TimeoutError)
-        assert engine.state(slot) is State.MONITORING
+        assert engine.state(pos) is State.MONITORING
 
     def test_zero_timeout_returns_at_once(self, engine):
         """timeout=0 polls: it raises WaitTimeout when nothing changed."""
-        slot = opened(engine)
+        pos = opened(engine)
         with pytest.raises(TimeoutError):
-            engine.wait_for_change(slot, timeout=0)
+            engine.wait_for_change(pos, timeout=0)
 
     def test_returns_new_state_after_transition(self, engine):
         """A waiter blocked on a slot wakes with the state another Engine committed."""
-        slot = opened(engine)
+        pos = opened(engine)
         seen: list[object] = []
 
         def wait() -> None:
             with Engine.attach(engine.name) as mine:
                 try:
-                    seen.append(mine.wait_for_change(slot, timeout=10))
+                    seen.append(mine.wait_for_change(pos, timeout=10))
                 except BaseException as e:  # reported to the main thread
                     seen.append(e)
 
         t = threading.Thread(target=wait, daemon=True)
         t.start()
         try:
-            assert wait_until(lambda: waiters(engine, slot) == 1), "waiter never blocked"
-            assert engine.transition(slot, Trigger.PAUSE) is Outcome.APPLIED
+            assert wait_until(lambda: waiting(engine, pos) == 1), "waiter never blocked"
+            assert engine.transition(pos, Trigger.PAUSE) is Outcome.APPLIED
         finally:
             t.join(15)
         assert not t.is_alive()
         assert seen == [State.PAUSED]
-        assert waiters(engine, slot) == 0
+        # a waiter that returned leaves at most one spurious wake behind: the
+        # next commit clears the flag
+        assert engine.transition(pos, Trigger.RESUME) is Outcome.APPLIED
+        assert waiting(engine, pos) == 0
 
     def test_invalid_transition_does_not_wake(self, engine):
         """An INVALID transition is not a change: the waiter times out."""
-        slot = opened(engine)
+        pos = opened(engine)
         result: list[object] = []
 
         def wait() -> None:
             with Engine.attach(engine.name) as mine:
                 try:
-                    result.append(mine.wait_for_change(slot, timeout=0.5))
+                    result.append(mine.wait_for_change(pos, timeout=0.5))
                 except WaitTimeout as e:
                     result.append(e)
 
         t = threading.Thread(target=wait, daemon=True)
         t.start()
         try:
-            assert wait_until(lambda: waiters(engine, slot) == 1)
-            assert engine.transition(slot, Trigger.RESUME) is Outcome.INVALID
+            assert wait_until(lambda: waiting(engine, pos) == 1)
+            assert engine.transition(pos, Trigger.RESUME) is Outcome.INVALID
         finally:
             t.join(15)
         assert len(result) == 1 and isinstance(result[0], WaitTimeout)
 
     def test_wait_on_free_slot_raises_not_open(self, engine):
-        """Waiting on a never-opened slot is bad input."""
+        """Waiting on a never-opened slot (an id never issued) is bad input."""
         with pytest.raises(NotOpenError):
             engine.wait_for_change(3, timeout=0.01)
 
@@ -706,12 +723,13 @@ class TestSnapshot:
         engine.transition(a, Trigger.EXIT_CONDITION_MET, exit_reason=7, stop_loss=99.0)
         rows = engine.snapshot()
         assert isinstance(rows, np.ndarray) and rows.dtype.names is not None
-        assert sorted(rows["slot"].tolist()) == sorted([a, b])
+        assert sorted(rows["id"].tolist()) == sorted([a, b])
         for row in rows:
-            slot = int(row["slot"])
-            p, c = engine.price(slot), engine.context(slot)
-            assert row["state"] == engine.state(slot)
-            assert row["generation"] == generation(engine.state_word(slot))
+            pos = int(row["id"])
+            assert row["slot"] == engine.slot_of(pos)
+            p, c = engine.price(pos), engine.context(pos)
+            assert row["state"] == engine.state(pos)
+            assert row["generation"] == generation(word_of(engine, pos))
             assert row["locked"] == 0
             assert (row["price"], row["pnl_pct"], row["pnl_usd"], row["price_version"]) == \
                 (p.price, p.pnl_pct, p.pnl_usd, p.version)
@@ -721,7 +739,7 @@ class TestSnapshot:
             assert (row["stop_loss"], row["take_profit"], row["exit_reason"]) == \
                 (c.stop_loss, c.take_profit, c.exit_reason)
             assert (row["opened_ns"], row["context_version"]) == (c.opened_ns, c.version)
-        row_a = rows[rows["slot"] == a][0]
+        row_a = rows[rows["id"] == a][0]
         assert row_a["transitions"] == 3          # open, POSITION_OPENED, EXIT_CONDITION_MET
         assert row_a["exit_reason"] == 7
 
@@ -732,9 +750,9 @@ class TestSnapshot:
 
     def test_snapshot_is_a_copy(self, engine):
         """A snapshot does not change when the engine does."""
-        slot = opened(engine)
+        pos = opened(engine)
         rows = engine.snapshot()
-        engine.update_price(slot, 150.0)
+        engine.update_price(pos, 150.0)
         assert rows["price"][0] == 100.0
 
 
@@ -750,16 +768,16 @@ def assert_counts_add_up(metrics) -> None:
 class TestMetrics:
     def test_counts_add_up_and_match_operations(self, engine):
         """Attempts equal the sum of outcomes, and counts match the ops done."""
-        slot = engine.open_position(100.0, 1.0)
-        engine.transition(slot, Trigger.POSITION_OPENED)        # applied
-        engine.transition(slot, Trigger.POSITION_OPENED)        # invalid
-        engine.transition(slot, Trigger.PAUSE)                  # applied
+        pos = engine.open_position(100.0, 1.0)
+        engine.transition(pos, Trigger.POSITION_OPENED)        # applied
+        engine.transition(pos, Trigger.POSITION_OPENED)        # invalid
+        engine.transition(pos, Trigger.PAUSE)                  # applied
         engine.halt()
-        engine.transition(slot, Trigger.RESUME)                 # halted
+        engine.transition(pos, Trigger.RESUME)                 # halted
         engine.halt(False)
-        engine.transition(slot, Trigger.RESUME, exit_reason=2)  # slow path, applied
-        engine.update_price(slot, 101.0)
-        engine.update_prices(np.array([slot]), np.array([102.0]))
+        engine.transition(pos, Trigger.RESUME, exit_reason=2)  # slow path, applied
+        engine.update_price(pos, 101.0)
+        engine.update_prices(np.array([pos]), np.array([102.0]))
         engine.update_token_price(0, 103.0)
         m = engine.metrics()
         assert_counts_add_up(m)
@@ -775,24 +793,24 @@ class TestMetrics:
 
     def test_departed_engine_counts_survive(self, engine):
         """Counts of an Engine that closed stay in the merged metrics."""
-        slot = opened(engine)
+        pos = opened(engine)
         before = engine.metrics()["transition"].applied
         with Engine.attach(engine.name) as other:
             for trig in (Trigger.PAUSE, Trigger.RESUME, Trigger.PAUSE):
-                assert other.transition(slot, trig) is Outcome.APPLIED
+                assert other.transition(pos, trig) is Outcome.APPLIED
         after = engine.metrics()
         assert after["transition"].applied == before + 3
         assert_counts_add_up(after)
 
     def test_metrics_can_be_switched_off(self, engine):
         """With metrics off, operations are not counted."""
-        slot = opened(engine)
+        pos = opened(engine)
         before = engine.metrics()["transition"].attempts
         engine.set_metrics(False)
-        engine.transition(slot, Trigger.PAUSE)
+        engine.transition(pos, Trigger.PAUSE)
         assert engine.metrics()["transition"].attempts == before
         engine.set_metrics(True, sample_every=1)
-        engine.transition(slot, Trigger.RESUME)
+        engine.transition(pos, Trigger.RESUME)
         m = engine.metrics()["transition"]
         assert m.attempts == before + 1 and m.samples >= 1
 
@@ -805,10 +823,10 @@ class TestMetrics:
 class TestRecover:
     def test_healthy_engine_reports_nothing(self, engine):
         """recover() on an engine with only live, idle processes changes nothing."""
-        slot = opened(engine)
-        engine.update_price(slot, 101.0)
+        pos = opened(engine)
+        engine.update_price(pos, 101.0)
         with Engine.attach(engine.name) as other:
-            other.transition(slot, Trigger.PAUSE)
+            other.transition(pos, Trigger.PAUSE)
             before = engine.snapshot()
             report = engine.recover()
         assert report.changed is False
@@ -820,19 +838,19 @@ class TestRecover:
 class TestHalt:
     def test_halt_stops_transitions_not_prices(self, engine):
         """Halted: transitions return HALTED and change nothing; prices update."""
-        slot = opened(engine)
-        word, ctx = engine.state_word(slot), engine.context(slot)
+        pos = opened(engine)
+        word, ctx = word_of(engine, pos), engine.context(pos)
         engine.halt()
-        assert engine.transition(slot, Trigger.PAUSE) is Outcome.HALTED
-        assert engine.transition(slot, "PAUSE") is Outcome.HALTED
-        assert engine.transition(slot, Trigger.PAUSE, exit_reason=1) is Outcome.HALTED
-        assert engine.transition(slot, Trigger.RESUME) is Outcome.HALTED   # even if invalid
-        assert engine.state_word(slot) == word and engine.context(slot) == ctx
-        engine.update_price(slot, 120.0)
-        assert engine.price(slot).price == 120.0
+        assert engine.transition(pos, Trigger.PAUSE) is Outcome.HALTED
+        assert engine.transition(pos, "PAUSE") is Outcome.HALTED
+        assert engine.transition(pos, Trigger.PAUSE, exit_reason=1) is Outcome.HALTED
+        assert engine.transition(pos, Trigger.RESUME) is Outcome.HALTED   # even if invalid
+        assert word_of(engine, pos) == word and engine.context(pos) == ctx
+        engine.update_price(pos, 120.0)
+        assert engine.price(pos).price == 120.0
         assert engine.update_token_price(7, 121.0) == 1
         engine.halt(False)
-        assert engine.transition(slot, Trigger.PAUSE) is Outcome.APPLIED
+        assert engine.transition(pos, Trigger.PAUSE) is Outcome.APPLIED
 
     def test_never_opened_slot_raises_while_halted(self, engine):
         """A never-opened slot raises NotOpenError even while halted."""
@@ -847,11 +865,11 @@ class TestHalt:
 
     def test_halt_is_shared_by_every_attached_engine(self, engine):
         """A halt set by one process view stops transitions in every other."""
-        slot = opened(engine)
+        pos = opened(engine)
         with Engine.attach(engine.name) as other:
             other.halt()
             try:
-                assert engine.transition(slot, Trigger.PAUSE) is Outcome.HALTED
+                assert engine.transition(pos, Trigger.PAUSE) is Outcome.HALTED
             finally:
                 other.halt(False)
-        assert engine.transition(slot, Trigger.PAUSE) is Outcome.APPLIED
+        assert engine.transition(pos, Trigger.PAUSE) is Outcome.APPLIED

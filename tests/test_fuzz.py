@@ -1,7 +1,7 @@
 """Fuzz every public Engine call with garbage arguments.
 
-Allowed: the call works (garbage that happens to be valid, e.g. ``True`` as
-slot 1), or it raises an ``EngineError`` subclass (which may also be a
+Allowed: the call works (garbage that happens to be valid, e.g. a position's
+id), or it raises an ``EngineError`` subclass (which may also be a
 ``TypeError``/``ValueError``/... through the class's second base).  Forbidden:
 any other exception, a crash, a hang, and a call that raised but changed a
 state word, a price record or a context record.
@@ -56,6 +56,10 @@ GARBAGE = st.one_of(
     st.lists(st.integers(-3, 12), max_size=3), st.tuples(st.floats()),
     st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
 )
+#: the ids of the first opening of each slot (the module engine opens slots 0-4 once)
+FIRST_IDS = st.integers(0, CAPACITY - 1).map(lambda s: (1 << lib.ENG_ID_SLOT_BITS) | s)
+#: position ids: valid ones, never-issued small ints, anything at all
+IDS = st.one_of(FIRST_IDS, GARBAGE)
 #: garbage for array arguments: numpy arrays of every dtype and shape, ragged lists
 ARRAYS = st.one_of(
     GARBAGE,
@@ -64,18 +68,23 @@ ARRAYS = st.one_of(
                                hnp.complex_number_dtypes(), st.just(np.dtype(object))),
                shape=hnp.array_shapes(min_dims=0, max_dims=2, max_side=4)),
     st.lists(GARBAGE, max_size=4),
+    st.lists(IDS, max_size=4),
     st.lists(st.lists(st.integers(0, 3), max_size=3), max_size=3),   # ragged
 )
 
 
 def observe(eng: Engine) -> tuple[Any, ...]:
-    """Every slot's state word, price record and context record, raw."""
+    """Every slot's state word, price word, opening count, published context
+    version, and its position's price and context records, raw."""
     out = []
     for s in range(eng.capacity):
         sl = eng._seg.slots[s]
-        out.append((int(sl.word), int(sl.pseq), int(sl.cseq),
-                    eng.price(s) if sl.word & lib.ENG_SW_STATE_MASK else None,
-                    eng.context(s) if sl.word & lib.ENG_SW_STATE_MASK else None))
+        word = int(sl.word)
+        published = sl.ctx[1 if word & lib.ENG_SW_CTX else 0]
+        pos = eng.id_of(s) if word & lib.ENG_SW_STATE_MASK else None
+        out.append((word, int(sl.pword), int(sl.opening), int(published.version),
+                    None if pos is None else eng.price(pos),
+                    None if pos is None else eng.context(pos)))
     return tuple(out)
 
 
@@ -96,12 +105,15 @@ def eng() -> Iterator[Engine]:
     """One engine with slots in several states (shared by the examples)."""
     e = Engine.create(capacity=CAPACITY, name=f"tfuzz_{secrets.token_hex(6)}")
     try:
+        ids = []
         for i in range(5):
             s = e.open_position(100.0 + i, 1.0 + i, side=1 if i % 2 else -1, token=i % 2)
+            assert s == (1 << lib.ENG_ID_SLOT_BITS) | i   # what FIRST_IDS generates
+            ids.append(s)
             if i:
                 e.transition(s, Trigger.POSITION_OPENED)
-        e.transition(2, Trigger.PAUSE)
-        e.transition(3, Trigger.EXIT_CONDITION_MET, exit_reason=4)
+        e.transition(ids[2], Trigger.PAUSE)
+        e.transition(ids[3], Trigger.EXIT_CONDITION_MET, exit_reason=4)
         yield e
     finally:
         e.close()
@@ -120,14 +132,14 @@ class TestFuzzTransition:
     """transition(slot, trigger, exit_reason, stop_loss, take_profit)."""
 
     @FUZZ
-    @given(slot=GARBAGE, trigger=GARBAGE)
+    @given(slot=IDS, trigger=GARBAGE)
     def test_fast_path(self, eng, slot, trigger):
         """Garbage slot/trigger: an Outcome or an EngineError, nothing changed on error."""
         out = check_call(eng, lambda: eng.transition(slot, trigger))
         assert out is None or isinstance(out, Outcome)
 
     @FUZZ
-    @given(slot=st.one_of(st.integers(0, CAPACITY - 1), GARBAGE),
+    @given(slot=st.one_of(FIRST_IDS, st.integers(0, CAPACITY - 1), GARBAGE),
            trigger=st.one_of(st.sampled_from(list(Trigger)), GARBAGE),
            ctx=st.dictionaries(st.sampled_from(["exit_reason", "stop_loss", "take_profit"]),
                                GARBAGE, min_size=1))
@@ -140,10 +152,11 @@ class TestFuzzReads:
     """state, state_word, price, context."""
 
     @FUZZ
-    @given(slot=GARBAGE)
+    @given(slot=IDS)
     def test_reads(self, eng, slot):
-        """Garbage slot ids: a value or an EngineError, never another exception."""
-        for read in (eng.state, eng.state_word, eng.price, eng.context):
+        """Garbage ids and slot indexes: a value or an EngineError, never another
+        exception."""
+        for read in (eng.state, eng.state_word, eng.price, eng.context, eng.id_of):
             check_call(eng, lambda read=read: read(slot))
 
 
@@ -151,7 +164,7 @@ class TestFuzzPrices:
     """update_price, update_prices, update_token_price."""
 
     @FUZZ
-    @given(slot=st.one_of(st.integers(0, CAPACITY - 1), GARBAGE), price=GARBAGE)
+    @given(slot=st.one_of(FIRST_IDS, st.integers(0, CAPACITY - 1), GARBAGE), price=GARBAGE)
     def test_update_price(self, eng, slot, price):
         """Garbage slot/price (NaN, inf, huge ints, strings...): written or refused unchanged."""
         check_call(eng, lambda: eng.update_price(slot, price))
@@ -176,12 +189,12 @@ class TestFuzzPositions:
     @FUZZ
     @given(entry=GARBAGE, amount=GARBAGE, side=GARBAGE, token=GARBAGE)
     def test_open_position(self, eng, entry, amount, side, token):
-        """Garbage position fields: a slot id, or refused with no slot taken."""
+        """Garbage position fields: a position id, or refused with no slot taken."""
         out = check_call(eng, lambda: eng.open_position(entry, amount, side, token))
-        assert out is None or 0 <= out < CAPACITY
+        assert out is None or 0 <= eng.slot_of(out) < CAPACITY
 
     @FUZZ
-    @given(slot=GARBAGE)
+    @given(slot=IDS)
     def test_release_position(self, eng, slot):
         """Garbage slot ids: an Outcome or an EngineError."""
         check_call(eng, lambda: eng.release_position(slot))
@@ -189,6 +202,8 @@ class TestFuzzPositions:
 
 def _short(t: Any) -> bool:
     """Timeouts that would make a valid wait block for long are left out."""
+    if isinstance(t, (complex, np.complexfloating)):
+        return True   # not a valid timeout (and float() of a numpy complex warns)
     try:
         return not (float(t) > 0.01)
     except Exception:
@@ -199,7 +214,7 @@ class TestFuzzWait:
     """wait_for_change."""
 
     @FUZZ
-    @given(slot=GARBAGE, timeout=GARBAGE.filter(_short))
+    @given(slot=IDS, timeout=GARBAGE.filter(_short))
     def test_wait_for_change(self, eng, slot, timeout):
         """Garbage slot/timeout: a state, WaitTimeout, or another EngineError."""
         check_call(eng, lambda: eng.wait_for_change(slot, timeout))
@@ -302,7 +317,7 @@ NON_INTEGRAL = [np.float32(1.9), np.float16(1.0), np.longdouble(2.5), np.complex
 
 def _edge_calls(eng: Engine) -> dict[str, Callable[[Any], Any]]:
     """Each public call with one argument left open (the others valid)."""
-    s = 1   # an open MONITORING slot of the module engine
+    s = eng.id_of(1)   # the position open at slot 1 of the module engine (MONITORING)
     return {
         "transition(slot)": lambda v: eng.transition(v, Trigger.PAUSE),
         "transition(trigger)": lambda v: eng.transition(s, v),
@@ -311,6 +326,8 @@ def _edge_calls(eng: Engine) -> dict[str, Callable[[Any], Any]]:
         "transition(take_profit)": lambda v: eng.transition(s, Trigger.PAUSE, take_profit=v),
         "state(slot)": eng.state,
         "state_word(slot)": eng.state_word,
+        "id_of(slot)": eng.id_of,
+        "slot_of(slot)": eng.slot_of,
         "price(slot)": eng.price,
         "context(slot)": eng.context,
         "update_price(slot)": lambda v: eng.update_price(v, 100.0),
@@ -379,16 +396,17 @@ class TestClosedEngine:
     def test_calls_after_close(self):
         """After close(), each public call raises an EngineError, none crashes."""
         e = Engine.create(capacity=2, name=f"tfuzz_{secrets.token_hex(6)}")
-        slot = e.open_position(100.0, 1.0)
+        pos = e.open_position(100.0, 1.0)
+        slot = e.slot_of(pos)
         e.close()
         try:
-            calls = [lambda: e.transition(slot, 0), lambda: e.transition(slot, 0, exit_reason=1),
-                     lambda: e.state(slot), lambda: e.state_word(slot), lambda: e.price(slot),
-                     lambda: e.context(slot), lambda: e.update_price(slot, 1.0),
-                     lambda: e.update_prices([slot], [1.0]), lambda: e.update_token_price(0, 1.0),
-                     lambda: e.open_position(1.0, 1.0), lambda: e.release_position(slot),
-                     lambda: e.wait_for_change(slot, 0.0), e.snapshot, e.metrics, e.recover,
-                     lambda: e.halt(True), lambda: e.set_metrics(True, 1)]
+            calls = [lambda: e.transition(pos, 0), lambda: e.transition(pos, 0, exit_reason=1),
+                     lambda: e.state(pos), lambda: e.state_word(slot), lambda: e.price(pos),
+                     lambda: e.context(pos), lambda: e.update_price(pos, 1.0),
+                     lambda: e.update_prices([pos], [1.0]), lambda: e.update_token_price(0, 1.0),
+                     lambda: e.open_position(1.0, 1.0), lambda: e.release_position(pos),
+                     lambda: e.wait_for_change(pos, 0.0), lambda: e.id_of(slot), e.snapshot,
+                     e.metrics, e.recover, lambda: e.halt(True), lambda: e.set_metrics(True, 1)]
             for call in calls:
                 with pytest.raises(EngineError):
                     call()

@@ -239,11 +239,11 @@ class TestDamagedEngineSegments:
         """Unlinking a segment under an attached Engine does not break it."""
         name = names()
         with Engine.create(capacity=4, name=name) as eng:
-            slot = eng.open_position(100.0, 1.0)
+            pos = eng.open_position(100.0, 1.0)
             eng.unlink()
-            assert eng.transition(slot, Trigger.POSITION_OPENED).name == "APPLIED"
-            eng.update_price(slot, 101.0)
-            assert eng.price(slot).price == 101.0
+            assert eng.transition(pos, Trigger.POSITION_OPENED).name == "APPLIED"
+            eng.update_price(pos, 101.0)
+            assert eng.price(pos).price == 101.0
             with pytest.raises(SegmentNotFoundError):
                 Engine.attach(name)
 
@@ -278,8 +278,10 @@ class TestMutatedHeaders:
             with eng:
                 for call in (eng.snapshot, eng.metrics, eng.recover,
                              lambda: eng.open_position(100.0, 1.0),
-                             lambda: eng.transition(0, 0), lambda: eng.update_price(0, 99.0),
-                             lambda: eng.price(0), lambda: eng.context(0)):
+                             lambda: eng.transition(eng.id_of(0), 0),
+                             lambda: eng.update_price(eng.id_of(0), 99.0),
+                             lambda: eng.price(eng.id_of(0)), lambda: eng.context(eng.id_of(0)),
+                             lambda: eng.state_word(0)):
                     with contextlib.suppress(EngineError):
                         call()
         finally:

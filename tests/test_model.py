@@ -5,7 +5,9 @@ state and trigger NAME, not derived from engine.spec) runs side by side with
 a small engine.  Hypothesis opens and releases positions, fires random
 triggers by enum, by name and through the context-update path, toggles the
 emergency stop, and after every step compares outcomes, states, generations
-(bits read from engine._native.lib) and the per-slot transition counters.
+(bits read from engine._native.lib), the per-slot transition counters and the
+ids (``(opening << ENG_ID_SLOT_BITS) | slot``: an id names one opening of a
+slot; a released opening's id is refused like a never-opened slot).
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class ModelSlot:
     generation: int = 0            # the engine's 16-bit generation, mod 2**16
     commits: int = 0               # committed transitions (open and release included)
     exit_reason: int = 0
+    openings: int = 0              # times the slot was opened
+    id: int = 0                    # the id of its last opening (0: never opened)
 
 
 class LifecycleMachine(RuleBasedStateMachine):
@@ -98,11 +102,19 @@ class LifecycleMachine(RuleBasedStateMachine):
             with pytest.raises(CapacityError):
                 self.eng.open_position(entry_price=entry, amount=1.0, side=side)
             return
-        slot = self.eng.open_position(entry_price=entry, amount=1.0, side=side)
+        pos = self.eng.open_position(entry_price=entry, amount=1.0, side=side)
+        slot = self.eng.slot_of(pos)
         assert slot in free, f"slot {slot} was not free"
         m = self.model[slot]
-        m.state, m.exit_reason = "CREATED", 0
+        m.openings += 1
+        assert pos == (m.openings << lib.ENG_ID_SLOT_BITS) | slot, (pos, m.openings, slot)
+        m.state, m.exit_reason, m.id = "CREATED", 0, pos
         self._commit(m)
+
+    def _id(self, slot: int) -> int:
+        """The id to call ``slot`` by: its current opening's, else the last
+        (released) one's, else the never-issued id ``slot`` (opening 0)."""
+        return self.model[slot].id or slot
 
     @rule(slot=st.integers(0, CAPACITY - 1), trigger=st.sampled_from(TRIGGERS),
           how=st.sampled_from(["enum", "name", "int", "ctx"]),
@@ -139,9 +151,9 @@ class LifecycleMachine(RuleBasedStateMachine):
                 # returns HALTED instead of raising while halted.  Not modelled.
                 return
             with pytest.raises(NotOpenError):
-                self.eng.transition(slot, arg, **kwargs)
+                self.eng.transition(self._id(slot), arg, **kwargs)
             return
-        outcome = self.eng.transition(slot, arg, **kwargs)
+        outcome = self.eng.transition(m.id, arg, **kwargs)
         target = MODEL_TABLE.get((m.state, trigger))
         if self.halted:
             expected = Outcome.HALTED
@@ -161,9 +173,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         m = self.model[slot]
         if m.state is None:
             with pytest.raises(NotOpenError):
-                self.eng.release_position(slot)
+                self.eng.release_position(self._id(slot))
             return
-        outcome = self.eng.release_position(slot)
+        outcome = self.eng.release_position(m.id)
         if m.state == "CLOSED":
             assert outcome is Outcome.APPLIED
             m.state = None
@@ -187,10 +199,14 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert not word & lib.ENG_SW_LOCK
             if m.state is None:
                 assert word & lib.ENG_SW_STATE_MASK == 0
+                with pytest.raises(NotOpenError):
+                    self.eng.id_of(slot)
                 continue
-            assert self.eng.state(slot).name == m.state
+            assert self.eng.id_of(slot) == m.id
+            assert self.eng.state(m.id).name == m.state
             assert State(word & lib.ENG_SW_STATE_MASK).name == m.state
             row = rows[slot]
+            assert int(row["id"]) == m.id
             assert int(row["generation"]) == m.generation
             assert int(row["transitions"]) == m.commits
             assert int(row["exit_reason"]) == m.exit_reason

@@ -23,6 +23,19 @@ START_TIMEOUT = 120.0     # spawned interpreters may start slowly on a loaded ho
 RESULT_TIMEOUT = 120.0
 
 
+def asleep_in_futex(pid: int) -> bool:
+    """The process's main thread sleeps in a futex wait (/proc/<pid>/wchan).
+    Where the kernel does not tell (wchan unreadable or "0"), only that it sleeps."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state == "S" and ("futex" in wchan or wchan in ("", "0"))
+
+
 def collect(q: Any, n: int, timeout: float = RESULT_TIMEOUT) -> list[Any]:
     """n results from the children; a child's exception fails the test."""
     out = []
@@ -39,7 +52,7 @@ def collect(q: Any, n: int, timeout: float = RESULT_TIMEOUT) -> list[Any]:
 
 
 # ---- workers (module level: importable by spawned children) -----------------------
-def _pause_resume_worker(handle, slot, max_iterations, seconds, first, start, out) -> None:
+def _pause_resume_worker(handle, pos, max_iterations, seconds, first, start, out) -> None:
     """Alternate PAUSE and RESUME on one slot for `seconds` (at most
     `max_iterations` calls); report the outcomes counted."""
     try:
@@ -56,7 +69,7 @@ def _pause_resume_worker(handle, slot, max_iterations, seconds, first, start, ou
                     break
                 counts["calls"] += 1
                 trig = triggers[i & 1]
-                outcome = eng.transition(slot, trig)
+                outcome = eng.transition(pos, trig)
                 if outcome is Outcome.APPLIED:
                     counts["pause" if trig is Trigger.PAUSE else "resume"] += 1
                 elif outcome is Outcome.INVALID:
@@ -70,7 +83,7 @@ def _pause_resume_worker(handle, slot, max_iterations, seconds, first, start, ou
         out.put(("error", traceback.format_exc()))
 
 
-def _price_writer(handle, slot, base, step, max_n, seconds, ready, start, out) -> None:
+def _price_writer(handle, pos, base, step, max_n, seconds, ready, start, out) -> None:
     """Publish strictly increasing prices base + i*step (exact binary fractions),
     i = 1, 2, ... for `seconds` (at most `max_n`); report how many."""
     try:
@@ -83,9 +96,9 @@ def _price_writer(handle, slot, base, step, max_n, seconds, ready, start, out) -
             for i in range(1, max_n + 1):
                 if (i & 1023) == 0 and time.monotonic() > stop:
                     break
-                eng.update_price(slot, base + i * step)
+                eng.update_price(pos, base + i * step)
                 written = i
-        out.put(("writer", slot, written))
+        out.put(("writer", pos, written))
     except BaseException:
         out.put(("error", traceback.format_exc()))
 
@@ -150,14 +163,14 @@ def _price_reader(handle, slots, bases, step, n, ready, start, done, out) -> Non
         out.put(("error", traceback.format_exc()))
 
 
-def _waiter(handle, slot, timeout, ready, out) -> None:
+def _waiter(handle, pos, timeout, ready, out) -> None:
     """Block in wait_for_change; report the state it woke with (or the timeout)."""
     try:
         with Engine.attach(handle) as eng:
             ready.set()
             t0 = time.monotonic()
             try:
-                state = eng.wait_for_change(slot, timeout=timeout)
+                state = eng.wait_for_change(pos, timeout=timeout)
                 out.put(("woke", state.name, time.monotonic() - t0))
             except WaitTimeout:
                 out.put(("timeout", None, time.monotonic() - t0))
@@ -165,14 +178,14 @@ def _waiter(handle, slot, timeout, ready, out) -> None:
         out.put(("error", traceback.format_exc()))
 
 
-def _guarded_worker(handle, slot, out) -> None:
+def _guarded_worker(handle, pos, out) -> None:
     """Attach with a handle that carries a custom spec; fire its guarded rule."""
     try:
         with Engine.attach(handle) as eng:
-            rejected = eng.transition(slot, "EXECUTE")       # price at entry: guard says no
-            eng.update_price(slot, eng.context(slot).entry_price * 2)
-            applied = eng.transition(slot, "EXECUTE")
-            out.put(("guarded", rejected.name, applied.name, eng.state(slot).name))
+            rejected = eng.transition(pos, "EXECUTE")       # price at entry: guard says no
+            eng.update_price(pos, eng.context(pos).entry_price * 2)
+            applied = eng.transition(pos, "EXECUTE")
+            out.put(("guarded", rejected.name, applied.name, eng.state(pos).name))
     except BaseException:
         out.put(("error", traceback.format_exc()))
 
@@ -196,13 +209,13 @@ class TestPauseResumeRace:
         counter or generation that differs from the 2 commits before the race
         (open, POSITION_OPENED) plus the applied transitions."""
         eng = make_engine(capacity=4)
-        slot = eng.open_position(100.0, 1.0)
-        assert eng.transition(slot, Trigger.POSITION_OPENED) is Outcome.APPLIED
+        pos = eng.open_position(100.0, 1.0)
+        assert eng.transition(pos, Trigger.POSITION_OPENED) is Outcome.APPLIED
         assert int(eng.snapshot()["transitions"][0]) == 2
         ctx = spawner.ctx
         start, out = ctx.Event(), ctx.Queue()
         for k in range(self.WORKERS):
-            spawner.start(_pause_resume_worker, eng.handle, slot, self.MAX_ITERATIONS,
+            spawner.start(_pause_resume_worker, eng.handle, pos, self.MAX_ITERATIONS,
                           self.SECONDS, k % 2, start, out)
         start.set()
         results = [r[1] for r in collect(out, self.WORKERS)]
@@ -216,12 +229,13 @@ class TestPauseResumeRace:
                    for r in results) == sum(r["calls"] for r in results)
         diff = pauses - resumes
         assert diff in (0, 1), f"applied pauses {pauses} - resumes {resumes} = {diff}"
-        assert eng.state(slot) is (State.PAUSED if diff else State.MONITORING)
+        assert eng.state(pos) is (State.PAUSED if diff else State.MONITORING)
         applied = pauses + resumes
         row = eng.snapshot()[0]
         assert int(row["transitions"]) == 2 + applied
-        assert (eng.state_word(slot) >> GEN_SHIFT) & GEN_MASK == (2 + applied) & GEN_MASK
-        assert not eng.state_word(slot) & lib.ENG_SW_LOCK
+        word = eng.state_word(eng.slot_of(pos))
+        assert (word >> GEN_SHIFT) & GEN_MASK == (2 + applied) & GEN_MASK
+        assert not word & lib.ENG_SW_LOCK
         m = eng.metrics()["transition"]      # the workers' shards were retired on close
         assert m.applied == 1 + applied
         assert m.conflicts == sum(r["conflict"] for r in results)
@@ -281,30 +295,38 @@ class TestFutexWake:
         """One commit wakes every process blocked in wait_for_change on the slot.
 
         Two children blocked in wait_for_change(timeout=10) on one slot both
-        wake with the state committed by the parent.  Forbidden: a timeout (a
-        lost wake-up) or a state other than the committed one."""
+        wake with the state committed by the parent; the waiting flag they leave
+        is cleared by the next commit.  Forbidden: a timeout (a lost wake-up) or
+        a state other than the committed one."""
         eng = make_engine(capacity=2)
-        slot = eng.open_position(100.0, 1.0)
-        eng.transition(slot, Trigger.POSITION_OPENED)
+        pos = eng.open_position(100.0, 1.0)
+        eng.transition(pos, Trigger.POSITION_OPENED)
         ctx = spawner.ctx
         out = ctx.Queue()
         readies = [ctx.Event() for _ in range(2)]
         for ready in readies:
-            spawner.start(_waiter, eng.handle, slot, 10.0, ready, out)
+            spawner.start(_waiter, eng.handle, pos, 10.0, ready, out)
         for ready in readies:
             assert ready.wait(START_TIMEOUT), "a waiter never started"
-        # both children are asleep on the futex once the slot's waiter count says so
+        # The slot's waiting flag (0/1) says some process may sleep on its futex
+        # word; it cannot count them, so each child is also seen asleep in a
+        # futex wait by the kernel.
+        slot = eng._seg.slots[eng.slot_of(pos)]
+        pids = [p.pid for p in spawner.procs]
         deadline = time.monotonic() + 30
-        while eng._seg.slots[slot].waiters < 2 and time.monotonic() < deadline:
+        while not (slot.waiting and all(asleep_in_futex(p) for p in pids)) \
+                and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert eng._seg.slots[slot].waiters == 2, "waiters never blocked"
-        assert eng.transition(slot, Trigger.PAUSE) is Outcome.APPLIED
+        assert slot.waiting == 1 and all(asleep_in_futex(p) for p in pids), \
+            "waiters never blocked"
+        assert eng.transition(pos, Trigger.PAUSE) is Outcome.APPLIED
         results = collect(out, 2, timeout=30)
         spawner.join_all(30)
         for kind, state, _elapsed in results:
             assert kind == "woke", results
             assert state == "PAUSED"
-        assert eng._seg.slots[slot].waiters == 0
+        assert eng.transition(pos, Trigger.RESUME) is Outcome.APPLIED
+        assert slot.waiting == 0
 
 
 class TestCustomSpecAcrossProcesses:
@@ -318,11 +340,11 @@ class TestCustomSpecAcrossProcesses:
                    Rule.of("EXECUTE", "ANALYZING", "EXECUTING", guard=above_entry)],
             initial="IDLE", name="strategy")
         eng = make_engine(capacity=2, spec=spec)
-        slot = eng.open_position(100.0, 1.0)
-        eng.transition(slot, "START")
+        pos = eng.open_position(100.0, 1.0)
+        eng.transition(pos, "START")
         out = spawner.ctx.Queue()
-        spawner.start(_guarded_worker, eng.handle, slot, out)
+        spawner.start(_guarded_worker, eng.handle, pos, out)
         [result] = collect(out, 1)
         spawner.join_all(30)
         assert result == ("guarded", "REJECTED", "APPLIED", "EXECUTING")
-        assert eng.state(slot).name == "EXECUTING"
+        assert eng.state(pos).name == "EXECUTING"

@@ -77,9 +77,9 @@ def generation(word: int) -> int:
     return (word >> GEN_SHIFT) & GEN_MASK
 
 
-def transitions(eng: Engine, slot: int) -> int:
+def transitions(eng: Engine, pos: int) -> int:
     rows = eng.snapshot()
-    return int(rows[rows["slot"] == slot]["transitions"][0])
+    return int(rows[rows["id"] == pos]["transitions"][0])
 
 
 # ---------------------------------------------------------------------------------
@@ -112,15 +112,15 @@ class TestDefaultSpec:
                  "ERROR": ["ERROR_OCCURRED"], "PAUSED": ["POSITION_OPENED", "PAUSE"]}
         for state, path in paths.items():
             for trig in Trigger:
-                slot = eng.open_position(100.0, 1.0)
+                pos = eng.open_position(100.0, 1.0)
                 for step in path:
-                    assert eng.transition(slot, step) is Outcome.APPLIED
-                assert eng.state(slot).name == state
-                out = eng.transition(slot, trig)
+                    assert eng.transition(pos, step) is Outcome.APPLIED
+                assert eng.state(pos).name == state
+                out = eng.transition(pos, trig)
                 target = DESIGN_RULES.get((trig.name, state))
                 assert out is (Outcome.APPLIED if target else Outcome.INVALID), (state, trig)
-                assert eng.state(slot).name == (target or state)
-                eng.transition(slot, "ERROR_OCCURRED")   # park it; slots are not reused
+                assert eng.state(pos).name == (target or state)
+                eng.transition(pos, "ERROR_OCCURRED")   # park it; slots are not reused
 
     def test_spec_equality_and_fingerprint(self):
         """Equal rules give equal specs and fingerprints; the default is stable."""
@@ -143,23 +143,23 @@ class TestCustomMachine:
         """A custom spec's positions start in its initial state and follow its rules."""
         spec = strategy_spec(guard=None)
         eng = make_engine(capacity=4, spec=spec)
-        slot = eng.open_position(100.0, 1.0)
-        assert eng.state(slot) == spec.State.IDLE and eng.state(slot).name == "IDLE"
-        assert eng.transition(slot, "START") is Outcome.APPLIED
-        assert eng.state(slot).name == "ANALYZING"
-        assert eng.transition(slot, spec.Trigger.EXECUTE) is Outcome.APPLIED
-        assert eng.transition(slot, "START") is Outcome.INVALID
-        assert eng.transition(slot, "FINISH") is Outcome.APPLIED
-        assert eng.state(slot).name == "DONE"
-        assert eng.release_position(slot) is Outcome.APPLIED   # DONE is its closed state
+        pos = eng.open_position(100.0, 1.0)
+        assert eng.state(pos) == spec.State.IDLE and eng.state(pos).name == "IDLE"
+        assert eng.transition(pos, "START") is Outcome.APPLIED
+        assert eng.state(pos).name == "ANALYZING"
+        assert eng.transition(pos, spec.Trigger.EXECUTE) is Outcome.APPLIED
+        assert eng.transition(pos, "START") is Outcome.INVALID
+        assert eng.transition(pos, "FINISH") is Outcome.APPLIED
+        assert eng.state(pos).name == "DONE"
+        assert eng.release_position(pos) is Outcome.APPLIED   # DONE is its closed state
 
     def test_custom_state_codes_are_one_hot_by_index(self, make_engine):
         """State i of a custom spec is 1 << i in the state word."""
         spec = strategy_spec(guard=None)
         eng = make_engine(capacity=2, spec=spec)
-        slot = eng.open_position(1.0, 1.0)
-        eng.transition(slot, "START")
-        assert eng.state_word(slot) & lib.ENG_SW_STATE_MASK == 1 << 1 == eng.state(slot)
+        pos = eng.open_position(1.0, 1.0)
+        eng.transition(pos, "START")
+        assert eng.state_word(eng.slot_of(pos)) & lib.ENG_SW_STATE_MASK == 1 << 1 == eng.state(pos)
 
     def test_sixteen_states_is_allowed(self, make_engine):
         """A spec with exactly ENG_MAX_STATES states works up to its last state."""
@@ -169,24 +169,24 @@ class TestCustomMachine:
                            rules=[Rule.of("NEXT", names[i], names[i + 1]) for i in range(n - 1)],
                            initial="S0", closed=[names[-1]], name="chain")
         eng = make_engine(capacity=1, spec=spec)
-        slot = eng.open_position(1.0, 1.0)
+        pos = eng.open_position(1.0, 1.0)
         for _ in range(n - 1):
-            assert eng.transition(slot, "NEXT") is Outcome.APPLIED
-        assert eng.state(slot).name == names[-1]
-        assert eng.state_word(slot) & lib.ENG_SW_STATE_MASK == 1 << (n - 1)
-        assert eng.transition(slot, "NEXT") is Outcome.INVALID
+            assert eng.transition(pos, "NEXT") is Outcome.APPLIED
+        assert eng.state(pos).name == names[-1]
+        assert eng.state_word(eng.slot_of(pos)) & lib.ENG_SW_STATE_MASK == 1 << (n - 1)
+        assert eng.transition(pos, "NEXT") is Outcome.INVALID
 
     def test_handle_carries_custom_spec(self, make_engine):
         """A custom engine's handle pickles with its spec and attaches with it."""
         spec = strategy_spec()
         eng = make_engine(capacity=2, spec=spec)
-        slot = eng.open_position(100.0, 1.0)
+        pos = eng.open_position(100.0, 1.0)
         h = pickle.loads(pickle.dumps(eng.handle))
         assert h.spec == spec
         with Engine.attach(h) as other:
             assert other.spec == spec
-            assert other.transition(slot, "START") is Outcome.APPLIED
-        assert eng.state(slot).name == "ANALYZING"
+            assert other.transition(pos, "START") is Outcome.APPLIED
+        assert eng.state(pos).name == "ANALYZING"
 
     def test_attach_with_explicit_spec(self, make_engine):
         """attach(name, spec=...) with the creator's spec is accepted."""
@@ -199,13 +199,13 @@ class TestSpecMismatch:
     def test_attach_custom_segment_with_default_spec_is_refused(self, make_engine):
         """Default-spec attach to a custom segment: SpecMismatchError, no change."""
         eng = make_engine(capacity=2, spec=strategy_spec())
-        slot = eng.open_position(100.0, 1.0)
-        eng.transition(slot, "START")
-        word = eng.state_word(slot)
+        pos = eng.open_position(100.0, 1.0)
+        eng.transition(pos, "START")
+        word = eng.state_word(eng.slot_of(pos))
         with pytest.raises(SpecMismatchError, match="another machine spec") as info:
             Engine.attach(eng.name)
         assert isinstance(info.value, SegmentError)
-        assert eng.state_word(slot) == word
+        assert eng.state_word(eng.slot_of(pos)) == word
         assert eng.recover().changed is False
 
     def test_attach_default_segment_with_custom_spec_is_refused(self, engine):
@@ -228,101 +228,101 @@ class TestGuards:
     def strat(self, make_engine):
         """A strategy engine with one position in ANALYZING at entry 100."""
         eng = make_engine(capacity=4, spec=strategy_spec())
-        slot = eng.open_position(entry_price=100.0, amount=1.0)
-        assert eng.transition(slot, "START") is Outcome.APPLIED
-        return eng, slot
+        pos = eng.open_position(entry_price=100.0, amount=1.0)
+        assert eng.transition(pos, "START") is Outcome.APPLIED
+        return eng, pos
 
     def test_guard_accepts(self, strat):
         """When the guard says yes the guarded rule is APPLIED."""
-        eng, slot = strat
-        eng.update_price(slot, 101.0)
-        gen = generation(eng.state_word(slot))
-        assert eng.transition(slot, "EXECUTE") is Outcome.APPLIED
-        assert eng.state(slot).name == "EXECUTING"
-        assert generation(eng.state_word(slot)) == (gen + 1) & GEN_MASK
+        eng, pos = strat
+        eng.update_price(pos, 101.0)
+        gen = generation(eng.state_word(eng.slot_of(pos)))
+        assert eng.transition(pos, "EXECUTE") is Outcome.APPLIED
+        assert eng.state(pos).name == "EXECUTING"
+        assert generation(eng.state_word(eng.slot_of(pos))) == (gen + 1) & GEN_MASK
 
     def test_guard_rejects_and_changes_nothing(self, strat):
         """A guard's no gives REJECTED; word, context, price, counter unchanged."""
-        eng, slot = strat
-        eng.update_price(slot, 99.0)
-        word, ctx, price = eng.state_word(slot), eng.context(slot), eng.price(slot)
-        count = transitions(eng, slot)
-        assert eng.transition(slot, "EXECUTE") is Outcome.REJECTED
-        assert eng.transition(slot, "EXECUTE", exit_reason=5, stop_loss=1.0) is Outcome.REJECTED
-        assert eng.state_word(slot) == word
-        assert not eng.state_word(slot) & lib.ENG_SW_LOCK
-        assert eng.context(slot) == ctx
-        assert eng.price(slot) == price
-        assert transitions(eng, slot) == count
+        eng, pos = strat
+        eng.update_price(pos, 99.0)
+        word, ctx, price = eng.state_word(eng.slot_of(pos)), eng.context(pos), eng.price(pos)
+        count = transitions(eng, pos)
+        assert eng.transition(pos, "EXECUTE") is Outcome.REJECTED
+        assert eng.transition(pos, "EXECUTE", exit_reason=5, stop_loss=1.0) is Outcome.REJECTED
+        assert eng.state_word(eng.slot_of(pos)) == word
+        assert not eng.state_word(eng.slot_of(pos)) & lib.ENG_SW_LOCK
+        assert eng.context(pos) == ctx
+        assert eng.price(pos) == price
+        assert transitions(eng, pos) == count
 
     def test_guarded_context_update_applies_with_state(self, strat):
         """A context update on an accepted guarded rule lands with the new state."""
-        eng, slot = strat
-        eng.update_price(slot, 150.0)
-        assert eng.transition(slot, "EXECUTE", exit_reason=8, take_profit=160.0) \
+        eng, pos = strat
+        eng.update_price(pos, 150.0)
+        assert eng.transition(pos, "EXECUTE", exit_reason=8, take_profit=160.0) \
             is Outcome.APPLIED
-        ctx = eng.context(slot)
-        assert eng.state(slot).name == "EXECUTING"
+        ctx = eng.context(pos)
+        assert eng.state(pos).name == "EXECUTING"
         assert (ctx.exit_reason, ctx.take_profit) == (8, 160.0)
 
     def test_unguarded_rules_of_guarded_spec_use_no_guard(self, strat):
         """Rules without a guard apply regardless of the price."""
-        eng, slot = strat
-        eng.update_price(slot, 1.0)
-        assert eng.transition(slot, "ABORT") is Outcome.APPLIED
-        assert eng.state(slot).name == "IDLE"
+        eng, pos = strat
+        eng.update_price(pos, 1.0)
+        assert eng.transition(pos, "ABORT") is Outcome.APPLIED
+        assert eng.state(pos).name == "IDLE"
 
     def test_guard_not_run_for_invalid_trigger(self, make_engine):
         """A trigger with no rule from the state is INVALID without calling the guard."""
         eng = make_engine(capacity=2, spec=strategy_spec(guard=recording_guard))
-        slot = eng.open_position(100.0, 1.0)      # IDLE: EXECUTE has no rule
+        pos = eng.open_position(100.0, 1.0)      # IDLE: EXECUTE has no rule
         GUARD_CALLS.clear()
-        assert eng.transition(slot, "EXECUTE") is Outcome.INVALID
+        assert eng.transition(pos, "EXECUTE") is Outcome.INVALID
         assert GUARD_CALLS == []
 
     def test_guard_sees_context_and_price(self, make_engine):
         """The guard receives the slot's current context and price records."""
         eng = make_engine(capacity=2, spec=strategy_spec(guard=recording_guard))
-        slot = eng.open_position(100.0, 2.0, side=-1, token=4)
-        eng.transition(slot, "START")
-        eng.update_price(slot, 90.0)
+        pos = eng.open_position(100.0, 2.0, side=-1, token=4)
+        eng.transition(pos, "START")
+        eng.update_price(pos, 90.0)
         GUARD_CALLS.clear()
-        assert eng.transition(slot, "EXECUTE") is Outcome.APPLIED
+        assert eng.transition(pos, "EXECUTE") is Outcome.APPLIED
         [(ctx, price)] = GUARD_CALLS
         assert (ctx.entry_price, ctx.amount, ctx.side, ctx.token) == (100.0, 2.0, -1, 4)
-        assert price == eng.price(slot)
+        assert price == eng.price(pos)
 
     def test_guard_exception_propagates_and_changes_nothing(self, make_engine):
         """A raising guard: the caller gets it; the slot is unlocked, unchanged."""
         eng = make_engine(capacity=2, spec=strategy_spec(guard=always_fails))
-        slot = eng.open_position(100.0, 1.0)
-        eng.transition(slot, "START")
-        word, ctx = eng.state_word(slot), eng.context(slot)
+        pos = eng.open_position(100.0, 1.0)
+        eng.transition(pos, "START")
+        word, ctx = eng.state_word(eng.slot_of(pos)), eng.context(pos)
         with pytest.raises(RuntimeError, match="guard exploded"):
-            eng.transition(slot, "EXECUTE")
-        assert eng.state_word(slot) == word
-        assert eng.context(slot) == ctx
-        assert eng.transition(slot, "ABORT") is Outcome.APPLIED   # not left locked
+            eng.transition(pos, "EXECUTE")
+        assert eng.state_word(eng.slot_of(pos)) == word
+        assert eng.context(pos) == ctx
+        assert eng.transition(pos, "ABORT") is Outcome.APPLIED   # not left locked
 
     def test_guarded_transition_halted(self, strat):
         """While halted a guarded rule returns HALTED without running the guard."""
-        eng, slot = strat
-        eng.update_price(slot, 200.0)
+        eng, pos = strat
+        eng.update_price(pos, 200.0)
         eng.halt()
         try:
-            assert eng.transition(slot, "EXECUTE") is Outcome.HALTED
-            assert eng.state(slot).name == "ANALYZING"
+            assert eng.transition(pos, "EXECUTE") is Outcome.HALTED
+            assert eng.state(pos).name == "ANALYZING"
         finally:
             eng.halt(False)
 
     def test_guarded_transition_counts_once(self, strat):
         """A guarded transition is one transition_ctx attempt and no error."""
-        eng, slot = strat
+        eng, pos = strat
         before = eng.metrics()
-        eng.update_price(slot, 99.0)
-        assert eng.transition(slot, "EXECUTE") is Outcome.REJECTED
-        eng.update_price(slot, 101.0)
-        assert eng.transition(slot, "EXECUTE") is Outcome.APPLIED
+        eng.update_price(pos, 99.0)
+        assert eng.transition(pos, "EXECUTE") is Outcome.REJECTED
+        eng.update_price(pos, 101.0)
+        assert eng.transition(pos, "EXECUTE") is Outcome.APPLIED
         m = eng.metrics()
         ctx_op = {f: getattr(m["transition_ctx"], f) - getattr(before["transition_ctx"], f)
                   for f in ("attempts", "applied", "rejected", "errors")}

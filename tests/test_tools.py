@@ -46,6 +46,17 @@ def attach_and_wait(name: str, ready: Any) -> None:
     eng.close()
 
 
+def hold_and_wait(name: str, what: int, pos: int, ready: Any) -> None:
+    """Attach, take a lock through the C test helper (1 price latch, 2
+    transition lock, 3 recovery flag), say so, then wait to be killed."""
+    eng = Engine.attach(name)
+    rc = lib.eng_test_hold(eng._seg, what, pos)
+    assert rc == 0, rc
+    ready.set()
+    signal.pause()
+    eng.close()
+
+
 @pytest.fixture
 def eng(names: Callable[[], str]) -> Iterator[Engine]:
     """An engine with positions in a few states."""
@@ -73,6 +84,29 @@ def foreign(names: Callable[[], str]) -> str:
     finally:
         shm.close_fd()
     return name
+
+
+@pytest.fixture
+def dead_holder(eng: Engine) -> Iterator[Callable[[int, int], int]]:
+    """``kill(what, pos)``: a process that attached, took the transition lock
+    (what=2), price latch (1) or recovery flag (3) and was SIGKILLed; its pid."""
+    procs: list[Any] = []
+
+    def kill(what: int, pos: int) -> int:
+        ready = CTX.Event()
+        p = CTX.Process(target=hold_and_wait, args=(eng.name, what, pos, ready), daemon=True)
+        p.start()
+        procs.append(p)
+        assert ready.wait(JOIN_TIMEOUT)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(JOIN_TIMEOUT)
+        return int(p.pid)
+
+    yield kill
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(JOIN_TIMEOUT)
 
 
 @pytest.fixture
@@ -229,17 +263,57 @@ class TestInspect:
         line = next(ln for ln in out.splitlines() if f" {dead_attached} " in ln)
         assert code == 0 and "DEAD" in line and "1 dead entries" in out
 
+    def test_registry_shows_tokens(self, capsys, eng):
+        """Each registry entry shows the fencing token its Engine locks with."""
+        code, out, _ = run(capsys, "inspect", eng.name, "--json")
+        [me] = json.loads(out)["procs"]
+        assert code == 0 and me["pid"] == os.getpid() and me["token"] == eng._seg.token
+        assert me["token"] & lib.ENG_TOKEN_ENTRY_MASK == me["index"]
+
+    def test_held_locks_resolve_tokens_to_pids(self, capsys, eng, dead_holder):
+        """Locks and latches name their holder by token; inspect and top show the
+        holder's pid (and that it is dead), not the raw token alone."""
+        lock_pos, latch_pos = eng.id_of(2), eng.id_of(3)
+        locker = dead_holder(2, lock_pos)
+        latcher = dead_holder(1, latch_pos)
+        code, out, _ = run(capsys, "inspect", eng.name, "--json")
+        held = {(h["slot"], h["what"]): h for h in json.loads(out)["held"]}
+        assert code == 0 and set(held) == {(2, "lock"), (3, "latch")}
+        assert (held[2, "lock"]["pid"], held[2, "lock"]["alive"]) == (locker, False)
+        assert (held[3, "latch"]["pid"], held[3, "latch"]["alive"]) == (latcher, False)
+        _, text, _ = run(capsys, "inspect", eng.name)
+        rows = text.split("held (")[1].splitlines()[1:]
+        assert any(r.split()[:2] == ["2", "lock"] and f"{locker} DEAD" in r for r in rows)
+        assert any(r.split()[:2] == ["3", "latch"] and f"{latcher} DEAD" in r for r in rows)
+        _, frame, _ = run(capsys, "top", eng.name, "--once", "--interval", "0.01")
+        assert f"slot 2 lock pid {locker} (dead)" in frame
+        assert f"slot 3 latch pid {latcher} (dead)" in frame
+        report = eng.recover()
+        assert sorted(report.removed_pids) == sorted([locker, latcher])
+        _, out, _ = run(capsys, "inspect", eng.name, "--json")
+        assert json.loads(out)["held"] == []
+
+    def test_recovery_flag_holder(self, capsys, eng, dead_holder):
+        """The header's recovering field is a token: inspect shows its holder's pid."""
+        pid = dead_holder(3, 0)
+        code, out, _ = run(capsys, "inspect", eng.name)
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith("recovering"))
+        assert code == 0 and f"pid {pid} (dead)" in line
+        code, out, _ = run(capsys, "inspect", eng.name, "--json")
+        assert json.loads(out)["recovering"]["pid"] == pid
+        assert pid in eng.recover().removed_pids
+
 
 class TestRm:
     """``rm`` unlinks engine segments, and others only with --force."""
 
     def test_removes(self, capsys, eng):
         """An engine segment is removed; processes attached keep working."""
-        slot = 0
+        pos = eng.id_of(0)
         code, out, _ = run(capsys, "rm", eng.name)
         assert code == 0 and f"removed {eng.name}" in out and "1 live" in out
         assert not os.path.exists(os.path.join(segment.SHM_DIR, eng.name))
-        assert eng.state(slot) is State.CREATED
+        assert eng.state(pos) is State.CREATED
 
     def test_refuses_foreign_without_force(self, capsys, foreign):
         """A non-engine segment is kept, exit code 2; --force removes it."""
@@ -269,8 +343,9 @@ class TestTop:
 
     def test_once(self, capsys, eng):
         """--once prints one frame: states, every operation's counters, ops/s."""
+        pos = eng.id_of(0)
         for _ in range(50):
-            eng.update_price(0, 101.0)
+            eng.update_price(pos, 101.0)
         code, out, _ = run(capsys, "top", eng.name, "--once", "--interval", "0.05")
         assert code == 0 and eng.name in out
         assert "CREATED 2" in out and "EXIT_PENDING 2" in out
