@@ -245,6 +245,10 @@ class Engine:
         if self._in_guard:
             raise ClosedError(f"engine {self.name!r} cannot be closed from inside one of its "
                               "own guards; close it after the transition returns")
+        # the registry entry goes first, in one C call (idempotent): an
+        # exception from a signal handler anywhere below can no longer leave
+        # this live process holding it; at worst the unmapping waits for GC
+        lib.eng_detach(self._seg)
         if self._finalizer.alive:
             self._finalizer()
             self._seg = ffi.new("eng_seg *")   # zeroed: every C call says ENG_ECLOSED
