@@ -39,6 +39,8 @@ class OpMetrics:
     errors: int
     retries: int
     takeovers: int
+    rolled_forward: int
+    rolled_back: int
     samples: int
     p50_ns: float
     p99_ns: float
@@ -85,7 +87,8 @@ def read_metrics(mm: mmap.mmap, shards_off: int) -> Metrics:
         hist = col["hist"].sum(axis=0)
         counts = {k: int(col[k].sum()) for k in ("attempts", "applied", "invalid", "conflicts",
                                                   "rejected", "halted", "errors", "retries",
-                                                  "takeovers", "samples")}
+                                                  "takeovers", "rolled_forward", "rolled_back",
+                                                  "samples")}
         max_ns = int(col["max_ns"].max())
         # interpolation inside the top bucket may overshoot the true maximum
         p50, p99, p999 = (min(percentile(hist, q), float(max_ns)) for q in (0.5, 0.99, 0.999))

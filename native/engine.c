@@ -231,6 +231,8 @@ static inline void op_count(op_timer t, size_t field_offset, uint64_t v)
 
 #define OP_RETRIES(t, v)   op_count((t), offsetof(eng_op_metrics, retries), (v))
 #define OP_TAKEOVERS(t, v) op_count((t), offsetof(eng_op_metrics, takeovers), (v))
+#define OP_FORWARDS(t, v)  op_count((t), offsetof(eng_op_metrics, rolled_forward), (v))
+#define OP_BACKS(t, v)     op_count((t), offsetof(eng_op_metrics, rolled_back), (v))
 
 /* ==== liveness: dead means proven dead ========================================= */
 /*
@@ -950,8 +952,12 @@ static int takeover(eng_seg *s, eng_slot *sl, uint64_t L, op_timer t)
     if (!cas_acq_rel_u64(&sl->word, &expected, resolved))
         return 0;
     OP_TAKEOVERS(t, 1);
-    if (forward)
+    if (forward) {
+        OP_FORWARDS(t, 1);
         commit_after(s, sl, sw_unlocked(L), resolved);
+    } else {
+        OP_BACKS(t, 1);
+    }
     return forward ? 1 : 2;
 }
 

@@ -277,10 +277,12 @@ typedef struct eng_op_metrics {
     uint64_t halted;
     uint64_t errors;
     uint64_t retries;        /* failed CAS attempts and latch waits */
-    uint64_t takeovers;      /* locks taken from dead owners */
+    uint64_t takeovers;      /* locks and latches taken from dead owners */
+    uint64_t rolled_forward; /* of those, transitions a takeover completed */
+    uint64_t rolled_back;    /* of those, transitions a takeover undid */
     uint64_t samples;        /* latencies recorded in hist */
     uint64_t max_ns;
-    uint64_t pad[5];
+    uint64_t pad[3];
     uint64_t hist[ENG_HIST_BUCKETS];
 } eng_op_metrics;
 

@@ -315,12 +315,15 @@ def check_after(eng: Engine, tmp: pathlib.Path, figs: Figures) -> None:
 def report(figs: Figures, eng: Engine) -> str:
     m = eng.metrics()
     takeovers = sum(op.takeovers for op in m.values())
+    forward = sum(op.rolled_forward for op in m.values())
+    back = sum(op.rolled_back for op in m.values())
     return (f"chaos: {figs.kills} kills in {figs.seconds:.0f} s; {figs.held_at_death} victims "
             f"held a lock or latch at death, taken over in p50 {figs.percentile(50) * 1e3:.2f} ms"
             f" / p99 {figs.percentile(99) * 1e3:.2f} ms / max "
-            f"{max(figs.clear_s, default=0) * 1e3:.2f} ms; {takeovers} takeovers (metrics); "
-            f"recover(): {figs.rolled_forward} rolled forward, {figs.rolled_back} rolled back, "
-            f"{figs.price_latches} latches, {len(figs.removed)} dead entries removed; "
+            f"{max(figs.clear_s, default=0) * 1e3:.2f} ms; {takeovers} takeovers in all "
+            f"(transitions rolled forward {forward}, back {back}; the rest price latches); "
+            f"the driver's recover() calls: {figs.rolled_forward} forward, {figs.rolled_back} "
+            f"back, {figs.price_latches} latches, {len(figs.removed)} dead entries removed; "
             f"transitions applied {m['transition'].applied + m['transition_ctx'].applied}, "
             f"opens {m['open'].applied}")
 

@@ -184,6 +184,7 @@ class TestCheckAlerts:
     def op(attempts: int, applied: int, p99_ns: float, samples: int = 10) -> OpMetrics:
         return OpMetrics(attempts=attempts, applied=applied, invalid=attempts - applied,
                          conflicts=0, rejected=0, halted=0, errors=0, retries=0, takeovers=0,
+                         rolled_forward=0, rolled_back=0,
                          samples=samples, p50_ns=p99_ns / 2, p99_ns=p99_ns, p999_ns=p99_ns,
                          max_ns=int(p99_ns))
 
