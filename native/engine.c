@@ -885,6 +885,17 @@ static inline int id_live(const eng_slot *sl, uint64_t w, uint64_t id)
     return opening_check(w, load_relaxed_u32(&sl->opening), id);
 }
 
+/* The preamble of calls by id: the id's slot and state word (acquire), and
+ * 0 if the id names the slot's open opening. */
+static inline int id_word(eng_seg *s, uint64_t id, eng_slot **sl, uint64_t *w)
+{
+    int rc = slot_of_id(s, id, sl);
+    if (rc)
+        return rc;
+    *w = load_acquire_u64(&(*sl)->word);
+    return id_live(*sl, *w, id);
+}
+
 /* ==== transitions ================================================================ */
 /*
  * Protocol.  Fast path (no context change, no guard): load the word, check
@@ -1233,11 +1244,8 @@ int eng_state(eng_seg *s, uint64_t id)
 {
     CHECK_SEG(s);
     eng_slot *sl;
-    int rc = slot_of_id(s, id, &sl);
-    if (rc)
-        return rc;
-    uint64_t w = load_acquire_u64(&sl->word);
-    rc = id_live(sl, w, id);
+    uint64_t w;
+    int rc = id_word(s, id, &sl, &w);
     return rc ? rc : (int)sw_state(w);
 }
 
@@ -1350,11 +1358,8 @@ int eng_abandon_open(eng_seg *s, uint64_t id)
 {
     CHECK_SEG(s);
     eng_slot *sl;
-    int rc = slot_of_id(s, id, &sl);
-    if (rc)
-        return rc;
-    uint64_t w = load_acquire_u64(&sl->word);
-    rc = id_live(sl, w, id);
+    uint64_t w;
+    int rc = id_word(s, id, &sl, &w);
     if (rc)
         return rc;
     if (id != s->last_open_id || w != s->last_new_word)
@@ -1446,13 +1451,11 @@ static int accept_token(eng_seg *s, const eng_slot *sl, uint64_t w, uint32_t ope
 int eng_update_price(eng_seg *s, uint64_t id, double price)
 {
     CHECK_SEG(s);
-    eng_slot *sl;
-    int rc = slot_of_id(s, id, &sl);
-    if (rc)
-        return rc;
     if (!price_ok(price))
         return ENG_EBADPRICE;
-    rc = id_live(sl, load_acquire_u64(&sl->word), id);
+    eng_slot *sl;
+    uint64_t w;
+    int rc = id_word(s, id, &sl, &w);
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_PRICE);
@@ -1547,13 +1550,11 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
 int eng_read_price(eng_seg *s, uint64_t id, eng_price_out *out)
 {
     CHECK_SEG(s);
-    eng_slot *sl;
-    int rc = slot_of_id(s, id, &sl);
-    if (rc)
-        return rc;
     if (!out)
         return ENG_EBADARG;
-    rc = id_live(sl, load_acquire_u64(&sl->word), id);
+    eng_slot *sl;
+    uint64_t w;
+    int rc = id_word(s, id, &sl, &w);
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_READ);
@@ -1625,14 +1626,11 @@ int eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns,
                     int64_t *out_since)
 {
     CHECK_SEG(s);
-    eng_slot *sl;
-    int rc = slot_of_id(s, id, &sl);
-    if (rc)
-        return rc;
     if (timeout_ns < 0 || !out_since)
         return ENG_EBADARG;
-    uint64_t w = load_acquire_u64(&sl->word);
-    rc = id_live(sl, w, id);
+    eng_slot *sl;
+    uint64_t w;
+    int rc = id_word(s, id, &sl, &w);
     if (rc)
         return rc;
     if (timeout_ns > ENG_MAX_TIMEOUT_NS)
@@ -1852,11 +1850,8 @@ int eng_test_hold(eng_seg *s, uint32_t what, uint64_t id)
         return cas_acq_rel_u32(&s->hdr->recovering, &cur, s->token) ? 0 : ENG_EBUSY;
     }
     eng_slot *sl;
-    int rc = slot_of_id(s, id, &sl);
-    if (rc)
-        return rc;
-    uint64_t w = load_acquire_u64(&sl->word);
-    rc = id_live(sl, w, id);
+    uint64_t w;
+    int rc = id_word(s, id, &sl, &w);
     if (rc)
         return rc;
     op_timer none = {NULL, 0};

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 from engine._native import lib
+from procs import JOIN_TIMEOUT, READY_TIMEOUT, sigkill, timed, until
 
 from engine import (
     POSITION_SPEC,
@@ -46,8 +47,6 @@ from engine import (
 )
 
 CTX = mp.get_context("spawn")
-JOIN_TIMEOUT = 10.0        # seconds to join a process before failing the test
-READY_TIMEOUT = 30.0       # a spawned worker imports numpy and cffi: slow on a busy host
 ANSWER_BOUND = 2.0         # a transition or recover() must return within this
 LONG_PAUSE_NS = 60_000_000_000   # a child "paused holding the lock" sleeps this long
 GUARD_SLEEP_S = 60.0
@@ -121,26 +120,7 @@ def registry_pids(eng: Engine) -> list[int]:
             if eng._seg.registry[i].pid]
 
 
-def until(pred: Callable[[], bool], what: str, timeout: float = READY_TIMEOUT) -> None:
-    """Poll ``pred`` until true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.001)
 
-
-def sigkill(p: Any) -> None:
-    """SIGKILL a child and reap it (a zombie would still count as dead)."""
-    os.kill(p.pid, signal.SIGKILL)
-    p.join(JOIN_TIMEOUT)
-    assert not p.is_alive(), f"process {p.pid} survived SIGKILL"
-
-
-def timed(call: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.monotonic()
-    out = call()
-    return out, time.monotonic() - t0
 
 
 # -- guards and specs (module level: spawned workers import them by name) ------------

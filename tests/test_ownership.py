@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,7 @@ import pytest
 from engine._native import ffi, lib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from procs import JOIN_TIMEOUT, READY_TIMEOUT, sigkill, timed, until
 
 import engine.core
 import engine.errors
@@ -87,8 +88,6 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEADER = REPO_ROOT / "native" / "engine.h"
 
 SECONDS = float(os.environ.get("OWNERSHIP_SECONDS", "3"))
-READY_TIMEOUT = 30.0       # a spawned worker imports numpy and cffi: slow on a busy host
-JOIN_TIMEOUT = 10.0
 ANSWER_BOUND = 2.0         # a transition / recover() on a dead owner's lock returns within this
 TAKEOVER_WITHIN = 5.0      # "a few seconds": retries allowed until then
 LONG_SLEEP = 600.0         # a holder child sleeps this long (it is killed first)
@@ -174,26 +173,7 @@ def assert_own_entry(eng: Engine) -> None:
 
 
 # -- small helpers ---------------------------------------------------------------------------
-def until(pred: Callable[[], Any], what: str, timeout: float = READY_TIMEOUT) -> None:
-    """Poll ``pred`` until true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.001)
 
-
-def sigkill(p: Any) -> None:
-    """SIGKILL a child and reap it."""
-    os.kill(p.pid, signal.SIGKILL)
-    p.join(JOIN_TIMEOUT)
-    assert not p.is_alive(), f"process {p.pid} survived SIGKILL"
-
-
-def timed(call: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.monotonic()
-    out = call()
-    return out, time.monotonic() - t0
 
 
 def proc_state(pid: int) -> str:
@@ -983,6 +963,25 @@ def storm_step(eng: Engine, rng: random.Random, ids: list[int], cur: list[int],
     _ARMED[0] = False
 
 
+@contextlib.contextmanager
+def sigalrm_storm() -> Iterator[float]:
+    """Install the raising SIGALRM handler for the block (which sets the timer);
+    afterwards stop it and put back the previous handler and timer
+    (pytest-timeout's, if any).  Yields the start time."""
+    old_handler = signal.signal(signal.SIGALRM, _storm_handler)
+    old_timer = signal.getitimer(signal.ITIMER_REAL)
+    t0 = time.monotonic()
+    try:
+        yield t0
+    finally:
+        _ARMED[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_timer[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL,
+                             max(0.001, old_timer[0] - (time.monotonic() - t0)), old_timer[1])
+
+
 class TestSignalStorm:
     """A signal handler's exception, wherever it lands in a call, leaves no
     lock, latch, half-open slot, recovery flag or registry entry held by the
@@ -998,10 +997,7 @@ class TestSignalStorm:
         ids: list[int] = []
         cur = [0]
         stats: collections.Counter[str] = collections.Counter()
-        old_handler = signal.signal(signal.SIGALRM, _storm_handler)
-        old_timer = signal.getitimer(signal.ITIMER_REAL)   # pytest-timeout's, if any
-        t0 = time.monotonic()
-        try:
+        with sigalrm_storm() as t0:
             for k, interval in enumerate(STORM_INTERVALS * max(1, int(SECONDS))):
                 signal.setitimer(signal.ITIMER_REAL, interval, interval)
                 end = t0 + SECONDS * (k + 1) / (len(STORM_INTERVALS) * max(1, int(SECONDS)))
@@ -1022,14 +1018,6 @@ class TestSignalStorm:
                             stats["BusyError"] += 1
                     except StormError:
                         stats["storm"] += 1
-        finally:
-            _ARMED[0] = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old_handler)
-            if old_timer[0] > 0:
-                signal.setitimer(signal.ITIMER_REAL,
-                                 max(0.001, old_timer[0] - (time.monotonic() - t0)),
-                                 old_timer[1])
         gc.collect()   # Engines lost to an exception mid-attach are finalized now
         print(f"\nsignal storm: {SECONDS:.0f} s, {dict(stats)}")
         assert stats["storm"] > 100, "the storm hardly interrupted anything: it proves little"
@@ -1071,10 +1059,7 @@ class TestSignalStorm:
         free it: the process is alive)."""
         eng = make_engine(capacity=2)
         stats: collections.Counter[str] = collections.Counter()
-        old_handler = signal.signal(signal.SIGALRM, _storm_handler)
-        old_timer = signal.getitimer(signal.ITIMER_REAL)
-        t0 = time.monotonic()
-        try:
+        with sigalrm_storm() as t0:
             signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
             while time.monotonic() < t0 + SECONDS / 2:
                 other = None
@@ -1092,14 +1077,6 @@ class TestSignalStorm:
                         other = None
                 except StormError:
                     stats["storm"] += 1
-        finally:
-            _ARMED[0] = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old_handler)
-            if old_timer[0] > 0:
-                signal.setitimer(signal.ITIMER_REAL,
-                                 max(0.001, old_timer[0] - (time.monotonic() - t0)),
-                                 old_timer[1])
         gc.collect()
         print(f"\nattach/close storm ({armed_in}): {dict(stats)}")
         assert stats[f"storm in {armed_in}"] > 20, "the storm hardly hit the call under test"
