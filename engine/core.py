@@ -168,6 +168,7 @@ class Engine:
         self._buf = ffi.from_buffer(mm)
         self._seg = ffi.new("eng_seg *")
         self._in_guard = 0
+        self._waiting = 0   # wait_for_change calls in flight (they release the GIL)
         # registered before attaching: an exception at any point after the C
         # call (a signal handler's included) still frees the registry entry
         self._finalizer = weakref.finalize(self, _detach, self._seg, self._buf, mm)
@@ -181,7 +182,6 @@ class Engine:
         self._pid = os.getpid()
         self._price_buf: tuple[Any, memoryview] | None = _new_out("eng_price_out *")
         self._ctx_buf: tuple[Any, memoryview] | None = _new_out("eng_ctx_out *")
-        self._u32 = ffi.new("uint32_t *")
         self._trigger_types = frozenset((int, spec.Trigger))
         self._states = {1 << i: spec.State(1 << i) for i in range(len(spec.states))}
 
@@ -245,6 +245,9 @@ class Engine:
         if self._in_guard:
             raise ClosedError(f"engine {self.name!r} cannot be closed from inside one of its "
                               "own guards; close it after the transition returns")
+        if self._waiting:
+            raise ClosedError(f"engine {self.name!r} is in wait_for_change in another thread; "
+                              "an Engine belongs to one thread: close it there")
         # the registry entry goes first, in one C call (idempotent): an
         # exception from a signal handler anywhere below can no longer leave
         # this live process holding it; at worst the unmapping waits for GC
@@ -371,17 +374,17 @@ class Engine:
         if not isinstance(token, int) or not _INT64[0] <= token <= _INT64[1]:
             raise ArgumentError(f"token must be an int in [{_INT64[0]}, {_INT64[1]}], "
                                 f"got {token!r}")
-        out = ffi.new("uint64_t *")   # per call: a signal handler may open too
+        out = ffi.new("uint64_t[2]")   # per call (a signal handler may open too): id, word
         try:
-            rc = lib.eng_open_position(self._seg, entry_price, amount, side, token, out)
+            rc = lib.eng_open_position(self._seg, entry_price, amount, side, token, out, out + 1)
             if rc:
                 self._fail(rc, price=entry_price)
             return int(out[0])
         except BaseException:
             # an exception (a signal handler's) after C opened it: the id
-            # never reaches the caller, so give the slot back
+            # never reaches the caller, so give the slot back if untouched
             if out[0]:
-                lib.eng_abandon_open(self._seg, out[0])
+                lib.eng_abandon_open(self._seg, out[0], out[1])
             raise
 
     def release_position(self, pos: int) -> Outcome:
@@ -510,7 +513,7 @@ class Engine:
             self._price_buf = out, view
         if rc:
             self._fail(rc, pos)
-        return _tuple_new(PriceSnapshot, values)  # type: ignore[no-any-return]
+        return _tuple_new(PriceSnapshot, values)  # type: ignore[arg-type]
 
     def context(self, pos: int) -> Context:
         """A consistent context record of this opening."""
@@ -528,7 +531,7 @@ class Engine:
             self._ctx_buf = out, view
         if rc:
             self._fail(rc, pos)
-        return _tuple_new(Context, values)  # type: ignore[no-any-return]
+        return _tuple_new(Context, values)  # type: ignore[arg-type]
 
     def update_prices(self, ids: npt.ArrayLike, prices: npt.ArrayLike) -> int:
         """Publish many prices in one C call; returns how many were written.
@@ -595,29 +598,34 @@ class Engine:
         deadline = time.monotonic() + min(timeout, _MAX_TIMEOUT_S)
         since = -1   # C: the state word at entry
         out = ffi.new("int64_t *")
-        while True:
-            left = max(0, int((deadline - time.monotonic()) * 1e9))
-            try:
-                rc = lib.eng_wait_change(self._seg, pos, since, left, out)
-            except _CONVERSION_ERRORS:
-                raise self._bad_types(pos) from None
-            if rc == lib.ENG_APPLIED:
-                return self.state(pos)
-            if rc == lib.ENG_EINTR:      # signal handlers run here, between calls
-                since = int(out[0])
-                continue
-            self._fail(rc, pos, timeout=timeout)
+        self._waiting += 1   # close() from another thread must not unmap under C
+        try:
+            while True:
+                left = max(0, int((deadline - time.monotonic()) * 1e9))
+                try:
+                    rc = lib.eng_wait_change(self._seg, pos, since, left, out)
+                except _CONVERSION_ERRORS:
+                    raise self._bad_types(pos) from None
+                if rc == lib.ENG_APPLIED:
+                    return self.state(pos)
+                if rc == lib.ENG_EINTR:      # signal handlers run here, between calls
+                    since = int(out[0])
+                    continue
+                self._fail(rc, pos, timeout=timeout)
+        finally:
+            self._waiting -= 1
 
     def snapshot(self) -> np.ndarray:
         """Every open position as one row of a structured array (``id`` and
         ``slot`` columns first); each row's state, context and price belong to
         one opening and were read together."""
         rows = np.zeros(self.capacity, dtype=ROW_DTYPE)
+        n = ffi.new("uint32_t *")   # per call: a signal handler may snapshot too
         rc = lib.eng_snapshot(self._seg, ffi.from_buffer("eng_row[]", rows, require_writable=True),
-                              self.capacity, self._u32)
+                              self.capacity, n)
         if rc:
             self._fail(rc)
-        return rows[: int(self._u32[0])]
+        return rows[: int(n[0])]
 
     def metrics(self) -> Metrics:
         """Counters and latency percentiles per operation, merged over every

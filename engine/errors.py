@@ -125,6 +125,8 @@ ERRORS: dict[int, tuple[type[EngineError], str]] = {
     lib.ENG_EGUARDFAIL: (InternalError, "id {id!r}: the guard raised and a signal handler's "
                                         "exception raised over it, so neither could be kept; "
                                         "nothing was changed"),
+    lib.ENG_ETOOMANY: (CapacityError, f"this process already has {lib.ENG_MAX_LOCAL_ENGINES} "
+                                      "Engines attached; close some"),
     # statuses the API consumes itself; seeing one is a bug
     lib.ENG_EGUARDED: (InternalError, "internal status {code} ({why}) escaped: please report"),
     lib.ENG_EINTR: (InternalError, "internal status {code} ({why}) escaped: please report"),

@@ -11,7 +11,6 @@ it exits).  The creator does not own the segment's life either: only
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 import re
@@ -45,9 +44,24 @@ def create(name: str, size: int) -> mmap.mmap:
     return mm
 
 
+def _lock_fd(name: str, mapped_fd: int) -> int:
+    """A second, close-on-exec open of the segment file, never mapped.
+
+    An Engine's liveness lock (an OFD lock, see native/engine.h) must live on
+    an open file description that nothing else pins: a mapping pins the
+    description it was made from, and a fork child inherits mappings, so a
+    lock on the mapped description would outlive a dead parent."""
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    a, b = os.fstat(fd), os.fstat(mapped_fd)
+    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+        os.close(fd)
+        raise SegmentError(errno.ESTALE, f"segment {name!r} was replaced while being opened")
+    return fd
+
+
 def create_with_fd(name: str, size: int) -> tuple[mmap.mmap, int]:
-    """``create``, also returning a close-on-exec descriptor of the segment
-    (an Engine keeps it: it carries the Engine's liveness lock)."""
+    """``create``, also returning a descriptor for the Engine's liveness lock
+    (see ``_lock_fd``)."""
     check_name(name)
     try:
         shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600)
@@ -64,7 +78,7 @@ def create_with_fd(name: str, size: int) -> tuple[mmap.mmap, int]:
             raise SegmentError(e.errno, f"cannot reserve {size} bytes for segment {name!r} "
                                f"({os.strerror(e.errno or 0)}; {SHM_DIR} has {free} bytes "
                                "free)") from None
-        return mmap.mmap(shm.fd, size), fcntl.fcntl(shm.fd, fcntl.F_DUPFD_CLOEXEC, 0)
+        return mmap.mmap(shm.fd, size), _lock_fd(name, shm.fd)
     except BaseException:
         shm.close_fd()
         posix_ipc.unlink_shared_memory("/" + name)
@@ -82,8 +96,8 @@ def open_existing(name: str) -> mmap.mmap:
 
 
 def open_with_fd(name: str) -> tuple[mmap.mmap, int]:
-    """``open_existing``, also returning a close-on-exec descriptor of the
-    same segment file."""
+    """``open_existing``, also returning a descriptor for the Engine's
+    liveness lock (see ``_lock_fd``)."""
     check_name(name)
     try:
         shm = posix_ipc.SharedMemory("/" + name)
@@ -96,7 +110,7 @@ def open_with_fd(name: str) -> tuple[mmap.mmap, int]:
         if size == 0:
             raise SegmentError(errno.EINVAL, f"segment {name!r} is empty (0 bytes): "
                                "not an engine segment, or its creator has not sized it yet")
-        return mmap.mmap(shm.fd, size), fcntl.fcntl(shm.fd, fcntl.F_DUPFD_CLOEXEC, 0)
+        return mmap.mmap(shm.fd, size), _lock_fd(name, shm.fd)
     finally:
         shm.close_fd()
 

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -265,6 +266,16 @@ static int ofd_setlk(int fd, off_t off, short type)
     return fcntl(fd, F_OFD_SETLK, &fl);
 }
 
+/* 1 while s->fd still names the segment file it was attached with.  Code
+ * outside the engine may close that descriptor or dup2 another file over
+ * it; then no answer about locks through it can be trusted. */
+static int fd_is_segment(const eng_seg *s)
+{
+    struct stat st;
+    return fstat(s->fd, &st) == 0 && (uint64_t)st.st_dev == s->fd_dev &&
+           (uint64_t)st.st_ino == s->fd_ino;
+}
+
 /* 1 if another open file description holds the byte, 0 if none does,
  * -1 if the kernel could not say. */
 static int ofd_held(int fd, off_t off)
@@ -358,7 +369,7 @@ static int token_dead(eng_seg *s, uint32_t token)
     fence_acquire();
     if (load_relaxed_u32(&e->incarnation) != inc)
         return 1;                          /* claimed again while we looked */
-    return freed || held == 0;
+    return freed || (held == 0 && fd_is_segment(s));
 }
 
 /* ==== futex ==================================================================== */
@@ -388,22 +399,24 @@ static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
 /* The liveness descriptors of this process's Engines.  A fork child closes
  * its copies at once: the parent's OFD locks then live and die with the
  * parent alone.  (Closing a copy never drops an OFD lock the parent holds.) */
-#define LOCAL_FDS 1024
-static int local_fds[LOCAL_FDS];   /* fd + 1; 0 = empty */
+static int local_fds[ENG_MAX_LOCAL_ENGINES];   /* fd + 1; 0 = empty */
 
-static void remember_fd(int fd)
+/* Before the fd holds any lock: a fork from another thread at any later
+ * point closes the child's copy. */
+static int remember_fd(int fd)
 {
-    for (int i = 0; i < LOCAL_FDS; i++) {
+    for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++) {
         int empty = 0;
         if (__atomic_compare_exchange_n(&local_fds[i], &empty, fd + 1, 0,
                                         __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-            return;
+            return 0;
     }
+    return ENG_ETOOMANY;
 }
 
 static void forget_fd(int fd)
 {
-    for (int i = 0; i < LOCAL_FDS; i++) {
+    for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++) {
         int mine = fd + 1;
         if (__atomic_compare_exchange_n(&local_fds[i], &mine, 0, 0,
                                         __ATOMIC_RELAXED, __ATOMIC_RELAXED))
@@ -414,7 +427,7 @@ static void forget_fd(int fd)
 static void on_fork_child(void)
 {
     store_relaxed_u32(&fork_epoch, load_relaxed_u32(&fork_epoch) + 1);
-    for (int i = 0; i < LOCAL_FDS; i++) {
+    for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++) {
         int v = __atomic_exchange_n(&local_fds[i], 0, __ATOMIC_RELAXED);
         if (v)
             close(v - 1);
@@ -495,6 +508,7 @@ const char *eng_strerror(int code)
     case ENG_EFORKED: return "engine was inherited through fork";
     case ENG_ERECOVERING: return "another live process is recovering";
     case ENG_EGUARDFAIL: return "the guard raised";
+    case ENG_ETOOMANY: return "too many Engines attached in this process";
     default: return "unknown code";
     }
 }
@@ -591,6 +605,7 @@ int eng_validate(const void *base, uint64_t size, uint64_t fingerprint)
  * fold the shard, start time 0, FREE, pid 0 with release, then drop the lock.
  */
 static void retire_shard(eng_seg *s, eng_shard *src);
+static void sweep_dead(eng_seg *s, eng_recover_report *out);
 
 static int claim_entry(eng_seg *s, uint32_t i, uint32_t pid, uint64_t start, int take_dead)
 {
@@ -606,8 +621,16 @@ static int claim_entry(eng_seg *s, uint32_t i, uint32_t pid, uint64_t start, int
         return 0;
     }
     store_relaxed_u32(&e->state, ENG_PROC_CLAIMED);
-    if (take_dead)
+    if (take_dead) {
+        /* resolve what the gone owner still holds before its entry gets a
+         * new incarnation: a wrapped incarnation must never meet its locks */
+        eng_recover_report ignored;
+        memset(&ignored, 0, sizeof ignored);
+        sweep_dead(s, &ignored);
+        uint32_t gone = (load_relaxed_u32(&e->incarnation) << ENG_TOKEN_ENTRY_BITS) | i;
+        cas_acq_rel_u32(&s->hdr->recovering, &gone, 0);
         retire_shard(s, &s->shards[i]);
+    }
     uint32_t inc = (load_relaxed_u32(&e->incarnation) + 1) & ENG_TOKEN_INC_MASK;
     if (inc == 0)
         inc = 1;
@@ -643,15 +666,26 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     s->capacity = h->capacity;
     s->n_triggers = h->n_triggers;
     s->fd = fd;
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        memset(s, 0, sizeof *s);
+        return ENG_EBADARG;
+    }
+    s->fd_dev = (uint64_t)st.st_dev;
+    s->fd_ino = (uint64_t)st.st_ino;
     s->pid = (uint32_t)getpid();
     s->fork_epoch = load_relaxed_u32(&fork_epoch);
+    rc = remember_fd(fd);
+    if (rc) {
+        memset(s, 0, sizeof *s);
+        return rc;
+    }
     uint64_t start = eng_proc_start_time(s->pid);
     for (int take_dead = 0; take_dead < 2; take_dead++)
         for (uint32_t i = 0; i < ENG_MAX_PROCS; i++)
-            if (claim_entry(s, i, s->pid, start, take_dead)) {
-                remember_fd(fd);
+            if (claim_entry(s, i, s->pid, start, take_dead))
                 return 0;
-            }
+    forget_fd(fd);
     memset(s, 0, sizeof *s);
     return ENG_ENOPROC;
 }
@@ -781,13 +815,15 @@ static int price_latch(eng_seg *s, eng_slot *sl, op_timer t, uint64_t *latched)
     return ENG_EBUSY;
 }
 
-/* Publish rec and unlatch, in one CAS from the latched word. */
-static void price_publish(eng_slot *sl, uint64_t latched, const eng_price_rec *rec)
+/* Publish rec and unlatch, in one CAS from the latched word.  ENG_EBUSY if
+ * the latch was taken over meanwhile (nothing became visible). */
+static int price_publish(eng_slot *sl, uint64_t latched, const eng_price_rec *rec)
 {
     uint64_t q = pw_seq(latched);
     fence_release();                                               /* W0 */
     copy_words_relaxed(&sl->price[(q + 1) & 1], rec, REC_WORDS(eng_price_rec));
-    cas_acq_rel_u64(&sl->pword, &latched, (q + 1) << ENG_PW_SEQ_SHIFT);   /* W3 */
+    return cas_acq_rel_u64(&sl->pword, &latched, (q + 1) << ENG_PW_SEQ_SHIFT)   /* W3 */
+        ? 0 : ENG_EBUSY;
 }
 
 /* Unlatch without publishing. */
@@ -1168,6 +1204,10 @@ static int check_update(const eng_ctx_update *u)
 /* Holder of L: apply the update to the published context and commit. */
 static int commit_with_update(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_update *u)
 {
+    if (load_relaxed_u32(&s->hdr->halted)) {   /* halted while we held the lock (a guard) */
+        unlock_unchanged(sl, L);
+        return ENG_HALTED;
+    }
     if (!u || !u->mask)
         return finish_locked(s, sl, L, NULL);
     eng_ctx_rec c;
@@ -1295,10 +1335,10 @@ static void price_rec_for(eng_price_rec *r, const eng_ctx_rec *c, double price, 
 }
 
 int eng_open_position(eng_seg *s, double entry_price, double amount,
-                      int32_t side, int64_t token, uint64_t *out_id)
+                      int32_t side, int64_t token, uint64_t *out_id, uint64_t *out_word)
 {
     CHECK_SEG(s);
-    if (!out_id)
+    if (!out_id || !out_word)
         return ENG_EBADARG;
     if (!price_ok(entry_price))
         return ENG_EBADPRICE;
@@ -1341,10 +1381,16 @@ int eng_open_position(eng_seg *s, double entry_price, double amount,
         c.opened_ns = ts;
         eng_price_rec r;
         price_rec_for(&r, &c, entry_price, ts);
-        price_publish(sl, latched, &r);
+        if (price_publish(sl, latched, &r) != 0) {
+            unlock_unchanged(sl, L);   /* our latch was taken: we were judged gone */
+            rc = ENG_EBUSY;
+            break;
+        }
         rc = finish_locked(s, sl, L, &c);
-        if (rc == ENG_APPLIED)
-            *out_id = s->last_open_id = make_id(opening, slot);
+        if (rc == ENG_APPLIED) {
+            *out_id = make_id(opening, slot);
+            *out_word = s->last_new_word;
+        }
         break;
     }
     op_end(t, rc);
@@ -1352,9 +1398,9 @@ int eng_open_position(eng_seg *s, double entry_price, double amount,
 }
 
 /* Undo an open whose id never reached its caller (an exception between the
- * C call and the caller): only if nothing happened to it since this Engine
- * published it. */
-int eng_abandon_open(eng_seg *s, uint64_t id)
+ * C call and the caller): only if its word is still exactly the one the open
+ * published (word, from eng_open_position), so nothing happened to it since. */
+int eng_abandon_open(eng_seg *s, uint64_t id, uint64_t word)
 {
     CHECK_SEG(s);
     eng_slot *sl;
@@ -1362,7 +1408,7 @@ int eng_abandon_open(eng_seg *s, uint64_t id)
     int rc = id_word(s, id, &sl, &w);
     if (rc)
         return rc;
-    if (id != s->last_open_id || w != s->last_new_word)
+    if (w != word)
         return ENG_INVALID;
     uint64_t nw = sw_make(0, sw_gen(w) + 1, sw_ctx(w));
     if (!cas_acq_rel_u64(&sl->word, &w, nw))
@@ -1425,8 +1471,7 @@ static int write_price_checked(eng_seg *s, eng_slot *sl, double price, int64_t t
     }
     eng_price_rec r;
     price_rec_for(&r, &c, price, ts);
-    price_publish(sl, latched, &r);
-    return 0;
+    return price_publish(sl, latched, &r);
 }
 
 static int accept_id(eng_seg *s, const eng_slot *sl, uint64_t w, uint32_t opening,
@@ -1761,18 +1806,10 @@ static int take_recovery_flag(eng_seg *s)
     return ENG_ERECOVERING;
 }
 
-int eng_recover(eng_seg *s, eng_recover_report *out)
+/* Resolve every transition lock and price latch whose owner is proven gone. */
+static void sweep_dead(eng_seg *s, eng_recover_report *out)
 {
-    CHECK_SEG(s);
-    if (!out)
-        return ENG_EBADARG;
-    memset(out, 0, sizeof *out);
-    op_timer t = op_begin(s, ENG_OP_RECOVER);
-    int rc = take_recovery_flag(s);
-    if (rc) {
-        op_end(t, rc);
-        return rc;
-    }
+    op_timer t = {s->me ? &s->me->op[ENG_OP_RECOVER] : NULL, 0};
     for (uint32_t i = 0; i < s->capacity; i++) {
         eng_slot *sl = &s->slots[i];
         uint64_t w = load_acquire_u64(&sl->word);
@@ -1787,6 +1824,23 @@ int eng_recover(eng_seg *s, eng_recover_report *out)
             cas_acq_rel_u64(&sl->pword, &pw, pw & ~ENG_TOKEN_MASK))
             out->price_latches++;
     }
+}
+
+int eng_recover(eng_seg *s, eng_recover_report *out)
+{
+    CHECK_SEG(s);
+    if (!out)
+        return ENG_EBADARG;
+    memset(out, 0, sizeof *out);
+    if (!fd_is_segment(s))
+        return ENG_ECLOSED;   /* code outside the engine closed or replaced our descriptor */
+    op_timer t = op_begin(s, ENG_OP_RECOVER);
+    int rc = take_recovery_flag(s);
+    if (rc) {
+        op_end(t, rc);
+        return rc;
+    }
+    sweep_dead(s, out);
     for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
         eng_proc *e = &s->registry[i];
         uint32_t pid = load_acquire_u32(&e->pid);

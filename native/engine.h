@@ -35,6 +35,7 @@
 #define ENG_MAX_STATES       16
 #define ENG_MAX_TRIGGERS     256
 #define ENG_MAX_PROCS        128
+#define ENG_MAX_LOCAL_ENGINES 1024   /* Engines attached at once in one process */
 #define ENG_MAX_CAPACITY     16777216
 #define ENG_HIST_BUCKETS     48      /* bucket b holds latencies in [2^(b-1), 2^b) ns */
 
@@ -157,7 +158,8 @@
 #define ENG_EFORKED          -20     /* the eng_seg was attached by the parent of a fork */
 #define ENG_ERECOVERING      -21     /* another live process runs recover() */
 #define ENG_EGUARDFAIL       -22     /* the guard callback raised; nothing was changed */
-#define ENG_ERRNO_MIN        -22     /* the lowest code: every code in [it, -1] has words */
+#define ENG_ETOOMANY         -23     /* this process has ENG_MAX_LOCAL_ENGINES attached */
+#define ENG_ERRNO_MIN        -23     /* the lowest code: every code in [it, -1] has words */
 
 /* ---- context update mask (eng_ctx_update.mask) --------------------------- */
 #define ENG_CTX_EXIT_REASON  1
@@ -346,11 +348,13 @@ typedef struct eng_seg {
     uint32_t        proc_index;
     uint32_t        token;       /* this Engine's fencing token */
     uint32_t        fork_epoch;  /* the process-wide fork count at attach */
-    int32_t         fd;          /* the segment file: holds the liveness lock */
+    int32_t         fd;          /* the segment file, opened apart from the mapping:
+                                    it holds the liveness lock */
     uint32_t        pad0;
+    uint64_t        fd_dev;      /* fstat of fd at attach: a liveness answer is */
+    uint64_t        fd_ino;      /* trusted only while fd still names this file */
     uint64_t        last_old_word;   /* state words around this Engine's last */
     uint64_t        last_new_word;   /* applied transition (for stress logs) */
-    uint64_t        last_open_id;    /* this Engine's last open, for eng_abandon_open */
 } eng_seg;
 
 /* Context fields a transition may change, atomically with the state. */
@@ -436,8 +440,9 @@ void     eng_detach(eng_seg *s);
 int      eng_check(eng_seg *s);
 
 int      eng_open_position(eng_seg *s, double entry_price, double amount,
-                           int32_t side, int64_t token, uint64_t *out_id);
-int      eng_abandon_open(eng_seg *s, uint64_t id);
+                           int32_t side, int64_t token, uint64_t *out_id,
+                           uint64_t *out_word);
+int      eng_abandon_open(eng_seg *s, uint64_t id, uint64_t word);
 int      eng_release_position(eng_seg *s, uint64_t id);
 int      eng_transition(eng_seg *s, uint64_t id, uint32_t trigger);
 int      eng_transition_ctx(eng_seg *s, uint64_t id, uint32_t trigger,

@@ -1502,8 +1502,12 @@ class CFuzz:
             kind, s = self.seg(d)
             price = d(DOUBLES if kind != "foreign" else BAD_PRICES)   # foreign stays pristine
             x(name, kind, self.call(name, kind, lib.eng_open_position, s, price, d(DOUBLES),
-                                    d(I32S), d(I64S), self.out(d, "uint64_t *")))
-        elif name in ("eng_abandon_open", "eng_release_position", "eng_state"):
+                                    d(I32S), d(I64S), self.out(d, "uint64_t *"),
+                                    self.out(d, "uint64_t *")))
+        elif name == "eng_abandon_open":
+            kind, s = self.seg(d)
+            x(name, kind, self.call(name, kind, lib.eng_abandon_open, s, d(ids), d(U64S)))
+        elif name in ("eng_release_position", "eng_state"):
             kind, s = self.seg(d)
             x(name, kind, self.call(name, kind, getattr(lib, name), s, d(ids)))
         elif name == "eng_transition":
