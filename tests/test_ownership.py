@@ -21,6 +21,17 @@ slot numbers as ids).
   11 TestErrors          one exception class per C code; EngineError never raised itself
   12 TestStaleIds        an id kept across release and reopen is refused everywhere
 
+Second review round (each class failed on afaa4a6, the commit before its fixes):
+
+  13 TestForkInheritedMapping  a fork child's inherited mapping keeps no dead parent's lock alive
+  14 TestReplacedDescriptor    a process whose descriptor was replaced takes over nothing
+  15 TestHaltDuringGuard       halt() during a guard: HALTED, nothing committed
+  16 TestCloseDuringWait       close() from another thread during a wait: ClosedError, no crash
+  17 TestHandlerSnapshot       a handler's snapshot never changes the outer snapshot's rows
+  18 TestHandlerOpenAbandon    an open undone under a handler's own open is still undone
+  19 TestIncarnationWrap       a wrapped incarnation never meets a gone owner's locks
+  20 TestLocalEngineLimit      Engines past ENG_MAX_LOCAL_ENGINES in one process are refused
+
 Durations: the timed races run ``OWNERSHIP_SECONDS`` seconds each (default 3;
 issue 7 measured 10-15 s runs: ``OWNERSHIP_SECONDS=15 pytest tests/test_ownership.py``).
 """
@@ -1946,3 +1957,499 @@ class TestStaleIds:
         with pytest.raises(SlotError) as info:
             call(eng, bad)
         assert not isinstance(info.value, NotOpenError), info.value
+
+
+# ==============================================================================================
+# Second review round.  Each class below failed on the engine before it (afaa4a6): a
+# liveness lock on the mapped file description, liveness answers read through any
+# descriptor, halt read once before a guard, abandon-by-last-open, incarnations reused
+# with a gone owner's locks in place, a silent local fd table, close() under a wait, one
+# shared snapshot count.
+# ==============================================================================================
+def engine_env() -> dict[str, str]:
+    """Environment for a child interpreter that imports the engine package this
+    test process imported (whatever tree it came from)."""
+    env = dict(os.environ)
+    root = str(pathlib.Path(engine.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def kill_quietly(pid: int) -> None:
+    """SIGKILL a process that may be gone already (not our child: init reaps it)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def sigalrm_handler(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Install ``handler`` for SIGALRM for the block; afterwards put back the
+    previous handler and timer (pytest-timeout's, if any)."""
+    old_handler = signal.signal(signal.SIGALRM, handler)
+    old_timer = signal.getitimer(signal.ITIMER_REAL)
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_timer[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL,
+                             max(0.001, old_timer[0] - (time.monotonic() - t0)), old_timer[1])
+
+
+class SignalAfterCall:
+    """Stands in for engine.core's ``lib``: forwards everything, and raises
+    SIGALRM right after the next armed call of ``name`` returns, so that the
+    handler runs exactly where a signal that arrived during the C call would
+    (between the C call and the Python code after it)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.armed = False
+        self.hits = 0
+
+    def __getattr__(self, attr: str) -> Any:
+        real = getattr(lib, attr)
+        if attr != self.name:
+            return real
+
+        def call(*args: Any) -> Any:
+            rc = real(*args)
+            if self.armed:
+                self.armed = False
+                self.hits += 1
+                signal.raise_signal(signal.SIGALRM)   # the handler runs in here
+            return rc
+        return call
+
+
+# ==============================================================================================
+# 13. a fork child's inherited mapping
+# ==============================================================================================
+HOLD_AND_FORK_SCRIPT = r"""
+import os, sys, time
+from engine import Engine
+from engine._native import lib
+eng = Engine.attach(sys.argv[1])
+rc = lib.eng_test_hold(eng._seg, 2, int(sys.argv[2]))   # the transition lock
+kid = os.fork()
+if kid == 0:   # a worker that inherits the mapping and never touches the Engine
+    time.sleep(float(sys.argv[3]))
+    os._exit(0)
+print(rc, kid, int(eng._seg.token), flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+class TestForkInheritedMapping:
+    """A fork child that merely inherits an Engine's mapping does not keep its
+    dead parent's liveness lock (so its transition locks) alive."""
+
+    def test_dead_holders_lock_taken_over_while_its_fork_child_lives(self, make_engine):
+        """The holder of a transition lock forks a sleeping child and is SIGKILLed:
+        while the child lives, a transition on that slot is APPLIED within 2 s and
+        recover() removes the holder; forbidden: CONFLICT for the child's lifetime."""
+        eng = make_engine(capacity=2)
+        pos = eng.open_position(100.0, 1.0)
+        slot = eng.slot_of(pos)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_AND_FORK_SCRIPT, eng.name, str(pos), str(LONG_SLEEP)],
+            stdout=subprocess.PIPE, text=True, env=engine_env())
+        kid = 0
+        try:
+            assert holder.stdout is not None
+            rc, kid, token = map(int, holder.stdout.readline().split())
+            assert rc == 0
+            w = eng.state_word(slot)
+            assert w & LOCK and sw_owner(w) == token
+            holder.kill()
+            holder.wait(JOIN_TIMEOUT)
+            assert proc_state(kid) in "RSD", "the fork child is not alive: the test proves nothing"
+            outcome, took = timed(lambda: eng.transition(pos, Trigger.POSITION_OPENED))
+            report = eng.recover()
+            assert proc_state(kid) in "RSD", "the fork child died during the test"
+        finally:
+            if kid:
+                kill_quietly(kid)
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait(JOIN_TIMEOUT)
+        assert outcome is Outcome.APPLIED and took < ANSWER_BOUND, \
+            f"dead holder's lock kept alive by its fork child: {outcome!r} after {took:.3f} s"
+        assert eng.state(pos) is State.MONITORING and not eng.state_word(slot) & LOCK
+        assert report.removed_pids == (holder.pid,), report
+
+
+# ==============================================================================================
+# 14. a replaced engine descriptor
+# ==============================================================================================
+class TestReplacedDescriptor:
+    """A process whose liveness descriptor was closed or replaced by code outside
+    the engine cannot tell who is alive: it takes nothing over and frees nothing."""
+
+    def test_replaced_fd_takes_no_live_lock_and_frees_no_entry(self, make_engine, spawn):
+        """/dev/null dup2'd over an Engine's descriptor: its transition on a slot a
+        live process holds is CONFLICT, its recover() raises ClosedError, the
+        holder's lock and entry stay, and a healthy Engine then also gets CONFLICT;
+        forbidden: APPLIED, a rollback, the live holder's entry freed."""
+        eng = make_engine(capacity=2)
+        pos = eng.open_position(100.0, 1.0)
+        slot = eng.slot_of(pos)
+        q = CTX.Queue()
+        holder = spawn(hold_worker, eng.handle, [(2, pos)], q)
+        pid, token, rcs = get_from(q, holder)
+        assert rcs == [0]
+        held = eng.state_word(slot)
+        assert held & LOCK and sw_owner(held) == token
+        entry = [e for e in registry(eng) if e[1] == pid]
+        assert entry and entry[0][3] == token >> lib.ENG_TOKEN_ENTRY_BITS
+        broken = Engine.attach(eng.handle)
+        try:
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            try:
+                os.dup2(devnull, broken._seg.fd)   # e.g. a logger reusing a "free" number
+            finally:
+                os.close(devnull)
+            outcome = broken.transition(pos, Trigger.POSITION_OPENED)
+            try:
+                recovered: Any = broken.recover()
+            except ClosedError as e:
+                recovered = e
+        finally:
+            broken.close()
+        assert outcome is Outcome.CONFLICT, f"the live holder's lock was taken: {outcome!r}"
+        assert isinstance(recovered, ClosedError), \
+            f"recover() through a replaced descriptor ran: {recovered}"
+        assert eng.state_word(slot) == held, "the live holder's lock was touched"
+        assert [e for e in registry(eng) if e[1] == pid] == entry, \
+            f"the live holder's entry changed: {registry(eng)}"
+        assert holder.is_alive()
+        assert eng.transition(pos, Trigger.POSITION_OPENED) is Outcome.CONFLICT, \
+            "a healthy process took the live holder's lock afterwards"
+        assert eng.state_word(slot) == held
+
+
+# ==============================================================================================
+# 15. halt during a guard
+# ==============================================================================================
+#: the Engine the halting guard calls halt() through (set by the test, taken once)
+_HALTER: dict[str, Engine] = {}
+
+
+def halting_guard(*_: Any) -> bool:
+    """Approves, after another Engine turned the emergency stop on (once)."""
+    other = _HALTER.pop("eng", None)
+    if other is not None:
+        other.halt(True)
+    return True
+
+
+HALT_GUARD_SPEC = MachineSpec(
+    states=["IDLE", "FIRED"], triggers=["FIRE", "RESET"],
+    rules=[Rule.of("FIRE", "IDLE", "FIRED", guard=halting_guard),
+           Rule.of("RESET", "FIRED", "IDLE")],
+    initial="IDLE", name="own_halt_guard")
+
+
+class TestHaltDuringGuard:
+    """halt() stops a guarded transition whose guard is still running."""
+
+    def test_halt_while_guard_runs_returns_halted(self, make_engine):
+        """Another Engine calls halt() while the guard runs (the guard then says
+        yes): the transition returns HALTED, state, generation and context are
+        unchanged; forbidden: APPLIED after halt() returned."""
+        eng = make_engine(capacity=2, spec=HALT_GUARD_SPEC)
+        other = Engine.attach(eng.handle)
+        pos = eng.open_position(100.0, 1.0)
+        slot = eng.slot_of(pos)
+        w0, ctx0 = eng.state_word(slot), eng.context(pos)
+        _HALTER["eng"] = other
+        try:
+            outcome = eng.transition(pos, "FIRE", exit_reason=5)
+            assert "eng" not in _HALTER, "the guard did not run"
+            w = eng.state_word(slot)
+            assert outcome is Outcome.HALTED, f"halted during the guard, yet {outcome!r}"
+            assert not w & LOCK and (sw_state(w), sw_gen(w)) == (sw_state(w0), sw_gen(w0))
+            assert eng.state(pos) == HALT_GUARD_SPEC.State["IDLE"]
+            assert eng.context(pos) == ctx0
+        finally:
+            _HALTER.clear()
+            other.halt(False)
+            other.close()
+        assert eng.transition(pos, "FIRE", exit_reason=5) is Outcome.APPLIED
+        assert eng.context(pos).exit_reason == 5
+
+
+# ==============================================================================================
+# 16. close() from another thread
+# ==============================================================================================
+CLOSE_DURING_WAIT_SCRIPT = r"""
+import json, sys, threading, time
+from engine import ClosedError, Engine
+eng = Engine.attach(sys.argv[1])
+pos = int(sys.argv[2])
+slot = eng.slot_of(pos)
+out = {}
+def waiter():
+    try:
+        eng.wait_for_change(pos, timeout=1.0)
+        out["waiter"] = "returned"
+    except Exception as e:
+        out["waiter"] = type(e).__name__
+t = threading.Thread(target=waiter)
+t.start()
+deadline = time.monotonic() + 5.0
+while not eng._seg.slots[slot].waiting and time.monotonic() < deadline:
+    time.sleep(0.001)
+out["asleep"] = bool(eng._seg.slots[slot].waiting)   # the waiter is in C, GIL released
+time.sleep(0.05)
+try:
+    eng.close()   # e.g. a shutdown path on the main thread
+    out["close"] = "closed"
+except ClosedError:
+    out["close"] = "ClosedError"
+t.join()
+eng.close()   # in the owner's own time: allowed
+out["closed"] = eng.closed
+print(json.dumps(out), flush=True)
+"""
+
+
+class TestCloseDuringWait:
+    """close() from another thread never unmaps an Engine under a wait in progress."""
+
+    def test_close_from_other_thread_during_wait_raises_closed(self, make_engine):
+        """A thread sleeps in wait_for_change; the main thread's close() raises
+        ClosedError, the wait times out normally, close() afterwards works (in a
+        child interpreter); forbidden: a crash (SIGSEGV), close() succeeding."""
+        eng = make_engine(capacity=2)
+        pos = eng.open_position(100.0, 1.0)
+        proc = subprocess.run([sys.executable, "-c", CLOSE_DURING_WAIT_SCRIPT, eng.name, str(pos)],
+                              capture_output=True, text=True, env=engine_env(),
+                              timeout=READY_TIMEOUT)
+        assert proc.returncode == 0, \
+            f"child exited {proc.returncode} (-11: SIGSEGV): {proc.stderr[-500:]}"
+        out = json.loads(proc.stdout)
+        assert out["asleep"], f"the waiter never slept: the test proves nothing ({out})"
+        assert out == {"asleep": True, "close": "ClosedError", "waiter": "WaitTimeout",
+                       "closed": True}, out
+
+
+# ==============================================================================================
+# 17. a snapshot inside a signal handler
+# ==============================================================================================
+class TestHandlerSnapshot:
+    """snapshot() from a signal handler that lands in another snapshot() of the
+    same Engine leaves the outer result whole: its row count is its own."""
+
+    def test_handler_snapshot_does_not_change_outer_rows(self, make_engine, monkeypatch):
+        """SIGALRM lands while the main loop's snapshot runs in C; the handler opens a
+        position and snapshots: the outer snapshot has exactly the rows open before,
+        none with id 0; forbidden: the handler's count applied to the outer rows."""
+        eng = make_engine(capacity=64)
+        ids = [eng.open_position(100.0, 1.0) for _ in range(8)]
+        spy = SignalAfterCall("eng_snapshot")
+        monkeypatch.setattr(engine.core, "lib", spy)
+        seen: list[int] = []
+
+        def handler(signum: int, frame: Any) -> None:
+            ids.append(eng.open_position(100.0, 1.0))   # the handler's own work ...
+            seen.append(len(eng.snapshot()))           # ... and its own snapshot
+
+        bad = []
+        with sigalrm_handler(handler):
+            for _ in range(16):
+                before = set(ids)
+                spy.armed = True
+                rows = eng.snapshot()
+                got = [int(i) for i in rows["id"]]
+                if 0 in got or set(got) != before or len(got) != len(before):
+                    bad.append(f"{len(got)} rows ({got.count(0)} with id 0) for "
+                               f"{len(before)} open before the handler's")
+        assert spy.hits == 16 and seen == list(range(9, 25)), (spy.hits, seen)
+        assert not bad, f"{len(bad)} of 16 outer snapshots wrong, first: {bad[:3]}"
+        assert sorted(int(i) for i in eng.snapshot()["id"]) == sorted(ids)
+
+
+# ==============================================================================================
+# 18. an open abandoned under a signal handler's own open
+# ==============================================================================================
+class HandlerError(Exception):
+    """Raised by a SIGALRM handler after its own engine work."""
+
+
+class TestHandlerOpenAbandon:
+    """An open whose id cannot reach its caller (a handler raised right after
+    the C call) is undone even when the handler opened a position first."""
+
+    def test_outer_open_undone_after_handler_opens_and_raises(self, make_engine, monkeypatch):
+        """SIGALRM right after eng_open_position returns; the handler opens its own
+        position and raises: the handler's positions stay, the outer opening is
+        given back; forbidden: an open position whose id nobody received."""
+        eng = make_engine(capacity=64)
+        spy = SignalAfterCall("eng_open_position")
+        monkeypatch.setattr(engine.core, "lib", spy)
+        returned: list[int] = []
+        by_handler: list[int] = []
+
+        def handler(signum: int, frame: Any) -> None:
+            by_handler.append(eng.open_position(1.0, 1.0))   # the handler's own open ...
+            raise HandlerError                               # ... then it raises
+
+        with sigalrm_handler(handler):
+            for _ in range(16):
+                returned.append(eng.open_position(100.0, 1.0))   # unarmed
+                spy.armed = True
+                with pytest.raises(HandlerError):
+                    eng.open_position(200.0, 2.0)
+        assert spy.hits == 16 and len(by_handler) == 16
+        rows = eng.snapshot()
+        known = set(returned) | set(by_handler)
+        leaked = [f"{int(r['id']):#x} (entry {r['entry_price']})" for r in rows
+                  if int(r["id"]) not in known]
+        assert not leaked, f"{len(leaked)} openings nobody received: {leaked[:5]}"
+        assert len(rows) == len(known) == 32
+
+
+# ==============================================================================================
+# 19. incarnation wrap
+# ==============================================================================================
+INC_PERIOD = lib.ENG_TOKEN_INC_MASK   # incarnations 1 .. 2^17 - 1: one claim in so many repeats
+
+
+def churn_to_token(eng: Engine, token: int) -> tuple[Any, int]:
+    """Attach and detach raw views of ``eng``'s mapping until one is handed
+    ``token`` (at most two incarnation periods of claims of one free entry);
+    returns that view, attached, and the number of claims."""
+    path = os.path.join(segment.SHM_DIR, eng.name)
+    for n in range(1, 2 * INC_PERIOD + 1):
+        seg = ffi.new("eng_seg *")
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        rc = lib.eng_attach(seg, eng._buf, len(eng._mm), 0, fd)
+        assert rc == 0, f"attach {n}: {rc}"
+        if int(seg.token) == token:
+            return seg, n
+        lib.eng_detach(seg)   # closes fd
+    raise AssertionError(f"token {token:#x} never came back in {2 * INC_PERIOD} claims")
+
+
+class TestIncarnationWrap:
+    """A gone owner's locks are resolved before its registry entry is claimed
+    again: an incarnation that comes round never meets them."""
+
+    @pytest.mark.parametrize("claims", [
+        "simulated",   # the freed entry's incarnation set where 2^17 - 3 more claims leave it
+        pytest.param("real", marks=pytest.mark.slow),   # those claims, for real (~5-10 s)
+    ])
+    def test_wrapped_incarnation_does_not_revive_dead_lock(self, make_engine, spawn, claims):
+        """A dead owner's lock in a slot; its entry is taken over (registry full) and
+        claimed until a live Engine carries the dead owner's exact token: a
+        transition on the slot is APPLIED within 2 s; forbidden: CONFLICT while
+        that Engine stays attached."""
+        eng = make_engine(capacity=2)
+        pos = eng.open_position(100.0, 1.0)
+        slot = eng.slot_of(pos)
+        q = CTX.Queue()
+        owner = spawn(hold_worker, eng.handle, [(2, pos)], q)
+        _, dead, rcs = get_from(q, owner)
+        assert rcs == [0]
+        sigkill(owner)
+        index, inc = dead & lib.ENG_TOKEN_ENTRY_MASK, dead >> lib.ENG_TOKEN_ENTRY_BITS
+        fillers: list[Engine] = []
+        wrapped = None
+        try:
+            while len(registry(eng)) < lib.ENG_MAX_PROCS:   # every other entry live
+                fillers.append(Engine.attach(eng.handle))
+            taker = Engine.attach(eng.handle)   # the registry is full: takes the dead entry
+            fillers.append(taker)
+            assert int(taker._seg.proc_index) == index
+            w = eng.state_word(slot)
+            taker.close()
+            if claims == "simulated":
+                # after the taker's claim and 2^17 - 3 more, the entry is free at the
+                # incarnation before the dead owner's (incarnations skip 0): the next
+                # claim hands out the dead owner's token
+                eng._seg.registry[index].incarnation = (inc - 2) % INC_PERIOD + 1
+                wrapped, n = churn_to_token(eng, dead)
+                assert n == 1
+            else:
+                wrapped, n = churn_to_token(eng, dead)
+                assert n == INC_PERIOD - 1, n
+            assert int(wrapped.token) == dead
+            if w & LOCK:   # the takeover did not resolve the lock: it is the dead owner's
+                assert sw_owner(w) == dead
+            outcome, took = timed(lambda: eng.transition(pos, Trigger.POSITION_OPENED))
+            report = eng.recover()
+        finally:
+            if wrapped is not None:
+                lib.eng_detach(wrapped)
+            for f in fillers:
+                f.close()
+        assert outcome is Outcome.APPLIED and took < ANSWER_BOUND, \
+            f"dead owner's lock revived by its wrapped token: {outcome!r} after {took:.3f} s"
+        assert not eng.state_word(slot) & LOCK and eng.state(pos) is State.MONITORING
+        assert report.rolled_back == 0, report
+
+
+# ==============================================================================================
+# 20. Engines per process
+# ==============================================================================================
+LOCAL_LIMIT_SCRIPT = r"""
+import json, os, resource, sys
+from engine import CapacityError, Engine
+from engine._native import lib
+limit, names = int(sys.argv[1]), sys.argv[2:]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+for name in names:
+    Engine.create(capacity=1, name=name).close()   # the segment stays
+fds = lambda: len(os.listdir("/proc/self/fd"))
+engines, refused = [], None
+while len(engines) <= limit:   # ENG_MAX_PROCS attachers per segment
+    name = names[len(engines) // lib.ENG_MAX_PROCS]
+    before = fds()
+    try:
+        engines.append(Engine.attach(name))
+    except CapacityError as e:
+        refused = str(e)
+        break
+out = {"attached": len(engines), "refused": refused}
+if refused is not None:   # the refusal left nothing behind and is not sticky
+    out["fds_same"] = fds() == before
+    engines.pop().close()
+    engines.append(Engine.attach(name))
+    out["after_close"] = len(engines)
+    reg = engines[-1]._seg.registry
+    out["entries"] = sum(1 for i in range(lib.ENG_MAX_PROCS) if reg[i].pid)
+    out["attached_there"] = sum(1 for e in engines if e.name == name)
+for e in engines:
+    e.close()
+print(json.dumps(out), flush=True)
+"""
+
+
+class TestLocalEngineLimit:
+    """More Engines in one process than the fork hook can track are refused."""
+
+    def test_engine_past_local_limit_raises_capacity_error(self, make_engine, names):
+        """A process (RLIMIT_NOFILE raised) attaches ENG_MAX_LOCAL_ENGINES Engines;
+        the next attach raises CapacityError, leaking no descriptor, and one
+        attaches again after a close; forbidden: attaching an Engine whose
+        liveness descriptor a fork child would keep (the parent's lock with it)."""
+        # builds before the limit had a constant had the same 1024-entry table, unchecked
+        limit = int(getattr(lib, "ENG_MAX_LOCAL_ENGINES", 1024))
+        segs = [names() for _ in range(limit // lib.ENG_MAX_PROCS + 1)]
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 3 * limit + 256:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} too low for {limit} Engines")
+        proc = subprocess.run([sys.executable, "-c", LOCAL_LIMIT_SCRIPT, str(limit), *segs],
+                              capture_output=True, text=True, env=engine_env(),
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-1000:]
+        out = json.loads(proc.stdout)
+        assert out["refused"] is not None, \
+            f"{out['attached']} Engines attached in one process, none refused"
+        assert out["attached"] == limit, out
+        assert out["fds_same"] and out["entries"] == out["attached_there"], out
+        assert out["after_close"] == limit, out
