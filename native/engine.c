@@ -49,10 +49,17 @@ static inline int cas_acq_rel_u32(uint32_t *p, uint32_t *expected, uint32_t desi
                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
+static inline int cas_relaxed_u32(uint32_t *p, uint32_t expected, uint32_t desired)
+{
+    return __atomic_compare_exchange_n(p, &expected, desired, 0,
+                                       __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
 static inline uint64_t fetch_add_relaxed_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline uint32_t fetch_add_relaxed_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline uint64_t fetch_add_seq_cst_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 static inline uint32_t exchange_seq_cst_u32(uint32_t *p, uint32_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t exchange_relaxed_u32(uint32_t *p, uint32_t v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }
 static inline void store_seq_cst_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 static inline void fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 static inline void fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
@@ -399,38 +406,33 @@ static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
 /* The liveness descriptors of this process's Engines.  A fork child closes
  * its copies at once: the parent's OFD locks then live and die with the
  * parent alone.  (Closing a copy never drops an OFD lock the parent holds.) */
-static int local_fds[ENG_MAX_LOCAL_ENGINES];   /* fd + 1; 0 = empty */
+static uint32_t local_fds[ENG_MAX_LOCAL_ENGINES];   /* fd + 1; 0 = empty (relaxed: only
+                                                        this process reads it) */
 
 /* Before the fd holds any lock: a fork from another thread at any later
  * point closes the child's copy. */
 static int remember_fd(int fd)
 {
-    for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++) {
-        int empty = 0;
-        if (__atomic_compare_exchange_n(&local_fds[i], &empty, fd + 1, 0,
-                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+    for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++)
+        if (cas_relaxed_u32(&local_fds[i], 0, (uint32_t)fd + 1))
             return 0;
-    }
     return ENG_ETOOMANY;
 }
 
 static void forget_fd(int fd)
 {
-    for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++) {
-        int mine = fd + 1;
-        if (__atomic_compare_exchange_n(&local_fds[i], &mine, 0, 0,
-                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+    for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++)
+        if (cas_relaxed_u32(&local_fds[i], (uint32_t)fd + 1, 0))
             return;
-    }
 }
 
 static void on_fork_child(void)
 {
     store_relaxed_u32(&fork_epoch, load_relaxed_u32(&fork_epoch) + 1);
     for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++) {
-        int v = __atomic_exchange_n(&local_fds[i], 0, __ATOMIC_RELAXED);
+        uint32_t v = exchange_relaxed_u32(&local_fds[i], 0);
         if (v)
-            close(v - 1);
+            close((int)v - 1);
     }
 }
 
