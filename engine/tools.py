@@ -165,15 +165,20 @@ def _parse_header(data: bytes, size: int) -> tuple[int, dict[str, int], int, int
     return status, fields, rules, guarded
 
 
-def _parse_registry(data: bytes) -> list[ProcEntry]:
+def _parse_registry(data: bytes, probe_fd: int | None, registry_off: int) -> list[ProcEntry]:
+    """The used entries.  ``alive`` is the engine's own verdict (the entry's
+    liveness lock, asked through ``probe_fd``, any descriptor of the segment);
+    without one, pid and start time as this pid namespace sees them."""
     entries = np.frombuffer(data, dtype=PROC_DTYPE, count=lib.ENG_MAX_PROCS)
     out = []
     for i in np.flatnonzero(entries["pid"]):
         e = entries[i]
         pid, start, inc = int(e["pid"]), int(e["start_time"]), int(e["incarnation"])
+        held = -1 if probe_fd is None else lib.eng_entry_held(probe_fd, registry_off, int(i))
+        alive = held > 0 if held >= 0 else bool(lib.eng_proc_alive(pid, start))
         out.append(ProcEntry(index=int(i), pid=pid,
                              state=_PROC_STATES.get(int(e["state"]), f"?{int(e['state'])}"),
-                             alive=bool(lib.eng_proc_alive(pid, start)), start_time=start,
+                             alive=alive, start_time=start,
                              attached_ns=int(e["attached_ns"]), incarnation=inc,
                              token=(inc << lib.ENG_TOKEN_ENTRY_BITS) | int(i)))
     return out
@@ -196,25 +201,34 @@ def _holder(slot: int, what: str, token: int, procs: Sequence[ProcEntry]) -> Hol
 Reader = Callable[[int, int], bytes]   # (offset, n) -> a copy of up to n bytes
 
 
-def read_info(name: str, read: Reader, size: int) -> SegmentInfo:
-    """Read a segment through ``read(offset, n) -> bytes`` (a copy, possibly short)."""
+def read_info(name: str, read: Reader, size: int, probe_fd: int | None = None) -> SegmentInfo:
+    """Read a segment through ``read(offset, n) -> bytes`` (a copy, possibly
+    short); ``probe_fd``, a descriptor of the segment file, lets registry
+    entries be judged alive as the engine judges them."""
     status, header, rules, guarded = _parse_header(read(0, _HEADER_SIZE), size)
     info = SegmentInfo(name, size, status, header, rules, guarded)
     if status == 0:
         data = read(header["registry_off"], _REGISTRY_SIZE)
         if len(data) == _REGISTRY_SIZE:
-            info.procs = _parse_registry(data)
+            info.procs = _parse_registry(data, probe_fd, header["registry_off"])
         if header.get("recovering"):
             info.recovering = _holder(-1, "recovery", header["recovering"], info.procs)
     return info
 
 
 def _info_from_fd(name: str, fd: int) -> SegmentInfo:
-    return read_info(name, lambda off, n: os.pread(fd, n, off), os.fstat(fd).st_size)
+    return read_info(name, lambda off, n: os.pread(fd, n, off), os.fstat(fd).st_size, fd)
 
 
 def _info_from_mmap(name: str, mm: mmap.mmap) -> SegmentInfo:
-    return read_info(name, lambda off, n: mm[off:off + n], len(mm))
+    try:
+        probe = os.open(os.path.join(segment.SHM_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return read_info(name, lambda off, n: mm[off:off + n], len(mm))
+    try:
+        return read_info(name, lambda off, n: mm[off:off + n], len(mm), probe)
+    finally:
+        os.close(probe)
 
 
 def _slot_words(mm: mmap.mmap, header: dict[str, int], field_off: int) -> np.ndarray:

@@ -359,6 +359,16 @@ int eng_proc_alive(uint32_t pid, uint64_t start_time)
     return start_time == 0 || st == start_time;
 }
 
+/* For tools, through any descriptor of the segment file: 1 if registry
+ * entry `entry`'s liveness lock is held (its Engine is attached), 0 if not,
+ * < 0 if the kernel could not say. */
+int eng_entry_held(int fd, uint64_t registry_off, uint32_t entry)
+{
+    if (fd < 0 || entry >= ENG_MAX_PROCS || registry_off > (uint64_t)INT64_MAX / 2)
+        return ENG_EBADARG;
+    return ofd_held(fd, (off_t)(registry_off + (uint64_t)entry * sizeof(eng_proc)));
+}
+
 /* 1 only when the owner named by token is proven gone: its registry entry
  * moved to another incarnation or was freed, or nobody holds the entry's
  * liveness lock. */

@@ -466,6 +466,7 @@ int      eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout
 int      eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n);
 int      eng_recover(eng_seg *s, eng_recover_report *out);
 int      eng_proc_alive(uint32_t pid, uint64_t start_time);
+int      eng_entry_held(int fd, uint64_t registry_off, uint32_t entry);
 int      eng_owner_alive(eng_seg *s, uint32_t token);
 uint64_t eng_proc_start_time(uint32_t pid);
 

@@ -1580,6 +1580,10 @@ class CFuzz:
         elif name == "eng_proc_alive":
             rc = self.call(name, "-", lib.eng_proc_alive, d(U32S), d(U64S))
             assert ERRNO_MIN <= rc <= 1, rc
+        elif name == "eng_entry_held":   # a probe through stdin: any answer, no crash
+            rc = self.call(name, "-", lib.eng_entry_held, d(st.sampled_from([-1, 0, 2**31 - 1])),
+                           d(U64S), d(U32S))
+            assert ERRNO_MIN <= rc <= 1, rc
         elif name == "eng_owner_alive":
             kind, s = self.seg(d)
             x(name, kind, self.call(name, kind, lib.eng_owner_alive, s, d(U32S)),
