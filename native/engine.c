@@ -261,15 +261,21 @@ static inline off_t entry_lock_offset(const eng_seg *s, uint32_t i)
     return (off_t)((const uint8_t *)&s->registry[i] - s->base);
 }
 
-/* F_OFD_SETLK on one byte: 0, or -1 if another description holds it. */
-static int ofd_setlk(int fd, off_t off, short type)
+static struct flock one_byte(short type, off_t off)
 {
     struct flock fl;
-    memset(&fl, 0, sizeof fl);
+    memset(&fl, 0, sizeof fl);   /* l_pid must be 0 for OFD locks */
     fl.l_type = type;
     fl.l_whence = SEEK_SET;
     fl.l_start = off;
     fl.l_len = 1;
+    return fl;
+}
+
+/* F_OFD_SETLK on one byte: 0, or -1 if another description holds it. */
+static int ofd_setlk(int fd, off_t off, short type)
+{
+    struct flock fl = one_byte(type, off);
     return fcntl(fd, F_OFD_SETLK, &fl);
 }
 
@@ -287,12 +293,7 @@ static int fd_is_segment(const eng_seg *s)
  * -1 if the kernel could not say. */
 static int ofd_held(int fd, off_t off)
 {
-    struct flock fl;
-    memset(&fl, 0, sizeof fl);
-    fl.l_type = F_WRLCK;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = off;
-    fl.l_len = 1;
+    struct flock fl = one_byte(F_WRLCK, off);
     if (fcntl(fd, F_OFD_GETLK, &fl) != 0)
         return -1;
     return fl.l_type != F_UNLCK;

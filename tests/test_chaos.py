@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 from engine._native import lib
-from procs import JOIN_TIMEOUT, READY_TIMEOUT, sigkill, timed, until
+from procs import JOIN_TIMEOUT, READY_TIMEOUT, exit_guarded_spec, sigkill, timed, until
 
 from engine import (
     POSITION_SPEC,
@@ -148,17 +148,7 @@ GUARDED_SPEC = MachineSpec(
     initial="IDLE", name="guarded")
 
 
-def _chaos_spec() -> MachineSpec:
-    """The default lifecycle with EXIT_STARTED guarded by ``brief_guard``."""
-    rules = [Rule.of(r.trigger, r.sources, r.target,
-                     brief_guard if r.trigger == Trigger.EXIT_STARTED.name else None)
-             for r in POSITION_SPEC.rules]
-    return MachineSpec(states=POSITION_SPEC.states, triggers=POSITION_SPEC.triggers,
-                       rules=rules, initial=POSITION_SPEC.initial, closed=POSITION_SPEC.closed,
-                       name="chaos")
-
-
-CHAOS_SPEC = _chaos_spec()
+CHAOS_SPEC = exit_guarded_spec(brief_guard, "chaos")
 
 #: the chaos invariant: a committed state fixes the sign of exit_reason
 EXIT_REASON_OK: dict[int, Callable[[int], bool]] = {

@@ -30,16 +30,14 @@ from typing import Any
 import numpy as np
 import pytest
 from engine._native import lib
+from procs import exit_guarded_spec
 
 from engine import (
-    POSITION_SPEC,
     BusyError,
     CapacityError,
     Engine,
-    MachineSpec,
     NotOpenError,
     Outcome,
-    Rule,
     State,
     Trigger,
     WaitTimeout,
@@ -55,13 +53,7 @@ def exit_guard(ctx: Any, price: Any) -> bool:
     return bool(ctx.exit_reason > 0)
 
 
-#: The position lifecycle with a guard on EXIT_STARTED.
-CHAOS_SPEC = MachineSpec(
-    states=list(POSITION_SPEC.states), triggers=list(POSITION_SPEC.triggers),
-    rules=[Rule.of(r.trigger, r.sources, r.target,
-                   guard=exit_guard if r.trigger == "EXIT_STARTED" else None)
-           for r in POSITION_SPEC.rules],
-    initial=POSITION_SPEC.initial, closed=list(POSITION_SPEC.closed), name="chaos")
+CHAOS_SPEC = exit_guarded_spec(exit_guard, "chaos")
 
 #: The context invariant every commit keeps: exit_reason tells the state apart.
 REASON_OK = {

@@ -64,12 +64,11 @@ import pytest
 from engine._native import ffi, lib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import JOIN_TIMEOUT, READY_TIMEOUT, sigkill, timed, until
+from procs import JOIN_TIMEOUT, READY_TIMEOUT, exit_guarded_spec, sigkill, timed, until
 
 import engine.core
 import engine.errors
 from engine import (
-    POSITION_SPEC,
     ArgumentError,
     BusyError,
     CapacityError,
@@ -244,17 +243,7 @@ GUARDED_SPEC = MachineSpec(
     initial="IDLE", name="own_guarded")
 
 
-def _brief_guard_spec() -> MachineSpec:
-    """The default lifecycle with EXIT_STARTED guarded by ``brief_guard``."""
-    rules = [Rule.of(r.trigger, r.sources, r.target,
-                     brief_guard if r.trigger == Trigger.EXIT_STARTED.name else None)
-             for r in POSITION_SPEC.rules]
-    return MachineSpec(states=POSITION_SPEC.states, triggers=POSITION_SPEC.triggers,
-                       rules=rules, initial=POSITION_SPEC.initial, closed=POSITION_SPEC.closed,
-                       name="own_brief_guard")
-
-
-BRIEF_GUARD_SPEC = _brief_guard_spec()
+BRIEF_GUARD_SPEC = exit_guarded_spec(brief_guard, "own_brief_guard")
 
 
 # -- workers (module level for spawn) ---------------------------------------------------------
