@@ -964,22 +964,31 @@ def storm_step(eng: Engine, rng: random.Random, ids: list[int], cur: list[int],
 
 
 @contextlib.contextmanager
-def sigalrm_storm() -> Iterator[float]:
-    """Install the raising SIGALRM handler for the block (which sets the timer);
+def sigalrm_handler(handler: Callable[[int, Any], None]) -> Iterator[float]:
+    """Install ``handler`` for SIGALRM for the block (which sets the timer);
     afterwards stop it and put back the previous handler and timer
     (pytest-timeout's, if any).  Yields the start time."""
-    old_handler = signal.signal(signal.SIGALRM, _storm_handler)
+    old_handler = signal.signal(signal.SIGALRM, handler)
     old_timer = signal.getitimer(signal.ITIMER_REAL)
     t0 = time.monotonic()
     try:
         yield t0
     finally:
-        _ARMED[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_handler)
         if old_timer[0] > 0:
             signal.setitimer(signal.ITIMER_REAL,
                              max(0.001, old_timer[0] - (time.monotonic() - t0)), old_timer[1])
+
+
+@contextlib.contextmanager
+def sigalrm_storm() -> Iterator[float]:
+    """``sigalrm_handler`` with the raising storm handler, disarmed afterwards."""
+    try:
+        with sigalrm_handler(_storm_handler) as t0:
+            yield t0
+    finally:
+        _ARMED[0] = False
 
 
 class TestSignalStorm:
@@ -1972,23 +1981,6 @@ def kill_quietly(pid: int) -> None:
     """SIGKILL a process that may be gone already (not our child: init reaps it)."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def sigalrm_handler(handler: Callable[[int, Any], None]) -> Iterator[None]:
-    """Install ``handler`` for SIGALRM for the block; afterwards put back the
-    previous handler and timer (pytest-timeout's, if any)."""
-    old_handler = signal.signal(signal.SIGALRM, handler)
-    old_timer = signal.getitimer(signal.ITIMER_REAL)
-    t0 = time.monotonic()
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
-        if old_timer[0] > 0:
-            signal.setitimer(signal.ITIMER_REAL,
-                             max(0.001, old_timer[0] - (time.monotonic() - t0)), old_timer[1])
 
 
 class SignalAfterCall:
