@@ -33,13 +33,14 @@ from engine.errors import (
     ClosedError,
     EngineError,
     EngineTypeError,
+    FieldError,
     PriceError,
     SlotError,
     TriggerError,
     raise_for,
 )
 from engine.metrics import Metrics, read_metrics
-from engine.records import CONTEXT_STRUCT, PRICE_STRUCT, ROW_DTYPE, Context, PriceSnapshot
+from engine.records import PRICE_STRUCT, PriceSnapshot
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome
 
 __all__ = ["Engine", "Handle", "RecoveryReport"]
@@ -50,13 +51,11 @@ _update_price = lib.eng_update_price
 _read_price = lib.eng_read_price
 _state = lib.eng_state
 _unpack_price = PRICE_STRUCT.unpack_from
-_unpack_context = CONTEXT_STRUCT.unpack_from
 _tuple_new = tuple.__new__
 
-_CTX_FIELDS = {"exit_reason": lib.ENG_CTX_EXIT_REASON, "stop_loss": lib.ENG_CTX_STOP_LOSS,
-               "take_profit": lib.ENG_CTX_TAKE_PROFIT}
-_INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)
+_KEY_MAX = lib.ENG_KEY_MAX
+_DEFAULT_KEYS = 2
 # what cffi raises for an argument it cannot convert (NaN to int: ValueError)
 _CONVERSION_ERRORS = (TypeError, OverflowError, ValueError)
 _SLOT_MASK = lib.ENG_ID_SLOT_MASK
@@ -79,11 +78,12 @@ class RecoveryReport:
     rolled_back: int
     price_latches: int
     removed_pids: tuple[int, ...]
+    keys_cleared: int = 0   # key records, cells and stripe locks left by the dead
 
     @property
     def changed(self) -> bool:
         return bool(self.rolled_forward or self.rolled_back or self.price_latches
-                    or self.removed_pids)
+                    or self.removed_pids or self.keys_cleared)
 
 
 def _is_number(v: object) -> bool:
@@ -118,6 +118,13 @@ def _detach(seg: Any, buf: Any, mm: mmap.mmap) -> None:
     lib.eng_detach(seg)
     ffi.release(buf)
     mm.close()
+
+
+def _key_value(data: bytes) -> str | bytes:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data
 
 
 # -- guards ----------------------------------------------------------------------------
@@ -179,7 +186,10 @@ class Engine:
             self._finalizer()
             raise_for(rc, name=name, spec=spec.name)
         self.capacity: int = self._seg.capacity
+        #: keys one opening may have (set at create)
+        self.keys_per_position: int = self._seg.kpp
         self._pid = os.getpid()
+        self._rec = spec.record
         self._price_buf: tuple[Any, memoryview] | None = _new_out("eng_price_out *")
         self._ctx_buf: tuple[Any, memoryview] | None = _new_out("eng_ctx_out *")
         self._trigger_types = frozenset((int, spec.Trigger))
@@ -187,22 +197,30 @@ class Engine:
 
     @classmethod
     def create(cls, capacity: int = 10_000, *, name: str | None = None,
-               spec: MachineSpec | None = None) -> Engine:
-        """Create a new segment for ``capacity`` positions and attach to it."""
+               spec: MachineSpec | None = None,
+               keys_per_position: int = _DEFAULT_KEYS) -> Engine:
+        """Create a new segment for ``capacity`` positions and attach to it.
+
+        ``keys_per_position`` (0 to ``ENG_MAX_KEYS_PER_POSITION``) is how many
+        unique keys (``open(key=)``, ``bind_key``) one opening may have."""
         spec = _check_spec(spec)
-        if not isinstance(capacity, int) or isinstance(capacity, bool):
-            raise EngineTypeError(f"capacity must be an int, got {capacity!r}")
-        if not 1 <= capacity <= lib.ENG_MAX_CAPACITY:
-            raise ArgumentError(
-                f"capacity must be in [1, {lib.ENG_MAX_CAPACITY}], got {capacity}")
+        for what, v, hi in (("capacity", capacity, lib.ENG_MAX_CAPACITY),
+                            ("keys_per_position", keys_per_position,
+                             lib.ENG_MAX_KEYS_PER_POSITION)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise EngineTypeError(f"{what} must be an int, got {v!r}")
+            if not (1 if what == "capacity" else 0) <= v <= hi:
+                raise ArgumentError(f"{what} must be in [{1 if what == 'capacity' else 0}, "
+                                    f"{hi}], got {v}")
         name = segment.check_name(name) if name is not None else segment.random_name()
-        size = lib.eng_segment_size(capacity)
+        size = lib.eng_segment_size(capacity, spec.record.n_words, keys_per_position)
         mm, fd = segment.create_with_fd(name, size)
         table = spec.table_bytes()
         with ffi.from_buffer(mm) as buf:
             rc = lib.eng_format(buf, size, capacity, table, len(spec.states),
                                 len(spec.triggers), spec.state_index[spec.initial],
-                                spec.closed_mask, spec.fingerprint, os.getpid())
+                                spec.closed_mask, spec.fingerprint, os.getpid(),
+                                spec.record.c_layout(keys_per_position))
         if rc:
             mm.close()
             os.close(fd)
@@ -357,28 +375,25 @@ class Engine:
         return int(out[0])
 
     # -- positions -------------------------------------------------------------------
-    def open_position(self, entry_price: float, amount: float, side: int = 1,
-                      token: int = 0) -> int:
-        """Open a position on a free slot; it starts in the spec's initial
-        state.  Returns its id."""
-        for key, v in (("entry_price", entry_price), ("amount", amount)):
-            if not _is_number(v):
-                raise EngineTypeError(f"{key} must be a float, got {v!r}")
-            if not (_finite(v) and v > 0):
-                err = PriceError if key == "entry_price" else ArgumentError
-                raise err(f"{key} must be finite and > 0, got {v!r}")
-        if not isinstance(side, int) or isinstance(side, bool):
-            raise EngineTypeError(f"side must be the int 1 (long) or -1 (short), got {side!r}")
-        if side not in (1, -1):
-            raise ArgumentError(f"side must be 1 (long) or -1 (short), got {side!r}")
-        if not isinstance(token, int) or not _INT64[0] <= token <= _INT64[1]:
-            raise ArgumentError(f"token must be an int in [{_INT64[0]}, {_INT64[1]}], "
-                                f"got {token!r}")
+    def open(self, key: str | bytes | None = None, **fields: Any) -> int:
+        """Open a position (an order, ...) on a free slot, in the spec's
+        initial state, with its record ``fields`` (those not given start at
+        0) and optionally a unique ``key``.  Returns its id.
+
+        A key already held by an open position raises ``KeyExistsError``;
+        any error changes nothing.  A field given as None starts at 0."""
+        rec = self._rec
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if rec.pnl:
+            self._check_pnl_fields(fields)
+        words = ffi.new("uint64_t[]", lib.ENG_MAX_FIELD_WORDS)
+        rec.pack(fields, words)
+        k = ffi.NULL if key is None else self._key_arg(key)
         out = ffi.new("uint64_t[2]")   # per call (a signal handler may open too): id, word
         try:
-            rc = lib.eng_open_position(self._seg, entry_price, amount, side, token, out, out + 1)
+            rc = lib.eng_open(self._seg, words, k, out, out + 1)
             if rc:
-                self._fail(rc, price=entry_price)
+                self._fail(rc, price=fields.get("entry_price"), key=key, fields=fields)
             return int(out[0])
         except BaseException:
             # an exception (a signal handler's) after C opened it: the id
@@ -386,6 +401,92 @@ class Engine:
             if out[0]:
                 lib.eng_abandon_open(self._seg, out[0], out[1])
             raise
+
+    def open_position(self, entry_price: float, amount: float, side: int = 1,
+                      token: int = 0, key: str | bytes | None = None) -> int:
+        """Open a position of the position spec: ``open`` with its fields."""
+        if not self._rec.pnl or "token" not in self._rec.roles:
+            raise ArgumentError(f"open_position needs entry_price, amount, side and token "
+                                f"fields; spec {self.spec.name!r} has "
+                                f"{[f.name for f in self._rec.fields]}: use open(**fields)")
+        return self.open(key, entry_price=entry_price, amount=amount, side=side, token=token)
+
+    @staticmethod
+    def _check_pnl_fields(fields: Mapping[str, Any]) -> None:
+        """The values C computes PnL from: clear errors before any packing."""
+        for key in ("entry_price", "amount"):
+            v = fields.get(key)
+            if not _is_number(v):
+                raise EngineTypeError(f"{key} must be a float, got {v!r}")
+            if not (_finite(v) and v > 0):
+                err = PriceError if key == "entry_price" else ArgumentError
+                raise err(f"{key} must be finite and > 0, got {v!r}")
+        side = fields.get("side", 1)
+        if not isinstance(side, int) or isinstance(side, bool):
+            raise EngineTypeError(f"side must be the int 1 (long) or -1 (short), got {side!r}")
+        if side not in (1, -1):
+            raise ArgumentError(f"side must be 1 (long) or -1 (short), got {side!r}")
+        if "side" not in fields:
+            fields["side"] = 1   # type: ignore[index]
+
+    @staticmethod
+    def _key_arg(key: Any) -> Any:
+        """An eng_key for a str (UTF-8) or bytes key of 1 to ENG_KEY_MAX bytes."""
+        if isinstance(key, str):
+            data = key.encode()
+        elif isinstance(key, (bytes, bytearray, memoryview)):
+            data = bytes(key)
+        else:
+            raise EngineTypeError(f"a key is a str or bytes, got {key!r:.40} "
+                                  f"({type(key).__name__})")
+        if not 1 <= len(data) <= _KEY_MAX:
+            raise ArgumentError(f"a key is 1 to {_KEY_MAX} bytes (UTF-8 for a str), got "
+                                f"{len(data)} bytes: {key!r:.60}")
+        k = ffi.new("eng_key *")
+        k.len = len(data)
+        ffi.memmove(k.key, data, len(data))
+        return k
+
+    # -- keys --------------------------------------------------------------------------
+    def bind_key(self, pos: int, key: str | bytes) -> None:
+        """Give open position ``pos`` another unique key (up to
+        ``keys_per_position``).  ``KeyExistsError`` if another open position
+        has it, ``KeyLimitError`` if ``pos`` has all its keys; either way
+        nothing changes."""
+        if pos.__class__ is not int:
+            pos = self._index(pos)
+        k = self._key_arg(key)
+        try:
+            rc = lib.eng_bind_key(self._seg, pos, k)
+        except _CONVERSION_ERRORS:
+            raise self._bad_types(pos) from None
+        if rc:
+            self._fail(rc, pos, key=key, keys_per_position=self.keys_per_position)
+
+    def lookup(self, key: str | bytes) -> int | None:
+        """The id of the open position that has ``key``, or None.  Never
+        blocks, never takes a lock, never returns a released opening."""
+        out = ffi.new("uint64_t *")
+        rc = lib.eng_lookup(self._seg, self._key_arg(key), out)
+        if rc:
+            self._fail(rc, key=key)
+        return int(out[0]) or None
+
+    def keys(self, pos: int) -> tuple[str | bytes, ...]:
+        """The keys of open position ``pos``, in the order they were bound
+        (str where the bytes are UTF-8, else bytes)."""
+        if pos.__class__ is not int:
+            pos = self._index(pos)
+        n_max = max(self.keys_per_position, 1)
+        out = ffi.new("eng_key[]", n_max)
+        n = ffi.new("uint32_t *")
+        try:
+            rc = lib.eng_keys(self._seg, pos, out, n_max, n)
+        except _CONVERSION_ERRORS:
+            raise self._bad_types(pos) from None
+        if rc:
+            self._fail(rc, pos)
+        return tuple(_key_value(ffi.buffer(out[i].key)[:out[i].len]) for i in range(n[0]))
 
     def release_position(self, pos: int) -> Outcome:
         """Return a closed position's slot to the free pool; ``pos`` goes stale."""
@@ -398,14 +499,12 @@ class Engine:
         return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)  # type: ignore[no-any-return]
 
     # -- transitions -------------------------------------------------------------------
-    def transition(self, pos: int, trigger: int | str, exit_reason: int | None = None,
-                   stop_loss: float | None = None, take_profit: float | None = None) -> Outcome:
-        """Fire ``trigger`` on position ``pos``.  ``exit_reason``, ``stop_loss``
-        and ``take_profit`` update the context atomically with the state change."""
-        if exit_reason is not None or stop_loss is not None or take_profit is not None:
-            context = {k: v for k, v in (("exit_reason", exit_reason), ("stop_loss", stop_loss),
-                                         ("take_profit", take_profit)) if v is not None}
-            return self._transition_slow(pos, trigger, context)
+    def transition(self, pos: int, trigger: int | str, **fields: Any) -> Outcome:
+        """Fire ``trigger`` on position ``pos``.  ``fields`` (record fields of
+        the spec, e.g. ``exit_reason=3``) are set atomically with the state
+        change: every reader sees both or neither."""
+        if fields:
+            return self._transition_slow(pos, trigger, fields)
         if pos.__class__ is not int:   # cffi would truncate a numpy float
             pos = self._index(pos)
         if trigger.__class__ not in self._trigger_types:
@@ -420,31 +519,23 @@ class Engine:
             return self._transition_slow(pos, trigger, {})
         self._fail(rc, pos, trigger)
 
-    @staticmethod
-    def _fill_update(context: Mapping[str, Any]) -> Any:
+    def _fill_update(self, fields: Mapping[str, Any]) -> Any:
+        """The update for ``fields`` (a field given as None is left as it is)."""
+        fields = {k: v for k, v in fields.items() if v is not None}
         u = ffi.new("eng_ctx_update *")   # per call: a signal handler may transition too
-        for key, value in context.items():
-            bit = _CTX_FIELDS.get(key)
-            if bit is None:
-                raise ArgumentError(f"unknown context field {key!r}; "
-                                    f"a transition may set {sorted(_CTX_FIELDS)}")
-            if key == "exit_reason":
-                if (not isinstance(value, int) or isinstance(value, bool)
-                        or not _INT32[0] <= value <= _INT32[1]):
-                    raise ArgumentError(f"exit_reason must be an int in [{_INT32[0]}, "
-                                        f"{_INT32[1]}], got {value!r}")
-            elif not (_is_number(value) and _finite(value) and value >= 0):
-                raise ArgumentError(f"{key} must be a finite float >= 0, got {value!r}")
-            setattr(u, key, value)
-            u.mask |= bit
+        fixed = self._rec.fixed.intersection(fields)
+        if fixed:
+            raise FieldError(f"{sorted(fixed)} are set at open only; a transition may set "
+                             f"{[f.name for f in self._rec.fields if f.name not in self._rec.fixed]}")
+        u.mask = self._rec.pack(fields, u.w)
         return u
 
-    def _transition_slow(self, pos: Any, trigger: Any, context: Mapping[str, Any]) -> Outcome:
+    def _transition_slow(self, pos: Any, trigger: Any, fields: Mapping[str, Any]) -> Outcome:
         if pos.__class__ is not int:   # cffi would truncate a numpy float
             pos = self._index(pos)
         if trigger.__class__ not in self._trigger_types:
             trigger = self._trigger_index(trigger)
-        update = self._fill_update(context) if context else ffi.NULL
+        update = self._fill_update(fields) if fields else ffi.NULL
         try:
             rc = lib.eng_transition_ctx(self._seg, pos, trigger, update)
         except _CONVERSION_ERRORS:
@@ -515,8 +606,9 @@ class Engine:
             self._fail(rc, pos)
         return _tuple_new(PriceSnapshot, values)  # type: ignore[arg-type]
 
-    def context(self, pos: int) -> Context:
-        """A consistent context record of this opening."""
+    def context(self, pos: int) -> Any:
+        """A consistent record of this opening: a named tuple of the spec's
+        fields and its ``version`` (``Context`` for the position spec)."""
         if pos.__class__ is not int:   # cffi would truncate a numpy float
             pos = self._index(pos)
         # take the Engine's buffer; a signal handler's nested call makes its own
@@ -524,14 +616,14 @@ class Engine:
         self._ctx_buf = None
         try:
             rc = lib.eng_read_context(self._seg, pos, out)
-            values = None if rc else _unpack_context(view)   # read before the buffer is given back
+            values = None if rc else self._rec.unpack(view)   # read before the buffer is given back
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
         finally:
             self._ctx_buf = out, view
         if rc:
             self._fail(rc, pos)
-        return _tuple_new(Context, values)  # type: ignore[arg-type]
+        return _tuple_new(self._rec.Context, values)
 
     def update_prices(self, ids: npt.ArrayLike, prices: npt.ArrayLike) -> int:
         """Publish many prices in one C call; returns how many were written.
@@ -575,11 +667,16 @@ class Engine:
 
     def update_token_price(self, token: int, price: float) -> int:
         """Publish ``price`` to every open position on ``token``; returns the count."""
-        if not isinstance(token, int) or not _INT64[0] <= token <= _INT64[1]:
+        if not isinstance(token, int) or isinstance(token, bool):
+            raise EngineTypeError(f"token must be an int, got {token!r:.40} "
+                                  f"({type(token).__name__})")
+        if not _INT64[0] <= token <= _INT64[1]:
             raise ArgumentError(f"token must be an int in [{_INT64[0]}, {_INT64[1]}], "
                                 f"got {token!r}")
         if price.__class__ is not float:
             price = self._price_arg(price)
+        if "token" not in self._rec.roles:
+            raise FieldError(f"spec {self.spec.name!r} has no i8 field 'token'")
         n = lib.eng_update_token_price(self._seg, token, price)
         return int(n) if n >= 0 else self._fail(int(n), price=price)
 
@@ -619,7 +716,7 @@ class Engine:
         """Every open position as one row of a structured array (``id`` and
         ``slot`` columns first); each row's state, context and price belong to
         one opening and were read together."""
-        rows = np.zeros(self.capacity, dtype=ROW_DTYPE)
+        rows = np.zeros(self.capacity, dtype=self._rec.row_dtype)
         n = ffi.new("uint32_t *")   # per call: a signal handler may snapshot too
         rc = lib.eng_snapshot(self._seg, ffi.from_buffer("eng_row[]", rows, require_writable=True),
                               self.capacity, n)
@@ -650,7 +747,8 @@ class Engine:
         if rc:
             self._fail(rc)
         return RecoveryReport(out.rolled_forward, out.rolled_back, out.price_latches,
-                              tuple(out.removed_pids[i] for i in range(out.procs_removed)))
+                              tuple(out.removed_pids[i] for i in range(out.procs_removed)),
+                              out.keys_cleared)
 
     def halt(self, on: bool = True) -> None:
         """Emergency stop: while on, every transition returns ``Outcome.HALTED``."""
@@ -668,6 +766,17 @@ class Engine:
         rc = lib.eng_set_faults(self._seg, flags, pause_ns)
         if rc:
             self._fail(rc, what=f"flags={flags}, pause_ns={pause_ns}")
+
+    # -- raw views for tests and tools --------------------------------------------------
+    def _slot(self, slot: int) -> Any:
+        """The ``eng_slot *`` of a slot (read-only use: C writes the segment)."""
+        return ffi.cast("eng_slot *", self._seg.slots + slot * self._seg.slot_size)
+
+    def _rec_copy(self, slot: int, copy: int) -> Any:
+        """Record copy 0 or 1 of a slot, as ``eng_ctx_rec *`` (its first
+        ``rec_size`` bytes exist)."""
+        return ffi.cast("eng_ctx_rec *", self._seg.slots + slot * self._seg.slot_size
+                        + ffi.sizeof("eng_slot") + copy * self._seg.rec_size)
 
     @property
     def pid(self) -> int:

@@ -45,6 +45,19 @@ class ArgumentError(EngineError, ValueError):
     """Any other argument out of its allowed range."""
 
 
+class FieldError(ArgumentError):
+    """A record field the spec does not have, a value outside its type's
+    range, or a field that is set at open only."""
+
+
+class KeyExistsError(EngineError, ValueError):
+    """The key already names another open position; nothing was changed."""
+
+
+class KeyLimitError(ArgumentError):
+    """The position already has ``keys_per_position`` keys."""
+
+
 class CapacityError(EngineError, MemoryError):
     """No free slot, or no free entry in the process registry."""
 
@@ -127,6 +140,15 @@ ERRORS: dict[int, tuple[type[EngineError], str]] = {
                                         "nothing was changed"),
     lib.ENG_ETOOMANY: (CapacityError, f"this process already has {lib.ENG_MAX_LOCAL_ENGINES} "
                                       "Engines attached; close some"),
+    lib.ENG_EKEYEXISTS: (KeyExistsError, "key {key!r} already names another open position; "
+                                         "nothing was changed"),
+    lib.ENG_EKEYLIMIT: (KeyLimitError, "id {id!r} already has its keys_per_position="
+                                       "{keys_per_position} keys; key {key!r} was not bound"),
+    lib.ENG_EKEYFULL: (CapacityError, "key {key!r}: both of its index buckets are full; "
+                                      "create the engine with a larger capacity"),
+    lib.ENG_EBADFIELD: (FieldError, "a field value is out of its type's range, or sets a field "
+                                    "that is set at open only: {fields}"),
+    lib.ENG_EBADKEY: (ArgumentError, f"a key is 1 to {lib.ENG_KEY_MAX} bytes, got {{key!r}}"),
     # statuses the API consumes itself; seeing one is a bug
     lib.ENG_EGUARDED: (InternalError, "internal status {code} ({why}) escaped: please report"),
     lib.ENG_EINTR: (InternalError, "internal status {code} ({why}) escaped: please report"),

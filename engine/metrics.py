@@ -7,7 +7,9 @@ off the histogram with linear interpolation inside the bucket, so they are
 accurate to within one power of two, and capped at the sampled maximum.
 
 For ``wait``, ``applied`` counts waits that saw a change and ``conflicts``
-counts the ones that timed out.
+counts the ones that timed out.  ``key`` counts bind_key calls (a key given
+to open counts under ``open``); ``lookup``'s ``applied`` counts every lookup,
+found or not.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 from engine._native import lib
 from engine.records import OP_METRICS_DTYPE
 
-OPS = ("transition", "transition_ctx", "open", "price", "price_batch", "read", "wait", "recover")
+OPS = ("transition", "transition_ctx", "open", "price", "price_batch", "read", "wait", "recover",
+       "key", "lookup")
 assert len(OPS) == lib.ENG_OP_COUNT
 assert [getattr(lib, "ENG_OP_" + op.upper()) for op in OPS] == list(range(len(OPS)))
 

@@ -1,14 +1,25 @@
 """Python views of the C records.  Layouts come from the compiled module
-(``ffi.typeof(...).fields``), never from a second hand-written copy."""
+(``ffi.typeof(...).fields``), never from a second hand-written copy.
+
+A spec's record fields compile to a :class:`RecordLayout`: each field takes
+whole 8-byte words of the record (``ENG_MAX_FIELD_WORDS`` at most), in
+declaration order; C keeps each word's type and checks it on every write.
+"""
 
 from __future__ import annotations
 
+import collections
+import math
+import operator
+import re
 import struct
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from engine._native import ffi
+from engine._native import ffi, lib
+from engine.errors import EngineTypeError, FieldError, SpecError
 
 _STRUCT_CODES = {"double": "d", "int64_t": "q", "uint64_t": "Q", "int32_t": "i",
                  "uint32_t": "I", "uint8_t": "B"}
@@ -75,7 +86,7 @@ class PriceSnapshot(NamedTuple):
 
 
 class Context(NamedTuple):
-    """One consistent context record of a position."""
+    """One consistent record of a position (the default position spec)."""
 
     entry_price: float
     amount: float
@@ -89,11 +100,214 @@ class Context(NamedTuple):
 
 
 PRICE_STRUCT, _price_names = struct_for("eng_price_out")
-CONTEXT_STRUCT, _ctx_names = struct_for("eng_ctx_out")
-# the NamedTuples above name the C fields in C order
+# the NamedTuple above names the C fields in C order
 assert _price_names == ["price", "ts_ns", "pnl_pct", "pnl_usd", "version"], _price_names
-assert _ctx_names == [f for f in Context._fields], _ctx_names
 
-ROW_DTYPE = dtype_for("eng_row")
 OP_METRICS_DTYPE = dtype_for("eng_op_metrics")
 PROC_DTYPE = dtype_for("eng_proc")
+
+# -- record layouts ----------------------------------------------------------------------
+
+_WORD = 8
+_MAX_WORDS = lib.ENG_MAX_FIELD_WORDS
+_KEY_MAX = lib.ENG_KEY_MAX
+_BYTES = re.compile(r"S([1-9][0-9]?)$")
+_NUMERIC = {  # type: (word type code, struct code, numpy code, (low, high) or None)
+    "f8": (lib.ENG_FT_F8, "d", "<f8", None),
+    "i8": (lib.ENG_FT_I8, "q", "<i8", (-(2**63), 2**63 - 1)),
+    "i4": (lib.ENG_FT_I4, "q", "<i4", (-(2**31), 2**31 - 1)),   # sign-extended word
+    "u8": (lib.ENG_FT_U8, "Q", "<u8", (0, 2**64 - 1)),
+}
+#: fields the engine itself reads, with the type each must have
+ROLES = {"entry_price": (lib.ENG_ROLE_ENTRY_PRICE, ("f8",)),
+         "amount": (lib.ENG_ROLE_AMOUNT, ("f8",)),
+         "side": (lib.ENG_ROLE_SIDE, ("i4", "i8")),
+         "token": (lib.ENG_ROLE_TOKEN, ("i8",)),
+         "opened_ns": (lib.ENG_ROLE_OPENED_NS, ("i8",))}
+_PNL = ("entry_price", "amount", "side")
+#: f8 fields that hold a price level, so never negative
+PRICE_LEVELS = frozenset({"stop_loss", "take_profit"})
+_ROW_FIXED = [(n, f) for n, f in dtype_for("eng_row").fields.items() if n != "w"]
+_ROW_W = ffi.offsetof("eng_row", "w")
+_OUT_VERSION = ffi.offsetof("eng_ctx_out", "version")
+RESERVED = frozenset(n for n, _ in _ROW_FIXED) | {"version", "key"}
+
+
+class Field(NamedTuple):
+    """One record field: its type and the words it occupies."""
+
+    name: str
+    type: str           # f8, i8, i4, u8 or S<n>
+    word: int           # first word
+    words: int          # words it spans
+    size: int           # bytes of the value (S<n>: n)
+
+
+class RecordLayout:
+    """The compiled record of a spec: fields to words, with value checks.
+
+    >>> r = RecordLayout({"qty": "f8", "side": "i4", "venue": "S8"})
+    >>> r.n_words, [f.word for f in r.fields]
+    (3, [0, 1, 2])
+    """
+
+    def __init__(self, fields: Mapping[str, str]) -> None:
+        if not isinstance(fields, Mapping):
+            raise SpecError(f"fields must be a mapping of name to type, got {fields!r:.80}")
+        self.types: dict[str, str] = dict(fields)
+        out: list[Field] = []
+        word = 0
+        for name, ftype in self.types.items():
+            if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+                raise SpecError(f"field names must be identifiers not starting with '_', "
+                                f"got {name!r}")
+            if name in RESERVED:
+                raise SpecError(f"field name {name!r} is taken by a snapshot column; "
+                                f"reserved: {sorted(RESERVED)}")
+            m = _BYTES.match(ftype) if isinstance(ftype, str) else None
+            if isinstance(ftype, str) and ftype in _NUMERIC:
+                size = _WORD
+            elif m and 1 <= int(m.group(1)) <= 32:
+                size = int(m.group(1))
+            else:
+                raise SpecError(f"field {name!r}: type must be one of f8, i8, i4, u8 or "
+                                f"S1..S32, got {ftype!r}")
+            words = -(-size // _WORD)
+            out.append(Field(name, ftype, word, words, size))
+            word += words
+        if word > _MAX_WORDS:
+            raise SpecError(f"the fields take {word} words of 8 bytes; a record holds at most "
+                            f"{_MAX_WORDS}")
+        self.fields: tuple[Field, ...] = tuple(out)
+        self.by_name: dict[str, Field] = {f.name: f for f in out}
+        self.n_words = word
+        self.roles: dict[str, int] = {}
+        for name, (_, allowed) in ROLES.items():
+            f = self.by_name.get(name)
+            if f is not None:
+                if f.type not in allowed:
+                    raise SpecError(f"field {name!r} is read by the engine and must be "
+                                    f"{' or '.join(allowed)}, got {f.type!r}")
+                self.roles[name] = f.word
+        #: PnL is computed in C when the record has all three
+        self.pnl = all(n in self.roles for n in _PNL)
+        if not self.pnl:
+            for n in _PNL:
+                self.roles.pop(n, None)
+        #: fields set at open only: the engine reads them
+        self.fixed = frozenset(self.roles)
+        names = [f.name for f in out]
+        self.Context: type[tuple[Any, ...]] = (
+            Context if names == list(Context._fields[:-1]) else
+            collections.namedtuple("Context", [*names, "version"]))  # type: ignore[misc]
+        self._struct = _unpacker(out)
+        self._bytes_at = tuple(i for i, f in enumerate(out) if f.type[0] == "S")
+        self.row_dtype = np.dtype({
+            "names": [n for n, _ in _ROW_FIXED] + names,
+            "formats": [f[0] for _, f in _ROW_FIXED] + [_np_code(f) for f in out],
+            "offsets": [f[1] for _, f in _ROW_FIXED] + [_ROW_W + f.word * _WORD for f in out],
+            "itemsize": ffi.sizeof("eng_row")})
+
+    def c_layout(self, keys_per_position: int) -> Any:
+        """The ``eng_rec_layout`` for eng_format."""
+        lay = ffi.new("eng_rec_layout *")
+        lay.n_words = self.n_words
+        lay.keys_per_position = keys_per_position
+        for f in self.fields:
+            code = _NUMERIC[f.type][0] if f.type in _NUMERIC else lib.ENG_FT_BYTES
+            for w in range(f.word, f.word + f.words):
+                lay.word_type[w] = code
+        for k in range(lib.ENG_ROLE_COUNT):
+            lay.roles[k] = lib.ENG_ROLE_NONE
+        if self.roles:
+            for name, word in self.roles.items():
+                lay.roles[ROLES[name][0]] = word
+        return lay
+
+    # -- values ----------------------------------------------------------------------
+    def field(self, name: str) -> Field:
+        try:
+            return self.by_name[name]
+        except KeyError:   # a TypeError, as Python's own unexpected keyword argument
+            raise EngineTypeError(f"unknown field {name!r}; the record has "
+                                  f"{[f.name for f in self.fields]}") from None
+
+    def encode(self, name: str, value: Any) -> bytes:
+        """The words of one field's value; a typed error if it does not fit."""
+        f = self.field(name)
+        if f.type[0] == "S":
+            if isinstance(value, str):
+                value = value.encode()
+            if not isinstance(value, (bytes, bytearray)):
+                raise EngineTypeError(f"field {name!r} ({f.type}) takes bytes or str, got "
+                                      f"{value!r:.40} ({type(value).__name__})")
+            if len(value) > f.size:
+                raise FieldError(f"field {name!r} ({f.type}) holds at most {f.size} bytes, "
+                                 f"got {len(value)}")
+            return bytes(value).ljust(f.words * _WORD, b"\0")
+        code, fmt, _, bounds = _NUMERIC[f.type]
+        if bounds is None:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating,
+                                                                 np.integer)):
+                raise EngineTypeError(f"field {name!r} (f8) takes a real number, got "
+                                      f"{value!r:.40} ({type(value).__name__})")
+            try:
+                v = float(value)
+            except OverflowError:
+                v = math.inf
+            if not math.isfinite(v):
+                raise FieldError(f"field {name!r} (f8) must be finite, got {value!r:.40}")
+            if v < 0 and name in PRICE_LEVELS:
+                raise FieldError(f"field {name!r} is a price level: finite and >= 0, "
+                                 f"got {value!r:.40}")
+            return struct.pack("<d", v)
+        if isinstance(value, bool):
+            raise EngineTypeError(f"field {name!r} ({f.type}) takes an int, got {value!r}")
+        try:
+            iv = operator.index(value)
+        except TypeError:
+            raise EngineTypeError(f"field {name!r} ({f.type}) takes an int, got {value!r:.40} "
+                                  f"({type(value).__name__})") from None
+        if not bounds[0] <= iv <= bounds[1]:
+            raise FieldError(f"field {name!r} ({f.type}) must be in [{bounds[0]}, {bounds[1]}], "
+                             f"got {iv}")
+        return struct.pack("<" + fmt, iv)
+
+    def pack(self, values: Mapping[str, Any], into: Any) -> int:
+        """Encode ``values`` into the word array ``into`` (a cffi uint64_t[]
+        view); returns the mask of words written."""
+        buf = ffi.buffer(into)
+        mask = 0
+        for name, value in values.items():
+            f = self.field(name)
+            data = self.encode(name, value)
+            buf[f.word * _WORD:(f.word + f.words) * _WORD] = data
+            mask |= ((1 << f.words) - 1) << f.word
+        return mask
+
+    def unpack(self, view: memoryview) -> tuple[Any, ...]:
+        """Field values and version from an ``eng_ctx_out``."""
+        values = self._struct.unpack_from(view)
+        if self._bytes_at:
+            values = tuple(v.rstrip(b"\0") if i in self._bytes_at else v
+                           for i, v in enumerate(values))
+        return values
+
+
+def _np_code(f: Field) -> str:
+    return _NUMERIC[f.type][2] if f.type in _NUMERIC else f"S{f.size}"
+
+
+def _unpacker(fields: tuple[Field, ...] | list[Field]) -> struct.Struct:
+    fmt, pos = "<", 0
+    for f in fields:
+        off = f.word * _WORD
+        fmt += "x" * (off - pos)
+        if f.type in _NUMERIC:
+            fmt += _NUMERIC[f.type][1]
+            pos = off + _WORD
+        else:
+            fmt += f"{f.size}s"
+            pos = off + f.size
+    fmt += "x" * (_OUT_VERSION - pos) + "Q"
+    return struct.Struct(fmt)

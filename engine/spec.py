@@ -2,8 +2,9 @@
 
 A :class:`MachineSpec` compiles to a dense table (state index x trigger ->
 target index + 1) that is stored in the segment header, so every attached
-process enforces the same rules.  Its fingerprint goes in the header too; an
-attach with a different spec is refused.
+process enforces the same rules, and to a record layout (its fields, see
+:mod:`engine.records`).  Its fingerprint goes in the header too; an attach
+with a different spec is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine._native import lib
 from engine.errors import SpecError
+from engine.records import RecordLayout
 
 if TYPE_CHECKING:
     from engine.records import Context, PriceSnapshot
@@ -96,8 +98,13 @@ class MachineSpec:
 
     def __init__(self, states: Sequence[str], triggers: Sequence[str],
                  rules: Iterable[Rule], initial: str, closed: Iterable[str] = (),
-                 name: str = "custom") -> None:
+                 name: str = "custom", fields: Mapping[str, str] | None = None) -> None:
+        """``fields`` maps each record field to its type: ``f8``, ``i8``,
+        ``i4``, ``u8`` or fixed bytes ``S1``..``S32``, in record order.
+        None: the position fields (entry_price, amount, ...)."""
         self.name = name
+        #: the compiled record: fields, words, roles, row dtype
+        self.record: RecordLayout = RecordLayout(POSITION_FIELDS if fields is None else fields)
         self.states: tuple[str, ...] = tuple(states)
         self.triggers: tuple[str, ...] = tuple(triggers)
         self.rules: tuple[Rule, ...] = tuple(rules)
@@ -136,7 +143,8 @@ class MachineSpec:
             rule(t.RECOVER.name, s.ERROR.name, s.MONITORING.name),
         ]
         return cls(states=list(s.__members__), triggers=list(t.__members__), rules=rules,
-                   initial=s.CREATED.name, closed=[s.CLOSED.name], name="position")
+                   initial=s.CREATED.name, closed=[s.CLOSED.name], name="position",
+                   fields=POSITION_FIELDS)
 
     def _check(self) -> None:
         n_states, n_triggers = len(self.states), len(self.triggers)
@@ -193,7 +201,7 @@ class MachineSpec:
         """64-bit digest of everything that decides behaviour (never 0)."""
         doc: dict[str, Any] = {
             "states": self.states, "triggers": self.triggers, "initial": self.initial,
-            "closed": sorted(self.closed),
+            "closed": sorted(self.closed), "fields": list(self.record.types.items()),
             "rules": sorted((r.trigger, list(r.sources), r.target,
                              _guard_name(r.guard)) for r in self.rules),
         }
@@ -212,7 +220,8 @@ class MachineSpec:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"name": self.name, "states": self.states, "triggers": self.triggers,
-                "rules": self.rules, "initial": self.initial, "closed": self.closed}
+                "rules": self.rules, "initial": self.initial, "closed": self.closed,
+                "fields": dict(self.record.types)}
 
     def __setstate__(self, st: dict[str, Any]) -> None:
         self.__init__(**st)  # type: ignore[misc]
@@ -223,5 +232,13 @@ def _guard_name(g: Guard | None) -> str | None:
         return None
     return f"{getattr(g, '__module__', '?')}.{getattr(g, '__qualname__', repr(g))}"
 
+
+#: The record of the default position lifecycle.  entry_price, amount and
+#: side give PnL in C; token drives update_token_price; opened_ns is stamped
+#: by open.  These are set at open only.
+POSITION_FIELDS: Mapping[str, str] = {
+    "entry_price": "f8", "amount": "f8", "stop_loss": "f8", "take_profit": "f8",
+    "token": "i8", "opened_ns": "i8", "side": "i4", "exit_reason": "i4",
+}
 
 POSITION_SPEC = MachineSpec.position()

@@ -832,7 +832,7 @@ def _final_state(eng: Engine) -> tuple[np.ndarray, np.ndarray, int]:
     seen = np.zeros(eng.capacity, dtype=bool)
     seen[rows["slot"]] = True
     for s in np.flatnonzero(~seen):
-        counters[s] = eng._seg.slots[int(s)].transitions
+        counters[s] = eng._slot(int(s)).transitions
     return counters, words, len(rows)
 
 

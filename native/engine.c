@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -468,25 +469,43 @@ static inline uint64_t align_line(uint64_t x)
     return (x + ENG_CACHE_LINE - 1) & ~(uint64_t)(ENG_CACHE_LINE - 1);
 }
 
+static inline uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) & ~(a - 1); }
+
 typedef struct layout {
-    uint64_t registry_off, shards_off, slots_off, size;
+    uint64_t registry_off, shards_off, slots_off, keyrecs_off, keyidx_off, stripes_off, size;
+    uint32_t rec_size, slot_size, key_buckets;
 } layout;
 
-static layout compute_layout(uint32_t capacity)
+/* Buckets of the key index: two cells per key a segment can hold, so a
+ * bucket is half full on average when every opening has all its keys. */
+static inline uint32_t key_buckets_for(uint32_t capacity, uint32_t kpp)
+{
+    uint64_t cells = 2ULL * capacity * kpp;
+    return (uint32_t)((cells + ENG_KEY_BUCKET - 1) / ENG_KEY_BUCKET);
+}
+
+static layout compute_layout(uint32_t capacity, uint32_t n_words, uint32_t kpp)
 {
     layout l;
+    l.rec_size = (uint32_t)align_up(8 * (ENG_REC_META_WORDS + n_words), ENG_REC_ALIGN);
+    l.slot_size = (uint32_t)align_line(sizeof(eng_slot) + 2ULL * l.rec_size);
+    l.key_buckets = key_buckets_for(capacity, kpp);
     l.registry_off = align_line(sizeof(eng_header));
     l.shards_off = align_line(l.registry_off + sizeof(eng_proc) * ENG_MAX_PROCS);
     l.slots_off = align_line(l.shards_off + sizeof(eng_shard) * (ENG_MAX_PROCS + 1));
-    l.size = l.slots_off + (uint64_t)sizeof(eng_slot) * capacity;
+    l.keyrecs_off = l.slots_off + (uint64_t)l.slot_size * capacity;
+    l.keyidx_off = l.keyrecs_off + sizeof(eng_keyrec) * (uint64_t)capacity * kpp;
+    l.stripes_off = l.keyidx_off + (uint64_t)ENG_CACHE_LINE * l.key_buckets;
+    l.size = align_line(l.stripes_off + sizeof(uint32_t) * (uint64_t)l.key_buckets);
     return l;
 }
 
-uint64_t eng_segment_size(uint32_t capacity)
+uint64_t eng_segment_size(uint32_t capacity, uint32_t n_words, uint32_t keys_per_position)
 {
-    if (capacity == 0 || capacity > ENG_MAX_CAPACITY)
+    if (capacity == 0 || capacity > ENG_MAX_CAPACITY || n_words > ENG_MAX_FIELD_WORDS ||
+        keys_per_position > ENG_MAX_KEYS_PER_POSITION)
         return 0;
-    return compute_layout(capacity).size;
+    return compute_layout(capacity, n_words, keys_per_position).size;
 }
 
 int eng_noop(void) { return 0; }
@@ -522,24 +541,57 @@ const char *eng_strerror(int code)
     case ENG_ERECOVERING: return "another live process is recovering";
     case ENG_EGUARDFAIL: return "the guard raised";
     case ENG_ETOOMANY: return "too many Engines attached in this process";
+    case ENG_EKEYEXISTS: return "the key names another open position";
+    case ENG_EKEYLIMIT: return "the position has keys_per_position keys";
+    case ENG_EKEYFULL: return "the key index has no room for this key";
+    case ENG_EBADFIELD: return "field value out of range, or set at open only";
+    case ENG_EBADKEY: return "key length out of range";
     default: return "unknown code";
     }
 }
 
 /* ==== format, validate, attach ================================================== */
 
+/* The type a role's word must have (0: any integer type listed in the check). */
+static int rec_layout_ok(const eng_rec_layout *r)
+{
+    static const uint8_t role_type[ENG_ROLE_COUNT] = {
+        [ENG_ROLE_ENTRY_PRICE] = ENG_FT_F8, [ENG_ROLE_AMOUNT] = ENG_FT_F8,
+        [ENG_ROLE_SIDE] = ENG_FT_I4, [ENG_ROLE_TOKEN] = ENG_FT_I8,
+        [ENG_ROLE_OPENED_NS] = ENG_FT_I8};
+    if (r->n_words > ENG_MAX_FIELD_WORDS || r->keys_per_position > ENG_MAX_KEYS_PER_POSITION)
+        return 0;
+    for (uint32_t i = 0; i < ENG_MAX_FIELD_WORDS; i++) {
+        uint8_t ty = r->word_type[i];
+        if (i < r->n_words ? (ty < ENG_FT_F8 || ty > ENG_FT_BYTES) : ty != 0)
+            return 0;
+    }
+    for (uint32_t k = 0; k < ENG_ROLE_COUNT; k++) {
+        uint8_t wi = r->roles[k];
+        if (wi == ENG_ROLE_NONE)
+            continue;
+        if (wi >= r->n_words || !role_type[k])
+            return 0;
+        uint8_t ty = r->word_type[wi];
+        if (ty != role_type[k] && !(k == ENG_ROLE_SIDE && ty == ENG_FT_I8))
+            return 0;
+    }
+    return 1;
+}
+
 int eng_format(void *base, uint64_t size, uint32_t capacity,
                const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
                uint32_t initial_index, uint32_t closed_mask,
-               uint64_t fingerprint, uint32_t creator_pid)
+               uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec)
 {
-    if (!base || !table || capacity == 0 || capacity > ENG_MAX_CAPACITY)
+    if (!base || !table || !rec || capacity == 0 || capacity > ENG_MAX_CAPACITY ||
+        !rec_layout_ok(rec))
         return ENG_EBADARG;
     if (n_states == 0 || n_states > ENG_MAX_STATES || n_triggers == 0 ||
         n_triggers > ENG_MAX_TRIGGERS || initial_index >= n_states ||
         (closed_mask >> n_states) != 0)
         return ENG_EBADARG;
-    layout l = compute_layout(capacity);
+    layout l = compute_layout(capacity, rec->n_words, rec->keys_per_position);
     if (size < l.size)
         return ENG_ESIZE;
     for (uint32_t i = 0; i < ENG_MAX_STATES * ENG_MAX_TRIGGERS; i++) {
@@ -557,7 +609,15 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
     h->layout_version = ENG_LAYOUT_VERSION;
     h->segment_size = l.size;
     h->capacity = capacity;
-    h->slot_size = sizeof(eng_slot);
+    h->slot_size = l.slot_size;
+    h->rec = *rec;
+    h->rec_size = l.rec_size;
+    h->keyrecs_off = l.keyrecs_off;
+    h->keyidx_off = l.keyidx_off;
+    h->stripes_off = l.stripes_off;
+    h->key_buckets = l.key_buckets;
+    if (getrandom(&h->key_seed, sizeof h->key_seed, GRND_NONBLOCK) != sizeof h->key_seed)
+        h->key_seed = (uint64_t)now_ns(CLOCK_MONOTONIC) ^ ((uint64_t)creator_pid << 32);
     h->fingerprint = fingerprint;
     h->n_states = n_states;
     h->n_triggers = n_triggers;
@@ -586,12 +646,16 @@ int eng_validate(const void *base, uint64_t size, uint64_t fingerprint)
         return ENG_ENOTREADY;
     if (h->layout_version != ENG_LAYOUT_VERSION)
         return ENG_ELAYOUT;
-    if (h->capacity == 0 || h->capacity > ENG_MAX_CAPACITY ||
-        h->slot_size != sizeof(eng_slot))
+    if (h->capacity == 0 || h->capacity > ENG_MAX_CAPACITY || !rec_layout_ok(&h->rec))
         return ENG_ECORRUPT;
-    layout l = compute_layout(h->capacity);
+    layout l = compute_layout(h->capacity, h->rec.n_words, h->rec.keys_per_position);
+    if (h->slot_size != l.slot_size || h->rec_size != l.rec_size ||
+        h->key_buckets != l.key_buckets)
+        return ENG_ECORRUPT;
     if (h->segment_size != l.size || size < l.size || h->registry_off != l.registry_off ||
-        h->shards_off != l.shards_off || h->slots_off != l.slots_off)
+        h->shards_off != l.shards_off || h->slots_off != l.slots_off ||
+        h->keyrecs_off != l.keyrecs_off || h->keyidx_off != l.keyidx_off ||
+        h->stripes_off != l.stripes_off)
         return ENG_ESIZE;
     if (h->n_states == 0 || h->n_states > ENG_MAX_STATES || h->n_triggers == 0 ||
         h->n_triggers > ENG_MAX_TRIGGERS || h->initial_index >= h->n_states)
@@ -675,7 +739,20 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     s->hdr = h;
     s->registry = (eng_proc *)((uint8_t *)base + h->registry_off);
     s->shards = (eng_shard *)((uint8_t *)base + h->shards_off);
-    s->slots = (eng_slot *)((uint8_t *)base + h->slots_off);
+    s->slots = (uint8_t *)base + h->slots_off;
+    s->keyrecs = (eng_keyrec *)((uint8_t *)base + h->keyrecs_off);
+    s->keyidx = (uint64_t *)((uint8_t *)base + h->keyidx_off);
+    s->stripes = (uint32_t *)((uint8_t *)base + h->stripes_off);
+    s->slot_size = h->slot_size;
+    s->rec_size = h->rec_size;
+    s->n_words = h->rec.n_words;
+    s->kpp = h->rec.keys_per_position;
+    s->key_buckets = h->key_buckets;
+    s->key_seed = h->key_seed;
+    memcpy(s->roles, h->rec.roles, sizeof s->roles);
+    s->pnl = s->roles[ENG_ROLE_ENTRY_PRICE] != ENG_ROLE_NONE &&
+             s->roles[ENG_ROLE_AMOUNT] != ENG_ROLE_NONE &&
+             s->roles[ENG_ROLE_SIDE] != ENG_ROLE_NONE;
     s->capacity = h->capacity;
     s->n_triggers = h->n_triggers;
     s->fd = fd;
@@ -874,15 +951,27 @@ static inline int price_ok(double p) { return isfinite(p) && p > 0.0; }
  * commits during one read.
  */
 
-#define CTX_WORDS (offsetof(eng_ctx_rec, pad) / sizeof(uint64_t))
+static inline eng_slot *slot_at(const eng_seg *s, uint32_t i)
+{
+    return (eng_slot *)(s->slots + (uint64_t)i * s->slot_size);
+}
+
+/* Record copy c (0 or 1) of a slot; only its first rec_size bytes exist. */
+static inline eng_ctx_rec *copy_of(const eng_seg *s, const eng_slot *sl, uint32_t c)
+{
+    return (eng_ctx_rec *)((uint8_t *)sl + sizeof(eng_slot) + c * s->rec_size);
+}
+
+static inline uint32_t rec_words(const eng_seg *s) { return ENG_REC_META_WORDS + s->n_words; }
 
 /* Read the published context with the word it belongs to. */
-static int read_ctx(const eng_slot *sl, eng_ctx_rec *out, uint64_t *word, uint32_t *opening)
+static int read_ctx(const eng_seg *s, const eng_slot *sl, eng_ctx_rec *out, uint64_t *word,
+                    uint32_t *opening)
 {
     for (uint32_t i = 0; i < READ_RETRIES; i++) {
         uint64_t w1 = load_acquire_u64(&sl->word);
         uint32_t op = load_relaxed_u32(&sl->opening);
-        copy_words_relaxed(out, &sl->ctx[sw_ctx(w1)], CTX_WORDS);
+        copy_words_relaxed(out, copy_of(s, sl, sw_ctx(w1)), rec_words(s));
         fence_acquire();                                           /* pairs with W0 */
         if (((load_relaxed_u64(&sl->word) ^ w1) & SW_COMMITTED) == 0) {
             *word = w1;
@@ -897,13 +986,12 @@ static int read_ctx(const eng_slot *sl, eng_ctx_rec *out, uint64_t *word, uint32
 }
 
 /* Holder of lock L: fill the unpublished copy and seal it with L (W0-W2). */
-static void write_pending_ctx(eng_slot *sl, uint64_t locked, const eng_ctx_rec *rec)
+static void write_pending_ctx(eng_seg *s, eng_slot *sl, uint64_t locked, eng_ctx_rec *rec)
 {
-    eng_ctx_rec *dst = &sl->ctx[sw_ctx(locked) ^ 1];
-    eng_ctx_rec c = *rec;
-    c.version = load_relaxed_u64(&sl->ctx[sw_ctx(locked)].version) + 1;
+    eng_ctx_rec *dst = copy_of(s, sl, sw_ctx(locked) ^ 1);
+    rec->version = load_relaxed_u64(&copy_of(s, sl, sw_ctx(locked))->version) + 1;
     fence_release();                                               /* W0 */
-    copy_words_relaxed((uint64_t *)dst + 1, (uint64_t *)&c + 1, CTX_WORDS - 1);
+    copy_words_relaxed((uint64_t *)dst + 1, (uint64_t *)rec + 1, rec_words(s) - 1);
     store_release_u64(&dst->commit, locked);                       /* W2 */
 }
 
@@ -913,7 +1001,7 @@ static inline int slot_of_id(eng_seg *s, uint64_t id, eng_slot **out)
 {
     if (id > ENG_ID_MAX || (id & ENG_ID_SLOT_MASK) >= s->capacity)
         return ENG_EBADSLOT;
-    *out = &s->slots[id & ENG_ID_SLOT_MASK];
+    *out = slot_at(s, (uint32_t)(id & ENG_ID_SLOT_MASK));
     return 0;
 }
 
@@ -1004,7 +1092,7 @@ static inline uint32_t next_gen(eng_seg *s, uint32_t gen)
 static int takeover(eng_seg *s, eng_slot *sl, uint64_t L, op_timer t)
 {
     uint32_t pending = sw_ctx(L) ^ 1;
-    int forward = load_acquire_u64(&sl->ctx[pending].commit) == L;   /* pairs with W2 */
+    int forward = load_acquire_u64(&copy_of(s, sl, pending)->commit) == L;   /* pairs with W2 */
     uint32_t st = sw_state(L);
     uint64_t resolved = forward ? sw_make(1u << sw_target(L), sw_gen(L) + 1, pending)
                                 : sw_unlocked(L) | (st ? ENG_SW_ERROR : 0);
@@ -1116,9 +1204,9 @@ int eng_transition(eng_seg *s, uint64_t id, uint32_t trigger)
 }
 
 /* Clear a seal equal to the lock word about to be taken (see the protocol). */
-static inline void disown_seal(eng_slot *sl, uint64_t L)
+static inline void disown_seal(eng_seg *s, eng_slot *sl, uint64_t L)
 {
-    uint64_t *seal = &sl->ctx[sw_ctx(L) ^ 1].commit;
+    uint64_t *seal = &copy_of(s, sl, sw_ctx(L) ^ 1)->commit;
     if (load_relaxed_u64(seal) == L)
         store_relaxed_u64(seal, 0);   /* ordered before the lock CAS by its release */
 }
@@ -1139,7 +1227,7 @@ static int lock_slot(eng_seg *s, eng_slot *sl, uint64_t id, uint32_t trigger, in
         if (target < 0 || (rc && !(rc == ENG_EGUARDED && guarded)))
             break;
         uint64_t L = sw_make_locked(w, (uint32_t)target, s->token);
-        disown_seal(sl, L);
+        disown_seal(s, sl, L);
         if (cas_acq_rel_u64(&sl->word, &w, L)) {
             die_if(s, ENG_FAULT_DIE_AFTER_LOCK);
             *out_L = L;
@@ -1168,11 +1256,11 @@ static void test_pause(eng_seg *s)
 
 /* Holder of L: seal ctx (if any) into the unpublished copy, then publish
  * state and context in one CAS from L. */
-static int finish_locked(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec *ctx)
+static int finish_locked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx)
 {
     uint32_t c = sw_ctx(L);
     if (ctx) {
-        write_pending_ctx(sl, L, ctx);
+        write_pending_ctx(s, sl, L, ctx);
         c ^= 1;
     }
     test_pause(s);
@@ -1191,27 +1279,49 @@ static void unlock_unchanged(eng_slot *sl, uint64_t L)
     cas_acq_rel_u64(&sl->word, &expected, sw_unlocked(L));
 }
 
-static void apply_update(eng_ctx_rec *c, const eng_ctx_update *u)
+/* 0 if every word in mask holds a value of its field's type. */
+static int check_words(const eng_seg *s, const uint64_t *w, uint32_t mask)
 {
-    if (u->mask & ENG_CTX_EXIT_REASON)
-        c->exit_reason = u->exit_reason;
-    if (u->mask & ENG_CTX_STOP_LOSS)
-        c->stop_loss = u->stop_loss;
-    if (u->mask & ENG_CTX_TAKE_PROFIT)
-        c->take_profit = u->take_profit;
+    for (uint32_t i = 0; i < s->n_words; i++) {
+        if (!(mask & (1u << i)))
+            continue;
+        int64_t v = (int64_t)w[i];
+        double d;
+        switch (s->hdr->rec.word_type[i]) {
+        case ENG_FT_F8:
+            memcpy(&d, &w[i], sizeof d);
+            if (!isfinite(d))
+                return ENG_EBADFIELD;
+            break;
+        case ENG_FT_I4:
+            if (v < INT32_MIN || v > INT32_MAX)
+                return ENG_EBADFIELD;
+            break;
+        default:
+            break;
+        }
+    }
+    return 0;
 }
 
-static int check_update(const eng_ctx_update *u)
+static inline uint32_t role_mask(const eng_seg *s)
+{
+    uint32_t m = 0;
+    for (uint32_t k = 0; k < ENG_ROLE_COUNT; k++)
+        if (s->roles[k] != ENG_ROLE_NONE)
+            m |= 1u << s->roles[k];
+    return m;
+}
+
+static int check_update(const eng_seg *s, const eng_ctx_update *u)
 {
     if (!u)
         return 0;
-    if (u->mask & ~(uint32_t)(ENG_CTX_EXIT_REASON | ENG_CTX_STOP_LOSS | ENG_CTX_TAKE_PROFIT))
+    if (s->n_words < 32 && (u->mask >> s->n_words))
         return ENG_EBADARG;
-    if ((u->mask & ENG_CTX_STOP_LOSS) && !(isfinite(u->stop_loss) && u->stop_loss >= 0.0))
-        return ENG_EBADARG;
-    if ((u->mask & ENG_CTX_TAKE_PROFIT) && !(isfinite(u->take_profit) && u->take_profit >= 0.0))
-        return ENG_EBADARG;
-    return 0;
+    if (u->mask & role_mask(s))
+        return ENG_EBADFIELD;   /* set at open only */
+    return check_words(s, u->w, u->mask);
 }
 
 /* Holder of L: apply the update to the published context and commit. */
@@ -1225,8 +1335,10 @@ static int commit_with_update(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ct
         return finish_locked(s, sl, L, NULL);
     eng_ctx_rec c;
     /* we hold the lock: the published copy cannot change under us */
-    copy_words_relaxed(&c, &sl->ctx[sw_ctx(L)], CTX_WORDS);
-    apply_update(&c, u);
+    copy_words_relaxed(&c, copy_of(s, sl, sw_ctx(L)), rec_words(s));
+    for (uint32_t i = 0; i < s->n_words; i++)
+        if (u->mask & (1u << i))
+            c.w[i] = u->w[i];
     return finish_locked(s, sl, L, &c);
 }
 
@@ -1239,7 +1351,7 @@ int eng_transition_ctx(eng_seg *s, uint64_t id, uint32_t trigger, const eng_ctx_
         return rc;
     if (trigger >= s->n_triggers)
         return ENG_EBADTRIGGER;
-    rc = check_update(u);
+    rc = check_update(s, u);
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_TRANSITION_CTX);
@@ -1270,7 +1382,7 @@ int eng_guard_transition(eng_seg *s, uint64_t id, uint32_t trigger,
         return ENG_EBADTRIGGER;
     if (!guard)
         return ENG_EBADARG;
-    rc = check_update(u);
+    rc = check_update(s, u);
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_TRANSITION_CTX);
@@ -1309,7 +1421,7 @@ int eng_state_word(eng_seg *s, uint32_t slot, uint64_t *out_word)
         return ENG_EBADSLOT;
     if (!out_word)
         return ENG_EBADARG;
-    *out_word = load_acquire_u64(&s->slots[slot].word);
+    *out_word = load_acquire_u64(&slot_at(s, slot)->word);
     return 0;
 }
 
@@ -1320,7 +1432,7 @@ int eng_id_of(eng_seg *s, uint32_t slot, uint64_t *out_id)
         return ENG_EBADSLOT;
     if (!out_id)
         return ENG_EBADARG;
-    eng_slot *sl = &s->slots[slot];
+    eng_slot *sl = slot_at(s, slot);
     uint64_t w = load_acquire_u64(&sl->word);
     if (!sw_state(w))
         return ENG_ENOTOPEN;
@@ -1328,48 +1440,570 @@ int eng_id_of(eng_seg *s, uint32_t slot, uint64_t *out_id)
     return 0;
 }
 
+/* ==== keys: unique, lock-free to look up ============================================= */
+/*
+ * Protocol.  A key lives in a key record of its opening's slot (the truth)
+ * and in one index cell (a pointer: slot, record r, 36 bits of fingerprint)
+ * in either of its two buckets.
+ *
+ *   insert (open, holding the slot lock; or bind_key):
+ *     I1 take the stripe lock of the key's first bucket (token; a proven-dead
+ *        holder's is taken over): inserts of one key are serialised
+ *     I2 scan both buckets: a record HELD by an open opening with this key
+ *        -> EKEYEXISTS (one still being opened: wait for its slot's lock)
+ *     I3 claim a key record of the slot: CAS free / stale / dead-BUSY ->
+ *        BUSY(token); drop the index cell of the stale key it held
+ *     I4 W0 fence (release), write the key bytes (relaxed)
+ *     I5 place the cell: CAS a free or dead cell -> (slot, r, fp)
+ *     I6 CAS BUSY(token) -> HELD(id) (release): the key is in
+ *     I7 release the stripe lock
+ *
+ *   lookup (no lock, never waits):
+ *     for each cell of both buckets with the fingerprint:
+ *       t1 = record tag (acquire); copy the key (relaxed); fence (acquire);
+ *       t2 = tag; a match with t1 == t2 == HELD(id) and id open -> id
+ *
+ * A record is HELD(id) only while id's key is indexed; the opening check
+ * (id's opening is the slot's, and the slot is open) decides whether it
+ * counts, so release makes every key of the opening stale in the same CAS
+ * that frees the slot; the records and cells are then cleared behind it
+ * (release, the next insert that meets them, or recover()).  An open's keys
+ * go in while its slot is locked with state 0, so a lookup sees them exactly
+ * when the opening commits; if the opener dies, takeover decides both.
+ *
+ * A cell is dead when its record is free, BUSY by a proven-dead token, or
+ * HELD with another key or by an opening that is gone: any inserter may
+ * reuse it.  A process killed anywhere in I1-I6 leaves a stripe lock, a BUSY
+ * record and a cell that are all dead: the next insert takes them over and
+ * recover() clears them.
+ *
+ * Does not guarantee: openings of one slot 2^31 apart are told apart (the
+ * opening count is compared with wrap); two stale cells with equal slot,
+ * record and 36-bit fingerprint racing for one reuse keep only one.
+ */
+
+typedef struct key_place {
+    uint32_t b1, b2;         /* buckets; b1 also names the stripe lock */
+    uint64_t fp;
+} key_place;
+
+static inline uint64_t fmix64(uint64_t k)
+{
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    k *= 0xc4ceb9fe1a85ec53ULL;
+    k ^= k >> 33;
+    return k;
+}
+
+static key_place key_place_of(const eng_seg *s, const uint8_t *key, uint32_t len)
+{
+    uint64_t h = s->key_seed ^ ((uint64_t)len * 0x9E3779B97F4A7C15ULL);
+    for (uint32_t i = 0; i < len; i += 8) {
+        uint64_t k = 0;
+        memcpy(&k, key + i, len - i < 8 ? len - i : 8);
+        h = fmix64(h ^ k) + 0x9E3779B97F4A7C15ULL;
+    }
+    h = fmix64(h);
+    uint64_t n = s->key_buckets;
+    key_place p;
+    p.b1 = (uint32_t)(((h & 0xFFFFFFFFULL) * n) >> 32);
+    p.b2 = (uint32_t)(((h >> 32) * n) >> 32);
+    if (p.b2 == p.b1 && n > 1)
+        p.b2 = (p.b1 + 1) % (uint32_t)n;
+    p.fp = fmix64(h ^ 0x5851F42D4C957F2DULL) & ENG_KC_FP_MASK;
+    return p;
+}
+
+static inline uint64_t kc_make(uint32_t slot, uint32_t r, uint64_t fp)
+{
+    return ENG_KC_USED | ((uint64_t)slot << ENG_KC_SLOT_SHIFT) | ((uint64_t)r << ENG_KC_R_SHIFT) | fp;
+}
+static inline uint32_t kc_slot(uint64_t c) { return (uint32_t)((c >> ENG_KC_SLOT_SHIFT) & ENG_ID_SLOT_MASK); }
+static inline uint32_t kc_r(uint64_t c) { return (uint32_t)((c >> ENG_KC_R_SHIFT) & 7); }
+
+static inline uint64_t kr_busy(uint32_t token) { return ((uint64_t)token << 8) | ENG_KR_BUSY; }
+static inline uint64_t kr_held(uint64_t id) { return (id << 8) | ENG_KR_HELD; }
+static inline uint32_t kr_kind(uint64_t t) { return (uint32_t)(t & 0xFF); }
+
+static inline eng_keyrec *keyrec_at(const eng_seg *s, uint32_t slot, uint32_t r)
+{
+    return &s->keyrecs[(uint64_t)slot * s->kpp + r];
+}
+
+static inline uint64_t *bucket_at(const eng_seg *s, uint32_t b)
+{
+    return &s->keyidx[(uint64_t)b * ENG_KEY_BUCKET];
+}
+
+/* The words of a key record after its tag: len, pad, key. */
+#define KR_BODY_WORDS ((sizeof(eng_keyrec) - sizeof(uint64_t)) / sizeof(uint64_t))
+
+/* A consistent read of a key record: its tag and body.  Returns 0, or
+ * ENG_EBUSY if it kept changing. */
+static int keyrec_read(const eng_keyrec *kr, uint64_t *tag, eng_key *out)
+{
+    for (uint32_t i = 0; i < READ_RETRIES; i++) {
+        uint64_t t1 = load_acquire_u64(&kr->tag);                  /* pairs with I6 */
+        copy_words_relaxed(out, (const uint64_t *)kr + 1, KR_BODY_WORDS);
+        fence_acquire();                                           /* pairs with I4's W0 */
+        if (load_relaxed_u64(&kr->tag) == t1) {
+            *tag = t1;
+            if (out->len > ENG_KEY_MAX)
+                out->len = 0;   /* a record never written: no key */
+            return 0;
+        }
+        if (i > SPIN_STEPS)
+            sched_yield();
+    }
+    return ENG_EBUSY;
+}
+
+static inline int key_equal(const eng_key *a, const eng_key *b)
+{
+    return a->len == b->len && memcmp(a->key, b->key, a->len) == 0;
+}
+
+enum { ID_GONE, ID_OPEN, ID_OPENING };
+
+/* Where opening id stands: open, still being opened (its slot locked with
+ * state 0 and its opening counted), or gone (released, rolled back, or a
+ * later opening took the slot) -- gone is for good. */
+static int id_status(const eng_seg *s, uint64_t id)
+{
+    if ((id & ENG_ID_SLOT_MASK) >= s->capacity)
+        return ID_GONE;
+    eng_slot *sl = slot_at(s, (uint32_t)(id & ENG_ID_SLOT_MASK));
+    uint64_t w = load_acquire_u64(&sl->word);
+    if (load_relaxed_u32(&sl->opening) != id_opening(id))
+        return ID_GONE;
+    if (sw_state(w))
+        return ID_OPEN;
+    return sw_locked(w) ? ID_OPENING : ID_GONE;
+}
+
+/* May cell c be reused?  Only when what it points to can never be a key again. */
+static int cell_dead(eng_seg *s, uint64_t c)
+{
+    uint32_t slot = kc_slot(c), r = kc_r(c);
+    if (slot >= s->capacity || r >= s->kpp)
+        return 1;
+    eng_keyrec *kr = keyrec_at(s, slot, r);
+    uint64_t t;
+    eng_key k;
+    if (keyrec_read(kr, &t, &k) != 0)
+        return 0;
+    if (t == 0)
+        return 1;
+    if (kr_kind(t) == ENG_KR_BUSY) {
+        uint32_t tok = (uint32_t)(t >> 8);
+        return tok != s->token && token_dead(s, tok);
+    }
+    if (key_place_of(s, k.key, k.len).fp != (c & ENG_KC_FP_MASK))
+        return 1;   /* the record holds another key now */
+    return id_status(s, t >> 8) == ID_GONE;
+}
+
+/* Clear every cell that points at record (slot, r) holding key k.  The
+ * caller holds the record BUSY, so all of them are left-overs. */
+static uint32_t key_unindex(eng_seg *s, uint32_t slot, uint32_t r, const eng_key *k)
+{
+    key_place p = key_place_of(s, k->key, k->len);
+    uint64_t want = kc_make(slot, r, p.fp);
+    uint32_t n = 0;
+    uint32_t buckets[2] = {p.b1, p.b2};
+    for (int i = 0; i < 2; i++) {
+        uint64_t *b = bucket_at(s, buckets[i]);
+        for (uint32_t j = 0; j < ENG_KEY_BUCKET; j++) {
+            uint64_t c = want;
+            n += cas_acq_rel_u64(&b[j], &c, 0);
+        }
+    }
+    return n;
+}
+
+/* Take record kr, whose tag is t, BUSY; if it held a key, unindex it.
+ * Returns 1 if taken. */
+static int keyrec_take(eng_seg *s, uint32_t slot, uint32_t r, uint64_t t)
+{
+    eng_keyrec *kr = keyrec_at(s, slot, r);
+    if (!cas_acq_rel_u64(&kr->tag, &t, kr_busy(s->token)))
+        return 0;
+    if (kr_kind(t) == ENG_KR_HELD) {
+        eng_key k;
+        copy_words_relaxed(&k, (const uint64_t *)kr + 1, KR_BODY_WORDS);   /* ours now */
+        if (k.len <= ENG_KEY_MAX)
+            key_unindex(s, slot, r, &k);
+    }
+    return 1;
+}
+
+static void keyrec_free(eng_seg *s, uint32_t slot, uint32_t r)
+{
+    uint64_t busy = kr_busy(s->token);
+    cas_acq_rel_u64(&keyrec_at(s, slot, r)->tag, &busy, 0);
+}
+
+/* Drop the keys of opening id (gone): records HELD(id) are cleared with
+ * their cells.  Returns how many. */
+static uint32_t keys_drop(eng_seg *s, uint64_t id)
+{
+    uint32_t slot = (uint32_t)(id & ENG_ID_SLOT_MASK), n = 0;
+    for (uint32_t r = 0; r < s->kpp; r++) {
+        uint64_t t = load_acquire_u64(&keyrec_at(s, slot, r)->tag);
+        if (t == kr_held(id) && keyrec_take(s, slot, r, t)) {
+            keyrec_free(s, slot, r);
+            n++;
+        }
+    }
+    return n;
+}
+
+static int stripe_lock(eng_seg *s, uint32_t b, op_timer t)
+{
+    uint32_t *lk = &s->stripes[b];
+    for (uint32_t step = 0; step < MAX_WAIT_STEPS; step++) {
+        uint32_t cur = load_relaxed_u32(lk);
+        if (cur == 0 || (time_to_check_owner(step) && token_dead(s, cur))) {
+            if (cas_acq_rel_u32(lk, &cur, s->token)) {
+                if (cur)
+                    OP_TAKEOVERS(t, 1);
+                return 0;
+            }
+        }
+        OP_RETRIES(t, 1);
+        backoff_step(step);
+    }
+    return ENG_EBUSY;
+}
+
+static void stripe_unlock(eng_seg *s, uint32_t b)
+{
+    uint32_t mine = s->token;
+    cas_acq_rel_u32(&s->stripes[b], &mine, 0);
+}
+
+/* I2: 0 if no open opening holds key k (or one being opened: wait for it). */
+static int key_unique(eng_seg *s, const eng_key *k, const key_place *p, op_timer t)
+{
+    uint32_t buckets[2] = {p->b1, p->b2};
+    for (int i = 0; i < 2; i++) {
+        uint64_t *b = bucket_at(s, buckets[i]);
+        for (uint32_t j = 0; j < ENG_KEY_BUCKET; j++) {
+            uint64_t c = load_acquire_u64(&b[j]);
+            if (!(c & ENG_KC_USED) || (c & ENG_KC_FP_MASK) != p->fp ||
+                kc_slot(c) >= s->capacity || kc_r(c) >= s->kpp)
+                continue;
+            uint64_t tag;
+            eng_key other;
+            if (keyrec_read(keyrec_at(s, kc_slot(c), kc_r(c)), &tag, &other) != 0)
+                return ENG_EBUSY;
+            /* BUSY: a dead holder of our stripe, or a cleaner of a gone key */
+            if (kr_kind(tag) != ENG_KR_HELD || !key_equal(&other, k))
+                continue;
+            uint64_t holder = tag >> 8;
+            int st = id_status(s, holder);
+            if (st == ID_OPENING) {
+                int locked;
+                eng_slot *sl = slot_at(s, (uint32_t)(holder & ENG_ID_SLOT_MASK));
+                wait_unlocked(s, sl, load_acquire_u64(&sl->word), t, &locked);
+                st = id_status(s, holder);
+                if (st == ID_OPENING)
+                    return ENG_EBUSY;
+            }
+            if (st == ID_OPEN)
+                return ENG_EKEYEXISTS;
+        }
+    }
+    return 0;
+}
+
+/* I3: claim a key record of id's slot for id; *r receives its index. */
+static int keyrec_claim(eng_seg *s, uint64_t id, uint32_t *r)
+{
+    uint32_t slot = (uint32_t)(id & ENG_ID_SLOT_MASK);
+    for (uint32_t step = 0; step < MAX_WAIT_STEPS; step++) {
+        int busy = 0;
+        for (uint32_t i = 0; i < s->kpp; i++) {
+            uint64_t t = load_acquire_u64(&keyrec_at(s, slot, i)->tag);
+            int free = t == 0;
+            if (kr_kind(t) == ENG_KR_HELD && (t >> 8) != id) {
+                /* openings of one slot only grow: an earlier one is gone for
+                 * good; a later one means id itself is gone */
+                if ((int32_t)(id_opening(t >> 8) - id_opening(id)) > 0)
+                    return ENG_ESTALE;
+                free = 1;
+            } else if (kr_kind(t) == ENG_KR_BUSY) {
+                uint32_t tok = (uint32_t)(t >> 8);
+                free = tok != s->token && token_dead(s, tok);
+                busy += !free;
+            }
+            if (free && keyrec_take(s, slot, i, t)) {
+                *r = i;
+                return 0;
+            }
+        }
+        if (!busy)
+            return ENG_EKEYLIMIT;
+        backoff_step(step);   /* a record being cleared or written: wait for it */
+    }
+    return ENG_EBUSY;
+}
+
+/* I5: place cell c in the emptier of the key's buckets (or the other). */
+static int cell_place(eng_seg *s, const key_place *p, uint64_t c)
+{
+    uint32_t used[2] = {0, 0}, buckets[2] = {p->b1, p->b2};
+    for (int i = 0; i < 2; i++)
+        for (uint32_t j = 0; j < ENG_KEY_BUCKET; j++)
+            used[i] += load_relaxed_u64(&bucket_at(s, buckets[i])[j]) != 0;
+    int first = used[1] < used[0];
+    for (int i = 0; i < 2; i++) {
+        uint64_t *b = bucket_at(s, buckets[first ^ i]);
+        for (uint32_t j = 0; j < ENG_KEY_BUCKET; j++) {
+            uint64_t cur = load_acquire_u64(&b[j]);
+            if ((cur == 0 || cell_dead(s, cur)) && cas_acq_rel_u64(&b[j], &cur, c))
+                return 0;
+        }
+    }
+    return ENG_EKEYFULL;
+}
+
+static inline int key_ok(const eng_key *k)
+{
+    return k && k->len >= 1 && k->len <= ENG_KEY_MAX;
+}
+
+/* Insert key k for opening id (I1-I7). */
+static int key_insert(eng_seg *s, uint64_t id, const eng_key *k, op_timer t)
+{
+    key_place p = key_place_of(s, k->key, k->len);
+    int rc = stripe_lock(s, p.b1, t);                              /* I1 */
+    if (rc)
+        return rc;
+    uint32_t slot = (uint32_t)(id & ENG_ID_SLOT_MASK), r = 0;
+    rc = key_unique(s, k, &p, t);                                  /* I2 */
+    if (rc == 0)
+        rc = keyrec_claim(s, id, &r);                              /* I3 */
+    if (rc == 0) {
+        eng_keyrec *kr = keyrec_at(s, slot, r);
+        eng_key body = *k;
+        memset(body.key + body.len, 0, ENG_KEY_MAX - body.len);
+        body.pad = 0;
+        fence_release();                                           /* I4: W0 */
+        copy_words_relaxed((uint64_t *)kr + 1, &body, KR_BODY_WORDS);
+        rc = cell_place(s, &p, kc_make(slot, r, p.fp));            /* I5 */
+        if (rc == 0) {
+            die_if(s, ENG_FAULT_DIE_IN_KEY);
+            uint64_t busy = kr_busy(s->token);
+            if (!cas_acq_rel_u64(&kr->tag, &busy, kr_held(id)))    /* I6 */
+                rc = ENG_EBUSY;   /* taken over: only if we were proven dead */
+        } else {
+            keyrec_free(s, slot, r);
+        }
+    }
+    stripe_unlock(s, p.b1);                                        /* I7 */
+    return rc;
+}
+
+int eng_bind_key(eng_seg *s, uint64_t id, const eng_key *key)
+{
+    CHECK_SEG(s);
+    eng_slot *sl;
+    uint64_t w;
+    int rc = id_word(s, id, &sl, &w);
+    if (rc)
+        return rc;
+    if (!key_ok(key))
+        return ENG_EBADKEY;
+    if (s->kpp == 0)
+        return ENG_EKEYLIMIT;
+    op_timer t = op_begin(s, ENG_OP_KEY);
+    rc = key_insert(s, id, key, t);
+    op_end(t, rc);
+    return rc;
+}
+
+int eng_lookup(eng_seg *s, const eng_key *key, uint64_t *out_id)
+{
+    CHECK_SEG(s);
+    if (!key_ok(key))
+        return ENG_EBADKEY;
+    if (!out_id)
+        return ENG_EBADARG;
+    *out_id = 0;
+    if (s->kpp == 0)
+        return 0;
+    op_timer t = op_begin(s, ENG_OP_LOOKUP);
+    key_place p = key_place_of(s, key->key, key->len);
+    uint32_t buckets[2] = {p.b1, p.b2};
+    int rc = 0;
+    for (int i = 0; i < 2 && !*out_id; i++) {
+        uint64_t *b = bucket_at(s, buckets[i]);
+        for (uint32_t j = 0; j < ENG_KEY_BUCKET; j++) {
+            uint64_t c = load_acquire_u64(&b[j]);
+            if (!(c & ENG_KC_USED) || (c & ENG_KC_FP_MASK) != p.fp ||
+                kc_slot(c) >= s->capacity || kc_r(c) >= s->kpp)
+                continue;
+            uint64_t tag;
+            eng_key k;
+            if (keyrec_read(keyrec_at(s, kc_slot(c), kc_r(c)), &tag, &k) != 0) {
+                rc = ENG_EBUSY;
+                continue;
+            }
+            if (kr_kind(tag) == ENG_KR_HELD && key_equal(&k, key) &&
+                id_status(s, tag >> 8) == ID_OPEN) {
+                *out_id = tag >> 8;
+                rc = 0;
+                break;
+            }
+        }
+    }
+    op_end(t, rc ? rc : ENG_APPLIED);
+    return rc;
+}
+
+int eng_keys(eng_seg *s, uint64_t id, eng_key *out, uint32_t max, uint32_t *out_n)
+{
+    CHECK_SEG(s);
+    eng_slot *sl;
+    uint64_t w;
+    int rc = id_word(s, id, &sl, &w);
+    if (rc)
+        return rc;
+    if (!out_n || (max && !out))
+        return ENG_EBADARG;
+    uint32_t n = 0, slot = (uint32_t)(id & ENG_ID_SLOT_MASK);
+    for (uint32_t r = 0; r < s->kpp && n < max; r++) {
+        uint64_t tag;
+        rc = keyrec_read(keyrec_at(s, slot, r), &tag, &out[n]);
+        if (rc)
+            return rc;
+        if (tag == kr_held(id))
+            n++;
+    }
+    *out_n = n;
+    return id_live(sl, load_acquire_u64(&sl->word), id);   /* released meanwhile: stale */
+}
+
+/* recover(): clear what dead inserters and gone openings left in the index. */
+static uint32_t keys_sweep(eng_seg *s)
+{
+    uint32_t n = 0;
+    for (uint32_t b = 0; b < s->key_buckets; b++) {
+        uint32_t cur = load_relaxed_u32(&s->stripes[b]);
+        if (cur && cur != s->token && token_dead(s, cur))
+            n += cas_acq_rel_u32(&s->stripes[b], &cur, 0);
+    }
+    for (uint32_t slot = 0; slot < s->capacity; slot++)
+        for (uint32_t r = 0; r < s->kpp; r++) {
+            uint64_t t = load_acquire_u64(&keyrec_at(s, slot, r)->tag);
+            int gone = kr_kind(t) == ENG_KR_HELD ? id_status(s, t >> 8) == ID_GONE
+                     : kr_kind(t) == ENG_KR_BUSY && (uint32_t)(t >> 8) != s->token &&
+                       token_dead(s, (uint32_t)(t >> 8));
+            if (gone && keyrec_take(s, slot, r, t)) {
+                keyrec_free(s, slot, r);
+                n++;
+            }
+        }
+    for (uint64_t i = 0; i < (uint64_t)s->key_buckets * ENG_KEY_BUCKET; i++) {
+        uint64_t c = load_acquire_u64(&s->keyidx[i]);
+        if (c && cell_dead(s, c))
+            n += cas_acq_rel_u64(&s->keyidx[i], &c, 0);
+    }
+    return n;
+}
+
 /* ==== open and release ============================================================ */
 /*
  * Opening is the slow path from state 0 (free) to the initial state: lock a
- * free word, count the opening, latch the price and publish the opening
- * price, seal the context, publish the state.  The price latch is taken
+ * free word, count the opening, insert its key (see keys), latch the price
+ * and publish the opening price, seal the record, publish the state.  The
+ * key is found from the moment the state is published.  The price latch is taken
  * before anything of the new opening is visible, so a price writer that
  * checked the old opening under the latch cannot write into the new one.  A
  * takeover of a dead opener rolls forward (context sealed, so the price is
- * out too) or back to free; the counted opening is then never issued.
+ * out too) or back to free; the counted opening is then never issued and
+ * its key is left for the next insert or recover() to clear.  Release frees
+ * the slot by one CAS (which makes the opening's keys stale), then clears
+ * its key records and cells.
  */
-static void price_rec_for(eng_price_rec *r, const eng_ctx_rec *c, double price, int64_t ts)
+static inline double word_f8(uint64_t w)
 {
-    double diff = price - c->entry_price;
-    r->price = price;
-    r->ts_ns = ts;
-    r->pnl_pct = diff / c->entry_price * 100.0 * (double)c->side;
-    r->pnl_usd = diff * c->amount * (double)c->side;
+    double d;
+    memcpy(&d, &w, sizeof d);
+    return d;
 }
 
-int eng_open_position(eng_seg *s, double entry_price, double amount,
-                      int32_t side, int64_t token, uint64_t *out_id, uint64_t *out_word)
+static void price_rec_for(const eng_seg *s, eng_price_rec *r, const eng_ctx_rec *c, double price,
+                          int64_t ts)
+{
+    r->price = price;
+    r->ts_ns = ts;
+    r->pnl_pct = r->pnl_usd = 0.0;
+    if (s->pnl) {
+        double entry = word_f8(c->w[s->roles[ENG_ROLE_ENTRY_PRICE]]);
+        double amount = word_f8(c->w[s->roles[ENG_ROLE_AMOUNT]]);
+        double side = (double)(int64_t)c->w[s->roles[ENG_ROLE_SIDE]];
+        double diff = price - entry;
+        r->pnl_pct = diff / entry * 100.0 * side;
+        r->pnl_usd = diff * amount * side;
+    }
+}
+
+/* The values C relies on: entry price and amount finite and > 0, side +-1. */
+static int check_roles(const eng_seg *s, const uint64_t *w)
+{
+    if (!s->pnl)
+        return 0;
+    if (!price_ok(word_f8(w[s->roles[ENG_ROLE_ENTRY_PRICE]])))
+        return ENG_EBADPRICE;
+    double amount = word_f8(w[s->roles[ENG_ROLE_AMOUNT]]);
+    int64_t side = (int64_t)w[s->roles[ENG_ROLE_SIDE]];
+    if (!(isfinite(amount) && amount > 0.0) || (side != 1 && side != -1))
+        return ENG_EBADFIELD;
+    return 0;
+}
+
+static inline int64_t token_of(const eng_seg *s, const uint64_t *w)
+{
+    uint8_t k = s->roles[ENG_ROLE_TOKEN];
+    return k == ENG_ROLE_NONE ? 0 : (int64_t)w[k];
+}
+
+int eng_open(eng_seg *s, const uint64_t *words, const eng_key *key,
+             uint64_t *out_id, uint64_t *out_word)
 {
     CHECK_SEG(s);
-    if (!out_id || !out_word)
+    if (!out_id || !out_word || (!words && s->n_words))
         return ENG_EBADARG;
-    if (!price_ok(entry_price))
-        return ENG_EBADPRICE;
-    if (!(isfinite(amount) && amount > 0.0) || (side != 1 && side != -1))
-        return ENG_EBADARG;
+    eng_ctx_rec c;
+    memset(&c, 0, sizeof c);
+    if (s->n_words)
+        memcpy(c.w, words, sizeof(uint64_t) * s->n_words);
+    int rc = check_words(s, c.w, 0xFFFFFFFFu);
+    if (rc == 0)
+        rc = check_roles(s, c.w);
+    if (rc)
+        return rc;
+    if (key && !key_ok(key))
+        return ENG_EBADKEY;
+    if (key && s->kpp == 0)
+        return ENG_EKEYLIMIT;
     op_timer t = op_begin(s, ENG_OP_OPEN);
     uint32_t cap = s->capacity;
     uint32_t start = fetch_add_relaxed_u32(&s->hdr->alloc_hint, 1) % cap;
     uint32_t target = s->hdr->initial_index;
-    int rc = ENG_EFULL;
+    rc = ENG_EFULL;
     for (uint32_t k = 0; k < cap; k++) {
         uint32_t slot = (start + k) % cap;
-        eng_slot *sl = &s->slots[slot];
+        eng_slot *sl = slot_at(s, slot);
         uint64_t w = load_relaxed_u64(&sl->word);
         if (sw_state(w) != 0 || sw_locked(w))
             continue;
         uint64_t L = sw_make_locked(w, target, s->token);
-        disown_seal(sl, L);
+        disown_seal(s, sl, L);
         if (!cas_acq_rel_u64(&sl->word, &w, L))
             continue;
         die_if(s, ENG_FAULT_DIE_AFTER_LOCK);
@@ -1377,23 +2011,28 @@ int eng_open_position(eng_seg *s, double entry_price, double amount,
         if (opening == 0)
             opening = 1;
         store_relaxed_u32(&sl->opening, opening);
-        store_relaxed_u64((uint64_t *)&sl->token, (uint64_t)token);
+        store_relaxed_u64((uint64_t *)&sl->token, (uint64_t)token_of(s, c.w));
+        uint64_t id = make_id(opening, slot);
+        if (key) {
+            rc = key_insert(s, id, key, t);   /* visible once the opening commits */
+            if (rc) {
+                unlock_unchanged(sl, L);
+                break;
+            }
+        }
         uint64_t latched;
         if (price_latch(s, sl, t, &latched) != 0) {
             unlock_unchanged(sl, L);   /* a live writer sits on this slot's price */
+            if (key)
+                keys_drop(s, id);
             rc = ENG_EBUSY;
             continue;
         }
         int64_t ts = now_ns(CLOCK_REALTIME);
-        eng_ctx_rec c;
-        memset(&c, 0, sizeof c);
-        c.entry_price = entry_price;
-        c.amount = amount;
-        c.side = side;
-        c.token = token;
-        c.opened_ns = ts;
+        if (s->roles[ENG_ROLE_OPENED_NS] != ENG_ROLE_NONE)
+            c.w[s->roles[ENG_ROLE_OPENED_NS]] = (uint64_t)ts;
         eng_price_rec r;
-        price_rec_for(&r, &c, entry_price, ts);
+        price_rec_for(s, &r, &c, s->pnl ? word_f8(c.w[s->roles[ENG_ROLE_ENTRY_PRICE]]) : 0.0, ts);
         if (price_publish(sl, latched, &r) != 0) {
             unlock_unchanged(sl, L);   /* our latch was taken: we were judged gone */
             rc = ENG_EBUSY;
@@ -1401,7 +2040,7 @@ int eng_open_position(eng_seg *s, double entry_price, double amount,
         }
         rc = finish_locked(s, sl, L, &c);
         if (rc == ENG_APPLIED) {
-            *out_id = make_id(opening, slot);
+            *out_id = id;
             *out_word = s->last_new_word;
         }
         break;
@@ -1427,6 +2066,7 @@ int eng_abandon_open(eng_seg *s, uint64_t id, uint64_t word)
     if (!cas_acq_rel_u64(&sl->word, &w, nw))
         return ENG_INVALID;
     commit_after(s, sl, w, nw);
+    keys_drop(s, id);
     return ENG_APPLIED;
 }
 
@@ -1449,6 +2089,7 @@ int eng_release_position(eng_seg *s, uint64_t id)
         uint64_t old = w;
         if (cas_acq_rel_u64(&sl->word, &w, nw)) {
             commit_after(s, sl, old, nw);
+            keys_drop(s, id);   /* already stale; clear them for the next inserts */
             return ENG_APPLIED;
         }
         backoff_step(retries / 4);
@@ -1475,7 +2116,7 @@ static int write_price_checked(eng_seg *s, eng_slot *sl, double price, int64_t t
     int rc = price_latch(s, sl, t, &latched);
     if (rc)
         return rc;
-    rc = read_ctx(sl, &c, &w, &opening);
+    rc = read_ctx(s, sl, &c, &w, &opening);
     if (rc == 0 && !accept(s, sl, w, opening, &c, key))
         rc = ENG_ESTALE;
     if (rc) {
@@ -1483,7 +2124,7 @@ static int write_price_checked(eng_seg *s, eng_slot *sl, double price, int64_t t
         return rc;
     }
     eng_price_rec r;
-    price_rec_for(&r, &c, price, ts);
+    price_rec_for(s, &r, &c, price, ts);
     return price_publish(sl, latched, &r);
 }
 
@@ -1503,7 +2144,7 @@ static int accept_token(eng_seg *s, const eng_slot *sl, uint64_t w, uint32_t ope
                         const eng_ctx_rec *c, uint64_t token)
 {
     (void)sl; (void)opening;
-    return is_open_state(s, sw_state(w)) && c->token == (int64_t)token;
+    return is_open_state(s, sw_state(w)) && token_of(s, c->w) == (int64_t)token;
 }
 
 int eng_update_price(eng_seg *s, uint64_t id, double price)
@@ -1579,12 +2220,14 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
     CHECK_SEG(s);
     if (!price_ok(price))
         return ENG_EBADPRICE;
+    if (s->roles[ENG_ROLE_TOKEN] == ENG_ROLE_NONE)
+        return ENG_EBADFIELD;   /* the spec has no token field */
     op_timer t = op_begin(s, ENG_OP_PRICE_BATCH);
     int64_t ts = now_ns(CLOCK_REALTIME);
     int64_t count = 0;
     int rc = 0;
     for (uint32_t i = 0; i < s->capacity; i++) {
-        eng_slot *sl = &s->slots[i];
+        eng_slot *sl = slot_at(s, i);
         /* the token hint filters; the check under the latch decides */
         if ((int64_t)load_relaxed_u64((const uint64_t *)&sl->token) != token ||
             !is_open_state(s, sw_state(load_acquire_u64(&sl->word))))
@@ -1632,16 +2275,10 @@ int eng_read_price(eng_seg *s, uint64_t id, eng_price_out *out)
     return rc;
 }
 
-static void ctx_out_from(eng_ctx_out *out, const eng_ctx_rec *c)
+static void ctx_out_from(const eng_seg *s, eng_ctx_out *out, const eng_ctx_rec *c)
 {
-    out->entry_price = c->entry_price;
-    out->amount = c->amount;
-    out->stop_loss = c->stop_loss;
-    out->take_profit = c->take_profit;
-    out->token = c->token;
-    out->opened_ns = c->opened_ns;
-    out->side = c->side;
-    out->exit_reason = c->exit_reason;
+    memset(out->w, 0, sizeof out->w);
+    memcpy(out->w, c->w, sizeof(uint64_t) * s->n_words);
     out->version = c->version;
 }
 
@@ -1658,11 +2295,11 @@ int eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out)
     eng_ctx_rec c;
     uint64_t w;
     uint32_t opening;
-    rc = read_ctx(sl, &c, &w, &opening);
+    rc = read_ctx(s, sl, &c, &w, &opening);
     if (rc == 0)
         rc = opening_check(w, opening, id);
     if (rc == 0)
-        ctx_out_from(out, &c);
+        ctx_out_from(s, out, &c);
     op_end(t, rc);
     return rc;
 }
@@ -1735,14 +2372,15 @@ int eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns,
  * state word's committed bits did not move between the first and the last
  * read (a lock taken meanwhile does not move them; the row says locked).
  */
-static int read_row(eng_slot *sl, uint32_t slot, eng_row *r)
+static int read_row(eng_seg *s, uint32_t slot, eng_row *r)
 {
+    eng_slot *sl = slot_at(s, slot);
     for (uint32_t i = 0; i < READ_RETRIES; i++) {
         eng_ctx_rec c;
         eng_price_rec p;
         uint64_t w, pv;
         uint32_t opening;
-        int rc = read_ctx(sl, &c, &w, &opening);
+        int rc = read_ctx(s, sl, &c, &w, &opening);
         if (rc)
             return rc;
         if (!sw_state(w))
@@ -1765,15 +2403,9 @@ static int read_row(eng_slot *sl, uint32_t slot, eng_row *r)
         r->pnl_pct = p.pnl_pct;
         r->pnl_usd = p.pnl_usd;
         r->price_version = pv;
-        r->entry_price = c.entry_price;
-        r->amount = c.amount;
-        r->stop_loss = c.stop_loss;
-        r->take_profit = c.take_profit;
-        r->token = c.token;
-        r->opened_ns = c.opened_ns;
-        r->side = c.side;
-        r->exit_reason = c.exit_reason;
         r->context_version = c.version;
+        memset(r->w, 0, sizeof r->w);
+        memcpy(r->w, c.w, sizeof(uint64_t) * s->n_words);
         return 0;
     }
     return ENG_EBUSY;
@@ -1786,7 +2418,7 @@ int eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n)
         return ENG_EBADARG;
     uint32_t n = 0;
     for (uint32_t i = 0; i < s->capacity && n < max_rows; i++) {
-        int rc = read_row(&s->slots[i], i, &rows[n]);
+        int rc = read_row(s, i, &rows[n]);
         if (rc < 0)
             return rc;
         if (rc == 0)
@@ -1824,7 +2456,7 @@ static void sweep_dead(eng_seg *s, eng_recover_report *out)
 {
     op_timer t = {s->me ? &s->me->op[ENG_OP_RECOVER] : NULL, 0};
     for (uint32_t i = 0; i < s->capacity; i++) {
-        eng_slot *sl = &s->slots[i];
+        eng_slot *sl = slot_at(s, i);
         uint64_t w = load_acquire_u64(&sl->word);
         if (sw_locked(w) && sw_owner(w) != s->token && token_dead(s, sw_owner(w))) {
             int how = takeover(s, sl, w, t);
@@ -1854,6 +2486,7 @@ int eng_recover(eng_seg *s, eng_recover_report *out)
         return rc;
     }
     sweep_dead(s, out);
+    out->keys_cleared = keys_sweep(s);
     for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
         eng_proc *e = &s->registry[i];
         uint32_t pid = load_acquire_u32(&e->pid);
@@ -1898,7 +2531,8 @@ int eng_set_faults(eng_seg *s, uint32_t flags, uint64_t pause_ns)
 {
     CHECK_SEG(s);
     if (flags & ~(uint32_t)(ENG_FAULT_SKIP_GEN | ENG_FAULT_BLIND_STORE |
-                            ENG_FAULT_DIE_AFTER_CAS | ENG_FAULT_DIE_AFTER_LOCK) ||
+                            ENG_FAULT_DIE_AFTER_CAS | ENG_FAULT_DIE_AFTER_LOCK |
+                            ENG_FAULT_DIE_IN_KEY) ||
         pause_ns > 60ULL * 1000000000ULL)
         return ENG_EBADARG;
     store_release_u64(&s->hdr->test_pause_ns, pause_ns);
@@ -1930,7 +2564,7 @@ int eng_test_hold(eng_seg *s, uint32_t what, uint64_t id)
         if (sw_locked(w))
             return ENG_EBUSY;
         uint64_t L = sw_make_locked(w, onehot_index(sw_state(w)), s->token);
-        disown_seal(sl, L);
+        disown_seal(s, sl, L);
         return cas_acq_rel_u64(&sl->word, &w, L) ? 0 : ENG_EBUSY;
     }
     return ENG_EBADARG;

@@ -16,7 +16,15 @@
  *   +--------------------+  hdr.shards_off
  *   | eng_shard[PROCS+1] |  metrics: one shard per entry + one "retired"
  *   +--------------------+  hdr.slots_off
- *   | eng_slot[capacity] |  one 384-byte record per position
+ *   | slots[capacity]    |  hdr.slot_size bytes per position: eng_slot (hot
+ *   |                    |  words, prices) + two record copies (the spec's
+ *   |                    |  fields), see "records" below
+ *   +--------------------+  hdr.keyrecs_off
+ *   | eng_keyrec[cap][k] |  k = keys_per_position key records per slot
+ *   +--------------------+  hdr.keyidx_off
+ *   | uint64_t[buckets*8]|  the key index: ENG_KEY_BUCKET cells per bucket
+ *   +--------------------+  hdr.stripes_off
+ *   | uint32_t[buckets]  |  key insert stripe locks, one per bucket
  *   +--------------------+  hdr.segment_size
  */
 #ifndef ENGINE_H
@@ -28,7 +36,7 @@
 
 /* ---- identity ---------------------------------------------------------- */
 #define ENG_MAGIC            0x31454E49474E4545ULL   /* "EENGINE1" little-endian */
-#define ENG_LAYOUT_VERSION   4
+#define ENG_LAYOUT_VERSION   5
 #define ENG_CACHE_LINE       64
 
 /* ---- limits ------------------------------------------------------------ */
@@ -111,6 +119,64 @@
 #define ENG_SW_OWNER_SHIFT   39
 
 /*
+ * ---- records ------------------------------------------------------------------
+ *
+ * A position's record is the machine spec's fields, compiled into up to
+ * ENG_MAX_FIELD_WORDS 8-byte words (an i4 takes a whole word, sign-extended;
+ * bytes fields span 1-4 words).  The header keeps each word's type, which C
+ * checks on every write, and the word index of the fields C itself uses
+ * (roles): PnL needs entry_price, amount and side; update_token_price needs
+ * token; open stamps opened_ns.  Role words are set at open only.
+ *
+ * One record copy in the segment:  | commit | version | word 0 .. n-1 |
+ * padded to ENG_REC_ALIGN; the slot is eng_slot followed by two copies,
+ * padded to a cache line (hdr.slot_size).
+ */
+#define ENG_MAX_FIELD_WORDS  24
+#define ENG_REC_META_WORDS   2       /* commit, version */
+#define ENG_REC_ALIGN        16
+#define ENG_FT_F8            1       /* double, finite */
+#define ENG_FT_I8            2
+#define ENG_FT_I4            3       /* int64 in [INT32_MIN, INT32_MAX] */
+#define ENG_FT_U8            4
+#define ENG_FT_BYTES         5       /* raw bytes (part of an S8..S32 field) */
+#define ENG_ROLE_ENTRY_PRICE 0       /* f8 > 0 */
+#define ENG_ROLE_AMOUNT      1       /* f8 > 0 */
+#define ENG_ROLE_SIDE        2       /* i4/i8, +1 or -1 */
+#define ENG_ROLE_TOKEN       3       /* i8: update_token_price */
+#define ENG_ROLE_OPENED_NS   4       /* i8: stamped by open */
+#define ENG_ROLE_COUNT       8
+#define ENG_ROLE_NONE        0xFF
+
+/*
+ * ---- keys -----------------------------------------------------------------------
+ *
+ * Each slot has keys_per_position key records (eng_keyrec); record r of a
+ * slot holds the r-th key of the slot's current opening.  Its tag:
+ *
+ *   0                       free
+ *   token << 8 | KR_BUSY    being written (or cleared) by that token
+ *   id << 8 | KR_HELD       the key of opening `id` (valid while id is open)
+ *
+ * The index is an array of buckets of ENG_KEY_BUCKET 64-bit cells (one cache
+ * line per bucket); a key may live in either of its two buckets.  A cell:
+ *
+ *   63  62           39 38  36 35                         0
+ *  +---+---------------+------+----------------------------+
+ *  | 1 | slot (24)     | r (3)| fingerprint (36 bits of h)  |    0 = free
+ *  +---+---------------+------+----------------------------+
+ */
+#define ENG_KEY_MAX          48      /* bytes of one key */
+#define ENG_MAX_KEYS_PER_POSITION 8
+#define ENG_KEY_BUCKET       8       /* cells per bucket */
+#define ENG_KR_BUSY          1
+#define ENG_KR_HELD          2
+#define ENG_KC_USED          0x8000000000000000ULL
+#define ENG_KC_SLOT_SHIFT    39
+#define ENG_KC_R_SHIFT       36
+#define ENG_KC_FP_MASK       0xFFFFFFFFFULL
+
+/*
  * ---- the price word (eng_slot.pword, 64 bits) ------------------------------
  *
  *   63                                   24 23                  0
@@ -159,12 +225,12 @@
 #define ENG_ERECOVERING      -21     /* another live process runs recover() */
 #define ENG_EGUARDFAIL       -22     /* the guard callback raised; nothing was changed */
 #define ENG_ETOOMANY         -23     /* this process has ENG_MAX_LOCAL_ENGINES attached */
-#define ENG_ERRNO_MIN        -23     /* the lowest code: every code in [it, -1] has words */
-
-/* ---- context update mask (eng_ctx_update.mask) --------------------------- */
-#define ENG_CTX_EXIT_REASON  1
-#define ENG_CTX_STOP_LOSS    2
-#define ENG_CTX_TAKE_PROFIT  4
+#define ENG_EKEYEXISTS       -24     /* the key names another open position */
+#define ENG_EKEYLIMIT        -25     /* the opening has keys_per_position keys */
+#define ENG_EKEYFULL         -26     /* both of the key's index buckets are full */
+#define ENG_EBADFIELD        -27     /* a field value out of its type's range, or a set-at-open field */
+#define ENG_EBADKEY          -28     /* key length 0 or > ENG_KEY_MAX */
+#define ENG_ERRNO_MIN        -28     /* the lowest code: every code in [it, -1] has words */
 
 /* ---- metrics operations -------------------------------------------------- */
 #define ENG_OP_TRANSITION    0       /* fast path */
@@ -175,7 +241,9 @@
 #define ENG_OP_READ          5       /* price / context read */
 #define ENG_OP_WAIT          6
 #define ENG_OP_RECOVER       7
-#define ENG_OP_COUNT         8
+#define ENG_OP_KEY           8       /* bind_key (open's key counts under OPEN) */
+#define ENG_OP_LOOKUP        9
+#define ENG_OP_COUNT         10
 
 /* ---- registry entry states ----------------------------------------------- */
 #define ENG_PROC_FREE        0
@@ -189,15 +257,16 @@
 #define ENG_FAULT_DIE_AFTER_CAS 4
 /* a slow path or an open SIGKILLs itself right after its lock CAS */
 #define ENG_FAULT_DIE_AFTER_LOCK 8
+/* a key insert SIGKILLs itself with its index cell placed, before publishing */
+#define ENG_FAULT_DIE_IN_KEY 16
 
 /* ---- waits ------------------------------------------------------------------ */
 #define ENG_WAIT_SLICE_NS    20000000    /* a futex sleep re-checks the state word this often */
 #define ENG_MAX_TIMEOUT_NS   0x3FFFFFFFFFFFFFFFLL
 
 /* ---- misc ---------------------------------------------------------------- */
-#define ENG_SLOT_SIZE        384
-#define ENG_CTX_SIZE         128
-#define ENG_HEADER_SIZE      4352
+#define ENG_SLOT_HEAD        128     /* sizeof(eng_slot): the record copies follow */
+#define ENG_HEADER_SIZE      4480
 
 /*
  * One price record (32 bytes).  Two copies per slot; the sequence in
@@ -211,35 +280,25 @@ typedef struct eng_price_rec {
 } eng_price_rec;
 
 /*
- * One context copy (128 bytes, two cache lines).  Two per slot; the state
- * word's C bit says which one is published.  A lock holder fills the other
- * one and writes commit last: the exact locked word it was written under.
- * A takeover rolls forward only when commit equals the locked word it finds.
- *
- *   | commit | version | entry_price | amount | stop_loss | take_profit |
- *   | token | opened_ns | side | exit_reason | pad ...                  |
+ * One record copy, at its largest (in the segment a copy is truncated to
+ * hdr.rec_size).  Two per slot; the state word's C bit says which one is
+ * published.  A lock holder fills the other one and writes commit last: the
+ * exact locked word it was written under.  A takeover rolls forward only
+ * when commit equals the locked word it finds.
  */
 typedef struct eng_ctx_rec {
     uint64_t commit;         /* the locked word this copy was written under */
-    uint64_t version;        /* context version: +1 per published copy */
-    double   entry_price;
-    double   amount;
-    double   stop_loss;
-    double   take_profit;
-    int64_t  token;
-    int64_t  opened_ns;
-    int32_t  side;           /* +1 long, -1 short */
-    int32_t  exit_reason;
-    uint64_t pad[7];
+    uint64_t version;        /* record version: +1 per published copy */
+    uint64_t w[ENG_MAX_FIELD_WORDS];   /* the fields, as the spec lays them out */
 } eng_ctx_rec;
 
 /*
- * One position slot (384 bytes = 6 cache lines):
+ * The head of one position slot (2 cache lines); the two record copies
+ * follow it (hdr.rec_size bytes each) and the slot is padded to a line:
  *
  *   line 0    | word | transitions | pword | opening | waiting | token |
  *   line 1    | price[0]                  | price[1]                  |
- *   lines 2-3 | ctx[0]                                                |
- *   lines 4-5 | ctx[1]                                                |
+ *   then      | record copy 0 | record copy 1 | pad to a line          |
  *
  * Everything written by a transition or a price update for one position sits
  * on that position's own lines, so writers of different slots never share a
@@ -255,8 +314,30 @@ typedef struct eng_slot {
     int64_t  token;          /* hint for token scans: the context's token */
     uint64_t pad0[3];
     eng_price_rec price[2];
-    eng_ctx_rec ctx[2];
 } eng_slot;
+
+/* One key record (64 bytes), see "keys". */
+typedef struct eng_keyrec {
+    uint64_t tag;            /* 0, token << 8 | KR_BUSY, or id << 8 | KR_HELD */
+    uint32_t len;            /* bytes used in key */
+    uint32_t pad;
+    uint8_t  key[ENG_KEY_MAX];
+} eng_keyrec;
+
+/* A key passed in or out: len bytes of key. */
+typedef struct eng_key {
+    uint32_t len;
+    uint32_t pad;
+    uint8_t  key[ENG_KEY_MAX];
+} eng_key;
+
+/* The compiled record layout of a spec (an argument of eng_format). */
+typedef struct eng_rec_layout {
+    uint32_t n_words;                        /* field words in use */
+    uint32_t keys_per_position;              /* 0 .. ENG_MAX_KEYS_PER_POSITION */
+    uint8_t  word_type[ENG_MAX_FIELD_WORDS]; /* ENG_FT_* of each word */
+    uint8_t  roles[ENG_ROLE_COUNT];          /* word index of each role, or ENG_ROLE_NONE */
+} eng_rec_layout;
 
 /* One registry entry per attached Engine object (64 bytes). */
 typedef struct eng_proc {
@@ -331,6 +412,19 @@ typedef struct eng_header {
     /* the transition table: table[state index * ENG_MAX_TRIGGERS + trigger]
      * = target index + 1, | ENG_RULE_GUARDED; 0 = no rule */
     uint8_t  table[ENG_MAX_STATES * ENG_MAX_TRIGGERS];
+    /* after the table, line R: the record layout, written once */
+    eng_rec_layout rec;      /* 40 bytes */
+    uint32_t rec_size;       /* bytes of one record copy */
+    uint32_t pad4;
+    uint64_t pad5[2];
+    /* line K: keys, written once */
+    uint64_t keyrecs_off;
+    uint64_t keyidx_off;
+    uint64_t stripes_off;
+    uint32_t key_buckets;
+    uint32_t pad6;
+    uint64_t key_seed;       /* per-segment hash seed */
+    uint64_t pad7[3];
 } eng_header;
 
 /* Process-local view of an attached segment (not shared). */
@@ -340,8 +434,19 @@ typedef struct eng_seg {
     eng_header     *hdr;
     eng_proc       *registry;
     eng_shard      *shards;
-    eng_slot       *slots;
+    uint8_t        *slots;       /* slot i at slots + i * slot_size */
+    eng_keyrec     *keyrecs;     /* slot i's records at keyrecs + i * kpp */
+    uint64_t       *keyidx;
+    uint32_t       *stripes;
     eng_shard      *me;          /* this Engine's shard */
+    uint32_t        slot_size;
+    uint32_t        rec_size;
+    uint32_t        n_words;
+    uint32_t        kpp;         /* keys per position */
+    uint32_t        key_buckets;
+    uint32_t        pnl;         /* 1: the spec has entry_price, amount and side */
+    uint64_t        key_seed;
+    uint8_t         roles[ENG_ROLE_COUNT];
     uint32_t        capacity;
     uint32_t        n_triggers;
     uint32_t        pid;
@@ -357,12 +462,11 @@ typedef struct eng_seg {
     uint64_t        last_new_word;   /* applied transition (for stress logs) */
 } eng_seg;
 
-/* Context fields a transition may change, atomically with the state. */
+/* Record words a transition changes, atomically with the state. */
 typedef struct eng_ctx_update {
-    uint32_t mask;           /* ENG_CTX_* */
-    int32_t  exit_reason;
-    double   stop_loss;
-    double   take_profit;
+    uint32_t mask;           /* bit i: set word i to w[i] */
+    uint32_t pad;
+    uint64_t w[ENG_MAX_FIELD_WORDS];
 } eng_ctx_update;
 
 /* A consistent price read (what Engine.price returns). */
@@ -374,16 +478,9 @@ typedef struct eng_price_out {
     uint64_t version;
 } eng_price_out;
 
-/* A consistent context read (what Engine.context returns). */
+/* A consistent record read (what Engine.context returns). */
 typedef struct eng_ctx_out {
-    double   entry_price;
-    double   amount;
-    double   stop_loss;
-    double   take_profit;
-    int64_t  token;
-    int64_t  opened_ns;
-    int32_t  side;
-    int32_t  exit_reason;
+    uint64_t w[ENG_MAX_FIELD_WORDS];
     uint64_t version;
 } eng_ctx_out;
 
@@ -401,15 +498,8 @@ typedef struct eng_row {
     double   pnl_pct;
     double   pnl_usd;
     uint64_t price_version;
-    double   entry_price;
-    double   amount;
-    double   stop_loss;
-    double   take_profit;
-    int64_t  token;
-    int64_t  opened_ns;
-    int32_t  side;
-    int32_t  exit_reason;
     uint64_t context_version;
+    uint64_t w[ENG_MAX_FIELD_WORDS];   /* the record's fields */
 } eng_row;
 
 /* What eng_recover did. */
@@ -418,6 +508,9 @@ typedef struct eng_recover_report {
     uint32_t rolled_back;        /* interrupted transitions undone */
     uint32_t price_latches;      /* price writer latches released */
     uint32_t procs_removed;      /* dead registry entries removed */
+    uint32_t keys_cleared;       /* key records, index cells and stripe locks of
+                                    dead inserters and released openings */
+    uint32_t pad;
     uint32_t removed_pids[ENG_MAX_PROCS];
 } eng_recover_report;
 
@@ -429,19 +522,18 @@ typedef int (*eng_guard_fn)(void *user, uint64_t id, uint32_t source_index,
 /* ---- functions ----------------------------------------------------------- */
 int      eng_noop(void);
 const char *eng_strerror(int code);
-uint64_t eng_segment_size(uint32_t capacity);
+uint64_t eng_segment_size(uint32_t capacity, uint32_t n_words, uint32_t keys_per_position);
 int      eng_format(void *base, uint64_t size, uint32_t capacity,
                     const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
                     uint32_t initial_index, uint32_t closed_mask,
-                    uint64_t fingerprint, uint32_t creator_pid);
+                    uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec);
 int      eng_validate(const void *base, uint64_t size, uint64_t fingerprint);
 int      eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd);
 void     eng_detach(eng_seg *s);
 int      eng_check(eng_seg *s);
 
-int      eng_open_position(eng_seg *s, double entry_price, double amount,
-                           int32_t side, int64_t token, uint64_t *out_id,
-                           uint64_t *out_word);
+int      eng_open(eng_seg *s, const uint64_t *words, const eng_key *key,
+                  uint64_t *out_id, uint64_t *out_word);
 int      eng_abandon_open(eng_seg *s, uint64_t id, uint64_t word);
 int      eng_release_position(eng_seg *s, uint64_t id);
 int      eng_transition(eng_seg *s, uint64_t id, uint32_t trigger);
@@ -460,6 +552,10 @@ int      eng_update_prices(eng_seg *s, const uint64_t *ids, const double *prices
 int64_t  eng_update_token_price(eng_seg *s, int64_t token, double price);
 int      eng_read_price(eng_seg *s, uint64_t id, eng_price_out *out);
 int      eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out);
+
+int      eng_bind_key(eng_seg *s, uint64_t id, const eng_key *key);
+int      eng_lookup(eng_seg *s, const eng_key *key, uint64_t *out_id);
+int      eng_keys(eng_seg *s, uint64_t id, eng_key *out, uint32_t max, uint32_t *out_n);
 
 int      eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns,
                          int64_t *out_since);
@@ -480,10 +576,16 @@ int      eng_test_hold(eng_seg *s, uint32_t what, uint64_t id);
 /* ---- layout checks --------------------------------------------------------- */
 #include <stddef.h>
 _Static_assert(sizeof(eng_price_rec) == 32, "price record is 32 bytes");
-_Static_assert(sizeof(eng_ctx_rec) == ENG_CTX_SIZE, "context copy is two lines");
-_Static_assert(sizeof(eng_slot) == ENG_SLOT_SIZE, "slot size");
+_Static_assert(sizeof(eng_ctx_rec) == 8 * (ENG_REC_META_WORDS + ENG_MAX_FIELD_WORDS), "record words");
+_Static_assert(sizeof(eng_slot) == ENG_SLOT_HEAD, "slot head is two lines");
 _Static_assert(offsetof(eng_slot, price) == ENG_CACHE_LINE, "prices on line 1");
-_Static_assert(offsetof(eng_slot, ctx) == 2 * ENG_CACHE_LINE, "contexts on lines 2-5");
+_Static_assert(sizeof(eng_keyrec) == ENG_CACHE_LINE, "key record is one line");
+_Static_assert(offsetof(eng_keyrec, key) + ENG_KEY_MAX == sizeof(eng_keyrec), "key ends the record");
+_Static_assert(ENG_KEY_BUCKET * 8 == ENG_CACHE_LINE, "a bucket is one line");
+_Static_assert(ENG_MAX_KEYS_PER_POSITION <= 8, "r fits 3 bits");
+_Static_assert(ENG_KC_SLOT_SHIFT == ENG_KC_R_SHIFT + 3 && ENG_KC_SLOT_SHIFT + ENG_ID_SLOT_BITS == 63, "cell fields");
+_Static_assert(ENG_MAX_FIELD_WORDS <= 32, "update mask is 32 bits");
+_Static_assert(sizeof(eng_rec_layout) == 40, "record layout");
 _Static_assert(offsetof(eng_slot, opening) < ENG_CACHE_LINE, "opening beside the word");
 _Static_assert(offsetof(eng_slot, transitions) % 8 == 0, "futex word aligned");
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "futex word is the low half of transitions");
@@ -493,6 +595,8 @@ _Static_assert(offsetof(eng_header, created_ns) == ENG_CACHE_LINE, "header line 
 _Static_assert(offsetof(eng_header, halted) == 2 * ENG_CACHE_LINE, "header line 2");
 _Static_assert(offsetof(eng_header, alloc_hint) == 3 * ENG_CACHE_LINE, "header line 3");
 _Static_assert(offsetof(eng_header, table) == 4 * ENG_CACHE_LINE, "table after line 3");
+_Static_assert(offsetof(eng_header, rec) % ENG_CACHE_LINE == 0, "record layout on its own line");
+_Static_assert(offsetof(eng_header, keyrecs_off) == offsetof(eng_header, rec) + ENG_CACHE_LINE, "keys line");
 _Static_assert(sizeof(eng_header) == ENG_HEADER_SIZE, "header size");
 _Static_assert(ENG_HEADER_SIZE % ENG_CACHE_LINE == 0, "header padded to lines");
 _Static_assert(ENG_MAX_STATES <= ENG_SW_TARGET_MASK + 1, "target index fits the word");

@@ -300,16 +300,26 @@ class TestBadTriggers:
 # ---------------------------------------------------------------------------------
 class TestBadContext:
     @pytest.mark.parametrize(("key", "value"), [
-        ("exit_reason", 1.5), ("exit_reason", "3"), ("exit_reason", 2**31),
-        ("exit_reason", -(2**31) - 1), ("stop_loss", math.nan), ("stop_loss", math.inf),
-        ("stop_loss", -1.0), ("stop_loss", "1"), ("stop_loss", True),
-        ("take_profit", -math.inf), ("take_profit", -0.5), ("take_profit", [1.0]),
+        ("exit_reason", 2**31), ("exit_reason", -(2**31) - 1), ("stop_loss", math.nan),
+        ("stop_loss", math.inf), ("stop_loss", -1.0), ("take_profit", -math.inf),
+        ("take_profit", -0.5),
     ], ids=repr)
     def test_bad_context_value(self, eng, key, value):
         """A context value out of range raises ArgumentError naming it; no change."""
         slot = eng.slots[0]
         refused(eng, ArgumentError, lambda: eng.transition(slot, Trigger.PAUSE, **{key: value}),
                 key, repr(value))
+        assert eng.state(slot) is State.MONITORING
+
+    @pytest.mark.parametrize(("key", "value"), [
+        ("exit_reason", 1.5), ("exit_reason", "3"), ("stop_loss", "1"), ("stop_loss", True),
+        ("take_profit", [1.0]),
+    ], ids=repr)
+    def test_wrong_type_context_value(self, eng, key, value):
+        """A context value of the wrong type raises a TypeError naming it; no change."""
+        slot = eng.slots[0]
+        refused(eng, EngineTypeError,
+                lambda: eng.transition(slot, Trigger.PAUSE, **{key: value}), key)
         assert eng.state(slot) is State.MONITORING
 
     def test_bad_value_among_good_ones(self, eng):
@@ -432,12 +442,19 @@ class TestBadOtherArguments:
                       repr(side))
         assert isinstance(err, (TypeError, ValueError))
 
-    @pytest.mark.parametrize("token", [2**63, -(2**63) - 1, "7", 1.5, None], ids=repr)
+    @pytest.mark.parametrize("token", [2**63, -(2**63) - 1], ids=repr)
     def test_bad_token(self, eng, token):
-        """A token outside int64 (or not an int) is refused, naming the range."""
+        """A token outside int64 is refused, naming the range."""
         refused(eng, ArgumentError, lambda: eng.open_position(100.0, 1.0, token=token),
-                repr(token), str(2**63 - 1))
+                str(token), str(2**63 - 1))
         refused(eng, ArgumentError, lambda: eng.update_token_price(token, 100.0), repr(token))
+
+    @pytest.mark.parametrize("token", ["7", 1.5, None, True], ids=repr)
+    def test_token_of_wrong_type(self, eng, token):
+        """A token that is not an int is a TypeError naming it."""
+        refused(eng, EngineTypeError, lambda: eng.open_position(100.0, 1.0, token=token),
+                repr(token))
+        refused(eng, EngineTypeError, lambda: eng.update_token_price(token, 100.0), repr(token))
 
     @pytest.mark.parametrize("timeout", [-1, -0.001, math.nan, math.inf, "1", None], ids=repr)
     def test_bad_wait_timeout(self, eng, timeout):

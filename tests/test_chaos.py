@@ -92,7 +92,7 @@ def owner_pid(eng: Engine, w: int) -> int:
 def staged_ctx(eng: Engine, slot: int, w: int) -> Any:
     """The context copy a lock holder of word ``w`` fills: the one the C bit
     does not publish."""
-    return eng._seg.slots[slot].ctx[0 if w & lib.ENG_SW_CTX else 1]
+    return eng._rec_copy(slot, 0 if w & lib.ENG_SW_CTX else 1)
 
 
 def ctx_written_under_lock(eng: Engine, slot: int) -> bool:
@@ -104,15 +104,15 @@ def ctx_written_under_lock(eng: Engine, slot: int) -> bool:
 
 def pwriter(eng: Engine, slot: int) -> int:
     """The pid of the slot's price latch holder (0: unlatched or gone)."""
-    return token_pid(eng, int(eng._seg.slots[slot].pword) & lib.ENG_TOKEN_MASK)
+    return token_pid(eng, int(eng._slot(slot).pword) & lib.ENG_TOKEN_MASK)
 
 
 def latched(eng: Engine, slot: int) -> bool:
-    return bool(int(eng._seg.slots[slot].pword) & lib.ENG_TOKEN_MASK)
+    return bool(int(eng._slot(slot).pword) & lib.ENG_TOKEN_MASK)
 
 
 def transitions(eng: Engine, slot: int) -> int:
-    return int(eng._seg.slots[slot].transitions)
+    return int(eng._slot(slot).transitions)
 
 
 def registry_pids(eng: Engine) -> list[int]:
@@ -658,7 +658,7 @@ class TestKillElsewhere:
         waiter is still woken by the next commit, within the bound."""
         eng = make_engine()
         pos, slot = monitoring_slot(eng)
-        rec = eng._seg.slots[slot]
+        rec = eng._slot(slot)
         out = CTX.Queue()
         first = spawn(waiter_worker, eng.handle, pos, out)
         until(lambda: rec.waiting == 1, "the first waiter to block")

@@ -212,7 +212,7 @@ def held_by(eng: Engine, tokens: set[int]) -> list[int]:
     for s in range(eng.capacity):
         w = eng.state_word(s)
         owner = (w >> lib.ENG_SW_OWNER_SHIFT) & lib.ENG_TOKEN_MASK
-        latch = int(eng._seg.slots[s].pword) & lib.ENG_TOKEN_MASK
+        latch = int(eng._slot(s).pword) & lib.ENG_TOKEN_MASK
         if (w & lib.ENG_SW_LOCK and owner in tokens) or latch in tokens:
             held.append(s)
     return held
@@ -292,7 +292,7 @@ def check_after(eng: Engine, tmp: pathlib.Path, figs: Figures) -> None:
     for s in range(eng.capacity):
         w = eng.state_word(s)
         assert not w & lib.ENG_SW_LOCK, f"slot {s} locked: {w:#x}"
-        assert int(eng._seg.slots[s].pword) & lib.ENG_TOKEN_MASK == 0, f"slot {s} latched"
+        assert int(eng._slot(s).pword) & lib.ENG_TOKEN_MASK == 0, f"slot {s} latched"
     for row in eng.snapshot():
         pos, st = int(row["id"]), State(int(row["state"]))
         ctx, price = eng.context(pos), eng.price(pos)

@@ -66,7 +66,7 @@ def waiting(eng: Engine, pos: int) -> int:
     """The slot's waiting flag: 1 once a process in wait_for_change on it may
     sleep on its futex word, cleared by the next commit (read from the shared
     slot record: the only way to know a waiter got as far as sleeping)."""
-    return int(eng._seg.slots[eng.slot_of(pos)].waiting)
+    return int(eng._slot(eng.slot_of(pos)).waiting)
 
 
 def wait_until(pred, timeout: float = 10.0) -> bool:

@@ -78,9 +78,9 @@ def observe(eng: Engine) -> tuple[Any, ...]:
     version, and its position's price and context records, raw."""
     out = []
     for s in range(eng.capacity):
-        sl = eng._seg.slots[s]
+        sl = eng._slot(s)
         word = int(sl.word)
-        published = sl.ctx[1 if word & lib.ENG_SW_CTX else 0]
+        published = eng._rec_copy(s, 1 if word & lib.ENG_SW_CTX else 0)
         pos = eng.id_of(s) if word & lib.ENG_SW_STATE_MASK else None
         out.append((word, int(sl.pword), int(sl.opening), int(published.version),
                     None if pos is None else eng.price(pos),

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import posix_ipc
 import pytest
 from engine._native import ffi, lib
+from engine.spec import POSITION_SPEC
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +35,7 @@ from engine import (
 )
 
 HEADER_SIZE = ffi.sizeof("eng_header")
-SIZE_16 = lib.eng_segment_size(16)
+SIZE_16 = lib.eng_segment_size(16, POSITION_SPEC.record.n_words, 2)
 _HEADER_FIELDS = dict(ffi.typeof("eng_header").fields)
 
 

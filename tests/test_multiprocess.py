@@ -311,7 +311,7 @@ class TestFutexWake:
         # The slot's waiting flag (0/1) says some process may sleep on its futex
         # word; it cannot count them, so each child is also seen asleep in a
         # futex wait by the kernel.
-        slot = eng._seg.slots[eng.slot_of(pos)]
+        slot = eng._slot(eng.slot_of(pos))
         pids = [p.pid for p in spawner.procs]
         deadline = time.monotonic() + 30
         while not (slot.waiting and all(asleep_in_futex(p) for p in pids)) \

@@ -48,6 +48,7 @@ import os
 import pathlib
 import random
 import re
+import struct
 import resource
 import select
 import signal
@@ -136,7 +137,7 @@ def sw_target(w: int) -> int:
 
 
 def pword(eng: Engine, slot: int) -> int:
-    return int(eng._seg.slots[slot].pword)
+    return int(eng._slot(slot).pword)
 
 
 def latch_owner(eng: Engine, slot: int) -> int:
@@ -151,12 +152,12 @@ def price_version(eng: Engine, slot: int) -> int:
 def spare_commit(eng: Engine, slot: int) -> int:
     """The seal of the unpublished context copy (what a takeover compares)."""
     w = eng.state_word(slot)
-    return int(eng._seg.slots[slot].ctx[0 if w & CTX_BIT else 1].commit)
+    return int(eng._rec_copy(slot, 0 if w & CTX_BIT else 1).commit)
 
 
 def published_commit(eng: Engine, slot: int) -> int:
     w = eng.state_word(slot)
-    return int(eng._seg.slots[slot].ctx[1 if w & CTX_BIT else 0].commit)
+    return int(eng._rec_copy(slot, 1 if w & CTX_BIT else 0).commit)
 
 
 def registry(eng: Engine) -> list[tuple[int, int, int, int]]:
@@ -366,7 +367,7 @@ def die_after_cas_worker(handle: Any, pos: int, q: Any) -> None:
     slot = eng.slot_of(pos)
     report(q, "ready")
     deadline = time.monotonic() + READY_TIMEOUT
-    while not eng._seg.slots[slot].waiting:
+    while not eng._slot(slot).waiting:
         if time.monotonic() > deadline:
             return
         time.sleep(0.0005)
@@ -1160,7 +1161,7 @@ class TestKilledCommitter:
         eng = make_engine()
         pos = monitoring(eng)
         slot = eng.slot_of(pos)
-        count0 = int(eng._seg.slots[slot].transitions)
+        count0 = int(eng._slot(slot).transitions)
         q = CTX.Queue()
         committer = spawn(die_after_cas_worker, eng.handle, pos, q)
         assert get_from(q, committer) == "ready"
@@ -1173,7 +1174,7 @@ class TestKilledCommitter:
         finally:
             eng._set_fault(0, 0)
         assert committer.exitcode == -signal.SIGKILL, "the committer did not die after its CAS"
-        assert int(eng._seg.slots[slot].transitions) == count0, "it died before the bump"
+        assert int(eng._slot(slot).transitions) == count0, "it died before the bump"
         assert state is State.PAUSED
         assert took < 2.0, f"waiter returned after {took:.3f} s (slice {lib.ENG_WAIT_SLICE_NS} ns)"
 
@@ -1275,7 +1276,7 @@ class TestKilledWaiter:
         eng = make_engine()
         pos = monitoring(eng)
         slot = eng.slot_of(pos)
-        waiting = lambda: int(eng._seg.slots[slot].waiting)   # noqa: E731
+        waiting = lambda: int(eng._slot(slot).waiting)   # noqa: E731
         q, q2 = CTX.Queue(), CTX.Queue()
         first = spawn(waiter_worker, eng.handle, pos, q)
         assert get_from(q, first) == "ready"
@@ -1431,8 +1432,26 @@ class CFuzz:
     def update(self, d: Any) -> Any:
         if d(st.booleans()):
             return ffi.NULL
-        return ffi.new("eng_ctx_update *", {"mask": d(U32S), "exit_reason": d(I32S),
-                                            "stop_loss": d(DOUBLES), "take_profit": d(DOUBLES)})
+        words = [d(U64S) for _ in range(lib.ENG_MAX_FIELD_WORDS)]
+        return ffi.new("eng_ctx_update *", {"mask": d(U32S), "w": words})
+
+    @staticmethod
+    def key(d: Any) -> Any:
+        if d(st.booleans()):
+            return ffi.NULL
+        data = d(st.binary(min_size=0, max_size=lib.ENG_KEY_MAX))
+        k = ffi.new("eng_key *", {"len": d(st.one_of(st.just(len(data)), U32S))})
+        ffi.memmove(k.key, data, len(data))
+        return k
+
+    @staticmethod
+    def layout(d: Any) -> Any:
+        if d(st.booleans()):
+            return ffi.NULL
+        return ffi.new("eng_rec_layout *", {
+            "n_words": d(U32S), "keys_per_position": d(U32S),
+            "word_type": [d(st.integers(0, 255)) for _ in range(lib.ENG_MAX_FIELD_WORDS)],
+            "roles": [d(st.integers(0, 255)) for _ in range(lib.ENG_ROLE_COUNT)]})
 
     def call(self, name: str, kind: str, fn: Callable[..., Any], *args: Any) -> Any:
         shown = ", ".join("NULL" if a is ffi.NULL else ("<cdata>" if isinstance(a, ffi.CData)
@@ -1461,14 +1480,14 @@ class CFuzz:
             p = self.call(name, "-", lib.eng_strerror, d(st.one_of(st.integers(-64, 64), I32S)))
             assert p != ffi.NULL and ffi.string(p)
         elif name == "eng_segment_size":
-            self.call(name, "-", lib.eng_segment_size, d(U32S))
+            self.call(name, "-", lib.eng_segment_size, d(U32S), d(U32S), d(U32S))
         elif name == "eng_format":
             base = d(st.sampled_from(["null", "buf"]))
             size = d(st.integers(0, SMALL_BUF)) if base == "buf" else d(U64S)
             rc = self.call(name, base, lib.eng_format,
                            self.buf if base == "buf" else ffi.NULL, size, d(U32S),
                            d(st.sampled_from([ffi.NULL, self.table])), d(U32S), d(U32S),
-                           d(U32S), d(U32S), d(U64S), d(U32S))
+                           d(U32S), d(U32S), d(U64S), d(U32S), self.layout(d))
             x(name, base, rc)
         elif name == "eng_validate":
             base = d(st.sampled_from(["null", "buf", "foreign"]))
@@ -1507,12 +1526,28 @@ class CFuzz:
         elif name == "eng_check":
             kind, s = self.seg(d)
             x(name, kind, self.call(name, kind, lib.eng_check, s), (0, 0))
-        elif name == "eng_open_position":
+        elif name == "eng_open":
             kind, s = self.seg(d)
-            price = d(DOUBLES if kind != "foreign" else BAD_PRICES)   # foreign stays pristine
-            x(name, kind, self.call(name, kind, lib.eng_open_position, s, price, d(DOUBLES),
-                                    d(I32S), d(I64S), self.out(d, "uint64_t *"),
-                                    self.out(d, "uint64_t *")))
+            words = ffi.new("uint64_t[]", [d(U64S) for _ in range(lib.ENG_MAX_FIELD_WORDS)])
+            if kind == "foreign":   # foreign stays pristine: a bad entry price
+                words[0] = struct.unpack("<Q", struct.pack("<d", d(BAD_PRICES)))[0]
+            x(name, kind, self.call(name, kind, lib.eng_open, s,
+                                    ffi.NULL if d(st.booleans()) else words, self.key(d),
+                                    self.out(d, "uint64_t *"), self.out(d, "uint64_t *")))
+        elif name == "eng_bind_key":
+            kind, s = self.seg(d)
+            x(name, kind, self.call(name, kind, lib.eng_bind_key, s, d(ids), self.key(d)))
+        elif name == "eng_lookup":
+            kind, s = self.seg(d)
+            x(name, kind, self.call(name, kind, lib.eng_lookup, s, self.key(d),
+                                    self.out(d, "uint64_t *")), (ERRNO_MIN, 0))
+        elif name == "eng_keys":
+            kind, s = self.seg(d)
+            k = d(st.integers(0, 3))
+            outs = ffi.NULL if d(st.booleans()) else ffi.new("eng_key[]", max(k, 1))
+            x(name, kind, self.call(name, kind, lib.eng_keys, s, d(ids), outs,
+                                    d(U32S) if outs == ffi.NULL else k,
+                                    self.out(d, "uint32_t *")))
         elif name == "eng_abandon_open":
             kind, s = self.seg(d)
             x(name, kind, self.call(name, kind, lib.eng_abandon_open, s, d(ids), d(U64S)))
@@ -1875,7 +1910,7 @@ def observe(eng: Engine, pos: int) -> tuple[Any, ...]:
     """Everything a call on pos could change."""
     slot = eng.slot_of(pos)
     return (eng.state_word(slot), pword(eng, slot), eng.price(pos), eng.context(pos),
-            int(eng._seg.slots[slot].transitions), int(eng._seg.slots[slot].opening))
+            int(eng._slot(slot).transitions), int(eng._slot(slot).opening))
 
 
 def close_and_release(eng: Engine, pos: int) -> None:
@@ -1943,7 +1978,7 @@ class TestStaleIds:
         """An id never issued (0, a future opening, a bare slot number) raises
         NotOpenError but not StaleIdError, and changes nothing."""
         eng, _, new = reopened
-        opening = int(eng._seg.slots[0].opening)
+        opening = int(eng._slot(0).opening)
         bad = {"zero": 0, "future opening": ((opening + 5) << lib.ENG_ID_SLOT_BITS) | 0}[which]
         before = observe(eng, new)
         with pytest.raises(NotOpenError) as info:
@@ -2185,9 +2220,9 @@ def waiter():
 t = threading.Thread(target=waiter)
 t.start()
 deadline = time.monotonic() + 5.0
-while not eng._seg.slots[slot].waiting and time.monotonic() < deadline:
+while not eng._slot(slot).waiting and time.monotonic() < deadline:
     time.sleep(0.001)
-out["asleep"] = bool(eng._seg.slots[slot].waiting)   # the waiter is in C, GIL released
+out["asleep"] = bool(eng._slot(slot).waiting)   # the waiter is in C, GIL released
 time.sleep(0.05)
 try:
     eng.close()   # e.g. a shutdown path on the main thread
@@ -2269,11 +2304,11 @@ class TestHandlerOpenAbandon:
     the C call) is undone even when the handler opened a position first."""
 
     def test_outer_open_undone_after_handler_opens_and_raises(self, make_engine, monkeypatch):
-        """SIGALRM right after eng_open_position returns; the handler opens its own
+        """SIGALRM right after eng_open returns; the handler opens its own
         position and raises: the handler's positions stay, the outer opening is
         given back; forbidden: an open position whose id nobody received."""
         eng = make_engine(capacity=64)
-        spy = SignalAfterCall("eng_open_position")
+        spy = SignalAfterCall("eng_open")
         monkeypatch.setattr(engine.core, "lib", spy)
         returned: list[int] = []
         by_handler: list[int] = []
