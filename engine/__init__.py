@@ -16,7 +16,10 @@ from engine.errors import (
     ClosedError,
     EngineError,
     EngineTypeError,
+    FieldError,
     InternalError,
+    KeyExistsError,
+    KeyLimitError,
     NotOpenError,
     PriceError,
     SegmentError,
@@ -30,9 +33,10 @@ from engine.errors import (
 )
 from engine.metrics import Metrics, OpMetrics
 from engine.records import Context, PriceSnapshot
-from engine.spec import POSITION_SPEC, MachineSpec, Outcome, Rule, State, Trigger
+from engine.spec import ORDER_SPEC, POSITION_SPEC, MachineSpec, Outcome, Rule, State, Trigger
 
 __all__ = [
+    "ORDER_SPEC",
     "POSITION_SPEC",
     "ArgumentError",
     "BusyError",
@@ -42,8 +46,11 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineTypeError",
+    "FieldError",
     "Handle",
     "InternalError",
+    "KeyExistsError",
+    "KeyLimitError",
     "MachineSpec",
     "Metrics",
     "NotOpenError",

@@ -242,3 +242,54 @@ POSITION_FIELDS: Mapping[str, str] = {
 }
 
 POSITION_SPEC = MachineSpec.position()
+
+
+def _order_spec() -> MachineSpec:
+    """The usual exchange order lifecycle (FIX-like order states)."""
+    live = ["SUBMITTED", "ACCEPTED", "PARTIALLY_FILLED", "PENDING_UPDATE", "PENDING_CANCEL",
+            "TRIGGERED"]
+    rule = Rule.of
+    rules = [
+        rule("SUBMIT", "INITIALIZED", "SUBMITTED"),
+        rule("DENY", "INITIALIZED", "DENIED"),                 # refused before it left us
+        rule("ACCEPT", "SUBMITTED", "ACCEPTED"),
+        rule("REJECT", ["SUBMITTED", "PENDING_UPDATE", "PENDING_CANCEL"], "REJECTED"),
+        rule("TRIGGER", "ACCEPTED", "TRIGGERED"),              # a stop order became live
+        rule("PARTIAL_FILL", ["SUBMITTED", "ACCEPTED", "TRIGGERED", "PARTIALLY_FILLED",
+                              "PENDING_UPDATE", "PENDING_CANCEL"], "PARTIALLY_FILLED"),
+        rule("FILL", live, "FILLED"),
+        rule("REQUEST_UPDATE", ["ACCEPTED", "TRIGGERED", "PARTIALLY_FILLED"], "PENDING_UPDATE"),
+        rule("UPDATED", "PENDING_UPDATE", "ACCEPTED"),
+        rule("UPDATE_REJECTED", "PENDING_UPDATE", "ACCEPTED"),
+        rule("REQUEST_CANCEL", ["SUBMITTED", "ACCEPTED", "TRIGGERED", "PARTIALLY_FILLED",
+                                "PENDING_UPDATE"], "PENDING_CANCEL"),
+        rule("CANCEL", ["SUBMITTED", "ACCEPTED", "TRIGGERED", "PARTIALLY_FILLED",
+                        "PENDING_UPDATE", "PENDING_CANCEL"], "CANCELED"),
+        rule("CANCEL_REJECTED", "PENDING_CANCEL", "ACCEPTED"),
+        rule("EXPIRE", ["ACCEPTED", "TRIGGERED", "PARTIALLY_FILLED"], "EXPIRED"),
+    ]
+    return MachineSpec(
+        states=["INITIALIZED", "SUBMITTED", "ACCEPTED", "TRIGGERED", "PARTIALLY_FILLED",
+                "PENDING_UPDATE", "PENDING_CANCEL", "FILLED", "CANCELED", "REJECTED",
+                "EXPIRED", "DENIED"],
+        triggers=["SUBMIT", "DENY", "ACCEPT", "REJECT", "TRIGGER", "PARTIAL_FILL", "FILL",
+                  "REQUEST_UPDATE", "UPDATED", "UPDATE_REJECTED", "REQUEST_CANCEL", "CANCEL",
+                  "CANCEL_REJECTED", "EXPIRE"],
+        rules=rules, initial="INITIALIZED",
+        closed=["FILLED", "CANCELED", "REJECTED", "EXPIRED", "DENIED"], name="order",
+        fields=ORDER_FIELDS)
+
+
+#: The record of an order.  qty, filled_qty, leaves_qty, prices in the
+#: instrument's units; side +1 buy / -1 sell; token the instrument; position
+#: the id of the position it opens or closes (0: none); venue and symbol as
+#: fixed bytes; last_fill_ns / updated_ns: exchange times.
+ORDER_FIELDS: Mapping[str, str] = {
+    "qty": "f8", "filled_qty": "f8", "leaves_qty": "f8", "avg_px": "f8", "limit_px": "f8",
+    "stop_px": "f8", "last_px": "f8", "last_qty": "f8", "side": "i4", "order_type": "i4",
+    "time_in_force": "i4", "reject_reason": "i4", "token": "i8", "position": "i8",
+    "account": "i8", "last_fill_ns": "i8", "updated_ns": "i8", "venue": "S8", "symbol": "S16",
+}
+
+ORDER_SPEC = _order_spec()
+"""The exchange order lifecycle: ``Engine.create(spec=ORDER_SPEC)``."""
