@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine import benchmark, stress, tools
+    from engine import benchmark, stress
+    from engine.tools import segments
 
     parser = argparse.ArgumentParser(
         prog="python -m engine",
@@ -20,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stress.add_parsers(sub)
     benchmark.add_parsers(sub)
-    tools.add_parsers(sub)
+    segments.add_parsers(sub)
     return parser
 
 
