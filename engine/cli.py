@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine import benchmark, stress
-    from engine.tools import segments
+    from engine import benchmark
+    from engine.tools import segments, stress
 
     parser = argparse.ArgumentParser(
         prog="python -m engine",

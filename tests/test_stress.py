@@ -18,7 +18,7 @@ import pytest
 
 from engine import State, _native
 from engine.metrics import OpMetrics, check_alerts
-from engine.stress import (
+from engine.tools.stress import (
     KINDS,
     PRESETS,
     StressConfig,
