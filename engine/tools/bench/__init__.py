@@ -34,26 +34,14 @@ on whether the other vCPU was halted), and those peers' numbers move with it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from engine.tools.bench.peers import HOSTS, LABELS, N_SLOTS, SYSTEMS, Unavailable
-from engine.tools.bench.report import _plot, _summary, _table
-from engine.tools.bench.runner import (
-    WORKLOADS,
-    Case,
-    _best_of,
-    _cases,
-    _fmt_ns,
-    _fmt_rate,
-    _host_idle,
-    _pipe_round_trip_us,
-)
+from engine.tools.bench.peers import N_SLOTS, SYSTEMS
+from engine.tools.bench.report import print_report, write_json, write_plots
+from engine.tools.bench.runner import WORKLOADS, Plan, _cases, probe_host, run_cases
 
 __all__ = ["add_parsers", "run"]
 
@@ -94,125 +82,40 @@ def add_parsers(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the comparison; 0 when the engine's cases ran, 1 otherwise."""
+def _plan(args: argparse.Namespace) -> Plan:
+    """The run the arguments ask for; ``ValueError`` says what is wrong with them."""
     seconds = args.seconds if args.seconds is not None else (0.5 if args.quick else 2.0)
     if not seconds > 0:
-        print("--seconds must be > 0", file=sys.stderr)
-        return 2
+        raise ValueError("--seconds must be > 0")
     if args.repeat < 1:
-        print("--repeat must be >= 1", file=sys.stderr)
-        return 2
+        raise ValueError("--repeat must be >= 1")
     workers = sorted(set(args.workers or _default_workers()))
     if any(n < 2 for n in workers):
-        print("--workers takes counts >= 2 (one worker always runs)", file=sys.stderr)
-        return 2
-    warmup = 0.1 if args.quick else 0.3
-    systems = [s for s in SYSTEMS if s in args.systems]
+        raise ValueError("--workers takes counts >= 2 (one worker always runs)")
     workloads = [w for w in WORKLOADS if w in args.workloads]
     layout = _cases(workers)
-    total = len(systems) * len(workloads) * len(layout)
     slots_needed = len(workloads) * sum(n for n, _ in layout)
     if slots_needed > N_SLOTS:
-        print(f"too many workers: the cases need {slots_needed} slots of {N_SLOTS}",
-              file=sys.stderr)
+        raise ValueError(f"too many workers: the cases need {slots_needed} slots of {N_SLOTS}")
+    return Plan(seconds=seconds, warmup=0.1 if args.quick else 0.3, repeat=args.repeat,
+                quick=bool(args.quick), workers=workers,
+                systems=[s for s in SYSTEMS if s in args.systems], workloads=workloads,
+                layout=layout)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison; 0 when the engine's cases ran, 1 otherwise."""
+    try:
+        plan = _plan(args)
+    except ValueError as e:
+        print(e, file=sys.stderr)
         return 2
-    idle = _host_idle()
-    print(f"engine bench: {len(systems)} systems x {len(workloads)} workloads x "
-          f"{len(layout)} cases{f' x {args.repeat} repeats' if args.repeat > 1 else ''} = "
-          f"{total * args.repeat} runs of {seconds:g} s (+{warmup:g} s warm-up and "
-          f"process start each); {os.cpu_count()} CPUs"
-          f"{'' if idle is None else f' ({idle:.0%} idle now)'}, "
-          f"Python {platform.python_version()}", flush=True)
-    rtt = _pipe_round_trip_us()
-    print(f"  pipe round trip between two processes: {rtt:.1f} us (Manager and Redis pay "
-          "this on every call)", flush=True)
-    if idle is not None and idle < 0.9:
-        print("  note: other processes are using the CPUs; multi-worker cases may not get a "
-              "CPU per worker (see the cpu column)", flush=True)
-    cases: list[Case] = []
-    skipped: dict[str, str] = {}
-    meta: dict[str, Any] = {}
-    done = 0
-    t_begin = time.monotonic()
-    for system in systems:
-        host = HOSTS[system]()
-        try:
-            host.setup()
-        except Unavailable as e:
-            skipped[system] = str(e)
-            done += len(workloads) * len(layout)
-            print(f"  {LABELS[system]}: SKIPPED: {e}", flush=True)
-            continue
-        if system == "redis":
-            meta["redis_version"] = host.version
-        try:
-            next_slot = 0
-            for w in workloads:
-                for n, sharing in layout:
-                    if sharing == "shared":
-                        slots = [next_slot] * n
-                        next_slot += 1
-                    else:
-                        slots = list(range(next_slot, next_slot + n))
-                        next_slot += n
-                    case = _best_of(args.repeat, host, system, w, slots, sharing, seconds,
-                                    warmup)
-                    cases.append(case)
-                    done += 1
-                    status = (f"FAILED: {case.error}" if case.error else
-                              f"{_fmt_rate(case.ops_per_s):>8s} ops/s  p50 "
-                              f"{_fmt_ns(case.p50_ns):>7s}  p99 {_fmt_ns(case.p99_ns):>7s}")
-                    print(f"  [{done:2d}/{total}] {w:12s} {LABELS[system]:22s} "
-                          f"{case.label:11s} {status}", flush=True)
-        finally:
-            host.teardown()
-    elapsed = time.monotonic() - t_begin
-    print()
-    print("\n".join(_table(cases, systems, workloads, layout)))
-    print("cpu = worker CPU time / wall time: below ~90% a worker was waiting (on a lock, a "
-          "server, or for a CPU\ntaken by other processes), so its case under-states what "
-          "the system can do with free cores.\n")
-    summary = _summary(cases, systems, workers, skipped)
-    print("engine ops/s / peer ops/s, transition, 1 worker:")
-    for p, r in summary["ratios"].items():
-        if p in systems:
-            print(f"  {LABELS[p]:22s} {'-' if r is None else f'{r:.2f}x'}"
-                  f"{'  (' + skipped[p] + ')' if p in skipped else ''}")
-    print("targets (reported, not asserted):")
-    for t in summary["targets"]:
-        v = t["value"]
-        verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        print(f"  {t['target']:58s} {'-' if v is None else f'{v:8.2f}x'}  {verdict}"
-              f"{'  ' + t['note'] if t['note'] else ''}")
-    print(f"total {elapsed:.0f} s")
+    probe = probe_host(plan)
+    res = run_cases(plan)
+    summary = print_report(plan, res)
     if args.json:
-        doc = {
-            "meta": {"python": platform.python_version(), "platform": platform.platform(),
-                     "cpus": os.cpu_count(), "seconds_per_case": seconds,
-                     "warmup_seconds": warmup, "workers": workers, "quick": bool(args.quick),
-                     "repeat": args.repeat,
-                     "engine_metrics": "on, latency sampled 1 in 64 (the default)",
-                     "latency": "sampled single ops (2 per batch), perf_counter_ns, timer "
-                                "overhead subtracted per worker",
-                     "elapsed_seconds": elapsed, "host_idle_before": idle,
-                     "pipe_round_trip_us": rtt,
-                     "load_average_after": os.getloadavg()[0], **meta},
-            "ratios": summary["ratios"],
-            "ratios_all": summary["ratios_all"],
-            "scaling": summary["scaling"],
-            "targets": summary["targets"],
-            "skipped": skipped,
-            "results": [c.as_dict() for c in cases],
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"JSON written to {args.json}")
+        write_json(args.json, plan, probe, res, summary)
     if args.plots:
-        try:
-            for path in _plot(cases, systems, workloads, layout, args.plots):
-                print(f"plot written to {path}")
-        except ImportError:
-            print("matplotlib is not installed (pip install 'engine[bench]'): no plots written")
-    ok = any(c.system == "engine" and c.error is None for c in cases)
-    return 0 if ok or "engine" not in systems else 1
+        write_plots(args.plots, plan, res.cases)
+    ok = any(c.system == "engine" and c.error is None for c in res.cases)
+    return 0 if ok or "engine" not in plan.systems else 1

@@ -4,7 +4,9 @@ target verdicts, and the plots.
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from engine.tools.bench.peers import LABELS, PEERS
-from engine.tools.bench.runner import Case, _fmt_ns, _fmt_rate
+from engine.tools.bench.runner import Case, Plan, Probe, Results, _fmt_ns, _fmt_rate
 
 #: engine ops/s / peer ops/s wanted on the single-worker transition workload
 TARGET_RATIOS = {"value_lock": 3.0, "value_lock_tuned": 3.0, "atomicshm": 2.0, "manager": 500.0,
@@ -159,3 +161,62 @@ def _plot(cases: list[Case], systems: Sequence[str], workloads: Sequence[str],
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
     return written
+
+
+def print_report(plan: Plan, res: Results) -> dict[str, Any]:
+    """Print the table of every case, the ratios and the target verdicts;
+    return the summary (see ``_summary``)."""
+    print()
+    print("\n".join(_table(res.cases, plan.systems, plan.workloads, plan.layout)))
+    print("cpu = worker CPU time / wall time: below ~90% a worker was waiting (on a lock, a "
+          "server, or for a CPU\ntaken by other processes), so its case under-states what "
+          "the system can do with free cores.\n")
+    summary = _summary(res.cases, plan.systems, plan.workers, res.skipped)
+    print("engine ops/s / peer ops/s, transition, 1 worker:")
+    for p, r in summary["ratios"].items():
+        if p in plan.systems:
+            print(f"  {LABELS[p]:22s} {'-' if r is None else f'{r:.2f}x'}"
+                  f"{'  (' + res.skipped[p] + ')' if p in res.skipped else ''}")
+    print("targets (reported, not asserted):")
+    for t in summary["targets"]:
+        v = t["value"]
+        verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        print(f"  {t['target']:58s} {'-' if v is None else f'{v:8.2f}x'}  {verdict}"
+              f"{'  ' + t['note'] if t['note'] else ''}")
+    print(f"total {res.elapsed:.0f} s")
+    return summary
+
+
+def write_json(path: Path, plan: Plan, probe: Probe, res: Results,
+               summary: dict[str, Any]) -> None:
+    """The results, ratios and target verdicts, with how and where they were measured."""
+    doc = {
+        "meta": {"python": platform.python_version(), "platform": platform.platform(),
+                 "cpus": os.cpu_count(), "seconds_per_case": plan.seconds,
+                 "warmup_seconds": plan.warmup, "workers": plan.workers, "quick": plan.quick,
+                 "repeat": plan.repeat,
+                 "engine_metrics": "on, latency sampled 1 in 64 (the default)",
+                 "latency": "sampled single ops (2 per batch), perf_counter_ns, timer "
+                            "overhead subtracted per worker",
+                 "elapsed_seconds": res.elapsed, "host_idle_before": probe.idle,
+                 "pipe_round_trip_us": probe.pipe_round_trip_us,
+                 "load_average_after": os.getloadavg()[0], **res.meta},
+        "ratios": summary["ratios"],
+        "ratios_all": summary["ratios_all"],
+        "scaling": summary["scaling"],
+        "targets": summary["targets"],
+        "skipped": res.skipped,
+        "results": [c.as_dict() for c in res.cases],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"JSON written to {path}")
+
+
+def write_plots(outdir: Path, plan: Plan, cases: list[Case]) -> None:
+    """throughput.png and latency.png (see ``_plot``), or why there are none."""
+    try:
+        for path in _plot(cases, plan.systems, plan.workloads, plan.layout, outdir):
+            print(f"plot written to {path}")
+    except ImportError:
+        print("matplotlib is not installed (pip install 'engine[bench]'): no plots written")

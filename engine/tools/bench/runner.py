@@ -21,6 +21,7 @@ import itertools
 import math
 import multiprocessing as mp
 import os
+import platform
 import queue as queue_mod
 import time
 import traceback
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.tools.bench.peers import CONNECT, PAUSE, RESUME, Ops
+from engine.tools.bench.peers import CONNECT, HOSTS, LABELS, PAUSE, RESUME, Ops, Unavailable
 
 WORKLOADS = ("transition", "update_price", "read_price")
 #: Aim for batches of about this long (fewer timer reads for fast systems).
@@ -299,3 +300,110 @@ def _pipe_round_trip_us(n: int = 2000) -> float:
     finally:
         a.send_bytes(b"q")
         p.join(timeout=5)
+
+
+# ==== the run ====================================================================================
+@dataclass(frozen=True)
+class Plan:
+    """What one ``bench`` run does (checked by the command line)."""
+
+    seconds: float                      # timed seconds per case
+    warmup: float                       # warm-up seconds per case (and process start)
+    repeat: int                         # runs per case; the fastest is kept
+    quick: bool
+    workers: list[int]                  # worker counts of the multi-worker cases
+    systems: list[str]
+    workloads: list[str]
+    layout: list[tuple[int, str]]       # (workers, sharing) of each case: see _cases
+
+    @property
+    def total(self) -> int:
+        """Cases, over every system and workload."""
+        return len(self.systems) * len(self.workloads) * len(self.layout)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The host just before the run."""
+
+    idle: float | None                  # share of all CPUs idle (None: unknown)
+    pipe_round_trip_us: float           # see _pipe_round_trip_us
+
+
+@dataclass
+class Results:
+    """What running every case gave."""
+
+    cases: list[Case] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)   # system -> why it could not run
+    meta: dict[str, Any] = field(default_factory=dict)      # about the systems (Redis version)
+    elapsed: float = 0.0                                     # seconds, setups included
+
+
+def probe_host(plan: Plan) -> Probe:
+    """Say what the run will do, and measure and print the host's state."""
+    seconds, warmup, repeat, total = plan.seconds, plan.warmup, plan.repeat, plan.total
+    idle = _host_idle()
+    print(f"engine bench: {len(plan.systems)} systems x {len(plan.workloads)} workloads x "
+          f"{len(plan.layout)} cases{f' x {repeat} repeats' if repeat > 1 else ''} = "
+          f"{total * repeat} runs of {seconds:g} s (+{warmup:g} s warm-up and "
+          f"process start each); {os.cpu_count()} CPUs"
+          f"{'' if idle is None else f' ({idle:.0%} idle now)'}, "
+          f"Python {platform.python_version()}", flush=True)
+    rtt = _pipe_round_trip_us()
+    print(f"  pipe round trip between two processes: {rtt:.1f} us (Manager and Redis pay "
+          "this on every call)", flush=True)
+    if idle is not None and idle < 0.9:
+        print("  note: other processes are using the CPUs; multi-worker cases may not get a "
+              "CPU per worker (see the cpu column)", flush=True)
+    return Probe(idle, rtt)
+
+
+def _assignments(plan: Plan) -> list[tuple[str, str, list[int]]]:
+    """(workload, sharing, slots) of each case of one system: every case on fresh slots."""
+    out = []
+    next_slot = 0
+    for w in plan.workloads:
+        for n, sharing in plan.layout:
+            if sharing == "shared":
+                slots = [next_slot] * n
+                next_slot += 1
+            else:
+                slots = list(range(next_slot, next_slot + n))
+                next_slot += n
+            out.append((w, sharing, slots))
+    return out
+
+
+def run_cases(plan: Plan) -> Results:
+    """Every case of every system, a line printed as each ends; systems that
+    cannot run here are skipped, and say why."""
+    res = Results()
+    done = 0
+    t_begin = time.monotonic()
+    for system in plan.systems:
+        host = HOSTS[system]()
+        try:
+            host.setup()
+        except Unavailable as e:
+            res.skipped[system] = str(e)
+            done += len(plan.workloads) * len(plan.layout)
+            print(f"  {LABELS[system]}: SKIPPED: {e}", flush=True)
+            continue
+        if system == "redis":
+            res.meta["redis_version"] = host.version
+        try:
+            for w, sharing, slots in _assignments(plan):
+                case = _best_of(plan.repeat, host, system, w, slots, sharing, plan.seconds,
+                                plan.warmup)
+                res.cases.append(case)
+                done += 1
+                status = (f"FAILED: {case.error}" if case.error else
+                          f"{_fmt_rate(case.ops_per_s):>8s} ops/s  p50 "
+                          f"{_fmt_ns(case.p50_ns):>7s}  p99 {_fmt_ns(case.p99_ns):>7s}")
+                print(f"  [{done:2d}/{plan.total}] {w:12s} {LABELS[system]:22s} "
+                      f"{case.label:11s} {status}", flush=True)
+        finally:
+            host.teardown()
+    res.elapsed = time.monotonic() - t_begin
+    return res
