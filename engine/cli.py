@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine import benchmark, stress, tools
+    from engine.tools import bench, segments, stress
 
     parser = argparse.ArgumentParser(
         prog="python -m engine",
@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "engine segments.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stress.add_parsers(sub)
-    benchmark.add_parsers(sub)
-    tools.add_parsers(sub)
+    bench.add_parsers(sub)
+    segments.add_parsers(sub)
     return parser
 
 

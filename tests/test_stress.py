@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from engine import State, _native
 from engine.metrics import OpMetrics, check_alerts
-from engine.stress import (
+from engine.tools.stress import (
     KINDS,
     PRESETS,
     StressConfig,
@@ -269,3 +271,22 @@ class TestCommandLine:
                     "--quiet", "--sample-every", "--alert-p99-us", "--alert-success"):
             assert opt in text
         assert "--fault" not in text
+
+
+class TestLayers:
+    """The verifier is pure, and the library never loads the tools."""
+
+    @staticmethod
+    def fresh(code: str) -> None:
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+    def test_verify_imports_without_multiprocessing(self) -> None:
+        """``engine.tools.stress.verify`` (and what it needs) import no process machinery."""
+        self.fresh("import sys, engine.tools.stress.verify; "
+                   "assert 'multiprocessing' not in sys.modules, 'multiprocessing imported'")
+
+    def test_library_does_not_load_the_tools(self) -> None:
+        """``import engine`` loads none of ``engine.tools`` (the peers' clients included)."""
+        self.fresh("import sys, engine; "
+                   "assert not [m for m in sys.modules if m.startswith('engine.tools')]; "
+                   "assert not hasattr(engine, 'tools')")

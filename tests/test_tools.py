@@ -1,4 +1,4 @@
-"""The segment tools: ls, inspect, rm, top (``engine.tools``).
+"""The segment tools: ls, inspect, rm, top (``engine.tools.segments``).
 
 They are driven through their own argparse wiring (``add_parsers``), the way
 ``python -m engine`` drives them, and once end to end through a subprocess.
@@ -23,7 +23,8 @@ import pytest
 from engine._native import ffi, lib
 from engine.spec import POSITION_SPEC
 
-from engine import Engine, MachineSpec, Rule, State, Trigger, segment, tools
+from engine import Engine, MachineSpec, Rule, State, Trigger, segment
+from engine.tools import segments
 
 CTX = mp.get_context("spawn")
 JOIN_TIMEOUT = 30.0
@@ -32,7 +33,7 @@ JOIN_TIMEOUT = 30.0
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """Parse ``argv`` with the tools' parsers, run it; (exit code, stdout, stderr)."""
     parser = argparse.ArgumentParser(prog="engine")
-    tools.add_parsers(parser.add_subparsers(dest="command", required=True))
+    segments.add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(list(argv))
     code = args.func(args)
     out, err = capsys.readouterr()
@@ -370,8 +371,8 @@ class TestCommandLine:
     """The tools as a program."""
 
     def test_subprocess_end_to_end(self, eng):
-        """``python -m engine.tools`` ls / inspect / top --once / rm in a fresh process."""
-        base = [sys.executable, "-m", "engine.tools"]
+        """``python -m engine.tools.segments`` ls / inspect / top --once / rm in a fresh process."""
+        base = [sys.executable, "-m", "engine.tools.segments"]
 
         def call(*argv: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(base + list(argv), capture_output=True, text=True,
@@ -387,6 +388,6 @@ class TestCommandLine:
         """add_parsers adds ls, inspect, rm and top, each with a func."""
         parser = argparse.ArgumentParser()
         sub = parser.add_subparsers(dest="command", required=True)
-        tools.add_parsers(sub)
+        segments.add_parsers(sub)
         for argv in (["ls"], ["inspect", "x"], ["rm", "x"], ["top", "x"]):
             assert callable(parser.parse_args(argv).func)

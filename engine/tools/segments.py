@@ -662,8 +662,8 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m engine.tools``: these four commands without the rest of the CLI."""
-    parser = argparse.ArgumentParser(prog="python -m engine.tools",
+    """``python -m engine.tools.segments``: these four commands without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="python -m engine.tools.segments",
                                      description="Inspect and manage engine segments.")
     add_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)

@@ -1,0 +1,121 @@
+"""``python -m engine bench``: the engine side by side with what people use today.
+
+The same three workloads run on every system, in spawned worker processes
+that start together (a ``multiprocessing.Barrier``) and run for a fixed time
+budget each:
+
+``transition``
+    fire PAUSE then RESUME on a slot, over and over (each call one op);
+``update_price``
+    publish a price, with PnL computed from the position's entry price,
+    amount and side, and the record's version bumped;
+``read_price``
+    read the 5-field price record (price, timestamp, pnl %, pnl $, version)
+    consistently.
+
+The systems (the engine; RawArray+Lock, plain and tuned; Manager dicts
+under two kinds of lock; atomicshm; Redis) are in ``peers``; how a case
+runs and what is measured, in ``runner``; the tables, ratios, target
+verdicts and plots, in ``report``.  The command line is here.
+
+Cases: one worker; then for each N in ``--workers``, N workers on disjoint
+slots and N workers all on one shared slot.
+
+Reading the numbers: each case reports its workers' CPU share (CPU time /
+wall time).  A CPU-bound system below ~90% did not get its CPUs (other load
+on the host, or more workers than cores), and the target verdicts say so.
+``--repeat K`` keeps the fastest of K runs of every case.  Manager and Redis
+pay a cross-process wake-up on every call; the bench measures a pipe round
+trip between two processes first and prints it.  On a VM it moves several-
+fold with the host's state (11 to 69 us on the same 2-vCPU guest, depending
+on whether the other vCPU was halted), and those peers' numbers move with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.tools.bench.peers import N_SLOTS, SYSTEMS
+from engine.tools.bench.report import print_report, write_json, write_plots
+from engine.tools.bench.runner import WORKLOADS, Plan, _cases, probe_host, run_cases
+
+__all__ = ["add_parsers", "run"]
+
+
+def _default_workers() -> list[int]:
+    cpus = os.cpu_count() or 2
+    return sorted({2, min(cpus, 8)}) if cpus > 2 else [2]
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Add the ``bench`` subcommand."""
+    p = subparsers.add_parser(
+        "bench", help="compare the engine with RawArray+Lock, Manager, atomicshm and Redis",
+        description="Run the transition, update_price and read_price workloads on the engine "
+                    "and on its peers, with one worker and with N spawned workers on disjoint "
+                    "and on shared slots; print ops/s, p50/p99 latency and the engine's ratio "
+                    "to each peer.",
+        epilog="Peers that cannot run (redis-server or a package missing) are reported and "
+               "skipped. The bench extras: pip install 'engine[bench]'.")
+    p.add_argument("--quick", action="store_true",
+                   help="short run: 0.5 s per case (well under 3 minutes on 2 cores)")
+    p.add_argument("--seconds", type=float, default=None, metavar="S",
+                   help="timed seconds per case (default 2, or 0.5 with --quick)")
+    p.add_argument("--repeat", type=int, default=1, metavar="K",
+                   help="run every case K times and keep the fastest run (default 1); "
+                        "helps on a shared, busy host")
+    p.add_argument("--workers", type=int, nargs="+", default=None, metavar="N",
+                   help="worker counts for the multi-worker cases "
+                        f"(default {' '.join(map(str, _default_workers()))})")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
+                   metavar="SYSTEM", help=f"systems to run (default all: {' '.join(SYSTEMS)})")
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS),
+                   metavar="WORKLOAD", help=f"workloads (default all: {' '.join(WORKLOADS)})")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="write the results, ratios and target verdicts as JSON")
+    p.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                   help="write throughput.png and latency.png (needs matplotlib)")
+    p.set_defaults(func=run)
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    """The run the arguments ask for; ``ValueError`` says what is wrong with them."""
+    seconds = args.seconds if args.seconds is not None else (0.5 if args.quick else 2.0)
+    if not seconds > 0:
+        raise ValueError("--seconds must be > 0")
+    if args.repeat < 1:
+        raise ValueError("--repeat must be >= 1")
+    workers = sorted(set(args.workers or _default_workers()))
+    if any(n < 2 for n in workers):
+        raise ValueError("--workers takes counts >= 2 (one worker always runs)")
+    workloads = [w for w in WORKLOADS if w in args.workloads]
+    layout = _cases(workers)
+    slots_needed = len(workloads) * sum(n for n, _ in layout)
+    if slots_needed > N_SLOTS:
+        raise ValueError(f"too many workers: the cases need {slots_needed} slots of {N_SLOTS}")
+    return Plan(seconds=seconds, warmup=0.1 if args.quick else 0.3, repeat=args.repeat,
+                quick=bool(args.quick), workers=workers,
+                systems=[s for s in SYSTEMS if s in args.systems], workloads=workloads,
+                layout=layout)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison; 0 when the engine's cases ran, 1 otherwise."""
+    try:
+        plan = _plan(args)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    probe = probe_host(plan)
+    res = run_cases(plan)
+    summary = print_report(plan, res)
+    if args.json:
+        write_json(args.json, plan, probe, res, summary)
+    if args.plots:
+        write_plots(args.plots, plan, res.cases)
+    ok = any(c.system == "engine" and c.error is None for c in res.cases)
+    return 0 if ok or "engine" not in plan.systems else 1

@@ -1,0 +1,188 @@
+"""``python -m engine stress``: hammer shared slots from many processes, then prove
+nothing was lost, duplicated or torn.
+
+How a run goes:
+
+1. The parent creates a fresh segment with ``positions`` slots, opens every
+   slot, sets the metrics sampling period (and, for tests, a fault switch).
+2. ``workers`` processes start in the ``spawn`` context, attach through the
+   picklable ``engine.handle``, report ready, and block on a POSIX named
+   semaphore (the start gate, mode 0600, initial value 0).  Once every worker
+   is ready the parent releases the gate once per worker, so they all start
+   together.
+3. Each worker runs a weighted mix of operations on random shared slots
+   (contention is the point: INVALID and CONFLICT outcomes are expected).
+   An operation acts on the position open at the slot: the worker keeps the
+   id of each slot's opening it last saw (``eng.id_of(slot)``) and looks it
+   up again when the engine says that opening is gone (``StaleIdError``,
+   a ``NotOpenError``):
+   whole lifecycles with context updates, release and reopen, PAUSE/RESUME,
+   ERROR_OCCURRED/RECOVER, single, batch and per-token price updates,
+   consistent reads checked for tearing, and short ``wait_for_change`` calls.
+   After every APPLIED commit (transition, open, release) it logs one
+   16-byte link: slot index (``eng.slot_of(id)``), time, and the state words
+   around the commit as the C core recorded them (``eng_seg.last_old_word`` /
+   ``last_new_word``).
+4. The parent prints progress once a second, stops the workers, and
+   verifies: per slot, every logged link from every process forms one
+   unbroken chain of generations starting at the fresh slot's (state 0,
+   generation 0), with no missing and no duplicated generation, each link's
+   to-state equal to the next link's from-state, and the last link equal to
+   the slot's final state word; the chain length equals the slot's
+   ``transitions`` counter (which C bumps on every commit: opens, releases
+   and transitions); final words are one-hot (or 0 for a free slot) and
+   unlocked; readers saw no torn record and no version going backwards; and
+   the totals agree with the engine's own metrics.  Any violation makes the
+   exit code non-zero.
+
+The package, one module per part: ``mix`` (the workload), ``codec`` (the
+links), ``workers`` (a worker process), ``runner`` (the parent:
+``run_stress``), ``verify`` (the chain checker), ``config`` (configuration
+and results), ``report`` (the tables); the command line is here.  Only
+``runner`` and ``workers`` start or are processes: ``verify`` and the
+modules it needs import without ``multiprocessing``, so this package loads
+``runner`` on first use of ``run_stress`` (see ``__getattr__``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from engine.errors import EngineError
+from engine.tools.stress.codec import LINK_DTYPE, decode_links, encode_links, links_from_words
+from engine.tools.stress.config import StressConfig, StressResult
+from engine.tools.stress.mix import FAULTS, KINDS, PRESETS, parse_mix
+from engine.tools.stress.report import format_report
+from engine.tools.stress.verify import ChainReport, verify_chains
+
+__all__ = [
+    "KINDS",
+    "LINK_DTYPE",
+    "PRESETS",
+    "ChainReport",
+    "StressConfig",
+    "StressResult",
+    "add_parsers",
+    "decode_links",
+    "encode_links",
+    "links_from_words",
+    "parse_mix",
+    "run",
+    "run_stress",
+    "verify_chains",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """``run_stress``, imported on first use (with it ``multiprocessing`` and the workers)."""
+    if name == "run_stress":
+        from engine.tools.stress.runner import run_stress
+
+        return run_stress
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _power_of_two(text: str) -> int:
+    n = int(text)
+    if n < 1 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two >= 1, got {n}")
+    return n
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    x = float(text)
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return x
+
+
+def _mix(text: str) -> str:
+    try:
+        parse_mix(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Add the ``stress`` subcommand (``func`` returns the exit code)."""
+    d = StressConfig()
+    p = subparsers.add_parser(
+        "stress", help="hammer shared slots from many processes, then verify every commit",
+        description="Spawn workers that hammer a few shared slots with a realistic mix "
+                    "(lifecycles with context updates, pause/resume, errors, single/batch/token "
+                    "price updates, consistent reads, waits), then prove that per slot every "
+                    "logged commit forms one unbroken chain of generations matching the "
+                    "slot's counter, that no read was torn, and that the totals add up. "
+                    "Exits 1 on any violation.",
+        epilog="Progress goes to stderr once a second, the tables to stdout. "
+               "Exit codes: 0 verified clean, 1 violations found, 2 could not run.")
+    p.add_argument("--workers", type=_positive_int, default=d.workers, metavar="N",
+                   help="worker processes (default: the number of CPUs, here %(default)s)")
+    p.add_argument("--positions", type=_positive_int, default=d.positions, metavar="N",
+                   help="shared slots; fewer means more contention (default: %(default)s)")
+    p.add_argument("--seconds", type=_positive_float, default=d.seconds, metavar="S",
+                   help="run time (default: %(default)s)")
+    p.add_argument("--mix", type=_mix, default=d.mix,
+                   help="workload: a preset (" + ", ".join(PRESETS) + ") and/or weights like "
+                   "'lifecycle=4,pause=2,price=6,batch=1,token=1,read=4,wait=1' (kinds: "
+                   + ", ".join(KINDS) + "; default: %(default)s)")
+    p.add_argument("--wait-us", type=float, default=d.wait_timeout * 1e6, metavar="US",
+                   help="timeout of each wait_for_change; a wait that sees no commit costs "
+                        "this long (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the workers' random choices (default: %(default)s)")
+    p.add_argument("--sample-every", type=_power_of_two, default=d.sample_every, metavar="N",
+                   help="time one operation in N, a power of two (default: %(default)s)")
+    p.add_argument("--alert-p99-us", type=float, default=d.alert_p99_us, metavar="US",
+                   help="alert when an operation's p99 latency exceeds this "
+                        "(default: %(default)s; 0 turns it off)")
+    p.add_argument("--alert-success", type=float, default=d.alert_success, metavar="FRACTION",
+                   help="alert when an operation's success rate (applied / attempts) is below "
+                        "this (default: off)")
+    p.add_argument("--json", metavar="PATH", help="also write the figures and verdict as JSON")
+    p.add_argument("--quiet", action="store_true",
+                   help="print one summary line: no progress, no tables")
+    p.add_argument("--fault", choices=sorted(FAULTS), help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``stress`` command: 0 when verified clean, 1 on any violation."""
+    from engine.tools.stress.runner import run_stress
+
+    config = StressConfig(
+        workers=args.workers, positions=args.positions, seconds=args.seconds, mix=args.mix,
+        seed=args.seed, sample_every=args.sample_every, wait_timeout=args.wait_us / 1e6,
+        alert_p99_us=args.alert_p99_us if args.alert_p99_us and args.alert_p99_us > 0 else None,
+        alert_success=args.alert_success, fault=args.fault,
+        progress=None if args.quiet else sys.stderr)
+    try:
+        res = run_stress(config)
+    except (ValueError, RuntimeError, EngineError) as e:
+        print(f"stress: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res.as_dict(), f, indent=2)
+            f.write("\n")
+    if args.quiet:
+        status = "ok" if res.ok else "FAILED"
+        print(f"stress {status}: {res.ops:,} ops, {res.ops_per_s:,.0f} ops/s, "
+              f"{res.verification['links']:,} links verified, {res.violations} violations")
+        for m in res.violation_messages[:10]:
+            print(f"  {m}")
+    else:
+        print(format_report(res))
+    return 0 if res.ok else 1

@@ -1,0 +1,10 @@
+"""``python -m engine.tools.stress stress ...``: the command without the rest of the CLI."""
+
+import argparse
+
+from engine.tools.stress import add_parsers
+
+_p = argparse.ArgumentParser(prog="python -m engine.tools.stress")
+add_parsers(_p.add_subparsers(dest="command", required=True))
+_a = _p.parse_args()
+raise SystemExit(_a.func(_a))

@@ -1,0 +1,50 @@
+"""Report: the human-readable tables of a stress run."""
+
+from __future__ import annotations
+
+from engine.tools.stress.config import StressResult
+from engine.tools.stress.mix import RESULTS
+
+
+def _us(x: float) -> str:
+    return f"{x:,.2f}" if x < 100 else f"{x:,.0f}"
+
+
+def format_report(res: StressResult) -> str:
+    """The human-readable tables."""
+    lines = [f"{res.ops:,} ops in {res.seconds:.2f} s = {res.ops_per_s:,.0f} ops/s "
+             f"({res.config['workers']} workers, {res.config['positions']} slots)", ""]
+    hdr = (f"{'engine op':<15}{'ops/s':>11}{'success':>9}{'p50 us':>9}{'p99 us':>9}"
+           f"{'p99.9 us':>10}{'max us':>9}{'retries':>10}{'conflicts':>10}")
+    lines += [hdr, "-" * len(hdr)]
+    for row in res.table:
+        if not row["attempts"]:
+            lines.append(f"{row['op']:<15}{'-':>11}  (no calls metered)")
+            continue
+        lat = (f"{_us(row['p50_us']):>9}{_us(row['p99_us']):>9}{_us(row['p999_us']):>10}"
+               f"{_us(row['max_us']):>9}") if row["samples"] else f"{'-':>9}" * 3 + f"{'-':>10}"
+        lines.append(f"{row['op']:<15}{row['ops_per_s']:>11,.0f}{row['success_rate']:>9.3f}{lat}"
+                     f"{row['retries']:>10,}{row['conflicts']:>10,}")
+    lines.append("")
+    hdr = f"{'workload':<11}{'ops/s':>11}" + "".join(f"{r:>11}" for r in RESULTS)
+    lines += [hdr, "-" * len(hdr)]
+    for kind, c in res.workload.items():
+        n = sum(c.values())
+        if n:
+            rate = n / res.seconds if res.seconds else 0.0
+            lines.append(f"{kind:<11}{rate:>11,.0f}" + "".join(f"{c[r]:>11,}" for r in RESULTS))
+    v = res.verification
+    lines += ["", f"verified: {v['links']:,} chain links on {v['slots']} slots "
+              f"({v['applied']:,} applied commits, transitions counters {v['counters_total']:,}, "
+              f"engine metrics {v['engine_applied']:,}); {v['reads_checked']:,} reads checked, "
+              f"torn {v['torn_price_reads'] + v['torn_context_reads']}, "
+              f"version regressions {v['version_regressions']}"]
+    for a in res.alerts:
+        lines.append(f"ALERT {a}")
+    if res.violations:
+        cats = ", ".join(f"{k} {n:,}" for k, n in sorted(v["by_category"].items()))
+        lines.append(f"VIOLATIONS: {res.violations:,} ({cats})")
+        lines += [f"  {m}" for m in res.violation_messages[:40]]
+    else:
+        lines.append("violations: 0")
+    return "\n".join(lines)

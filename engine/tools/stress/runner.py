@@ -1,0 +1,272 @@
+"""The parent: create the segment, start the workers together, watch them,
+stop them, and verify every process's links against the segment's final
+state (see ``engine.tools.stress``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import queue
+import random
+import secrets
+import tempfile
+import time
+from dataclasses import fields
+from typing import Any, TextIO
+
+import numpy as np
+import posix_ipc
+
+from engine.core import Engine
+from engine.metrics import OPS, Metrics, check_alerts
+from engine.tools.stress.codec import LinkLog, decode_links
+from engine.tools.stress.config import StressConfig, StressResult
+from engine.tools.stress.mix import FAULTS, KINDS, N_TOKENS, RESULTS, TOKEN_PARAMS
+from engine.tools.stress.verify import ChainReport, verify_chains
+from engine.tools.stress.workers import _Plan, _worker_main
+
+
+def _say(out: TextIO | None, text: str) -> None:
+    if out is not None:
+        print(text, file=out, flush=True)
+
+
+def _final_state(eng: Engine) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per slot: transitions counter and state word; and how many came from the
+    snapshot.  The snapshot omits free slots, so theirs are read from the slot."""
+    counters = np.zeros(eng.capacity, dtype=np.uint64)
+    words = np.array([eng.state_word(s) for s in range(eng.capacity)], dtype=np.uint64)
+    rows = eng.snapshot()
+    counters[rows["slot"]] = rows["transitions"]
+    seen = np.zeros(eng.capacity, dtype=bool)
+    seen[rows["slot"]] = True
+    for s in np.flatnonzero(~seen):
+        counters[s] = eng._slot(int(s)).transitions
+    return counters, words, len(rows)
+
+
+def _metrics_table(metrics: Metrics, seconds: float) -> list[dict[str, Any]]:
+    table = []
+    for op in OPS:
+        m = metrics[op]
+        if op == "recover":
+            continue
+        table.append({"op": op, "attempts": m.attempts,
+                      "ops_per_s": m.attempts / seconds if seconds > 0 else 0.0,
+                      "applied": m.applied, "success_rate": m.success_rate,
+                      "invalid": m.invalid, "conflicts": m.conflicts, "retries": m.retries,
+                      "takeovers": m.takeovers, "errors": m.errors, "samples": m.samples,
+                      # the histogram interpolates inside a power-of-two bucket and
+                      # can land above the true maximum: cap at the recorded max
+                      "p50_us": min(m.p50_ns, m.max_ns) / 1e3,
+                      "p99_us": min(m.p99_ns, m.max_ns) / 1e3,
+                      "p999_us": min(m.p999_ns, m.max_ns) / 1e3, "max_us": m.max_ns / 1e3})
+    return table
+
+
+def _open_all(eng: Engine, log: LinkLog, seed: int) -> None:
+    """Open every slot of the fresh segment (logging each open's commit)."""
+    rng = random.Random(seed)
+    for _ in range(eng.capacity):
+        token = rng.randrange(N_TOKENS)
+        entry, amount, side = TOKEN_PARAMS[token]
+        log.record(eng.slot_of(eng.open_position(entry, amount, side, token)))
+
+
+def _wait_ready(procs: list[Any], ready: Any, timeout: float) -> None:
+    """Block until every worker said it is attached and at the gate."""
+    n, deadline = 0, time.monotonic() + timeout
+    while n < len(procs):
+        try:
+            ready.get(timeout=0.2)
+            n += 1
+        except queue.Empty:
+            dead = [f"{p.name} (exit code {p.exitcode})" for p in procs if p.exitcode is not None]
+            if dead:
+                raise RuntimeError(
+                    f"stress workers died before the start: {', '.join(dead)}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {n} of {len(procs)} stress workers got ready "
+                                   f"within {timeout:.0f} s") from None
+
+
+def _show_progress(procs: list[Any], shared: Any, seconds: float, out: TextIO | None) -> None:
+    """Sleep through the run, printing the operation rate once a second."""
+    t_start = time.monotonic()
+    last_ops, last_t = 0, t_start
+    while True:
+        elapsed = time.monotonic() - t_start
+        if elapsed >= seconds or any(p.exitcode not in (None, 0) for p in procs):
+            return
+        time.sleep(min(1.0 - elapsed % 1.0, seconds - elapsed))
+        total, now = sum(shared), time.monotonic()
+        if now - last_t >= 0.5:
+            _say(out, f"  {now - t_start:5.1f} s  {(total - last_ops) / (now - last_t):>12,.0f}"
+                      f" ops/s  {total:>14,} ops")
+            last_ops, last_t = total, now
+
+
+def _collect(procs: list[Any], results: Any, timeout: float) -> tuple[list[dict[str, Any]],
+                                                                      list[str]]:
+    """The workers' summaries, and what went wrong with any that sent none."""
+    summaries: list[dict[str, Any]] = []
+    problems: list[str] = []
+    pending, deadline = len(procs), time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        try:
+            kind, payload = results.get(timeout=0.2)
+        except queue.Empty:
+            if all(p.exitcode is not None for p in procs) and results.empty():
+                break
+            continue
+        pending -= 1
+        if kind == "done":
+            summaries.append(payload)
+        else:
+            problems.append(f"worker {payload['index']} failed: {payload['error']}")
+    return summaries, problems
+
+
+def run_stress(config: StressConfig) -> StressResult:
+    """Run one stress test and verify it; see ``engine.tools.stress``.
+
+    Raises ``ValueError`` for a bad configuration and ``RuntimeError`` if the
+    workers cannot be started.  The segment, the start gate and the log files
+    are removed whatever happens; workers still running are stopped.
+    """
+    weights = config.check()
+    out = config.progress
+    ctx = multiprocessing.get_context("spawn")
+    base_ns = time.monotonic_ns()
+    gate_name = "/eng_stress_" + secrets.token_hex(8)
+    procs: list[Any] = []
+    stop = ctx.RawValue("B", 0)
+    shared = ctx.RawArray("Q", config.workers * len(KINDS))
+
+    def stop_workers() -> None:
+        stop.value = 1
+        for p in procs:
+            p.join(10)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+    with contextlib.ExitStack() as cleanup:    # unwinds in reverse order
+        tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="eng_stress_"))
+        ready_q, result_q = ctx.Queue(), ctx.Queue()
+        cleanup.callback(result_q.close)
+        cleanup.callback(ready_q.close)
+        eng = Engine.create(capacity=config.positions)
+        cleanup.callback(eng.unlink)
+        cleanup.callback(eng.close)
+        gate = posix_ipc.Semaphore(gate_name, posix_ipc.O_CREX, mode=0o600, initial_value=0)
+        cleanup.callback(posix_ipc.unlink_semaphore, gate_name)
+        cleanup.callback(gate.close)
+        cleanup.callback(stop_workers)
+
+        eng.set_metrics(True, config.sample_every)
+        parent_log = LinkLog(eng, os.path.join(tmp, "parent.bin"), base_ns)
+        _open_all(eng, parent_log, config.seed)
+        parent_log.close()
+
+        wtuple = tuple(weights[k] for k in KINDS)
+        for i in range(config.workers):
+            plan = _Plan(i, eng.handle, gate_name, os.path.join(tmp, f"worker{i}.bin"), base_ns,
+                         config.positions, wtuple, config.seed, config.batch_size,
+                         config.wait_timeout, config.seconds + 60.0)
+            p = ctx.Process(target=_worker_main, args=(plan, shared, stop, ready_q, result_q),
+                            name=f"stress-worker-{i}", daemon=True)
+            p.start()
+            procs.append(p)
+        _wait_ready(procs, ready_q, 60.0 + 2.0 * config.workers)
+
+        # everyone is at the gate: switch the fault on, then let them all go at once
+        if config.fault:
+            eng._set_fault(FAULTS[config.fault])
+        for _ in procs:
+            gate.release()
+        _say(out, f"stress: {config.workers} workers on {config.positions} shared slots, "
+                  f"{config.seconds:g} s, mix "
+                  + ",".join(f"{k}={w}" for k, w in weights.items() if w)
+                  + (f", FAULT {config.fault}" if config.fault else ""))
+        _show_progress(procs, shared, config.seconds, out)
+        stop.value = 1
+        summaries, problems = _collect(procs, result_q, 60.0)
+        stop_workers()
+        eng._set_fault(0)
+        problems += [f"{p.name} exited with code {p.exitcode}" for p in procs if p.exitcode]
+        if len(summaries) < config.workers:
+            problems.append(f"only {len(summaries)} of {config.workers} workers reported")
+
+        # every process's links against the segment's final state
+        counters, words, n_rows = _final_state(eng)
+        packed = [np.fromfile(os.path.join(tmp, f), dtype=np.uint64)
+                  for f in sorted(os.listdir(tmp)) if f.endswith(".bin")]
+        links = decode_links(np.concatenate(packed) if packed else np.empty(0, np.uint64))
+        chains = verify_chains(links, counters, words)
+        res = _result(config, weights, summaries, problems, chains, counters, eng.metrics(),
+                      n_rows, parent_log.count)
+        res.segment, res.gate = eng.name, gate_name
+    return res
+
+
+def _result(config: StressConfig, weights: dict[str, int], summaries: list[dict[str, Any]],
+            problems: list[str], chains: ChainReport, counters: np.ndarray, metrics: Metrics,
+            snapshot_rows: int, parent_opens: int) -> StressResult:
+    """Put the figures together and count every violation."""
+    seconds = ((max(s["end_ns"] for s in summaries) - min(s["start_ns"] for s in summaries))
+               / 1e9 if summaries else 0.0)
+    workload = {k: dict.fromkeys(RESULTS, 0) for k in KINDS}
+    for s in summaries:
+        for k in KINDS:
+            for r in RESULTS:
+                workload[k][r] += s["counts"][k][r]
+    ops = sum(sum(w.values()) for w in workload.values())
+    torn_price = sum(s["torn_price"] for s in summaries)
+    torn_context = sum(s["torn_context"] for s in summaries)
+    regressions = sum(s["regressions"] for s in summaries)
+    unexpected = sum(w["unexpected"] for w in workload.values())
+    releases = sum(s["releases"] for s in summaries)
+    applied = parent_opens + sum(s["applied"] for s in summaries)
+    engine_applied = (metrics["transition"].applied + metrics["transition_ctx"].applied
+                      + metrics["open"].applied + releases)
+    counters_total = int(counters.sum())
+
+    by_category = dict(chains.by_category)
+    messages = list(chains.messages)
+    for name, n in (("torn_price_read", torn_price), ("torn_context_read", torn_context),
+                    ("version_regression", regressions), ("unexpected_outcome", unexpected)):
+        if n:
+            by_category[name] = n
+    for s in summaries:
+        messages.extend(s["messages"])
+    if problems:
+        by_category["worker_failure"] = len(problems)
+        messages.extend(problems)
+    for name, got in (("links logged", chains.links), ("transitions counters", counters_total),
+                      ("engine metrics applied + releases", engine_applied)):
+        if got != applied:
+            by_category["totals"] = by_category.get("totals", 0) + 1
+            messages.append(f"totals: workers applied {applied} commits, {name} say {got}")
+    if metrics["transition"].takeovers or metrics["transition_ctx"].takeovers:
+        messages.append("note: lock takeovers happened; a takeover's commit is not logged")
+
+    alerts = check_alerts(metrics,
+                          p99_ns=None if config.alert_p99_us is None else config.alert_p99_us * 1e3,
+                          success_rate=config.alert_success)
+    verification = {
+        "links": chains.links, "slots": chains.slots, "snapshot_rows": snapshot_rows,
+        "applied": applied, "releases": releases, "counters_total": counters_total,
+        "engine_applied": engine_applied, "torn_price_reads": torn_price,
+        "torn_context_reads": torn_context, "version_regressions": regressions,
+        "reads_checked": workload["read"]["ok"], "by_category": by_category,
+    }
+    cfg = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "progress"}
+    cfg["mix"] = weights
+    return StressResult(ops=ops, seconds=seconds, violations=sum(by_category.values()),
+                        violation_messages=messages, workload=workload,
+                        table=_metrics_table(metrics, seconds), alerts=alerts,
+                        verification=verification, config=cfg)
