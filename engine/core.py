@@ -382,8 +382,10 @@ class Engine:
 
         A key already held by an open position raises ``KeyExistsError``;
         any error changes nothing.  A field given as None starts at 0."""
+        return self._open(key, {k: v for k, v in fields.items() if v is not None})
+
+    def _open(self, key: str | bytes | None, fields: dict[str, Any]) -> int:
         rec = self._rec
-        fields = {k: v for k, v in fields.items() if v is not None}
         if rec.pnl:
             self._check_pnl_fields(fields)
         words = ffi.new("uint64_t[]", lib.ENG_MAX_FIELD_WORDS)
@@ -409,10 +411,11 @@ class Engine:
             raise ArgumentError(f"open_position needs entry_price, amount, side and token "
                                 f"fields; spec {self.spec.name!r} has "
                                 f"{[f.name for f in self._rec.fields]}: use open(**fields)")
-        return self.open(key, entry_price=entry_price, amount=amount, side=side, token=token)
+        return self._open(key, {"entry_price": entry_price, "amount": amount, "side": side,
+                                "token": token})
 
     @staticmethod
-    def _check_pnl_fields(fields: Mapping[str, Any]) -> None:
+    def _check_pnl_fields(fields: dict[str, Any]) -> None:
         """The values C computes PnL from: clear errors before any packing."""
         for key in ("entry_price", "amount"):
             v = fields.get(key)
@@ -426,8 +429,7 @@ class Engine:
             raise EngineTypeError(f"side must be the int 1 (long) or -1 (short), got {side!r}")
         if side not in (1, -1):
             raise ArgumentError(f"side must be 1 (long) or -1 (short), got {side!r}")
-        if "side" not in fields:
-            fields["side"] = 1   # type: ignore[index]
+        fields.setdefault("side", 1)
 
     @staticmethod
     def _key_arg(key: Any) -> Any:
