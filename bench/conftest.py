@@ -16,7 +16,7 @@ honest.  The batch benchmark times one ``update_prices`` call of
 Floors, all measured in the same run:
 
 * ``floor_noop``: ``lib.eng_noop()``, the cheapest cffi call (METH_NOARGS).
-* ``floor_1arg``: ``lib.eng_segment_size(n)`` (METH_O).
+* ``floor_1arg``: ``lib.eng_check(seg)`` (METH_O).
 * ``floor_2arg``: ``lib.eng_state(seg, id)``: one acquire load of C work;
   cffi packs two or more arguments into a tuple (METH_VARARGS).
 * same-shape floors: the hot call itself with an argument that C refuses

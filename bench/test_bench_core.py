@@ -37,8 +37,8 @@ class TestFloors:
         timer.calls("floor_noop", ["f()"], f=lib.eng_noop)
 
     def test_floor_1arg(self, timer: CallTimer, engine: Engine) -> None:
-        """``lib.eng_segment_size(n)``: one argument (METH_O), a few adds in C."""
-        timer.calls("floor_1arg", ["f(n)"], f=lib.eng_segment_size, n=engine.capacity)
+        """``lib.eng_check(seg)``: one argument (METH_O), a check of the view in C."""
+        timer.calls("floor_1arg", ["f(s)"], f=lib.eng_check, s=engine._seg)
 
     def test_floor_2arg(self, timer: CallTimer, engine: Engine) -> None:
         """``lib.eng_state(seg, id)``: two arguments (METH_VARARGS), one
@@ -183,9 +183,13 @@ def test_memory_per_position(benchmark: Any, recorder: Recorder, engine: Engine)
     """Segment bytes per position at capacity 10 000 (timed only so that
     ``--benchmark-only`` keeps this test; the result is a size)."""
     cap = engine.capacity
-    size = benchmark.pedantic(lib.eng_segment_size, args=(cap,), rounds=1, iterations=1)
-    marginal = (lib.eng_segment_size(2 * cap) - size) / cap
+    words, kpp = engine.spec.record.n_words, engine.keys_per_position
+    size = benchmark.pedantic(lib.eng_segment_size, args=(cap, words, kpp), rounds=1,
+                              iterations=1)
+    marginal = (lib.eng_segment_size(2 * cap, words, kpp) - size) / cap
     recorder.note("segment_bytes", size)
     recorder.note("bytes_per_position", size / cap)
     recorder.note("marginal_bytes_per_position", marginal)
-    assert marginal == lib.ENG_SLOT_SIZE
+    recorder.note("slot_bytes", engine._seg.slot_size)
+    # the slot, its key records and its share of the key index
+    assert marginal >= engine._seg.slot_size + kpp * ffi.sizeof("eng_keyrec")

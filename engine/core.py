@@ -50,6 +50,7 @@ _transition = lib.eng_transition
 _update_price = lib.eng_update_price
 _read_price = lib.eng_read_price
 _state = lib.eng_state
+_lookup = lib.eng_lookup
 _unpack_price = PRICE_STRUCT.unpack_from
 _tuple_new = tuple.__new__
 
@@ -118,6 +119,21 @@ def _detach(seg: Any, buf: Any, mm: mmap.mmap) -> None:
     lib.eng_detach(seg)
     ffi.release(buf)
     mm.close()
+
+
+def _key_bytes(key: Any) -> bytes:
+    """A str (UTF-8) or bytes key of 1 to ENG_KEY_MAX bytes."""
+    if isinstance(key, str):
+        data = key.encode()
+    elif isinstance(key, (bytes, bytearray, memoryview)):
+        data = bytes(key)
+    else:
+        raise EngineTypeError(f"a key is a str or bytes, got {key!r:.40} "
+                              f"({type(key).__name__})")
+    if not 1 <= len(data) <= _KEY_MAX:
+        raise ArgumentError(f"a key is 1 to {_KEY_MAX} bytes (UTF-8 for a str), got "
+                            f"{len(data)} bytes: {key!r:.60}")
+    return data
 
 
 def _key_value(data: bytes) -> str | bytes:
@@ -390,10 +406,10 @@ class Engine:
             self._check_pnl_fields(fields)
         words = ffi.new("uint64_t[]", lib.ENG_MAX_FIELD_WORDS)
         rec.pack(fields, words)
-        k = ffi.NULL if key is None else self._key_arg(key)
+        k = ffi.NULL if key is None else _key_bytes(key)
         out = ffi.new("uint64_t[2]")   # per call (a signal handler may open too): id, word
         try:
-            rc = lib.eng_open(self._seg, words, k, out, out + 1)
+            rc = lib.eng_open(self._seg, words, k, len(k) if k else 0, out, out + 1)
             if rc:
                 self._fail(rc, price=fields.get("entry_price"), key=key, fields=fields)
             return int(out[0])
@@ -431,24 +447,6 @@ class Engine:
             raise ArgumentError(f"side must be 1 (long) or -1 (short), got {side!r}")
         fields.setdefault("side", 1)
 
-    @staticmethod
-    def _key_arg(key: Any) -> Any:
-        """An eng_key for a str (UTF-8) or bytes key of 1 to ENG_KEY_MAX bytes."""
-        if isinstance(key, str):
-            data = key.encode()
-        elif isinstance(key, (bytes, bytearray, memoryview)):
-            data = bytes(key)
-        else:
-            raise EngineTypeError(f"a key is a str or bytes, got {key!r:.40} "
-                                  f"({type(key).__name__})")
-        if not 1 <= len(data) <= _KEY_MAX:
-            raise ArgumentError(f"a key is 1 to {_KEY_MAX} bytes (UTF-8 for a str), got "
-                                f"{len(data)} bytes: {key!r:.60}")
-        k = ffi.new("eng_key *")
-        k.len = len(data)
-        ffi.memmove(k.key, data, len(data))
-        return k
-
     # -- keys --------------------------------------------------------------------------
     def bind_key(self, pos: int, key: str | bytes) -> None:
         """Give open position ``pos`` another unique key (up to
@@ -457,9 +455,9 @@ class Engine:
         nothing changes."""
         if pos.__class__ is not int:
             pos = self._index(pos)
-        k = self._key_arg(key)
+        k = _key_bytes(key)
         try:
-            rc = lib.eng_bind_key(self._seg, pos, k)
+            rc = lib.eng_bind_key(self._seg, pos, k, len(k))
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
         if rc:
@@ -468,11 +466,14 @@ class Engine:
     def lookup(self, key: str | bytes) -> int | None:
         """The id of the open position that has ``key``, or None.  Never
         blocks, never takes a lock, never returns a released opening."""
-        out = ffi.new("uint64_t *")
-        rc = lib.eng_lookup(self._seg, self._key_arg(key), out)
-        if rc:
-            self._fail(rc, key=key)
-        return int(out[0]) or None
+        k = key.encode() if key.__class__ is str else _key_bytes(key)
+        rc = _lookup(self._seg, k, len(k))
+        if rc > 0:
+            return rc  # type: ignore[no-any-return]
+        if rc == 0:
+            return None
+        _key_bytes(key)   # a bad key (too long, empty) raises its own error first
+        self._fail(rc, key=key)
 
     def keys(self, pos: int) -> tuple[str | bytes, ...]:
         """The keys of open position ``pos``, in the order they were bound

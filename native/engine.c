@@ -1770,9 +1770,15 @@ static int cell_place(eng_seg *s, const key_place *p, uint64_t c)
     return ENG_EKEYFULL;
 }
 
-static inline int key_ok(const eng_key *k)
+/* A key argument (len bytes at key) as an eng_key, or ENG_EBADKEY. */
+static int key_from(const char *key, uint32_t len, eng_key *k)
 {
-    return k && k->len >= 1 && k->len <= ENG_KEY_MAX;
+    if (!key || len < 1 || len > ENG_KEY_MAX)
+        return ENG_EBADKEY;
+    memset(k, 0, sizeof *k);
+    k->len = len;
+    memcpy(k->key, key, len);
+    return 0;
 }
 
 /* Insert key k for opening id (I1-I7). */
@@ -1807,7 +1813,7 @@ static int key_insert(eng_seg *s, uint64_t id, const eng_key *k, op_timer t)
     return rc;
 }
 
-int eng_bind_key(eng_seg *s, uint64_t id, const eng_key *key)
+int eng_bind_key(eng_seg *s, uint64_t id, const char *key, uint32_t key_len)
 {
     CHECK_SEG(s);
     eng_slot *sl;
@@ -1815,31 +1821,32 @@ int eng_bind_key(eng_seg *s, uint64_t id, const eng_key *key)
     int rc = id_word(s, id, &sl, &w);
     if (rc)
         return rc;
-    if (!key_ok(key))
-        return ENG_EBADKEY;
+    eng_key k;
+    rc = key_from(key, key_len, &k);
+    if (rc)
+        return rc;
     if (s->kpp == 0)
         return ENG_EKEYLIMIT;
     op_timer t = op_begin(s, ENG_OP_KEY);
-    rc = key_insert(s, id, key, t);
+    rc = key_insert(s, id, &k, t);
     op_end(t, rc);
     return rc;
 }
 
-int eng_lookup(eng_seg *s, const eng_key *key, uint64_t *out_id)
+int64_t eng_lookup(eng_seg *s, const char *key, uint32_t key_len)
 {
     CHECK_SEG(s);
-    if (!key_ok(key))
-        return ENG_EBADKEY;
-    if (!out_id)
-        return ENG_EBADARG;
-    *out_id = 0;
+    eng_key want;
+    int rc = key_from(key, key_len, &want);
+    if (rc)
+        return rc;
     if (s->kpp == 0)
         return 0;
     op_timer t = op_begin(s, ENG_OP_LOOKUP);
-    key_place p = key_place_of(s, key->key, key->len);
+    key_place p = key_place_of(s, want.key, want.len);
     uint32_t buckets[2] = {p.b1, p.b2};
-    int rc = 0;
-    for (int i = 0; i < 2 && !*out_id; i++) {
+    uint64_t found = 0;
+    for (int i = 0; i < 2 && !found; i++) {
         uint64_t *b = bucket_at(s, buckets[i]);
         for (uint32_t j = 0; j < ENG_KEY_BUCKET; j++) {
             uint64_t c = load_acquire_u64(&b[j]);
@@ -1852,16 +1859,16 @@ int eng_lookup(eng_seg *s, const eng_key *key, uint64_t *out_id)
                 rc = ENG_EBUSY;
                 continue;
             }
-            if (kr_kind(tag) == ENG_KR_HELD && key_equal(&k, key) &&
+            if (kr_kind(tag) == ENG_KR_HELD && key_equal(&k, &want) &&
                 id_status(s, tag >> 8) == ID_OPEN) {
-                *out_id = tag >> 8;
+                found = tag >> 8;
                 rc = 0;
                 break;
             }
         }
     }
     op_end(t, rc ? rc : ENG_APPLIED);
-    return rc;
+    return rc ? rc : (int64_t)found;
 }
 
 int eng_keys(eng_seg *s, uint64_t id, eng_key *out, uint32_t max, uint32_t *out_n)
@@ -1972,7 +1979,7 @@ static inline int64_t token_of(const eng_seg *s, const uint64_t *w)
     return k == ENG_ROLE_NONE ? 0 : (int64_t)w[k];
 }
 
-int eng_open(eng_seg *s, const uint64_t *words, const eng_key *key,
+int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_len,
              uint64_t *out_id, uint64_t *out_word)
 {
     CHECK_SEG(s);
@@ -1987,8 +1994,9 @@ int eng_open(eng_seg *s, const uint64_t *words, const eng_key *key,
         rc = check_roles(s, c.w);
     if (rc)
         return rc;
-    if (key && !key_ok(key))
-        return ENG_EBADKEY;
+    eng_key kbuf;
+    if (key && (rc = key_from(key, key_len, &kbuf)) != 0)
+        return rc;
     if (key && s->kpp == 0)
         return ENG_EKEYLIMIT;
     op_timer t = op_begin(s, ENG_OP_OPEN);
@@ -2014,7 +2022,7 @@ int eng_open(eng_seg *s, const uint64_t *words, const eng_key *key,
         store_relaxed_u64((uint64_t *)&sl->token, (uint64_t)token_of(s, c.w));
         uint64_t id = make_id(opening, slot);
         if (key) {
-            rc = key_insert(s, id, key, t);   /* visible once the opening commits */
+            rc = key_insert(s, id, &kbuf, t);   /* visible once the opening commits */
             if (rc) {
                 unlock_unchanged(sl, L);
                 break;

@@ -324,7 +324,7 @@ typedef struct eng_keyrec {
     uint8_t  key[ENG_KEY_MAX];
 } eng_keyrec;
 
-/* A key passed in or out: len bytes of key. */
+/* A key read out (eng_keys), and the form C compares keys in. */
 typedef struct eng_key {
     uint32_t len;
     uint32_t pad;
@@ -532,7 +532,7 @@ int      eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint,
 void     eng_detach(eng_seg *s);
 int      eng_check(eng_seg *s);
 
-int      eng_open(eng_seg *s, const uint64_t *words, const eng_key *key,
+int      eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_len,
                   uint64_t *out_id, uint64_t *out_word);
 int      eng_abandon_open(eng_seg *s, uint64_t id, uint64_t word);
 int      eng_release_position(eng_seg *s, uint64_t id);
@@ -553,8 +553,9 @@ int64_t  eng_update_token_price(eng_seg *s, int64_t token, double price);
 int      eng_read_price(eng_seg *s, uint64_t id, eng_price_out *out);
 int      eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out);
 
-int      eng_bind_key(eng_seg *s, uint64_t id, const eng_key *key);
-int      eng_lookup(eng_seg *s, const eng_key *key, uint64_t *out_id);
+int      eng_bind_key(eng_seg *s, uint64_t id, const char *key, uint32_t key_len);
+/* the id of the open opening holding the key, 0 if none, or an error (< 0) */
+int64_t  eng_lookup(eng_seg *s, const char *key, uint32_t key_len);
 int      eng_keys(eng_seg *s, uint64_t id, eng_key *out, uint32_t max, uint32_t *out_n);
 
 int      eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns,

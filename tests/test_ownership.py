@@ -1436,13 +1436,15 @@ class CFuzz:
         return ffi.new("eng_ctx_update *", {"mask": d(U32S), "w": words})
 
     @staticmethod
-    def key(d: Any) -> Any:
+    def key(d: Any) -> tuple[Any, int]:
+        """(key pointer, length): NULL, or bytes with their length or a hostile one."""
         if d(st.booleans()):
-            return ffi.NULL
+            return ffi.NULL, d(U32S)
         data = d(st.binary(min_size=0, max_size=lib.ENG_KEY_MAX))
-        k = ffi.new("eng_key *", {"len": d(st.one_of(st.just(len(data)), U32S))})
-        ffi.memmove(k.key, data, len(data))
-        return k
+        buf = ffi.new("char[]", max(len(data), 1))
+        ffi.memmove(buf, data, len(data))
+        return buf, d(st.one_of(st.just(len(data)), st.integers(0, len(data)), U32S
+                                if not data else st.integers(0, len(data))))
 
     @staticmethod
     def layout(d: Any) -> Any:
@@ -1532,15 +1534,14 @@ class CFuzz:
             if kind == "foreign":   # foreign stays pristine: a bad entry price
                 words[0] = struct.unpack("<Q", struct.pack("<d", d(BAD_PRICES)))[0]
             x(name, kind, self.call(name, kind, lib.eng_open, s,
-                                    ffi.NULL if d(st.booleans()) else words, self.key(d),
+                                    ffi.NULL if d(st.booleans()) else words, *self.key(d),
                                     self.out(d, "uint64_t *"), self.out(d, "uint64_t *")))
         elif name == "eng_bind_key":
             kind, s = self.seg(d)
-            x(name, kind, self.call(name, kind, lib.eng_bind_key, s, d(ids), self.key(d)))
+            x(name, kind, self.call(name, kind, lib.eng_bind_key, s, d(ids), *self.key(d)))
         elif name == "eng_lookup":
             kind, s = self.seg(d)
-            x(name, kind, self.call(name, kind, lib.eng_lookup, s, self.key(d),
-                                    self.out(d, "uint64_t *")), (ERRNO_MIN, 0))
+            x(name, kind, self.call(name, kind, lib.eng_lookup, s, *self.key(d)), (ERRNO_MIN, 0))
         elif name == "eng_keys":
             kind, s = self.seg(d)
             k = d(st.integers(0, 3))
