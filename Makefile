@@ -30,9 +30,12 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PYTHON) -m pytest -q -m "slow or not slow"
 
-## soak: 10-minute oversubscribed stress (8 workers on this host), zero violations expected
+## soak: 10-minute oversubscribed stress (8 workers on this host), zero violations expected;
+##   MIX=orders: the order workload (10 workers, keys and fills by lookup), MIX=<preset,...>: any mix
+MIX ?= default
+SOAK_WORKERS = $(if $(filter orders%,$(MIX)),10,8)
 soak: $(STAMP)
-	$(PYTHON) -m engine stress --workers 8 --seconds 600 --json soak.json
+	$(PYTHON) -m engine stress --workers $(SOAK_WORKERS) --seconds 600 $(if $(filter-out default,$(MIX)),--mix $(MIX) )--json soak.json
 
 ## bench-suite: pytest-benchmark micro-benchmarks (ratios to the empty-call floor)
 bench-suite: $(STAMP)

@@ -23,6 +23,17 @@ How a run goes:
    16-byte link: slot index (``eng.slot_of(id)``), time, and the state words
    around the commit as the C core recorded them (``eng_seg.last_old_word`` /
    ``last_new_word``).
+The order workload (``--mix orders``) replaces step 3: the segment runs
+``ORDER_SPEC`` with two keys per order on a table small enough that slots are
+reused constantly (64 by default), and each worker opens orders under unique
+client keys, runs them through SUBMIT, ACCEPT, binding an exchange key, fills
+applied *by lookup* of that key, cancels and release, while also applying
+fills to other workers' recent orders found by key, as a WebSocket handler
+would.  Every lookup and every fill is checked against the record it
+reached (the order's identity is in its record), and at the end every open
+order and key is scanned; see ``engine.tools.stress.orders``.  Links are
+logged as above, so the chain check of step 4 applies unchanged.
+
 4. The parent prints progress once a second, stops the workers, and
    verifies: per slot, every logged link from every process forms one
    unbroken chain of generations starting at the fresh slot's (state 0,
@@ -36,7 +47,8 @@ How a run goes:
    exit code non-zero.
 
 The package, one module per part: ``mix`` (the workload), ``codec`` (the
-links), ``workers`` (a worker process), ``runner`` (the parent:
+links), ``workers`` (a worker process), ``orders`` (the order workload's
+rules and checkers) and ``order_workers`` (its worker), ``runner`` (the parent:
 ``run_stress``), ``verify`` (the chain checker), ``config`` (configuration
 and results), ``report`` (the tables); the command line is here.  Only
 ``runner`` and ``workers`` start or are processes: ``verify`` and the
@@ -54,26 +66,41 @@ from typing import Any
 
 from engine.errors import EngineError
 from engine.tools.stress.codec import LINK_DTYPE, decode_links, encode_links, links_from_words
-from engine.tools.stress.config import StressConfig, StressResult
-from engine.tools.stress.mix import FAULTS, KINDS, PRESETS, parse_mix
+from engine.tools.stress.config import DEFAULT_ORDER_POSITIONS, StressConfig, StressResult
+from engine.tools.stress.mix import (
+    FAULTS,
+    KINDS,
+    ORDER_FAULTS,
+    ORDER_KINDS,
+    ORDER_PRESETS,
+    PRESETS,
+    is_order_mix,
+    parse_mix,
+)
+from engine.tools.stress.orders import OrderReport, verify_orders
 from engine.tools.stress.report import format_report
 from engine.tools.stress.verify import ChainReport, verify_chains
 
 __all__ = [
     "KINDS",
     "LINK_DTYPE",
+    "ORDER_KINDS",
+    "ORDER_PRESETS",
     "PRESETS",
     "ChainReport",
+    "OrderReport",
     "StressConfig",
     "StressResult",
     "add_parsers",
     "decode_links",
     "encode_links",
+    "is_order_mix",
     "links_from_words",
     "parse_mix",
     "run",
     "run_stress",
     "verify_chains",
+    "verify_orders",
 ]
 
 
@@ -130,14 +157,18 @@ def add_parsers(subparsers: Any) -> None:
                "Exit codes: 0 verified clean, 1 violations found, 2 could not run.")
     p.add_argument("--workers", type=_positive_int, default=d.workers, metavar="N",
                    help="worker processes (default: the number of CPUs, here %(default)s)")
-    p.add_argument("--positions", type=_positive_int, default=d.positions, metavar="N",
-                   help="shared slots; fewer means more contention (default: %(default)s)")
+    p.add_argument("--positions", type=_positive_int, default=None, metavar="N",
+                   help=f"shared slots; fewer means more contention (default: {d.positions}; "
+                        f"{DEFAULT_ORDER_POSITIONS} with --mix orders)")
     p.add_argument("--seconds", type=_positive_float, default=d.seconds, metavar="S",
                    help="run time (default: %(default)s)")
     p.add_argument("--mix", type=_mix, default=d.mix,
                    help="workload: a preset (" + ", ".join(PRESETS) + ") and/or weights like "
                    "'lifecycle=4,pause=2,price=6,batch=1,token=1,read=4,wait=1' (kinds: "
-                   + ", ".join(KINDS) + "; default: %(default)s)")
+                   + ", ".join(KINDS) + "; default: %(default)s); or 'orders' for the order "
+                   "workload (ORDER_SPEC, unique keys, fills applied by lookup, every lookup "
+                   "and fill checked against the record it reached), optionally with weights "
+                   "of " + ", ".join(ORDER_KINDS) + " (e.g. 'orders,ws=5')")
     p.add_argument("--wait-us", type=float, default=d.wait_timeout * 1e6, metavar="US",
                    help="timeout of each wait_for_change; a wait that sees no commit costs "
                         "this long (default: %(default)s)")
@@ -154,7 +185,7 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the figures and verdict as JSON")
     p.add_argument("--quiet", action="store_true",
                    help="print one summary line: no progress, no tables")
-    p.add_argument("--fault", choices=sorted(FAULTS), help=argparse.SUPPRESS)
+    p.add_argument("--fault", choices=sorted([*FAULTS, *ORDER_FAULTS]), help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -163,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.tools.stress.runner import run_stress
 
     config = StressConfig(
-        workers=args.workers, positions=args.positions, seconds=args.seconds, mix=args.mix,
+        workers=args.workers, positions=args.positions or 0, seconds=args.seconds, mix=args.mix,
         seed=args.seed, sample_every=args.sample_every, wait_timeout=args.wait_us / 1e6,
         alert_p99_us=args.alert_p99_us if args.alert_p99_us and args.alert_p99_us > 0 else None,
         alert_success=args.alert_success, fault=args.fault,
@@ -179,8 +210,14 @@ def run(args: argparse.Namespace) -> int:
             f.write("\n")
     if args.quiet:
         status = "ok" if res.ok else "FAILED"
+        orders = ""
+        if res.orders is not None:
+            lk, f = res.orders["lookups"], res.orders["fills"]
+            orders = (f", {lk['total']:,} lookups (found {lk['found']:,}, none {lk['none']:,}, "
+                      f"stale {lk['stale']:,}), {f['applied']:,} fills")
         print(f"stress {status}: {res.ops:,} ops, {res.ops_per_s:,.0f} ops/s, "
-              f"{res.verification['links']:,} links verified, {res.violations} violations")
+              f"{res.verification['links']:,} links verified{orders}, "
+              f"{res.violations} violations")
         for m in res.violation_messages[:10]:
             print(f"  {m}")
     else:

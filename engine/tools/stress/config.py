@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from engine._native import lib
-from engine.tools.stress.mix import FAULTS, parse_mix
+from engine.tools.stress.mix import FAULTS, ORDER_FAULTS, is_order_mix, parse_mix
+
+#: Shared slots when ``positions`` is not given: few for the position workload
+#: (contention), more for the order workload (each worker keeps ``inflight``
+#: orders open; the rest are reused constantly).
+DEFAULT_POSITIONS = 16
+DEFAULT_ORDER_POSITIONS = 64
+#: Keys per order: the client key given at open and the exchange key bound later.
+ORDER_KEYS_PER_POSITION = 2
 
 
 @dataclass
@@ -16,7 +24,8 @@ class StressConfig:
     """Parameters of one stress run."""
 
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
-    positions: int = 16                 # shared slots (the segment's capacity)
+    positions: int = 0                  # shared slots (the segment's capacity); 0: the
+                                        # default (16; 64 for the order workload)
     seconds: float = 5.0
     mix: str = "default"                # see parse_mix
     seed: int = 0                       # seeds the workers' choices (not the interleaving)
@@ -25,11 +34,25 @@ class StressConfig:
     wait_timeout: float = 0.0001        # seconds per wait_for_change
     alert_p99_us: float | None = 1000.0     # alert above this p99 (None: off)
     alert_success: float | None = None      # alert below this success rate (None: off)
-    fault: str | None = None            # a key of FAULTS: tests only
+    fault: str | None = None            # a key of FAULTS (or ORDER_FAULTS): tests only
     progress: TextIO | None = None      # where progress lines go (None: nowhere)
+    inflight: int = 4                   # order workload: own orders a worker keeps open
+
+    def __post_init__(self) -> None:
+        self._default_positions()
+
+    def _default_positions(self) -> None:
+        if self.positions == 0:
+            self.positions = (DEFAULT_ORDER_POSITIONS if self.orders else DEFAULT_POSITIONS)
+
+    @property
+    def orders(self) -> bool:
+        """Does the mix select the order workload (``--mix orders``)?"""
+        return is_order_mix(self.mix)
 
     def check(self) -> dict[str, int]:
         """Validate; returns the parsed mix.  Raises ``ValueError``."""
+        self._default_positions()
         if not 1 <= self.workers < lib.ENG_MAX_PROCS:
             raise ValueError(f"workers must be in [1, {lib.ENG_MAX_PROCS - 1}] (the registry "
                              f"holds {lib.ENG_MAX_PROCS} Engines, the parent's included), "
@@ -45,8 +68,11 @@ class StressConfig:
             raise ValueError(f"wait_timeout must be >= 0 s, got {self.wait_timeout}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.fault is not None and self.fault not in FAULTS:
-            raise ValueError(f"fault must be one of {sorted(FAULTS)}, got {self.fault!r}")
+        faults = [*FAULTS, *ORDER_FAULTS] if self.orders else list(FAULTS)
+        if self.fault is not None and self.fault not in faults:
+            raise ValueError(f"fault must be one of {sorted(faults)}, got {self.fault!r}")
+        if self.orders and self.inflight < 1:
+            raise ValueError(f"inflight must be >= 1, got {self.inflight}")
         return parse_mix(self.mix)
 
 
@@ -65,6 +91,7 @@ class StressResult:
     config: dict[str, Any]
     segment: str = ""               # the run's segment and start gate (both removed at the end)
     gate: str = ""
+    orders: dict[str, Any] | None = None    # the order workload's figures (--mix orders)
 
     @property
     def ops_per_s(self) -> float:
@@ -75,7 +102,10 @@ class StressResult:
         return self.violations == 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ops": self.ops, "violations": self.violations, "seconds": self.seconds,
-                "ops_per_s": self.ops_per_s, "violation_messages": self.violation_messages,
-                "table": self.table, "workload": self.workload, "alerts": self.alerts,
-                "verification": self.verification, "config": self.config}
+        d = {"ops": self.ops, "violations": self.violations, "seconds": self.seconds,
+             "ops_per_s": self.ops_per_s, "violation_messages": self.violation_messages,
+             "table": self.table, "workload": self.workload, "alerts": self.alerts,
+             "verification": self.verification, "config": self.config}
+        if self.orders is not None:
+            d["orders"] = self.orders
+        return d

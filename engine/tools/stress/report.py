@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from engine.tools.stress.config import StressResult
 from engine.tools.stress.mix import RESULTS
 
@@ -39,6 +41,8 @@ def format_report(res: StressResult) -> str:
               f"engine metrics {v['engine_applied']:,}); {v['reads_checked']:,} reads checked, "
               f"torn {v['torn_price_reads'] + v['torn_context_reads']}, "
               f"version regressions {v['version_regressions']}"]
+    if res.orders is not None:
+        lines += ["", *_order_lines(res.orders)]
     for a in res.alerts:
         lines.append(f"ALERT {a}")
     if res.violations:
@@ -48,3 +52,34 @@ def format_report(res: StressResult) -> str:
     else:
         lines.append("violations: 0")
     return "\n".join(lines)
+
+
+def _order_lines(o: dict[str, Any]) -> list[str]:
+    """The order workload's section: client-side latency per op, lookup and
+    fill outcomes, wrong-order counts."""
+    hdr = f"{'client op':<11}{'samples':>9}{'p50 us':>9}{'p99 us':>9}{'p99.9 us':>10}{'max us':>9}"
+    lines = [hdr, "-" * len(hdr)]
+    for op, m in o["latency"].items():
+        if m["samples"]:
+            lines.append(f"{op:<11}{m['samples']:>9,}{_us(m['p50_us']):>9}{_us(m['p99_us']):>9}"
+                         f"{_us(m['p999_us']):>10}{_us(m['max_us']):>9}")
+        else:
+            lines.append(f"{op:<11}{0:>9}  (none sampled)")
+    lk, f, od, w = o["lookups"], o["fills"], o["orders"], o["wrong_order"]
+    fs = o["final_scan"]
+    lines += [
+        "",
+        f"orders: {od['opened']:,} opened, {od['released']:,} released, {od['binds']:,} "
+        f"exchange keys bound, {od['cancels']:,} cancels; open at the end {od['open_at_end']} "
+        f"(held {od['held_at_end']}); table full {od['open_full']:,}, key index full "
+        f"{od['key_full']:,}; keys() not in bind order {od['keys_out_of_order']:,}",
+        f"lookups: {lk['total']:,} ({lk['per_s']:,.0f}/s): found {lk['found']:,}, "
+        f"none {lk['none']:,}, stale {lk['stale']:,}, busy {lk['busy']:,}",
+        f"fills by lookup: {f['applied']:,} applied (own {f['own']:,}, ws {f['ws']:,}), "
+        f"invalid {f['invalid']:,}, stale {f['stale']:,}, busy {f['busy']:,}",
+        f"wrong order: lookups {w['wrong_lookup']}, fills {w['wrong_fill']}, bad records "
+        f"{w['bad_record']}; KeyExistsError {o['key_exists']}; end-of-run scan: "
+        f"{fs['open_orders']} open orders, {fs['keys_checked']} keys checked; "
+        f"longest stall {o['max_stall_s']:.1f} s",
+    ]
+    return lines

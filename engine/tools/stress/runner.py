@@ -21,11 +21,34 @@ import posix_ipc
 
 from engine.core import Engine
 from engine.metrics import OPS, Metrics, check_alerts
+from engine.spec import ORDER_SPEC, State
 from engine.tools.stress.codec import LinkLog, decode_links
-from engine.tools.stress.config import StressConfig, StressResult
-from engine.tools.stress.mix import FAULTS, KINDS, N_TOKENS, RESULTS, TOKEN_PARAMS
+from engine.tools.stress.config import ORDER_KEYS_PER_POSITION, StressConfig, StressResult
+from engine.tools.stress.mix import (
+    FAULTS,
+    KINDS,
+    N_TOKENS,
+    ORDER_KINDS,
+    RESULTS,
+    TOKEN_PARAMS,
+)
+from engine.tools.stress.order_workers import _order_worker_main, _OrderPlan
+from engine.tools.stress.orders import (
+    CLIENT_OPS,
+    COUNTERS,
+    VIOLATIONS,
+    client_key,
+    exchange_key,
+    latency_table,
+    verify_orders,
+)
 from engine.tools.stress.verify import ChainReport, verify_chains
 from engine.tools.stress.workers import _Plan, _worker_main
+
+#: A worker whose published op count stays put this long (during the run)
+#: counts as stalled: a violation of the order workload (a deadlock shows up
+#: so before the end-of-run collection times out).
+STALL_SECONDS = 5.0
 
 
 def _say(out: TextIO | None, text: str) -> None:
@@ -92,16 +115,27 @@ def _wait_ready(procs: list[Any], ready: Any, timeout: float) -> None:
                                    f"within {timeout:.0f} s") from None
 
 
-def _show_progress(procs: list[Any], shared: Any, seconds: float, out: TextIO | None) -> None:
-    """Sleep through the run, printing the operation rate once a second."""
+def _show_progress(procs: list[Any], shared: Any, seconds: float,
+                   out: TextIO | None) -> list[float]:
+    """Sleep through the run, printing the operation rate once a second.
+    Returns per worker the longest time (s) its published op count stood still."""
     t_start = time.monotonic()
     last_ops, last_t = 0, t_start
+    width = len(shared) // max(len(procs), 1)
+    rows = [0] * len(procs)
+    moved = [t_start] * len(procs)
+    stalls = [0.0] * len(procs)
     while True:
         elapsed = time.monotonic() - t_start
         if elapsed >= seconds or any(p.exitcode not in (None, 0) for p in procs):
-            return
+            return stalls
         time.sleep(min(1.0 - elapsed % 1.0, seconds - elapsed))
         total, now = sum(shared), time.monotonic()
+        for w in range(len(procs)):
+            n = sum(shared[w * width:(w + 1) * width])
+            if n != rows[w]:
+                rows[w], moved[w] = n, now
+            stalls[w] = max(stalls[w], now - moved[w])
         if now - last_t >= 0.5:
             _say(out, f"  {now - t_start:5.1f} s  {(total - last_ops) / (now - last_t):>12,.0f}"
                       f" ops/s  {total:>14,} ops")
@@ -137,13 +171,17 @@ def run_stress(config: StressConfig) -> StressResult:
     are removed whatever happens; workers still running are stopped.
     """
     weights = config.check()
+    orders = config.orders
+    kinds = ORDER_KINDS if orders else KINDS
     out = config.progress
     ctx = multiprocessing.get_context("spawn")
     base_ns = time.monotonic_ns()
     gate_name = "/eng_stress_" + secrets.token_hex(8)
     procs: list[Any] = []
     stop = ctx.RawValue("B", 0)
-    shared = ctx.RawArray("Q", config.workers * len(KINDS))
+    shared = ctx.RawArray("Q", config.workers * len(kinds))
+    # order workload: the number of each worker's last opened order (-1: none yet)
+    published = ctx.RawArray("q", [-1] * config.workers)
 
     def stop_workers() -> None:
         stop.value = 1
@@ -159,7 +197,9 @@ def run_stress(config: StressConfig) -> StressResult:
         ready_q, result_q = ctx.Queue(), ctx.Queue()
         cleanup.callback(result_q.close)
         cleanup.callback(ready_q.close)
-        eng = Engine.create(capacity=config.positions)
+        eng = (Engine.create(capacity=config.positions, spec=ORDER_SPEC,
+                             keys_per_position=ORDER_KEYS_PER_POSITION) if orders
+               else Engine.create(capacity=config.positions))
         cleanup.callback(eng.unlink)
         cleanup.callback(eng.close)
         gate = posix_ipc.Semaphore(gate_name, posix_ipc.O_CREX, mode=0o600, initial_value=0)
@@ -169,30 +209,43 @@ def run_stress(config: StressConfig) -> StressResult:
 
         eng.set_metrics(True, config.sample_every)
         parent_log = LinkLog(eng, os.path.join(tmp, "parent.bin"), base_ns)
-        _open_all(eng, parent_log, config.seed)
+        if not orders:      # order workers open their own orders
+            _open_all(eng, parent_log, config.seed)
         parent_log.close()
 
-        wtuple = tuple(weights[k] for k in KINDS)
+        wtuple = tuple(weights[k] for k in kinds)
         for i in range(config.workers):
-            plan = _Plan(i, eng.handle, gate_name, os.path.join(tmp, f"worker{i}.bin"), base_ns,
-                         config.positions, wtuple, config.seed, config.batch_size,
-                         config.wait_timeout, config.seconds + 60.0)
-            p = ctx.Process(target=_worker_main, args=(plan, shared, stop, ready_q, result_q),
-                            name=f"stress-worker-{i}", daemon=True)
+            log_path = os.path.join(tmp, f"worker{i}.bin")
+            if orders:
+                oplan = _OrderPlan(i, eng.handle, gate_name, log_path, base_ns, config.workers,
+                                   config.positions, wtuple, config.seed, config.sample_every,
+                                   config.inflight, config.fault == "misroute",
+                                   config.seconds + 60.0)
+                target: Any = _order_worker_main
+                args: tuple[Any, ...] = (oplan, shared, published, stop, ready_q, result_q)
+            else:
+                plan = _Plan(i, eng.handle, gate_name, log_path, base_ns, config.positions,
+                             wtuple, config.seed, config.batch_size, config.wait_timeout,
+                             config.seconds + 60.0)
+                target, args = _worker_main, (plan, shared, stop, ready_q, result_q)
+            p = ctx.Process(target=target, args=args, name=f"stress-worker-{i}", daemon=True)
             p.start()
             procs.append(p)
         _wait_ready(procs, ready_q, 60.0 + 2.0 * config.workers)
 
         # everyone is at the gate: switch the fault on, then let them all go at once
-        if config.fault:
+        if config.fault in FAULTS:
             eng._set_fault(FAULTS[config.fault])
         for _ in procs:
             gate.release()
         _say(out, f"stress: {config.workers} workers on {config.positions} shared slots, "
-                  f"{config.seconds:g} s, mix "
+                  f"{config.seconds:g} s, "
+                  + ("ORDER workload (ORDER_SPEC, keys_per_position="
+                     f"{ORDER_KEYS_PER_POSITION}, {config.inflight} orders in flight per "
+                     "worker), " if orders else "") + "mix "
                   + ",".join(f"{k}={w}" for k, w in weights.items() if w)
                   + (f", FAULT {config.fault}" if config.fault else ""))
-        _show_progress(procs, shared, config.seconds, out)
+        stalls = _show_progress(procs, shared, config.seconds, out)
         stop.value = 1
         summaries, problems = _collect(procs, result_q, 60.0)
         stop_workers()
@@ -206,28 +259,32 @@ def run_stress(config: StressConfig) -> StressResult:
         packed = [np.fromfile(os.path.join(tmp, f), dtype=np.uint64)
                   for f in sorted(os.listdir(tmp)) if f.endswith(".bin")]
         links = decode_links(np.concatenate(packed) if packed else np.empty(0, np.uint64))
-        chains = verify_chains(links, counters, words)
+        chains = verify_chains(links, counters, words,
+                               state_enum=ORDER_SPEC.State if orders else State)
         res = _result(config, weights, summaries, problems, chains, counters, eng.metrics(),
-                      n_rows, parent_log.count)
+                      n_rows, parent_log.count, kinds)
+        if orders:
+            _add_orders(res, eng, config, summaries, stalls)
         res.segment, res.gate = eng.name, gate_name
     return res
 
 
 def _result(config: StressConfig, weights: dict[str, int], summaries: list[dict[str, Any]],
             problems: list[str], chains: ChainReport, counters: np.ndarray, metrics: Metrics,
-            snapshot_rows: int, parent_opens: int) -> StressResult:
+            snapshot_rows: int, parent_opens: int,
+            kinds: tuple[str, ...] = KINDS) -> StressResult:
     """Put the figures together and count every violation."""
     seconds = ((max(s["end_ns"] for s in summaries) - min(s["start_ns"] for s in summaries))
                / 1e9 if summaries else 0.0)
-    workload = {k: dict.fromkeys(RESULTS, 0) for k in KINDS}
+    workload = {k: dict.fromkeys(RESULTS, 0) for k in kinds}
     for s in summaries:
-        for k in KINDS:
+        for k in kinds:
             for r in RESULTS:
                 workload[k][r] += s["counts"][k][r]
     ops = sum(sum(w.values()) for w in workload.values())
-    torn_price = sum(s["torn_price"] for s in summaries)
-    torn_context = sum(s["torn_context"] for s in summaries)
-    regressions = sum(s["regressions"] for s in summaries)
+    torn_price = sum(s.get("torn_price", 0) for s in summaries)
+    torn_context = sum(s.get("torn_context", 0) for s in summaries)
+    regressions = sum(s.get("regressions", 0) for s in summaries)
     unexpected = sum(w["unexpected"] for w in workload.values())
     releases = sum(s["releases"] for s in summaries)
     applied = parent_opens + sum(s["applied"] for s in summaries)
@@ -262,7 +319,8 @@ def _result(config: StressConfig, weights: dict[str, int], summaries: list[dict[
         "applied": applied, "releases": releases, "counters_total": counters_total,
         "engine_applied": engine_applied, "torn_price_reads": torn_price,
         "torn_context_reads": torn_context, "version_regressions": regressions,
-        "reads_checked": workload["read"]["ok"], "by_category": by_category,
+        "reads_checked": workload["read"]["ok"] if "read" in workload else 0,
+        "by_category": by_category,
     }
     cfg = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "progress"}
     cfg["mix"] = weights
@@ -270,3 +328,76 @@ def _result(config: StressConfig, weights: dict[str, int], summaries: list[dict[
                         violation_messages=messages, workload=workload,
                         table=_metrics_table(metrics, seconds), alerts=alerts,
                         verification=verification, config=cfg)
+
+
+def _add_orders(res: StressResult, eng: Engine, config: StressConfig,
+                summaries: list[dict[str, Any]], stalls: list[float]) -> None:
+    """The order workload's figures and checks: the workers' counts and
+    latency samples, then the end-of-run scan of every open order and key
+    (``verify_orders``); every violation is added to ``res``."""
+    counters = dict.fromkeys(COUNTERS, 0)
+    for s in summaries:
+        for k, n in s["counters"].items():
+            counters[k] += n
+    samples = {op: np.concatenate([np.frombuffer(s["latency"][op], dtype=np.int64)
+                                   for s in summaries] or [np.empty(0, np.int64)])
+               for op in CLIENT_OPS}
+
+    # every open order, its keys, and the keys of held and recently released orders
+    held = {tag: (pos, bound) for s in summaries for tag, pos, bound in s["held"]}
+    released = [tag for s in summaries for tag in s["released_recent"]]
+    rows = eng.snapshot()
+    keys_of = {int(pos): eng.keys(int(pos)) for pos in rows["id"]}
+    lookups: dict[str, int | None] = {}
+    for tag, (_, bound) in held.items():
+        for key in (client_key(tag), exchange_key(tag)) if bound else (client_key(tag),):
+            lookups[key] = eng.lookup(key)
+    for tag in released:
+        for key in (client_key(tag), exchange_key(tag)):
+            lookups[key] = eng.lookup(key)
+    final = verify_orders(rows, held, keys_of, lookups, released,
+                          complete=len(summaries) == config.workers)
+
+    found: dict[str, int] = {k: counters[k] for k in VIOLATIONS if counters.get(k)}
+    for k, n in final.by_category.items():
+        found[k] = found.get(k, 0) + n
+    stalled = [(w, t) for w, t in enumerate(stalls) if t >= STALL_SECONDS]
+    if stalled:
+        found["stall"] = len(stalled)
+    # (the workers' own messages are in already: _result took every summary's)
+    messages = [f"end-of-run scan: {m}" for m in final.messages] + [
+        f"stall: worker {w} published no progress for {t:.1f} s" for w, t in stalled]
+
+    res.verification["reads_checked"] = (counters["lookup_found"] + counters["fills_applied"]
+                                         + counters["released"])
+    by_category = res.verification["by_category"]
+    for k, n in found.items():
+        by_category[k] = by_category.get(k, 0) + n
+    res.violations += sum(found.values())
+    res.violation_messages.extend(messages)
+    lookups_done = sum(counters[k] for k in ("lookup_found", "lookup_none", "lookup_stale",
+                                             "lookup_busy"))
+    res.orders = {
+        "lookups": {"total": lookups_done,
+                    "per_s": lookups_done / res.seconds if res.seconds else 0.0,
+                    "found": counters["lookup_found"], "none": counters["lookup_none"],
+                    "stale": counters["lookup_stale"], "busy": counters["lookup_busy"]},
+        "fills": {"applied": counters["fills_applied"], "own": counters["own_fills"],
+                  "ws": counters["ws_fills"], "invalid": counters["fills_invalid"],
+                  "stale": counters["fills_stale"], "busy": counters["fills_busy"]},
+        "orders": {"opened": counters["opened"], "released": counters["released"],
+                   "binds": counters["binds"], "cancels": counters["cancels"],
+                   "open_full": counters["open_full"], "key_full": counters["key_full"],
+                   "keys_out_of_order": counters["keys_out_of_order"] + final.keys_out_of_order,
+                   "held_at_end": len(held), "open_at_end": final.open_orders},
+        "wrong_order": {"wrong_lookup": found.get("wrong_lookup", 0),
+                        "wrong_fill": found.get("wrong_fill", 0),
+                        "bad_record": found.get("bad_record", 0)},
+        "key_exists": found.get("key_exists", 0),
+        "violations": {k: found.get(k, 0) for k in VIOLATIONS},
+        "latency": latency_table(samples),
+        "final_scan": {"open_orders": final.open_orders, "keys_checked": final.keys_checked,
+                       "by_category": final.by_category},
+        "max_stall_s": max(stalls, default=0.0),
+        "counters": counters,
+    }

@@ -13,6 +13,7 @@ between a commit and reading the clock).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,18 +51,19 @@ class ChainReport:
         self.messages += [f"{category}: {describe(int(i))}" for i in where[:_MAX_MESSAGES]]
 
 
-def _state_name(onehot: Any) -> str:
+def _state_name(onehot: Any, states: type[enum.IntEnum] = State) -> str:
     onehot = int(onehot)
     if onehot == 0:
         return "FREE"
     try:
-        return State(onehot).name
+        return states(onehot).name
     except ValueError:
         return f"{onehot:#x}"
 
 
 def verify_chains(links: np.ndarray, counters: np.ndarray, final_words: np.ndarray, *,
-                  initial_state: int = 0, initial_gen: int = 0) -> ChainReport:
+                  initial_state: int = 0, initial_gen: int = 0,
+                  state_enum: type[enum.IntEnum] = State) -> ChainReport:
     """Check that per slot the links form one unbroken chain of commits.
 
     ``links``: ``LINK_DTYPE`` records from every process, in any order (each
@@ -78,13 +80,16 @@ def verify_chains(links: np.ndarray, counters: np.ndarray, final_words: np.ndarr
     ``counter_mismatch`` (chain length differs from the slot's counter),
     ``final_word`` (the last link disagrees with the final state word),
     ``bad_state`` (a final word that is not one-hot or 0), ``locked`` and
-    ``bad_slot`` (a link naming a slot past the capacity).
+    ``bad_slot`` (a link naming a slot past the capacity).  ``state_enum``:
+    the spec's state enum, for the messages (``ORDER_SPEC.State`` for orders).
     """
     rep = ChainReport(links=len(links), slots=len(counters))
     counters = np.asarray(counters, dtype=np.uint64)
     final_words = np.asarray(final_words, dtype=np.uint64)
     cap = len(counters)
-    name = _state_name
+
+    def name(onehot: Any) -> str:
+        return _state_name(onehot, state_enum)
 
     # final words: one-hot or free, unlocked
     states = (final_words & np.uint64(lib.ENG_SW_STATE_MASK)).astype(np.int64)
