@@ -124,7 +124,10 @@ def _detach(seg: Any, buf: Any, mm: mmap.mmap) -> None:
 def _key_bytes(key: Any) -> bytes:
     """A str (UTF-8) or bytes key of 1 to ENG_KEY_MAX bytes."""
     if isinstance(key, str):
-        data = key.encode()
+        try:
+            data = key.encode()
+        except UnicodeEncodeError as e:
+            raise ArgumentError(f"a str key must encode as UTF-8: {key!r:.60} ({e.reason})") from None
     elif isinstance(key, (bytes, bytearray, memoryview)):
         data = bytes(key)
     else:
@@ -391,7 +394,7 @@ class Engine:
         return int(out[0])
 
     # -- positions -------------------------------------------------------------------
-    def open(self, key: str | bytes | None = None, **fields: Any) -> int:
+    def open(self, /, key: str | bytes | None = None, **fields: Any) -> int:
         """Open a position (an order, ...) on a free slot, in the spec's
         initial state, with its record ``fields`` (those not given start at
         0) and optionally a unique ``key``.  Returns its id.
@@ -411,7 +414,8 @@ class Engine:
         try:
             rc = lib.eng_open(self._seg, words, k, len(k) if k else 0, out, out + 1)
             if rc:
-                self._fail(rc, price=fields.get("entry_price"), key=key, fields=fields)
+                self._fail(rc, price=fields.get("entry_price"), key=key, fields=fields,
+                           keys_per_position=self.keys_per_position)
             return int(out[0])
         except BaseException:
             # an exception (a signal handler's) after C opened it: the id
@@ -466,7 +470,10 @@ class Engine:
     def lookup(self, key: str | bytes) -> int | None:
         """The id of the open position that has ``key``, or None.  Never
         blocks, never takes a lock, never returns a released opening."""
-        k = key.encode() if key.__class__ is str else _key_bytes(key)
+        try:
+            k = key.encode() if key.__class__ is str else _key_bytes(key)
+        except UnicodeEncodeError:
+            k = _key_bytes(key)   # raises the engine's error
         rc = _lookup(self._seg, k, len(k))
         if rc > 0:
             return rc  # type: ignore[no-any-return]
@@ -502,7 +509,7 @@ class Engine:
         return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)  # type: ignore[no-any-return]
 
     # -- transitions -------------------------------------------------------------------
-    def transition(self, pos: int, trigger: int | str, **fields: Any) -> Outcome:
+    def transition(self, pos: int, trigger: int | str, /, **fields: Any) -> Outcome:
         """Fire ``trigger`` on position ``pos``.  ``fields`` (record fields of
         the spec, e.g. ``exit_reason=3``) are set atomically with the state
         change: every reader sees both or neither."""

@@ -142,8 +142,9 @@ ERRORS: dict[int, tuple[type[EngineError], str]] = {
                                       "Engines attached; close some"),
     lib.ENG_EKEYEXISTS: (KeyExistsError, "key {key!r} already names another open position; "
                                          "nothing was changed"),
-    lib.ENG_EKEYLIMIT: (KeyLimitError, "id {id!r} already has its keys_per_position="
-                                       "{keys_per_position} keys; key {key!r} was not bound"),
+    lib.ENG_EKEYLIMIT: (KeyLimitError, "key {key!r} was not bound: an opening holds at most "
+                                       "keys_per_position={keys_per_position} keys; "
+                                       "nothing was changed"),
     lib.ENG_EKEYFULL: (CapacityError, "key {key!r}: both of its index buckets are full; "
                                       "create the engine with a larger capacity"),
     lib.ENG_EBADFIELD: (FieldError, "a field value is out of its type's range, or sets a field "

@@ -9,6 +9,7 @@ declaration order; C keeps each word's type and checks it on every write.
 from __future__ import annotations
 
 import collections
+import keyword
 import math
 import operator
 import re
@@ -158,13 +159,14 @@ class RecordLayout:
         out: list[Field] = []
         word = 0
         for name, ftype in self.types.items():
-            if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
-                raise SpecError(f"field names must be identifiers not starting with '_', "
-                                f"got {name!r}")
+            if (not isinstance(name, str) or not name.isidentifier() or name.startswith("_")
+                    or keyword.iskeyword(name)):
+                raise SpecError(f"field names must be identifiers that are not Python keywords "
+                                f"and do not start with '_', got {name!r}")
             if name in RESERVED:
                 raise SpecError(f"field name {name!r} is taken by a snapshot column; "
                                 f"reserved: {sorted(RESERVED)}")
-            m = _BYTES.match(ftype) if isinstance(ftype, str) else None
+            m = _BYTES.fullmatch(ftype) if isinstance(ftype, str) else None
             if isinstance(ftype, str) and ftype in _NUMERIC:
                 size = _WORD
             elif m and 1 <= int(m.group(1)) <= 32:
@@ -237,7 +239,11 @@ class RecordLayout:
         f = self.field(name)
         if f.type[0] == "S":
             if isinstance(value, str):
-                value = value.encode()
+                try:
+                    value = value.encode()
+                except UnicodeEncodeError as e:
+                    raise FieldError(f"field {name!r} ({f.type}): a str must encode as UTF-8, "
+                                     f"got {value!r:.40} ({e.reason})") from None
             if not isinstance(value, (bytes, bytearray)):
                 raise EngineTypeError(f"field {name!r} ({f.type}) takes bytes or str, got "
                                       f"{value!r:.40} ({type(value).__name__})")

@@ -154,27 +154,35 @@
  * Each slot has keys_per_position key records (eng_keyrec); record r of a
  * slot holds the r-th key of the slot's current opening.  Its tag:
  *
- *   0                       free
- *   token << 8 | KR_BUSY    being written (or cleared) by that token
- *   id << 8 | KR_HELD       the key of opening `id` (valid while id is open)
+ *   0                          free
+ *   token << 8 | KR_BUSY       a key being inserted by that token
+ *   id << 8 | KR_HELD          the key of opening `id` (valid while id is open)
+ *   token << 8 | KR_CLEARING   a gone key being cleared by that token
  *
  * The index is an array of buckets of ENG_KEY_BUCKET 64-bit cells (one cache
  * line per bucket); a key may live in either of its two buckets.  A cell:
  *
- *   63  62           39 38  36 35                         0
- *  +---+---------------+------+----------------------------+
- *  | 1 | slot (24)     | r (3)| fingerprint (36 bits of h)  |    0 = free
- *  +---+---------------+------+----------------------------+
+ *   63  62           39 38  36 35               20 19               0
+ *  +---+---------------+------+-------------------+------------------+
+ *  | 1 | slot (24)     | r (3)| record gen (16)   | fingerprint (20) |   0 = free
+ *  +---+---------------+------+-------------------+------------------+
+ *
+ * Every claim of a key record bumps its gen, so a cell placed for a key
+ * inserted again into the same record (same key, same or later opening)
+ * differs from every stale cell of an earlier insert.
  */
 #define ENG_KEY_MAX          48      /* bytes of one key */
 #define ENG_MAX_KEYS_PER_POSITION 8
 #define ENG_KEY_BUCKET       8       /* cells per bucket */
 #define ENG_KR_BUSY          1
 #define ENG_KR_HELD          2
+#define ENG_KR_CLEARING      3
 #define ENG_KC_USED          0x8000000000000000ULL
 #define ENG_KC_SLOT_SHIFT    39
 #define ENG_KC_R_SHIFT       36
-#define ENG_KC_FP_MASK       0xFFFFFFFFFULL
+#define ENG_KC_GEN_SHIFT     20
+#define ENG_KC_GEN_MASK      0xFFFFU
+#define ENG_KC_FP_MASK       0xFFFFFULL
 
 /*
  * ---- the price word (eng_slot.pword, 64 bits) ------------------------------
@@ -318,16 +326,20 @@ typedef struct eng_slot {
 
 /* One key record (64 bytes), see "keys". */
 typedef struct eng_keyrec {
-    uint64_t tag;            /* 0, token << 8 | KR_BUSY, or id << 8 | KR_HELD */
-    uint32_t len;            /* bytes used in key */
-    uint32_t pad;
+    uint64_t tag;            /* 0, or token / id << 8 | ENG_KR_* */
+    uint16_t len;            /* bytes used in key */
+    uint16_t order;          /* the opening's keys in the order they were bound */
+    uint16_t gen;            /* +1 per claim of this record: its cells carry it */
+    uint16_t pad;
     uint8_t  key[ENG_KEY_MAX];
 } eng_keyrec;
 
 /* A key read out (eng_keys), and the form C compares keys in. */
 typedef struct eng_key {
-    uint32_t len;
-    uint32_t pad;
+    uint16_t len;
+    uint16_t order;          /* out: 0 for the first key of the opening, ... */
+    uint16_t gen;            /* out: the key record's claim count */
+    uint16_t pad;
     uint8_t  key[ENG_KEY_MAX];
 } eng_key;
 
@@ -585,6 +597,8 @@ _Static_assert(offsetof(eng_keyrec, key) + ENG_KEY_MAX == sizeof(eng_keyrec), "k
 _Static_assert(ENG_KEY_BUCKET * 8 == ENG_CACHE_LINE, "a bucket is one line");
 _Static_assert(ENG_MAX_KEYS_PER_POSITION <= 8, "r fits 3 bits");
 _Static_assert(ENG_KC_SLOT_SHIFT == ENG_KC_R_SHIFT + 3 && ENG_KC_SLOT_SHIFT + ENG_ID_SLOT_BITS == 63, "cell fields");
+_Static_assert(ENG_KC_R_SHIFT == ENG_KC_GEN_SHIFT + 16 && ENG_KC_FP_MASK + 1 == 1ULL << ENG_KC_GEN_SHIFT, "cell fields");
+_Static_assert(sizeof(eng_key) + sizeof(uint64_t) == sizeof(eng_keyrec), "a key record is a tag and an eng_key");
 _Static_assert(ENG_MAX_FIELD_WORDS <= 32, "update mask is 32 bits");
 _Static_assert(sizeof(eng_rec_layout) == 40, "record layout");
 _Static_assert(offsetof(eng_slot, opening) < ENG_CACHE_LINE, "opening beside the word");
