@@ -454,7 +454,7 @@ class Engine:
     # -- keys --------------------------------------------------------------------------
     def bind_key(self, pos: int, key: str | bytes) -> None:
         """Give open position ``pos`` another unique key (up to
-        ``keys_per_position``).  ``KeyExistsError`` if another open position
+        ``keys_per_position``).  ``KeyExistsError`` if an open position
         has it, ``KeyLimitError`` if ``pos`` has all its keys; either way
         nothing changes."""
         if pos.__class__ is not int:
@@ -531,13 +531,14 @@ class Engine:
 
     def _fill_update(self, fields: Mapping[str, Any]) -> Any:
         """The update for ``fields`` (a field given as None is left as it is)."""
+        rec = self._rec
         fields = {k: v for k, v in fields.items() if v is not None}
+        if not rec.fixed.isdisjoint(fields):
+            raise FieldError(f"{sorted(rec.fixed.intersection(fields))} are set at open only; "
+                             f"a transition may set "
+                             f"{[f.name for f in rec.fields if f.name not in rec.fixed]}")
         u = ffi.new("eng_ctx_update *")   # per call: a signal handler may transition too
-        fixed = self._rec.fixed.intersection(fields)
-        if fixed:
-            raise FieldError(f"{sorted(fixed)} are set at open only; a transition may set "
-                             f"{[f.name for f in self._rec.fields if f.name not in self._rec.fixed]}")
-        u.mask = self._rec.pack(fields, u.w)
+        u.mask = rec.pack(fields, u.w)
         return u
 
     def _transition_slow(self, pos: Any, trigger: Any, fields: Mapping[str, Any]) -> Outcome:

@@ -140,7 +140,7 @@ ERRORS: dict[int, tuple[type[EngineError], str]] = {
                                         "nothing was changed"),
     lib.ENG_ETOOMANY: (CapacityError, f"this process already has {lib.ENG_MAX_LOCAL_ENGINES} "
                                       "Engines attached; close some"),
-    lib.ENG_EKEYEXISTS: (KeyExistsError, "key {key!r} already names another open position; "
+    lib.ENG_EKEYEXISTS: (KeyExistsError, "key {key!r} already names an open position; "
                                          "nothing was changed"),
     lib.ENG_EKEYLIMIT: (KeyLimitError, "key {key!r} was not bound: an opening holds at most "
                                        "keys_per_position={keys_per_position} keys; "

@@ -126,6 +126,7 @@ ROLES = {"entry_price": (lib.ENG_ROLE_ENTRY_PRICE, ("f8",)),
          "token": (lib.ENG_ROLE_TOKEN, ("i8",)),
          "opened_ns": (lib.ENG_ROLE_OPENED_NS, ("i8",))}
 _PNL = ("entry_price", "amount", "side")
+_FMAX = 1.7976931348623157e308
 #: f8 fields that hold a price level, so never negative
 PRICE_LEVELS = frozenset({"stop_loss", "take_profit"})
 _ROW_FIXED = [(n, f) for n, f in dtype_for("eng_row").fields.items() if n != "w"]
@@ -203,6 +204,17 @@ class RecordLayout:
             Context if names == list(Context._fields[:-1]) else
             collections.namedtuple("Context", [*names, "version"]))  # type: ignore[misc]
         self._struct = _unpacker(out)
+        #: name -> (exact class, pack_into, offset, low, high, mask): values
+        #: of that class in [low, high] need no other check (NaN fails both
+        #: compares; price levels start at 0)
+        self._plain: dict[str, tuple[Any, ...]] = {}
+        for f in out:
+            if f.type in _NUMERIC:
+                _, fmt, _, bounds = _NUMERIC[f.type]
+                lo, hi = bounds or ((0.0 if f.name in PRICE_LEVELS else -_FMAX), _FMAX)
+                self._plain[f.name] = (float if bounds is None else int,
+                                       struct.Struct("<" + fmt).pack_into, f.word * _WORD,
+                                       lo, hi, 1 << f.word)
         self._bytes_at = tuple(i for i, f in enumerate(out) if f.type[0] == "S")
         self.row_dtype = np.dtype({
             "names": [n for n, _ in _ROW_FIXED] + names,
@@ -281,22 +293,31 @@ class RecordLayout:
 
     def pack(self, values: Mapping[str, Any], into: Any) -> int:
         """Encode ``values`` into the word array ``into`` (a cffi uint64_t[]
-        view); returns the mask of words written."""
-        buf = ffi.buffer(into)
+        of ENG_MAX_FIELD_WORDS); returns the mask of words written.  Every
+        value is checked before anything is written."""
+        buf = bytearray(_MAX_WORDS * _WORD)
         mask = 0
+        plain = self._plain
         for name, value in values.items():
+            p = plain.get(name)
+            if p is not None and value.__class__ is p[0] and p[3] <= value <= p[4]:
+                p[1](buf, p[2], value)   # the common case: an exact float / int in range
+                mask |= p[5]
+                continue
             f = self.field(name)
-            data = self.encode(name, value)
-            buf[f.word * _WORD:(f.word + f.words) * _WORD] = data
+            buf[f.word * _WORD:(f.word + f.words) * _WORD] = self.encode(name, value)
             mask |= ((1 << f.words) - 1) << f.word
+        ffi.memmove(into, buf, _MAX_WORDS * _WORD)
         return mask
 
     def unpack(self, view: memoryview) -> tuple[Any, ...]:
         """Field values and version from an ``eng_ctx_out``."""
         values = self._struct.unpack_from(view)
         if self._bytes_at:
-            values = tuple(v.rstrip(b"\0") if i in self._bytes_at else v
-                           for i, v in enumerate(values))
+            out = list(values)
+            for i in self._bytes_at:
+                out[i] = out[i].rstrip(b"\0")
+            return tuple(out)
         return values
 
 

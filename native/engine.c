@@ -1491,7 +1491,10 @@ int eng_id_of(eng_seg *s, uint32_t slot, uint64_t *out_id)
  * the next insert takes them over and recover() clears them (attach, too,
  * before it gives a dead entry a new incarnation).
  *
- * Does not guarantee: openings of one slot 2^31 apart are told apart (the
+ * Does not guarantee: that a process judged gone while it still runs (code
+ * outside the engine closed its liveness descriptor) stores nothing more
+ * into a key record it lost -- what it publishes is fenced, its late plain
+ * stores are not; openings of one slot 2^31 apart are told apart (the
  * opening count is compared with wrap); a stale cell and a new one with
  * equal slot, record, 16-bit claim count and fingerprint (2^16 claims of
  * one record during one delayed CAS) kept apart.
@@ -1742,12 +1745,15 @@ static int keyrec_claim(eng_seg *s, uint64_t id, uint32_t *r)
                 free = tag_owner_dead(s, t);
                 busy += !free;
             }
-            if (free && keyrec_take(s, slot, i, t)) {
-                uint64_t mine = kr_tag(ENG_KR_CLEARING, s->token);
-                cas_acq_rel_u64(&keyrec_at(s, slot, i)->tag, &mine, kr_tag(ENG_KR_BUSY, s->token));
+            if (!free)
+                continue;
+            uint64_t mine = kr_tag(ENG_KR_CLEARING, s->token);
+            if (keyrec_take(s, slot, i, t) &&
+                cas_acq_rel_u64(&keyrec_at(s, slot, i)->tag, &mine, kr_tag(ENG_KR_BUSY, s->token))) {
                 *r = i;
                 return 0;
             }
+            busy++;   /* lost it to another claimant: look again */
         }
         if (!busy)
             return ENG_EKEYLIMIT;
@@ -1783,7 +1789,7 @@ static int cell_place(eng_seg *s, const key_place *p, uint64_t c)
 static int key_conflicts(eng_seg *s, const eng_key *k, const key_place *p, uint32_t my_slot,
                          uint32_t my_r, op_timer t)
 {
-    uint32_t buckets[2] = {p->b1, p->b2};
+    uint32_t buckets[2] = {p->b1, p->b2}, rejudged = 0;
     for (int i = 0; i < 2; i++) {
         uint64_t *b = bucket_at(s, buckets[i]);
         for (uint32_t j = 0; j < ENG_KEY_BUCKET; j++) {
@@ -1801,7 +1807,13 @@ static int key_conflicts(eng_seg *s, const eng_key *k, const key_place *p, uint3
             if (kr_kind(tag) == ENG_KR_BUSY) {
                 if (!tag_owner_dead(s, tag))
                     return ENG_EBUSY;
-                keyrec_clear(s, slot, r, tag);   /* revoke: its I6 CAS now fails */
+                /* revoke: its I6 CAS now fails; if the record moved first
+                 * (it published, or was cleared), judge this cell again */
+                if (!keyrec_clear(s, slot, r, tag)) {
+                    if (++rejudged > READ_RETRIES)
+                        return ENG_EBUSY;
+                    j--;
+                }
                 continue;
             }
             if (kr_kind(tag) != ENG_KR_HELD)
