@@ -35,7 +35,7 @@ from engine import (
 )
 
 HEADER_SIZE = ffi.sizeof("eng_header")
-SIZE_16 = lib.eng_segment_size(16, POSITION_SPEC.record.n_words, 2)
+SIZE_16 = lib.eng_segment_size(16, POSITION_SPEC.record.n_words, 2, 64)
 _HEADER_FIELDS = dict(ffi.typeof("eng_header").fields)
 
 

@@ -1480,14 +1480,14 @@ class CFuzz:
             p = self.call(name, "-", lib.eng_strerror, d(st.one_of(st.integers(-64, 64), I32S)))
             assert p != ffi.NULL and ffi.string(p)
         elif name == "eng_segment_size":
-            self.call(name, "-", lib.eng_segment_size, d(U32S), d(U32S), d(U32S))
+            self.call(name, "-", lib.eng_segment_size, d(U32S), d(U32S), d(U32S), d(U32S))
         elif name == "eng_format":
             base = d(st.sampled_from(["null", "buf"]))
             size = d(st.integers(0, SMALL_BUF)) if base == "buf" else d(U64S)
             rc = self.call(name, base, lib.eng_format,
                            self.buf if base == "buf" else ffi.NULL, size, d(U32S),
                            d(st.sampled_from([ffi.NULL, self.table])), d(U32S), d(U32S),
-                           d(U32S), d(U32S), d(U64S), d(U32S), self.layout(d))
+                           d(U32S), d(U32S), d(U64S), d(U32S), self.layout(d), d(U32S))
             x(name, base, rc)
         elif name == "eng_validate":
             base = d(st.sampled_from(["null", "buf", "foreign"]))
