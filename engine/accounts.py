@@ -62,7 +62,7 @@ def to_units(value: Any, what: str = "money") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
         raise EngineTypeError(f"{what} must be an int, float or Decimal, got {value!r:.40} "
                               f"({type(value).__name__})")
-    if isinstance(value, float) and not math.isfinite(value) or (
+    if (isinstance(value, float) and not math.isfinite(value)) or (
             isinstance(value, Decimal) and not value.is_finite()):
         raise MoneyError(f"{what} must be finite, got {value!r}")
     exact = Fraction(value) * SCALE

@@ -41,7 +41,6 @@ from engine.errors import (
     RiskLimitError,
     SlotError,
     TriggerError,
-    UnknownAccountError,
     raise_for,
 )
 from engine.metrics import Metrics, read_metrics

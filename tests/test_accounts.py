@@ -239,7 +239,7 @@ class TestReservations:
         before, rows = engine.account(a), len(engine.snapshot())
         with pytest.raises(RiskLimitError) as e:
             engine.open_position(100.0, 1.0, account=a)
-        assert e.value.limit == limit and limit in str(e.value) or "cash" in str(e.value)
+        assert (e.value.limit == limit and limit in str(e.value)) or "cash" in str(e.value)
         assert any(ch.isdigit() for ch in str(e.value))
         assert engine.account(a) == before and len(engine.snapshot()) == rows
 

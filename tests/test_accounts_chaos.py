@@ -172,7 +172,7 @@ def run_rounds(eng: Engine, spawner: Any, rounds: int, per_round: int,
             p = spawner.start(chaos_worker, eng.handle, accts, rnd * 100 + w, ready, fault,
                               journal)
             procs.append((p, ready))
-        for p, ready in procs:
+        for _, ready in procs:
             assert ready.wait(60), "worker never became ready"
         if fault:
             p = procs[0][0]

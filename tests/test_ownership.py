@@ -48,10 +48,10 @@ import os
 import pathlib
 import random
 import re
-import struct
 import resource
 import select
 import signal
+import struct
 import subprocess
 import sys
 import threading
