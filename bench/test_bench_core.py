@@ -183,10 +183,10 @@ def test_memory_per_position(benchmark: Any, recorder: Recorder, engine: Engine)
     """Segment bytes per position at capacity 10 000 (timed only so that
     ``--benchmark-only`` keeps this test; the result is a size)."""
     cap = engine.capacity
-    words, kpp = engine.spec.record.n_words, engine.keys_per_position
-    size = benchmark.pedantic(lib.eng_segment_size, args=(cap, words, kpp), rounds=1,
+    words, kpp, accts = engine.spec.record.n_words, engine.keys_per_position, 64
+    size = benchmark.pedantic(lib.eng_segment_size, args=(cap, words, kpp, accts), rounds=1,
                               iterations=1)
-    marginal = (lib.eng_segment_size(2 * cap, words, kpp) - size) / cap
+    marginal = (lib.eng_segment_size(2 * cap, words, kpp, accts) - size) / cap
     recorder.note("segment_bytes", size)
     recorder.note("bytes_per_position", size / cap)
     recorder.note("marginal_bytes_per_position", marginal)

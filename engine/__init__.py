@@ -8,6 +8,7 @@
 'APPLIED'
 """
 
+from engine.accounts import Account
 from engine.core import Engine, Handle, RecoveryReport
 from engine.errors import (
     ArgumentError,
@@ -20,15 +21,19 @@ from engine.errors import (
     InternalError,
     KeyExistsError,
     KeyLimitError,
+    MoneyError,
     NotOpenError,
     PriceError,
+    RiskLimitError,
     SegmentError,
     SegmentNotFoundError,
     SlotError,
     SpecError,
     SpecMismatchError,
+    StaleAccountError,
     StaleIdError,
     TriggerError,
+    UnknownAccountError,
     WaitTimeout,
 )
 from engine.metrics import Metrics, OpMetrics
@@ -38,6 +43,7 @@ from engine.spec import ORDER_SPEC, POSITION_SPEC, MachineSpec, Outcome, Rule, S
 __all__ = [
     "ORDER_SPEC",
     "POSITION_SPEC",
+    "Account",
     "ArgumentError",
     "BusyError",
     "CapacityError",
@@ -53,22 +59,26 @@ __all__ = [
     "KeyLimitError",
     "MachineSpec",
     "Metrics",
+    "MoneyError",
     "NotOpenError",
     "OpMetrics",
     "Outcome",
     "PriceError",
     "PriceSnapshot",
     "RecoveryReport",
+    "RiskLimitError",
     "Rule",
     "SegmentError",
     "SegmentNotFoundError",
     "SlotError",
     "SpecError",
     "SpecMismatchError",
+    "StaleAccountError",
     "StaleIdError",
     "State",
     "Trigger",
     "TriggerError",
+    "UnknownAccountError",
     "WaitTimeout",
 ]
 __version__ = "0.1.0"

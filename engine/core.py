@@ -16,6 +16,7 @@ import mmap
 import numbers
 import operator
 import os
+import random
 import threading
 import time
 import weakref
@@ -28,19 +29,22 @@ import numpy.typing as npt
 
 from engine import segment
 from engine._native import ffi, lib
+from engine.accounts import LIMITS, Account, account_from_row, from_units, to_units
 from engine.errors import (
     ArgumentError,
+    BusyError,
     ClosedError,
     EngineError,
     EngineTypeError,
     FieldError,
     PriceError,
+    RiskLimitError,
     SlotError,
     TriggerError,
     raise_for,
 )
 from engine.metrics import Metrics, read_metrics
-from engine.records import PRICE_STRUCT, PriceSnapshot
+from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PriceSnapshot
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome
 
 __all__ = ["Engine", "Handle", "RecoveryReport"]
@@ -57,6 +61,11 @@ _tuple_new = tuple.__new__
 _INT64 = (-(2**63), 2**63 - 1)
 _KEY_MAX = lib.ENG_KEY_MAX
 _DEFAULT_KEYS = 2
+_DEFAULT_ACCOUNTS = 64
+_ACCOUNT_TRIES = 32          # update_account: tries before BusyError
+_ACCOUNT_BACKOFF_S = 20e-6   # first back-off; doubles per try, capped at 2 ms
+_RISK_LIMITS = {lib.ENG_ERISK_HALTED: "halted", lib.ENG_ERISK_EXPOSURE: "exposure",
+                lib.ENG_ERISK_COUNT: "count", lib.ENG_ERISK_CASH: "cash"}
 # what cffi raises for an argument it cannot convert (NaN to int: ValueError)
 _CONVERSION_ERRORS = (TypeError, OverflowError, ValueError)
 _SLOT_MASK = lib.ENG_ID_SLOT_MASK
@@ -80,11 +89,14 @@ class RecoveryReport:
     price_latches: int
     removed_pids: tuple[int, ...]
     keys_cleared: int = 0   # key records, cells and stripe locks left by the dead
+    accounts_forward: int = 0   # account changes of dead holders completed
+    accounts_back: int = 0      # account changes of dead holders undone
 
     @property
     def changed(self) -> bool:
         return bool(self.rolled_forward or self.rolled_back or self.price_latches
-                    or self.removed_pids or self.keys_cleared)
+                    or self.removed_pids or self.keys_cleared or self.accounts_forward
+                    or self.accounts_back)
 
 
 def _is_number(v: object) -> bool:
@@ -207,6 +219,8 @@ class Engine:
         self.capacity: int = self._seg.capacity
         #: keys one opening may have (set at create)
         self.keys_per_position: int = self._seg.kpp
+        #: account records (set at create)
+        self.max_accounts: int = self._seg.max_accounts
         self._pid = os.getpid()
         self._rec = spec.record
         self._price_buf: tuple[Any, memoryview] | None = _new_out("eng_price_out *")
@@ -217,29 +231,34 @@ class Engine:
     @classmethod
     def create(cls, capacity: int = 10_000, *, name: str | None = None,
                spec: MachineSpec | None = None,
-               keys_per_position: int = _DEFAULT_KEYS) -> Engine:
+               keys_per_position: int = _DEFAULT_KEYS,
+               max_accounts: int = _DEFAULT_ACCOUNTS) -> Engine:
         """Create a new segment for ``capacity`` positions and attach to it.
 
         ``keys_per_position`` (0 to ``ENG_MAX_KEYS_PER_POSITION``) is how many
-        unique keys (``open(key=)``, ``bind_key``) one opening may have."""
+        unique keys (``open(key=)``, ``bind_key``) one opening may have;
+        ``max_accounts`` (0 to ``ENG_MAX_ACCOUNTS``) how many accounts can be
+        open at once."""
         spec = _check_spec(spec)
         for what, v, hi in (("capacity", capacity, lib.ENG_MAX_CAPACITY),
                             ("keys_per_position", keys_per_position,
-                             lib.ENG_MAX_KEYS_PER_POSITION)):
+                             lib.ENG_MAX_KEYS_PER_POSITION),
+                            ("max_accounts", max_accounts, lib.ENG_MAX_ACCOUNTS)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise EngineTypeError(f"{what} must be an int, got {v!r}")
             if not (1 if what == "capacity" else 0) <= v <= hi:
                 raise ArgumentError(f"{what} must be in [{1 if what == 'capacity' else 0}, "
                                     f"{hi}], got {v}")
         name = segment.check_name(name) if name is not None else segment.random_name()
-        size = lib.eng_segment_size(capacity, spec.record.n_words, keys_per_position)
+        size = lib.eng_segment_size(capacity, spec.record.n_words, keys_per_position,
+                                    max_accounts)
         mm, fd = segment.create_with_fd(name, size)
         table = spec.table_bytes()
         with ffi.from_buffer(mm) as buf:
             rc = lib.eng_format(buf, size, capacity, table, len(spec.states),
                                 len(spec.triggers), spec.state_index[spec.initial],
                                 spec.closed_mask, spec.fingerprint, os.getpid(),
-                                spec.record.c_layout(keys_per_position))
+                                spec.record.c_layout(keys_per_position), max_accounts)
         if rc:
             mm.close()
             os.close(fd)
@@ -414,6 +433,10 @@ class Engine:
         try:
             rc = lib.eng_open(self._seg, words, k, len(k) if k else 0, out, out + 1)
             if rc:
+                if "account" in rec.roles:
+                    self._fail_account(rc, fields.get("account"), price=fields.get("entry_price"),
+                                       key=key, fields=fields,
+                                       money=f"entry_price x amount of {fields}")
                 self._fail(rc, price=fields.get("entry_price"), key=key, fields=fields,
                            keys_per_position=self.keys_per_position)
             return int(out[0])
@@ -425,14 +448,24 @@ class Engine:
             raise
 
     def open_position(self, entry_price: float, amount: float, side: int = 1,
-                      token: int = 0, key: str | bytes | None = None) -> int:
-        """Open a position of the position spec: ``open`` with its fields."""
+                      token: int = 0, key: str | bytes | None = None,
+                      account: int | None = None) -> int:
+        """Open a position of the position spec: ``open`` with its fields.
+
+        With ``account``, its notional |entry_price x amount| is reserved on
+        that account atomically with the opening, or ``RiskLimitError`` is
+        raised and nothing changes."""
         if not self._rec.pnl or "token" not in self._rec.roles:
             raise ArgumentError(f"open_position needs entry_price, amount, side and token "
                                 f"fields; spec {self.spec.name!r} has "
                                 f"{[f.name for f in self._rec.fields]}: use open(**fields)")
-        return self._open(key, {"entry_price": entry_price, "amount": amount, "side": side,
-                                "token": token})
+        fields = {"entry_price": entry_price, "amount": amount, "side": side, "token": token}
+        if account is not None:
+            if "account" not in self._rec.roles:
+                raise FieldError(f"spec {self.spec.name!r} has no i8 field 'account': positions "
+                                 "of it cannot be booked on an account")
+            fields["account"] = self._account_id(account)
+        return self._open(key, fields)
 
     @staticmethod
     def _check_pnl_fields(fields: dict[str, Any]) -> None:
@@ -691,6 +724,173 @@ class Engine:
         n = lib.eng_update_token_price(self._seg, token, price)
         return int(n) if n >= 0 else self._fail(int(n), price=price)
 
+    # -- accounts --------------------------------------------------------------------
+    def _account_id(self, account: Any) -> int:
+        """An account id as an exact int; out of range: UnknownAccountError."""
+        if isinstance(account, bool) or not isinstance(account, int):
+            try:
+                if isinstance(account, bool):
+                    raise TypeError
+                account = operator.index(account)
+            except TypeError:
+                raise EngineTypeError(f"account must be an int from open_account, got "
+                                      f"{account!r:.40} ({type(account).__name__})") from None
+        account = int(account)
+        if not 1 <= account <= lib.ENG_ACCOUNT_ID_MAX or account & _SLOT_MASK >= self.max_accounts:
+            self._fail_account(lib.ENG_EBADACCOUNT, account)
+        return account
+
+    def _fail_account(self, rc: int, account: Any, **more: Any) -> NoReturn:
+        """Raise for an account call's status; a RiskLimitError names the
+        limit and the numbers it was checked against (C keeps them)."""
+        numbers = ""
+        limit = _RISK_LIMITS.get(rc)
+        if limit:
+            b, need = self._seg.last_books, from_units(self._seg.last_amount)
+            cash, reserved = from_units(b.cash), from_units(b.reserved)
+            numbers = {
+                "halted": f" (realized {from_units(b.realized)}, max_loss "
+                          f"{from_units(b.max_loss)})",
+                "exposure": f": reserved {reserved} + notional {need} > max_exposure "
+                            f"{from_units(b.max_exposure)}",
+                "count": f": open_positions {b.open_positions} + 1 > max_positions "
+                         f"{b.max_positions}",
+                "cash": f": needs {need}, available = cash {cash} - reserved {reserved} = "
+                        f"{cash - reserved}",
+            }[limit]
+        try:
+            raise_for(rc, account=account, numbers=numbers, max_accounts=self.max_accounts,
+                      name=self.name, capacity=self.capacity, **more)
+        except RiskLimitError as e:
+            e.limit = limit or ""
+            e.books = self._seg.last_books and account_from_row(
+                ffi.new("eng_account_row *", {"id": account, "b": self._seg.last_books}))
+            raise
+
+    def _account_call(self, rc: int, account: int, **more: Any) -> None:
+        if rc:
+            self._fail_account(rc, account, **more)
+
+    def open_account(self, cash: Any, max_exposure: Any, max_positions: int, max_loss: Any,
+                     key: str | bytes | None = None) -> int:
+        """Open an account with ``cash`` and its limits; returns its id.
+
+        ``max_exposure``: the most its open positions may reserve in all;
+        ``max_positions``: how many may be open; ``max_loss``: realized losses
+        reaching it halt the account.  ``key`` is a label for people (checked
+        like a position key, not stored in the segment)."""
+        units = [to_units(v, what) for v, what in ((cash, "cash"), (max_exposure, "max_exposure"),
+                                                  (max_loss, "max_loss"))]
+        if isinstance(max_positions, bool) or not isinstance(max_positions, int):
+            raise EngineTypeError(f"max_positions must be an int, got {max_positions!r:.40}")
+        if not 0 <= max_positions <= 2**32 - 1:
+            raise ArgumentError(f"max_positions must be in [0, {2**32 - 1}], got {max_positions}")
+        if key is not None:
+            self._key_arg(key)
+        out = ffi.new("uint64_t *")
+        rc = lib.eng_open_account(self._seg, units[0], units[1], max_positions, units[2], out)
+        self._account_call(rc, None, money=f"cash={cash!r}, max_exposure={max_exposure!r}, "
+                                            f"max_loss={max_loss!r}")
+        return int(out[0])
+
+    def close_account(self, account: int) -> Account:
+        """Close an account with no open position; its id goes stale.
+        Returns its last books."""
+        last = self.account(account)
+        self._account_call(lib.eng_close_account(self._seg, self._account_id(account)), account)
+        return last
+
+    def account(self, account: int) -> Account:
+        """A consistent read of the account's books; never waits.  A position
+        booking shows exactly when its state change does."""
+        account = self._account_id(account)
+        row = ffi.new("eng_account_row *")
+        self._account_call(lib.eng_read_account(self._seg, account, row), account)
+        return account_from_row(row)
+
+    def deposit(self, account: int, amount: Any) -> None:
+        """Add ``amount`` (>= 0) to the account's cash."""
+        account = self._account_id(account)
+        units = to_units(amount, "amount")
+        self._account_call(lib.eng_deposit(self._seg, account, units), account,
+                           money=f"amount={amount!r}")
+
+    def withdraw(self, account: int, amount: Any) -> None:
+        """Take ``amount`` (>= 0) from the account's cash; never below what is
+        reserved (RiskLimitError, limit "cash")."""
+        account = self._account_id(account)
+        units = to_units(amount, "amount")
+        self._account_call(lib.eng_withdraw(self._seg, account, units), account,
+                           money=f"amount={amount!r}")
+
+    def halt_account(self, account: int, on: bool = True) -> None:
+        """Halt (or resume) openings against the account; closings go on."""
+        account = self._account_id(account)
+        if not isinstance(on, bool):
+            raise EngineTypeError(f"on must be a bool, got {on!r:.40}")
+        self._account_call(lib.eng_halt_account(self._seg, account, 1 if on else 0), account)
+
+    def update_account(self, account: int, fn: Any) -> Account:
+        """Optimistic versioned update of the account's limits and halt flag.
+
+        ``fn(Account)`` returns a new ``Account`` (``_replace``) or a dict of
+        changed ``max_exposure``, ``max_positions``, ``max_loss``, ``halted``.
+        The change applies only if the version is still the one ``fn`` saw;
+        otherwise ``fn`` runs again on a fresh read, with back-off, up to
+        32 tries (then BusyError).  Conflicts and retries show in
+        ``metrics()["account"]``.  Returns the books after the change."""
+        account = self._account_id(account)
+        if not callable(fn):
+            raise EngineTypeError(f"fn must be callable, got {fn!r:.40}")
+        for attempt in range(_ACCOUNT_TRIES):
+            seen = self.account(account)
+            new = fn(seen)
+            if isinstance(new, Account):
+                moved = [f for f in Account._fields if f not in LIMITS
+                         and getattr(new, f) != getattr(seen, f)]
+                if moved:
+                    raise ArgumentError(f"update_account changes only {list(LIMITS)}; fn "
+                                        f"changed {moved} (cash moves by deposit/withdraw)")
+                change = {f: getattr(new, f) for f in LIMITS}
+            elif isinstance(new, Mapping):
+                unknown = sorted(set(new) - set(LIMITS))
+                if unknown:
+                    raise ArgumentError(f"update_account changes only {list(LIMITS)}, got "
+                                        f"{unknown}")
+                change = {f: new.get(f, getattr(seen, f)) for f in LIMITS}
+            else:
+                raise EngineTypeError(f"fn must return an Account or a dict, got {new!r:.60}")
+            mp, halted = change["max_positions"], change["halted"]
+            if isinstance(mp, bool) or not isinstance(mp, int) or not 0 <= mp <= 2**32 - 1:
+                raise ArgumentError(f"max_positions must be an int in [0, {2**32 - 1}], "
+                                    f"got {mp!r}")
+            if not isinstance(halted, bool):
+                raise EngineTypeError(f"halted must be a bool, got {halted!r:.40}")
+            exposure = to_units(change["max_exposure"], "max_exposure")
+            loss = to_units(change["max_loss"], "max_loss")
+            rc = lib.eng_update_account(self._seg, account, seen.version, exposure, mp, loss,
+                                        1 if halted else 0, attempt)
+            if rc == 0:
+                return self.account(account)
+            if rc != lib.ENG_EVERSION:
+                self._fail_account(rc, account)
+            time.sleep(min(_ACCOUNT_BACKOFF_S * 2**attempt, 2e-3) * (0.5 + random.random()))
+        raise BusyError(f"update_account({account}): the version moved on each of "
+                        f"{_ACCOUNT_TRIES} tries; nothing was changed")
+
+    def accounts(self) -> np.ndarray:
+        """Every open account as one row of a structured array (``id``,
+        ``version``, ``latched`` and the books; money columns in int64 units
+        of 1 / ENG_MONEY_SCALE).  Each row is one consistent read."""
+        rows = np.zeros(self.max_accounts, dtype=ACCOUNT_ROW_DTYPE)
+        n = ffi.new("uint32_t *")
+        rc = lib.eng_accounts(self._seg, ffi.from_buffer("eng_account_row[]", rows,
+                                                         require_writable=True),
+                              self.max_accounts, n)
+        if rc:
+            self._fail(rc)
+        return rows[: int(n[0])]
+
     # -- waiting, snapshots, metrics, recovery ---------------------------------------
     def wait_for_change(self, pos: int, timeout: float = 1.0) -> Any:
         """Block until a transition commits on ``pos``; return the new state.
@@ -759,7 +959,7 @@ class Engine:
             self._fail(rc)
         return RecoveryReport(out.rolled_forward, out.rolled_back, out.price_latches,
                               tuple(out.removed_pids[i] for i in range(out.procs_removed)),
-                              out.keys_cleared)
+                              out.keys_cleared, out.accounts_forward, out.accounts_back)
 
     def halt(self, on: bool = True) -> None:
         """Emergency stop: while on, every transition returns ``Outcome.HALTED``."""

@@ -58,6 +58,31 @@ class KeyLimitError(ArgumentError):
     """The position already has ``keys_per_position`` keys."""
 
 
+class UnknownAccountError(NotOpenError):
+    """An account id that was never issued (or out of range)."""
+
+
+class StaleAccountError(StaleIdError):
+    """An account id whose opening was closed: it never reads or changes
+    the account that reuses the record."""
+
+
+class MoneyError(ArgumentError):
+    """An amount of money that is negative, not finite, finer than the
+    fixed point or beyond its range."""
+
+
+class RiskLimitError(EngineError):
+    """An opening (or a withdrawal) the account's limits refuse: halted,
+    exposure, count or cash.  Nothing was changed.  ``limit`` names the
+    limit; ``books`` are the account's books it was checked against."""
+
+    def __init__(self, message: str, limit: str = "", books: Any = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.books = books
+
+
 class CapacityError(EngineError, MemoryError):
     """No free slot, or no free entry in the process registry."""
 
@@ -150,7 +175,24 @@ ERRORS: dict[int, tuple[type[EngineError], str]] = {
     lib.ENG_EBADFIELD: (FieldError, "a field value is out of its type's range, or sets a field "
                                     "that is set at open only: {fields}"),
     lib.ENG_EBADKEY: (ArgumentError, f"a key is 1 to {lib.ENG_KEY_MAX} bytes, got {{key!r}}"),
+    lib.ENG_ERISK_HALTED: (RiskLimitError, "account {account!r} is halted: no opening until "
+                                           "halt_account(id, False){numbers}"),
+    lib.ENG_ERISK_EXPOSURE: (RiskLimitError, "account {account!r}: exposure limit{numbers}"),
+    lib.ENG_ERISK_COUNT: (RiskLimitError, "account {account!r}: position count limit{numbers}"),
+    lib.ENG_ERISK_CASH: (RiskLimitError, "account {account!r}: not enough cash beyond what is "
+                                         "reserved{numbers}"),
+    lib.ENG_EBADACCOUNT: (UnknownAccountError, "account id {account!r} was never issued: an "
+                                               "account id is an int from open_account whose "
+                                               "index (low 24 bits) is in [0, {max_accounts})"),
+    lib.ENG_ESTALEACCOUNT: (StaleAccountError, "account id {account!r} is stale: that opening "
+                                               "of the account was closed"),
+    lib.ENG_EBADMONEY: (MoneyError, "money out of range: {money}"),
+    lib.ENG_EACCTFULL: (CapacityError, "all {max_accounts} account records are open; close one "
+                                       "or create the engine with a larger max_accounts"),
+    lib.ENG_EACCTBUSY: (ArgumentError, "account {account!r} has open positions or reservations; "
+                                       "close them before close_account"),
     # statuses the API consumes itself; seeing one is a bug
+    lib.ENG_EVERSION: (InternalError, "internal status {code} ({why}) escaped: please report"),
     lib.ENG_EGUARDED: (InternalError, "internal status {code} ({why}) escaped: please report"),
     lib.ENG_EINTR: (InternalError, "internal status {code} ({why}) escaped: please report"),
 }

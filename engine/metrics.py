@@ -24,7 +24,7 @@ from engine._native import lib
 from engine.records import OP_METRICS_DTYPE
 
 OPS = ("transition", "transition_ctx", "open", "price", "price_batch", "read", "wait", "recover",
-       "key", "lookup")
+       "key", "lookup", "account")
 assert len(OPS) == lib.ENG_OP_COUNT
 assert [getattr(lib, "ENG_OP_" + op.upper()) for op in OPS] == list(range(len(OPS)))
 

@@ -97,6 +97,7 @@ class Context(NamedTuple):
     opened_ns: int
     side: int
     exit_reason: int
+    account: int
     version: int
 
 
@@ -106,6 +107,7 @@ assert _price_names == ["price", "ts_ns", "pnl_pct", "pnl_usd", "version"], _pri
 
 OP_METRICS_DTYPE = dtype_for("eng_op_metrics")
 PROC_DTYPE = dtype_for("eng_proc")
+ACCOUNT_ROW_DTYPE = dtype_for("eng_account_row")
 
 # -- record layouts ----------------------------------------------------------------------
 
@@ -124,7 +126,9 @@ ROLES = {"entry_price": (lib.ENG_ROLE_ENTRY_PRICE, ("f8",)),
          "amount": (lib.ENG_ROLE_AMOUNT, ("f8",)),
          "side": (lib.ENG_ROLE_SIDE, ("i4", "i8")),
          "token": (lib.ENG_ROLE_TOKEN, ("i8",)),
-         "opened_ns": (lib.ENG_ROLE_OPENED_NS, ("i8",))}
+         "opened_ns": (lib.ENG_ROLE_OPENED_NS, ("i8",)),
+         # the account the opening reserved on: only where PnL is computed
+         "account": (lib.ENG_ROLE_ACCOUNT, ("i8",))}
 _PNL = ("entry_price", "amount", "side")
 _FMAX = 1.7976931348623157e308
 #: f8 fields that hold a price level, so never negative
@@ -195,7 +199,7 @@ class RecordLayout:
         #: PnL is computed in C when the record has all three
         self.pnl = all(n in self.roles for n in _PNL)
         if not self.pnl:
-            for n in _PNL:
+            for n in (*_PNL, "account"):
                 self.roles.pop(n, None)
         #: fields set at open only: the engine reads them
         self.fixed = frozenset(self.roles)

@@ -239,6 +239,7 @@ def _guard_name(g: Guard | None) -> str | None:
 POSITION_FIELDS: Mapping[str, str] = {
     "entry_price": "f8", "amount": "f8", "stop_loss": "f8", "take_profit": "f8",
     "token": "i8", "opened_ns": "i8", "side": "i4", "exit_reason": "i4",
+    "account": "i8",   # the account the opening reserved on (0: none); set at open only
 }
 
 POSITION_SPEC = MachineSpec.position()

@@ -473,7 +473,8 @@ static inline uint64_t align_line(uint64_t x)
 static inline uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) & ~(a - 1); }
 
 typedef struct layout {
-    uint64_t registry_off, shards_off, slots_off, keyrecs_off, keyidx_off, stripes_off, size;
+    uint64_t registry_off, shards_off, slots_off, keyrecs_off, keyidx_off, stripes_off;
+    uint64_t accounts_off, size;
     uint32_t rec_size, slot_size, key_buckets;
 } layout;
 
@@ -485,7 +486,8 @@ static inline uint32_t key_buckets_for(uint32_t capacity, uint32_t kpp)
     return (uint32_t)((cells + ENG_KEY_BUCKET - 1) / ENG_KEY_BUCKET);
 }
 
-static layout compute_layout(uint32_t capacity, uint32_t n_words, uint32_t kpp)
+static layout compute_layout(uint32_t capacity, uint32_t n_words, uint32_t kpp,
+                             uint32_t max_accounts)
 {
     layout l;
     l.rec_size = (uint32_t)align_up(8 * (ENG_REC_META_WORDS + n_words), ENG_REC_ALIGN);
@@ -497,16 +499,18 @@ static layout compute_layout(uint32_t capacity, uint32_t n_words, uint32_t kpp)
     l.keyrecs_off = l.slots_off + (uint64_t)l.slot_size * capacity;
     l.keyidx_off = l.keyrecs_off + sizeof(eng_keyrec) * (uint64_t)capacity * kpp;
     l.stripes_off = l.keyidx_off + (uint64_t)ENG_CACHE_LINE * l.key_buckets;
-    l.size = align_line(l.stripes_off + sizeof(uint32_t) * (uint64_t)l.key_buckets);
+    l.accounts_off = align_line(l.stripes_off + sizeof(uint32_t) * (uint64_t)l.key_buckets);
+    l.size = l.accounts_off + sizeof(eng_account) * (uint64_t)max_accounts;
     return l;
 }
 
-uint64_t eng_segment_size(uint32_t capacity, uint32_t n_words, uint32_t keys_per_position)
+uint64_t eng_segment_size(uint32_t capacity, uint32_t n_words, uint32_t keys_per_position,
+                          uint32_t max_accounts)
 {
     if (capacity == 0 || capacity > ENG_MAX_CAPACITY || n_words > ENG_MAX_FIELD_WORDS ||
-        keys_per_position > ENG_MAX_KEYS_PER_POSITION)
+        keys_per_position > ENG_MAX_KEYS_PER_POSITION || max_accounts > ENG_MAX_ACCOUNTS)
         return 0;
-    return compute_layout(capacity, n_words, keys_per_position).size;
+    return compute_layout(capacity, n_words, keys_per_position, max_accounts).size;
 }
 
 int eng_noop(void) { return 0; }
@@ -547,6 +551,16 @@ const char *eng_strerror(int code)
     case ENG_EKEYFULL: return "the key index has no room for this key";
     case ENG_EBADFIELD: return "field value out of range, or set at open only";
     case ENG_EBADKEY: return "key length out of range";
+    case ENG_ERISK_HALTED: return "the account is halted";
+    case ENG_ERISK_EXPOSURE: return "the opening would pass the account's max_exposure";
+    case ENG_ERISK_COUNT: return "the opening would pass the account's max_positions";
+    case ENG_ERISK_CASH: return "not enough cash beyond what is reserved";
+    case ENG_EBADACCOUNT: return "account id out of range or never issued";
+    case ENG_ESTALEACCOUNT: return "account id's opening was closed";
+    case ENG_EBADMONEY: return "money negative or beyond the fixed-point range";
+    case ENG_EACCTFULL: return "no free account record";
+    case ENG_EACCTBUSY: return "the account has open positions";
+    case ENG_EVERSION: return "the account's version moved";
     default: return "unknown code";
     }
 }
@@ -559,7 +573,7 @@ static int rec_layout_ok(const eng_rec_layout *r)
     static const uint8_t role_type[ENG_ROLE_COUNT] = {
         [ENG_ROLE_ENTRY_PRICE] = ENG_FT_F8, [ENG_ROLE_AMOUNT] = ENG_FT_F8,
         [ENG_ROLE_SIDE] = ENG_FT_I4, [ENG_ROLE_TOKEN] = ENG_FT_I8,
-        [ENG_ROLE_OPENED_NS] = ENG_FT_I8};
+        [ENG_ROLE_OPENED_NS] = ENG_FT_I8, [ENG_ROLE_ACCOUNT] = ENG_FT_I8};
     if (r->n_words > ENG_MAX_FIELD_WORDS || r->keys_per_position > ENG_MAX_KEYS_PER_POSITION)
         return 0;
     for (uint32_t i = 0; i < ENG_MAX_FIELD_WORDS; i++) {
@@ -577,22 +591,28 @@ static int rec_layout_ok(const eng_rec_layout *r)
         if (ty != role_type[k] && !(k == ENG_ROLE_SIDE && ty == ENG_FT_I8))
             return 0;
     }
+    /* an account reserves |entry x amount|: only with the PnL roles */
+    if (r->roles[ENG_ROLE_ACCOUNT] != ENG_ROLE_NONE &&
+        (r->roles[ENG_ROLE_ENTRY_PRICE] == ENG_ROLE_NONE ||
+         r->roles[ENG_ROLE_AMOUNT] == ENG_ROLE_NONE || r->roles[ENG_ROLE_SIDE] == ENG_ROLE_NONE))
+        return 0;
     return 1;
 }
 
 int eng_format(void *base, uint64_t size, uint32_t capacity,
                const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
                uint32_t initial_index, uint32_t closed_mask,
-               uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec)
+               uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec,
+               uint32_t max_accounts)
 {
     if (!base || !table || !rec || capacity == 0 || capacity > ENG_MAX_CAPACITY ||
-        !rec_layout_ok(rec))
+        !rec_layout_ok(rec) || max_accounts > ENG_MAX_ACCOUNTS)
         return ENG_EBADARG;
     if (n_states == 0 || n_states > ENG_MAX_STATES || n_triggers == 0 ||
         n_triggers > ENG_MAX_TRIGGERS || initial_index >= n_states ||
         (closed_mask >> n_states) != 0)
         return ENG_EBADARG;
-    layout l = compute_layout(capacity, rec->n_words, rec->keys_per_position);
+    layout l = compute_layout(capacity, rec->n_words, rec->keys_per_position, max_accounts);
     if (size < l.size)
         return ENG_ESIZE;
     for (uint32_t i = 0; i < ENG_MAX_STATES * ENG_MAX_TRIGGERS; i++) {
@@ -617,6 +637,8 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
     h->keyidx_off = l.keyidx_off;
     h->stripes_off = l.stripes_off;
     h->key_buckets = l.key_buckets;
+    h->accounts_off = l.accounts_off;
+    h->max_accounts = max_accounts;
     if (getrandom(&h->key_seed, sizeof h->key_seed, GRND_NONBLOCK) != sizeof h->key_seed)
         h->key_seed = (uint64_t)now_ns(CLOCK_MONOTONIC) ^ ((uint64_t)creator_pid << 32);
     h->fingerprint = fingerprint;
@@ -647,16 +669,18 @@ int eng_validate(const void *base, uint64_t size, uint64_t fingerprint)
         return ENG_ENOTREADY;
     if (h->layout_version != ENG_LAYOUT_VERSION)
         return ENG_ELAYOUT;
-    if (h->capacity == 0 || h->capacity > ENG_MAX_CAPACITY || !rec_layout_ok(&h->rec))
+    if (h->capacity == 0 || h->capacity > ENG_MAX_CAPACITY || !rec_layout_ok(&h->rec) ||
+        h->max_accounts > ENG_MAX_ACCOUNTS)
         return ENG_ECORRUPT;
-    layout l = compute_layout(h->capacity, h->rec.n_words, h->rec.keys_per_position);
+    layout l = compute_layout(h->capacity, h->rec.n_words, h->rec.keys_per_position,
+                              h->max_accounts);
     if (h->slot_size != l.slot_size || h->rec_size != l.rec_size ||
         h->key_buckets != l.key_buckets)
         return ENG_ECORRUPT;
     if (h->segment_size != l.size || size < l.size || h->registry_off != l.registry_off ||
         h->shards_off != l.shards_off || h->slots_off != l.slots_off ||
         h->keyrecs_off != l.keyrecs_off || h->keyidx_off != l.keyidx_off ||
-        h->stripes_off != l.stripes_off)
+        h->stripes_off != l.stripes_off || h->accounts_off != l.accounts_off)
         return ENG_ESIZE;
     if (h->n_states == 0 || h->n_states > ENG_MAX_STATES || h->n_triggers == 0 ||
         h->n_triggers > ENG_MAX_TRIGGERS || h->initial_index >= h->n_states)
@@ -746,6 +770,8 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     s->keyrecs = (eng_keyrec *)((uint8_t *)base + h->keyrecs_off);
     s->keyidx = (uint64_t *)((uint8_t *)base + h->keyidx_off);
     s->stripes = (uint32_t *)((uint8_t *)base + h->stripes_off);
+    s->accounts = (eng_account *)((uint8_t *)base + h->accounts_off);
+    s->max_accounts = h->max_accounts;
     s->slot_size = h->slot_size;
     s->rec_size = h->rec_size;
     s->n_words = h->rec.n_words;
@@ -753,6 +779,7 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     s->key_buckets = h->key_buckets;
     s->key_seed = h->key_seed;
     memcpy(s->roles, h->rec.roles, sizeof s->roles);
+    s->acct_role = s->roles[ENG_ROLE_ACCOUNT];
     s->pnl = s->roles[ENG_ROLE_ENTRY_PRICE] != ENG_ROLE_NONE &&
              s->roles[ENG_ROLE_AMOUNT] != ENG_ROLE_NONE &&
              s->roles[ENG_ROLE_SIDE] != ENG_ROLE_NONE;
@@ -1163,6 +1190,12 @@ static int ready_word(eng_seg *s, eng_slot *sl, uint64_t id, op_timer t, uint64_
     }
 }
 
+static int lock_slot(eng_seg *s, eng_slot *sl, uint64_t id, uint32_t trigger, int guarded,
+                     op_timer t, uint64_t *out_L);
+static int commit_with_update(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_update *u,
+                              op_timer t);
+static inline int is_closing(const eng_seg *s, uint32_t from, uint32_t to);
+
 int eng_transition(eng_seg *s, uint64_t id, uint32_t trigger)
 {
     CHECK_SEG(s);
@@ -1174,6 +1207,7 @@ int eng_transition(eng_seg *s, uint64_t id, uint32_t trigger)
         return ENG_EBADTRIGGER;
     op_timer t = op_begin(s, ENG_OP_TRANSITION);
     uint64_t retries = 0;
+    int booked = 0;
     uint64_t w = load_acquire_u64(&sl->word);
     for (;;) {
         rc = ready_word(s, sl, id, t, &w);
@@ -1182,6 +1216,11 @@ int eng_transition(eng_seg *s, uint64_t id, uint32_t trigger)
         int target = lookup(s, w, trigger, &rc);
         if (target < 0 || rc)
             break;
+        if (s->acct_role != ENG_ROLE_NONE && is_closing(s, sw_state(w), 1u << target) &&
+            load_relaxed_u64(&copy_of(s, sl, sw_ctx(w))->w[s->acct_role])) {
+            booked = 1;   /* a closing with an account is booked: the slow path */
+            break;
+        }
         uint64_t nw = sw_make(1u << target, next_gen(s, sw_gen(w)), sw_ctx(w));
         if (__builtin_expect(load_relaxed_u32(&s->hdr->fault_flags) & ENG_FAULT_BLIND_STORE, 0)) {
             store_release_u64(&sl->word, nw);   /* deliberately broken: tests only */
@@ -1202,6 +1241,12 @@ int eng_transition(eng_seg *s, uint64_t id, uint32_t trigger)
         backoff_step((uint32_t)(retries / 4));
     }
     OP_RETRIES(t, retries);
+    if (booked) {
+        uint64_t L;
+        rc = lock_slot(s, sl, id, trigger, 0, t, &L);
+        if (rc == ENG_APPLIED)
+            rc = commit_with_update(s, sl, L, NULL, t);
+    }
     op_end(t, rc);
     return rc;
 }
@@ -1327,12 +1372,645 @@ static int check_update(const eng_seg *s, const eng_ctx_update *u)
     return check_words(s, u->w, u->mask);
 }
 
-/* Holder of L: apply the update to the published context and commit. */
-static int commit_with_update(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_update *u)
+/* ==== accounts: books that move with the positions booked on them ============= */
+/*
+ * Protocol.  An account is one latch word (version << 24 | holder token) and
+ * two copies of its books; books[version & 1] is published.  A change of
+ * the account alone (open_account, deposit, withdraw, halt, update, close)
+ * is the price latch's scheme: latch, fill the other copy, seal it with the
+ * latched word AL (written last, release), publish by CAS AL -> (v + 1, 0).
+ *
+ * A position changes its account's books only while its actor holds BOTH
+ * the slot's transition lock L and the account latch AL (order: slot, then
+ * account).  Opening reserves notional = money(entry x amount); the
+ * transition out of an open state into a closed one releases it and books
+ * realized = side x (money(last price x amount) - notional) into cash
+ * (money(x) = llround(x x ENG_MONEY_SCALE): each leg is rounded to the unit,
+ * half away from zero, and the difference is exact).
+ *
+ *   holder (slot locked: L):                 resolver of AL (holder proven dead):
+ *     B1 latch the account: AL                 pend = books[(v(AL) + 1) & 1]
+ *     B2 check the limits on the published     if pend.seal != AL: back
+ *        books (refused: unlatch, unlock)      elif pend names no slot: forward
+ *     B3 fill pend, seal = {slot, L, AL}       else: if the slot's word is
+ *        (release, last)                             still L: slot takeover
+ *     B4 seal the record copy with L (W2)          forward iff the slot's
+ *     B5 CAS L -> committed  <- DECISION           PUBLISHED record copy has
+ *     B6 CAS AL -> (v + 1, 0): publish             commit == L
+ *                                              forward: CAS AL -> (v + 1, 0)
+ *                                              back:    CAS AL -> (v, 0)
+ *
+ *   reader (never waits):
+ *     w1 = word (acquire); books[v & 1], or pend if it is sealed with w1 and
+ *     its slot's decision is already "committed"; fence (acquire); retry
+ *     unless word == w1.
+ *
+ * The slot commit B5 decides both records: B3 precedes B4, so a record
+ * sealed with L (which a slot takeover rolls forward) always has sealed
+ * books beside it.  The evidence "published copy's commit == L" stays true
+ * until another record copy of the slot is published, and every path that
+ * could publish one waits for the latch first: a booked transition latches
+ * the account; any other record-writing transition of a position with an
+ * account, and release_position (before a reopen rewrites the copies),
+ * wait until the latch they saw is gone (acct_settle).  A reader sees the
+ * new books exactly when readers of the slot see its new state.
+ *
+ * Guarantees: after any number of SIGKILLs and a resolution (any waiter on
+ * the latch, or recover()), reserved == the sum of the notionals of the
+ * account's open positions and cash == opening cash + deposits -
+ * withdrawals + realized of its closed positions, exactly; a refused
+ * opening changes nothing; realized losses reaching max_loss halt the
+ * account in the same publish.
+ * Does not guarantee: fairness between contending latchers (EBUSY after the
+ * bound); exactness across 2^16 commits of one slot while its booking is
+ * unresolved (generation wrap, as the record seal); an opening whose id
+ * never reached its caller (eng_abandon_open) is not undone: it stays open
+ * with its reservation, visible in snapshot(), for anyone to close.
+ */
+
+#define ACCT_WAIT_STEPS (MAX_WAIT_STEPS * 8)   /* every worker may share one account */
+#define BOOKS_WORDS REC_WORDS(eng_books)
+
+static inline uint64_t aw_version(uint64_t w) { return w >> ENG_AW_VERSION_SHIFT; }
+static inline uint32_t aw_token(uint64_t w) { return (uint32_t)(w & ENG_TOKEN_MASK); }
+static inline uint64_t aw_make(uint64_t v) { return v << ENG_AW_VERSION_SHIFT; }
+
+static inline double as_f8(uint64_t w)
+{
+    double d;
+    memcpy(&d, &w, sizeof d);
+    return d;
+}
+
+/* price x amount in money units, rounded half away from zero; -1 if it is
+ * negative, not finite or beyond int64. */
+static inline int64_t money_of(double price, double amount)
+{
+    double x = price * amount * (double)ENG_MONEY_SCALE;
+    if (!(x >= 0.0) || x >= 9223372036854775808.0)   /* 2^63; NaN fails the first test */
+        return -1;
+    return (int64_t)llround(x);
+}
+
+int64_t eng_money_of(double price, double amount)
+{
+    int64_t m = money_of(price, amount);
+    return m < 0 ? ENG_EBADMONEY : m;
+}
+
+static inline int acct_of_id(const eng_seg *s, uint64_t id, eng_account **out)
+{
+    if (id == 0 || id > ENG_ACCOUNT_ID_MAX || (id & ENG_ID_SLOT_MASK) >= s->max_accounts)
+        return ENG_EBADACCOUNT;
+    *out = &s->accounts[id & ENG_ID_SLOT_MASK];
+    return 0;
+}
+
+/* 0 if books b are those of the open opening named by id. */
+static inline int books_check(const eng_books *b, uint64_t id)
+{
+    uint32_t want = id_opening(id);
+    if (b->open && b->opening == want)
+        return 0;
+    if (want == 0 || want > b->opening)
+        return ENG_EBADACCOUNT;
+    return ENG_ESTALEACCOUNT;
+}
+
+/* Has the transition that locked slot_ref - 1 with Ls committed?  1 yes,
+ * 0 no, -1 not decided yet (still locked; resolve: run the slot's takeover
+ * first when its owner is proven dead). */
+static int slot_decision(eng_seg *s, uint64_t slot_ref, uint64_t Ls, op_timer t, int resolve)
+{
+    if (slot_ref == 0 || slot_ref > s->capacity)
+        return 0;
+    eng_slot *sl = slot_at(s, (uint32_t)(slot_ref - 1));
+    uint64_t w = load_acquire_u64(&sl->word);
+    if (w == Ls) {
+        if (!resolve || !token_dead(s, sw_owner(Ls)))
+            return -1;
+        takeover(s, sl, Ls, t);
+        w = load_acquire_u64(&sl->word);
+        if (w == Ls)
+            return -1;
+    }
+    return load_acquire_u64(&copy_of(s, sl, sw_ctx(w))->commit) == Ls;   /* pairs with W2 */
+}
+
+/* Resolve latch AL by its evidence (its holder is proven dead, or is us
+ * after our slot commit failed).  1 forward, 2 back, 0 word moved / undecided. */
+static int acct_resolve(eng_seg *s, eng_account *a, uint64_t AL, op_timer t)
+{
+    uint64_t v = aw_version(AL);
+    eng_books *pend = &a->books[(v + 1) & 1];
+    int forward = 0;
+    if (load_acquire_u64(&pend->seal) == AL) {                     /* pairs with B3 */
+        uint64_t ref = load_relaxed_u64(&pend->seal_slot);
+        int d = ref ? slot_decision(s, ref, load_relaxed_u64(&pend->seal_word), t, 1) : 1;
+        if (d < 0)
+            return 0;
+        forward = d;
+    }
+    uint64_t expected = AL;
+    if (!cas_acq_rel_u64(&a->word, &expected, aw_make(forward ? v + 1 : v)))
+        return 0;
+    OP_TAKEOVERS(t, 1);
+    if (forward)
+        OP_FORWARDS(t, 1);
+    else
+        OP_BACKS(t, 1);
+    return forward ? 1 : 2;
+}
+
+/* B1: take the latch; a holder proven dead is resolved first. */
+static int acct_latch(eng_seg *s, eng_account *a, op_timer t, uint64_t *latched)
+{
+    for (uint32_t step = 0; step < ACCT_WAIT_STEPS; step++) {
+        uint64_t cur = load_acquire_u64(&a->word);
+        uint32_t holder = aw_token(cur);
+        if (holder == 0) {
+            uint64_t mine = cur | s->token;
+            if (cas_acq_rel_u64(&a->word, &cur, mine)) {
+                *latched = mine;
+                return 0;
+            }
+        } else if (time_to_check_owner(step) && token_dead(s, holder)) {
+            acct_resolve(s, a, cur, t);
+            continue;
+        }
+        OP_RETRIES(t, 1);
+        backoff_step(step < MAX_WAIT_STEPS ? step : MAX_WAIT_STEPS - 1);
+    }
+    return ENG_EBUSY;
+}
+
+static void acct_unlatch(eng_account *a, uint64_t AL)
+{
+    cas_acq_rel_u64(&a->word, &AL, aw_make(aw_version(AL)));
+}
+
+/* B3: fill the unpublished copy, then seal it with AL (release, last). */
+static void acct_write_pending(eng_account *a, uint64_t AL, eng_books *nb, uint64_t slot_ref,
+                               uint64_t Ls)
+{
+    eng_books *dst = &a->books[(aw_version(AL) + 1) & 1];
+    nb->seal_slot = slot_ref;
+    nb->seal_word = Ls;
+    fence_release();                                               /* B0: pairs with the reader's fence */
+    copy_words_relaxed((uint64_t *)dst + 1, (uint64_t *)nb + 1, BOOKS_WORDS - 1);
+    store_release_u64(&dst->seal, AL);                             /* B3 */
+}
+
+/* B6 (or a single change's publish): 0, or EBUSY if a resolver took the
+ * latch (it rolled the sealed copy forward: the change is in). */
+static int acct_publish(eng_account *a, uint64_t AL)
+{
+    uint64_t expected = AL;
+    return cas_acq_rel_u64(&a->word, &expected, aw_make(aw_version(AL) + 1)) ? 0 : ENG_EBUSY;
+}
+
+/* A consistent read of the books (see the reader above); never waits. */
+static int acct_read(eng_seg *s, const eng_account *a, eng_books *out, uint64_t *version,
+                     uint32_t *latched)
+{
+    op_timer none = {NULL, 0};
+    for (uint32_t i = 0; i < READ_RETRIES; i++) {
+        uint64_t w1 = load_acquire_u64(&a->word);                  /* pairs with B6 */
+        uint64_t v = aw_version(w1);
+        const eng_books *src = &a->books[v & 1];
+        uint64_t ver = v;
+        if (aw_token(w1)) {
+            const eng_books *pend = &a->books[(v + 1) & 1];
+            if (load_acquire_u64(&pend->seal) == w1) {             /* pairs with B3 */
+                uint64_t ref = load_relaxed_u64(&pend->seal_slot);
+                if (ref && slot_decision(s, ref, load_relaxed_u64(&pend->seal_word), none, 0) == 1) {
+                    src = pend;
+                    ver = v + 1;
+                }
+            }
+        }
+        copy_words_relaxed(out, src, BOOKS_WORDS);
+        fence_acquire();                                           /* pairs with B0 */
+        if (load_relaxed_u64(&a->word) == w1) {
+            *version = ver;
+            if (latched)
+                *latched = aw_token(w1) != 0;
+            return 0;
+        }
+        if (i > SPIN_STEPS)
+            sched_yield();
+    }
+    return ENG_EBUSY;
+}
+
+/* Wait until the latch seen now is gone (resolving a dead holder): after
+ * it, no booking about a slot we hold (or release) is unresolved. */
+static int acct_settle(eng_seg *s, uint64_t acct, op_timer t)
+{
+    eng_account *a;
+    if (acct_of_id(s, acct, &a))
+        return 0;
+    uint64_t first = load_acquire_u64(&a->word);
+    if (!aw_token(first))
+        return 0;
+    for (uint32_t step = 0; step < ACCT_WAIT_STEPS; step++) {
+        uint64_t cur = load_acquire_u64(&a->word);
+        if (cur != first)
+            return 0;
+        if (time_to_check_owner(step) && token_dead(s, aw_token(cur))) {
+            acct_resolve(s, a, cur, t);
+            continue;
+        }
+        OP_RETRIES(t, 1);
+        backoff_step(step < MAX_WAIT_STEPS ? step : MAX_WAIT_STEPS - 1);
+    }
+    return ENG_EBUSY;
+}
+
+enum { BOOK_OPEN = 1, BOOK_CLOSE = 2 };
+
+static int books_reserve(eng_books *b, int64_t notional)
+{
+    int64_t reserved, avail;
+    if (b->halted)
+        return ENG_ERISK_HALTED;
+    if (b->open_positions >= b->max_positions)
+        return ENG_ERISK_COUNT;
+    if (__builtin_add_overflow(b->reserved, notional, &reserved) || reserved > b->max_exposure)
+        return ENG_ERISK_EXPOSURE;
+    if (__builtin_sub_overflow(b->cash, b->reserved, &avail) || notional > avail)
+        return ENG_ERISK_CASH;
+    b->reserved = reserved;
+    b->open_positions++;
+    return 0;
+}
+
+static int books_release(eng_books *b, int64_t notional, int64_t realized)
+{
+    int64_t reserved, cash, total;
+    if (b->open_positions == 0 || __builtin_sub_overflow(b->reserved, notional, &reserved) ||
+        reserved < 0)
+        return ENG_ECORRUPT;   /* the books lost a reservation: never, if the invariant holds */
+    if (__builtin_add_overflow(b->cash, realized, &cash) ||
+        __builtin_add_overflow(b->realized, realized, &total))
+        return ENG_EBADMONEY;
+    b->reserved = reserved;
+    b->open_positions--;
+    b->cash = cash;
+    b->realized = total;
+    if (total < 0 && total <= -b->max_loss)
+        b->halted = 1;
+    return 0;
+}
+
+/* B1-B3 for the position in record c (the copy about to be sealed with L). */
+static int book_position(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec *c, int kind,
+                         op_timer t, eng_account **out_a, uint64_t *out_AL)
+{
+    uint64_t acct = c->w[s->acct_role];
+    eng_account *a;
+    int rc = acct_of_id(s, acct, &a);
+    if (rc)
+        return rc;
+    double amount = as_f8(c->w[s->roles[ENG_ROLE_AMOUNT]]);
+    int64_t side = (int64_t)c->w[s->roles[ENG_ROLE_SIDE]];
+    int64_t notional = money_of(as_f8(c->w[s->roles[ENG_ROLE_ENTRY_PRICE]]), amount);
+    int64_t realized = 0;
+    if (notional < 0)
+        return ENG_EBADMONEY;
+    if (kind == BOOK_CLOSE) {
+        eng_price_rec p;
+        uint64_t pv;
+        rc = read_price_rec(sl, &p, &pv);
+        if (rc)
+            return rc;
+        int64_t last = money_of(p.price, amount);
+        if (last < 0)
+            return ENG_EBADMONEY;
+        realized = side > 0 ? last - notional : notional - last;   /* both in [0, 2^63) */
+    }
+    uint64_t AL;
+    rc = acct_latch(s, a, t, &AL);                                 /* B1 */
+    if (rc)
+        return rc;
+    eng_books b;
+    /* we hold the latch: the published copy cannot change under us */
+    copy_words_relaxed(&b, &a->books[aw_version(AL) & 1], BOOKS_WORDS);
+    rc = books_check(&b, acct);                                    /* B2 */
+    if (rc == 0) {
+        s->last_books = b;
+        s->last_amount = notional;
+        rc = kind == BOOK_OPEN ? books_reserve(&b, notional) : books_release(&b, notional, realized);
+    }
+    if (rc) {
+        acct_unlatch(a, AL);
+        return rc;
+    }
+    uint32_t slot = (uint32_t)(((uint8_t *)sl - s->slots) / s->slot_size);
+    acct_write_pending(a, AL, &b, (uint64_t)slot + 1, L);          /* B3 */
+    *out_a = a;
+    *out_AL = AL;
+    return 0;
+}
+
+/* B4-B6: seal the record with L, commit the slot, publish the books. */
+static int finish_booked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *c, eng_account *a,
+                         uint64_t AL, op_timer t)
+{
+    write_pending_ctx(s, sl, L, c);                                /* B4 */
+    test_pause(s);
+    uint64_t nw = sw_make(1u << sw_target(L), next_gen(s, sw_gen(L)), sw_ctx(L) ^ 1);
+    uint64_t expected = L;
+    if (!cas_acq_rel_u64(&sl->word, &expected, nw)) {              /* B5 */
+        acct_resolve(s, a, AL, t);   /* we were judged gone: the evidence decides */
+        return ENG_CONFLICT;
+    }
+    die_if(s, ENG_FAULT_DIE_IN_BOOKING);
+    acct_publish(a, AL);                                           /* B6 */
+    commit_after(s, sl, sw_unlocked(L), nw);
+    return ENG_APPLIED;
+}
+
+/* The booked form of commit_with_update: out of an open state into a closed one. */
+static int commit_booked_close(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_update *u,
+                               op_timer t)
+{
+    eng_ctx_rec c;
+    copy_words_relaxed(&c, copy_of(s, sl, sw_ctx(L)), rec_words(s));   /* ours: we hold L */
+    if (u)
+        for (uint32_t i = 0; i < s->n_words; i++)
+            if (u->mask & (1u << i))
+                c.w[i] = u->w[i];
+    eng_account *a;
+    uint64_t AL;
+    int rc = book_position(s, sl, L, &c, BOOK_CLOSE, t, &a, &AL);
+    if (rc) {
+        unlock_unchanged(sl, L);
+        return rc;
+    }
+    return finish_booked(s, sl, L, &c, a, AL, t);
+}
+
+/* The account a holder of L must care about: 0, or the record's account. */
+static inline uint64_t account_of_locked(const eng_seg *s, const eng_slot *sl, uint64_t L)
+{
+    if (s->acct_role == ENG_ROLE_NONE)
+        return 0;
+    return load_relaxed_u64(&copy_of(s, sl, sw_ctx(L))->w[s->acct_role]);
+}
+
+static inline int is_closing(const eng_seg *s, uint32_t from, uint32_t to)
+{
+    uint32_t cm = s->hdr->closed_mask;
+    return from && !(from & cm) && (to & cm);
+}
+
+/* ---- changes of one account alone ------------------------------------------ */
+
+enum { AC_DEPOSIT, AC_WITHDRAW, AC_HALT, AC_UPDATE, AC_CLOSE };
+
+typedef struct acct_args {
+    int64_t amount, max_exposure, max_loss;
+    uint64_t version;
+    uint32_t max_positions, halted, attempt;
+} acct_args;
+
+static int books_change(eng_books *b, int kind, const acct_args *x, uint64_t version)
+{
+    int64_t v1, v2;
+    switch (kind) {
+    case AC_DEPOSIT:
+        if (__builtin_add_overflow(b->cash, x->amount, &v1) ||
+            __builtin_add_overflow(b->deposits, x->amount, &v2))
+            return ENG_EBADMONEY;
+        b->cash = v1;
+        b->deposits = v2;
+        return 0;
+    case AC_WITHDRAW:
+        if (__builtin_sub_overflow(b->cash, b->reserved, &v1) || x->amount > v1)
+            return ENG_ERISK_CASH;
+        if (__builtin_add_overflow(b->withdrawals, x->amount, &v2))
+            return ENG_EBADMONEY;
+        b->cash -= x->amount;
+        b->withdrawals = v2;
+        return 0;
+    case AC_HALT:
+        b->halted = x->halted;
+        return 0;
+    case AC_UPDATE:
+        if (version != x->version)
+            return ENG_EVERSION;
+        b->max_exposure = x->max_exposure;
+        b->max_positions = x->max_positions;
+        b->max_loss = x->max_loss;
+        b->halted = x->halted;
+        return 0;
+    case AC_CLOSE:
+        if (b->open_positions || b->reserved)
+            return ENG_EACCTBUSY;
+        b->open = 0;
+        return 0;
+    default:
+        return ENG_EBADARG;
+    }
+}
+
+static int acct_single(eng_seg *s, uint64_t id, int kind, const acct_args *x)
+{
+    eng_account *a;
+    int rc = acct_of_id(s, id, &a);
+    if (rc)
+        return rc;
+    op_timer t = op_begin(s, ENG_OP_ACCOUNT);
+    OP_RETRIES(t, x->attempt);   /* update_account: the tries before this one */
+    uint64_t AL;
+    rc = acct_latch(s, a, t, &AL);
+    if (rc == 0) {
+        eng_books b;
+        copy_words_relaxed(&b, &a->books[aw_version(AL) & 1], BOOKS_WORDS);
+        s->last_books = b;
+        s->last_amount = x->amount;
+        rc = books_check(&b, id);
+        if (rc == 0)
+            rc = books_change(&b, kind, x, aw_version(AL));
+        if (rc) {
+            acct_unlatch(a, AL);
+        } else {
+            acct_write_pending(a, AL, &b, 0, 0);
+            acct_publish(a, AL);   /* taken: a resolver rolled the sealed copy forward */
+        }
+    }
+    op_end(t, rc == ENG_EVERSION ? ENG_CONFLICT : rc);
+    return rc;
+}
+
+static inline int money_ok(int64_t m) { return m >= 0; }
+
+int eng_open_account(eng_seg *s, int64_t cash, int64_t max_exposure, uint32_t max_positions,
+                     int64_t max_loss, uint64_t *out_id)
+{
+    CHECK_SEG(s);
+    if (!out_id)
+        return ENG_EBADARG;
+    if (!money_ok(cash) || !money_ok(max_exposure) || !money_ok(max_loss))
+        return ENG_EBADMONEY;
+    if (s->max_accounts == 0)
+        return ENG_EACCTFULL;
+    op_timer t = op_begin(s, ENG_OP_ACCOUNT);
+    uint32_t n = s->max_accounts;
+    uint32_t start = fetch_add_relaxed_u32(&s->hdr->account_hint, 1) % n;
+    int rc = ENG_EACCTFULL;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t i = (start + k) % n;
+        eng_account *a = &s->accounts[i];
+        uint64_t w = load_acquire_u64(&a->word);
+        if (aw_token(w) || load_relaxed_u32(&a->books[aw_version(w) & 1].open))
+            continue;
+        uint64_t AL = w | s->token;
+        if (!cas_acq_rel_u64(&a->word, &w, AL))
+            continue;
+        eng_books b;
+        copy_words_relaxed(&b, &a->books[aw_version(AL) & 1], BOOKS_WORDS);
+        if (b.open) {
+            acct_unlatch(a, AL);
+            continue;
+        }
+        uint32_t opening = b.opening + 1 ? b.opening + 1 : 1;
+        memset(&b, 0, sizeof b);
+        b.opening = opening;
+        b.open = 1;
+        b.cash = b.opening_cash = cash;
+        b.max_exposure = max_exposure;
+        b.max_positions = max_positions;
+        b.max_loss = max_loss;
+        acct_write_pending(a, AL, &b, 0, 0);
+        acct_publish(a, AL);
+        *out_id = make_id(opening, i);
+        rc = 0;
+        break;
+    }
+    op_end(t, rc);
+    return rc;
+}
+
+int eng_close_account(eng_seg *s, uint64_t id)
+{
+    CHECK_SEG(s);
+    acct_args x = {0};
+    return acct_single(s, id, AC_CLOSE, &x);
+}
+
+int eng_deposit(eng_seg *s, uint64_t id, int64_t amount)
+{
+    CHECK_SEG(s);
+    if (!money_ok(amount))
+        return ENG_EBADMONEY;
+    acct_args x = {.amount = amount};
+    return acct_single(s, id, AC_DEPOSIT, &x);
+}
+
+int eng_withdraw(eng_seg *s, uint64_t id, int64_t amount)
+{
+    CHECK_SEG(s);
+    if (!money_ok(amount))
+        return ENG_EBADMONEY;
+    acct_args x = {.amount = amount};
+    return acct_single(s, id, AC_WITHDRAW, &x);
+}
+
+int eng_halt_account(eng_seg *s, uint64_t id, uint32_t on)
+{
+    CHECK_SEG(s);
+    acct_args x = {.halted = on ? 1 : 0};
+    return acct_single(s, id, AC_HALT, &x);
+}
+
+int eng_update_account(eng_seg *s, uint64_t id, uint64_t version, int64_t max_exposure,
+                       uint32_t max_positions, int64_t max_loss, uint32_t halted,
+                       uint32_t attempt)
+{
+    CHECK_SEG(s);
+    if (!money_ok(max_exposure) || !money_ok(max_loss))
+        return ENG_EBADMONEY;
+    acct_args x = {.max_exposure = max_exposure, .max_loss = max_loss, .version = version,
+                   .max_positions = max_positions, .halted = halted ? 1 : 0,
+                   .attempt = attempt};
+    return acct_single(s, id, AC_UPDATE, &x);
+}
+
+static int account_row(eng_seg *s, uint32_t i, eng_account_row *r)
+{
+    int rc = acct_read(s, &s->accounts[i], &r->b, &r->version, &r->latched);
+    if (rc)
+        return rc;
+    r->index = i;
+    r->id = make_id(r->b.opening, i);
+    return 0;
+}
+
+int eng_read_account(eng_seg *s, uint64_t id, eng_account_row *out)
+{
+    CHECK_SEG(s);
+    eng_account *a;
+    int rc = acct_of_id(s, id, &a);
+    if (rc)
+        return rc;
+    if (!out)
+        return ENG_EBADARG;
+    rc = account_row(s, (uint32_t)(id & ENG_ID_SLOT_MASK), out);
+    return rc ? rc : books_check(&out->b, id);
+}
+
+int eng_accounts(eng_seg *s, eng_account_row *rows, uint32_t max_rows, uint32_t *out_n)
+{
+    CHECK_SEG(s);
+    if (!out_n || (max_rows && !rows))
+        return ENG_EBADARG;
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < s->max_accounts && n < max_rows; i++) {
+        int rc = account_row(s, i, &rows[n]);
+        if (rc)
+            return rc;
+        n += rows[n].b.open != 0;
+    }
+    *out_n = n;
+    return 0;
+}
+
+/* recover(): resolve every account latch of a proven-dead holder. */
+static void accounts_sweep(eng_seg *s, op_timer t, eng_recover_report *out)
+{
+    for (uint32_t i = 0; i < s->max_accounts; i++) {
+        eng_account *a = &s->accounts[i];
+        uint64_t w = load_acquire_u64(&a->word);
+        uint32_t holder = aw_token(w);
+        if (holder && holder != s->token && token_dead(s, holder)) {
+            int how = acct_resolve(s, a, w, t);
+            out->accounts_forward += how == 1;
+            out->accounts_back += how == 2;
+        }
+    }
+}
+
+/* Holder of L: apply the update to the published context and commit.  A
+ * position with an account: out of an open state into a closed one is
+ * booked; any other record write first waits out the account's latch. */
+static int commit_with_update(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_update *u,
+                              op_timer t)
 {
     if (load_relaxed_u32(&s->hdr->halted)) {   /* halted while we held the lock (a guard) */
         unlock_unchanged(sl, L);
         return ENG_HALTED;
+    }
+    uint64_t acct = account_of_locked(s, sl, L);
+    if (acct) {
+        if (is_closing(s, sw_state(L), 1u << sw_target(L)))
+            return commit_booked_close(s, sl, L, u, t);
+        int rc = (u && u->mask) ? acct_settle(s, acct, t) : 0;
+        if (rc) {
+            unlock_unchanged(sl, L);
+            return rc;
+        }
     }
     if (!u || !u->mask)
         return finish_locked(s, sl, L, NULL);
@@ -1361,7 +2039,7 @@ int eng_transition_ctx(eng_seg *s, uint64_t id, uint32_t trigger, const eng_ctx_
     uint64_t L;
     rc = lock_slot(s, sl, id, trigger, 0, t, &L);
     if (rc == ENG_APPLIED)
-        rc = commit_with_update(s, sl, L, u);
+        rc = commit_with_update(s, sl, L, u, t);
     op_end(t, rc);
     return rc;
 }
@@ -1398,7 +2076,7 @@ int eng_guard_transition(eng_seg *s, uint64_t id, uint32_t trigger,
             return gone;   /* the guard forked (this is the child: the lock is the
                               parent's) or closed the view: touch nothing */
         if (verdict == 1) {
-            rc = commit_with_update(s, sl, L, u);
+            rc = commit_with_update(s, sl, L, u, t);
         } else {
             unlock_unchanged(sl, L);
             rc = verdict == 0 ? ENG_REJECTED : ENG_EGUARDFAIL;
@@ -2090,6 +2768,21 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         return rc;
     if (key && s->kpp == 0)
         return ENG_EKEYLIMIT;
+    uint64_t acct = s->acct_role == ENG_ROLE_NONE ? 0 : c.w[s->acct_role];
+    if (acct) {
+        /* the cheap refusals before a slot is taken; the latch decides */
+        eng_account *a;
+        eng_books b;
+        uint64_t v;
+        rc = acct_of_id(s, acct, &a);
+        if (rc == 0 && money_of(as_f8(c.w[s->roles[ENG_ROLE_ENTRY_PRICE]]),
+                                as_f8(c.w[s->roles[ENG_ROLE_AMOUNT]])) < 0)
+            rc = ENG_EBADMONEY;
+        if (rc == 0 && acct_read(s, a, &b, &v, NULL) == 0)
+            rc = books_check(&b, acct);
+        if (rc)
+            return rc;
+    }
     op_timer t = op_begin(s, ENG_OP_OPEN);
     uint32_t cap = s->capacity;
     uint32_t start = fetch_add_relaxed_u32(&s->hdr->alloc_hint, 1) % cap;
@@ -2137,7 +2830,20 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
             rc = ENG_EBUSY;
             break;
         }
-        rc = finish_locked(s, sl, L, &c);
+        if (acct) {
+            eng_account *a;
+            uint64_t AL;
+            rc = book_position(s, sl, L, &c, BOOK_OPEN, t, &a, &AL);   /* reserve */
+            if (rc) {
+                unlock_unchanged(sl, L);
+                if (key)
+                    keys_drop(s, id);
+                break;
+            }
+            rc = finish_booked(s, sl, L, &c, a, AL, t);
+        } else {
+            rc = finish_locked(s, sl, L, &c);
+        }
         if (rc == ENG_APPLIED) {
             *out_id = id;
             *out_word = s->last_new_word;
@@ -2161,6 +2867,8 @@ int eng_abandon_open(eng_seg *s, uint64_t id, uint64_t word)
         return rc;
     if (w != word)
         return ENG_INVALID;
+    if (account_of_locked(s, sl, w))
+        return ENG_INVALID;   /* its reservation stays booked: it stays open (see accounts) */
     uint64_t nw = sw_make(0, sw_gen(w) + 1, sw_ctx(w));
     if (!cas_acq_rel_u64(&sl->word, &w, nw))
         return ENG_INVALID;
@@ -2177,6 +2885,20 @@ int eng_release_position(eng_seg *s, uint64_t id)
     int rc = slot_of_id(s, id, &sl);
     if (rc)
         return rc;
+    if (s->acct_role != ENG_ROLE_NONE) {
+        /* a booking about this slot must be resolved before a reopen can
+         * rewrite the record copies that are its evidence (see accounts) */
+        eng_ctx_rec c;
+        uint64_t cw;
+        uint32_t opening;
+        rc = read_ctx(s, sl, &c, &cw, &opening);
+        if (rc)
+            return rc;
+        op_timer none = {NULL, 0};
+        if (opening_check(cw, opening, id) == 0 && c.w[s->acct_role] &&
+            (rc = acct_settle(s, c.w[s->acct_role], none)) != 0)
+            return rc;
+    }
     uint64_t w = load_acquire_u64(&sl->word);
     for (uint32_t retries = 0; retries < CAS_RETRIES; retries++) {
         rc = id_live(sl, w, id);   /* housekeeping: allowed while halted */
@@ -2568,6 +3290,7 @@ static void sweep_dead(eng_seg *s, eng_recover_report *out)
             cas_acq_rel_u64(&sl->pword, &pw, pw & ~ENG_TOKEN_MASK))
             out->price_latches++;
     }
+    accounts_sweep(s, t, out);
 }
 
 int eng_recover(eng_seg *s, eng_recover_report *out)
@@ -2631,7 +3354,7 @@ int eng_set_faults(eng_seg *s, uint32_t flags, uint64_t pause_ns)
     CHECK_SEG(s);
     if (flags & ~(uint32_t)(ENG_FAULT_SKIP_GEN | ENG_FAULT_BLIND_STORE |
                             ENG_FAULT_DIE_AFTER_CAS | ENG_FAULT_DIE_AFTER_LOCK |
-                            ENG_FAULT_DIE_IN_KEY) ||
+                            ENG_FAULT_DIE_IN_KEY | ENG_FAULT_DIE_IN_BOOKING) ||
         pause_ns > 60ULL * 1000000000ULL)
         return ENG_EBADARG;
     store_release_u64(&s->hdr->test_pause_ns, pause_ns);

@@ -25,6 +25,8 @@
  *   | uint64_t[buckets*8]|  the key index: ENG_KEY_BUCKET cells per bucket
  *   +--------------------+  hdr.stripes_off
  *   | uint32_t[buckets]  |  key insert stripe locks, one per bucket
+ *   +--------------------+  hdr.accounts_off
+ *   | eng_account[max_ac]|  accounts: latch word + two sealed copies of books
  *   +--------------------+  hdr.segment_size
  */
 #ifndef ENGINE_H
@@ -36,7 +38,7 @@
 
 /* ---- identity ---------------------------------------------------------- */
 #define ENG_MAGIC            0x31454E49474E4545ULL   /* "EENGINE1" little-endian */
-#define ENG_LAYOUT_VERSION   5
+#define ENG_LAYOUT_VERSION   6
 #define ENG_CACHE_LINE       64
 
 /* ---- limits ------------------------------------------------------------ */
@@ -46,6 +48,7 @@
 #define ENG_MAX_LOCAL_ENGINES 1024   /* Engines attached at once in one process */
 #define ENG_MAX_CAPACITY     16777216
 #define ENG_HIST_BUCKETS     48      /* bucket b holds latencies in [2^(b-1), 2^b) ns */
+#define ENG_MAX_ACCOUNTS     65536
 
 /*
  * ---- fencing tokens ----------------------------------------------------------
@@ -145,6 +148,8 @@
 #define ENG_ROLE_SIDE        2       /* i4/i8, +1 or -1 */
 #define ENG_ROLE_TOKEN       3       /* i8: update_token_price */
 #define ENG_ROLE_OPENED_NS   4       /* i8: stamped by open */
+/* i8: the account the opening reserved on (0: none); only with the PnL roles */
+#define ENG_ROLE_ACCOUNT     5
 #define ENG_ROLE_COUNT       8
 #define ENG_ROLE_NONE        0xFF
 
@@ -183,6 +188,33 @@
 #define ENG_KC_GEN_SHIFT     20
 #define ENG_KC_GEN_MASK      0xFFFFU
 #define ENG_KC_FP_MASK       0xFFFFFULL
+
+/*
+ * ---- accounts --------------------------------------------------------------------
+ *
+ * Money is exact fixed point: int64 units of 1 / ENG_MONEY_SCALE.  An account
+ * id names one opening of an account record, as a position id names one
+ * opening of a slot:
+ *
+ *   63       56 55                       24 23                 0
+ *  +-----------+---------------------------+--------------------+
+ *  | 0         | opening count (32 bits)   | account index (24) |
+ *  +-----------+---------------------------+--------------------+
+ *
+ * The account word (eng_account.word) is a latch-seqlock like the price word:
+ *
+ *   63                                   24 23                  0
+ *  +---------------------------------------+---------------------+
+ *  | version (40 bits)                     | holder token or 0   |
+ *  +---------------------------------------+---------------------+
+ *
+ * books[version & 1] is published; a holder fills books[(version + 1) & 1],
+ * seals it (eng_books.seal = the latched word, written last) and publishes
+ * by CAS (v, token) -> (v + 1, 0).  See "accounts" in engine.c.
+ */
+#define ENG_MONEY_SCALE      100000000LL
+#define ENG_AW_VERSION_SHIFT 24
+#define ENG_ACCOUNT_ID_MAX   0x00FFFFFFFFFFFFFFULL
 
 /*
  * ---- the price word (eng_slot.pword, 64 bits) ------------------------------
@@ -238,7 +270,17 @@
 #define ENG_EKEYFULL         -26     /* both of the key's index buckets are full */
 #define ENG_EBADFIELD        -27     /* a field value out of its type's range, or a set-at-open field */
 #define ENG_EBADKEY          -28     /* key length 0 or > ENG_KEY_MAX */
-#define ENG_ERRNO_MIN        -28     /* the lowest code: every code in [it, -1] has words */
+#define ENG_ERISK_HALTED     -29     /* risk: the account is halted */
+#define ENG_ERISK_EXPOSURE   -30     /* risk: reserved + notional would pass max_exposure */
+#define ENG_ERISK_COUNT      -31     /* risk: open_positions would pass max_positions */
+#define ENG_ERISK_CASH       -32     /* risk: notional (or a withdrawal) > cash - reserved */
+#define ENG_EBADACCOUNT      -33     /* account id out of range or never issued */
+#define ENG_ESTALEACCOUNT    -34     /* account id's opening was closed */
+#define ENG_EBADMONEY        -35     /* money negative or beyond the fixed-point range */
+#define ENG_EACCTFULL        -36     /* no free account record */
+#define ENG_EACCTBUSY        -37     /* close_account: the account has open positions */
+#define ENG_EVERSION         -38     /* update_account: the version moved (Python retries) */
+#define ENG_ERRNO_MIN        -38     /* the lowest code: every code in [it, -1] has words */
 
 /* ---- metrics operations -------------------------------------------------- */
 #define ENG_OP_TRANSITION    0       /* fast path */
@@ -251,7 +293,8 @@
 #define ENG_OP_RECOVER       7
 #define ENG_OP_KEY           8       /* bind_key (open's key counts under OPEN) */
 #define ENG_OP_LOOKUP        9
-#define ENG_OP_COUNT         10
+#define ENG_OP_ACCOUNT       10      /* account books: open/deposit/withdraw/halt/update */
+#define ENG_OP_COUNT         11
 
 /* ---- registry entry states ----------------------------------------------- */
 #define ENG_PROC_FREE        0
@@ -267,6 +310,8 @@
 #define ENG_FAULT_DIE_AFTER_LOCK 8
 /* a key insert SIGKILLs itself with its index cell placed, before publishing */
 #define ENG_FAULT_DIE_IN_KEY 16
+/* a booked transition SIGKILLs itself between its slot commit and its account publish */
+#define ENG_FAULT_DIE_IN_BOOKING 32
 
 /* ---- waits ------------------------------------------------------------------ */
 #define ENG_WAIT_SLICE_NS    20000000    /* a futex sleep re-checks the state word this often */
@@ -274,7 +319,7 @@
 
 /* ---- misc ---------------------------------------------------------------- */
 #define ENG_SLOT_HEAD        128     /* sizeof(eng_slot): the record copies follow */
-#define ENG_HEADER_SIZE      4480
+#define ENG_HEADER_SIZE      4544
 
 /*
  * One price record (32 bytes).  Two copies per slot; the sequence in
@@ -350,6 +395,56 @@ typedef struct eng_rec_layout {
     uint8_t  word_type[ENG_MAX_FIELD_WORDS]; /* ENG_FT_* of each word */
     uint8_t  roles[ENG_ROLE_COUNT];          /* word index of each role, or ENG_ROLE_NONE */
 } eng_rec_layout;
+
+/*
+ * One copy of an account's books (128 bytes).  Money in units of
+ * 1 / ENG_MONEY_SCALE.  seal is written last, with release: the latched
+ * account word the copy was written under; seal_slot / seal_word name the
+ * position transition (slot + 1, its locked word) whose commit decides the
+ * copy, or 0 / 0 for a change of the account alone.
+ */
+typedef struct eng_books {
+    uint64_t seal;
+    uint64_t seal_slot;
+    uint64_t seal_word;
+    uint32_t opening;        /* openings of this record (the id's high part) */
+    uint32_t open;           /* 1: open; 0: free (never opened, or closed) */
+    int64_t  cash;
+    int64_t  reserved;       /* sum of the notionals of open positions */
+    int64_t  realized;       /* realized PnL of closed positions */
+    int64_t  opening_cash;
+    int64_t  deposits;
+    int64_t  withdrawals;
+    int64_t  max_exposure;
+    int64_t  max_loss;
+    uint32_t max_positions;
+    uint32_t open_positions;
+    uint32_t halted;
+    uint32_t pad0;
+    uint64_t pad[2];
+} eng_books;
+
+/*
+ * One account record (5 lines):
+ *
+ *   line 0      | word | pad                                   |
+ *   lines 1-2   | books[0]                                     |
+ *   lines 3-4   | books[1]                                     |
+ */
+typedef struct eng_account {
+    uint64_t word;           /* version << 24 | holder token */
+    uint64_t pad[7];
+    eng_books books[2];
+} eng_account;
+
+/* One row of Engine.accounts(): a consistent read of one open account. */
+typedef struct eng_account_row {
+    uint64_t id;
+    uint64_t version;
+    uint32_t index;
+    uint32_t latched;        /* a holder had the latch when it was read */
+    eng_books b;
+} eng_account_row;
 
 /* One registry entry per attached Engine object (64 bytes). */
 typedef struct eng_proc {
@@ -437,6 +532,11 @@ typedef struct eng_header {
     uint32_t pad6;
     uint64_t key_seed;       /* per-segment hash seed */
     uint64_t pad7[3];
+    /* line A: accounts, written once */
+    uint64_t accounts_off;
+    uint32_t max_accounts;
+    uint32_t account_hint;   /* where open_account starts looking (relaxed RMW) */
+    uint64_t pad8[6];
 } eng_header;
 
 /* Process-local view of an attached segment (not shared). */
@@ -450,6 +550,7 @@ typedef struct eng_seg {
     eng_keyrec     *keyrecs;     /* slot i's records at keyrecs + i * kpp */
     uint64_t       *keyidx;
     uint32_t       *stripes;
+    eng_account    *accounts;
     eng_shard      *me;          /* this Engine's shard */
     uint32_t        slot_size;
     uint32_t        rec_size;
@@ -472,6 +573,10 @@ typedef struct eng_seg {
     uint64_t        fd_ino;      /* trusted only while fd still names this file */
     uint64_t        last_old_word;   /* state words around this Engine's last */
     uint64_t        last_new_word;   /* applied transition (for stress logs) */
+    uint32_t        max_accounts;
+    uint32_t        acct_role;   /* word of the account field, or ENG_ROLE_NONE */
+    eng_books       last_books;  /* the books a refused booking was checked against */
+    int64_t         last_amount; /* and the money it asked for (notional, withdrawal) */
 } eng_seg;
 
 /* Record words a transition changes, atomically with the state. */
@@ -522,6 +627,8 @@ typedef struct eng_recover_report {
     uint32_t procs_removed;      /* dead registry entries removed */
     uint32_t keys_cleared;       /* key records, index cells and stripe locks of
                                     dead inserters and released openings */
+    uint32_t accounts_forward;   /* account changes of dead holders completed */
+    uint32_t accounts_back;      /* account changes of dead holders undone */
     uint32_t pad;
     uint32_t removed_pids[ENG_MAX_PROCS];
 } eng_recover_report;
@@ -534,11 +641,13 @@ typedef int (*eng_guard_fn)(void *user, uint64_t id, uint32_t source_index,
 /* ---- functions ----------------------------------------------------------- */
 int      eng_noop(void);
 const char *eng_strerror(int code);
-uint64_t eng_segment_size(uint32_t capacity, uint32_t n_words, uint32_t keys_per_position);
+uint64_t eng_segment_size(uint32_t capacity, uint32_t n_words, uint32_t keys_per_position,
+                          uint32_t max_accounts);
 int      eng_format(void *base, uint64_t size, uint32_t capacity,
                     const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
                     uint32_t initial_index, uint32_t closed_mask,
-                    uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec);
+                    uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec,
+                    uint32_t max_accounts);
 int      eng_validate(const void *base, uint64_t size, uint64_t fingerprint);
 int      eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd);
 void     eng_detach(eng_seg *s);
@@ -569,6 +678,19 @@ int      eng_bind_key(eng_seg *s, uint64_t id, const char *key, uint32_t key_len
 /* the id of the open opening holding the key, 0 if none, or an error (< 0) */
 int64_t  eng_lookup(eng_seg *s, const char *key, uint32_t key_len);
 int      eng_keys(eng_seg *s, uint64_t id, eng_key *out, uint32_t max, uint32_t *out_n);
+
+int      eng_open_account(eng_seg *s, int64_t cash, int64_t max_exposure,
+                          uint32_t max_positions, int64_t max_loss, uint64_t *out_id);
+int      eng_close_account(eng_seg *s, uint64_t id);
+int      eng_read_account(eng_seg *s, uint64_t id, eng_account_row *out);
+int      eng_deposit(eng_seg *s, uint64_t id, int64_t amount);
+int      eng_withdraw(eng_seg *s, uint64_t id, int64_t amount);
+int      eng_halt_account(eng_seg *s, uint64_t id, uint32_t on);
+int      eng_update_account(eng_seg *s, uint64_t id, uint64_t version, int64_t max_exposure,
+                            uint32_t max_positions, int64_t max_loss, uint32_t halted,
+                            uint32_t attempt);
+int      eng_accounts(eng_seg *s, eng_account_row *rows, uint32_t max_rows, uint32_t *out_n);
+int64_t  eng_money_of(double price, double amount);
 
 int      eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns,
                          int64_t *out_since);
@@ -612,7 +734,14 @@ _Static_assert(offsetof(eng_header, alloc_hint) == 3 * ENG_CACHE_LINE, "header l
 _Static_assert(offsetof(eng_header, table) == 4 * ENG_CACHE_LINE, "table after line 3");
 _Static_assert(offsetof(eng_header, rec) % ENG_CACHE_LINE == 0, "record layout on its own line");
 _Static_assert(offsetof(eng_header, keyrecs_off) == offsetof(eng_header, rec) + ENG_CACHE_LINE, "keys line");
+_Static_assert(offsetof(eng_header, accounts_off) == offsetof(eng_header, keyrecs_off) + ENG_CACHE_LINE, "accounts line");
 _Static_assert(sizeof(eng_header) == ENG_HEADER_SIZE, "header size");
+_Static_assert(sizeof(eng_books) == 2 * ENG_CACHE_LINE, "books are two lines");
+_Static_assert(offsetof(eng_account, books) == ENG_CACHE_LINE, "books after the word's line");
+_Static_assert(sizeof(eng_account) % ENG_CACHE_LINE == 0, "account padded to lines");
+_Static_assert(ENG_AW_VERSION_SHIFT == ENG_TOKEN_BITS, "account word: token below version");
+_Static_assert(ENG_MAX_ACCOUNTS <= (1u << ENG_ID_SLOT_BITS), "account index fits the id");
+_Static_assert(ENG_ROLE_ACCOUNT < ENG_ROLE_COUNT, "account role fits");
 _Static_assert(ENG_HEADER_SIZE % ENG_CACHE_LINE == 0, "header padded to lines");
 _Static_assert(ENG_MAX_STATES <= ENG_SW_TARGET_MASK + 1, "target index fits the word");
 _Static_assert(ENG_MAX_STATES <= 16, "one-hot state fits 16 bits");

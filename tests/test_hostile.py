@@ -18,7 +18,6 @@ from collections.abc import Callable
 import posix_ipc
 import pytest
 from engine._native import ffi, lib
-from engine.spec import POSITION_SPEC
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,9 +32,10 @@ from engine import (
     Trigger,
     segment,
 )
+from engine.spec import POSITION_SPEC
 
 HEADER_SIZE = ffi.sizeof("eng_header")
-SIZE_16 = lib.eng_segment_size(16, POSITION_SPEC.record.n_words, 2)
+SIZE_16 = lib.eng_segment_size(16, POSITION_SPEC.record.n_words, 2, 64)
 _HEADER_FIELDS = dict(ffi.typeof("eng_header").fields)
 
 

@@ -48,10 +48,10 @@ import os
 import pathlib
 import random
 import re
-import struct
 import resource
 import select
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -1482,14 +1482,14 @@ class CFuzz:
             p = self.call(name, "-", lib.eng_strerror, d(st.one_of(st.integers(-64, 64), I32S)))
             assert p != ffi.NULL and ffi.string(p)
         elif name == "eng_segment_size":
-            self.call(name, "-", lib.eng_segment_size, d(U32S), d(U32S), d(U32S))
+            self.call(name, "-", lib.eng_segment_size, d(U32S), d(U32S), d(U32S), d(U32S))
         elif name == "eng_format":
             base = d(st.sampled_from(["null", "buf"]))
             size = d(st.integers(0, SMALL_BUF)) if base == "buf" else d(U64S)
             rc = self.call(name, base, lib.eng_format,
                            self.buf if base == "buf" else ffi.NULL, size, d(U32S),
                            d(st.sampled_from([ffi.NULL, self.table])), d(U32S), d(U32S),
-                           d(U32S), d(U32S), d(U64S), d(U32S), self.layout(d))
+                           d(U32S), d(U32S), d(U64S), d(U32S), self.layout(d), d(U32S))
             x(name, base, rc)
         elif name == "eng_validate":
             base = d(st.sampled_from(["null", "buf", "foreign"]))
@@ -1639,8 +1639,43 @@ class CFuzz:
             kind, s = self.seg(d)
             what = d(U32S) if kind != "foreign" else d(st.sampled_from([0, 1, 2, 4, 2**32 - 1]))
             x(name, kind, self.call(name, kind, lib.eng_test_hold, s, what, d(ids)))
+        elif name in ("eng_open_account", "eng_deposit", "eng_withdraw", "eng_close_account",
+                      "eng_halt_account", "eng_update_account", "eng_read_account"):
+            self.account_call(d, name)
+        elif name == "eng_accounts":
+            kind, s = self.seg(d)
+            rows = ffi.NULL if d(st.booleans()) else ffi.new("eng_account_row[]", 4)
+            max_rows = d(U32S) if rows == ffi.NULL else d(st.integers(0, 4))
+            x(name, kind, self.call(name, kind, lib.eng_accounts, s, rows, max_rows,
+                                    self.out(d, "uint32_t *")), (ERRNO_MIN, 0))
+        elif name == "eng_money_of":
+            rc = self.call(name, "-", lib.eng_money_of, d(st.floats()), d(st.floats()))
+            assert rc >= 0 or rc == lib.ENG_EBADMONEY, rc
         else:
             raise AssertionError(f"{name}: no fuzz plan (add one to CFuzz.one)")
+
+    def account_call(self, d: Any, name: str) -> None:
+        """Account calls: hostile segments, ids and money.  The foreign engine
+        never opened an account, so every id is bad there, and open_account
+        gets negative money (it stays pristine)."""
+        kind, s = self.seg(d)
+        money = st.integers(-(2**63), 2**63 - 1)
+        aid = d(st.one_of(self.ids, st.sampled_from([1 << 24, (1 << 24) | 63, 2 << 24])))
+        if name == "eng_open_account":
+            cash = d(st.integers(-(2**63), -1)) if kind == "foreign" else d(money)
+            args: tuple[Any, ...] = (cash, d(money), d(U32S), d(money),
+                                     self.out(d, "uint64_t *"))
+        elif name in ("eng_deposit", "eng_withdraw"):
+            args = (aid, d(money))
+        elif name == "eng_halt_account":
+            args = (aid, d(U32S))
+        elif name == "eng_close_account":
+            args = (aid,)
+        elif name == "eng_read_account":
+            args = (aid, self.out(d, "eng_account_row *"))
+        else:
+            args = (aid, d(U64S), d(money), d(U32S), d(money), d(U32S), d(U32S))
+        self.expect(name, kind, self.call(name, kind, getattr(lib, name), s, *args))
 
     def finish(self) -> dict[str, Any]:
         """The foreign engine is still pristine and both entries are intact."""

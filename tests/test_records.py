@@ -918,8 +918,8 @@ class TestMemory:
         records, index and stripe locks) of the position spec with the
         default 2 keys per position: <= 512."""
         n_words = POSITION_SPEC.record.n_words
-        one = lib.eng_segment_size(capacity, n_words, 2)
-        two = lib.eng_segment_size(2 * capacity, n_words, 2)
+        one = lib.eng_segment_size(capacity, n_words, 2, 64)
+        two = lib.eng_segment_size(2 * capacity, n_words, 2, 64)
         assert one and two
         per = (two - one) / capacity
         assert per <= 512, f"{per:.1f} bytes per position"
@@ -927,12 +927,12 @@ class TestMemory:
     def test_size_grows_with_words_and_keys(self):
         """More words or more keys per position never cost less."""
         c = 4096
-        sizes = [[lib.eng_segment_size(c, w, k) for k in range(9)] for w in range(25)]
+        sizes = [[lib.eng_segment_size(c, w, k, 64) for k in range(9)] for w in range(25)]
         for w in range(25):
             for k in range(9):
                 if w:
                     assert sizes[w][k] >= sizes[w - 1][k]
                 if k:
                     assert sizes[w][k] > sizes[w][k - 1]
-        assert lib.eng_segment_size(c, MAX_WORDS + 1, 2) == 0
-        assert lib.eng_segment_size(c, 8, lib.ENG_MAX_KEYS_PER_POSITION + 1) == 0
+        assert lib.eng_segment_size(c, MAX_WORDS + 1, 2, 64) == 0
+        assert lib.eng_segment_size(c, 8, lib.ENG_MAX_KEYS_PER_POSITION + 1, 64) == 0

@@ -21,9 +21,9 @@ from typing import Any
 import posix_ipc
 import pytest
 from engine._native import ffi, lib
-from engine.spec import POSITION_SPEC
 
 from engine import Engine, MachineSpec, Rule, State, Trigger, segment
+from engine.spec import POSITION_SPEC
 from engine.tools import segments
 
 CTX = mp.get_context("spawn")
@@ -145,7 +145,7 @@ class TestLs:
         row = next(r for r in json.loads(out) if r["name"] == eng.name)
         assert row["header"]["creator_pid"] == os.getpid()
         assert row["header"]["capacity"] == 32
-        assert row["size"] == lib.eng_segment_size(32, POSITION_SPEC.record.n_words, 2)
+        assert row["size"] == lib.eng_segment_size(32, POSITION_SPEC.record.n_words, 2, 64)
         assert 0 <= row["age_s"] < 600 and row["ok"]
         assert [(p["pid"], p["alive"]) for p in row["procs"]] == [(os.getpid(), True)]
 
@@ -170,7 +170,8 @@ class TestLs:
         """An engine segment truncated under its header sizes is listed with its problem."""
         name = names()
         Engine.create(capacity=32, name=name).close()   # detached: truncating is safe
-        os.truncate(os.path.join(segment.SHM_DIR, name), lib.eng_segment_size(32, POSITION_SPEC.record.n_words, 2) // 2)
+        size = lib.eng_segment_size(32, POSITION_SPEC.record.n_words, 2, 64)
+        os.truncate(os.path.join(segment.SHM_DIR, name), size // 2)
         code, out, _ = run(capsys, "ls", "--json")
         row = next(r for r in json.loads(out) if r["name"] == name)
         assert code == 0 and not row["ok"] and "truncated" in row["problem"]

@@ -39,6 +39,7 @@ import numpy as np
 
 from engine import segment
 from engine._native import ffi, lib
+from engine.accounts import from_units
 from engine.errors import EngineError, SegmentError, SegmentNotFoundError
 from engine.metrics import OPS, Metrics, read_metrics
 from engine.records import PROC_DTYPE
@@ -58,6 +59,9 @@ _PWORD_OFF: int = ffi.offsetof("eng_slot", "pword")
 _HEADER_FIELDS: tuple[str, ...] = tuple(
     name for name, f in ffi.typeof("eng_header").fields
     if not name.startswith("pad") and f.type.kind == "primitive")
+_ACCOUNT_SIZE: int = ffi.sizeof("eng_account")
+_MONEY_FIELDS = ("cash", "reserved", "realized", "opening_cash", "deposits", "withdrawals",
+                 "max_exposure", "max_loss")
 _PROC_STATES = {lib.ENG_PROC_FREE: "free", lib.ENG_PROC_CLAIMED: "claimed",
                 lib.ENG_PROC_ACTIVE: "active"}
 _STATUS = {
@@ -250,6 +254,45 @@ def price_words(mm: mmap.mmap, header: dict[str, int]) -> np.ndarray:
     return _slot_words(mm, header, _PWORD_OFF)
 
 
+def account_books(mm: mmap.mmap, header: dict[str, int]) -> list[dict[str, Any]]:
+    """The published books of every open account (money in Decimal), read
+    seqlock-style (a row whose word moved is read again, a few times), plus
+    whether a holder had the latch."""
+    n, off, size = header.get("max_accounts", 0), header.get("accounts_off", 0), _ACCOUNT_SIZE
+    rows: list[dict[str, Any]] = []
+    if not n or off + n * size > len(mm):
+        return rows
+    shift = lib.ENG_AW_VERSION_SHIFT
+    with ffi.from_buffer(mm) as buf:
+        for i in range(n):
+            a = ffi.cast("eng_account *", buf + off + i * size)
+            for _ in range(16):
+                w = int(a.word)
+                b = a.books[(w >> shift) & 1]
+                row = {"index": i, "id": (int(b.opening) << lib.ENG_ID_SLOT_BITS) | i,
+                       "open": bool(b.open), "version": w >> shift,
+                       "latched": w & lib.ENG_TOKEN_MASK,
+                       **{k: from_units(int(getattr(b, k))) for k in _MONEY_FIELDS},
+                       "open_positions": int(b.open_positions), "halted": bool(b.halted)}
+                if int(a.word) == w:
+                    break
+            if row["open"]:
+                rows.append(row)
+    return rows
+
+
+def _fmt_books(rows: Sequence[dict[str, Any]]) -> str:
+    latched = sum(1 for r in rows if r["latched"])
+    halted = sum(1 for r in rows if r["halted"])
+    cash = sum((r["cash"] for r in rows), from_units(0))
+    reserved = sum((r["reserved"] for r in rows), from_units(0))
+    realized = sum((r["realized"] for r in rows), from_units(0))
+    return (f"accounts {len(rows)} open  cash {cash:f}  reserved {reserved:f}  "
+            f"realized {realized:f}  "
+            f"positions {sum(r['open_positions'] for r in rows)}  halted {halted}  "
+            f"latched {latched}")
+
+
 def held(words: np.ndarray, pwords: np.ndarray, procs: Sequence[ProcEntry]) -> list[Holder]:
     """Every transition lock and price latch held, by slot, holders resolved."""
     out = []
@@ -407,10 +450,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         with _mapped(name) as mm:
             info = _info_from_mmap(name, mm)
             counts: dict[str, int] = {}
+            books: list[dict[str, Any]] = []
             if info.ok:
                 words = state_words(mm, info.header)
                 counts = state_counts(words, info.header)
                 holders = held(words, price_words(mm, info.header), info.procs)
+                books = account_books(mm, info.header)
     except SegmentNotFoundError as e:
         _err(f"inspect: {e.strerror or e}")
         return EXIT_FAILED
@@ -429,7 +474,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     if args.json:
         json.dump({**info.as_dict(), "states": counts,
-                   "held": [asdict(h) for h in holders]}, sys.stdout, indent=2)
+                   "held": [asdict(h) for h in holders],
+                   "accounts": [{k: str(v) if k in _MONEY_FIELDS else v for k, v in r.items()}
+                                for r in books]}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK if info.ok else EXIT_FAILED
     out = sys.stdout
@@ -480,6 +527,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for hold in holders:
             who = "gone" if hold.pid is None else f"{hold.pid}" + ("" if hold.alive else " DEAD")
             rows.append([str(hold.slot), hold.what, f"{hold.token:#x}", who])
+        _table(rows, out)
+    out.write(f"{_fmt_books(books)} (of {info.header.get('max_accounts', 0)})\n")
+    if books:
+        rows = [["ID", "CASH", "RESERVED", "REALIZED", "OPEN", "HALTED", "VERSION", "LATCHED"]]
+        for r in books:
+            rows.append([f"{r['id']:#x}", f"{r['cash']:f}", f"{r['reserved']:f}",
+                         f"{r['realized']:f}",
+                         str(r["open_positions"]), "yes" if r["halted"] else "no",
+                         str(r["version"]), f"{r['latched']:#x}" if r["latched"] else "-"])
         _table(rows, out)
     return EXIT_OK
 
@@ -546,6 +602,7 @@ class _Frame:
     header: dict[str, int]
     holders: list[Holder]
     recovering: Holder | None
+    books: list[dict[str, Any]]
 
 
 def _sample(name: str, mm: mmap.mmap) -> _Frame:
@@ -555,7 +612,8 @@ def _sample(name: str, mm: mmap.mmap) -> _Frame:
     h = info.header
     words = state_words(mm, h)
     return _Frame(time.monotonic(), state_counts(words, h), read_metrics(mm, h["shards_off"]),
-                  info.procs, h, held(words, price_words(mm, h), info.procs), info.recovering)
+                  info.procs, h, held(words, price_words(mm, h), info.procs), info.recovering,
+                  account_books(mm, h))
 
 
 def _render(name: str, cur: _Frame, prev: _Frame | None, out: TextIO) -> None:
@@ -567,6 +625,8 @@ def _render(name: str, cur: _Frame, prev: _Frame | None, out: TextIO) -> None:
               f"metrics {'on' if h['metrics_on'] else 'off'}\n")
     out.write("  ".join(f"{k} {v}" for k, v in cur.counts.items()
                         if v or k not in ("invalid", "locked", "rolled_back")) + "\n")
+    if h.get("max_accounts"):
+        out.write(_fmt_books(cur.books) + "\n")
     if cur.recovering is not None:
         out.write(f"recovering: {_fmt_holder(cur.recovering)}\n")
     if cur.holders:

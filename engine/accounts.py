@@ -1,0 +1,102 @@
+"""Accounts: exact fixed-point money and the ``Account`` record.
+
+Money lives in the segment as int64 units of ``1 / ENG_MONEY_SCALE`` (1e-8).
+Calls take int, float or ``Decimal``; ``Account`` gives ``Decimal``s back.
+An int or a ``Decimal`` must be exact at that scale (a finer ``Decimal`` is
+refused); a float is the binary number it is, rounded to the nearest unit
+(ties to even).
+
+A position's notional and its realized PnL are computed in C:
+``money(p, a)`` is ``p * a * ENG_MONEY_SCALE`` in double precision, rounded
+to the unit half away from zero (``llround``).  notional = money(entry,
+amount); realized = side * (money(last price, amount) - notional): each leg
+is rounded once and the difference is exact.  :func:`money_of` is the same
+computation in Python (for models and checks).
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import ROUND_HALF_UP, Decimal
+from fractions import Fraction
+from typing import Any, NamedTuple
+
+from engine._native import lib
+from engine.errors import EngineTypeError, MoneyError
+
+SCALE: int = int(lib.ENG_MONEY_SCALE)
+_DIGITS = len(str(SCALE)) - 1
+assert 10**_DIGITS == SCALE, SCALE
+UNITS_MAX = 2**63 - 1
+#: fields of Account that update_account may change
+LIMITS = ("max_exposure", "max_positions", "max_loss", "halted")
+
+
+class Account(NamedTuple):
+    """One consistent read of an account's books (money as ``Decimal``)."""
+
+    id: int
+    cash: Decimal
+    reserved: Decimal
+    realized_pnl: Decimal
+    open_positions: int
+    halted: bool
+    version: int
+    max_exposure: Decimal
+    max_positions: int
+    max_loss: Decimal
+    opening_cash: Decimal
+    deposits: Decimal
+    withdrawals: Decimal
+
+    @property
+    def available(self) -> Decimal:
+        """Cash not reserved by open positions: what an opening or a
+        withdrawal may use."""
+        return self.cash - self.reserved
+
+
+def to_units(value: Any, what: str = "money") -> int:
+    """``value`` (int, float or Decimal, >= 0) in units of 1/SCALE; a typed
+    error naming ``what``, the value and the allowed range otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        raise EngineTypeError(f"{what} must be an int, float or Decimal, got {value!r:.40} "
+                              f"({type(value).__name__})")
+    if (isinstance(value, float) and not math.isfinite(value)) or (
+            isinstance(value, Decimal) and not value.is_finite()):
+        raise MoneyError(f"{what} must be finite, got {value!r}")
+    exact = Fraction(value) * SCALE
+    if isinstance(value, float):
+        units = round(exact)   # ties to even
+    else:
+        if exact.denominator != 1:
+            raise MoneyError(f"{what} {value!r} is finer than the fixed point: money has "
+                             f"{_DIGITS} decimal places")
+        units = int(exact)
+    if not 0 <= units <= UNITS_MAX:
+        raise MoneyError(f"{what} must be in [0, {from_units(UNITS_MAX)}], got {value!r:.40}")
+    return units
+
+
+def from_units(units: int) -> Decimal:
+    """Exact ``Decimal`` of ``units`` of 1/SCALE, with all its places (0.00000000)."""
+    q, r = divmod(abs(int(units)), SCALE)
+    return Decimal(f"{'-' if units < 0 else ''}{q}.{r:0{_DIGITS}d}")
+
+
+def money_of(price: float, amount: float) -> int:
+    """What C books for ``price * amount``, in units (see the module doc)."""
+    x = price * amount * float(SCALE)
+    if not (x >= 0.0) or x >= 2.0**63:
+        raise MoneyError(f"{price!r} x {amount!r} is beyond the fixed-point range")
+    return int(Decimal(x).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def account_from_row(row: Any) -> Account:
+    """An ``Account`` from an ``eng_account_row``."""
+    b = row.b
+    return Account(int(row.id), from_units(b.cash), from_units(b.reserved),
+                   from_units(b.realized), int(b.open_positions), bool(b.halted),
+                   int(row.version), from_units(b.max_exposure), int(b.max_positions),
+                   from_units(b.max_loss), from_units(b.opening_cash), from_units(b.deposits),
+                   from_units(b.withdrawals))
