@@ -786,7 +786,7 @@ class Engine:
         if not 0 <= max_positions <= 2**32 - 1:
             raise ArgumentError(f"max_positions must be in [0, {2**32 - 1}], got {max_positions}")
         if key is not None:
-            self._key_arg(key)
+            _key_bytes(key)
         out = ffi.new("uint64_t *")
         rc = lib.eng_open_account(self._seg, units[0], units[1], max_positions, units[2], out)
         self._account_call(rc, None, money=f"cash={cash!r}, max_exposure={max_exposure!r}, "

@@ -156,11 +156,11 @@ class TestLayout:
         assert all(rec.roles[k] == lib.ENG_ROLE_NONE for k in range(lib.ENG_ROLE_COUNT))
 
     def test_position_spec_roles(self):
-        """The default record: 8 one-word fields; entry_price, amount, side,
-        token, opened_ns are roles (set at open only)."""
+        """The default record: 9 one-word fields; entry_price, amount, side,
+        token, opened_ns, account are roles (set at open only)."""
         rec = POSITION_SPEC.record
-        assert rec.n_words == 8
-        assert rec.fixed == {"entry_price", "amount", "side", "token", "opened_ns"}
+        assert rec.n_words == 9
+        assert rec.fixed == {"entry_price", "amount", "side", "token", "opened_ns", "account"}
         assert rec.pnl
 
     @pytest.mark.parametrize("fields", [
