@@ -267,7 +267,7 @@ class RecordLayout:
                 raise FieldError(f"field {name!r} ({f.type}) holds at most {f.size} bytes, "
                                  f"got {len(value)}")
             return bytes(value).ljust(f.words * _WORD, b"\0")
-        code, fmt, _, bounds = _NUMERIC[f.type]
+        _, fmt, _, bounds = _NUMERIC[f.type]
         if bounds is None:
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating,
                                                                  np.integer)):

@@ -41,11 +41,64 @@ CALLBACKS = """
 extern "Python" int _engine_guard(void *, uint64_t, uint32_t, uint32_t);
 """
 
+# The GIL.  cffi releases and re-takes the GIL around every C call and saves
+# and restores errno; for a call of ~100 ns that is a third of its cost.  Here
+# every call keeps the GIL (the macros cffi's wrappers use are redefined
+# after our own code, so they apply to the generated wrappers only), and the
+# calls that can take long -- sleep in a futex wait, scan every slot, wait
+# for recovery or attach, run a guard -- have a `_released` variant that
+# releases it (engine/core.py calls those).  The engine never reads errno
+# through ffi.errno.
+RELEASED = {   # name: (return type, parameters, arguments)
+    "eng_attach": ("int", "eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd",
+                   "s, base, size, fingerprint, fd"),
+    "eng_guard_transition": ("int", "eng_seg *s, uint64_t id, uint32_t trigger, "
+                                    "const eng_ctx_update *u, eng_guard_fn guard, void *user",
+                             "s, id, trigger, u, guard, user"),
+    "eng_update_prices": ("int", "eng_seg *s, const uint64_t *ids, const double *prices, "
+                                 "uint64_t n, uint64_t *out_bad_index, uint64_t *out_written",
+                          "s, ids, prices, n, out_bad_index, out_written"),
+    "eng_update_token_price": ("int64_t", "eng_seg *s, int64_t token, double price",
+                               "s, token, price"),
+    "eng_wait_change": ("int", "eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns, "
+                               "int64_t *out_since", "s, id, since, timeout_ns, out_since"),
+    "eng_snapshot": ("int", "eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n",
+                     "s, rows, max_rows, out_n"),
+    "eng_accounts": ("int", "eng_seg *s, eng_account_row *rows, uint32_t max_rows, "
+                            "uint32_t *out_n", "s, rows, max_rows, out_n"),
+    "eng_recover": ("int", "eng_seg *s, eng_recover_report *out", "s, out"),
+}
+
+
+def released_wrappers() -> tuple[str, str]:
+    """(cdef, C source) of the ``_released`` variants, and the macros that keep
+    the GIL in every generated wrapper."""
+    cdef, src = [], []
+    for name, (ret, params, args) in RELEASED.items():
+        cdef.append(f"{ret} {name}_released({params});")
+        src.append(f"static {ret} {name}_released({params})\n{{\n    {ret} rc;\n"
+                   f"    Py_BEGIN_ALLOW_THREADS\n    rc = {name}({args});\n"
+                   f"    Py_END_ALLOW_THREADS\n    return rc;\n}}")
+    keep_gil = """
+#undef Py_BEGIN_ALLOW_THREADS
+#undef Py_END_ALLOW_THREADS
+#define Py_BEGIN_ALLOW_THREADS {
+#define Py_END_ALLOW_THREADS }
+#undef _cffi_restore_errno
+#undef _cffi_save_errno
+#define _cffi_restore_errno() ((void)0)
+#define _cffi_save_errno() ((void)0)
+"""
+    return "\n".join(cdef) + "\n", "\n\n".join(src) + "\n" + keep_gil
+
+
+RELEASED_CDEF, RELEASED_SOURCE = released_wrappers()
+
 ffibuilder = FFI()
-ffibuilder.cdef(cdef_from_header(HEADER.read_text()) + CALLBACKS)
+ffibuilder.cdef(cdef_from_header(HEADER.read_text()) + CALLBACKS + RELEASED_CDEF)
 ffibuilder.set_source(
     "engine._native",
-    '#include "engine.h"',
+    '#include "engine.h"\n' + RELEASED_SOURCE,
     # paths relative to the project root, where setuptools runs the build
     sources=[os.path.relpath(HERE / "engine.c")],
     include_dirs=[os.path.relpath(HERE)],
