@@ -33,6 +33,22 @@ would.  Every lookup and every fill is checked against the record it
 reached (the order's identity is in its record), and at the end every open
 order and key is scanned; see ``engine.tools.stress.orders``.  Links are
 logged as above, so the chain check of step 4 applies unchanged.
+The account workload (``--mix accounts``) replaces step 3 too: the parent
+opens a few shared accounts (``--accounts``, 3 by default) with limits a
+little above what the workers' open positions average on one of them, and
+each worker opens positions of its own with ``account=`` one of them at
+random, marks their prices, moves them through the lifecycle to CLOSED (the
+transition that releases the reservation and books realized PnL) and
+releases them, while it deposits and withdraws small amounts, moves limits
+with ``update_account`` (and halts and resumes accounts) and reads the
+books.  A ``RiskLimitError`` is a normal outcome (counted by limit, and
+checked against the books it carries).  Every worker journals each money
+movement it made and the realized PnL of each of its closes (recomputed
+from the position's price record with C's rounding); at the end every
+account's books are checked exactly against the open positions and the
+journals, and the run is measured against seed 003's bar (1000 ops/s at
+p99 < 10 ms); see ``engine.tools.stress.accounts``.  Links are logged as
+above.
 
 4. The parent prints progress once a second, stops the workers, and
    verifies: per slot, every logged link from every process forms one
@@ -48,7 +64,8 @@ logged as above, so the chain check of step 4 applies unchanged.
 
 The package, one module per part: ``mix`` (the workload), ``codec`` (the
 links), ``workers`` (a worker process), ``orders`` (the order workload's
-rules and checkers) and ``order_workers`` (its worker), ``runner`` (the parent:
+rules and checkers) and ``order_workers`` (its worker), ``accounts`` and
+``account_workers`` (the same for the account workload), ``runner`` (the parent:
 ``run_stress``), ``verify`` (the chain checker), ``config`` (configuration
 and results), ``report`` (the tables); the command line is here.  Only
 ``runner`` and ``workers`` start or are processes: ``verify`` and the
@@ -65,15 +82,26 @@ import sys
 from typing import Any
 
 from engine.errors import EngineError
+from engine.tools.stress.accounts import BooksReport, verify_books
 from engine.tools.stress.codec import LINK_DTYPE, decode_links, encode_links, links_from_words
-from engine.tools.stress.config import DEFAULT_ORDER_POSITIONS, StressConfig, StressResult
+from engine.tools.stress.config import (
+    DEFAULT_ACCOUNT_POSITIONS,
+    DEFAULT_ACCOUNTS,
+    DEFAULT_ORDER_POSITIONS,
+    StressConfig,
+    StressResult,
+)
 from engine.tools.stress.mix import (
+    ACCOUNT_FAULTS,
+    ACCOUNT_KINDS,
+    ACCOUNT_PRESETS,
     FAULTS,
     KINDS,
     ORDER_FAULTS,
     ORDER_KINDS,
     ORDER_PRESETS,
     PRESETS,
+    is_account_mix,
     is_order_mix,
     parse_mix,
 )
@@ -82,11 +110,14 @@ from engine.tools.stress.report import format_report
 from engine.tools.stress.verify import ChainReport, verify_chains
 
 __all__ = [
+    "ACCOUNT_KINDS",
+    "ACCOUNT_PRESETS",
     "KINDS",
     "LINK_DTYPE",
     "ORDER_KINDS",
     "ORDER_PRESETS",
     "PRESETS",
+    "BooksReport",
     "ChainReport",
     "OrderReport",
     "StressConfig",
@@ -94,11 +125,13 @@ __all__ = [
     "add_parsers",
     "decode_links",
     "encode_links",
+    "is_account_mix",
     "is_order_mix",
     "links_from_words",
     "parse_mix",
     "run",
     "run_stress",
+    "verify_books",
     "verify_chains",
     "verify_orders",
 ]
@@ -159,7 +192,9 @@ def add_parsers(subparsers: Any) -> None:
                    help="worker processes (default: the number of CPUs, here %(default)s)")
     p.add_argument("--positions", type=_positive_int, default=None, metavar="N",
                    help=f"shared slots; fewer means more contention (default: {d.positions}; "
-                        f"{DEFAULT_ORDER_POSITIONS} with --mix orders)")
+                        f"{DEFAULT_ORDER_POSITIONS} with --mix orders; with --mix accounts "
+                        f"{DEFAULT_ACCOUNT_POSITIONS} or twice what the workers hold open, "
+                        "whichever is more)")
     p.add_argument("--seconds", type=_positive_float, default=d.seconds, metavar="S",
                    help="run time (default: %(default)s)")
     p.add_argument("--mix", type=_mix, default=d.mix,
@@ -168,7 +203,13 @@ def add_parsers(subparsers: Any) -> None:
                    + ", ".join(KINDS) + "; default: %(default)s); or 'orders' for the order "
                    "workload (ORDER_SPEC, unique keys, fills applied by lookup, every lookup "
                    "and fill checked against the record it reached), optionally with weights "
-                   "of " + ", ".join(ORDER_KINDS) + " (e.g. 'orders,ws=5')")
+                   "of " + ", ".join(ORDER_KINDS) + " (e.g. 'orders,ws=5'); or 'accounts' for "
+                   "the account workload (positions opened on a few shared accounts, closed "
+                   "with booked PnL, deposits, withdrawals and limit updates; the books "
+                   "checked exactly at the end), optionally with weights of "
+                   + ", ".join(ACCOUNT_KINDS) + " (e.g. 'accounts,cash=4')")
+    p.add_argument("--accounts", type=_positive_int, default=DEFAULT_ACCOUNTS, metavar="N",
+                   help="shared accounts of --mix accounts (default: %(default)s)")
     p.add_argument("--wait-us", type=float, default=d.wait_timeout * 1e6, metavar="US",
                    help="timeout of each wait_for_change; a wait that sees no commit costs "
                         "this long (default: %(default)s)")
@@ -185,7 +226,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the figures and verdict as JSON")
     p.add_argument("--quiet", action="store_true",
                    help="print one summary line: no progress, no tables")
-    p.add_argument("--fault", choices=sorted([*FAULTS, *ORDER_FAULTS]), help=argparse.SUPPRESS)
+    p.add_argument("--fault", choices=sorted([*FAULTS, *ORDER_FAULTS, *ACCOUNT_FAULTS]),
+                   help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -197,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, positions=args.positions or 0, seconds=args.seconds, mix=args.mix,
         seed=args.seed, sample_every=args.sample_every, wait_timeout=args.wait_us / 1e6,
         alert_p99_us=args.alert_p99_us if args.alert_p99_us and args.alert_p99_us > 0 else None,
-        alert_success=args.alert_success, fault=args.fault,
+        alert_success=args.alert_success, fault=args.fault, accounts=args.accounts,
         progress=None if args.quiet else sys.stderr)
     try:
         res = run_stress(config)
@@ -215,6 +257,16 @@ def run(args: argparse.Namespace) -> int:
             lk, f = res.orders["lookups"], res.orders["fills"]
             orders = (f", {lk['total']:,} lookups (found {lk['found']:,}, none {lk['none']:,}, "
                       f"stale {lk['stale']:,}), {f['applied']:,} fills")
+        if res.accounts is not None:
+            a, bar = res.accounts, res.accounts["bar"]
+            orders = (f", {a['opens']['attempts']:,} opens ({a['opens']['refused']:,} refused: "
+                      + ", ".join(f"{k} {n:,}" for k, n in a["refused"]["open"].items())
+                      + f"), {a['closes']['closed']:,} closes, p99 open "
+                      f"{bar['p99_open_us']:,.0f} us / close {bar['p99_close_us']:,.0f} us, "
+                      + (f"{bar['factor']:,.0f}x seed 003's bar" if bar["p99_met"]
+                         else "seed 003's p99 bar NOT met")
+                      + ", books of "
+                      f"{a['final_scan']['accounts']} accounts checked")
         print(f"stress {status}: {res.ops:,} ops, {res.ops_per_s:,.0f} ops/s, "
               f"{res.verification['links']:,} links verified{orders}, "
               f"{res.violations} violations")

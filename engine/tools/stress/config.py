@@ -8,13 +8,18 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from engine._native import lib
-from engine.tools.stress.mix import FAULTS, ORDER_FAULTS, is_order_mix, parse_mix
+from engine.tools.stress.mix import ACCOUNT_FAULTS, FAULTS, ORDER_FAULTS, parse_mix, workload_of
 
 #: Shared slots when ``positions`` is not given: few for the position workload
 #: (contention), more for the order workload (each worker keeps ``inflight``
-#: orders open; the rest are reused constantly).
+#: orders open; the rest are reused constantly), and for the account workload
+#: 64 or twice what the workers can hold open at once, whichever is more (a
+#: refused opening should be the accounts' doing, not the table's).
 DEFAULT_POSITIONS = 16
 DEFAULT_ORDER_POSITIONS = 64
+DEFAULT_ACCOUNT_POSITIONS = 64
+#: Shared accounts of the account workload when ``accounts`` is not given.
+DEFAULT_ACCOUNTS = 3
 #: Keys per order: the client key given at open and the exchange key bound later.
 ORDER_KEYS_PER_POSITION = 2
 
@@ -36,19 +41,36 @@ class StressConfig:
     alert_success: float | None = None      # alert below this success rate (None: off)
     fault: str | None = None            # a key of FAULTS (or ORDER_FAULTS): tests only
     progress: TextIO | None = None      # where progress lines go (None: nowhere)
-    inflight: int = 4                   # order workload: own orders a worker keeps open
+    inflight: int = 4                   # order / account workload: own orders (positions)
+                                        # a worker keeps open
+    accounts: int = DEFAULT_ACCOUNTS    # account workload: shared accounts
 
     def __post_init__(self) -> None:
         self._default_positions()
 
     def _default_positions(self) -> None:
         if self.positions == 0:
-            self.positions = (DEFAULT_ORDER_POSITIONS if self.orders else DEFAULT_POSITIONS)
+            workload = self.workload
+            self.positions = (
+                DEFAULT_ORDER_POSITIONS if workload == "orders"
+                else max(DEFAULT_ACCOUNT_POSITIONS, 2 * self.workers * self.inflight)
+                if workload == "accounts" else DEFAULT_POSITIONS)
+
+    @property
+    def workload(self) -> str:
+        """``"positions"``, ``"orders"`` (``--mix orders``) or ``"accounts"``
+        (``--mix accounts``)."""
+        return workload_of(self.mix)
 
     @property
     def orders(self) -> bool:
         """Does the mix select the order workload (``--mix orders``)?"""
-        return is_order_mix(self.mix)
+        return self.workload == "orders"
+
+    @property
+    def booked(self) -> bool:
+        """Does the mix select the account workload (``--mix accounts``)?"""
+        return self.workload == "accounts"
 
     def check(self) -> dict[str, int]:
         """Validate; returns the parsed mix.  Raises ``ValueError``."""
@@ -68,11 +90,15 @@ class StressConfig:
             raise ValueError(f"wait_timeout must be >= 0 s, got {self.wait_timeout}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        faults = [*FAULTS, *ORDER_FAULTS] if self.orders else list(FAULTS)
+        faults = [*FAULTS, *{"orders": ORDER_FAULTS, "accounts": ACCOUNT_FAULTS}.get(
+            self.workload, ())]
         if self.fault is not None and self.fault not in faults:
             raise ValueError(f"fault must be one of {sorted(faults)}, got {self.fault!r}")
-        if self.orders and self.inflight < 1:
+        if (self.orders or self.booked) and self.inflight < 1:
             raise ValueError(f"inflight must be >= 1, got {self.inflight}")
+        if self.booked and not 1 <= self.accounts <= lib.ENG_MAX_ACCOUNTS:
+            raise ValueError(f"accounts must be in [1, {lib.ENG_MAX_ACCOUNTS}], "
+                             f"got {self.accounts}")
         return parse_mix(self.mix)
 
 
@@ -92,6 +118,7 @@ class StressResult:
     segment: str = ""               # the run's segment and start gate (both removed at the end)
     gate: str = ""
     orders: dict[str, Any] | None = None    # the order workload's figures (--mix orders)
+    accounts: dict[str, Any] | None = None  # the account workload's figures (--mix accounts)
 
     @property
     def ops_per_s(self) -> float:
@@ -108,4 +135,6 @@ class StressResult:
              "verification": self.verification, "config": self.config}
         if self.orders is not None:
             d["orders"] = self.orders
+        if self.accounts is not None:
+            d["accounts"] = self.accounts
         return d

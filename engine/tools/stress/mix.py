@@ -2,9 +2,11 @@
 (``parse_mix``), what each operation can end with, and the parameters
 positions are opened with (so that a torn record can be recognised).
 
-Two workloads: the position workload (``KINDS``, the presets in
-``PRESETS``) and the order workload (``ORDER_KINDS``, switched on by the
-``orders`` preset of ``ORDER_PRESETS``; see ``engine.tools.stress.orders``).
+Three workloads: the position workload (``KINDS``, the presets in
+``PRESETS``), the order workload (``ORDER_KINDS``, switched on by the
+``orders`` preset of ``ORDER_PRESETS``; see ``engine.tools.stress.orders``)
+and the account workload (``ACCOUNT_KINDS``, switched on by the ``accounts``
+preset of ``ACCOUNT_PRESETS``; see ``engine.tools.stress.accounts``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,21 @@ ORDER_PRESETS: dict[str, dict[str, int]] = {
     "orders": {"own": 6, "ws": 3, "peek": 1},
 }
 
+#: The account workload's kinds: ``trade`` advances one of the worker's own
+#: positions a step (open with ``account=`` on a random shared account, the
+#: lifecycle to CLOSED, which books its realized PnL, release); ``mark``
+#: updates the price of one of its open positions; ``cash`` deposits or
+#: withdraws a small amount (journaled); ``limits`` is an optimistic
+#: ``update_account`` (move a limit within its band, an emergency halt, a
+#: resume); ``books`` reads an account and checks the read.  An opening or a
+#: withdrawal refused by a risk limit (RiskLimitError) counts as ``invalid``.
+ACCOUNT_KINDS = ("trade", "mark", "cash", "limits", "books")
+
+#: Presets that switch the whole run to the account workload (weights over ACCOUNT_KINDS).
+ACCOUNT_PRESETS: dict[str, dict[str, int]] = {
+    "accounts": {"trade": 10, "mark": 3, "cash": 1, "limits": 1, "books": 2},
+}
+
 #: What one operation of the mix ended with.  The first three equal the C
 #: outcome codes APPLIED / INVALID / CONFLICT, so a transition maps directly.
 RESULTS = ("ok", "invalid", "conflict", "not_open", "busy", "full", "timeout", "unexpected")
@@ -63,13 +80,44 @@ FAULTS = {"skip-gen": lib.ENG_FAULT_SKIP_GEN, "blind-store": lib.ENG_FAULT_BLIND
 #: a corrupted order map would; the checks must report it.
 ORDER_FAULTS = ("misroute",)
 
+#: Faults of the account workload's workers (tests only): ``leak`` makes one
+#: successful withdrawal in eight take one more unit (1e-8) that the worker
+#: does not journal, as an engine booking off by one unit would look; the
+#: books check must report it.
+ACCOUNT_FAULTS = ("leak",)
+
+#: The workloads: name -> (kinds, presets).
+WORKLOADS: dict[str, tuple[tuple[str, ...], dict[str, dict[str, int]]]] = {
+    "positions": (KINDS, PRESETS),
+    "orders": (ORDER_KINDS, ORDER_PRESETS),
+    "accounts": (ACCOUNT_KINDS, ACCOUNT_PRESETS),
+}
+
+
+def workload_of(text: str | Mapping[str, int]) -> str:
+    """Which workload a mix selects: ``"orders"`` or ``"accounts"`` when it
+    starts with one of their presets (a mapping: when all its kinds are of
+    that workload), else ``"positions"``."""
+    if isinstance(text, Mapping):
+        for name in ("orders", "accounts"):
+            if text and set(text) <= set(WORKLOADS[name][0]):
+                return name
+        return "positions"
+    first = next((p.strip() for p in text.split(",") if p.strip()), "")
+    for name in ("orders", "accounts"):
+        if first in WORKLOADS[name][1]:
+            return name
+    return "positions"
+
 
 def is_order_mix(text: str | Mapping[str, int]) -> bool:
     """Does this mix select the order workload (an ``ORDER_PRESETS`` preset first)?"""
-    if isinstance(text, Mapping):
-        return bool(text) and set(text) <= set(ORDER_KINDS)
-    first = next((p.strip() for p in text.split(",") if p.strip()), "")
-    return first in ORDER_PRESETS
+    return workload_of(text) == "orders"
+
+
+def is_account_mix(text: str | Mapping[str, int]) -> bool:
+    """Does this mix select the account workload (an ``ACCOUNT_PRESETS`` preset first)?"""
+    return workload_of(text) == "accounts"
 
 
 def parse_mix(text: str | Mapping[str, int]) -> dict[str, int]:
@@ -77,24 +125,25 @@ def parse_mix(text: str | Mapping[str, int]) -> dict[str, int]:
 
     Kinds left out weigh 0 (after a preset: the preset's weight).  An order
     preset (``"orders"``, ``"orders,ws=5"``) gives weights over ``ORDER_KINDS``
-    instead (and a mapping of ORDER_KINDS is taken as such).  Raises
+    instead (and a mapping of ORDER_KINDS is taken as such); so does an
+    account preset (``"accounts"``, ``"accounts,cash=3"``) over
+    ``ACCOUNT_KINDS``.  Raises
     ``ValueError`` for an unknown preset or kind, a negative weight or an all-zero mix.
     """
-    orders = is_order_mix(text)
+    workload = workload_of(text)
     if isinstance(text, Mapping):
         items: list[str] = [f"{k}={v}" for k, v in text.items()]
     else:
         items = [p.strip() for p in text.split(",") if p.strip()]
-    kinds = ORDER_KINDS if orders else KINDS
+    kinds, presets = WORKLOADS[workload]
     weights = dict.fromkeys(kinds, 0)
     if not items:
         items = ["default"]
     if "=" not in items[0]:
         preset = items.pop(0)
-        presets = ORDER_PRESETS if orders else PRESETS
         if preset not in presets:
             raise ValueError(f"unknown mix preset {preset!r}; presets: "
-                             f"{', '.join([*PRESETS, *ORDER_PRESETS])}")
+                             f"{', '.join([*PRESETS, *ORDER_PRESETS, *ACCOUNT_PRESETS])}")
         weights.update(presets[preset])
     for item in items:
         key, sep, value = item.partition("=")
@@ -103,7 +152,8 @@ def parse_mix(text: str | Mapping[str, int]) -> dict[str, int]:
             raise ValueError(f"mix item {item!r}: a preset comes first; then kind=weight")
         if key not in weights:
             raise ValueError(f"unknown mix kind {key!r}; kinds: {', '.join(kinds)}"
-                             + (" (of the order workload)" if orders else ""))
+                             + ("" if workload == "positions" else
+                                f" (of the {workload[:-1]} workload)"))
         try:
             w = int(value)
         except ValueError:

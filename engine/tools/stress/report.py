@@ -43,6 +43,8 @@ def format_report(res: StressResult) -> str:
               f"version regressions {v['version_regressions']}"]
     if res.orders is not None:
         lines += ["", *_order_lines(res.orders)]
+    if res.accounts is not None:
+        lines += ["", *_account_lines(res.accounts)]
     for a in res.alerts:
         lines.append(f"ALERT {a}")
     if res.violations:
@@ -81,5 +83,56 @@ def _order_lines(o: dict[str, Any]) -> list[str]:
         f"{w['bad_record']}; KeyExistsError {o['key_exists']}; end-of-run scan: "
         f"{fs['open_orders']} open orders, {fs['keys_checked']} keys checked; "
         f"longest stall {o['max_stall_s']:.1f} s",
+    ]
+    return lines
+
+
+def _account_lines(a: dict[str, Any]) -> list[str]:
+    """The account workload's section: client-side latency per op, openings
+    and refusals by limit, money moved, the books per account, the bar."""
+    hdr = f"{'client op':<11}{'samples':>9}{'p50 us':>9}{'p99 us':>9}{'p99.9 us':>10}{'max us':>9}"
+    lines = [hdr, "-" * len(hdr)]
+    for op, m in a["latency"].items():
+        if m["samples"]:
+            lines.append(f"{op:<11}{m['samples']:>9,}{_us(m['p50_us']):>9}{_us(m['p99_us']):>9}"
+                         f"{_us(m['p999_us']):>10}{_us(m['max_us']):>9}")
+        else:
+            lines.append(f"{op:<11}{0:>9}  (none sampled)")
+    o, c, r, m, u = a["opens"], a["closes"], a["refused"], a["money"], a["updates"]
+    bar, fs = a["bar"], a["final_scan"]
+    lines += [
+        "",
+        f"positions: {o['attempts']:,} opens tried ({o['per_s']:,.0f}/s), {o['opened']:,} "
+        f"opened, {o['refused']:,} refused ({o['refused_rate']:.1%}: "
+        + ", ".join(f"{k} {n:,}" for k, n in r["open"].items())
+        + f"), table full {o['full']:,}, busy {o['busy']:,}; {c['closed']:,} closed with "
+        f"booked PnL ({c['per_s']:,.0f}/s), {c['released']:,} released",
+        f"money: {m['n_deposits']:,} deposits {m['deposits']}, {m['n_withdrawals']:,} "
+        f"withdrawals {m['withdrawals']} ({r['withdraw']['cash']:,} refused: cash), realized "
+        f"{m['realized']}" + (f"; LEAKED (fault) {m['leaked']:,} units" if m["leaked"] else ""),
+        f"limits: {u['applied']:,} update_account ({u['halts']:,} halts, {u['resumes']:,} "
+        f"resumes; busy {u['busy']:,}; engine: {u['conflicts']:,} version conflicts, "
+        f"{u['retries']:,} retries)",
+        "",
+        f"{'account':>10}{'cash':>22}{'reserved':>20}{'realized':>20}{'open':>6}  books",
+    ]
+    for b in a["books"]:
+        ok = (b["cash"] == b["want_cash"] and b["reserved"] == b["want_reserved"]
+              and b["realized"] == b["want_realized"]
+              and b["open_positions"] == b["want_open_positions"])
+        lines.append(f"{b['id']:>10}{b['cash']:>22}{b['reserved']:>20}{b['realized']:>20}"
+                     f"{b['open_positions']:>6}  " + ("exact" if ok else
+                                                     f"OFF: want cash {b['want_cash']}, "
+                                                     f"reserved {b['want_reserved']}, realized "
+                                                     f"{b['want_realized']}, open "
+                                                     f"{b['want_open_positions']}"))
+    lines += [
+        f"books verified on {fs['accounts']} accounts against {fs['open_positions']} open "
+        f"positions ({fs['positions']} rows, {fs['held_at_end']} held by workers); longest "
+        f"stall {a['max_stall_s']:.1f} s",
+        f"seed 003's bar (1000 ops/s at p99 < 10 ms): {bar['ops_per_s']:,.0f} ops/s, p99 open "
+        f"{_us(bar['p99_open_us'])} us, close {_us(bar['p99_close_us'])} us -> "
+        + (f"factor {bar['factor']:,.0f} (opens + closes alone: {bar['booked_ops_per_s']:,.0f}/s,"
+           f" factor {bar['booked_factor']:,.0f})" if bar["p99_met"] else "p99 NOT met"),
     ]
     return lines

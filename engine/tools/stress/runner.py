@@ -19,18 +19,21 @@ from typing import Any, TextIO
 import numpy as np
 import posix_ipc
 
+from engine.accounts import from_units
 from engine.core import Engine
 from engine.metrics import OPS, Metrics, check_alerts
 from engine.spec import ORDER_SPEC, State
+from engine.tools.stress import accounts as acc
+from engine.tools.stress.account_workers import _account_worker_main, _AccountPlan
 from engine.tools.stress.codec import LinkLog, decode_links
 from engine.tools.stress.config import ORDER_KEYS_PER_POSITION, StressConfig, StressResult
 from engine.tools.stress.mix import (
     FAULTS,
     KINDS,
     N_TOKENS,
-    ORDER_KINDS,
     RESULTS,
     TOKEN_PARAMS,
+    WORKLOADS,
 )
 from engine.tools.stress.order_workers import _order_worker_main, _OrderPlan
 from engine.tools.stress.orders import (
@@ -46,8 +49,8 @@ from engine.tools.stress.verify import ChainReport, verify_chains
 from engine.tools.stress.workers import _Plan, _worker_main
 
 #: A worker whose published op count stays put this long (during the run)
-#: counts as stalled: a violation of the order workload (a deadlock shows up
-#: so before the end-of-run collection times out).
+#: counts as stalled: a violation of the order and account workloads (a
+#: deadlock shows up so before the end-of-run collection times out).
 STALL_SECONDS = 5.0
 
 
@@ -171,8 +174,8 @@ def run_stress(config: StressConfig) -> StressResult:
     are removed whatever happens; workers still running are stopped.
     """
     weights = config.check()
-    orders = config.orders
-    kinds = ORDER_KINDS if orders else KINDS
+    orders, booked = config.orders, config.booked
+    kinds = WORKLOADS[config.workload][0]
     out = config.progress
     ctx = multiprocessing.get_context("spawn")
     base_ns = time.monotonic_ns()
@@ -199,7 +202,8 @@ def run_stress(config: StressConfig) -> StressResult:
         cleanup.callback(ready_q.close)
         eng = (Engine.create(capacity=config.positions, spec=ORDER_SPEC,
                              keys_per_position=ORDER_KEYS_PER_POSITION) if orders
-               else Engine.create(capacity=config.positions))
+               else Engine.create(capacity=config.positions, max_accounts=config.accounts)
+               if booked else Engine.create(capacity=config.positions))
         cleanup.callback(eng.unlink)
         cleanup.callback(eng.close)
         gate = posix_ipc.Semaphore(gate_name, posix_ipc.O_CREX, mode=0o600, initial_value=0)
@@ -209,9 +213,14 @@ def run_stress(config: StressConfig) -> StressResult:
 
         eng.set_metrics(True, config.sample_every)
         parent_log = LinkLog(eng, os.path.join(tmp, "parent.bin"), base_ns)
-        if not orders:      # order workers open their own orders
+        if not (orders or booked):      # order and account workers open their own
             _open_all(eng, parent_log, config.seed)
         parent_log.close()
+        terms = acc.terms_for(config.workers, config.inflight, config.accounts)
+        account_ids = tuple(
+            eng.open_account(from_units(terms.cash), from_units(terms.max_exposure),
+                             terms.max_positions, from_units(terms.max_loss))
+            for _ in range(config.accounts if booked else 0))
 
         wtuple = tuple(weights[k] for k in kinds)
         for i in range(config.workers):
@@ -223,6 +232,12 @@ def run_stress(config: StressConfig) -> StressResult:
                                    config.seconds + 60.0)
                 target: Any = _order_worker_main
                 args: tuple[Any, ...] = (oplan, shared, published, stop, ready_q, result_q)
+            elif booked:
+                aplan = _AccountPlan(i, eng.handle, gate_name, log_path, base_ns, wtuple,
+                                     config.seed, config.sample_every, config.inflight,
+                                     account_ids, terms, config.fault == "leak",
+                                     config.seconds + 60.0)
+                target, args = _account_worker_main, (aplan, shared, stop, ready_q, result_q)
             else:
                 plan = _Plan(i, eng.handle, gate_name, log_path, base_ns, config.positions,
                              wtuple, config.seed, config.batch_size, config.wait_timeout,
@@ -242,7 +257,12 @@ def run_stress(config: StressConfig) -> StressResult:
                   f"{config.seconds:g} s, "
                   + ("ORDER workload (ORDER_SPEC, keys_per_position="
                      f"{ORDER_KEYS_PER_POSITION}, {config.inflight} orders in flight per "
-                     "worker), " if orders else "") + "mix "
+                     "worker), " if orders else "")
+                  + (f"ACCOUNT workload ({config.accounts} shared accounts, cash "
+                     f"{from_units(terms.cash)}, max_exposure {from_units(terms.max_exposure)}, "
+                     f"max_positions {terms.max_positions}, max_loss "
+                     f"{from_units(terms.max_loss)}; {config.inflight} positions in flight "
+                     "per worker), " if booked else "") + "mix "
                   + ",".join(f"{k}={w}" for k, w in weights.items() if w)
                   + (f", FAULT {config.fault}" if config.fault else ""))
         stalls = _show_progress(procs, shared, config.seconds, out)
@@ -265,6 +285,8 @@ def run_stress(config: StressConfig) -> StressResult:
                       n_rows, parent_log.count, kinds)
         if orders:
             _add_orders(res, eng, config, summaries, stalls)
+        if booked:
+            _add_accounts(res, eng, config, summaries, stalls, account_ids, terms)
         res.segment, res.gate = eng.name, gate_name
     return res
 
@@ -398,6 +420,88 @@ def _add_orders(res: StressResult, eng: Engine, config: StressConfig,
         "latency": latency_table(samples),
         "final_scan": {"open_orders": final.open_orders, "keys_checked": final.keys_checked,
                        "by_category": final.by_category},
+        "max_stall_s": max(stalls, default=0.0),
+        "counters": counters,
+    }
+
+
+def _add_accounts(res: StressResult, eng: Engine, config: StressConfig,
+                  summaries: list[dict[str, Any]], stalls: list[float],
+                  account_ids: tuple[int, ...], terms: acc.AccountTerms) -> None:
+    """The account workload's figures and checks: the workers' counts,
+    journals and latency samples, then the books of every account against
+    the open positions and the journals (``verify_books``); every violation
+    is added to ``res``."""
+    counters = dict.fromkeys(acc.COUNTERS, 0)
+    for s in summaries:
+        for k, n in s["counters"].items():
+            counters[k] += n
+    samples = {op: np.concatenate([np.frombuffer(s["latency"][op], dtype=np.int64)
+                                   for s in summaries] or [np.empty(0, np.int64)])
+               for op in acc.CLIENT_OPS}
+    journals = {a: acc.Journal() for a in account_ids}
+    for s in summaries:
+        for a, values in s["journal"].items():
+            journals.setdefault(a, acc.Journal()).add(acc.Journal.of(values))
+    held = {pos: a for s in summaries for pos, a, _, _ in s["held"]}
+
+    # quiescent: every worker stopped.  The books, the latches, the open positions.
+    books = {a: eng.account(a) for a in account_ids}
+    latched = {int(r["id"]): int(r["latched"]) for r in eng.accounts()}
+    rows = eng.snapshot()
+    final = acc.verify_books(books, rows, dict.fromkeys(account_ids, terms.cash), journals,
+                             held, complete=len(summaries) == config.workers, latched=latched)
+
+    found: dict[str, int] = {k: counters[k] for k in acc.VIOLATIONS if counters.get(k)}
+    for k, n in final.by_category.items():
+        found[k] = found.get(k, 0) + n
+    stalled = [(w, t) for w, t in enumerate(stalls) if t >= STALL_SECONDS]
+    if stalled:
+        found["stall"] = len(stalled)
+    # (the workers' own messages are in already: _result took every summary's)
+    messages = [f"books: {m}" for m in final.messages] + [
+        f"stall: worker {w} published no progress for {t:.1f} s" for w, t in stalled]
+    by_category = res.verification["by_category"]
+    for k, n in found.items():
+        by_category[k] = by_category.get(k, 0) + n
+    res.violations += sum(found.values())
+    res.violation_messages.extend(messages)
+    res.verification["reads_checked"] = counters["books_reads"] + counters["updates"]
+
+    secs = res.seconds
+    refused = {limit: counters["refused_" + limit] for limit in acc.LIMITS}
+    attempts = counters["open_attempts"]
+    latency = acc.latency_table(samples)
+    booked_ops = attempts + counters["closed"]
+    total = {k: sum(getattr(j, k) for j in journals.values())
+             for k in ("deposits", "withdrawals", "realized", "closes", "opens",
+                       "n_deposits", "n_withdrawals")}
+    account_metrics = eng.metrics()["account"]
+    res.accounts = {
+        "accounts": len(account_ids), "terms": terms.as_dict(),
+        "opens": {"attempts": attempts, "opened": counters["opened"],
+                  "refused": sum(refused.values()),
+                  "refused_rate": sum(refused.values()) / attempts if attempts else 0.0,
+                  "full": counters["open_full"], "busy": counters["open_busy"],
+                  "per_s": attempts / secs if secs else 0.0},
+        "closes": {"closed": counters["closed"], "released": counters["releases"],
+                   "per_s": counters["closed"] / secs if secs else 0.0},
+        "refused": {"open": refused, "withdraw": {"cash": counters["withdraw_refused"]}},
+        "money": {"deposits": str(from_units(total["deposits"])),
+                  "withdrawals": str(from_units(total["withdrawals"])),
+                  "realized": str(from_units(total["realized"])),
+                  "n_deposits": total["n_deposits"], "n_withdrawals": total["n_withdrawals"],
+                  "leaked": counters["leaked"]},
+        "updates": {"applied": counters["updates"], "busy": counters["update_busy"],
+                    "halts": counters["halts"], "resumes": counters["resumes"],
+                    "conflicts": account_metrics.conflicts, "retries": account_metrics.retries},
+        "latency": latency,
+        "bar": acc.bar_factor(res.ops_per_s, booked_ops / secs if secs else 0.0, latency),
+        "books": [c.as_dict() for c in final.checks],
+        "final_scan": {"accounts": final.accounts, "positions": final.positions,
+                       "open_positions": final.open_positions, "held_at_end": len(held),
+                       "by_category": final.by_category},
+        "violations": {k: found.get(k, 0) for k in acc.VIOLATIONS},
         "max_stall_s": max(stalls, default=0.0),
         "counters": counters,
     }
