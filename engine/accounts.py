@@ -28,6 +28,7 @@ SCALE: int = int(lib.ENG_MONEY_SCALE)
 _DIGITS = len(str(SCALE)) - 1
 assert 10**_DIGITS == SCALE, SCALE
 UNITS_MAX = 2**63 - 1
+_WHOLE_MAX = UNITS_MAX // SCALE
 #: fields of Account that update_account may change
 LIMITS = ("max_exposure", "max_positions", "max_loss", "halted")
 
@@ -59,6 +60,8 @@ class Account(NamedTuple):
 def to_units(value: Any, what: str = "money") -> int:
     """``value`` (int, float or Decimal, >= 0) in units of 1/SCALE; a typed
     error naming ``what``, the value and the allowed range otherwise."""
+    if value.__class__ is int and 0 <= value <= _WHOLE_MAX:
+        return value * SCALE   # the common case, exact
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
         raise EngineTypeError(f"{what} must be an int, float or Decimal, got {value!r:.40} "
                               f"({type(value).__name__})")

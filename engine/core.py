@@ -748,17 +748,19 @@ class Engine:
         limit = _RISK_LIMITS.get(rc)
         if limit:
             b, need = self._seg.last_books, from_units(self._seg.last_amount)
-            cash, reserved = from_units(b.cash), from_units(b.reserved)
-            numbers = {
-                "halted": f" (realized {from_units(b.realized)}, max_loss "
-                          f"{from_units(b.max_loss)})",
-                "exposure": f": reserved {reserved} + notional {need} > max_exposure "
-                            f"{from_units(b.max_exposure)}",
-                "count": f": open_positions {b.open_positions} + 1 > max_positions "
-                         f"{b.max_positions}",
-                "cash": f": needs {need}, available = cash {cash} - reserved {reserved} = "
-                        f"{cash - reserved}",
-            }[limit]
+            if limit == "halted":
+                numbers = (f" (realized {from_units(b.realized)}, max_loss "
+                           f"{from_units(b.max_loss)})")
+            elif limit == "exposure":
+                numbers = (f": reserved {from_units(b.reserved)} + notional {need} > "
+                           f"max_exposure {from_units(b.max_exposure)}")
+            elif limit == "count":
+                numbers = (f": open_positions {b.open_positions} + 1 > max_positions "
+                           f"{b.max_positions}")
+            else:
+                cash, reserved = from_units(b.cash), from_units(b.reserved)
+                numbers = (f": needs {need}, available = cash {cash} - reserved {reserved} "
+                           f"= {cash - reserved}")
         try:
             raise_for(rc, account=account, numbers=numbers, max_accounts=self.max_accounts,
                       name=self.name, capacity=self.capacity, **more)
