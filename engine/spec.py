@@ -111,6 +111,7 @@ class MachineSpec:
         self.initial = initial
         self.closed: tuple[str, ...] = tuple(closed)
         self._check()
+        self._check_booked()
         self.state_index: Mapping[str, int] = {s: i for i, s in enumerate(self.states)}
         self.trigger_index: Mapping[str, int] = {t: i for i, t in enumerate(self.triggers)}
         self.State: type[enum.IntEnum] = (
@@ -178,6 +179,21 @@ class MachineSpec:
                 if (src, r.trigger) in seen:
                     raise SpecError(f"two rules for trigger {r.trigger} from {src}")
                 seen.add((src, r.trigger))
+
+    def _check_booked(self) -> None:
+        """A record with an account is booked at its closing, exactly once: its
+        positions may not start closed nor leave a closed state."""
+        if "account" not in self.record.roles:
+            return
+        closed = set(self.closed)
+        if self.initial in closed:
+            raise SpecError(f"initial state {self.initial!r} is closed: positions of a spec with "
+                            "an account field must open before they close")
+        for r in self.rules:
+            if r.target not in closed and closed.intersection(r.sources):
+                raise SpecError(f"rule {r.trigger} leaves closed state(s) "
+                                f"{sorted(closed.intersection(r.sources))}: a spec with an "
+                                "account field books a closing once, so nothing may leave one")
 
     # -- compiled forms ------------------------------------------------------------
     def table_bytes(self) -> bytes:

@@ -615,6 +615,9 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
     layout l = compute_layout(capacity, rec->n_words, rec->keys_per_position, max_accounts);
     if (size < l.size)
         return ENG_ESIZE;
+    int booked = rec->roles[ENG_ROLE_ACCOUNT] != ENG_ROLE_NONE;
+    if (booked && (closed_mask >> initial_index) & 1)
+        return ENG_EBADARG;   /* an opening would be closed before it was booked */
     for (uint32_t i = 0; i < ENG_MAX_STATES * ENG_MAX_TRIGGERS; i++) {
         uint32_t st = i / ENG_MAX_TRIGGERS, tr = i % ENG_MAX_TRIGGERS;
         uint32_t tgt = table[i] & ENG_RULE_TARGET_MASK;
@@ -622,6 +625,8 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
             return ENG_EBADARG;
         if (tgt && (st >= n_states || tr >= n_triggers || tgt > n_states))
             return ENG_EBADARG;
+        if (tgt && booked && ((closed_mask >> st) & 1) && !((closed_mask >> (tgt - 1)) & 1))
+            return ENG_EBADARG;   /* out of a closed state: its closing was booked once */
     }
     /* A fresh segment is zero-filled; the header goes in field by field and
      * ready last. */
@@ -1411,8 +1416,12 @@ static int check_update(const eng_seg *s, const eng_ctx_update *u)
  * until another record copy of the slot is published, and every path that
  * could publish one waits for the latch first: a booked transition latches
  * the account; any other record-writing transition of a position with an
- * account, and release_position (before a reopen rewrites the copies),
- * wait until the latch they saw is gone (acct_settle).  A reader sees the
+ * account waits, holding the slot lock, until the latch it saw is gone
+ * (acct_settle); release_position settles, then frees the slot by a CAS from
+ * exactly the word it settled against, so a booking that started meanwhile
+ * (it must move the word) makes the release retry.  Specs whose positions
+ * can leave a closed state (or start in one) are refused at create when
+ * the record has an account: a closing is booked exactly once.  A reader sees the
  * new books exactly when readers of the slot see its new state.
  *
  * Guarantees: after any number of SIGKILLs and a resolution (any waiter on
@@ -1803,7 +1812,8 @@ static int books_change(eng_books *b, int kind, const acct_args *x, uint64_t ver
         b->max_exposure = x->max_exposure;
         b->max_positions = x->max_positions;
         b->max_loss = x->max_loss;
-        b->halted = x->halted;
+        /* losses already at a lowered max_loss halt it, as a closing would */
+        b->halted = x->halted || (b->realized < 0 && b->realized <= -b->max_loss);
         return 0;
     case AC_CLOSE:
         if (b->open_positions || b->reserved)
@@ -1822,7 +1832,7 @@ static int acct_single(eng_seg *s, uint64_t id, int kind, const acct_args *x)
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_ACCOUNT);
-    OP_RETRIES(t, x->attempt);   /* update_account: the tries before this one */
+    OP_RETRIES(t, x->attempt ? 1 : 0);   /* update_account: this try is a retry */
     uint64_t AL;
     rc = acct_latch(s, a, t, &AL);
     if (rc == 0) {
@@ -2885,27 +2895,25 @@ int eng_release_position(eng_seg *s, uint64_t id)
     int rc = slot_of_id(s, id, &sl);
     if (rc)
         return rc;
-    if (s->acct_role != ENG_ROLE_NONE) {
-        /* a booking about this slot must be resolved before a reopen can
-         * rewrite the record copies that are its evidence (see accounts) */
-        eng_ctx_rec c;
-        uint64_t cw;
-        uint32_t opening;
-        rc = read_ctx(s, sl, &c, &cw, &opening);
-        if (rc)
-            return rc;
-        op_timer none = {NULL, 0};
-        if (opening_check(cw, opening, id) == 0 && c.w[s->acct_role] &&
-            (rc = acct_settle(s, c.w[s->acct_role], none)) != 0)
-            return rc;
-    }
-    uint64_t w = load_acquire_u64(&sl->word);
+    op_timer none = {NULL, 0};
     for (uint32_t retries = 0; retries < CAS_RETRIES; retries++) {
-        rc = id_live(sl, w, id);   /* housekeeping: allowed while halted */
+        eng_ctx_rec c;
+        uint64_t w;
+        uint32_t opening;
+        rc = read_ctx(s, sl, &c, &w, &opening);
+        if (rc == 0)
+            rc = opening_check(w, opening, id);   /* housekeeping: allowed while halted */
         if (rc)
             return rc;
         if (sw_locked(w) || !(sw_state(w) & s->hdr->closed_mask))
             return ENG_INVALID;
+        /* a booking about this slot must be resolved before a reopen can
+         * rewrite the record copies that are its evidence (see accounts);
+         * one that starts after this settle moves the word, and the CAS
+         * below from exactly w fails */
+        if (s->acct_role != ENG_ROLE_NONE && c.w[s->acct_role] &&
+            (rc = acct_settle(s, c.w[s->acct_role], none)) != 0)
+            return rc;
         uint64_t nw = sw_make(0, sw_gen(w) + 1, sw_ctx(w));
         uint64_t old = w;
         if (cas_acq_rel_u64(&sl->word, &w, nw)) {
