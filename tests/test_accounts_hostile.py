@@ -20,7 +20,6 @@ import pytest
 from engine._native import lib
 
 from engine import (
-    SpecError,
     POSITION_SPEC,
     BusyError,
     Engine,
@@ -29,6 +28,7 @@ from engine import (
     Outcome,
     RiskLimitError,
     Rule,
+    SpecError,
     State,
     Trigger,
 )
