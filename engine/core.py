@@ -211,7 +211,7 @@ class Engine:
         # registered before attaching: an exception at any point after the C
         # call (a signal handler's included) still frees the registry entry
         self._finalizer = weakref.finalize(self, _detach, self._seg, self._buf, mm)
-        rc = lib.eng_attach_released(self._seg, self._buf, len(mm),
+        rc = lib.eng_attach(self._seg, self._buf, len(mm),
                                      spec.fingerprint if check_spec else 0, fd)
         if rc:
             os.close(fd)   # C owns the descriptor only once attached
@@ -589,7 +589,7 @@ class Engine:
             _take_guard_failure()   # drop one left by a call a signal interrupted
             self._in_guard += 1
             try:
-                rc = lib.eng_guard_transition_released(self._seg, pos, trigger, update,
+                rc = lib.eng_guard_transition(self._seg, pos, trigger, update,
                                               lib._engine_guard, ffi.new_handle(self))
             finally:
                 self._in_guard -= 1
@@ -696,7 +696,7 @@ class Engine:
         s = np.ascontiguousarray(s, dtype=np.uint64)
         p = np.ascontiguousarray(p, dtype=np.float64)
         out = ffi.new("uint64_t[2]")
-        rc = lib.eng_update_prices_released(self._seg, ffi.from_buffer("uint64_t[]", s),
+        rc = lib.eng_update_prices(self._seg, ffi.from_buffer("uint64_t[]", s),
                                    ffi.from_buffer("double[]", p), len(s), out, out + 1)
         if rc:
             if rc in (lib.ENG_ECLOSED, lib.ENG_EFORKED, lib.ENG_EBADARG):
@@ -722,7 +722,7 @@ class Engine:
             price = self._price_arg(price)
         if "token" not in self._rec.roles:
             raise FieldError(f"spec {self.spec.name!r} has no i8 field 'token'")
-        n = lib.eng_update_token_price_released(self._seg, token, price)
+        n = lib.eng_update_token_price(self._seg, token, price)
         return int(n) if n >= 0 else self._fail(int(n), price=price)
 
     # -- accounts --------------------------------------------------------------------
@@ -887,7 +887,7 @@ class Engine:
         of 1 / ENG_MONEY_SCALE).  Each row is one consistent read."""
         rows = np.zeros(self.max_accounts, dtype=ACCOUNT_ROW_DTYPE)
         n = ffi.new("uint32_t *")
-        rc = lib.eng_accounts_released(self._seg, ffi.from_buffer("eng_account_row[]", rows,
+        rc = lib.eng_accounts(self._seg, ffi.from_buffer("eng_account_row[]", rows,
                                                          require_writable=True),
                               self.max_accounts, n)
         if rc:
@@ -914,7 +914,7 @@ class Engine:
             while True:
                 left = max(0, int((deadline - time.monotonic()) * 1e9))
                 try:
-                    rc = lib.eng_wait_change_released(self._seg, pos, since, left, out)
+                    rc = lib.eng_wait_change(self._seg, pos, since, left, out)
                 except _CONVERSION_ERRORS:
                     raise self._bad_types(pos) from None
                 if rc == lib.ENG_APPLIED:
@@ -932,7 +932,7 @@ class Engine:
         one opening and were read together."""
         rows = np.zeros(self.capacity, dtype=self._rec.row_dtype)
         n = ffi.new("uint32_t *")   # per call: a signal handler may snapshot too
-        rc = lib.eng_snapshot_released(
+        rc = lib.eng_snapshot(
             self._seg, ffi.from_buffer("eng_row[]", rows, require_writable=True), self.capacity, n)
         if rc:
             self._fail(rc)
@@ -957,7 +957,7 @@ class Engine:
     def recover(self) -> RecoveryReport:
         """Release what proven-dead processes hold and drop them from the registry."""
         out = ffi.new("eng_recover_report *")
-        rc = lib.eng_recover_released(self._seg, out)
+        rc = lib.eng_recover(self._seg, out)
         if rc:
             self._fail(rc)
         return RecoveryReport(out.rolled_forward, out.rolled_back, out.price_latches,

@@ -43,12 +43,13 @@ extern "Python" int _engine_guard(void *, uint64_t, uint32_t, uint32_t);
 
 # The GIL.  cffi releases and re-takes the GIL around every C call and saves
 # and restores errno; for a call of ~100 ns that is a third of its cost.  Here
-# every call keeps the GIL (the macros cffi's wrappers use are redefined
-# after our own code, so they apply to the generated wrappers only), and the
-# calls that can take long -- sleep in a futex wait, scan every slot, wait
-# for recovery or attach, run a guard -- have a `_released` variant that
-# releases it (engine/core.py calls those).  The engine never reads errno
-# through ffi.errno.
+# the calls that cannot take long keep the GIL: the macros cffi's wrappers
+# use are redefined after our own code, so they apply to the generated
+# wrappers only.  The calls that can take long -- sleep in a futex wait,
+# scan every slot, wait for recovery or attach, run a guard -- are routed
+# (by a #define of their name) through a `_released` wrapper that releases
+# it, so `lib.eng_wait_change` & co. release the GIL as before.  The engine
+# never reads errno through ffi.errno.
 RELEASED = {   # name: (return type, parameters, arguments)
     "eng_attach": ("int", "eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd",
                    "s, base, size, fingerprint, fd"),
@@ -70,15 +71,15 @@ RELEASED = {   # name: (return type, parameters, arguments)
 }
 
 
-def released_wrappers() -> tuple[str, str]:
-    """(cdef, C source) of the ``_released`` variants, and the macros that keep
-    the GIL in every generated wrapper."""
-    cdef, src = [], []
+def released_wrappers() -> str:
+    """C source: the ``_released`` wrappers, the names routed through them,
+    and the macros that keep the GIL in every other generated wrapper."""
+    src, route = [], []
     for name, (ret, params, args) in RELEASED.items():
-        cdef.append(f"{ret} {name}_released({params});")
         src.append(f"static {ret} {name}_released({params})\n{{\n    {ret} rc;\n"
                    f"    Py_BEGIN_ALLOW_THREADS\n    rc = {name}({args});\n"
                    f"    Py_END_ALLOW_THREADS\n    return rc;\n}}")
+        route.append(f"#define {name} {name}_released")
     keep_gil = """
 #undef Py_BEGIN_ALLOW_THREADS
 #undef Py_END_ALLOW_THREADS
@@ -89,16 +90,14 @@ def released_wrappers() -> tuple[str, str]:
 #define _cffi_restore_errno() ((void)0)
 #define _cffi_save_errno() ((void)0)
 """
-    return "\n".join(cdef) + "\n", "\n\n".join(src) + "\n" + keep_gil
+    return "\n\n".join(src) + "\n" + "\n".join(route) + "\n" + keep_gil
 
-
-RELEASED_CDEF, RELEASED_SOURCE = released_wrappers()
 
 ffibuilder = FFI()
-ffibuilder.cdef(cdef_from_header(HEADER.read_text()) + CALLBACKS + RELEASED_CDEF)
+ffibuilder.cdef(cdef_from_header(HEADER.read_text()) + CALLBACKS)
 ffibuilder.set_source(
     "engine._native",
-    '#include "engine.h"\n' + RELEASED_SOURCE,
+    '#include "engine.h"\n' + released_wrappers(),
     # paths relative to the project root, where setuptools runs the build
     sources=[os.path.relpath(HERE / "engine.c")],
     include_dirs=[os.path.relpath(HERE)],

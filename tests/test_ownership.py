@@ -2305,7 +2305,7 @@ class TestHandlerSnapshot:
         none with id 0; forbidden: the handler's count applied to the outer rows."""
         eng = make_engine(capacity=64)
         ids = [eng.open_position(100.0, 1.0) for _ in range(8)]
-        spy = SignalAfterCall("eng_snapshot_released")
+        spy = SignalAfterCall("eng_snapshot")
         monkeypatch.setattr(engine.core, "lib", spy)
         seen: list[int] = []
 
