@@ -17,11 +17,12 @@ computation in Python (for models and checks).
 from __future__ import annotations
 
 import math
-from decimal import ROUND_HALF_UP, Decimal
+import struct
+from decimal import ROUND_HALF_UP, Context, Decimal
 from fractions import Fraction
 from typing import Any, NamedTuple
 
-from engine._native import lib
+from engine._native import ffi, lib
 from engine.errors import EngineTypeError, MoneyError
 
 SCALE: int = int(lib.ENG_MONEY_SCALE)
@@ -29,6 +30,8 @@ _DIGITS = len(str(SCALE)) - 1
 assert 10**_DIGITS == SCALE, SCALE
 UNITS_MAX = 2**63 - 1
 _WHOLE_MAX = UNITS_MAX // SCALE
+_EXACT = Context(prec=40)
+_ONE_UNIT = Decimal(1).scaleb(-_DIGITS)
 #: fields of Account that update_account may change
 LIMITS = ("max_exposure", "max_positions", "max_loss", "halted")
 
@@ -82,9 +85,9 @@ def to_units(value: Any, what: str = "money") -> int:
 
 
 def from_units(units: int) -> Decimal:
-    """Exact ``Decimal`` of ``units`` of 1/SCALE, with all its places (0.00000000)."""
-    q, r = divmod(abs(int(units)), SCALE)
-    return Decimal(f"{'-' if units < 0 else ''}{q}.{r:0{_DIGITS}d}")
+    """Exact ``Decimal`` of ``units`` of 1/SCALE, with all its places (exponent
+    -8: 0 is ``0E-8``).  Exact: an int64 has 19 digits, the context 40."""
+    return _EXACT.multiply(int(units), _ONE_UNIT)
 
 
 def money_of(price: float, amount: float) -> int:
@@ -95,11 +98,32 @@ def money_of(price: float, amount: float) -> int:
     return int(Decimal(x).to_integral_value(rounding=ROUND_HALF_UP))
 
 
+def _row_struct() -> struct.Struct:
+    """Unpacks (in _ROW_FIELDS order) the fields of an ``eng_account_row``
+    that an ``Account`` needs; offsets from the compiled module."""
+    books = ffi.offsetof("eng_account_row", "b")
+    at = [(ffi.offsetof("eng_account_row", n), n, c) for n, c in (("id", "Q"), ("version", "Q"))]
+    at += [(books + ffi.offsetof("eng_books", n), n, c) for n, c in _ROW_FIELDS[2:]]
+    fmt, pos = "<", 0
+    for off, name, code in sorted(at):
+        fmt += "x" * (off - pos) + code
+        pos = off + struct.calcsize(code)
+    assert [n for _, n, _ in sorted(at)] == [n for n, _ in _ROW_FIELDS], "field order"
+    return struct.Struct(fmt)
+
+
+_ROW_FIELDS = (("id", "Q"), ("version", "Q"), ("cash", "q"), ("reserved", "q"),
+               ("realized", "q"), ("opening_cash", "q"), ("deposits", "q"),
+               ("withdrawals", "q"), ("max_exposure", "q"), ("max_loss", "q"),
+               ("max_positions", "I"), ("open_positions", "I"), ("halted", "I"))
+_ROW = _row_struct()
+
+
 def account_from_row(row: Any) -> Account:
     """An ``Account`` from an ``eng_account_row``."""
-    b = row.b
-    return Account(int(row.id), from_units(b.cash), from_units(b.reserved),
-                   from_units(b.realized), int(b.open_positions), bool(b.halted),
-                   int(row.version), from_units(b.max_exposure), int(b.max_positions),
-                   from_units(b.max_loss), from_units(b.opening_cash), from_units(b.deposits),
-                   from_units(b.withdrawals))
+    (aid, version, cash, reserved, realized, opening, deposits, withdrawals, max_exposure,
+     max_loss, max_positions, open_positions, halted) = _ROW.unpack_from(ffi.buffer(row))
+    m = from_units
+    return Account(aid, m(cash), m(reserved), m(realized), open_positions, bool(halted), version,
+                   m(max_exposure), max_positions, m(max_loss), m(opening), m(deposits),
+                   m(withdrawals))
