@@ -105,7 +105,7 @@ def _row_struct() -> struct.Struct:
     at = [(ffi.offsetof("eng_account_row", n), n, c) for n, c in (("id", "Q"), ("version", "Q"))]
     at += [(books + ffi.offsetof("eng_books", n), n, c) for n, c in _ROW_FIELDS[2:]]
     fmt, pos = "<", 0
-    for off, name, code in sorted(at):
+    for off, _name, code in sorted(at):
         fmt += "x" * (off - pos) + code
         pos = off + struct.calcsize(code)
     assert [n for _, n, _ in sorted(at)] == [n for n, _ in _ROW_FIELDS], "field order"
