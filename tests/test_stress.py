@@ -14,6 +14,7 @@ import json
 import pathlib
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,9 +70,25 @@ def check(slots: list[int], olds: list[int], news: list[int], counter: int | Non
 
 
 def assert_gone(res: StressResult) -> None:
-    """The run removed its segment and its start gate."""
+    """The run removed its segment and its start gate (also used by the
+    order and account workload tests)."""
     assert res.segment and not (SHM / res.segment).exists()
     assert res.gate and not (SHM / ("sem." + res.gate.lstrip("/"))).exists()
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed as the ``engine`` command line."""
+    parser = argparse.ArgumentParser(prog="engine")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def run_cli(tmp_path: pathlib.Path, argv: list[str]) -> tuple[int, dict[str, Any]]:
+    """``engine stress *argv --json FILE --quiet``: its exit code and the JSON."""
+    out = tmp_path / "stress.json"
+    args = parse(["stress", *argv, "--json", str(out), "--quiet"])
+    code = args.func(args)
+    return code, json.loads(out.read_text())
 
 
 class TestParseMix:
@@ -236,35 +253,24 @@ class TestFaultsAreCaught:
 
 
 class TestCommandLine:
-    @staticmethod
-    def parse(argv: list[str]) -> argparse.Namespace:
-        parser = argparse.ArgumentParser(prog="engine")
-        add_parsers(parser.add_subparsers(dest="command", required=True))
-        return parser.parse_args(argv)
-
     def test_json(self, tmp_path: pathlib.Path) -> None:
         """``stress --json`` writes ops and violations and exits 0 on a clean run."""
-        out = tmp_path / "stress.json"
-        args = self.parse(["stress", "--workers", "2", "--positions", "8", "--seconds", "1",
-                           "--json", str(out), "--quiet"])
-        assert args.func(args) == 0
-        data = json.loads(out.read_text())
+        code, data = run_cli(tmp_path, ["--workers", "2", "--positions", "8", "--seconds", "1"])
+        assert code == 0
         assert data["ops"] > 0
         assert data["violations"] == 0
         assert {"table", "workload", "verification", "alerts"} <= data.keys()
 
     def test_fault_exits_nonzero(self, tmp_path: pathlib.Path) -> None:
         """A run with violations exits 1 and says so in the JSON."""
-        out = tmp_path / "stress.json"
-        args = self.parse(["stress", "--workers", "2", "--seconds", "1", "--fault", "skip-gen",
-                           "--json", str(out), "--quiet"])
-        assert args.func(args) == 1
-        assert json.loads(out.read_text())["violations"] > 0
+        code, data = run_cli(tmp_path, ["--workers", "2", "--seconds", "1", "--fault", "skip-gen"])
+        assert code == 1
+        assert data["violations"] > 0
 
     def test_help(self, capsys: pytest.CaptureFixture[str]) -> None:
         """--help lists the options and hides the test-only --fault."""
         with pytest.raises(SystemExit) as exc:
-            self.parse(["stress", "--help"])
+            parse(["stress", "--help"])
         assert exc.value.code == 0
         text = capsys.readouterr().out
         for opt in ("--workers", "--positions", "--seconds", "--mix", "--seed", "--json",

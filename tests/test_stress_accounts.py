@@ -14,7 +14,6 @@ a broken chain.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 from decimal import Decimal
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_stress import assert_gone, run_cli
 
 from engine import Account
 from engine.accounts import SCALE, from_units, money_of
@@ -33,7 +33,6 @@ from engine.tools.stress import (
     ORDER_KINDS,
     PRESETS,
     StressConfig,
-    add_parsers,
     is_account_mix,
     is_order_mix,
     parse_mix,
@@ -53,7 +52,6 @@ from engine.tools.stress.accounts import (
     terms_for,
 )
 
-SHM = pathlib.Path("/dev/shm")
 UNIT = Decimal(1) / SCALE           # one unit of money: 1e-8
 
 A, B = 0x1000000, 0x1000001         # two account ids
@@ -326,12 +324,6 @@ class TestVerifyBooks:
                             {acct: Journal()}).by_category == {"reserved": 1}
 
 
-def assert_gone(res: Any) -> None:
-    """The run removed its segment and its start gate."""
-    assert res.segment and not (SHM / res.segment).exists()
-    assert res.gate and not (SHM / ("sem." + res.gate.lstrip("/"))).exists()
-
-
 class TestAccountRuns:
     def test_clean_run(self) -> None:
         """Four workers for five seconds on three shared accounts: positions open
@@ -374,19 +366,11 @@ class TestAccountRuns:
 
 
 class TestAccountCommandLine:
-    @staticmethod
-    def parse(argv: list[str]) -> argparse.Namespace:
-        parser = argparse.ArgumentParser(prog="engine")
-        add_parsers(parser.add_subparsers(dest="command", required=True))
-        return parser.parse_args(argv)
-
     def test_json(self, tmp_path: pathlib.Path) -> None:
         """``stress --mix accounts --json`` writes the account figures and exits 0 when clean."""
-        out = tmp_path / "stress.json"
-        args = self.parse(["stress", "--mix", "accounts", "--accounts", "2", "--workers", "2",
-                           "--seconds", "1", "--json", str(out), "--quiet"])
-        assert args.func(args) == 0
-        data = json.loads(out.read_text())
+        code, data = run_cli(tmp_path, ["--mix", "accounts", "--accounts", "2", "--workers", "2",
+                                        "--seconds", "1"])
+        assert code == 0
         assert data["violations"] == 0 and data["config"]["accounts"] == 2
         a = data["accounts"]
         assert set(a["latency"]) == set(CLIENT_OPS)
@@ -396,8 +380,7 @@ class TestAccountCommandLine:
         assert "orders" not in data
 
     def test_fault_exits_nonzero(self, tmp_path: pathlib.Path) -> None:
-        out = tmp_path / "stress.json"
-        args = self.parse(["stress", "--mix", "accounts", "--workers", "2", "--seconds", "1",
-                           "--fault", "leak", "--json", str(out), "--quiet"])
-        assert args.func(args) == 1
-        assert json.loads(out.read_text())["accounts"]["violations"]["cash"] > 0
+        code, data = run_cli(tmp_path, ["--mix", "accounts", "--workers", "2", "--seconds", "1",
+                                        "--fault", "leak"])
+        assert code == 1
+        assert data["accounts"]["violations"]["cash"] > 0

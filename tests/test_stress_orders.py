@@ -12,13 +12,12 @@ released order's key found, KeyExistsError for a unique key, a broken chain.
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 from typing import Any
 
 import numpy as np
 import pytest
+from test_stress import assert_gone, run_cli
 
 from engine import ORDER_SPEC
 from engine.tools.stress import (
@@ -27,7 +26,6 @@ from engine.tools.stress import (
     ORDER_PRESETS,
     PRESETS,
     StressConfig,
-    add_parsers,
     is_order_mix,
     parse_mix,
     run_stress,
@@ -46,7 +44,6 @@ from engine.tools.stress.orders import (
     tag_of,
 )
 
-SHM = pathlib.Path("/dev/shm")
 Context = ORDER_SPEC.record.Context
 
 A, B = tag_of(1, 7), tag_of(2, 9)          # two orders of two workers
@@ -215,12 +212,6 @@ class TestVerifyOrders:
         assert rep.by_category == {"released_key_found": 1, "bad_record": 1}
 
 
-def assert_gone(res: Any) -> None:
-    """The run removed its segment and its start gate."""
-    assert res.segment and not (SHM / res.segment).exists()
-    assert res.gate and not (SHM / ("sem." + res.gate.lstrip("/"))).exists()
-
-
 class TestOrderRuns:
     def test_clean_run(self) -> None:
         """Four workers for five seconds on 64 slots: orders open, get keys, are
@@ -260,19 +251,10 @@ class TestOrderRuns:
 
 
 class TestOrderCommandLine:
-    @staticmethod
-    def parse(argv: list[str]) -> argparse.Namespace:
-        parser = argparse.ArgumentParser(prog="engine")
-        add_parsers(parser.add_subparsers(dest="command", required=True))
-        return parser.parse_args(argv)
-
     def test_json(self, tmp_path: pathlib.Path) -> None:
         """``stress --mix orders --json`` writes the order figures and exits 0 when clean."""
-        out = tmp_path / "stress.json"
-        args = self.parse(["stress", "--mix", "orders", "--workers", "2", "--seconds", "1",
-                           "--json", str(out), "--quiet"])
-        assert args.func(args) == 0
-        data = json.loads(out.read_text())
+        code, data = run_cli(tmp_path, ["--mix", "orders", "--workers", "2", "--seconds", "1"])
+        assert code == 0
         assert data["violations"] == 0 and data["config"]["positions"] == 64
         o = data["orders"]
         assert set(o["latency"]) == set(CLIENT_OPS)
@@ -282,16 +264,13 @@ class TestOrderCommandLine:
         assert o["key_exists"] == 0
 
     def test_fault_exits_nonzero(self, tmp_path: pathlib.Path) -> None:
-        out = tmp_path / "stress.json"
-        args = self.parse(["stress", "--mix", "orders", "--workers", "2", "--seconds", "1",
-                           "--fault", "misroute", "--json", str(out), "--quiet"])
-        assert args.func(args) == 1
-        assert json.loads(out.read_text())["orders"]["wrong_order"]["wrong_lookup"] > 0
+        code, data = run_cli(tmp_path, ["--mix", "orders", "--workers", "2", "--seconds", "1",
+                                        "--fault", "misroute"])
+        assert code == 1
+        assert data["orders"]["wrong_order"]["wrong_lookup"] > 0
 
     def test_position_json_has_no_order_section(self, tmp_path: pathlib.Path) -> None:
         """The position workload's JSON is as before (no ``orders`` key)."""
-        out = tmp_path / "stress.json"
-        args = self.parse(["stress", "--workers", "1", "--seconds", "0.5", "--json", str(out),
-                           "--quiet"])
-        assert args.func(args) == 0
-        assert "orders" not in json.loads(out.read_text())
+        code, data = run_cli(tmp_path, ["--workers", "1", "--seconds", "0.5"])
+        assert code == 0
+        assert "orders" not in data

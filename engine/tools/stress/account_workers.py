@@ -12,18 +12,9 @@ price record read after the close is the price C booked from.
 
 from __future__ import annotations
 
-import os
-import random
-import signal
-import time
-from array import array
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import posix_ipc
-
-from engine._native import lib
 from engine.accounts import Account, from_units
 from engine.core import Engine, Handle
 from engine.errors import (
@@ -48,15 +39,18 @@ from engine.tools.stress.accounts import (
     realized_of,
     refusal_problem,
 )
+from engine.tools.stress.base import (
+    BUSY,
+    CONFLICT,
+    FULL,
+    INVALID,
+    NOT_OPEN,
+    OK,
+    UNEXPECTED,
+    SampledWorker,
+)
 from engine.tools.stress.codec import LinkLog
-from engine.tools.stress.mix import ACCOUNT_KINDS, RESULTS
-
-_CHECK_EVERY = 256          # ops between a worker's stop checks and count publishing
-_MESSAGES_PER_CATEGORY = 5  # messages a worker keeps per violation category
-_ALWAYS_TIMED = frozenset(("open", "close"))
-
-_OK, _INVALID, _CONFLICT, _NOT_OPEN, _BUSY, _FULL, _TIMEOUT, _UNEXPECTED = range(len(RESULTS))
-assert (_OK, _INVALID, _CONFLICT) == (lib.ENG_APPLIED, lib.ENG_INVALID, lib.ENG_CONFLICT)
+from engine.tools.stress.mix import ACCOUNT_KINDS
 
 _CREATED, _MONITORING, _EXIT_PENDING = int(State.CREATED), int(State.MONITORING), \
     int(State.EXIT_PENDING)
@@ -105,51 +99,25 @@ class _Held:
     booked: bool = False        # its closing booking is journaled
 
 
-class _AccountWorker:
+class _AccountWorker(SampledWorker):
     """One process's positions on the shared accounts, and its money movements."""
 
+    kinds = ACCOUNT_KINDS
+    rng_salt = 0xACC7
+    counters = COUNTERS
+    client_ops = CLIENT_OPS
+    always_timed = frozenset(("open", "close"))
+
     def __init__(self, eng: Engine, plan: _AccountPlan, log: LinkLog) -> None:
-        self.eng = eng
-        self.plan = plan
-        self.log = log
-        self.record = log.record
-        self.rng = random.Random(plan.seed * 1_000_003 + plan.index + 0xACC7)
-        self.c = dict.fromkeys(COUNTERS, 0)
-        self.counts = [0] * (len(ACCOUNT_KINDS) * len(RESULTS))
-        self.kind_ops = [0] * len(ACCOUNT_KINDS)
-        self.lat = {op: array("q") for op in CLIENT_OPS}
-        self.timing = False
-        self.messages: list[str] = []
-        self.noted: dict[str, int] = {}
+        super().__init__(eng, plan, log)
         self.held: list[_Held] = []
         self.cursor = 0
         self.journal = {a: Journal() for a in plan.accounts}
         self.versions = dict.fromkeys(plan.accounts, 0)
-        self.ops: list[Callable[[], int]] = [self.op_trade, self.op_mark, self.op_cash,
-                                             self.op_limits, self.op_books]
+        self.ops = [self.op_trade, self.op_mark, self.op_cash, self.op_limits, self.op_books]
         assert len(self.ops) == len(ACCOUNT_KINDS)
 
-    # -- helpers ---------------------------------------------------------------
-    def note(self, category: str, message: str) -> int:
-        """Count a violation of ``category`` and keep the first few messages."""
-        self.c[category] += 1
-        n = self.noted.get(category, 0)
-        if n < _MESSAGES_PER_CATEGORY:
-            self.noted[category] = n + 1
-            self.messages.append(f"{category}: worker {self.plan.index}: {message}")
-        return _UNEXPECTED
-
-    def call(self, op: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        """``fn(*args, **kw)``, timed into ``op``'s samples when this op is
-        sampled (open and close: always)."""
-        if not (self.timing or op in _ALWAYS_TIMED):
-            return fn(*args, **kw)
-        t0 = time.perf_counter_ns()
-        try:
-            return fn(*args, **kw)
-        finally:
-            self.lat[op].append(time.perf_counter_ns() - t0)
-
+    # -- helpers (``note`` and ``call``: ``SampledWorker``) -------------------------
     def lost(self, h: _Held, what: str, e: BaseException) -> int:
         """The worker's own position is gone though it never released it."""
         if h in self.held:
@@ -187,13 +155,13 @@ class _AccountWorker:
             if problem:
                 self.note("unknown_limit" if limit not in LIMITS else "unjustified_refusal",
                           f"open_position on account {acct}: {problem} ({e})")
-            return _INVALID
+            return INVALID
         except CapacityError:
             self.c["open_full"] += 1
-            return _FULL
+            return FULL
         except BusyError:
             self.c["open_busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note("unexpected", f"open_position(account={acct}): {e!r}")
         slot = self.eng.slot_of(pos)
@@ -201,7 +169,7 @@ class _AccountWorker:
         self.c["opened"] += 1
         self.journal[acct].opens += 1
         self.held.append(_Held(pos, slot, acct, entry, amount, side, need, entry))
-        return _OK
+        return OK
 
     def book(self, h: _Held) -> None:
         """Journal the realized PnL the engine booked when ``h`` closed: from
@@ -229,17 +197,17 @@ class _AccountWorker:
             return self.lost(h, f"transition {trigger.name}", e)
         except BusyError:
             self.c["busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note("unexpected", f"transition({h.id:#x}, {trigger.name}): {e!r}")
-        if out == _OK:
+        if out == OK:
             self.record(h.slot)
             h.state = _TARGET[trigger]
             if h.state == _CLOSED:
                 self.book(h)
             else:
                 self.c["steps"] += 1
-            return _OK
+            return OK
         # only we move it: anything but APPLIED means someone else did
         try:
             now = int(self.eng.state(h.id))
@@ -249,7 +217,7 @@ class _AccountWorker:
                   f"{State(h.state).name} -> outcome {out}; its state is now {now:#x}")
         if now:
             h.state = now
-        return out if out in (_INVALID, _CONFLICT) else _UNEXPECTED
+        return out if out in (INVALID, CONFLICT) else UNEXPECTED
 
     def release(self, h: _Held) -> int:
         """Release our closed position (its booking journaled first)."""
@@ -261,15 +229,15 @@ class _AccountWorker:
             return self.lost(h, "release_position", e)
         except BusyError:
             self.c["busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note("unexpected", f"release_position({h.id:#x}): {e!r}")
-        if out != _OK:
+        if out != OK:
             return self.note("foreign_change", f"release_position({h.id:#x}) -> outcome {out}")
         self.record(h.slot)
         self.held.remove(h)
         self.c["releases"] += 1
-        return _OK
+        return OK
 
     def step(self, h: _Held) -> int:
         """Move one of our positions a step along the lifecycle, by its state."""
@@ -305,7 +273,7 @@ class _AccountWorker:
         held = self.held
         if len(held) < self.plan.inflight and (not held or self.rng.random() < 0.5):
             out = self.open()
-            if out != _FULL or not held:
+            if out != FULL or not held:
                 return out
         self.cursor = (self.cursor + 1) % len(held)
         return self.step(held[self.cursor])
@@ -314,7 +282,7 @@ class _AccountWorker:
         """A new price for one of our positions that is not closed."""
         live = [h for h in self.held if h.state != _CLOSED]
         if not live:
-            return _NOT_OPEN
+            return NOT_OPEN
         h = self.rng.choice(live)
         price = h.entry * (1.0 + self.rng.uniform(-MARK_MOVE, MARK_MOVE))
         try:
@@ -323,12 +291,12 @@ class _AccountWorker:
             return self.lost(h, "update_price", e)
         except BusyError:
             self.c["busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note("unexpected", f"update_price({h.id:#x}, {price!r}): {e!r}")
         h.price = price
         self.c["marks"] += 1
-        return _OK
+        return OK
 
     def op_cash(self) -> int:
         """Deposit or withdraw a small amount (towards the opening cash);
@@ -357,10 +325,10 @@ class _AccountWorker:
                                  f"{'withdraw' if withdraw else 'deposit'}({acct}, {amount}): "
                                  f"{problem or e}")
             self.c["withdraw_refused"] += 1
-            return _INVALID
+            return INVALID
         except BusyError:
             self.c["busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note("unexpected", f"{'withdraw' if withdraw else 'deposit'}({acct}, "
                              f"{amount}): {e!r}")
@@ -378,7 +346,7 @@ class _AccountWorker:
             j.deposits += units
             j.n_deposits += 1
             self.c["deposits"] += 1
-        return _OK
+        return OK
 
     def op_limits(self) -> int:
         """An optimistic ``update_account``: resume a halted account (raising
@@ -411,7 +379,7 @@ class _AccountWorker:
             a = self.call("update", self.eng.update_account, acct, fn)
         except BusyError:
             self.c["update_busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note("unexpected", f"update_account({acct}): {e!r}")
         self.check_read(a)
@@ -420,7 +388,7 @@ class _AccountWorker:
             self.c["resumes"] += 1
         elif did == ["halt"]:
             self.c["halts"] += 1
-        return _OK
+        return OK
 
     def op_books(self) -> int:
         """Read an account and check the read."""
@@ -431,65 +399,10 @@ class _AccountWorker:
             return self.note("unexpected", f"account({acct}): {e!r}")
         self.check_read(a)
         self.c["books_reads"] += 1
-        return _OK
+        return OK
 
-    # -- the loop --------------------------------------------------------------
-    def run(self, shared: Any, stop: Any) -> tuple[int, int]:
-        """Run until the stop flag; publish counts every ``_CHECK_EVERY`` ops.
-        Returns (start, end) CLOCK_MONOTONIC ns."""
-        plan = self.plan
-        schedule = self.rng.choices(range(len(ACCOUNT_KINDS)), weights=plan.weights, k=4096)
-        ops, counts, kind_ops = self.ops, self.counts, self.kind_ops
-        nres = len(RESULTS)
-        row = plan.index * len(ACCOUNT_KINDS)
-        mask = plan.sample_every - 1
-        t0 = time.monotonic_ns()
-        deadline = time.monotonic() + plan.max_seconds
-        i = 0
-        while not stop.value and time.monotonic() < deadline:
-            for _ in range(_CHECK_EVERY):
-                k = schedule[i & 4095]
-                self.timing = (i & mask) == 0
-                counts[k * nres + ops[k]()] += 1
-                kind_ops[k] += 1
-                i += 1
-            shared[row:row + len(ACCOUNT_KINDS)] = kind_ops
-        return t0, time.monotonic_ns()
-
-    def summary(self, t0: int, t1: int) -> dict[str, Any]:
-        nres = len(RESULTS)
-        return {
-            "index": self.plan.index, "pid": os.getpid(), "start_ns": t0, "end_ns": t1,
-            "counts": {k: dict(zip(RESULTS, self.counts[j * nres:(j + 1) * nres], strict=True))
-                       for j, k in enumerate(ACCOUNT_KINDS)},
-            "applied": self.log.count, "releases": self.c["releases"],
-            "counters": dict(self.c), "latency": {op: a.tobytes() for op, a in self.lat.items()},
-            "journal": {a: j.as_tuple() for a, j in self.journal.items()},
-            "held": [(h.id, h.account, h.state, h.booked) for h in self.held],
-            "messages": self.messages,
-        }
-
-
-def _account_worker_main(plan: _AccountPlan, shared: Any, stop: Any, ready: Any,
-                         results: Any) -> None:
-    """Spawned account worker: attach, report ready, wait at the gate, run, report."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides when to stop
-    eng = Engine.attach(plan.handle)
-    try:
-        log = LinkLog(eng, plan.log_path, plan.base_ns)
-        worker = _AccountWorker(eng, plan, log)
-        gate = posix_ipc.Semaphore(plan.gate)
-        try:
-            ready.put(("ready", plan.index))
-            gate.acquire(plan.max_seconds)
-        finally:
-            gate.close()
-        t0, t1 = worker.run(shared, stop)
-        log.close()
-        results.put(("done", worker.summary(t0, t1)))
-    except BaseException as e:
-        results.put(("error", {"index": plan.index, "error": repr(e)}))
-        raise
-    finally:
-        eng.close()
-
+    # -- the loop: ``SampledWorker`` --------------------------------------------
+    def extra_summary(self) -> dict[str, Any]:
+        return {**super().extra_summary(),
+                "journal": {a: j.as_tuple() for a, j in self.journal.items()},
+                "held": [(h.id, h.account, h.state, h.booked) for h in self.held]}

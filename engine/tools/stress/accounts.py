@@ -386,21 +386,6 @@ def verify_books(books: Mapping[int, Account], rows: Iterable[Any],
     return rep
 
 
-def latency_table(samples: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Per client op: samples, p50 / p99 / p99.9 / max in microseconds."""
-    out: dict[str, dict[str, float]] = {}
-    for op in CLIENT_OPS:
-        a = np.asarray(samples.get(op, ()), dtype=np.float64)
-        if not len(a):
-            out[op] = {"samples": 0, "p50_us": 0.0, "p99_us": 0.0, "p999_us": 0.0,
-                       "max_us": 0.0}
-            continue
-        p50, p99, p999 = np.percentile(a, [50.0, 99.0, 99.9]) / 1e3
-        out[op] = {"samples": len(a), "p50_us": float(p50), "p99_us": float(p99),
-                   "p999_us": float(p999), "max_us": float(a.max()) / 1e3}
-    return out
-
-
 #: Seed 003's bar: 1000 ops/s with p99 below 10 ms.
 BAR_OPS_PER_S = 1000.0
 BAR_P99_US = 10_000.0

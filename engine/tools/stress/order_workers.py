@@ -8,19 +8,10 @@ a link per applied commit for the chain verifier, like the position workers.
 from __future__ import annotations
 
 import contextlib
-import os
-import random
-import signal
-import time
-from array import array
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import posix_ipc
-
-from engine._native import lib
 from engine.core import Engine, Handle
 from engine.errors import (
     BusyError,
@@ -31,8 +22,17 @@ from engine.errors import (
     StaleIdError,
 )
 from engine.spec import ORDER_SPEC
+from engine.tools.stress.base import (
+    BUSY,
+    CONFLICT,
+    FULL,
+    INVALID,
+    NOT_OPEN,
+    OK,
+    SampledWorker,
+)
 from engine.tools.stress.codec import LinkLog
-from engine.tools.stress.mix import ORDER_KINDS, RESULTS
+from engine.tools.stress.mix import ORDER_KINDS
 from engine.tools.stress.orders import (
     CLIENT_OPS,
     COUNTERS,
@@ -46,12 +46,6 @@ from engine.tools.stress.orders import (
     qty_for,
     tag_of,
 )
-
-_CHECK_EVERY = 256          # ops between a worker's stop checks and count publishing
-_MESSAGES_PER_CATEGORY = 5  # messages a worker keeps per violation category
-
-_OK, _INVALID, _CONFLICT, _NOT_OPEN, _BUSY, _FULL, _TIMEOUT, _UNEXPECTED = range(len(RESULTS))
-assert (_OK, _INVALID, _CONFLICT) == (lib.ENG_APPLIED, lib.ENG_INVALID, lib.ENG_CONFLICT)
 
 _S: Any = ORDER_SPEC.State
 _T: Any = ORDER_SPEC.Trigger
@@ -88,51 +82,27 @@ class _Order:
     no_x: bool = False          # binding the exchange key failed for good (a violation)
 
 
-class _OrderWorker:
+class _OrderWorker(SampledWorker):
     """One process's orders, and its WebSocket handler for everyone's."""
 
+    kinds = ORDER_KINDS
+    rng_salt = 0x5EED
+    counters = COUNTERS
+    client_ops = CLIENT_OPS
+    releases_counter = "released"
+
     def __init__(self, eng: Engine, plan: _OrderPlan, log: LinkLog, published: Any) -> None:
-        self.eng = eng
-        self.plan = plan
-        self.log = log
-        self.record = log.record
+        super().__init__(eng, plan, log)
         self.published = published
-        self.rng = random.Random(plan.seed * 1_000_003 + plan.index + 0x5EED)
-        self.c = dict.fromkeys(COUNTERS, 0)
-        self.counts = [0] * (len(ORDER_KINDS) * len(RESULTS))
-        self.kind_ops = [0] * len(ORDER_KINDS)
-        self.lat = {op: array("q") for op in CLIENT_OPS}
-        self.timing = False
-        self.messages: list[str] = []
-        self.noted: dict[str, int] = {}
         self.orders: list[_Order] = []
         self.cursor = 0
         self.n = 1              # order numbers start at 1: a tag is never 0
         self.released_recent: deque[int] = deque(maxlen=32)
         self.window = 2 * plan.inflight + 2
-        self.ops: list[Callable[[], int]] = [self.op_own, self.op_ws, self.op_peek]
+        self.ops = [self.op_own, self.op_ws, self.op_peek]
         assert len(self.ops) == len(ORDER_KINDS)
 
-    # -- helpers ---------------------------------------------------------------
-    def note(self, category: str, message: str) -> int:
-        """Count a violation of ``category`` and keep the first few messages."""
-        self.c[category] += 1
-        n = self.noted.get(category, 0)
-        if n < _MESSAGES_PER_CATEGORY:
-            self.noted[category] = n + 1
-            self.messages.append(f"{category}: worker {self.plan.index}: {message}")
-        return _UNEXPECTED
-
-    def call(self, op: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        """``fn(*args, **kw)``, timed into ``op``'s samples when this op is sampled."""
-        if not self.timing:
-            return fn(*args, **kw)
-        t0 = time.perf_counter_ns()
-        try:
-            return fn(*args, **kw)
-        finally:
-            self.lat[op].append(time.perf_counter_ns() - t0)
-
+    # -- helpers (``note`` and ``call``: ``SampledWorker``) -------------------------
     def drop(self, o: _Order) -> None:
         if o in self.orders:
             self.orders.remove(o)
@@ -155,7 +125,7 @@ class _OrderWorker:
             pos = self.call("lookup", eng.lookup, key)
         except BusyError:
             c["lookup_busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note("unexpected", f"lookup({key!r}): {e!r}")
         if pos is not None and self.plan.misroute and self.rng.random() < 0.125:
@@ -167,17 +137,17 @@ class _OrderWorker:
             if own is not None:
                 return self.note("lost_lookup", f"lookup({key!r}) of open {name_of(tag)} "
                                  f"(id {own.id:#x}) found nothing")
-            return _NOT_OPEN
+            return NOT_OPEN
         try:
             rec = self.call("context", eng.context, pos)
         except StaleIdError:
             c["lookup_stale"] += 1
             if own is not None and pos == own.id:
                 return self.lost(own, f"context after lookup({key!r})", StaleIdError())
-            return _NOT_OPEN
+            return NOT_OPEN
         except BusyError:
             c["busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note("unexpected", f"context({pos:#x}) after lookup({key!r}): {e!r}")
         c["lookup_found"] += 1
@@ -200,13 +170,13 @@ class _OrderWorker:
             out = int(self.call("fill", eng.transition, pos, trigger, **fields))
         except StaleIdError:
             c["fills_stale"] += 1
-            return _NOT_OPEN
+            return NOT_OPEN
         except BusyError:
             c["fills_busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note("unexpected", f"transition({pos:#x}, {trigger.name}): {e!r}")
-        if out == _OK:
+        if out == OK:
             self.record(eng.slot_of(pos))
             c["fills_applied"] += 1
             c[counter] += 1
@@ -218,9 +188,9 @@ class _OrderWorker:
                 return self.note("unexpected", f"context({pos:#x}) after a fill: {e!r}")
             for category, message in check_filled(after, tag):
                 self.note(category, f"fill on id {pos:#x}: {message}")
-        elif out == _INVALID:
+        elif out == INVALID:
             c["fills_invalid"] += 1
-        elif out != _CONFLICT:
+        elif out != CONFLICT:
             return self.note("unexpected", f"transition({pos:#x}, {trigger.name}) -> {out}")
         return out
 
@@ -245,13 +215,13 @@ class _OrderWorker:
                             token=idx, order_type=1, limit_px=100.0)
         except CapacityError as e:
             self.c["key_full" if "index buckets" in str(e) else "open_full"] += 1
-            return _FULL
+            return FULL
         except KeyExistsError as e:
             self.n += 1
             return self.note("key_exists", f"open(key={client_key(tag)!r}): {e!r}")
         except BusyError:
             self.c["busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note("unexpected", f"open(key={client_key(tag)!r}): {e!r}")
         self.record(self.eng.slot_of(pos))
@@ -259,7 +229,7 @@ class _OrderWorker:
         self.orders.append(_Order(tag, pos))
         self.published[idx] = self.n
         self.n += 1
-        return _OK
+        return OK
 
     def fire(self, o: _Order, trigger: int) -> int:
         """A plain transition of the owner's order (no fields)."""
@@ -269,17 +239,17 @@ class _OrderWorker:
             return self.lost(o, f"transition {_T(trigger).name}", e)
         except BusyError:
             self.c["busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note("unexpected", f"transition({o.id:#x}, {_T(trigger).name}): {e!r}")
-        if out == _OK:
+        if out == OK:
             self.record(self.eng.slot_of(o.id))
             self.c["steps_applied"] += 1
             if trigger in _CANCELS:
                 self.c["cancels"] += 1
-        elif out == _INVALID:
+        elif out == INVALID:
             self.c["steps_invalid"] += 1      # a fill by lookup got there first
-        elif out != _CONFLICT:
+        elif out != CONFLICT:
             return self.note("unexpected", f"transition({o.id:#x}, {_T(trigger).name}) -> {out}")
         return out
 
@@ -294,18 +264,18 @@ class _OrderWorker:
             if "index buckets" not in str(e):
                 return self.note("unexpected", f"bind_key({o.id:#x}, {key!r}): {e!r}")
             self.c["key_full"] += 1
-            return _FULL
+            return FULL
         except NotOpenError as e:
             return self.lost(o, f"bind_key({key!r})", e)
         except BusyError:
             self.c["busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:        # KeyLimitError included: it has 1 key of 2
             o.no_x = True
             return self.note("unexpected", f"bind_key({o.id:#x}, {key!r}): {e!r}")
         o.bound = True
         self.c["binds"] += 1
-        return _OK
+        return OK
 
     def finish(self, o: _Order) -> int:
         """The order is closed: check its final record and keys, release it,
@@ -318,7 +288,7 @@ class _OrderWorker:
             return self.lost(o, "context/keys", e)
         except BusyError:
             self.c["busy"] += 1
-            return _BUSY
+            return BUSY
         for category, message in check_reached(rec, tag):
             self.note("lost_order" if category == "wrong_lookup" else category,
                       f"own id {o.id:#x}: {message}")
@@ -334,10 +304,10 @@ class _OrderWorker:
             return self.lost(o, "release_position", e)
         except BusyError:
             self.c["busy"] += 1
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note("unexpected", f"release_position({o.id:#x}): {e!r}")
-        if out != _OK:
+        if out != OK:
             return out
         self.record(eng.slot_of(o.id))
         self.c["released"] += 1
@@ -351,7 +321,7 @@ class _OrderWorker:
             if got is not None:
                 self.note("released_key_found", f"{name_of(tag)} (id {o.id:#x}) released, "
                           f"lookup({key!r}) -> id {got:#x}")
-        return _OK
+        return OK
 
     def step(self, o: _Order) -> int:
         """Move one own order a step, by its state."""
@@ -361,7 +331,7 @@ class _OrderWorker:
             return self.lost(o, "state", e)
         except BusyError:
             self.c["busy"] += 1
-            return _BUSY
+            return BUSY
         r = self.rng.random()
         if st & _CLOSED:
             return self.finish(o)
@@ -397,7 +367,7 @@ class _OrderWorker:
         """Open an order (below ``inflight``), or move one of ours a step."""
         if len(self.orders) < self.plan.inflight:
             out = self.open_order()
-            if out != _FULL or not self.orders:
+            if out != FULL or not self.orders:
                 return out
         self.cursor = (self.cursor + 1) % len(self.orders)
         return self.step(self.orders[self.cursor])
@@ -407,7 +377,7 @@ class _OrderWorker:
         its exchange (or client) key and apply a fill to what the lookup gave."""
         tag = self.pick_foreign()
         if tag < 0:
-            return _NOT_OPEN
+            return NOT_OPEN
         key = exchange_key(tag) if self.rng.random() < 0.7 else client_key(tag)
         got = self.reach(tag, key)
         if isinstance(got, int):
@@ -419,69 +389,15 @@ class _OrderWorker:
         """A status query: find another worker's order by key and check its record."""
         tag = self.pick_foreign()
         if tag < 0:
-            return _NOT_OPEN
+            return NOT_OPEN
         got = self.reach(tag, exchange_key(tag) if self.rng.random() < 0.5 else client_key(tag))
         if isinstance(got, int):
             return got
         self.c["peeks"] += 1
-        return _OK
+        return OK
 
-    # -- the loop --------------------------------------------------------------
-    def run(self, shared: Any, stop: Any) -> tuple[int, int]:
-        """Run until the stop flag; publish counts every ``_CHECK_EVERY`` ops.
-        Returns (start, end) CLOCK_MONOTONIC ns."""
-        plan = self.plan
-        schedule = self.rng.choices(range(len(ORDER_KINDS)), weights=plan.weights, k=4096)
-        ops, counts, kind_ops = self.ops, self.counts, self.kind_ops
-        nres = len(RESULTS)
-        row = plan.index * len(ORDER_KINDS)
-        mask = plan.sample_every - 1
-        t0 = time.monotonic_ns()
-        deadline = time.monotonic() + plan.max_seconds
-        i = 0
-        while not stop.value and time.monotonic() < deadline:
-            for _ in range(_CHECK_EVERY):
-                k = schedule[i & 4095]
-                self.timing = (i & mask) == 0
-                counts[k * nres + ops[k]()] += 1
-                kind_ops[k] += 1
-                i += 1
-            shared[row:row + len(ORDER_KINDS)] = kind_ops
-        return t0, time.monotonic_ns()
-
-    def summary(self, t0: int, t1: int) -> dict[str, Any]:
-        nres = len(RESULTS)
-        return {
-            "index": self.plan.index, "pid": os.getpid(), "start_ns": t0, "end_ns": t1,
-            "counts": {k: dict(zip(RESULTS, self.counts[j * nres:(j + 1) * nres], strict=True))
-                       for j, k in enumerate(ORDER_KINDS)},
-            "applied": self.log.count, "releases": self.c["released"],
-            "counters": dict(self.c), "latency": {op: a.tobytes() for op, a in self.lat.items()},
-            "held": [(o.tag, o.id, o.bound) for o in self.orders],
-            "released_recent": list(self.released_recent),
-            "messages": self.messages,
-        }
-
-
-def _order_worker_main(plan: _OrderPlan, shared: Any, published: Any, stop: Any, ready: Any,
-                       results: Any) -> None:
-    """Spawned order worker: attach, report ready, wait at the gate, run, report."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides when to stop
-    eng = Engine.attach(plan.handle)
-    try:
-        log = LinkLog(eng, plan.log_path, plan.base_ns)
-        worker = _OrderWorker(eng, plan, log, published)
-        gate = posix_ipc.Semaphore(plan.gate)
-        try:
-            ready.put(("ready", plan.index))
-            gate.acquire(plan.max_seconds)
-        finally:
-            gate.close()
-        t0, t1 = worker.run(shared, stop)
-        log.close()
-        results.put(("done", worker.summary(t0, t1)))
-    except BaseException as e:
-        results.put(("error", {"index": plan.index, "error": repr(e)}))
-        raise
-    finally:
-        eng.close()
+    # -- the loop: ``SampledWorker`` --------------------------------------------
+    def extra_summary(self) -> dict[str, Any]:
+        return {**super().extra_summary(),
+                "held": [(o.tag, o.id, o.bound) for o in self.orders],
+                "released_recent": list(self.released_recent)}

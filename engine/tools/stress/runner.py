@@ -13,6 +13,7 @@ import random
 import secrets
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import Any, TextIO
 
@@ -24,7 +25,8 @@ from engine.core import Engine
 from engine.metrics import OPS, Metrics, check_alerts
 from engine.spec import ORDER_SPEC, State
 from engine.tools.stress import accounts as acc
-from engine.tools.stress.account_workers import _account_worker_main, _AccountPlan
+from engine.tools.stress.account_workers import _AccountPlan, _AccountWorker
+from engine.tools.stress.base import worker_main
 from engine.tools.stress.codec import LinkLog, decode_links
 from engine.tools.stress.config import ORDER_KEYS_PER_POSITION, StressConfig, StressResult
 from engine.tools.stress.mix import (
@@ -35,18 +37,17 @@ from engine.tools.stress.mix import (
     TOKEN_PARAMS,
     WORKLOADS,
 )
-from engine.tools.stress.order_workers import _order_worker_main, _OrderPlan
+from engine.tools.stress.order_workers import _OrderPlan, _OrderWorker
 from engine.tools.stress.orders import (
     CLIENT_OPS,
     COUNTERS,
     VIOLATIONS,
     client_key,
     exchange_key,
-    latency_table,
     verify_orders,
 )
 from engine.tools.stress.verify import ChainReport, verify_chains
-from engine.tools.stress.workers import _Plan, _worker_main
+from engine.tools.stress.workers import _Plan, _Worker
 
 #: A worker whose published op count stays put this long (during the run)
 #: counts as stalled: a violation of the order and account workloads (a
@@ -230,20 +231,20 @@ def run_stress(config: StressConfig) -> StressResult:
                                    config.positions, wtuple, config.seed, config.sample_every,
                                    config.inflight, config.fault == "misroute",
                                    config.seconds + 60.0)
-                target: Any = _order_worker_main
-                args: tuple[Any, ...] = (oplan, shared, published, stop, ready_q, result_q)
+                args: tuple[Any, ...] = (_OrderWorker, oplan, shared, stop, ready_q, result_q,
+                                         published)
             elif booked:
                 aplan = _AccountPlan(i, eng.handle, gate_name, log_path, base_ns, wtuple,
                                      config.seed, config.sample_every, config.inflight,
                                      account_ids, terms, config.fault == "leak",
                                      config.seconds + 60.0)
-                target, args = _account_worker_main, (aplan, shared, stop, ready_q, result_q)
+                args = (_AccountWorker, aplan, shared, stop, ready_q, result_q)
             else:
                 plan = _Plan(i, eng.handle, gate_name, log_path, base_ns, config.positions,
                              wtuple, config.seed, config.batch_size, config.wait_timeout,
                              config.seconds + 60.0)
-                target, args = _worker_main, (plan, shared, stop, ready_q, result_q)
-            p = ctx.Process(target=target, args=args, name=f"stress-worker-{i}", daemon=True)
+                args = (_Worker, plan, shared, stop, ready_q, result_q)
+            p = ctx.Process(target=worker_main, args=args, name=f"stress-worker-{i}", daemon=True)
             p.start()
             procs.append(p)
         _wait_ready(procs, ready_q, 60.0 + 2.0 * config.workers)
@@ -352,18 +353,61 @@ def _result(config: StressConfig, weights: dict[str, int], summaries: list[dict[
                         verification=verification, config=cfg)
 
 
+def _sum_counters(summaries: list[dict[str, Any]], names: Iterable[str]) -> dict[str, int]:
+    """The workers' named counters, summed."""
+    counters = dict.fromkeys(names, 0)
+    for s in summaries:
+        for k, n in s["counters"].items():
+            counters[k] += n
+    return counters
+
+
+def _latency(summaries: list[dict[str, Any]],
+             ops: Iterable[str]) -> dict[str, dict[str, float]]:
+    """Per client op, over every worker's samples: samples, p50 / p99 / p99.9 /
+    max in microseconds."""
+    out: dict[str, dict[str, float]] = {}
+    for op in ops:
+        a = np.concatenate([np.frombuffer(s["latency"][op], dtype=np.int64)
+                            for s in summaries] or [np.empty(0, np.int64)]).astype(np.float64)
+        if not len(a):
+            out[op] = {"samples": 0, "p50_us": 0.0, "p99_us": 0.0, "p999_us": 0.0,
+                       "max_us": 0.0}
+            continue
+        p50, p99, p999 = np.percentile(a, [50.0, 99.0, 99.9]) / 1e3
+        out[op] = {"samples": len(a), "p50_us": float(p50), "p99_us": float(p99),
+                   "p999_us": float(p999), "max_us": float(a.max()) / 1e3}
+    return out
+
+
+def _add_violations(res: StressResult, counters: Mapping[str, int], violations: Iterable[str],
+                    final_by_category: Mapping[str, int], final_messages: list[str],
+                    stalls: list[float]) -> dict[str, int]:
+    """Add to ``res`` the workers' violation counters, the end-of-run check's
+    findings and the stalled workers; return them by category."""
+    found: dict[str, int] = {k: counters[k] for k in violations if counters.get(k)}
+    for k, n in final_by_category.items():
+        found[k] = found.get(k, 0) + n
+    stalled = [(w, t) for w, t in enumerate(stalls) if t >= STALL_SECONDS]
+    if stalled:
+        found["stall"] = len(stalled)
+    # (the workers' own messages are in already: _result took every summary's)
+    messages = final_messages + [
+        f"stall: worker {w} published no progress for {t:.1f} s" for w, t in stalled]
+    by_category = res.verification["by_category"]
+    for k, n in found.items():
+        by_category[k] = by_category.get(k, 0) + n
+    res.violations += sum(found.values())
+    res.violation_messages.extend(messages)
+    return found
+
+
 def _add_orders(res: StressResult, eng: Engine, config: StressConfig,
                 summaries: list[dict[str, Any]], stalls: list[float]) -> None:
     """The order workload's figures and checks: the workers' counts and
     latency samples, then the end-of-run scan of every open order and key
     (``verify_orders``); every violation is added to ``res``."""
-    counters = dict.fromkeys(COUNTERS, 0)
-    for s in summaries:
-        for k, n in s["counters"].items():
-            counters[k] += n
-    samples = {op: np.concatenate([np.frombuffer(s["latency"][op], dtype=np.int64)
-                                   for s in summaries] or [np.empty(0, np.int64)])
-               for op in CLIENT_OPS}
+    counters = _sum_counters(summaries, COUNTERS)
 
     # every open order, its keys, and the keys of held and recently released orders
     held = {tag: (pos, bound) for s in summaries for tag, pos, bound in s["held"]}
@@ -379,24 +423,10 @@ def _add_orders(res: StressResult, eng: Engine, config: StressConfig,
             lookups[key] = eng.lookup(key)
     final = verify_orders(rows, held, keys_of, lookups, released,
                           complete=len(summaries) == config.workers)
-
-    found: dict[str, int] = {k: counters[k] for k in VIOLATIONS if counters.get(k)}
-    for k, n in final.by_category.items():
-        found[k] = found.get(k, 0) + n
-    stalled = [(w, t) for w, t in enumerate(stalls) if t >= STALL_SECONDS]
-    if stalled:
-        found["stall"] = len(stalled)
-    # (the workers' own messages are in already: _result took every summary's)
-    messages = [f"end-of-run scan: {m}" for m in final.messages] + [
-        f"stall: worker {w} published no progress for {t:.1f} s" for w, t in stalled]
-
+    found = _add_violations(res, counters, VIOLATIONS, final.by_category,
+                            [f"end-of-run scan: {m}" for m in final.messages], stalls)
     res.verification["reads_checked"] = (counters["lookup_found"] + counters["fills_applied"]
                                          + counters["released"])
-    by_category = res.verification["by_category"]
-    for k, n in found.items():
-        by_category[k] = by_category.get(k, 0) + n
-    res.violations += sum(found.values())
-    res.violation_messages.extend(messages)
     lookups_done = sum(counters[k] for k in ("lookup_found", "lookup_none", "lookup_stale",
                                              "lookup_busy"))
     res.orders = {
@@ -417,7 +447,7 @@ def _add_orders(res: StressResult, eng: Engine, config: StressConfig,
                         "bad_record": found.get("bad_record", 0)},
         "key_exists": found.get("key_exists", 0),
         "violations": {k: found.get(k, 0) for k in VIOLATIONS},
-        "latency": latency_table(samples),
+        "latency": _latency(summaries, CLIENT_OPS),
         "final_scan": {"open_orders": final.open_orders, "keys_checked": final.keys_checked,
                        "by_category": final.by_category},
         "max_stall_s": max(stalls, default=0.0),
@@ -432,13 +462,7 @@ def _add_accounts(res: StressResult, eng: Engine, config: StressConfig,
     journals and latency samples, then the books of every account against
     the open positions and the journals (``verify_books``); every violation
     is added to ``res``."""
-    counters = dict.fromkeys(acc.COUNTERS, 0)
-    for s in summaries:
-        for k, n in s["counters"].items():
-            counters[k] += n
-    samples = {op: np.concatenate([np.frombuffer(s["latency"][op], dtype=np.int64)
-                                   for s in summaries] or [np.empty(0, np.int64)])
-               for op in acc.CLIENT_OPS}
+    counters = _sum_counters(summaries, acc.COUNTERS)
     journals = {a: acc.Journal() for a in account_ids}
     for s in summaries:
         for a, values in s["journal"].items():
@@ -451,27 +475,14 @@ def _add_accounts(res: StressResult, eng: Engine, config: StressConfig,
     rows = eng.snapshot()
     final = acc.verify_books(books, rows, dict.fromkeys(account_ids, terms.cash), journals,
                              held, complete=len(summaries) == config.workers, latched=latched)
-
-    found: dict[str, int] = {k: counters[k] for k in acc.VIOLATIONS if counters.get(k)}
-    for k, n in final.by_category.items():
-        found[k] = found.get(k, 0) + n
-    stalled = [(w, t) for w, t in enumerate(stalls) if t >= STALL_SECONDS]
-    if stalled:
-        found["stall"] = len(stalled)
-    # (the workers' own messages are in already: _result took every summary's)
-    messages = [f"books: {m}" for m in final.messages] + [
-        f"stall: worker {w} published no progress for {t:.1f} s" for w, t in stalled]
-    by_category = res.verification["by_category"]
-    for k, n in found.items():
-        by_category[k] = by_category.get(k, 0) + n
-    res.violations += sum(found.values())
-    res.violation_messages.extend(messages)
+    found = _add_violations(res, counters, acc.VIOLATIONS, final.by_category,
+                            [f"books: {m}" for m in final.messages], stalls)
     res.verification["reads_checked"] = counters["books_reads"] + counters["updates"]
 
     secs = res.seconds
     refused = {limit: counters["refused_" + limit] for limit in acc.LIMITS}
     attempts = counters["open_attempts"]
-    latency = acc.latency_table(samples)
+    latency = _latency(summaries, acc.CLIENT_OPS)
     booked_ops = attempts + counters["closed"]
     total = {k: sum(getattr(j, k) for j in journals.values())
              for k in ("deposits", "withdrawals", "realized", "closes", "opens",

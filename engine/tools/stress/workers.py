@@ -4,18 +4,12 @@ applied commit and checking every read for tearing.
 
 from __future__ import annotations
 
-import os
-import random
-import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import posix_ipc
 
-from engine._native import lib
 from engine.core import Engine, Handle
 from engine.errors import (
     BusyError,
@@ -25,22 +19,25 @@ from engine.errors import (
     WaitTimeout,
 )
 from engine.spec import State, Trigger
+from engine.tools.stress.base import (
+    BUSY,
+    CONFLICT,
+    FULL,
+    NOT_OPEN,
+    OK,
+    TIMEOUT,
+    UNEXPECTED,
+    BaseWorker,
+)
 from engine.tools.stress.codec import LinkLog
 from engine.tools.stress.mix import (
     KINDS,
     N_TOKENS,
-    RESULTS,
     STOP_PER_REASON,
     TAKE_PER_REASON,
     TOKEN_PARAMS,
 )
 from engine.tools.stress.verify import _MAX_MESSAGES
-
-_CHECK_EVERY = 256          # ops between a worker's stop checks and count publishing
-
-#: Indices into RESULTS: what an operation returns.
-_OK, _INVALID, _CONFLICT, _NOT_OPEN, _BUSY, _FULL, _TIMEOUT, _UNEXPECTED = range(len(RESULTS))
-assert (_OK, _INVALID, _CONFLICT) == (lib.ENG_APPLIED, lib.ENG_INVALID, lib.ENG_CONFLICT)
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,7 @@ def _pnl_matches(price: float, pnl_pct: float, pnl_usd: float,
     return _close(pnl_pct, diff / entry * 100.0 * side) and _close(pnl_usd, diff * amount * side)
 
 
-class _Worker:
+class _Worker(BaseWorker):
     """One process's share of the workload.
 
     Operations pick a slot index; they act on the position open there through
@@ -80,20 +77,15 @@ class _Worker:
     when a call says that opening is gone.
     """
 
+    kinds = KINDS
+
     def __init__(self, eng: Engine, plan: _Plan, log: LinkLog) -> None:
-        self.eng = eng
-        self.plan = plan
-        self.rng = random.Random(plan.seed * 1_000_003 + plan.index)
-        self.record = log.record
-        self.log = log
-        self.counts = [0] * (len(KINDS) * len(RESULTS))
-        self.kind_ops = [0] * len(KINDS)
+        super().__init__(eng, plan, log)
         self.releases = 0
         self.reopen_full = 0
         self.torn_price = 0
         self.torn_context = 0
         self.regressions = 0
-        self.messages: list[str] = []
         n = plan.positions
         self.ids = [0] * n
         self.last_pv = [0] * n
@@ -113,7 +105,7 @@ class _Worker:
         """Record an unexpected outcome (a violation) and say so."""
         if len(self.messages) < _MAX_MESSAGES:
             self.messages.append(f"worker {self.plan.index}: {message}")
-        return _UNEXPECTED
+        return UNEXPECTED
 
     def refresh(self, slot: int) -> int:
         """The id of the slot's current opening, 0 if the slot is free."""
@@ -132,7 +124,7 @@ class _Worker:
     def gone(self, slot: int) -> int:
         """A call said the opening is gone: look it up next time."""
         self.ids[slot] = 0
-        return _NOT_OPEN
+        return NOT_OPEN
 
     def fire(self, slot: int, pos: int, trigger: int, reason: int | None = None) -> int:
         """Fire one trigger on opening ``pos`` of ``slot``; log the link if it applied."""
@@ -146,12 +138,12 @@ class _Worker:
         except NotOpenError:
             return self.gone(slot)
         except BusyError:
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note(f"transition(slot {slot}, {Trigger(trigger).name}): {e!r}")
-        if out == _OK:
+        if out == OK:
             self.record(slot)
-        elif out > _CONFLICT:
+        elif out > CONFLICT:
             return self.note(f"transition(slot {slot}, {Trigger(trigger).name}) -> outcome {out}")
         return out
 
@@ -162,15 +154,15 @@ class _Worker:
         try:
             pos = self.eng.open_position(entry, amount, side, token)
         except CapacityError:
-            return _FULL
+            return FULL
         except BusyError:
-            return _BUSY
+            return BUSY
         except EngineError as e:
             return self.note(f"open_position: {e!r}")
         slot = self.eng.slot_of(pos)
         self.record(slot)
         self.ids[slot] = pos
-        return _OK
+        return OK
 
     def current(self, slot: int) -> tuple[int, int]:
         """(id, one-hot state) of the position open at ``slot``; (0, 0) if free."""
@@ -211,14 +203,14 @@ class _Worker:
                 out = int(self.eng.release_position(pos))
             except NotOpenError:
                 return self.gone(slot)
-            if out != _OK:
+            if out != OK:
                 return out
             self.record(slot)
             self.ids[slot] = 0
             self.releases += 1
-            if self.open() == _FULL:
+            if self.open() == FULL:
                 self.reopen_full += 1
-            return _OK
+            return OK
         if st == State.PAUSED:
             return self.fire(slot, pos, Trigger.RESUME)
         if st == State.ERROR:
@@ -243,8 +235,8 @@ class _Worker:
         except NotOpenError:
             return self.gone(slot)
         except BusyError:
-            return _BUSY
-        return _OK
+            return BUSY
+        return OK
 
     def op_batch(self, slot: int, i: int) -> int:
         """One ``update_prices`` over a batch of slots' positions (refused whole
@@ -257,18 +249,18 @@ class _Worker:
         except NotOpenError:
             for s in slots:
                 ids[s] = 0
-            return _NOT_OPEN
+            return NOT_OPEN
         except BusyError:
-            return _BUSY
-        return _OK
+            return BUSY
+        return OK
 
     def op_token(self, slot: int, i: int) -> int:
         """One ``update_token_price`` (every open position on a token)."""
         try:
             self.eng.update_token_price(slot % N_TOKENS, self.prices[i % 4099])
         except BusyError:
-            return _BUSY
-        return _OK
+            return BUSY
+        return OK
 
     def op_read(self, slot: int, i: int) -> int:
         """Read price and context; check both for tearing and their versions for regress."""
@@ -279,7 +271,7 @@ class _Worker:
         except NotOpenError:
             return self.gone(slot)
         except BusyError:
-            return _BUSY
+            return BUSY
         if not (_pnl_matches(p.price, p.pnl_pct, p.pnl_usd,
                              (c.entry_price, c.amount, c.side))
                 or any(_pnl_matches(p.price, p.pnl_pct, p.pnl_usd, q) for q in TOKEN_PARAMS)):
@@ -297,72 +289,26 @@ class _Worker:
                       f"{p.version}, context {self.last_cv[slot]} -> {c.version}")
         self.last_pv[slot] = p.version
         self.last_cv[slot] = c.version
-        return _OK
+        return OK
 
     def op_wait(self, slot: int, i: int) -> int:
         """A short ``wait_for_change``: a commit or a timeout."""
         try:
             self.eng.wait_for_change(self.pos(slot), timeout=self.plan.wait_timeout)
         except WaitTimeout:
-            return _TIMEOUT
+            return TIMEOUT
         except NotOpenError:
             return self.gone(slot)
-        return _OK
+        return OK
 
-    # -- the loop --------------------------------------------------------------
-    def run(self, shared: Any, stop: Any) -> tuple[int, int]:
-        """Run until the stop flag; publish counts every ``_CHECK_EVERY`` ops.
-        Returns (start, end) CLOCK_MONOTONIC ns."""
-        plan = self.plan
-        rng = self.rng
-        schedule = rng.choices(range(len(KINDS)), weights=plan.weights, k=4096)
-        slots = [rng.randrange(plan.positions) for _ in range(4093)]
-        ops, counts, kind_ops = self.ops, self.counts, self.kind_ops
-        nres = len(RESULTS)
-        row = plan.index * len(KINDS)
-        t0 = time.monotonic_ns()
-        deadline = time.monotonic() + plan.max_seconds
-        i = 0
-        while not stop.value and time.monotonic() < deadline:
-            for _ in range(_CHECK_EVERY):
-                k = schedule[i & 4095]
-                counts[k * nres + ops[k](slots[i % 4093], i)] += 1
-                kind_ops[k] += 1
-                i += 1
-            shared[row:row + len(KINDS)] = kind_ops
-        return t0, time.monotonic_ns()
+    # -- the loop (``BaseWorker.run``) ------------------------------------------
+    def stepper(self) -> Callable[[int, int], int]:
+        """Scheduled op ``k`` as step ``i`` acts on one of 4093 random slots."""
+        ops = self.ops
+        slots = [self.rng.randrange(self.plan.positions) for _ in range(4093)]
+        return lambda k, i: ops[k](slots[i % 4093], i)
 
-    def summary(self, t0: int, t1: int) -> dict[str, Any]:
-        nres = len(RESULTS)
-        return {
-            "index": self.plan.index, "pid": os.getpid(), "start_ns": t0, "end_ns": t1,
-            "counts": {k: dict(zip(RESULTS, self.counts[j * nres:(j + 1) * nres], strict=True))
-                       for j, k in enumerate(KINDS)},
-            "applied": self.log.count, "releases": self.releases,
-            "reopen_full": self.reopen_full, "torn_price": self.torn_price,
-            "torn_context": self.torn_context, "regressions": self.regressions,
-            "messages": self.messages,
-        }
-
-
-def _worker_main(plan: _Plan, shared: Any, stop: Any, ready: Any, results: Any) -> None:
-    """Spawned worker: attach, report ready, wait at the gate, run, report."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides when to stop
-    eng = Engine.attach(plan.handle)
-    try:
-        log = LinkLog(eng, plan.log_path, plan.base_ns)
-        worker = _Worker(eng, plan, log)
-        gate = posix_ipc.Semaphore(plan.gate)
-        try:
-            ready.put(("ready", plan.index))
-            gate.acquire(plan.max_seconds)
-        finally:
-            gate.close()
-        t0, t1 = worker.run(shared, stop)
-        log.close()
-        results.put(("done", worker.summary(t0, t1)))
-    except BaseException as e:
-        results.put(("error", {"index": plan.index, "error": repr(e)}))
-        raise
-    finally:
-        eng.close()
+    def extra_summary(self) -> dict[str, Any]:
+        return {"releases": self.releases, "reopen_full": self.reopen_full,
+                "torn_price": self.torn_price, "torn_context": self.torn_context,
+                "regressions": self.regressions}
