@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-from engine._native import ffi, lib
 
 from engine import Engine, Trigger
+from engine._native import ffi, lib
 
 if TYPE_CHECKING:
     from conftest import CallTimer, Recorder

@@ -473,7 +473,7 @@ class Engine:
         """The values C computes PnL from: clear errors before any packing."""
         for key in ("entry_price", "amount"):
             v = fields.get(key)
-            if not _is_number(v):
+            if v is None or not _is_number(v):
                 raise EngineTypeError(f"{key} must be a float, got {v!r}")
             if not (_finite(v) and v > 0):
                 err = PriceError if key == "entry_price" else ArgumentError
@@ -666,7 +666,7 @@ class Engine:
             raise self._bad_types(pos) from None
         finally:
             self._ctx_buf = out, view
-        if rc:
+        if rc or values is None:
             self._fail(rc, pos)
         return _tuple_new(self._rec.Context, values)
 
@@ -739,7 +739,7 @@ class Engine:
         account = int(account)
         if not 1 <= account <= lib.ENG_ACCOUNT_ID_MAX or account & _SLOT_MASK >= self.max_accounts:
             self._fail_account(lib.ENG_EBADACCOUNT, account)
-        return account
+        return int(account)
 
     def _fail_account(self, rc: int, account: Any, **more: Any) -> NoReturn:
         """Raise for an account call's status; a RiskLimitError names the
@@ -770,7 +770,7 @@ class Engine:
                 ffi.new("eng_account_row *", {"id": account, "b": self._seg.last_books}))
             raise
 
-    def _account_call(self, rc: int, account: int, **more: Any) -> None:
+    def _account_call(self, rc: int, account: int | None, **more: Any) -> None:
         if rc:
             self._fail_account(rc, account, **more)
 

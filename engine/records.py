@@ -115,7 +115,8 @@ _WORD = 8
 _MAX_WORDS = lib.ENG_MAX_FIELD_WORDS
 _KEY_MAX = lib.ENG_KEY_MAX
 _BYTES = re.compile(r"S([1-9][0-9]?)$")
-_NUMERIC = {  # type: (word type code, struct code, numpy code, (low, high) or None)
+#: type: (word type code, struct code, numpy code, (low, high) or None)
+_NUMERIC: dict[str, tuple[int, str, str, tuple[int, int] | None]] = {
     "f8": (lib.ENG_FT_F8, "d", "<f8", None),
     "i8": (lib.ENG_FT_I8, "q", "<i8", (-(2**63), 2**63 - 1)),
     "i4": (lib.ENG_FT_I4, "q", "<i4", (-(2**31), 2**31 - 1)),   # sign-extended word
@@ -133,7 +134,9 @@ _PNL = ("entry_price", "amount", "side")
 _FMAX = 1.7976931348623157e308
 #: f8 fields that hold a price level, so never negative
 PRICE_LEVELS = frozenset({"stop_loss", "take_profit"})
-_ROW_FIXED = [(n, f) for n, f in dtype_for("eng_row").fields.items() if n != "w"]
+_ROW_FIELDS = dtype_for("eng_row").fields
+assert _ROW_FIELDS is not None
+_ROW_FIXED = [(n, f) for n, f in _ROW_FIELDS.items() if n != "w"]
 _ROW_W = ffi.offsetof("eng_row", "w")
 _OUT_VERSION = ffi.offsetof("eng_ctx_out", "version")
 RESERVED = frozenset(n for n, _ in _ROW_FIXED) | {"version", "key"}
@@ -206,7 +209,7 @@ class RecordLayout:
         names = [f.name for f in out]
         self.Context: type[tuple[Any, ...]] = (
             Context if names == list(Context._fields[:-1]) else
-            collections.namedtuple("Context", [*names, "version"]))  # type: ignore[misc]
+            collections.namedtuple("Context", [*names, "version"]))
         self._struct = _unpacker(out)
         #: name -> (exact class, pack_into, offset, low, high, mask): values
         #: of that class in [low, high] need no other check (NaN fails both

@@ -116,10 +116,10 @@ class MachineSpec:
         self.trigger_index: Mapping[str, int] = {t: i for i, t in enumerate(self.triggers)}
         self.State: type[enum.IntEnum] = (
             State if self.states == tuple(State.__members__) else
-            enum.IntEnum(f"{name}State", {s: 1 << i for i, s in enumerate(self.states)}))  # type: ignore[misc]
+            _int_enum(f"{name}State", {s: 1 << i for i, s in enumerate(self.states)}))
         self.Trigger: type[enum.IntEnum] = (
             Trigger if self.triggers == tuple(Trigger.__members__) else
-            enum.IntEnum(f"{name}Trigger", {t: i for i, t in enumerate(self.triggers)}))  # type: ignore[misc]
+            _int_enum(f"{name}Trigger", {t: i for i, t in enumerate(self.triggers)}))
         #: (source state index, trigger index) -> guard
         self.guards: dict[tuple[int, int], Guard] = {
             (self.state_index[src], self.trigger_index[r.trigger]): r.guard
@@ -241,6 +241,12 @@ class MachineSpec:
 
     def __setstate__(self, st: dict[str, Any]) -> None:
         self.__init__(**st)  # type: ignore[misc]
+
+
+def _int_enum(name: str, members: dict[str, int]) -> type[enum.IntEnum]:
+    """An IntEnum class made at run time (the functional API)."""
+    made: type[enum.IntEnum] = enum.IntEnum(name, members)  # type: ignore[misc]
+    return made
 
 
 def _guard_name(g: Guard | None) -> str | None:

@@ -15,7 +15,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from engine._native import lib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +33,7 @@ from engine import (
     Trigger,
     UnknownAccountError,
 )
+from engine._native import lib
 from engine.accounts import from_units, money_of, to_units
 
 CLOSE = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,

@@ -26,10 +26,10 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from engine._native import lib
 from procs import until
 
 from engine import BusyError, Engine, RiskLimitError, State, Trigger
+from engine._native import lib
 from engine.accounts import from_units, money_of
 
 ENTRIES = (10.0, 33.3, 99.99, 101.5)

@@ -17,7 +17,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from engine._native import lib
 
 from engine import (
     POSITION_SPEC,
@@ -32,6 +31,7 @@ from engine import (
     State,
     Trigger,
 )
+from engine._native import lib
 from engine.accounts import from_units, money_of
 
 TO_EXITING = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED)

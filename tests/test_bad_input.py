@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import pytest
-from engine._native import lib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +34,7 @@ from engine import (
     TriggerError,
     WaitTimeout,
 )
+from engine._native import lib
 
 BAD_PRICES = [math.nan, math.inf, -math.inf, 0.0, -0.0, -1.0, -1e-300]
 BAD_PRICE_IDS = ["nan", "inf", "-inf", "zero", "-zero", "negative", "tiny-negative"]

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from engine._native import lib
 from procs import JOIN_TIMEOUT, READY_TIMEOUT, exit_guarded_spec, sigkill, timed, until
 
 from engine import (
@@ -45,6 +44,7 @@ from engine import (
     Trigger,
     segment,
 )
+from engine._native import lib
 
 CTX = mp.get_context("spawn")
 ANSWER_BOUND = 2.0         # a transition or recover() must return within this

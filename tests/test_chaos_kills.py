@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from engine._native import lib
 from procs import exit_guarded_spec
 
 from engine import (
@@ -42,6 +41,7 @@ from engine import (
     Trigger,
     WaitTimeout,
 )
+from engine._native import lib
 
 ANSWER_BOUND = 2.0       # seconds: a transition or recover() returns within this
 CLEAR_BOUND = 2.0        # seconds: what a dead process held is taken over within this

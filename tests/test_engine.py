@@ -18,7 +18,6 @@ import time
 import numpy as np
 import posix_ipc
 import pytest
-from engine._native import lib
 
 from engine import (
     POSITION_SPEC,
@@ -36,6 +35,7 @@ from engine import (
     Trigger,
     WaitTimeout,
 )
+from engine._native import lib
 
 GEN_SHIFT = lib.ENG_SW_GEN_SHIFT
 GEN_MASK = lib.ENG_SW_GEN_MASK

@@ -19,7 +19,6 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from engine._native import lib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -34,6 +33,7 @@ from engine import (
     Trigger,
     segment,
 )
+from engine._native import lib
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import posix_ipc
 import pytest
-from engine._native import ffi, lib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +31,7 @@ from engine import (
     Trigger,
     segment,
 )
+from engine._native import ffi, lib
 from engine.spec import POSITION_SPEC
 
 HEADER_SIZE = ffi.sizeof("eng_header")

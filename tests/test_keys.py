@@ -25,7 +25,6 @@ import traceback
 from typing import Any
 
 import pytest
-from engine._native import lib
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -45,6 +44,7 @@ from engine import (
     Outcome,
     StaleIdError,
 )
+from engine._native import lib
 
 KEY_MAX = lib.ENG_KEY_MAX
 ANSWER_BOUND = 2.0      # seconds: an insert over a dead inserter's leftovers returns within this

@@ -34,7 +34,6 @@ import time
 from typing import Any
 
 import pytest
-from engine._native import lib
 from procs import JOIN_TIMEOUT, READY_TIMEOUT
 
 from engine import (
@@ -46,6 +45,7 @@ from engine import (
     StaleIdError,
     segment,
 )
+from engine._native import lib
 
 ANSWER_BOUND = 2.0                   # an insert over a dead process's leftovers answers within this
 INC_PERIOD = lib.ENG_TOKEN_INC_MASK  # incarnations 1 .. 2^17 - 1

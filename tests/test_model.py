@@ -15,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from engine._native import lib
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from engine import CapacityError, Engine, NotOpenError, Outcome, State, Trigger
+from engine._native import lib
 
 CAPACITY = 4
 GEN_SHIFT = lib.ENG_SW_GEN_SHIFT

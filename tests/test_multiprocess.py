@@ -13,9 +13,9 @@ import traceback
 from typing import Any
 
 import pytest
-from engine._native import lib
 
 from engine import Engine, Outcome, State, Trigger, WaitTimeout
+from engine._native import lib
 
 GEN_SHIFT = lib.ENG_SW_GEN_SHIFT
 GEN_MASK = lib.ENG_SW_GEN_MASK

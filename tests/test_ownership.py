@@ -62,7 +62,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from engine._native import ffi, lib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from procs import JOIN_TIMEOUT, READY_TIMEOUT, exit_guarded_spec, sigkill, timed, until
@@ -91,6 +90,7 @@ from engine import (
     WaitTimeout,
     segment,
 )
+from engine._native import ffi, lib
 from engine.errors import InternalError, StaleIdError
 
 CTX = mp.get_context("spawn")

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from engine._native import lib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -44,6 +43,7 @@ from engine import (
     SpecMismatchError,
     StaleIdError,
 )
+from engine._native import lib
 from engine.records import RecordLayout
 
 START_TIMEOUT = 60.0      # spawned interpreters import numpy and cffi: slow on a busy host

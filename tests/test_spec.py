@@ -6,7 +6,6 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from engine._native import lib
 
 from engine import (
     POSITION_SPEC,
@@ -21,6 +20,7 @@ from engine import (
     State,
     Trigger,
 )
+from engine._native import lib
 
 GEN_SHIFT = lib.ENG_SW_GEN_SHIFT
 GEN_MASK = lib.ENG_SW_GEN_MASK

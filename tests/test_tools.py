@@ -20,9 +20,9 @@ from typing import Any
 
 import posix_ipc
 import pytest
-from engine._native import ffi, lib
 
 from engine import Engine, MachineSpec, Rule, State, Trigger, segment
+from engine._native import ffi, lib
 from engine.spec import POSITION_SPEC
 from engine.tools import segments
 
