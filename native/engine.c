@@ -3095,6 +3095,7 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
     uint32_t cap = s->capacity;
     uint32_t start = fetch_add_relaxed_u32(&s->hdr->alloc_hint, 1) % cap;
     uint32_t target = s->hdr->initial_index;
+    uint32_t placed = UINT32_MAX;   /* the slot linked into the token index, if any */
     rc = ENG_EFULL;
     for (uint32_t k = 0; k < cap; k++) {
         uint32_t slot = (start + k) % cap;
@@ -3120,20 +3121,25 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
                 break;
             }
         }
-        if (s->roles[ENG_ROLE_TOKEN] != ENG_ROLE_NONE &&
-            (rc = tindex_place(s, slot, token_of(s, c.w), t)) != 0) {
-            unlock_unchanged(sl, L);   /* linked or not, the free slot is harmless */
-            if (key)
-                keys_drop(s, id);
-            if (rc == ENG_EBUSY)
+        if (s->roles[ENG_ROLE_TOKEN] != ENG_ROLE_NONE) {
+            placed = slot;   /* a refused open unlinks it again, below */
+            if ((rc = tindex_place(s, slot, token_of(s, c.w), t)) != 0) {
+                unlock_unchanged(sl, L);
+                if (key)
+                    keys_drop(s, id);
+                if (rc != ENG_EBUSY)
+                    break;
+                tindex_drop(s, slot);
                 continue;   /* a live holder sits on a bucket: try another slot */
-            break;
+            }
         }
         uint64_t latched;
         if (price_latch(s, sl, t, &latched) != 0) {
             unlock_unchanged(sl, L);   /* a live writer sits on this slot's price */
             if (key)
                 keys_drop(s, id);
+            if (placed == slot)
+                tindex_drop(s, slot);
             rc = ENG_EBUSY;
             continue;
         }
@@ -3167,6 +3173,8 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         }
         break;
     }
+    if (rc != ENG_APPLIED && placed != UINT32_MAX)
+        tindex_drop(s, placed);   /* unlinks only while the slot is free and unlocked */
     op_end(t, rc);
     return rc;
 }

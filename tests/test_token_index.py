@@ -31,6 +31,7 @@ from engine import (
     NotOpenError,
     Outcome,
     PriceError,
+    RiskLimitError,
     SlotError,
     StaleIdError,
     State,
@@ -120,6 +121,15 @@ class TestTokenIndex:
         word = eng.state_word(pos & lib.ENG_ID_SLOT_MASK)
         assert lib.eng_abandon_open(eng._seg, pos, word) == lib.ENG_APPLIED
         assert eng._tindex_check() == (0, 0, 0, 0)
+
+    def test_refused_open_leaves_no_entry(self, make_engine):
+        """An open refused by a risk limit after its slot was linked unlinks it."""
+        eng = make_engine(capacity=4)
+        acct = eng.open_account(cash=10, max_exposure=1000, max_positions=10, max_loss=1000)
+        with pytest.raises(RiskLimitError):
+            eng.open_position(100.0, 1.0, 1, token=3, account=acct)
+        assert eng._tindex_check() == (0, 0, 0, 0)
+        assert not eng.recover().changed
 
     def test_bad_input(self, engine):
         """Bad tokens and prices are refused with the value and range."""
