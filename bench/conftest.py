@@ -227,6 +227,16 @@ FLOORS = ("floor_noop", "floor_1arg", "floor_2arg", "floor_transition_shape",
 TARGET_BATCH_NS = 10.0
 TARGET_BYTES = 512
 TARGET_METRICS_PCT = 10.0
+#: measured key -> (floor key measured in the same run, target: ns per unit, or None)
+SPEED: dict[str, tuple[str, float | None]] = {
+    "update_token_price_raw": ("floor_token_price_shape", 5000.0),
+    "update_token_price": ("floor_token_price_shape", 5000.0),
+    "ten_update_price_raw": ("floor_token_price_shape", None),
+    "states_10k": ("floor_vec_call_empty", 20.0),
+    "prices_10k": ("floor_vec_call_empty", 20.0),
+    "transition_many_10k": ("floor_vec_call_empty", 20.0),
+    "update_prices_1M_raw": ("numpy_copy_128B_1M", None),   # target: <= 2x the floor
+}
 
 
 def _verdict(ok: bool | None) -> str:
@@ -237,7 +247,18 @@ def summarize(rec: Recorder) -> dict[str, Any]:
     """Ratios and target verdicts from the recorded measurements (min-based:
     interference on a shared host only ever adds time)."""
     r = rec.results
-    out: dict[str, Any] = {"floors": {}, "calls": {}, "batch": {}, "memory": {}, "metrics": {}}
+    out: dict[str, Any] = {"floors": {}, "calls": {}, "batch": {}, "memory": {}, "metrics": {},
+                           "speed": {}}
+    for k, (floor_key, target) in SPEED.items():
+        if k in r:
+            f = r.get(floor_key)
+            ratio = r[k].min_ns / f.min_ns if f else math.nan
+            met = (r[k].min_ns <= target if target is not None
+                   else ratio <= 2.0 if k == "update_prices_1M_raw" else None)
+            out["speed"][k] = {"unit": r[k].unit, "min_ns": r[k].min_ns,
+                               "median_ns": r[k].median_ns, "floor": floor_key,
+                               "floor_min_ns": f.min_ns if f else None,
+                               "ratio_to_floor": ratio, "target_ns": target, "target_met": met}
     for k in FLOORS:
         if k in r:
             out["floors"][k] = {"min_ns": r[k].min_ns, "median_ns": r[k].median_ns}
@@ -309,6 +330,12 @@ def format_summary(s: dict[str, Any]) -> list[str]:
         lines.append(f"{k:28s} {v['ns_per_slot_min']:6.2f} ns/slot (median "
                      f"{v['ns_per_slot_median']:.2f}) over {v['slots']} slots, target "
                      f"<= {v['target_ns_per_slot']:.0f}: {_verdict(v['target_met'])}")
+    for k, v in s["speed"].items():
+        fl = v["floor_min_ns"]
+        lines.append(f"{k:24s} {v['min_ns']:9.2f} ns/{v['unit']} (median {v['median_ns']:.2f}); "
+                     f"floor {v['floor']} {fl if fl is None else round(fl, 2)} "
+                     f"(x{v['ratio_to_floor']:.2f}) "
+                     + ("" if v["target_met"] is None else _verdict(v["target_met"])))
     if s["memory"]:
         m = s["memory"]
         lines.append(f"memory per position: {m['bytes_per_position']:.1f} B at capacity "

@@ -44,7 +44,7 @@ from engine.errors import (
     raise_for,
 )
 from engine.metrics import Metrics, read_metrics
-from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PriceSnapshot
+from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, PriceSnapshot
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome
 
 __all__ = ["Engine", "Handle", "RecoveryReport"]
@@ -91,12 +91,13 @@ class RecoveryReport:
     keys_cleared: int = 0   # key records, cells and stripe locks left by the dead
     accounts_forward: int = 0   # account changes of dead holders completed
     accounts_back: int = 0      # account changes of dead holders undone
+    tindex_repaired: int = 0    # token index: dead bucket locks and free slots unlinked
 
     @property
     def changed(self) -> bool:
         return bool(self.rolled_forward or self.rolled_back or self.price_latches
                     or self.removed_pids or self.keys_cleared or self.accounts_forward
-                    or self.accounts_back)
+                    or self.accounts_back or self.tindex_repaired)
 
 
 def _is_number(v: object) -> bool:
@@ -710,6 +711,123 @@ class Engine:
                 raise type(e)(f"{e} (at index {i}; {done})") from None
         return int(out[1])
 
+    # -- vector calls: one C call per array ----------------------------------------------
+    def _id_array(self, ids: npt.ArrayLike, name: str = "ids") -> np.ndarray:
+        """ids as a contiguous uint64 array; a negative id is refused with its index."""
+        try:
+            s = np.asarray(ids)
+        except (TypeError, ValueError) as e:
+            raise EngineTypeError(f"{name} must be a 1-D integer array: {e}") from None
+        if s.ndim != 1:
+            raise ArgumentError(f"{name} must be 1-D, got shape {s.shape}")
+        if s.dtype.kind not in "iu":
+            if s.size == 0:
+                return np.zeros(0, dtype=np.uint64)
+            raise EngineTypeError(f"{name} must be an integer array, got dtype {s.dtype}")
+        if s.dtype.kind == "i" and len(s) and int(s.min()) < 0:
+            i = int(np.argmin(s))
+            raise SlotError(f"id {int(s[i])} out of range [1, {lib.ENG_ID_MAX:#x}] at index {i}")
+        return np.ascontiguousarray(s, dtype=np.uint64)
+
+    def _fail_at(self, rc: int, i: int, ids: np.ndarray, **values: Any) -> NoReturn:
+        """Raise for element i of a refused vector call (nothing was applied)."""
+        if rc in (lib.ENG_ECLOSED, lib.ENG_EFORKED, lib.ENG_EBADARG):
+            self._fail(rc)
+        try:
+            self._fail(rc, int(ids[i]), **values)
+        except EngineError as e:
+            raise type(e)(f"{e} (at index {i}; the call was refused as a whole)") from None
+
+    def states(self, ids: npt.ArrayLike) -> np.ndarray:
+        """The one-hot state codes (uint16) of many open positions, in one C call.
+
+        One bad, stale or never-issued id refuses the whole call; the error
+        names its index (the policy of ``update_prices``)."""
+        s = self._id_array(ids)
+        out = np.empty(len(s), dtype=np.uint16)
+        bad = ffi.new("uint64_t *")
+        rc = lib.eng_states(self._seg, ffi.from_buffer("uint64_t[]", s), len(s),
+                            ffi.from_buffer("uint16_t[]", out, require_writable=True), bad)
+        if rc:
+            self._fail_at(rc, int(bad[0]), s)
+        return out
+
+    def prices(self, ids: npt.ArrayLike) -> np.ndarray:
+        """Consistent price records of many open positions, in one C call: a
+        structured array with fields price, ts_ns, pnl_pct, pnl_usd, version
+        (each row as ``price(id)`` gives it).  One bad id refuses the call."""
+        s = self._id_array(ids)
+        out = np.zeros(len(s), dtype=PRICES_DTYPE)
+        bad = ffi.new("uint64_t *")
+        buf = ffi.cast("eng_price_out *", ffi.from_buffer(out, require_writable=True))
+        rc = lib.eng_prices_released(self._seg, ffi.from_buffer("uint64_t[]", s), len(s),
+                                     buf, bad)
+        if rc:
+            self._fail_at(rc, int(bad[0]), s)
+        return out
+
+    def transition_many(self, ids: npt.ArrayLike, triggers: Any) -> np.ndarray:
+        """Fire ``triggers[i]`` on ``ids[i]`` for every i in one C call; returns
+        the outcomes as uint8 codes of ``Outcome``.  ``triggers`` is an integer
+        array of the same length, or one trigger (int or name) for all.
+
+        Every element is checked first (id open, trigger in range, its rule
+        from the current state not guarded); one bad element refuses the whole
+        call with its index and nothing applied.  Then each element is applied
+        independently, as ``transition`` would: a position released meanwhile
+        gets ``Outcome.INVALID``, one moved meanwhile to a state where its rule
+        is guarded gets ``Outcome.CONFLICT`` (use ``transition`` for guards)."""
+        s = self._id_array(ids)
+        n_trig = len(self.spec.triggers)
+        if isinstance(triggers, (str, int)) and not isinstance(triggers, bool):
+            t = np.full(len(s), self._trigger_index(triggers), dtype=np.int64)
+        else:
+            try:
+                t = np.asarray(triggers)
+            except (TypeError, ValueError) as e:
+                raise EngineTypeError(f"triggers must be a 1-D integer array: {e}") from None
+            if t.ndim != 1 or len(t) != len(s):
+                raise ArgumentError(f"triggers must be 1-D with the length of ids ({len(s)}), "
+                                    f"got shape {t.shape}")
+            if t.dtype.kind not in "iu" and len(t):
+                raise EngineTypeError(f"triggers must be an integer array, got dtype {t.dtype}")
+        if len(t) and (int(t.min()) < 0 or int(t.max()) >= n_trig):
+            i = int(np.argmin(t)) if int(t.min()) < 0 else int(np.argmax(t))
+            raise TriggerError(f"trigger {int(t[i])} out of range [0, {n_trig}) at index {i}")
+        t = np.ascontiguousarray(t, dtype=np.uint32)
+        out = np.empty(len(s), dtype=np.uint8)
+        bad = ffi.new("uint64_t *")
+        rc = lib.eng_transition_many_released(
+            self._seg, ffi.from_buffer("uint64_t[]", s), ffi.from_buffer("uint32_t[]", t),
+            len(s), ffi.from_buffer("uint8_t[]", out, require_writable=True), bad)
+        if rc == lib.ENG_EGUARDED:
+            i = int(bad[0])
+            raise ArgumentError(f"trigger {self.spec.triggers[int(t[i])]!r} has a guarded rule "
+                                f"from the current state of id {int(s[i])} (at index {i}): "
+                                f"use transition(); the call was refused as a whole")
+        if rc:
+            self._fail_at(rc, int(bad[0]), s, trigger=int(t[int(bad[0])]))
+        return out
+
+    def _tindex_check(self) -> tuple[int, int, int, int]:
+        """Token index audit (exact at a quiescent point): (open slots missing
+        from their chain, chain entries of free slots, misplaced or corrupt
+        entries, entries in all chains)."""
+        out = ffi.new("uint64_t[4]")
+        rc = lib.eng_tindex_check(self._seg, out)
+        if rc:
+            self._fail(rc)
+        return int(out[0]), int(out[1]), int(out[2]), int(out[3])
+
+    def _tindex_slots(self, token: int) -> list[int]:
+        """The slots on ``token``'s chain whose token is ``token`` (free ones too)."""
+        out = ffi.new("uint32_t[]", self.capacity)
+        n = ffi.new("uint32_t *")
+        rc = lib.eng_tindex_slots(self._seg, token, out, self.capacity, n)
+        if rc:
+            self._fail(rc)
+        return [int(out[i]) for i in range(n[0])]
+
     def update_token_price(self, token: int, price: float) -> int:
         """Publish ``price`` to every open position on ``token``; returns the count."""
         if not isinstance(token, int) or isinstance(token, bool):
@@ -962,7 +1080,8 @@ class Engine:
             self._fail(rc)
         return RecoveryReport(out.rolled_forward, out.rolled_back, out.price_latches,
                               tuple(out.removed_pids[i] for i in range(out.procs_removed)),
-                              out.keys_cleared, out.accounts_forward, out.accounts_back)
+                              out.keys_cleared, out.accounts_forward, out.accounts_back,
+                              out.tindex_repaired)
 
     def halt(self, on: bool = True) -> None:
         """Emergency stop: while on, every transition returns ``Outcome.HALTED``."""

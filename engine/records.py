@@ -108,6 +108,8 @@ assert _price_names == ["price", "ts_ns", "pnl_pct", "pnl_usd", "version"], _pri
 OP_METRICS_DTYPE = dtype_for("eng_op_metrics")
 PROC_DTYPE = dtype_for("eng_proc")
 ACCOUNT_ROW_DTYPE = dtype_for("eng_account_row")
+#: one element of Engine.prices(ids): the fields of PriceSnapshot, C names
+PRICES_DTYPE = dtype_for("eng_price_out")
 
 # -- record layouts ----------------------------------------------------------------------
 

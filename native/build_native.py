@@ -59,6 +59,11 @@ RELEASED = {   # name: (return type, parameters, arguments)
     "eng_update_prices": ("int", "eng_seg *s, const uint64_t *ids, const double *prices, "
                                  "uint64_t n, uint64_t *out_bad_index, uint64_t *out_written",
                           "s, ids, prices, n, out_bad_index, out_written"),
+    "eng_prices": ("int", "eng_seg *s, const uint64_t *ids, uint64_t n, eng_price_out *out, "
+                          "uint64_t *out_bad_index", "s, ids, n, out, out_bad_index"),
+    "eng_transition_many": ("int", "eng_seg *s, const uint64_t *ids, const uint32_t *triggers, "
+                                   "uint64_t n, uint8_t *out, uint64_t *out_bad_index",
+                            "s, ids, triggers, n, out, out_bad_index"),
     "eng_update_token_price": ("int64_t", "eng_seg *s, int64_t token, double price",
                                "s, token, price"),
     "eng_wait_change": ("int", "eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns, "

@@ -474,8 +474,8 @@ static inline uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) & ~
 
 typedef struct layout {
     uint64_t registry_off, shards_off, slots_off, keyrecs_off, keyidx_off, stripes_off;
-    uint64_t accounts_off, size;
-    uint32_t rec_size, slot_size, key_buckets;
+    uint64_t tindex_off, accounts_off, size;
+    uint32_t rec_size, slot_size, key_buckets, tindex_buckets;
 } layout;
 
 /* Buckets of the key index: two cells per key a segment can hold, so a
@@ -484,6 +484,15 @@ static inline uint32_t key_buckets_for(uint32_t capacity, uint32_t kpp)
 {
     uint64_t cells = 2ULL * capacity * kpp;
     return (uint32_t)((cells + ENG_KEY_BUCKET - 1) / ENG_KEY_BUCKET);
+}
+
+/* Token index buckets: a power of two >= capacity (at least ENG_TB_MIN_BUCKETS). */
+static inline uint32_t tindex_buckets_for(uint32_t capacity)
+{
+    uint32_t b = ENG_TB_MIN_BUCKETS;
+    while (b < capacity)
+        b <<= 1;
+    return b;
 }
 
 static layout compute_layout(uint32_t capacity, uint32_t n_words, uint32_t kpp,
@@ -499,7 +508,9 @@ static layout compute_layout(uint32_t capacity, uint32_t n_words, uint32_t kpp,
     l.keyrecs_off = l.slots_off + (uint64_t)l.slot_size * capacity;
     l.keyidx_off = l.keyrecs_off + sizeof(eng_keyrec) * (uint64_t)capacity * kpp;
     l.stripes_off = l.keyidx_off + (uint64_t)ENG_CACHE_LINE * l.key_buckets;
-    l.accounts_off = align_line(l.stripes_off + sizeof(uint32_t) * (uint64_t)l.key_buckets);
+    l.tindex_buckets = tindex_buckets_for(capacity);
+    l.tindex_off = align_line(l.stripes_off + sizeof(uint32_t) * (uint64_t)l.key_buckets);
+    l.accounts_off = align_line(l.tindex_off + sizeof(uint64_t) * (uint64_t)l.tindex_buckets);
     l.size = l.accounts_off + sizeof(eng_account) * (uint64_t)max_accounts;
     return l;
 }
@@ -642,6 +653,8 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
     h->keyidx_off = l.keyidx_off;
     h->stripes_off = l.stripes_off;
     h->key_buckets = l.key_buckets;
+    h->tindex_off = l.tindex_off;
+    h->tindex_buckets = l.tindex_buckets;
     h->accounts_off = l.accounts_off;
     h->max_accounts = max_accounts;
     if (getrandom(&h->key_seed, sizeof h->key_seed, GRND_NONBLOCK) != sizeof h->key_seed)
@@ -680,12 +693,13 @@ int eng_validate(const void *base, uint64_t size, uint64_t fingerprint)
     layout l = compute_layout(h->capacity, h->rec.n_words, h->rec.keys_per_position,
                               h->max_accounts);
     if (h->slot_size != l.slot_size || h->rec_size != l.rec_size ||
-        h->key_buckets != l.key_buckets)
+        h->key_buckets != l.key_buckets || h->tindex_buckets != l.tindex_buckets)
         return ENG_ECORRUPT;
     if (h->segment_size != l.size || size < l.size || h->registry_off != l.registry_off ||
         h->shards_off != l.shards_off || h->slots_off != l.slots_off ||
         h->keyrecs_off != l.keyrecs_off || h->keyidx_off != l.keyidx_off ||
-        h->stripes_off != l.stripes_off || h->accounts_off != l.accounts_off)
+        h->stripes_off != l.stripes_off || h->tindex_off != l.tindex_off ||
+        h->accounts_off != l.accounts_off)
         return ENG_ESIZE;
     if (h->n_states == 0 || h->n_states > ENG_MAX_STATES || h->n_triggers == 0 ||
         h->n_triggers > ENG_MAX_TRIGGERS || h->initial_index >= h->n_states)
@@ -775,6 +789,8 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     s->keyrecs = (eng_keyrec *)((uint8_t *)base + h->keyrecs_off);
     s->keyidx = (uint64_t *)((uint8_t *)base + h->keyidx_off);
     s->stripes = (uint32_t *)((uint8_t *)base + h->stripes_off);
+    s->tindex = (uint64_t *)((uint8_t *)base + h->tindex_off);
+    s->tindex_buckets = h->tindex_buckets;
     s->accounts = (eng_account *)((uint8_t *)base + h->accounts_off);
     s->max_accounts = h->max_accounts;
     s->slot_size = h->slot_size;
@@ -2701,6 +2717,298 @@ static uint32_t keys_sweep(eng_seg *s)
     return n;
 }
 
+/* ==== the token index: positions by token ========================================= */
+/*
+ * update_token_price visits only the slots on its token's chain, not every
+ * slot.  Each bucket word (see engine.h) is a lock and a chain head in one
+ * word; eng_slot.tnext links the chain and eng_slot.tbucket names the bucket
+ * a slot was linked into.  Every change of a chain, and every walk of one,
+ * happens under the bucket's lock, taken by CAS (head, 0) -> (head, token) and
+ * given back by CAS to (head, 0); a lock whose holder is proven dead is taken
+ * over like a price latch.  Each change of a chain is ONE store, so a chain is
+ * whole at every instant and a takeover needs no repair:
+ *
+ *   link x (opener, holding x's transition lock; x.tbucket == 0):
+ *     x.tbucket = b + 1; x.tnext = head      (x not reachable yet)
+ *     CAS (head, me) -> (x + 1, me)          the link (fenced: a holder taken
+ *                                            over changes nothing)
+ *   unlink x (x.tbucket == b + 1):
+ *     pred.tnext = x.tnext, or CAS head      the unlink
+ *     x.tbucket = 0
+ *
+ * Invariant: a slot reachable from bucket b has tbucket == b + 1, and sits on
+ * one chain at most (it is linked only with tbucket == 0).  A crash leaves at
+ * worst tbucket naming a chain the slot is not on (a later unlink walks the
+ * chain, does not find it, and clears tbucket) or a free slot on a chain.
+ *
+ *   open:    lock slot (L) -> unlink x from x.tbucket's chain (if any) ->
+ *            link x on hash(token)'s chain -> price latch -> commit
+ *   release: CAS word -> free -> under the bucket lock, unlink x only if its
+ *            word is still free and unlocked (an opener that locked x since
+ *            needs this bucket's lock to unlink it first, so it waits)
+ *   recover: release dead bucket locks; unlink every free, unlocked slot
+ *   update_token_price: lock the bucket, walk, write each slot whose token
+ *            hint matches and whose state is open through the price latch
+ *            (the check under the latch decides), unlock
+ *
+ * Lock order: slot lock -> bucket lock -> price latch; a bucket lock is never
+ * held while taking another bucket lock or a slot lock.
+ *
+ * Guarantees: every opening not yet released is on its token's chain from
+ * before its open commits until its slot is released (an opening is linked
+ * before its commit; an open that dies before it rolls back); so once opens
+ * and releases are quiescent, update_token_price reaches every open position
+ * on the token, and writes only to positions the check under the price latch
+ * accepts as open on that token.  A walk is bounded by the capacity
+ * (ENG_ECORRUPT beyond it).
+ * Does not guarantee: that a chain holds only open positions (a release that
+ * dies, or finds the bucket busy past the bound, leaves its free slot linked
+ * until the slot's next open or recover(): each costs a walk step, never a
+ * write); that a position opened while a walk runs is reached by it; that a
+ * holder whose liveness lock was lost while it still ran (its descriptor
+ * closed under it) cannot store a tnext after a takeover (only the head
+ * changes are fenced by CAS).
+ */
+
+static inline uint32_t tb_head(uint64_t b) { return (uint32_t)(b >> ENG_TB_HEAD_SHIFT); }
+static inline uint32_t tb_holder(uint64_t b) { return (uint32_t)(b & ENG_TOKEN_MASK); }
+static inline uint64_t tb_make(uint32_t head, uint32_t holder)
+{
+    return ((uint64_t)head << ENG_TB_HEAD_SHIFT) | holder;
+}
+
+static inline uint32_t tb_of_token(const eng_seg *s, int64_t token)
+{
+    return (uint32_t)(fmix64((uint64_t)token ^ s->key_seed) & (s->tindex_buckets - 1));
+}
+
+static int tb_lock(eng_seg *s, uint32_t b, op_timer t, uint64_t *locked)
+{
+    uint64_t *p = &s->tindex[b];
+    for (uint32_t step = 0; step < MAX_WAIT_STEPS; step++) {
+        uint64_t cur = load_relaxed_u64(p);
+        uint32_t holder = tb_holder(cur);
+        if (holder == 0 || (time_to_check_owner(step) && token_dead(s, holder))) {
+            uint64_t mine = tb_make(tb_head(cur), s->token);
+            if (cas_acq_rel_u64(p, &cur, mine)) {   /* acquire: the chain as the last holder left it */
+                if (holder)
+                    OP_TAKEOVERS(t, 1);
+                *locked = mine;
+                return 0;
+            }
+        }
+        OP_RETRIES(t, 1);
+        backoff_step(step);
+    }
+    return ENG_EBUSY;
+}
+
+/* Give the lock back (release: our chain stores before it).  Fails only if
+ * the lock was taken over: then nothing is left to give back. */
+static void tb_unlock(eng_seg *s, uint32_t b, uint64_t locked)
+{
+    cas_acq_rel_u64(&s->tindex[b], &locked, tb_make(tb_head(locked), 0));
+}
+
+static int tb_set_head(eng_seg *s, uint32_t b, uint64_t *locked, uint32_t head)
+{
+    uint64_t expected = *locked, want = tb_make(head, tb_holder(*locked));
+    if (!cas_acq_rel_u64(&s->tindex[b], &expected, want))
+        return ENG_EBUSY;   /* taken over: we were judged gone */
+    *locked = want;
+    return 0;
+}
+
+static inline int tb_valid(const eng_seg *s, uint32_t ref) { return ref <= s->capacity; }
+
+/* Holder of b: unlink slot x if it is on b's chain; clear x.tbucket. */
+static int tb_unlink(eng_seg *s, uint32_t b, uint64_t *locked, uint32_t x)
+{
+    eng_slot *xs = slot_at(s, x);
+    uint32_t next = load_relaxed_u32(&xs->tnext);
+    uint32_t cur = tb_head(*locked);
+    if (cur == x + 1) {
+        int rc = tb_set_head(s, b, locked, next);
+        if (rc)
+            return rc;
+    } else {
+        for (uint32_t steps = 0; cur; steps++) {
+            if (!tb_valid(s, cur) || steps >= s->capacity)
+                return ENG_ECORRUPT;
+            eng_slot *ps = slot_at(s, cur - 1);
+            uint32_t pn = load_relaxed_u32(&ps->tnext);
+            if (pn == x + 1) {
+                store_relaxed_u32(&ps->tnext, next);   /* the unlink (ordered by tb_unlock) */
+                break;
+            }
+            cur = pn;
+        }
+    }
+    die_if(s, ENG_FAULT_DIE_IN_TINDEX_DEL);
+    store_relaxed_u32(&xs->tbucket, 0);
+    return 0;
+}
+
+/* Holder of b: link slot x (x.tbucket == 0) at the head of b's chain. */
+static int tb_link(eng_seg *s, uint32_t b, uint64_t *locked, uint32_t x)
+{
+    eng_slot *xs = slot_at(s, x);
+    store_relaxed_u32(&xs->tbucket, b + 1);
+    store_relaxed_u32(&xs->tnext, tb_head(*locked));
+    die_if(s, ENG_FAULT_DIE_IN_TINDEX_ADD);
+    return tb_set_head(s, b, locked, x + 1);   /* the link */
+}
+
+/* Opener holding slot x's transition lock: move x to token's chain. */
+static int tindex_place(eng_seg *s, uint32_t x, int64_t token, op_timer t)
+{
+    eng_slot *xs = slot_at(s, x);
+    uint64_t locked;
+    int rc;
+    uint32_t old = load_relaxed_u32(&xs->tbucket);
+    if (old) {
+        if (old > s->tindex_buckets)
+            return ENG_ECORRUPT;
+        if ((rc = tb_lock(s, old - 1, t, &locked)) != 0)
+            return rc;
+        /* only a holder of this lock clears it, and only we (holding x) set it */
+        if (load_relaxed_u32(&xs->tbucket) == old)
+            rc = tb_unlink(s, old - 1, &locked, x);
+        tb_unlock(s, old - 1, locked);
+        if (rc)
+            return rc;
+    }
+    uint32_t b = tb_of_token(s, token);
+    if ((rc = tb_lock(s, b, t, &locked)) != 0)
+        return rc;
+    rc = load_relaxed_u32(&xs->tbucket) ? ENG_ECORRUPT : tb_link(s, b, &locked, x);
+    tb_unlock(s, b, locked);
+    return rc;
+}
+
+static inline int slot_free(uint64_t w) { return sw_state(w) == 0 && !sw_locked(w); }
+
+/* Slot x was freed (release, abandon): unlink it while it is still free.  A
+ * bucket busy past the bound leaves it linked, for its next open or recover(). */
+static void tindex_drop(eng_seg *s, uint32_t x)
+{
+    eng_slot *xs = slot_at(s, x);
+    uint32_t old = load_relaxed_u32(&xs->tbucket);
+    op_timer none = {NULL, 0};
+    uint64_t locked;
+    if (!old || old > s->tindex_buckets || tb_lock(s, old - 1, none, &locked) != 0)
+        return;
+    if (load_relaxed_u32(&xs->tbucket) == old && slot_free(load_acquire_u64(&xs->word)))
+        tb_unlink(s, old - 1, &locked, x);
+    tb_unlock(s, old - 1, locked);
+}
+
+/* recover(): release bucket locks of proven-dead holders and unlink every
+ * free, unlocked slot.  Returns the locks released plus the slots unlinked. */
+static uint32_t tindex_sweep(eng_seg *s, op_timer t)
+{
+    uint32_t repaired = 0;
+    for (uint32_t b = 0; b < s->tindex_buckets; b++) {
+        uint64_t cur = load_acquire_u64(&s->tindex[b]);
+        if (cur == 0)
+            continue;
+        uint32_t holder = tb_holder(cur);
+        if (holder && holder != s->token && token_dead(s, holder) &&
+            cas_acq_rel_u64(&s->tindex[b], &cur, tb_make(tb_head(cur), 0)))
+            repaired++;
+        uint64_t locked;
+        if (tb_head(cur) == 0 || tb_lock(s, b, t, &locked) != 0)
+            continue;
+        uint32_t prev = 0, x = tb_head(locked);
+        for (uint32_t steps = 0; x && tb_valid(s, x) && steps < s->capacity; steps++) {
+            eng_slot *xs = slot_at(s, x - 1);
+            uint32_t next = load_relaxed_u32(&xs->tnext);
+            if (slot_free(load_acquire_u64(&xs->word))) {
+                if (prev == 0) {
+                    if (tb_set_head(s, b, &locked, next) != 0)
+                        break;
+                } else {
+                    store_relaxed_u32(&slot_at(s, prev - 1)->tnext, next);
+                }
+                store_relaxed_u32(&xs->tbucket, 0);
+                repaired++;
+            } else {
+                prev = x;
+            }
+            x = next;
+        }
+        tb_unlock(s, b, locked);
+    }
+    return repaired;
+}
+
+int eng_tindex_check(eng_seg *s, uint64_t *out)
+{
+    CHECK_SEG(s);
+    if (!out)
+        return ENG_EBADARG;
+    memset(out, 0, 4 * sizeof *out);
+    uint8_t *seen = calloc(s->capacity, 1);
+    if (!seen)
+        return ENG_EBUSY;
+    for (uint32_t b = 0; b < s->tindex_buckets; b++) {
+        uint32_t x = tb_head(load_acquire_u64(&s->tindex[b]));
+        for (uint32_t steps = 0; x; steps++) {
+            if (!tb_valid(s, x) || steps >= s->capacity || seen[x - 1]) {
+                out[2]++;   /* a corrupt reference, a cycle or a slot on two chains */
+                break;
+            }
+            eng_slot *xs = slot_at(s, x - 1);
+            seen[x - 1] = 1;
+            out[3]++;
+            uint64_t w = load_acquire_u64(&xs->word);
+            if (sw_state(w) == 0)
+                out[1]++;
+            if (load_relaxed_u32(&xs->tbucket) != b + 1 ||
+                (sw_state(w) && tb_of_token(s, (int64_t)load_relaxed_u64((uint64_t *)&xs->token)) != b))
+                out[2]++;
+            x = load_relaxed_u32(&xs->tnext);
+        }
+    }
+    for (uint32_t i = 0; i < s->capacity; i++)
+        if (sw_state(load_acquire_u64(&slot_at(s, i)->word)) && !seen[i])
+            out[0]++;
+    free(seen);
+    return 0;
+}
+
+int eng_tindex_slots(eng_seg *s, int64_t token, uint32_t *out, uint32_t max, uint32_t *out_n)
+{
+    CHECK_SEG(s);
+    if (!out_n || (max && !out))
+        return ENG_EBADARG;
+    uint32_t n = 0, b = tb_of_token(s, token);
+    op_timer none = {NULL, 0};
+    uint64_t locked;
+    int rc = tb_lock(s, b, none, &locked);
+    if (rc)
+        return rc;
+    uint32_t x = tb_head(locked);
+    for (uint32_t steps = 0; x; steps++) {
+        if (!tb_valid(s, x) || steps >= s->capacity) {
+            rc = ENG_ECORRUPT;
+            break;
+        }
+        eng_slot *xs = slot_at(s, x - 1);
+        if ((int64_t)load_relaxed_u64((uint64_t *)&xs->token) == token) {
+            if (n == max) {
+                rc = ENG_EBADARG;   /* out too small */
+                break;
+            }
+            out[n++] = x - 1;
+        }
+        x = load_relaxed_u32(&xs->tnext);
+    }
+    tb_unlock(s, b, locked);
+    *out_n = n;
+    return rc;
+}
+
 /* ==== open and release ============================================================ */
 /*
  * Opening is the slow path from state 0 (free) to the initial state: lock a
@@ -2797,6 +3105,7 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
     uint32_t cap = s->capacity;
     uint32_t start = fetch_add_relaxed_u32(&s->hdr->alloc_hint, 1) % cap;
     uint32_t target = s->hdr->initial_index;
+    uint32_t placed = UINT32_MAX;   /* the slot linked into the token index, if any */
     rc = ENG_EFULL;
     for (uint32_t k = 0; k < cap; k++) {
         uint32_t slot = (start + k) % cap;
@@ -2822,11 +3131,25 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
                 break;
             }
         }
+        if (s->roles[ENG_ROLE_TOKEN] != ENG_ROLE_NONE) {
+            placed = slot;   /* a refused open unlinks it again, below */
+            if ((rc = tindex_place(s, slot, token_of(s, c.w), t)) != 0) {
+                unlock_unchanged(sl, L);
+                if (key)
+                    keys_drop(s, id);
+                if (rc != ENG_EBUSY)
+                    break;
+                tindex_drop(s, slot);
+                continue;   /* a live holder sits on a bucket: try another slot */
+            }
+        }
         uint64_t latched;
         if (price_latch(s, sl, t, &latched) != 0) {
             unlock_unchanged(sl, L);   /* a live writer sits on this slot's price */
             if (key)
                 keys_drop(s, id);
+            if (placed == slot)
+                tindex_drop(s, slot);
             rc = ENG_EBUSY;
             continue;
         }
@@ -2860,6 +3183,8 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         }
         break;
     }
+    if (rc != ENG_APPLIED && placed != UINT32_MAX)
+        tindex_drop(s, placed);   /* unlinks only while the slot is free and unlocked */
     op_end(t, rc);
     return rc;
 }
@@ -2884,6 +3209,7 @@ int eng_abandon_open(eng_seg *s, uint64_t id, uint64_t word)
         return ENG_INVALID;
     commit_after(s, sl, w, nw);
     keys_drop(s, id);
+    tindex_drop(s, (uint32_t)(id & ENG_ID_SLOT_MASK));
     return ENG_APPLIED;
 }
 
@@ -2919,6 +3245,7 @@ int eng_release_position(eng_seg *s, uint64_t id)
         if (cas_acq_rel_u64(&sl->word, &w, nw)) {
             commit_after(s, sl, old, nw);
             keys_drop(s, id);   /* already stale; clear them for the next inserts */
+            tindex_drop(s, (uint32_t)(id & ENG_ID_SLOT_MASK));
             return ENG_APPLIED;
         }
         backoff_step(retries / 4);
@@ -3054,9 +3381,18 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
     op_timer t = op_begin(s, ENG_OP_PRICE_BATCH);
     int64_t ts = now_ns(CLOCK_REALTIME);
     int64_t count = 0;
-    int rc = 0;
-    for (uint32_t i = 0; i < s->capacity; i++) {
-        eng_slot *sl = slot_at(s, i);
+    uint32_t b = tb_of_token(s, token);
+    uint64_t locked;
+    int rc = tb_lock(s, b, t, &locked);   /* the token index: see its protocol */
+    int held = rc == 0;
+    uint32_t x = held ? tb_head(locked) : 0;
+    for (uint32_t steps = 0; x; steps++) {
+        if (!tb_valid(s, x) || steps >= s->capacity) {
+            rc = ENG_ECORRUPT;
+            break;
+        }
+        eng_slot *sl = slot_at(s, x - 1);
+        x = load_relaxed_u32(&sl->tnext);
         /* the token hint filters; the check under the latch decides */
         if ((int64_t)load_relaxed_u64((const uint64_t *)&sl->token) != token ||
             !is_open_state(s, sw_state(load_acquire_u64(&sl->word))))
@@ -3070,6 +3406,8 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
             break;
         count++;
     }
+    if (held)
+        tb_unlock(s, b, locked);
     op_end(t, rc ? rc : ENG_APPLIED);
     return rc ? rc : count;
 }
@@ -3131,6 +3469,105 @@ int eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out)
         ctx_out_from(s, out, &c);
     op_end(t, rc);
     return rc;
+}
+
+/* ==== vector calls ================================================================= */
+/*
+ * One C call per array.  Policy, the same as update_prices: the call first
+ * checks every element (id in range and naming an issued opening that is not
+ * released; for transition_many also the trigger in range and the rule from
+ * the current state not guarded); one bad element refuses the whole call with
+ * its index in *out_bad_index and nothing applied.  Reads (states, prices)
+ * fill out[i] as they check it, so the check is the read.
+ *
+ * transition_many then applies each element independently, as
+ * eng_transition would, and stores its outcome (ENG_APPLIED ..
+ * ENG_HALTED) in out[i].  An element whose position was released after the
+ * check (a concurrent release) gets ENG_INVALID: no rule fires on a free
+ * slot; one whose state moved, after the check, to a state where its rule is
+ * guarded gets ENG_CONFLICT (another writer moved it; the guarded path is
+ * transition()), as does one that meets a live lock holder past the bound.
+ */
+
+int eng_states(eng_seg *s, const uint64_t *ids, uint64_t n, uint16_t *out,
+               uint64_t *out_bad_index)
+{
+    CHECK_SEG(s);
+    if (!out_bad_index || (n && (!ids || !out)))
+        return ENG_EBADARG;
+    for (uint64_t i = 0; i < n; i++) {
+        eng_slot *sl;
+        uint64_t w;
+        int rc = id_word(s, ids[i], &sl, &w);
+        if (rc) {
+            *out_bad_index = i;
+            return rc;
+        }
+        out[i] = (uint16_t)sw_state(w);
+    }
+    return 0;
+}
+
+int eng_prices(eng_seg *s, const uint64_t *ids, uint64_t n, eng_price_out *out,
+               uint64_t *out_bad_index)
+{
+    CHECK_SEG(s);
+    if (!out_bad_index || (n && (!ids || !out)))
+        return ENG_EBADARG;
+    op_timer t = op_begin(s, ENG_OP_READ);
+    int rc = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t id = ids[i];
+        eng_slot *sl;
+        uint64_t w, v;
+        eng_price_rec r;
+        rc = id_word(s, id, &sl, &w);
+        if (rc == 0)
+            rc = read_price_rec(sl, &r, &v);
+        if (rc == 0)   /* as eng_read_price: the opening again, after the record */
+            rc = id_live(sl, load_acquire_u64(&sl->word), id);
+        if (rc) {
+            *out_bad_index = i;
+            break;
+        }
+        out[i].price = r.price;
+        out[i].ts_ns = r.ts_ns;
+        out[i].pnl_pct = r.pnl_pct;
+        out[i].pnl_usd = r.pnl_usd;
+        out[i].version = v;
+    }
+    op_end(t, rc);
+    return rc;
+}
+
+int eng_transition_many(eng_seg *s, const uint64_t *ids, const uint32_t *triggers,
+                        uint64_t n, uint8_t *out, uint64_t *out_bad_index)
+{
+    CHECK_SEG(s);
+    if (!out_bad_index || (n && (!ids || !triggers || !out)))
+        return ENG_EBADARG;
+    for (uint64_t i = 0; i < n; i++) {
+        eng_slot *sl;
+        uint64_t w;
+        int rc = id_word(s, ids[i], &sl, &w);
+        if (rc == 0 && triggers[i] >= s->n_triggers)
+            rc = ENG_EBADTRIGGER;
+        if (rc == 0 && sw_state(w)) {
+            uint8_t e = s->hdr->table[onehot_index(sw_state(w)) * ENG_MAX_TRIGGERS + triggers[i]];
+            if (e & ENG_RULE_GUARDED)
+                rc = ENG_EGUARDED;
+        }
+        if (rc) {
+            *out_bad_index = i;
+            return rc;
+        }
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        int rc = eng_transition(s, ids[i], triggers[i]);
+        out[i] = (uint8_t)(rc >= 0 ? rc
+                           : rc == ENG_ESTALE || rc == ENG_ENOTOPEN ? ENG_INVALID : ENG_CONFLICT);
+    }
+    return 0;
 }
 
 /* ==== waiting for a change ========================================================= */
@@ -3317,6 +3754,7 @@ int eng_recover(eng_seg *s, eng_recover_report *out)
     }
     sweep_dead(s, out);
     out->keys_cleared = keys_sweep(s);
+    out->tindex_repaired = tindex_sweep(s, t);
     for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
         eng_proc *e = &s->registry[i];
         uint32_t pid = load_acquire_u32(&e->pid);
@@ -3362,7 +3800,8 @@ int eng_set_faults(eng_seg *s, uint32_t flags, uint64_t pause_ns)
     CHECK_SEG(s);
     if (flags & ~(uint32_t)(ENG_FAULT_SKIP_GEN | ENG_FAULT_BLIND_STORE |
                             ENG_FAULT_DIE_AFTER_CAS | ENG_FAULT_DIE_AFTER_LOCK |
-                            ENG_FAULT_DIE_IN_KEY | ENG_FAULT_DIE_IN_BOOKING) ||
+                            ENG_FAULT_DIE_IN_KEY | ENG_FAULT_DIE_IN_BOOKING |
+                            ENG_FAULT_DIE_IN_TINDEX_ADD | ENG_FAULT_DIE_IN_TINDEX_DEL) ||
         pause_ns > 60ULL * 1000000000ULL)
         return ENG_EBADARG;
     store_release_u64(&s->hdr->test_pause_ns, pause_ns);

@@ -25,6 +25,8 @@
  *   | uint64_t[buckets*8]|  the key index: ENG_KEY_BUCKET cells per bucket
  *   +--------------------+  hdr.stripes_off
  *   | uint32_t[buckets]  |  key insert stripe locks, one per bucket
+ *   +--------------------+  hdr.tindex_off
+ *   | uint64_t[tbuckets] |  the token index: one bucket word per token hash
  *   +--------------------+  hdr.accounts_off
  *   | eng_account[max_ac]|  accounts: latch word + two sealed copies of books
  *   +--------------------+  hdr.segment_size
@@ -38,7 +40,7 @@
 
 /* ---- identity ---------------------------------------------------------- */
 #define ENG_MAGIC            0x31454E49474E4545ULL   /* "EENGINE1" little-endian */
-#define ENG_LAYOUT_VERSION   6
+#define ENG_LAYOUT_VERSION   7
 #define ENG_CACHE_LINE       64
 
 /* ---- limits ------------------------------------------------------------ */
@@ -230,6 +232,24 @@
  */
 #define ENG_PW_SEQ_SHIFT     24
 
+/*
+ * ---- the token index (update_token_price) ---------------------------------------
+ *
+ * hdr.tindex_buckets bucket words (a power of two >= capacity); a token's
+ * bucket is fmix64(token ^ key_seed) & (buckets - 1).  Each bucket heads a
+ * singly linked chain of slots through eng_slot.tnext; eng_slot.tbucket names
+ * the bucket a slot was linked into.  A bucket word:
+ *
+ *   63                       32 31      24 23                  0
+ *  +---------------------------+----------+---------------------+
+ *  | head: slot + 1 (0: empty) | 0        | holder token or 0   |
+ *  +---------------------------+----------+---------------------+
+ *
+ * See "the token index" in engine.c for the protocol.
+ */
+#define ENG_TB_HEAD_SHIFT    32
+#define ENG_TB_MIN_BUCKETS   64
+
 /* ---- transition table entries: target index + 1 (0 = no rule) ---------- */
 #define ENG_RULE_TARGET_MASK 0x1F
 #define ENG_RULE_GUARDED     0x80
@@ -312,6 +332,10 @@
 #define ENG_FAULT_DIE_IN_KEY 16
 /* a booked transition SIGKILLs itself between its slot commit and its account publish */
 #define ENG_FAULT_DIE_IN_BOOKING 32
+/* a token index link SIGKILLs itself holding the bucket lock, tnext written, head not */
+#define ENG_FAULT_DIE_IN_TINDEX_ADD 64
+/* a token index unlink SIGKILLs itself holding the bucket lock, unlinked, tbucket not cleared */
+#define ENG_FAULT_DIE_IN_TINDEX_DEL 128
 
 /* ---- waits ------------------------------------------------------------------ */
 #define ENG_WAIT_SLICE_NS    20000000    /* a futex sleep re-checks the state word this often */
@@ -350,6 +374,7 @@ typedef struct eng_ctx_rec {
  * follow it (hdr.rec_size bytes each) and the slot is padded to a line:
  *
  *   line 0    | word | transitions | pword | opening | waiting | token |
+ *             | tnext | tbucket |
  *   line 1    | price[0]                  | price[1]                  |
  *   then      | record copy 0 | record copy 1 | pad to a line          |
  *
@@ -365,7 +390,9 @@ typedef struct eng_slot {
     uint32_t opening;        /* openings of this slot (the id's high part) */
     uint32_t waiting;        /* 1: some process may sleep on the futex word */
     int64_t  token;          /* hint for token scans: the context's token */
-    uint64_t pad0[3];
+    uint32_t tnext;          /* token index: next slot + 1 on the chain (0: end) */
+    uint32_t tbucket;        /* token index: bucket + 1 this slot was linked into (0: none) */
+    uint64_t pad0[2];
     eng_price_rec price[2];
 } eng_slot;
 
@@ -529,9 +556,10 @@ typedef struct eng_header {
     uint64_t keyidx_off;
     uint64_t stripes_off;
     uint32_t key_buckets;
-    uint32_t pad6;
-    uint64_t key_seed;       /* per-segment hash seed */
-    uint64_t pad7[3];
+    uint32_t tindex_buckets; /* token index buckets (a power of two) */
+    uint64_t key_seed;       /* per-segment hash seed (keys and tokens) */
+    uint64_t tindex_off;
+    uint64_t pad7[2];
     /* line A: accounts, written once */
     uint64_t accounts_off;
     uint32_t max_accounts;
@@ -550,6 +578,7 @@ typedef struct eng_seg {
     eng_keyrec     *keyrecs;     /* slot i's records at keyrecs + i * kpp */
     uint64_t       *keyidx;
     uint32_t       *stripes;
+    uint64_t       *tindex;      /* token index bucket words */
     eng_account    *accounts;
     eng_shard      *me;          /* this Engine's shard */
     uint32_t        slot_size;
@@ -557,6 +586,8 @@ typedef struct eng_seg {
     uint32_t        n_words;
     uint32_t        kpp;         /* keys per position */
     uint32_t        key_buckets;
+    uint32_t        tindex_buckets;
+    uint32_t        pad1;
     uint32_t        pnl;         /* 1: the spec has entry_price, amount and side */
     uint64_t        key_seed;
     uint8_t         roles[ENG_ROLE_COUNT];
@@ -629,7 +660,8 @@ typedef struct eng_recover_report {
                                     dead inserters and released openings */
     uint32_t accounts_forward;   /* account changes of dead holders completed */
     uint32_t accounts_back;      /* account changes of dead holders undone */
-    uint32_t pad;
+    uint32_t tindex_repaired;    /* token index: dead bucket locks released and
+                                    entries of free slots unlinked */
     uint32_t removed_pids[ENG_MAX_PROCS];
 } eng_recover_report;
 
@@ -673,6 +705,24 @@ int      eng_update_prices(eng_seg *s, const uint64_t *ids, const double *prices
 int64_t  eng_update_token_price(eng_seg *s, int64_t token, double price);
 int      eng_read_price(eng_seg *s, uint64_t id, eng_price_out *out);
 int      eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out);
+
+/* Vector calls: one bad id refuses the whole call, with its index in
+ * *out_bad_index (see "vector calls" in engine.c). */
+int      eng_states(eng_seg *s, const uint64_t *ids, uint64_t n, uint16_t *out,
+                    uint64_t *out_bad_index);
+int      eng_prices(eng_seg *s, const uint64_t *ids, uint64_t n, eng_price_out *out,
+                    uint64_t *out_bad_index);
+int      eng_transition_many(eng_seg *s, const uint64_t *ids, const uint32_t *triggers,
+                             uint64_t n, uint8_t *out, uint64_t *out_bad_index);
+
+/* Token index inspection (tests, tools; exact only at a quiescent point):
+ * out[0] slots not free missing from their token's chain, out[1] chain
+ * entries of free slots, out[2] chain entries whose tbucket or token hash
+ * names another bucket, out[3] entries in all chains. */
+int      eng_tindex_check(eng_seg *s, uint64_t *out);
+/* The slots on token's chain whose token hint is token (free ones too). */
+int      eng_tindex_slots(eng_seg *s, int64_t token, uint32_t *out, uint32_t max,
+                          uint32_t *out_n);
 
 int      eng_bind_key(eng_seg *s, uint64_t id, const char *key, uint32_t key_len);
 /* the id of the open opening holding the key, 0 if none, or an error (< 0) */
@@ -724,6 +774,8 @@ _Static_assert(sizeof(eng_key) + sizeof(uint64_t) == sizeof(eng_keyrec), "a key 
 _Static_assert(ENG_MAX_FIELD_WORDS <= 32, "update mask is 32 bits");
 _Static_assert(sizeof(eng_rec_layout) == 40, "record layout");
 _Static_assert(offsetof(eng_slot, opening) < ENG_CACHE_LINE, "opening beside the word");
+_Static_assert(offsetof(eng_slot, tbucket) < ENG_CACHE_LINE, "token links beside the word");
+_Static_assert(ENG_TB_HEAD_SHIFT >= ENG_TOKEN_BITS && ENG_MAX_CAPACITY < (1ULL << (64 - ENG_TB_HEAD_SHIFT)), "bucket word fields");
 _Static_assert(offsetof(eng_slot, transitions) % 8 == 0, "futex word aligned");
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "futex word is the low half of transitions");
 _Static_assert(sizeof(eng_proc) == ENG_CACHE_LINE, "registry entry is one line");

@@ -1586,6 +1586,31 @@ class CFuzz:
             rc = self.call(name, kind, lib.eng_update_prices, s, idp, pp, n,
                            self.out(d, "uint64_t *"), self.out(d, "uint64_t *"))
             x(name, kind, rc, (ERRNO_MIN, 0) if n == 0 else None)
+        elif name in ("eng_states", "eng_prices", "eng_transition_many"):
+            kind, s = self.seg(d)
+            k = d(st.integers(0, 4))
+            idp = ffi.NULL if d(st.booleans()) else ffi.new("uint64_t[]", [d(ids) for _ in range(k)]
+                                                            or [0])
+            ctype = {"eng_states": "uint16_t[]", "eng_prices": "eng_price_out[]",
+                     "eng_transition_many": "uint8_t[]"}[name]
+            outp = ffi.NULL if d(st.booleans()) else ffi.new(ctype, max(k, 1))
+            trig = ffi.NULL if d(st.booleans()) else ffi.new("uint32_t[]", [d(U32S) for _ in
+                                                                            range(max(k, 1))])
+            n = d(U64S) if idp == ffi.NULL and outp == ffi.NULL else d(st.integers(0, k))
+            args = (s, idp, trig, n, outp) if name == "eng_transition_many" else (s, idp, n, outp)
+            rc = self.call(name, kind, getattr(lib, name), *args, self.out(d, "uint64_t *"))
+            x(name, kind, rc, (ERRNO_MIN, 0) if n == 0 else None)
+        elif name == "eng_tindex_check":
+            kind, s = self.seg(d)
+            outp = ffi.NULL if d(st.booleans()) else ffi.new("uint64_t[4]")
+            x(name, kind, self.call(name, kind, lib.eng_tindex_check, s, outp), (ERRNO_MIN, 0))
+        elif name == "eng_tindex_slots":
+            kind, s = self.seg(d)
+            k = d(st.integers(0, 4))
+            outp = ffi.NULL if d(st.booleans()) else ffi.new("uint32_t[]", max(k, 1))
+            mx = d(U32S) if outp == ffi.NULL else d(st.integers(0, k))
+            x(name, kind, self.call(name, kind, lib.eng_tindex_slots, s, d(I64S), outp, mx,
+                                    self.out(d, "uint32_t *")), (ERRNO_MIN, 0))
         elif name == "eng_update_token_price":
             kind, s = self.seg(d)
             x(name, kind, self.call(name, kind, lib.eng_update_token_price, s, d(I64S),
