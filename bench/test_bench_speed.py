@@ -19,9 +19,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from conftest import CallTimer
-from engine._native import ffi, lib
 
 from engine import Engine, Trigger
+from engine._native import ffi, lib
 
 BIG = 1_000_000
 PER_TOKEN = 10

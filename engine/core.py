@@ -760,7 +760,7 @@ class Engine:
         out = np.zeros(len(s), dtype=PRICES_DTYPE)
         bad = ffi.new("uint64_t *")
         buf = ffi.cast("eng_price_out *", ffi.from_buffer(out, require_writable=True))
-        rc = lib.eng_prices_released(self._seg, ffi.from_buffer("uint64_t[]", s), len(s),
+        rc = lib.eng_prices(self._seg, ffi.from_buffer("uint64_t[]", s), len(s),
                                      buf, bad)
         if rc:
             self._fail_at(rc, int(bad[0]), s)
@@ -797,7 +797,7 @@ class Engine:
         t = np.ascontiguousarray(t, dtype=np.uint32)
         out = np.empty(len(s), dtype=np.uint8)
         bad = ffi.new("uint64_t *")
-        rc = lib.eng_transition_many_released(
+        rc = lib.eng_transition_many(
             self._seg, ffi.from_buffer("uint64_t[]", s), ffi.from_buffer("uint32_t[]", t),
             len(s), ffi.from_buffer("uint8_t[]", out, require_writable=True), bad)
         if rc == lib.ENG_EGUARDED:

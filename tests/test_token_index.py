@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from engine._native import lib
 from procs import READY_TIMEOUT, sigkill, until
 
 from engine import (
@@ -37,6 +36,7 @@ from engine import (
     State,
     Trigger,
 )
+from engine._native import lib
 
 CLOSE = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
          Trigger.EXIT_COMPLETED)
