@@ -1062,7 +1062,8 @@ class Engine:
         self._check_open()
         return read_metrics(self._mm, self._seg.hdr.shards_off)
 
-    def set_metrics(self, enabled: bool = True, sample_every: int = 64) -> None:
+    def set_metrics(self, enabled: bool = True,
+                    sample_every: int = lib.ENG_DEFAULT_SAMPLE_MASK + 1) -> None:
         """Turn metrics on or off and set the latency sampling period (a power
         of two: 1 samples every operation)."""
         if (not isinstance(sample_every, int) or isinstance(sample_every, bool)

@@ -50,6 +50,12 @@ static inline int cas_acq_rel_u32(uint32_t *p, uint32_t *expected, uint32_t desi
                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
+/* on failure *expected receives the current value */
+static inline int cas_relaxed_u64(uint64_t *p, uint64_t *expected, uint64_t desired)
+{
+    return __atomic_compare_exchange_n(p, expected, desired, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
 static inline int cas_relaxed_u32(uint32_t *p, uint32_t expected, uint32_t desired)
 {
     return __atomic_compare_exchange_n(p, &expected, desired, 0,
@@ -94,20 +100,14 @@ static inline void cpu_relax(void)
 #endif
 }
 
-/* ==== bounded back-off ====================================================== */
-/*
- * Every wait in this file is a loop of backoff_step calls with a hard step
- * limit.  The steps escalate: a few spins, then sched_yield (a lock holder
- * may be descheduled: more workers than cores is normal), then 50 us sleeps.
- * LIVENESS_EVERY steps into the sleeping phase, the caller checks whether the
- * holder is still alive.
- */
-#define SPIN_STEPS      6
-#define YIELD_STEPS     24
-#define MAX_WAIT_STEPS  160     /* about 7 ms of sleeping after the yields */
-#define LIVENESS_EVERY  8
-#define CAS_RETRIES     64      /* fast-path CAS failures before CONFLICT */
-#define READ_RETRIES    4096    /* seqlock reads that saw the sequence move */
+/* ==== bounded back-off (the steps and limits are in the header) ============ */
+
+#define SPIN_STEPS      ENG_SPIN_STEPS
+#define YIELD_STEPS     ENG_YIELD_STEPS
+#define MAX_WAIT_STEPS  ENG_MAX_WAIT_STEPS
+#define LIVENESS_EVERY  ENG_LIVENESS_EVERY
+#define CAS_RETRIES     ENG_CAS_RETRIES
+#define READ_RETRIES    ENG_READ_RETRIES
 
 static void backoff_step(uint32_t step)
 {
@@ -117,7 +117,7 @@ static void backoff_step(uint32_t step)
     } else if (step < YIELD_STEPS) {
         sched_yield();
     } else {
-        struct timespec ts = {0, 50000};
+        struct timespec ts = {0, ENG_BACKOFF_SLEEP_NS};
         nanosleep(&ts, NULL);
     }
 }
@@ -670,7 +670,7 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
     h->shards_off = l.shards_off;
     h->slots_off = l.slots_off;
     h->metrics_on = 1;
-    h->sample_mask = 63;
+    h->sample_mask = ENG_DEFAULT_SAMPLE_MASK;
     h->magic = ENG_MAGIC;
     store_release_u32(&h->ready, 1);   /* pairs with the acquire in eng_validate */
     return 0;
@@ -843,8 +843,7 @@ static void retire_shard(eng_seg *s, eng_shard *src)
         size_t in_op = i % (sizeof(eng_op_metrics) / sizeof(uint64_t));
         if (in_op == offsetof(eng_op_metrics, max_ns) / sizeof(uint64_t)) {
             uint64_t cur = load_relaxed_u64(&d[i]);
-            while (v > cur && !__atomic_compare_exchange_n(&d[i], &cur, v, 0,
-                                                           __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            while (v > cur && !cas_relaxed_u64(&d[i], &cur, v))
                 ;
         } else if (v) {
             fetch_add_relaxed_u64(&d[i], v);
@@ -1453,7 +1452,7 @@ static int check_update(const eng_seg *s, const eng_ctx_update *u)
  * with its reservation, visible in snapshot(), for anyone to close.
  */
 
-#define ACCT_WAIT_STEPS (MAX_WAIT_STEPS * 8)   /* every worker may share one account */
+#define ACCT_WAIT_STEPS ENG_ACCT_WAIT_STEPS
 #define BOOKS_WORDS REC_WORDS(eng_books)
 
 static inline uint64_t aw_version(uint64_t w) { return w >> ENG_AW_VERSION_SHIFT; }
@@ -3844,3 +3843,7 @@ int eng_owner_alive(eng_seg *s, uint32_t token)
     CHECK_SEG(s);
     return !token_dead(s, token & (uint32_t)ENG_TOKEN_MASK);
 }
+
+_Static_assert(ENG_ACCT_WAIT_STEPS == 8 * ENG_MAX_WAIT_STEPS, "account waits: 8x a slot wait");
+_Static_assert(ENG_YIELD_STEPS > ENG_SPIN_STEPS && ENG_MAX_WAIT_STEPS > ENG_YIELD_STEPS, "back-off phases");
+_Static_assert(((ENG_DEFAULT_SAMPLE_MASK + 1) & ENG_DEFAULT_SAMPLE_MASK) == 0, "sample mask: 2^k - 1");

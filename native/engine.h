@@ -337,6 +337,26 @@
 /* a token index unlink SIGKILLs itself holding the bucket lock, unlinked, tbucket not cleared */
 #define ENG_FAULT_DIE_IN_TINDEX_DEL 128
 
+/*
+ * ---- bounded back-off ----------------------------------------------------------
+ * Every wait is a loop of back-off steps with a hard limit: ENG_SPIN_STEPS
+ * steps of spinning (1, 2, 4, ... pauses), then sched_yield up to step
+ * ENG_YIELD_STEPS, then sleeps of ENG_BACKOFF_SLEEP_NS; every
+ * ENG_LIVENESS_EVERY sleeping steps the waiter checks the holder's liveness.
+ * A wait for a slot lock, price latch, stripe or bucket lock gives up after
+ * ENG_MAX_WAIT_STEPS steps (about 7 ms), one for an account latch after
+ * ENG_ACCT_WAIT_STEPS (about 63 ms: every worker may share one account).
+ */
+#define ENG_SPIN_STEPS       6
+#define ENG_YIELD_STEPS      24
+#define ENG_MAX_WAIT_STEPS   160
+#define ENG_ACCT_WAIT_STEPS  1280
+#define ENG_LIVENESS_EVERY   8
+#define ENG_BACKOFF_SLEEP_NS 50000
+#define ENG_CAS_RETRIES      64      /* fast-path CAS failures before CONFLICT */
+#define ENG_READ_RETRIES     4096    /* seqlock reads that saw the sequence move, before EBUSY */
+#define ENG_DEFAULT_SAMPLE_MASK 63   /* a new segment times one operation in 64 */
+
 /* ---- waits ------------------------------------------------------------------ */
 #define ENG_WAIT_SLICE_NS    20000000    /* a futex sleep re-checks the state word this often */
 #define ENG_MAX_TIMEOUT_NS   0x3FFFFFFFFFFFFFFFLL

@@ -34,7 +34,7 @@ class StressConfig:
     seconds: float = 5.0
     mix: str = "default"                # see parse_mix
     seed: int = 0                       # seeds the workers' choices (not the interleaving)
-    sample_every: int = 64              # latency sampled for 1 op in N (power of two)
+    sample_every: int = lib.ENG_DEFAULT_SAMPLE_MASK + 1   # latency sampled for 1 op in N
     batch_size: int = 8                 # slots per update_prices call
     wait_timeout: float = 0.0001        # seconds per wait_for_change
     alert_p99_us: float | None = 1000.0     # alert above this p99 (None: off)
