@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import time
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from engine import POSITION_SPEC, MachineSpec, Rule
 
@@ -46,3 +49,25 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.monotonic()
     out = call()
     return out, time.monotonic() - t0
+
+
+RESULT_TIMEOUT = 60.0      # seconds for every child of a test to report
+
+
+def collect(q: Any, n: int, spawner: Any, timeout: float = RESULT_TIMEOUT) -> list[Any]:
+    """n results from the children; a child's exception (an ("error", text)
+    item) fails the test, and so does silence (with the children's exit
+    codes: a crash shows as < 0)."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        try:
+            item = q.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            codes = [(p.pid, p.exitcode) for p in spawner.procs]
+            pytest.fail(f"only {len(got)} of {n} children reported within {timeout} s; "
+                        f"(pid, exit code) of the children: {codes}")
+        if item[0] == "error":
+            pytest.fail(f"child failed:\n{item[1]}")
+        got.append(item)
+    return got

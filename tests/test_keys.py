@@ -17,7 +17,6 @@ import contextlib
 import multiprocessing as mp
 import os
 import pathlib
-import queue
 import random
 import signal
 import time
@@ -28,7 +27,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from procs import READY_TIMEOUT, sigkill, timed, until
+from procs import READY_TIMEOUT, collect, sigkill, timed, until
 
 from engine import (
     ORDER_SPEC,
@@ -48,7 +47,6 @@ from engine._native import lib
 
 KEY_MAX = lib.ENG_KEY_MAX
 ANSWER_BOUND = 2.0      # seconds: an insert over a dead inserter's leftovers returns within this
-RESULT_TIMEOUT = 60.0
 S = ORDER_SPEC.State
 
 
@@ -576,24 +574,6 @@ def _same_key_opener(handle: Any, rounds: int, barrier: Any, out: Any) -> None:
             out.put(("ok", os.getpid(), results))
     except BaseException:
         out.put(("error", traceback.format_exc()))
-
-
-def collect(q: Any, n: int, spawner: Any) -> list[Any]:
-    """n results from the children; a child's exception fails the test, and
-    so does silence (with the children's exit codes: a crash shows as < 0)."""
-    got = []
-    deadline = time.monotonic() + RESULT_TIMEOUT
-    while len(got) < n:
-        try:
-            item = q.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            codes = [(p.pid, p.exitcode) for p in spawner.procs]
-            pytest.fail(f"only {len(got)} of {n} children reported within {RESULT_TIMEOUT} s; "
-                        f"(pid, exit code) of the children: {codes}")
-        if item[0] == "error":
-            pytest.fail(f"child failed:\n{item[1]}")
-        got.append(item)
-    return got
 
 
 def account_of(wid: int, n: int) -> int:

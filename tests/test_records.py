@@ -14,7 +14,6 @@ fingerprint and the memory cost per position.
 from __future__ import annotations
 
 import math
-import queue
 import struct
 import time
 import traceback
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from procs import collect
 
 from engine import (
     ORDER_SPEC,
@@ -47,7 +47,6 @@ from engine._native import lib
 from engine.records import RecordLayout
 
 START_TIMEOUT = 60.0      # spawned interpreters import numpy and cffi: slow on a busy host
-RESULT_TIMEOUT = 60.0
 MAX_WORDS = lib.ENG_MAX_FIELD_WORDS
 I4 = (-(2**31), 2**31 - 1)
 I8 = (-(2**63), 2**63 - 1)
@@ -672,24 +671,6 @@ def _atomic_reader(handle: Any, ids: list[int], start: Any, stop: Any, out: Any)
             out.put(("reader", pinned, rows, sorted(seen_states), problems))
     except BaseException:
         out.put(("error", traceback.format_exc()))
-
-
-def collect(q: Any, n: int, spawner: Any) -> list[Any]:
-    """n results from the children; a child's exception fails the test, and
-    so does silence (with the children's exit codes: a crash shows as < 0)."""
-    got = []
-    deadline = time.monotonic() + RESULT_TIMEOUT
-    while len(got) < n:
-        try:
-            item = q.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            codes = [(p.pid, p.exitcode) for p in spawner.procs]
-            pytest.fail(f"only {len(got)} of {n} children reported within {RESULT_TIMEOUT} s; "
-                        f"(pid, exit code) of the children: {codes}")
-        if item[0] == "error":
-            pytest.fail(f"child failed:\n{item[1]}")
-        got.append(item)
-    return got
 
 
 class TestAtomicFields:
