@@ -44,17 +44,13 @@ from engine.errors import (
     raise_for,
 )
 from engine.metrics import Metrics, read_metrics
+from engine.redis_backend import RedisStore, check_url
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, PriceSnapshot
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome
 
 __all__ = ["Engine", "Handle", "RecoveryReport"]
 
 _OUTCOMES = tuple(sorted(Outcome, key=int))
-_transition = lib.eng_transition
-_update_price = lib.eng_update_price
-_read_price = lib.eng_read_price
-_state = lib.eng_state
-_lookup = lib.eng_lookup
 _unpack_price = PRICE_STRUCT.unpack_from
 _tuple_new = tuple.__new__
 
@@ -78,6 +74,7 @@ class Handle:
 
     name: str
     spec: MachineSpec | None = None   # None: the default position lifecycle
+    url: str | None = None            # None: shared memory; else the Redis server
 
 
 @dataclass(frozen=True)
@@ -202,22 +199,35 @@ class Engine:
         """Attach to a mapped segment; ``mapped`` is (mapping, descriptor) and
         the Engine owns both from here on."""
         mm, fd = mapped
-        self.name = name
-        self.spec = spec
-        self._mm = mm
+        self._mm: mmap.mmap | None = mm
         self._buf = ffi.from_buffer(mm)
         self._seg = ffi.new("eng_seg *")
-        self._in_guard = 0
-        self._waiting = 0   # wait_for_change calls in flight (they release the GIL)
         # registered before attaching: an exception at any point after the C
         # call (a signal handler's included) still frees the registry entry
         self._finalizer = weakref.finalize(self, _detach, self._seg, self._buf, mm)
         rc = lib.eng_attach(self._seg, self._buf, len(mm),
-                                     spec.fingerprint if check_spec else 0, fd)
+                            spec.fingerprint if check_spec else 0, fd)
         if rc:
             os.close(fd)   # C owns the descriptor only once attached
             self._finalizer()
             raise_for(rc, name=name, spec=spec.name)
+        self._bind(name, spec, lib, None)
+
+    def _bind(self, name: str, spec: MachineSpec, impl: Any, url: str | None) -> None:
+        """What both backends share: ``impl`` answers the ``eng_*`` calls
+        (the C library, or a ``RedisStore``) on ``self._seg``."""
+        self.name = name
+        self.spec = spec
+        #: the Redis server's url; None for shared memory
+        self.url = url
+        self._lib = impl
+        self._transition = impl.eng_transition
+        self._update_price = impl.eng_update_price
+        self._read_price = impl.eng_read_price
+        self._state = impl.eng_state
+        self._lookup = impl.eng_lookup
+        self._in_guard = 0
+        self._waiting = 0   # wait_for_change calls in flight (they release the GIL)
         self.capacity: int = self._seg.capacity
         #: keys one opening may have (set at create)
         self.keys_per_position: int = self._seg.kpp
@@ -231,16 +241,32 @@ class Engine:
         self._states = {1 << i: spec.State(1 << i) for i in range(len(spec.states))}
 
     @classmethod
+    def _on_redis(cls, store: Any, spec: MachineSpec) -> Engine:
+        self = cls.__new__(cls)
+        self._mm = None
+        self._seg = store
+        self._finalizer = weakref.finalize(self, store.eng_detach, store)
+        self._bind(store.name, spec, store, store.url)
+        return self
+
+    @classmethod
     def create(cls, capacity: int = 10_000, *, name: str | None = None,
                spec: MachineSpec | None = None,
                keys_per_position: int = _DEFAULT_KEYS,
-               max_accounts: int = _DEFAULT_ACCOUNTS) -> Engine:
+               max_accounts: int = _DEFAULT_ACCOUNTS, url: str | None = None,
+               shards: int | None = None) -> Engine:
         """Create a new segment for ``capacity`` positions and attach to it.
 
         ``keys_per_position`` (0 to ``ENG_MAX_KEYS_PER_POSITION``) is how many
         unique keys (``open(key=)``, ``bind_key``) one opening may have;
         ``max_accounts`` (0 to ``ENG_MAX_ACCOUNTS``) how many accounts can be
-        open at once."""
+        open at once.
+
+        With ``url`` (``redis://host:port/db``, ``rediss://...``,
+        ``unix:///path.sock`` or ``redis+cluster://host:port``) the engine
+        lives on that Redis server instead, behind the same API; ``shards``
+        hash tags spread its positions over a cluster's nodes (default 1 on
+        one server, 16 on a cluster)."""
         spec = _check_spec(spec)
         for what, v, hi in (("capacity", capacity, lib.ENG_MAX_CAPACITY),
                             ("keys_per_position", keys_per_position,
@@ -252,6 +278,12 @@ class Engine:
                 raise ArgumentError(f"{what} must be in [{1 if what == 'capacity' else 0}, "
                                     f"{hi}], got {v}")
         name = segment.check_name(name) if name is not None else segment.random_name()
+        if url is not None:
+            return cls._on_redis(RedisStore.create(check_url(url), name, spec, capacity,
+                                                   keys_per_position, max_accounts, shards),
+                                 spec)
+        if shards is not None:
+            raise ArgumentError("shards is for an engine on Redis (url=...)")
         size = lib.eng_segment_size(capacity, spec.record.n_words, keys_per_position,
                                     max_accounts)
         mm, fd = segment.create_with_fd(name, size)
@@ -273,30 +305,35 @@ class Engine:
             raise
 
     @classmethod
-    def attach(cls, target: Handle | str, *, spec: MachineSpec | None = None) -> Engine:
-        """Attach to an existing segment by handle or by name.
+    def attach(cls, target: Handle | str, *, spec: MachineSpec | None = None,
+               url: str | None = None) -> Engine:
+        """Attach to an existing segment by handle or by name (and ``url``
+        for an engine on Redis; a handle carries its url).
 
         The segment's machine spec must equal ``spec`` (or the handle's spec,
         or the default position lifecycle); anything else is refused.
         """
         if isinstance(target, Handle):
-            name, spec = target.name, spec or target.spec
+            name, spec, url = target.name, spec or target.spec, url or target.url
         elif isinstance(target, str):
             name = target
         else:
             raise EngineTypeError(f"attach takes a Handle or a segment name, got {target!r}")
         spec = _check_spec(spec)
+        if url is not None:
+            name = segment.check_name(name)
+            return cls._on_redis(RedisStore.attach(check_url(url), name, spec), spec)
         return cls(name, segment.open_with_fd(name), spec, check_spec=True)
 
     @property
     def handle(self) -> Handle:
         """Picklable handle for spawned workers."""
-        return Handle(self.name, None if self.spec == POSITION_SPEC else self.spec)
+        return Handle(self.name, None if self.spec == POSITION_SPEC else self.spec, self.url)
 
     @property
     def closed(self) -> bool:
         """True once closed, and in a child that inherited this Engine through fork()."""
-        return not self._finalizer.alive or lib.eng_check(self._seg) != 0
+        return not self._finalizer.alive or self._lib.eng_check(self._seg) != 0
 
     def close(self) -> None:
         """Detach: leave the registry and unmap.  The segment lives on."""
@@ -309,14 +346,19 @@ class Engine:
         # the registry entry goes first, in one C call (idempotent): an
         # exception from a signal handler anywhere below can no longer leave
         # this live process holding it; at worst the unmapping waits for GC
-        lib.eng_detach(self._seg)
+        self._lib.eng_detach(self._seg)
         if self._finalizer.alive:
             self._finalizer()
-            self._seg = ffi.new("eng_seg *")   # zeroed: every C call says ENG_ECLOSED
+            if self.url is None:
+                self._seg = ffi.new("eng_seg *")   # zeroed: every C call says ENG_ECLOSED
 
     def unlink(self) -> None:
-        """Destroy the segment (attached processes keep their mappings)."""
-        segment.unlink(self.name)
+        """Destroy the segment (attached processes keep their mappings).  On
+        Redis: delete every key of the engine."""
+        if self.url is not None:
+            self._seg.destroy()
+        else:
+            segment.unlink(self.name)
 
     def __enter__(self) -> Engine:
         return self
@@ -326,7 +368,8 @@ class Engine:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"capacity={self.capacity}"
-        return f"<Engine {self.name!r} {state} spec={self.spec.name}>"
+        where = f" url={self.url!r}" if self.url else ""
+        return f"<Engine {self.name!r} {state} spec={self.spec.name}{where}>"
 
     def __reduce__(self) -> Any:
         raise TypeError("an Engine cannot be pickled: send engine.handle and call "
@@ -409,7 +452,7 @@ class Engine:
         if not 0 <= slot < self.capacity:
             raise SlotError(f"slot {slot} out of range [0, {self.capacity})")
         out = ffi.new("uint64_t *")
-        rc = lib.eng_id_of(self._seg, slot, out)
+        rc = self._lib.eng_id_of(self._seg, slot, out)
         if rc:
             self._fail(rc, slot)
         return int(out[0])
@@ -433,7 +476,7 @@ class Engine:
         k = ffi.NULL if key is None else _key_bytes(key)
         out = ffi.new("uint64_t[2]")   # per call (a signal handler may open too): id, word
         try:
-            rc = lib.eng_open(self._seg, words, k, len(k) if k else 0, out, out + 1)
+            rc = self._lib.eng_open(self._seg, words, k, len(k) if k else 0, out, out + 1)
             if rc:
                 if "account" in rec.roles:
                     self._fail_account(rc, fields.get("account"), price=fields.get("entry_price"),
@@ -446,7 +489,7 @@ class Engine:
             # an exception (a signal handler's) after C opened it: the id
             # never reaches the caller, so give the slot back if untouched
             if out[0]:
-                lib.eng_abandon_open(self._seg, out[0], out[1])
+                self._lib.eng_abandon_open(self._seg, out[0], out[1])
             raise
 
     def open_position(self, entry_price: float, amount: float, side: int = 1,
@@ -496,7 +539,7 @@ class Engine:
             pos = self._index(pos)
         k = _key_bytes(key)
         try:
-            rc = lib.eng_bind_key(self._seg, pos, k, len(k))
+            rc = self._lib.eng_bind_key(self._seg, pos, k, len(k))
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
         if rc:
@@ -509,7 +552,7 @@ class Engine:
             k = key.encode() if key.__class__ is str else _key_bytes(key)
         except UnicodeEncodeError:
             k = _key_bytes(key)   # raises the engine's error
-        rc = _lookup(self._seg, k, len(k))
+        rc = self._lookup(self._seg, k, len(k))
         if rc > 0:
             return rc  # type: ignore[no-any-return]
         if rc == 0:
@@ -526,7 +569,7 @@ class Engine:
         out = ffi.new("eng_key[]", n_max)
         n = ffi.new("uint32_t *")
         try:
-            rc = lib.eng_keys(self._seg, pos, out, n_max, n)
+            rc = self._lib.eng_keys(self._seg, pos, out, n_max, n)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
         if rc:
@@ -538,7 +581,7 @@ class Engine:
         if pos.__class__ is not int:   # cffi would truncate a numpy float
             pos = self._index(pos)
         try:
-            rc = lib.eng_release_position(self._seg, pos)
+            rc = self._lib.eng_release_position(self._seg, pos)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
         return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)  # type: ignore[no-any-return]
@@ -555,7 +598,7 @@ class Engine:
         if trigger.__class__ not in self._trigger_types:
             trigger = self._trigger_index(trigger)
         try:
-            rc = _transition(self._seg, pos, trigger)
+            rc = self._transition(self._seg, pos, trigger)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos, trigger=trigger) from None
         if rc >= 0:
@@ -583,14 +626,14 @@ class Engine:
             trigger = self._trigger_index(trigger)
         update = self._fill_update(fields) if fields else ffi.NULL
         try:
-            rc = lib.eng_transition_ctx(self._seg, pos, trigger, update)
+            rc = self._lib.eng_transition_ctx(self._seg, pos, trigger, update)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos, trigger=trigger) from None
         if rc == lib.ENG_EGUARDED:
             _take_guard_failure()   # drop one left by a call a signal interrupted
             self._in_guard += 1
             try:
-                rc = lib.eng_guard_transition(self._seg, pos, trigger, update,
+                rc = self._lib.eng_guard_transition(self._seg, pos, trigger, update,
                                               lib._engine_guard, ffi.new_handle(self))
             finally:
                 self._in_guard -= 1
@@ -604,7 +647,7 @@ class Engine:
         if pos.__class__ is not int:   # cffi would truncate a numpy float
             pos = self._index(pos)
         try:
-            rc = _state(self._seg, pos)
+            rc = self._state(self._seg, pos)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
         return self._states[rc] if rc > 0 else self._fail(rc, pos)
@@ -615,7 +658,7 @@ class Engine:
         if not 0 <= slot < self.capacity:
             raise SlotError(f"slot {slot} out of range [0, {self.capacity})")
         out = ffi.new("uint64_t *")
-        rc = lib.eng_state_word(self._seg, slot, out)
+        rc = self._lib.eng_state_word(self._seg, slot, out)
         if rc:
             self._fail(rc, slot)
         return int(out[0])
@@ -628,7 +671,7 @@ class Engine:
         if price.__class__ is not float:
             price = self._price_arg(price)
         try:
-            rc = _update_price(self._seg, pos, price)
+            rc = self._update_price(self._seg, pos, price)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos, price=price) from None
         if rc:
@@ -642,7 +685,7 @@ class Engine:
         out, view = self._price_buf or _new_out("eng_price_out *")
         self._price_buf = None
         try:
-            rc = _read_price(self._seg, pos, out)
+            rc = self._read_price(self._seg, pos, out)
             values = None if rc else _unpack_price(view)   # read before the buffer is given back
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
@@ -661,7 +704,7 @@ class Engine:
         out, view = self._ctx_buf or _new_out("eng_ctx_out *")
         self._ctx_buf = None
         try:
-            rc = lib.eng_read_context(self._seg, pos, out)
+            rc = self._lib.eng_read_context(self._seg, pos, out)
             values = None if rc else self._rec.unpack(view)   # read before the buffer is given back
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
@@ -697,7 +740,7 @@ class Engine:
         s = np.ascontiguousarray(s, dtype=np.uint64)
         p = np.ascontiguousarray(p, dtype=np.float64)
         out = ffi.new("uint64_t[2]")
-        rc = lib.eng_update_prices(self._seg, ffi.from_buffer("uint64_t[]", s),
+        rc = self._lib.eng_update_prices(self._seg, ffi.from_buffer("uint64_t[]", s),
                                    ffi.from_buffer("double[]", p), len(s), out, out + 1)
         if rc:
             if rc in (lib.ENG_ECLOSED, lib.ENG_EFORKED, lib.ENG_EBADARG):
@@ -746,7 +789,7 @@ class Engine:
         s = self._id_array(ids)
         out = np.empty(len(s), dtype=np.uint16)
         bad = ffi.new("uint64_t *")
-        rc = lib.eng_states(self._seg, ffi.from_buffer("uint64_t[]", s), len(s),
+        rc = self._lib.eng_states(self._seg, ffi.from_buffer("uint64_t[]", s), len(s),
                             ffi.from_buffer("uint16_t[]", out, require_writable=True), bad)
         if rc:
             self._fail_at(rc, int(bad[0]), s)
@@ -760,7 +803,7 @@ class Engine:
         out = np.zeros(len(s), dtype=PRICES_DTYPE)
         bad = ffi.new("uint64_t *")
         buf = ffi.cast("eng_price_out *", ffi.from_buffer(out, require_writable=True))
-        rc = lib.eng_prices(self._seg, ffi.from_buffer("uint64_t[]", s), len(s),
+        rc = self._lib.eng_prices(self._seg, ffi.from_buffer("uint64_t[]", s), len(s),
                                      buf, bad)
         if rc:
             self._fail_at(rc, int(bad[0]), s)
@@ -797,7 +840,7 @@ class Engine:
         t = np.ascontiguousarray(t, dtype=np.uint32)
         out = np.empty(len(s), dtype=np.uint8)
         bad = ffi.new("uint64_t *")
-        rc = lib.eng_transition_many(
+        rc = self._lib.eng_transition_many(
             self._seg, ffi.from_buffer("uint64_t[]", s), ffi.from_buffer("uint32_t[]", t),
             len(s), ffi.from_buffer("uint8_t[]", out, require_writable=True), bad)
         if rc == lib.ENG_EGUARDED:
@@ -840,7 +883,7 @@ class Engine:
             price = self._price_arg(price)
         if "token" not in self._rec.roles:
             raise FieldError(f"spec {self.spec.name!r} has no i8 field 'token'")
-        n = lib.eng_update_token_price(self._seg, token, price)
+        n = self._lib.eng_update_token_price(self._seg, token, price)
         return int(n) if n >= 0 else self._fail(int(n), price=price)
 
     # -- accounts --------------------------------------------------------------------
@@ -909,7 +952,7 @@ class Engine:
         if key is not None:
             _key_bytes(key)
         out = ffi.new("uint64_t *")
-        rc = lib.eng_open_account(self._seg, units[0], units[1], max_positions, units[2], out)
+        rc = self._lib.eng_open_account(self._seg, units[0], units[1], max_positions, units[2], out)
         self._account_call(rc, None, money=f"cash={cash!r}, max_exposure={max_exposure!r}, "
                                             f"max_loss={max_loss!r}")
         return int(out[0])
@@ -918,7 +961,7 @@ class Engine:
         """Close an account with no open position; its id goes stale.
         Returns its last books."""
         last = self.account(account)
-        self._account_call(lib.eng_close_account(self._seg, self._account_id(account)), account)
+        self._account_call(self._lib.eng_close_account(self._seg, self._account_id(account)), account)
         return last
 
     def account(self, account: int) -> Account:
@@ -926,14 +969,14 @@ class Engine:
         booking shows exactly when its state change does."""
         account = self._account_id(account)
         row = ffi.new("eng_account_row *")
-        self._account_call(lib.eng_read_account(self._seg, account, row), account)
+        self._account_call(self._lib.eng_read_account(self._seg, account, row), account)
         return account_from_row(row)
 
     def deposit(self, account: int, amount: Any) -> None:
         """Add ``amount`` (>= 0) to the account's cash."""
         account = self._account_id(account)
         units = to_units(amount, "amount")
-        self._account_call(lib.eng_deposit(self._seg, account, units), account,
+        self._account_call(self._lib.eng_deposit(self._seg, account, units), account,
                            money=f"amount={amount!r}")
 
     def withdraw(self, account: int, amount: Any) -> None:
@@ -941,7 +984,7 @@ class Engine:
         reserved (RiskLimitError, limit "cash")."""
         account = self._account_id(account)
         units = to_units(amount, "amount")
-        self._account_call(lib.eng_withdraw(self._seg, account, units), account,
+        self._account_call(self._lib.eng_withdraw(self._seg, account, units), account,
                            money=f"amount={amount!r}")
 
     def halt_account(self, account: int, on: bool = True) -> None:
@@ -949,7 +992,7 @@ class Engine:
         account = self._account_id(account)
         if not isinstance(on, bool):
             raise EngineTypeError(f"on must be a bool, got {on!r:.40}")
-        self._account_call(lib.eng_halt_account(self._seg, account, 1 if on else 0), account)
+        self._account_call(self._lib.eng_halt_account(self._seg, account, 1 if on else 0), account)
 
     def update_account(self, account: int, fn: Any) -> Account:
         """Optimistic versioned update of the account's limits and halt flag.
@@ -989,7 +1032,7 @@ class Engine:
                 raise EngineTypeError(f"halted must be a bool, got {halted!r:.40}")
             exposure = to_units(change["max_exposure"], "max_exposure")
             loss = to_units(change["max_loss"], "max_loss")
-            rc = lib.eng_update_account(self._seg, account, seen.version, exposure, mp, loss,
+            rc = self._lib.eng_update_account(self._seg, account, seen.version, exposure, mp, loss,
                                         1 if halted else 0, attempt)
             if rc == 0:
                 return self.account(account)
@@ -1005,7 +1048,7 @@ class Engine:
         of 1 / ENG_MONEY_SCALE).  Each row is one consistent read."""
         rows = np.zeros(self.max_accounts, dtype=ACCOUNT_ROW_DTYPE)
         n = ffi.new("uint32_t *")
-        rc = lib.eng_accounts(self._seg, ffi.from_buffer("eng_account_row[]", rows,
+        rc = self._lib.eng_accounts(self._seg, ffi.from_buffer("eng_account_row[]", rows,
                                                          require_writable=True),
                               self.max_accounts, n)
         if rc:
@@ -1032,7 +1075,7 @@ class Engine:
             while True:
                 left = max(0, int((deadline - time.monotonic()) * 1e9))
                 try:
-                    rc = lib.eng_wait_change(self._seg, pos, since, left, out)
+                    rc = self._lib.eng_wait_change(self._seg, pos, since, left, out)
                 except _CONVERSION_ERRORS:
                     raise self._bad_types(pos) from None
                 if rc == lib.ENG_APPLIED:
@@ -1050,7 +1093,7 @@ class Engine:
         one opening and were read together."""
         rows = np.zeros(self.capacity, dtype=self._rec.row_dtype)
         n = ffi.new("uint32_t *")   # per call: a signal handler may snapshot too
-        rc = lib.eng_snapshot(
+        rc = self._lib.eng_snapshot(
             self._seg, ffi.from_buffer("eng_row[]", rows, require_writable=True), self.capacity, n)
         if rc:
             self._fail(rc)
@@ -1060,6 +1103,8 @@ class Engine:
         """Counters and latency percentiles per operation, merged over every
         attached (and departed) Engine."""
         self._check_open()
+        if self._mm is None:
+            return self._seg.metrics()  # type: ignore[no-any-return]
         return read_metrics(self._mm, self._seg.hdr.shards_off)
 
     def set_metrics(self, enabled: bool = True,
@@ -1069,14 +1114,14 @@ class Engine:
         if (not isinstance(sample_every, int) or isinstance(sample_every, bool)
                 or not 1 <= sample_every <= 2**31 or sample_every & (sample_every - 1)):
             raise ArgumentError(f"sample_every must be a power of two >= 1, got {sample_every}")
-        rc = lib.eng_set_metrics(self._seg, 1 if enabled else 0, sample_every - 1)
+        rc = self._lib.eng_set_metrics(self._seg, 1 if enabled else 0, sample_every - 1)
         if rc:
             self._fail(rc, what=f"sample_every={sample_every}")
 
     def recover(self) -> RecoveryReport:
         """Release what proven-dead processes hold and drop them from the registry."""
         out = ffi.new("eng_recover_report *")
-        rc = lib.eng_recover(self._seg, out)
+        rc = self._lib.eng_recover(self._seg, out)
         if rc:
             self._fail(rc)
         return RecoveryReport(out.rolled_forward, out.rolled_back, out.price_latches,
@@ -1086,18 +1131,18 @@ class Engine:
 
     def halt(self, on: bool = True) -> None:
         """Emergency stop: while on, every transition returns ``Outcome.HALTED``."""
-        rc = lib.eng_set_halt(self._seg, 1 if on else 0)
+        rc = self._lib.eng_set_halt(self._seg, 1 if on else 0)
         if rc:
             self._fail(rc)
 
     def _check_open(self) -> None:
-        rc = lib.eng_check(self._seg)
+        rc = self._lib.eng_check(self._seg)
         if rc:
             self._fail(rc)
 
     def _set_fault(self, flags: int = 0, pause_ns: int = 0) -> None:
         """Test hooks: ENG_FAULT_* switches and a pause inside the slow path."""
-        rc = lib.eng_set_faults(self._seg, flags, pause_ns)
+        rc = self._lib.eng_set_faults(self._seg, flags, pause_ns)
         if rc:
             self._fail(rc, what=f"flags={flags}, pause_ns={pause_ns}")
 

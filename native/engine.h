@@ -357,6 +357,17 @@
 #define ENG_READ_RETRIES     4096    /* seqlock reads that saw the sequence move, before EBUSY */
 #define ENG_DEFAULT_SAMPLE_MASK 63   /* a new segment times one operation in 64 */
 
+/*
+ * ---- the Redis backend (engine/redis_backend.py) ---------------------------------
+ * A guarded transition on Redis holds a lock key with this expiry while its
+ * guard runs in the client: a client that dies or stalls past it can never
+ * commit (the commit checks the lock is still its own).  A transition that
+ * meets another client's guard lock retries ENG_REDIS_BUSY_TRIES times with
+ * back-off (about 55 ms in all), then says CONFLICT.
+ */
+#define ENG_REDIS_GUARD_TTL_MS 2000
+#define ENG_REDIS_BUSY_TRIES   32
+
 /* ---- waits ------------------------------------------------------------------ */
 #define ENG_WAIT_SLICE_NS    20000000    /* a futex sleep re-checks the state word this often */
 #define ENG_MAX_TIMEOUT_NS   0x3FFFFFFFFFFFFFFFLL

@@ -1,0 +1,868 @@
+"""The Redis backend: the C library's calls, answered by server-side functions.
+
+``Engine`` talks to its store through one internal interface: the ``eng_*``
+functions of the compiled module, with their arguments, out-parameters and
+status codes.  On shared memory that is ``engine._native.lib`` itself; here
+``RedisStore`` implements the same functions, each as one round trip that
+runs one function of ``redis_functions.lua`` on the server.  So a public
+method is written once in ``Engine``, and twice below it: in C and in Lua.
+
+Sharding: an engine's keys are grouped in ``shards`` hash tags ``{name:s}``;
+slot ``i`` lives in shard ``i % shards`` and every call touches one shard,
+so on a Redis Cluster each call runs on one node.  Each shard keeps a copy of
+the engine's meta (transition table, fingerprint, roles, halt flag).  A
+position booked on an account opens in the account's shard; a position opened
+with a key opens in the key's shard; a key bound later to a position of
+another shard is refused (``ArgumentError``) on a sharded engine.
+
+Money and ids stay exact: doubles cross as 8 bytes, ids as (slot, opening),
+money as decimal int64 strings added on the server (``HINCRBY``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from engine._native import ffi, lib
+from engine.errors import (
+    ArgumentError,
+    EngineError,
+    SegmentError,
+    SegmentNotFoundError,
+    SpecMismatchError,
+)
+from engine.metrics import OPS, Metrics, OpMetrics
+from engine.spec import MachineSpec
+
+__all__ = ["RedisStore", "ServerError", "check_url"]
+
+_MAGIC = "engine-redis"
+_LAYOUT = "1"
+_SLOT_BITS = lib.ENG_ID_SLOT_BITS
+_SLOT_MASK = lib.ENG_ID_SLOT_MASK
+_F8 = struct.Struct("<d")
+_Q = struct.Struct("<q")
+_PRICE_OUT = struct.Struct("<32sQ")      # the 32 bytes of the record, then the version
+_ROW_HEAD = struct.Struct("<QIIIIQ32sQQ")  # id slot state generation locked transitions | price record | pv cv
+_SNAP = struct.Struct("<IIII3d")            # what snap returns before the record bytes
+_GUARD_TTL_MS = lib.ENG_REDIS_GUARD_TTL_MS
+_BUSY_TRIES = lib.ENG_REDIS_BUSY_TRIES
+_WAIT_SLICE_MS = 1000                      # XREAD BLOCK at most this long per round trip
+_DEFAULT_TIMEOUT_S = 5.0
+
+
+class ServerError(EngineError, ConnectionError):
+    """The Redis server cannot be reached, went away, or failed a call.
+
+    A call that raises this ran on the server wholly or not at all (every
+    call is one atomic function); which of the two is not known."""
+
+
+def check_url(url: object) -> str:
+    if not isinstance(url, str) or urlsplit(url).scheme not in (
+            "redis", "rediss", "redis+cluster", "unix"):
+        raise ArgumentError(f"url must be redis://host:port/db, rediss://..., unix://path or "
+                            f"redis+cluster://host:port, got {url!r:.80}")
+    return url
+
+
+def _constants() -> str:
+    """The Lua prelude: every number the functions use, from the C header."""
+    names = {"APPLIED": lib.ENG_APPLIED, "INVALID": lib.ENG_INVALID,
+             "CONFLICT": lib.ENG_CONFLICT, "REJECTED": lib.ENG_REJECTED,
+             "HALTED": lib.ENG_HALTED, "MAX_TRIGGERS": lib.ENG_MAX_TRIGGERS,
+             "RULE_GUARDED": lib.ENG_RULE_GUARDED, "RULE_TARGET_MASK": lib.ENG_RULE_TARGET_MASK,
+             "MONEY_SCALE": lib.ENG_MONEY_SCALE}
+    for n in dir(lib):
+        if n.startswith("ENG_E") and isinstance(getattr(lib, n), int):
+            names[n[4:]] = getattr(lib, n)
+    return "".join(f"local {k} = {v}\n" for k, v in sorted(names.items()))
+
+
+_BODY = Path(__file__).with_name("redis_functions.lua").read_text()
+_PRELUDE = _constants()
+_VERSION = hashlib.sha1((_PRELUDE + _BODY).encode()).hexdigest()[:10]
+_LIBRARY = (f"#!lua name=engine_{_VERSION}\n{_PRELUDE}"
+            f"local function REG(n, f) redis.register_function('e{_VERSION}_' .. n, f) end\n"
+            f"{_BODY}")
+_SCRIPT = (f"{_PRELUDE}local F = {{}}\nlocal function REG(n, f) F[n] = f end\n{_BODY}\n"
+           "local args = {}\nfor i = 2, #ARGV do args[i - 1] = ARGV[i] end\n"
+           "return F[ARGV[1]](KEYS, args)\n")
+_SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+
+
+def _redis() -> Any:
+    try:
+        import redis
+    except ImportError:
+        raise ServerError("the Redis backend needs the redis package: pip install redis") from None
+    return redis
+
+
+class _Conn:
+    """One connection (or a cluster client) that runs the engine's functions."""
+
+    def __init__(self, url: str) -> None:
+        redis = _redis()
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self.timeout = float(query.pop("timeout", _DEFAULT_TIMEOUT_S))
+        use_functions = query.pop("functions", "1") != "0"
+        base = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items()))
+        self.cluster = parts.scheme == "redis+cluster"
+        opts = {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout}
+        try:
+            if self.cluster:
+                from redis.cluster import RedisCluster
+                self.client = RedisCluster.from_url(base._replace(scheme="redis").geturl(),
+                                                    **opts)
+                self.conn = None
+            else:
+                self.client = redis.Redis.from_url(base.geturl(), **opts)
+                self.conn = self.client.connection_pool.get_connection()
+                self.conn.connect()
+        except (redis.RedisError, OSError, ValueError) as e:
+            raise ServerError(f"cannot connect to {url}: {e}") from None
+        self.url = url
+        self.errors = (redis.RedisError, OSError)
+        self.noscript = redis.exceptions.NoScriptError
+        self.reply_error = redis.ResponseError
+        self.functions = use_functions and self._load_functions()
+
+    def _load_functions(self) -> bool:
+        """Load the library (once per server and version); False: no Functions."""
+        redis = _redis()
+        try:
+            if self.cluster:
+                for node in self.client.get_primaries():
+                    self._load_on(self.client.get_redis_connection(node))
+            else:
+                self._load_on(self.client)
+        except redis.ResponseError as e:
+            if "unknown command" in str(e).lower():
+                return False
+            raise ServerError(f"cannot load the engine's functions on {self.url}: {e}") from None
+        except self.errors as e:
+            raise ServerError(f"{self.url}: {e}") from None
+        return True
+
+    @staticmethod
+    def _load_on(client: Any) -> None:
+        redis = _redis()
+        try:
+            client.execute_command("FUNCTION", "LOAD", _LIBRARY)
+        except redis.ResponseError as e:
+            if "already exists" not in str(e):
+                raise
+
+    def call(self, key: str | bytes, fn: str, *args: Any) -> Any:
+        """Run function ``fn`` of the library on the shard of ``key``."""
+        if self.functions:
+            cmd: tuple[Any, ...] = ("FCALL", f"e{_VERSION}_{fn}", 1, key, *args)
+        else:
+            cmd = ("EVALSHA", _SCRIPT_SHA, 1, key, fn, *args)
+        try:
+            try:
+                return self._run(cmd)
+            except self.noscript:
+                self._run(("SCRIPT", "LOAD", _SCRIPT), key)
+                return self._run(cmd)
+        except self.errors as e:
+            raise ServerError(f"{self.url}: {fn} failed: {e}") from None
+
+    def _run(self, cmd: tuple[Any, ...], key: Any = None) -> Any:
+        if self.conn is None:
+            if cmd[0] == "SCRIPT":   # load on the node that holds the key
+                node = self.client.get_node_from_key(key)
+                return self.client.execute_command(*cmd, target_nodes=node)
+            return self.client.execute_command(*cmd)
+        conn = self.conn
+        try:
+            conn.send_command(*cmd)
+            return conn.read_response()
+        except self.reply_error:
+            raise   # the whole reply was read: the connection is in step
+        except BaseException:
+            # a reply may be in flight (a signal, a timeout): never read it as the next one's
+            conn.disconnect()
+            raise
+
+    def command(self, *cmd: Any, key: Any = None) -> Any:
+        """A plain command (on the node of ``key`` on a cluster)."""
+        try:
+            if self.conn is None:
+                if key is not None:
+                    node = self.client.get_node_from_key(key)
+                    return self.client.execute_command(*cmd, target_nodes=node)
+                return self.client.execute_command(*cmd)
+            return self._run(cmd)
+        except self.errors as e:
+            raise ServerError(f"{self.url}: {cmd[0]} failed: {e}") from None
+
+    def block_read(self, stream: str, last: bytes, ms: int) -> Any:
+        """XREAD BLOCK on one stream; the socket waits a little longer than the server."""
+        cmd = ("XREAD", "BLOCK", ms, "STREAMS", stream, last) if ms > 0 else \
+              ("XREAD", "STREAMS", stream, last)
+        try:
+            if self.conn is None:
+                node = self.client.get_node_from_key(stream)
+                return self.client.execute_command(*cmd, target_nodes=node)
+            return self._run(cmd)
+        except self.errors as e:
+            raise ServerError(f"{self.url}: wait failed: {e}") from None
+
+    def scan_delete(self, pattern: str) -> int:
+        n = 0
+        try:
+            for k in self.client.scan_iter(match=pattern, count=1000):
+                n += int(self.command("DEL", k, key=k))
+        except self.errors as e:
+            raise ServerError(f"{self.url}: {e}") from None
+        return n
+
+    def close(self) -> None:
+        try:
+            if self.conn is not None:
+                self.client.connection_pool.release(self.conn)
+            self.client.close()
+        except Exception:   # closing a connection the server dropped
+            pass
+
+
+def _shards_for(conn: _Conn, shards: int | None) -> int:
+    if shards is None:
+        return 16 if conn.cluster else 1
+    return shards
+
+
+class RedisStore:
+    """An attached engine on Redis: the ``eng_*`` calls of the C library.
+
+    Each method has the C function's name, arguments (the first, the
+    ``eng_seg``, is this object itself) and status codes, and fills the same
+    cffi out-parameters, so ``Engine`` cannot tell the two apart."""
+
+    def __init__(self, conn: _Conn, name: str, meta: dict[bytes, bytes]) -> None:
+        self.conn = conn
+        self.name = name
+        self.url = conn.url
+        self.shards = int(meta[b"shards"])
+        self.capacity = int(meta[b"cap"])
+        self.kpp = int(meta[b"kpp"])
+        self.max_accounts = int(meta[b"nacct"])
+        self.n_words = int(meta[b"nwords"])
+        self.roles = {r: int(meta[b"r_" + r.encode()]) for r in
+                      ("entry", "amount", "side", "token", "opened", "account")}
+        self.meta_keys = [f"eng:{{{name}:{s}}}:m" for s in range(self.shards)]
+        self.prefixes = [k[:-1] for k in self.meta_keys]
+        self._books = ffi.new("eng_books *")
+        self.last_books = self._books[0]
+        self.last_amount = 0
+        self._next = 0
+        self._token = secrets.token_hex(8)
+        self._closed = False
+
+    # -- create, attach, destroy ------------------------------------------------------
+    @classmethod
+    def create(cls, url: str, name: str, spec: MachineSpec, capacity: int, kpp: int,
+               max_accounts: int, shards: int | None) -> RedisStore:
+        conn = _Conn(url)
+        try:
+            n = _shards_for(conn, shards)
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= min(capacity, 4096):
+                raise ArgumentError(f"shards must be an int in [1, {min(capacity, 4096)}], "
+                                    f"got {n!r}")
+            if conn.command("EXISTS", f"eng:{{{name}:0}}:m", key=f"eng:{{{name}:0}}:m"):
+                raise SegmentError(f"an engine named {name!r} already exists on {url}")
+            rec = spec.record
+            roles = {"entry": "entry_price", "amount": "amount", "side": "side",
+                     "token": "token", "opened": "opened_ns", "account": "account"}
+            meta: dict[str, Any] = {
+                "magic": _MAGIC, "layout": _LAYOUT, "fp": str(spec.fingerprint), "name": name,
+                "shards": n, "cap": capacity, "kpp": kpp, "nacct": max_accounts,
+                "nwords": rec.n_words, "table": spec.table_bytes(),
+                "closed": spec.closed_mask, "initial": 1 << spec.state_index[spec.initial],
+                "halted": "0", "metrics": "1", "created_ns": time.time_ns(),
+                **{"r_" + k: rec.roles.get(v, -1) for k, v in roles.items()}}
+            for s in range(n):
+                P = f"eng:{{{name}:{s}}}:"
+                slots = list(range(s, capacity, n))
+                for i in range(0, len(slots), 10_000):
+                    conn.command("RPUSH", P + "free", *slots[i:i + 10_000], key=P + "free")
+                accts = list(range(s, max_accounts, n))
+                for i in range(0, len(accts), 10_000):
+                    conn.command("RPUSH", P + "afree", *accts[i:i + 10_000], key=P + "afree")
+                pairs = [x for kv in meta.items() for x in kv] + ["shard", s]
+                conn.command("HSET", P + "m", *pairs, key=P + "m")
+            for s in range(n):   # ready last: attach refuses a half-made engine
+                conn.command("HSET", f"eng:{{{name}:{s}}}:m", "ready", "1",
+                             key=f"eng:{{{name}:{s}}}:m")
+            return cls._attached(conn, name, spec, url)
+        except BaseException:
+            conn.close()
+            raise
+
+    @classmethod
+    def attach(cls, url: str, name: str, spec: MachineSpec) -> RedisStore:
+        conn = _Conn(url)
+        try:
+            return cls._attached(conn, name, spec, url)
+        except BaseException:
+            conn.close()
+            raise
+
+    @classmethod
+    def _attached(cls, conn: _Conn, name: str, spec: MachineSpec, url: str) -> RedisStore:
+        key = f"eng:{{{name}:0}}:m"
+        raw = conn.command("HGETALL", key, key=key)
+        meta = dict(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, list) else \
+            {k: v for k, v in raw.items()}
+        if not meta:
+            raise SegmentNotFoundError(f"no engine named {name!r} on {url}")
+        if meta.get(b"magic") != _MAGIC.encode():
+            raise SegmentError(f"{key} on {url} is not an engine's (magic "
+                               f"{meta.get(b'magic')!r})")
+        if meta.get(b"layout") != _LAYOUT.encode():
+            raise SegmentError(f"engine {name!r} on {url} has layout "
+                               f"{meta.get(b'layout')!r}; this version reads {_LAYOUT}")
+        if meta.get(b"ready") != b"1":
+            raise SegmentError(f"engine {name!r} on {url} is not ready (its creator has not "
+                               "finished, or died while creating it)")
+        if meta.get(b"fp") != str(spec.fingerprint).encode():
+            raise SpecMismatchError(f"engine {name!r} on {url} runs another machine spec than "
+                                    f"{spec.name!r} (fingerprint differs)")
+        return cls(conn, name, meta)
+
+    def destroy(self) -> int:
+        return self.conn.scan_delete(f"eng:{{{self.name}:*")
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _key(self, slot: int) -> str:
+        return self.meta_keys[slot % self.shards]
+
+    def _split(self, id: int) -> tuple[int, int] | int:
+        """(slot, opening) of an id, or the error code of a bad one."""
+        if not 0 <= id <= lib.ENG_ID_MAX:
+            return lib.ENG_EBADSLOT
+        slot, op = id & _SLOT_MASK, id >> _SLOT_BITS
+        if slot >= self.capacity:
+            return lib.ENG_EBADSLOT
+        if op == 0:
+            return lib.ENG_ENOTOPEN
+        return slot, op
+
+    def _call(self, slot: int, fn: str, *args: Any) -> Any:
+        if self._closed:
+            raise_closed()
+        return self.conn.call(self._key(slot), fn, slot, *args)
+
+    def _key_shard(self, key: bytes) -> int:
+        return zlib.crc32(key) % self.shards
+
+    # -- the eng_* calls --------------------------------------------------------------
+    def eng_check(self, seg: Any) -> int:
+        return lib.ENG_ECLOSED if self._closed else 0
+
+    def eng_detach(self, seg: Any) -> None:
+        if not self._closed:
+            self._closed = True
+            self.conn.close()
+
+    def eng_id_of(self, seg: Any, slot: int, out: Any) -> int:
+        st, _gen, _locked, op = self._call(slot, "word")
+        if st == 0:
+            return lib.ENG_ENOTOPEN if op == 0 else lib.ENG_ESTALE
+        out[0] = op << _SLOT_BITS | slot
+        return 0
+
+    def _word(self, words: Any, role: str) -> int:
+        w = self.roles[role]
+        return int(words[w]) if w >= 0 else 0
+
+    def eng_open(self, seg: Any, words: Any, key: Any, key_len: int, out: Any,
+                 out_word: Any) -> int:
+        rec = bytes(ffi.buffer(words, self.n_words * 8))
+        token = self._word(words, "token")
+        token = token - (1 << 64) if token >= 1 << 63 else token
+        acct = self._word(words, "account")
+        k = b"" if key == ffi.NULL or key is None else bytes(key[:key_len])
+        an, aop = (acct & _SLOT_MASK, acct >> _SLOT_BITS) if acct else (0, 0)
+        ts = _Q.pack(time.time_ns())
+        if acct:
+            if not 1 <= acct <= lib.ENG_ACCOUNT_ID_MAX or an >= self.max_accounts:
+                return lib.ENG_EBADACCOUNT
+            shards = [an % self.shards]
+        elif k and self.shards > 1:
+            shards = [self._key_shard(k)]
+        else:
+            self._next += 1
+            shards = [(self._next + i) % self.shards for i in range(self.shards)]
+        if self.roles["entry"] >= 0 and not _positive(_F8.unpack_from(rec, 8 * self.roles["entry"])[0]):
+            return lib.ENG_EBADPRICE
+        rc = lib.ENG_EFULL
+        for s in shards:
+            r = self.conn.call(self.meta_keys[s], "open", rec, token, ts, k, an, aop)
+            rc = int(r[0])
+            if rc == 0:
+                out[0] = int(r[2]) << _SLOT_BITS | int(r[1])
+                out_word[0] = 0
+                return 0
+            if len(r) > 2:
+                self._keep_books(r[1], r[2:])
+            if rc != lib.ENG_EFULL:
+                return rc
+        return rc
+
+    def _keep_books(self, amount: bytes, b: list[bytes]) -> None:
+        """What a refused opening or withdrawal was checked against (the
+        error message reads it, as C leaves it in eng_seg)."""
+        (cash, reserved, realized, opening, deposits, withdrawals, max_exposure, max_loss,
+         max_positions, open_positions, halted, _version, _op) = b
+        bk = self.last_books
+        bk.cash, bk.reserved, bk.realized = int(cash), int(reserved), int(realized)
+        bk.opening_cash, bk.deposits, bk.withdrawals = int(opening), int(deposits), int(withdrawals)
+        bk.max_exposure, bk.max_loss = int(max_exposure), int(max_loss)
+        bk.max_positions, bk.open_positions = int(max_positions), int(open_positions)
+        bk.halted = int(halted)
+        self.last_amount = int(amount)
+
+    def eng_abandon_open(self, seg: Any, id: int, word: int) -> int:
+        return 0   # a Redis open is whole or nothing; the opening stays (see snapshot)
+
+    def eng_bind_key(self, seg: Any, id: int, key: Any, key_len: int) -> int:
+        sp = self._split(id)
+        if isinstance(sp, int):
+            return sp
+        k = bytes(key[:key_len])
+        if not 1 <= len(k) <= lib.ENG_KEY_MAX:
+            return lib.ENG_EBADKEY
+        if self.shards > 1 and self._key_shard(k) != sp[0] % self.shards:
+            raise ArgumentError(
+                f"key {k!r} belongs to shard {self._key_shard(k)} of this sharded Redis engine, "
+                f"and id {id} to shard {sp[0] % self.shards}: on a sharded engine a key is "
+                "bound by open(key=...) or to a position of its own shard")
+        return int(self._call(sp[0], "bind", sp[1], k))
+
+    def eng_lookup(self, seg: Any, key: bytes, key_len: int) -> int:
+        if not 1 <= key_len <= lib.ENG_KEY_MAX:
+            return lib.ENG_EBADKEY
+        if self._closed:
+            return lib.ENG_ECLOSED
+        k = bytes(key[:key_len])
+        r = self.conn.call(self.meta_keys[self._key_shard(k)], "lookup", k)
+        return 0 if len(r) == 1 else int(r[1]) << _SLOT_BITS | int(r[0])
+
+    def eng_keys(self, seg: Any, id: int, out: Any, n_max: int, n: Any) -> int:
+        sp = self._split(id)
+        if isinstance(sp, int):
+            return sp
+        r = self._call(sp[0], "keys", sp[1])
+        if r[0]:
+            return int(r[0])
+        for i, k in enumerate(r[1][:n_max]):
+            out[i].len = len(k)
+            ffi.memmove(out[i].key, k, len(k))
+        n[0] = min(len(r[1]), n_max)
+        return 0
+
+    def eng_release_position(self, seg: Any, id: int) -> int:
+        sp = self._split(id)
+        return sp if isinstance(sp, int) else int(self._call(sp[0], "release", sp[1]))
+
+    def _tx(self, id: int, trigger: int, mask: int, upd: bytes) -> int:
+        sp = self._split(id)
+        if isinstance(sp, int):
+            return sp
+        for attempt in range(_BUSY_TRIES):
+            rc = int(self._call(sp[0], "tx", sp[1], int(trigger), mask, upd))
+            if rc != lib.ENG_EBUSY:
+                return rc
+            time.sleep(min(50e-6 * 2 ** min(attempt, 6), 2e-3))
+        return lib.ENG_CONFLICT   # a guard held it throughout (as C's bounded wait)
+
+    def eng_transition(self, seg: Any, id: int, trigger: int) -> int:
+        return self._tx(id, trigger, 0, b"")
+
+    def _update(self, u: Any) -> tuple[int, bytes]:
+        if u == ffi.NULL or u is None:
+            return 0, b""
+        return int(u.mask), bytes(ffi.buffer(u.w, self.n_words * 8))
+
+    def eng_transition_ctx(self, seg: Any, id: int, trigger: int, u: Any) -> int:
+        return self._tx(id, trigger, *self._update(u))
+
+    def eng_guard_transition(self, seg: Any, id: int, trigger: int, u: Any, guard: Any,
+                             user: Any) -> int:
+        """The guard runs here, between a lock script and a commit script; the
+        lock is a key with an expiry, so a client that dies or stalls past it
+        can never commit (the commit checks the lock is still its own)."""
+        sp = self._split(id)
+        if isinstance(sp, int):
+            return sp
+        slot, op = sp
+        trigger = int(trigger)
+        token = f"{self._token}:{time.monotonic_ns()}"
+        for attempt in range(_BUSY_TRIES):
+            r = self._call(slot, "glock", op, trigger, token, _GUARD_TTL_MS)
+            if int(r[0]) != lib.ENG_EBUSY:
+                break
+            time.sleep(min(50e-6 * 2 ** min(attempt, 6), 2e-3))
+        else:
+            return lib.ENG_CONFLICT
+        if int(r[0]) != lib.ENG_APPLIED:
+            return int(r[0])
+        mask, upd = self._update(u)
+        try:
+            verdict = guard(user, id, int(r[1]), trigger)
+        except BaseException:
+            self._call(slot, "gunlock", token)
+            raise
+        if verdict not in (0, 1):
+            self._call(slot, "gunlock", token)
+            return lib.ENG_EGUARDFAIL
+        return int(self._call(slot, "gcommit", op, trigger, token, verdict, mask, upd))
+
+    def eng_state(self, seg: Any, id: int) -> int:
+        sp = self._split(id)
+        return sp if isinstance(sp, int) else int(self._call(sp[0], "state", sp[1]))
+
+    def eng_state_word(self, seg: Any, slot: int, out: Any) -> int:
+        st, gen, locked, _op = self._call(slot, "word")
+        out[0] = (int(st) | (lib.ENG_SW_LOCK if locked else 0)
+                  | (int(gen) & lib.ENG_SW_GEN_MASK) << lib.ENG_SW_GEN_SHIFT)
+        return 0
+
+    def eng_update_price(self, seg: Any, id: int, price: float) -> int:
+        sp = self._split(id)
+        if isinstance(sp, int):
+            return sp
+        if not _positive(price):
+            return lib.ENG_EBADPRICE
+        return int(self._call(sp[0], "upd", sp[1], _F8.pack(price), _Q.pack(time.time_ns())))
+
+    def eng_read_price(self, seg: Any, id: int, out: Any) -> int:
+        sp = self._split(id)
+        if isinstance(sp, int):
+            return sp
+        r = self._call(sp[0], "price", sp[1])
+        if r[0]:
+            return int(r[0])
+        ffi.buffer(out)[:] = _PRICE_OUT.pack(r[1], int(r[2]))
+        return 0
+
+    def eng_read_context(self, seg: Any, id: int, out: Any) -> int:
+        sp = self._split(id)
+        if isinstance(sp, int):
+            return sp
+        r = self._call(sp[0], "context", sp[1])
+        if r[0]:
+            return int(r[0])
+        ffi.memmove(out.w, r[1], len(r[1]))
+        out.version = int(r[2])
+        return 0
+
+    # -- batches: one round trip per shard (pipelined on a cluster's nodes) ---------------
+    def _ids(self, ids: Any, n: int) -> np.ndarray:
+        return np.frombuffer(ffi.buffer(ids, n * 8), dtype=np.uint64).copy()
+
+    def _check_ids(self, a: np.ndarray) -> tuple[int, int] | None:
+        """(index, code) of the first id out of range or never issuable."""
+        slot = a & np.uint64(_SLOT_MASK)
+        bad = (a > np.uint64(lib.ENG_ID_MAX)) | (slot >= np.uint64(self.capacity))
+        if bad.any():
+            return int(np.argmax(bad)), lib.ENG_EBADSLOT
+        zero = (a >> np.uint64(_SLOT_BITS)) == 0
+        if zero.any():
+            return int(np.argmax(zero)), lib.ENG_ENOTOPEN
+        return None
+
+    def _by_shard(self, a: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        slots = (a & np.uint64(_SLOT_MASK)).astype(np.int64)
+        shard = slots % self.shards
+        return [(s, np.flatnonzero(shard == s)) for s in range(self.shards)
+                if (shard == s).any()]
+
+    @staticmethod
+    def _packed(a: np.ndarray, idx: np.ndarray) -> tuple[bytes, bytes]:
+        sub = a[idx]
+        return ((sub & np.uint64(_SLOT_MASK)).astype("<u4").tobytes(),
+                (sub >> np.uint64(_SLOT_BITS)).astype("<u4").tobytes())
+
+    def eng_update_prices(self, seg: Any, ids: Any, prices: Any, n: int, out: Any,
+                          out_n: Any) -> int:
+        a = self._ids(ids, n)
+        p = np.frombuffer(ffi.buffer(prices, n * 8), dtype=np.float64)
+        bad = self._check_ids(a)
+        if bad:
+            out[0], out_n[0] = bad[0], 0
+            return bad[1]
+        badp = ~(np.isfinite(p) & (p > 0))
+        if badp.any():
+            out[0], out_n[0] = int(np.argmax(badp)), 0
+            return lib.ENG_EBADPRICE
+        ts = _Q.pack(time.time_ns())
+        written = 0
+        for s, idx in self._by_shard(a):
+            slots, ops = self._packed(a, idx)
+            written += int(self.conn.call(self.meta_keys[s], "upds", slots, ops,
+                                          p[idx].astype("<f8").tobytes(), ts))
+        out[0], out_n[0] = 0, written
+        return 0
+
+    def _vector(self, fn: str, ids: Any, n: int, bad: Any,
+                extra: np.ndarray | None = None) -> list[tuple[np.ndarray, bytes]] | int:
+        a = self._ids(ids, n)
+        b = self._check_ids(a)
+        if b:
+            bad[0] = b[0]
+            return b[1]
+        results = []
+        for s, idx in self._by_shard(a):
+            slots, ops = self._packed(a, idx)
+            args = (slots, ops) if extra is None else (slots, ops, extra[idx].astype("<u4").tobytes())
+            r = self.conn.call(self.meta_keys[s], fn, *args)
+            if r[0]:
+                bad[0] = int(idx[int(r[1])])
+                return int(r[0])
+            results.append((idx, r[1]))
+        return results
+
+    def eng_states(self, seg: Any, ids: Any, n: int, out: Any, bad: Any) -> int:
+        r = self._vector("states", ids, n, bad)
+        if isinstance(r, int):
+            return r
+        dst = np.frombuffer(ffi.buffer(out, n * 2), dtype=np.uint16)
+        for idx, data in r:
+            dst[idx] = np.frombuffer(data, dtype="<u2")
+        return 0
+
+    def eng_prices(self, seg: Any, ids: Any, n: int, out: Any, bad: Any) -> int:
+        r = self._vector("prices", ids, n, bad)
+        if isinstance(r, int):
+            return r
+        size = ffi.sizeof("eng_price_out")
+        dst = np.frombuffer(ffi.buffer(out, n * size), dtype=np.uint8).reshape(n, size)
+        for idx, data in r:
+            dst[idx] = np.frombuffer(data, dtype=np.uint8).reshape(len(idx), size)
+        return 0
+
+    def eng_transition_many(self, seg: Any, ids: Any, triggers: Any, n: int, out: Any,
+                            bad: Any) -> int:
+        t = np.frombuffer(ffi.buffer(triggers, n * 4), dtype=np.uint32)
+        r = self._vector("txmany", ids, n, bad, t)
+        if isinstance(r, int):
+            return r
+        dst = np.frombuffer(ffi.buffer(out, n), dtype=np.uint8)
+        for idx, data in r:
+            dst[idx] = np.frombuffer(data, dtype=np.uint8)
+        return 0
+
+    def eng_update_token_price(self, seg: Any, token: int, price: float) -> int:
+        if self._closed:
+            return lib.ENG_ECLOSED
+        if not _positive(price):
+            return lib.ENG_EBADPRICE
+        ts = _Q.pack(time.time_ns())
+        return sum(int(self.conn.call(k, "tokp", token, _F8.pack(price), ts))
+                   for k in self.meta_keys)
+
+    # -- accounts ---------------------------------------------------------------------
+    def _acct(self, id: int) -> tuple[int, int] | int:
+        n, op = id & _SLOT_MASK, id >> _SLOT_BITS
+        if not 1 <= id <= lib.ENG_ACCOUNT_ID_MAX or n >= self.max_accounts or op == 0:
+            return lib.ENG_EBADACCOUNT
+        return n, op
+
+    def _acall(self, n: int, fn: str, *args: Any) -> Any:
+        if self._closed:
+            raise_closed()
+        return self.conn.call(self.meta_keys[n % self.shards], fn, n, *args)
+
+    def eng_open_account(self, seg: Any, cash: int, max_exposure: int, max_positions: int,
+                         max_loss: int, out: Any) -> int:
+        if min(cash, max_exposure, max_loss) < 0:
+            return lib.ENG_EBADMONEY
+        if self._closed:
+            return lib.ENG_ECLOSED
+        self._next += 1
+        for i in range(self.shards):
+            key = self.meta_keys[(self._next + i) % self.shards]
+            r = self.conn.call(key, "aopen", cash, max_exposure, max_positions, max_loss)
+            if r[0] == 0:
+                out[0] = int(r[2]) << _SLOT_BITS | int(r[1])
+                return 0
+        return lib.ENG_EACCTFULL
+
+    def _books_row(self, id: int, b: list[bytes], row: Any) -> None:
+        (cash, reserved, realized, opening, deposits, withdrawals, max_exposure, max_loss,
+         max_positions, open_positions, halted, version, _op) = b
+        row.id, row.version, row.index = id, int(version), id & _SLOT_MASK
+        bk = row.b
+        bk.open, bk.opening = 1, id >> _SLOT_BITS
+        bk.cash, bk.reserved, bk.realized = int(cash), int(reserved), int(realized)
+        bk.opening_cash, bk.deposits, bk.withdrawals = int(opening), int(deposits), int(withdrawals)
+        bk.max_exposure, bk.max_loss = int(max_exposure), int(max_loss)
+        bk.max_positions, bk.open_positions, bk.halted = (int(max_positions),
+                                                          int(open_positions), int(halted))
+
+    def eng_read_account(self, seg: Any, id: int, row: Any) -> int:
+        sp = self._acct(id)
+        if isinstance(sp, int):
+            return sp
+        r = self._acall(sp[0], "aread", sp[1])
+        if r[0]:
+            return int(r[0])
+        self._books_row(id, r[1], row)
+        return 0
+
+    def _cash(self, id: int, kind: str, units: int) -> int:
+        sp = self._acct(id)
+        if isinstance(sp, int):
+            return sp
+        if units < 0:
+            return lib.ENG_EBADMONEY
+        r = self._acall(sp[0], "acash", sp[1], kind, units)
+        if len(r) > 1:
+            self._keep_books(r[1], r[2:])
+        return int(r[0])
+
+    def eng_deposit(self, seg: Any, id: int, units: int) -> int:
+        return self._cash(id, "deposit", units)
+
+    def eng_withdraw(self, seg: Any, id: int, units: int) -> int:
+        return self._cash(id, "withdraw", units)
+
+    def eng_halt_account(self, seg: Any, id: int, on: int) -> int:
+        sp = self._acct(id)
+        if isinstance(sp, int):
+            return sp
+        return int(self._acall(sp[0], "aset", sp[1], "", "halted", on))
+
+    def eng_update_account(self, seg: Any, id: int, version: int, max_exposure: int,
+                           max_positions: int, max_loss: int, halted: int, attempt: int) -> int:
+        sp = self._acct(id)
+        if isinstance(sp, int):
+            return sp
+        if min(max_exposure, max_loss) < 0:
+            return lib.ENG_EBADMONEY
+        return int(self._acall(sp[0], "aset", sp[1], version, "max_exposure", max_exposure,
+                               "max_positions", max_positions, "max_loss", max_loss,
+                               "halted", halted))
+
+    def eng_close_account(self, seg: Any, id: int) -> int:
+        sp = self._acct(id)
+        return sp if isinstance(sp, int) else int(self._acall(sp[0], "aclose", sp[1]))
+
+    def eng_accounts(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
+        if self._closed:
+            return lib.ENG_ECLOSED
+        found = []
+        for s, key in enumerate(self.meta_keys):
+            for num, b in self.conn.call(key, "alist", s, self.max_accounts, self.shards):
+                found.append((int(num), b))
+        found.sort()
+        for i, (num, b) in enumerate(found[:max_rows]):
+            self._books_row(int(b[12]) << _SLOT_BITS | num, b, rows[i])
+        n[0] = min(len(found), max_rows)
+        return 0
+
+    # -- waits, snapshot, control -----------------------------------------------------
+    def eng_wait_change(self, seg: Any, id: int, since: int, left_ns: int, out: Any) -> int:
+        """Block on the position's stream (XREAD BLOCK) until a commit
+        after the call began, or the time is up.  No polling: each round
+        trip blocks on the server, up to a slice so a dead server is noticed."""
+        sp = self._split(id)
+        if isinstance(sp, int):
+            return sp
+        slot, op = sp
+        r = self._call(slot, "wprep", op)
+        if r[0]:
+            return int(r[0])
+        last = r[1]
+        stream = self.prefixes[slot % self.shards] + f"w:{slot}"
+        deadline = time.monotonic() + left_ns / 1e9
+        while True:
+            ms = max(0, int((deadline - time.monotonic()) * 1000))
+            got = self.conn.block_read(stream, last, min(ms, _WAIT_SLICE_MS))
+            if got:
+                return lib.ENG_APPLIED
+            if ms <= _WAIT_SLICE_MS:
+                return lib.ENG_ETIMEDOUT
+
+    def eng_snapshot(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
+        if self._closed:
+            return lib.ENG_ECLOSED
+        out: list[tuple[int, bytes]] = []
+        for key in self.meta_keys:
+            for item in self.conn.call(key, "snap"):
+                slot, op, st, locked, gen, ctr, pv = _SNAP.unpack_from(item)
+                cv = _F8.unpack_from(item, _SNAP.size)[0]
+                base = _SNAP.size + 8
+                pr, rec = item[base:base + 32], item[base + 32:]
+                head = _ROW_HEAD.pack(op << _SLOT_BITS | slot, slot, st, int(gen) & 0xFFFF,
+                                      locked, int(ctr), pr, int(pv), int(cv))
+                out.append((slot, head + rec))
+        out.sort()
+        size = ffi.sizeof("eng_row")
+        for i, (_slot, data) in enumerate(out[:max_rows]):
+            ffi.memmove(rows + i, data.ljust(size, b"\0"), size)
+        n[0] = min(len(out), max_rows)
+        return 0
+
+    def eng_set_halt(self, seg: Any, on: int) -> int:
+        for key in self.meta_keys:
+            self.conn.call(key, "halt", 1 if on else 0)
+        return 0
+
+    def eng_set_metrics(self, seg: Any, enabled: int, mask: int) -> int:
+        for key in self.meta_keys:
+            self.conn.call(key, "setmetrics", 1 if enabled else 0)
+        return 0
+
+    def eng_recover(self, seg: Any, out: Any) -> int:
+        """Nothing to release: a server-side function never leaves a lock,
+        and a guard's lock expires by itself."""
+        return lib.ENG_ECLOSED if self._closed else 0
+
+    def eng_set_faults(self, seg: Any, flags: int, pause_ns: int) -> int:
+        return lib.ENG_EBADARG
+
+    def metrics(self) -> Metrics:
+        """Counts per operation, summed over the shards (every client's
+        calls); latency is not sampled on the server."""
+        totals: dict[str, dict[str, int]] = {op: {} for op in OPS}
+        for key in self.meta_keys:
+            raw = self.conn.command("HGETALL", key[:-1] + "s", key=key)
+            items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+            for f, v in items:
+                op, _, what = f.decode().partition(":")
+                if op in totals:
+                    totals[op][what] = totals[op].get(what, 0) + int(v)
+        out: Metrics = {}
+        for op, c in totals.items():
+            kinds = ("applied", "invalid", "conflicts", "rejected", "halted", "errors")
+            out[op] = OpMetrics(attempts=sum(c.get(k, 0) for k in kinds),
+                                **{k: c.get(k, 0) for k in kinds}, retries=0, takeovers=0,
+                                rolled_forward=0, rolled_back=0, samples=0, p50_ns=0.0,
+                                p99_ns=0.0, p999_ns=0.0, max_ns=0)
+        return out
+
+
+def raise_closed() -> None:
+    from engine.errors import ClosedError
+    raise ClosedError("this Engine was closed: attach again from the handle")
+
+
+def _positive(price: float) -> bool:
+    return math.isfinite(price) and price > 0
+

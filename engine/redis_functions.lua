@@ -1,0 +1,662 @@
+-- The engine's server-side functions for the Redis backend.
+--
+-- Loaded as one Redis Functions library (FUNCTION LOAD), or as one script
+-- (EVALSHA) on servers without Functions.  Every call runs one function that
+-- touches the keys of ONE shard: their names share the hash tag {name:shard},
+-- so on a Redis Cluster each call runs on one node.  KEYS[1] is the shard's
+-- meta key; the others are derived from it (same tag, same node).
+--
+-- Per shard, with P = "eng:{name:shard}:":
+--   P.."m"        hash  meta: magic, fingerprint, transition table, closed mask,
+--                       halted, record roles (copied to every shard at create)
+--   P.."free"     list  free slots of this shard
+--   P.."open"     set   open slots of this shard (snapshot)
+--   P.."p:"..slot hash  op (opening count), st (one-hot state, 0 when free),
+--                       gen, ctr (committed transitions), rec (the record's
+--                       words, little-endian, as C lays them out), cv (record
+--                       version), pr (price, ts_ns, pnl_pct, pnl_usd: 32 bytes
+--                       as eng_price_out), pv (price version), tok (token)
+--   P.."w:"..slot stream one entry per commit (MAXLEN 1): wait_for_change
+--                       blocks on it with XREAD BLOCK
+--   P.."g:"..slot string a guard's lock: owner token, with an expiry
+--   P.."t:"..tok  set   open slots on a token (update_token_price)
+--   P.."k:"..key  string "slot:opening" of the opening that holds the key
+--   P.."pk:"..slot list the keys of the slot's opening, in bind order
+--   P.."a:"..n    hash  account n's books (exact int64 units, as strings)
+--   P.."afree"    list  free account numbers of this shard
+--   P.."s"        hash  counters per operation and outcome (metrics)
+--
+-- Numbers (codes, table encoding, shifts) come from the C header through the
+-- constants Python prepends.  Values cross as bytes where exactness matters:
+-- doubles as 8 little-endian bytes (struct), ids split into slot and opening
+-- (Lua numbers are doubles), money through HINCRBY (exact int64 on the server).
+
+local function tag(keys) return string.sub(keys[1], 1, -2) end   -- P: strip the "m"
+
+local IDX = {}
+for i = 0, 15 do IDX[2 ^ i] = i end
+
+local function count(P, op, what)
+    if redis.call('HGET', P .. 'm', 'metrics') ~= '0' then
+        redis.call('HINCRBY', P .. 's', op .. ':' .. what, 1)
+    end
+end
+
+local OUTCOME = {[APPLIED] = 'applied', [INVALID] = 'invalid', [CONFLICT] = 'conflicts',
+                 [REJECTED] = 'rejected', [HALTED] = 'halted'}
+local function outcome(P, op, rc)
+    if rc ~= EBUSY then count(P, op, OUTCOME[rc] or 'errors') end
+    return rc
+end
+
+-- the state of opening `op` of slot p (a position key), or nil and the error
+local function live(p, op)
+    local v = redis.call('HMGET', p, 'op', 'st')
+    local cur = tonumber(v[1]) or 0
+    if op > cur or op == 0 then return nil, ENOTOPEN end
+    local st = tonumber(v[2]) or 0
+    if op < cur or st == 0 then return nil, ESTALE end
+    return st
+end
+
+-- the rule's table entry for `trigger` from one-hot `st`
+local function rule(P, st, trigger)
+    local T = redis.call('HGET', P .. 'm', 'table')
+    return string.byte(T, IDX[st] * MAX_TRIGGERS + trigger + 1)
+end
+
+local function is_closed(P, st)
+    local mask = tonumber(redis.call('HGET', P .. 'm', 'closed'))
+    return math.floor(mask / 2 ^ IDX[st]) % 2 == 1
+end
+
+-- fixed point: llround(x * SCALE), half away from zero, as an exact decimal string
+local function money(x)
+    x = x * MONEY_SCALE
+    if not (x >= 0) or x >= 2 ^ 63 then return nil end
+    local f = math.floor(x)
+    if x - f >= 0.5 then f = f + 1 end
+    return string.format('%.0f', f)
+end
+
+-- compare two decimal int64 strings exactly: -1, 0, 1
+local function cmp(a, b)
+    local na, nb = string.sub(a, 1, 1) == '-', string.sub(b, 1, 1) == '-'
+    if na ~= nb then return na and -1 or 1 end
+    local x, y = na and string.sub(a, 2) or a, nb and string.sub(b, 2) or b
+    local r
+    if #x ~= #y then r = #x < #y and -1 or 1
+    elseif x == y then r = 0
+    else r = x < y and -1 or 1 end
+    return na and -r or r
+end
+
+local function neg(a)
+    if a == '0' then return a end
+    if string.sub(a, 1, 1) == '-' then return string.sub(a, 2) end
+    return '-' .. a
+end
+
+local function word_f8(rec, w) return (struct.unpack('<d', rec, w * 8 + 1)) end
+local function word_i8(rec, w) return (struct.unpack('<l', rec, w * 8 + 1)) end
+
+local function roles(P)
+    local v = redis.call('HMGET', P .. 'm', 'r_entry', 'r_amount', 'r_side', 'r_account')
+    return tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4])
+end
+
+-- the 32-byte price record for `price` (8 bytes ts) against record rec
+local function price_rec(P, rec, price, ts)
+    local e, a, sd = roles(P)
+    local pct, usd = 0.0, 0.0
+    if e and e >= 0 then
+        local entry, amount, side = word_f8(rec, e), word_f8(rec, a), word_i8(rec, sd)
+        local diff = price - entry
+        pct = diff / entry * 100.0 * side
+        usd = diff * amount * side
+    end
+    return struct.pack('<d', price) .. ts .. struct.pack('<dd', pct, usd)
+end
+
+local function write_price(P, p, rec, price, ts)
+    redis.call('HSET', p, 'pr', price_rec(P, rec, price, ts))
+    return redis.call('HINCRBY', p, 'pv', 1)
+end
+
+-- merge update words (mask bit i: word i of upd) into rec
+local function merge(rec, mask, upd)
+    local i = 0
+    while mask > 0 do
+        if mask % 2 == 1 then
+            rec = string.sub(rec, 1, i * 8) .. string.sub(upd, i * 8 + 1, i * 8 + 8) ..
+                  string.sub(rec, i * 8 + 9)
+        end
+        mask = math.floor(mask / 2)
+        i = i + 1
+    end
+    return rec
+end
+
+-- the account hash of account id (number n, opening aop) in shard P, or nil, error
+local function account_of(P, n, aop)
+    local a = P .. 'a:' .. n
+    local cur = tonumber(redis.call('HGET', a, 'op')) or 0
+    if aop > cur or aop == 0 then return nil, EBADACCOUNT end
+    if aop < cur or redis.call('HGET', a, 'open') ~= '1' then return nil, ESTALEACCOUNT end
+    return a
+end
+
+-- the books of an account as strings, for the client and for checks
+local BOOKS = {'cash', 'reserved', 'realized', 'opening_cash', 'deposits', 'withdrawals',
+               'max_exposure', 'max_loss', 'max_positions', 'open_positions', 'halted', 'version',
+               'op'}
+local function books(a)
+    return redis.call('HMGET', a, unpack(BOOKS))
+end
+
+-- add decimal string d to field f of hash h; false if it would pass int64
+local function add(h, f, d)
+    return (pcall(redis.call, 'HINCRBY', h, f, d))
+end
+
+-- reserve notional (decimal string) on account a: 0, or a risk code
+local function reserve(a, notional)
+    local b = books(a)
+    if b[11] == '1' then return ERISK_HALTED end
+    if tonumber(b[10]) >= tonumber(b[9]) then return ERISK_COUNT end
+    if not add(a, 'reserved', notional) then return ERISK_EXPOSURE end
+    local reserved = redis.call('HGET', a, 'reserved')
+    local rc = 0
+    if cmp(reserved, b[7]) > 0 then rc = ERISK_EXPOSURE
+    elseif cmp(reserved, b[1]) > 0 then rc = ERISK_CASH end   -- notional > cash - reserved
+    if rc ~= 0 then
+        redis.call('HINCRBY', a, 'reserved', neg(notional))
+        return rc
+    end
+    redis.call('HINCRBY', a, 'open_positions', 1)
+    redis.call('HINCRBY', a, 'version', 1)
+    return 0
+end
+
+-- a closing booked on its account: release the reservation, book realized
+-- = side x (money(last price x amount) - notional) into cash; losses reaching
+-- max_loss halt the account
+local function book_close(P, p, rec)
+    local an, aop = unpack(redis.call('HMGET', p, 'an', 'aop'))
+    if not aop or aop == '0' then return 0 end
+    local e, am, sd = roles(P)
+    local a = P .. 'a:' .. an
+    local amount, side = word_f8(rec, am), word_i8(rec, sd)
+    local notional = money(word_f8(rec, e) * amount)
+    local last = money(struct.unpack('<d', redis.call('HGET', p, 'pr'), 1) * amount)
+    if not notional or not last then return EBADMONEY end
+    local up, down = last, notional
+    if side < 0 then up, down = notional, last end
+    if not add(a, 'cash', up) then return EBADMONEY end
+    if not add(a, 'cash', neg(down)) then
+        redis.call('HINCRBY', a, 'cash', neg(up))
+        return EBADMONEY
+    end
+    redis.call('HINCRBY', a, 'realized', up)
+    redis.call('HINCRBY', a, 'realized', neg(down))
+    redis.call('HINCRBY', a, 'reserved', neg(notional))
+    redis.call('HINCRBY', a, 'open_positions', -1)
+    local realized = redis.call('HGET', a, 'realized')
+    if string.sub(realized, 1, 1) == '-' and cmp(neg(realized), redis.call('HGET', a, 'max_loss')) >= 0 then
+        redis.call('HSET', a, 'halted', '1')
+    end
+    redis.call('HINCRBY', a, 'version', 1)
+    return 0
+end
+
+-- commit target index `target` on position p (state st): fields, booking, wake
+local function commit(P, slot, p, st, target, mask, upd)
+    local new = 2 ^ target
+    local rec = redis.call('HGET', p, 'rec')
+    if mask > 0 then
+        rec = merge(rec, mask, upd)
+        redis.call('HSET', p, 'rec', rec)
+        redis.call('HINCRBY', p, 'cv', 1)
+    end
+    if not is_closed(P, st) and is_closed(P, new) then
+        local rc = book_close(P, p, rec)
+        if rc ~= 0 then return rc end
+    end
+    redis.call('HSET', p, 'st', new)
+    redis.call('HINCRBY', p, 'gen', 1)
+    redis.call('HINCRBY', p, 'ctr', 1)
+    redis.call('XADD', P .. 'w:' .. slot, 'MAXLEN', '1', '*', 's', new)
+    return APPLIED
+end
+
+-- one transition of (slot, op) by trigger; guarded rules answer EGUARDED
+local function transition(P, slot, op, trigger, mask, upd, guard_token)
+    local p = P .. 'p:' .. slot
+    local st, err = live(p, op)
+    if not st then return err end
+    if redis.call('HGET', P .. 'm', 'halted') == '1' then return HALTED end
+    local g = redis.call('GET', P .. 'g:' .. slot)
+    if g and g ~= guard_token then return EBUSY end
+    local e = rule(P, st, trigger)
+    local target = e % (RULE_TARGET_MASK + 1)
+    if target == 0 then return INVALID end
+    if e >= RULE_GUARDED and not guard_token then return EGUARDED end
+    return commit(P, slot, p, st, target - 1, mask, upd)
+end
+
+REG('tx', function(keys, args)
+    local P = tag(keys)
+    local op = 'transition'
+    local mask = tonumber(args[4])
+    if mask > 0 then op = 'transition_ctx' end
+    local rc = transition(P, args[1], tonumber(args[2]), tonumber(args[3]), mask, args[5], nil)
+    return outcome(P, op, rc)
+end)
+
+-- take a guard's lock: returns {code, state index, rec, cv, pr, pv}
+REG('glock', function(keys, args)
+    local P = tag(keys)
+    local slot, op, trigger, token, ttl = args[1], tonumber(args[2]), tonumber(args[3]), args[4], args[5]
+    local p = P .. 'p:' .. slot
+    local st, err = live(p, op)
+    if not st then return {err} end
+    if redis.call('HGET', P .. 'm', 'halted') == '1' then return {HALTED} end
+    local e = rule(P, st, trigger)
+    if e % (RULE_TARGET_MASK + 1) == 0 then return {INVALID} end
+    if redis.call('SET', P .. 'g:' .. slot, token, 'NX', 'PX', ttl) == false then return {EBUSY} end
+    local v = redis.call('HMGET', p, 'rec', 'cv', 'pr', 'pv')
+    return {APPLIED, IDX[st], v[1], v[2], v[3], v[4]}
+end)
+
+-- commit (allow=1) or reject under the guard's lock, only while it is ours
+REG('gcommit', function(keys, args)
+    local P = tag(keys)
+    local slot, op, trigger, token, allow = args[1], tonumber(args[2]), tonumber(args[3]), args[4], args[5]
+    local gk = P .. 'g:' .. slot
+    if redis.call('GET', gk) ~= token then
+        return outcome(P, 'transition_ctx', CONFLICT)   -- expired: another may have moved it
+    end
+    local rc = REJECTED
+    if allow == '1' then
+        rc = transition(P, slot, op, trigger, tonumber(args[6]), args[7], token)
+    end
+    redis.call('DEL', gk)
+    return outcome(P, 'transition_ctx', rc)
+end)
+
+REG('gunlock', function(keys, args)
+    local P = tag(keys)
+    local gk = P .. 'g:' .. args[1]
+    if redis.call('GET', gk) == args[2] then redis.call('DEL', gk) end
+    return 0
+end)
+
+REG('state', function(keys, args)
+    local st, err = live(tag(keys) .. 'p:' .. args[1], tonumber(args[2]))
+    return st or err
+end)
+
+-- the raw parts of the state: {st, gen, ctr, locked, op}
+REG('word', function(keys, args)
+    local P = tag(keys)
+    local v = redis.call('HMGET', P .. 'p:' .. args[1], 'st', 'gen', 'op')
+    local locked = redis.call('EXISTS', P .. 'g:' .. args[1])
+    return {tonumber(v[1]) or 0, tonumber(v[2]) or 0, locked, tonumber(v[3]) or 0}
+end)
+
+REG('price', function(keys, args)
+    local P = tag(keys)
+    local p = P .. 'p:' .. args[1]
+    local st, err = live(p, tonumber(args[2]))
+    if not st then return {err} end
+    count(P, 'read', 'applied')
+    local v = redis.call('HMGET', p, 'pr', 'pv')
+    return {0, v[1], v[2]}
+end)
+
+REG('context', function(keys, args)
+    local P = tag(keys)
+    local p = P .. 'p:' .. args[1]
+    local st, err = live(p, tonumber(args[2]))
+    if not st then return {err} end
+    count(P, 'read', 'applied')
+    local v = redis.call('HMGET', p, 'rec', 'cv')
+    return {0, v[1], v[2]}
+end)
+
+REG('upd', function(keys, args)
+    local P = tag(keys)
+    local p = P .. 'p:' .. args[1]
+    local st, err = live(p, tonumber(args[2]))
+    if not st then return outcome(P, 'price', err) end
+    write_price(P, p, redis.call('HGET', p, 'rec'), struct.unpack('<d', args[3]), args[4])
+    return outcome(P, 'price', 0)
+end)
+
+-- batch: slots and openings as '<I4' arrays, prices '<d'; live ones written
+REG('upds', function(keys, args)
+    local P = tag(keys)
+    local slots, ops, prices, ts = args[1], args[2], args[3], args[4]
+    local n, written = #slots / 4, 0
+    for i = 0, n - 1 do
+        local slot = struct.unpack('<I4', slots, i * 4 + 1)
+        local p = P .. 'p:' .. slot
+        if live(p, (struct.unpack('<I4', ops, i * 4 + 1))) then
+            write_price(P, p, redis.call('HGET', p, 'rec'),
+                        (struct.unpack('<d', prices, i * 8 + 1)), ts)
+            written = written + 1
+        end
+    end
+    count(P, 'price_batch', 'applied')
+    return written
+end)
+
+REG('tokp', function(keys, args)
+    local P = tag(keys)
+    local price = struct.unpack('<d', args[2])
+    local n = 0
+    for _, slot in ipairs(redis.call('SMEMBERS', P .. 't:' .. args[1])) do
+        local p = P .. 'p:' .. slot
+        write_price(P, p, redis.call('HGET', p, 'rec'), price, args[3])
+        n = n + 1
+    end
+    count(P, 'price_batch', 'applied')
+    return n
+end)
+
+-- vector reads and transitions: refused as a whole at the first bad element
+-- (returned as {code, index}); else one value per element
+REG('states', function(keys, args)
+    local P = tag(keys)
+    local slots, ops = args[1], args[2]
+    local out = {}
+    for i = 0, #slots / 4 - 1 do
+        local st, err = live(P .. 'p:' .. struct.unpack('<I4', slots, i * 4 + 1),
+                             (struct.unpack('<I4', ops, i * 4 + 1)))
+        if not st then return {err, i} end
+        out[#out + 1] = st
+    end
+    return {0, struct.pack('<' .. string.rep('H', #out), unpack(out))}
+end)
+
+REG('prices', function(keys, args)
+    local P = tag(keys)
+    local slots, ops = args[1], args[2]
+    local out = {}
+    for i = 0, #slots / 4 - 1 do
+        local p = P .. 'p:' .. struct.unpack('<I4', slots, i * 4 + 1)
+        local st, err = live(p, (struct.unpack('<I4', ops, i * 4 + 1)))
+        if not st then return {err, i} end
+        local v = redis.call('HMGET', p, 'pr', 'pv')
+        out[#out + 1] = v[1] .. struct.pack('<L', tonumber(v[2]) or 0)
+    end
+    return {0, table.concat(out)}
+end)
+
+REG('txmany', function(keys, args)
+    local P = tag(keys)
+    local slots, ops, trig = args[1], args[2], args[3]
+    local n = #slots / 4
+    for i = 0, n - 1 do   -- every element checked before any is applied
+        local slot = struct.unpack('<I4', slots, i * 4 + 1)
+        local st, err = live(P .. 'p:' .. slot, (struct.unpack('<I4', ops, i * 4 + 1)))
+        if not st then return {err, i} end
+        local e = rule(P, st, (struct.unpack('<I4', trig, i * 4 + 1)))
+        if e >= RULE_GUARDED then return {EGUARDED, i} end
+    end
+    local out = {}
+    for i = 0, n - 1 do
+        local rc = transition(P, struct.unpack('<I4', slots, i * 4 + 1),
+                              (struct.unpack('<I4', ops, i * 4 + 1)),
+                              (struct.unpack('<I4', trig, i * 4 + 1)), 0, '', nil)
+        if rc == ESTALE or rc == ENOTOPEN then rc = INVALID
+        elseif rc == EGUARDED or rc == EBUSY then rc = CONFLICT end
+        out[#out + 1] = outcome(P, 'transition', rc)
+    end
+    return {0, struct.pack('<' .. string.rep('B', n), unpack(out))}
+end)
+
+-- open: args slot hint unused; rec words; token (decimal); ts (8 bytes);
+-- key (or ''); account number and opening ('0' '0' for none)
+-- returns {0, slot, op} or {code}
+REG('open', function(keys, args)
+    local P = tag(keys)
+    local rec, tok, ts, key, an, aop = args[1], args[2], args[3], args[4], args[5], tonumber(args[6])
+    local kk
+    if key ~= '' then
+        kk = P .. 'k:' .. key
+        local holder = redis.call('GET', kk)
+        if holder then
+            local s, o = string.match(holder, '(%d+):(%d+)')
+            if live(P .. 'p:' .. s, tonumber(o)) then return {outcome(P, 'open', EKEYEXISTS)} end
+        end
+        if tonumber(redis.call('HGET', P .. 'm', 'kpp')) == 0 then
+            return {outcome(P, 'open', EKEYLIMIT)}
+        end
+    end
+    local a
+    local e, am = roles(P)
+    if aop ~= 0 then
+        local err
+        a, err = account_of(P, an, aop)
+        if not a then return {outcome(P, 'open', err)} end
+        local notional = money(word_f8(rec, e) * word_f8(rec, am))
+        if not notional then return {outcome(P, 'open', EBADMONEY)} end
+        local rc = reserve(a, notional)
+        if rc ~= 0 then
+            local b = books(a)
+            return {outcome(P, 'open', rc), notional, unpack(b)}
+        end
+    end
+    local slot = redis.call('LPOP', P .. 'free')
+    if not slot then
+        if a then   -- undo the reservation
+            local notional = money(word_f8(rec, e) * word_f8(rec, am))
+            redis.call('HINCRBY', a, 'reserved', neg(notional))
+            redis.call('HINCRBY', a, 'open_positions', -1)
+            redis.call('HINCRBY', a, 'version', -1)
+        end
+        return {outcome(P, 'open', EFULL)}
+    end
+    local p = P .. 'p:' .. slot
+    local op = redis.call('HINCRBY', p, 'op', 1)
+    local initial = redis.call('HGET', P .. 'm', 'initial')
+    local opened = tonumber(redis.call('HGET', P .. 'm', 'r_opened'))
+    if opened and opened >= 0 then
+        rec = string.sub(rec, 1, opened * 8) .. ts .. string.sub(rec, opened * 8 + 9)
+    end
+    local first = 0.0
+    if e and e >= 0 then first = word_f8(rec, e) end
+    redis.call('HSET', p, 'st', initial, 'rec', rec, 'tok', tok, 'an', an, 'aop', aop or 0,
+               'pr', price_rec(P, rec, first, ts))
+    redis.call('HINCRBY', p, 'cv', 1)
+    redis.call('HINCRBY', p, 'pv', 1)
+    redis.call('HINCRBY', p, 'gen', 1)
+    redis.call('SADD', P .. 'open', slot)
+    redis.call('SADD', P .. 't:' .. tok, slot)
+    redis.call('DEL', P .. 'pk:' .. slot)
+    if kk then
+        redis.call('SET', kk, slot .. ':' .. op)
+        redis.call('RPUSH', P .. 'pk:' .. slot, key)
+    end
+    count(P, 'open', 'applied')
+    return {0, tonumber(slot), op}
+end)
+
+REG('bind', function(keys, args)
+    local P = tag(keys)
+    local slot, op, key = args[1], tonumber(args[2]), args[3]
+    local p = P .. 'p:' .. slot
+    local st, err = live(p, op)
+    if not st then return outcome(P, 'key', err) end
+    local kk = P .. 'k:' .. key
+    local holder = redis.call('GET', kk)
+    if holder then
+        local s, o = string.match(holder, '(%d+):(%d+)')
+        if live(P .. 'p:' .. s, tonumber(o)) then return outcome(P, 'key', EKEYEXISTS) end
+    end
+    local pk = P .. 'pk:' .. slot
+    if redis.call('LLEN', pk) >= tonumber(redis.call('HGET', P .. 'm', 'kpp')) then
+        return outcome(P, 'key', EKEYLIMIT)
+    end
+    redis.call('SET', kk, slot .. ':' .. op)
+    redis.call('RPUSH', pk, key)
+    return outcome(P, 'key', 0)
+end)
+
+-- {slot, op} of the open opening holding key, or {0}
+REG('lookup', function(keys, args)
+    local P = tag(keys)
+    count(P, 'lookup', 'applied')
+    local holder = redis.call('GET', P .. 'k:' .. args[1])
+    if not holder then return {0} end
+    local s, o = string.match(holder, '(%d+):(%d+)')
+    if not live(P .. 'p:' .. s, tonumber(o)) then return {0} end
+    return {tonumber(s), tonumber(o)}
+end)
+
+REG('keys', function(keys, args)
+    local P = tag(keys)
+    local st, err = live(P .. 'p:' .. args[1], tonumber(args[2]))
+    if not st then return {err} end
+    return {0, redis.call('LRANGE', P .. 'pk:' .. args[1], 0, -1)}
+end)
+
+REG('release', function(keys, args)
+    local P = tag(keys)
+    local slot, op = args[1], tonumber(args[2])
+    local p = P .. 'p:' .. slot
+    local st, err = live(p, op)
+    if not st then return err end
+    if not is_closed(P, st) or redis.call('EXISTS', P .. 'g:' .. slot) == 1 then return INVALID end
+    local tok = redis.call('HGET', p, 'tok')
+    for _, key in ipairs(redis.call('LRANGE', P .. 'pk:' .. slot, 0, -1)) do
+        local kk = P .. 'k:' .. key
+        if redis.call('GET', kk) == slot .. ':' .. op then redis.call('DEL', kk) end
+    end
+    redis.call('DEL', P .. 'pk:' .. slot)
+    redis.call('HSET', p, 'st', 0)
+    redis.call('SREM', P .. 'open', slot)
+    redis.call('SREM', P .. 't:' .. tok, slot)
+    redis.call('RPUSH', P .. 'free', slot)
+    redis.call('XADD', P .. 'w:' .. slot, 'MAXLEN', '1', '*', 's', 0)
+    return APPLIED
+end)
+
+-- the wait stream's last id (before blocking on it), or {code}
+REG('wprep', function(keys, args)
+    local P = tag(keys)
+    local st, err = live(P .. 'p:' .. args[1], tonumber(args[2]))
+    if not st then return {err} end
+    local last = redis.call('XREVRANGE', P .. 'w:' .. args[1], '+', '-', 'COUNT', 1)
+    if #last == 0 then return {0, '0-0'} end
+    return {0, last[1][1]}
+end)
+
+-- every open position of the shard: slot, op, st, gen, locked, ctr, pr, pv, cv, rec
+REG('snap', function(keys, args)
+    local P = tag(keys)
+    local out = {}
+    for _, slot in ipairs(redis.call('SMEMBERS', P .. 'open')) do
+        local p = P .. 'p:' .. slot
+        local v = redis.call('HMGET', p, 'op', 'st', 'gen', 'ctr', 'pr', 'pv', 'cv', 'rec')
+        out[#out + 1] = struct.pack('<I4I4I4I4', tonumber(slot), tonumber(v[1]), tonumber(v[2]),
+                                    redis.call('EXISTS', P .. 'g:' .. slot)) ..
+                        struct.pack('<ddd', tonumber(v[3]) or 0, tonumber(v[4]) or 0,
+                                    tonumber(v[6]) or 0) ..
+                        struct.pack('<d', tonumber(v[7]) or 0) .. v[5] .. v[8]
+    end
+    return out
+end)
+
+REG('halt', function(keys, args)
+    redis.call('HSET', keys[1], 'halted', args[1])
+    return 0
+end)
+
+REG('setmetrics', function(keys, args)
+    redis.call('HSET', keys[1], 'metrics', args[1])
+    return 0
+end)
+
+-- accounts -------------------------------------------------------------------------
+REG('aopen', function(keys, args)
+    local P = tag(keys)
+    count(P, 'account', 'applied')
+    local n = redis.call('LPOP', P .. 'afree')
+    if not n then return {EACCTFULL} end
+    local a = P .. 'a:' .. n
+    local op = redis.call('HINCRBY', a, 'op', 1)
+    redis.call('HSET', a, 'open', '1', 'cash', args[1], 'reserved', '0', 'realized', '0',
+               'opening_cash', args[1], 'deposits', '0', 'withdrawals', '0',
+               'max_exposure', args[2], 'max_positions', args[3], 'max_loss', args[4],
+               'open_positions', '0', 'halted', '0')
+    redis.call('HINCRBY', a, 'version', 1)
+    return {0, tonumber(n), op}
+end)
+
+REG('aread', function(keys, args)
+    local a, err = account_of(tag(keys), args[1], tonumber(args[2]))
+    if not a then return {err} end
+    return {0, books(a)}
+end)
+
+-- cash moves: args n, op, kind ('deposit' / 'withdraw'), amount (decimal)
+REG('acash', function(keys, args)
+    local P = tag(keys)
+    local a, err = account_of(P, args[1], tonumber(args[2]))
+    if not a then return {outcome(P, 'account', err)} end
+    local amount = args[4]
+    if args[3] == 'withdraw' then
+        local b = books(a)
+        redis.call('HINCRBY', a, 'cash', neg(amount))   -- cash >= reserved >= 0: no overflow
+        if cmp(redis.call('HGET', a, 'cash'), b[2]) < 0 then
+            redis.call('HINCRBY', a, 'cash', amount)
+            return {outcome(P, 'account', ERISK_CASH), amount, unpack(b)}
+        end
+        redis.call('HINCRBY', a, 'withdrawals', amount)
+    else
+        if not add(a, 'cash', amount) then return {outcome(P, 'account', EBADMONEY)} end
+        if not add(a, 'deposits', amount) then
+            redis.call('HINCRBY', a, 'cash', neg(amount))
+            return {outcome(P, 'account', EBADMONEY)}
+        end
+    end
+    redis.call('HINCRBY', a, 'version', 1)
+    return {outcome(P, 'account', 0)}
+end)
+
+-- limits and halt: args n, op, version seen ('' for any), then field, value pairs
+REG('aset', function(keys, args)
+    local P = tag(keys)
+    local a, err = account_of(P, args[1], tonumber(args[2]))
+    if not a then return outcome(P, 'account', err) end
+    if args[3] ~= '' and redis.call('HGET', a, 'version') ~= args[3] then
+        return outcome(P, 'account', EVERSION)
+    end
+    for i = 4, #args, 2 do redis.call('HSET', a, args[i], args[i + 1]) end
+    redis.call('HINCRBY', a, 'version', 1)
+    return outcome(P, 'account', 0)
+end)
+
+REG('aclose', function(keys, args)
+    local P = tag(keys)
+    local a, err = account_of(P, args[1], tonumber(args[2]))
+    if not a then return err end
+    if redis.call('HGET', a, 'open_positions') ~= '0' then return EACCTBUSY end
+    redis.call('HSET', a, 'open', '0')
+    redis.call('RPUSH', P .. 'afree', args[1])
+    return 0
+end)
+
+REG('alist', function(keys, args)
+    local P = tag(keys)
+    local out = {}
+    for n = tonumber(args[1]), tonumber(args[2]) - 1, tonumber(args[3]) do
+        local a = P .. 'a:' .. n
+        if redis.call('HGET', a, 'open') == '1' then
+            out[#out + 1] = {n, books(a)}
+        end
+    end
+    return out
+end)
