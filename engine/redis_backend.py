@@ -41,7 +41,7 @@ from engine.errors import (
     SegmentNotFoundError,
     SpecMismatchError,
 )
-from engine.metrics import OPS, Metrics, OpMetrics
+from engine.metrics import OPS, Metrics, OpMetrics, percentile
 from engine.spec import MachineSpec
 
 __all__ = ["RedisStore", "ServerError", "check_url"]
@@ -59,6 +59,13 @@ _GUARD_TTL_MS = lib.ENG_REDIS_GUARD_TTL_MS
 _BUSY_TRIES = lib.ENG_REDIS_BUSY_TRIES
 _WAIT_SLICE_MS = 1000                      # XREAD BLOCK at most this long per round trip
 _DEFAULT_TIMEOUT_S = 5.0
+_HIST_BUCKETS = lib.ENG_HIST_BUCKETS
+#: the operation (metrics) each function counts under, for latency samples
+_OP_OF = {"tx": lib.ENG_OP_TRANSITION, "gcommit": lib.ENG_OP_TRANSITION_CTX,
+          "open": lib.ENG_OP_OPEN, "upd": lib.ENG_OP_PRICE, "upds": lib.ENG_OP_PRICE_BATCH,
+          "tokp": lib.ENG_OP_PRICE_BATCH, "price": lib.ENG_OP_READ, "context": lib.ENG_OP_READ,
+          "wprep": lib.ENG_OP_WAIT, "bind": lib.ENG_OP_KEY, "lookup": lib.ENG_OP_LOOKUP,
+          "aopen": lib.ENG_OP_ACCOUNT, "acash": lib.ENG_OP_ACCOUNT, "aset": lib.ENG_OP_ACCOUNT}
 
 
 class ServerError(EngineError, ConnectionError):
@@ -261,6 +268,7 @@ class RedisStore:
         self.kpp = int(meta[b"kpp"])
         self.max_accounts = int(meta[b"nacct"])
         self.n_words = int(meta[b"nwords"])
+        self.n_triggers = int(meta[b"ntrig"])
         self.roles = {r: int(meta[b"r_" + r.encode()]) for r in
                       ("entry", "amount", "side", "token", "opened", "account")}
         self.meta_keys = [f"eng:{{{name}:{s}}}:m" for s in range(self.shards)]
@@ -271,6 +279,11 @@ class RedisStore:
         self._next = 0
         self._token = secrets.token_hex(8)
         self._closed = False
+        self._calls = 0
+        self._sample_mask = lib.ENG_DEFAULT_SAMPLE_MASK
+        self._metrics_on = True
+        self._hist = np.zeros((lib.ENG_OP_COUNT, _HIST_BUCKETS), dtype=np.int64)
+        self._max_ns = [0] * lib.ENG_OP_COUNT
 
     # -- create, attach, destroy ------------------------------------------------------
     @classmethod
@@ -290,7 +303,7 @@ class RedisStore:
             meta: dict[str, Any] = {
                 "magic": _MAGIC, "layout": _LAYOUT, "fp": str(spec.fingerprint), "name": name,
                 "shards": n, "cap": capacity, "kpp": kpp, "nacct": max_accounts,
-                "nwords": rec.n_words, "table": spec.table_bytes(),
+                "nwords": rec.n_words, "ntrig": len(spec.triggers), "table": spec.table_bytes(),
                 "closed": spec.closed_mask, "initial": 1 << spec.state_index[spec.initial],
                 "halted": "0", "metrics": "1", "created_ns": time.time_ns(),
                 **{"r_" + k: rec.roles.get(v, -1) for k, v in roles.items()}}
@@ -352,7 +365,9 @@ class RedisStore:
 
     def _split(self, id: int) -> tuple[int, int] | int:
         """(slot, opening) of an id, or the error code of a bad one."""
-        if not 0 <= id <= lib.ENG_ID_MAX:
+        if not 0 <= id < 2**64:
+            raise OverflowError(f"id {id} does not fit uint64_t")   # as cffi says it
+        if id > lib.ENG_ID_MAX:
             return lib.ENG_EBADSLOT
         slot, op = id & _SLOT_MASK, id >> _SLOT_BITS
         if slot >= self.capacity:
@@ -362,9 +377,26 @@ class RedisStore:
         return slot, op
 
     def _call(self, slot: int, fn: str, *args: Any) -> Any:
+        return self._fn(self._key(slot), fn, slot, *args)
+
+    def _fn(self, key: str, fn: str, *args: Any) -> Any:
+        """One function call; one in ``sample_every`` is timed into this
+        Engine's latency histogram (the server counts every call)."""
         if self._closed:
             raise_closed()
-        return self.conn.call(self._key(slot), fn, slot, *args)
+        self._calls += 1
+        if self._calls & self._sample_mask or not self._metrics_on:
+            return self.conn.call(key, fn, *args)
+        t0 = time.perf_counter_ns()
+        r = self.conn.call(key, fn, *args)
+        ns = time.perf_counter_ns() - t0
+        op = _OP_OF.get(fn)
+        if op is not None:
+            if fn == "tx" and int(args[3]):
+                op = lib.ENG_OP_TRANSITION_CTX
+            self._hist[op, min(ns.bit_length(), _HIST_BUCKETS - 1)] += 1
+            self._max_ns[op] = max(self._max_ns[op], ns)
+        return r
 
     def _key_shard(self, key: bytes) -> int:
         return zlib.crc32(key) % self.shards
@@ -399,7 +431,7 @@ class RedisStore:
         an, aop = (acct & _SLOT_MASK, acct >> _SLOT_BITS) if acct else (0, 0)
         ts = _Q.pack(time.time_ns())
         if acct:
-            if not 1 <= acct <= lib.ENG_ACCOUNT_ID_MAX or an >= self.max_accounts:
+            if isinstance(self._acct(acct), int):
                 return lib.ENG_EBADACCOUNT
             shards = [an % self.shards]
         elif k and self.shards > 1:
@@ -411,7 +443,7 @@ class RedisStore:
             return lib.ENG_EBADPRICE
         rc = lib.ENG_EFULL
         for s in shards:
-            r = self.conn.call(self.meta_keys[s], "open", rec, token, ts, k, an, aop)
+            r = self._fn(self.meta_keys[s], "open", rec, token, ts, k, an, aop)
             rc = int(r[0])
             if rc == 0:
                 out[0] = int(r[2]) << _SLOT_BITS | int(r[1])
@@ -459,7 +491,7 @@ class RedisStore:
         if self._closed:
             return lib.ENG_ECLOSED
         k = bytes(key[:key_len])
-        r = self.conn.call(self.meta_keys[self._key_shard(k)], "lookup", k)
+        r = self._fn(self.meta_keys[self._key_shard(k)], "lookup", k)
         return 0 if len(r) == 1 else int(r[1]) << _SLOT_BITS | int(r[0])
 
     def eng_keys(self, seg: Any, id: int, out: Any, n_max: int, n: Any) -> int:
@@ -479,12 +511,24 @@ class RedisStore:
         sp = self._split(id)
         return sp if isinstance(sp, int) else int(self._call(sp[0], "release", sp[1]))
 
+    def _trigger(self, trigger: int) -> int:
+        """The trigger as C takes it: a uint32 (else OverflowError, as cffi)."""
+        trigger = int(trigger)
+        if not 0 <= trigger < 2**32:
+            raise OverflowError(f"trigger {trigger} does not fit uint32_t")
+        return trigger
+
     def _tx(self, id: int, trigger: int, mask: int, upd: bytes) -> int:
+        trigger = self._trigger(trigger)
         sp = self._split(id)
+        if sp == lib.ENG_ENOTOPEN and trigger >= self.n_triggers:
+            return lib.ENG_EBADTRIGGER   # C checks the trigger before the opening
         if isinstance(sp, int):
             return sp
+        if trigger >= self.n_triggers:
+            return lib.ENG_EBADTRIGGER
         for attempt in range(_BUSY_TRIES):
-            rc = int(self._call(sp[0], "tx", sp[1], int(trigger), mask, upd))
+            rc = int(self._call(sp[0], "tx", sp[1], trigger, mask, upd))
             if rc != lib.ENG_EBUSY:
                 return rc
             time.sleep(min(50e-6 * 2 ** min(attempt, 6), 2e-3))
@@ -510,7 +554,9 @@ class RedisStore:
         if isinstance(sp, int):
             return sp
         slot, op = sp
-        trigger = int(trigger)
+        trigger = self._trigger(trigger)
+        if trigger >= self.n_triggers:
+            return lib.ENG_EBADTRIGGER
         token = f"{self._token}:{time.monotonic_ns()}"
         for attempt in range(_BUSY_TRIES):
             r = self._call(slot, "glock", op, trigger, token, _GUARD_TTL_MS)
@@ -614,7 +660,7 @@ class RedisStore:
         written = 0
         for s, idx in self._by_shard(a):
             slots, ops = self._packed(a, idx)
-            written += int(self.conn.call(self.meta_keys[s], "upds", slots, ops,
+            written += int(self._fn(self.meta_keys[s], "upds", slots, ops,
                                           p[idx].astype("<f8").tobytes(), ts))
         out[0], out_n[0] = 0, written
         return 0
@@ -630,7 +676,7 @@ class RedisStore:
         for s, idx in self._by_shard(a):
             slots, ops = self._packed(a, idx)
             args = (slots, ops) if extra is None else (slots, ops, extra[idx].astype("<u4").tobytes())
-            r = self.conn.call(self.meta_keys[s], fn, *args)
+            r = self._fn(self.meta_keys[s], fn, *args)
             if r[0]:
                 bad[0] = int(idx[int(r[1])])
                 return int(r[0])
@@ -673,7 +719,7 @@ class RedisStore:
         if not _positive(price):
             return lib.ENG_EBADPRICE
         ts = _Q.pack(time.time_ns())
-        return sum(int(self.conn.call(k, "tokp", token, _F8.pack(price), ts))
+        return sum(int(self._fn(k, "tokp", token, _F8.pack(price), ts))
                    for k in self.meta_keys)
 
     # -- accounts ---------------------------------------------------------------------
@@ -684,9 +730,7 @@ class RedisStore:
         return n, op
 
     def _acall(self, n: int, fn: str, *args: Any) -> Any:
-        if self._closed:
-            raise_closed()
-        return self.conn.call(self.meta_keys[n % self.shards], fn, n, *args)
+        return self._fn(self.meta_keys[n % self.shards], fn, n, *args)
 
     def eng_open_account(self, seg: Any, cash: int, max_exposure: int, max_positions: int,
                          max_loss: int, out: Any) -> int:
@@ -697,7 +741,7 @@ class RedisStore:
         self._next += 1
         for i in range(self.shards):
             key = self.meta_keys[(self._next + i) % self.shards]
-            r = self.conn.call(key, "aopen", cash, max_exposure, max_positions, max_loss)
+            r = self._fn(key, "aopen", cash, max_exposure, max_positions, max_loss)
             if r[0] == 0:
                 out[0] = int(r[2]) << _SLOT_BITS | int(r[1])
                 return 0
@@ -746,7 +790,7 @@ class RedisStore:
         sp = self._acct(id)
         if isinstance(sp, int):
             return sp
-        return int(self._acall(sp[0], "aset", sp[1], "", "halted", on))
+        return int(self._acall(sp[0], "aset", sp[1], "", 0, "halted", on))
 
     def eng_update_account(self, seg: Any, id: int, version: int, max_exposure: int,
                            max_positions: int, max_loss: int, halted: int, attempt: int) -> int:
@@ -755,7 +799,7 @@ class RedisStore:
             return sp
         if min(max_exposure, max_loss) < 0:
             return lib.ENG_EBADMONEY
-        return int(self._acall(sp[0], "aset", sp[1], version, "max_exposure", max_exposure,
+        return int(self._acall(sp[0], "aset", sp[1], version, attempt, "max_exposure", max_exposure,
                                "max_positions", max_positions, "max_loss", max_loss,
                                "halted", halted))
 
@@ -768,7 +812,7 @@ class RedisStore:
             return lib.ENG_ECLOSED
         found = []
         for s, key in enumerate(self.meta_keys):
-            for num, b in self.conn.call(key, "alist", s, self.max_accounts, self.shards):
+            for num, b in self._fn(key, "alist", s, self.max_accounts, self.shards):
                 found.append((int(num), b))
         found.sort()
         for i, (num, b) in enumerate(found[:max_rows]):
@@ -804,7 +848,7 @@ class RedisStore:
             return lib.ENG_ECLOSED
         out: list[tuple[int, bytes]] = []
         for key in self.meta_keys:
-            for item in self.conn.call(key, "snap"):
+            for item in self._fn(key, "snap"):
                 slot, op, st, locked, gen, ctr, pv = _SNAP.unpack_from(item)
                 cv = _F8.unpack_from(item, _SNAP.size)[0]
                 base = _SNAP.size + 8
@@ -821,12 +865,13 @@ class RedisStore:
 
     def eng_set_halt(self, seg: Any, on: int) -> int:
         for key in self.meta_keys:
-            self.conn.call(key, "halt", 1 if on else 0)
+            self._fn(key, "halt", 1 if on else 0)
         return 0
 
     def eng_set_metrics(self, seg: Any, enabled: int, mask: int) -> int:
+        self._metrics_on, self._sample_mask = bool(enabled), mask
         for key in self.meta_keys:
-            self.conn.call(key, "setmetrics", 1 if enabled else 0)
+            self._fn(key, "setmetrics", 1 if enabled else 0)
         return 0
 
     def eng_recover(self, seg: Any, out: Any) -> int:
@@ -839,7 +884,7 @@ class RedisStore:
 
     def metrics(self) -> Metrics:
         """Counts per operation, summed over the shards (every client's
-        calls); latency is not sampled on the server."""
+        calls); latency percentiles are of this Engine's sampled round trips."""
         totals: dict[str, dict[str, int]] = {op: {} for op in OPS}
         for key in self.meta_keys:
             raw = self.conn.command("HGETALL", key[:-1] + "s", key=key)
@@ -851,10 +896,14 @@ class RedisStore:
         out: Metrics = {}
         for op, c in totals.items():
             kinds = ("applied", "invalid", "conflicts", "rejected", "halted", "errors")
+            i = OPS.index(op)
+            hist, max_ns = self._hist[i], self._max_ns[i]
+            p50, p99, p999 = (min(percentile(hist, q), float(max_ns)) for q in (0.5, 0.99, 0.999))
             out[op] = OpMetrics(attempts=sum(c.get(k, 0) for k in kinds),
-                                **{k: c.get(k, 0) for k in kinds}, retries=0, takeovers=0,
-                                rolled_forward=0, rolled_back=0, samples=0, p50_ns=0.0,
-                                p99_ns=0.0, p999_ns=0.0, max_ns=0)
+                                **{k: c.get(k, 0) for k in kinds}, retries=c.get("retries", 0),
+                                takeovers=0,
+                                rolled_forward=0, rolled_back=0, samples=int(hist.sum()),
+                                p50_ns=p50, p99_ns=p99, p999_ns=p999, max_ns=max_ns)
         return out
 
 

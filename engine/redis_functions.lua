@@ -43,6 +43,7 @@ local function count(P, op, what)
 end
 
 local OUTCOME = {[APPLIED] = 'applied', [INVALID] = 'invalid', [CONFLICT] = 'conflicts',
+                 [EVERSION] = 'conflicts',
                  [REJECTED] = 'rejected', [HALTED] = 'halted'}
 local function outcome(P, op, rc)
     if rc ~= EBUSY then count(P, op, OUTCOME[rc] or 'errors') end
@@ -357,8 +358,11 @@ REG('tokp', function(keys, args)
     local n = 0
     for _, slot in ipairs(redis.call('SMEMBERS', P .. 't:' .. args[1])) do
         local p = P .. 'p:' .. slot
-        write_price(P, p, redis.call('HGET', p, 'rec'), price, args[3])
-        n = n + 1
+        local v = redis.call('HMGET', p, 'st', 'rec')
+        if not is_closed(P, tonumber(v[1])) then
+            write_price(P, p, v[2], price, args[3])
+            n = n + 1
+        end
     end
     count(P, 'price_batch', 'applied')
     return n
@@ -472,6 +476,7 @@ REG('open', function(keys, args)
     redis.call('HINCRBY', p, 'cv', 1)
     redis.call('HINCRBY', p, 'pv', 1)
     redis.call('HINCRBY', p, 'gen', 1)
+    redis.call('HINCRBY', p, 'ctr', 1)
     redis.call('SADD', P .. 'open', slot)
     redis.call('SADD', P .. 't:' .. tok, slot)
     redis.call('DEL', P .. 'pk:' .. slot)
@@ -536,6 +541,7 @@ REG('release', function(keys, args)
     end
     redis.call('DEL', P .. 'pk:' .. slot)
     redis.call('HSET', p, 'st', 0)
+    redis.call('HINCRBY', p, 'gen', 1)
     redis.call('SREM', P .. 'open', slot)
     redis.call('SREM', P .. 't:' .. tok, slot)
     redis.call('RPUSH', P .. 'free', slot)
@@ -626,15 +632,17 @@ REG('acash', function(keys, args)
     return {outcome(P, 'account', 0)}
 end)
 
--- limits and halt: args n, op, version seen ('' for any), then field, value pairs
+-- limits and halt: args n, op, version seen ('' for any), attempt, then
+-- field, value pairs
 REG('aset', function(keys, args)
     local P = tag(keys)
     local a, err = account_of(P, args[1], tonumber(args[2]))
     if not a then return outcome(P, 'account', err) end
+    if args[4] ~= '0' then count(P, 'account', 'retries') end
     if args[3] ~= '' and redis.call('HGET', a, 'version') ~= args[3] then
         return outcome(P, 'account', EVERSION)
     end
-    for i = 4, #args, 2 do redis.call('HSET', a, args[i], args[i + 1]) end
+    for i = 5, #args, 2 do redis.call('HSET', a, args[i], args[i + 1]) end
     redis.call('HINCRBY', a, 'version', 1)
     return outcome(P, 'account', 0)
 end)

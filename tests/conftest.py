@@ -1,5 +1,12 @@
 """Shared fixtures: engines on randomly named segments that are always
-unlinked, and a spawn-context helper whose children are always terminated."""
+unlinked, and a spawn-context helper whose children are always terminated.
+
+The public-API test modules run on both backends: a module that sets
+``BACKENDS = ("shm", "redis")`` gets every test that uses ``engine``,
+``make_engine`` or ``backend`` once per backend, except those marked
+``shm_only`` (tests about shared memory itself: mmap, futex, segment files,
+C fault hooks).  The Redis runs use a private ``redis-server`` on a free
+loopback port with persistence off, started once per session."""
 
 from __future__ import annotations
 
@@ -8,6 +15,11 @@ import multiprocessing
 import os
 import pathlib
 import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,20 +38,112 @@ def segment_path(name: str) -> pathlib.Path:
 
 
 def _dispose(eng: Engine) -> None:
+    url = eng.url
     eng.close()
+    if url is not None:
+        with Engine.attach(eng.handle) if _exists(eng) else contextlib.nullcontext() as e:
+            if e is not None:
+                e.unlink()
+        return
     with contextlib.suppress(SegmentNotFoundError):   # the test may have unlinked it
         eng.unlink()
     assert not segment_path(eng.name).exists(), f"segment {eng.name} outlived its fixture"
 
 
+def _exists(eng: Engine) -> bool:
+    try:
+        Engine.attach(eng.handle).close()
+        return True
+    except SegmentNotFoundError:
+        return False
+
+
+# -- the Redis server the "redis" runs use -------------------------------------------------
+class RedisServer:
+    """A private redis-server on a free loopback port, persistence off."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed: run `make test`, which installs it")
+        self.dir = tempfile.TemporaryDirectory(prefix="engine-test-redis-")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir.name],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.dir.cleanup()
+
+
+_server: RedisServer | None = None
+
+
+def redis_url() -> str:
+    """The session's Redis server (started on first use)."""
+    global _server
+    if _server is None:
+        _server = RedisServer()
+    return _server.url
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _server is not None:
+        _server.stop()
+
+
+# -- backends ------------------------------------------------------------------------------
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "shm_only: about shared memory itself; not run on Redis")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames:
+        return
+    both = getattr(metafunc.module, "BACKENDS", ("shm",))
+    if metafunc.definition.get_closest_marker("shm_only"):
+        both = ("shm",)
+    metafunc.parametrize("backend", both)
+
+
 @pytest.fixture
-def make_engine() -> Iterator[Callable[..., Engine]]:
+def backend() -> str:
+    """Which store the test's engines live in: "shm" or "redis" (parametrized)."""
+    return "shm"   # replaced by the parametrization above
+
+
+def create_args(backend: str) -> dict[str, Any]:
+    return {"url": redis_url()} if backend == "redis" else {}
+
+
+@pytest.fixture
+def make_engine(backend: str) -> Iterator[Callable[..., Engine]]:
     """Factory: ``make_engine(capacity=..., spec=..., name=...)``; every engine
     it made is closed and its segment unlinked at teardown."""
     made: list[Engine] = []
 
     def make(capacity: int = 16, **kwargs: Any) -> Engine:
-        eng = Engine.create(capacity=capacity, **kwargs)
+        eng = Engine.create(capacity=capacity, **{**create_args(backend), **kwargs})
         made.append(eng)
         return eng
 
@@ -51,9 +155,9 @@ def make_engine() -> Iterator[Callable[..., Engine]]:
 
 
 @pytest.fixture
-def engine() -> Iterator[Engine]:
+def engine(backend: str) -> Iterator[Engine]:
     """A fresh 16-slot engine of the default position lifecycle."""
-    eng = Engine.create(capacity=16)
+    eng = Engine.create(capacity=16, **create_args(backend))
     try:
         yield eng
     finally:

@@ -18,6 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+BACKENDS = ("shm", "redis")
+
 from engine import (
     Account,
     ArgumentError,

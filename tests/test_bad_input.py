@@ -12,6 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+BACKENDS = ("shm", "redis")
+
 from engine import (
     ArgumentError,
     BusyError,

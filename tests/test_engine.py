@@ -19,6 +19,8 @@ import numpy as np
 import posix_ipc
 import pytest
 
+BACKENDS = ("shm", "redis")
+
 from engine import (
     POSITION_SPEC,
     CapacityError,
@@ -80,6 +82,7 @@ def wait_until(pred, timeout: float = 10.0) -> bool:
 
 # ---------------------------------------------------------------------------------
 class TestCreateAttach:
+    @pytest.mark.shm_only
     def test_create_gives_empty_engine_of_requested_capacity(self, make_engine):
         """create() makes a segment with `capacity` slots and no open position."""
         eng = make_engine(capacity=5)
@@ -88,6 +91,7 @@ class TestCreateAttach:
         assert len(eng.snapshot()) == 0
         assert os.path.exists(shm_path(eng.name))
 
+    @pytest.mark.shm_only
     def test_create_with_explicit_name(self, make_engine):
         """create(name=...) uses exactly that segment name."""
         name = f"test_{os.urandom(6).hex()}"
@@ -99,12 +103,13 @@ class TestCreateAttach:
         """create() on a name in use raises SegmentError and does not touch the segment."""
         pos = opened(engine)
         with pytest.raises(SegmentError, match="already exists"):
-            Engine.create(capacity=4, name=engine.name)
+            Engine.create(capacity=4, name=engine.name, url=engine.url)
         assert engine.state(pos) is State.MONITORING
-        with Engine.attach(engine.name) as other:
+        with Engine.attach(engine.name, url=engine.url) as other:
             assert other.capacity == engine.capacity
             assert other.state(pos) is State.MONITORING
 
+    @pytest.mark.shm_only
     def test_segment_mode_is_0600(self, engine):
         """The segment file is readable and writable by its owner only."""
         mode = stat.S_IMODE(os.stat(shm_path(engine.name)).st_mode)
@@ -113,7 +118,7 @@ class TestCreateAttach:
     def test_attach_by_name_shares_state(self, engine):
         """An Engine attached by name sees and changes the same slots."""
         pos = opened(engine)
-        with Engine.attach(engine.name) as other:
+        with Engine.attach(engine.name, url=engine.url) as other:
             assert other.state(pos) is State.MONITORING
             assert other.transition(pos, Trigger.PAUSE) is Outcome.APPLIED
         assert engine.state(pos) is State.PAUSED
@@ -165,13 +170,14 @@ class TestCreateAttach:
 
 
 class TestCloseUnlink:
+    @pytest.mark.shm_only
     def test_close_detaches_but_segment_lives(self, engine):
         """close() detaches this view only; the segment and its data remain."""
         pos = opened(engine)
         engine.close()
         assert engine.closed
         assert os.path.exists(shm_path(engine.name))
-        with Engine.attach(engine.name) as other:
+        with Engine.attach(engine.name, url=engine.url) as other:
             assert other.state(pos) is State.MONITORING
 
     def test_close_twice_is_harmless(self, engine):
@@ -207,8 +213,9 @@ class TestCloseUnlink:
         engine.unlink()
         assert not os.path.exists(shm_path(engine.name))
         with pytest.raises(SegmentNotFoundError):
-            Engine.attach(engine.name)
+            Engine.attach(engine.name, url=engine.url)
 
+    @pytest.mark.shm_only
     def test_unlink_keeps_existing_mappings_working(self, engine):
         """After unlink() an attached Engine keeps working on its mapping."""
         pos = opened(engine)
@@ -241,6 +248,7 @@ class TestCloseUnlink:
 
 
 class TestIndependentInterpreter:
+    @pytest.mark.shm_only
     @pytest.mark.parametrize("close", [True, False], ids=["close", "no-close"])
     def test_attach_and_exit_leaves_segment(self, engine, child_env, close):
         """Another interpreter attaching and exiting keeps the segment; stderr stays clean."""
@@ -259,7 +267,7 @@ class TestIndependentInterpreter:
         assert r.stdout.strip() == "MONITORING"
         assert r.stderr == "", r.stderr          # no resource_tracker leak warning
         assert os.path.exists(shm_path(engine.name))
-        with Engine.attach(engine.name) as again:
+        with Engine.attach(engine.name, url=engine.url) as again:
             assert again.state(pos) is State.PAUSED
             assert again.price(pos).price == 123.0
         assert engine.recover().changed is False   # the child left the registry
@@ -288,17 +296,18 @@ class TestIndependentInterpreter:
 
 
 class TestRegistry:
+    @pytest.mark.shm_only
     def test_registry_full_raises_capacity_error(self, make_engine):
         """Attach past ENG_MAX_PROCS raises CapacityError; closing one frees an entry."""
         eng = make_engine(capacity=1)
         views = []
         try:
             for _ in range(lib.ENG_MAX_PROCS - 1):
-                views.append(Engine.attach(eng.name))
+                views.append(Engine.attach(eng.name, url=eng.url))
             with pytest.raises(CapacityError, match=str(lib.ENG_MAX_PROCS)):
-                Engine.attach(eng.name)
+                Engine.attach(eng.name, url=eng.url)
             views.pop().close()
-            views.append(Engine.attach(eng.name))
+            views.append(Engine.attach(eng.name, url=eng.url))
         finally:
             for v in views:
                 v.close()
@@ -660,13 +669,14 @@ class TestWaitForChange:
         with pytest.raises(TimeoutError):
             engine.wait_for_change(pos, timeout=0)
 
+    @pytest.mark.shm_only
     def test_returns_new_state_after_transition(self, engine):
         """A waiter blocked on a slot wakes with the state another Engine committed."""
         pos = opened(engine)
         seen: list[object] = []
 
         def wait() -> None:
-            with Engine.attach(engine.name) as mine:
+            with Engine.attach(engine.name, url=engine.url) as mine:
                 try:
                     seen.append(mine.wait_for_change(pos, timeout=10))
                 except BaseException as e:  # reported to the main thread
@@ -686,13 +696,14 @@ class TestWaitForChange:
         assert engine.transition(pos, Trigger.RESUME) is Outcome.APPLIED
         assert waiting(engine, pos) == 0
 
+    @pytest.mark.shm_only
     def test_invalid_transition_does_not_wake(self, engine):
         """An INVALID transition is not a change: the waiter times out."""
         pos = opened(engine)
         result: list[object] = []
 
         def wait() -> None:
-            with Engine.attach(engine.name) as mine:
+            with Engine.attach(engine.name, url=engine.url) as mine:
                 try:
                     result.append(mine.wait_for_change(pos, timeout=0.5))
                 except WaitTimeout as e:
@@ -795,7 +806,7 @@ class TestMetrics:
         """Counts of an Engine that closed stay in the merged metrics."""
         pos = opened(engine)
         before = engine.metrics()["transition"].applied
-        with Engine.attach(engine.name) as other:
+        with Engine.attach(engine.name, url=engine.url) as other:
             for trig in (Trigger.PAUSE, Trigger.RESUME, Trigger.PAUSE):
                 assert other.transition(pos, trig) is Outcome.APPLIED
         after = engine.metrics()
@@ -825,7 +836,7 @@ class TestRecover:
         """recover() on an engine with only live, idle processes changes nothing."""
         pos = opened(engine)
         engine.update_price(pos, 101.0)
-        with Engine.attach(engine.name) as other:
+        with Engine.attach(engine.name, url=engine.url) as other:
             other.transition(pos, Trigger.PAUSE)
             before = engine.snapshot()
             report = engine.recover()
@@ -866,7 +877,7 @@ class TestHalt:
     def test_halt_is_shared_by_every_attached_engine(self, engine):
         """A halt set by one process view stops transitions in every other."""
         pos = opened(engine)
-        with Engine.attach(engine.name) as other:
+        with Engine.attach(engine.name, url=engine.url) as other:
             other.halt()
             try:
                 assert engine.transition(pos, Trigger.PAUSE) is Outcome.HALTED

@@ -25,6 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from procs import collect
 
+BACKENDS = ("shm", "redis")
+
 from engine import (
     ORDER_SPEC,
     POSITION_SPEC,
@@ -141,6 +143,7 @@ class TestLayout:
             "b1": 1, "b8": 8, "b9": 9, "b16": 16, "b17": 17, "b32": 32}
         assert rec.fixed == frozenset()   # no role fields: every field is settable
 
+    @pytest.mark.shm_only
     def test_segment_header_records_each_words_type(self, make_engine):
         """C keeps the type of every word: numeric codes per field, BYTES for
         each word of a bytes field, 0 beyond the record."""
@@ -864,15 +867,15 @@ class TestFingerprint:
         other_spec = two_state_spec(other, "fp")
         assert other_spec.fingerprint != eng.spec.fingerprint
         with pytest.raises(SpecMismatchError):
-            Engine.attach(eng.name, spec=other_spec)
+            Engine.attach(eng.name, url=eng.url, spec=other_spec)
         same = two_state_spec({"qty": "f8", "tag": "S8"}, "fp")
-        with Engine.attach(eng.name, spec=same) as again:
+        with Engine.attach(eng.name, url=eng.url, spec=same) as again:
             assert again.spec == eng.spec
 
     def test_order_segment_refuses_the_default_spec(self, make_engine):
         eng = make_engine(capacity=2, spec=ORDER_SPEC)
         with pytest.raises(SpecMismatchError):
-            Engine.attach(eng.name)
+            Engine.attach(eng.name, url=eng.url)
         with Engine.attach(eng.handle) as again:   # the handle carries ORDER_SPEC
             assert again.spec.record.types == ORDER_SPEC.record.types
 
