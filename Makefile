@@ -5,7 +5,7 @@ PYTHON  := $(BIN)/python
 STAMP   := $(VENV)/.installed
 SOURCES := pyproject.toml native/engine.h native/engine.c native/build_native.py native/build_backend.py
 
-.PHONY: all run test test-all bench bench-suite soak chaos lint typecheck sanitize clean
+.PHONY: all run test test-all bench bench-suite soak chaos lint typecheck sanitize clean redis-server
 
 all: $(STAMP)
 
@@ -22,12 +22,20 @@ $(STAMP): $(PYTHON) $(SOURCES)
 run: $(STAMP)
 	$(PYTHON) -m engine stress --seconds 5
 
-## test: the test suite (short chaos and soak versions included)
-test: $(STAMP)
+## redis-server: the tests' Redis (Debian's package, installed when missing; tests start
+##   their own servers on free loopback ports, nothing depends on one running)
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } || \
+	  { sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 || { echo "redis-server is missing and could not be installed"; exit 1; }
+
+## test: the test suite on both backends (short chaos and soak versions included)
+test: $(STAMP) redis-server
 	$(PYTHON) -m pytest -q
 
-## test-all: also the long chaos and soak tests (marked slow)
-test-all: $(STAMP)
+## test-all: also the long chaos and soak tests and the 3-node Redis Cluster (marked slow)
+test-all: $(STAMP) redis-server
 	$(PYTHON) -m pytest -q -m "slow or not slow"
 
 ## soak: 10-minute oversubscribed stress (8 workers on this host), zero violations expected;
@@ -43,9 +51,7 @@ bench-suite: $(STAMP)
 
 ## bench: side-by-side against the peers (installs redis-server and the bench extra)
 bench: $(STAMP)
-	@command -v redis-server >/dev/null 2>&1 || \
-	  (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
-	  echo "redis-server could not be installed: the bench will say so and skip Redis"
+	@$(MAKE) -s redis-server || echo "redis-server could not be installed: the bench will say so and skip Redis"
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(PYTHON) -m engine bench --json bench.json --plots bench
 

@@ -46,26 +46,77 @@ from engine.spec import MachineSpec
 
 __all__ = ["RedisStore", "ServerError", "check_url"]
 
+# the header's numbers this module uses
+ACCOUNT_ID_MAX: int = lib.ENG_ACCOUNT_ID_MAX
+APPLIED: int = lib.ENG_APPLIED
+CONFLICT: int = lib.ENG_CONFLICT
+DEFAULT_SAMPLE_MASK: int = lib.ENG_DEFAULT_SAMPLE_MASK
+EACCTFULL: int = lib.ENG_EACCTFULL
+EBADACCOUNT: int = lib.ENG_EBADACCOUNT
+EBADARG: int = lib.ENG_EBADARG
+EBADKEY: int = lib.ENG_EBADKEY
+EBADMONEY: int = lib.ENG_EBADMONEY
+EBADPRICE: int = lib.ENG_EBADPRICE
+EBADSLOT: int = lib.ENG_EBADSLOT
+EBADTRIGGER: int = lib.ENG_EBADTRIGGER
+EBUSY: int = lib.ENG_EBUSY
+ECLOSED: int = lib.ENG_ECLOSED
+EFULL: int = lib.ENG_EFULL
+EGUARDFAIL: int = lib.ENG_EGUARDFAIL
+ENOTOPEN: int = lib.ENG_ENOTOPEN
+ESTALE: int = lib.ENG_ESTALE
+ETIMEDOUT: int = lib.ENG_ETIMEDOUT
+HALTED: int = lib.ENG_HALTED
+HIST_BUCKETS: int = lib.ENG_HIST_BUCKETS
+ID_MAX: int = lib.ENG_ID_MAX
+ID_SLOT_BITS: int = lib.ENG_ID_SLOT_BITS
+ID_SLOT_MASK: int = lib.ENG_ID_SLOT_MASK
+INVALID: int = lib.ENG_INVALID
+KEY_MAX: int = lib.ENG_KEY_MAX
+MAX_TRIGGERS: int = lib.ENG_MAX_TRIGGERS
+MONEY_SCALE: int = lib.ENG_MONEY_SCALE
+OP_ACCOUNT: int = lib.ENG_OP_ACCOUNT
+OP_COUNT: int = lib.ENG_OP_COUNT
+OP_KEY: int = lib.ENG_OP_KEY
+OP_LOOKUP: int = lib.ENG_OP_LOOKUP
+OP_OPEN: int = lib.ENG_OP_OPEN
+OP_PRICE: int = lib.ENG_OP_PRICE
+OP_PRICE_BATCH: int = lib.ENG_OP_PRICE_BATCH
+OP_READ: int = lib.ENG_OP_READ
+OP_TRANSITION: int = lib.ENG_OP_TRANSITION
+OP_TRANSITION_CTX: int = lib.ENG_OP_TRANSITION_CTX
+OP_WAIT: int = lib.ENG_OP_WAIT
+REDIS_BUSY_TRIES: int = lib.ENG_REDIS_BUSY_TRIES
+REDIS_GUARD_TTL_MS: int = lib.ENG_REDIS_GUARD_TTL_MS
+REJECTED: int = lib.ENG_REJECTED
+RULE_GUARDED: int = lib.ENG_RULE_GUARDED
+RULE_TARGET_MASK: int = lib.ENG_RULE_TARGET_MASK
+SW_GEN_MASK: int = lib.ENG_SW_GEN_MASK
+SW_GEN_SHIFT: int = lib.ENG_SW_GEN_SHIFT
+SW_LOCK: int = lib.ENG_SW_LOCK
+
 _MAGIC = "engine-redis"
 _LAYOUT = "1"
-_SLOT_BITS = lib.ENG_ID_SLOT_BITS
-_SLOT_MASK = lib.ENG_ID_SLOT_MASK
+_SLOT_BITS = ID_SLOT_BITS
+_SLOT_MASK = ID_SLOT_MASK
 _F8 = struct.Struct("<d")
 _Q = struct.Struct("<q")
 _PRICE_OUT = struct.Struct("<32sQ")      # the 32 bytes of the record, then the version
-_ROW_HEAD = struct.Struct("<QIIIIQ32sQQ")  # id slot state generation locked transitions | price record | pv cv
+# eng_row up to its words: id slot state generation locked transitions, the
+# 32-byte price record, price version, context version
+_ROW_HEAD = struct.Struct("<QIIIIQ32sQQ")
 _SNAP = struct.Struct("<IIII3d")            # what snap returns before the record bytes
-_GUARD_TTL_MS = lib.ENG_REDIS_GUARD_TTL_MS
-_BUSY_TRIES = lib.ENG_REDIS_BUSY_TRIES
+_GUARD_TTL_MS = REDIS_GUARD_TTL_MS
+_BUSY_TRIES = REDIS_BUSY_TRIES
 _WAIT_SLICE_MS = 1000                      # XREAD BLOCK at most this long per round trip
 _DEFAULT_TIMEOUT_S = 5.0
-_HIST_BUCKETS = lib.ENG_HIST_BUCKETS
+_HIST_BUCKETS = HIST_BUCKETS
 #: the operation (metrics) each function counts under, for latency samples
-_OP_OF = {"tx": lib.ENG_OP_TRANSITION, "gcommit": lib.ENG_OP_TRANSITION_CTX,
-          "open": lib.ENG_OP_OPEN, "upd": lib.ENG_OP_PRICE, "upds": lib.ENG_OP_PRICE_BATCH,
-          "tokp": lib.ENG_OP_PRICE_BATCH, "price": lib.ENG_OP_READ, "context": lib.ENG_OP_READ,
-          "wprep": lib.ENG_OP_WAIT, "bind": lib.ENG_OP_KEY, "lookup": lib.ENG_OP_LOOKUP,
-          "aopen": lib.ENG_OP_ACCOUNT, "acash": lib.ENG_OP_ACCOUNT, "aset": lib.ENG_OP_ACCOUNT}
+_OP_OF = {"tx": OP_TRANSITION, "gcommit": OP_TRANSITION_CTX,
+          "open": OP_OPEN, "upd": OP_PRICE, "upds": OP_PRICE_BATCH,
+          "tokp": OP_PRICE_BATCH, "price": OP_READ, "context": OP_READ,
+          "wprep": OP_WAIT, "bind": OP_KEY, "lookup": OP_LOOKUP,
+          "aopen": OP_ACCOUNT, "acash": OP_ACCOUNT, "aset": OP_ACCOUNT}
 
 
 class ServerError(EngineError, ConnectionError):
@@ -85,11 +136,11 @@ def check_url(url: object) -> str:
 
 def _constants() -> str:
     """The Lua prelude: every number the functions use, from the C header."""
-    names = {"APPLIED": lib.ENG_APPLIED, "INVALID": lib.ENG_INVALID,
-             "CONFLICT": lib.ENG_CONFLICT, "REJECTED": lib.ENG_REJECTED,
-             "HALTED": lib.ENG_HALTED, "MAX_TRIGGERS": lib.ENG_MAX_TRIGGERS,
-             "RULE_GUARDED": lib.ENG_RULE_GUARDED, "RULE_TARGET_MASK": lib.ENG_RULE_TARGET_MASK,
-             "MONEY_SCALE": lib.ENG_MONEY_SCALE}
+    names = {"APPLIED": APPLIED, "INVALID": INVALID,
+             "CONFLICT": CONFLICT, "REJECTED": REJECTED,
+             "HALTED": HALTED, "MAX_TRIGGERS": MAX_TRIGGERS,
+             "RULE_GUARDED": RULE_GUARDED, "RULE_TARGET_MASK": RULE_TARGET_MASK,
+             "MONEY_SCALE": MONEY_SCALE}
     for n in dir(lib):
         if n.startswith("ENG_E") and isinstance(getattr(lib, n), int):
             names[n[4:]] = getattr(lib, n)
@@ -128,6 +179,8 @@ class _Conn:
         base = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items()))
         self.cluster = parts.scheme == "redis+cluster"
         opts = {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout}
+        self.client: Any
+        self.conn: Any
         try:
             if self.cluster:
                 from redis.cluster import RedisCluster
@@ -280,10 +333,10 @@ class RedisStore:
         self._token = secrets.token_hex(8)
         self._closed = False
         self._calls = 0
-        self._sample_mask = lib.ENG_DEFAULT_SAMPLE_MASK
+        self._sample_mask = DEFAULT_SAMPLE_MASK
         self._metrics_on = True
-        self._hist = np.zeros((lib.ENG_OP_COUNT, _HIST_BUCKETS), dtype=np.int64)
-        self._max_ns = [0] * lib.ENG_OP_COUNT
+        self._hist = np.zeros((OP_COUNT, _HIST_BUCKETS), dtype=np.int64)
+        self._max_ns = [0] * OP_COUNT
 
     # -- create, attach, destroy ------------------------------------------------------
     @classmethod
@@ -337,7 +390,12 @@ class RedisStore:
     @classmethod
     def _attached(cls, conn: _Conn, name: str, spec: MachineSpec, url: str) -> RedisStore:
         key = f"eng:{{{name}:0}}:m"
-        raw = conn.command("HGETALL", key, key=key)
+        try:
+            raw = conn.command("HGETALL", key, key=key)
+        except ServerError as e:
+            if "WRONGTYPE" not in str(e):
+                raise
+            raise SegmentError(f"{key} on {url} is not an engine's: {e}") from None
         meta = dict(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, list) else \
             {k: v for k, v in raw.items()}
         if not meta:
@@ -367,13 +425,13 @@ class RedisStore:
         """(slot, opening) of an id, or the error code of a bad one."""
         if not 0 <= id < 2**64:
             raise OverflowError(f"id {id} does not fit uint64_t")   # as cffi says it
-        if id > lib.ENG_ID_MAX:
-            return lib.ENG_EBADSLOT
+        if id > ID_MAX:
+            return EBADSLOT
         slot, op = id & _SLOT_MASK, id >> _SLOT_BITS
         if slot >= self.capacity:
-            return lib.ENG_EBADSLOT
+            return EBADSLOT
         if op == 0:
-            return lib.ENG_ENOTOPEN
+            return ENOTOPEN
         return slot, op
 
     def _call(self, slot: int, fn: str, *args: Any) -> Any:
@@ -393,7 +451,7 @@ class RedisStore:
         op = _OP_OF.get(fn)
         if op is not None:
             if fn == "tx" and int(args[3]):
-                op = lib.ENG_OP_TRANSITION_CTX
+                op = OP_TRANSITION_CTX
             self._hist[op, min(ns.bit_length(), _HIST_BUCKETS - 1)] += 1
             self._max_ns[op] = max(self._max_ns[op], ns)
         return r
@@ -403,7 +461,7 @@ class RedisStore:
 
     # -- the eng_* calls --------------------------------------------------------------
     def eng_check(self, seg: Any) -> int:
-        return lib.ENG_ECLOSED if self._closed else 0
+        return ECLOSED if self._closed else 0
 
     def eng_detach(self, seg: Any) -> None:
         if not self._closed:
@@ -413,7 +471,7 @@ class RedisStore:
     def eng_id_of(self, seg: Any, slot: int, out: Any) -> int:
         st, _gen, _locked, op = self._call(slot, "word")
         if st == 0:
-            return lib.ENG_ENOTOPEN if op == 0 else lib.ENG_ESTALE
+            return ENOTOPEN if op == 0 else ESTALE
         out[0] = op << _SLOT_BITS | slot
         return 0
 
@@ -432,16 +490,17 @@ class RedisStore:
         ts = _Q.pack(time.time_ns())
         if acct:
             if isinstance(self._acct(acct), int):
-                return lib.ENG_EBADACCOUNT
+                return EBADACCOUNT
             shards = [an % self.shards]
         elif k and self.shards > 1:
             shards = [self._key_shard(k)]
         else:
             self._next += 1
             shards = [(self._next + i) % self.shards for i in range(self.shards)]
-        if self.roles["entry"] >= 0 and not _positive(_F8.unpack_from(rec, 8 * self.roles["entry"])[0]):
-            return lib.ENG_EBADPRICE
-        rc = lib.ENG_EFULL
+        entry = self.roles["entry"]
+        if entry >= 0 and not _positive(_F8.unpack_from(rec, 8 * entry)[0]):
+            return EBADPRICE
+        rc = EFULL
         for s in shards:
             r = self._fn(self.meta_keys[s], "open", rec, token, ts, k, an, aop)
             rc = int(r[0])
@@ -451,7 +510,7 @@ class RedisStore:
                 return 0
             if len(r) > 2:
                 self._keep_books(r[1], r[2:])
-            if rc != lib.ENG_EFULL:
+            if rc != EFULL:
                 return rc
         return rc
 
@@ -476,8 +535,8 @@ class RedisStore:
         if isinstance(sp, int):
             return sp
         k = bytes(key[:key_len])
-        if not 1 <= len(k) <= lib.ENG_KEY_MAX:
-            return lib.ENG_EBADKEY
+        if not 1 <= len(k) <= KEY_MAX:
+            return EBADKEY
         if self.shards > 1 and self._key_shard(k) != sp[0] % self.shards:
             raise ArgumentError(
                 f"key {k!r} belongs to shard {self._key_shard(k)} of this sharded Redis engine, "
@@ -486,10 +545,10 @@ class RedisStore:
         return int(self._call(sp[0], "bind", sp[1], k))
 
     def eng_lookup(self, seg: Any, key: bytes, key_len: int) -> int:
-        if not 1 <= key_len <= lib.ENG_KEY_MAX:
-            return lib.ENG_EBADKEY
+        if not 1 <= key_len <= KEY_MAX:
+            return EBADKEY
         if self._closed:
-            return lib.ENG_ECLOSED
+            return ECLOSED
         k = bytes(key[:key_len])
         r = self._fn(self.meta_keys[self._key_shard(k)], "lookup", k)
         return 0 if len(r) == 1 else int(r[1]) << _SLOT_BITS | int(r[0])
@@ -521,18 +580,18 @@ class RedisStore:
     def _tx(self, id: int, trigger: int, mask: int, upd: bytes) -> int:
         trigger = self._trigger(trigger)
         sp = self._split(id)
-        if sp == lib.ENG_ENOTOPEN and trigger >= self.n_triggers:
-            return lib.ENG_EBADTRIGGER   # C checks the trigger before the opening
+        if sp == ENOTOPEN and trigger >= self.n_triggers:
+            return EBADTRIGGER   # C checks the trigger before the opening
         if isinstance(sp, int):
             return sp
         if trigger >= self.n_triggers:
-            return lib.ENG_EBADTRIGGER
+            return EBADTRIGGER
         for attempt in range(_BUSY_TRIES):
             rc = int(self._call(sp[0], "tx", sp[1], trigger, mask, upd))
-            if rc != lib.ENG_EBUSY:
+            if rc != EBUSY:
                 return rc
             time.sleep(min(50e-6 * 2 ** min(attempt, 6), 2e-3))
-        return lib.ENG_CONFLICT   # a guard held it throughout (as C's bounded wait)
+        return CONFLICT   # a guard held it throughout (as C's bounded wait)
 
     def eng_transition(self, seg: Any, id: int, trigger: int) -> int:
         return self._tx(id, trigger, 0, b"")
@@ -556,16 +615,16 @@ class RedisStore:
         slot, op = sp
         trigger = self._trigger(trigger)
         if trigger >= self.n_triggers:
-            return lib.ENG_EBADTRIGGER
+            return EBADTRIGGER
         token = f"{self._token}:{time.monotonic_ns()}"
         for attempt in range(_BUSY_TRIES):
             r = self._call(slot, "glock", op, trigger, token, _GUARD_TTL_MS)
-            if int(r[0]) != lib.ENG_EBUSY:
+            if int(r[0]) != EBUSY:
                 break
             time.sleep(min(50e-6 * 2 ** min(attempt, 6), 2e-3))
         else:
-            return lib.ENG_CONFLICT
-        if int(r[0]) != lib.ENG_APPLIED:
+            return CONFLICT
+        if int(r[0]) != APPLIED:
             return int(r[0])
         mask, upd = self._update(u)
         try:
@@ -575,7 +634,7 @@ class RedisStore:
             raise
         if verdict not in (0, 1):
             self._call(slot, "gunlock", token)
-            return lib.ENG_EGUARDFAIL
+            return EGUARDFAIL
         return int(self._call(slot, "gcommit", op, trigger, token, verdict, mask, upd))
 
     def eng_state(self, seg: Any, id: int) -> int:
@@ -584,8 +643,8 @@ class RedisStore:
 
     def eng_state_word(self, seg: Any, slot: int, out: Any) -> int:
         st, gen, locked, _op = self._call(slot, "word")
-        out[0] = (int(st) | (lib.ENG_SW_LOCK if locked else 0)
-                  | (int(gen) & lib.ENG_SW_GEN_MASK) << lib.ENG_SW_GEN_SHIFT)
+        out[0] = (int(st) | (SW_LOCK if locked else 0)
+                  | (int(gen) & SW_GEN_MASK) << SW_GEN_SHIFT)
         return 0
 
     def eng_update_price(self, seg: Any, id: int, price: float) -> int:
@@ -593,7 +652,7 @@ class RedisStore:
         if isinstance(sp, int):
             return sp
         if not _positive(price):
-            return lib.ENG_EBADPRICE
+            return EBADPRICE
         return int(self._call(sp[0], "upd", sp[1], _F8.pack(price), _Q.pack(time.time_ns())))
 
     def eng_read_price(self, seg: Any, id: int, out: Any) -> int:
@@ -624,12 +683,12 @@ class RedisStore:
     def _check_ids(self, a: np.ndarray) -> tuple[int, int] | None:
         """(index, code) of the first id out of range or never issuable."""
         slot = a & np.uint64(_SLOT_MASK)
-        bad = (a > np.uint64(lib.ENG_ID_MAX)) | (slot >= np.uint64(self.capacity))
+        bad = (a > np.uint64(ID_MAX)) | (slot >= np.uint64(self.capacity))
         if bad.any():
-            return int(np.argmax(bad)), lib.ENG_EBADSLOT
+            return int(np.argmax(bad)), EBADSLOT
         zero = (a >> np.uint64(_SLOT_BITS)) == 0
         if zero.any():
-            return int(np.argmax(zero)), lib.ENG_ENOTOPEN
+            return int(np.argmax(zero)), ENOTOPEN
         return None
 
     def _by_shard(self, a: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -655,7 +714,7 @@ class RedisStore:
         badp = ~(np.isfinite(p) & (p > 0))
         if badp.any():
             out[0], out_n[0] = int(np.argmax(badp)), 0
-            return lib.ENG_EBADPRICE
+            return EBADPRICE
         ts = _Q.pack(time.time_ns())
         written = 0
         for s, idx in self._by_shard(a):
@@ -675,7 +734,9 @@ class RedisStore:
         results = []
         for s, idx in self._by_shard(a):
             slots, ops = self._packed(a, idx)
-            args = (slots, ops) if extra is None else (slots, ops, extra[idx].astype("<u4").tobytes())
+            args: tuple[bytes, ...] = (slots, ops)
+            if extra is not None:
+                args += (extra[idx].astype("<u4").tobytes(),)
             r = self._fn(self.meta_keys[s], fn, *args)
             if r[0]:
                 bad[0] = int(idx[int(r[1])])
@@ -715,9 +776,9 @@ class RedisStore:
 
     def eng_update_token_price(self, seg: Any, token: int, price: float) -> int:
         if self._closed:
-            return lib.ENG_ECLOSED
+            return ECLOSED
         if not _positive(price):
-            return lib.ENG_EBADPRICE
+            return EBADPRICE
         ts = _Q.pack(time.time_ns())
         return sum(int(self._fn(k, "tokp", token, _F8.pack(price), ts))
                    for k in self.meta_keys)
@@ -725,8 +786,8 @@ class RedisStore:
     # -- accounts ---------------------------------------------------------------------
     def _acct(self, id: int) -> tuple[int, int] | int:
         n, op = id & _SLOT_MASK, id >> _SLOT_BITS
-        if not 1 <= id <= lib.ENG_ACCOUNT_ID_MAX or n >= self.max_accounts or op == 0:
-            return lib.ENG_EBADACCOUNT
+        if not 1 <= id <= ACCOUNT_ID_MAX or n >= self.max_accounts or op == 0:
+            return EBADACCOUNT
         return n, op
 
     def _acall(self, n: int, fn: str, *args: Any) -> Any:
@@ -735,9 +796,9 @@ class RedisStore:
     def eng_open_account(self, seg: Any, cash: int, max_exposure: int, max_positions: int,
                          max_loss: int, out: Any) -> int:
         if min(cash, max_exposure, max_loss) < 0:
-            return lib.ENG_EBADMONEY
+            return EBADMONEY
         if self._closed:
-            return lib.ENG_ECLOSED
+            return ECLOSED
         self._next += 1
         for i in range(self.shards):
             key = self.meta_keys[(self._next + i) % self.shards]
@@ -745,7 +806,7 @@ class RedisStore:
             if r[0] == 0:
                 out[0] = int(r[2]) << _SLOT_BITS | int(r[1])
                 return 0
-        return lib.ENG_EACCTFULL
+        return EACCTFULL
 
     def _books_row(self, id: int, b: list[bytes], row: Any) -> None:
         (cash, reserved, realized, opening, deposits, withdrawals, max_exposure, max_loss,
@@ -774,7 +835,7 @@ class RedisStore:
         if isinstance(sp, int):
             return sp
         if units < 0:
-            return lib.ENG_EBADMONEY
+            return EBADMONEY
         r = self._acall(sp[0], "acash", sp[1], kind, units)
         if len(r) > 1:
             self._keep_books(r[1], r[2:])
@@ -798,7 +859,7 @@ class RedisStore:
         if isinstance(sp, int):
             return sp
         if min(max_exposure, max_loss) < 0:
-            return lib.ENG_EBADMONEY
+            return EBADMONEY
         return int(self._acall(sp[0], "aset", sp[1], version, attempt, "max_exposure", max_exposure,
                                "max_positions", max_positions, "max_loss", max_loss,
                                "halted", halted))
@@ -809,7 +870,7 @@ class RedisStore:
 
     def eng_accounts(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
         if self._closed:
-            return lib.ENG_ECLOSED
+            return ECLOSED
         found = []
         for s, key in enumerate(self.meta_keys):
             for num, b in self._fn(key, "alist", s, self.max_accounts, self.shards):
@@ -839,13 +900,13 @@ class RedisStore:
             ms = max(0, int((deadline - time.monotonic()) * 1000))
             got = self.conn.block_read(stream, last, min(ms, _WAIT_SLICE_MS))
             if got:
-                return lib.ENG_APPLIED
+                return APPLIED
             if ms <= _WAIT_SLICE_MS:
-                return lib.ENG_ETIMEDOUT
+                return ETIMEDOUT
 
     def eng_snapshot(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
         if self._closed:
-            return lib.ENG_ECLOSED
+            return ECLOSED
         out: list[tuple[int, bytes]] = []
         for key in self.meta_keys:
             for item in self._fn(key, "snap"):
@@ -877,10 +938,10 @@ class RedisStore:
     def eng_recover(self, seg: Any, out: Any) -> int:
         """Nothing to release: a server-side function never leaves a lock,
         and a guard's lock expires by itself."""
-        return lib.ENG_ECLOSED if self._closed else 0
+        return ECLOSED if self._closed else 0
 
     def eng_set_faults(self, seg: Any, flags: int, pause_ns: int) -> int:
-        return lib.ENG_EBADARG
+        return EBADARG
 
     def metrics(self) -> Metrics:
         """Counts per operation, summed over the shards (every client's

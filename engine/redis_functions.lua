@@ -643,6 +643,13 @@ REG('aset', function(keys, args)
         return outcome(P, 'account', EVERSION)
     end
     for i = 5, #args, 2 do redis.call('HSET', a, args[i], args[i + 1]) end
+    if args[3] ~= '' then   -- losses already at a lowered max_loss halt it, as a closing would
+        local realized = redis.call('HGET', a, 'realized')
+        if string.sub(realized, 1, 1) == '-' and
+                cmp(neg(realized), redis.call('HGET', a, 'max_loss')) >= 0 then
+            redis.call('HSET', a, 'halted', '1')
+        end
+    end
     redis.call('HINCRBY', a, 'version', 1)
     return outcome(P, 'account', 0)
 end)

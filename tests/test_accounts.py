@@ -18,8 +18,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-BACKENDS = ("shm", "redis")
-
 from engine import (
     Account,
     ArgumentError,
@@ -37,6 +35,8 @@ from engine import (
 )
 from engine._native import lib
 from engine.accounts import from_units, money_of, to_units
+
+BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)
 
 CLOSE = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
          Trigger.EXIT_COMPLETED)
@@ -419,7 +419,11 @@ class TestModel:
         elif kind == "limits":
             _, k, mp, mx = o
             eng.update_account(ids[k], lambda acc: {"max_positions": mp, "max_exposure": mx})
-            ledger[k].update(max_positions=mp, max_exposure=mx)
+            m = ledger[k]
+            m.update(max_positions=mp, max_exposure=mx)
+            # an update re-checks max_loss, as a closing does
+            if m["realized"] < 0 and m["realized"] <= -m["max_loss"]:
+                m["halted"] = True
 
 
 # -- multiprocess ----------------------------------------------------------------------
