@@ -148,7 +148,8 @@ class TestBadPrices:
         refused(eng, EngineTypeError, lambda: eng.open_position(100.0, value), repr(value))
 
     @settings(max_examples=200, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.differing_executors])   # one per backend
     @given(price=st.floats(allow_nan=True, allow_infinity=True))
     def test_any_float_is_stored_or_refused(self, eng, price):
         """Any float is stored with its PnL, or refused with PriceError and no change."""
@@ -252,7 +253,8 @@ class TestBadSlots:
         assert engine.state(again) is State.CREATED
 
     @settings(max_examples=100, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.differing_executors])   # one per backend
     @given(slot=st.one_of(st.integers(min_value=-(2**70), max_value=2**70),
                           st.integers(0, 3).flatmap(lambda o: st.integers(0, 20).map(
                               lambda s: (o << SLOT_BITS) | s))))

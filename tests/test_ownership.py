@@ -2080,7 +2080,7 @@ def kill_quietly(pid: int) -> None:
 
 
 class SignalAfterCall:
-    """Stands in for engine.core's ``lib``: forwards everything, and raises
+    """Stands in for an Engine's ``_lib`` (the C library): forwards everything, and raises
     SIGALRM right after the next armed call of ``name`` returns, so that the
     handler runs exactly where a signal that arrived during the C call would
     (between the C call and the Python code after it)."""
@@ -2331,7 +2331,7 @@ class TestHandlerSnapshot:
         eng = make_engine(capacity=64)
         ids = [eng.open_position(100.0, 1.0) for _ in range(8)]
         spy = SignalAfterCall("eng_snapshot")
-        monkeypatch.setattr(engine.core, "lib", spy)
+        monkeypatch.setattr(eng, "_lib", spy)   # the interface the Engine calls
         seen: list[int] = []
 
         def handler(signum: int, frame: Any) -> None:
@@ -2370,7 +2370,7 @@ class TestHandlerOpenAbandon:
         given back; forbidden: an open position whose id nobody received."""
         eng = make_engine(capacity=64)
         spy = SignalAfterCall("eng_open")
-        monkeypatch.setattr(engine.core, "lib", spy)
+        monkeypatch.setattr(eng, "_lib", spy)   # the interface the Engine calls
         returned: list[int] = []
         by_handler: list[int] = []
 
