@@ -193,13 +193,17 @@ local function book_close(P, p, rec)
     if not notional or not last then return EBADMONEY end
     local up, down = last, notional
     if side < 0 then up, down = notional, last end
-    if not add(a, 'cash', up) then return EBADMONEY end
-    if not add(a, 'cash', neg(down)) then
-        redis.call('HINCRBY', a, 'cash', neg(up))
+    -- realized = up - down, exact (both in [0, 2^63): it fits), in a scratch field
+    redis.call('HSET', a, 'scratch', up)
+    redis.call('HINCRBY', a, 'scratch', neg(down))
+    local realized = redis.call('HGET', a, 'scratch')
+    redis.call('HDEL', a, 'scratch')
+    -- all or nothing, as C: cash and realized both fit int64, or neither moves
+    if not add(a, 'cash', realized) then return EBADMONEY end
+    if not add(a, 'realized', realized) then
+        redis.call('HINCRBY', a, 'cash', neg(realized))
         return EBADMONEY
     end
-    redis.call('HINCRBY', a, 'realized', up)
-    redis.call('HINCRBY', a, 'realized', neg(down))
     redis.call('HINCRBY', a, 'reserved', neg(notional))
     redis.call('HINCRBY', a, 'open_positions', -1)
     local realized = redis.call('HGET', a, 'realized')
@@ -214,14 +218,15 @@ end
 local function commit(P, slot, p, st, target, mask, upd)
     local new = 2 ^ target
     local rec = redis.call('HGET', p, 'rec')
-    if mask > 0 then
-        rec = merge(rec, mask, upd)
-        redis.call('HSET', p, 'rec', rec)
-        redis.call('HINCRBY', p, 'cv', 1)
-    end
+    if mask > 0 then rec = merge(rec, mask, upd) end
+    -- the booking first: a refusal must leave nothing written (Redis does not roll back)
     if not is_closed(P, st) and is_closed(P, new) then
         local rc = book_close(P, p, rec)
         if rc ~= 0 then return rc end
+    end
+    if mask > 0 then
+        redis.call('HSET', p, 'rec', rec)
+        redis.call('HINCRBY', p, 'cv', 1)
     end
     redis.call('HSET', p, 'st', new)
     redis.call('HINCRBY', p, 'gen', 1)
