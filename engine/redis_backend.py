@@ -492,6 +492,12 @@ class RedisStore:
             if isinstance(self._acct(acct), int):
                 return EBADACCOUNT
             shards = [an % self.shards]
+            if k and self.shards > 1 and self._key_shard(k) != shards[0]:
+                # lookup and uniqueness live in the key's shard: one call cannot touch two
+                raise ArgumentError(
+                    f"key {k!r} belongs to shard {self._key_shard(k)} of this sharded Redis "
+                    f"engine, and account {acct} to shard {shards[0]}: on a sharded engine a "
+                    "position opened on an account takes only a key of the account's shard")
         elif k and self.shards > 1:
             shards = [self._key_shard(k)]
         else:
