@@ -902,12 +902,14 @@ class RedisStore:
         last = r[1]
         stream = self.prefixes[slot % self.shards] + f"w:{slot}"
         deadline = time.monotonic() + left_ns / 1e9
+        # a slice well inside the socket's timeout (the url's), or the read times out first
+        slice_ms = max(1, min(_WAIT_SLICE_MS, int(self.conn.timeout * 1000) // 2))
         while True:
             ms = max(0, int((deadline - time.monotonic()) * 1000))
-            got = self.conn.block_read(stream, last, min(ms, _WAIT_SLICE_MS))
+            got = self.conn.block_read(stream, last, min(ms, slice_ms))
             if got:
                 return APPLIED
-            if ms <= _WAIT_SLICE_MS:
+            if ms <= slice_ms:
                 return ETIMEDOUT
 
     def eng_snapshot(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
