@@ -419,7 +419,7 @@ REG('txmany', function(keys, args)
                               (struct.unpack('<I4', ops, i * 4 + 1)),
                               (struct.unpack('<I4', trig, i * 4 + 1)), 0, '', nil)
         if rc == ESTALE or rc == ENOTOPEN then rc = INVALID
-        elseif rc == EGUARDED or rc == EBUSY then rc = CONFLICT end
+        elseif rc < 0 then rc = CONFLICT end   -- as C: any other error of one element
         out[#out + 1] = outcome(P, 'transition', rc)
     end
     return {0, struct.pack('<' .. string.rep('B', n), unpack(out))}

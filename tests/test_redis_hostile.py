@@ -109,3 +109,18 @@ class TestWaits:
         with pytest.raises(WaitTimeout):
             e.wait_for_change(pos, timeout=1.5)
         assert e.state(pos) is State.CREATED
+
+
+class TestBatches:
+    def test_transition_many_reports_a_refused_close_as_an_outcome(self, made):
+        """C maps every error of one element but stale/not-open to CONFLICT;
+        a negative code packed as a byte read back as a bogus outcome (221)."""
+        import numpy as np
+        e = made()
+        a = e.open_account(cash=1_000_000, max_exposure=1_000_000, max_positions=4,
+                           max_loss=10**9)
+        pos = _exiting(e, a)
+        e.update_price(pos, 1e12)
+        out = e.transition_many(np.array([pos]), np.array([int(Trigger.EXIT_COMPLETED)]))
+        assert [int(x) for x in out] == [int(Outcome.CONFLICT)]
+        assert e.state(pos) is State.EXITING
