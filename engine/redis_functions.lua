@@ -620,12 +620,15 @@ REG('acash', function(keys, args)
     local amount = args[4]
     if args[3] == 'withdraw' then
         local b = books(a)
-        redis.call('HINCRBY', a, 'cash', neg(amount))   -- cash >= reserved >= 0: no overflow
-        if cmp(redis.call('HGET', a, 'cash'), b[2]) < 0 then
-            redis.call('HINCRBY', a, 'cash', amount)
+        local moved = add(a, 'cash', neg(amount))   -- fails only past int64: more than cash
+        if not moved or cmp(redis.call('HGET', a, 'cash'), b[2]) < 0 then
+            if moved then redis.call('HINCRBY', a, 'cash', amount) end
             return {outcome(P, 'account', ERISK_CASH), amount, unpack(b)}
         end
-        redis.call('HINCRBY', a, 'withdrawals', amount)
+        if not add(a, 'withdrawals', amount) then   -- as C: nothing moves
+            redis.call('HINCRBY', a, 'cash', amount)
+            return {outcome(P, 'account', EBADMONEY)}
+        end
     else
         if not add(a, 'cash', amount) then return {outcome(P, 'account', EBADMONEY)} end
         if not add(a, 'deposits', amount) then

@@ -124,3 +124,20 @@ class TestBatches:
         out = e.transition_many(np.array([pos]), np.array([int(Trigger.EXIT_COMPLETED)]))
         assert [int(x) for x in out] == [int(Outcome.CONFLICT)]
         assert e.state(pos) is State.EXITING
+
+
+class TestAccountsEdges:
+    def test_withdrawals_past_int64_are_refused_whole(self, made):
+        """Cumulative withdrawals can pass int64 while cash never does; the
+        cash must not move when the withdrawals counter cannot."""
+        e = made()
+        big = 90_000_000_000                     # 9e18 units
+        a = e.open_account(cash=big, max_exposure=1, max_positions=1, max_loss=1)
+        e.withdraw(a, big)
+        e.deposit(a, big)
+        before = e.account(a)
+        with pytest.raises(EngineError):
+            e.withdraw(a, big)
+        acc = e.account(a)
+        assert (acc.cash, acc.withdrawals) == (before.cash, before.withdrawals)
+        assert acc.cash == acc.opening_cash + acc.deposits - acc.withdrawals + acc.realized_pnl
