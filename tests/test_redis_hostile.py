@@ -5,9 +5,10 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import numpy as np
 import pytest
-
 from conftest import redis_url
+
 from engine import Engine, Outcome, SegmentNotFoundError, State, Trigger, WaitTimeout
 from engine.errors import ArgumentError, EngineError
 from engine.redis_backend import ServerError
@@ -115,7 +116,7 @@ class TestBatches:
     def test_transition_many_reports_a_refused_close_as_an_outcome(self, made):
         """C maps every error of one element but stale/not-open to CONFLICT;
         a negative code packed as a byte read back as a bogus outcome (221)."""
-        import numpy as np
+
         e = made()
         a = e.open_account(cash=1_000_000, max_exposure=1_000_000, max_positions=4,
                            max_loss=10**9)
