@@ -492,6 +492,12 @@ class RedisStore:
             if isinstance(self._acct(acct), int):
                 return EBADACCOUNT
             shards = [an % self.shards]
+            if k and self.shards > 1 and self._key_shard(k) != shards[0]:
+                # lookup and uniqueness live in the key's shard: one call cannot touch two
+                raise ArgumentError(
+                    f"key {k!r} belongs to shard {self._key_shard(k)} of this sharded Redis "
+                    f"engine, and account {acct} to shard {shards[0]}: on a sharded engine a "
+                    "position opened on an account takes only a key of the account's shard")
         elif k and self.shards > 1:
             shards = [self._key_shard(k)]
         else:
@@ -896,12 +902,14 @@ class RedisStore:
         last = r[1]
         stream = self.prefixes[slot % self.shards] + f"w:{slot}"
         deadline = time.monotonic() + left_ns / 1e9
+        # a slice well inside the socket's timeout (the url's), or the read times out first
+        slice_ms = max(1, min(_WAIT_SLICE_MS, int(self.conn.timeout * 1000) // 2))
         while True:
             ms = max(0, int((deadline - time.monotonic()) * 1000))
-            got = self.conn.block_read(stream, last, min(ms, _WAIT_SLICE_MS))
+            got = self.conn.block_read(stream, last, min(ms, slice_ms))
             if got:
                 return APPLIED
-            if ms <= _WAIT_SLICE_MS:
+            if ms <= slice_ms:
                 return ETIMEDOUT
 
     def eng_snapshot(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:

@@ -193,13 +193,17 @@ local function book_close(P, p, rec)
     if not notional or not last then return EBADMONEY end
     local up, down = last, notional
     if side < 0 then up, down = notional, last end
-    if not add(a, 'cash', up) then return EBADMONEY end
-    if not add(a, 'cash', neg(down)) then
-        redis.call('HINCRBY', a, 'cash', neg(up))
+    -- realized = up - down, exact (both in [0, 2^63): it fits), in a scratch field
+    redis.call('HSET', a, 'scratch', up)
+    redis.call('HINCRBY', a, 'scratch', neg(down))
+    local realized = redis.call('HGET', a, 'scratch')
+    redis.call('HDEL', a, 'scratch')
+    -- all or nothing, as C: cash and realized both fit int64, or neither moves
+    if not add(a, 'cash', realized) then return EBADMONEY end
+    if not add(a, 'realized', realized) then
+        redis.call('HINCRBY', a, 'cash', neg(realized))
         return EBADMONEY
     end
-    redis.call('HINCRBY', a, 'realized', up)
-    redis.call('HINCRBY', a, 'realized', neg(down))
     redis.call('HINCRBY', a, 'reserved', neg(notional))
     redis.call('HINCRBY', a, 'open_positions', -1)
     local realized = redis.call('HGET', a, 'realized')
@@ -214,14 +218,15 @@ end
 local function commit(P, slot, p, st, target, mask, upd)
     local new = 2 ^ target
     local rec = redis.call('HGET', p, 'rec')
-    if mask > 0 then
-        rec = merge(rec, mask, upd)
-        redis.call('HSET', p, 'rec', rec)
-        redis.call('HINCRBY', p, 'cv', 1)
-    end
+    if mask > 0 then rec = merge(rec, mask, upd) end
+    -- the booking first: a refusal must leave nothing written (Redis does not roll back)
     if not is_closed(P, st) and is_closed(P, new) then
         local rc = book_close(P, p, rec)
         if rc ~= 0 then return rc end
+    end
+    if mask > 0 then
+        redis.call('HSET', p, 'rec', rec)
+        redis.call('HINCRBY', p, 'cv', 1)
     end
     redis.call('HSET', p, 'st', new)
     redis.call('HINCRBY', p, 'gen', 1)
@@ -414,7 +419,7 @@ REG('txmany', function(keys, args)
                               (struct.unpack('<I4', ops, i * 4 + 1)),
                               (struct.unpack('<I4', trig, i * 4 + 1)), 0, '', nil)
         if rc == ESTALE or rc == ENOTOPEN then rc = INVALID
-        elseif rc == EGUARDED or rc == EBUSY then rc = CONFLICT end
+        elseif rc < 0 then rc = CONFLICT end   -- as C: any other error of one element
         out[#out + 1] = outcome(P, 'transition', rc)
     end
     return {0, struct.pack('<' .. string.rep('B', n), unpack(out))}
@@ -615,12 +620,15 @@ REG('acash', function(keys, args)
     local amount = args[4]
     if args[3] == 'withdraw' then
         local b = books(a)
-        redis.call('HINCRBY', a, 'cash', neg(amount))   -- cash >= reserved >= 0: no overflow
-        if cmp(redis.call('HGET', a, 'cash'), b[2]) < 0 then
-            redis.call('HINCRBY', a, 'cash', amount)
+        local moved = add(a, 'cash', neg(amount))   -- fails only past int64: more than cash
+        if not moved or cmp(redis.call('HGET', a, 'cash'), b[2]) < 0 then
+            if moved then redis.call('HINCRBY', a, 'cash', amount) end
             return {outcome(P, 'account', ERISK_CASH), amount, unpack(b)}
         end
-        redis.call('HINCRBY', a, 'withdrawals', amount)
+        if not add(a, 'withdrawals', amount) then   -- as C: nothing moves
+            redis.call('HINCRBY', a, 'cash', amount)
+            return {outcome(P, 'account', EBADMONEY)}
+        end
     else
         if not add(a, 'cash', amount) then return {outcome(P, 'account', EBADMONEY)} end
         if not add(a, 'deposits', amount) then
