@@ -111,6 +111,13 @@ class SpecError(EngineError, ValueError):
     """A machine spec that is not well formed."""
 
 
+class ServerError(EngineError, ConnectionError):
+    """The Redis server cannot be reached, went away, or failed a call.
+
+    A call that raises this ran on the server wholly or not at all (every
+    call is one atomic function); which of the two is not known."""
+
+
 class ClosedError(EngineError, RuntimeError):
     """The Engine was closed, or inherited through ``fork()``."""
 

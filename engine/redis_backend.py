@@ -36,15 +36,16 @@ import numpy as np
 from engine._native import ffi, lib
 from engine.errors import (
     ArgumentError,
-    EngineError,
+    ClosedError,
     SegmentError,
     SegmentNotFoundError,
+    ServerError,
     SpecMismatchError,
 )
 from engine.metrics import OPS, Metrics, OpMetrics, percentile
 from engine.spec import MachineSpec
 
-__all__ = ["RedisStore", "ServerError", "check_url"]
+__all__ = ["RedisStore", "check_url"]
 
 # the header's numbers this module uses
 ACCOUNT_ID_MAX: int = lib.ENG_ACCOUNT_ID_MAX
@@ -97,8 +98,6 @@ SW_LOCK: int = lib.ENG_SW_LOCK
 
 _MAGIC = "engine-redis"
 _LAYOUT = "1"
-_SLOT_BITS = ID_SLOT_BITS
-_SLOT_MASK = ID_SLOT_MASK
 _F8 = struct.Struct("<d")
 _Q = struct.Struct("<q")
 _PRICE_OUT = struct.Struct("<32sQ")      # the 32 bytes of the record, then the version
@@ -106,24 +105,14 @@ _PRICE_OUT = struct.Struct("<32sQ")      # the 32 bytes of the record, then the 
 # 32-byte price record, price version, context version
 _ROW_HEAD = struct.Struct("<QIIIIQ32sQQ")
 _SNAP = struct.Struct("<IIII3d")            # what snap returns before the record bytes
-_GUARD_TTL_MS = REDIS_GUARD_TTL_MS
-_BUSY_TRIES = REDIS_BUSY_TRIES
 _WAIT_SLICE_MS = 1000                      # XREAD BLOCK at most this long per round trip
 _DEFAULT_TIMEOUT_S = 5.0
-_HIST_BUCKETS = HIST_BUCKETS
 #: the operation (metrics) each function counts under, for latency samples
 _OP_OF = {"tx": OP_TRANSITION, "gcommit": OP_TRANSITION_CTX,
           "open": OP_OPEN, "upd": OP_PRICE, "upds": OP_PRICE_BATCH,
           "tokp": OP_PRICE_BATCH, "price": OP_READ, "context": OP_READ,
           "wprep": OP_WAIT, "bind": OP_KEY, "lookup": OP_LOOKUP,
           "aopen": OP_ACCOUNT, "acash": OP_ACCOUNT, "aset": OP_ACCOUNT}
-
-
-class ServerError(EngineError, ConnectionError):
-    """The Redis server cannot be reached, went away, or failed a call.
-
-    A call that raises this ran on the server wholly or not at all (every
-    call is one atomic function); which of the two is not known."""
 
 
 def check_url(url: object) -> str:
@@ -335,7 +324,7 @@ class RedisStore:
         self._calls = 0
         self._sample_mask = DEFAULT_SAMPLE_MASK
         self._metrics_on = True
-        self._hist = np.zeros((OP_COUNT, _HIST_BUCKETS), dtype=np.int64)
+        self._hist = np.zeros((OP_COUNT, HIST_BUCKETS), dtype=np.int64)
         self._max_ns = [0] * OP_COUNT
 
     # -- create, attach, destroy ------------------------------------------------------
@@ -427,7 +416,7 @@ class RedisStore:
             raise OverflowError(f"id {id} does not fit uint64_t")   # as cffi says it
         if id > ID_MAX:
             return EBADSLOT
-        slot, op = id & _SLOT_MASK, id >> _SLOT_BITS
+        slot, op = id & ID_SLOT_MASK, id >> ID_SLOT_BITS
         if slot >= self.capacity:
             return EBADSLOT
         if op == 0:
@@ -452,7 +441,7 @@ class RedisStore:
         if op is not None:
             if fn == "tx" and int(args[3]):
                 op = OP_TRANSITION_CTX
-            self._hist[op, min(ns.bit_length(), _HIST_BUCKETS - 1)] += 1
+            self._hist[op, min(ns.bit_length(), HIST_BUCKETS - 1)] += 1
             self._max_ns[op] = max(self._max_ns[op], ns)
         return r
 
@@ -472,7 +461,7 @@ class RedisStore:
         st, _gen, _locked, op = self._call(slot, "word")
         if st == 0:
             return ENOTOPEN if op == 0 else ESTALE
-        out[0] = op << _SLOT_BITS | slot
+        out[0] = op << ID_SLOT_BITS | slot
         return 0
 
     def _word(self, words: Any, role: str) -> int:
@@ -486,7 +475,7 @@ class RedisStore:
         token = token - (1 << 64) if token >= 1 << 63 else token
         acct = self._word(words, "account")
         k = b"" if key == ffi.NULL or key is None else bytes(key[:key_len])
-        an, aop = (acct & _SLOT_MASK, acct >> _SLOT_BITS) if acct else (0, 0)
+        an, aop = (acct & ID_SLOT_MASK, acct >> ID_SLOT_BITS) if acct else (0, 0)
         ts = _Q.pack(time.time_ns())
         if acct:
             if isinstance(self._acct(acct), int):
@@ -511,7 +500,7 @@ class RedisStore:
             r = self._fn(self.meta_keys[s], "open", rec, token, ts, k, an, aop)
             rc = int(r[0])
             if rc == 0:
-                out[0] = int(r[2]) << _SLOT_BITS | int(r[1])
+                out[0] = int(r[2]) << ID_SLOT_BITS | int(r[1])
                 out_word[0] = 0
                 return 0
             if len(r) > 2:
@@ -557,7 +546,7 @@ class RedisStore:
             return ECLOSED
         k = bytes(key[:key_len])
         r = self._fn(self.meta_keys[self._key_shard(k)], "lookup", k)
-        return 0 if len(r) == 1 else int(r[1]) << _SLOT_BITS | int(r[0])
+        return 0 if len(r) == 1 else int(r[1]) << ID_SLOT_BITS | int(r[0])
 
     def eng_keys(self, seg: Any, id: int, out: Any, n_max: int, n: Any) -> int:
         sp = self._split(id)
@@ -592,7 +581,7 @@ class RedisStore:
             return sp
         if trigger >= self.n_triggers:
             return EBADTRIGGER
-        for attempt in range(_BUSY_TRIES):
+        for attempt in range(REDIS_BUSY_TRIES):
             rc = int(self._call(sp[0], "tx", sp[1], trigger, mask, upd))
             if rc != EBUSY:
                 return rc
@@ -623,8 +612,8 @@ class RedisStore:
         if trigger >= self.n_triggers:
             return EBADTRIGGER
         token = f"{self._token}:{time.monotonic_ns()}"
-        for attempt in range(_BUSY_TRIES):
-            r = self._call(slot, "glock", op, trigger, token, _GUARD_TTL_MS)
+        for attempt in range(REDIS_BUSY_TRIES):
+            r = self._call(slot, "glock", op, trigger, token, REDIS_GUARD_TTL_MS)
             if int(r[0]) != EBUSY:
                 break
             time.sleep(min(50e-6 * 2 ** min(attempt, 6), 2e-3))
@@ -688,17 +677,17 @@ class RedisStore:
 
     def _check_ids(self, a: np.ndarray) -> tuple[int, int] | None:
         """(index, code) of the first id out of range or never issuable."""
-        slot = a & np.uint64(_SLOT_MASK)
+        slot = a & np.uint64(ID_SLOT_MASK)
         bad = (a > np.uint64(ID_MAX)) | (slot >= np.uint64(self.capacity))
         if bad.any():
             return int(np.argmax(bad)), EBADSLOT
-        zero = (a >> np.uint64(_SLOT_BITS)) == 0
+        zero = (a >> np.uint64(ID_SLOT_BITS)) == 0
         if zero.any():
             return int(np.argmax(zero)), ENOTOPEN
         return None
 
     def _by_shard(self, a: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        slots = (a & np.uint64(_SLOT_MASK)).astype(np.int64)
+        slots = (a & np.uint64(ID_SLOT_MASK)).astype(np.int64)
         shard = slots % self.shards
         return [(s, np.flatnonzero(shard == s)) for s in range(self.shards)
                 if (shard == s).any()]
@@ -706,8 +695,8 @@ class RedisStore:
     @staticmethod
     def _packed(a: np.ndarray, idx: np.ndarray) -> tuple[bytes, bytes]:
         sub = a[idx]
-        return ((sub & np.uint64(_SLOT_MASK)).astype("<u4").tobytes(),
-                (sub >> np.uint64(_SLOT_BITS)).astype("<u4").tobytes())
+        return ((sub & np.uint64(ID_SLOT_MASK)).astype("<u4").tobytes(),
+                (sub >> np.uint64(ID_SLOT_BITS)).astype("<u4").tobytes())
 
     def eng_update_prices(self, seg: Any, ids: Any, prices: Any, n: int, out: Any,
                           out_n: Any) -> int:
@@ -791,7 +780,7 @@ class RedisStore:
 
     # -- accounts ---------------------------------------------------------------------
     def _acct(self, id: int) -> tuple[int, int] | int:
-        n, op = id & _SLOT_MASK, id >> _SLOT_BITS
+        n, op = id & ID_SLOT_MASK, id >> ID_SLOT_BITS
         if not 1 <= id <= ACCOUNT_ID_MAX or n >= self.max_accounts or op == 0:
             return EBADACCOUNT
         return n, op
@@ -810,16 +799,16 @@ class RedisStore:
             key = self.meta_keys[(self._next + i) % self.shards]
             r = self._fn(key, "aopen", cash, max_exposure, max_positions, max_loss)
             if r[0] == 0:
-                out[0] = int(r[2]) << _SLOT_BITS | int(r[1])
+                out[0] = int(r[2]) << ID_SLOT_BITS | int(r[1])
                 return 0
         return EACCTFULL
 
     def _books_row(self, id: int, b: list[bytes], row: Any) -> None:
         (cash, reserved, realized, opening, deposits, withdrawals, max_exposure, max_loss,
          max_positions, open_positions, halted, version, _op) = b
-        row.id, row.version, row.index = id, int(version), id & _SLOT_MASK
+        row.id, row.version, row.index = id, int(version), id & ID_SLOT_MASK
         bk = row.b
-        bk.open, bk.opening = 1, id >> _SLOT_BITS
+        bk.open, bk.opening = 1, id >> ID_SLOT_BITS
         bk.cash, bk.reserved, bk.realized = int(cash), int(reserved), int(realized)
         bk.opening_cash, bk.deposits, bk.withdrawals = int(opening), int(deposits), int(withdrawals)
         bk.max_exposure, bk.max_loss = int(max_exposure), int(max_loss)
@@ -883,7 +872,7 @@ class RedisStore:
                 found.append((int(num), b))
         found.sort()
         for i, (num, b) in enumerate(found[:max_rows]):
-            self._books_row(int(b[12]) << _SLOT_BITS | num, b, rows[i])
+            self._books_row(int(b[12]) << ID_SLOT_BITS | num, b, rows[i])
         n[0] = min(len(found), max_rows)
         return 0
 
@@ -922,7 +911,7 @@ class RedisStore:
                 cv = _F8.unpack_from(item, _SNAP.size)[0]
                 base = _SNAP.size + 8
                 pr, rec = item[base:base + 32], item[base + 32:]
-                head = _ROW_HEAD.pack(op << _SLOT_BITS | slot, slot, st, int(gen) & 0xFFFF,
+                head = _ROW_HEAD.pack(op << ID_SLOT_BITS | slot, slot, st, int(gen) & 0xFFFF,
                                       locked, int(ctr), pr, int(pv), int(cv))
                 out.append((slot, head + rec))
         out.sort()
@@ -977,7 +966,6 @@ class RedisStore:
 
 
 def raise_closed() -> None:
-    from engine.errors import ClosedError
     raise ClosedError("this Engine was closed: attach again from the handle")
 
 

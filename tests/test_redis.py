@@ -34,6 +34,7 @@ from engine import (
     Rule,
     SegmentError,
     SegmentNotFoundError,
+    ServerError,
     SpecMismatchError,
     StaleIdError,
     State,
@@ -41,7 +42,6 @@ from engine import (
     WaitTimeout,
 )
 from engine._native import lib
-from engine.redis_backend import ServerError
 
 TTL_S = lib.ENG_REDIS_GUARD_TTL_MS / 1000
 

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from conftest import redis_url
 
-from engine import Engine, Outcome, SegmentNotFoundError, State, Trigger, WaitTimeout
+from engine import Engine, Outcome, SegmentNotFoundError, ServerError, State, Trigger, WaitTimeout
 from engine.errors import ArgumentError, EngineError
-from engine.redis_backend import ServerError
 
 
 @pytest.fixture
