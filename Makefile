@@ -3,7 +3,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 STAMP   := $(VENV)/.installed
-SOURCES := pyproject.toml native/engine.h native/engine.c native/build_native.py native/build_backend.py
+SOURCES := pyproject.toml native/engine.h native/engine.c native/fastpath.c native/build_native.py native/build_backend.py
 
 .PHONY: all run test test-all bench bench-suite soak chaos lint typecheck sanitize clean redis-server
 

@@ -28,9 +28,37 @@ def all_ids(eng: Engine) -> np.ndarray:
     return np.array([eng.id_of(s) for s in range(eng.capacity)], dtype=np.uint64)
 
 
+class EmptyEngine:
+    """The floor any Python API pays: empty methods taking the hot calls' arguments."""
+
+    def transition(self, pos: int, trigger: int, /, **fields: Any) -> None:
+        return None
+
+    def update_price(self, pos: int, price: float) -> None:
+        return None
+
+    def price(self, pos: int) -> None:
+        return None
+
+
 @pytest.mark.benchmark(group="floors (us per round = ns per call)")
 class TestFloors:
-    """The cost of calling C at all, per argument shape."""
+    """The cost of calling C at all, per argument shape, and of an empty
+    Python method of each hot call's arguments."""
+
+    def test_floor_method_transition(self, timer: CallTimer) -> None:
+        """An empty Python method ``transition(pos, trigger, /, **fields)``."""
+        timer.calls("floor_method_transition", ["f(s, P)", "f(s, R)"],
+                    f=EmptyEngine().transition, s=1 << 24, P=PAUSE, R=RESUME)
+
+    def test_floor_method_update_price(self, timer: CallTimer) -> None:
+        """An empty Python method ``update_price(pos, price)``."""
+        timer.calls("floor_method_update_price", ["f(s, 101.5)", "f(s, 99.5)"],
+                    f=EmptyEngine().update_price, s=1 << 24)
+
+    def test_floor_method_price(self, timer: CallTimer) -> None:
+        """An empty Python method ``price(pos)``."""
+        timer.calls("floor_method_price", ["f(s)"], f=EmptyEngine().price, s=1 << 24)
 
     def test_floor_noop(self, timer: CallTimer) -> None:
         """``lib.eng_noop()``: no arguments, empty C body (METH_NOARGS)."""

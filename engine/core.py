@@ -11,6 +11,7 @@ and one output buffer.  Attach one Engine per thread (they are cheap).
 
 from __future__ import annotations
 
+import importlib
 import math
 import mmap
 import numbers
@@ -29,6 +30,7 @@ import numpy.typing as npt
 
 from engine import segment
 from engine._native import ffi, lib
+
 from engine.accounts import LIMITS, Account, account_from_row, from_units, to_units
 from engine.errors import (
     ArgumentError,
@@ -49,6 +51,17 @@ from engine.redis_backend import RedisStore, check_url
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome
 
 __all__ = ["Engine", "Handle", "RecoveryReport"]
+
+
+def _load_fastpath() -> Any:
+    """The hot calls in C (native/fastpath.c); None: the Python methods serve."""
+    try:
+        return importlib.import_module("engine._fastpath")
+    except ImportError:   # pragma: no cover - a build without the extension
+        return None
+
+
+_fastpath = _load_fastpath()
 
 _OUTCOMES = tuple(sorted(Outcome, key=int))
 _unpack_price = PRICE_STRUCT.unpack_from
@@ -212,6 +225,24 @@ class Engine:
             self._finalizer()
             raise_for(rc, name=name, spec=spec.name)
         self._bind(name, spec, lib, None)
+        if _fastpath is not None:
+            self._install_fastpath()
+
+    def _install_fastpath(self) -> None:
+        """Shadow transition / update_price / price with their C callables:
+        the same behaviour (anything but plain success comes back to the
+        Python methods below), at about the cost of an empty Python call."""
+        owner, seg = weakref.ref(self), int(ffi.cast("uintptr_t", self._seg))
+        for kind, name, fn, slow, fail, results in (
+                (_fastpath.TRANSITION, "transition", "eng_transition", Engine.transition,
+                 Engine._transition_failed, _OUTCOMES),
+                (_fastpath.UPDATE_PRICE, "update_price", "eng_update_price",
+                 Engine.update_price, Engine._update_price_failed, None),
+                (_fastpath.PRICE, "price", "eng_read_price", Engine.price, Engine._price_failed,
+                 PriceSnapshot)):
+            addr = int(ffi.cast("uintptr_t", ffi.addressof(lib, fn)))
+            self.__dict__[name] = _fastpath.FastCall(kind, addr, seg, self._seg, owner, slow,
+                                                     fail, results)
 
     def _bind(self, name: str, spec: MachineSpec, impl: Any, url: str | None) -> None:
         """What both backends share: ``impl`` answers the ``eng_*`` calls
@@ -351,6 +382,8 @@ class Engine:
             self._finalizer()
             if self.url is None:
                 self._seg = ffi.new("eng_seg *")   # zeroed: every C call says ENG_ECLOSED
+                for name in ("transition", "update_price", "price"):
+                    self.__dict__.pop(name, None)   # their view was detached above
 
     def unlink(self) -> None:
         """Destroy the segment (attached processes keep their mappings).  On
@@ -606,6 +639,18 @@ class Engine:
         if rc == lib.ENG_EGUARDED:
             return self._transition_slow(pos, trigger, {})
         self._fail(rc, pos, trigger)
+
+    def _transition_failed(self, rc: int, pos: int, trigger: int) -> Outcome:
+        """The fast path's transition that did not simply finish."""
+        if rc == lib.ENG_EGUARDED:
+            return self._transition_slow(pos, trigger, {})
+        self._fail(rc, pos, trigger)
+
+    def _update_price_failed(self, rc: int, pos: int, price: float) -> None:
+        self._fail(rc, pos, price=price)
+
+    def _price_failed(self, rc: int, pos: int) -> PriceSnapshot:
+        self._fail(rc, pos)
 
     def _fill_update(self, fields: Mapping[str, Any]) -> Any:
         """The update for ``fields`` (a field given as None is left as it is)."""

@@ -36,6 +36,10 @@ def compile_args() -> list[str]:
     return args
 
 
+def link_args() -> list[str]:
+    return ["-fsanitize=address,undefined"] if os.environ.get("ENGINE_SANITIZE") else []
+
+
 # The guard callback: C calls it inside eng_guard_transition (see engine/core.py).
 CALLBACKS = """
 extern "Python" int _engine_guard(void *, uint64_t, uint32_t, uint32_t);
@@ -107,7 +111,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(HERE / "engine.c")],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=compile_args(),
-    extra_link_args=["-fsanitize=address,undefined"] if os.environ.get("ENGINE_SANITIZE") else [],
+    extra_link_args=link_args(),
 )
 
 if __name__ == "__main__":

@@ -1,0 +1,120 @@
+"""The hot calls in C (native/fastpath.c) behave exactly as the Python
+methods they shadow: same results, same exceptions, for every argument
+shape; and they never outlive their view."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engine import Engine, EngineError, Outcome, PriceSnapshot, State, Trigger
+from engine import core as engine_core
+
+pytestmark = pytest.mark.skipif(engine_core._fastpath is None, reason="built without _fastpath")
+
+ARGS_POS = [None, 0, -1, 2**64, 2**70, 1.0, True, np.uint64(0), np.int64(0), "1", 1 << 24]
+ARGS_TRIGGER = [0, 2, 9, 10, 256, 2**32, -1, True, False, 1.5, "PAUSE", "NOPE", Trigger.PAUSE,
+                np.uint32(2)]
+ARGS_PRICE = [101.5, 0.0, -1.0, float("nan"), float("inf"), 1e308, 5e-324, 100, True, "1",
+              np.float64(1.0), 2**2000]
+
+
+def outcome_of(call: Any) -> tuple[str, Any]:
+    try:
+        return "ok", call()
+    except EngineError as e:
+        return type(e).__name__, str(e)
+
+
+def fresh() -> tuple[Engine, int, int]:
+    eng = Engine.create(4)
+    pos = eng.open_position(100.0, 1.0)
+    eng.transition(pos, Trigger.POSITION_OPENED)
+    stale = eng.open_position(100.0, 1.0)
+    for t in ("EXIT_CONDITION_MET", "EXIT_STARTED", "EXIT_COMPLETED"):
+        eng.transition(stale, t)
+    eng.release_position(stale)
+    return eng, pos, stale
+
+
+@pytest.fixture
+def pair() -> Any:
+    """Two engines in the same state: one called through C, one through Python."""
+    made = [fresh(), fresh()]
+    yield made
+    for eng, _, _ in made:
+        eng.close()
+        eng.unlink()
+
+
+def subst(v: Any, pos: int, stale: int) -> Any:
+    return {"POS": pos, "STALE": stale}.get(v, v) if isinstance(v, str) else v
+
+
+class TestSameBehaviour:
+    @pytest.mark.parametrize("p", [*ARGS_POS, "POS", "STALE"])
+    @pytest.mark.parametrize("t", ARGS_TRIGGER)
+    def test_transition(self, pair, p, t):
+        """transition(p, t): the C call's result or exception equals the Python method's."""
+        (a, pa, sa), (b, pb, sb) = pair
+        fast = outcome_of(lambda: a.transition(subst(p, pa, sa), t))
+        slow = outcome_of(lambda: Engine.transition(b, subst(p, pb, sb), t))
+        assert fast[0] == slow[0]
+        assert a.state(pa) == b.state(pb)
+
+    @pytest.mark.parametrize("p", [*ARGS_POS, "POS", "STALE"])
+    @pytest.mark.parametrize("x", ARGS_PRICE)
+    def test_update_price(self, pair, p, x):
+        """update_price(p, x): same result or exception; the record moves alike."""
+        (a, pa, sa), (b, pb, sb) = pair
+        fast = outcome_of(lambda: a.update_price(subst(p, pa, sa), x))
+        slow = outcome_of(lambda: Engine.update_price(b, subst(p, pb, sb), x))
+        assert fast[0] == slow[0]
+        ra, rb = a.price(pa), Engine.price(b, pb)
+        assert (ra.price, ra.pnl_pct, ra.version) == (rb.price, rb.pnl_pct, rb.version)
+
+    @pytest.mark.parametrize("p", [*ARGS_POS, "POS", "STALE"])
+    def test_price(self, pair, p):
+        """price(p): a PriceSnapshot equal to the Python method's, or the same exception."""
+        (a, pa, sa), _ = pair
+        fast = outcome_of(lambda: a.price(subst(p, pa, sa)))
+        slow = outcome_of(lambda: Engine.price(a, subst(p, pa, sa)))
+        assert fast[0] == slow[0]
+        if fast[0] == "ok":
+            assert type(fast[1]) is PriceSnapshot
+            assert fast[1][:1] + fast[1][2:] == slow[1][:1] + slow[1][2:]
+
+    def test_fields_and_guards_take_the_python_path(self, pair):
+        """Keyword fields commit with the state (the Python slow path)."""
+        (a, pa, _), _ = pair
+        assert a.transition(pa, Trigger.EXIT_CONDITION_MET, exit_reason=4) is Outcome.APPLIED
+        assert a.context(pa).exit_reason == 4 and a.state(pa) is State.EXIT_PENDING
+
+
+class TestLifetime:
+    def test_a_kept_call_after_close_raises_closed(self):
+        """A bound call kept past close() says ClosedError (its view is detached), never crashes."""
+        eng = Engine.create(2)
+        pos = eng.open_position(100.0, 1.0)
+        calls = (eng.transition, eng.update_price, eng.price)
+        eng.close()
+        for call, args in zip(calls, ((pos, 0), (pos, 1.0), (pos,)), strict=True):
+            with pytest.raises(EngineError, match="closed"):
+                call(*args)
+        Engine.attach(eng.name).unlink()
+
+    def test_no_reference_cycle(self):
+        """Dropping the last reference detaches at once (the calls hold the Engine weakly)."""
+        eng = Engine.create(2)
+        name, ref = eng.name, weakref.ref(eng)
+        gc.disable()
+        try:
+            del eng
+            assert ref() is None
+        finally:
+            gc.enable()
+        Engine.attach(name).unlink()
