@@ -30,7 +30,6 @@ import numpy.typing as npt
 
 from engine import segment
 from engine._native import ffi, lib
-
 from engine.accounts import LIMITS, Account, account_from_row, from_units, to_units
 from engine.errors import (
     ArgumentError,
