@@ -60,6 +60,11 @@ _BUSY_TRIES = lib.ENG_REDIS_BUSY_TRIES
 _WAIT_SLICE_MS = 1000                      # XREAD BLOCK at most this long per round trip
 _DEFAULT_TIMEOUT_S = 5.0
 _HIST_BUCKETS = lib.ENG_HIST_BUCKETS
+#: an APPLIED reply of tx, gcommit and release is >= this and carries the
+#: commit's state words (see ``committed`` in redis_functions.lua)
+_COMMITTED = 1 << 30
+_GEN_SHIFT = lib.ENG_SW_GEN_SHIFT
+_GEN_MASK = lib.ENG_SW_GEN_MASK
 #: the operation (metrics) each function counts under, for latency samples
 _OP_OF = {"tx": lib.ENG_OP_TRANSITION, "gcommit": lib.ENG_OP_TRANSITION_CTX,
           "open": lib.ENG_OP_OPEN, "upd": lib.ENG_OP_PRICE, "upds": lib.ENG_OP_PRICE_BATCH,
@@ -89,7 +94,7 @@ def _constants() -> str:
              "CONFLICT": lib.ENG_CONFLICT, "REJECTED": lib.ENG_REJECTED,
              "HALTED": lib.ENG_HALTED, "MAX_TRIGGERS": lib.ENG_MAX_TRIGGERS,
              "RULE_GUARDED": lib.ENG_RULE_GUARDED, "RULE_TARGET_MASK": lib.ENG_RULE_TARGET_MASK,
-             "MONEY_SCALE": lib.ENG_MONEY_SCALE}
+             "MONEY_SCALE": lib.ENG_MONEY_SCALE, "COMMITTED": _COMMITTED}
     for n in dir(lib):
         if n.startswith("ENG_E") and isinstance(getattr(lib, n), int):
             names[n[4:]] = getattr(lib, n)
@@ -106,6 +111,14 @@ _SCRIPT = (f"{_PRELUDE}local F = {{}}\nlocal function REG(n, f) F[n] = f end\n{_
            "local args = {}\nfor i = 2, #ARGV do args[i - 1] = ARGV[i] end\n"
            "return F[ARGV[1]](KEYS, args)\n")
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+
+
+def _commit_words(reply: int) -> tuple[int, int]:
+    """The (old, new) state words, as C lays them out, of a committed() reply."""
+    info = reply - _COMMITTED
+    gen, a, b = info >> 10, (info >> 5) & 31, info & 31
+    old = (1 << (a - 1) if a else 0) | ((gen - 1) & _GEN_MASK) << _GEN_SHIFT
+    return old, (1 << (b - 1) if b else 0) | gen << _GEN_SHIFT
 
 
 def _redis() -> Any:
@@ -275,6 +288,8 @@ class RedisStore:
         self.prefixes = [k[:-1] for k in self.meta_keys]
         self._books = ffi.new("eng_books *")
         self.last_books = self._books[0]
+        self._initial = int(meta[b"initial"]).bit_length()   # state index + 1
+        self._last = _COMMITTED   # the last commit's committed() reply
         self.last_amount = 0
         self._next = 0
         self._token = secrets.token_hex(8)
@@ -398,6 +413,24 @@ class RedisStore:
             self._max_ns[op] = max(self._max_ns[op], ns)
         return r
 
+    @property
+    def last_old_word(self) -> int:
+        """The state word before this store's last APPLIED commit (as C's eng_seg)."""
+        return _commit_words(self._last)[0]
+
+    @property
+    def last_new_word(self) -> int:
+        """The state word after this store's last APPLIED commit (as C's eng_seg)."""
+        return _commit_words(self._last)[1]
+
+    def _applied(self, reply: Any) -> int:
+        """The code of a tx / gcommit / release reply (keeping a commit's words)."""
+        rc = int(reply)
+        if rc >= _COMMITTED:
+            self._last = rc
+            return lib.ENG_APPLIED
+        return rc
+
     def _key_shard(self, key: bytes) -> int:
         return zlib.crc32(key) % self.shards
 
@@ -448,6 +481,7 @@ class RedisStore:
             if rc == 0:
                 out[0] = int(r[2]) << _SLOT_BITS | int(r[1])
                 out_word[0] = 0
+                self._last = _COMMITTED + (int(r[3]) & _GEN_MASK) * 1024 + self._initial
                 return 0
             if len(r) > 2:
                 self._keep_books(r[1], r[2:])
@@ -509,7 +543,7 @@ class RedisStore:
 
     def eng_release_position(self, seg: Any, id: int) -> int:
         sp = self._split(id)
-        return sp if isinstance(sp, int) else int(self._call(sp[0], "release", sp[1]))
+        return sp if isinstance(sp, int) else self._applied(self._call(sp[0], "release", sp[1]))
 
     def _trigger(self, trigger: int) -> int:
         """The trigger as C takes it: a uint32 (else OverflowError, as cffi)."""
@@ -528,7 +562,7 @@ class RedisStore:
         if trigger >= self.n_triggers:
             return lib.ENG_EBADTRIGGER
         for attempt in range(_BUSY_TRIES):
-            rc = int(self._call(sp[0], "tx", sp[1], trigger, mask, upd))
+            rc = self._applied(self._call(sp[0], "tx", sp[1], trigger, mask, upd))
             if rc != lib.ENG_EBUSY:
                 return rc
             time.sleep(min(50e-6 * 2 ** min(attempt, 6), 2e-3))
@@ -576,7 +610,8 @@ class RedisStore:
         if verdict not in (0, 1):
             self._call(slot, "gunlock", token)
             return lib.ENG_EGUARDFAIL
-        return int(self._call(slot, "gcommit", op, trigger, token, verdict, mask, upd))
+        return self._applied(self._call(slot, "gcommit", op, trigger, token, verdict, mask,
+                                        upd))
 
     def eng_state(self, seg: Any, id: int) -> int:
         sp = self._split(id)

@@ -766,6 +766,20 @@ class TestSnapshot:
         engine.update_price(pos, 150.0)
         assert rows["price"][0] == 100.0
 
+    def test_transitions_counts_releases(self, make_engine):
+        """A slot's ``transitions`` counts every commit on it: opens, transitions
+        and releases (a reopened slot carries its previous openings' commits)."""
+        eng = make_engine(capacity=1)
+        pos = opened(eng)                                  # open, POSITION_OPENED
+        for t in (Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED, Trigger.EXIT_COMPLETED):
+            eng.transition(pos, t)
+        eng.release_position(pos)
+        again = eng.open_position(100.0, 1.0)
+        (row,) = eng.snapshot()
+        assert row["id"] == again
+        assert row["transitions"] == 7                     # 2 + 3 + release + open
+        assert row["generation"] == 7
+
 
 # ---------------------------------------------------------------------------------
 OUTCOME_FIELDS = ("applied", "invalid", "conflicts", "rejected", "halted", "errors")
