@@ -44,8 +44,8 @@ from engine.errors import (
     raise_for,
 )
 from engine.metrics import Metrics, read_metrics
-from engine.redis_backend import RedisStore, check_url
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, PriceSnapshot
+from engine.redis_backend import RedisStore, check_url
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome
 
 __all__ = ["Engine", "Handle", "RecoveryReport"]
@@ -204,7 +204,8 @@ class Engine:
         self._seg = ffi.new("eng_seg *")
         # registered before attaching: an exception at any point after the C
         # call (a signal handler's included) still frees the registry entry
-        self._finalizer = weakref.finalize(self, _detach, self._seg, self._buf, mm)
+        self._finalizer: weakref.finalize[..., Any] = weakref.finalize(
+            self, _detach, self._seg, self._buf, mm)
         rc = lib.eng_attach(self._seg, self._buf, len(mm),
                             spec.fingerprint if check_spec else 0, fd)
         if rc:
@@ -961,7 +962,8 @@ class Engine:
         """Close an account with no open position; its id goes stale.
         Returns its last books."""
         last = self.account(account)
-        self._account_call(self._lib.eng_close_account(self._seg, self._account_id(account)), account)
+        self._account_call(self._lib.eng_close_account(self._seg, self._account_id(account)),
+                           account)
         return last
 
     def account(self, account: int) -> Account:

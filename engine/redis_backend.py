@@ -53,7 +53,8 @@ _SLOT_MASK = lib.ENG_ID_SLOT_MASK
 _F8 = struct.Struct("<d")
 _Q = struct.Struct("<q")
 _PRICE_OUT = struct.Struct("<32sQ")      # the 32 bytes of the record, then the version
-_ROW_HEAD = struct.Struct("<QIIIIQ32sQQ")  # id slot state generation locked transitions | price record | pv cv
+#: id slot state generation locked transitions | price record | pv cv
+_ROW_HEAD = struct.Struct("<QIIIIQ32sQQ")
 _SNAP = struct.Struct("<IIII3d")            # what snap returns before the record bytes
 _GUARD_TTL_MS = lib.ENG_REDIS_GUARD_TTL_MS
 _BUSY_TRIES = lib.ENG_REDIS_BUSY_TRIES
@@ -140,6 +141,7 @@ class _Conn:
         use_functions = query.pop("functions", "1") != "0"
         base = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items()))
         self.cluster = parts.scheme == "redis+cluster"
+        self.client: Any   # redis.Redis or redis.cluster.RedisCluster
         opts = {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout}
         try:
             if self.cluster:
@@ -472,7 +474,8 @@ class RedisStore:
         else:
             self._next += 1
             shards = [(self._next + i) % self.shards for i in range(self.shards)]
-        if self.roles["entry"] >= 0 and not _positive(_F8.unpack_from(rec, 8 * self.roles["entry"])[0]):
+        entry = self.roles["entry"]
+        if entry >= 0 and not _positive(_F8.unpack_from(rec, 8 * entry)[0]):
             return lib.ENG_EBADPRICE
         rc = lib.ENG_EFULL
         for s in shards:
@@ -710,7 +713,8 @@ class RedisStore:
         results = []
         for s, idx in self._by_shard(a):
             slots, ops = self._packed(a, idx)
-            args = (slots, ops) if extra is None else (slots, ops, extra[idx].astype("<u4").tobytes())
+            args = ((slots, ops) if extra is None
+                    else (slots, ops, extra[idx].astype("<u4").tobytes()))
             r = self._fn(self.meta_keys[s], fn, *args)
             if r[0]:
                 bad[0] = int(idx[int(r[1])])

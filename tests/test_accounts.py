@@ -18,8 +18,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-BACKENDS = ("shm", "redis")
-
 from engine import (
     Account,
     ArgumentError,
@@ -37,6 +35,8 @@ from engine import (
 )
 from engine._native import lib
 from engine.accounts import from_units, money_of, to_units
+
+BACKENDS = ("shm", "redis")
 
 CLOSE = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
          Trigger.EXIT_COMPLETED)

@@ -12,8 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-BACKENDS = ("shm", "redis")
-
 from engine import (
     ArgumentError,
     BusyError,
@@ -37,6 +35,8 @@ from engine import (
     WaitTimeout,
 )
 from engine._native import lib
+
+BACKENDS = ("shm", "redis")
 
 BAD_PRICES = [math.nan, math.inf, -math.inf, 0.0, -0.0, -1.0, -1e-300]
 BAD_PRICE_IDS = ["nan", "inf", "-inf", "zero", "-zero", "negative", "tiny-negative"]

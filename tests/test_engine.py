@@ -19,8 +19,6 @@ import numpy as np
 import posix_ipc
 import pytest
 
-BACKENDS = ("shm", "redis")
-
 from engine import (
     POSITION_SPEC,
     CapacityError,
@@ -38,6 +36,8 @@ from engine import (
     WaitTimeout,
 )
 from engine._native import lib
+
+BACKENDS = ("shm", "redis")
 
 GEN_SHIFT = lib.ENG_SW_GEN_SHIFT
 GEN_MASK = lib.ENG_SW_GEN_MASK

@@ -29,8 +29,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from procs import READY_TIMEOUT, collect, sigkill, timed, until
 
-BACKENDS = ("shm", "redis")
-
 from engine import (
     ORDER_SPEC,
     ArgumentError,
@@ -46,6 +44,8 @@ from engine import (
     StaleIdError,
 )
 from engine._native import lib
+
+BACKENDS = ("shm", "redis")
 
 KEY_MAX = lib.ENG_KEY_MAX
 ANSWER_BOUND = 2.0      # seconds: an insert over a dead inserter's leftovers returns within this

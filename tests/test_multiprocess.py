@@ -13,10 +13,10 @@ import traceback
 from typing import Any
 
 import pytest
+from procs import until
 
 from engine import Engine, Outcome, State, Trigger, WaitTimeout
 from engine._native import lib
-from procs import until
 
 BACKENDS = ("shm", "redis")
 

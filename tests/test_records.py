@@ -25,8 +25,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from procs import collect
 
-BACKENDS = ("shm", "redis")
-
 from engine import (
     ORDER_SPEC,
     POSITION_SPEC,
@@ -47,6 +45,8 @@ from engine import (
 )
 from engine._native import lib
 from engine.records import RecordLayout
+
+BACKENDS = ("shm", "redis")
 
 START_TIMEOUT = 60.0      # spawned interpreters import numpy and cffi: slow on a busy host
 MAX_WORDS = lib.ENG_MAX_FIELD_WORDS
