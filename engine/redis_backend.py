@@ -970,6 +970,13 @@ class RedisStore:
     def eng_set_faults(self, seg: Any, flags: int, pause_ns: int) -> int:
         return lib.ENG_EBADARG
 
+    def latency(self) -> tuple[np.ndarray, list[int]]:
+        """This Engine's sampled round trips: a log2 histogram per operation
+        (``ENG_OP_COUNT`` x ``ENG_HIST_BUCKETS``, as C's shards) and the
+        maximum per operation, in ns.  Nothing on the server holds them: a
+        tool that wants every process's latency collects these."""
+        return self._hist.copy(), list(self._max_ns)
+
     def metrics(self) -> Metrics:
         """Counts per operation, summed over the shards (every client's
         calls); latency percentiles are of this Engine's sampled round trips."""

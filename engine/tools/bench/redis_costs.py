@@ -160,6 +160,7 @@ def _probe(port: int, handle: Handle, seconds: float, results: Any) -> None:
                              "server_us": server[k]} for k in KINDS}}
         eng.close()
         conn.disconnect()
+        r.delete("probe:s")
         r.close()
     except Exception as e:   # reported, not raised: the bench carries on
         out = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
