@@ -426,7 +426,10 @@ def run_cases(plan: Plan) -> Results:
             seconds = max(1.0, 2 * plan.seconds)
             print(f"  engine on Redis: cost per call against a raw EVALSHA round trip "
                   f"({seconds:g} s of interleaved rounds) ...", flush=True)
-            res.redis_costs = redis_costs.measure(shared_redis().port, seconds)
+            try:
+                res.redis_costs = redis_costs.measure(shared_redis().port, seconds)
+            except Exception as e:   # reported with the rest; the cases stand
+                res.redis_costs = {"error": f"{type(e).__name__}: {e}"}
     finally:
         stop_shared_redis()
     res.elapsed = time.monotonic() - t_begin
