@@ -107,6 +107,9 @@ _ROW_HEAD = struct.Struct("<QIIIIQ32sQQ")
 _SNAP = struct.Struct("<IIII3d")            # what snap returns before the record bytes
 _WAIT_SLICE_MS = 1000                      # XREAD BLOCK at most this long per round trip
 _DEFAULT_TIMEOUT_S = 5.0
+#: an APPLIED reply of tx, gcommit and release is >= this and carries the
+#: commit's state words (see ``committed`` in redis_functions.lua)
+_COMMITTED = 1 << 30
 #: the operation (metrics) each function counts under, for latency samples
 _OP_OF = {"tx": OP_TRANSITION, "gcommit": OP_TRANSITION_CTX,
           "open": OP_OPEN, "upd": OP_PRICE, "upds": OP_PRICE_BATCH,
@@ -129,7 +132,7 @@ def _constants() -> str:
              "CONFLICT": CONFLICT, "REJECTED": REJECTED,
              "HALTED": HALTED, "MAX_TRIGGERS": MAX_TRIGGERS,
              "RULE_GUARDED": RULE_GUARDED, "RULE_TARGET_MASK": RULE_TARGET_MASK,
-             "MONEY_SCALE": MONEY_SCALE}
+             "MONEY_SCALE": MONEY_SCALE, "COMMITTED": _COMMITTED}
     for n in dir(lib):
         if n.startswith("ENG_E") and isinstance(getattr(lib, n), int):
             names[n[4:]] = getattr(lib, n)
@@ -146,6 +149,24 @@ _SCRIPT = (f"{_PRELUDE}local F = {{}}\nlocal function REG(n, f) F[n] = f end\n{_
            "local args = {}\nfor i = 2, #ARGV do args[i - 1] = ARGV[i] end\n"
            "return F[ARGV[1]](KEYS, args)\n")
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+
+
+def _commit_words(reply: int) -> tuple[int, int]:
+    """The (old, new) state words, as C lays them out, of a committed() reply."""
+    info = reply - _COMMITTED
+    gen, a, b = info >> 10, (info >> 5) & 31, info & 31
+    old = (1 << (a - 1) if a else 0) | ((gen - 1) & SW_GEN_MASK) << SW_GEN_SHIFT
+    return old, (1 << (b - 1) if b else 0) | gen << SW_GEN_SHIFT
+
+
+def _bulk(a: Any, encode: Any) -> bytes:
+    """One argument as a RESP bulk string, as redis-py's ``pack_command``
+    would send it: ints in decimal, str in UTF-8, bytes as they are, and
+    anything else through redis-py's encoder (its conversions and its
+    refusals: a bool, a numpy scalar, ... raise redis.DataError)."""
+    c = a.__class__
+    b = b"%d" % a if c is int else a if c is bytes else a.encode() if c is str else encode(a)
+    return b"$%d\r\n%s\r\n" % (len(b), b)
 
 
 def _redis() -> Any:
@@ -167,8 +188,8 @@ class _Conn:
         use_functions = query.pop("functions", "1") != "0"
         base = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items()))
         self.cluster = parts.scheme == "redis+cluster"
+        self.client: Any   # redis.Redis or redis.cluster.RedisCluster
         opts = {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout}
-        self.client: Any
         self.conn: Any
         try:
             if self.cluster:
@@ -183,6 +204,9 @@ class _Conn:
         except (redis.RedisError, OSError, ValueError) as e:
             raise ServerError(f"cannot connect to {url}: {e}") from None
         self.url = url
+        #: per (function, shard key): the packed head of its command and the
+        #: head's number of parts (see call)
+        self._heads: dict[tuple[str, str | bytes], tuple[bytes, int]] = {}
         self.errors = (redis.RedisError, OSError)
         self.noscript = redis.exceptions.NoScriptError
         self.reply_error = redis.ResponseError
@@ -214,20 +238,56 @@ class _Conn:
             if "already exists" not in str(e):
                 raise
 
-    def call(self, key: str | bytes, fn: str, *args: Any) -> Any:
-        """Run function ``fn`` of the library on the shard of ``key``."""
+    def _cmd(self, key: str | bytes, fn: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if self.functions:
-            cmd: tuple[Any, ...] = ("FCALL", f"e{_VERSION}_{fn}", 1, key, *args)
-        else:
-            cmd = ("EVALSHA", _SCRIPT_SHA, 1, key, fn, *args)
+            return ("FCALL", f"e{_VERSION}_{fn}", 1, key, *args)
+        return ("EVALSHA", _SCRIPT_SHA, 1, key, fn, *args)
+
+    def _head(self, fn: str, key: str | bytes, enc: Any) -> tuple[bytes, int]:
+        """The constant start of ``fn``'s command on ``key`` (FCALL name 1 key,
+        or EVALSHA sha 1 key fn), packed once."""
+        head = self._cmd(key, fn, ())
+        self._heads[fn, key] = out = (b"".join(_bulk(a, enc) for a in head), len(head))
+        return out
+
+    def call(self, key: str | bytes, fn: str, *args: Any) -> Any:
+        """Run function ``fn`` of the library on the shard of ``key``: one round trip.
+
+        On one server the command is packed here (what ``pack_command`` would
+        send, byte for byte), its head once per function and shard: redis-py's
+        generic packing was a tenth of the client's time per call."""
+        conn = self.conn
         try:
+            if conn is None:
+                cmd = self._cmd(key, fn, args)
+                try:
+                    return self._run(cmd)
+                except self.noscript:
+                    self._run(("SCRIPT", "LOAD", _SCRIPT), key)
+                    return self._run(cmd)
+            enc = conn.encoder.encode
+            head, n = self._heads.get((fn, key)) or self._head(fn, key, enc)
+            packed = b"".join([b"*%d\r\n" % (n + len(args)), head,
+                               *[_bulk(a, enc) for a in args]])
             try:
-                return self._run(cmd)
+                return self._send(conn, packed)
             except self.noscript:
-                self._run(("SCRIPT", "LOAD", _SCRIPT), key)
-                return self._run(cmd)
+                self._run(("SCRIPT", "LOAD", _SCRIPT))
+                return self._send(conn, packed)
         except self.errors as e:
             raise ServerError(f"{self.url}: {fn} failed: {e}") from None
+
+    def _send(self, conn: Any, packed: bytes) -> Any:
+        """Send a packed command on the connection and read its reply."""
+        try:
+            conn.send_packed_command((packed,))
+            return conn.read_response()
+        except self.reply_error:
+            raise   # the whole reply was read: the connection is in step
+        except BaseException:
+            # a reply may be in flight (a signal, a timeout): never read it as the next one's
+            conn.disconnect()
+            raise
 
     def _run(self, cmd: tuple[Any, ...], key: Any = None) -> Any:
         if self.conn is None:
@@ -317,6 +377,8 @@ class RedisStore:
         self.prefixes = [k[:-1] for k in self.meta_keys]
         self._books = ffi.new("eng_books *")
         self.last_books = self._books[0]
+        self._initial = int(meta[b"initial"]).bit_length()   # state index + 1
+        self._last = _COMMITTED   # the last commit's committed() reply
         self.last_amount = 0
         self._next = 0
         self._token = secrets.token_hex(8)
@@ -445,6 +507,24 @@ class RedisStore:
             self._max_ns[op] = max(self._max_ns[op], ns)
         return r
 
+    @property
+    def last_old_word(self) -> int:
+        """The state word before this store's last APPLIED commit (as C's eng_seg)."""
+        return _commit_words(self._last)[0]
+
+    @property
+    def last_new_word(self) -> int:
+        """The state word after this store's last APPLIED commit (as C's eng_seg)."""
+        return _commit_words(self._last)[1]
+
+    def _applied(self, reply: Any) -> int:
+        """The code of a tx / gcommit / release reply (keeping a commit's words)."""
+        rc = int(reply)
+        if rc >= _COMMITTED:
+            self._last = rc
+            return APPLIED
+        return rc
+
     def _key_shard(self, key: bytes) -> int:
         return zlib.crc32(key) % self.shards
 
@@ -502,6 +582,7 @@ class RedisStore:
             if rc == 0:
                 out[0] = int(r[2]) << ID_SLOT_BITS | int(r[1])
                 out_word[0] = 0
+                self._last = _COMMITTED + (int(r[3]) & SW_GEN_MASK) * 1024 + self._initial
                 return 0
             if len(r) > 2:
                 self._keep_books(r[1], r[2:])
@@ -563,7 +644,7 @@ class RedisStore:
 
     def eng_release_position(self, seg: Any, id: int) -> int:
         sp = self._split(id)
-        return sp if isinstance(sp, int) else int(self._call(sp[0], "release", sp[1]))
+        return sp if isinstance(sp, int) else self._applied(self._call(sp[0], "release", sp[1]))
 
     def _trigger(self, trigger: int) -> int:
         """The trigger as C takes it: a uint32 (else OverflowError, as cffi)."""
@@ -582,7 +663,7 @@ class RedisStore:
         if trigger >= self.n_triggers:
             return EBADTRIGGER
         for attempt in range(REDIS_BUSY_TRIES):
-            rc = int(self._call(sp[0], "tx", sp[1], trigger, mask, upd))
+            rc = self._applied(self._call(sp[0], "tx", sp[1], trigger, mask, upd))
             if rc != EBUSY:
                 return rc
             time.sleep(min(50e-6 * 2 ** min(attempt, 6), 2e-3))
@@ -630,7 +711,8 @@ class RedisStore:
         if verdict not in (0, 1):
             self._call(slot, "gunlock", token)
             return EGUARDFAIL
-        return int(self._call(slot, "gcommit", op, trigger, token, verdict, mask, upd))
+        return self._applied(self._call(slot, "gcommit", op, trigger, token, verdict, mask,
+                                        upd))
 
     def eng_state(self, seg: Any, id: int) -> int:
         sp = self._split(id)
@@ -939,6 +1021,13 @@ class RedisStore:
 
     def eng_set_faults(self, seg: Any, flags: int, pause_ns: int) -> int:
         return EBADARG
+
+    def latency(self) -> tuple[np.ndarray, list[int]]:
+        """This Engine's sampled round trips: a log2 histogram per operation
+        (``ENG_OP_COUNT`` x ``ENG_HIST_BUCKETS``, as C's shards) and the
+        maximum per operation, in ns.  Nothing on the server holds them: a
+        tool that wants every process's latency collects these."""
+        return self._hist.copy(), list(self._max_ns)
 
     def metrics(self) -> Metrics:
         """Counts per operation, summed over the shards (every client's

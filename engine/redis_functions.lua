@@ -12,7 +12,8 @@
 --   P.."free"     list  free slots of this shard
 --   P.."open"     set   open slots of this shard (snapshot)
 --   P.."p:"..slot hash  op (opening count), st (one-hot state, 0 when free),
---                       gen, ctr (committed transitions), rec (the record's
+--                       gen, ctr (commits: opens, transitions and releases,
+--                       as C's transitions counter), rec (the record's
 --                       words, little-endian, as C lays them out), cv (record
 --                       version), pr (price, ts_ns, pnl_pct, pnl_usd: 32 bytes
 --                       as eng_price_out), pv (price version), tok (token)
@@ -48,6 +49,18 @@ local OUTCOME = {[APPLIED] = 'applied', [INVALID] = 'invalid', [CONFLICT] = 'con
 local function outcome(P, op, rc)
     if rc ~= EBUSY then count(P, op, OUTCOME[rc] or 'errors') end
     return rc
+end
+
+-- An APPLIED reply of tx, gcommit and release carries the commit's state
+-- words (what C leaves in eng_seg.last_old_word / last_new_word: the stress
+-- tool logs them) in one integer: COMMITTED + (gen mod 2^16) * 1024 +
+-- (from + 1) * 32 + (to + 1), from and to the state indexes before and after
+-- (-1: a free slot), gen the generation after.  Every reply >= COMMITTED is
+-- APPLIED; every other reply is the plain code.
+local function committed(old_st, new_st, gen)
+    local a = old_st == 0 and 0 or IDX[old_st] + 1
+    local b = new_st == 0 and 0 or IDX[new_st] + 1
+    return COMMITTED + (gen % 65536) * 1024 + a * 32 + b
 end
 
 -- the state of opening `op` of slot p (a position key), or nil and the error
@@ -214,7 +227,8 @@ local function book_close(P, p, rec)
     return 0
 end
 
--- commit target index `target` on position p (state st): fields, booking, wake
+-- commit target index `target` on position p (state st): fields, booking, wake;
+-- returns APPLIED and its committed() reply, or an error code
 local function commit(P, slot, p, st, target, mask, upd)
     local new = 2 ^ target
     local rec = redis.call('HGET', p, 'rec')
@@ -229,13 +243,14 @@ local function commit(P, slot, p, st, target, mask, upd)
         redis.call('HINCRBY', p, 'cv', 1)
     end
     redis.call('HSET', p, 'st', new)
-    redis.call('HINCRBY', p, 'gen', 1)
+    local gen = redis.call('HINCRBY', p, 'gen', 1)
     redis.call('HINCRBY', p, 'ctr', 1)
     redis.call('XADD', P .. 'w:' .. slot, 'MAXLEN', '1', '*', 's', new)
-    return APPLIED
+    return APPLIED, committed(st, new, gen)
 end
 
--- one transition of (slot, op) by trigger; guarded rules answer EGUARDED
+-- one transition of (slot, op) by trigger; guarded rules answer EGUARDED;
+-- an APPLIED one returns committed() as a second value
 local function transition(P, slot, op, trigger, mask, upd, guard_token)
     local p = P .. 'p:' .. slot
     local st, err = live(p, op)
@@ -255,8 +270,10 @@ REG('tx', function(keys, args)
     local op = 'transition'
     local mask = tonumber(args[4])
     if mask > 0 then op = 'transition_ctx' end
-    local rc = transition(P, args[1], tonumber(args[2]), tonumber(args[3]), mask, args[5], nil)
-    return outcome(P, op, rc)
+    local rc, applied = transition(P, args[1], tonumber(args[2]), tonumber(args[3]), mask,
+                                   args[5], nil)
+    outcome(P, op, rc)
+    return applied or rc
 end)
 
 -- take a guard's lock: returns {code, state index, rec, cv, pr, pv}
@@ -282,12 +299,13 @@ REG('gcommit', function(keys, args)
     if redis.call('GET', gk) ~= token then
         return outcome(P, 'transition_ctx', CONFLICT)   -- expired: another may have moved it
     end
-    local rc = REJECTED
+    local rc, applied = REJECTED, nil
     if allow == '1' then
-        rc = transition(P, slot, op, trigger, tonumber(args[6]), args[7], token)
+        rc, applied = transition(P, slot, op, trigger, tonumber(args[6]), args[7], token)
     end
     redis.call('DEL', gk)
-    return outcome(P, 'transition_ctx', rc)
+    outcome(P, 'transition_ctx', rc)
+    return applied or rc
 end)
 
 REG('gunlock', function(keys, args)
@@ -427,7 +445,7 @@ end)
 
 -- open: args slot hint unused; rec words; token (decimal); ts (8 bytes);
 -- key (or ''); account number and opening ('0' '0' for none)
--- returns {0, slot, op} or {code}
+-- returns {0, slot, op, gen} (gen: the slot's generation after the opening) or {code}
 REG('open', function(keys, args)
     local P = tag(keys)
     local rec, tok, ts, key, an, aop = args[1], args[2], args[3], args[4], args[5], tonumber(args[6])
@@ -480,7 +498,7 @@ REG('open', function(keys, args)
                'pr', price_rec(P, rec, first, ts))
     redis.call('HINCRBY', p, 'cv', 1)
     redis.call('HINCRBY', p, 'pv', 1)
-    redis.call('HINCRBY', p, 'gen', 1)
+    local gen = redis.call('HINCRBY', p, 'gen', 1)
     redis.call('HINCRBY', p, 'ctr', 1)
     redis.call('SADD', P .. 'open', slot)
     redis.call('SADD', P .. 't:' .. tok, slot)
@@ -490,7 +508,7 @@ REG('open', function(keys, args)
         redis.call('RPUSH', P .. 'pk:' .. slot, key)
     end
     count(P, 'open', 'applied')
-    return {0, tonumber(slot), op}
+    return {0, tonumber(slot), op, gen}
 end)
 
 REG('bind', function(keys, args)
@@ -546,12 +564,13 @@ REG('release', function(keys, args)
     end
     redis.call('DEL', P .. 'pk:' .. slot)
     redis.call('HSET', p, 'st', 0)
-    redis.call('HINCRBY', p, 'gen', 1)
+    local gen = redis.call('HINCRBY', p, 'gen', 1)
+    redis.call('HINCRBY', p, 'ctr', 1)   -- a release is a commit (C counts it too)
     redis.call('SREM', P .. 'open', slot)
     redis.call('SREM', P .. 't:' .. tok, slot)
     redis.call('RPUSH', P .. 'free', slot)
     redis.call('XADD', P .. 'w:' .. slot, 'MAXLEN', '1', '*', 's', 0)
-    return APPLIED
+    return committed(st, 0, gen)
 end)
 
 -- the wait stream's last id (before blocking on it), or {code}

@@ -15,11 +15,6 @@ import multiprocessing
 import os
 import pathlib
 import secrets
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,6 +22,7 @@ import posix_ipc
 import pytest
 
 from engine import Engine, SegmentNotFoundError
+from engine.tools.redis_server import PrivateRedis
 
 SHM_DIR = pathlib.Path("/dev/shm")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -59,51 +55,15 @@ def _exists(eng: Engine) -> bool:
 
 
 # -- the Redis server the "redis" runs use -------------------------------------------------
-class RedisServer:
-    """A private redis-server on a free loopback port, persistence off."""
-
-    def __init__(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed: run `make test`, which installs it")
-        self.dir = tempfile.TemporaryDirectory(prefix="engine-test-redis-")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir.name],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.dir.cleanup()
-
-
-_server: RedisServer | None = None
+_server: PrivateRedis | None = None
 
 
 def redis_url() -> str:
-    """The session's Redis server (started on first use)."""
+    """The session's Redis server: a private redis-server on a free loopback
+    port, persistence off (started on first use)."""
     global _server
     if _server is None:
-        _server = RedisServer()
+        _server = PrivateRedis(prefix="engine-test-redis-")
     return _server.url
 
 

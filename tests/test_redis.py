@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from conftest import RedisServer, redis_url
+from conftest import redis_url
 from procs import collect, exit_guarded_spec, sigkill, timed, until
 
 from engine import (
@@ -42,6 +42,7 @@ from engine import (
     WaitTimeout,
 )
 from engine._native import lib
+from engine.tools.redis_server import PrivateRedis
 
 TTL_S = lib.ENG_REDIS_GUARD_TTL_MS / 1000
 
@@ -324,7 +325,7 @@ class TestKills:
     def test_server_gone_mid_run(self):
         """The server dies: the next call, and a wait in progress, raise
         ServerError within the url's timeout; nothing hangs."""
-        server = RedisServer()
+        server = PrivateRedis()
         try:
             e = Engine.create(4, url=server.url + "?timeout=2")
             pos = opened(e)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import socket
 import subprocess
 import sys
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import redis_url
 
 from engine import State, _native
 from engine.metrics import OpMetrics, check_alerts
@@ -73,6 +75,11 @@ def assert_gone(res: StressResult) -> None:
     """The run removed its segment and its start gate (also used by the
     order and account workload tests)."""
     assert res.segment and not (SHM / res.segment).exists()
+    assert_gone_gate(res)
+
+
+def assert_gone_gate(res: StressResult) -> None:
+    """The run removed its start gate."""
     assert res.gate and not (SHM / ("sem." + res.gate.lstrip("/"))).exists()
 
 
@@ -296,3 +303,133 @@ class TestLayers:
         self.fresh("import sys, engine; "
                    "assert not [m for m in sys.modules if m.startswith('engine.tools')]; "
                    "assert not hasattr(engine, 'tools')")
+
+
+# -- on Redis ------------------------------------------------------------------------------
+def redis_keys_of(url: str, name: str) -> list[bytes]:
+    """The keys an engine named ``name`` still has on the server at ``url``."""
+    import redis
+
+    with redis.Redis.from_url(url) as r:
+        return list(r.scan_iter(match=f"eng:{{{name}:*"))
+
+
+class TestCommitWords:
+    def test_redis_reports_what_c_leaves_in_eng_seg(self, tmp_path: pathlib.Path) -> None:
+        """The same commits on both backends (an open, a lifecycle with a field
+        update, a release, a reopen of the slot) log the same links, which
+        verify against the slot's counter and final word: the server's
+        functions report each commit's states and generation as C leaves
+        them in ``eng_seg``."""
+        from engine import Engine, Trigger
+        from engine.tools.stress.codec import LinkLog
+
+        steps = [("open", None), ("tx", Trigger.POSITION_OPENED),
+                 ("tx", Trigger.EXIT_CONDITION_MET), ("tx", Trigger.EXIT_STARTED),
+                 ("tx", Trigger.EXIT_COMPLETED), ("release", None), ("open", None)]
+        logged = []
+        for url in (None, redis_url()):
+            eng = Engine.create(capacity=1, url=url)
+            try:
+                path = tmp_path / f"{'redis' if url else 'shm'}.bin"
+                log = LinkLog(eng, str(path), 0)
+                pos = 0
+                for what, trigger in steps:
+                    if what == "open":
+                        pos = eng.open_position(100.0, 1.0)
+                    elif what == "release":
+                        eng.release_position(pos)
+                    else:
+                        assert eng.transition(pos, trigger, exit_reason=2) == 0
+                    log.record(0)
+                log.close()
+                links = decode_links(np.fromfile(path, dtype=np.uint64))
+                counters = np.array([eng.snapshot()["transitions"][0]], dtype=np.uint64)
+                words = np.array([eng.state_word(0)], dtype=np.uint64)
+                assert verify_chains(links, counters, words).violations == 0
+                logged.append(links)
+            finally:
+                eng.close()
+                eng.unlink()
+        cols = ["old_state", "old_gen", "new_state", "new_gen"]
+        shm, on_redis = (links[cols].tolist() for links in logged)
+        assert shm == on_redis
+        assert on_redis[:2] == [(0, 0, State.CREATED, 1), (State.CREATED, 1, State.MONITORING, 2)]
+        assert on_redis[5] == (State.CLOSED, 5, 0, 6)          # the release
+
+
+class TestRunStressOnRedis:
+    """``url=``: the same workloads and checks against an engine on Redis (the
+    session's server), the workers attached through the handle."""
+
+    @pytest.mark.parametrize("mix", ["default", "orders", "accounts"])
+    def test_clean_run(self, mix: str) -> None:
+        """A short run of each workload verifies clean, with every commit's link
+        checked against the server's counters, and leaves no key behind."""
+        url = redis_url()
+        res = run_stress(StressConfig(workers=2, seconds=1.5, mix=mix, url=url,
+                                      sample_every=1))
+        assert res.ops > 0
+        assert res.violations == 0, res.violation_messages
+        v = res.verification
+        assert v["links"] == v["applied"] == v["counters_total"] == v["engine_applied"] > 0
+        assert v["reads_checked"] > 0
+        assert res.url == url and res.notes
+        assert not redis_keys_of(url, res.segment)
+        assert_gone_gate(res)
+
+    def test_latency_is_the_workers(self) -> None:
+        """The latency columns hold the workers' samples (the parent makes no
+        transition): on Redis they come with the workers' summaries."""
+        res = run_stress(StressConfig(workers=2, positions=4, seconds=1.0, url=redis_url(),
+                                      sample_every=1, mix="transitions"))
+        assert res.violations == 0, res.violation_messages
+        tx = next(r for r in res.table if r["op"] == "transition")
+        assert tx["samples"] == tx["attempts"] > 0       # every call timed, by some worker
+        assert 0 < tx["p50_us"] <= tx["p99_us"] <= tx["max_us"]
+
+    def test_c_fault_switches_are_refused(self) -> None:
+        """The C core's fault switches do not exist on Redis: refused before anything starts."""
+        with pytest.raises(ValueError, match="shared-memory C core"):
+            run_stress(StressConfig(workers=1, seconds=1.0, url=redis_url(), fault="skip-gen"))
+
+    def test_bad_url(self) -> None:
+        """A url that is neither a Redis url nor 'auto' is refused."""
+        with pytest.raises(ValueError, match="auto"):
+            StressConfig(workers=1, url="http://localhost/").check()
+
+
+class TestCommandLineOnRedis:
+    def test_url(self, tmp_path: pathlib.Path) -> None:
+        """``stress --url`` runs on that server and says so in the JSON."""
+        url = redis_url()
+        code, data = run_cli(tmp_path, ["--url", url, "--workers", "2", "--seconds", "1"])
+        assert code == 0, data["violation_messages"]
+        assert data["url"] == url and data["violations"] == 0 and data["ops"] > 0
+        assert data["config"]["sample_every"] == 1          # the Redis default
+        assert data["config"]["alert_p99_us"] == 10_000.0
+
+    def test_url_auto(self, tmp_path: pathlib.Path) -> None:
+        """``--url auto`` starts a private redis-server for the run and stops it after."""
+        code, data = run_cli(tmp_path, ["--url", "auto", "--workers", "1", "--seconds", "1"])
+        assert code == 0, data["violation_messages"]
+        url = data["url"]
+        assert url.startswith("redis://127.0.0.1:") and url != redis_url()
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+    def test_fault_is_refused(self, tmp_path: pathlib.Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+        """``--fault skip-gen`` with ``--url`` exits 2 and says why."""
+        args = parse(["stress", "--url", redis_url(), "--seconds", "1", "--fault", "skip-gen",
+                      "--quiet"])
+        assert args.func(args) == 2
+        assert "C core" in capsys.readouterr().err
+
+    def test_help_documents_url(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--help explains --url and its 'auto'."""
+        with pytest.raises(SystemExit):
+            parse(["stress", "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--url URL" in text and "'auto'" in text and "persistence off" in text

@@ -392,3 +392,64 @@ class TestCommandLine:
         segments.add_parsers(sub)
         for argv in (["ls"], ["inspect", "x"], ["rm", "x"], ["top", "x"]):
             assert callable(parser.parse_args(argv).func)
+
+
+# =====================================================================================
+class TestPrivateRedis:
+    def test_starts_answers_and_stops(self):
+        """A private redis-server: on loopback, persistence off, gone after stop()
+        (which may be called again)."""
+        import redis
+
+        from engine.tools.redis_server import PrivateRedis
+
+        with PrivateRedis() as server:
+            assert server.url == f"redis://127.0.0.1:{server.port}/0"
+            with redis.Redis.from_url(server.url) as r:
+                assert r.ping()
+                assert r.config_get("save")["save"] == ""
+                assert r.config_get("appendonly")["appendonly"] == "no"
+            workdir = server.tmp.name
+        assert not os.path.exists(workdir)
+        with pytest.raises(redis.ConnectionError), redis.Redis.from_url(server.url) as r:
+            r.ping()
+        server.stop()
+
+
+class TestBenchOnRedis:
+    def test_engine_on_redis_row_and_costs(self, tmp_path, capsys):
+        """The bench runs the engine on the Redis peer's server: a row per
+        workload, its cost per call against the peer, and the probe of one
+        call against a raw EVALSHA round trip (client CPU, server time) in the
+        report and the JSON; the server is stopped at the end."""
+        import json
+
+        from engine.tools.bench import peers
+        from engine.tools.bench.report import print_report, write_json
+        from engine.tools.bench.runner import Plan, Probe, run_cases
+
+        plan = Plan(seconds=0.2, warmup=0.05, repeat=1, quick=True, workers=[],
+                    systems=["redis", "engine_redis"], workloads=["transition", "update_price"],
+                    layout=[(1, "single")])
+        res = run_cases(plan)
+        assert peers._server is None                        # stopped
+        assert not res.skipped, res.skipped
+        cases = {(c.system, c.workload): c for c in res.cases}
+        for w in plan.workloads:
+            c = cases["engine_redis", w]
+            assert c.error is None and c.ops > 0, c.error
+        assert cases["engine_redis", "transition"].committed_fraction == 1.0
+        costs = res.redis_costs
+        assert costs is not None and "error" not in costs, costs
+        for k in ("evalsha_raw", "evalsha", "peer_transition", "engine_transition"):
+            m = costs["kinds"][k]
+            assert m["wall_us"] > 0 and m["client_cpu_us"] > 0 and m["server_us"] > 0, (k, m)
+        assert set(costs["ratios"]) >= {"transition_vs_evalsha", "transition_vs_evalsha_raw"}
+        summary = print_report(plan, res)
+        out = capsys.readouterr().out
+        assert "engine on Redis" in out and "raw EVALSHA round trip" in out
+        assert set(summary["engine_redis_vs_redis"]) == set(plan.workloads)
+        write_json(tmp_path / "bench.json", plan, Probe(None, 0.0), res, summary)
+        doc = json.loads((tmp_path / "bench.json").read_text())
+        assert doc["redis_costs"]["kinds"]["engine_transition"]["wall_us"] > 0
+        assert any("EVALSHA" in t["target"] for t in doc["targets"])

@@ -14,9 +14,12 @@ budget each:
     consistently.
 
 The systems (the engine; RawArray+Lock, plain and tuned; Manager dicts
-under two kinds of lock; atomicshm; Redis) are in ``peers``; how a case
-runs and what is measured, in ``runner``; the tables, ratios, target
-verdicts and plots, in ``report``.  The command line is here.
+under two kinds of lock; atomicshm; Redis; the engine on Redis) are in
+``peers``; how a case runs and what is measured, in ``runner``; the tables,
+ratios, target verdicts and plots, in ``report``.  With both Redis systems
+the run ends by measuring what one call of the engine on Redis costs
+against a raw EVALSHA round trip on the same server, and where the time
+goes (``redis_costs``).  The command line is here.
 
 Cases: one worker; then for each N in ``--workers``, N workers on disjoint
 slots and N workers all on one shared slot.
@@ -54,11 +57,15 @@ def _default_workers() -> list[int]:
 def add_parsers(subparsers: Any) -> None:
     """Add the ``bench`` subcommand."""
     p = subparsers.add_parser(
-        "bench", help="compare the engine with RawArray+Lock, Manager, atomicshm and Redis",
+        "bench", help="compare the engine with RawArray+Lock, Manager, atomicshm and Redis, "
+                      "and with itself on Redis",
         description="Run the transition, update_price and read_price workloads on the engine "
                     "and on its peers, with one worker and with N spawned workers on disjoint "
                     "and on shared slots; print ops/s, p50/p99 latency and the engine's ratio "
-                    "to each peer.",
+                    "to each peer. 'engine_redis' is the engine on the same private "
+                    "redis-server as the 'redis' peer; with both, the run ends with the cost "
+                    "of one engine call on Redis against a raw EVALSHA round trip (client CPU, "
+                    "server time per call from INFO commandstats, and the rest).",
         epilog="Peers that cannot run (redis-server or a package missing) are reported and "
                "skipped. The bench extras: pip install 'engine[bench]'.")
     p.add_argument("--quick", action="store_true",

@@ -32,7 +32,14 @@ Systems:
 ``redis``
     a real ``redis-server`` started here on a free 127.0.0.1 port: the
     transition and the price update are Lua scripts run with EVALSHA, the
-    read is one HMGET.
+    read is one HMGET;
+``engine_redis``
+    the engine itself on that same server (``Engine.create(url=...)``): the
+    same three calls, each one round trip to a server-side function.
+
+The two Redis systems share one private server (``shared_redis``), started
+by the first of them and stopped by ``stop_shared_redis`` at the end of the
+run.
 
 Every peer uses the engine's transition table (the default position
 lifecycle, compacted, with the state stored as its index) and the same price
@@ -47,15 +54,10 @@ from __future__ import annotations
 import ctypes
 import multiprocessing as mp
 import os
-import shutil
-import socket
 import struct
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,9 +65,10 @@ import numpy as np
 from engine._native import lib
 from engine.core import Engine, Handle
 from engine.spec import POSITION_SPEC, Outcome, Trigger
+from engine.tools.redis_server import PrivateRedis, RedisUnavailable
 
 SYSTEMS = ("engine", "value_lock", "value_lock_tuned", "manager", "manager_lock", "atomicshm",
-           "redis")
+           "redis", "engine_redis")
 PEERS = SYSTEMS[1:]
 LABELS = {
     "engine": "engine",
@@ -75,6 +78,7 @@ LABELS = {
     "manager_lock": "Manager dict+Mgr.Lock",
     "atomicshm": "atomicshm composed",
     "redis": "Redis 7 Lua",
+    "engine_redis": "engine on Redis",
 }
 
 PAUSE, RESUME = int(Trigger.PAUSE), int(Trigger.RESUME)
@@ -126,6 +130,9 @@ class EngineHost:
 
     def setup(self) -> None:
         self.eng = Engine.create(capacity=N_SLOTS)
+        self._fill()
+
+    def _fill(self) -> None:
         for i in range(N_SLOTS):
             pos = self.eng.open_position(ENTRY, AMOUNT, side=_side(i), token=1)
             self.eng.transition(pos, Trigger.POSITION_OPENED)
@@ -462,46 +469,44 @@ return redis.call('HINCRBY', KEYS[1], 'ver', 1)
 """
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_server: PrivateRedis | None = None
+
+
+def shared_redis() -> PrivateRedis:
+    """The run's private redis-server (no persistence), shared by the Redis
+    systems so that they are measured on the same server; started on first
+    use.  ``Unavailable`` if there is no redis-server or redis package."""
+    global _server
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise Unavailable("the redis client package is not installed "
+                          "(pip install 'engine[bench]')") from None
+    if _server is None:
+        try:
+            _server = PrivateRedis(prefix="engine-bench-redis-")
+        except RedisUnavailable as e:
+            raise Unavailable(str(e)) from None
+    return _server
+
+
+def stop_shared_redis() -> None:
+    """Stop the shared server, if one was started."""
+    global _server
+    if _server is not None:
+        _server.stop()
+        _server = None
 
 
 class RedisHost:
-    """A private redis-server on a free loopback port, no persistence."""
+    """The transition and price scripts, loaded on the shared server, and a
+    hash per slot."""
 
     def setup(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise Unavailable("redis-server is not on PATH (apt-get install redis-server)")
-        try:
-            import redis
-        except ImportError:
-            raise Unavailable("the redis client package is not installed "
-                              "(pip install 'engine[bench]')") from None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.tmp = tempfile.TemporaryDirectory(prefix="engine-bench-redis-")
-        self.port = _free_port()
-        log = Path(self.tmp.name, "redis.log")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
-             "--save", "", "--appendonly", "no", "--dir", self.tmp.name,
-             "--logfile", str(log), "--daemonize", "no"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        import redis
+
+        self.port = shared_redis().port
         self.client = redis.Redis(host="127.0.0.1", port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.client.ping()
-                break
-            except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    tail = log.read_text(errors="replace")[-400:] if log.exists() else ""
-                    self.teardown()
-                    raise Unavailable(f"redis-server did not start on 127.0.0.1:{self.port}: "
-                                      f"{tail.strip() or 'no log'}") from None
-                time.sleep(0.05)
         self.version = str(self.client.info("server").get("redis_version", "?"))
         table = "".join(f"\\{b}" for b in TABLE)
         self.sha_transition = self.client.script_load(_REDIS_TRANSITION.format(
@@ -523,16 +528,18 @@ class RedisHost:
     def teardown(self) -> None:
         client = getattr(self, "client", None)
         if client is not None:
+            for i in range(0, N_SLOTS, 128):
+                client.delete(*(f"{k}:{j}" for j in range(i, min(i + 128, N_SLOTS))
+                                for k in "sp"))
             client.close()
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-        self.tmp.cleanup()
+
+
+class EngineRedisHost(EngineHost):
+    """The engine on the shared server: every slot open and MONITORING."""
+
+    def setup(self) -> None:
+        self.eng = Engine.create(capacity=N_SLOTS, url=shared_redis().url)
+        self._fill()
 
 
 def _redis_ops(payload: tuple[int, str, str]) -> Ops:
@@ -559,11 +566,11 @@ def _redis_ops(payload: tuple[int, str, str]) -> Ops:
 HOSTS: dict[str, Callable[[], Any]] = {
     "engine": EngineHost, "value_lock": ValueLockHost, "value_lock_tuned": ValueLockHost,
     "manager": ManagerHost, "manager_lock": lambda: ManagerHost(manager_lock=True),
-    "atomicshm": AtomicShmHost, "redis": RedisHost,
+    "atomicshm": AtomicShmHost, "redis": RedisHost, "engine_redis": EngineRedisHost,
 }
 CONNECT: dict[str, Callable[[Any], Ops]] = {
     "engine": _engine_ops, "value_lock": _value_lock_ops,
     "value_lock_tuned": _value_lock_tuned_ops, "manager": _manager_ops,
     "manager_lock": _manager_ops,
-    "atomicshm": _atomicshm_ops, "redis": _redis_ops,
+    "atomicshm": _atomicshm_ops, "redis": _redis_ops, "engine_redis": _engine_ops,
 }

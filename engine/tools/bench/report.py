@@ -23,6 +23,8 @@ TARGET_RATIOS = {"value_lock": 3.0, "value_lock_tuned": 3.0, "atomicshm": 2.0, "
 TARGET_SCALING = 1.8
 #: Systems whose workers should use a whole CPU (the others wait for a server).
 CPU_BOUND = frozenset({"engine", "value_lock", "value_lock_tuned", "atomicshm"})
+#: an engine call on Redis / a raw EVALSHA round trip on the same server (issue 10)
+TARGET_REDIS_CALL = 1.2
 
 
 def _find(cases: list[Case], system: str, workload: str, workers: int,
@@ -105,7 +107,14 @@ def _summary(cases: list[Case], systems: Sequence[str], workers: Sequence[int],
                                   f"{TARGET_SCALING:g}x one worker", "value": got,
                         "met": None if got is None else got >= TARGET_SCALING,
                         "note": note or f"{os.cpu_count()} CPUs"})
-    return {"ratios": ratios, "ratios_all": all_ratios, "scaling": scaling, "targets": targets}
+    # engine on Redis against the Redis 7 Lua peer: cost per call (peer ops/s / engine's)
+    on_redis: dict[str, Any] = {}
+    for c in cases:
+        peer = _find(cases, "redis", c.workload, c.workers, c.sharing)
+        if c.system == "engine_redis" and c.error is None and peer:
+            on_redis.setdefault(c.workload, {})[c.label] = peer.ops_per_s / c.ops_per_s
+    return {"ratios": ratios, "ratios_all": all_ratios, "scaling": scaling, "targets": targets,
+            "engine_redis_vs_redis": on_redis}
 
 
 def _plot(cases: list[Case], systems: Sequence[str], workloads: Sequence[str],
@@ -177,6 +186,21 @@ def print_report(plan: Plan, res: Results) -> dict[str, Any]:
         if p in plan.systems:
             print(f"  {LABELS[p]:22s} {'-' if r is None else f'{r:.2f}x'}"
                   f"{'  (' + res.skipped[p] + ')' if p in res.skipped else ''}")
+    costs = res.redis_costs
+    if costs is not None and "ratios" in costs:
+        v = costs["ratios"]["transition_vs_evalsha"]
+        summary["targets"].append({
+            "target": f"engine on Redis transition <= {TARGET_REDIS_CALL:g}x a raw EVALSHA "
+                      "round trip", "value": v, "met": v <= TARGET_REDIS_CALL,
+            "note": "Redis.evalsha of 'return 0' on the same server, interleaved rounds"})
+    if summary["engine_redis_vs_redis"]:
+        print("engine on Redis, cost per call / Redis 7 Lua's (same server, same workload):")
+        for w, by_case in summary["engine_redis_vs_redis"].items():
+            print(f"  {w:13s} " + ", ".join(f"{label} {r:.2f}x" for label, r in by_case.items()))
+    if costs is not None:
+        from engine.tools.bench.redis_costs import report_lines
+
+        print("\n".join(report_lines(costs, TARGET_REDIS_CALL)))
     print("targets (reported, not asserted):")
     for t in summary["targets"]:
         v = t["value"]
@@ -206,6 +230,8 @@ def write_json(path: Path, plan: Plan, probe: Probe, res: Results,
         "scaling": summary["scaling"],
         "targets": summary["targets"],
         "skipped": res.skipped,
+        "engine_redis_vs_redis": summary["engine_redis_vs_redis"],
+        "redis_costs": res.redis_costs,
         "results": [c.as_dict() for c in res.cases],
     }
     path.parent.mkdir(parents=True, exist_ok=True)

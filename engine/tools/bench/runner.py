@@ -31,7 +31,17 @@ from typing import Any
 
 import numpy as np
 
-from engine.tools.bench.peers import CONNECT, HOSTS, LABELS, PAUSE, RESUME, Ops, Unavailable
+from engine.tools.bench.peers import (
+    CONNECT,
+    HOSTS,
+    LABELS,
+    PAUSE,
+    RESUME,
+    Ops,
+    Unavailable,
+    shared_redis,
+    stop_shared_redis,
+)
 
 WORKLOADS = ("transition", "update_price", "read_price")
 #: Aim for batches of about this long (fewer timer reads for fast systems).
@@ -337,6 +347,7 @@ class Results:
     cases: list[Case] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)   # system -> why it could not run
     meta: dict[str, Any] = field(default_factory=dict)      # about the systems (Redis version)
+    redis_costs: dict[str, Any] | None = None   # engine on Redis vs raw EVALSHA (redis_costs)
     elapsed: float = 0.0                                     # seconds, setups included
 
 
@@ -377,33 +388,49 @@ def _assignments(plan: Plan) -> list[tuple[str, str, list[int]]]:
 
 def run_cases(plan: Plan) -> Results:
     """Every case of every system, a line printed as each ends; systems that
-    cannot run here are skipped, and say why."""
+    cannot run here are skipped, and say why.  With both Redis systems, then
+    the engine on Redis's cost per call against a raw EVALSHA round trip
+    (``redis_costs``).  The Redis systems' shared server is stopped at the end."""
     res = Results()
     done = 0
     t_begin = time.monotonic()
-    for system in plan.systems:
-        host = HOSTS[system]()
-        try:
-            host.setup()
-        except Unavailable as e:
-            res.skipped[system] = str(e)
-            done += len(plan.workloads) * len(plan.layout)
-            print(f"  {LABELS[system]}: SKIPPED: {e}", flush=True)
-            continue
-        if system == "redis":
-            res.meta["redis_version"] = host.version
-        try:
-            for w, sharing, slots in _assignments(plan):
-                case = _best_of(plan.repeat, host, system, w, slots, sharing, plan.seconds,
-                                plan.warmup)
-                res.cases.append(case)
-                done += 1
-                status = (f"FAILED: {case.error}" if case.error else
-                          f"{_fmt_rate(case.ops_per_s):>8s} ops/s  p50 "
-                          f"{_fmt_ns(case.p50_ns):>7s}  p99 {_fmt_ns(case.p99_ns):>7s}")
-                print(f"  [{done:2d}/{plan.total}] {w:12s} {LABELS[system]:22s} "
-                      f"{case.label:11s} {status}", flush=True)
-        finally:
-            host.teardown()
+    try:
+        for system in plan.systems:
+            host = HOSTS[system]()
+            try:
+                host.setup()
+            except Unavailable as e:
+                res.skipped[system] = str(e)
+                done += len(plan.workloads) * len(plan.layout)
+                print(f"  {LABELS[system]}: SKIPPED: {e}", flush=True)
+                continue
+            if system == "redis":
+                res.meta["redis_version"] = host.version
+            try:
+                for w, sharing, slots in _assignments(plan):
+                    case = _best_of(plan.repeat, host, system, w, slots, sharing, plan.seconds,
+                                    plan.warmup)
+                    res.cases.append(case)
+                    done += 1
+                    status = (f"FAILED: {case.error}" if case.error else
+                              f"{_fmt_rate(case.ops_per_s):>8s} ops/s  p50 "
+                              f"{_fmt_ns(case.p50_ns):>7s}  p99 {_fmt_ns(case.p99_ns):>7s}")
+                    print(f"  [{done:2d}/{plan.total}] {w:12s} {LABELS[system]:22s} "
+                          f"{case.label:11s} {status}", flush=True)
+            finally:
+                host.teardown()
+        both = {"redis", "engine_redis"}
+        if both <= set(plan.systems) and not both & res.skipped.keys():
+            from engine.tools.bench import redis_costs
+
+            seconds = max(1.0, 2 * plan.seconds)
+            print(f"  engine on Redis: cost per call against a raw EVALSHA round trip "
+                  f"({seconds:g} s of interleaved rounds) ...", flush=True)
+            try:
+                res.redis_costs = redis_costs.measure(shared_redis().port, seconds)
+            except Exception as e:   # reported with the rest; the cases stand
+                res.redis_costs = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        stop_shared_redis()
     res.elapsed = time.monotonic() - t_begin
     return res

@@ -145,10 +145,16 @@ class SampledWorker(BaseWorker):
 def worker_main(cls: type[BaseWorker], plan: Any, shared: Any, stop: Any, ready: Any,
                 results: Any, *extra: Any) -> None:
     """Spawned worker ``cls(eng, plan, log, *extra)``: attach, report ready,
-    wait at the gate, run, report."""
+    wait at the gate, run, report.
+
+    On Redis (the handle has a url) each Engine samples its own round trips
+    and no segment gathers them: the worker sets its sampling period and
+    sends its samples with its summary (``engine_latency``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides when to stop
     eng = Engine.attach(plan.handle)
     try:
+        if eng.url is not None:
+            eng.set_metrics(True, plan.sample_every)
         log = LinkLog(eng, plan.log_path, plan.base_ns)
         worker = cls(eng, plan, log, *extra)
         gate = posix_ipc.Semaphore(plan.gate)
@@ -159,7 +165,11 @@ def worker_main(cls: type[BaseWorker], plan: Any, shared: Any, stop: Any, ready:
             gate.close()
         t0, t1 = worker.run(shared, stop)
         log.close()
-        results.put(("done", worker.summary(t0, t1)))
+        summary = worker.summary(t0, t1)
+        if eng.url is not None:
+            hist, max_ns = eng._seg.latency()
+            summary["engine_latency"] = (hist.tobytes(), max_ns)
+        results.put(("done", summary))
     except BaseException as e:
         results.put(("error", {"index": plan.index, "error": repr(e)}))
         raise

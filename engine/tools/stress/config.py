@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from engine._native import lib
+from engine.errors import ArgumentError
+from engine.redis_backend import check_url
 from engine.tools.stress.mix import ACCOUNT_FAULTS, FAULTS, ORDER_FAULTS, parse_mix, workload_of
 
 #: Shared slots when ``positions`` is not given: few for the position workload
@@ -22,6 +24,8 @@ DEFAULT_ACCOUNT_POSITIONS = 64
 DEFAULT_ACCOUNTS = 3
 #: Keys per order: the client key given at open and the exchange key bound later.
 ORDER_KEYS_PER_POSITION = 2
+#: ``url`` that starts a private redis-server for the run (``--url auto``).
+AUTO_URL = "auto"
 
 
 @dataclass
@@ -44,6 +48,8 @@ class StressConfig:
     inflight: int = 4                   # order / account workload: own orders (positions)
                                         # a worker keeps open
     accounts: int = DEFAULT_ACCOUNTS    # account workload: shared accounts
+    url: str | None = None              # None: shared memory; a Redis url; "auto": a private
+                                        # redis-server started for the run (AUTO_URL)
 
     def __post_init__(self) -> None:
         self._default_positions()
@@ -94,6 +100,15 @@ class StressConfig:
             self.workload, ())]
         if self.fault is not None and self.fault not in faults:
             raise ValueError(f"fault must be one of {sorted(faults)}, got {self.fault!r}")
+        if self.url is not None:
+            if self.url != AUTO_URL:
+                try:
+                    check_url(self.url)
+                except ArgumentError as e:
+                    raise ValueError(f"{e} (or {AUTO_URL!r})") from None
+            if self.fault in FAULTS:
+                raise ValueError(f"fault {self.fault!r} is a switch of the shared-memory C core "
+                                 "(ENG_FAULT_*); an engine on Redis has none")
         if (self.orders or self.booked) and self.inflight < 1:
             raise ValueError(f"inflight must be >= 1, got {self.inflight}")
         if self.booked and not 1 <= self.accounts <= lib.ENG_MAX_ACCOUNTS:
@@ -119,6 +134,8 @@ class StressResult:
     gate: str = ""
     orders: dict[str, Any] | None = None    # the order workload's figures (--mix orders)
     accounts: dict[str, Any] | None = None  # the account workload's figures (--mix accounts)
+    url: str | None = None          # the Redis server the engine was on (None: shared memory)
+    notes: list[str] = field(default_factory=list)   # what this backend checks differently
 
     @property
     def ops_per_s(self) -> float:
@@ -132,7 +149,8 @@ class StressResult:
         d = {"ops": self.ops, "violations": self.violations, "seconds": self.seconds,
              "ops_per_s": self.ops_per_s, "violation_messages": self.violation_messages,
              "table": self.table, "workload": self.workload, "alerts": self.alerts,
-             "verification": self.verification, "config": self.config}
+             "verification": self.verification, "config": self.config, "url": self.url,
+             "notes": self.notes}
         if self.orders is not None:
             d["orders"] = self.orders
         if self.accounts is not None:

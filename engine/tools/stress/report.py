@@ -14,8 +14,10 @@ def _us(x: float) -> str:
 
 def format_report(res: StressResult) -> str:
     """The human-readable tables."""
+    where = f", engine on Redis at {res.url}" if res.url else ""
     lines = [f"{res.ops:,} ops in {res.seconds:.2f} s = {res.ops_per_s:,.0f} ops/s "
-             f"({res.config['workers']} workers, {res.config['positions']} slots)", ""]
+             f"({res.config['workers']} workers, {res.config['positions']} slots{where})",
+             *[f"note: {n}" for n in res.notes], ""]
     hdr = (f"{'engine op':<15}{'ops/s':>11}{'success':>9}{'p50 us':>9}{'p99 us':>9}"
            f"{'p99.9 us':>10}{'max us':>9}{'retries':>10}{'conflicts':>10}")
     lines += [hdr, "-" * len(hdr)]

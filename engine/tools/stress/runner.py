@@ -1,6 +1,11 @@
 """The parent: create the segment, start the workers together, watch them,
 stop them, and verify every process's links against the segment's final
 state (see ``engine.tools.stress``).
+
+With ``url`` the engine lives on a Redis server (``"auto"``: a private
+redis-server started for the run and stopped after it) and the workers
+attach through the handle, which carries the url.  The workloads and the
+checks are the same; what differs is said in ``REDIS_NOTES``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any, TextIO
 
 import numpy as np
@@ -22,13 +27,19 @@ import posix_ipc
 
 from engine.accounts import from_units
 from engine.core import Engine
-from engine.metrics import OPS, Metrics, check_alerts
+from engine.metrics import OPS, Metrics, check_alerts, percentile
 from engine.spec import ORDER_SPEC, State
+from engine.tools.redis_server import PrivateRedis
 from engine.tools.stress import accounts as acc
 from engine.tools.stress.account_workers import _AccountPlan, _AccountWorker
 from engine.tools.stress.base import worker_main
 from engine.tools.stress.codec import LinkLog, decode_links
-from engine.tools.stress.config import ORDER_KEYS_PER_POSITION, StressConfig, StressResult
+from engine.tools.stress.config import (
+    AUTO_URL,
+    ORDER_KEYS_PER_POSITION,
+    StressConfig,
+    StressResult,
+)
 from engine.tools.stress.mix import (
     FAULTS,
     KINDS,
@@ -54,10 +65,27 @@ from engine.tools.stress.workers import _Plan, _Worker
 #: deadlock shows up so before the end-of-run collection times out).
 STALL_SECONDS = 5.0
 
+#: What a run on Redis does differently, said at its start and kept in the result.
+REDIS_NOTES = (
+    "Redis: latency is each worker's sampled round trips (one server call each), collected "
+    "from the workers: no segment gathers per-process metrics shards",
+    "Redis: no locks to take over, no C fault switches (--fault skip-gen / blind-store are "
+    "refused); the chains are checked from the generations the server functions report",
+)
+
 
 def _say(out: TextIO | None, text: str) -> None:
     if out is not None:
         print(text, file=out, flush=True)
+
+
+def _slot_transitions(eng: Engine, slot: int) -> int:
+    """The transitions counter of a slot (a free one: no snapshot row has it)."""
+    if eng.url is None:
+        return int(eng._slot(slot).transitions)
+    store = eng._seg           # on Redis: the slot's hash, field ctr
+    key = store.prefixes[slot % store.shards] + f"p:{slot}"
+    return int(store.conn.command("HGET", key, "ctr", key=key) or 0)
 
 
 def _final_state(eng: Engine) -> tuple[np.ndarray, np.ndarray, int]:
@@ -70,8 +98,30 @@ def _final_state(eng: Engine) -> tuple[np.ndarray, np.ndarray, int]:
     seen = np.zeros(eng.capacity, dtype=bool)
     seen[rows["slot"]] = True
     for s in np.flatnonzero(~seen):
-        counters[s] = eng._slot(int(s)).transitions
+        counters[s] = _slot_transitions(eng, int(s))
     return counters, words, len(rows)
+
+
+def _with_worker_latency(eng: Engine, metrics: Metrics,
+                         summaries: list[dict[str, Any]]) -> Metrics:
+    """On Redis: the metrics with latency from every process's samples (the
+    parent's and each worker's ``engine_latency``), as the segment's shards
+    give them on shared memory.  The counts are the server's already."""
+    if eng.url is None:
+        return metrics
+    hist, max_ns = eng._seg.latency()
+    for s in summaries:
+        if "engine_latency" in s:
+            h, m = s["engine_latency"]
+            hist += np.frombuffer(h, dtype=np.int64).reshape(hist.shape)
+            max_ns = [max(a, b) for a, b in zip(max_ns, m, strict=True)]
+    out: Metrics = {}
+    for i, op in enumerate(OPS):
+        p50, p99, p999 = (min(percentile(hist[i], q), float(max_ns[i]))
+                          for q in (0.5, 0.99, 0.999))
+        out[op] = replace(metrics[op], samples=int(hist[i].sum()), p50_ns=p50, p99_ns=p99,
+                          p999_ns=p999, max_ns=max_ns[i])
+    return out
 
 
 def _metrics_table(metrics: Metrics, seconds: float) -> list[dict[str, Any]]:
@@ -172,7 +222,9 @@ def run_stress(config: StressConfig) -> StressResult:
 
     Raises ``ValueError`` for a bad configuration and ``RuntimeError`` if the
     workers cannot be started.  The segment, the start gate and the log files
-    are removed whatever happens; workers still running are stopped.
+    are removed whatever happens; workers still running are stopped.  With
+    ``config.url`` the engine is on that Redis server (``"auto"``: one started
+    for the run, and stopped after it).
     """
     weights = config.check()
     orders, booked = config.orders, config.booked
@@ -201,10 +253,17 @@ def run_stress(config: StressConfig) -> StressResult:
         ready_q, result_q = ctx.Queue(), ctx.Queue()
         cleanup.callback(result_q.close)
         cleanup.callback(ready_q.close)
+        url = config.url
+        if url == AUTO_URL:
+            server = cleanup.enter_context(PrivateRedis(prefix="engine-stress-redis-"))
+            url = server.url
+            _say(out, f"stress: started a private redis-server at {url} (persistence off; "
+                      "stopped at the end)")
         eng = (Engine.create(capacity=config.positions, spec=ORDER_SPEC,
-                             keys_per_position=ORDER_KEYS_PER_POSITION) if orders
-               else Engine.create(capacity=config.positions, max_accounts=config.accounts)
-               if booked else Engine.create(capacity=config.positions))
+                             keys_per_position=ORDER_KEYS_PER_POSITION, url=url) if orders
+               else Engine.create(capacity=config.positions, max_accounts=config.accounts,
+                                  url=url)
+               if booked else Engine.create(capacity=config.positions, url=url))
         cleanup.callback(eng.unlink)
         cleanup.callback(eng.close)
         gate = posix_ipc.Semaphore(gate_name, posix_ipc.O_CREX, mode=0o600, initial_value=0)
@@ -242,7 +301,7 @@ def run_stress(config: StressConfig) -> StressResult:
             else:
                 plan = _Plan(i, eng.handle, gate_name, log_path, base_ns, config.positions,
                              wtuple, config.seed, config.batch_size, config.wait_timeout,
-                             config.seconds + 60.0)
+                             config.seconds + 60.0, config.sample_every)
                 args = (_Worker, plan, shared, stop, ready_q, result_q)
             p = ctx.Process(target=worker_main, args=args, name=f"stress-worker-{i}", daemon=True)
             p.start()
@@ -254,7 +313,10 @@ def run_stress(config: StressConfig) -> StressResult:
             eng._set_fault(FAULTS[config.fault])
         for _ in procs:
             gate.release()
-        _say(out, f"stress: {config.workers} workers on {config.positions} shared slots, "
+        for note in REDIS_NOTES if url else ():
+            _say(out, f"  note: {note}")
+        _say(out, f"stress: {config.workers} workers on {config.positions} shared slots"
+                  + (f" of an engine on Redis at {url}" if url else "") + ", "
                   f"{config.seconds:g} s, "
                   + ("ORDER workload (ORDER_SPEC, keys_per_position="
                      f"{ORDER_KEYS_PER_POSITION}, {config.inflight} orders in flight per "
@@ -270,7 +332,8 @@ def run_stress(config: StressConfig) -> StressResult:
         stop.value = 1
         summaries, problems = _collect(procs, result_q, 60.0)
         stop_workers()
-        eng._set_fault(0)
+        if config.fault in FAULTS:
+            eng._set_fault(0)
         problems += [f"{p.name} exited with code {p.exitcode}" for p in procs if p.exitcode]
         if len(summaries) < config.workers:
             problems.append(f"only {len(summaries)} of {config.workers} workers reported")
@@ -282,13 +345,16 @@ def run_stress(config: StressConfig) -> StressResult:
         links = decode_links(np.concatenate(packed) if packed else np.empty(0, np.uint64))
         chains = verify_chains(links, counters, words,
                                state_enum=ORDER_SPEC.State if orders else State)
-        res = _result(config, weights, summaries, problems, chains, counters, eng.metrics(),
+        metrics = _with_worker_latency(eng, eng.metrics(), summaries)
+        res = _result(config, weights, summaries, problems, chains, counters, metrics,
                       n_rows, parent_log.count, kinds)
         if orders:
             _add_orders(res, eng, config, summaries, stalls)
         if booked:
             _add_accounts(res, eng, config, summaries, stalls, account_ids, terms)
         res.segment, res.gate = eng.name, gate_name
+        res.url = url
+        res.notes = list(REDIS_NOTES) if url else []
     return res
 
 

@@ -55,6 +55,7 @@ class _Plan:
     batch_size: int
     wait_timeout: float
     max_seconds: float
+    sample_every: int = 64      # on Redis: this worker's Engine samples 1 call in N
 
 
 def _close(a: float, b: float) -> bool:
