@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from engine._native import lib
+from engine._native import ffi, lib
 from engine.core import Engine, Handle
 from engine.spec import POSITION_SPEC, Outcome, Trigger
 
@@ -82,6 +82,8 @@ APPLIED, INVALID, CONFLICT = int(Outcome.APPLIED), int(Outcome.INVALID), int(Out
 CAS_RETRIES = 64
 #: Slots every system gets; each case takes fresh ones.
 N_SLOTS = 512
+#: Operations per call of the engine's C batch workloads (``Ops.transition_c``).
+C_BATCH = 1024
 ENTRY, AMOUNT = 100.0, 2.0
 
 
@@ -118,6 +120,10 @@ class Ops:
     read_price: Callable[[int], Any]
     close: Callable[[], None] = lambda: None
     key: Callable[[int], Any] = lambda slot: slot
+    #: The C fast paths with Python out of the loop (the engine only, see
+    #: ``_engine_c_ops``): each call does ``C_BATCH`` operations on the slot.
+    transition_c: Callable[[int, int], Any] | None = None
+    update_price_c: Callable[[int, float], Any] | None = None
 
 
 # ==== engine =====================================================================================
@@ -145,7 +151,45 @@ class EngineHost:
 
 def _engine_ops(handle: Handle) -> Ops:
     eng = Engine.attach(handle)
-    return Ops(eng.transition, eng.update_price, eng.price, eng.close, key=eng.id_of)
+    tc, uc = _engine_c_ops(eng)
+    return Ops(eng.transition, eng.update_price, eng.price, eng.close, key=eng.id_of,
+               transition_c=tc, update_price_c=uc)
+
+
+def _engine_c_ops(eng: Engine) -> tuple[Callable[[int, int], None],
+                                        Callable[[int, float], None]]:
+    """``C_BATCH`` transitions (PAUSE, RESUME, ...) or price updates (101.5,
+    99.5, ...) on one id in one raw ``eng_transition_many`` /
+    ``eng_update_prices`` call, on buffers made once: what the C work of a
+    hot call costs on its own, and what a contended line adds to it, with
+    no Python per operation.  The argument is ignored (the batch alternates)."""
+    seg = eng._seg
+    half = C_BATCH // 2
+    trig = np.array([PAUSE, RESUME] * half, dtype=np.uint32)
+    prices = np.array([101.5, 99.5] * half, dtype=np.float64)
+    out = np.empty(C_BATCH, dtype=np.uint8)
+    bufs = (ffi.from_buffer("uint32_t[]", trig), ffi.from_buffer("double[]", prices),
+            ffi.from_buffer("uint8_t[]", out, require_writable=True))
+    bad, written = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    ids: dict[int, tuple[np.ndarray, Any]] = {}   # id -> (its array, a cffi view of it)
+
+    def id_buf(pos: int) -> Any:
+        if pos not in ids:
+            a = np.full(C_BATCH, pos, dtype=np.uint64)
+            ids[pos] = (a, ffi.from_buffer("uint64_t[]", a))
+        return ids[pos][1]
+
+    def transition_c(pos: int, _trigger: int, f: Any = lib.eng_transition_many) -> None:
+        rc = f(seg, id_buf(pos), bufs[0], C_BATCH, bufs[2], bad)
+        if rc:
+            raise RuntimeError(f"eng_transition_many returned {rc} at index {bad[0]}")
+
+    def update_price_c(pos: int, _price: float, f: Any = lib.eng_update_prices) -> None:
+        rc = f(seg, id_buf(pos), bufs[1], C_BATCH, bad, written)
+        if rc:
+            raise RuntimeError(f"eng_update_prices returned {rc} at index {bad[0]}")
+
+    return transition_c, update_price_c
 
 
 # ==== RawArray + Lock ============================================================================
@@ -242,18 +286,21 @@ def _value_lock_tuned_ops(payload: tuple[dict[str, Any], Any]) -> Ops:
         finally:
             rel()
 
-    def update_price(slot: int, price: float, v: dict[str, Any] = v, acq: Any = lock.acquire,
-                     rel: Any = lock.release, now: Any = time.time_ns) -> None:
+    def update_price(slot: int, price: float, p: Any = v["price"], t: Any = v["ts"],
+                     a: Any = v["pnl_pct"], u: Any = v["pnl_usd"], ver: Any = v["version"],
+                     en: Any = v["entry"], am: Any = v["amount"], sd: Any = v["side"],
+                     acq: Any = lock.acquire, rel: Any = lock.release,
+                     now: Any = time.time_ns) -> None:
         ts = now()
         acq()
         try:
-            entry, side = v["entry"][slot], v["side"][slot]
+            entry, side = en[slot], sd[slot]
             diff = price - entry
-            v["price"][slot] = price
-            v["ts"][slot] = ts
-            v["pnl_pct"][slot] = diff / entry * 100.0 * side
-            v["pnl_usd"][slot] = diff * v["amount"][slot] * side
-            v["version"][slot] += 1
+            p[slot] = price
+            t[slot] = ts
+            a[slot] = diff / entry * 100.0 * side
+            u[slot] = diff * am[slot] * side
+            ver[slot] += 1
         finally:
             rel()
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.tools.bench.peers import LABELS, PEERS
+from engine.tools.bench.floor import Breakdown
+from engine.tools.bench.peers import C_BATCH, LABELS, PEERS
 from engine.tools.bench.runner import Case, Plan, Probe, Results, _fmt_ns, _fmt_rate
 
 #: engine ops/s / peer ops/s wanted on the single-worker transition workload
@@ -188,9 +189,14 @@ def print_report(plan: Plan, res: Results) -> dict[str, Any]:
 
 
 def write_json(path: Path, plan: Plan, probe: Probe, res: Results,
-               summary: dict[str, Any]) -> None:
-    """The results, ratios and target verdicts, with how and where they were measured."""
-    doc = {
+               summary: dict[str, Any] | None, *, breakdown: Breakdown | None = None,
+               sweep: Plan | None = None, swept: Results | None = None,
+               scaling: dict[str, Any] | None = None) -> None:
+    """The results, ratios and target verdicts, with how and where they were
+    measured; the one-worker breakdown (``floor``) and the scaling sweep when
+    they ran (``scaling_sweep``: its table, host note, predictions and cases)."""
+    summary = summary or {"ratios": {}, "ratios_all": {}, "scaling": {}, "targets": []}
+    doc: dict[str, Any] = {
         "meta": {"python": platform.python_version(), "platform": platform.platform(),
                  "cpus": os.cpu_count(), "seconds_per_case": plan.seconds,
                  "warmup_seconds": plan.warmup, "workers": plan.workers, "quick": plan.quick,
@@ -208,6 +214,14 @@ def write_json(path: Path, plan: Plan, probe: Probe, res: Results,
         "skipped": res.skipped,
         "results": [c.as_dict() for c in res.cases],
     }
+    if breakdown is not None:
+        doc["breakdown"] = breakdown.as_dict()
+    if sweep is not None and swept is not None:
+        doc["scaling_sweep"] = {
+            "systems": sweep.systems, "workloads": sweep.workloads,
+            "workers": sorted({n for n, _ in sweep.layout}), "seconds_per_case": sweep.seconds,
+            "c_batch": C_BATCH, "elapsed_seconds": swept.elapsed, "skipped": swept.skipped,
+            **(scaling or {}), "results": [c.as_dict() for c in swept.cases]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"JSON written to {path}")
