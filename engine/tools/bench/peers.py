@@ -28,7 +28,9 @@ Systems:
     the transition composed from ``atomicshm`` primitives on shared memory:
     load the word, look the rule up in a Python table, CAS, fetch-add the
     transition counter; the price record is a seqlock made of a CAS latch,
-    ``struct.pack_into`` and release stores;
+    ``struct.pack_into`` and release stores; every atomic on a cell made
+    once per slot (no offset to pass), the retry loop entered only after a
+    lost CAS;
 ``redis``
     a real ``redis-server`` started here on a free 127.0.0.1 port: the
     transition and the price update are Lua scripts run with EVALSHA, the
@@ -424,63 +426,78 @@ class AtomicShmHost:
 
 
 def _atomicshm_ops(raw: Any) -> Ops:
-    """Load, table lookup in Python, CAS, fetch-add: each a call into atomicshm."""
+    """Load, table lookup in Python, CAS, fetch-add: each a call into
+    atomicshm, on cells (``AtomicView.cell_u64`` & co., bound to one offset:
+    no offset argument to pass) made once per slot.  The first attempt is
+    written out; only a lost CAS enters the retry loop."""
     import atomicshm
 
     view = atomicshm.AtomicView(raw)
     mv = memoryview(raw).cast("B")
     base = _atomic_base(view.address)
     acquire, release, relaxed = atomicshm.ACQUIRE, atomicshm.RELEASE, atomicshm.RELAXED
+    offs = [base + i * _SLOT_BYTES for i in range(N_SLOTS)]
+    # per slot: (state word, transition counter); (price sequence, writer latch, record offset)
+    words = [(view.cell_u64(off), view.cell_u64(off + 8)) for off in offs]
+    prices = [(view.cell_u64(off + 16), view.cell_u32(off + 24), off) for off in offs]
 
-    def transition(slot: int, trigger: int, load: Any = view.load_u64,
-                   cas: Any = view.cas_u64, fetch_add: Any = view.fetch_add_u64,
-                   table: bytes = TABLE, nt: int = NT, base: int = base) -> int:
-        off = base + (slot << 8)
-        w = load(off)
+    def retry(word: Any, count: Any, w: int, trigger: int) -> int:
         for _ in range(CAS_RETRIES):
-            e = table[(w & 0xFF) * nt + trigger]
+            e = TABLE[(w & 0xFF) * NT + trigger]
             if not e:
                 return INVALID
-            new = (e - 1) | ((w + 0x100) & 0xFFFF00)   # generation + 1, mod 2^16
-            prev = cas(off, w, new)
+            prev = word.cas(w, (e - 1) | ((w + 0x100) & 0xFFFF00))
             if prev == w:
-                fetch_add(off + 8, 1)
+                count.fetch_add(1)
                 return APPLIED
             w = prev
         return CONFLICT
 
-    def update_price(slot: int, price: float, cas32: Any = view.cas_u32,
-                     store32: Any = view.store_u32, load: Any = view.load_u64,
-                     store: Any = view.store_u64, pack: Any = _PRICE_REC.pack_into,
-                     ctx: Any = _CTX_REC.unpack_from, mv: Any = mv, pid: int = os.getpid(),
-                     now: Any = time.time_ns, yield_: Any = os.sched_yield,
-                     base: int = base) -> None:
-        off = base + (slot << 8)
-        spins = 0
-        while cas32(off + 24, 0, pid) != 0:      # writer latch
-            spins += 1
-            if spins > 16:
-                yield_()
+    def transition(slot: int, trigger: int, words: Any = words, table: bytes = TABLE,
+                   nt: int = NT, retry: Any = retry) -> int:
+        word, count = words[slot]
+        w = word.load()
+        e = table[(w & 0xFF) * nt + trigger]
+        if not e:
+            return INVALID
+        prev = word.cas(w, (e - 1) | ((w + 0x100) & 0xFFFF00))   # generation + 1, mod 2^16
+        if prev == w:
+            count.fetch_add(1)
+            return APPLIED
+        return retry(word, count, prev, trigger)   # type: ignore[no-any-return]
+
+    def update_price(slot: int, price: float, prices: Any = prices,
+                     pack: Any = _PRICE_REC.pack_into, ctx: Any = _CTX_REC.unpack_from,
+                     mv: Any = mv, pid: int = os.getpid(), now: Any = time.time_ns,
+                     yield_: Any = os.sched_yield) -> None:
+        seq, latch, off = prices[slot]
+        if latch.cas(0, pid):                     # writer latch taken: wait for it
+            spins = 0
+            while latch.cas(0, pid):
+                spins += 1
+                if spins > 16:
+                    yield_()
         entry, amount, side = ctx(mv, off + 128)
         diff = price - entry
-        q = load(off + 16, relaxed)
+        q = seq.load(relaxed)
         pack(mv, off + 64 + (((q + 1) & 1) << 5), price, now(),
              diff / entry * 100.0 * side, diff * amount * side)
-        store(off + 16, q + 1, release)          # publish: readers flip copies
-        store32(off + 24, 0, release)
+        seq.store(q + 1, release)                 # publish: readers flip copies
+        latch.store(0, release)
 
-    def read_price(slot: int, load: Any = view.load_u64, unpack: Any = _PRICE_REC.unpack_from,
-                   fence: Any = atomicshm.fence, mv: Any = mv,
-                   base: int = base) -> tuple[Any, ...]:
-        off = base + (slot << 8)
+    def read_price(slot: int, prices: Any = prices, unpack: Any = _PRICE_REC.unpack_from,
+                   fence: Any = atomicshm.fence, mv: Any = mv) -> tuple[Any, ...]:
+        seq, _latch, off = prices[slot]
         while True:
-            q = load(off + 16, acquire)
+            q = seq.load(acquire)
             rec = unpack(mv, off + 64 + ((q & 1) << 5))
             fence(acquire)
-            if load(off + 16, relaxed) == q:
+            if seq.load(relaxed) == q:
                 return (*rec, q)
 
     def close() -> None:
+        words.clear()
+        prices.clear()
         mv.release()
         view.close()
 
