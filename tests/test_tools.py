@@ -414,6 +414,7 @@ def fake_case(system: str, workload: str, workers: int, sharing: str, ops_per_s:
     return Case(system, workload, workers, sharing, ops=int(ops_per_s), seconds=1.0,
                 ops_per_s=ops_per_s, per_worker_ops_per_s=[ops_per_s / workers] * workers,
                 p50_ns=500.0, p99_ns=2000.0, samples=10, cpu_share=cpu,
+                per_worker_cpu_share=[cpu] * workers,
                 committed_fraction=1.0 if workload in ("transition", "transition_c") else None,
                 latencies=np.array([400, 500, 2000]))
 
@@ -532,6 +533,28 @@ class TestBenchScaling:
         assert t["measured"]["c_line_move_ns_here"] == pytest.approx(25.0)
         assert pr["workloads"]["update_price"]["predicted"]["64"]["shared_ops_per_s"][1] \
             <= scaling.line_rate(scaling.LINE_MOVE_NS[64][0], 2, 1e9 / 20e6)
+
+    def test_rates_per_cpu_second(self):
+        """A case whose workers got half a CPU each: the per-core rate is
+        taken per CPU-second, and a line move from such C rows is flagged."""
+        args = bench_args("--scaling-only", "--scaling-workers", "2")
+        sweep = bench._scaling_plan(args, bench._plan(args))
+        assert sweep is not None
+        res = fake_sweep(sweep)
+        for c in res.cases:
+            if c.workers == 2:
+                c.ops_per_s /= 2
+                c.per_worker_ops_per_s = [r / 2 for r in c.per_worker_ops_per_s]
+                c.cpu_share, c.per_worker_cpu_share = 0.5, [0.5, 0.5]
+        tab = scaling.table(sweep, res.cases)
+        row = tab["transition"]["engine"]["disjoint"][1]
+        assert row["per_worker_mean"] == pytest.approx(2e6)
+        assert row["per_worker_per_cpu_second"] == pytest.approx(4e6)
+        m = scaling.predict(tab)["workloads"]["transition"]["measured"]
+        assert m["per_core_rate_used"] == pytest.approx(4e6)
+        assert not m["two_disjoint_ran_together"] and not m["c_line_move_measured"]
+        text = "\n".join(scaling.prediction_lines(scaling.predict(tab)))
+        assert "unreliable" in text and "not both on a CPU" in text
 
     def test_model(self):
         """shared_rate is the line's rate or the workers' demand, the lower."""

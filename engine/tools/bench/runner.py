@@ -187,6 +187,7 @@ class Case:
     samples: int = 0
     committed_fraction: float | None = None
     cpu_share: float = math.nan       # worker CPU time / wall time, mean over workers
+    per_worker_cpu_share: list[float] = field(default_factory=list)
     runs_ops_per_s: list[float | None] = field(default_factory=list)   # with --repeat
     error: str | None = None
     latencies: np.ndarray | None = None   # kept for the plots, not in the JSON
@@ -251,7 +252,8 @@ def _run_case(host: Any, system: str, workload: str, slots: list[int], sharing: 
     case.latencies = lat
     if lat.size:
         case.p50_ns, case.p99_ns = (float(x) for x in np.percentile(lat, [50, 99]))
-    case.cpu_share = float(np.mean([r["cpu_share"] for r in got]))
+    case.per_worker_cpu_share = [r["cpu_share"] for r in got]
+    case.cpu_share = float(np.mean(case.per_worker_cpu_share))
     if workload in TRANSITIONS:   # warm-up transitions commit too
         calls = case.ops + sum(r["warmup_ops"] for r in got)
         case.committed_fraction = (host.committed(sorted(set(slots))) - before) / calls

@@ -90,10 +90,15 @@ def _row(c: Case, one: Case | None) -> dict[str, Any]:
         return {"workers": c.workers, "error": c.error}
     per = c.per_worker_ops_per_s or [c.ops_per_s]
     mean = float(np.mean(per))
+    cpu = c.per_worker_cpu_share if len(c.per_worker_cpu_share) == len(per) else []
+    per_cpu = [r / x for r, x in zip(per, cpu, strict=True) if x > 0]
     return {"workers": c.workers, "ops_per_s": c.ops_per_s,
             "speedup": c.ops_per_s / one.ops_per_s if one and not one.error else None,
             "per_worker_mean": mean, "per_worker_min": float(min(per)),
             "per_worker_max": float(max(per)), "ns_per_op_per_worker": 1e9 / mean,
+            # ops per second of the worker's own CPU time: what a core gives
+            # a worker that has it, whether or not the host lent it all the time
+            "per_worker_per_cpu_second": float(np.mean(per_cpu)) if per_cpu else None,
             "p50_ns": None if math.isnan(c.p50_ns) else c.p50_ns,
             "p99_ns": None if math.isnan(c.p99_ns) else c.p99_ns,
             "cpu_share": None if math.isnan(c.cpu_share) else c.cpu_share,
@@ -138,22 +143,36 @@ def shared_rate(n: int, move_ns: float, lines: int, op_ns: float, c_ns: float) -
     return min(line_rate(move_ns, lines, c_ns), n * 1e9 / (op_ns + lines * move_ns))
 
 
+def _per_cpu(row: dict[str, Any] | None) -> float | None:
+    """A row's ops per CPU-second per worker (its wall rate if unknown)."""
+    if row is None:
+        return None
+    return row.get("per_worker_per_cpu_second") or row["per_worker_mean"]  # type: ignore[no-any-return]
+
+
+def _ran_together(row: dict[str, Any] | None) -> bool:
+    return row is not None and (row.get("cpu_share") or 0) >= FULL_CPU
+
+
 def predict(tab: dict[str, dict[str, dict[str, list[Any]]]],
             cores: Sequence[int] = PREDICT_CORES) -> dict[str, Any]:
     """What the engine's measured 1- and 2-worker numbers predict for hosts
     with ``cores`` cores, one worker per core, for disjoint slots and for
-    every worker on one slot.  A model, not a measurement:
+    every worker on one slot.  A model, not a measurement.  Rates are per
+    second of the worker's own CPU time, so a busy host that lends a worker
+    only part of a core does not make the core look slower.
 
     * disjoint: a slot's lines are written by its one worker only, and the
       metrics go to a per-process shard, so nothing is shared: N x the
-      per-worker rate measured with two workers busy, times the all-core
-      clock (``ALL_CORE_CLOCK``);
+      per-core rate measured with two workers on disjoint slots, times the
+      all-core clock (``ALL_CORE_CLOCK``);
     * one slot: every operation needs the slot's line(s) exclusively
       (``LINES_PER_OP``), so the line is a queue: the total is at most one
-      operation per line move, 1e9 / (lines x t_move + C work) per second,
-      and at most N workers' demand, N x 1e9 / (one worker's ns per op +
-      lines x t_move); t_move from ``LINE_MOVE_NS``, checked against the
-      move measured here (C fast path, 2 shared against 2 disjoint).
+      operation per line move, 1e9 / (lines x t_move + C work) per second
+      (``line_rate``), and at most the N workers' demand (``shared_rate``);
+      t_move from ``LINE_MOVE_NS``, its low end raised to the move measured
+      here (C fast path, 2 shared against 2 disjoint) when the two workers
+      ran at the same time.
     """
     eng = {w: tab.get(w, {}).get("engine") for w in ("transition", "update_price",
                                                       *C_WORKLOADS)}
@@ -164,43 +183,44 @@ def predict(tab: dict[str, dict[str, dict[str, list[Any]]]],
                                            "lines_per_op": LINES_PER_OP},
                            "workloads": {}}
     for w in ("transition", "update_price"):
-        api = eng.get(w)
-        if not api:
+        api, c = eng.get(w), eng.get(w + "_c")
+        one = _at(api["disjoint"], 1) if api else None
+        if not api or one is None:
             continue
-        one = _at(api["disjoint"], 1)
-        two_d = _at(api["disjoint"], 2)
-        two_s = _at(api["shared"], 2)
-        if one is None:
-            continue
-        c = eng.get(w + "_c")
+        two_d, two_s = _at(api["disjoint"], 2), _at(api["shared"], 2)
         c_one = _at(c["disjoint"], 1) if c else None
         c_two_d = _at(c["disjoint"], 2) if c else None
         c_two_s = _at(c["shared"], 2) if c else None
         lines = LINES_PER_OP[w]
-        w_ns = one["ns_per_op_per_worker"]                     # one worker, Python included
-        c_ns = c_one["ns_per_op_per_worker"] if c_one else 20.0  # the C work alone
-        starved = [r for r in (one, two_d) if r and (r["cpu_share"] or 0) < FULL_CPU]
-        per_core = (two_d["per_worker_mean"] if two_d and not starved else one["ops_per_s"])
+        one_rate = _per_cpu(one) or one["ops_per_s"]
+        per_core = _per_cpu(two_d) or one_rate
+        w_ns = 1e9 / one_rate                                # one worker, Python included
+        c_rate = _per_cpu(c_one)
+        c_ns = 1e9 / c_rate if c_rate else 20.0             # the C work alone
         measured: dict[str, Any] = {
-            "one_worker_ops_per_s": one["ops_per_s"], "one_worker_ns_per_op": w_ns,
-            "two_disjoint_per_worker": two_d["per_worker_mean"] if two_d else None,
+            "one_worker_ops_per_s": one["ops_per_s"], "one_worker_per_cpu_second": one_rate,
+            "two_disjoint_per_worker_per_cpu_second": _per_cpu(two_d),
             "two_disjoint_speedup": two_d["speedup"] if two_d else None,
+            "two_disjoint_ran_together": _ran_together(two_d),
             "two_shared_ops_per_s": two_s["ops_per_s"] if two_s else None,
-            "c_ns_per_op": c_ns if c_one else None,
-            "per_core_rate_used": per_core,
-            "per_core_rate_from": "2 disjoint, per worker" if two_d and not starved
-                                  else "1 worker (the 2-worker case did not get its CPUs)"}
-        if c_two_d and c_two_s:
-            extra = c_two_s["ns_per_op_per_worker"] - c_two_d["ns_per_op_per_worker"]
-            measured["c_two_shared_ops_per_s"] = c_two_s["ops_per_s"]
-            measured["c_line_move_ns_here"] = max(0.0, extra / lines)
+            "per_core_rate_used": per_core, "c_ns_per_op": c_ns if c_rate else None,
+            "c_line_move_ns_here": None, "c_line_move_measured": False}
+        move_here = None
+        cd, cs = _per_cpu(c_two_d), _per_cpu(c_two_s)
+        if cd and cs:
+            move_here = max(0.0, (1e9 / cs - 1e9 / cd) / lines)
+            measured["c_line_move_ns_here"] = move_here
+            measured["c_line_move_measured"] = _ran_together(c_two_s) and _ran_together(c_two_d)
         pred: dict[str, Any] = {}
         for n in cores:
             lo_move, hi_move = LINE_MOVE_NS.get(n, LINE_MOVE_NS[max(LINE_MOVE_NS)])
+            if move_here is not None and measured["c_line_move_measured"]:
+                lo_move = min(hi_move, max(lo_move, move_here))
             d_lo, d_hi = (n * per_core * f for f in ALL_CORE_CLOCK)
             s_lo = shared_rate(n, hi_move, lines, w_ns, c_ns)
             s_hi = shared_rate(n, lo_move, lines, w_ns, c_ns)
             pred[str(n)] = {
+                "line_move_ns": [lo_move, hi_move],
                 "disjoint_ops_per_s": [d_lo, d_hi],
                 "disjoint_per_worker": [d_lo / n, d_hi / n],
                 "shared_ops_per_s": [s_lo, s_hi],
@@ -216,23 +236,29 @@ def predict(tab: dict[str, dict[str, dict[str, list[Any]]]],
 
 def prediction_lines(pr: dict[str, Any]) -> list[str]:
     """The predictions as text, each number labelled as one."""
-    lines = [f"{pr['label']}; one worker per core, Python API calls:"]
+    def rng(v: list[float]) -> str:
+        return f"{_fmt_rate(v[0])}-{_fmt_rate(v[1])}"
+
+    lines = [f"{pr['label']}; one worker per core, Python API calls; rates per CPU-second:"]
     for w, d in pr["workloads"].items():
         m = d["measured"]
-        here = (f"; a contended line's move measured here {m['c_line_move_ns_here']:.0f} ns"
-                if "c_line_move_ns_here" in m else "")
-        lines.append(f"  {w}: measured 1 worker {_fmt_rate(m['one_worker_ops_per_s'])} ops/s "
-                     f"({m['one_worker_ns_per_op']:.0f} ns/op), per-core rate used "
-                     f"{_fmt_rate(m['per_core_rate_used'])} ({m['per_core_rate_from']})"
-                     f"{here}")
+        move = m["c_line_move_ns_here"]
+        here = ("" if move is None else
+                f"; a contended line's move measured here {move:.0f} ns" +
+                ("" if m["c_line_move_measured"] else
+                 " (unreliable: the two C workers did not both get a CPU)"))
+        two = m["two_disjoint_per_worker_per_cpu_second"]
+        lines.append(
+            f"  {w}: measured 1 worker {_fmt_rate(m['one_worker_per_cpu_second'])} ops/s, "
+            f"2 on disjoint slots {'-' if two is None else _fmt_rate(two)} each"
+            f"{'' if m['two_disjoint_ran_together'] else ' (not both on a CPU the whole time)'}"
+            f"{here}")
         for n, p in d["predicted"].items():
-            def rng(v: list[float]) -> str:
-                return f"{_fmt_rate(v[0])}-{_fmt_rate(v[1])}"
             lines.append(
                 f"    {n:>2s} cores, predicted: disjoint {rng(p['disjoint_ops_per_s'])} ops/s "
                 f"({rng(p['disjoint_per_worker'])} per worker); one shared slot "
                 f"{rng(p['shared_ops_per_s'])} ops/s ({rng(p['shared_per_worker'])} per "
-                f"worker, C fast path alone {rng(p['shared_c_fast_path_ops_per_s'])}); "
+                f"worker; line move {p['line_move_ns'][0]:.0f}-{p['line_move_ns'][1]:.0f} ns); "
                 f"disjoint/shared {p['disjoint_over_shared'][0]:.0f}-"
                 f"{p['disjoint_over_shared'][1]:.0f}x; an op on the shared slot may queue "
                 f"behind {_fmt_ns(p['shared_queue_wait_ns'][0])}-"
@@ -253,16 +279,18 @@ def print_scaling(plan: Plan, res: Results) -> dict[str, Any]:
     tab = table(plan, res.cases)
     cpus = os.cpu_count() or 1
     print()
-    print("scaling sweep: ops/s of all workers; x1 = against one worker; per worker = mean of "
-          "the workers' own rates; p99 of sampled single ops (C fast path: a batch's mean per "
-          f"op, {C_BATCH} ops per call); cpu = worker CPU time / wall time")
-    head = (f"{'workers':>7s} | {'ops/s':>8s} {'x1':>5s} {'/worker':>8s} {'p99':>7s} "
-            f"{'cpu':>4s} | {'ops/s':>8s} {'x1':>5s} {'/worker':>8s} {'p99':>7s} {'cpu':>4s} "
-            f"{'commit':>6s}")
+    print("scaling sweep: ops/s of all workers; x1 = against one worker; /worker = mean of "
+          "the workers' own rates;\n/cpu-s = the same per second of the worker's own CPU time "
+          "(what a core gives a worker that has it); p99 of sampled single ops (C fast path: "
+          f"a batch's mean per op, {C_BATCH} ops per call);\ncpu = worker CPU time / wall "
+          "time; commit = transitions that committed (the rest lost the race: INVALID)")
+    cols = (f"{'ops/s':>8s} {'x1':>5s} {'/worker':>8s} {'/cpu-s':>8s} {'p99':>7s} "
+            f"{'cpu':>4s}")
+    head = f"{'workers':>7s} | {cols} | {cols} {'commit':>6s}"
     for w, by_system in tab.items():
         for s, by_sharing in by_system.items():
             print(f"\n{w} on {_name(s)}:")
-            print(f"{'':7s} | {'disjoint slots':^37s} | {'all on one slot':^44s}")
+            print(f"{'':7s} | {'disjoint slots':^46s} | {'all on one slot':^53s}")
             print(head)
             for d, sh in zip(by_sharing["disjoint"], by_sharing["shared"], strict=False):
                 print(f"{d['workers']:7d} | {_cells(d)} | {_cells(sh, commit=True)}")
@@ -279,9 +307,11 @@ def print_scaling(plan: Plan, res: Results) -> dict[str, Any]:
 
 def _cells(r: dict[str, Any], commit: bool = False) -> str:
     if "error" in r:
-        return f"{'failed':>36s}"
+        return f"{'failed':>46s}"
+    per_cpu = r.get("per_worker_per_cpu_second")
     cells = (f"{_fmt_rate(r['ops_per_s']):>8s} {r['speedup'] or 0:5.2f} "
-             f"{_fmt_rate(r['per_worker_mean']):>8s} {_fmt_ns(r['p99_ns']):>7s} "
+             f"{_fmt_rate(r['per_worker_mean']):>8s} "
+             f"{'-' if per_cpu is None else _fmt_rate(per_cpu):>8s} {_fmt_ns(r['p99_ns']):>7s} "
              f"{(r['cpu_share'] or 0):4.0%}")
     if commit:
         cf = r["committed_fraction"]
