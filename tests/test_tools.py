@@ -26,10 +26,11 @@ import pytest
 
 from engine import Engine, MachineSpec, Rule, State, Trigger, segment
 from engine._native import ffi, lib
+from engine.errors import BusyError
 from engine.spec import POSITION_SPEC
 from engine.tools import bench, segments
-from engine.tools.bench import floor, runner, scaling
-from engine.tools.bench.peers import C_BATCH, CONNECT, N_SLOTS, EngineHost
+from engine.tools.bench import floor, report, runner, scaling
+from engine.tools.bench.peers import C_BATCH, CONNECT, N_SLOTS, EngineHost, Ops
 from engine.tools.bench.runner import SCALING_WORKLOADS, Case, Plan, Probe, Results
 
 CTX = mp.get_context("spawn")
@@ -555,6 +556,36 @@ class TestBenchScaling:
         assert not m["two_disjoint_ran_together"] and not m["c_line_move_measured"]
         text = "\n".join(scaling.prediction_lines(scaling.predict(tab)))
         assert "unreliable" in text and "not both on a CPU" in text
+
+    def test_busy_calls_are_counted(self):
+        """A call that raises one of Ops.busy is counted and the loop goes
+        on; anything else still propagates."""
+        calls = []
+
+        def flaky(slot: int, price: float) -> None:
+            calls.append(price)
+            if len(calls) % 3 == 0:
+                raise BusyError("held past the bound")
+
+        ops = Ops(transition=lambda s, t: None, update_price=flaky, read_price=lambda s: None,
+                  busy=(BusyError,))
+        batch, single = runner._loops("update_price", ops, 0)
+        assert batch(6) == 4 and len(calls) == 12
+        assert single()[2] == 0 and len(calls) == 14
+        strict = Ops(transition=lambda s, t: None, update_price=flaky, read_price=lambda s: None)
+        with pytest.raises(BusyError):
+            runner._loops("update_price", strict, 0)[0](6)
+
+    def test_ratio_per_cpu_second(self):
+        """The one-worker ratios are also given per CPU-second of each side's
+        worker (CPU-bound peers only)."""
+        cases = [fake_case("engine", "transition", 1, "single", 1e6, cpu=0.5),
+                 fake_case("value_lock_tuned", "transition", 1, "single", 1e6, cpu=1.0),
+                 fake_case("redis", "transition", 1, "single", 1e3, cpu=0.3)]
+        summary = report._summary(cases, ["engine", "value_lock_tuned", "redis"], [2], {})
+        assert summary["ratios"]["value_lock_tuned"] == pytest.approx(1.0)
+        assert summary["ratios_per_cpu_second"]["value_lock_tuned"] == pytest.approx(2.0)
+        assert summary["ratios_per_cpu_second"]["redis"] is None
 
     def test_model(self):
         """shared_rate is the line's rate or the workers' demand, the lower."""

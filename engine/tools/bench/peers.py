@@ -64,6 +64,7 @@ import numpy as np
 
 from engine._native import ffi, lib
 from engine.core import Engine, Handle
+from engine.errors import BusyError
 from engine.spec import POSITION_SPEC, Outcome, Trigger
 
 SYSTEMS = ("engine", "value_lock", "value_lock_tuned", "manager", "manager_lock", "atomicshm",
@@ -126,6 +127,10 @@ class Ops:
     #: ``_engine_c_ops``): each call does ``C_BATCH`` operations on the slot.
     transition_c: Callable[[int, int], Any] | None = None
     update_price_c: Callable[[int, float], Any] | None = None
+    #: What a call raises when a bounded wait runs out (the engine's
+    #: BusyError: a writer held a latch past its bound); the runner counts
+    #: those calls and goes on.  Peers wait without bound: nothing.
+    busy: tuple[type[BaseException], ...] = ()
 
 
 # ==== engine =====================================================================================
@@ -155,7 +160,11 @@ def _engine_ops(handle: Handle) -> Ops:
     eng = Engine.attach(handle)
     tc, uc = _engine_c_ops(eng)
     return Ops(eng.transition, eng.update_price, eng.price, eng.close, key=eng.id_of,
-               transition_c=tc, update_price_c=uc)
+               transition_c=tc, update_price_c=uc, busy=(BusyError, BatchBusy))
+
+
+class BatchBusy(Exception):
+    """A C batch call stopped at an element whose latch stayed busy (ENG_EBUSY)."""
 
 
 def _engine_c_ops(eng: Engine) -> tuple[Callable[[int, int], None],
@@ -183,11 +192,15 @@ def _engine_c_ops(eng: Engine) -> tuple[Callable[[int, int], None],
 
     def transition_c(pos: int, _trigger: int, f: Any = lib.eng_transition_many) -> None:
         rc = f(seg, id_buf(pos), bufs[0], C_BATCH, bufs[2], bad)
+        if rc == lib.ENG_EBUSY:
+            raise BatchBusy(f"element {bad[0]}")
         if rc:
             raise RuntimeError(f"eng_transition_many returned {rc} at index {bad[0]}")
 
     def update_price_c(pos: int, _price: float, f: Any = lib.eng_update_prices) -> None:
         rc = f(seg, id_buf(pos), bufs[1], C_BATCH, bad, written)
+        if rc == lib.ENG_EBUSY:
+            raise BatchBusy(f"element {bad[0]}")
         if rc:
             raise RuntimeError(f"eng_update_prices returned {rc} at index {bad[0]}")
 

@@ -56,6 +56,8 @@ def _table(cases: list[Case], systems: Sequence[str], workloads: Sequence[str],
                 note = f"cpu {c.cpu_share:.0%}/worker"
                 if c.committed_fraction is not None:
                     note += f", {c.committed_fraction:.0%} committed"
+                if c.busy_fraction:
+                    note += f", {c.busy_fraction:.2%} BusyError"
                 lines.append(f"{w:13s} {label:11s} {LABELS[s]:22s} {_fmt_rate(c.ops_per_s):>9s} "
                              f"{_fmt_ns(c.p50_ns):>8s} {_fmt_ns(c.p99_ns):>8s} {ratio}  {note}")
             lines.append("")
@@ -70,6 +72,11 @@ def _summary(cases: list[Case], systems: Sequence[str], workers: Sequence[int],
     for p in PEERS:
         c = _find(cases, p, "transition", 1, "single")
         ratios[p] = eng1.ops_per_s / c.ops_per_s if (eng1 and c) else None
+    per_cpu: dict[str, float | None] = {}   # the same per CPU-second of each side's worker
+    for p in PEERS:
+        c = _find(cases, p, "transition", 1, "single")
+        per_cpu[p] = (_per_cpu_rate(eng1) / _per_cpu_rate(c)
+                      if eng1 and c and p in CPU_BOUND else None)
     all_ratios: dict[str, Any] = {}
     for c in cases:
         e = _find(cases, "engine", c.workload, c.workers, c.sharing)
@@ -106,7 +113,13 @@ def _summary(cases: list[Case], systems: Sequence[str], workers: Sequence[int],
                                   f"{TARGET_SCALING:g}x one worker", "value": got,
                         "met": None if got is None else got >= TARGET_SCALING,
                         "note": note or f"{os.cpu_count()} CPUs"})
-    return {"ratios": ratios, "ratios_all": all_ratios, "scaling": scaling, "targets": targets}
+    return {"ratios": ratios, "ratios_per_cpu_second": per_cpu, "ratios_all": all_ratios,
+            "scaling": scaling, "targets": targets}
+
+
+def _per_cpu_rate(c: Case) -> float:
+    """ops per second of the workers' own CPU time (their wall rate if unknown)."""
+    return c.ops_per_s / c.cpu_share if c.cpu_share and c.cpu_share > 0 else c.ops_per_s
 
 
 def _plot(cases: list[Case], systems: Sequence[str], workloads: Sequence[str],
@@ -173,10 +186,14 @@ def print_report(plan: Plan, res: Results) -> dict[str, Any]:
           "server, or for a CPU\ntaken by other processes), so its case under-states what "
           "the system can do with free cores.\n")
     summary = _summary(res.cases, plan.systems, plan.workers, res.skipped)
-    print("engine ops/s / peer ops/s, transition, 1 worker:")
+    print("engine ops/s / peer ops/s, transition, 1 worker (and per CPU-second of each side's "
+          "worker, which takes out\nhow much of a core a busy host lent each; CPU-bound "
+          "peers only):")
     for p, r in summary["ratios"].items():
         if p in plan.systems:
-            print(f"  {LABELS[p]:22s} {'-' if r is None else f'{r:.2f}x'}"
+            rc = summary["ratios_per_cpu_second"].get(p)
+            print(f"  {LABELS[p]:22s} {'-' if r is None else f'{r:.2f}x':>9s}"
+                  f"{'' if rc is None else f'   per CPU-second {rc:.2f}x'}"
                   f"{'  (' + res.skipped[p] + ')' if p in res.skipped else ''}")
     print("targets (reported, not asserted):")
     for t in summary["targets"]:
@@ -208,6 +225,7 @@ def write_json(path: Path, plan: Plan, probe: Probe, res: Results,
                  "pipe_round_trip_us": probe.pipe_round_trip_us,
                  "load_average_after": os.getloadavg()[0], **res.meta},
         "ratios": summary["ratios"],
+        "ratios_per_cpu_second": summary.get("ratios_per_cpu_second", {}),
         "ratios_all": summary["ratios_all"],
         "scaling": summary["scaling"],
         "targets": summary["targets"],

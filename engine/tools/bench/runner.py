@@ -72,11 +72,13 @@ def ops_per_call(workload: str) -> int:
     return C_BATCH if workload in C_WORKLOADS else 1
 
 
-def _loops(workload: str, ops: Ops, slot: int) -> tuple[Callable[[int], None],
-                                                       Callable[[], tuple[int, int]]]:
+def _loops(workload: str, ops: Ops, slot: int) -> tuple[Callable[[int], int],
+                                                       Callable[[], tuple[int, int, int]]]:
     """(batch(pairs): 2 * pairs calls in a tight loop, single(): two calls
-    timed one by one).  The loops are the same for every system, every name
-    in them a fast local."""
+    timed one by one), each also returning how many calls raised one of
+    ``ops.busy`` (a bounded wait that ran out: the call is counted, and the
+    loop goes on).  The loops are the same for every system, every name in
+    them a fast local; a ``try`` costs nothing until something is raised."""
     if workload in C_WORKLOADS:
         c_op = ops.transition_c if workload == "transition_c" else ops.update_price_c
         if c_op is None:
@@ -92,15 +94,35 @@ def _loops(workload: str, ops: Ops, slot: int) -> tuple[Callable[[int], None],
         op, a, b = ops.read_price, (slot,), (slot,)
     else:
         raise ValueError(f"unknown workload {workload!r}")
-    g: dict[str, Any] = {"rep": itertools.repeat, "pc": time.perf_counter_ns, "op": op}
+    g: dict[str, Any] = {"rep": itertools.repeat, "pc": time.perf_counter_ns, "op": op,
+                         "busy": ops.busy}
     a_src, b_src = ", ".join(map(repr, a)), ", ".join(map(repr, b))
     exec(  # literal arguments: the loop does no variable lookups but the call
-        f"def batch(pairs, op=op, rep=rep):\n"
+        f"def batch(pairs, op=op, rep=rep, busy=busy):\n"
+        f"    nb = 0\n"
         f"    for _ in rep(None, pairs):\n"
-        f"        op({a_src}); op({b_src})\n"
-        f"def single(op=op, pc=pc):\n"
-        f"    t0 = pc(); op({a_src}); t1 = pc(); op({b_src}); t2 = pc()\n"
-        f"    return t1 - t0, t2 - t1\n", g)
+        f"        try:\n"
+        f"            op({a_src})\n"
+        f"        except busy:\n"
+        f"            nb += 1\n"
+        f"        try:\n"
+        f"            op({b_src})\n"
+        f"        except busy:\n"
+        f"            nb += 1\n"
+        f"    return nb\n"
+        f"def single(op=op, pc=pc, busy=busy):\n"
+        f"    nb = 0\n"
+        f"    t0 = pc()\n"
+        f"    try:\n"
+        f"        op({a_src})\n"
+        f"    except busy:\n"
+        f"        nb += 1\n"
+        f"    t1 = pc()\n"
+        f"    try:\n"
+        f"        op({b_src})\n"
+        f"    except busy:\n"
+        f"        nb += 1\n"
+        f"    return t1 - t0, pc() - t1, nb\n", g)
     return g["batch"], g["single"]
 
 
@@ -137,14 +159,15 @@ def _worker(system: str, payload: Any, workload: str, slot: int, budget_ns: int,
                 break
         barrier.wait(timeout=120)
         samples: list[int] = []
-        n = 0
+        n = busy = 0
         mono = time.monotonic_ns
         cpu0 = time.process_time_ns()
         start = mono()
         deadline = start + budget_ns
         while True:
-            batch(pairs)
-            a, b = single()
+            busy += batch(pairs)
+            a, b, nb = single()
+            busy += nb
             n += 2 * pairs + 2
             if len(samples) < MAX_SAMPLES:
                 samples += (a, b)
@@ -152,9 +175,10 @@ def _worker(system: str, payload: Any, workload: str, slot: int, budget_ns: int,
                 break
         stop = mono()
         n *= mult
+        busy *= mult
         if mult > 1:   # a batch's time per operation
             samples = [x // mult for x in samples]
-        out.update(ops=n, warmup_ops=warm, t_start=start, t_end=stop, pairs=pairs,
+        out.update(ops=n, busy_ops=busy, warmup_ops=warm, t_start=start, t_end=stop, pairs=pairs,
                    cpu_share=(time.process_time_ns() - cpu0) / max(1, stop - start),
                    samples=samples)
     except BaseException as e:  # reported to the parent, which carries on
@@ -186,6 +210,7 @@ class Case:
     p99_ns: float = math.nan
     samples: int = 0
     committed_fraction: float | None = None
+    busy_fraction: float = 0.0        # ops that raised a bounded wait's BusyError
     cpu_share: float = math.nan       # worker CPU time / wall time, mean over workers
     per_worker_cpu_share: list[float] = field(default_factory=list)
     runs_ops_per_s: list[float | None] = field(default_factory=list)   # with --repeat
@@ -241,6 +266,7 @@ def _run_case(host: Any, system: str, workload: str, slots: list[int], sharing: 
         case.error = case.error or "; ".join(sorted(set(errors)))
         return case
     case.ops = sum(r["ops"] for r in got)
+    case.busy_fraction = sum(r["busy_ops"] for r in got) / max(1, case.ops)
     span = max(r["t_end"] for r in got) - min(r["t_start"] for r in got)
     case.seconds = span / 1e9
     case.ops_per_s = case.ops / case.seconds

@@ -102,7 +102,7 @@ def _row(c: Case, one: Case | None) -> dict[str, Any]:
             "p50_ns": None if math.isnan(c.p50_ns) else c.p50_ns,
             "p99_ns": None if math.isnan(c.p99_ns) else c.p99_ns,
             "cpu_share": None if math.isnan(c.cpu_share) else c.cpu_share,
-            "committed_fraction": c.committed_fraction}
+            "committed_fraction": c.committed_fraction, "busy_fraction": c.busy_fraction}
 
 
 def table(plan: Plan, cases: Sequence[Case]) -> dict[str, dict[str, dict[str, list[Any]]]]:
@@ -283,7 +283,9 @@ def print_scaling(plan: Plan, res: Results) -> dict[str, Any]:
           "the workers' own rates;\n/cpu-s = the same per second of the worker's own CPU time "
           "(what a core gives a worker that has it); p99 of sampled single ops (C fast path: "
           f"a batch's mean per op, {C_BATCH} ops per call);\ncpu = worker CPU time / wall "
-          "time; commit = transitions that committed (the rest lost the race: INVALID)")
+          "time; commit = transitions that committed (the rest lost the race: INVALID), "
+          "or bN% = price updates that raised BusyError (a latch holder kept it past the "
+          "bound)")
     cols = (f"{'ops/s':>8s} {'x1':>5s} {'/worker':>8s} {'/cpu-s':>8s} {'p99':>7s} "
             f"{'cpu':>4s}")
     head = f"{'workers':>7s} | {cols} | {cols} {'commit':>6s}"
@@ -314,8 +316,9 @@ def _cells(r: dict[str, Any], commit: bool = False) -> str:
              f"{'-' if per_cpu is None else _fmt_rate(per_cpu):>8s} {_fmt_ns(r['p99_ns']):>7s} "
              f"{(r['cpu_share'] or 0):4.0%}")
     if commit:
-        cf = r["committed_fraction"]
-        cells += f" {'-' if cf is None else f'{cf:.0%}':>6s}"
+        cf, busy = r["committed_fraction"], r.get("busy_fraction") or 0.0
+        outcome = (f"{cf:.0%}" if cf is not None else f"b{busy:.1%}" if busy else "-")
+        cells += f" {outcome:>6s}"
     return cells
 
 
