@@ -366,8 +366,9 @@ def _plot(tab: dict[str, Any], outdir: Path, cpus: int) -> list[Path]:
     for w in ("transition", "update_price"):
         if w not in tab:
             continue
-        fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+        fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
         panels = (("ops_per_s", "ops/s, all workers"), ("per_worker_mean", "ops/s per worker"),
+                  ("per_worker_per_cpu_second", "ops per CPU-second, per worker (per core it has)"),
                   ("p99_ns", "p99 latency of one op, ns"))
         for ax, (key, ylabel) in zip(axes, panels, strict=True):
             for s, by_sharing in tab[w].items():
