@@ -1,7 +1,9 @@
-"""The segment tools: ls, inspect, rm, top (``engine.tools.segments``).
+"""The segment tools: ls, inspect, rm, top (``engine.tools.segments``); and
+the bench's scaling sweep and one-worker breakdown (``engine.tools.bench``).
 
 They are driven through their own argparse wiring (``add_parsers``), the way
 ``python -m engine`` drives them, and once end to end through a subprocess.
+The bench tests check plans, counts, arithmetic and outputs, never timings.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import posix_ipc
 import pytest
 
 from engine import Engine, MachineSpec, Rule, State, Trigger, segment
 from engine._native import ffi, lib
+from engine.errors import BusyError
 from engine.spec import POSITION_SPEC
-from engine.tools import segments
+from engine.tools import bench, segments
+from engine.tools.bench import floor, report, runner, scaling
+from engine.tools.bench.peers import C_BATCH, CONNECT, N_SLOTS, EngineHost, Ops
+from engine.tools.bench.runner import SCALING_WORKLOADS, Case, Plan, Probe, Results
 
 CTX = mp.get_context("spawn")
 JOIN_TIMEOUT = 30.0
@@ -394,7 +401,8 @@ class TestCommandLine:
             assert callable(parser.parse_args(argv).func)
 
 
-# =====================================================================================
+# ==============================================================================
+
 class TestPrivateRedis:
     def test_starts_answers_and_stops(self):
         """A private redis-server: on loopback, persistence off, gone after stop()
@@ -453,3 +461,247 @@ class TestBenchOnRedis:
         doc = json.loads((tmp_path / "bench.json").read_text())
         assert doc["redis_costs"]["kinds"]["engine_transition"]["wall_us"] > 0
         assert any("EVALSHA" in t["target"] for t in doc["targets"])
+# ==== python -m engine bench: the scaling sweep and the one-worker breakdown ====================
+def bench_args(*argv: str) -> argparse.Namespace:
+    """``argv`` parsed by the bench subcommand's own parser."""
+    parser = argparse.ArgumentParser(prog="engine")
+    bench.add_parsers(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["bench", *argv])
+
+
+def fake_case(system: str, workload: str, workers: int, sharing: str, ops_per_s: float,
+              cpu: float = 1.0) -> Case:
+    """A measured case with round numbers (what the report side is fed)."""
+    return Case(system, workload, workers, sharing, ops=int(ops_per_s), seconds=1.0,
+                ops_per_s=ops_per_s, per_worker_ops_per_s=[ops_per_s / workers] * workers,
+                p50_ns=500.0, p99_ns=2000.0, samples=10, cpu_share=cpu,
+                per_worker_cpu_share=[cpu] * workers,
+                committed_fraction=1.0 if workload in ("transition", "transition_c") else None,
+                latencies=np.array([400, 500, 2000]))
+
+
+def fake_sweep(plan: Plan) -> Results:
+    """Every case of ``plan``: disjoint scales linearly, shared stays at one worker's rate."""
+    base = {"transition": 4e6, "update_price": 5e6, "transition_c": 40e6, "update_price_c": 20e6}
+    res = Results(elapsed=1.0)
+    for s in plan.systems:
+        for w in plan.workloads_of(s):
+            for n, sharing in plan.layout:
+                rate = base[w] * (n if sharing == "disjoint" else 1) / (1 + (s != "engine"))
+                res.cases.append(fake_case(s, w, n, sharing, rate))
+    return res
+
+
+class TestBenchScaling:
+    """``bench --scaling``: the sweep's plan, its C batch workloads, table,
+    predictions, JSON and plots (no timing is asserted)."""
+
+    def test_sweep_plan(self):
+        """--scaling: 1..8 workers, disjoint and shared, transition and
+        update_price on every system, the C fast paths on the engine only."""
+        args = bench_args("--scaling", "--quick")
+        sweep = bench._scaling_plan(args, bench._plan(args))
+        assert sweep is not None and sweep.title == "scaling sweep"
+        assert sweep.layout == [(1, "single")] + [(n, s) for n in range(2, 9)
+                                                  for s in ("disjoint", "shared")]
+        assert sweep.systems == ["engine", "value_lock_tuned", "atomicshm"]
+        assert sweep.workloads_of("engine") == list(SCALING_WORKLOADS)
+        assert sweep.workloads_of("atomicshm") == ["transition", "update_price"]
+        assert sweep.total == (4 + 2 + 2) * 15
+        assert bench._scaling_plan(bench_args(), bench._plan(bench_args())) is None
+
+    def test_sweep_arguments_checked(self, capsys):
+        """Worker counts outside 2..16 are refused with exit code 2."""
+        for n in ("1", "17"):
+            assert bench.run(bench_args("--scaling", "--scaling-workers", n)) == 2
+            assert "--scaling-workers" in capsys.readouterr().err
+
+    def test_slots_of_a_sweep(self):
+        """Every case gets fresh slots; a shared case puts every worker on one."""
+        args = bench_args("--scaling-only", "--scaling-workers", "4")
+        sweep = bench._scaling_plan(args, bench._plan(args))
+        assert sweep is not None
+        seen: set[int] = set()
+        for w, sharing, slots in runner._assignments(sweep, "engine"):
+            assert not seen & set(slots), (w, sharing)
+            seen |= set(slots)
+            assert len(set(slots)) == (1 if sharing in ("single", "shared") else len(slots))
+        assert max(seen) < N_SLOTS
+
+    def test_c_batch_ops(self):
+        """transition_c / update_price_c: C_BATCH operations on the id per
+        call, all applied on a slot of one's own."""
+        host = EngineHost()
+        host.setup()
+        try:
+            ops = CONNECT["engine"](host.payload())
+            try:
+                assert ops.transition_c is not None and ops.update_price_c is not None
+                pos = ops.key(3)
+                before = host.committed([3])
+                ops.transition_c(pos, 0)
+                assert host.committed([3]) - before == C_BATCH
+                assert host.eng.state(pos) == State.MONITORING     # PAUSE, RESUME, ...
+                v = host.eng.price(pos).version
+                ops.update_price_c(pos, 0.0)
+                snap = host.eng.price(pos)
+                assert snap.version - v == C_BATCH and snap.price == 99.5
+            finally:
+                ops.close()
+        finally:
+            host.teardown()
+
+    def test_c_workload_counts_every_op(self):
+        """A C batch case counts C_BATCH ops per call and its commits (two
+        spawned workers on one slot, a short budget)."""
+        host = EngineHost()
+        host.setup()
+        try:
+            c = runner._run_case(host, "engine", "transition_c", [5, 5], "shared", 0.05, 0.02)
+        finally:
+            host.teardown()
+        assert c.error is None, c.error
+        assert c.ops > 0 and c.ops % C_BATCH == 0
+        assert c.committed_fraction is not None and 0 < c.committed_fraction <= 1
+        assert len(c.per_worker_ops_per_s) == 2
+
+    def test_table_and_predictions(self):
+        """The table's rows and the model's arithmetic, on known numbers."""
+        args = bench_args("--scaling-only", "--scaling-workers", "3")
+        sweep = bench._scaling_plan(args, bench._plan(args))
+        assert sweep is not None
+        tab = scaling.table(sweep, fake_sweep(sweep).cases)
+        rows = tab["transition"]["engine"]
+        assert [r["workers"] for r in rows["disjoint"]] == [1, 2, 3]
+        assert rows["disjoint"][2]["speedup"] == pytest.approx(3.0)
+        assert rows["shared"][2]["per_worker_mean"] == pytest.approx(4e6 / 3)
+        assert rows["shared"][0] == rows["disjoint"][0]          # one worker heads both
+        assert "transition_c" not in tab or "atomicshm" not in tab["transition_c"]
+        pr = scaling.predict(tab)
+        assert "PREDICTION" in pr["label"]
+        t = pr["workloads"]["transition"]
+        assert t["measured"]["per_core_rate_used"] == pytest.approx(4e6)   # 2 disjoint, per worker
+        p16 = t["predicted"]["16"]
+        lo, hi = scaling.ALL_CORE_CLOCK
+        assert p16["disjoint_ops_per_s"] == pytest.approx([16 * 4e6 * lo, 16 * 4e6 * hi])
+        c_ns = 1e9 / 40e6
+        lo_move, hi_move = scaling.LINE_MOVE_NS[16]
+        assert p16["shared_ops_per_s"] == pytest.approx(
+            [scaling.shared_rate(16, hi_move, 1, 250.0, c_ns),
+             scaling.shared_rate(16, lo_move, 1, 250.0, c_ns)])
+        assert p16["shared_ops_per_s"][1] <= scaling.line_rate(lo_move, 1, c_ns)
+        # C rows: 2 shared at 40M total = 50 ns per op per worker, 2 disjoint 25 ns
+        assert t["measured"]["c_line_move_ns_here"] == pytest.approx(25.0)
+        assert pr["workloads"]["update_price"]["predicted"]["64"]["shared_ops_per_s"][1] \
+            <= scaling.line_rate(scaling.LINE_MOVE_NS[64][0], 2, 1e9 / 20e6)
+
+    def test_rates_per_cpu_second(self):
+        """A case whose workers got half a CPU each: the per-core rate is
+        taken per CPU-second, and a line move from such C rows is flagged."""
+        args = bench_args("--scaling-only", "--scaling-workers", "2")
+        sweep = bench._scaling_plan(args, bench._plan(args))
+        assert sweep is not None
+        res = fake_sweep(sweep)
+        for c in res.cases:
+            if c.workers == 2:
+                c.ops_per_s /= 2
+                c.per_worker_ops_per_s = [r / 2 for r in c.per_worker_ops_per_s]
+                c.cpu_share, c.per_worker_cpu_share = 0.5, [0.5, 0.5]
+        tab = scaling.table(sweep, res.cases)
+        row = tab["transition"]["engine"]["disjoint"][1]
+        assert row["per_worker_mean"] == pytest.approx(2e6)
+        assert row["per_worker_per_cpu_second"] == pytest.approx(4e6)
+        m = scaling.predict(tab)["workloads"]["transition"]["measured"]
+        assert m["per_core_rate_used"] == pytest.approx(4e6)
+        assert not m["two_disjoint_ran_together"] and not m["c_line_move_measured"]
+        text = "\n".join(scaling.prediction_lines(scaling.predict(tab)))
+        assert "unreliable" in text and "not both on a CPU" in text
+
+    def test_busy_calls_are_counted(self):
+        """A call that raises one of Ops.busy is counted and the loop goes
+        on; anything else still propagates."""
+        calls = []
+
+        def flaky(slot: int, price: float) -> None:
+            calls.append(price)
+            if len(calls) % 3 == 0:
+                raise BusyError("held past the bound")
+
+        ops = Ops(transition=lambda s, t: None, update_price=flaky, read_price=lambda s: None,
+                  busy=(BusyError,))
+        batch, single = runner._loops("update_price", ops, 0)
+        assert batch(6) == 4 and len(calls) == 12
+        assert single()[2] == 0 and len(calls) == 14
+        strict = Ops(transition=lambda s, t: None, update_price=flaky, read_price=lambda s: None)
+        with pytest.raises(BusyError):
+            runner._loops("update_price", strict, 0)[0](6)
+
+    def test_ratio_per_cpu_second(self):
+        """The one-worker ratios are also given per CPU-second of each side's
+        worker (CPU-bound peers only)."""
+        cases = [fake_case("engine", "transition", 1, "single", 1e6, cpu=0.5),
+                 fake_case("value_lock_tuned", "transition", 1, "single", 1e6, cpu=1.0),
+                 fake_case("redis", "transition", 1, "single", 1e3, cpu=0.3)]
+        summary = report._summary(cases, ["engine", "value_lock_tuned", "redis"], [2], {})
+        assert summary["ratios"]["value_lock_tuned"] == pytest.approx(1.0)
+        assert summary["ratios_per_cpu_second"]["value_lock_tuned"] == pytest.approx(2.0)
+        assert summary["ratios_per_cpu_second"]["redis"] is None
+
+    def test_model(self):
+        """shared_rate is the line's rate or the workers' demand, the lower."""
+        assert scaling.line_rate(100.0, 1, 0.0) == pytest.approx(1e7)
+        assert scaling.shared_rate(1, 100.0, 1, 900.0, 0.0) == pytest.approx(1e6)
+        assert scaling.shared_rate(64, 100.0, 1, 900.0, 0.0) == pytest.approx(1e7)
+        assert scaling.shared_rate(64, 100.0, 2, 900.0, 0.0) == pytest.approx(5e6)
+
+    def test_run_writes_json_and_plots(self, capsys, monkeypatch, tmp_path):
+        """--scaling-only end to end on made-up cases: the table, the host
+        note, the labelled predictions, the JSON section and three PNGs."""
+        pytest.importorskip("matplotlib")
+        monkeypatch.setattr(bench, "run_cases", fake_sweep)
+        monkeypatch.setattr(bench, "probe_host", lambda plan: Probe(0.99, 20.0))
+        path, plots = tmp_path / "b.json", tmp_path / "plots"
+        code = bench.run(bench_args("--scaling-only", "--scaling-workers", "3", "--json",
+                                    str(path), "--plots", str(plots)))
+        out = capsys.readouterr().out
+        assert code == 0
+        assert "transition_c on engine" in out and "one Lock for all slots" in out
+        assert "What a" in out and "cannot show" in out and "predicted" in out
+        doc = json.loads(path.read_text())
+        sw = doc["scaling_sweep"]
+        assert sw["workers"] == [1, 2, 3] and sw["c_batch"] == C_BATCH
+        assert set(sw["table"]) == set(SCALING_WORKLOADS)
+        assert "PREDICTION" in sw["predictions"]["label"] and "cannot show" in sw["host_note"]
+        assert len(sw["results"]) == 8 * 5 and doc["results"] == []
+        assert sorted(p.name for p in plots.iterdir()) == [
+            "scaling_c_fast_path.png", "scaling_transition.png", "scaling_update_price.png"]
+
+
+class TestBenchFloor:
+    """The one-worker breakdown: layers of the engine's call beside the peers."""
+
+    def test_measure_and_layers(self):
+        """Every layer and peer is timed; the layers subtract as documented."""
+        b = floor.measure(peers=["value_lock_tuned"], rounds=2, iterations=1)
+        assert set(b.ns) == {"transition", "update_price"}
+        for ns in b.ns.values():
+            assert set(ns) == {"empty", "shape", "raw", "method", "value_lock_tuned"}
+            assert all(v > 0 for v in ns.values())
+        lay = floor.layers(b.ns["transition"])
+        assert lay["wrapper_ns"] == pytest.approx(lay["engine_method_ns"] - lay["raw_call_ns"])
+        p = lay["peers"]["value_lock_tuned"]
+        assert p["ratio_method"] == pytest.approx(p["ns"] / lay["engine_method_ns"])
+        text = "\n".join(floor.report_lines(b, {"value_lock_tuned": 3.0}))
+        assert "C work" in text and "RawArray+Lock (tuned)" in text and "3x needs" in text
+        assert json.dumps(b.as_dict())
+
+    def test_layers_from_known_numbers(self):
+        """wrapper = method - raw; C work = raw - same-shape; argument passing
+        = same-shape - empty; ratios are peer ns / engine ns."""
+        lay = floor.layers({"empty": 20.0, "shape": 100.0, "raw": 120.0, "method": 250.0,
+                            "atomicshm": 500.0})
+        assert (lay["wrapper_ns"], lay["c_work_ns"], lay["argument_passing_ns"]) == (
+            130.0, 20.0, 80.0)
+        a = lay["peers"]["atomicshm"]
+        assert (a["ratio_method"], a["ratio_raw_call"], a["ratio_empty_call_plus_c_work"]) == (
+            2.0, 500.0 / 120.0, 12.5)

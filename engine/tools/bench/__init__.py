@@ -24,6 +24,18 @@ goes (``redis_costs``).  The command line is here.
 Cases: one worker; then for each N in ``--workers``, N workers on disjoint
 slots and N workers all on one shared slot.
 
+Before the cases, ``floor`` takes one worker's time apart in one process
+(the empty cffi call, argument passing, the C work, the Python wrapper)
+beside the peers' same operation: a second, noise-resistant view of the
+one-worker ratios, and where the engine's time goes.
+
+``--scaling`` adds a sweep (``scaling``): 1 to ``--scaling-workers``
+workers on disjoint slots and all on one shared slot, ``transition`` and
+``update_price`` on the engine and the shared-memory peers, and the
+engine's C fast paths with Python out of the loop (``transition_c``,
+``update_price_c``: what a contended cache line costs by itself), with a
+table, plots, and predictions for hosts with more cores.
+
 Reading the numbers: each case reports its workers' CPU share (CPU time /
 wall time).  A CPU-bound system below ~90% did not get its CPUs (other load
 on the host, or more workers than cores), and the target verdicts say so.
@@ -42,9 +54,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.tools.bench import floor
 from engine.tools.bench.peers import N_SLOTS, SYSTEMS
-from engine.tools.bench.report import print_report, write_json, write_plots
-from engine.tools.bench.runner import WORKLOADS, Plan, _cases, probe_host, run_cases
+from engine.tools.bench.report import TARGET_RATIOS, print_report, write_json, write_plots
+from engine.tools.bench.runner import (
+    SCALING_WORKLOADS,
+    WORKLOADS,
+    Plan,
+    Results,
+    _cases,
+    announce,
+    probe_host,
+    run_cases,
+)
+from engine.tools.bench.scaling import print_scaling, write_scaling_plots
+
+#: The scaling sweep's systems unless --scaling-systems says otherwise.
+SCALING_SYSTEMS = ("engine", "value_lock_tuned", "atomicshm")
+MAX_SCALING_WORKERS = 16
 
 __all__ = ["add_parsers", "run"]
 
@@ -85,7 +112,21 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="write the results, ratios and target verdicts as JSON")
     p.add_argument("--plots", type=Path, default=None, metavar="DIR",
-                   help="write throughput.png and latency.png (needs matplotlib)")
+                   help="write throughput.png and latency.png, and with --scaling "
+                        "scaling_transition.png, scaling_update_price.png and "
+                        "scaling_c_fast_path.png (needs matplotlib)")
+    p.add_argument("--scaling", action="store_true",
+                   help="also run the scaling sweep: 1 to --scaling-workers workers on disjoint "
+                        "slots and all on one shared slot, transition and update_price (and "
+                        "the engine's C fast paths); about 4 minutes with --quick on 2 cores, "
+                        "12 without")
+    p.add_argument("--scaling-only", action="store_true",
+                   help="run the scaling sweep and nothing else (implies --scaling)")
+    p.add_argument("--scaling-workers", type=int, default=8, metavar="N",
+                   help="largest worker count of the sweep (default 8)")
+    p.add_argument("--scaling-systems", nargs="+", choices=SYSTEMS, default=None,
+                   metavar="SYSTEM",
+                   help=f"systems of the sweep (default {' '.join(SCALING_SYSTEMS)})")
     p.set_defaults(func=run)
 
 
@@ -110,19 +151,57 @@ def _plan(args: argparse.Namespace) -> Plan:
                 layout=layout)
 
 
+def _scaling_plan(args: argparse.Namespace, base: Plan) -> Plan | None:
+    """The sweep the arguments ask for, or None; ``ValueError`` says what is wrong."""
+    if not (args.scaling or args.scaling_only):
+        return None
+    top = args.scaling_workers
+    if not 2 <= top <= MAX_SCALING_WORKERS:
+        raise ValueError(f"--scaling-workers takes 2 .. {MAX_SCALING_WORKERS}")
+    chosen = args.scaling_systems or SCALING_SYSTEMS
+    layout = _cases(range(2, top + 1))
+    slots_needed = len(SCALING_WORKLOADS) * sum(n for n, _ in layout)
+    if slots_needed > N_SLOTS:
+        raise ValueError(f"too many workers: the sweep needs {slots_needed} slots of {N_SLOTS}")
+    return Plan(seconds=base.seconds, warmup=base.warmup, repeat=base.repeat, quick=base.quick,
+                workers=list(range(2, top + 1)), systems=[s for s in SYSTEMS if s in chosen],
+                workloads=list(SCALING_WORKLOADS), layout=layout, title="scaling sweep")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the comparison; 0 when the engine's cases ran, 1 otherwise."""
     try:
         plan = _plan(args)
+        sweep = _scaling_plan(args, plan)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    probe = probe_host(plan)
-    res = run_cases(plan)
-    summary = print_report(plan, res)
+    compare = not args.scaling_only
+    probe = probe_host(plan if compare or sweep is None else sweep)
+    res, summary, breakdown = Results(), None, None
+    if compare:
+        if "engine" in plan.systems and set(floor.FLOOR_WORKLOADS) & set(plan.workloads):
+            breakdown = floor.measure(plan.workloads, [p for p in floor.FLOOR_PEERS
+                                                       if p in plan.systems],
+                                      rounds=60 if plan.quick else 200)
+            print("\n".join(floor.report_lines(breakdown, TARGET_RATIOS)), flush=True)
+        res = run_cases(plan)
+        summary = print_report(plan, res)
+    swept, scaling = None, None
+    if sweep is not None:
+        if compare:
+            announce(sweep)
+        swept = run_cases(sweep)
+        scaling = print_scaling(sweep, swept)
     if args.json:
-        write_json(args.json, plan, probe, res, summary)
+        write_json(args.json, plan, probe, res, summary, breakdown=breakdown,
+                   sweep=sweep, swept=swept, scaling=scaling)
     if args.plots:
-        write_plots(args.plots, plan, res.cases)
-    ok = any(c.system == "engine" and c.error is None for c in res.cases)
-    return 0 if ok or "engine" not in plan.systems else 1
+        if compare:
+            write_plots(args.plots, plan, res.cases)
+        if sweep is not None and swept is not None:
+            write_scaling_plots(args.plots, sweep, swept.cases)
+    ran = res.cases + (swept.cases if swept else [])
+    ok = any(c.system == "engine" and c.error is None for c in ran)
+    wanted = "engine" in plan.systems or (sweep is not None and "engine" in sweep.systems)
+    return 0 if ok or not wanted else 1

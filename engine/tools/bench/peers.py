@@ -28,7 +28,9 @@ Systems:
     the transition composed from ``atomicshm`` primitives on shared memory:
     load the word, look the rule up in a Python table, CAS, fetch-add the
     transition counter; the price record is a seqlock made of a CAS latch,
-    ``struct.pack_into`` and release stores;
+    ``struct.pack_into`` and release stores; every atomic on a cell made
+    once per slot (no offset to pass), the retry loop entered only after a
+    lost CAS;
 ``redis``
     a real ``redis-server`` started here on a free 127.0.0.1 port: the
     transition and the price update are Lua scripts run with EVALSHA, the
@@ -62,8 +64,9 @@ from typing import Any
 
 import numpy as np
 
-from engine._native import lib
+from engine._native import ffi, lib
 from engine.core import Engine, Handle
+from engine.errors import BusyError
 from engine.spec import POSITION_SPEC, Outcome, Trigger
 from engine.tools.redis_server import PrivateRedis, RedisUnavailable
 
@@ -86,6 +89,8 @@ APPLIED, INVALID, CONFLICT = int(Outcome.APPLIED), int(Outcome.INVALID), int(Out
 CAS_RETRIES = 64
 #: Slots every system gets; each case takes fresh ones.
 N_SLOTS = 512
+#: Operations per call of the engine's C batch workloads (``Ops.transition_c``).
+C_BATCH = 1024
 ENTRY, AMOUNT = 100.0, 2.0
 
 
@@ -122,6 +127,14 @@ class Ops:
     read_price: Callable[[int], Any]
     close: Callable[[], None] = lambda: None
     key: Callable[[int], Any] = lambda slot: slot
+    #: The C fast paths with Python out of the loop (the engine only, see
+    #: ``_engine_c_ops``): each call does ``C_BATCH`` operations on the slot.
+    transition_c: Callable[[int, int], Any] | None = None
+    update_price_c: Callable[[int, float], Any] | None = None
+    #: What a call raises when a bounded wait runs out (the engine's
+    #: BusyError: a writer held a latch past its bound); the runner counts
+    #: those calls and goes on.  Peers wait without bound: nothing.
+    busy: tuple[type[BaseException], ...] = ()
 
 
 # ==== engine =====================================================================================
@@ -152,7 +165,53 @@ class EngineHost:
 
 def _engine_ops(handle: Handle) -> Ops:
     eng = Engine.attach(handle)
-    return Ops(eng.transition, eng.update_price, eng.price, eng.close, key=eng.id_of)
+    tc, uc = _engine_c_ops(eng)
+    return Ops(eng.transition, eng.update_price, eng.price, eng.close, key=eng.id_of,
+               transition_c=tc, update_price_c=uc, busy=(BusyError, BatchBusy))
+
+
+class BatchBusy(Exception):
+    """A C batch call stopped at an element whose latch stayed busy (ENG_EBUSY)."""
+
+
+def _engine_c_ops(eng: Engine) -> tuple[Callable[[int, int], None],
+                                        Callable[[int, float], None]]:
+    """``C_BATCH`` transitions (PAUSE, RESUME, ...) or price updates (101.5,
+    99.5, ...) on one id in one raw ``eng_transition_many`` /
+    ``eng_update_prices`` call, on buffers made once: what the C work of a
+    hot call costs on its own, and what a contended line adds to it, with
+    no Python per operation.  The argument is ignored (the batch alternates)."""
+    seg = eng._seg
+    half = C_BATCH // 2
+    trig = np.array([PAUSE, RESUME] * half, dtype=np.uint32)
+    prices = np.array([101.5, 99.5] * half, dtype=np.float64)
+    out = np.empty(C_BATCH, dtype=np.uint8)
+    bufs = (ffi.from_buffer("uint32_t[]", trig), ffi.from_buffer("double[]", prices),
+            ffi.from_buffer("uint8_t[]", out, require_writable=True))
+    bad, written = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    ids: dict[int, tuple[np.ndarray, Any]] = {}   # id -> (its array, a cffi view of it)
+
+    def id_buf(pos: int) -> Any:
+        if pos not in ids:
+            a = np.full(C_BATCH, pos, dtype=np.uint64)
+            ids[pos] = (a, ffi.from_buffer("uint64_t[]", a))
+        return ids[pos][1]
+
+    def transition_c(pos: int, _trigger: int, f: Any = lib.eng_transition_many) -> None:
+        rc = f(seg, id_buf(pos), bufs[0], C_BATCH, bufs[2], bad)
+        if rc == lib.ENG_EBUSY:
+            raise BatchBusy(f"element {bad[0]}")
+        if rc:
+            raise RuntimeError(f"eng_transition_many returned {rc} at index {bad[0]}")
+
+    def update_price_c(pos: int, _price: float, f: Any = lib.eng_update_prices) -> None:
+        rc = f(seg, id_buf(pos), bufs[1], C_BATCH, bad, written)
+        if rc == lib.ENG_EBUSY:
+            raise BatchBusy(f"element {bad[0]}")
+        if rc:
+            raise RuntimeError(f"eng_update_prices returned {rc} at index {bad[0]}")
+
+    return transition_c, update_price_c
 
 
 # ==== RawArray + Lock ============================================================================
@@ -249,18 +308,21 @@ def _value_lock_tuned_ops(payload: tuple[dict[str, Any], Any]) -> Ops:
         finally:
             rel()
 
-    def update_price(slot: int, price: float, v: dict[str, Any] = v, acq: Any = lock.acquire,
-                     rel: Any = lock.release, now: Any = time.time_ns) -> None:
+    def update_price(slot: int, price: float, p: Any = v["price"], t: Any = v["ts"],
+                     a: Any = v["pnl_pct"], u: Any = v["pnl_usd"], ver: Any = v["version"],
+                     en: Any = v["entry"], am: Any = v["amount"], sd: Any = v["side"],
+                     acq: Any = lock.acquire, rel: Any = lock.release,
+                     now: Any = time.time_ns) -> None:
         ts = now()
         acq()
         try:
-            entry, side = v["entry"][slot], v["side"][slot]
+            entry, side = en[slot], sd[slot]
             diff = price - entry
-            v["price"][slot] = price
-            v["ts"][slot] = ts
-            v["pnl_pct"][slot] = diff / entry * 100.0 * side
-            v["pnl_usd"][slot] = diff * v["amount"][slot] * side
-            v["version"][slot] += 1
+            p[slot] = price
+            t[slot] = ts
+            a[slot] = diff / entry * 100.0 * side
+            u[slot] = diff * am[slot] * side
+            ver[slot] += 1
         finally:
             rel()
 
@@ -384,63 +446,78 @@ class AtomicShmHost:
 
 
 def _atomicshm_ops(raw: Any) -> Ops:
-    """Load, table lookup in Python, CAS, fetch-add: each a call into atomicshm."""
+    """Load, table lookup in Python, CAS, fetch-add: each a call into
+    atomicshm, on cells (``AtomicView.cell_u64`` & co., bound to one offset:
+    no offset argument to pass) made once per slot.  The first attempt is
+    written out; only a lost CAS enters the retry loop."""
     import atomicshm
 
     view = atomicshm.AtomicView(raw)
     mv = memoryview(raw).cast("B")
     base = _atomic_base(view.address)
     acquire, release, relaxed = atomicshm.ACQUIRE, atomicshm.RELEASE, atomicshm.RELAXED
+    offs = [base + i * _SLOT_BYTES for i in range(N_SLOTS)]
+    # per slot: (state word, transition counter); (price sequence, writer latch, record offset)
+    words = [(view.cell_u64(off), view.cell_u64(off + 8)) for off in offs]
+    prices = [(view.cell_u64(off + 16), view.cell_u32(off + 24), off) for off in offs]
 
-    def transition(slot: int, trigger: int, load: Any = view.load_u64,
-                   cas: Any = view.cas_u64, fetch_add: Any = view.fetch_add_u64,
-                   table: bytes = TABLE, nt: int = NT, base: int = base) -> int:
-        off = base + (slot << 8)
-        w = load(off)
+    def retry(word: Any, count: Any, w: int, trigger: int) -> int:
         for _ in range(CAS_RETRIES):
-            e = table[(w & 0xFF) * nt + trigger]
+            e = TABLE[(w & 0xFF) * NT + trigger]
             if not e:
                 return INVALID
-            new = (e - 1) | ((w + 0x100) & 0xFFFF00)   # generation + 1, mod 2^16
-            prev = cas(off, w, new)
+            prev = word.cas(w, (e - 1) | ((w + 0x100) & 0xFFFF00))
             if prev == w:
-                fetch_add(off + 8, 1)
+                count.fetch_add(1)
                 return APPLIED
             w = prev
         return CONFLICT
 
-    def update_price(slot: int, price: float, cas32: Any = view.cas_u32,
-                     store32: Any = view.store_u32, load: Any = view.load_u64,
-                     store: Any = view.store_u64, pack: Any = _PRICE_REC.pack_into,
-                     ctx: Any = _CTX_REC.unpack_from, mv: Any = mv, pid: int = os.getpid(),
-                     now: Any = time.time_ns, yield_: Any = os.sched_yield,
-                     base: int = base) -> None:
-        off = base + (slot << 8)
-        spins = 0
-        while cas32(off + 24, 0, pid) != 0:      # writer latch
-            spins += 1
-            if spins > 16:
-                yield_()
+    def transition(slot: int, trigger: int, words: Any = words, table: bytes = TABLE,
+                   nt: int = NT, retry: Any = retry) -> int:
+        word, count = words[slot]
+        w = word.load()
+        e = table[(w & 0xFF) * nt + trigger]
+        if not e:
+            return INVALID
+        prev = word.cas(w, (e - 1) | ((w + 0x100) & 0xFFFF00))   # generation + 1, mod 2^16
+        if prev == w:
+            count.fetch_add(1)
+            return APPLIED
+        return retry(word, count, prev, trigger)   # type: ignore[no-any-return]
+
+    def update_price(slot: int, price: float, prices: Any = prices,
+                     pack: Any = _PRICE_REC.pack_into, ctx: Any = _CTX_REC.unpack_from,
+                     mv: Any = mv, pid: int = os.getpid(), now: Any = time.time_ns,
+                     yield_: Any = os.sched_yield) -> None:
+        seq, latch, off = prices[slot]
+        if latch.cas(0, pid):                     # writer latch taken: wait for it
+            spins = 0
+            while latch.cas(0, pid):
+                spins += 1
+                if spins > 16:
+                    yield_()
         entry, amount, side = ctx(mv, off + 128)
         diff = price - entry
-        q = load(off + 16, relaxed)
+        q = seq.load(relaxed)
         pack(mv, off + 64 + (((q + 1) & 1) << 5), price, now(),
              diff / entry * 100.0 * side, diff * amount * side)
-        store(off + 16, q + 1, release)          # publish: readers flip copies
-        store32(off + 24, 0, release)
+        seq.store(q + 1, release)                 # publish: readers flip copies
+        latch.store(0, release)
 
-    def read_price(slot: int, load: Any = view.load_u64, unpack: Any = _PRICE_REC.unpack_from,
-                   fence: Any = atomicshm.fence, mv: Any = mv,
-                   base: int = base) -> tuple[Any, ...]:
-        off = base + (slot << 8)
+    def read_price(slot: int, prices: Any = prices, unpack: Any = _PRICE_REC.unpack_from,
+                   fence: Any = atomicshm.fence, mv: Any = mv) -> tuple[Any, ...]:
+        seq, _latch, off = prices[slot]
         while True:
-            q = load(off + 16, acquire)
+            q = seq.load(acquire)
             rec = unpack(mv, off + 64 + ((q & 1) << 5))
             fence(acquire)
-            if load(off + 16, relaxed) == q:
+            if seq.load(relaxed) == q:
                 return (*rec, q)
 
     def close() -> None:
+        words.clear()
+        prices.clear()
         mv.release()
         view.close()
 

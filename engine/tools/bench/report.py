@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.tools.bench.peers import LABELS, PEERS
+from engine.tools.bench.floor import Breakdown
+from engine.tools.bench.peers import C_BATCH, LABELS, PEERS
 from engine.tools.bench.runner import Case, Plan, Probe, Results, _fmt_ns, _fmt_rate
 
 #: engine ops/s / peer ops/s wanted on the single-worker transition workload
@@ -57,6 +58,8 @@ def _table(cases: list[Case], systems: Sequence[str], workloads: Sequence[str],
                 note = f"cpu {c.cpu_share:.0%}/worker"
                 if c.committed_fraction is not None:
                     note += f", {c.committed_fraction:.0%} committed"
+                if c.busy_fraction:
+                    note += f", {c.busy_fraction:.2%} BusyError"
                 lines.append(f"{w:13s} {label:11s} {LABELS[s]:22s} {_fmt_rate(c.ops_per_s):>9s} "
                              f"{_fmt_ns(c.p50_ns):>8s} {_fmt_ns(c.p99_ns):>8s} {ratio}  {note}")
             lines.append("")
@@ -71,6 +74,11 @@ def _summary(cases: list[Case], systems: Sequence[str], workers: Sequence[int],
     for p in PEERS:
         c = _find(cases, p, "transition", 1, "single")
         ratios[p] = eng1.ops_per_s / c.ops_per_s if (eng1 and c) else None
+    per_cpu: dict[str, float | None] = {}   # the same per CPU-second of each side's worker
+    for p in PEERS:
+        c = _find(cases, p, "transition", 1, "single")
+        per_cpu[p] = (_per_cpu_rate(eng1) / _per_cpu_rate(c)
+                      if eng1 and c and p in CPU_BOUND else None)
     all_ratios: dict[str, Any] = {}
     for c in cases:
         e = _find(cases, "engine", c.workload, c.workers, c.sharing)
@@ -113,8 +121,13 @@ def _summary(cases: list[Case], systems: Sequence[str], workers: Sequence[int],
         peer = _find(cases, "redis", c.workload, c.workers, c.sharing)
         if c.system == "engine_redis" and c.error is None and peer:
             on_redis.setdefault(c.workload, {})[c.label] = peer.ops_per_s / c.ops_per_s
-    return {"ratios": ratios, "ratios_all": all_ratios, "scaling": scaling, "targets": targets,
-            "engine_redis_vs_redis": on_redis}
+    return {"ratios": ratios, "ratios_per_cpu_second": per_cpu, "ratios_all": all_ratios,
+            "scaling": scaling, "targets": targets, "engine_redis_vs_redis": on_redis}
+
+
+def _per_cpu_rate(c: Case) -> float:
+    """ops per second of the workers' own CPU time (their wall rate if unknown)."""
+    return c.ops_per_s / c.cpu_share if c.cpu_share and c.cpu_share > 0 else c.ops_per_s
 
 
 def _plot(cases: list[Case], systems: Sequence[str], workloads: Sequence[str],
@@ -181,10 +194,14 @@ def print_report(plan: Plan, res: Results) -> dict[str, Any]:
           "server, or for a CPU\ntaken by other processes), so its case under-states what "
           "the system can do with free cores.\n")
     summary = _summary(res.cases, plan.systems, plan.workers, res.skipped)
-    print("engine ops/s / peer ops/s, transition, 1 worker:")
+    print("engine ops/s / peer ops/s, transition, 1 worker (and per CPU-second of each side's "
+          "worker, which takes out\nhow much of a core a busy host lent each; CPU-bound "
+          "peers only):")
     for p, r in summary["ratios"].items():
         if p in plan.systems:
-            print(f"  {LABELS[p]:22s} {'-' if r is None else f'{r:.2f}x'}"
+            rc = summary["ratios_per_cpu_second"].get(p)
+            print(f"  {LABELS[p]:22s} {'-' if r is None else f'{r:.2f}x':>9s}"
+                  f"{'' if rc is None else f'   per CPU-second {rc:.2f}x'}"
                   f"{'  (' + res.skipped[p] + ')' if p in res.skipped else ''}")
     costs = res.redis_costs
     if costs is not None and "ratios" in costs:
@@ -212,9 +229,14 @@ def print_report(plan: Plan, res: Results) -> dict[str, Any]:
 
 
 def write_json(path: Path, plan: Plan, probe: Probe, res: Results,
-               summary: dict[str, Any]) -> None:
-    """The results, ratios and target verdicts, with how and where they were measured."""
-    doc = {
+               summary: dict[str, Any] | None, *, breakdown: Breakdown | None = None,
+               sweep: Plan | None = None, swept: Results | None = None,
+               scaling: dict[str, Any] | None = None) -> None:
+    """The results, ratios and target verdicts, with how and where they were
+    measured; the one-worker breakdown (``floor``) and the scaling sweep when
+    they ran (``scaling_sweep``: its table, host note, predictions and cases)."""
+    summary = summary or {"ratios": {}, "ratios_all": {}, "scaling": {}, "targets": []}
+    doc: dict[str, Any] = {
         "meta": {"python": platform.python_version(), "platform": platform.platform(),
                  "cpus": os.cpu_count(), "seconds_per_case": plan.seconds,
                  "warmup_seconds": plan.warmup, "workers": plan.workers, "quick": plan.quick,
@@ -226,6 +248,7 @@ def write_json(path: Path, plan: Plan, probe: Probe, res: Results,
                  "pipe_round_trip_us": probe.pipe_round_trip_us,
                  "load_average_after": os.getloadavg()[0], **res.meta},
         "ratios": summary["ratios"],
+        "ratios_per_cpu_second": summary.get("ratios_per_cpu_second", {}),
         "ratios_all": summary["ratios_all"],
         "scaling": summary["scaling"],
         "targets": summary["targets"],
@@ -234,6 +257,14 @@ def write_json(path: Path, plan: Plan, probe: Probe, res: Results,
         "redis_costs": res.redis_costs,
         "results": [c.as_dict() for c in res.cases],
     }
+    if breakdown is not None:
+        doc["breakdown"] = breakdown.as_dict()
+    if sweep is not None and swept is not None:
+        doc["scaling_sweep"] = {
+            "systems": sweep.systems, "workloads": sweep.workloads,
+            "workers": sorted({n for n, _ in sweep.layout}), "seconds_per_case": sweep.seconds,
+            "c_batch": C_BATCH, "elapsed_seconds": swept.elapsed, "skipped": swept.skipped,
+            **(scaling or {}), "results": [c.as_dict() for c in swept.cases]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"JSON written to {path}")

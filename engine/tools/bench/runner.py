@@ -13,6 +13,12 @@ empty pair of reads, measured in each worker) is subtracted: p50/p99 are
 percentiles of those sampled single ops, not of batch means.  Transitions
 that lose a race on a shared slot (the state already moved) count as ops;
 the fraction that committed is reported beside them.
+
+The C batch workloads (``transition_c``, ``update_price_c``; the engine
+only, for the scaling sweep) do ``C_BATCH`` operations per call in one raw
+C call, so Python is out of the loop: their ops count every operation of
+the batch, and their latency samples are a batch's time divided by
+``C_BATCH`` (a mean per operation, not a single one).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from engine.tools.bench.peers import (
+    C_BATCH,
     CONNECT,
     HOSTS,
     LABELS,
@@ -44,6 +51,13 @@ from engine.tools.bench.peers import (
 )
 
 WORKLOADS = ("transition", "update_price", "read_price")
+#: The engine's C fast paths, ``C_BATCH`` operations per call (see ``peers.Ops``).
+C_WORKLOADS = ("transition_c", "update_price_c")
+#: Systems whose ``Ops`` have the C batch forms.
+C_SYSTEMS = frozenset({"engine"})
+#: The scaling sweep's workloads.
+SCALING_WORKLOADS = ("transition", "update_price", *C_WORKLOADS)
+TRANSITIONS = frozenset({"transition", "transition_c"})
 #: Aim for batches of about this long (fewer timer reads for fast systems).
 BATCH_TARGET_NS = 250_000
 MAX_PAIRS = 1024
@@ -51,30 +65,66 @@ MAX_SAMPLES = 200_000
 
 
 # ==== the worker =================================================================================
-def _loops(workload: str, ops: Ops, slot: int) -> tuple[Callable[[int], None],
-                                                       Callable[[], tuple[int, int]]]:
-    """(batch(pairs): 2 * pairs ops in a tight loop, single(): two ops timed
-    one by one).  The loops are the same for every system, every name in them
-    a fast local."""
-    if workload == "transition":
-        op: Callable[..., Any] = ops.transition
-        a: tuple[Any, ...] = (slot, PAUSE)
-        b: tuple[Any, ...] = (slot, RESUME)
+def runs(system: str, workload: str) -> bool:
+    """Whether ``system`` has a form of ``workload`` (the C batches: the engine only)."""
+    return workload not in C_WORKLOADS or system in C_SYSTEMS
+
+
+def ops_per_call(workload: str) -> int:
+    return C_BATCH if workload in C_WORKLOADS else 1
+
+
+def _loops(workload: str, ops: Ops, slot: int) -> tuple[Callable[[int], int],
+                                                       Callable[[], tuple[int, int, int]]]:
+    """(batch(pairs): 2 * pairs calls in a tight loop, single(): two calls
+    timed one by one), each also returning how many calls raised one of
+    ``ops.busy`` (a bounded wait that ran out: the call is counted, and the
+    loop goes on).  The loops are the same for every system, every name in
+    them a fast local; a ``try`` costs nothing until something is raised."""
+    if workload in C_WORKLOADS:
+        c_op = ops.transition_c if workload == "transition_c" else ops.update_price_c
+        if c_op is None:
+            raise ValueError(f"{workload} has no form on this system")
+        op: Callable[..., Any] = c_op
+        a: tuple[Any, ...] = (slot, 0)
+        b: tuple[Any, ...] = (slot, 0)
+    elif workload == "transition":
+        op, a, b = ops.transition, (slot, PAUSE), (slot, RESUME)
     elif workload == "update_price":
         op, a, b = ops.update_price, (slot, 101.5), (slot, 99.5)
     elif workload == "read_price":
         op, a, b = ops.read_price, (slot,), (slot,)
     else:
         raise ValueError(f"unknown workload {workload!r}")
-    g: dict[str, Any] = {"rep": itertools.repeat, "pc": time.perf_counter_ns, "op": op}
+    g: dict[str, Any] = {"rep": itertools.repeat, "pc": time.perf_counter_ns, "op": op,
+                         "busy": ops.busy}
     a_src, b_src = ", ".join(map(repr, a)), ", ".join(map(repr, b))
     exec(  # literal arguments: the loop does no variable lookups but the call
-        f"def batch(pairs, op=op, rep=rep):\n"
+        f"def batch(pairs, op=op, rep=rep, busy=busy):\n"
+        f"    nb = 0\n"
         f"    for _ in rep(None, pairs):\n"
-        f"        op({a_src}); op({b_src})\n"
-        f"def single(op=op, pc=pc):\n"
-        f"    t0 = pc(); op({a_src}); t1 = pc(); op({b_src}); t2 = pc()\n"
-        f"    return t1 - t0, t2 - t1\n", g)
+        f"        try:\n"
+        f"            op({a_src})\n"
+        f"        except busy:\n"
+        f"            nb += 1\n"
+        f"        try:\n"
+        f"            op({b_src})\n"
+        f"        except busy:\n"
+        f"            nb += 1\n"
+        f"    return nb\n"
+        f"def single(op=op, pc=pc, busy=busy):\n"
+        f"    nb = 0\n"
+        f"    t0 = pc()\n"
+        f"    try:\n"
+        f"        op({a_src})\n"
+        f"    except busy:\n"
+        f"        nb += 1\n"
+        f"    t1 = pc()\n"
+        f"    try:\n"
+        f"        op({b_src})\n"
+        f"    except busy:\n"
+        f"        nb += 1\n"
+        f"    return t1 - t0, pc() - t1, nb\n", g)
     return g["batch"], g["single"]
 
 
@@ -93,6 +143,7 @@ def _worker(system: str, payload: Any, workload: str, slot: int, budget_ns: int,
     """Attach, warm up and size batches, wait for everyone, run, report."""
     out: dict[str, Any] = {"slot": slot, "pid": os.getpid()}
     ops: Ops | None = None
+    mult = ops_per_call(workload)
     try:
         ops = CONNECT[system](payload)
         batch, single = _loops(workload, ops, ops.key(slot))
@@ -103,28 +154,33 @@ def _worker(system: str, payload: Any, workload: str, slot: int, budget_ns: int,
             batch(pairs)
             took = time.perf_counter_ns() - t0
             single()
-            warm += 2 * pairs + 2
+            warm += (2 * pairs + 2) * mult
             if took < BATCH_TARGET_NS and pairs < MAX_PAIRS:
                 pairs *= 2
             elif time.monotonic_ns() >= end:
                 break
         barrier.wait(timeout=120)
         samples: list[int] = []
-        n = 0
+        n = busy = 0
         mono = time.monotonic_ns
         cpu0 = time.process_time_ns()
         start = mono()
         deadline = start + budget_ns
         while True:
-            batch(pairs)
-            a, b = single()
+            busy += batch(pairs)
+            a, b, nb = single()
+            busy += nb
             n += 2 * pairs + 2
             if len(samples) < MAX_SAMPLES:
                 samples += (a, b)
             if mono() >= deadline:
                 break
         stop = mono()
-        out.update(ops=n, warmup_ops=warm, t_start=start, t_end=stop, pairs=pairs,
+        n *= mult
+        busy *= mult
+        if mult > 1:   # a batch's time per operation
+            samples = [x // mult for x in samples]
+        out.update(ops=n, busy_ops=busy, warmup_ops=warm, t_start=start, t_end=stop, pairs=pairs,
                    cpu_share=(time.process_time_ns() - cpu0) / max(1, stop - start),
                    samples=samples)
     except BaseException as e:  # reported to the parent, which carries on
@@ -156,7 +212,9 @@ class Case:
     p99_ns: float = math.nan
     samples: int = 0
     committed_fraction: float | None = None
+    busy_fraction: float = 0.0        # ops that raised a bounded wait's BusyError
     cpu_share: float = math.nan       # worker CPU time / wall time, mean over workers
+    per_worker_cpu_share: list[float] = field(default_factory=list)
     runs_ops_per_s: list[float | None] = field(default_factory=list)   # with --repeat
     error: str | None = None
     latencies: np.ndarray | None = None   # kept for the plots, not in the JSON
@@ -177,7 +235,7 @@ def _run_case(host: Any, system: str, workload: str, slots: list[int], sharing: 
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(len(slots))
     results = ctx.Queue()
-    before = host.committed(sorted(set(slots))) if workload == "transition" else 0
+    before = host.committed(sorted(set(slots))) if workload in TRANSITIONS else 0
     procs = [ctx.Process(target=_worker, name=f"bench-{system}-{i}", daemon=True,
                          args=(system, host.payload(), workload, s, int(budget_s * 1e9),
                                int(warmup_s * 1e9), barrier, results))
@@ -210,18 +268,21 @@ def _run_case(host: Any, system: str, workload: str, slots: list[int], sharing: 
         case.error = case.error or "; ".join(sorted(set(errors)))
         return case
     case.ops = sum(r["ops"] for r in got)
+    case.busy_fraction = sum(r["busy_ops"] for r in got) / max(1, case.ops)
     span = max(r["t_end"] for r in got) - min(r["t_start"] for r in got)
     case.seconds = span / 1e9
     case.ops_per_s = case.ops / case.seconds
     case.per_worker_ops_per_s = [r["ops"] / ((r["t_end"] - r["t_start"]) / 1e9) for r in got]
-    lat = np.concatenate([np.asarray(r["samples"], dtype=np.int64) - r["timer_overhead_ns"]
-                          for r in got]).clip(min=0)
+    mult = ops_per_call(workload)
+    lat = np.concatenate([np.asarray(r["samples"], dtype=np.int64)
+                          - r["timer_overhead_ns"] // mult for r in got]).clip(min=0)
     case.samples = int(lat.size)
     case.latencies = lat
     if lat.size:
         case.p50_ns, case.p99_ns = (float(x) for x in np.percentile(lat, [50, 99]))
-    case.cpu_share = float(np.mean([r["cpu_share"] for r in got]))
-    if workload == "transition":   # warm-up transitions commit too
+    case.per_worker_cpu_share = [r["cpu_share"] for r in got]
+    case.cpu_share = float(np.mean(case.per_worker_cpu_share))
+    if workload in TRANSITIONS:   # warm-up transitions commit too
         calls = case.ops + sum(r["warmup_ops"] for r in got)
         case.committed_fraction = (host.committed(sorted(set(slots))) - before) / calls
     return case
@@ -325,11 +386,16 @@ class Plan:
     systems: list[str]
     workloads: list[str]
     layout: list[tuple[int, str]]       # (workers, sharing) of each case: see _cases
+    title: str = "side by side"         # what the run is, in its first line
+
+    def workloads_of(self, system: str) -> list[str]:
+        """The workloads ``system`` runs (the C batches: the engine only)."""
+        return [w for w in self.workloads if runs(system, w)]
 
     @property
     def total(self) -> int:
         """Cases, over every system and workload."""
-        return len(self.systems) * len(self.workloads) * len(self.layout)
+        return sum(len(self.workloads_of(s)) for s in self.systems) * len(self.layout)
 
 
 @dataclass(frozen=True)
@@ -355,8 +421,9 @@ def probe_host(plan: Plan) -> Probe:
     """Say what the run will do, and measure and print the host's state."""
     seconds, warmup, repeat, total = plan.seconds, plan.warmup, plan.repeat, plan.total
     idle = _host_idle()
-    print(f"engine bench: {len(plan.systems)} systems x {len(plan.workloads)} workloads x "
-          f"{len(plan.layout)} cases{f' x {repeat} repeats' if repeat > 1 else ''} = "
+    print(f"engine bench, {plan.title}: {len(plan.systems)} systems x "
+          f"{len(plan.workloads)} workloads x {len(plan.layout)} cases"
+          f"{f' x {repeat} repeats' if repeat > 1 else ''} = "
           f"{total * repeat} runs of {seconds:g} s (+{warmup:g} s warm-up and "
           f"process start each); {os.cpu_count()} CPUs"
           f"{'' if idle is None else f' ({idle:.0%} idle now)'}, "
@@ -370,11 +437,19 @@ def probe_host(plan: Plan) -> Probe:
     return Probe(idle, rtt)
 
 
-def _assignments(plan: Plan) -> list[tuple[str, str, list[int]]]:
+def announce(plan: Plan) -> None:
+    """The first line of a run after the first (the host was probed already)."""
+    print(f"engine bench, {plan.title}: {plan.total * plan.repeat} runs of {plan.seconds:g} s "
+          f"(+{plan.warmup:g} s warm-up and process start each): workers "
+          f"{', '.join(str(n) for n in sorted({n for n, _ in plan.layout}))} on disjoint "
+          f"slots and all on one shared slot; {' '.join(plan.systems)}", flush=True)
+
+
+def _assignments(plan: Plan, system: str) -> list[tuple[str, str, list[int]]]:
     """(workload, sharing, slots) of each case of one system: every case on fresh slots."""
     out = []
     next_slot = 0
-    for w in plan.workloads:
+    for w in plan.workloads_of(system):
         for n, sharing in plan.layout:
             if sharing == "shared":
                 slots = [next_slot] * n
@@ -401,13 +476,13 @@ def run_cases(plan: Plan) -> Results:
                 host.setup()
             except Unavailable as e:
                 res.skipped[system] = str(e)
-                done += len(plan.workloads) * len(plan.layout)
+                done += len(plan.workloads_of(system)) * len(plan.layout)
                 print(f"  {LABELS[system]}: SKIPPED: {e}", flush=True)
                 continue
             if system == "redis":
                 res.meta["redis_version"] = host.version
             try:
-                for w, sharing, slots in _assignments(plan):
+                for w, sharing, slots in _assignments(plan, system):
                     case = _best_of(plan.repeat, host, system, w, slots, sharing, plan.seconds,
                                     plan.warmup)
                     res.cases.append(case)
@@ -415,7 +490,7 @@ def run_cases(plan: Plan) -> Results:
                     status = (f"FAILED: {case.error}" if case.error else
                               f"{_fmt_rate(case.ops_per_s):>8s} ops/s  p50 "
                               f"{_fmt_ns(case.p50_ns):>7s}  p99 {_fmt_ns(case.p99_ns):>7s}")
-                    print(f"  [{done:2d}/{plan.total}] {w:12s} {LABELS[system]:22s} "
+                    print(f"  [{done:2d}/{plan.total}] {w:14s} {LABELS[system]:22s} "
                           f"{case.label:11s} {status}", flush=True)
             finally:
                 host.teardown()
