@@ -967,14 +967,15 @@ class RedisStore:
         if isinstance(sp, int):
             return sp
         slot, op = sp
-        r = self._call(slot, "wprep", op)
+        # a slice well inside the socket's timeout (the url's), or the read times out first
+        slice_ms = max(1, min(_WAIT_SLICE_MS, int(self.conn.timeout * 1000) // 2))
+        # commits write the stream while the flag lives: all of this wait, and then some
+        r = self._call(slot, "wprep", op, left_ns // 1_000_000 + 2 * slice_ms)
         if r[0]:
             return int(r[0])
         last = r[1]
         stream = self.prefixes[slot % self.shards] + f"w:{slot}"
         deadline = time.monotonic() + left_ns / 1e9
-        # a slice well inside the socket's timeout (the url's), or the read times out first
-        slice_ms = max(1, min(_WAIT_SLICE_MS, int(self.conn.timeout * 1000) // 2))
         while True:
             ms = max(0, int((deadline - time.monotonic()) * 1000))
             got = self.conn.block_read(stream, last, min(ms, slice_ms))

@@ -17,8 +17,9 @@
 --                       words, little-endian, as C lays them out), cv (record
 --                       version), pr (price, ts_ns, pnl_pct, pnl_usd: 32 bytes
 --                       as eng_price_out), pv (price version), tok (token)
---   P.."w:"..slot stream one entry per commit (MAXLEN 1): wait_for_change
---                       blocks on it with XREAD BLOCK
+--   P.."w:"..slot stream one entry per commit while a waiter is armed (MAXLEN 1):
+--                       wait_for_change blocks on it with XREAD BLOCK
+--   P.."wf:"..slot string the waiting flag: set by a waiter for its whole wait
 --   P.."g:"..slot string a guard's lock: owner token, with an expiry
 --   P.."t:"..tok  set   open slots on a token (update_token_price)
 --   P.."k:"..key  string "slot:opening" of the opening that holds the key
@@ -227,6 +228,15 @@ local function book_close(P, p, rec)
     return 0
 end
 
+-- a commit on slot: one stream entry, only while a waiter's flag is armed
+-- (wprep arms it, in the same step as it reads the stream's last id, so a
+-- commit after a wait began always reaches the stream)
+local function wake(P, slot, new)
+    if redis.call('EXISTS', P .. 'wf:' .. slot) == 1 then
+        redis.call('XADD', P .. 'w:' .. slot, 'MAXLEN', '1', '*', 's', new)
+    end
+end
+
 -- commit target index `target` on position p (state st): fields, booking, wake;
 -- returns APPLIED and its committed() reply, or an error code
 local function commit(P, slot, p, st, target, mask, upd)
@@ -245,7 +255,7 @@ local function commit(P, slot, p, st, target, mask, upd)
     redis.call('HSET', p, 'st', new)
     local gen = redis.call('HINCRBY', p, 'gen', 1)
     redis.call('HINCRBY', p, 'ctr', 1)
-    redis.call('XADD', P .. 'w:' .. slot, 'MAXLEN', '1', '*', 's', new)
+    wake(P, slot, new)
     return APPLIED, committed(st, new, gen)
 end
 
@@ -569,15 +579,18 @@ REG('release', function(keys, args)
     redis.call('SREM', P .. 'open', slot)
     redis.call('SREM', P .. 't:' .. tok, slot)
     redis.call('RPUSH', P .. 'free', slot)
-    redis.call('XADD', P .. 'w:' .. slot, 'MAXLEN', '1', '*', 's', 0)
+    wake(P, slot, 0)
     return committed(st, 0, gen)
 end)
 
--- the wait stream's last id (before blocking on it), or {code}
+-- the wait stream's last id (before blocking on it), or {code}; arms the
+-- slot's waiting flag for ttl ms (never shortening another waiter's)
 REG('wprep', function(keys, args)
     local P = tag(keys)
     local st, err = live(P .. 'p:' .. args[1], tonumber(args[2]))
     if not st then return {err} end
+    local wf, ttl = P .. 'wf:' .. args[1], tonumber(args[3])
+    if redis.call('PTTL', wf) < ttl then redis.call('SET', wf, 1, 'PX', ttl) end
     local last = redis.call('XREVRANGE', P .. 'w:' .. args[1], '+', '-', 'COUNT', 1)
     if #last == 0 then return {0, '0-0'} end
     return {0, last[1][1]}

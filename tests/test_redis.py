@@ -393,7 +393,7 @@ class TestWait:
 @pytest.fixture(scope="module")
 def cluster() -> Any:
     """Three redis-server nodes made one cluster with redis-cli --cluster create."""
-    ports = [free_port() for _ in range(3)]
+    ports = [cluster_port() for _ in range(3)]
     procs, dirs = [], []
     import tempfile
     for port in ports:
@@ -421,6 +421,22 @@ def cluster() -> Any:
             p.wait(10)
         for d in dirs:
             d.cleanup()
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too."""
+    import random
+    for _ in range(200):
+        port = random.randrange(20000, 55000)
+        if not (_listening(port) or _listening(port + 10000)):
+            try:
+                for p in (port, port + 10000):
+                    with socket.socket() as s:
+                        s.bind(("127.0.0.1", p))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def _listening(port: int) -> bool:
