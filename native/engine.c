@@ -728,6 +728,7 @@ int eng_validate(const void *base, uint64_t size, uint64_t fingerprint)
 static void retire_shard(eng_seg *s, eng_shard *src);
 static void sweep_dead(eng_seg *s, eng_recover_report *out);
 static uint32_t keys_sweep(eng_seg *s);
+static uint32_t tindex_release_dead(eng_seg *s);
 
 static int claim_entry(eng_seg *s, uint32_t i, uint32_t pid, uint64_t start, int take_dead)
 {
@@ -750,6 +751,7 @@ static int claim_entry(eng_seg *s, uint32_t i, uint32_t pid, uint64_t start, int
         memset(&ignored, 0, sizeof ignored);
         sweep_dead(s, &ignored);
         keys_sweep(s);   /* its stripe locks and key records, too */
+        tindex_release_dead(s);   /* and its bucket locks (see the token index) */
         uint32_t gone = (load_relaxed_u32(&e->incarnation) << ENG_TOKEN_ENTRY_BITS) | i;
         cas_acq_rel_u32(&s->hdr->recovering, &gone, 0);
         retire_shard(s, &s->shards[i]);
@@ -2746,6 +2748,10 @@ static uint32_t keys_sweep(eng_seg *s)
  *            word is still free and unlocked (an opener that locked x since
  *            needs this bucket's lock to unlink it first, so it waits)
  *   recover: release dead bucket locks; unlink every free, unlocked slot
+ *   attach:  taking a dead entry over, release dead bucket locks before the
+ *            entry's new incarnation (a wrapped incarnation must never meet
+ *            them: its live Engine would own them, and no one could take
+ *            them back)
  *   update_token_price: lock the bucket, walk, write each slot whose token
  *            hint matches and whose state is open through the price latch
  *            (the check under the latch decides), unlock
@@ -2902,21 +2908,31 @@ static void tindex_drop(eng_seg *s, uint32_t x)
     tb_unlock(s, old - 1, locked);
 }
 
+/* recover(), and attach before it gives a dead entry a new incarnation:
+ * release every bucket lock whose holder is proven dead, by one CAS from the
+ * exact word seen (no lock taken: s->token may not exist yet).  Returns the
+ * locks released. */
+static uint32_t tindex_release_dead(eng_seg *s)
+{
+    uint32_t released = 0;
+    for (uint32_t b = 0; b < s->tindex_buckets; b++) {
+        uint64_t cur = load_acquire_u64(&s->tindex[b]);
+        uint32_t holder = tb_holder(cur);
+        if (holder && holder != s->token && token_dead(s, holder) &&
+            cas_acq_rel_u64(&s->tindex[b], &cur, tb_make(tb_head(cur), 0)))
+            released++;
+    }
+    return released;
+}
+
 /* recover(): release bucket locks of proven-dead holders and unlink every
  * free, unlocked slot.  Returns the locks released plus the slots unlinked. */
 static uint32_t tindex_sweep(eng_seg *s, op_timer t)
 {
-    uint32_t repaired = 0;
+    uint32_t repaired = tindex_release_dead(s);
     for (uint32_t b = 0; b < s->tindex_buckets; b++) {
-        uint64_t cur = load_acquire_u64(&s->tindex[b]);
-        if (cur == 0)
-            continue;
-        uint32_t holder = tb_holder(cur);
-        if (holder && holder != s->token && token_dead(s, holder) &&
-            cas_acq_rel_u64(&s->tindex[b], &cur, tb_make(tb_head(cur), 0)))
-            repaired++;
         uint64_t locked;
-        if (tb_head(cur) == 0 || tb_lock(s, b, t, &locked) != 0)
+        if (tb_head(load_acquire_u64(&s->tindex[b])) == 0 || tb_lock(s, b, t, &locked) != 0)
             continue;
         uint32_t prev = 0, x = tb_head(locked);
         for (uint32_t steps = 0; x && tb_valid(s, x) && steps < s->capacity; steps++) {

@@ -1,0 +1,342 @@
+"""Hostile review of the token index (native/engine.c, "the token index:
+positions by token"): per-token bucket chains whose bucket words are locks
+with fencing tokens, walked by update_token_price.
+
+Each class names the attack and, in its docstring, the outcome that is
+FORBIDDEN; a test fails exactly when that outcome happens.  Where a step
+cannot be reached by a real process at a chosen instruction, the docstring
+says what is SIMULATED by writing to the segment through cffi.
+
+  TestWrappedIncarnation   a dead linker's bucket lock vs. attach's take-over of
+                           its registry entry and the entry's wrapped incarnation
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+from typing import Any
+
+from procs import READY_TIMEOUT
+
+from engine import (
+    BusyError,
+    Engine,
+    EngineError,
+    Outcome,
+    State,
+    Trigger,
+)
+from engine._native import lib
+
+CLOSE = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
+         Trigger.EXIT_COMPLETED)
+INC_PERIOD = lib.ENG_TOKEN_INC_MASK   # incarnations 1 .. 2^17 - 1
+TOKEN_MASK = int(lib.ENG_TOKEN_MASK)
+M64 = (1 << 64) - 1
+# One wait for a busy bucket lock or price latch is ENG_MAX_WAIT_STEPS back-off
+# steps: ~7 ms of sleeps, 10-30 ms on a loaded host.  A call that may wait
+# once for a busy lock answers well within this:
+ONE_WAIT = 0.5
+
+
+# -- helpers ------------------------------------------------------------------------------
+def close(eng: Engine, pos: int) -> None:
+    """CREATED or MONITORING -> CLOSED."""
+    start = 1 if eng.state(pos) is State.MONITORING else 0
+    for trig in CLOSE[start:]:
+        assert eng.transition(pos, trig) is Outcome.APPLIED
+
+
+def bucket_of(eng: Engine, token: int) -> int:
+    """The token's bucket, as tb_of_token computes it (fmix64(token ^ seed))."""
+    k = (token & M64) ^ int(eng._seg.key_seed)
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & M64
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & M64
+    k ^= k >> 33
+    return k & (int(eng._seg.tindex_buckets) - 1)
+
+
+def tokens_in_other_buckets(eng: Engine, token: int, n: int) -> list[int]:
+    b = bucket_of(eng, token)
+    return [t for t in range(token + 1, token + 10_000) if bucket_of(eng, t) != b][:n]
+
+
+def colliding_token(eng: Engine, token: int) -> int:
+    b = bucket_of(eng, token)
+    return next(t for t in range(token + 1, token + 100_000) if bucket_of(eng, t) == b)
+
+
+def held_buckets(eng: Engine) -> dict[int, int]:
+    """bucket -> holder token of every bucket lock that is held."""
+    words = eng._seg.tindex
+    return {b: int(words[b]) & TOKEN_MASK for b in range(int(eng._seg.tindex_buckets))
+            if int(words[b]) & TOKEN_MASK}
+
+
+def registry_in_use(eng: Engine) -> int:
+    return sum(1 for i in range(lib.ENG_MAX_PROCS) if eng._seg.registry[i].pid)
+
+
+def attach_raw_until_token(eng: Engine, token: int, limit: int) -> Any:
+    """Attach raw views of ``eng``'s mapping until one gets ``token``."""
+    from engine._native import ffi
+    path = os.path.join("/dev/shm", eng.name)
+    for _ in range(limit):
+        seg = ffi.new("eng_seg *")
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        rc = lib.eng_attach(seg, eng._buf, len(eng._mm), 0, fd)
+        assert rc == 0, rc
+        if int(seg.token) == token:
+            return seg
+        lib.eng_detach(seg)
+    raise AssertionError(f"token {token:#x} never handed out in {limit} claims")
+
+
+def assert_index_matches_snapshot(eng: Engine) -> dict[int, int]:
+    """Chains hold exactly the openings not released, each on its token's
+    chain; returns token -> open (not closed) positions, from a snapshot."""
+    expected: dict[int, set[int]] = {}
+    open_count: dict[int, int] = {}
+    for row in eng.snapshot():
+        token = int(eng.context(int(row["id"])).token)
+        expected.setdefault(token, set()).add(int(row["slot"]))
+        if State(int(row["state"])) is not State.CLOSED:
+            open_count[token] = open_count.get(token, 0) + 1
+    missing, free_linked, misplaced, entries = eng._tindex_check()
+    assert (missing, free_linked, misplaced) == (0, 0, 0), eng._tindex_check()
+    assert entries == sum(len(v) for v in expected.values())
+    for token, slots in expected.items():
+        assert set(eng._tindex_slots(token)) == slots, token
+    assert not held_buckets(eng), held_buckets(eng)
+    return open_count
+
+
+def stop_holding_bucket(eng: Engine, p: Any, bucket: int) -> int:
+    """SIGSTOP ``p`` at a moment it holds ``bucket``'s lock; returns its token."""
+    for _ in range(2000):
+        os.kill(p.pid, signal.SIGSTOP)
+        time.sleep(0.002)   # let the stop land
+        holder = held_buckets(eng).get(bucket)
+        if holder:
+            return holder
+        os.kill(p.pid, signal.SIGCONT)
+        time.sleep(random.random() * 0.002)
+    raise AssertionError("never stopped the walker holding its bucket lock")
+
+
+def timed_call(fn: Any, *args: Any) -> tuple[Any, float]:
+    """(result or the EngineError raised, seconds taken)."""
+    t0 = time.monotonic()
+    try:
+        out: Any = fn(*args)
+    except EngineError as e:
+        out = e
+    return out, time.monotonic() - t0
+
+
+# -- workers (module level: spawn) ----------------------------------------------------------
+def _feed(handle: Any, token: int, ready: Any) -> None:
+    """update_token_price(token) in a tight loop (a price feeder)."""
+    eng = Engine.attach(handle)
+    ready.set()
+    while True:
+        with contextlib.suppress(BusyError):
+            eng.update_token_price(token, 101.0)
+
+
+def _die_opening(handle: Any, fault: int, token: int, conn: Any) -> None:
+    """Report this process's token, then open on ``token`` under ``fault``."""
+    eng = Engine.attach(handle)
+    conn.send(int(eng._seg.token))
+    eng._set_fault(fault)
+    eng.open_position(100.0, 1.0, 1, token=token)
+    raise AssertionError("the fault did not kill this process")
+
+
+def _die_releasing(handle: Any, fault: int, pos: int, conn: Any) -> None:
+    eng = Engine.attach(handle)
+    conn.send(int(eng._seg.token))
+    eng._set_fault(fault)
+    eng.release_position(pos)
+    raise AssertionError("the fault did not kill this process")
+
+
+def _hold_latch(handle: Any, pos: int, ready: Any) -> None:
+    """Take pos's price latch and keep it (a live writer that stopped)."""
+    eng = Engine.attach(handle)
+    assert lib.eng_test_hold(eng._seg, 1, pos) == 0
+    ready.set()
+    time.sleep(600)
+
+
+def _walker(handle: Any, token: int, band: float, pinned: list[int], secs: float,
+            q: Any) -> None:
+    """The only writer of token's prices: each call gets a price of its own
+    in [band, band + 1000); after a call that returns a count, every pinned
+    position (open on token for the whole run) must hold that price."""
+    try:
+        eng = Engine.attach(handle)
+        ok = busy = 0
+        i = 0
+        deadline = time.monotonic() + secs
+        while time.monotonic() < deadline:
+            i += 1
+            price = band + (i % 900_000) * 0.001
+            try:
+                n = eng.update_token_price(token, price)
+            except BusyError:
+                busy += 1
+                continue
+            ok += 1
+            assert n >= len(pinned), (token, n, len(pinned))
+            for pos in pinned:
+                got = eng.price(pos).price
+                assert got == price, (f"pinned {pos:#x} on token {token} missed: holds {got}, "
+                                      f"the call that returned {n} wrote {price}")
+        q.put(("walker", token, ok, busy))
+    except BaseException as e:   # reported to the parent
+        import traceback
+        q.put(("error", f"walker {token}: {e!r}\n{traceback.format_exc()}"))
+
+
+
+def _churner(handle: Any, bands: dict[int, float], seed: int, secs: float, q: Any) -> None:
+    """Open on the walkers' tokens (and an unwalked one), close and release
+    at random, so slots move between (colliding) tokens while walks run.
+    Every price an opening ever shows must be its entry price or in its own
+    token's band."""
+    try:
+        eng = Engine.attach(handle)
+        rng = random.Random(seed)
+        tokens = [*bands, -1]
+        mine: dict[int, int] = {}
+        opened = released = 0
+        deadline = time.monotonic() + secs
+
+        def check(pos: int) -> None:
+            token = mine[pos]
+            got = eng.price(pos).price
+            band = bands.get(token)
+            ok = got == 100.0 or (band is not None and band <= got < band + 1000)
+            assert ok, (f"opening {pos:#x} (slot {eng.slot_of(pos)}) on token {token} "
+                        f"holds {got}: another token's price")
+
+        while time.monotonic() < deadline:
+            if mine and (rng.random() < 0.5 or len(mine) >= 4):
+                pos = rng.choice(list(mine))
+                check(pos)
+                for trig in CLOSE:
+                    eng.transition(pos, trig)
+                check(pos)
+                with contextlib.suppress(BusyError):
+                    assert eng.release_position(pos) is Outcome.APPLIED
+                    del mine[pos]
+                    released += 1
+            else:
+                token = rng.choice(tokens)
+                try:
+                    pos = eng.open_position(100.0, 1.0, 1, token=token)
+                except EngineError:   # full, or a bucket busy past the bound
+                    continue
+                mine[pos] = token
+                opened += 1
+                eng.transition(pos, Trigger.POSITION_OPENED)
+            for pos in list(mine):
+                check(pos)
+        q.put(("churner", seed, opened, released))
+    except BaseException as e:   # reported to the parent
+        import traceback
+        q.put(("error", f"churner {seed}: {e!r}\n{traceback.format_exc()}"))
+
+
+def _recoverer(handle: Any, secs: float, q: Any) -> None:
+    """recover() in a loop while every process is alive: it may unlink free
+    slots, never take a live process's lock."""
+    try:
+        eng = Engine.attach(handle)
+        runs = 0
+        deadline = time.monotonic() + secs
+        while time.monotonic() < deadline:
+            try:
+                r = eng.recover()
+            except EngineError:
+                continue
+            runs += 1
+            assert (r.rolled_forward, r.rolled_back, r.price_latches, r.removed_pids) == \
+                (0, 0, 0, ()), f"recover() took a live process's lock: {r}"
+            time.sleep(0.001)
+        q.put(("recoverer", runs))
+    except BaseException as e:   # reported to the parent
+        import traceback
+        q.put(("error", f"recoverer: {e!r}\n{traceback.format_exc()}"))
+
+
+# =========================================================================================
+class TestWrappedIncarnation:
+    """A linker SIGKILLed holding its bucket lock (ENG_FAULT_DIE_IN_TINDEX_ADD);
+    the registry is full, so the next attach takes its entry over in a new
+    incarnation.  claim_entry resolves the dead owner's slot locks, price
+    latches and key stripes first ("a wrapped incarnation must never meet its
+    locks").  FORBIDDEN: the dead linker's bucket lock surviving that, so that
+    when the entry's incarnation comes round (2^17 - 1 claims later) a live
+    Engine carries the dead token: every update and open on the token's chain
+    then meets a "live" holder -> BusyError, recover() cannot clear it, and the
+    wrapped Engine itself can never take the lock.
+
+    SIMULATED: the 2^17 - 3 intermediate claims of the entry, by storing its
+    incarnation (as tests/test_keys_hostile.py does); 131070 real claims of
+    the entry (raw attach/detach) reproduce it too, in ~15 s.  The dead
+    linker, the registry-full take-over and the final claim are real."""
+
+    def test_wrapped_token_meets_dead_linkers_bucket_lock(self, make_engine, spawner):
+        eng = make_engine(capacity=8)
+        live = eng.open_position(100.0, 1.0, 1, token=3)
+        eng.transition(live, Trigger.POSITION_OPENED)
+        b = bucket_of(eng, 3)
+        parent_conn, child_conn = spawner.ctx.Pipe(duplex=False)
+        p = spawner.start(_die_opening, eng.handle, lib.ENG_FAULT_DIE_IN_TINDEX_ADD, 3,
+                          child_conn)
+        assert parent_conn.poll(READY_TIMEOUT), "worker did not start"
+        dead = parent_conn.recv()
+        p.join(READY_TIMEOUT)
+        assert p.exitcode == -signal.SIGKILL, p.exitcode
+        assert held_buckets(eng) == {b: dead}, "the dead linker holds token 3's bucket"
+        index, inc = dead & lib.ENG_TOKEN_ENTRY_MASK, dead >> lib.ENG_TOKEN_ENTRY_BITS
+        fillers: list[Engine] = []
+        wrapped = None
+        try:
+            while registry_in_use(eng) < lib.ENG_MAX_PROCS:   # every other entry live
+                fillers.append(Engine.attach(eng.handle))
+            taker = Engine.attach(eng.handle)      # registry full: takes the dead entry over
+            fillers.append(taker)
+            assert int(taker._seg.proc_index) == index
+            survived = held_buckets(eng).get(b) == dead
+            taker.close()
+            eng._seg.registry[index].incarnation = (inc - 2) % INC_PERIOD + 1   # simulated churn
+            wrapped = attach_raw_until_token(eng, dead, 2)
+            got, took = timed_call(eng.update_token_price, 3, 101.0)
+            after = None
+            if not isinstance(got, int):
+                eng.recover()
+                after, _ = timed_call(eng.update_token_price, 3, 101.0)
+            own = lib.eng_update_token_price(wrapped, 3, 102.0)
+        finally:
+            if wrapped is not None:
+                lib.eng_detach(wrapped)
+            for f in fillers:
+                f.close()
+        assert got == 1 and took < ONE_WAIT and own == 1, (
+            f"the dead linker's bucket lock survived the take-over of its entry (still held "
+            f"after it: {survived}); its wrapped token {dead:#x} now names a live Engine: "
+            f"update_token_price(3) -> {got!r} after {took:.3f} s, after recover() -> "
+            f"{after!r}; from the wrapped Engine -> {own}")
+        eng.recover()
+        assert_index_matches_snapshot(eng)
+
+
