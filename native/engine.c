@@ -2743,7 +2743,12 @@ static uint32_t keys_sweep(eng_seg *s)
  * chain, does not find it, and clears tbucket) or a free slot on a chain.
  *
  *   open:    lock slot (L) -> unlink x from x.tbucket's chain (if any) ->
- *            link x on hash(token)'s chain -> price latch -> commit
+ *            link x on hash(token)'s chain -> price latch -> commit.
+ *            An open waits for a busy chain at most twice: the token's
+ *            chain busy past the bound -> EBUSY (every slot needs it); a
+ *            slot's old chain busy -> that slot stays linked there (free) and
+ *            the open tries other slots, from then on only those on no chain
+ *            or on the token's (no wait per linked slot)
  *   release: CAS word -> free -> under the bucket lock, unlink x only if its
  *            word is still free and unlocked (an opener that locked x since
  *            needs this bucket's lock to unlink it first, so it waits)
@@ -2864,18 +2869,29 @@ static int tb_link(eng_seg *s, uint32_t b, uint64_t *locked, uint32_t x)
     return tb_set_head(s, b, locked, x + 1);   /* the link */
 }
 
-/* Opener holding slot x's transition lock: move x to token's chain. */
-static int tindex_place(eng_seg *s, uint32_t x, int64_t token, op_timer t)
+/* tindex_place: x's old chain is busy (x was left on it): try another slot. */
+#define TB_SKIP 1
+
+/* Opener holding slot x's transition lock: move x to token's chain.  Returns
+ * 0, TB_SKIP, ENG_EBUSY (the token's chain is busy: so it is for every
+ * slot) or ENG_ECORRUPT.  *busy: this open found an old chain busy; from
+ * then on it skips slots on chains other than the token's without waiting,
+ * so an open waits at most once for an old chain and once for its own. */
+static int tindex_place(eng_seg *s, uint32_t x, int64_t token, op_timer t, uint32_t *busy)
 {
     eng_slot *xs = slot_at(s, x);
     uint64_t locked;
     int rc;
     uint32_t old = load_relaxed_u32(&xs->tbucket);
+    uint32_t b = tb_of_token(s, token);
     if (old) {
         if (old > s->tindex_buckets)
             return ENG_ECORRUPT;
-        if ((rc = tb_lock(s, old - 1, t, &locked)) != 0)
-            return rc;
+        if ((*busy && old != b + 1) || tb_lock(s, old - 1, t, &locked) != 0) {
+            *busy = 1;
+            return old == b + 1 ? ENG_EBUSY : TB_SKIP;
+        }
+        rc = 0;
         /* only a holder of this lock clears it, and only we (holding x) set it */
         if (load_relaxed_u32(&xs->tbucket) == old)
             rc = tb_unlink(s, old - 1, &locked, x);
@@ -2883,7 +2899,6 @@ static int tindex_place(eng_seg *s, uint32_t x, int64_t token, op_timer t)
         if (rc)
             return rc;
     }
-    uint32_t b = tb_of_token(s, token);
     if ((rc = tb_lock(s, b, t, &locked)) != 0)
         return rc;
     rc = load_relaxed_u32(&xs->tbucket) ? ENG_ECORRUPT : tb_link(s, b, &locked, x);
@@ -3121,6 +3136,7 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
     uint32_t start = fetch_add_relaxed_u32(&s->hdr->alloc_hint, 1) % cap;
     uint32_t target = s->hdr->initial_index;
     uint32_t placed = UINT32_MAX;   /* the slot linked into the token index, if any */
+    uint32_t tb_busy = 0;           /* a slot's old token index chain was busy */
     rc = ENG_EFULL;
     for (uint32_t k = 0; k < cap; k++) {
         uint32_t slot = (start + k) % cap;
@@ -3147,16 +3163,16 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
             }
         }
         if (s->roles[ENG_ROLE_TOKEN] != ENG_ROLE_NONE) {
-            placed = slot;   /* a refused open unlinks it again, below */
-            if ((rc = tindex_place(s, slot, token_of(s, c.w), t)) != 0) {
+            if ((rc = tindex_place(s, slot, token_of(s, c.w), t, &tb_busy)) != 0) {
                 unlock_unchanged(sl, L);
                 if (key)
                     keys_drop(s, id);
-                if (rc != ENG_EBUSY)
-                    break;
-                tindex_drop(s, slot);
-                continue;   /* a live holder sits on a bucket: try another slot */
+                if (rc != TB_SKIP)
+                    break;   /* the token's chain busy (every slot needs it), or corrupt */
+                rc = ENG_EBUSY;
+                continue;   /* a live holder sits on this slot's old chain: try another */
             }
+            placed = slot;   /* a refused open unlinks it again, below */
         }
         uint64_t latched;
         if (price_latch(s, sl, t, &latched) != 0) {

@@ -9,6 +9,8 @@ says what is SIMULATED by writing to the segment through cffi.
 
   TestWrappedIncarnation   a dead linker's bucket lock vs. attach's take-over of
                            its registry entry and the entry's wrapped incarnation
+  TestStoppedBucketHolder  a SIGSTOPped walker holding a bucket lock vs. opens,
+                           releases, updates and recover()
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import signal
 import time
 from typing import Any
 
-from procs import READY_TIMEOUT
+from procs import READY_TIMEOUT, sigkill
 
 from engine import (
     BusyError,
@@ -337,6 +339,91 @@ class TestWrappedIncarnation:
             f"update_token_price(3) -> {got!r} after {took:.3f} s, after recover() -> "
             f"{after!r}; from the wrapped Engine -> {own}")
         eng.recover()
+        assert_index_matches_snapshot(eng)
+
+
+# =========================================================================================
+class TestStoppedBucketHolder:
+    """A price feeder SIGSTOPped while it holds its token's bucket lock (a live
+    holder: never taken over).  Allowed: BusyError after one bounded wait for
+    that chain; a release that leaves its free slot linked.  FORBIDDEN: a call
+    that waits for the same busy chain again and again (an open that tries
+    every free slot against the token's busy bucket, or every free slot still
+    linked on the busy chain: seconds, with the GIL held), a hang, an error
+    for a token on another chain, an index that is not exact after SIGCONT and
+    recover()."""
+
+    @staticmethod
+    def _stopped_feeder(eng: Engine, spawner: Any, token: int) -> Any:
+        ready = spawner.ctx.Event()
+        p = spawner.start(_feed, eng.handle, token, ready)
+        assert ready.wait(READY_TIMEOUT), "feeder did not start"
+        time.sleep(0.05)
+        stop_holding_bucket(eng, p, bucket_of(eng, token))
+        return p
+
+    def test_open_on_the_busy_chain_waits_once(self, make_engine, spawner):
+        """Capacity 512, 200 open on token 7: an open on token 7 needs 7's
+        chain whatever slot it picks; it must say BusyError after one wait,
+        not after one wait per free slot (312 x ~20 ms)."""
+        eng = make_engine(capacity=512)
+        ids = [eng.open_position(100.0, 1.0, 1, token=7) for _ in range(200)]
+        other = tokens_in_other_buckets(eng, 7, 1)[0]
+        p = self._stopped_feeder(eng, spawner, 7)
+        try:
+            got, took = timed_call(eng.open_position, 100.0, 1.0, 1, 7)
+            upd, upd_took = timed_call(eng.update_token_price, 7, 99.0)
+            side, side_took = timed_call(eng.open_position, 100.0, 1.0, 1, other)
+            rec, rec_took = timed_call(eng.recover)
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+            sigkill(p)
+        assert isinstance(got, BusyError) and took < ONE_WAIT, (
+            f"open_position(token=7) while 7's chain is held by a stopped feeder: {got!r} "
+            f"after {took:.2f} s (one wait per free slot)")
+        assert isinstance(upd, BusyError) and upd_took < ONE_WAIT, (upd, upd_took)
+        assert isinstance(side, int) and side_took < ONE_WAIT, (side, side_took)
+        assert not isinstance(rec, EngineError) and rec_took < ONE_WAIT, (rec, rec_took)
+        eng.recover()
+        assert eng.update_token_price(7, 105.0) == 200
+        assert all(eng.price(pos).price == 105.0 for pos in ids)
+        assert_index_matches_snapshot(eng)
+
+    def test_slots_left_on_the_busy_chain_cost_one_wait(self, make_engine, spawner):
+        """Releases while the chain is held leave their free slots linked on it
+        (allowed).  When those are the only free slots, an open on another
+        token must give up after one wait for that chain, not one (or two) per
+        linked slot."""
+        eng = make_engine(capacity=160)
+        ids = [eng.open_position(100.0, 1.0, 1, token=7) for _ in range(120)]
+        other = tokens_in_other_buckets(eng, 7, 1)[0]
+        while True:   # fill every other slot: the freed ones will be the only free slots
+            try:
+                eng.open_position(100.0, 1.0, 1, token=other)
+            except EngineError:
+                break
+        for pos in ids[:100]:
+            close(eng, pos)
+        p = self._stopped_feeder(eng, spawner, 7)
+        try:
+            t0 = time.monotonic()
+            for pos in ids[:100]:   # each waits once for the chain, then leaves the slot linked
+                assert eng.release_position(pos) is Outcome.APPLIED
+            release_took = (time.monotonic() - t0) / 100
+            linked_free = eng._tindex_check()[1]
+            got, took = timed_call(eng.open_position, 100.0, 1.0, 1, other)
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+            sigkill(p)
+        assert release_took < ONE_WAIT, release_took
+        assert linked_free == 100, linked_free
+        assert isinstance(got, BusyError) and took < ONE_WAIT, (
+            f"open_position(token={other}) with only slots linked on a stopped holder's chain "
+            f"free: {got!r} after {took:.2f} s (a wait per linked slot)")
+        eng.recover()
+        assert eng._tindex_check()[1] == 0
+        assert isinstance(eng.open_position(100.0, 1.0, 1, token=other), int)
+        assert eng.update_token_price(7, 105.0) == 20
         assert_index_matches_snapshot(eng)
 
 
