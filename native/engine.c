@@ -2759,7 +2759,10 @@ static uint32_t keys_sweep(eng_seg *s)
  *            them back)
  *   update_token_price: lock the bucket, walk, write each slot whose token
  *            hint matches and whose state is open through the price latch
- *            (the check under the latch decides), unlock
+ *            (the check under the latch decides), unlock.  A latch busy past
+ *            the bound (a live writer sits on it) does not end the walk: the
+ *            others are written, then the call says EBUSY (never a count
+ *            that misses a position)
  *
  * Lock order: slot lock -> bucket lock -> price latch; a bucket lock is never
  * held while taking another bucket lock or a slot lock.
@@ -3415,7 +3418,7 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
     uint32_t b = tb_of_token(s, token);
     uint64_t locked;
     int rc = tb_lock(s, b, t, &locked);   /* the token index: see its protocol */
-    int held = rc == 0;
+    int held = rc == 0, busy = 0;
     uint32_t x = held ? tb_head(locked) : 0;
     for (uint32_t steps = 0; x; steps++) {
         if (!tb_valid(s, x) || steps >= s->capacity) {
@@ -3429,7 +3432,8 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
             !is_open_state(s, sw_state(load_acquire_u64(&sl->word))))
             continue;
         rc = write_price_checked(s, sl, price, ts, t, accept_token, (uint64_t)token);
-        if (rc == ENG_ESTALE) {
+        if (rc == ENG_ESTALE || rc == ENG_EBUSY) {
+            busy |= rc == ENG_EBUSY;   /* a live writer sits on it: write the others */
             rc = 0;
             continue;
         }
@@ -3439,6 +3443,8 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
     }
     if (held)
         tb_unlock(s, b, locked);
+    if (rc == 0 && busy)
+        rc = ENG_EBUSY;
     op_end(t, rc ? rc : ENG_APPLIED);
     return rc ? rc : count;
 }

@@ -11,6 +11,8 @@ says what is SIMULATED by writing to the segment through cffi.
                            its registry entry and the entry's wrapped incarnation
   TestStoppedBucketHolder  a SIGSTOPped walker holding a bucket lock vs. opens,
                            releases, updates and recover()
+  TestStuckPriceLatch      a live process sitting on one position's price latch
+                           vs. update_token_price of that position's token
 """
 
 from __future__ import annotations
@@ -425,5 +427,35 @@ class TestStoppedBucketHolder:
         assert isinstance(eng.open_position(100.0, 1.0, 1, token=other), int)
         assert eng.update_token_price(7, 105.0) == 20
         assert_index_matches_snapshot(eng)
+
+
+# =========================================================================================
+class TestStuckPriceLatch:
+    """A live process sits on the price latch of ONE position of token 7
+    (a writer stopped mid-update).  Allowed: that position is not written and
+    the call says BusyError.  FORBIDDEN: every update_token_price(7) stopping
+    at that position, so that the other open positions of token 7 (free
+    latches, open for the whole call) are never written while it sits there."""
+
+    def test_other_positions_of_the_token_still_get_the_price(self, make_engine, spawner):
+        eng = make_engine(capacity=64)
+        ids = [eng.open_position(100.0, 1.0, 1, token=7) for _ in range(10)]
+        for pos in ids:
+            eng.transition(pos, Trigger.POSITION_OPENED)
+        stuck = ids[5]
+        ready = spawner.ctx.Event()
+        p = spawner.start(_hold_latch, eng.handle, stuck, ready)
+        assert ready.wait(READY_TIMEOUT), "holder did not start"
+        try:
+            got, took = timed_call(eng.update_token_price, 7, 101.0)
+            prices = {pos: eng.price(pos).price for pos in ids}
+        finally:
+            sigkill(p)
+        missed = [hex(pos) for pos in ids if pos != stuck and prices[pos] != 101.0]
+        assert isinstance(got, BusyError) and took < ONE_WAIT, (got, took)
+        assert prices[stuck] == 100.0
+        assert not missed, (f"update_token_price(7) -> {got!r}: positions with free latches "
+                            f"never written: {missed}")
+        assert eng.update_token_price(7, 102.0) == 10   # the dead holder's latch is taken over
 
 
