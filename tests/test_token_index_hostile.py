@@ -13,6 +13,27 @@ says what is SIMULATED by writing to the segment through cffi.
                            releases, updates and recover()
   TestStuckPriceLatch      a live process sitting on one position's price latch
                            vs. update_token_price of that position's token
+  TestKilledWalker         a walker SIGKILLed holding its bucket lock
+  TestKillsAtEveryStep     SIGKILL between the steps of link and unlink in open,
+                           release and reopen, with and without recover()
+  TestReleaseReopenRace    slots released and reopened on other (colliding)
+                           tokens while walkers run; more processes than cores;
+                           recover() racing the live linkers
+  TestFork                 a child forked while the parent walks a chain
+  TestSignals              exceptions raised by a signal handler at any point
+  TestCorruptChain         chains corrupted under the engine, then walked
+
+Status: TestWrappedIncarnation, both TestStoppedBucketHolder tests and
+TestStuckPriceLatch failed against 25995d8 (the base of this review) and pass
+with the fixes in the token index section of engine.c.  The other classes
+passed against 25995d8 as well: they are regression tests, each seen to fail
+against a mutated engine.c -- TestKilledWalker and TestKillsAtEveryStep when
+tb_lock never takes a dead holder's lock over (BusyError); TestReleaseReopenRace
+when the walk takes no bucket lock (a count that missed a pinned position)
+or writes any open position it meets (a band price on another token's
+opening); TestFork when a forked view is not refused (the child's calls act);
+TestSignals when eng_abandon_open does not unlink (free slots left on chains);
+TestCorruptChain when the walk has no step bound (it never returns).
 """
 
 from __future__ import annotations
@@ -21,16 +42,19 @@ import contextlib
 import os
 import random
 import signal
+import threading
 import time
 from typing import Any
 
-from procs import READY_TIMEOUT, sigkill
+from procs import JOIN_TIMEOUT, READY_TIMEOUT, collect, sigkill
 
 from engine import (
     BusyError,
+    ClosedError,
     Engine,
     EngineError,
     Outcome,
+    SegmentError,
     State,
     Trigger,
 )
@@ -459,3 +483,331 @@ class TestStuckPriceLatch:
         assert eng.update_token_price(7, 102.0) == 10   # the dead holder's latch is taken over
 
 
+# =========================================================================================
+class TestKilledWalker:
+    """A feeder SIGKILLed while it holds its bucket lock.  FORBIDDEN: the next
+    open / update / release on that chain needing recover() (or failing),
+    recover() finding anything but the dead lock."""
+
+    def test_dead_walkers_lock_is_taken_over(self, make_engine, spawner):
+        eng = make_engine(capacity=256)
+        ids = [eng.open_position(100.0, 1.0, 1, token=7) for _ in range(150)]
+        ready = spawner.ctx.Event()
+        p = spawner.start(_feed, eng.handle, 7, ready)
+        assert ready.wait(READY_TIMEOUT)
+        time.sleep(0.05)
+        b = bucket_of(eng, 7)
+        holder = stop_holding_bucket(eng, p, b)
+        sigkill(p)
+        assert held_buckets(eng) == {b: holder}
+        pos, took = timed_call(eng.open_position, 100.0, 1.0, 1, 7)
+        assert isinstance(pos, int) and took < ONE_WAIT, (pos, took)
+        close(eng, ids[0])
+        assert eng.release_position(ids[0]) is Outcome.APPLIED
+        assert eng.update_token_price(7, 103.0) == 150
+        r = eng.recover()
+        assert r.tindex_repaired == 0 and r.rolled_back == r.rolled_forward == 0, r
+        assert_index_matches_snapshot(eng)
+
+
+# =========================================================================================
+class TestKillsAtEveryStep:
+    """SIGKILL between the steps of link and unlink, on every path that takes
+    them: open (fresh slot), open of a slot still linked elsewhere (its unlink
+    step), release (before its unlink).  FORBIDDEN: a walk writing a free or
+    half-open slot, a wrong count, a live process needing recover() to use the
+    chain (a dead holder is taken over), and after recover(): an open position
+    missing from its chain, a free slot on a chain, a held bucket lock."""
+
+    def _run_to_death(self, eng: Engine, spawner: Any, target: Any, *args: Any) -> int:
+        parent_conn, child_conn = spawner.ctx.Pipe(duplex=False)
+        p = spawner.start(target, eng.handle, *args, child_conn)
+        assert parent_conn.poll(READY_TIMEOUT), "worker did not start"
+        token = parent_conn.recv()
+        p.join(READY_TIMEOUT)
+        eng._set_fault()
+        assert p.exitcode == -signal.SIGKILL, f"worker exit code {p.exitcode}"
+        return int(token)
+
+    def test_killed_after_the_slot_lock_before_the_link(self, make_engine, spawner):
+        eng = make_engine(capacity=4)
+        a = eng.open_position(100.0, 1.0, 1, token=4)
+        eng.transition(a, Trigger.POSITION_OPENED)
+        self._run_to_death(eng, spawner, _die_opening, lib.ENG_FAULT_DIE_AFTER_LOCK, 4)
+        assert eng.update_token_price(4, 101.0) == 1
+        r = eng.recover()
+        assert r.rolled_back == 1, r
+        assert_index_matches_snapshot(eng)
+
+    def test_killed_mid_link_then_used_without_recover(self, make_engine, spawner):
+        """Dead holder of 4's chain with a half-linked slot: the next open and
+        update take the lock over; the half-linked slot is never written."""
+        eng = make_engine(capacity=4)
+        a = eng.open_position(100.0, 1.0, 1, token=4)
+        eng.transition(a, Trigger.POSITION_OPENED)
+        dead = self._run_to_death(eng, spawner, _die_opening,
+                                  lib.ENG_FAULT_DIE_IN_TINDEX_ADD, 4)
+        assert held_buckets(eng) == {bucket_of(eng, 4): dead}
+        b, took = timed_call(eng.open_position, 100.0, 1.0, 1, 4)
+        assert isinstance(b, int) and took < ONE_WAIT, (b, took)
+        eng.transition(b, Trigger.POSITION_OPENED)
+        assert eng.update_token_price(4, 101.0) == 2
+        assert not held_buckets(eng)
+        r = eng.recover()
+        assert r.rolled_back == 1, r
+        assert_index_matches_snapshot(eng)
+
+    def test_killed_releasing_before_the_unlink(self, make_engine, spawner):
+        """Killed right after the release CAS (ENG_FAULT_DIE_AFTER_CAS): its
+        free slot stays on 4's chain; walks skip it; its reopen on token 9
+        moves it without recover()."""
+        eng = make_engine(capacity=2)
+        a = eng.open_position(100.0, 1.0, 1, token=4)
+        eng.transition(a, Trigger.POSITION_OPENED)
+        gone = eng.open_position(100.0, 1.0, 1, token=4)
+        close(eng, gone)
+        self._run_to_death(eng, spawner, _die_releasing, lib.ENG_FAULT_DIE_AFTER_CAS, gone)
+        assert eng._tindex_check()[1] == 1, "the free slot is still linked"
+        assert eng.update_token_price(4, 101.0) == 1
+        c = eng.open_position(100.0, 1.0, 1, token=9)
+        eng.transition(c, Trigger.POSITION_OPENED)
+        assert eng.slot_of(c) == eng.slot_of(gone)
+        assert eng.update_token_price(4, 102.0) == 1 and eng.update_token_price(9, 102.0) == 1
+        assert eng.price(a).price == 102.0 and eng.price(c).price == 102.0
+        assert_index_matches_snapshot(eng)
+
+    def test_killed_in_the_unlink_step_of_a_reopen(self, make_engine, spawner):
+        """A free slot left on 4's chain is reopened on token 9 by a process
+        killed inside its unlink (ENG_FAULT_DIE_IN_TINDEX_DEL: off the chain,
+        tbucket not cleared, bucket and slot locks held)."""
+        eng = make_engine(capacity=2)
+        a = eng.open_position(100.0, 1.0, 1, token=4)
+        eng.transition(a, Trigger.POSITION_OPENED)
+        gone = eng.open_position(100.0, 1.0, 1, token=4)
+        close(eng, gone)
+        self._run_to_death(eng, spawner, _die_releasing, lib.ENG_FAULT_DIE_AFTER_CAS, gone)
+        dead = self._run_to_death(eng, spawner, _die_opening, lib.ENG_FAULT_DIE_IN_TINDEX_DEL, 9)
+        assert held_buckets(eng) == {bucket_of(eng, 4): dead}
+        n, took = timed_call(eng.update_token_price, 4, 101.0)
+        assert n == 1 and took < ONE_WAIT, (n, took)
+        assert eng.update_token_price(9, 101.0) == 0
+        r = eng.recover()
+        assert r.rolled_back == 1, r
+        assert_index_matches_snapshot(eng)
+        c = eng.open_position(100.0, 1.0, 1, token=9)
+        eng.transition(c, Trigger.POSITION_OPENED)
+        assert eng.update_token_price(9, 103.0) == 1 and eng.update_token_price(4, 103.0) == 1
+        assert_index_matches_snapshot(eng)
+
+
+# =========================================================================================
+class TestReleaseReopenRace:
+    """Seven processes on this host's cores (more than cores here): one walker
+    per token A, B (colliding with A: one chain), C (another chain), each the
+    only writer of its token with prices of its own band; three churners that
+    open, close, release and reopen slots on A, B, C and an unwalked token in
+    a small segment, so released slots are reopened on another token while
+    walks run; one recover() loop.  FORBIDDEN: a price of one token's band on
+    an opening of another token (a walk writing a position not on its token,
+    or writing the new opening of a slot with the old token's price); a call
+    that returns a count without writing a position pinned open on its token
+    for the whole run; recover() taking a live process's lock; and at the
+    end, an index that is not exact."""
+
+    def test_walks_race_releases_and_reopens(self, make_engine, spawner):
+        eng = make_engine(capacity=24)
+        a = 11
+        b = colliding_token(eng, a)
+        c = tokens_in_other_buckets(eng, a, 1)[0]
+        bands = {a: 1000.0, b: 2000.0, c: 3000.0}
+        pinned: dict[int, list[int]] = {}
+        for token in bands:
+            pinned[token] = [eng.open_position(100.0, 1.0, 1, token=token) for _ in range(2)]
+            for pos in pinned[token]:
+                eng.transition(pos, Trigger.POSITION_OPENED)
+        secs = 4.0
+        q = spawner.ctx.Queue()
+        for token, band in bands.items():
+            spawner.start(_walker, eng.handle, token, band, pinned[token], secs, q)
+        for seed in range(3):
+            spawner.start(_churner, eng.handle, bands, seed, secs, q)
+        spawner.start(_recoverer, eng.handle, secs, q)
+        got = collect(q, 7, spawner, timeout=READY_TIMEOUT + secs + 30)
+        spawner.join_all(JOIN_TIMEOUT)
+        walks = {g[1]: g[2] for g in got if g[0] == "walker"}
+        churn = [g for g in got if g[0] == "churner"]
+        assert all(n > 50 for n in walks.values()), f"walks that returned a count: {walks}"
+        assert sum(g[3] for g in churn) > 50, f"too little reuse: {churn}"
+        eng.recover()
+        open_count = assert_index_matches_snapshot(eng)
+        for token in (*bands, -1):
+            assert eng.update_token_price(token, 50.0) == open_count.get(token, 0)
+
+
+# =========================================================================================
+class TestFork:
+    """fork() while another thread of the parent walks a chain (the GIL is
+    released during the walk).  FORBIDDEN: any index call in the child doing
+    anything but ClosedError (it would act with the parent's token); the
+    child's exit freeing or otherwise touching the parent's registry entry or
+    making the parent look dead to other processes; a bucket lock left held."""
+
+    def test_child_of_a_walking_parent_is_closed(self, make_engine):
+        eng = make_engine(capacity=256)
+        ids = [eng.open_position(100.0, 1.0, 1, token=7) for _ in range(200)]
+        pos = ids[0]
+        close(eng, ids[1])
+        stop = threading.Event()
+        walks = [0]
+
+        def walk() -> None:
+            while not stop.is_set():
+                eng.update_token_price(7, 101.0)
+                walks[0] += 1
+
+        th = threading.Thread(target=walk)
+        th.start()
+        codes = []
+        try:
+            for _ in range(20):
+                time.sleep(0.002)
+                pid = os.fork()
+                if pid == 0:   # the child: every call must refuse
+                    code = 0
+                    for call in (lambda: eng.update_token_price(7, 1.0),
+                                 lambda: eng.open_position(100.0, 1.0, 1, token=7),
+                                 lambda: eng.release_position(ids[1]),
+                                 lambda: eng.recover(),
+                                 eng._tindex_check):
+                        try:
+                            call()
+                            code = 1
+                        except ClosedError:
+                            pass
+                        except BaseException:
+                            code = 2
+                    with contextlib.suppress(BaseException):
+                        eng.close()
+                    os._exit(code)
+                _, status = os.waitpid(pid, 0)
+                codes.append(os.waitstatus_to_exitcode(status))
+        finally:
+            stop.set()
+            th.join()
+        assert codes == [0] * 20, f"child exit codes (1: a call acted, 2: other error): {codes}"
+        assert walks[0] > 0
+        other = Engine.attach(eng.handle)
+        try:
+            token = int(eng._seg.token)
+            assert lib.eng_owner_alive(other._seg, token) == 1, "the parent looks dead"
+            assert int(eng._seg.registry[int(eng._seg.proc_index)].pid) == os.getpid()
+            assert not held_buckets(eng)
+            assert other.update_token_price(7, 102.0) == 199
+            assert eng.price(pos).price == 102.0
+        finally:
+            other.close()
+        assert eng.release_position(ids[1]) is Outcome.APPLIED
+        assert_index_matches_snapshot(eng)
+
+
+# =========================================================================================
+class _Tick(Exception):
+    pass
+
+
+class TestSignals:
+    """A signal handler raising at any point of open / transition / release /
+    update_token_price (an interval timer at ~0.2 ms), including between an
+    open's C call and its return (the opening is abandoned: counted).
+    FORBIDDEN: a bucket lock left held by this live process, a free slot left
+    on a chain, an open slot missing from its chain, recover() finding
+    anything to repair (no process died)."""
+
+    def test_exceptions_from_a_signal_handler(self, make_engine):
+        eng = make_engine(capacity=32)
+        rng = random.Random(5)
+        mine: list[int] = []
+
+        armed = [False]
+        after_open = [0]
+
+        def tick(signum: int, frame: Any) -> None:
+            if armed[0]:   # raise only inside the try below, once per arming
+                armed[0] = False
+                out = frame.f_locals.get("out") if frame.f_code.co_name == "_open" else None
+                if out is not None and out[0]:
+                    after_open[0] += 1   # C opened it; the id has not reached the caller
+                raise _Tick
+
+        def step() -> None:
+            if mine and (rng.random() < 0.5 or len(mine) > 20):
+                pos = mine[-1]
+                with contextlib.suppress(EngineError):
+                    for trig in CLOSE:
+                        eng.transition(pos, trig)
+                    eng.release_position(pos)
+                mine.pop()
+            else:
+                with contextlib.suppress(EngineError):
+                    mine.append(eng.open_position(100.0, 1.0, 1, token=rng.randrange(5)))
+            eng.update_token_price(rng.randrange(5), 100.0 + rng.random())
+
+        old = signal.signal(signal.SIGALRM, tick)
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        ticks = 0
+        deadline = time.monotonic() + 2.0
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    armed[0] = True
+                    step()
+                    armed[0] = False
+                except _Tick:
+                    ticks += 1
+        finally:
+            armed[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+            signal.signal(signal.SIGALRM, old)
+        assert ticks > 100 and after_open[0] > 0, (ticks, after_open)
+        assert not held_buckets(eng), held_buckets(eng)
+        assert eng._tindex_check()[:3] == (0, 0, 0), eng._tindex_check()
+        r = eng.recover()
+        assert r.tindex_repaired == 0 and r.rolled_back == r.rolled_forward == 0, r
+        assert_index_matches_snapshot(eng)
+
+
+# =========================================================================================
+class TestCorruptChain:
+    """A chain corrupted under the engine (no protocol step or crash leaves
+    one: SIMULATED by storing a slot's tnext through cffi): a cycle, and a
+    reference past the capacity.  FORBIDDEN: a walk, open, release, recover()
+    or audit that hangs or crashes, a price written to a position of another
+    token, a corrupt chain breaking updates of tokens on other chains."""
+
+    def test_cycle_and_bad_reference_are_bounded(self, make_engine):
+        eng = make_engine(capacity=64)
+        on = [eng.open_position(100.0, 1.0, 1, token=5) for _ in range(4)]
+        other = tokens_in_other_buckets(eng, 5, 1)[0]
+        off = [eng.open_position(100.0, 1.0, 1, token=other) for _ in range(3)]
+        for pos in on + off:
+            eng.transition(pos, Trigger.POSITION_OPENED)
+        tail = eng._slot(eng.slot_of(on[0]))   # the first linked: the chain's tail
+        for bad in (eng.slot_of(on[2]) + 1, eng.capacity + 7):
+            tail.tnext = bad   # SIMULATED corruption
+            got, took = timed_call(eng.update_token_price, 5, 111.0)
+            assert isinstance(got, SegmentError) and took < ONE_WAIT, (got, took)
+            assert eng._tindex_check()[2] >= 1
+            assert eng.update_token_price(other, 112.0) == 3
+            assert all(eng.price(pos).price == 112.0 for pos in off)
+            close(eng, on[3])
+            _, took = timed_call(eng.release_position, on[3])
+            assert took < ONE_WAIT
+            _, took = timed_call(eng.recover)
+            assert took < ONE_WAIT
+            _, took = timed_call(eng.open_position, 100.0, 1.0, 1, 5)
+            assert took < ONE_WAIT
+            tail.tnext = 0   # SIMULATED repair, for the next round
+            on[3] = eng.open_position(100.0, 1.0, 1, token=5)
+            eng.transition(on[3], Trigger.POSITION_OPENED)
+            eng.recover()
+        assert_index_matches_snapshot(eng)
