@@ -916,7 +916,10 @@ class Engine:
         return [int(out[i]) for i in range(n[0])]
 
     def update_token_price(self, token: int, price: float) -> int:
-        """Publish ``price`` to every open position on ``token``; returns the count."""
+        """Publish ``price`` to every open position on ``token``; returns the count.
+
+        ``BusyError`` if a live writer held the token's chain or one of its
+        positions past the bound: every other open position on it got the price."""
         if not isinstance(token, int) or isinstance(token, bool):
             raise EngineTypeError(f"token must be an int, got {token!r:.40} "
                                   f"({type(token).__name__})")
@@ -928,6 +931,10 @@ class Engine:
         if "token" not in self._rec.roles:
             raise FieldError(f"spec {self.spec.name!r} has no i8 field 'token'")
         n = self._lib.eng_update_token_price(self._seg, token, price)
+        if n == lib.ENG_EBUSY:
+            raise BusyError(f"update_token_price({token}): a live writer held the token's chain "
+                            "or a position on it past the bound; every other open position on "
+                            "it got the price (none if the chain was held)")
         return int(n) if n >= 0 else self._fail(int(n), price=price)
 
     # -- accounts --------------------------------------------------------------------

@@ -728,6 +728,7 @@ int eng_validate(const void *base, uint64_t size, uint64_t fingerprint)
 static void retire_shard(eng_seg *s, eng_shard *src);
 static void sweep_dead(eng_seg *s, eng_recover_report *out);
 static uint32_t keys_sweep(eng_seg *s);
+static uint32_t tindex_release_dead(eng_seg *s);
 
 static int claim_entry(eng_seg *s, uint32_t i, uint32_t pid, uint64_t start, int take_dead)
 {
@@ -750,6 +751,7 @@ static int claim_entry(eng_seg *s, uint32_t i, uint32_t pid, uint64_t start, int
         memset(&ignored, 0, sizeof ignored);
         sweep_dead(s, &ignored);
         keys_sweep(s);   /* its stripe locks and key records, too */
+        tindex_release_dead(s);   /* and its bucket locks (see the token index) */
         uint32_t gone = (load_relaxed_u32(&e->incarnation) << ENG_TOKEN_ENTRY_BITS) | i;
         cas_acq_rel_u32(&s->hdr->recovering, &gone, 0);
         retire_shard(s, &s->shards[i]);
@@ -2741,14 +2743,26 @@ static uint32_t keys_sweep(eng_seg *s)
  * chain, does not find it, and clears tbucket) or a free slot on a chain.
  *
  *   open:    lock slot (L) -> unlink x from x.tbucket's chain (if any) ->
- *            link x on hash(token)'s chain -> price latch -> commit
+ *            link x on hash(token)'s chain -> price latch -> commit.
+ *            An open waits for a busy chain at most twice: the token's
+ *            chain busy past the bound -> EBUSY (every slot needs it); a
+ *            slot's old chain busy -> that slot stays linked there (free) and
+ *            the open tries other slots, from then on only those on no chain
+ *            or on the token's (no wait per linked slot)
  *   release: CAS word -> free -> under the bucket lock, unlink x only if its
  *            word is still free and unlocked (an opener that locked x since
  *            needs this bucket's lock to unlink it first, so it waits)
  *   recover: release dead bucket locks; unlink every free, unlocked slot
+ *   attach:  taking a dead entry over, release dead bucket locks before the
+ *            entry's new incarnation (a wrapped incarnation must never meet
+ *            them: its live Engine would own them, and no one could take
+ *            them back)
  *   update_token_price: lock the bucket, walk, write each slot whose token
  *            hint matches and whose state is open through the price latch
- *            (the check under the latch decides), unlock
+ *            (the check under the latch decides), unlock.  A latch busy past
+ *            the bound (a live writer sits on it) does not end the walk: the
+ *            others are written, then the call says EBUSY (never a count
+ *            that misses a position)
  *
  * Lock order: slot lock -> bucket lock -> price latch; a bucket lock is never
  * held while taking another bucket lock or a slot lock.
@@ -2858,18 +2872,29 @@ static int tb_link(eng_seg *s, uint32_t b, uint64_t *locked, uint32_t x)
     return tb_set_head(s, b, locked, x + 1);   /* the link */
 }
 
-/* Opener holding slot x's transition lock: move x to token's chain. */
-static int tindex_place(eng_seg *s, uint32_t x, int64_t token, op_timer t)
+/* tindex_place: x's old chain is busy (x was left on it): try another slot. */
+#define TB_SKIP 1
+
+/* Opener holding slot x's transition lock: move x to token's chain.  Returns
+ * 0, TB_SKIP, ENG_EBUSY (the token's chain is busy: so it is for every
+ * slot) or ENG_ECORRUPT.  *busy: this open found an old chain busy; from
+ * then on it skips slots on chains other than the token's without waiting,
+ * so an open waits at most once for an old chain and once for its own. */
+static int tindex_place(eng_seg *s, uint32_t x, int64_t token, op_timer t, uint32_t *busy)
 {
     eng_slot *xs = slot_at(s, x);
     uint64_t locked;
     int rc;
     uint32_t old = load_relaxed_u32(&xs->tbucket);
+    uint32_t b = tb_of_token(s, token);
     if (old) {
         if (old > s->tindex_buckets)
             return ENG_ECORRUPT;
-        if ((rc = tb_lock(s, old - 1, t, &locked)) != 0)
-            return rc;
+        if ((*busy && old != b + 1) || tb_lock(s, old - 1, t, &locked) != 0) {
+            *busy = 1;
+            return old == b + 1 ? ENG_EBUSY : TB_SKIP;
+        }
+        rc = 0;
         /* only a holder of this lock clears it, and only we (holding x) set it */
         if (load_relaxed_u32(&xs->tbucket) == old)
             rc = tb_unlink(s, old - 1, &locked, x);
@@ -2877,7 +2902,6 @@ static int tindex_place(eng_seg *s, uint32_t x, int64_t token, op_timer t)
         if (rc)
             return rc;
     }
-    uint32_t b = tb_of_token(s, token);
     if ((rc = tb_lock(s, b, t, &locked)) != 0)
         return rc;
     rc = load_relaxed_u32(&xs->tbucket) ? ENG_ECORRUPT : tb_link(s, b, &locked, x);
@@ -2902,21 +2926,31 @@ static void tindex_drop(eng_seg *s, uint32_t x)
     tb_unlock(s, old - 1, locked);
 }
 
+/* recover(), and attach before it gives a dead entry a new incarnation:
+ * release every bucket lock whose holder is proven dead, by one CAS from the
+ * exact word seen (no lock taken: s->token may not exist yet).  Returns the
+ * locks released. */
+static uint32_t tindex_release_dead(eng_seg *s)
+{
+    uint32_t released = 0;
+    for (uint32_t b = 0; b < s->tindex_buckets; b++) {
+        uint64_t cur = load_acquire_u64(&s->tindex[b]);
+        uint32_t holder = tb_holder(cur);
+        if (holder && holder != s->token && token_dead(s, holder) &&
+            cas_acq_rel_u64(&s->tindex[b], &cur, tb_make(tb_head(cur), 0)))
+            released++;
+    }
+    return released;
+}
+
 /* recover(): release bucket locks of proven-dead holders and unlink every
  * free, unlocked slot.  Returns the locks released plus the slots unlinked. */
 static uint32_t tindex_sweep(eng_seg *s, op_timer t)
 {
-    uint32_t repaired = 0;
+    uint32_t repaired = tindex_release_dead(s);
     for (uint32_t b = 0; b < s->tindex_buckets; b++) {
-        uint64_t cur = load_acquire_u64(&s->tindex[b]);
-        if (cur == 0)
-            continue;
-        uint32_t holder = tb_holder(cur);
-        if (holder && holder != s->token && token_dead(s, holder) &&
-            cas_acq_rel_u64(&s->tindex[b], &cur, tb_make(tb_head(cur), 0)))
-            repaired++;
         uint64_t locked;
-        if (tb_head(cur) == 0 || tb_lock(s, b, t, &locked) != 0)
+        if (tb_head(load_acquire_u64(&s->tindex[b])) == 0 || tb_lock(s, b, t, &locked) != 0)
             continue;
         uint32_t prev = 0, x = tb_head(locked);
         for (uint32_t steps = 0; x && tb_valid(s, x) && steps < s->capacity; steps++) {
@@ -3105,6 +3139,7 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
     uint32_t start = fetch_add_relaxed_u32(&s->hdr->alloc_hint, 1) % cap;
     uint32_t target = s->hdr->initial_index;
     uint32_t placed = UINT32_MAX;   /* the slot linked into the token index, if any */
+    uint32_t tb_busy = 0;           /* a slot's old token index chain was busy */
     rc = ENG_EFULL;
     for (uint32_t k = 0; k < cap; k++) {
         uint32_t slot = (start + k) % cap;
@@ -3131,16 +3166,16 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
             }
         }
         if (s->roles[ENG_ROLE_TOKEN] != ENG_ROLE_NONE) {
-            placed = slot;   /* a refused open unlinks it again, below */
-            if ((rc = tindex_place(s, slot, token_of(s, c.w), t)) != 0) {
+            if ((rc = tindex_place(s, slot, token_of(s, c.w), t, &tb_busy)) != 0) {
                 unlock_unchanged(sl, L);
                 if (key)
                     keys_drop(s, id);
-                if (rc != ENG_EBUSY)
-                    break;
-                tindex_drop(s, slot);
-                continue;   /* a live holder sits on a bucket: try another slot */
+                if (rc != TB_SKIP)
+                    break;   /* the token's chain busy (every slot needs it), or corrupt */
+                rc = ENG_EBUSY;
+                continue;   /* a live holder sits on this slot's old chain: try another */
             }
+            placed = slot;   /* a refused open unlinks it again, below */
         }
         uint64_t latched;
         if (price_latch(s, sl, t, &latched) != 0) {
@@ -3383,7 +3418,7 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
     uint32_t b = tb_of_token(s, token);
     uint64_t locked;
     int rc = tb_lock(s, b, t, &locked);   /* the token index: see its protocol */
-    int held = rc == 0;
+    int held = rc == 0, busy = 0;
     uint32_t x = held ? tb_head(locked) : 0;
     for (uint32_t steps = 0; x; steps++) {
         if (!tb_valid(s, x) || steps >= s->capacity) {
@@ -3397,7 +3432,8 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
             !is_open_state(s, sw_state(load_acquire_u64(&sl->word))))
             continue;
         rc = write_price_checked(s, sl, price, ts, t, accept_token, (uint64_t)token);
-        if (rc == ENG_ESTALE) {
+        if (rc == ENG_ESTALE || rc == ENG_EBUSY) {
+            busy |= rc == ENG_EBUSY;   /* a live writer sits on it: write the others */
             rc = 0;
             continue;
         }
@@ -3407,6 +3443,8 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
     }
     if (held)
         tb_unlock(s, b, locked);
+    if (rc == 0 && busy)
+        rc = ENG_EBUSY;
     op_end(t, rc ? rc : ENG_APPLIED);
     return rc ? rc : count;
 }
