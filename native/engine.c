@@ -886,46 +886,61 @@ int eng_check(eng_seg *s)
     return 0;
 }
 
-/* ==== the price word: latch and seqlock in one ================================= */
+/* ==== the latch-seqlock: two copies and a word ================================== */
 /*
- * Each price record has two copies and a 64-bit word: sequence (the version)
- * above the writer's token.  The sequence says which copy readers use.
+ * Every versioned record in the segment -- a slot's price, a slot's context,
+ * an account's books -- is two copies and one 64-bit word that names the
+ * published copy and moves with every publish.  A writer first owns the word
+ * (the price latch, the slot's transition lock, the account latch: each puts
+ * the owner's token in it; their own sections say how they are taken), then:
  *
- * Guarantees: a reader never waits for a writer, not even one killed mid-write,
- * and never returns a torn record; the version never goes backwards.  Writers
- * are serialised by the latch, write the copy readers are NOT using, and
- * publish it by one CAS from the exact latched word, which also unlatches: a
- * writer whose latch was taken over (its owner proven dead) can never make a
- * write visible.
+ *   writer (owns the word: L):                  reader (never waits):
+ *     W0 fence (release)                          w1 = word (acquire)      [pairs with W3]
+ *     W1 fill the copy L does NOT name            R1 copy the copy w1 names (relaxed words)
+ *        (relaxed words)                          R2 fence (acquire)       [pairs with W0]
+ *     W2 seal = L (release), if it has a seal     w2 = word (relaxed)
+ *     W3 CAS L -> next, which names W1's copy     retry unless w1 and w2 agree on
+ *                                                 the bits every publish moves
  *
- *   writer:                                   reader:
- *     L = CAS (q, 0) -> (q, token)              q1 = seq (acquire)      [pairs with W3]
- *     W0 fence (release)                        R1 copy copy[q1&1] (relaxed words)
- *     W1 write copy[(q+1)&1] (relaxed)          R2 fence (acquire)      [pairs with W0]
- *     W3 CAS L -> (q+1, 0)  (release)           q2 = seq (relaxed)
- *                                               retry if q1 != q2
+ * If w1 and w2 agree, nobody published while the read ran, so nobody wrote
+ * the copy read: the owner of the word writes the other copy, and a later
+ * owner starts only after a publish, which moves the word.  W0/R2 make this
+ * hold on weakly ordered CPUs too: a reader that saw any word of a later
+ * writer's W1 also sees the word that writer advanced from, so its w2
+ * differs.  W3 is one CAS from exactly L: it publishes and gives the word up
+ * in one step, so a writer whose word was taken over (its owner proven dead)
+ * never makes its copy visible.  The seal (W2, written last) is what a
+ * takeover decides by: a copy sealed with the exact owned word was whole
+ * before its owner stopped.
  *
- * If q2 == q1, no writer published since the read began, so no writer can
- * have started on copy[q1&1] (the next writer writes copy[(q1+1)&1]; the one
- * after that only starts once seq is q1+1).  W0/R2 make that hold on weakly
- * ordered CPUs too: a reader that saw any word of a later writer's W1 also
- * sees the sequence that writer advanced from, so its q2 != q1.
+ *   seq_read_acquire(s, &word, watch, copy_fn, obj, out, &w1)   the reader
+ *   seq_fill_release(dst, src, nwords, seal, L)                  W0-W2
+ *   seq_publish_acq_rel(&word, L, next)                          W3
  *
- * Does not guarantee: progress for a reader while writers publish back to back
- * forever; it gives up after READ_RETRIES attempts with ENG_EBUSY.
+ * Guarantees: a reader never waits for a writer, not even one killed
+ * mid-write, and never returns a torn copy; versions never go backwards;
+ * nothing a taken-over writer wrote becomes visible.
+ * Does not guarantee: progress for a reader while writers publish back to
+ * back forever (ENG_EBUSY after READ_RETRIES tries); telling apart two
+ * words that agree on every watched bit (a 16-bit generation that wrapped
+ * during one read).
  */
 
-static inline uint64_t pw_seq(uint64_t pw) { return pw >> ENG_PW_SEQ_SHIFT; }
-static inline uint32_t pw_token(uint64_t pw) { return (uint32_t)(pw & ENG_TOKEN_MASK); }
+/* R1 of a reader: copy into out what obj publishes under word value w. */
+typedef void (*seq_copy_fn)(eng_seg *s, const void *obj, uint64_t w, void *out);
 
-static int read_price_rec(const eng_slot *sl, eng_price_rec *out, uint64_t *version)
+/* The reader (R0-R2): 0 with *out_w = the word the copy belongs to, or
+ * ENG_EBUSY.  watch: the bits of the word every publish moves. */
+static inline int seq_read_acquire(eng_seg *s, const uint64_t *word, uint64_t watch,
+                                   seq_copy_fn copy, const void *obj, void *out,
+                                   uint64_t *out_w)
 {
     for (uint32_t i = 0; i < READ_RETRIES; i++) {
-        uint64_t q1 = pw_seq(load_acquire_u64(&sl->pword));       /* pairs with W3 */
-        copy_words_relaxed(out, &sl->price[q1 & 1], REC_WORDS(eng_price_rec));
-        fence_acquire();                                           /* pairs with W0 */
-        if (pw_seq(load_relaxed_u64(&sl->pword)) == q1) {
-            *version = q1;
+        uint64_t w1 = load_acquire_u64(word);                      /* pairs with W3 */
+        copy(s, obj, w1, out);                                     /* R1 */
+        fence_acquire();                                           /* R2: pairs with W0 */
+        if (((load_relaxed_u64(word) ^ w1) & watch) == 0) {
+            *out_w = w1;
             return 0;
         }
         if (i > SPIN_STEPS)
@@ -934,9 +949,56 @@ static int read_price_rec(const eng_slot *sl, eng_price_rec *out, uint64_t *vers
     return ENG_EBUSY;
 }
 
-/* Take the latch; *latched receives the latched word.  A holder that keeps it
- * past the bound is checked: if proven dead, the latch is taken over (its
- * half-written copy was never published, so nothing needs repair). */
+/* W0-W2: the owner of L fills the unpublished copy dst from src (nwords
+ * words) and, if the record has a seal, seals it with L, last. */
+static inline void seq_fill_release(void *dst, const void *src, size_t nwords, uint64_t *seal,
+                                    uint64_t L)
+{
+    fence_release();                                               /* W0 */
+    copy_words_relaxed(dst, src, nwords);                          /* W1 */
+    if (seal)
+        store_release_u64(seal, L);                                /* W2 */
+}
+
+/* W3: publish and give the word up, by one CAS from exactly L.  0, or
+ * ENG_EBUSY if L was taken over (nothing became visible). */
+static inline int seq_publish_acq_rel(uint64_t *word, uint64_t L, uint64_t next)
+{
+    return cas_acq_rel_u64(word, &L, next) ? 0 : ENG_EBUSY;
+}
+
+/* ==== the price word: the price latch ============================================ */
+/*
+ * A slot's price is a latch-seqlock (above) whose word is eng_slot.pword:
+ * sequence (the version) above the writer's token; copy seq & 1 is the
+ * published one.  The latch is CAS (q, 0) -> (q, token); a holder that keeps
+ * it past the bound is checked, and if it is proven dead the latch is taken
+ * over (its half-written copy was never published, so nothing needs repair).
+ * Publishing is CAS (q, token) -> (q + 1, 0).  A price copy has no seal.
+ */
+
+#define PW_SEQ_BITS (~ENG_TOKEN_MASK)   /* what every publish moves */
+
+static inline uint64_t pw_seq(uint64_t pw) { return pw >> ENG_PW_SEQ_SHIFT; }
+static inline uint32_t pw_token(uint64_t pw) { return (uint32_t)(pw & ENG_TOKEN_MASK); }
+
+static void copy_price(eng_seg *s, const void *obj, uint64_t pw, void *out)
+{
+    (void)s;
+    const eng_slot *sl = obj;
+    copy_words_relaxed(out, &sl->price[pw_seq(pw) & 1], REC_WORDS(eng_price_rec));
+}
+
+static int read_price_rec(const eng_slot *sl, eng_price_rec *out, uint64_t *version)
+{
+    uint64_t pw;
+    int rc = seq_read_acquire(NULL, &sl->pword, PW_SEQ_BITS, copy_price, sl, out, &pw);
+    if (rc == 0)
+        *version = pw_seq(pw);
+    return rc;
+}
+
+/* Take the latch; *latched receives the latched word. */
 static int price_latch(eng_seg *s, eng_slot *sl, op_timer t, uint64_t *latched)
 {
     for (uint32_t step = 0; step < MAX_WAIT_STEPS; step++) {
@@ -957,50 +1019,36 @@ static int price_latch(eng_seg *s, eng_slot *sl, op_timer t, uint64_t *latched)
     return ENG_EBUSY;
 }
 
-/* Publish rec and unlatch, in one CAS from the latched word.  ENG_EBUSY if
- * the latch was taken over meanwhile (nothing became visible). */
+/* Publish rec and unlatch (W0-W3).  ENG_EBUSY if the latch was taken over
+ * meanwhile (nothing became visible). */
 static int price_publish(eng_slot *sl, uint64_t latched, const eng_price_rec *rec)
 {
     uint64_t q = pw_seq(latched);
-    fence_release();                                               /* W0 */
-    copy_words_relaxed(&sl->price[(q + 1) & 1], rec, REC_WORDS(eng_price_rec));
-    return cas_acq_rel_u64(&sl->pword, &latched, (q + 1) << ENG_PW_SEQ_SHIFT)   /* W3 */
-        ? 0 : ENG_EBUSY;
+    seq_fill_release(&sl->price[(q + 1) & 1], rec, REC_WORDS(eng_price_rec), NULL, 0);
+    return seq_publish_acq_rel(&sl->pword, latched, (q + 1) << ENG_PW_SEQ_SHIFT);
 }
 
-/* Unlatch without publishing. */
-static void price_unlatch(eng_slot *sl, uint64_t latched)
+/* Unlatch without publishing: 0, or ENG_EBUSY if it was not latched so. */
+static int price_unlatch(eng_slot *sl, uint64_t latched)
 {
-    cas_acq_rel_u64(&sl->pword, &latched, latched & ~ENG_TOKEN_MASK);
+    return seq_publish_acq_rel(&sl->pword, latched, latched & ~ENG_TOKEN_MASK);
 }
 
 static inline int price_ok(double p) { return isfinite(p) && p > 0.0; }
 
 /* ==== contexts: published by the state word ===================================== */
 /*
- * Each slot has two context copies; the state word's C bit names the
- * published one.  Only a transition-lock holder writes, and only the other
- * copy; its commit CAS on the state word flips C, so the context and the
- * state become visible in one step, and a holder whose lock was taken over
- * makes nothing visible.  The copy's `commit` field, written last with
- * release, is the exact locked word it was written under: a takeover rolls
- * forward only when it equals the locked word it finds.
- *
- *   holder (state word locked: L):            reader:
- *     W0 fence (release)                        w1 = word (acquire)
- *     W1 fill ctx[!C(L)] (relaxed words)        R1 copy ctx[C(w1)] (relaxed words)
- *     W2 ctx[!C(L)].commit = L (release)        R2 fence (acquire)      [pairs with W0]
- *     W3 CAS L -> (target, gen + 1, !C)         w2 = word (relaxed)
- *                                               retry unless w1, w2 agree on
- *                                               state, generation and C
+ * A slot's context is a latch-seqlock (above) whose word is the state word:
+ * its C bit names the published copy, and the transition lock (see
+ * transitions) is what owns it.  The copy's `commit` field is its seal: the
+ * exact locked word it was written under, so a takeover rolls forward only
+ * when it equals the locked word it finds.  The commit CAS flips C, so the
+ * context and the state become visible in one step.  Readers watch state,
+ * generation and C: a lock taken meanwhile does not move them.
  *
  * The copy a reader reads is written only by a holder that locked after the
  * commit that made it unpublished again, which moved the generation; W0/R2
  * make a reader that saw any of its words also see that generation.
- *
- * Does not guarantee: progress for a reader while commits land back to back
- * forever (ENG_EBUSY after READ_RETRIES); exactness across exactly 2^16
- * commits during one read.
  */
 
 static inline eng_slot *slot_at(const eng_seg *s, uint32_t i)
@@ -1016,35 +1064,28 @@ static inline eng_ctx_rec *copy_of(const eng_seg *s, const eng_slot *sl, uint32_
 
 static inline uint32_t rec_words(const eng_seg *s) { return ENG_REC_META_WORDS + s->n_words; }
 
-/* Read the published context with the word it belongs to. */
-static int read_ctx(const eng_seg *s, const eng_slot *sl, eng_ctx_rec *out, uint64_t *word,
-                    uint32_t *opening)
+typedef struct ctx_view {
+    eng_ctx_rec *rec;
+    uint32_t opening;        /* changes only while the slot is free: inside the window */
+} ctx_view;
+
+static void copy_ctx(eng_seg *s, const void *obj, uint64_t w, void *out)
 {
-    for (uint32_t i = 0; i < READ_RETRIES; i++) {
-        uint64_t w1 = load_acquire_u64(&sl->word);
-        uint32_t op = load_relaxed_u32(&sl->opening);
-        copy_words_relaxed(out, copy_of(s, sl, sw_ctx(w1)), rec_words(s));
-        fence_acquire();                                           /* pairs with W0 */
-        if (((load_relaxed_u64(&sl->word) ^ w1) & SW_COMMITTED) == 0) {
-            *word = w1;
-            if (opening)
-                *opening = op;
-            return 0;
-        }
-        if (i > SPIN_STEPS)
-            sched_yield();
-    }
-    return ENG_EBUSY;
+    const eng_slot *sl = obj;
+    ctx_view *v = out;
+    v->opening = load_relaxed_u32(&sl->opening);
+    copy_words_relaxed(v->rec, copy_of(s, sl, sw_ctx(w)), rec_words(s));
 }
 
-/* Holder of lock L: fill the unpublished copy and seal it with L (W0-W2). */
-static void write_pending_ctx(eng_seg *s, eng_slot *sl, uint64_t locked, eng_ctx_rec *rec)
+/* Read the published context with the word it belongs to. */
+static int read_ctx(eng_seg *s, const eng_slot *sl, eng_ctx_rec *out, uint64_t *word,
+                    uint32_t *opening)
 {
-    eng_ctx_rec *dst = copy_of(s, sl, sw_ctx(locked) ^ 1);
-    rec->version = load_relaxed_u64(&copy_of(s, sl, sw_ctx(locked))->version) + 1;
-    fence_release();                                               /* W0 */
-    copy_words_relaxed((uint64_t *)dst + 1, (uint64_t *)rec + 1, rec_words(s) - 1);
-    store_release_u64(&dst->commit, locked);                       /* W2 */
+    ctx_view v = {out, 0};
+    int rc = seq_read_acquire(s, &sl->word, SW_COMMITTED, copy_ctx, sl, &v, word);
+    if (rc == 0 && opening)
+        *opening = v.opening;
+    return rc;
 }
 
 /* ==== id checks ================================================================== */
@@ -1074,8 +1115,8 @@ static inline int id_live(const eng_slot *sl, uint64_t w, uint64_t id)
     return opening_check(w, load_relaxed_u32(&sl->opening), id);
 }
 
-/* The preamble of calls by id: the id's slot and state word (acquire), and
- * 0 if the id names the slot's open opening. */
+/* The id's slot and state word (acquire), and 0 if the id names the slot's
+ * open opening. */
 static inline int id_word(eng_seg *s, uint64_t id, eng_slot **sl, uint64_t *w)
 {
     int rc = slot_of_id(s, id, sl);
@@ -1083,6 +1124,51 @@ static inline int id_word(eng_seg *s, uint64_t id, eng_slot **sl, uint64_t *w)
         return rc;
     *w = load_acquire_u64(&(*sl)->word);
     return id_live(*sl, *w, id);
+}
+
+/* ---- preambles of the exported calls ----------------------------------------
+ * The view first (closed, forked), then the caller's own argument check
+ * (arg_rc: 0, or the error it found), then the id, in that order: a call
+ * given several bad arguments always names the same one. */
+
+/* A call by id that needs the opening open now: its slot and state word. */
+static inline int enter_id(eng_seg *s, uint64_t id, int arg_rc, eng_slot **sl, uint64_t *w)
+{
+    int rc = seg_error(s);
+    if (rc == 0)
+        rc = arg_rc;
+    return rc ? rc : id_word(s, id, sl, w);
+}
+
+/* A call by id that checks the opening itself, where it reads: the slot. */
+static inline int enter_slot(eng_seg *s, uint64_t id, eng_slot **sl)
+{
+    int rc = seg_error(s);
+    return rc ? rc : slot_of_id(s, id, sl);
+}
+
+/* A transition: the slot, then the trigger. */
+static inline int enter_transition(eng_seg *s, uint64_t id, uint32_t trigger, eng_slot **sl)
+{
+    int rc = enter_slot(s, id, sl);
+    return rc == 0 && trigger >= s->n_triggers ? ENG_EBADTRIGGER : rc;
+}
+
+/* A call by slot index (tools): the index, then its output pointer. */
+static inline int enter_index(eng_seg *s, uint32_t slot, int out_ok)
+{
+    int rc = seg_error(s);
+    if (rc == 0 && slot >= s->capacity)
+        rc = ENG_EBADSLOT;
+    return rc == 0 && !out_ok ? ENG_EBADARG : rc;
+}
+
+/* A vector call: its output pointers (outs_ok), then its arrays (arrays_ok)
+ * unless it has no element. */
+static inline int enter_vector(eng_seg *s, int outs_ok, uint64_t n, int arrays_ok)
+{
+    int rc = seg_error(s);
+    return rc == 0 && (!outs_ok || (n && !arrays_ok)) ? ENG_EBADARG : rc;
 }
 
 /* ==== transitions ================================================================ */
@@ -1220,13 +1306,10 @@ static inline int is_closing(const eng_seg *s, uint32_t from, uint32_t to);
 
 int eng_transition(eng_seg *s, uint64_t id, uint32_t trigger)
 {
-    CHECK_SEG(s);
     eng_slot *sl;
-    int rc = slot_of_id(s, id, &sl);
+    int rc = enter_transition(s, id, trigger, &sl);
     if (rc)
         return rc;
-    if (trigger >= s->n_triggers)
-        return ENG_EBADTRIGGER;
     op_timer t = op_begin(s, ENG_OP_TRANSITION);
     uint64_t retries = 0;
     int booked = 0;
@@ -1324,19 +1407,31 @@ static void test_pause(eng_seg *s)
     }
 }
 
-/* Holder of L: seal ctx (if any) into the unpublished copy, then publish
- * state and context in one CAS from L. */
-static int finish_locked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx)
+/* Holder of L: fill the unpublished context copy with ctx (if given) and
+ * seal it with L (W0-W2), then publish state and context by one CAS from L
+ * (W3; C flips when ctx is given).  *nw receives the committed word.  0, or
+ * ENG_EBUSY if we were taken over (only if we were proven dead): nothing
+ * became visible. */
+static int ctx_publish(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx, uint64_t *nw)
 {
     uint32_t c = sw_ctx(L);
     if (ctx) {
-        write_pending_ctx(s, sl, L, ctx);
+        eng_ctx_rec *dst = copy_of(s, sl, c ^ 1);
+        ctx->version = load_relaxed_u64(&copy_of(s, sl, c)->version) + 1;
+        seq_fill_release((uint64_t *)dst + 1, (uint64_t *)ctx + 1, rec_words(s) - 1,
+                         &dst->commit, L);
         c ^= 1;
     }
     test_pause(s);
-    uint64_t nw = sw_make(1u << sw_target(L), next_gen(s, sw_gen(L)), c);
-    uint64_t expected = L;
-    if (!cas_acq_rel_u64(&sl->word, &expected, nw))   /* W3 */
+    *nw = sw_make(1u << sw_target(L), next_gen(s, sw_gen(L)), c);
+    return seq_publish_acq_rel(&sl->word, L, *nw);
+}
+
+/* Holder of L: publish (ctx_publish), then count the commit and wake. */
+static int finish_locked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx)
+{
+    uint64_t nw;
+    if (ctx_publish(s, sl, L, ctx, &nw) != 0)
         return ENG_CONFLICT;   /* taken over: only if we were proven dead */
     commit_after(s, sl, sw_unlocked(L), nw);
     return ENG_APPLIED;
@@ -1345,8 +1440,7 @@ static int finish_locked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx)
 /* Holder of L gives up: restore the word exactly. */
 static void unlock_unchanged(eng_slot *sl, uint64_t L)
 {
-    uint64_t expected = L;
-    cas_acq_rel_u64(&sl->word, &expected, sw_unlocked(L));
+    seq_publish_acq_rel(&sl->word, L, sw_unlocked(L));
 }
 
 /* 0 if every word in mask holds a value of its field's type. */
@@ -1399,7 +1493,7 @@ static int check_update(const eng_seg *s, const eng_ctx_update *u)
  * Protocol.  An account is one latch word (version << 24 | holder token) and
  * two copies of its books; books[version & 1] is published.  A change of
  * the account alone (open_account, deposit, withdraw, halt, update, close)
- * is the price latch's scheme: latch, fill the other copy, seal it with the
+ * is the latch-seqlock (above): latch, fill the other copy, seal it with the
  * latched word AL (written last, release), publish by CAS AL -> (v + 1, 0).
  *
  * A position changes its account's books only while its actor holds BOTH
@@ -1572,61 +1666,67 @@ static int acct_latch(eng_seg *s, eng_account *a, op_timer t, uint64_t *latched)
 
 static void acct_unlatch(eng_account *a, uint64_t AL)
 {
-    cas_acq_rel_u64(&a->word, &AL, aw_make(aw_version(AL)));
+    seq_publish_acq_rel(&a->word, AL, aw_make(aw_version(AL)));
 }
 
-/* B3: fill the unpublished copy, then seal it with AL (release, last). */
+/* B3: fill the unpublished copy, then seal it with AL (W0-W2). */
 static void acct_write_pending(eng_account *a, uint64_t AL, eng_books *nb, uint64_t slot_ref,
                                uint64_t Ls)
 {
     eng_books *dst = &a->books[(aw_version(AL) + 1) & 1];
     nb->seal_slot = slot_ref;
     nb->seal_word = Ls;
-    fence_release();                                               /* B0: pairs with the reader's fence */
-    copy_words_relaxed((uint64_t *)dst + 1, (uint64_t *)nb + 1, BOOKS_WORDS - 1);
-    store_release_u64(&dst->seal, AL);                             /* B3 */
+    seq_fill_release((uint64_t *)dst + 1, (uint64_t *)nb + 1, BOOKS_WORDS - 1, &dst->seal, AL);
 }
 
-/* B6 (or a single change's publish): 0, or EBUSY if a resolver took the
+/* B6 (or a single change's publish, W3): 0, or EBUSY if a resolver took the
  * latch (it rolled the sealed copy forward: the change is in). */
 static int acct_publish(eng_account *a, uint64_t AL)
 {
-    uint64_t expected = AL;
-    return cas_acq_rel_u64(&a->word, &expected, aw_make(aw_version(AL) + 1)) ? 0 : ENG_EBUSY;
+    return seq_publish_acq_rel(&a->word, AL, aw_make(aw_version(AL) + 1));
+}
+
+typedef struct books_view {
+    eng_books *b;
+    uint64_t version;
+} books_view;
+
+/* R1 of the books reader: books[v & 1], or pend if it is sealed with w and
+ * its slot's decision is already "committed". */
+static void copy_books(eng_seg *s, const void *obj, uint64_t w, void *out)
+{
+    const eng_account *a = obj;
+    books_view *v = out;
+    uint64_t ver = aw_version(w);
+    const eng_books *src = &a->books[ver & 1];
+    if (aw_token(w)) {
+        const eng_books *pend = &a->books[(ver + 1) & 1];
+        if (load_acquire_u64(&pend->seal) == w) {                  /* pairs with B3 */
+            op_timer none = {NULL, 0};
+            uint64_t ref = load_relaxed_u64(&pend->seal_slot);
+            if (ref && slot_decision(s, ref, load_relaxed_u64(&pend->seal_word), none, 0) == 1) {
+                src = pend;
+                ver++;
+            }
+        }
+    }
+    copy_words_relaxed(v->b, src, BOOKS_WORDS);
+    v->version = ver;
 }
 
 /* A consistent read of the books (see the reader above); never waits. */
 static int acct_read(eng_seg *s, const eng_account *a, eng_books *out, uint64_t *version,
                      uint32_t *latched)
 {
-    op_timer none = {NULL, 0};
-    for (uint32_t i = 0; i < READ_RETRIES; i++) {
-        uint64_t w1 = load_acquire_u64(&a->word);                  /* pairs with B6 */
-        uint64_t v = aw_version(w1);
-        const eng_books *src = &a->books[v & 1];
-        uint64_t ver = v;
-        if (aw_token(w1)) {
-            const eng_books *pend = &a->books[(v + 1) & 1];
-            if (load_acquire_u64(&pend->seal) == w1) {             /* pairs with B3 */
-                uint64_t ref = load_relaxed_u64(&pend->seal_slot);
-                if (ref && slot_decision(s, ref, load_relaxed_u64(&pend->seal_word), none, 0) == 1) {
-                    src = pend;
-                    ver = v + 1;
-                }
-            }
-        }
-        copy_words_relaxed(out, src, BOOKS_WORDS);
-        fence_acquire();                                           /* pairs with B0 */
-        if (load_relaxed_u64(&a->word) == w1) {
-            *version = ver;
-            if (latched)
-                *latched = aw_token(w1) != 0;
-            return 0;
-        }
-        if (i > SPIN_STEPS)
-            sched_yield();
-    }
-    return ENG_EBUSY;
+    books_view v = {out, 0};
+    uint64_t w;
+    int rc = seq_read_acquire(s, &a->word, ~0ULL, copy_books, a, &v, &w);
+    if (rc)
+        return rc;
+    *version = v.version;
+    if (latched)
+        *latched = aw_token(w) != 0;
+    return 0;
 }
 
 /* Wait until the latch seen now is gone (resolving a dead holder): after
@@ -1743,11 +1843,8 @@ static int book_position(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec
 static int finish_booked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *c, eng_account *a,
                          uint64_t AL, op_timer t)
 {
-    write_pending_ctx(s, sl, L, c);                                /* B4 */
-    test_pause(s);
-    uint64_t nw = sw_make(1u << sw_target(L), next_gen(s, sw_gen(L)), sw_ctx(L) ^ 1);
-    uint64_t expected = L;
-    if (!cas_acq_rel_u64(&sl->word, &expected, nw)) {              /* B5 */
+    uint64_t nw;
+    if (ctx_publish(s, sl, L, c, &nw) != 0) {                      /* B4, B5 */
         acct_resolve(s, a, AL, t);   /* we were judged gone: the evidence decides */
         return ENG_CONFLICT;
     }
@@ -2052,14 +2149,10 @@ static int commit_with_update(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ct
 
 int eng_transition_ctx(eng_seg *s, uint64_t id, uint32_t trigger, const eng_ctx_update *u)
 {
-    CHECK_SEG(s);
     eng_slot *sl;
-    int rc = slot_of_id(s, id, &sl);
-    if (rc)
-        return rc;
-    if (trigger >= s->n_triggers)
-        return ENG_EBADTRIGGER;
-    rc = check_update(s, u);
+    int rc = enter_transition(s, id, trigger, &sl);
+    if (rc == 0)
+        rc = check_update(s, u);
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_TRANSITION_CTX);
@@ -2081,16 +2174,10 @@ int eng_transition_ctx(eng_seg *s, uint64_t id, uint32_t trigger, const eng_ctx_
 int eng_guard_transition(eng_seg *s, uint64_t id, uint32_t trigger,
                          const eng_ctx_update *u, eng_guard_fn guard, void *user)
 {
-    CHECK_SEG(s);
     eng_slot *sl;
-    int rc = slot_of_id(s, id, &sl);
-    if (rc)
-        return rc;
-    if (trigger >= s->n_triggers)
-        return ENG_EBADTRIGGER;
-    if (!guard)
-        return ENG_EBADARG;
-    rc = check_update(s, u);
+    int rc = enter_transition(s, id, trigger, &sl);
+    if (rc == 0)
+        rc = guard ? check_update(s, u) : ENG_EBADARG;
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_TRANSITION_CTX);
@@ -2115,31 +2202,26 @@ int eng_guard_transition(eng_seg *s, uint64_t id, uint32_t trigger,
 
 int eng_state(eng_seg *s, uint64_t id)
 {
-    CHECK_SEG(s);
     eng_slot *sl;
     uint64_t w;
-    int rc = id_word(s, id, &sl, &w);
+    int rc = enter_id(s, id, 0, &sl, &w);
     return rc ? rc : (int)sw_state(w);
 }
 
 int eng_state_word(eng_seg *s, uint32_t slot, uint64_t *out_word)
 {
-    CHECK_SEG(s);
-    if (slot >= s->capacity)
-        return ENG_EBADSLOT;
-    if (!out_word)
-        return ENG_EBADARG;
+    int rc = enter_index(s, slot, out_word != NULL);
+    if (rc)
+        return rc;
     *out_word = load_acquire_u64(&slot_at(s, slot)->word);
     return 0;
 }
 
 int eng_id_of(eng_seg *s, uint32_t slot, uint64_t *out_id)
 {
-    CHECK_SEG(s);
-    if (slot >= s->capacity)
-        return ENG_EBADSLOT;
-    if (!out_id)
-        return ENG_EBADARG;
+    int rc = enter_index(s, slot, out_id != NULL);
+    if (rc)
+        return rc;
     eng_slot *sl = slot_at(s, slot);
     uint64_t w = load_acquire_u64(&sl->word);
     if (!sw_state(w))
@@ -2267,24 +2349,21 @@ static inline uint64_t *bucket_at(const eng_seg *s, uint32_t b)
 /* The words of a key record after its tag: len, order, gen, key (an eng_key). */
 #define KR_BODY_WORDS ((sizeof(eng_keyrec) - sizeof(uint64_t)) / sizeof(uint64_t))
 
-/* A consistent read of a key record: its tag and body.  Returns 0, or
- * ENG_EBUSY if it kept changing. */
+static void copy_keyrec(eng_seg *s, const void *obj, uint64_t tag, void *out)
+{
+    (void)s; (void)tag;
+    copy_words_relaxed(out, (const uint64_t *)obj + 1, KR_BODY_WORDS);
+}
+
+/* A consistent read of a key record: its tag and body (the seqlock reader
+ * over one copy: the tag is its word, I6 its publish, I3's W0 its fence).
+ * Returns 0, or ENG_EBUSY if it kept changing. */
 static int keyrec_read(const eng_keyrec *kr, uint64_t *tag, eng_key *out)
 {
-    for (uint32_t i = 0; i < READ_RETRIES; i++) {
-        uint64_t t1 = load_acquire_u64(&kr->tag);                  /* pairs with I6 */
-        copy_words_relaxed(out, (const uint64_t *)kr + 1, KR_BODY_WORDS);
-        fence_acquire();                                           /* pairs with I3's W0 */
-        if (load_relaxed_u64(&kr->tag) == t1) {
-            *tag = t1;
-            if (out->len > ENG_KEY_MAX)
-                out->len = 0;   /* a record never written: no key */
-            return 0;
-        }
-        if (i > SPIN_STEPS)
-            sched_yield();
-    }
-    return ENG_EBUSY;
+    int rc = seq_read_acquire(NULL, &kr->tag, ~0ULL, copy_keyrec, kr, out, tag);
+    if (rc == 0 && out->len > ENG_KEY_MAX)
+        out->len = 0;   /* a record never written: no key */
+    return rc;
 }
 
 static inline int key_equal(const eng_key *a, const eng_key *b)
@@ -2605,18 +2684,16 @@ static int key_insert(eng_seg *s, uint64_t id, const eng_key *k, op_timer t)
 
 int eng_bind_key(eng_seg *s, uint64_t id, const char *key, uint32_t key_len)
 {
-    CHECK_SEG(s);
     eng_slot *sl;
     uint64_t w;
-    int rc = id_word(s, id, &sl, &w);
-    if (rc)
-        return rc;
     eng_key k;
-    rc = key_from(key, key_len, &k);
+    int rc = enter_id(s, id, 0, &sl, &w);
+    if (rc == 0)
+        rc = key_from(key, key_len, &k);
+    if (rc == 0 && s->kpp == 0)
+        rc = ENG_EKEYLIMIT;
     if (rc)
         return rc;
-    if (s->kpp == 0)
-        return ENG_EKEYLIMIT;
     op_timer t = op_begin(s, ENG_OP_KEY);
     rc = key_insert(s, id, &k, t);
     op_end(t, rc);
@@ -2663,14 +2740,13 @@ int64_t eng_lookup(eng_seg *s, const char *key, uint32_t key_len)
 
 int eng_keys(eng_seg *s, uint64_t id, eng_key *out, uint32_t max, uint32_t *out_n)
 {
-    CHECK_SEG(s);
     eng_slot *sl;
     uint64_t w;
-    int rc = id_word(s, id, &sl, &w);
+    int rc = enter_id(s, id, 0, &sl, &w);
+    if (rc == 0 && (!out_n || (max && !out)))
+        rc = ENG_EBADARG;
     if (rc)
         return rc;
-    if (!out_n || (max && !out))
-        return ENG_EBADARG;
     uint32_t n = 0, slot = (uint32_t)(id & ENG_ID_SLOT_MASK);
     for (uint32_t r = 0; r < s->kpp && n < max; r++) {
         uint64_t tag;
@@ -3228,10 +3304,9 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
  * published (word, from eng_open_position), so nothing happened to it since. */
 int eng_abandon_open(eng_seg *s, uint64_t id, uint64_t word)
 {
-    CHECK_SEG(s);
     eng_slot *sl;
     uint64_t w;
-    int rc = id_word(s, id, &sl, &w);
+    int rc = enter_id(s, id, 0, &sl, &w);
     if (rc)
         return rc;
     if (w != word)
@@ -3250,9 +3325,8 @@ int eng_abandon_open(eng_seg *s, uint64_t id, uint64_t word)
 /* A closed position's slot goes back to the free pool (generation + 1). */
 int eng_release_position(eng_seg *s, uint64_t id)
 {
-    CHECK_SEG(s);
     eng_slot *sl;
-    int rc = slot_of_id(s, id, &sl);
+    int rc = enter_slot(s, id, &sl);
     if (rc)
         return rc;
     op_timer none = {NULL, 0};
@@ -3339,12 +3413,9 @@ static int accept_token(eng_seg *s, const eng_slot *sl, uint64_t w, uint32_t ope
 
 int eng_update_price(eng_seg *s, uint64_t id, double price)
 {
-    CHECK_SEG(s);
-    if (!price_ok(price))
-        return ENG_EBADPRICE;
     eng_slot *sl;
     uint64_t w;
-    int rc = id_word(s, id, &sl, &w);
+    int rc = enter_id(s, id, price_ok(price) ? 0 : ENG_EBADPRICE, &sl, &w);
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_PRICE);
@@ -3361,13 +3432,13 @@ int eng_update_price(eng_seg *s, uint64_t id, double price)
 int eng_update_prices(eng_seg *s, const uint64_t *ids, const double *prices,
                       uint64_t n, uint64_t *out_bad_index, uint64_t *out_written)
 {
-    CHECK_SEG(s);
-    if (!out_bad_index || !out_written || (n && (!ids || !prices)))
-        return ENG_EBADARG;
+    int rc = enter_vector(s, out_bad_index && out_written, n, ids && prices);
+    if (rc)
+        return rc;
     *out_written = 0;
     for (uint64_t i = 0; i < n; i++) {
         eng_slot *sl;
-        int rc = slot_of_id(s, ids[i], &sl);
+        rc = slot_of_id(s, ids[i], &sl);
         if (rc == 0 && !price_ok(prices[i]))
             rc = ENG_EBADPRICE;
         if (rc == 0)
@@ -3379,7 +3450,6 @@ int eng_update_prices(eng_seg *s, const uint64_t *ids, const double *prices,
     }
     op_timer t = op_begin(s, ENG_OP_PRICE_BATCH);
     int64_t ts = now_ns(CLOCK_REALTIME);
-    int rc = 0;
     uint64_t written = 0;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t id = ids[i];   /* checked again: the caller's array may change under us */
@@ -3454,12 +3524,9 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
  * read's acquire makes visible to the second check. */
 int eng_read_price(eng_seg *s, uint64_t id, eng_price_out *out)
 {
-    CHECK_SEG(s);
-    if (!out)
-        return ENG_EBADARG;
     eng_slot *sl;
     uint64_t w;
-    int rc = id_word(s, id, &sl, &w);
+    int rc = enter_id(s, id, out ? 0 : ENG_EBADARG, &sl, &w);
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_READ);
@@ -3488,13 +3555,12 @@ static void ctx_out_from(const eng_seg *s, eng_ctx_out *out, const eng_ctx_rec *
 
 int eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out)
 {
-    CHECK_SEG(s);
     eng_slot *sl;
-    int rc = slot_of_id(s, id, &sl);
+    int rc = enter_slot(s, id, &sl);
+    if (rc == 0 && !out)
+        rc = ENG_EBADARG;
     if (rc)
         return rc;
-    if (!out)
-        return ENG_EBADARG;
     op_timer t = op_begin(s, ENG_OP_READ);
     eng_ctx_rec c;
     uint64_t w;
@@ -3529,13 +3595,13 @@ int eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out)
 int eng_states(eng_seg *s, const uint64_t *ids, uint64_t n, uint16_t *out,
                uint64_t *out_bad_index)
 {
-    CHECK_SEG(s);
-    if (!out_bad_index || (n && (!ids || !out)))
-        return ENG_EBADARG;
+    int rc = enter_vector(s, out_bad_index != NULL, n, ids && out);
+    if (rc)
+        return rc;
     for (uint64_t i = 0; i < n; i++) {
         eng_slot *sl;
         uint64_t w;
-        int rc = id_word(s, ids[i], &sl, &w);
+        rc = id_word(s, ids[i], &sl, &w);
         if (rc) {
             *out_bad_index = i;
             return rc;
@@ -3548,11 +3614,10 @@ int eng_states(eng_seg *s, const uint64_t *ids, uint64_t n, uint16_t *out,
 int eng_prices(eng_seg *s, const uint64_t *ids, uint64_t n, eng_price_out *out,
                uint64_t *out_bad_index)
 {
-    CHECK_SEG(s);
-    if (!out_bad_index || (n && (!ids || !out)))
-        return ENG_EBADARG;
+    int rc = enter_vector(s, out_bad_index != NULL, n, ids && out);
+    if (rc)
+        return rc;
     op_timer t = op_begin(s, ENG_OP_READ);
-    int rc = 0;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t id = ids[i];
         eng_slot *sl;
@@ -3580,13 +3645,13 @@ int eng_prices(eng_seg *s, const uint64_t *ids, uint64_t n, eng_price_out *out,
 int eng_transition_many(eng_seg *s, const uint64_t *ids, const uint32_t *triggers,
                         uint64_t n, uint8_t *out, uint64_t *out_bad_index)
 {
-    CHECK_SEG(s);
-    if (!out_bad_index || (n && (!ids || !triggers || !out)))
-        return ENG_EBADARG;
+    int rc = enter_vector(s, out_bad_index != NULL, n, ids && triggers && out);
+    if (rc)
+        return rc;
     for (uint64_t i = 0; i < n; i++) {
         eng_slot *sl;
         uint64_t w;
-        int rc = id_word(s, ids[i], &sl, &w);
+        rc = id_word(s, ids[i], &sl, &w);
         if (rc == 0 && triggers[i] >= s->n_triggers)
             rc = ENG_EBADTRIGGER;
         if (rc == 0 && sw_state(w)) {
@@ -3623,12 +3688,9 @@ int eng_transition_many(eng_seg *s, const uint64_t *ids, const uint32_t *trigger
 int eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns,
                     int64_t *out_since)
 {
-    CHECK_SEG(s);
-    if (timeout_ns < 0 || !out_since)
-        return ENG_EBADARG;
     eng_slot *sl;
     uint64_t w;
-    int rc = id_word(s, id, &sl, &w);
+    int rc = enter_id(s, id, timeout_ns < 0 || !out_since ? ENG_EBADARG : 0, &sl, &w);
     if (rc)
         return rc;
     if (timeout_ns > ENG_MAX_TIMEOUT_NS)
@@ -3769,7 +3831,7 @@ static void sweep_dead(eng_seg *s, eng_recover_report *out)
         uint64_t pw = load_acquire_u64(&sl->pword);
         uint32_t holder = pw_token(pw);
         if (holder && holder != s->token && token_dead(s, holder) &&
-            cas_acq_rel_u64(&sl->pword, &pw, pw & ~ENG_TOKEN_MASK))
+            price_unlatch(sl, pw) == 0)
             out->price_latches++;
     }
     accounts_sweep(s, t, out);
