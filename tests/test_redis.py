@@ -206,6 +206,24 @@ class TestExactValues:
         assert e.account(a).cash == Decimal("9999999999.99999999")
 
 
+class TestShards:
+    def test_a_sharded_batch_with_a_stale_id_is_refused_as_a_whole(self, made):
+        """shards=4 on one server: the batch spans shards; a stale id refuses
+        it before any shard is written (StaleIdError naming its index)."""
+        e = made(capacity=16, shards=4)
+        ids = [e.open_position(100.0, 1.0) for _ in range(8)]
+        assert len({e.slot_of(i) % 4 for i in ids}) == 4
+        gone = ids[5]
+        for t in ("POSITION_OPENED", "EXIT_CONDITION_MET", "EXIT_STARTED", "EXIT_COMPLETED"):
+            e.transition(gone, t)
+        e.release_position(gone)
+        before = e.prices([i for i in ids if i != gone])["version"].tolist()
+        with pytest.raises(StaleIdError, match="index 5"):
+            e.update_prices(np.array(ids), np.full(8, 120.0))
+        assert e.prices([i for i in ids if i != gone])["version"].tolist() == before
+        assert e.update_prices(np.array([i for i in ids if i != gone]), np.full(7, 120.0)) == 7
+
+
 # -- guards: a lock key with an expiry ------------------------------------------------------
 def slow_guard(ctx: Any, price: Any) -> bool:
     """Takes its time: the test process decides how long (a file)."""
