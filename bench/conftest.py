@@ -239,6 +239,8 @@ SPEED: dict[str, tuple[str, float | None]] = {
     "prices_10k": ("floor_vec_call_empty", 20.0),
     "transition_many_10k": ("floor_vec_call_empty", 20.0),
     "update_prices_1M_raw": ("numpy_copy_128B_1M", None),   # target: <= 2x the floor
+    "update_prices_10k": ("numpy_copy_128B_10k", TARGET_BATCH_NS),
+    "update_prices_10k_raw": ("numpy_copy_128B_10k", TARGET_BATCH_NS),
 }
 
 

@@ -10,6 +10,9 @@ each beside its floor measured in the same run.
   ids.  Unit: one element.
 * ``update_prices`` of 1M slots in one C call against a numpy copy of 128
   bytes per slot (1M x 128 B).  Unit: one slot.
+* ``update_prices`` of the 10k slots of the session engine (public call and
+  raw) against a numpy copy of 128 bytes per slot (10k x 128 B).  Unit: one
+  slot.
 """
 
 from __future__ import annotations
@@ -85,6 +88,34 @@ class TestBatchBig:
         assert f(seg, sbuf, pbuf, BIG, bad, written) == 0 and written[0] == BIG
         timer.rounds("update_prices_1M_raw", lambda: f(seg, sbuf, pbuf, BIG, bad, written),
                      BIG, unit="slot")
+
+
+@pytest.mark.benchmark(group="batch at 10k (s per round of one call)")
+class TestBatchSmall:
+    def test_numpy_copy_128_10k(self, timer: CallTimer) -> None:
+        """Floor: numpy copy of 128 bytes per slot, 10k slots."""
+        src = np.ones((VEC, 16), dtype=np.float64)
+        dst = np.empty_like(src)
+        timer.rounds("numpy_copy_128B_10k", lambda: np.copyto(dst, src), VEC, unit="slot")
+
+    def test_update_prices_10k(self, timer: CallTimer, engine: Engine) -> None:
+        """Engine.update_prices of the 10k open positions (uint64 ids, float64 prices)."""
+        ids = np.array([engine.id_of(i) for i in range(VEC)], dtype=np.uint64)
+        prices = np.linspace(90.0, 110.0, VEC)
+        assert engine.update_prices(ids, prices) == VEC
+        timer.rounds("update_prices_10k", lambda: engine.update_prices(ids, prices), VEC,
+                     unit="slot")
+
+    def test_update_prices_10k_raw(self, timer: CallTimer, engine: Engine) -> None:
+        """lib.eng_update_prices over the 10k slots on prepared buffers."""
+        ids = np.array([engine.id_of(i) for i in range(VEC)], dtype=np.uint64)
+        prices = np.linspace(90.0, 110.0, VEC)
+        sbuf, pbuf = ffi.from_buffer("uint64_t[]", ids), ffi.from_buffer("double[]", prices)
+        bad, written = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        seg, f = engine._seg, lib.eng_update_prices
+        assert f(seg, sbuf, pbuf, VEC, bad, written) == 0 and written[0] == VEC
+        timer.rounds("update_prices_10k_raw", lambda: f(seg, sbuf, pbuf, VEC, bad, written),
+                     VEC, unit="slot")
 
 
 @pytest.mark.benchmark(group="vector calls at 10k (s per round of one call)")

@@ -761,8 +761,13 @@ class Engine:
     def update_prices(self, ids: npt.ArrayLike, prices: npt.ArrayLike) -> int:
         """Publish many prices in one C call; returns how many were written.
 
-        Every id and price is checked first; one bad value refuses the whole
-        batch.  A position released while the call runs is skipped."""
+        The arrays are checked first, without reading a position: one id out
+        of range or never issued (opening 0), or one price not finite and
+        > 0, refuses the whole batch with its index.  Then each id is written
+        as ``update_price`` would, except that an id whose opening is not
+        open when its turn comes (released, even if its slot was reopened;
+        or not issued yet) is skipped: nothing is written to its slot, and
+        it is not counted."""
         try:
             s = np.asarray(ids)
             p = np.asarray(prices)
@@ -829,7 +834,7 @@ class Engine:
         """The one-hot state codes (uint16) of many open positions, in one C call.
 
         One bad, stale or never-issued id refuses the whole call; the error
-        names its index (the policy of ``update_prices``)."""
+        names its index."""
         s = self._id_array(ids)
         out = np.empty(len(s), dtype=np.uint16)
         bad = ffi.new("uint64_t *")

@@ -792,21 +792,12 @@ class RedisStore:
         if badp.any():
             out[0], out_n[0] = int(np.argmax(badp)), 0
             return EBADPRICE
-        groups = self._by_shard(a)
-        if len(groups) > 1:   # every id open, checked before anything is written
-            r = self._vector("states", ids, n, out)
-            if isinstance(r, int):
-                out_n[0] = 0
-                return r
         ts = _Q.pack(time.time_ns())
         written = 0
-        for s, idx in groups:
+        for s, idx in self._by_shard(a):
             slots, ops = self._packed(a, idx)
             r = self._fn(self.meta_keys[s], "upds", slots, ops, p[idx].astype("<f8").tobytes(),
-                         ts, int(len(groups) == 1))
-            if r[0]:   # one shard: refused as a whole, nothing written
-                out[0], out_n[0] = int(idx[int(r[1])]), 0
-                return int(r[0])
+                         ts)
             written += int(r[1])
         out[0], out_n[0] = 0, written
         return 0

@@ -368,21 +368,12 @@ REG('upd', function(keys, args)
 end)
 
 -- batch: slots and openings as '<I4' arrays, prices '<d'; live ones written
--- batch: slots and openings as '<I4' arrays, prices '<d'.  checked = '1':
--- every id is checked first and one that is not open refuses the whole
--- batch ({code, index}, nothing written); '0': ids not open are skipped (a
--- sharded engine checked them in an earlier round trip).  {0, written}
+-- batch: slots and openings as '<I4' arrays, prices '<d'; an id whose
+-- opening is not open is skipped (the client checked the arrays).  {0, written}
 REG('upds', function(keys, args)
     local P = tag(keys)
     local slots, ops, prices, ts = args[1], args[2], args[3], args[4]
     local n, written = #slots / 4, 0
-    if args[5] == '1' then
-        for i = 0, n - 1 do
-            local st, err = live(P .. 'p:' .. struct.unpack('<I4', slots, i * 4 + 1),
-                                 (struct.unpack('<I4', ops, i * 4 + 1)))
-            if not st then return {err, i} end
-        end
-    end
     for i = 0, n - 1 do
         local slot = struct.unpack('<I4', slots, i * 4 + 1)
         local p = P .. 'p:' .. slot

@@ -40,7 +40,7 @@
 
 /* ---- identity ---------------------------------------------------------- */
 #define ENG_MAGIC            0x31454E49474E4545ULL   /* "EENGINE1" little-endian */
-#define ENG_LAYOUT_VERSION   7
+#define ENG_LAYOUT_VERSION   8
 #define ENG_CACHE_LINE       64
 
 /* ---- limits ------------------------------------------------------------ */
@@ -229,6 +229,9 @@
  * The writer latches by CAS (seq, 0) -> (seq, token) and publishes by CAS
  * (seq, token) -> (seq + 1, 0): publish and unlatch are one CAS from the
  * exact latched word, so a writer whose latch was taken over never publishes.
+ * On the same line, open leaves the opening's PnL inputs under the latch
+ * (eng_slot.pnl_entry, pnl_size): a price writer computes PnL from the line
+ * it latches and never reads the context record.
  */
 #define ENG_PW_SEQ_SHIFT     24
 
@@ -374,6 +377,8 @@
 
 /* ---- misc ---------------------------------------------------------------- */
 #define ENG_SLOT_HEAD        128     /* sizeof(eng_slot): the record copies follow */
+#define ENG_BATCH_PREFETCH   8       /* update_prices prefetches the slot this many ids ahead */
+#define ENG_BATCH_CHECK      256     /* update_prices checks its arrays in blocks of this many */
 #define ENG_HEADER_SIZE      4544
 
 /*
@@ -405,13 +410,14 @@ typedef struct eng_ctx_rec {
  * follow it (hdr.rec_size bytes each) and the slot is padded to a line:
  *
  *   line 0    | word | transitions | pword | opening | waiting | token |
- *             | tnext | tbucket |
+ *             | tnext | tbucket | pnl_entry | pnl_size |
  *   line 1    | price[0]                  | price[1]                  |
  *   then      | record copy 0 | record copy 1 | pad to a line          |
  *
  * Everything written by a transition or a price update for one position sits
  * on that position's own lines, so writers of different slots never share a
- * cache line.
+ * cache line.  A price write touches lines 0 and 1 only: line 1 is full (two
+ * 32-byte price copies), so the PnL inputs sit beside the price word.
  */
 typedef struct eng_slot {
     uint64_t word;           /* state word, see above */
@@ -423,7 +429,8 @@ typedef struct eng_slot {
     int64_t  token;          /* hint for token scans: the context's token */
     uint32_t tnext;          /* token index: next slot + 1 on the chain (0: end) */
     uint32_t tbucket;        /* token index: bucket + 1 this slot was linked into (0: none) */
-    uint64_t pad0[2];
+    uint64_t pnl_entry;      /* PnL inputs of the opening (bits of doubles), written by */
+    uint64_t pnl_size;       /* open under the price latch: entry price, amount x side */
     eng_price_rec price[2];
 } eng_slot;
 
@@ -731,6 +738,10 @@ int      eng_state_word(eng_seg *s, uint32_t slot, uint64_t *out_word);
 int      eng_id_of(eng_seg *s, uint32_t slot, uint64_t *out_id);
 
 int      eng_update_price(eng_seg *s, uint64_t id, double price);
+/* update_prices: only the arrays are checked up front (one id out of range or
+ * with opening 0, or one bad price, refuses the call with its index in
+ * *out_bad_index); an id whose opening is not open when its turn comes is
+ * skipped; *out_written counts what was written (see "prices" in engine.c). */
 int      eng_update_prices(eng_seg *s, const uint64_t *ids, const double *prices,
                            uint64_t n, uint64_t *out_bad_index, uint64_t *out_written);
 int64_t  eng_update_token_price(eng_seg *s, int64_t token, double price);
@@ -806,6 +817,8 @@ _Static_assert(ENG_MAX_FIELD_WORDS <= 32, "update mask is 32 bits");
 _Static_assert(sizeof(eng_rec_layout) == 40, "record layout");
 _Static_assert(offsetof(eng_slot, opening) < ENG_CACHE_LINE, "opening beside the word");
 _Static_assert(offsetof(eng_slot, tbucket) < ENG_CACHE_LINE, "token links beside the word");
+_Static_assert(offsetof(eng_slot, pnl_size) + sizeof(uint64_t) <= ENG_CACHE_LINE &&
+               offsetof(eng_slot, pword) < ENG_CACHE_LINE, "PnL inputs on the price word's line");
 _Static_assert(ENG_TB_HEAD_SHIFT >= ENG_TOKEN_BITS && ENG_MAX_CAPACITY < (1ULL << (64 - ENG_TB_HEAD_SHIFT)), "bucket word fields");
 _Static_assert(offsetof(eng_slot, transitions) % 8 == 0, "futex word aligned");
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "futex word is the low half of transitions");

@@ -411,18 +411,24 @@ class TestBadBatches:
         self.batch_refused(eng, NotOpenError, slots, np.array([110.0, 111.0, 112.0]),
                            str(eng.free), "index 1")
 
-    def test_stale_id_in_the_middle(self, make_engine):
-        """A released position's id in a batch refuses all of it (StaleIdError)."""
+    def test_stale_id_in_the_middle_is_skipped(self, make_engine):
+        """A released position's id in a batch is skipped, not refused: the others
+        are written, the return counts it out, and the new opening of its slot is
+        not touched; forbidden: a refusal, or the stale id's price in the new
+        opening."""
         engine = make_engine(capacity=3)
         a, gone, b = (engine.open_position(100.0, 1.0) for _ in range(3))
         for trig in ("POSITION_OPENED", "EXIT_CONDITION_MET", "EXIT_STARTED", "EXIT_COMPLETED"):
             engine.transition(gone, trig)
         engine.release_position(gone)
+        new = engine.open_position(50.0, 2.0)   # the only free slot: the released one
+        assert engine.slot_of(new) == engine.slot_of(gone)
+        before = engine.price(new)
         versions = [engine.price(p).version for p in (a, b)]
-        err = refused(engine, StaleIdError, lambda: engine.update_prices(
-            np.array([a, gone, b]), np.array([110.0, 111.0, 112.0])), str(gone), "index 1")
-        assert isinstance(err, NotOpenError)
-        assert [engine.price(p).version for p in (a, b)] == versions
+        assert engine.update_prices(np.array([a, gone, b]), np.array([110.0, 111.0, 112.0])) == 2
+        assert engine.price(new) == before
+        assert [engine.price(p).price for p in (a, b)] == [110.0, 112.0]
+        assert [engine.price(p).version for p in (a, b)] == [v + 1 for v in versions]
 
     def test_lists_of_python_floats_are_accepted(self, eng):
         """Plain lists of ints and floats convert to the right dtypes."""

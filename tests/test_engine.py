@@ -590,6 +590,27 @@ class TestPrices:
             assert (snap.pnl_pct, snap.pnl_usd) == expected_pnl(p, ctx.entry_price,
                                                                 ctx.amount, ctx.side)
 
+    def test_pnl_follows_the_slots_current_opening(self, make_engine):
+        """After a release and a reopen of the same slot with another entry, amount
+        and side, every price write computes PnL from the new opening, bit for bit;
+        forbidden: PnL from the released opening's entry, amount or side."""
+        eng = make_engine(capacity=1)
+        old = eng.open_position(50.0, 3.0, side=1, token=4)
+        for trig in (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
+                     Trigger.EXIT_COMPLETED):
+            eng.transition(old, trig)
+        eng.release_position(old)
+        new = eng.open_position(200.0, 0.5, side=-1, token=4)
+        assert eng.slot_of(new) == eng.slot_of(old)
+        writes = [lambda p: eng.update_price(new, p),
+                  lambda p: eng.update_prices(np.array([new], dtype=np.uint64), np.array([p])),
+                  lambda p: eng.update_token_price(4, p)]
+        for write, price in zip(writes, (210.5, 190.25, 200.0), strict=True):
+            write(price)
+            snap = eng.price(new)
+            assert snap.price == price
+            assert (snap.pnl_pct, snap.pnl_usd) == expected_pnl(price, 200.0, 0.5, -1)
+
     def test_update_prices_is_one_batch_operation(self, make_engine):
         """A batch of N prices is one C call: one price_batch attempt."""
         eng = make_engine(capacity=32)
