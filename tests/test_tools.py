@@ -646,6 +646,9 @@ class TestBenchScaling:
         assert summary["ratios"]["value_lock_tuned"] == pytest.approx(1.0)
         assert summary["ratios_per_cpu_second"]["value_lock_tuned"] == pytest.approx(2.0)
         assert summary["ratios_per_cpu_second"]["redis"] is None
+        # the engine's worker got half a CPU: the verdict is judged per CPU-second
+        t = next(t for t in summary["targets"] if "(tuned)" in t["target"])
+        assert t["value"] == pytest.approx(2.0) and "judged per CPU-second" in t["note"]
 
     def test_model(self):
         """shared_rate is the line's rate or the workers' demand, the lower."""

@@ -89,10 +89,12 @@ def add_parsers(subparsers: Any) -> None:
         description="Run the transition, update_price and read_price workloads on the engine "
                     "and on its peers, with one worker and with N spawned workers on disjoint "
                     "and on shared slots; print ops/s, p50/p99 latency and the engine's ratio "
-                    "to each peer. 'engine_redis' is the engine on the same private "
-                    "redis-server as the 'redis' peer; with both, the run ends with the cost "
-                    "of one engine call on Redis against a raw EVALSHA round trip (client CPU, "
-                    "server time per call from INFO commandstats, and the rest).",
+                    "to each peer, and where one worker's time goes (in one process). "
+                    "'engine_redis' is the engine on the same private redis-server as the "
+                    "'redis' peer; with both, the run ends with the cost of one engine call on "
+                    "Redis against a raw EVALSHA round trip (client CPU, server time per call "
+                    "from INFO commandstats, and the rest).  --scaling adds a sweep of 1..8 "
+                    "workers with plots and predictions for bigger hosts.",
         epilog="Peers that cannot run (redis-server or a package missing) are reported and "
                "skipped. The bench extras: pip install 'engine[bench]'.")
     p.add_argument("--quick", action="store_true",
@@ -118,8 +120,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--scaling", action="store_true",
                    help="also run the scaling sweep: 1 to --scaling-workers workers on disjoint "
                         "slots and all on one shared slot, transition and update_price (and "
-                        "the engine's C fast paths); about 4 minutes with --quick on 2 cores, "
-                        "12 without")
+                        "the engine's C fast paths); 120 cases: about 6 minutes with --quick "
+                        "on a busy 2-core host, 15 without")
     p.add_argument("--scaling-only", action="store_true",
                    help="run the scaling sweep and nothing else (implies --scaling)")
     p.add_argument("--scaling-workers", type=int, default=8, metavar="N",

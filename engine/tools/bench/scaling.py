@@ -317,7 +317,8 @@ def _cells(r: dict[str, Any], commit: bool = False) -> str:
              f"{(r['cpu_share'] or 0):4.0%}")
     if commit:
         cf, busy = r["committed_fraction"], r.get("busy_fraction") or 0.0
-        outcome = (f"{cf:.0%}" if cf is not None else f"b{busy:.1%}" if busy else "-")
+        outcome = (f"{cf:.0%}" if cf is not None else "-" if not busy
+                   else f"b{busy:.1%}" if busy >= 0.001 else "b<0.1%")
         cells += f" {outcome:>6s}"
     return cells
 
