@@ -160,6 +160,122 @@ static inline int64_t now_ns(clockid_t clk)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/*
+ * Price timestamps: CLOCK_REALTIME through the TSC (see "price timestamps"
+ * in engine.h).  Each thread keeps its own anchor and rate, so nothing here
+ * is shared or locked; a forked child goes on with its parent's (same TSC).
+ * The fast read is one RDTSC, a subtraction, a compare and a multiply.
+ */
+#if defined(__x86_64__)
+#include <x86intrin.h>
+#define HAVE_TSC 1
+#else
+#define HAVE_TSC 0
+#endif
+
+typedef struct tsc_clock {
+    uint64_t tsc;      /* anchor: the TSC at ... */
+    int64_t  ns;       /* ... this CLOCK_REALTIME (0: no anchor yet) */
+    uint64_t mult;     /* ns per tick, 32.32; 0 until measured */
+    uint64_t span;     /* ticks of ENG_CLOCK_ANCHOR_NS at mult: the anchor's life */
+} tsc_clock;
+
+static __thread tsc_clock tclk;
+static int price_clock_mode = -1;   /* ENG_CLOCK_*; -1 until the first price write decides */
+
+/* The TSC usable as a clock: x86-64, and the kernel keeps time with it. */
+static int tsc_usable(void)
+{
+    if (!HAVE_TSC)
+        return 0;
+    char name[16] = {0};
+    FILE *f = fopen("/sys/devices/system/clocksource/clocksource0/current_clocksource", "re");
+    if (!f)
+        return 0;
+    int ok = fgets(name, sizeof name, f) && strcmp(name, "tsc\n") == 0;
+    fclose(f);
+    return ok;
+}
+
+int eng_price_clock(int mode)
+{
+    if (mode >= 0) {
+        int m = mode == ENG_CLOCK_TSC && tsc_usable() ? ENG_CLOCK_TSC : ENG_CLOCK_REALTIME;
+        __atomic_store_n(&price_clock_mode, m, __ATOMIC_RELAXED);
+        memset(&tclk, 0, sizeof tclk);   /* this thread measures again; the others on their next anchor */
+        return m;
+    }
+    int m = __atomic_load_n(&price_clock_mode, __ATOMIC_RELAXED);
+    if (m < 0) {
+        const char *env = getenv("ENGINE_PRICE_CLOCK");
+        m = env && strcmp(env, "realtime") == 0 ? ENG_CLOCK_REALTIME
+                                                 : eng_price_clock(ENG_CLOCK_TSC);
+        __atomic_store_n(&price_clock_mode, m, __ATOMIC_RELAXED);
+    }
+    return m;
+}
+
+#if HAVE_TSC
+static inline uint64_t tsc_ordered(void)
+{
+    _mm_lfence();   /* not before the reads ahead of it */
+    return __rdtsc();
+}
+
+/* The slow read: a new anchor when the old one is ENG_CLOCK_ANCHOR_NS old
+ * (with the rate between the two), else CLOCK_REALTIME itself. */
+static __attribute__((noinline)) int64_t price_clock_anchor(void)
+{
+    int64_t ns = now_ns(CLOCK_REALTIME);
+    if (eng_price_clock(-1) != ENG_CLOCK_TSC)
+        return ns;
+    if (tclk.ns && ns - tclk.ns >= 0 && ns - tclk.ns < ENG_CLOCK_ANCHOR_NS && !tclk.mult)
+        return ns;   /* measuring: the anchor is too young to give a rate */
+    /* the anchor pair: CLOCK_REALTIME between two TSC reads, taken at their middle */
+    uint64_t width = UINT64_MAX, mid = 0;
+    for (int i = 0; i < ENG_CLOCK_PAIR_TRIES && width > ENG_CLOCK_PAIR_TICKS; i++) {
+        uint64_t a = tsc_ordered();
+        int64_t t = now_ns(CLOCK_REALTIME);
+        uint64_t b = tsc_ordered();
+        if (b - a < width) {
+            width = b - a;
+            mid = a + width / 2;
+            ns = t;
+        }
+    }
+    if (width > ENG_CLOCK_PAIR_TICKS)
+        return ns;   /* preempted every time: keep the old anchor, try again next call */
+    uint64_t mult = 0;
+    if (tclk.ns && ns > tclk.ns && (int64_t)(mid - tclk.tsc) > 0) {
+        unsigned __int128 m = ((unsigned __int128)(uint64_t)(ns - tclk.ns) << 32) /
+                              (mid - tclk.tsc);
+        if (m >= ENG_CLOCK_MIN_MULT && m <= ENG_CLOCK_MAX_MULT)
+            mult = (uint64_t)m;   /* else a clock step or a TSC gone back: measure again */
+    }
+    tclk.tsc = mid;
+    tclk.ns = ns;
+    tclk.mult = mult;
+    tclk.span = mult ? ((uint64_t)ENG_CLOCK_ANCHOR_NS << 32) / mult : 0;
+    return ns;
+}
+#endif
+
+/* CLOCK_REALTIME for a price write.  The product stays below
+ * ENG_CLOCK_ANCHOR_NS << 32 because d < span. */
+static inline int64_t price_clock(void)
+{
+#if HAVE_TSC
+    uint64_t d = __rdtsc() - tclk.tsc;
+    if (__builtin_expect(d < tclk.span, 1))
+        return tclk.ns + (int64_t)((d * tclk.mult) >> 32);
+    return price_clock_anchor();
+#else
+    return now_ns(CLOCK_REALTIME);
+#endif
+}
+
+int64_t eng_price_clock_ns(void) { return price_clock(); }
+
 /* ==== state word ============================================================== */
 
 #define SW_KEEP      (ENG_SW_STATE_MASK | ENG_SW_ERROR | ENG_SW_CTX | \
@@ -3308,7 +3424,7 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
             rc = ENG_EBUSY;
             continue;
         }
-        int64_t ts = now_ns(CLOCK_REALTIME);
+        int64_t ts = price_clock();
         if (s->roles[ENG_ROLE_OPENED_NS] != ENG_ROLE_NONE)
             c.w[s->roles[ENG_ROLE_OPENED_NS]] = (uint64_t)ts;
         double entry = 0.0;
@@ -3498,7 +3614,7 @@ int eng_update_price(eng_seg *s, uint64_t id, double price)
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_PRICE);
-    rc = write_price_checked(s, sl, price, now_ns(CLOCK_REALTIME), t, BY_ID, id);
+    rc = write_price_checked(s, sl, price, price_clock(), t, BY_ID, id);
     if (rc == ENG_ESTALE)
         rc = id_live(sl, load_acquire_u64(&sl->word), id);   /* say which: never issued or released */
     op_end(t, rc);
@@ -3579,7 +3695,7 @@ int eng_update_prices(eng_seg *s, const uint64_t *ids, const double *prices,
             }
     }
     op_timer t = op_begin(s, ENG_OP_PRICE_BATCH);
-    int64_t ts = now_ns(CLOCK_REALTIME);
+    int64_t ts = price_clock();
     uint64_t written = 0;
     for (uint64_t i = 0; i < n; i++) {
         if (i + ENG_BATCH_PREFETCH < n)
@@ -3613,7 +3729,7 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
     if (s->roles[ENG_ROLE_TOKEN] == ENG_ROLE_NONE)
         return ENG_EBADFIELD;   /* the spec has no token field */
     op_timer t = op_begin(s, ENG_OP_PRICE_BATCH);
-    int64_t ts = now_ns(CLOCK_REALTIME);
+    int64_t ts = price_clock();
     int64_t count = 0;
     uint32_t b = tb_of_token(s, token);
     uint64_t locked;

@@ -371,6 +371,31 @@
 #define ENG_REDIS_GUARD_TTL_MS 2000
 #define ENG_REDIS_BUSY_TRIES   32
 
+/*
+ * ---- price timestamps ---------------------------------------------------------
+ * A price's ts_ns is CLOCK_REALTIME.  Read through the vDSO it costs about as
+ * much as the rest of update_price, so on x86-64, where the kernel itself keeps
+ * time with the TSC (clocksource "tsc": invariant, synchronized across CPUs),
+ * each thread reads the TSC and converts it with a rate it measured itself:
+ * an anchor is a CLOCK_REALTIME read between two TSC reads, and the rate is
+ * the slope between two anchors at least ENG_CLOCK_ANCHOR_NS apart.  A thread
+ * re-anchors once ENG_CLOCK_ANCHOR_NS have passed, so an error never grows
+ * past what one interval holds (tens of ns; at most about a microsecond).  An
+ * anchor read that took more than ENG_CLOCK_PAIR_TICKS (the thread lost its
+ * CPU inside it) is read again, at most ENG_CLOCK_PAIR_TRIES times, and a
+ * rate outside [ENG_CLOCK_MIN_MULT, ENG_CLOCK_MAX_MULT] (ns per tick in 32.32
+ * fixed point: a clock step, a TSC that went back) is dropped and measured
+ * again.  ENGINE_PRICE_CLOCK=realtime in the environment, or
+ * eng_price_clock(0), reads CLOCK_REALTIME on every price write instead.
+ */
+#define ENG_CLOCK_ANCHOR_NS   1000000
+#define ENG_CLOCK_PAIR_TICKS  2000
+#define ENG_CLOCK_PAIR_TRIES  3
+#define ENG_CLOCK_MIN_MULT    (1ULL << 28)   /* 1/16 ns per tick: a 16 GHz TSC */
+#define ENG_CLOCK_MAX_MULT    (1ULL << 36)   /* 16 ns per tick: a 62.5 MHz TSC */
+#define ENG_CLOCK_REALTIME    0              /* eng_price_clock modes */
+#define ENG_CLOCK_TSC         1
+
 /* ---- waits ------------------------------------------------------------------ */
 #define ENG_WAIT_SLICE_NS    20000000    /* a futex sleep re-checks the state word this often */
 #define ENG_MAX_TIMEOUT_NS   0x3FFFFFFFFFFFFFFFLL
@@ -738,6 +763,12 @@ int      eng_state_word(eng_seg *s, uint32_t slot, uint64_t *out_word);
 int      eng_id_of(eng_seg *s, uint32_t slot, uint64_t *out_id);
 
 int      eng_update_price(eng_seg *s, uint64_t id, double price);
+/* The clock of price timestamps (see "price timestamps" above): with mode
+ * ENG_CLOCK_REALTIME or ENG_CLOCK_TSC sets it for the process (TSC only where
+ * it is usable); returns the mode in effect.  A negative mode only asks. */
+int      eng_price_clock(int mode);
+/* CLOCK_REALTIME in ns, as a price write of this thread reads it now. */
+int64_t  eng_price_clock_ns(void);
 /* update_prices: only the arrays are checked up front (one id out of range or
  * with opening 0, or one bad price, refuses the call with its index in
  * *out_bad_index); an id whose opening is not open when its turn comes is

@@ -42,6 +42,8 @@ typedef struct {
     PyObject *slow;        /* unbound Python method */
     PyObject *fail;        /* unbound: fail(engine, rc, *args) */
     PyObject *results;     /* transition: the Outcome members by code; price: PriceSnapshot */
+    PyObject *spare[2];    /* price: results to fill again (see price_snapshot) */
+    int next;              /* price: the spare replaced last */
 } FastCall;
 
 /* slow(engine, *args, **kwargs), or fail(engine, rc, *args) when rc is set */
@@ -100,24 +102,55 @@ static int as_id(PyObject *o, uint64_t *out)
     return 0;
 }
 
+/* The PriceSnapshot of p.  Its five items are new; the tuple is a spare this
+ * call made before when no one else holds it any more (reference count 1:
+ * only this FastCall), as zip() and enumerate() reuse their result tuples.
+ * Two spares, so `snap = eng.price(pos)` in a loop, which still holds the
+ * last result while it asks for the next, reuses them in turn.  The items
+ * are floats and ints, so dropping the old ones runs no Python code, and a
+ * tuple the collector untracked (atoms only) stays right untracked. */
 static PyObject *price_snapshot(FastCall *f, const eng_price_out *p)
 {
-    PyTypeObject *type = (PyTypeObject *)f->results;
-    PyObject *t = type->tp_alloc(type, 5);
-    if (!t)
-        return NULL;
     PyObject *items[5] = {PyFloat_FromDouble(p->price), PyLong_FromLongLong(p->ts_ns),
                           PyFloat_FromDouble(p->pnl_pct), PyFloat_FromDouble(p->pnl_usd),
                           PyLong_FromUnsignedLongLong(p->version)};
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < 5; i++)
         if (!items[i]) {
             for (int j = 0; j < 5; j++)
                 Py_XDECREF(items[j]);
-            Py_DECREF(t);
             return NULL;
         }
-        PyTuple_SET_ITEM(t, i, items[i]);
+    PyObject *t = NULL;
+#ifndef Py_GIL_DISABLED   /* the count test needs the GIL */
+    for (int k = 0; k < 2 && !t; k++)
+        if (f->spare[k] && Py_REFCNT(f->spare[k]) == 1)
+            t = f->spare[k];
+#endif
+    if (t) {
+        PyObject *old[5];
+        for (int i = 0; i < 5; i++) {
+            old[i] = PyTuple_GET_ITEM(t, i);
+            PyTuple_SET_ITEM(t, i, items[i]);
+        }
+        for (int i = 0; i < 5; i++)
+            Py_DECREF(old[i]);
+        Py_INCREF(t);
+        return t;
     }
+    PyTypeObject *type = (PyTypeObject *)f->results;
+    t = type->tp_alloc(type, 5);
+    if (!t) {
+        for (int i = 0; i < 5; i++)
+            Py_DECREF(items[i]);
+        return NULL;
+    }
+    for (int i = 0; i < 5; i++)
+        PyTuple_SET_ITEM(t, i, items[i]);
+#ifndef Py_GIL_DISABLED
+    f->next ^= 1;   /* both spares are held elsewhere: replace the older */
+    Py_XSETREF(f->spare[f->next], t);
+    Py_INCREF(t);
+#endif
     return t;
 }
 
@@ -212,6 +245,8 @@ static void fast_dealloc(PyObject *self)
     Py_XDECREF(f->slow);
     Py_XDECREF(f->fail);
     Py_XDECREF(f->results);
+    Py_XDECREF(f->spare[0]);
+    Py_XDECREF(f->spare[1]);
     Py_TYPE(self)->tp_free(self);
 }
 

@@ -118,3 +118,62 @@ class TestLifetime:
         finally:
             gc.enable()
         Engine.attach(name).unlink()
+
+
+class TestSnapshotReuse:
+    """price() fills a result again only when nobody else holds it."""
+
+    def test_a_held_snapshot_never_changes(self):
+        """Forbidden: a snapshot the caller still holds showing a later price."""
+        eng = Engine.create(4)
+        try:
+            pos = eng.open_position(100.0, 1.0)
+            held = []
+            for i in range(1, 50):
+                eng.update_price(pos, float(i))
+                held.append(eng.price(pos))
+                snap = eng.price(pos)   # the loop shape: the last result is held while asking
+                assert snap.price == float(i)
+            assert [s.price for s in held] == [float(i) for i in range(1, 50)]
+            assert len({id(s) for s in held}) == len(held)
+            assert snap.version == held[-1].version
+        finally:
+            eng.close()
+            eng.unlink()
+
+    def test_a_dropped_snapshot_is_filled_with_the_new_record(self):
+        """A result dropped by its caller comes back with the current record,
+        equal to the Python method's, never the old values."""
+        eng = Engine.create(4)
+        try:
+            pos = eng.open_position(100.0, 2.0)
+            eng.update_price(pos, 101.0)
+            first = eng.price(pos)
+            old_id, old = id(first), tuple(first)
+            del first
+            eng.update_price(pos, 250.5)
+            again = eng.price(pos)
+            assert id(again) == old_id                 # the spare was reused ...
+            assert tuple(again) != old                 # ... with the new record
+            want = Engine.price(eng, pos)
+            assert again[:1] + again[2:] == want[:1] + want[2:]
+            assert again.price == 250.5 and type(again) is PriceSnapshot
+        finally:
+            eng.close()
+            eng.unlink()
+
+    def test_a_snapshot_held_only_by_a_container_is_kept(self):
+        """A result inside a list or dict is held: later calls leave it alone."""
+        eng = Engine.create(4)
+        try:
+            pos = eng.open_position(100.0, 1.0)
+            eng.update_price(pos, 5.0)
+            box = {"s": eng.price(pos)}
+            rows = [eng.price(pos)]
+            for p in (6.0, 7.0, 8.0):
+                eng.update_price(pos, p)
+                eng.price(pos)
+            assert box["s"].price == 5.0 and rows[0].price == 5.0
+        finally:
+            eng.close()
+            eng.unlink()
