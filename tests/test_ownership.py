@@ -1676,6 +1676,11 @@ class CFuzz:
         elif name == "eng_money_of":
             rc = self.call(name, "-", lib.eng_money_of, d(st.floats()), d(st.floats()))
             assert rc >= 0 or rc == lib.ENG_EBADMONEY, rc
+        elif name == "eng_price_clock":   # any int: one of the two modes, never a crash
+            mode = self.call(name, "-", lib.eng_price_clock, d(I32S))
+            assert mode in (lib.ENG_CLOCK_REALTIME, lib.ENG_CLOCK_TSC), mode
+        elif name == "eng_price_clock_ns":
+            assert self.call(name, "-", lib.eng_price_clock_ns) > 0
         else:
             raise AssertionError(f"{name}: no fuzz plan (add one to CFuzz.one)")
 
