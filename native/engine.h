@@ -412,7 +412,7 @@
  */
 typedef struct eng_price_rec {
     double   price;
-    int64_t  ts_ns;          /* CLOCK_REALTIME at the update */
+    int64_t  ts_ns;          /* CLOCK_REALTIME at the update (see "price timestamps") */
     double   pnl_pct;
     double   pnl_usd;
 } eng_price_rec;
