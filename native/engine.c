@@ -1517,7 +1517,8 @@ int eng_transition(eng_seg *s, uint64_t id, uint32_t trigger)
         }
         uint64_t nw = sw_make(1u << target, next_gen(s, sw_gen(w)), sw_ctx(w));
         if (__builtin_expect(load_relaxed_u32(&s->hdr->fault_flags) & ENG_FAULT_BLIND_STORE, 0)) {
-            store_release_u64(&sl->word, nw);   /* deliberately broken: tests only */
+            sched_yield();   /* deliberately broken, tests only: another writer gets in ... */
+            store_release_u64(&sl->word, nw);   /* ... and this store loses its commit */
             commit_after(s, sl, w, nw);
             rc = ENG_APPLIED;
             break;
