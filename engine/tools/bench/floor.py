@@ -23,9 +23,10 @@ the others, and keeps its fastest round: on a busy host other load only slows
 a round down, and interleaving gives every variant the same chances.  The
 layers then subtract: C work = raw - same-shape, wrapper = method - raw,
 argument passing = same-shape - empty.  The ratios are engine ops/s ÷ peer
-ops/s (peer ns ÷ engine ns) for the method, for the raw call (what a free
-wrapper would give) and for an empty call plus the C work (about what a call
-with no argument conversion would give: a lower bound for any binding).
+ops/s (peer ns ÷ engine ns) for the method, for the raw cffi call (a
+negative wrapper: the method, a C callable, is faster than that call) and
+for an empty call plus the C work (about what a call with no argument
+conversion would give: a lower bound for any binding).
 """
 
 from __future__ import annotations
@@ -194,17 +195,18 @@ def report_lines(b: Breakdown, targets: dict[str, float]) -> list[str]:
              f"interleaved rounds of {b.calls_per_round} calls; median round in brackets):"]
     for w, ns in b.ns.items():
         lay, med = layers(ns), b.median_ns[w]
+        wrapper = lay["wrapper_ns"]   # < 0: the method is a C callable (native/fastpath.c)
         lines.append(
-            f"  {w:13s} Engine method {lay['engine_method_ns']:5.0f} ({med['method']:.0f})"
-            f" = wrapper {lay['wrapper_ns']:.0f} + raw call {lay['raw_call_ns']:.0f}"
-            f" [empty cffi call {lay['empty_call_ns']:.0f} + argument passing "
-            f"{lay['argument_passing_ns']:.0f} + C work {lay['c_work_ns']:.0f}]")
+            f"  {w:13s} Engine method {lay['engine_method_ns']:5.0f} ({med['method']:.0f}):"
+            f" {abs(wrapper):.0f} ns {'over' if wrapper >= 0 else 'under'} a raw cffi call"
+            f" {lay['raw_call_ns']:.0f} [empty cffi call {lay['empty_call_ns']:.0f} + argument"
+            f" passing {lay['argument_passing_ns']:.0f} + C work {lay['c_work_ns']:.0f}]")
         for p, r in lay["peers"].items():
             want = targets.get(p) if w == "transition" else None
             need = f"; {want:g}x needs an engine call <= {r['ns'] / want:.0f} ns" if want else ""
             lines.append(
                 f"  {'':13s} {LABELS[p]:22s} {r['ns']:5.0f} ({med[p]:.0f}): engine "
-                f"{r['ratio_method']:.2f}x; with a free wrapper {r['ratio_raw_call']:.2f}x; "
+                f"{r['ratio_method']:.2f}x; through a raw cffi call {r['ratio_raw_call']:.2f}x; "
                 f"empty call + C work {r['ratio_empty_call_plus_c_work']:.2f}x{need}")
     for p, why in b.skipped.items():
         lines.append(f"  {LABELS[p]}: skipped: {why}")
