@@ -154,13 +154,14 @@ def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class TestClockStep:
-    """CLOCK_REALTIME stepped in one process (an LD_PRELOAD shim around
-    clock_gettime, tests/clockstep.py) by +-1 ms, +-5 ms, +-1 s and +-3 us
-    while six threads read the price clock and two write prices.  Forbidden:
-    a timestamp more than CLOCK_ERR_NS from the stepped clock once a step is
-    an anchor life (plus a quarter) old, and a thread's timestamps going back
-    except across a step back of the real clock, by more than that step plus
-    CLOCK_ERR_NS."""
+    """CLOCK_REALTIME of one process stepped (an LD_PRELOAD shim around
+    clock_gettime, tests/clockstep.py) by +-1 ms, +-5 ms, +-1 s, +-3 us, in a
+    burst, inside a slew and inside a thread's first rate measurement, and
+    slewed by +-500 ppm, while six threads read the price clock (four more join,
+    one per step inside a first measurement) and two write prices.  Forbidden: a timestamp more than CLOCK_ERR_NS from the
+    stepped clock once a step is an anchor life and a quarter old, and a
+    thread's timestamps going back other than across steps back of the real
+    clock (and then by more than those steps plus CLOCK_ERR_NS)."""
 
     @pytest.mark.parametrize("clock", [lib.ENG_CLOCK_TSC, lib.ENG_CLOCK_REALTIME],
                              ids=["tsc", "realtime"])
