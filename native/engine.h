@@ -387,7 +387,9 @@
  * point), or one that differs from the rate in use by more than
  * 2^-ENG_CLOCK_RATE_TOL_SHIFT of it (a step of CLOCK_REALTIME inside the
  * interval), is not taken as the rate unless the next slope agrees with it;
- * the anchor is renewed all the same.  ENGINE_PRICE_CLOCK=realtime in the
+ * the anchor is renewed all the same.  (A step under 2^-ENG_CLOCK_RATE_TOL_SHIFT
+ * of its interval, e.g. 1 ms over an idle 10 s, passes as a rate that is off
+ * by that fraction at most: 244 ns over the next anchor life.)  ENGINE_PRICE_CLOCK=realtime in the
  * environment, or eng_price_clock(0), reads CLOCK_REALTIME on every price
  * write instead.
  *
@@ -411,7 +413,7 @@
 #define ENG_CLOCK_MIN_MULT    (1ULL << 28)   /* 1/16 ns per tick: a 16 GHz TSC */
 #define ENG_CLOCK_MAX_MULT    (1ULL << 36)   /* 16 ns per tick: a 62.5 MHz TSC */
 #define ENG_CLOCK_RATE_TOL_SHIFT 12          /* slopes agree within 1/4096 (244 ppm) */
-#define ENG_CLOCK_BACK_NS     5000           /* the most a thread's timestamp is held at its last */
+#define ENG_CLOCK_BACK_NS     2000           /* the most a thread's timestamp is held at its last */
 #define ENG_CLOCK_REALTIME    0              /* eng_price_clock modes */
 #define ENG_CLOCK_TSC         1
 
