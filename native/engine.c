@@ -164,7 +164,29 @@ static inline int64_t now_ns(clockid_t clk)
  * Price timestamps: CLOCK_REALTIME through the TSC (see "price timestamps"
  * in engine.h).  Each thread keeps its own anchor and rate, so nothing here
  * is shared or locked; a forked child goes on with its parent's (same TSC).
- * The fast read is one RDTSC, a subtraction, a compare and a multiply.
+ * The fast read is one RDTSC, a subtraction, a compare, a multiply and the
+ * floor (a compare and a store).
+ *
+ * Renewal, once an anchor has lived ENG_CLOCK_ANCHOR_NS: a fresh anchor
+ * pair always replaces the old anchor, so a step of CLOCK_REALTIME is taken
+ * in whole at the first renewal after it, either way.  The rate is another
+ * matter: the slope from the old anchor to the new one is the rate only if
+ * it agrees (within 2^-ENG_CLOCK_RATE_TOL_SHIFT) with the rate in use, or
+ * with the slope before it; a slope across a step disagrees with both and is
+ * only kept as the candidate, and the next slope, clean, agrees with the
+ * rate in use.  Two slopes in a row that agree with each other and not with
+ * the rate (the first measurement, or a rate that really moved) replace it.
+ *
+ * The floor: a thread's timestamps never go back.  A timestamp below the last
+ * one this thread returned is raised to it, when it is at most
+ * ENG_CLOCK_BACK_NS below (the new anchor sits a little behind the old one's
+ * extrapolation, an unordered RDTSC); further below means CLOCK_REALTIME
+ * itself went back, and the timestamps follow it.
+ *
+ *   reader (any price write):  d = rdtsc - anchor.tsc
+ *                              d < span ? max(last, anchor.ns + d*rate) : renew()
+ * Does not guarantee: order between threads, or anything before the first
+ * renewal after a step (up to ENG_CLOCK_ANCHOR_NS, off by the step).
  */
 #if defined(__x86_64__)
 #include <x86intrin.h>
@@ -176,8 +198,10 @@ static inline int64_t now_ns(clockid_t clk)
 typedef struct tsc_clock {
     uint64_t tsc;      /* anchor: the TSC at ... */
     int64_t  ns;       /* ... this CLOCK_REALTIME (0: no anchor yet) */
-    uint64_t mult;     /* ns per tick, 32.32; 0 until measured */
+    uint64_t mult;     /* ns per tick, 32.32: the rate in use; 0 until measured */
     uint64_t span;     /* ticks of ENG_CLOCK_ANCHOR_NS at mult: the anchor's life */
+    int64_t  last;     /* the last timestamp this thread returned (the floor) */
+    uint64_t cand;     /* the last slope that disagreed with mult; 0: none */
 } tsc_clock;
 
 static __thread tsc_clock tclk;
@@ -222,15 +246,31 @@ static inline uint64_t tsc_ordered(void)
     return __rdtsc();
 }
 
+/* ns as this thread's next timestamp: held at the last one when at most
+ * ENG_CLOCK_BACK_NS below it, followed when further below (a step back). */
+static inline int64_t clock_floor(int64_t ns)
+{
+    if (ns < tclk.last && tclk.last - ns <= ENG_CLOCK_BACK_NS)
+        ns = tclk.last;
+    tclk.last = ns;
+    return ns;
+}
+
+/* a and b agree as rates: within 2^-ENG_CLOCK_RATE_TOL_SHIFT of b */
+static inline int rates_agree(uint64_t a, uint64_t b)
+{
+    return b && (a > b ? a - b : b - a) <= b >> ENG_CLOCK_RATE_TOL_SHIFT;
+}
+
 /* The slow read: a new anchor when the old one is ENG_CLOCK_ANCHOR_NS old
- * (with the rate between the two), else CLOCK_REALTIME itself. */
+ * (see "Renewal" above), else CLOCK_REALTIME itself. */
 static __attribute__((noinline)) int64_t price_clock_anchor(void)
 {
     int64_t ns = now_ns(CLOCK_REALTIME);
     if (eng_price_clock(-1) != ENG_CLOCK_TSC)
         return ns;
     if (tclk.ns && ns - tclk.ns >= 0 && ns - tclk.ns < ENG_CLOCK_ANCHOR_NS && !tclk.mult)
-        return ns;   /* measuring: the anchor is too young to give a rate */
+        return clock_floor(ns);   /* measuring: the anchor is too young to give a rate */
     /* the anchor pair: CLOCK_REALTIME between two TSC reads, taken at their middle */
     uint64_t width = UINT64_MAX, mid = 0;
     for (int i = 0; i < ENG_CLOCK_PAIR_TRIES && width > ENG_CLOCK_PAIR_TICKS; i++) {
@@ -244,19 +284,24 @@ static __attribute__((noinline)) int64_t price_clock_anchor(void)
         }
     }
     if (width > ENG_CLOCK_PAIR_TICKS)
-        return ns;   /* preempted every time: keep the old anchor, try again next call */
-    uint64_t mult = 0;
+        return clock_floor(ns);   /* preempted every time: keep the old anchor, try again next call */
+    uint64_t slope = 0;   /* 0: none (no anchor, a step back, a TSC gone back, out of range) */
     if (tclk.ns && ns > tclk.ns && (int64_t)(mid - tclk.tsc) > 0) {
         unsigned __int128 m = ((unsigned __int128)(uint64_t)(ns - tclk.ns) << 32) /
                               (mid - tclk.tsc);
         if (m >= ENG_CLOCK_MIN_MULT && m <= ENG_CLOCK_MAX_MULT)
-            mult = (uint64_t)m;   /* else a clock step or a TSC gone back: measure again */
+            slope = (uint64_t)m;
+    }
+    if (slope && (rates_agree(slope, tclk.mult) || rates_agree(slope, tclk.cand))) {
+        tclk.mult = slope;
+        tclk.cand = 0;
+    } else {
+        tclk.cand = slope;   /* across a step, or a rate seen once: keep the rate in use */
     }
     tclk.tsc = mid;
     tclk.ns = ns;
-    tclk.mult = mult;
-    tclk.span = mult ? ((uint64_t)ENG_CLOCK_ANCHOR_NS << 32) / mult : 0;
-    return ns;
+    tclk.span = tclk.mult ? ((uint64_t)ENG_CLOCK_ANCHOR_NS << 32) / tclk.mult : 0;
+    return clock_floor(ns);
 }
 #endif
 
@@ -266,8 +311,12 @@ static inline int64_t price_clock(void)
 {
 #if HAVE_TSC
     uint64_t d = __rdtsc() - tclk.tsc;
-    if (__builtin_expect(d < tclk.span, 1))
-        return tclk.ns + (int64_t)((d * tclk.mult) >> 32);
+    if (__builtin_expect(d < tclk.span, 1)) {
+        int64_t t = tclk.ns + (int64_t)((d * tclk.mult) >> 32);
+        t = t < tclk.last ? tclk.last : t;   /* the floor: by at most ENG_CLOCK_BACK_NS here */
+        tclk.last = t;
+        return t;
+    }
     return price_clock_anchor();
 #else
     return now_ns(CLOCK_REALTIME);

@@ -377,22 +377,43 @@
  * much as the rest of update_price, so on x86-64, where the kernel itself keeps
  * time with the TSC (clocksource "tsc": invariant, synchronized across CPUs),
  * each thread reads the TSC and converts it with a rate it measured itself:
- * an anchor is a CLOCK_REALTIME read between two TSC reads, and the rate is
- * the slope between two anchors at least ENG_CLOCK_ANCHOR_NS apart.  A thread
+ * an anchor is a CLOCK_REALTIME read between two TSC reads, and a rate is the
+ * slope between two anchors at least ENG_CLOCK_ANCHOR_NS apart.  A thread
  * re-anchors once ENG_CLOCK_ANCHOR_NS have passed, so an error never grows
  * past what one interval holds (tens of ns; at most about a microsecond).  An
  * anchor read that took more than ENG_CLOCK_PAIR_TICKS (the thread lost its
- * CPU inside it) is read again, at most ENG_CLOCK_PAIR_TRIES times, and a
- * rate outside [ENG_CLOCK_MIN_MULT, ENG_CLOCK_MAX_MULT] (ns per tick in 32.32
- * fixed point: a clock step, a TSC that went back) is dropped and measured
- * again.  ENGINE_PRICE_CLOCK=realtime in the environment, or
- * eng_price_clock(0), reads CLOCK_REALTIME on every price write instead.
+ * CPU inside it) is read again, at most ENG_CLOCK_PAIR_TRIES times.  A slope
+ * outside [ENG_CLOCK_MIN_MULT, ENG_CLOCK_MAX_MULT] (ns per tick in 32.32 fixed
+ * point), or one that differs from the rate in use by more than
+ * 2^-ENG_CLOCK_RATE_TOL_SHIFT of it (a step of CLOCK_REALTIME inside the
+ * interval), is not taken as the rate unless the next slope agrees with it;
+ * the anchor is renewed all the same.  (A step under 2^-ENG_CLOCK_RATE_TOL_SHIFT
+ * of its interval, e.g. 1 ms over an idle 10 s, passes as a rate that is off
+ * by that fraction at most: 244 ns over the next anchor life.)  ENGINE_PRICE_CLOCK=realtime in the
+ * environment, or eng_price_clock(0), reads CLOCK_REALTIME on every price
+ * write instead.
+ *
+ * What holds, through the TSC:
+ * - a timestamp is within about a microsecond of CLOCK_REALTIME read around
+ *   its write, except after a step of CLOCK_REALTIME (NTP step, settimeofday,
+ *   VM resume): until the thread's next renewal (at most ENG_CLOCK_ANCHOR_NS
+ *   later) its timestamps are off by the step, and from that renewal on they
+ *   are within the bound again, with the rate measured before the step;
+ * - within a thread, timestamps never go back: one that would fall at most
+ *   ENG_CLOCK_BACK_NS below the thread's last is held at the last; the only
+ *   way they go back is CLOCK_REALTIME itself stepped back by more than that,
+ *   and then they follow it, at the renewal, by about the step (at most the
+ *   step plus the bound).  Across threads there is no order within the bound.
+ * Through CLOCK_REALTIME (the realtime mode) a timestamp is the clock itself
+ * and goes back exactly when the clock does.
  */
 #define ENG_CLOCK_ANCHOR_NS   1000000
 #define ENG_CLOCK_PAIR_TICKS  2000
 #define ENG_CLOCK_PAIR_TRIES  3
 #define ENG_CLOCK_MIN_MULT    (1ULL << 28)   /* 1/16 ns per tick: a 16 GHz TSC */
 #define ENG_CLOCK_MAX_MULT    (1ULL << 36)   /* 16 ns per tick: a 62.5 MHz TSC */
+#define ENG_CLOCK_RATE_TOL_SHIFT 12          /* slopes agree within 1/4096 (244 ppm) */
+#define ENG_CLOCK_BACK_NS     2000           /* the most a thread's timestamp is held at its last */
 #define ENG_CLOCK_REALTIME    0              /* eng_price_clock modes */
 #define ENG_CLOCK_TSC         1
 
