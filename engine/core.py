@@ -220,7 +220,7 @@ class Engine:
         rc = lib.eng_attach(self._seg, self._buf, len(mm),
                             spec.fingerprint if check_spec else 0, fd)
         if rc:
-            os.close(fd)   # C owns the descriptor only once attached
+            segment.close_lock_fd(fd)   # C owns the descriptor only once attached
             self._finalizer()
             raise_for(rc, name=name, spec=spec.name)
         self._bind(name, spec, lib, None)
@@ -325,7 +325,7 @@ class Engine:
                                 spec.record.c_layout(keys_per_position), max_accounts)
         if rc:
             mm.close()
-            os.close(fd)
+            segment.close_lock_fd(fd)
             segment.unlink(name)
             raise ArgumentError(f"cannot format segment {name!r} (code {rc})")
         try:

@@ -19,7 +19,8 @@ import shutil
 
 import posix_ipc
 
-from engine.errors import ArgumentError, SegmentError, SegmentNotFoundError
+from engine._native import ffi, lib
+from engine.errors import ArgumentError, SegmentError, SegmentNotFoundError, raise_for
 
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
@@ -40,7 +41,7 @@ def create(name: str, size: int) -> mmap.mmap:
     """Create ``name`` with ``size`` bytes reserved up front (a too-small
     /dev/shm fails here with a clear error, not with SIGBUS later)."""
     mm, fd = create_with_fd(name, size)
-    os.close(fd)
+    close_lock_fd(fd)
     return mm
 
 
@@ -50,13 +51,25 @@ def _lock_fd(name: str, mapped_fd: int) -> int:
     An Engine's liveness lock (an OFD lock, see native/engine.h) must live on
     an open file description that nothing else pins: a mapping pins the
     description it was made from, and a fork child inherits mappings, so a
-    lock on the mapped description would outlive a dead parent."""
-    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    a, b = os.fstat(fd), os.fstat(mapped_fd)
-    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
-        os.close(fd)
+    lock on the mapped description would outlive a dead parent.  C opens it
+    (``eng_lock_open``) so that the fork hook knows it from the instant it
+    exists: a child forked by another thread at any later point closes its
+    copy.  Give it to ``eng_attach`` or to ``close_lock_fd``, never ``os.close``."""
+    out = ffi.new("int *")
+    rc = lib.eng_lock_open(os.path.join(SHM_DIR, name).encode(), mapped_fd, out)
+    if rc == errno.ESTALE:
         raise SegmentError(errno.ESTALE, f"segment {name!r} was replaced while being opened")
-    return fd
+    if rc > 0:
+        raise SegmentError(rc, f"cannot open segment {name!r}: {os.strerror(rc)}")
+    if rc < 0:
+        raise_for(rc, name=name)
+    return int(out[0])
+
+
+def close_lock_fd(fd: int) -> None:
+    """Close a descriptor from ``create_with_fd`` / ``open_with_fd`` that no
+    Engine took (it leaves the fork hook's table in the same step)."""
+    lib.eng_lock_close(fd)
 
 
 def create_with_fd(name: str, size: int) -> tuple[mmap.mmap, int]:
@@ -78,7 +91,12 @@ def create_with_fd(name: str, size: int) -> tuple[mmap.mmap, int]:
             raise SegmentError(e.errno, f"cannot reserve {size} bytes for segment {name!r} "
                                f"({os.strerror(e.errno or 0)}; {SHM_DIR} has {free} bytes "
                                "free)") from None
-        return mmap.mmap(shm.fd, size), _lock_fd(name, shm.fd)
+        mm = mmap.mmap(shm.fd, size)
+        try:
+            return mm, _lock_fd(name, shm.fd)
+        except BaseException:
+            mm.close()
+            raise
     except BaseException:
         shm.close_fd()
         posix_ipc.unlink_shared_memory("/" + name)
@@ -91,7 +109,7 @@ def create_with_fd(name: str, size: int) -> tuple[mmap.mmap, int]:
 def open_existing(name: str) -> mmap.mmap:
     """Map an existing segment read-write, at its current size."""
     mm, fd = open_with_fd(name)
-    os.close(fd)
+    close_lock_fd(fd)
     return mm
 
 
@@ -110,7 +128,12 @@ def open_with_fd(name: str) -> tuple[mmap.mmap, int]:
         if size == 0:
             raise SegmentError(errno.EINVAL, f"segment {name!r} is empty (0 bytes): "
                                "not an engine segment, or its creator has not sized it yet")
-        return mmap.mmap(shm.fd, size), _lock_fd(name, shm.fd)
+        mm = mmap.mmap(shm.fd, size)
+        try:
+            return mm, _lock_fd(name, shm.fd)
+        except BaseException:
+            mm.close()
+            raise
     finally:
         shm.close_fd()
 

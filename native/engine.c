@@ -556,40 +556,154 @@ static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *t
 static uint32_t fork_epoch;
 static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
 
-/* The liveness descriptors of this process's Engines.  A fork child closes
+/*
+ * The liveness descriptors of this process's Engines.  A fork child closes
  * its copies at once: the parent's OFD locks then live and die with the
- * parent alone.  (Closing a copy never drops an OFD lock the parent holds.) */
-static uint32_t local_fds[ENG_MAX_LOCAL_ENGINES];   /* fd + 1; 0 = empty (relaxed: only
-                                                        this process reads it) */
+ * parent alone.  (Closing a copy never drops an OFD lock the parent holds.)
+ *
+ * No window: a descriptor enters the table in the same critical section that
+ * opens it (eng_lock_open), and leaves it in the one that closes it, under
+ * local_fds_lock, which the atfork prepare hook takes too.  So at every fork
+ * the table names exactly the liveness descriptors that exist, wherever
+ * another thread is in open, lock, claim, attach or detach: a child never
+ * keeps a copy of one.  (A descriptor opened outside, e.g. by a raw caller
+ * of eng_attach, enters the table only at attach: before it holds a lock,
+ * but not before a fork can copy it; the Engine class never does that.)
+ */
+#define LOCAL_FD_ATTACHED 0x80000000u   /* an eng_seg owns it (else: opened, not attached) */
 
-/* Before the fd holds any lock: a fork from another thread at any later
- * point closes the child's copy. */
-static int remember_fd(int fd)
+static pthread_mutex_t local_fds_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint32_t local_fds[ENG_MAX_LOCAL_ENGINES];   /* (fd + 1) | LOCAL_FD_ATTACHED?; 0 = empty;
+                                                        only under local_fds_lock (or in
+                                                        the fork child, single-threaded) */
+
+/* Index of fd in the table, or -1.  The caller holds local_fds_lock. */
+static int local_fd_find(int fd)
 {
     for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++)
-        if (cas_relaxed_u32(&local_fds[i], 0, (uint32_t)fd + 1))
-            return 0;
-    return ENG_ETOOMANY;
+        if (local_fds[i] && (local_fds[i] & ~LOCAL_FD_ATTACHED) == (uint32_t)fd + 1)
+            return i;
+    return -1;
 }
 
-static void forget_fd(int fd)
+/* A free index, or -1.  The caller holds local_fds_lock. */
+static int local_fd_free(void)
 {
     for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++)
-        if (cas_relaxed_u32(&local_fds[i], (uint32_t)fd + 1, 0))
-            return;
+        if (!local_fds[i])
+            return i;
+    return -1;
 }
+
+static void on_fork_prepare(void) { pthread_mutex_lock(&local_fds_lock); }
+static void on_fork_parent(void) { pthread_mutex_unlock(&local_fds_lock); }
 
 static void on_fork_child(void)
 {
+    /* the forking thread took the lock in on_fork_prepare: it is ours */
     store_relaxed_u32(&fork_epoch, load_relaxed_u32(&fork_epoch) + 1);
     for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++) {
-        uint32_t v = exchange_relaxed_u32(&local_fds[i], 0);
+        uint32_t v = local_fds[i] & ~LOCAL_FD_ATTACHED;
+        local_fds[i] = 0;
         if (v)
             close((int)v - 1);
     }
+    pthread_mutex_unlock(&local_fds_lock);
 }
 
-static void install_fork_hook(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+static void install_fork_hook(void)
+{
+    pthread_atfork(on_fork_prepare, on_fork_parent, on_fork_child);
+}
+
+/* Open a liveness descriptor for the segment file at path (which must be the
+ * file same_as_fd is open on: a replaced file is ESTALE), in the fork table
+ * from birth.  0 and *out_fd, ENG_EBADARG, ENG_ETOOMANY (the table is full),
+ * or a positive errno.  Close it with eng_lock_close unless eng_attach took
+ * it (eng_detach closes it then). */
+int eng_lock_open(const char *path, int same_as_fd, int *out_fd)
+{
+    struct stat want, got;
+    if (!path || !out_fd || same_as_fd < 0 || fstat(same_as_fd, &want) != 0)
+        return ENG_EBADARG;
+    pthread_once(&fork_hook_once, install_fork_hook);
+    pthread_mutex_lock(&local_fds_lock);
+    int i = local_fd_free(), fd = -1, rc = 0;
+    if (i < 0) {
+        rc = ENG_ETOOMANY;
+    } else {
+        fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0)
+            rc = errno ? errno : EIO;
+        else
+            local_fds[i] = (uint32_t)fd + 1;   /* before any fork can copy it */
+    }
+    pthread_mutex_unlock(&local_fds_lock);
+    if (rc)
+        return rc;
+    if (fstat(fd, &got) != 0 || got.st_dev != want.st_dev || got.st_ino != want.st_ino) {
+        eng_lock_close(fd);
+        return ESTALE;
+    }
+    *out_fd = fd;
+    return 0;
+}
+
+/* Close a descriptor eng_lock_open gave that no eng_seg owns: 0, or
+ * ENG_EBADARG (nothing closed) for any other fd. */
+int eng_lock_close(int fd)
+{
+    int rc = ENG_EBADARG;
+    pthread_mutex_lock(&local_fds_lock);
+    int i = fd >= 0 ? local_fd_find(fd) : -1;
+    if (i >= 0 && !(local_fds[i] & LOCAL_FD_ATTACHED)) {
+        local_fds[i] = 0;
+        close(fd);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&local_fds_lock);
+    return rc;
+}
+
+/* eng_attach, before the fd holds any lock: mark it attached (adding it if
+ * a raw caller opened it).  *added says it was not in the table.  0,
+ * ENG_EBADARG (another eng_seg owns it), or ENG_ETOOMANY. */
+static int local_fd_attach(int fd, int *added)
+{
+    int rc = 0;
+    pthread_mutex_lock(&local_fds_lock);
+    int i = local_fd_find(fd);
+    *added = i < 0;
+    if (i >= 0 && (local_fds[i] & LOCAL_FD_ATTACHED))
+        rc = ENG_EBADARG;
+    else if (i < 0 && (i = local_fd_free()) < 0)
+        rc = ENG_ETOOMANY;
+    else
+        local_fds[i] = ((uint32_t)fd + 1) | LOCAL_FD_ATTACHED;
+    pthread_mutex_unlock(&local_fds_lock);
+    return rc;
+}
+
+/* A failed eng_attach: the fd goes back to how the caller gave it. */
+static void local_fd_unattach(int fd, int added)
+{
+    pthread_mutex_lock(&local_fds_lock);
+    int i = local_fd_find(fd);
+    if (i >= 0)
+        local_fds[i] = added ? 0 : (uint32_t)fd + 1;
+    pthread_mutex_unlock(&local_fds_lock);
+}
+
+/* eng_detach: out of the table and closed, in one step. */
+static void local_fd_close_attached(int fd)
+{
+    pthread_mutex_lock(&local_fds_lock);
+    int i = local_fd_find(fd);
+    if (i >= 0)
+        local_fds[i] = 0;
+    close(fd);
+    pthread_mutex_unlock(&local_fds_lock);
+}
 
 /* Every exported function taking an eng_seg starts here. */
 static inline int seg_error(const eng_seg *s)
@@ -958,7 +1072,8 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     s->fd_ino = (uint64_t)st.st_ino;
     s->pid = (uint32_t)getpid();
     s->fork_epoch = load_relaxed_u32(&fork_epoch);
-    rc = remember_fd(fd);
+    int added;
+    rc = local_fd_attach(fd, &added);   /* before the fd holds any lock */
     if (rc) {
         memset(s, 0, sizeof *s);
         return rc;
@@ -968,7 +1083,7 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
         for (uint32_t i = 0; i < ENG_MAX_PROCS; i++)
             if (claim_entry(s, i, s->pid, start, take_dead))
                 return 0;
-    forget_fd(fd);
+    local_fd_unattach(fd, added);
     memset(s, 0, sizeof *s);
     return ENG_ENOPROC;
 }
@@ -1014,8 +1129,7 @@ void eng_detach(eng_seg *s)
      * entry is the parent's, and the fork hook closed our copy of its fd */
     if (s->hdr && s->me && s->fork_epoch == load_relaxed_u32(&fork_epoch)) {
         release_entry(s, s->proc_index);
-        forget_fd(s->fd);
-        close(s->fd);
+        local_fd_close_attached(s->fd);
     }
     memset(s, 0, sizeof *s);
 }

@@ -1643,6 +1643,20 @@ class CFuzz:
             rc = self.call(name, "-", lib.eng_entry_held, d(st.sampled_from([-1, 0, 2**31 - 1])),
                            d(U64S), d(U32S))
             assert ERRNO_MIN <= rc <= 1, rc
+        elif name == "eng_lock_open":   # 0 only for a segment file's path and a descriptor of it
+            f = self.foreign
+            path = d(st.sampled_from([ffi.NULL, b"", b"/nonexistent/x", b"/dev/null",
+                                      os.path.join(segment.SHM_DIR, f.name).encode()]))
+            same = d(st.sampled_from([-1, -(2**31), 0, 2, 2**31 - 1, int(f._seg.fd)]))
+            out = self.out(d, "int *")
+            rc = self.call(name, "-", lib.eng_lock_open, path, same, out)
+            assert ERRNO_MIN <= rc <= 4095, rc
+            if rc == 0:
+                assert lib.eng_lock_close(out[0]) == 0
+        elif name == "eng_lock_close":   # never closes a descriptor it did not open
+            fd = d(st.sampled_from([-1, -(2**31), 0, 1, 2, 2**31 - 1, self.log_fd,
+                                    int(self.foreign._seg.fd), int(self.home._seg.fd)]))
+            assert self.call(name, "-", lib.eng_lock_close, fd) == lib.ENG_EBADARG
         elif name == "eng_owner_alive":
             kind, s = self.seg(d)
             x(name, kind, self.call(name, kind, lib.eng_owner_alive, s, d(U32S)),

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +70,17 @@ def read_line(p: subprocess.Popen[str], timeout: float = READY_TIMEOUT) -> str:
     return line
 
 
+def until_read(fd: int, n: int, what: str, timeout: float = READY_TIMEOUT) -> None:
+    """Read ``n`` bytes from ``fd``; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while n > 0:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"timed out waiting for {what} ({n} missing)"
+        got = os.read(fd, n)
+        assert got, f"pipe closed waiting for {what} ({n} missing)"
+        n -= len(got)
+
+
 # ==============================================================================================
 # 1. a fork during attach and create
 # ==============================================================================================
@@ -81,15 +93,16 @@ ATTACHER_SCRIPT = r"""
 import json, os, select, sys, threading
 from engine import Engine
 from engine._native import lib
-name, r, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-creates = sys.argv[4:]
+name, r, ran, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+creates = sys.argv[5:]
 ids = json.loads(sys.stdin.readline())
 kids, stop = [], threading.Event()
 
 def forker():   # a thread that forks children that only wait, as a fork worker pool would
     while not stop.is_set():
         pid = os.fork()
-        if pid == 0:
+        if pid == 0:   # past the fork hook: say so, then wait
+            os.write(ran, b"k")
             select.select([r], [], [], hold)
             os._exit(0)
         kids.append(pid)
@@ -126,11 +139,13 @@ class TestForkDuringAttach:
             ids = [eng.open_position(100.0, 1.0) for _ in range(ATTACHES)]
             created = [names() for _ in range(CREATES)]
             r, w = os.pipe()   # the children wait for its write end to close
+            ran_r, ran_w = os.pipe()   # each child writes a byte once it runs
             attacher = subprocess.Popen(
-                [sys.executable, "-c", ATTACHER_SCRIPT, eng.name, str(r), str(KID_HOLD_S),
-                 *created], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                pass_fds=(r,), env=engine_env())
+                [sys.executable, "-c", ATTACHER_SCRIPT, eng.name, str(r), str(ran_w),
+                 str(KID_HOLD_S), *created], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                text=True, pass_fds=(r, ran_w), env=engine_env())
             os.close(r)
+            os.close(ran_w)
             kids: list[int] = []
             try:
                 assert attacher.stdin is not None
@@ -139,6 +154,9 @@ class TestForkDuringAttach:
                 out = json.loads(read_line(attacher, READY_TIMEOUT + 30.0))
                 kids = out["kids"]
                 assert out["holds"] == [0] * ATTACHES
+                # a child holds copies of every descriptor until its first instructions
+                # (the fork hook) run: wait until each has run
+                until_read(ran_r, len(kids), "every fork child to run")
                 attacher.kill()
                 attacher.wait(JOIN_TIMEOUT)
                 assert kids and all(proc_alive(k) for k in kids), \
@@ -152,6 +170,7 @@ class TestForkDuringAttach:
                 assert all(proc_alive(k) for k in kids), "a fork child died during the test"
             finally:
                 os.close(w)
+                os.close(ran_r)
                 for k in kids:
                     kill_quietly(k)
                 if attacher.poll() is None:
