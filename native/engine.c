@@ -4157,12 +4157,28 @@ int eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n)
 /* ==== recovery ========================================================================= */
 /*
  * One recovery at a time: header.recovering is a CAS flag holding its
- * owner's token, taken over if that owner is proven dead.  The sweep resolves
- * every transition lock and price latch whose owner is proven dead, then frees
- * the registry entries of proven-dead processes (their shards are folded into
- * the retired shard first).  Live processes keep working throughout: every
- * change is a CAS against the exact word seen.
+ * owner's token, taken over if that owner is proven dead.  Three steps:
+ *
+ *   1. note each registry entry whose owner is proven gone (pid set, its
+ *      liveness lock held by nobody) with its incarnation
+ *   2. sweep: resolve every transition lock, price latch, account latch, key
+ *      stripe and record and token-index bucket lock whose owner is proven
+ *      dead -- those of step 1 included, and a gone owner takes no more
+ *   3. free each entry of step 1 that is still as noted (its lock taken,
+ *      pid set, same incarnation: nobody claimed it since), shard folded
+ *      into the retired shard first
+ *
+ * So an entry is freed only after its owner's locks were resolved: a freed
+ * entry's incarnation can come round (2^17 - 1 claims later) without ever
+ * meeting them.  An owner that dies after step 1 keeps its entry until the
+ * next recover() or an attach takes it over (which sweeps the same way).
+ * Live processes keep working throughout: every change is a CAS against the
+ * exact word seen.
  */
+static eng_test_hook_fn recover_test_hook;   /* tests only, this process only */
+
+void eng_test_recover_hook(eng_test_hook_fn fn) { recover_test_hook = fn; }
+
 static int take_recovery_flag(eng_seg *s)
 {
     for (uint32_t step = 0; step < MAX_WAIT_STEPS * 4; step++) {
@@ -4212,19 +4228,32 @@ int eng_recover(eng_seg *s, eng_recover_report *out)
         op_end(t, rc);
         return rc;
     }
+    /* 1. the entries of gone owners, as they are now */
+    uint8_t gone[ENG_MAX_PROCS];
+    uint32_t gone_inc[ENG_MAX_PROCS];
+    for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
+        eng_proc *e = &s->registry[i];
+        gone_inc[i] = load_acquire_u32(&e->incarnation);   /* pairs with the claim */
+        /* the lock is taken before pid is set: pid set and nobody holding it
+         * means the owner is gone (and ofd_held < 0, "could not say", is alive) */
+        gone[i] = i != s->proc_index && load_acquire_u32(&e->pid) != 0 &&
+                  ofd_held(s->fd, entry_lock_offset(s, i)) == 0;
+    }
+    /* 2. their locks with every other dead owner's */
     sweep_dead(s, out);
     out->keys_cleared = keys_sweep(s);
     out->tindex_repaired = tindex_sweep(s, t);
+    if (recover_test_hook)
+        recover_test_hook();
+    /* 3. free the entries of step 1 nobody claimed since */
     for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
         eng_proc *e = &s->registry[i];
-        uint32_t pid = load_acquire_u32(&e->pid);
-        if (pid == 0 || i == s->proc_index)
+        if (!gone[i])
             continue;
-        /* getting the entry's liveness lock proves its owner gone, and keeps
-         * an attach off the entry while it is freed */
+        /* the liveness lock keeps an attach off the entry while it is freed */
         if (ofd_setlk(s->fd, entry_lock_offset(s, i), F_WRLCK) != 0)
             continue;
-        if (load_acquire_u32(&e->pid) == 0) {
+        if (load_acquire_u32(&e->pid) == 0 || load_acquire_u32(&e->incarnation) != gone_inc[i]) {
             ofd_setlk(s->fd, entry_lock_offset(s, i), F_UNLCK);
             continue;
         }

@@ -833,6 +833,10 @@ int      eng_set_halt(eng_seg *s, uint32_t on);
 int      eng_set_metrics(eng_seg *s, uint32_t on, uint32_t sample_mask);
 int      eng_set_faults(eng_seg *s, uint32_t flags, uint64_t pause_ns);
 int      eng_test_hold(eng_seg *s, uint32_t what, uint64_t id);
+/* Tests only, this process only (no segment word sets it): recover() calls fn
+ * between its sweep and freeing the entries of gone owners; NULL: none. */
+typedef void (*eng_test_hook_fn)(void);
+void     eng_test_recover_hook(eng_test_hook_fn fn);
 
 /* cdef-end */
 

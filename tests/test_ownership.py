@@ -1653,6 +1653,8 @@ class CFuzz:
             assert ERRNO_MIN <= rc <= 4095, rc
             if rc == 0:
                 assert lib.eng_lock_close(out[0]) == 0
+        elif name == "eng_test_recover_hook":   # NULL: none (a hook would run in recover)
+            assert self.call(name, "-", lib.eng_test_recover_hook, ffi.NULL) is None
         elif name == "eng_lock_close":   # never closes a descriptor it did not open
             fd = d(st.sampled_from([-1, -(2**31), 0, 1, 2, 2**31 - 1, self.log_fd,
                                     int(self.foreign._seg.fd), int(self.home._seg.fd)]))

@@ -182,3 +182,101 @@ class TestForkDuringAttach:
             assert report.rolled_back == ATTACHES, report
             assert not kept, f"round {rnd}: created segments whose entry a fork child kept: {kept}"
             assert all(eng.transition(p, Trigger.POSITION_OPENED) is Outcome.APPLIED for p in ids)
+
+
+# ==============================================================================================
+# 2. a holder killed while recover() runs, then its entry's incarnation wrapping round
+# ==============================================================================================
+HOLDER_SCRIPT = r"""
+import sys, time
+from engine import Engine
+from engine._native import lib
+eng = Engine.attach(sys.argv[1])
+rc = lib.eng_test_hold(eng._seg, 2, int(sys.argv[2]))   # the transition lock
+print(rc, int(eng._seg.token), flush=True)
+time.sleep(600)
+"""
+
+
+def churn_to_token(eng: Engine, token: int, entry: int) -> tuple[Any, int]:
+    """Attach and detach raw views of ``eng``'s mapping (each claims registry
+    entry ``entry``, the only free one) until one is handed ``token``; returns
+    that view, attached, and the number of claims."""
+    path = os.path.join(segment.SHM_DIR, eng.name)
+    for n in range(1, INC_PERIOD + 1):
+        seg = ffi.new("eng_seg *")
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        rc = lib.eng_attach(seg, eng._buf, len(eng._mm), 0, fd)
+        assert rc == 0 and int(seg.proc_index) == entry, (n, rc, int(seg.proc_index))
+        if int(seg.token) == token:
+            return seg, n
+        lib.eng_detach(seg)   # closes fd
+    raise AssertionError(f"token {token:#x} never came back in {INC_PERIOD} claims")
+
+
+class TestRecoverKilledHolder:
+    """recover() frees a registry entry only after resolving its owner's locks,
+    however the owner dies meanwhile: a wrapped incarnation never meets them."""
+
+    @pytest.mark.parametrize("claims", [
+        "simulated",   # the free entry's incarnation set where the claims before the wrap leave it
+        pytest.param("real", marks=pytest.mark.slow),   # those claims, for real
+    ])
+    def test_holder_killed_during_recover_never_revives(self, make_engine, claims):
+        """A lock holder is SIGKILLed while recover() runs (after its sweep, before
+        it frees entries); its entry is then claimed until a live Engine carries the
+        holder's exact token: a transition on the slot is APPLIED within 2 s;
+        forbidden: a freed entry whose lock stays (CONFLICT while that Engine lives)."""
+        eng = make_engine(capacity=2)
+        pos = eng.open_position(100.0, 1.0)
+        slot = eng.slot_of(pos)
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, eng.name, str(pos)],
+                                  stdout=subprocess.PIPE, text=True, env=engine_env())
+        killed: list[int] = []
+
+        def kill_holder() -> None:   # runs inside recover(), between its sweep and its frees
+            holder.kill()
+            killed.append(holder.wait(JOIN_TIMEOUT))
+
+        hook = ffi.callback("eng_test_hook_fn", kill_holder)
+        fillers: list[Engine] = []
+        wrapped = None
+        try:
+            rc, dead = map(int, read_line(holder).split())
+            assert rc == 0 and sw_owner(eng.state_word(slot)) == dead
+            lib.eng_test_recover_hook(hook)
+            try:
+                report = eng.recover()
+            finally:
+                lib.eng_test_recover_hook(ffi.NULL)
+            assert killed == [-signal.SIGKILL], killed
+            index, inc = dead & lib.ENG_TOKEN_ENTRY_MASK, dead >> lib.ENG_TOKEN_ENTRY_BITS
+            freed = int(eng._seg.registry[index].pid) == 0
+            left = eng.state_word(slot)
+            # forbidden: the entry freed with its owner's lock still in the slot
+            assert not (freed and left & LOCK and sw_owner(left) == dead), \
+                f"recover() freed entry {index} and left its lock {left:#x} ({report})"
+            if not freed:   # kept: only a takeover claims it, and that sweeps first
+                while sum(1 for i in range(lib.ENG_MAX_PROCS)
+                          if eng._seg.registry[i].pid) < lib.ENG_MAX_PROCS:
+                    fillers.append(Engine.attach(eng.name))
+                taker = Engine.attach(eng.name)   # the registry is full: takes the dead entry
+                assert int(taker._seg.proc_index) == index
+                taker.close()
+            if claims == "simulated":
+                # the free entry's incarnation where the claims before the holder's
+                # token comes round leave it (incarnations skip 0)
+                eng._seg.registry[index].incarnation = (inc - 2) % INC_PERIOD + 1
+            wrapped, _ = churn_to_token(eng, dead, index)
+            outcome, took = timed(lambda: eng.transition(pos, Trigger.POSITION_OPENED))
+        finally:
+            if wrapped is not None:
+                lib.eng_detach(wrapped)
+            for f in fillers:
+                f.close()
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait(JOIN_TIMEOUT)
+        assert outcome is Outcome.APPLIED and took < ANSWER_BOUND, \
+            f"the killed holder's lock revived by its wrapped token: {outcome!r} after {took:.3f} s"
+        assert not eng.state_word(slot) & LOCK and eng.state(pos) is State.MONITORING
