@@ -19,8 +19,7 @@ import shutil
 
 import posix_ipc
 
-from engine._native import ffi, lib
-from engine.errors import ArgumentError, SegmentError, SegmentNotFoundError, raise_for
+from engine.errors import ArgumentError, SegmentError, SegmentNotFoundError
 
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
@@ -40,41 +39,21 @@ def random_name() -> str:
 def create(name: str, size: int) -> mmap.mmap:
     """Create ``name`` with ``size`` bytes reserved up front (a too-small
     /dev/shm fails here with a clear error, not with SIGBUS later)."""
-    mm, fd = create_with_fd(name, size)
-    close_lock_fd(fd)
-    return mm
+    return create_mapped(name, size)[0]
 
 
-def _lock_fd(name: str, mapped_fd: int) -> int:
-    """A second, close-on-exec open of the segment file, never mapped.
-
-    An Engine's liveness lock (an OFD lock, see native/engine.h) must live on
-    an open file description that nothing else pins: a mapping pins the
-    description it was made from, and a fork child inherits mappings, so a
-    lock on the mapped description would outlive a dead parent.  C opens it
-    (``eng_lock_open``) so that the fork hook knows it from the instant it
-    exists: a child forked by another thread at any later point closes its
-    copy.  Give it to ``eng_attach`` or to ``close_lock_fd``, never ``os.close``."""
-    out = ffi.new("int *")
-    rc = lib.eng_lock_open(os.path.join(SHM_DIR, name).encode(), mapped_fd, out)
-    if rc == errno.ESTALE:
-        raise SegmentError(errno.ESTALE, f"segment {name!r} was replaced while being opened")
-    if rc > 0:
-        raise SegmentError(rc, f"cannot open segment {name!r}: {os.strerror(rc)}")
-    if rc < 0:
-        raise_for(rc, name=name)
-    return int(out[0])
+def path_of(name: str) -> str:
+    return os.path.join(SHM_DIR, name)
 
 
-def close_lock_fd(fd: int) -> None:
-    """Close a descriptor from ``create_with_fd`` / ``open_with_fd`` that no
-    Engine took (it leaves the fork hook's table in the same step)."""
-    lib.eng_lock_close(fd)
+def create_mapped(name: str, size: int) -> tuple[mmap.mmap, tuple[int, int]]:
+    """``create``, also returning the file's (st_dev, st_ino).
 
-
-def create_with_fd(name: str, size: int) -> tuple[mmap.mmap, int]:
-    """``create``, also returning a descriptor for the Engine's liveness lock
-    (see ``_lock_fd``)."""
+    An Engine's liveness lock (an OFD lock, see native/engine.h) lives on a
+    second open of the file that nothing else pins (a fork child inherits
+    mappings, and a mapping pins the description it was made from): C opens
+    it (``eng_attach_path``), known to its fork hook from the instant it
+    exists, and checks it is this file."""
     check_name(name)
     try:
         shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600)
@@ -91,12 +70,8 @@ def create_with_fd(name: str, size: int) -> tuple[mmap.mmap, int]:
             raise SegmentError(e.errno, f"cannot reserve {size} bytes for segment {name!r} "
                                f"({os.strerror(e.errno or 0)}; {SHM_DIR} has {free} bytes "
                                "free)") from None
-        mm = mmap.mmap(shm.fd, size)
-        try:
-            return mm, _lock_fd(name, shm.fd)
-        except BaseException:
-            mm.close()
-            raise
+        st = os.fstat(shm.fd)
+        return mmap.mmap(shm.fd, size), (st.st_dev, st.st_ino)
     except BaseException:
         shm.close_fd()
         posix_ipc.unlink_shared_memory("/" + name)
@@ -108,14 +83,12 @@ def create_with_fd(name: str, size: int) -> tuple[mmap.mmap, int]:
 
 def open_existing(name: str) -> mmap.mmap:
     """Map an existing segment read-write, at its current size."""
-    mm, fd = open_with_fd(name)
-    close_lock_fd(fd)
-    return mm
+    return open_mapped(name)[0]
 
 
-def open_with_fd(name: str) -> tuple[mmap.mmap, int]:
-    """``open_existing``, also returning a descriptor for the Engine's
-    liveness lock (see ``_lock_fd``)."""
+def open_mapped(name: str) -> tuple[mmap.mmap, tuple[int, int]]:
+    """``open_existing``, also returning the file's (st_dev, st_ino) (see
+    ``create_mapped``)."""
     check_name(name)
     try:
         shm = posix_ipc.SharedMemory("/" + name)
@@ -124,16 +97,11 @@ def open_with_fd(name: str) -> tuple[mmap.mmap, int]:
     except posix_ipc.PermissionsError as e:
         raise SegmentError(errno.EACCES, f"no permission to open segment {name!r}: {e}") from None
     try:
-        size = os.fstat(shm.fd).st_size
-        if size == 0:
+        st = os.fstat(shm.fd)
+        if st.st_size == 0:
             raise SegmentError(errno.EINVAL, f"segment {name!r} is empty (0 bytes): "
                                "not an engine segment, or its creator has not sized it yet")
-        mm = mmap.mmap(shm.fd, size)
-        try:
-            return mm, _lock_fd(name, shm.fd)
-        except BaseException:
-            mm.close()
-            raise
+        return mmap.mmap(shm.fd, st.st_size), (st.st_dev, st.st_ino)
     finally:
         shm.close_fd()
 

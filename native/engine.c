@@ -562,7 +562,7 @@ static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
  * parent alone.  (Closing a copy never drops an OFD lock the parent holds.)
  *
  * No window: a descriptor enters the table in the same critical section that
- * opens it (eng_lock_open), and leaves it in the one that closes it, under
+ * opens it (eng_attach_path), and leaves it in the one that closes it, under
  * local_fds_lock, which the atfork prepare hook takes too.  So at every fork
  * the table names exactly the liveness descriptors that exist, wherever
  * another thread is in open, lock, claim, attach or detach: a child never
@@ -595,6 +595,8 @@ static int local_fd_free(void)
     return -1;
 }
 
+static void local_fd_close(int fd);
+
 static void on_fork_prepare(void) { pthread_mutex_lock(&local_fds_lock); }
 static void on_fork_parent(void) { pthread_mutex_unlock(&local_fds_lock); }
 
@@ -616,16 +618,11 @@ static void install_fork_hook(void)
     pthread_atfork(on_fork_prepare, on_fork_parent, on_fork_child);
 }
 
-/* Open a liveness descriptor for the segment file at path (which must be the
- * file same_as_fd is open on: a replaced file is ESTALE), in the fork table
- * from birth.  0 and *out_fd, ENG_EBADARG, ENG_ETOOMANY (the table is full),
- * or a positive errno.  Close it with eng_lock_close unless eng_attach took
- * it (eng_detach closes it then). */
-int eng_lock_open(const char *path, int same_as_fd, int *out_fd)
+/* Open a liveness descriptor for the file at path, in the table from birth:
+ * 0 and *out_fd, ENG_ETOOMANY (the table is full), or a positive errno
+ * (ESTALE: path names another file than dev/ino now). */
+static int local_fd_open(const char *path, uint64_t dev, uint64_t ino, int *out_fd)
 {
-    struct stat want, got;
-    if (!path || !out_fd || same_as_fd < 0 || fstat(same_as_fd, &want) != 0)
-        return ENG_EBADARG;
     pthread_once(&fork_hook_once, install_fork_hook);
     pthread_mutex_lock(&local_fds_lock);
     int i = local_fd_free(), fd = -1, rc = 0;
@@ -641,28 +638,13 @@ int eng_lock_open(const char *path, int same_as_fd, int *out_fd)
     pthread_mutex_unlock(&local_fds_lock);
     if (rc)
         return rc;
-    if (fstat(fd, &got) != 0 || got.st_dev != want.st_dev || got.st_ino != want.st_ino) {
-        eng_lock_close(fd);
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (uint64_t)st.st_dev != dev || (uint64_t)st.st_ino != ino) {
+        local_fd_close(fd);
         return ESTALE;
     }
     *out_fd = fd;
     return 0;
-}
-
-/* Close a descriptor eng_lock_open gave that no eng_seg owns: 0, or
- * ENG_EBADARG (nothing closed) for any other fd. */
-int eng_lock_close(int fd)
-{
-    int rc = ENG_EBADARG;
-    pthread_mutex_lock(&local_fds_lock);
-    int i = fd >= 0 ? local_fd_find(fd) : -1;
-    if (i >= 0 && !(local_fds[i] & LOCAL_FD_ATTACHED)) {
-        local_fds[i] = 0;
-        close(fd);
-        rc = 0;
-    }
-    pthread_mutex_unlock(&local_fds_lock);
-    return rc;
 }
 
 /* eng_attach, before the fd holds any lock: mark it attached (adding it if
@@ -694,8 +676,8 @@ static void local_fd_unattach(int fd, int added)
     pthread_mutex_unlock(&local_fds_lock);
 }
 
-/* eng_detach: out of the table and closed, in one step. */
-static void local_fd_close_attached(int fd)
+/* Out of the table and closed, in one step (eng_detach, a failed attach). */
+static void local_fd_close(int fd)
 {
     pthread_mutex_lock(&local_fds_lock);
     int i = local_fd_find(fd);
@@ -1088,6 +1070,29 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     return ENG_ENOPROC;
 }
 
+/* eng_attach with a liveness descriptor it opens itself on path (the file
+ * with dev/ino, the one mapped at base): the descriptor is in the fork
+ * table from birth and never exists outside this call unless attached.  0,
+ * a negative code, or a positive errno when path cannot be opened (ESTALE:
+ * it names another file now). */
+int eng_attach_path(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint,
+                    const char *path, uint64_t dev, uint64_t ino)
+{
+    if (!s || !path)
+        return ENG_EBADARG;
+    int rc = eng_validate(base, size, fingerprint);   /* before any descriptor */
+    if (rc)
+        return rc;
+    int fd;
+    rc = local_fd_open(path, dev, ino, &fd);
+    if (rc)
+        return rc;
+    rc = eng_attach(s, base, size, fingerprint, fd);
+    if (rc)
+        local_fd_close(fd);
+    return rc;
+}
+
 /* Add one shard's counts to the retired shard (shared by every process that
  * retires a shard, hence RMW atomics) and clear it. */
 static void retire_shard(eng_seg *s, eng_shard *src)
@@ -1129,7 +1134,7 @@ void eng_detach(eng_seg *s)
      * entry is the parent's, and the fork hook closed our copy of its fd */
     if (s->hdr && s->me && s->fork_epoch == load_relaxed_u32(&fork_epoch)) {
         release_entry(s, s->proc_index);
-        local_fd_close_attached(s->fd);
+        local_fd_close(s->fd);
     }
     memset(s, 0, sizeof *s);
 }

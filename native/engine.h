@@ -744,12 +744,11 @@ int      eng_format(void *base, uint64_t size, uint32_t capacity,
                     uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec,
                     uint32_t max_accounts);
 int      eng_validate(const void *base, uint64_t size, uint64_t fingerprint);
-/* The liveness descriptor: opened by eng_lock_open (known to the fork hook
- * from birth), owned by the eng_seg once eng_attach succeeds (eng_detach
- * closes it), else closed by eng_lock_close. */
-int      eng_lock_open(const char *path, int same_as_fd, int *out_fd);
-int      eng_lock_close(int fd);
 int      eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd);
+/* eng_attach opening its own liveness descriptor on path (dev/ino: the mapped
+ * file), known to the fork hook from birth; 0, < 0 a code, > 0 an errno. */
+int      eng_attach_path(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint,
+                         const char *path, uint64_t dev, uint64_t ino);
 void     eng_detach(eng_seg *s);
 int      eng_check(eng_seg *s);
 
