@@ -16,9 +16,7 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
