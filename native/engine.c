@@ -4164,19 +4164,20 @@ int eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n)
  * One recovery at a time: header.recovering is a CAS flag holding its
  * owner's token, taken over if that owner is proven dead.  Three steps:
  *
- *   1. note each registry entry whose owner is proven gone (pid set, its
- *      liveness lock held by nobody) with its incarnation
+ *   1. take the liveness lock of each registry entry whose pid is set and
+ *      whose lock nobody holds: its owner is gone, and no claimer can
+ *      touch the entry while we hold it
  *   2. sweep: resolve every transition lock, price latch, account latch, key
  *      stripe and record and token-index bucket lock whose owner is proven
- *      dead -- those of step 1 included, and a gone owner takes no more
- *   3. free each entry of step 1 that is still as noted (its lock taken,
- *      pid set, same incarnation: nobody claimed it since), shard folded
- *      into the retired shard first
+ *      dead -- those of step 1 included (a gone owner takes no more)
+ *   3. free the entries of step 1 (shards folded into the retired shard)
  *
  * So an entry is freed only after its owner's locks were resolved: a freed
  * entry's incarnation can come round (2^17 - 1 claims later) without ever
  * meeting them.  An owner that dies after step 1 keeps its entry until the
  * next recover() or an attach takes it over (which sweeps the same way).
+ * Does not guarantee: an attach that finds every other entry held (a full
+ * registry whose dead entries step 1 holds) waits for nothing: ENG_ENOPROC.
  * Live processes keep working throughout: every change is a CAS against the
  * exact word seen.
  */
@@ -4233,38 +4234,35 @@ int eng_recover(eng_seg *s, eng_recover_report *out)
         op_end(t, rc);
         return rc;
     }
-    /* 1. the entries of gone owners, as they are now */
+    /* 1. take the entries of gone owners: getting an entry's liveness lock
+     * while its pid is set proves its owner gone, and holding it keeps every
+     * claimer off the entry until it is freed */
     uint8_t gone[ENG_MAX_PROCS];
-    uint32_t gone_inc[ENG_MAX_PROCS];
     for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
         eng_proc *e = &s->registry[i];
-        gone_inc[i] = load_acquire_u32(&e->incarnation);   /* pairs with the claim */
-        /* the lock is taken before pid is set: pid set and nobody holding it
-         * means the owner is gone (and ofd_held < 0, "could not say", is alive) */
-        gone[i] = i != s->proc_index && load_acquire_u32(&e->pid) != 0 &&
-                  ofd_held(s->fd, entry_lock_offset(s, i)) == 0;
+        gone[i] = 0;
+        if (i == s->proc_index || load_acquire_u32(&e->pid) == 0)
+            continue;
+        if (ofd_setlk(s->fd, entry_lock_offset(s, i), F_WRLCK) != 0)
+            continue;
+        if (load_acquire_u32(&e->pid) == 0)
+            ofd_setlk(s->fd, entry_lock_offset(s, i), F_UNLCK);
+        else
+            gone[i] = 1;
     }
-    /* 2. their locks with every other dead owner's */
+    /* 2. resolve their locks with every other dead owner's (theirs read as
+     * dead: nobody else holds their entries' locks now) */
     sweep_dead(s, out);
     out->keys_cleared = keys_sweep(s);
     out->tindex_repaired = tindex_sweep(s, t);
     if (recover_test_hook)
         recover_test_hook();
-    /* 3. free the entries of step 1 nobody claimed since */
-    for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
-        eng_proc *e = &s->registry[i];
-        if (!gone[i])
-            continue;
-        /* the liveness lock keeps an attach off the entry while it is freed */
-        if (ofd_setlk(s->fd, entry_lock_offset(s, i), F_WRLCK) != 0)
-            continue;
-        if (load_acquire_u32(&e->pid) == 0 || load_acquire_u32(&e->incarnation) != gone_inc[i]) {
-            ofd_setlk(s->fd, entry_lock_offset(s, i), F_UNLCK);
-            continue;
+    /* 3. free them */
+    for (uint32_t i = 0; i < ENG_MAX_PROCS; i++)
+        if (gone[i]) {
+            out->removed_pids[out->procs_removed++] = load_relaxed_u32(&s->registry[i].pid);
+            release_entry(s, i);
         }
-        out->removed_pids[out->procs_removed++] = load_relaxed_u32(&e->pid);
-        release_entry(s, i);
-    }
     store_release_u32(&s->hdr->recovering, 0);
     op_end(t, ENG_APPLIED);
     return 0;
