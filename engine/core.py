@@ -11,6 +11,7 @@ and one output buffer.  Attach one Engine per thread (they are cheap).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import math
 import mmap
@@ -40,6 +41,7 @@ from engine.errors import (
     FieldError,
     PriceError,
     RiskLimitError,
+    SegmentError,
     SlotError,
     TriggerError,
     raise_for,
@@ -206,22 +208,28 @@ class Engine:
     """
 
     # -- life cycle ------------------------------------------------------------------
-    def __init__(self, name: str, mapped: tuple[mmap.mmap, int], spec: MachineSpec, *,
-                 check_spec: bool) -> None:
-        """Attach to a mapped segment; ``mapped`` is (mapping, descriptor) and
-        the Engine owns both from here on."""
-        mm, fd = mapped
+    def __init__(self, name: str, mapped: tuple[mmap.mmap, tuple[int, int]], spec: MachineSpec,
+                 *, check_spec: bool) -> None:
+        """Attach to a mapped segment; ``mapped`` is (mapping, (st_dev, st_ino) of
+        its file) and the Engine owns the mapping from here on."""
+        mm, (dev, ino) = mapped
         self._mm: mmap.mmap | None = mm
         self._buf = ffi.from_buffer(mm)
         self._seg = ffi.new("eng_seg *")
         # registered before attaching: an exception at any point after the C
         # call (a signal handler's included) still frees the registry entry
         self._finalizer: Any = weakref.finalize(self, _detach, self._seg, self._buf, mm)
-        rc = lib.eng_attach(self._seg, self._buf, len(mm),
-                            spec.fingerprint if check_spec else 0, fd)
+        # C opens the liveness descriptor itself: it never exists outside C, so
+        # neither a fork from another thread nor an exception here can keep it
+        rc = lib.eng_attach_path(self._seg, self._buf, len(mm),
+                                 spec.fingerprint if check_spec else 0,
+                                 segment.path_of(name).encode(), dev, ino)
         if rc:
-            os.close(fd)   # C owns the descriptor only once attached
             self._finalizer()
+            if rc == errno.ESTALE:
+                raise SegmentError(rc, f"segment {name!r} was replaced while being opened")
+            if rc > 0:
+                raise SegmentError(rc, f"cannot open segment {name!r}: {os.strerror(rc)}")
             raise_for(rc, name=name, spec=spec.name)
         self._bind(name, spec, lib, None)
         if _fastpath is not None:
@@ -316,7 +324,7 @@ class Engine:
             raise ArgumentError("shards is for an engine on Redis (url=...)")
         size = lib.eng_segment_size(capacity, spec.record.n_words, keys_per_position,
                                     max_accounts)
-        mm, fd = segment.create_with_fd(name, size)
+        mm, ident = segment.create_mapped(name, size)
         table = spec.table_bytes()
         with ffi.from_buffer(mm) as buf:
             rc = lib.eng_format(buf, size, capacity, table, len(spec.states),
@@ -325,11 +333,10 @@ class Engine:
                                 spec.record.c_layout(keys_per_position), max_accounts)
         if rc:
             mm.close()
-            os.close(fd)
             segment.unlink(name)
             raise ArgumentError(f"cannot format segment {name!r} (code {rc})")
         try:
-            return cls(name, (mm, fd), spec, check_spec=True)
+            return cls(name, (mm, ident), spec, check_spec=True)
         except BaseException:
             segment.unlink(name)
             raise
@@ -353,7 +360,7 @@ class Engine:
         if url is not None:
             name = segment.check_name(name)
             return cls._on_redis(RedisStore.attach(check_url(url), name, spec), spec)
-        return cls(name, segment.open_with_fd(name), spec, check_spec=True)
+        return cls(name, segment.open_mapped(name), spec, check_spec=True)
 
     @property
     def handle(self) -> Handle:

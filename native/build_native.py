@@ -57,6 +57,9 @@ extern "Python" int _engine_guard(void *, uint64_t, uint32_t, uint32_t);
 RELEASED = {   # name: (return type, parameters, arguments)
     "eng_attach": ("int", "eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd",
                    "s, base, size, fingerprint, fd"),
+    "eng_attach_path": ("int", "eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, "
+                               "const char *path, uint64_t dev, uint64_t ino",
+                        "s, base, size, fingerprint, path, dev, ino"),
     "eng_guard_transition": ("int", "eng_seg *s, uint64_t id, uint32_t trigger, "
                                     "const eng_ctx_update *u, eng_guard_fn guard, void *user",
                              "s, id, trigger, u, guard, user"),

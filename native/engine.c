@@ -605,40 +605,136 @@ static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *t
 static uint32_t fork_epoch;
 static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
 
-/* The liveness descriptors of this process's Engines.  A fork child closes
+/*
+ * The liveness descriptors of this process's Engines.  A fork child closes
  * its copies at once: the parent's OFD locks then live and die with the
- * parent alone.  (Closing a copy never drops an OFD lock the parent holds.) */
-static uint32_t local_fds[ENG_MAX_LOCAL_ENGINES];   /* fd + 1; 0 = empty (relaxed: only
-                                                        this process reads it) */
+ * parent alone.  (Closing a copy never drops an OFD lock the parent holds.)
+ *
+ * No window: a descriptor enters the table in the same critical section that
+ * opens it (eng_attach_path), and leaves it in the one that closes it, under
+ * local_fds_lock, which the atfork prepare hook takes too.  So at every fork
+ * the table names exactly the liveness descriptors that exist, wherever
+ * another thread is in open, lock, claim, attach or detach: a child never
+ * keeps a copy of one.  (A descriptor opened outside, e.g. by a raw caller
+ * of eng_attach, enters the table only at attach: before it holds a lock,
+ * but not before a fork can copy it; the Engine class never does that.)
+ */
+#define LOCAL_FD_ATTACHED 0x80000000u   /* an eng_seg owns it (else: opened, not attached) */
 
-/* Before the fd holds any lock: a fork from another thread at any later
- * point closes the child's copy. */
-static int remember_fd(int fd)
+static pthread_mutex_t local_fds_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint32_t local_fds[ENG_MAX_LOCAL_ENGINES];   /* (fd + 1) | LOCAL_FD_ATTACHED?; 0 = empty;
+                                                        only under local_fds_lock (or in
+                                                        the fork child, single-threaded) */
+
+/* Index of fd in the table, or -1.  The caller holds local_fds_lock. */
+static int local_fd_find(int fd)
 {
     for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++)
-        if (cas_relaxed_u32(&local_fds[i], 0, (uint32_t)fd + 1))
-            return 0;
-    return ENG_ETOOMANY;
+        if (local_fds[i] && (local_fds[i] & ~LOCAL_FD_ATTACHED) == (uint32_t)fd + 1)
+            return i;
+    return -1;
 }
 
-static void forget_fd(int fd)
+/* A free index, or -1.  The caller holds local_fds_lock. */
+static int local_fd_free(void)
 {
     for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++)
-        if (cas_relaxed_u32(&local_fds[i], (uint32_t)fd + 1, 0))
-            return;
+        if (!local_fds[i])
+            return i;
+    return -1;
 }
+
+static void local_fd_close(int fd);
+
+static void on_fork_prepare(void) { pthread_mutex_lock(&local_fds_lock); }
+static void on_fork_parent(void) { pthread_mutex_unlock(&local_fds_lock); }
 
 static void on_fork_child(void)
 {
+    /* the forking thread took the lock in on_fork_prepare: it is ours */
     store_relaxed_u32(&fork_epoch, load_relaxed_u32(&fork_epoch) + 1);
     for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++) {
-        uint32_t v = exchange_relaxed_u32(&local_fds[i], 0);
+        uint32_t v = local_fds[i] & ~LOCAL_FD_ATTACHED;
+        local_fds[i] = 0;
         if (v)
             close((int)v - 1);
     }
+    pthread_mutex_unlock(&local_fds_lock);
 }
 
-static void install_fork_hook(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+static void install_fork_hook(void)
+{
+    pthread_atfork(on_fork_prepare, on_fork_parent, on_fork_child);
+}
+
+/* Open a liveness descriptor for the file at path, in the table from birth:
+ * 0 and *out_fd, ENG_ETOOMANY (the table is full), or a positive errno
+ * (ESTALE: path names another file than dev/ino now). */
+static int local_fd_open(const char *path, uint64_t dev, uint64_t ino, int *out_fd)
+{
+    pthread_once(&fork_hook_once, install_fork_hook);
+    pthread_mutex_lock(&local_fds_lock);
+    int i = local_fd_free(), fd = -1, rc = 0;
+    if (i < 0) {
+        rc = ENG_ETOOMANY;
+    } else {
+        fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0)
+            rc = errno ? errno : EIO;
+        else
+            local_fds[i] = (uint32_t)fd + 1;   /* before any fork can copy it */
+    }
+    pthread_mutex_unlock(&local_fds_lock);
+    if (rc)
+        return rc;
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (uint64_t)st.st_dev != dev || (uint64_t)st.st_ino != ino) {
+        local_fd_close(fd);
+        return ESTALE;
+    }
+    *out_fd = fd;
+    return 0;
+}
+
+/* eng_attach, before the fd holds any lock: mark it attached (adding it if
+ * a raw caller opened it).  *added says it was not in the table.  0,
+ * ENG_EBADARG (another eng_seg owns it), or ENG_ETOOMANY. */
+static int local_fd_attach(int fd, int *added)
+{
+    int rc = 0;
+    pthread_mutex_lock(&local_fds_lock);
+    int i = local_fd_find(fd);
+    *added = i < 0;
+    if (i >= 0 && (local_fds[i] & LOCAL_FD_ATTACHED))
+        rc = ENG_EBADARG;
+    else if (i < 0 && (i = local_fd_free()) < 0)
+        rc = ENG_ETOOMANY;
+    else
+        local_fds[i] = ((uint32_t)fd + 1) | LOCAL_FD_ATTACHED;
+    pthread_mutex_unlock(&local_fds_lock);
+    return rc;
+}
+
+/* A failed eng_attach: the fd goes back to how the caller gave it. */
+static void local_fd_unattach(int fd, int added)
+{
+    pthread_mutex_lock(&local_fds_lock);
+    int i = local_fd_find(fd);
+    if (i >= 0)
+        local_fds[i] = added ? 0 : (uint32_t)fd + 1;
+    pthread_mutex_unlock(&local_fds_lock);
+}
+
+/* Out of the table and closed, in one step (eng_detach, a failed attach). */
+static void local_fd_close(int fd)
+{
+    pthread_mutex_lock(&local_fds_lock);
+    int i = local_fd_find(fd);
+    if (i >= 0)
+        local_fds[i] = 0;
+    close(fd);
+    pthread_mutex_unlock(&local_fds_lock);
+}
 
 /* Every exported function taking an eng_seg starts here. */
 static inline int seg_error(const eng_seg *s)
@@ -1007,7 +1103,8 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     s->fd_ino = (uint64_t)st.st_ino;
     s->pid = (uint32_t)getpid();
     s->fork_epoch = load_relaxed_u32(&fork_epoch);
-    rc = remember_fd(fd);
+    int added;
+    rc = local_fd_attach(fd, &added);   /* before the fd holds any lock */
     if (rc) {
         memset(s, 0, sizeof *s);
         return rc;
@@ -1017,9 +1114,32 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
         for (uint32_t i = 0; i < ENG_MAX_PROCS; i++)
             if (claim_entry(s, i, s->pid, start, take_dead))
                 return 0;
-    forget_fd(fd);
+    local_fd_unattach(fd, added);
     memset(s, 0, sizeof *s);
     return ENG_ENOPROC;
+}
+
+/* eng_attach with a liveness descriptor it opens itself on path (the file
+ * with dev/ino, the one mapped at base): the descriptor is in the fork
+ * table from birth and never exists outside this call unless attached.  0,
+ * a negative code, or a positive errno when path cannot be opened (ESTALE:
+ * it names another file now). */
+int eng_attach_path(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint,
+                    const char *path, uint64_t dev, uint64_t ino)
+{
+    if (!s || !path)
+        return ENG_EBADARG;
+    int rc = eng_validate(base, size, fingerprint);   /* before any descriptor */
+    if (rc)
+        return rc;
+    int fd;
+    rc = local_fd_open(path, dev, ino, &fd);
+    if (rc)
+        return rc;
+    rc = eng_attach(s, base, size, fingerprint, fd);
+    if (rc)
+        local_fd_close(fd);
+    return rc;
 }
 
 /* Add one shard's counts to the retired shard (shared by every process that
@@ -1063,8 +1183,7 @@ void eng_detach(eng_seg *s)
      * entry is the parent's, and the fork hook closed our copy of its fd */
     if (s->hdr && s->me && s->fork_epoch == load_relaxed_u32(&fork_epoch)) {
         release_entry(s, s->proc_index);
-        forget_fd(s->fd);
-        close(s->fd);
+        local_fd_close(s->fd);
     }
     memset(s, 0, sizeof *s);
 }
@@ -4092,12 +4211,29 @@ int eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n)
 /* ==== recovery ========================================================================= */
 /*
  * One recovery at a time: header.recovering is a CAS flag holding its
- * owner's token, taken over if that owner is proven dead.  The sweep resolves
- * every transition lock and price latch whose owner is proven dead, then frees
- * the registry entries of proven-dead processes (their shards are folded into
- * the retired shard first).  Live processes keep working throughout: every
- * change is a CAS against the exact word seen.
+ * owner's token, taken over if that owner is proven dead.  Three steps:
+ *
+ *   1. take the liveness lock of each registry entry whose pid is set and
+ *      whose lock nobody holds: its owner is gone, and no claimer can
+ *      touch the entry while we hold it
+ *   2. sweep: resolve every transition lock, price latch, account latch, key
+ *      stripe and record and token-index bucket lock whose owner is proven
+ *      dead -- those of step 1 included (a gone owner takes no more)
+ *   3. free the entries of step 1 (shards folded into the retired shard)
+ *
+ * So an entry is freed only after its owner's locks were resolved: a freed
+ * entry's incarnation can come round (2^17 - 1 claims later) without ever
+ * meeting them.  An owner that dies after step 1 keeps its entry until the
+ * next recover() or an attach takes it over (which sweeps the same way).
+ * Does not guarantee: an attach that finds every other entry held (a full
+ * registry whose dead entries step 1 holds) waits for nothing: ENG_ENOPROC.
+ * Live processes keep working throughout: every change is a CAS against the
+ * exact word seen.
  */
+static eng_test_hook_fn recover_test_hook;   /* tests only, this process only */
+
+void eng_test_recover_hook(eng_test_hook_fn fn) { recover_test_hook = fn; }
+
 static int take_recovery_flag(eng_seg *s)
 {
     for (uint32_t step = 0; step < MAX_WAIT_STEPS * 4; step++) {
@@ -4147,25 +4283,35 @@ int eng_recover(eng_seg *s, eng_recover_report *out)
         op_end(t, rc);
         return rc;
     }
+    /* 1. take the entries of gone owners: getting an entry's liveness lock
+     * while its pid is set proves its owner gone, and holding it keeps every
+     * claimer off the entry until it is freed */
+    uint8_t gone[ENG_MAX_PROCS];
+    for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
+        eng_proc *e = &s->registry[i];
+        gone[i] = 0;
+        if (i == s->proc_index || load_acquire_u32(&e->pid) == 0)
+            continue;
+        if (ofd_setlk(s->fd, entry_lock_offset(s, i), F_WRLCK) != 0)
+            continue;
+        if (load_acquire_u32(&e->pid) == 0)
+            ofd_setlk(s->fd, entry_lock_offset(s, i), F_UNLCK);
+        else
+            gone[i] = 1;
+    }
+    /* 2. resolve their locks with every other dead owner's (theirs read as
+     * dead: nobody else holds their entries' locks now) */
     sweep_dead(s, out);
     out->keys_cleared = keys_sweep(s);
     out->tindex_repaired = tindex_sweep(s, t);
-    for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
-        eng_proc *e = &s->registry[i];
-        uint32_t pid = load_acquire_u32(&e->pid);
-        if (pid == 0 || i == s->proc_index)
-            continue;
-        /* getting the entry's liveness lock proves its owner gone, and keeps
-         * an attach off the entry while it is freed */
-        if (ofd_setlk(s->fd, entry_lock_offset(s, i), F_WRLCK) != 0)
-            continue;
-        if (load_acquire_u32(&e->pid) == 0) {
-            ofd_setlk(s->fd, entry_lock_offset(s, i), F_UNLCK);
-            continue;
+    if (recover_test_hook)
+        recover_test_hook();
+    /* 3. free them */
+    for (uint32_t i = 0; i < ENG_MAX_PROCS; i++)
+        if (gone[i]) {
+            out->removed_pids[out->procs_removed++] = load_relaxed_u32(&s->registry[i].pid);
+            release_entry(s, i);
         }
-        out->removed_pids[out->procs_removed++] = load_relaxed_u32(&e->pid);
-        release_entry(s, i);
-    }
     store_release_u32(&s->hdr->recovering, 0);
     op_end(t, ENG_APPLIED);
     return 0;

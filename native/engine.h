@@ -766,6 +766,10 @@ int      eng_format(void *base, uint64_t size, uint32_t capacity,
                     uint32_t max_accounts);
 int      eng_validate(const void *base, uint64_t size, uint64_t fingerprint);
 int      eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd);
+/* eng_attach opening its own liveness descriptor on path (dev/ino: the mapped
+ * file), known to the fork hook from birth; 0, < 0 a code, > 0 an errno. */
+int      eng_attach_path(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint,
+                         const char *path, uint64_t dev, uint64_t ino);
 void     eng_detach(eng_seg *s);
 int      eng_check(eng_seg *s);
 
@@ -849,6 +853,10 @@ int      eng_set_halt(eng_seg *s, uint32_t on);
 int      eng_set_metrics(eng_seg *s, uint32_t on, uint32_t sample_mask);
 int      eng_set_faults(eng_seg *s, uint32_t flags, uint64_t pause_ns);
 int      eng_test_hold(eng_seg *s, uint32_t what, uint64_t id);
+/* Tests only, this process only (no segment word sets it): recover() calls fn
+ * between its sweep and freeing the entries of gone owners; NULL: none. */
+typedef void (*eng_test_hook_fn)(void);
+void     eng_test_recover_hook(eng_test_hook_fn fn);
 
 /* cdef-end */
 
