@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import secrets
 import struct
 import time
@@ -398,6 +399,9 @@ def _how_to_remove(name: str) -> str:
             "(RedisStore.remove), or unlink() on an Engine attached to it")
 
 
+_SHARD_OF = re.compile(rb"^eng:\{[^:{}]+:(\d+)\}:")   # the shard of a key of an engine's
+
+
 class _Creator:
     """The create and remove protocols of a name (``create and remove`` in
     redis_functions.lua), under a fresh random 64-bit number: the new
@@ -458,22 +462,26 @@ class _Creator:
             f"client (its lease has {int(ms_left)} ms left; if that client died, a create "
             f"after the lease clears the name); {_how_to_remove(self.name)}")
 
-    def _clear(self, metas: range, pattern: str) -> int:
-        """Delete the shard metas ``metas`` first (a stalled builder's steps
-        fail from then on), then every key matching ``pattern`` but shard
-        0's meta and lease; the number deleted."""
-        keep = {self._meta(0).encode(), f"eng:{{{self.name}:0}}:lease".encode()}
-        n = 0
-        for s in metas:
-            n += int(self.conn.command("DEL", self._meta(s), key=self._meta(s)))
+    def _clear(self, gen: Any, shard: int | None = None) -> int:
+        """Delete the remains of older claims: every key of the name (or of
+        ``shard``) but this claim's own; each batch by ``wipe`` on its
+        shard, which checks there that no newer claim holds it.  The
+        number of keys deleted."""
+        pattern = f"eng:{{{self.name}:{'*' if shard is None else f'{shard}}}:*'}"
+        found: dict[int, list[bytes]] = {}
         try:
             for k in self.conn.client.scan_iter(match=pattern, count=1000):
-                if k not in keep:
-                    n += int(self.conn.command("UNLINK", k, key=k))
-                    self._renew()
+                m = _SHARD_OF.match(k)
+                if m:
+                    found.setdefault(int(m.group(1)), []).append(k)
         except self.conn.errors as e:
             raise ServerError(f"{self.url}: {e}") from None
-        return n
+        for s, keys in sorted(found.items(), reverse=True):   # shard metas before shard 0's
+            for i in range(0, len(keys), 512):
+                self._renew()
+                if int(self._run(s, "wipe", gen, *keys[i:i + 512])) != C_OK:
+                    raise self._lost()
+        return sum(len(k) for k in found.values())
 
     def create(self, meta: dict[str, Any], n: int, capacity: int, max_accounts: int) -> int:
         """Build the engine; its incarnation."""
@@ -487,18 +495,18 @@ class _Creator:
         if code == C_FOREIGN:
             raise self._foreign(r[1])
         self._renewed = time.monotonic()
-        gen, old, remains = int(r[1]), int(r[2]), int(r[3])
+        gen, remains = int(r[1]), int(r[3])
         self._step("claim")
         try:
             if remains:   # a dead creator's or remover's: every key of the name goes
-                self._clear(range(1, old), f"eng:{{{self.name}:*")
+                self._clear(gen)
                 self._step("clear")
             for s in range(1, n):
                 for _ in range(3):
                     r = self._run(s, "binit", gen, _MAGIC, *pairs, "shard", s)
                     if int(r[0]) != C_REMAINS:
                         break
-                    self._clear(range(0), f"eng:{{{self.name}:{s}}}:*")
+                    self._clear(gen, s)
                 if int(r[0]) == C_FOREIGN:
                     raise self._foreign(r[1])
                 if int(r[0]) != C_OK:
@@ -546,7 +554,7 @@ class _Creator:
         if code == C_FOREIGN:
             raise self._foreign(r[1])
         self._renewed = time.monotonic()
-        n = self._clear(range(1, int(r[1])), f"eng:{{{self.name}:*")
+        n = self._clear(int(r[2]))
         self._run(0, "abort")
         if self.conn.wait:
             self.conn.replicate(self._meta(0))

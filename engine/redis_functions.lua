@@ -44,7 +44,7 @@ local function tag(keys) return string.sub(keys[1], 1, -2) end   -- P: strip the
 -- The create and remove steps (CREATE) check the name's claim themselves;
 -- they get the caller's number as a third argument.
 local CREATE = {claim = true, binit = true, fill = true, seal = true, renew = true,
-                abort = true, drop = true}
+                abort = true, drop = true, wipe = true}
 ENGINE_CHECK = function(n, f, keys, args)
     local inc = table.remove(args, 1)
     if CREATE[n] then return f(keys, args, inc) end
@@ -755,6 +755,27 @@ REG('alive', function(keys, args) return 0 end)
 -- reports that its remains must be cleared first.  drop claims a name for
 -- removal the same way (its own number, a lease) so that a removal killed
 -- half-way leaves a not-ready name that the next create clears.
+--
+-- Every claim has a generation 'gen' (the server's clock in us at the claim,
+-- above the generation it took over), stored in each shard's meta it
+-- builds.  Remains are deleted only by wipe, on their own shard, in the same
+-- step as it checks that the shard holds nothing of a newer claim: a stalled
+-- creator or remover that lost its claim can never delete a newer engine's
+-- keys.
+
+-- a generation above `old` (a claim's): the server's clock in us, or old + 1
+local function newgen(old)
+    local t = redis.call('TIME')
+    return string.format('%d', math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]),
+                                         (tonumber(old) or 0) + 1))
+end
+
+-- may the claim (inc, gen) delete remains on the shard of meta m?  Yes when
+-- the shard has no meta, its meta is the claim's own, or an older claim's
+local function older(m, inc, gen)
+    local v = redis.call('HMGET', m, 'inc', 'gen')
+    return not v[1] or v[1] == inc or (tonumber(v[2]) or 0) < tonumber(gen)
+end
 
 -- the first of m / free / afree of shard P that is not this engine's kind, or nil
 local function foreign(P, magic)
@@ -781,12 +802,12 @@ REG('claim', function(keys, args, inc)
     local m, lease = keys[1], P .. 'lease'
     local bad = foreign(P, args[2])
     if bad then return {C_FOREIGN, bad} end
-    local gen, old, left = 1, 0, 0
+    local gen, old, left = newgen(0), 0, 0
     if redis.call('EXISTS', m) == 1 then
         local v = redis.call('HMGET', m, 'ready', 'gen', 'shards')
         if v[1] == '1' then return {C_EXISTS} end
         if redis.call('EXISTS', lease) == 1 then return {C_BUSY, redis.call('PTTL', lease)} end
-        gen, old, left = (tonumber(v[2]) or 0) + 1, tonumber(v[3]) or 0, 1
+        gen, old, left = newgen(v[2]), tonumber(v[3]) or 0, 1
         redis.call('DEL', m)
     end
     if remains(P) then left = 1 end
@@ -808,7 +829,7 @@ REG('binit', function(keys, args, inc)
         local v = redis.call('HMGET', m, 'inc', 'ready', 'gen')
         if v[1] == inc then return {C_OK} end   -- a resend
         -- a newer claim's shard: this creator lost its claim
-        if v[2] ~= '1' and (tonumber(v[3]) or 0) >= tonumber(args[1]) then return {C_LOST} end
+        if (tonumber(v[3]) or 0) >= tonumber(args[1]) then return {C_LOST} end
         return {C_REMAINS}
     end
     if remains(P) then return {C_REMAINS} end
@@ -865,6 +886,20 @@ REG('renew', function(keys, args, inc)
     return C_OK
 end)
 
+-- delete keys args[2..] of this shard, remains of older claims than the
+-- caller's (generation args[1]); never the caller's own meta or lease
+REG('wipe', function(keys, args, inc)
+    if not older(keys[1], inc, args[1]) then return C_LOST end
+    local own = redis.call('HGET', keys[1], 'inc') == inc
+    local lease = tag(keys) .. 'lease'
+    for i = 2, #args do
+        if not (own and (args[i] == keys[1] or args[i] == lease)) then
+            redis.call('UNLINK', args[i])
+        end
+    end
+    return C_OK
+end)
+
 -- delete the shard's meta, lists and lease if they are the caller's
 REG('abort', function(keys, args, inc)
     local P = tag(keys)
@@ -881,7 +916,7 @@ end)
 -- claim shard 0 for removal: args the incarnation expected ('' for any),
 -- lease ms, magic, force ('1': even while a creator holds its lease).  The
 -- meta stays, not ready, under the caller's number and lease, until the
--- remover has deleted everything else (then abort).  {C_OK, shards},
+-- remover has deleted everything else (then abort).  {C_OK, shards, gen},
 -- {C_GONE}, {C_BUSY, ms left}, {C_FOREIGN, key}
 REG('drop', function(keys, args, inc)
     local P = tag(keys)
@@ -894,7 +929,8 @@ REG('drop', function(keys, args, inc)
     if v[2] ~= '1' and args[4] ~= '1' and redis.call('EXISTS', lease) == 1 then
         return {C_BUSY, redis.call('PTTL', lease)}
     end
-    redis.call('HSET', m, 'inc', inc, 'ready', '0', 'dropping', '1')
+    local gen = newgen(redis.call('HGET', m, 'gen'))
+    redis.call('HSET', m, 'inc', inc, 'gen', gen, 'ready', '0', 'dropping', '1')
     redis.call('SET', lease, inc, 'PX', args[2])
-    return {C_OK, tonumber(v[3]) or 1}
+    return {C_OK, tonumber(v[3]) or 1, gen}
 end)

@@ -114,6 +114,27 @@ def _create_until(url: str, name: str, stop_at: int, capacity: int, shards: int,
         out.put(("error", traceback.format_exc()))
 
 
+def _create_stalled(url: str, name: str, stop_at: int, capacity: int, shards: int,
+                    stopped: Any, go: Any, out: Any) -> None:
+    """Create, but stall after step ``stop_at`` until ``go`` (past its lease)."""
+    steps = []
+
+    def hook(step: str) -> None:
+        steps.append(step)
+        if len(steps) == stop_at:
+            stopped.set()
+            go.wait(120)
+
+    try:
+        rb.CREATE_HOOK = hook
+        Engine.create(capacity, name=name, url=url, shards=shards, max_accounts=8).close()
+        out.put(("result", "created"))
+    except SegmentError as e:
+        out.put(("result", f"SegmentError: {e}"))
+    except BaseException:
+        out.put(("error", traceback.format_exc()))
+
+
 def _create_big(url: str, name: str, out: Any) -> None:
     try:
         Engine.create(1_000_000, name=name, url=url).close()
@@ -201,6 +222,38 @@ class TestCreate:
                                for s in range(shards))
                     assert e.open_position(100.0, 1.0) is not None
             finally:
+                remove(url, name)
+
+    def test_a_creator_stalled_past_its_lease_at_every_step(self, url, r, spawner):
+        """A creator stalled after each of its steps until its lease is gone;
+        another create takes the name over and finishes; then the stalled one
+        goes on.  Allowed: it gets SegmentError.  Forbidden: it succeeds, or
+        changes the winner's engine (free lists, readiness, incarnation)."""
+        capacity, shards = 2 * lib.ENG_REDIS_CREATE_CHUNK + 100, 2
+        for stop_at in range(1, 10):
+            name = f"stall{stop_at}_{os.getpid()}_{time.monotonic_ns()}"
+            stopped, go, out = spawner.ctx.Event(), spawner.ctx.Event(), spawner.ctx.Queue()
+            spawner.start(_create_stalled, url, name, stop_at, capacity, shards, stopped, go,
+                          out)
+            try:
+                assert stopped.wait(60)
+                r.delete(f"eng:{{{name}:0}}:lease")   # its lease runs out while it stalls
+                with Engine.create(capacity, name=name, url=url, shards=shards,
+                                   max_accounts=8) as winner:
+                    pos = winner.open_position(100.0, 1.0)
+                    go.set()
+                    [(_, result)] = collect(out, 1, spawner)
+                    assert result.startswith("SegmentError"), result
+                    assert "lost its claim" in result or "being created" in result, result
+                    with Engine.attach(winner.handle) as again:
+                        assert again.state(pos) is State.CREATED
+                    free = [int(x) for s in range(shards)
+                            for x in r.lrange(f"eng:{{{name}:{s}}}:free", 0, -1)]
+                    assert sorted(free + [winner.slot_of(pos)]) == list(range(capacity))
+                    assert all(r.hget(f"eng:{{{name}:{s}}}:m", "inc") ==
+                               str(winner.handle.incarnation).encode() for s in range(shards))
+            finally:
+                go.set()
                 remove(url, name)
 
     def test_a_dead_creators_lease_expires_by_itself(self, url, r, spawner):
