@@ -129,7 +129,8 @@ _MUTATING = frozenset({"tx", "gcommit", "upd", "upds", "tokp", "txmany", "open",
 _C = {"C_OK": 0, "C_EXISTS": 1, "C_BUSY": 2, "C_FOREIGN": 3, "C_REMAINS": 4, "C_LOST": 5,
       "C_GONE": 6}
 C_OK, C_EXISTS, C_BUSY, C_FOREIGN, C_REMAINS, C_LOST, C_GONE = _C.values()
-#: a test hook: called with the name of each create step once it is on the server
+#: a test hook: called with the name of each create (and remove) step once it
+#: is on the server
 CREATE_HOOK: Callable[[str], None] | None = None
 
 
@@ -469,10 +470,11 @@ class _Creator:
         number of keys deleted."""
         pattern = f"eng:{{{self.name}:{'*' if shard is None else f'{shard}}}:*'}"
         found: dict[int, list[bytes]] = {}
+        own = {self._meta(0).encode(), f"eng:{{{self.name}:0}}:lease".encode()}
         try:
             for k in self.conn.client.scan_iter(match=pattern, count=1000):
                 m = _SHARD_OF.match(k)
-                if m:
+                if m and k not in own:
                     found.setdefault(int(m.group(1)), []).append(k)
         except self.conn.errors as e:
             raise ServerError(f"{self.url}: {e}") from None
@@ -542,7 +544,11 @@ class _Creator:
 
     def remove(self, expect: bytes, force: bool = False) -> int:
         """Claim the name for removal (the incarnation ``expect``, or any
-        with b""), delete every key of it, then the claim; keys deleted."""
+        with b""), delete the other shards' metas (from then on every call
+        of the engine is refused), every other key, then the claim; the
+        number of keys deleted.  A remover killed between its claim and the
+        last shard meta leaves the shards after it answering their attached
+        Engines until a create clears the name."""
         r = self._run(0, "drop", expect, REDIS_CREATE_LEASE_MS, _MAGIC, "1" if force else "0")
         code = int(r[0])
         if code == C_GONE:
@@ -554,7 +560,13 @@ class _Creator:
         if code == C_FOREIGN:
             raise self._foreign(r[1])
         self._renewed = time.monotonic()
-        n = self._clear(int(r[2]))
+        gen = int(r[2])
+        for s in range(1, int(r[1])):   # every shard refuses calls from here on
+            if int(self._run(s, "wipe", gen, self._meta(s))) != C_OK:
+                raise self._lost()
+        self._step("drop")
+        n = self._clear(gen)
+        self._step("cleared")
         self._run(0, "abort")
         if self.conn.wait:
             self.conn.replicate(self._meta(0))
@@ -658,7 +670,8 @@ class RedisStore:
                                f"{meta.get(b'magic')!r})")
         if meta.get(b"layout") != _LAYOUT.encode():
             raise SegmentError(f"engine {name!r} on {url} has layout "
-                               f"{meta.get(b'layout')!r}; this version reads {_LAYOUT}")
+                               f"{meta.get(b'layout')!r}; this version reads {_LAYOUT}: use the "
+                               f"version that made it, or {_how_to_remove(name)}")
         if meta.get(b"ready") != b"1":
             lease = conn.command("PTTL", f"eng:{{{name}:0}}:lease", key=key)
             if meta.get(b"dropping"):

@@ -923,8 +923,8 @@ REG('drop', function(keys, args, inc)
     local m, lease = keys[1], P .. 'lease'
     local bad = foreign(P, args[3])
     if bad then return {C_FOREIGN, bad} end
+    if redis.call('EXISTS', m) == 0 then return {C_GONE} end
     local v = redis.call('HMGET', m, 'inc', 'ready', 'shards')
-    if not v[1] then return {C_GONE} end
     if args[1] ~= '' and v[1] ~= args[1] then return {C_GONE} end
     if v[2] ~= '1' and args[4] ~= '1' and redis.call('EXISTS', lease) == 1 then
         return {C_BUSY, redis.call('PTTL', lease)}

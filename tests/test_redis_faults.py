@@ -292,6 +292,106 @@ class TestCreate:
             remove(url, name)
 
 
+def _unlink_until(handle: Any, stop_at: str, stopped: Any, out: Any) -> None:
+    """Unlink, but stop for good after the remover's step ``stop_at``."""
+    def hook(step: str) -> None:
+        if step == stop_at:
+            stopped.set()
+            time.sleep(3600)
+
+    try:
+        rb.CREATE_HOOK = hook
+        with Engine.attach(handle) as e:
+            e.unlink()
+        out.put(("done", None))
+    except BaseException:
+        out.put(("error", traceback.format_exc()))
+
+
+class TestRemove:
+    @pytest.mark.parametrize("stop_at", ["drop", "cleared"])
+    def test_an_unlink_killed_half_way(self, url, r, spawner, stop_at):
+        """An unlink SIGKILLed after it claimed the name, or after it deleted
+        everything but the claim: attached Engines get SegmentNotFoundError,
+        attach says not ready, and a create after the lease builds the
+        engine whole."""
+        e = Engine.create(64, url=url, shards=2, max_accounts=8)
+        name = e.name
+        try:
+            pos = opened(e)
+            stopped, out = spawner.ctx.Event(), spawner.ctx.Queue()
+            p = spawner.start(_unlink_until, e.handle, stop_at, stopped, out)
+            assert stopped.wait(60)
+            sigkill(p)
+            with pytest.raises(SegmentNotFoundError):
+                e.state(pos)
+            with pytest.raises(SegmentError, match="being removed"):
+                Engine.attach(name, url=url)
+            with pytest.raises(SegmentError, match="engine rm"):
+                Engine.create(64, name=name, url=url, shards=2, max_accounts=8)
+            r.delete(f"eng:{{{name}:0}}:lease")
+            with Engine.create(64, name=name, url=url, shards=2, max_accounts=8) as again:
+                free_lists_exact(r, name, 64, 8, 2)
+                assert again.snapshot().shape[0] == 0
+        finally:
+            e.close()
+            remove(url, name)
+
+    def test_remove_by_name_without_attaching(self, url, r):
+        """RedisStore.remove deletes a ready engine by name; Engines attached
+        to it get SegmentNotFoundError; a missing name: SegmentNotFoundError."""
+        e = Engine.create(64, url=url, shards=2)
+        pos = opened(e)
+        assert rb.RedisStore.remove(url, e.name) > 0
+        assert name_keys(r, e.name) == []
+        with pytest.raises(SegmentNotFoundError):
+            e.state(pos)
+        with pytest.raises(SegmentNotFoundError):
+            rb.RedisStore.remove(url, e.name)
+        e.close()
+
+    def test_remove_of_a_name_being_created(self, url, r, spawner):
+        """While a creator holds its lease, remove refuses (SegmentError);
+        with force it removes the name, and the creator, going on, gets
+        SegmentError and leaves nothing."""
+        name = f"removing_{os.getpid()}_{time.monotonic_ns()}"
+        stopped, go, out = spawner.ctx.Event(), spawner.ctx.Event(), spawner.ctx.Queue()
+        spawner.start(_create_stalled, url, name, 2, 64, 2, stopped, go, out)
+        try:
+            assert stopped.wait(60)
+            with pytest.raises(SegmentError, match="being created"):
+                rb.RedisStore.remove(url, name)
+            rb.RedisStore.remove(url, name, force=True)
+            assert name_keys(r, name) == []
+            go.set()
+            [(_, result)] = collect(out, 1, spawner)
+            assert result.startswith("SegmentError"), result
+            assert name_keys(r, name) == []
+        finally:
+            go.set()
+            remove(url, name)
+
+    def test_an_engine_of_another_layout(self, url, r):
+        """An engine an older version made (layout 1, no incarnation): attach
+        refuses it saying how to remove it; remove deletes it; then the name
+        can be created."""
+        name = f"layout1_{os.getpid()}_{time.monotonic_ns()}"
+        P = f"eng:{{{name}:0}}:"
+        r.hset(P + "m", mapping={"magic": "engine-redis", "layout": "1", "ready": "1",
+                                 "shards": "1"})
+        r.rpush(P + "free", *range(16))
+        try:
+            with pytest.raises(SegmentError, match="layout.*engine rm"):
+                Engine.attach(name, url=url)
+            with pytest.raises(SegmentError, match="already exists"):
+                Engine.create(16, name=name, url=url)
+            assert rb.RedisStore.remove(url, name) == 2
+            with Engine.create(16, name=name, url=url, max_accounts=4):
+                free_lists_exact(r, name, 16, 4, 1)
+        finally:
+            remove(url, name)
+
+
 # -- item 6: incarnations, durability, ?wait=N ----------------------------------------------------
 class TestIncarnation:
     def test_an_old_engine_never_acts_on_a_recreated_one(self, url):
