@@ -28,8 +28,8 @@ import secrets
 import struct
 import time
 import zlib
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 

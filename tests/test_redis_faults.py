@@ -24,7 +24,6 @@ from procs import collect, sigkill, until
 
 import engine.redis_backend as rb
 from engine import (
-    CapacityError,
     Engine,
     Outcome,
     SegmentError,
@@ -249,7 +248,7 @@ class TestCreate:
                         assert again.state(pos) is State.CREATED
                     free = [int(x) for s in range(shards)
                             for x in r.lrange(f"eng:{{{name}:{s}}}:free", 0, -1)]
-                    assert sorted(free + [winner.slot_of(pos)]) == list(range(capacity))
+                    assert sorted([*free, winner.slot_of(pos)]) == list(range(capacity))
                     assert all(r.hget(f"eng:{{{name}:{s}}}:m", "inc") ==
                                str(winner.handle.incarnation).encode() for s in range(shards))
             finally:
@@ -381,7 +380,7 @@ class TestRemove:
                                  "shards": "1"})
         r.rpush(P + "free", *range(16))
         try:
-            with pytest.raises(SegmentError, match="layout.*engine rm"):
+            with pytest.raises(SegmentError, match=r"layout.*engine rm"):
                 Engine.attach(name, url=url)
             with pytest.raises(SegmentError, match="already exists"):
                 Engine.create(16, name=name, url=url)

@@ -31,6 +31,19 @@ def _timed(call: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def _flipper(eng: Engine, pos: int, flip: list[Trigger]) -> Callable[[], object]:
+    n = [0]
+
+    def call() -> object:
+        n[0] += 1
+        return eng.transition(pos, flip[n[0] & 1])
+    return call
+
+
+def _depositor(eng: Engine, acct: int) -> Callable[[], object]:
+    return lambda: eng.deposit(acct, 1)
+
+
 def measure(rounds: int, block: int) -> dict[str, float]:
     """Median us per call: {kind: us} for kind in (transition, deposit) x (plain, wait=1)."""
     with PrivateRedis() as primary, PrivateRedis(replicaof=primary.port) as replica:
@@ -49,11 +62,10 @@ def measure(rounds: int, block: int) -> dict[str, float]:
         flip = [Trigger.PAUSE, Trigger.RESUME]
         for _ in range(rounds):
             for label, eng in (("plain", e), ("wait=1", waited)):
-                i = iter(range(1 << 60))
                 times.setdefault(f"transition {label}", []).append(
-                    _timed(lambda eng=eng, i=i: eng.transition(pos, flip[next(i) & 1]), block))
+                    _timed(_flipper(eng, pos, flip), block))
                 times.setdefault(f"deposit {label}", []).append(
-                    _timed(lambda eng=eng: eng.deposit(acct, 1), block))
+                    _timed(_depositor(eng, acct), block))
         waited.close()
         e.unlink()
         e.close()
