@@ -9,6 +9,7 @@ restarts or kills it)."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import traceback
@@ -477,23 +478,31 @@ class TestIncarnation:
             e.close()
 
     def test_wait_1_survives_a_replica_promotion(self):
-        """?wait=1: a deposit that returned is on the replica; SIGKILL the
-        primary, promote the replica: the deposit is there, the handle
-        attaches to it (same incarnation) and the engine goes on."""
+        """?wait=1: while the replica is stopped a deposit cannot return (it
+        raises ServerError); once it runs, a deposit that returned is on it.
+        SIGKILL the primary, promote the replica: both deposits are there,
+        the handle attaches to it (same incarnation), the engine goes on."""
         with PrivateRedis() as primary, PrivateRedis(replicaof=primary.port) as replica:
             rep = redis.Redis.from_url(replica.url)
             until(lambda: rep.info("replication")["master_link_status"] == "up",
                   "the replica to sync")
-            e = Engine.create(16, url=primary.url + "?wait=1&timeout=5")
+            e = Engine.create(16, url=primary.url + "?wait=1&timeout=2")
             acct = e.open_account(cash=0, max_exposure=0, max_positions=0, max_loss=0)
             pos = opened(e)
+            assert replica.proc is not None
+            os.kill(replica.proc.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(ServerError, match="0 of 1 replica"):
+                    e.deposit(acct, 7)
+            finally:
+                os.kill(replica.proc.pid, signal.SIGCONT)
             e.deposit(acct, 500)
             assert primary.proc is not None
             primary.proc.kill()
             primary.proc.wait()
             rep.execute_command("REPLICAOF", "NO", "ONE")
             with Engine.attach(e.handle, url=replica.url) as promoted:
-                assert promoted.account(acct).cash == Decimal(500)
+                assert promoted.account(acct).cash == Decimal(507)
                 assert promoted.state(pos) is State.MONITORING
                 assert promoted.transition(pos, Trigger.PAUSE) is Outcome.APPLIED
             e.close()
@@ -502,7 +511,7 @@ class TestIncarnation:
         """?wait=1 with no replica: create and each mutating call apply on the
         primary, but raise ServerError saying a failover may lose them."""
         with PrivateRedis() as server:
-            slow = server.url + "?wait=1&timeout=0.3"
+            slow = server.url + "?wait=1&timeout=1"
             with pytest.raises(ServerError, match="0 of 1 replica"):
                 Engine.create(16, name="no_replica", url=slow)
             with Engine.attach("no_replica", url=slow) as e:
