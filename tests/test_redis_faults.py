@@ -256,6 +256,24 @@ class TestCreate:
                 go.set()
                 remove(url, name)
 
+    def test_a_takeover_killed_after_clearing(self, url, r, spawner):
+        """A creator killed half-way, then the creator that took the name over
+        killed right after clearing the remains: the third create builds the
+        engine whole."""
+        capacity = 2 * lib.ENG_REDIS_CREATE_CHUNK + 100
+        name = f"takeover_{os.getpid()}_{time.monotonic_ns()}"
+        try:
+            for stop_at in (4, 2):   # a fill chunk; then the takeover's "clear"
+                stopped, out = spawner.ctx.Event(), spawner.ctx.Queue()
+                p = spawner.start(_create_until, url, name, stop_at, capacity, 2, stopped, out)
+                assert stopped.wait(60)
+                sigkill(p)
+                r.delete(f"eng:{{{name}:0}}:lease")
+            with Engine.create(capacity, name=name, url=url, shards=2, max_accounts=8):
+                free_lists_exact(r, name, capacity, 8, 2)
+        finally:
+            remove(url, name)
+
     def test_a_dead_creators_lease_expires_by_itself(self, url, r, spawner):
         """Without any help, a create after the lease's expiry clears the dead
         creator's remains and succeeds."""
