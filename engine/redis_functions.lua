@@ -804,7 +804,8 @@ REG('claim', function(keys, args, inc)
     if bad then return {C_FOREIGN, bad} end
     local gen, old, left = newgen(0), 0, 0
     if redis.call('EXISTS', m) == 1 then
-        local v = redis.call('HMGET', m, 'ready', 'gen', 'shards')
+        local v = redis.call('HMGET', m, 'ready', 'gen', 'shards', 'inc')
+        if v[4] == inc and v[1] ~= '1' then return {C_OK, v[2], 0, 0} end   -- a resend
         if v[1] == '1' then return {C_EXISTS} end
         if redis.call('EXISTS', lease) == 1 then return {C_BUSY, redis.call('PTTL', lease)} end
         gen, old, left = newgen(v[2]), tonumber(v[3]) or 0, 1
@@ -924,7 +925,8 @@ REG('drop', function(keys, args, inc)
     local bad = foreign(P, args[3])
     if bad then return {C_FOREIGN, bad} end
     if redis.call('EXISTS', m) == 0 then return {C_GONE} end
-    local v = redis.call('HMGET', m, 'inc', 'ready', 'shards')
+    local v = redis.call('HMGET', m, 'inc', 'ready', 'shards', 'gen')
+    if v[1] == inc then return {C_OK, tonumber(v[3]) or 1, v[4]} end   -- a resend
     if args[1] ~= '' and v[1] ~= args[1] then return {C_GONE} end
     if v[2] ~= '1' and args[4] ~= '1' and redis.call('EXISTS', lease) == 1 then
         return {C_BUSY, redis.call('PTTL', lease)}

@@ -597,3 +597,30 @@ class TestUnlinked:
         finally:
             e.close()
             remove(url, name)
+
+
+class TestResend:
+    def test_create_and_remove_steps_sent_twice_apply_once(self, url, r):
+        """Every create and remove step sent again (as after a lost reply)
+        answers as the first time and changes nothing more: the engine is
+        built whole and removed whole."""
+        real = rb._Conn.call
+
+        def twice(self: Any, key: Any, fn: str, *args: Any) -> Any:
+            first = real(self, key, fn, *args)
+            if fn in ("claim", "binit", "fill", "seal", "renew", "drop", "wipe"):
+                again = real(self, key, fn, *args)
+                assert again == first, (fn, first, again)
+            return first
+
+        name = f"twice_{os.getpid()}_{time.monotonic_ns()}"
+        rb._Conn.call = twice   # type: ignore[method-assign]
+        try:
+            capacity = lib.ENG_REDIS_CREATE_CHUNK + 10
+            with Engine.create(capacity, name=name, url=url, shards=2, max_accounts=8) as e:
+                free_lists_exact(r, name, capacity, 8, 2)
+                e.unlink()
+            assert name_keys(r, name) == []
+        finally:
+            rb._Conn.call = real   # type: ignore[method-assign]
+            remove(url, name)
