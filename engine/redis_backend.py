@@ -157,9 +157,9 @@ def _constants() -> str:
 
 _BODY = Path(__file__).with_name("redis_functions.lua").read_text()
 _PRELUDE = _constants()
-_VERSION = hashlib.sha1((_PRELUDE + _BODY).encode()).hexdigest()[:10]
 # REG wraps every function in ENGINE_CHECK (the incarnation check; the body sets it)
 _CHECKED = "function(k, a) return ENGINE_CHECK(n, f, k, a) end"
+_VERSION = hashlib.sha1((_PRELUDE + _CHECKED + _BODY).encode()).hexdigest()[:10]
 _LIBRARY = (f"#!lua name=engine_{_VERSION}\n{_PRELUDE}local ENGINE_CHECK\n"
             f"local function REG(n, f) redis.register_function('e{_VERSION}_' .. n, "
             f"{_CHECKED}) end\n{_BODY}")
@@ -205,7 +205,7 @@ class _Conn:
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         self.timeout = float(query.pop("timeout", _DEFAULT_TIMEOUT_S))
         #: ?wait=N: replicas that must acknowledge each mutating call (WAIT)
-        self.wait = _replicas(query.pop("wait", "0"), url)
+        self.wait = _replicas(query.pop("wait", "0"))
         use_functions = query.pop("functions", "1") != "0"
         base = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items()))
         self.cluster = parts.scheme == "redis+cluster"
@@ -381,7 +381,7 @@ class _Conn:
             pass
 
 
-def _replicas(v: str, url: str) -> int:
+def _replicas(v: str) -> int:
     """The ?wait=N of a url: replicas in [0, 64]."""
     if not v.isdigit() or not 0 <= int(v) <= 64:
         raise ArgumentError(f"?wait= in the url must be a number of replicas in [0, 64], "

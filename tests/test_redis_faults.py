@@ -9,6 +9,7 @@ restarts or kills it)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from procs import collect, sigkill, until
 
 import engine.redis_backend as rb
 from engine import (
+    ArgumentError,
     Engine,
     Outcome,
     SegmentError,
@@ -524,6 +526,12 @@ class TestIncarnation:
                 assert promoted.state(pos) is State.MONITORING
                 assert promoted.transition(pos, Trigger.PAUSE) is Outcome.APPLIED
             e.close()
+
+    @pytest.mark.parametrize("bad", ["x", "-1", "65", "1.5"])
+    def test_a_bad_wait_is_refused(self, url, bad):
+        """?wait= outside [0, 64] replicas: ArgumentError with the value and the range."""
+        with pytest.raises(ArgumentError, match=r"\[0, 64\].*" + re.escape(repr(bad))):
+            Engine.create(4, url=f"{url}?wait={bad}")
 
     def test_wait_without_enough_replicas_is_a_server_error(self):
         """?wait=1 with no replica: create and each mutating call apply on the
