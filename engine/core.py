@@ -89,6 +89,9 @@ class Handle:
     name: str
     spec: MachineSpec | None = None   # None: the default position lifecycle
     url: str | None = None            # None: shared memory; else the Redis server
+    #: Redis: the engine's incarnation (random, set at create); attach(handle)
+    #: reaches only that one, never an engine created again under the name
+    incarnation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -350,8 +353,10 @@ class Engine:
         The segment's machine spec must equal ``spec`` (or the handle's spec,
         or the default position lifecycle); anything else is refused.
         """
+        incarnation = None
         if isinstance(target, Handle):
             name, spec, url = target.name, spec or target.spec, url or target.url
+            incarnation = target.incarnation
         elif isinstance(target, str):
             name = target
         else:
@@ -359,13 +364,15 @@ class Engine:
         spec = _check_spec(spec)
         if url is not None:
             name = segment.check_name(name)
-            return cls._on_redis(RedisStore.attach(check_url(url), name, spec), spec)
+            return cls._on_redis(RedisStore.attach(check_url(url), name, spec, incarnation),
+                                 spec)
         return cls(name, segment.open_mapped(name), spec, check_spec=True)
 
     @property
     def handle(self) -> Handle:
         """Picklable handle for spawned workers."""
-        return Handle(self.name, None if self.spec == POSITION_SPEC else self.spec, self.url)
+        return Handle(self.name, None if self.spec == POSITION_SPEC else self.spec, self.url,
+                      None if self.url is None else self._seg.incarnation)
 
     @property
     def closed(self) -> bool:
@@ -393,7 +400,9 @@ class Engine:
 
     def unlink(self) -> None:
         """Destroy the segment (attached processes keep their mappings).  On
-        Redis: delete every key of the engine."""
+        Redis: delete every key of this incarnation of the engine; every
+        other Engine attached to it gets SegmentNotFoundError from then on
+        (and this one too if it was unlinked or created again meanwhile)."""
         if self.url is not None:
             self._seg.destroy()
         else:

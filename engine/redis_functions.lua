@@ -35,6 +35,29 @@
 
 local function tag(keys) return string.sub(keys[1], 1, -2) end   -- P: strip the "m"
 
+-- Incarnations.  create sets a random 64-bit number, 'inc', in every shard's
+-- meta; an Engine learns it at attach (the handle carries it) and sends it as
+-- the first argument of every call.  ENGINE_CHECK (REG wraps every function
+-- in it) compares it with the shard's meta before the function runs: a call
+-- meant for an engine that was unlinked (no meta), or lost and created again
+-- under its name (another inc), changes nothing and fails with GONE or OTHER.
+-- The create and remove steps (CREATE) check the name's claim themselves;
+-- they get the caller's number as a third argument.
+local CREATE = {claim = true, binit = true, fill = true, seal = true, renew = true,
+                abort = true, drop = true, wipe = true}
+ENGINE_CHECK = function(n, f, keys, args)
+    local inc = table.remove(args, 1)
+    if CREATE[n] then return f(keys, args, inc) end
+    local have = redis.call('HGET', keys[1], 'inc')
+    if have == inc then return f(keys, args) end
+    if not have then
+        return redis.error_reply('ENGINE_GONE no engine at ' .. keys[1] .. ': it was unlinked ' ..
+                                 'or lost (a server restart without persistence?)')
+    end
+    return redis.error_reply('ENGINE_OTHER ' .. keys[1] .. ' is another incarnation (' .. have ..
+                             ') than the caller attached to (' .. tostring(inc) .. ')')
+end
+
 local IDX = {}
 for i = 0, 15 do IDX[2 ^ i] = i end
 
@@ -716,4 +739,200 @@ REG('alist', function(keys, args)
         end
     end
     return out
+end)
+
+-- a no-op: the incarnation check alone (metrics() reads the counters directly)
+REG('alive', function(keys, args) return 0 end)
+
+-- create and remove ---------------------------------------------------------------
+-- A name is claimed in one call (claim: shard 0's meta, not ready, with a
+-- lease key that the creator renews); the other shards' metas are written
+-- (binit), the free lists filled in bounded chunks (fill) and each shard
+-- sealed ready, shard 0 last (seal).  Each step checks that the shard is
+-- still the caller's (its inc), so a creator that lost its claim (it stalled
+-- past its lease and another took over) builds nothing that counts.  A
+-- not-ready name whose lease expired is taken over by the next claim, which
+-- reports that its remains must be cleared first.  drop claims a name for
+-- removal the same way (its own number, a lease) so that a removal killed
+-- half-way leaves a not-ready name that the next create clears.
+--
+-- Every claim has a generation 'gen' (the server's clock in us at the claim,
+-- above the generation it took over), stored in each shard's meta it
+-- builds.  Remains are deleted only by wipe, on their own shard, in the same
+-- step as it checks that the shard holds nothing of a newer claim: a stalled
+-- creator or remover that lost its claim can never delete a newer engine's
+-- keys.
+
+-- a generation above `old` (a claim's): the server's clock in us, or old + 1
+local function newgen(old)
+    local t = redis.call('TIME')
+    return string.format('%d', math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]),
+                                         (tonumber(old) or 0) + 1))
+end
+
+-- may the claim (inc, gen) delete remains on the shard of meta m?  Yes when
+-- the shard has no meta, its meta is the claim's own, or an older claim's
+local function older(m, inc, gen)
+    local v = redis.call('HMGET', m, 'inc', 'gen')
+    return not v[1] or v[1] == inc or (tonumber(v[2]) or 0) < tonumber(gen)
+end
+
+-- the first of m / free / afree of shard P that is not this engine's kind, or nil
+local function foreign(P, magic)
+    local m = P .. 'm'
+    local t = redis.call('TYPE', m)['ok']
+    if t ~= 'none' and (t ~= 'hash' or redis.call('HGET', m, 'magic') ~= magic) then return m end
+    for _, k in ipairs({'free', 'afree'}) do
+        t = redis.call('TYPE', P .. k)['ok']
+        if t ~= 'none' and t ~= 'list' then return P .. k end
+    end
+    return nil
+end
+
+-- keys a shard holds without a meta of ours: remains the client must clear
+local function remains(P)
+    return redis.call('EXISTS', P .. 'free', P .. 'afree', P .. 'open', P .. 's') > 0
+end
+
+-- args: lease ms, magic, meta field/value pairs.  {C_OK, gen, shards of the
+-- engine taken over (0: none), remains (1: clear the name first)}, {C_EXISTS},
+-- {C_BUSY, lease ms left}, {C_FOREIGN, key}
+REG('claim', function(keys, args, inc)
+    local P = tag(keys)
+    local m, lease = keys[1], P .. 'lease'
+    local bad = foreign(P, args[2])
+    if bad then return {C_FOREIGN, bad} end
+    local gen, old, left = newgen(0), 0, 0
+    if redis.call('EXISTS', m) == 1 then
+        local v = redis.call('HMGET', m, 'ready', 'gen', 'shards', 'inc')
+        if v[4] == inc and v[1] ~= '1' then return {C_OK, v[2], 0, 0} end   -- a resend
+        if v[1] == '1' then return {C_EXISTS} end
+        if redis.call('EXISTS', lease) == 1 then return {C_BUSY, redis.call('PTTL', lease)} end
+        gen, old, left = newgen(v[2]), tonumber(v[3]) or 0, 1
+        redis.call('DEL', m)
+    end
+    if remains(P) then left = 1 end
+    redis.call('UNLINK', P .. 'free', P .. 'afree')
+    redis.call('HSET', m, unpack(args, 3))
+    redis.call('HSET', m, 'inc', inc, 'gen', gen, 'ready', '0')
+    redis.call('SET', lease, inc, 'PX', args[1])
+    return {C_OK, gen, old, left}
+end)
+
+-- a shard's meta (shard > 0).  args: gen of the claim, magic, meta pairs.
+-- {C_OK}, {C_REMAINS} (clear the shard, then again), {C_LOST}, {C_FOREIGN, key}
+REG('binit', function(keys, args, inc)
+    local P = tag(keys)
+    local m = keys[1]
+    local bad = foreign(P, args[2])
+    if bad then return {C_FOREIGN, bad} end
+    if redis.call('EXISTS', m) == 1 then
+        local v = redis.call('HMGET', m, 'inc', 'ready', 'gen')
+        if v[1] == inc then return {C_OK} end   -- a resend
+        -- a newer claim's shard: this creator lost its claim
+        if (tonumber(v[3]) or 0) >= tonumber(args[1]) then return {C_LOST} end
+        return {C_REMAINS}
+    end
+    if remains(P) then return {C_REMAINS} end
+    redis.call('HSET', m, unpack(args, 3))
+    redis.call('HSET', m, 'inc', inc, 'gen', args[1], 'ready', '0')
+    return {C_OK}
+end)
+
+-- push first + step * i for i in [from, from + n) onto list args[1]
+-- (free / afree); C_OK, or C_LOST (not the caller's, or not what it built)
+REG('fill', function(keys, args, inc)
+    local P = tag(keys)
+    local v = redis.call('HMGET', keys[1], 'inc', 'ready')
+    if v[1] ~= inc or v[2] == '1' then return C_LOST end
+    local list = P .. args[1]
+    local first, step, from, n = tonumber(args[2]), tonumber(args[3]), tonumber(args[4]),
+                                 tonumber(args[5])
+    local have = redis.call('LLEN', list)
+    if have == from + n then return C_OK end   -- a resend of a chunk that applied
+    if have ~= from then return C_LOST end
+    local batch = {}
+    for i = from, from + n - 1 do
+        batch[#batch + 1] = string.format('%d', first + step * i)
+        if #batch == 1000 then
+            redis.call('RPUSH', list, unpack(batch))
+            batch = {}
+        end
+    end
+    if #batch > 0 then redis.call('RPUSH', list, unpack(batch)) end
+    return C_OK
+end)
+
+-- ready, once the lists hold args[1] slots and args[2] accounts; shard 0 drops the lease
+REG('seal', function(keys, args, inc)
+    local P = tag(keys)
+    local v = redis.call('HMGET', keys[1], 'inc', 'ready')
+    if v[1] ~= inc then return C_LOST end
+    if v[2] ~= '1' then
+        if redis.call('LLEN', P .. 'free') ~= tonumber(args[1]) or
+                redis.call('LLEN', P .. 'afree') ~= tonumber(args[2]) then
+            return C_LOST
+        end
+        redis.call('HSET', keys[1], 'ready', '1')
+    end
+    if redis.call('GET', P .. 'lease') == inc then redis.call('DEL', P .. 'lease') end
+    return C_OK
+end)
+
+-- the claim's lease for args[1] ms more, while the claim is the caller's
+REG('renew', function(keys, args, inc)
+    local v = redis.call('HMGET', keys[1], 'inc', 'ready')
+    if v[1] ~= inc or v[2] == '1' then return C_LOST end
+    redis.call('SET', tag(keys) .. 'lease', inc, 'PX', args[1])
+    return C_OK
+end)
+
+-- delete keys args[2..] of this shard, remains of older claims than the
+-- caller's (generation args[1]); never the caller's own meta or lease
+REG('wipe', function(keys, args, inc)
+    if not older(keys[1], inc, args[1]) then return C_LOST end
+    local own = redis.call('HGET', keys[1], 'inc') == inc
+    local lease = tag(keys) .. 'lease'
+    for i = 2, #args do
+        if not (own and (args[i] == keys[1] or args[i] == lease)) then
+            redis.call('UNLINK', args[i])
+        end
+    end
+    return C_OK
+end)
+
+-- delete the shard's meta, lists and lease if they are the caller's
+REG('abort', function(keys, args, inc)
+    local P = tag(keys)
+    if redis.call('TYPE', keys[1])['ok'] ~= 'hash' or
+            redis.call('HGET', keys[1], 'inc') ~= inc then
+        return C_LOST
+    end
+    redis.call('DEL', keys[1])
+    redis.call('UNLINK', P .. 'free', P .. 'afree')
+    if redis.call('GET', P .. 'lease') == inc then redis.call('DEL', P .. 'lease') end
+    return C_OK
+end)
+
+-- claim shard 0 for removal: args the incarnation expected ('' for any),
+-- lease ms, magic, force ('1': even while a creator holds its lease).  The
+-- meta stays, not ready, under the caller's number and lease, until the
+-- remover has deleted everything else (then abort).  {C_OK, shards, gen},
+-- {C_GONE}, {C_BUSY, ms left}, {C_FOREIGN, key}
+REG('drop', function(keys, args, inc)
+    local P = tag(keys)
+    local m, lease = keys[1], P .. 'lease'
+    local bad = foreign(P, args[3])
+    if bad then return {C_FOREIGN, bad} end
+    if redis.call('EXISTS', m) == 0 then return {C_GONE} end
+    local v = redis.call('HMGET', m, 'inc', 'ready', 'shards', 'gen')
+    if v[1] == inc then return {C_OK, tonumber(v[3]) or 1, v[4]} end   -- a resend
+    if args[1] ~= '' and v[1] ~= args[1] then return {C_GONE} end
+    if v[2] ~= '1' and args[4] ~= '1' and redis.call('EXISTS', lease) == 1 then
+        return {C_BUSY, redis.call('PTTL', lease)}
+    end
+    local gen = newgen(redis.call('HGET', m, 'gen'))
+    redis.call('HSET', m, 'inc', inc, 'gen', gen, 'ready', '0', 'dropping', '1')
+    redis.call('SET', lease, inc, 'PX', args[2])
+    return {C_OK, tonumber(v[3]) or 1, gen}
 end)

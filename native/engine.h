@@ -370,6 +370,16 @@
  */
 #define ENG_REDIS_GUARD_TTL_MS 2000
 #define ENG_REDIS_BUSY_TRIES   32
+/*
+ * Creating an engine on Redis: the name is claimed in one function (its
+ * meta, not ready, with a lease key of ENG_REDIS_CREATE_LEASE_MS that the
+ * creator renews between steps); the free lists are then filled on the
+ * server ENG_REDIS_CREATE_CHUNK entries per call, and each shard is sealed
+ * (ready) last.  A create that finds a not-ready name whose lease expired
+ * (its creator died) clears it and builds it again.
+ */
+#define ENG_REDIS_CREATE_LEASE_MS 10000
+#define ENG_REDIS_CREATE_CHUNK    8192
 
 /*
  * ---- price timestamps ---------------------------------------------------------
