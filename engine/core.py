@@ -42,6 +42,7 @@ from engine.errors import (
     RiskLimitError,
     SlotError,
     TriggerError,
+    header_detail,
     raise_for,
 )
 from engine.metrics import Metrics, read_metrics
@@ -143,6 +144,31 @@ def _detach(seg: Any, buf: Any, mm: mmap.mmap) -> None:
     mm.close()
 
 
+def _machine_mismatch(hdr: Any, spec: MachineSpec) -> str | None:
+    """The first header word of the machine that differs from what ``spec``
+    compiles to (the fingerprint alone would let a crafted table or layout
+    run another machine under the spec's name), as a message; None if all agree."""
+    lay = spec.record.c_layout(hdr.rec.keys_per_position)
+    want = {"n_states": len(spec.states), "n_triggers": len(spec.triggers),
+            "initial_index": spec.state_index[spec.initial], "closed_mask": spec.closed_mask,
+            "table": spec.table_bytes(), "rec.n_words": lay.n_words,
+            "rec.word_type": bytes(ffi.buffer(lay.word_type)),
+            "rec.roles": bytes(ffi.buffer(lay.roles))}
+    got = {"n_states": hdr.n_states, "n_triggers": hdr.n_triggers,
+           "initial_index": hdr.initial_index, "closed_mask": hdr.closed_mask,
+           "table": bytes(ffi.buffer(hdr.table)), "rec.n_words": hdr.rec.n_words,
+           "rec.word_type": bytes(ffi.buffer(hdr.rec.word_type)),
+           "rec.roles": bytes(ffi.buffer(hdr.rec.roles))}
+    for word, value in want.items():
+        if got[word] != value:
+            if isinstance(value, bytes):
+                pairs = enumerate(zip(got[word], value, strict=True))
+                at = next(i for i, (a, b) in pairs if a != b)
+                return f" (header word {word}[{at}] = {got[word][at]}, the spec has {value[at]})"
+            return f" (header word {word} = {got[word]}, the spec has {value})"
+    return None
+
+
 def _key_bytes(key: Any) -> bytes:
     """A str (UTF-8) or bytes key of 1 to ENG_KEY_MAX bytes."""
     if isinstance(key, str):
@@ -221,8 +247,13 @@ class Engine:
                             spec.fingerprint if check_spec else 0, fd)
         if rc:
             os.close(fd)   # C owns the descriptor only once attached
+            detail = header_detail(self._buf, len(mm), spec.fingerprint if check_spec else 0)
             self._finalizer()
-            raise_for(rc, name=name, spec=spec.name)
+            raise_for(rc, name=name, spec=spec.name, detail=detail)
+        wrong = _machine_mismatch(self._seg.hdr, spec) if check_spec else None
+        if wrong:
+            self._finalizer()
+            raise_for(lib.ENG_ESPEC, name=name, spec=spec.name, detail=wrong)
         self._bind(name, spec, lib, None)
         if _fastpath is not None:
             self._install_fastpath()
@@ -1200,6 +1231,11 @@ class Engine:
     def _set_fault(self, flags: int = 0, pause_ns: int = 0) -> None:
         """Test hooks: ENG_FAULT_* switches and a pause inside the slow path."""
         rc = self._lib.eng_set_faults(self._seg, flags, pause_ns)
+        if rc == lib.ENG_EBADARG and self.url is None and (flags or pause_ns) and \
+                lib.eng_test_faults(-1) != 1:
+            raise ArgumentError("test faults are off in this process: set ENGINE_TEST_FAULTS=1 "
+                                "in its environment (or call lib.eng_test_faults(1)) first; "
+                                "every process that attaches the segment needs it too")
         if rc:
             self._fail(rc, what=f"flags={flags}, pause_ns={pause_ns}")
 

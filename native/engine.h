@@ -324,7 +324,11 @@
 #define ENG_PROC_CLAIMED     1       /* pid written, incarnation and start time not yet */
 #define ENG_PROC_ACTIVE      2
 
-/* ---- test-only fault switches (eng_set_faults) ----------------------------- */
+/* ---- test-only fault switches (eng_set_faults) -----------------------------
+ * Honoured only by a process whose own switch is on (eng_test_faults,
+ * ENGINE_TEST_FAULTS=1); with it off, attach refuses a segment that has any
+ * set (ENG_ECORRUPT). */
+#define ENG_TEST_PAUSE_MAX_NS 60000000000ULL   /* test_pause_ns: at most 60 s */
 #define ENG_FAULT_SKIP_GEN   1       /* commit without generation + 1 */
 #define ENG_FAULT_BLIND_STORE 2      /* fast path stores instead of CAS */
 /* a committer SIGKILLs itself between its state CAS and its counter bump */
@@ -744,6 +748,9 @@ int      eng_format(void *base, uint64_t size, uint32_t capacity,
                     uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec,
                     uint32_t max_accounts);
 int      eng_validate(const void *base, uint64_t size, uint64_t fingerprint);
+/* eng_validate, also naming the first bad header word and its value */
+int      eng_validate_detail(const void *base, uint64_t size, uint64_t fingerprint,
+                             const char **out_field, uint64_t *out_value);
 int      eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd);
 void     eng_detach(eng_seg *s);
 int      eng_check(eng_seg *s);
@@ -827,6 +834,9 @@ uint64_t eng_proc_start_time(uint32_t pid);
 int      eng_set_halt(eng_seg *s, uint32_t on);
 int      eng_set_metrics(eng_seg *s, uint32_t on, uint32_t sample_mask);
 int      eng_set_faults(eng_seg *s, uint32_t flags, uint64_t pause_ns);
+/* This process's test fault switch (see "test faults" in engine.c): on >= 0
+ * sets it; returns it (1 on).  Off until ENGINE_TEST_FAULTS=1 or a call. */
+int      eng_test_faults(int on);
 int      eng_test_hold(eng_seg *s, uint32_t what, uint64_t id);
 
 /* cdef-end */
