@@ -15,6 +15,10 @@ from engine._native import ffi, lib
 class EngineError(Exception):
     """Base of every error the engine raises (never raised itself)."""
 
+    #: transition_many: every element's outcome when an element failed with an
+    #: error (a failed element holds ENG_MANY_ERROR | -code); else None
+    outcomes: Any = None
+
 
 class SlotError(EngineError, IndexError):
     """A slot id out of range."""

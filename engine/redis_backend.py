@@ -132,7 +132,8 @@ def _constants() -> str:
              "CONFLICT": CONFLICT, "REJECTED": REJECTED,
              "HALTED": HALTED, "MAX_TRIGGERS": MAX_TRIGGERS,
              "RULE_GUARDED": RULE_GUARDED, "RULE_TARGET_MASK": RULE_TARGET_MASK,
-             "MONEY_SCALE": MONEY_SCALE, "COMMITTED": _COMMITTED}
+             "MONEY_SCALE": MONEY_SCALE, "COMMITTED": _COMMITTED,
+             "BOOK_PRICE_MULT": lib.ENG_BOOK_PRICE_MULT, "MANY_ERROR": lib.ENG_MANY_ERROR}
     for n in dir(lib):
         if n.startswith("ENG_E") and isinstance(getattr(lib, n), int):
             names[n[4:]] = getattr(lib, n)
@@ -594,8 +595,9 @@ class RedisStore:
         """What a refused opening or withdrawal was checked against (the
         error message reads it, as C leaves it in eng_seg)."""
         (cash, reserved, realized, opening, deposits, withdrawals, max_exposure, max_loss,
-         max_positions, open_positions, halted, _version, _op) = b
+         max_positions, open_positions, halted, _version, _op, gain, loss) = b
         bk = self.last_books
+        bk.worst_gain, bk.worst_loss = int(gain or 0), int(loss or 0)
         bk.cash, bk.reserved, bk.realized = int(cash), int(reserved), int(realized)
         bk.opening_cash, bk.deposits, bk.withdrawals = int(opening), int(deposits), int(withdrawals)
         bk.max_exposure, bk.max_loss = int(max_exposure), int(max_loss)
@@ -888,9 +890,10 @@ class RedisStore:
 
     def _books_row(self, id: int, b: list[bytes], row: Any) -> None:
         (cash, reserved, realized, opening, deposits, withdrawals, max_exposure, max_loss,
-         max_positions, open_positions, halted, version, _op) = b
+         max_positions, open_positions, halted, version, _op, gain, loss) = b
         row.id, row.version, row.index = id, int(version), id & ID_SLOT_MASK
         bk = row.b
+        bk.worst_gain, bk.worst_loss = int(gain or 0), int(loss or 0)
         bk.open, bk.opening = 1, id >> ID_SLOT_BITS
         bk.cash, bk.reserved, bk.realized = int(cash), int(reserved), int(realized)
         bk.opening_cash, bk.deposits, bk.withdrawals = int(opening), int(deposits), int(withdrawals)

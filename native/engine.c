@@ -2071,7 +2071,52 @@ static int acct_settle(eng_seg *s, uint64_t acct, op_timer t)
 
 enum { BOOK_OPEN = 1, BOOK_CLOSE = 2 };
 
-static int books_reserve(eng_books *b, int64_t notional)
+/*
+ * The worst case of a booked position.  Its close books realized = side x
+ * (money(last, amount) - notional) with last in (0, ENG_BOOK_PRICE_MULT x
+ * entry] (a close above the band is refused), so with top = money(MULT x
+ * entry, amount) it adds at most gain and takes at most loss:
+ *
+ *   long:  realized in [-notional, top - notional]   gain = top - notional, loss = notional
+ *   short: realized in [notional - top, notional]    gain = notional, loss = top - notional
+ *
+ * (money() is monotonic in the price, and MULT is a power of two, so MULT x
+ * entry is exact.)  An account keeps, with worst_gain / worst_loss the sums
+ * over its open positions:
+ *
+ *   cash + worst_gain <= INT64_MAX      realized + worst_gain <= INT64_MAX
+ *   cash - worst_loss >= INT64_MIN      realized - worst_loss >= INT64_MIN
+ *
+ * An opening that would break it, or a deposit (cash + amount + worst_gain),
+ * is refused; a close keeps it (realized <= its gain, which leaves the sums
+ * with it), and a withdrawal keeps cash >= reserved >= 0.  So every close
+ * within the band books.
+ */
+_Static_assert((ENG_BOOK_PRICE_MULT & (ENG_BOOK_PRICE_MULT - 1)) == 0, "the band's top is exact");
+
+static int position_worst(double entry, double amount, int64_t side, int64_t *notional,
+                          int64_t *top, int64_t *gain, int64_t *loss)
+{
+    *notional = money_of(entry, amount);
+    *top = money_of(entry * ENG_BOOK_PRICE_MULT, amount);
+    if (*notional < 0 || *top < 0)
+        return ENG_EBADMONEY;   /* the position's value at the band's top is beyond money */
+    *gain = side > 0 ? *top - *notional : *notional;
+    *loss = side > 0 ? *notional : *top - *notional;
+    return 0;
+}
+
+/* 0 if books b (with worst_gain, worst_loss already summed) keep the room. */
+static inline int books_room_ok(const eng_books *b)
+{
+    int64_t x;
+    return !__builtin_add_overflow(b->cash, b->worst_gain, &x) &&
+           !__builtin_add_overflow(b->realized, b->worst_gain, &x) &&
+           !__builtin_sub_overflow(b->cash, b->worst_loss, &x) &&
+           !__builtin_sub_overflow(b->realized, b->worst_loss, &x);
+}
+
+static int books_reserve(eng_books *b, int64_t notional, int64_t gain, int64_t loss)
 {
     int64_t reserved, avail;
     if (b->halted)
@@ -2082,12 +2127,19 @@ static int books_reserve(eng_books *b, int64_t notional)
         return ENG_ERISK_EXPOSURE;
     if (__builtin_sub_overflow(b->cash, b->reserved, &avail) || notional > avail)
         return ENG_ERISK_CASH;
+    eng_books n = *b;
+    if (__builtin_add_overflow(b->worst_gain, gain, &n.worst_gain) ||
+        __builtin_add_overflow(b->worst_loss, loss, &n.worst_loss) || !books_room_ok(&n))
+        return ENG_EBADMONEY;   /* a close in the band could not be booked */
+    b->worst_gain = n.worst_gain;
+    b->worst_loss = n.worst_loss;
     b->reserved = reserved;
     b->open_positions++;
     return 0;
 }
 
-static int books_release(eng_books *b, int64_t notional, int64_t realized)
+static int books_release(eng_books *b, int64_t notional, int64_t realized, int64_t gain,
+                         int64_t loss)
 {
     int64_t reserved, cash, total;
     if (b->open_positions == 0 || __builtin_sub_overflow(b->reserved, notional, &reserved) ||
@@ -2095,11 +2147,13 @@ static int books_release(eng_books *b, int64_t notional, int64_t realized)
         return ENG_ECORRUPT;   /* the books lost a reservation: never, if the invariant holds */
     if (__builtin_add_overflow(b->cash, realized, &cash) ||
         __builtin_add_overflow(b->realized, realized, &total))
-        return ENG_EBADMONEY;
+        return ENG_EBADMONEY;   /* never within the band, if the room was kept */
     b->reserved = reserved;
     b->open_positions--;
     b->cash = cash;
     b->realized = total;
+    b->worst_gain = b->worst_gain > gain ? b->worst_gain - gain : 0;
+    b->worst_loss = b->worst_loss > loss ? b->worst_loss - loss : 0;
     if (total < 0 && total <= -b->max_loss)
         b->halted = 1;
     return 0;
@@ -2116,10 +2170,11 @@ static int book_position(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec
         return rc;
     double amount = as_f8(c->w[s->roles[ENG_ROLE_AMOUNT]]);
     int64_t side = (int64_t)c->w[s->roles[ENG_ROLE_SIDE]];
-    int64_t notional = money_of(as_f8(c->w[s->roles[ENG_ROLE_ENTRY_PRICE]]), amount);
-    int64_t realized = 0;
-    if (notional < 0)
-        return ENG_EBADMONEY;
+    int64_t notional, top, gain, loss, realized = 0;
+    rc = position_worst(as_f8(c->w[s->roles[ENG_ROLE_ENTRY_PRICE]]), amount, side, &notional,
+                        &top, &gain, &loss);
+    if (rc)
+        return rc;
     if (kind == BOOK_CLOSE) {
         eng_price_rec p;
         uint64_t pv;
@@ -2127,9 +2182,9 @@ static int book_position(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec
         if (rc)
             return rc;
         int64_t last = money_of(p.price, amount);
-        if (last < 0)
-            return ENG_EBADMONEY;
-        realized = side > 0 ? last - notional : notional - last;   /* both in [0, 2^63) */
+        if (last < 0 || last > top)
+            return ENG_EBADMONEY;   /* a price above the band: nothing changes */
+        realized = side > 0 ? last - notional : notional - last;   /* in [-loss, gain] */
     }
     uint64_t AL;
     rc = acct_latch(s, a, t, &AL);                                 /* B1 */
@@ -2142,7 +2197,8 @@ static int book_position(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec
     if (rc == 0) {
         s->last_books = b;
         s->last_amount = notional;
-        rc = kind == BOOK_OPEN ? books_reserve(&b, notional) : books_release(&b, notional, realized);
+        rc = kind == BOOK_OPEN ? books_reserve(&b, notional, gain, loss)
+                               : books_release(&b, notional, realized, gain, loss);
     }
     if (rc) {
         acct_unlatch(a, AL);
@@ -2220,6 +2276,7 @@ static int books_change(eng_books *b, int kind, const acct_args *x, uint64_t ver
     switch (kind) {
     case AC_DEPOSIT:
         if (__builtin_add_overflow(b->cash, x->amount, &v1) ||
+            __builtin_add_overflow(v1, b->worst_gain, &v2) ||   /* the open positions' room */
             __builtin_add_overflow(b->deposits, x->amount, &v2))
             return ENG_EBADMONEY;
         b->cash = v1;
@@ -4046,8 +4103,12 @@ int eng_transition_many(eng_seg *s, const uint64_t *ids, const uint32_t *trigger
     }
     for (uint64_t i = 0; i < n; i++) {
         int rc = eng_transition(s, ids[i], triggers[i]);
+        /* released meanwhile: INVALID; moved meanwhile onto a guarded rule:
+         * CONFLICT; any other error is the element's: ENG_MANY_ERROR | -code */
         out[i] = (uint8_t)(rc >= 0 ? rc
-                           : rc == ENG_ESTALE || rc == ENG_ENOTOPEN ? ENG_INVALID : ENG_CONFLICT);
+                           : rc == ENG_ESTALE || rc == ENG_ENOTOPEN ? ENG_INVALID
+                           : rc == ENG_EGUARDED ? ENG_CONFLICT
+                           : ENG_MANY_ERROR | -rc);
     }
     return 0;
 }
@@ -4321,6 +4382,7 @@ int eng_owner_alive(eng_seg *s, uint32_t token)
     return !token_dead(s, token & (uint32_t)ENG_TOKEN_MASK);
 }
 
+_Static_assert(-ENG_ERRNO_MIN < ENG_MANY_ERROR && ENG_HALTED < ENG_MANY_ERROR, "an element's error fits its byte");
 _Static_assert(ENG_ACCT_WAIT_STEPS == 8 * ENG_MAX_WAIT_STEPS, "account waits: 8x a slot wait");
 _Static_assert(ENG_YIELD_STEPS > ENG_SPIN_STEPS && ENG_MAX_WAIT_STEPS > ENG_YIELD_STEPS, "back-off phases");
 _Static_assert(((ENG_DEFAULT_SAMPLE_MASK + 1) & ENG_DEFAULT_SAMPLE_MASK) == 0, "sample mask: 2^k - 1");

@@ -40,7 +40,7 @@
 
 /* ---- identity ---------------------------------------------------------- */
 #define ENG_MAGIC            0x31454E49474E4545ULL   /* "EENGINE1" little-endian */
-#define ENG_LAYOUT_VERSION   8
+#define ENG_LAYOUT_VERSION   9
 #define ENG_CACHE_LINE       64
 
 /* ---- limits ------------------------------------------------------------ */
@@ -215,6 +215,15 @@
  * by CAS (v, token) -> (v + 1, 0).  See "accounts" in engine.c.
  */
 #define ENG_MONEY_SCALE      100000000LL
+/*
+ * A booked close books its last price, which nothing bounds but this: the
+ * close of a position is booked at a price up to ENG_BOOK_PRICE_MULT times
+ * its entry price.  Its opening reserves room for the worst case within that
+ * band (eng_books.worst_gain, worst_loss), so every such close can be booked;
+ * a close at a price above the band is refused (nothing changes; a price
+ * within it closes).
+ */
+#define ENG_BOOK_PRICE_MULT  1024
 #define ENG_AW_VERSION_SHIFT 24
 #define ENG_ACCOUNT_ID_MAX   0x00FFFFFFFFFFFFFFULL
 
@@ -252,6 +261,9 @@
  */
 #define ENG_TB_HEAD_SHIFT    32
 #define ENG_TB_MIN_BUCKETS   64
+
+/* ---- transition_many: an element that failed holds this | -code --------- */
+#define ENG_MANY_ERROR       0x80
 
 /* ---- transition table entries: target index + 1 (0 = no rule) ---------- */
 #define ENG_RULE_TARGET_MASK 0x1F
@@ -515,7 +527,12 @@ typedef struct eng_books {
     uint32_t open_positions;
     uint32_t halted;
     uint32_t pad0;
-    uint64_t pad[2];
+    /* the most the open positions' closes can add to (take from) cash and
+     * realized, each at a price in (0, ENG_BOOK_PRICE_MULT x entry]: the
+     * opening keeps cash and realized + worst_gain <= INT64_MAX and
+     * - worst_loss >= INT64_MIN, so every close within the band books */
+    int64_t  worst_gain;
+    int64_t  worst_loss;
 } eng_books;
 
 /*

@@ -68,6 +68,14 @@ def check_books(eng: Engine, acct: int, realized: Decimal | None = None) -> Acco
                          for r in open_rows), Decimal(0))
     assert a.reserved == want_reserved, (a, want_reserved)
     assert a.open_positions == len(open_rows)
+    gain = loss = 0   # the room the open positions keep: their worst closes in the band
+    for r in open_rows:
+        n = money_of(float(r["entry_price"]), float(r["amount"]))
+        top = money_of(float(r["entry_price"]) * lib.ENG_BOOK_PRICE_MULT, float(r["amount"])) - n
+        g, lo = (top, n) if int(r["side"]) > 0 else (n, top)
+        gain, loss = gain + g, loss + lo
+    row = next(b for b in eng.accounts() if int(b["id"]) == acct)
+    assert (int(row["worst_gain"]), int(row["worst_loss"])) == (gain, loss), (row, gain, loss)
     assert a.cash == a.opening_cash + a.deposits - a.withdrawals + a.realized_pnl, a
     if realized is not None:
         assert a.realized_pnl == realized, (a.realized_pnl, realized)
