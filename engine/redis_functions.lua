@@ -500,7 +500,7 @@ REG('txmany', function(keys, args)
                               (struct.unpack('<I4', ops, i * 4 + 1)),
                               (struct.unpack('<I4', trig, i * 4 + 1)), 0, '', nil)
         if rc == ESTALE or rc == ENOTOPEN then rc = INVALID
-        elseif rc == EGUARDED then rc = CONFLICT end
+        elseif rc == EGUARDED or rc == EBUSY then rc = CONFLICT end   -- a guard's lock: as tx
         outcome(P, 'transition', rc)
         if rc < 0 then rc = MANY_ERROR - rc end   -- as C: the element's own error
         out[#out + 1] = rc
