@@ -725,7 +725,8 @@ const char *eng_strerror(int code)
  * that switch on.  With it off, attach refuses a segment whose fault words
  * are set (ENG_ECORRUPT naming the word), eng_set_faults refuses to set them,
  * and every fault site ignores them (they are read only when set, so the
- * check costs nothing on a clean segment).
+ * check costs nothing on a clean segment).  A build with ENG_NO_TEST_FAULTS
+ * (ENGINE_RELEASE=1 when building) has the switch off for good.
  */
 #define FAULT_FLAGS_KNOWN (ENG_FAULT_SKIP_GEN | ENG_FAULT_BLIND_STORE | ENG_FAULT_DIE_AFTER_CAS | \
                            ENG_FAULT_DIE_AFTER_LOCK | ENG_FAULT_DIE_IN_KEY |                    \
@@ -736,6 +737,10 @@ static int test_faults_on = -1;   /* -1 until the first question reads the envir
 
 int eng_test_faults(int on)
 {
+#ifdef ENG_NO_TEST_FAULTS
+    (void)on;
+    return 0;   /* a release build (ENGINE_RELEASE=1 at build time): never on */
+#endif
     if (on >= 0) {
         __atomic_store_n(&test_faults_on, on ? 1 : 0, __ATOMIC_RELAXED);
         return on ? 1 : 0;
