@@ -984,7 +984,7 @@ class Engine:
                                 f"use transition(); the call was refused as a whole")
         if rc:
             self._fail_at(rc, int(bad[0]), s, trigger=int(t[int(bad[0])]))
-        if len(out) and int(out.max()) >= _MANY_ERROR:
+        if bad[0] < len(s):   # C names the first element that failed (n: none)
             self._many_failed(out, s, t)
         return out
 

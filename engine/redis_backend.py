@@ -76,6 +76,7 @@ INVALID: int = lib.ENG_INVALID
 KEY_MAX: int = lib.ENG_KEY_MAX
 MAX_TRIGGERS: int = lib.ENG_MAX_TRIGGERS
 MONEY_SCALE: int = lib.ENG_MONEY_SCALE
+MANY_ERROR: int = lib.ENG_MANY_ERROR
 OP_ACCOUNT: int = lib.ENG_OP_ACCOUNT
 OP_COUNT: int = lib.ENG_OP_COUNT
 OP_KEY: int = lib.ENG_OP_KEY
@@ -133,7 +134,7 @@ def _constants() -> str:
              "HALTED": HALTED, "MAX_TRIGGERS": MAX_TRIGGERS,
              "RULE_GUARDED": RULE_GUARDED, "RULE_TARGET_MASK": RULE_TARGET_MASK,
              "MONEY_SCALE": MONEY_SCALE, "COMMITTED": _COMMITTED,
-             "BOOK_PRICE_MULT": lib.ENG_BOOK_PRICE_MULT, "MANY_ERROR": lib.ENG_MANY_ERROR}
+             "BOOK_PRICE_MULT": lib.ENG_BOOK_PRICE_MULT, "MANY_ERROR": MANY_ERROR}
     for n in dir(lib):
         if n.startswith("ENG_E") and isinstance(getattr(lib, n), int):
             names[n[4:]] = getattr(lib, n)
@@ -852,6 +853,8 @@ class RedisStore:
         dst = np.frombuffer(ffi.buffer(out, n), dtype=np.uint8)
         for idx, data in r:
             dst[idx] = np.frombuffer(data, dtype=np.uint8)
+        failed = np.flatnonzero(dst >= MANY_ERROR)   # as C: the first that failed, or n
+        bad[0] = int(failed[0]) if len(failed) else n
         return 0
 
     def eng_update_token_price(self, seg: Any, token: int, price: float) -> int:

@@ -4106,6 +4106,7 @@ int eng_transition_many(eng_seg *s, const uint64_t *ids, const uint32_t *trigger
             return rc;
         }
     }
+    *out_bad_index = n;   /* n: no element failed; else the first that did */
     for (uint64_t i = 0; i < n; i++) {
         int rc = eng_transition(s, ids[i], triggers[i]);
         /* released meanwhile: INVALID; moved meanwhile onto a guarded rule:
@@ -4114,6 +4115,8 @@ int eng_transition_many(eng_seg *s, const uint64_t *ids, const uint32_t *trigger
                            : rc == ENG_ESTALE || rc == ENG_ENOTOPEN ? ENG_INVALID
                            : rc == ENG_EGUARDED ? ENG_CONFLICT
                            : ENG_MANY_ERROR | -rc);
+        if (out[i] >= ENG_MANY_ERROR && *out_bad_index == n)
+            *out_bad_index = i;
     }
     return 0;
 }

@@ -804,7 +804,9 @@ int      eng_read_price(eng_seg *s, uint64_t id, eng_price_out *out);
 int      eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out);
 
 /* Vector calls: one bad id refuses the whole call, with its index in
- * *out_bad_index (see "vector calls" in engine.c). */
+ * *out_bad_index (see "vector calls" in engine.c).  transition_many then
+ * tries every element and leaves in *out_bad_index the first that failed
+ * with an error (out[i] = ENG_MANY_ERROR | -code), or n. */
 int      eng_states(eng_seg *s, const uint64_t *ids, uint64_t n, uint16_t *out,
                     uint64_t *out_bad_index);
 int      eng_prices(eng_seg *s, const uint64_t *ids, uint64_t n, eng_price_out *out,
