@@ -79,6 +79,7 @@ INVALID: int = lib.ENG_INVALID
 KEY_MAX: int = lib.ENG_KEY_MAX
 MAX_TRIGGERS: int = lib.ENG_MAX_TRIGGERS
 MONEY_SCALE: int = lib.ENG_MONEY_SCALE
+MANY_ERROR: int = lib.ENG_MANY_ERROR
 OP_ACCOUNT: int = lib.ENG_OP_ACCOUNT
 OP_COUNT: int = lib.ENG_OP_COUNT
 OP_KEY: int = lib.ENG_OP_KEY
@@ -148,7 +149,8 @@ def _constants() -> str:
              "CONFLICT": CONFLICT, "REJECTED": REJECTED,
              "HALTED": HALTED, "MAX_TRIGGERS": MAX_TRIGGERS,
              "RULE_GUARDED": RULE_GUARDED, "RULE_TARGET_MASK": RULE_TARGET_MASK,
-             "MONEY_SCALE": MONEY_SCALE, "COMMITTED": _COMMITTED, **_C}
+             "MONEY_SCALE": MONEY_SCALE, "COMMITTED": _COMMITTED,
+             "BOOK_PRICE_MULT": lib.ENG_BOOK_PRICE_MULT, "MANY_ERROR": MANY_ERROR, **_C}
     for n in dir(lib):
         if n.startswith("ENG_E") and isinstance(getattr(lib, n), int):
             names[n[4:]] = getattr(lib, n)
@@ -857,8 +859,9 @@ class RedisStore:
         """What a refused opening or withdrawal was checked against (the
         error message reads it, as C leaves it in eng_seg)."""
         (cash, reserved, realized, opening, deposits, withdrawals, max_exposure, max_loss,
-         max_positions, open_positions, halted, _version, _op) = b
+         max_positions, open_positions, halted, _version, _op, gain, loss) = b
         bk = self.last_books
+        bk.worst_gain, bk.worst_loss = int(gain or 0), int(loss or 0)
         bk.cash, bk.reserved, bk.realized = int(cash), int(reserved), int(realized)
         bk.opening_cash, bk.deposits, bk.withdrawals = int(opening), int(deposits), int(withdrawals)
         bk.max_exposure, bk.max_loss = int(max_exposure), int(max_loss)
@@ -1113,6 +1116,8 @@ class RedisStore:
         dst = np.frombuffer(ffi.buffer(out, n), dtype=np.uint8)
         for idx, data in r:
             dst[idx] = np.frombuffer(data, dtype=np.uint8)
+        failed = np.flatnonzero(dst >= MANY_ERROR)   # as C: the first that failed, or n
+        bad[0] = int(failed[0]) if len(failed) else n
         return 0
 
     def eng_update_token_price(self, seg: Any, token: int, price: float) -> int:
@@ -1151,9 +1156,10 @@ class RedisStore:
 
     def _books_row(self, id: int, b: list[bytes], row: Any) -> None:
         (cash, reserved, realized, opening, deposits, withdrawals, max_exposure, max_loss,
-         max_positions, open_positions, halted, version, _op) = b
+         max_positions, open_positions, halted, version, _op, gain, loss) = b
         row.id, row.version, row.index = id, int(version), id & ID_SLOT_MASK
         bk = row.b
+        bk.worst_gain, bk.worst_loss = int(gain or 0), int(loss or 0)
         bk.open, bk.opening = 1, id >> ID_SLOT_BITS
         bk.cash, bk.reserved, bk.realized = int(cash), int(reserved), int(realized)
         bk.opening_cash, bk.deposits, bk.withdrawals = int(opening), int(deposits), int(withdrawals)

@@ -187,7 +187,7 @@ end
 -- the books of an account as strings, for the client and for checks
 local BOOKS = {'cash', 'reserved', 'realized', 'opening_cash', 'deposits', 'withdrawals',
                'max_exposure', 'max_loss', 'max_positions', 'open_positions', 'halted', 'version',
-               'op'}
+               'op', 'worst_gain', 'worst_loss'}
 local function books(a)
     return redis.call('HMGET', a, unpack(BOOKS))
 end
@@ -197,8 +197,46 @@ local function add(h, f, d)
     return (pcall(redis.call, 'HINCRBY', h, f, d))
 end
 
--- reserve notional (decimal string) on account a: 0, or a risk code
-local function reserve(a, notional)
+-- x - y of two decimal int64 strings whose difference fits, exactly (HINCRBY)
+local function diff(h, x, y)
+    redis.call('HSET', h, 'scratch', x)
+    redis.call('HINCRBY', h, 'scratch', neg(y))
+    local d = redis.call('HGET', h, 'scratch')
+    redis.call('HDEL', h, 'scratch')
+    return d
+end
+
+-- does x + d (decimal strings) fit int64?
+local function fits(h, x, d)
+    redis.call('HSET', h, 'scratch', x)
+    local ok = add(h, 'scratch', d)
+    redis.call('HDEL', h, 'scratch')
+    return ok
+end
+
+-- a booked position's worst case, as C's position_worst (see "accounts" in
+-- engine.c): notional, top = money(BOOK_PRICE_MULT x entry x amount), the most
+-- its close adds to cash (gain) and takes from it (loss); nil if top is
+-- beyond money
+local function worst(a, entry, amount, side)
+    local notional = money(entry * amount)
+    local top = money(entry * BOOK_PRICE_MULT * amount)
+    if not notional or not top then return nil end
+    local over = diff(a, top, notional)
+    if side > 0 then return notional, top, over, notional end
+    return notional, top, notional, over
+end
+
+-- cash and realized keep room for every open position's worst close
+local function room_ok(a)
+    local v = redis.call('HMGET', a, 'cash', 'realized', 'worst_gain', 'worst_loss')
+    local g, l = v[3] or '0', v[4] or '0'
+    return fits(a, v[1], g) and fits(a, v[2], g) and fits(a, v[1], neg(l)) and fits(a, v[2], neg(l))
+end
+
+-- reserve notional (decimal string) on account a, with the position's worst
+-- gain and loss: 0, or a risk code (EBADMONEY: no room to book its close)
+local function reserve(a, notional, gain, loss)
     local b = books(a)
     if b[11] == '1' then return ERISK_HALTED end
     if tonumber(b[10]) >= tonumber(b[9]) then return ERISK_COUNT end
@@ -207,6 +245,17 @@ local function reserve(a, notional)
     local rc = 0
     if cmp(reserved, b[7]) > 0 then rc = ERISK_EXPOSURE
     elseif cmp(reserved, b[1]) > 0 then rc = ERISK_CASH end   -- notional > cash - reserved
+    if rc == 0 then
+        if not add(a, 'worst_gain', gain) then rc = EBADMONEY
+        elseif not add(a, 'worst_loss', loss) then
+            redis.call('HINCRBY', a, 'worst_gain', neg(gain))
+            rc = EBADMONEY
+        elseif not room_ok(a) then
+            redis.call('HINCRBY', a, 'worst_gain', neg(gain))
+            redis.call('HINCRBY', a, 'worst_loss', neg(loss))
+            rc = EBADMONEY
+        end
+    end
     if rc ~= 0 then
         redis.call('HINCRBY', a, 'reserved', neg(notional))
         return rc
@@ -225,17 +274,16 @@ local function book_close(P, p, rec)
     local e, am, sd = roles(P)
     local a = P .. 'a:' .. an
     local amount, side = word_f8(rec, am), word_i8(rec, sd)
-    local notional = money(word_f8(rec, e) * amount)
+    local notional, top, gain, loss = worst(a, word_f8(rec, e), amount, side)
     local last = money(struct.unpack('<d', redis.call('HGET', p, 'pr'), 1) * amount)
-    if not notional or not last then return EBADMONEY end
+    -- a price above the band (or past money): refused, nothing changes
+    if not notional or not last or cmp(last, top) > 0 then return EBADMONEY end
     local up, down = last, notional
     if side < 0 then up, down = notional, last end
-    -- realized = up - down, exact (both in [0, 2^63): it fits), in a scratch field
-    redis.call('HSET', a, 'scratch', up)
-    redis.call('HINCRBY', a, 'scratch', neg(down))
-    local realized = redis.call('HGET', a, 'scratch')
-    redis.call('HDEL', a, 'scratch')
+    -- realized = up - down, exact (both in [0, 2^63): it fits), in [-loss, gain]
+    local realized = diff(a, up, down)
     -- all or nothing, as C: cash and realized both fit int64, or neither moves
+    -- (never refused within the band: the opening kept the room)
     if not add(a, 'cash', realized) then return EBADMONEY end
     if not add(a, 'realized', realized) then
         redis.call('HINCRBY', a, 'cash', neg(realized))
@@ -243,6 +291,9 @@ local function book_close(P, p, rec)
     end
     redis.call('HINCRBY', a, 'reserved', neg(notional))
     redis.call('HINCRBY', a, 'open_positions', -1)
+    for f, d in pairs({worst_gain = gain, worst_loss = loss}) do   -- never below 0, as C
+        if redis.call('HINCRBY', a, f, neg(d)) < 0 then redis.call('HSET', a, f, '0') end
+    end
     local realized = redis.call('HGET', a, 'realized')
     if string.sub(realized, 1, 1) == '-' and cmp(neg(realized), redis.call('HGET', a, 'max_loss')) >= 0 then
         redis.call('HSET', a, 'halted', '1')
@@ -472,8 +523,10 @@ REG('txmany', function(keys, args)
                               (struct.unpack('<I4', ops, i * 4 + 1)),
                               (struct.unpack('<I4', trig, i * 4 + 1)), 0, '', nil)
         if rc == ESTALE or rc == ENOTOPEN then rc = INVALID
-        elseif rc < 0 then rc = CONFLICT end   -- as C: any other error of one element
-        out[#out + 1] = outcome(P, 'transition', rc)
+        elseif rc == EGUARDED or rc == EBUSY then rc = CONFLICT end   -- a guard's lock: as tx
+        outcome(P, 'transition', rc)
+        if rc < 0 then rc = MANY_ERROR - rc end   -- as C: the element's own error
+        out[#out + 1] = rc
     end
     return {0, struct.pack('<' .. string.rep('B', n), unpack(out))}
 end)
@@ -502,9 +555,11 @@ REG('open', function(keys, args)
         local err
         a, err = account_of(P, an, aop)
         if not a then return {outcome(P, 'open', err)} end
-        local notional = money(word_f8(rec, e) * word_f8(rec, am))
+        local _, _, sd = roles(P)
+        local notional, _, gain, loss = worst(a, word_f8(rec, e), word_f8(rec, am),
+                                              word_i8(rec, sd))
         if not notional then return {outcome(P, 'open', EBADMONEY)} end
-        local rc = reserve(a, notional)
+        local rc = reserve(a, notional, gain, loss)
         if rc ~= 0 then
             local b = books(a)
             return {outcome(P, 'open', rc), notional, unpack(b)}
@@ -513,7 +568,11 @@ REG('open', function(keys, args)
     local slot = redis.call('LPOP', P .. 'free')
     if not slot then
         if a then   -- undo the reservation
-            local notional = money(word_f8(rec, e) * word_f8(rec, am))
+            local _, _, sd = roles(P)
+            local notional, _, gain, loss = worst(a, word_f8(rec, e), word_f8(rec, am),
+                                                  word_i8(rec, sd))
+            redis.call('HINCRBY', a, 'worst_gain', neg(gain))
+            redis.call('HINCRBY', a, 'worst_loss', neg(loss))
             redis.call('HINCRBY', a, 'reserved', neg(notional))
             redis.call('HINCRBY', a, 'open_positions', -1)
             redis.call('HINCRBY', a, 'version', -1)
@@ -658,7 +717,7 @@ REG('aopen', function(keys, args)
     redis.call('HSET', a, 'open', '1', 'cash', args[1], 'reserved', '0', 'realized', '0',
                'opening_cash', args[1], 'deposits', '0', 'withdrawals', '0',
                'max_exposure', args[2], 'max_positions', args[3], 'max_loss', args[4],
-               'open_positions', '0', 'halted', '0')
+               'open_positions', '0', 'halted', '0', 'worst_gain', '0', 'worst_loss', '0')
     redis.call('HINCRBY', a, 'version', 1)
     return {0, tonumber(n), op}
 end)
@@ -687,10 +746,15 @@ REG('acash', function(keys, args)
             return {outcome(P, 'account', EBADMONEY)}
         end
     else
-        if not add(a, 'cash', amount) then return {outcome(P, 'account', EBADMONEY)} end
-        if not add(a, 'deposits', amount) then
+        local b = books(a)
+        -- cash + amount, with room for the open positions' worst gains (as C)
+        if not add(a, 'cash', amount) then
+            return {outcome(P, 'account', EBADMONEY), amount, unpack(b)}
+        end
+        if not fits(a, redis.call('HGET', a, 'cash'), b[14] or '0') or
+                not add(a, 'deposits', amount) then
             redis.call('HINCRBY', a, 'cash', neg(amount))
-            return {outcome(P, 'account', EBADMONEY)}
+            return {outcome(P, 'account', EBADMONEY), amount, unpack(b)}
         end
     end
     redis.call('HINCRBY', a, 'version', 1)

@@ -40,7 +40,7 @@
 
 /* ---- identity ---------------------------------------------------------- */
 #define ENG_MAGIC            0x31454E49474E4545ULL   /* "EENGINE1" little-endian */
-#define ENG_LAYOUT_VERSION   8
+#define ENG_LAYOUT_VERSION   9
 #define ENG_CACHE_LINE       64
 
 /* ---- limits ------------------------------------------------------------ */
@@ -215,6 +215,15 @@
  * by CAS (v, token) -> (v + 1, 0).  See "accounts" in engine.c.
  */
 #define ENG_MONEY_SCALE      100000000LL
+/*
+ * A booked close books its last price, which nothing bounds but this: the
+ * close of a position is booked at a price up to ENG_BOOK_PRICE_MULT times
+ * its entry price.  Its opening reserves room for the worst case within that
+ * band (eng_books.worst_gain, worst_loss), so every such close can be booked;
+ * a close at a price above the band is refused (nothing changes; a price
+ * within it closes).
+ */
+#define ENG_BOOK_PRICE_MULT  1024
 #define ENG_AW_VERSION_SHIFT 24
 #define ENG_ACCOUNT_ID_MAX   0x00FFFFFFFFFFFFFFULL
 
@@ -252,6 +261,9 @@
  */
 #define ENG_TB_HEAD_SHIFT    32
 #define ENG_TB_MIN_BUCKETS   64
+
+/* ---- transition_many: an element that failed holds this | -code --------- */
+#define ENG_MANY_ERROR       0x80
 
 /* ---- transition table entries: target index + 1 (0 = no rule) ---------- */
 #define ENG_RULE_TARGET_MASK 0x1F
@@ -324,7 +336,11 @@
 #define ENG_PROC_CLAIMED     1       /* pid written, incarnation and start time not yet */
 #define ENG_PROC_ACTIVE      2
 
-/* ---- test-only fault switches (eng_set_faults) ----------------------------- */
+/* ---- test-only fault switches (eng_set_faults) -----------------------------
+ * Honoured only by a process whose own switch is on (eng_test_faults,
+ * ENGINE_TEST_FAULTS=1); with it off, attach refuses a segment that has any
+ * set (ENG_ECORRUPT). */
+#define ENG_TEST_PAUSE_MAX_NS 60000000000ULL   /* test_pause_ns: at most 60 s */
 #define ENG_FAULT_SKIP_GEN   1       /* commit without generation + 1 */
 #define ENG_FAULT_BLIND_STORE 2      /* fast path stores instead of CAS */
 /* a committer SIGKILLs itself between its state CAS and its counter bump */
@@ -542,7 +558,12 @@ typedef struct eng_books {
     uint32_t open_positions;
     uint32_t halted;
     uint32_t pad0;
-    uint64_t pad[2];
+    /* the most the open positions' closes can add to (take from) cash and
+     * realized, each at a price in (0, ENG_BOOK_PRICE_MULT x entry]: the
+     * opening keeps cash and realized + worst_gain <= INT64_MAX and
+     * - worst_loss >= INT64_MIN, so every close within the band books */
+    int64_t  worst_gain;
+    int64_t  worst_loss;
 } eng_books;
 
 /*
@@ -775,6 +796,9 @@ int      eng_format(void *base, uint64_t size, uint32_t capacity,
                     uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec,
                     uint32_t max_accounts);
 int      eng_validate(const void *base, uint64_t size, uint64_t fingerprint);
+/* eng_validate, also naming the first bad header word and its value */
+int      eng_validate_detail(const void *base, uint64_t size, uint64_t fingerprint,
+                             const char **out_field, uint64_t *out_value);
 int      eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd);
 /* eng_attach opening its own liveness descriptor on path (dev/ino: the mapped
  * file), known to the fork hook from birth; 0, < 0 a code, > 0 an errno. */
@@ -815,7 +839,9 @@ int      eng_read_price(eng_seg *s, uint64_t id, eng_price_out *out);
 int      eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out);
 
 /* Vector calls: one bad id refuses the whole call, with its index in
- * *out_bad_index (see "vector calls" in engine.c). */
+ * *out_bad_index (see "vector calls" in engine.c).  transition_many then
+ * tries every element and leaves in *out_bad_index the first that failed
+ * with an error (out[i] = ENG_MANY_ERROR | -code), or n. */
 int      eng_states(eng_seg *s, const uint64_t *ids, uint64_t n, uint16_t *out,
                     uint64_t *out_bad_index);
 int      eng_prices(eng_seg *s, const uint64_t *ids, uint64_t n, eng_price_out *out,
@@ -862,6 +888,9 @@ uint64_t eng_proc_start_time(uint32_t pid);
 int      eng_set_halt(eng_seg *s, uint32_t on);
 int      eng_set_metrics(eng_seg *s, uint32_t on, uint32_t sample_mask);
 int      eng_set_faults(eng_seg *s, uint32_t flags, uint64_t pause_ns);
+/* This process's test fault switch (see "test faults" in engine.c): on >= 0
+ * sets it; returns it (1 on).  Off until ENGINE_TEST_FAULTS=1 or a call. */
+int      eng_test_faults(int on);
 int      eng_test_hold(eng_seg *s, uint32_t what, uint64_t id);
 /* Tests only, this process only (no segment word sets it): recover() calls fn
  * between its sweep and freeing the entries of gone owners; NULL: none. */

@@ -1699,6 +1699,18 @@ class CFuzz:
             assert mode in (lib.ENG_CLOCK_REALTIME, lib.ENG_CLOCK_TSC), mode
         elif name == "eng_price_clock_ns":
             assert self.call(name, "-", lib.eng_price_clock_ns) > 0
+        elif name == "eng_test_faults":   # any int: the switch is 0 or 1; put back after
+            was = lib.eng_test_faults(-1)
+            assert self.call(name, "-", lib.eng_test_faults, d(I32S)) in (0, 1)
+            lib.eng_test_faults(was)
+        elif name == "eng_validate_detail":   # eng_validate, with NULL or real outputs
+            base = d(st.sampled_from(["null", "buf"]))
+            size = d(st.integers(0, SMALL_BUF)) if base == "buf" else d(U64S)
+            field = ffi.NULL if d(st.booleans()) else ffi.new("const char **")
+            value = ffi.NULL if d(st.booleans()) else ffi.new("uint64_t *")
+            x(name, base, self.call(name, base, lib.eng_validate_detail,
+                                    self.buf if base == "buf" else ffi.NULL, size, d(U64S),
+                                    field, value))
         else:
             raise AssertionError(f"{name}: no fuzz plan (add one to CFuzz.one)")
 
