@@ -23,7 +23,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -197,7 +197,13 @@ def _take_guard_failure() -> BaseException | None:
     return exc
 
 
-class Engine:
+if TYPE_CHECKING:
+    _EngineBase = object
+else:   # the C part of an Engine: the view its hot calls use (native/fastpath.c)
+    _EngineBase = object if _fastpath is None else _fastpath.EngineBase
+
+
+class Engine(_EngineBase):
     """One attached view of a shared-memory segment of positions.
 
     Positions are named by ids: ``open_position`` returns an id naming that
@@ -224,24 +230,8 @@ class Engine:
             self._finalizer()
             raise_for(rc, name=name, spec=spec.name)
         self._bind(name, spec, lib, None)
-        if _fastpath is not None:
-            self._install_fastpath()
-
-    def _install_fastpath(self) -> None:
-        """Shadow transition / update_price / price with their C callables:
-        the same behaviour (anything but plain success comes back to the
-        Python methods below), at about the cost of an empty Python call."""
-        owner, seg = weakref.ref(self), int(ffi.cast("uintptr_t", self._seg))
-        for kind, name, fn, slow, fail, results in (
-                (_fastpath.TRANSITION, "transition", "eng_transition", Engine.transition,
-                 Engine._transition_failed, _OUTCOMES),
-                (_fastpath.UPDATE_PRICE, "update_price", "eng_update_price",
-                 Engine.update_price, Engine._update_price_failed, None),
-                (_fastpath.PRICE, "price", "eng_read_price", Engine.price, Engine._price_failed,
-                 PriceSnapshot)):
-            addr = int(ffi.cast("uintptr_t", ffi.addressof(lib, fn)))
-            self.__dict__[name] = _fastpath.FastCall(kind, addr, seg, self._seg, owner, slow,
-                                                     fail, results)
+        if _fastpath is not None:   # the hot calls' view (see _install_fastpath)
+            _fastpath.bind(self, int(ffi.cast("uintptr_t", self._seg)), self._seg)
 
     def _bind(self, name: str, spec: MachineSpec, impl: Any, url: str | None) -> None:
         """What both backends share: ``impl`` answers the ``eng_*`` calls
@@ -373,6 +363,8 @@ class Engine:
         if self._waiting:
             raise ClosedError(f"engine {self.name!r} is in wait_for_change in another thread; "
                               "an Engine belongs to one thread: close it there")
+        if _fastpath is not None and self.url is None:
+            _fastpath.bind(self, 0, None)   # the hot calls take the Python methods
         # the registry entry goes first, in one C call (idempotent): an
         # exception from a signal handler anywhere below can no longer leave
         # this live process holding it; at worst the unmapping waits for GC
@@ -381,8 +373,6 @@ class Engine:
             self._finalizer()
             if self.url is None:
                 self._seg = ffi.new("eng_seg *")   # zeroed: every C call says ENG_ECLOSED
-                for name in ("transition", "update_price", "price"):
-                    self.__dict__.pop(name, None)   # their view was detached above
 
     def unlink(self) -> None:
         """Destroy the segment (attached processes keep their mappings).  On
@@ -1217,3 +1207,25 @@ class Engine:
     @property
     def pid(self) -> int:
         return self._pid
+
+
+def _install_fastpath() -> None:
+    """Engine.transition / update_price / price become their C method
+    descriptors (native/fastpath.c): the same behaviour -- anything but plain
+    success, and an Engine with no view (closed, on Redis), comes back to
+    the Python methods above (``__wrapped__``) -- at about the cost of an
+    empty Python call.  ``eng.price`` taken as a value holds its Engine, as
+    a bound Python method does."""
+    for kind, name, fn, fail, results in (
+            (_fastpath.TRANSITION, "transition", "eng_transition", Engine._transition_failed,
+             _OUTCOMES),
+            (_fastpath.UPDATE_PRICE, "update_price", "eng_update_price",
+             Engine._update_price_failed, None),
+            (_fastpath.PRICE, "price", "eng_read_price", Engine._price_failed, PriceSnapshot)):
+        addr = int(ffi.cast("uintptr_t", ffi.addressof(lib, fn)))
+        setattr(Engine, name, _fastpath.FastMethod(kind, addr, Engine.__dict__[name], fail,
+                                                   results))
+
+
+if _fastpath is not None:
+    _install_fastpath()
