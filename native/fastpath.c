@@ -41,13 +41,18 @@ typedef int (*transition_fn)(eng_seg *, uint64_t, uint32_t);
 typedef int (*update_price_fn)(eng_seg *, uint64_t, double);
 typedef int (*read_price_fn)(eng_seg *, uint64_t, eng_price_out *);
 
+/* price: results to fill again (see price_snapshot) */
+typedef struct {
+    PyObject *t[2];
+    int next;              /* the spare replaced last */
+} Spares;
+
 /* The C part of every Engine (Engine derives from it). */
 typedef struct {
     PyObject_HEAD
     eng_seg *seg;          /* the Engine's view; NULL: every call takes the Python method */
     PyObject *keep;        /* the cffi object that owns *seg */
-    PyObject *spare[2];    /* price: results to fill again (see price_snapshot) */
-    int next;              /* price: the spare replaced last */
+    Spares spares;
 } EngineBase;
 
 /* Engine.transition / update_price / price: one per call kind, on the class. */
@@ -61,12 +66,21 @@ typedef struct {
     PyObject *results;     /* transition: the Outcome members by code; price: PriceSnapshot */
 } FastMethod;
 
-/* eng.price taken as a value: the method and its Engine (held). */
+/* eng.price taken as a value: the method and its Engine (held), with what
+ * a call reads copied in, one load away.  The view is the Engine's at that
+ * moment: close() zeroes that eng_seg (eng_detach), after which every C call
+ * on it says ENG_ECLOSED and the call goes to the Python method's error. */
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
+    int kind;
+    void *fn;
+    eng_seg *seg;          /* the Engine's view when bound (NULL: none) */
+    PyObject *results;     /* borrowed from method */
+    Spares spares;
     FastMethod *method;
     PyObject *engine;
+    PyObject *keep;        /* the cffi object that owns *seg */
 } BoundCall;
 
 static PyTypeObject EngineBaseType, FastMethodType, BoundCallType;
@@ -128,7 +142,8 @@ static int as_id(PyObject *o, uint64_t *out)
  * last result while it asks for the next, reuses them in turn.  The items
  * are floats and ints, so dropping the old ones runs no Python code, and a
  * tuple the collector untracked (atoms only) stays right untracked. */
-static PyObject *price_snapshot(EngineBase *f, PyObject *type_, const eng_price_out *p)
+static inline __attribute__((always_inline)) PyObject *
+price_snapshot(Spares *f, PyObject *type_, const eng_price_out *p)
 {
     PyObject *items[5] = {PyFloat_FromDouble(p->price), PyLong_FromLongLong(p->ts_ns),
                           PyFloat_FromDouble(p->pnl_pct), PyFloat_FromDouble(p->pnl_usd),
@@ -142,8 +157,8 @@ static PyObject *price_snapshot(EngineBase *f, PyObject *type_, const eng_price_
     PyObject *t = NULL;
 #ifndef Py_GIL_DISABLED   /* the count test needs the GIL */
     for (int k = 0; k < 2 && !t; k++)
-        if (f->spare[k] && Py_REFCNT(f->spare[k]) == 1)
-            t = f->spare[k];
+        if (f->t[k] && Py_REFCNT(f->t[k]) == 1)
+            t = f->t[k];
 #endif
     if (t) {
         PyObject *old[5];
@@ -167,23 +182,25 @@ static PyObject *price_snapshot(EngineBase *f, PyObject *type_, const eng_price_
         PyTuple_SET_ITEM(t, i, items[i]);
 #ifndef Py_GIL_DISABLED
     f->next ^= 1;   /* both spares are held elsewhere: replace the older */
-    Py_XSETREF(f->spare[f->next], t);
+    Py_XSETREF(f->t[f->next], t);
     Py_INCREF(t);
 #endif
     return t;
 }
 
-/* One hot call on `engine` (an EngineBase) with the call's own arguments. */
-static PyObject *fast_run(FastMethod *m, PyObject *engine, PyObject *const *args, Py_ssize_t n,
-                          PyObject *kwnames)
+/* One hot call on `engine` with the call's own arguments; seg, kind, fn,
+ * results and spares come from the caller (method_call or bound_call, one
+ * of each per kind, so `kind` is a constant here). */
+static inline __attribute__((always_inline)) PyObject *
+fast_run(FastMethod *m, int kind, void *fn, PyObject *results, eng_seg *seg, Spares *spares,
+         PyObject *engine, PyObject *const *args, Py_ssize_t n, PyObject *kwnames)
 {
-    EngineBase *e = (EngineBase *)engine;
     uint64_t id;
-    if (!e->seg || (kwnames && PyTuple_GET_SIZE(kwnames)) ||
-        n != (m->kind == FAST_PRICE ? 1 : 2) || as_id(args[0], &id))
+    if (__builtin_expect(!seg || (kwnames && PyTuple_GET_SIZE(kwnames)) ||
+                         n != (kind == FAST_PRICE ? 1 : 2) || as_id(args[0], &id), 0))
         return fallback(m, engine, args, n, kwnames, 0, 0);
     int rc;
-    switch (m->kind) {
+    switch (kind) {
     case FAST_TRANSITION: {
         PyObject *t = args[1];
         if (!PyLong_Check(t) || PyBool_Check(t))   /* int or a Trigger (IntEnum); never a bool */
@@ -193,9 +210,9 @@ static PyObject *fast_run(FastMethod *m, PyObject *engine, PyObject *const *args
             PyErr_Clear();
             return fallback(m, engine, args, n, kwnames, 0, 0);
         }
-        rc = ((transition_fn)m->fn)(e->seg, id, (uint32_t)trigger);
-        if (rc >= 0 && rc < PyTuple_GET_SIZE(m->results)) {
-            PyObject *outcome = PyTuple_GET_ITEM(m->results, rc);
+        rc = ((transition_fn)fn)(seg, id, (uint32_t)trigger);
+        if (rc >= 0 && rc < PyTuple_GET_SIZE(results)) {
+            PyObject *outcome = PyTuple_GET_ITEM(results, rc);
             Py_INCREF(outcome);
             return outcome;
         }
@@ -204,39 +221,49 @@ static PyObject *fast_run(FastMethod *m, PyObject *engine, PyObject *const *args
     case FAST_UPDATE_PRICE:
         if (!PyFloat_CheckExact(args[1]))
             return fallback(m, engine, args, n, kwnames, 0, 0);
-        rc = ((update_price_fn)m->fn)(e->seg, id, PyFloat_AS_DOUBLE(args[1]));
+        rc = ((update_price_fn)fn)(seg, id, PyFloat_AS_DOUBLE(args[1]));
         if (rc == 0)
             Py_RETURN_NONE;
         break;
     default: {
         eng_price_out out;
-        rc = ((read_price_fn)m->fn)(e->seg, id, &out);
+        rc = ((read_price_fn)fn)(seg, id, &out);
         if (rc == 0)
-            return price_snapshot(e, m->results, &out);
+            return price_snapshot(spares, results, &out);
         break;
     }
     }
     return fallback(m, engine, args, n, NULL, 1, rc);
 }
 
-/* Engine.price(eng, pos) and eng.price(pos) (method form): the Engine comes first. */
-static PyObject *method_call(PyObject *self, PyObject *const *args, size_t nargsf,
-                             PyObject *kwnames)
-{
-    FastMethod *m = (FastMethod *)self;
-    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
-    if (n < 1 || !PyObject_TypeCheck(args[0], &EngineBaseType))   /* the Python method says */
-        return PyObject_Vectorcall(m->slow, args, nargsf, kwnames);
-    return fast_run(m, args[0], args + 1, n - 1, kwnames);
-}
+/* Engine.price(eng, pos) and eng.price(pos) (method form): the Engine comes
+ * first.  cb = eng.price; cb(pos): a BoundCall.  One of each per kind. */
+#define FAST_ENTRY_POINTS(KIND, suffix)                                                          \
+    static PyObject *method_##suffix(PyObject *self, PyObject *const *args, size_t nargsf,      \
+                                     PyObject *kwnames)                                         \
+    {                                                                                           \
+        FastMethod *m = (FastMethod *)self;                                                     \
+        Py_ssize_t n = PyVectorcall_NARGS(nargsf);                                              \
+        if (n < 1 || !PyObject_TypeCheck(args[0], &EngineBaseType))   /* Python says */         \
+            return PyObject_Vectorcall(m->slow, args, nargsf, kwnames);                         \
+        EngineBase *e = (EngineBase *)args[0];                                                  \
+        return fast_run(m, KIND, m->fn, m->results, e->seg, &e->spares, args[0], args + 1,      \
+                        n - 1, kwnames);                                                        \
+    }                                                                                           \
+    static PyObject *bound_##suffix(PyObject *self, PyObject *const *args, size_t nargsf,       \
+                                    PyObject *kwnames)                                          \
+    {                                                                                           \
+        BoundCall *b = (BoundCall *)self;                                                       \
+        return fast_run(b->method, KIND, b->fn, b->results, b->seg, &b->spares, b->engine,      \
+                        args, PyVectorcall_NARGS(nargsf), kwnames);                             \
+    }
+FAST_ENTRY_POINTS(FAST_TRANSITION, transition)
+FAST_ENTRY_POINTS(FAST_UPDATE_PRICE, update_price)
+FAST_ENTRY_POINTS(FAST_PRICE, price)
 
-/* cb = eng.price; cb(pos) */
-static PyObject *bound_call(PyObject *self, PyObject *const *args, size_t nargsf,
-                            PyObject *kwnames)
-{
-    BoundCall *b = (BoundCall *)self;
-    return fast_run(b->method, b->engine, args, PyVectorcall_NARGS(nargsf), kwnames);
-}
+static const vectorcallfunc method_calls[] = {method_transition, method_update_price,
+                                              method_price};
+static const vectorcallfunc bound_calls[] = {bound_transition, bound_update_price, bound_price};
 
 /* eng.price as a value: a BoundCall holding eng; Engine.price: the descriptor */
 static PyObject *method_get(PyObject *self, PyObject *obj, PyObject *type)
@@ -248,14 +275,23 @@ static PyObject *method_get(PyObject *self, PyObject *obj, PyObject *type)
     }
     if (!PyObject_TypeCheck(obj, &EngineBaseType))
         return PyMethod_New(self, obj);
+    FastMethod *m = (FastMethod *)self;
+    EngineBase *e = (EngineBase *)obj;
     BoundCall *b = PyObject_GC_New(BoundCall, &BoundCallType);
     if (!b)
         return NULL;
-    b->vectorcall = bound_call;
+    b->vectorcall = bound_calls[m->kind];
+    b->kind = m->kind;
+    b->fn = m->fn;
+    b->seg = e->seg;
+    b->results = m->results;
+    b->spares = (Spares){{NULL, NULL}, 0};
     Py_INCREF(self);
-    b->method = (FastMethod *)self;
+    b->method = m;
     Py_INCREF(obj);
     b->engine = obj;
+    Py_XINCREF(e->keep);
+    b->keep = e->keep;
     PyObject_GC_Track(b);
     return (PyObject *)b;
 }
@@ -280,7 +316,7 @@ static PyObject *method_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     FastMethod *m = (FastMethod *)type->tp_alloc(type, 0);
     if (!m)
         return NULL;
-    m->vectorcall = method_call;
+    m->vectorcall = method_calls[kind];
     m->kind = kind;
     m->fn = (void *)(uintptr_t)fn;
     Py_INCREF(slow);
@@ -369,8 +405,11 @@ static int bound_traverse(PyObject *self, visitproc visit, void *arg)
 static int bound_clear(PyObject *self)
 {
     BoundCall *b = (BoundCall *)self;
-    Py_CLEAR(b->method);
+    b->seg = NULL;   /* a call after this takes the Python method (none can follow) */
     Py_CLEAR(b->engine);
+    Py_CLEAR(b->keep);
+    Py_CLEAR(b->spares.t[0]);
+    Py_CLEAR(b->spares.t[1]);
     return 0;
 }
 
@@ -378,6 +417,7 @@ static void bound_dealloc(PyObject *self)
 {
     PyObject_GC_UnTrack(self);
     bound_clear(self);
+    Py_CLEAR(((BoundCall *)self)->method);
     PyObject_GC_Del(self);
 }
 
@@ -394,8 +434,9 @@ static PyMemberDef bound_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
-/* A bound call never sees its fields cleared while callable: bound_clear
- * runs only on an unreachable cycle (the collector) or at dealloc. */
+/* bound_clear runs only on an unreachable cycle (the collector) or at
+ * dealloc; it keeps method (results are borrowed from it), which holds no
+ * Engine, so a cycle through the Engine is still broken. */
 static PyTypeObject BoundCallType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "engine._fastpath.BoundCall",
@@ -416,8 +457,8 @@ static void base_dealloc(PyObject *self)
     EngineBase *e = (EngineBase *)self;
     e->seg = NULL;
     Py_CLEAR(e->keep);
-    Py_CLEAR(e->spare[0]);
-    Py_CLEAR(e->spare[1]);
+    Py_CLEAR(e->spares.t[0]);
+    Py_CLEAR(e->spares.t[1]);
     Py_TYPE(self)->tp_free(self);
 }
 
