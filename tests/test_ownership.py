@@ -1681,6 +1681,23 @@ class CFuzz:
             assert mode in (lib.ENG_CLOCK_REALTIME, lib.ENG_CLOCK_TSC), mode
         elif name == "eng_price_clock_ns":
             assert self.call(name, "-", lib.eng_price_clock_ns) > 0
+        elif name == "eng_gate_enter":   # entered, then left: the view's gate stays balanced
+            kind, s = self.seg(d)
+            rc = self.call(name, kind, lib.eng_gate_enter, s)
+            assert rc in (0, lib.ENG_ECLOSED) and (rc or s != ffi.NULL), rc
+            if rc == 0:
+                lib.eng_gate_leave(s)
+        elif name == "eng_gate_leave":   # after an enter only, as every caller does
+            kind, s = self.seg(d)
+            if lib.eng_gate_enter(s) == 0:
+                assert self.call(name, kind, lib.eng_gate_leave, s) is None
+        elif name == "eng_gate_shut":    # no call in flight here: 0; opened again after
+            kind, s = self.seg(d)
+            assert self.call(name, kind, lib.eng_gate_shut, s) == 0
+            lib.eng_gate_open(s)
+        elif name == "eng_gate_open":
+            kind, s = self.seg(d)
+            assert self.call(name, kind, lib.eng_gate_open, s) is None
         else:
             raise AssertionError(f"{name}: no fuzz plan (add one to CFuzz.one)")
 
