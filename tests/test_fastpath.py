@@ -5,6 +5,8 @@ shape; and they never outlive their view."""
 from __future__ import annotations
 
 import gc
+import inspect
+import os
 import weakref
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 
 from engine import Engine, EngineError, Outcome, PriceSnapshot, State, Trigger
 from engine import core as engine_core
+from engine._native import lib
 
 pytestmark = pytest.mark.skipif(engine_core._fastpath is None, reason="built without _fastpath")
 
@@ -56,6 +59,12 @@ def pair() -> Any:
         eng.unlink()
 
 
+def entries(eng: Engine) -> int:
+    """Registry entries of this process in eng's segment (one per attached Engine)."""
+    reg = eng._seg.registry
+    return sum(int(reg[i].pid) == os.getpid() for i in range(lib.ENG_MAX_PROCS))
+
+
 def subst(v: Any, pos: int, stale: int) -> Any:
     return {"POS": pos, "STALE": stale}.get(v, v) if isinstance(v, str) else v
 
@@ -92,6 +101,13 @@ class TestSameBehaviour:
         if fast[0] == "ok":
             assert type(fast[1]) is PriceSnapshot
             assert fast[1][:1] + fast[1][2:] == slow[1][:1] + slow[1][2:]
+
+    def test_the_comparison_is_c_against_python(self):
+        """The class attributes are the C descriptors; the PY_* they are compared
+        with above are the Python methods (plain functions) they stand for."""
+        for name in ("transition", "update_price", "price"):
+            assert type(getattr(Engine, name)) is engine_core._fastpath.FastMethod
+        assert all(inspect.isfunction(f) for f in (PY_TRANSITION, PY_UPDATE_PRICE, PY_PRICE))
 
     def test_fields_and_guards_take_the_python_path(self, pair):
         """Keyword fields commit with the state (the Python slow path)."""
@@ -142,18 +158,20 @@ class TestLifetime:
         once (no reference cycle: no wait for the collector)."""
         eng = Engine.create(2)
         name, fin, ref = eng.name, eng._finalizer, weakref.ref(eng)
+        watch = Engine.attach(name)   # sees the registry
         calls = [eng.update_price, eng.price, eng.transition]
         del eng
         gc.disable()
         try:
-            assert ref() is not None and fin.alive
+            assert ref() is not None and fin.alive and entries(watch) == 2
             del calls[:2]
-            assert ref() is not None and fin.alive
+            assert ref() is not None and fin.alive and entries(watch) == 2
             calls.clear()
-            assert ref() is None and not fin.alive   # detached: registry entry freed
+            assert ref() is None and not fin.alive and entries(watch) == 1   # entry freed
         finally:
             gc.enable()
-        Engine.attach(name).unlink()
+        watch.close()
+        watch.unlink()
 
     def test_a_call_stored_on_its_engine_is_collected(self):
         """An Engine holding one of its own calls (a cycle the user made) is
