@@ -72,8 +72,7 @@ typedef struct {
  * on it says ENG_ECLOSED and the call goes to the Python method's error. */
 typedef struct {
     PyObject_HEAD
-    vectorcallfunc vectorcall;
-    int kind;
+    vectorcallfunc vectorcall;   /* bound_<kind> */
     void *fn;
     eng_seg *seg;          /* the Engine's view when bound (NULL: none) */
     PyObject *results;     /* borrowed from method */
@@ -281,7 +280,6 @@ static PyObject *method_get(PyObject *self, PyObject *obj, PyObject *type)
     if (!b)
         return NULL;
     b->vectorcall = bound_calls[m->kind];
-    b->kind = m->kind;
     b->fn = m->fn;
     b->seg = e->seg;
     b->results = m->results;
