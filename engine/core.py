@@ -24,7 +24,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -91,6 +91,8 @@ _CONVERSION_ERRORS = (TypeError, OverflowError, ValueError)
 _SLOT_MASK = lib.ENG_ID_SLOT_MASK
 _MANY_ERROR = lib.ENG_MANY_ERROR
 _MAX_TIMEOUT_S = lib.ENG_MAX_TIMEOUT_NS / 1e9 / 2   # C clamps too; this keeps floats exact
+_CLOSE_WAIT_S = lib.ENG_CLOSE_WAIT_NS / 1e9   # close(): bound on calls in flight elsewhere
+_CLOSE_POLL_S = lib.ENG_CLOSE_POLL_NS / 1e9   # ... looked at this often (at most)
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,8 @@ def _key_value(data: bytes) -> str | bytes:
 # releases the lock before it returns: an exception makes the callback return
 # -1 (cffi's onerror, or error=-1 if onerror itself is interrupted) and is
 # kept here, per thread (an Engine belongs to one thread), to be raised after
-# the C call.
+# the C call.  ``inside``: the Engines whose guard this thread is running
+# (close() must not wait for a call of its own thread).
 _guard_failure = threading.local()
 
 
@@ -238,7 +241,13 @@ def _take_guard_failure() -> BaseException | None:
     return exc
 
 
-class Engine:
+if TYPE_CHECKING:
+    _EngineBase = object
+else:   # the C part of an Engine: the view its hot calls use (native/fastpath.c)
+    _EngineBase = object if _fastpath is None else _fastpath.EngineBase
+
+
+class Engine(_EngineBase):
     """One attached view of a shared-memory segment of positions.
 
     Positions are named by ids: ``open_position`` returns an id naming that
@@ -278,24 +287,8 @@ class Engine:
             self._finalizer()
             raise_for(lib.ENG_ESPEC, name=name, spec=spec.name, detail=wrong)
         self._bind(name, spec, lib, None)
-        if _fastpath is not None:
-            self._install_fastpath()
-
-    def _install_fastpath(self) -> None:
-        """Shadow transition / update_price / price with their C callables:
-        the same behaviour (anything but plain success comes back to the
-        Python methods below), at about the cost of an empty Python call."""
-        owner, seg = weakref.ref(self), int(ffi.cast("uintptr_t", self._seg))
-        for kind, name, fn, slow, fail, results in (
-                (_fastpath.TRANSITION, "transition", "eng_transition", Engine.transition,
-                 Engine._transition_failed, _OUTCOMES),
-                (_fastpath.UPDATE_PRICE, "update_price", "eng_update_price",
-                 Engine.update_price, Engine._update_price_failed, None),
-                (_fastpath.PRICE, "price", "eng_read_price", Engine.price, Engine._price_failed,
-                 PriceSnapshot)):
-            addr = int(ffi.cast("uintptr_t", ffi.addressof(lib, fn)))
-            self.__dict__[name] = _fastpath.FastCall(kind, addr, seg, self._seg, owner, slow,
-                                                     fail, results)
+        if _fastpath is not None:   # the hot calls' view (see _install_fastpath)
+            _fastpath.bind(self, int(ffi.cast("uintptr_t", self._seg)), self._seg)
 
     def _bind(self, name: str, spec: MachineSpec, impl: Any, url: str | None) -> None:
         """What both backends share: ``impl`` answers the ``eng_*`` calls
@@ -310,8 +303,6 @@ class Engine:
         self._read_price = impl.eng_read_price
         self._state = impl.eng_state
         self._lookup = impl.eng_lookup
-        self._in_guard = 0
-        self._waiting = 0   # wait_for_change calls in flight (they release the GIL)
         self.capacity: int = self._seg.capacity
         #: keys one opening may have (set at create)
         self.keys_per_position: int = self._seg.kpp
@@ -423,13 +414,24 @@ class Engine:
         return not self._finalizer.alive or self._lib.eng_check(self._seg) != 0
 
     def close(self) -> None:
-        """Detach: leave the registry and unmap.  The segment lives on."""
-        if self._in_guard:
+        """Detach: leave the registry and unmap.  The segment lives on.
+
+        An Engine belongs to one thread; if another thread is inside one of
+        the calls that run with the GIL released (``update_prices``,
+        ``prices``, ``transition_many``, ``update_token_price``,
+        ``snapshot``, ``accounts``, ``recover``, ``wait_for_change``, a
+        guarded ``transition``), close waits for it, up to
+        ``ENG_CLOSE_WAIT_NS``: a ``wait_for_change`` in flight ends with
+        ``ClosedError`` within ``ENG_WAIT_SLICE_NS``, and such calls that
+        start once close began raise ``ClosedError``.  Past the bound, close
+        raises ``ClosedError`` and nothing is closed."""
+        if any(e is self for e in getattr(_guard_failure, "inside", ())):
             raise ClosedError(f"engine {self.name!r} cannot be closed from inside one of its "
                               "own guards; close it after the transition returns")
-        if self._waiting:
-            raise ClosedError(f"engine {self.name!r} is in wait_for_change in another thread; "
-                              "an Engine belongs to one thread: close it there")
+        if self.url is None and self._finalizer.alive:
+            self._shut_gate()
+        if _fastpath is not None and self.url is None:
+            _fastpath.bind(self, 0, None)   # the hot calls take the Python methods
         # the registry entry goes first, in one C call (idempotent): an
         # exception from a signal handler anywhere below can no longer leave
         # this live process holding it; at worst the unmapping waits for GC
@@ -438,8 +440,24 @@ class Engine:
             self._finalizer()
             if self.url is None:
                 self._seg = ffi.new("eng_seg *")   # zeroed: every C call says ENG_ECLOSED
-                for name in ("transition", "update_price", "price"):
-                    self.__dict__.pop(name, None)   # their view was detached above
+
+    def _shut_gate(self) -> None:
+        """Shut the close gate (native/engine.c) and wait, bounded, until no
+        call is in it; on any exception the gate is open again."""
+        seg, pause = self._seg, _CLOSE_POLL_S / 64
+        deadline = time.monotonic() + _CLOSE_WAIT_S
+        try:
+            while n := lib.eng_gate_shut(seg):
+                if time.monotonic() >= deadline:
+                    raise ClosedError(
+                        f"engine {self.name!r}: {n} call(s) in another thread did not return "
+                        f"within {_CLOSE_WAIT_S:g} s (ENG_CLOSE_WAIT_NS); nothing was closed. "
+                        "An Engine belongs to one thread: close it there")
+                time.sleep(pause)   # releases the GIL: the calls can return
+                pause = min(2 * pause, _CLOSE_POLL_S)
+        except BaseException:
+            lib.eng_gate_open(seg)
+            raise
 
     def unlink(self) -> None:
         """Destroy the segment (attached processes keep their mappings).  On
@@ -774,12 +792,13 @@ class Engine:
             raise self._bad_types(pos, trigger=trigger) from None
         if rc == lib.ENG_EGUARDED:
             _take_guard_failure()   # drop one left by a call a signal interrupted
-            self._in_guard += 1
+            inside = _guard_failure.__dict__.setdefault("inside", [])
+            inside.append(self)
             try:
                 rc = self._lib.eng_guard_transition(self._seg, pos, trigger, update,
                                               lib._engine_guard, ffi.new_handle(self))
             finally:
-                self._in_guard -= 1
+                inside.pop()
             failure = _take_guard_failure()
             if failure is not None:
                 raise failure
@@ -1258,22 +1277,18 @@ class Engine:
         deadline = time.monotonic() + min(timeout, _MAX_TIMEOUT_S)
         since = -1   # C: the state word at entry
         out = ffi.new("int64_t *")
-        self._waiting += 1   # close() from another thread must not unmap under C
-        try:
-            while True:
-                left = max(0, int((deadline - time.monotonic()) * 1e9))
-                try:
-                    rc = self._lib.eng_wait_change(self._seg, pos, since, left, out)
-                except _CONVERSION_ERRORS:
-                    raise self._bad_types(pos) from None
-                if rc == lib.ENG_APPLIED:
-                    return self.state(pos)
-                if rc == lib.ENG_EINTR:      # signal handlers run here, between calls
-                    since = int(out[0])
-                    continue
-                self._fail(rc, pos, timeout=timeout)
-        finally:
-            self._waiting -= 1
+        while True:   # close() from another thread ends it: ENG_ECLOSED
+            left = max(0, int((deadline - time.monotonic()) * 1e9))
+            try:
+                rc = self._lib.eng_wait_change(self._seg, pos, since, left, out)
+            except _CONVERSION_ERRORS:
+                raise self._bad_types(pos) from None
+            if rc == lib.ENG_APPLIED:
+                return self.state(pos)
+            if rc == lib.ENG_EINTR:      # signal handlers run here, between calls
+                since = int(out[0])
+                continue
+            self._fail(rc, pos, timeout=timeout)
 
     def snapshot(self) -> np.ndarray:
         """Every open position as one row of a structured array (``id`` and
@@ -1353,3 +1368,25 @@ class Engine:
     @property
     def pid(self) -> int:
         return self._pid
+
+
+def _install_fastpath() -> None:
+    """Engine.transition / update_price / price become their C method
+    descriptors (native/fastpath.c): the same behaviour -- anything but plain
+    success, and an Engine with no view (closed, on Redis), comes back to
+    the Python methods above (``__wrapped__``) -- at about the cost of an
+    empty Python call.  ``eng.price`` taken as a value holds its Engine, as
+    a bound Python method does."""
+    for kind, name, fn, fail, results in (
+            (_fastpath.TRANSITION, "transition", "eng_transition", Engine._transition_failed,
+             _OUTCOMES),
+            (_fastpath.UPDATE_PRICE, "update_price", "eng_update_price",
+             Engine._update_price_failed, None),
+            (_fastpath.PRICE, "price", "eng_read_price", Engine._price_failed, PriceSnapshot)):
+        addr = int(ffi.cast("uintptr_t", ffi.addressof(lib, fn)))
+        setattr(Engine, name, _fastpath.FastMethod(kind, addr, Engine.__dict__[name], fail,
+                                                   results))
+
+
+if _fastpath is not None:
+    _install_fastpath()

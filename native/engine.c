@@ -66,6 +66,8 @@ static inline int cas_relaxed_u32(uint32_t *p, uint32_t expected, uint32_t desir
 static inline uint64_t fetch_add_relaxed_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline uint32_t fetch_add_relaxed_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline uint64_t fetch_add_seq_cst_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t fetch_add_seq_cst_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t fetch_sub_release_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_sub(p, v, __ATOMIC_RELEASE); }
 static inline uint32_t exchange_seq_cst_u32(uint32_t *p, uint32_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 static inline uint32_t exchange_relaxed_u32(uint32_t *p, uint32_t v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }
 static inline void store_seq_cst_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
@@ -1326,6 +1328,67 @@ int eng_check(eng_seg *s)
 {
     CHECK_SEG(s);
     return 0;
+}
+
+/* ==== the close gate: close() against calls in flight in other threads ========== */
+/*
+ * An eng_seg belongs to one thread.  But a binding that lets other threads
+ * run while a long call is in C (Python: the calls cffi runs with the GIL
+ * released) lets a second thread detach and unmap the segment under that
+ * call: a crash.  The gate makes close wait instead.  Each such call enters
+ * before it touches the segment and leaves after; close shuts the gate, then
+ * waits until no call is in, then detaches:
+ *
+ *   call (any thread):                           close:
+ *     E1 gate_calls += 1       (seq_cst)           C1 gate_shut = 1 (seq_cst)
+ *     E2 gate_shut? leave, ENG_ECLOSED (seq_cst)   C2 gate_calls == 0? (seq_cst)
+ *        ... the call ...                             else wait, look again
+ *     E3 gate_calls -= 1       (release)           C3 detach, unmap
+ *
+ * E1-E2 against C1-C2 (each side stores, then loads the other's word; all
+ * seq_cst): a call that C2 did not count saw the gate shut at E2 and never
+ * touched the segment.  E3's release pairs with C2 (an acquire too): the call's
+ * last access is before the unmap.  eng_wait_change looks at gate_shut at
+ * every slice and returns ENG_ECLOSED, so a wait in flight leaves within
+ * ENG_WAIT_SLICE_NS of C1.  The binding bounds C2 (ENG_CLOSE_WAIT_NS) and
+ * opens the gate again if it gives up, nothing closed.
+ *
+ * Does not guarantee: anything for calls that do not enter (the binding's
+ * calls that keep the GIL cannot overlap a close that holds it), nor for
+ * an eng_seg inherited through fork() (its calls say ENG_EFORKED; the
+ * threads counted in it were not copied, so shutting reports none).
+ */
+int eng_gate_enter(eng_seg *s)
+{
+    if (!s)
+        return ENG_ECLOSED;
+    fetch_add_seq_cst_u32(&s->gate_calls, 1);          /* E1 */
+    if (load_seq_cst_u32(&s->gate_shut)) {             /* E2, against C1 */
+        fetch_sub_release_u32(&s->gate_calls, 1);
+        return ENG_ECLOSED;
+    }
+    return 0;
+}
+
+void eng_gate_leave(eng_seg *s)
+{
+    if (s)
+        fetch_sub_release_u32(&s->gate_calls, 1);      /* E3: pairs with C2 */
+}
+
+/* Shut the gate; returns how many calls are still in (0: close may detach). */
+uint32_t eng_gate_shut(eng_seg *s)
+{
+    if (seg_error(s))
+        return 0;   /* closed, or a fork child's copy: nothing in flight here */
+    store_seq_cst_u32(&s->gate_shut, 1);               /* C1 */
+    return load_seq_cst_u32(&s->gate_calls);           /* C2: against E1; acquires E3 */
+}
+
+void eng_gate_open(eng_seg *s)
+{
+    if (s)
+        store_seq_cst_u32(&s->gate_shut, 0);
 }
 
 /* ==== the latch-seqlock: two copies and a word ================================== */
@@ -4319,6 +4382,10 @@ int eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns,
     *out_since = (int64_t)base;
     uint32_t seen;
     for (;;) {
+        if (load_acquire_u32(&s->gate_shut)) {   /* close() is waiting: see the close gate */
+            rc = ENG_ECLOSED;
+            break;
+        }
         uint64_t cur = load_acquire_u64(&sl->word) & SW_COMMITTED;
         if (cur == base) {
             /* about to sleep: announce it, then read the counter (see

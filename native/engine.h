@@ -446,6 +446,8 @@
 /* ---- waits ------------------------------------------------------------------ */
 #define ENG_WAIT_SLICE_NS    20000000    /* a futex sleep re-checks the state word this often */
 #define ENG_MAX_TIMEOUT_NS   0x3FFFFFFFFFFFFFFFLL
+#define ENG_CLOSE_WAIT_NS    5000000000LL   /* close waits this long for calls in flight */
+#define ENG_CLOSE_POLL_NS    1000000     /* ... looking at least this often */
 
 /* ---- misc ---------------------------------------------------------------- */
 #define ENG_SLOT_HEAD        128     /* sizeof(eng_slot): the record copies follow */
@@ -723,6 +725,8 @@ typedef struct eng_seg {
     uint32_t        acct_role;   /* word of the account field, or ENG_ROLE_NONE */
     eng_books       last_books;  /* the books a refused booking was checked against */
     int64_t         last_amount; /* and the money it asked for (notional, withdrawal) */
+    uint32_t        gate_calls;  /* the close gate (engine.c): calls in flight ... */
+    uint32_t        gate_shut;   /* ... and 1 once close began: calls entering refuse */
 } eng_seg;
 
 /* Record words a transition changes, atomically with the state. */
@@ -806,6 +810,10 @@ int      eng_attach_path(eng_seg *s, void *base, uint64_t size, uint64_t fingerp
                          const char *path, uint64_t dev, uint64_t ino);
 void     eng_detach(eng_seg *s);
 int      eng_check(eng_seg *s);
+int      eng_gate_enter(eng_seg *s);
+void     eng_gate_leave(eng_seg *s);
+uint32_t eng_gate_shut(eng_seg *s);
+void     eng_gate_open(eng_seg *s);
 
 int      eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_len,
                   uint64_t *out_id, uint64_t *out_word);
