@@ -24,10 +24,12 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+import select
 import struct
 import time
 import zlib
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -88,7 +90,10 @@ OP_TRANSITION: int = lib.ENG_OP_TRANSITION
 OP_TRANSITION_CTX: int = lib.ENG_OP_TRANSITION_CTX
 OP_WAIT: int = lib.ENG_OP_WAIT
 REDIS_BUSY_TRIES: int = lib.ENG_REDIS_BUSY_TRIES
+REDIS_FREE_SCAN: int = lib.ENG_REDIS_FREE_SCAN
 REDIS_GUARD_TTL_MS: int = lib.ENG_REDIS_GUARD_TTL_MS
+REDIS_REQUEST_WINDOW_MS: int = lib.ENG_REDIS_REQUEST_WINDOW_MS
+REDIS_RESEND_BACKOFF_US: int = lib.ENG_REDIS_RESEND_BACKOFF_US
 REJECTED: int = lib.ENG_REJECTED
 RULE_GUARDED: int = lib.ENG_RULE_GUARDED
 RULE_TARGET_MASK: int = lib.ENG_RULE_TARGET_MASK
@@ -116,6 +121,30 @@ _OP_OF = {"tx": OP_TRANSITION, "gcommit": OP_TRANSITION_CTX,
           "tokp": OP_PRICE_BATCH, "price": OP_READ, "context": OP_READ,
           "wprep": OP_WAIT, "bind": OP_KEY, "lookup": OP_LOOKUP,
           "aopen": OP_ACCOUNT, "acash": OP_ACCOUNT, "aset": OP_ACCOUNT}
+#: the functions that write, wrapped in ``once`` (redis_functions.lua): each
+#: call carries a request number and declares the client's request record
+_ONCE = frozenset({"tx", "glock", "gcommit", "upd", "upds", "tokp", "txmany", "open", "bind",
+                   "release", "wprep", "aopen", "acash", "aset", "aclose"})
+#: the keys of the position's slot each function touches (p: the position,
+#: g: its guard lock, pk: its keys, wf, w: its wait flag and stream)
+_SLOT_KEYS = {"tx": ("p", "g", "wf", "w"), "gcommit": ("p", "g", "wf", "w"),
+              "glock": ("p", "g"), "gunlock": ("g",), "state": ("p",), "word": ("p", "g"),
+              "price": ("p",), "context": ("p",), "upd": ("p",), "bind": ("p", "pk"),
+              "keys": ("p", "pk"), "release": ("p", "g", "pk", "wf", "w"),
+              "wprep": ("p", "wf", "w")}
+#: the functions whose further keys depend on the position's data (the account
+#: a closing books on, the token set and key records a release clears): the
+#: client declares the ones it learned (see _fn)
+_LEARNS = frozenset({"tx", "gcommit", "release"})
+_NEED = b"NEED"
+
+
+class _Now:
+    """Stands for the time of the call in its arguments: filled in when the
+    call is first sent, kept when the same call is sent again (see _fn)."""
+
+
+_TS = _Now()
 
 
 def check_url(url: object) -> str:
@@ -132,7 +161,8 @@ def _constants() -> str:
              "CONFLICT": CONFLICT, "REJECTED": REJECTED,
              "HALTED": HALTED, "MAX_TRIGGERS": MAX_TRIGGERS,
              "RULE_GUARDED": RULE_GUARDED, "RULE_TARGET_MASK": RULE_TARGET_MASK,
-             "MONEY_SCALE": MONEY_SCALE, "COMMITTED": _COMMITTED}
+             "MONEY_SCALE": MONEY_SCALE, "COMMITTED": _COMMITTED,
+             "REQUEST_WINDOW_MS": REDIS_REQUEST_WINDOW_MS, "FREE_SCAN": REDIS_FREE_SCAN}
     for n in dir(lib):
         if n.startswith("ENG_E") and isinstance(getattr(lib, n), int):
             names[n[4:]] = getattr(lib, n)
@@ -178,38 +208,67 @@ def _redis() -> Any:
 
 
 class _Conn:
-    """One connection (or a cluster client) that runs the engine's functions."""
+    """One connection (or a cluster client) that runs the engine's functions.
+
+    Calls are exactly once (with the server's request records, see ``once``
+    in redis_functions.lua): no library-level retry is on, and ``call`` sends
+    a call again itself, byte for byte (so with its request id), after a lost
+    connection or a cluster's refusal of the whole call (MOVED, ASK,
+    TRYAGAIN, CLUSTERDOWN), until the url's timeout.  A call that still has
+    no reply raises ServerError: not known to have applied."""
 
     def __init__(self, url: str) -> None:
         redis = _redis()
+        from redis.backoff import NoBackoff
+        from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
+        from redis.retry import Retry
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        self.timeout = float(query.pop("timeout", _DEFAULT_TIMEOUT_S))
+        given = query.pop("timeout", None)
+        try:
+            self.timeout = _DEFAULT_TIMEOUT_S if given is None else float(given)
+        except ValueError:
+            self.timeout = math.nan
+        window_s = REDIS_REQUEST_WINDOW_MS / 1000
+        if not 0 < self.timeout < window_s:
+            raise ArgumentError(f"the url's timeout must be in (0, {window_s:g}) seconds (shorter "
+                                f"than the request window), got {given!r:.40}")
         use_functions = query.pop("functions", "1") != "0"
         base = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items()))
         self.cluster = parts.scheme == "redis+cluster"
         self.client: Any   # redis.Redis or redis.cluster.RedisCluster
-        opts = {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout}
+        # no blind retries anywhere: sending a call again is call's decision
+        opts = {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout,
+                "retry": Retry(NoBackoff(), 0)}
         self.conn: Any
+        #: on a cluster: a connection of our own per node, by node name
+        self._nodes: dict[str, Any] = {}
         try:
             if self.cluster:
                 from redis.cluster import RedisCluster
                 self.client = RedisCluster.from_url(base._replace(scheme="redis").geturl(),
                                                     **opts)
                 self.conn = None
+                self._enc = self.client.encoder.encode
             else:
                 self.client = redis.Redis.from_url(base.geturl(), **opts)
                 self.conn = self.client.connection_pool.get_connection()
                 self.conn.connect()
+                self._enc = self.conn.encoder.encode
         except (redis.RedisError, OSError, ValueError) as e:
             raise ServerError(f"cannot connect to {url}: {e}") from None
         self.url = url
-        #: per (function, shard key): the packed head of its command and the
-        #: head's number of parts (see call)
-        self._heads: dict[tuple[str, str | bytes], tuple[bytes, int]] = {}
+        #: per function: the packed start of its command (see call)
+        self._heads: dict[str, bytes] = {}
         self.errors = (redis.RedisError, OSError)
         self.noscript = redis.exceptions.NoScriptError
         self.reply_error = redis.ResponseError
+        self._moved, self._ask = MovedError, AskError
+        #: a cluster's refusals of a whole call, and failures before a reply:
+        #: the call is sent again
+        self._resend = (TryAgainError, ClusterDownError, MovedError, AskError,
+                        redis.ConnectionError, redis.TimeoutError, OSError)
+        self._used = time.monotonic()
         self.functions = use_functions and self._load_functions()
 
     def _load_functions(self) -> bool:
@@ -238,50 +297,116 @@ class _Conn:
             if "already exists" not in str(e):
                 raise
 
-    def _cmd(self, key: str | bytes, fn: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        if self.functions:
-            return ("FCALL", f"e{_VERSION}_{fn}", 1, key, *args)
-        return ("EVALSHA", _SCRIPT_SHA, 1, key, fn, *args)
-
-    def _head(self, fn: str, key: str | bytes, enc: Any) -> tuple[bytes, int]:
-        """The constant start of ``fn``'s command on ``key`` (FCALL name 1 key,
-        or EVALSHA sha 1 key fn), packed once."""
-        head = self._cmd(key, fn, ())
-        self._heads[fn, key] = out = (b"".join(_bulk(a, enc) for a in head), len(head))
+    def _head(self, fn: str) -> bytes:
+        """The constant start of ``fn``'s command (FCALL name, or EVALSHA sha), packed once."""
+        head = ("FCALL", f"e{_VERSION}_{fn}") if self.functions else ("EVALSHA", _SCRIPT_SHA)
+        self._heads[fn] = out = b"".join(_bulk(a, self._enc) for a in head)
         return out
 
-    def call(self, key: str | bytes, fn: str, *args: Any) -> Any:
-        """Run function ``fn`` of the library on the shard of ``key``: one round trip.
+    def call(self, keys: Sequence[str | bytes], fn: str, args: Sequence[Any]) -> Any:
+        """Run function ``fn`` of the library with ``keys`` declared (the
+        first names the shard) and ``args``: one round trip, unless the call
+        has to be sent again (see the class).
 
-        On one server the command is packed here (what ``pack_command`` would
-        send, byte for byte), its head once per function and shard: redis-py's
-        generic packing was a tenth of the client's time per call."""
-        conn = self.conn
-        try:
-            if conn is None:
-                cmd = self._cmd(key, fn, args)
-                try:
-                    return self._run(cmd)
-                except self.noscript:
-                    self._run(("SCRIPT", "LOAD", _SCRIPT), key)
-                    return self._run(cmd)
-            enc = conn.encoder.encode
-            head, n = self._heads.get((fn, key)) or self._head(fn, key, enc)
-            packed = b"".join([b"*%d\r\n" % (n + len(args)), head,
-                               *[_bulk(a, enc) for a in args]])
+        The command is packed here (what ``pack_command`` would send, byte
+        for byte): redis-py's generic packing was a tenth of the client's
+        time per call."""
+        enc = self._enc
+        nk = len(keys)
+        n = len(str(nk))
+        parts = [b"*%d\r\n" % ((3 if self.functions else 4) + nk + len(args)),
+                 self._heads.get(fn) or self._head(fn), b"$%d\r\n%d\r\n" % (n, nk),
+                 *[_bulk(k, enc) for k in keys]]
+        if not self.functions:
+            parts.append(_bulk(fn, enc))
+        packed = b"".join([*parts, *[_bulk(a, enc) for a in args]])
+        deadline = time.monotonic() + self.timeout
+        delay, loaded = 0.0, False
+        while True:
             try:
-                return self._send(conn, packed)
-            except self.noscript:
-                self._run(("SCRIPT", "LOAD", _SCRIPT))
-                return self._send(conn, packed)
-        except self.errors as e:
-            raise ServerError(f"{self.url}: {fn} failed: {e}") from None
+                try:
+                    return self._send(keys[0], packed, deadline)
+                except self.noscript:
+                    if loaded:
+                        raise
+                    self._run(("SCRIPT", "LOAD", _SCRIPT), keys[0])
+                    loaded = True
+                    continue
+            except self._resend as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ServerError(f"{self.url}: {fn} failed (not known to have applied; "
+                                      f"the same call may be made again): {e}") from None
+                if delay:
+                    time.sleep(min(delay, left))
+                delay = min(max(2 * delay, REDIS_RESEND_BACKOFF_US / 1e6),
+                            64 * REDIS_RESEND_BACKOFF_US / 1e6)
+                if self.cluster and not isinstance(e, (self._moved, self._ask)):
+                    self._refresh()
+            except self.errors as e:
+                raise ServerError(f"{self.url}: {fn} failed: {e}") from None
 
-    def _send(self, conn: Any, packed: bytes) -> Any:
-        """Send a packed command on the connection and read its reply."""
+    def _fresh(self, conn: Any) -> Any:
+        """``conn``, reconnected first if the server closed it while it was
+        idle (its ``timeout``): a command never written is sent on a new one."""
+        now = time.monotonic()
+        sock = conn._sock
+        if sock is not None and now - self._used > 0.5 and select.select([sock], [], [], 0)[0]:
+            conn.disconnect()   # readable while idle: closed by the server (or a stray reply)
+        self._used = now
+        return conn
+
+    def _send(self, key: str | bytes, packed: bytes, deadline: float) -> Any:
+        """One attempt: send a packed command to the node of ``key`` and read
+        its reply (following a cluster's MOVED and ASK redirections)."""
+        if self.conn is not None:
+            return self._exchange(self._fresh(self.conn), (packed,), deadline)
+        nodes = self.client.nodes_manager
+        slot = self.client.keyslot(key)
+        node = nodes.get_node_from_slot(slot)
+        for _ in range(16):
+            try:
+                return self._exchange(self._node_conn(node), (packed,), deadline)
+            except self._moved as e:
+                nodes.move_slot(e)
+                node = nodes.get_node_from_slot(slot)
+            except self._ask as e:
+                target = self._node_of(e.host, e.port)
+                return self._exchange(self._node_conn(target),
+                                      (b"*1\r\n$6\r\nASKING\r\n", packed), deadline, asking=True)
+        raise _redis().exceptions.ClusterError(f"too many redirections for {key!r}")
+
+    def _node_of(self, host: str, port: int) -> Any:
+        host, port = self.client.nodes_manager.remap_host_port(host, port)
+        node = self.client.get_node(host=host, port=port)
+        if node is None:
+            from redis.cluster import PRIMARY, ClusterNode
+            node = ClusterNode(host, port, PRIMARY)
+        return node
+
+    def _node_conn(self, node: Any) -> Any:
+        """Our connection to a cluster node (made once, kept)."""
+        conn = self._nodes.get(node.name)
+        if conn is None:
+            pool = self.client.get_redis_connection(node).connection_pool
+            conn = self._nodes[node.name] = pool.get_connection()
+        return self._fresh(conn)
+
+    def _refresh(self) -> None:
+        """Learn the cluster's slots again (after a node failed or refused)."""
         try:
-            conn.send_packed_command((packed,))
-            return conn.read_response()
+            self.client.nodes_manager.initialize()
+        except self.errors:
+            pass   # the next attempt says what is wrong
+
+    def _exchange(self, conn: Any, packed: tuple[bytes, ...], deadline: float,
+                  asking: bool = False) -> Any:
+        """Send packed commands on a connection and read the last one's reply."""
+        try:
+            conn.send_packed_command(packed, check_health=False)
+            if asking:
+                conn.read_response()
+            return conn.read_response(timeout=max(deadline - time.monotonic(), 1e-3))
         except self.reply_error:
             raise   # the whole reply was read: the connection is in step
         except BaseException:
@@ -295,7 +420,7 @@ class _Conn:
                 node = self.client.get_node_from_key(key)
                 return self.client.execute_command(*cmd, target_nodes=node)
             return self.client.execute_command(*cmd)
-        conn = self.conn
+        conn = self._fresh(self.conn)
         try:
             conn.send_command(*cmd)
             return conn.read_response()
@@ -343,6 +468,9 @@ class _Conn:
         try:
             if self.conn is not None:
                 self.client.connection_pool.release(self.conn)
+            for conn in self._nodes.values():
+                conn.disconnect()
+            self._nodes.clear()
             self.client.close()
         except Exception:   # closing a connection the server dropped
             pass
@@ -382,6 +510,19 @@ class RedisStore:
         self.last_amount = 0
         self._next = 0
         self._token = secrets.token_hex(8)
+        #: per shard: the meta key, the metrics hash, this client's request record
+        self._fixed = [(P + "m", P + "s", P + "r:" + self._token) for P in self.prefixes]
+        self._seq = 0   # the last request number (see _fn)
+        #: the last writing call that raised, as (what it was, its number, its
+        #: arguments): made again as the next call, it is sent with the same
+        self._pending: tuple[Any, int, tuple[Any, ...]] | None = None
+        #: keys learned from NEED answers: per slot (the account, token set and
+        #: key records of its opening), per (shard, token) (the token's positions)
+        self._learned: dict[Any, list[Any]] = {}
+        #: per shard: the free slot (and free account) an open declares, and
+        #: its pick (0: the head of the free list; random once openers collide)
+        self._hint: dict[tuple[str, int], str] = {}
+        self._pick: dict[tuple[str, int], int] = {}
         self._closed = False
         self._calls = 0
         self._sample_mask = DEFAULT_SAMPLE_MASK
@@ -485,23 +626,75 @@ class RedisStore:
             return ENOTOPEN
         return slot, op
 
-    def _call(self, slot: int, fn: str, *args: Any) -> Any:
-        return self._fn(self._key(slot), fn, slot, *args)
+    def _call(self, slot: int, fn: str, *args: Any, keys: Sequence[Any] = ()) -> Any:
+        """``fn`` on the position in ``slot``, its slot's keys declared (and
+        ``keys``, and what was learned for the slot)."""
+        P = self.prefixes[slot % self.shards]
+        declared = [f"{P}{x}:{slot}" for x in _SLOT_KEYS[fn]]
+        if keys:
+            declared += keys
+        return self._fn(slot % self.shards, fn, slot, *args, keys=declared,
+                        learn=slot if fn in _LEARNS else None)
 
-    def _fn(self, key: str, fn: str, *args: Any) -> Any:
-        """One function call; one in ``sample_every`` is timed into this
-        Engine's latency histogram (the server counts every call)."""
+    def _fn(self, shard: int, fn: str, *args: Any, keys: Sequence[Any] = (),
+            learn: Any = None, need: bool = False) -> Any:
+        """One function call on ``shard``, ``keys`` declared after the
+        shard's meta key, metrics hash and (a writing function) this client's
+        request record; one in ``sample_every`` is timed into this Engine's
+        latency histogram (the server counts every call).
+
+        A writing call gets the next request number, unless it is the call
+        that last raised made again (same function, shard and arguments):
+        that one is sent with its number and its first arguments (its time),
+        so the server applies it at most once.  A NEED answer (keys to
+        declare, nothing applied) is returned when ``need``; else the call is
+        sent again with those keys too (remembered under ``learn``)."""
         if self._closed:
             raise_closed()
+        m, s, r = self._fixed[shard]
+        once = fn in _ONCE
+        if once:
+            what = (fn, shard, args)
+            pending = self._pending
+            if pending is not None and pending[0] == what:
+                seq, args = pending[1], pending[2]
+            else:
+                self._seq += 1
+                seq = self._seq
+                if _TS in args:
+                    ts = _Q.pack(time.time_ns())
+                    args = tuple(ts if a is _TS else a for a in args)
+            full = [m, s, r, *keys]
+            sent: tuple[Any, ...] = (seq, *args)
+        else:
+            full, sent = [m, s, *keys], args
+        if learn is not None:
+            full += self._learned.get(learn, ())
+        for _ in range(REDIS_BUSY_TRIES):
+            if once:
+                self._pending = (what, seq, args)
+            reply = self._timed(full, fn, sent)
+            if once:
+                self._pending = None
+            if reply.__class__ is not list or not reply or reply[0] != _NEED or need:
+                return reply
+            more = reply[2:]
+            if learn is not None:
+                self._learned[learn] = more
+            full += more
+        raise ServerError(f"{self.url}: {fn} kept needing other keys (the data it touches "
+                          f"changed {REDIS_BUSY_TRIES} times in a row)")
+
+    def _timed(self, keys: list[Any], fn: str, args: Sequence[Any]) -> Any:
         self._calls += 1
         if self._calls & self._sample_mask or not self._metrics_on:
-            return self.conn.call(key, fn, *args)
+            return self.conn.call(keys, fn, args)
         t0 = time.perf_counter_ns()
-        r = self.conn.call(key, fn, *args)
+        r = self.conn.call(keys, fn, args)
         ns = time.perf_counter_ns() - t0
         op = _OP_OF.get(fn)
         if op is not None:
-            if fn == "tx" and int(args[3]):
+            if fn == "tx" and int(args[4]):
                 op = OP_TRANSITION_CTX
             self._hist[op, min(ns.bit_length(), HIST_BUCKETS - 1)] += 1
             self._max_ns[op] = max(self._max_ns[op], ns)
@@ -556,7 +749,6 @@ class RedisStore:
         acct = self._word(words, "account")
         k = b"" if key == ffi.NULL or key is None else bytes(key[:key_len])
         an, aop = (acct & ID_SLOT_MASK, acct >> ID_SLOT_BITS) if acct else (0, 0)
-        ts = _Q.pack(time.time_ns())
         if acct:
             if isinstance(self._acct(acct), int):
                 return EBADACCOUNT
@@ -577,18 +769,44 @@ class RedisStore:
             return EBADPRICE
         rc = EFULL
         for s in shards:
-            r = self._fn(self.meta_keys[s], "open", rec, token, ts, k, an, aop)
+            P = self.prefixes[s]
+            # what a closing and a release of this opening touch besides its slot
+            dyn = [f"{P}t:{token}", *([P.encode() + b"k:" + k] if k else []),
+                   *([f"{P}a:{an}"] if aop else [])]
+            r = self._take(s, "open", [P + "free", P + "open", *dyn],
+                           lambda h: [f"{P}p:{h}", f"{P}pk:{h}"], rec, token, _TS, k, an, aop)
             rc = int(r[0])
             if rc == 0:
                 out[0] = int(r[2]) << ID_SLOT_BITS | int(r[1])
                 out_word[0] = 0
                 self._last = _COMMITTED + (int(r[3]) & SW_GEN_MASK) * 1024 + self._initial
+                self._learned[int(r[1])] = dyn
                 return 0
             if len(r) > 2:
                 self._keep_books(r[1], r[2:])
             if rc != EFULL:
                 return rc
         return rc
+
+    def _take(self, s: int, fn: str, keys: list[Any], keys_of: Any, *args: Any) -> Any:
+        """``fn`` (open, aopen) on shard ``s``, which takes an entry of a free
+        list: the call declares ``keys`` and ``keys_of(entry)`` of the entry
+        it offers to take (the one the last such call named); the server
+        names another (NEED) when that one is gone."""
+        P = self.prefixes[s]
+        for _ in range(REDIS_BUSY_TRIES):
+            hint, pick = self._hint.get((fn, s), ""), self._pick.get((fn, s), 0)
+            r = self._fn(s, fn, *args, hint, pick,
+                         keys=[*keys, *keys_of(hint)] if hint else keys, need=True)
+            if r[0] != _NEED:
+                if r[0] == 0:
+                    self._hint[fn, s] = r[-1].decode()
+                return r
+            if hint:   # another client took it: pick among the first free ones from now on
+                self._pick[fn, s] = secrets.randbelow(REDIS_FREE_SCAN * 1024) + 1
+            self._hint[fn, s] = r[1].decode()
+        raise ServerError(f"{self.url}: {fn} on {P}: the free entry it offered to take was "
+                          f"taken by others {REDIS_BUSY_TRIES} times in a row")
 
     def _keep_books(self, amount: bytes, b: list[bytes]) -> None:
         """What a refused opening or withdrawal was checked against (the
@@ -618,7 +836,11 @@ class RedisStore:
                 f"key {k!r} belongs to shard {self._key_shard(k)} of this sharded Redis engine, "
                 f"and id {id} to shard {sp[0] % self.shards}: on a sharded engine a key is "
                 "bound by open(key=...) or to a position of its own shard")
-        return int(self._call(sp[0], "bind", sp[1], k))
+        kk = self.prefixes[sp[0] % self.shards].encode() + b"k:" + k
+        rc = int(self._call(sp[0], "bind", sp[1], k, keys=[kk]))
+        if rc == 0:   # its release clears the key's record
+            self._learned[sp[0]] = [*self._learned.get(sp[0], ()), kk]
+        return rc
 
     def eng_lookup(self, seg: Any, key: bytes, key_len: int) -> int:
         if not 1 <= key_len <= KEY_MAX:
@@ -626,7 +848,8 @@ class RedisStore:
         if self._closed:
             return ECLOSED
         k = bytes(key[:key_len])
-        r = self._fn(self.meta_keys[self._key_shard(k)], "lookup", k)
+        s = self._key_shard(k)
+        r = self._fn(s, "lookup", k, keys=[self.prefixes[s].encode() + b"k:" + k])
         return 0 if len(r) == 1 else int(r[1]) << ID_SLOT_BITS | int(r[0])
 
     def eng_keys(self, seg: Any, id: int, out: Any, n_max: int, n: Any) -> int:
@@ -730,7 +953,7 @@ class RedisStore:
             return sp
         if not _positive(price):
             return EBADPRICE
-        return int(self._call(sp[0], "upd", sp[1], _F8.pack(price), _Q.pack(time.time_ns())))
+        return int(self._call(sp[0], "upd", sp[1], _F8.pack(price), _TS))
 
     def eng_read_price(self, seg: Any, id: int, out: Any) -> int:
         sp = self._split(id)
@@ -792,15 +1015,20 @@ class RedisStore:
         if badp.any():
             out[0], out_n[0] = int(np.argmax(badp)), 0
             return EBADPRICE
-        ts = _Q.pack(time.time_ns())
         written = 0
         for s, idx in self._by_shard(a):
             slots, ops = self._packed(a, idx)
-            r = self._fn(self.meta_keys[s], "upds", slots, ops, p[idx].astype("<f8").tobytes(),
-                         ts)
+            r = self._fn(s, "upds", slots, ops, p[idx].astype("<f8").tobytes(), _TS,
+                         keys=self._pos_keys(s, a[idx], ("p",)))
             written += int(r[1])
         out[0], out_n[0] = 0, written
         return 0
+
+    def _pos_keys(self, s: int, ids: np.ndarray, parts: tuple[str, ...]) -> list[str]:
+        """The keys ``parts`` of the slots of ``ids`` (all in shard ``s``)."""
+        P = self.prefixes[s]
+        slots = (ids & np.uint64(ID_SLOT_MASK)).tolist()
+        return [f"{P}{x}:{slot}" for slot in slots for x in parts]
 
     def _vector(self, fn: str, ids: Any, n: int, bad: Any,
                 extra: np.ndarray | None = None) -> list[tuple[np.ndarray, bytes]] | int:
@@ -815,7 +1043,8 @@ class RedisStore:
             args: tuple[bytes, ...] = (slots, ops)
             if extra is not None:
                 args += (extra[idx].astype("<u4").tobytes(),)
-            r = self._fn(self.meta_keys[s], fn, *args)
+            r = self._fn(s, fn, *args, keys=self._pos_keys(
+                s, a[idx], ("p", "g", "wf", "w") if fn == "txmany" else ("p",)))
             if r[0]:
                 bad[0] = int(idx[int(r[1])])
                 return int(r[0])
@@ -857,9 +1086,9 @@ class RedisStore:
             return ECLOSED
         if not _positive(price):
             return EBADPRICE
-        ts = _Q.pack(time.time_ns())
-        return sum(int(self._fn(k, "tokp", token, _F8.pack(price), ts))
-                   for k in self.meta_keys)
+        return sum(int(self._fn(s, "tokp", token, _F8.pack(price), _TS,
+                                keys=[f"{P}t:{token}"], learn=(s, token)))
+                   for s, P in enumerate(self.prefixes))
 
     # -- accounts ---------------------------------------------------------------------
     def _acct(self, id: int) -> tuple[int, int] | int:
@@ -869,7 +1098,10 @@ class RedisStore:
         return n, op
 
     def _acall(self, n: int, fn: str, *args: Any) -> Any:
-        return self._fn(self.meta_keys[n % self.shards], fn, n, *args)
+        s = n % self.shards
+        P = self.prefixes[s]
+        return self._fn(s, fn, n, *args,
+                        keys=[f"{P}a:{n}", *([P + "afree"] if fn == "aclose" else [])])
 
     def eng_open_account(self, seg: Any, cash: int, max_exposure: int, max_positions: int,
                          max_loss: int, out: Any) -> int:
@@ -879,8 +1111,10 @@ class RedisStore:
             return ECLOSED
         self._next += 1
         for i in range(self.shards):
-            key = self.meta_keys[(self._next + i) % self.shards]
-            r = self._fn(key, "aopen", cash, max_exposure, max_positions, max_loss)
+            s = (self._next + i) % self.shards
+            P = self.prefixes[s]
+            r = self._take(s, "aopen", [P + "afree"], lambda h: [f"{P}a:{h}"],
+                           cash, max_exposure, max_positions, max_loss)
             if r[0] == 0:
                 out[0] = int(r[2]) << ID_SLOT_BITS | int(r[1])
                 return 0
@@ -950,8 +1184,10 @@ class RedisStore:
         if self._closed:
             return ECLOSED
         found = []
-        for s, key in enumerate(self.meta_keys):
-            for num, b in self._fn(key, "alist", s, self.max_accounts, self.shards):
+        for s, P in enumerate(self.prefixes):
+            accounts = range(s, self.max_accounts, self.shards)
+            for num, b in self._fn(s, "alist", s, self.max_accounts, self.shards,
+                                   keys=[f"{P}a:{n}" for n in accounts]):
                 found.append((int(num), b))
         found.sort()
         for i, (num, b) in enumerate(found[:max_rows]):
@@ -989,8 +1225,8 @@ class RedisStore:
         if self._closed:
             return ECLOSED
         out: list[tuple[int, bytes]] = []
-        for key in self.meta_keys:
-            for item in self._fn(key, "snap"):
+        for s in range(self.shards):
+            for item in self._fn(s, "snap"):
                 slot, op, st, locked, gen, ctr, pv = _SNAP.unpack_from(item)
                 cv = _F8.unpack_from(item, _SNAP.size)[0]
                 base = _SNAP.size + 8
@@ -1006,14 +1242,14 @@ class RedisStore:
         return 0
 
     def eng_set_halt(self, seg: Any, on: int) -> int:
-        for key in self.meta_keys:
-            self._fn(key, "halt", 1 if on else 0)
+        for s in range(self.shards):
+            self._fn(s, "halt", 1 if on else 0)
         return 0
 
     def eng_set_metrics(self, seg: Any, enabled: int, mask: int) -> int:
         self._metrics_on, self._sample_mask = bool(enabled), mask
-        for key in self.meta_keys:
-            self._fn(key, "setmetrics", 1 if enabled else 0)
+        for s in range(self.shards):
+            self._fn(s, "setmetrics", 1 if enabled else 0)
         return 0
 
     def eng_recover(self, seg: Any, out: Any) -> int:
