@@ -1,0 +1,202 @@
+"""Exactly-once calls on Redis: a call the client gave up on, a reply lost
+with its connection, a connection the server closed while idle.
+
+A writing call carries a request id; the shard answers a resend with the
+first reply.  Each test makes the fault happen at a known point of one call
+(deposit, open, transition, update_price) and checks the call applied once:
+never twice, and not lost when it returned."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+import pytest
+import redis
+from conftest import redis_url
+from procs import until
+
+from engine import Engine, Outcome, ServerError, State, Trigger
+from engine._native import lib
+from engine.tools.redis_server import PrivateRedis
+
+WINDOW_S = lib.ENG_REDIS_REQUEST_WINDOW_MS / 1000
+
+
+class Op(NamedTuple):
+    """A writing call: made on a fresh engine, then checked applied once."""
+    name: str
+    setup: Any    # (engine) -> context
+    act: Any      # (engine, context) -> result
+    check: Any    # (engine, context, result) -> None (asserts applied exactly once)
+
+
+def _account(e: Engine) -> int:
+    return e.open_account(cash=100, max_exposure=100, max_positions=4, max_loss=100)
+
+
+def _deposited(e: Engine, a: int, result: Any) -> None:
+    assert e.account(a).cash == Decimal(101), "the deposit applied twice (or not at all)"
+
+
+def _opened(e: Engine, _ctx: Any, pos: int) -> None:
+    rows = e.snapshot()
+    assert len(rows) == 1, f"{len(rows)} positions open after one open"
+    assert e.state(pos) is State.CREATED
+
+
+def _moved(e: Engine, pos: int, outcome: Outcome) -> None:
+    assert outcome is Outcome.APPLIED, "the resend did not get the first reply"
+    assert e.state(pos) is State.MONITORING
+    assert e.metrics()["transition"].applied == 1, "the transition applied twice"
+
+
+def _priced(e: Engine, pos: int, _result: Any) -> None:
+    p = e.price(pos)
+    assert p.price == 101.0
+    assert p.version == 2, f"price version {p.version}: the update applied twice"
+
+
+OPS = [
+    Op("deposit", _account, lambda e, a: e.deposit(a, 1), _deposited),
+    Op("open", lambda e: None, lambda e, _: e.open_position(100.0, 1.0), _opened),
+    Op("transition", lambda e: e.open_position(100.0, 1.0),
+       lambda e, pos: e.transition(pos, Trigger.POSITION_OPENED), _moved),
+    Op("update_price", lambda e: e.open_position(100.0, 1.0),
+       lambda e, pos: e.update_price(pos, 101.0), _priced),
+]
+
+
+@pytest.fixture(scope="module")
+def debug_server() -> Any:
+    """A private server that takes DEBUG SLEEP."""
+    with PrivateRedis(args=["--enable-debug-command", "yes"]) as r:
+        yield r
+
+
+@pytest.fixture
+def engines() -> Any:
+    made: list[Engine] = []
+
+    def make(url: str) -> Engine:
+        e = Engine.create(16, url=url)
+        made.append(e)
+        return e
+
+    yield make
+    for e in made:
+        try:
+            e.unlink()
+            e.close()
+        except ServerError:
+            pass
+
+
+def _stall_after_queued(url: str, port: int) -> threading.Thread:
+    """Writes paused; once a function call waits in the pause, unpause and
+    sleep the server 1.5 s in one step: the call runs after the sleep, when
+    its client (timeout 0.5 s) has given up on it."""
+    admin = redis.Redis.from_url(url)
+    admin.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+
+    def stall() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            until(lambda: any(c.get("cmd") == "fcall" and "b" in c["flags"]
+                              for c in admin.client_list()), "a call waiting in the pause", 10)
+            s.sendall(b"CLIENT UNPAUSE\r\nDEBUG SLEEP 1.5\r\n")
+            s.settimeout(10)
+            s.recv(64)   # the sleep's reply: the server is awake again
+
+    t = threading.Thread(target=stall, daemon=True)
+    t.start()
+    return t
+
+
+def _again(call: Any) -> Any:
+    """The same call made again until it returns (each try bounded by the url's timeout)."""
+    for _ in range(40):
+        try:
+            return call()
+        except ServerError:
+            continue
+    raise AssertionError("the call never returned")
+
+
+@pytest.mark.parametrize("op", OPS, ids=[o.name for o in OPS])
+class TestExactlyOnce:
+    def test_a_call_given_up_on_applies_once_when_made_again(self, debug_server, engines, op):
+        """The server runs the call after its client gave up (ServerError: not
+        known to have applied); the same call made again returns the first
+        reply and applies nothing: one apply, never two."""
+        e = engines(debug_server.url + "?timeout=0.5")
+        ctx = op.setup(e)
+        stall = _stall_after_queued(debug_server.url, debug_server.port)
+        with pytest.raises(ServerError, match="not known to have applied"):
+            op.act(e, ctx)
+        result = _again(lambda: op.act(e, ctx))
+        stall.join(10)
+        op.check(e, ctx, result)
+
+    def test_a_reply_lost_with_its_connection_is_not_applied_again(self, engines, op):
+        """The connection is killed (CLIENT KILL) after the function ran and
+        before its reply is read: the call returns, resent, with the first
+        reply; it applied once."""
+        url = redis_url()
+        e = engines(url)
+        ctx = op.setup(e)
+        conn = e._seg.conn.conn
+        cid = e._seg.conn.command("CLIENT", "ID")
+        admin = redis.Redis.from_url(url)
+        read = conn.read_response
+        killed = []
+
+        def lose_reply(*args: Any, **kw: Any) -> Any:
+            conn.read_response = read   # once
+            assert select.select([conn._sock], [], [], 10)[0], "no reply"   # the function ran
+            admin.execute_command("CLIENT", "KILL", "ID", cid)
+            killed.append(cid)
+            conn.disconnect()   # with the reply in its buffer
+            raise redis.ConnectionError("killed before the reply was read")
+
+        conn.read_response = lose_reply
+        result = op.act(e, ctx)
+        assert killed, "the fault never happened"
+        op.check(e, ctx, result)
+
+    def test_a_call_after_the_server_closed_the_idle_connection(self, engines, op):
+        """The server's idle timeout closed the connection: the next call is
+        sent on a new one and applies once (no ServerError)."""
+        with PrivateRedis() as r:
+            e = engines(r.url)
+            ctx = op.setup(e)
+            cid = e._seg.conn.command("CLIENT", "ID")
+            admin = redis.Redis.from_url(r.url)
+            admin.config_set("timeout", 1)
+            until(lambda: cid not in {c["id"] for c in admin.client_list()},
+                  "the server closing the idle connection", 20)
+            result = op.act(e, ctx)
+            op.check(e, ctx, result)
+            e.unlink()
+            e.close()
+
+
+class TestRequestIds:
+    def test_an_older_request_is_refused(self, engines):
+        """A copy of an earlier request (delayed on a dead connection) that
+        reaches the shard after a later one is refused and applies nothing."""
+        e = engines(redis_url())
+        a = _account(e)
+        e.deposit(a, 1)
+        e._seg._seq -= 2   # the next deposit goes out with an older number
+        with pytest.raises(ServerError, match="stale request"):
+            e.deposit(a, 1)
+        assert e.account(a).cash == Decimal(101)
+
+    def test_the_url_timeout_must_be_shorter_than_the_window(self):
+        """A timeout the request records would not outlive: ArgumentError naming the range."""
+        from engine import ArgumentError
+        with pytest.raises(ArgumentError, match=r"\(0, 60\)"):
+            Engine.create(4, url=redis_url() + f"?timeout={WINDOW_S:g}")
