@@ -175,7 +175,7 @@ class TestExactlyOnce:
             cid = e._seg.conn.command("CLIENT", "ID")
             admin = redis.Redis.from_url(r.url)
             admin.config_set("timeout", 1)
-            until(lambda: cid not in {c["id"] for c in admin.client_list()},
+            until(lambda: str(cid) not in {c["id"] for c in admin.client_list()},
                   "the server closing the idle connection", 20)
             result = op.act(e, ctx)
             op.check(e, ctx, result)
@@ -200,3 +200,20 @@ class TestRequestIds:
         from engine import ArgumentError
         with pytest.raises(ArgumentError, match=r"\(0, 60\)"):
             Engine.create(4, url=redis_url() + f"?timeout={WINDOW_S:g}")
+
+
+class TestIdleConnection:
+    def test_a_plain_command_after_the_server_closed_the_idle_connection(self):
+        """metrics() (HGETALL, not a function) after the idle timeout closed
+        the connection: sent on a new one, no ServerError."""
+        with PrivateRedis() as r:
+            e = Engine.create(16, url=r.url)
+            e.open_position(100.0, 1.0)
+            cid = e._seg.conn.command("CLIENT", "ID")
+            admin = redis.Redis.from_url(r.url)
+            admin.config_set("timeout", 1)
+            until(lambda: str(cid) not in {c["id"] for c in admin.client_list()},
+                  "the server closing the idle connection", 20)
+            assert e.metrics()["open"].applied == 1
+            e.unlink()
+            e.close()
