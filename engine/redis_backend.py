@@ -523,6 +523,11 @@ class RedisStore:
         #: its pick (0: the head of the free list; random once openers collide)
         self._hint: dict[tuple[str, int], str] = {}
         self._pick: dict[tuple[str, int], int] = {}
+        #: a guarded transition that raised: (what, lock token, verdict sent or None)
+        self._guard_pending: tuple[Any, str, int | None] | None = None
+        #: the shard an open (open_account) raised ServerError on: the next
+        #: one made starts there (made again, it is sent as the same request)
+        self._raised: dict[str, int | None] = {"open": None, "aopen": None}
         self._closed = False
         self._calls = 0
         self._sample_mask = DEFAULT_SAMPLE_MASK
@@ -762,13 +767,16 @@ class RedisStore:
         elif k and self.shards > 1:
             shards = [self._key_shard(k)]
         else:
-            self._next += 1
-            shards = [(self._next + i) % self.shards for i in range(self.shards)]
+            if self._raised["open"] is None:
+                self._next += 1
+            shards = self._from_raised("open", [(self._next + i) % self.shards
+                                                for i in range(self.shards)])
         entry = self.roles["entry"]
         if entry >= 0 and not _positive(_F8.unpack_from(rec, 8 * entry)[0]):
             return EBADPRICE
         rc = EFULL
         for s in shards:
+            self._raised["open"] = s
             P = self.prefixes[s]
             # what a closing and a release of this opening touch besides its slot
             dyn = [f"{P}t:{token}", *([P.encode() + b"k:" + k] if k else []),
@@ -781,12 +789,19 @@ class RedisStore:
                 out_word[0] = 0
                 self._last = _COMMITTED + (int(r[3]) & SW_GEN_MASK) * 1024 + self._initial
                 self._learned[int(r[1])] = dyn
+                self._raised["open"] = None
                 return 0
             if len(r) > 2:
                 self._keep_books(r[1], r[2:])
             if rc != EFULL:
-                return rc
+                break
+        self._raised["open"] = None
         return rc
+
+    def _from_raised(self, fn: str, shards: list[int]) -> list[int]:
+        """``shards`` from the one ``fn`` last raised on (if any)."""
+        s = self._raised[fn]
+        return shards[shards.index(s):] if s in shards else shards
 
     def _take(self, s: int, fn: str, keys: list[Any], keys_of: Any, *args: Any) -> Any:
         """``fn`` (open, aopen) on shard ``s``, which takes an entry of a free
@@ -915,27 +930,44 @@ class RedisStore:
         trigger = self._trigger(trigger)
         if trigger >= self.n_triggers:
             return EBADTRIGGER
-        token = f"{self._token}:{time.monotonic_ns()}"
+        mask, upd = self._update(u)
+        what = (id, trigger, mask, upd)
+        # made again after a ServerError: the same lock token, and the same
+        # commit if it was sent (so the server answers with the first reply)
+        gp = self._guard_pending
+        if gp is not None and gp[0] == what:
+            token, verdict = gp[1], gp[2]
+            if verdict is not None:
+                return self._applied(self._call(slot, "gcommit", op, trigger, token, verdict,
+                                                mask, upd))
+        else:
+            token = f"{self._token}:{time.monotonic_ns()}"
+        self._guard_pending = (what, token, None)
         for attempt in range(REDIS_BUSY_TRIES):
             r = self._call(slot, "glock", op, trigger, token, REDIS_GUARD_TTL_MS)
             if int(r[0]) != EBUSY:
                 break
             time.sleep(min(50e-6 * 2 ** min(attempt, 6), 2e-3))
         else:
+            self._guard_pending = None
             return CONFLICT
         if int(r[0]) != APPLIED:
+            self._guard_pending = None
             return int(r[0])
-        mask, upd = self._update(u)
         try:
             verdict = guard(user, id, int(r[1]), trigger)
         except BaseException:
+            self._guard_pending = None
             self._call(slot, "gunlock", token)
             raise
         if verdict not in (0, 1):
+            self._guard_pending = None
             self._call(slot, "gunlock", token)
             return EGUARDFAIL
-        return self._applied(self._call(slot, "gcommit", op, trigger, token, verdict, mask,
-                                        upd))
+        self._guard_pending = (what, token, verdict)
+        rc = self._applied(self._call(slot, "gcommit", op, trigger, token, verdict, mask, upd))
+        self._guard_pending = None
+        return rc
 
     def eng_state(self, seg: Any, id: int) -> int:
         sp = self._split(id)
@@ -1109,15 +1141,19 @@ class RedisStore:
             return EBADMONEY
         if self._closed:
             return ECLOSED
-        self._next += 1
-        for i in range(self.shards):
-            s = (self._next + i) % self.shards
+        if self._raised["aopen"] is None:
+            self._next += 1
+        for s in self._from_raised("aopen", [(self._next + i) % self.shards
+                                             for i in range(self.shards)]):
+            self._raised["aopen"] = s
             P = self.prefixes[s]
             r = self._take(s, "aopen", [P + "afree"], lambda h: [f"{P}a:{h}"],
                            cash, max_exposure, max_positions, max_loss)
             if r[0] == 0:
                 out[0] = int(r[2]) << ID_SLOT_BITS | int(r[1])
+                self._raised["aopen"] = None
                 return 0
+        self._raised["aopen"] = None
         return EACCTFULL
 
     def _books_row(self, id: int, b: list[bytes], row: Any) -> None:

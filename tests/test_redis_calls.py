@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import pytest
 import redis
 from conftest import redis_url
-from procs import until
+from procs import exit_guarded_spec, until
 
 from engine import Engine, Outcome, ServerError, State, Trigger
 from engine._native import lib
@@ -32,6 +32,14 @@ class Op(NamedTuple):
     setup: Any    # (engine) -> context
     act: Any      # (engine, context) -> result
     check: Any    # (engine, context, result) -> None (asserts applied exactly once)
+    nth: int = 1  # the round trip of the call whose reply a test loses
+
+
+def allow(ctx: Any, price: Any) -> bool:
+    return True
+
+
+GUARDED = exit_guarded_spec(allow, "allow")
 
 
 def _account(e: Engine) -> int:
@@ -54,6 +62,21 @@ def _moved(e: Engine, pos: int, outcome: Outcome) -> None:
     assert e.metrics()["transition"].applied == 1, "the transition applied twice"
 
 
+def _exit_pending(e: Engine) -> int:
+    pos = e.open_position(100.0, 1.0)
+    for t in (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET):
+        assert e.transition(pos, t) is Outcome.APPLIED
+    return pos
+
+
+def _guarded(e: Engine, pos: int, outcome: Outcome) -> None:
+    assert outcome is Outcome.APPLIED, "the resend did not get the first reply"
+    assert e.state(pos) is State.EXITING
+    assert e.metrics()["transition_ctx"].applied == 1, "the guarded commit applied twice"
+    name = e._seg.prefixes[0] + "g:*"
+    assert not e._seg.conn.client.keys(name), "a guard's lock key was left behind"
+
+
 def _priced(e: Engine, pos: int, _result: Any) -> None:
     p = e.price(pos)
     assert p.price == 101.0
@@ -67,6 +90,10 @@ OPS = [
        lambda e, pos: e.transition(pos, Trigger.POSITION_OPENED), _moved),
     Op("update_price", lambda e: e.open_position(100.0, 1.0),
        lambda e, pos: e.update_price(pos, 101.0), _priced),
+    Op("guarded_lock", _exit_pending, lambda e, pos: e.transition(pos, Trigger.EXIT_STARTED),
+       _guarded),
+    Op("guarded_commit", _exit_pending, lambda e, pos: e.transition(pos, Trigger.EXIT_STARTED),
+       _guarded, nth=2),
 ]
 
 
@@ -82,7 +109,7 @@ def engines() -> Any:
     made: list[Engine] = []
 
     def make(url: str) -> Engine:
-        e = Engine.create(16, url=url)
+        e = Engine.create(16, url=url, spec=GUARDED)
         made.append(e)
         return e
 
@@ -151,9 +178,13 @@ class TestExactlyOnce:
         cid = e._seg.conn.command("CLIENT", "ID")
         admin = redis.Redis.from_url(url)
         read = conn.read_response
-        killed = []
+        killed: list[int] = []
+        reads = [0]
 
         def lose_reply(*args: Any, **kw: Any) -> Any:
+            reads[0] += 1
+            if reads[0] < op.nth:
+                return read(*args, **kw)
             conn.read_response = read   # once
             assert select.select([conn._sock], [], [], 10)[0], "no reply"   # the function ran
             admin.execute_command("CLIENT", "KILL", "ID", cid)
