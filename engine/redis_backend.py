@@ -269,6 +269,8 @@ class _Conn:
         self._resend = (TryAgainError, ClusterDownError, MovedError, AskError,
                         redis.ConnectionError, redis.TimeoutError, OSError)
         self._used = time.monotonic()
+        #: calls sent again (a refusal or a lost connection), for tools and tests
+        self.resent = 0
         self.functions = use_functions and self._load_functions()
 
     def _load_functions(self) -> bool:
@@ -333,6 +335,7 @@ class _Conn:
                     loaded = True
                     continue
             except self._resend as e:
+                self.resent += 1
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ServerError(f"{self.url}: {fn} failed (not known to have applied; "
@@ -368,9 +371,11 @@ class _Conn:
             try:
                 return self._exchange(self._node_conn(node), (packed,), deadline)
             except self._moved as e:
+                self.resent += 1
                 nodes.move_slot(e)
                 node = nodes.get_node_from_slot(slot)
             except self._ask as e:
+                self.resent += 1
                 target = self._node_of(e.host, e.port)
                 return self._exchange(self._node_conn(target),
                                       (b"*1\r\n$6\r\nASKING\r\n", packed), deadline, asking=True)
