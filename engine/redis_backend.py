@@ -887,7 +887,10 @@ class RedisStore:
 
     def eng_release_position(self, seg: Any, id: int) -> int:
         sp = self._split(id)
-        return sp if isinstance(sp, int) else self._applied(self._call(sp[0], "release", sp[1]))
+        if isinstance(sp, int):
+            return sp
+        P = self.prefixes[sp[0] % self.shards]
+        return self._applied(self._call(sp[0], "release", sp[1], keys=[P + "open", P + "free"]))
 
     def _trigger(self, trigger: int) -> int:
         """The trigger as C takes it: a uint32 (else OverflowError, as cffi)."""

@@ -248,3 +248,87 @@ class TestIdleConnection:
             assert e.metrics()["open"].applied == 1
             e.unlink()
             e.close()
+
+
+def _checking_script() -> str:
+    """The EVALSHA script with every redis.call checked: its key (the
+    command's first) must be one of the call's KEYS, and must not be one the
+    call deleted before (a migrating node would take that touch for a key
+    that moved)."""
+    from engine import redis_backend as rb
+    body = rb._SCRIPT.replace("redis.call", "checked_call")
+    check = ("local DELETED = {}\n"
+             "local function checked_call(cmd, key, ...)\n"
+             "    local ok = false\n"
+             "    for i = 1, #KEYS do if KEYS[i] == key then ok = true end end\n"
+             "    if not ok then error('undeclared key ' .. tostring(key) .. ' in ' .. ARGV[1]) end\n"
+             "    if DELETED[key] then error('touched after delete ' .. key) end\n"
+             "    if cmd == 'DEL' then DELETED[key] = true end\n"
+             "    return redis.call(cmd, key, ...)\n"
+             "end\n")
+    return check + body
+
+
+class TestDeclaredKeys:
+    def test_every_key_a_function_touches_is_declared(self, monkeypatch):
+        """Every function, run through the API (positions with keys, tokens
+        and accounts; guarded and booked closings; releases; batches; waits;
+        accounts), touches only keys its call declared, and never one it
+        deleted: the property that lets a Cluster refuse a call whole while
+        its slot migrates."""
+        import hashlib
+
+        import numpy as np
+
+        from engine import redis_backend as rb
+        script = _checking_script()
+        monkeypatch.setattr(rb, "_SCRIPT", script)
+        monkeypatch.setattr(rb, "_SCRIPT_SHA", hashlib.sha1(script.encode()).hexdigest())
+        url = redis_url() + "?functions=0"
+        e = Engine.create(64, url=url, spec=GUARDED, shards=4, max_accounts=8)
+        other = Engine.attach(e.handle)   # learns what it did not open itself
+        try:
+            a = e.open_account(cash=10_000, max_exposure=10_000, max_positions=16,
+                               max_loss=10_000)
+            e.deposit(a, 5)
+            e.withdraw(a, 5)
+            e.halt_account(a, False)
+            e.update_account(a, lambda acc: {"max_positions": 20})
+            ids = [e.open_position(100.0, 1.0, token=7, account=a if i % 2 else None,
+                                   key=f"key-{i}" if i % 3 == 0 and not i % 2 else None)
+                   for i in range(12)]
+            more = next(k for k in (f"more-{n}" for n in range(100))   # of ids[2]'s shard
+                        if e._seg._key_shard(k.encode()) == e.slot_of(ids[2]) % 4)
+            e.bind_key(ids[2], more)
+            assert e.lookup("key-0") == ids[0] and e.keys(ids[0])
+            assert e.update_token_price(7, 101.0) == 12
+            assert e.update_prices(np.array(ids), np.full(12, 102.0)) == 12
+            e.states(ids)
+            e.prices(ids)
+            e.transition_many(ids, Trigger.POSITION_OPENED)
+            e.transition_many(ids, Trigger.EXIT_CONDITION_MET)
+            for i, pos in enumerate(ids):
+                who = other if i % 2 else e
+                assert who.transition(pos, Trigger.EXIT_STARTED) is Outcome.APPLIED
+                e.context(pos)
+                e.price(pos)
+                e.id_of(e.slot_of(pos))
+                with pytest.raises(Exception):
+                    e.wait_for_change(pos, timeout=0)
+            other.transition_many(ids[:6], Trigger.EXIT_COMPLETED)
+            for i, pos in enumerate(ids[6:]):
+                who = other if i % 2 else e
+                assert who.transition(pos, Trigger.EXIT_COMPLETED) is Outcome.APPLIED
+            for i, pos in enumerate(ids):
+                who = other if i % 2 else e
+                assert who.release_position(pos) is Outcome.APPLIED
+            assert e.lookup("key-0") is None and e.lookup(more) is None
+            assert e.account(a).open_positions == 0
+            e.accounts()
+            e.close_account(a)
+            e.set_metrics(True)
+            e.halt(False)
+        finally:
+            other.close()
+            e.unlink()
+            e.close()
