@@ -199,6 +199,11 @@ def _bulk(a: Any, encode: Any) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(b), b)
 
 
+def _packed_keys(keys: Sequence[str | bytes]) -> bytes:
+    """Key names as RESP bulk strings, one after the other."""
+    return b"".join(_bulk(k, None) for k in keys)
+
+
 def _redis() -> Any:
     try:
         import redis
@@ -305,33 +310,32 @@ class _Conn:
         self._heads[fn] = out = b"".join(_bulk(a, self._enc) for a in head)
         return out
 
-    def call(self, keys: Sequence[str | bytes], fn: str, args: Sequence[Any]) -> Any:
-        """Run function ``fn`` of the library with ``keys`` declared (the
-        first names the shard) and ``args``: one round trip, unless the call
-        has to be sent again (see the class).
+    def call(self, route: str | bytes, keys: bytes, nk: int, fn: str,
+             args: Sequence[Any]) -> Any:
+        """Run function ``fn`` of the library with ``nk`` keys declared
+        (``keys``, packed: see _packed_keys; ``route`` is one of them, it
+        names the shard) and ``args``: one round trip, unless the call has to
+        be sent again (see the class).
 
         The command is packed here (what ``pack_command`` would send, byte
         for byte): redis-py's generic packing was a tenth of the client's
         time per call."""
         enc = self._enc
-        nk = len(keys)
-        n = len(str(nk))
-        parts = [b"*%d\r\n" % ((3 if self.functions else 4) + nk + len(args)),
-                 self._heads.get(fn) or self._head(fn), b"$%d\r\n%d\r\n" % (n, nk),
-                 *[_bulk(k, enc) for k in keys]]
-        if not self.functions:
-            parts.append(_bulk(fn, enc))
-        packed = b"".join([*parts, *[_bulk(a, enc) for a in args]])
+        packed = b"".join([b"*%d\r\n" % ((3 if self.functions else 4) + nk + len(args)),
+                           self._heads.get(fn) or self._head(fn),
+                           b"$%d\r\n%d\r\n" % (len(str(nk)), nk), keys,
+                           b"" if self.functions else _bulk(fn, enc),
+                           *[_bulk(a, enc) for a in args]])
         deadline = time.monotonic() + self.timeout
         delay, loaded = 0.0, False
         while True:
             try:
                 try:
-                    return self._send(keys[0], packed, deadline)
+                    return self._send(route, packed, deadline)
                 except self.noscript:
                     if loaded:
                         raise
-                    self._run(("SCRIPT", "LOAD", _SCRIPT), keys[0])
+                    self._run(("SCRIPT", "LOAD", _SCRIPT), route)
                     loaded = True
                     continue
             except self._resend as e:
@@ -411,7 +415,10 @@ class _Conn:
             conn.send_packed_command(packed, check_health=False)
             if asking:
                 conn.read_response()
-            return conn.read_response(timeout=max(deadline - time.monotonic(), 1e-3))
+            left = deadline - time.monotonic()
+            if left >= self.timeout * 0.999:   # a first attempt: the socket's timeout is the url's
+                return conn.read_response()
+            return conn.read_response(timeout=max(left, 1e-3))
         except self.reply_error:
             raise   # the whole reply was read: the connection is in step
         except BaseException:
@@ -517,6 +524,9 @@ class RedisStore:
         self._token = secrets.token_hex(8)
         #: per shard: the meta key, the metrics hash, this client's request record
         self._fixed = [(P + "m", P + "s", P + "r:" + self._token) for P in self.prefixes]
+        self._fixed_packed = [(_packed_keys(f[:2]), _packed_keys(f[2:])) for f in self._fixed]
+        #: per (function, slot): its slot's keys, packed (see _call; bounded)
+        self._slot_keys: dict[tuple[str, int], tuple[bytes, int]] = {}
         self._seq = 0   # the last request number (see _fn)
         #: the last writing call that raised, as (what it was, its number, its
         #: arguments): made again as the next call, it is sent with the same
@@ -639,15 +649,22 @@ class RedisStore:
     def _call(self, slot: int, fn: str, *args: Any, keys: Sequence[Any] = ()) -> Any:
         """``fn`` on the position in ``slot``, its slot's keys declared (and
         ``keys``, and what was learned for the slot)."""
-        P = self.prefixes[slot % self.shards]
-        declared = [f"{P}{x}:{slot}" for x in _SLOT_KEYS[fn]]
+        packed = self._slot_keys.get((fn, slot))
+        if packed is None:
+            if len(self._slot_keys) >= 1 << 16:
+                self._slot_keys.clear()
+            P = self.prefixes[slot % self.shards]
+            names = _SLOT_KEYS[fn]
+            packed = self._slot_keys[fn, slot] = (
+                _packed_keys([f"{P}{x}:{slot}" for x in names]), len(names))
         if keys:
-            declared += keys
-        return self._fn(slot % self.shards, fn, slot, *args, keys=declared,
+            packed = (packed[0] + _packed_keys(keys), packed[1] + len(keys))
+        return self._fn(slot % self.shards, fn, slot, *args, packed=packed,
                         learn=slot if fn in _LEARNS else None)
 
     def _fn(self, shard: int, fn: str, *args: Any, keys: Sequence[Any] = (),
-            learn: Any = None, need: bool = False) -> Any:
+            packed: tuple[bytes, int] | None = None, learn: Any = None,
+            need: bool = False) -> Any:
         """One function call on ``shard``, ``keys`` declared after the
         shard's meta key, metrics hash and (a writing function) this client's
         request record; one in ``sample_every`` is timed into this Engine's
@@ -661,7 +678,9 @@ class RedisStore:
         sent again with those keys too (remembered under ``learn``)."""
         if self._closed:
             raise_closed()
-        m, s, r = self._fixed[shard]
+        ms, r = self._fixed_packed[shard]
+        if packed is None:
+            packed = (_packed_keys(keys), len(keys))
         once = fn in _ONCE
         if once:
             what = (fn, shard, args)
@@ -674,16 +693,19 @@ class RedisStore:
                 if _TS in args:
                     ts = _Q.pack(time.time_ns())
                     args = tuple(ts if a is _TS else a for a in args)
-            full = [m, s, r, *keys]
+            full, nk = ms + r + packed[0], 3 + packed[1]
             sent: tuple[Any, ...] = (seq, *args)
         else:
-            full, sent = [m, s, *keys], args
+            full, nk, sent = ms + packed[0], 2 + packed[1], args
         if learn is not None:
-            full += self._learned.get(learn, ())
+            more = self._learned.get(learn)
+            if more:
+                full, nk = full + _packed_keys(more), nk + len(more)
+        route = self._fixed[shard][0]
         for _ in range(REDIS_BUSY_TRIES):
             if once:
                 self._pending = (what, seq, args)
-            reply = self._timed(full, fn, sent)
+            reply = self._timed(route, full, nk, fn, sent)
             if once:
                 self._pending = None
             if reply.__class__ is not list or not reply or reply[0] != _NEED or need:
@@ -691,16 +713,16 @@ class RedisStore:
             more = reply[2:]
             if learn is not None:
                 self._learned[learn] = more
-            full += more
+            full, nk = full + _packed_keys(more), nk + len(more)
         raise ServerError(f"{self.url}: {fn} kept needing other keys (the data it touches "
                           f"changed {REDIS_BUSY_TRIES} times in a row)")
 
-    def _timed(self, keys: list[Any], fn: str, args: Sequence[Any]) -> Any:
+    def _timed(self, route: str, keys: bytes, nk: int, fn: str, args: Sequence[Any]) -> Any:
         self._calls += 1
         if self._calls & self._sample_mask or not self._metrics_on:
-            return self.conn.call(keys, fn, args)
+            return self.conn.call(route, keys, nk, fn, args)
         t0 = time.perf_counter_ns()
-        r = self.conn.call(keys, fn, args)
+        r = self.conn.call(route, keys, nk, fn, args)
         ns = time.perf_counter_ns() - t0
         op = _OP_OF.get(fn)
         if op is not None:
