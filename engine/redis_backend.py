@@ -21,6 +21,7 @@ money as decimal int64 strings added on the server (``HINCRBY``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import secrets
@@ -28,8 +29,8 @@ import select
 import struct
 import time
 import zlib
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -389,8 +390,9 @@ class _Conn:
         host, port = self.client.nodes_manager.remap_host_port(host, port)
         node = self.client.get_node(host=host, port=port)
         if node is None:
-            from redis.cluster import PRIMARY, ClusterNode
-            node = ClusterNode(host, port, PRIMARY)
+            from redis import cluster
+            make: Any = cluster.ClusterNode   # a node we did not know yet
+            node = make(host, port, cluster.PRIMARY)
         return node
 
     def _node_conn(self, node: Any) -> Any:
@@ -403,10 +405,8 @@ class _Conn:
 
     def _refresh(self) -> None:
         """Learn the cluster's slots again (after a node failed or refused)."""
-        try:
+        with contextlib.suppress(*self.errors):   # the next attempt says what is wrong
             self.client.nodes_manager.initialize()
-        except self.errors:
-            pass   # the next attempt says what is wrong
 
     def _exchange(self, conn: Any, packed: tuple[bytes, ...], deadline: float,
                   asking: bool = False) -> Any:
@@ -809,7 +809,8 @@ class RedisStore:
             dyn = [f"{P}t:{token}", *([P.encode() + b"k:" + k] if k else []),
                    *([f"{P}a:{an}"] if aop else [])]
             r = self._take(s, "open", [P + "free", P + "open", *dyn],
-                           lambda h: [f"{P}p:{h}", f"{P}pk:{h}"], rec, token, _TS, k, an, aop)
+                           lambda h, P=P: [f"{P}p:{h}", f"{P}pk:{h}"], rec, token, _TS, k, an,
+                           aop)
             rc = int(r[0])
             if rc == 0:
                 out[0] = int(r[2]) << ID_SLOT_BITS | int(r[1])
@@ -1177,7 +1178,7 @@ class RedisStore:
                                              for i in range(self.shards)]):
             self._raised["aopen"] = s
             P = self.prefixes[s]
-            r = self._take(s, "aopen", [P + "afree"], lambda h: [f"{P}a:{h}"],
+            r = self._take(s, "aopen", [P + "afree"], lambda h, P=P: [f"{P}a:{h}"],
                            cash, max_exposure, max_positions, max_loss)
             if r[0] == 0:
                 out[0] = int(r[2]) << ID_SLOT_BITS | int(r[1])

@@ -606,7 +606,7 @@ def _reshard_worker(e: Engine, acct: int, stop: threading.Event, log: dict[str, 
                 n += 1
                 booked = n % 2 == 0
                 kw: dict[str, Any] = {"account": acct} if booked else {"key": f"K{n}"}
-                pos = again(lambda kw=kw: e.open_position(100.0, 1.0, token=n % 5, **kw))
+                pos = again(lambda kw=kw, tok=n % 5: e.open_position(100.0, 1.0, token=tok, **kw))
                 for t in path:
                     rc = again(lambda t=t, pos=pos: e.transition(pos, t))
                     assert rc is Outcome.APPLIED, f"{t.name} of {pos}: {rc}"

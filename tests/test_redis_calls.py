@@ -19,7 +19,7 @@ import redis
 from conftest import redis_url
 from procs import exit_guarded_spec, until
 
-from engine import Engine, Outcome, ServerError, State, Trigger
+from engine import Engine, Outcome, ServerError, State, Trigger, WaitTimeout
 from engine._native import lib
 from engine.tools.redis_server import PrivateRedis
 
@@ -261,7 +261,7 @@ def _checking_script() -> str:
              "local function checked_call(cmd, key, ...)\n"
              "    local ok = false\n"
              "    for i = 1, #KEYS do if KEYS[i] == key then ok = true end end\n"
-             "    if not ok then error('undeclared key ' .. tostring(key) .. ' in ' .. ARGV[1]) end\n"
+             "    if not ok then error('undeclared ' .. tostring(key) .. ' in ' .. ARGV[1]) end\n"
              "    if DELETED[key] then error('touched after delete ' .. key) end\n"
              "    if cmd == 'DEL' then DELETED[key] = true end\n"
              "    return redis.call(cmd, key, ...)\n"
@@ -313,7 +313,7 @@ class TestDeclaredKeys:
                 e.context(pos)
                 e.price(pos)
                 e.id_of(e.slot_of(pos))
-                with pytest.raises(Exception):
+                with pytest.raises(WaitTimeout):
                     e.wait_for_change(pos, timeout=0)
             other.transition_many(ids[:6], Trigger.EXIT_COMPLETED)
             for i, pos in enumerate(ids[6:]):
