@@ -311,8 +311,19 @@ class _Conn:
         self._heads[fn] = out = b"".join(_bulk(a, self._enc) for a in head)
         return out
 
-    def call(self, route: str | bytes, keys: bytes, nk: int, fn: str,
-             args: Sequence[Any]) -> Any:
+    def call(self, key: str | bytes, fn: str, *args: Any) -> Any:
+        """``fn`` with one key declared, ``key`` (a function that touches no
+        other key: see fcall)."""
+        return self.fcall(key, _packed_keys((key,)), 1, fn, args)
+
+    def _cmd(self, key: str | bytes, fn: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``fn`` on ``key`` (its one declared key) as a plain command."""
+        if self.functions:
+            return ("FCALL", f"e{_VERSION}_{fn}", 1, key, *args)
+        return ("EVALSHA", _SCRIPT_SHA, 1, key, fn, *args)
+
+    def fcall(self, route: str | bytes, keys: bytes, nk: int, fn: str,
+              args: Sequence[Any]) -> Any:
         """Run function ``fn`` of the library with ``nk`` keys declared
         (``keys``, packed: see _packed_keys; ``route`` is one of them, it
         names the shard) and ``args``: one round trip, unless the call has to
@@ -374,7 +385,7 @@ class _Conn:
         node = nodes.get_node_from_slot(slot)
         for _ in range(16):
             try:
-                return self._exchange(self._node_conn(node), (packed,), deadline)
+                return self._exchange(self._own_conn(node), (packed,), deadline)
             except self._moved as e:
                 self.resent += 1
                 nodes.move_slot(e)
@@ -382,7 +393,7 @@ class _Conn:
             except self._ask as e:
                 self.resent += 1
                 target = self._node_of(e.host, e.port)
-                return self._exchange(self._node_conn(target),
+                return self._exchange(self._own_conn(target),
                                       (b"*1\r\n$6\r\nASKING\r\n", packed), deadline, asking=True)
         raise _redis().exceptions.ClusterError(f"too many redirections for {key!r}")
 
@@ -395,7 +406,7 @@ class _Conn:
             node = make(host, port, cluster.PRIMARY)
         return node
 
-    def _node_conn(self, node: Any) -> Any:
+    def _own_conn(self, node: Any) -> Any:
         """Our connection to a cluster node (made once, kept)."""
         conn = self._nodes.get(node.name)
         if conn is None:
@@ -720,9 +731,9 @@ class RedisStore:
     def _timed(self, route: str, keys: bytes, nk: int, fn: str, args: Sequence[Any]) -> Any:
         self._calls += 1
         if self._calls & self._sample_mask or not self._metrics_on:
-            return self.conn.call(route, keys, nk, fn, args)
+            return self.conn.fcall(route, keys, nk, fn, args)
         t0 = time.perf_counter_ns()
-        r = self.conn.call(route, keys, nk, fn, args)
+        r = self.conn.fcall(route, keys, nk, fn, args)
         ns = time.perf_counter_ns() - t0
         op = _OP_OF.get(fn)
         if op is not None:

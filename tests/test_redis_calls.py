@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import select
 import socket
+import subprocess
+import tempfile
 import threading
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -21,7 +23,7 @@ from procs import exit_guarded_spec, until
 
 from engine import Engine, Outcome, ServerError, State, Trigger, WaitTimeout
 from engine._native import lib
-from engine.tools.redis_server import PrivateRedis
+from engine.tools.redis_server import PrivateRedis, _answers, _free_port
 
 WINDOW_S = lib.ENG_REDIS_REQUEST_WINDOW_MS / 1000
 
@@ -97,11 +99,26 @@ OPS = [
 ]
 
 
+class _DebugServer(NamedTuple):
+    url: str
+    port: int
+
+
 @pytest.fixture(scope="module")
 def debug_server() -> Any:
-    """A private server that takes DEBUG SLEEP."""
-    with PrivateRedis(args=["--enable-debug-command", "yes"]) as r:
-        yield r
+    """A private server (loopback, no persistence) that takes DEBUG SLEEP."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="engine-debug-redis-") as d:
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", d, "--enable-debug-command", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            until(lambda: _answers(port), "the debug server answering", 20)
+            yield _DebugServer(f"redis://127.0.0.1:{port}/0", port)
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 @pytest.fixture

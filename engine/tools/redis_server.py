@@ -14,7 +14,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["PrivateRedis", "RedisUnavailable"]
@@ -43,9 +42,7 @@ def _answers(port: int) -> bool:
 class PrivateRedis:
     """A redis-server of our own on a free loopback port, no persistence."""
 
-    def __init__(self, start_timeout: float = 10.0, prefix: str = "engine-redis-",
-                 args: Sequence[str] = ()) -> None:
-        """``args``: more redis-server options (``--enable-debug-command yes``)."""
+    def __init__(self, start_timeout: float = 10.0, prefix: str = "engine-redis-") -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RedisUnavailable("redis-server is not on PATH (apt-get install redis-server)")
@@ -57,7 +54,7 @@ class PrivateRedis:
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
              "--save", "", "--appendonly", "no", "--dir", self.tmp.name,
-             "--logfile", str(self.log), "--daemonize", "no", *args],
+             "--logfile", str(self.log), "--daemonize", "no"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + start_timeout
         while not _answers(self.port):

@@ -15,7 +15,7 @@ host's load during the run moves every kind alike), a block of each of:
     the "Redis 7 Lua" peer's transition (``Redis.evalsha`` of its script);
 ``engine_fcall``
     the engine's ``tx`` function sent as the store's own round trip does it
-    (``_Conn.call``: the engine's command with its declared keys and request
+    (``_Conn.fcall``: the engine's command with its declared keys and request
     number, without ``Engine`` and ``RedisStore`` around it);
 ``engine_transition`` / ``engine_update_price``
     ``Engine.transition`` (PAUSE, RESUME) and ``Engine.update_price`` on an
@@ -60,7 +60,7 @@ LABELS = {
     "evalsha_raw": "EVALSHA 'return 0', one connection",
     "evalsha": "EVALSHA 'return 0', Redis.evalsha",
     "peer_transition": "Redis 7 Lua transition (evalsha)",
-    "engine_fcall": "engine 'tx' FCALL, _Conn.call",
+    "engine_fcall": "engine 'tx' FCALL, _Conn.fcall",
     "engine_transition": "engine on Redis: transition",
     "engine_update_price": "engine on Redis: update_price",
 }
@@ -91,7 +91,7 @@ def _calls(port: int, handle: Handle) -> tuple[dict[str, Callable[[int], None]],
     keys = _packed_keys([*store._fixed[0],
                          *(f"{store.prefixes[0]}{x}:{slot}" for x in ("p", "g", "wf", "w"))])
     send, read, evalsha = conn.send_command, conn.read_response, r.evalsha
-    call, transition, update_price = store.conn.call, eng.transition, eng.update_price
+    call, transition, update_price = store.conn.fcall, eng.transition, eng.update_price
 
     def evalsha_raw(n: int) -> None:
         for _ in range(n):
