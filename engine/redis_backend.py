@@ -205,6 +205,13 @@ def _packed_keys(keys: Sequence[str | bytes]) -> bytes:
     return b"".join(_bulk(k, None) for k in keys)
 
 
+def _readable(sock: Any) -> bool:
+    """Has the socket something to read (or its end) right now?  (poll: any fd number)"""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(0))
+
+
 def _redis() -> Any:
     try:
         import redis
@@ -217,7 +224,7 @@ class _Conn:
     """One connection (or a cluster client) that runs the engine's functions.
 
     Calls are exactly once (with the server's request records, see ``once``
-    in redis_functions.lua): no library-level retry is on, and ``call`` sends
+    in redis_functions.lua): no library-level retry is on, and ``fcall`` sends
     a call again itself, byte for byte (so with its request id), after a lost
     connection or a cluster's refusal of the whole call (MOVED, ASK,
     TRYAGAIN, CLUSTERDOWN), until the url's timeout.  A call that still has
@@ -226,7 +233,13 @@ class _Conn:
     def __init__(self, url: str) -> None:
         redis = _redis()
         from redis.backoff import NoBackoff
-        from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
+        from redis.exceptions import (
+            AskError,
+            ClusterDownError,
+            MovedError,
+            RedisClusterException,
+            TryAgainError,
+        )
         from redis.retry import Retry
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
@@ -273,7 +286,8 @@ class _Conn:
         #: a cluster's refusals of a whole call, and failures before a reply:
         #: the call is sent again
         self._resend = (TryAgainError, ClusterDownError, MovedError, AskError,
-                        redis.ConnectionError, redis.TimeoutError, OSError)
+                        RedisClusterException, redis.ConnectionError, redis.TimeoutError,
+                        OSError)
         self._used = time.monotonic()
         #: calls sent again (a refusal or a lost connection), for tools and tests
         self.resent = 0
@@ -370,7 +384,7 @@ class _Conn:
         idle (its ``timeout``): a command never written is sent on a new one."""
         now = time.monotonic()
         sock = conn._sock
-        if sock is not None and now - self._used > 0.5 and select.select([sock], [], [], 0)[0]:
+        if sock is not None and now - self._used > 0.5 and _readable(sock):
             conn.disconnect()   # readable while idle: closed by the server (or a stray reply)
         self._used = now
         return conn
