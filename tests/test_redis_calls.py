@@ -266,6 +266,33 @@ class TestIdleConnection:
             e.unlink()
             e.close()
 
+    def test_an_idle_check_on_a_descriptor_above_1024(self):
+        """The idle connection's check works on any descriptor number (select()
+        refused those past FD_SETSIZE: every call of a process with many files
+        open failed)."""
+        import os
+        import resource
+        import time
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"the hard limit on open files is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+        filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        try:
+            e = Engine.create(4, url=redis_url())
+            try:
+                assert e._seg.conn.conn._sock.fileno() >= 1024
+                pos = e.open_position(100.0, 1.0)
+                time.sleep(0.6)   # idle long enough for the check to run
+                assert e.transition(pos, Trigger.POSITION_OPENED) is Outcome.APPLIED
+            finally:
+                e.unlink()
+                e.close()
+        finally:
+            for fd in filler:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
 
 def _checking_script() -> str:
     """The EVALSHA script with every redis.call checked: its key (the
@@ -349,30 +376,3 @@ class TestDeclaredKeys:
             other.close()
             e.unlink()
             e.close()
-
-    def test_an_idle_check_on_a_descriptor_above_1024(self):
-        """The idle connection's check works on any descriptor number (select()
-        refused those past FD_SETSIZE: every call of a process with many files
-        open failed)."""
-        import os
-        import resource
-        import time
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard != resource.RLIM_INFINITY and hard < 1200:
-            pytest.skip(f"the hard limit on open files is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
-        filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
-        try:
-            e = Engine.create(4, url=redis_url())
-            try:
-                assert e._seg.conn.conn._sock.fileno() >= 1024
-                pos = e.open_position(100.0, 1.0)
-                time.sleep(0.6)   # idle long enough for the check to run
-                assert e.transition(pos, Trigger.POSITION_OPENED) is Outcome.APPLIED
-            finally:
-                e.unlink()
-                e.close()
-        finally:
-            for fd in filler:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
