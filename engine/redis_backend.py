@@ -377,7 +377,11 @@ class _Conn:
                 if self.cluster and not isinstance(e, (self._moved, self._ask)):
                     self._refresh()
             except self.errors as e:
-                raise ServerError(f"{self.url}: {fn} failed: {e}") from None
+                if fn in _ONCE or "non local key" not in str(e) or time.monotonic() > deadline:
+                    raise ServerError(f"{self.url}: {fn} failed: {e}") from None
+                # a reader (snapshot) met a key its slot's migration moved: it wrote nothing
+                self.resent += 1
+                time.sleep(REDIS_RESEND_BACKOFF_US / 1e6)
 
     def _fresh(self, conn: Any) -> Any:
         """``conn``, reconnected first if the server closed it while it was
