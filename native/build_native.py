@@ -30,6 +30,8 @@ def cdef_from_header(text: str) -> str:
 
 def compile_args() -> list[str]:
     args = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-fno-strict-aliasing"]
+    if os.environ.get("ENGINE_RELEASE"):
+        args += ["-DENG_NO_TEST_FAULTS"]   # the test fault switch can never be turned on
     if os.environ.get("ENGINE_SANITIZE"):
         args += ["-O1", "-g", "-fno-omit-frame-pointer",
                  "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
@@ -57,6 +59,9 @@ extern "Python" int _engine_guard(void *, uint64_t, uint32_t, uint32_t);
 RELEASED = {   # name: (return type, parameters, arguments)
     "eng_attach": ("int", "eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd",
                    "s, base, size, fingerprint, fd"),
+    "eng_attach_path": ("int", "eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, "
+                               "const char *path, uint64_t dev, uint64_t ino",
+                        "s, base, size, fingerprint, path, dev, ino"),
     "eng_guard_transition": ("int", "eng_seg *s, uint64_t id, uint32_t trigger, "
                                     "const eng_ctx_update *u, eng_guard_fn guard, void *user",
                              "s, id, trigger, u, guard, user"),

@@ -90,6 +90,7 @@ def _calls(port: int, handle: Handle) -> tuple[dict[str, Callable[[int], None]],
     route = store._fixed[0][0]
     keys = _packed_keys([*store._fixed[0],
                          *(f"{store.prefixes[0]}{x}:{slot}" for x in ("p", "g", "wf", "w"))])
+    inc = store.inc
     send, read, evalsha = conn.send_command, conn.read_response, r.evalsha
     call, transition, update_price = store.conn.fcall, eng.transition, eng.update_price
 
@@ -109,7 +110,8 @@ def _calls(port: int, handle: Handle) -> tuple[dict[str, Callable[[int], None]],
     def engine_fcall(n: int) -> None:
         for i in range(n):
             store._seq += 1   # each a new request (the store's own calls go on from it)
-            call(route, keys, 7, "tx", (store._seq, slot, op, RESUME if i & 1 else PAUSE, 0, b""))
+            call(route, keys, 7, "tx",
+                 (inc, store._seq, slot, op, RESUME if i & 1 else PAUSE, 0, b""))
 
     def engine_transition(n: int) -> None:
         for i in range(n):
