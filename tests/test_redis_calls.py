@@ -303,7 +303,7 @@ def _checking_script() -> str:
     half-way one that the next create or remove clears)."""
     from engine import redis_backend as rb
     body = rb._SCRIPT.replace("redis.call", "checked_call")
-    steps = "claim binit fill seal renew wipe abort drop".split()
+    steps = ["claim", "binit", "fill", "seal", "renew", "wipe", "abort", "drop"]
     check = ("local DELETED = {}\n"
              "local STEPS = {" + ", ".join(f"{n} = true" for n in steps) + "}\n"
              "local function checked_call(cmd, key, ...)\n"
