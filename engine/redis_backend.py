@@ -21,14 +21,16 @@ money as decimal int64 strings added on the server (``HINCRBY``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
 import secrets
+import select
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -92,9 +94,12 @@ OP_TRANSITION: int = lib.ENG_OP_TRANSITION
 OP_TRANSITION_CTX: int = lib.ENG_OP_TRANSITION_CTX
 OP_WAIT: int = lib.ENG_OP_WAIT
 REDIS_BUSY_TRIES: int = lib.ENG_REDIS_BUSY_TRIES
+REDIS_FREE_SCAN: int = lib.ENG_REDIS_FREE_SCAN
 REDIS_CREATE_CHUNK: int = lib.ENG_REDIS_CREATE_CHUNK
 REDIS_CREATE_LEASE_MS: int = lib.ENG_REDIS_CREATE_LEASE_MS
 REDIS_GUARD_TTL_MS: int = lib.ENG_REDIS_GUARD_TTL_MS
+REDIS_REQUEST_WINDOW_MS: int = lib.ENG_REDIS_REQUEST_WINDOW_MS
+REDIS_RESEND_BACKOFF_US: int = lib.ENG_REDIS_RESEND_BACKOFF_US
 REJECTED: int = lib.ENG_REJECTED
 RULE_GUARDED: int = lib.ENG_RULE_GUARDED
 RULE_TARGET_MASK: int = lib.ENG_RULE_TARGET_MASK
@@ -122,6 +127,30 @@ _OP_OF = {"tx": OP_TRANSITION, "gcommit": OP_TRANSITION_CTX,
           "tokp": OP_PRICE_BATCH, "price": OP_READ, "context": OP_READ,
           "wprep": OP_WAIT, "bind": OP_KEY, "lookup": OP_LOOKUP,
           "aopen": OP_ACCOUNT, "acash": OP_ACCOUNT, "aset": OP_ACCOUNT}
+#: the functions that write, wrapped in ``once`` (redis_functions.lua): each
+#: call carries a request number and declares the client's request record
+_ONCE = frozenset({"tx", "glock", "gcommit", "upd", "upds", "tokp", "txmany", "open", "bind",
+                   "release", "wprep", "aopen", "acash", "aset", "aclose"})
+#: the keys of the position's slot each function touches (p: the position,
+#: g: its guard lock, pk: its keys, wf, w: its wait flag and stream)
+_SLOT_KEYS = {"tx": ("p", "g", "wf", "w"), "gcommit": ("p", "g", "wf", "w"),
+              "glock": ("p", "g"), "gunlock": ("g",), "state": ("p",), "word": ("p", "g"),
+              "price": ("p",), "context": ("p",), "upd": ("p",), "bind": ("p", "pk"),
+              "keys": ("p", "pk"), "release": ("p", "g", "pk", "wf", "w"),
+              "wprep": ("p", "wf", "w")}
+#: the functions whose further keys depend on the position's data (the account
+#: a closing books on, the token set and key records a release clears): the
+#: client declares the ones it learned (see _fn)
+_LEARNS = frozenset({"tx", "gcommit", "release"})
+_NEED = b"NEED"
+
+
+class _Now:
+    """Stands for the time of the call in its arguments: filled in when the
+    call is first sent, kept when the same call is sent again (see _fn)."""
+
+
+_TS = _Now()
 #: the functions that write what a caller was told: with ``?wait=N`` each
 #: waits for N replicas before it returns
 _MUTATING = frozenset({"tx", "gcommit", "upd", "upds", "tokp", "txmany", "open", "bind",
@@ -150,6 +179,7 @@ def _constants() -> str:
              "HALTED": HALTED, "MAX_TRIGGERS": MAX_TRIGGERS,
              "RULE_GUARDED": RULE_GUARDED, "RULE_TARGET_MASK": RULE_TARGET_MASK,
              "MONEY_SCALE": MONEY_SCALE, "COMMITTED": _COMMITTED,
+             "REQUEST_WINDOW_MS": REDIS_REQUEST_WINDOW_MS, "FREE_SCAN": REDIS_FREE_SCAN,
              "BOOK_PRICE_MULT": lib.ENG_BOOK_PRICE_MULT, "MANY_ERROR": MANY_ERROR, **_C}
     for n in dir(lib):
         if n.startswith("ENG_E") and isinstance(getattr(lib, n), int):
@@ -190,6 +220,23 @@ def _bulk(a: Any, encode: Any) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(b), b)
 
 
+def _needs(reply: Any) -> bool:
+    """Is ``reply`` a NEED answer (keys to declare; nothing applied)?"""
+    return reply.__class__ is list and bool(reply) and reply[0] == _NEED
+
+
+def _packed_keys(keys: Sequence[str | bytes]) -> bytes:
+    """Key names as RESP bulk strings, one after the other."""
+    return b"".join(_bulk(k, None) for k in keys)
+
+
+def _readable(sock: Any) -> bool:
+    """Has the socket something to read (or its end) right now?  (poll: any fd number)"""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(0))
+
+
 def _redis() -> Any:
     try:
         import redis
@@ -199,40 +246,78 @@ def _redis() -> Any:
 
 
 class _Conn:
-    """One connection (or a cluster client) that runs the engine's functions."""
+    """One connection (or a cluster client) that runs the engine's functions.
+
+    Calls are exactly once (with the server's request records, see ``once``
+    in redis_functions.lua): no library-level retry is on, and ``fcall`` sends
+    a call again itself, byte for byte (so with its request id), after a lost
+    connection or a cluster's refusal of the whole call (MOVED, ASK,
+    TRYAGAIN, CLUSTERDOWN), until the url's timeout.  A call that still has
+    no reply raises ServerError: not known to have applied."""
 
     def __init__(self, url: str) -> None:
         redis = _redis()
+        from redis.backoff import NoBackoff
+        from redis.exceptions import (
+            AskError,
+            ClusterDownError,
+            MovedError,
+            RedisClusterException,
+            TryAgainError,
+        )
+        from redis.retry import Retry
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        self.timeout = float(query.pop("timeout", _DEFAULT_TIMEOUT_S))
+        given = query.pop("timeout", None)
+        try:
+            self.timeout = _DEFAULT_TIMEOUT_S if given is None else float(given)
+        except ValueError:
+            self.timeout = math.nan
+        window_s = REDIS_REQUEST_WINDOW_MS / 1000
+        if not 0 < self.timeout < window_s:
+            raise ArgumentError(f"the url's timeout must be in (0, {window_s:g}) seconds (shorter "
+                                f"than the request window), got {given!r:.40}")
         #: ?wait=N: replicas that must acknowledge each mutating call (WAIT)
         self.wait = _replicas(query.pop("wait", "0"))
         use_functions = query.pop("functions", "1") != "0"
         base = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items()))
         self.cluster = parts.scheme == "redis+cluster"
         self.client: Any   # redis.Redis or redis.cluster.RedisCluster
-        opts = {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout}
+        # no blind retries anywhere: sending a call again is call's decision
+        opts = {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout,
+                "retry": Retry(NoBackoff(), 0)}
         self.conn: Any
+        #: on a cluster: a connection of our own per node, by node name
+        self._nodes: dict[str, Any] = {}
         try:
             if self.cluster:
                 from redis.cluster import RedisCluster
                 self.client = RedisCluster.from_url(base._replace(scheme="redis").geturl(),
                                                     **opts)
                 self.conn = None
+                self._enc = self.client.encoder.encode
             else:
                 self.client = redis.Redis.from_url(base.geturl(), **opts)
                 self.conn = self.client.connection_pool.get_connection()
                 self.conn.connect()
+                self._enc = self.conn.encoder.encode
         except (redis.RedisError, OSError, ValueError) as e:
             raise ServerError(f"cannot connect to {url}: {e}") from None
         self.url = url
-        #: per (function, shard key): the packed head of its command and the
-        #: head's number of parts (see call)
-        self._heads: dict[tuple[str, str | bytes], tuple[bytes, int]] = {}
+        #: per function: the packed start of its command (see call)
+        self._heads: dict[str, bytes] = {}
         self.errors = (redis.RedisError, OSError)
         self.noscript = redis.exceptions.NoScriptError
         self.reply_error = redis.ResponseError
+        self._moved, self._ask = MovedError, AskError
+        #: a cluster's refusals of a whole call, and failures before a reply:
+        #: the call is sent again
+        self._resend = (TryAgainError, ClusterDownError, MovedError, AskError,
+                        RedisClusterException, redis.ConnectionError, redis.TimeoutError,
+                        OSError)
+        self._used = time.monotonic()
+        #: calls sent again (a refusal or a lost connection), for tools and tests
+        self.resent = 0
         self.functions = use_functions and self._load_functions()
 
     def _load_functions(self) -> bool:
@@ -261,50 +346,135 @@ class _Conn:
             if "already exists" not in str(e):
                 raise
 
+    def _head(self, fn: str) -> bytes:
+        """The constant start of ``fn``'s command (FCALL name, or EVALSHA sha), packed once."""
+        head = ("FCALL", f"e{_VERSION}_{fn}") if self.functions else ("EVALSHA", _SCRIPT_SHA)
+        self._heads[fn] = out = b"".join(_bulk(a, self._enc) for a in head)
+        return out
+
+    def call(self, key: str | bytes, fn: str, *args: Any) -> Any:
+        """``fn`` with one key declared, ``key`` (a function that touches no
+        other key: see fcall)."""
+        return self.fcall(key, _packed_keys((key,)), 1, fn, args)
+
     def _cmd(self, key: str | bytes, fn: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``fn`` on ``key`` (its one declared key) as a plain command."""
         if self.functions:
             return ("FCALL", f"e{_VERSION}_{fn}", 1, key, *args)
         return ("EVALSHA", _SCRIPT_SHA, 1, key, fn, *args)
 
-    def _head(self, fn: str, key: str | bytes, enc: Any) -> tuple[bytes, int]:
-        """The constant start of ``fn``'s command on ``key`` (FCALL name 1 key,
-        or EVALSHA sha 1 key fn), packed once."""
-        head = self._cmd(key, fn, ())
-        self._heads[fn, key] = out = (b"".join(_bulk(a, enc) for a in head), len(head))
-        return out
+    def fcall(self, route: str | bytes, keys: bytes, nk: int, fn: str,
+              args: Sequence[Any]) -> Any:
+        """Run function ``fn`` of the library with ``nk`` keys declared
+        (``keys``, packed: see _packed_keys; ``route`` is one of them, it
+        names the shard) and ``args``: one round trip, unless the call has to
+        be sent again (see the class).
 
-    def call(self, key: str | bytes, fn: str, *args: Any) -> Any:
-        """Run function ``fn`` of the library on the shard of ``key``: one round trip.
-
-        On one server the command is packed here (what ``pack_command`` would
-        send, byte for byte), its head once per function and shard: redis-py's
-        generic packing was a tenth of the client's time per call."""
-        conn = self.conn
-        try:
-            if conn is None:
-                cmd = self._cmd(key, fn, args)
-                try:
-                    return self._run(cmd)
-                except self.noscript:
-                    self._run(("SCRIPT", "LOAD", _SCRIPT), key)
-                    return self._run(cmd)
-            enc = conn.encoder.encode
-            head, n = self._heads.get((fn, key)) or self._head(fn, key, enc)
-            packed = b"".join([b"*%d\r\n" % (n + len(args)), head,
-                               *[_bulk(a, enc) for a in args]])
+        The command is packed here (what ``pack_command`` would send, byte
+        for byte): redis-py's generic packing was a tenth of the client's
+        time per call."""
+        enc = self._enc
+        packed = b"".join([b"*%d\r\n" % ((3 if self.functions else 4) + nk + len(args)),
+                           self._heads.get(fn) or self._head(fn),
+                           b"$%d\r\n%d\r\n" % (len(str(nk)), nk), keys,
+                           b"" if self.functions else _bulk(fn, enc),
+                           *[_bulk(a, enc) for a in args]])
+        deadline = time.monotonic() + self.timeout
+        delay, loaded = 0.0, False
+        while True:
             try:
-                return self._send(conn, packed)
-            except self.noscript:
-                self._run(("SCRIPT", "LOAD", _SCRIPT))
-                return self._send(conn, packed)
-        except self.errors as e:
-            raise ServerError(f"{self.url}: {fn} failed: {e}") from None
+                try:
+                    return self._send(route, packed, deadline)
+                except self.noscript:
+                    if loaded:
+                        raise
+                    self._run(("SCRIPT", "LOAD", _SCRIPT), route)
+                    loaded = True
+                    continue
+            except self._resend as e:
+                self.resent += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ServerError(f"{self.url}: {fn} failed (not known to have applied; "
+                                      f"the same call may be made again): {e}") from None
+                if delay:
+                    time.sleep(min(delay, left))
+                delay = min(max(2 * delay, REDIS_RESEND_BACKOFF_US / 1e6),
+                            64 * REDIS_RESEND_BACKOFF_US / 1e6)
+                if self.cluster and not isinstance(e, (self._moved, self._ask)):
+                    self._refresh()
+            except self.errors as e:
+                if fn in _ONCE or "non local key" not in str(e) or time.monotonic() > deadline:
+                    raise ServerError(f"{self.url}: {fn} failed: {e}") from None
+                # a reader (snapshot) met a key its slot's migration moved: it wrote nothing
+                self.resent += 1
+                time.sleep(REDIS_RESEND_BACKOFF_US / 1e6)
 
-    def _send(self, conn: Any, packed: bytes) -> Any:
-        """Send a packed command on the connection and read its reply."""
+    def _fresh(self, conn: Any) -> Any:
+        """``conn``, reconnected first if the server closed it while it was
+        idle (its ``timeout``): a command never written is sent on a new one."""
+        now = time.monotonic()
+        sock = conn._sock
+        if sock is not None and now - self._used > 0.5 and _readable(sock):
+            conn.disconnect()   # readable while idle: closed by the server (or a stray reply)
+        self._used = now
+        return conn
+
+    def _send(self, key: str | bytes, packed: bytes, deadline: float) -> Any:
+        """One attempt: send a packed command to the node of ``key`` and read
+        its reply (following a cluster's MOVED and ASK redirections)."""
+        if self.conn is not None:
+            return self._exchange(self._fresh(self.conn), (packed,), deadline)
+        nodes = self.client.nodes_manager
+        slot = self.client.keyslot(key)
+        node = nodes.get_node_from_slot(slot)
+        for _ in range(16):
+            try:
+                return self._exchange(self._own_conn(node), (packed,), deadline)
+            except self._moved as e:
+                self.resent += 1
+                nodes.move_slot(e)
+                node = nodes.get_node_from_slot(slot)
+            except self._ask as e:
+                self.resent += 1
+                target = self._node_of(e.host, e.port)
+                return self._exchange(self._own_conn(target),
+                                      (b"*1\r\n$6\r\nASKING\r\n", packed), deadline, asking=True)
+        raise _redis().exceptions.ClusterError(f"too many redirections for {key!r}")
+
+    def _node_of(self, host: str, port: int) -> Any:
+        host, port = self.client.nodes_manager.remap_host_port(host, port)
+        node = self.client.get_node(host=host, port=port)
+        if node is None:
+            from redis import cluster
+            make: Any = cluster.ClusterNode   # a node we did not know yet
+            node = make(host, port, cluster.PRIMARY)
+        return node
+
+    def _own_conn(self, node: Any) -> Any:
+        """Our connection to a cluster node (made once, kept)."""
+        conn = self._nodes.get(node.name)
+        if conn is None:
+            pool = self.client.get_redis_connection(node).connection_pool
+            conn = self._nodes[node.name] = pool.get_connection()
+        return self._fresh(conn)
+
+    def _refresh(self) -> None:
+        """Learn the cluster's slots again (after a node failed or refused)."""
+        with contextlib.suppress(*self.errors):   # the next attempt says what is wrong
+            self.client.nodes_manager.initialize()
+
+    def _exchange(self, conn: Any, packed: tuple[bytes, ...], deadline: float,
+                  asking: bool = False) -> Any:
+        """Send packed commands on a connection and read the last one's reply."""
         try:
-            conn.send_packed_command((packed,))
-            return conn.read_response()
+            conn.send_packed_command(packed, check_health=False)
+            if asking:
+                conn.read_response()
+            left = deadline - time.monotonic()
+            if left >= self.timeout * 0.999:   # a first attempt: the socket's timeout is the url's
+                return conn.read_response()
+            return conn.read_response(timeout=max(left, 1e-3))
         except self.reply_error:
             raise   # the whole reply was read: the connection is in step
         except BaseException:
@@ -318,7 +488,7 @@ class _Conn:
                 node = self.client.get_node_from_key(key)
                 return self.client.execute_command(*cmd, target_nodes=node)
             return self.client.execute_command(*cmd)
-        conn = self.conn
+        conn = self._fresh(self.conn)
         try:
             conn.send_command(*cmd)
             return conn.read_response()
@@ -347,7 +517,16 @@ class _Conn:
         (the writes applied on the primary and are not known to be on N
         replicas: a failover may lose them)."""
         ms = max(1, int(self.timeout * 800))   # inside the socket's timeout (the url's)
-        got = int(self.command("WAIT", self.wait, ms, key=key))
+        if self.conn is None:   # on the connection the call went on: our own to the node
+            node = self.client.nodes_manager.get_node_from_slot(self.client.keyslot(key))
+            wait = b"*3\r\n$4\r\nWAIT\r\n%s%s" % (_bulk(self.wait, None), _bulk(ms, None))
+            try:
+                got = int(self._exchange(self._own_conn(node), (wait,),
+                                         time.monotonic() + self.timeout))
+            except self.errors as e:
+                raise ServerError(f"{self.url}: WAIT failed: {e}") from None
+        else:
+            got = int(self.command("WAIT", self.wait, ms, key=key))
         if got < self.wait:
             raise ServerError(
                 f"{self.url}: the call applied on the primary, but only {got} of {self.wait} "
@@ -378,6 +557,9 @@ class _Conn:
         try:
             if self.conn is not None:
                 self.client.connection_pool.release(self.conn)
+            for conn in self._nodes.values():
+                conn.disconnect()
+            self._nodes.clear()
             self.client.close()
         except Exception:   # closing a connection the server dropped
             pass
@@ -606,6 +788,27 @@ class RedisStore:
         self.last_amount = 0
         self._next = 0
         self._token = secrets.token_hex(8)
+        #: per shard: the meta key, the metrics hash, this client's request record
+        self._fixed = [(P + "m", P + "s", P + "r:" + self._token) for P in self.prefixes]
+        self._fixed_packed = [(_packed_keys(f[:2]), _packed_keys(f[2:])) for f in self._fixed]
+        #: per (function, slot): its slot's keys, packed (see _call; bounded)
+        self._slot_keys: dict[tuple[str, int], tuple[bytes, int]] = {}
+        self._seq = 0   # the last request number (see _fn)
+        #: the last writing call that raised, as (what it was, its number, its
+        #: arguments): made again as the next call, it is sent with the same
+        self._pending: tuple[Any, int, tuple[Any, ...]] | None = None
+        #: keys learned from NEED answers: per slot (the account, token set and
+        #: key records of its opening), per (shard, token) (the token's positions)
+        self._learned: dict[Any, list[Any]] = {}
+        #: per shard: the free slot (and free account) an open declares, and
+        #: its pick (0: the head of the free list; random once openers collide)
+        self._hint: dict[tuple[str, int], str] = {}
+        self._pick: dict[tuple[str, int], int] = {}
+        #: a guarded transition that raised: (what, lock token, verdict sent or None)
+        self._guard_pending: tuple[Any, str, int | None] | None = None
+        #: the shard an open (open_account) raised ServerError on: the next
+        #: one made starts there (made again, it is sent as the same request)
+        self._raised: dict[str, int | None] = {"open": None, "aopen": None}
         self._closed = False
         self._calls = 0
         self._sample_mask = DEFAULT_SAMPLE_MASK
@@ -726,32 +929,96 @@ class RedisStore:
             return ENOTOPEN
         return slot, op
 
-    def _call(self, slot: int, fn: str, *args: Any) -> Any:
-        return self._fn(self._key(slot), fn, slot, *args)
+    def _call(self, slot: int, fn: str, *args: Any, keys: Sequence[Any] = ()) -> Any:
+        """``fn`` on the position in ``slot``, its slot's keys declared (and
+        ``keys``, and what was learned for the slot)."""
+        packed = self._slot_keys.get((fn, slot))
+        if packed is None:
+            if len(self._slot_keys) >= 1 << 16:
+                self._slot_keys.clear()
+            P = self.prefixes[slot % self.shards]
+            names = _SLOT_KEYS[fn]
+            packed = self._slot_keys[fn, slot] = (
+                _packed_keys([f"{P}{x}:{slot}" for x in names]), len(names))
+        if keys:
+            packed = (packed[0] + _packed_keys(keys), packed[1] + len(keys))
+        return self._fn(slot % self.shards, fn, slot, *args, packed=packed,
+                        learn=slot if fn in _LEARNS else None)
 
-    def _fn(self, key: str, fn: str, *args: Any) -> Any:
-        """One function call, with this engine's incarnation (the server
-        refuses it for any other); one in ``sample_every`` is timed into
-        this Engine's latency histogram (the server counts every call)."""
+    def _fn(self, shard: int, fn: str, *args: Any, keys: Sequence[Any] = (),
+            packed: tuple[bytes, int] | None = None, learn: Any = None,
+            need: bool = False) -> Any:
+        """One function call on ``shard``, ``keys`` declared after the
+        shard's meta key, metrics hash and (a writing function) this client's
+        request record, with this engine's incarnation (the server refuses it
+        for any other); one in ``sample_every`` is timed into this Engine's
+        latency histogram (the server counts every call).
+
+        A writing call gets the next request number, unless it is the call
+        that last raised made again (same function, shard and arguments):
+        that one is sent with its number and its first arguments (its time),
+        so the server applies it at most once.  A NEED answer (keys to
+        declare, nothing applied) is returned when ``need``; else the call is
+        sent again with those keys too (remembered under ``learn``)."""
         if self._closed:
             raise_closed()
+        ms, r = self._fixed_packed[shard]
+        if packed is None:
+            packed = (_packed_keys(keys), len(keys))
+        once = fn in _ONCE
+        if once:
+            what = (fn, shard, args)
+            pending = self._pending
+            if pending is not None and pending[0] == what:
+                seq, args = pending[1], pending[2]
+            else:
+                self._seq += 1
+                seq = self._seq
+                if _TS in args:
+                    ts = _Q.pack(time.time_ns())
+                    args = tuple(ts if a is _TS else a for a in args)
+            full, nk = ms + r + packed[0], 3 + packed[1]
+            sent: tuple[Any, ...] = (self.inc, seq, *args)
+        else:
+            full, nk, sent = ms + packed[0], 2 + packed[1], (self.inc, *args)
+        if learn is not None:
+            more = self._learned.get(learn)
+            if more:
+                full, nk = full + _packed_keys(more), nk + len(more)
+        route = self._fixed[shard][0]
+        for _ in range(REDIS_BUSY_TRIES):
+            if once:
+                self._pending = (what, seq, args)
+            reply = self._timed(route, full, nk, fn, sent)
+            if once:
+                self._pending = None
+            if need or not _needs(reply):
+                return reply
+            more = reply[2:]
+            if learn is not None:
+                self._learned[learn] = more
+            full, nk = full + _packed_keys(more), nk + len(more)
+        raise ServerError(f"{self.url}: {fn} kept needing other keys (the data it touches "
+                          f"changed {REDIS_BUSY_TRIES} times in a row)")
+
+    def _timed(self, route: str, keys: bytes, nk: int, fn: str, args: Sequence[Any]) -> Any:
         self._calls += 1
-        try:
+        try:   # (a NEED answer applied nothing: no WAIT for it)
             if self._calls & self._sample_mask or not self._metrics_on:
-                r = self.conn.call(key, fn, self.inc, *args)
-                if self.conn.wait and fn in _MUTATING:
-                    self.conn.replicate(key)
+                r = self.conn.fcall(route, keys, nk, fn, args)
+                if self.conn.wait and fn in _MUTATING and not _needs(r):
+                    self.conn.replicate(route)
                 return r
             t0 = time.perf_counter_ns()
-            r = self.conn.call(key, fn, self.inc, *args)
-            if self.conn.wait and fn in _MUTATING:
-                self.conn.replicate(key)
+            r = self.conn.fcall(route, keys, nk, fn, args)
+            if self.conn.wait and fn in _MUTATING and not _needs(r):
+                self.conn.replicate(route)
         except ServerError as e:
             raise self._gone(e) from None
         ns = time.perf_counter_ns() - t0
         op = _OP_OF.get(fn)
         if op is not None:
-            if fn == "tx" and int(args[3]):
+            if fn == "tx" and int(args[5]):   # (inc, seq, slot, op, trigger, mask, upd)
                 op = OP_TRANSITION_CTX
             self._hist[op, min(ns.bit_length(), HIST_BUCKETS - 1)] += 1
             self._max_ns[op] = max(self._max_ns[op], ns)
@@ -821,7 +1088,6 @@ class RedisStore:
         acct = self._word(words, "account")
         k = b"" if key == ffi.NULL or key is None else bytes(key[:key_len])
         an, aop = (acct & ID_SLOT_MASK, acct >> ID_SLOT_BITS) if acct else (0, 0)
-        ts = _Q.pack(time.time_ns())
         if acct:
             if isinstance(self._acct(acct), int):
                 return EBADACCOUNT
@@ -835,25 +1101,62 @@ class RedisStore:
         elif k and self.shards > 1:
             shards = [self._key_shard(k)]
         else:
-            self._next += 1
-            shards = [(self._next + i) % self.shards for i in range(self.shards)]
+            if self._raised["open"] is None:
+                self._next += 1
+            shards = self._from_raised("open", [(self._next + i) % self.shards
+                                                for i in range(self.shards)])
         entry = self.roles["entry"]
         if entry >= 0 and not _positive(_F8.unpack_from(rec, 8 * entry)[0]):
             return EBADPRICE
         rc = EFULL
         for s in shards:
-            r = self._fn(self.meta_keys[s], "open", rec, token, ts, k, an, aop)
+            self._raised["open"] = s
+            P = self.prefixes[s]
+            # what a closing and a release of this opening touch besides its slot
+            dyn = [f"{P}t:{token}", *([P.encode() + b"k:" + k] if k else []),
+                   *([f"{P}a:{an}"] if aop else [])]
+            r = self._take(s, "open", [P + "free", P + "open", *dyn],
+                           lambda h, P=P: [f"{P}p:{h}", f"{P}pk:{h}"], rec, token, _TS, k, an,
+                           aop)
             rc = int(r[0])
             if rc == 0:
                 out[0] = int(r[2]) << ID_SLOT_BITS | int(r[1])
                 out_word[0] = 0
                 self._last = _COMMITTED + (int(r[3]) & SW_GEN_MASK) * 1024 + self._initial
+                self._learned[int(r[1])] = dyn
+                self._raised["open"] = None
                 return 0
             if len(r) > 2:
                 self._keep_books(r[1], r[2:])
             if rc != EFULL:
-                return rc
+                break
+        self._raised["open"] = None
         return rc
+
+    def _from_raised(self, fn: str, shards: list[int]) -> list[int]:
+        """``shards`` from the one ``fn`` last raised on (if any)."""
+        s = self._raised[fn]
+        return shards[shards.index(s):] if s in shards else shards
+
+    def _take(self, s: int, fn: str, keys: list[Any], keys_of: Any, *args: Any) -> Any:
+        """``fn`` (open, aopen) on shard ``s``, which takes an entry of a free
+        list: the call declares ``keys`` and ``keys_of(entry)`` of the entry
+        it offers to take (the one the last such call named); the server
+        names another (NEED) when that one is gone."""
+        P = self.prefixes[s]
+        for _ in range(REDIS_BUSY_TRIES):
+            hint, pick = self._hint.get((fn, s), ""), self._pick.get((fn, s), 0)
+            r = self._fn(s, fn, *args, hint, pick,
+                         keys=[*keys, *keys_of(hint)] if hint else keys, need=True)
+            if r[0] != _NEED:
+                if r[0] == 0:
+                    self._hint[fn, s] = r[-1].decode()
+                return r
+            if hint:   # another client took it: pick among the first free ones from now on
+                self._pick[fn, s] = secrets.randbelow(REDIS_FREE_SCAN * 1024) + 1
+            self._hint[fn, s] = r[1].decode()
+        raise ServerError(f"{self.url}: {fn} on {P}: the free entry it offered to take was "
+                          f"taken by others {REDIS_BUSY_TRIES} times in a row")
 
     def _keep_books(self, amount: bytes, b: list[bytes]) -> None:
         """What a refused opening or withdrawal was checked against (the
@@ -884,7 +1187,11 @@ class RedisStore:
                 f"key {k!r} belongs to shard {self._key_shard(k)} of this sharded Redis engine, "
                 f"and id {id} to shard {sp[0] % self.shards}: on a sharded engine a key is "
                 "bound by open(key=...) or to a position of its own shard")
-        return int(self._call(sp[0], "bind", sp[1], k))
+        kk = self.prefixes[sp[0] % self.shards].encode() + b"k:" + k
+        rc = int(self._call(sp[0], "bind", sp[1], k, keys=[kk]))
+        if rc == 0:   # its release clears the key's record
+            self._learned[sp[0]] = [*self._learned.get(sp[0], ()), kk]
+        return rc
 
     def eng_lookup(self, seg: Any, key: bytes, key_len: int) -> int:
         if not 1 <= key_len <= KEY_MAX:
@@ -892,7 +1199,8 @@ class RedisStore:
         if self._closed:
             return ECLOSED
         k = bytes(key[:key_len])
-        r = self._fn(self.meta_keys[self._key_shard(k)], "lookup", k)
+        s = self._key_shard(k)
+        r = self._fn(s, "lookup", k, keys=[self.prefixes[s].encode() + b"k:" + k])
         return 0 if len(r) == 1 else int(r[1]) << ID_SLOT_BITS | int(r[0])
 
     def eng_keys(self, seg: Any, id: int, out: Any, n_max: int, n: Any) -> int:
@@ -910,7 +1218,10 @@ class RedisStore:
 
     def eng_release_position(self, seg: Any, id: int) -> int:
         sp = self._split(id)
-        return sp if isinstance(sp, int) else self._applied(self._call(sp[0], "release", sp[1]))
+        if isinstance(sp, int):
+            return sp
+        P = self.prefixes[sp[0] % self.shards]
+        return self._applied(self._call(sp[0], "release", sp[1], keys=[P + "open", P + "free"]))
 
     def _trigger(self, trigger: int) -> int:
         """The trigger as C takes it: a uint32 (else OverflowError, as cffi)."""
@@ -958,27 +1269,44 @@ class RedisStore:
         trigger = self._trigger(trigger)
         if trigger >= self.n_triggers:
             return EBADTRIGGER
-        token = f"{self._token}:{time.monotonic_ns()}"
+        mask, upd = self._update(u)
+        what = (id, trigger, mask, upd)
+        # made again after a ServerError: the same lock token, and the same
+        # commit if it was sent (so the server answers with the first reply)
+        gp = self._guard_pending
+        if gp is not None and gp[0] == what:
+            token, verdict = gp[1], gp[2]
+            if verdict is not None:
+                return self._applied(self._call(slot, "gcommit", op, trigger, token, verdict,
+                                                mask, upd))
+        else:
+            token = f"{self._token}:{time.monotonic_ns()}"
+        self._guard_pending = (what, token, None)
         for attempt in range(REDIS_BUSY_TRIES):
             r = self._call(slot, "glock", op, trigger, token, REDIS_GUARD_TTL_MS)
             if int(r[0]) != EBUSY:
                 break
             time.sleep(min(50e-6 * 2 ** min(attempt, 6), 2e-3))
         else:
+            self._guard_pending = None
             return CONFLICT
         if int(r[0]) != APPLIED:
+            self._guard_pending = None
             return int(r[0])
-        mask, upd = self._update(u)
         try:
             verdict = guard(user, id, int(r[1]), trigger)
         except BaseException:
+            self._guard_pending = None
             self._call(slot, "gunlock", token)
             raise
         if verdict not in (0, 1):
+            self._guard_pending = None
             self._call(slot, "gunlock", token)
             return EGUARDFAIL
-        return self._applied(self._call(slot, "gcommit", op, trigger, token, verdict, mask,
-                                        upd))
+        self._guard_pending = (what, token, verdict)
+        rc = self._applied(self._call(slot, "gcommit", op, trigger, token, verdict, mask, upd))
+        self._guard_pending = None
+        return rc
 
     def eng_state(self, seg: Any, id: int) -> int:
         sp = self._split(id)
@@ -996,7 +1324,7 @@ class RedisStore:
             return sp
         if not _positive(price):
             return EBADPRICE
-        return int(self._call(sp[0], "upd", sp[1], _F8.pack(price), _Q.pack(time.time_ns())))
+        return int(self._call(sp[0], "upd", sp[1], _F8.pack(price), _TS))
 
     def eng_read_price(self, seg: Any, id: int, out: Any) -> int:
         sp = self._split(id)
@@ -1058,15 +1386,20 @@ class RedisStore:
         if badp.any():
             out[0], out_n[0] = int(np.argmax(badp)), 0
             return EBADPRICE
-        ts = _Q.pack(time.time_ns())
         written = 0
         for s, idx in self._by_shard(a):
             slots, ops = self._packed(a, idx)
-            r = self._fn(self.meta_keys[s], "upds", slots, ops, p[idx].astype("<f8").tobytes(),
-                         ts)
+            r = self._fn(s, "upds", slots, ops, p[idx].astype("<f8").tobytes(), _TS,
+                         keys=self._pos_keys(s, a[idx], ("p",)))
             written += int(r[1])
         out[0], out_n[0] = 0, written
         return 0
+
+    def _pos_keys(self, s: int, ids: np.ndarray, parts: tuple[str, ...]) -> list[str]:
+        """The keys ``parts`` of the slots of ``ids`` (all in shard ``s``)."""
+        P = self.prefixes[s]
+        slots = (ids & np.uint64(ID_SLOT_MASK)).tolist()
+        return [f"{P}{x}:{slot}" for slot in slots for x in parts]
 
     def _vector(self, fn: str, ids: Any, n: int, bad: Any,
                 extra: np.ndarray | None = None) -> list[tuple[np.ndarray, bytes]] | int:
@@ -1081,7 +1414,8 @@ class RedisStore:
             args: tuple[bytes, ...] = (slots, ops)
             if extra is not None:
                 args += (extra[idx].astype("<u4").tobytes(),)
-            r = self._fn(self.meta_keys[s], fn, *args)
+            r = self._fn(s, fn, *args, keys=self._pos_keys(
+                s, a[idx], ("p", "g", "wf", "w") if fn == "txmany" else ("p",)))
             if r[0]:
                 bad[0] = int(idx[int(r[1])])
                 return int(r[0])
@@ -1125,9 +1459,9 @@ class RedisStore:
             return ECLOSED
         if not _positive(price):
             return EBADPRICE
-        ts = _Q.pack(time.time_ns())
-        return sum(int(self._fn(k, "tokp", token, _F8.pack(price), ts))
-                   for k in self.meta_keys)
+        return sum(int(self._fn(s, "tokp", token, _F8.pack(price), _TS,
+                                keys=[f"{P}t:{token}"], learn=(s, token)))
+                   for s, P in enumerate(self.prefixes))
 
     # -- accounts ---------------------------------------------------------------------
     def _acct(self, id: int) -> tuple[int, int] | int:
@@ -1137,7 +1471,10 @@ class RedisStore:
         return n, op
 
     def _acall(self, n: int, fn: str, *args: Any) -> Any:
-        return self._fn(self.meta_keys[n % self.shards], fn, n, *args)
+        s = n % self.shards
+        P = self.prefixes[s]
+        return self._fn(s, fn, n, *args,
+                        keys=[f"{P}a:{n}", *([P + "afree"] if fn == "aclose" else [])])
 
     def eng_open_account(self, seg: Any, cash: int, max_exposure: int, max_positions: int,
                          max_loss: int, out: Any) -> int:
@@ -1145,13 +1482,19 @@ class RedisStore:
             return EBADMONEY
         if self._closed:
             return ECLOSED
-        self._next += 1
-        for i in range(self.shards):
-            key = self.meta_keys[(self._next + i) % self.shards]
-            r = self._fn(key, "aopen", cash, max_exposure, max_positions, max_loss)
+        if self._raised["aopen"] is None:
+            self._next += 1
+        for s in self._from_raised("aopen", [(self._next + i) % self.shards
+                                             for i in range(self.shards)]):
+            self._raised["aopen"] = s
+            P = self.prefixes[s]
+            r = self._take(s, "aopen", [P + "afree"], lambda h, P=P: [f"{P}a:{h}"],
+                           cash, max_exposure, max_positions, max_loss)
             if r[0] == 0:
                 out[0] = int(r[2]) << ID_SLOT_BITS | int(r[1])
+                self._raised["aopen"] = None
                 return 0
+        self._raised["aopen"] = None
         return EACCTFULL
 
     def _books_row(self, id: int, b: list[bytes], row: Any) -> None:
@@ -1219,8 +1562,10 @@ class RedisStore:
         if self._closed:
             return ECLOSED
         found = []
-        for s, key in enumerate(self.meta_keys):
-            for num, b in self._fn(key, "alist", s, self.max_accounts, self.shards):
+        for s, P in enumerate(self.prefixes):
+            accounts = range(s, self.max_accounts, self.shards)
+            for num, b in self._fn(s, "alist", s, self.max_accounts, self.shards,
+                                   keys=[f"{P}a:{n}" for n in accounts]):
                 found.append((int(num), b))
         found.sort()
         for i, (num, b) in enumerate(found[:max_rows]):
@@ -1258,8 +1603,8 @@ class RedisStore:
         if self._closed:
             return ECLOSED
         out: list[tuple[int, bytes]] = []
-        for key in self.meta_keys:
-            for item in self._fn(key, "snap"):
+        for s in range(self.shards):
+            for item in self._fn(s, "snap"):
                 slot, op, st, locked, gen, ctr, pv = _SNAP.unpack_from(item)
                 cv = _F8.unpack_from(item, _SNAP.size)[0]
                 base = _SNAP.size + 8
@@ -1275,14 +1620,14 @@ class RedisStore:
         return 0
 
     def eng_set_halt(self, seg: Any, on: int) -> int:
-        for key in self.meta_keys:
-            self._fn(key, "halt", 1 if on else 0)
+        for s in range(self.shards):
+            self._fn(s, "halt", 1 if on else 0)
         return 0
 
     def eng_set_metrics(self, seg: Any, enabled: int, mask: int) -> int:
         self._metrics_on, self._sample_mask = bool(enabled), mask
-        for key in self.meta_keys:
-            self._fn(key, "setmetrics", 1 if enabled else 0)
+        for s in range(self.shards):
+            self._fn(s, "setmetrics", 1 if enabled else 0)
         return 0
 
     def eng_recover(self, seg: Any, out: Any) -> int:
@@ -1304,8 +1649,8 @@ class RedisStore:
         """Counts per operation, summed over the shards (every client's
         calls); latency percentiles are of this Engine's sampled round trips."""
         totals: dict[str, dict[str, int]] = {op: {} for op in OPS}
-        for key in self.meta_keys:
-            self._fn(key, "alive")
+        for s, key in enumerate(self.meta_keys):
+            self._fn(s, "alive")
             raw = self.conn.command("HGETALL", key[:-1] + "s", key=key)
             items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
             for f, v in items:

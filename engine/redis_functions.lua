@@ -6,6 +6,19 @@
 -- so on a Redis Cluster each call runs on one node.  KEYS[1] is the shard's
 -- meta key; the others are derived from it (same tag, same node).
 --
+-- Declared keys: a call lists in KEYS every key its function may touch,
+-- KEYS[1] the meta key, KEYS[2] the metrics hash, KEYS[3] the client's
+-- request record (functions wrapped in once), then the rest, so that while a
+-- Cluster slot migrates the server refuses the whole call (ASK, TRYAGAIN)
+-- before it runs rather than failing it half-way on a key that already moved.
+-- Where a key depends on data (the slot an open takes, the account a closing
+-- books on, the keys a release frees, the positions on a token) the function
+-- checks, before its first write, that the key was declared; if not it
+-- writes nothing and answers {'NEED', hint, key...}: the client sends the
+-- call again with those keys declared.  A function never deletes a key and
+-- then touches it again (a migrating node would take the second touch for a
+-- key that moved).
+--
 -- Per shard, with P = "eng:{name:shard}:":
 --   P.."m"        hash  meta: magic, fingerprint, transition table, closed mask,
 --                       halted, record roles (copied to every shard at create)
@@ -34,6 +47,43 @@
 -- (Lua numbers are doubles), money through HINCRBY (exact int64 on the server).
 
 local function tag(keys) return string.sub(keys[1], 1, -2) end   -- P: strip the "m"
+
+-- the call's declared keys as a set
+local function declared(keys)
+    local d = {}
+    for i = 1, #keys do d[keys[i]] = true end
+    return d
+end
+
+-- the answer that asks for keys to be declared (see the top); nothing written
+local function need(hint, list)
+    return {'NEED', hint, unpack(list)}
+end
+local function is_need(r) return type(r) == 'table' and r[1] == 'NEED' end
+
+-- Exactly once: a writing function's first argument is its request's number
+-- (a sequence number of the client), KEYS[3] the client's request record on
+-- this shard: the number of its last applied request and that request's
+-- reply.  A resend of that request gets the recorded reply and applies
+-- nothing; an older request (a copy delayed on a dead connection) is refused.
+-- A NEED answer applied nothing and is not recorded.
+local function once(f)
+    return function(keys, args)
+        local seq = tonumber(table.remove(args, 1))
+        local rec = redis.call('GET', keys[3])
+        if rec then
+            local at = string.find(rec, ':', 1, true)
+            local last = tonumber(string.sub(rec, 1, at - 1))
+            if seq == last then return cmsgpack.unpack(string.sub(rec, at + 1)) end
+            if seq < last then return redis.error_reply('ERR engine: stale request ' .. seq) end
+        end
+        local r = f(keys, args)
+        if not is_need(r) then
+            redis.call('SET', keys[3], seq .. ':' .. cmsgpack.pack(r), 'PX', REQUEST_WINDOW_MS)
+        end
+        return r
+    end
+end
 
 -- Incarnations.  create sets a random 64-bit number, 'inc', in every shard's
 -- meta; an Engine learns it at attach (the handle carries it) and sends it as
@@ -311,14 +361,25 @@ local function wake(P, slot, new)
     end
 end
 
+-- the account key a closing of position p books on, or nil
+local function account_key(P, p)
+    local an, aop = unpack(redis.call('HMGET', p, 'an', 'aop'))
+    if not aop or aop == '0' then return nil end
+    return P .. 'a:' .. an
+end
+
 -- commit target index `target` on position p (state st): fields, booking, wake;
--- returns APPLIED and its committed() reply, or an error code
-local function commit(P, slot, p, st, target, mask, upd)
+-- returns APPLIED and its committed() reply, or an error code, or a NEED
+-- answer when the account it books on is not among `keys` (nil: the caller
+-- checked every account key already)
+local function commit(P, slot, p, st, target, mask, upd, keys)
     local new = 2 ^ target
     local rec = redis.call('HGET', p, 'rec')
     if mask > 0 then rec = merge(rec, mask, upd) end
     -- the booking first: a refusal must leave nothing written (Redis does not roll back)
     if not is_closed(P, st) and is_closed(P, new) then
+        local a = keys and account_key(P, p)
+        if a and not declared(keys)[a] then return need('', {a}) end
         local rc = book_close(P, p, rec)
         if rc ~= 0 then return rc end
     end
@@ -335,7 +396,7 @@ end
 
 -- one transition of (slot, op) by trigger; guarded rules answer EGUARDED;
 -- an APPLIED one returns committed() as a second value
-local function transition(P, slot, op, trigger, mask, upd, guard_token)
+local function transition(P, slot, op, trigger, mask, upd, guard_token, keys)
     local p = P .. 'p:' .. slot
     local st, err = live(p, op)
     if not st then return err end
@@ -346,22 +407,23 @@ local function transition(P, slot, op, trigger, mask, upd, guard_token)
     local target = e % (RULE_TARGET_MASK + 1)
     if target == 0 then return INVALID end
     if e >= RULE_GUARDED and not guard_token then return EGUARDED end
-    return commit(P, slot, p, st, target - 1, mask, upd)
+    return commit(P, slot, p, st, target - 1, mask, upd, keys)
 end
 
-REG('tx', function(keys, args)
+REG('tx', once(function(keys, args)
     local P = tag(keys)
     local op = 'transition'
     local mask = tonumber(args[4])
     if mask > 0 then op = 'transition_ctx' end
     local rc, applied = transition(P, args[1], tonumber(args[2]), tonumber(args[3]), mask,
-                                   args[5], nil)
+                                   args[5], nil, keys)
+    if is_need(rc) then return rc end
     outcome(P, op, rc)
     return applied or rc
-end)
+end))
 
 -- take a guard's lock: returns {code, state index, rec, cv, pr, pv}
-REG('glock', function(keys, args)
+REG('glock', once(function(keys, args)
     local P = tag(keys)
     local slot, op, trigger, token, ttl = args[1], tonumber(args[2]), tonumber(args[3]), args[4], args[5]
     local p = P .. 'p:' .. slot
@@ -373,10 +435,10 @@ REG('glock', function(keys, args)
     if redis.call('SET', P .. 'g:' .. slot, token, 'NX', 'PX', ttl) == false then return {EBUSY} end
     local v = redis.call('HMGET', p, 'rec', 'cv', 'pr', 'pv')
     return {APPLIED, IDX[st], v[1], v[2], v[3], v[4]}
-end)
+end))
 
 -- commit (allow=1) or reject under the guard's lock, only while it is ours
-REG('gcommit', function(keys, args)
+REG('gcommit', once(function(keys, args)
     local P = tag(keys)
     local slot, op, trigger, token, allow = args[1], tonumber(args[2]), tonumber(args[3]), args[4], args[5]
     local gk = P .. 'g:' .. slot
@@ -385,12 +447,13 @@ REG('gcommit', function(keys, args)
     end
     local rc, applied = REJECTED, nil
     if allow == '1' then
-        rc, applied = transition(P, slot, op, trigger, tonumber(args[6]), args[7], token)
+        rc, applied = transition(P, slot, op, trigger, tonumber(args[6]), args[7], token, keys)
+        if is_need(rc) then return rc end
     end
     redis.call('DEL', gk)
     outcome(P, 'transition_ctx', rc)
     return applied or rc
-end)
+end))
 
 REG('gunlock', function(keys, args)
     local P = tag(keys)
@@ -432,19 +495,19 @@ REG('context', function(keys, args)
     return {0, v[1], v[2]}
 end)
 
-REG('upd', function(keys, args)
+REG('upd', once(function(keys, args)
     local P = tag(keys)
     local p = P .. 'p:' .. args[1]
     local st, err = live(p, tonumber(args[2]))
     if not st then return outcome(P, 'price', err) end
     write_price(P, p, redis.call('HGET', p, 'rec'), struct.unpack('<d', args[3]), args[4])
     return outcome(P, 'price', 0)
-end)
+end))
 
 -- batch: slots and openings as '<I4' arrays, prices '<d'; live ones written
 -- batch: slots and openings as '<I4' arrays, prices '<d'; an id whose
 -- opening is not open is skipped (the client checked the arrays).  {0, written}
-REG('upds', function(keys, args)
+REG('upds', once(function(keys, args)
     local P = tag(keys)
     local slots, ops, prices, ts = args[1], args[2], args[3], args[4]
     local n, written = #slots / 4, 0
@@ -459,13 +522,20 @@ REG('upds', function(keys, args)
     end
     count(P, 'price_batch', 'applied')
     return {0, written}
-end)
+end))
 
-REG('tokp', function(keys, args)
+-- the positions on the token are declared keys: NEED them all if one is not
+REG('tokp', once(function(keys, args)
     local P = tag(keys)
     local price = struct.unpack('<d', args[2])
     local n = 0
-    for _, slot in ipairs(redis.call('SMEMBERS', P .. 't:' .. args[1])) do
+    local slots, list = redis.call('SMEMBERS', P .. 't:' .. args[1]), {}
+    local d = declared(keys)
+    for i, slot in ipairs(slots) do list[i] = P .. 'p:' .. slot end
+    for _, k in ipairs(list) do
+        if not d[k] then return need('', list) end
+    end
+    for _, slot in ipairs(slots) do
         local p = P .. 'p:' .. slot
         local v = redis.call('HMGET', p, 'st', 'rec')
         if not is_closed(P, tonumber(v[1])) then
@@ -475,7 +545,7 @@ REG('tokp', function(keys, args)
     end
     count(P, 'price_batch', 'applied')
     return n
-end)
+end))
 
 -- vector reads and transitions: refused as a whole at the first bad element
 -- (returned as {code, index}); else one value per element
@@ -506,17 +576,25 @@ REG('prices', function(keys, args)
     return {0, table.concat(out)}
 end)
 
-REG('txmany', function(keys, args)
+-- (every account a position of the batch is booked on is a declared key)
+REG('txmany', once(function(keys, args)
     local P = tag(keys)
     local slots, ops, trig = args[1], args[2], args[3]
     local n = #slots / 4
+    local accounts, d = {}, nil
     for i = 0, n - 1 do   -- every element checked before any is applied
         local slot = struct.unpack('<I4', slots, i * 4 + 1)
         local st, err = live(P .. 'p:' .. slot, (struct.unpack('<I4', ops, i * 4 + 1)))
         if not st then return {err, i} end
         local e = rule(P, st, (struct.unpack('<I4', trig, i * 4 + 1)))
         if e >= RULE_GUARDED then return {EGUARDED, i} end
+        local a = account_key(P, P .. 'p:' .. slot)
+        if a then
+            d = d or declared(keys)
+            if not d[a] then accounts[#accounts + 1] = a end
+        end
     end
+    if #accounts > 0 then return need('', accounts) end
     local out = {}
     for i = 0, n - 1 do
         local rc = transition(P, struct.unpack('<I4', slots, i * 4 + 1),
@@ -529,22 +607,44 @@ REG('txmany', function(keys, args)
         out[#out + 1] = rc
     end
     return {0, struct.pack('<' .. string.rep('B', n), unpack(out))}
-end)
+end))
 
--- open: args slot hint unused; rec words; token (decimal); ts (8 bytes);
--- key (or ''); account number and opening ('0' '0' for none)
--- returns {0, slot, op, gen} (gen: the slot's generation after the opening) or {code}
-REG('open', function(keys, args)
+-- The entry a call may take from free list L: `hint` (whose keys the client
+-- declared) if it is among the first FREE_SCAN entries; false when L is
+-- empty; else nil and a candidate, the entry `pick` (mod FREE_SCAN) of L,
+-- for the client to declare and send again.
+local function pick_free(L, hint, pick)
+    local n = redis.call('LLEN', L)
+    if n == 0 then return false end
+    if hint ~= '' and redis.call('LPOS', L, hint, 'MAXLEN', FREE_SCAN) then return hint end
+    return nil, redis.call('LINDEX', L, pick % math.min(n, FREE_SCAN))
+end
+
+-- the entry of L (after a take) the client declares for its next take
+local function next_free(L, pick)
+    local n = redis.call('LLEN', L)
+    if n == 0 then return '' end
+    return redis.call('LINDEX', L, pick % math.min(n, FREE_SCAN))
+end
+
+-- A key's record k:key exists exactly while an opening holds the key: an
+-- open or bind sets it, the release of its opening deletes it.
+
+-- open: args rec words; token (decimal); ts (8 bytes); key (or ''); account
+-- number and opening ('0' '0' for none); the free slot the client declared
+-- ('' for none) and its pick (see pick_free)
+-- returns {0, slot, op, gen, next} (gen: the slot's generation after the
+-- opening, next: the free slot to declare next time) or {code}
+REG('open', once(function(keys, args)
     local P = tag(keys)
     local rec, tok, ts, key, an, aop = args[1], args[2], args[3], args[4], args[5], tonumber(args[6])
+    local pick = tonumber(args[8])
+    local slot, cand = pick_free(P .. 'free', args[7], pick)
+    if slot == nil then return need(cand, {P .. 'p:' .. cand, P .. 'pk:' .. cand}) end
     local kk
     if key ~= '' then
         kk = P .. 'k:' .. key
-        local holder = redis.call('GET', kk)
-        if holder then
-            local s, o = string.match(holder, '(%d+):(%d+)')
-            if live(P .. 'p:' .. s, tonumber(o)) then return {outcome(P, 'open', EKEYEXISTS)} end
-        end
+        if redis.call('EXISTS', kk) == 1 then return {outcome(P, 'open', EKEYEXISTS)} end
         if tonumber(redis.call('HGET', P .. 'm', 'kpp')) == 0 then
             return {outcome(P, 'open', EKEYLIMIT)}
         end
@@ -565,7 +665,6 @@ REG('open', function(keys, args)
             return {outcome(P, 'open', rc), notional, unpack(b)}
         end
     end
-    local slot = redis.call('LPOP', P .. 'free')
     if not slot then
         if a then   -- undo the reservation
             local _, _, sd = roles(P)
@@ -579,6 +678,7 @@ REG('open', function(keys, args)
         end
         return {outcome(P, 'open', EFULL)}
     end
+    redis.call('LREM', P .. 'free', 1, slot)
     local p = P .. 'p:' .. slot
     local op = redis.call('HINCRBY', p, 'op', 1)
     local initial = redis.call('HGET', P .. 'm', 'initial')
@@ -596,27 +696,26 @@ REG('open', function(keys, args)
     redis.call('HINCRBY', p, 'ctr', 1)
     redis.call('SADD', P .. 'open', slot)
     redis.call('SADD', P .. 't:' .. tok, slot)
-    redis.call('DEL', P .. 'pk:' .. slot)
+    local pk = P .. 'pk:' .. slot   -- a release deleted it; never delete and touch again
     if kk then
         redis.call('SET', kk, slot .. ':' .. op)
-        redis.call('RPUSH', P .. 'pk:' .. slot, key)
+        redis.call('RPUSH', pk, key)
+        redis.call('LTRIM', pk, -1, -1)
+    else
+        redis.call('DEL', pk)
     end
     count(P, 'open', 'applied')
-    return {0, tonumber(slot), op, gen}
-end)
+    return {0, tonumber(slot), op, gen, next_free(P .. 'free', pick)}
+end))
 
-REG('bind', function(keys, args)
+REG('bind', once(function(keys, args)
     local P = tag(keys)
     local slot, op, key = args[1], tonumber(args[2]), args[3]
     local p = P .. 'p:' .. slot
     local st, err = live(p, op)
     if not st then return outcome(P, 'key', err) end
     local kk = P .. 'k:' .. key
-    local holder = redis.call('GET', kk)
-    if holder then
-        local s, o = string.match(holder, '(%d+):(%d+)')
-        if live(P .. 'p:' .. s, tonumber(o)) then return outcome(P, 'key', EKEYEXISTS) end
-    end
+    if redis.call('EXISTS', kk) == 1 then return outcome(P, 'key', EKEYEXISTS) end
     local pk = P .. 'pk:' .. slot
     if redis.call('LLEN', pk) >= tonumber(redis.call('HGET', P .. 'm', 'kpp')) then
         return outcome(P, 'key', EKEYLIMIT)
@@ -624,7 +723,7 @@ REG('bind', function(keys, args)
     redis.call('SET', kk, slot .. ':' .. op)
     redis.call('RPUSH', pk, key)
     return outcome(P, 'key', 0)
-end)
+end))
 
 -- {slot, op} of the open opening holding key, or {0}
 REG('lookup', function(keys, args)
@@ -633,7 +732,6 @@ REG('lookup', function(keys, args)
     local holder = redis.call('GET', P .. 'k:' .. args[1])
     if not holder then return {0} end
     local s, o = string.match(holder, '(%d+):(%d+)')
-    if not live(P .. 'p:' .. s, tonumber(o)) then return {0} end
     return {tonumber(s), tonumber(o)}
 end)
 
@@ -644,7 +742,8 @@ REG('keys', function(keys, args)
     return {0, redis.call('LRANGE', P .. 'pk:' .. args[1], 0, -1)}
 end)
 
-REG('release', function(keys, args)
+-- (the token's set and the records of the keys bound are declared keys)
+REG('release', once(function(keys, args)
     local P = tag(keys)
     local slot, op = args[1], tonumber(args[2])
     local p = P .. 'p:' .. slot
@@ -652,7 +751,14 @@ REG('release', function(keys, args)
     if not st then return err end
     if not is_closed(P, st) or redis.call('EXISTS', P .. 'g:' .. slot) == 1 then return INVALID end
     local tok = redis.call('HGET', p, 'tok')
-    for _, key in ipairs(redis.call('LRANGE', P .. 'pk:' .. slot, 0, -1)) do
+    local bound = redis.call('LRANGE', P .. 'pk:' .. slot, 0, -1)
+    local list = {P .. 't:' .. tok}
+    for _, key in ipairs(bound) do list[#list + 1] = P .. 'k:' .. key end
+    local d = declared(keys)
+    for _, k in ipairs(list) do
+        if not d[k] then return need('', list) end
+    end
+    for _, key in ipairs(bound) do
         local kk = P .. 'k:' .. key
         if redis.call('GET', kk) == slot .. ':' .. op then redis.call('DEL', kk) end
     end
@@ -665,11 +771,11 @@ REG('release', function(keys, args)
     redis.call('RPUSH', P .. 'free', slot)
     wake(P, slot, 0)
     return committed(st, 0, gen)
-end)
+end))
 
 -- the wait stream's last id (before blocking on it), or {code}; arms the
 -- slot's waiting flag for ttl ms (never shortening another waiter's)
-REG('wprep', function(keys, args)
+REG('wprep', once(function(keys, args)
     local P = tag(keys)
     local st, err = live(P .. 'p:' .. args[1], tonumber(args[2]))
     if not st then return {err} end
@@ -678,7 +784,7 @@ REG('wprep', function(keys, args)
     local last = redis.call('XREVRANGE', P .. 'w:' .. args[1], '+', '-', 'COUNT', 1)
     if #last == 0 then return {0, '0-0'} end
     return {0, last[1][1]}
-end)
+end))
 
 -- every open position of the shard: slot, op, st, gen, locked, ctr, pr, pv, cv, rec
 REG('snap', function(keys, args)
@@ -707,11 +813,17 @@ REG('setmetrics', function(keys, args)
 end)
 
 -- accounts -------------------------------------------------------------------------
-REG('aopen', function(keys, args)
+-- args: cash, max_exposure, max_positions, max_loss, the free account number
+-- the client declared ('' for none) and its pick (see pick_free)
+-- returns {0, n, op, next} or {code}
+REG('aopen', once(function(keys, args)
     local P = tag(keys)
+    local pick = tonumber(args[6])
+    local n, cand = pick_free(P .. 'afree', args[5], pick)
+    if n == nil then return need(cand, {P .. 'a:' .. cand}) end
     count(P, 'account', 'applied')
-    local n = redis.call('LPOP', P .. 'afree')
     if not n then return {EACCTFULL} end
+    redis.call('LREM', P .. 'afree', 1, n)
     local a = P .. 'a:' .. n
     local op = redis.call('HINCRBY', a, 'op', 1)
     redis.call('HSET', a, 'open', '1', 'cash', args[1], 'reserved', '0', 'realized', '0',
@@ -719,8 +831,8 @@ REG('aopen', function(keys, args)
                'max_exposure', args[2], 'max_positions', args[3], 'max_loss', args[4],
                'open_positions', '0', 'halted', '0', 'worst_gain', '0', 'worst_loss', '0')
     redis.call('HINCRBY', a, 'version', 1)
-    return {0, tonumber(n), op}
-end)
+    return {0, tonumber(n), op, next_free(P .. 'afree', pick)}
+end))
 
 REG('aread', function(keys, args)
     local a, err = account_of(tag(keys), args[1], tonumber(args[2]))
@@ -729,7 +841,7 @@ REG('aread', function(keys, args)
 end)
 
 -- cash moves: args n, op, kind ('deposit' / 'withdraw'), amount (decimal)
-REG('acash', function(keys, args)
+REG('acash', once(function(keys, args)
     local P = tag(keys)
     local a, err = account_of(P, args[1], tonumber(args[2]))
     if not a then return {outcome(P, 'account', err)} end
@@ -759,11 +871,11 @@ REG('acash', function(keys, args)
     end
     redis.call('HINCRBY', a, 'version', 1)
     return {outcome(P, 'account', 0)}
-end)
+end))
 
 -- limits and halt: args n, op, version seen ('' for any), attempt, then
 -- field, value pairs
-REG('aset', function(keys, args)
+REG('aset', once(function(keys, args)
     local P = tag(keys)
     local a, err = account_of(P, args[1], tonumber(args[2]))
     if not a then return outcome(P, 'account', err) end
@@ -781,9 +893,9 @@ REG('aset', function(keys, args)
     end
     redis.call('HINCRBY', a, 'version', 1)
     return outcome(P, 'account', 0)
-end)
+end))
 
-REG('aclose', function(keys, args)
+REG('aclose', once(function(keys, args)
     local P = tag(keys)
     local a, err = account_of(P, args[1], tonumber(args[2]))
     if not a then return err end
@@ -791,7 +903,7 @@ REG('aclose', function(keys, args)
     redis.call('HSET', a, 'open', '0')
     redis.call('RPUSH', P .. 'afree', args[1])
     return 0
-end)
+end))
 
 REG('alist', function(keys, args)
     local P = tag(keys)

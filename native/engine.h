@@ -398,6 +398,26 @@
 #define ENG_REDIS_CREATE_CHUNK    8192
 
 /*
+ * Exactly-once calls on Redis.  Every call that writes carries a request id:
+ * the Engine's random client token and a sequence number.  Each shard keeps,
+ * per client, the last request it applied and its reply (key r:<token>),
+ * for ENG_REDIS_REQUEST_WINDOW_MS after that client's last call there; a
+ * resend of that request (after a lost connection or a timeout) gets the
+ * first reply back and applies nothing.  The client resends by itself within
+ * the url's timeout, which must be shorter than the window; a call that
+ * raised ServerError may be called again (the same call, before any other
+ * call on that Engine) within the window and is then applied at most once.
+ * While a Redis Cluster slot migrates, a call the server refuses as a whole
+ * (ASK, TRYAGAIN, MOVED) is sent again after a back-off of
+ * ENG_REDIS_RESEND_BACKOFF_US, doubling up to 64 times that, until the url's
+ * timeout.  An open picks its slot among the first ENG_REDIS_FREE_SCAN free
+ * slots of its shard (it declares the slot's keys before the call).
+ */
+#define ENG_REDIS_REQUEST_WINDOW_MS 60000
+#define ENG_REDIS_RESEND_BACKOFF_US 1000
+#define ENG_REDIS_FREE_SCAN         64
+
+/*
  * ---- price timestamps ---------------------------------------------------------
  * A price's ts_ns is CLOCK_REALTIME.  Read through the vDSO it costs about as
  * much as the rest of update_price, so on x86-64, where the kernel itself keeps

@@ -420,6 +420,7 @@ def cluster() -> Any:
         procs.append(subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled",
              "yes", "--cluster-config-file", f"{d.name}/nodes.conf", "--save", "",
+             "--cluster-allow-replica-migration", "no",   # a node resharded empty stays primary
              "--appendonly", "no", "--dir", d.name],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
@@ -429,8 +430,10 @@ def cluster() -> Any:
                         *[f"127.0.0.1:{p}" for p in ports], "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        timeout=60)
-        r = redis.Redis(port=ports[0])
-        until(lambda: r.cluster("info")["cluster_state"] == "ok", "cluster state ok")
+        for port in ports:
+            node = redis.Redis(port=port)
+            until(lambda n=node: n.cluster("info")["cluster_state"] == "ok",
+                  f"cluster state ok on {port}")
         yield f"redis+cluster://127.0.0.1:{ports[0]}"
     finally:
         for p in procs:
@@ -501,3 +504,124 @@ class TestCluster:
             e.unlink()
             e.close()
 
+
+    def test_a_reshard_under_load_applies_every_call_once(self, cluster):
+        """redis-cli --cluster reshard moves every slot of one node to another
+        and back while a worker cycles positions (some booked on an account,
+        some with a key) through open, transitions, a guarded exit, the
+        closing and release.  Forbidden: a lost or doubled slot (free + open
+        != capacity per shard), a guard's lock key left behind, a call applied
+        twice or half (the worker's model and the books disagree)."""
+        capacity, shards = 3000, 16
+        e = Engine.create(capacity, url=cluster + "?timeout=20", shards=shards,
+                          spec=RESHARD_SPEC)
+        admin = e._seg.conn.client
+        try:
+            acct = e.open_account(cash=10**6, max_exposure=10**6, max_positions=10**4,
+                                  max_loss=10**6)
+            node_of = {s: admin.get_node_from_key(e._seg.meta_keys[s]).name
+                       for s in range(shards)}
+            stop, errors = threading.Event(), []
+            log = {"cycles": 0, "server_errors": 0, "booked": 0}
+            worker = threading.Thread(target=_reshard_worker, args=(e, acct, stop, log, errors))
+            worker.start()
+            try:
+                ids = {n["name"]: n["id"] for n in _cluster_nodes(admin)}
+                a, b = sorted(ids)[:2]
+                before = log["cycles"]
+                for src, dst in ((a, b), (b, a)):
+                    done = subprocess.run(["redis-cli", "--cluster", "reshard", a, "--cluster-from",
+                                    ids[src], "--cluster-to", ids[dst], "--cluster-slots",
+                                    "16384", "--cluster-yes"],
+                                   capture_output=True, text=True, timeout=600)
+                    assert done.returncode == 0, f"reshard failed: {done.stdout[-600:]}"
+                during = log["cycles"] - before
+            finally:
+                stop.set()
+                worker.join(120)
+            assert not errors, errors[0]
+            assert during > 0, "no cycle ran during the reshard"
+            assert e._seg.conn.resent > 0, "no call met the migration (ASK, TRYAGAIN, MOVED)"
+            moved = {s for s in range(shards) if node_of[s] in (a, b)}
+            assert moved, "no shard of the engine was on the nodes resharded"
+            time.sleep(TTL_S)   # a lock of a call that raised expires by itself
+            for s in range(shards):
+                P = e._seg.prefixes[s]
+                free = admin.llen(P + "free")
+                opened_n = admin.scard(P + "open")
+                mine = len(range(s, capacity, shards))
+                assert free + opened_n == mine, f"shard {s}: {free} free + {opened_n} open"
+                assert len(set(admin.lrange(P + "free", 0, -1))) == free, f"shard {s}: twice"
+                locks = list(admin.scan_iter(match=P.replace("{", "\\{").replace("}", "\\}")
+                                             + "g:*", target_nodes=admin.get_node_from_key(P)))
+                assert not locks, f"orphaned guard locks {locks}"
+            assert len(e.snapshot()) == 0, "a position the worker released is still open"
+            books = e.account(acct)
+            assert books.open_positions == 0 and books.reserved == 0
+            # each booked cycle: bought at 100, sold at 101, one unit
+            assert books.realized_pnl == log["booked"]
+            assert books.cash == 10**6 + log["booked"]
+        finally:
+            e.unlink()
+            e.close()
+
+
+def reshard_allow(ctx: Any, price: Any) -> bool:
+    return True
+
+
+RESHARD_SPEC = exit_guarded_spec(reshard_allow, "reshard_allow")
+
+
+def _cluster_nodes(client: Any) -> list[dict[str, str]]:
+    """name (host:port) and id of each primary."""
+    out = []
+    raw = client.get_default_node().redis_connection.execute_command("CLUSTER", "NODES")
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    for line in text.splitlines():
+        f = line.split()
+        if "master" in f[2]:
+            out.append({"name": f[1].split("@")[0], "id": f[0]})
+    return out
+
+
+def _reshard_worker(e: Engine, acct: int, stop: threading.Event, log: dict[str, int],
+                    errors: list[str]) -> None:
+    """Cycle positions until stopped (and take a snapshot now and then);
+    every call made again (the same call) until it returns, each must return
+    what applying it once returns."""
+    def again(call: Any) -> Any:
+        for _ in range(200):
+            try:
+                return call()
+            except ServerError:
+                log["server_errors"] += 1
+        raise AssertionError("a call never returned")
+
+    n = 0
+    live: list[tuple[int, bool]] = []
+    path = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED)
+    try:
+        while not stop.is_set() or live:
+            if not stop.is_set() and len(live) < 8:
+                n += 1
+                booked = n % 2 == 0
+                kw: dict[str, Any] = {"account": acct} if booked else {"key": f"K{n}"}
+                pos = again(lambda kw=kw, tok=n % 5: e.open_position(100.0, 1.0, token=tok, **kw))
+                for t in path:
+                    rc = again(lambda t=t, pos=pos: e.transition(pos, t))
+                    assert rc is Outcome.APPLIED, f"{t.name} of {pos}: {rc}"
+                live.append((pos, booked))
+                continue
+            pos, booked = live.pop(0)
+            again(lambda pos=pos: e.update_price(pos, 101.0))
+            rc = again(lambda pos=pos: e.transition(pos, Trigger.EXIT_COMPLETED))
+            assert rc is Outcome.APPLIED, f"EXIT_COMPLETED of {pos}: {rc}"
+            rc = again(lambda pos=pos: e.release_position(pos))
+            assert rc is Outcome.APPLIED, f"release of {pos}: {rc}"
+            log["booked"] += booked
+            log["cycles"] += 1
+            if log["cycles"] % 25 == 0:   # a reader of undeclared keys (it writes nothing)
+                again(e.snapshot)
+    except BaseException:
+        errors.append(traceback.format_exc())

@@ -15,8 +15,8 @@ host's load during the run moves every kind alike), a block of each of:
     the "Redis 7 Lua" peer's transition (``Redis.evalsha`` of its script);
 ``engine_fcall``
     the engine's ``tx`` function sent as the store's own round trip does it
-    (``_Conn.call``: the engine's command, without ``Engine`` and
-    ``RedisStore`` around it);
+    (``_Conn.fcall``: the engine's command with its declared keys and request
+    number, without ``Engine`` and ``RedisStore`` around it);
 ``engine_transition`` / ``engine_update_price``
     ``Engine.transition`` (PAUSE, RESUME) and ``Engine.update_price`` on an
     engine on the same server.
@@ -60,7 +60,7 @@ LABELS = {
     "evalsha_raw": "EVALSHA 'return 0', one connection",
     "evalsha": "EVALSHA 'return 0', Redis.evalsha",
     "peer_transition": "Redis 7 Lua transition (evalsha)",
-    "engine_fcall": "engine 'tx' FCALL, _Conn.call",
+    "engine_fcall": "engine 'tx' FCALL, _Conn.fcall",
     "engine_transition": "engine on Redis: transition",
     "engine_update_price": "engine on Redis: update_price",
 }
@@ -86,9 +86,13 @@ def _calls(port: int, handle: Handle) -> tuple[dict[str, Callable[[int], None]],
     pos = eng.id_of(0)
     store = eng._seg
     slot, op = eng.slot_of(pos), pos >> lib.ENG_ID_SLOT_BITS
-    key, inc = store.meta_keys[0], store.inc
+    from engine.redis_backend import _packed_keys
+    route = store._fixed[0][0]
+    keys = _packed_keys([*store._fixed[0],
+                         *(f"{store.prefixes[0]}{x}:{slot}" for x in ("p", "g", "wf", "w"))])
+    inc = store.inc
     send, read, evalsha = conn.send_command, conn.read_response, r.evalsha
-    call, transition, update_price = store.conn.call, eng.transition, eng.update_price
+    call, transition, update_price = store.conn.fcall, eng.transition, eng.update_price
 
     def evalsha_raw(n: int) -> None:
         for _ in range(n):
@@ -105,7 +109,9 @@ def _calls(port: int, handle: Handle) -> tuple[dict[str, Callable[[int], None]],
 
     def engine_fcall(n: int) -> None:
         for i in range(n):
-            call(key, "tx", inc, slot, op, RESUME if i & 1 else PAUSE, 0, b"")
+            store._seq += 1   # each a new request (the store's own calls go on from it)
+            call(route, keys, 7, "tx",
+                 (inc, store._seq, slot, op, RESUME if i & 1 else PAUSE, 0, b""))
 
     def engine_transition(n: int) -> None:
         for i in range(n):
