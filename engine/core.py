@@ -43,6 +43,7 @@ from engine.errors import (
     SlotError,
     TriggerError,
     raise_for,
+    redact,
 )
 from engine.metrics import Metrics, read_metrics
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, PriceSnapshot
@@ -87,6 +88,12 @@ class Handle:
     name: str
     spec: MachineSpec | None = None   # None: the default position lifecycle
     url: str | None = None            # None: shared memory; else the Redis server
+
+    def __repr__(self) -> str:
+        """The url's password is carried (a worker needs it to attach: pickle
+        a handle only to your own workers) but never shown."""
+        url = "" if self.url is None else f", url={redact(self.url)!r}"
+        return f"Handle(name={self.name!r}, spec={self.spec!r}{url})"
 
 
 @dataclass(frozen=True)
@@ -400,7 +407,7 @@ class Engine:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"capacity={self.capacity}"
-        where = f" url={self.url!r}" if self.url else ""
+        where = f" url={redact(self.url)!r}" if self.url else ""
         return f"<Engine {self.name!r} {state} spec={self.spec.name}{where}>"
 
     def __reduce__(self) -> Any:
@@ -572,6 +579,8 @@ class Engine:
         k = _key_bytes(key)
         try:
             rc = self._lib.eng_bind_key(self._seg, pos, k, len(k))
+        except EngineError:
+            raise   # the backend's own refusal (an ArgumentError is a ValueError too)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
         if rc:

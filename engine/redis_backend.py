@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import secrets
 import struct
 import time
+import weakref
 import zlib
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -62,6 +65,7 @@ EBADSLOT: int = lib.ENG_EBADSLOT
 EBADTRIGGER: int = lib.ENG_EBADTRIGGER
 EBUSY: int = lib.ENG_EBUSY
 ECLOSED: int = lib.ENG_ECLOSED
+EFORKED: int = lib.ENG_EFORKED
 EFULL: int = lib.ENG_EFULL
 EGUARDFAIL: int = lib.ENG_EGUARDFAIL
 ENOTOPEN: int = lib.ENG_ENOTOPEN
@@ -89,6 +93,8 @@ OP_TRANSITION_CTX: int = lib.ENG_OP_TRANSITION_CTX
 OP_WAIT: int = lib.ENG_OP_WAIT
 REDIS_BUSY_TRIES: int = lib.ENG_REDIS_BUSY_TRIES
 REDIS_GUARD_TTL_MS: int = lib.ENG_REDIS_GUARD_TTL_MS
+REDIS_RELOAD_TRIES: int = lib.ENG_REDIS_RELOAD_TRIES
+REDIS_SNAPSHOT_PAGE: int = lib.ENG_REDIS_SNAPSHOT_PAGE
 REJECTED: int = lib.ENG_REJECTED
 RULE_GUARDED: int = lib.ENG_RULE_GUARDED
 RULE_TARGET_MASK: int = lib.ENG_RULE_TARGET_MASK
@@ -142,8 +148,12 @@ def _constants() -> str:
 _BODY = Path(__file__).with_name("redis_functions.lua").read_text()
 _PRELUDE = _constants()
 _VERSION = hashlib.sha1((_PRELUDE + _BODY).encode()).hexdigest()[:10]
-_LIBRARY = (f"#!lua name=engine_{_VERSION}\n{_PRELUDE}"
-            f"local function REG(n, f) redis.register_function('e{_VERSION}_' .. n, f) end\n"
+_LIBNAME = f"engine_{_VERSION}"
+_LIBRARY = (f"#!lua name={_LIBNAME}\n{_PRELUDE}"
+            "local function REG(n, f, flags)\n"
+            f"  redis.register_function{{function_name='e{_VERSION}_' .. n, callback=f,"
+            " flags=flags or {}}\n"
+            "end\n"
             f"{_BODY}")
 _SCRIPT = (f"{_PRELUDE}local F = {{}}\nlocal function REG(n, f) F[n] = f end\n{_BODY}\n"
            "local args = {}\nfor i = 2, #ARGV do args[i - 1] = ARGV[i] end\n"
@@ -225,18 +235,50 @@ class _Conn:
             if "unknown command" in str(e).lower():
                 return False
             raise ServerError(f"cannot load the engine's functions on {self.url}: {e}") from None
+        except ServerError:
+            raise
         except self.errors as e:
             raise ServerError(f"{self.url}: {e}") from None
         return True
 
-    @staticmethod
-    def _load_on(client: Any) -> None:
+    def _load_on(self, client: Any) -> None:
+        """Load the library on one server unless this version is there: a
+        user allowed FCALL but not FUNCTION LOAD (nor LIST) still attaches."""
         redis = _redis()
+        listed = True
+        try:
+            if client.execute_command("FUNCTION", "LIST", "LIBRARYNAME", _LIBNAME):
+                return
+        except redis.exceptions.NoPermissionError:
+            listed = False   # this user may not list
         try:
             client.execute_command("FUNCTION", "LOAD", _LIBRARY)
         except redis.ResponseError as e:
-            if "already exists" not in str(e):
-                raise
+            if "already exists" in str(e):
+                return
+            noperm = isinstance(e, redis.exceptions.NoPermissionError)
+            if noperm and not listed:
+                return   # may not look, may not load: the first call says if it is missing
+            if noperm:
+                raise ServerError(f"the engine's functions (library {_LIBNAME}) are not loaded "
+                                  "and this user may not load them: attach once as a user "
+                                  f"allowed FUNCTION LOAD ({e})") from None
+            raise
+
+    def _reloaded(self, e: Exception, send: Callable[[], Any]) -> Any:
+        """After FUNCTION FLUSH (or a restart) the library is gone: load it
+        again and ``send()`` the call again (the server refused it before it
+        ran), up to ENG_REDIS_RELOAD_TRIES times; any other error is raised
+        as it is."""
+        for _ in range(REDIS_RELOAD_TRIES):
+            if not self.functions or not str(e).startswith("Function not found"):
+                break
+            self._load_functions()
+            try:
+                return send()
+            except self.reply_error as again:
+                e = again
+        raise e
 
     def _cmd(self, key: str | bytes, fn: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if self.functions:
@@ -265,6 +307,8 @@ class _Conn:
                 except self.noscript:
                     self._run(("SCRIPT", "LOAD", _SCRIPT), key)
                     return self._run(cmd)
+                except self.reply_error as e:
+                    return self._reloaded(e, lambda: self._run(cmd))
             enc = conn.encoder.encode
             head, n = self._heads.get((fn, key)) or self._head(fn, key, enc)
             packed = b"".join([b"*%d\r\n" % (n + len(args)), head,
@@ -274,6 +318,8 @@ class _Conn:
             except self.noscript:
                 self._run(("SCRIPT", "LOAD", _SCRIPT))
                 return self._send(conn, packed)
+            except self.reply_error as e:
+                return self._reloaded(e, lambda: self._send(conn, packed))
         except self.errors as e:
             raise ServerError(f"{self.url}: {fn} failed: {e}") from None
 
@@ -383,11 +429,16 @@ class RedisStore:
         self._next = 0
         self._token = secrets.token_hex(8)
         self._closed = False
+        self._forked = False   # set in a fork child (closed there too, see _after_fork)
         self._calls = 0
         self._sample_mask = DEFAULT_SAMPLE_MASK
         self._metrics_on = True
         self._hist = np.zeros((OP_COUNT, HIST_BUCKETS), dtype=np.int64)
         self._max_ns = [0] * OP_COUNT
+        #: reads counted here, not on the server: a reader is a no-writes
+        #: function, so a full server (maxmemory) or a replica still answers it
+        self._reads = {"read": 0, "lookup": 0}
+        _LIVE.add(self)
 
     # -- create, attach, destroy ------------------------------------------------------
     @classmethod
@@ -492,7 +543,7 @@ class RedisStore:
         """One function call; one in ``sample_every`` is timed into this
         Engine's latency histogram (the server counts every call)."""
         if self._closed:
-            raise_closed()
+            raise_closed(self._forked)
         self._calls += 1
         if self._calls & self._sample_mask or not self._metrics_on:
             return self.conn.call(key, fn, *args)
@@ -530,11 +581,16 @@ class RedisStore:
 
     # -- the eng_* calls --------------------------------------------------------------
     def eng_check(self, seg: Any) -> int:
-        return ECLOSED if self._closed else 0
+        return self._gone() if self._closed else 0
+
+    def _gone(self) -> int:
+        """The code of a closed store: ECLOSED, or EFORKED in a fork child."""
+        return EFORKED if self._forked else ECLOSED
 
     def eng_detach(self, seg: Any) -> None:
         if not self._closed:
             self._closed = True
+            _LIVE.discard(self)
             self.conn.close()
 
     def eng_id_of(self, seg: Any, slot: int, out: Any) -> int:
@@ -614,6 +670,9 @@ class RedisStore:
         if not 1 <= len(k) <= KEY_MAX:
             return EBADKEY
         if self.shards > 1 and self._key_shard(k) != sp[0] % self.shards:
+            st = int(self._call(sp[0], "state", sp[1]))
+            if st < 0:
+                return st   # a stale or never-issued id says so first, as on one shard
             raise ArgumentError(
                 f"key {k!r} belongs to shard {self._key_shard(k)} of this sharded Redis engine, "
                 f"and id {id} to shard {sp[0] % self.shards}: on a sharded engine a key is "
@@ -624,9 +683,10 @@ class RedisStore:
         if not 1 <= key_len <= KEY_MAX:
             return EBADKEY
         if self._closed:
-            return ECLOSED
+            return self._gone()
         k = bytes(key[:key_len])
         r = self._fn(self.meta_keys[self._key_shard(k)], "lookup", k)
+        self._reads["lookup"] += self._metrics_on
         return 0 if len(r) == 1 else int(r[1]) << ID_SLOT_BITS | int(r[0])
 
     def eng_keys(self, seg: Any, id: int, out: Any, n_max: int, n: Any) -> int:
@@ -739,6 +799,7 @@ class RedisStore:
         r = self._call(sp[0], "price", sp[1])
         if r[0]:
             return int(r[0])
+        self._reads["read"] += self._metrics_on
         ffi.buffer(out)[:] = _PRICE_OUT.pack(r[1], int(r[2]))
         return 0
 
@@ -749,6 +810,7 @@ class RedisStore:
         r = self._call(sp[0], "context", sp[1])
         if r[0]:
             return int(r[0])
+        self._reads["read"] += self._metrics_on
         ffi.memmove(out.w, r[1], len(r[1]))
         out.version = int(r[2])
         return 0
@@ -854,7 +916,7 @@ class RedisStore:
 
     def eng_update_token_price(self, seg: Any, token: int, price: float) -> int:
         if self._closed:
-            return ECLOSED
+            return self._gone()
         if not _positive(price):
             return EBADPRICE
         ts = _Q.pack(time.time_ns())
@@ -876,7 +938,7 @@ class RedisStore:
         if min(cash, max_exposure, max_loss) < 0:
             return EBADMONEY
         if self._closed:
-            return ECLOSED
+            return self._gone()
         self._next += 1
         for i in range(self.shards):
             key = self.meta_keys[(self._next + i) % self.shards]
@@ -948,7 +1010,7 @@ class RedisStore:
 
     def eng_accounts(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
         if self._closed:
-            return ECLOSED
+            return self._gone()
         found = []
         for s, key in enumerate(self.meta_keys):
             for num, b in self._fn(key, "alist", s, self.max_accounts, self.shards):
@@ -987,7 +1049,7 @@ class RedisStore:
 
     def eng_snapshot(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
         if self._closed:
-            return ECLOSED
+            return self._gone()
         out: list[tuple[int, bytes]] = []
         for key in self.meta_keys:
             for item in self._fn(key, "snap"):
@@ -1019,7 +1081,7 @@ class RedisStore:
     def eng_recover(self, seg: Any, out: Any) -> int:
         """Nothing to release: a server-side function never leaves a lock,
         and a guard's lock expires by itself."""
-        return ECLOSED if self._closed else 0
+        return self._gone() if self._closed else 0
 
     def eng_set_faults(self, seg: Any, flags: int, pause_ns: int) -> int:
         return EBADARG
@@ -1033,8 +1095,12 @@ class RedisStore:
 
     def metrics(self) -> Metrics:
         """Counts per operation, summed over the shards (every client's
-        calls); latency percentiles are of this Engine's sampled round trips."""
+        calls), except reads (``read``, ``lookup``): this Engine's, counted
+        here so that a full server still answers them; latency percentiles
+        are of this Engine's sampled round trips."""
         totals: dict[str, dict[str, int]] = {op: {} for op in OPS}
+        for op, n in self._reads.items():
+            totals[op]["applied"] = n
         for key in self.meta_keys:
             raw = self.conn.command("HGETALL", key[:-1] + "s", key=key)
             items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
@@ -1056,8 +1122,30 @@ class RedisStore:
         return out
 
 
-def raise_closed() -> None:
+def raise_closed(forked: bool = False) -> None:
+    if forked:
+        raise ClosedError("this Engine was inherited through fork(): its connection is the "
+                          "parent's; this process must attach its own, with "
+                          "Engine.attach(handle)")
     raise ClosedError("this Engine was closed: attach again from the handle")
+
+
+#: every store not yet closed: a fork child closes its copies (see _after_fork)
+_LIVE: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a fork child: every inherited store is closed, as an inherited
+    shared-memory Engine is.  Its connection is the parent's socket: a
+    child that sent on it would read the parent's replies (and the parent
+    the child's).  Nothing is sent or shut down here; the child's copy of
+    the socket is closed by redis-py when collected (it checks the pid)."""
+    for store in list(_LIVE):
+        store._forked = store._closed = True
+    _LIVE.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _positive(price: float) -> bool:

@@ -35,6 +35,11 @@
 
 local function tag(keys) return string.sub(keys[1], 1, -2) end   -- P: strip the "m"
 
+-- the flags of a function that only reads: it runs on a full server (maxmemory)
+-- and on a read-only replica, and may not write (its metrics are counted by
+-- the client, in the process's metrics)
+local NO_WRITES = {'no-writes'}
+
 local IDX = {}
 for i = 0, 15 do IDX[2 ^ i] = i end
 
@@ -328,7 +333,7 @@ end)
 REG('state', function(keys, args)
     local st, err = live(tag(keys) .. 'p:' .. args[1], tonumber(args[2]))
     return st or err
-end)
+end, NO_WRITES)
 
 -- the raw parts of the state: {st, gen, ctr, locked, op}
 REG('word', function(keys, args)
@@ -336,27 +341,25 @@ REG('word', function(keys, args)
     local v = redis.call('HMGET', P .. 'p:' .. args[1], 'st', 'gen', 'op')
     local locked = redis.call('EXISTS', P .. 'g:' .. args[1])
     return {tonumber(v[1]) or 0, tonumber(v[2]) or 0, locked, tonumber(v[3]) or 0}
-end)
+end, NO_WRITES)
 
 REG('price', function(keys, args)
     local P = tag(keys)
     local p = P .. 'p:' .. args[1]
     local st, err = live(p, tonumber(args[2]))
     if not st then return {err} end
-    count(P, 'read', 'applied')
     local v = redis.call('HMGET', p, 'pr', 'pv')
     return {0, v[1], v[2]}
-end)
+end, NO_WRITES)
 
 REG('context', function(keys, args)
     local P = tag(keys)
     local p = P .. 'p:' .. args[1]
     local st, err = live(p, tonumber(args[2]))
     if not st then return {err} end
-    count(P, 'read', 'applied')
     local v = redis.call('HMGET', p, 'rec', 'cv')
     return {0, v[1], v[2]}
-end)
+end, NO_WRITES)
 
 REG('upd', function(keys, args)
     local P = tag(keys)
@@ -416,7 +419,7 @@ REG('states', function(keys, args)
         out[#out + 1] = st
     end
     return {0, struct.pack('<' .. string.rep('H', #out), unpack(out))}
-end)
+end, NO_WRITES)
 
 REG('prices', function(keys, args)
     local P = tag(keys)
@@ -430,7 +433,7 @@ REG('prices', function(keys, args)
         out[#out + 1] = v[1] .. struct.pack('<L', tonumber(v[2]) or 0)
     end
     return {0, table.concat(out)}
-end)
+end, NO_WRITES)
 
 REG('txmany', function(keys, args)
     local P = tag(keys)
@@ -547,20 +550,19 @@ end)
 -- {slot, op} of the open opening holding key, or {0}
 REG('lookup', function(keys, args)
     local P = tag(keys)
-    count(P, 'lookup', 'applied')
     local holder = redis.call('GET', P .. 'k:' .. args[1])
     if not holder then return {0} end
     local s, o = string.match(holder, '(%d+):(%d+)')
     if not live(P .. 'p:' .. s, tonumber(o)) then return {0} end
     return {tonumber(s), tonumber(o)}
-end)
+end, NO_WRITES)
 
 REG('keys', function(keys, args)
     local P = tag(keys)
     local st, err = live(P .. 'p:' .. args[1], tonumber(args[2]))
     if not st then return {err} end
     return {0, redis.call('LRANGE', P .. 'pk:' .. args[1], 0, -1)}
-end)
+end, NO_WRITES)
 
 REG('release', function(keys, args)
     local P = tag(keys)
@@ -612,7 +614,7 @@ REG('snap', function(keys, args)
                         struct.pack('<d', tonumber(v[7]) or 0) .. v[5] .. v[8]
     end
     return out
-end)
+end, NO_WRITES)
 
 REG('halt', function(keys, args)
     redis.call('HSET', keys[1], 'halted', args[1])
@@ -644,7 +646,7 @@ REG('aread', function(keys, args)
     local a, err = account_of(tag(keys), args[1], tonumber(args[2]))
     if not a then return {err} end
     return {0, books(a)}
-end)
+end, NO_WRITES)
 
 -- cash moves: args n, op, kind ('deposit' / 'withdraw'), amount (decimal)
 REG('acash', function(keys, args)
@@ -716,4 +718,4 @@ REG('alist', function(keys, args)
         end
     end
     return out
-end)
+end, NO_WRITES)

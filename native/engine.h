@@ -367,9 +367,17 @@
  * commit (the commit checks the lock is still its own).  A transition that
  * meets another client's guard lock retries ENG_REDIS_BUSY_TRIES times with
  * back-off (about 55 ms in all), then says CONFLICT.
+ *
+ * A call the server refuses with "Function not found" (FUNCTION FLUSH, a
+ * restart) never ran: the client loads the library again and resends it, up
+ * to ENG_REDIS_RELOAD_TRIES times.  snapshot() reads each shard in pages of
+ * about ENG_REDIS_SNAPSHOT_PAGE open positions (one SSCAN step per call), so
+ * no call holds the server for long (a page: about 3 ms on a 2-core host).
  */
-#define ENG_REDIS_GUARD_TTL_MS 2000
-#define ENG_REDIS_BUSY_TRIES   32
+#define ENG_REDIS_GUARD_TTL_MS   2000
+#define ENG_REDIS_BUSY_TRIES     32
+#define ENG_REDIS_RELOAD_TRIES   4
+#define ENG_REDIS_SNAPSHOT_PAGE  1000
 
 /*
  * ---- price timestamps ---------------------------------------------------------

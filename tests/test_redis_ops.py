@@ -1,0 +1,345 @@
+"""The Redis backend under an operator's conditions: fork, FUNCTION FLUSH,
+maxmemory, ACL users, passwords in urls, sharded key errors.
+
+Each test failed on the code before its fix (issue 17, items 4, 8, 9, 12,
+13, 14).  Tests that change a server's configuration start their own."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from conftest import redis_url
+
+from engine import (
+    ArgumentError,
+    ClosedError,
+    Engine,
+    SegmentNotFoundError,
+    ServerError,
+    StaleIdError,
+    State,
+    Trigger,
+)
+from engine.tools.redis_server import PrivateRedis
+
+CHILD_TIMEOUT_S = 60
+
+
+@pytest.fixture
+def url() -> str:
+    return redis_url()
+
+
+@pytest.fixture
+def server() -> Iterator[PrivateRedis]:
+    """A private server of this test's own (its configuration may be changed)."""
+    with PrivateRedis(prefix="engine-ops-redis-") as s:
+        yield s
+
+
+@pytest.fixture
+def made(url: str) -> Iterator[Any]:
+    """Engines made (on the session's server by default); unlinked at teardown."""
+    engines: list[Engine] = []
+
+    def make(capacity: int = 16, **kw: Any) -> Engine:
+        e = Engine.create(capacity, url=kw.pop("url", url), **kw)
+        engines.append(e)
+        return e
+
+    yield make
+    for e in engines:
+        try:
+            e.close()
+            with Engine.attach(e.handle) as again:
+                again.unlink()
+        except (SegmentNotFoundError, ServerError):
+            pass
+
+
+def admin(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)
+
+
+def _monitoring(e: Engine) -> int:
+    pos = e.open_position(100.0, 1.0)
+    assert e.transition(pos, Trigger.POSITION_OPENED).name == "APPLIED"
+    return pos
+
+
+# -- fork ---------------------------------------------------------------------------------
+def _child_report(w: int, e: Engine, created: int, monitoring: int) -> None:
+    """In a fork child: what the inherited Engine does, then an own attach."""
+    out = []
+    try:
+        out.append("closed" if e.closed else "open")
+        try:
+            e.state(created)
+            out.append("state answered")
+        except ClosedError as exc:
+            out.append("ClosedError fork" if "fork" in str(exc) and "attach" in str(exc)
+                       else f"ClosedError other: {exc}")
+        with Engine.attach(e.handle) as own:
+            bad = sum(own.state(created) is not State.CREATED
+                      or own.state(monitoring) is not State.MONITORING for _ in range(300))
+            out.append(f"own wrong {bad}")
+    except BaseException as exc:   # noqa: BLE001 - reported to the parent
+        out.append(f"error {exc!r}")
+    os.write(w, ";".join(out).encode())
+
+
+class TestFork:
+    def test_an_inherited_engine_is_closed_in_the_child(self, made):
+        """A fork child's inherited Engine raises ClosedError (fork, attach)
+        and never answers; its own attach works; the parent's calls, in
+        flight across the fork in another thread, all read their own replies."""
+        e = made()
+        created = e.open_position(100.0, 1.0)
+        monitoring = _monitoring(e)
+        stop = threading.Event()
+        wrong: list[Any] = []
+
+        def hammer() -> None:
+            while not stop.is_set():
+                a, b = e.state(created), e.state(monitoring)
+                if a is not State.CREATED or b is not State.MONITORING:
+                    wrong.append((a, b))
+
+        t = threading.Thread(target=hammer)
+        t.start()
+        try:
+            reports = []
+            for _ in range(3):
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:   # the child: never returns into pytest
+                    try:
+                        os.close(r)
+                        _child_report(w, e, created, monitoring)
+                    finally:
+                        os._exit(0)
+                os.close(w)
+                ready, _, _ = select.select([r], [], [], CHILD_TIMEOUT_S)
+                reports.append(os.read(r, 4096).decode() if ready else "silent")
+                os.close(r)
+                os.waitpid(pid, 0)
+        finally:
+            stop.set()
+            t.join()
+        assert reports == ["closed;ClosedError fork;own wrong 0"] * 3
+        assert wrong == []
+        assert e.state(created) is State.CREATED and not e.closed
+
+
+# -- FUNCTION FLUSH --------------------------------------------------------------------------
+class TestFunctionFlush:
+    def test_calls_go_on_after_function_flush(self, server):
+        """After FUNCTION FLUSH the next call loads the library again and
+        runs: no "Function not found"."""
+        e = Engine.create(16, url=server.url)
+        try:
+            pos = e.open_position(100.0, 1.0)
+            admin(server.url).function_flush()
+            assert e.state(pos) is State.CREATED
+            admin(server.url).function_flush()
+            assert e.transition(pos, Trigger.POSITION_OPENED).name == "APPLIED"
+            assert e.state(pos) is State.MONITORING
+        finally:
+            e.close()
+
+    def test_a_flush_mid_workload_loses_no_call(self, server):
+        """Workers opening and moving positions while the library is flushed
+        ten times: every call returns (no ServerError) and each applied once
+        (the open positions are exactly the ones the workers were given)."""
+        e = Engine.create(4096, url=server.url)
+        errors: list[BaseException] = []
+        opened: list[int] = []
+        flushed = threading.Event()
+
+        def work(own: Engine) -> None:
+            try:
+                for _ in range(1300):   # a bound (capacity / 3); they stop once flushed
+                    pos = own.open_position(100.0, 1.0)
+                    assert own.transition(pos, Trigger.POSITION_OPENED).name == "APPLIED"
+                    opened.append(pos)
+                    if flushed.is_set():
+                        return
+            except BaseException as exc:   # noqa: BLE001 - checked below
+                errors.append(exc)
+
+        workers = [Engine.attach(e.handle) for _ in range(3)]
+        threads = [threading.Thread(target=work, args=(w,)) for w in workers]
+        flusher = admin(server.url)
+        try:
+            for t in threads:
+                t.start()
+            for _ in range(10):
+                flusher.function_flush()
+                threading.Event().wait(0.02)
+            flushed.set()
+            for t in threads:
+                t.join()
+            assert errors == []
+            snap = e.snapshot()
+            assert sorted(snap["id"]) == sorted(opened)
+            assert (snap["state"] == int(State.MONITORING)).all()
+        finally:
+            flushed.set()
+            for w in workers:
+                w.close()
+            e.close()
+
+
+# -- maxmemory -------------------------------------------------------------------------------
+class TestMaxmemory:
+    @pytest.mark.parametrize("functions", ["1", "0"])
+    def test_readers_answer_on_a_full_server(self, server, functions):
+        """At maxmemory (noeviction) every reader answers and a writer is
+        refused with ServerError (OOM); read metrics still count."""
+        u = f"{server.url}?functions={functions}"
+        e = Engine.create(16, url=u, keys_per_position=2)
+        try:
+            pos = e.open_position(100.0, 1.0, key="K1")
+            _monitoring(e)
+            acct = e.open_account(cash=100, max_exposure=100, max_positions=2, max_loss=10)
+            before = e.metrics()
+            admin(server.url).config_set("maxmemory", "1")
+            try:
+                assert e.state(pos) is State.CREATED
+                assert e.price(pos).price == 100.0
+                assert e.context(pos).entry_price == 100.0
+                assert e.lookup("K1") == pos
+                assert e.keys(pos) == ("K1",)
+                assert len(e.snapshot()) == 2
+                assert list(e.states([pos])) == [int(State.CREATED)]
+                assert len(e.prices([pos])) == 1
+                assert e.account(acct).cash == 100
+                assert len(e.accounts()) == 1
+                with pytest.raises(ServerError, match="maxmemory"):
+                    e.transition(pos, Trigger.POSITION_OPENED)
+                after = e.metrics()
+                assert after["read"].applied == before["read"].applied + 2
+                assert after["lookup"].applied == before["lookup"].applied + 1
+            finally:
+                admin(server.url).config_set("maxmemory", "0")
+            assert e.transition(pos, Trigger.POSITION_OPENED).name == "APPLIED"
+        finally:
+            e.close()
+
+
+# -- ACL -------------------------------------------------------------------------------------
+class TestAcl:
+    @pytest.mark.parametrize("rules", ["-function|load", "-function"])
+    def test_a_user_who_may_not_load_functions_attaches(self, server, rules):
+        """A user allowed FCALL but not FUNCTION LOAD (nor, second case, any
+        FUNCTION subcommand) attaches to a loaded library and works."""
+        e = Engine.create(16, url=server.url)
+        try:
+            admin(server.url).execute_command("ACL", "SETUSER", "trader", "on", ">tpw", "~*",
+                                              "&*", "+@all", rules)
+            u = server.url.replace("redis://", "redis://trader:tpw@")
+            with Engine.attach(e.name, url=u) as t:
+                pos = t.open_position(100.0, 1.0)
+                assert t.transition(pos, Trigger.POSITION_OPENED).name == "APPLIED"
+                assert e.state(pos) is State.MONITORING
+        finally:
+            e.close()
+
+    def test_a_missing_library_and_no_right_to_load_it_says_so(self, server):
+        """The library flushed and a user who may not load it: ServerError
+        naming FUNCTION LOAD, never a hang or a wrong answer."""
+        e = Engine.create(16, url=server.url)
+        try:
+            pos = e.open_position(100.0, 1.0)
+            a = admin(server.url)
+            a.execute_command("ACL", "SETUSER", "trader", "on", ">tpw", "~*", "&*", "+@all",
+                              "-function|load")
+            a.function_flush()
+            u = server.url.replace("redis://", "redis://trader:tpw@")
+            with pytest.raises(ServerError, match="FUNCTION LOAD"):
+                Engine.attach(e.name, url=u)
+            a.execute_command("ACL", "SETUSER", "trader", "-function")   # may not even look
+            with Engine.attach(e.name, url=u) as t, \
+                    pytest.raises(ServerError, match="Function not found"):
+                t.state(pos)
+            assert e.state(pos) is State.CREATED   # the admin's Engine loads it again
+        finally:
+            e.close()
+
+
+# -- passwords -------------------------------------------------------------------------------
+class TestRedaction:
+    def test_a_password_is_never_shown(self, server):
+        """repr(Engine), repr/str of its handle and ServerError messages
+        show ``***`` for the password; the handle still carries it to attach."""
+        admin(server.url).config_set("requirepass", "s3cret-pw")
+        u = server.url.replace("redis://", "redis://default:s3cret-pw@")
+        e = Engine.create(16, url=u)
+        try:
+            pos = e.open_position(100.0, 1.0)
+            shown = [repr(e), repr(e.handle), str(e.handle)]
+            with pytest.raises(ServerError) as bad:
+                Engine.attach(e.name, url=u.replace("s3cret-pw", "s3cret-pw-wrong"))
+            shown += [str(bad.value), repr(bad.value)]
+            with pytest.raises(ServerError) as gone:
+                Engine.attach(e.name, url=u.replace(str(server.port), "1"))
+            shown += [str(gone.value)]
+            q = f"{server.url.replace('redis://', 'redis://default@')}?password=s3cret-pw"
+            with Engine.attach(e.name, url=q) as other:
+                shown += [repr(other), repr(other.handle)]
+            server.stop()
+            with pytest.raises(ServerError) as down:
+                e.state(pos)
+            shown += [str(down.value)]
+            assert all("s3cret" not in s for s in shown), shown
+            assert all("***" in s for s in shown), shown
+            assert pickle.loads(pickle.dumps(e.handle)).url == u
+        finally:
+            e.close()
+
+    def test_the_pickled_handle_attaches(self, server):
+        """The handle keeps the password: a worker attaches with it."""
+        admin(server.url).config_set("requirepass", "pw2")
+        u = server.url.replace("redis://", "redis://:pw2@")
+        e = Engine.create(16, url=u)
+        try:
+            pos = e.open_position(100.0, 1.0)
+            with Engine.attach(pickle.loads(pickle.dumps(e.handle))) as w:
+                assert w.state(pos) is State.CREATED
+        finally:
+            e.close()
+
+
+# -- sharded bind_key ------------------------------------------------------------------------
+def _key_of_shard(e: Engine, shard: int) -> str:
+    return next(k for k in (f"K{i}" for i in range(1000))
+                if e._seg._key_shard(k.encode()) == shard)
+
+
+class TestShardedBind:
+    def test_another_shards_key_is_an_argument_error(self, made):
+        """bind_key of a key of another shard: ArgumentError (documented), not a type error."""
+        e = made(16, shards=2)
+        pos = e.open_position(100.0, 1.0)
+        other = 1 - e.slot_of(pos) % 2
+        with pytest.raises(ArgumentError, match="shard"):
+            e.bind_key(pos, _key_of_shard(e, other))
+        assert e.keys(pos) == ()
+
+    def test_a_stale_id_is_a_stale_id_error(self, made):
+        """bind_key with a released id and another shard's key: StaleIdError."""
+        e = made(16, shards=2)
+        pos = e.open_position(100.0, 1.0)
+        other = 1 - e.slot_of(pos) % 2
+        for t in ("POSITION_OPENED", "EXIT_CONDITION_MET", "EXIT_STARTED", "EXIT_COMPLETED"):
+            e.transition(pos, t)
+        e.release_position(pos)
+        with pytest.raises(StaleIdError):
+            e.bind_key(pos, _key_of_shard(e, other))
