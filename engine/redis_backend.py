@@ -1048,19 +1048,30 @@ class RedisStore:
                 return ETIMEDOUT
 
     def eng_snapshot(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
+        """Each shard in pages of about ENG_REDIS_SNAPSHOT_PAGE open
+        positions, one call each: no call holds the server long, and other
+        clients' calls run between pages.  Each row is one opening, read in
+        one step; the rows are not one instant (as on shared memory)."""
         if self._closed:
             return self._gone()
-        out: list[tuple[int, bytes]] = []
+        found: dict[int, bytes] = {}   # by slot: a slot SSCAN gives twice is read twice
         for key in self.meta_keys:
-            for item in self._fn(key, "snap"):
-                slot, op, st, locked, gen, ctr, pv = _SNAP.unpack_from(item)
-                cv = _F8.unpack_from(item, _SNAP.size)[0]
-                base = _SNAP.size + 8
-                pr, rec = item[base:base + 32], item[base + 32:]
-                head = _ROW_HEAD.pack(op << ID_SLOT_BITS | slot, slot, st, int(gen) & 0xFFFF,
-                                      locked, int(ctr), pr, int(pv), int(cv))
-                out.append((slot, head + rec))
-        out.sort()
+            cursor = b"0"
+            while True:   # pages (one call each): SSCAN ends, whatever opens and closes
+                page = self._fn(key, "snap", cursor, REDIS_SNAPSHOT_PAGE)
+                for item in page[1:]:
+                    slot, op, st, locked, gen, ctr, pv = _SNAP.unpack_from(item)
+                    cv = _F8.unpack_from(item, _SNAP.size)[0]
+                    base = _SNAP.size + 8
+                    pr, rec = item[base:base + 32], item[base + 32:]
+                    head = _ROW_HEAD.pack(op << ID_SLOT_BITS | slot, slot, st,
+                                          int(gen) & 0xFFFF, locked, int(ctr), pr, int(pv),
+                                          int(cv))
+                    found[slot] = head + rec
+                cursor = page[0]
+                if cursor == b"0":
+                    break
+        out = sorted(found.items())
         size = ffi.sizeof("eng_row")
         for i, (_slot, data) in enumerate(out[:max_rows]):
             ffi.memmove(rows + i, data.ljust(size, b"\0"), size)

@@ -600,11 +600,16 @@ REG('wprep', function(keys, args)
     return {0, last[1][1]}
 end)
 
--- every open position of the shard: slot, op, st, gen, locked, ctr, pr, pv, cv, rec
+-- one page of the shard's open positions: one SSCAN step from cursor args[1]
+-- of about args[2] slots, so a call holds the server a bounded time however
+-- many are open.  {next cursor ('0': the last page), row, row, ...}, a row
+-- (slot, op, st, gen, locked, ctr, pr, pv, cv, rec) read in one step.  SSCAN
+-- returns every slot open for the whole scan, perhaps twice (the client keeps one)
 REG('snap', function(keys, args)
     local P = tag(keys)
-    local out = {}
-    for _, slot in ipairs(redis.call('SMEMBERS', P .. 'open')) do
+    local page = redis.call('SSCAN', P .. 'open', args[1], 'COUNT', args[2])
+    local out = {page[1]}
+    for _, slot in ipairs(page[2]) do
         local p = P .. 'p:' .. slot
         local v = redis.call('HMGET', p, 'op', 'st', 'gen', 'ctr', 'pr', 'pv', 'cv', 'rec')
         out[#out + 1] = struct.pack('<I4I4I4I4', tonumber(slot), tonumber(v[1]), tonumber(v[2]),

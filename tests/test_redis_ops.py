@@ -10,6 +10,7 @@ import os
 import pickle
 import select
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +28,7 @@ from engine import (
     State,
     Trigger,
 )
+from engine._native import lib
 from engine.tools.redis_server import PrivateRedis
 
 CHILD_TIMEOUT_S = 60
@@ -343,3 +345,137 @@ class TestShardedBind:
         e.release_position(pos)
         with pytest.raises(StaleIdError):
             e.bind_key(pos, _key_of_shard(e, other))
+
+
+# -- snapshot in pages -----------------------------------------------------------------------
+PAGE = lib.ENG_REDIS_SNAPSHOT_PAGE
+#: the cycle a writer drives positions through, each step stamping exit_reason
+CYCLE = (("POSITION_OPENED", State.MONITORING), ("EXIT_CONDITION_MET", State.EXIT_PENDING),
+         ("EXIT_STARTED", State.EXITING), ("EXIT_COMPLETED", State.CLOSED))
+
+
+class TestSnapshotPages:
+    def test_no_call_reads_more_than_about_a_page(self, made):
+        """A snapshot of six pages of open positions takes several calls of
+        at most about a page each (other clients run between them) and
+        returns every open position exactly once."""
+        e = made(PAGE * 6 + 10)
+        ids = [e.open_position(100.0, 1.0) for _ in range(PAGE * 6)]
+        sizes: list[int] = []
+        fn = e._seg._fn
+
+        def spy(key: str, name: str, *args: Any) -> Any:
+            r = fn(key, name, *args)
+            if name == "snap":
+                sizes.append(len(r) - 1)
+            return r
+
+        e._seg._fn = spy
+        snap = e.snapshot()
+        assert sorted(snap["id"]) == sorted(ids)
+        assert len(sizes) >= 3 and max(sizes) <= 2 * PAGE, sizes
+
+    def test_every_row_is_one_instant_of_one_opening(self, made):
+        """While a writer moves positions (stamping exit_reason with each
+        step) and releases and reopens them, every snapshot row's state and
+        context agree, and its id is an opening the writer made."""
+        e = made(PAGE * 4)
+        ids = [e.open_position(100.0, 1.0) for _ in range(PAGE * 3)]
+        made_ids = set(ids)
+        stop = threading.Event()
+        reason = {State.CREATED: 0, **{s: i + 1 for i, (_t, s) in enumerate(CYCLE)}}
+        w = Engine.attach(e.handle)
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                i = 0
+                while not stop.is_set():
+                    pos = ids[i % len(ids)]
+                    for k, (t, _s) in enumerate(CYCLE):
+                        w.transition(pos, t, exit_reason=k + 1)
+                    w.release_position(pos)
+                    ids[i % len(ids)] = new = w.open_position(100.0, 1.0)
+                    made_ids.add(new)
+                    i += 1
+            except BaseException as exc:   # noqa: BLE001 - checked below
+                errors.append(exc)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            for _ in range(5):
+                snap = e.snapshot()
+                assert len(set(snap["id"].tolist())) == len(snap)
+                for row in snap:
+                    assert int(row["id"]) in made_ids
+                    assert row["exit_reason"] == reason[State(int(row["state"]))], row
+        finally:
+            stop.set()
+            t.join()
+            w.close()
+        assert errors == []
+
+
+def _worst_latency(handle: Any, pos: int, go: Any, stop: Any, q: Any) -> None:
+    """Child: state(pos) in a loop from go to stop; the worst call's seconds."""
+    with Engine.attach(handle) as e:
+        go.wait(600)
+        worst, n = 0.0, 0
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            e.state(pos)
+            worst = max(worst, time.perf_counter() - t0)
+            n += 1
+        q.put((worst, n))
+
+
+@pytest.mark.slow
+class TestSnapshotMillion:
+    def test_a_million_positions_snapshot_while_another_client_runs(self, server):
+        """A 1,000,000-position snapshot completes at the default timeout,
+        returns every position, and another client's calls go on during it
+        (its worst call latency is reported, not asserted)."""
+        import multiprocessing
+        n = 1_000_000
+        e = Engine.create(n, url=server.url)
+        try:
+            conn = e._seg.conn
+            sent: list[Any] = []
+            call = conn.call
+
+            def spy(key: Any, fn: str, *args: Any) -> Any:
+                sent.append((key, args))
+                return call(key, fn, *args)
+
+            conn.call = spy
+            first = e.open_position(100.0, 1.0)
+            conn.call = call
+            key, args = sent[0]
+            r = admin(server.url)
+            for done in range(0, n - 1, 20_000):   # the same open, pipelined
+                p = r.pipeline(transaction=False)
+                for _ in range(min(20_000, n - 1 - done)):
+                    p.execute_command(*conn._cmd(key, "open", args))
+                p.execute()
+            ctx = multiprocessing.get_context("spawn")
+            go, stop, q = ctx.Event(), ctx.Event(), ctx.Queue()
+            child = ctx.Process(target=_worst_latency, args=(e.handle, first, go, stop, q))
+            child.start()
+            try:
+                go.set()
+                t0 = time.perf_counter()
+                snap = e.snapshot()
+                took = time.perf_counter() - t0
+                stop.set()
+                worst, calls = q.get(timeout=120)
+            finally:
+                stop.set()
+                child.join(60)
+            assert len(snap) == n
+            assert len(set(snap["id"].tolist())) == n
+            print(f"\n1M-position snapshot: {took:.1f} s; another client's state(): {calls} "
+                  f"calls during it, worst {worst * 1e3:.1f} ms")
+        finally:
+            e.unlink()
+            e.close()
