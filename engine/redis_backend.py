@@ -26,6 +26,7 @@ import math
 import os
 import secrets
 import struct
+import threading
 import time
 import weakref
 import zlib
@@ -113,6 +114,11 @@ _ROW_HEAD = struct.Struct("<QIIIIQ32sQQ")
 _SNAP = struct.Struct("<IIII3d")            # what snap returns before the record bytes
 _WAIT_SLICE_MS = 1000                      # XREAD BLOCK at most this long per round trip
 _DEFAULT_TIMEOUT_S = 5.0
+#: what a connection of its own to a server keeps of a client's connection
+#: settings (and every ssl_* one); see _Conn._node_conn
+_CONN_KWARGS = frozenset(("host", "port", "path", "db", "username", "password",
+                          "credential_provider", "client_name", "protocol", "socket_keepalive",
+                          "socket_keepalive_options"))
 #: an APPLIED reply of tx, gcommit and release is >= this and carries the
 #: commit's state words (see ``committed`` in redis_functions.lua)
 _COMMITTED = 1 << 30
@@ -375,6 +381,90 @@ class _Conn:
             return self._run(cmd)
         except self.errors as e:
             raise ServerError(f"{self.url}: wait failed: {e}") from None
+
+    def _node_conn(self, pool: Any) -> Any:
+        """A new connection like ``pool``'s (server, credentials, TLS) whose
+        every connect, send and read waits at most the url's timeout, never
+        retried: a node that does not answer costs one timeout, once."""
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        kw = {k: v for k, v in pool.connection_kwargs.items()
+              if k in _CONN_KWARGS or k.startswith("ssl")}
+        return pool.connection_class(**kw, socket_timeout=self.timeout,
+                                     socket_connect_timeout=self.timeout,
+                                     retry=Retry(NoBackoff(), 0))
+
+    def _call_on_node(self, pool: Any, keys: list[str], fn: str, args: tuple[Any, ...],
+                      failed: dict[str, str]) -> None:
+        """``fn`` on each of ``keys`` (all on one server), pipelined on a new
+        connection; what did not apply goes into ``failed`` (key: why)."""
+        redis = _redis()
+        todo = list(keys)
+        conn = None
+        try:
+            conn = self._node_conn(pool)
+            for attempt in range(2):   # once more after loading the library or script
+                conn.send_packed_command(conn.pack_commands(
+                    [self._cmd(k, fn, args) for k in todo]))
+                replies = []
+                for _ in todo:
+                    try:
+                        replies.append(conn.read_response())
+                    except redis.ResponseError as e:
+                        replies.append(e)
+                gone = [k for k, r in zip(todo, replies, strict=True)
+                        if isinstance(r, redis.ResponseError) and (
+                            isinstance(r, redis.exceptions.NoScriptError)
+                            or str(r).startswith("Function not found"))]
+                for k, r in zip(todo, replies, strict=True):
+                    if isinstance(r, Exception) and (k not in gone or attempt):
+                        failed[k] = f"{type(r).__name__}: {r}"
+                if not gone or attempt:
+                    return
+                if self.functions:
+                    conn.send_command("FUNCTION", "LOAD", _LIBRARY)
+                else:
+                    conn.send_command("SCRIPT", "LOAD", _SCRIPT)
+                try:
+                    conn.read_response()
+                except redis.ResponseError:
+                    pass   # "already exists": another client loaded it meanwhile
+                todo = gone
+        except Exception as e:   # noqa: BLE001 - the node did not answer (or worse): said
+            for k in todo:
+                failed.setdefault(k, f"{type(e).__name__}: {e}")
+        finally:
+            if conn is not None:
+                conn.disconnect()
+
+    def call_every(self, keys: list[str], fn: str, *args: Any) -> dict[str, str]:
+        """``fn`` on every key's shard: each server (cluster node) at once,
+        on a connection of its own, so the whole takes at most about the
+        url's timeout even if some servers do not answer.  Returns the keys
+        whose call did not apply (or may not have), with why."""
+        if self.cluster:
+            by_node: dict[str, tuple[Any, list[str]]] = {}
+            for k in keys:
+                node = self.client.get_node_from_key(k)
+                pool = self.client.get_redis_connection(node).connection_pool
+                by_node.setdefault(node.name, (pool, []))[1].append(k)
+            groups = list(by_node.values())
+        else:
+            groups = [(self.client.connection_pool, list(keys))]
+        failed: dict[str, str] = {}
+        threads = [threading.Thread(target=self._call_on_node, args=(pool, ks, fn, args, failed),
+                                    daemon=True) for pool, ks in groups]
+        for t in threads:
+            t.start()
+        # each node's thread: a connect, a send and a read, each bounded by the timeout
+        deadline = time.monotonic() + 3 * self.timeout + 1
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for (_pool, ks), t in zip(groups, threads, strict=True):
+            if t.is_alive():
+                for k in ks:
+                    failed.setdefault(k, f"no answer within {3 * self.timeout + 1:g} s")
+        return dict(failed)
 
     def scan_delete(self, pattern: str) -> int:
         n = 0
@@ -1079,8 +1169,29 @@ class RedisStore:
         return 0
 
     def eng_set_halt(self, seg: Any, on: int) -> int:
-        for key in self.meta_keys:
-            self._fn(key, "halt", 1 if on else 0)
+        """Every shard at once (each server on a connection of its own):
+        within about the url's timeout however many servers do not answer.
+        A shard that could not be reached is named in one ServerError; the
+        others are switched (a partial halt: ``inspect --url`` shows each
+        shard's flag; halt again once the servers answer)."""
+        if self._closed:
+            return self._gone()
+        failed = self.conn.call_every(self.meta_keys, "halt", 1 if on else 0)
+        if failed:
+            by_why: dict[str, list[int]] = {}
+            for k, w in failed.items():
+                by_why.setdefault(w, []).append(self.meta_keys.index(k))
+            why = "; ".join(f"shards {sorted(s)}: {w}" for w, s in by_why.items())
+            bad = sorted(self.meta_keys.index(k) for k in failed)
+            rest = ("no shard was switched" if len(bad) == self.shards else
+                    f"the other {self.shards - len(bad)} shards are "
+                    f"{'halted' if on else 'running'}: a partial halt, transitions on shards "
+                    f"{bad} {'still apply' if on else 'stay halted'}")
+            raise ServerError(
+                f"{self.url}: halt({bool(on)}) of engine {self.name!r} did not switch shards "
+                f"{bad} of {self.shards} ({why}); {rest}.  Each shard's flag: "
+                f"`python -m engine inspect {self.name} --url URL`; call halt again when "
+                "they answer")
         return 0
 
     def eng_set_metrics(self, seg: Any, enabled: int, mask: int) -> int:

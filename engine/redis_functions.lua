@@ -39,6 +39,8 @@ local function tag(keys) return string.sub(keys[1], 1, -2) end   -- P: strip the
 -- and on a read-only replica, and may not write (its metrics are counted by
 -- the client, in the process's metrics)
 local NO_WRITES = {'no-writes'}
+-- the emergency stop runs on a full server too (it writes one small field)
+local ALLOW_OOM = {'allow-oom'}
 
 local IDX = {}
 for i = 0, 15 do IDX[2 ^ i] = i end
@@ -624,7 +626,7 @@ end, NO_WRITES)
 REG('halt', function(keys, args)
     redis.call('HSET', keys[1], 'halted', args[1])
     return 0
-end)
+end, ALLOW_OOM)
 
 REG('setmetrics', function(keys, args)
     redis.call('HSET', keys[1], 'metrics', args[1])

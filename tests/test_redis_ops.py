@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import redis_url
+from test_redis import cluster  # noqa: F401 - the 3-node cluster fixture
 
 from engine import (
     ArgumentError,
@@ -476,6 +477,110 @@ class TestSnapshotMillion:
             assert len(set(snap["id"].tolist())) == n
             print(f"\n1M-position snapshot: {took:.1f} s; another client's state(): {calls} "
                   f"calls during it, worst {worst * 1e3:.1f} ms")
+        finally:
+            e.unlink()
+            e.close()
+
+
+# -- halt ------------------------------------------------------------------------------------
+def _moved_by_shard(e: Engine, ids: list[int]) -> dict[int, set[str]]:
+    """The outcomes of POSITION_OPENED on ids, by shard."""
+    out: dict[int, set[str]] = {}
+    for i in ids:
+        out.setdefault(e.slot_of(i) % e._seg.shards, set()).add(
+            e.transition(i, "POSITION_OPENED").name)
+    return out
+
+
+class TestHalt:
+    def test_a_shard_that_refuses_does_not_stop_the_others(self, server):
+        """halt with shard 0 unusable (its meta key replaced): shards 1-3 are
+        halted all the same, and one ServerError names shard 0 and inspect."""
+        e = Engine.create(16, url=server.url, shards=4)
+        try:
+            ids = [e.open_position(100.0, 1.0) for _ in range(8)]
+            key = e._seg.meta_keys[0]
+            a = admin(server.url)
+            saved = a.dump(key)
+            a.delete(key)
+            a.set(key, "not a hash")
+            with pytest.raises(ServerError, match=r"shards \[0\] of 4.*inspect"):
+                e.halt()
+            a.delete(key)
+            a.restore(key, 0, saved)
+            moved = _moved_by_shard(e, ids)
+            assert moved[0] == {"APPLIED"}
+            assert moved[1] == moved[2] == moved[3] == {"HALTED"}
+        finally:
+            e.close()
+
+    def test_a_silent_server_is_named_not_waited_on_per_shard(self, server):
+        """halt against a stopped server (SIGSTOP): one ServerError naming
+        every shard; nothing hangs (the figure is printed, not asserted)."""
+        import signal
+        e = Engine.create(16, url=f"{server.url}?timeout=0.3", shards=8)
+        try:
+            assert server.proc is not None
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                t0 = time.perf_counter()
+                with pytest.raises(ServerError, match=r"shards \[0, 1, 2, 3, 4, 5, 6, 7\] of 8"):
+                    e.halt()
+                print(f"\nhalt of 8 shards on a stopped server (timeout 0.3 s): "
+                      f"{time.perf_counter() - t0:.2f} s")
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            e.halt()
+            pos = e.open_position(100.0, 1.0)
+            assert e.transition(pos, "POSITION_OPENED").name == "HALTED"
+        finally:
+            e.close()
+
+    def test_halt_works_on_a_full_server(self, server):
+        """At maxmemory the emergency stop still switches (and releases)."""
+        e = Engine.create(16, url=server.url, shards=2)
+        try:
+            ids = [e.open_position(100.0, 1.0) for _ in range(4)]
+            admin(server.url).config_set("maxmemory", "1")
+            try:
+                e.halt()
+            finally:
+                admin(server.url).config_set("maxmemory", "0")
+            assert {e.transition(i, "POSITION_OPENED").name for i in ids} == {"HALTED"}
+        finally:
+            e.close()
+
+
+@pytest.mark.slow
+class TestClusterHalt:
+    def test_a_stopped_node_leaves_the_others_halted_and_is_named(self, cluster):
+        """One of three nodes stopped (SIGSTOP): halt switches every shard on
+        the two others and raises one ServerError naming exactly the stopped
+        node's shards (elapsed time printed, not asserted)."""
+        import signal
+        e = Engine.create(64, url=f"{cluster}?timeout=0.5", shards=6)
+        try:
+            ids = [e.open_position(100.0, 1.0) for _ in range(24)]
+            client = e._seg.conn.client
+            node_of = {s: client.get_node_from_key(k) for s, k in enumerate(e._seg.meta_keys)}
+            victim = node_of[0]
+            lost = sorted(s for s, n in node_of.items() if n.name == victim.name)
+            assert len(lost) < 6
+            pid = redis.Redis(host=victim.host, port=victim.port).info("server")["process_id"]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                t0 = time.perf_counter()
+                with pytest.raises(ServerError) as got:
+                    e.halt()
+                took = time.perf_counter() - t0
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert f"shards {lost} of 6" in str(got.value), str(got.value)
+            print(f"\ncluster halt with one node stopped (timeout 0.5 s): {took:.2f} s")
+            with Engine.attach(e.handle) as fresh:
+                moved = _moved_by_shard(fresh, ids)
+            for s, outcomes in moved.items():
+                assert outcomes == ({"APPLIED"} if s in lost else {"HALTED"}), (s, outcomes)
         finally:
             e.unlink()
             e.close()
