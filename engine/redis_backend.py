@@ -21,6 +21,7 @@ money as decimal int64 strings added on the server (``HINCRBY``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -30,8 +31,8 @@ import threading
 import time
 import weakref
 import zlib
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -425,12 +426,10 @@ class _Conn:
                     conn.send_command("FUNCTION", "LOAD", _LIBRARY)
                 else:
                     conn.send_command("SCRIPT", "LOAD", _SCRIPT)
-                try:
-                    conn.read_response()
-                except redis.ResponseError:
-                    pass   # "already exists": another client loaded it meanwhile
+                with contextlib.suppress(redis.ResponseError):   # "already exists": loaded
+                    conn.read_response()                          # by another client meanwhile
                 todo = gone
-        except Exception as e:   # noqa: BLE001 - the node did not answer (or worse): said
+        except Exception as e:
             for k in todo:
                 failed.setdefault(k, f"{type(e).__name__}: {e}")
         finally:

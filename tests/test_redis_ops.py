@@ -93,7 +93,7 @@ def _child_report(w: int, e: Engine, created: int, monitoring: int) -> None:
             bad = sum(own.state(created) is not State.CREATED
                       or own.state(monitoring) is not State.MONITORING for _ in range(300))
             out.append(f"own wrong {bad}")
-    except BaseException as exc:   # noqa: BLE001 - reported to the parent
+    except BaseException as exc:
         out.append(f"error {exc!r}")
     os.write(w, ";".join(out).encode())
 
@@ -174,7 +174,7 @@ class TestFunctionFlush:
                     opened.append(pos)
                     if flushed.is_set():
                         return
-            except BaseException as exc:   # noqa: BLE001 - checked below
+            except BaseException as exc:
                 errors.append(exc)
 
         workers = [Engine.attach(e.handle) for _ in range(3)]
@@ -399,7 +399,7 @@ class TestSnapshotPages:
                     ids[i % len(ids)] = new = w.open_position(100.0, 1.0)
                     made_ids.add(new)
                     i += 1
-            except BaseException as exc:   # noqa: BLE001 - checked below
+            except BaseException as exc:
                 errors.append(exc)
 
         t = threading.Thread(target=writer)
@@ -459,6 +459,9 @@ class TestSnapshotMillion:
                 for _ in range(min(20_000, n - 1 - done)):
                     p.execute_command(*conn._cmd(key, "open", args))
                 p.execute()
+            r.config_set("slowlog-log-slower-than", "1000")   # every call over 1 ms
+            r.config_set("slowlog-max-len", "100000")
+            r.slowlog_reset()
             ctx = multiprocessing.get_context("spawn")
             go, stop, q = ctx.Event(), ctx.Event(), ctx.Queue()
             child = ctx.Process(target=_worst_latency, args=(e.handle, first, go, stop, q))
@@ -475,8 +478,10 @@ class TestSnapshotMillion:
                 child.join(60)
             assert len(snap) == n
             assert len(set(snap["id"].tolist())) == n
+            pages = [x["duration"] for x in r.slowlog_get(100000) if b"snap" in x["command"]]
             print(f"\n1M-position snapshot: {took:.1f} s; another client's state(): {calls} "
-                  f"calls during it, worst {worst * 1e3:.1f} ms")
+                  f"calls during it, worst {worst * 1e3:.1f} ms; pages over 1 ms (SLOWLOG): "
+                  f"{len(pages)}, the longest {max(pages, default=0) / 1e3:.1f} ms")
         finally:
             e.unlink()
             e.close()
@@ -553,7 +558,7 @@ class TestHalt:
 
 @pytest.mark.slow
 class TestClusterHalt:
-    def test_a_stopped_node_leaves_the_others_halted_and_is_named(self, cluster):
+    def test_a_stopped_node_leaves_the_others_halted_and_is_named(self, cluster):  # noqa: F811
         """One of three nodes stopped (SIGSTOP): halt switches every shard on
         the two others and raises one ServerError naming exactly the stopped
         node's shards (elapsed time printed, not asserted)."""

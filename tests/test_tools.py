@@ -481,9 +481,9 @@ class TestOnRedis:
         assert list(r.scan_iter(match=f"eng:{{{on_redis.name}:*")) == []
 
     def test_foreign_keys_are_refused(self, capsys):
-        """A key in the engine's place that is not one: inspect and rm refuse (2), rm --force removes."""
+        """A key in an engine's place that is not one: inspect and rm refuse
+        (2); rm --force removes it."""
         import redis
-
         from conftest import redis_url
         r = redis.Redis.from_url(redis_url())
         r.set("eng:{not_ours:0}:m", "x")

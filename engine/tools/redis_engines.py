@@ -364,13 +364,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
         try:
             segment.check_name(name)
             kind = client.type(_tag(name, 0) + "m")
-            if kind not in (b"hash", b"none") or (
-                    kind == b"hash" and client.hget(_tag(name, 0) + "m", "magic") != _MAGIC):
-                if not args.force:
-                    _err(f"rm: {_tag(name, 0)}m on {args.url} is not an engine's; refusing "
-                         "(use --force to remove the keys anyway)")
-                    code = max(code, EXIT_REFUSED)
-                    continue
+            foreign = kind not in (b"hash", b"none") or (
+                kind == b"hash" and client.hget(_tag(name, 0) + "m", "magic") != _MAGIC)
+            if foreign and not args.force:
+                _err(f"rm: {_tag(name, 0)}m on {args.url} is not an engine's; refusing "
+                     "(use --force to remove the keys anyway)")
+                code = max(code, EXIT_REFUSED)
+                continue
             n = 0
             for k in _keys_of(client, name):
                 n += int(client.delete(k))
