@@ -201,7 +201,7 @@ class TestFunctionFlush:
 
 
 # -- maxmemory -------------------------------------------------------------------------------
-class TestMaxmemory:
+class TestReadOnlyServers:
     @pytest.mark.parametrize("functions", ["1", "0"])
     def test_readers_answer_on_a_full_server(self, server, functions):
         """At maxmemory (noeviction) every reader answers and a writer is
@@ -233,6 +233,34 @@ class TestMaxmemory:
             finally:
                 admin(server.url).config_set("maxmemory", "0")
             assert e.transition(pos, Trigger.POSITION_OPENED).name == "APPLIED"
+        finally:
+            e.close()
+
+
+    @pytest.mark.parametrize("functions", ["1", "0"])
+    def test_readers_answer_on_a_read_only_replica(self, server, functions):
+        """Attached to a read-only replica, every reader answers and a
+        writer is refused (ServerError READONLY)."""
+        e = Engine.create(16, url=server.url, keys_per_position=1)
+        try:
+            pos = e.open_position(100.0, 1.0, key="K")
+            admin(server.url).config_set("repl-diskless-sync-delay", "0")
+            with PrivateRedis(prefix="engine-ops-replica-") as rep:
+                r = admin(rep.url)
+                r.replicaof("127.0.0.1", server.port)
+                deadline = time.monotonic() + 30
+                while not r.exists(e._seg.prefixes[0] + f"p:{e.slot_of(pos)}"):
+                    assert time.monotonic() < deadline, "the replica never synced"
+                    time.sleep(0.02)
+                with Engine.attach(e.name, url=f"{rep.url}?functions={functions}") as ro:
+                    assert ro.state(pos) is State.CREATED
+                    assert ro.price(pos).price == 100.0
+                    assert ro.context(pos).entry_price == 100.0
+                    assert ro.lookup("K") == pos
+                    assert ro.keys(pos) == ("K",)
+                    assert len(ro.snapshot()) == 1
+                    with pytest.raises(ServerError, match="read only replica"):
+                        ro.transition(pos, Trigger.POSITION_OPENED)
         finally:
             e.close()
 
