@@ -395,18 +395,18 @@ class _Conn:
                                      socket_connect_timeout=self.timeout,
                                      retry=Retry(NoBackoff(), 0))
 
-    def _call_on_node(self, pool: Any, keys: list[str], fn: str, args: tuple[Any, ...],
+    def _call_on_node(self, pool: Any, cmds: dict[str, tuple[Any, ...]],
                       failed: dict[str, str]) -> None:
-        """``fn`` on each of ``keys`` (all on one server), pipelined on a new
-        connection; what did not apply goes into ``failed`` (key: why)."""
+        """Each command of ``cmds`` (by shard key, all on one server),
+        pipelined on a new connection; what did not apply goes into
+        ``failed`` (key: why)."""
         redis = _redis()
-        todo = list(keys)
+        todo = list(cmds)
         conn = None
         try:
             conn = self._node_conn(pool)
             for attempt in range(2):   # once more after loading the library or script
-                conn.send_packed_command(conn.pack_commands(
-                    [self._cmd(k, fn, args) for k in todo]))
+                conn.send_packed_command(conn.pack_commands([cmds[k] for k in todo]))
                 replies = []
                 for _ in todo:
                     try:
@@ -436,22 +436,23 @@ class _Conn:
             if conn is not None:
                 conn.disconnect()
 
-    def call_every(self, keys: list[str], fn: str, *args: Any) -> dict[str, str]:
-        """``fn`` on every key's shard: each server (cluster node) at once,
-        on a connection of its own, so the whole takes at most about the
-        url's timeout even if some servers do not answer.  Returns the keys
-        whose call did not apply (or may not have), with why."""
+    def call_every(self, cmds: dict[str, tuple[Any, ...]]) -> dict[str, str]:
+        """Each command of ``cmds`` (a function call, by its shard's key): each
+        server (cluster node) at once, on a connection of its own, so the
+        whole takes at most about the url's timeout even if some servers do
+        not answer.  Returns the keys whose call did not apply (or may not
+        have), with why."""
         if self.cluster:
-            by_node: dict[str, tuple[Any, list[str]]] = {}
-            for k in keys:
+            by_node: dict[str, tuple[Any, dict[str, tuple[Any, ...]]]] = {}
+            for k, cmd in cmds.items():
                 node = self.client.get_node_from_key(k)
                 pool = self.client.get_redis_connection(node).connection_pool
-                by_node.setdefault(node.name, (pool, []))[1].append(k)
+                by_node.setdefault(node.name, (pool, {}))[1][k] = cmd
             groups = list(by_node.values())
         else:
-            groups = [(self.client.connection_pool, list(keys))]
+            groups = [(self.client.connection_pool, dict(cmds))]
         failed: dict[str, str] = {}
-        threads = [threading.Thread(target=self._call_on_node, args=(pool, ks, fn, args, failed),
+        threads = [threading.Thread(target=self._call_on_node, args=(pool, ks, failed),
                                     daemon=True) for pool, ks in groups]
         for t in threads:
             t.start()
@@ -1175,7 +1176,9 @@ class RedisStore:
         shard's flag; halt again once the servers answer)."""
         if self._closed:
             return self._gone()
-        failed = self.conn.call_every(self.meta_keys, "halt", 1 if on else 0)
+        # the commands as call() would send them, each on its shard
+        failed = self.conn.call_every({k: self.conn._cmd(k, "halt", (1 if on else 0,))
+                                       for k in self.meta_keys})
         if failed:
             by_why: dict[str, list[int]] = {}
             for k, w in failed.items():
