@@ -587,7 +587,7 @@ class TestHalt:
 
 
 @pytest.mark.slow
-class TestClusterHalt:
+class TestClusterOps:
     def test_a_stopped_node_leaves_the_others_halted_and_is_named(self, cluster):  # noqa: F811
         """One of three nodes stopped (SIGSTOP): halt switches every shard on
         the two others and raises one ServerError naming exactly the stopped
@@ -616,6 +616,20 @@ class TestClusterHalt:
                 moved = _moved_by_shard(fresh, ids)
             for s, outcomes in moved.items():
                 assert outcomes == ({"APPLIED"} if s in lost else {"HALTED"}), (s, outcomes)
+        finally:
+            e.unlink()
+            e.close()
+
+    def test_calls_go_on_after_function_flush_on_every_node(self, cluster):  # noqa: F811
+        """FUNCTION FLUSH on every node of the cluster: the next calls, on
+        every shard, load the library again and run."""
+        e = Engine.create(64, url=cluster, shards=6)
+        try:
+            ids = [e.open_position(100.0, 1.0) for _ in range(12)]
+            for node in e._seg.conn.client.get_primaries():
+                redis.Redis(host=node.host, port=node.port).function_flush()
+            assert {e.transition(i, "POSITION_OPENED").name for i in ids} == {"APPLIED"}
+            assert {e.state(i) for i in ids} == {State.MONITORING}
         finally:
             e.unlink()
             e.close()
