@@ -607,6 +607,8 @@ class RedisStore:
         return cls(conn, name, meta)
 
     def destroy(self) -> int:
+        if self._forked:
+            raise_closed(True)   # the connection is the parent's
         return self.conn.scan_delete(f"eng:{{{self.name}:*")
 
     # -- plumbing ---------------------------------------------------------------------

@@ -89,6 +89,12 @@ def _child_report(w: int, e: Engine, created: int, monitoring: int) -> None:
         except ClosedError as exc:
             out.append("ClosedError fork" if "fork" in str(exc) and "attach" in str(exc)
                        else f"ClosedError other: {exc}")
+        for what in (e.unlink, e.metrics, lambda: e.halt()):
+            try:
+                what()
+                out.append("answered")
+            except ClosedError:
+                pass
         with Engine.attach(e.handle) as own:
             bad = sum(own.state(created) is not State.CREATED
                       or own.state(monitoring) is not State.MONITORING for _ in range(300))
@@ -101,8 +107,9 @@ def _child_report(w: int, e: Engine, created: int, monitoring: int) -> None:
 class TestFork:
     def test_an_inherited_engine_is_closed_in_the_child(self, made):
         """A fork child's inherited Engine raises ClosedError (fork, attach)
-        and never answers; its own attach works; the parent's calls, in
-        flight across the fork in another thread, all read their own replies."""
+        and never answers (state, unlink, metrics, halt); its own attach
+        works; the parent's calls, in flight across the fork in another
+        thread, all read their own replies."""
         e = made()
         created = e.open_position(100.0, 1.0)
         monitoring = _monitoring(e)
