@@ -496,6 +496,14 @@ class TestOnRedis:
         finally:
             r.delete("eng:{not_ours:0}:m")
 
+    def test_python_dash_m_engine(self, on_redis):
+        """``python -m engine ls --url`` and ``inspect NAME --url`` end to end."""
+        for argv in (["ls"], ["inspect", on_redis.name]):
+            r = subprocess.run([sys.executable, "-m", "engine", *argv, "--url", on_redis.url],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert on_redis.name in r.stdout
+
     def test_unreachable_server_and_password_not_shown(self, capsys):
         """A server that does not answer: exit 1, and the url's password is not printed."""
         code, out, err = run(capsys, "ls", "--url", "redis://u:hunter2@127.0.0.1:1/0")
