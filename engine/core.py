@@ -92,8 +92,8 @@ class Handle:
     def __repr__(self) -> str:
         """The url's password is carried (a worker needs it to attach: pickle
         a handle only to your own workers) but never shown."""
-        url = "" if self.url is None else f", url={redact(self.url)!r}"
-        return f"Handle(name={self.name!r}, spec={self.spec!r}{url})"
+        url = None if self.url is None else redact(self.url)
+        return f"Handle(name={self.name!r}, spec={self.spec!r}, url={url!r})"
 
 
 @dataclass(frozen=True)
