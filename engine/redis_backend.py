@@ -285,6 +285,10 @@ class _Conn:
                 return send()
             except self.reply_error as again:
                 e = again
+        if self.functions and str(e).startswith("Function not found"):
+            raise ServerError(f"the engine's functions (library {_LIBNAME}) are not loaded and "
+                              "could not be loaded again: loading them takes a user allowed "
+                              f"FUNCTION LOAD ({e})") from None
         raise e
 
     def _cmd(self, key: str | bytes, fn: str, args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -307,7 +307,7 @@ class TestAcl:
                 Engine.attach(e.name, url=u)
             a.execute_command("ACL", "SETUSER", "trader", "-function")   # may not even look
             with Engine.attach(e.name, url=u) as t, \
-                    pytest.raises(ServerError, match="Function not found"):
+                    pytest.raises(ServerError, match="FUNCTION LOAD"):
                 t.state(pos)
             assert e.state(pos) is State.CREATED   # the admin's Engine loads it again
         finally:
