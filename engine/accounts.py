@@ -30,6 +30,7 @@ _DIGITS = len(str(SCALE)) - 1
 assert 10**_DIGITS == SCALE, SCALE
 UNITS_MAX = 2**63 - 1
 _WHOLE_MAX = UNITS_MAX // SCALE
+_WHOLE_DIGITS = len(str(_WHOLE_MAX)) - 1   # adjusted() of the largest whole amount
 _EXACT = Context(prec=40)
 _ONE_UNIT = Decimal(1).scaleb(-_DIGITS)
 #: fields of Account that update_account may change
@@ -62,7 +63,12 @@ class Account(NamedTuple):
 
 def to_units(value: Any, what: str = "money") -> int:
     """``value`` (int, float or Decimal, >= 0) in units of 1/SCALE; a typed
-    error naming ``what``, the value and the allowed range otherwise."""
+    error naming ``what``, the value and the allowed range otherwise.
+
+    The range is checked before any exact arithmetic, in time that does not
+    grow with the exponent: ``Decimal("1E+100000000")`` and
+    ``Decimal("1E-100000000")`` are refused at once (an exact ``Fraction``
+    of either has a hundred million digits)."""
     if value.__class__ is int and 0 <= value <= _WHOLE_MAX:
         return value * SCALE   # the common case, exact
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
@@ -71,17 +77,33 @@ def to_units(value: Any, what: str = "money") -> int:
     if (isinstance(value, float) and not math.isfinite(value)) or (
             isinstance(value, Decimal) and not value.is_finite()):
         raise MoneyError(f"{what} must be finite, got {value!r}")
-    exact = Fraction(value) * SCALE
-    if isinstance(value, float):
-        units = round(exact)   # ties to even
+    if isinstance(value, int):   # an int subclass, or out of range
+        units = int(value) * SCALE if 0 <= value <= _WHOLE_MAX else -1
+    elif isinstance(value, float):
+        units = round(Fraction(value) * SCALE)   # ties to even; a float's exponent is small
+    elif value.is_zero():
+        units = 0
+    elif value.is_signed() or value.adjusted() > _WHOLE_DIGITS:
+        units = -1   # negative, or 10**(_WHOLE_DIGITS + 1) and above: out of range
     else:
-        if exact.denominator != 1:
-            raise MoneyError(f"{what} {value!r} is finer than the fixed point: money has "
+        # 0 < value < 10**(_WHOLE_DIGITS + 1): at most _WHOLE_DIGITS + 1 + _DIGITS
+        # digits at the fixed point, so _EXACT quantizes without rounding them
+        q = value.quantize(_ONE_UNIT, context=_EXACT) if value.adjusted() >= -_DIGITS else None
+        if q is None or q != value:
+            raise MoneyError(f"{what} {value!r:.40} is finer than the fixed point: money has "
                              f"{_DIGITS} decimal places")
-        units = int(exact)
+        units = int(q.scaleb(_DIGITS, context=_EXACT))
     if not 0 <= units <= UNITS_MAX:
-        raise MoneyError(f"{what} must be in [0, {from_units(UNITS_MAX)}], got {value!r:.40}")
+        raise MoneyError(f"{what} must be in [0, {from_units(UNITS_MAX)}], got {_shown(value)}")
     return units
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message: its repr cut to 40 characters (an int too
+    long for repr, by its size)."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an int of {value.bit_length()} bits"
+    return f"{value!r:.40}"
 
 
 def from_units(units: int) -> Decimal:

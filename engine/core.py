@@ -11,6 +11,7 @@ and one output buffer.  Attach one Engine per thread (they are cheap).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import math
 import mmap
@@ -23,14 +24,22 @@ import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
 
 from engine import segment
 from engine._native import ffi, lib
-from engine.accounts import LIMITS, Account, account_from_row, from_units, to_units
+from engine.accounts import (
+    LIMITS,
+    UNITS_MAX,
+    Account,
+    account_from_row,
+    from_units,
+    money_of,
+    to_units,
+)
 from engine.errors import (
     ArgumentError,
     BusyError,
@@ -38,10 +47,13 @@ from engine.errors import (
     EngineError,
     EngineTypeError,
     FieldError,
+    MoneyError,
     PriceError,
     RiskLimitError,
+    SegmentError,
     SlotError,
     TriggerError,
+    header_detail,
     raise_for,
     redact,
 )
@@ -78,7 +90,10 @@ _RISK_LIMITS = {lib.ENG_ERISK_HALTED: "halted", lib.ENG_ERISK_EXPOSURE: "exposur
 # what cffi raises for an argument it cannot convert (NaN to int: ValueError)
 _CONVERSION_ERRORS = (TypeError, OverflowError, ValueError)
 _SLOT_MASK = lib.ENG_ID_SLOT_MASK
+_MANY_ERROR = lib.ENG_MANY_ERROR
 _MAX_TIMEOUT_S = lib.ENG_MAX_TIMEOUT_NS / 1e9 / 2   # C clamps too; this keeps floats exact
+_CLOSE_WAIT_S = lib.ENG_CLOSE_WAIT_NS / 1e9   # close(): bound on calls in flight elsewhere
+_CLOSE_POLL_S = lib.ENG_CLOSE_POLL_NS / 1e9   # ... looked at this often (at most)
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,9 @@ class Handle:
     name: str
     spec: MachineSpec | None = None   # None: the default position lifecycle
     url: str | None = None            # None: shared memory; else the Redis server
+    #: Redis: the engine's incarnation (random, set at create); attach(handle)
+    #: reaches only that one, never an engine created again under the name
+    incarnation: int | None = None
 
     def __repr__(self) -> str:
         """The url's password is carried (a worker needs it to attach: pickle
@@ -150,6 +168,31 @@ def _detach(seg: Any, buf: Any, mm: mmap.mmap) -> None:
     mm.close()
 
 
+def _machine_mismatch(hdr: Any, spec: MachineSpec) -> str | None:
+    """The first header word of the machine that differs from what ``spec``
+    compiles to (the fingerprint alone would let a crafted table or layout
+    run another machine under the spec's name), as a message; None if all agree."""
+    lay = spec.record.c_layout(hdr.rec.keys_per_position)
+    want = {"n_states": len(spec.states), "n_triggers": len(spec.triggers),
+            "initial_index": spec.state_index[spec.initial], "closed_mask": spec.closed_mask,
+            "table": spec.table_bytes(), "rec.n_words": lay.n_words,
+            "rec.word_type": bytes(ffi.buffer(lay.word_type)),
+            "rec.roles": bytes(ffi.buffer(lay.roles))}
+    got = {"n_states": hdr.n_states, "n_triggers": hdr.n_triggers,
+           "initial_index": hdr.initial_index, "closed_mask": hdr.closed_mask,
+           "table": bytes(ffi.buffer(hdr.table)), "rec.n_words": hdr.rec.n_words,
+           "rec.word_type": bytes(ffi.buffer(hdr.rec.word_type)),
+           "rec.roles": bytes(ffi.buffer(hdr.rec.roles))}
+    for word, value in want.items():
+        if got[word] != value:
+            if isinstance(value, bytes):
+                pairs = enumerate(zip(got[word], value, strict=True))
+                at = next(i for i, (a, b) in pairs if a != b)
+                return f" (header word {word}[{at}] = {got[word][at]}, the spec has {value[at]})"
+            return f" (header word {word} = {got[word]}, the spec has {value})"
+    return None
+
+
 def _key_bytes(key: Any) -> bytes:
     """A str (UTF-8) or bytes key of 1 to ENG_KEY_MAX bytes."""
     if isinstance(key, str):
@@ -182,7 +225,8 @@ def _key_value(data: bytes) -> str | bytes:
 # releases the lock before it returns: an exception makes the callback return
 # -1 (cffi's onerror, or error=-1 if onerror itself is interrupted) and is
 # kept here, per thread (an Engine belongs to one thread), to be raised after
-# the C call.
+# the C call.  ``inside``: the Engines whose guard this thread is running
+# (close() must not wait for a call of its own thread).
 _guard_failure = threading.local()
 
 
@@ -204,7 +248,13 @@ def _take_guard_failure() -> BaseException | None:
     return exc
 
 
-class Engine:
+if TYPE_CHECKING:
+    _EngineBase = object
+else:   # the C part of an Engine: the view its hot calls use (native/fastpath.c)
+    _EngineBase = object if _fastpath is None else _fastpath.EngineBase
+
+
+class Engine(_EngineBase):
     """One attached view of a shared-memory segment of positions.
 
     Positions are named by ids: ``open_position`` returns an id naming that
@@ -213,42 +263,39 @@ class Engine:
     """
 
     # -- life cycle ------------------------------------------------------------------
-    def __init__(self, name: str, mapped: tuple[mmap.mmap, int], spec: MachineSpec, *,
-                 check_spec: bool) -> None:
-        """Attach to a mapped segment; ``mapped`` is (mapping, descriptor) and
-        the Engine owns both from here on."""
-        mm, fd = mapped
+    def __init__(self, name: str, mapped: tuple[mmap.mmap, tuple[int, int]], spec: MachineSpec,
+                 *, check_spec: bool) -> None:
+        """Attach to a mapped segment; ``mapped`` is (mapping, (st_dev, st_ino) of
+        its file) and the Engine owns the mapping from here on."""
+        mm, (dev, ino) = mapped
         self._mm: mmap.mmap | None = mm
         self._buf = ffi.from_buffer(mm)
         self._seg = ffi.new("eng_seg *")
         # registered before attaching: an exception at any point after the C
         # call (a signal handler's included) still frees the registry entry
         self._finalizer: Any = weakref.finalize(self, _detach, self._seg, self._buf, mm)
-        rc = lib.eng_attach(self._seg, self._buf, len(mm),
-                            spec.fingerprint if check_spec else 0, fd)
+        # C opens the liveness descriptor itself: it never exists outside C, so
+        # neither a fork from another thread nor an exception here can keep it
+        rc = lib.eng_attach_path(self._seg, self._buf, len(mm),
+                                 spec.fingerprint if check_spec else 0,
+                                 segment.path_of(name).encode(), dev, ino)
         if rc:
-            os.close(fd)   # C owns the descriptor only once attached
+            if rc == errno.ESTALE:
+                self._finalizer()
+                raise SegmentError(rc, f"segment {name!r} was replaced while being opened")
+            if rc > 0:
+                self._finalizer()
+                raise SegmentError(rc, f"cannot open segment {name!r}: {os.strerror(rc)}")
+            detail = header_detail(self._buf, len(mm), spec.fingerprint if check_spec else 0)
             self._finalizer()
-            raise_for(rc, name=name, spec=spec.name)
+            raise_for(rc, name=name, spec=spec.name, detail=detail)
+        wrong = _machine_mismatch(self._seg.hdr, spec) if check_spec else None
+        if wrong:
+            self._finalizer()
+            raise_for(lib.ENG_ESPEC, name=name, spec=spec.name, detail=wrong)
         self._bind(name, spec, lib, None)
-        if _fastpath is not None:
-            self._install_fastpath()
-
-    def _install_fastpath(self) -> None:
-        """Shadow transition / update_price / price with their C callables:
-        the same behaviour (anything but plain success comes back to the
-        Python methods below), at about the cost of an empty Python call."""
-        owner, seg = weakref.ref(self), int(ffi.cast("uintptr_t", self._seg))
-        for kind, name, fn, slow, fail, results in (
-                (_fastpath.TRANSITION, "transition", "eng_transition", Engine.transition,
-                 Engine._transition_failed, _OUTCOMES),
-                (_fastpath.UPDATE_PRICE, "update_price", "eng_update_price",
-                 Engine.update_price, Engine._update_price_failed, None),
-                (_fastpath.PRICE, "price", "eng_read_price", Engine.price, Engine._price_failed,
-                 PriceSnapshot)):
-            addr = int(ffi.cast("uintptr_t", ffi.addressof(lib, fn)))
-            self.__dict__[name] = _fastpath.FastCall(kind, addr, seg, self._seg, owner, slow,
-                                                     fail, results)
+        if _fastpath is not None:   # the hot calls' view (see _install_fastpath)
+            _fastpath.bind(self, int(ffi.cast("uintptr_t", self._seg)), self._seg)
 
     def _bind(self, name: str, spec: MachineSpec, impl: Any, url: str | None) -> None:
         """What both backends share: ``impl`` answers the ``eng_*`` calls
@@ -263,8 +310,6 @@ class Engine:
         self._read_price = impl.eng_read_price
         self._state = impl.eng_state
         self._lookup = impl.eng_lookup
-        self._in_guard = 0
-        self._waiting = 0   # wait_for_change calls in flight (they release the GIL)
         self.capacity: int = self._seg.capacity
         #: keys one opening may have (set at create)
         self.keys_per_position: int = self._seg.kpp
@@ -323,7 +368,7 @@ class Engine:
             raise ArgumentError("shards is for an engine on Redis (url=...)")
         size = lib.eng_segment_size(capacity, spec.record.n_words, keys_per_position,
                                     max_accounts)
-        mm, fd = segment.create_with_fd(name, size)
+        mm, ident = segment.create_mapped(name, size)
         table = spec.table_bytes()
         with ffi.from_buffer(mm) as buf:
             rc = lib.eng_format(buf, size, capacity, table, len(spec.states),
@@ -332,11 +377,10 @@ class Engine:
                                 spec.record.c_layout(keys_per_position), max_accounts)
         if rc:
             mm.close()
-            os.close(fd)
             segment.unlink(name)
             raise ArgumentError(f"cannot format segment {name!r} (code {rc})")
         try:
-            return cls(name, (mm, fd), spec, check_spec=True)
+            return cls(name, (mm, ident), spec, check_spec=True)
         except BaseException:
             segment.unlink(name)
             raise
@@ -350,8 +394,10 @@ class Engine:
         The segment's machine spec must equal ``spec`` (or the handle's spec,
         or the default position lifecycle); anything else is refused.
         """
+        incarnation = None
         if isinstance(target, Handle):
             name, spec, url = target.name, spec or target.spec, url or target.url
+            incarnation = target.incarnation
         elif isinstance(target, str):
             name = target
         else:
@@ -359,13 +405,15 @@ class Engine:
         spec = _check_spec(spec)
         if url is not None:
             name = segment.check_name(name)
-            return cls._on_redis(RedisStore.attach(check_url(url), name, spec), spec)
-        return cls(name, segment.open_with_fd(name), spec, check_spec=True)
+            return cls._on_redis(RedisStore.attach(check_url(url), name, spec, incarnation),
+                                 spec)
+        return cls(name, segment.open_mapped(name), spec, check_spec=True)
 
     @property
     def handle(self) -> Handle:
         """Picklable handle for spawned workers."""
-        return Handle(self.name, None if self.spec == POSITION_SPEC else self.spec, self.url)
+        return Handle(self.name, None if self.spec == POSITION_SPEC else self.spec, self.url,
+                      None if self.url is None else self._seg.incarnation)
 
     @property
     def closed(self) -> bool:
@@ -373,13 +421,24 @@ class Engine:
         return not self._finalizer.alive or self._lib.eng_check(self._seg) != 0
 
     def close(self) -> None:
-        """Detach: leave the registry and unmap.  The segment lives on."""
-        if self._in_guard:
+        """Detach: leave the registry and unmap.  The segment lives on.
+
+        An Engine belongs to one thread; if another thread is inside one of
+        the calls that run with the GIL released (``update_prices``,
+        ``prices``, ``transition_many``, ``update_token_price``,
+        ``snapshot``, ``accounts``, ``recover``, ``wait_for_change``, a
+        guarded ``transition``), close waits for it, up to
+        ``ENG_CLOSE_WAIT_NS``: a ``wait_for_change`` in flight ends with
+        ``ClosedError`` within ``ENG_WAIT_SLICE_NS``, and such calls that
+        start once close began raise ``ClosedError``.  Past the bound, close
+        raises ``ClosedError`` and nothing is closed."""
+        if any(e is self for e in getattr(_guard_failure, "inside", ())):
             raise ClosedError(f"engine {self.name!r} cannot be closed from inside one of its "
                               "own guards; close it after the transition returns")
-        if self._waiting:
-            raise ClosedError(f"engine {self.name!r} is in wait_for_change in another thread; "
-                              "an Engine belongs to one thread: close it there")
+        if self.url is None and self._finalizer.alive:
+            self._shut_gate()
+        if _fastpath is not None and self.url is None:
+            _fastpath.bind(self, 0, None)   # the hot calls take the Python methods
         # the registry entry goes first, in one C call (idempotent): an
         # exception from a signal handler anywhere below can no longer leave
         # this live process holding it; at worst the unmapping waits for GC
@@ -388,12 +447,30 @@ class Engine:
             self._finalizer()
             if self.url is None:
                 self._seg = ffi.new("eng_seg *")   # zeroed: every C call says ENG_ECLOSED
-                for name in ("transition", "update_price", "price"):
-                    self.__dict__.pop(name, None)   # their view was detached above
+
+    def _shut_gate(self) -> None:
+        """Shut the close gate (native/engine.c) and wait, bounded, until no
+        call is in it; on any exception the gate is open again."""
+        seg, pause = self._seg, _CLOSE_POLL_S / 64
+        deadline = time.monotonic() + _CLOSE_WAIT_S
+        try:
+            while n := lib.eng_gate_shut(seg):
+                if time.monotonic() >= deadline:
+                    raise ClosedError(
+                        f"engine {self.name!r}: {n} call(s) in another thread did not return "
+                        f"within {_CLOSE_WAIT_S:g} s (ENG_CLOSE_WAIT_NS); nothing was closed. "
+                        "An Engine belongs to one thread: close it there")
+                time.sleep(pause)   # releases the GIL: the calls can return
+                pause = min(2 * pause, _CLOSE_POLL_S)
+        except BaseException:
+            lib.eng_gate_open(seg)
+            raise
 
     def unlink(self) -> None:
         """Destroy the segment (attached processes keep their mappings).  On
-        Redis: delete every key of the engine."""
+        Redis: delete every key of this incarnation of the engine; every
+        other Engine attached to it gets SegmentNotFoundError from then on
+        (and this one too if it was unlinked or created again meanwhile)."""
         if self.url is not None:
             self._seg.destroy()
         else:
@@ -419,9 +496,48 @@ class Engine:
               **more: Any) -> NoReturn:
         """Raise the exception for C status ``rc``."""
         slot = pos & _SLOT_MASK if isinstance(pos, int) and pos >= 0 else "?"
+        if rc == lib.ENG_EBADMONEY and "money" not in more and isinstance(pos, int):
+            more["money"] = self._close_money(pos)
         raise_for(rc, id=pos, slot=slot, capacity=self.capacity, trigger=trigger,
                   n_triggers=len(self.spec.triggers), spec=self.spec.name, price=price,
                   name=self.name, **more)
+
+    def _close_money(self, pos: int) -> str:
+        """Why a booked close of ``pos`` was refused: its price is above the
+        band its opening kept room for (see ENG_BOOK_PRICE_MULT)."""
+        try:
+            c, price = self.context(pos), self.price(pos).price
+            entry, amount = float(c.entry_price), float(c.amount)
+        except (EngineError, AttributeError):
+            return f"id {pos}: a booked close could not be booked"
+        top = entry * lib.ENG_BOOK_PRICE_MULT
+        return (f"id {pos}: a booked close books its last price, {price!r}, which is above "
+                f"the band its opening kept room for: (0, ENG_BOOK_PRICE_MULT "
+                f"{lib.ENG_BOOK_PRICE_MULT} x entry_price {entry!r} = {top!r}] (its value "
+                f"there, x amount {amount!r}, is {from_units(money_of(top, amount))}); "
+                "nothing changed: write a price within the band, then close")
+
+    def _open_money(self, fields: Mapping[str, Any]) -> str:
+        """Why an opening on an account was refused as money: the worst case
+        of its close cannot be booked (see ENG_BOOK_PRICE_MULT)."""
+        entry, amount = float(fields["entry_price"]), float(fields["amount"])
+        side = fields.get("side", 1)
+        top = entry * lib.ENG_BOOK_PRICE_MULT
+        band = (f"a close is booked at a price up to ENG_BOOK_PRICE_MULT "
+                f"{lib.ENG_BOOK_PRICE_MULT} x entry_price {entry!r} = {top!r}")
+        try:
+            notional, high = money_of(entry, amount), money_of(top, amount)
+        except MoneyError:
+            return (f"{band}; the position's value there, x amount {amount!r}, is beyond "
+                    f"the money range [0, {from_units(UNITS_MAX)}]")
+        gain, loss = (high - notional, notional) if side > 0 else (notional, high - notional)
+        b = self._seg.last_books
+        lo, hi = from_units(-UNITS_MAX - 1), from_units(UNITS_MAX)
+        return (f"{band}, so its close may add up to {from_units(gain)} to cash and realized, "
+                f"or take {from_units(loss)}; with the open positions' worst cases (gains "
+                f"{from_units(b.worst_gain)}, losses {from_units(b.worst_loss)}), cash "
+                f"{from_units(b.cash)} and realized {from_units(b.realized)} would leave "
+                f"[{lo}, {hi}]: no room to book it; nothing changed")
 
     def _bad_types(self, pos: Any, **values: Any) -> EngineError:
         """The error for arguments cffi refused to convert."""
@@ -518,9 +634,10 @@ class Engine:
             rc = self._lib.eng_open(self._seg, words, k, len(k) if k else 0, out, out + 1)
             if rc:
                 if "account" in rec.roles:
+                    money = (self._open_money(fields) if rc == lib.ENG_EBADMONEY and rec.pnl
+                             else f"entry_price x amount of {fields}")
                     self._fail_account(rc, fields.get("account"), price=fields.get("entry_price"),
-                                       key=key, fields=fields,
-                                       money=f"entry_price x amount of {fields}")
+                                       key=key, fields=fields, money=money)
                 self._fail(rc, price=fields.get("entry_price"), key=key, fields=fields,
                            keys_per_position=self.keys_per_position)
             return int(out[0])
@@ -684,12 +801,13 @@ class Engine:
             raise self._bad_types(pos, trigger=trigger) from None
         if rc == lib.ENG_EGUARDED:
             _take_guard_failure()   # drop one left by a call a signal interrupted
-            self._in_guard += 1
+            inside = _guard_failure.__dict__.setdefault("inside", [])
+            inside.append(self)
             try:
                 rc = self._lib.eng_guard_transition(self._seg, pos, trigger, update,
                                               lib._engine_guard, ffi.new_handle(self))
             finally:
-                self._in_guard -= 1
+                inside.pop()
             failure = _take_guard_failure()
             if failure is not None:
                 raise failure
@@ -877,7 +995,11 @@ class Engine:
         call with its index and nothing applied.  Then each element is applied
         independently, as ``transition`` would: a position released meanwhile
         gets ``Outcome.INVALID``, one moved meanwhile to a state where its rule
-        is guarded gets ``Outcome.CONFLICT`` (use ``transition`` for guards)."""
+        is guarded gets ``Outcome.CONFLICT`` (use ``transition`` for guards).
+        An element that fails with an error (a booked close refused,
+        ``BusyError``, ...) raises that error after every element was tried,
+        naming the first such index; the exception's ``outcomes`` holds every
+        element's outcome (a failed one: ``ENG_MANY_ERROR | -code``)."""
         s = self._id_array(ids)
         n_trig = len(self.spec.triggers)
         if isinstance(triggers, (str, int)) and not isinstance(triggers, bool):
@@ -908,7 +1030,25 @@ class Engine:
                                 f"use transition(); the call was refused as a whole")
         if rc:
             self._fail_at(rc, int(bad[0]), s, trigger=int(t[int(bad[0])]))
+        if bad[0] < len(s):   # C names the first element that failed (n: none)
+            self._many_failed(out, s, t)
         return out
+
+    def _many_failed(self, out: np.ndarray, ids: np.ndarray, triggers: np.ndarray) -> NoReturn:
+        """Raise for the first element of transition_many that failed with an
+        error; ``outcomes`` on the exception holds every element's."""
+        failed = np.flatnonzero(out >= _MANY_ERROR)
+        i = int(failed[0])
+        try:
+            self._fail(-(int(out[i]) & ~_MANY_ERROR), int(ids[i]), int(triggers[i]))
+        except EngineError as e:
+            e.args = (f"transition_many: element {i} (id {int(ids[i])}, trigger "
+                      f"{self.spec.triggers[int(triggers[i])]!r}) failed: {e}; {len(failed)} "
+                      f"element(s) failed (indexes {failed[:10].tolist()}), every other was "
+                      "applied as its outcome says: see .outcomes, where a failed element "
+                      "holds ENG_MANY_ERROR | -code",)
+            e.outcomes = out
+            raise
 
     def _tindex_check(self) -> tuple[int, int, int, int]:
         """Token index audit (exact at a quiescent point): (open slots missing
@@ -1042,8 +1182,18 @@ class Engine:
         """Add ``amount`` (>= 0) to the account's cash."""
         account = self._account_id(account)
         units = to_units(amount, "amount")
-        self._account_call(self._lib.eng_deposit(self._seg, account, units), account,
-                           money=f"amount={amount!r}")
+        rc = self._lib.eng_deposit(self._seg, account, units)
+        if rc == lib.ENG_EBADMONEY:
+            b = self._seg.last_books
+            cash, room, dep = b.cash + units, b.cash + units + b.worst_gain, b.deposits + units
+            what = (f"deposits {from_units(b.deposits)} + amount = {from_units(dep)}"
+                    if cash <= UNITS_MAX and room <= UNITS_MAX else
+                    f"cash {from_units(b.cash)} + amount + the open positions' worst-case "
+                    f"gains {from_units(b.worst_gain)} = {from_units(room)}")
+            self._fail_account(rc, account, money=f"amount {amount!r}: {what} is beyond the "
+                                                  f"money range's top {from_units(UNITS_MAX)}; "
+                                                  "nothing changed")
+        self._account_call(rc, account, money=f"amount={amount!r}")
 
     def withdraw(self, account: int, amount: Any) -> None:
         """Take ``amount`` (>= 0) from the account's cash; never below what is
@@ -1136,22 +1286,18 @@ class Engine:
         deadline = time.monotonic() + min(timeout, _MAX_TIMEOUT_S)
         since = -1   # C: the state word at entry
         out = ffi.new("int64_t *")
-        self._waiting += 1   # close() from another thread must not unmap under C
-        try:
-            while True:
-                left = max(0, int((deadline - time.monotonic()) * 1e9))
-                try:
-                    rc = self._lib.eng_wait_change(self._seg, pos, since, left, out)
-                except _CONVERSION_ERRORS:
-                    raise self._bad_types(pos) from None
-                if rc == lib.ENG_APPLIED:
-                    return self.state(pos)
-                if rc == lib.ENG_EINTR:      # signal handlers run here, between calls
-                    since = int(out[0])
-                    continue
-                self._fail(rc, pos, timeout=timeout)
-        finally:
-            self._waiting -= 1
+        while True:   # close() from another thread ends it: ENG_ECLOSED
+            left = max(0, int((deadline - time.monotonic()) * 1e9))
+            try:
+                rc = self._lib.eng_wait_change(self._seg, pos, since, left, out)
+            except _CONVERSION_ERRORS:
+                raise self._bad_types(pos) from None
+            if rc == lib.ENG_APPLIED:
+                return self.state(pos)
+            if rc == lib.ENG_EINTR:      # signal handlers run here, between calls
+                since = int(out[0])
+                continue
+            self._fail(rc, pos, timeout=timeout)
 
     def snapshot(self) -> np.ndarray:
         """Every open position as one row of a structured array (``id`` and
@@ -1209,6 +1355,11 @@ class Engine:
     def _set_fault(self, flags: int = 0, pause_ns: int = 0) -> None:
         """Test hooks: ENG_FAULT_* switches and a pause inside the slow path."""
         rc = self._lib.eng_set_faults(self._seg, flags, pause_ns)
+        if rc == lib.ENG_EBADARG and self.url is None and (flags or pause_ns) and \
+                lib.eng_test_faults(-1) != 1:
+            raise ArgumentError("test faults are off in this process: set ENGINE_TEST_FAULTS=1 "
+                                "in its environment (or call lib.eng_test_faults(1)) first; "
+                                "every process that attaches the segment needs it too")
         if rc:
             self._fail(rc, what=f"flags={flags}, pause_ns={pause_ns}")
 
@@ -1226,3 +1377,25 @@ class Engine:
     @property
     def pid(self) -> int:
         return self._pid
+
+
+def _install_fastpath() -> None:
+    """Engine.transition / update_price / price become their C method
+    descriptors (native/fastpath.c): the same behaviour -- anything but plain
+    success, and an Engine with no view (closed, on Redis), comes back to
+    the Python methods above (``__wrapped__``) -- at about the cost of an
+    empty Python call.  ``eng.price`` taken as a value holds its Engine, as
+    a bound Python method does."""
+    for kind, name, fn, fail, results in (
+            (_fastpath.TRANSITION, "transition", "eng_transition", Engine._transition_failed,
+             _OUTCOMES),
+            (_fastpath.UPDATE_PRICE, "update_price", "eng_update_price",
+             Engine._update_price_failed, None),
+            (_fastpath.PRICE, "price", "eng_read_price", Engine._price_failed, PriceSnapshot)):
+        addr = int(ffi.cast("uintptr_t", ffi.addressof(lib, fn)))
+        setattr(Engine, name, _fastpath.FastMethod(kind, addr, Engine.__dict__[name], fail,
+                                                   results))
+
+
+if _fastpath is not None:
+    _install_fastpath()

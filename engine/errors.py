@@ -35,6 +35,10 @@ class EngineError(Exception):
     def __init__(self, *args: Any) -> None:
         super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
+    #: transition_many: every element's outcome when an element failed with an
+    #: error (a failed element holds ENG_MANY_ERROR | -code); else None
+    outcomes: Any = None
+
 
 class SlotError(EngineError, IndexError):
     """A slot id out of range."""
@@ -174,14 +178,15 @@ ERRORS: dict[int, tuple[type[EngineError], str]] = {
     lib.ENG_EMAGIC: (SegmentError, _SEGMENT + "is not an engine segment (bad magic number)"),
     lib.ENG_ELAYOUT: (SegmentError, _SEGMENT + "has another layout version (this build reads "
                                     f"version {lib.ENG_LAYOUT_VERSION})"),
-    lib.ENG_ESIZE: (SegmentError, _SEGMENT + "is truncated or its sizes disagree with its header"),
+    lib.ENG_ESIZE: (SegmentError, _SEGMENT + "is truncated or its sizes disagree with its "
+                                  "header{detail}"),
     lib.ENG_ENOTREADY: (SegmentError, _SEGMENT + "is not ready (its creator has not finished "
                                       "formatting it)"),
-    lib.ENG_ESPEC: (SpecMismatchError, _SEGMENT + "runs another machine spec than {spec!r}; "
-                                       "attach with the creator's spec"),
+    lib.ENG_ESPEC: (SpecMismatchError, _SEGMENT + "runs another machine spec than "
+                                       "{spec!r}{detail}; attach with the creator's spec"),
     lib.ENG_ENOPROC: (CapacityError, _SEGMENT + f"all {lib.ENG_MAX_PROCS} registry entries are "
                                      "taken; close unused Engines or run recover()"),
-    lib.ENG_ECORRUPT: (SegmentError, _SEGMENT + "has a corrupt header"),
+    lib.ENG_ECORRUPT: (SegmentError, _SEGMENT + "has a corrupt header{detail}"),
     lib.ENG_ECLOSED: (ClosedError, "engine {name!r} is closed"),
     lib.ENG_EFORKED: (ClosedError, "engine {name!r} was inherited through fork(): this process "
                                    "must attach its own, with Engine.attach(handle)"),
@@ -225,8 +230,32 @@ ERRORS: dict[int, tuple[type[EngineError], str]] = {
 }
 
 
+#: header words that are test hooks (see "test faults" in native/engine.c)
+FAULT_WORDS = ("fault_flags", "test_pause_ns")
+_FAULT_BITS = sum(getattr(lib, n) for n in dir(lib) if n.startswith("ENG_FAULT_"))
+
+
+def header_detail(buf: Any, size: int, fingerprint: int) -> str:
+    """For a refused attach: ": header word <name> = <value>", the first bad
+    header word C found (and why, for a test fault word); "" if none."""
+    field, value = ffi.new("const char **"), ffi.new("uint64_t *")
+    lib.eng_validate_detail(buf, size, fingerprint, field, value)
+    if field[0] == ffi.NULL:
+        return ""
+    name, v = ffi.string(field[0]).decode(), int(value[0])
+    detail = f": header word {name} = {v} ({v:#x})"
+    if name in FAULT_WORDS:
+        detail += (f"; {name} is a test fault switch, allowed only in a process whose own "
+                   "test switch is on (ENGINE_TEST_FAULTS=1 in its environment, or "
+                   "eng_test_faults(1)), and then at most "
+                   + (f"{lib.ENG_TEST_PAUSE_MAX_NS} ns" if name == "test_pause_ns" else
+                      f"the known ENG_FAULT_* bits {_FAULT_BITS:#x}"))
+    return detail
+
+
 def raise_for(code: int, **context: Any) -> NoReturn:
     """Raise the exception for C status ``code``; ``context`` fills its message."""
     cls, template = ERRORS.get(code, (InternalError, "engine call failed with code {code} ({why})"))
     why = ffi.string(lib.eng_strerror(code)).decode()
+    context.setdefault("detail", "")
     raise cls(template.format_map(_Context(context, code=code, why=why)))

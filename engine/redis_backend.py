@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import secrets
 import struct
 import threading
@@ -42,6 +43,7 @@ from engine._native import ffi, lib
 from engine.errors import (
     ArgumentError,
     ClosedError,
+    EngineError,
     SegmentError,
     SegmentNotFoundError,
     ServerError,
@@ -82,6 +84,7 @@ INVALID: int = lib.ENG_INVALID
 KEY_MAX: int = lib.ENG_KEY_MAX
 MAX_TRIGGERS: int = lib.ENG_MAX_TRIGGERS
 MONEY_SCALE: int = lib.ENG_MONEY_SCALE
+MANY_ERROR: int = lib.ENG_MANY_ERROR
 OP_ACCOUNT: int = lib.ENG_OP_ACCOUNT
 OP_COUNT: int = lib.ENG_OP_COUNT
 OP_KEY: int = lib.ENG_OP_KEY
@@ -94,6 +97,8 @@ OP_TRANSITION: int = lib.ENG_OP_TRANSITION
 OP_TRANSITION_CTX: int = lib.ENG_OP_TRANSITION_CTX
 OP_WAIT: int = lib.ENG_OP_WAIT
 REDIS_BUSY_TRIES: int = lib.ENG_REDIS_BUSY_TRIES
+REDIS_CREATE_CHUNK: int = lib.ENG_REDIS_CREATE_CHUNK
+REDIS_CREATE_LEASE_MS: int = lib.ENG_REDIS_CREATE_LEASE_MS
 REDIS_GUARD_TTL_MS: int = lib.ENG_REDIS_GUARD_TTL_MS
 REDIS_RELOAD_TRIES: int = lib.ENG_REDIS_RELOAD_TRIES
 REDIS_SNAPSHOT_PAGE: int = lib.ENG_REDIS_SNAPSHOT_PAGE
@@ -105,7 +110,7 @@ SW_GEN_SHIFT: int = lib.ENG_SW_GEN_SHIFT
 SW_LOCK: int = lib.ENG_SW_LOCK
 
 _MAGIC = "engine-redis"
-_LAYOUT = "1"
+_LAYOUT = "2"   # 2: an incarnation ('inc') in every shard's meta, checked by every call
 _F8 = struct.Struct("<d")
 _Q = struct.Struct("<q")
 _PRICE_OUT = struct.Struct("<32sQ")      # the 32 bytes of the record, then the version
@@ -129,6 +134,17 @@ _OP_OF = {"tx": OP_TRANSITION, "gcommit": OP_TRANSITION_CTX,
           "tokp": OP_PRICE_BATCH, "price": OP_READ, "context": OP_READ,
           "wprep": OP_WAIT, "bind": OP_KEY, "lookup": OP_LOOKUP,
           "aopen": OP_ACCOUNT, "acash": OP_ACCOUNT, "aset": OP_ACCOUNT}
+#: the functions that write what a caller was told: with ``?wait=N`` each
+#: waits for N replicas before it returns
+_MUTATING = frozenset({"tx", "gcommit", "upd", "upds", "tokp", "txmany", "open", "bind",
+                       "release", "halt", "setmetrics", "aopen", "acash", "aset", "aclose"})
+#: the replies of the create and remove steps (redis_functions.lua, "create and remove")
+_C = {"C_OK": 0, "C_EXISTS": 1, "C_BUSY": 2, "C_FOREIGN": 3, "C_REMAINS": 4, "C_LOST": 5,
+      "C_GONE": 6}
+C_OK, C_EXISTS, C_BUSY, C_FOREIGN, C_REMAINS, C_LOST, C_GONE = _C.values()
+#: a test hook: called with the name of each create (and remove) step once it
+#: is on the server
+CREATE_HOOK: Callable[[str], None] | None = None
 
 
 def check_url(url: object) -> str:
@@ -145,7 +161,8 @@ def _constants() -> str:
              "CONFLICT": CONFLICT, "REJECTED": REJECTED,
              "HALTED": HALTED, "MAX_TRIGGERS": MAX_TRIGGERS,
              "RULE_GUARDED": RULE_GUARDED, "RULE_TARGET_MASK": RULE_TARGET_MASK,
-             "MONEY_SCALE": MONEY_SCALE, "COMMITTED": _COMMITTED}
+             "MONEY_SCALE": MONEY_SCALE, "COMMITTED": _COMMITTED,
+             "BOOK_PRICE_MULT": lib.ENG_BOOK_PRICE_MULT, "MANY_ERROR": MANY_ERROR, **_C}
     for n in dir(lib):
         if n.startswith("ENG_E") and isinstance(getattr(lib, n), int):
             names[n[4:]] = getattr(lib, n)
@@ -154,15 +171,16 @@ def _constants() -> str:
 
 _BODY = Path(__file__).with_name("redis_functions.lua").read_text()
 _PRELUDE = _constants()
-_VERSION = hashlib.sha1((_PRELUDE + _BODY).encode()).hexdigest()[:10]
+# REG wraps every function in ENGINE_CHECK (the incarnation check; the body sets it)
+_CHECKED = "function(k, a) return ENGINE_CHECK(n, f, k, a) end"
+_VERSION = hashlib.sha1((_PRELUDE + _CHECKED + _BODY).encode()).hexdigest()[:10]
 _LIBNAME = f"engine_{_VERSION}"
-_LIBRARY = (f"#!lua name={_LIBNAME}\n{_PRELUDE}"
-            "local function REG(n, f, flags)\n"
-            f"  redis.register_function{{function_name='e{_VERSION}_' .. n, callback=f,"
-            " flags=flags or {}}\n"
-            "end\n"
-            f"{_BODY}")
-_SCRIPT = (f"{_PRELUDE}local F = {{}}\nlocal function REG(n, f) F[n] = f end\n{_BODY}\n"
+# a reader's flags ({'no-writes'}, see redis_functions.lua) go with its registration
+_LIBRARY = (f"#!lua name={_LIBNAME}\n{_PRELUDE}local ENGINE_CHECK\n"
+            f"local function REG(n, f, flags) redis.register_function{{function_name="
+            f"'e{_VERSION}_' .. n, callback={_CHECKED}, flags=flags or {{}}}} end\n{_BODY}")
+_SCRIPT = (f"{_PRELUDE}local F = {{}}\nlocal ENGINE_CHECK\n"
+           f"local function REG(n, f) F[n] = {_CHECKED} end\n{_BODY}\n"
            "local args = {}\nfor i = 2, #ARGV do args[i - 1] = ARGV[i] end\n"
            "return F[ARGV[1]](KEYS, args)\n")
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
@@ -202,6 +220,8 @@ class _Conn:
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         self.timeout = float(query.pop("timeout", _DEFAULT_TIMEOUT_S))
+        #: ?wait=N: replicas that must acknowledge each mutating call (WAIT)
+        self.wait = _replicas(query.pop("wait", "0"))
         use_functions = query.pop("functions", "1") != "0"
         base = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items()))
         self.cluster = parts.scheme == "redis+cluster"
@@ -375,6 +395,18 @@ class _Conn:
         except self.errors as e:
             raise ServerError(f"{self.url}: {cmd[0]} failed: {e}") from None
 
+    def replicate(self, key: str) -> None:
+        """WAIT for ``?wait=N`` replicas to hold this connection's writes so far
+        (on the node of ``key``), within the url's timeout.  Fewer: ServerError
+        (the writes applied on the primary and are not known to be on N
+        replicas: a failover may lose them)."""
+        ms = max(1, int(self.timeout * 800))   # inside the socket's timeout (the url's)
+        got = int(self.command("WAIT", self.wait, ms, key=key))
+        if got < self.wait:
+            raise ServerError(
+                f"{self.url}: the call applied on the primary, but only {got} of {self.wait} "
+                f"replica(s) acknowledged it within {ms / 1000:g} s: a failover may lose it")
+
     def block_read(self, stream: str, last: bytes, ms: int) -> Any:
         """XREAD BLOCK on one stream; the socket waits a little longer than the server."""
         cmd = ("XREAD", "BLOCK", ms, "STREAMS", stream, last) if ms > 0 else \
@@ -425,6 +457,7 @@ class _Conn:
                     if isinstance(r, Exception) and (k not in gone or attempt):
                         failed[k] = f"{type(r).__name__}: {r}"
                 if not gone or attempt:
+                    self._replicated(conn, [k for k in cmds if k not in failed], failed)
                     return
                 if self.functions:
                     conn.send_command("FUNCTION", "LOAD", _LIBRARY)
@@ -439,6 +472,19 @@ class _Conn:
         finally:
             if conn is not None:
                 conn.disconnect()
+
+    def _replicated(self, conn: Any, keys: list[str], failed: dict[str, str]) -> None:
+        """With ``?wait=N``: WAIT for N replicas of this connection's writes
+        (as ``replicate``); fewer, and ``keys`` go into ``failed``."""
+        if not self.wait or not keys:
+            return
+        ms = max(1, int(self.timeout * 800))   # inside the socket's timeout (the url's)
+        conn.send_command("WAIT", self.wait, ms)
+        got = int(conn.read_response())
+        if got < self.wait:
+            for k in keys:
+                failed.setdefault(k, f"applied on the primary, but only {got} of {self.wait} "
+                                     f"replica(s) acknowledged it within {ms / 1000:g} s")
 
     def call_every(self, cmds: dict[str, tuple[Any, ...]]) -> dict[str, str]:
         """Each command of ``cmds`` (a function call, by its shard's key): each
@@ -488,10 +534,196 @@ class _Conn:
             pass
 
 
+def _replicas(v: str) -> int:
+    """The ?wait=N of a url: replicas in [0, 64]."""
+    if not v.isdigit() or not 0 <= int(v) <= 64:
+        raise ArgumentError(f"?wait= in the url must be a number of replicas in [0, 64], "
+                            f"got {v!r}")
+    return int(v)
+
+
 def _shards_for(conn: _Conn, shards: int | None) -> int:
     if shards is None:
         return 16 if conn.cluster else 1
     return shards
+
+
+def _how_to_remove(name: str) -> str:
+    return (f"to remove it: `python -m engine rm {name} --url URL` "
+            "(RedisStore.remove), or unlink() on an Engine attached to it")
+
+
+_SHARD_OF = re.compile(rb"^eng:\{[^:{}]+:(\d+)\}:")   # the shard of a key of an engine's
+
+
+class _Creator:
+    """The create and remove protocols of a name (``create and remove`` in
+    redis_functions.lua), under a fresh random 64-bit number: the new
+    engine's incarnation, or the remover's claim.
+
+    create: claim the name in one call (shard 0's meta, not ready, and a
+    lease renewed between steps); clear a dead creator's or remover's
+    remains; write the other shards' metas; fill the free lists on the
+    server, ``ENG_REDIS_CREATE_CHUNK`` entries per call; seal each shard
+    ready, shard 0 last.  Every step checks that the shard is still this
+    claim's, so a creator that lost its claim builds nothing that counts, and
+    a refused or failed create deletes what it wrote (a killed one leaves a
+    not-ready name that the next create clears once the lease expired).
+
+    Does not guarantee: progress for a creator stalled past its lease (the
+    next create takes the name over and the stalled one gets SegmentError)."""
+
+    def __init__(self, conn: _Conn, name: str, url: str) -> None:
+        self.conn, self.name, self.url = conn, name, url
+        self.inc = b"%d" % (secrets.randbits(64) | 1)
+        self._renewed = time.monotonic()
+
+    def _meta(self, s: int) -> str:
+        return f"eng:{{{self.name}:{s}}}:m"
+
+    def _run(self, s: int, fn: str, *args: Any) -> Any:
+        return self.conn.call(self._meta(s), fn, self.inc, *args)
+
+    @staticmethod
+    def _step(what: str) -> None:
+        if CREATE_HOOK is not None:
+            CREATE_HOOK(what)
+
+    def _renew(self) -> None:
+        """Renew the claim's lease when a quarter of it has passed."""
+        now = time.monotonic()
+        if now - self._renewed > REDIS_CREATE_LEASE_MS / 4000:
+            if int(self._run(0, "renew", REDIS_CREATE_LEASE_MS)) != C_OK:
+                raise self._lost()
+            self._renewed = now
+
+    def _lost(self) -> SegmentError:
+        return SegmentError(
+            f"engine {self.name!r} on {self.url}: this create or remove lost its claim on the "
+            f"name (it stalled past its {REDIS_CREATE_LEASE_MS / 1000:g} s lease and another "
+            "client took the name over, or removed it); nothing it wrote is in use")
+
+    def _foreign(self, key: Any) -> SegmentError:
+        k = key.decode() if isinstance(key, bytes) else str(key)
+        return SegmentError(
+            f"{k} on {self.url} is not an engine's (another kind of key where engine "
+            f"{self.name!r} keeps its own): nothing was created or changed; remove that key "
+            "or choose another name")
+
+    def _busy(self, ms_left: Any) -> SegmentError:
+        return SegmentError(
+            f"engine {self.name!r} on {self.url} is being created or removed by another "
+            f"client (its lease has {int(ms_left)} ms left; if that client died, a create "
+            f"after the lease clears the name); {_how_to_remove(self.name)}")
+
+    def _clear(self, gen: Any, shard: int | None = None) -> int:
+        """Delete the remains of older claims: every key of the name (or of
+        ``shard``) but this claim's own; each batch by ``wipe`` on its
+        shard, which checks there that no newer claim holds it.  The
+        number of keys deleted."""
+        pattern = f"eng:{{{self.name}:{'*' if shard is None else f'{shard}}}:*'}"
+        found: dict[int, list[bytes]] = {}
+        own = {self._meta(0).encode(), f"eng:{{{self.name}:0}}:lease".encode()}
+        try:
+            for k in self.conn.client.scan_iter(match=pattern, count=1000):
+                m = _SHARD_OF.match(k)
+                if m and k not in own:
+                    found.setdefault(int(m.group(1)), []).append(k)
+        except self.conn.errors as e:
+            raise ServerError(f"{self.url}: {e}") from None
+        for s, keys in sorted(found.items(), reverse=True):   # shard metas before shard 0's
+            for i in range(0, len(keys), 512):
+                self._renew()
+                if int(self._run(s, "wipe", gen, *keys[i:i + 512])) != C_OK:
+                    raise self._lost()
+        return sum(len(k) for k in found.values())
+
+    def create(self, meta: dict[str, Any], n: int, capacity: int, max_accounts: int) -> int:
+        """Build the engine; its incarnation."""
+        pairs = [x for kv in meta.items() for x in kv]
+        r = self._run(0, "claim", REDIS_CREATE_LEASE_MS, _MAGIC, *pairs, "shard", 0)
+        code = int(r[0])
+        if code == C_EXISTS:
+            raise SegmentError(f"an engine named {self.name!r} already exists on {self.url}")
+        if code == C_BUSY:
+            raise self._busy(r[1])
+        if code == C_FOREIGN:
+            raise self._foreign(r[1])
+        self._renewed = time.monotonic()
+        gen, remains = int(r[1]), int(r[3])
+        self._step("claim")
+        try:
+            if remains:   # a dead creator's or remover's: every key of the name goes
+                self._clear(gen)
+                self._step("clear")
+            for s in range(1, n):
+                for _ in range(3):
+                    r = self._run(s, "binit", gen, _MAGIC, *pairs, "shard", s)
+                    if int(r[0]) != C_REMAINS:
+                        break
+                    self._clear(gen, s)
+                if int(r[0]) == C_FOREIGN:
+                    raise self._foreign(r[1])
+                if int(r[0]) != C_OK:
+                    raise self._lost()
+                self._step(f"init shard {s}")
+            for s in range(n):
+                for which, total in (("free", capacity), ("afree", max_accounts)):
+                    count = len(range(s, total, n))
+                    for i in range(0, count, REDIS_CREATE_CHUNK):
+                        self._renew()
+                        if int(self._run(s, "fill", which, s, n, i,
+                                         min(REDIS_CREATE_CHUNK, count - i))) != C_OK:
+                            raise self._lost()
+                        self._step(f"fill shard {s} {which} from {i}")
+            for s in reversed(range(n)):   # shard 0 last: then attach finds it ready
+                if int(self._run(s, "seal", len(range(s, capacity, n)),
+                                 len(range(s, max_accounts, n)))) != C_OK:
+                    raise self._lost()
+                self._step(f"seal shard {s}")
+        except BaseException:
+            self._abort(n)
+            raise
+        return int(self.inc)
+
+    def _abort(self, n: int) -> None:
+        """Delete what this claim wrote, shard 0 (the claim) last; a server
+        that cannot be reached leaves it to the lease's expiry."""
+        try:
+            for s in reversed(range(n)):
+                self._run(s, "abort")
+        except ServerError:
+            pass
+
+    def remove(self, expect: bytes, force: bool = False) -> int:
+        """Claim the name for removal (the incarnation ``expect``, or any
+        with b""), delete the other shards' metas (from then on every call
+        of the engine is refused), every other key, then the claim; the
+        number of keys deleted.  A remover killed between its claim and the
+        last shard meta leaves the shards after it answering their attached
+        Engines until a create clears the name."""
+        r = self._run(0, "drop", expect, REDIS_CREATE_LEASE_MS, _MAGIC, "1" if force else "0")
+        code = int(r[0])
+        if code == C_GONE:
+            raise SegmentNotFoundError(
+                f"no engine named {self.name!r} on {self.url}" +
+                (" of this incarnation: it was unlinked (or lost) already" if expect else ""))
+        if code == C_BUSY:
+            raise self._busy(r[1])
+        if code == C_FOREIGN:
+            raise self._foreign(r[1])
+        self._renewed = time.monotonic()
+        gen = int(r[2])
+        for s in range(1, int(r[1])):   # every shard refuses calls from here on
+            if int(self._run(s, "wipe", gen, self._meta(s))) != C_OK:
+                raise self._lost()
+        self._step("drop")
+        n = self._clear(gen)
+        self._step("cleared")
+        self._run(0, "abort")
+        if self.conn.wait:
+            self.conn.replicate(self._meta(0))
+        return n + 1
 
 
 class RedisStore:
@@ -514,6 +746,9 @@ class RedisStore:
         self.roles = {r: int(meta[b"r_" + r.encode()]) for r in
                       ("entry", "amount", "side", "token", "opened", "account")}
         self.meta_keys = [f"eng:{{{name}:{s}}}:m" for s in range(self.shards)]
+        #: the engine's incarnation (set at create): every call carries it
+        self.inc: bytes = meta[b"inc"]
+        self.incarnation = int(self.inc)
         self.prefixes = [k[:-1] for k in self.meta_keys]
         self._books = ffi.new("eng_books *")
         self.last_books = self._books[0]
@@ -544,8 +779,6 @@ class RedisStore:
             if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= min(capacity, 4096):
                 raise ArgumentError(f"shards must be an int in [1, {min(capacity, 4096)}], "
                                     f"got {n!r}")
-            if conn.command("EXISTS", f"eng:{{{name}:0}}:m", key=f"eng:{{{name}:0}}:m"):
-                raise SegmentError(f"an engine named {name!r} already exists on {url}")
             rec = spec.record
             roles = {"entry": "entry_price", "amount": "amount", "side": "side",
                      "token": "token", "opened": "opened_ns", "account": "account"}
@@ -556,35 +789,29 @@ class RedisStore:
                 "closed": spec.closed_mask, "initial": 1 << spec.state_index[spec.initial],
                 "halted": "0", "metrics": "1", "created_ns": time.time_ns(),
                 **{"r_" + k: rec.roles.get(v, -1) for k, v in roles.items()}}
-            for s in range(n):
-                P = f"eng:{{{name}:{s}}}:"
-                slots = list(range(s, capacity, n))
-                for i in range(0, len(slots), 10_000):
-                    conn.command("RPUSH", P + "free", *slots[i:i + 10_000], key=P + "free")
-                accts = list(range(s, max_accounts, n))
-                for i in range(0, len(accts), 10_000):
-                    conn.command("RPUSH", P + "afree", *accts[i:i + 10_000], key=P + "afree")
-                pairs = [x for kv in meta.items() for x in kv] + ["shard", s]
-                conn.command("HSET", P + "m", *pairs, key=P + "m")
-            for s in range(n):   # ready last: attach refuses a half-made engine
-                conn.command("HSET", f"eng:{{{name}:{s}}}:m", "ready", "1",
-                             key=f"eng:{{{name}:{s}}}:m")
-            return cls._attached(conn, name, spec, url)
+            inc = _Creator(conn, name, url).create(meta, n, capacity, max_accounts)
+            if conn.wait:
+                conn.replicate(f"eng:{{{name}:0}}:m")
+            return cls._attached(conn, name, spec, url, inc)
         except BaseException:
             conn.close()
             raise
 
     @classmethod
-    def attach(cls, url: str, name: str, spec: MachineSpec) -> RedisStore:
+    def attach(cls, url: str, name: str, spec: MachineSpec,
+               incarnation: int | None = None) -> RedisStore:
+        """Attach to the engine ``name``; with ``incarnation`` (a handle's),
+        only to that incarnation of it."""
         conn = _Conn(url)
         try:
-            return cls._attached(conn, name, spec, url)
+            return cls._attached(conn, name, spec, url, incarnation)
         except BaseException:
             conn.close()
             raise
 
     @classmethod
-    def _attached(cls, conn: _Conn, name: str, spec: MachineSpec, url: str) -> RedisStore:
+    def _attached(cls, conn: _Conn, name: str, spec: MachineSpec, url: str,
+                  incarnation: int | None = None) -> RedisStore:
         key = f"eng:{{{name}:0}}:m"
         try:
             raw = conn.command("HGETALL", key, key=key)
@@ -601,19 +828,44 @@ class RedisStore:
                                f"{meta.get(b'magic')!r})")
         if meta.get(b"layout") != _LAYOUT.encode():
             raise SegmentError(f"engine {name!r} on {url} has layout "
-                               f"{meta.get(b'layout')!r}; this version reads {_LAYOUT}")
+                               f"{meta.get(b'layout')!r}; this version reads {_LAYOUT}: use the "
+                               f"version that made it, or {_how_to_remove(name)}")
         if meta.get(b"ready") != b"1":
-            raise SegmentError(f"engine {name!r} on {url} is not ready (its creator has not "
-                               "finished, or died while creating it)")
+            lease = conn.command("PTTL", f"eng:{{{name}:0}}:lease", key=key)
+            if meta.get(b"dropping"):
+                why = "it is being removed"
+            elif int(lease) > 0:
+                why = f"its creator is building it (its lease has {int(lease)} ms left)"
+            else:
+                why = "its creator died while creating it: a create of the name clears it"
+            raise SegmentError(f"engine {name!r} on {url} is not ready: {why}; "
+                               f"{_how_to_remove(name)}")
+        if incarnation is not None and meta.get(b"inc") != str(incarnation).encode():
+            raise SegmentNotFoundError(
+                f"engine {name!r} on {url} is another incarnation ({meta.get(b'inc')!r}) than "
+                f"{incarnation}: the engine this handle named was unlinked or lost, and the "
+                "name was created again; attach by name to reach the new one")
         if meta.get(b"fp") != str(spec.fingerprint).encode():
             raise SpecMismatchError(f"engine {name!r} on {url} runs another machine spec than "
                                     f"{spec.name!r} (fingerprint differs)")
         return cls(conn, name, meta)
 
     def destroy(self) -> int:
+        """Delete every key of this incarnation of the engine (see ``remove``)."""
         if self._forked:
             raise_closed(True)   # the connection is the parent's
-        return self.conn.scan_delete(f"eng:{{{self.name}:*")
+        return _Creator(self.conn, self.name, self.url).remove(self.inc)
+
+    @staticmethod
+    def remove(url: str, name: str, force: bool = False) -> int:
+        """Delete every key of the engine ``name`` on ``url``, ready or not,
+        without attaching (``python -m engine rm``); one a creator is still
+        building (its lease lives) only with ``force``.  The number of keys."""
+        conn = _Conn(url)
+        try:
+            return _Creator(conn, name, url).remove(b"", force)
+        finally:
+            conn.close()
 
     # -- plumbing ---------------------------------------------------------------------
     def _key(self, slot: int) -> str:
@@ -636,15 +888,24 @@ class RedisStore:
         return self._fn(self._key(slot), fn, slot, *args)
 
     def _fn(self, key: str, fn: str, *args: Any) -> Any:
-        """One function call; one in ``sample_every`` is timed into this
-        Engine's latency histogram (the server counts every call)."""
+        """One function call, with this engine's incarnation (the server
+        refuses it for any other); one in ``sample_every`` is timed into
+        this Engine's latency histogram (the server counts every call)."""
         if self._closed:
             raise_closed(self._forked)
         self._calls += 1
-        if self._calls & self._sample_mask or not self._metrics_on:
-            return self.conn.call(key, fn, *args)
-        t0 = time.perf_counter_ns()
-        r = self.conn.call(key, fn, *args)
+        try:
+            if self._calls & self._sample_mask or not self._metrics_on:
+                r = self.conn.call(key, fn, self.inc, *args)
+                if self.conn.wait and fn in _MUTATING:
+                    self.conn.replicate(key)
+                return r
+            t0 = time.perf_counter_ns()
+            r = self.conn.call(key, fn, self.inc, *args)
+            if self.conn.wait and fn in _MUTATING:
+                self.conn.replicate(key)
+        except ServerError as e:
+            raise self._gone(e) from None
         ns = time.perf_counter_ns() - t0
         op = _OP_OF.get(fn)
         if op is not None:
@@ -653,6 +914,21 @@ class RedisStore:
             self._hist[op, min(ns.bit_length(), HIST_BUCKETS - 1)] += 1
             self._max_ns[op] = max(self._max_ns[op], ns)
         return r
+
+    def _gone(self, e: ServerError) -> EngineError:
+        """SegmentNotFoundError for a call the server refused as meant for
+        another incarnation (ENGINE_CHECK in redis_functions.lua); else ``e``."""
+        text = str(e)
+        if "ENGINE_GONE" in text:
+            return SegmentNotFoundError(
+                f"engine {self.name!r} on {self.url} no longer exists (unlinked, or lost with "
+                "the server's data); nothing was changed")
+        if "ENGINE_OTHER" in text:
+            return SegmentNotFoundError(
+                f"engine {self.name!r} on {self.url} was unlinked or lost and created again: "
+                f"this Engine's incarnation {self.incarnation} is gone; nothing was changed. "
+                "Attach again by name to reach the new engine")
+        return e
 
     @property
     def last_old_word(self) -> int:
@@ -677,9 +953,9 @@ class RedisStore:
 
     # -- the eng_* calls --------------------------------------------------------------
     def eng_check(self, seg: Any) -> int:
-        return self._gone() if self._closed else 0
+        return self._closed_code() if self._closed else 0
 
-    def _gone(self) -> int:
+    def _closed_code(self) -> int:
         """The code of a closed store: ECLOSED, or EFORKED in a fork child."""
         return EFORKED if self._forked else ECLOSED
 
@@ -746,8 +1022,9 @@ class RedisStore:
         """What a refused opening or withdrawal was checked against (the
         error message reads it, as C leaves it in eng_seg)."""
         (cash, reserved, realized, opening, deposits, withdrawals, max_exposure, max_loss,
-         max_positions, open_positions, halted, _version, _op) = b
+         max_positions, open_positions, halted, _version, _op, gain, loss) = b
         bk = self.last_books
+        bk.worst_gain, bk.worst_loss = int(gain or 0), int(loss or 0)
         bk.cash, bk.reserved, bk.realized = int(cash), int(reserved), int(realized)
         bk.opening_cash, bk.deposits, bk.withdrawals = int(opening), int(deposits), int(withdrawals)
         bk.max_exposure, bk.max_loss = int(max_exposure), int(max_loss)
@@ -779,7 +1056,7 @@ class RedisStore:
         if not 1 <= key_len <= KEY_MAX:
             return EBADKEY
         if self._closed:
-            return self._gone()
+            return self._closed_code()
         k = bytes(key[:key_len])
         r = self._fn(self.meta_keys[self._key_shard(k)], "lookup", k)
         self._reads["lookup"] += self._metrics_on
@@ -1008,11 +1285,13 @@ class RedisStore:
         dst = np.frombuffer(ffi.buffer(out, n), dtype=np.uint8)
         for idx, data in r:
             dst[idx] = np.frombuffer(data, dtype=np.uint8)
+        failed = np.flatnonzero(dst >= MANY_ERROR)   # as C: the first that failed, or n
+        bad[0] = int(failed[0]) if len(failed) else n
         return 0
 
     def eng_update_token_price(self, seg: Any, token: int, price: float) -> int:
         if self._closed:
-            return self._gone()
+            return self._closed_code()
         if not _positive(price):
             return EBADPRICE
         ts = _Q.pack(time.time_ns())
@@ -1034,7 +1313,7 @@ class RedisStore:
         if min(cash, max_exposure, max_loss) < 0:
             return EBADMONEY
         if self._closed:
-            return self._gone()
+            return self._closed_code()
         self._next += 1
         for i in range(self.shards):
             key = self.meta_keys[(self._next + i) % self.shards]
@@ -1046,9 +1325,10 @@ class RedisStore:
 
     def _books_row(self, id: int, b: list[bytes], row: Any) -> None:
         (cash, reserved, realized, opening, deposits, withdrawals, max_exposure, max_loss,
-         max_positions, open_positions, halted, version, _op) = b
+         max_positions, open_positions, halted, version, _op, gain, loss) = b
         row.id, row.version, row.index = id, int(version), id & ID_SLOT_MASK
         bk = row.b
+        bk.worst_gain, bk.worst_loss = int(gain or 0), int(loss or 0)
         bk.open, bk.opening = 1, id >> ID_SLOT_BITS
         bk.cash, bk.reserved, bk.realized = int(cash), int(reserved), int(realized)
         bk.opening_cash, bk.deposits, bk.withdrawals = int(opening), int(deposits), int(withdrawals)
@@ -1106,7 +1386,7 @@ class RedisStore:
 
     def eng_accounts(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
         if self._closed:
-            return self._gone()
+            return self._closed_code()
         found = []
         for s, key in enumerate(self.meta_keys):
             for num, b in self._fn(key, "alist", s, self.max_accounts, self.shards):
@@ -1149,7 +1429,7 @@ class RedisStore:
         clients' calls run between pages.  Each row is one opening, read in
         one step; the rows are not one instant (as on shared memory)."""
         if self._closed:
-            return self._gone()
+            return self._closed_code()
         found: dict[int, bytes] = {}   # by slot: a slot SSCAN gives twice is read twice
         for key in self.meta_keys:
             cursor = b"0"
@@ -1181,10 +1461,14 @@ class RedisStore:
         others are switched (a partial halt: ``inspect --url`` shows each
         shard's flag; halt again once the servers answer)."""
         if self._closed:
-            return self._gone()
-        # the commands as call() would send them, each on its shard
-        failed = self.conn.call_every({k: self.conn._cmd(k, "halt", (1 if on else 0,))
+            return self._closed_code()
+        # the commands as call() would send them (with the incarnation), each on its shard
+        failed = self.conn.call_every({k: self.conn._cmd(k, "halt", (self.inc, 1 if on else 0))
                                        for k in self.meta_keys})
+        gone = next((w for w in failed.values() if "ENGINE_GONE" in w or "ENGINE_OTHER" in w),
+                    None)
+        if gone is not None:   # unlinked, or another incarnation: nothing to halt
+            raise self._gone(ServerError(gone))
         if failed:
             by_why: dict[str, list[int]] = {}
             for k, w in failed.items():
@@ -1211,7 +1495,7 @@ class RedisStore:
     def eng_recover(self, seg: Any, out: Any) -> int:
         """Nothing to release: a server-side function never leaves a lock,
         and a guard's lock expires by itself."""
-        return self._gone() if self._closed else 0
+        return self._closed_code() if self._closed else 0
 
     def eng_set_faults(self, seg: Any, flags: int, pause_ns: int) -> int:
         return EBADARG
@@ -1232,6 +1516,7 @@ class RedisStore:
         for op, n in self._reads.items():
             totals[op]["applied"] = n
         for key in self.meta_keys:
+            self._fn(key, "alive")
             raw = self.conn.command("HGETALL", key[:-1] + "s", key=key)
             items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
             for f, v in items:

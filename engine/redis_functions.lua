@@ -42,6 +42,29 @@ local NO_WRITES = {'no-writes'}
 -- the emergency stop runs on a full server too (it writes one small field)
 local ALLOW_OOM = {'allow-oom'}
 
+-- Incarnations.  create sets a random 64-bit number, 'inc', in every shard's
+-- meta; an Engine learns it at attach (the handle carries it) and sends it as
+-- the first argument of every call.  ENGINE_CHECK (REG wraps every function
+-- in it) compares it with the shard's meta before the function runs: a call
+-- meant for an engine that was unlinked (no meta), or lost and created again
+-- under its name (another inc), changes nothing and fails with GONE or OTHER.
+-- The create and remove steps (CREATE) check the name's claim themselves;
+-- they get the caller's number as a third argument.
+local CREATE = {claim = true, binit = true, fill = true, seal = true, renew = true,
+                abort = true, drop = true, wipe = true}
+ENGINE_CHECK = function(n, f, keys, args)
+    local inc = table.remove(args, 1)
+    if CREATE[n] then return f(keys, args, inc) end
+    local have = redis.call('HGET', keys[1], 'inc')
+    if have == inc then return f(keys, args) end
+    if not have then
+        return redis.error_reply('ENGINE_GONE no engine at ' .. keys[1] .. ': it was unlinked ' ..
+                                 'or lost (a server restart without persistence?)')
+    end
+    return redis.error_reply('ENGINE_OTHER ' .. keys[1] .. ' is another incarnation (' .. have ..
+                             ') than the caller attached to (' .. tostring(inc) .. ')')
+end
+
 local IDX = {}
 for i = 0, 15 do IDX[2 ^ i] = i end
 
@@ -171,7 +194,7 @@ end
 -- the books of an account as strings, for the client and for checks
 local BOOKS = {'cash', 'reserved', 'realized', 'opening_cash', 'deposits', 'withdrawals',
                'max_exposure', 'max_loss', 'max_positions', 'open_positions', 'halted', 'version',
-               'op'}
+               'op', 'worst_gain', 'worst_loss'}
 local function books(a)
     return redis.call('HMGET', a, unpack(BOOKS))
 end
@@ -181,8 +204,46 @@ local function add(h, f, d)
     return (pcall(redis.call, 'HINCRBY', h, f, d))
 end
 
--- reserve notional (decimal string) on account a: 0, or a risk code
-local function reserve(a, notional)
+-- x - y of two decimal int64 strings whose difference fits, exactly (HINCRBY)
+local function diff(h, x, y)
+    redis.call('HSET', h, 'scratch', x)
+    redis.call('HINCRBY', h, 'scratch', neg(y))
+    local d = redis.call('HGET', h, 'scratch')
+    redis.call('HDEL', h, 'scratch')
+    return d
+end
+
+-- does x + d (decimal strings) fit int64?
+local function fits(h, x, d)
+    redis.call('HSET', h, 'scratch', x)
+    local ok = add(h, 'scratch', d)
+    redis.call('HDEL', h, 'scratch')
+    return ok
+end
+
+-- a booked position's worst case, as C's position_worst (see "accounts" in
+-- engine.c): notional, top = money(BOOK_PRICE_MULT x entry x amount), the most
+-- its close adds to cash (gain) and takes from it (loss); nil if top is
+-- beyond money
+local function worst(a, entry, amount, side)
+    local notional = money(entry * amount)
+    local top = money(entry * BOOK_PRICE_MULT * amount)
+    if not notional or not top then return nil end
+    local over = diff(a, top, notional)
+    if side > 0 then return notional, top, over, notional end
+    return notional, top, notional, over
+end
+
+-- cash and realized keep room for every open position's worst close
+local function room_ok(a)
+    local v = redis.call('HMGET', a, 'cash', 'realized', 'worst_gain', 'worst_loss')
+    local g, l = v[3] or '0', v[4] or '0'
+    return fits(a, v[1], g) and fits(a, v[2], g) and fits(a, v[1], neg(l)) and fits(a, v[2], neg(l))
+end
+
+-- reserve notional (decimal string) on account a, with the position's worst
+-- gain and loss: 0, or a risk code (EBADMONEY: no room to book its close)
+local function reserve(a, notional, gain, loss)
     local b = books(a)
     if b[11] == '1' then return ERISK_HALTED end
     if tonumber(b[10]) >= tonumber(b[9]) then return ERISK_COUNT end
@@ -191,6 +252,17 @@ local function reserve(a, notional)
     local rc = 0
     if cmp(reserved, b[7]) > 0 then rc = ERISK_EXPOSURE
     elseif cmp(reserved, b[1]) > 0 then rc = ERISK_CASH end   -- notional > cash - reserved
+    if rc == 0 then
+        if not add(a, 'worst_gain', gain) then rc = EBADMONEY
+        elseif not add(a, 'worst_loss', loss) then
+            redis.call('HINCRBY', a, 'worst_gain', neg(gain))
+            rc = EBADMONEY
+        elseif not room_ok(a) then
+            redis.call('HINCRBY', a, 'worst_gain', neg(gain))
+            redis.call('HINCRBY', a, 'worst_loss', neg(loss))
+            rc = EBADMONEY
+        end
+    end
     if rc ~= 0 then
         redis.call('HINCRBY', a, 'reserved', neg(notional))
         return rc
@@ -209,17 +281,16 @@ local function book_close(P, p, rec)
     local e, am, sd = roles(P)
     local a = P .. 'a:' .. an
     local amount, side = word_f8(rec, am), word_i8(rec, sd)
-    local notional = money(word_f8(rec, e) * amount)
+    local notional, top, gain, loss = worst(a, word_f8(rec, e), amount, side)
     local last = money(struct.unpack('<d', redis.call('HGET', p, 'pr'), 1) * amount)
-    if not notional or not last then return EBADMONEY end
+    -- a price above the band (or past money): refused, nothing changes
+    if not notional or not last or cmp(last, top) > 0 then return EBADMONEY end
     local up, down = last, notional
     if side < 0 then up, down = notional, last end
-    -- realized = up - down, exact (both in [0, 2^63): it fits), in a scratch field
-    redis.call('HSET', a, 'scratch', up)
-    redis.call('HINCRBY', a, 'scratch', neg(down))
-    local realized = redis.call('HGET', a, 'scratch')
-    redis.call('HDEL', a, 'scratch')
+    -- realized = up - down, exact (both in [0, 2^63): it fits), in [-loss, gain]
+    local realized = diff(a, up, down)
     -- all or nothing, as C: cash and realized both fit int64, or neither moves
+    -- (never refused within the band: the opening kept the room)
     if not add(a, 'cash', realized) then return EBADMONEY end
     if not add(a, 'realized', realized) then
         redis.call('HINCRBY', a, 'cash', neg(realized))
@@ -227,6 +298,9 @@ local function book_close(P, p, rec)
     end
     redis.call('HINCRBY', a, 'reserved', neg(notional))
     redis.call('HINCRBY', a, 'open_positions', -1)
+    for f, d in pairs({worst_gain = gain, worst_loss = loss}) do   -- never below 0, as C
+        if redis.call('HINCRBY', a, f, neg(d)) < 0 then redis.call('HSET', a, f, '0') end
+    end
     local realized = redis.call('HGET', a, 'realized')
     if string.sub(realized, 1, 1) == '-' and cmp(neg(realized), redis.call('HGET', a, 'max_loss')) >= 0 then
         redis.call('HSET', a, 'halted', '1')
@@ -454,8 +528,10 @@ REG('txmany', function(keys, args)
                               (struct.unpack('<I4', ops, i * 4 + 1)),
                               (struct.unpack('<I4', trig, i * 4 + 1)), 0, '', nil)
         if rc == ESTALE or rc == ENOTOPEN then rc = INVALID
-        elseif rc < 0 then rc = CONFLICT end   -- as C: any other error of one element
-        out[#out + 1] = outcome(P, 'transition', rc)
+        elseif rc == EGUARDED or rc == EBUSY then rc = CONFLICT end   -- a guard's lock: as tx
+        outcome(P, 'transition', rc)
+        if rc < 0 then rc = MANY_ERROR - rc end   -- as C: the element's own error
+        out[#out + 1] = rc
     end
     return {0, struct.pack('<' .. string.rep('B', n), unpack(out))}
 end)
@@ -484,9 +560,11 @@ REG('open', function(keys, args)
         local err
         a, err = account_of(P, an, aop)
         if not a then return {outcome(P, 'open', err)} end
-        local notional = money(word_f8(rec, e) * word_f8(rec, am))
+        local _, _, sd = roles(P)
+        local notional, _, gain, loss = worst(a, word_f8(rec, e), word_f8(rec, am),
+                                              word_i8(rec, sd))
         if not notional then return {outcome(P, 'open', EBADMONEY)} end
-        local rc = reserve(a, notional)
+        local rc = reserve(a, notional, gain, loss)
         if rc ~= 0 then
             local b = books(a)
             return {outcome(P, 'open', rc), notional, unpack(b)}
@@ -495,7 +573,11 @@ REG('open', function(keys, args)
     local slot = redis.call('LPOP', P .. 'free')
     if not slot then
         if a then   -- undo the reservation
-            local notional = money(word_f8(rec, e) * word_f8(rec, am))
+            local _, _, sd = roles(P)
+            local notional, _, gain, loss = worst(a, word_f8(rec, e), word_f8(rec, am),
+                                                  word_i8(rec, sd))
+            redis.call('HINCRBY', a, 'worst_gain', neg(gain))
+            redis.call('HINCRBY', a, 'worst_loss', neg(loss))
             redis.call('HINCRBY', a, 'reserved', neg(notional))
             redis.call('HINCRBY', a, 'open_positions', -1)
             redis.call('HINCRBY', a, 'version', -1)
@@ -644,7 +726,7 @@ REG('aopen', function(keys, args)
     redis.call('HSET', a, 'open', '1', 'cash', args[1], 'reserved', '0', 'realized', '0',
                'opening_cash', args[1], 'deposits', '0', 'withdrawals', '0',
                'max_exposure', args[2], 'max_positions', args[3], 'max_loss', args[4],
-               'open_positions', '0', 'halted', '0')
+               'open_positions', '0', 'halted', '0', 'worst_gain', '0', 'worst_loss', '0')
     redis.call('HINCRBY', a, 'version', 1)
     return {0, tonumber(n), op}
 end)
@@ -673,10 +755,15 @@ REG('acash', function(keys, args)
             return {outcome(P, 'account', EBADMONEY)}
         end
     else
-        if not add(a, 'cash', amount) then return {outcome(P, 'account', EBADMONEY)} end
-        if not add(a, 'deposits', amount) then
+        local b = books(a)
+        -- cash + amount, with room for the open positions' worst gains (as C)
+        if not add(a, 'cash', amount) then
+            return {outcome(P, 'account', EBADMONEY), amount, unpack(b)}
+        end
+        if not fits(a, redis.call('HGET', a, 'cash'), b[14] or '0') or
+                not add(a, 'deposits', amount) then
             redis.call('HINCRBY', a, 'cash', neg(amount))
-            return {outcome(P, 'account', EBADMONEY)}
+            return {outcome(P, 'account', EBADMONEY), amount, unpack(b)}
         end
     end
     redis.call('HINCRBY', a, 'version', 1)
@@ -726,3 +813,199 @@ REG('alist', function(keys, args)
     end
     return out
 end, NO_WRITES)
+
+-- a no-op: the incarnation check alone (metrics() reads the counters directly)
+REG('alive', function(keys, args) return 0 end, NO_WRITES)
+
+-- create and remove ---------------------------------------------------------------
+-- A name is claimed in one call (claim: shard 0's meta, not ready, with a
+-- lease key that the creator renews); the other shards' metas are written
+-- (binit), the free lists filled in bounded chunks (fill) and each shard
+-- sealed ready, shard 0 last (seal).  Each step checks that the shard is
+-- still the caller's (its inc), so a creator that lost its claim (it stalled
+-- past its lease and another took over) builds nothing that counts.  A
+-- not-ready name whose lease expired is taken over by the next claim, which
+-- reports that its remains must be cleared first.  drop claims a name for
+-- removal the same way (its own number, a lease) so that a removal killed
+-- half-way leaves a not-ready name that the next create clears.
+--
+-- Every claim has a generation 'gen' (the server's clock in us at the claim,
+-- above the generation it took over), stored in each shard's meta it
+-- builds.  Remains are deleted only by wipe, on their own shard, in the same
+-- step as it checks that the shard holds nothing of a newer claim: a stalled
+-- creator or remover that lost its claim can never delete a newer engine's
+-- keys.
+
+-- a generation above `old` (a claim's): the server's clock in us, or old + 1
+local function newgen(old)
+    local t = redis.call('TIME')
+    return string.format('%d', math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]),
+                                         (tonumber(old) or 0) + 1))
+end
+
+-- may the claim (inc, gen) delete remains on the shard of meta m?  Yes when
+-- the shard has no meta, its meta is the claim's own, or an older claim's
+local function older(m, inc, gen)
+    local v = redis.call('HMGET', m, 'inc', 'gen')
+    return not v[1] or v[1] == inc or (tonumber(v[2]) or 0) < tonumber(gen)
+end
+
+-- the first of m / free / afree of shard P that is not this engine's kind, or nil
+local function foreign(P, magic)
+    local m = P .. 'm'
+    local t = redis.call('TYPE', m)['ok']
+    if t ~= 'none' and (t ~= 'hash' or redis.call('HGET', m, 'magic') ~= magic) then return m end
+    for _, k in ipairs({'free', 'afree'}) do
+        t = redis.call('TYPE', P .. k)['ok']
+        if t ~= 'none' and t ~= 'list' then return P .. k end
+    end
+    return nil
+end
+
+-- keys a shard holds without a meta of ours: remains the client must clear
+local function remains(P)
+    return redis.call('EXISTS', P .. 'free', P .. 'afree', P .. 'open', P .. 's') > 0
+end
+
+-- args: lease ms, magic, meta field/value pairs.  {C_OK, gen, shards of the
+-- engine taken over (0: none), remains (1: clear the name first)}, {C_EXISTS},
+-- {C_BUSY, lease ms left}, {C_FOREIGN, key}
+REG('claim', function(keys, args, inc)
+    local P = tag(keys)
+    local m, lease = keys[1], P .. 'lease'
+    local bad = foreign(P, args[2])
+    if bad then return {C_FOREIGN, bad} end
+    local gen, old, left = newgen(0), 0, 0
+    if redis.call('EXISTS', m) == 1 then
+        local v = redis.call('HMGET', m, 'ready', 'gen', 'shards', 'inc')
+        if v[4] == inc and v[1] ~= '1' then return {C_OK, v[2], 0, 0} end   -- a resend
+        if v[1] == '1' then return {C_EXISTS} end
+        if redis.call('EXISTS', lease) == 1 then return {C_BUSY, redis.call('PTTL', lease)} end
+        gen, old, left = newgen(v[2]), tonumber(v[3]) or 0, 1
+        redis.call('DEL', m)
+    end
+    if remains(P) then left = 1 end
+    redis.call('UNLINK', P .. 'free', P .. 'afree')
+    redis.call('HSET', m, unpack(args, 3))
+    redis.call('HSET', m, 'inc', inc, 'gen', gen, 'ready', '0')
+    redis.call('SET', lease, inc, 'PX', args[1])
+    return {C_OK, gen, old, left}
+end)
+
+-- a shard's meta (shard > 0).  args: gen of the claim, magic, meta pairs.
+-- {C_OK}, {C_REMAINS} (clear the shard, then again), {C_LOST}, {C_FOREIGN, key}
+REG('binit', function(keys, args, inc)
+    local P = tag(keys)
+    local m = keys[1]
+    local bad = foreign(P, args[2])
+    if bad then return {C_FOREIGN, bad} end
+    if redis.call('EXISTS', m) == 1 then
+        local v = redis.call('HMGET', m, 'inc', 'ready', 'gen')
+        if v[1] == inc then return {C_OK} end   -- a resend
+        -- a newer claim's shard: this creator lost its claim
+        if (tonumber(v[3]) or 0) >= tonumber(args[1]) then return {C_LOST} end
+        return {C_REMAINS}
+    end
+    if remains(P) then return {C_REMAINS} end
+    redis.call('HSET', m, unpack(args, 3))
+    redis.call('HSET', m, 'inc', inc, 'gen', args[1], 'ready', '0')
+    return {C_OK}
+end)
+
+-- push first + step * i for i in [from, from + n) onto list args[1]
+-- (free / afree); C_OK, or C_LOST (not the caller's, or not what it built)
+REG('fill', function(keys, args, inc)
+    local P = tag(keys)
+    local v = redis.call('HMGET', keys[1], 'inc', 'ready')
+    if v[1] ~= inc or v[2] == '1' then return C_LOST end
+    local list = P .. args[1]
+    local first, step, from, n = tonumber(args[2]), tonumber(args[3]), tonumber(args[4]),
+                                 tonumber(args[5])
+    local have = redis.call('LLEN', list)
+    if have == from + n then return C_OK end   -- a resend of a chunk that applied
+    if have ~= from then return C_LOST end
+    local batch = {}
+    for i = from, from + n - 1 do
+        batch[#batch + 1] = string.format('%d', first + step * i)
+        if #batch == 1000 then
+            redis.call('RPUSH', list, unpack(batch))
+            batch = {}
+        end
+    end
+    if #batch > 0 then redis.call('RPUSH', list, unpack(batch)) end
+    return C_OK
+end)
+
+-- ready, once the lists hold args[1] slots and args[2] accounts; shard 0 drops the lease
+REG('seal', function(keys, args, inc)
+    local P = tag(keys)
+    local v = redis.call('HMGET', keys[1], 'inc', 'ready')
+    if v[1] ~= inc then return C_LOST end
+    if v[2] ~= '1' then
+        if redis.call('LLEN', P .. 'free') ~= tonumber(args[1]) or
+                redis.call('LLEN', P .. 'afree') ~= tonumber(args[2]) then
+            return C_LOST
+        end
+        redis.call('HSET', keys[1], 'ready', '1')
+    end
+    if redis.call('GET', P .. 'lease') == inc then redis.call('DEL', P .. 'lease') end
+    return C_OK
+end)
+
+-- the claim's lease for args[1] ms more, while the claim is the caller's
+REG('renew', function(keys, args, inc)
+    local v = redis.call('HMGET', keys[1], 'inc', 'ready')
+    if v[1] ~= inc or v[2] == '1' then return C_LOST end
+    redis.call('SET', tag(keys) .. 'lease', inc, 'PX', args[1])
+    return C_OK
+end)
+
+-- delete keys args[2..] of this shard, remains of older claims than the
+-- caller's (generation args[1]); never the caller's own meta or lease
+REG('wipe', function(keys, args, inc)
+    if not older(keys[1], inc, args[1]) then return C_LOST end
+    local own = redis.call('HGET', keys[1], 'inc') == inc
+    local lease = tag(keys) .. 'lease'
+    for i = 2, #args do
+        if not (own and (args[i] == keys[1] or args[i] == lease)) then
+            redis.call('UNLINK', args[i])
+        end
+    end
+    return C_OK
+end)
+
+-- delete the shard's meta, lists and lease if they are the caller's
+REG('abort', function(keys, args, inc)
+    local P = tag(keys)
+    if redis.call('TYPE', keys[1])['ok'] ~= 'hash' or
+            redis.call('HGET', keys[1], 'inc') ~= inc then
+        return C_LOST
+    end
+    redis.call('DEL', keys[1])
+    redis.call('UNLINK', P .. 'free', P .. 'afree')
+    if redis.call('GET', P .. 'lease') == inc then redis.call('DEL', P .. 'lease') end
+    return C_OK
+end)
+
+-- claim shard 0 for removal: args the incarnation expected ('' for any),
+-- lease ms, magic, force ('1': even while a creator holds its lease).  The
+-- meta stays, not ready, under the caller's number and lease, until the
+-- remover has deleted everything else (then abort).  {C_OK, shards, gen},
+-- {C_GONE}, {C_BUSY, ms left}, {C_FOREIGN, key}
+REG('drop', function(keys, args, inc)
+    local P = tag(keys)
+    local m, lease = keys[1], P .. 'lease'
+    local bad = foreign(P, args[3])
+    if bad then return {C_FOREIGN, bad} end
+    if redis.call('EXISTS', m) == 0 then return {C_GONE} end
+    local v = redis.call('HMGET', m, 'inc', 'ready', 'shards', 'gen')
+    if v[1] == inc then return {C_OK, tonumber(v[3]) or 1, v[4]} end   -- a resend
+    if args[1] ~= '' and v[1] ~= args[1] then return {C_GONE} end
+    if v[2] ~= '1' and args[4] ~= '1' and redis.call('EXISTS', lease) == 1 then
+        return {C_BUSY, redis.call('PTTL', lease)}
+    end
+    local gen = newgen(redis.call('HGET', m, 'gen'))
+    redis.call('HSET', m, 'inc', inc, 'gen', gen, 'ready', '0', 'dropping', '1')
+    redis.call('SET', lease, inc, 'PX', args[2])
+    return {C_OK, tonumber(v[3]) or 1, gen}
+end)

@@ -39,29 +39,21 @@ def random_name() -> str:
 def create(name: str, size: int) -> mmap.mmap:
     """Create ``name`` with ``size`` bytes reserved up front (a too-small
     /dev/shm fails here with a clear error, not with SIGBUS later)."""
-    mm, fd = create_with_fd(name, size)
-    os.close(fd)
-    return mm
+    return create_mapped(name, size)[0]
 
 
-def _lock_fd(name: str, mapped_fd: int) -> int:
-    """A second, close-on-exec open of the segment file, never mapped.
-
-    An Engine's liveness lock (an OFD lock, see native/engine.h) must live on
-    an open file description that nothing else pins: a mapping pins the
-    description it was made from, and a fork child inherits mappings, so a
-    lock on the mapped description would outlive a dead parent."""
-    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    a, b = os.fstat(fd), os.fstat(mapped_fd)
-    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
-        os.close(fd)
-        raise SegmentError(errno.ESTALE, f"segment {name!r} was replaced while being opened")
-    return fd
+def path_of(name: str) -> str:
+    return os.path.join(SHM_DIR, name)
 
 
-def create_with_fd(name: str, size: int) -> tuple[mmap.mmap, int]:
-    """``create``, also returning a descriptor for the Engine's liveness lock
-    (see ``_lock_fd``)."""
+def create_mapped(name: str, size: int) -> tuple[mmap.mmap, tuple[int, int]]:
+    """``create``, also returning the file's (st_dev, st_ino).
+
+    An Engine's liveness lock (an OFD lock, see native/engine.h) lives on a
+    second open of the file that nothing else pins (a fork child inherits
+    mappings, and a mapping pins the description it was made from): C opens
+    it (``eng_attach_path``), known to its fork hook from the instant it
+    exists, and checks it is this file."""
     check_name(name)
     try:
         shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600)
@@ -78,7 +70,8 @@ def create_with_fd(name: str, size: int) -> tuple[mmap.mmap, int]:
             raise SegmentError(e.errno, f"cannot reserve {size} bytes for segment {name!r} "
                                f"({os.strerror(e.errno or 0)}; {SHM_DIR} has {free} bytes "
                                "free)") from None
-        return mmap.mmap(shm.fd, size), _lock_fd(name, shm.fd)
+        st = os.fstat(shm.fd)
+        return mmap.mmap(shm.fd, size), (st.st_dev, st.st_ino)
     except BaseException:
         shm.close_fd()
         posix_ipc.unlink_shared_memory("/" + name)
@@ -90,14 +83,12 @@ def create_with_fd(name: str, size: int) -> tuple[mmap.mmap, int]:
 
 def open_existing(name: str) -> mmap.mmap:
     """Map an existing segment read-write, at its current size."""
-    mm, fd = open_with_fd(name)
-    os.close(fd)
-    return mm
+    return open_mapped(name)[0]
 
 
-def open_with_fd(name: str) -> tuple[mmap.mmap, int]:
-    """``open_existing``, also returning a descriptor for the Engine's
-    liveness lock (see ``_lock_fd``)."""
+def open_mapped(name: str) -> tuple[mmap.mmap, tuple[int, int]]:
+    """``open_existing``, also returning the file's (st_dev, st_ino) (see
+    ``create_mapped``)."""
     check_name(name)
     try:
         shm = posix_ipc.SharedMemory("/" + name)
@@ -106,11 +97,11 @@ def open_with_fd(name: str) -> tuple[mmap.mmap, int]:
     except posix_ipc.PermissionsError as e:
         raise SegmentError(errno.EACCES, f"no permission to open segment {name!r}: {e}") from None
     try:
-        size = os.fstat(shm.fd).st_size
-        if size == 0:
+        st = os.fstat(shm.fd)
+        if st.st_size == 0:
             raise SegmentError(errno.EINVAL, f"segment {name!r} is empty (0 bytes): "
                                "not an engine segment, or its creator has not sized it yet")
-        return mmap.mmap(shm.fd, size), _lock_fd(name, shm.fd)
+        return mmap.mmap(shm.fd, st.st_size), (st.st_dev, st.st_ino)
     finally:
         shm.close_fd()
 

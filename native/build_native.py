@@ -30,6 +30,8 @@ def cdef_from_header(text: str) -> str:
 
 def compile_args() -> list[str]:
     args = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-fno-strict-aliasing"]
+    if os.environ.get("ENGINE_RELEASE"):
+        args += ["-DENG_NO_TEST_FAULTS"]   # the test fault switch can never be turned on
     if os.environ.get("ENGINE_SANITIZE"):
         args += ["-O1", "-g", "-fno-omit-frame-pointer",
                  "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
@@ -54,9 +56,18 @@ extern "Python" int _engine_guard(void *, uint64_t, uint32_t, uint32_t);
 # (by a #define of their name) through a `_released` wrapper that releases
 # it, so `lib.eng_wait_change` & co. release the GIL as before.  The engine
 # never reads errno through ffi.errno.
+#
+# While one of them is in C, another thread may run -- and close the Engine.
+# Each wrapper therefore enters the close gate (engine.c) before it releases
+# the GIL and leaves it after: close() waits for the calls in the gate and
+# refuses new ones (ENG_ECLOSED), so it never unmaps under a call.  The two
+# attach calls are the exception: each fills a fresh eng_seg no other thread can see yet.
 RELEASED = {   # name: (return type, parameters, arguments)
     "eng_attach": ("int", "eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd",
                    "s, base, size, fingerprint, fd"),
+    "eng_attach_path": ("int", "eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, "
+                               "const char *path, uint64_t dev, uint64_t ino",
+                        "s, base, size, fingerprint, path, dev, ino"),
     "eng_guard_transition": ("int", "eng_seg *s, uint64_t id, uint32_t trigger, "
                                     "const eng_ctx_update *u, eng_guard_fn guard, void *user",
                              "s, id, trigger, u, guard, user"),
@@ -79,15 +90,21 @@ RELEASED = {   # name: (return type, parameters, arguments)
     "eng_recover": ("int", "eng_seg *s, eng_recover_report *out", "s, out"),
 }
 
+# released, but outside the close gate (see above)
+UNGATED = {"eng_attach", "eng_attach_path"}
+
 
 def released_wrappers() -> str:
     """C source: the ``_released`` wrappers, the names routed through them,
     and the macros that keep the GIL in every other generated wrapper."""
     src, route = [], []
     for name, (ret, params, args) in RELEASED.items():
-        src.append(f"static {ret} {name}_released({params})\n{{\n    {ret} rc;\n"
+        gated = name not in UNGATED
+        enter = "    if (eng_gate_enter(s))\n        return ENG_ECLOSED;\n" if gated else ""
+        leave = "    eng_gate_leave(s);\n" if gated else ""
+        src.append(f"static {ret} {name}_released({params})\n{{\n    {ret} rc;\n{enter}"
                    f"    Py_BEGIN_ALLOW_THREADS\n    rc = {name}({args});\n"
-                   f"    Py_END_ALLOW_THREADS\n    return rc;\n}}")
+                   f"    Py_END_ALLOW_THREADS\n{leave}    return rc;\n}}")
         route.append(f"#define {name} {name}_released")
     keep_gil = """
 #undef Py_BEGIN_ALLOW_THREADS

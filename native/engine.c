@@ -66,6 +66,8 @@ static inline int cas_relaxed_u32(uint32_t *p, uint32_t expected, uint32_t desir
 static inline uint64_t fetch_add_relaxed_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline uint32_t fetch_add_relaxed_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline uint64_t fetch_add_seq_cst_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t fetch_add_seq_cst_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t fetch_sub_release_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_sub(p, v, __ATOMIC_RELEASE); }
 static inline uint32_t exchange_seq_cst_u32(uint32_t *p, uint32_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 static inline uint32_t exchange_relaxed_u32(uint32_t *p, uint32_t v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }
 static inline void store_seq_cst_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
@@ -164,7 +166,29 @@ static inline int64_t now_ns(clockid_t clk)
  * Price timestamps: CLOCK_REALTIME through the TSC (see "price timestamps"
  * in engine.h).  Each thread keeps its own anchor and rate, so nothing here
  * is shared or locked; a forked child goes on with its parent's (same TSC).
- * The fast read is one RDTSC, a subtraction, a compare and a multiply.
+ * The fast read is one RDTSC, a subtraction, a compare, a multiply and the
+ * floor (a compare and a store).
+ *
+ * Renewal, once an anchor has lived ENG_CLOCK_ANCHOR_NS: a fresh anchor
+ * pair always replaces the old anchor, so a step of CLOCK_REALTIME is taken
+ * in whole at the first renewal after it, either way.  The rate is another
+ * matter: the slope from the old anchor to the new one is the rate only if
+ * it agrees (within 2^-ENG_CLOCK_RATE_TOL_SHIFT) with the rate in use, or
+ * with the slope before it; a slope across a step disagrees with both and is
+ * only kept as the candidate, and the next slope, clean, agrees with the
+ * rate in use.  Two slopes in a row that agree with each other and not with
+ * the rate (the first measurement, or a rate that really moved) replace it.
+ *
+ * The floor: a thread's timestamps never go back.  A timestamp below the last
+ * one this thread returned is raised to it, when it is at most
+ * ENG_CLOCK_BACK_NS below (the new anchor sits a little behind the old one's
+ * extrapolation, an unordered RDTSC); further below means CLOCK_REALTIME
+ * itself went back, and the timestamps follow it.
+ *
+ *   reader (any price write):  d = rdtsc - anchor.tsc
+ *                              d < span ? max(last, anchor.ns + d*rate) : renew()
+ * Does not guarantee: order between threads, or anything before the first
+ * renewal after a step (up to ENG_CLOCK_ANCHOR_NS, off by the step).
  */
 #if defined(__x86_64__)
 #include <x86intrin.h>
@@ -176,8 +200,10 @@ static inline int64_t now_ns(clockid_t clk)
 typedef struct tsc_clock {
     uint64_t tsc;      /* anchor: the TSC at ... */
     int64_t  ns;       /* ... this CLOCK_REALTIME (0: no anchor yet) */
-    uint64_t mult;     /* ns per tick, 32.32; 0 until measured */
+    uint64_t mult;     /* ns per tick, 32.32: the rate in use; 0 until measured */
     uint64_t span;     /* ticks of ENG_CLOCK_ANCHOR_NS at mult: the anchor's life */
+    int64_t  last;     /* the last timestamp this thread returned (the floor) */
+    uint64_t cand;     /* the last slope that disagreed with mult; 0: none */
 } tsc_clock;
 
 static __thread tsc_clock tclk;
@@ -222,15 +248,31 @@ static inline uint64_t tsc_ordered(void)
     return __rdtsc();
 }
 
+/* ns as this thread's next timestamp: held at the last one when at most
+ * ENG_CLOCK_BACK_NS below it, followed when further below (a step back). */
+static inline int64_t clock_floor(int64_t ns)
+{
+    if (ns < tclk.last && tclk.last - ns <= ENG_CLOCK_BACK_NS)
+        ns = tclk.last;
+    tclk.last = ns;
+    return ns;
+}
+
+/* a and b agree as rates: within 2^-ENG_CLOCK_RATE_TOL_SHIFT of b */
+static inline int rates_agree(uint64_t a, uint64_t b)
+{
+    return b && (a > b ? a - b : b - a) <= b >> ENG_CLOCK_RATE_TOL_SHIFT;
+}
+
 /* The slow read: a new anchor when the old one is ENG_CLOCK_ANCHOR_NS old
- * (with the rate between the two), else CLOCK_REALTIME itself. */
+ * (see "Renewal" above), else CLOCK_REALTIME itself. */
 static __attribute__((noinline)) int64_t price_clock_anchor(void)
 {
     int64_t ns = now_ns(CLOCK_REALTIME);
     if (eng_price_clock(-1) != ENG_CLOCK_TSC)
         return ns;
     if (tclk.ns && ns - tclk.ns >= 0 && ns - tclk.ns < ENG_CLOCK_ANCHOR_NS && !tclk.mult)
-        return ns;   /* measuring: the anchor is too young to give a rate */
+        return clock_floor(ns);   /* measuring: the anchor is too young to give a rate */
     /* the anchor pair: CLOCK_REALTIME between two TSC reads, taken at their middle */
     uint64_t width = UINT64_MAX, mid = 0;
     for (int i = 0; i < ENG_CLOCK_PAIR_TRIES && width > ENG_CLOCK_PAIR_TICKS; i++) {
@@ -244,19 +286,24 @@ static __attribute__((noinline)) int64_t price_clock_anchor(void)
         }
     }
     if (width > ENG_CLOCK_PAIR_TICKS)
-        return ns;   /* preempted every time: keep the old anchor, try again next call */
-    uint64_t mult = 0;
+        return clock_floor(ns);   /* preempted every time: keep the old anchor, try again next call */
+    uint64_t slope = 0;   /* 0: none (no anchor, a step back, a TSC gone back, out of range) */
     if (tclk.ns && ns > tclk.ns && (int64_t)(mid - tclk.tsc) > 0) {
         unsigned __int128 m = ((unsigned __int128)(uint64_t)(ns - tclk.ns) << 32) /
                               (mid - tclk.tsc);
         if (m >= ENG_CLOCK_MIN_MULT && m <= ENG_CLOCK_MAX_MULT)
-            mult = (uint64_t)m;   /* else a clock step or a TSC gone back: measure again */
+            slope = (uint64_t)m;
+    }
+    if (slope && (rates_agree(slope, tclk.mult) || rates_agree(slope, tclk.cand))) {
+        tclk.mult = slope;
+        tclk.cand = 0;
+    } else {
+        tclk.cand = slope;   /* across a step, or a rate seen once: keep the rate in use */
     }
     tclk.tsc = mid;
     tclk.ns = ns;
-    tclk.mult = mult;
-    tclk.span = mult ? ((uint64_t)ENG_CLOCK_ANCHOR_NS << 32) / mult : 0;
-    return ns;
+    tclk.span = tclk.mult ? ((uint64_t)ENG_CLOCK_ANCHOR_NS << 32) / tclk.mult : 0;
+    return clock_floor(ns);
 }
 #endif
 
@@ -266,8 +313,12 @@ static inline int64_t price_clock(void)
 {
 #if HAVE_TSC
     uint64_t d = __rdtsc() - tclk.tsc;
-    if (__builtin_expect(d < tclk.span, 1))
-        return tclk.ns + (int64_t)((d * tclk.mult) >> 32);
+    if (__builtin_expect(d < tclk.span, 1)) {
+        int64_t t = tclk.ns + (int64_t)((d * tclk.mult) >> 32);
+        t = t < tclk.last ? tclk.last : t;   /* the floor: by at most ENG_CLOCK_BACK_NS here */
+        tclk.last = t;
+        return t;
+    }
     return price_clock_anchor();
 #else
     return now_ns(CLOCK_REALTIME);
@@ -556,40 +607,136 @@ static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *t
 static uint32_t fork_epoch;
 static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
 
-/* The liveness descriptors of this process's Engines.  A fork child closes
+/*
+ * The liveness descriptors of this process's Engines.  A fork child closes
  * its copies at once: the parent's OFD locks then live and die with the
- * parent alone.  (Closing a copy never drops an OFD lock the parent holds.) */
-static uint32_t local_fds[ENG_MAX_LOCAL_ENGINES];   /* fd + 1; 0 = empty (relaxed: only
-                                                        this process reads it) */
+ * parent alone.  (Closing a copy never drops an OFD lock the parent holds.)
+ *
+ * No window: a descriptor enters the table in the same critical section that
+ * opens it (eng_attach_path), and leaves it in the one that closes it, under
+ * local_fds_lock, which the atfork prepare hook takes too.  So at every fork
+ * the table names exactly the liveness descriptors that exist, wherever
+ * another thread is in open, lock, claim, attach or detach: a child never
+ * keeps a copy of one.  (A descriptor opened outside, e.g. by a raw caller
+ * of eng_attach, enters the table only at attach: before it holds a lock,
+ * but not before a fork can copy it; the Engine class never does that.)
+ */
+#define LOCAL_FD_ATTACHED 0x80000000u   /* an eng_seg owns it (else: opened, not attached) */
 
-/* Before the fd holds any lock: a fork from another thread at any later
- * point closes the child's copy. */
-static int remember_fd(int fd)
+static pthread_mutex_t local_fds_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint32_t local_fds[ENG_MAX_LOCAL_ENGINES];   /* (fd + 1) | LOCAL_FD_ATTACHED?; 0 = empty;
+                                                        only under local_fds_lock (or in
+                                                        the fork child, single-threaded) */
+
+/* Index of fd in the table, or -1.  The caller holds local_fds_lock. */
+static int local_fd_find(int fd)
 {
     for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++)
-        if (cas_relaxed_u32(&local_fds[i], 0, (uint32_t)fd + 1))
-            return 0;
-    return ENG_ETOOMANY;
+        if (local_fds[i] && (local_fds[i] & ~LOCAL_FD_ATTACHED) == (uint32_t)fd + 1)
+            return i;
+    return -1;
 }
 
-static void forget_fd(int fd)
+/* A free index, or -1.  The caller holds local_fds_lock. */
+static int local_fd_free(void)
 {
     for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++)
-        if (cas_relaxed_u32(&local_fds[i], (uint32_t)fd + 1, 0))
-            return;
+        if (!local_fds[i])
+            return i;
+    return -1;
 }
+
+static void local_fd_close(int fd);
+
+static void on_fork_prepare(void) { pthread_mutex_lock(&local_fds_lock); }
+static void on_fork_parent(void) { pthread_mutex_unlock(&local_fds_lock); }
 
 static void on_fork_child(void)
 {
+    /* the forking thread took the lock in on_fork_prepare: it is ours */
     store_relaxed_u32(&fork_epoch, load_relaxed_u32(&fork_epoch) + 1);
     for (int i = 0; i < ENG_MAX_LOCAL_ENGINES; i++) {
-        uint32_t v = exchange_relaxed_u32(&local_fds[i], 0);
+        uint32_t v = local_fds[i] & ~LOCAL_FD_ATTACHED;
+        local_fds[i] = 0;
         if (v)
             close((int)v - 1);
     }
+    pthread_mutex_unlock(&local_fds_lock);
 }
 
-static void install_fork_hook(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+static void install_fork_hook(void)
+{
+    pthread_atfork(on_fork_prepare, on_fork_parent, on_fork_child);
+}
+
+/* Open a liveness descriptor for the file at path, in the table from birth:
+ * 0 and *out_fd, ENG_ETOOMANY (the table is full), or a positive errno
+ * (ESTALE: path names another file than dev/ino now). */
+static int local_fd_open(const char *path, uint64_t dev, uint64_t ino, int *out_fd)
+{
+    pthread_once(&fork_hook_once, install_fork_hook);
+    pthread_mutex_lock(&local_fds_lock);
+    int i = local_fd_free(), fd = -1, rc = 0;
+    if (i < 0) {
+        rc = ENG_ETOOMANY;
+    } else {
+        fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0)
+            rc = errno ? errno : EIO;
+        else
+            local_fds[i] = (uint32_t)fd + 1;   /* before any fork can copy it */
+    }
+    pthread_mutex_unlock(&local_fds_lock);
+    if (rc)
+        return rc;
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (uint64_t)st.st_dev != dev || (uint64_t)st.st_ino != ino) {
+        local_fd_close(fd);
+        return ESTALE;
+    }
+    *out_fd = fd;
+    return 0;
+}
+
+/* eng_attach, before the fd holds any lock: mark it attached (adding it if
+ * a raw caller opened it).  *added says it was not in the table.  0,
+ * ENG_EBADARG (another eng_seg owns it), or ENG_ETOOMANY. */
+static int local_fd_attach(int fd, int *added)
+{
+    int rc = 0;
+    pthread_mutex_lock(&local_fds_lock);
+    int i = local_fd_find(fd);
+    *added = i < 0;
+    if (i >= 0 && (local_fds[i] & LOCAL_FD_ATTACHED))
+        rc = ENG_EBADARG;
+    else if (i < 0 && (i = local_fd_free()) < 0)
+        rc = ENG_ETOOMANY;
+    else
+        local_fds[i] = ((uint32_t)fd + 1) | LOCAL_FD_ATTACHED;
+    pthread_mutex_unlock(&local_fds_lock);
+    return rc;
+}
+
+/* A failed eng_attach: the fd goes back to how the caller gave it. */
+static void local_fd_unattach(int fd, int added)
+{
+    pthread_mutex_lock(&local_fds_lock);
+    int i = local_fd_find(fd);
+    if (i >= 0)
+        local_fds[i] = added ? 0 : (uint32_t)fd + 1;
+    pthread_mutex_unlock(&local_fds_lock);
+}
+
+/* Out of the table and closed, in one step (eng_detach, a failed attach). */
+static void local_fd_close(int fd)
+{
+    pthread_mutex_lock(&local_fds_lock);
+    int i = local_fd_find(fd);
+    if (i >= 0)
+        local_fds[i] = 0;
+    close(fd);
+    pthread_mutex_unlock(&local_fds_lock);
+}
 
 /* Every exported function taking an eng_seg starts here. */
 static inline int seg_error(const eng_seg *s)
@@ -716,6 +863,66 @@ const char *eng_strerror(int code)
     }
 }
 
+/* ==== test faults ================================================================ */
+/*
+ * The fault words of the header (fault_flags, test_pause_ns) make C kill
+ * itself or sleep holding a lock: test hooks.  A process honours them only
+ * while its own switch is on -- ENGINE_TEST_FAULTS=1 in its environment when
+ * it first asks, or eng_test_faults(1) -- and nothing in a segment can turn
+ * that switch on.  With it off, attach refuses a segment whose fault words
+ * are set (ENG_ECORRUPT naming the word), eng_set_faults refuses to set them,
+ * and every fault site ignores them (they are read only when set, so the
+ * check costs nothing on a clean segment).  A build with ENG_NO_TEST_FAULTS
+ * (ENGINE_RELEASE=1 when building) has the switch off for good.
+ */
+#define FAULT_FLAGS_KNOWN (ENG_FAULT_SKIP_GEN | ENG_FAULT_BLIND_STORE | ENG_FAULT_DIE_AFTER_CAS | \
+                           ENG_FAULT_DIE_AFTER_LOCK | ENG_FAULT_DIE_IN_KEY |                    \
+                           ENG_FAULT_DIE_IN_BOOKING | ENG_FAULT_DIE_IN_TINDEX_ADD |             \
+                           ENG_FAULT_DIE_IN_TINDEX_DEL)
+
+static int test_faults_on = -1;   /* -1 until the first question reads the environment */
+
+int eng_test_faults(int on)
+{
+#ifdef ENG_NO_TEST_FAULTS
+    (void)on;
+    return 0;   /* a release build (ENGINE_RELEASE=1 at build time): never on */
+#endif
+    if (on >= 0) {
+        __atomic_store_n(&test_faults_on, on ? 1 : 0, __ATOMIC_RELAXED);
+        return on ? 1 : 0;
+    }
+    int m = __atomic_load_n(&test_faults_on, __ATOMIC_RELAXED);
+    if (m < 0) {
+        const char *env = getenv("ENGINE_TEST_FAULTS");
+        m = env && strcmp(env, "1") == 0;
+        __atomic_store_n(&test_faults_on, m, __ATOMIC_RELAXED);
+    }
+    return m;
+}
+
+static inline int faults_allowed(void) { return eng_test_faults(-1) == 1; }
+
+/* The fault words of header h: 0, or ENG_ECORRUPT naming the first that is
+ * set while this process does not honour faults, or out of range. */
+static int faults_check(const eng_header *h, const char **what, uint64_t *value)
+{
+    uint32_t flags = load_relaxed_u32((uint32_t *)&h->fault_flags);
+    uint64_t pause = load_relaxed_u64((uint64_t *)&h->test_pause_ns);
+    int allowed = (flags || pause) && faults_allowed();
+    if (flags && (!allowed || (flags & ~(uint32_t)FAULT_FLAGS_KNOWN))) {
+        *what = "fault_flags";
+        *value = flags;
+        return ENG_ECORRUPT;
+    }
+    if (pause && (!allowed || pause > ENG_TEST_PAUSE_MAX_NS)) {
+        *what = "test_pause_ns";
+        *value = pause;
+        return ENG_ECORRUPT;
+    }
+    return 0;
+}
+
 /* ==== format, validate, attach ================================================== */
 
 /* The type a role's word must have (0: any integer type listed in the check). */
@@ -750,6 +957,37 @@ static int rec_layout_ok(const eng_rec_layout *r)
     return 1;
 }
 
+/* The machine's words (also what eng_format was given): NULL if they are
+ * well formed, else the name of the first bad word (*value: its value; for
+ * "table", the index of the bad entry).  A booked record (booked) also needs
+ * an initial state that is not closed and no rule out of a closed state into
+ * an open one: a closing is booked exactly once. */
+static const char *table_problem(const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
+                                 uint32_t initial_index, uint32_t closed_mask, int booked,
+                                 uint64_t *value)
+{
+    uint64_t ignored;
+    if (!value)
+        value = &ignored;
+    if (n_states == 0 || n_states > ENG_MAX_STATES)
+        return *value = n_states, "n_states";
+    if (n_triggers == 0 || n_triggers > ENG_MAX_TRIGGERS)
+        return *value = n_triggers, "n_triggers";
+    if (initial_index >= n_states)
+        return *value = initial_index, "initial_index";
+    if ((closed_mask >> n_states) != 0 || (booked && (closed_mask >> initial_index) & 1))
+        return *value = closed_mask, "closed_mask";
+    for (uint32_t i = 0; i < ENG_MAX_STATES * ENG_MAX_TRIGGERS; i++) {
+        uint32_t st = i / ENG_MAX_TRIGGERS, tr = i % ENG_MAX_TRIGGERS;
+        uint32_t tgt = table[i] & ENG_RULE_TARGET_MASK;
+        if ((table[i] & ~(ENG_RULE_TARGET_MASK | ENG_RULE_GUARDED)) ||
+            (tgt && (st >= n_states || tr >= n_triggers || tgt > n_states)) ||
+            (tgt && booked && ((closed_mask >> st) & 1) && !((closed_mask >> (tgt - 1)) & 1)))
+            return *value = i, "table";
+    }
+    return NULL;
+}
+
 int eng_format(void *base, uint64_t size, uint32_t capacity,
                const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
                uint32_t initial_index, uint32_t closed_mask,
@@ -759,26 +997,13 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
     if (!base || !table || !rec || capacity == 0 || capacity > ENG_MAX_CAPACITY ||
         !rec_layout_ok(rec) || max_accounts > ENG_MAX_ACCOUNTS)
         return ENG_EBADARG;
-    if (n_states == 0 || n_states > ENG_MAX_STATES || n_triggers == 0 ||
-        n_triggers > ENG_MAX_TRIGGERS || initial_index >= n_states ||
-        (closed_mask >> n_states) != 0)
-        return ENG_EBADARG;
     layout l = compute_layout(capacity, rec->n_words, rec->keys_per_position, max_accounts);
     if (size < l.size)
         return ENG_ESIZE;
-    int booked = rec->roles[ENG_ROLE_ACCOUNT] != ENG_ROLE_NONE;
-    if (booked && (closed_mask >> initial_index) & 1)
-        return ENG_EBADARG;   /* an opening would be closed before it was booked */
-    for (uint32_t i = 0; i < ENG_MAX_STATES * ENG_MAX_TRIGGERS; i++) {
-        uint32_t st = i / ENG_MAX_TRIGGERS, tr = i % ENG_MAX_TRIGGERS;
-        uint32_t tgt = table[i] & ENG_RULE_TARGET_MASK;
-        if (table[i] & ~(ENG_RULE_TARGET_MASK | ENG_RULE_GUARDED))
-            return ENG_EBADARG;
-        if (tgt && (st >= n_states || tr >= n_triggers || tgt > n_states))
-            return ENG_EBADARG;
-        if (tgt && booked && ((closed_mask >> st) & 1) && !((closed_mask >> (tgt - 1)) & 1))
-            return ENG_EBADARG;   /* out of a closed state: its closing was booked once */
-    }
+    const char *bad = table_problem(table, n_states, n_triggers, initial_index, closed_mask,
+                                    rec->roles[ENG_ROLE_ACCOUNT] != ENG_ROLE_NONE, NULL);
+    if (bad)
+        return ENG_EBADARG;
     /* A fresh segment is zero-filled; the header goes in field by field and
      * ready last. */
     eng_header *h = base;
@@ -816,43 +1041,99 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
     return 0;
 }
 
-int eng_validate(const void *base, uint64_t size, uint64_t fingerprint)
+/* Every header word a crafted segment could set, checked before any is
+ * used: 0, or the status and (if what) the name and value of the first bad
+ * word.  Words not checked here are free of meaning to attach and use:
+ * creator_pid, created_ns and the pads are for people; key_seed is any
+ * seed; alloc_hint and account_hint are taken modulo their ranges;
+ * recovering is a token, judged dead or alive as any lock's owner. */
+static int header_check(const void *base, uint64_t size, uint64_t fingerprint,
+                        const char **what, uint64_t *value)
 {
+    const char *ignored_what;
+    uint64_t ignored_value;
+    if (!what)
+        what = &ignored_what;
+    if (!value)
+        value = &ignored_value;
+#define BAD(code, field, v) do { *what = (field); *value = (uint64_t)(v); return (code); } while (0)
     if (!base || size < sizeof(eng_header))
-        return size < sizeof(uint64_t) || !base ? ENG_EMAGIC : ENG_ESIZE;
+        BAD(size < sizeof(uint64_t) || !base ? ENG_EMAGIC : ENG_ESIZE, "segment_size", size);
     const eng_header *h = base;
     if (h->magic != ENG_MAGIC)
-        return ENG_EMAGIC;
+        BAD(ENG_EMAGIC, "magic", h->magic);
     if (!load_acquire_u32((uint32_t *)&h->ready))   /* pairs with eng_format */
-        return ENG_ENOTREADY;
+        BAD(ENG_ENOTREADY, "ready", 0);
     if (h->layout_version != ENG_LAYOUT_VERSION)
-        return ENG_ELAYOUT;
-    if (h->capacity == 0 || h->capacity > ENG_MAX_CAPACITY || !rec_layout_ok(&h->rec) ||
-        h->max_accounts > ENG_MAX_ACCOUNTS)
-        return ENG_ECORRUPT;
+        BAD(ENG_ELAYOUT, "layout_version", h->layout_version);
+    if (h->capacity == 0 || h->capacity > ENG_MAX_CAPACITY)
+        BAD(ENG_ECORRUPT, "capacity", h->capacity);
+    if (!rec_layout_ok(&h->rec))
+        BAD(ENG_ECORRUPT, "rec", h->rec.n_words);
+    if (h->max_accounts > ENG_MAX_ACCOUNTS)
+        BAD(ENG_ECORRUPT, "max_accounts", h->max_accounts);
     layout l = compute_layout(h->capacity, h->rec.n_words, h->rec.keys_per_position,
                               h->max_accounts);
-    if (h->slot_size != l.slot_size || h->rec_size != l.rec_size ||
-        h->key_buckets != l.key_buckets || h->tindex_buckets != l.tindex_buckets)
-        return ENG_ECORRUPT;
-    if (h->segment_size != l.size || size < l.size || h->registry_off != l.registry_off ||
-        h->shards_off != l.shards_off || h->slots_off != l.slots_off ||
-        h->keyrecs_off != l.keyrecs_off || h->keyidx_off != l.keyidx_off ||
-        h->stripes_off != l.stripes_off || h->tindex_off != l.tindex_off ||
-        h->accounts_off != l.accounts_off)
-        return ENG_ESIZE;
-    if (h->n_states == 0 || h->n_states > ENG_MAX_STATES || h->n_triggers == 0 ||
-        h->n_triggers > ENG_MAX_TRIGGERS || h->initial_index >= h->n_states)
-        return ENG_ECORRUPT;
-    for (uint32_t st = 0; st < ENG_MAX_STATES; st++)
-        for (uint32_t tr = 0; tr < ENG_MAX_TRIGGERS; tr++) {
-            uint32_t tgt = h->table[st * ENG_MAX_TRIGGERS + tr] & ENG_RULE_TARGET_MASK;
-            if (tgt && (st >= h->n_states || tr >= h->n_triggers || tgt > h->n_states))
-                return ENG_ECORRUPT;
-        }
+    if (h->slot_size != l.slot_size)
+        BAD(ENG_ECORRUPT, "slot_size", h->slot_size);
+    if (h->rec_size != l.rec_size)
+        BAD(ENG_ECORRUPT, "rec_size", h->rec_size);
+    if (h->key_buckets != l.key_buckets)
+        BAD(ENG_ECORRUPT, "key_buckets", h->key_buckets);
+    if (h->tindex_buckets != l.tindex_buckets)
+        BAD(ENG_ECORRUPT, "tindex_buckets", h->tindex_buckets);
+    if (h->segment_size != l.size || size < l.size)
+        BAD(ENG_ESIZE, "segment_size", h->segment_size);
+    static const struct { const char *name; size_t hdr_off, l_off; } offs[] = {
+        {"registry_off", offsetof(eng_header, registry_off), offsetof(layout, registry_off)},
+        {"shards_off", offsetof(eng_header, shards_off), offsetof(layout, shards_off)},
+        {"slots_off", offsetof(eng_header, slots_off), offsetof(layout, slots_off)},
+        {"keyrecs_off", offsetof(eng_header, keyrecs_off), offsetof(layout, keyrecs_off)},
+        {"keyidx_off", offsetof(eng_header, keyidx_off), offsetof(layout, keyidx_off)},
+        {"stripes_off", offsetof(eng_header, stripes_off), offsetof(layout, stripes_off)},
+        {"tindex_off", offsetof(eng_header, tindex_off), offsetof(layout, tindex_off)},
+        {"accounts_off", offsetof(eng_header, accounts_off), offsetof(layout, accounts_off)}};
+    for (size_t i = 0; i < sizeof offs / sizeof offs[0]; i++) {
+        uint64_t got, want;
+        memcpy(&got, (const uint8_t *)h + offs[i].hdr_off, sizeof got);
+        memcpy(&want, (const uint8_t *)&l + offs[i].l_off, sizeof want);
+        if (got != want)
+            BAD(ENG_ESIZE, offs[i].name, got);
+    }
+    uint64_t v;
+    const char *bad = table_problem(h->table, h->n_states, h->n_triggers, h->initial_index,
+                                    h->closed_mask, h->rec.roles[ENG_ROLE_ACCOUNT] != ENG_ROLE_NONE,
+                                    &v);
+    if (bad)
+        BAD(ENG_ECORRUPT, bad, v);
+    /* the controls: their C setters store only these values */
+    uint32_t halted = load_relaxed_u32((uint32_t *)&h->halted);
+    uint32_t metrics_on = load_relaxed_u32((uint32_t *)&h->metrics_on);
+    uint32_t mask = load_relaxed_u32((uint32_t *)&h->sample_mask);
+    if (halted > 1)
+        BAD(ENG_ECORRUPT, "halted", halted);
+    if (metrics_on > 1)
+        BAD(ENG_ECORRUPT, "metrics_on", metrics_on);
+    if (mask & (mask + 1))
+        BAD(ENG_ECORRUPT, "sample_mask", mask);
+    int rc = faults_check(h, what, value);
+    if (rc)
+        return rc;
     if (fingerprint && h->fingerprint != fingerprint)
-        return ENG_ESPEC;
+        BAD(ENG_ESPEC, "fingerprint", h->fingerprint);
+#undef BAD
     return 0;
+}
+
+int eng_validate(const void *base, uint64_t size, uint64_t fingerprint)
+{
+    return header_check(base, size, fingerprint, NULL, NULL);
+}
+
+int eng_validate_detail(const void *base, uint64_t size, uint64_t fingerprint,
+                        const char **out_field, uint64_t *out_value)
+{
+    return header_check(base, size, fingerprint, out_field, out_value);
 }
 
 /*
@@ -958,7 +1239,8 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     s->fd_ino = (uint64_t)st.st_ino;
     s->pid = (uint32_t)getpid();
     s->fork_epoch = load_relaxed_u32(&fork_epoch);
-    rc = remember_fd(fd);
+    int added;
+    rc = local_fd_attach(fd, &added);   /* before the fd holds any lock */
     if (rc) {
         memset(s, 0, sizeof *s);
         return rc;
@@ -968,9 +1250,32 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
         for (uint32_t i = 0; i < ENG_MAX_PROCS; i++)
             if (claim_entry(s, i, s->pid, start, take_dead))
                 return 0;
-    forget_fd(fd);
+    local_fd_unattach(fd, added);
     memset(s, 0, sizeof *s);
     return ENG_ENOPROC;
+}
+
+/* eng_attach with a liveness descriptor it opens itself on path (the file
+ * with dev/ino, the one mapped at base): the descriptor is in the fork
+ * table from birth and never exists outside this call unless attached.  0,
+ * a negative code, or a positive errno when path cannot be opened (ESTALE:
+ * it names another file now). */
+int eng_attach_path(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint,
+                    const char *path, uint64_t dev, uint64_t ino)
+{
+    if (!s || !path)
+        return ENG_EBADARG;
+    int rc = eng_validate(base, size, fingerprint);   /* before any descriptor */
+    if (rc)
+        return rc;
+    int fd;
+    rc = local_fd_open(path, dev, ino, &fd);
+    if (rc)
+        return rc;
+    rc = eng_attach(s, base, size, fingerprint, fd);
+    if (rc)
+        local_fd_close(fd);
+    return rc;
 }
 
 /* Add one shard's counts to the retired shard (shared by every process that
@@ -1014,8 +1319,7 @@ void eng_detach(eng_seg *s)
      * entry is the parent's, and the fork hook closed our copy of its fd */
     if (s->hdr && s->me && s->fork_epoch == load_relaxed_u32(&fork_epoch)) {
         release_entry(s, s->proc_index);
-        forget_fd(s->fd);
-        close(s->fd);
+        local_fd_close(s->fd);
     }
     memset(s, 0, sizeof *s);
 }
@@ -1024,6 +1328,67 @@ int eng_check(eng_seg *s)
 {
     CHECK_SEG(s);
     return 0;
+}
+
+/* ==== the close gate: close() against calls in flight in other threads ========== */
+/*
+ * An eng_seg belongs to one thread.  But a binding that lets other threads
+ * run while a long call is in C (Python: the calls cffi runs with the GIL
+ * released) lets a second thread detach and unmap the segment under that
+ * call: a crash.  The gate makes close wait instead.  Each such call enters
+ * before it touches the segment and leaves after; close shuts the gate, then
+ * waits until no call is in, then detaches:
+ *
+ *   call (any thread):                           close:
+ *     E1 gate_calls += 1       (seq_cst)           C1 gate_shut = 1 (seq_cst)
+ *     E2 gate_shut? leave, ENG_ECLOSED (seq_cst)   C2 gate_calls == 0? (seq_cst)
+ *        ... the call ...                             else wait, look again
+ *     E3 gate_calls -= 1       (release)           C3 detach, unmap
+ *
+ * E1-E2 against C1-C2 (each side stores, then loads the other's word; all
+ * seq_cst): a call that C2 did not count saw the gate shut at E2 and never
+ * touched the segment.  E3's release pairs with C2 (an acquire too): the call's
+ * last access is before the unmap.  eng_wait_change looks at gate_shut at
+ * every slice and returns ENG_ECLOSED, so a wait in flight leaves within
+ * ENG_WAIT_SLICE_NS of C1.  The binding bounds C2 (ENG_CLOSE_WAIT_NS) and
+ * opens the gate again if it gives up, nothing closed.
+ *
+ * Does not guarantee: anything for calls that do not enter (the binding's
+ * calls that keep the GIL cannot overlap a close that holds it), nor for
+ * an eng_seg inherited through fork() (its calls say ENG_EFORKED; the
+ * threads counted in it were not copied, so shutting reports none).
+ */
+int eng_gate_enter(eng_seg *s)
+{
+    if (!s)
+        return ENG_ECLOSED;
+    fetch_add_seq_cst_u32(&s->gate_calls, 1);          /* E1 */
+    if (load_seq_cst_u32(&s->gate_shut)) {             /* E2, against C1 */
+        fetch_sub_release_u32(&s->gate_calls, 1);
+        return ENG_ECLOSED;
+    }
+    return 0;
+}
+
+void eng_gate_leave(eng_seg *s)
+{
+    if (s)
+        fetch_sub_release_u32(&s->gate_calls, 1);      /* E3: pairs with C2 */
+}
+
+/* Shut the gate; returns how many calls are still in (0: close may detach). */
+uint32_t eng_gate_shut(eng_seg *s)
+{
+    if (seg_error(s))
+        return 0;   /* closed, or a fork child's copy: nothing in flight here */
+    store_seq_cst_u32(&s->gate_shut, 1);               /* C1 */
+    return load_seq_cst_u32(&s->gate_calls);           /* C2: against E1; acquires E3 */
+}
+
+void eng_gate_open(eng_seg *s)
+{
+    if (s)
+        store_seq_cst_u32(&s->gate_shut, 0);
 }
 
 /* ==== the latch-seqlock: two copies and a word ================================== */
@@ -1390,7 +1755,7 @@ static inline int enter_vector(eng_seg *s, int outs_ok, uint64_t n, int arrays_o
 
 static void die_if(eng_seg *s, uint32_t fault)
 {
-    if (__builtin_expect(load_relaxed_u32(&s->hdr->fault_flags) & fault, 0))
+    if (__builtin_expect(load_relaxed_u32(&s->hdr->fault_flags) & fault, 0) && faults_allowed())
         kill(getpid(), SIGKILL);
 }
 
@@ -1409,7 +1774,8 @@ static void commit_after(eng_seg *s, eng_slot *sl, uint64_t old_w, uint64_t new_
 
 static inline uint32_t next_gen(eng_seg *s, uint32_t gen)
 {
-    if (__builtin_expect(load_relaxed_u32(&s->hdr->fault_flags) & ENG_FAULT_SKIP_GEN, 0))
+    if (__builtin_expect(load_relaxed_u32(&s->hdr->fault_flags) & ENG_FAULT_SKIP_GEN, 0) &&
+        faults_allowed())
         return gen;
     return (gen + 1) & ENG_SW_GEN_MASK;
 }
@@ -1516,7 +1882,8 @@ int eng_transition(eng_seg *s, uint64_t id, uint32_t trigger)
             break;
         }
         uint64_t nw = sw_make(1u << target, next_gen(s, sw_gen(w)), sw_ctx(w));
-        if (__builtin_expect(load_relaxed_u32(&s->hdr->fault_flags) & ENG_FAULT_BLIND_STORE, 0)) {
+        if (__builtin_expect(load_relaxed_u32(&s->hdr->fault_flags) & ENG_FAULT_BLIND_STORE, 0) &&
+            faults_allowed()) {
             sched_yield();   /* deliberately broken, tests only: another writer gets in ... */
             store_release_u64(&sl->word, nw);   /* ... and this store loses its commit */
             commit_after(s, sl, w, nw);
@@ -1590,7 +1957,9 @@ static int lock_slot(eng_seg *s, eng_slot *sl, uint64_t id, uint32_t trigger, in
 static void test_pause(eng_seg *s)
 {
     uint64_t ns = load_relaxed_u64(&s->hdr->test_pause_ns);
-    if (__builtin_expect(ns != 0, 0)) {
+    if (__builtin_expect(ns != 0, 0) && faults_allowed()) {
+        if (ns > ENG_TEST_PAUSE_MAX_NS)
+            ns = ENG_TEST_PAUSE_MAX_NS;
         struct timespec ts = {(time_t)(ns / 1000000000ULL), (long)(ns % 1000000000ULL)};
         while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
             ;
@@ -1938,7 +2307,52 @@ static int acct_settle(eng_seg *s, uint64_t acct, op_timer t)
 
 enum { BOOK_OPEN = 1, BOOK_CLOSE = 2 };
 
-static int books_reserve(eng_books *b, int64_t notional)
+/*
+ * The worst case of a booked position.  Its close books realized = side x
+ * (money(last, amount) - notional) with last in (0, ENG_BOOK_PRICE_MULT x
+ * entry] (a close above the band is refused), so with top = money(MULT x
+ * entry, amount) it adds at most gain and takes at most loss:
+ *
+ *   long:  realized in [-notional, top - notional]   gain = top - notional, loss = notional
+ *   short: realized in [notional - top, notional]    gain = notional, loss = top - notional
+ *
+ * (money() is monotonic in the price, and MULT is a power of two, so MULT x
+ * entry is exact.)  An account keeps, with worst_gain / worst_loss the sums
+ * over its open positions:
+ *
+ *   cash + worst_gain <= INT64_MAX      realized + worst_gain <= INT64_MAX
+ *   cash - worst_loss >= INT64_MIN      realized - worst_loss >= INT64_MIN
+ *
+ * An opening that would break it, or a deposit (cash + amount + worst_gain),
+ * is refused; a close keeps it (realized <= its gain, which leaves the sums
+ * with it), and a withdrawal keeps cash >= reserved >= 0.  So every close
+ * within the band books.
+ */
+_Static_assert((ENG_BOOK_PRICE_MULT & (ENG_BOOK_PRICE_MULT - 1)) == 0, "the band's top is exact");
+
+static int position_worst(double entry, double amount, int64_t side, int64_t *notional,
+                          int64_t *top, int64_t *gain, int64_t *loss)
+{
+    *notional = money_of(entry, amount);
+    *top = money_of(entry * ENG_BOOK_PRICE_MULT, amount);
+    if (*notional < 0 || *top < 0)
+        return ENG_EBADMONEY;   /* the position's value at the band's top is beyond money */
+    *gain = side > 0 ? *top - *notional : *notional;
+    *loss = side > 0 ? *notional : *top - *notional;
+    return 0;
+}
+
+/* 0 if books b (with worst_gain, worst_loss already summed) keep the room. */
+static inline int books_room_ok(const eng_books *b)
+{
+    int64_t x;
+    return !__builtin_add_overflow(b->cash, b->worst_gain, &x) &&
+           !__builtin_add_overflow(b->realized, b->worst_gain, &x) &&
+           !__builtin_sub_overflow(b->cash, b->worst_loss, &x) &&
+           !__builtin_sub_overflow(b->realized, b->worst_loss, &x);
+}
+
+static int books_reserve(eng_books *b, int64_t notional, int64_t gain, int64_t loss)
 {
     int64_t reserved, avail;
     if (b->halted)
@@ -1949,12 +2363,19 @@ static int books_reserve(eng_books *b, int64_t notional)
         return ENG_ERISK_EXPOSURE;
     if (__builtin_sub_overflow(b->cash, b->reserved, &avail) || notional > avail)
         return ENG_ERISK_CASH;
+    eng_books n = *b;
+    if (__builtin_add_overflow(b->worst_gain, gain, &n.worst_gain) ||
+        __builtin_add_overflow(b->worst_loss, loss, &n.worst_loss) || !books_room_ok(&n))
+        return ENG_EBADMONEY;   /* a close in the band could not be booked */
+    b->worst_gain = n.worst_gain;
+    b->worst_loss = n.worst_loss;
     b->reserved = reserved;
     b->open_positions++;
     return 0;
 }
 
-static int books_release(eng_books *b, int64_t notional, int64_t realized)
+static int books_release(eng_books *b, int64_t notional, int64_t realized, int64_t gain,
+                         int64_t loss)
 {
     int64_t reserved, cash, total;
     if (b->open_positions == 0 || __builtin_sub_overflow(b->reserved, notional, &reserved) ||
@@ -1962,11 +2383,13 @@ static int books_release(eng_books *b, int64_t notional, int64_t realized)
         return ENG_ECORRUPT;   /* the books lost a reservation: never, if the invariant holds */
     if (__builtin_add_overflow(b->cash, realized, &cash) ||
         __builtin_add_overflow(b->realized, realized, &total))
-        return ENG_EBADMONEY;
+        return ENG_EBADMONEY;   /* never within the band, if the room was kept */
     b->reserved = reserved;
     b->open_positions--;
     b->cash = cash;
     b->realized = total;
+    b->worst_gain = b->worst_gain > gain ? b->worst_gain - gain : 0;
+    b->worst_loss = b->worst_loss > loss ? b->worst_loss - loss : 0;
     if (total < 0 && total <= -b->max_loss)
         b->halted = 1;
     return 0;
@@ -1983,10 +2406,11 @@ static int book_position(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec
         return rc;
     double amount = as_f8(c->w[s->roles[ENG_ROLE_AMOUNT]]);
     int64_t side = (int64_t)c->w[s->roles[ENG_ROLE_SIDE]];
-    int64_t notional = money_of(as_f8(c->w[s->roles[ENG_ROLE_ENTRY_PRICE]]), amount);
-    int64_t realized = 0;
-    if (notional < 0)
-        return ENG_EBADMONEY;
+    int64_t notional, top, gain, loss, realized = 0;
+    rc = position_worst(as_f8(c->w[s->roles[ENG_ROLE_ENTRY_PRICE]]), amount, side, &notional,
+                        &top, &gain, &loss);
+    if (rc)
+        return rc;
     if (kind == BOOK_CLOSE) {
         eng_price_rec p;
         uint64_t pv;
@@ -1994,9 +2418,9 @@ static int book_position(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec
         if (rc)
             return rc;
         int64_t last = money_of(p.price, amount);
-        if (last < 0)
-            return ENG_EBADMONEY;
-        realized = side > 0 ? last - notional : notional - last;   /* both in [0, 2^63) */
+        if (last < 0 || last > top)
+            return ENG_EBADMONEY;   /* a price above the band: nothing changes */
+        realized = side > 0 ? last - notional : notional - last;   /* in [-loss, gain] */
     }
     uint64_t AL;
     rc = acct_latch(s, a, t, &AL);                                 /* B1 */
@@ -2009,7 +2433,8 @@ static int book_position(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec
     if (rc == 0) {
         s->last_books = b;
         s->last_amount = notional;
-        rc = kind == BOOK_OPEN ? books_reserve(&b, notional) : books_release(&b, notional, realized);
+        rc = kind == BOOK_OPEN ? books_reserve(&b, notional, gain, loss)
+                               : books_release(&b, notional, realized, gain, loss);
     }
     if (rc) {
         acct_unlatch(a, AL);
@@ -2087,6 +2512,7 @@ static int books_change(eng_books *b, int kind, const acct_args *x, uint64_t ver
     switch (kind) {
     case AC_DEPOSIT:
         if (__builtin_add_overflow(b->cash, x->amount, &v1) ||
+            __builtin_add_overflow(v1, b->worst_gain, &v2) ||   /* the open positions' room */
             __builtin_add_overflow(b->deposits, x->amount, &v2))
             return ENG_EBADMONEY;
         b->cash = v1;
@@ -3911,10 +4337,17 @@ int eng_transition_many(eng_seg *s, const uint64_t *ids, const uint32_t *trigger
             return rc;
         }
     }
+    *out_bad_index = n;   /* n: no element failed; else the first that did */
     for (uint64_t i = 0; i < n; i++) {
         int rc = eng_transition(s, ids[i], triggers[i]);
+        /* released meanwhile: INVALID; moved meanwhile onto a guarded rule:
+         * CONFLICT; any other error is the element's: ENG_MANY_ERROR | -code */
         out[i] = (uint8_t)(rc >= 0 ? rc
-                           : rc == ENG_ESTALE || rc == ENG_ENOTOPEN ? ENG_INVALID : ENG_CONFLICT);
+                           : rc == ENG_ESTALE || rc == ENG_ENOTOPEN ? ENG_INVALID
+                           : rc == ENG_EGUARDED ? ENG_CONFLICT
+                           : ENG_MANY_ERROR | -rc);
+        if (out[i] >= ENG_MANY_ERROR && *out_bad_index == n)
+            *out_bad_index = i;
     }
     return 0;
 }
@@ -3949,6 +4382,10 @@ int eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns,
     *out_since = (int64_t)base;
     uint32_t seen;
     for (;;) {
+        if (load_acquire_u32(&s->gate_shut)) {   /* close() is waiting: see the close gate */
+            rc = ENG_ECLOSED;
+            break;
+        }
         uint64_t cur = load_acquire_u64(&sl->word) & SW_COMMITTED;
         if (cur == base) {
             /* about to sleep: announce it, then read the counter (see
@@ -4043,12 +4480,29 @@ int eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n)
 /* ==== recovery ========================================================================= */
 /*
  * One recovery at a time: header.recovering is a CAS flag holding its
- * owner's token, taken over if that owner is proven dead.  The sweep resolves
- * every transition lock and price latch whose owner is proven dead, then frees
- * the registry entries of proven-dead processes (their shards are folded into
- * the retired shard first).  Live processes keep working throughout: every
- * change is a CAS against the exact word seen.
+ * owner's token, taken over if that owner is proven dead.  Three steps:
+ *
+ *   1. take the liveness lock of each registry entry whose pid is set and
+ *      whose lock nobody holds: its owner is gone, and no claimer can
+ *      touch the entry while we hold it
+ *   2. sweep: resolve every transition lock, price latch, account latch, key
+ *      stripe and record and token-index bucket lock whose owner is proven
+ *      dead -- those of step 1 included (a gone owner takes no more)
+ *   3. free the entries of step 1 (shards folded into the retired shard)
+ *
+ * So an entry is freed only after its owner's locks were resolved: a freed
+ * entry's incarnation can come round (2^17 - 1 claims later) without ever
+ * meeting them.  An owner that dies after step 1 keeps its entry until the
+ * next recover() or an attach takes it over (which sweeps the same way).
+ * Does not guarantee: an attach that finds every other entry held (a full
+ * registry whose dead entries step 1 holds) waits for nothing: ENG_ENOPROC.
+ * Live processes keep working throughout: every change is a CAS against the
+ * exact word seen.
  */
+static eng_test_hook_fn recover_test_hook;   /* tests only, this process only */
+
+void eng_test_recover_hook(eng_test_hook_fn fn) { recover_test_hook = fn; }
+
 static int take_recovery_flag(eng_seg *s)
 {
     for (uint32_t step = 0; step < MAX_WAIT_STEPS * 4; step++) {
@@ -4098,25 +4552,35 @@ int eng_recover(eng_seg *s, eng_recover_report *out)
         op_end(t, rc);
         return rc;
     }
+    /* 1. take the entries of gone owners: getting an entry's liveness lock
+     * while its pid is set proves its owner gone, and holding it keeps every
+     * claimer off the entry until it is freed */
+    uint8_t gone[ENG_MAX_PROCS];
+    for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
+        eng_proc *e = &s->registry[i];
+        gone[i] = 0;
+        if (i == s->proc_index || load_acquire_u32(&e->pid) == 0)
+            continue;
+        if (ofd_setlk(s->fd, entry_lock_offset(s, i), F_WRLCK) != 0)
+            continue;
+        if (load_acquire_u32(&e->pid) == 0)
+            ofd_setlk(s->fd, entry_lock_offset(s, i), F_UNLCK);
+        else
+            gone[i] = 1;
+    }
+    /* 2. resolve their locks with every other dead owner's (theirs read as
+     * dead: nobody else holds their entries' locks now) */
     sweep_dead(s, out);
     out->keys_cleared = keys_sweep(s);
     out->tindex_repaired = tindex_sweep(s, t);
-    for (uint32_t i = 0; i < ENG_MAX_PROCS; i++) {
-        eng_proc *e = &s->registry[i];
-        uint32_t pid = load_acquire_u32(&e->pid);
-        if (pid == 0 || i == s->proc_index)
-            continue;
-        /* getting the entry's liveness lock proves its owner gone, and keeps
-         * an attach off the entry while it is freed */
-        if (ofd_setlk(s->fd, entry_lock_offset(s, i), F_WRLCK) != 0)
-            continue;
-        if (load_acquire_u32(&e->pid) == 0) {
-            ofd_setlk(s->fd, entry_lock_offset(s, i), F_UNLCK);
-            continue;
+    if (recover_test_hook)
+        recover_test_hook();
+    /* 3. free them */
+    for (uint32_t i = 0; i < ENG_MAX_PROCS; i++)
+        if (gone[i]) {
+            out->removed_pids[out->procs_removed++] = load_relaxed_u32(&s->registry[i].pid);
+            release_entry(s, i);
         }
-        out->removed_pids[out->procs_removed++] = load_relaxed_u32(&e->pid);
-        release_entry(s, i);
-    }
     store_release_u32(&s->hdr->recovering, 0);
     op_end(t, ENG_APPLIED);
     return 0;
@@ -4144,12 +4608,9 @@ int eng_set_metrics(eng_seg *s, uint32_t on, uint32_t sample_mask)
 int eng_set_faults(eng_seg *s, uint32_t flags, uint64_t pause_ns)
 {
     CHECK_SEG(s);
-    if (flags & ~(uint32_t)(ENG_FAULT_SKIP_GEN | ENG_FAULT_BLIND_STORE |
-                            ENG_FAULT_DIE_AFTER_CAS | ENG_FAULT_DIE_AFTER_LOCK |
-                            ENG_FAULT_DIE_IN_KEY | ENG_FAULT_DIE_IN_BOOKING |
-                            ENG_FAULT_DIE_IN_TINDEX_ADD | ENG_FAULT_DIE_IN_TINDEX_DEL) ||
-        pause_ns > 60ULL * 1000000000ULL)
-        return ENG_EBADARG;
+    if ((flags & ~(uint32_t)FAULT_FLAGS_KNOWN) || pause_ns > ENG_TEST_PAUSE_MAX_NS ||
+        ((flags || pause_ns) && !faults_allowed()))
+        return ENG_EBADARG;   /* clearing them is always allowed */
     store_release_u64(&s->hdr->test_pause_ns, pause_ns);
     store_release_u32(&s->hdr->fault_flags, flags);
     return 0;
@@ -4191,6 +4652,7 @@ int eng_owner_alive(eng_seg *s, uint32_t token)
     return !token_dead(s, token & (uint32_t)ENG_TOKEN_MASK);
 }
 
+_Static_assert(-ENG_ERRNO_MIN < ENG_MANY_ERROR && ENG_HALTED < ENG_MANY_ERROR, "an element's error fits its byte");
 _Static_assert(ENG_ACCT_WAIT_STEPS == 8 * ENG_MAX_WAIT_STEPS, "account waits: 8x a slot wait");
 _Static_assert(ENG_YIELD_STEPS > ENG_SPIN_STEPS && ENG_MAX_WAIT_STEPS > ENG_YIELD_STEPS, "back-off phases");
 _Static_assert(((ENG_DEFAULT_SAMPLE_MASK + 1) & ENG_DEFAULT_SAMPLE_MASK) == 0, "sample mask: 2^k - 1");

@@ -40,7 +40,7 @@
 
 /* ---- identity ---------------------------------------------------------- */
 #define ENG_MAGIC            0x31454E49474E4545ULL   /* "EENGINE1" little-endian */
-#define ENG_LAYOUT_VERSION   8
+#define ENG_LAYOUT_VERSION   9
 #define ENG_CACHE_LINE       64
 
 /* ---- limits ------------------------------------------------------------ */
@@ -215,6 +215,15 @@
  * by CAS (v, token) -> (v + 1, 0).  See "accounts" in engine.c.
  */
 #define ENG_MONEY_SCALE      100000000LL
+/*
+ * A booked close books its last price, which nothing bounds but this: the
+ * close of a position is booked at a price up to ENG_BOOK_PRICE_MULT times
+ * its entry price.  Its opening reserves room for the worst case within that
+ * band (eng_books.worst_gain, worst_loss), so every such close can be booked;
+ * a close at a price above the band is refused (nothing changes; a price
+ * within it closes).
+ */
+#define ENG_BOOK_PRICE_MULT  1024
 #define ENG_AW_VERSION_SHIFT 24
 #define ENG_ACCOUNT_ID_MAX   0x00FFFFFFFFFFFFFFULL
 
@@ -252,6 +261,9 @@
  */
 #define ENG_TB_HEAD_SHIFT    32
 #define ENG_TB_MIN_BUCKETS   64
+
+/* ---- transition_many: an element that failed holds this | -code --------- */
+#define ENG_MANY_ERROR       0x80
 
 /* ---- transition table entries: target index + 1 (0 = no rule) ---------- */
 #define ENG_RULE_TARGET_MASK 0x1F
@@ -324,7 +336,11 @@
 #define ENG_PROC_CLAIMED     1       /* pid written, incarnation and start time not yet */
 #define ENG_PROC_ACTIVE      2
 
-/* ---- test-only fault switches (eng_set_faults) ----------------------------- */
+/* ---- test-only fault switches (eng_set_faults) -----------------------------
+ * Honoured only by a process whose own switch is on (eng_test_faults,
+ * ENGINE_TEST_FAULTS=1); with it off, attach refuses a segment that has any
+ * set (ENG_ECORRUPT). */
+#define ENG_TEST_PAUSE_MAX_NS 60000000000ULL   /* test_pause_ns: at most 60 s */
 #define ENG_FAULT_SKIP_GEN   1       /* commit without generation + 1 */
 #define ENG_FAULT_BLIND_STORE 2      /* fast path stores instead of CAS */
 /* a committer SIGKILLs itself between its state CAS and its counter bump */
@@ -381,33 +397,67 @@
 #define ENG_REDIS_SNAPSHOT_PAGE  250
 
 /*
+ * Creating an engine on Redis: the name is claimed in one function (its
+ * meta, not ready, with a lease key of ENG_REDIS_CREATE_LEASE_MS that the
+ * creator renews between steps); the free lists are then filled on the
+ * server ENG_REDIS_CREATE_CHUNK entries per call, and each shard is sealed
+ * (ready) last.  A create that finds a not-ready name whose lease expired
+ * (its creator died) clears it and builds it again.
+ */
+#define ENG_REDIS_CREATE_LEASE_MS 10000
+#define ENG_REDIS_CREATE_CHUNK    8192
+
+/*
  * ---- price timestamps ---------------------------------------------------------
  * A price's ts_ns is CLOCK_REALTIME.  Read through the vDSO it costs about as
  * much as the rest of update_price, so on x86-64, where the kernel itself keeps
  * time with the TSC (clocksource "tsc": invariant, synchronized across CPUs),
  * each thread reads the TSC and converts it with a rate it measured itself:
- * an anchor is a CLOCK_REALTIME read between two TSC reads, and the rate is
- * the slope between two anchors at least ENG_CLOCK_ANCHOR_NS apart.  A thread
+ * an anchor is a CLOCK_REALTIME read between two TSC reads, and a rate is the
+ * slope between two anchors at least ENG_CLOCK_ANCHOR_NS apart.  A thread
  * re-anchors once ENG_CLOCK_ANCHOR_NS have passed, so an error never grows
  * past what one interval holds (tens of ns; at most about a microsecond).  An
  * anchor read that took more than ENG_CLOCK_PAIR_TICKS (the thread lost its
- * CPU inside it) is read again, at most ENG_CLOCK_PAIR_TRIES times, and a
- * rate outside [ENG_CLOCK_MIN_MULT, ENG_CLOCK_MAX_MULT] (ns per tick in 32.32
- * fixed point: a clock step, a TSC that went back) is dropped and measured
- * again.  ENGINE_PRICE_CLOCK=realtime in the environment, or
- * eng_price_clock(0), reads CLOCK_REALTIME on every price write instead.
+ * CPU inside it) is read again, at most ENG_CLOCK_PAIR_TRIES times.  A slope
+ * outside [ENG_CLOCK_MIN_MULT, ENG_CLOCK_MAX_MULT] (ns per tick in 32.32 fixed
+ * point), or one that differs from the rate in use by more than
+ * 2^-ENG_CLOCK_RATE_TOL_SHIFT of it (a step of CLOCK_REALTIME inside the
+ * interval), is not taken as the rate unless the next slope agrees with it;
+ * the anchor is renewed all the same.  (A step under 2^-ENG_CLOCK_RATE_TOL_SHIFT
+ * of its interval, e.g. 1 ms over an idle 10 s, passes as a rate that is off
+ * by that fraction at most: 244 ns over the next anchor life.)  ENGINE_PRICE_CLOCK=realtime in the
+ * environment, or eng_price_clock(0), reads CLOCK_REALTIME on every price
+ * write instead.
+ *
+ * What holds, through the TSC:
+ * - a timestamp is within about a microsecond of CLOCK_REALTIME read around
+ *   its write, except after a step of CLOCK_REALTIME (NTP step, settimeofday,
+ *   VM resume): until the thread's next renewal (at most ENG_CLOCK_ANCHOR_NS
+ *   later) its timestamps are off by the step, and from that renewal on they
+ *   are within the bound again, with the rate measured before the step;
+ * - within a thread, timestamps never go back: one that would fall at most
+ *   ENG_CLOCK_BACK_NS below the thread's last is held at the last; the only
+ *   way they go back is CLOCK_REALTIME itself stepped back by more than that,
+ *   and then they follow it, at the renewal, by about the step (at most the
+ *   step plus the bound).  Across threads there is no order within the bound.
+ * Through CLOCK_REALTIME (the realtime mode) a timestamp is the clock itself
+ * and goes back exactly when the clock does.
  */
 #define ENG_CLOCK_ANCHOR_NS   1000000
 #define ENG_CLOCK_PAIR_TICKS  2000
 #define ENG_CLOCK_PAIR_TRIES  3
 #define ENG_CLOCK_MIN_MULT    (1ULL << 28)   /* 1/16 ns per tick: a 16 GHz TSC */
 #define ENG_CLOCK_MAX_MULT    (1ULL << 36)   /* 16 ns per tick: a 62.5 MHz TSC */
+#define ENG_CLOCK_RATE_TOL_SHIFT 12          /* slopes agree within 1/4096 (244 ppm) */
+#define ENG_CLOCK_BACK_NS     2000           /* the most a thread's timestamp is held at its last */
 #define ENG_CLOCK_REALTIME    0              /* eng_price_clock modes */
 #define ENG_CLOCK_TSC         1
 
 /* ---- waits ------------------------------------------------------------------ */
 #define ENG_WAIT_SLICE_NS    20000000    /* a futex sleep re-checks the state word this often */
 #define ENG_MAX_TIMEOUT_NS   0x3FFFFFFFFFFFFFFFLL
+#define ENG_CLOSE_WAIT_NS    5000000000LL   /* close waits this long for calls in flight */
+#define ENG_CLOSE_POLL_NS    1000000     /* ... looking at least this often */
 
 /* ---- misc ---------------------------------------------------------------- */
 #define ENG_SLOT_HEAD        128     /* sizeof(eng_slot): the record copies follow */
@@ -520,7 +570,12 @@ typedef struct eng_books {
     uint32_t open_positions;
     uint32_t halted;
     uint32_t pad0;
-    uint64_t pad[2];
+    /* the most the open positions' closes can add to (take from) cash and
+     * realized, each at a price in (0, ENG_BOOK_PRICE_MULT x entry]: the
+     * opening keeps cash and realized + worst_gain <= INT64_MAX and
+     * - worst_loss >= INT64_MIN, so every close within the band books */
+    int64_t  worst_gain;
+    int64_t  worst_loss;
 } eng_books;
 
 /*
@@ -680,6 +735,8 @@ typedef struct eng_seg {
     uint32_t        acct_role;   /* word of the account field, or ENG_ROLE_NONE */
     eng_books       last_books;  /* the books a refused booking was checked against */
     int64_t         last_amount; /* and the money it asked for (notional, withdrawal) */
+    uint32_t        gate_calls;  /* the close gate (engine.c): calls in flight ... */
+    uint32_t        gate_shut;   /* ... and 1 once close began: calls entering refuse */
 } eng_seg;
 
 /* Record words a transition changes, atomically with the state. */
@@ -753,9 +810,20 @@ int      eng_format(void *base, uint64_t size, uint32_t capacity,
                     uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec,
                     uint32_t max_accounts);
 int      eng_validate(const void *base, uint64_t size, uint64_t fingerprint);
+/* eng_validate, also naming the first bad header word and its value */
+int      eng_validate_detail(const void *base, uint64_t size, uint64_t fingerprint,
+                             const char **out_field, uint64_t *out_value);
 int      eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int fd);
+/* eng_attach opening its own liveness descriptor on path (dev/ino: the mapped
+ * file), known to the fork hook from birth; 0, < 0 a code, > 0 an errno. */
+int      eng_attach_path(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint,
+                         const char *path, uint64_t dev, uint64_t ino);
 void     eng_detach(eng_seg *s);
 int      eng_check(eng_seg *s);
+int      eng_gate_enter(eng_seg *s);
+void     eng_gate_leave(eng_seg *s);
+uint32_t eng_gate_shut(eng_seg *s);
+void     eng_gate_open(eng_seg *s);
 
 int      eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_len,
                   uint64_t *out_id, uint64_t *out_word);
@@ -789,7 +857,9 @@ int      eng_read_price(eng_seg *s, uint64_t id, eng_price_out *out);
 int      eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out);
 
 /* Vector calls: one bad id refuses the whole call, with its index in
- * *out_bad_index (see "vector calls" in engine.c). */
+ * *out_bad_index (see "vector calls" in engine.c).  transition_many then
+ * tries every element and leaves in *out_bad_index the first that failed
+ * with an error (out[i] = ENG_MANY_ERROR | -code), or n. */
 int      eng_states(eng_seg *s, const uint64_t *ids, uint64_t n, uint16_t *out,
                     uint64_t *out_bad_index);
 int      eng_prices(eng_seg *s, const uint64_t *ids, uint64_t n, eng_price_out *out,
@@ -836,7 +906,14 @@ uint64_t eng_proc_start_time(uint32_t pid);
 int      eng_set_halt(eng_seg *s, uint32_t on);
 int      eng_set_metrics(eng_seg *s, uint32_t on, uint32_t sample_mask);
 int      eng_set_faults(eng_seg *s, uint32_t flags, uint64_t pause_ns);
+/* This process's test fault switch (see "test faults" in engine.c): on >= 0
+ * sets it; returns it (1 on).  Off until ENGINE_TEST_FAULTS=1 or a call. */
+int      eng_test_faults(int on);
 int      eng_test_hold(eng_seg *s, uint32_t what, uint64_t id);
+/* Tests only, this process only (no segment word sets it): recover() calls fn
+ * between its sweep and freeing the entries of gone owners; NULL: none. */
+typedef void (*eng_test_hook_fn)(void);
+void     eng_test_recover_hook(eng_test_hook_fn fn);
 
 /* cdef-end */
 

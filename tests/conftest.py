@@ -21,6 +21,11 @@ from typing import Any
 import posix_ipc
 import pytest
 
+# The test suite uses the C fault hooks (eng_set_faults): every process of it
+# honours them, this one and the children it spawns (they inherit the
+# environment).  Set before any engine call: C reads it at its first question.
+os.environ["ENGINE_TEST_FAULTS"] = "1"
+
 from engine import Engine, SegmentNotFoundError
 from engine.tools.redis_server import PrivateRedis
 

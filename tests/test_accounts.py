@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
+import subprocess
+import sys
 from decimal import Decimal
 from typing import Any
 
@@ -65,6 +68,14 @@ def check_books(eng: Engine, acct: int, realized: Decimal | None = None) -> Acco
                          for r in open_rows), Decimal(0))
     assert a.reserved == want_reserved, (a, want_reserved)
     assert a.open_positions == len(open_rows)
+    gain = loss = 0   # the room the open positions keep: their worst closes in the band
+    for r in open_rows:
+        n = money_of(float(r["entry_price"]), float(r["amount"]))
+        top = money_of(float(r["entry_price"]) * lib.ENG_BOOK_PRICE_MULT, float(r["amount"])) - n
+        g, lo = (top, n) if int(r["side"]) > 0 else (n, top)
+        gain, loss = gain + g, loss + lo
+    row = next(b for b in eng.accounts() if int(b["id"]) == acct)
+    assert (int(row["worst_gain"]), int(row["worst_loss"])) == (gain, loss), (row, gain, loss)
     assert a.cash == a.opening_cash + a.deposits - a.withdrawals + a.realized_pnl, a
     if realized is not None:
         assert a.realized_pnl == realized, (a.realized_pnl, realized)
@@ -98,6 +109,78 @@ class TestMoney:
     def test_money_of_matches_c(self, price: float, amount: float) -> None:
         """The Python replica of C's rounding gives the same units."""
         assert money_of(price, amount) == lib.eng_money_of(price, amount)
+
+
+# exponents whose exact value has a hundred million digits (or a quintillion)
+_HUGE_EXPONENTS = ("1E+100000000", "1E-100000000", "-1E+100000000", "1E+999999999999999999",
+                   "1E-999999999999999999", "9.9E+100000000")
+
+
+class TestMoneyInputBounds:
+    """Money is range-checked before any exact arithmetic (issue 18, item 5)."""
+
+    def test_a_huge_decimal_exponent_answers_in_a_child_process(self) -> None:
+        """deposit(acct, Decimal("1E+100000000")) gives MoneyError, not a hang:
+        the child must finish within the bound (it hung for minutes before)."""
+        code = ("from decimal import Decimal\n"
+                "from engine import Engine, MoneyError\n"
+                "e = Engine.create(capacity=4)\n"
+                "try:\n"
+                "    a = e.open_account(1, 1, 1, 1)\n"
+                "    for v in ('1E+100000000', '1E-100000000', '1E+999999999999999999'):\n"
+                "        try:\n"
+                "            e.deposit(a, Decimal(v))\n"
+                "        except MoneyError as x:\n"
+                "            print(type(x).__name__, x)\n"
+                "finally:\n"
+                "    e.close(); e.unlink()\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert len(lines) == 3 and all(ln.startswith("MoneyError") for ln in lines), lines
+        assert "1E+100000000" in lines[0] and "92233720368.54775807" in lines[0]
+        assert "finer than the fixed point" in lines[1]
+
+    @pytest.mark.parametrize("text", _HUGE_EXPONENTS)
+    def test_every_money_path_refuses_a_huge_exponent_and_changes_nothing(
+            self, engine: Engine, text: str) -> None:
+        """deposit, withdraw, open_account (cash and limits), update_account:
+        MoneyError naming the value; the books do not move."""
+        v = Decimal(text)
+        a = engine.open_account(100, 1000, 4, 50)
+        before = engine.account(a)
+        calls = (lambda: engine.deposit(a, v), lambda: engine.withdraw(a, v),
+                 lambda: engine.open_account(v, 1, 1, 1),
+                 lambda: engine.open_account(1, v, 1, 1),
+                 lambda: engine.open_account(1, 1, 1, v),
+                 lambda: engine.update_account(a, lambda acc: {"max_exposure": v}),
+                 lambda: engine.update_account(a, lambda acc: {"max_loss": v}))
+        for call in calls:
+            with pytest.raises(MoneyError, match=re.escape(repr(v)[:40])):
+                call()
+        assert engine.account(a) == before
+        assert len(engine.accounts()) == 1
+
+    @pytest.mark.parametrize("bad", [10**(10**6), -(10**(10**6)), Decimal("-0.5"),
+                                     Decimal("1" + "0" * 5000 + "E-5000") * 10**11,
+                                     Decimal("1." + "0" * 5000 + "1")],
+                             ids=["long-int", "long-negative-int", "negative", "long-past-range",
+                                  "long-finer"])
+    def test_long_ints_and_decimals_are_refused_by_their_range(self, bad: Any) -> None:
+        """An int too long for repr, a negative Decimal, a long coefficient past
+        the range or finer than 1e-8: MoneyError with the range or the scale."""
+        with pytest.raises(MoneyError, match=r"92233720368\.54775807|finer than the fixed"):
+            to_units(bad)
+
+    @pytest.mark.parametrize("good,units", [(Decimal("0E+100000000"), 0), (Decimal("-0"), 0),
+                                            (Decimal("92233720368.54775807"), 2**63 - 1),
+                                            (Decimal("1.000000000000000000000000000000"),
+                                             10**8),
+                                            (Decimal("1E-8"), 1), (Decimal("12E+9"), 12 * 10**17)])
+    def test_exact_decimals_in_range_still_convert(self, good: Decimal, units: int) -> None:
+        """Zero at any exponent, the largest amount, trailing zeros: exact units."""
+        assert to_units(good) == units
 
 
 class TestAccountBooks:

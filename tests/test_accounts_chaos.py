@@ -107,10 +107,13 @@ class Books:
         """The invariant, exactly, from the records, prices and books."""
         eng = self.eng
         rows = eng.snapshot()
+        books = {int(b["id"]): b for b in eng.accounts()}
+        mult = lib.ENG_BOOK_PRICE_MULT
         for a in self.accts:
             acc = eng.account(a)
             mine = rows[rows["account"] == a]
             reserved, n, realized = Decimal(0), 0, self.released[a]
+            gain = loss = 0   # the room the open positions keep (ENG_BOOK_PRICE_MULT)
             for r in mine:
                 if int(r["id"]) in self.journaled:
                     continue   # counted from the journal
@@ -119,12 +122,16 @@ class Books:
                 if st in OPEN_STATES:
                     reserved += from_units(notional)
                     n += 1
+                    top = money_of(float(r["entry_price"]) * mult, float(r["amount"])) - notional
+                    g, lo = (top, notional) if int(r["side"]) > 0 else (notional, top)
+                    gain, loss = gain + g, loss + lo
                 else:
                     assert st == State.CLOSED, st
                     diff = money_of(float(r["price"]), float(r["amount"])) - notional
                     realized += from_units(diff if int(r["side"]) > 0 else -diff)
             assert (acc.reserved, acc.open_positions) == (reserved, n), (acc, reserved, n)
             assert acc.realized_pnl == realized, (acc.realized_pnl, realized)
+            assert (int(books[a]["worst_gain"]), int(books[a]["worst_loss"])) == (gain, loss)
             assert acc.cash == acc.opening_cash + acc.deposits - acc.withdrawals + realized, acc
 
     def release_closed(self) -> None:

@@ -5,6 +5,8 @@ shape; and they never outlive their view."""
 from __future__ import annotations
 
 import gc
+import inspect
+import os
 import weakref
 from typing import Any
 
@@ -13,8 +15,14 @@ import pytest
 
 from engine import Engine, EngineError, Outcome, PriceSnapshot, State, Trigger
 from engine import core as engine_core
+from engine._native import lib
 
 pytestmark = pytest.mark.skipif(engine_core._fastpath is None, reason="built without _fastpath")
+
+# the Python methods the C descriptors stand for
+PY_TRANSITION = getattr(Engine.transition, "__wrapped__", Engine.transition)
+PY_UPDATE_PRICE = getattr(Engine.update_price, "__wrapped__", Engine.update_price)
+PY_PRICE = getattr(Engine.price, "__wrapped__", Engine.price)
 
 ARGS_POS = [None, 0, -1, 2**64, 2**70, 1.0, True, np.uint64(0), np.int64(0), "1", 1 << 24]
 ARGS_TRIGGER = [0, 2, 9, 10, 256, 2**32, -1, True, False, 1.5, "PAUSE", "NOPE", Trigger.PAUSE,
@@ -51,6 +59,12 @@ def pair() -> Any:
         eng.unlink()
 
 
+def entries(eng: Engine) -> int:
+    """Registry entries of this process in eng's segment (one per attached Engine)."""
+    reg = eng._seg.registry
+    return sum(int(reg[i].pid) == os.getpid() for i in range(lib.ENG_MAX_PROCS))
+
+
 def subst(v: Any, pos: int, stale: int) -> Any:
     return {"POS": pos, "STALE": stale}.get(v, v) if isinstance(v, str) else v
 
@@ -62,7 +76,7 @@ class TestSameBehaviour:
         """transition(p, t): the C call's result or exception equals the Python method's."""
         (a, pa, sa), (b, pb, sb) = pair
         fast = outcome_of(lambda: a.transition(subst(p, pa, sa), t))
-        slow = outcome_of(lambda: Engine.transition(b, subst(p, pb, sb), t))
+        slow = outcome_of(lambda: PY_TRANSITION(b, subst(p, pb, sb), t))
         assert fast[0] == slow[0]
         assert a.state(pa) == b.state(pb)
 
@@ -72,9 +86,9 @@ class TestSameBehaviour:
         """update_price(p, x): same result or exception; the record moves alike."""
         (a, pa, sa), (b, pb, sb) = pair
         fast = outcome_of(lambda: a.update_price(subst(p, pa, sa), x))
-        slow = outcome_of(lambda: Engine.update_price(b, subst(p, pb, sb), x))
+        slow = outcome_of(lambda: PY_UPDATE_PRICE(b, subst(p, pb, sb), x))
         assert fast[0] == slow[0]
-        ra, rb = a.price(pa), Engine.price(b, pb)
+        ra, rb = a.price(pa), PY_PRICE(b, pb)
         assert (ra.price, ra.pnl_pct, ra.version) == (rb.price, rb.pnl_pct, rb.version)
 
     @pytest.mark.parametrize("p", [*ARGS_POS, "POS", "STALE"])
@@ -82,11 +96,18 @@ class TestSameBehaviour:
         """price(p): a PriceSnapshot equal to the Python method's, or the same exception."""
         (a, pa, sa), _ = pair
         fast = outcome_of(lambda: a.price(subst(p, pa, sa)))
-        slow = outcome_of(lambda: Engine.price(a, subst(p, pa, sa)))
+        slow = outcome_of(lambda: PY_PRICE(a, subst(p, pa, sa)))
         assert fast[0] == slow[0]
         if fast[0] == "ok":
             assert type(fast[1]) is PriceSnapshot
             assert fast[1][:1] + fast[1][2:] == slow[1][:1] + slow[1][2:]
+
+    def test_the_comparison_is_c_against_python(self):
+        """The class attributes are the C descriptors; the PY_* they are compared
+        with above are the Python methods (plain functions) they stand for."""
+        for name in ("transition", "update_price", "price"):
+            assert type(getattr(Engine, name)) is engine_core._fastpath.FastMethod
+        assert all(inspect.isfunction(f) for f in (PY_TRANSITION, PY_UPDATE_PRICE, PY_PRICE))
 
     def test_fields_and_guards_take_the_python_path(self, pair):
         """Keyword fields commit with the state (the Python slow path)."""
@@ -106,6 +127,62 @@ class TestLifetime:
             with pytest.raises(EngineError, match="closed"):
                 call(*args)
         Engine.attach(eng.name).unlink()
+
+    def test_a_kept_call_keeps_its_engine(self):
+        """A hot call taken from an Engine held nowhere else works, as a bound
+        Python method would: the call keeps its Engine alive."""
+        eng = Engine.create(2)
+        name = eng.name
+        pos = eng.open_position(100.0, 1.0)
+        eng.transition(pos, Trigger.POSITION_OPENED)
+        try:
+            up = Engine.attach(name).update_price
+            read = Engine.attach(name).price
+            move = Engine.attach(name).transition
+            gc.collect()
+            up(pos, 101.5)                 # the C path
+            assert read(pos).price == 101.5
+            assert move(pos, Trigger.PAUSE) is Outcome.APPLIED
+            up(pos, 102)                   # an int: the Python slow path, same Engine
+            assert read(pos).price == 102.0
+            assert move(pos, "RESUME") is Outcome.APPLIED
+            with pytest.raises(EngineError):
+                up(pos, -1.0)              # a refused price: the failure path
+            assert eng.state(pos) is State.MONITORING
+        finally:
+            eng.close()
+            eng.unlink()
+
+    def test_a_dropped_kept_call_releases_its_engine_at_once(self):
+        """The last reference to a kept call gone, its Engine is detached at
+        once (no reference cycle: no wait for the collector)."""
+        eng = Engine.create(2)
+        name, fin, ref = eng.name, eng._finalizer, weakref.ref(eng)
+        watch = Engine.attach(name)   # sees the registry
+        calls = [eng.update_price, eng.price, eng.transition]
+        del eng
+        gc.disable()
+        try:
+            assert ref() is not None and fin.alive and entries(watch) == 2
+            del calls[:2]
+            assert ref() is not None and fin.alive and entries(watch) == 2
+            calls.clear()
+            assert ref() is None and not fin.alive and entries(watch) == 1   # entry freed
+        finally:
+            gc.enable()
+        watch.close()
+        watch.unlink()
+
+    def test_a_call_stored_on_its_engine_is_collected(self):
+        """An Engine holding one of its own calls (a cycle the user made) is
+        still detached by the collector."""
+        eng = Engine.create(2)
+        name, fin = eng.name, eng._finalizer
+        eng.cb = eng.update_price   # type: ignore[attr-defined]
+        del eng
+        gc.collect()
+        assert not fin.alive
+        Engine.attach(name).unlink()
 
     def test_no_reference_cycle(self):
         """Dropping the last reference detaches at once (the calls hold the Engine weakly)."""
@@ -155,7 +232,7 @@ class TestSnapshotReuse:
             again = eng.price(pos)
             assert id(again) == old_id                 # the spare was reused ...
             assert tuple(again) != old                 # ... with the new record
-            want = Engine.price(eng, pos)
+            want = PY_PRICE(eng, pos)
             assert again[:1] + again[2:] == want[:1] + want[2:]
             assert again.price == 250.5 and type(again) is PriceSnapshot
         finally:

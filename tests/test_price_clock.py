@@ -15,7 +15,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import clockstep
 import numpy as np
 import pytest
 
@@ -143,3 +145,34 @@ def test_price_timestamps_use_it(mode):
     finally:
         eng.close()
         eng.unlink()
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The clock_gettime shim of tests/clockstep.py, compiled once."""
+    return clockstep.build_shim(tmp_path_factory.mktemp("clockshim"))
+
+
+class TestClockStep:
+    """CLOCK_REALTIME of one process stepped (an LD_PRELOAD shim around
+    clock_gettime, tests/clockstep.py) by +-1 ms, +-5 ms, +-1 s, +-3 us and
+    +-1 us, in a burst, inside a slew and inside a thread's first rate
+    measurement, and slewed by +-500 ppm, while six threads read the price
+    clock (four more join, one per step inside a first measurement) and two
+    write prices.  Forbidden: a timestamp more than CLOCK_ERR_NS from the
+    stepped clock once a step is an anchor life and a quarter old, and a
+    thread's timestamps going back other than across steps back of the real
+    clock (and then by more than those steps plus CLOCK_ERR_NS)."""
+
+    @pytest.mark.parametrize("clock", [lib.ENG_CLOCK_TSC, lib.ENG_CLOCK_REALTIME],
+                             ids=["tsc", "realtime"])
+    def test_steps_both_ways(self, shim: Path, clock: int) -> None:
+        """After a step, every timestamp is back within the bound of the stepped
+        clock by the next anchor renewal, and never goes back within a thread
+        unless the real clock went back."""
+        got = clockstep.run_child(shim, clock)
+        if "skip" in got:
+            pytest.skip(got["skip"])
+        assert not got["errors"], got["errors"]
+        assert min(got["checked"]) > 0, got["checked"]
+        assert not got["bad"], got

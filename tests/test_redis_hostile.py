@@ -63,27 +63,27 @@ class TestNothingHalfApplied:
         acc = e.account(a)
         assert acc.reserved == 1000 and acc.open_positions == 1 and acc.cash == 1_000_000
 
-    def test_realized_past_int64_is_refused_whole(self, made):
-        """Two large wins with the cash withdrawn between them: the second one
-        fits cash but not realized; C refuses it (EBADMONEY) and changes
-        nothing, the books stay exact."""
+    def test_realized_past_int64_is_refused_at_the_opening(self, made):
+        """Large wins with the cash withdrawn between them: the opening whose
+        worst close would pass realized's int64 top is refused at the opening
+        (before: accepted, and its close refused for good); the books stay
+        exact."""
         e = made()
-        big = 90_000_000_000   # 9e18 units, just under 2^63
-        a = e.open_account(cash=1000, max_exposure=10_000, max_positions=4,
-                           max_loss=10**9)
-        p1 = _exiting(e, a)
-        e.update_price(p1, big / 1000 + 1)
-        assert e.transition(p1, Trigger.EXIT_COMPLETED) is Outcome.APPLIED
-        e.withdraw(a, e.account(a).cash - 1000)
-        p2 = _exiting(e, a)
-        e.update_price(p2, big / 1000 + 1)
-        before = e.account(a)
-        with pytest.raises(EngineError):
-            e.transition(p2, Trigger.EXIT_COMPLETED)
+        amount = 30_000_000.0      # notional 3e15 units; worst gain 1023x that
+        a = e.open_account(cash=amount, max_exposure=amount, max_positions=4, max_loss=10**9)
+        wins = 0
+        with pytest.raises(EngineError, match="no room to book it"):
+            for wins in range(10):   # noqa: B007 - three fit in int64, the fourth does not
+                p = e.open_position(1.0, amount, side=1, token=1, account=a)
+                for t in (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET,
+                          Trigger.EXIT_STARTED):
+                    e.transition(p, t)
+                e.update_price(p, 1024.0)                 # the top of its band
+                assert e.transition(p, Trigger.EXIT_COMPLETED) is Outcome.APPLIED
+                e.withdraw(a, e.account(a).cash - int(amount))
+        assert wins == 3
         acc = e.account(a)
-        assert (acc.cash, acc.realized_pnl, acc.reserved, acc.open_positions) == (
-            before.cash, before.realized_pnl, before.reserved, before.open_positions)
-        assert e.state(p2) is State.EXITING
+        assert acc.open_positions == 0 and acc.reserved == 0
         assert acc.cash == acc.opening_cash + acc.deposits - acc.withdrawals + acc.realized_pnl
 
 
@@ -112,17 +112,20 @@ class TestWaits:
 
 
 class TestBatches:
-    def test_transition_many_reports_a_refused_close_as_an_outcome(self, made):
-        """C maps every error of one element but stale/not-open to CONFLICT;
-        a negative code packed as a byte read back as a bogus outcome (221)."""
+    def test_transition_many_reports_a_refused_close_as_its_error(self, made):
+        """C mapped every error of one element but stale/not-open to CONFLICT
+        (and a negative code packed as a byte read back as a bogus outcome,
+        221): now the element's MoneyError is raised, with every outcome."""
 
         e = made()
         a = e.open_account(cash=1_000_000, max_exposure=1_000_000, max_positions=4,
                            max_loss=10**9)
         pos = _exiting(e, a)
         e.update_price(pos, 1e12)
-        out = e.transition_many(np.array([pos]), np.array([int(Trigger.EXIT_COMPLETED)]))
-        assert [int(x) for x in out] == [int(Outcome.CONFLICT)]
+        with pytest.raises(EngineError) as exc:
+            e.transition_many(np.array([pos]), np.array([int(Trigger.EXIT_COMPLETED)]))
+        assert type(exc.value).__name__ == "MoneyError"
+        assert [int(x) for x in exc.value.outcomes] == [0x80 | 35]
         assert e.state(pos) is State.EXITING
 
 

@@ -9,8 +9,10 @@ engines of any machine spec, and half-made ones, can be shown.  Key layout:
 ``inspect`` shows each shard's halt flag: after a ``halt()`` that could not
 reach every shard (a partial halt) this is where to see which shards still
 apply transitions.  Reads of a big engine go in pages (SSCAN, pipelined), so
-a look never blocks the server.  ``rm`` deletes every key of the engine
-(``SCAN`` over every node), a half-made engine's too.
+a look never blocks the server.  ``rm`` removes an engine as ``unlink`` does
+(``RedisStore.remove``: claimed first, so a live creator is refused unless
+``--force``), then deletes what is left of the name (``SCAN`` over every
+node): a half-made or half-removed engine's keys too.
 
 Exit codes as on shared memory: 0 done, 1 could not (no such engine, server
 unreachable), 2 refused (not an engine's keys, bad name or usage).
@@ -28,9 +30,15 @@ from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 from engine import segment
-from engine.errors import EngineError, redact
+from engine.errors import (
+    EngineError,
+    SegmentError,
+    SegmentNotFoundError,
+    ServerError,
+    redact,
+)
 from engine.metrics import OPS
-from engine.redis_backend import check_url
+from engine.redis_backend import RedisStore, check_url
 from engine.spec import POSITION_SPEC
 
 __all__ = ["EngineInfo", "cmd_inspect", "cmd_ls", "cmd_rm", "cmd_top", "connect", "list_engines",
@@ -372,11 +380,20 @@ def cmd_rm(args: argparse.Namespace) -> int:
                 code = max(code, EXIT_REFUSED)
                 continue
             n = 0
-            for k in _keys_of(client, name):
+            if not foreign:
+                try:   # the engine's own removal: claimed, so no create or call races it
+                    n = RedisStore.remove(args.url, name, force=args.force)
+                except SegmentNotFoundError:
+                    pass   # no shard 0 meta: remains of a half-made or half-removed engine
+                except SegmentError as e:   # a creator still holds its lease
+                    _err(f"rm: {e}" + ("" if args.force else " (--force removes it anyway)"))
+                    code = max(code, EXIT_FAILED)
+                    continue
+            for k in _keys_of(client, name):   # remains, or a foreign key with --force
                 n += int(client.delete(k))
         except EngineError as e:
             _err(f"rm: {e}")
-            code = max(code, EXIT_REFUSED)
+            code = max(code, EXIT_FAILED if isinstance(e, ServerError) else EXIT_REFUSED)
             continue
         except redis.RedisError as e:
             _err(f"rm: {name}: {e}")

@@ -5,6 +5,11 @@
 directory, waits until it answers, and ``stop()`` (or leaving the ``with``
 block) terminates it and removes the directory.  ``stress --url auto``, the
 bench's Redis peers and the test session's server all use it.
+
+For fault tests: ``appendfsync="always"`` (or ``"everysec"``) turns the AOF
+on, ``replicaof=port`` makes it a replica of another loopback server, and
+``restart(kill=True)`` kills it (SIGKILL) and starts it again on the same
+port and directory, so what it kept is what its persistence kept.
 """
 
 from __future__ import annotations
@@ -42,19 +47,31 @@ def _answers(port: int) -> bool:
 class PrivateRedis:
     """A redis-server of our own on a free loopback port, no persistence."""
 
-    def __init__(self, start_timeout: float = 10.0, prefix: str = "engine-redis-") -> None:
+    def __init__(self, start_timeout: float = 10.0, prefix: str = "engine-redis-", *,
+                 appendfsync: str | None = None, replicaof: int | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RedisUnavailable("redis-server is not on PATH (apt-get install redis-server)")
+        self.exe = exe
         self.tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
             prefix=prefix)
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log = Path(self.tmp.name, "redis.log")
-        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
-             "--save", "", "--appendonly", "no", "--dir", self.tmp.name,
-             "--logfile", str(self.log), "--daemonize", "no"],
+        self.args = [
+            "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+            "--save", "", "--dir", self.tmp.name, "--logfile", str(self.log),
+            "--daemonize", "no",
+            *(["--appendonly", "yes", "--appendfsync", appendfsync] if appendfsync else
+              ["--appendonly", "no"]),
+            *(["--replicaof", "127.0.0.1", str(replicaof)] if replicaof else [])]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._start(start_timeout)
+
+    def _start(self, start_timeout: float) -> None:
+        assert self.tmp is not None
+        self.proc = subprocess.Popen(
+            [self.exe, *self.args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + start_timeout
         while not _answers(self.port):
@@ -64,6 +81,18 @@ class PrivateRedis:
                 raise RedisUnavailable(f"redis-server did not start on 127.0.0.1:{self.port}: "
                                        f"{tail.strip() or 'no log'}")
             time.sleep(0.02)
+
+    def restart(self, kill: bool = True, start_timeout: float = 10.0) -> None:
+        """Kill (SIGKILL; or terminate) the server and start it again on the
+        same port and directory: it keeps only what its persistence kept."""
+        if self.proc is not None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+        self._start(start_timeout)
 
     def stop(self) -> None:
         """Terminate the server (kill it if it does not go in 5 s); idempotent."""

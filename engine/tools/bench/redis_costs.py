@@ -86,7 +86,7 @@ def _calls(port: int, handle: Handle) -> tuple[dict[str, Callable[[int], None]],
     pos = eng.id_of(0)
     store = eng._seg
     slot, op = eng.slot_of(pos), pos >> lib.ENG_ID_SLOT_BITS
-    key = store.meta_keys[0]
+    key, inc = store.meta_keys[0], store.inc
     send, read, evalsha = conn.send_command, conn.read_response, r.evalsha
     call, transition, update_price = store.conn.call, eng.transition, eng.update_price
 
@@ -105,7 +105,7 @@ def _calls(port: int, handle: Handle) -> tuple[dict[str, Callable[[int], None]],
 
     def engine_fcall(n: int) -> None:
         for i in range(n):
-            call(key, "tx", slot, op, RESUME if i & 1 else PAUSE, 0, b"")
+            call(key, "tx", inc, slot, op, RESUME if i & 1 else PAUSE, 0, b"")
 
     def engine_transition(n: int) -> None:
         for i in range(n):

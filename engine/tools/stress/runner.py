@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import numpy as np
 import posix_ipc
 
+from engine._native import lib
 from engine.accounts import from_units
 from engine.core import Engine
 from engine.errors import redact
@@ -233,6 +234,11 @@ def run_stress(config: StressConfig) -> StressResult:
     orders, booked = config.orders, config.booked
     kinds = WORKLOADS[config.workload][0]
     out = config.progress
+    if config.fault in FAULTS:
+        # a C fault is a test hook: this process and the workers it spawns
+        # (they inherit the environment) switch them on explicitly
+        os.environ["ENGINE_TEST_FAULTS"] = "1"
+        lib.eng_test_faults(1)
     ctx = multiprocessing.get_context("spawn")
     base_ns = time.monotonic_ns()
     gate_name = "/eng_stress_" + secrets.token_hex(8)
