@@ -120,6 +120,8 @@ _ROW_HEAD = struct.Struct("<QIIIIQ32sQQ")
 _SNAP = struct.Struct("<IIII3d")            # what snap returns before the record bytes
 _WAIT_SLICE_MS = 1000                      # XREAD BLOCK at most this long per round trip
 _DEFAULT_TIMEOUT_S = 5.0
+#: how call_every says a call applied but was not confirmed by ?wait=N replicas
+_ON_PRIMARY = "applied on the primary, but "
 #: what a connection of its own to a server keeps of a client's connection
 #: settings (and every ssl_* one); see _Conn._node_conn
 _CONN_KWARGS = frozenset(("host", "port", "path", "db", "username", "password",
@@ -478,13 +480,19 @@ class _Conn:
         (as ``replicate``); fewer, and ``keys`` go into ``failed``."""
         if not self.wait or not keys:
             return
-        ms = max(1, int(self.timeout * 800))   # inside the socket's timeout (the url's)
-        conn.send_command("WAIT", self.wait, ms)
-        got = int(conn.read_response())
-        if got < self.wait:
-            for k in keys:
-                failed.setdefault(k, f"applied on the primary, but only {got} of {self.wait} "
-                                     f"replica(s) acknowledged it within {ms / 1000:g} s")
+        # well inside the socket's timeout (the url's): the server ends WAITs on its clock tick
+        ms = max(1, int(self.timeout * 500))
+        try:
+            conn.send_command("WAIT", self.wait, ms)
+            got = int(conn.read_response())
+        except Exception as e:   # any failure: said, per key
+            why = f"{type(e).__name__}: {e}"
+        else:
+            if got >= self.wait:
+                return
+            why = f"only {got} of {self.wait} replica(s) acknowledged it within {ms / 1000:g} s"
+        for k in keys:
+            failed.setdefault(k, f"{_ON_PRIMARY}{why}")
 
     def call_every(self, cmds: dict[str, tuple[Any, ...]]) -> dict[str, str]:
         """Each command of ``cmds`` (a function call, by its shard's key): each
@@ -1475,13 +1483,20 @@ class RedisStore:
                 by_why.setdefault(w, []).append(self.meta_keys.index(k))
             why = "; ".join(f"shards {sorted(s)}: {w}" for w, s in by_why.items())
             bad = sorted(self.meta_keys.index(k) for k in failed)
-            rest = ("no shard was switched" if len(bad) == self.shards else
-                    f"the other {self.shards - len(bad)} shards are "
-                    f"{'halted' if on else 'running'}: a partial halt, transitions on shards "
-                    f"{bad} {'still apply' if on else 'stay halted'}")
+            off = sorted(self.meta_keys.index(k) for k, w in failed.items()
+                         if not w.startswith(_ON_PRIMARY))
+            state = "halted" if on else "running"
+            if len(off) == self.shards:
+                rest = "no shard was switched"
+            elif off:
+                rest = (f"the other {self.shards - len(off)} shards are {state}: a partial halt, "
+                        f"transitions on shards {off} {'still apply' if on else 'stay halted'}")
+            else:
+                rest = (f"every shard is {state} on its primary, not known to be on the "
+                        "replicas (a failover may lose it)")
             raise ServerError(
-                f"{self.url}: halt({bool(on)}) of engine {self.name!r} did not switch shards "
-                f"{bad} of {self.shards} ({why}); {rest}.  Each shard's flag: "
+                f"{self.url}: halt({bool(on)}) of engine {self.name!r}: shards {bad} of "
+                f"{self.shards} failed ({why}); {rest}.  Each shard's flag: "
                 f"`python -m engine inspect {self.name} --url URL`; call halt again when "
                 "they answer")
         return 0

@@ -603,6 +603,19 @@ class TestHalt:
         finally:
             e.close()
 
+    def test_halt_with_wait_says_when_replicas_did_not_confirm(self, server):
+        """?wait=1 with no replica: halt applies on the primary and raises
+        ServerError saying no replica acknowledged it (as every mutating call)."""
+        e = Engine.create(16, url=server.url, shards=2)
+        try:
+            with Engine.attach(e.name, url=f"{server.url}?wait=1&timeout=0.3") as waiting, \
+                    pytest.raises(ServerError, match=r"shards \[0, 1\] of 2.*0 of 1 replica"):
+                waiting.halt()
+            pos = e.open_position(100.0, 1.0)
+            assert e.transition(pos, "POSITION_OPENED").name == "HALTED"
+        finally:
+            e.close()
+
     def test_halt_works_on_a_full_server(self, server):
         """At maxmemory the emergency stop still switches (and releases)."""
         e = Engine.create(16, url=server.url, shards=2)
