@@ -55,6 +55,7 @@ from engine.errors import (
     TriggerError,
     header_detail,
     raise_for,
+    redact,
 )
 from engine.metrics import Metrics, read_metrics
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, PriceSnapshot
@@ -105,6 +106,12 @@ class Handle:
     #: Redis: the engine's incarnation (random, set at create); attach(handle)
     #: reaches only that one, never an engine created again under the name
     incarnation: int | None = None
+
+    def __repr__(self) -> str:
+        """The url's password is carried (a worker needs it to attach: pickle
+        a handle only to your own workers) but never shown."""
+        url = None if self.url is None else redact(self.url)
+        return f"Handle(name={self.name!r}, spec={self.spec!r}, url={url!r})"
 
 
 @dataclass(frozen=True)
@@ -477,7 +484,7 @@ class Engine(_EngineBase):
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"capacity={self.capacity}"
-        where = f" url={self.url!r}" if self.url else ""
+        where = f" url={redact(self.url)!r}" if self.url else ""
         return f"<Engine {self.name!r} {state} spec={self.spec.name}{where}>"
 
     def __reduce__(self) -> Any:
@@ -689,6 +696,8 @@ class Engine(_EngineBase):
         k = _key_bytes(key)
         try:
             rc = self._lib.eng_bind_key(self._seg, pos, k, len(k))
+        except EngineError:
+            raise   # the backend's own refusal (an ArgumentError is a ValueError too)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
         if rc:

@@ -7,13 +7,33 @@ inherits the builtin a caller would naturally catch (``SlotError`` is an
 
 from __future__ import annotations
 
+import re
 from typing import Any, NoReturn
 
 from engine._native import ffi, lib
 
+# a url's password: ``scheme://user:PASSWORD@`` (up to the last ``@`` before a
+# ``/``, as urlsplit reads it) and ``?password=PASSWORD`` (redis-py takes both)
+_URL_PASSWORD = re.compile(r"(://[^\s/@:]*:)[^\s/]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every url in it replaced by ``***``.
+
+    Engine reprs, handle reprs and every error message go through it; the
+    url itself (``Engine.url``, ``Handle.url``) keeps the password, since a
+    worker needs it to attach."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
 
 class EngineError(Exception):
-    """Base of every error the engine raises (never raised itself)."""
+    """Base of every error the engine raises (never raised itself).
+
+    Its message never shows a url's password (see ``redact``)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
     #: transition_many: every element's outcome when an element failed with an
     #: error (a failed element holds ENG_MANY_ERROR | -code); else None

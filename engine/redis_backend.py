@@ -24,11 +24,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import re
 import secrets
 import select
 import struct
+import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -67,6 +70,7 @@ EBADSLOT: int = lib.ENG_EBADSLOT
 EBADTRIGGER: int = lib.ENG_EBADTRIGGER
 EBUSY: int = lib.ENG_EBUSY
 ECLOSED: int = lib.ENG_ECLOSED
+EFORKED: int = lib.ENG_EFORKED
 EFULL: int = lib.ENG_EFULL
 EGUARDFAIL: int = lib.ENG_EGUARDFAIL
 ENOTOPEN: int = lib.ENG_ENOTOPEN
@@ -100,6 +104,8 @@ REDIS_CREATE_LEASE_MS: int = lib.ENG_REDIS_CREATE_LEASE_MS
 REDIS_GUARD_TTL_MS: int = lib.ENG_REDIS_GUARD_TTL_MS
 REDIS_REQUEST_WINDOW_MS: int = lib.ENG_REDIS_REQUEST_WINDOW_MS
 REDIS_RESEND_BACKOFF_US: int = lib.ENG_REDIS_RESEND_BACKOFF_US
+REDIS_RELOAD_TRIES: int = lib.ENG_REDIS_RELOAD_TRIES
+REDIS_SNAPSHOT_PAGE: int = lib.ENG_REDIS_SNAPSHOT_PAGE
 REJECTED: int = lib.ENG_REJECTED
 RULE_GUARDED: int = lib.ENG_RULE_GUARDED
 RULE_TARGET_MASK: int = lib.ENG_RULE_TARGET_MASK
@@ -118,6 +124,13 @@ _ROW_HEAD = struct.Struct("<QIIIIQ32sQQ")
 _SNAP = struct.Struct("<IIII3d")            # what snap returns before the record bytes
 _WAIT_SLICE_MS = 1000                      # XREAD BLOCK at most this long per round trip
 _DEFAULT_TIMEOUT_S = 5.0
+#: how call_every says a call applied but was not confirmed by ?wait=N replicas
+_ON_PRIMARY = "applied on the primary, but "
+#: what a connection of its own to a server keeps of a client's connection
+#: settings (and every ssl_* one); see _Conn._node_conn
+_CONN_KWARGS = frozenset(("host", "port", "path", "db", "username", "password",
+                          "credential_provider", "client_name", "protocol", "socket_keepalive",
+                          "socket_keepalive_options"))
 #: an APPLIED reply of tx, gcommit and release is >= this and carries the
 #: commit's state words (see ``committed`` in redis_functions.lua)
 _COMMITTED = 1 << 30
@@ -192,9 +205,11 @@ _PRELUDE = _constants()
 # REG wraps every function in ENGINE_CHECK (the incarnation check; the body sets it)
 _CHECKED = "function(k, a) return ENGINE_CHECK(n, f, k, a) end"
 _VERSION = hashlib.sha1((_PRELUDE + _CHECKED + _BODY).encode()).hexdigest()[:10]
-_LIBRARY = (f"#!lua name=engine_{_VERSION}\n{_PRELUDE}local ENGINE_CHECK\n"
-            f"local function REG(n, f) redis.register_function('e{_VERSION}_' .. n, "
-            f"{_CHECKED}) end\n{_BODY}")
+_LIBNAME = f"engine_{_VERSION}"
+# a reader's flags ({'no-writes'}, see redis_functions.lua) go with its registration
+_LIBRARY = (f"#!lua name={_LIBNAME}\n{_PRELUDE}local ENGINE_CHECK\n"
+            f"local function REG(n, f, flags) redis.register_function{{function_name="
+            f"'e{_VERSION}_' .. n, callback={_CHECKED}, flags=flags or {{}}}} end\n{_BODY}")
 _SCRIPT = (f"{_PRELUDE}local F = {{}}\nlocal ENGINE_CHECK\n"
            f"local function REG(n, f) F[n] = {_CHECKED} end\n{_BODY}\n"
            "local args = {}\nfor i = 2, #ARGV do args[i - 1] = ARGV[i] end\n"
@@ -333,18 +348,41 @@ class _Conn:
             if "unknown command" in str(e).lower():
                 return False
             raise ServerError(f"cannot load the engine's functions on {self.url}: {e}") from None
+        except ServerError:
+            raise
         except self.errors as e:
             raise ServerError(f"{self.url}: {e}") from None
         return True
 
-    @staticmethod
-    def _load_on(client: Any) -> None:
+    def _load_on(self, client: Any) -> None:
+        """Load the library on one server unless this version is there: a
+        user allowed FCALL but not FUNCTION LOAD (nor LIST) still attaches."""
         redis = _redis()
+        listed = True
+        try:
+            if client.execute_command("FUNCTION", "LIST", "LIBRARYNAME", _LIBNAME):
+                return
+        except redis.exceptions.NoPermissionError:
+            listed = False   # this user may not list
         try:
             client.execute_command("FUNCTION", "LOAD", _LIBRARY)
         except redis.ResponseError as e:
-            if "already exists" not in str(e):
-                raise
+            if "already exists" in str(e):
+                return
+            noperm = isinstance(e, redis.exceptions.NoPermissionError)
+            if noperm and not listed:
+                return   # may not look, may not load: the first call says if it is missing
+            if noperm:
+                raise ServerError(f"the engine's functions (library {_LIBNAME}) are not loaded "
+                                  "and this user may not load them: attach once as a user "
+                                  f"allowed FUNCTION LOAD ({e})") from None
+            raise
+
+    def _flushed(self, e: Exception) -> bool:
+        """``e`` says the library is gone (FUNCTION FLUSH, a restart): the
+        server refused the call before it ran, so it may be sent again once
+        the library is loaded."""
+        return self.functions and str(e).startswith("Function not found")
 
     def _head(self, fn: str) -> bytes:
         """The constant start of ``fn``'s command (FCALL name, or EVALSHA sha), packed once."""
@@ -380,7 +418,7 @@ class _Conn:
                            b"" if self.functions else _bulk(fn, enc),
                            *[_bulk(a, enc) for a in args]])
         deadline = time.monotonic() + self.timeout
-        delay, loaded = 0.0, False
+        delay, loaded, reloads = 0.0, False, 0
         while True:
             try:
                 try:
@@ -390,6 +428,15 @@ class _Conn:
                         raise
                     self._run(("SCRIPT", "LOAD", _SCRIPT), route)
                     loaded = True
+                    continue
+                except self.reply_error as e:
+                    if not self._flushed(e):
+                        raise   # (a redirection is handled below)
+                    if reloads == REDIS_RELOAD_TRIES:
+                        missing = e
+                        break
+                    reloads += 1
+                    self._load_functions()
                     continue
             except self._resend as e:
                 self.resent += 1
@@ -409,6 +456,9 @@ class _Conn:
                 # a reader (snapshot) met a key its slot's migration moved: it wrote nothing
                 self.resent += 1
                 time.sleep(REDIS_RESEND_BACKOFF_US / 1e6)
+        raise ServerError(f"{self.url}: the engine's functions (library {_LIBNAME}) are not "
+                          "loaded and could not be loaded again: loading them takes a user "
+                          f"allowed FUNCTION LOAD ({missing})")
 
     def _fresh(self, conn: Any) -> Any:
         """``conn``, reconnected first if the server closed it while it was
@@ -543,6 +593,109 @@ class _Conn:
             return self._run(cmd)
         except self.errors as e:
             raise ServerError(f"{self.url}: wait failed: {e}") from None
+
+    def _node_conn(self, pool: Any) -> Any:
+        """A new connection like ``pool``'s (server, credentials, TLS) whose
+        every connect, send and read waits at most the url's timeout, never
+        retried: a node that does not answer costs one timeout, once."""
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        kw = {k: v for k, v in pool.connection_kwargs.items()
+              if k in _CONN_KWARGS or k.startswith("ssl")}
+        return pool.connection_class(**kw, socket_timeout=self.timeout,
+                                     socket_connect_timeout=self.timeout,
+                                     retry=Retry(NoBackoff(), 0))
+
+    def _call_on_node(self, pool: Any, cmds: dict[str, tuple[Any, ...]],
+                      failed: dict[str, str]) -> None:
+        """Each command of ``cmds`` (by shard key, all on one server),
+        pipelined on a new connection; what did not apply goes into
+        ``failed`` (key: why)."""
+        redis = _redis()
+        todo = list(cmds)
+        conn = None
+        try:
+            conn = self._node_conn(pool)
+            for attempt in range(2):   # once more after loading the library or script
+                conn.send_packed_command(conn.pack_commands([cmds[k] for k in todo]))
+                replies = []
+                for _ in todo:
+                    try:
+                        replies.append(conn.read_response())
+                    except redis.ResponseError as e:
+                        replies.append(e)
+                gone = [k for k, r in zip(todo, replies, strict=True)
+                        if isinstance(r, redis.ResponseError) and (
+                            isinstance(r, redis.exceptions.NoScriptError)
+                            or str(r).startswith("Function not found"))]
+                for k, r in zip(todo, replies, strict=True):
+                    if isinstance(r, Exception) and (k not in gone or attempt):
+                        failed[k] = f"{type(r).__name__}: {r}"
+                if not gone or attempt:
+                    self._replicated(conn, [k for k in cmds if k not in failed], failed)
+                    return
+                if self.functions:
+                    conn.send_command("FUNCTION", "LOAD", _LIBRARY)
+                else:
+                    conn.send_command("SCRIPT", "LOAD", _SCRIPT)
+                with contextlib.suppress(redis.ResponseError):   # "already exists": loaded
+                    conn.read_response()                          # by another client meanwhile
+                todo = gone
+        except Exception as e:
+            for k in todo:
+                failed.setdefault(k, f"{type(e).__name__}: {e}")
+        finally:
+            if conn is not None:
+                conn.disconnect()
+
+    def _replicated(self, conn: Any, keys: list[str], failed: dict[str, str]) -> None:
+        """With ``?wait=N``: WAIT for N replicas of this connection's writes
+        (as ``replicate``); fewer, and ``keys`` go into ``failed``."""
+        if not self.wait or not keys:
+            return
+        # well inside the socket's timeout (the url's): the server ends WAITs on its clock tick
+        ms = max(1, int(self.timeout * 500))
+        try:
+            conn.send_command("WAIT", self.wait, ms)
+            got = int(conn.read_response())
+        except Exception as e:   # any failure: said, per key
+            why = f"{type(e).__name__}: {e}"
+        else:
+            if got >= self.wait:
+                return
+            why = f"only {got} of {self.wait} replica(s) acknowledged it within {ms / 1000:g} s"
+        for k in keys:
+            failed.setdefault(k, f"{_ON_PRIMARY}{why}")
+
+    def call_every(self, cmds: dict[str, tuple[Any, ...]]) -> dict[str, str]:
+        """Each command of ``cmds`` (a function call, by its shard's key): each
+        server (cluster node) at once, on a connection of its own, so the
+        whole takes at most about the url's timeout even if some servers do
+        not answer.  Returns the keys whose call did not apply (or may not
+        have), with why."""
+        if self.cluster:
+            by_node: dict[str, tuple[Any, dict[str, tuple[Any, ...]]]] = {}
+            for k, cmd in cmds.items():
+                node = self.client.get_node_from_key(k)
+                pool = self.client.get_redis_connection(node).connection_pool
+                by_node.setdefault(node.name, (pool, {}))[1][k] = cmd
+            groups = list(by_node.values())
+        else:
+            groups = [(self.client.connection_pool, dict(cmds))]
+        failed: dict[str, str] = {}
+        threads = [threading.Thread(target=self._call_on_node, args=(pool, ks, failed),
+                                    daemon=True) for pool, ks in groups]
+        for t in threads:
+            t.start()
+        # each node's thread: a connect, a send and a read, each bounded by the timeout
+        deadline = time.monotonic() + 3 * self.timeout + 1
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for (_pool, ks), t in zip(groups, threads, strict=True):
+            if t.is_alive():
+                for k in ks:
+                    failed.setdefault(k, f"no answer within {3 * self.timeout + 1:g} s")
+        return dict(failed)
 
     def scan_delete(self, pattern: str) -> int:
         n = 0
@@ -810,11 +963,16 @@ class RedisStore:
         #: one made starts there (made again, it is sent as the same request)
         self._raised: dict[str, int | None] = {"open": None, "aopen": None}
         self._closed = False
+        self._forked = False   # set in a fork child (closed there too, see _after_fork)
         self._calls = 0
         self._sample_mask = DEFAULT_SAMPLE_MASK
         self._metrics_on = True
         self._hist = np.zeros((OP_COUNT, HIST_BUCKETS), dtype=np.int64)
         self._max_ns = [0] * OP_COUNT
+        #: reads counted here, not on the server: a reader is a no-writes
+        #: function, so a full server (maxmemory) or a replica still answers it
+        self._reads = {"read": 0, "lookup": 0}
+        _LIVE.add(self)
 
     # -- create, attach, destroy ------------------------------------------------------
     @classmethod
@@ -899,6 +1057,8 @@ class RedisStore:
 
     def destroy(self) -> int:
         """Delete every key of this incarnation of the engine (see ``remove``)."""
+        if self._forked:
+            raise_closed(True)   # the connection is the parent's
         return _Creator(self.conn, self.name, self.url).remove(self.inc)
 
     @staticmethod
@@ -961,7 +1121,7 @@ class RedisStore:
         declare, nothing applied) is returned when ``need``; else the call is
         sent again with those keys too (remembered under ``learn``)."""
         if self._closed:
-            raise_closed()
+            raise_closed(self._forked)
         ms, r = self._fixed_packed[shard]
         if packed is None:
             packed = (_packed_keys(keys), len(keys))
@@ -1062,11 +1222,16 @@ class RedisStore:
 
     # -- the eng_* calls --------------------------------------------------------------
     def eng_check(self, seg: Any) -> int:
-        return ECLOSED if self._closed else 0
+        return self._closed_code() if self._closed else 0
+
+    def _closed_code(self) -> int:
+        """The code of a closed store: ECLOSED, or EFORKED in a fork child."""
+        return EFORKED if self._forked else ECLOSED
 
     def eng_detach(self, seg: Any) -> None:
         if not self._closed:
             self._closed = True
+            _LIVE.discard(self)
             self.conn.close()
 
     def eng_id_of(self, seg: Any, slot: int, out: Any) -> int:
@@ -1183,6 +1348,9 @@ class RedisStore:
         if not 1 <= len(k) <= KEY_MAX:
             return EBADKEY
         if self.shards > 1 and self._key_shard(k) != sp[0] % self.shards:
+            st = int(self._call(sp[0], "state", sp[1]))
+            if st < 0:
+                return st   # a stale or never-issued id says so first, as on one shard
             raise ArgumentError(
                 f"key {k!r} belongs to shard {self._key_shard(k)} of this sharded Redis engine, "
                 f"and id {id} to shard {sp[0] % self.shards}: on a sharded engine a key is "
@@ -1197,10 +1365,11 @@ class RedisStore:
         if not 1 <= key_len <= KEY_MAX:
             return EBADKEY
         if self._closed:
-            return ECLOSED
+            return self._closed_code()
         k = bytes(key[:key_len])
         s = self._key_shard(k)
         r = self._fn(s, "lookup", k, keys=[self.prefixes[s].encode() + b"k:" + k])
+        self._reads["lookup"] += self._metrics_on
         return 0 if len(r) == 1 else int(r[1]) << ID_SLOT_BITS | int(r[0])
 
     def eng_keys(self, seg: Any, id: int, out: Any, n_max: int, n: Any) -> int:
@@ -1333,6 +1502,7 @@ class RedisStore:
         r = self._call(sp[0], "price", sp[1])
         if r[0]:
             return int(r[0])
+        self._reads["read"] += self._metrics_on
         ffi.buffer(out)[:] = _PRICE_OUT.pack(r[1], int(r[2]))
         return 0
 
@@ -1343,6 +1513,7 @@ class RedisStore:
         r = self._call(sp[0], "context", sp[1])
         if r[0]:
             return int(r[0])
+        self._reads["read"] += self._metrics_on
         ffi.memmove(out.w, r[1], len(r[1]))
         out.version = int(r[2])
         return 0
@@ -1456,7 +1627,7 @@ class RedisStore:
 
     def eng_update_token_price(self, seg: Any, token: int, price: float) -> int:
         if self._closed:
-            return ECLOSED
+            return self._closed_code()
         if not _positive(price):
             return EBADPRICE
         return sum(int(self._fn(s, "tokp", token, _F8.pack(price), _TS,
@@ -1481,7 +1652,7 @@ class RedisStore:
         if min(cash, max_exposure, max_loss) < 0:
             return EBADMONEY
         if self._closed:
-            return ECLOSED
+            return self._closed_code()
         if self._raised["aopen"] is None:
             self._next += 1
         for s in self._from_raised("aopen", [(self._next + i) % self.shards
@@ -1560,7 +1731,7 @@ class RedisStore:
 
     def eng_accounts(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
         if self._closed:
-            return ECLOSED
+            return self._closed_code()
         found = []
         for s, P in enumerate(self.prefixes):
             accounts = range(s, self.max_accounts, self.shards)
@@ -1600,19 +1771,30 @@ class RedisStore:
                 return ETIMEDOUT
 
     def eng_snapshot(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
+        """Each shard in pages of about ENG_REDIS_SNAPSHOT_PAGE open
+        positions, one call each: no call holds the server long, and other
+        clients' calls run between pages.  Each row is one opening, read in
+        one step; the rows are not one instant (as on shared memory)."""
         if self._closed:
-            return ECLOSED
-        out: list[tuple[int, bytes]] = []
+            return self._closed_code()
+        found: dict[int, bytes] = {}   # by slot: a slot SSCAN gives twice is read twice
         for s in range(self.shards):
-            for item in self._fn(s, "snap"):
-                slot, op, st, locked, gen, ctr, pv = _SNAP.unpack_from(item)
-                cv = _F8.unpack_from(item, _SNAP.size)[0]
-                base = _SNAP.size + 8
-                pr, rec = item[base:base + 32], item[base + 32:]
-                head = _ROW_HEAD.pack(op << ID_SLOT_BITS | slot, slot, st, int(gen) & 0xFFFF,
-                                      locked, int(ctr), pr, int(pv), int(cv))
-                out.append((slot, head + rec))
-        out.sort()
+            cursor = b"0"
+            while True:   # pages (one call each): SSCAN ends, whatever opens and closes
+                page = self._fn(s, "snap", cursor, REDIS_SNAPSHOT_PAGE)
+                for item in page[1:]:
+                    slot, op, st, locked, gen, ctr, pv = _SNAP.unpack_from(item)
+                    cv = _F8.unpack_from(item, _SNAP.size)[0]
+                    base = _SNAP.size + 8
+                    pr, rec = item[base:base + 32], item[base + 32:]
+                    head = _ROW_HEAD.pack(op << ID_SLOT_BITS | slot, slot, st,
+                                          int(gen) & 0xFFFF, locked, int(ctr), pr, int(pv),
+                                          int(cv))
+                    found[slot] = head + rec
+                cursor = page[0]
+                if cursor == b"0":
+                    break
+        out = sorted(found.items())
         size = ffi.sizeof("eng_row")
         for i, (_slot, data) in enumerate(out[:max_rows]):
             ffi.memmove(rows + i, data.ljust(size, b"\0"), size)
@@ -1620,8 +1802,42 @@ class RedisStore:
         return 0
 
     def eng_set_halt(self, seg: Any, on: int) -> int:
-        for s in range(self.shards):
-            self._fn(s, "halt", 1 if on else 0)
+        """Every shard at once (each server on a connection of its own):
+        within about the url's timeout however many servers do not answer.
+        A shard that could not be reached is named in one ServerError; the
+        others are switched (a partial halt: ``inspect --url`` shows each
+        shard's flag; halt again once the servers answer)."""
+        if self._closed:
+            return self._closed_code()
+        # the commands as call() would send them (with the incarnation), each on its shard
+        failed = self.conn.call_every({k: self.conn._cmd(k, "halt", (self.inc, 1 if on else 0))
+                                       for k in self.meta_keys})
+        gone = next((w for w in failed.values() if "ENGINE_GONE" in w or "ENGINE_OTHER" in w),
+                    None)
+        if gone is not None:   # unlinked, or another incarnation: nothing to halt
+            raise self._gone(ServerError(gone))
+        if failed:
+            by_why: dict[str, list[int]] = {}
+            for k, w in failed.items():
+                by_why.setdefault(w, []).append(self.meta_keys.index(k))
+            why = "; ".join(f"shards {sorted(s)}: {w}" for w, s in by_why.items())
+            bad = sorted(self.meta_keys.index(k) for k in failed)
+            off = sorted(self.meta_keys.index(k) for k, w in failed.items()
+                         if not w.startswith(_ON_PRIMARY))
+            state = "halted" if on else "running"
+            if len(off) == self.shards:
+                rest = "no shard was switched"
+            elif off:
+                rest = (f"the other {self.shards - len(off)} shards are {state}: a partial halt, "
+                        f"transitions on shards {off} {'still apply' if on else 'stay halted'}")
+            else:
+                rest = (f"every shard is {state} on its primary, not known to be on the "
+                        "replicas (a failover may lose it)")
+            raise ServerError(
+                f"{self.url}: halt({bool(on)}) of engine {self.name!r}: shards {bad} of "
+                f"{self.shards} failed ({why}); {rest}.  Each shard's flag: "
+                f"`python -m engine inspect {self.name} --url URL`; call halt again when "
+                "they answer")
         return 0
 
     def eng_set_metrics(self, seg: Any, enabled: int, mask: int) -> int:
@@ -1633,7 +1849,7 @@ class RedisStore:
     def eng_recover(self, seg: Any, out: Any) -> int:
         """Nothing to release: a server-side function never leaves a lock,
         and a guard's lock expires by itself."""
-        return ECLOSED if self._closed else 0
+        return self._closed_code() if self._closed else 0
 
     def eng_set_faults(self, seg: Any, flags: int, pause_ns: int) -> int:
         return EBADARG
@@ -1647,8 +1863,12 @@ class RedisStore:
 
     def metrics(self) -> Metrics:
         """Counts per operation, summed over the shards (every client's
-        calls); latency percentiles are of this Engine's sampled round trips."""
+        calls), except reads (``read``, ``lookup``): this Engine's, counted
+        here so that a full server still answers them; latency percentiles
+        are of this Engine's sampled round trips."""
         totals: dict[str, dict[str, int]] = {op: {} for op in OPS}
+        for op, n in self._reads.items():
+            totals[op]["applied"] = n
         for s, key in enumerate(self.meta_keys):
             self._fn(s, "alive")
             raw = self.conn.command("HGETALL", key[:-1] + "s", key=key)
@@ -1671,8 +1891,30 @@ class RedisStore:
         return out
 
 
-def raise_closed() -> None:
+def raise_closed(forked: bool = False) -> None:
+    if forked:
+        raise ClosedError("this Engine was inherited through fork(): its connection is the "
+                          "parent's; this process must attach its own, with "
+                          "Engine.attach(handle)")
     raise ClosedError("this Engine was closed: attach again from the handle")
+
+
+#: every store not yet closed: a fork child closes its copies (see _after_fork)
+_LIVE: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a fork child: every inherited store is closed, as an inherited
+    shared-memory Engine is.  Its connection is the parent's socket: a
+    child that sent on it would read the parent's replies (and the parent
+    the child's).  Nothing is sent or shut down here; the child's copy of
+    the socket is closed by redis-py when collected (it checks the pid)."""
+    for store in list(_LIVE):
+        store._forked = store._closed = True
+    _LIVE.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _positive(price: float) -> bool:

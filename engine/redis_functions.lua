@@ -85,6 +85,13 @@ local function once(f)
     end
 end
 
+-- the flags of a function that only reads: it runs on a full server (maxmemory)
+-- and on a read-only replica, and may not write (its metrics are counted by
+-- the client, in the process's metrics)
+local NO_WRITES = {'no-writes'}
+-- the emergency stop runs on a full server too (it writes one small field)
+local ALLOW_OOM = {'allow-oom'}
+
 -- Incarnations.  create sets a random 64-bit number, 'inc', in every shard's
 -- meta; an Engine learns it at attach (the handle carries it) and sends it as
 -- the first argument of every call.  ENGINE_CHECK (REG wraps every function
@@ -465,7 +472,7 @@ end)
 REG('state', function(keys, args)
     local st, err = live(tag(keys) .. 'p:' .. args[1], tonumber(args[2]))
     return st or err
-end)
+end, NO_WRITES)
 
 -- the raw parts of the state: {st, gen, ctr, locked, op}
 REG('word', function(keys, args)
@@ -473,27 +480,25 @@ REG('word', function(keys, args)
     local v = redis.call('HMGET', P .. 'p:' .. args[1], 'st', 'gen', 'op')
     local locked = redis.call('EXISTS', P .. 'g:' .. args[1])
     return {tonumber(v[1]) or 0, tonumber(v[2]) or 0, locked, tonumber(v[3]) or 0}
-end)
+end, NO_WRITES)
 
 REG('price', function(keys, args)
     local P = tag(keys)
     local p = P .. 'p:' .. args[1]
     local st, err = live(p, tonumber(args[2]))
     if not st then return {err} end
-    count(P, 'read', 'applied')
     local v = redis.call('HMGET', p, 'pr', 'pv')
     return {0, v[1], v[2]}
-end)
+end, NO_WRITES)
 
 REG('context', function(keys, args)
     local P = tag(keys)
     local p = P .. 'p:' .. args[1]
     local st, err = live(p, tonumber(args[2]))
     if not st then return {err} end
-    count(P, 'read', 'applied')
     local v = redis.call('HMGET', p, 'rec', 'cv')
     return {0, v[1], v[2]}
-end)
+end, NO_WRITES)
 
 REG('upd', once(function(keys, args)
     local P = tag(keys)
@@ -560,7 +565,7 @@ REG('states', function(keys, args)
         out[#out + 1] = st
     end
     return {0, struct.pack('<' .. string.rep('H', #out), unpack(out))}
-end)
+end, NO_WRITES)
 
 REG('prices', function(keys, args)
     local P = tag(keys)
@@ -574,7 +579,7 @@ REG('prices', function(keys, args)
         out[#out + 1] = v[1] .. struct.pack('<L', tonumber(v[2]) or 0)
     end
     return {0, table.concat(out)}
-end)
+end, NO_WRITES)
 
 -- (every account a position of the batch is booked on is a declared key)
 REG('txmany', once(function(keys, args)
@@ -728,19 +733,18 @@ end))
 -- {slot, op} of the open opening holding key, or {0}
 REG('lookup', function(keys, args)
     local P = tag(keys)
-    count(P, 'lookup', 'applied')
     local holder = redis.call('GET', P .. 'k:' .. args[1])
     if not holder then return {0} end
     local s, o = string.match(holder, '(%d+):(%d+)')
     return {tonumber(s), tonumber(o)}
-end)
+end, NO_WRITES)
 
 REG('keys', function(keys, args)
     local P = tag(keys)
     local st, err = live(P .. 'p:' .. args[1], tonumber(args[2]))
     if not st then return {err} end
     return {0, redis.call('LRANGE', P .. 'pk:' .. args[1], 0, -1)}
-end)
+end, NO_WRITES)
 
 -- (the token's set and the records of the keys bound are declared keys)
 REG('release', once(function(keys, args)
@@ -786,11 +790,16 @@ REG('wprep', once(function(keys, args)
     return {0, last[1][1]}
 end))
 
--- every open position of the shard: slot, op, st, gen, locked, ctr, pr, pv, cv, rec
+-- one page of the shard's open positions: one SSCAN step from cursor args[1]
+-- of about args[2] slots, so a call holds the server a bounded time however
+-- many are open.  {next cursor ('0': the last page), row, row, ...}, a row
+-- (slot, op, st, gen, locked, ctr, pr, pv, cv, rec) read in one step.  SSCAN
+-- returns every slot open for the whole scan, perhaps twice (the client keeps one)
 REG('snap', function(keys, args)
     local P = tag(keys)
-    local out = {}
-    for _, slot in ipairs(redis.call('SMEMBERS', P .. 'open')) do
+    local page = redis.call('SSCAN', P .. 'open', args[1], 'COUNT', args[2])
+    local out = {page[1]}
+    for _, slot in ipairs(page[2]) do
         local p = P .. 'p:' .. slot
         local v = redis.call('HMGET', p, 'op', 'st', 'gen', 'ctr', 'pr', 'pv', 'cv', 'rec')
         out[#out + 1] = struct.pack('<I4I4I4I4', tonumber(slot), tonumber(v[1]), tonumber(v[2]),
@@ -800,12 +809,12 @@ REG('snap', function(keys, args)
                         struct.pack('<d', tonumber(v[7]) or 0) .. v[5] .. v[8]
     end
     return out
-end)
+end, NO_WRITES)
 
 REG('halt', function(keys, args)
     redis.call('HSET', keys[1], 'halted', args[1])
     return 0
-end)
+end, ALLOW_OOM)
 
 REG('setmetrics', function(keys, args)
     redis.call('HSET', keys[1], 'metrics', args[1])
@@ -838,7 +847,7 @@ REG('aread', function(keys, args)
     local a, err = account_of(tag(keys), args[1], tonumber(args[2]))
     if not a then return {err} end
     return {0, books(a)}
-end)
+end, NO_WRITES)
 
 -- cash moves: args n, op, kind ('deposit' / 'withdraw'), amount (decimal)
 REG('acash', once(function(keys, args)
@@ -915,10 +924,10 @@ REG('alist', function(keys, args)
         end
     end
     return out
-end)
+end, NO_WRITES)
 
 -- a no-op: the incarnation check alone (metrics() reads the counters directly)
-REG('alive', function(keys, args) return 0 end)
+REG('alive', function(keys, args) return 0 end, NO_WRITES)
 
 -- create and remove ---------------------------------------------------------------
 -- A name is claimed in one call (claim: shard 0's meta, not ready, with a

@@ -378,6 +378,22 @@ class TestRunStressOnRedis:
         assert not redis_keys_of(url, res.segment)
         assert_gone_gate(res)
 
+    def test_a_password_is_not_reported(self) -> None:
+        """A url's password reaches neither the result, its JSON nor the
+        report; the workers still attach with it."""
+        import redis
+
+        from engine.tools.redis_server import PrivateRedis
+        from engine.tools.stress.report import format_report
+        with PrivateRedis() as server:
+            redis.Redis.from_url(server.url).config_set("requirepass", "pw-secret")
+            url = server.url.replace("redis://", "redis://:pw-secret@")
+            res = run_stress(StressConfig(workers=1, positions=4, seconds=0.5, url=url,
+                                          mix="transitions"))
+        assert res.violations == 0 and res.ops > 0
+        shown = json.dumps(res.as_dict()) + format_report(res)
+        assert "pw-secret" not in shown and ":***@" in shown
+
     def test_latency_is_the_workers(self) -> None:
         """The latency columns hold the workers' samples (the parent makes no
         transition): on Redis they come with the workers' summaries."""

@@ -401,6 +401,116 @@ class TestCommandLine:
             assert callable(parser.parse_args(argv).func)
 
 
+class TestOnRedis:
+    """ls / inspect / top / rm --url: the engines on a Redis server, read raw."""
+
+    @pytest.fixture
+    def on_redis(self) -> Iterator[Engine]:
+        from conftest import redis_url
+        e = Engine.create(32, url=redis_url(), shards=3)
+        try:
+            yield e
+        finally:
+            e.close()
+            with contextlib.suppress(Exception), Engine.attach(e.handle) as again:
+                again.unlink()
+
+    def test_ls_lists_the_engine(self, capsys, on_redis):
+        """ls --url shows the engine with its shards, capacity and open count."""
+        for _ in range(4):
+            on_redis.open_position(100.0, 1.0)
+        code, out, _ = run(capsys, "ls", "--url", on_redis.url)
+        assert code == 0
+        row = next(r for r in out.splitlines() if r.startswith(on_redis.name))
+        assert row.split()[1:4] == ["3", "32", "4"]
+        code, out, _ = run(capsys, "ls", "--json", "--url", on_redis.url)
+        got = next(d for d in json.loads(out) if d["name"] == on_redis.name)
+        assert got["capacity"] == 32 and got["halted_shards"] == []
+
+    def test_inspect_counts_match_snapshot_and_shows_a_partial_halt(self, capsys, on_redis):
+        """inspect --url: per-state counts equal the snapshot's, and a halt
+        flag on one shard only reads as a partial halt naming that shard."""
+        import redis
+        ids = [on_redis.open_position(100.0, 1.0) for _ in range(7)]
+        for i in ids[:3]:
+            on_redis.transition(i, Trigger.POSITION_OPENED)
+        redis.Redis.from_url(on_redis.url).hset(on_redis._seg.meta_keys[1], "halted", "1")
+        code, out, _ = run(capsys, "inspect", on_redis.name, "--json", "--url", on_redis.url)
+        assert code == 0
+        got = json.loads(out)
+        assert got["halted_shards"] == [1]
+        counts: dict[str, int] = {}
+        for s in got["shards"]:
+            for k, v in s["states"].items():
+                counts[k] = counts.get(k, 0) + v
+        snap = on_redis.snapshot()
+        assert counts == {State(int(st)).name: int((snap["state"] == st).sum())
+                          for st in set(snap["state"].tolist())}
+        code, out, _ = run(capsys, "inspect", on_redis.name, "--url", on_redis.url)
+        assert "PARTIAL (1 of 3 shards: [1])" in out
+
+    def test_top_once(self, capsys, on_redis):
+        """top --url --once prints one frame with the server's counts."""
+        on_redis.open_position(100.0, 1.0)
+        code, out, _ = run(capsys, "top", on_redis.name, "--once", "--interval", "0.05",
+                           "--url", on_redis.url)
+        assert code == 0
+        assert next(r for r in out.splitlines() if r.startswith("open")).split()[2] == "1"
+
+    def test_rm_removes_every_key(self, capsys, on_redis):
+        """rm --url deletes every key of the engine; a second rm finds nothing (1)."""
+        import redis
+        on_redis.open_position(100.0, 1.0, key="K")
+        code, out, _ = run(capsys, "rm", on_redis.name, "--url", on_redis.url)
+        assert code == 0 and "removed" in out
+        r = redis.Redis.from_url(on_redis.url)
+        assert list(r.scan_iter(match=f"eng:{{{on_redis.name}:*")) == []
+        code, _, err = run(capsys, "rm", on_redis.name, "--url", on_redis.url)
+        assert code == 1 and "no engine" in err
+
+    def test_rm_removes_a_half_made_engine(self, capsys, on_redis):
+        """An engine whose shard 0 meta is gone (a creator killed half-way):
+        inspect says so (1), rm removes the rest."""
+        import redis
+        r = redis.Redis.from_url(on_redis.url)
+        r.delete(on_redis._seg.meta_keys[0])
+        code, _, _ = run(capsys, "inspect", on_redis.name, "--url", on_redis.url)
+        assert code == 1
+        code, _, _ = run(capsys, "rm", on_redis.name, "--url", on_redis.url)
+        assert code == 0
+        assert list(r.scan_iter(match=f"eng:{{{on_redis.name}:*")) == []
+
+    def test_foreign_keys_are_refused(self, capsys):
+        """A key in an engine's place that is not one: inspect and rm refuse
+        (2); rm --force removes it."""
+        import redis
+        from conftest import redis_url
+        r = redis.Redis.from_url(redis_url())
+        r.set("eng:{not_ours:0}:m", "x")
+        try:
+            assert run(capsys, "inspect", "not_ours", "--url", redis_url())[0] == 2
+            assert run(capsys, "rm", "not_ours", "--url", redis_url())[0] == 2
+            assert r.exists("eng:{not_ours:0}:m")
+            assert run(capsys, "rm", "not_ours", "--force", "--url", redis_url())[0] == 0
+            assert not r.exists("eng:{not_ours:0}:m")
+        finally:
+            r.delete("eng:{not_ours:0}:m")
+
+    def test_python_dash_m_engine(self, on_redis):
+        """``python -m engine ls --url`` and ``inspect NAME --url`` end to end."""
+        for argv in (["ls"], ["inspect", on_redis.name]):
+            r = subprocess.run([sys.executable, "-m", "engine", *argv, "--url", on_redis.url],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert on_redis.name in r.stdout
+
+    def test_unreachable_server_and_password_not_shown(self, capsys):
+        """A server that does not answer: exit 1, and the url's password is not printed."""
+        code, out, err = run(capsys, "ls", "--url", "redis://u:hunter2@127.0.0.1:1/0")
+        assert code == 1
+        assert "hunter2" not in out + err and "***" in err
+
+
 # ==============================================================================
 
 class TestPrivateRedis:

@@ -1,4 +1,5 @@
-"""Segment tools: ``python -m engine {ls,inspect,rm,top}``.
+"""Segment tools: ``python -m engine {ls,inspect,rm,top}``; with ``--url``, the
+engines on a Redis server (``engine.tools.redis_engines``).
 
 They read segments raw, never through ``Engine.attach``: looking at a segment
 takes no registry entry and changes nothing in it, and segments of any machine
@@ -418,6 +419,8 @@ def list_segments() -> tuple[list[SegmentInfo], list[str]]:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """List engine segments."""
+    if getattr(args, "url", None) is not None:
+        return _on_redis("cmd_ls", args)
     found, unreadable = list_segments()
     out = sys.stdout
     if args.json:
@@ -444,6 +447,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 # -- inspect ----------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a segment's header, state counts and registry."""
+    if getattr(args, "url", None) is not None:
+        return _on_redis("cmd_inspect", args)
     name = args.name
     holders: list[Holder] = []
     try:
@@ -543,6 +548,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # -- rm -----------------------------------------------------------------------------------
 def cmd_rm(args: argparse.Namespace) -> int:
     """Unlink segments (engine segments only, unless --force)."""
+    if getattr(args, "url", None) is not None:
+        return _on_redis("cmd_rm", args)
     code = EXIT_OK
     for name in args.names:
         try:
@@ -652,6 +659,8 @@ def _render(name: str, cur: _Frame, prev: _Frame | None, out: TextIO) -> None:
 
 def cmd_top(args: argparse.Namespace) -> int:
     """Refresh state counts and per-operation metrics every --interval seconds."""
+    if getattr(args, "url", None) is not None:
+        return _on_redis("cmd_top", args)
     if not (args.interval > 0):
         _err(f"top: --interval must be > 0, got {args.interval}")
         return EXIT_REFUSED
@@ -686,12 +695,25 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 # -- wiring -----------------------------------------------------------------------------------
+def _on_redis(cmd: str, args: argparse.Namespace) -> int:
+    """The command on a Redis server (``--url``): engine.tools.redis_engines."""
+    from engine.tools import redis_engines
+    return int(getattr(redis_engines, cmd)(args))
+
+
+def _url_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", metavar="URL", default=None,
+                   help="the engines on this Redis server (redis://host:port/db, "
+                        "redis+cluster://..., unix://...) instead of /dev/shm")
+
+
 def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``ls``, ``inspect``, ``rm`` and ``top``; each sets ``func(args) -> exit code``."""
     p = subparsers.add_parser("ls", help="list engine segments in /dev/shm",
                               description="List engine segments: creator, attached processes "
                                           "(alive or dead), capacity, age and size.")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _url_option(p)
     p.set_defaults(func=cmd_ls)
 
     p = subparsers.add_parser("inspect", help="show a segment's header, states and registry",
@@ -699,6 +721,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
                                           "counts and process registry.")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _url_option(p)
     p.set_defaults(func=cmd_inspect)
 
     p = subparsers.add_parser("rm", help="remove engine segments",
@@ -708,6 +731,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--force", action="store_true",
                    help="remove even what is not an engine segment")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    _url_option(p)
     p.set_defaults(func=cmd_rm)
 
     p = subparsers.add_parser("top", help="watch a segment's states and metrics",
@@ -718,6 +742,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
                    help="refresh period (default 1)")
     p.add_argument("--once", action="store_true",
                    help="print one frame (rates over one interval) and exit")
+    _url_option(p)
     p.set_defaults(func=cmd_top)
 
 

@@ -28,6 +28,7 @@ import posix_ipc
 from engine._native import lib
 from engine.accounts import from_units
 from engine.core import Engine
+from engine.errors import redact
 from engine.metrics import OPS, Metrics, check_alerts, percentile
 from engine.spec import ORDER_SPEC, State
 from engine.tools.redis_server import PrivateRedis
@@ -324,7 +325,7 @@ def run_stress(config: StressConfig) -> StressResult:
         for note in REDIS_NOTES if url else ():
             _say(out, f"  note: {note}")
         _say(out, f"stress: {config.workers} workers on {config.positions} shared slots"
-                  + (f" of an engine on Redis at {url}" if url else "") + ", "
+                  + (f" of an engine on Redis at {redact(url)}" if url else "") + ", "
                   f"{config.seconds:g} s, "
                   + ("ORDER workload (ORDER_SPEC, keys_per_position="
                      f"{ORDER_KEYS_PER_POSITION}, {config.inflight} orders in flight per "
@@ -361,7 +362,7 @@ def run_stress(config: StressConfig) -> StressResult:
         if booked:
             _add_accounts(res, eng, config, summaries, stalls, account_ids, terms)
         res.segment, res.gate = eng.name, gate_name
-        res.url = url
+        res.url = redact(url) if url else url
         res.notes = list(REDIS_NOTES) if url else []
     return res
 
@@ -421,6 +422,8 @@ def _result(config: StressConfig, weights: dict[str, int], summaries: list[dict[
     }
     cfg = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "progress"}
     cfg["mix"] = weights
+    if cfg.get("url"):
+        cfg["url"] = redact(cfg["url"])   # the report and its JSON never show a password
     return StressResult(ops=ops, seconds=seconds, violations=sum(by_category.values()),
                         violation_messages=messages, workload=workload,
                         table=_metrics_table(metrics, seconds), alerts=alerts,
