@@ -1,0 +1,99 @@
+"""Breaks found by the adversarial review of the issue 18 fixes (a close
+interrupted after its gate is shut, ...).  Each test failed on the merged
+fixes first."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import engine.core as core
+from engine import Engine
+
+pytestmark = pytest.mark.skipif(core._fastpath is None, reason="the C fast path is not built")
+
+
+class Interrupt(BaseException):
+    """Stands for what a signal handler raises (KeyboardInterrupt & co.)."""
+
+
+class _FastpathRaisingOnUnbind:
+    """engine.core._fastpath whose bind(eng, 0, None) -- the step of close()
+    right after the gate is shut -- raises, as a signal handler would there."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def bind(self, eng: Any, addr: int, seg: Any) -> Any:
+        if addr == 0:
+            raise Interrupt("signal handler during close()")
+        return self.real.bind(eng, addr, seg)
+
+
+class _LibRaisingOnDetach:
+    """The engine's C library whose eng_detach raises before detaching."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def eng_detach(self, seg: Any) -> None:
+        raise Interrupt("signal handler during close()")
+
+
+@pytest.fixture
+def eng() -> Iterator[Engine]:
+    e = Engine.create(8)
+    try:
+        yield e
+    finally:
+        e.close()
+        e.unlink()
+
+
+def _usable(e: Engine, pos: int) -> None:
+    """Every kind of call answers: a GIL-keeping one, a gated one, the fast path."""
+    e.update_price(pos, 11.0)
+    assert e.update_prices([pos], [12.0]) == 1
+    assert len(e.snapshot()) == 1
+    e.recover()
+    assert e.price(pos).price == 12.0
+
+
+class TestCloseInterrupted:
+    """close() interrupted (a signal handler's exception) between shutting the
+    close gate and detaching: nothing is closed, and nothing is half-closed."""
+
+    def test_interrupted_after_the_gate_shut_leaves_the_engine_usable(
+            self, eng: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Forbidden: an Engine that says it is open while its gated calls
+        (update_prices, snapshot, recover) raise ClosedError for good."""
+        pos = eng.open_position(10.0, 1.0)
+        monkeypatch.setattr(core, "_fastpath", _FastpathRaisingOnUnbind(core._fastpath))
+        with pytest.raises(Interrupt):
+            eng.close()
+        monkeypatch.undo()
+        assert not eng.closed
+        _usable(eng, pos)
+
+    def test_interrupted_just_before_detach_leaves_the_engine_usable(
+            self, eng: Engine) -> None:
+        """The same with the exception at the detach call itself: gated calls
+        and the fast path work, a second close() closes."""
+        pos = eng.open_position(10.0, 1.0)
+        real = eng._lib
+        eng._lib = _LibRaisingOnDetach(real)
+        with pytest.raises(Interrupt):
+            eng.close()
+        eng._lib = real
+        assert not eng.closed
+        _usable(eng, pos)
+        eng.close()
+        assert eng.closed
