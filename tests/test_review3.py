@@ -4,13 +4,14 @@ fixes first."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from fractions import Fraction
 from typing import Any
 
 import pytest
 
 import engine.core as core
-from engine import Engine
+from engine import Engine, EngineTypeError
 
 pytestmark = pytest.mark.skipif(core._fastpath is None, reason="the C fast path is not built")
 
@@ -97,3 +98,23 @@ class TestCloseInterrupted:
         _usable(eng, pos)
         eng.close()
         assert eng.closed
+
+
+class TestMoneyOfAnyType:
+    """Money conversion of a value of a type it refuses: a typed error whatever
+    the value, never an error raised while writing the message."""
+
+    @pytest.mark.parametrize("call", [
+        lambda e, a, v: e.deposit(a, v),
+        lambda e, a, v: e.withdraw(a, v),
+        lambda e, a, v: e.open_account(v, 1000, 8, 1000),
+    ], ids=["deposit", "withdraw", "open_account"])
+    def test_a_fraction_too_long_to_print_is_a_type_error(
+            self, eng: Engine, call: Callable[[Engine, int, Any], Any]) -> None:
+        """A Fraction whose numerator has more digits than int->str allows:
+        EngineTypeError naming its type (was ValueError from its repr)."""
+        a = eng.open_account(1000, 1000, 8, 1000)
+        before = eng.account(a)
+        with pytest.raises(EngineTypeError, match="Fraction"):
+            call(eng, a, Fraction(10**5000, 3))
+        assert eng.account(a) == before
