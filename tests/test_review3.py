@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import engine.core as core
-from engine import Engine, EngineTypeError
+from engine import Engine, EngineError, EngineTypeError
 
 pytestmark = pytest.mark.skipif(core._fastpath is None, reason="the C fast path is not built")
 
@@ -118,3 +118,37 @@ class TestMoneyOfAnyType:
         with pytest.raises(EngineTypeError, match="Fraction"):
             call(eng, a, Fraction(10**5000, 3))
         assert eng.account(a) == before
+
+
+_HUGE = 10**5000   # more digits than int->str allows (sys.get_int_max_str_digits())
+
+
+class TestHugeIntArguments:
+    """An int argument too long to print: the typed error of its range, never a
+    ValueError raised while writing that error's message."""
+
+    @pytest.mark.xfail(strict=True, reason=(
+        "about a dozen messages format the value with {v!r} (core.py _bad_types, "
+        "_check_price, open_position side/price, records.py FieldError, "
+        "errors.py raise_for's templates, create's checks, wait_for_change's timeout): "
+        "a shared safe formatter (accounts._shown) is the fix, left to the lead to "
+        "avoid a wide diff across modules other branches edit"))
+    @pytest.mark.parametrize("call", [
+        lambda e, p, v: e.price(v),
+        lambda e, p, v: e.transition(v, 0),
+        lambda e, p, v: e.update_price(p, v),
+        lambda e, p, v: e.open_position(10.0, 1.0, token=v),
+        lambda e, p, v: e.account(v),
+        lambda e, p, v: e.wait_for_change(p, v),
+        lambda e, p, v: Engine.create(v),
+    ], ids=["price", "transition", "update_price", "open_token", "account", "wait_timeout",
+            "create"])
+    def test_an_int_too_long_to_print_is_a_range_error(
+            self, eng: Engine, call: Callable[[Engine, int, int], Any]) -> None:
+        """10**5000 as an id, a price, a field, an account, a timeout, a capacity:
+        an EngineError, nothing changed (was ValueError from the message)."""
+        p = eng.open_position(10.0, 1.0)
+        before = eng.snapshot().tobytes()
+        with pytest.raises(EngineError):
+            call(eng, p, _HUGE)
+        assert eng.snapshot().tobytes() == before
