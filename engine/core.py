@@ -1319,7 +1319,11 @@ class Engine(_EngineBase):
         self._check_open()
         if self._mm is None:
             return self._seg.metrics()  # type: ignore[no-any-return]
-        return read_metrics(self._mm, self._seg.hdr.shards_off)
+        # where attach placed the shards (from its checked copy of the header),
+        # not the live header word another process may have written since
+        shards_off = int(ffi.cast("uintptr_t", self._seg.shards)) - int(
+            ffi.cast("uintptr_t", self._seg.base))
+        return read_metrics(self._mm, shards_off)
 
     def set_metrics(self, enabled: bool = True,
                     sample_every: int = lib.ENG_DEFAULT_SAMPLE_MASK + 1) -> None:

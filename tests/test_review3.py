@@ -223,3 +223,25 @@ class TestHeaderWordFlippedDuringAttach:
         assert child.returncode == 0, f"the attacher died: exit {child.returncode}"
         got = json.loads(out)
         assert got["ok"] + got["refused"] == ATTACHES, got
+
+
+class TestHeaderWordWrittenAfterAttach:
+    """A layout word of the header written by another process after attach:
+    the attached Engine keeps the layout it checked."""
+
+    def test_metrics_read_the_shards_where_attach_placed_them(self, eng: Engine) -> None:
+        """shards_off crafted after attach: metrics() answers as before (was
+        ValueError from an offset past the mapping)."""
+        eng.open_position(10.0, 1.0)
+        before = eng.metrics()
+        f = dict(ffi.typeof("eng_header").fields)["shards_off"]
+        fd = os.open(os.path.join("/dev/shm", eng.name), os.O_RDWR)
+        mm = mmap.mmap(fd, 0)
+        os.close(fd)
+        orig = mm[f.offset:f.offset + 8]
+        try:
+            mm[f.offset:f.offset + 8] = (1 << 40).to_bytes(8, "little")
+            assert eng.metrics() == before
+        finally:
+            mm[f.offset:f.offset + 8] = orig
+            mm.close()
