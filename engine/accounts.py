@@ -72,7 +72,7 @@ def to_units(value: Any, what: str = "money") -> int:
     if value.__class__ is int and 0 <= value <= _WHOLE_MAX:
         return value * SCALE   # the common case, exact
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
-        raise EngineTypeError(f"{what} must be an int, float or Decimal, got {value!r:.40} "
+        raise EngineTypeError(f"{what} must be an int, float or Decimal, got {_shown(value)} "
                               f"({type(value).__name__})")
     if (isinstance(value, float) and not math.isfinite(value)) or (
             isinstance(value, Decimal) and not value.is_finite()):
@@ -100,10 +100,14 @@ def to_units(value: Any, what: str = "money") -> int:
 
 def _shown(value: Any) -> str:
     """``value`` for a message: its repr cut to 40 characters (an int too
-    long for repr, by its size)."""
+    long for repr, by its size; a value whose repr fails, e.g. a Fraction of
+    ints past sys.get_int_max_str_digits(), by its type)."""
     if isinstance(value, int) and value.bit_length() > 128:
         return f"an int of {value.bit_length()} bits"
-    return f"{value!r:.40}"
+    try:
+        return f"{value!r:.40}"
+    except Exception:   # the message must not fail in its place
+        return f"a {type(value).__name__} without a repr"
 
 
 def from_units(units: int) -> Decimal:

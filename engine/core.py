@@ -435,14 +435,25 @@ class Engine(_EngineBase):
         if any(e is self for e in getattr(_guard_failure, "inside", ())):
             raise ClosedError(f"engine {self.name!r} cannot be closed from inside one of its "
                               "own guards; close it after the transition returns")
-        if self.url is None and self._finalizer.alive:
-            self._shut_gate()
-        if _fastpath is not None and self.url is None:
-            _fastpath.bind(self, 0, None)   # the hot calls take the Python methods
-        # the registry entry goes first, in one C call (idempotent): an
-        # exception from a signal handler anywhere below can no longer leave
-        # this live process holding it; at worst the unmapping waits for GC
-        self._lib.eng_detach(self._seg)
+        shm = self.url is None and self._finalizer.alive
+        try:
+            if shm:
+                self._shut_gate()
+            if _fastpath is not None and self.url is None:
+                _fastpath.bind(self, 0, None)   # the hot calls take the Python methods
+            # the registry entry goes first, in one C call (idempotent): an
+            # exception from a signal handler anywhere below can no longer leave
+            # this live process holding it; at worst the unmapping waits for GC
+            self._lib.eng_detach(self._seg)
+        except BaseException:
+            # interrupted before the detach (a signal handler's exception):
+            # nothing closed, so nothing half-closed either -- the gate open
+            # again and the hot calls on their C view
+            if shm and lib.eng_check(self._seg) == 0:
+                lib.eng_gate_open(self._seg)
+                if _fastpath is not None:
+                    _fastpath.bind(self, int(ffi.cast("uintptr_t", self._seg)), self._seg)
+            raise
         if self._finalizer.alive:
             self._finalizer()
             if self.url is None:
@@ -1317,7 +1328,11 @@ class Engine(_EngineBase):
         self._check_open()
         if self._mm is None:
             return self._seg.metrics()  # type: ignore[no-any-return]
-        return read_metrics(self._mm, self._seg.hdr.shards_off)
+        # where attach placed the shards (from its checked copy of the header),
+        # not the live header word another process may have written since
+        shards_off = int(ffi.cast("uintptr_t", self._seg.shards)) - int(
+            ffi.cast("uintptr_t", self._seg.base))
+        return read_metrics(self._mm, shards_off)
 
     def set_metrics(self, enabled: bool = True,
                     sample_every: int = lib.ENG_DEFAULT_SAMPLE_MASK + 1) -> None:

@@ -1197,38 +1197,49 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
 {
     if (!s || fd < 0)
         return ENG_EBADARG;
-    int rc = eng_validate(base, size, fingerprint);
+    if (!base || size < sizeof(eng_header))
+        return eng_validate(base, size, fingerprint);   /* its code for these */
+    /* Check a private copy of the header and place the views by that copy
+     * alone: another process writing the segment cannot change a word
+     * between its check and its use (a crafted offset or capacity read
+     * twice would place a view outside the mapping).  ready is read first,
+     * with acquire (pairs with eng_format), and the copy taken after it. */
+    eng_header *h = base;
+    static __thread eng_header hc;   /* 8 KiB: off the stack */
+    uint32_t ready = load_acquire_u32(&h->ready);
+    memcpy(&hc, base, sizeof hc);
+    hc.ready = ready;
+    int rc = eng_validate(&hc, size, fingerprint);
     if (rc)
         return rc;
     pthread_once(&fork_hook_once, install_fork_hook);
-    eng_header *h = base;
     memset(s, 0, sizeof *s);
     s->base = base;
     s->size = size;
-    s->hdr = h;
-    s->registry = (eng_proc *)((uint8_t *)base + h->registry_off);
-    s->shards = (eng_shard *)((uint8_t *)base + h->shards_off);
-    s->slots = (uint8_t *)base + h->slots_off;
-    s->keyrecs = (eng_keyrec *)((uint8_t *)base + h->keyrecs_off);
-    s->keyidx = (uint64_t *)((uint8_t *)base + h->keyidx_off);
-    s->stripes = (uint32_t *)((uint8_t *)base + h->stripes_off);
-    s->tindex = (uint64_t *)((uint8_t *)base + h->tindex_off);
-    s->tindex_buckets = h->tindex_buckets;
-    s->accounts = (eng_account *)((uint8_t *)base + h->accounts_off);
-    s->max_accounts = h->max_accounts;
-    s->slot_size = h->slot_size;
-    s->rec_size = h->rec_size;
-    s->n_words = h->rec.n_words;
-    s->kpp = h->rec.keys_per_position;
-    s->key_buckets = h->key_buckets;
-    s->key_seed = h->key_seed;
-    memcpy(s->roles, h->rec.roles, sizeof s->roles);
+    s->hdr = h;   /* the live header: its controls (halted, metrics, ...) */
+    s->registry = (eng_proc *)((uint8_t *)base + hc.registry_off);
+    s->shards = (eng_shard *)((uint8_t *)base + hc.shards_off);
+    s->slots = (uint8_t *)base + hc.slots_off;
+    s->keyrecs = (eng_keyrec *)((uint8_t *)base + hc.keyrecs_off);
+    s->keyidx = (uint64_t *)((uint8_t *)base + hc.keyidx_off);
+    s->stripes = (uint32_t *)((uint8_t *)base + hc.stripes_off);
+    s->tindex = (uint64_t *)((uint8_t *)base + hc.tindex_off);
+    s->tindex_buckets = hc.tindex_buckets;
+    s->accounts = (eng_account *)((uint8_t *)base + hc.accounts_off);
+    s->max_accounts = hc.max_accounts;
+    s->slot_size = hc.slot_size;
+    s->rec_size = hc.rec_size;
+    s->n_words = hc.rec.n_words;
+    s->kpp = hc.rec.keys_per_position;
+    s->key_buckets = hc.key_buckets;
+    s->key_seed = hc.key_seed;
+    memcpy(s->roles, hc.rec.roles, sizeof s->roles);
     s->acct_role = s->roles[ENG_ROLE_ACCOUNT];
     s->pnl = s->roles[ENG_ROLE_ENTRY_PRICE] != ENG_ROLE_NONE &&
              s->roles[ENG_ROLE_AMOUNT] != ENG_ROLE_NONE &&
              s->roles[ENG_ROLE_SIDE] != ENG_ROLE_NONE;
-    s->capacity = h->capacity;
-    s->n_triggers = h->n_triggers;
+    s->capacity = hc.capacity;
+    s->n_triggers = hc.n_triggers;
     s->fd = fd;
     struct stat st;
     if (fstat(fd, &st) != 0) {

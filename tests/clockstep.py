@@ -129,9 +129,13 @@ def build_shim(tmp: Path) -> Path:
     return so
 
 
-def run_child(shim: Path, mode: int, timeout: float = DEADLINE_S + 60) -> dict[str, Any]:
-    """Run this module under the shim with price clock `mode`; its JSON verdict."""
+def run_child(shim: Path, mode: int, timeout: float = DEADLINE_S + 60,
+              slews_ppm: list[int] | None = None) -> dict[str, Any]:
+    """Run this module under the shim with price clock `mode`; its JSON verdict.
+    With `slews_ppm`: those slews instead of SLEWS_PPM, and no step bursts."""
     env = {**os.environ, "LD_PRELOAD": str(shim), "CLOCKSHIM_SO": str(shim)}
+    if slews_ppm is not None:
+        env["CLOCKSHIM_SLEWS_PPM"] = ",".join(map(str, slews_ppm))
     env.pop("ENGINE_PRICE_CLOCK", None)
     out = subprocess.run([sys.executable, __file__, str(mode)], env=env, capture_output=True,
                          text=True, timeout=timeout)
@@ -339,4 +343,7 @@ def child(mode: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    if os.environ.get("CLOCKSHIM_SLEWS_PPM"):   # run_child(slews_ppm=...)
+        SLEWS_PPM = [int(x) for x in os.environ["CLOCKSHIM_SLEWS_PPM"].split(",")]
+        STEP_BURSTS_NS, LATE_STEPS_NS = [], []
     print(json.dumps(child(int(sys.argv[1]))))
