@@ -23,7 +23,7 @@ from fractions import Fraction
 from typing import Any, NamedTuple
 
 from engine._native import ffi, lib
-from engine.errors import EngineTypeError, MoneyError
+from engine.errors import EngineTypeError, MoneyError, shown
 
 SCALE: int = int(lib.ENG_MONEY_SCALE)
 _DIGITS = len(str(SCALE)) - 1
@@ -72,7 +72,7 @@ def to_units(value: Any, what: str = "money") -> int:
     if value.__class__ is int and 0 <= value <= _WHOLE_MAX:
         return value * SCALE   # the common case, exact
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
-        raise EngineTypeError(f"{what} must be an int, float or Decimal, got {_shown(value)} "
+        raise EngineTypeError(f"{what} must be an int, float or Decimal, got {shown(value)} "
                               f"({type(value).__name__})")
     if (isinstance(value, float) and not math.isfinite(value)) or (
             isinstance(value, Decimal) and not value.is_finite()):
@@ -90,24 +90,12 @@ def to_units(value: Any, what: str = "money") -> int:
         # digits at the fixed point, so _EXACT quantizes without rounding them
         q = value.quantize(_ONE_UNIT, context=_EXACT) if value.adjusted() >= -_DIGITS else None
         if q is None or q != value:
-            raise MoneyError(f"{what} {value!r:.40} is finer than the fixed point: money has "
+            raise MoneyError(f"{what} {shown(value)} is finer than the fixed point: money has "
                              f"{_DIGITS} decimal places")
         units = int(q.scaleb(_DIGITS, context=_EXACT))
     if not 0 <= units <= UNITS_MAX:
-        raise MoneyError(f"{what} must be in [0, {from_units(UNITS_MAX)}], got {_shown(value)}")
+        raise MoneyError(f"{what} must be in [0, {from_units(UNITS_MAX)}], got {shown(value)}")
     return units
-
-
-def _shown(value: Any) -> str:
-    """``value`` for a message: its repr cut to 40 characters (an int too
-    long for repr, by its size; a value whose repr fails, e.g. a Fraction of
-    ints past sys.get_int_max_str_digits(), by its type)."""
-    if isinstance(value, int) and value.bit_length() > 128:
-        return f"an int of {value.bit_length()} bits"
-    try:
-        return f"{value!r:.40}"
-    except Exception:   # the message must not fail in its place
-        return f"a {type(value).__name__} without a repr"
 
 
 def from_units(units: int) -> Decimal:

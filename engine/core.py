@@ -56,6 +56,7 @@ from engine.errors import (
     header_detail,
     raise_for,
     redact,
+    shown,
 )
 from engine.metrics import Metrics, read_metrics
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, PriceSnapshot
@@ -204,7 +205,7 @@ def _key_bytes(key: Any) -> bytes:
     elif isinstance(key, (bytes, bytearray, memoryview)):
         data = bytes(key)
     else:
-        raise EngineTypeError(f"a key is a str or bytes, got {key!r:.40} "
+        raise EngineTypeError(f"a key is a str or bytes, got {shown(key)} "
                               f"({type(key).__name__})")
     if not 1 <= len(data) <= _KEY_MAX:
         raise ArgumentError(f"a key is 1 to {_KEY_MAX} bytes (UTF-8 for a str), got "
@@ -355,10 +356,10 @@ class Engine(_EngineBase):
                              lib.ENG_MAX_KEYS_PER_POSITION),
                             ("max_accounts", max_accounts, lib.ENG_MAX_ACCOUNTS)):
             if not isinstance(v, int) or isinstance(v, bool):
-                raise EngineTypeError(f"{what} must be an int, got {v!r}")
+                raise EngineTypeError(f"{what} must be an int, got {shown(v)}")
             if not (1 if what == "capacity" else 0) <= v <= hi:
                 raise ArgumentError(f"{what} must be in [{1 if what == 'capacity' else 0}, "
-                                    f"{hi}], got {v}")
+                                    f"{hi}], got {shown(v)}")
         name = segment.check_name(name) if name is not None else segment.random_name()
         if url is not None:
             return cls._on_redis(RedisStore.create(check_url(url), name, spec, capacity,
@@ -553,27 +554,28 @@ class Engine(_EngineBase):
     def _bad_types(self, pos: Any, **values: Any) -> EngineError:
         """The error for arguments cffi refused to convert."""
         if not isinstance(pos, int):
-            return EngineTypeError(f"id must be an int from open_position, got {pos!r:.40} "
+            return EngineTypeError(f"id must be an int from open_position, got {shown(pos)} "
                                    f"({type(pos).__name__})")
         if not 0 <= pos <= lib.ENG_ID_MAX:
-            return SlotError(f"id {pos!r} out of range [1, {lib.ENG_ID_MAX:#x}]")
+            return SlotError(f"id {shown(pos)} out of range [1, {lib.ENG_ID_MAX:#x}]")
         for key, v in values.items():
             if key == "trigger":
                 if not isinstance(v, int):
                     return EngineTypeError(f"trigger must be an int or a trigger name of spec "
-                                           f"{self.spec.name!r}, got {v!r}")
-                return TriggerError(f"trigger {v!r} out of range "
+                                           f"{self.spec.name!r}, got {shown(v)}")
+                return TriggerError(f"trigger {shown(v)} out of range "
                                     f"[0, {len(self.spec.triggers)})")
             if key == "price":   # an int too large for a double
-                return PriceError(f"price must be finite and > 0, got {v!r:.40}")
-        return EngineTypeError(f"bad argument types: id={pos!r}, {values}")
+                return PriceError(f"price must be finite and > 0, got {shown(v)}")
+        shown_values = ", ".join(f"{k}={shown(v)}" for k, v in values.items())
+        return EngineTypeError(f"bad argument types: id={shown(pos)}, {shown_values}")
 
     def _trigger_index(self, trigger: Any) -> int:
         if isinstance(trigger, str):
             try:
                 return self.spec.trigger_index[trigger]
             except KeyError:
-                raise TriggerError(f"unknown trigger {trigger!r}; spec {self.spec.name!r} has "
+                raise TriggerError(f"unknown trigger {shown(trigger)}; spec {self.spec.name!r} has "
                                    f"{list(self.spec.triggers)}") from None
         return self._index(trigger, "trigger")
 
@@ -590,7 +592,7 @@ class Engine(_EngineBase):
             allowed = {"id": "an int from open_position",
                        "slot": f"an int in [0, {self.capacity})",
                        "trigger": f"an int in [0, {len(self.spec.triggers)}) or a trigger name"}
-            raise EngineTypeError(f"{what} must be {allowed[what]}, got {value!r:.40} "
+            raise EngineTypeError(f"{what} must be {allowed[what]}, got {shown(value)} "
                                   f"({type(value).__name__})") from None
 
     @staticmethod
@@ -600,8 +602,8 @@ class Engine(_EngineBase):
             try:
                 return float(price)
             except OverflowError:
-                raise PriceError(f"price must be finite and > 0, got {price!r:.40}") from None
-        raise EngineTypeError(f"price must be a real number, got {price!r:.40} "
+                raise PriceError(f"price must be finite and > 0, got {shown(price)}") from None
+        raise EngineTypeError(f"price must be a real number, got {shown(price)} "
                               f"({type(price).__name__})")
 
     # -- ids ---------------------------------------------------------------------------
@@ -685,15 +687,16 @@ class Engine(_EngineBase):
         for key in ("entry_price", "amount"):
             v = fields.get(key)
             if v is None or not _is_number(v):
-                raise EngineTypeError(f"{key} must be a float, got {v!r}")
+                raise EngineTypeError(f"{key} must be a float, got {shown(v)}")
             if not (_finite(v) and v > 0):
                 err = PriceError if key == "entry_price" else ArgumentError
-                raise err(f"{key} must be finite and > 0, got {v!r}")
+                raise err(f"{key} must be finite and > 0, got {shown(v)}")
         side = fields.get("side", 1)
         if not isinstance(side, int) or isinstance(side, bool):
-            raise EngineTypeError(f"side must be the int 1 (long) or -1 (short), got {side!r}")
+            raise EngineTypeError("side must be the int 1 (long) or -1 (short), "
+                                  f"got {shown(side)}")
         if side not in (1, -1):
-            raise ArgumentError(f"side must be 1 (long) or -1 (short), got {side!r}")
+            raise ArgumentError(f"side must be 1 (long) or -1 (short), got {shown(side)}")
         fields.setdefault("side", 1)
 
     # -- keys --------------------------------------------------------------------------
@@ -1086,11 +1089,11 @@ class Engine(_EngineBase):
         ``BusyError`` if a live writer held the token's chain or one of its
         positions past the bound: every other open position on it got the price."""
         if not isinstance(token, int) or isinstance(token, bool):
-            raise EngineTypeError(f"token must be an int, got {token!r:.40} "
+            raise EngineTypeError(f"token must be an int, got {shown(token)} "
                                   f"({type(token).__name__})")
         if not _INT64[0] <= token <= _INT64[1]:
             raise ArgumentError(f"token must be an int in [{_INT64[0]}, {_INT64[1]}], "
-                                f"got {token!r}")
+                                f"got {shown(token)}")
         if price.__class__ is not float:
             price = self._price_arg(price)
         if "token" not in self._rec.roles:
@@ -1112,7 +1115,7 @@ class Engine(_EngineBase):
                 account = operator.index(account)
             except TypeError:
                 raise EngineTypeError(f"account must be an int from open_account, got "
-                                      f"{account!r:.40} ({type(account).__name__})") from None
+                                      f"{shown(account)} ({type(account).__name__})") from None
         account = int(account)
         if not 1 <= account <= lib.ENG_ACCOUNT_ID_MAX or account & _SLOT_MASK >= self.max_accounts:
             self._fail_account(lib.ENG_EBADACCOUNT, account)
@@ -1162,15 +1165,17 @@ class Engine(_EngineBase):
         units = [to_units(v, what) for v, what in ((cash, "cash"), (max_exposure, "max_exposure"),
                                                   (max_loss, "max_loss"))]
         if isinstance(max_positions, bool) or not isinstance(max_positions, int):
-            raise EngineTypeError(f"max_positions must be an int, got {max_positions!r:.40}")
+            raise EngineTypeError(f"max_positions must be an int, got {shown(max_positions)}")
         if not 0 <= max_positions <= 2**32 - 1:
-            raise ArgumentError(f"max_positions must be in [0, {2**32 - 1}], got {max_positions}")
+            raise ArgumentError(f"max_positions must be in [0, {2**32 - 1}], "
+                                f"got {shown(max_positions)}")
         if key is not None:
             _key_bytes(key)
         out = ffi.new("uint64_t *")
         rc = self._lib.eng_open_account(self._seg, units[0], units[1], max_positions, units[2], out)
-        self._account_call(rc, None, money=f"cash={cash!r}, max_exposure={max_exposure!r}, "
-                                            f"max_loss={max_loss!r}")
+        self._account_call(rc, None, money=f"cash={shown(cash)}, "
+                                            f"max_exposure={shown(max_exposure)}, "
+                                            f"max_loss={shown(max_loss)}")
         return int(out[0])
 
     def close_account(self, account: int) -> Account:
@@ -1201,10 +1206,10 @@ class Engine(_EngineBase):
                     if cash <= UNITS_MAX and room <= UNITS_MAX else
                     f"cash {from_units(b.cash)} + amount + the open positions' worst-case "
                     f"gains {from_units(b.worst_gain)} = {from_units(room)}")
-            self._fail_account(rc, account, money=f"amount {amount!r}: {what} is beyond the "
+            self._fail_account(rc, account, money=f"amount {shown(amount)}: {what} is beyond the "
                                                   f"money range's top {from_units(UNITS_MAX)}; "
                                                   "nothing changed")
-        self._account_call(rc, account, money=f"amount={amount!r}")
+        self._account_call(rc, account, money=f"amount={shown(amount)}")
 
     def withdraw(self, account: int, amount: Any) -> None:
         """Take ``amount`` (>= 0) from the account's cash; never below what is
@@ -1212,13 +1217,13 @@ class Engine(_EngineBase):
         account = self._account_id(account)
         units = to_units(amount, "amount")
         self._account_call(self._lib.eng_withdraw(self._seg, account, units), account,
-                           money=f"amount={amount!r}")
+                           money=f"amount={shown(amount)}")
 
     def halt_account(self, account: int, on: bool = True) -> None:
         """Halt (or resume) openings against the account; closings go on."""
         account = self._account_id(account)
         if not isinstance(on, bool):
-            raise EngineTypeError(f"on must be a bool, got {on!r:.40}")
+            raise EngineTypeError(f"on must be a bool, got {shown(on)}")
         self._account_call(self._lib.eng_halt_account(self._seg, account, 1 if on else 0), account)
 
     def update_account(self, account: int, fn: Any) -> Account:
@@ -1232,7 +1237,7 @@ class Engine(_EngineBase):
         ``metrics()["account"]``.  Returns the books after the change."""
         account = self._account_id(account)
         if not callable(fn):
-            raise EngineTypeError(f"fn must be callable, got {fn!r:.40}")
+            raise EngineTypeError(f"fn must be callable, got {shown(fn)}")
         for attempt in range(_ACCOUNT_TRIES):
             seen = self.account(account)
             new = fn(seen)
@@ -1254,9 +1259,9 @@ class Engine(_EngineBase):
             mp, halted = change["max_positions"], change["halted"]
             if isinstance(mp, bool) or not isinstance(mp, int) or not 0 <= mp <= 2**32 - 1:
                 raise ArgumentError(f"max_positions must be an int in [0, {2**32 - 1}], "
-                                    f"got {mp!r}")
+                                    f"got {shown(mp)}")
             if not isinstance(halted, bool):
-                raise EngineTypeError(f"halted must be a bool, got {halted!r:.40}")
+                raise EngineTypeError(f"halted must be a bool, got {shown(halted)}")
             exposure = to_units(change["max_exposure"], "max_exposure")
             loss = to_units(change["max_loss"], "max_loss")
             rc = self._lib.eng_update_account(self._seg, account, seen.version, exposure, mp, loss,
@@ -1291,7 +1296,8 @@ class Engine(_EngineBase):
         and other signals are handled while waiting.
         """
         if not (_is_number(timeout) and _finite(timeout) and timeout >= 0):
-            raise ArgumentError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
+            raise ArgumentError("timeout must be a finite number of seconds >= 0, "
+                                f"got {shown(timeout)}")
         if pos.__class__ is not int:   # cffi would truncate a numpy float
             pos = self._index(pos)
         deadline = time.monotonic() + min(timeout, _MAX_TIMEOUT_S)
@@ -1340,7 +1346,8 @@ class Engine(_EngineBase):
         of two: 1 samples every operation)."""
         if (not isinstance(sample_every, int) or isinstance(sample_every, bool)
                 or not 1 <= sample_every <= 2**31 or sample_every & (sample_every - 1)):
-            raise ArgumentError(f"sample_every must be a power of two >= 1, got {sample_every}")
+            raise ArgumentError("sample_every must be a power of two >= 1, "
+                                f"got {shown(sample_every)}")
         rc = self._lib.eng_set_metrics(self._seg, 1 if enabled else 0, sample_every - 1)
         if rc:
             self._fail(rc, what=f"sample_every={sample_every}")

@@ -150,6 +150,25 @@ class InternalError(EngineError, RuntimeError):
     """A status the API should never see (a bug: please report it)."""
 
 
+def shown(value: Any) -> str:
+    """``value`` for a message: its repr cut to 40 characters; an int too long
+    for repr (past ``sys.get_int_max_str_digits()``) by its size; a value
+    whose repr fails by its type.  A message must never fail in its place."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an int of {value.bit_length()} bits"
+    try:
+        return f"{value!r:.40}"
+    except Exception:
+        return f"a {type(value).__name__} without a repr"
+
+
+class _Shown(str):
+    """A value already shown: ``{x!r}`` in a template prints it as it is."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 class _Context(dict[str, Any]):
     def __missing__(self, key: str) -> str:
         return "?"
@@ -258,4 +277,6 @@ def raise_for(code: int, **context: Any) -> NoReturn:
     cls, template = ERRORS.get(code, (InternalError, "engine call failed with code {code} ({why})"))
     why = ffi.string(lib.eng_strerror(code)).decode()
     context.setdefault("detail", "")
+    context = {k: _Shown(shown(v)) if isinstance(v, int) and v.bit_length() > 128 else v
+               for k, v in context.items()}
     raise cls(template.format_map(_Context(context, code=code, why=why)))

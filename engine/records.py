@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from engine._native import ffi, lib
-from engine.errors import EngineTypeError, FieldError, SpecError
+from engine.errors import EngineTypeError, FieldError, SpecError, shown
 
 _STRUCT_CODES = {"double": "d", "int64_t": "q", "uint64_t": "Q", "int32_t": "i",
                  "uint32_t": "I", "uint8_t": "B"}
@@ -264,10 +264,10 @@ class RecordLayout:
                     value = value.encode()
                 except UnicodeEncodeError as e:
                     raise FieldError(f"field {name!r} ({f.type}): a str must encode as UTF-8, "
-                                     f"got {value!r:.40} ({e.reason})") from None
+                                     f"got {shown(value)} ({e.reason})") from None
             if not isinstance(value, (bytes, bytearray)):
                 raise EngineTypeError(f"field {name!r} ({f.type}) takes bytes or str, got "
-                                      f"{value!r:.40} ({type(value).__name__})")
+                                      f"{shown(value)} ({type(value).__name__})")
             if len(value) > f.size:
                 raise FieldError(f"field {name!r} ({f.type}) holds at most {f.size} bytes, "
                                  f"got {len(value)}")
@@ -277,27 +277,27 @@ class RecordLayout:
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating,
                                                                  np.integer)):
                 raise EngineTypeError(f"field {name!r} (f8) takes a real number, got "
-                                      f"{value!r:.40} ({type(value).__name__})")
+                                      f"{shown(value)} ({type(value).__name__})")
             try:
                 v = float(value)
             except OverflowError:
                 v = math.inf
             if not math.isfinite(v):
-                raise FieldError(f"field {name!r} (f8) must be finite, got {value!r:.40}")
+                raise FieldError(f"field {name!r} (f8) must be finite, got {shown(value)}")
             if v < 0 and name in PRICE_LEVELS:
                 raise FieldError(f"field {name!r} is a price level: finite and >= 0, "
-                                 f"got {value!r:.40}")
+                                 f"got {shown(value)}")
             return struct.pack("<d", v)
         if isinstance(value, bool):
-            raise EngineTypeError(f"field {name!r} ({f.type}) takes an int, got {value!r}")
+            raise EngineTypeError(f"field {name!r} ({f.type}) takes an int, got {shown(value)}")
         try:
             iv = operator.index(value)
         except TypeError:
-            raise EngineTypeError(f"field {name!r} ({f.type}) takes an int, got {value!r:.40} "
+            raise EngineTypeError(f"field {name!r} ({f.type}) takes an int, got {shown(value)} "
                                   f"({type(value).__name__})") from None
         if not bounds[0] <= iv <= bounds[1]:
             raise FieldError(f"field {name!r} ({f.type}) must be in [{bounds[0]}, {bounds[1]}], "
-                             f"got {iv}")
+                             f"got {shown(iv)}")
         return struct.pack("<" + fmt, iv)
 
     def pack(self, values: Mapping[str, Any], into: Any) -> int:

@@ -133,12 +133,6 @@ class TestHugeIntArguments:
     """An int argument too long to print: the typed error of its range, never a
     ValueError raised while writing that error's message."""
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "about a dozen messages format the value with {v!r} (core.py _bad_types, "
-        "_check_price, open_position side/price, records.py FieldError, "
-        "errors.py raise_for's templates, create's checks, wait_for_change's timeout): "
-        "a shared safe formatter (accounts._shown) is the fix, left to the lead to "
-        "avoid a wide diff across modules other branches edit"))
     @pytest.mark.parametrize("call", [
         lambda e, p, v: e.price(v),
         lambda e, p, v: e.transition(v, 0),
