@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import re
@@ -54,6 +55,9 @@ from engine.metrics import OPS, Metrics, OpMetrics, percentile
 from engine.spec import MachineSpec
 
 __all__ = ["RedisStore", "check_url"]
+
+#: resends (a lost connection, a cluster's refusal) are logged: see docs/monitoring.md
+_log = logging.getLogger("engine")
 
 # the header's numbers this module uses
 ACCOUNT_ID_MAX: int = lib.ENG_ACCOUNT_ID_MAX
@@ -440,6 +444,8 @@ class _Conn:
                     continue
             except self._resend as e:
                 self.resent += 1
+                _log.warning("redis: %s sent again after %s (%d resends on this connection)",
+                             fn, type(e).__name__, self.resent)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ServerError(f"{self.url}: {fn} failed (not known to have applied; "
