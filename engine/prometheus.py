@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 
     from engine.core import Engine
 
-__all__ = ["EngineCollector", "OUTCOMES", "bucket_bounds"]
+__all__ = ["OUTCOMES", "EngineCollector", "bucket_bounds"]
 
 _log = logging.getLogger("engine")
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from procs import JOIN_TIMEOUT, READY_TIMEOUT
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from procs import JOIN_TIMEOUT, READY_TIMEOUT
 
 from engine import (
     Engine,

@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as e:
             _err(f"cannot listen on {args.addr}:{args.port}: {e}")
             return EXIT_FAILED
-        host, port = server.server_address[:2]
+        host, port = str(server.server_address[0]), int(server.server_address[1])
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
         sys.stdout.write(f"serving {args.name} on http://{host}:{port}/metrics\n")
