@@ -99,8 +99,8 @@ _CLOSE_POLL_S = lib.ENG_CLOSE_POLL_NS / 1e9   # ... looked at this often (at mos
 #: what an operator must know (an account that halted itself, what recover()
 #: did), logged off the hot path: see docs/monitoring.md
 _log = logging.getLogger("engine")
-#: (segment, account, realized, max_loss) of halted accounts already logged here
-_HALTS_LOGGED: set[tuple[str, int, int, int]] = set()
+#: (segment, account) of self-halted accounts already logged by this process
+_HALTS_LOGGED: set[tuple[str, int]] = set()
 
 
 @dataclass(frozen=True)
@@ -142,19 +142,18 @@ class RecoveryReport:
 
 
 def _log_halted(name: str, account: int, realized: int, max_loss: int) -> None:
-    """Log, once per loss, that an account refused an opening because it is
-    halted: by itself (realized losses reached max_loss) or by halt_account."""
-    key = (name, account, realized, max_loss)
-    if key in _HALTS_LOGGED:
+    """Log that an account refused an opening because it halted itself
+    (realized losses reached max_loss), once per account and process: a
+    refused opening is common under a halt and must stay cheap.  A halt by
+    halt_account or update_account is the operator's own act: not logged."""
+    if not (realized < 0 and realized <= -max_loss) or (name, account) in _HALTS_LOGGED:
         return
     if len(_HALTS_LOGGED) >= 4096:   # bounded: a long-lived process forgets old ones
         _HALTS_LOGGED.clear()
-    _HALTS_LOGGED.add(key)
-    why = ("it halted itself: realized losses reached max_loss" if realized < 0
-           and realized <= -max_loss else "halted by halt_account or update_account")
-    _log.warning("engine %s: account %d is halted (%s; realized %s, max_loss %s): "
-                 "openings on it are refused", name, account, why, from_units(realized),
-                 from_units(max_loss))
+    _HALTS_LOGGED.add((name, account))
+    _log.warning("engine %s: account %d halted itself: realized %s reached max_loss %s; "
+                 "openings on it are refused until an operator resumes it", name, account,
+                 from_units(realized), from_units(max_loss))
 
 
 def _is_number(v: object) -> bool:
