@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -304,6 +305,28 @@ class TestLogging:
         assert len(recs) == 1, [r.getMessage() for r in caplog.records]
         assert recs[0].levelno == logging.WARNING
         assert "halted itself" in recs[0].getMessage()
+
+    def test_operator_halt_is_not_logged_by_the_refusal(self, engine, caplog):
+        """An account an operator halted refuses openings without a log line
+        from the refusal (the operator knows; the collector still reports it)."""
+        a = engine.open_account(cash=100, max_exposure=100, max_positions=2, max_loss=5)
+        engine.halt_account(a)
+        caplog.set_level(logging.INFO, logger="engine")
+        with pytest.raises(RiskLimitError):
+            engine.open_position(entry_price=1.0, amount=1.0, account=a)
+        assert not [r for r in caplog.records if r.name == "engine"]
+
+    def test_concurrent_scrapes_agree(self, engine, child_env):
+        """Eight scrapes at once (serve answers each in its own thread): every
+        one answers 200 with the same counters."""
+        workload(engine)
+        with serving(engine, child_env) as url:
+            with ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda _: http_get(url), range(8)))
+        want = value(got[0], "engine_calls_total", op="transition", outcome="applied")
+        assert want == 7
+        assert all(value(g, "engine_calls_total", op="transition", outcome="applied") == want
+                   for g in got)
 
     def test_scrape_logs_a_halted_account_once(self, engine, caplog):
         """The collector logs an account it first sees halted, once."""
