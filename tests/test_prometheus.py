@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import (
+    ORDER_SPEC,
     Engine,
     MissingExtraError,
     Outcome,
@@ -77,7 +78,8 @@ def serving(eng: Engine, env: dict[str, str]) -> Iterator[str]:
     """``python -m engine serve`` on a free loopback port (``--port 0``);
     yields its URL; stopped with SIGTERM, which must end it with 0."""
     cmd = [sys.executable, "-m", "engine", "serve", eng.name, "--port", "0",
-           "--addr", "127.0.0.1", *(["--url", eng.url] if eng.url else [])]
+           "--addr", "127.0.0.1", *(["--url", eng.url] if eng.url else []),
+           *(["--spec", "order"] if eng.spec == ORDER_SPEC else [])]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -188,6 +190,18 @@ class TestServe:
         if engine.url is None:
             assert value(got, "engine_call_duration_seconds_bucket", op="transition",
                          le="+Inf") == 8   # every transition sampled
+
+    def test_order_spec_states(self, make_engine, child_env):
+        """serve --spec order: engine_positions names ORDER_SPEC's states."""
+        eng = make_engine(spec=ORDER_SPEC)
+        o = eng.open(key="o1", qty=2.0, limit_px=10.0, side=1)
+        assert eng.transition(o, "SUBMIT") is Outcome.APPLIED
+        eng.open(key="o2", qty=1.0, limit_px=11.0, side=1)
+        with serving(eng, child_env) as url:
+            got = http_get(url)
+        assert value(got, "engine_positions", state="SUBMITTED") == 1
+        assert value(got, "engine_positions", state="INITIALIZED") == 1
+        assert value(got, "engine_positions", state="FILLED") == 0
 
     @pytest.mark.shm_only
     def test_registry_alive_and_dead(self, engine, child_env):

@@ -22,8 +22,11 @@ from collections.abc import Sequence
 from types import FrameType
 
 from engine.errors import EngineError, MissingExtraError
+from engine.spec import ORDER_SPEC, POSITION_SPEC
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+#: --spec: the machines serve can attach to (attach refuses any other)
+_SPECS = {"position": POSITION_SPEC, "order": ORDER_SPEC}
 DEFAULT_PORT = 9464   # Prometheus' registry of default exporter ports: free for "engine"
 
 
@@ -48,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    "'engine[metrics]' (or pip install prometheus-client)")))
         return EXIT_REFUSED
     try:
-        eng = Engine.attach(args.name, url=args.url)
+        eng = Engine.attach(args.name, url=args.url, spec=_SPECS[args.spec])
     except EngineError as e:
         _err(f"cannot attach {args.name!r}: {e}")
         return EXIT_FAILED
@@ -93,6 +96,9 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--url", metavar="URL", default=None,
                    help="the engine on this Redis server (redis://host:port/db, "
                         "redis+cluster://..., unix://...) instead of /dev/shm")
+    p.add_argument("--spec", choices=sorted(_SPECS), default="position",
+                   help="the engine's machine: the position lifecycle (default) or "
+                        "ORDER_SPEC; attach refuses a segment of another machine")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"TCP port (default {DEFAULT_PORT}; 0: any free port, printed)")
     p.add_argument("--addr", default="127.0.0.1",
