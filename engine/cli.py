@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {stress,bench,top,inspect,ls,rm}``.
+"""Command line: ``python -m engine {stress,bench,top,inspect,ls,rm,serve}``.
 
 Each subcommand lives in its own module, which adds its parser with
 ``add_parsers(subparsers)`` and sets ``func(args) -> exit code``.
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.tools import bench, segments, stress
+    from engine.tools import bench, segments, serve, stress
 
     parser = argparse.ArgumentParser(
         prog="python -m engine",
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     stress.add_parsers(sub)
     bench.add_parsers(sub)
     segments.add_parsers(sub)
+    serve.add_parsers(sub)
     return parser
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import logging
 import math
 import mmap
 import numbers
@@ -58,7 +59,7 @@ from engine.errors import (
     redact,
     shown,
 )
-from engine.metrics import Metrics, read_metrics
+from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, PriceSnapshot
 from engine.redis_backend import RedisStore, check_url
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome
@@ -95,6 +96,11 @@ _MANY_ERROR = lib.ENG_MANY_ERROR
 _MAX_TIMEOUT_S = lib.ENG_MAX_TIMEOUT_NS / 1e9 / 2   # C clamps too; this keeps floats exact
 _CLOSE_WAIT_S = lib.ENG_CLOSE_WAIT_NS / 1e9   # close(): bound on calls in flight elsewhere
 _CLOSE_POLL_S = lib.ENG_CLOSE_POLL_NS / 1e9   # ... looked at this often (at most)
+#: what an operator must know (an account that halted itself, what recover()
+#: did), logged off the hot path: see docs/monitoring.md
+_log = logging.getLogger("engine")
+#: (segment, account) of self-halted accounts already logged by this process
+_HALTS_LOGGED: set[tuple[str, int]] = set()
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,21 @@ class RecoveryReport:
         return bool(self.rolled_forward or self.rolled_back or self.price_latches
                     or self.removed_pids or self.keys_cleared or self.accounts_forward
                     or self.accounts_back or self.tindex_repaired)
+
+
+def _log_halted(name: str, account: int, realized: int, max_loss: int) -> None:
+    """Log that an account refused an opening because it halted itself
+    (realized losses reached max_loss), once per account and process: a
+    refused opening is common under a halt and must stay cheap.  A halt by
+    halt_account or update_account is the operator's own act: not logged."""
+    if not (realized < 0 and realized <= -max_loss) or (name, account) in _HALTS_LOGGED:
+        return
+    if len(_HALTS_LOGGED) >= 4096:   # bounded: a long-lived process forgets old ones
+        _HALTS_LOGGED.clear()
+    _HALTS_LOGGED.add((name, account))
+    _log.warning("engine %s: account %d halted itself: realized %s reached max_loss %s; "
+                 "openings on it are refused until an operator resumes it", name, account,
+                 from_units(realized), from_units(max_loss))
 
 
 def _is_number(v: object) -> bool:
@@ -1131,6 +1152,7 @@ class Engine(_EngineBase):
             if limit == "halted":
                 numbers = (f" (realized {from_units(b.realized)}, max_loss "
                            f"{from_units(b.max_loss)})")
+                _log_halted(self.name, int(account), int(b.realized), int(b.max_loss))
             elif limit == "exposure":
                 numbers = (f": reserved {from_units(b.reserved)} + notional {need} > "
                            f"max_exposure {from_units(b.max_exposure)}")
@@ -1340,6 +1362,19 @@ class Engine(_EngineBase):
             ffi.cast("uintptr_t", self._seg.base))
         return read_metrics(self._mm, shards_off)
 
+    def _metrics_with_latency(self) -> tuple[Metrics, np.ndarray]:
+        """``metrics()`` and the merged latency histograms it was computed
+        from (``ENG_OP_COUNT`` x ``ENG_HIST_BUCKETS`` sample counts, bucket b
+        = [2^(b-1), 2^b) ns, the last one open-ended), from one copy of the
+        shards; on Redis, this Engine's own sampled round trips."""
+        self._check_open()
+        if self._mm is None:
+            return self._seg.metrics(), self._seg.latency()[0]
+        shards_off = int(ffi.cast("uintptr_t", self._seg.shards)) - int(
+            ffi.cast("uintptr_t", self._seg.base))
+        shards = read_shards(self._mm, shards_off)
+        return merge_shards(shards), shard_histograms(shards)
+
     def set_metrics(self, enabled: bool = True,
                     sample_every: int = lib.ENG_DEFAULT_SAMPLE_MASK + 1) -> None:
         """Turn metrics on or off and set the latency sampling period (a power
@@ -1358,10 +1393,14 @@ class Engine(_EngineBase):
         rc = self._lib.eng_recover(self._seg, out)
         if rc:
             self._fail(rc)
-        return RecoveryReport(out.rolled_forward, out.rolled_back, out.price_latches,
-                              tuple(out.removed_pids[i] for i in range(out.procs_removed)),
-                              out.keys_cleared, out.accounts_forward, out.accounts_back,
-                              out.tindex_repaired)
+        report = RecoveryReport(out.rolled_forward, out.rolled_back, out.price_latches,
+                                tuple(out.removed_pids[i] for i in range(out.procs_removed)),
+                                out.keys_cleared, out.accounts_forward, out.accounts_back,
+                                out.tindex_repaired)
+        if report.changed:
+            _log.warning("engine %s: recover() released what dead processes held: %s",
+                         self.name, report)
+        return report
 
     def halt(self, on: bool = True) -> None:
         """Emergency stop: while on, every transition returns ``Outcome.HALTED``."""

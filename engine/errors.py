@@ -142,6 +142,11 @@ class ServerError(EngineError, ConnectionError):
     call is one atomic function); which of the two is not known."""
 
 
+class MissingExtraError(EngineError, ImportError):
+    """An optional feature's package is not installed (the message names
+    the extra that installs it)."""
+
+
 class ClosedError(EngineError, RuntimeError):
     """The Engine was closed, or inherited through ``fork()``."""
 

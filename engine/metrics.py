@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine._native import lib
 from engine.records import OP_METRICS_DTYPE
+
+if TYPE_CHECKING:
+    from engine.core import Engine
+    from engine.prometheus import EngineCollector
 
 OPS = ("transition", "transition_ctx", "open", "price", "price_batch", "read", "wait", "recover",
        "key", "lookup", "account")
@@ -76,14 +80,29 @@ def percentile(hist: np.ndarray, q: float) -> float:
     return lo + (hi - lo) * min(max(frac, 0.0), 1.0)
 
 
-def read_metrics(mm: mmap.mmap, shards_off: int) -> Metrics:
+def read_shards(mm: mmap.mmap, shards_off: int) -> np.ndarray:
+    """A copy of every shard's counters (plain loads: no lock, no wait)."""
     n_shards = lib.ENG_MAX_PROCS + 1
     view = np.frombuffer(mm, dtype=OP_METRICS_DTYPE, count=n_shards * lib.ENG_OP_COUNT,
                          offset=shards_off).reshape(n_shards, lib.ENG_OP_COUNT)
     try:
-        shards = view.copy()
+        return view.copy()
     finally:
         del view   # the mmap cannot close while a view of it lives
+
+
+def shard_histograms(shards: np.ndarray) -> np.ndarray:
+    """The merged latency histograms of a shard copy: ``ENG_OP_COUNT`` x
+    ``ENG_HIST_BUCKETS`` sample counts, in the order of ``OPS``."""
+    return np.asarray(shards["hist"].sum(axis=0), dtype=np.int64)
+
+
+def read_metrics(mm: mmap.mmap, shards_off: int) -> Metrics:
+    return merge_shards(read_shards(mm, shards_off))
+
+
+def merge_shards(shards: np.ndarray) -> Metrics:
+    """``Metrics`` from a copy of the shards (see ``read_shards``)."""
     out: Metrics = {}
     for i, op in enumerate(OPS):
         col = shards[:, i]
@@ -121,3 +140,14 @@ def check_alerts(metrics: Metrics, p99_ns: float | None = None,
             alerts.append(f"{op}: success rate {m.success_rate:.3f} < {success_rate:.3f} "
                           f"({m.applied} of {m.attempts} applied)")
     return alerts
+
+
+def collector(eng: Engine, labels: dict[str, str] | None = None) -> EngineCollector:
+    """A ``prometheus_client`` collector of ``eng`` (every scrape reads it
+    afresh, taking no lock the traders wait on); ``labels``: constant labels
+    added to every sample (e.g. ``{"engine": eng.name}`` when one exporter
+    serves several engines).  Needs the ``metrics`` extra
+    (``pip install 'engine[metrics]'``): ``MissingExtraError`` without it.
+    Names and meanings: ``engine.prometheus``."""
+    from engine.prometheus import EngineCollector
+    return EngineCollector(eng, labels)

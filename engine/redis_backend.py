@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import re
@@ -54,6 +55,9 @@ from engine.metrics import OPS, Metrics, OpMetrics, percentile
 from engine.spec import MachineSpec
 
 __all__ = ["RedisStore", "check_url"]
+
+#: resends (a lost connection, a cluster's refusal) are logged: see docs/monitoring.md
+_log = logging.getLogger("engine")
 
 # the header's numbers this module uses
 ACCOUNT_ID_MAX: int = lib.ENG_ACCOUNT_ID_MAX
@@ -333,6 +337,7 @@ class _Conn:
         self._used = time.monotonic()
         #: calls sent again (a refusal or a lost connection), for tools and tests
         self.resent = 0
+        self._resent_logged = (0.0, 0)   # (when, resent): the last resend log line
         self.functions = use_functions and self._load_functions()
 
     def _load_functions(self) -> bool:
@@ -440,6 +445,7 @@ class _Conn:
                     continue
             except self._resend as e:
                 self.resent += 1
+                self._log_resend(fn, e)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ServerError(f"{self.url}: {fn} failed (not known to have applied; "
@@ -459,6 +465,18 @@ class _Conn:
         raise ServerError(f"{self.url}: the engine's functions (library {_LIBNAME}) are not "
                           "loaded and could not be loaded again: loading them takes a user "
                           f"allowed FUNCTION LOAD ({missing})")
+
+    def _log_resend(self, fn: str, e: BaseException) -> None:
+        """A warning for a call sent again: at most one line a second per
+        connection, counting the resends since the last (a failover or a
+        slot migration resends many calls)."""
+        now = time.monotonic()
+        at, before = self._resent_logged
+        if now - at >= 1.0:
+            self._resent_logged = (now, self.resent)
+            _log.warning("redis: %s sent again after %s (%d resends on this connection, %d "
+                         "since the last line)", fn, type(e).__name__, self.resent,
+                         self.resent - before)
 
     def _fresh(self, conn: Any) -> Any:
         """``conn``, reconnected first if the server closed it while it was
