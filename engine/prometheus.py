@@ -215,13 +215,13 @@ class EngineCollector:
         yield from (fam for fam, _, _ in fams)
 
     def _registry(self) -> Iterator[Metric]:
-        from engine.tools.segments import _info_from_mmap
+        from engine.tools.segments import info_from_mmap
         eng = self.eng
         if eng._mm is None:
             return
         # probed through a descriptor of its own: the Engine's own open file
         # description holds its entry's lock, and asking through it says "free"
-        info = _info_from_mmap(eng.name, eng._mm)
+        info = info_from_mmap(eng.name, eng._mm)
         alive = sum(1 for p in info.procs if p.alive)
         fam = self._family("gauge", "engine_registry_entries",
                            "Process registry entries by owner status (dead: recover() "

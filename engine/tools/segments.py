@@ -225,7 +225,9 @@ def _info_from_fd(name: str, fd: int) -> SegmentInfo:
     return read_info(name, lambda off, n: os.pread(fd, n, off), os.fstat(fd).st_size, fd)
 
 
-def _info_from_mmap(name: str, mm: mmap.mmap) -> SegmentInfo:
+def info_from_mmap(name: str, mm: mmap.mmap) -> SegmentInfo:
+    """The segment's info (registry entries with liveness) from a mapping of
+    it, liveness probed through a descriptor of its own."""
     try:
         probe = os.open(os.path.join(segment.SHM_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -453,7 +455,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     holders: list[Holder] = []
     try:
         with _mapped(name) as mm:
-            info = _info_from_mmap(name, mm)
+            info = info_from_mmap(name, mm)
             counts: dict[str, int] = {}
             books: list[dict[str, Any]] = []
             if info.ok:
@@ -613,7 +615,7 @@ class _Frame:
 
 
 def _sample(name: str, mm: mmap.mmap) -> _Frame:
-    info = _info_from_mmap(name, mm)
+    info = info_from_mmap(name, mm)
     if not info.ok:
         raise SegmentError(f"segment {name!r}: {info.problem}")
     h = info.header
@@ -668,7 +670,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     clear = out.isatty() and not args.once
     try:
         with _mapped(args.name) as mm:
-            info = _info_from_mmap(args.name, mm)
+            info = info_from_mmap(args.name, mm)
             if not info.ok:
                 _err(f"top: segment {args.name!r}: {info.problem}")
                 return EXIT_FAILED if info.is_engine else EXIT_REFUSED
