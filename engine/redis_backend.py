@@ -331,6 +331,9 @@ class _Conn:
                         RedisClusterException, redis.ConnectionError, redis.TimeoutError,
                         OSError)
         self._used = time.monotonic()
+        #: one call at a time on the connection (and its request numbers, see
+        #: RedisStore._fn): two threads never read each other's replies
+        self.lock = threading.RLock()
         #: calls sent again (a refusal or a lost connection), for tools and tests
         self.resent = 0
         self.functions = use_functions and self._load_functions()
@@ -403,6 +406,12 @@ class _Conn:
 
     def fcall(self, route: str | bytes, keys: bytes, nk: int, fn: str,
               args: Sequence[Any]) -> Any:
+        """``_fcall`` under the connection's lock (one call at a time)."""
+        with self.lock:
+            return self._fcall(route, keys, nk, fn, args)
+
+    def _fcall(self, route: str | bytes, keys: bytes, nk: int, fn: str,
+               args: Sequence[Any]) -> Any:
         """Run function ``fn`` of the library with ``nk`` keys declared
         (``keys``, packed: see _packed_keys; ``route`` is one of them, it
         names the shard) and ``args``: one round trip, unless the call has to
@@ -551,6 +560,10 @@ class _Conn:
 
     def command(self, *cmd: Any, key: Any = None) -> Any:
         """A plain command (on the node of ``key`` on a cluster)."""
+        with self.lock:
+            return self._command(cmd, key)
+
+    def _command(self, cmd: tuple[Any, ...], key: Any) -> Any:
         try:
             if self.conn is None:
                 if key is not None:
@@ -566,6 +579,10 @@ class _Conn:
         (on the node of ``key``), within the url's timeout.  Fewer: ServerError
         (the writes applied on the primary and are not known to be on N
         replicas: a failover may lose them)."""
+        with self.lock:
+            self._replicate(key)
+
+    def _replicate(self, key: str) -> None:
         ms = max(1, int(self.timeout * 800))   # inside the socket's timeout (the url's)
         if self.conn is None:   # on the connection the call went on: our own to the node
             node = self.client.nodes_manager.get_node_from_slot(self.client.keyslot(key))
@@ -584,6 +601,10 @@ class _Conn:
 
     def block_read(self, stream: str, last: bytes, ms: int) -> Any:
         """XREAD BLOCK on one stream; the socket waits a little longer than the server."""
+        with self.lock:
+            return self._block_read(stream, last, ms)
+
+    def _block_read(self, stream: str, last: bytes, ms: int) -> Any:
         cmd = ("XREAD", "BLOCK", ms, "STREAMS", stream, last) if ms > 0 else \
               ("XREAD", "STREAMS", stream, last)
         try:
@@ -1108,6 +1129,15 @@ class RedisStore:
     def _fn(self, shard: int, fn: str, *args: Any, keys: Sequence[Any] = (),
             packed: tuple[bytes, int] | None = None, learn: Any = None,
             need: bool = False) -> Any:
+        """``_fn_held`` under the connection's lock: threads sharing this
+        Engine take turns, each call with its own request number and reply."""
+        with self.conn.lock:
+            return self._fn_held(shard, fn, *args, keys=keys, packed=packed, learn=learn,
+                                 need=need)
+
+    def _fn_held(self, shard: int, fn: str, *args: Any, keys: Sequence[Any] = (),
+                 packed: tuple[bytes, int] | None = None, learn: Any = None,
+                 need: bool = False) -> Any:
         """One function call on ``shard``, ``keys`` declared after the
         shard's meta key, metrics hash and (a writing function) this client's
         request record, with this engine's incarnation (the server refuses it
