@@ -747,6 +747,27 @@ def _replicas(v: str) -> int:
     return int(v)
 
 
+def _no_eviction(conn: _Conn) -> None:
+    """Refuse a server (any cluster primary) whose ``maxmemory-policy``
+    evicts keys: it would drop request records and guard locks (they have
+    an expiry: a resent call applied twice, two guards at once) or the
+    engine's own keys.  A user not allowed INFO is not checked."""
+    redis = _redis()
+    try:
+        clients = ([conn.client.get_redis_connection(n) for n in conn.client.get_primaries()]
+                   if conn.cluster else [conn.client])
+        policies = {c.info("memory").get("maxmemory_policy", "noeviction") for c in clients}
+    except redis.exceptions.NoPermissionError:
+        return
+    except conn.errors as e:
+        raise ServerError(f"{conn.url}: {e}") from None
+    for policy in sorted(policies - {"noeviction"}):
+        raise SegmentError(
+            f"{conn.url}: the server's maxmemory-policy {policy} may evict the engine's keys "
+            "(request records and guard locks first: a resent call would apply twice); an "
+            "engine needs maxmemory-policy noeviction (CONFIG SET maxmemory-policy noeviction)")
+
+
 def _shards_for(conn: _Conn, shards: int | None) -> int:
     if shards is None:
         return 16 if conn.cluster else 1
@@ -1001,6 +1022,7 @@ class RedisStore:
                max_accounts: int, shards: int | None) -> RedisStore:
         conn = _Conn(url)
         try:
+            _no_eviction(conn)
             n = _shards_for(conn, shards)
             if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= min(capacity, 4096):
                 raise ArgumentError(f"shards must be an int in [1, {min(capacity, 4096)}], "
@@ -1030,6 +1052,7 @@ class RedisStore:
         only to that incarnation of it."""
         conn = _Conn(url)
         try:
+            _no_eviction(conn)
             return cls._attached(conn, name, spec, url, incarnation)
         except BaseException:
             conn.close()

@@ -7,9 +7,11 @@ import threading
 from typing import Any
 
 import pytest
+import redis
 from conftest import redis_url
 
-from engine import Engine, SegmentNotFoundError, ServerError, State
+from engine import Engine, SegmentError, SegmentNotFoundError, ServerError, State
+from engine.tools.redis_server import PrivateRedis
 
 
 @pytest.fixture
@@ -67,3 +69,25 @@ class TestThreads:
         assert wrong == []
         assert e.account(acct).deposits == sum(done)
         assert e.state(pos) is State.CREATED
+
+
+@pytest.mark.parametrize("policy", ["volatile-ttl", "allkeys-lru"])
+class TestEviction:
+    def test_a_server_that_may_evict_the_engines_keys_is_refused(self, policy):
+        """A server whose maxmemory-policy evicts keys would drop a request
+        record (volatile-ttl: an acknowledged deposit applied twice on its
+        resend) or the engine itself (allkeys-lru): create refuses it with
+        SegmentError naming the policy, and so does attach after the policy
+        was switched on a running engine; nothing is created."""
+        with PrivateRedis() as server:
+            admin = redis.Redis.from_url(server.url)
+            admin.config_set("maxmemory-policy", policy)
+            with pytest.raises(SegmentError, match=f"maxmemory-policy {policy}.*noeviction"):
+                Engine.create(16, url=server.url, name="evictable")
+            assert list(admin.scan_iter(match="eng:*")) == []
+            admin.config_set("maxmemory-policy", "noeviction")
+            e = Engine.create(16, url=server.url, name="evictable")
+            admin.config_set("maxmemory-policy", policy)
+            with pytest.raises(SegmentError, match=f"maxmemory-policy {policy}"):
+                Engine.attach(e.handle)
+            e.close()
