@@ -999,6 +999,12 @@ class RedisStore:
         #: its pick (0: the head of the free list; random once openers collide)
         self._hint: dict[tuple[str, int], str] = {}
         self._pick: dict[tuple[str, int], int] = {}
+        #: a call over several shards (update_prices, transition_many,
+        #: update_token_price) that raised: (what, the replies of the shards
+        #: that answered); made again as the next writing call, only the other
+        #: shards' parts are sent (see _parts)
+        self._multi: tuple[Any, dict[int, Any]] | None = None
+        self._in_multi = False
         #: a guarded transition that raised: (what, lock token, verdict sent or None)
         self._guard_pending: tuple[Any, str, int | None] | None = None
         #: the shard an open (open_account) raised ServerError on: the next
@@ -1180,6 +1186,8 @@ class RedisStore:
             packed = (_packed_keys(keys), len(keys))
         once = fn in _ONCE
         if once:
+            if not self._in_multi:
+                self._multi = None   # another writing call: a partial one is not resumed
             what = (fn, shard, args)
             pending = self._pending
             if pending is not None and pending[0] == what:
@@ -1213,6 +1221,24 @@ class RedisStore:
             full, nk = full + _packed_keys(more), nk + len(more)
         raise ServerError(f"{self.url}: {fn} kept needing other keys (the data it touches "
                           f"changed {REDIS_BUSY_TRIES} times in a row)")
+
+    @contextlib.contextmanager
+    def _parts(self, what: Any) -> Any:
+        """A writing call over several shards, ``what`` (function and all its
+        arguments), under the connection's lock: yields the replies of the
+        shards that answered when the same call raised as the last writing
+        call (the caller sends only the others' parts, the one that raised
+        as the same request), and fills it in; whole, it is forgotten."""
+        with self.conn.lock:
+            m = self._multi
+            if m is None or m[0] != what:
+                m = self._multi = (what, {})
+            self._in_multi = True
+            try:
+                yield m[1]
+            finally:
+                self._in_multi = False
+            self._multi = None
 
     def _timed(self, route: str, keys: bytes, nk: int, fn: str, args: Sequence[Any]) -> Any:
         self._calls += 1
@@ -1611,11 +1637,14 @@ class RedisStore:
             out[0], out_n[0] = int(np.argmax(badp)), 0
             return EBADPRICE
         written = 0
-        for s, idx in self._by_shard(a):
-            slots, ops = self._packed(a, idx)
-            r = self._fn(s, "upds", slots, ops, p[idx].astype("<f8").tobytes(), _TS,
-                         keys=self._pos_keys(s, a[idx], ("p",)))
-            written += int(r[1])
+        with self._parts(("upds", a.tobytes(), p.tobytes())) as done:
+            for s, idx in self._by_shard(a):
+                slots, ops = self._packed(a, idx)
+                r = done.get(s)
+                if r is None:
+                    r = done[s] = self._fn(s, "upds", slots, ops, p[idx].astype("<f8").tobytes(),
+                                           _TS, keys=self._pos_keys(s, a[idx], ("p",)))
+                written += int(r[1])
         out[0], out_n[0] = 0, written
         return 0
 
@@ -1633,17 +1662,21 @@ class RedisStore:
             bad[0] = b[0]
             return b[1]
         results = []
-        for s, idx in self._by_shard(a):
-            slots, ops = self._packed(a, idx)
-            args: tuple[bytes, ...] = (slots, ops)
-            if extra is not None:
-                args += (extra[idx].astype("<u4").tobytes(),)
-            r = self._fn(s, fn, *args, keys=self._pos_keys(
-                s, a[idx], ("p", "g", "wf", "w") if fn == "txmany" else ("p",)))
-            if r[0]:
-                bad[0] = int(idx[int(r[1])])
-                return int(r[0])
-            results.append((idx, r[1]))
+        what = (fn, a.tobytes(), b"" if extra is None else extra.tobytes())
+        with self._parts(what) if fn in _ONCE else contextlib.nullcontext({}) as done:
+            for s, idx in self._by_shard(a):
+                r = done.get(s)
+                if r is None:
+                    slots, ops = self._packed(a, idx)
+                    args: tuple[bytes, ...] = (slots, ops)
+                    if extra is not None:
+                        args += (extra[idx].astype("<u4").tobytes(),)
+                    r = done[s] = self._fn(s, fn, *args, keys=self._pos_keys(
+                        s, a[idx], ("p", "g", "wf", "w") if fn == "txmany" else ("p",)))
+                if r[0]:
+                    bad[0] = int(idx[int(r[1])])
+                    return int(r[0])
+                results.append((idx, r[1]))
         return results
 
     def eng_states(self, seg: Any, ids: Any, n: int, out: Any, bad: Any) -> int:
@@ -1683,9 +1716,15 @@ class RedisStore:
             return self._closed_code()
         if not _positive(price):
             return EBADPRICE
-        return sum(int(self._fn(s, "tokp", token, _F8.pack(price), _TS,
-                                keys=[f"{P}t:{token}"], learn=(s, token)))
-                   for s, P in enumerate(self.prefixes))
+        total = 0
+        with self._parts(("tokp", token, price)) as done:
+            for s, P in enumerate(self.prefixes):
+                r = done.get(s)
+                if r is None:
+                    r = done[s] = self._fn(s, "tokp", token, _F8.pack(price), _TS,
+                                           keys=[f"{P}t:{token}"], learn=(s, token))
+                total += int(r)
+        return total
 
     # -- accounts ---------------------------------------------------------------------
     def _acct(self, id: int) -> tuple[int, int] | int:

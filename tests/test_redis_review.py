@@ -10,7 +10,8 @@ import pytest
 import redis
 from conftest import redis_url
 
-from engine import Engine, SegmentError, SegmentNotFoundError, ServerError, State
+import engine.redis_backend as rb
+from engine import Engine, Outcome, SegmentError, SegmentNotFoundError, ServerError, State, Trigger
 from engine.tools.redis_server import PrivateRedis
 
 
@@ -91,3 +92,77 @@ class TestEviction:
             with pytest.raises(SegmentError, match=f"maxmemory-policy {policy}"):
                 Engine.attach(e.handle)
             e.close()
+
+
+def _lose_reply_of(e: Engine, fn: str, nth: int) -> list[int]:
+    """The ``nth`` call of function ``fn`` that applies (not a NEED answer)
+    runs on the server, then raises ServerError as if its reply and every
+    resend were lost (once)."""
+    conn = e._seg.conn
+    real = conn.fcall
+    seen = [0]
+
+    def fcall(route: Any, keys: bytes, nk: int, f: str, args: Any) -> Any:
+        r = real(route, keys, nk, f, args)
+        if f == fn and not rb._needs(r):
+            seen[0] += 1
+            if seen[0] == nth:
+                conn.fcall = real
+                raise ServerError(f"{f} failed (not known to have applied): lost")
+        return r
+
+    conn.fcall = fcall
+    return seen
+
+
+class TestSeveralShards:
+    @pytest.mark.parametrize("shard", [1, 2])
+    def test_transition_many_made_again_returns_the_first_outcomes(self, made, shard):
+        """transition_many over 3 shards raises ServerError after shard
+        ``shard``'s part ran: made again, every element's outcome is the
+        first one (APPLIED), each transition applied once."""
+        e = made(12, shards=3)
+        ids = [e.open_position(100.0, 1.0) for _ in range(6)]
+        _lose_reply_of(e, "txmany", shard + 1)
+        with pytest.raises(ServerError):
+            e.transition_many(ids, Trigger.POSITION_OPENED)
+        out = e.transition_many(ids, Trigger.POSITION_OPENED)
+        assert [Outcome(int(o)) for o in out] == [Outcome.APPLIED] * 6
+        assert [e.state(i) for i in ids] == [State.MONITORING] * 6
+
+    @pytest.mark.parametrize("shard", [1, 2])
+    def test_update_prices_made_again_applies_each_price_once(self, made, shard):
+        """update_prices over 3 shards raises ServerError after shard
+        ``shard``'s part ran: made again, every price applied once (version 2)."""
+        e = made(12, shards=3)
+        ids = [e.open_position(100.0, 1.0) for _ in range(6)]
+        _lose_reply_of(e, "upds", shard + 1)
+        with pytest.raises(ServerError):
+            e.update_prices(ids, [101.0] * 6)
+        assert e.update_prices(ids, [101.0] * 6) == 6
+        assert [e.price(i).version for i in ids] == [2] * 6
+
+    @pytest.mark.parametrize("shard", [1, 2])
+    def test_update_token_price_made_again_applies_each_price_once(self, made, shard):
+        """update_token_price over 3 shards raises ServerError after shard
+        ``shard``'s part ran: made again, every position's price applied once."""
+        e = made(12, shards=3)
+        ids = [e.open_position(100.0, 1.0, token=9) for _ in range(6)]
+        _lose_reply_of(e, "tokp", shard + 1)
+        with pytest.raises(ServerError):
+            e.update_token_price(9, 101.0)
+        assert e.update_token_price(9, 101.0) == 6
+        assert [e.price(i).version for i in ids] == [2] * 6
+
+    def test_another_call_in_between_makes_it_a_new_call(self, made):
+        """After a partial update_prices, another writing call, then the same
+        update_prices: a new call (every shard's part sent again, as new requests)."""
+        e = made(12, shards=3)
+        ids = [e.open_position(100.0, 1.0) for _ in range(6)]
+        _lose_reply_of(e, "upds", 2)
+        with pytest.raises(ServerError):
+            e.update_prices(ids, [101.0] * 6)
+        e.update_price(ids[0], 102.0)
+        assert e.update_prices(ids, [101.0] * 6) == 6
+        versions = [e.price(i).version for i in ids]
+        assert versions[0] == 4 and set(versions[1:]) <= {2, 3}
