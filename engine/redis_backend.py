@@ -1160,6 +1160,8 @@ class RedisStore:
             need: bool = False) -> Any:
         """``_fn_held`` under the connection's lock: threads sharing this
         Engine take turns, each call with its own request number and reply."""
+        if self._closed:   # (before the lock: a fork child's copy may be held for good)
+            raise_closed(self._forked)
         with self.conn.lock:
             return self._fn_held(shard, fn, *args, keys=keys, packed=packed, learn=learn,
                                  need=need)
@@ -1229,6 +1231,8 @@ class RedisStore:
         shards that answered when the same call raised as the last writing
         call (the caller sends only the others' parts, the one that raised
         as the same request), and fills it in; whole, it is forgotten."""
+        if self._closed:
+            raise_closed(self._forked)
         with self.conn.lock:
             m = self._multi
             if m is None or m[0] != what:
@@ -2003,6 +2007,7 @@ def _after_fork() -> None:
     the socket is closed by redis-py when collected (it checks the pid)."""
     for store in list(_LIVE):
         store._forked = store._closed = True
+        store.conn.lock = threading.RLock()   # a parent's thread may have held it at the fork
     _LIVE.clear()
 
 

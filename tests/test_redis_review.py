@@ -3,12 +3,16 @@ test broke the merged code it was written against."""
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import threading
 from typing import Any
 
 import pytest
 import redis
 from conftest import redis_url
+from procs import until
 
 import engine.redis_backend as rb
 from engine import Engine, Outcome, SegmentError, SegmentNotFoundError, ServerError, State, Trigger
@@ -166,3 +170,48 @@ class TestSeveralShards:
         assert e.update_prices(ids, [101.0] * 6) == 6
         versions = [e.price(i).version for i in ids]
         assert versions[0] == 4 and set(versions[1:]) <= {2, 3}
+
+
+class TestWaitAfterResend:
+    def test_a_resent_call_answered_from_its_record_still_waits_for_the_replica(self):
+        """?wait=1, the replica stopped: a deposit runs on the primary, its
+        reply is lost with the connection (CLIENT KILL) and the resend is
+        answered from the request record on a new connection.  It must not
+        return (the replica never got it; a failover would lose it): it
+        raises ServerError; made again once the replica runs, it returns and
+        applied once."""
+        with PrivateRedis() as primary, PrivateRedis(replicaof=primary.port) as replica:
+            rep = redis.Redis.from_url(replica.url)
+            until(lambda: rep.info("replication")["master_link_status"] == "up",
+                  "the replica to sync")
+            e = Engine.create(16, url=primary.url + "?wait=1&timeout=1")
+            acct = e.open_account(cash=0, max_exposure=0, max_positions=0, max_loss=0)
+            conn = e._seg.conn.conn
+            cid = e._seg.conn.command("CLIENT", "ID")
+            admin = redis.Redis.from_url(primary.url)
+            read = conn.read_response
+            killed: list[int] = []
+
+            def lose_reply(*args: Any, **kw: Any) -> Any:
+                conn.read_response = read   # once
+                assert select.select([conn._sock], [], [], 10)[0], "no reply"   # it ran
+                admin.execute_command("CLIENT", "KILL", "ID", cid)
+                killed.append(cid)
+                conn.disconnect()
+                raise redis.ConnectionError("killed before the reply was read")
+
+            assert replica.proc is not None
+            os.kill(replica.proc.pid, signal.SIGSTOP)
+            try:
+                conn.read_response = lose_reply
+                with pytest.raises(ServerError, match="0 of 1 replica"):
+                    e.deposit(acct, 7)
+                assert killed, "the fault never happened"
+            finally:
+                os.kill(replica.proc.pid, signal.SIGCONT)
+            e.deposit(acct, 7)   # the same call made again: its first reply, now replicated
+            assert e.account(acct).deposits == 7
+            until(lambda: rep.hget(f"eng:{{{e.name}:0}}:a:0", "deposits") is not None,
+                  "the replica to hold the account")
+            e.unlink()
+            e.close()
