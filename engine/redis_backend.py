@@ -990,8 +990,9 @@ class RedisStore:
         self._slot_keys: dict[tuple[str, int], tuple[bytes, int]] = {}
         self._seq = 0   # the last request number (see _fn)
         #: the last writing call that raised, as (what it was, its number, its
-        #: arguments): made again as the next call, it is sent with the same
-        self._pending: tuple[Any, int, tuple[Any, ...]] | None = None
+        #: arguments, when it was first sent): made again as the next call, it
+        #: is sent with the same (within the request window)
+        self._pending: tuple[Any, int, tuple[Any, ...], float] | None = None
         #: keys learned from NEED answers: per slot (the account, token set and
         #: key records of its opening), per (shard, token) (the token's positions)
         self._learned: dict[Any, list[Any]] = {}
@@ -1193,8 +1194,17 @@ class RedisStore:
             what = (fn, shard, args)
             pending = self._pending
             if pending is not None and pending[0] == what:
-                seq, args = pending[1], pending[2]
+                seq, args, first = pending[1], pending[2], pending[3]
+                # its record may be gone before this try ends: it could apply twice
+                if time.monotonic() - first + self.conn.timeout >= REDIS_REQUEST_WINDOW_MS / 1e3:
+                    self._pending = None
+                    raise ServerError(
+                        f"{self.url}: {fn} was made again {time.monotonic() - first:.0f} s after "
+                        f"it was first sent, past the {REDIS_REQUEST_WINDOW_MS / 1e3:g} s request "
+                        "window: the server no longer knows whether it applied, so it was not "
+                        "sent; read the state to see, and make it again (a new call) if needed")
             else:
+                first = time.monotonic()
                 self._seq += 1
                 seq = self._seq
                 if _TS in args:
@@ -1211,7 +1221,7 @@ class RedisStore:
         route = self._fixed[shard][0]
         for _ in range(REDIS_BUSY_TRIES):
             if once:
-                self._pending = (what, seq, args)
+                self._pending = (what, seq, args, first)
             reply = self._timed(route, full, nk, fn, sent)
             if once:
                 self._pending = None

@@ -215,3 +215,28 @@ class TestWaitAfterResend:
                   "the replica to hold the account")
             e.unlink()
             e.close()
+
+
+class TestRequestWindow:
+    def test_a_call_made_again_past_the_window_is_not_applied_twice(self, made, url):
+        """A deposit ran but raised ServerError (reply lost); the same call
+        made again after the request window (the server forgot its record):
+        it must not apply a second time.  It raises ServerError saying the
+        window passed; the books hold the one deposit.  Made once more, it is
+        a new call."""
+        e = made(16)
+        acct = e.open_account(cash=0, max_exposure=0, max_positions=0, max_loss=0)
+        _lose_reply_of(e, "acash", 1)
+        with pytest.raises(ServerError):
+            e.deposit(acct, 1)
+        store = e._seg
+        admin = redis.Redis.from_url(url)
+        # the window passes: the server's record expires, the client's clock moves on
+        assert admin.delete(*store._fixed[0][2:]) == 1
+        what, seq, args, first = store._pending
+        store._pending = (what, seq, args, first - rb.REDIS_REQUEST_WINDOW_MS / 1000)
+        with pytest.raises(ServerError, match="request window"):
+            e.deposit(acct, 1)
+        assert e.account(acct).deposits == 1
+        e.deposit(acct, 1)
+        assert e.account(acct).deposits == 2
