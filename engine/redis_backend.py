@@ -334,6 +334,9 @@ class _Conn:
         #: one call at a time on the connection (and its request numbers, see
         #: RedisStore._fn): two threads never read each other's replies
         self.lock = threading.RLock()
+        #: on a cluster: the node that answered the last call (after an ASK,
+        #: the slot's importing node): its WAIT goes there (see replicate)
+        self._answered: Any = None
         #: calls sent again (a refusal or a lost connection), for tools and tests
         self.resent = 0
         self.functions = use_functions and self._load_functions()
@@ -489,7 +492,9 @@ class _Conn:
         node = nodes.get_node_from_slot(slot)
         for _ in range(16):
             try:
-                return self._exchange(self._own_conn(node), (packed,), deadline)
+                reply = self._exchange(self._own_conn(node), (packed,), deadline)
+                self._answered = node
+                return reply
             except self._moved as e:
                 self.resent += 1
                 nodes.move_slot(e)
@@ -497,8 +502,10 @@ class _Conn:
             except self._ask as e:
                 self.resent += 1
                 target = self._node_of(e.host, e.port)
-                return self._exchange(self._own_conn(target),
-                                      (b"*1\r\n$6\r\nASKING\r\n", packed), deadline, asking=True)
+                reply = self._exchange(self._own_conn(target),
+                                       (b"*1\r\n$6\r\nASKING\r\n", packed), deadline, asking=True)
+                self._answered = target
+                return reply
         raise _redis().exceptions.ClusterError(f"too many redirections for {key!r}")
 
     def _node_of(self, host: str, port: int) -> Any:
@@ -576,7 +583,9 @@ class _Conn:
 
     def replicate(self, key: str) -> None:
         """WAIT for ``?wait=N`` replicas to hold this connection's writes so far
-        (on the node of ``key``), within the url's timeout.  Fewer: ServerError
+        (on a cluster: on the node that answered the last call, which during
+        a slot's migration may not be the node of ``key``), within the url's
+        timeout.  Fewer: ServerError
         (the writes applied on the primary and are not known to be on N
         replicas: a failover may lose them)."""
         with self.lock:
@@ -585,7 +594,9 @@ class _Conn:
     def _replicate(self, key: str) -> None:
         ms = max(1, int(self.timeout * 800))   # inside the socket's timeout (the url's)
         if self.conn is None:   # on the connection the call went on: our own to the node
-            node = self.client.nodes_manager.get_node_from_slot(self.client.keyslot(key))
+            node = self._answered   # (which, during a slot's migration, may not own the slot)
+            if node is None:
+                node = self.client.nodes_manager.get_node_from_slot(self.client.keyslot(key))
             wait = b"*3\r\n$4\r\nWAIT\r\n%s%s" % (_bulk(self.wait, None), _bulk(ms, None))
             try:
                 got = int(self._exchange(self._own_conn(node), (wait,),

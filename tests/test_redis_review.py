@@ -13,6 +13,7 @@ import pytest
 import redis
 from conftest import redis_url
 from procs import until
+from test_redis import cluster  # noqa: F401  (the 3-node cluster fixture)
 
 import engine.redis_backend as rb
 from engine import Engine, Outcome, SegmentError, SegmentNotFoundError, ServerError, State, Trigger
@@ -240,3 +241,50 @@ class TestRequestWindow:
         assert e.account(acct).deposits == 1
         e.deposit(acct, 1)
         assert e.account(acct).deposits == 2
+
+
+@pytest.mark.slow
+class TestClusterWait:
+    def test_a_call_answered_after_ask_waits_on_the_node_that_ran_it(self, cluster):
+        """?wait=1 while the engine's slot migrates (its keys already on the
+        importing node): a deposit is redirected (ASK) and runs on the
+        importing node; its WAIT must go to that node's connection (there it
+        counts the deposit's write), not to the slot's old owner, where it
+        would count nothing of it and could say a write is replicated that
+        is not."""
+        from redis.cluster import RedisCluster
+        e = Engine.create(16, url=cluster + "?timeout=2", shards=1, name="askwait")
+        acct = e.open_account(cash=0, max_exposure=0, max_positions=0, max_loss=0)
+        rc = RedisCluster.from_url(cluster.replace("redis+cluster", "redis"))
+        meta = f"eng:{{{e.name}:0}}:m"
+        slot = rc.keyslot(meta)
+        source = rc.get_node_from_key(meta)
+        target = next(n for n in rc.get_primaries() if n.name != source.name)
+        src = rc.get_redis_connection(source)
+        dst = rc.get_redis_connection(target)
+        ids = {n.name: rc.get_redis_connection(n).execute_command("CLUSTER", "MYID").decode()
+               for n in (source, target)}
+        waits = lambda c: c.info("commandstats").get("cmdstat_wait", {}).get("calls", 0)  # noqa: E731
+        e.close()
+        with Engine.attach("askwait", url=cluster + "?timeout=2&wait=1") as w:
+            with pytest.raises(ServerError, match="0 of 1 replica"):
+                w.deposit(acct, 1)   # (no replicas here) writes the client's request record
+            try:
+                dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.name])
+                src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target.name])
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+                src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+                before = waits(dst), waits(src)
+                with pytest.raises(ServerError, match="0 of 1 replica"):
+                    w.deposit(acct, 2)
+                assert w._seg.conn.resent >= 1, "no ASK redirection happened"
+                assert (waits(dst) - before[0], waits(src) - before[1]) == (1, 0)
+            finally:
+                for n in rc.get_primaries():
+                    rc.get_redis_connection(n).execute_command(
+                        "CLUSTER", "SETSLOT", slot, "NODE", ids[target.name])
+        rc.nodes_manager.initialize()
+        with Engine.attach("askwait", url=cluster + "?timeout=2") as again:
+            assert again.account(acct).deposits == 3
+            again.unlink()
+        rc.close()
