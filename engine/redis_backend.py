@@ -1688,7 +1688,8 @@ class RedisStore:
             return b[1]
         results = []
         what = (fn, a.tobytes(), b"" if extra is None else extra.tobytes())
-        with self._parts(what) if fn in _ONCE else contextlib.nullcontext({}) as done:
+        parts: Any = self._parts(what) if fn in _ONCE else contextlib.nullcontext({})
+        with parts as done:
             for s, idx in self._by_shard(a):
                 r = done.get(s)
                 if r is None:

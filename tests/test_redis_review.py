@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import redis
+import test_redis
 from conftest import redis_url
 from procs import until
-from test_redis import cluster  # noqa: F401  (the 3-node cluster fixture)
 
 import engine.redis_backend as rb
 from engine import Engine, Outcome, SegmentError, SegmentNotFoundError, ServerError, State, Trigger
@@ -241,6 +241,9 @@ class TestRequestWindow:
         assert e.account(acct).deposits == 1
         e.deposit(acct, 1)
         assert e.account(acct).deposits == 2
+
+
+cluster = test_redis.cluster   # the 3-node cluster fixture (one for this module)
 
 
 @pytest.mark.slow
