@@ -43,6 +43,7 @@ import numpy as np
 from engine._native import ffi, lib
 from engine.errors import (
     ArgumentError,
+    BusyError,
     ClosedError,
     EngineError,
     SegmentError,
@@ -334,6 +335,9 @@ class _Conn:
         #: one call at a time on the connection (and its request numbers, see
         #: RedisStore._fn): two threads never read each other's replies
         self.lock = threading.RLock()
+        #: a call is on the connection: a call the same thread makes meanwhile
+        #: (a signal handler's) is refused (see _enter)
+        self._busy = False
         #: on a cluster: the node that answered the last call (after an ASK,
         #: the slot's importing node): its WAIT goes there (see replicate)
         self._answered: Any = None
@@ -407,10 +411,32 @@ class _Conn:
             return ("FCALL", f"e{_VERSION}_{fn}", 1, key, *args)
         return ("EVALSHA", _SCRIPT_SHA, 1, key, fn, *args)
 
+    def refuse_nested(self) -> None:
+        """BusyError if a call of this thread is on the connection (this is
+        a signal handler's call made in the middle of it): its reply would be
+        read as this call's, and the interrupted call's reply as the next one's."""
+        if self._busy:
+            raise BusyError(
+                f"{self.url}: a call on this Engine was made while another call of the same "
+                "thread is in flight on its connection (from a signal handler?): refused, "
+                "nothing was sent; on Redis an Engine makes one call at a time: attach "
+                "another Engine for the handler")
+
+    @contextlib.contextmanager
+    def _enter(self) -> Any:
+        """The connection's lock, and the connection marked busy meanwhile."""
+        with self.lock:
+            self.refuse_nested()
+            self._busy = True
+            try:
+                yield
+            finally:
+                self._busy = False
+
     def fcall(self, route: str | bytes, keys: bytes, nk: int, fn: str,
               args: Sequence[Any]) -> Any:
         """``_fcall`` under the connection's lock (one call at a time)."""
-        with self.lock:
+        with self._enter():
             return self._fcall(route, keys, nk, fn, args)
 
     def _fcall(self, route: str | bytes, keys: bytes, nk: int, fn: str,
@@ -567,7 +593,7 @@ class _Conn:
 
     def command(self, *cmd: Any, key: Any = None) -> Any:
         """A plain command (on the node of ``key`` on a cluster)."""
-        with self.lock:
+        with self._enter():
             return self._command(cmd, key)
 
     def _command(self, cmd: tuple[Any, ...], key: Any) -> Any:
@@ -588,7 +614,7 @@ class _Conn:
         timeout.  Fewer: ServerError
         (the writes applied on the primary and are not known to be on N
         replicas: a failover may lose them)."""
-        with self.lock:
+        with self._enter():
             self._replicate(key)
 
     def _replicate(self, key: str) -> None:
@@ -604,7 +630,7 @@ class _Conn:
             except self.errors as e:
                 raise ServerError(f"{self.url}: WAIT failed: {e}") from None
         else:
-            got = int(self.command("WAIT", self.wait, ms, key=key))
+            got = int(self._command(("WAIT", self.wait, ms), key))
         if got < self.wait:
             raise ServerError(
                 f"{self.url}: the call applied on the primary, but only {got} of {self.wait} "
@@ -612,7 +638,7 @@ class _Conn:
 
     def block_read(self, stream: str, last: bytes, ms: int) -> Any:
         """XREAD BLOCK on one stream; the socket waits a little longer than the server."""
-        with self.lock:
+        with self._enter():
             return self._block_read(stream, last, ms)
 
     def _block_read(self, stream: str, last: bytes, ms: int) -> Any:
@@ -1175,6 +1201,7 @@ class RedisStore:
         if self._closed:   # (before the lock: a fork child's copy may be held for good)
             raise_closed(self._forked)
         with self.conn.lock:
+            self.conn.refuse_nested()   # (before this store's request state changes)
             return self._fn_held(shard, fn, *args, keys=keys, packed=packed, learn=learn,
                                  need=need)
 
@@ -1255,6 +1282,7 @@ class RedisStore:
         if self._closed:
             raise_closed(self._forked)
         with self.conn.lock:
+            self.conn.refuse_nested()
             m = self._multi
             if m is None or m[0] != what:
                 m = self._multi = (what, {})

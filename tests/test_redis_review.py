@@ -16,7 +16,16 @@ from conftest import redis_url
 from procs import until
 
 import engine.redis_backend as rb
-from engine import Engine, Outcome, SegmentError, SegmentNotFoundError, ServerError, State, Trigger
+from engine import (
+    BusyError,
+    Engine,
+    Outcome,
+    SegmentError,
+    SegmentNotFoundError,
+    ServerError,
+    State,
+    Trigger,
+)
 from engine.tools.redis_server import PrivateRedis
 
 
@@ -291,3 +300,39 @@ class TestClusterWait:
             assert again.account(acct).deposits == 3
             again.unlink()
         rc.close()
+
+
+class TestSignalHandler:
+    def test_a_handlers_call_in_the_middle_of_a_call_never_takes_its_reply(self, made):
+        """A signal handler calls the Engine while the interrupted thread's
+        call waits for its reply (same thread, same connection): the
+        handler's call is refused (BusyError, nothing sent), the interrupted
+        call gets its own reply, and the Engine stays in step."""
+        e = made(16)
+        created = e.open_position(100.0, 1.0)
+        monitoring = e.open_position(100.0, 1.0)
+        assert e.transition(monitoring, Trigger.POSITION_OPENED) is Outcome.APPLIED
+        conn = e._seg.conn.conn
+        read = conn.read_response
+        seen: list[Any] = []
+
+        def handler(*_: Any) -> None:
+            try:
+                seen.append(e.state(monitoring))
+            except BusyError:
+                seen.append("busy")
+
+        def interrupted(*args: Any, **kw: Any) -> Any:
+            conn.read_response = read   # once
+            os.kill(os.getpid(), signal.SIGUSR1)   # the handler runs here, mid-call
+            return read(*args, **kw)
+
+        old = signal.signal(signal.SIGUSR1, handler)
+        try:
+            conn.read_response = interrupted
+            assert e.state(created) is State.CREATED
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+        assert seen == ["busy"]
+        assert e.state(created) is State.CREATED
+        assert e.state(monitoring) is State.MONITORING
