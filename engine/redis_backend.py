@@ -44,6 +44,7 @@ import numpy as np
 from engine._native import ffi, lib
 from engine.errors import (
     ArgumentError,
+    BusyError,
     ClosedError,
     EngineError,
     SegmentError,
@@ -335,6 +336,15 @@ class _Conn:
                         RedisClusterException, redis.ConnectionError, redis.TimeoutError,
                         OSError)
         self._used = time.monotonic()
+        #: one call at a time on the connection (and its request numbers, see
+        #: RedisStore._fn): two threads never read each other's replies
+        self.lock = threading.RLock()
+        #: a call is on the connection: a call the same thread makes meanwhile
+        #: (a signal handler's) is refused (see _enter)
+        self._busy = False
+        #: on a cluster: the node that answered the last call (after an ASK,
+        #: the slot's importing node): its WAIT goes there (see replicate)
+        self._answered: Any = None
         #: calls sent again (a refusal or a lost connection), for tools and tests
         self.resent = 0
         self._resent_logged = (0.0, 0)   # (when, resent): the last resend log line
@@ -406,8 +416,36 @@ class _Conn:
             return ("FCALL", f"e{_VERSION}_{fn}", 1, key, *args)
         return ("EVALSHA", _SCRIPT_SHA, 1, key, fn, *args)
 
+    def refuse_nested(self) -> None:
+        """BusyError if a call of this thread is on the connection (this is
+        a signal handler's call made in the middle of it): its reply would be
+        read as this call's, and the interrupted call's reply as the next one's."""
+        if self._busy:
+            raise BusyError(
+                f"{self.url}: a call on this Engine was made while another call of the same "
+                "thread is in flight on its connection (from a signal handler?): refused, "
+                "nothing was sent; on Redis an Engine makes one call at a time: attach "
+                "another Engine for the handler")
+
+    @contextlib.contextmanager
+    def _enter(self) -> Any:
+        """The connection's lock, and the connection marked busy meanwhile."""
+        with self.lock:
+            self.refuse_nested()
+            self._busy = True
+            try:
+                yield
+            finally:
+                self._busy = False
+
     def fcall(self, route: str | bytes, keys: bytes, nk: int, fn: str,
               args: Sequence[Any]) -> Any:
+        """``_fcall`` under the connection's lock (one call at a time)."""
+        with self._enter():
+            return self._fcall(route, keys, nk, fn, args)
+
+    def _fcall(self, route: str | bytes, keys: bytes, nk: int, fn: str,
+               args: Sequence[Any]) -> Any:
         """Run function ``fn`` of the library with ``nk`` keys declared
         (``keys``, packed: see _packed_keys; ``route`` is one of them, it
         names the shard) and ``args``: one round trip, unless the call has to
@@ -498,7 +536,9 @@ class _Conn:
         node = nodes.get_node_from_slot(slot)
         for _ in range(16):
             try:
-                return self._exchange(self._own_conn(node), (packed,), deadline)
+                reply = self._exchange(self._own_conn(node), (packed,), deadline)
+                self._answered = node
+                return reply
             except self._moved as e:
                 self.resent += 1
                 nodes.move_slot(e)
@@ -506,8 +546,10 @@ class _Conn:
             except self._ask as e:
                 self.resent += 1
                 target = self._node_of(e.host, e.port)
-                return self._exchange(self._own_conn(target),
-                                      (b"*1\r\n$6\r\nASKING\r\n", packed), deadline, asking=True)
+                reply = self._exchange(self._own_conn(target),
+                                       (b"*1\r\n$6\r\nASKING\r\n", packed), deadline, asking=True)
+                self._answered = target
+                return reply
         raise _redis().exceptions.ClusterError(f"too many redirections for {key!r}")
 
     def _node_of(self, host: str, port: int) -> Any:
@@ -569,6 +611,10 @@ class _Conn:
 
     def command(self, *cmd: Any, key: Any = None) -> Any:
         """A plain command (on the node of ``key`` on a cluster)."""
+        with self._enter():
+            return self._command(cmd, key)
+
+    def _command(self, cmd: tuple[Any, ...], key: Any) -> Any:
         try:
             if self.conn is None:
                 if key is not None:
@@ -581,12 +627,20 @@ class _Conn:
 
     def replicate(self, key: str) -> None:
         """WAIT for ``?wait=N`` replicas to hold this connection's writes so far
-        (on the node of ``key``), within the url's timeout.  Fewer: ServerError
+        (on a cluster: on the node that answered the last call, which during
+        a slot's migration may not be the node of ``key``), within the url's
+        timeout.  Fewer: ServerError
         (the writes applied on the primary and are not known to be on N
         replicas: a failover may lose them)."""
+        with self._enter():
+            self._replicate(key)
+
+    def _replicate(self, key: str) -> None:
         ms = max(1, int(self.timeout * 800))   # inside the socket's timeout (the url's)
         if self.conn is None:   # on the connection the call went on: our own to the node
-            node = self.client.nodes_manager.get_node_from_slot(self.client.keyslot(key))
+            node = self._answered   # (which, during a slot's migration, may not own the slot)
+            if node is None:
+                node = self.client.nodes_manager.get_node_from_slot(self.client.keyslot(key))
             wait = b"*3\r\n$4\r\nWAIT\r\n%s%s" % (_bulk(self.wait, None), _bulk(ms, None))
             try:
                 got = int(self._exchange(self._own_conn(node), (wait,),
@@ -594,7 +648,7 @@ class _Conn:
             except self.errors as e:
                 raise ServerError(f"{self.url}: WAIT failed: {e}") from None
         else:
-            got = int(self.command("WAIT", self.wait, ms, key=key))
+            got = int(self._command(("WAIT", self.wait, ms), key))
         if got < self.wait:
             raise ServerError(
                 f"{self.url}: the call applied on the primary, but only {got} of {self.wait} "
@@ -602,6 +656,10 @@ class _Conn:
 
     def block_read(self, stream: str, last: bytes, ms: int) -> Any:
         """XREAD BLOCK on one stream; the socket waits a little longer than the server."""
+        with self._enter():
+            return self._block_read(stream, last, ms)
+
+    def _block_read(self, stream: str, last: bytes, ms: int) -> Any:
         cmd = ("XREAD", "BLOCK", ms, "STREAMS", stream, last) if ms > 0 else \
               ("XREAD", "STREAMS", stream, last)
         try:
@@ -742,6 +800,27 @@ def _replicas(v: str) -> int:
         raise ArgumentError(f"?wait= in the url must be a number of replicas in [0, 64], "
                             f"got {v!r}")
     return int(v)
+
+
+def _no_eviction(conn: _Conn) -> None:
+    """Refuse a server (any cluster primary) whose ``maxmemory-policy``
+    evicts keys: it would drop request records and guard locks (they have
+    an expiry: a resent call applied twice, two guards at once) or the
+    engine's own keys.  A user not allowed INFO is not checked."""
+    redis = _redis()
+    try:
+        clients = ([conn.client.get_redis_connection(n) for n in conn.client.get_primaries()]
+                   if conn.cluster else [conn.client])
+        policies = {c.info("memory").get("maxmemory_policy", "noeviction") for c in clients}
+    except redis.exceptions.NoPermissionError:
+        return
+    except conn.errors as e:
+        raise ServerError(f"{conn.url}: {e}") from None
+    for policy in sorted(policies - {"noeviction"}):
+        raise SegmentError(
+            f"{conn.url}: the server's maxmemory-policy {policy} may evict the engine's keys "
+            "(request records and guard locks first: a resent call would apply twice); an "
+            "engine needs maxmemory-policy noeviction (CONFIG SET maxmemory-policy noeviction)")
 
 
 def _shards_for(conn: _Conn, shards: int | None) -> int:
@@ -966,8 +1045,9 @@ class RedisStore:
         self._slot_keys: dict[tuple[str, int], tuple[bytes, int]] = {}
         self._seq = 0   # the last request number (see _fn)
         #: the last writing call that raised, as (what it was, its number, its
-        #: arguments): made again as the next call, it is sent with the same
-        self._pending: tuple[Any, int, tuple[Any, ...]] | None = None
+        #: arguments, when it was first sent): made again as the next call, it
+        #: is sent with the same (within the request window)
+        self._pending: tuple[Any, int, tuple[Any, ...], float] | None = None
         #: keys learned from NEED answers: per slot (the account, token set and
         #: key records of its opening), per (shard, token) (the token's positions)
         self._learned: dict[Any, list[Any]] = {}
@@ -975,6 +1055,12 @@ class RedisStore:
         #: its pick (0: the head of the free list; random once openers collide)
         self._hint: dict[tuple[str, int], str] = {}
         self._pick: dict[tuple[str, int], int] = {}
+        #: a call over several shards (update_prices, transition_many,
+        #: update_token_price) that raised: (what, the replies of the shards
+        #: that answered); made again as the next writing call, only the other
+        #: shards' parts are sent (see _parts)
+        self._multi: tuple[Any, dict[int, Any]] | None = None
+        self._in_multi = False
         #: a guarded transition that raised: (what, lock token, verdict sent or None)
         self._guard_pending: tuple[Any, str, int | None] | None = None
         #: the shard an open (open_account) raised ServerError on: the next
@@ -998,6 +1084,7 @@ class RedisStore:
                max_accounts: int, shards: int | None) -> RedisStore:
         conn = _Conn(url)
         try:
+            _no_eviction(conn)
             n = _shards_for(conn, shards)
             if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= min(capacity, 4096):
                 raise ArgumentError(f"shards must be an int in [1, {min(capacity, 4096)}], "
@@ -1027,6 +1114,7 @@ class RedisStore:
         only to that incarnation of it."""
         conn = _Conn(url)
         try:
+            _no_eviction(conn)
             return cls._attached(conn, name, spec, url, incarnation)
         except BaseException:
             conn.close()
@@ -1126,6 +1214,18 @@ class RedisStore:
     def _fn(self, shard: int, fn: str, *args: Any, keys: Sequence[Any] = (),
             packed: tuple[bytes, int] | None = None, learn: Any = None,
             need: bool = False) -> Any:
+        """``_fn_held`` under the connection's lock: threads sharing this
+        Engine take turns, each call with its own request number and reply."""
+        if self._closed:   # (before the lock: a fork child's copy may be held for good)
+            raise_closed(self._forked)
+        with self.conn.lock:
+            self.conn.refuse_nested()   # (before this store's request state changes)
+            return self._fn_held(shard, fn, *args, keys=keys, packed=packed, learn=learn,
+                                 need=need)
+
+    def _fn_held(self, shard: int, fn: str, *args: Any, keys: Sequence[Any] = (),
+                 packed: tuple[bytes, int] | None = None, learn: Any = None,
+                 need: bool = False) -> Any:
         """One function call on ``shard``, ``keys`` declared after the
         shard's meta key, metrics hash and (a writing function) this client's
         request record, with this engine's incarnation (the server refuses it
@@ -1145,11 +1245,22 @@ class RedisStore:
             packed = (_packed_keys(keys), len(keys))
         once = fn in _ONCE
         if once:
+            if not self._in_multi:
+                self._multi = None   # another writing call: a partial one is not resumed
             what = (fn, shard, args)
             pending = self._pending
             if pending is not None and pending[0] == what:
-                seq, args = pending[1], pending[2]
+                seq, args, first = pending[1], pending[2], pending[3]
+                # its record may be gone before this try ends: it could apply twice
+                if time.monotonic() - first + self.conn.timeout >= REDIS_REQUEST_WINDOW_MS / 1e3:
+                    self._pending = None
+                    raise ServerError(
+                        f"{self.url}: {fn} was made again {time.monotonic() - first:.0f} s after "
+                        f"it was first sent, past the {REDIS_REQUEST_WINDOW_MS / 1e3:g} s request "
+                        "window: the server no longer knows whether it applied, so it was not "
+                        "sent; read the state to see, and make it again (a new call) if needed")
             else:
+                first = time.monotonic()
                 self._seq += 1
                 seq = self._seq
                 if _TS in args:
@@ -1166,7 +1277,7 @@ class RedisStore:
         route = self._fixed[shard][0]
         for _ in range(REDIS_BUSY_TRIES):
             if once:
-                self._pending = (what, seq, args)
+                self._pending = (what, seq, args, first)
             reply = self._timed(route, full, nk, fn, sent)
             if once:
                 self._pending = None
@@ -1178,6 +1289,27 @@ class RedisStore:
             full, nk = full + _packed_keys(more), nk + len(more)
         raise ServerError(f"{self.url}: {fn} kept needing other keys (the data it touches "
                           f"changed {REDIS_BUSY_TRIES} times in a row)")
+
+    @contextlib.contextmanager
+    def _parts(self, what: Any) -> Any:
+        """A writing call over several shards, ``what`` (function and all its
+        arguments), under the connection's lock: yields the replies of the
+        shards that answered when the same call raised as the last writing
+        call (the caller sends only the others' parts, the one that raised
+        as the same request), and fills it in; whole, it is forgotten."""
+        if self._closed:
+            raise_closed(self._forked)
+        with self.conn.lock:
+            self.conn.refuse_nested()
+            m = self._multi
+            if m is None or m[0] != what:
+                m = self._multi = (what, {})
+            self._in_multi = True
+            try:
+                yield m[1]
+            finally:
+                self._in_multi = False
+            self._multi = None
 
     def _timed(self, route: str, keys: bytes, nk: int, fn: str, args: Sequence[Any]) -> Any:
         self._calls += 1
@@ -1576,11 +1708,14 @@ class RedisStore:
             out[0], out_n[0] = int(np.argmax(badp)), 0
             return EBADPRICE
         written = 0
-        for s, idx in self._by_shard(a):
-            slots, ops = self._packed(a, idx)
-            r = self._fn(s, "upds", slots, ops, p[idx].astype("<f8").tobytes(), _TS,
-                         keys=self._pos_keys(s, a[idx], ("p",)))
-            written += int(r[1])
+        with self._parts(("upds", a.tobytes(), p.tobytes())) as done:
+            for s, idx in self._by_shard(a):
+                slots, ops = self._packed(a, idx)
+                r = done.get(s)
+                if r is None:
+                    r = done[s] = self._fn(s, "upds", slots, ops, p[idx].astype("<f8").tobytes(),
+                                           _TS, keys=self._pos_keys(s, a[idx], ("p",)))
+                written += int(r[1])
         out[0], out_n[0] = 0, written
         return 0
 
@@ -1598,17 +1733,22 @@ class RedisStore:
             bad[0] = b[0]
             return b[1]
         results = []
-        for s, idx in self._by_shard(a):
-            slots, ops = self._packed(a, idx)
-            args: tuple[bytes, ...] = (slots, ops)
-            if extra is not None:
-                args += (extra[idx].astype("<u4").tobytes(),)
-            r = self._fn(s, fn, *args, keys=self._pos_keys(
-                s, a[idx], ("p", "g", "wf", "w") if fn == "txmany" else ("p",)))
-            if r[0]:
-                bad[0] = int(idx[int(r[1])])
-                return int(r[0])
-            results.append((idx, r[1]))
+        what = (fn, a.tobytes(), b"" if extra is None else extra.tobytes())
+        parts: Any = self._parts(what) if fn in _ONCE else contextlib.nullcontext({})
+        with parts as done:
+            for s, idx in self._by_shard(a):
+                r = done.get(s)
+                if r is None:
+                    slots, ops = self._packed(a, idx)
+                    args: tuple[bytes, ...] = (slots, ops)
+                    if extra is not None:
+                        args += (extra[idx].astype("<u4").tobytes(),)
+                    r = done[s] = self._fn(s, fn, *args, keys=self._pos_keys(
+                        s, a[idx], ("p", "g", "wf", "w") if fn == "txmany" else ("p",)))
+                if r[0]:
+                    bad[0] = int(idx[int(r[1])])
+                    return int(r[0])
+                results.append((idx, r[1]))
         return results
 
     def eng_states(self, seg: Any, ids: Any, n: int, out: Any, bad: Any) -> int:
@@ -1648,9 +1788,15 @@ class RedisStore:
             return self._closed_code()
         if not _positive(price):
             return EBADPRICE
-        return sum(int(self._fn(s, "tokp", token, _F8.pack(price), _TS,
-                                keys=[f"{P}t:{token}"], learn=(s, token)))
-                   for s, P in enumerate(self.prefixes))
+        total = 0
+        with self._parts(("tokp", token, price)) as done:
+            for s, P in enumerate(self.prefixes):
+                r = done.get(s)
+                if r is None:
+                    r = done[s] = self._fn(s, "tokp", token, _F8.pack(price), _TS,
+                                           keys=[f"{P}t:{token}"], learn=(s, token))
+                total += int(r)
+        return total
 
     # -- accounts ---------------------------------------------------------------------
     def _acct(self, id: int) -> tuple[int, int] | int:
@@ -1929,6 +2075,7 @@ def _after_fork() -> None:
     the socket is closed by redis-py when collected (it checks the pid)."""
     for store in list(_LIVE):
         store._forked = store._closed = True
+        store.conn.lock = threading.RLock()   # a parent's thread may have held it at the fork
     _LIVE.clear()
 
 

@@ -19,6 +19,7 @@ import redis
 from conftest import redis_url
 from test_redis import cluster  # noqa: F401 - the 3-node cluster fixture
 
+import engine.redis_backend as rb
 from engine import (
     ArgumentError,
     ClosedError,
@@ -497,24 +498,34 @@ class TestSnapshotMillion:
         n = 1_000_000
         e = Engine.create(n, url=server.url)
         try:
-            conn = e._seg.conn
+            conn, store = e._seg.conn, e._seg
             sent: list[Any] = []
-            call = conn.call
+            fcall = conn.fcall
 
-            def spy(key: Any, fn: str, *args: Any) -> Any:
-                sent.append((key, args))
-                return call(key, fn, *args)
+            def spy(route: Any, keys: bytes, nk: int, fn: str, args: Any) -> Any:
+                sent.append(args)
+                return fcall(route, keys, nk, fn, args)
 
-            conn.call = spy
+            conn.fcall = spy
             first = e.open_position(100.0, 1.0)
-            conn.call = call
-            key, args = sent[0]
+            conn.fcall = fcall
+            inc, _seq, rec, token, ts, *_rest = sent[-1]
             r = admin(server.url)
-            for done in range(0, n - 1, 20_000):   # the same open, pipelined
+            # the same open, pipelined as a loader client of its own (its own request
+            # record and numbers), each declaring the free slot it takes: the list's head
+            P = store.prefixes[0]
+            fixed = (P + "m", P + "s", P + "r:bulk-loader", P + "free", P + "open",
+                     f"{P}t:{token}")
+            seq = 0
+            for done in range(0, n - 1, 20_000):
                 p = r.pipeline(transaction=False)
-                for _ in range(min(20_000, n - 1 - done)):
-                    p.execute_command(*conn._cmd(key, "open", args))
-                p.execute()
+                for h in r.lrange(P + "free", 0, min(20_000, n - 1 - done) - 1):
+                    seq += 1
+                    slot = h.decode()
+                    p.execute_command("FCALL", f"e{rb._VERSION}_open", 8, *fixed,
+                                      f"{P}p:{slot}", f"{P}pk:{slot}", inc, seq, rec,
+                                      token, ts, b"", 0, 0, slot, 0)
+                assert all(x[0] == 0 for x in p.execute()), "a loader open failed"
             r.config_set("slowlog-log-slower-than", "1000")   # every call over 1 ms
             r.config_set("slowlog-max-len", "100000")
             r.slowlog_reset()
