@@ -116,7 +116,7 @@ CLOCK_THREADS = 4                   # eng_price_clock_ns in a loop, each call ti
 TIGHT_THREADS = 2                   # eng_price_clock_ns back to back, TIGHT_BATCH at a time
 TIGHT_BATCH = 200
 PRICE_THREADS = 2                   # update_price on an Engine of their own, read back
-SETTLE_ANCHORS = 4                  # anchor lives every thread runs through after each step
+SETTLE_ANCHORS = 4                  # rate baselines every thread runs through after each step
 DEADLINE_S = 120.0                  # the whole run, however loaded the host
 
 
@@ -221,6 +221,7 @@ def child(mode: int) -> dict[str, Any]:
     assert 0 <= (r1 - r0) - 3_600_000_000_000 <= (m1 - m0) + 1_000_000, (r0, r1)
 
     anchor = int(lib.ENG_CLOCK_ANCHOR_NS)
+    baseline = int(lib.ENG_CLOCK_RATE_NS)
     sys.setswitchinterval(1e-4)   # threads take turns within an anchor life
     steps = Steps(grace_ns=anchor + anchor // 4)
     stop = threading.Event()
@@ -268,8 +269,9 @@ def child(mode: int) -> dict[str, Any]:
     deadline = time.monotonic() + DEADLINE_S
 
     def settle(since: int) -> None:
-        """Wait until every thread has started calls SETTLE_ANCHORS anchor lives past `since`."""
-        target = since + steps.grace + SETTLE_ANCHORS * anchor
+        """Wait until every thread has started calls SETTLE_ANCHORS rate baselines past `since`
+        (each an anchor life or more)."""
+        target = since + steps.grace + SETTLE_ANCHORS * max(anchor, baseline)
         while not stop.is_set() and min(w.last_start for w in watches) < target:
             if time.monotonic() > deadline:
                 errors.append("threads starved: not every thread ran after a step")
@@ -292,7 +294,7 @@ def child(mode: int) -> dict[str, Any]:
             x = f()
             b, m1 = real(), mono()
             w.see(m0, a, [x], b, m1)
-            if not w.stepped_at and m1 >= born + anchor // 2:
+            if not w.stepped_at and m1 >= born + baseline // 2:
                 w.stepped_at = step(d)
 
     for t in threads:
@@ -311,7 +313,7 @@ def child(mode: int) -> dict[str, Any]:
         settle(step(1_000_000))
         shim.clockshim_slew(0)
         settle(time.monotonic_ns())
-        # threads that step the clock themselves half an anchor life after their
+        # threads that step the clock themselves half a rate baseline after their
         # first call: the step lands inside their first measurement of the rate
         for d in LATE_STEPS_NS:
             late = Watch(steps)
