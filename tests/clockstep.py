@@ -112,6 +112,8 @@ STEP_BURSTS_NS = [[1_000_000], [5_000_000], [-1_000_000], [-5_000_000], [1_000_0
                   [2_000_000, -2_000_000, 1_000_000, -3_000_000]]   # the last, back to back
 LATE_STEPS_NS = [200_000, 500_000, -300_000, 200_000]
 SLEWS_PPM = [-500, 500, -500, 0, 500, 0]   # adjtime slews at 500 ppm
+FAST_SLEW_STEPS = [(100_000, -1_000_000), (-100_000, 1_000_000), (100_000, -3_000),
+                   (-100_000, 3_000)]          # (slew ppm, step ns): a step inside a fast slew
 CLOCK_THREADS = 4                   # eng_price_clock_ns in a loop, each call timed
 TIGHT_THREADS = 2                   # eng_price_clock_ns back to back, TIGHT_BATCH at a time
 TIGHT_BATCH = 200
@@ -311,6 +313,9 @@ def child(mode: int) -> dict[str, Any]:
             settle(time.monotonic_ns())
         shim.clockshim_slew(-500)   # a step in the middle of a slew
         settle(step(1_000_000))
+        for ppm, d in FAST_SLEW_STEPS:   # ... and of the fastest slews, both ways
+            shim.clockshim_slew(ppm)
+            settle(step(d))
         shim.clockshim_slew(0)
         settle(time.monotonic_ns())
         # threads that step the clock themselves half a rate baseline after their
