@@ -209,6 +209,8 @@ typedef struct tsc_clock {
     int64_t  ns;       /* ... this CLOCK_REALTIME (0: no anchor yet) */
     uint64_t mult;     /* ns per tick, 32.32: the rate in use; 0 until measured */
     uint64_t span;     /* ticks of ENG_CLOCK_ANCHOR_NS at mult: the anchor's life (0: renew) */
+    uint64_t life;     /* ticks of ENG_CLOCK_ANCHOR_NS at mult (worked out when mult changes) */
+    uint64_t pair;     /* ticks of ENG_CLOCK_PAIR_NS at mult; ENG_CLOCK_PAIR_TICKS without one */
     int64_t  last;     /* the last timestamp this thread returned (the floor) */
     uint64_t cand;     /* the last slope that disagreed with mult; 0: none */
     uint64_t rtsc;     /* rate anchor: the TSC at ... */
@@ -266,11 +268,11 @@ static inline uint64_t tsc_ordered(void)
 
 /* ns as this thread's next timestamp: held at the last one when at most
  * ENG_CLOCK_BACK_NS below it, followed when further below (a step back). */
-static inline int64_t clock_floor(int64_t ns)
+static inline int64_t clock_floor(tsc_clock *c, int64_t ns)
 {
-    if (ns < tclk.last && tclk.last - ns <= ENG_CLOCK_BACK_NS)
-        ns = tclk.last;
-    tclk.last = ns;
+    if (ns < c->last && c->last - ns <= ENG_CLOCK_BACK_NS)
+        ns = c->last;
+    c->last = ns;
     return ns;
 }
 
@@ -285,15 +287,19 @@ static inline int rates_agree(uint64_t a, uint64_t b)
  * "Two anchors" above); CLOCK_REALTIME itself while the rate is unknown. */
 static __attribute__((noinline)) int64_t price_clock_anchor(void)
 {
-    int64_t ns = now_ns(CLOCK_REALTIME);
     if (eng_price_clock(-1) != ENG_CLOCK_TSC)
-        return ns;
-    if (!tclk.mult && tclk.rns && ns - tclk.rns >= 0 && ns - tclk.rns < ENG_CLOCK_RATE_NS)
-        return clock_floor(ns);   /* measuring: the rate anchor is too young to give a rate */
+        return now_ns(CLOCK_REALTIME);
+    tsc_clock *c = &tclk;   /* one look-up of this thread's clock (TLS in a shared object: */
+    __asm__("" : "+r"(c));  /* a call each time the compiler would work the address out again) */
+    int64_t ns = 0;
+    if (!c->mult && c->rns) {
+        ns = now_ns(CLOCK_REALTIME);
+        if (ns - c->rns >= 0 && ns - c->rns < ENG_CLOCK_RATE_NS)
+            return clock_floor(c, ns);   /* measuring: the rate anchor is too young to give a rate */
+    }
     /* the anchor pair: CLOCK_REALTIME between two TSC reads, taken at their middle;
      * no wider than ENG_CLOCK_PAIR_NS at the rate in use (ENG_CLOCK_PAIR_TICKS before) */
-    uint64_t limit = tclk.mult ? ((uint64_t)ENG_CLOCK_PAIR_NS << 32) / tclk.mult
-                               : ENG_CLOCK_PAIR_TICKS;
+    uint64_t limit = c->mult ? c->pair : ENG_CLOCK_PAIR_TICKS;
     uint64_t width = UINT64_MAX, mid = 0;
     for (int i = 0; i < ENG_CLOCK_PAIR_TRIES && width > limit; i++) {
         uint64_t a = tsc_ordered();
@@ -306,34 +312,34 @@ static __attribute__((noinline)) int64_t price_clock_anchor(void)
         }
     }
     if (width > limit) {
-        tclk.span = 0;            /* preempted every time: renew on the next call */
-        return clock_floor(ns);
+        c->span = 0;            /* preempted every time: renew on the next call */
+        return clock_floor(c, ns);
     }
-    if (!tclk.rns || ns - tclk.rns < 0 || ns - tclk.rns >= ENG_CLOCK_RATE_NS) {
+    if (!c->rns || ns - c->rns < 0 || ns - c->rns >= ENG_CLOCK_RATE_NS) {
         uint64_t slope = 0;   /* 0: none (no rate anchor, a step back, a TSC gone back, out of range) */
-        if (tclk.rns && ns > tclk.rns && (int64_t)(mid - tclk.rtsc) > 0) {
-            unsigned __int128 m = ((unsigned __int128)(uint64_t)(ns - tclk.rns) << 32) /
-                                  (mid - tclk.rtsc);
+        if (c->rns && ns > c->rns && (int64_t)(mid - c->rtsc) > 0) {
+            unsigned __int128 m = ((unsigned __int128)(uint64_t)(ns - c->rns) << 32) /
+                                  (mid - c->rtsc);
             if (m >= ENG_CLOCK_MIN_MULT && m <= ENG_CLOCK_MAX_MULT)
                 slope = (uint64_t)m;
         }
-        if (slope && (rates_agree(slope, tclk.mult) || rates_agree(slope, tclk.cand))) {
-            tclk.mult = slope;
-            tclk.cand = 0;
+        if (slope && (rates_agree(slope, c->mult) || rates_agree(slope, c->cand))) {
+            c->mult = slope;
+            c->cand = 0;
+            c->life = ((uint64_t)ENG_CLOCK_ANCHOR_NS << 32) / slope;
+            c->pair = ((uint64_t)ENG_CLOCK_PAIR_NS << 32) / slope;
         } else {
-            tclk.cand = slope;   /* across a step, or a rate seen once: keep the rate in use */
+            c->cand = slope;   /* across a step, or a rate seen once: keep the rate in use */
         }
-        tclk.rtsc = mid;
-        tclk.rns = ns;
+        c->rtsc = mid;
+        c->rns = ns;
     }
-    tclk.tsc = mid;
-    tclk.ns = ns;
+    c->tsc = mid;
+    c->ns = ns;
     /* a pair taken before the rate was known may be wider than ENG_CLOCK_PAIR_NS:
      * not an anchor to extrapolate from, the next call renews */
-    tclk.span = tclk.mult && (unsigned __int128)width * tclk.mult <=
-                             ((unsigned __int128)ENG_CLOCK_PAIR_NS << 32)
-                ? ((uint64_t)ENG_CLOCK_ANCHOR_NS << 32) / tclk.mult : 0;
-    return clock_floor(ns);
+    c->span = c->mult && width <= c->pair ? c->life : 0;
+    return clock_floor(c, ns);
 }
 #endif
 

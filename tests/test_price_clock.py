@@ -157,10 +157,9 @@ class TestClockStep:
     """CLOCK_REALTIME of one process stepped (an LD_PRELOAD shim around
     clock_gettime, tests/clockstep.py) by +-1 ms, +-5 ms, +-1 s, +-3 us and
     +-1 us, in a burst, inside a slew and inside a thread's first rate
-    measurement, and slewed by +-500 ppm (stepped inside +-100,000 ppm slews
-    too), while six threads read the price
-    clock (four more join, one per step inside a first measurement) and two
-    write prices.  Forbidden: a timestamp more than CLOCK_ERR_NS from the
+    measurement, and slewed by +-500 ppm (and stepped inside +-100,000 ppm
+    slews), while six threads read the price clock (four more join, one per
+    step inside a first measurement) and two write prices.  Forbidden: a timestamp more than CLOCK_ERR_NS from the
     stepped clock once a step is an anchor life and a quarter old, and a
     thread's timestamps going back other than across steps back of the real
     clock (and then by more than those steps plus CLOCK_ERR_NS)."""
