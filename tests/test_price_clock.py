@@ -159,10 +159,11 @@ class TestClockStep:
     +-1 us, in a burst, inside a slew and inside a thread's first rate
     measurement, and slewed by +-500 ppm (and stepped inside +-100,000 ppm
     slews), while six threads read the price clock (four more join, one per
-    step inside a first measurement) and two write prices.  Forbidden: a timestamp more than CLOCK_ERR_NS from the
-    stepped clock once a step is an anchor life and a quarter old, and a
-    thread's timestamps going back other than across steps back of the real
-    clock (and then by more than those steps plus CLOCK_ERR_NS)."""
+    step inside a first measurement) and two write prices.  Forbidden: a
+    timestamp more than CLOCK_ERR_NS from the stepped clock once a step is an
+    anchor life and a quarter old, and a thread's timestamps going back other
+    than across steps back of the real clock (and then by more than those
+    steps plus CLOCK_ERR_NS)."""
 
     @pytest.mark.parametrize("clock", [lib.ENG_CLOCK_TSC, lib.ENG_CLOCK_REALTIME],
                              ids=["tsc", "realtime"])
