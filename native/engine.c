@@ -164,26 +164,33 @@ static inline int64_t now_ns(clockid_t clk)
 
 /*
  * Price timestamps: CLOCK_REALTIME through the TSC (see "price timestamps"
- * in engine.h).  Each thread keeps its own anchor and rate, so nothing here
+ * in engine.h).  Each thread keeps its own anchors and rate, so nothing here
  * is shared or locked; a forked child goes on with its parent's (same TSC).
  * The fast read is one RDTSC, a subtraction, a compare, a multiply and the
  * floor (a compare and a store).
  *
- * Renewal, once an anchor has lived ENG_CLOCK_ANCHOR_NS: a fresh anchor
- * pair always replaces the old anchor, so a step of CLOCK_REALTIME is taken
- * in whole at the first renewal after it, either way.  The rate is another
- * matter: the slope from the old anchor to the new one is the rate only if
- * it agrees (within 2^-ENG_CLOCK_RATE_TOL_SHIFT) with the rate in use, or
- * with the slope before it; a slope across a step disagrees with both and is
- * only kept as the candidate, and the next slope, clean, agrees with the
- * rate in use.  Two slopes in a row that agree with each other and not with
- * the rate (the first measurement, or a rate that really moved) replace it.
+ * Two anchors, two jobs.  The offset anchor is renewed once it has lived
+ * ENG_CLOCK_ANCHOR_NS (a few microseconds): a fresh anchor pair always
+ * replaces it, so a step of CLOCK_REALTIME is taken in whole at the first
+ * renewal after it, either way, and a change of the clock's rate (a slew)
+ * runs the extrapolation off by at most the rate change times one short
+ * anchor life.  The rate anchor is the pair the rate is measured from: once
+ * a renewal's pair is ENG_CLOCK_RATE_NS or more after it, the slope between
+ * the two is measured and the pair becomes the new rate anchor.  The slope
+ * is the rate only if it agrees (within 2^-ENG_CLOCK_RATE_TOL_SHIFT) with
+ * the rate in use, or with the slope before it; a slope across a step
+ * disagrees with both and is only kept as the candidate, and the next slope,
+ * clean, agrees with the rate in use.  Two slopes in a row that agree with
+ * each other and not with the rate (the first measurement, or a rate that
+ * really moved) replace it.  A rate off by any fraction f costs f times one
+ * anchor life (1% of 6 us: 60 ns), so a slope held back for a baseline or
+ * two under a slew costs no more than the slew itself.
  *
  * The floor: a thread's timestamps never go back.  A timestamp below the last
  * one this thread returned is raised to it, when it is at most
- * ENG_CLOCK_BACK_NS below (the new anchor sits a little behind the old one's
- * extrapolation, an unordered RDTSC); further below means CLOCK_REALTIME
- * itself went back, and the timestamps follow it.
+ * ENG_CLOCK_BACK_NS below (the extrapolation ran ahead of a slowing clock, or
+ * the anchor pairs' own width); further below means CLOCK_REALTIME itself
+ * went back, and the timestamps follow it.
  *
  *   reader (any price write):  d = rdtsc - anchor.tsc
  *                              d < span ? max(last, anchor.ns + d*rate) : renew()
@@ -198,15 +205,26 @@ static inline int64_t now_ns(clockid_t clk)
 #endif
 
 typedef struct tsc_clock {
-    uint64_t tsc;      /* anchor: the TSC at ... */
+    uint64_t tsc;      /* offset anchor: the TSC at ... */
     int64_t  ns;       /* ... this CLOCK_REALTIME (0: no anchor yet) */
     uint64_t mult;     /* ns per tick, 32.32: the rate in use; 0 until measured */
-    uint64_t span;     /* ticks of ENG_CLOCK_ANCHOR_NS at mult: the anchor's life */
+    uint64_t span;     /* ticks of ENG_CLOCK_ANCHOR_NS at mult: the anchor's life (0: renew) */
+    uint64_t life;     /* ticks of ENG_CLOCK_ANCHOR_NS at mult (worked out when mult changes) */
+    uint64_t pair;     /* ticks of ENG_CLOCK_PAIR_NS at mult; ENG_CLOCK_PAIR_TICKS without one */
     int64_t  last;     /* the last timestamp this thread returned (the floor) */
     uint64_t cand;     /* the last slope that disagreed with mult; 0: none */
+    uint64_t rtsc;     /* rate anchor: the TSC at ... */
+    int64_t  rns;      /* ... this CLOCK_REALTIME (0: none yet) */
 } tsc_clock;
 
 static __thread tsc_clock tclk;
+/* "The numbers" in engine.h: the most a renewal falls below the last
+ * timestamp under the fastest slew (plus 100 ns for an unfenced RDTSC) is
+ * within the floor, so only a step back of the clock takes timestamps back. */
+_Static_assert((2LL * ENG_CLOCK_SLEW_PPM + (1000000 >> ENG_CLOCK_RATE_TOL_SHIFT) + 1) *
+               ENG_CLOCK_ANCHOR_NS * (1000000 + ENG_CLOCK_SLEW_PPM) /
+               (1000000 - ENG_CLOCK_SLEW_PPM) / 1000000 + ENG_CLOCK_PAIR_NS + 100
+               <= ENG_CLOCK_BACK_NS, "a slew within an anchor life stays within the floor");
 static int price_clock_mode = -1;   /* ENG_CLOCK_*; -1 until the first price write decides */
 
 /* The TSC usable as a clock: x86-64, and the kernel keeps time with it. */
@@ -250,11 +268,11 @@ static inline uint64_t tsc_ordered(void)
 
 /* ns as this thread's next timestamp: held at the last one when at most
  * ENG_CLOCK_BACK_NS below it, followed when further below (a step back). */
-static inline int64_t clock_floor(int64_t ns)
+static inline int64_t clock_floor(tsc_clock *c, int64_t ns)
 {
-    if (ns < tclk.last && tclk.last - ns <= ENG_CLOCK_BACK_NS)
-        ns = tclk.last;
-    tclk.last = ns;
+    if (ns < c->last && c->last - ns <= ENG_CLOCK_BACK_NS)
+        ns = c->last;
+    c->last = ns;
     return ns;
 }
 
@@ -264,18 +282,26 @@ static inline int rates_agree(uint64_t a, uint64_t b)
     return b && (a > b ? a - b : b - a) <= b >> ENG_CLOCK_RATE_TOL_SHIFT;
 }
 
-/* The slow read: a new anchor when the old one is ENG_CLOCK_ANCHOR_NS old
- * (see "Renewal" above), else CLOCK_REALTIME itself. */
+/* The slow read: a new offset anchor when the old one is ENG_CLOCK_ANCHOR_NS
+ * old, and a new rate when the rate anchor is ENG_CLOCK_RATE_NS old (see
+ * "Two anchors" above); CLOCK_REALTIME itself while the rate is unknown. */
 static __attribute__((noinline)) int64_t price_clock_anchor(void)
 {
-    int64_t ns = now_ns(CLOCK_REALTIME);
     if (eng_price_clock(-1) != ENG_CLOCK_TSC)
-        return ns;
-    if (tclk.ns && ns - tclk.ns >= 0 && ns - tclk.ns < ENG_CLOCK_ANCHOR_NS && !tclk.mult)
-        return clock_floor(ns);   /* measuring: the anchor is too young to give a rate */
-    /* the anchor pair: CLOCK_REALTIME between two TSC reads, taken at their middle */
+        return now_ns(CLOCK_REALTIME);
+    tsc_clock *c = &tclk;   /* one look-up of this thread's clock (TLS in a shared object: */
+    __asm__("" : "+r"(c));  /* a call each time the compiler would work the address out again) */
+    int64_t ns = 0;
+    if (!c->mult && c->rns) {
+        ns = now_ns(CLOCK_REALTIME);
+        if (ns - c->rns >= 0 && ns - c->rns < ENG_CLOCK_RATE_NS)
+            return clock_floor(c, ns);   /* measuring: the rate anchor is too young to give a rate */
+    }
+    /* the anchor pair: CLOCK_REALTIME between two TSC reads, taken at their middle;
+     * no wider than ENG_CLOCK_PAIR_NS at the rate in use (ENG_CLOCK_PAIR_TICKS before) */
+    uint64_t limit = c->mult ? c->pair : ENG_CLOCK_PAIR_TICKS;
     uint64_t width = UINT64_MAX, mid = 0;
-    for (int i = 0; i < ENG_CLOCK_PAIR_TRIES && width > ENG_CLOCK_PAIR_TICKS; i++) {
+    for (int i = 0; i < ENG_CLOCK_PAIR_TRIES && width > limit; i++) {
         uint64_t a = tsc_ordered();
         int64_t t = now_ns(CLOCK_REALTIME);
         uint64_t b = tsc_ordered();
@@ -285,25 +311,35 @@ static __attribute__((noinline)) int64_t price_clock_anchor(void)
             ns = t;
         }
     }
-    if (width > ENG_CLOCK_PAIR_TICKS)
-        return clock_floor(ns);   /* preempted every time: keep the old anchor, try again next call */
-    uint64_t slope = 0;   /* 0: none (no anchor, a step back, a TSC gone back, out of range) */
-    if (tclk.ns && ns > tclk.ns && (int64_t)(mid - tclk.tsc) > 0) {
-        unsigned __int128 m = ((unsigned __int128)(uint64_t)(ns - tclk.ns) << 32) /
-                              (mid - tclk.tsc);
-        if (m >= ENG_CLOCK_MIN_MULT && m <= ENG_CLOCK_MAX_MULT)
-            slope = (uint64_t)m;
+    if (width > limit) {
+        c->span = 0;            /* preempted every time: renew on the next call */
+        return clock_floor(c, ns);
     }
-    if (slope && (rates_agree(slope, tclk.mult) || rates_agree(slope, tclk.cand))) {
-        tclk.mult = slope;
-        tclk.cand = 0;
-    } else {
-        tclk.cand = slope;   /* across a step, or a rate seen once: keep the rate in use */
+    if (!c->rns || ns - c->rns < 0 || ns - c->rns >= ENG_CLOCK_RATE_NS) {
+        uint64_t slope = 0;   /* 0: none (no rate anchor, a step back, a TSC gone back, out of range) */
+        if (c->rns && ns > c->rns && (int64_t)(mid - c->rtsc) > 0) {
+            unsigned __int128 m = ((unsigned __int128)(uint64_t)(ns - c->rns) << 32) /
+                                  (mid - c->rtsc);
+            if (m >= ENG_CLOCK_MIN_MULT && m <= ENG_CLOCK_MAX_MULT)
+                slope = (uint64_t)m;
+        }
+        if (slope && (rates_agree(slope, c->mult) || rates_agree(slope, c->cand))) {
+            c->mult = slope;
+            c->cand = 0;
+            c->life = ((uint64_t)ENG_CLOCK_ANCHOR_NS << 32) / slope;
+            c->pair = ((uint64_t)ENG_CLOCK_PAIR_NS << 32) / slope;
+        } else {
+            c->cand = slope;   /* across a step, or a rate seen once: keep the rate in use */
+        }
+        c->rtsc = mid;
+        c->rns = ns;
     }
-    tclk.tsc = mid;
-    tclk.ns = ns;
-    tclk.span = tclk.mult ? ((uint64_t)ENG_CLOCK_ANCHOR_NS << 32) / tclk.mult : 0;
-    return clock_floor(ns);
+    c->tsc = mid;
+    c->ns = ns;
+    /* a pair taken before the rate was known may be wider than ENG_CLOCK_PAIR_NS:
+     * not an anchor to extrapolate from, the next call renews */
+    c->span = c->mult && width <= c->pair ? c->life : 0;
+    return clock_floor(c, ns);
 }
 #endif
 

@@ -432,29 +432,60 @@
  * A price's ts_ns is CLOCK_REALTIME.  Read through the vDSO it costs about as
  * much as the rest of update_price, so on x86-64, where the kernel itself keeps
  * time with the TSC (clocksource "tsc": invariant, synchronized across CPUs),
- * each thread reads the TSC and converts it with a rate it measured itself:
- * an anchor is a CLOCK_REALTIME read between two TSC reads, and a rate is the
- * slope between two anchors at least ENG_CLOCK_ANCHOR_NS apart.  A thread
- * re-anchors once ENG_CLOCK_ANCHOR_NS have passed, so an error never grows
- * past what one interval holds (tens of ns; at most about a microsecond).  An
- * anchor read that took more than ENG_CLOCK_PAIR_TICKS (the thread lost its
- * CPU inside it) is read again, at most ENG_CLOCK_PAIR_TRIES times.  A slope
- * outside [ENG_CLOCK_MIN_MULT, ENG_CLOCK_MAX_MULT] (ns per tick in 32.32 fixed
- * point), or one that differs from the rate in use by more than
- * 2^-ENG_CLOCK_RATE_TOL_SHIFT of it (a step of CLOCK_REALTIME inside the
- * interval), is not taken as the rate unless the next slope agrees with it;
- * the anchor is renewed all the same.  (A step under 2^-ENG_CLOCK_RATE_TOL_SHIFT
- * of its interval, e.g. 1 ms over an idle 10 s, passes as a rate that is off
- * by that fraction at most: 244 ns over the next anchor life.)  ENGINE_PRICE_CLOCK=realtime in the
- * environment, or eng_price_clock(0), reads CLOCK_REALTIME on every price
- * write instead.
+ * each thread reads the TSC and converts it with a rate it measured itself.
+ * An anchor is a CLOCK_REALTIME read between two TSC reads.  The offset is
+ * re-anchored once ENG_CLOCK_ANCHOR_NS have passed; the rate is the slope
+ * between two anchors at least ENG_CLOCK_RATE_NS apart (a separate, longer
+ * baseline, so the short offset anchor does not make the rate noisy).  An
+ * anchor read wider than ENG_CLOCK_PAIR_NS at the rate in use (the thread
+ * lost its CPU inside it; ENG_CLOCK_PAIR_TICKS before a rate is known) is
+ * read again, at most ENG_CLOCK_PAIR_TRIES times, and the call after it tries
+ * again.  A slope outside [ENG_CLOCK_MIN_MULT, ENG_CLOCK_MAX_MULT] (ns per tick
+ * in 32.32 fixed point), or one that differs from the rate in use by more
+ * than 2^-ENG_CLOCK_RATE_TOL_SHIFT of it (a step of CLOCK_REALTIME inside the
+ * baseline), is not taken as the rate unless the next slope agrees with it;
+ * the offset anchor is renewed all the same.  Until a thread has a rate (its
+ * first two baselines, about 2 ms) its timestamps are CLOCK_REALTIME read on
+ * the spot.  ENGINE_PRICE_CLOCK=realtime in the environment, or
+ * eng_price_clock(0), reads CLOCK_REALTIME on every price write instead.
  *
- * What holds, through the TSC:
- * - a timestamp is within about a microsecond of CLOCK_REALTIME read around
- *   its write, except after a step of CLOCK_REALTIME (NTP step, settimeofday,
- *   VM resume): until the thread's next renewal (at most ENG_CLOCK_ANCHOR_NS
- *   later) its timestamps are off by the step, and from that renewal on they
- *   are within the bound again, with the rate measured before the step;
+ * The numbers.  Between renewals a timestamp is the anchor plus the TSC ticks
+ * times the rate, so it drifts from CLOCK_REALTIME by the difference between
+ * the rate in use and the clock's rate now, over at most one anchor life.
+ * The rate in use is a slope the clock really had over a past baseline (or
+ * one within 2^-ENG_CLOCK_RATE_TOL_SHIFT of it); the kernel slews the clock
+ * by at most ENG_CLOCK_SLEW_PPM either way (adjtimex ADJ_TICK: +-10%, plus
+ * +-500 ppm of frequency; chronyd's default maxslewrate is 83,333 ppm), so
+ * the two differ by at most 2 x 100,500 ppm plus 244 ppm (a jump from the
+ * fastest slew to the slowest); the anchor's life, counted in ticks at the
+ * rate in use, is at most (1 + 0.1005) / (1 - 0.1005) = 1.224 x
+ * ENG_CLOCK_ANCHOR_NS of real time.  The drift is then at most
+ *     0.2012 x 1.224 x 6,000 ns = 1,478 ns,
+ * and each anchor's CLOCK_REALTIME sits at most ENG_CLOCK_PAIR_NS / 2 from
+ * the middle of its pair it is taken at: 125 ns from the old anchor, 125 ns
+ * from the new one.  So at a renewal the new anchor falls at most
+ *     1,478 + 250 = 1,728 ns (plus an unfenced RDTSC, tens of ns)
+ * below the thread's last timestamp, under ENG_CLOCK_BACK_NS = 2,000 ns:
+ * the floor holds it, and only a step back of CLOCK_REALTIME itself by more
+ * than ENG_CLOCK_BACK_NS takes the timestamps back.  (engine.c checks this
+ * sum at compile time.)  The rate's own noise, ENG_CLOCK_PAIR_NS over a
+ * baseline of ENG_CLOCK_RATE_NS (250 ppm), costs 1.5 ns over an anchor life;
+ * a step under 2^-ENG_CLOCK_RATE_TOL_SHIFT of its baseline (1 ms over an idle
+ * 10 s) passes as a rate off by 244 ppm at most: 1.5 ns over an anchor life.
+ * The cost: a renewal (one clock_gettime and two fenced RDTSCs: measured
+ * about 60 ns, against 30 for clock_gettime alone) once per
+ * ENG_CLOCK_ANCHOR_NS, about 1% of a thread writing prices back to back; a
+ * thread that writes less often than that pays a renewal on every write,
+ * about 30 ns more than the realtime mode.
+ *
+ * What holds, through the TSC, for any slew the kernel permits:
+ * - a timestamp is within ENG_CLOCK_BACK_NS (2 us; measured: a few hundred ns
+ *   at most without slews) of CLOCK_REALTIME read around its write, except
+ *   after a step of CLOCK_REALTIME (NTP step, settimeofday, VM resume): until
+ *   the thread's next renewal (at most 1.224 x ENG_CLOCK_ANCHOR_NS later)
+ *   its timestamps are off by the step, and from that renewal on they are
+ *   within the bound again (after a step back of at most ENG_CLOCK_BACK_NS
+ *   they are held at the last one until the clock catches up with it);
  * - within a thread, timestamps never go back: one that would fall at most
  *   ENG_CLOCK_BACK_NS below the thread's last is held at the last; the only
  *   way they go back is CLOCK_REALTIME itself stepped back by more than that,
@@ -463,8 +494,11 @@
  * Through CLOCK_REALTIME (the realtime mode) a timestamp is the clock itself
  * and goes back exactly when the clock does.
  */
-#define ENG_CLOCK_ANCHOR_NS   1000000
-#define ENG_CLOCK_PAIR_TICKS  2000
+#define ENG_CLOCK_ANCHOR_NS   6000           /* the offset anchor's life */
+#define ENG_CLOCK_RATE_NS     1000000        /* the rate's shortest baseline */
+#define ENG_CLOCK_SLEW_PPM    100500         /* the fastest slew the kernel permits, either way */
+#define ENG_CLOCK_PAIR_NS     250            /* the widest anchor pair, once a rate is known */
+#define ENG_CLOCK_PAIR_TICKS  2000           /* ... before: the first rate's anchors */
 #define ENG_CLOCK_PAIR_TRIES  3
 #define ENG_CLOCK_MIN_MULT    (1ULL << 28)   /* 1/16 ns per tick: a 16 GHz TSC */
 #define ENG_CLOCK_MAX_MULT    (1ULL << 36)   /* 16 ns per tick: a 62.5 MHz TSC */

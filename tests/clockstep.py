@@ -112,11 +112,13 @@ STEP_BURSTS_NS = [[1_000_000], [5_000_000], [-1_000_000], [-5_000_000], [1_000_0
                   [2_000_000, -2_000_000, 1_000_000, -3_000_000]]   # the last, back to back
 LATE_STEPS_NS = [200_000, 500_000, -300_000, 200_000]
 SLEWS_PPM = [-500, 500, -500, 0, 500, 0]   # adjtime slews at 500 ppm
+FAST_SLEW_STEPS = [(100_000, -1_000_000), (-100_000, 1_000_000), (100_000, -3_000),
+                   (-100_000, 3_000)]          # (slew ppm, step ns): a step inside a fast slew
 CLOCK_THREADS = 4                   # eng_price_clock_ns in a loop, each call timed
 TIGHT_THREADS = 2                   # eng_price_clock_ns back to back, TIGHT_BATCH at a time
 TIGHT_BATCH = 200
 PRICE_THREADS = 2                   # update_price on an Engine of their own, read back
-SETTLE_ANCHORS = 4                  # anchor lives every thread runs through after each step
+SETTLE_ANCHORS = 4                  # rate baselines every thread runs through after each step
 DEADLINE_S = 120.0                  # the whole run, however loaded the host
 
 
@@ -221,6 +223,7 @@ def child(mode: int) -> dict[str, Any]:
     assert 0 <= (r1 - r0) - 3_600_000_000_000 <= (m1 - m0) + 1_000_000, (r0, r1)
 
     anchor = int(lib.ENG_CLOCK_ANCHOR_NS)
+    baseline = int(lib.ENG_CLOCK_RATE_NS)
     sys.setswitchinterval(1e-4)   # threads take turns within an anchor life
     steps = Steps(grace_ns=anchor + anchor // 4)
     stop = threading.Event()
@@ -268,8 +271,9 @@ def child(mode: int) -> dict[str, Any]:
     deadline = time.monotonic() + DEADLINE_S
 
     def settle(since: int) -> None:
-        """Wait until every thread has started calls SETTLE_ANCHORS anchor lives past `since`."""
-        target = since + steps.grace + SETTLE_ANCHORS * anchor
+        """Wait until every thread has started calls SETTLE_ANCHORS rate baselines past `since`
+        (each an anchor life or more)."""
+        target = since + steps.grace + SETTLE_ANCHORS * max(anchor, baseline)
         while not stop.is_set() and min(w.last_start for w in watches) < target:
             if time.monotonic() > deadline:
                 errors.append("threads starved: not every thread ran after a step")
@@ -292,7 +296,7 @@ def child(mode: int) -> dict[str, Any]:
             x = f()
             b, m1 = real(), mono()
             w.see(m0, a, [x], b, m1)
-            if not w.stepped_at and m1 >= born + anchor // 2:
+            if not w.stepped_at and m1 >= born + baseline // 2:
                 w.stepped_at = step(d)
 
     for t in threads:
@@ -309,9 +313,12 @@ def child(mode: int) -> dict[str, Any]:
             settle(time.monotonic_ns())
         shim.clockshim_slew(-500)   # a step in the middle of a slew
         settle(step(1_000_000))
+        for ppm, d in FAST_SLEW_STEPS:   # ... and of the fastest slews, both ways
+            shim.clockshim_slew(ppm)
+            settle(step(d))
         shim.clockshim_slew(0)
         settle(time.monotonic_ns())
-        # threads that step the clock themselves half an anchor life after their
+        # threads that step the clock themselves half a rate baseline after their
         # first call: the step lands inside their first measurement of the rate
         for d in LATE_STEPS_NS:
             late = Watch(steps)
