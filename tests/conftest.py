@@ -26,7 +26,7 @@ import pytest
 # environment).  Set before any engine call: C reads it at its first question.
 os.environ["ENGINE_TEST_FAULTS"] = "1"
 
-from engine import Engine, SegmentNotFoundError
+from engine import Engine, SegmentNotFoundError, ServerError
 from engine.tools.redis_server import PrivateRedis
 
 SHM_DIR = pathlib.Path("/dev/shm")
@@ -70,6 +70,32 @@ def redis_url() -> str:
     if _server is None:
         _server = PrivateRedis(prefix="engine-test-redis-")
     return _server.url
+
+
+@pytest.fixture
+def url() -> str:
+    """The session's Redis server's url (the Redis-only test modules)."""
+    return redis_url()
+
+
+@pytest.fixture
+def made(url: str) -> Iterator[Any]:
+    """Engines made (on the session's server by default); unlinked at teardown."""
+    engines: list[Engine] = []
+
+    def make(capacity: int = 16, **kw: Any) -> Engine:
+        e = Engine.create(capacity, url=kw.pop("url", url), **kw)
+        engines.append(e)
+        return e
+
+    yield make
+    for e in engines:
+        try:
+            e.close()
+            with Engine.attach(e.handle) as again:
+                again.unlink()
+        except (SegmentNotFoundError, ServerError):
+            pass
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from conftest import redis_url
 from procs import collect, exit_guarded_spec, sigkill, timed, until
 
 from engine import (
@@ -47,29 +46,6 @@ from engine.tools.redis_server import PrivateRedis
 TTL_S = lib.ENG_REDIS_GUARD_TTL_MS / 1000
 
 
-@pytest.fixture
-def url() -> str:
-    return redis_url()
-
-
-@pytest.fixture
-def made(url: str) -> Any:
-    """Engines made on the session's server; unlinked at teardown."""
-    engines: list[Engine] = []
-
-    def make(capacity: int = 16, **kw: Any) -> Engine:
-        e = Engine.create(capacity, url=kw.pop("url", url), **kw)
-        engines.append(e)
-        return e
-
-    yield make
-    for e in engines:
-        try:
-            e.close()
-            with Engine.attach(e.handle) as again:
-                again.unlink()
-        except (SegmentNotFoundError, ServerError):
-            pass
 
 
 def free_port() -> int:

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from conftest import redis_url
 from procs import collect, sigkill, until
 
 import engine.redis_backend as rb
@@ -39,11 +38,6 @@ from engine._native import lib
 from engine.tools.redis_server import PrivateRedis
 
 LEASE_S = lib.ENG_REDIS_CREATE_LEASE_MS / 1000
-
-
-@pytest.fixture
-def url() -> str:
-    return redis_url()
 
 
 @pytest.fixture

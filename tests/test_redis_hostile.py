@@ -3,38 +3,12 @@
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 import numpy as np
 import pytest
-from conftest import redis_url
 
-from engine import Engine, Outcome, SegmentNotFoundError, ServerError, State, Trigger, WaitTimeout
+from engine import Engine, Outcome, State, Trigger, WaitTimeout
 from engine.errors import ArgumentError, EngineError
-
-
-@pytest.fixture
-def url() -> str:
-    return redis_url()
-
-
-@pytest.fixture
-def made(url: str) -> Any:
-    engines: list[Engine] = []
-
-    def make(capacity: int = 16, **kw: Any) -> Engine:
-        e = Engine.create(capacity, url=kw.pop("url", url), **kw)
-        engines.append(e)
-        return e
-
-    yield make
-    for e in engines:
-        try:
-            e.close()
-            with Engine.attach(e.handle) as again:
-                again.unlink()
-        except (SegmentNotFoundError, ServerError):
-            pass
 
 
 def _exiting(e: Engine, acct: int) -> int:

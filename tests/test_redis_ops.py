@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import redis_url
 from test_redis import cluster  # noqa: F401 - the 3-node cluster fixture
 
 import engine.redis_backend as rb
@@ -24,7 +23,6 @@ from engine import (
     ArgumentError,
     ClosedError,
     Engine,
-    SegmentNotFoundError,
     ServerError,
     StaleIdError,
     State,
@@ -37,35 +35,10 @@ CHILD_TIMEOUT_S = 60
 
 
 @pytest.fixture
-def url() -> str:
-    return redis_url()
-
-
-@pytest.fixture
 def server() -> Iterator[PrivateRedis]:
     """A private server of this test's own (its configuration may be changed)."""
     with PrivateRedis(prefix="engine-ops-redis-") as s:
         yield s
-
-
-@pytest.fixture
-def made(url: str) -> Iterator[Any]:
-    """Engines made (on the session's server by default); unlinked at teardown."""
-    engines: list[Engine] = []
-
-    def make(capacity: int = 16, **kw: Any) -> Engine:
-        e = Engine.create(capacity, url=kw.pop("url", url), **kw)
-        engines.append(e)
-        return e
-
-    yield make
-    for e in engines:
-        try:
-            e.close()
-            with Engine.attach(e.handle) as again:
-                again.unlink()
-        except (SegmentNotFoundError, ServerError):
-            pass
 
 
 def admin(url: str) -> redis.Redis:

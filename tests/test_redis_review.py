@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import redis
 import test_redis
-from conftest import redis_url
 from procs import until
 
 import engine.redis_backend as rb
@@ -22,36 +21,11 @@ from engine import (
     Engine,
     Outcome,
     SegmentError,
-    SegmentNotFoundError,
     ServerError,
     State,
     Trigger,
 )
 from engine.tools.redis_server import PrivateRedis
-
-
-@pytest.fixture
-def url() -> str:
-    return redis_url()
-
-
-@pytest.fixture
-def made(url: str) -> Any:
-    engines: list[Engine] = []
-
-    def make(capacity: int = 16, **kw: Any) -> Engine:
-        e = Engine.create(capacity, url=kw.pop("url", url), **kw)
-        engines.append(e)
-        return e
-
-    yield make
-    for e in engines:
-        try:
-            e.close()
-            with Engine.attach(e.handle) as again:
-                again.unlink()
-        except (SegmentNotFoundError, ServerError):
-            pass
 
 
 class TestThreads:
