@@ -135,7 +135,9 @@ def run_child(shim: Path, mode: int, timeout: float = DEADLINE_S + 60,
               slews_ppm: list[int] | None = None) -> dict[str, Any]:
     """Run this module under the shim with price clock `mode`; its JSON verdict.
     With `slews_ppm`: those slews instead of SLEWS_PPM, and no step bursts."""
-    env = {**os.environ, "LD_PRELOAD": str(shim), "CLOCKSHIM_SO": str(shim)}
+    # after what is preloaded already (the sanitizers' runtimes must come first)
+    preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), str(shim)]))
+    env = {**os.environ, "LD_PRELOAD": preload, "CLOCKSHIM_SO": str(shim)}
     if slews_ppm is not None:
         env["CLOCKSHIM_SLEWS_PPM"] = ",".join(map(str, slews_ppm))
     env.pop("ENGINE_PRICE_CLOCK", None)
