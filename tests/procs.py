@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -15,6 +16,15 @@ from engine import POSITION_SPEC, MachineSpec, Rule
 
 READY_TIMEOUT = 30.0       # a spawned worker imports numpy and cffi: slow on a busy host
 JOIN_TIMEOUT = 10.0        # seconds to join a process before failing the test
+
+
+def readable(fd: Any, timeout: float) -> bool:
+    """``fd`` (a descriptor or an object with ``fileno()``) has something to
+    read within ``timeout`` seconds.  poll, not select: the suite's process
+    may hold descriptors past 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
 def until(pred: Callable[[], Any], what: str, timeout: float = READY_TIMEOUT) -> None:

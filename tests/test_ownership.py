@@ -49,7 +49,6 @@ import pathlib
 import random
 import re
 import resource
-import select
 import signal
 import struct
 import subprocess
@@ -64,7 +63,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import JOIN_TIMEOUT, READY_TIMEOUT, exit_guarded_spec, sigkill, timed, until
+from procs import (
+    JOIN_TIMEOUT,
+    READY_TIMEOUT,
+    exit_guarded_spec,
+    readable,
+    sigkill,
+    timed,
+    until,
+)
 
 import engine.core
 import engine.errors
@@ -708,7 +715,7 @@ def read_all(fd: int, timeout: float) -> bytes:
     out, deadline = b"", time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or not readable(fd, left):
             raise AssertionError(f"fork child wrote nothing for {timeout} s")
         chunk = os.read(fd, 65536)
         if not chunk:

@@ -8,7 +8,6 @@ never twice, and not lost when it returned."""
 
 from __future__ import annotations
 
-import select
 import socket
 import subprocess
 import tempfile
@@ -19,7 +18,7 @@ from typing import Any, NamedTuple
 import pytest
 import redis
 from conftest import redis_url
-from procs import exit_guarded_spec, until
+from procs import exit_guarded_spec, readable, until
 
 from engine import Engine, Outcome, ServerError, State, Trigger, WaitTimeout
 from engine._native import lib
@@ -203,7 +202,7 @@ class TestExactlyOnce:
             if reads[0] < op.nth:
                 return read(*args, **kw)
             conn.read_response = read   # once
-            assert select.select([conn._sock], [], [], 10)[0], "no reply"   # the function ran
+            assert readable(conn._sock, 10), "no reply"   # the function ran
             admin.execute_command("CLIENT", "KILL", "ID", cid)
             killed.append(cid)
             conn.disconnect()   # with the reply in its buffer

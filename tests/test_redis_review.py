@@ -4,7 +4,6 @@ test broke the merged code it was written against."""
 from __future__ import annotations
 
 import os
-import select
 import signal
 import threading
 import time
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 import test_redis
-from procs import until
+from procs import readable, until
 
 import engine.redis_backend as rb
 from engine import (
@@ -179,7 +178,7 @@ class TestWaitAfterResend:
 
             def lose_reply(*args: Any, **kw: Any) -> Any:
                 conn.read_response = read   # once
-                assert select.select([conn._sock], [], [], 10)[0], "no reply"   # it ran
+                assert readable(conn._sock, 10), "no reply"   # it ran
                 admin.execute_command("CLIENT", "KILL", "ID", cid)
                 killed.append(cid)
                 conn.disconnect()

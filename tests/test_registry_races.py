@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import pathlib
-import select
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import time
 from typing import Any
 
 import pytest
-from procs import JOIN_TIMEOUT, READY_TIMEOUT, timed
+from procs import JOIN_TIMEOUT, READY_TIMEOUT, readable, timed
 
 import engine
 from engine import Engine, Outcome, State, Trigger, segment
@@ -61,8 +60,7 @@ def kill_quietly(pid: int) -> None:
 def read_line(p: subprocess.Popen[str], timeout: float = READY_TIMEOUT) -> str:
     """The child's next stdout line; fail if it says nothing within ``timeout``."""
     assert p.stdout is not None
-    ready, _, _ = select.select([p.stdout], [], [], timeout)
-    assert ready, f"child {p.pid} said nothing within {timeout} s"
+    assert readable(p.stdout.fileno(), timeout), f"child {p.pid} said nothing within {timeout} s"
     line = p.stdout.readline()
     assert line, f"child {p.pid} exited ({p.wait(JOIN_TIMEOUT)}) without reporting"
     return line
@@ -72,8 +70,8 @@ def until_read(fd: int, n: int, what: str, timeout: float = READY_TIMEOUT) -> No
     """Read ``n`` bytes from ``fd``; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while n > 0:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        assert ready, f"timed out waiting for {what} ({n} missing)"
+        assert readable(fd, deadline - time.monotonic()), \
+            f"timed out waiting for {what} ({n} missing)"
         got = os.read(fd, n)
         assert got, f"pipe closed waiting for {what} ({n} missing)"
         n -= len(got)
@@ -96,12 +94,17 @@ creates = sys.argv[5:]
 ids = json.loads(sys.stdin.readline())
 kids, stop = [], threading.Event()
 
+def wait(fd, seconds):   # poll, not select: fd may be past 1024 (pass_fds keeps its number)
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    p.poll(int(seconds * 1000))
+
 def forker():   # a thread that forks children that only wait, as a fork worker pool would
     while not stop.is_set():
         pid = os.fork()
         if pid == 0:   # past the fork hook: say so, then wait
             os.write(ran, b"k")
-            select.select([r], [], [], hold)
+            wait(r, hold)
             os._exit(0)
         kids.append(pid)
 
@@ -118,7 +121,7 @@ for n in creates:
 stop.set()
 t.join()
 print(json.dumps({"holds": holds, "kids": kids}), flush=True)
-select.select([r], [], [], hold)
+wait(r, hold)
 """
 
 
