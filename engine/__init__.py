@@ -19,6 +19,7 @@ from engine.errors import (
     EngineTypeError,
     FieldError,
     InternalError,
+    JournalLappedError,
     KeyExistsError,
     KeyLimitError,
     MissingExtraError,
@@ -38,6 +39,7 @@ from engine.errors import (
     UnknownAccountError,
     WaitTimeout,
 )
+from engine.journal import Event
 from engine.metrics import Metrics, OpMetrics
 from engine.records import Context, PriceSnapshot
 from engine.spec import ORDER_SPEC, POSITION_SPEC, MachineSpec, Outcome, Rule, State, Trigger
@@ -54,9 +56,11 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineTypeError",
+    "Event",
     "FieldError",
     "Handle",
     "InternalError",
+    "JournalLappedError",
     "KeyExistsError",
     "KeyLimitError",
     "MachineSpec",

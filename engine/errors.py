@@ -119,6 +119,17 @@ class WaitTimeout(EngineError, TimeoutError):
     """``wait_for_change`` saw no change before its timeout."""
 
 
+class JournalLappedError(EngineError):
+    """A journal reader fell a whole ring behind: the records after its seq
+    were overwritten before it read them.  Nothing is skipped silently:
+    ``resume_seq`` is the oldest seq still retained (resume with
+    ``events(since=resume_seq - 1)`` after a resync from ``snapshot()``)."""
+
+    def __init__(self, message: str, resume_seq: int = 0) -> None:
+        super().__init__(message)
+        self.resume_seq = resume_seq
+
+
 class SegmentError(EngineError, OSError):
     """A segment that cannot be created or attached (foreign, corrupt, ...)."""
 
