@@ -100,34 +100,29 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         store_relaxed_u32(&sl->opening, opening);
         store_relaxed_u64((uint64_t *)&sl->token, (uint64_t)token_of(s, c.w));
         uint64_t id = make_id(opening, slot);
+        int keyed = 0;   /* this opening's key is inserted */
+        int retry = 0;   /* refused on this slot only: undo, then try another */
         if (key) {
             rc = key_insert(s, id, &kbuf, t);   /* visible once the opening commits */
-            if (rc) {
-                unlock_unchanged(sl, L);
-                break;
-            }
+            if (rc)
+                goto undo;
+            keyed = 1;
         }
         if (s->roles[ENG_ROLE_TOKEN] != ENG_ROLE_NONE) {
             if ((rc = tindex_place(s, slot, token_of(s, c.w), t, &tb_busy)) != 0) {
-                unlock_unchanged(sl, L);
-                if (key)
-                    keys_drop(s, id);
-                if (rc != TB_SKIP)
-                    break;   /* the token's chain busy (every slot needs it), or corrupt */
-                rc = ENG_EBUSY;
-                continue;   /* a live holder sits on this slot's old chain: try another */
+                if (rc == TB_SKIP) {
+                    rc = ENG_EBUSY;   /* a live holder sits on this slot's old chain: try another */
+                    retry = 1;
+                }   /* else the token's chain busy (every slot needs it), or corrupt */
+                goto undo;
             }
-            placed = slot;   /* a refused open unlinks it again, below */
+            placed = slot;   /* a refused open unlinks it again: undo, or below */
         }
         uint64_t latched;
         if (price_latch(s, sl, t, &latched) != 0) {
-            unlock_unchanged(sl, L);   /* a live writer sits on this slot's price */
-            if (key)
-                keys_drop(s, id);
-            if (placed == slot)
-                tindex_drop(s, slot);
-            rc = ENG_EBUSY;
-            continue;
+            rc = ENG_EBUSY;   /* a live writer sits on this slot's price */
+            retry = 1;
+            goto undo;
         }
         int64_t ts = price_clock();
         if (s->roles[ENG_ROLE_OPENED_NS] != ENG_ROLE_NONE)
@@ -141,20 +136,16 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         eng_price_rec r;
         price_rec_at(s, sl, &r, entry, ts);
         if (price_publish(sl, latched, &r) != 0) {
-            unlock_unchanged(sl, L);   /* our latch was taken: we were judged gone */
-            rc = ENG_EBUSY;
-            break;
+            rc = ENG_EBUSY;   /* our latch was taken: we were judged gone, */
+            keyed = 0;        /* and the key is left for the next insert or recover() */
+            goto undo;
         }
         if (acct) {
             eng_account *a;
             uint64_t AL;
             rc = book_position(s, sl, L, &c, BOOK_OPEN, t, &a, &AL);   /* reserve */
-            if (rc) {
-                unlock_unchanged(sl, L);
-                if (key)
-                    keys_drop(s, id);
-                break;
-            }
+            if (rc)
+                goto undo;
             rc = finish_booked(s, sl, L, &c, a, AL, t);
         } else {
             rc = finish_locked(s, sl, L, &c);
@@ -164,6 +155,18 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
             *out_word = s->last_new_word;
         }
         break;
+    undo:
+        /* The one unwind of a refusal on this slot: unlock the word unchanged,
+         * drop the key, and on a retry the slot's token index link (last:
+         * tindex_drop unlinks only a free, unlocked slot; a refusal that ends
+         * the open leaves the link to the drop below). */
+        unlock_unchanged(sl, L);
+        if (keyed)
+            keys_drop(s, id);
+        if (retry && placed == slot)
+            tindex_drop(s, slot);
+        if (!retry)
+            break;
     }
     if (rc != ENG_APPLIED && placed != UINT32_MAX)
         tindex_drop(s, placed);   /* unlinks only while the slot is free and unlocked */
