@@ -1,4 +1,10 @@
-"""POSIX shared-memory segments: create (reserved, mode 0600), open, list, remove.
+"""The shared-memory backend: POSIX segments created (reserved, mode 0600),
+formatted, attached, listed and removed.
+
+The store is ``engine._native.lib`` itself: an Engine on shared memory calls
+the C functions directly, with its ``eng_seg *`` as their first argument (and
+its hot calls are C method descriptors, see native/fastpath.c), so this
+module only makes, attaches and removes segments.
 
 Segments are plain POSIX shm objects (``/dev/shm/<name>``), the same objects
 ``multiprocessing.shared_memory`` uses, opened through ``posix_ipc`` so that
@@ -13,27 +19,27 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import re
-import secrets
 import shutil
+import weakref
+from typing import Any
 
 import posix_ipc
 
-from engine.errors import ArgumentError, SegmentError, SegmentNotFoundError
+from engine._native import ffi, lib
+from engine.errors import (
+    ArgumentError,
+    SegmentError,
+    SegmentNotFoundError,
+    header_detail,
+    raise_for,
+)
+from engine.spec import MachineSpec
+from engine.store import Attached, check_name, random_name
+
+__all__ = ["SHARED_MEMORY", "SHM_DIR", "check_name", "create", "create_mapped", "list_names",
+           "open_existing", "open_mapped", "path_of", "random_name", "unlink"]
 
 SHM_DIR = "/dev/shm"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
-
-
-def check_name(name: object) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
-        raise ArgumentError(
-            f"segment name must be 1-200 characters of [A-Za-z0-9_.-], got {name!r}")
-    return name
-
-
-def random_name() -> str:
-    return "eng_" + secrets.token_hex(8)
 
 
 def create(name: str, size: int) -> mmap.mmap:
@@ -120,3 +126,110 @@ def list_names() -> list[str]:
         return sorted(e.name for e in os.scandir(SHM_DIR) if e.is_file())
     except FileNotFoundError:
         return []
+
+
+# -- the backend: create (format), attach, unlink --------------------------------------
+def _detach(seg: Any, buf: Any, mm: mmap.mmap) -> None:
+    """Leave the registry and close the liveness descriptor (C does neither
+    in a fork child), then unmap (the cffi buffer must go first)."""
+    lib.eng_detach(seg)
+    ffi.release(buf)
+    mm.close()
+
+
+def _machine_mismatch(hdr: Any, spec: MachineSpec) -> str | None:
+    """The first header word of the machine that differs from what ``spec``
+    compiles to (the fingerprint alone would let a crafted table or layout
+    run another machine under the spec's name), as a message; None if all agree."""
+    lay = spec.record.c_layout(hdr.rec.keys_per_position)
+    want = {"n_states": len(spec.states), "n_triggers": len(spec.triggers),
+            "initial_index": spec.state_index[spec.initial], "closed_mask": spec.closed_mask,
+            "table": spec.table_bytes(), "rec.n_words": lay.n_words,
+            "rec.word_type": bytes(ffi.buffer(lay.word_type)),
+            "rec.roles": bytes(ffi.buffer(lay.roles))}
+    got = {"n_states": hdr.n_states, "n_triggers": hdr.n_triggers,
+           "initial_index": hdr.initial_index, "closed_mask": hdr.closed_mask,
+           "table": bytes(ffi.buffer(hdr.table)), "rec.n_words": hdr.rec.n_words,
+           "rec.word_type": bytes(ffi.buffer(hdr.rec.word_type)),
+           "rec.roles": bytes(ffi.buffer(hdr.rec.roles))}
+    for word, value in want.items():
+        if got[word] != value:
+            if isinstance(value, bytes):
+                pairs = enumerate(zip(got[word], value, strict=True))
+                at = next(i for i, (a, b) in pairs if a != b)
+                return f" (header word {word}[{at}] = {got[word][at]}, the spec has {value[at]})"
+            return f" (header word {word} = {got[word]}, the spec has {value})"
+    return None
+
+
+def attach_mapped(owner: object, name: str, mapped: tuple[mmap.mmap, tuple[int, int]],
+                  spec: MachineSpec, *, check_spec: bool) -> Attached:
+    """Attach to a mapped segment; ``mapped`` is (mapping, (st_dev, st_ino) of
+    its file) and ``owner`` (the Engine) owns the mapping from here on."""
+    mm, (dev, ino) = mapped
+    buf = ffi.from_buffer(mm)
+    seg = ffi.new("eng_seg *")
+    # registered before attaching: an exception at any point after the C
+    # call (a signal handler's included) still frees the registry entry
+    finalizer = weakref.finalize(owner, _detach, seg, buf, mm)
+    # C opens the liveness descriptor itself: it never exists outside C, so
+    # neither a fork from another thread nor an exception here can keep it
+    rc = lib.eng_attach_path(seg, buf, len(mm),
+                             spec.fingerprint if check_spec else 0,
+                             path_of(name).encode(), dev, ino)
+    if rc:
+        if rc == errno.ESTALE:
+            finalizer()
+            raise SegmentError(rc, f"segment {name!r} was replaced while being opened")
+        if rc > 0:
+            finalizer()
+            raise SegmentError(rc, f"cannot open segment {name!r}: {os.strerror(rc)}")
+        detail = header_detail(buf, len(mm), spec.fingerprint if check_spec else 0)
+        finalizer()
+        raise_for(rc, name=name, spec=spec.name, detail=detail)
+    wrong = _machine_mismatch(seg.hdr, spec) if check_spec else None
+    if wrong:
+        finalizer()
+        raise_for(lib.ENG_ESPEC, name=name, spec=spec.name, detail=wrong)
+    return Attached(lib, seg, finalizer, mm, buf)
+
+
+class SharedMemory:
+    """The shared-memory backend (``engine.store.backend(None)``)."""
+
+    url: str | None = None
+
+    def create(self, owner: object, name: str, spec: MachineSpec, capacity: int,
+               keys_per_position: int, max_accounts: int, shards: int | None) -> Attached:
+        """Create segment ``name``, format it for ``spec`` and attach to it."""
+        if shards is not None:
+            raise ArgumentError("shards is for an engine on Redis (url=...)")
+        size = lib.eng_segment_size(capacity, spec.record.n_words, keys_per_position,
+                                    max_accounts)
+        mm, ident = create_mapped(name, size)
+        table = spec.table_bytes()
+        with ffi.from_buffer(mm) as buf:
+            rc = lib.eng_format(buf, size, capacity, table, len(spec.states),
+                                len(spec.triggers), spec.state_index[spec.initial],
+                                spec.closed_mask, spec.fingerprint, os.getpid(),
+                                spec.record.c_layout(keys_per_position), max_accounts)
+        if rc:
+            mm.close()
+            unlink(name)
+            raise ArgumentError(f"cannot format segment {name!r} (code {rc})")
+        try:
+            return attach_mapped(owner, name, (mm, ident), spec, check_spec=True)
+        except BaseException:
+            unlink(name)
+            raise
+
+    def attach(self, owner: object, name: str, spec: MachineSpec,
+               incarnation: int | None) -> Attached:
+        """Attach to segment ``name``, which must run ``spec``."""
+        return attach_mapped(owner, name, open_mapped(name), spec, check_spec=True)
+
+    def unlink(self, name: str, seg: Any) -> None:
+        unlink(name)
+
+
+SHARED_MEMORY = SharedMemory()

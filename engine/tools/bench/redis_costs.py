@@ -86,7 +86,7 @@ def _calls(port: int, handle: Handle) -> tuple[dict[str, Callable[[int], None]],
     pos = eng.id_of(0)
     store = eng._seg
     slot, op = eng.slot_of(pos), pos >> lib.ENG_ID_SLOT_BITS
-    from engine.redis_backend import _packed_keys
+    from engine.store.redis.connection import _packed_keys
     route = store._fixed[0][0]
     keys = _packed_keys([*store._fixed[0],
                          *(f"{store.prefixes[0]}{x}:{slot}" for x in ("p", "g", "wf", "w"))])
