@@ -3,11 +3,12 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 STAMP   := $(VENV)/.installed
+STUB    := engine/_native.pyi
 SOURCES := pyproject.toml native/engine.h native/engine.c native/fastpath.c native/build_native.py native/build_backend.py
 
 .PHONY: all run test test-all bench bench-suite soak chaos lint typecheck sanitize clean redis-server
 
-all: $(STAMP)
+all: $(STAMP) $(STUB)
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -17,6 +18,11 @@ $(PYTHON):
 $(STAMP): $(PYTHON) $(SOURCES)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
+
+# the type stub of engine._native, generated from the cdef (not kept in git): with it mypy
+# checks lib, and the Redis store, against the store interface (engine/store/__init__.py)
+$(STUB): $(STAMP) native/gen_stub.py
+	$(PYTHON) native/gen_stub.py $@
 
 ## run: the stress demo (spawn one worker per core, hammer, verify, print figures)
 run: $(STAMP)
@@ -58,7 +64,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check engine tests bench native
 
-typecheck: $(STAMP)
+typecheck: $(STAMP) $(STUB)
 	$(BIN)/mypy
 
 ## sanitize: rebuild the extension with ASan + UBSan and run the tests under it
@@ -72,4 +78,4 @@ sanitize: $(STAMP)
 	  rm -f engine/_native*.so; $(BIN)/pip install -q -e . ; rm -f $(STAMP); exit $$status
 
 clean:
-	rm -rf $(VENV) build *.egg-info engine/_native*.so engine/_native.c .pytest_cache .benchmarks
+	rm -rf $(VENV) build *.egg-info engine/_native*.so engine/_native.c $(STUB) .pytest_cache .benchmarks

@@ -57,7 +57,7 @@ from engine.errors import (
 from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, PriceSnapshot
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome
-from engine.store import Attached, backend, check_name, random_name
+from engine.store import Attached, Seg, Store, backend, check_name, random_name
 
 __all__ = ["Engine", "Handle", "RecoveryReport"]
 
@@ -248,7 +248,7 @@ class Engine(_EngineBase):
 
     _mm: mmap.mmap | None     # shared memory: the segment's mapping
     _buf: Any                 # ... and the cffi buffer over it
-    _seg: Any                 # the first argument of every eng_* call (see engine.store)
+    _seg: Seg                 # the first argument of every eng_* call (see engine.store)
     _finalizer: Any           # detaches, once (weakref.finalize)
 
     # -- life cycle ------------------------------------------------------------------
@@ -266,7 +266,7 @@ class Engine(_EngineBase):
             _fastpath.bind(self, int(ffi.cast("uintptr_t", self._seg)), self._seg)
         return self
 
-    def _bind(self, name: str, spec: MachineSpec, impl: Any, url: str | None) -> None:
+    def _bind(self, name: str, spec: MachineSpec, impl: Store, url: str | None) -> None:
         """What both backends share: ``impl`` answers the ``eng_*`` calls
         (the C library, or a ``RedisStore``) on ``self._seg``."""
         self.name = name
@@ -345,6 +345,22 @@ class Engine(_EngineBase):
         store = backend(url)
         return cls._made(name, spec, store.url,
                          lambda eng: store.attach(eng, name, spec, incarnation))
+
+    @property
+    def store(self) -> Store:
+        """The store this Engine's calls go to (see ``engine.store``):
+        ``engine._native.lib`` on shared memory, a ``RedisStore`` on Redis.
+        For tools: ``eng.store.eng_state(eng.seg, pos)`` is the raw call,
+        with its status code and no exception."""
+        return self._lib
+
+    @property
+    def seg(self) -> Seg:
+        """The first argument of every ``store`` call: this attachment's
+        ``eng_seg *`` on shared memory (zeroed once closed, so every call
+        says ENG_ECLOSED; C writes it, read it only), the ``RedisStore``
+        itself on Redis."""
+        return self._seg
 
     @property
     def handle(self) -> Handle:
@@ -659,7 +675,7 @@ class Engine(_EngineBase):
             k = _key_bytes(key)   # raises the engine's error
         rc = self._lookup(self._seg, k, len(k))
         if rc > 0:
-            return rc  # type: ignore[no-any-return]
+            return rc
         if rc == 0:
             return None
         _key_bytes(key)   # a bad key (too long, empty) raises its own error first
@@ -689,7 +705,7 @@ class Engine(_EngineBase):
             rc = self._lib.eng_release_position(self._seg, pos)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
-        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)  # type: ignore[no-any-return]
+        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)
 
     # -- transitions -------------------------------------------------------------------
     def transition(self, pos: int, trigger: int | str, /, **fields: Any) -> Outcome:
@@ -702,12 +718,12 @@ class Engine(_EngineBase):
             pos = self._index(pos)
         if trigger.__class__ not in self._trigger_types:
             trigger = self._trigger_index(trigger)
-        try:
-            rc = self._transition(self._seg, pos, trigger)
+        try:   # (a str trigger is its index by now: mypy cannot see the __class__ test)
+            rc = self._transition(self._seg, pos, trigger)  # type: ignore[arg-type]
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos, trigger=trigger) from None
         if rc >= 0:
-            return _OUTCOMES[rc]  # type: ignore[no-any-return]
+            return _OUTCOMES[rc]
         if rc == lib.ENG_EGUARDED:
             return self._transition_slow(pos, trigger, {})
         self._fail(rc, pos, trigger)
@@ -758,7 +774,7 @@ class Engine(_EngineBase):
             failure = _take_guard_failure()
             if failure is not None:
                 raise failure
-        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos, trigger)  # type: ignore[no-any-return]
+        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos, trigger)
 
     def state(self, pos: int) -> Any:
         """The position's current state (a ``State`` for the default lifecycle)."""

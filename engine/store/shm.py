@@ -21,8 +21,9 @@ import mmap
 import os
 import shutil
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import posix_ipc
 
 from engine._native import ffi, lib
@@ -33,13 +34,21 @@ from engine.errors import (
     header_detail,
     raise_for,
 )
+from engine.records import PROC_DTYPE
 from engine.spec import MachineSpec
-from engine.store import Attached, check_name, random_name
+from engine.store import Attached, Store, check_name, random_name
 
-__all__ = ["SHARED_MEMORY", "SHM_DIR", "check_name", "create", "create_mapped", "list_names",
-           "open_existing", "open_mapped", "path_of", "random_name", "unlink"]
+__all__ = ["SHARED_MEMORY", "SHM_DIR", "check_name", "create", "create_mapped", "entry_alive",
+           "list_names", "open_existing", "open_mapped", "path_of", "random_name",
+           "registry_liveness", "unlink"]
 
 SHM_DIR = "/dev/shm"
+_REGISTRY_SIZE: int = ffi.sizeof("eng_proc") * lib.ENG_MAX_PROCS
+
+if TYPE_CHECKING:
+    # the C library is the store: mypy checks lib (engine/_native.pyi, generated from the
+    # cdef by native/gen_stub.py) against every call of the interface
+    _LIB_IS_A_STORE: Store = lib
 
 
 def create(name: str, size: int) -> mmap.mmap:
@@ -126,6 +135,40 @@ def list_names() -> list[str]:
         return sorted(e.name for e in os.scandir(SHM_DIR) if e.is_file())
     except FileNotFoundError:
         return []
+
+
+# -- the process registry ----------------------------------------------------------------
+def entry_alive(probe_fd: int | None, registry_off: int, index: int, pid: int,
+                start_time: int) -> bool:
+    """Is registry entry ``index`` (of ``pid``) alive, as the engine judges it:
+    its liveness lock, asked through ``probe_fd`` (a descriptor of the segment
+    file that holds no entry's lock: asking through the one that holds it says
+    "free"); without one, pid and start time as this pid namespace sees them."""
+    held = -1 if probe_fd is None else lib.eng_entry_held(probe_fd, registry_off, index)
+    return held > 0 if held >= 0 else bool(lib.eng_proc_alive(pid, start_time))
+
+
+def registry_liveness(name: str, seg: Any, mm: mmap.mmap) -> tuple[int, int]:
+    """(alive, dead) used entries of the registry of segment ``name``, which
+    ``seg`` is attached to through the mapping ``mm`` (read from the mapping at
+    the offset attach checked, liveness probed through a descriptor of its own)."""
+    off = int(ffi.cast("uintptr_t", seg.registry)) - int(ffi.cast("uintptr_t", seg.base))
+    data = mm[off:off + _REGISTRY_SIZE]
+    if len(data) != _REGISTRY_SIZE:
+        return 0, 0
+    entries = np.frombuffer(data, dtype=PROC_DTYPE, count=lib.ENG_MAX_PROCS)
+    try:
+        probe: int | None = os.open(path_of(name), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        probe = None
+    try:
+        alive = [entry_alive(probe, off, int(i), int(entries[i]["pid"]),
+                             int(entries[i]["start_time"]))
+                 for i in np.flatnonzero(entries["pid"])]
+    finally:
+        if probe is not None:
+            os.close(probe)
+    return sum(alive), len(alive) - sum(alive)
 
 
 # -- the backend: create (format), attach, unlink --------------------------------------

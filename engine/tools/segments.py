@@ -179,8 +179,7 @@ def _parse_registry(data: bytes, probe_fd: int | None, registry_off: int) -> lis
     for i in np.flatnonzero(entries["pid"]):
         e = entries[i]
         pid, start, inc = int(e["pid"]), int(e["start_time"]), int(e["incarnation"])
-        held = -1 if probe_fd is None else lib.eng_entry_held(probe_fd, registry_off, int(i))
-        alive = held > 0 if held >= 0 else bool(lib.eng_proc_alive(pid, start))
+        alive = segment.entry_alive(probe_fd, registry_off, int(i), pid, start)
         out.append(ProcEntry(index=int(i), pid=pid,
                              state=_PROC_STATES.get(int(e["state"]), f"?{int(e['state'])}"),
                              alive=alive, start_time=start,
