@@ -377,7 +377,7 @@
 #define ENG_DEFAULT_SAMPLE_MASK 63   /* a new segment times one operation in 64 */
 
 /*
- * ---- the Redis backend (engine/redis_backend.py) ---------------------------------
+ * ---- the Redis backend (engine/store/redis/) -------------------------------------
  * A guarded transition on Redis holds a lock key with this expiry while its
  * guard runs in the client: a client that dies or stalls past it can never
  * commit (the commit checks the lock is still its own).  A transition that
