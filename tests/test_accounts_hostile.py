@@ -22,7 +22,6 @@ from engine import (
     POSITION_SPEC,
     BusyError,
     Engine,
-    EngineError,
     MachineSpec,
     Outcome,
     RiskLimitError,
@@ -82,22 +81,30 @@ def reopen_spec() -> MachineSpec:
                        name="reopen_hostile")
 
 
-def create_or_refused(make_engine: Any, **kwargs: Any) -> Engine | None:
-    """The engine, or None if create refuses the spec (a fix may refuse specs
-    whose booked positions could leave a closed state or start in one)."""
-    try:
-        if callable(kwargs.get("spec")):
-            kwargs["spec"] = kwargs["spec"]()   # the spec itself may be refused
-        return make_engine(**kwargs)
-    except EngineError:
-        return None
-
-
 def parked_spec() -> MachineSpec:
     """Positions that open in a closed state (PARKED) and carry accounts."""
     return MachineSpec(states=["PARKED", "LIVE", "DONE"], triggers=["GO", "STOP"],
                        rules=[Rule.of("GO", "PARKED", "LIVE"), Rule.of("STOP", "LIVE", "DONE")],
                        initial="PARKED", closed=["PARKED", "DONE"], name="parked_hostile")
+
+
+ARCHIVE_CLOSED = ("CLOSED", "ARCHIVED")
+
+
+def archive_spec() -> MachineSpec:
+    """The default lifecycle plus ARCHIVE: CLOSED -> ARCHIVED, both closed (accepted)."""
+    return MachineSpec(states=[*POSITION_SPEC.states, "ARCHIVED"],
+                       triggers=[*POSITION_SPEC.triggers, "ARCHIVE"],
+                       rules=[*POSITION_SPEC.rules, Rule.of("ARCHIVE", "CLOSED", "ARCHIVED")],
+                       initial=POSITION_SPEC.initial, closed=ARCHIVE_CLOSED,
+                       name="archive_hostile")
+
+
+def parked_open_spec() -> MachineSpec:
+    """parked_spec with PARKED open (accepted): positions open before they close."""
+    return MachineSpec(states=["PARKED", "LIVE", "DONE"], triggers=["GO", "STOP"],
+                       rules=[Rule.of("GO", "PARKED", "LIVE"), Rule.of("STOP", "LIVE", "DONE")],
+                       initial="PARKED", closed=["DONE"], name="parked_open")
 
 
 class TestOutOfClosedStates:
@@ -108,56 +115,62 @@ class TestOutOfClosedStates:
             with pytest.raises(SpecError, match="closed"):
                 build()
 
-    def test_reopen_from_closed_reserves_nothing_and_closes_twice(self, make_engine: Any) -> None:
-        """CLOSED -> MONITORING is neither booked nor refused: the position is
-        open again with no reservation (escaping every limit), and its second
-        close releases a reservation it does not hold (here p2's), booking
-        its PnL twice."""
-        eng = create_or_refused(make_engine, capacity=8, spec=reopen_spec)
-        if eng is None:
-            return
+    def test_reopen_from_closed_is_refused_and_closed_to_closed_books_once(
+            self, make_engine: Any) -> None:
+        """CLOSED -> MONITORING is refused; CLOSED -> ARCHIVED (closed to closed) books nothing."""
+        with pytest.raises(SpecError, match="leaves closed"):
+            reopen_spec()
+        eng = make_engine(capacity=8, spec=archive_spec())
         a = eng.open_account(10_000, 10_000, 10, 10_000)
         p1 = eng.open_position(100.0, 1.0, account=a)
         eng.open_position(100.0, 1.0, account=a)    # p2: stays open
         for trig in CLOSE:
             assert eng.transition(p1, trig) == Outcome.APPLIED
-        assert_invariant(eng, a)                       # 100 reserved: p2
-        assert eng.transition(p1, "REOPEN") == Outcome.APPLIED
-        assert eng.state(p1) == State.MONITORING
-        # quiescent: p1 and p2 open, 200 of notional, yet 100 reserved / 1 open
-        assert_invariant(eng, a)
+        assert_invariant(eng, a, closed=ARCHIVE_CLOSED)   # 100 reserved: p2
+        before = eng.account(a)
+        assert eng.transition(p1, "ARCHIVE") == Outcome.APPLIED
+        assert eng.state(p1).name == "ARCHIVED"
+        assert eng.account(a) == before                   # not booked a second time
+        assert (before.reserved, before.open_positions) == (Decimal(100), 1)
+        assert_invariant(eng, a, closed=ARCHIVE_CLOSED)
 
-    def test_reopened_position_second_close_double_releases(self, make_engine: Any) -> None:
-        """The same hole, seen at the next close: with p2 still open the
-        account ends with reserved 0 and open_positions 0 (and could then be
-        closed under p2, whose close would then fail forever)."""
-        eng = create_or_refused(make_engine, capacity=8, spec=reopen_spec)
-        if eng is None:
-            return
+    def test_second_closed_state_leaves_the_open_positions_reservation(
+            self, make_engine: Any) -> None:
+        """After a closed-to-closed move, p2's reservation stays until p2's own close frees it."""
+        eng = make_engine(capacity=8, spec=archive_spec())
         a = eng.open_account(10_000, 10_000, 10, 10_000)
         p1 = eng.open_position(100.0, 1.0, account=a)
         p2 = eng.open_position(100.0, 1.0, account=a)
         for trig in CLOSE:
             eng.transition(p1, trig)
-        eng.transition(p1, "REOPEN")
-        for trig in (Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED, Trigger.EXIT_COMPLETED):
-            eng.transition(p1, trig)
+        assert eng.transition(p1, "ARCHIVE") == Outcome.APPLIED
         assert eng.state(p2) == State.CREATED
-        assert_invariant(eng, a)                       # p2 open: 100 reserved, 1 open
+        acct = eng.account(a)
+        assert (acct.reserved, acct.open_positions) == (Decimal(100), 1)
+        assert_invariant(eng, a, closed=ARCHIVE_CLOSED)   # p2 open: 100 reserved, 1 open
+        for trig in CLOSE:
+            assert eng.transition(p2, trig) == Outcome.APPLIED
+        acct = eng.account(a)
+        assert (acct.reserved, acct.open_positions) == (Decimal(0), 0)
+        assert_invariant(eng, a, closed=ARCHIVE_CLOSED)
 
-    def test_initial_closed_state_release_leaks_the_reservation(self, make_engine: Any) -> None:
-        """A spec whose initial state is in `closed`: the opening reserves, the
-        position can be released straight from its initial (closed) state,
-        nothing books the release, and the reservation is stranded forever
-        (the account can never be closed again)."""
-        eng = create_or_refused(make_engine, capacity=4, spec=parked_spec)
-        if eng is None:
-            return
+    def test_initial_closed_state_is_refused_and_open_release_is_invalid(
+            self, make_engine: Any) -> None:
+        """A closed initial state is refused; an open booked position's release is INVALID."""
+        with pytest.raises(SpecError, match="initial state"):
+            parked_spec()
+        eng = make_engine(capacity=4, spec=parked_open_spec())
         a = eng.open_account(1000, 1000, 10, 1000)
         p = eng.open_position(100.0, 2.0, account=a)
+        assert eng.release_position(p) == Outcome.INVALID     # open: its booking is pending
+        assert eng.snapshot().size == 1
+        assert eng.account(a).reserved == Decimal(200)
+        assert_invariant(eng, a, closed=("DONE",))
+        for trig in ("GO", "STOP"):
+            assert eng.transition(p, trig) == Outcome.APPLIED
         assert eng.release_position(p) == Outcome.APPLIED
         assert eng.snapshot().size == 0
-        assert_invariant(eng, a, closed=("PARKED", "DONE"))   # nothing open: 0 reserved
+        assert_invariant(eng, a, closed=("DONE",))       # nothing open: 0 reserved
 
 
 # ---------------------------------------------------------------------------------------
