@@ -367,6 +367,17 @@ def waiter_worker(handle: Any, pos: int, q: Any) -> None:
         q.put(repr(e))
 
 
+def futex_sleeping(pid: int) -> bool:
+    """Whether process pid's main thread sleeps in a futex wait (True where the
+    kernel does not say: the waiting flag alone then orders the two)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/wchan") as f:
+            wchan = f.read()
+    except OSError:
+        return True
+    return "futex" in wchan or wchan in ("", "0")
+
+
 def die_after_cas_worker(handle: Any, pos: int, q: Any) -> None:
     """Once a waiter sleeps on pos: commit PAUSE with DIE_AFTER_CAS (SIGKILL
     between the state CAS and the counter bump / wake)."""
@@ -374,11 +385,10 @@ def die_after_cas_worker(handle: Any, pos: int, q: Any) -> None:
     slot = eng.slot_of(pos)
     report(q, "ready")
     deadline = time.monotonic() + READY_TIMEOUT
-    while not eng._slot(slot).waiting:
+    while not eng._slot(slot).waiting or not futex_sleeping(os.getppid()):
         if time.monotonic() > deadline:
             return
         time.sleep(0.0005)
-    time.sleep(0.005)   # let the waiter reach its futex sleep
     eng._set_fault(flags=lib.ENG_FAULT_DIE_AFTER_CAS)
     eng.transition(pos, Trigger.PAUSE)   # never returns: SIGKILL after the CAS
 
