@@ -406,3 +406,29 @@ class TestUnfencedStripe:
             f"W, declared dead and its stripe taken over, still published: bind_key -> "
             f"{w_outcome}; open openings holding K: {[hex(h) for h in holders]}; "
             f"lookup('K') -> {eng.lookup('K')}")
+
+
+class TestLookupAfterKilledRelease:
+    """lookup answers open openings only: a key still indexed by a killed release is not found."""
+
+    def test_lookup_is_none_between_killed_release_and_recover(self, make_engine, spawner):
+        """A release SIGKILLed between its CAS and dropping its keys: lookup(K) is None."""
+        eng = make_engine(capacity=2, spec=ORDER_SPEC, keys_per_position=1)
+        a = eng.open(key="K", account=1)
+        slot = eng.slot_of(a)
+        close_order(eng, a)
+        ready = spawner.ctx.Event()
+        p = spawner.start(_die_after_release_cas, eng.handle, a, ready)
+        p.join(READY_TIMEOUT)
+        eng._set_fault()
+        assert ready.is_set() and p.exitcode == -signal.SIGKILL, p.exitcode
+        # the killed release left K indexed and its record HELD by the released a
+        assert len(used_cells(eng)) == 1
+        assert keyrec_tag(eng, slot, 0) == (a << 8) | KR_HELD
+        with pytest.raises(StaleIdError):
+            eng.state(a)
+        assert eng.lookup("K") is None
+        eng.recover()
+        assert eng.lookup("K") is None
+        b = eng.open(key="K", account=2)
+        assert eng.lookup("K") == b
