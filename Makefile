@@ -3,9 +3,10 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 STAMP   := $(VENV)/.installed
-SOURCES := pyproject.toml native/engine.h native/engine.c native/fastpath.c native/build_native.py native/build_backend.py
+# every part of the C core (engine.c #includes the others) and the build scripts
+SOURCES := pyproject.toml $(wildcard native/*.c native/*.h) native/build_native.py native/build_backend.py
 
-.PHONY: all run test test-all bench bench-suite soak chaos lint typecheck sanitize clean redis-server
+.PHONY: all run test test-all bench bench-suite soak chaos lint typecheck sanitize same-code clean redis-server
 
 all: $(STAMP)
 
@@ -70,6 +71,15 @@ sanitize: $(STAMP)
 	  PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(PYTHON) -m pytest -q -p no:cacheprovider; status=$$?; \
 	  rm -f engine/_native*.so; $(BIN)/pip install -q -e . ; rm -f $(STAMP); exit $$status
+
+## same-code: prove a move of C code changed no machine code: build the C core of BASE
+##   (default: the commit before the split into parts) and of the working tree with the same
+##   flags and compare the disassembly of the hot calls (FUNCTIONS); non-zero on a difference
+SPLIT_COMMIT = $(shell git log --diff-filter=A --format=%H -1 -- native/internal.h 2>/dev/null)
+BASE ?= $(if $(SPLIT_COMMIT),$(SPLIT_COMMIT)^,HEAD)
+FUNCTIONS ?= eng_transition eng_update_price eng_read_price eng_open
+same-code: $(STAMP)
+	$(PYTHON) native/same_code.py $(BASE) $(FUNCTIONS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info engine/_native*.so engine/_native.c .pytest_cache .benchmarks

@@ -482,7 +482,7 @@ class Engine(_EngineBase):
                 self._seg = ffi.new("eng_seg *")   # zeroed: every C call says ENG_ECLOSED
 
     def _shut_gate(self) -> None:
-        """Shut the close gate (native/engine.c) and wait, bounded, until no
+        """Shut the close gate (native/segment.c) and wait, bounded, until no
         call is in it; on any exception the gate is open again."""
         seg, pause = self._seg, _CLOSE_POLL_S / 64
         deadline = time.monotonic() + _CLOSE_WAIT_S
