@@ -18,6 +18,7 @@ from owners_helpers import CTX, SECONDS
 from procs import READY_TIMEOUT
 
 from engine import BusyError, Engine, Outcome, Trigger
+from engine._native import lib
 
 BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)
 
@@ -236,3 +237,39 @@ class TestTokenReopenRace:
         print(f"\ntoken race: {cycles} cycles, {reads} reads, {touched} fed prices seen")
         assert not bad, f"{len(bad)} cross-token prices, first: {bad[:5]}"
         assert touched > 0, "the feeders never reached the positions: the test proves nothing"
+
+
+@pytest.mark.shm_only
+class TestTearPriceFault:
+    """ENG_FAULT_TEAR_PRICE: the vector writes write the copy readers read, switch on only."""
+
+    def test_tear_writes_the_read_copy_only_with_the_switch_on(self, make_engine):
+        """Switch off: the copy readers read is left alone; on: it gets the new price too."""
+        eng = make_engine(capacity=2)
+        pos = eng.open_position(100.0, 1.0)
+        slot = eng.slot_of(pos)
+        ids = np.array([pos], dtype=np.uint64)
+
+        def copies() -> list[float]:
+            return sorted(float(eng._slot(slot).price[i].price) for i in (0, 1))
+
+        eng.update_price(pos, 101.0)
+        assert copies() == [100.0, 101.0]
+        eng._set_fault(lib.ENG_FAULT_TEAR_PRICE)
+        try:
+            lib.eng_test_faults(0)
+            try:
+                eng.update_prices(ids, np.array([102.0]))
+            finally:
+                lib.eng_test_faults(1)
+            assert copies() == [101.0, 102.0]    # the spare only: the fault was ignored
+            eng.update_prices(ids, np.array([103.0]))
+            assert copies() == [103.0, 103.0]    # the read copy was written under readers
+            assert eng.update_token_price(0, 104.0) == 1
+            assert copies() == [104.0, 104.0]
+            eng.update_price(pos, 105.0)         # the single write never tears
+            assert copies() == [104.0, 105.0]
+        finally:
+            eng._set_fault(0)
+        p = eng.price(pos)
+        assert (p.price, p.pnl_usd) == (105.0, 5.0)
