@@ -3,12 +3,13 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 STAMP   := $(VENV)/.installed
+STUB    := engine/_native.pyi
 # every part of the C core (engine.c #includes the others) and the build scripts
 SOURCES := pyproject.toml $(wildcard native/*.c native/*.h) native/build_native.py native/build_backend.py
 
 .PHONY: all run test test-all bench bench-suite soak chaos lint typecheck sanitize same-code clean redis-server
 
-all: $(STAMP)
+all: $(STAMP) $(STUB)
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -18,6 +19,11 @@ $(PYTHON):
 $(STAMP): $(PYTHON) $(SOURCES)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
+
+# the type stub of engine._native, generated from the cdef (not kept in git): with it mypy
+# checks lib, and the Redis store, against the store interface (engine/store/__init__.py)
+$(STUB): $(STAMP) native/gen_stub.py
+	$(PYTHON) native/gen_stub.py $@
 
 ## run: the stress demo (spawn one worker per core, hammer, verify, print figures)
 run: $(STAMP)
@@ -59,7 +65,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check engine tests bench native
 
-typecheck: $(STAMP)
+typecheck: $(STAMP) $(STUB)
 	$(BIN)/mypy
 
 ## sanitize: rebuild the extension with ASan + UBSan and run the tests under it
@@ -82,4 +88,4 @@ same-code: $(STAMP)
 	$(PYTHON) native/same_code.py $(BASE) $(FUNCTIONS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info engine/_native*.so engine/_native.c .pytest_cache .benchmarks
+	rm -rf $(VENV) build *.egg-info engine/_native*.so engine/_native.c $(STUB) .pytest_cache .benchmarks

@@ -48,10 +48,10 @@ from engine import (
     State,
     Trigger,
     TriggerError,
-    segment,
 )
 from engine._native import ffi, lib
 from engine.errors import InternalError, StaleIdError
+from engine.store import shm as segment
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEADER = REPO_ROOT / "native" / "engine.h"

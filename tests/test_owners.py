@@ -51,9 +51,9 @@ from engine import (
     Rule,
     State,
     Trigger,
-    segment,
 )
 from engine._native import ffi, lib
+from engine.store import shm as segment
 
 TAKEOVER_WITHIN = 5.0      # "a few seconds": retries allowed until then
 GUARD_SLEEP_S = 60.0

@@ -42,10 +42,10 @@ from engine import (
     SpecMismatchError,
     State,
     Trigger,
-    segment,
 )
 from engine._native import ffi, lib
 from engine.spec import POSITION_SPEC
+from engine.store import shm as segment
 
 BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)
 
