@@ -355,6 +355,10 @@
 #define ENG_FAULT_DIE_IN_TINDEX_ADD 64
 /* a token index unlink SIGKILLs itself holding the bucket lock, unlinked, tbucket not cleared */
 #define ENG_FAULT_DIE_IN_TINDEX_DEL 128
+/* update_prices / update_token_price skip the seqlock: they write the copy readers
+ * read, price half, then PnL half, the word unmoved (torn reads for the stress
+ * verifier to catch); update_price does not (its machine code stays as it is) */
+#define ENG_FAULT_TEAR_PRICE 256
 
 /*
  * ---- bounded back-off ----------------------------------------------------------
