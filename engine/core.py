@@ -12,7 +12,6 @@ and one output buffer.  Attach one Engine per thread (they are cheap).
 from __future__ import annotations
 
 import enum
-import errno
 import importlib
 import logging
 import math
@@ -25,14 +24,13 @@ import threading
 import time
 import typing
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, overload
 
 import numpy as np
 import numpy.typing as npt
 
-from engine import segment
 from engine._native import ffi, lib
 from engine.accounts import (
     LIMITS,
@@ -53,19 +51,17 @@ from engine.errors import (
     MoneyError,
     PriceError,
     RiskLimitError,
-    SegmentError,
     SegmentNotFoundError,
     SlotError,
     TriggerError,
-    header_detail,
     raise_for,
     redact,
     shown,
 )
 from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, Context, PriceSnapshot
-from engine.redis_backend import RedisStore, check_url
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome, Side, State, TriggerName
+from engine.store import Attached, Seg, Store, backend, check_name, random_name
 
 if TYPE_CHECKING:
     from typing_extensions import Self, TypeVar
@@ -176,20 +172,15 @@ def _log_halted(name: str, account: int, realized: int, max_loss: int) -> None:
                  from_units(realized), from_units(max_loss))
 
 
-def _remove_temporary(name: str, ident: tuple[int, int] | None, store: Any, pid: int) -> None:
-    """Remove a ``create(temporary=True)`` engine: its segment, if the name
-    still names the file it created (``ident``: its (st_dev, st_ino)), or
-    its Redis keys (``store``: only this incarnation's).  Only in the
-    creating process: a fork child's exit leaves the parent's engine alone."""
+def _remove_temporary(name: str, remove: Callable[[], None], pid: int) -> None:
+    """Remove a ``create(temporary=True)`` engine with its backend's
+    ``remover`` (the segment, if the name still names the file created; on
+    Redis, this incarnation's keys).  Only in the creating process: a fork
+    child's exit leaves the parent's engine alone."""
     if os.getpid() != pid:
         return
     try:
-        if store is not None:
-            store.destroy()
-        else:
-            st = os.stat(segment.path_of(name))
-            if (st.st_dev, st.st_ino) == ident:
-                segment.unlink(name)
+        remove()
     except (FileNotFoundError, SegmentNotFoundError):
         pass   # removed already (unlink(), rm, or an engine created again under the name)
     except (EngineError, OSError) as e:
@@ -220,39 +211,6 @@ def _check_spec(spec: object) -> MachineSpec:
     if not isinstance(spec, MachineSpec):
         raise EngineTypeError(f"spec must be a MachineSpec or None, got {spec!r:.80}")
     return spec
-
-
-def _detach(seg: Any, buf: Any, mm: mmap.mmap) -> None:
-    """Leave the registry and close the liveness descriptor (C does neither
-    in a fork child), then unmap (the cffi buffer must go first)."""
-    lib.eng_detach(seg)
-    ffi.release(buf)
-    mm.close()
-
-
-def _machine_mismatch(hdr: Any, spec: MachineSpec) -> str | None:
-    """The first header word of the machine that differs from what ``spec``
-    compiles to (the fingerprint alone would let a crafted table or layout
-    run another machine under the spec's name), as a message; None if all agree."""
-    lay = spec.record.c_layout(hdr.rec.keys_per_position)
-    want = {"n_states": len(spec.states), "n_triggers": len(spec.triggers),
-            "initial_index": spec.state_index[spec.initial], "closed_mask": spec.closed_mask,
-            "table": spec.table_bytes(), "rec.n_words": lay.n_words,
-            "rec.word_type": bytes(ffi.buffer(lay.word_type)),
-            "rec.roles": bytes(ffi.buffer(lay.roles))}
-    got = {"n_states": hdr.n_states, "n_triggers": hdr.n_triggers,
-           "initial_index": hdr.initial_index, "closed_mask": hdr.closed_mask,
-           "table": bytes(ffi.buffer(hdr.table)), "rec.n_words": hdr.rec.n_words,
-           "rec.word_type": bytes(ffi.buffer(hdr.rec.word_type)),
-           "rec.roles": bytes(ffi.buffer(hdr.rec.roles))}
-    for word, value in want.items():
-        if got[word] != value:
-            if isinstance(value, bytes):
-                pairs = enumerate(zip(got[word], value, strict=True))
-                at = next(i for i, (a, b) in pairs if a != b)
-                return f" (header word {word}[{at}] = {got[word][at]}, the spec has {value[at]})"
-            return f" (header word {word} = {got[word]}, the spec has {value})"
-    return None
 
 
 def _key_bytes(key: Any) -> bytes:
@@ -324,42 +282,27 @@ class Engine(_EngineBase, Generic[S, C, T]):
     opening was released (``StaleIdError``).
     """
 
-    # -- life cycle ------------------------------------------------------------------
-    def __init__(self, name: str, mapped: tuple[mmap.mmap, tuple[int, int]], spec: MachineSpec,
-                 *, check_spec: bool) -> None:
-        """Attach to a mapped segment; ``mapped`` is (mapping, (st_dev, st_ino) of
-        its file) and the Engine owns the mapping from here on."""
-        mm, (dev, ino) = mapped
-        self._mm: mmap.mmap | None = mm
-        self._buf = ffi.from_buffer(mm)
-        self._seg = ffi.new("eng_seg *")
-        # registered before attaching: an exception at any point after the C
-        # call (a signal handler's included) still frees the registry entry
-        self._finalizer: Any = weakref.finalize(self, _detach, self._seg, self._buf, mm)
-        # C opens the liveness descriptor itself: it never exists outside C, so
-        # neither a fork from another thread nor an exception here can keep it
-        rc = lib.eng_attach_path(self._seg, self._buf, len(mm),
-                                 spec.fingerprint if check_spec else 0,
-                                 segment.path_of(name).encode(), dev, ino)
-        if rc:
-            if rc == errno.ESTALE:
-                self._finalizer()
-                raise SegmentError(rc, f"segment {name!r} was replaced while being opened")
-            if rc > 0:
-                self._finalizer()
-                raise SegmentError(rc, f"cannot open segment {name!r}: {os.strerror(rc)}")
-            detail = header_detail(self._buf, len(mm), spec.fingerprint if check_spec else 0)
-            self._finalizer()
-            raise_for(rc, name=name, spec=spec.name, detail=detail)
-        wrong = _machine_mismatch(self._seg.hdr, spec) if check_spec else None
-        if wrong:
-            self._finalizer()
-            raise_for(lib.ENG_ESPEC, name=name, spec=spec.name, detail=wrong)
-        self._bind(name, spec, lib, None)
-        if _fastpath is not None:   # the hot calls' view (see _install_fastpath)
-            _fastpath.bind(self, int(ffi.cast("uintptr_t", self._seg)), self._seg)
+    _mm: mmap.mmap | None     # shared memory: the segment's mapping
+    _buf: Any                 # ... and the cffi buffer over it
+    _seg: Seg                 # the first argument of every eng_* call (see engine.store)
+    _finalizer: Any           # detaches, once (weakref.finalize)
 
-    def _bind(self, name: str, spec: MachineSpec, impl: Any, url: str | None) -> None:
+    # -- life cycle ------------------------------------------------------------------
+    @classmethod
+    def _made(cls, name: str, spec: MachineSpec, url: str | None,
+              make: Callable[[Engine[Any, Any, Any]], Attached]) -> Engine[Any, Any, Any]:
+        """An Engine on what ``make(engine)`` attached (the store, its first
+        argument, the finalizer that detaches, and on shared memory the mapping)."""
+        self = cls.__new__(cls)
+        att = make(self)
+        self._mm, self._buf, self._seg = att.mm, att.buf, att.seg
+        self._finalizer = att.finalizer
+        self._bind(name, spec, att.store, url)
+        if _fastpath is not None and url is None:   # the hot calls' view (see _install_fastpath)
+            _fastpath.bind(self, int(ffi.cast("uintptr_t", self._seg)), self._seg)
+        return self
+
+    def _bind(self, name: str, spec: MachineSpec, impl: Store, url: str | None) -> None:
         """What both backends share: ``impl`` answers the ``eng_*`` calls
         (the C library, or a ``RedisStore``) on ``self._seg``."""
         self.name = name
@@ -385,15 +328,6 @@ class Engine(_EngineBase, Generic[S, C, T]):
         self._states = {1 << i: spec.State(1 << i) for i in range(len(spec.states))}
         #: create(temporary=True): removes the segment (or the Redis keys) once
         self._temporary: weakref.finalize[Any, Any] | None = None
-
-    @classmethod
-    def _on_redis(cls, store: Any, spec: MachineSpec) -> Engine[Any, Any, Any]:
-        self = cls.__new__(cls)
-        self._mm = None
-        self._seg = store
-        self._finalizer = weakref.finalize(self, store.eng_detach, store)
-        self._bind(store.name, spec, store, store.url)
-        return self
 
     @overload
     @classmethod
@@ -448,38 +382,13 @@ class Engine(_EngineBase, Generic[S, C, T]):
                                     f"{hi}], got {shown(v)}")
         if not isinstance(temporary, bool):
             raise EngineTypeError(f"temporary must be a bool, got {shown(temporary)}")
-        name = segment.check_name(name) if name is not None else segment.random_name()
-        if url is not None:
-            eng = cls._on_redis(RedisStore.create(check_url(url), name, spec, capacity,
-                                                  keys_per_position, max_accounts, shards),
-                                spec)
-            if temporary:
-                eng._temporary = weakref.finalize(eng, _remove_temporary, name, None, eng._seg,
-                                                  os.getpid())
-            return eng
-        if shards is not None:
-            raise ArgumentError("shards is for an engine on Redis (url=...)")
-        size = lib.eng_segment_size(capacity, spec.record.n_words, keys_per_position,
-                                    max_accounts)
-        mm, ident = segment.create_mapped(name, size)
-        table = spec.table_bytes()
-        with ffi.from_buffer(mm) as buf:
-            rc = lib.eng_format(buf, size, capacity, table, len(spec.states),
-                                len(spec.triggers), spec.state_index[spec.initial],
-                                spec.closed_mask, spec.fingerprint, os.getpid(),
-                                spec.record.c_layout(keys_per_position), max_accounts)
-        if rc:
-            mm.close()
-            segment.unlink(name)
-            raise ArgumentError(f"cannot format segment {name!r} (code {rc})")
-        try:
-            eng = cls(name, (mm, ident), spec, check_spec=True)
-        except BaseException:
-            segment.unlink(name)
-            raise
+        name = check_name(name) if name is not None else random_name()
+        store = backend(url)
+        eng = cls._made(name, spec, store.url, lambda eng: store.create(
+            eng, name, spec, capacity, keys_per_position, max_accounts, shards))
         if temporary:
-            eng._temporary = weakref.finalize(eng, _remove_temporary, name, ident, None,
-                                              os.getpid())
+            eng._temporary = weakref.finalize(eng, _remove_temporary, name,
+                                              store.remover(name, eng._seg), os.getpid())
         return eng
 
     @overload
@@ -514,11 +423,25 @@ class Engine(_EngineBase, Generic[S, C, T]):
         else:
             raise EngineTypeError(f"attach takes a Handle or a segment name, got {target!r}")
         spec = _check_spec(spec)
-        if url is not None:
-            name = segment.check_name(name)
-            return cls._on_redis(RedisStore.attach(check_url(url), name, spec, incarnation),
-                                 spec)
-        return cls(name, segment.open_mapped(name), spec, check_spec=True)
+        store = backend(url)
+        return cls._made(name, spec, store.url,
+                         lambda eng: store.attach(eng, name, spec, incarnation))
+
+    @property
+    def store(self) -> Store:
+        """The store this Engine's calls go to (see ``engine.store``):
+        ``engine._native.lib`` on shared memory, a ``RedisStore`` on Redis.
+        For tools: ``eng.store.eng_state(eng.seg, pos)`` is the raw call,
+        with its status code and no exception."""
+        return self._lib
+
+    @property
+    def seg(self) -> Seg:
+        """The first argument of every ``store`` call: this attachment's
+        ``eng_seg *`` on shared memory (zeroed once closed, so every call
+        says ENG_ECLOSED; C writes it, read it only), the ``RedisStore``
+        itself on Redis."""
+        return self._seg
 
     @property
     def handle(self) -> Handle[S, C, T]:
@@ -559,7 +482,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
             # the registry entry goes first, in one C call (idempotent): an
             # exception from a signal handler anywhere below can no longer leave
             # this live process holding it; at worst the unmapping waits for GC
-            if temporary is not None and not shm:
+            if temporary is not None and self.url is not None:
                 temporary()   # Redis: the keys go while the connection is open
             self._lib.eng_detach(self._seg)
         except BaseException:
@@ -579,7 +502,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
             temporary()   # once: a finalizer runs at most once
 
     def _shut_gate(self) -> None:
-        """Shut the close gate (native/engine.c) and wait, bounded, until no
+        """Shut the close gate (native/segment.c) and wait, bounded, until no
         call is in it; on any exception the gate is open again."""
         seg, pause = self._seg, _CLOSE_POLL_S / 64
         deadline = time.monotonic() + _CLOSE_WAIT_S
@@ -601,10 +524,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
         Redis: delete every key of this incarnation of the engine; every
         other Engine attached to it gets SegmentNotFoundError from then on
         (and this one too if it was unlinked or created again meanwhile)."""
-        if self.url is not None:
-            self._seg.destroy()
-        else:
-            segment.unlink(self.name)
+        backend(self.url).unlink(self.name, self._seg)
         if self._temporary is not None:
             self._temporary.detach()   # removed: close() leaves the name alone
 
@@ -847,7 +767,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
             k = _key_bytes(key)   # raises the engine's error
         rc = self._lookup(self._seg, k, len(k))
         if rc > 0:
-            return rc  # type: ignore[no-any-return]
+            return rc
         if rc == 0:
             return None
         _key_bytes(key)   # a bad key (too long, empty) raises its own error first
@@ -877,7 +797,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
             rc = self._lib.eng_release_position(self._seg, pos)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
-        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)  # type: ignore[no-any-return]
+        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)
 
     # -- transitions -------------------------------------------------------------------
     def transition(self, pos: int, trigger: int | T, /, **fields: Any) -> Outcome:
@@ -890,12 +810,12 @@ class Engine(_EngineBase, Generic[S, C, T]):
             pos = self._index(pos)
         if trigger.__class__ not in self._trigger_types:
             trigger = self._trigger_index(trigger)
-        try:
-            rc = self._transition(self._seg, pos, trigger)
+        try:   # (a str trigger is its index by now: mypy cannot see the __class__ test)
+            rc = self._transition(self._seg, pos, trigger)  # type: ignore[arg-type]
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos, trigger=trigger) from None
         if rc >= 0:
-            return _OUTCOMES[rc]  # type: ignore[no-any-return]
+            return _OUTCOMES[rc]
         if rc == lib.ENG_EGUARDED:
             return self._transition_slow(pos, trigger, {})
         self._fail(rc, pos, trigger)
@@ -946,7 +866,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
             failure = _take_guard_failure()
             if failure is not None:
                 raise failure
-        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos, trigger)  # type: ignore[no-any-return]
+        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos, trigger)
 
     def state(self, pos: int) -> S:
         """The position's current state (a ``State`` for the default lifecycle)."""

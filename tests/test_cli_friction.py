@@ -19,10 +19,11 @@ import pytest
 from conftest import REPO_ROOT, segment_path
 from procs import JOIN_TIMEOUT, READY_TIMEOUT, sigkill
 
-from engine import Engine, SegmentNotFoundError, segment
+from engine import Engine, SegmentNotFoundError
 from engine._native import lib
 from engine.metrics import OPS, OpMetrics
 from engine.spec import POSITION_SPEC
+from engine.store import shm as segment
 from engine.tools import segments
 from engine.tools.stress.config import StressResult
 from engine.tools.stress.report import format_report

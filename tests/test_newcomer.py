@@ -23,7 +23,7 @@ from engine import (
     State,
     Trigger,
 )
-from engine import segment as seg
+from engine.store import shm as seg
 
 BACKENDS = ("shm", "redis")
 

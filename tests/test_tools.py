@@ -24,10 +24,11 @@ import numpy as np
 import posix_ipc
 import pytest
 
-from engine import Engine, MachineSpec, Rule, State, Trigger, segment
+from engine import Engine, MachineSpec, Rule, State, Trigger
 from engine._native import ffi, lib
 from engine.errors import BusyError
 from engine.spec import POSITION_SPEC
+from engine.store import shm as segment
 from engine.tools import bench, segments
 from engine.tools.bench import floor, report, runner, scaling
 from engine.tools.bench.peers import C_BATCH, CONNECT, N_SLOTS, EngineHost, Ops
@@ -318,9 +319,10 @@ class TestRm:
     """``rm`` unlinks engine segments, and others only with --force."""
 
     def test_removes(self, capsys, eng):
-        """An engine segment is removed; processes attached keep working."""
+        """An engine segment is removed (--force: this process holds it);
+        processes attached keep working."""
         pos = eng.id_of(0)
-        code, out, _ = run(capsys, "rm", eng.name)
+        code, out, _ = run(capsys, "rm", "--force", eng.name)
         assert code == 0 and f"removed {eng.name}" in out and "1 live" in out
         assert not os.path.exists(os.path.join(segment.SHM_DIR, eng.name))
         assert eng.state(pos) is State.CREATED
@@ -360,9 +362,10 @@ class TestTop:
         assert code == 0 and eng.name in out
         assert "CREATED 2" in out and "EXIT_PENDING 2" in out
         rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.strip()}
-        for op in ("transition", "transition_ctx", "open", "price", "recover"):
+        for op in ("transition", "transition(fields/guard)", "open_position/open",
+                   "update_price", "recover"):
             assert op in rows
-        assert rows["price"][2] == "50" and rows["open"][2] == "6"
+        assert rows["update_price"][2] == "50" and rows["open_position/open"][2] == "6"
         assert rows["OP"][:3] == ["OP", "OPS/S", "ATTEMPTS"]
 
     def test_refuses_foreign(self, capsys, foreign):
@@ -389,7 +392,7 @@ class TestCommandLine:
         assert eng.name in call("ls").stdout
         assert "registry" in call("inspect", eng.name).stdout
         assert "transition" in call("top", eng.name, "--once", "--interval", "0.01").stdout
-        r = call("rm", eng.name)
+        r = call("rm", "--force", eng.name)
         assert r.returncode == 0 and eng.name not in call("ls").stdout
 
     def test_parsers_have_funcs(self):
