@@ -48,6 +48,7 @@ from engine.errors import (
     EngineError,
     EngineTypeError,
     FieldError,
+    KeyExistsError,
     MoneyError,
     PriceError,
     RiskLimitError,
@@ -1202,8 +1203,10 @@ class Engine(_EngineBase, Generic[S, C, T]):
 
         ``max_exposure``: the most its open positions may reserve in all;
         ``max_positions``: how many may be open; ``max_loss``: realized losses
-        reaching it halt the account.  ``key`` is a label for people (checked
-        like a position key, not stored in the segment)."""
+        reaching it halt the account.  ``key`` (str or bytes, as a position
+        key) names it for other processes (``lookup_account``): unique among
+        open accounts, ``KeyExistsError`` if an open account has it, and then
+        nothing changes."""
         units = [to_units(v, what) for v, what in ((cash, "cash"), (max_exposure, "max_exposure"),
                                                   (max_loss, "max_loss"))]
         if isinstance(max_positions, bool) or not isinstance(max_positions, int):
@@ -1211,14 +1214,29 @@ class Engine(_EngineBase, Generic[S, C, T]):
         if not 0 <= max_positions <= 2**32 - 1:
             raise ArgumentError(f"max_positions must be in [0, {2**32 - 1}], "
                                 f"got {shown(max_positions)}")
-        if key is not None:
-            _key_bytes(key)
+        k = ffi.NULL if key is None else _key_bytes(key)
         out = ffi.new("uint64_t *")
-        rc = self._lib.eng_open_account(self._seg, units[0], units[1], max_positions, units[2], out)
+        rc = self._lib.eng_open_account(self._seg, units[0], units[1], max_positions, units[2],
+                                        k, len(k) if k else 0, out)
+        if rc == lib.ENG_EKEYEXISTS and key is not None:
+            raise KeyExistsError(f"account key {key!r} already names open account "
+                                 f"{self.lookup_account(key)}; nothing was changed")
         self._account_call(rc, None, money=f"cash={shown(cash)}, "
                                             f"max_exposure={shown(max_exposure)}, "
                                             f"max_loss={shown(max_loss)}")
         return int(out[0])
+
+    def lookup_account(self, key: str | bytes) -> int | None:
+        """The id of the open account that has ``key`` (``open_account(key=)``),
+        or None.  Never blocks, never takes a lock; a closed account's key
+        names nothing."""
+        k = _key_bytes(key)
+        rc = self._lib.eng_lookup_account(self._seg, k, len(k))
+        if rc > 0:
+            return int(rc)
+        if rc == 0:
+            return None
+        self._fail(int(rc), key=key)
 
     def close_account(self, account: int) -> Account:
         """Close an account with no open position; its id goes stale.

@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO_ROOT, segment_path
 from procs import JOIN_TIMEOUT, READY_TIMEOUT, sigkill
 
-from engine import Engine, SegmentNotFoundError
+from engine import Engine, RiskLimitError, SegmentNotFoundError
 from engine._native import lib
 from engine.metrics import OPS, OpMetrics
 from engine.spec import POSITION_SPEC
@@ -332,3 +332,44 @@ class TestBrokenPipe:
             eng.unlink()
         assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
         assert p.returncode == 1, p.stderr
+class TestRiskRefusalCounted:
+    """A risk-limit refusal is a refusal in metrics() and top, not an error."""
+
+    def test_open_refused_by_limit(self, capsys, names):
+        """An opening over max_positions counts as rejected; errors stay 0."""
+        with Engine.create(capacity=8, name=names()) as eng:
+            acct = eng.open_account(1_000_000, 1_000_000, 1, 1_000_000)
+            eng.open_position(100.0, 1.0, account=acct)
+            with pytest.raises(RiskLimitError):
+                eng.open_position(100.0, 1.0, account=acct)
+            m = eng.metrics()["open"]
+            assert (m.attempts, m.applied, m.rejected, m.errors) == (2, 1, 1, 0)
+            _, out, _ = run(capsys, "top", eng.name, "--once", "--interval", "0.01")
+            row = _top_rows(out)["open_position/open"]
+            assert row[6:8] == ["1", "0"]
+            eng.unlink()
+
+    def test_withdraw_refused_by_cash(self, names):
+        """A withdrawal below what is reserved counts as rejected, not as an error."""
+        with Engine.create(capacity=8, name=names()) as eng:
+            acct = eng.open_account(1000, 1000, 10, 1000)
+            eng.open_position(100.0, 5.0, account=acct)
+            with pytest.raises(RiskLimitError):
+                eng.withdraw(acct, 600)
+            m = eng.metrics()["account"]
+            assert m.rejected == 1 and m.errors == 0
+            eng.unlink()
+
+    def test_refusal_on_redis(self, url):
+        """On Redis too: an opening over max_positions counts as rejected, not as an error."""
+        eng = Engine.create(8, url=url)
+        try:
+            acct = eng.open_account(1_000_000, 1_000_000, 1, 1_000_000)
+            eng.open_position(100.0, 1.0, account=acct)
+            with pytest.raises(RiskLimitError):
+                eng.open_position(100.0, 1.0, account=acct)
+            m = eng.metrics()["open"]
+            assert (m.applied, m.rejected, m.errors) == (1, 1, 0)
+        finally:
+            eng.unlink()
+            eng.close()

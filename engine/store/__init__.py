@@ -150,7 +150,14 @@ class Store(Protocol):
 
     # -- accounts (money in int64 units of 1 / ENG_MONEY_SCALE)
     def eng_open_account(self, s: Seg, cash: int, max_exposure: int, max_positions: int,
-                         max_loss: int, out_id: Any, /) -> int: ...
+                         max_loss: int, key: Any, key_len: int, out_id: Any, /) -> int:
+        """``key``: NULL for none, else unique among open accounts
+        (ENG_EKEYEXISTS, and nothing changes)."""
+        ...
+
+    def eng_lookup_account(self, s: Seg, key: Any, key_len: int, /) -> int:
+        """The id of the open account with the key, 0 if none, or a code."""
+        ...
 
     def eng_close_account(self, s: Seg, id: int, /) -> int: ...
 
