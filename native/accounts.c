@@ -688,6 +688,8 @@ int eng_open_account(eng_seg *s, int64_t cash, int64_t max_exposure, uint32_t ma
         op_end(t, rc);
         return rc;
     }
+    if (key)
+        test_pause(s);   /* tests: widen the window between the scan and the publish */
     uint32_t n = s->max_accounts;
     uint32_t start = fetch_add_relaxed_u32(&s->hdr->account_hint, 1) % n;
     rc = ENG_EACCTFULL;

@@ -724,7 +724,8 @@ typedef struct eng_header {
     uint32_t metrics_on;
     uint32_t sample_mask;    /* latency sampled when (attempts & mask) == 0 */
     uint32_t fault_flags;    /* ENG_FAULT_*: tests only */
-    uint64_t test_pause_ns;  /* slow path sleeps this long holding the lock: tests only */
+    uint64_t test_pause_ns;  /* slow path sleeps this long holding the lock (a keyed
+                              * open_account: the key lock): tests only */
     uint64_t pad2[5];
     /* line 3: written by open and recover */
     uint32_t alloc_hint;

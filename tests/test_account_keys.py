@@ -10,6 +10,7 @@ from procs import JOIN_TIMEOUT, READY_TIMEOUT
 
 from engine import (
     ArgumentError,
+    BusyError,
     Engine,
     EngineTypeError,
     Handle,
@@ -95,13 +96,16 @@ class TestAccountKeys:
 
 
 def _race_open(h: Handle, key: str, go: object, out: object) -> None:
-    """Wait for go, open an account with key; put its id, or 0 on KeyExistsError."""
+    """Wait for go, open an account with key; put its id, 0 on KeyExistsError,
+    -1 on BusyError (the key lock held past the bound: nothing changed)."""
     with Engine.attach(h) as eng:
         go.wait(READY_TIMEOUT)  # type: ignore[attr-defined]
         try:
             out.put(_open(eng, key))  # type: ignore[attr-defined]
         except KeyExistsError:
             out.put(0)  # type: ignore[attr-defined]
+        except BusyError:
+            out.put(-1)  # type: ignore[attr-defined]
 
 
 def _die_opening(h: Handle, key: str) -> None:
@@ -118,14 +122,18 @@ class TestAccountKeysAcrossProcesses:
     @pytest.mark.shm_only
     def test_race_one_wins(self, engine, spawner):
         """Six processes open the same key at once: exactly one account opens,
-        every other gets KeyExistsError (two opened is the forbidden outcome)."""
+        every other gets KeyExistsError or BusyError (two opened is the forbidden outcome)."""
         go, out = spawner.ctx.Event(), spawner.ctx.Queue()
         for _ in range(6):
             spawner.start(_race_open, engine.handle, "K", go, out)
+        # each keyed open sleeps 0.3 s between its scan and its publish: without the
+        # key lock every racer would scan before any publishes
+        engine._set_fault(0, 300_000_000)
         go.set()
         got = [out.get(timeout=READY_TIMEOUT) for _ in range(6)]
         spawner.join_all(JOIN_TIMEOUT)
-        winners = [g for g in got if g]
+        engine._set_fault(0, 0)
+        winners = [g for g in got if g > 0]
         assert len(winners) == 1 and engine.lookup_account("K") == winners[0]
         assert len(engine.accounts()) == 1
 
