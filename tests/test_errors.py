@@ -267,9 +267,10 @@ class CFuzz:
         elif name == "eng_bind_key":
             kind, s = self.seg(d)
             x(name, kind, self.call(name, kind, lib.eng_bind_key, s, d(ids), *self.key(d)))
-        elif name == "eng_lookup":
+        elif name in ("eng_lookup", "eng_lookup_account"):
             kind, s = self.seg(d)
-            x(name, kind, self.call(name, kind, lib.eng_lookup, s, *self.key(d)), (ERRNO_MIN, 0))
+            x(name, kind, self.call(name, kind, getattr(lib, name), s, *self.key(d)),
+              (ERRNO_MIN, 0))
         elif name == "eng_keys":
             kind, s = self.seg(d)
             k = d(st.integers(0, 3))
@@ -468,7 +469,7 @@ class CFuzz:
         aid = d(st.one_of(self.ids, st.sampled_from([1 << 24, (1 << 24) | 63, 2 << 24])))
         if name == "eng_open_account":
             cash = d(st.integers(-(2**63), -1)) if kind == "foreign" else d(money)
-            args: tuple[Any, ...] = (cash, d(money), d(U32S), d(money),
+            args: tuple[Any, ...] = (cash, d(money), d(U32S), d(money), ffi.NULL, 0,
                                      self.out(d, "uint64_t *"))
         elif name in ("eng_deposit", "eng_withdraw"):
             args = (aid, d(money))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import mmap
 import re
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from engine.errors import ArgumentError
@@ -157,7 +158,14 @@ class Store(Protocol):
 
     # -- accounts (money in int64 units of 1 / ENG_MONEY_SCALE)
     def eng_open_account(self, s: Seg, cash: int, max_exposure: int, max_positions: int,
-                         max_loss: int, out_id: Any, /) -> int: ...
+                         max_loss: int, key: Any, key_len: int, out_id: Any, /) -> int:
+        """``key``: NULL for none, else unique among open accounts
+        (ENG_EKEYEXISTS, and nothing changes)."""
+        ...
+
+    def eng_lookup_account(self, s: Seg, key: Any, key_len: int, /) -> int:
+        """The id of the open account with the key, 0 if none, or a code."""
+        ...
 
     def eng_close_account(self, s: Seg, id: int, /) -> int: ...
 
@@ -229,6 +237,12 @@ class Backend(Protocol):
                incarnation: int | None) -> Attached: ...
 
     def unlink(self, name: str, seg: Any) -> None: ...
+
+    def remover(self, name: str, seg: Any) -> Callable[[], None]:
+        """What removes the engine just created (``create(temporary=True)``),
+        however much later: the segment only while the name still names the
+        file created; on Redis, this incarnation's keys only."""
+        ...
 
 
 def backend(url: str | None) -> Backend:
