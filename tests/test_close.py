@@ -71,11 +71,16 @@ def make():
     return eng, [calls[NAME]]
 
 def hammer(call, started, stop, seen):
+    # stop is set once close() returned: one more call after seeing it, so a
+    # thread that finished its call just before the close still makes the next
     try:
-        while not stop.is_set():
+        while True:
             started.set()
+            last = stop.is_set()
             call()
             seen["calls"] += 1
+            if last:
+                break
         seen["thread"] = "stopped"
     except ClosedError:
         seen["thread"] = "closed"
