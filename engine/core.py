@@ -23,7 +23,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -59,9 +59,11 @@ from engine.errors import (
     redact,
     shown,
 )
+from engine.journal import Event, JournalSource, JournalWaker, follow, follow_async
 from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, PriceSnapshot
 from engine.redis_backend import RedisStore, check_url
+from engine.segment_journal import SegmentJournal
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome
 
 __all__ = ["Engine", "Handle", "RecoveryReport"]
@@ -85,6 +87,7 @@ _INT64 = (-(2**63), 2**63 - 1)
 _KEY_MAX = lib.ENG_KEY_MAX
 _DEFAULT_KEYS = 2
 _DEFAULT_ACCOUNTS = 64
+_DEFAULT_JOURNAL_RECORDS = lib.ENG_JOURNAL_DEFAULT_RECORDS
 _ACCOUNT_TRIES = 32          # update_account: tries before BusyError
 _ACCOUNT_BACKOFF_S = 20e-6   # first back-off; doubles per try, capped at 2 ms
 _RISK_LIMITS = {lib.ENG_ERISK_HALTED: "halted", lib.ENG_ERISK_EXPOSURE: "exposure",
@@ -337,6 +340,8 @@ class Engine(_EngineBase):
         self.keys_per_position: int = self._seg.kpp
         #: account records (set at create)
         self.max_accounts: int = self._seg.max_accounts
+        #: records the journal's ring holds (0: no journal)
+        self.journal_records: int = int(getattr(self._seg, "jrecords", 0))
         self._pid = os.getpid()
         self._rec = spec.record
         self._price_buf: tuple[Any, memoryview] | None = _new_out("eng_price_out *")
@@ -358,7 +363,9 @@ class Engine(_EngineBase):
                spec: MachineSpec | None = None,
                keys_per_position: int = _DEFAULT_KEYS,
                max_accounts: int = _DEFAULT_ACCOUNTS, url: str | None = None,
-               shards: int | None = None) -> Engine:
+               shards: int | None = None, journal: bool | None = True,
+               journal_records: int = _DEFAULT_JOURNAL_RECORDS,
+               journal_prices: bool = False) -> Engine:
         """Create a new segment for ``capacity`` positions and attach to it.
 
         ``keys_per_position`` (0 to ``ENG_MAX_KEYS_PER_POSITION``) is how many
@@ -370,7 +377,13 @@ class Engine(_EngineBase):
         ``unix:///path.sock`` or ``redis+cluster://host:port``) the engine
         lives on that Redis server instead, behind the same API; ``shards``
         hash tags spread its positions over a cluster's nodes (default 1 on
-        one server, 16 on a cluster)."""
+        one server, 16 on a cluster).
+
+        ``journal`` (on by default; None turns it off) records every
+        committed change in a ring of ``journal_records`` records (a power
+        of two in [``ENG_JOURNAL_MIN_RECORDS``, ``ENG_JOURNAL_MAX_RECORDS``])
+        in the segment, read with ``events()``; ``journal_prices`` records
+        every price write too."""
         spec = _check_spec(spec)
         for what, v, hi in (("capacity", capacity, lib.ENG_MAX_CAPACITY),
                             ("keys_per_position", keys_per_position,
@@ -381,6 +394,22 @@ class Engine(_EngineBase):
             if not (1 if what == "capacity" else 0) <= v <= hi:
                 raise ArgumentError(f"{what} must be in [{1 if what == 'capacity' else 0}, "
                                     f"{hi}], got {shown(v)}")
+        if journal is False:
+            journal = None
+        if journal is not None and journal is not True:
+            raise EngineTypeError(f"journal must be True or None, got {shown(journal)}")
+        if not isinstance(journal_records, int) or isinstance(journal_records, bool):
+            raise EngineTypeError(f"journal_records must be an int, got {shown(journal_records)}")
+        lo, hi = lib.ENG_JOURNAL_MIN_RECORDS, lib.ENG_JOURNAL_MAX_RECORDS
+        if not (lo <= journal_records <= hi and journal_records & (journal_records - 1) == 0):
+            raise ArgumentError(f"journal_records must be a power of two in [{lo}, {hi}], "
+                                f"got {shown(journal_records)}")
+        if not isinstance(journal_prices, bool):
+            raise EngineTypeError(f"journal_prices must be a bool, got {shown(journal_prices)}")
+        if journal_prices and journal is None:
+            raise ArgumentError("journal_prices=True needs the journal (journal=True)")
+        n_records = journal_records if journal else 0
+        flags = lib.ENG_JOURNAL_PRICES if journal_prices else 0
         name = segment.check_name(name) if name is not None else segment.random_name()
         if url is not None:
             return cls._on_redis(RedisStore.create(check_url(url), name, spec, capacity,
@@ -388,15 +417,16 @@ class Engine(_EngineBase):
                                  spec)
         if shards is not None:
             raise ArgumentError("shards is for an engine on Redis (url=...)")
-        size = lib.eng_segment_size(capacity, spec.record.n_words, keys_per_position,
-                                    max_accounts)
+        size = lib.eng_segment_size_journal(capacity, spec.record.n_words, keys_per_position,
+                                            max_accounts, n_records)
         mm, ident = segment.create_mapped(name, size)
         table = spec.table_bytes()
         with ffi.from_buffer(mm) as buf:
             rc = lib.eng_format(buf, size, capacity, table, len(spec.states),
                                 len(spec.triggers), spec.state_index[spec.initial],
                                 spec.closed_mask, spec.fingerprint, os.getpid(),
-                                spec.record.c_layout(keys_per_position), max_accounts)
+                                spec.record.c_layout(keys_per_position), max_accounts,
+                                n_records, flags)
         if rc:
             mm.close()
             segment.unlink(name)
@@ -1337,6 +1367,40 @@ class Engine(_EngineBase):
                 since = int(out[0])
                 continue
             self._fail(rc, pos, timeout=timeout)
+
+    # -- the journal ---------------------------------------------------------------
+    def _journal_source(self) -> JournalSource:
+        """This backend's journal reader (a new one per caller: it owns a buffer)."""
+        if self.url is not None:
+            return self._seg.journal()   # type: ignore[no-any-return]  # Redis: the streams
+        return SegmentJournal(self)
+
+    @property
+    def journal_seq(self) -> int:
+        """The seq of the last committed record (0: none yet)."""
+        return self._journal_source().seq()
+
+    def events(self, since: int | None = None,
+               timeout: float | None = None) -> Iterator[Event]:
+        """Every committed change as an ``Event``, in seq order.
+
+        ``since=None`` starts at the next change; ``since=N`` yields every
+        retained record with seq > N (``JournalLappedError``, with
+        ``resume_seq``, if one of them was overwritten: never a silent gap).
+        The iterator ends after ``timeout`` seconds with nothing new;
+        ``timeout=None`` waits forever.  Ctrl-C and other signals are handled
+        while it waits."""
+        return follow(self._journal_source(), since, timeout)
+
+    def events_async(self, since: int | None = None,
+                     timeout: float | None = None) -> AsyncIterator[Event]:
+        """``events`` for asyncio (``async for ev in eng.events_async()``).
+        Reads never block the loop; every subscriber of this Engine is woken
+        by one shared helper thread, whatever their number."""
+        waker = self.__dict__.get("_journal_waker")
+        if waker is None:
+            waker = self._journal_waker = JournalWaker(self._journal_source())
+        return follow_async(self._journal_source(), waker, since, timeout)
 
     def snapshot(self) -> np.ndarray:
         """Every open position as one row of a structured array (``id`` and
