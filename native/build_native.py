@@ -19,6 +19,9 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 HEADER = HERE / "engine.h"
+#: what engine.c is made of: every native/*.c and *.h but the fast path's own
+#: extension (rebuild when any changes; the sdist ships them)
+PARTS = sorted(f for f in [*HERE.glob("*.c"), *HERE.glob("*.h")] if f.name != "fastpath.c")
 
 
 def cdef_from_header(text: str) -> str:
@@ -58,7 +61,7 @@ extern "Python" int _engine_guard(void *, uint64_t, uint32_t, uint32_t);
 # never reads errno through ffi.errno.
 #
 # While one of them is in C, another thread may run -- and close the Engine.
-# Each wrapper therefore enters the close gate (engine.c) before it releases
+# Each wrapper therefore enters the close gate (segment.c) before it releases
 # the GIL and leaves it after: close() waits for the calls in the gate and
 # refuses new ones (ENG_ECLOSED), so it never unmaps under a call.  The two
 # attach calls are the exception: each fills a fresh eng_seg no other thread can see yet.
@@ -83,6 +86,8 @@ RELEASED = {   # name: (return type, parameters, arguments)
                                "s, token, price"),
     "eng_wait_change": ("int", "eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns, "
                                "int64_t *out_since", "s, id, since, timeout_ns, out_since"),
+    "eng_journal_wait": ("int", "eng_seg *s, uint64_t after, int64_t timeout_ns, "
+                                "uint64_t *out_seq", "s, after, timeout_ns, out_seq"),
     "eng_snapshot": ("int", "eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n",
                      "s, rows, max_rows, out_n"),
     "eng_accounts": ("int", "eng_seg *s, eng_account_row *rows, uint32_t max_rows, "
@@ -125,7 +130,9 @@ ffibuilder.set_source(
     "engine._native",
     '#include "engine.h"\n' + released_wrappers(),
     # paths relative to the project root, where setuptools runs the build
+    # engine.c alone: it #includes the other parts (one translation unit)
     sources=[os.path.relpath(HERE / "engine.c")],
+    depends=[os.path.relpath(f) for f in PARTS],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=compile_args(),
     extra_link_args=link_args(),
