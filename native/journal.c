@@ -84,6 +84,10 @@ static int journal_committed(eng_seg *s, uint32_t kind, uint64_t id, uint64_t wo
     uint64_t slot = id & ENG_ID_SLOT_MASK;
     if (kind == ENG_JK_HALT)
         return load_acquire_u32(&s->hdr->halted) == (uint32_t)word;
+    if (kind == ENG_JK_ACCOUNT)   /* the version: moved only by a publish, never by a latch */
+        return slot < s->max_accounts &&
+               load_acquire_u64(&s->accounts[slot].word) >> ENG_AW_VERSION_SHIFT ==
+                   word >> ENG_AW_VERSION_SHIFT;
     if (slot >= s->capacity)
         return 0;
     eng_slot *sl = slot_at(s, (uint32_t)slot);
@@ -282,6 +286,18 @@ static void journal_sweep(eng_seg *s)
 
 /* ---- the readers' calls --------------------------------------------------------- */
 
+/* The words a record of kind holds (a torn kind read here is caught by the
+ * seq re-check; the bound keeps the copy inside the record either way). */
+static inline uint32_t journal_words(const eng_seg *s, uint32_t kind)
+{
+    _Static_assert(REC_WORDS(eng_books) <= ENG_MAX_FIELD_WORDS, "books fit a record");
+    if (kind == ENG_JK_ACCOUNT)
+        return REC_WORDS(eng_books);
+    if (kind == ENG_JK_PRICE)
+        return REC_WORDS(eng_price_rec);
+    return kind == ENG_JK_HALT ? 0 : s->n_words;
+}
+
 uint64_t eng_journal_seq(eng_seg *s)
 {
     if (seg_error(s) || !s->journal)
@@ -321,9 +337,10 @@ int eng_journal_read(eng_seg *s, uint64_t after, eng_jrec *out, uint32_t max, ui
             o->word = load_relaxed_u64(&r->word);
             o->kind = load_relaxed_u32(&r->kind);
             o->trigger = load_relaxed_u32(&r->trigger);
-            for (uint32_t i = 0; i < s->n_words; i++)
+            uint32_t nw = journal_words(s, o->kind);
+            for (uint32_t i = 0; i < nw; i++)
                 o->w[i] = load_relaxed_u64(&r->w[i]);
-            for (uint32_t i = s->n_words; i < ENG_MAX_FIELD_WORDS; i++)
+            for (uint32_t i = nw; i < ENG_MAX_FIELD_WORDS; i++)
                 o->w[i] = 0;
             o->version = load_relaxed_u64(&r->version);
             fence_acquire();                                       /* pairs with J2's fence */

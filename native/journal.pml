@@ -11,7 +11,7 @@
  *     J1 journal_latch: CAS (n,0) -> (n,me)  J1 journal_latch
  *     w = slot word, read under the latch
  *        (locked: journal_abort, wait)
- *     J2 journal_fill: ring[n+1] seq = 0,    J2 journal_fill
+ *     J2 journal_fill_release: seq = 0,    J2 journal_fill_release
  *        fields, seq = n+1 (release)
  *     J3 commit: CAS w -> w' (gen + 1)       J3 commit: CAS L -> w' (gen + 1)
  *        failed (slot locked meanwhile):
@@ -139,7 +139,7 @@ fast:
         }
         DIE;
 #endif
-        ring_seq[r] = 0;                                        /* J2 journal_fill */
+        ring_seq[r] = 0;                                        /* J2 journal_fill_release */
         DIE;
         ring_cid[r] = c; ring_slot[r] = s; ring_gen[r] = g + 1;
         DIE;
@@ -167,7 +167,7 @@ slow:
         atomic { jown == 0 -> jown = me; n = jseq }             /* J1 journal_latch */
         DIE;
         r = (n + 1) % N;
-        ring_seq[r] = 0;                                        /* J2 journal_fill */
+        ring_seq[r] = 0;                                        /* J2 journal_fill_release */
         DIE;
         ring_cid[r] = c; ring_slot[r] = s; ring_gen[r] = g + 1;
         DIE;

@@ -110,6 +110,20 @@ class TestEvents:
         plain.update_price(other, 101.5)
         assert [e.kind for e in drain(plain)] == ["open"]
 
+    def test_account_changes_are_recorded_with_the_books_after(self, make_engine: Any) -> None:
+        """open_account, deposit, withdraw, halt_account: one account record each, books after."""
+        eng = make_engine(capacity=4, max_accounts=2)
+        acct = eng.open_account(cash=1000, max_exposure=500, max_positions=3, max_loss=100)
+        eng.deposit(acct, 10)
+        with pytest.raises(RiskLimitError):
+            eng.withdraw(acct, 5000)   # refused: no record
+        eng.withdraw(acct, 5)
+        eng.halt_account(acct)
+        evs = drain(eng)
+        assert [(e.kind, e.id) for e in evs] == [("account", acct)] * 4
+        assert [int(e.record.cash) for e in evs] == [1000, 1010, 1005, 1005]
+        assert evs[-1].record == eng.account(acct) and evs[-1].record.halted
+
     def test_halt_records_each_change_of_the_flag(self, make_engine: Any) -> None:
         """halt(True), halt(True), halt(False): two records (the second call changes nothing)."""
         eng = make_engine(capacity=4)
@@ -362,6 +376,35 @@ class TestPriceKills:
         prices = [e for e in evs if e.kind == "price"]
         assert len(prices) - 1 == eng.price(pos).version - v0, "a write without its record"
         assert prices[-1].record == eng.price(pos)
+
+
+def die_depositing(handle: Any, fault: int, acct: int) -> None:
+    """Child: switch ``fault`` on and deposit; the fault kills it."""
+    eng = Engine.attach(handle)
+    eng._set_fault(fault)
+    eng.deposit(acct, 7)
+    os._exit(3)
+
+
+class TestAccountKills:
+    @pytest.mark.parametrize("fault", FAULTS[1:5])
+    def test_account_record_iff_published(self, make_engine: Any, fault: str) -> None:
+        """SIGKILL at each step of an account change's append: records == published versions."""
+        eng = make_engine(capacity=4, max_accounts=2)
+        acct = eng.open_account(cash=100, max_exposure=100, max_positions=1, max_loss=50)
+        p = mp.get_context("spawn").Process(target=die_depositing,
+                                            args=(eng.handle, getattr(lib, fault), acct))
+        p.start()
+        p.join(60)
+        eng._set_fault(0)
+        assert p.exitcode == -signal.SIGKILL, f"the fault did not fire: exit {p.exitcode}"
+        eng.recover()
+        eng.deposit(acct, 1)   # resolves the dead writer's latches if still held
+        evs = drain(eng)
+        assert [e.seq for e in evs] == list(range(1, len(evs) + 1))
+        recs = [e for e in evs if e.kind == "account"]
+        assert len(recs) == eng.account(acct).version, "a change without its record, or two"
+        assert recs[-1].record == eng.account(acct)
 
 
 def racer(handle: Any, ids: list[int], n: int, ready: Any, go: Any) -> None:

@@ -13,6 +13,7 @@ import struct
 from typing import Any
 
 from engine._native import ffi, lib
+from engine.accounts import account_from_row
 from engine.errors import JournalLappedError, raise_for
 from engine.journal import KINDS, Event
 from engine.records import PriceSnapshot
@@ -70,6 +71,13 @@ class SegmentJournal:
             record = PriceSnapshot(price, ts, pct, usd, int(r.version))
         elif kind == lib.ENG_JK_HALT:
             record = bool(r.word)
+        elif kind == lib.ENG_JK_ACCOUNT:
+            row = ffi.new("eng_account_row *")
+            row.id, row.version = int(r.id), int(r.version)
+            row.index = int(r.id) & lib.ENG_ID_SLOT_MASK
+            ffi.memmove(ffi.addressof(row[0], "b"), ffi.addressof(self._buf[i], "w"),
+                        ffi.sizeof("eng_books"))
+            record = account_from_row(row)
         else:
             record = tuple.__new__(eng._rec.Context, eng._rec.unpack(
                 memoryview(self._view)[base + _W_OFF:base + _W_END]))
