@@ -84,6 +84,10 @@ static int journal_committed(eng_seg *s, uint32_t kind, uint64_t id, uint64_t wo
     uint64_t slot = id & ENG_ID_SLOT_MASK;
     if (kind == ENG_JK_HALT)
         return load_acquire_u32(&s->hdr->halted) == (uint32_t)word;
+    if (kind == ENG_JK_KEY)   /* word: its key record; HELD(id) only by that insert's I6 */
+        return slot < s->capacity && word < s->kpp &&
+               load_acquire_u64(&s->keyrecs[slot * s->kpp + word].tag) ==
+                   ((id << 8) | ENG_KR_HELD);
     if (kind == ENG_JK_ACCOUNT)   /* the version: moved only by a publish, never by a latch */
         return slot < s->max_accounts &&
                load_acquire_u64(&s->accounts[slot].word) >> ENG_AW_VERSION_SHIFT ==
@@ -295,6 +299,8 @@ static inline uint32_t journal_words(const eng_seg *s, uint32_t kind)
         return REC_WORDS(eng_books);
     if (kind == ENG_JK_PRICE)
         return REC_WORDS(eng_price_rec);
+    if (kind == ENG_JK_KEY)
+        return ENG_KEY_MAX / 8;
     return kind == ENG_JK_HALT ? 0 : s->n_words;
 }
 

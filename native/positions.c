@@ -103,7 +103,7 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         int keyed = 0;   /* this opening's key is inserted */
         int retry = 0;   /* refused on this slot only: undo, then try another */
         if (key) {
-            rc = key_insert(s, id, &kbuf, t);   /* visible once the opening commits */
+            rc = key_insert(s, id, &kbuf, t, 0);   /* visible once the opening commits */
             if (rc)
                 goto undo;
             keyed = 1;

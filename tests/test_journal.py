@@ -124,6 +124,18 @@ class TestEvents:
         assert [int(e.record.cash) for e in evs] == [1000, 1010, 1005, 1005]
         assert evs[-1].record == eng.account(acct) and evs[-1].record.halted
 
+    def test_bind_key_is_recorded_with_its_key(self, make_engine: Any) -> None:
+        """bind_key: one key record with the key's bytes; a refused bind records nothing."""
+        eng = make_engine(capacity=4)
+        a = eng.open_position(10.0, 1.0, key="A-1")
+        b = eng.open_position(10.0, 1.0)
+        eng.bind_key(b, "EX-778899")
+        with pytest.raises(KeyExistsError):
+            eng.bind_key(b, "A-1")
+        assert [(e.kind, e.id, e.record) for e in drain(eng)] == [
+            ("open", a, drain(eng)[0].record), ("open", b, drain(eng)[1].record),
+            ("key", b, b"EX-778899")]
+
     def test_halt_records_each_change_of_the_flag(self, make_engine: Any) -> None:
         """halt(True), halt(True), halt(False): two records (the second call changes nothing)."""
         eng = make_engine(capacity=4)
@@ -405,6 +417,33 @@ class TestAccountKills:
         recs = [e for e in evs if e.kind == "account"]
         assert len(recs) == eng.account(acct).version, "a change without its record, or two"
         assert recs[-1].record == eng.account(acct)
+
+
+def die_binding(handle: Any, fault: int, pos: int) -> None:
+    """Child: switch ``fault`` on and bind a key; the fault kills it."""
+    eng = Engine.attach(handle)
+    eng._set_fault(fault)
+    eng.bind_key(pos, "K-dies")
+    os._exit(3)
+
+
+class TestKeyKills:
+    @pytest.mark.parametrize("fault", FAULTS[1:5])
+    def test_key_record_iff_bound(self, make_engine: Any, fault: str) -> None:
+        """SIGKILL at each step of a bind_key's append: a key record iff the key is bound."""
+        eng = make_engine(capacity=4)
+        pos = eng.open_position(10.0, 1.0)
+        p = mp.get_context("spawn").Process(target=die_binding,
+                                            args=(eng.handle, getattr(lib, fault), pos))
+        p.start()
+        p.join(60)
+        eng._set_fault(0)
+        assert p.exitcode == -signal.SIGKILL, f"the fault did not fire: exit {p.exitcode}"
+        eng.recover()
+        eng.open_position(11.0, 1.0)   # the next commit resolves the journal latch if held
+        recs = [e.record for e in drain(eng) if e.kind == "key"]
+        bound = eng.lookup("K-dies") == pos
+        assert recs == ([b"K-dies"] if bound else []), (recs, bound)
 
 
 def racer(handle: Any, ids: list[int], n: int, ready: Any, go: Any) -> None:

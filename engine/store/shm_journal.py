@@ -71,6 +71,9 @@ class SegmentJournal:
             record = PriceSnapshot(price, ts, pct, usd, int(r.version))
         elif kind == lib.ENG_JK_HALT:
             record = bool(r.word)
+        elif kind == lib.ENG_JK_KEY:
+            n = min(int(r.version), lib.ENG_KEY_MAX)
+            record = bytes(self._view[base + _W_OFF:base + _W_OFF + n])
         elif kind == lib.ENG_JK_ACCOUNT:
             row = ffi.new("eng_account_row *")
             row.id, row.version = int(r.id), int(r.version)
