@@ -23,7 +23,13 @@ __all__ = ["SegmentJournal"]
 _W_OFF = ffi.offsetof("eng_jrec", "w")
 _W_END = ffi.offsetof("eng_jrec", "version") + 8
 _STATE_MASK = lib.ENG_SW_STATE_MASK
-_SLOT_KINDS = (lib.ENG_JK_OPEN, lib.ENG_JK_TRANSITION)
+_PRICE_KIND, _HALT_KIND, _KEY_KIND = lib.ENG_JK_PRICE, lib.ENG_JK_HALT, lib.ENG_JK_KEY
+_ACCOUNT_KIND, _RELEASE_KIND = lib.ENG_JK_ACCOUNT, lib.ENG_JK_RELEASE
+_TRANSITION_KIND = lib.ENG_JK_TRANSITION
+#: seq, ts_ns, id, word, kind, trigger (the latch word between seq and ts_ns skipped)
+_HEAD = struct.Struct("<Q8xqQQII")
+_U64 = struct.Struct("<Q")
+_VERSION_OFF = ffi.offsetof("eng_jrec", "version")
 _PRICE = struct.Struct("<dqdd")
 
 
@@ -38,6 +44,7 @@ class SegmentJournal:
         self._size = ffi.sizeof("eng_jrec")
         self._out_n = ffi.new("uint32_t *")
         self._out_resume = ffi.new("uint64_t *")
+        self._triggers = {int(t): t for t in engine.spec.Trigger}
 
     def seq(self) -> int:
         eng = self._eng
@@ -57,40 +64,35 @@ class SegmentJournal:
                 f"events(since={resume - 1})", resume)
         if rc:
             raise_for(rc, name=eng.name)
-        n = self._out_n[0]
-        return [self._event(i) for i in range(n)]
+        view = memoryview(self._view)
+        return [self._event(view, i * self._size) for i in range(self._out_n[0])]
 
-    def _event(self, i: int) -> Event:
-        r = self._buf[i]
+    def _event(self, view: memoryview, base: int) -> Event:
         eng = self._eng
-        kind = int(r.kind)
-        base = i * self._size
+        seq, ts, pid, word, kind, trigger = _HEAD.unpack_from(view, base)
+        version = _U64.unpack_from(view, base + _VERSION_OFF)[0]
         record: Any
-        if kind == lib.ENG_JK_PRICE:
-            price, ts, pct, usd = _PRICE.unpack_from(self._view, base + _W_OFF)
-            record = PriceSnapshot(price, ts, pct, usd, int(r.version))
-        elif kind == lib.ENG_JK_HALT:
-            record = bool(r.word)
-        elif kind == lib.ENG_JK_KEY:
-            n = min(int(r.version), lib.ENG_KEY_MAX)
-            record = bytes(self._view[base + _W_OFF:base + _W_OFF + n])
-        elif kind == lib.ENG_JK_ACCOUNT:
+        state: Any = None
+        if kind == _PRICE_KIND:
+            price, pts, pct, usd = _PRICE.unpack_from(view, base + _W_OFF)
+            record = PriceSnapshot(price, pts, pct, usd, version)
+        elif kind == _HALT_KIND:
+            record = bool(word)
+        elif kind == _KEY_KIND:
+            record = bytes(view[base + _W_OFF:base + _W_OFF + min(version, lib.ENG_KEY_MAX)])
+        elif kind == _ACCOUNT_KIND:
             row = ffi.new("eng_account_row *")
-            row.id, row.version = int(r.id), int(r.version)
-            row.index = int(r.id) & lib.ENG_ID_SLOT_MASK
-            ffi.memmove(ffi.addressof(row[0], "b"), ffi.addressof(self._buf[i], "w"),
+            row.id, row.version, row.index = pid, version, pid & lib.ENG_ID_SLOT_MASK
+            ffi.memmove(ffi.addressof(row[0], "b"), view[base + _W_OFF:base + _W_END],
                         ffi.sizeof("eng_books"))
             record = account_from_row(row)
         else:
-            record = tuple.__new__(eng._rec.Context, eng._rec.unpack(
-                memoryview(self._view)[base + _W_OFF:base + _W_END]))
-        state: Any = None
-        trigger: Any = None
-        if kind in _SLOT_KINDS:
-            state = eng._states.get(int(r.word) & _STATE_MASK)
-        if kind == lib.ENG_JK_TRANSITION:
-            trigger = eng.spec.Trigger(int(r.trigger))
-        return Event(int(r.seq), int(r.ts_ns), KINDS[kind], int(r.id), state, trigger, record)
+            record = tuple.__new__(eng._rec.Context,
+                                   eng._rec.unpack(view[base + _W_OFF:base + _W_END]))
+            if kind != _RELEASE_KIND:
+                state = eng._states.get(word & _STATE_MASK)
+        return Event(seq, ts, KINDS[kind], pid, state,
+                     self._triggers[trigger] if kind == _TRANSITION_KIND else None, record)
 
     def wait(self, after: int, timeout: float) -> bool:
         eng = self._eng
