@@ -58,7 +58,16 @@ from engine.journal import Event, JournalSource, JournalWaker, follow, follow_as
 from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, PriceSnapshot
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome
-from engine.store import Attached, Seg, Store, backend, check_name, random_name
+from engine.store import (
+    Attached,
+    Seg,
+    Store,
+    backend,
+    check_name,
+    journal_source,
+    random_name,
+)
+from engine.store import create as store_create
 
 __all__ = ["Engine", "Handle", "RecoveryReport"]
 
@@ -353,13 +362,9 @@ class Engine(_EngineBase):
         n_records, flags = _journal_args(journal, journal_records, journal_prices)
         name = check_name(name) if name is not None else random_name()
         store = backend(url)
-        if url is None:   # the journal's options: shared memory's (Redis keeps its streams)
-            from engine.store.shm import SHARED_MEMORY
-            return cls._made(name, spec, None, lambda eng: SHARED_MEMORY.create(
-                eng, name, spec, capacity, keys_per_position, max_accounts, shards,
-                journal_records=n_records, journal_flags=flags))
-        return cls._made(name, spec, store.url, lambda eng: store.create(
-            eng, name, spec, capacity, keys_per_position, max_accounts, shards))
+        return cls._made(name, spec, store.url, lambda eng: store_create(
+            store, eng, name, spec, capacity, keys_per_position, max_accounts, shards,
+            n_records, flags))
 
     @classmethod
     def attach(cls, target: Handle | str, *, spec: MachineSpec | None = None,
@@ -1306,10 +1311,7 @@ class Engine(_EngineBase):
     # -- the journal ---------------------------------------------------------------
     def _journal_source(self) -> JournalSource:
         """This backend's journal reader (a new one per caller: it owns a buffer)."""
-        if self.url is not None:
-            return self._seg.journal()   # type: ignore[no-any-return]  # Redis: the streams
-        from engine.store.shm_journal import SegmentJournal
-        return SegmentJournal(self)
+        return journal_source(self)
 
     @property
     def journal_seq(self) -> int:
