@@ -24,7 +24,7 @@ import threading
 import time
 import typing
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, overload
 
@@ -59,10 +59,20 @@ from engine.errors import (
     redact,
     shown,
 )
+from engine.journal import Event, JournalSource, JournalWaker, follow, follow_async
 from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, Context, PriceSnapshot
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome, Side, State, TriggerName
-from engine.store import Attached, Seg, Store, backend, check_name, random_name
+from engine.store import (
+    Attached,
+    Seg,
+    Store,
+    backend,
+    check_name,
+    journal_source,
+    random_name,
+)
+from engine.store import create as store_create
 
 if TYPE_CHECKING:
     from typing_extensions import Self, TypeVar
@@ -102,6 +112,7 @@ _INT64 = (-(2**63), 2**63 - 1)
 _KEY_MAX = lib.ENG_KEY_MAX
 _DEFAULT_KEYS = 2
 _DEFAULT_ACCOUNTS = 64
+_DEFAULT_JOURNAL_RECORDS = lib.ENG_JOURNAL_DEFAULT_RECORDS
 _ACCOUNT_TRIES = 32          # update_account: tries before BusyError
 _ACCOUNT_BACKOFF_S = 20e-6   # first back-off; doubles per try, capped at 2 ms
 _RISK_LIMITS = {lib.ENG_ERISK_HALTED: "halted", lib.ENG_ERISK_EXPOSURE: "exposure",
@@ -275,6 +286,25 @@ else:   # the C part of an Engine: the view its hot calls use (native/fastpath.c
     _EngineBase = object if _fastpath is None else _fastpath.EngineBase
 
 
+def _journal_args(journal: Any, records: Any, prices: Any) -> tuple[int, int]:
+    """create()'s journal options, checked: (records in the ring or 0, flags)."""
+    if journal is False:
+        journal = None
+    if journal is not None and journal is not True:
+        raise EngineTypeError(f"journal must be True or None, got {shown(journal)}")
+    if not isinstance(records, int) or isinstance(records, bool):
+        raise EngineTypeError(f"journal_records must be an int, got {shown(records)}")
+    lo, hi = lib.ENG_JOURNAL_MIN_RECORDS, lib.ENG_JOURNAL_MAX_RECORDS
+    if not (lo <= records <= hi and records & (records - 1) == 0):
+        raise ArgumentError(f"journal_records must be a power of two in [{lo}, {hi}], "
+                            f"got {shown(records)}")
+    if not isinstance(prices, bool):
+        raise EngineTypeError(f"journal_prices must be a bool, got {shown(prices)}")
+    if prices and journal is None:
+        raise ArgumentError("journal_prices=True needs the journal (journal=True)")
+    return (records if journal else 0), (lib.ENG_JOURNAL_PRICES if prices else 0)
+
+
 class Engine(_EngineBase, Generic[S, C, T]):
     """One attached view of a shared-memory segment of positions.
 
@@ -321,6 +351,8 @@ class Engine(_EngineBase, Generic[S, C, T]):
         self.keys_per_position: int = self._seg.kpp
         #: account records (set at create)
         self.max_accounts: int = self._seg.max_accounts
+        #: records the journal's ring holds (0: no journal)
+        self.journal_records: int = int(getattr(self._seg, "jrecords", 0))
         self._pid = os.getpid()
         self._rec = spec.record
         self._price_buf: tuple[Any, memoryview] | None = _new_out("eng_price_out *")
@@ -334,21 +366,27 @@ class Engine(_EngineBase, Generic[S, C, T]):
     @classmethod
     def create(cls, capacity: int = ..., *, name: str | None = ..., spec: None = ...,
                keys_per_position: int = ..., max_accounts: int = ..., url: str | None = ...,
-               shards: int | None = ..., temporary: bool = ...) -> Engine: ...
+               shards: int | None = ..., temporary: bool = ...,
+               journal: bool | None = ..., journal_records: int = ...,
+               journal_prices: bool = ...) -> Engine: ...
 
     @overload
     @classmethod
     def create(cls, capacity: int = ..., *, name: str | None = ..., spec: MachineSpec,
                keys_per_position: int = ..., max_accounts: int = ..., url: str | None = ...,
                shards: int | None = ...,
-               temporary: bool = ...) -> Engine[Any, Any, Any]: ...
+               temporary: bool = ...,
+               journal: bool | None = ..., journal_records: int = ...,
+               journal_prices: bool = ...) -> Engine[Any, Any, Any]: ...
 
     @classmethod
     def create(cls, capacity: int = 10_000, *, name: str | None = None,
                spec: MachineSpec | None = None,
                keys_per_position: int = _DEFAULT_KEYS,
                max_accounts: int = _DEFAULT_ACCOUNTS, url: str | None = None,
-               shards: int | None = None, temporary: bool = False) -> Engine[Any, Any, Any]:
+               shards: int | None = None, temporary: bool = False, journal: bool | None = True,
+               journal_records: int = _DEFAULT_JOURNAL_RECORDS,
+               journal_prices: bool = False) -> Engine[Any, Any, Any]:
         """Create a new segment for ``capacity`` positions and attach to it.
 
         ``temporary=True``: the segment is removed (unlinked) when this
@@ -370,7 +408,13 @@ class Engine(_EngineBase, Generic[S, C, T]):
         ``unix:///path.sock`` or ``redis+cluster://host:port``) the engine
         lives on that Redis server instead, behind the same API; ``shards``
         hash tags spread its positions over a cluster's nodes (default 1 on
-        one server, 16 on a cluster)."""
+        one server, 16 on a cluster).
+
+        ``journal`` (on by default; None turns it off) records every
+        committed change in a ring of ``journal_records`` records (a power
+        of two in [``ENG_JOURNAL_MIN_RECORDS``, ``ENG_JOURNAL_MAX_RECORDS``])
+        in the segment, read with ``events()``; ``journal_prices`` records
+        every price write too."""
         spec = _check_spec(spec)
         for what, v, hi in (("capacity", capacity, lib.ENG_MAX_CAPACITY),
                             ("keys_per_position", keys_per_position,
@@ -383,10 +427,12 @@ class Engine(_EngineBase, Generic[S, C, T]):
                                     f"{hi}], got {shown(v)}")
         if not isinstance(temporary, bool):
             raise EngineTypeError(f"temporary must be a bool, got {shown(temporary)}")
+        n_records, flags = _journal_args(journal, journal_records, journal_prices)
         name = check_name(name) if name is not None else random_name()
         store = backend(url)
-        eng = cls._made(name, spec, store.url, lambda eng: store.create(
-            eng, name, spec, capacity, keys_per_position, max_accounts, shards))
+        eng = cls._made(name, spec, store.url, lambda eng: store_create(
+            store, eng, name, spec, capacity, keys_per_position, max_accounts, shards,
+            n_records, flags))
         if temporary:
             eng._temporary = weakref.finalize(eng, _remove_temporary, name,
                                               store.remover(name, eng._seg), os.getpid())
@@ -1375,6 +1421,38 @@ class Engine(_EngineBase, Generic[S, C, T]):
                 since = int(out[0])
                 continue
             self._fail(rc, pos, timeout=timeout)
+
+    # -- the journal ---------------------------------------------------------------
+    def _journal_source(self) -> JournalSource:
+        """This backend's journal reader (a new one per caller: it owns a buffer)."""
+        return journal_source(self)
+
+    @property
+    def journal_seq(self) -> int:
+        """The seq of the last committed record (0: none yet)."""
+        return self._journal_source().seq()
+
+    def events(self, since: int | None = None,
+               timeout: float | None = None) -> Iterator[Event]:
+        """Every committed change as an ``Event``, in seq order.
+
+        ``since=None`` starts at the next change; ``since=N`` yields every
+        retained record with seq > N (``JournalLappedError``, with
+        ``resume_seq``, if one of them was overwritten: never a silent gap).
+        The iterator ends after ``timeout`` seconds with nothing new;
+        ``timeout=None`` waits forever.  Ctrl-C and other signals are handled
+        while it waits."""
+        return follow(self._journal_source(), since, timeout)
+
+    def events_async(self, since: int | None = None,
+                     timeout: float | None = None) -> AsyncIterator[Event]:
+        """``events`` for asyncio (``async for ev in eng.events_async()``).
+        Reads never block the loop; every subscriber of this Engine is woken
+        by one shared helper thread, whatever their number."""
+        waker = self.__dict__.get("_journal_waker")
+        if waker is None:
+            waker = self._journal_waker = JournalWaker(self._journal_source())
+        return follow_async(self._journal_source(), waker, since, timeout)
 
     def snapshot(self) -> np.ndarray:
         """Every open position as one row of a structured array (``id`` and

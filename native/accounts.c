@@ -134,16 +134,37 @@ static int acct_resolve(eng_seg *s, eng_account *a, uint64_t AL, op_timer t)
     uint64_t v = aw_version(AL);
     eng_books *pend = &a->books[(v + 1) & 1];
     int forward = 0;
+    uint64_t ref = 0;
     if (load_acquire_u64(&pend->seal) == AL) {                     /* pairs with B3 */
-        uint64_t ref = load_relaxed_u64(&pend->seal_slot);
+        ref = load_relaxed_u64(&pend->seal_slot);
         int d = ref ? slot_decision(s, ref, load_relaxed_u64(&pend->seal_word), t, 1) : 1;
         if (d < 0)
             return 0;
         forward = d;
     }
     uint64_t expected = AL;
-    if (!cas_acq_rel_u64(&a->word, &expected, aw_make(forward ? v + 1 : v)))
+    uint64_t JL = 0;
+    if (forward && !ref && s->journal) {
+        /* rolling a change of the account alone forward is its commit: made
+         * by the journal latch holder, recorded on the dead holder's behalf
+         * (a booked change is recorded by its slot's commit) */
+        if (journal_latch(s, t, &JL) != 0)
+            return 0;
+        if (load_acquire_u64(&a->word) != AL) {
+            journal_abort(s, JL);
+            return 0;
+        }
+        uint64_t id = make_id(load_relaxed_u32(&pend->opening), (uint32_t)(a - s->accounts));
+        journal_fill_release(s, JL, ENG_JK_ACCOUNT, 0, id, aw_make(v + 1),
+                             (const uint64_t *)pend, BOOKS_WORDS, v + 1);
+    }
+    if (!cas_acq_rel_u64(&a->word, &expected, aw_make(forward ? v + 1 : v))) {
+        if (JL)
+            journal_abort(s, JL);
         return 0;
+    }
+    if (JL)
+        journal_publish(s, JL);
     OP_TAKEOVERS(t, 1);
     if (forward)
         OP_FORWARDS(t, 1);
@@ -194,6 +215,34 @@ static void acct_write_pending(eng_account *a, uint64_t AL, eng_books *nb, uint6
 static int acct_publish(eng_account *a, uint64_t AL)
 {
     return seq_publish_acq_rel(&a->word, AL, aw_make(aw_version(AL) + 1));
+}
+
+/* A change of account a alone (id), latched as AL: seal books b and publish
+ * them (B3, W3), journaled: J1 before the seal (busy past the bound: unlatch,
+ * nothing sealed, ENG_EBUSY), J2 the books after, J3 the publish, J4. */
+static int acct_commit(eng_seg *s, eng_account *a, uint64_t AL, eng_books *b, uint64_t id,
+                       uint32_t fault)
+{
+    uint64_t JL = 0;
+    op_timer none = {NULL, 0};
+    if (s->journal && journal_latch(s, none, &JL) != 0) {           /* J1 */
+        acct_unlatch(a, AL);
+        return ENG_EBUSY;
+    }
+    acct_write_pending(a, AL, b, 0, 0);
+    if (fault)
+        die_if(s, fault);   /* latch held, the change sealed, its record not filled */
+    if (JL)
+        journal_fill_release(s, JL, ENG_JK_ACCOUNT, 0, id, aw_make(aw_version(AL) + 1),
+                             (const uint64_t *)b, BOOKS_WORDS, aw_version(AL) + 1);   /* J2 */
+    if (acct_publish(a, AL) != 0) {                                 /* J3 */
+        if (JL)   /* not reached while we hold the journal latch: a resolver needs it */
+            journal_abort(s, JL);
+        return 0;   /* taken: a resolver rolled the sealed copy forward */
+    }
+    if (JL)
+        journal_publish(s, JL);                                     /* J4 */
+    return 0;
 }
 
 typedef struct books_view {
@@ -411,8 +460,8 @@ static int finish_booked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *c, e
 {
     uint64_t nw;
     if (ctx_publish(s, sl, L, c, &nw) != 0) {                      /* B4, B5 */
-        acct_resolve(s, a, AL, t);   /* we were judged gone: the evidence decides */
-        return ENG_CONFLICT;
+        acct_resolve(s, a, AL, t);   /* not committed (journal busy, or judged gone): the evidence decides */
+        return sw_state(L) ? ENG_CONFLICT : ENG_EBUSY;
     }
     die_if(s, ENG_FAULT_DIE_IN_BOOKING);
     acct_publish(a, AL);                                           /* B6 */
@@ -524,12 +573,10 @@ static int acct_single(eng_seg *s, uint64_t id, int kind, const acct_args *x)
         rc = books_check(&b, id);
         if (rc == 0)
             rc = books_change(&b, kind, x, aw_version(AL));
-        if (rc) {
+        if (rc)
             acct_unlatch(a, AL);
-        } else {
-            acct_write_pending(a, AL, &b, 0, 0);
-            acct_publish(a, AL);   /* taken: a resolver rolled the sealed copy forward */
-        }
+        else
+            rc = acct_commit(s, a, AL, &b, id, 0);
     }
     op_end(t, rc == ENG_EVERSION ? ENG_CONFLICT : rc);
     return rc;
@@ -717,12 +764,10 @@ int eng_open_account(eng_seg *s, int64_t cash, int64_t max_exposure, uint32_t ma
         b.max_positions = max_positions;
         b.max_loss = max_loss;
         acct_key_write(a, key ? &kbuf : NULL);                                   /* K3 */
-        acct_write_pending(a, AL, &b, 0, 0);
-        if (key)
-            die_if(s, ENG_FAULT_DIE_IN_KEY);   /* key lock and latch held, open sealed */
-        acct_publish(a, AL);
-        *out_id = make_id(opening, i);
-        rc = 0;
+        /* key lock and latch held, open sealed: ENG_FAULT_DIE_IN_KEY for a keyed open */
+        rc = acct_commit(s, a, AL, &b, make_id(opening, i), key ? ENG_FAULT_DIE_IN_KEY : 0);
+        if (rc == 0)
+            *out_id = make_id(opening, i);
         break;
     }
     if (key)

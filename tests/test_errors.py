@@ -217,8 +217,27 @@ class CFuzz:
             rc = self.call(name, base, lib.eng_format,
                            self.buf if base == "buf" else ffi.NULL, size, d(U32S),
                            d(st.sampled_from([ffi.NULL, self.table])), d(U32S), d(U32S),
-                           d(U32S), d(U32S), d(U64S), d(U32S), self.layout(d), d(U32S))
+                           d(U32S), d(U32S), d(U64S), d(U32S), self.layout(d), d(U32S),
+                           d(U32S), d(U32S))
             x(name, base, rc)
+        elif name == "eng_segment_size_journal":
+            self.call(name, "-", lib.eng_segment_size_journal, d(U32S), d(U32S), d(U32S),
+                      d(U32S), d(U32S))
+        elif name == "eng_journal_seq":
+            kind, s = self.seg(d)
+            self.call(name, kind, lib.eng_journal_seq, s)
+        elif name == "eng_journal_read":
+            kind, s = self.seg(d)
+            out = ffi.NULL if d(st.booleans()) else ffi.new("eng_jrec[]", 4)
+            n = d(U32S) if out == ffi.NULL else d(st.integers(0, 4))
+            x(name, kind, self.call(name, kind, lib.eng_journal_read, s, d(U64S), out, n,
+                                    self.out(d, "uint32_t *"), self.out(d, "uint64_t *")),
+              (ERRNO_MIN, 0))
+        elif name == "eng_journal_wait":
+            kind, s = self.seg(d)
+            timeout = d(I64S) if kind != "foreign" else d(st.integers(-(2**63), 1_000_000))
+            x(name, kind, self.call(name, kind, lib.eng_journal_wait, s, d(U64S), timeout,
+                                    self.out(d, "uint64_t *")), (ERRNO_MIN, 0))
         elif name == "eng_validate":
             base = d(st.sampled_from(["null", "buf", "foreign"]))
             fsize = int(self.segs["foreign"].size)
