@@ -61,7 +61,7 @@ LOCK, ERROR_FLAG = lib.ENG_SW_LOCK, lib.ENG_SW_ERROR
 def sigkill(p: Any, errors: Any = None) -> None:
     """SIGKILL a child that must still be running, reap it, and check it died of the kill
     (a worker that ended on an exception fails the test with the traceback it reported)."""
-    reap_by_sigkill(p)
+    reap_by_sigkill(p, may_have_exited=True)   # checked below, with the worker's report
     if p.exitcode != -signal.SIGKILL:
         reported = []
         with contextlib.suppress(Exception):
