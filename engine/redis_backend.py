@@ -670,6 +670,30 @@ class _Conn:
         except self.errors as e:
             raise ServerError(f"{self.url}: wait failed: {e}") from None
 
+    def blocking_connection(self, key: str, conns: dict[str, tuple[Any, int]]) -> tuple[str, Any, int]:
+        """(node name, connection, its client id) for blocking reads of ``key``:
+        a connection of the caller's own (kept in ``conns``) to the key's node."""
+        if self.conn is None:
+            node = self.client.get_node_from_key(key)
+            name, pool = node.name, self.client.get_redis_connection(node).connection_pool
+        else:
+            name, pool = "", self.client.connection_pool
+        if name not in conns:
+            conn = self._node_conn(pool)
+            try:
+                conn.send_command("CLIENT", "ID")
+                cid = int(conn.read_response())
+            except self.errors as e:
+                conn.disconnect()
+                raise ServerError(f"{self.url}: wait failed: {e}") from None
+            conns[name] = (conn, cid)
+        conn, cid = conns[name]
+        return name, conn, cid
+
+    def unblock(self, client_id: int, key: str) -> None:
+        """End the blocking read of client ``client_id`` (on ``key``'s node) now."""
+        self.command("CLIENT", "UNBLOCK", client_id, key=key)
+
     def _node_conn(self, pool: Any) -> Any:
         """A new connection like ``pool``'s (server, credentials, TLS) whose
         every connect, send and read waits at most the url's timeout, never
@@ -1933,6 +1957,41 @@ class RedisStore:
                 return APPLIED
             if ms <= slice_ms:
                 return ETIMEDOUT
+
+    def wait_slice_ms(self) -> int:
+        """A blocking read's slice: well inside the url's socket timeout."""
+        return max(1, min(_WAIT_SLICE_MS, int(self.conn.timeout * 1000) // 2))
+
+    def wait_probe(self, id: int, ttl_ms: int | None = None) -> tuple[int, int, int, str, bytes]:
+        """(code, state, generation, stream, last id), read in one step
+        (wprep) that arms the slot's waiting flag for ``ttl_ms`` (default
+        three slices): a commit after it adds an entry past that id."""
+        sp = self._split(id)
+        if isinstance(sp, int):
+            return sp, 0, 0, "", b""
+        slot, op = sp
+        r = self._call(slot, "wprep", op, ttl_ms or 3 * self.wait_slice_ms())
+        if r[0]:
+            return int(r[0]), 0, 0, "", b""
+        return 0, int(r[2]), int(r[3]), self.prefixes[slot % self.shards] + f"w:{slot}", r[1]
+
+    def eng_wait_for(self, seg: Any, id: int, mask: int, left_ns: int, out: Any) -> int:
+        """Until the state is in ``mask`` (APPLIED, the state in out[0]) or the
+        time is up (ETIMEDOUT): check and arm in one step (wprep), then
+        block on the stream past the id it read, a slice at a time."""
+        deadline = time.monotonic() + left_ns / 1e9
+        slice_ms = self.wait_slice_ms()
+        while True:
+            rc, st, _gen, stream, last = self.wait_probe(id)
+            if rc:
+                return rc
+            if st & mask:
+                out[0] = st
+                return APPLIED
+            ms = int((deadline - time.monotonic()) * 1000)
+            if ms <= 0:
+                return ETIMEDOUT
+            self.conn.block_read(stream, last, min(ms, slice_ms))
 
     def eng_snapshot(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
         """Each shard in pages of about ENG_REDIS_SNAPSHOT_PAGE open

@@ -777,17 +777,22 @@ REG('release', once(function(keys, args)
     return committed(st, 0, gen)
 end))
 
--- the wait stream's last id (before blocking on it), or {code}; arms the
--- slot's waiting flag for ttl ms (never shortening another waiter's)
+-- {0, the wait stream's last id (before blocking on it), state, generation}
+-- or {code}; arms the slot's waiting flag for ttl ms (never shortening
+-- another waiter's).  State and last id are read in the same step as the
+-- flag is armed: a commit after it reaches the stream (wait_for: check, then
+-- block past that id, with no window between)
 REG('wprep', once(function(keys, args)
     local P = tag(keys)
-    local st, err = live(P .. 'p:' .. args[1], tonumber(args[2]))
+    local p = P .. 'p:' .. args[1]
+    local st, err = live(p, tonumber(args[2]))
     if not st then return {err} end
     local wf, ttl = P .. 'wf:' .. args[1], tonumber(args[3])
     if redis.call('PTTL', wf) < ttl then redis.call('SET', wf, 1, 'PX', ttl) end
     local last = redis.call('XREVRANGE', P .. 'w:' .. args[1], '+', '-', 'COUNT', 1)
-    if #last == 0 then return {0, '0-0'} end
-    return {0, last[1][1]}
+    local gen = tonumber(redis.call('HGET', p, 'gen')) or 0
+    if #last == 0 then return {0, '0-0', st, gen} end
+    return {0, last[1][1], st, gen}
 end))
 
 -- one page of the shard's open positions: one SSCAN step from cursor args[1]
