@@ -92,6 +92,15 @@ class _Wait:
         self.sleep_on: Any = None   # what its last probe said to sleep on
 
 
+def _post(w: _Wait, ok: bool, value: Any) -> None:
+    """From the waiter thread: settle the wait's future on its loop (a loop
+    closed meanwhile has no one left to tell)."""
+    try:
+        w.loop.call_soon_threadsafe(_settle, w.fut, ok, value)
+    except RuntimeError:   # the loop is closed
+        pass
+
+
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
     """On the loop's thread: the result, unless the task gave up meanwhile."""
     if fut.done():
@@ -190,7 +199,7 @@ class Waiter:
                                       bell)
         except BaseException as e:   # the engine failed under us: every wait learns it
             for w in waits + self._new:
-                w.loop.call_soon_threadsafe(_settle, w.fut, False, e)
+                _post(w, False, e)
             waits = []
         finally:
             with self._lock:
@@ -198,10 +207,7 @@ class Waiter:
                 pending, self._new = waits + self._new, []
             self.held = 0
             for w in pending:
-                if not w.loop.is_closed():
-                    w.loop.call_soon_threadsafe(
-                        _settle, w.fut, False, ClosedError("the engine was closed while "
-                                                           "this task waited"))
+                _post(w, False, ClosedError("the engine was closed while this task waited"))
             sleeper.close()
             try:
                 eng.close()
@@ -222,10 +228,10 @@ class Waiter:
             try:
                 done, value = w.probe(eng)
             except Exception as e:
-                w.loop.call_soon_threadsafe(_settle, w.fut, False, e)
+                _post(w, False, e)
                 continue
             if done:
-                w.loop.call_soon_threadsafe(_settle, w.fut, True, value)
+                _post(w, True, value)
                 continue
             w.sleep_on = value
             keep.append(w)
@@ -242,15 +248,20 @@ class _Doorbell:
         self.r, self.w = os.pipe()
         os.set_blocking(self.r, False)
         os.set_blocking(self.w, False)
+        self._lock = threading.Lock()   # ring vs close: never a descriptor reused meanwhile
+        self.closed = False
 
     def ring(self) -> None:
-        self.word.value = (self.word.value + 1) & 0xFFFFFFFF
-        if _SYS_FUTEX is not None:
-            _syscall(_SYS_FUTEX, ctypes.c_void_p(self.addr), _FUTEX_WAKE, 1, None, None, 0)
-        try:
-            os.write(self.w, b"x")
-        except BlockingIOError:   # already rung
-            pass
+        with self._lock:
+            if self.closed:
+                return
+            self.word.value = (self.word.value + 1) & 0xFFFFFFFF
+            if _SYS_FUTEX is not None:
+                _syscall(_SYS_FUTEX, ctypes.c_void_p(self.addr), _FUTEX_WAKE, 1, None, None, 0)
+            try:
+                os.write(self.w, b"x")
+            except BlockingIOError:   # already rung
+                pass
 
     def drain(self) -> None:
         try:
@@ -260,8 +271,11 @@ class _Doorbell:
             pass
 
     def close(self) -> None:
-        os.close(self.r)
-        os.close(self.w)
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                os.close(self.r)
+                os.close(self.w)
 
 
 class _FutexSleeper:
