@@ -35,6 +35,7 @@ rest are probed once per slice, not woken.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import os
@@ -47,7 +48,7 @@ from typing import Any
 from engine._native import ffi, lib
 from engine.errors import ClosedError, InternalError
 
-__all__ = ["Waiter", "start", "changed", "reaches", "committed_of"]
+__all__ = ["Waiter", "changed", "committed_of", "reaches", "start"]
 
 #: Probe: called on the waiter thread with its Engine
 Probe = Callable[[Any], tuple[bool, Any]]
@@ -84,7 +85,7 @@ _syscall.restype = ctypes.c_long
 
 
 class _Wait:
-    __slots__ = ("probe", "fut", "loop", "sleep_on")
+    __slots__ = ("fut", "loop", "probe", "sleep_on")
 
     def __init__(self, probe: Probe, fut: asyncio.Future[Any],
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -95,10 +96,8 @@ class _Wait:
 def _post(w: _Wait, ok: bool, value: Any) -> None:
     """From the waiter thread: settle the wait's future on its loop (a loop
     closed meanwhile has no one left to tell)."""
-    try:
+    with contextlib.suppress(RuntimeError):   # the loop is closed
         w.loop.call_soon_threadsafe(_settle, w.fut, ok, value)
-    except RuntimeError:   # the loop is closed
-        pass
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -209,10 +208,8 @@ class Waiter:
             for w in pending:
                 _post(w, False, ClosedError("the engine was closed while this task waited"))
             sleeper.close()
-            try:
+            with contextlib.suppress(Exception):   # the view is gone either way
                 eng.close()
-            except Exception:   # pragma: no cover - the view is gone either way
-                pass
 
     @staticmethod
     def _probe_all(eng: Any, waits: list[_Wait], fired: set[Any] | None) -> list[_Wait]:
@@ -258,10 +255,8 @@ class _Doorbell:
             self.word.value = (self.word.value + 1) & 0xFFFFFFFF
             if _SYS_FUTEX is not None:
                 _syscall(_SYS_FUTEX, ctypes.c_void_p(self.addr), _FUTEX_WAKE, 1, None, None, 0)
-            try:
+            with contextlib.suppress(BlockingIOError):   # already rung
                 os.write(self.w, b"x")
-            except BlockingIOError:   # already rung
-                pass
 
     def drain(self) -> None:
         try:
@@ -297,7 +292,7 @@ class _FutexSleeper:
         the words that moved (None: probe every wait)."""
         limit_s = self.slice_s
         words = list(dict.fromkeys(words))
-        entries = [(self.bell.addr, bell)] + words[:FUTEX_WAITV_MAX - 1]
+        entries = [(self.bell.addr, bell), *words[:FUTEX_WAITV_MAX - 1]]
         if self.have_waitv:
             for i, (addr, val) in enumerate(entries):
                 e = self.waitv[i]
@@ -360,7 +355,7 @@ class _RedisSleeper:
             sent.append((name, conn, cid))
         socks = {conn._sock: (name, conn, cid) for name, conn, cid in sent}
         # the socket wait is a little longer than the server's block
-        ready, _, _ = select.select(list(socks) + [self.bell.r], [], [], limit_s + 1.0)
+        ready, _, _ = select.select([*socks, self.bell.r], [], [], limit_s + 1.0)
         fired: set[Any] = set()
         for name, conn, cid in sent:
             want = by_node[name][2]
@@ -381,10 +376,8 @@ class _RedisSleeper:
 
     def close(self) -> None:
         for conn, _ in self.conns.values():
-            try:
+            with contextlib.suppress(Exception):
                 conn.disconnect()
-            except Exception:   # pragma: no cover
-                pass
         self.bell.close()
 
 
@@ -399,7 +392,7 @@ def committed_of(eng: Any, pos: int) -> int | None:
     None on Redis, where the first probe takes the generation)."""
     if eng.url is not None:
         return None
-    return eng.state_word(pos & lib.ENG_ID_SLOT_MASK) & _COMMITTED
+    return int(eng.state_word(pos & lib.ENG_ID_SLOT_MASK)) & _COMMITTED
 
 
 def _futex_probe(eng: Any, pos: int, done: Callable[[int, int], bool]) -> tuple[bool, Any]:

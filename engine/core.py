@@ -1423,7 +1423,7 @@ class Engine(_EngineBase):
             weakref.finalize(self, self._aio_waiter.close)   # dropped unclosed: it ends too
         return self._aio_waiter
 
-    def _committed(self, pos: int) -> int:
+    def _committed(self, pos: int) -> int | None:
         """The committed bits of the position's state word (the id checked)."""
         self.state(pos)   # the id's checks and errors
         return _aio.committed_of(self, pos)
@@ -1431,11 +1431,11 @@ class Engine(_EngineBase):
     def _wait_timeout(self, timeout: Any, none_ok: bool = True) -> float:
         """A wait's bound in seconds (None: forever, as far as C counts)."""
         if timeout is None and none_ok:
-            return _MAX_TIMEOUT_S
+            return float(_MAX_TIMEOUT_S)
         if not (_is_number(timeout) and _finite(timeout) and timeout >= 0):
             raise ArgumentError("timeout must be a finite number of seconds >= 0"
                                 + (" or None" if none_ok else "") + f", got {shown(timeout)}")
-        return min(float(timeout), _MAX_TIMEOUT_S)
+        return min(float(timeout), float(_MAX_TIMEOUT_S))
 
     def _state_mask(self, states: Any) -> int:
         """The one-hot mask of ``states``: a state, its name, or an iterable of them."""

@@ -670,7 +670,8 @@ class _Conn:
         except self.errors as e:
             raise ServerError(f"{self.url}: wait failed: {e}") from None
 
-    def blocking_connection(self, key: str, conns: dict[str, tuple[Any, int]]) -> tuple[str, Any, int]:
+    def blocking_connection(self, key: str,
+                            conns: dict[str, tuple[Any, int]]) -> tuple[str, Any, int]:
         """(node name, connection, its client id) for blocking reads of ``key``:
         a connection of the caller's own (kept in ``conns``) to the key's node."""
         if self.conn is None:

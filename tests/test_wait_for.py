@@ -169,7 +169,7 @@ class TestWaitFor:
             for step in SHM_STEPS if eng.url is None else REDIS_STEPS:
                 pos = _monitoring(eng)
                 _commit_after(eng, step, lambda p=pos: other.transition(p, Trigger.PAUSE))
-                with pytest.raises(WaitTimeout, match="not in \\['CLOSED'\\] within 0.2 s"):
+                with pytest.raises(WaitTimeout, match=r"not in \['CLOSED'\] within 0.2 s"):
                     eng.wait_for(pos, State.CLOSED, timeout=0.2)
                 assert eng.state(pos) is State.PAUSED
         finally:
