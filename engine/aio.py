@@ -392,7 +392,7 @@ def committed_of(eng: Any, pos: int) -> int | None:
     None on Redis, where the first probe takes the generation)."""
     if eng.url is not None:
         return None
-    return int(eng.state_word(pos & lib.ENG_ID_SLOT_MASK)) & _COMMITTED
+    return int(eng.state_word(pos & lib.ENG_ID_SLOT_MASK) & _COMMITTED)
 
 
 def _futex_probe(eng: Any, pos: int, done: Callable[[int, int], bool]) -> tuple[bool, Any]:
