@@ -40,6 +40,7 @@
 --   P.."a:"..n    hash  account n's books (exact int64 units, as strings)
 --   P.."afree"    list  free account numbers of this shard
 --   P.."s"        hash  counters per operation and outcome (metrics)
+--   P.."j"        stream the shard's journal (see "the journal" below)
 --
 -- Numbers (codes, table encoding, shifts) come from the C header through the
 -- constants Python prepends.  Values cross as bytes where exactness matters:
@@ -218,6 +219,13 @@ local function write_price(P, p, rec, price, ts)
     return redis.call('HINCRBY', p, 'pv', 1)
 end
 
+local journal   -- (defined below, with the other journal helpers)
+-- the journal entry of a price write on position p (state st)
+local function journal_price(P, slot, p, st)
+    journal(P, 'price', 's', slot, 'o', redis.call('HGET', p, 'op'), 'st', st, 'r',
+            redis.call('HGET', p, 'pr'))
+end
+
 -- merge update words (mask bit i: word i of upd) into rec
 local function merge(rec, mask, upd)
     local i = 0
@@ -368,6 +376,44 @@ local function wake(P, slot, new)
     end
 end
 
+-- The journal.  Every committed change appends one entry to the shard's
+-- stream P.."j", in the same function call as the change (so the record
+-- exists iff the change committed: a function's writes apply whole, a
+-- refused call returns before its first write, and a resend of a call
+-- that applied gets its recorded reply from `once` without running again).
+-- The meta's 'jrec' is the records retained (0 or absent: no journal;
+-- XADD trims the oldest past it), 'jprices' = '1' journals price writes,
+-- 'jseq' the shard's last seq.  An entry's id is '<seq>-1': seq is 1, 2,
+-- ... per shard, in the shard's commit order (so per position and per
+-- account, whose keys live on one shard).  Fields: k kind, ts (server clock
+-- in ns), then by kind: s slot, o opening, st state after, t trigger, r
+-- the record after (the record's bytes; an account's books, msgpacked;
+-- a key's bytes; a price's 32 bytes; the halt flag).
+journal = function(P, kind, ...)
+    local m = redis.call('HMGET', P .. 'm', 'jrec', 'jprices')
+    local keep = tonumber(m[1]) or 0
+    if keep == 0 or (kind == 'price' and m[2] ~= '1') then return end
+    local seq = redis.call('HINCRBY', P .. 'm', 'jseq', 1)
+    local t = redis.call('TIME')
+    local ts = t[1] .. string.format('%06d', tonumber(t[2])) .. '000'   -- exact (no doubles)
+    redis.call('XADD', P .. 'j', 'MAXLEN', keep, seq .. '-1', 'k', kind, 'ts', ts, ...)
+end
+
+-- the journal entry of position p's change (slot, its fields after it)
+local function journal_pos(P, kind, slot, p, trigger)
+    local v = redis.call('HMGET', p, 'op', 'st', 'rec')
+    journal(P, kind, 's', slot, 'o', v[1], 'st', v[2], 't', trigger or '', 'r', v[3] or '')
+end
+
+-- the journal entry of account a's change (number n): its books after it
+local function journal_account(P, n, a)
+    journal(P, 'account', 's', n, 'o', redis.call('HGET', a, 'op'), 'r',
+            cmsgpack.pack(redis.call('HMGET', a, 'cash', 'reserved', 'realized', 'opening_cash',
+                                     'deposits', 'withdrawals', 'max_exposure', 'max_loss',
+                                     'max_positions', 'open_positions', 'halted', 'version',
+                                     'op', 'worst_gain', 'worst_loss')))
+end
+
 -- the account key a closing of position p books on, or nil
 local function account_key(P, p)
     local an, aop = unpack(redis.call('HMGET', p, 'an', 'aop'))
@@ -379,16 +425,18 @@ end
 -- returns APPLIED and its committed() reply, or an error code, or a NEED
 -- answer when the account it books on is not among `keys` (nil: the caller
 -- checked every account key already)
-local function commit(P, slot, p, st, target, mask, upd, keys)
+local function commit(P, slot, p, st, target, mask, upd, keys, trigger)
     local new = 2 ^ target
     local rec = redis.call('HGET', p, 'rec')
     if mask > 0 then rec = merge(rec, mask, upd) end
     -- the booking first: a refusal must leave nothing written (Redis does not roll back)
+    local booked
     if not is_closed(P, st) and is_closed(P, new) then
         local a = keys and account_key(P, p)
         if a and not declared(keys)[a] then return need('', {a}) end
         local rc = book_close(P, p, rec)
         if rc ~= 0 then return rc end
+        booked = account_key(P, p)
     end
     if mask > 0 then
         redis.call('HSET', p, 'rec', rec)
@@ -398,6 +446,8 @@ local function commit(P, slot, p, st, target, mask, upd, keys)
     local gen = redis.call('HINCRBY', p, 'gen', 1)
     redis.call('HINCRBY', p, 'ctr', 1)
     wake(P, slot, new)
+    journal_pos(P, 'transition', slot, p, trigger)
+    if booked then journal_account(P, redis.call('HGET', p, 'an'), booked) end
     return APPLIED, committed(st, new, gen)
 end
 
@@ -414,7 +464,7 @@ local function transition(P, slot, op, trigger, mask, upd, guard_token, keys)
     local target = e % (RULE_TARGET_MASK + 1)
     if target == 0 then return INVALID end
     if e >= RULE_GUARDED and not guard_token then return EGUARDED end
-    return commit(P, slot, p, st, target - 1, mask, upd, keys)
+    return commit(P, slot, p, st, target - 1, mask, upd, keys, trigger)
 end
 
 REG('tx', once(function(keys, args)
@@ -506,6 +556,7 @@ REG('upd', once(function(keys, args)
     local st, err = live(p, tonumber(args[2]))
     if not st then return outcome(P, 'price', err) end
     write_price(P, p, redis.call('HGET', p, 'rec'), struct.unpack('<d', args[3]), args[4])
+    journal_price(P, args[1], p, st)
     return outcome(P, 'price', 0)
 end))
 
@@ -519,9 +570,11 @@ REG('upds', once(function(keys, args)
     for i = 0, n - 1 do
         local slot = struct.unpack('<I4', slots, i * 4 + 1)
         local p = P .. 'p:' .. slot
-        if live(p, (struct.unpack('<I4', ops, i * 4 + 1))) then
+        local st = live(p, (struct.unpack('<I4', ops, i * 4 + 1)))
+        if st then
             write_price(P, p, redis.call('HGET', p, 'rec'),
                         (struct.unpack('<d', prices, i * 8 + 1)), ts)
+            journal_price(P, slot, p, st)
             written = written + 1
         end
     end
@@ -545,6 +598,7 @@ REG('tokp', once(function(keys, args)
         local v = redis.call('HMGET', p, 'st', 'rec')
         if not is_closed(P, tonumber(v[1])) then
             write_price(P, p, v[2], price, args[3])
+            journal_price(P, slot, p, v[1])
             n = n + 1
         end
     end
@@ -709,6 +763,8 @@ REG('open', once(function(keys, args)
     else
         redis.call('DEL', pk)
     end
+    journal_pos(P, 'open', slot, p)
+    if a then journal_account(P, an, a) end
     count(P, 'open', 'applied')
     return {0, tonumber(slot), op, gen, next_free(P .. 'free', pick)}
 end))
@@ -727,6 +783,7 @@ REG('bind', once(function(keys, args)
     end
     redis.call('SET', kk, slot .. ':' .. op)
     redis.call('RPUSH', pk, key)
+    journal(P, 'key', 's', slot, 'o', op, 'st', st, 'r', key)
     return outcome(P, 'key', 0)
 end))
 
@@ -774,6 +831,7 @@ REG('release', once(function(keys, args)
     redis.call('SREM', P .. 't:' .. tok, slot)
     redis.call('RPUSH', P .. 'free', slot)
     wake(P, slot, 0)
+    journal(P, 'release', 's', slot, 'o', op, 'st', 0)
     return committed(st, 0, gen)
 end))
 
@@ -817,7 +875,9 @@ REG('snap', function(keys, args)
 end, NO_WRITES)
 
 REG('halt', function(keys, args)
+    local was = redis.call('HGET', keys[1], 'halted') == '1'
     redis.call('HSET', keys[1], 'halted', args[1])
+    if was ~= (args[1] == '1') then journal(tag(keys), 'halt', 'r', args[1]) end
     return 0
 end, ALLOW_OOM)
 
@@ -845,6 +905,7 @@ REG('aopen', once(function(keys, args)
                'max_exposure', args[2], 'max_positions', args[3], 'max_loss', args[4],
                'open_positions', '0', 'halted', '0', 'worst_gain', '0', 'worst_loss', '0')
     redis.call('HINCRBY', a, 'version', 1)
+    journal_account(P, n, a)
     return {0, tonumber(n), op, next_free(P .. 'afree', pick)}
 end))
 
@@ -884,6 +945,7 @@ REG('acash', once(function(keys, args)
         end
     end
     redis.call('HINCRBY', a, 'version', 1)
+    journal_account(P, args[1], a)
     return {outcome(P, 'account', 0)}
 end))
 
@@ -906,6 +968,7 @@ REG('aset', once(function(keys, args)
         end
     end
     redis.call('HINCRBY', a, 'version', 1)
+    journal_account(P, args[1], a)
     return outcome(P, 'account', 0)
 end))
 
@@ -916,6 +979,7 @@ REG('aclose', once(function(keys, args)
     if redis.call('HGET', a, 'open_positions') ~= '0' then return EACCTBUSY end
     redis.call('HSET', a, 'open', '0')
     redis.call('RPUSH', P .. 'afree', args[1])
+    journal_account(P, args[1], a)
     return 0
 end))
 
