@@ -222,8 +222,8 @@ end
 local journal   -- (defined below, with the other journal helpers)
 -- the journal entry of a price write on position p (state st)
 local function journal_price(P, slot, p, st)
-    journal(P, 'price', 's', slot, 'o', redis.call('HGET', p, 'op'), 'st', st, 'r',
-            redis.call('HGET', p, 'pr'))
+    local v = redis.call('HMGET', p, 'op', 'pr', 'pv')
+    journal(P, 'price', 's', slot, 'o', v[1], 'st', st, 'r', v[2], 'v', v[3])
 end
 
 -- merge update words (mask bit i: word i of upd) into rec
@@ -401,17 +401,16 @@ end
 
 -- the journal entry of position p's change (slot, its fields after it)
 local function journal_pos(P, kind, slot, p, trigger)
-    local v = redis.call('HMGET', p, 'op', 'st', 'rec')
-    journal(P, kind, 's', slot, 'o', v[1], 'st', v[2], 't', trigger or '', 'r', v[3] or '')
+    local v = redis.call('HMGET', p, 'op', 'st', 'rec', 'cv')
+    journal(P, kind, 's', slot, 'o', v[1], 'st', v[2], 't', trigger or '', 'r', v[3] or '',
+            'v', v[4] or '0')
 end
 
 -- the journal entry of account a's change (number n): its books after it
 local function journal_account(P, n, a)
-    journal(P, 'account', 's', n, 'o', redis.call('HGET', a, 'op'), 'r',
-            cmsgpack.pack(redis.call('HMGET', a, 'cash', 'reserved', 'realized', 'opening_cash',
-                                     'deposits', 'withdrawals', 'max_exposure', 'max_loss',
-                                     'max_positions', 'open_positions', 'halted', 'version',
-                                     'op', 'worst_gain', 'worst_loss')))
+    local b = books(a)
+    for i = 1, #BOOKS do b[i] = b[i] or '0' end
+    journal(P, 'account', 's', n, 'o', b[13], 'r', table.concat(b, ','))
 end
 
 -- the account key a closing of position p books on, or nil
@@ -852,6 +851,26 @@ REG('wprep', once(function(keys, args)
     if #last == 0 then return {0, '0-0', st, gen} end
     return {0, last[1][1], st, gen}
 end))
+
+-- The shard's journal after seq args[1], at most args[2] entries:
+-- {last seq, oldest retained seq (0: none retained), entry...}, read in one
+-- step (a trim cannot fall between the bounds and the entries)
+REG('jread', function(keys, args)
+    local P = tag(keys)
+    local last = tonumber(redis.call('HGET', P .. 'm', 'jseq')) or 0
+    local head = redis.call('XRANGE', P .. 'j', '-', '+', 'COUNT', 1)
+    local oldest = 0
+    if #head > 0 then oldest = tonumber(string.match(head[1][1], '^(%d+)')) end
+    local after, n = tonumber(args[1]), tonumber(args[2])
+    local out = {last, oldest}
+    if after < last and n > 0 then
+        local from = string.format('%d', math.max(after, oldest - 1) + 1) .. '-0'
+        for _, e in ipairs(redis.call('XRANGE', P .. 'j', from, '+', 'COUNT', n)) do
+            out[#out + 1] = e
+        end
+    end
+    return out
+end, NO_WRITES)
 
 -- one page of the shard's open positions: one SSCAN step from cursor args[1]
 -- of about args[2] slots, so a call holds the server a bounded time however
