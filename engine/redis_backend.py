@@ -672,11 +672,15 @@ class _Conn:
 
     def blocking_connection(self, key: str,
                             conns: dict[str, tuple[Any, int]]) -> tuple[str, Any, int]:
-        """(node name, connection, its client id) for blocking reads of ``key``:
-        a connection of the caller's own (kept in ``conns``) to the key's node."""
+        """(group, connection, its client id) for blocking reads of ``key``:
+        a connection of the caller's own (kept in ``conns``) to the key's
+        node; on a cluster one per hash tag (a read of several keys must
+        stay in one hash slot), on one server one for every key."""
         if self.conn is None:
             node = self.client.get_node_from_key(key)
-            name, pool = node.name, self.client.get_redis_connection(node).connection_pool
+            tag = key[: key.index("}") + 1] if "}" in key else key
+            name = f"{node.name} {tag}"
+            pool = self.client.get_redis_connection(node).connection_pool
         else:
             name, pool = "", self.client.connection_pool
         if name not in conns:

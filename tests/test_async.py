@@ -17,6 +17,7 @@ import pytest
 from engine import Engine, State, Trigger, aio
 from engine.errors import ArgumentError, ClosedError, StaleIdError, WaitTimeout
 from engine.redis_backend import RedisStore
+from tests.test_redis import cluster  # noqa: F401  (the three-node cluster fixture)
 
 BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)
 
@@ -274,3 +275,34 @@ class TestEnds:
 
         run(main())
         assert engine._aio_waiter is None
+
+
+class TestCluster:
+    pytestmark = pytest.mark.slow
+
+    def test_waits_on_every_node_of_a_cluster(self, cluster):  # noqa: F811
+        """Awaiting positions on three nodes: one waiter thread blocks on each
+        node's streams at once; a wait registered while it is blocked is
+        served too (its block is ended with CLIENT UNBLOCK)."""
+        e = Engine.create(64, url=cluster, shards=6)
+        try:
+            ids = [_monitoring(e) for _ in range(12)]
+            nodes = {e._seg.conn.client.get_node_from_key(e._seg.meta_keys[e.slot_of(i) % 6]).name
+                     for i in ids}
+            assert len(nodes) == 3
+
+            async def main() -> list[Any]:
+                first = [asyncio.ensure_future(e.wait_for_async(i, State.PAUSED, timeout=BOUND_S))
+                         for i in ids[:6]]
+                await _until(lambda: e._aio_waiter is not None and e._aio_waiter.held == 6)
+                late = [asyncio.ensure_future(e.wait_for_async(i, State.PAUSED, timeout=BOUND_S))
+                        for i in ids[6:]]
+                await _until(lambda: e._aio_waiter.held == 12)
+                for i in ids:
+                    e.transition(i, Trigger.PAUSE)
+                return await asyncio.gather(*first, *late)
+
+            assert run(main()) == [State.PAUSED] * 12
+        finally:
+            e.unlink()
+            e.close()

@@ -5,6 +5,7 @@ shard; a reader that fell behind the retained records is told so."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 from collections.abc import Callable, Iterator
@@ -307,3 +308,26 @@ def _until(cond: Callable[[], bool]) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.01)
+
+
+class TestAsyncFollower:
+    def test_an_awaiting_follower_wakes_on_the_next_record(self, eng):
+        """A shard's probe through the Engine's waiter thread (what events_async
+        uses): it sleeps on the stream past its seq and wakes on the next record."""
+        j = _enable(eng)
+        pos = _opened(eng)
+        shard = j.shards[0]
+
+        async def main() -> int:
+            waiter = eng._waiter()
+            task = asyncio.ensure_future(waiter.wait(shard.probe(1), 10.0,
+                                                     lambda: TimeoutError("no record")))
+            for _ in range(2000):
+                if waiter.held == 1:
+                    break
+                await asyncio.sleep(0.005)
+            assert waiter.held == 1 and not task.done()
+            eng.transition(pos, Trigger.POSITION_OPENED)
+            return await task
+
+        assert asyncio.run(main()) == 2
