@@ -188,6 +188,39 @@ class TestNoLostWake:
         assert run(main()) == [State.PAUSED] * 50
 
 
+def _die_after_cas(handle: Any, pos: int) -> None:
+    """Once a waiter is armed on pos: commit PAUSE and be SIGKILLed between
+    the state CAS and the counter bump / wake (ENG_FAULT_DIE_AFTER_CAS)."""
+    import time
+    from engine._native import lib
+    eng = Engine.attach(handle)
+    deadline = time.monotonic() + BOUND_S
+    while not eng._slot(eng.slot_of(pos)).waiting and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    eng._set_fault(flags=lib.ENG_FAULT_DIE_AFTER_CAS)
+    eng.transition(pos, Trigger.PAUSE)   # never returns
+
+
+class TestCrash:
+    @pytest.mark.shm_only
+    def test_a_committer_killed_before_its_wake_costs_a_slice(self, make_engine, spawner):
+        """The commit lands but its wake never comes (SIGKILL after the CAS): the
+        waiter's per-slice probe still ends the wait (forbidden: WaitTimeout)."""
+        eng = make_engine()
+        pos = _monitoring(eng)
+
+        async def main() -> Any:
+            task = asyncio.ensure_future(eng.wait_for_async(pos, State.PAUSED, timeout=BOUND_S))
+            await _until(lambda: eng._aio_waiter is not None and eng._aio_waiter.held == 1)
+            p = spawner.start(_die_after_cas, eng.handle, pos)
+            got = await task
+            await _until(lambda: not p.is_alive())
+            assert p.exitcode == -9
+            return got
+
+        assert run(main()) is State.PAUSED
+
+
 class TestEnds:
     def test_cancelling_a_task_removes_its_wait(self, make_engine):
         """A cancelled task's wait leaves the waiter thread (it holds none after)."""
