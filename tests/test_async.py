@@ -192,6 +192,7 @@ def _die_after_cas(handle: Any, pos: int) -> None:
     """Once a waiter is armed on pos: commit PAUSE and be SIGKILLed between
     the state CAS and the counter bump / wake (ENG_FAULT_DIE_AFTER_CAS)."""
     import time
+
     from engine._native import lib
     eng = Engine.attach(handle)
     deadline = time.monotonic() + BOUND_S
