@@ -46,7 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine._native import ffi, lib
-from engine.errors import ClosedError, InternalError
+from engine.errors import ClosedError, InternalError, ServerError
 
 __all__ = ["Waiter", "changed", "committed_of", "reaches", "start"]
 
@@ -351,7 +351,12 @@ class _RedisSleeper:
         ms = max(1, int(limit_s * 1000))
         sent = []
         for name, (conn, cid, want) in by_node.items():
-            conn.send_command("XREAD", "BLOCK", ms, "STREAMS", *want.keys(), *want.values())
+            try:
+                conn.send_command("XREAD", "BLOCK", ms, "STREAMS", *want.keys(), *want.values())
+            except self.store.conn.errors as e:
+                conn.disconnect()
+                self.conns.pop(name, None)
+                raise ServerError(f"{self.store.url}: wait failed: {e}") from None
             sent.append((name, conn, cid))
         socks = {conn._sock: (name, conn, cid) for name, conn, cid in sent}
         # the socket wait is a little longer than the server's block
@@ -363,9 +368,11 @@ class _RedisSleeper:
                 if conn._sock not in ready:   # ends its block at once (a nil reply)
                     self.store.conn.unblock(cid, next(iter(want)))
                 got = conn.read_response()
-            except BaseException:
+            except BaseException as e:
                 conn.disconnect()
                 self.conns.pop(name, None)
+                if isinstance(e, self.store.conn.errors):
+                    raise ServerError(f"{self.store.url}: wait failed: {e}") from None
                 raise
             if isinstance(got, dict):   # RESP3 answers a map
                 got = list(got.items())

@@ -222,6 +222,28 @@ class TestCrash:
         assert run(main()) is State.PAUSED
 
 
+    def test_a_dead_server_fails_the_wait_with_server_error(self):
+        """The Redis server killed under an awaiting wait: ServerError (an
+        EngineError), not a hang and not a raw redis exception."""
+        from engine.errors import ServerError
+        from engine.tools.redis_server import PrivateRedis
+        with PrivateRedis() as server:
+            e = Engine.create(16, url=server.url + "?timeout=1")
+            pos = _monitoring(e)
+
+            async def main() -> None:
+                task = asyncio.ensure_future(e.wait_for_async(pos, State.CLOSED, timeout=BOUND_S))
+                await _until(lambda: e._aio_waiter is not None and e._aio_waiter.held == 1)
+                assert server.proc is not None
+                server.proc.kill()
+                server.proc.wait()
+                with pytest.raises(ServerError):
+                    await task
+
+            run(main())
+            e.close()
+
+
 class TestEnds:
     def test_cancelling_a_task_removes_its_wait(self, make_engine):
         """A cancelled task's wait leaves the waiter thread (it holds none after)."""
