@@ -26,13 +26,14 @@ with ``resume_seq`` (that shard's oldest retained seq), never a silent gap.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from engine._native import ffi, lib
 from engine.accounts import account_from_row
-from engine.errors import ArgumentError, JournalLappedError
+from engine.errors import ArgumentError, JournalLappedError, ServerError
 from engine.journal import Event
 from engine.records import PRICE_STRUCT, PriceSnapshot
 from engine.spec import MachineSpec
@@ -66,6 +67,7 @@ class ShardJournal:
         #: the stream's key (what a blocking read waits on)
         self.stream = store.prefixes[shard] + "j"
         self._states = {1 << i: spec.State(1 << i) for i in range(len(spec.states))}
+        self._local = threading.local()   # each thread's blocking connection (see wait)
 
     def _jread(self, after: int, limit: int) -> list[Any]:
         return list(self._store._fn(self.shard, "jread", after, limit, keys=[self.stream]))
@@ -92,7 +94,11 @@ class ShardJournal:
 
     def wait(self, after: int, timeout: float) -> bool:
         """Block (a slice at a time, on the server) until the shard holds a
-        seq > ``after`` or ``timeout`` seconds pass; True if it does."""
+        seq > ``after`` or ``timeout`` seconds pass; True if it does.
+
+        The block is on a connection of the calling thread's own, so the
+        Engine's other calls (on its shared connection) never queue behind
+        it, and a helper thread may wait while the Engine's thread works."""
         deadline = time.monotonic() + timeout
         slice_ms = self._store.wait_slice_ms()
         while True:
@@ -101,7 +107,20 @@ class ShardJournal:
             ms = int((deadline - time.monotonic()) * 1000)
             if ms <= 0:
                 return False
-            self._store.conn.block_read(self.stream, f"{after}-1", min(ms, slice_ms))
+            self._block(f"{after}-1", min(ms, slice_ms))
+
+    def _block(self, last: str, ms: int) -> None:
+        conns = self._local.__dict__.setdefault("conns", {})
+        name, conn, _cid = self._store.conn.blocking_connection(self.stream, conns)
+        try:
+            conn.send_command("XREAD", "BLOCK", ms, "STREAMS", self.stream, last)
+            conn.read_response()
+        except BaseException as e:   # a reply may be in flight: never read it as the next one's
+            conn.disconnect()
+            conns.pop(name, None)
+            if isinstance(e, self._store.conn.errors):
+                raise ServerError(f"{self._store.url}: journal wait failed: {e}") from None
+            raise
 
     def probe(self, after: int) -> Any:
         """An engine.aio probe: done (the shard's seq) once a record past

@@ -331,3 +331,22 @@ class TestAsyncFollower:
             return await task
 
         assert asyncio.run(main()) == 2
+
+
+class TestWaitConnection:
+    def test_a_blocked_journal_wait_does_not_hold_the_engines_calls(self, eng):
+        """A thread blocked in wait() (its own connection) leaves the Engine's
+        calls free: a transition from the Engine's thread lands and ends it."""
+        j = _enable(eng)
+        pos = _opened(eng)
+        woke: list[bool] = []
+        t = threading.Thread(target=lambda: woke.append(j.wait(1, 30.0)))
+        t.start()
+        r = redis.Redis.from_url(eng.url)
+        _until(lambda: any(c.get("cmd") == "xread" for c in r.client_list()))
+        lock = eng._seg.conn.lock
+        assert lock.acquire(blocking=False), "the wait holds the Engine's connection"
+        lock.release()
+        assert eng.transition(pos, Trigger.POSITION_OPENED) is Outcome.APPLIED
+        t.join(30)
+        assert woke == [True]
