@@ -172,6 +172,7 @@ class Waiter:
         except BaseException as e:   # reported to the first waiter's caller
             self._failed = e
             self.closed = True
+            self._bell.close()
             self._started.set()
             return
         self._started.set()
