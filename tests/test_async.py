@@ -16,7 +16,7 @@ import pytest
 
 from engine import Engine, State, Trigger, aio
 from engine.errors import ArgumentError, ClosedError, StaleIdError, WaitTimeout
-from engine.redis_backend import RedisStore
+from engine.store.redis.store import RedisStore
 from tests.test_redis import cluster  # noqa: F401  (the three-node cluster fixture)
 
 BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)

@@ -25,7 +25,7 @@ from engine.errors import (
     StaleIdError,
 )
 from engine.journal import KINDS, Event
-from engine.redis_journal import RedisJournal, shard_of
+from engine.store.redis.journal import RedisJournal, shard_of
 from engine.tools.redis_server import PrivateRedis
 from tests.procs import readable
 

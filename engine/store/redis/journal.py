@@ -2,7 +2,7 @@
 
 Every committing server-side function appends its record to its shard's
 stream ``eng:{name:shard}:j`` in the same call as the change (see "the
-journal" in redis_functions.lua), so a record exists iff its change
+journal" in functions.lua), so a record exists iff its change
 committed, a resend that the exactly-once request record answers adds
 nothing, and the call is still one round trip.
 
