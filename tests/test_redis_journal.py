@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from engine import Engine, Outcome, State, Trigger
+from engine._native import lib
 from engine.errors import (
     ArgumentError,
     JournalLappedError,
@@ -25,13 +26,18 @@ from engine.errors import (
     StaleIdError,
 )
 from engine.journal import KINDS, Event
+from engine.spec import POSITION_SPEC
 from engine.store.redis.journal import RedisJournal, shard_of
+from engine.store.redis.store import RedisStore
 from engine.tools.redis_server import PrivateRedis
 from tests.procs import readable
+from tests.test_redis import cluster  # noqa: F401  (the three-node cluster fixture)
 
 
 def _enable(eng: Engine, records: int = 1000, prices: bool = False) -> RedisJournal:
-    """Journal on, in every shard's meta (what create's journal options set)."""
+    """Set the journal options in every shard's meta, as RedisStore.create's
+    journal_records / journal_prices do (Engine.create forwards them once the
+    shared-memory journal's options land there)."""
     r = redis.Redis.from_url(eng.url.split("?")[0])
     for k in eng._seg.meta_keys:
         r.hset(k, mapping={"jrec": records, "jprices": 1 if prices else 0})
@@ -146,10 +152,40 @@ class TestRecords:
         assert [(e.kind, e.record.price) for e in got] == [
             ("price", 103.0), ("price", 104.0), ("price", 105.0)]
 
-    def test_off_by_default_on_an_engine_without_the_setting(self, eng):
-        """An engine whose meta has no journal setting records nothing."""
-        _opened(eng)
-        assert RedisJournal(eng._seg, eng.spec).seq() == 0
+    def test_on_by_default_and_off_with_zero_records(self, eng):
+        """Created with the defaults the journal is on (ENG_REDIS_JOURNAL_RECORDS
+        retained, prices not journaled); journal_records=0 records nothing."""
+        j = RedisJournal(eng._seg, eng.spec)
+        pos = _opened(eng)
+        eng.update_price(pos, 101.0)
+        assert [e.kind for e in j.read(0, 10)] == ["open"]
+        r = redis.Redis.from_url(eng.url)
+        assert r.hmget(eng._seg.meta_keys[0], "jrec", "jprices") == [
+            str(lib.ENG_REDIS_JOURNAL_RECORDS).encode(), b"0"]
+        _enable(eng, records=0)
+        eng.transition(pos, Trigger.POSITION_OPENED)
+        assert j.seq() == 1
+
+    @pytest.mark.parametrize("bad", [-1, lib.ENG_REDIS_JOURNAL_MAX + 1, 1.0, True, "9"])
+    def test_bad_journal_records_are_refused(self, url, bad):
+        """journal_records outside [0, ENG_REDIS_JOURNAL_MAX]: ArgumentError naming
+        the range; nothing is created."""
+        with pytest.raises(ArgumentError, match=r"journal_records must be an int in \[0, "):
+            RedisStore.create(url, "jbad", POSITION_SPEC, 16, 2, 4, None, journal_records=bad)
+        r = redis.Redis.from_url(url)
+        assert r.keys("eng:{jbad:*") == []
+
+    def test_create_sets_records_and_prices(self, url):
+        """RedisStore.create's journal_records and journal_prices reach every shard."""
+        store = RedisStore.create(url, "jopt", POSITION_SPEC, 16, 2, 4, 2, journal_records=7,
+                                  journal_prices=True)
+        try:
+            r = redis.Redis.from_url(url)
+            for k in store.meta_keys:
+                assert r.hmget(k, "jrec", "jprices") == [b"7", b"1"]
+        finally:
+            store.destroy()
+            store.eng_detach(store)
 
 
 class TestReaders:
@@ -350,3 +386,28 @@ class TestWaitConnection:
         assert eng.transition(pos, Trigger.POSITION_OPENED) is Outcome.APPLIED
         t.join(30)
         assert woke == [True]
+
+
+class TestCluster:
+    pytestmark = pytest.mark.slow
+
+    def test_each_shard_journals_on_its_node(self, cluster):  # noqa: F811
+        """On three nodes every shard's stream is written by the change's own
+        call (its key declared, same hash tag): a cursor per shard reads every
+        open and transition once, halt once per shard."""
+        e = Engine.create(64, url=cluster, shards=6)
+        try:
+            j = RedisJournal(e._seg, e.spec)
+            ids = [_opened(e) for _ in range(12)]
+            for i in ids:
+                e.transition(i, Trigger.POSITION_OPENED)
+            e.halt()
+            e.halt(False)
+            got, cursor = j.read_cursor((0,) * 6, 1000)
+            assert sorted((ev.kind, ev.id) for ev in got if ev.kind != "halt") == sorted(
+                [("open", i) for i in ids] + [("transition", i) for i in ids])
+            assert sum(ev.kind == "halt" for ev in got) == 12
+            assert cursor == j.seqs()
+        finally:
+            e.unlink()
+            e.close()

@@ -45,9 +45,12 @@ class RedisBackend:
         self._url = url
 
     def create(self, owner: object, name: str, spec: MachineSpec, capacity: int,
-               keys_per_position: int, max_accounts: int, shards: int | None) -> Attached:
+               keys_per_position: int, max_accounts: int, shards: int | None,
+               **journal: Any) -> Attached:
+        """``journal``: RedisStore.create's journal_records, journal_prices."""
         return _attached(owner, RedisStore.create(self._url, name, spec, capacity,
-                                                  keys_per_position, max_accounts, shards))
+                                                  keys_per_position, max_accounts, shards,
+                                                  **journal))
 
     def attach(self, owner: object, name: str, spec: MachineSpec,
                incarnation: int | None) -> Attached:

@@ -229,11 +229,12 @@ class _Conn:
         other key: see fcall)."""
         return self.fcall(key, _packed_keys((key,)), 1, fn, args)
 
-    def _cmd(self, key: str | bytes, fn: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        """``fn`` on ``key`` (its one declared key) as a plain command."""
+    def _cmd(self, key: str | bytes, fn: str, args: tuple[Any, ...],
+             more: tuple[str, ...] = ()) -> tuple[Any, ...]:
+        """``fn`` on ``key`` (and ``more``, its other declared keys) as a plain command."""
         if self.functions:
-            return ("FCALL", f"e{_VERSION}_{fn}", 1, key, *args)
-        return ("EVALSHA", _SCRIPT_SHA, 1, key, fn, *args)
+            return ("FCALL", f"e{_VERSION}_{fn}", 1 + len(more), key, *more, *args)
+        return ("EVALSHA", _SCRIPT_SHA, 1 + len(more), key, *more, fn, *args)
 
     def refuse_nested(self) -> None:
         """BusyError if a call of this thread is on the connection (this is

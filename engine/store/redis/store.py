@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine._native import ffi
+from engine._native import ffi, lib
 from engine.errors import (
     ArgumentError,
     ClosedError,
@@ -157,7 +157,9 @@ class RedisStore:
         self._token = secrets.token_hex(8)
         #: per shard: the meta key, the metrics hash, this client's request record
         self._fixed = [(P + "m", P + "s", P + "r:" + self._token) for P in self.prefixes]
-        self._fixed_packed = [(_packed_keys(f[:2]), _packed_keys(f[2:])) for f in self._fixed]
+        # (meta and metrics; a writing call's request record, then its shard's journal)
+        self._fixed_packed = [(_packed_keys(f[:2]), _packed_keys((f[2], f[0][:-1] + "j")))
+                              for f in self._fixed]
         #: per (function, slot): its slot's keys, packed (see _call; bounded)
         self._slot_keys: dict[tuple[str, int], tuple[bytes, int]] = {}
         self._seq = 0   # the last request number (see _fn)
@@ -198,7 +200,15 @@ class RedisStore:
     # -- create, attach, destroy ------------------------------------------------------
     @classmethod
     def create(cls, url: str, name: str, spec: MachineSpec, capacity: int, kpp: int,
-               max_accounts: int, shards: int | None) -> RedisStore:
+               max_accounts: int, shards: int | None,
+               journal_records: int = lib.ENG_REDIS_JOURNAL_RECORDS,
+               journal_prices: bool = False) -> RedisStore:
+        """``journal_records``: records each shard's journal stream keeps (0:
+        no journal); ``journal_prices``: price writes are journaled too."""
+        if (not isinstance(journal_records, int) or isinstance(journal_records, bool)
+                or not 0 <= journal_records <= lib.ENG_REDIS_JOURNAL_MAX):
+            raise ArgumentError(f"journal_records must be an int in [0, "
+                                f"{lib.ENG_REDIS_JOURNAL_MAX}], got {journal_records!r:.40}")
         conn = _Conn(url)
         try:
             _no_eviction(conn)
@@ -215,6 +225,7 @@ class RedisStore:
                 "nwords": rec.n_words, "ntrig": len(spec.triggers), "table": spec.table_bytes(),
                 "closed": spec.closed_mask, "initial": 1 << spec.state_index[spec.initial],
                 "halted": "0", "metrics": "1", "created_ns": time.time_ns(),
+                "jrec": journal_records, "jprices": 1 if journal_prices else 0,
                 **{"r_" + k: rec.roles.get(v, -1) for k, v in roles.items()}}
             inc = _Creator(conn, name, url, _create_step).create(meta, n, capacity, max_accounts)
             if conn.wait:
@@ -383,7 +394,7 @@ class RedisStore:
                 if _TS in args:
                     ts = _Q.pack(time.time_ns())
                     args = tuple(ts if a is _TS else a for a in args)
-            full, nk = ms + r + packed[0], 3 + packed[1]
+            full, nk = ms + r + packed[0], 4 + packed[1]
             sent: tuple[Any, ...] = (self.inc, seq, *args)
         else:
             full, nk, sent = ms + packed[0], 2 + packed[1], (self.inc, *args)
@@ -1126,7 +1137,8 @@ class RedisStore:
         if self._closed:
             return self._closed_code()
         # the commands as call() would send them (with the incarnation), each on its shard
-        failed = self.conn.call_every({k: self.conn._cmd(k, "halt", (self.inc, 1 if on else 0))
+        failed = self.conn.call_every({k: self.conn._cmd(k, "halt", (self.inc, 1 if on else 0),
+                                                         (k[:-1] + "j",))   # its journal
                                        for k in self.meta_keys})
         gone = next((w for w in failed.values() if "ENGINE_GONE" in w or "ENGINE_OTHER" in w),
                     None)
