@@ -246,13 +246,26 @@ def _pos_chain(evs: list[Event], pos: int) -> list[Any]:
     return [(e.kind, e.state) for e in evs if e.id == pos and e.kind != "account"]
 
 
+_RESENT = {   # a call, and the kinds it records
+    "transition": (lambda e, p, a: e.transition(p, Trigger.POSITION_OPENED), ["transition"]),
+    "open": (lambda e, p, a: _opened(e, account=a), ["open", "account"]),
+    "bind_key": (lambda e, p, a: e.bind_key(p, "K9"), ["key"]),
+    "deposit": (lambda e, p, a: e.deposit(a, 5), ["account"]),
+    "halt": (lambda e, p, a: e.halt(), ["halt"]),
+}
+
+
 class TestExactlyOnce:
-    def test_a_reply_lost_with_its_connection_records_once(self, eng):
+    @pytest.mark.parametrize("call", list(_RESENT))
+    def test_a_reply_lost_with_its_connection_records_once(self, eng, call, monkeypatch):
         """The connection dies after the function ran, before its reply: the
-        call is resent and answered by the request record; one record
+        call is resent and answered by the request record (halt raises
+        ServerError and is made again: the flag is already set); one record
         (forbidden: two)."""
         j = _enable(eng)
+        acct = eng.open_account(cash=1000, max_exposure=1000, max_positions=5, max_loss=100)
         pos = _opened(eng)
+        before = j.seq()
         conn = eng._seg.conn.conn
         cid = eng._seg.conn.command("CLIENT", "ID")
         admin = redis.Redis.from_url(eng.url)
@@ -265,10 +278,26 @@ class TestExactlyOnce:
             conn.disconnect()
             raise redis.ConnectionError("killed before the reply was read")
 
-        conn.read_response = lose_reply
-        assert eng.transition(pos, Trigger.POSITION_OPENED) is Outcome.APPLIED
-        assert _pos_chain(j.read(0, 10), pos) == [("open", State.CREATED),
-                                                  ("transition", State.MONITORING)]
+        act, kinds = _RESENT[call]
+        if call == "halt":   # sent on a connection of its own: lose that one's reply
+            import redis.connection as rc
+            real = rc.Connection.read_response
+
+            def lose_once(self: Any, *args: Any, **kw: Any) -> Any:
+                monkeypatch.setattr(rc.Connection, "read_response", real)
+                assert readable(self._sock, 10), "no reply"
+                self.disconnect()
+                raise redis.ConnectionError("killed before the reply was read")
+
+            monkeypatch.setattr(rc.Connection, "read_response", lose_once)
+            with pytest.raises(ServerError, match="call halt again"):
+                eng.halt()
+            assert rc.Connection.read_response is real, "the fault never happened"
+        else:
+            conn.read_response = lose_reply
+        act(eng, pos, acct)
+        assert call == "halt" or conn.read_response is read, "the fault never happened"
+        assert [ev.kind for ev in j.read(before, 10)] == kinds
 
 
 class TestKill:
