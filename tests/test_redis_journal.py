@@ -426,7 +426,7 @@ class TestCluster:
         open and transition once, halt once per shard."""
         e = Engine.create(64, url=cluster, shards=6)
         try:
-            j = RedisJournal(e._seg, e.spec)
+            j = e._seg.journal_source(e.spec)
             ids = [_opened(e) for _ in range(12)]
             for i in ids:
                 e.transition(i, Trigger.POSITION_OPENED)

@@ -81,6 +81,7 @@ from engine.store.redis.functions import (
     SW_LOCK,
     _needs,
 )
+from engine.store.redis.journal import RedisJournal
 
 __all__ = ["CREATE_HOOK", "RedisStore"]
 
@@ -1061,6 +1062,10 @@ class RedisStore:
                 return APPLIED
             if ms <= slice_ms:
                 return ETIMEDOUT
+
+    def journal_source(self, spec: MachineSpec) -> RedisJournal:
+        """This engine's journal (a stream per shard; see engine/store/redis/journal.py)."""
+        return RedisJournal(self, spec)
 
     def wait_slice_ms(self) -> int:
         """A blocking read's slice: well inside the url's socket timeout."""
