@@ -15,9 +15,12 @@ $(PYTHON):
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# the package with its C extension (editable: engine/_native*.so lands in the tree)
+# the package with its C extension (editable: engine/_native*.so lands in the tree).
+# compat mode: a plain path entry that type checkers follow (the default mode's
+# import hook is invisible to mypy: a user's script got import-not-found for engine)
+EDITABLE := --config-settings editable_mode=compat
 $(STAMP): $(PYTHON) $(SOURCES)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' $(EDITABLE)
 	touch $@
 
 # the type stub of engine._native, generated from the cdef (not kept in git): with it mypy
@@ -59,7 +62,7 @@ bench-suite: $(STAMP)
 ## bench: side-by-side against the peers (installs redis-server and the bench extra)
 bench: $(STAMP)
 	@$(MAKE) -s redis-server || echo "redis-server could not be installed: the bench will say so and skip Redis"
-	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/pip install -q -e '.[dev,bench]' $(EDITABLE)
 	$(PYTHON) -m engine bench --json bench.json --plots bench
 
 lint: $(STAMP)
@@ -71,12 +74,12 @@ typecheck: $(STAMP) $(STUB)
 ## sanitize: rebuild the extension with ASan + UBSan and run the tests under it
 sanitize: $(STAMP)
 	rm -f engine/_native*.so
-	ENGINE_SANITIZE=1 $(BIN)/pip install -q --no-build-isolation -e . || \
-	  (ENGINE_SANITIZE=1 $(BIN)/pip install -q -e .)
+	ENGINE_SANITIZE=1 $(BIN)/pip install -q --no-build-isolation -e . $(EDITABLE) || \
+	  (ENGINE_SANITIZE=1 $(BIN)/pip install -q -e . $(EDITABLE))
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	  PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(PYTHON) -m pytest -q -p no:cacheprovider; status=$$?; \
-	  rm -f engine/_native*.so; $(BIN)/pip install -q -e . ; rm -f $(STAMP); exit $$status
+	  rm -f engine/_native*.so; $(BIN)/pip install -q -e . $(EDITABLE); rm -f $(STAMP); exit $$status
 
 ## same-code: prove a move of C code changed no machine code: build the C core of BASE
 ##   (default: the commit before the split into parts) and of the working tree with the same

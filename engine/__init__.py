@@ -42,7 +42,17 @@ from engine.errors import (
 from engine.journal import Event
 from engine.metrics import Metrics, OpMetrics
 from engine.records import Context, PriceSnapshot
-from engine.spec import ORDER_SPEC, POSITION_SPEC, MachineSpec, Outcome, Rule, State, Trigger
+from engine.spec import (
+    ORDER_SPEC,
+    POSITION_SPEC,
+    MachineSpec,
+    Outcome,
+    Rule,
+    Side,
+    State,
+    Trigger,
+    TriggerName,
+)
 
 __all__ = [
     "ORDER_SPEC",
@@ -78,6 +88,7 @@ __all__ = [
     "SegmentError",
     "SegmentNotFoundError",
     "ServerError",
+    "Side",
     "SlotError",
     "SpecError",
     "SpecMismatchError",
@@ -86,6 +97,7 @@ __all__ = [
     "State",
     "Trigger",
     "TriggerError",
+    "TriggerName",
     "UnknownAccountError",
     "WaitTimeout",
 ]

@@ -57,6 +57,8 @@ _SLICE_S = lib.ENG_WAIT_SLICE_NS / 1e9
 _COMMITTED = (lib.ENG_SW_STATE_MASK | lib.ENG_SW_CTX
               | (lib.ENG_SW_GEN_MASK << lib.ENG_SW_GEN_SHIFT))
 _PROBE_TRIES = 8          # a probe's check/arm/check rounds before it sleeps a slice
+_UNBLOCK_TRIES = 1000     # Redis: CLIENT UNBLOCK tries while the XREAD is on its way ...
+_UNBLOCK_PAUSE_S = 0.001  # ... this long apart (about a second at most)
 _JOIN_S = lib.ENG_CLOSE_WAIT_NS / 1e9
 
 # Linux futex ABI (include/uapi/linux/futex.h, arch syscall tables): kernel
@@ -367,7 +369,7 @@ class _RedisSleeper:
             want = by_node[name][2]
             try:
                 if conn._sock not in ready:   # ends its block at once (a nil reply)
-                    self.store.conn.unblock(cid, next(iter(want)))
+                    self._unblock(conn, cid, next(iter(want)))
                 got = conn.read_response()
             except BaseException as e:
                 conn.disconnect()
@@ -381,6 +383,16 @@ class _RedisSleeper:
                 key = stream.decode() if isinstance(stream, bytes) else stream
                 fired.add((key, want[key]))
         return fired
+
+    def _unblock(self, conn: Any, cid: int, key: str) -> None:
+        """CLIENT UNBLOCK the read on ``conn``; while its XREAD has not reached
+        the server yet (UNBLOCK finds nothing to end), again, until it is
+        ended or answers (bounded: past it, the read ends with its block)."""
+        for _ in range(_UNBLOCK_TRIES):
+            if self.store.conn.unblock(cid, key):
+                return
+            if select.select([conn._sock], [], [], _UNBLOCK_PAUSE_S)[0]:
+                return
 
     def close(self) -> None:
         for conn, _ in self.conns.values():

@@ -347,7 +347,8 @@
 #define ENG_FAULT_DIE_AFTER_CAS 4
 /* a slow path or an open SIGKILLs itself right after its lock CAS */
 #define ENG_FAULT_DIE_AFTER_LOCK 8
-/* a key insert SIGKILLs itself with its index cell placed, before publishing */
+/* a key insert SIGKILLs itself with its index cell placed, before publishing (a
+ * keyed open_account: holding the key lock and the latch, its open sealed) */
 #define ENG_FAULT_DIE_IN_KEY 16
 /* a booked transition SIGKILLs itself between its slot commit and its account publish */
 #define ENG_FAULT_DIE_IN_BOOKING 32
@@ -355,6 +356,10 @@
 #define ENG_FAULT_DIE_IN_TINDEX_ADD 64
 /* a token index unlink SIGKILLs itself holding the bucket lock, unlinked, tbucket not cleared */
 #define ENG_FAULT_DIE_IN_TINDEX_DEL 128
+/* update_prices / update_token_price skip the seqlock: they write the copy readers
+ * read, price half, then PnL half, the word unmoved (torn reads for the stress
+ * verifier to catch); update_price does not (its machine code stays as it is) */
+#define ENG_FAULT_TEAR_PRICE 256
 
 /*
  * ---- bounded back-off ----------------------------------------------------------
@@ -377,7 +382,7 @@
 #define ENG_DEFAULT_SAMPLE_MASK 63   /* a new segment times one operation in 64 */
 
 /*
- * ---- the Redis backend (engine/redis_backend.py) ---------------------------------
+ * ---- the Redis backend (engine/store/redis/) -------------------------------------
  * A guarded transition on Redis holds a lock key with this expiry while its
  * guard runs in the client: a client that dies or stalls past it can never
  * commit (the commit checks the lock is still its own).  A transition that
@@ -645,7 +650,12 @@ typedef struct eng_books {
  */
 typedef struct eng_account {
     uint64_t word;           /* version << 24 | holder token */
-    uint64_t pad[7];
+    /* the opening's key (open_account(key=); 0 bytes: none): written only
+     * while the record is free, by the opener holding the latch, before it
+     * seals the open; stable while the record is open (see the accounts) */
+    uint32_t key_len;
+    uint32_t pad0;
+    uint8_t  key[ENG_KEY_MAX];
     eng_books books[2];
 } eng_account;
 
@@ -722,7 +732,8 @@ typedef struct eng_header {
     uint32_t metrics_on;
     uint32_t sample_mask;    /* latency sampled when (attempts & mask) == 0 */
     uint32_t fault_flags;    /* ENG_FAULT_*: tests only */
-    uint64_t test_pause_ns;  /* slow path sleeps this long holding the lock: tests only */
+    uint64_t test_pause_ns;  /* slow path sleeps this long holding the lock (a keyed
+                              * open_account: the key lock): tests only */
     uint64_t pad2[5];
     /* line 3: written by open and recover */
     uint32_t alloc_hint;
@@ -749,7 +760,9 @@ typedef struct eng_header {
     uint64_t accounts_off;
     uint32_t max_accounts;
     uint32_t account_hint;   /* where open_account starts looking (relaxed RMW) */
-    uint64_t pad8[6];
+    uint32_t acct_key_lock;  /* 0 or the token of the keyed open_account running */
+    uint32_t pad9;
+    uint64_t pad8[5];
 } eng_header;
 
 /* Process-local view of an attached segment (not shared). */
@@ -939,8 +952,12 @@ int      eng_bind_key(eng_seg *s, uint64_t id, const char *key, uint32_t key_len
 int64_t  eng_lookup(eng_seg *s, const char *key, uint32_t key_len);
 int      eng_keys(eng_seg *s, uint64_t id, eng_key *out, uint32_t max, uint32_t *out_n);
 
+/* key: NULL for none; else unique among open accounts (ENG_EKEYEXISTS) */
 int      eng_open_account(eng_seg *s, int64_t cash, int64_t max_exposure,
-                          uint32_t max_positions, int64_t max_loss, uint64_t *out_id);
+                          uint32_t max_positions, int64_t max_loss, const char *key,
+                          uint32_t key_len, uint64_t *out_id);
+/* the id of the open account holding the key, 0 if none, or an error (< 0) */
+int64_t  eng_lookup_account(eng_seg *s, const char *key, uint32_t key_len);
 int      eng_close_account(eng_seg *s, uint64_t id);
 int      eng_read_account(eng_seg *s, uint64_t id, eng_account_row *out);
 int      eng_deposit(eng_seg *s, uint64_t id, int64_t amount);

@@ -319,9 +319,10 @@ class TestRm:
     """``rm`` unlinks engine segments, and others only with --force."""
 
     def test_removes(self, capsys, eng):
-        """An engine segment is removed; processes attached keep working."""
+        """An engine segment is removed (--force: this process holds it);
+        processes attached keep working."""
         pos = eng.id_of(0)
-        code, out, _ = run(capsys, "rm", eng.name)
+        code, out, _ = run(capsys, "rm", "--force", eng.name)
         assert code == 0 and f"removed {eng.name}" in out and "1 live" in out
         assert not os.path.exists(os.path.join(segment.SHM_DIR, eng.name))
         assert eng.state(pos) is State.CREATED
@@ -361,9 +362,10 @@ class TestTop:
         assert code == 0 and eng.name in out
         assert "CREATED 2" in out and "EXIT_PENDING 2" in out
         rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.strip()}
-        for op in ("transition", "transition_ctx", "open", "price", "recover"):
+        for op in ("transition", "transition(fields/guard)", "open_position/open",
+                   "update_price", "recover"):
             assert op in rows
-        assert rows["price"][2] == "50" and rows["open"][2] == "6"
+        assert rows["update_price"][2] == "50" and rows["open_position/open"][2] == "6"
         assert rows["OP"][:3] == ["OP", "OPS/S", "ATTEMPTS"]
 
     def test_refuses_foreign(self, capsys, foreign):
@@ -390,7 +392,7 @@ class TestCommandLine:
         assert eng.name in call("ls").stdout
         assert "registry" in call("inspect", eng.name).stdout
         assert "transition" in call("top", eng.name, "--once", "--interval", "0.01").stdout
-        r = call("rm", eng.name)
+        r = call("rm", "--force", eng.name)
         assert r.returncode == 0 and eng.name not in call("ls").stdout
 
     def test_parsers_have_funcs(self):
@@ -771,7 +773,6 @@ class TestBenchScaling:
     def test_run_writes_json_and_plots(self, capsys, monkeypatch, tmp_path):
         """--scaling-only end to end on made-up cases: the table, the host
         note, the labelled predictions, the JSON section and three PNGs."""
-        pytest.importorskip("matplotlib")
         monkeypatch.setattr(bench, "run_cases", fake_sweep)
         monkeypatch.setattr(bench, "probe_host", lambda plan: Probe(0.99, 20.0))
         path, plots = tmp_path / "b.json", tmp_path / "plots"

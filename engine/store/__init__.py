@@ -10,7 +10,13 @@ in ``Engine``, above this seam.
 
 ``backend(url)`` is the one place that chooses: None is shared memory, a
 ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://`` url is
-Redis.  ``engine.core`` imports nothing else from here.
+Redis.  ``engine.core`` imports this package only (the factory, the
+interface, the name checks), never a backend module.
+
+``Store`` is the interface: mypy checks ``engine._native.lib`` against it
+through ``engine/_native.pyi`` (generated from the cdef by
+native/gen_stub.py, run by ``make``), and ``RedisStore`` against it in its
+module, so a signature that drifts on either side fails ``make typecheck``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import mmap
 import re
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from engine.errors import ArgumentError
@@ -51,7 +58,9 @@ class Store(Protocol):
     declares them: positional arguments, the first the ``Seg``; results
     through out-parameters (cffi cdata the caller made: ``out[0]``, a
     struct, an array); a status code returned (0 or an ``ENG_*`` outcome
-    >= 0, or a negative ``ENG_E*`` code, except where said).
+    >= 0, or a negative ``ENG_E*`` code, except where said).  A RedisStore
+    may also raise the engine's exception where C returns a code (a closed
+    store: ClosedError; a server that does not answer: ServerError).
 
     ``engine._native.lib`` is one (mypy checks it through the stub
     generated from the cdef, see native/gen_stub.py); ``RedisStore`` is the
@@ -149,7 +158,14 @@ class Store(Protocol):
 
     # -- accounts (money in int64 units of 1 / ENG_MONEY_SCALE)
     def eng_open_account(self, s: Seg, cash: int, max_exposure: int, max_positions: int,
-                         max_loss: int, out_id: Any, /) -> int: ...
+                         max_loss: int, key: Any, key_len: int, out_id: Any, /) -> int:
+        """``key``: NULL for none, else unique among open accounts
+        (ENG_EKEYEXISTS, and nothing changes)."""
+        ...
+
+    def eng_lookup_account(self, s: Seg, key: Any, key_len: int, /) -> int:
+        """The id of the open account with the key, 0 if none, or a code."""
+        ...
 
     def eng_close_account(self, s: Seg, id: int, /) -> int: ...
 
@@ -221,6 +237,12 @@ class Backend(Protocol):
                incarnation: int | None) -> Attached: ...
 
     def unlink(self, name: str, seg: Any) -> None: ...
+
+    def remover(self, name: str, seg: Any) -> Callable[[], None]:
+        """What removes the engine just created (``create(temporary=True)``),
+        however much later: the segment only while the name still names the
+        file created; on Redis, this incarnation's keys only."""
+        ...
 
 
 def backend(url: str | None) -> Backend:

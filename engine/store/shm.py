@@ -21,6 +21,7 @@ import mmap
 import os
 import shutil
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -273,6 +274,19 @@ class SharedMemory:
 
     def unlink(self, name: str, seg: Any) -> None:
         unlink(name)
+
+    def remover(self, name: str, seg: Any) -> Callable[[], None]:
+        """Unlinks ``name`` while it still names this attachment's file (C's
+        own descriptor of it says which): never a segment created again
+        under the name after someone else removed this one."""
+        st = os.fstat(seg.fd)
+        ident = (st.st_dev, st.st_ino)
+
+        def remove() -> None:
+            st = os.stat(path_of(name))
+            if (st.st_dev, st.st_ino) == ident:
+                unlink(name)
+        return remove
 
 
 SHARED_MEMORY = SharedMemory()

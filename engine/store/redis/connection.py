@@ -515,9 +515,11 @@ class _Conn:
         conn, cid = conns[name]
         return name, conn, cid
 
-    def unblock(self, client_id: int, key: str) -> None:
-        """End the blocking read of client ``client_id`` (on ``key``'s node) now."""
-        self.command("CLIENT", "UNBLOCK", client_id, key=key)
+    def unblock(self, client_id: int, key: str) -> bool:
+        """End the blocking read of client ``client_id`` (on ``key``'s node)
+        now; False if it was not blocked (yet: its command may still be on
+        its way to the server)."""
+        return bool(self.command("CLIENT", "UNBLOCK", client_id, key=key))
 
     def _node_conn(self, pool: Any) -> Any:
         """A new connection like ``pool``'s (server, credentials, TLS) whose
