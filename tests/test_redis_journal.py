@@ -153,7 +153,7 @@ class TestRecords:
             ("price", 103.0), ("price", 104.0), ("price", 105.0)]
 
     def test_on_by_default_and_off_with_zero_records(self, eng):
-        """Created with the defaults the journal is on (ENG_REDIS_JOURNAL_RECORDS
+        """Created with the defaults the journal is on (Engine.create's journal_records
         retained, prices not journaled); journal_records=0 records nothing."""
         j = RedisJournal(eng._seg, eng.spec)
         pos = _opened(eng)
@@ -161,7 +161,7 @@ class TestRecords:
         assert [e.kind for e in j.read(0, 10)] == ["open"]
         r = redis.Redis.from_url(eng.url)
         assert r.hmget(eng._seg.meta_keys[0], "jrec", "jprices") == [
-            str(lib.ENG_REDIS_JOURNAL_RECORDS).encode(), b"0"]
+            str(lib.ENG_JOURNAL_DEFAULT_RECORDS).encode(), b"0"]
         _enable(eng, records=0)
         eng.transition(pos, Trigger.POSITION_OPENED)
         assert j.seq() == 1
