@@ -95,7 +95,7 @@ def _formatted_unattached(name: str, creator_pid: int) -> None:
         assert lib.eng_format(buf, size, 4, spec.table_bytes(), len(spec.states),
                               len(spec.triggers), spec.state_index[spec.initial],
                               spec.closed_mask, spec.fingerprint, creator_pid,
-                              spec.record.c_layout(2), 0) == 0
+                              spec.record.c_layout(2), 0, 0, 0) == 0
     mm.close()
 
 
