@@ -255,8 +255,12 @@ class TestStoppedAppender:
                 eng.update_price(mine, 11.0)
             with pytest.raises(BusyError):
                 eng.halt(True)
-            with pytest.raises(EngineError):
-                eng.deposit(acct, 1)
+            assert eng.transition(mine, Trigger.EXIT_CONDITION_MET,
+                                  exit_reason=2) is Outcome.CONFLICT   # the slow path
+            for call in (lambda: eng.deposit(acct, 1), lambda: eng.open_position(10.0, 1.0),
+                         lambda: eng.bind_key(mine, "K-stopped"), lambda: eng.halt(False)):
+                with pytest.raises(BusyError):
+                    call()
             evs = drain(eng, published - 1)
             assert [e.seq for e in evs] == [published] == [eng.journal_seq]
             eng.recover()
@@ -268,7 +272,8 @@ class TestStoppedAppender:
         stop.set()
         spawner.join_all(60)
         assert child.exitcode == 0
-        assert eng.state(mine) is State.MONITORING and not eng.account(acct).halted
+        assert eng.state(mine) is State.MONITORING and eng.lookup("K-stopped") is None
+        assert eng.transition(mine, Trigger.PAUSE) is Outcome.APPLIED   # the lock was given up
         assert_record_iff_commit_tail(eng, others=1)   # the open_account
         assert eng.price(mine).version == v0 and eng.account(acct).cash == 100
 
