@@ -367,3 +367,90 @@ class TestSignals:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
         assert (ev.seq, ev.kind, ev.state) == (2, "transition", State.MONITORING)
+
+
+# -- a dead holder and nobody else committing ----------------------------------------------------
+
+def die_before_publish(handle: Any, pos: int) -> None:
+    """Child: commit a fast transition and die before J4 (its record never published)."""
+    eng = Engine.attach(handle)
+    eng._set_fault(lib.ENG_FAULT_DIE_BEFORE_JPUBLISH)
+    eng.transition(pos, Trigger.PAUSE)
+    os._exit(3)
+
+
+class TestDeadHolderReader:
+    def test_waiting_reader_resolves_a_dead_holders_latch(self, make_engine: Any) -> None:
+        """A holder dies after its commit, before publishing; no committer and no recover()
+        follow: a reader blocked in events() still gets the record (it resolves the latch
+        itself) instead of waiting forever."""
+        eng = make_engine(capacity=4)
+        pos = eng.open_position(10.0, 1.0)
+        eng.transition(pos, Trigger.POSITION_OPENED)
+        seq = eng.journal_seq
+        p = mp.get_context("spawn").Process(target=die_before_publish, args=(eng.handle, pos))
+        p.start()
+        p.join(60)
+        eng._set_fault(0)
+        assert p.exitcode == -signal.SIGKILL, f"the fault did not fire: exit {p.exitcode}"
+        assert eng.state(pos) is State.PAUSED   # committed, not yet published
+        got = [(e.seq, e.kind, e.state) for e in eng.events(since=seq, timeout=30)
+               if e.seq == seq + 1 or e.seq > seq + 1]
+        assert got == [(seq + 1, "transition", State.PAUSED)], got
+
+
+# -- fork while another thread holds the latch ---------------------------------------------------
+
+class TestForkHoldingLatch:
+    def test_fork_while_a_thread_commits(self, make_engine: Any) -> None:
+        """fork() while another thread of the parent is inside journaled commits (the latch
+        may be held at the fork): the child's inherited Engine is refused (typed), a fresh
+        attach commits, nobody waits forever, and records == commits."""
+        import threading
+
+        eng = make_engine(capacity=8)
+        ids = [eng.open_position(10.0, 1.0) for _ in range(2)]
+        for pos in ids:
+            eng.transition(pos, Trigger.POSITION_OPENED)
+        stop = threading.Event()
+
+        def churn() -> None:
+            for _ in range(2000):   # 12000 records: within the ring, no generation wrap
+                if stop.is_set():
+                    return
+                q = eng.open_position(11.0, 1.0)   # a C call that releases the GIL
+                eng.transition(q, Trigger.POSITION_OPENED)
+                for t in (Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
+                          Trigger.EXIT_COMPLETED):
+                    eng.transition(q, t)
+                eng.release_position(q)
+
+        th = threading.Thread(target=churn)
+        th.start()
+        codes = []
+        try:
+            for i in range(20):
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:   # child: never returns into pytest
+                    code = 1
+                    try:
+                        try:
+                            eng.transition(ids[0], Trigger.PAUSE)
+                            code = 2   # the inherited view must be refused
+                        except EngineError:
+                            child = Engine.attach(eng.handle)
+                            out = child.transition(ids[1], Trigger.PAUSE if i % 2 == 0
+                                                   else Trigger.RESUME)
+                            code = 0 if out is Outcome.APPLIED else 4
+                    finally:
+                        os._exit(code)
+                os.close(w)
+                os.close(r)
+                _, status = os.waitpid(pid, 0)
+                codes.append(os.waitstatus_to_exitcode(status))
+        finally:
+            stop.set()
+            th.join(60)
+        assert codes == [0] * 20, codes
+        assert_record_iff_commit(eng)
