@@ -454,3 +454,63 @@ class TestForkHoldingLatch:
             th.join(60)
         assert codes == [0] * 20, codes
         assert_record_iff_commit(eng)
+
+
+# -- kills inside the bigger commits: keys, token index, booking ---------------------------------
+
+def die_in_full(handle: Any, fault: int, op: str, pos: int, acct: int) -> None:
+    """Child: switch ``fault`` on and run a keyed / booked / indexed ``op``."""
+    eng = Engine.attach(handle)
+    eng._set_fault(fault)
+    if op == "open_full":
+        eng.open_position(10.0, 1.0, token=5, key="K-full", account=acct)
+    elif op == "close_booked":
+        eng.transition(pos, Trigger.EXIT_COMPLETED)
+    elif op == "release_full":
+        eng.release_position(pos)
+    os._exit(3)   # the fault did not fire on this path
+
+
+FULL = {"open_full": ["ENG_FAULT_DIE_AFTER_LOCK", "ENG_FAULT_DIE_IN_KEY",
+                      "ENG_FAULT_DIE_IN_TINDEX_ADD", "ENG_FAULT_DIE_AFTER_CAS", *JFAULTS],
+        "close_booked": ["ENG_FAULT_DIE_AFTER_LOCK", "ENG_FAULT_DIE_IN_BOOKING",
+                         "ENG_FAULT_DIE_AFTER_CAS", *JFAULTS],
+        "release_full": ["ENG_FAULT_DIE_IN_TINDEX_DEL", "ENG_FAULT_DIE_AFTER_CAS", *JFAULTS]}
+
+
+class TestFullCommitKills:
+    @pytest.mark.parametrize("op,fault", [(op, f) for op, fs in FULL.items() for f in fs])
+    def test_record_iff_commit_for_keyed_booked_indexed_changes(self, make_engine: Any,
+                                                                op: str, fault: str) -> None:
+        """SIGKILL inside an open with key + token + account, a booked close, a release with
+        key + token: after recover(), slot records == slot commits, no gap, the key resolves
+        iff the open has its record, and each slot's last record says its state now."""
+        eng = make_engine(capacity=4, max_accounts=1)
+        acct = eng.open_account(cash=1000, max_exposure=500, max_positions=3, max_loss=100)
+        pos = eng.open_position(10.0, 1.0, token=5, key="K-pos", account=acct)
+        eng.transition(pos, Trigger.POSITION_OPENED)
+        if op != "open_full":
+            eng.transition(pos, Trigger.EXIT_CONDITION_MET, exit_reason=1)
+            eng.transition(pos, Trigger.EXIT_STARTED)
+        if op == "release_full":
+            eng.transition(pos, Trigger.EXIT_COMPLETED)
+        p = mp.get_context("spawn").Process(target=die_in_full,
+                                            args=(eng.handle, getattr(lib, fault), op, pos, acct))
+        p.start()
+        p.join(60)
+        eng._set_fault(0)
+        assert p.exitcode == -signal.SIGKILL, f"the fault did not fire: exit {p.exitcode}"
+        eng.recover()
+        other = eng.open_position(20.0, 1.0)
+        eng.transition(other, Trigger.POSITION_OPENED)
+        eng.deposit(acct, 1)
+        evs = assert_record_iff_commit(eng)
+        opened = {e.id for e in evs if e.kind == "open"}
+        bound = eng.lookup("K-full")
+        assert bound is None or bound in opened, "a key bound to an open without its record"
+        last = {e.id & SLOT_MASK: e for e in evs if e.kind in ("open", "transition", "release")}
+        for ev in last.values():
+            if ev.kind != "release":
+                assert eng.state(ev.id) is ev.state, (ev, eng.state(ev.id))
+        accts = [e for e in evs if e.kind == "account"]
+        assert accts[-1].record == eng.account(acct)
