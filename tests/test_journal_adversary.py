@@ -514,3 +514,52 @@ class TestFullCommitKills:
                 assert eng.state(ev.id) is ev.state, (ev, eng.state(ev.id))
         accts = [e for e in evs if e.kind == "account"]
         assert accts[-1].record == eng.account(acct)
+
+
+# -- record time in seq order --------------------------------------------------------------------
+
+def one_transition(handle: Any, pos: int, ready: Any, out: Any) -> None:
+    """Child: say it is about to commit, commit one fast transition, send its outcome."""
+    eng = Engine.attach(handle)
+    ready.set()
+    out.send(int(eng.transition(pos, Trigger.PAUSE)))
+
+
+class TestRecordTime:
+    def test_ts_never_goes_back_in_seq_order(self, make_engine: Any, spawner: Any) -> None:
+        """A committer that waited for the latch (its holder stopped) must not record a time
+        before the record published ahead of it: ts_ns is non-decreasing in seq order."""
+        eng = make_engine(capacity=4)
+        pos = eng.open_position(10.0, 1.0)
+        late = eng.open_position(10.0, 1.0)
+        eng.transition(pos, Trigger.POSITION_OPENED)
+        eng.transition(late, Trigger.POSITION_OPENED)
+        ctx = spawner.ctx
+        ready, stop, b_ready = ctx.Event(), ctx.Event(), ctx.Event()
+        child = spawner.start(hammer, eng.handle, pos, ready, stop)
+        assert ready.wait(60)
+        seg = Segment(eng)
+        try:
+            for _ in range(5000):   # bounded: stop it holding the latch
+                os.kill(child.pid, signal.SIGSTOP)
+                os.waitid(os.P_PID, child.pid, os.WSTOPPED | os.WNOWAIT)
+                if seg.latch() & TOKEN_MASK:
+                    break
+                os.kill(child.pid, signal.SIGCONT)
+            assert seg.latch() & TOKEN_MASK, "never caught the writer holding the latch"
+            rx, tx = ctx.Pipe(duplex=False)
+            waiter = spawner.start(one_transition, eng.handle, late, b_ready, tx)
+            assert b_ready.wait(60)
+            time.sleep(0.05)   # the waiter reads its clock, then waits for the latch
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+            seg.close()
+        assert rx.poll(60)
+        assert rx.recv() == int(Outcome.APPLIED)
+        stop.set()
+        spawner.join_all(60)
+        assert child.exitcode == 0 and waiter.exitcode == 0
+        evs = drain(eng, eng.journal_seq - eng.journal_records + 2)
+        assert any(e.id == late for e in evs)
+        back = [(a.seq, a.ts_ns, b.ts_ns) for a, b in zip(evs, evs[1:]) if b.ts_ns < a.ts_ns]
+        assert back == [], f"a record's time before its predecessor's: {back[:3]}"
