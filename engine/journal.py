@@ -33,8 +33,9 @@ class Event(NamedTuple):
 
     ``seq``: its place in the journal's total order (1, 2, ...; on Redis the
     order holds per id and per account).  ``ts_ns``: the engine clock at the
-    commit (never before the previous record's).  ``kind``: one of ``KINDS``.  ``id``: the position id (the
-    account id for ``account``, 0 for ``halt``).  ``state``: the state after
+    commit (never before the previous record's).  ``kind``: one of
+    ``KINDS``.  ``id``: the position id (the account id for ``account``, 0
+    for ``halt``).  ``state``: the state after
     the change, as ``Engine.state()`` returns it (None where the kind has
     none).  ``trigger``: the trigger fired (a ``transition``; else None).
     ``record``: the record after the change, as ``Engine.context()`` returns

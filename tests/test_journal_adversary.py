@@ -11,6 +11,7 @@ commits deadlocking the code it interrupted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import mmap
 import multiprocessing as mp
 import os
@@ -296,7 +297,8 @@ class TestWrapRace:
     def test_lapped_slow_reader_on_the_smallest_ring(self, make_engine: Any,
                                                      spawner: Any) -> None:
         """A ring of ENG_JOURNAL_MIN_RECORDS, three writers, a reader in this process: every
-        record it gets is whole (its trigger agrees with its state), seqs run without a repeat or a silent gap, per id the states alternate (the commit order), each
+        record it gets is whole (its trigger agrees with its state), seqs run without a
+        repeat or a silent gap, per id the states alternate (the commit order), each
         lap's resume_seq is past what it lost."""
         eng = make_engine(capacity=8, journal_records=lib.ENG_JOURNAL_MIN_RECORDS)
         ids = [eng.open_position(10.0, 1.0) for _ in range(4)]
@@ -561,5 +563,6 @@ class TestRecordTime:
         assert child.exitcode == 0 and waiter.exitcode == 0
         evs = drain(eng, eng.journal_seq - eng.journal_records + 2)
         assert any(e.id == late for e in evs)
-        back = [(a.seq, a.ts_ns, b.ts_ns) for a, b in zip(evs, evs[1:]) if b.ts_ns < a.ts_ns]
+        back = [(a.seq, a.ts_ns, b.ts_ns) for a, b in itertools.pairwise(evs)
+                if b.ts_ns < a.ts_ns]
         assert back == [], f"a record's time before its predecessor's: {back[:3]}"
