@@ -405,37 +405,36 @@ class TestDeadHolderReader:
 
 class TestForkHoldingLatch:
     def test_fork_while_a_thread_commits(self, make_engine: Any) -> None:
-        """fork() while another thread of the parent is inside journaled commits (the latch
-        may be held at the fork): the child's inherited Engine is refused (typed), a fresh
-        attach commits, nobody waits forever, and records == commits."""
+        """fork() while another thread of the parent is inside journaled commits with the GIL
+        released (transition_many: the latch may be held at the fork): the child's inherited
+        Engine is refused (typed), a fresh attach commits, nobody waits forever, and
+        records == commits (modulo the generation's range)."""
         import threading
 
+        import numpy as np
+
         eng = make_engine(capacity=8)
-        ids = [eng.open_position(10.0, 1.0) for _ in range(2)]
+        ids = [eng.open_position(10.0, 1.0) for _ in range(3)]
         for pos in ids:
             eng.transition(pos, Trigger.POSITION_OPENED)
         stop = threading.Event()
+        many = np.array([ids[2]] * 100, dtype=np.uint64)
+        flips = np.array([int(Trigger.PAUSE), int(Trigger.RESUME)] * 50, dtype=np.uint32)
 
         def churn() -> None:
-            for _ in range(2000):   # 12000 records: within the ring, no generation wrap
-                if stop.is_set():
-                    return
-                q = eng.open_position(11.0, 1.0)   # a C call that releases the GIL
-                eng.transition(q, Trigger.POSITION_OPENED)
-                for t in (Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
-                          Trigger.EXIT_COMPLETED):
-                    eng.transition(q, t)
-                eng.release_position(q)
+            while not stop.is_set():
+                eng.transition_many(many, flips)   # one C call, the GIL released
 
+        seg = Segment(eng)
         th = threading.Thread(target=churn)
         th.start()
         codes = []
         try:
             for i in range(20):
-                r, w = os.pipe()
                 pid = os.fork()
                 if pid == 0:   # child: never returns into pytest
                     code = 1
+                    held = 10 if seg.latch() & TOKEN_MASK else 0   # held at the fork
                     try:
                         try:
                             eng.transition(ids[0], Trigger.PAUSE)
@@ -444,18 +443,18 @@ class TestForkHoldingLatch:
                             child = Engine.attach(eng.handle)
                             out = child.transition(ids[1], Trigger.PAUSE if i % 2 == 0
                                                    else Trigger.RESUME)
-                            code = 0 if out is Outcome.APPLIED else 4
+                            code = held if out is Outcome.APPLIED else 4
                     finally:
                         os._exit(code)
-                os.close(w)
-                os.close(r)
                 _, status = os.waitpid(pid, 0)
                 codes.append(os.waitstatus_to_exitcode(status))
         finally:
             stop.set()
             th.join(60)
-        assert codes == [0] * 20, codes
-        assert_record_iff_commit(eng)
+            seg.close()
+        assert set(codes) <= {0, 10}, codes   # 10: the parent's thread held the latch
+        print(f"fork: {codes.count(10)} of 20 forks with the latch held")
+        assert_record_iff_commit_tail(eng)
 
 
 # -- kills inside the bigger commits: keys, token index, booking ---------------------------------
