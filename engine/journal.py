@@ -33,8 +33,9 @@ class Event(NamedTuple):
 
     ``seq``: its place in the journal's total order (1, 2, ...; on Redis the
     order holds per id and per account).  ``ts_ns``: the engine clock at the
-    commit.  ``kind``: one of ``KINDS``.  ``id``: the position id (the
-    account id for ``account``, 0 for ``halt``).  ``state``: the state after
+    commit (never before the previous record's).  ``kind``: one of
+    ``KINDS``.  ``id``: the position id (the account id for ``account``, 0
+    for ``halt``).  ``state``: the state after
     the change, as ``Engine.state()`` returns it (None where the kind has
     none).  ``trigger``: the trigger fired (a ``transition``; else None).
     ``record``: the record after the change, as ``Engine.context()`` returns
@@ -80,6 +81,14 @@ def _check_timeout(timeout: float | None) -> None:
                             f"got {shown(timeout)}")
 
 
+def max_seq() -> int:
+    """The largest seq a journal can reach (the latch word's seq bits); a
+    since past it could never be passed, and does not fit the C call."""
+    from engine._native import lib
+
+    return (1 << (64 - int(lib.ENG_TOKEN_BITS))) - 1
+
+
 def _check_since(since: int | None) -> None:
     from engine.errors import ArgumentError, EngineTypeError, shown
 
@@ -87,8 +96,9 @@ def _check_since(since: int | None) -> None:
         return
     if not isinstance(since, int) or isinstance(since, bool):
         raise EngineTypeError(f"since must be an int seq or None, got {shown(since)}")
-    if since < 0:
-        raise ArgumentError(f"since must be a seq >= 0 or None, got {shown(since)}")
+    if not 0 <= since <= max_seq():
+        raise ArgumentError(f"since must be a seq in [0, {max_seq()}] or None, "
+                            f"got {shown(since)}")
 
 
 def follow(source: JournalSource, since: int | None, timeout: float | None) -> Iterator[Event]:

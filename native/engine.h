@@ -764,7 +764,8 @@ typedef struct eng_journal {
     uint64_t latch;          /* seq << ENG_TOKEN_BITS | holder token, see above */
     uint32_t waiting;        /* 1: some reader may sleep on the latch word's low half */
     uint32_t pad0;
-    uint64_t pad1[6];
+    uint64_t last_ts;        /* ts_ns of the last record filled (by the latch holder only) */
+    uint64_t pad1[5];
 } eng_journal;
 
 typedef struct eng_jrec {

@@ -164,7 +164,13 @@ static void journal_fill_release(eng_seg *s, uint64_t JL, uint32_t kind, uint32_
     fence_release();   /* pairs with a reader's fence: one that copied a word below sees seq 0 */
     die_if(s, ENG_FAULT_DIE_IN_JFILL);
     store_relaxed_u64(&r->latch, JL);
-    store_relaxed_u64((uint64_t *)&r->ts_ns, (uint64_t)s->jts);
+    /* the clock was read before the latch (J1): a holder that waited for it
+     * must not record a time before the record published ahead of it */
+    uint64_t ts = (uint64_t)s->jts, last = load_relaxed_u64(&s->journal->last_ts);
+    if ((int64_t)ts < (int64_t)last)
+        ts = last;
+    store_relaxed_u64(&s->journal->last_ts, ts);   /* the latch's line: held by us */
+    store_relaxed_u64((uint64_t *)&r->ts_ns, ts);
     store_relaxed_u64(&r->id, id);
     store_relaxed_u64(&r->word, word);
     store_relaxed_u32(&r->kind, kind);

@@ -14,7 +14,7 @@ from typing import Any
 
 from engine._native import ffi, lib
 from engine.accounts import account_from_row
-from engine.errors import JournalLappedError, raise_for
+from engine.errors import JournalLappedError, SegmentError, raise_for
 from engine.journal import KINDS, Event
 from engine.records import PriceSnapshot
 
@@ -70,6 +70,11 @@ class SegmentJournal:
     def _event(self, view: memoryview, base: int) -> Event:
         eng = self._eng
         seq, ts, pid, word, kind, trigger = _HEAD.unpack_from(view, base)
+        if kind >= len(KINDS) or (kind == _TRANSITION_KIND and trigger not in self._triggers):
+            raise SegmentError(
+                f"journal of {eng.name!r}: record seq {seq} is corrupt: kind {kind} "
+                f"(in [0, {len(KINDS)})), trigger {trigger} (one of the spec's "
+                f"{sorted(self._triggers)} for a transition)")
         version = _U64.unpack_from(view, base + _VERSION_OFF)[0]
         record: Any
         state: Any = None
