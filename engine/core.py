@@ -390,7 +390,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
                spec: MachineSpec | None = None,
                keys_per_position: int = _DEFAULT_KEYS,
                max_accounts: int = _DEFAULT_ACCOUNTS, url: str | None = None,
-               shards: int | None = None, temporary: bool = False, journal: bool | None = True,
+               shards: int | None = None, temporary: bool = False, journal: bool | None = False,
                journal_records: int = _DEFAULT_JOURNAL_RECORDS,
                journal_prices: bool = False) -> Engine[Any, Any, Any]:
         """Create a new segment for ``capacity`` positions and attach to it.
@@ -416,11 +416,17 @@ class Engine(_EngineBase, Generic[S, C, T]):
         hash tags spread its positions over a cluster's nodes (default 1 on
         one server, 16 on a cluster).
 
-        ``journal`` (on by default; None turns it off) records every
-        committed change in a ring of ``journal_records`` records (a power
-        of two in [``ENG_JOURNAL_MIN_RECORDS``, ``ENG_JOURNAL_MAX_RECORDS``])
-        in the segment, read with ``events()``; ``journal_prices`` records
-        every price write too."""
+        ``journal=True`` records every committed change in a ring of
+        ``journal_records`` records (a power of two in
+        [``ENG_JOURNAL_MIN_RECORDS``, ``ENG_JOURNAL_MAX_RECORDS``]) in the
+        segment (on Redis: a stream per shard), read with ``events()``;
+        ``journal_prices`` records every price write too.  It is off by
+        default (False or None): on shared memory every commit then passes
+        through one journal latch, so a process stopped while it holds the
+        latch (SIGSTOP, a debugger) stalls every other commit until it runs
+        again (each waits ``ENG_JOURNAL_WAIT_STEPS``, then CONFLICT or
+        BusyError), and a transition costs about twice as much: see
+        docs/journal.md."""
         spec = _check_spec(spec)
         for what, v, hi in (("capacity", capacity, lib.ENG_MAX_CAPACITY),
                             ("keys_per_position", keys_per_position,
