@@ -42,7 +42,16 @@ from engine.errors import (
 from engine.journal import Event
 from engine.metrics import Metrics, OpMetrics
 from engine.records import Context, PriceSnapshot
-from engine.spec import ORDER_SPEC, POSITION_SPEC, MachineSpec, Outcome, Rule, State, Trigger
+from engine.spec import (
+    ORDER_SPEC,
+    POSITION_SPEC,
+    ExitReason,
+    MachineSpec,
+    Outcome,
+    Rule,
+    State,
+    Trigger,
+)
 
 __all__ = [
     "ORDER_SPEC",
@@ -57,6 +66,7 @@ __all__ = [
     "EngineError",
     "EngineTypeError",
     "Event",
+    "ExitReason",
     "FieldError",
     "Handle",
     "InternalError",

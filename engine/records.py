@@ -98,6 +98,8 @@ class Context(NamedTuple):
     side: int
     exit_reason: int
     account: int
+    trailing_stop: float
+    exit_price: float
     version: int
 
 
@@ -135,7 +137,7 @@ ROLES = {"entry_price": (lib.ENG_ROLE_ENTRY_PRICE, ("f8",)),
 _PNL = ("entry_price", "amount", "side")
 _FMAX = 1.7976931348623157e308
 #: f8 fields that hold a price level, so never negative
-PRICE_LEVELS = frozenset({"stop_loss", "take_profit"})
+PRICE_LEVELS = frozenset({"stop_loss", "take_profit", "trailing_stop", "exit_price"})
 _ROW_FIELDS = dtype_for("eng_row").fields
 assert _ROW_FIELDS is not None
 _ROW_FIXED = [(n, f) for n, f in _ROW_FIELDS.items() if n != "w"]
