@@ -77,7 +77,7 @@ class TestExitSpec:
 
     def test_wrong_type_is_named(self):
         """A level of the wrong type: SpecError with the type it must have."""
-        with pytest.raises(SpecError, match="stop_loss.*f8"):
+        with pytest.raises(SpecError, match=r"stop_loss.*f8"):
             self._spec(fields={**POSITION_FIELDS, "stop_loss": "i8"})
 
     @pytest.mark.parametrize("exits, match", [
@@ -126,7 +126,7 @@ class TestFiring:
         (-1, {"trailing_stop": 3.0}, [96.0, 94.0, 96.5, 97.0], R.TRAILING_STOP),
     ])
     def test_crossing_fires_in_the_same_call(self, engine, side, levels, prices, reason):
-        """The first price at or past a level fires, in that update_price call, with its reason and price."""
+        """The first price at or past a level fires in that call, with its reason and price."""
         pos = armed(engine, side=side, **levels)
         for p in prices[:-1]:
             engine.update_price(pos, p)

@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from procs import JOIN_TIMEOUT, READY_TIMEOUT
 
 from engine import Engine, ExitReason, Outcome, State, Trigger
 from engine._native import lib
-
-from procs import JOIN_TIMEOUT, READY_TIMEOUT
 
 STOP = 95.0
 WRITERS = 2 * (os.cpu_count() or 2) + 2     # more processes than cores
@@ -140,7 +139,7 @@ class TestRacingWriters:
                         engine.update_prices(arr, np.full(len(ids), p))
                     else:
                         engine.update_token_price(3, p)
-            except BaseException as e:   # noqa: BLE001 - reported below
+            except BaseException as e:
                 errors.append(e)
 
         ts = [threading.Thread(target=run, args=(k % 3,)) for k in range(6)]

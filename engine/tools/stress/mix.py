@@ -68,10 +68,13 @@ N_TOKENS = 4
 TOKEN_PARAMS: tuple[tuple[float, float, int], ...] = tuple(
     (100.0 + 10.0 * t, 1.0 + t, 1 if t % 2 == 0 else -1) for t in range(N_TOKENS))
 
-#: Context updates carry stop_loss and take_profit derived from exit_reason,
-#: so a context record mixing two updates is detectable too.
+#: Context updates carry trailing_stop and exit_price derived from
+#: exit_reason, so a context record mixing two updates is detectable too.
+#: The trailing stop is TRAIL_BASE and more, so no price write of the run
+#: fires it (the exits workload, ``--mix exits``, is the one that fires).
 STOP_PER_REASON = 0.25
 TAKE_PER_REASON = 0.75
+TRAIL_BASE = 1e6
 
 FAULTS = {"skip-gen": lib.ENG_FAULT_SKIP_GEN, "blind-store": lib.ENG_FAULT_BLIND_STORE}
 
