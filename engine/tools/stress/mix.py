@@ -54,6 +54,18 @@ ACCOUNT_PRESETS: dict[str, dict[str, int]] = {
     "accounts": {"trade": 10, "mark": 3, "cash": 1, "limits": 1, "books": 2},
 }
 
+#: The exits workload's kinds (``--mix exits``; see ``engine.tools.stress.exits``):
+#: ``tick`` / ``batch`` / ``token`` write prices that cross the positions'
+#: levels (update_price, update_prices of all, update_token_price); ``pause``
+#: pauses one, writes it crossing prices, resumes it; ``rearm`` checks a fired
+#: one and cancels its exit (armed again).
+EXIT_KINDS = ("tick", "batch", "token", "pause", "rearm")
+
+#: Presets that switch the whole run to the exits workload (weights over EXIT_KINDS).
+EXIT_PRESETS: dict[str, dict[str, int]] = {
+    "exits": {"tick": 6, "batch": 2, "token": 2, "pause": 2, "rearm": 4},
+}
+
 #: What one operation of the mix ended with.  The first three equal the C
 #: outcome codes APPLIED / INVALID / CONFLICT, so a transition maps directly.
 RESULTS = ("ok", "invalid", "conflict", "not_open", "busy", "full", "timeout", "unexpected")
@@ -94,6 +106,7 @@ WORKLOADS: dict[str, tuple[tuple[str, ...], dict[str, dict[str, int]]]] = {
     "positions": (KINDS, PRESETS),
     "orders": (ORDER_KINDS, ORDER_PRESETS),
     "accounts": (ACCOUNT_KINDS, ACCOUNT_PRESETS),
+    "exits": (EXIT_KINDS, EXIT_PRESETS),
 }
 
 
@@ -102,12 +115,12 @@ def workload_of(text: str | Mapping[str, int]) -> str:
     starts with one of their presets (a mapping: when all its kinds are of
     that workload), else ``"positions"``."""
     if isinstance(text, Mapping):
-        for name in ("orders", "accounts"):
+        for name in ("orders", "accounts", "exits"):
             if text and set(text) <= set(WORKLOADS[name][0]):
                 return name
         return "positions"
     first = next((p.strip() for p in text.split(",") if p.strip()), "")
-    for name in ("orders", "accounts"):
+    for name in ("orders", "accounts", "exits"):
         if first in WORKLOADS[name][1]:
             return name
     return "positions"
@@ -146,7 +159,7 @@ def parse_mix(text: str | Mapping[str, int]) -> dict[str, int]:
         preset = items.pop(0)
         if preset not in presets:
             raise ValueError(f"unknown mix preset {preset!r}; presets: "
-                             f"{', '.join([*PRESETS, *ORDER_PRESETS, *ACCOUNT_PRESETS])}")
+                             f"{', '.join([*PRESETS, *ORDER_PRESETS, *ACCOUNT_PRESETS, *EXIT_PRESETS])}")
         weights.update(presets[preset])
     for item in items:
         key, sep, value = item.partition("=")

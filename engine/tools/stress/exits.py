@@ -1,0 +1,324 @@
+"""The exits workload (``--mix exits``): price writers fire stop losses, take
+profits and trailing stops while others pause and re-arm the positions.
+
+Every position is long or short with entry 100 and levels a random walk of
+prices in [PRICE_LO, PRICE_HI] crosses often (``levels_for``).  Workers mix:
+
+* ``tick``: ``update_price`` of one position; ``batch``: ``update_prices``
+  of every position; ``token``: ``update_token_price`` of one token;
+* ``pause``: PAUSE one position, write it crossing prices, check it is still
+  PAUSED, RESUME it (then write it a price: see below);
+* ``rearm``: a fired position (EXIT_PENDING): check its fire (reason and
+  exit_price against its levels), EXIT_CANCELLED, then write it a price.
+
+The verifier (``verify_exits``) fails the run on:
+
+* ``wrong_reason``: a fire whose exit_reason is not the one its exit_price
+  gives (stop loss first, then trailing stop, then take profit), or whose
+  exit_price does not cross the level it names;
+* ``fired_paused``: a position left PAUSED by something else than its
+  pauser's RESUME (only a fire could: RESUME found it in another state);
+* ``lost_fire``: at the end, a MONITORING position whose last price crosses
+  its stop loss or take profit (a crossing written while armed never fired;
+  every op that arms a position writes it a price after, so the last price
+  of an armed position was written while armed);
+* ``not_once``: the commits on the positions (transitions counters) differ
+  from pauses + resumes + cancels + fires, or the fires counted by the engine
+  (``metrics()["exit"].applied``) differ from the fires the states show
+  (cancels + positions left EXIT_PENDING): a crossing fired twice, or a
+  fire not counted.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine import BusyError, Engine, ExitReason, Outcome, State, Trigger
+from engine.tools.stress.config import StressConfig, StressResult
+from engine.tools.stress.mix import EXIT_KINDS, RESULTS
+
+PRICE_LO, PRICE_HI = 92.0, 108.0
+N_EXIT_TOKENS = 4
+VIOLATIONS = {
+    "wrong_reason": "a fire's exit_reason or exit_price does not match its levels",
+    "fired_paused": "a paused position left PAUSED by something else than its RESUME",
+    "lost_fire": "an armed position shows a price that crosses its stop or take profit",
+    "not_once": "commits or counted fires differ from the fires the states show",
+    "unexpected": "an engine error a worker did not expect",
+}
+_MAX_MESSAGES = 20
+
+
+@dataclass(frozen=True)
+class Levels:
+    side: int
+    stop: float
+    take: float
+    trail: float
+
+
+def levels_for(i: int) -> Levels:
+    """Position i: long or short; stop+take, trailing (+ a far stop), or all three."""
+    side = 1 if i % 2 == 0 else -1
+    kind = (i // 2) % 3
+    if kind == 0:
+        return Levels(side, 100.0 - 3.0 * side, 100.0 + 3.0 * side, 0.0)
+    if kind == 1:
+        return Levels(side, 100.0 - 7.5 * side, 0.0, 2.0)
+    return Levels(side, 100.0 - 4.0 * side, 100.0 + 4.0 * side, 2.5)
+
+
+def fire_problem(lv: Levels, reason: int, price: float) -> str | None:
+    """Why a fire (reason, exit_price) does not fit the levels, or None."""
+    x = price * lv.side
+    stop = lv.stop > 0 and x <= lv.stop * lv.side
+    take = lv.take > 0 and x >= lv.take * lv.side
+    top = (PRICE_HI if lv.side > 0 else -PRICE_LO)   # the highest x any write had
+    trail_possible = lv.trail > 0 and x <= top - lv.trail
+    if stop and reason != ExitReason.STOP_LOSS:
+        return f"price {price} crosses the stop {lv.stop} but the reason is {reason}"
+    if reason == ExitReason.STOP_LOSS and not stop:
+        return f"STOP_LOSS at {price} does not cross the stop {lv.stop}"
+    if reason == ExitReason.TAKE_PROFIT and not take:
+        return f"TAKE_PROFIT at {price} does not cross the take profit {lv.take}"
+    if reason == ExitReason.TRAILING_STOP and not trail_possible:
+        return f"TRAILING_STOP at {price}: no peak of the run is {lv.trail} past it"
+    if reason not in (ExitReason.STOP_LOSS, ExitReason.TAKE_PROFIT, ExitReason.TRAILING_STOP):
+        return f"exit_reason {reason} is not an exit the engine fires"
+    return None
+
+
+def crosses_fixed(lv: Levels, price: float) -> bool:
+    x = price * lv.side
+    return (lv.stop > 0 and x <= lv.stop * lv.side) or (lv.take > 0 and x >= lv.take * lv.side)
+
+
+def exits_worker(handle: Any, index: int, seed: int, weights: tuple[int, ...],
+                 seconds: float, ids: list[int], q: Any) -> None:
+    """One worker of the exits workload; puts its counts on q."""
+    try:
+        q.put(("ok", index, _work(handle, seed, weights, seconds, ids)))
+    except BaseException:   # noqa: BLE001 - reported to the parent
+        q.put(("error", index, traceback.format_exc()))
+
+
+def _work(handle: Any, seed: int, weights: tuple[int, ...], seconds: float,
+          ids: list[int]) -> dict[str, Any]:
+    eng = Engine.attach(handle)
+    rng = random.Random(seed)
+    arr = np.array(ids, dtype=np.uint64)
+    counts = {k: dict.fromkeys(RESULTS, 0) for k in EXIT_KINDS}
+    c = {"pauses": 0, "resumes": 0, "cancels": 0, "fires_checked": 0, "unchecked": []}
+    viol: dict[str, int] = dict.fromkeys(VIOLATIONS, 0)
+    messages: list[str] = []
+    price = 100.0
+
+    def bad(kind: str, msg: str) -> None:
+        viol[kind] += 1
+        if len(messages) < _MAX_MESSAGES:
+            messages.append(msg)
+
+    def walk() -> float:
+        nonlocal price
+        price = min(PRICE_HI, max(PRICE_LO, price + rng.uniform(-1.5, 1.5)))
+        return price
+
+    def write_after_arming(i: int) -> None:
+        for _ in range(50):
+            try:
+                eng.update_price(ids[i], walk())
+                return
+            except BusyError:
+                time.sleep(0.0005)
+        c["unchecked"].append(i)
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        kind = rng.choices(EXIT_KINDS, weights)[0]
+        i = rng.randrange(len(ids))
+        pos = ids[i]
+        res = "ok"
+        try:
+            if kind == "tick":
+                eng.update_price(pos, walk())
+            elif kind == "batch":
+                eng.update_prices(arr, np.full(len(ids), walk()))
+            elif kind == "token":
+                eng.update_token_price(rng.randrange(N_EXIT_TOKENS), walk())
+            elif kind == "pause":
+                if eng.transition(pos, Trigger.PAUSE) is not Outcome.APPLIED:
+                    res = "invalid"
+                else:
+                    c["pauses"] += 1
+                    lv = levels_for(i)
+                    for p in (lv.stop - lv.side, lv.take + lv.side if lv.take else 100.0):
+                        try:
+                            eng.update_price(pos, p)
+                        except BusyError:
+                            pass
+                    out = eng.transition(pos, Trigger.RESUME)
+                    if out is Outcome.APPLIED:
+                        c["resumes"] += 1
+                        write_after_arming(i)
+                    else:
+                        bad("fired_paused", f"position {i}: paused, then RESUME -> {out.name} "
+                                            f"in state {eng.state(pos).name}")
+            elif kind == "rearm":
+                if eng.state(pos) is not State.EXIT_PENDING:
+                    res = "invalid"
+                else:
+                    ctx = eng.context(pos)
+                    why = fire_problem(levels_for(i), int(ctx.exit_reason), ctx.exit_price)
+                    c["fires_checked"] += 1
+                    if why:
+                        bad("wrong_reason", f"position {i}: {why}")
+                    if eng.transition(pos, Trigger.EXIT_CANCELLED) is Outcome.APPLIED:
+                        c["cancels"] += 1
+                        write_after_arming(i)
+                    else:
+                        res = "invalid"
+        except BusyError:
+            res = "busy"
+        except Exception as e:   # noqa: BLE001 - a violation, reported
+            res = "unexpected"
+            bad("unexpected", f"{kind} on position {i}: {e!r}")
+        counts[kind][res] += 1
+    eng.close()
+    return {"counts": counts, **c, "violations": viol, "messages": messages}
+
+
+def run_exits(config: StressConfig, weights: dict[str, int]) -> StressResult:
+    """Run the exits workload and verify it (see the module docstring)."""
+    ctx = multiprocessing.get_context("spawn")
+    url = config.url
+    server = None
+    if url == "auto":
+        from engine.tools.redis_server import PrivateRedis
+        server = PrivateRedis(prefix="engine-stress-redis-").__enter__()
+        url = server.url
+    try:
+        with Engine.create(capacity=config.positions, url=url, temporary=url is None) as eng:
+            try:
+                return _run(eng, config, weights, ctx)
+            finally:
+                if url is not None:
+                    eng.unlink()
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
+
+
+def _run(eng: Engine, config: StressConfig, weights: dict[str, int], ctx: Any) -> StressResult:
+    ids = []
+    for i in range(config.positions):
+        lv = levels_for(i)
+        pos = eng.open_position(100.0, 1.0, lv.side, i % N_EXIT_TOKENS, stop_loss=lv.stop,
+                                take_profit=lv.take, trailing_stop=lv.trail)
+        eng.transition(pos, Trigger.POSITION_OPENED)
+        ids.append(pos)
+    before = {int(r["id"]): int(r["transitions"]) for r in eng.snapshot()}
+    fires_before = eng.metrics()["exit"].applied
+    q = ctx.Queue()
+    wt = tuple(weights[k] for k in EXIT_KINDS)
+    procs = [ctx.Process(target=exits_worker, args=(eng.handle, w, config.seed * 1000 + w, wt,
+                                                     config.seconds, ids, q), daemon=True)
+             for w in range(config.workers)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    got, problems = [], []
+    deadline = time.monotonic() + config.seconds + 120
+    while len(got) + len(problems) < len(procs) and time.monotonic() < deadline:
+        try:
+            item = q.get(timeout=1.0)
+        except Exception:   # noqa: BLE001 - queue.Empty
+            continue
+        (got if item[0] == "ok" else problems).append(item[2])
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+    seconds = time.monotonic() - t0
+    return verify_exits(eng, config, weights, ids, before, fires_before,
+                        [g for g in got], problems, seconds)
+
+
+def verify_exits(eng: Engine, config: StressConfig, weights: dict[str, int], ids: list[int],
+                 before: dict[int, int], fires_before: int, reports: list[dict[str, Any]],
+                 problems: list[str], seconds: float) -> StressResult:
+    viol = dict.fromkeys(VIOLATIONS, 0)
+    messages = list(problems)
+    counts = {k: dict.fromkeys(RESULTS, 0) for k in EXIT_KINDS}
+    tot = {"pauses": 0, "resumes": 0, "cancels": 0, "fires_checked": 0}
+    unchecked: set[int] = set()
+    for r in reports:
+        for k in EXIT_KINDS:
+            for res, n in r["counts"][k].items():
+                counts[k][res] += n
+        for k in tot:
+            tot[k] += r[k]
+        unchecked.update(r["unchecked"])
+        for k, n in r["violations"].items():
+            viol[k] += n
+        messages += r["messages"]
+    rows = {int(r["id"]): r for r in eng.snapshot()}
+    pending = armed = 0
+    for i, pos in enumerate(ids):
+        r, lv = rows[pos], levels_for(i)
+        st = State(int(r["state"]))
+        if st is State.EXIT_PENDING:
+            pending += 1
+            why = fire_problem(lv, int(r["exit_reason"]), float(r["exit_price"]))
+            if why:
+                viol["wrong_reason"] += 1
+                messages.append(f"position {i}: {why}")
+        elif st is State.MONITORING:
+            armed += 1
+            if i not in unchecked and crosses_fixed(lv, float(r["price"])):
+                viol["lost_fire"] += 1
+                messages.append(f"position {i}: MONITORING at {float(r['price'])}, which "
+                                f"crosses stop {lv.stop} / take profit {lv.take}")
+        else:
+            viol["fired_paused" if st is State.PAUSED else "unexpected"] += 1
+            messages.append(f"position {i}: left in {st.name}")
+    fires = tot["cancels"] + pending
+    commits = sum(int(rows[p]["transitions"]) - before[p] for p in ids)
+    counted = eng.metrics()["exit"].applied - fires_before
+    want = tot["pauses"] + tot["resumes"] + tot["cancels"] + fires
+    if problems or len(reports) < config.workers:
+        viol["unexpected"] += max(1, len(problems))
+    if commits != want or counted != fires:
+        viol["not_once"] += 1
+        messages.append(f"commits {commits} (want pauses {tot['pauses']} + resumes "
+                        f"{tot['resumes']} + cancels {tot['cancels']} + fires {fires} = {want}); "
+                        f"fires counted by the engine {counted}, by the states {fires}")
+    ops = sum(sum(c.values()) for c in counts.values())
+    n_viol = sum(viol.values())
+    exits = {"fires": fires, "fires_counted": counted, "fires_checked": tot["fires_checked"]
+             + pending, "pauses": tot["pauses"], "cancels": tot["cancels"],
+             "armed_at_end": armed, "pending_at_end": pending, "unchecked": len(unchecked),
+             "violations": viol}
+    verification = {"links": 0, "slots": len(ids), "applied": commits,
+                    "counters_total": commits, "engine_applied": counted,
+                    "reads_checked": exits["fires_checked"], "torn_price_reads": 0,
+                    "torn_context_reads": 0, "version_regressions": 0,
+                    "by_category": {k: n for k, n in viol.items() if n}, "exits": exits}
+    return StressResult(ops=ops, seconds=seconds, violations=n_viol,
+                        violation_messages=messages[:_MAX_MESSAGES * 2], workload=counts,
+                        table=[], alerts=[], verification=verification,
+                        config={"workers": config.workers, "positions": config.positions,
+                                "seconds": config.seconds, "mix": config.mix,
+                                "weights": weights, "seed": config.seed},
+                        exits=exits, url=url_of(eng))
+
+
+def url_of(eng: Engine) -> str | None:
+    from engine.errors import redact
+    return redact(eng.url) if eng.url else None
