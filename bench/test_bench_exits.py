@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from engine import Engine, State, Trigger
+from engine import Engine, State, Trigger, WaitTimeout
 from engine._native import ffi, lib
 
 if TYPE_CHECKING:
@@ -125,8 +125,8 @@ class TestArmedBatch:
 
 
 def executor(handle: Any, conn: Any) -> None:
-    """An exit executor: for each id received, block until it is EXIT_PENDING
-    and send back CLOCK_MONOTONIC at the wake."""
+    """An exit executor: for each id received, block in wait_for_change until
+    it is EXIT_PENDING and send back CLOCK_MONOTONIC at the wake."""
     eng = Engine.attach(handle)
     conn.send("up")
     while True:
@@ -134,7 +134,11 @@ def executor(handle: Any, conn: Any) -> None:
         if pos is None:
             return
         conn.send("waiting")
-        eng.wait_for(pos, {State.EXIT_PENDING}, timeout=30.0)
+        while eng.state(pos) is not State.EXIT_PENDING:
+            try:
+                eng.wait_for_change(pos, timeout=30.0)
+            except WaitTimeout:
+                pass
         conn.send(time.monotonic_ns())
 
 
@@ -154,7 +158,11 @@ def test_exit_wake(benchmark: Any, recorder: Recorder) -> None:
                 eng.transition(pos, Trigger.POSITION_OPENED)
                 ours.send(pos)
                 assert ours.poll(30) and ours.recv() == "waiting"
-                time.sleep(0.002)   # let it reach its futex sleep
+                slot = eng._slot(eng.slot_of(pos))
+                deadline = time.monotonic() + 10
+                while not slot.waiting and time.monotonic() < deadline:
+                    time.sleep(0.0002)   # until it sleeps on the futex
+                time.sleep(0.001)
                 t0 = time.monotonic_ns()
                 eng.update_price(pos, 94.0)
                 assert ours.poll(30)

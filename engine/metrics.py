@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from engine.prometheus import EngineCollector
 
 OPS = ("transition", "transition_ctx", "open", "price", "price_batch", "read", "wait", "recover",
-       "key", "lookup", "account")
+       "key", "lookup", "account", "exit")
 assert len(OPS) == lib.ENG_OP_COUNT
 assert [getattr(lib, "ENG_OP_" + op.upper()) for op in OPS] == list(range(len(OPS)))
 

@@ -245,6 +245,12 @@ class MachineSpec:
                 table[self.state_index[src] * lib.ENG_MAX_TRIGGERS + t] = entry
         return bytes(table)
 
+    def c_layout(self, keys_per_position: int) -> Any:
+        """The record layout for eng_format, with the exits' state and trigger."""
+        exits = None if self.exits is None else (self.state_index[self.exits[0]],
+                                                 self.trigger_index[self.exits[1]])
+        return self.record.c_layout(keys_per_position, exits)
+
     @property
     def closed_mask(self) -> int:
         return sum(1 << self.state_index[c] for c in self.closed)
@@ -305,10 +311,10 @@ def _guard_name(g: Guard | None) -> str | None:
 class ExitReason(enum.IntEnum):
     """Why an exit fired (the record's ``exit_reason``); other codes are the user's."""
 
-    NONE = 0
-    STOP_LOSS = 1
-    TAKE_PROFIT = 2
-    TRAILING_STOP = 3
+    NONE = lib.ENG_EXIT_NONE
+    STOP_LOSS = lib.ENG_EXIT_STOP_LOSS
+    TAKE_PROFIT = lib.ENG_EXIT_TAKE_PROFIT
+    TRAILING_STOP = lib.ENG_EXIT_TRAILING_STOP
 
 
 #: The fields an exit reads (the levels: 0 is off; a spec may leave out the

@@ -823,7 +823,7 @@ static layout compute_layout(uint32_t capacity, uint32_t n_words, uint32_t kpp,
 {
     layout l;
     l.rec_size = (uint32_t)align_up(8 * (ENG_REC_META_WORDS + n_words), ENG_REC_ALIGN);
-    l.slot_size = (uint32_t)align_line(sizeof(eng_slot) + 2ULL * l.rec_size);
+    l.slot_size = (uint32_t)align_line(sizeof(eng_slot) + 2ULL * l.rec_size + ENG_SLOT_PEAKS);
     l.key_buckets = key_buckets_for(capacity, kpp);
     l.registry_off = align_line(sizeof(eng_header));
     l.shards_off = align_line(l.registry_off + sizeof(eng_proc) * ENG_MAX_PROCS);
@@ -914,7 +914,7 @@ const char *eng_strerror(int code)
 #define FAULT_FLAGS_KNOWN (ENG_FAULT_SKIP_GEN | ENG_FAULT_BLIND_STORE | ENG_FAULT_DIE_AFTER_CAS | \
                            ENG_FAULT_DIE_AFTER_LOCK | ENG_FAULT_DIE_IN_KEY |                    \
                            ENG_FAULT_DIE_IN_BOOKING | ENG_FAULT_DIE_IN_TINDEX_ADD |             \
-                           ENG_FAULT_DIE_IN_TINDEX_DEL)
+                           ENG_FAULT_DIE_IN_TINDEX_DEL | ENG_FAULT_DIE_IN_EXIT)
 
 static int test_faults_on = -1;   /* -1 until the first question reads the environment */
 
@@ -967,7 +967,10 @@ static int rec_layout_ok(const eng_rec_layout *r)
     static const uint8_t role_type[ENG_ROLE_COUNT] = {
         [ENG_ROLE_ENTRY_PRICE] = ENG_FT_F8, [ENG_ROLE_AMOUNT] = ENG_FT_F8,
         [ENG_ROLE_SIDE] = ENG_FT_I4, [ENG_ROLE_TOKEN] = ENG_FT_I8,
-        [ENG_ROLE_OPENED_NS] = ENG_FT_I8, [ENG_ROLE_ACCOUNT] = ENG_FT_I8};
+        [ENG_ROLE_OPENED_NS] = ENG_FT_I8, [ENG_ROLE_ACCOUNT] = ENG_FT_I8,
+        [ENG_ROLE_STOP_LOSS] = ENG_FT_F8, [ENG_ROLE_TAKE_PROFIT] = ENG_FT_F8,
+        [ENG_ROLE_TRAILING] = ENG_FT_F8, [ENG_ROLE_EXIT_REASON] = ENG_FT_I4,
+        [ENG_ROLE_EXIT_PRICE] = ENG_FT_F8};
     if (r->n_words > ENG_MAX_FIELD_WORDS || r->keys_per_position > ENG_MAX_KEYS_PER_POSITION)
         return 0;
     for (uint32_t i = 0; i < ENG_MAX_FIELD_WORDS; i++) {
@@ -982,9 +985,15 @@ static int rec_layout_ok(const eng_rec_layout *r)
         if (wi >= r->n_words || !role_type[k])
             return 0;
         uint8_t ty = r->word_type[wi];
-        if (ty != role_type[k] && !(k == ENG_ROLE_SIDE && ty == ENG_FT_I8))
+        if (ty != role_type[k] &&
+            !((k == ENG_ROLE_SIDE || k == ENG_ROLE_EXIT_REASON) && ty == ENG_FT_I8))
             return 0;
     }
+    /* exits fire from the price (PnL roles) and write the firing price */
+    if (r->exit_state != ENG_EXITS_NONE &&
+        (r->roles[ENG_ROLE_SIDE] == ENG_ROLE_NONE || r->roles[ENG_ROLE_ENTRY_PRICE] == ENG_ROLE_NONE ||
+         r->roles[ENG_ROLE_AMOUNT] == ENG_ROLE_NONE || r->roles[ENG_ROLE_EXIT_PRICE] == ENG_ROLE_NONE))
+        return 0;
     /* an account reserves |entry x amount|: only with the PnL roles */
     if (r->roles[ENG_ROLE_ACCOUNT] != ENG_ROLE_NONE &&
         (r->roles[ENG_ROLE_ENTRY_PRICE] == ENG_ROLE_NONE ||
@@ -995,12 +1004,13 @@ static int rec_layout_ok(const eng_rec_layout *r)
 
 /* The machine's words (also what eng_format was given): NULL if they are
  * well formed, else the name of the first bad word (*value: its value; for
- * "table", the index of the bad entry).  A booked record (booked) also needs
- * an initial state that is not closed and no rule out of a closed state into
- * an open one: a closing is booked exactly once. */
+ * "table", the index of the bad entry).  With exits (rec->exit_state), the
+ * armed state's rule for the exit trigger exists, has no guard and leads to
+ * another state that is not closed.  (A rule may leave a closed state: an
+ * opening on an account is refused on such a machine instead, see reopens.) */
 static const char *table_problem(const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
-                                 uint32_t initial_index, uint32_t closed_mask, int booked,
-                                 uint64_t *value)
+                                 uint32_t initial_index, uint32_t closed_mask,
+                                 const eng_rec_layout *rec, uint64_t *value)
 {
     uint64_t ignored;
     if (!value)
@@ -1011,17 +1021,42 @@ static const char *table_problem(const uint8_t *table, uint32_t n_states, uint32
         return *value = n_triggers, "n_triggers";
     if (initial_index >= n_states)
         return *value = initial_index, "initial_index";
-    if ((closed_mask >> n_states) != 0 || (booked && (closed_mask >> initial_index) & 1))
+    if ((closed_mask >> n_states) != 0)
         return *value = closed_mask, "closed_mask";
     for (uint32_t i = 0; i < ENG_MAX_STATES * ENG_MAX_TRIGGERS; i++) {
         uint32_t st = i / ENG_MAX_TRIGGERS, tr = i % ENG_MAX_TRIGGERS;
         uint32_t tgt = table[i] & ENG_RULE_TARGET_MASK;
         if ((table[i] & ~(ENG_RULE_TARGET_MASK | ENG_RULE_GUARDED)) ||
-            (tgt && (st >= n_states || tr >= n_triggers || tgt > n_states)) ||
-            (tgt && booked && ((closed_mask >> st) & 1) && !((closed_mask >> (tgt - 1)) & 1)))
+            (tgt && (st >= n_states || tr >= n_triggers || tgt > n_states)))
             return *value = i, "table";
     }
+    if (rec->exit_state != ENG_EXITS_NONE) {
+        uint32_t st = rec->exit_state, tr = rec->exit_trigger;
+        uint8_t e = st < n_states && tr < n_triggers ? table[st * ENG_MAX_TRIGGERS + tr] : 0;
+        uint32_t tgt = (e & ENG_RULE_TARGET_MASK);
+        if (!tgt || (e & ENG_RULE_GUARDED) || tgt - 1 == st || ((closed_mask >> (tgt - 1)) & 1))
+            return *value = st * ENG_MAX_TRIGGERS + tr, "exit_state";
+    }
     return NULL;
+}
+
+/* 1 if a rule leaves a closed state, or the initial state is closed: a
+ * closing may then happen more than once, so nothing opens on an account. */
+static int table_reopens(const uint8_t *table, uint32_t n_states, uint32_t initial_index,
+                         uint32_t closed_mask)
+{
+    if ((closed_mask >> initial_index) & 1)
+        return 1;
+    for (uint32_t st = 0; st < n_states; st++) {
+        if (!((closed_mask >> st) & 1))
+            continue;
+        for (uint32_t tr = 0; tr < ENG_MAX_TRIGGERS; tr++) {
+            uint32_t tgt = table[st * ENG_MAX_TRIGGERS + tr] & ENG_RULE_TARGET_MASK;
+            if (tgt && !((closed_mask >> (tgt - 1)) & 1))
+                return 1;
+        }
+    }
+    return 0;
 }
 
 int eng_format(void *base, uint64_t size, uint32_t capacity,
@@ -1037,7 +1072,7 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
     if (size < l.size)
         return ENG_ESIZE;
     const char *bad = table_problem(table, n_states, n_triggers, initial_index, closed_mask,
-                                    rec->roles[ENG_ROLE_ACCOUNT] != ENG_ROLE_NONE, NULL);
+                                    rec, NULL);
     if (bad)
         return ENG_EBADARG;
     /* A fresh segment is zero-filled; the header goes in field by field and
@@ -1138,8 +1173,7 @@ static int header_check(const void *base, uint64_t size, uint64_t fingerprint,
     }
     uint64_t v;
     const char *bad = table_problem(h->table, h->n_states, h->n_triggers, h->initial_index,
-                                    h->closed_mask, h->rec.roles[ENG_ROLE_ACCOUNT] != ENG_ROLE_NONE,
-                                    &v);
+                                    h->closed_mask, &h->rec, &v);
     if (bad)
         BAD(ENG_ECORRUPT, bad, v);
     /* the controls: their C setters store only these values */
@@ -1274,6 +1308,10 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     s->pnl = s->roles[ENG_ROLE_ENTRY_PRICE] != ENG_ROLE_NONE &&
              s->roles[ENG_ROLE_AMOUNT] != ENG_ROLE_NONE &&
              s->roles[ENG_ROLE_SIDE] != ENG_ROLE_NONE;
+    s->exit_armed = hc.rec.exit_state == ENG_EXITS_NONE ? 0 : 1u << hc.rec.exit_state;
+    s->exit_trigger = hc.rec.exit_trigger;
+    s->reopens = (uint32_t)table_reopens(hc.table, hc.n_states, hc.initial_index,
+                                         hc.closed_mask);
     s->capacity = hc.capacity;
     s->n_triggers = hc.n_triggers;
     s->fd = fd;
@@ -1635,6 +1673,20 @@ static inline void price_rec_at(const eng_seg *s, const eng_slot *sl, eng_price_
         r->pnl_pct = diff / entry * 100.0 * copysign(1.0, size);
         r->pnl_usd = diff * size;
     }
+}
+
+/* The trailing peak pair of exits (see "exits fired by the price"): after
+ * the slot's record copies; peaks[q & 1] belongs to price sequence q. */
+static inline uint64_t *slot_peaks(const eng_seg *s, const eng_slot *sl)
+{
+    return (uint64_t *)((uint8_t *)sl + ENG_SLOT_HEAD + 2ULL * s->rec_size);
+}
+
+/* Holder of the price latch `latched`: the peak that its publish makes the
+ * slot's (ordered before the publish by W3, read only by latch holders). */
+static inline void exit_peak_set(const eng_seg *s, const eng_slot *sl, uint64_t latched, double peak)
+{
+    store_relaxed_u64(&slot_peaks(s, sl)[(pw_seq(latched) + 1) & 1], f8_bits(peak));
 }
 
 /* ==== contexts: published by the state word ===================================== */
@@ -2077,7 +2129,7 @@ static int check_words(const eng_seg *s, const uint64_t *w, uint32_t mask)
 static inline uint32_t role_mask(const eng_seg *s)
 {
     uint32_t m = 0;
-    for (uint32_t k = 0; k < ENG_ROLE_COUNT; k++)
+    for (uint32_t k = 0; k < ENG_ROLE_AT_OPEN; k++)
         if (s->roles[k] != ENG_ROLE_NONE)
             m |= 1u << s->roles[k];
     return m;
@@ -2442,9 +2494,11 @@ static int books_release(eng_books *b, int64_t notional, int64_t realized, int64
     return 0;
 }
 
-/* B1-B3 for the position in record c (the copy about to be sealed with L). */
+/* B1-B3 for the position in record c (the copy about to be sealed with L).
+ * A close books at fill when it is > 0 (the closing transition's
+ * exit_price), else at the last price written. */
 static int book_position(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec *c, int kind,
-                         op_timer t, eng_account **out_a, uint64_t *out_AL)
+                         double fill, op_timer t, eng_account **out_a, uint64_t *out_AL)
 {
     uint64_t acct = c->w[s->acct_role];
     eng_account *a;
@@ -2459,10 +2513,9 @@ static int book_position(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec
     if (rc)
         return rc;
     if (kind == BOOK_CLOSE) {
-        eng_price_rec p;
+        eng_price_rec p = {.price = fill};
         uint64_t pv;
-        rc = read_price_rec(sl, &p, &pv);
-        if (rc)
+        if (!(fill > 0.0) && (rc = read_price_rec(sl, &p, &pv)) != 0)
             return rc;
         int64_t last = money_of(p.price, amount);
         if (last < 0 || last > top)
@@ -2521,7 +2574,9 @@ static int commit_booked_close(eng_seg *s, eng_slot *sl, uint64_t L, const eng_c
                 c.w[i] = u->w[i];
     eng_account *a;
     uint64_t AL;
-    int rc = book_position(s, sl, L, &c, BOOK_CLOSE, t, &a, &AL);
+    uint8_t xp = s->roles[ENG_ROLE_EXIT_PRICE];
+    double fill = (u && xp != ENG_ROLE_NONE && (u->mask >> xp) & 1) ? as_f8(u->w[xp]) : 0.0;
+    int rc = book_position(s, sl, L, &c, BOOK_CLOSE, fill, t, &a, &AL);
     if (rc) {
         unlock_unchanged(sl, L);
         return rc;
@@ -3831,6 +3886,8 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
     if (key && s->kpp == 0)
         return ENG_EKEYLIMIT;
     uint64_t acct = s->acct_role == ENG_ROLE_NONE ? 0 : c.w[s->acct_role];
+    if (acct && s->reopens)
+        return ENG_EBADFIELD;   /* a closing may happen twice: it cannot be booked once */
     if (acct) {
         /* the cheap refusals before a slot is taken; the latch decides */
         eng_account *a;
@@ -3909,6 +3966,8 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         }
         eng_price_rec r;
         price_rec_at(s, sl, &r, entry, ts);
+        if (s->exit_armed)   /* the trailing peak starts at the entry (side space) */
+            exit_peak_set(s, sl, latched, entry * copysign(1.0, as_f8(load_relaxed_u64(&sl->pnl_size))));
         if (price_publish(sl, latched, &r) != 0) {
             unlock_unchanged(sl, L);   /* our latch was taken: we were judged gone */
             rc = ENG_EBUSY;
@@ -3917,7 +3976,7 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         if (acct) {
             eng_account *a;
             uint64_t AL;
-            rc = book_position(s, sl, L, &c, BOOK_OPEN, t, &a, &AL);   /* reserve */
+            rc = book_position(s, sl, L, &c, BOOK_OPEN, 0.0, t, &a, &AL);   /* reserve */
             if (rc) {
                 unlock_unchanged(sl, L);
                 if (key)
@@ -4030,6 +4089,7 @@ int eng_release_position(eng_seg *s, uint64_t id)
 typedef struct slot_view {
     uint32_t opening;
     int64_t  token;
+    double   stop, take, trail;   /* exits: the levels of an armed position (else 0) */
 } slot_view;
 
 static void copy_slot_view(eng_seg *s, const void *obj, uint64_t w, void *out)
@@ -4055,6 +4115,155 @@ static inline int is_open_state(eng_seg *s, uint32_t st)
 
 enum { BY_ID, BY_TOKEN };
 
+/* ==== exits fired by the price ===================================================
+ *
+ * A spec with exits names an armed state and a trigger (exit_armed,
+ * exit_trigger).  Every price write (update_price, update_prices,
+ * update_token_price: all through write_price_checked) to a position in the
+ * armed state checks its levels, in side space (x = price x side, side the
+ * sign of the opening's pnl_size):
+ *
+ *   STOP_LOSS      stop  > 0 and x <= stop x side
+ *   TRAILING_STOP  trail > 0 and x <= peak - trail
+ *   TAKE_PROFIT    take  > 0 and x >= take x side       (first that holds wins)
+ *
+ * peak is the highest x written while armed, the entry's at first.  It is
+ * part of the price record: peaks[q & 1] (after the slot's record copies)
+ * belongs to price sequence q, is written by the latch holder with its copy
+ * and made the slot's by the same publish (W3), so a writer killed before
+ * its publish leaves the peak as it was, with the price.
+ *
+ * A crossing fires BEFORE the price is published, holding the price latch:
+ * the armed trigger's slow-path commit (lock_slot, commit_with_update) with
+ * exit_reason and exit_price in the same commit, from exactly the state word
+ * the levels were read under (if it moved, the check is made again), so
+ * waiters wake, metrics count it (ENG_OP_EXIT) and a rolled-forward or -back
+ * takeover treats it as any transition.  Guarantees:
+ *   - a write killed anywhere has done a prefix of (fire, publish): nothing;
+ *     the fire alone (its price unpublished, exit_price = that price); or
+ *     both.  A crossing price is never published on an armed position
+ *     without its fire, except while the engine is halted (then nothing
+ *     fires, and the price is written);
+ *   - exactly once per arming: the fire is a commit out of the armed state,
+ *     and a slot's writers hold its latch in turn;
+ *   - a position that is not in the armed state (paused, exiting) never fires.
+ * Does not guarantee: a fire for a crossing written before the position was
+ * armed (RESUME, EXIT_CANCELLED): the next write decides; a price write that
+ * fires waits for the slot's transition lock (bounded: a live holder past the
+ * bound makes the write ENG_EBUSY, nothing published).
+ */
+
+/* Copy for a writer's check: the opening, the token and, if w is in the
+ * armed state, the levels of the copy w publishes. */
+static inline double level_of(const eng_seg *s, const eng_ctx_rec *c, uint32_t role)
+{
+    uint8_t wi = s->roles[role];
+    return wi == ENG_ROLE_NONE ? 0.0 : as_f8(load_relaxed_u64(&c->w[wi]));
+}
+
+static void copy_slot_exits(eng_seg *s, const void *obj, uint64_t w, void *out)
+{
+    const eng_slot *sl = obj;
+    slot_view *v = out;
+    v->opening = load_relaxed_u32(&sl->opening);
+    v->token = (int64_t)load_relaxed_u64((const uint64_t *)&sl->token);
+    v->stop = v->take = v->trail = 0.0;
+    if (sw_state(w) == s->exit_armed) {
+        const eng_ctx_rec *c = copy_of(s, sl, sw_ctx(w));
+        v->stop = level_of(s, c, ENG_ROLE_STOP_LOSS);
+        v->take = level_of(s, c, ENG_ROLE_TAKE_PROFIT);
+        v->trail = level_of(s, c, ENG_ROLE_TRAILING);
+    }
+}
+
+static inline uint32_t exit_reason_at(const slot_view *v, double side, double x, double peak)
+{
+    if (v->stop > 0.0 && x <= v->stop * side)
+        return ENG_EXIT_STOP_LOSS;
+    if (v->trail > 0.0 && x <= peak - v->trail)
+        return ENG_EXIT_TRAILING_STOP;
+    if (v->take > 0.0 && x >= v->take * side)
+        return ENG_EXIT_TAKE_PROFIT;
+    return ENG_EXIT_NONE;
+}
+
+/* Holder of the price latch, which checked the position under state word w:
+ * fire the armed trigger with (reason, price).  Returns 0 to publish the
+ * price (fired; or no longer armed nor crossing; or halted), or an error
+ * that leaves the price unpublished: ENG_ESTALE (the opening is gone),
+ * ENG_EBUSY (a live holder kept the slot locked past the bound). */
+static __attribute__((noinline, cold)) int exit_fire(eng_seg *s, eng_slot *sl, uint64_t w,
+                                                    slot_view v, uint64_t id, double price,
+                                                    double side, double peak, uint32_t reason)
+{
+    op_timer t = op_begin(s, ENG_OP_EXIT);
+    if (id == 0)   /* by token: the opening the check saw */
+        id = make_id(v.opening, (uint32_t)(((uint8_t *)sl - s->slots) / s->slot_size));
+    int rc;
+    for (uint32_t tries = 0;; tries++) {
+        uint64_t L;
+        rc = lock_slot(s, sl, id, s->exit_trigger, 0, t, &L);
+        if (rc != ENG_APPLIED)
+            break;
+        if (((L ^ w) & SW_COMMITTED) == 0) {   /* locked from the word the levels came from */
+            eng_ctx_update u = {.mask = 0};
+            uint8_t r = s->roles[ENG_ROLE_EXIT_REASON], p = s->roles[ENG_ROLE_EXIT_PRICE];
+            if (r != ENG_ROLE_NONE) {
+                u.mask |= 1u << r;
+                u.w[r] = reason;
+            }
+            u.mask |= 1u << p;
+            u.w[p] = f8_bits(price);
+            rc = commit_with_update(s, sl, L, &u, t);
+            if (rc == ENG_APPLIED)
+                die_if(s, ENG_FAULT_DIE_IN_EXIT);   /* tests: fired, price not yet published */
+            break;
+        }
+        unlock_unchanged(sl, L);   /* it moved since the check: check again */
+        if (tries >= CAS_RETRIES) {
+            rc = ENG_CONFLICT;
+            break;
+        }
+        rc = seq_read_acquire(s, &sl->word, SW_COMMITTED, copy_slot_exits, sl, &v, &w);
+        if (rc == 0 && opening_check(w, v.opening, id) != 0)
+            rc = ENG_ESTALE;
+        if (rc)
+            break;
+        reason = sw_state(w) == s->exit_armed ? exit_reason_at(&v, side, price * side, peak) : 0;
+        if (!reason) {
+            rc = ENG_INVALID;
+            break;
+        }
+    }
+    op_end(t, rc);
+    if (rc == ENG_APPLIED || rc == ENG_INVALID || rc == ENG_HALTED)
+        return 0;
+    return rc == ENG_ESTALE || rc == ENG_ENOTOPEN ? ENG_ESTALE : ENG_EBUSY;
+}
+
+/* Holder of the price latch `latched`, which checked the position under
+ * state word w (view v): carry the peak into the copy about to be
+ * published, and fire if armed and crossing.  0, or exit_fire's error. */
+ALWAYS_INLINE int exit_check(eng_seg *s, eng_slot *sl, uint64_t latched, uint64_t w,
+                             const slot_view *v, double price, uint64_t id)
+{
+    uint64_t *pk = slot_peaks(s, sl);
+    uint64_t q = pw_seq(latched);
+    double peak = as_f8(load_relaxed_u64(&pk[q & 1])), next = peak;
+    uint32_t reason = ENG_EXIT_NONE;
+    double side = 1.0;
+    if (sw_state(w) == s->exit_armed) {
+        side = copysign(1.0, as_f8(load_relaxed_u64(&sl->pnl_size)));
+        double x = price * side;
+        reason = exit_reason_at(v, side, x, peak);
+        next = x > peak ? x : peak;
+    }
+    store_relaxed_u64(&pk[(q + 1) & 1], f8_bits(next));   /* published by our W3 */
+    if (__builtin_expect(reason != ENG_EXIT_NONE, 0))
+        return exit_fire(s, sl, w, *v, id, price, side, peak, reason);
+    return 0;
+}
+
 /* Write price at ts into sl if, under its latch, it holds the open opening
  * the id `key` names (BY_ID) or an open position on token `key` (BY_TOKEN).
  * Returns 0, ENG_ESTALE (nothing written), or ENG_EBUSY. */
@@ -4067,11 +4276,16 @@ ALWAYS_INLINE int write_price_checked(eng_seg *s, eng_slot *sl, double price, in
     int rc = price_latch(s, sl, t, &latched);
     if (__builtin_expect(rc, 0))
         return rc;
-    rc = seq_read_acquire(s, &sl->word, SW_COMMITTED,
-                          by == BY_ID ? copy_slot_opening : copy_slot_view, sl, &v, &w);
+    if (s->exit_armed)   /* the levels too (two inlined reads: no indirect call) */
+        rc = seq_read_acquire(s, &sl->word, SW_COMMITTED, copy_slot_exits, sl, &v, &w);
+    else
+        rc = seq_read_acquire(s, &sl->word, SW_COMMITTED,
+                              by == BY_ID ? copy_slot_opening : copy_slot_view, sl, &v, &w);
     if (rc == 0 && !(by == BY_ID ? opening_check(w, v.opening, key) == 0
                                  : is_open_state(s, sw_state(w)) && v.token == (int64_t)key))
         rc = ENG_ESTALE;
+    if (rc == 0 && s->exit_armed)   /* a spec with exits: see "exits fired by the price" */
+        rc = exit_check(s, sl, latched, w, &v, price, by == BY_ID ? key : 0);
     if (__builtin_expect(rc, 0)) {
         price_unlatch(sl, latched);
         return rc;

@@ -6,6 +6,7 @@ the fill."""
 from __future__ import annotations
 
 import threading
+import time
 from decimal import Decimal
 
 import numpy as np
@@ -216,21 +217,18 @@ class TestFiring:
         assert fired(engine, b) == (State.MONITORING, 0, 0.0)
         assert fired(engine, c) == (State.PAUSED, 0, 0.0)
 
+    @pytest.mark.shm_only
     def test_waiter_wakes(self, engine):
-        """A thread blocked in wait_for_change wakes with EXIT_PENDING."""
+        """A thread asleep in wait_for_change is woken by the fire with EXIT_PENDING."""
         pos = armed(engine, stop_loss=95.0)
         got: list[object] = []
-        started = threading.Event()
-
-        def wait() -> None:
-            started.set()
-            got.append(engine.wait_for(pos, {State.EXIT_PENDING}, timeout=30.0))
-
-        t = threading.Thread(target=wait)
+        t = threading.Thread(target=lambda: got.append(engine.wait_for_change(pos, timeout=60)))
         t.start()
-        assert started.wait(10)
+        deadline = time.monotonic() + 30
+        while not engine._slot(engine.slot_of(pos)).waiting and time.monotonic() < deadline:
+            time.sleep(0.001)
         engine.update_price(pos, 94.0)
-        t.join(30)
+        t.join(90)
         assert got == [State.EXIT_PENDING]
 
     def test_custom_spec_fires_its_trigger(self, make_engine):
