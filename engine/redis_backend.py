@@ -190,6 +190,21 @@ def check_url(url: object) -> str:
     return url
 
 
+def _exit_meta(spec: MachineSpec) -> dict[str, Any]:
+    """The meta fields of exits (see price_write in redis_functions.lua): the
+    words of the exit fields (-1: none), and with exits the armed one-hot
+    state and the trigger."""
+    rec = spec.record
+    meta: dict[str, Any] = {
+        "r_" + k: rec.exit_roles.get(v, -1)
+        for k, v in (("stop", "stop_loss"), ("tp", "take_profit"), ("trail", "trailing_stop"),
+                     ("reason", "exit_reason"), ("xprice", "exit_price"))}
+    if spec.exits is not None:
+        meta["x_armed"] = 1 << spec.state_index[spec.exits[0]]
+        meta["x_trigger"] = spec.trigger_index[spec.exits[1]]
+    return meta
+
+
 def _constants() -> str:
     """The Lua prelude: every number the functions use, from the C header."""
     names = {"APPLIED": APPLIED, "INVALID": INVALID,
@@ -1098,7 +1113,8 @@ class RedisStore:
                 "nwords": rec.n_words, "ntrig": len(spec.triggers), "table": spec.table_bytes(),
                 "closed": spec.closed_mask, "initial": 1 << spec.state_index[spec.initial],
                 "halted": "0", "metrics": "1", "created_ns": time.time_ns(),
-                **{"r_" + k: rec.roles.get(v, -1) for k, v in roles.items()}}
+                **{"r_" + k: rec.roles.get(v, -1) for k, v in roles.items()},
+                **_exit_meta(spec)}
             inc = _Creator(conn, name, url).create(meta, n, capacity, max_accounts)
             if conn.wait:
                 conn.replicate(f"eng:{{{name}:0}}:m")

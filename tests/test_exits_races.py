@@ -29,6 +29,7 @@ from procs import JOIN_TIMEOUT, READY_TIMEOUT
 from engine import Engine, ExitReason, Outcome, State, Trigger
 from engine._native import lib
 
+BACKENDS = ("shm", "redis")
 STOP = 95.0
 WRITERS = 2 * (os.cpu_count() or 2) + 2     # more processes than cores
 
