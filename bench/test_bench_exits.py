@@ -41,7 +41,7 @@ WAKE_ROUNDS = 300
 @pytest.fixture(scope="module")
 def armed_engine() -> Iterator[Engine]:
     """10 000 MONITORING positions, every one with all three levels armed."""
-    eng = Engine.create(capacity=CAPACITY, temporary=True)
+    eng = Engine.create(capacity=CAPACITY)
     try:
         ids = []
         for i in range(CAPACITY):
@@ -54,6 +54,7 @@ def armed_engine() -> Iterator[Engine]:
         yield eng
     finally:
         eng.close()
+        eng.unlink()
 
 
 def _ids(eng: Engine) -> np.ndarray:
@@ -146,7 +147,8 @@ def executor(handle: Any, conn: Any) -> None:
 def test_exit_wake(benchmark: Any, recorder: Recorder) -> None:
     """Tick -> an executor blocked in wait_for in another process returns: p50 / p99."""
     ctx = multiprocessing.get_context("spawn")
-    with Engine.create(capacity=WAKE_ROUNDS + 1, temporary=True) as eng:
+    eng = Engine.create(capacity=WAKE_ROUNDS + 1)
+    try:
         ours, theirs = ctx.Pipe()
         p = ctx.Process(target=executor, args=(eng.handle, theirs), daemon=True)
         p.start()
@@ -172,6 +174,9 @@ def test_exit_wake(benchmark: Any, recorder: Recorder) -> None:
             p.join(10)
             if p.is_alive():
                 p.kill()
+    finally:
+        eng.close()
+        eng.unlink()
     a = np.array(lat, dtype=float)
     recorder.note("exit_wake_p50_ns", float(np.percentile(a, 50)))
     recorder.note("exit_wake_p99_ns", float(np.percentile(a, 99)))

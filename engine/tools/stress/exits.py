@@ -69,10 +69,10 @@ def levels_for(i: int) -> Levels:
     side = 1 if i % 2 == 0 else -1
     kind = (i // 2) % 3
     if kind == 0:
-        return Levels(side, 100.0 - 3.0 * side, 100.0 + 3.0 * side, 0.0)
+        return Levels(side, 100.0 - 5.0 * side, 100.0 + 5.0 * side, 0.0)
     if kind == 1:
-        return Levels(side, 100.0 - 7.5 * side, 0.0, 2.0)
-    return Levels(side, 100.0 - 4.0 * side, 100.0 + 4.0 * side, 2.5)
+        return Levels(side, 100.0 - 7.5 * side, 0.0, 4.0)
+    return Levels(side, 100.0 - 6.0 * side, 100.0 + 6.0 * side, 5.0)
 
 
 def fire_problem(lv: Levels, reason: int, price: float) -> str | None:
@@ -204,12 +204,12 @@ def run_exits(config: StressConfig, weights: dict[str, int]) -> StressResult:
         server = PrivateRedis(prefix="engine-stress-redis-").__enter__()
         url = server.url
     try:
-        with Engine.create(capacity=config.positions, url=url, temporary=url is None) as eng:
-            try:
-                return _run(eng, config, weights, ctx)
-            finally:
-                if url is not None:
-                    eng.unlink()
+        eng = Engine.create(capacity=config.positions, url=url)
+        try:
+            return _run(eng, config, weights, ctx)
+        finally:
+            eng.close()
+            eng.unlink()
     finally:
         if server is not None:
             server.__exit__(None, None, None)
