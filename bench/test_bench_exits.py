@@ -16,6 +16,7 @@ not fire, and how soon a tick wakes an exit executor in another process.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import time
@@ -136,10 +137,8 @@ def executor(handle: Any, conn: Any) -> None:
             return
         conn.send("waiting")
         while eng.state(pos) is not State.EXIT_PENDING:
-            try:
+            with contextlib.suppress(WaitTimeout):
                 eng.wait_for_change(pos, timeout=30.0)
-            except WaitTimeout:
-                pass
         conn.send(time.monotonic_ns())
 
 

@@ -31,6 +31,7 @@ The verifier (``verify_exits``) fails the run on:
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import random
 import time
@@ -105,7 +106,7 @@ def exits_worker(handle: Any, index: int, seed: int, weights: tuple[int, ...],
     """One worker of the exits workload; puts its counts on q."""
     try:
         q.put(("ok", index, _work(handle, seed, weights, seconds, ids)))
-    except BaseException:   # noqa: BLE001 - reported to the parent
+    except BaseException:
         q.put(("error", index, traceback.format_exc()))
 
 
@@ -159,10 +160,8 @@ def _work(handle: Any, seed: int, weights: tuple[int, ...], seconds: float,
                     c["pauses"] += 1
                     lv = levels_for(i)
                     for p in (lv.stop - lv.side, lv.take + lv.side if lv.take else 100.0):
-                        try:
+                        with contextlib.suppress(BusyError):
                             eng.update_price(pos, p)
-                        except BusyError:
-                            pass
                     out = eng.transition(pos, Trigger.RESUME)
                     if out is Outcome.APPLIED:
                         c["resumes"] += 1
@@ -186,7 +185,7 @@ def _work(handle: Any, seed: int, weights: tuple[int, ...], seconds: float,
                         res = "invalid"
         except BusyError:
             res = "busy"
-        except Exception as e:   # noqa: BLE001 - a violation, reported
+        except Exception as e:
             res = "unexpected"
             bad("unexpected", f"{kind} on position {i}: {e!r}")
         counts[kind][res] += 1
@@ -238,7 +237,7 @@ def _run(eng: Engine, config: StressConfig, weights: dict[str, int], ctx: Any) -
     while len(got) + len(problems) < len(procs) and time.monotonic() < deadline:
         try:
             item = q.get(timeout=1.0)
-        except Exception:   # noqa: BLE001 - queue.Empty
+        except Exception:
             continue
         (got if item[0] == "ok" else problems).append(item[2])
     for p in procs:

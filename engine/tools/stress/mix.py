@@ -158,8 +158,8 @@ def parse_mix(text: str | Mapping[str, int]) -> dict[str, int]:
     if "=" not in items[0]:
         preset = items.pop(0)
         if preset not in presets:
-            raise ValueError(f"unknown mix preset {preset!r}; presets: "
-                             f"{', '.join([*PRESETS, *ORDER_PRESETS, *ACCOUNT_PRESETS, *EXIT_PRESETS])}")
+            known = ", ".join([*PRESETS, *ORDER_PRESETS, *ACCOUNT_PRESETS, *EXIT_PRESETS])
+            raise ValueError(f"unknown mix preset {preset!r}; presets: {known}")
         weights.update(presets[preset])
     for item in items:
         key, sep, value = item.partition("=")
