@@ -116,7 +116,8 @@ def _work(handle: Any, seed: int, weights: tuple[int, ...], seconds: float,
     rng = random.Random(seed)
     arr = np.array(ids, dtype=np.uint64)
     counts = {k: dict.fromkeys(RESULTS, 0) for k in EXIT_KINDS}
-    c = {"pauses": 0, "resumes": 0, "cancels": 0, "fires_checked": 0, "unchecked": []}
+    c = {"pauses": 0, "resumes": 0, "cancels": 0, "fires_checked": 0}
+    unchecked: list[int] = []
     viol: dict[str, int] = dict.fromkeys(VIOLATIONS, 0)
     messages: list[str] = []
     price = 100.0
@@ -138,7 +139,7 @@ def _work(handle: Any, seed: int, weights: tuple[int, ...], seconds: float,
                 return
             except BusyError:
                 time.sleep(0.0005)
-        c["unchecked"].append(i)
+        unchecked.append(i)
 
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -190,7 +191,8 @@ def _work(handle: Any, seed: int, weights: tuple[int, ...], seconds: float,
             bad("unexpected", f"{kind} on position {i}: {e!r}")
         counts[kind][res] += 1
     eng.close()
-    return {"counts": counts, **c, "violations": viol, "messages": messages}
+    return {"counts": counts, **c, "unchecked": unchecked, "violations": viol,
+            "messages": messages}
 
 
 def run_exits(config: StressConfig, weights: dict[str, int]) -> StressResult:
@@ -232,7 +234,8 @@ def _run(eng: Engine, config: StressConfig, weights: dict[str, int], ctx: Any) -
     t0 = time.monotonic()
     for p in procs:
         p.start()
-    got, problems = [], []
+    got: list[dict[str, Any]] = []
+    problems: list[str] = []
     deadline = time.monotonic() + config.seconds + 120
     while len(got) + len(problems) < len(procs) and time.monotonic() < deadline:
         try:
@@ -246,7 +249,7 @@ def _run(eng: Engine, config: StressConfig, weights: dict[str, int], ctx: Any) -
             p.kill()
     seconds = time.monotonic() - t0
     return verify_exits(eng, config, weights, ids, before, fires_before,
-                        [g for g in got], problems, seconds)
+                        got, problems, seconds)
 
 
 def verify_exits(eng: Engine, config: StressConfig, weights: dict[str, int], ids: list[int],
