@@ -309,7 +309,7 @@ def summarize(rec: Recorder) -> dict[str, Any]:
         if f"exit_wake_{q}_ns" in rec.values:
             out["exits"][f"wake_{q}_us"] = rec.values[f"exit_wake_{q}_ns"] / 1e3
     for k in ("update_prices_batch", "update_prices_batch_raw", "update_prices_armed_batch",
-              "update_prices_armed_batch_raw"):
+              "update_prices_armed_batch_raw", "update_prices_no_exits_batch_raw"):
         if k in r:
             out["batch"][k] = {"ns_per_slot_min": r[k].min_ns, "ns_per_slot_median": r[k].median_ns,
                                "slots": r[k].units_per_round, "target_ns_per_slot": TARGET_BATCH_NS,

@@ -26,28 +26,33 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from engine import Engine, State, Trigger, WaitTimeout
+from engine import POSITION_SPEC, Engine, MachineSpec, State, Trigger, WaitTimeout
 from engine._native import ffi, lib
+from engine.spec import POSITION_FIELDS
 
 if TYPE_CHECKING:
     from conftest import CallTimer, Recorder
 
 from conftest import CAPACITY, OPS_PER_ROUND, compile_loop
 
-#: Levels no price of the benchmarks (90 .. 110, entry 100) reaches.
-FAR = {"stop_loss": 1.0, "take_profit": 1e6, "trailing_stop": 50.0}
+#: Levels no price of the benchmarks (90 .. 110, entry 100) reaches, by side.
+FAR = {1: {"stop_loss": 1.0, "take_profit": 1e6, "trailing_stop": 50.0},
+       -1: {"stop_loss": 1e6, "take_profit": 1.0, "trailing_stop": 50.0}}
+#: The position spec without exits: its price writes take the path of before.
+NO_EXITS = MachineSpec(states=POSITION_SPEC.states, triggers=POSITION_SPEC.triggers,
+                       rules=POSITION_SPEC.rules, initial=POSITION_SPEC.initial,
+                       closed=POSITION_SPEC.closed, fields=POSITION_FIELDS, name="no_exits")
 WAKE_ROUNDS = 300
 
 
-@pytest.fixture(scope="module")
-def armed_engine() -> Iterator[Engine]:
-    """10 000 MONITORING positions, every one with all three levels armed."""
-    eng = Engine.create(capacity=CAPACITY)
+def _engine(spec: MachineSpec | None, levels: bool) -> Iterator[Engine]:
+    eng = Engine.create(capacity=CAPACITY, spec=spec)
     try:
         ids = []
         for i in range(CAPACITY):
-            pos = eng.open_position(entry_price=100.0, amount=2.0, side=1 if i % 2 else -1,
-                                    token=i % 64, **FAR)
+            side = 1 if i % 2 else -1
+            pos = eng.open_position(entry_price=100.0, amount=2.0, side=side,
+                                    token=i % 64, **(FAR[side] if levels else {}))
             eng.transition(pos, Trigger.POSITION_OPENED)
             ids.append(pos)
         eng.update_prices(ids, [100.0] * CAPACITY)
@@ -56,6 +61,18 @@ def armed_engine() -> Iterator[Engine]:
     finally:
         eng.close()
         eng.unlink()
+
+
+@pytest.fixture(scope="module")
+def armed_engine() -> Iterator[Engine]:
+    """10 000 MONITORING positions, every one with all three levels armed."""
+    yield from _engine(None, True)
+
+
+@pytest.fixture(scope="module")
+def no_exits_engine() -> Iterator[Engine]:
+    """10 000 MONITORING positions of a spec without exits (the path of before)."""
+    yield from _engine(NO_EXITS, False)
 
 
 def _ids(eng: Engine) -> np.ndarray:
@@ -103,6 +120,11 @@ class TestArmedPrice:
 
 @pytest.mark.benchmark(group="exits batch (s per round of one call)")
 class TestArmedBatch:
+    def test_update_prices_no_exits_batch_raw(self, timer: CallTimer,
+                                              no_exits_engine: Engine) -> None:
+        """``lib.eng_update_prices`` over 10 000 positions of a spec without exits."""
+        _raw_batch(timer, no_exits_engine, "update_prices_no_exits_batch_raw")
+
     def test_update_prices_armed_batch(self, timer: CallTimer, armed_engine: Engine) -> None:
         """``Engine.update_prices`` of 10 000 positions, every one armed."""
         ids = _ids(armed_engine)
@@ -114,16 +136,19 @@ class TestArmedBatch:
     def test_update_prices_armed_batch_raw(self, timer: CallTimer,
                                            armed_engine: Engine) -> None:
         """``lib.eng_update_prices`` over 10 000 armed positions: the C loop alone."""
-        n = armed_engine.capacity
-        ids = _ids(armed_engine)
-        prices = np.linspace(90.0, 110.0, n)
-        sbuf, pbuf = ffi.from_buffer("uint64_t[]", ids), ffi.from_buffer("double[]", prices)
-        bad, written = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        seg, f = armed_engine._seg, lib.eng_update_prices
-        assert f(seg, sbuf, pbuf, n, bad, written) == 0 and written[0] == n
-        timer.rounds("update_prices_armed_batch_raw", lambda: f(seg, sbuf, pbuf, n, bad, written),
-                     n, unit="slot")
+        _raw_batch(timer, armed_engine, "update_prices_armed_batch_raw")
         _never_fired(armed_engine)
+
+
+def _raw_batch(timer: CallTimer, eng: Engine, key: str) -> None:
+    n = eng.capacity
+    ids = _ids(eng)
+    prices = np.linspace(90.0, 110.0, n)
+    sbuf, pbuf = ffi.from_buffer("uint64_t[]", ids), ffi.from_buffer("double[]", prices)
+    bad, written = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    seg, f = eng._seg, lib.eng_update_prices
+    assert f(seg, sbuf, pbuf, n, bad, written) == 0 and written[0] == n
+    timer.rounds(key, lambda: f(seg, sbuf, pbuf, n, bad, written), n, unit="slot")
 
 
 def executor(handle: Any, conn: Any) -> None:

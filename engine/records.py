@@ -93,12 +93,12 @@ class Context(NamedTuple):
     amount: float
     stop_loss: float
     take_profit: float
+    trailing_stop: float
     token: int
     opened_ns: int
     side: int
     exit_reason: int
     account: int
-    trailing_stop: float
     exit_price: float
     version: int
 

@@ -333,9 +333,10 @@ EXIT_LEVELS = frozenset({"stop_loss", "take_profit", "trailing_stop"})
 #: exit_price, and the close books at exit_price when it is set.
 POSITION_FIELDS: Mapping[str, str] = {
     "entry_price": "f8", "amount": "f8", "stop_loss": "f8", "take_profit": "f8",
+    "trailing_stop": "f8",   # beside the other levels: a price write reads one line
     "token": "i8", "opened_ns": "i8", "side": "i4", "exit_reason": "i4",
     "account": "i8",   # the account the opening reserved on (0: none); set at open only
-    "trailing_stop": "f8", "exit_price": "f8",
+    "exit_price": "f8",
 }
 
 POSITION_SPEC = MachineSpec.position()
