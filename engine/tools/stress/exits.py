@@ -1,8 +1,9 @@
 """The exits workload (``--mix exits``): price writers fire stop losses, take
 profits and trailing stops while others pause and re-arm the positions.
 
-Every position is long or short with entry 100 and levels a random walk of
-prices in [PRICE_LO, PRICE_HI] crosses often (``levels_for``).  Workers mix:
+Every position is long or short with entry 100 and levels that prices drawn
+around the entry (PRICE_SIGMA, within [PRICE_LO, PRICE_HI]) cross now and
+then (``levels_for``).  Workers mix:
 
 * ``tick``: ``update_price`` of one position; ``batch``: ``update_prices``
   of every position; ``token``: ``update_token_price`` of one token;
@@ -34,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import random
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -46,6 +48,11 @@ from engine.tools.stress.config import StressConfig, StressResult
 from engine.tools.stress.mix import EXIT_KINDS, RESULTS
 
 PRICE_LO, PRICE_HI = 92.0, 108.0
+PRICE_SIGMA = 4.0
+#: the run is cut in phases of about this many seconds; at the end of each the
+#: workers stop at a barrier and the parent checks every position
+PHASE_S = 0.1
+BARRIER_TIMEOUT = 60.0
 N_EXIT_TOKENS = 4
 VIOLATIONS = {
     "wrong_reason": "a fire's exit_reason or exit_price does not match its levels",
@@ -70,10 +77,10 @@ def levels_for(i: int) -> Levels:
     side = 1 if i % 2 == 0 else -1
     kind = (i // 2) % 3
     if kind == 0:
-        return Levels(side, 100.0 - 5.0 * side, 100.0 + 5.0 * side, 0.0)
+        return Levels(side, 100.0 - 8.0 * side, 100.0 + 8.0 * side, 0.0)
     if kind == 1:
-        return Levels(side, 100.0 - 7.5 * side, 0.0, 4.0)
-    return Levels(side, 100.0 - 6.0 * side, 100.0 + 6.0 * side, 5.0)
+        return Levels(side, 100.0 - 7.5 * side, 0.0, 13.0)
+    return Levels(side, 100.0 - 7.0 * side, 100.0 + 7.0 * side, 14.0)
 
 
 def fire_problem(lv: Levels, reason: int, price: float) -> str | None:
@@ -102,16 +109,20 @@ def crosses_fixed(lv: Levels, price: float) -> bool:
 
 
 def exits_worker(handle: Any, index: int, seed: int, weights: tuple[int, ...],
-                 seconds: float, ids: list[int], q: Any) -> None:
-    """One worker of the exits workload; puts its counts on q."""
+                 seconds: float, ids: list[int], q: Any, barrier: Any, phases: int,
+                 unchecked: Any) -> None:
+    """One worker of the exits workload: ``phases`` phases of the mix, each
+    ended at the barrier (twice: the parent checks in between); puts its
+    counts on q."""
     try:
-        q.put(("ok", index, _work(handle, seed, weights, seconds, ids)))
+        q.put(("ok", index, _work(handle, seed, weights, seconds, ids, barrier, phases,
+                                  unchecked)))
     except BaseException:
         q.put(("error", index, traceback.format_exc()))
 
 
 def _work(handle: Any, seed: int, weights: tuple[int, ...], seconds: float,
-          ids: list[int]) -> dict[str, Any]:
+          ids: list[int], barrier: Any, phases: int, unchecked_flags: Any) -> dict[str, Any]:
     eng = Engine.attach(handle)
     rng = random.Random(seed)
     arr = np.array(ids, dtype=np.uint64)
@@ -120,17 +131,14 @@ def _work(handle: Any, seed: int, weights: tuple[int, ...], seconds: float,
     unchecked: list[int] = []
     viol: dict[str, int] = dict.fromkeys(VIOLATIONS, 0)
     messages: list[str] = []
-    price = 100.0
 
     def bad(kind: str, msg: str) -> None:
         viol[kind] += 1
         if len(messages) < _MAX_MESSAGES:
             messages.append(msg)
 
-    def walk() -> float:
-        nonlocal price
-        price = min(PRICE_HI, max(PRICE_LO, price + rng.uniform(-1.5, 1.5)))
-        return price
+    def walk() -> float:   # around the entry: most writes inside the levels, some past
+        return min(PRICE_HI, max(PRICE_LO, rng.gauss(100.0, PRICE_SIGMA)))
 
     def write_after_arming(i: int) -> None:
         for _ in range(50):
@@ -140,7 +148,21 @@ def _work(handle: Any, seed: int, weights: tuple[int, ...], seconds: float,
             except BusyError:
                 time.sleep(0.0005)
         unchecked.append(i)
+        unchecked_flags[i] = 1
 
+    for _ in range(phases):
+        _phase(eng, rng, weights, seconds / phases, ids, arr, counts, c, bad, walk,
+               write_after_arming)
+        barrier.wait(BARRIER_TIMEOUT)   # quiescent: the parent checks the positions
+        barrier.wait(BARRIER_TIMEOUT)
+    eng.close()
+    return {"counts": counts, **c, "unchecked": unchecked, "violations": viol,
+            "messages": messages}
+
+
+def _phase(eng: Engine, rng: random.Random, weights: tuple[int, ...], seconds: float,
+           ids: list[int], arr: np.ndarray, counts: dict[str, dict[str, int]],
+           c: dict[str, int], bad: Any, walk: Any, write_after_arming: Any) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         kind = rng.choices(EXIT_KINDS, weights)[0]
@@ -190,9 +212,6 @@ def _work(handle: Any, seed: int, weights: tuple[int, ...], seconds: float,
             res = "unexpected"
             bad("unexpected", f"{kind} on position {i}: {e!r}")
         counts[kind][res] += 1
-    eng.close()
-    return {"counts": counts, **c, "unchecked": unchecked, "violations": viol,
-            "messages": messages}
 
 
 def run_exits(config: StressConfig, weights: dict[str, int]) -> StressResult:
@@ -228,14 +247,30 @@ def _run(eng: Engine, config: StressConfig, weights: dict[str, int], ctx: Any) -
     fires_before = eng.metrics()["exit"].applied
     q = ctx.Queue()
     wt = tuple(weights[k] for k in EXIT_KINDS)
+    phases = max(1, round(config.seconds / PHASE_S))
+    barrier = ctx.Barrier(config.workers + 1)
+    unchecked = ctx.RawArray("b", len(ids))
     procs = [ctx.Process(target=exits_worker, args=(eng.handle, w, config.seed * 1000 + w, wt,
-                                                     config.seconds, ids, q), daemon=True)
+                                                     config.seconds, ids, q, barrier, phases,
+                                                     unchecked), daemon=True)
              for w in range(config.workers)]
     t0 = time.monotonic()
     for p in procs:
         p.start()
     got: list[dict[str, Any]] = []
     problems: list[str] = []
+    phase_viol: dict[str, int] = dict.fromkeys(VIOLATIONS, 0)
+    phase_messages: list[str] = []
+    checked = parent_cancels = 0
+    try:
+        for _ in range(phases):
+            barrier.wait(BARRIER_TIMEOUT + config.seconds + 60)
+            checked += _check_quiescent(eng, ids, unchecked, phase_viol, phase_messages)
+            parent_cancels += _rearm_all(eng, ids, phase_viol, phase_messages)
+            barrier.wait(BARRIER_TIMEOUT)
+    except threading.BrokenBarrierError:
+        barrier.abort()
+        problems.append("a worker did not reach a phase's barrier")
     deadline = time.monotonic() + config.seconds + 120
     while len(got) + len(problems) < len(procs) and time.monotonic() < deadline:
         try:
@@ -248,8 +283,60 @@ def _run(eng: Engine, config: StressConfig, weights: dict[str, int], ctx: Any) -
         if p.is_alive():
             p.kill()
     seconds = time.monotonic() - t0
-    return verify_exits(eng, config, weights, ids, before, fires_before,
-                        got, problems, seconds)
+    got.append({"counts": {k: dict.fromkeys(RESULTS, 0) for k in EXIT_KINDS}, "pauses": 0,
+                "resumes": 0, "cancels": parent_cancels, "fires_checked": parent_cancels,
+                "unchecked": [], "violations": {}, "messages": []})   # the parent's re-arms
+    res = verify_exits(eng, config, weights, ids, before, fires_before, got, problems, seconds)
+    res.violations += sum(phase_viol.values())
+    res.violation_messages += phase_messages[:_MAX_MESSAGES]
+    assert res.exits is not None
+    res.exits["quiescent_checks"] = checked
+    for k, n in phase_viol.items():
+        res.exits["violations"][k] += n
+        if n:
+            res.verification["by_category"][k] = res.verification["by_category"].get(k, 0) + n
+    return res
+
+
+def _rearm_all(eng: Engine, ids: list[int], viol: dict[str, int], messages: list[str]) -> int:
+    """Between two phases: check every fired position's fire, arm it again
+    and write it the entry price, so that the next phase starts with every
+    position armed.  Returns the cancels."""
+    n = 0
+    for i, pos in enumerate(ids):
+        if eng.state(pos) is not State.EXIT_PENDING:
+            continue
+        ctx = eng.context(pos)
+        why = fire_problem(levels_for(i), int(ctx.exit_reason), ctx.exit_price)
+        if why:
+            viol["wrong_reason"] += 1
+            messages.append(f"position {i}: {why}")
+        if eng.transition(pos, Trigger.EXIT_CANCELLED) is Outcome.APPLIED:
+            n += 1
+            eng.update_price(pos, 100.0)
+    return n
+
+
+def _check_quiescent(eng: Engine, ids: list[int], unchecked: Any, viol: dict[str, int],
+                     messages: list[str]) -> int:
+    """Between two phases (no worker calls): no position PAUSED, and no armed
+    one at a price that crosses its stop or take profit.  Returns the armed
+    positions checked."""
+    rows = {int(r["id"]): r for r in eng.snapshot()}
+    n = 0
+    for i, pos in enumerate(ids):
+        r = rows[pos]
+        st = State(int(r["state"]))
+        if st is State.PAUSED:
+            viol["fired_paused"] += 1
+            messages.append(f"position {i}: PAUSED between phases")
+        elif st is State.MONITORING and not unchecked[i]:
+            n += 1
+            if crosses_fixed(levels_for(i), float(r["price"])):
+                viol["lost_fire"] += 1
+                messages.append(f"position {i}: MONITORING between phases at "
+                                f"{float(r['price'])}, which crosses {levels_for(i)}")
+    return n
 
 
 def verify_exits(eng: Engine, config: StressConfig, weights: dict[str, int], ids: list[int],

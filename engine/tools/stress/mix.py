@@ -63,7 +63,7 @@ EXIT_KINDS = ("tick", "batch", "token", "pause", "rearm")
 
 #: Presets that switch the whole run to the exits workload (weights over EXIT_KINDS).
 EXIT_PRESETS: dict[str, dict[str, int]] = {
-    "exits": {"tick": 6, "batch": 2, "token": 2, "pause": 2, "rearm": 4},
+    "exits": {"tick": 4, "batch": 1, "token": 4, "pause": 2, "rearm": 3},
 }
 
 #: What one operation of the mix ended with.  The first three equal the C
