@@ -278,3 +278,44 @@ class TestKills:
         engine.recover()
         assert kills >= 6, kills
         check_exits(engine, ids, before)
+
+
+def adjustable_spec() -> Any:
+    """Positions whose stop can be moved while armed (ADJUST: LIVE -> LIVE)."""
+    from engine import MachineSpec, Rule
+    from engine.spec import POSITION_FIELDS
+    return MachineSpec(
+        states=["NEW", "LIVE", "OUT", "DONE"], triggers=["GO", "HIT", "ADJUST", "END"],
+        rules=[Rule.of("GO", "NEW", "LIVE"), Rule.of("HIT", "LIVE", "OUT"),
+               Rule.of("ADJUST", "LIVE", "LIVE"), Rule.of("END", "OUT", "DONE")],
+        initial="NEW", closed=["DONE"], fields=POSITION_FIELDS, exits=("LIVE", "HIT"),
+        name="adjustable")
+
+
+@pytest.mark.shm_only
+class TestLevelsMovedMeanwhile:
+    def test_fire_uses_the_levels_it_locks_from(self, make_engine):
+        """A stop moved (ADJUST, held in its slow path) while a crossing write waits
+        for the lock: the write checks the new stop and does not fire; with the
+        old one it would have."""
+        eng = make_engine(capacity=4, spec=adjustable_spec())
+        pos = eng.open_position(100.0, 1.0, stop_loss=95.0)
+        assert eng.transition(pos, "GO") is Outcome.APPLIED
+        slot = eng.slot_of(pos)
+        eng._set_fault(0, pause_ns=3_000_000)   # the slow path holds the lock 3 ms
+        try:
+            t = threading.Thread(target=lambda: eng.transition(pos, "ADJUST", stop_loss=80.0))
+            t.start()
+            deadline = time.monotonic() + 10
+            while (not eng.state_word(slot) & lib.ENG_SW_LOCK and t.is_alive()
+                   and time.monotonic() < deadline):
+                pass
+            eng.update_price(pos, 94.0)   # crosses 95, not 80
+            t.join(10)
+        finally:
+            eng._set_fault(0)
+        c = eng.context(pos)
+        assert (eng.state(pos).name, c.stop_loss, c.exit_reason) == ("LIVE", 80.0, 0)
+        assert eng.price(pos).price == 94.0
+        eng.update_price(pos, 79.0)
+        assert eng.state(pos).name == "OUT" and eng.context(pos).exit_price == 79.0
