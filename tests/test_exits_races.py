@@ -294,28 +294,37 @@ def adjustable_spec() -> Any:
 
 @pytest.mark.shm_only
 class TestLevelsMovedMeanwhile:
-    def test_fire_uses_the_levels_it_locks_from(self, make_engine):
-        """A stop moved (ADJUST, held in its slow path) while a crossing write waits
-        for the lock: the write checks the new stop and does not fire; with the
-        old one it would have."""
-        eng = make_engine(capacity=4, spec=adjustable_spec())
-        pos = eng.open_position(100.0, 1.0, stop_loss=95.0)
-        assert eng.transition(pos, "GO") is Outcome.APPLIED
-        slot = eng.slot_of(pos)
-        eng._set_fault(0, pause_ns=3_000_000)   # the slow path holds the lock 3 ms
+    def test_fire_uses_the_levels_it_locks_from(self, spawner):
+        """A stop moved (ADJUST, held in its slow path by another process) while a
+        crossing write waits for the lock: the write checks the new stop and does
+        not fire; with the old one it would have."""
+        eng = Engine.create(capacity=4, spec=adjustable_spec())
         try:
-            t = threading.Thread(target=lambda: eng.transition(pos, "ADJUST", stop_loss=80.0))
-            t.start()
-            deadline = time.monotonic() + 10
-            while (not eng.state_word(slot) & lib.ENG_SW_LOCK and t.is_alive()
-                   and time.monotonic() < deadline):
-                pass
-            eng.update_price(pos, 94.0)   # crosses 95, not 80
-            t.join(10)
+            pos = eng.open_position(100.0, 1.0, stop_loss=95.0)
+            assert eng.transition(pos, "GO") is Outcome.APPLIED
+            slot = eng.slot_of(pos)
+            eng._set_fault(0, pause_ns=4_000_000)   # a slow path holds the lock 4 ms
+            try:
+                p = spawner.start(adjust_worker, eng.handle, pos)
+                deadline = time.monotonic() + READY_TIMEOUT
+                while not eng.state_word(slot) & lib.ENG_SW_LOCK:
+                    assert p.is_alive() and time.monotonic() < deadline, "no ADJUST seen"
+                eng.update_price(pos, 94.0)   # crosses 95, not 80
+                p.join(JOIN_TIMEOUT)
+            finally:
+                eng._set_fault(0)
+            c = eng.context(pos)
+            assert (eng.state(pos).name, c.stop_loss, c.exit_reason) == ("LIVE", 80.0, 0)
+            assert eng.price(pos).price == 94.0
+            eng.update_price(pos, 79.0)
+            assert eng.state(pos).name == "OUT" and eng.context(pos).exit_price == 79.0
         finally:
-            eng._set_fault(0)
-        c = eng.context(pos)
-        assert (eng.state(pos).name, c.stop_loss, c.exit_reason) == ("LIVE", 80.0, 0)
-        assert eng.price(pos).price == 94.0
-        eng.update_price(pos, 79.0)
-        assert eng.state(pos).name == "OUT" and eng.context(pos).exit_price == 79.0
+            eng.close()
+            eng.unlink()
+
+
+def adjust_worker(handle: Any, pos: int) -> None:
+    """Move the stop to 80 (the slow path pauses holding the lock)."""
+    eng = Engine.attach(handle)
+    time.sleep(0.05)
+    eng.transition(pos, "ADJUST", stop_loss=80.0)
