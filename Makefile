@@ -3,11 +3,13 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 STAMP   := $(VENV)/.installed
-SOURCES := pyproject.toml native/engine.h native/engine.c native/fastpath.c native/build_native.py native/build_backend.py
+STUB    := engine/_native.pyi
+# every part of the C core (engine.c #includes the others) and the build scripts
+SOURCES := pyproject.toml $(wildcard native/*.c native/*.h) native/build_native.py native/build_backend.py
 
-.PHONY: all run test test-all bench bench-suite soak chaos lint typecheck sanitize clean redis-server
+.PHONY: all run test test-all bench bench-suite soak chaos lint typecheck sanitize same-code clean redis-server
 
-all: $(STAMP)
+all: $(STAMP) $(STUB)
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -17,6 +19,11 @@ $(PYTHON):
 $(STAMP): $(PYTHON) $(SOURCES)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
+
+# the type stub of engine._native, generated from the cdef (not kept in git): with it mypy
+# checks lib, and the Redis store, against the store interface (engine/store/__init__.py)
+$(STUB): $(STAMP) native/gen_stub.py
+	$(PYTHON) native/gen_stub.py $@
 
 ## run: the stress demo (spawn one worker per core, hammer, verify, print figures)
 run: $(STAMP)
@@ -58,7 +65,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check engine tests bench native
 
-typecheck: $(STAMP)
+typecheck: $(STAMP) $(STUB)
 	$(BIN)/mypy
 
 ## sanitize: rebuild the extension with ASan + UBSan and run the tests under it
@@ -71,5 +78,14 @@ sanitize: $(STAMP)
 	  $(PYTHON) -m pytest -q -p no:cacheprovider; status=$$?; \
 	  rm -f engine/_native*.so; $(BIN)/pip install -q -e . ; rm -f $(STAMP); exit $$status
 
+## same-code: prove a move of C code changed no machine code: build the C core of BASE
+##   (default: the commit before the split into parts) and of the working tree with the same
+##   flags and compare the disassembly of the hot calls (FUNCTIONS); non-zero on a difference
+SPLIT_COMMIT = $(shell git log --diff-filter=A --format=%H -1 -- native/internal.h 2>/dev/null)
+BASE ?= $(if $(SPLIT_COMMIT),$(SPLIT_COMMIT)^,HEAD)
+FUNCTIONS ?= eng_transition eng_update_price eng_read_price eng_open
+same-code: $(STAMP)
+	$(PYTHON) native/same_code.py $(BASE) $(FUNCTIONS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info engine/_native*.so engine/_native.c .pytest_cache .benchmarks
+	rm -rf $(VENV) build *.egg-info engine/_native*.so engine/_native.c $(STUB) .pytest_cache .benchmarks

@@ -11,7 +11,6 @@ and one output buffer.  Attach one Engine per thread (they are cheap).
 
 from __future__ import annotations
 
-import errno
 import importlib
 import logging
 import math
@@ -22,15 +21,13 @@ import os
 import random
 import threading
 import time
-import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
 
-from engine import segment
 from engine._native import ffi, lib
 from engine.accounts import (
     LIMITS,
@@ -51,19 +48,17 @@ from engine.errors import (
     MoneyError,
     PriceError,
     RiskLimitError,
-    SegmentError,
     SlotError,
     SpecError,
     TriggerError,
-    header_detail,
     raise_for,
     redact,
     shown,
 )
 from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, PriceSnapshot
-from engine.redis_backend import RedisStore, check_url
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome
+from engine.store import Attached, Seg, Store, backend, check_name, random_name
 
 __all__ = ["Engine", "Handle", "RecoveryReport"]
 
@@ -183,41 +178,6 @@ def _check_spec(spec: object) -> MachineSpec:
     return spec
 
 
-def _detach(seg: Any, buf: Any, mm: mmap.mmap) -> None:
-    """Leave the registry and close the liveness descriptor (C does neither
-    in a fork child), then unmap (the cffi buffer must go first)."""
-    lib.eng_detach(seg)
-    ffi.release(buf)
-    mm.close()
-
-
-def _machine_mismatch(hdr: Any, spec: MachineSpec) -> str | None:
-    """The first header word of the machine that differs from what ``spec``
-    compiles to (the fingerprint alone would let a crafted table or layout
-    run another machine under the spec's name), as a message; None if all agree."""
-    lay = spec.c_layout(hdr.rec.keys_per_position)
-    want = {"n_states": len(spec.states), "n_triggers": len(spec.triggers),
-            "initial_index": spec.state_index[spec.initial], "closed_mask": spec.closed_mask,
-            "table": spec.table_bytes(), "rec.n_words": lay.n_words,
-            "rec.word_type": bytes(ffi.buffer(lay.word_type)),
-            "rec.roles": bytes(ffi.buffer(lay.roles)),
-            "rec.exit_state": lay.exit_state, "rec.exit_trigger": lay.exit_trigger}
-    got = {"n_states": hdr.n_states, "n_triggers": hdr.n_triggers,
-           "initial_index": hdr.initial_index, "closed_mask": hdr.closed_mask,
-           "table": bytes(ffi.buffer(hdr.table)), "rec.n_words": hdr.rec.n_words,
-           "rec.word_type": bytes(ffi.buffer(hdr.rec.word_type)),
-           "rec.roles": bytes(ffi.buffer(hdr.rec.roles)),
-           "rec.exit_state": hdr.rec.exit_state, "rec.exit_trigger": hdr.rec.exit_trigger}
-    for word, value in want.items():
-        if got[word] != value:
-            if isinstance(value, bytes):
-                pairs = enumerate(zip(got[word], value, strict=True))
-                at = next(i for i, (a, b) in pairs if a != b)
-                return f" (header word {word}[{at}] = {got[word][at]}, the spec has {value[at]})"
-            return f" (header word {word} = {got[word]}, the spec has {value})"
-    return None
-
-
 def _key_bytes(key: Any) -> bytes:
     """A str (UTF-8) or bytes key of 1 to ENG_KEY_MAX bytes."""
     if isinstance(key, str):
@@ -287,42 +247,27 @@ class Engine(_EngineBase):
     opening was released (``StaleIdError``).
     """
 
-    # -- life cycle ------------------------------------------------------------------
-    def __init__(self, name: str, mapped: tuple[mmap.mmap, tuple[int, int]], spec: MachineSpec,
-                 *, check_spec: bool) -> None:
-        """Attach to a mapped segment; ``mapped`` is (mapping, (st_dev, st_ino) of
-        its file) and the Engine owns the mapping from here on."""
-        mm, (dev, ino) = mapped
-        self._mm: mmap.mmap | None = mm
-        self._buf = ffi.from_buffer(mm)
-        self._seg = ffi.new("eng_seg *")
-        # registered before attaching: an exception at any point after the C
-        # call (a signal handler's included) still frees the registry entry
-        self._finalizer: Any = weakref.finalize(self, _detach, self._seg, self._buf, mm)
-        # C opens the liveness descriptor itself: it never exists outside C, so
-        # neither a fork from another thread nor an exception here can keep it
-        rc = lib.eng_attach_path(self._seg, self._buf, len(mm),
-                                 spec.fingerprint if check_spec else 0,
-                                 segment.path_of(name).encode(), dev, ino)
-        if rc:
-            if rc == errno.ESTALE:
-                self._finalizer()
-                raise SegmentError(rc, f"segment {name!r} was replaced while being opened")
-            if rc > 0:
-                self._finalizer()
-                raise SegmentError(rc, f"cannot open segment {name!r}: {os.strerror(rc)}")
-            detail = header_detail(self._buf, len(mm), spec.fingerprint if check_spec else 0)
-            self._finalizer()
-            raise_for(rc, name=name, spec=spec.name, detail=detail)
-        wrong = _machine_mismatch(self._seg.hdr, spec) if check_spec else None
-        if wrong:
-            self._finalizer()
-            raise_for(lib.ENG_ESPEC, name=name, spec=spec.name, detail=wrong)
-        self._bind(name, spec, lib, None)
-        if _fastpath is not None:   # the hot calls' view (see _install_fastpath)
-            _fastpath.bind(self, int(ffi.cast("uintptr_t", self._seg)), self._seg)
+    _mm: mmap.mmap | None     # shared memory: the segment's mapping
+    _buf: Any                 # ... and the cffi buffer over it
+    _seg: Seg                 # the first argument of every eng_* call (see engine.store)
+    _finalizer: Any           # detaches, once (weakref.finalize)
 
-    def _bind(self, name: str, spec: MachineSpec, impl: Any, url: str | None) -> None:
+    # -- life cycle ------------------------------------------------------------------
+    @classmethod
+    def _made(cls, name: str, spec: MachineSpec, url: str | None,
+              make: Callable[[Engine], Attached]) -> Engine:
+        """An Engine on what ``make(engine)`` attached (the store, its first
+        argument, the finalizer that detaches, and on shared memory the mapping)."""
+        self = cls.__new__(cls)
+        att = make(self)
+        self._mm, self._buf, self._seg = att.mm, att.buf, att.seg
+        self._finalizer = att.finalizer
+        self._bind(name, spec, att.store, url)
+        if _fastpath is not None and url is None:   # the hot calls' view (see _install_fastpath)
+            _fastpath.bind(self, int(ffi.cast("uintptr_t", self._seg)), self._seg)
+        return self
+
+    def _bind(self, name: str, spec: MachineSpec, impl: Store, url: str | None) -> None:
         """What both backends share: ``impl`` answers the ``eng_*`` calls
         (the C library, or a ``RedisStore``) on ``self._seg``."""
         self.name = name
@@ -346,15 +291,6 @@ class Engine(_EngineBase):
         self._ctx_buf: tuple[Any, memoryview] | None = _new_out("eng_ctx_out *")
         self._trigger_types = frozenset((int, spec.Trigger))
         self._states = {1 << i: spec.State(1 << i) for i in range(len(spec.states))}
-
-    @classmethod
-    def _on_redis(cls, store: Any, spec: MachineSpec) -> Engine:
-        self = cls.__new__(cls)
-        self._mm = None
-        self._seg = store
-        self._finalizer = weakref.finalize(self, store.eng_detach, store)
-        self._bind(store.name, spec, store, store.url)
-        return self
 
     @classmethod
     def create(cls, capacity: int = 10_000, *, name: str | None = None,
@@ -384,31 +320,10 @@ class Engine(_EngineBase):
             if not (1 if what == "capacity" else 0) <= v <= hi:
                 raise ArgumentError(f"{what} must be in [{1 if what == 'capacity' else 0}, "
                                     f"{hi}], got {shown(v)}")
-        name = segment.check_name(name) if name is not None else segment.random_name()
-        if url is not None:
-            return cls._on_redis(RedisStore.create(check_url(url), name, spec, capacity,
-                                                   keys_per_position, max_accounts, shards),
-                                 spec)
-        if shards is not None:
-            raise ArgumentError("shards is for an engine on Redis (url=...)")
-        size = lib.eng_segment_size(capacity, spec.record.n_words, keys_per_position,
-                                    max_accounts)
-        mm, ident = segment.create_mapped(name, size)
-        table = spec.table_bytes()
-        with ffi.from_buffer(mm) as buf:
-            rc = lib.eng_format(buf, size, capacity, table, len(spec.states),
-                                len(spec.triggers), spec.state_index[spec.initial],
-                                spec.closed_mask, spec.fingerprint, os.getpid(),
-                                spec.c_layout(keys_per_position), max_accounts)
-        if rc:
-            mm.close()
-            segment.unlink(name)
-            raise ArgumentError(f"cannot format segment {name!r} (code {rc})")
-        try:
-            return cls(name, (mm, ident), spec, check_spec=True)
-        except BaseException:
-            segment.unlink(name)
-            raise
+        name = check_name(name) if name is not None else random_name()
+        store = backend(url)
+        return cls._made(name, spec, store.url, lambda eng: store.create(
+            eng, name, spec, capacity, keys_per_position, max_accounts, shards))
 
     @classmethod
     def attach(cls, target: Handle | str, *, spec: MachineSpec | None = None,
@@ -428,11 +343,25 @@ class Engine(_EngineBase):
         else:
             raise EngineTypeError(f"attach takes a Handle or a segment name, got {target!r}")
         spec = _check_spec(spec)
-        if url is not None:
-            name = segment.check_name(name)
-            return cls._on_redis(RedisStore.attach(check_url(url), name, spec, incarnation),
-                                 spec)
-        return cls(name, segment.open_mapped(name), spec, check_spec=True)
+        store = backend(url)
+        return cls._made(name, spec, store.url,
+                         lambda eng: store.attach(eng, name, spec, incarnation))
+
+    @property
+    def store(self) -> Store:
+        """The store this Engine's calls go to (see ``engine.store``):
+        ``engine._native.lib`` on shared memory, a ``RedisStore`` on Redis.
+        For tools: ``eng.store.eng_state(eng.seg, pos)`` is the raw call,
+        with its status code and no exception."""
+        return self._lib
+
+    @property
+    def seg(self) -> Seg:
+        """The first argument of every ``store`` call: this attachment's
+        ``eng_seg *`` on shared memory (zeroed once closed, so every call
+        says ENG_ECLOSED; C writes it, read it only), the ``RedisStore``
+        itself on Redis."""
+        return self._seg
 
     @property
     def handle(self) -> Handle:
@@ -485,7 +414,7 @@ class Engine(_EngineBase):
                 self._seg = ffi.new("eng_seg *")   # zeroed: every C call says ENG_ECLOSED
 
     def _shut_gate(self) -> None:
-        """Shut the close gate (native/engine.c) and wait, bounded, until no
+        """Shut the close gate (native/segment.c) and wait, bounded, until no
         call is in it; on any exception the gate is open again."""
         seg, pause = self._seg, _CLOSE_POLL_S / 64
         deadline = time.monotonic() + _CLOSE_WAIT_S
@@ -507,10 +436,7 @@ class Engine(_EngineBase):
         Redis: delete every key of this incarnation of the engine; every
         other Engine attached to it gets SegmentNotFoundError from then on
         (and this one too if it was unlinked or created again meanwhile)."""
-        if self.url is not None:
-            self._seg.destroy()
-        else:
-            segment.unlink(self.name)
+        backend(self.url).unlink(self.name, self._seg)
 
     def __enter__(self) -> Engine:
         return self
@@ -766,7 +692,7 @@ class Engine(_EngineBase):
             k = _key_bytes(key)   # raises the engine's error
         rc = self._lookup(self._seg, k, len(k))
         if rc > 0:
-            return rc  # type: ignore[no-any-return]
+            return rc
         if rc == 0:
             return None
         _key_bytes(key)   # a bad key (too long, empty) raises its own error first
@@ -796,7 +722,7 @@ class Engine(_EngineBase):
             rc = self._lib.eng_release_position(self._seg, pos)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
-        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)  # type: ignore[no-any-return]
+        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)
 
     # -- transitions -------------------------------------------------------------------
     def transition(self, pos: int, trigger: int | str, /, **fields: Any) -> Outcome:
@@ -809,12 +735,12 @@ class Engine(_EngineBase):
             pos = self._index(pos)
         if trigger.__class__ not in self._trigger_types:
             trigger = self._trigger_index(trigger)
-        try:
-            rc = self._transition(self._seg, pos, trigger)
+        try:   # (a str trigger is its index by now: mypy cannot see the __class__ test)
+            rc = self._transition(self._seg, pos, trigger)  # type: ignore[arg-type]
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos, trigger=trigger) from None
         if rc >= 0:
-            return _OUTCOMES[rc]  # type: ignore[no-any-return]
+            return _OUTCOMES[rc]
         if rc == lib.ENG_EGUARDED:
             return self._transition_slow(pos, trigger, {})
         self._fail(rc, pos, trigger)
@@ -865,7 +791,7 @@ class Engine(_EngineBase):
             failure = _take_guard_failure()
             if failure is not None:
                 raise failure
-        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos, trigger)  # type: ignore[no-any-return]
+        return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos, trigger)
 
     def state(self, pos: int) -> Any:
         """The position's current state (a ``State`` for the default lifecycle)."""

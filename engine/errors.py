@@ -265,7 +265,7 @@ ERRORS: dict[int, tuple[type[EngineError], str]] = {
 }
 
 
-#: header words that are test hooks (see "test faults" in native/engine.c)
+#: header words that are test hooks (see "test faults" in native/segment.c)
 FAULT_WORDS = ("fault_flags", "test_pause_ns")
 _FAULT_BITS = sum(getattr(lib, n) for n in dir(lib) if n.startswith("ENG_FAULT_"))
 

@@ -60,6 +60,7 @@ from engine._native import lib
 from engine.accounts import SCALE
 from engine.errors import BusyError, MissingExtraError
 from engine.metrics import OPS
+from engine.store.shm import registry_liveness
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -215,19 +216,17 @@ class EngineCollector:
         yield from (fam for fam, _, _ in fams)
 
     def _registry(self) -> Iterator[Metric]:
-        from engine.tools.segments import info_from_mmap
         eng = self.eng
         if eng._mm is None:
             return
         # probed through a descriptor of its own: the Engine's own open file
         # description holds its entry's lock, and asking through it says "free"
-        info = info_from_mmap(eng.name, eng._mm)
-        alive = sum(1 for p in info.procs if p.alive)
+        alive, dead = registry_liveness(eng.name, eng.seg, eng._mm)
         fam = self._family("gauge", "engine_registry_entries",
                            "Process registry entries by owner status (dead: recover() "
                            "frees them)", ("status",))
         fam.add_metric(self._values("alive"), alive)
-        fam.add_metric(self._values("dead"), len(info.procs) - alive)
+        fam.add_metric(self._values("dead"), dead)
         yield fam
 
     # -- what an operator must know ----------------------------------------------------

@@ -19,6 +19,9 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 HEADER = HERE / "engine.h"
+#: what engine.c is made of: every native/*.c and *.h but the fast path's own
+#: extension (rebuild when any changes; the sdist ships them)
+PARTS = sorted(f for f in [*HERE.glob("*.c"), *HERE.glob("*.h")] if f.name != "fastpath.c")
 
 
 def cdef_from_header(text: str) -> str:
@@ -58,7 +61,7 @@ extern "Python" int _engine_guard(void *, uint64_t, uint32_t, uint32_t);
 # never reads errno through ffi.errno.
 #
 # While one of them is in C, another thread may run -- and close the Engine.
-# Each wrapper therefore enters the close gate (engine.c) before it releases
+# Each wrapper therefore enters the close gate (segment.c) before it releases
 # the GIL and leaves it after: close() waits for the calls in the gate and
 # refuses new ones (ENG_ECLOSED), so it never unmaps under a call.  The two
 # attach calls are the exception: each fills a fresh eng_seg no other thread can see yet.
@@ -125,7 +128,9 @@ ffibuilder.set_source(
     "engine._native",
     '#include "engine.h"\n' + released_wrappers(),
     # paths relative to the project root, where setuptools runs the build
+    # engine.c alone: it #includes the other parts (one translation unit)
     sources=[os.path.relpath(HERE / "engine.c")],
+    depends=[os.path.relpath(f) for f in PARTS],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=compile_args(),
     extra_link_args=link_args(),

@@ -227,7 +227,7 @@
  *
  * books[version & 1] is published; a holder fills books[(version + 1) & 1],
  * seals it (eng_books.seal = the latched word, written last) and publishes
- * by CAS (v, token) -> (v + 1, 0).  See "accounts" in engine.c.
+ * by CAS (v, token) -> (v + 1, 0).  See "accounts" in accounts.c.
  */
 #define ENG_MONEY_SCALE      100000000LL
 /*
@@ -272,7 +272,7 @@
  *  | head: slot + 1 (0: empty) | 0        | holder token or 0   |
  *  +---------------------------+----------+---------------------+
  *
- * See "the token index" in engine.c for the protocol.
+ * See "the token index" in token_index.c for the protocol.
  */
 #define ENG_TB_HEAD_SHIFT    32
 #define ENG_TB_MIN_BUCKETS   64
@@ -485,7 +485,7 @@
  *     1,478 + 250 = 1,728 ns (plus an unfenced RDTSC, tens of ns)
  * below the thread's last timestamp, under ENG_CLOCK_BACK_NS = 2,000 ns:
  * the floor holds it, and only a step back of CLOCK_REALTIME itself by more
- * than ENG_CLOCK_BACK_NS takes the timestamps back.  (engine.c checks this
+ * than ENG_CLOCK_BACK_NS takes the timestamps back.  (internal.h checks this
  * sum at compile time.)  The rate's own noise, ENG_CLOCK_PAIR_NS over a
  * baseline of ENG_CLOCK_RATE_NS (250 ppm), costs 1.5 ns over an anchor life;
  * a step under 2^-ENG_CLOCK_RATE_TOL_SHIFT of its baseline (1 ms over an idle
@@ -810,7 +810,7 @@ typedef struct eng_seg {
     uint32_t        acct_role;   /* word of the account field, or ENG_ROLE_NONE */
     eng_books       last_books;  /* the books a refused booking was checked against */
     int64_t         last_amount; /* and the money it asked for (notional, withdrawal) */
-    uint32_t        gate_calls;  /* the close gate (engine.c): calls in flight ... */
+    uint32_t        gate_calls;  /* the close gate (segment.c): calls in flight ... */
     uint32_t        gate_shut;   /* ... and 1 once close began: calls entering refuse */
     uint32_t        exit_armed;  /* exits: the armed one-hot state (0: the spec has none) */
     uint32_t        exit_trigger;
@@ -928,7 +928,7 @@ int64_t  eng_price_clock_ns(void);
 /* update_prices: only the arrays are checked up front (one id out of range or
  * with opening 0, or one bad price, refuses the call with its index in
  * *out_bad_index); an id whose opening is not open when its turn comes is
- * skipped; *out_written counts what was written (see "prices" in engine.c). */
+ * skipped; *out_written counts what was written (see "prices" in prices.c). */
 int      eng_update_prices(eng_seg *s, const uint64_t *ids, const double *prices,
                            uint64_t n, uint64_t *out_bad_index, uint64_t *out_written);
 int64_t  eng_update_token_price(eng_seg *s, int64_t token, double price);
@@ -936,7 +936,7 @@ int      eng_read_price(eng_seg *s, uint64_t id, eng_price_out *out);
 int      eng_read_context(eng_seg *s, uint64_t id, eng_ctx_out *out);
 
 /* Vector calls: one bad id refuses the whole call, with its index in
- * *out_bad_index (see "vector calls" in engine.c).  transition_many then
+ * *out_bad_index (see "vector calls" in prices.c).  transition_many then
  * tries every element and leaves in *out_bad_index the first that failed
  * with an error (out[i] = ENG_MANY_ERROR | -code), or n. */
 int      eng_states(eng_seg *s, const uint64_t *ids, uint64_t n, uint16_t *out,
@@ -985,7 +985,7 @@ uint64_t eng_proc_start_time(uint32_t pid);
 int      eng_set_halt(eng_seg *s, uint32_t on);
 int      eng_set_metrics(eng_seg *s, uint32_t on, uint32_t sample_mask);
 int      eng_set_faults(eng_seg *s, uint32_t flags, uint64_t pause_ns);
-/* This process's test fault switch (see "test faults" in engine.c): on >= 0
+/* This process's test fault switch (see "test faults" in segment.c): on >= 0
  * sets it; returns it (1 on).  Off until ENGINE_TEST_FAULTS=1 or a call. */
 int      eng_test_faults(int on);
 int      eng_test_hold(eng_seg *s, uint32_t what, uint64_t id);

@@ -42,9 +42,9 @@ from engine import (
     SegmentNotFoundError,
     State,
     Trigger,
-    segment,
 )
 from engine._native import lib
+from engine.store import shm as segment
 
 CTX = mp.get_context("spawn")
 ANSWER_BOUND = 2.0         # a transition or recover() must return within this

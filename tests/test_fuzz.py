@@ -31,9 +31,9 @@ from engine import (
     SegmentNotFoundError,
     State,
     Trigger,
-    segment,
 )
 from engine._native import lib
+from engine.store import shm as segment
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -29,10 +29,10 @@ from engine import (
     SegmentNotFoundError,
     SpecMismatchError,
     Trigger,
-    segment,
 )
 from engine._native import ffi, lib
 from engine.spec import POSITION_SPEC
+from engine.store import shm as segment
 
 HEADER_SIZE = ffi.sizeof("eng_header")
 SIZE_16 = lib.eng_segment_size(16, POSITION_SPEC.record.n_words, 2, 64)

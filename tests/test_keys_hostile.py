@@ -43,9 +43,9 @@ from engine import (
     KeyExistsError,
     Outcome,
     StaleIdError,
-    segment,
 )
 from engine._native import lib
+from engine.store import shm as segment
 
 ANSWER_BOUND = 2.0                   # an insert over a dead process's leftovers answers within this
 INC_PERIOD = lib.ENG_TOKEN_INC_MASK  # incarnations 1 .. 2^17 - 1

@@ -1,4 +1,4 @@
-"""Model-based test of the default position lifecycle.
+"""Model-based test of the default position lifecycle, on both stores.
 
 A plain-Python model of the design's transition table (written out here, by
 state and trigger NAME, not derived from engine.spec) runs side by side with
@@ -8,6 +8,7 @@ emergency stop, and after every step compares outcomes, states, generations
 (bits read from engine._native.lib), the per-slot transition counters and the
 ids (``(opening << ENG_ID_SLOT_BITS) | slot``: an id names one opening of a
 slot; a released opening's id is refused like a never-opened slot).
+The same machine runs on shared memory and on Redis (the session's server).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from conftest import redis_url
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -78,13 +80,17 @@ class ModelSlot:
 class LifecycleMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.eng = Engine.create(capacity=CAPACITY)
+        self.eng = Engine.create(capacity=CAPACITY, url=self.url_of())
         self.model = [ModelSlot() for _ in range(CAPACITY)]
         self.halted = False
 
+    def url_of(self) -> str | None:
+        """The store: None for shared memory (RedisLifecycleMachine: the Redis url)."""
+        return None
+
     def teardown(self) -> None:
-        self.eng.close()
         self.eng.unlink()
+        self.eng.close()
 
     # -- helpers -------------------------------------------------------------------
     def _commit(self, m: ModelSlot) -> None:
@@ -212,8 +218,20 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert int(row["exit_reason"]) == m.exit_reason
 
 
+class RedisLifecycleMachine(LifecycleMachine):
+    """The same machine on an engine on Redis."""
+
+    def url_of(self) -> str | None:
+        return redis_url()
+
+
 LifecycleMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=60,
                                               deadline=None)
 TestLifecycleModel = LifecycleMachine.TestCase
 TestLifecycleModel.__doc__ = ("Outcomes, states, generations (+1 per APPLIED) and transition "
                               "counters match a plain-Python model of the design's table.")
+RedisLifecycleMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=60,
+                                                   deadline=None)
+TestLifecycleModelOnRedis = RedisLifecycleMachine.TestCase
+TestLifecycleModelOnRedis.__doc__ = ("On Redis: outcomes, states, generations and transition "
+                                     "counters match the same plain-Python model.")

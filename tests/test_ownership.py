@@ -95,10 +95,10 @@ from engine import (
     Trigger,
     TriggerError,
     WaitTimeout,
-    segment,
 )
 from engine._native import ffi, lib
 from engine.errors import InternalError, StaleIdError
+from engine.store import shm as segment
 
 CTX = mp.get_context("spawn")
 FORK_CTX = mp.get_context("fork")

@@ -300,7 +300,7 @@ def _checking_script() -> str:
     that moved).  The create and remove steps are not checked: they declare
     only the shard's meta key (their claim and lease make a step that fails
     half-way one that the next create or remove clears)."""
-    from engine import redis_backend as rb
+    from engine.store.redis import connection as rb
     body = rb._SCRIPT.replace("redis.call", "checked_call")
     steps = ["claim", "binit", "fill", "seal", "renew", "wipe", "abort", "drop"]
     check = ("local DELETED = {}\n"
@@ -329,7 +329,7 @@ class TestDeclaredKeys:
 
         import numpy as np
 
-        from engine import redis_backend as rb
+        from engine.store.redis import connection as rb
         script = _checking_script()
         monkeypatch.setattr(rb, "_SCRIPT", script)
         monkeypatch.setattr(rb, "_SCRIPT_SHA", hashlib.sha1(script.encode()).hexdigest())

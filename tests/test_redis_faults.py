@@ -23,7 +23,7 @@ import pytest
 import redis
 from procs import collect, sigkill, until
 
-import engine.redis_backend as rb
+import engine.store.redis.store as rb
 from engine import (
     ArgumentError,
     Engine,

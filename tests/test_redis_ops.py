@@ -18,7 +18,7 @@ import pytest
 import redis
 from test_redis import cluster  # noqa: F401 - the 3-node cluster fixture
 
-import engine.redis_backend as rb
+import engine.store.redis.functions as rb
 from engine import (
     ArgumentError,
     ClosedError,

@@ -14,7 +14,7 @@ import redis
 import test_redis
 from procs import readable, until
 
-import engine.redis_backend as rb
+import engine.store.redis.store as rb
 from engine import (
     BusyError,
     Engine,

@@ -22,8 +22,9 @@ import pytest
 from procs import JOIN_TIMEOUT, READY_TIMEOUT, readable, timed
 
 import engine
-from engine import Engine, Outcome, State, Trigger, segment
+from engine import Engine, Outcome, State, Trigger
 from engine._native import ffi, lib
+from engine.store import shm as segment
 
 LOCK = lib.ENG_SW_LOCK
 TOKEN_MASK = lib.ENG_TOKEN_MASK

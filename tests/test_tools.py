@@ -24,10 +24,11 @@ import numpy as np
 import posix_ipc
 import pytest
 
-from engine import Engine, MachineSpec, Rule, State, Trigger, segment
+from engine import Engine, MachineSpec, Rule, State, Trigger
 from engine._native import ffi, lib
 from engine.errors import BusyError
 from engine.spec import POSITION_SPEC
+from engine.store import shm as segment
 from engine.tools import bench, segments
 from engine.tools.bench import floor, report, runner, scaling
 from engine.tools.bench.peers import C_BATCH, CONNECT, N_SLOTS, EngineHost, Ops

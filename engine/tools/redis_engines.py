@@ -3,7 +3,7 @@
 As on shared memory they read raw, never through ``Engine.attach``: no
 function library is loaded or needed (a user allowed only reads can look),
 engines of any machine spec, and half-made ones, can be shown.  Key layout:
-``engine/redis_functions.lua`` (per shard ``eng:{name:shard}:`` + ``m`` meta,
+``engine/store/redis/functions.lua`` (per shard ``eng:{name:shard}:`` + ``m`` meta,
 ``free``, ``open``, ``p:<slot>``, ``g:<slot>``, ``s`` metrics, ...).
 
 ``inspect`` shows each shard's halt flag: after a ``halt()`` that could not
@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
-from engine import segment
 from engine.errors import (
     EngineError,
     SegmentError,
@@ -38,8 +37,9 @@ from engine.errors import (
     redact,
 )
 from engine.metrics import OPS
-from engine.redis_backend import RedisStore, check_url
 from engine.spec import POSITION_SPEC
+from engine.store import check_name
+from engine.store.redis import RedisStore, check_url
 
 __all__ = ["EngineInfo", "cmd_inspect", "cmd_ls", "cmd_rm", "cmd_top", "connect", "list_engines",
            "read_engine"]
@@ -313,7 +313,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show an engine's meta, each shard's halt flag, counts and states."""
     try:
-        segment.check_name(args.name)
+        check_name(args.name)
         info = read_engine(connect(args.url), args.name)
     except EngineError as e:
         _err(f"inspect: {e}")
@@ -370,7 +370,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     code = EXIT_OK
     for name in args.names:
         try:
-            segment.check_name(name)
+            check_name(name)
             kind = client.type(_tag(name, 0) + "m")
             foreign = kind not in (b"hash", b"none") or (
                 kind == b"hash" and client.hget(_tag(name, 0) + "m", "magic") != _MAGIC)
@@ -434,7 +434,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     out = sys.stdout
     clear = out.isatty() and not args.once
     try:
-        segment.check_name(args.name)
+        check_name(args.name)
         client = connect(args.url)
         prev, at = read_engine(client, args.name, states=False), time.monotonic()
         while True:

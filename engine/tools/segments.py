@@ -9,7 +9,7 @@ and constant comes from the compiled module (``ffi.offsetof``,
 
 Reads are copies.  ``ls`` reads with ``pread`` (a segment truncated under it
 gives a short read, not a SIGBUS); ``inspect`` and ``top`` map the segment with
-``engine.segment.open_existing`` and copy out of short-lived views that are
+``engine.store.shm.open_existing`` and copy out of short-lived views that are
 released before the mapping is closed.
 
 Lock words name their holder by fencing token (registry entry index and that
@@ -38,13 +38,13 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from engine import segment
 from engine._native import ffi, lib
 from engine.accounts import from_units
 from engine.errors import EngineError, SegmentError, SegmentNotFoundError
 from engine.metrics import OPS, Metrics, read_metrics
 from engine.records import PROC_DTYPE
 from engine.spec import POSITION_SPEC
+from engine.store import shm as segment
 
 __all__ = ["Holder", "ProcEntry", "SegmentInfo", "add_parsers", "held", "is_engine_file",
            "main", "price_words", "read_info", "state_counts", "state_words", "token_owner"]
@@ -179,8 +179,7 @@ def _parse_registry(data: bytes, probe_fd: int | None, registry_off: int) -> lis
     for i in np.flatnonzero(entries["pid"]):
         e = entries[i]
         pid, start, inc = int(e["pid"]), int(e["start_time"]), int(e["incarnation"])
-        held = -1 if probe_fd is None else lib.eng_entry_held(probe_fd, registry_off, int(i))
-        alive = held > 0 if held >= 0 else bool(lib.eng_proc_alive(pid, start))
+        alive = segment.entry_alive(probe_fd, registry_off, int(i), pid, start)
         out.append(ProcEntry(index=int(i), pid=pid,
                              state=_PROC_STATES.get(int(e["state"]), f"?{int(e['state'])}"),
                              alive=alive, start_time=start,

@@ -113,7 +113,7 @@ def _compile(calls: tuple[str, str], env: dict[str, Any]) -> Callable[[int], Non
 
 def _engine_variants(host: EngineHost) -> dict[tuple[str, str], Callable[[int], None]]:
     eng = host.eng
-    seg, t_id, p_id = eng._seg, eng.id_of(0), eng.id_of(1)
+    seg, t_id, p_id = eng.seg, eng.id_of(0), eng.id_of(1)
     bad_trigger, nan = len(eng.spec.triggers), math.nan
     # the same-shape calls must be refused before any work, or they are not floors
     assert lib.eng_transition(seg, t_id, bad_trigger) == lib.ENG_EBADTRIGGER

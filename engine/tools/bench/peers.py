@@ -181,7 +181,7 @@ def _engine_c_ops(eng: Engine) -> tuple[Callable[[int, int], None],
     ``eng_update_prices`` call, on buffers made once: what the C work of a
     hot call costs on its own, and what a contended line adds to it, with
     no Python per operation.  The argument is ignored (the batch alternates)."""
-    seg = eng._seg
+    seg = eng.seg
     half = C_BATCH // 2
     trig = np.array([PAUSE, RESUME] * half, dtype=np.uint32)
     prices = np.array([101.5, 99.5] * half, dtype=np.float64)

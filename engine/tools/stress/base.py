@@ -18,6 +18,7 @@ import posix_ipc
 
 from engine._native import lib
 from engine.core import Engine
+from engine.store.redis import RedisStore
 from engine.tools.stress.codec import LinkLog
 from engine.tools.stress.mix import RESULTS
 
@@ -166,8 +167,8 @@ def worker_main(cls: type[BaseWorker], plan: Any, shared: Any, stop: Any, ready:
         t0, t1 = worker.run(shared, stop)
         log.close()
         summary = worker.summary(t0, t1)
-        if eng.url is not None:
-            hist, max_ns = eng._seg.latency()
+        if isinstance(eng.store, RedisStore):   # (shared memory: in the segment's shards)
+            hist, max_ns = eng.store.latency()
             summary["engine_latency"] = (hist.tobytes(), max_ns)
         results.put(("done", summary))
     except BaseException as e:

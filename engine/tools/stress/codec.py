@@ -71,7 +71,7 @@ class LinkLog:
     """The applied commits of one Engine, appended to a file 16 bytes each."""
 
     def __init__(self, eng: Engine, path: str, base_ns: int) -> None:
-        self._seg = eng._seg
+        self._seg = eng.seg   # last_old_word / last_new_word: C's eng_seg, or the RedisStore
         self._base_ns = base_ns
         self._file = open(path, "ab")   # noqa: SIM115 (closed by close())
         self._buf = array("Q")

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from engine._native import lib
 from engine.errors import ArgumentError
-from engine.redis_backend import check_url
+from engine.store.redis import check_url
 from engine.tools.stress.mix import ACCOUNT_FAULTS, FAULTS, ORDER_FAULTS, parse_mix, workload_of
 
 #: Shared slots when ``positions`` is not given: few for the position workload

@@ -31,6 +31,7 @@ from engine.core import Engine
 from engine.errors import redact
 from engine.metrics import OPS, Metrics, check_alerts, percentile
 from engine.spec import ORDER_SPEC, State
+from engine.store.redis import RedisStore
 from engine.tools.redis_server import PrivateRedis
 from engine.tools.stress import accounts as acc
 from engine.tools.stress.account_workers import _AccountPlan, _AccountWorker
@@ -87,7 +88,8 @@ def _slot_transitions(eng: Engine, slot: int) -> int:
     """The transitions counter of a slot (a free one: no snapshot row has it)."""
     if eng.url is None:
         return int(eng._slot(slot).transitions)
-    store = eng._seg           # on Redis: the slot's hash, field ctr
+    store = eng.store          # on Redis: the slot's hash, field ctr
+    assert isinstance(store, RedisStore)
     key = store.prefixes[slot % store.shards] + f"p:{slot}"
     return int(store.conn.command("HGET", key, "ctr", key=key) or 0)
 
@@ -113,7 +115,8 @@ def _with_worker_latency(eng: Engine, metrics: Metrics,
     give them on shared memory.  The counts are the server's already."""
     if eng.url is None:
         return metrics
-    hist, max_ns = eng._seg.latency()
+    assert isinstance(eng.store, RedisStore)
+    hist, max_ns = eng.store.latency()
     for s in summaries:
         if "engine_latency" in s:
             h, m = s["engine_latency"]

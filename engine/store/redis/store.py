@@ -1,50 +1,29 @@
-"""The Redis backend: the C library's calls, answered by server-side functions.
+"""The Redis store: the C library's ``eng_*`` calls, answered by the server.
 
-``Engine`` talks to its store through one internal interface: the ``eng_*``
-functions of the compiled module, with their arguments, out-parameters and
-status codes.  On shared memory that is ``engine._native.lib`` itself; here
-``RedisStore`` implements the same functions, each as one round trip that
-runs one function of ``redis_functions.lua`` on the server.  So a public
-method is written once in ``Engine``, and twice below it: in C and in Lua.
-
-Sharding: an engine's keys are grouped in ``shards`` hash tags ``{name:s}``;
-slot ``i`` lives in shard ``i % shards`` and every call touches one shard,
-so on a Redis Cluster each call runs on one node.  Each shard keeps a copy of
-the engine's meta (transition table, fingerprint, roles, halt flag).  A
-position booked on an account opens in the account's shard; a position opened
-with a key opens in the key's shard; a key bound later to a position of
-another shard is refused (``ArgumentError``) on a sharded engine.
-
-Money and ids stay exact: doubles cross as 8 bytes, ids as (slot, opening),
-money as decimal int64 strings added on the server (``HINCRBY``).
+``RedisStore`` implements each ``eng_*`` function as one round trip (see
+``connection``) that runs one function of ``functions.lua`` on the server,
+with the C function's arguments, out-parameters and status codes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import logging
 import math
 import os
-import re
 import secrets
-import select
 import struct
 import threading
 import time
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine._native import ffi, lib
+from engine._native import ffi
 from engine.errors import (
     ArgumentError,
-    BusyError,
     ClosedError,
     EngineError,
     SegmentError,
@@ -54,72 +33,57 @@ from engine.errors import (
 )
 from engine.metrics import OPS, Metrics, OpMetrics, percentile
 from engine.spec import MachineSpec
+from engine.store.redis.connection import _ON_PRIMARY, _Conn, _no_eviction, _packed_keys
+from engine.store.redis.create import _LAYOUT, _MAGIC, _Creator, _how_to_remove
+from engine.store.redis.functions import (
+    _COMMITTED,
+    _LEARNS,
+    _MUTATING,
+    _NEED,
+    _ONCE,
+    _OP_OF,
+    _SLOT_KEYS,
+    ACCOUNT_ID_MAX,
+    APPLIED,
+    CONFLICT,
+    DEFAULT_SAMPLE_MASK,
+    EACCTFULL,
+    EBADACCOUNT,
+    EBADARG,
+    EBADKEY,
+    EBADMONEY,
+    EBADPRICE,
+    EBADSLOT,
+    EBADTRIGGER,
+    EBUSY,
+    ECLOSED,
+    EFORKED,
+    EFULL,
+    EGUARDFAIL,
+    ENOTOPEN,
+    ESTALE,
+    ETIMEDOUT,
+    HIST_BUCKETS,
+    ID_MAX,
+    ID_SLOT_BITS,
+    ID_SLOT_MASK,
+    KEY_MAX,
+    MANY_ERROR,
+    OP_COUNT,
+    OP_TRANSITION_CTX,
+    REDIS_BUSY_TRIES,
+    REDIS_FREE_SCAN,
+    REDIS_GUARD_TTL_MS,
+    REDIS_REQUEST_WINDOW_MS,
+    REDIS_SNAPSHOT_PAGE,
+    SW_GEN_MASK,
+    SW_GEN_SHIFT,
+    SW_LOCK,
+    _needs,
+)
 
-__all__ = ["RedisStore", "check_url"]
+__all__ = ["CREATE_HOOK", "RedisStore"]
 
-#: resends (a lost connection, a cluster's refusal) are logged: see docs/monitoring.md
-_log = logging.getLogger("engine")
-
-# the header's numbers this module uses
-ACCOUNT_ID_MAX: int = lib.ENG_ACCOUNT_ID_MAX
-APPLIED: int = lib.ENG_APPLIED
-CONFLICT: int = lib.ENG_CONFLICT
-DEFAULT_SAMPLE_MASK: int = lib.ENG_DEFAULT_SAMPLE_MASK
-EACCTFULL: int = lib.ENG_EACCTFULL
-EBADACCOUNT: int = lib.ENG_EBADACCOUNT
-EBADARG: int = lib.ENG_EBADARG
-EBADKEY: int = lib.ENG_EBADKEY
-EBADMONEY: int = lib.ENG_EBADMONEY
-EBADPRICE: int = lib.ENG_EBADPRICE
-EBADSLOT: int = lib.ENG_EBADSLOT
-EBADTRIGGER: int = lib.ENG_EBADTRIGGER
-EBUSY: int = lib.ENG_EBUSY
-ECLOSED: int = lib.ENG_ECLOSED
-EFORKED: int = lib.ENG_EFORKED
-EFULL: int = lib.ENG_EFULL
-EGUARDFAIL: int = lib.ENG_EGUARDFAIL
-ENOTOPEN: int = lib.ENG_ENOTOPEN
-ESTALE: int = lib.ENG_ESTALE
-ETIMEDOUT: int = lib.ENG_ETIMEDOUT
-HALTED: int = lib.ENG_HALTED
-HIST_BUCKETS: int = lib.ENG_HIST_BUCKETS
-ID_MAX: int = lib.ENG_ID_MAX
-ID_SLOT_BITS: int = lib.ENG_ID_SLOT_BITS
-ID_SLOT_MASK: int = lib.ENG_ID_SLOT_MASK
-INVALID: int = lib.ENG_INVALID
-KEY_MAX: int = lib.ENG_KEY_MAX
-MAX_TRIGGERS: int = lib.ENG_MAX_TRIGGERS
-MONEY_SCALE: int = lib.ENG_MONEY_SCALE
-MANY_ERROR: int = lib.ENG_MANY_ERROR
-OP_ACCOUNT: int = lib.ENG_OP_ACCOUNT
-OP_COUNT: int = lib.ENG_OP_COUNT
-OP_KEY: int = lib.ENG_OP_KEY
-OP_LOOKUP: int = lib.ENG_OP_LOOKUP
-OP_OPEN: int = lib.ENG_OP_OPEN
-OP_PRICE: int = lib.ENG_OP_PRICE
-OP_PRICE_BATCH: int = lib.ENG_OP_PRICE_BATCH
-OP_READ: int = lib.ENG_OP_READ
-OP_TRANSITION: int = lib.ENG_OP_TRANSITION
-OP_TRANSITION_CTX: int = lib.ENG_OP_TRANSITION_CTX
-OP_WAIT: int = lib.ENG_OP_WAIT
-REDIS_BUSY_TRIES: int = lib.ENG_REDIS_BUSY_TRIES
-REDIS_FREE_SCAN: int = lib.ENG_REDIS_FREE_SCAN
-REDIS_CREATE_CHUNK: int = lib.ENG_REDIS_CREATE_CHUNK
-REDIS_CREATE_LEASE_MS: int = lib.ENG_REDIS_CREATE_LEASE_MS
-REDIS_GUARD_TTL_MS: int = lib.ENG_REDIS_GUARD_TTL_MS
-REDIS_REQUEST_WINDOW_MS: int = lib.ENG_REDIS_REQUEST_WINDOW_MS
-REDIS_RESEND_BACKOFF_US: int = lib.ENG_REDIS_RESEND_BACKOFF_US
-REDIS_RELOAD_TRIES: int = lib.ENG_REDIS_RELOAD_TRIES
-REDIS_SNAPSHOT_PAGE: int = lib.ENG_REDIS_SNAPSHOT_PAGE
-REJECTED: int = lib.ENG_REJECTED
-RULE_GUARDED: int = lib.ENG_RULE_GUARDED
-RULE_TARGET_MASK: int = lib.ENG_RULE_TARGET_MASK
-SW_GEN_MASK: int = lib.ENG_SW_GEN_MASK
-SW_GEN_SHIFT: int = lib.ENG_SW_GEN_SHIFT
-SW_LOCK: int = lib.ENG_SW_LOCK
-
-_MAGIC = "engine-redis"
-_LAYOUT = "2"   # 2: an incarnation ('inc') in every shard's meta, checked by every call
 _F8 = struct.Struct("<d")
 _Q = struct.Struct("<q")
 _PRICE_OUT = struct.Struct("<32sQ")      # the 32 bytes of the record, then the version
@@ -128,39 +92,6 @@ _PRICE_OUT = struct.Struct("<32sQ")      # the 32 bytes of the record, then the 
 _ROW_HEAD = struct.Struct("<QIIIIQ32sQQ")
 _SNAP = struct.Struct("<IIII3d")            # what snap returns before the record bytes
 _WAIT_SLICE_MS = 1000                      # XREAD BLOCK at most this long per round trip
-_DEFAULT_TIMEOUT_S = 5.0
-#: how call_every says a call applied but was not confirmed by ?wait=N replicas
-_ON_PRIMARY = "applied on the primary, but "
-#: what a connection of its own to a server keeps of a client's connection
-#: settings (and every ssl_* one); see _Conn._node_conn
-_CONN_KWARGS = frozenset(("host", "port", "path", "db", "username", "password",
-                          "credential_provider", "client_name", "protocol", "socket_keepalive",
-                          "socket_keepalive_options"))
-#: an APPLIED reply of tx, gcommit and release is >= this and carries the
-#: commit's state words (see ``committed`` in redis_functions.lua)
-_COMMITTED = 1 << 30
-#: the operation (metrics) each function counts under, for latency samples
-_OP_OF = {"tx": OP_TRANSITION, "gcommit": OP_TRANSITION_CTX,
-          "open": OP_OPEN, "upd": OP_PRICE, "upds": OP_PRICE_BATCH,
-          "tokp": OP_PRICE_BATCH, "price": OP_READ, "context": OP_READ,
-          "wprep": OP_WAIT, "bind": OP_KEY, "lookup": OP_LOOKUP,
-          "aopen": OP_ACCOUNT, "acash": OP_ACCOUNT, "aset": OP_ACCOUNT}
-#: the functions that write, wrapped in ``once`` (redis_functions.lua): each
-#: call carries a request number and declares the client's request record
-_ONCE = frozenset({"tx", "glock", "gcommit", "upd", "upds", "tokp", "txmany", "open", "bind",
-                   "release", "wprep", "aopen", "acash", "aset", "aclose"})
-#: the keys of the position's slot each function touches (p: the position,
-#: g: its guard lock, pk: its keys, wf, w: its wait flag and stream)
-_SLOT_KEYS = {"tx": ("p", "g", "wf", "w"), "gcommit": ("p", "g", "wf", "w"),
-              "glock": ("p", "g"), "gunlock": ("g",), "state": ("p",), "word": ("p", "g"),
-              "price": ("p",), "context": ("p",), "upd": ("p",), "bind": ("p", "pk"),
-              "keys": ("p", "pk"), "release": ("p", "g", "pk", "wf", "w"),
-              "wprep": ("p", "wf", "w")}
-#: the functions whose further keys depend on the position's data (the account
-#: a closing books on, the token set and key records a release clears): the
-#: client declares the ones it learned (see _fn)
-_LEARNS = frozenset({"tx", "gcommit", "release"})
-_NEED = b"NEED"
 
 
 class _Now:
@@ -169,25 +100,9 @@ class _Now:
 
 
 _TS = _Now()
-#: the functions that write what a caller was told: with ``?wait=N`` each
-#: waits for N replicas before it returns
-_MUTATING = frozenset({"tx", "gcommit", "upd", "upds", "tokp", "txmany", "open", "bind",
-                       "release", "halt", "setmetrics", "aopen", "acash", "aset", "aclose"})
-#: the replies of the create and remove steps (redis_functions.lua, "create and remove")
-_C = {"C_OK": 0, "C_EXISTS": 1, "C_BUSY": 2, "C_FOREIGN": 3, "C_REMAINS": 4, "C_LOST": 5,
-      "C_GONE": 6}
-C_OK, C_EXISTS, C_BUSY, C_FOREIGN, C_REMAINS, C_LOST, C_GONE = _C.values()
 #: a test hook: called with the name of each create (and remove) step once it
 #: is on the server
 CREATE_HOOK: Callable[[str], None] | None = None
-
-
-def check_url(url: object) -> str:
-    if not isinstance(url, str) or urlsplit(url).scheme not in (
-            "redis", "rediss", "redis+cluster", "unix"):
-        raise ArgumentError(f"url must be redis://host:port/db, rediss://..., unix://path or "
-                            f"redis+cluster://host:port, got {url!r:.80}")
-    return url
 
 
 def _exit_meta(spec: MachineSpec) -> dict[str, Any]:
@@ -205,36 +120,9 @@ def _exit_meta(spec: MachineSpec) -> dict[str, Any]:
     return meta
 
 
-def _constants() -> str:
-    """The Lua prelude: every number the functions use, from the C header."""
-    names = {"APPLIED": APPLIED, "INVALID": INVALID,
-             "CONFLICT": CONFLICT, "REJECTED": REJECTED,
-             "HALTED": HALTED, "MAX_TRIGGERS": MAX_TRIGGERS,
-             "RULE_GUARDED": RULE_GUARDED, "RULE_TARGET_MASK": RULE_TARGET_MASK,
-             "MONEY_SCALE": MONEY_SCALE, "COMMITTED": _COMMITTED,
-             "REQUEST_WINDOW_MS": REDIS_REQUEST_WINDOW_MS, "FREE_SCAN": REDIS_FREE_SCAN,
-             "BOOK_PRICE_MULT": lib.ENG_BOOK_PRICE_MULT, "MANY_ERROR": MANY_ERROR, **_C}
-    for n in dir(lib):
-        if n.startswith("ENG_E") and isinstance(getattr(lib, n), int):
-            names[n[4:]] = getattr(lib, n)
-    return "".join(f"local {k} = {v}\n" for k, v in sorted(names.items()))
-
-
-_BODY = Path(__file__).with_name("redis_functions.lua").read_text()
-_PRELUDE = _constants()
-# REG wraps every function in ENGINE_CHECK (the incarnation check; the body sets it)
-_CHECKED = "function(k, a) return ENGINE_CHECK(n, f, k, a) end"
-_VERSION = hashlib.sha1((_PRELUDE + _CHECKED + _BODY).encode()).hexdigest()[:10]
-_LIBNAME = f"engine_{_VERSION}"
-# a reader's flags ({'no-writes'}, see redis_functions.lua) go with its registration
-_LIBRARY = (f"#!lua name={_LIBNAME}\n{_PRELUDE}local ENGINE_CHECK\n"
-            f"local function REG(n, f, flags) redis.register_function{{function_name="
-            f"'e{_VERSION}_' .. n, callback={_CHECKED}, flags=flags or {{}}}} end\n{_BODY}")
-_SCRIPT = (f"{_PRELUDE}local F = {{}}\nlocal ENGINE_CHECK\n"
-           f"local function REG(n, f) F[n] = {_CHECKED} end\n{_BODY}\n"
-           "local args = {}\nfor i = 2, #ARGV do args[i - 1] = ARGV[i] end\n"
-           "return F[ARGV[1]](KEYS, args)\n")
-_SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+def _create_step(what: str) -> None:
+    if CREATE_HOOK is not None:
+        CREATE_HOOK(what)
 
 
 def _commit_words(reply: int) -> tuple[int, int]:
@@ -245,781 +133,10 @@ def _commit_words(reply: int) -> tuple[int, int]:
     return old, (1 << (b - 1) if b else 0) | gen << SW_GEN_SHIFT
 
 
-def _bulk(a: Any, encode: Any) -> bytes:
-    """One argument as a RESP bulk string, as redis-py's ``pack_command``
-    would send it: ints in decimal, str in UTF-8, bytes as they are, and
-    anything else through redis-py's encoder (its conversions and its
-    refusals: a bool, a numpy scalar, ... raise redis.DataError)."""
-    c = a.__class__
-    b = b"%d" % a if c is int else a if c is bytes else a.encode() if c is str else encode(a)
-    return b"$%d\r\n%s\r\n" % (len(b), b)
-
-
-def _needs(reply: Any) -> bool:
-    """Is ``reply`` a NEED answer (keys to declare; nothing applied)?"""
-    return reply.__class__ is list and bool(reply) and reply[0] == _NEED
-
-
-def _packed_keys(keys: Sequence[str | bytes]) -> bytes:
-    """Key names as RESP bulk strings, one after the other."""
-    return b"".join(_bulk(k, None) for k in keys)
-
-
-def _readable(sock: Any) -> bool:
-    """Has the socket something to read (or its end) right now?  (poll: any fd number)"""
-    p = select.poll()
-    p.register(sock, select.POLLIN)
-    return bool(p.poll(0))
-
-
-def _redis() -> Any:
-    try:
-        import redis
-    except ImportError:
-        raise ServerError("the Redis backend needs the redis package: pip install redis") from None
-    return redis
-
-
-class _Conn:
-    """One connection (or a cluster client) that runs the engine's functions.
-
-    Calls are exactly once (with the server's request records, see ``once``
-    in redis_functions.lua): no library-level retry is on, and ``fcall`` sends
-    a call again itself, byte for byte (so with its request id), after a lost
-    connection or a cluster's refusal of the whole call (MOVED, ASK,
-    TRYAGAIN, CLUSTERDOWN), until the url's timeout.  A call that still has
-    no reply raises ServerError: not known to have applied."""
-
-    def __init__(self, url: str) -> None:
-        redis = _redis()
-        from redis.backoff import NoBackoff
-        from redis.exceptions import (
-            AskError,
-            ClusterDownError,
-            MovedError,
-            RedisClusterException,
-            TryAgainError,
-        )
-        from redis.retry import Retry
-        parts = urlsplit(url)
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        given = query.pop("timeout", None)
-        try:
-            self.timeout = _DEFAULT_TIMEOUT_S if given is None else float(given)
-        except ValueError:
-            self.timeout = math.nan
-        window_s = REDIS_REQUEST_WINDOW_MS / 1000
-        if not 0 < self.timeout < window_s:
-            raise ArgumentError(f"the url's timeout must be in (0, {window_s:g}) seconds (shorter "
-                                f"than the request window), got {given!r:.40}")
-        #: ?wait=N: replicas that must acknowledge each mutating call (WAIT)
-        self.wait = _replicas(query.pop("wait", "0"))
-        use_functions = query.pop("functions", "1") != "0"
-        base = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items()))
-        self.cluster = parts.scheme == "redis+cluster"
-        self.client: Any   # redis.Redis or redis.cluster.RedisCluster
-        # no blind retries anywhere: sending a call again is call's decision
-        opts = {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout,
-                "retry": Retry(NoBackoff(), 0)}
-        self.conn: Any
-        #: on a cluster: a connection of our own per node, by node name
-        self._nodes: dict[str, Any] = {}
-        try:
-            if self.cluster:
-                from redis.cluster import RedisCluster
-                self.client = RedisCluster.from_url(base._replace(scheme="redis").geturl(),
-                                                    **opts)
-                self.conn = None
-                self._enc = self.client.encoder.encode
-            else:
-                self.client = redis.Redis.from_url(base.geturl(), **opts)
-                self.conn = self.client.connection_pool.get_connection()
-                self.conn.connect()
-                self._enc = self.conn.encoder.encode
-        except (redis.RedisError, OSError, ValueError) as e:
-            raise ServerError(f"cannot connect to {url}: {e}") from None
-        self.url = url
-        #: per function: the packed start of its command (see call)
-        self._heads: dict[str, bytes] = {}
-        self.errors = (redis.RedisError, OSError)
-        self.noscript = redis.exceptions.NoScriptError
-        self.reply_error = redis.ResponseError
-        self._moved, self._ask = MovedError, AskError
-        #: a cluster's refusals of a whole call, and failures before a reply:
-        #: the call is sent again
-        self._resend = (TryAgainError, ClusterDownError, MovedError, AskError,
-                        RedisClusterException, redis.ConnectionError, redis.TimeoutError,
-                        OSError)
-        self._used = time.monotonic()
-        #: one call at a time on the connection (and its request numbers, see
-        #: RedisStore._fn): two threads never read each other's replies
-        self.lock = threading.RLock()
-        #: a call is on the connection: a call the same thread makes meanwhile
-        #: (a signal handler's) is refused (see _enter)
-        self._busy = False
-        #: on a cluster: the node that answered the last call (after an ASK,
-        #: the slot's importing node): its WAIT goes there (see replicate)
-        self._answered: Any = None
-        #: calls sent again (a refusal or a lost connection), for tools and tests
-        self.resent = 0
-        self._resent_logged = (0.0, 0)   # (when, resent): the last resend log line
-        self.functions = use_functions and self._load_functions()
-
-    def _load_functions(self) -> bool:
-        """Load the library (once per server and version); False: no Functions."""
-        redis = _redis()
-        try:
-            if self.cluster:
-                for node in self.client.get_primaries():
-                    self._load_on(self.client.get_redis_connection(node))
-            else:
-                self._load_on(self.client)
-        except redis.ResponseError as e:
-            if "unknown command" in str(e).lower():
-                return False
-            raise ServerError(f"cannot load the engine's functions on {self.url}: {e}") from None
-        except ServerError:
-            raise
-        except self.errors as e:
-            raise ServerError(f"{self.url}: {e}") from None
-        return True
-
-    def _load_on(self, client: Any) -> None:
-        """Load the library on one server unless this version is there: a
-        user allowed FCALL but not FUNCTION LOAD (nor LIST) still attaches."""
-        redis = _redis()
-        listed = True
-        try:
-            if client.execute_command("FUNCTION", "LIST", "LIBRARYNAME", _LIBNAME):
-                return
-        except redis.exceptions.NoPermissionError:
-            listed = False   # this user may not list
-        try:
-            client.execute_command("FUNCTION", "LOAD", _LIBRARY)
-        except redis.ResponseError as e:
-            if "already exists" in str(e):
-                return
-            noperm = isinstance(e, redis.exceptions.NoPermissionError)
-            if noperm and not listed:
-                return   # may not look, may not load: the first call says if it is missing
-            if noperm:
-                raise ServerError(f"the engine's functions (library {_LIBNAME}) are not loaded "
-                                  "and this user may not load them: attach once as a user "
-                                  f"allowed FUNCTION LOAD ({e})") from None
-            raise
-
-    def _flushed(self, e: Exception) -> bool:
-        """``e`` says the library is gone (FUNCTION FLUSH, a restart): the
-        server refused the call before it ran, so it may be sent again once
-        the library is loaded."""
-        return self.functions and str(e).startswith("Function not found")
-
-    def _head(self, fn: str) -> bytes:
-        """The constant start of ``fn``'s command (FCALL name, or EVALSHA sha), packed once."""
-        head = ("FCALL", f"e{_VERSION}_{fn}") if self.functions else ("EVALSHA", _SCRIPT_SHA)
-        self._heads[fn] = out = b"".join(_bulk(a, self._enc) for a in head)
-        return out
-
-    def call(self, key: str | bytes, fn: str, *args: Any) -> Any:
-        """``fn`` with one key declared, ``key`` (a function that touches no
-        other key: see fcall)."""
-        return self.fcall(key, _packed_keys((key,)), 1, fn, args)
-
-    def _cmd(self, key: str | bytes, fn: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        """``fn`` on ``key`` (its one declared key) as a plain command."""
-        if self.functions:
-            return ("FCALL", f"e{_VERSION}_{fn}", 1, key, *args)
-        return ("EVALSHA", _SCRIPT_SHA, 1, key, fn, *args)
-
-    def refuse_nested(self) -> None:
-        """BusyError if a call of this thread is on the connection (this is
-        a signal handler's call made in the middle of it): its reply would be
-        read as this call's, and the interrupted call's reply as the next one's."""
-        if self._busy:
-            raise BusyError(
-                f"{self.url}: a call on this Engine was made while another call of the same "
-                "thread is in flight on its connection (from a signal handler?): refused, "
-                "nothing was sent; on Redis an Engine makes one call at a time: attach "
-                "another Engine for the handler")
-
-    @contextlib.contextmanager
-    def _enter(self) -> Any:
-        """The connection's lock, and the connection marked busy meanwhile."""
-        with self.lock:
-            self.refuse_nested()
-            self._busy = True
-            try:
-                yield
-            finally:
-                self._busy = False
-
-    def fcall(self, route: str | bytes, keys: bytes, nk: int, fn: str,
-              args: Sequence[Any]) -> Any:
-        """``_fcall`` under the connection's lock (one call at a time)."""
-        with self._enter():
-            return self._fcall(route, keys, nk, fn, args)
-
-    def _fcall(self, route: str | bytes, keys: bytes, nk: int, fn: str,
-               args: Sequence[Any]) -> Any:
-        """Run function ``fn`` of the library with ``nk`` keys declared
-        (``keys``, packed: see _packed_keys; ``route`` is one of them, it
-        names the shard) and ``args``: one round trip, unless the call has to
-        be sent again (see the class).
-
-        The command is packed here (what ``pack_command`` would send, byte
-        for byte): redis-py's generic packing was a tenth of the client's
-        time per call."""
-        enc = self._enc
-        packed = b"".join([b"*%d\r\n" % ((3 if self.functions else 4) + nk + len(args)),
-                           self._heads.get(fn) or self._head(fn),
-                           b"$%d\r\n%d\r\n" % (len(str(nk)), nk), keys,
-                           b"" if self.functions else _bulk(fn, enc),
-                           *[_bulk(a, enc) for a in args]])
-        deadline = time.monotonic() + self.timeout
-        delay, loaded, reloads = 0.0, False, 0
-        while True:
-            try:
-                try:
-                    return self._send(route, packed, deadline)
-                except self.noscript:
-                    if loaded:
-                        raise
-                    self._run(("SCRIPT", "LOAD", _SCRIPT), route)
-                    loaded = True
-                    continue
-                except self.reply_error as e:
-                    if not self._flushed(e):
-                        raise   # (a redirection is handled below)
-                    if reloads == REDIS_RELOAD_TRIES:
-                        missing = e
-                        break
-                    reloads += 1
-                    self._load_functions()
-                    continue
-            except self._resend as e:
-                self.resent += 1
-                self._log_resend(fn, e)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ServerError(f"{self.url}: {fn} failed (not known to have applied; "
-                                      f"the same call may be made again): {e}") from None
-                if delay:
-                    time.sleep(min(delay, left))
-                delay = min(max(2 * delay, REDIS_RESEND_BACKOFF_US / 1e6),
-                            64 * REDIS_RESEND_BACKOFF_US / 1e6)
-                if self.cluster and not isinstance(e, (self._moved, self._ask)):
-                    self._refresh()
-            except self.errors as e:
-                if fn in _ONCE or "non local key" not in str(e) or time.monotonic() > deadline:
-                    raise ServerError(f"{self.url}: {fn} failed: {e}") from None
-                # a reader (snapshot) met a key its slot's migration moved: it wrote nothing
-                self.resent += 1
-                time.sleep(REDIS_RESEND_BACKOFF_US / 1e6)
-        raise ServerError(f"{self.url}: the engine's functions (library {_LIBNAME}) are not "
-                          "loaded and could not be loaded again: loading them takes a user "
-                          f"allowed FUNCTION LOAD ({missing})")
-
-    def _log_resend(self, fn: str, e: BaseException) -> None:
-        """A warning for a call sent again: at most one line a second per
-        connection, counting the resends since the last (a failover or a
-        slot migration resends many calls)."""
-        now = time.monotonic()
-        at, before = self._resent_logged
-        if now - at >= 1.0:
-            self._resent_logged = (now, self.resent)
-            _log.warning("redis: %s sent again after %s (%d resends on this connection, %d "
-                         "since the last line)", fn, type(e).__name__, self.resent,
-                         self.resent - before)
-
-    def _fresh(self, conn: Any) -> Any:
-        """``conn``, reconnected first if the server closed it while it was
-        idle (its ``timeout``): a command never written is sent on a new one."""
-        now = time.monotonic()
-        sock = conn._sock
-        if sock is not None and now - self._used > 0.5 and _readable(sock):
-            conn.disconnect()   # readable while idle: closed by the server (or a stray reply)
-        self._used = now
-        return conn
-
-    def _send(self, key: str | bytes, packed: bytes, deadline: float) -> Any:
-        """One attempt: send a packed command to the node of ``key`` and read
-        its reply (following a cluster's MOVED and ASK redirections)."""
-        if self.conn is not None:
-            return self._exchange(self._fresh(self.conn), (packed,), deadline)
-        nodes = self.client.nodes_manager
-        slot = self.client.keyslot(key)
-        node = nodes.get_node_from_slot(slot)
-        for _ in range(16):
-            try:
-                reply = self._exchange(self._own_conn(node), (packed,), deadline)
-                self._answered = node
-                return reply
-            except self._moved as e:
-                self.resent += 1
-                nodes.move_slot(e)
-                node = nodes.get_node_from_slot(slot)
-            except self._ask as e:
-                self.resent += 1
-                target = self._node_of(e.host, e.port)
-                reply = self._exchange(self._own_conn(target),
-                                       (b"*1\r\n$6\r\nASKING\r\n", packed), deadline, asking=True)
-                self._answered = target
-                return reply
-        raise _redis().exceptions.ClusterError(f"too many redirections for {key!r}")
-
-    def _node_of(self, host: str, port: int) -> Any:
-        host, port = self.client.nodes_manager.remap_host_port(host, port)
-        node = self.client.get_node(host=host, port=port)
-        if node is None:
-            from redis import cluster
-            make: Any = cluster.ClusterNode   # a node we did not know yet
-            node = make(host, port, cluster.PRIMARY)
-        return node
-
-    def _own_conn(self, node: Any) -> Any:
-        """Our connection to a cluster node (made once, kept)."""
-        conn = self._nodes.get(node.name)
-        if conn is None:
-            pool = self.client.get_redis_connection(node).connection_pool
-            conn = self._nodes[node.name] = pool.get_connection()
-        return self._fresh(conn)
-
-    def _refresh(self) -> None:
-        """Learn the cluster's slots again (after a node failed or refused)."""
-        with contextlib.suppress(*self.errors):   # the next attempt says what is wrong
-            self.client.nodes_manager.initialize()
-
-    def _exchange(self, conn: Any, packed: tuple[bytes, ...], deadline: float,
-                  asking: bool = False) -> Any:
-        """Send packed commands on a connection and read the last one's reply."""
-        try:
-            conn.send_packed_command(packed, check_health=False)
-            if asking:
-                conn.read_response()
-            left = deadline - time.monotonic()
-            if left >= self.timeout * 0.999:   # a first attempt: the socket's timeout is the url's
-                return conn.read_response()
-            return conn.read_response(timeout=max(left, 1e-3))
-        except self.reply_error:
-            raise   # the whole reply was read: the connection is in step
-        except BaseException:
-            # a reply may be in flight (a signal, a timeout): never read it as the next one's
-            conn.disconnect()
-            raise
-
-    def _run(self, cmd: tuple[Any, ...], key: Any = None) -> Any:
-        if self.conn is None:
-            if cmd[0] == "SCRIPT":   # load on the node that holds the key
-                node = self.client.get_node_from_key(key)
-                return self.client.execute_command(*cmd, target_nodes=node)
-            return self.client.execute_command(*cmd)
-        conn = self._fresh(self.conn)
-        try:
-            conn.send_command(*cmd)
-            return conn.read_response()
-        except self.reply_error:
-            raise   # the whole reply was read: the connection is in step
-        except BaseException:
-            # a reply may be in flight (a signal, a timeout): never read it as the next one's
-            conn.disconnect()
-            raise
-
-    def command(self, *cmd: Any, key: Any = None) -> Any:
-        """A plain command (on the node of ``key`` on a cluster)."""
-        with self._enter():
-            return self._command(cmd, key)
-
-    def _command(self, cmd: tuple[Any, ...], key: Any) -> Any:
-        try:
-            if self.conn is None:
-                if key is not None:
-                    node = self.client.get_node_from_key(key)
-                    return self.client.execute_command(*cmd, target_nodes=node)
-                return self.client.execute_command(*cmd)
-            return self._run(cmd)
-        except self.errors as e:
-            raise ServerError(f"{self.url}: {cmd[0]} failed: {e}") from None
-
-    def replicate(self, key: str) -> None:
-        """WAIT for ``?wait=N`` replicas to hold this connection's writes so far
-        (on a cluster: on the node that answered the last call, which during
-        a slot's migration may not be the node of ``key``), within the url's
-        timeout.  Fewer: ServerError
-        (the writes applied on the primary and are not known to be on N
-        replicas: a failover may lose them)."""
-        with self._enter():
-            self._replicate(key)
-
-    def _replicate(self, key: str) -> None:
-        ms = max(1, int(self.timeout * 800))   # inside the socket's timeout (the url's)
-        if self.conn is None:   # on the connection the call went on: our own to the node
-            node = self._answered   # (which, during a slot's migration, may not own the slot)
-            if node is None:
-                node = self.client.nodes_manager.get_node_from_slot(self.client.keyslot(key))
-            wait = b"*3\r\n$4\r\nWAIT\r\n%s%s" % (_bulk(self.wait, None), _bulk(ms, None))
-            try:
-                got = int(self._exchange(self._own_conn(node), (wait,),
-                                         time.monotonic() + self.timeout))
-            except self.errors as e:
-                raise ServerError(f"{self.url}: WAIT failed: {e}") from None
-        else:
-            got = int(self._command(("WAIT", self.wait, ms), key))
-        if got < self.wait:
-            raise ServerError(
-                f"{self.url}: the call applied on the primary, but only {got} of {self.wait} "
-                f"replica(s) acknowledged it within {ms / 1000:g} s: a failover may lose it")
-
-    def block_read(self, stream: str, last: bytes, ms: int) -> Any:
-        """XREAD BLOCK on one stream; the socket waits a little longer than the server."""
-        with self._enter():
-            return self._block_read(stream, last, ms)
-
-    def _block_read(self, stream: str, last: bytes, ms: int) -> Any:
-        cmd = ("XREAD", "BLOCK", ms, "STREAMS", stream, last) if ms > 0 else \
-              ("XREAD", "STREAMS", stream, last)
-        try:
-            if self.conn is None:
-                node = self.client.get_node_from_key(stream)
-                return self.client.execute_command(*cmd, target_nodes=node)
-            return self._run(cmd)
-        except self.errors as e:
-            raise ServerError(f"{self.url}: wait failed: {e}") from None
-
-    def _node_conn(self, pool: Any) -> Any:
-        """A new connection like ``pool``'s (server, credentials, TLS) whose
-        every connect, send and read waits at most the url's timeout, never
-        retried: a node that does not answer costs one timeout, once."""
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-        kw = {k: v for k, v in pool.connection_kwargs.items()
-              if k in _CONN_KWARGS or k.startswith("ssl")}
-        return pool.connection_class(**kw, socket_timeout=self.timeout,
-                                     socket_connect_timeout=self.timeout,
-                                     retry=Retry(NoBackoff(), 0))
-
-    def _call_on_node(self, pool: Any, cmds: dict[str, tuple[Any, ...]],
-                      failed: dict[str, str]) -> None:
-        """Each command of ``cmds`` (by shard key, all on one server),
-        pipelined on a new connection; what did not apply goes into
-        ``failed`` (key: why)."""
-        redis = _redis()
-        todo = list(cmds)
-        conn = None
-        try:
-            conn = self._node_conn(pool)
-            for attempt in range(2):   # once more after loading the library or script
-                conn.send_packed_command(conn.pack_commands([cmds[k] for k in todo]))
-                replies = []
-                for _ in todo:
-                    try:
-                        replies.append(conn.read_response())
-                    except redis.ResponseError as e:
-                        replies.append(e)
-                gone = [k for k, r in zip(todo, replies, strict=True)
-                        if isinstance(r, redis.ResponseError) and (
-                            isinstance(r, redis.exceptions.NoScriptError)
-                            or str(r).startswith("Function not found"))]
-                for k, r in zip(todo, replies, strict=True):
-                    if isinstance(r, Exception) and (k not in gone or attempt):
-                        failed[k] = f"{type(r).__name__}: {r}"
-                if not gone or attempt:
-                    self._replicated(conn, [k for k in cmds if k not in failed], failed)
-                    return
-                if self.functions:
-                    conn.send_command("FUNCTION", "LOAD", _LIBRARY)
-                else:
-                    conn.send_command("SCRIPT", "LOAD", _SCRIPT)
-                with contextlib.suppress(redis.ResponseError):   # "already exists": loaded
-                    conn.read_response()                          # by another client meanwhile
-                todo = gone
-        except Exception as e:
-            for k in todo:
-                failed.setdefault(k, f"{type(e).__name__}: {e}")
-        finally:
-            if conn is not None:
-                conn.disconnect()
-
-    def _replicated(self, conn: Any, keys: list[str], failed: dict[str, str]) -> None:
-        """With ``?wait=N``: WAIT for N replicas of this connection's writes
-        (as ``replicate``); fewer, and ``keys`` go into ``failed``."""
-        if not self.wait or not keys:
-            return
-        # well inside the socket's timeout (the url's): the server ends WAITs on its clock tick
-        ms = max(1, int(self.timeout * 500))
-        try:
-            conn.send_command("WAIT", self.wait, ms)
-            got = int(conn.read_response())
-        except Exception as e:   # any failure: said, per key
-            why = f"{type(e).__name__}: {e}"
-        else:
-            if got >= self.wait:
-                return
-            why = f"only {got} of {self.wait} replica(s) acknowledged it within {ms / 1000:g} s"
-        for k in keys:
-            failed.setdefault(k, f"{_ON_PRIMARY}{why}")
-
-    def call_every(self, cmds: dict[str, tuple[Any, ...]]) -> dict[str, str]:
-        """Each command of ``cmds`` (a function call, by its shard's key): each
-        server (cluster node) at once, on a connection of its own, so the
-        whole takes at most about the url's timeout even if some servers do
-        not answer.  Returns the keys whose call did not apply (or may not
-        have), with why."""
-        if self.cluster:
-            by_node: dict[str, tuple[Any, dict[str, tuple[Any, ...]]]] = {}
-            for k, cmd in cmds.items():
-                node = self.client.get_node_from_key(k)
-                pool = self.client.get_redis_connection(node).connection_pool
-                by_node.setdefault(node.name, (pool, {}))[1][k] = cmd
-            groups = list(by_node.values())
-        else:
-            groups = [(self.client.connection_pool, dict(cmds))]
-        failed: dict[str, str] = {}
-        threads = [threading.Thread(target=self._call_on_node, args=(pool, ks, failed),
-                                    daemon=True) for pool, ks in groups]
-        for t in threads:
-            t.start()
-        # each node's thread: a connect, a send and a read, each bounded by the timeout
-        deadline = time.monotonic() + 3 * self.timeout + 1
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        for (_pool, ks), t in zip(groups, threads, strict=True):
-            if t.is_alive():
-                for k in ks:
-                    failed.setdefault(k, f"no answer within {3 * self.timeout + 1:g} s")
-        return dict(failed)
-
-    def scan_delete(self, pattern: str) -> int:
-        n = 0
-        try:
-            for k in self.client.scan_iter(match=pattern, count=1000):
-                n += int(self.command("DEL", k, key=k))
-        except self.errors as e:
-            raise ServerError(f"{self.url}: {e}") from None
-        return n
-
-    def close(self) -> None:
-        try:
-            if self.conn is not None:
-                self.client.connection_pool.release(self.conn)
-            for conn in self._nodes.values():
-                conn.disconnect()
-            self._nodes.clear()
-            self.client.close()
-        except Exception:   # closing a connection the server dropped
-            pass
-
-
-def _replicas(v: str) -> int:
-    """The ?wait=N of a url: replicas in [0, 64]."""
-    if not v.isdigit() or not 0 <= int(v) <= 64:
-        raise ArgumentError(f"?wait= in the url must be a number of replicas in [0, 64], "
-                            f"got {v!r}")
-    return int(v)
-
-
-def _no_eviction(conn: _Conn) -> None:
-    """Refuse a server (any cluster primary) whose ``maxmemory-policy``
-    evicts keys: it would drop request records and guard locks (they have
-    an expiry: a resent call applied twice, two guards at once) or the
-    engine's own keys.  A user not allowed INFO is not checked."""
-    redis = _redis()
-    try:
-        clients = ([conn.client.get_redis_connection(n) for n in conn.client.get_primaries()]
-                   if conn.cluster else [conn.client])
-        policies = {c.info("memory").get("maxmemory_policy", "noeviction") for c in clients}
-    except redis.exceptions.NoPermissionError:
-        return
-    except conn.errors as e:
-        raise ServerError(f"{conn.url}: {e}") from None
-    for policy in sorted(policies - {"noeviction"}):
-        raise SegmentError(
-            f"{conn.url}: the server's maxmemory-policy {policy} may evict the engine's keys "
-            "(request records and guard locks first: a resent call would apply twice); an "
-            "engine needs maxmemory-policy noeviction (CONFIG SET maxmemory-policy noeviction)")
-
-
 def _shards_for(conn: _Conn, shards: int | None) -> int:
     if shards is None:
         return 16 if conn.cluster else 1
     return shards
-
-
-def _how_to_remove(name: str) -> str:
-    return (f"to remove it: `python -m engine rm {name} --url URL` "
-            "(RedisStore.remove), or unlink() on an Engine attached to it")
-
-
-_SHARD_OF = re.compile(rb"^eng:\{[^:{}]+:(\d+)\}:")   # the shard of a key of an engine's
-
-
-class _Creator:
-    """The create and remove protocols of a name (``create and remove`` in
-    redis_functions.lua), under a fresh random 64-bit number: the new
-    engine's incarnation, or the remover's claim.
-
-    create: claim the name in one call (shard 0's meta, not ready, and a
-    lease renewed between steps); clear a dead creator's or remover's
-    remains; write the other shards' metas; fill the free lists on the
-    server, ``ENG_REDIS_CREATE_CHUNK`` entries per call; seal each shard
-    ready, shard 0 last.  Every step checks that the shard is still this
-    claim's, so a creator that lost its claim builds nothing that counts, and
-    a refused or failed create deletes what it wrote (a killed one leaves a
-    not-ready name that the next create clears once the lease expired).
-
-    Does not guarantee: progress for a creator stalled past its lease (the
-    next create takes the name over and the stalled one gets SegmentError)."""
-
-    def __init__(self, conn: _Conn, name: str, url: str) -> None:
-        self.conn, self.name, self.url = conn, name, url
-        self.inc = b"%d" % (secrets.randbits(64) | 1)
-        self._renewed = time.monotonic()
-
-    def _meta(self, s: int) -> str:
-        return f"eng:{{{self.name}:{s}}}:m"
-
-    def _run(self, s: int, fn: str, *args: Any) -> Any:
-        return self.conn.call(self._meta(s), fn, self.inc, *args)
-
-    @staticmethod
-    def _step(what: str) -> None:
-        if CREATE_HOOK is not None:
-            CREATE_HOOK(what)
-
-    def _renew(self) -> None:
-        """Renew the claim's lease when a quarter of it has passed."""
-        now = time.monotonic()
-        if now - self._renewed > REDIS_CREATE_LEASE_MS / 4000:
-            if int(self._run(0, "renew", REDIS_CREATE_LEASE_MS)) != C_OK:
-                raise self._lost()
-            self._renewed = now
-
-    def _lost(self) -> SegmentError:
-        return SegmentError(
-            f"engine {self.name!r} on {self.url}: this create or remove lost its claim on the "
-            f"name (it stalled past its {REDIS_CREATE_LEASE_MS / 1000:g} s lease and another "
-            "client took the name over, or removed it); nothing it wrote is in use")
-
-    def _foreign(self, key: Any) -> SegmentError:
-        k = key.decode() if isinstance(key, bytes) else str(key)
-        return SegmentError(
-            f"{k} on {self.url} is not an engine's (another kind of key where engine "
-            f"{self.name!r} keeps its own): nothing was created or changed; remove that key "
-            "or choose another name")
-
-    def _busy(self, ms_left: Any) -> SegmentError:
-        return SegmentError(
-            f"engine {self.name!r} on {self.url} is being created or removed by another "
-            f"client (its lease has {int(ms_left)} ms left; if that client died, a create "
-            f"after the lease clears the name); {_how_to_remove(self.name)}")
-
-    def _clear(self, gen: Any, shard: int | None = None) -> int:
-        """Delete the remains of older claims: every key of the name (or of
-        ``shard``) but this claim's own; each batch by ``wipe`` on its
-        shard, which checks there that no newer claim holds it.  The
-        number of keys deleted."""
-        pattern = f"eng:{{{self.name}:{'*' if shard is None else f'{shard}}}:*'}"
-        found: dict[int, list[bytes]] = {}
-        own = {self._meta(0).encode(), f"eng:{{{self.name}:0}}:lease".encode()}
-        try:
-            for k in self.conn.client.scan_iter(match=pattern, count=1000):
-                m = _SHARD_OF.match(k)
-                if m and k not in own:
-                    found.setdefault(int(m.group(1)), []).append(k)
-        except self.conn.errors as e:
-            raise ServerError(f"{self.url}: {e}") from None
-        for s, keys in sorted(found.items(), reverse=True):   # shard metas before shard 0's
-            for i in range(0, len(keys), 512):
-                self._renew()
-                if int(self._run(s, "wipe", gen, *keys[i:i + 512])) != C_OK:
-                    raise self._lost()
-        return sum(len(k) for k in found.values())
-
-    def create(self, meta: dict[str, Any], n: int, capacity: int, max_accounts: int) -> int:
-        """Build the engine; its incarnation."""
-        pairs = [x for kv in meta.items() for x in kv]
-        r = self._run(0, "claim", REDIS_CREATE_LEASE_MS, _MAGIC, *pairs, "shard", 0)
-        code = int(r[0])
-        if code == C_EXISTS:
-            raise SegmentError(f"an engine named {self.name!r} already exists on {self.url}")
-        if code == C_BUSY:
-            raise self._busy(r[1])
-        if code == C_FOREIGN:
-            raise self._foreign(r[1])
-        self._renewed = time.monotonic()
-        gen, remains = int(r[1]), int(r[3])
-        self._step("claim")
-        try:
-            if remains:   # a dead creator's or remover's: every key of the name goes
-                self._clear(gen)
-                self._step("clear")
-            for s in range(1, n):
-                for _ in range(3):
-                    r = self._run(s, "binit", gen, _MAGIC, *pairs, "shard", s)
-                    if int(r[0]) != C_REMAINS:
-                        break
-                    self._clear(gen, s)
-                if int(r[0]) == C_FOREIGN:
-                    raise self._foreign(r[1])
-                if int(r[0]) != C_OK:
-                    raise self._lost()
-                self._step(f"init shard {s}")
-            for s in range(n):
-                for which, total in (("free", capacity), ("afree", max_accounts)):
-                    count = len(range(s, total, n))
-                    for i in range(0, count, REDIS_CREATE_CHUNK):
-                        self._renew()
-                        if int(self._run(s, "fill", which, s, n, i,
-                                         min(REDIS_CREATE_CHUNK, count - i))) != C_OK:
-                            raise self._lost()
-                        self._step(f"fill shard {s} {which} from {i}")
-            for s in reversed(range(n)):   # shard 0 last: then attach finds it ready
-                if int(self._run(s, "seal", len(range(s, capacity, n)),
-                                 len(range(s, max_accounts, n)))) != C_OK:
-                    raise self._lost()
-                self._step(f"seal shard {s}")
-        except BaseException:
-            self._abort(n)
-            raise
-        return int(self.inc)
-
-    def _abort(self, n: int) -> None:
-        """Delete what this claim wrote, shard 0 (the claim) last; a server
-        that cannot be reached leaves it to the lease's expiry."""
-        try:
-            for s in reversed(range(n)):
-                self._run(s, "abort")
-        except ServerError:
-            pass
-
-    def remove(self, expect: bytes, force: bool = False) -> int:
-        """Claim the name for removal (the incarnation ``expect``, or any
-        with b""), delete the other shards' metas (from then on every call
-        of the engine is refused), every other key, then the claim; the
-        number of keys deleted.  A remover killed between its claim and the
-        last shard meta leaves the shards after it answering their attached
-        Engines until a create clears the name."""
-        r = self._run(0, "drop", expect, REDIS_CREATE_LEASE_MS, _MAGIC, "1" if force else "0")
-        code = int(r[0])
-        if code == C_GONE:
-            raise SegmentNotFoundError(
-                f"no engine named {self.name!r} on {self.url}" +
-                (" of this incarnation: it was unlinked (or lost) already" if expect else ""))
-        if code == C_BUSY:
-            raise self._busy(r[1])
-        if code == C_FOREIGN:
-            raise self._foreign(r[1])
-        self._renewed = time.monotonic()
-        gen = int(r[2])
-        for s in range(1, int(r[1])):   # every shard refuses calls from here on
-            if int(self._run(s, "wipe", gen, self._meta(s))) != C_OK:
-                raise self._lost()
-        self._step("drop")
-        n = self._clear(gen)
-        self._step("cleared")
-        self._run(0, "abort")
-        if self.conn.wait:
-            self.conn.replicate(self._meta(0))
-        return n + 1
 
 
 class RedisStore:
@@ -1115,7 +232,7 @@ class RedisStore:
                 "halted": "0", "metrics": "1", "created_ns": time.time_ns(),
                 **{"r_" + k: rec.roles.get(v, -1) for k, v in roles.items()},
                 **_exit_meta(spec)}
-            inc = _Creator(conn, name, url).create(meta, n, capacity, max_accounts)
+            inc = _Creator(conn, name, url, _create_step).create(meta, n, capacity, max_accounts)
             if conn.wait:
                 conn.replicate(f"eng:{{{name}:0}}:m")
             return cls._attached(conn, name, spec, url, inc)
@@ -1181,7 +298,7 @@ class RedisStore:
         """Delete every key of this incarnation of the engine (see ``remove``)."""
         if self._forked:
             raise_closed(True)   # the connection is the parent's
-        return _Creator(self.conn, self.name, self.url).remove(self.inc)
+        return _Creator(self.conn, self.name, self.url, _create_step).remove(self.inc)
 
     @staticmethod
     def remove(url: str, name: str, force: bool = False) -> int:
@@ -1190,7 +307,7 @@ class RedisStore:
         building (its lease lives) only with ``force``.  The number of keys."""
         conn = _Conn(url)
         try:
-            return _Creator(conn, name, url).remove(b"", force)
+            return _Creator(conn, name, url, _create_step).remove(b"", force)
         finally:
             conn.close()
 
@@ -1352,7 +469,7 @@ class RedisStore:
 
     def _gone(self, e: ServerError) -> EngineError:
         """SegmentNotFoundError for a call the server refused as meant for
-        another incarnation (ENGINE_CHECK in redis_functions.lua); else ``e``."""
+        another incarnation (ENGINE_CHECK in functions.lua); else ``e``."""
         text = str(e)
         if "ENGINE_GONE" in text:
             return SegmentNotFoundError(
@@ -2101,3 +1218,12 @@ os.register_at_fork(after_in_child=_after_fork)
 def _positive(price: float) -> bool:
     return math.isfinite(price) and price > 0
 
+
+
+if TYPE_CHECKING:
+    from engine.store import Store
+
+    def _is_a_store(store: RedisStore) -> Store:
+        """mypy checks RedisStore against every call of the store interface
+        (engine/store/__init__.py), as it checks lib."""
+        return store

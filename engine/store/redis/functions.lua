@@ -273,7 +273,7 @@ local function fits(h, x, d)
 end
 
 -- a booked position's worst case, as C's position_worst (see "accounts" in
--- engine.c): notional, top = money(BOOK_PRICE_MULT x entry x amount), the most
+-- accounts.c): notional, top = money(BOOK_PRICE_MULT x entry x amount), the most
 -- its close adds to cash (gain) and takes from it (loss); nil if top is
 -- beyond money
 local function worst(a, entry, amount, side)
