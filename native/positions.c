@@ -62,6 +62,8 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
     if (key && s->kpp == 0)
         return ENG_EKEYLIMIT;
     uint64_t acct = s->acct_role == ENG_ROLE_NONE ? 0 : c.w[s->acct_role];
+    if (acct && s->reopens)
+        return ENG_EBADFIELD;   /* a closing may happen twice: it cannot be booked once */
     if (acct) {
         /* the cheap refusals before a slot is taken; the latch decides */
         eng_account *a;
@@ -135,6 +137,8 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         }
         eng_price_rec r;
         price_rec_at(s, sl, &r, entry, ts);
+        if (s->exit_armed)   /* the trailing peak starts at the entry (side space) */
+            exit_peak_set(s, sl, latched, entry * copysign(1.0, as_f8(load_relaxed_u64(&sl->pnl_size))));
         if (price_publish(sl, latched, &r) != 0) {
             rc = ENG_EBUSY;   /* our latch was taken: we were judged gone, */
             keyed = 0;        /* and the key is left for the next insert or recover() */
@@ -143,7 +147,7 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         if (acct) {
             eng_account *a;
             uint64_t AL;
-            rc = book_position(s, sl, L, &c, BOOK_OPEN, t, &a, &AL);   /* reserve */
+            rc = book_position(s, sl, L, &c, BOOK_OPEN, 0.0, t, &a, &AL);   /* reserve */
             if (rc)
                 goto undo;
             rc = finish_booked(s, sl, L, &c, a, AL, t);
