@@ -93,6 +93,16 @@ def create_or_refused(make_engine: Any, **kwargs: Any) -> Engine | None:
         return None
 
 
+def refused_at_open(eng: Engine, acct: int) -> bool:
+    """The fix of issue 20: on a spec whose closing may happen twice, an
+    opening on an account raises SpecError (checked here): nothing to book."""
+    if not eng.spec.reopens:
+        return False
+    with pytest.raises(SpecError, match="closed"):
+        eng.open_position(100.0, 1.0, account=acct)
+    return True
+
+
 def parked_spec() -> MachineSpec:
     """Positions that open in a closed state (PARKED) and carry accounts."""
     return MachineSpec(states=["PARKED", "LIVE", "DONE"], triggers=["GO", "STOP"],
@@ -101,12 +111,16 @@ def parked_spec() -> MachineSpec:
 
 
 class TestOutOfClosedStates:
-    def test_such_specs_are_refused(self) -> None:
-        """The fix: a spec with an account field whose positions could leave a
-        closed state, or start in one, is refused when it is built."""
-        for build in (reopen_spec, parked_spec):
-            with pytest.raises(SpecError, match="closed"):
-                build()
+    def test_such_specs_refuse_booking_at_open(self, make_engine: Any) -> None:
+        """The fix (issue 20): a spec whose positions could leave a closed state,
+        or start in one, builds; opening one on an account raises SpecError
+        naming the rule and reserves nothing."""
+        for build, rule in ((reopen_spec, "REOPEN"), (parked_spec, "PARKED")):
+            eng = make_engine(capacity=4, spec=build())
+            a = eng.open_account(1000, 1000, 10, 1000)
+            with pytest.raises(SpecError, match=rule):
+                eng.open_position(100.0, 1.0, account=a)
+            assert (eng.account(a).reserved, eng.snapshot().size) == (0, 0)
 
     def test_reopen_from_closed_reserves_nothing_and_closes_twice(self, make_engine: Any) -> None:
         """CLOSED -> MONITORING is neither booked nor refused: the position is
@@ -117,6 +131,8 @@ class TestOutOfClosedStates:
         if eng is None:
             return
         a = eng.open_account(10_000, 10_000, 10, 10_000)
+        if refused_at_open(eng, a):
+            return
         p1 = eng.open_position(100.0, 1.0, account=a)
         eng.open_position(100.0, 1.0, account=a)    # p2: stays open
         for trig in CLOSE:
@@ -135,6 +151,8 @@ class TestOutOfClosedStates:
         if eng is None:
             return
         a = eng.open_account(10_000, 10_000, 10, 10_000)
+        if refused_at_open(eng, a):
+            return
         p1 = eng.open_position(100.0, 1.0, account=a)
         p2 = eng.open_position(100.0, 1.0, account=a)
         for trig in CLOSE:
@@ -154,6 +172,8 @@ class TestOutOfClosedStates:
         if eng is None:
             return
         a = eng.open_account(1000, 1000, 10, 1000)
+        if refused_at_open(eng, a):
+            return
         p = eng.open_position(100.0, 2.0, account=a)
         assert eng.release_position(p) == Outcome.APPLIED
         assert eng.snapshot().size == 0
