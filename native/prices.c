@@ -97,14 +97,15 @@ enum { BY_ID, BY_TOKEN };
  * bound makes the write ENG_EBUSY, nothing published).
  */
 
-/* Copy for a writer's check: the opening, the token and, if w is in the
- * armed state, the levels of the copy w publishes. */
+/* A level of record copy c (0: the spec has no such field, or it is off). */
 static inline double level_of(const eng_seg *s, const eng_ctx_rec *c, uint32_t role)
 {
     uint8_t wi = s->roles[role];
     return wi == ENG_ROLE_NONE ? 0.0 : as_f8(load_relaxed_u64(&c->w[wi]));
 }
 
+/* Copy for a writer's check: the opening, the token and, if w is in the
+ * armed state, the levels of the copy w publishes. */
 static void copy_slot_exits(eng_seg *s, const void *obj, uint64_t w, void *out)
 {
     const eng_slot *sl = obj;
