@@ -371,8 +371,12 @@
 #define ENG_FAULT_DIE_IN_TINDEX_ADD 64
 /* a token index unlink SIGKILLs itself holding the bucket lock, unlinked, tbucket not cleared */
 #define ENG_FAULT_DIE_IN_TINDEX_DEL 128
+/* update_prices / update_token_price skip the seqlock: they write the copy readers
+ * read, price half, then PnL half, the word unmoved (torn reads for the stress
+ * verifier to catch); update_price does not (its machine code stays as it is) */
+#define ENG_FAULT_TEAR_PRICE 256
 /* a price writer SIGKILLs itself between its exit's commit and its price publish */
-#define ENG_FAULT_DIE_IN_EXIT 256
+#define ENG_FAULT_DIE_IN_EXIT 512
 
 /*
  * ---- bounded back-off ----------------------------------------------------------
@@ -395,7 +399,7 @@
 #define ENG_DEFAULT_SAMPLE_MASK 63   /* a new segment times one operation in 64 */
 
 /*
- * ---- the Redis backend (engine/redis_backend.py) ---------------------------------
+ * ---- the Redis backend (engine/store/redis/) -------------------------------------
  * A guarded transition on Redis holds a lock key with this expiry while its
  * guard runs in the client: a client that dies or stalls past it can never
  * commit (the commit checks the lock is still its own).  A transition that

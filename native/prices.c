@@ -209,11 +209,37 @@ ALWAYS_INLINE int exit_check(eng_seg *s, eng_slot *sl, uint64_t latched, uint64_
     return 0;
 }
 
+/* Test fault ENG_FAULT_TEAR_PRICE: a price write without the seqlock
+ * discipline.  The latch holder writes rec into the copy the word names (the
+ * one readers copy) -- price and timestamp, a yield, then the PnL -- and the
+ * word does not move, so a reader in between returns the new price with the
+ * PnL of the one before and its recheck passes.  The ordinary publish
+ * follows.  The vector writes honour it (their callers read the fault word
+ * once per call); update_price passes tear = 0, a constant, so its machine
+ * code is the hot path's with or without the fault. */
+static __attribute__((noinline, cold)) void price_write_torn(eng_slot *sl, uint64_t latched,
+                                                             const eng_price_rec *rec)
+{
+    eng_price_rec *live = &sl->price[pw_seq(latched) & 1];
+    store_relaxed_u64((uint64_t *)&live->price, f8_bits(rec->price));
+    store_relaxed_u64((uint64_t *)&live->ts_ns, (uint64_t)rec->ts_ns);
+    sched_yield();
+    store_relaxed_u64((uint64_t *)&live->pnl_pct, f8_bits(rec->pnl_pct));
+    store_relaxed_u64((uint64_t *)&live->pnl_usd, f8_bits(rec->pnl_usd));
+}
+
+static inline int tear_fault(eng_seg *s)
+{
+    return __builtin_expect(load_relaxed_u32(&s->hdr->fault_flags) & ENG_FAULT_TEAR_PRICE, 0) &&
+           faults_allowed();
+}
+
 /* Write price at ts into sl if, under its latch, it holds the open opening
  * the id `key` names (BY_ID) or an open position on token `key` (BY_TOKEN).
+ * tear: the test fault ENG_FAULT_TEAR_PRICE is on (see price_write_torn).
  * Returns 0, ENG_ESTALE (nothing written), or ENG_EBUSY. */
 ALWAYS_INLINE int write_price_checked(eng_seg *s, eng_slot *sl, double price, int64_t ts,
-                                      op_timer t, int by, uint64_t key)
+                                      op_timer t, int by, uint64_t key, int tear)
 {
     uint64_t latched, w;
     slot_view v;
@@ -236,6 +262,8 @@ ALWAYS_INLINE int write_price_checked(eng_seg *s, eng_slot *sl, double price, in
         return rc;
     }
     price_rec_at(s, sl, &r, price, ts);
+    if (__builtin_expect(tear, 0))
+        price_write_torn(sl, latched, &r);
     return price_publish(sl, latched, &r);
 }
 
@@ -247,7 +275,7 @@ int eng_update_price(eng_seg *s, uint64_t id, double price)
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_PRICE);
-    rc = write_price_checked(s, sl, price, price_clock(), t, BY_ID, id);
+    rc = write_price_checked(s, sl, price, price_clock(), t, BY_ID, id, 0);
     if (rc == ENG_ESTALE)
         rc = id_live(sl, load_acquire_u64(&sl->word), id);   /* say which: never issued or released */
     op_end(t, rc);
@@ -329,6 +357,7 @@ int eng_update_prices(eng_seg *s, const uint64_t *ids, const double *prices,
     }
     op_timer t = op_begin(s, ENG_OP_PRICE_BATCH);
     int64_t ts = price_clock();
+    int tear = tear_fault(s);
     uint64_t written = 0;
     for (uint64_t i = 0; i < n; i++) {
         if (i + ENG_BATCH_PREFETCH < n)
@@ -338,7 +367,7 @@ int eng_update_prices(eng_seg *s, const uint64_t *ids, const double *prices,
         rc = batch_arg_check(s, id, price);
         if (rc == 0)
             rc = write_price_checked(s, slot_at(s, (uint32_t)(id & ENG_ID_SLOT_MASK)), price, ts,
-                                     t, BY_ID, id);
+                                     t, BY_ID, id, tear);
         if (rc == ENG_ESTALE) {
             rc = 0;
             continue;
@@ -363,6 +392,7 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
         return ENG_EBADFIELD;   /* the spec has no token field */
     op_timer t = op_begin(s, ENG_OP_PRICE_BATCH);
     int64_t ts = price_clock();
+    int tear = tear_fault(s);
     int64_t count = 0;
     uint32_t b = tb_of_token(s, token);
     uint64_t locked;
@@ -380,7 +410,7 @@ int64_t eng_update_token_price(eng_seg *s, int64_t token, double price)
         if ((int64_t)load_relaxed_u64((const uint64_t *)&sl->token) != token ||
             !is_open_state(s, sw_state(load_acquire_u64(&sl->word))))
             continue;
-        rc = write_price_checked(s, sl, price, ts, t, BY_TOKEN, (uint64_t)token);
+        rc = write_price_checked(s, sl, price, ts, t, BY_TOKEN, (uint64_t)token, tear);
         if (rc == ENG_ESTALE || rc == ENG_EBUSY) {
             busy |= rc == ENG_EBUSY;   /* a live writer sits on it: write the others */
             rc = 0;

@@ -289,7 +289,8 @@ const char *eng_strerror(int code)
 #define FAULT_FLAGS_KNOWN (ENG_FAULT_SKIP_GEN | ENG_FAULT_BLIND_STORE | ENG_FAULT_DIE_AFTER_CAS | \
                            ENG_FAULT_DIE_AFTER_LOCK | ENG_FAULT_DIE_IN_KEY |                    \
                            ENG_FAULT_DIE_IN_BOOKING | ENG_FAULT_DIE_IN_TINDEX_ADD |             \
-                           ENG_FAULT_DIE_IN_TINDEX_DEL | ENG_FAULT_DIE_IN_EXIT)
+                           ENG_FAULT_DIE_IN_TINDEX_DEL | ENG_FAULT_TEAR_PRICE |              \
+                           ENG_FAULT_DIE_IN_EXIT)
 
 static int test_faults_on = -1;   /* -1 until the first question reads the environment */
 

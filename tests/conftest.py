@@ -220,3 +220,9 @@ def names() -> Iterator[Callable[[], str]]:
     for n in made:
         with contextlib.suppress(posix_ipc.ExistentialError):
             posix_ipc.unlink_shared_memory("/" + n)
+
+
+@pytest.fixture
+def spawn(spawner: Any) -> Callable[..., Any]:
+    """Start a spawn-context child; it never outlives the test."""
+    return spawner.start

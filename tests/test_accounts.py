@@ -14,7 +14,9 @@ import random
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -575,3 +577,34 @@ class TestMultiprocess:
             assert acc.cash == Decimal(50_000) + dep - wd + realized
         kept = sum(len(r[5]) for r in results)
         assert sum(eng.account(a).open_positions for a in accts) == kept
+
+
+@pytest.fixture
+def eng() -> Iterator[Engine]:
+    e = Engine.create(8)
+    try:
+        yield e
+    finally:
+        e.close()
+        e.unlink()
+
+
+@pytest.mark.shm_only
+class TestMoneyOfAnyType:
+    """Money conversion of a value of a type it refuses: a typed error whatever
+    the value, never an error raised while writing the message."""
+
+    @pytest.mark.parametrize("call", [
+        lambda e, a, v: e.deposit(a, v),
+        lambda e, a, v: e.withdraw(a, v),
+        lambda e, a, v: e.open_account(v, 1000, 8, 1000),
+    ], ids=["deposit", "withdraw", "open_account"])
+    def test_a_fraction_too_long_to_print_is_a_type_error(
+            self, eng: Engine, call: Callable[[Engine, int, Any], Any]) -> None:
+        """A Fraction whose numerator has more digits than int->str allows:
+        EngineTypeError naming its type (was ValueError from its repr)."""
+        a = eng.open_account(1000, 1000, 8, 1000)
+        before = eng.account(a)
+        with pytest.raises(EngineTypeError, match="Fraction"):
+            call(eng, a, Fraction(10**5000, 3))
+        assert eng.account(a) == before

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -503,3 +505,31 @@ class TestBadOtherArguments:
         """A metrics sample period that is not a power of two is refused."""
         with pytest.raises(ArgumentError, match="power of two"):
             eng.set_metrics(True, sample_every=every)
+
+
+_HUGE = 10**5000   # more digits than int->str allows (sys.get_int_max_str_digits())
+
+
+class TestHugeIntArguments:
+    """An int argument too long to print: the typed error of its range, never a
+    ValueError raised while writing that error's message."""
+
+    @pytest.mark.parametrize("call", [
+        lambda e, p, v: e.price(v),
+        lambda e, p, v: e.transition(v, 0),
+        lambda e, p, v: e.update_price(p, v),
+        lambda e, p, v: e.open_position(10.0, 1.0, token=v),
+        lambda e, p, v: e.account(v),
+        lambda e, p, v: e.wait_for_change(p, v),
+        lambda e, p, v: Engine.create(v),
+    ], ids=["price", "transition", "update_price", "open_token", "account", "wait_timeout",
+            "create"])
+    def test_an_int_too_long_to_print_is_a_range_error(
+            self, eng: Engine, call: Callable[[Engine, int, int], Any]) -> None:
+        """10**5000 as an id, a price, a field, an account, a timeout, a capacity:
+        an EngineError, nothing changed (was ValueError from the message)."""
+        p = eng.open_position(10.0, 1.0)
+        before = eng.snapshot().tobytes()
+        with pytest.raises(EngineError):
+            call(eng, p, _HUGE)
+        assert eng.snapshot().tobytes() == before

@@ -22,13 +22,15 @@ import random
 import secrets
 import signal
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pytest
-from procs import JOIN_TIMEOUT, READY_TIMEOUT, exit_guarded_spec, sigkill, timed, until
+from procs import JOIN_TIMEOUT, READY_TIMEOUT, exit_guarded_spec, timed, until
+from procs import sigkill as reap_by_sigkill
 
 from engine import (
     POSITION_SPEC,
@@ -50,8 +52,23 @@ CTX = mp.get_context("spawn")
 ANSWER_BOUND = 2.0         # a transition or recover() must return within this
 LONG_PAUSE_NS = 60_000_000_000   # a child "paused holding the lock" sleeps this long
 GUARD_SLEEP_S = 60.0
+MIN_WRITES = 100           # price writes the killed writers must have made (thousands a second)
+MIN_OPERATIONS = 250       # calls each chaos hammer slot must have made (thousands a second)
 
 LOCK, ERROR_FLAG = lib.ENG_SW_LOCK, lib.ENG_SW_ERROR
+
+
+def sigkill(p: Any, errors: Any = None) -> None:
+    """SIGKILL a child that must still be running, reap it, and check it died of the kill
+    (a worker that ended on an exception fails the test with the traceback it reported)."""
+    reap_by_sigkill(p)
+    if p.exitcode != -signal.SIGKILL:
+        reported = []
+        with contextlib.suppress(Exception):
+            while errors is not None:
+                reported.append(errors.get(timeout=1.0))
+        pytest.fail(f"process {p.pid} ended with exit code {p.exitcode} before its SIGKILL\n"
+                    + "\n".join(reported))
 
 
 # -- state word fields (bit positions from the header) -------------------------------
@@ -274,20 +291,26 @@ def attach_probe_worker(name: str, out: Any) -> None:
     eng.close()
 
 
-def price_writer_worker(handle: Any, seed: int, ready: Any) -> None:
-    """Random single and batch price updates, forever."""
-    eng = Engine.attach(handle)
-    rng = random.Random(seed)
-    ids = eng.snapshot()["id"]
-    ready.set()
-    while True:
-        try:
-            if rng.random() < 0.5:
-                eng.update_prices(ids, np.array([rng.uniform(50.0, 150.0)] * len(ids)))
-            else:
-                eng.update_price(int(rng.choice(ids)), rng.uniform(50.0, 150.0))
-        except BusyError:
-            pass   # a live writer (descheduled on a busy host) held a latch past the bound
+def price_writer_worker(handle: Any, seed: int, ready: Any, ops: Any, errors: Any) -> None:
+    """Random single and batch price updates, forever; counts the applied ones in
+    ops and reports an unexpected exception to errors before it ends the process."""
+    try:
+        eng = Engine.attach(handle)
+        rng = random.Random(seed)
+        ids = eng.snapshot()["id"]
+        ready.set()
+        while True:
+            try:
+                if rng.random() < 0.5:
+                    eng.update_prices(ids, np.array([rng.uniform(50.0, 150.0)] * len(ids)))
+                else:
+                    eng.update_price(int(rng.choice(ids)), rng.uniform(50.0, 150.0))
+                ops.value += 1
+            except BusyError:
+                pass   # a live writer (descheduled on a busy host) held a latch past the bound
+    except Exception:
+        errors.put(traceback.format_exc())
+        raise
 
 
 def reader_worker(handle: Any, counter: Any, ready: Any, stop: Any, out: Any) -> None:
@@ -324,48 +347,56 @@ def reader_worker(handle: Any, counter: Any, ready: Any, stop: Any, out: Any) ->
     out.put({"reads": reads, "errors": errors, "torn": torn, "slowest_s": slowest})
 
 
-def hammer_worker(handle: Any, seed: int, ready: Any, stop: Any) -> None:
+def hammer_worker(handle: Any, seed: int, ready: Any, stop: Any, ops: Any,
+                  errors: Any) -> None:
     """Random transitions (fast, slow with context, guarded), prices and reads
-    on shared positions, keeping the exit_reason invariant on every commit."""
-    eng = Engine.attach(handle)
-    rng = random.Random(seed)
-    ids = eng.snapshot()["id"]
-    n = len(ids)
-    positions = [int(i) for i in ids]
-    ready.set()
-    while not stop.is_set():
-        pos = positions[rng.randrange(n)]
-        r = rng.random()
-        try:
-            if r < 0.40:
-                st = eng.state(pos)
-                if st is State.MONITORING:
-                    eng.transition(pos, Trigger.EXIT_CONDITION_MET,
-                                   exit_reason=rng.randrange(1, 1000))
-                elif st is State.EXIT_PENDING:
-                    if rng.random() < 0.5:
-                        eng.transition(pos, Trigger.EXIT_CANCELLED, exit_reason=0)
-                    else:
-                        eng.transition(pos, Trigger.EXIT_STARTED)   # guarded, no context
-                elif st is State.EXITING:
-                    eng.transition(pos, Trigger.EXIT_FAILED)
-                elif st is State.ERROR:
-                    eng.transition(pos, Trigger.RECOVER, exit_reason=0)
-                elif st is State.PAUSED:
-                    eng.transition(pos, Trigger.RESUME)
-            elif r < 0.45:
-                eng.transition(pos, Trigger.ERROR_OCCURRED, exit_reason=-1)
-            elif r < 0.60:
-                eng.transition(pos, rng.choice((Trigger.PAUSE, Trigger.RESUME)))
-            elif r < 0.80:
-                eng.update_price(pos, rng.uniform(50.0, 150.0))
-            elif r < 0.85:
-                eng.update_prices(ids, np.full(n, rng.uniform(50.0, 150.0)))
-            else:
-                eng.price(pos)
-                eng.context(pos)
-        except BusyError:
-            pass   # a live writer held the record past the bound: allowed, nothing changed
+    on shared positions, keeping the exit_reason invariant on every commit;
+    counts the calls that returned in ops and reports an unexpected exception
+    to errors before it ends the process."""
+    try:
+        eng = Engine.attach(handle)
+        rng = random.Random(seed)
+        ids = eng.snapshot()["id"]
+        n = len(ids)
+        positions = [int(i) for i in ids]
+        ready.set()
+        while not stop.is_set():
+            pos = positions[rng.randrange(n)]
+            r = rng.random()
+            try:
+                if r < 0.40:
+                    st = eng.state(pos)
+                    if st is State.MONITORING:
+                        eng.transition(pos, Trigger.EXIT_CONDITION_MET,
+                                       exit_reason=rng.randrange(1, 1000))
+                    elif st is State.EXIT_PENDING:
+                        if rng.random() < 0.5:
+                            eng.transition(pos, Trigger.EXIT_CANCELLED, exit_reason=0)
+                        else:
+                            eng.transition(pos, Trigger.EXIT_STARTED)   # guarded, no context
+                    elif st is State.EXITING:
+                        eng.transition(pos, Trigger.EXIT_FAILED)
+                    elif st is State.ERROR:
+                        eng.transition(pos, Trigger.RECOVER, exit_reason=0)
+                    elif st is State.PAUSED:
+                        eng.transition(pos, Trigger.RESUME)
+                elif r < 0.45:
+                    eng.transition(pos, Trigger.ERROR_OCCURRED, exit_reason=-1)
+                elif r < 0.60:
+                    eng.transition(pos, rng.choice((Trigger.PAUSE, Trigger.RESUME)))
+                elif r < 0.80:
+                    eng.update_price(pos, rng.uniform(50.0, 150.0))
+                elif r < 0.85:
+                    eng.update_prices(ids, np.full(n, rng.uniform(50.0, 150.0)))
+                else:
+                    eng.price(pos)
+                    eng.context(pos)
+                ops.value += 1
+            except BusyError:
+                pass   # a live writer held the record past the bound: allowed, nothing changed
+    except Exception:
+        errors.put(traceback.format_exc())
+        raise
 
 
 # -- fixtures --------------------------------------------------------------------------
@@ -771,28 +802,36 @@ class TestReadersNeverBlocked:
         assert ready.wait(READY_TIMEOUT)
         rng = random.Random(7)
         writers = []
+        ops, errors = [], CTX.Queue()
         for i in range(2):
             ev = CTX.Event()
-            writers.append(spawn(price_writer_worker, eng.handle, i, ev))
+            ops.append(CTX.Value("Q", 0, lock=False))
+            writers.append(spawn(price_writer_worker, eng.handle, i, ev, ops[-1], errors))
             assert ev.wait(READY_TIMEOUT)
         kills = held_after_kill = 0
         for k in range(8):
             time.sleep(rng.uniform(0.05, 0.3))
             victim = writers.pop(rng.randrange(len(writers)))
-            sigkill(victim)
+            sigkill(victim, errors)
             kills += 1
             held_after_kill += any(pwriter(eng, s) == victim.pid for s in range(eng.capacity))
             c0 = counter.value
             until(lambda c0=c0: counter.value > c0, "the reader to progress after a kill",
                   timeout=JOIN_TIMEOUT)
             ev = CTX.Event()
-            writers.append(spawn(price_writer_worker, eng.handle, 100 + k, ev))
+            ops.append(CTX.Value("Q", 0, lock=False))
+            writers.append(spawn(price_writer_worker, eng.handle, 100 + k, ev, ops[-1], errors))
             assert ev.wait(READY_TIMEOUT)
+        for w in writers:
+            sigkill(w, errors)
         stop.set()
         result = out.get(timeout=JOIN_TIMEOUT)
         reader.join(JOIN_TIMEOUT)
+        writes = sum(v.value for v in ops)
         print(f"\nreaders: {kills} writer kills ({held_after_kill} left a latch held), "
-              f"{result['reads']} reads, slowest {result['slowest_s'] * 1e3:.2f} ms")
+              f"{writes} price writes, {result['reads']} reads, "
+              f"slowest {result['slowest_s'] * 1e3:.2f} ms")
+        assert writes >= MIN_WRITES, f"only {writes} price writes: the kills hit idle writers"
         assert result["errors"] == 0 and result["torn"] == 0
         assert result["reads"] > 0
         assert result["slowest_s"] < ANSWER_BOUND
@@ -811,6 +850,7 @@ class ChaosFigures:
     price_latches: int = 0
     takeovers: int = 0
     error_flags: int = 0
+    operations: int = 0
     seconds: float = 0.0
 
     def add(self, report: Any) -> None:
@@ -831,6 +871,7 @@ def run_chaos(eng: Engine, spawn: Any, workers: int, seconds: float, kill_every:
         eng.transition(pos, Trigger.POSITION_OPENED)
     figs = ChaosFigures()
     stop = CTX.Event()
+    ops, errors = [], CTX.Queue()
     counter, rready, rstop, rout = (CTX.Value("Q", 0, lock=False), CTX.Event(), CTX.Event(),
                                     CTX.Queue())
     reader = spawn(reader_worker, eng.handle, counter, rready, rstop, rout)
@@ -838,7 +879,8 @@ def run_chaos(eng: Engine, spawn: Any, workers: int, seconds: float, kill_every:
 
     def start_worker() -> Any:
         ready = CTX.Event()
-        p = spawn(hammer_worker, eng.handle, rng.randrange(2**32), ready, stop)
+        ops.append(CTX.Value("Q", 0, lock=False))
+        p = spawn(hammer_worker, eng.handle, rng.randrange(2**32), ready, stop, ops[-1], errors)
         assert ready.wait(READY_TIMEOUT), "a worker did not start"
         return p
 
@@ -849,7 +891,7 @@ def run_chaos(eng: Engine, spawn: Any, workers: int, seconds: float, kill_every:
         while time.monotonic() - t0 < seconds:
             time.sleep(rng.uniform(0.5 * kill_every, 1.5 * kill_every))
             victim = pool.pop(rng.randrange(len(pool)))
-            sigkill(victim)
+            sigkill(victim, errors)
             figs.kills += 1
             figs.killed.add(victim.pid)
             report, took = timed(eng.recover)
@@ -861,7 +903,7 @@ def run_chaos(eng: Engine, spawn: Any, workers: int, seconds: float, kill_every:
         eng._set_fault(pause_ns=0)
     figs.seconds = time.monotonic() - t0
     for p in pool:   # the survivors die by SIGKILL too
-        sigkill(p)
+        sigkill(p, errors)
         figs.kills += 1
         figs.killed.add(p.pid)
     rstop.set()
@@ -872,6 +914,9 @@ def run_chaos(eng: Engine, spawn: Any, workers: int, seconds: float, kill_every:
     figs.add(report)
     m = eng.metrics()
     figs.takeovers = sum(op.takeovers for op in m.values())
+    figs.operations = sum(v.value for v in ops)
+    assert figs.operations >= MIN_OPERATIONS * workers, \
+        f"the hammers made only {figs.operations} calls: the kills hit idle workers"
 
     # every killed process is removed from the registry, nothing else is
     assert figs.removed == figs.killed
@@ -896,8 +941,9 @@ def run_chaos(eng: Engine, spawn: Any, workers: int, seconds: float, kill_every:
                                                              exit_reason=-1))
         assert outcome is Outcome.APPLIED and took < ANSWER_BOUND
     print(f"\nchaos: {workers} workers, {figs.seconds:.0f} s, {figs.kills} kills, "
-          f"{figs.takeovers} takeovers (metrics), recover: {figs.rolled_forward} rolled "
-          f"forward, {figs.rolled_back} rolled back, {figs.price_latches} price latches, "
+          f"{figs.operations} hammer calls, {figs.takeovers} takeovers (metrics), "
+          f"recover: {figs.rolled_forward} rolled forward, {figs.rolled_back} rolled back, "
+          f"{figs.price_latches} price latches, "
           f"{len(figs.removed)} dead entries removed; {figs.error_flags} slots flagged; "
           f"reader: {read['reads']} reads, slowest {read['slowest_s'] * 1e3:.2f} ms; "
           f"transitions applied: {m['transition'].applied + m['transition_ctx'].applied}")

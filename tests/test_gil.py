@@ -12,6 +12,8 @@ import time
 
 from engine import Engine, State, Trigger
 
+LOOP_SECONDS = 0.2   # each thread's loop: 40 GIL switch intervals, so the two interleave
+
 
 class TestReleasedCalls:
     def test_other_thread_runs_while_one_waits(self, make_engine):
@@ -32,7 +34,10 @@ class TestReleasedCalls:
         t = threading.Thread(target=waiter)
         t.start()
         assert waiting.wait(10.0)
-        time.sleep(0.05)   # the waiter is inside the C wait now
+        deadline = time.monotonic() + 10.0
+        while not eng._slot(eng.slot_of(pos)).waiting:   # set inside the C wait
+            assert time.monotonic() < deadline, "the waiter never reached the C wait"
+            time.sleep(0.0005)
         work = sum(range(200_000))   # Python work: impossible while a wait holds the GIL
         still_waiting = t.is_alive() and not got   # the wait's timeout is 10 s
         assert eng.transition(pos, Trigger.PAUSE).name == "APPLIED"
@@ -41,22 +46,31 @@ class TestReleasedCalls:
         assert not t.is_alive() and got == [State.PAUSED]
 
     def test_hot_calls_still_work_from_threads(self, make_engine):
-        """Hot calls keep the GIL; threads with their own Engines interleave
-        them and every commit is counted once (the counters add up)."""
+        """Two threads' transition loops overlap for 200 ms and every commit is counted once."""
         eng = make_engine(capacity=8)
         pos = eng.open_position(100.0, 1.0)
         eng.transition(pos, Trigger.POSITION_OPENED)
         applied = [0, 0]
+        other_moved = [False, False]   # the other thread committed during this one's loop
+        start = threading.Barrier(2)
 
         def flip(i: int) -> None:
             with Engine.attach(eng.handle) as mine:
-                for _ in range(2000):
+                start.wait(10.0)
+                other_before = applied[1 - i]
+                end = time.monotonic() + LOOP_SECONDS
+                while time.monotonic() < end:
                     for trig in (Trigger.PAUSE, Trigger.RESUME):
                         applied[i] += mine.transition(pos, trig).name == "APPLIED"
+                    if applied[1 - i] != other_before:
+                        other_moved[i] = True
 
         threads = [threading.Thread(target=flip, args=(i,)) for i in range(2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60.0)
+        assert not any(t.is_alive() for t in threads)
+        assert other_moved == [True, True], "the two loops never interleaved: no race was run"
+        assert applied[0] > 0 and applied[1] > 0
         assert int(eng._slot(eng.slot_of(pos)).transitions) == 2 + sum(applied)

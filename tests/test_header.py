@@ -12,6 +12,8 @@ directly, in a spawned child (a crash there fails the test, not the run).
 
 from __future__ import annotations
 
+import json
+import mmap
 import os
 import signal
 import subprocess
@@ -304,3 +306,104 @@ class TestHeaderWords:
         for w, value, res in results:
             if w == "table":
                 assert res.startswith("refused") and "header word table" in res, (w, value, res)
+
+
+@pytest.fixture
+def eng() -> Iterator[Engine]:
+    e = Engine.create(8)
+    try:
+        yield e
+    finally:
+        e.close()
+        e.unlink()
+
+
+# A process that attaches, uses and closes the segment in a loop with the test
+# fault switch off; a crash shows as its exit code.
+_ATTACHER = r"""
+import json, sys
+from engine import Engine, EngineError
+from engine._native import lib
+lib.eng_test_faults(0)
+ok = refused = 0
+for _ in range(int(sys.argv[2])):
+    try:
+        e = Engine.attach(sys.argv[1])
+    except EngineError:
+        refused += 1
+        continue
+    try:
+        p = e.open_position(10.0, 1.0)
+        e.snapshot()
+        e.release_position(p)
+    except EngineError:
+        pass
+    e.close()
+    ok += 1
+print(json.dumps({"ok": ok, "refused": refused}))
+"""
+
+
+ATTACHES = 3000      # attaches while the word flips (crashed within ~100 before the fix)
+
+
+FLIP_TIMEOUT = 300.0
+
+
+class TestHeaderWordFlippedDuringAttach:
+    """Another process flips a layout word of the header between a valid and a
+    crafted value while a process attaches in a loop: each attach is refused
+    or works; forbidden: a crash (the word checked, then read again)."""
+
+    @pytest.mark.parametrize("word", ["capacity", "registry_off", "slots_off", "accounts_off",
+                                      "max_accounts"])
+    def test_attach_never_crashes(self, eng: Engine, word: str) -> None:
+        """SIGSEGV/SIGBUS before the fix: attach validated the live header,
+        then read the word again to place its views."""
+        f = dict(ffi.typeof("eng_header").fields)[word]
+        off, size = f.offset, ffi.sizeof(f.type)
+        env = {k: v for k, v in os.environ.items() if k != "ENGINE_TEST_FAULTS"}
+        fd = os.open(os.path.join("/dev/shm", eng.name), os.O_RDWR)
+        mm = mmap.mmap(fd, 0)
+        os.close(fd)
+        orig = mm[off:off + size]
+        bad = (int.from_bytes(orig, "little") | 1 << (8 * size - 2)).to_bytes(size, "little")
+        child = subprocess.Popen([sys.executable, "-c", _ATTACHER, eng.name, str(ATTACHES)],
+                                 stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            while child.poll() is None:
+                for _ in range(1000):
+                    mm[off:off + size] = bad
+                    mm[off:off + size] = orig
+            out = child.communicate(timeout=FLIP_TIMEOUT)[0]
+        finally:
+            mm[off:off + size] = orig
+            mm.close()
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == 0, f"the attacher died: exit {child.returncode}"
+        got = json.loads(out)
+        assert got["ok"] + got["refused"] == ATTACHES, got
+
+
+class TestHeaderWordWrittenAfterAttach:
+    """A layout word of the header written by another process after attach:
+    the attached Engine keeps the layout it checked."""
+
+    def test_metrics_read_the_shards_where_attach_placed_them(self, eng: Engine) -> None:
+        """shards_off crafted after attach: metrics() answers as before (was
+        ValueError from an offset past the mapping)."""
+        eng.open_position(10.0, 1.0)
+        before = eng.metrics()
+        f = dict(ffi.typeof("eng_header").fields)["shards_off"]
+        fd = os.open(os.path.join("/dev/shm", eng.name), os.O_RDWR)
+        mm = mmap.mmap(fd, 0)
+        os.close(fd)
+        orig = mm[f.offset:f.offset + 8]
+        try:
+            mm[f.offset:f.offset + 8] = (1 << 40).to_bytes(8, "little")
+            assert eng.metrics() == before
+        finally:
+            mm[f.offset:f.offset + 8] = orig
+            mm.close()

@@ -127,6 +127,7 @@ class TestKeysUnit:
 
     @pytest.mark.parametrize("key", ["nope", b"nope", "x" * KEY_MAX, b"\0", "cl-1 ", "CL-1"])
     def test_lookup_of_an_unknown_key_is_none(self, orders, key):
+        """lookup of a key no opening holds is None."""
         orders.open(key="cl-1")
         assert orders.lookup(key) is None
 
@@ -160,6 +161,7 @@ class TestKeysUnit:
         assert all(orders.keys(p) == () for p in again)
 
     def test_released_key_is_free_for_another_position(self, orders):
+        """A released position's keys can be bound to or opened with by another position."""
         pos = orders.open(key="k")
         orders.bind_key(pos, "k2")
         other = orders.open()
@@ -207,6 +209,7 @@ class TestKeysUnit:
                 Engine.create(capacity=2, spec=ORDER_SPEC, keys_per_position=bad)
 
     def test_key_limit_one(self, make_engine):
+        """keys_per_position=1: a second key is refused (KeyLimitError), the first stays."""
         eng = make_engine(capacity=2, spec=ORDER_SPEC, keys_per_position=1)
         pos = eng.open(key="a")
         with pytest.raises(KeyLimitError):
@@ -269,6 +272,7 @@ class TestKeysUnit:
         assert orders.keys(b) == ("b", "c")
 
     def test_key_of_a_closed_unreleased_position_is_still_held(self, orders):
+        """A closed position keeps its key until it is released: a new open with it is refused."""
         pos = orders.open(key="a")
         close_order(orders, pos)
         with pytest.raises(KeyExistsError):
@@ -292,6 +296,7 @@ class TestKeysUnit:
         assert orders.keys(b) == ("plain",) and orders.lookup("plain") == b
 
     def test_nul_bytes_are_part_of_the_key(self, orders):
+        """Keys differing only by NUL bytes are distinct keys."""
         a = orders.open(key=b"a")
         b = orders.open(key=b"a\0")
         c = orders.open(key=b"\0a")
@@ -334,6 +339,7 @@ class TestKeysUnit:
         assert everything(orders) == before
 
     def test_none_is_not_a_key_for_bind_or_lookup(self, orders):
+        """None as a key is an EngineTypeError for bind_key and lookup; nothing is bound."""
         pos = orders.open()
         with pytest.raises(EngineTypeError):
             orders.bind_key(pos, None)   # type: ignore[arg-type]
@@ -399,6 +405,7 @@ class TestKeysUnit:
             orders.keys(never)
 
     def test_metrics_count_binds_and_lookups(self, orders):
+        """Metrics count every bind attempt and lookup, and the applied ones."""
         pos = orders.open(key="a")
         orders.bind_key(pos, "b")
         with contextlib.suppress(KeyExistsError):

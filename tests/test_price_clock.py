@@ -59,92 +59,93 @@ def worst_errors(seconds: float) -> tuple[int, int, int]:
     return early, late, n
 
 
-def test_the_mode_in_effect_is_the_one_asked(mode):
-    assert lib.eng_price_clock(-1) == mode
+class TestPriceClock:
+    """The price clock: within the bound of CLOCK_REALTIME in every thread, after
+    a sleep and a fork, and used by every price write."""
 
+    def test_the_mode_in_effect_is_the_one_asked(self, mode):
+        """The clock mode asked for (the fixture's) is the one in effect."""
+        assert lib.eng_price_clock(-1) == mode
 
-def test_tsc_is_used_where_the_kernel_uses_it():
-    """Where the kernel's clocksource is the TSC, a fresh process uses it;
-    ENGINE_PRICE_CLOCK=realtime turns it off."""
-    code = "from engine._native import lib; print(lib.eng_price_clock(-1))"
-    env = {k: v for k, v in os.environ.items() if k != "ENGINE_PRICE_CLOCK"}
-    auto = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, check=True).stdout.strip()
-    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env={**env, "ENGINE_PRICE_CLOCK": "realtime"}).stdout.strip()
-    assert int(auto) == (lib.ENG_CLOCK_TSC if tsc_host() else lib.ENG_CLOCK_REALTIME)
-    assert int(off) == lib.ENG_CLOCK_REALTIME
+    def test_tsc_is_used_where_the_kernel_uses_it(self):
+        """Where the kernel's clocksource is the TSC, a fresh process uses it;
+        ENGINE_PRICE_CLOCK=realtime turns it off."""
+        code = "from engine._native import lib; print(lib.eng_price_clock(-1))"
+        env = {k: v for k, v in os.environ.items() if k != "ENGINE_PRICE_CLOCK"}
+        auto = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True,
+                             env={**env, "ENGINE_PRICE_CLOCK": "realtime"}).stdout.strip()
+        assert int(auto) == (lib.ENG_CLOCK_TSC if tsc_host() else lib.ENG_CLOCK_REALTIME)
+        assert int(off) == lib.ENG_CLOCK_REALTIME
 
+    def test_within_the_bound_of_realtime(self, mode):
+        """Over 0.3 s of reads the clock stays within the bound of CLOCK_REALTIME."""
+        early, late, n = worst_errors(0.3)
+        assert n > 1000
+        assert early <= CLOCK_ERR_NS and late <= CLOCK_ERR_NS, (early, late)
 
-def test_within_the_bound_of_realtime(mode):
-    early, late, n = worst_errors(0.3)
-    assert n > 1000
-    assert early <= CLOCK_ERR_NS and late <= CLOCK_ERR_NS, (early, late)
+    def test_within_the_bound_in_every_thread(self, mode):
+        """Each thread keeps its own anchor: four at once, none out of bounds."""
+        out: list[tuple[int, int, int]] = []
+        threads = [threading.Thread(target=lambda: out.append(worst_errors(0.2))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(out) == 4
+        for early, late, _ in out:
+            assert early <= CLOCK_ERR_NS and late <= CLOCK_ERR_NS, out
 
+    def test_after_a_sleep_past_the_anchor(self, mode):
+        """An anchor that outlived its life is renewed before it is used."""
+        for _ in range(20):
+            time.sleep(lib.ENG_CLOCK_ANCHOR_NS * 3 / 1e9)
+            a = time.time_ns()
+            x = lib.eng_price_clock_ns()
+            b = time.time_ns()
+            assert a - CLOCK_ERR_NS <= x <= b + CLOCK_ERR_NS
 
-def test_within_the_bound_in_every_thread(mode):
-    """Each thread keeps its own anchor: four at once, none out of bounds."""
-    out: list[tuple[int, int, int]] = []
-    threads = [threading.Thread(target=lambda: out.append(worst_errors(0.2))) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(out) == 4
-    for early, late, _ in out:
-        assert early <= CLOCK_ERR_NS and late <= CLOCK_ERR_NS, out
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    def test_after_fork(self, mode):
+        """A forked child goes on with its parent's anchor, within the bound."""
+        worst_errors(0.01)   # the parent has a live anchor to hand down
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            early, late, _ = worst_errors(0.1)
+            os.write(w, b"1" if early <= CLOCK_ERR_NS and late <= CLOCK_ERR_NS else b"0")
+            os._exit(0)
+        os.close(w)
+        ok = os.read(r, 1)
+        os.close(r)
+        os.waitpid(pid, 0)
+        assert ok == b"1"
 
-
-def test_after_a_sleep_past_the_anchor(mode):
-    """An anchor that outlived its life is renewed before it is used."""
-    for _ in range(20):
-        time.sleep(lib.ENG_CLOCK_ANCHOR_NS * 3 / 1e9)
-        a = time.time_ns()
-        x = lib.eng_price_clock_ns()
-        b = time.time_ns()
-        assert a - CLOCK_ERR_NS <= x <= b + CLOCK_ERR_NS
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_after_fork(mode):
-    """A forked child goes on with its parent's anchor, within the bound."""
-    worst_errors(0.01)   # the parent has a live anchor to hand down
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        early, late, _ = worst_errors(0.1)
-        os.write(w, b"1" if early <= CLOCK_ERR_NS and late <= CLOCK_ERR_NS else b"0")
-        os._exit(0)
-    os.close(w)
-    ok = os.read(r, 1)
-    os.close(r)
-    os.waitpid(pid, 0)
-    assert ok == b"1"
-
-
-def test_price_timestamps_use_it(mode):
-    """update_price, update_prices, update_token_price and open stamp their
-    records with this clock, within the bound of the call."""
-    eng = Engine.create(8)
-    try:
-        pos = eng.open_position(100.0, 1.0, token=3)
-        for call in (lambda: eng.update_price(pos, 101.0),
-                     lambda: eng.update_prices(np.array([pos], dtype=np.uint64),
-                                               np.array([102.0])),
-                     lambda: eng.update_token_price(3, 103.0)):
-            for _ in range(200):
-                a = time.time_ns()
-                call()
-                b = time.time_ns()
-                ts = eng.price(pos).timestamp_ns
-                assert a - CLOCK_ERR_NS <= ts <= b + CLOCK_ERR_NS
-        a = time.time_ns()
-        fresh = eng.open_position(100.0, 1.0)
-        b = time.time_ns()
-        assert a - CLOCK_ERR_NS <= eng.price(fresh).timestamp_ns <= b + CLOCK_ERR_NS
-    finally:
-        eng.close()
-        eng.unlink()
+    def test_price_timestamps_use_it(self, mode):
+        """update_price, update_prices, update_token_price and open stamp their
+        records with this clock, within the bound of the call."""
+        eng = Engine.create(8)
+        try:
+            pos = eng.open_position(100.0, 1.0, token=3)
+            for call in (lambda: eng.update_price(pos, 101.0),
+                         lambda: eng.update_prices(np.array([pos], dtype=np.uint64),
+                                                   np.array([102.0])),
+                         lambda: eng.update_token_price(3, 103.0)):
+                for _ in range(200):
+                    a = time.time_ns()
+                    call()
+                    b = time.time_ns()
+                    ts = eng.price(pos).timestamp_ns
+                    assert a - CLOCK_ERR_NS <= ts <= b + CLOCK_ERR_NS
+            a = time.time_ns()
+            fresh = eng.open_position(100.0, 1.0)
+            b = time.time_ns()
+            assert a - CLOCK_ERR_NS <= eng.price(fresh).timestamp_ns <= b + CLOCK_ERR_NS
+        finally:
+            eng.close()
+            eng.unlink()
 
 
 @pytest.fixture(scope="module")

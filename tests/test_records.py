@@ -253,6 +253,7 @@ class TestLayout:
             eng.transition(pos, "TO_A", x=1)
 
     def test_fields_must_be_a_mapping(self):
+        """Record fields given as a list, not a mapping, are refused (SpecError)."""
         with pytest.raises(SpecError):
             two_state_spec([("x", "f8")])   # type: ignore[arg-type]
 
@@ -326,6 +327,7 @@ class TestRoundTrip:
         check_everywhere(eng, pos, {name: value})
 
     def test_numpy_scalars_are_accepted(self, make_engine):
+        """numpy scalars as field values round-trip exactly like Python numbers."""
         eng = make_engine(capacity=2, spec=ALL_SPEC)
         pos = eng.open(f=np.float32(0.5), i=np.int64(I8[0]), h=np.int32(I4[0]),
                        u=np.uint64(U8[1]))
@@ -723,6 +725,7 @@ class TestOrderSpec:
     """The order lifecycle with its record and its keys."""
 
     def test_spec_shape(self):
+        """ORDER_SPEC: its initial state, closed states and record layout as documented."""
         assert ORDER_SPEC.states[0] == "INITIALIZED"
         assert set(ORDER_SPEC.closed) == {"FILLED", "CANCELED", "REJECTED", "EXPIRED",
                                           "DENIED"}
@@ -865,6 +868,7 @@ class TestFingerprint:
         None,                                       # the position fields
     ])
     def test_spec_differing_only_in_fields_is_refused(self, make_engine, other):
+        """An attach with a spec differing only in its fields is refused; the same fields attach."""
         eng = make_engine(capacity=2, spec=two_state_spec({"qty": "f8", "tag": "S8"}, "fp"))
         other_spec = two_state_spec(other, "fp")
         assert other_spec.fingerprint != eng.spec.fingerprint
@@ -875,6 +879,7 @@ class TestFingerprint:
             assert again.spec == eng.spec
 
     def test_order_segment_refuses_the_default_spec(self, make_engine):
+        """An order segment refuses the default spec at attach; its handle carries ORDER_SPEC."""
         eng = make_engine(capacity=2, spec=ORDER_SPEC)
         with pytest.raises(SpecMismatchError):
             Engine.attach(eng.name, url=eng.url)

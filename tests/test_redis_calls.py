@@ -1,5 +1,7 @@
 """Exactly-once calls on Redis: a call the client gave up on, a reply lost
-with its connection, a connection the server closed while idle.
+with its connection, a connection the server closed while idle, resends to
+several shards, the request window, WAIT after a resend, calls from threads
+and from signal handlers.
 
 A writing call carries a request id; the shard answers a resend with the
 first reply.  Each test makes the fault happen at a known point of one call
@@ -8,6 +10,8 @@ never twice, and not lost when it returned."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -20,7 +24,8 @@ import redis
 from conftest import redis_url
 from procs import exit_guarded_spec, readable, until
 
-from engine import Engine, Outcome, ServerError, State, Trigger, WaitTimeout
+import engine.store.redis.store as rb
+from engine import BusyError, Engine, Outcome, ServerError, State, Trigger, WaitTimeout
 from engine._native import lib
 from engine.tools.redis_server import PrivateRedis, _answers, _free_port
 
@@ -381,3 +386,216 @@ class TestDeclaredKeys:
             other.close()
             e.unlink()
             e.close()
+
+
+def _lose_reply_of(e: Engine, fn: str, nth: int) -> list[int]:
+    """The ``nth`` call of function ``fn`` that applies (not a NEED answer)
+    runs on the server, then raises ServerError as if its reply and every
+    resend were lost (once)."""
+    conn = e._seg.conn
+    real = conn.fcall
+    seen = [0]
+
+    def fcall(route: Any, keys: bytes, nk: int, f: str, args: Any) -> Any:
+        r = real(route, keys, nk, f, args)
+        if f == fn and not rb._needs(r):
+            seen[0] += 1
+            if seen[0] == nth:
+                conn.fcall = real
+                raise ServerError(f"{f} failed (not known to have applied): lost")
+        return r
+
+    conn.fcall = fcall
+    return seen
+
+
+class TestThreads:
+    def test_two_threads_on_one_engine_never_read_each_others_replies(self, made):
+        """Two threads calling one Engine: every deposit that returned is in
+        the books once (none answered with another call's recorded reply),
+        every state read is the position's, and the Engine stays in step."""
+        e = made(16)
+        acct = e.open_account(cash=0, max_exposure=0, max_positions=0, max_loss=0)
+        pos = e.open_position(100.0, 1.0)
+        done = [0, 0]
+        wrong: list[Any] = []
+
+        def work(i: int) -> None:
+            for _ in range(1500):
+                try:
+                    e.deposit(acct, 1)
+                    done[i] += 1
+                    st = e.state(pos)
+                    if st is not State.CREATED:
+                        wrong.append(st)
+                except Exception as ex:   # a reply read out of step: any error
+                    wrong.append(repr(ex)[:120])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert wrong == []
+        assert e.account(acct).deposits == sum(done)
+        assert e.state(pos) is State.CREATED
+
+
+class TestSeveralShards:
+    @pytest.mark.parametrize("shard", [1, 2])
+    def test_transition_many_made_again_returns_the_first_outcomes(self, made, shard):
+        """transition_many over 3 shards raises ServerError after shard
+        ``shard``'s part ran: made again, every element's outcome is the
+        first one (APPLIED), each transition applied once."""
+        e = made(12, shards=3)
+        ids = [e.open_position(100.0, 1.0) for _ in range(6)]
+        _lose_reply_of(e, "txmany", shard + 1)
+        with pytest.raises(ServerError):
+            e.transition_many(ids, Trigger.POSITION_OPENED)
+        out = e.transition_many(ids, Trigger.POSITION_OPENED)
+        assert [Outcome(int(o)) for o in out] == [Outcome.APPLIED] * 6
+        assert [e.state(i) for i in ids] == [State.MONITORING] * 6
+
+    @pytest.mark.parametrize("shard", [1, 2])
+    def test_update_prices_made_again_applies_each_price_once(self, made, shard):
+        """update_prices over 3 shards raises ServerError after shard
+        ``shard``'s part ran: made again, every price applied once (version 2)."""
+        e = made(12, shards=3)
+        ids = [e.open_position(100.0, 1.0) for _ in range(6)]
+        _lose_reply_of(e, "upds", shard + 1)
+        with pytest.raises(ServerError):
+            e.update_prices(ids, [101.0] * 6)
+        assert e.update_prices(ids, [101.0] * 6) == 6
+        assert [e.price(i).version for i in ids] == [2] * 6
+
+    @pytest.mark.parametrize("shard", [1, 2])
+    def test_update_token_price_made_again_applies_each_price_once(self, made, shard):
+        """update_token_price over 3 shards raises ServerError after shard
+        ``shard``'s part ran: made again, every position's price applied once."""
+        e = made(12, shards=3)
+        ids = [e.open_position(100.0, 1.0, token=9) for _ in range(6)]
+        _lose_reply_of(e, "tokp", shard + 1)
+        with pytest.raises(ServerError):
+            e.update_token_price(9, 101.0)
+        assert e.update_token_price(9, 101.0) == 6
+        assert [e.price(i).version for i in ids] == [2] * 6
+
+    def test_another_call_in_between_makes_it_a_new_call(self, made):
+        """After a partial update_prices, another writing call, then the same
+        update_prices: a new call (every shard's part sent again, as new requests)."""
+        e = made(12, shards=3)
+        ids = [e.open_position(100.0, 1.0) for _ in range(6)]
+        _lose_reply_of(e, "upds", 2)
+        with pytest.raises(ServerError):
+            e.update_prices(ids, [101.0] * 6)
+        e.update_price(ids[0], 102.0)
+        assert e.update_prices(ids, [101.0] * 6) == 6
+        versions = [e.price(i).version for i in ids]
+        assert versions[0] == 4 and set(versions[1:]) <= {2, 3}
+
+
+class TestWaitAfterResend:
+    def test_a_resent_call_answered_from_its_record_still_waits_for_the_replica(self):
+        """?wait=1, the replica stopped: a deposit runs on the primary, its
+        reply is lost with the connection (CLIENT KILL) and the resend is
+        answered from the request record on a new connection.  It must not
+        return (the replica never got it; a failover would lose it): it
+        raises ServerError; made again once the replica runs, it returns and
+        applied once."""
+        with PrivateRedis() as primary, PrivateRedis(replicaof=primary.port) as replica:
+            rep = redis.Redis.from_url(replica.url)
+            until(lambda: rep.info("replication")["master_link_status"] == "up",
+                  "the replica to sync")
+            e = Engine.create(16, url=primary.url + "?wait=1&timeout=1")
+            acct = e.open_account(cash=0, max_exposure=0, max_positions=0, max_loss=0)
+            conn = e._seg.conn.conn
+            cid = e._seg.conn.command("CLIENT", "ID")
+            admin = redis.Redis.from_url(primary.url)
+            read = conn.read_response
+            killed: list[int] = []
+
+            def lose_reply(*args: Any, **kw: Any) -> Any:
+                conn.read_response = read   # once
+                assert readable(conn._sock, 10), "no reply"   # it ran
+                admin.execute_command("CLIENT", "KILL", "ID", cid)
+                killed.append(cid)
+                conn.disconnect()
+                raise redis.ConnectionError("killed before the reply was read")
+
+            assert replica.proc is not None
+            os.kill(replica.proc.pid, signal.SIGSTOP)
+            try:
+                conn.read_response = lose_reply
+                with pytest.raises(ServerError, match="0 of 1 replica"):
+                    e.deposit(acct, 7)
+                assert killed, "the fault never happened"
+            finally:
+                os.kill(replica.proc.pid, signal.SIGCONT)
+            e.deposit(acct, 7)   # the same call made again: its first reply, now replicated
+            assert e.account(acct).deposits == 7
+            until(lambda: rep.hget(f"eng:{{{e.name}:0}}:a:0", "deposits") is not None,
+                  "the replica to hold the account")
+            e.unlink()
+            e.close()
+
+
+class TestRequestWindow:
+    def test_a_call_made_again_past_the_window_is_not_applied_twice(self, made, url):
+        """A deposit ran but raised ServerError (reply lost); the same call
+        made again after the request window (the server forgot its record):
+        it must not apply a second time.  It raises ServerError saying the
+        window passed; the books hold the one deposit.  Made once more, it is
+        a new call."""
+        e = made(16)
+        acct = e.open_account(cash=0, max_exposure=0, max_positions=0, max_loss=0)
+        _lose_reply_of(e, "acash", 1)
+        with pytest.raises(ServerError):
+            e.deposit(acct, 1)
+        store = e._seg
+        admin = redis.Redis.from_url(url)
+        # the window passes: the server's record expires, the client's clock moves on
+        assert admin.delete(*store._fixed[0][2:]) == 1
+        what, seq, args, first = store._pending
+        store._pending = (what, seq, args, first - rb.REDIS_REQUEST_WINDOW_MS / 1000)
+        with pytest.raises(ServerError, match="request window"):
+            e.deposit(acct, 1)
+        assert e.account(acct).deposits == 1
+        e.deposit(acct, 1)
+        assert e.account(acct).deposits == 2
+
+
+class TestSignalHandler:
+    def test_a_handlers_call_in_the_middle_of_a_call_never_takes_its_reply(self, made):
+        """A signal handler calls the Engine while the interrupted thread's
+        call waits for its reply (same thread, same connection): the
+        handler's call is refused (BusyError, nothing sent), the interrupted
+        call gets its own reply, and the Engine stays in step."""
+        e = made(16)
+        created = e.open_position(100.0, 1.0)
+        monitoring = e.open_position(100.0, 1.0)
+        assert e.transition(monitoring, Trigger.POSITION_OPENED) is Outcome.APPLIED
+        conn = e._seg.conn.conn
+        read = conn.read_response
+        seen: list[Any] = []
+
+        def handler(*_: Any) -> None:
+            try:
+                seen.append(e.state(monitoring))
+            except BusyError:
+                seen.append("busy")
+
+        def interrupted(*args: Any, **kw: Any) -> Any:
+            conn.read_response = read   # once
+            os.kill(os.getpid(), signal.SIGUSR1)   # the handler runs here, mid-call
+            return read(*args, **kw)
+
+        old = signal.signal(signal.SIGUSR1, handler)
+        try:
+            conn.read_response = interrupted
+            assert e.state(created) is State.CREATED
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+        assert seen == ["busy"]
+        assert e.state(created) is State.CREATED
+        assert e.state(monitoring) is State.MONITORING

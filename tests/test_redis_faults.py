@@ -1,7 +1,7 @@
 """The Redis backend under an operator's faults: racing and killed creators,
 a foreign key in a later shard, an engine unlinked or re-created under
-attached Engines, a server restarted empty or from its AOF, a replica
-promoted after ``?wait=1`` calls.
+attached Engines, a server restarted empty or from its AOF (or killed -9
+under workers), a replica promoted after ``?wait=1`` calls.
 
 Every test uses a private redis-server (the session's, or its own when it
 restarts or kills it)."""
@@ -625,3 +625,87 @@ class TestResend:
         finally:
             rb._Conn.call = real   # type: ignore[method-assign]
             remove(url, name)
+
+
+def _made_again(call: Any) -> Any:
+    """The same call made again on ServerError until it returns (bounded)."""
+    for _ in range(400):
+        try:
+            return call()
+        except ServerError:
+            time.sleep(0.01)
+    raise AssertionError("the call never returned")
+
+
+def _cycler(handle: Any, acct: int, stop: Any, started: Any, out: Any) -> None:
+    """A worker process: deposit 1, open a booked position, move it through
+    its life (a price on the way), release it; each call made again until it
+    returns.  Reports the deposits and cycles acknowledged."""
+    try:
+        e = _made_again(lambda: Engine.attach(handle))
+        n = 0
+        while not stop.is_set():
+            _made_again(lambda: e.deposit(acct, 1))
+            pos = _made_again(lambda: e.open_position(100.0, 1.0, account=acct, token=7))
+            for t in (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET):
+                assert _made_again(lambda t=t, pos=pos: e.transition(pos, t)) is Outcome.APPLIED
+            _made_again(lambda: e.update_token_price(7, 101.0))
+            for t in (Trigger.EXIT_STARTED, Trigger.EXIT_COMPLETED):
+                assert _made_again(lambda t=t, pos=pos: e.transition(pos, t)) is Outcome.APPLIED
+            assert _made_again(lambda pos=pos: e.release_position(pos)) is Outcome.APPLIED
+            n += 1
+            if n == 1:
+                with started.get_lock():
+                    started.value += 1
+        out.put(("ok", n))
+    except BaseException as ex:   # reported, not swallowed
+        out.put(("error", repr(ex)[:300]))
+
+
+@pytest.mark.slow
+class TestKilledServer:
+    def test_kill_9_with_aof_always_under_workers_applies_every_call_once(self):
+        """appendfsync always, 3 shards, 5 worker processes (more than the
+        cores) cycling deposit, booked open, transitions, token price and
+        release, each call made again until it returns; the server SIGKILLed
+        and restarted 6 times.  Forbidden: a deposit or close booked twice or
+        lost (cash != opening + 2 per cycle, deposits != cycles), a slot lost
+        or doubled (free + open != capacity per shard), a guard lock left."""
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        with PrivateRedis(appendfsync="always") as server:
+            e = Engine.create(96, url=server.url + "?timeout=2", shards=3)
+            acct = e.open_account(cash=10**6, max_exposure=10**6, max_positions=10**6,
+                                  max_loss=10**6)
+            stop, started, out = ctx.Event(), ctx.Value("i", 0), ctx.Queue()
+            workers = [ctx.Process(target=_cycler, args=(e.handle, acct, stop, started, out))
+                       for _ in range(5)]
+            for w in workers:
+                w.start()
+            admin = redis.Redis.from_url(server.url)
+            try:
+                until(lambda: started.value == 5, "every worker's first cycle", 120)
+                for _ in range(6):
+                    until(lambda a=admin: a.info("stats")["total_commands_processed"] > 2000,
+                          "the workers' calls", 60)
+                    server.restart(kill=True)
+                    admin = redis.Redis.from_url(server.url)
+            finally:
+                stop.set()
+                reports = [out.get(timeout=120) for _ in workers]
+                for w in workers:
+                    w.join(60)
+            assert [r[0] for r in reports] == ["ok"] * 5, reports
+            cycles = sum(r[1] for r in reports)
+            books = _made_again(lambda: e.account(acct))
+            assert books.deposits == cycles
+            assert books.cash == 10**6 + 2 * cycles   # each: a deposit of 1, a close at +1
+            assert books.open_positions == 0
+            for s in range(3):
+                P = f"eng:{{{e.name}:{s}}}:"
+                free = admin.lrange(P + "free", 0, -1)
+                assert len(set(free)) == len(free) == len(range(s, 96, 3))
+                assert admin.scard(P + "open") == 0
+                assert list(admin.scan_iter(match=P + "g:*")) == []
+            e.unlink()
+            e.close()

@@ -1,8 +1,8 @@
 """The Redis backend under an operator's conditions: fork, FUNCTION FLUSH,
-maxmemory, ACL users, passwords in urls, sharded key errors.
+maxmemory and evicting policies, ACL users, passwords in urls, sharded key
+errors, a cluster's slot migrating under ``?wait=1`` calls.
 
-Each test failed on the code before its fix (issue 17, items 4, 8, 9, 12,
-13, 14).  Tests that change a server's configuration start their own."""
+Tests that change a server's configuration start their own."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from engine import (
     ArgumentError,
     ClosedError,
     Engine,
+    SegmentError,
     ServerError,
     StaleIdError,
     State,
@@ -664,3 +665,72 @@ class TestClusterOps:
         finally:
             e.unlink()
             e.close()
+
+
+@pytest.mark.parametrize("policy", ["volatile-ttl", "allkeys-lru"])
+class TestEviction:
+    def test_a_server_that_may_evict_the_engines_keys_is_refused(self, policy):
+        """A server whose maxmemory-policy evicts keys would drop a request
+        record (volatile-ttl: an acknowledged deposit applied twice on its
+        resend) or the engine itself (allkeys-lru): create refuses it with
+        SegmentError naming the policy, and so does attach after the policy
+        was switched on a running engine; nothing is created."""
+        with PrivateRedis() as server:
+            admin = redis.Redis.from_url(server.url)
+            admin.config_set("maxmemory-policy", policy)
+            with pytest.raises(SegmentError, match=f"maxmemory-policy {policy}.*noeviction"):
+                Engine.create(16, url=server.url, name="evictable")
+            assert list(admin.scan_iter(match="eng:*")) == []
+            admin.config_set("maxmemory-policy", "noeviction")
+            e = Engine.create(16, url=server.url, name="evictable")
+            admin.config_set("maxmemory-policy", policy)
+            with pytest.raises(SegmentError, match=f"maxmemory-policy {policy}"):
+                Engine.attach(e.handle)
+            e.close()
+
+
+@pytest.mark.slow
+class TestClusterWait:
+    def test_a_call_answered_after_ask_waits_on_the_node_that_ran_it(self, cluster):  # noqa: F811
+        """?wait=1 while the engine's slot migrates (its keys already on the
+        importing node): a deposit is redirected (ASK) and runs on the
+        importing node; its WAIT must go to that node's connection (there it
+        counts the deposit's write), not to the slot's old owner, where it
+        would count nothing of it and could say a write is replicated that
+        is not."""
+        from redis.cluster import RedisCluster
+        e = Engine.create(16, url=cluster + "?timeout=2", shards=1, name="askwait")
+        acct = e.open_account(cash=0, max_exposure=0, max_positions=0, max_loss=0)
+        rc = RedisCluster.from_url(cluster.replace("redis+cluster", "redis"))
+        meta = f"eng:{{{e.name}:0}}:m"
+        slot = rc.keyslot(meta)
+        source = rc.get_node_from_key(meta)
+        target = next(n for n in rc.get_primaries() if n.name != source.name)
+        src = rc.get_redis_connection(source)
+        dst = rc.get_redis_connection(target)
+        ids = {n.name: rc.get_redis_connection(n).execute_command("CLUSTER", "MYID").decode()
+               for n in (source, target)}
+        waits = lambda c: c.info("commandstats").get("cmdstat_wait", {}).get("calls", 0)  # noqa: E731
+        e.close()
+        with Engine.attach("askwait", url=cluster + "?timeout=2&wait=1") as w:
+            with pytest.raises(ServerError, match="0 of 1 replica"):
+                w.deposit(acct, 1)   # (no replicas here) writes the client's request record
+            try:
+                dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.name])
+                src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target.name])
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+                src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+                before = waits(dst), waits(src)
+                with pytest.raises(ServerError, match="0 of 1 replica"):
+                    w.deposit(acct, 2)
+                assert w._seg.conn.resent >= 1, "no ASK redirection happened"
+                assert (waits(dst) - before[0], waits(src) - before[1]) == (1, 0)
+            finally:
+                for n in rc.get_primaries():
+                    rc.get_redis_connection(n).execute_command(
+                        "CLUSTER", "SETSLOT", slot, "NODE", ids[target.name])
+        rc.nodes_manager.initialize()
+        with Engine.attach("askwait", url=cluster + "?timeout=2") as again:
+            assert again.account(acct).deposits == 3
+            again.unlink()
+        rc.close()

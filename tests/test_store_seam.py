@@ -17,7 +17,7 @@ import pytest
 from conftest import create_args, redis_url
 
 import engine.core
-from engine import ArgumentError, Engine, Outcome, Trigger
+from engine import ArgumentError, ClosedError, Engine, Outcome, Trigger
 from engine._native import ffi, lib
 from engine.store import Store, backend
 from engine.store.redis import RedisBackend, RedisStore
@@ -118,3 +118,23 @@ class TestEngineStore:
                 assert isinstance(eng.store, RedisStore) and eng.seg is eng.store
             finally:
                 eng.unlink()
+
+    def test_raw_calls_after_close_say_closed(self, backend: str) -> None:
+        """After close, a raw call through eng.store and eng.seg, or through a
+        seg kept from before the close, says closed: ENG_ECLOSED (C), or
+        ClosedError (a RedisStore raises the engine's exceptions itself).
+        Forbidden: any other answer, a call reaching the unmapped segment."""
+        eng = Engine.create(capacity=4, **create_args(backend))
+        try:
+            pos = eng.open_position(100.0, 1.0)
+            kept = eng.seg
+            eng.close()
+            for seg in (eng.seg, kept):
+                assert eng.store.eng_check(seg) == lib.ENG_ECLOSED
+                try:
+                    rc = eng.store.eng_state(seg, pos)
+                except ClosedError:
+                    rc = lib.ENG_ECLOSED
+                assert rc == lib.ENG_ECLOSED
+        finally:
+            Engine.attach(eng.handle).unlink()

@@ -258,6 +258,15 @@ class TestFaultsAreCaught:
         assert cats.get("duplicate", 0) + cats.get("missing", 0) > 0, cats
         assert_gone(res)
 
+    def test_tear_price(self) -> None:
+        """Price writes that skip the seqlock (ENG_FAULT_TEAR_PRICE) are reported as torn reads."""
+        res = run_stress(StressConfig(workers=4, positions=4, seconds=2.0, mix="prices",
+                                      fault="tear-price"))
+        assert res.violations > 0
+        assert res.verification["by_category"].get("torn_price_read", 0) > 0, \
+            res.verification["by_category"]
+        assert_gone(res)
+
 
 class TestCommandLine:
     def test_json(self, tmp_path: pathlib.Path) -> None:

@@ -222,6 +222,7 @@ class TestMoneyRules:
         assert books_problem(ok._replace(open_positions=0)) is not None      # reserved, none open
 
     def test_bar(self) -> None:
+        """The bar factor: met when every client op's p99 is under the bar, 0 when one is not."""
         lat = {op: {"samples": 10, "p99_us": 50.0} for op in CLIENT_OPS}
         bar = bar_factor(150_000.0, 20_000.0, lat)
         assert bar["p99_met"] and bar["factor"] == 150 and bar["booked_factor"] == 20
@@ -231,6 +232,7 @@ class TestMoneyRules:
 
 class TestVerifyBooks:
     def test_clean(self) -> None:
+        """Consistent books verify with no violation and the expected counts."""
         led = Ledger()
         rep = verify_books(led.books, led.rows, dict.fromkeys(led.books, OPENING), led.journals,
                            led.held)
@@ -380,6 +382,7 @@ class TestAccountCommandLine:
         assert "orders" not in data
 
     def test_fault_exits_nonzero(self, tmp_path: pathlib.Path) -> None:
+        """stress --fault leak: cash violations are found and the exit code is 1."""
         code, data = run_cli(tmp_path, ["--mix", "accounts", "--workers", "2", "--seconds", "1",
                                         "--fault", "leak"])
         assert code == 1

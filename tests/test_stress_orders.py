@@ -163,6 +163,7 @@ class TestVerifyOrders:
     IDS = {A: 0x1000003, B: 0x2000005}
 
     def test_clean(self) -> None:
+        """Consistent orders and keys verify with no violation and the expected counts."""
         rows, held, keys_of, lookups = scan_input(self.IDS)
         rep = verify_orders(rows, held, keys_of, lookups, released=[tag_of(1, 3)])
         assert rep.by_category == {}, rep.messages
@@ -264,6 +265,7 @@ class TestOrderCommandLine:
         assert o["key_exists"] == 0
 
     def test_fault_exits_nonzero(self, tmp_path: pathlib.Path) -> None:
+        """stress --fault misroute: wrong lookups are found and the exit code is 1."""
         code, data = run_cli(tmp_path, ["--mix", "orders", "--workers", "2", "--seconds", "1",
                                         "--fault", "misroute"])
         assert code == 1

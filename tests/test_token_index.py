@@ -16,6 +16,7 @@ import contextlib
 import random
 import signal
 import time
+import traceback
 from typing import Any
 
 import numpy as np
@@ -205,23 +206,45 @@ class TestDeadIndexWriters:
         assert eng.update_token_price(4, 101.0) == 1 and eng.update_token_price(5, 101.0) == 1
 
 
-def _churn(handle: Any, seed: int, ready: Any) -> None:
-    """Open on random tokens, close and release at random, forever."""
-    eng = Engine.attach(handle)
-    rng = random.Random(seed)
-    mine: list[int] = []
-    ready.set()
-    while True:
-        if mine and (rng.random() < 0.5 or len(mine) > 20):
-            pos = mine.pop(rng.randrange(len(mine)))
-            for trig in CLOSE:
-                eng.transition(pos, trig)
-            eng.release_position(pos)
-        else:
-            with contextlib.suppress(EngineError):   # full, or busy: the next round tries
-                mine.append(eng.open_position(100.0, 1.0, 1, token=rng.randrange(6)))
-        if rng.random() < 0.3:
-            eng.update_token_price(rng.randrange(6), 100.0 + rng.random())
+def _churn(handle: Any, seed: int, ready: Any, ops: Any, errors: Any) -> None:
+    """Open on random tokens, close and release at random, forever; counts the
+    opens and releases in ops and reports an unexpected exception to errors."""
+    try:
+        eng = Engine.attach(handle)
+        rng = random.Random(seed)
+        mine: list[int] = []
+        ready.set()
+        while True:
+            if mine and (rng.random() < 0.5 or len(mine) > 20):
+                pos = mine.pop(rng.randrange(len(mine)))
+                for trig in CLOSE:
+                    eng.transition(pos, trig)
+                eng.release_position(pos)
+                ops.value += 1
+            else:
+                with contextlib.suppress(EngineError):   # full, or busy: the next round tries
+                    mine.append(eng.open_position(100.0, 1.0, 1, token=rng.randrange(6)))
+                    ops.value += 1
+            if rng.random() < 0.3:
+                eng.update_token_price(rng.randrange(6), 100.0 + rng.random())
+    except Exception:
+        errors.put(traceback.format_exc())
+        raise
+
+
+def kill_churner(p: Any, errors: Any) -> None:
+    """SIGKILL a churner that must still be running; one that ended on its own fails the test."""
+    sigkill(p)
+    if p.exitcode != -signal.SIGKILL:
+        reported = []
+        with contextlib.suppress(Exception):
+            while True:
+                reported.append(errors.get(timeout=1.0))
+        pytest.fail(f"churner {p.pid} ended with exit code {p.exitcode} before its SIGKILL\n"
+                    + "\n".join(reported))
+
+
+MIN_CHURN = 60   # opens and releases the churners must make over the six rounds
 
 
 class TestRandomKills:
@@ -231,13 +254,16 @@ class TestRandomKills:
         reaches exactly the open positions on it."""
         eng = make_engine(capacity=96)
         rng = random.Random(11)
+        ops, errors = [], spawner.ctx.Queue()
         for rnd in range(6):
             readies = [spawner.ctx.Event() for _ in range(3)]
-            procs = [spawner.start(_churn, eng.handle, rng.randrange(2**32), r) for r in readies]
+            ops += [spawner.ctx.Value("Q", 0, lock=False) for _ in readies]
+            procs = [spawner.start(_churn, eng.handle, rng.randrange(2**32), r, n, errors)
+                     for r, n in zip(readies, ops[-3:], strict=True)]
             until(lambda rs=readies: all(r.is_set() for r in rs), "churners ready")
             time.sleep(0.05 + rng.random() * 0.2)
             for p in procs:
-                sigkill(p)
+                kill_churner(p, errors)
             eng.recover()
             expected: dict[int, set[int]] = {}
             open_count: dict[int, int] = {}
@@ -252,6 +278,8 @@ class TestRandomKills:
             for row in eng.snapshot():   # nothing written to a position of another token
                 if State(int(row["state"])) is not State.CLOSED:
                     assert eng.price(int(row["id"])).price == 200.0 + rnd
+        churned = sum(v.value for v in ops)
+        assert churned >= MIN_CHURN, f"the churners made only {churned} opens and releases"
 
 
 # =====================================================================================

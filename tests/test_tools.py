@@ -771,7 +771,6 @@ class TestBenchScaling:
     def test_run_writes_json_and_plots(self, capsys, monkeypatch, tmp_path):
         """--scaling-only end to end on made-up cases: the table, the host
         note, the labelled predictions, the JSON section and three PNGs."""
-        pytest.importorskip("matplotlib")
         monkeypatch.setattr(bench, "run_cases", fake_sweep)
         monkeypatch.setattr(bench, "probe_host", lambda plan: Probe(0.99, 20.0))
         path, plots = tmp_path / "b.json", tmp_path / "plots"

@@ -10,7 +10,13 @@ in ``Engine``, above this seam.
 
 ``backend(url)`` is the one place that chooses: None is shared memory, a
 ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://`` url is
-Redis.  ``engine.core`` imports nothing else from here.
+Redis.  ``engine.core`` imports this package only (the factory, the
+interface, the name checks), never a backend module.
+
+``Store`` is the interface: mypy checks ``engine._native.lib`` against it
+through ``engine/_native.pyi`` (generated from the cdef by
+native/gen_stub.py, run by ``make``), and ``RedisStore`` against it in its
+module, so a signature that drifts on either side fails ``make typecheck``.
 """
 
 from __future__ import annotations
@@ -51,7 +57,9 @@ class Store(Protocol):
     declares them: positional arguments, the first the ``Seg``; results
     through out-parameters (cffi cdata the caller made: ``out[0]``, a
     struct, an array); a status code returned (0 or an ``ENG_*`` outcome
-    >= 0, or a negative ``ENG_E*`` code, except where said).
+    >= 0, or a negative ``ENG_E*`` code, except where said).  A RedisStore
+    may also raise the engine's exception where C returns a code (a closed
+    store: ClosedError; a server that does not answer: ServerError).
 
     ``engine._native.lib`` is one (mypy checks it through the stub
     generated from the cdef, see native/gen_stub.py); ``RedisStore`` is the

@@ -241,7 +241,8 @@ def write_json(path: Path, plan: Plan, probe: Probe, res: Results,
     """The results, ratios and target verdicts, with how and where they were
     measured; the one-worker breakdown (``floor``) and the scaling sweep when
     they ran (``scaling_sweep``: its table, host note, predictions and cases)."""
-    summary = summary or {"ratios": {}, "ratios_all": {}, "scaling": {}, "targets": []}
+    summary = summary or {"ratios": {}, "ratios_all": {}, "scaling": {}, "targets": [],
+                          "engine_redis_vs_redis": {}}
     doc: dict[str, Any] = {
         "meta": {"python": platform.python_version(), "platform": platform.platform(),
                  "cpus": os.cpu_count(), "seconds_per_case": plan.seconds,

@@ -69,7 +69,7 @@ url, and the server's functions report each commit's generation and states
 the way C leaves them in ``eng_seg``, so the chains, counters, torn-read and
 totals checks run unchanged.  What has no meaning there is said at the start
 and in the result (``notes``): there are no locks to take over and no C
-fault switches (``--fault skip-gen`` / ``blind-store`` are refused), and
+fault switches (``--fault skip-gen`` / ``blind-store`` / ``tear-price`` are refused), and
 since no segment gathers per-process metrics, each worker sends its
 Engine's sampled round trips with its summary and the latency columns are
 those (every call is timed by default there: ``--sample-every 1``).

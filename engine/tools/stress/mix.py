@@ -88,7 +88,8 @@ STOP_PER_REASON = 0.25
 TAKE_PER_REASON = 0.75
 TRAIL_BASE = 1e6
 
-FAULTS = {"skip-gen": lib.ENG_FAULT_SKIP_GEN, "blind-store": lib.ENG_FAULT_BLIND_STORE}
+FAULTS = {"skip-gen": lib.ENG_FAULT_SKIP_GEN, "blind-store": lib.ENG_FAULT_BLIND_STORE,
+          "tear-price": lib.ENG_FAULT_TEAR_PRICE}
 
 #: Faults of the order workload's workers (tests only): ``misroute`` makes one
 #: found lookup in eight answer with the id open at a random slot instead, as

@@ -72,8 +72,9 @@ STALL_SECONDS = 5.0
 REDIS_NOTES = (
     "Redis: latency is each worker's sampled round trips (one server call each), collected "
     "from the workers: no segment gathers per-process metrics shards",
-    "Redis: no locks to take over, no C fault switches (--fault skip-gen / blind-store are "
-    "refused); the chains are checked from the generations the server functions report",
+    "Redis: no locks to take over, no C fault switches (--fault skip-gen / blind-store / "
+    "tear-price are refused); the chains are checked from the generations the server "
+    "functions report",
     "Redis: the server does not count wait_for_change calls, so the engine's wait row stays "
     "empty (the workload table counts them)",
 )

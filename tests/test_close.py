@@ -1,5 +1,6 @@
-"""close() from one thread while another thread is inside a call that cffi
-runs with the GIL released (native/build_native.py, RELEASED).
+"""close(): from one thread while another thread is inside a call that cffi
+runs with the GIL released (native/build_native.py, RELEASED), during a
+wait, or interrupted by a signal handler's exception.
 
 Using one Engine from two threads is documented as wrong, but the answer is
 never a crash: close() waits for the calls in flight (a wait_for_change in
@@ -13,9 +14,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from owners_helpers import engine_env
+from procs import READY_TIMEOUT
 
+import engine.core as core
 from engine import ClosedError, Engine, MachineSpec, Rule
 
 # One round: a fresh engine, a thread calling NAME in a loop, the main
@@ -283,3 +289,141 @@ class TestCloseWaitIsBounded:
         finally:
             eng.close()
             eng.unlink()
+
+
+CLOSE_DURING_WAIT_SCRIPT = r"""
+import json, sys, threading, time
+from engine import ClosedError, Engine
+eng = Engine.attach(sys.argv[1])
+pos = int(sys.argv[2])
+slot = eng.slot_of(pos)
+out = {}
+def waiter():
+    try:
+        eng.wait_for_change(pos, timeout=1.0)
+        out["waiter"] = "returned"
+    except Exception as e:
+        out["waiter"] = type(e).__name__
+t = threading.Thread(target=waiter)
+t.start()
+deadline = time.monotonic() + 5.0
+while not eng._slot(slot).waiting and time.monotonic() < deadline:
+    time.sleep(0.001)
+out["asleep"] = bool(eng._slot(slot).waiting)   # the waiter is in C, GIL released
+time.sleep(0.05)
+try:
+    eng.close()   # e.g. a shutdown path on the main thread: waits for the waiter
+    out["close"] = "closed"
+except ClosedError:
+    out["close"] = "ClosedError"
+t.join()
+eng.close()   # in the owner's own time: allowed
+out["closed"] = eng.closed
+print(json.dumps(out), flush=True)
+"""
+
+
+class Interrupt(BaseException):
+    """Stands for what a signal handler raises (KeyboardInterrupt & co.)."""
+
+
+class _FastpathRaisingOnUnbind:
+    """engine.core._fastpath whose bind(eng, 0, None) -- the step of close()
+    right after the gate is shut -- raises, as a signal handler would there."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def bind(self, eng: Any, addr: int, seg: Any) -> Any:
+        if addr == 0:
+            raise Interrupt("signal handler during close()")
+        return self.real.bind(eng, addr, seg)
+
+
+class _LibRaisingOnDetach:
+    """The engine's C library whose eng_detach raises before detaching."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def eng_detach(self, seg: Any) -> None:
+        raise Interrupt("signal handler during close()")
+
+
+@pytest.fixture
+def eng() -> Iterator[Engine]:
+    e = Engine.create(8)
+    try:
+        yield e
+    finally:
+        e.close()
+        e.unlink()
+
+
+def _usable(e: Engine, pos: int) -> None:
+    """Every kind of call answers: a GIL-keeping one, a gated one, the fast path."""
+    e.update_price(pos, 11.0)
+    assert e.update_prices([pos], [12.0]) == 1
+    assert len(e.snapshot()) == 1
+    e.recover()
+    assert e.price(pos).price == 12.0
+
+
+class TestCloseDuringWait:
+    """close() from another thread never unmaps an Engine under a wait in progress."""
+
+    def test_close_from_other_thread_during_wait_ends_the_wait(self, make_engine):
+        """A thread sleeps in wait_for_change; the main thread's close() ends the
+        wait (ClosedError in the waiter, within one wait slice) and then closes
+        (in a child interpreter); forbidden: a crash (SIGSEGV), the wait running
+        to its timeout under a close."""
+        eng = make_engine(capacity=2)
+        pos = eng.open_position(100.0, 1.0)
+        proc = subprocess.run([sys.executable, "-c", CLOSE_DURING_WAIT_SCRIPT, eng.name, str(pos)],
+                              capture_output=True, text=True, env=engine_env(),
+                              timeout=READY_TIMEOUT)
+        assert proc.returncode == 0, \
+            f"child exited {proc.returncode} (-11: SIGSEGV): {proc.stderr[-500:]}"
+        out = json.loads(proc.stdout)
+        assert out["asleep"], f"the waiter never slept: the test proves nothing ({out})"
+        assert out == {"asleep": True, "close": "closed", "waiter": "ClosedError",
+                       "closed": True}, out
+
+
+@pytest.mark.skipif(core._fastpath is None, reason="the C fast path is not built")
+class TestCloseInterrupted:
+    """close() interrupted (a signal handler's exception) between shutting the
+    close gate and detaching: nothing is closed, and nothing is half-closed."""
+
+    def test_interrupted_after_the_gate_shut_leaves_the_engine_usable(
+            self, eng: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Forbidden: an Engine that says it is open while its gated calls
+        (update_prices, snapshot, recover) raise ClosedError for good."""
+        pos = eng.open_position(10.0, 1.0)
+        monkeypatch.setattr(core, "_fastpath", _FastpathRaisingOnUnbind(core._fastpath))
+        with pytest.raises(Interrupt):
+            eng.close()
+        monkeypatch.undo()
+        assert not eng.closed
+        _usable(eng, pos)
+
+    def test_interrupted_just_before_detach_leaves_the_engine_usable(
+            self, eng: Engine) -> None:
+        """The same with the exception at the detach call itself: gated calls
+        and the fast path work, a second close() closes."""
+        pos = eng.open_position(10.0, 1.0)
+        real = eng._lib
+        eng._lib = _LibRaisingOnDetach(real)
+        with pytest.raises(Interrupt):
+            eng.close()
+        eng._lib = real
+        assert not eng.closed
+        _usable(eng, pos)
+        eng.close()
+        assert eng.closed

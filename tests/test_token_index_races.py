@@ -1,6 +1,6 @@
-"""Hostile review of the token index (native/engine.c, "the token index:
-positions by token"): per-token bucket chains whose bucket words are locks
-with fencing tokens, walked by update_token_price.
+"""The token index (native/engine.c, "the token index: positions by token")
+under races, kills, fork and signals: per-token bucket chains whose bucket
+words are locks with fencing tokens, walked by update_token_price.
 
 Each class names the attack and, in its docstring, the outcome that is
 FORBIDDEN; a test fails exactly when that outcome happens.  Where a step
@@ -23,17 +23,13 @@ says what is SIMULATED by writing to the segment through cffi.
   TestSignals              exceptions raised by a signal handler at any point
   TestCorruptChain         chains corrupted under the engine, then walked
 
-Status: TestWrappedIncarnation, both TestStoppedBucketHolder tests and
-TestStuckPriceLatch failed against 25995d8 (the base of this review) and pass
-with the fixes in the token index section of engine.c.  The other classes
-passed against 25995d8 as well: they are regression tests, each seen to fail
-against a mutated engine.c -- TestKilledWalker and TestKillsAtEveryStep when
-tb_lock never takes a dead holder's lock over (BusyError); TestReleaseReopenRace
-when the walk takes no bucket lock (a count that missed a pinned position)
-or writes any open position it meets (a band price on another token's
-opening); TestFork when a forked view is not refused (the child's calls act);
-TestSignals when eng_abandon_open does not unlink (free slots left on chains);
-TestCorruptChain when the walk has no step bound (it never returns).
+Mutations each class was seen to catch: TestKilledWalker and
+TestKillsAtEveryStep, tb_lock never taking a dead holder's lock over
+(BusyError); TestReleaseReopenRace, a walk taking no bucket lock (a count that
+missed a pinned position) or writing any open position it meets (a band price
+on another token's opening); TestFork, a forked view not refused (the child's
+calls act); TestSignals, eng_abandon_open not unlinking (free slots left on
+chains); TestCorruptChain, a walk without a step bound (it never returns).
 """
 
 from __future__ import annotations
@@ -318,11 +314,12 @@ class TestWrappedIncarnation:
     wrapped Engine itself can never take the lock.
 
     SIMULATED: the 2^17 - 3 intermediate claims of the entry, by storing its
-    incarnation (as tests/test_keys_hostile.py does); 131070 real claims of
+    incarnation (as tests/test_key_index.py does); 131070 real claims of
     the entry (raw attach/detach) reproduce it too, in ~15 s.  The dead
     linker, the registry-full take-over and the final claim are real."""
 
     def test_wrapped_token_meets_dead_linkers_bucket_lock(self, make_engine, spawner):
+        """A dead linker's bucket lock does not survive into its entry's wrapped incarnation."""
         eng = make_engine(capacity=8)
         live = eng.open_position(100.0, 1.0, 1, token=3)
         eng.transition(live, Trigger.POSITION_OPENED)
@@ -462,6 +459,7 @@ class TestStuckPriceLatch:
     latches, open for the whole call) are never written while it sits there."""
 
     def test_other_positions_of_the_token_still_get_the_price(self, make_engine, spawner):
+        """A latch held on one position does not keep the token's price from the others."""
         eng = make_engine(capacity=64)
         ids = [eng.open_position(100.0, 1.0, 1, token=7) for _ in range(10)]
         for pos in ids:
@@ -490,6 +488,7 @@ class TestKilledWalker:
     recover() finding anything but the dead lock."""
 
     def test_dead_walkers_lock_is_taken_over(self, make_engine, spawner):
+        """A walker killed holding its bucket lock: the next call on the chain takes it over."""
         eng = make_engine(capacity=256)
         ids = [eng.open_position(100.0, 1.0, 1, token=7) for _ in range(150)]
         ready = spawner.ctx.Event()
@@ -530,6 +529,7 @@ class TestKillsAtEveryStep:
         return int(token)
 
     def test_killed_after_the_slot_lock_before_the_link(self, make_engine, spawner):
+        """An open killed after its slot lock, before its link: rolled back, index exact."""
         eng = make_engine(capacity=4)
         a = eng.open_position(100.0, 1.0, 1, token=4)
         eng.transition(a, Trigger.POSITION_OPENED)
@@ -615,6 +615,7 @@ class TestReleaseReopenRace:
     end, an index that is not exact."""
 
     def test_walks_race_releases_and_reopens(self, make_engine, spawner):
+        """Walks racing releases and reopens never put one token's price on another's opening."""
         eng = make_engine(capacity=24)
         a = 11
         b = colliding_token(eng, a)
@@ -653,6 +654,7 @@ class TestFork:
     making the parent look dead to other processes; a bucket lock left held."""
 
     def test_child_of_a_walking_parent_is_closed(self, make_engine):
+        """A fork child of a walking parent gets ClosedError and leaves the parent's entry alone."""
         eng = make_engine(capacity=256)
         ids = [eng.open_position(100.0, 1.0, 1, token=7) for _ in range(200)]
         pos = ids[0]
@@ -724,6 +726,7 @@ class TestSignals:
     anything to repair (no process died)."""
 
     def test_exceptions_from_a_signal_handler(self, make_engine):
+        """A handler raising anywhere in an index call leaves no lock held and every chain exact."""
         eng = make_engine(capacity=32)
         rng = random.Random(5)
         mine: list[int] = []
@@ -785,6 +788,7 @@ class TestCorruptChain:
     token, a corrupt chain breaking updates of tokens on other chains."""
 
     def test_cycle_and_bad_reference_are_bounded(self, make_engine):
+        """A cycle or a bad reference in a chain is refused within a bound; other chains work."""
         eng = make_engine(capacity=64)
         on = [eng.open_position(100.0, 1.0, 1, token=5) for _ in range(4)]
         other = tokens_in_other_buckets(eng, 5, 1)[0]

@@ -1,29 +1,38 @@
-"""Hostile review of the accounts protocol (issue 9): each test below is a
-defect that breaks a property of DESIGN "Accounts and risk limits" against
-the current engine.c, plus a few attacks that held (marked "held").
+"""Account booking: a booked opening reserves its notional in its account,
+its close books the PnL and frees the reservation exactly once, its release
+settles what a dead booker left.
 
-Nothing here writes into the segment: every state is reached through the
-public API, the test-only fault switches (eng._set_fault) and real SIGKILLs.
-The only raw access is a READ of an account's latch word (to know when a
-worker holds it).
+Allowed: every accepted opening closes at either end of its band, booked
+once; forbidden: a spec whose positions could leave or start in a closed
+state, a reservation leaked or released twice, a half-published booking
+after a SIGKILL, metrics or halts that disagree with the books.
+
+Every state is reached through the public API, the test-only fault switches
+(eng._set_fault) and real SIGKILLs; the only raw access is a READ of an
+account's latch word (to know when a worker holds it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import time
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from engine import (
     POSITION_SPEC,
     BusyError,
     Engine,
-    EngineError,
     MachineSpec,
+    MoneyError,
     Outcome,
     RiskLimitError,
     Rule,
@@ -32,7 +41,9 @@ from engine import (
     Trigger,
 )
 from engine._native import lib
-from engine.accounts import from_units, money_of
+from engine.accounts import UNITS_MAX, from_units, money_of
+
+BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)
 
 TO_EXITING = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED)
 CLOSE = (*TO_EXITING, Trigger.EXIT_COMPLETED)
@@ -82,27 +93,6 @@ def reopen_spec() -> MachineSpec:
                        name="reopen_hostile")
 
 
-def create_or_refused(make_engine: Any, **kwargs: Any) -> Engine | None:
-    """The engine, or None if create refuses the spec (a fix may refuse specs
-    whose booked positions could leave a closed state or start in one)."""
-    try:
-        if callable(kwargs.get("spec")):
-            kwargs["spec"] = kwargs["spec"]()   # the spec itself may be refused
-        return make_engine(**kwargs)
-    except EngineError:
-        return None
-
-
-def refused_at_open(eng: Engine, acct: int) -> bool:
-    """The fix of issue 20: on a spec whose closing may happen twice, an
-    opening on an account raises SpecError (checked here): nothing to book."""
-    if not eng.spec.reopens:
-        return False
-    with pytest.raises(SpecError, match="closed"):
-        eng.open_position(100.0, 1.0, account=acct)
-    return True
-
-
 def parked_spec() -> MachineSpec:
     """Positions that open in a closed state (PARKED) and carry accounts."""
     return MachineSpec(states=["PARKED", "LIVE", "DONE"], triggers=["GO", "STOP"],
@@ -110,6 +100,26 @@ def parked_spec() -> MachineSpec:
                        initial="PARKED", closed=["PARKED", "DONE"], name="parked_hostile")
 
 
+ARCHIVE_CLOSED = ("CLOSED", "ARCHIVED")
+
+
+def archive_spec() -> MachineSpec:
+    """The default lifecycle plus ARCHIVE: CLOSED -> ARCHIVED, both closed (accepted)."""
+    return MachineSpec(states=[*POSITION_SPEC.states, "ARCHIVED"],
+                       triggers=[*POSITION_SPEC.triggers, "ARCHIVE"],
+                       rules=[*POSITION_SPEC.rules, Rule.of("ARCHIVE", "CLOSED", "ARCHIVED")],
+                       initial=POSITION_SPEC.initial, closed=ARCHIVE_CLOSED,
+                       name="archive_hostile")
+
+
+def parked_open_spec() -> MachineSpec:
+    """parked_spec with PARKED open (accepted): positions open before they close."""
+    return MachineSpec(states=["PARKED", "LIVE", "DONE"], triggers=["GO", "STOP"],
+                       rules=[Rule.of("GO", "PARKED", "LIVE"), Rule.of("STOP", "LIVE", "DONE")],
+                       initial="PARKED", closed=["DONE"], name="parked_open")
+
+
+@pytest.mark.shm_only
 class TestOutOfClosedStates:
     def test_such_specs_refuse_booking_at_open(self, make_engine: Any) -> None:
         """The fix (issue 20): a spec whose positions could leave a closed state,
@@ -122,62 +132,58 @@ class TestOutOfClosedStates:
                 eng.open_position(100.0, 1.0, account=a)
             assert (eng.account(a).reserved, eng.snapshot().size) == (0, 0)
 
-    def test_reopen_from_closed_reserves_nothing_and_closes_twice(self, make_engine: Any) -> None:
-        """CLOSED -> MONITORING is neither booked nor refused: the position is
-        open again with no reservation (escaping every limit), and its second
-        close releases a reservation it does not hold (here p2's), booking
-        its PnL twice."""
-        eng = create_or_refused(make_engine, capacity=8, spec=reopen_spec)
-        if eng is None:
-            return
+    def test_closed_to_closed_books_once(
+            self, make_engine: Any) -> None:
+        """CLOSED -> ARCHIVED (closed to closed) books nothing a second time."""
+        eng = make_engine(capacity=8, spec=archive_spec())
         a = eng.open_account(10_000, 10_000, 10, 10_000)
-        if refused_at_open(eng, a):
-            return
         p1 = eng.open_position(100.0, 1.0, account=a)
         eng.open_position(100.0, 1.0, account=a)    # p2: stays open
         for trig in CLOSE:
             assert eng.transition(p1, trig) == Outcome.APPLIED
-        assert_invariant(eng, a)                       # 100 reserved: p2
-        assert eng.transition(p1, "REOPEN") == Outcome.APPLIED
-        assert eng.state(p1) == State.MONITORING
-        # quiescent: p1 and p2 open, 200 of notional, yet 100 reserved / 1 open
-        assert_invariant(eng, a)
+        assert_invariant(eng, a, closed=ARCHIVE_CLOSED)   # 100 reserved: p2
+        before = eng.account(a)
+        assert eng.transition(p1, "ARCHIVE") == Outcome.APPLIED
+        assert eng.state(p1).name == "ARCHIVED"
+        assert eng.account(a) == before                   # not booked a second time
+        assert (before.reserved, before.open_positions) == (Decimal(100), 1)
+        assert_invariant(eng, a, closed=ARCHIVE_CLOSED)
 
-    def test_reopened_position_second_close_double_releases(self, make_engine: Any) -> None:
-        """The same hole, seen at the next close: with p2 still open the
-        account ends with reserved 0 and open_positions 0 (and could then be
-        closed under p2, whose close would then fail forever)."""
-        eng = create_or_refused(make_engine, capacity=8, spec=reopen_spec)
-        if eng is None:
-            return
+    def test_second_closed_state_leaves_the_open_positions_reservation(
+            self, make_engine: Any) -> None:
+        """After a closed-to-closed move, p2's reservation stays until p2's own close frees it."""
+        eng = make_engine(capacity=8, spec=archive_spec())
         a = eng.open_account(10_000, 10_000, 10, 10_000)
-        if refused_at_open(eng, a):
-            return
         p1 = eng.open_position(100.0, 1.0, account=a)
         p2 = eng.open_position(100.0, 1.0, account=a)
         for trig in CLOSE:
             eng.transition(p1, trig)
-        eng.transition(p1, "REOPEN")
-        for trig in (Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED, Trigger.EXIT_COMPLETED):
-            eng.transition(p1, trig)
+        assert eng.transition(p1, "ARCHIVE") == Outcome.APPLIED
         assert eng.state(p2) == State.CREATED
-        assert_invariant(eng, a)                       # p2 open: 100 reserved, 1 open
+        acct = eng.account(a)
+        assert (acct.reserved, acct.open_positions) == (Decimal(100), 1)
+        assert_invariant(eng, a, closed=ARCHIVE_CLOSED)   # p2 open: 100 reserved, 1 open
+        for trig in CLOSE:
+            assert eng.transition(p2, trig) == Outcome.APPLIED
+        acct = eng.account(a)
+        assert (acct.reserved, acct.open_positions) == (Decimal(0), 0)
+        assert_invariant(eng, a, closed=ARCHIVE_CLOSED)
 
-    def test_initial_closed_state_release_leaks_the_reservation(self, make_engine: Any) -> None:
-        """A spec whose initial state is in `closed`: the opening reserves, the
-        position can be released straight from its initial (closed) state,
-        nothing books the release, and the reservation is stranded forever
-        (the account can never be closed again)."""
-        eng = create_or_refused(make_engine, capacity=4, spec=parked_spec)
-        if eng is None:
-            return
+    def test_open_release_is_invalid(
+            self, make_engine: Any) -> None:
+        """An open booked position's release is INVALID."""
+        eng = make_engine(capacity=4, spec=parked_open_spec())
         a = eng.open_account(1000, 1000, 10, 1000)
-        if refused_at_open(eng, a):
-            return
         p = eng.open_position(100.0, 2.0, account=a)
+        assert eng.release_position(p) == Outcome.INVALID     # open: its booking is pending
+        assert eng.snapshot().size == 1
+        assert eng.account(a).reserved == Decimal(200)
+        assert_invariant(eng, a, closed=("DONE",))
+        for trig in ("GO", "STOP"):
+            assert eng.transition(p, trig) == Outcome.APPLIED
         assert eng.release_position(p) == Outcome.APPLIED
         assert eng.snapshot().size == 0
-        assert_invariant(eng, a, closed=("PARKED", "DONE"))   # nothing open: 0 reserved
+        assert_invariant(eng, a, closed=("DONE",))       # nothing open: 0 reserved
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,6 +295,7 @@ def release_race_trial(spawner: Any) -> list[str]:
         eng.unlink()
 
 
+@pytest.mark.shm_only
 class TestReleaseRace:
     def test_release_racing_a_booked_close_loses_the_booking(self, spawner: Any) -> None:
         """Interleaving (each step is real; the timing is arranged with the
@@ -319,6 +326,7 @@ class TestReleaseRace:
 # Defect 3: update_account counts retries quadratically
 # ---------------------------------------------------------------------------------------
 
+@pytest.mark.shm_only
 class TestUpdateAccountMetrics:
     def test_retries_are_counted_once_per_retry(self, engine: Engine) -> None:
         """Five version conflicts are five retries.  C adds `attempt` (the
@@ -345,6 +353,7 @@ class TestUpdateAccountMetrics:
 # Defect 4: realized losses past max_loss do not halt after a limit change
 # ---------------------------------------------------------------------------------------
 
+@pytest.mark.shm_only
 class TestMaxLossHalt:
     def test_loss_already_past_a_lowered_max_loss_halts(self, engine: Engine) -> None:
         """realized = -80; update_account lowers max_loss to 50: the losses
@@ -380,6 +389,7 @@ def parked_opener(handle: Any, acct: int, ready: Any) -> None:
     time.sleep(60)
 
 
+@pytest.mark.shm_only
 class TestHeld:
     def test_held_readers_see_state_and_books_together_in_a_dead_booking(
             self, engine: Engine, spawner: Any) -> None:
@@ -438,3 +448,189 @@ class TestHeld:
         engine.recover()
         assert latch_holder(engine, a) == 0
         assert_invariant(engine, a)
+
+
+MULT = lib.ENG_BOOK_PRICE_MULT
+
+
+TO_EXIT = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED)
+
+
+MAX = from_units(UNITS_MAX)          # 92233720368.54775807
+
+
+RANGE = f"[{from_units(-UNITS_MAX - 1)}, {MAX}]"
+
+
+BIG = 90_000_000_000                 # 9e18 units: near the top of money
+
+
+def exiting(eng: Engine, entry: float, amount: float, side: int, acct: int) -> int:
+    pos = eng.open_position(entry, amount, side=side, token=1, account=acct)
+    for t in TO_EXIT:
+        assert eng.transition(pos, t) is Outcome.APPLIED
+    return pos
+
+
+def worst(entry: float, amount: float, side: int) -> tuple[int, int]:
+    """(gain, loss) in units of the position's close within the band."""
+    n, top = money_of(entry, amount), money_of(entry * MULT, amount)
+    return (top - n, n) if side > 0 else (n, top - n)
+
+
+def check_room(eng: Engine, acct: int) -> None:
+    """worst_gain / worst_loss are the sums over the open positions, and the
+    room holds: cash, realized + worst_gain <= max; - worst_loss >= min."""
+    row = next(r for r in eng.accounts() if int(r["id"]) == acct)
+    rows = eng.snapshot()
+    mine = [r for r in rows if int(r["account"]) == acct and State(int(r["state"])) != State.CLOSED]
+    sums = [worst(float(r["entry_price"]), float(r["amount"]), int(r["side"])) for r in mine]
+    assert int(row["worst_gain"]) == sum(g for g, _ in sums)
+    assert int(row["worst_loss"]) == sum(lo for _, lo in sums)
+    for money in (int(row["cash"]), int(row["realized"])):
+        assert money + int(row["worst_gain"]) <= UNITS_MAX
+        assert money - int(row["worst_loss"]) >= -UNITS_MAX - 1
+    a = eng.account(acct)
+    assert a.cash == a.opening_cash + a.deposits - a.withdrawals + a.realized_pnl
+
+
+class TestOpeningKeepsRoom:
+    def test_an_opening_whose_close_could_not_be_booked_is_refused_with_the_range(
+            self, engine: Engine) -> None:
+        """Cash near the top of money, a long whose close at 1024 x entry
+        would pass it: MoneyError at the opening naming the band, the worst
+        gain and the range; nothing changes (before: accepted, and its close
+        was refused for good)."""
+        a = engine.open_account(BIG, BIG, 4, BIG)
+        before = engine.account(a)
+        with pytest.raises(MoneyError) as exc:
+            engine.open_position(100.0, 100_000.0, side=1, token=1, account=a)
+        msg = str(exc.value)
+        assert f"{MULT} x entry_price 100.0 = {100.0 * MULT!r}" in msg, msg
+        assert str(from_units(worst(100.0, 100_000.0, 1)[0])) in msg, msg
+        assert RANGE in msg and f"cash {from_units(BIG * 10**8)}" in msg, msg
+        assert engine.account(a) == before
+        assert len(engine.snapshot()) == 0
+
+    def test_a_position_worth_more_than_money_at_the_band_top_is_refused(
+            self, engine: Engine) -> None:
+        """entry x amount x 1024 past the money range: MoneyError naming it."""
+        a = engine.open_account(BIG, BIG, 4, BIG)
+        with pytest.raises(MoneyError, match=re.escape(f"[0, {MAX}]")):
+            engine.open_position(1_000_000.0, 10_000.0, side=-1, token=1, account=a)
+        assert engine.account(a).reserved == 0
+
+    def test_realized_wins_leave_no_room_for_the_next_opening(self, engine: Engine) -> None:
+        """Large wins grow realized while the cash is withdrawn: the opening
+        whose worst gain would pass realized's top is refused at the opening
+        (before: accepted, then its close failed as EBADMONEY for good)."""
+        amount = 30_000_000.0      # notional 3e15 units, worst gain 1023 x that
+        a = engine.open_account(amount, amount, 4, BIG)
+        wins = 0
+        with pytest.raises(MoneyError) as exc:
+            for wins in range(10):   # noqa: B007 - three fit in int64, the fourth does not
+                p = exiting(engine, 1.0, amount, 1, a)
+                engine.update_price(p, float(MULT))            # the band's top
+                assert engine.transition(p, Trigger.EXIT_COMPLETED) is Outcome.APPLIED
+                engine.withdraw(a, engine.account(a).cash - int(amount))
+                check_room(engine, a)
+        assert wins == 3
+        assert "no room to book it" in str(exc.value) and RANGE in str(exc.value)
+        acc = engine.account(a)
+        assert int(acc.realized_pnl * 10**8) + worst(1.0, amount, 1)[0] > UNITS_MAX
+        assert acc.open_positions == 0 and acc.reserved == 0
+
+    def test_a_deposit_that_would_eat_the_room_is_refused(self, engine: Engine) -> None:
+        """An open long keeps room for its worst gain: a deposit past it is
+        refused with the numbers; nothing changes (before: accepted, and the
+        long's close at the band's top then failed)."""
+        a = engine.open_account(10_000_000, 10_000_000, 4, BIG)
+        p = exiting(engine, 100.0, 100_000.0, 1, a)
+        before = engine.account(a)
+        with pytest.raises(MoneyError) as exc:
+            engine.deposit(a, BIG)
+        msg = str(exc.value)
+        assert "worst-case gains" in msg and str(MAX) in msg, msg
+        assert engine.account(a) == before
+        engine.update_price(p, 100.0 * MULT)
+        assert engine.transition(p, Trigger.EXIT_COMPLETED) is Outcome.APPLIED
+        check_room(engine, a)
+
+
+class TestCloseAlwaysBooks:
+    @settings(max_examples=25, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.differing_executors])
+    @given(cash=st.integers(0, BIG),
+           legs=st.lists(st.tuples(st.floats(0.01, 1e6), st.floats(0.001, 1e6),
+                                   st.sampled_from((1, -1)), st.booleans()),
+                         min_size=1, max_size=4))
+    @example(cash=BIG, legs=[(100.0, 100_000.0, 1, True)])
+    @example(cash=BIG, legs=[(1000.0, 50_000.0, -1, True), (1.0, 1.0, 1, False)])
+    def test_every_accepted_opening_closes_at_either_end_of_its_band(
+            self, engine: Engine, cash: int, legs: list[tuple[float, float, int, bool]]) -> None:
+        """Openings refused or accepted; each accepted one closes APPLIED at
+        1024 x entry or at the smallest price; the books stay exact and the
+        room holds after every step."""
+        a = engine.open_account(cash, BIG, 8, BIG)
+        opened = []
+        for entry, amount, side, high in legs:
+            with contextlib.suppress(MoneyError, RiskLimitError):   # refused: nothing changed
+                opened.append((exiting(engine, entry, amount, side, a), entry, high))
+            check_room(engine, a)
+        for pos, entry, high in opened:
+            engine.update_price(pos, entry * MULT if high else 5e-324)
+            assert engine.transition(pos, Trigger.EXIT_COMPLETED) is Outcome.APPLIED
+            check_room(engine, a)
+            engine.release_position(pos)
+        engine.halt_account(a, False)
+        engine.close_account(a)
+
+    def test_a_close_above_the_band_is_refused_then_books_within_it(
+            self, engine: Engine) -> None:
+        """A last price above 1024 x entry: MoneyError naming the price and the
+        band, the position stays EXITING with its reservation; a price within
+        the band closes it."""
+        a = engine.open_account(1_000_000, 1_000_000, 4, BIG)
+        p = exiting(engine, 2.0, 10.0, -1, a)
+        engine.update_price(p, 2.0 * MULT * 1.5)
+        before = engine.account(a)
+        with pytest.raises(MoneyError) as exc:
+            engine.transition(p, Trigger.EXIT_COMPLETED, exit_reason=4)
+        msg = str(exc.value)
+        assert f"{2.0 * MULT * 1.5!r}" in msg and f"= {2.0 * MULT!r}]" in msg, msg
+        assert engine.state(p) is State.EXITING and engine.account(a) == before
+        assert engine.context(p).exit_reason == 0
+        engine.update_price(p, 2.0 * MULT)
+        assert engine.transition(p, Trigger.EXIT_COMPLETED) is Outcome.APPLIED
+        acc = engine.account(a)
+        assert acc.reserved == 0 and acc.realized_pnl == Decimal(20) - Decimal(20 * MULT)
+        check_room(engine, a)
+
+
+class TestTransitionManyErrors:
+    def test_an_element_error_raises_it_with_every_outcome(self, engine: Engine) -> None:
+        """[closable, close above the band, closable]: MoneyError for index 1
+        with .outcomes = [APPLIED, MANY_ERROR | EBADMONEY, APPLIED]; the two
+        others applied (before: CONFLICT, and the cause was lost)."""
+        a = engine.open_account(1_000_000, 1_000_000, 8, BIG)
+        ps = [exiting(engine, 1.0, 10.0, 1, a) for _ in range(3)]
+        engine.update_price(ps[1], 1e12)
+        with pytest.raises(MoneyError) as exc:
+            engine.transition_many(np.array(ps), int(Trigger.EXIT_COMPLETED))
+        outs = exc.value.outcomes
+        assert [int(x) for x in outs] == [int(Outcome.APPLIED),
+                                          lib.ENG_MANY_ERROR | -lib.ENG_EBADMONEY,
+                                          int(Outcome.APPLIED)]
+        assert "element 1" in str(exc.value) and "1000000000000.0" in str(exc.value)
+        assert [engine.state(p) for p in ps] == [State.CLOSED, State.EXITING, State.CLOSED]
+        check_room(engine, a)
+
+    def test_released_and_guarded_elements_keep_their_outcomes(self, engine: Engine) -> None:
+        """An element released meanwhile is still INVALID: only errors raise."""
+        p = engine.open_position(1.0, 1.0, token=1)
+        q = engine.open_position(1.0, 1.0, token=1)
+        out = engine.transition_many(np.array([p, q]), int(Trigger.POSITION_OPENED))
+        assert [int(x) for x in out] == [int(Outcome.APPLIED)] * 2
+        out = engine.transition_many(np.array([p, q]), int(Trigger.POSITION_OPENED))
+        assert [int(x) for x in out] == [int(Outcome.INVALID)] * 2

@@ -1,28 +1,23 @@
-"""Hostile review of the unique-key protocol (native/engine.c, "keys: unique,
-lock-free to look up").  Each test pins one defect; each docstring gives the
-interleaving and says exactly which step, if any, is simulated by writing to
-the segment through cffi (the C core has no hook that stops a process at that
+"""The key index (native/engine.c, "keys: unique, lock-free to look up")
+under races and kills: index cells, stripe locks and key records.
+
+Properties: a key is held by at most one open opening and lookup finds it;
+lookup answers open openings only; a dead inserter's stripe lock or record
+never blocks a key for good.  Each class docstring gives the interleaving and
+says exactly which step, if any, is simulated by writing to the segment
+through cffi (the C core has no hook that stops a process at that
 instruction).
 
-  1  TestCellABA             a reuse CAS (cell_place / keys_sweep) that judged a
-                             stale cell dead lands on the SAME value re-published
-                             for a live key: the live key loses its only index cell
-  1b TestCellABASameOpening  the same with the working tree's opening bits in the
-                             cell: a retried bind in the same opening (after a
-                             killed binder) republishes the identical value
-  2  TestWrappedIncarnation  claim_entry's take-over of a dead entry resolved the
-                             dead owner's slot locks and price latches but not its
-                             key stripe lock / BUSY key records: a wrapped
-                             incarnation meets them and the key is blocked for good
-  3  TestUnfencedStripe      I6 published without checking that the stripe lock
-                             was still the inserter's: an inserter declared dead
-                             (its liveness descriptor replaced) published after
-                             another took its stripe over: two openings hold a key
-
-Status: 1, 2 and 3 fail against the committed code (d0a67f4); 1b fails against
-the working tree's first fix of 1 (16 opening bits in the cell).  All pass
-against the working-tree engine.c of 04:59 (per-record claim generation in the
-cell, keys_sweep in claim_entry, place-then-scan fencing).
+  TestCellABA             a reuse CAS (cell_place / keys_sweep) that judged a
+                          stale cell dead lands on the SAME value re-published
+                          for a live key
+  TestCellABASameOpening  the same for a retried bind in the same opening
+                          (after a killed binder)
+  TestWrappedIncarnation  a dead inserter's stripe lock / BUSY records vs. its
+                          registry entry's wrapped incarnation
+  TestUnfencedStripe      an inserter declared dead (its liveness descriptor
+                          replaced) publishing after another took its stripe
+  TestLookupAfterKilledRelease  a release killed before dropping its keys
 """
 
 from __future__ import annotations
@@ -181,6 +176,7 @@ class TestCellABA:
 
     @pytest.mark.parametrize("how", ["live_release", "killed_releaser"])
     def test_reused_cell_value_erases_a_live_key(self, make_engine, spawner, how):
+        """A key reopened on its old slot stays found and unique past a delayed cell sweep."""
         eng = make_engine(capacity=2, spec=ORDER_SPEC, keys_per_position=1)
         a = eng.open(key="K", account=1)
         filler = eng.open(account=2)            # keeps the reopen on a's slot
@@ -246,6 +242,7 @@ class TestCellABASameOpening:
     retry are real."""
 
     def test_retried_bind_republishes_the_same_cell(self, make_engine, spawner):
+        """A bind retried after a killed one stays found and unique past a delayed cell sweep."""
         eng = make_engine(capacity=2, spec=ORDER_SPEC, keys_per_position=1)
         w = eng.open(account=1)
         parent_conn, child_conn = spawner.ctx.Pipe(duplex=False)
@@ -291,11 +288,12 @@ class TestWrappedIncarnation:
     insert of that key or recover() clears it, within bounded time").
 
     SIMULATED: the 2^17 - 3 intermediate claims of the entry, by storing its
-    incarnation (as tests/test_ownership.py::TestIncarnationWrap does); the
+    incarnation (as tests/test_owners.py::TestIncarnationWrap does); the
     dead inserter (ENG_FAULT_DIE_IN_KEY), the registry-full take-over and the
     final claim are real."""
 
     def test_wrapped_token_revives_dead_inserters_stripe(self, make_engine, spawner):
+        """A dead inserter's stripe lock does not survive into its entry's wrapped incarnation."""
         eng = make_engine(capacity=4, spec=ORDER_SPEC, keys_per_position=2)
         a = eng.open(account=1)
         b = eng.open(account=2)
@@ -370,6 +368,7 @@ class TestUnfencedStripe:
     while it waits only to make the interleaving deterministic."""
 
     def test_inserter_declared_dead_still_publishes(self, make_engine, spawner):
+        """An inserter proven dead cannot publish a key after another took its stripe over."""
         eng = make_engine(capacity=4, spec=ORDER_SPEC, keys_per_position=1)
         w = eng.open(account=1)
         x = eng.open(account=2)
@@ -406,3 +405,29 @@ class TestUnfencedStripe:
             f"W, declared dead and its stripe taken over, still published: bind_key -> "
             f"{w_outcome}; open openings holding K: {[hex(h) for h in holders]}; "
             f"lookup('K') -> {eng.lookup('K')}")
+
+
+class TestLookupAfterKilledRelease:
+    """lookup answers open openings only: a key still indexed by a killed release is not found."""
+
+    def test_lookup_is_none_between_killed_release_and_recover(self, make_engine, spawner):
+        """A release SIGKILLed between its CAS and dropping its keys: lookup(K) is None."""
+        eng = make_engine(capacity=2, spec=ORDER_SPEC, keys_per_position=1)
+        a = eng.open(key="K", account=1)
+        slot = eng.slot_of(a)
+        close_order(eng, a)
+        ready = spawner.ctx.Event()
+        p = spawner.start(_die_after_release_cas, eng.handle, a, ready)
+        p.join(READY_TIMEOUT)
+        eng._set_fault()
+        assert ready.is_set() and p.exitcode == -signal.SIGKILL, p.exitcode
+        # the killed release left K indexed and its record HELD by the released a
+        assert len(used_cells(eng)) == 1
+        assert keyrec_tag(eng, slot, 0) == (a << 8) | KR_HELD
+        with pytest.raises(StaleIdError):
+            eng.state(a)
+        assert eng.lookup("K") is None
+        eng.recover()
+        assert eng.lookup("K") is None
+        b = eng.open(key="K", account=2)
+        assert eng.lookup("K") == b

@@ -1,9 +1,9 @@
-"""Registry entries and their liveness locks under hostile timing (issue 18,
-items 1 and 2): a fork racing attach and create, and a holder killed while
-recover() runs, then its entry's incarnation wrapping round.
+"""The process registry: entries and their liveness locks under hostile
+timing (a fork racing attach and create, a holder killed while recover()
+runs, then its entry's incarnation wrapping round).
 
-   1 TestForkDuringAttach   a child forked during attach / create keeps no liveness lock alive
-   2 TestRecoverKilledHolder  recover() frees no entry whose locks it has not resolved
+  TestForkDuringAttach     a child forked during attach / create keeps no liveness lock alive
+  TestRecoverKilledHolder  recover() frees no entry whose locks it has not resolved
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Hostile segments: whatever sits under a name, attach refuses it cleanly.
+"""Segments: create, attach, close and unlink, the per-process registry, and
+whatever else sits under a name.
 
 Allowed outcome for a segment that is not a well-formed engine segment of the
 expected spec: ``SegmentError`` (or its subclasses ``SegmentNotFoundError``,
@@ -13,26 +14,40 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import pickle
+import stat
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 
+import numpy as np
 import posix_ipc
 import pytest
+from api_helpers import opened
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import (
+    CapacityError,
+    ClosedError,
     Engine,
     EngineError,
+    Handle,
     MachineSpec,
+    Outcome,
     Rule,
     SegmentError,
     SegmentNotFoundError,
     SpecMismatchError,
+    State,
     Trigger,
 )
 from engine._native import ffi, lib
 from engine.spec import POSITION_SPEC
 from engine.store import shm as segment
+
+BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)
 
 HEADER_SIZE = ffi.sizeof("eng_header")
 SIZE_16 = lib.eng_segment_size(16, POSITION_SPEC.record.n_words, 2, 64)
@@ -287,3 +302,235 @@ class TestMutatedHeaders:
                         call()
         finally:
             posix_ipc.unlink_shared_memory("/" + name)
+
+
+class TestCreateAttach:
+    @pytest.mark.shm_only
+    def test_create_gives_empty_engine_of_requested_capacity(self, make_engine):
+        """create() makes a segment with `capacity` slots and no open position."""
+        eng = make_engine(capacity=5)
+        assert eng.capacity == 5
+        assert not eng.closed
+        assert len(eng.snapshot()) == 0
+        assert os.path.exists(shm_path(eng.name))
+
+    @pytest.mark.shm_only
+    def test_create_with_explicit_name(self, make_engine):
+        """create(name=...) uses exactly that segment name."""
+        name = f"test_{os.urandom(6).hex()}"
+        eng = make_engine(capacity=2, name=name)
+        assert eng.name == name
+        assert os.path.exists(shm_path(name))
+
+    def test_create_refuses_existing_name_and_leaves_it_intact(self, engine):
+        """create() on a name in use raises SegmentError and does not touch the segment."""
+        pos = opened(engine)
+        with pytest.raises(SegmentError, match="already exists"):
+            Engine.create(capacity=4, name=engine.name, url=engine.url)
+        assert engine.state(pos) is State.MONITORING
+        with Engine.attach(engine.name, url=engine.url) as other:
+            assert other.capacity == engine.capacity
+            assert other.state(pos) is State.MONITORING
+
+    @pytest.mark.shm_only
+    def test_segment_mode_is_0600(self, engine):
+        """The segment file is readable and writable by its owner only."""
+        mode = stat.S_IMODE(os.stat(shm_path(engine.name)).st_mode)
+        assert mode == 0o600
+
+    def test_attach_by_name_shares_state(self, engine):
+        """An Engine attached by name sees and changes the same slots."""
+        pos = opened(engine)
+        with Engine.attach(engine.name, url=engine.url) as other:
+            assert other.state(pos) is State.MONITORING
+            assert other.transition(pos, Trigger.PAUSE) is Outcome.APPLIED
+        assert engine.state(pos) is State.PAUSED
+
+    def test_attach_by_handle_shares_state(self, engine):
+        """An Engine attached by handle sees the same segment."""
+        pos = opened(engine)
+        with Engine.attach(engine.handle) as other:
+            assert other.name == engine.name
+            assert other.context(pos) == engine.context(pos)
+
+    def test_handle_is_small_and_picklable(self, engine):
+        """The handle survives a pickle round trip and still attaches."""
+        h = engine.handle
+        assert isinstance(h, Handle)
+        assert h.spec is None            # default lifecycle travels as None
+        h2 = pickle.loads(pickle.dumps(h))
+        assert h2 == h
+        with Engine.attach(h2) as other:
+            assert other.spec == POSITION_SPEC
+
+    def test_engine_itself_is_not_picklable(self, engine):
+        """Pickling an Engine is refused with a pointer to the handle."""
+        with pytest.raises(TypeError, match="handle"):
+            pickle.dumps(engine)
+
+    def test_attach_missing_segment(self):
+        """attach() of a name that does not exist raises SegmentNotFoundError."""
+        with pytest.raises(SegmentNotFoundError) as info:
+            Engine.attach(f"no_such_{os.urandom(6).hex()}")
+        assert isinstance(info.value, FileNotFoundError)
+
+    def test_attach_foreign_segment_is_refused(self):
+        """attach() of a shm object that is not an engine raises SegmentError."""
+        name = f"foreign_{os.urandom(6).hex()}"
+        shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=65536)
+        shm.close_fd()
+        try:
+            with pytest.raises(SegmentError, match="not an engine segment"):
+                Engine.attach(name)
+        finally:
+            posix_ipc.unlink_shared_memory("/" + name)
+
+    def test_repr_names_segment(self, engine):
+        """repr says the segment name and capacity, or closed."""
+        assert engine.name in repr(engine) and "capacity=16" in repr(engine)
+        engine.close()
+        assert "closed" in repr(engine)
+
+
+class TestCloseUnlink:
+    @pytest.mark.shm_only
+    def test_close_detaches_but_segment_lives(self, engine):
+        """close() detaches this view only; the segment and its data remain."""
+        pos = opened(engine)
+        engine.close()
+        assert engine.closed
+        assert os.path.exists(shm_path(engine.name))
+        with Engine.attach(engine.name, url=engine.url) as other:
+            assert other.state(pos) is State.MONITORING
+
+    def test_close_twice_is_harmless(self, engine):
+        """A second close() does nothing."""
+        engine.close()
+        engine.close()
+        assert engine.closed
+
+    def test_calls_after_close_raise_closed_error(self, engine):
+        """Every operation on a closed Engine raises ClosedError."""
+        pos = opened(engine)
+        slot = engine.slot_of(pos)
+        engine.close()
+        calls = [
+            lambda: engine.state(pos), lambda: engine.state_word(slot),
+            lambda: engine.price(pos), lambda: engine.context(pos),
+            lambda: engine.transition(pos, Trigger.PAUSE),
+            lambda: engine.transition(pos, Trigger.PAUSE, exit_reason=1),
+            lambda: engine.update_price(pos, 1.0),
+            lambda: engine.update_prices(np.array([pos]), np.array([1.0])),
+            lambda: engine.update_token_price(7, 1.0),
+            lambda: engine.open_position(1.0, 1.0),
+            lambda: engine.release_position(pos),
+            lambda: engine.wait_for_change(pos, 0.01),
+            engine.snapshot, engine.metrics, engine.recover, engine.halt,
+        ]
+        for call in calls:
+            with pytest.raises(ClosedError):
+                call()
+
+    def test_unlink_removes_segment(self, engine):
+        """unlink() removes the segment name; a later attach finds nothing."""
+        engine.unlink()
+        assert not os.path.exists(shm_path(engine.name))
+        with pytest.raises(SegmentNotFoundError):
+            Engine.attach(engine.name, url=engine.url)
+
+    @pytest.mark.shm_only
+    def test_unlink_keeps_existing_mappings_working(self, engine):
+        """After unlink() an attached Engine keeps working on its mapping."""
+        pos = opened(engine)
+        engine.unlink()
+        assert engine.transition(pos, Trigger.PAUSE) is Outcome.APPLIED
+        assert engine.state(pos) is State.PAUSED
+
+    def test_context_manager_closes_and_keeps_segment(self):
+        """`with Engine.create(...)` closes on exit but does not unlink."""
+        with Engine.create(capacity=2) as eng:
+            name = eng.name
+            pos = opened(eng)
+        try:
+            assert eng.closed
+            with Engine.attach(name) as other:
+                assert other.state(pos) is State.MONITORING
+        finally:
+            eng.unlink()
+
+    def test_context_manager_closes_on_exception(self):
+        """An exception inside `with` still closes the Engine."""
+        eng = None
+        try:
+            with pytest.raises(RuntimeError), Engine.create(capacity=2) as eng:
+                raise RuntimeError("boom")
+            assert eng.closed
+        finally:
+            if eng is not None:
+                eng.unlink()
+
+
+class TestIndependentInterpreter:
+    @pytest.mark.shm_only
+    @pytest.mark.parametrize("close", [True, False], ids=["close", "no-close"])
+    def test_attach_and_exit_leaves_segment(self, engine, child_env, close):
+        """Another interpreter attaching and exiting keeps the segment; stderr stays clean."""
+        pos = opened(engine)
+        code = textwrap.dedent(f"""
+            from engine import Engine, Trigger
+            eng = Engine.attach({engine.name!r})
+            print(eng.state({pos}).name)
+            eng.transition({pos}, Trigger.PAUSE)
+            eng.update_price({pos}, 123.0)
+            {"eng.close()" if close else "pass"}
+        """)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=child_env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "MONITORING"
+        assert r.stderr == "", r.stderr          # no resource_tracker leak warning
+        assert os.path.exists(shm_path(engine.name))
+        with Engine.attach(engine.name, url=engine.url) as again:
+            assert again.state(pos) is State.PAUSED
+            assert again.price(pos).price == 123.0
+        assert engine.recover().changed is False   # the child left the registry
+
+    def test_segment_outlives_its_creator(self, child_env):
+        """A segment created by a process that exits without unlink() remains."""
+        code = textwrap.dedent("""
+            from engine import Engine
+            eng = Engine.create(capacity=4)
+            eng.open_position(100.0, 1.0, token=3)
+            print(eng.name)
+        """)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=child_env, timeout=120)
+        name = r.stdout.strip()
+        try:
+            assert r.returncode == 0, r.stderr
+            assert r.stderr == "", r.stderr
+            assert os.path.exists(shm_path(name))
+            with Engine.attach(name) as eng:
+                rows = eng.snapshot()
+                assert len(rows) == 1 and rows["token"][0] == 3
+        finally:
+            if name and os.path.exists(shm_path(name)):
+                posix_ipc.unlink_shared_memory("/" + name)
+
+
+class TestRegistry:
+    @pytest.mark.shm_only
+    def test_registry_full_raises_capacity_error(self, make_engine):
+        """Attach past ENG_MAX_PROCS raises CapacityError; closing one frees an entry."""
+        eng = make_engine(capacity=1)
+        views = []
+        try:
+            for _ in range(lib.ENG_MAX_PROCS - 1):
+                views.append(Engine.attach(eng.name, url=eng.url))
+            with pytest.raises(CapacityError, match=str(lib.ENG_MAX_PROCS)):
+                Engine.attach(eng.name, url=eng.url)
+            views.pop().close()
+            views.append(Engine.attach(eng.name, url=eng.url))
+        finally:
+            for v in views:
+                v.close()
