@@ -12,6 +12,7 @@ and one output buffer.  Attach one Engine per thread (they are cheap).
 from __future__ import annotations
 
 import enum
+import functools
 import importlib
 import logging
 import math
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, overload
 import numpy as np
 import numpy.typing as npt
 
+from engine import aio as _aio
 from engine._native import ffi, lib
 from engine.accounts import (
     LIMITS,
@@ -56,6 +58,7 @@ from engine.errors import (
     SlotError,
     SpecError,
     TriggerError,
+    WaitTimeout,
     raise_for,
     redact,
     shown,
@@ -73,7 +76,6 @@ from engine.store import (
     journal_source,
     random_name,
 )
-from engine.store import create as store_create
 
 if TYPE_CHECKING:
     from typing_extensions import Self, TypeVar
@@ -347,6 +349,10 @@ class Engine(_EngineBase, Generic[S, C, T]):
         self._read_price = impl.eng_read_price
         self._state = impl.eng_state
         self._lookup = impl.eng_lookup
+        #: wait_for's step: the backend's own, or the futex one over eng_wait_change
+        self._wait_for: Any = getattr(impl, "eng_wait_for", None) or functools.partial(
+            _wait_for_futex, impl)
+        self._aio_waiter: Any = None   # engine.aio.Waiter, started by the first awaiting wait
         self.capacity: int = self._seg.capacity
         #: keys one opening may have (set at create)
         self.keys_per_position: int = self._seg.kpp
@@ -431,9 +437,9 @@ class Engine(_EngineBase, Generic[S, C, T]):
         n_records, flags = _journal_args(journal, journal_records, journal_prices)
         name = check_name(name) if name is not None else random_name()
         store = backend(url)
-        eng = cls._made(name, spec, store.url, lambda eng: store_create(
-            store, eng, name, spec, capacity, keys_per_position, max_accounts, shards,
-            n_records, flags))
+        eng = cls._made(name, spec, store.url, lambda eng: store.create(
+            eng, name, spec, capacity, keys_per_position, max_accounts, shards,
+            journal_records=n_records, journal_flags=flags))
         if temporary:
             eng._temporary = weakref.finalize(eng, _remove_temporary, name,
                                               store.remover(name, eng._seg), os.getpid())
@@ -522,6 +528,8 @@ class Engine(_EngineBase, Generic[S, C, T]):
                               "own guards; close it after the transition returns")
         shm = self.url is None and self._finalizer.alive
         temporary = self._temporary
+        if self._aio_waiter is not None:   # awaiting tasks end with ClosedError
+            self._aio_waiter.close()
         try:
             if shm:
                 self._shut_gate()
@@ -1471,6 +1479,124 @@ class Engine(_EngineBase, Generic[S, C, T]):
             waker = self._journal_waker = JournalWaker(self._journal_source())
         return follow_async(self._journal_source(), waker, since, timeout)
 
+    def wait_for(self, pos: int, states: Any, timeout: float | None = None) -> Any:
+        """Block until the position's state is one of ``states``; return it.
+
+        ``states``: a state (``State.CLOSED``, its one-hot int, or its name)
+        or an iterable of them.  The state is checked before every sleep, and
+        the sleep ends at the first commit after that check (on the state
+        word it read), so a change that lands between the check and the
+        sleep is never missed -- unlike ``while eng.state(pos) is not X:
+        eng.wait_for_change(pos)``.  A state passed through meanwhile
+        (``X`` and out again before this process looked) is not seen: follow
+        ``events()`` for every change.  ``timeout=None`` waits forever.
+
+        Raises ``WaitTimeout`` (a ``TimeoutError``) when ``timeout`` seconds
+        pass first, ``StaleIdError`` if the position is released meanwhile.
+        Ctrl-C and other signals are handled while waiting.
+        """
+        mask = self._state_mask(states)
+        limit = self._wait_timeout(timeout)
+        if pos.__class__ is not int:   # cffi would truncate a numpy float
+            pos = self._index(pos)
+        deadline = time.monotonic() + limit
+        out = ffi.new("int64_t *")
+        while True:   # close() from another thread ends it: ENG_ECLOSED
+            left = max(0, int((deadline - time.monotonic()) * 1e9))
+            try:
+                rc = self._wait_for(self._seg, pos, mask, left, out)
+            except _CONVERSION_ERRORS:
+                raise self._bad_types(pos) from None
+            if rc == lib.ENG_APPLIED:
+                return self._states[int(out[0])]
+            if rc == lib.ENG_EINTR:      # signal handlers run here, between calls
+                continue
+            if rc == lib.ENG_ETIMEDOUT:
+                raise WaitTimeout(f"id {pos!r}: not in {self._state_names(mask)} within "
+                                  f"{timeout} s")
+            self._fail(rc, pos, timeout=timeout)
+
+    async def wait_for_change_async(self, pos: int, timeout: float = 1.0) -> Any:
+        """``wait_for_change`` for asyncio: the commit after this call, with
+        no thread per awaiting task (one waiter thread per Engine serves them
+        all, see ``engine.aio``).  Cancelling the task removes its wait;
+        ``close()`` ends it with ``ClosedError``."""
+        limit = self._wait_timeout(timeout, none_ok=False)
+        if pos.__class__ is not int:
+            pos = self._index(pos)
+        since = self._committed(pos)
+        return await self._waiter().wait(_aio.changed(pos, since), limit,
+                                         lambda: WaitTimeout(f"id {pos!r}: no change within "
+                                                             f"{timeout} s"))
+
+    async def wait_for_async(self, pos: int, states: Any, timeout: float | None = None) -> Any:
+        """``wait_for`` for asyncio (no lost wake, no thread per awaiting
+        task); cancelling the task removes its wait, ``close()`` ends it
+        with ``ClosedError``."""
+        mask = self._state_mask(states)
+        limit = self._wait_timeout(timeout)
+        if pos.__class__ is not int:
+            pos = self._index(pos)
+        st = self.state(pos)   # already there: no waiter needed
+        if int(st) & mask:
+            return st
+        return await self._waiter().wait(_aio.reaches(pos, mask), limit,
+                                         lambda: WaitTimeout(
+                                             f"id {pos!r}: not in {self._state_names(mask)} "
+                                             f"within {timeout} s"))
+
+    def _waiter(self) -> Any:
+        """This Engine's waiter thread (started at the first awaiting wait)."""
+        self._check_open()
+        if self._aio_waiter is None or self._aio_waiter.closed:
+            handle = self.handle
+            self._aio_waiter = _aio.start(lambda: Engine.attach(handle), self.name,
+                                          self.url is not None)
+            weakref.finalize(self, self._aio_waiter.close)   # dropped unclosed: it ends too
+        return self._aio_waiter
+
+    def _committed(self, pos: int) -> int | None:
+        """The committed bits of the position's state word (the id checked)."""
+        self.state(pos)   # the id's checks and errors
+        return _aio.committed_of(self, pos)
+
+    def _wait_timeout(self, timeout: Any, none_ok: bool = True) -> float:
+        """A wait's bound in seconds (None: forever, as far as C counts)."""
+        if timeout is None and none_ok:
+            return float(_MAX_TIMEOUT_S)
+        if not (_is_number(timeout) and _finite(timeout) and timeout >= 0):
+            raise ArgumentError("timeout must be a finite number of seconds >= 0"
+                                + (" or None" if none_ok else "") + f", got {shown(timeout)}")
+        return min(float(timeout), float(_MAX_TIMEOUT_S))
+
+    def _state_mask(self, states: Any) -> int:
+        """The one-hot mask of ``states``: a state, its name, or an iterable of them."""
+        items = (states,) if isinstance(states, (str, int)) else states
+        try:
+            items = tuple(items)
+        except TypeError:
+            raise EngineTypeError(f"states must be a state, a state name or an iterable of "
+                                  f"them, got {shown(states)}") from None
+        mask = 0
+        for s in items:
+            if isinstance(s, str):
+                if s not in self.spec.state_index:
+                    raise ArgumentError(f"unknown state {shown(s)}; spec {self.spec.name!r} "
+                                        f"has {list(self.spec.states)}")
+                mask |= 1 << self.spec.state_index[s]
+            elif isinstance(s, int) and not isinstance(s, bool) and int(s) in self._states:
+                mask |= int(s)
+            else:
+                raise ArgumentError(f"states: {shown(s)} is not a state of spec "
+                                    f"{self.spec.name!r} (one of {list(self.spec.states)}, "
+                                    f"by name or value)")
+        if not mask:
+            raise ArgumentError("states is empty: give at least one state to wait for")
+        return mask
+
+    def _state_names(self, mask: int) -> list[str]:
+        return [self._states[b].name for b in sorted(self._states) if b & mask]
+
     def snapshot(self) -> np.ndarray:
         """Every open position as one row of a structured array (``id`` and
         ``slot`` columns first); each row's state, context and price belong to
@@ -1571,6 +1697,43 @@ class Engine(_EngineBase, Generic[S, C, T]):
     @property
     def pid(self) -> int:
         return self._pid
+
+
+_SW_COMMITTED = (lib.ENG_SW_STATE_MASK | lib.ENG_SW_CTX
+                 | (lib.ENG_SW_GEN_MASK << lib.ENG_SW_GEN_SHIFT))
+
+
+def _wait_for_futex(impl: Any, seg: Any, pos: int, mask: int, timeout_ns: int, out: Any) -> int:
+    """``wait_for``'s step on shared memory, over ``eng_wait_change``:
+    ENG_APPLIED with the state (in ``mask``) in ``out[0]``, ENG_ETIMEDOUT,
+    ENG_EINTR (a signal: call again) or the id's error.
+
+    Check, then sleep on the word checked: the state is read with the id's
+    checks, then the raw state word; if that word still holds the state,
+    the sleep is ``eng_wait_change(pos, that word)``, which returns at once
+    if the committed bits moved since (or at the first commit after), so a
+    commit between the check and the sleep ends the sleep."""
+    word = ffi.new("uint64_t *")
+    deadline = time.monotonic_ns() + timeout_ns
+    while True:
+        st = impl.eng_state(seg, pos)
+        if st < 0:
+            return int(st)
+        if st & mask:
+            out[0] = st
+            return int(lib.ENG_APPLIED)
+        rc = impl.eng_state_word(seg, pos & _SLOT_MASK, word)
+        if rc:
+            return int(rc)
+        seen = int(word[0]) & _SW_COMMITTED
+        if seen & lib.ENG_SW_STATE_MASK != st:
+            continue   # it moved between the two reads: check again
+        left = deadline - time.monotonic_ns()
+        if left <= 0:
+            return int(lib.ENG_ETIMEDOUT)
+        rc = impl.eng_wait_change(seg, pos, seen, left, out)
+        if rc != lib.ENG_APPLIED:
+            return int(rc)
 
 
 def _install_fastpath() -> None:

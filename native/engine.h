@@ -431,6 +431,10 @@
 #define ENG_REDIS_BUSY_TRIES     32
 #define ENG_REDIS_RELOAD_TRIES   4
 #define ENG_REDIS_SNAPSHOT_PAGE  250
+/* The journal on Redis: each shard's stream keeps this many records by
+ * default (XADD MAXLEN; about 110 bytes each on the server) */
+#define ENG_REDIS_JOURNAL_RECORDS 65536
+#define ENG_REDIS_JOURNAL_MAX     (1LL << 32)   /* journal_records at most */
 
 /*
  * Creating an engine on Redis: the name is claimed in one function (its

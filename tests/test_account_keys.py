@@ -121,8 +121,10 @@ class TestAccountKeysAcrossProcesses:
 
     @pytest.mark.shm_only
     def test_race_one_wins(self, engine, spawner):
-        """Six processes open the same key at once: exactly one account opens,
-        every other gets KeyExistsError or BusyError (two opened is the forbidden outcome)."""
+        """Six processes opening one key at once open exactly one account; two is forbidden.
+
+        Every other racer gets KeyExistsError or BusyError.
+        """
         go, out = spawner.ctx.Event(), spawner.ctx.Queue()
         for _ in range(6):
             spawner.start(_race_open, engine.handle, "K", go, out)
@@ -139,9 +141,12 @@ class TestAccountKeysAcrossProcesses:
 
     @pytest.mark.shm_only
     def test_killed_opener(self, engine, spawner):
-        """An opener SIGKILLed holding the key lock and the latch (open sealed):
+        """A keyed open SIGKILLed while sealed is rolled forward by the next open of the key.
+
+        The opener dies holding the key lock and the latch (open sealed):
         the next keyed open takes both over, rolls that open forward and
-        refuses the key; lookup then finds the killed one's account."""
+        refuses the key; lookup then finds the killed one's account.
+        """
         p = spawner.start(_die_opening, engine.handle, "K")
         p.join(JOIN_TIMEOUT)
         assert p.exitcode == -9

@@ -478,9 +478,12 @@ def follower(handle: Any, out: Any, ready: Any, stop: Any) -> None:
 class TestRacingWriters:
     def test_no_duplicate_no_silent_gap_across_wraps(self, make_engine: Any, spawner: Any,
                                                      tmp_path: Any) -> None:
-        """More writers than cores through a 64-record ring, a follower in another process:
-        every seq once, in order, or a reported lap; per id the records alternate as
-        committed; records == commits."""
+        """A follower of a wrapping ring sees every seq once, in order, or a reported lap.
+
+        More writers than cores through a 64-record ring, a follower in another
+        process: every seq once, in order, or a reported lap; per id the records
+        alternate as committed; records == commits.
+        """
         eng = make_engine(capacity=16, journal_records=64)
         ids = [eng.open_position(10.0, 1.0) for _ in range(8)]
         for pos in ids:

@@ -71,8 +71,10 @@ class TestTemporary:
 
     @pytest.mark.shm_only
     def test_attached_keep_working(self, spawner):
-        """A worker attached by handle keeps working after the creator closed
-        (POSIX unlink semantics); it only loses the name."""
+        """A worker attached by handle keeps working after the creator closed; only the name goes.
+
+        The segment follows POSIX unlink semantics.
+        """
         eng = Engine.create(capacity=4, temporary=True)
         pos = eng.open_position(100.0, 1.0)
         worker = Engine.attach(eng.handle)
@@ -108,8 +110,10 @@ class TestTemporary:
 
     @pytest.mark.shm_only
     def test_fork_child_exit_keeps_it(self):
-        """A fork child that exits normally never removes its parent's
-        temporary segment (only the creating process does)."""
+        """A fork child exiting normally never removes its parent's temporary segment.
+
+        Only the creating process removes it.
+        """
         r = _run("""
             import os, sys
             from engine import Engine
@@ -128,8 +132,10 @@ class TestTemporary:
 
     @pytest.mark.shm_only
     def test_sigkilled_creator_leaves_it(self):
-        """A creator killed by SIGKILL cannot remove it: it stays (``rm --stale``
-        is the answer, see test_cli_friction)."""
+        """A temporary segment whose creator is SIGKILLed stays (``rm --stale`` removes it).
+
+        See test_cli_friction for ``rm --stale``.
+        """
         r = _run("""
             import os, signal
             from engine import Engine
@@ -146,8 +152,10 @@ class TestTemporary:
 
     @pytest.mark.shm_only
     def test_never_removes_a_new_segment_of_the_name(self):
-        """Removed by someone else and created again under the name: the
-        temporary creator's close leaves the new segment alone."""
+        """A temporary creator's close leaves alone a new segment made under its name.
+
+        The segment was removed by someone else and created again under the name.
+        """
         eng = Engine.create(capacity=4, temporary=True)
         seg.unlink(eng.name)
         other = Engine.create(capacity=4, name=eng.name)
@@ -161,8 +169,7 @@ class TestTemporary:
 
     @pytest.mark.shm_only
     def test_unlink_then_close(self):
-        """unlink() of a temporary engine, then a new one of the name, then close:
-        the new one survives."""
+        """A new engine of the name survives a temporary engine's unlink() then close()."""
         eng = Engine.create(capacity=4, temporary=True)
         eng.unlink()
         other = Engine.create(capacity=4, name=eng.name)
@@ -174,8 +181,10 @@ class TestTemporary:
             other.unlink()
 
     def test_redis_attached_see_it_gone(self, url):
-        """On Redis the creator's close deletes the keys: an Engine attached
-        elsewhere gets SegmentNotFoundError and changes nothing."""
+        """On Redis an Engine attached elsewhere gets SegmentNotFoundError after the close.
+
+        The creator's close deletes the keys; the attached Engine changes nothing.
+        """
         eng = Engine.create(capacity=4, temporary=True, url=url)
         pos = eng.open_position(100.0, 1.0)
         worker = Engine.attach(eng.handle)
@@ -279,15 +288,16 @@ class TestTypes:
         assert "import-not-found" not in mypy_out and "import-untyped" not in mypy_out, mypy_out
 
     def test_state_context_wait_typed(self, mypy_out):
-        """state(), context() and wait_for_change() have the default spec's
-        types, on an attached Engine too (not Any)."""
+        """state(), context() and wait_for_change() have the default spec's types, not Any.
+
+        An attached Engine has them too.
+        """
         revealed = [ln.split("Revealed type is ")[1] for ln in mypy_out.splitlines()
                     if "Revealed type is" in ln]
         assert revealed == ['"engine.spec.State"', '"float"', '"engine.spec.State"',
                             '"engine.spec.State"'], mypy_out
 
     def test_misspelled_trigger_is_an_error(self, mypy_out):
-        """A misspelled trigger string is a type error; the right names, ints
-        and Trigger members are not."""
+        """A misspelled trigger is a type error; right names, ints and Trigger members are not."""
         errors = [ln for ln in mypy_out.splitlines() if ": error:" in ln]
         assert len(errors) == 1 and "EXIT_CONDITON_MET" in errors[0], mypy_out

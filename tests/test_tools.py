@@ -318,8 +318,7 @@ class TestRm:
     """``rm`` unlinks engine segments, and others only with --force."""
 
     def test_removes(self, capsys, eng):
-        """An engine segment is removed (--force: this process holds it);
-        processes attached keep working."""
+        """rm --force removes a segment this process holds; attached processes keep working."""
         pos = eng.id_of(0)
         code, out, _ = run(capsys, "rm", "--force", eng.name)
         assert code == 0 and f"removed {eng.name}" in out and "1 live" in out

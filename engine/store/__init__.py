@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from engine.journal import JournalSource
     from engine.spec import MachineSpec
 
-__all__ = ["Attached", "Backend", "Seg", "Store", "backend", "check_name", "create",
+__all__ = ["Attached", "Backend", "Seg", "Store", "backend", "check_name",
            "journal_source", "random_name"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
@@ -233,7 +233,11 @@ class Backend(Protocol):
     url: str | None
 
     def create(self, owner: object, name: str, spec: MachineSpec, capacity: int,
-               keys_per_position: int, max_accounts: int, shards: int | None) -> Attached: ...
+               keys_per_position: int, max_accounts: int, shards: int | None, *,
+               journal_records: int, journal_flags: int) -> Attached:
+        """A new engine; its journal keeps ``journal_records`` records (0:
+        none), ``journal_flags`` say what else it records (ENG_JOURNAL_PRICES)."""
+        ...
 
     def attach(self, owner: object, name: str, spec: MachineSpec,
                incarnation: int | None) -> Attached: ...
@@ -257,25 +261,11 @@ def backend(url: str | None) -> Backend:
     return RedisBackend(check_url(url))
 
 
-def create(store: Backend, owner: object, name: str, spec: MachineSpec, capacity: int,
-           keys_per_position: int, max_accounts: int, shards: int | None,
-           journal_records: int, journal_flags: int) -> Attached:
-    """``store.create`` with the journal's options: a ring of
-    ``journal_records`` records (0: none) in a segment on shared memory; an
-    engine on Redis keeps its journal in its streams."""
-    if store.url is None:
-        from engine.store.shm import SHARED_MEMORY
-        return SHARED_MEMORY.create(owner, name, spec, capacity, keys_per_position,
-                                    max_accounts, shards, journal_records=journal_records,
-                                    journal_flags=journal_flags)
-    return store.create(owner, name, spec, capacity, keys_per_position, max_accounts, shards)
-
-
 def journal_source(engine: Any) -> JournalSource:
     """A reader of ``engine``'s journal (a new one per caller: it owns a
     buffer): the ring in the segment, or the Redis store's streams
-    (``RedisStore.journal()``)."""
+    (``RedisStore.journal_source()``)."""
     if engine.url is not None:
-        return engine.seg.journal()  # type: ignore[no-any-return]
+        return engine.seg.journal_source(engine.spec)  # type: ignore[no-any-return]
     from engine.store.shm_journal import SegmentJournal
     return SegmentJournal(engine)

@@ -247,8 +247,7 @@ class SharedMemory:
 
     def create(self, owner: object, name: str, spec: MachineSpec, capacity: int,
                keys_per_position: int, max_accounts: int, shards: int | None, *,
-               journal_records: int = lib.ENG_JOURNAL_DEFAULT_RECORDS,
-               journal_flags: int = 0) -> Attached:
+               journal_records: int, journal_flags: int) -> Attached:
         """Create segment ``name``, format it for ``spec`` and attach to it;
         its journal holds ``journal_records`` records (0: none)."""
         if shards is not None:

@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from engine._native import lib
 from engine.spec import MachineSpec
 from engine.store import Attached, check_name
 from engine.store.redis.connection import check_url
@@ -46,9 +47,13 @@ class RedisBackend:
         self._url = url
 
     def create(self, owner: object, name: str, spec: MachineSpec, capacity: int,
-               keys_per_position: int, max_accounts: int, shards: int | None) -> Attached:
-        return _attached(owner, RedisStore.create(self._url, name, spec, capacity,
-                                                  keys_per_position, max_accounts, shards))
+               keys_per_position: int, max_accounts: int, shards: int | None, *,
+               journal_records: int, journal_flags: int) -> Attached:
+        """The journal: a stream per shard keeping ``journal_records``."""
+        return _attached(owner, RedisStore.create(
+            self._url, name, spec, capacity, keys_per_position, max_accounts, shards,
+            journal_records=journal_records,
+            journal_prices=bool(journal_flags & lib.ENG_JOURNAL_PRICES)))
 
     def attach(self, owner: object, name: str, spec: MachineSpec,
                incarnation: int | None) -> Attached:

@@ -229,11 +229,12 @@ class _Conn:
         other key: see fcall)."""
         return self.fcall(key, _packed_keys((key,)), 1, fn, args)
 
-    def _cmd(self, key: str | bytes, fn: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        """``fn`` on ``key`` (its one declared key) as a plain command."""
+    def _cmd(self, key: str | bytes, fn: str, args: tuple[Any, ...],
+             more: tuple[str, ...] = ()) -> tuple[Any, ...]:
+        """``fn`` on ``key`` (and ``more``, its other declared keys) as a plain command."""
         if self.functions:
-            return ("FCALL", f"e{_VERSION}_{fn}", 1, key, *args)
-        return ("EVALSHA", _SCRIPT_SHA, 1, key, fn, *args)
+            return ("FCALL", f"e{_VERSION}_{fn}", 1 + len(more), key, *more, *args)
+        return ("EVALSHA", _SCRIPT_SHA, 1 + len(more), key, *more, fn, *args)
 
     def refuse_nested(self) -> None:
         """BusyError if a call of this thread is on the connection (this is
@@ -488,6 +489,37 @@ class _Conn:
             return self._run(cmd)
         except self.errors as e:
             raise ServerError(f"{self.url}: wait failed: {e}") from None
+
+    def blocking_connection(self, key: str,
+                            conns: dict[str, tuple[Any, int]]) -> tuple[str, Any, int]:
+        """(group, connection, its client id) for blocking reads of ``key``:
+        a connection of the caller's own (kept in ``conns``) to the key's
+        node; on a cluster one per hash tag (a read of several keys must
+        stay in one hash slot), on one server one for every key."""
+        if self.conn is None:
+            node = self.client.get_node_from_key(key)
+            tag = key[: key.index("}") + 1] if "}" in key else key
+            name = f"{node.name} {tag}"
+            pool = self.client.get_redis_connection(node).connection_pool
+        else:
+            name, pool = "", self.client.connection_pool
+        if name not in conns:
+            conn = self._node_conn(pool)
+            try:
+                conn.send_command("CLIENT", "ID")
+                cid = int(conn.read_response())
+            except self.errors as e:
+                conn.disconnect()
+                raise ServerError(f"{self.url}: wait failed: {e}") from None
+            conns[name] = (conn, cid)
+        conn, cid = conns[name]
+        return name, conn, cid
+
+    def unblock(self, client_id: int, key: str) -> bool:
+        """End the blocking read of client ``client_id`` (on ``key``'s node)
+        now; False if it was not blocked (yet: its command may still be on
+        its way to the server)."""
+        return bool(self.command("CLIENT", "UNBLOCK", client_id, key=key))
 
     def _node_conn(self, pool: Any) -> Any:
         """A new connection like ``pool``'s (server, credentials, TLS) whose

@@ -40,6 +40,7 @@
 --   P.."a:"..n    hash  account n's books (exact int64 units, as strings)
 --   P.."afree"    list  free account numbers of this shard
 --   P.."s"        hash  counters per operation and outcome (metrics)
+--   P.."j"        stream the shard's journal (see "the journal" below)
 --
 -- Numbers (codes, table encoding, shifts) come from the C header through the
 -- constants Python prepends.  Values cross as bytes where exactness matters:
@@ -221,6 +222,12 @@ local function write_price(P, p, rec, price, ts)
     return redis.call('HINCRBY', p, 'pv', 1)
 end
 
+local journal   -- (defined below, with the other journal helpers)
+-- the journal entry of a price write on position p (state st)
+local function journal_price(P, slot, p, st)
+    local v = redis.call('HMGET', p, 'op', 'pr', 'pv')
+    journal(P, 'price', 's', slot, 'o', v[1], 'st', st, 'r', v[2], 'v', v[3])
+end
 
 -- merge update words (mask bit i: word i of upd) into rec
 local function merge(rec, mask, upd)
@@ -374,6 +381,43 @@ local function wake(P, slot, new)
     end
 end
 
+-- The journal.  Every committed change appends one entry to the shard's
+-- stream P.."j", in the same function call as the change (so the record
+-- exists iff the change committed: a function's writes apply whole, a
+-- refused call returns before its first write, and a resend of a call
+-- that applied gets its recorded reply from `once` without running again).
+-- The meta's 'jrec' is the records retained (0 or absent: no journal;
+-- XADD trims the oldest past it), 'jprices' = '1' journals price writes,
+-- 'jseq' the shard's last seq.  An entry's id is '<seq>-1': seq is 1, 2,
+-- ... per shard, in the shard's commit order (so per position and per
+-- account, whose keys live on one shard).  Fields: k kind, ts (server clock
+-- in ns), then by kind: s slot, o opening, st state after, t trigger, r
+-- the record after (the record's bytes; an account's books, msgpacked;
+-- a key's bytes; a price's 32 bytes; the halt flag).
+journal = function(P, kind, ...)
+    local m = redis.call('HMGET', P .. 'm', 'jrec', 'jprices')
+    local keep = tonumber(m[1]) or 0
+    if keep == 0 or (kind == 'price' and m[2] ~= '1') then return end
+    local seq = redis.call('HINCRBY', P .. 'm', 'jseq', 1)
+    local t = redis.call('TIME')
+    local ts = t[1] .. string.format('%06d', tonumber(t[2])) .. '000'   -- exact (no doubles)
+    redis.call('XADD', P .. 'j', 'MAXLEN', keep, seq .. '-1', 'k', kind, 'ts', ts, ...)
+end
+
+-- the journal entry of position p's change (slot, its fields after it)
+local function journal_pos(P, kind, slot, p, trigger)
+    local v = redis.call('HMGET', p, 'op', 'st', 'rec', 'cv')
+    journal(P, kind, 's', slot, 'o', v[1], 'st', v[2], 't', trigger or '', 'r', v[3] or '',
+            'v', v[4] or '0')
+end
+
+-- the journal entry of account a's change (number n): its books after it
+local function journal_account(P, n, a)
+    local b = books(a)
+    for i = 1, #BOOKS do b[i] = b[i] or '0' end
+    journal(P, 'account', 's', n, 'o', b[13], 'r', table.concat(b, ','))
+end
+
 -- the account key a closing of position p books on, or nil
 local function account_key(P, p)
     local an, aop = unpack(redis.call('HMGET', p, 'an', 'aop'))
@@ -385,11 +429,12 @@ end
 -- returns APPLIED and its committed() reply, or an error code, or a NEED
 -- answer when the account it books on is not among `keys` (nil: the caller
 -- checked every account key already)
-local function commit(P, slot, p, st, target, mask, upd, keys)
+local function commit(P, slot, p, st, target, mask, upd, keys, trigger)
     local new = 2 ^ target
     local rec = redis.call('HGET', p, 'rec')
     if mask > 0 then rec = merge(rec, mask, upd) end
     -- the booking first: a refusal must leave nothing written (Redis does not roll back)
+    local booked
     if not is_closed(P, st) and is_closed(P, new) then
         local a = keys and account_key(P, p)
         if a and not declared(keys)[a] then return need('', {a}) end
@@ -399,6 +444,7 @@ local function commit(P, slot, p, st, target, mask, upd, keys)
         end
         local rc = book_close(P, p, rec, fill)
         if rc ~= 0 then return rc end
+        booked = account_key(P, p)
     end
     if mask > 0 then
         redis.call('HSET', p, 'rec', rec)
@@ -408,6 +454,8 @@ local function commit(P, slot, p, st, target, mask, upd, keys)
     local gen = redis.call('HINCRBY', p, 'gen', 1)
     redis.call('HINCRBY', p, 'ctr', 1)
     wake(P, slot, new)
+    journal_pos(P, 'transition', slot, p, trigger)
+    if booked then journal_account(P, redis.call('HGET', p, 'an'), booked) end
     return APPLIED, committed(st, new, gen)
 end
 
@@ -424,7 +472,7 @@ local function transition(P, slot, op, trigger, mask, upd, guard_token, keys)
     local target = e % (RULE_TARGET_MASK + 1)
     if target == 0 then return INVALID end
     if e >= RULE_GUARDED and not guard_token then return EGUARDED end
-    return commit(P, slot, p, st, target - 1, mask, upd, keys)
+    return commit(P, slot, p, st, target - 1, mask, upd, keys, trigger)
 end
 
 -- Exits fired by the price, as C's (see "exits" in native/prices.c): the
@@ -587,6 +635,7 @@ REG('upd', once(function(keys, args)
     if not st then return outcome(P, 'price', err) end
     price_write(P, exits(P), args[1], p, st, redis.call('HGET', p, 'rec'),
                 struct.unpack('<d', args[3]), args[4])
+    journal_price(P, args[1], p, tonumber(redis.call('HGET', p, 'st')))
     return outcome(P, 'price', 0)
 end))
 
@@ -605,6 +654,7 @@ REG('upds', once(function(keys, args)
         if st then
             price_write(P, X, slot, p, st, redis.call('HGET', p, 'rec'),
                         (struct.unpack('<d', prices, i * 8 + 1)), ts)
+            journal_price(P, slot, p, tonumber(redis.call('HGET', p, 'st')))
             written = written + 1
         end
     end
@@ -629,6 +679,7 @@ REG('tokp', once(function(keys, args)
         local v = redis.call('HMGET', p, 'st', 'rec')
         if not is_closed(P, tonumber(v[1])) then
             price_write(P, X, slot, p, tonumber(v[1]), v[2], price, args[3])
+            journal_price(P, slot, p, tonumber(redis.call('HGET', p, 'st')))
             n = n + 1
         end
     end
@@ -797,6 +848,8 @@ REG('open', once(function(keys, args)
     else
         redis.call('DEL', pk)
     end
+    journal_pos(P, 'open', slot, p)
+    if a then journal_account(P, an, a) end
     count(P, 'open', 'applied')
     return {0, tonumber(slot), op, gen, next_free(P .. 'free', pick)}
 end))
@@ -815,6 +868,7 @@ REG('bind', once(function(keys, args)
     end
     redis.call('SET', kk, slot .. ':' .. op)
     redis.call('RPUSH', pk, key)
+    journal(P, 'key', 's', slot, 'o', op, 'st', st, 'r', key)
     return outcome(P, 'key', 0)
 end))
 
@@ -862,21 +916,47 @@ REG('release', once(function(keys, args)
     redis.call('SREM', P .. 't:' .. tok, slot)
     redis.call('RPUSH', P .. 'free', slot)
     wake(P, slot, 0)
+    journal(P, 'release', 's', slot, 'o', op, 'st', 0)
     return committed(st, 0, gen)
 end))
 
--- the wait stream's last id (before blocking on it), or {code}; arms the
--- slot's waiting flag for ttl ms (never shortening another waiter's)
+-- {0, the wait stream's last id (before blocking on it), state, generation}
+-- or {code}; arms the slot's waiting flag for ttl ms (never shortening
+-- another waiter's).  State and last id are read in the same step as the
+-- flag is armed: a commit after it reaches the stream (wait_for: check, then
+-- block past that id, with no window between)
 REG('wprep', once(function(keys, args)
     local P = tag(keys)
-    local st, err = live(P .. 'p:' .. args[1], tonumber(args[2]))
+    local p = P .. 'p:' .. args[1]
+    local st, err = live(p, tonumber(args[2]))
     if not st then return {err} end
     local wf, ttl = P .. 'wf:' .. args[1], tonumber(args[3])
     if redis.call('PTTL', wf) < ttl then redis.call('SET', wf, 1, 'PX', ttl) end
     local last = redis.call('XREVRANGE', P .. 'w:' .. args[1], '+', '-', 'COUNT', 1)
-    if #last == 0 then return {0, '0-0'} end
-    return {0, last[1][1]}
+    local gen = tonumber(redis.call('HGET', p, 'gen')) or 0
+    if #last == 0 then return {0, '0-0', st, gen} end
+    return {0, last[1][1], st, gen}
 end))
+
+-- The shard's journal after seq args[1], at most args[2] entries:
+-- {last seq, oldest retained seq (0: none retained), entry...}, read in one
+-- step (a trim cannot fall between the bounds and the entries)
+REG('jread', function(keys, args)
+    local P = tag(keys)
+    local last = tonumber(redis.call('HGET', P .. 'm', 'jseq')) or 0
+    local head = redis.call('XRANGE', P .. 'j', '-', '+', 'COUNT', 1)
+    local oldest = 0
+    if #head > 0 then oldest = tonumber(string.match(head[1][1], '^(%d+)')) end
+    local after, n = tonumber(args[1]), tonumber(args[2])
+    local out = {last, oldest}
+    if after < last and n > 0 then
+        local from = string.format('%d', math.max(after, oldest - 1) + 1) .. '-0'
+        for _, e in ipairs(redis.call('XRANGE', P .. 'j', from, '+', 'COUNT', n)) do
+            out[#out + 1] = e
+        end
+    end
+    return out
+end, NO_WRITES)
 
 -- one page of the shard's open positions: one SSCAN step from cursor args[1]
 -- of about args[2] slots, so a call holds the server a bounded time however
@@ -900,7 +980,9 @@ REG('snap', function(keys, args)
 end, NO_WRITES)
 
 REG('halt', function(keys, args)
+    local was = redis.call('HGET', keys[1], 'halted') == '1'
     redis.call('HSET', keys[1], 'halted', args[1])
+    if was ~= (args[1] == '1') then journal(tag(keys), 'halt', 'r', args[1]) end
     return 0
 end, ALLOW_OOM)
 
@@ -939,6 +1021,7 @@ REG('aopen', once(function(keys, args)
     else
         redis.call('HDEL', a, 'key')
     end
+    journal_account(P, n, a)
     return {0, tonumber(n), op, next_free(P .. 'afree', pick)}
 end))
 
@@ -978,6 +1061,7 @@ REG('acash', once(function(keys, args)
         end
     end
     redis.call('HINCRBY', a, 'version', 1)
+    journal_account(P, args[1], a)
     return {outcome(P, 'account', 0)}
 end))
 
@@ -1000,6 +1084,7 @@ REG('aset', once(function(keys, args)
         end
     end
     redis.call('HINCRBY', a, 'version', 1)
+    journal_account(P, args[1], a)
     return outcome(P, 'account', 0)
 end))
 
@@ -1015,6 +1100,7 @@ REG('aclose', once(function(keys, args)
         redis.call('HDEL', a, 'key')
     end
     redis.call('RPUSH', P .. 'afree', args[1])
+    journal_account(P, args[1], a)
     return 0
 end))
 

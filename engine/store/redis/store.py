@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine._native import ffi
+from engine._native import ffi, lib
 from engine.errors import (
     ArgumentError,
     ClosedError,
@@ -82,6 +82,7 @@ from engine.store.redis.functions import (
     SW_LOCK,
     _needs,
 )
+from engine.store.redis.journal import RedisJournal
 
 __all__ = ["CREATE_HOOK", "RedisStore"]
 
@@ -173,7 +174,9 @@ class RedisStore:
         self._token = secrets.token_hex(8)
         #: per shard: the meta key, the metrics hash, this client's request record
         self._fixed = [(P + "m", P + "s", P + "r:" + self._token) for P in self.prefixes]
-        self._fixed_packed = [(_packed_keys(f[:2]), _packed_keys(f[2:])) for f in self._fixed]
+        # (meta and metrics; a writing call's request record, then its shard's journal)
+        self._fixed_packed = [(_packed_keys(f[:2]), _packed_keys((f[2], f[0][:-1] + "j")))
+                              for f in self._fixed]
         #: per (function, slot): its slot's keys, packed (see _call; bounded)
         self._slot_keys: dict[tuple[str, int], tuple[bytes, int]] = {}
         self._seq = 0   # the last request number (see _fn)
@@ -214,7 +217,15 @@ class RedisStore:
     # -- create, attach, destroy ------------------------------------------------------
     @classmethod
     def create(cls, url: str, name: str, spec: MachineSpec, capacity: int, kpp: int,
-               max_accounts: int, shards: int | None) -> RedisStore:
+               max_accounts: int, shards: int | None,
+               journal_records: int = lib.ENG_REDIS_JOURNAL_RECORDS,
+               journal_prices: bool = False) -> RedisStore:
+        """``journal_records``: records each shard's journal stream keeps (0:
+        no journal); ``journal_prices``: price writes are journaled too."""
+        if (not isinstance(journal_records, int) or isinstance(journal_records, bool)
+                or not 0 <= journal_records <= lib.ENG_REDIS_JOURNAL_MAX):
+            raise ArgumentError(f"journal_records must be an int in [0, "
+                                f"{lib.ENG_REDIS_JOURNAL_MAX}], got {journal_records!r:.40}")
         conn = _Conn(url)
         try:
             _no_eviction(conn)
@@ -231,6 +242,7 @@ class RedisStore:
                 "nwords": rec.n_words, "ntrig": len(spec.triggers), "table": spec.table_bytes(),
                 "closed": spec.closed_mask, "initial": 1 << spec.state_index[spec.initial],
                 "halted": "0", "metrics": "1", "created_ns": time.time_ns(),
+                "jrec": journal_records, "jprices": 1 if journal_prices else 0,
                 **{"r_" + k: rec.roles.get(v, -1) for k, v in roles.items()},
                 **_exit_meta(spec)}
             inc = _Creator(conn, name, url, _create_step).create(meta, n, capacity, max_accounts)
@@ -400,7 +412,7 @@ class RedisStore:
                 if _TS in args:
                     ts = _Q.pack(time.time_ns())
                     args = tuple(ts if a is _TS else a for a in args)
-            full, nk = ms + r + packed[0], 3 + packed[1]
+            full, nk = ms + r + packed[0], 4 + packed[1]
             sent: tuple[Any, ...] = (self.inc, seq, *args)
         else:
             full, nk, sent = ms + packed[0], 2 + packed[1], (self.inc, *args)
@@ -1087,6 +1099,45 @@ class RedisStore:
             if ms <= slice_ms:
                 return ETIMEDOUT
 
+    def journal_source(self, spec: MachineSpec) -> RedisJournal:
+        """This engine's journal (a stream per shard; see engine/store/redis/journal.py)."""
+        return RedisJournal(self, spec)
+
+    def wait_slice_ms(self) -> int:
+        """A blocking read's slice: well inside the url's socket timeout."""
+        return max(1, min(_WAIT_SLICE_MS, int(self.conn.timeout * 1000) // 2))
+
+    def wait_probe(self, id: int, ttl_ms: int | None = None) -> tuple[int, int, int, str, bytes]:
+        """(code, state, generation, stream, last id), read in one step
+        (wprep) that arms the slot's waiting flag for ``ttl_ms`` (default
+        three slices): a commit after it adds an entry past that id."""
+        sp = self._split(id)
+        if isinstance(sp, int):
+            return sp, 0, 0, "", b""
+        slot, op = sp
+        r = self._call(slot, "wprep", op, ttl_ms or 3 * self.wait_slice_ms())
+        if r[0]:
+            return int(r[0]), 0, 0, "", b""
+        return 0, int(r[2]), int(r[3]), self.prefixes[slot % self.shards] + f"w:{slot}", r[1]
+
+    def eng_wait_for(self, seg: Any, id: int, mask: int, left_ns: int, out: Any) -> int:
+        """Until the state is in ``mask`` (APPLIED, the state in out[0]) or the
+        time is up (ETIMEDOUT): check and arm in one step (wprep), then
+        block on the stream past the id it read, a slice at a time."""
+        deadline = time.monotonic() + left_ns / 1e9
+        slice_ms = self.wait_slice_ms()
+        while True:
+            rc, st, _gen, stream, last = self.wait_probe(id)
+            if rc:
+                return rc
+            if st & mask:
+                out[0] = st
+                return APPLIED
+            ms = int((deadline - time.monotonic()) * 1000)
+            if ms <= 0:
+                return ETIMEDOUT
+            self.conn.block_read(stream, last, min(ms, slice_ms))
+
     def eng_snapshot(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
         """Each shard in pages of about ENG_REDIS_SNAPSHOT_PAGE open
         positions, one call each: no call holds the server long, and other
@@ -1127,7 +1178,8 @@ class RedisStore:
         if self._closed:
             return self._closed_code()
         # the commands as call() would send them (with the incarnation), each on its shard
-        failed = self.conn.call_every({k: self.conn._cmd(k, "halt", (self.inc, 1 if on else 0))
+        failed = self.conn.call_every({k: self.conn._cmd(k, "halt", (self.inc, 1 if on else 0),
+                                                         (k[:-1] + "j",))   # its journal
                                        for k in self.meta_keys})
         gone = next((w for w in failed.values() if "ENGINE_GONE" in w or "ENGINE_OTHER" in w),
                     None)
