@@ -283,3 +283,15 @@ class TestCloseAtFill:
         for t in (Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED, Trigger.EXIT_COMPLETED):
             assert engine.transition(pos, t) is Outcome.APPLIED
         assert engine.account(acct).realized_pnl == Decimal(8)
+
+
+class TestJournaled:
+    def test_fire_is_journaled_as_a_transition(self, engine):
+        """A fire is one journal record: EXIT_CONDITION_MET to EXIT_PENDING, with its fields."""
+        pos = armed(engine, stop_loss=95.0)
+        since = engine.journal_seq
+        engine.update_price(pos, 94.0)
+        evs = [e for e in engine.events(since=since, timeout=0.5) if e.kind == "transition"]
+        assert [(e.id, e.state, e.trigger, e.record.exit_reason, e.record.exit_price)
+                for e in evs] == [(pos, State.EXIT_PENDING, Trigger.EXIT_CONDITION_MET,
+                                   ExitReason.STOP_LOSS, 94.0)]

@@ -535,7 +535,7 @@ local function price_write(P, X, slot, p, st, rec, price, ts)
             mask, upd = word_update(mask, upd, X.xprice, struct.pack('<d', price))
             local rc = HALTED
             if redis.call('HGET', P .. 'm', 'halted') ~= '1' and target > 0 then
-                rc = commit(P, slot, p, st, target - 1, mask, upd, nil)
+                rc = commit(P, slot, p, st, target - 1, mask, upd, nil, X.trigger)
             end
             count(P, 'exit', OUTCOME[rc] or 'errors')
             if rc == APPLIED then rec = redis.call('HGET', p, 'rec') end
