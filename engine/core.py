@@ -56,6 +56,7 @@ from engine.errors import (
     RiskLimitError,
     SegmentNotFoundError,
     SlotError,
+    SpecError,
     TriggerError,
     WaitTimeout,
     raise_for,
@@ -741,6 +742,10 @@ class Engine(_EngineBase, Generic[S, C, T]):
         rec = self._rec
         if rec.pnl:
             self._check_pnl_fields(fields)
+        if self.spec.reopens and fields.get("account") and "account" in rec.roles:
+            raise SpecError(f"spec {self.spec.name!r} lets a closed state be left "
+                            f"({self.spec.reopens}): a position booked on an account is "
+                            "booked at its closing once, so open it without account=")
         words = ffi.new("uint64_t[]", lib.ENG_MAX_FIELD_WORDS)
         rec.pack(fields, words)
         k = ffi.NULL if key is None else _key_bytes(key)
@@ -765,17 +770,29 @@ class Engine(_EngineBase, Generic[S, C, T]):
 
     def open_position(self, entry_price: float, amount: float, side: Side | int = Side.BUY,
                       token: int = 0, key: str | bytes | None = None,
-                      account: int | None = None) -> int:
+                      account: int | None = None, *, stop_loss: float | None = None,
+                      take_profit: float | None = None,
+                      trailing_stop: float | None = None) -> int:
         """Open a position of the position spec: ``open`` with its fields.
 
         With ``account``, its notional |entry_price x amount| is reserved on
         that account atomically with the opening, or ``RiskLimitError`` is
-        raised and nothing changes."""
+        raised and nothing changes.  ``stop_loss``, ``take_profit`` and
+        ``trailing_stop`` (0 or None: off) arm the exits a price write fires
+        once the position is in the spec's armed state (MONITORING)."""
         if not self._rec.pnl or "token" not in self._rec.roles:
             raise ArgumentError(f"open_position needs entry_price, amount, side and token "
                                 f"fields; spec {self.spec.name!r} has "
                                 f"{[f.name for f in self._rec.fields]}: use open(**fields)")
         fields = {"entry_price": entry_price, "amount": amount, "side": side, "token": token}
+        for name, level in (("stop_loss", stop_loss), ("take_profit", take_profit),
+                            ("trailing_stop", trailing_stop)):
+            if level is None:
+                continue
+            if name not in self._rec.types:
+                raise FieldError(f"spec {self.spec.name!r} has no f8 field {name!r}; its "
+                                 f"record has {[f.name for f in self._rec.fields]}")
+            fields[name] = level
         if account is not None:
             if "account" not in self._rec.roles:
                 raise FieldError(f"spec {self.spec.name!r} has no i8 field 'account': positions "

@@ -107,6 +107,21 @@ _TS = _Now()
 CREATE_HOOK: Callable[[str], None] | None = None
 
 
+def _exit_meta(spec: MachineSpec) -> dict[str, Any]:
+    """The meta fields of exits (see price_write in redis_functions.lua): the
+    words of the exit fields (-1: none), and with exits the armed one-hot
+    state and the trigger."""
+    rec = spec.record
+    meta: dict[str, Any] = {
+        "r_" + k: rec.exit_roles.get(v, -1)
+        for k, v in (("stop", "stop_loss"), ("tp", "take_profit"), ("trail", "trailing_stop"),
+                     ("reason", "exit_reason"), ("xprice", "exit_price"))}
+    if spec.exits is not None:
+        meta["x_armed"] = 1 << spec.state_index[spec.exits[0]]
+        meta["x_trigger"] = spec.trigger_index[spec.exits[1]]
+    return meta
+
+
 def _create_step(what: str) -> None:
     if CREATE_HOOK is not None:
         CREATE_HOOK(what)
@@ -228,7 +243,8 @@ class RedisStore:
                 "closed": spec.closed_mask, "initial": 1 << spec.state_index[spec.initial],
                 "halted": "0", "metrics": "1", "created_ns": time.time_ns(),
                 "jrec": journal_records, "jprices": 1 if journal_prices else 0,
-                **{"r_" + k: rec.roles.get(v, -1) for k, v in roles.items()}}
+                **{"r_" + k: rec.roles.get(v, -1) for k, v in roles.items()},
+                **_exit_meta(spec)}
             inc = _Creator(conn, name, url, _create_step).create(meta, n, capacity, max_accounts)
             if conn.wait:
                 conn.replicate(f"eng:{{{name}:0}}:m")
