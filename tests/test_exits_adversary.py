@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from engine import POSITION_SPEC, BusyError, MachineSpec, Rule, State, Trigger
@@ -35,7 +36,8 @@ def _guarded_error_spec() -> MachineSpec:
 
 
 class TestFireVersusGuardLock:
-    def test_crossing_write_does_not_fire_under_a_guards_lock(self, make_engine):
+    @pytest.mark.parametrize("call", ["update_price", "update_prices", "update_token_price"])
+    def test_crossing_write_does_not_fire_under_a_guards_lock(self, make_engine, call):
         """A crossing price written while a guarded transition holds the lock neither fires
         nor publishes (BusyError); the guarded transition commits from the state its guard saw."""
         _inside.clear()
@@ -48,7 +50,12 @@ class TestFireVersusGuardLock:
         def writer() -> None:
             assert _inside.wait(10.0)
             try:
-                eng.update_price(pos, 90.0)
+                if call == "update_price":
+                    eng.update_price(pos, 90.0)
+                elif call == "update_prices":
+                    eng.update_prices(np.array([pos], dtype=np.uint64), np.array([90.0]))
+                else:
+                    eng.update_token_price(1, 90.0)
                 result.append("written")
             except BusyError:
                 result.append("busy")
