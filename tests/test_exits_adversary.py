@@ -8,9 +8,12 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from engine import POSITION_SPEC, BusyError, MachineSpec, Rule, State, Trigger
+from engine import POSITION_SPEC, BusyError, Engine, MachineSpec, Rule, State, Trigger
 from engine.spec import POSITION_FIELDS
+from conftest import _dispose, create_args
 
 BACKENDS = ("shm", "redis")
 
@@ -72,3 +75,63 @@ class TestFireVersusGuardLock:
         assert (result, eng.state(pos), ctx.exit_reason, ctx.exit_price) == (
             ["busy"], State.ERROR, 0, 0.0)
         assert eng.price(pos).price == 100.0
+
+
+_LEVEL = st.one_of(st.just(0.0), st.integers(1, 60).map(lambda k: 0.25 * k),
+                   st.integers(0, 60).map(lambda k: 100.0 + 0.25 * k), st.floats(0.0, 200.0))
+_OPS = st.one_of(
+    st.tuples(st.sampled_from(["update_price", "update_prices", "update_token_price"]),
+              st.one_of(st.integers(-40, 40).map(lambda k: 100.0 + 0.25 * k),
+                        st.floats(50.0, 150.0))),
+    st.tuples(st.sampled_from(["PAUSE", "RESUME", "EXIT_CANCELLED", "ERROR_OCCURRED",
+                               "RECOVER"]), st.none()),
+    st.tuples(st.just("rearm"), st.tuples(st.sampled_from(["stop_loss", "take_profit",
+                                                           "trailing_stop"]), _LEVEL)),
+)
+@pytest.fixture(scope="module")
+def both():   # type: ignore[no-untyped-def]
+    """One shared-memory and one Redis engine of the position lifecycle."""
+    engs = [Engine.create(capacity=512), Engine.create(capacity=512, **create_args("redis"))]
+    try:
+        yield engs
+    finally:
+        for e in engs:
+            _dispose(e)
+
+
+_token = iter(range(1_000, 10**9))
+
+
+class TestRedisRuleIsCs:
+    @settings(max_examples=200, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(side=st.sampled_from([1, -1]), stop=_LEVEL, take=_LEVEL, trail=_LEVEL,
+           ops=st.lists(_OPS, max_size=14))
+    def test_same_fire_on_the_same_path(self, both, side, stop, take, trail, ops):
+        """On any path of price writes and transitions, Redis fires as shared memory:
+        same state, exit_reason, exit_price and price after every step."""
+        token = next(_token)
+        ids = []
+        for e in both:
+            pos = e.open_position(entry_price=100.0, amount=1.0, side=side, token=token,
+                                  stop_loss=stop, take_profit=take, trailing_stop=trail)
+            e.transition(pos, Trigger.POSITION_OPENED)
+            ids.append(pos)
+
+        def seen(e, pos):   # type: ignore[no-untyped-def]
+            c = e.context(pos)
+            return e.state(pos), c.exit_reason, c.exit_price, e.price(pos).price
+
+        for step, (op, arg) in enumerate(ops):
+            for e, pos in zip(both, ids):
+                if op == "update_price":
+                    e.update_price(pos, arg)
+                elif op == "update_prices":
+                    e.update_prices(np.array([pos], dtype=np.uint64), np.array([arg]))
+                elif op == "update_token_price":
+                    e.update_token_price(token, arg)
+                elif op == "rearm":   # the levels move with a cancel of a pending exit
+                    e.transition(pos, Trigger.EXIT_CANCELLED, **{arg[0]: arg[1]})
+                else:
+                    e.transition(pos, op)
+            assert seen(both[0], ids[0]) == seen(both[1], ids[1]), (step, op, arg)
