@@ -5,13 +5,23 @@ decides as shared memory's on random price paths."""
 from __future__ import annotations
 
 import threading
+from decimal import Decimal
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import POSITION_SPEC, BusyError, Engine, MachineSpec, Rule, State, Trigger
+from engine import (
+    POSITION_SPEC,
+    BusyError,
+    Engine,
+    MachineSpec,
+    MoneyError,
+    Rule,
+    State,
+    Trigger,
+)
 from engine.spec import POSITION_FIELDS
 from conftest import _dispose, create_args
 
@@ -135,3 +145,22 @@ class TestRedisRuleIsCs:
                 else:
                     e.transition(pos, op)
             assert seen(both[0], ids[0]) == seen(both[1], ids[1]), (step, op, arg)
+
+
+class TestCloseAtFillRefused:
+    def test_refused_fill_is_named_not_the_last_price(self, engine):
+        """A fill above the booking band is refused (MoneyError) naming that fill, not the
+        last price written; nothing changes."""
+        acct = engine.open_account(cash=10_000, max_exposure=10_000, max_positions=10,
+                                   max_loss=5_000)
+        pos = engine.open_position(entry_price=100.0, amount=2.0, side=1, account=acct,
+                                   stop_loss=95.0)
+        engine.transition(pos, Trigger.POSITION_OPENED)
+        engine.update_price(pos, 94.0)
+        engine.transition(pos, Trigger.EXIT_STARTED)
+        engine.update_price(pos, 99.0)
+        with pytest.raises(MoneyError) as e:
+            engine.transition(pos, Trigger.EXIT_COMPLETED, exit_price=1e12)
+        assert "1000000000000.0" in str(e.value) and "99.0" not in str(e.value)
+        assert engine.state(pos) == State.EXITING and engine.context(pos).exit_price == 94.0
+        assert engine.account(acct).cash == Decimal(10_000)
