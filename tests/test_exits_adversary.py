@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import numpy as np
 import pytest
+from conftest import _dispose, create_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,6 @@ from engine import (
     Trigger,
 )
 from engine.spec import POSITION_FIELDS
-from conftest import _dispose, create_args
 
 BACKENDS = ("shm", "redis")
 
@@ -133,7 +133,7 @@ class TestRedisRuleIsCs:
             return e.state(pos), c.exit_reason, c.exit_price, e.price(pos).price
 
         for step, (op, arg) in enumerate(ops):
-            for e, pos in zip(both, ids):
+            for e, pos in zip(both, ids, strict=True):
                 if op == "update_price":
                     e.update_price(pos, arg)
                 elif op == "update_prices":
