@@ -4,21 +4,26 @@ decides as shared memory's on random price paths."""
 
 from __future__ import annotations
 
+import os
 import threading
 from decimal import Decimal
+from typing import Any
 
 import numpy as np
 import pytest
 from conftest import _dispose, create_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from procs import JOIN_TIMEOUT, READY_TIMEOUT
 
 from engine import (
     POSITION_SPEC,
     BusyError,
     Engine,
+    ExitReason,
     MachineSpec,
     MoneyError,
+    Outcome,
     Rule,
     State,
     Trigger,
@@ -164,3 +169,99 @@ class TestCloseAtFillRefused:
         assert "1000000000000.0" in str(e.value) and "99.0" not in str(e.value)
         assert engine.state(pos) == State.EXITING and engine.context(pos).exit_price == 94.0
         assert engine.account(acct).cash == Decimal(10_000)
+
+
+# -- processes: racing writers, a manual fire, the trailing peak ---------------------------
+WRITERS = 2 * (os.cpu_count() or 2) + 2     # more processes than cores
+
+
+def _write_band(handle: Any, ids: list[int], token: int, kind: int, lo: float, hi: float,
+                seed: int, go: Any, after: Any, rounds: int) -> None:
+    """Write prices in [lo, hi] by id, batch or token; `rounds` more once `after` is set."""
+    eng = Engine.attach(handle)
+    rng = np.random.default_rng(seed)
+    arr = np.array(ids, dtype=np.uint64)
+    go.wait(READY_TIMEOUT)
+    done_after = 0
+    while done_after < rounds:
+        if after.is_set():
+            done_after += 1
+        p = float(rng.uniform(lo, hi))
+        try:
+            if kind == 0:
+                for pos in ids:
+                    eng.update_price(pos, p)
+            elif kind == 1:
+                eng.update_prices(arr, np.full(len(ids), p))
+            else:
+                eng.update_token_price(token, p)
+        except BusyError:
+            pass   # a live holder past the bound: nothing written, the next round writes
+    eng.close()
+
+
+def _manual_exit(handle: Any, ids: list[int], go: Any, out: Any) -> None:
+    """EXIT_CONDITION_MET by hand on each position, racing the writers' fires."""
+    eng = Engine.attach(handle)
+    go.wait(READY_TIMEOUT)
+    for i, pos in enumerate(ids):
+        out[i] = int(eng.transition(pos, Trigger.EXIT_CONDITION_MET))
+    eng.close()
+
+
+class TestRacingProcesses:
+    def test_manual_exit_races_the_fire(self, engine, spawner):
+        """A hand EXIT_CONDITION_MET racing crossing writers (more processes than cores):
+        exactly one of them commits; the hand one leaves exit_reason 0, a fire STOP_LOSS."""
+        ids = []
+        for _ in range(12):
+            pos = engine.open_position(entry_price=100.0, amount=1.0, token=5, stop_loss=95.0)
+            engine.transition(pos, Trigger.POSITION_OPENED)
+            ids.append(pos)
+        before = {int(r["id"]): int(r["transitions"]) for r in engine.snapshot()}
+        go, after = spawner.ctx.Event(), spawner.ctx.Event()
+        after.set()
+        out = spawner.ctx.Array("i", [-1] * len(ids))
+        for k in range(WRITERS):
+            spawner.start(_write_band, engine.handle, ids, 5, k % 3, 90.0, 96.0, k, go, after, 8)
+        spawner.start(_manual_exit, engine.handle, ids, go, out)
+        go.set()
+        spawner.join_all(JOIN_TIMEOUT)
+        rows = {int(r["id"]): r for r in engine.snapshot()}
+        for i, pos in enumerate(ids):
+            r = rows[pos]
+            assert int(r["transitions"]) - before[pos] == 1, f"{pos}: not exactly one commit"
+            assert State(int(r["state"])) is State.EXIT_PENDING, pos
+            manual = out[i] == int(Outcome.APPLIED)
+            assert out[i] in (int(Outcome.APPLIED), int(Outcome.INVALID)), out[i]
+            if manual:
+                assert (r["exit_reason"], r["exit_price"]) == (0, 0.0), pos
+            else:
+                assert r["exit_reason"] == ExitReason.STOP_LOSS and 90.0 <= r["exit_price"] <= 95.0
+
+    def test_trailing_peak_not_lost_to_a_lower_racing_write(self, engine, spawner):
+        """Writers race in [110, 111] (no crossing: trail 2) while one writes a 120 spike;
+        every write after the spike crosses 118, so each position fires TRAILING_STOP
+        exactly once below 118: a peak lost to a lower racing write would leave it armed."""
+        ids = []
+        for _ in range(8):
+            pos = engine.open_position(entry_price=100.0, amount=1.0, token=6, trailing_stop=2.0)
+            engine.transition(pos, Trigger.POSITION_OPENED)
+            ids.append(pos)
+        before = {int(r["id"]): int(r["transitions"]) for r in engine.snapshot()}
+        go, after = spawner.ctx.Event(), spawner.ctx.Event()
+        for k in range(WRITERS):
+            spawner.start(_write_band, engine.handle, ids, 6, k % 3, 110.0, 111.0, k, go, after, 6)
+        go.set()
+        for pos in ids:   # the spike, racing the band writers
+            engine.update_price(pos, 120.0)
+        after.set()
+        spawner.join_all(JOIN_TIMEOUT)
+        rows = {int(r["id"]): r for r in engine.snapshot()}
+        for pos in ids:
+            r = rows[pos]
+            # forbidden: armed after post-spike writes at <= 111 (the peak went backwards)
+            assert State(int(r["state"])) is State.EXIT_PENDING, (pos, r["price"])
+            assert int(r["transitions"]) - before[pos] == 1, pos
+            assert r["exit_reason"] == ExitReason.TRAILING_STOP, pos
+            assert 110.0 <= r["exit_price"] <= 111.0, (pos, r["exit_price"])
