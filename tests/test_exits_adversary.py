@@ -5,6 +5,7 @@ decides as shared memory's on random price paths."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from decimal import Decimal
 from typing import Any
@@ -28,6 +29,7 @@ from engine import (
     State,
     Trigger,
 )
+from engine._native import lib
 from engine.spec import POSITION_FIELDS
 
 BACKENDS = ("shm", "redis")
@@ -265,3 +267,72 @@ class TestRacingProcesses:
             assert int(r["transitions"]) - before[pos] == 1, pos
             assert r["exit_reason"] == ExitReason.TRAILING_STOP, pos
             assert 110.0 <= r["exit_price"] <= 111.0, (pos, r["exit_price"])
+
+
+# -- kills (shared memory: the fault switches of native/engine.h) ---------------------------
+def _die_writing(handle: Any, pos: int, fault: int, price: float) -> None:
+    """Set the fault and write a price: SIGKILLed inside it."""
+    eng = Engine.attach(handle)
+    eng._set_fault(flags=fault)
+    eng.update_price(pos, price)
+
+
+def _die_transition(handle: Any, pos: int, fault: int, trigger: int) -> None:
+    """Set the fault and fire trigger: SIGKILLed inside it."""
+    eng = Engine.attach(handle)
+    eng._set_fault(flags=fault)
+    eng.transition(pos, trigger)
+
+
+@pytest.mark.shm_only
+class TestKillsInTheFire:
+    @pytest.fixture(autouse=True)
+    def _faults_off(self, engine):   # type: ignore[no-untyped-def]
+        yield
+        engine._set_fault(0)
+
+    def _armed(self, engine):   # type: ignore[no-untyped-def]
+        pos = engine.open_position(entry_price=100.0, amount=1.0, token=9, stop_loss=95.0)
+        engine.transition(pos, Trigger.POSITION_OPENED)
+        engine.update_price(pos, 96.0)
+        return pos, int(next(r for r in engine.snapshot() if int(r["id"]) == pos)["transitions"])
+
+    def test_killed_after_the_fires_commit_cas(self, engine, spawner):
+        """SIGKILL right after the fire's commit CAS (before its wake and publish): fired
+        once, at the writer's price; recover() and later writes never fire it again."""
+        pos, commits = self._armed(engine)
+        p = spawner.start(_die_writing, engine.handle, pos, lib.ENG_FAULT_DIE_AFTER_CAS, 94.25)
+        p.join(JOIN_TIMEOUT)
+        assert p.exitcode == -signal.SIGKILL
+        engine._set_fault(0)
+        engine.recover()
+        c = engine.context(pos)
+        assert (engine.state(pos), c.exit_reason, c.exit_price) == \
+            (State.EXIT_PENDING, ExitReason.STOP_LOSS, 94.25)
+        assert engine.price(pos).price == 96.0            # its price never published
+        engine.update_price(pos, 90.0)
+        assert engine.price(pos).price == 90.0 and engine.context(pos).exit_price == 94.25
+        rows = {int(r["id"]): r for r in engine.snapshot()}
+        assert int(rows[pos]["transitions"]) <= commits + 1   # one fire (its bump may be lost)
+
+    def test_killed_pause_never_fires(self, engine, spawner):
+        """A PAUSE SIGKILLed right after its commit CAS: crossing writes of every kind
+        and recover() never fire the paused position."""
+        pos, _ = self._armed(engine)
+        p = spawner.start(_die_transition, engine.handle, pos, lib.ENG_FAULT_DIE_AFTER_CAS,
+                          int(Trigger.PAUSE))
+        p.join(JOIN_TIMEOUT)
+        assert p.exitcode == -signal.SIGKILL
+        engine._set_fault(0)
+        engine.update_price(pos, 90.0)
+        engine.update_prices(np.array([pos], dtype=np.uint64), np.array([89.0]))
+        engine.update_token_price(9, 88.0)
+        engine.recover()
+        c = engine.context(pos)
+        assert (engine.state(pos), c.exit_reason, c.exit_price) == (State.PAUSED, 0, 0.0)
+        assert engine.price(pos).price == 88.0
+        assert engine.transition(pos, Trigger.RESUME) is Outcome.APPLIED
+        engine.update_price(pos, 94.0)                    # armed again: the next write fires
+        c = engine.context(pos)
+        assert (engine.state(pos), c.exit_reason, c.exit_price) == \
+            (State.EXIT_PENDING, ExitReason.STOP_LOSS, 94.0)
