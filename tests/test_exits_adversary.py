@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import _dispose, create_args
+import redis
+from conftest import _dispose, create_args, redis_url
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import JOIN_TIMEOUT, READY_TIMEOUT
+from procs import JOIN_TIMEOUT, READY_TIMEOUT, readable
 
 from engine import (
     POSITION_SPEC,
@@ -336,3 +337,61 @@ class TestKillsInTheFire:
         c = engine.context(pos)
         assert (engine.state(pos), c.exit_reason, c.exit_price) == \
             (State.EXIT_PENDING, ExitReason.STOP_LOSS, 94.0)
+
+
+# -- Redis: a firing call whose reply is lost is resent and fires once ---------------------
+def _lose_next_reply(e: Engine, nth: int = 1) -> list[int]:
+    """Kill e's connection after the server ran its nth next call, before the reply is read."""
+    conn = e._seg.conn.conn
+    cid = e._seg.conn.command("CLIENT", "ID")
+    admin = redis.Redis.from_url(redis_url())
+    read = conn.read_response
+    killed: list[int] = []
+    reads = [0]
+
+    def lose_reply(*args: Any, **kw: Any) -> Any:
+        reads[0] += 1
+        if reads[0] < nth:
+            return read(*args, **kw)
+        conn.read_response = read   # once
+        assert readable(conn._sock, 10), "no reply"   # the function ran
+        admin.execute_command("CLIENT", "KILL", "ID", cid)
+        killed.append(cid)
+        conn.disconnect()
+        raise redis.ConnectionError("killed before the reply was read")
+
+    conn.read_response = lose_reply
+    return killed
+
+
+class TestRedisResendFiresOnce:
+    @pytest.mark.parametrize("call", ["update_price", "update_prices", "update_token_price"])
+    @pytest.mark.parametrize("nth", [1, 2])
+    def test_a_lost_reply_of_a_firing_write(self, call, nth):
+        """A crossing write (4 shards) whose reply is lost with its connection: resent,
+        each position fired exactly once, at that write's price."""
+        e = Engine.create(capacity=16, url=redis_url(), shards=4)
+        try:
+            ids = []
+            for _ in range(4):
+                pos = e.open_position(entry_price=100.0, amount=1.0, token=4, stop_loss=95.0)
+                e.transition(pos, Trigger.POSITION_OPENED)
+                ids.append(pos)
+            killed = _lose_next_reply(e, nth if call != "update_price" else 1)
+            if call == "update_price":
+                e.update_price(ids[0], 94.0)
+                ids = ids[:1]
+            elif call == "update_prices":
+                e.update_prices(np.array(ids, dtype=np.uint64), np.full(len(ids), 94.0))
+            else:
+                e.update_token_price(4, 94.0)
+            assert killed, "the fault never happened"
+            assert e.metrics()["exit"].applied == len(ids), "a resend fired again"
+            for pos in ids:
+                c = e.context(pos)
+                assert (e.state(pos), c.exit_reason, c.exit_price) == \
+                    (State.EXIT_PENDING, ExitReason.STOP_LOSS, 94.0)
+                assert e.price(pos).version == 2, "the price applied twice"
+        finally:
+            e.unlink()
+            e.close()
