@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from procs import JOIN_TIMEOUT, READY_TIMEOUT, readable
 
 from engine import (
+    ORDER_SPEC,
     POSITION_SPEC,
     BusyError,
     Engine,
@@ -27,6 +28,7 @@ from engine import (
     MoneyError,
     Outcome,
     Rule,
+    StaleIdError,
     State,
     Trigger,
 )
@@ -395,3 +397,56 @@ class TestRedisResendFiresOnce:
         finally:
             e.unlink()
             e.close()
+
+
+# -- late fills racing a release -------------------------------------------------------------
+def _release_all(handle: Any, ids: list[int], go: Any, out: Any) -> None:
+    eng = Engine.attach(handle)
+    go.wait(READY_TIMEOUT)
+    for i, oid in enumerate(ids):
+        try:
+            out[i] = int(eng.release_position(oid))
+        except StaleIdError:
+            out[i] = -1
+    eng.close()
+
+
+def _late_fill_all(handle: Any, ids: list[int], go: Any, out: Any) -> None:
+    eng = Engine.attach(handle)
+    go.wait(READY_TIMEOUT)
+    for i, oid in enumerate(ids):
+        try:
+            out[i] = int(eng.transition(oid, "PARTIAL_FILL", filled_qty=1.0, avg_px=10.0))
+        except StaleIdError:
+            out[i] = -1
+    eng.close()
+
+
+class TestLateFillVersusRelease:
+    def test_late_partial_fill_races_the_release(self, make_engine, spawner):
+        """A late PARTIAL_FILL on a CANCELED order racing its release (processes): never
+        both applied; the fill applied leaves an open order with its fields, else no row."""
+        eng = make_engine(capacity=64, spec=ORDER_SPEC)
+        ids = []
+        for _ in range(40):
+            oid = eng.open(qty=5.0, leaves_qty=5.0, side=1)
+            for t in ("SUBMIT", "ACCEPT", "CANCEL"):
+                eng.transition(oid, t)
+            ids.append(oid)
+        go = spawner.ctx.Event()
+        rel, fill = spawner.ctx.Array("i", [-2] * len(ids)), spawner.ctx.Array("i", [-2] * len(ids))
+        spawner.start(_release_all, eng.handle, ids, go, rel)
+        spawner.start(_late_fill_all, eng.handle, ids, go, fill)
+        go.set()
+        spawner.join_all(JOIN_TIMEOUT)
+        rows = {int(r["id"]) for r in eng.snapshot()}
+        applied = int(Outcome.APPLIED)
+        for i, oid in enumerate(ids):
+            assert not (rel[i] == applied and fill[i] == applied), f"{oid}: both applied"
+            if fill[i] == applied:
+                assert rel[i] == int(Outcome.INVALID), (oid, rel[i])
+                assert oid in rows and eng.state(oid) is ORDER_SPEC.State.PARTIALLY_FILLED
+                assert eng.context(oid).filled_qty == 1.0
+            else:
+                assert (rel[i], fill[i]) == (applied, -1), (oid, rel[i], fill[i])
+                assert oid not in rows
