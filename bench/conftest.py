@@ -223,6 +223,10 @@ HOT_CALLS: dict[str, tuple[str, float | None, str]] = {
     "transition_raw": ("floor_transition_shape", None, "floor_method_transition"),
     "update_price_raw": ("floor_update_price_shape", None, "floor_method_update_price"),
     "price_read_raw": ("floor_price_read_shape", None, "floor_method_price"),
+    # the journal's cost (test_bench_journal): the same calls without it, and prices journaled
+    "transition_no_journal": ("floor_transition_shape", None, "floor_method_transition"),
+    "update_price_no_journal": ("floor_update_price_shape", None, "floor_method_update_price"),
+    "update_price_journaled": ("floor_update_price_shape", None, "floor_method_update_price"),
     "update_price_armed": ("floor_update_price_shape", 2.0, "floor_method_update_price"),
     "update_price_armed_raw": ("floor_update_price_shape", None, "floor_method_update_price"),
 }

@@ -49,8 +49,10 @@ from engine.spec import (
     MachineSpec,
     Outcome,
     Rule,
+    Side,
     State,
     Trigger,
+    TriggerName,
 )
 
 __all__ = [
@@ -88,6 +90,7 @@ __all__ = [
     "SegmentError",
     "SegmentNotFoundError",
     "ServerError",
+    "Side",
     "SlotError",
     "SpecError",
     "SpecMismatchError",
@@ -96,6 +99,7 @@ __all__ = [
     "State",
     "Trigger",
     "TriggerError",
+    "TriggerName",
     "UnknownAccountError",
     "WaitTimeout",
 ]

@@ -7,6 +7,8 @@ Each subcommand lives in its own module, which adds its parser with
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Sequence
 
 
@@ -26,8 +28,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command's ``func``; its exit code.  Ctrl-C:
+    130.  A reader that went away (``ls --json | head``): no traceback, as
+    Python's documentation of SIGPIPE advises -- stdout goes to /dev/null so
+    the interpreter's last flush cannot fail again, exit code 1."""
     try:
-        return int(args.func(args))
+        try:
+            args = parser.parse_args(argv)
+            return int(args.func(args))
+        finally:   # what is still buffered fails here, not at interpreter exit
+            sys.stdout.flush()
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1

@@ -11,6 +11,7 @@ and one output buffer.  Attach one Engine per thread (they are cheap).
 
 from __future__ import annotations
 
+import enum
 import importlib
 import logging
 import math
@@ -21,9 +22,11 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+import typing
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -45,9 +48,11 @@ from engine.errors import (
     EngineError,
     EngineTypeError,
     FieldError,
+    KeyExistsError,
     MoneyError,
     PriceError,
     RiskLimitError,
+    SegmentNotFoundError,
     SlotError,
     SpecError,
     TriggerError,
@@ -55,10 +60,37 @@ from engine.errors import (
     redact,
     shown,
 )
+from engine.journal import Event, JournalSource, JournalWaker, follow, follow_async
 from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
-from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, PriceSnapshot
-from engine.spec import POSITION_SPEC, MachineSpec, Outcome
-from engine.store import Attached, Seg, Store, backend, check_name, random_name
+from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, Context, PriceSnapshot
+from engine.spec import POSITION_SPEC, MachineSpec, Outcome, Side, State, TriggerName
+from engine.store import (
+    Attached,
+    Seg,
+    Store,
+    backend,
+    check_name,
+    journal_source,
+    random_name,
+)
+from engine.store import create as store_create
+
+if TYPE_CHECKING:
+    from typing_extensions import Self, TypeVar
+else:
+    def TypeVar(name: str, *, default: object = None, **kw: Any) -> Any:
+        """typing.TypeVar takes ``default`` only from 3.13: the type checkers
+        read it (through typing_extensions); at run time it is not needed."""
+        return typing.TypeVar(name, **kw)
+
+#: An Engine's types, for type checkers: its states, its records and its
+#: trigger names.  ``Engine`` alone is the default position spec's
+#: (``State``, ``Context``, ``TriggerName``); an engine of a custom spec is
+#: ``Engine[Any, Any, Any]`` (its states are ``spec.State`` members, its
+#: records named tuples of its fields, its triggers any of its names).
+S = TypeVar("S", bound=enum.IntEnum, default=State)
+C = TypeVar("C", default=Context)
+T = TypeVar("T", bound=str, default=TriggerName)
 
 __all__ = ["Engine", "Handle", "RecoveryReport"]
 
@@ -81,6 +113,7 @@ _INT64 = (-(2**63), 2**63 - 1)
 _KEY_MAX = lib.ENG_KEY_MAX
 _DEFAULT_KEYS = 2
 _DEFAULT_ACCOUNTS = 64
+_DEFAULT_JOURNAL_RECORDS = lib.ENG_JOURNAL_DEFAULT_RECORDS
 _ACCOUNT_TRIES = 32          # update_account: tries before BusyError
 _ACCOUNT_BACKOFF_S = 20e-6   # first back-off; doubles per try, capped at 2 ms
 _RISK_LIMITS = {lib.ENG_ERISK_HALTED: "halted", lib.ENG_ERISK_EXPOSURE: "exposure",
@@ -100,7 +133,7 @@ _HALTS_LOGGED: set[tuple[str, int]] = set()
 
 
 @dataclass(frozen=True)
-class Handle:
+class Handle(Generic[S, C, T]):
     """What a worker needs to attach: picklable, small."""
 
     name: str
@@ -150,6 +183,21 @@ def _log_halted(name: str, account: int, realized: int, max_loss: int) -> None:
     _log.warning("engine %s: account %d halted itself: realized %s reached max_loss %s; "
                  "openings on it are refused until an operator resumes it", name, account,
                  from_units(realized), from_units(max_loss))
+
+
+def _remove_temporary(name: str, remove: Callable[[], None], pid: int) -> None:
+    """Remove a ``create(temporary=True)`` engine with its backend's
+    ``remover`` (the segment, if the name still names the file created; on
+    Redis, this incarnation's keys).  Only in the creating process: a fork
+    child's exit leaves the parent's engine alone."""
+    if os.getpid() != pid:
+        return
+    try:
+        remove()
+    except (FileNotFoundError, SegmentNotFoundError):
+        pass   # removed already (unlink(), rm, or an engine created again under the name)
+    except (EngineError, OSError) as e:
+        _log.warning("engine %s: the temporary engine could not be removed: %s", name, e)
 
 
 def _is_number(v: object) -> bool:
@@ -239,7 +287,26 @@ else:   # the C part of an Engine: the view its hot calls use (native/fastpath.c
     _EngineBase = object if _fastpath is None else _fastpath.EngineBase
 
 
-class Engine(_EngineBase):
+def _journal_args(journal: Any, records: Any, prices: Any) -> tuple[int, int]:
+    """create()'s journal options, checked: (records in the ring or 0, flags)."""
+    if journal is False:
+        journal = None
+    if journal is not None and journal is not True:
+        raise EngineTypeError(f"journal must be True or None, got {shown(journal)}")
+    if not isinstance(records, int) or isinstance(records, bool):
+        raise EngineTypeError(f"journal_records must be an int, got {shown(records)}")
+    lo, hi = lib.ENG_JOURNAL_MIN_RECORDS, lib.ENG_JOURNAL_MAX_RECORDS
+    if not (lo <= records <= hi and records & (records - 1) == 0):
+        raise ArgumentError(f"journal_records must be a power of two in [{lo}, {hi}], "
+                            f"got {shown(records)}")
+    if not isinstance(prices, bool):
+        raise EngineTypeError(f"journal_prices must be a bool, got {shown(prices)}")
+    if prices and journal is None:
+        raise ArgumentError("journal_prices=True needs the journal (journal=True)")
+    return (records if journal else 0), (lib.ENG_JOURNAL_PRICES if prices else 0)
+
+
+class Engine(_EngineBase, Generic[S, C, T]):
     """One attached view of a shared-memory segment of positions.
 
     Positions are named by ids: ``open_position`` returns an id naming that
@@ -255,7 +322,7 @@ class Engine(_EngineBase):
     # -- life cycle ------------------------------------------------------------------
     @classmethod
     def _made(cls, name: str, spec: MachineSpec, url: str | None,
-              make: Callable[[Engine], Attached]) -> Engine:
+              make: Callable[[Engine[Any, Any, Any]], Attached]) -> Engine[Any, Any, Any]:
         """An Engine on what ``make(engine)`` attached (the store, its first
         argument, the finalizer that detaches, and on shared memory the mapping)."""
         self = cls.__new__(cls)
@@ -285,20 +352,53 @@ class Engine(_EngineBase):
         self.keys_per_position: int = self._seg.kpp
         #: account records (set at create)
         self.max_accounts: int = self._seg.max_accounts
+        #: records the journal's ring holds (0: no journal)
+        self.journal_records: int = int(getattr(self._seg, "jrecords", 0))
         self._pid = os.getpid()
         self._rec = spec.record
         self._price_buf: tuple[Any, memoryview] | None = _new_out("eng_price_out *")
         self._ctx_buf: tuple[Any, memoryview] | None = _new_out("eng_ctx_out *")
         self._trigger_types = frozenset((int, spec.Trigger))
         self._states = {1 << i: spec.State(1 << i) for i in range(len(spec.states))}
+        #: create(temporary=True): removes the segment (or the Redis keys) once
+        self._temporary: weakref.finalize[Any, Any] | None = None
+
+    @overload
+    @classmethod
+    def create(cls, capacity: int = ..., *, name: str | None = ..., spec: None = ...,
+               keys_per_position: int = ..., max_accounts: int = ..., url: str | None = ...,
+               shards: int | None = ..., temporary: bool = ...,
+               journal: bool | None = ..., journal_records: int = ...,
+               journal_prices: bool = ...) -> Engine: ...
+
+    @overload
+    @classmethod
+    def create(cls, capacity: int = ..., *, name: str | None = ..., spec: MachineSpec,
+               keys_per_position: int = ..., max_accounts: int = ..., url: str | None = ...,
+               shards: int | None = ...,
+               temporary: bool = ...,
+               journal: bool | None = ..., journal_records: int = ...,
+               journal_prices: bool = ...) -> Engine[Any, Any, Any]: ...
 
     @classmethod
     def create(cls, capacity: int = 10_000, *, name: str | None = None,
                spec: MachineSpec | None = None,
                keys_per_position: int = _DEFAULT_KEYS,
                max_accounts: int = _DEFAULT_ACCOUNTS, url: str | None = None,
-               shards: int | None = None) -> Engine:
+               shards: int | None = None, temporary: bool = False, journal: bool | None = True,
+               journal_records: int = _DEFAULT_JOURNAL_RECORDS,
+               journal_prices: bool = False) -> Engine[Any, Any, Any]:
         """Create a new segment for ``capacity`` positions and attach to it.
+
+        ``temporary=True``: the segment is removed (unlinked) when this
+        Engine closes, or when its process exits without closing it (at
+        interpreter exit, or when the Engine is garbage-collected); Engines
+        attached elsewhere keep working until they close, as after
+        ``unlink()``.  A creator killed by a signal cannot remove it:
+        ``python -m engine rm --stale`` does.  On Redis the engine's keys
+        are deleted then, and Engines attached elsewhere get
+        ``SegmentNotFoundError`` from their next call (Redis keeps nothing
+        alive for them).
 
         ``keys_per_position`` (0 to ``ENG_MAX_KEYS_PER_POSITION``) is how many
         unique keys (``open(key=)``, ``bind_key``) one opening may have;
@@ -309,7 +409,13 @@ class Engine(_EngineBase):
         ``unix:///path.sock`` or ``redis+cluster://host:port``) the engine
         lives on that Redis server instead, behind the same API; ``shards``
         hash tags spread its positions over a cluster's nodes (default 1 on
-        one server, 16 on a cluster)."""
+        one server, 16 on a cluster).
+
+        ``journal`` (on by default; None turns it off) records every
+        committed change in a ring of ``journal_records`` records (a power
+        of two in [``ENG_JOURNAL_MIN_RECORDS``, ``ENG_JOURNAL_MAX_RECORDS``])
+        in the segment, read with ``events()``; ``journal_prices`` records
+        every price write too."""
         spec = _check_spec(spec)
         for what, v, hi in (("capacity", capacity, lib.ENG_MAX_CAPACITY),
                             ("keys_per_position", keys_per_position,
@@ -320,14 +426,36 @@ class Engine(_EngineBase):
             if not (1 if what == "capacity" else 0) <= v <= hi:
                 raise ArgumentError(f"{what} must be in [{1 if what == 'capacity' else 0}, "
                                     f"{hi}], got {shown(v)}")
+        if not isinstance(temporary, bool):
+            raise EngineTypeError(f"temporary must be a bool, got {shown(temporary)}")
+        n_records, flags = _journal_args(journal, journal_records, journal_prices)
         name = check_name(name) if name is not None else random_name()
         store = backend(url)
-        return cls._made(name, spec, store.url, lambda eng: store.create(
-            eng, name, spec, capacity, keys_per_position, max_accounts, shards))
+        eng = cls._made(name, spec, store.url, lambda eng: store_create(
+            store, eng, name, spec, capacity, keys_per_position, max_accounts, shards,
+            n_records, flags))
+        if temporary:
+            eng._temporary = weakref.finalize(eng, _remove_temporary, name,
+                                              store.remover(name, eng._seg), os.getpid())
+        return eng
+
+    @overload
+    @classmethod
+    def attach(cls, target: Handle[S, C, T], *, spec: None = ...,
+               url: str | None = ...) -> Engine[S, C, T]: ...
+
+    @overload
+    @classmethod
+    def attach(cls, target: str, *, spec: None = ..., url: str | None = ...) -> Engine: ...
+
+    @overload
+    @classmethod
+    def attach(cls, target: Handle[Any, Any, Any] | str, *, spec: MachineSpec,
+               url: str | None = ...) -> Engine[Any, Any, Any]: ...
 
     @classmethod
-    def attach(cls, target: Handle | str, *, spec: MachineSpec | None = None,
-               url: str | None = None) -> Engine:
+    def attach(cls, target: Handle[Any, Any, Any] | str, *, spec: MachineSpec | None = None,
+               url: str | None = None) -> Engine[Any, Any, Any]:
         """Attach to an existing segment by handle or by name (and ``url``
         for an engine on Redis; a handle carries its url).
 
@@ -364,7 +492,7 @@ class Engine(_EngineBase):
         return self._seg
 
     @property
-    def handle(self) -> Handle:
+    def handle(self) -> Handle[S, C, T]:
         """Picklable handle for spawned workers."""
         return Handle(self.name, None if self.spec == POSITION_SPEC else self.spec, self.url,
                       None if self.url is None else self._seg.incarnation)
@@ -385,11 +513,15 @@ class Engine(_EngineBase):
         ``ENG_CLOSE_WAIT_NS``: a ``wait_for_change`` in flight ends with
         ``ClosedError`` within ``ENG_WAIT_SLICE_NS``, and such calls that
         start once close began raise ``ClosedError``.  Past the bound, close
-        raises ``ClosedError`` and nothing is closed."""
+        raises ``ClosedError`` and nothing is closed.
+
+        An Engine made by ``create(temporary=True)`` removes its segment
+        here (see ``create``)."""
         if any(e is self for e in getattr(_guard_failure, "inside", ())):
             raise ClosedError(f"engine {self.name!r} cannot be closed from inside one of its "
                               "own guards; close it after the transition returns")
         shm = self.url is None and self._finalizer.alive
+        temporary = self._temporary
         try:
             if shm:
                 self._shut_gate()
@@ -398,6 +530,8 @@ class Engine(_EngineBase):
             # the registry entry goes first, in one C call (idempotent): an
             # exception from a signal handler anywhere below can no longer leave
             # this live process holding it; at worst the unmapping waits for GC
+            if temporary is not None and self.url is not None:
+                temporary()   # Redis: the keys go while the connection is open
             self._lib.eng_detach(self._seg)
         except BaseException:
             # interrupted before the detach (a signal handler's exception):
@@ -412,6 +546,8 @@ class Engine(_EngineBase):
             self._finalizer()
             if self.url is None:
                 self._seg = ffi.new("eng_seg *")   # zeroed: every C call says ENG_ECLOSED
+        if temporary is not None:
+            temporary()   # once: a finalizer runs at most once
 
     def _shut_gate(self) -> None:
         """Shut the close gate (native/segment.c) and wait, bounded, until no
@@ -437,8 +573,10 @@ class Engine(_EngineBase):
         other Engine attached to it gets SegmentNotFoundError from then on
         (and this one too if it was unlinked or created again meanwhile)."""
         backend(self.url).unlink(self.name, self._seg)
+        if self._temporary is not None:
+            self._temporary.detach()   # removed: close() leaves the name alone
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -469,7 +607,8 @@ class Engine(_EngineBase):
         given as exit_price, else the last price) is above the band its
         opening kept room for (see ENG_BOOK_PRICE_MULT)."""
         try:
-            c, price = self.context(pos), self.price(pos).price
+            c: Any = self.context(pos)
+            price = self.price(pos).price
             entry, amount = float(c.entry_price), float(c.amount)
         except (EngineError, AttributeError):
             return f"id {pos}: a booked close could not be booked"
@@ -619,7 +758,7 @@ class Engine(_EngineBase):
                 self._lib.eng_abandon_open(self._seg, out[0], out[1])
             raise
 
-    def open_position(self, entry_price: float, amount: float, side: int = 1,
+    def open_position(self, entry_price: float, amount: float, side: Side | int = Side.BUY,
                       token: int = 0, key: str | bytes | None = None,
                       account: int | None = None, *, stop_loss: float | None = None,
                       take_profit: float | None = None,
@@ -729,7 +868,7 @@ class Engine(_EngineBase):
         return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos)
 
     # -- transitions -------------------------------------------------------------------
-    def transition(self, pos: int, trigger: int | str, /, **fields: Any) -> Outcome:
+    def transition(self, pos: int, trigger: int | T, /, **fields: Any) -> Outcome:
         """Fire ``trigger`` on position ``pos``.  ``fields`` (record fields of
         the spec, e.g. ``exit_reason=3``) are set atomically with the state
         change: every reader sees both or neither."""
@@ -800,7 +939,7 @@ class Engine(_EngineBase):
             self._fail(rc, pos, trigger, money=self._close_money(pos, fields["exit_price"]))
         return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos, trigger)
 
-    def state(self, pos: int) -> Any:
+    def state(self, pos: int) -> S:
         """The position's current state (a ``State`` for the default lifecycle)."""
         if pos.__class__ is not int:   # cffi would truncate a numpy float
             pos = self._index(pos)
@@ -808,7 +947,7 @@ class Engine(_EngineBase):
             rc = self._state(self._seg, pos)
         except _CONVERSION_ERRORS:
             raise self._bad_types(pos) from None
-        return self._states[rc] if rc > 0 else self._fail(rc, pos)
+        return self._states[rc] if rc > 0 else self._fail(rc, pos)  # type: ignore[return-value]
 
     def state_word(self, slot: int) -> int:
         """The raw 64-bit state word of a SLOT (bit layout in native/engine.h)."""
@@ -853,7 +992,7 @@ class Engine(_EngineBase):
             self._fail(rc, pos)
         return _tuple_new(PriceSnapshot, values)  # type: ignore[arg-type]
 
-    def context(self, pos: int) -> Any:
+    def context(self, pos: int) -> C:
         """A consistent record of this opening: a named tuple of the spec's
         fields and its ``version`` (``Context`` for the position spec)."""
         if pos.__class__ is not int:   # cffi would truncate a numpy float
@@ -870,7 +1009,7 @@ class Engine(_EngineBase):
             self._ctx_buf = out, view
         if rc or values is None:
             self._fail(rc, pos)
-        return _tuple_new(self._rec.Context, values)
+        return _tuple_new(self._rec.Context, values)  # type: ignore[return-value]
 
     def update_prices(self, ids: npt.ArrayLike, prices: npt.ArrayLike) -> int:
         """Publish many prices in one C call; returns how many were written.
@@ -1134,8 +1273,10 @@ class Engine(_EngineBase):
 
         ``max_exposure``: the most its open positions may reserve in all;
         ``max_positions``: how many may be open; ``max_loss``: realized losses
-        reaching it halt the account.  ``key`` is a label for people (checked
-        like a position key, not stored in the segment)."""
+        reaching it halt the account.  ``key`` (str or bytes, as a position
+        key) names it for other processes (``lookup_account``): unique among
+        open accounts, ``KeyExistsError`` if an open account has it, and then
+        nothing changes."""
         units = [to_units(v, what) for v, what in ((cash, "cash"), (max_exposure, "max_exposure"),
                                                   (max_loss, "max_loss"))]
         if isinstance(max_positions, bool) or not isinstance(max_positions, int):
@@ -1143,14 +1284,29 @@ class Engine(_EngineBase):
         if not 0 <= max_positions <= 2**32 - 1:
             raise ArgumentError(f"max_positions must be in [0, {2**32 - 1}], "
                                 f"got {shown(max_positions)}")
-        if key is not None:
-            _key_bytes(key)
+        k = ffi.NULL if key is None else _key_bytes(key)
         out = ffi.new("uint64_t *")
-        rc = self._lib.eng_open_account(self._seg, units[0], units[1], max_positions, units[2], out)
+        rc = self._lib.eng_open_account(self._seg, units[0], units[1], max_positions, units[2],
+                                        k, len(k) if k else 0, out)
+        if rc == lib.ENG_EKEYEXISTS and key is not None:
+            raise KeyExistsError(f"account key {key!r} already names open account "
+                                 f"{self.lookup_account(key)}; nothing was changed")
         self._account_call(rc, None, money=f"cash={shown(cash)}, "
                                             f"max_exposure={shown(max_exposure)}, "
                                             f"max_loss={shown(max_loss)}")
         return int(out[0])
+
+    def lookup_account(self, key: str | bytes) -> int | None:
+        """The id of the open account that has ``key`` (``open_account(key=)``),
+        or None.  Never blocks, never takes a lock; a closed account's key
+        names nothing."""
+        k = _key_bytes(key)
+        rc = self._lib.eng_lookup_account(self._seg, k, len(k))
+        if rc > 0:
+            return int(rc)
+        if rc == 0:
+            return None
+        self._fail(int(rc), key=key)
 
     def close_account(self, account: int) -> Account:
         """Close an account with no open position; its id goes stale.
@@ -1262,7 +1418,7 @@ class Engine(_EngineBase):
         return rows[: int(n[0])]
 
     # -- waiting, snapshots, metrics, recovery ---------------------------------------
-    def wait_for_change(self, pos: int, timeout: float = 1.0) -> Any:
+    def wait_for_change(self, pos: int, timeout: float = 1.0) -> S:
         """Block until a transition commits on ``pos``; return the new state.
 
         Raises ``WaitTimeout`` (a ``TimeoutError``) when ``timeout`` seconds pass
@@ -1289,6 +1445,38 @@ class Engine(_EngineBase):
                 since = int(out[0])
                 continue
             self._fail(rc, pos, timeout=timeout)
+
+    # -- the journal ---------------------------------------------------------------
+    def _journal_source(self) -> JournalSource:
+        """This backend's journal reader (a new one per caller: it owns a buffer)."""
+        return journal_source(self)
+
+    @property
+    def journal_seq(self) -> int:
+        """The seq of the last committed record (0: none yet)."""
+        return self._journal_source().seq()
+
+    def events(self, since: int | None = None,
+               timeout: float | None = None) -> Iterator[Event]:
+        """Every committed change as an ``Event``, in seq order.
+
+        ``since=None`` starts at the next change; ``since=N`` yields every
+        retained record with seq > N (``JournalLappedError``, with
+        ``resume_seq``, if one of them was overwritten: never a silent gap).
+        The iterator ends after ``timeout`` seconds with nothing new;
+        ``timeout=None`` waits forever.  Ctrl-C and other signals are handled
+        while it waits."""
+        return follow(self._journal_source(), since, timeout)
+
+    def events_async(self, since: int | None = None,
+                     timeout: float | None = None) -> AsyncIterator[Event]:
+        """``events`` for asyncio (``async for ev in eng.events_async()``).
+        Reads never block the loop; every subscriber of this Engine is woken
+        by one shared helper thread, whatever their number."""
+        waker = self.__dict__.get("_journal_waker")
+        if waker is None:
+            waker = self._journal_waker = JournalWaker(self._journal_source())
+        return follow_async(self._journal_source(), waker, since, timeout)
 
     def snapshot(self) -> np.ndarray:
         """Every open position as one row of a structured array (``id`` and

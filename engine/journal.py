@@ -10,9 +10,19 @@ shard).  ``Engine`` iterates any ``JournalSource`` the same way.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, NamedTuple, Protocol
 
-__all__ = ["KINDS", "Event", "JournalSource"]
+__all__ = ["KINDS", "Event", "JournalSource", "JournalWaker", "follow", "follow_async"]
+
+#: records one ``read`` asks for; a wait sleeps at most this long per C call so
+#: that signal handlers (Ctrl-C) run between calls
+READ_BATCH = 256
+WAIT_SLICE_S = 0.25
 
 #: what a record says happened (``price`` only with ``journal_prices=True``)
 KINDS: tuple[str, ...] = ("open", "transition", "release", "key", "account", "halt", "price")
@@ -57,3 +67,170 @@ class JournalSource(Protocol):
     def read(self, after: int, limit: int) -> list[Event]: ...
 
     def wait(self, after: int, timeout: float) -> bool: ...
+
+
+def _check_timeout(timeout: float | None) -> None:
+    from engine.errors import ArgumentError, shown
+
+    if timeout is None:
+        return
+    if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+            or not timeout == timeout or timeout < 0 or timeout == float("inf")):
+        raise ArgumentError("timeout must be a finite number of seconds >= 0 or None, "
+                            f"got {shown(timeout)}")
+
+
+def _check_since(since: int | None) -> None:
+    from engine.errors import ArgumentError, EngineTypeError, shown
+
+    if since is None:
+        return
+    if not isinstance(since, int) or isinstance(since, bool):
+        raise EngineTypeError(f"since must be an int seq or None, got {shown(since)}")
+    if since < 0:
+        raise ArgumentError(f"since must be a seq >= 0 or None, got {shown(since)}")
+
+
+def follow(source: JournalSource, since: int | None, timeout: float | None) -> Iterator[Event]:
+    """The events after ``since`` (None: after the journal's seq now), in seq
+    order; ends once ``timeout`` seconds pass with nothing new (None: never).
+    Waits in slices so that a signal handler (Ctrl-C) runs between them.
+    Arguments are checked here, before the first event is asked for."""
+    _check_since(since)
+    _check_timeout(timeout)
+    return _follow(source, source.seq() if since is None else since, timeout)
+
+
+def _follow(source: JournalSource, after: int, timeout: float | None) -> Iterator[Event]:
+    while True:
+        batch = source.read(after, READ_BATCH)
+        if batch:
+            for ev in batch:
+                after = ev.seq
+                yield ev
+            continue
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S,
+                                                             deadline - time.monotonic())
+            if left <= 0:
+                return
+            if source.wait(after, left):
+                break
+
+
+class _Waiter:
+    __slots__ = ("after", "fut", "loop")
+
+    def __init__(self, after: int, loop: asyncio.AbstractEventLoop,
+                 fut: asyncio.Future[None]) -> None:
+        self.after = after
+        self.loop = loop
+        self.fut = fut
+
+
+def _wake(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
+
+
+class JournalWaker:
+    """One helper thread per journal wakes every asyncio subscriber.
+
+    A subscriber registers the seq it has read up to and awaits a future; the
+    thread sleeps in the journal's C wait (GIL released) on the lowest seq any
+    subscriber waits past, and when the journal moves it resolves every future
+    whose seq was passed, on its own loop (``call_soon_threadsafe``).  The
+    thread exists only while someone waits: 200 subscribers, one thread.
+    """
+
+    def __init__(self, source: JournalSource) -> None:
+        self._source = source
+        self._lock = threading.Lock()
+        self._waiters: list[_Waiter] = []
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the helper thread is alive now."""
+        t = self._thread
+        return t is not None and t.is_alive()
+
+    def wait(self, after: int) -> asyncio.Future[None]:
+        """A future resolved once the journal holds a seq > ``after``."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._waiters.append(_Waiter(after, loop, fut))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="engine-journal-waker",
+                                                daemon=True)
+                self._thread.start()
+        return fut
+
+    def _settle(self, seq: int, exc: BaseException | None) -> bool:
+        """Wake the waiters ``seq`` passed (all of them on ``exc``); drop the
+        cancelled.  False when nobody is left (the thread then ends)."""
+        with self._lock:
+            keep: list[_Waiter] = []
+            for w in self._waiters:
+                if w.fut.done():
+                    continue
+                if exc is not None or w.after < seq:
+                    with contextlib.suppress(RuntimeError):   # its loop closed: nobody to wake
+                        w.loop.call_soon_threadsafe(_wake, w.fut, exc)
+                else:
+                    keep.append(w)
+            self._waiters = keep
+            if not keep:
+                self._thread = None
+                return False
+            return True
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                low = min((w.after for w in self._waiters), default=None)
+            if low is None:
+                if not self._settle(0, None):
+                    return
+                continue
+            try:
+                seq = self._source.seq()
+                if seq <= low:
+                    self._source.wait(low, WAIT_SLICE_S)
+                    seq = self._source.seq()
+            except BaseException as exc:   # closed engine, ...: every waiter gets it
+                self._settle(0, exc)
+                return
+            if not self._settle(seq, None):
+                return
+
+
+def follow_async(source: JournalSource, waker: JournalWaker,
+                 since: int | None, timeout: float | None) -> AsyncIterator[Event]:
+    """``follow`` for asyncio: reads never block; waits go through ``waker``
+    (one helper thread for every subscriber of the journal)."""
+    _check_since(since)
+    _check_timeout(timeout)
+    return _follow_async(source, waker, source.seq() if since is None else since, timeout)
+
+
+async def _follow_async(source: JournalSource, waker: JournalWaker, after: int,
+                        timeout: float | None) -> AsyncIterator[Event]:
+    while True:
+        batch = source.read(after, READ_BATCH)
+        if batch:
+            for ev in batch:
+                after = ev.seq
+                yield ev
+            continue
+        fut = waker.wait(after)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return

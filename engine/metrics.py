@@ -31,6 +31,27 @@ OPS = ("transition", "transition_ctx", "open", "price", "price_batch", "read", "
        "key", "lookup", "account", "exit")
 assert len(OPS) == lib.ENG_OP_COUNT
 assert [getattr(lib, "ENG_OP_" + op.upper()) for op in OPS] == list(range(len(OPS)))
+#: the public calls each operation of ``metrics()`` counts, as the tools show
+#: them (``python -m engine top``): "/" between calls counted together
+OP_CALLS = {
+    "transition": "transition",
+    "transition_ctx": "transition(fields/guard)",   # with record fields, or a guarded rule
+    "open": "open_position/open",
+    "price": "update_price",
+    "price_batch": "update_prices/update_token_price",
+    "read": "price/context/prices",
+    "wait": "wait_for_change",
+    "recover": "recover",
+    "key": "bind_key",
+    "lookup": "lookup",
+    "account": "*_account/deposit/withdraw",
+    "exit": "update_price*(fired)",   # exits fired by price writes
+}
+assert tuple(OP_CALLS) == OPS
+#: what the tools' counter columns mean, under their tables
+OP_LEGEND = ("INVALID: no rule from the current state; CONFLICTS: retries spent "
+             "(wait_for_change: timed out); REFUSED: a guard, a risk limit or a halt said no "
+             "(rejected + halted); ERRORS: bad input or a failure\n")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from engine._native import lib
 from engine.errors import SpecError
@@ -29,7 +29,16 @@ if TYPE_CHECKING:
 Guard = Callable[["Context", "PriceSnapshot"], bool]
 
 
-class State(enum.IntEnum):
+class NamedIntEnum(enum.IntEnum):
+    """An IntEnum whose ``str()`` is its name (Python 3.11 made an IntEnum's
+    ``str()`` its number: ``print(State.EXIT_PENDING)`` showed ``4``).
+    ``repr()`` and formatting with a spec (``f"{s:#x}"``) are unchanged."""
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class State(NamedIntEnum):
     """States of the default position lifecycle (one-hot codes)."""
 
     CREATED = 0x01
@@ -41,7 +50,7 @@ class State(enum.IntEnum):
     PAUSED = 0x40
 
 
-class Trigger(enum.IntEnum):
+class Trigger(NamedIntEnum):
     """Triggers of the default position lifecycle."""
 
     POSITION_OPENED = 0
@@ -56,7 +65,7 @@ class Trigger(enum.IntEnum):
     RECOVER = 9
 
 
-class Outcome(enum.IntEnum):
+class Outcome(NamedIntEnum):
     """What a transition did (codes from the C header)."""
 
     APPLIED = lib.ENG_APPLIED
@@ -64,6 +73,22 @@ class Outcome(enum.IntEnum):
     CONFLICT = lib.ENG_CONFLICT
     REJECTED = lib.ENG_REJECTED
     HALTED = lib.ENG_HALTED
+
+
+class Side(NamedIntEnum):
+    """A position's side: ``open_position(side=Side.SELL)`` (the ints 1 and
+    -1 are accepted too)."""
+
+    BUY = 1
+    SELL = -1
+
+
+#: The trigger names of the default position lifecycle, for type checkers:
+#: ``eng.transition(pos, "EXIT_STARTED")`` is checked, a misspelled name is
+#: an error (ints and ``Trigger`` members are accepted too).
+TriggerName = Literal["POSITION_OPENED", "EXIT_CONDITION_MET", "EXIT_CANCELLED", "EXIT_STARTED",
+                      "EXIT_COMPLETED", "EXIT_FAILED", "PAUSE", "RESUME", "ERROR_OCCURRED",
+                      "RECOVER"]
 
 
 @dataclass(frozen=True)
@@ -298,7 +323,7 @@ def _exits_pair(exits: Any) -> tuple[str, str]:
 
 def _int_enum(name: str, members: dict[str, int]) -> type[enum.IntEnum]:
     """An IntEnum class made at run time (the functional API)."""
-    made: type[enum.IntEnum] = enum.IntEnum(name, members)  # type: ignore[misc]
+    made: type[enum.IntEnum] = NamedIntEnum(name, members)  # type: ignore[call-arg,assignment,arg-type]
     return made
 
 
@@ -340,6 +365,7 @@ POSITION_FIELDS: Mapping[str, str] = {
 }
 
 POSITION_SPEC = MachineSpec.position()
+assert get_args(TriggerName) == POSITION_SPEC.triggers, "TriggerName: the trigger names"
 
 
 def _order_spec() -> MachineSpec:

@@ -134,16 +134,37 @@ static int acct_resolve(eng_seg *s, eng_account *a, uint64_t AL, op_timer t)
     uint64_t v = aw_version(AL);
     eng_books *pend = &a->books[(v + 1) & 1];
     int forward = 0;
+    uint64_t ref = 0;
     if (load_acquire_u64(&pend->seal) == AL) {                     /* pairs with B3 */
-        uint64_t ref = load_relaxed_u64(&pend->seal_slot);
+        ref = load_relaxed_u64(&pend->seal_slot);
         int d = ref ? slot_decision(s, ref, load_relaxed_u64(&pend->seal_word), t, 1) : 1;
         if (d < 0)
             return 0;
         forward = d;
     }
     uint64_t expected = AL;
-    if (!cas_acq_rel_u64(&a->word, &expected, aw_make(forward ? v + 1 : v)))
+    uint64_t JL = 0;
+    if (forward && !ref && s->journal) {
+        /* rolling a change of the account alone forward is its commit: made
+         * by the journal latch holder, recorded on the dead holder's behalf
+         * (a booked change is recorded by its slot's commit) */
+        if (journal_latch(s, t, &JL) != 0)
+            return 0;
+        if (load_acquire_u64(&a->word) != AL) {
+            journal_abort(s, JL);
+            return 0;
+        }
+        uint64_t id = make_id(load_relaxed_u32(&pend->opening), (uint32_t)(a - s->accounts));
+        journal_fill_release(s, JL, ENG_JK_ACCOUNT, 0, id, aw_make(v + 1),
+                             (const uint64_t *)pend, BOOKS_WORDS, v + 1);
+    }
+    if (!cas_acq_rel_u64(&a->word, &expected, aw_make(forward ? v + 1 : v))) {
+        if (JL)
+            journal_abort(s, JL);
         return 0;
+    }
+    if (JL)
+        journal_publish(s, JL);
     OP_TAKEOVERS(t, 1);
     if (forward)
         OP_FORWARDS(t, 1);
@@ -194,6 +215,34 @@ static void acct_write_pending(eng_account *a, uint64_t AL, eng_books *nb, uint6
 static int acct_publish(eng_account *a, uint64_t AL)
 {
     return seq_publish_acq_rel(&a->word, AL, aw_make(aw_version(AL) + 1));
+}
+
+/* A change of account a alone (id), latched as AL: seal books b and publish
+ * them (B3, W3), journaled: J1 before the seal (busy past the bound: unlatch,
+ * nothing sealed, ENG_EBUSY), J2 the books after, J3 the publish, J4. */
+static int acct_commit(eng_seg *s, eng_account *a, uint64_t AL, eng_books *b, uint64_t id,
+                       uint32_t fault)
+{
+    uint64_t JL = 0;
+    op_timer none = {NULL, 0};
+    if (s->journal && journal_latch(s, none, &JL) != 0) {           /* J1 */
+        acct_unlatch(a, AL);
+        return ENG_EBUSY;
+    }
+    acct_write_pending(a, AL, b, 0, 0);
+    if (fault)
+        die_if(s, fault);   /* latch held, the change sealed, its record not filled */
+    if (JL)
+        journal_fill_release(s, JL, ENG_JK_ACCOUNT, 0, id, aw_make(aw_version(AL) + 1),
+                             (const uint64_t *)b, BOOKS_WORDS, aw_version(AL) + 1);   /* J2 */
+    if (acct_publish(a, AL) != 0) {                                 /* J3 */
+        if (JL)   /* not reached while we hold the journal latch: a resolver needs it */
+            journal_abort(s, JL);
+        return 0;   /* taken: a resolver rolled the sealed copy forward */
+    }
+    if (JL)
+        journal_publish(s, JL);                                     /* J4 */
+    return 0;
 }
 
 typedef struct books_view {
@@ -412,8 +461,8 @@ static int finish_booked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *c, e
 {
     uint64_t nw;
     if (ctx_publish(s, sl, L, c, &nw) != 0) {                      /* B4, B5 */
-        acct_resolve(s, a, AL, t);   /* we were judged gone: the evidence decides */
-        return ENG_CONFLICT;
+        acct_resolve(s, a, AL, t);   /* not committed (journal busy, or judged gone): the evidence decides */
+        return sw_state(L) ? ENG_CONFLICT : ENG_EBUSY;
     }
     die_if(s, ENG_FAULT_DIE_IN_BOOKING);
     acct_publish(a, AL);                                           /* B6 */
@@ -527,12 +576,10 @@ static int acct_single(eng_seg *s, uint64_t id, int kind, const acct_args *x)
         rc = books_check(&b, id);
         if (rc == 0)
             rc = books_change(&b, kind, x, aw_version(AL));
-        if (rc) {
+        if (rc)
             acct_unlatch(a, AL);
-        } else {
-            acct_write_pending(a, AL, &b, 0, 0);
-            acct_publish(a, AL);   /* taken: a resolver rolled the sealed copy forward */
-        }
+        else
+            rc = acct_commit(s, a, AL, &b, id, 0);
     }
     op_end(t, rc == ENG_EVERSION ? ENG_CONFLICT : rc);
     return rc;
@@ -540,20 +587,162 @@ static int acct_single(eng_seg *s, uint64_t id, int kind, const acct_args *x)
 
 static inline int money_ok(int64_t m) { return m >= 0; }
 
+/*
+ * Account keys.  open_account(key=) gives the opening a key, unique among
+ * open accounts; lookup_account finds it.  The key lives in its record's
+ * line 0, written only while the record is free (published open == 0) by
+ * the opener that holds the latch, before it seals the open; so while the
+ * published books say open at version v, the key is that opening's, and a
+ * reader that sees the version unchanged after copying it has it whole.
+ *
+ *   keyed open:                               lookup (never waits):
+ *     K1 take the header's key lock (token;     for each record:
+ *        a proven-dead holder's taken over)       w1 = word (acquire); open,
+ *     K2 scan: a record latched by a proven-      opening = books[v(w1) & 1];
+ *        dead holder is resolved first (its       copy the key; fence
+ *        sealed open may roll forward); an        (acquire); retry unless
+ *        open record with the key: EKEYEXISTS     v(word) == v(w1); open and
+ *     K3 open as any opening does, the key        equal: its id
+ *        written before the seal
+ *     K4 release the key lock
+ *
+ * Keyed opens are serialised by the key lock; an unkeyed open writes no key
+ * (length 0), so it cannot collide.  A keyed opener killed anywhere leaves a
+ * lock the next keyed open takes over and a latch any waiter resolves: its
+ * open rolls forward with its key or back without it, before K2 judges it.
+ * Does not guarantee: uniqueness against an opener judged gone while it
+ * still runs (code outside the engine closed its liveness descriptor);
+ * lookups faster than a scan of max_accounts records.
+ */
+_Static_assert(ENG_KEY_MAX % 8 == 0, "an account key is whole words");
+
+/* A key argument as an eng_key, or ENG_EBADKEY (as the position keys' check). */
+static int acct_key_from(const char *key, uint32_t len, eng_key *k)
+{
+    if (!key || len < 1 || len > ENG_KEY_MAX)
+        return ENG_EBADKEY;
+    memset(k, 0, sizeof *k);
+    k->len = (uint16_t)len;
+    memcpy(k->key, key, len);
+    return 0;
+}
+
+static int acct_key_lock(eng_seg *s, op_timer t)
+{
+    uint32_t *lk = &s->hdr->acct_key_lock;
+    for (uint32_t step = 0; step < MAX_WAIT_STEPS; step++) {
+        uint32_t cur = load_relaxed_u32(lk);
+        if (cur == 0 || (time_to_check_owner(step) && token_dead(s, cur))) {
+            if (cas_acq_rel_u32(lk, &cur, s->token)) {
+                if (cur)
+                    OP_TAKEOVERS(t, 1);
+                return 0;
+            }
+        }
+        OP_RETRIES(t, 1);
+        backoff_step(step);
+    }
+    return ENG_EBUSY;
+}
+
+static void acct_key_unlock(eng_seg *s)
+{
+    uint32_t mine = s->token;
+    cas_acq_rel_u32(&s->hdr->acct_key_lock, &mine, 0);
+}
+
+/* The opening of record a if it is open with key k (a consistent read, see
+ * the lookup above): 0 if not; -1 if it kept changing. */
+static int64_t acct_key_of(const eng_account *a, const eng_key *k)
+{
+    for (uint32_t i = 0; i < READ_RETRIES; i++) {
+        uint64_t w = load_acquire_u64(&a->word);
+        const eng_books *b = &a->books[aw_version(w) & 1];
+        uint32_t open = load_relaxed_u32(&b->open), opening = load_relaxed_u32(&b->opening);
+        uint32_t len = load_relaxed_u32(&a->key_len);
+        uint64_t key[ENG_KEY_MAX / 8];
+        copy_words_relaxed(key, a->key, ENG_KEY_MAX / 8);
+        fence_acquire();                                     /* pairs with the seal's release */
+        if (aw_version(load_relaxed_u64(&a->word)) != aw_version(w))
+            continue;
+        return open && len == k->len && memcmp(key, k->key, len) == 0 ? (int64_t)opening : 0;
+    }
+    return -1;
+}
+
+/* K2: is key k held by an open account?  0 no, ENG_EKEYEXISTS, ENG_EBUSY. */
+static int acct_key_taken(eng_seg *s, const eng_key *k, op_timer t)
+{
+    for (uint32_t i = 0; i < s->max_accounts; i++) {
+        eng_account *a = &s->accounts[i];
+        uint64_t w = load_acquire_u64(&a->word);
+        uint32_t holder = aw_token(w);
+        if (holder && holder != s->token && token_dead(s, holder))
+            acct_resolve(s, a, w, t);   /* a dead keyed opener's open: decided now */
+        int64_t opening = acct_key_of(a, k);
+        if (opening)
+            return opening < 0 ? ENG_EBUSY : ENG_EKEYEXISTS;
+    }
+    return 0;
+}
+
+/* K3: the opening's key into a free record we hold latched (0 bytes: none). */
+static void acct_key_write(eng_account *a, const eng_key *k)
+{
+    uint64_t key[ENG_KEY_MAX / 8];
+    memset(key, 0, sizeof key);
+    uint32_t len = k ? k->len : 0;
+    if (len)
+        memcpy(key, k->key, len);
+    store_relaxed_u32(&a->key_len, len);
+    uint64_t *dst = (uint64_t *)a->key;
+    for (uint32_t i = 0; i < ENG_KEY_MAX / 8; i++)
+        store_relaxed_u64(&dst[i], key[i]);   /* published by the seal's release (B3) */
+}
+
+int64_t eng_lookup_account(eng_seg *s, const char *key, uint32_t key_len)
+{
+    CHECK_SEG(s);
+    eng_key k;
+    int rc = acct_key_from(key, key_len, &k);
+    if (rc)
+        return rc;
+    for (uint32_t i = 0; i < s->max_accounts; i++) {
+        int64_t opening = acct_key_of(&s->accounts[i], &k);
+        if (opening < 0)
+            return ENG_EBUSY;
+        if (opening)
+            return (int64_t)make_id((uint32_t)opening, i);
+    }
+    return 0;
+}
+
 int eng_open_account(eng_seg *s, int64_t cash, int64_t max_exposure, uint32_t max_positions,
-                     int64_t max_loss, uint64_t *out_id)
+                     int64_t max_loss, const char *key, uint32_t key_len, uint64_t *out_id)
 {
     CHECK_SEG(s);
     if (!out_id)
         return ENG_EBADARG;
     if (!money_ok(cash) || !money_ok(max_exposure) || !money_ok(max_loss))
         return ENG_EBADMONEY;
+    eng_key kbuf;
+    if (key && acct_key_from(key, key_len, &kbuf) != 0)
+        return ENG_EBADKEY;
     if (s->max_accounts == 0)
         return ENG_EACCTFULL;
     op_timer t = op_begin(s, ENG_OP_ACCOUNT);
+    int rc = key ? acct_key_lock(s, t) : 0;                                 /* K1 */
+    if (rc == 0 && key && (rc = acct_key_taken(s, &kbuf, t)) != 0)          /* K2 */
+        acct_key_unlock(s);
+    if (rc) {
+        op_end(t, rc);
+        return rc;
+    }
+    if (key)
+        test_pause(s);   /* tests: widen the window between the scan and the publish */
     uint32_t n = s->max_accounts;
     uint32_t start = fetch_add_relaxed_u32(&s->hdr->account_hint, 1) % n;
-    int rc = ENG_EACCTFULL;
+    rc = ENG_EACCTFULL;
     for (uint32_t k = 0; k < n; k++) {
         uint32_t i = (start + k) % n;
         eng_account *a = &s->accounts[i];
@@ -577,12 +766,15 @@ int eng_open_account(eng_seg *s, int64_t cash, int64_t max_exposure, uint32_t ma
         b.max_exposure = max_exposure;
         b.max_positions = max_positions;
         b.max_loss = max_loss;
-        acct_write_pending(a, AL, &b, 0, 0);
-        acct_publish(a, AL);
-        *out_id = make_id(opening, i);
-        rc = 0;
+        acct_key_write(a, key ? &kbuf : NULL);                                   /* K3 */
+        /* key lock and latch held, open sealed: ENG_FAULT_DIE_IN_KEY for a keyed open */
+        rc = acct_commit(s, a, AL, &b, make_id(opening, i), key ? ENG_FAULT_DIE_IN_KEY : 0);
+        if (rc == 0)
+            *out_id = make_id(opening, i);
         break;
     }
+    if (key)
+        acct_key_unlock(s);                                                      /* K4 */
     op_end(t, rc);
     return rc;
 }

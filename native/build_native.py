@@ -86,6 +86,8 @@ RELEASED = {   # name: (return type, parameters, arguments)
                                "s, token, price"),
     "eng_wait_change": ("int", "eng_seg *s, uint64_t id, int64_t since, int64_t timeout_ns, "
                                "int64_t *out_since", "s, id, since, timeout_ns, out_since"),
+    "eng_journal_wait": ("int", "eng_seg *s, uint64_t after, int64_t timeout_ns, "
+                                "uint64_t *out_seq", "s, after, timeout_ns, out_seq"),
     "eng_snapshot": ("int", "eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n",
                      "s, rows, max_rows, out_n"),
     "eng_accounts": ("int", "eng_seg *s, eng_account_row *rows, uint32_t max_rows, "

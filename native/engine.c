@@ -19,6 +19,8 @@
 #include "segment.c"
 /* the latch-seqlock, the price word (price latch), contexts, id checks, call preambles */
 #include "records.h"
+/* the journal: every commit's record, in one order (its model: journal.pml) */
+#include "journal.c"
 /* transitions: the fast and slow paths, commit, takeover */
 #include "transitions.c"
 /* accounts: books that move with the positions booked on them */

@@ -29,6 +29,9 @@
  *   | uint64_t[tbuckets] |  the token index: one bucket word per token hash
  *   +--------------------+  hdr.accounts_off
  *   | eng_account[max_ac]|  accounts: latch word + two sealed copies of books
+ *   +--------------------+  hdr.journal_off (journal_records > 0)
+ *   | eng_journal        |  the journal's latch word (its own line)
+ *   | eng_jrec[records]  |  the ring: one record per committed change
  *   +--------------------+  hdr.segment_size
  */
 #ifndef ENGINE_H
@@ -139,7 +142,7 @@
  * the prices part), padded to a cache line (hdr.slot_size).
  */
 #define ENG_MAX_FIELD_WORDS  24
-#define ENG_REC_META_WORDS   2       /* commit, version */
+#define ENG_REC_META_WORDS   3       /* commit, version, cause */
 #define ENG_REC_ALIGN        16
 #define ENG_FT_F8            1       /* double, finite */
 #define ENG_FT_I8            2
@@ -330,7 +333,9 @@
 #define ENG_EACCTFULL        -36     /* no free account record */
 #define ENG_EACCTBUSY        -37     /* close_account: the account has open positions */
 #define ENG_EVERSION         -38     /* update_account: the version moved (Python retries) */
-#define ENG_ERRNO_MIN        -38     /* the lowest code: every code in [it, -1] has words */
+#define ENG_ELAPPED          -39     /* journal: the record after the reader's seq was overwritten */
+#define ENG_ENOJOURNAL       -40     /* journal: the engine was created without one */
+#define ENG_ERRNO_MIN        -40     /* the lowest code: every code in [it, -1] has words */
 
 /* ---- metrics operations -------------------------------------------------- */
 #define ENG_OP_TRANSITION    0       /* fast path */
@@ -363,7 +368,8 @@
 #define ENG_FAULT_DIE_AFTER_CAS 4
 /* a slow path or an open SIGKILLs itself right after its lock CAS */
 #define ENG_FAULT_DIE_AFTER_LOCK 8
-/* a key insert SIGKILLs itself with its index cell placed, before publishing */
+/* a key insert SIGKILLs itself with its index cell placed, before publishing (a
+ * keyed open_account: holding the key lock and the latch, its open sealed) */
 #define ENG_FAULT_DIE_IN_KEY 16
 /* a booked transition SIGKILLs itself between its slot commit and its account publish */
 #define ENG_FAULT_DIE_IN_BOOKING 32
@@ -375,8 +381,16 @@
  * read, price half, then PnL half, the word unmoved (torn reads for the stress
  * verifier to catch); update_price does not (its machine code stays as it is) */
 #define ENG_FAULT_TEAR_PRICE 256
+/* a committer SIGKILLs itself holding the journal latch, nothing filled (J1) */
+#define ENG_FAULT_DIE_AFTER_JLATCH 512
+/* a committer SIGKILLs itself in J2: the record's seq cleared, its fields not written */
+#define ENG_FAULT_DIE_IN_JFILL 1024
+/* a committer SIGKILLs itself with its record whole (J2), before its commit CAS (J3) */
+#define ENG_FAULT_DIE_AFTER_JFILL 2048
+/* a committer SIGKILLs itself after its commit CAS (J3), before publishing the record (J4) */
+#define ENG_FAULT_DIE_BEFORE_JPUBLISH 4096
 /* a price writer SIGKILLs itself between its exit's commit and its price publish */
-#define ENG_FAULT_DIE_IN_EXIT 512
+#define ENG_FAULT_DIE_IN_EXIT 8192
 
 /*
  * ---- bounded back-off ----------------------------------------------------------
@@ -563,6 +577,7 @@ typedef struct eng_price_rec {
 typedef struct eng_ctx_rec {
     uint64_t commit;         /* the locked word this copy was written under */
     uint64_t version;        /* record version: +1 per published copy */
+    uint64_t cause;          /* the trigger that wrote it (the journal's takeover reads it) */
     uint64_t w[ENG_MAX_FIELD_WORDS];   /* the fields, as the spec lays them out */
 } eng_ctx_rec;
 
@@ -667,7 +682,12 @@ typedef struct eng_books {
  */
 typedef struct eng_account {
     uint64_t word;           /* version << 24 | holder token */
-    uint64_t pad[7];
+    /* the opening's key (open_account(key=); 0 bytes: none): written only
+     * while the record is free, by the opener holding the latch, before it
+     * seals the open; stable while the record is open (see the accounts) */
+    uint32_t key_len;
+    uint32_t pad0;
+    uint8_t  key[ENG_KEY_MAX];
     eng_books books[2];
 } eng_account;
 
@@ -718,6 +738,66 @@ typedef struct eng_shard {
  * The segment header.  ready is written last, with release; attach reads it
  * with acquire before trusting anything else.
  */
+/*
+ * ---- the journal (native/journal.c) -------------------------------------------
+ *
+ * The latch word (eng_journal.latch, 64 bits):
+ *
+ *   63                                   24 23                 0
+ *  +---------------------------------------+--------------------+
+ *  | seq of the last published record      | holder token (0: free)
+ *  +---------------------------------------+--------------------+
+ *
+ * One record (eng_jrec, 256 bytes: four lines), the record for seq k at
+ * ring[k & (records - 1)]:
+ *
+ *   | seq | latch | ts_ns | id | word | kind trigger |  w[0 .. 23] | version | pad |
+ *
+ *  seq      k once the record is whole (written last, release); 0 while filled
+ *  latch    the latch word it was filled under (a takeover's evidence)
+ *  word     the state word the commit published (a takeover compares its
+ *           generation with the slot's)
+ *  kind     ENG_JK_*; trigger: the trigger of a transition
+ *  w        the record words after the change; version its context version
+ */
+#define ENG_JOURNAL_DEFAULT_RECORDS 16384
+#define ENG_JOURNAL_MIN_RECORDS 4
+#define ENG_JOURNAL_MAX_RECORDS 4194304
+#define ENG_JOURNAL_PRICES   1       /* hdr.journal_flags: price writes are journaled */
+#define ENG_JK_OPEN          0       /* the kinds, in engine.journal.KINDS order */
+#define ENG_JK_TRANSITION    1
+#define ENG_JK_RELEASE       2
+#define ENG_JK_KEY           3
+#define ENG_JK_ACCOUNT       4
+#define ENG_JK_HALT          5
+#define ENG_JK_PRICE         6
+#define ENG_JREC_SIZE        256
+/* back-off steps a committer waits for the journal latch (each past
+ * ENG_YIELD_STEPS sleeps ENG_BACKOFF_SLEEP_NS: about 0.2 s): every commit
+ * passes through it, so a holder preempted on a crowded host is waited for
+ * longer than one slot's lock */
+#define ENG_JOURNAL_WAIT_STEPS 4000
+
+typedef struct eng_journal {
+    uint64_t latch;          /* seq << ENG_TOKEN_BITS | holder token, see above */
+    uint32_t waiting;        /* 1: some reader may sleep on the latch word's low half */
+    uint32_t pad0;
+    uint64_t pad1[6];
+} eng_journal;
+
+typedef struct eng_jrec {
+    uint64_t seq;
+    uint64_t latch;
+    int64_t  ts_ns;
+    uint64_t id;
+    uint64_t word;
+    uint32_t kind;
+    uint32_t trigger;
+    uint64_t w[ENG_MAX_FIELD_WORDS];
+    uint64_t version;
+    uint64_t pad[1];
+} eng_jrec;
+
 typedef struct eng_header {
     /* line 0: identity, written once by the creator */
     uint64_t magic;
@@ -738,13 +818,17 @@ typedef struct eng_header {
     uint64_t registry_off;
     uint64_t shards_off;
     uint64_t slots_off;
-    uint64_t pad1[4];
+    uint64_t journal_off;    /* 0: no journal */
+    uint32_t journal_records;/* a power of two, or 0 */
+    uint32_t journal_flags;  /* ENG_JOURNAL_PRICES */
+    uint64_t pad1[2];
     /* line 2: controls, read on hot paths, written rarely (by C setters) */
     uint32_t halted;
     uint32_t metrics_on;
     uint32_t sample_mask;    /* latency sampled when (attempts & mask) == 0 */
     uint32_t fault_flags;    /* ENG_FAULT_*: tests only */
-    uint64_t test_pause_ns;  /* slow path sleeps this long holding the lock: tests only */
+    uint64_t test_pause_ns;  /* slow path sleeps this long holding the lock (a keyed
+                              * open_account: the key lock): tests only */
     uint64_t pad2[5];
     /* line 3: written by open and recover */
     uint32_t alloc_hint;
@@ -770,7 +854,9 @@ typedef struct eng_header {
     uint64_t accounts_off;
     uint32_t max_accounts;
     uint32_t account_hint;   /* where open_account starts looking (relaxed RMW) */
-    uint64_t pad8[6];
+    uint32_t acct_key_lock;  /* 0 or the token of the keyed open_account running */
+    uint32_t pad9;
+    uint64_t pad8[5];
 } eng_header;
 
 /* Process-local view of an attached segment (not shared). */
@@ -816,6 +902,12 @@ typedef struct eng_seg {
     int64_t         last_amount; /* and the money it asked for (notional, withdrawal) */
     uint32_t        gate_calls;  /* the close gate (segment.c): calls in flight ... */
     uint32_t        gate_shut;   /* ... and 1 once close began: calls entering refuse */
+    eng_journal    *journal;     /* NULL: the engine has no journal */
+    eng_jrec       *jring;
+    uint64_t        jrecords;
+    uint32_t        jprices;     /* price writes are journaled */
+    uint32_t        jtrigger;    /* the trigger of the transition being committed */
+    int64_t         jts;         /* the time of the record being appended */
     uint32_t        exit_armed;  /* exits: the armed one-hot state (0: the spec has none) */
     uint32_t        exit_trigger;
     uint32_t        reopens;     /* 1: a rule leaves a closed state (booking refused) */
@@ -891,7 +983,12 @@ int      eng_format(void *base, uint64_t size, uint32_t capacity,
                     const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
                     uint32_t initial_index, uint32_t closed_mask,
                     uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec,
-                    uint32_t max_accounts);
+                    uint32_t max_accounts, uint32_t journal_records, uint32_t journal_flags);
+/* eng_segment_size for a ring of journal_records records (0: no journal);
+ * eng_segment_size is it with ENG_JOURNAL_DEFAULT_RECORDS */
+uint64_t eng_segment_size_journal(uint32_t capacity, uint32_t n_words,
+                                  uint32_t keys_per_position, uint32_t max_accounts,
+                                  uint32_t journal_records);
 int      eng_validate(const void *base, uint64_t size, uint64_t fingerprint);
 /* eng_validate, also naming the first bad header word and its value */
 int      eng_validate_detail(const void *base, uint64_t size, uint64_t fingerprint,
@@ -964,8 +1061,12 @@ int      eng_bind_key(eng_seg *s, uint64_t id, const char *key, uint32_t key_len
 int64_t  eng_lookup(eng_seg *s, const char *key, uint32_t key_len);
 int      eng_keys(eng_seg *s, uint64_t id, eng_key *out, uint32_t max, uint32_t *out_n);
 
+/* key: NULL for none; else unique among open accounts (ENG_EKEYEXISTS) */
 int      eng_open_account(eng_seg *s, int64_t cash, int64_t max_exposure,
-                          uint32_t max_positions, int64_t max_loss, uint64_t *out_id);
+                          uint32_t max_positions, int64_t max_loss, const char *key,
+                          uint32_t key_len, uint64_t *out_id);
+/* the id of the open account holding the key, 0 if none, or an error (< 0) */
+int64_t  eng_lookup_account(eng_seg *s, const char *key, uint32_t key_len);
 int      eng_close_account(eng_seg *s, uint64_t id);
 int      eng_read_account(eng_seg *s, uint64_t id, eng_account_row *out);
 int      eng_deposit(eng_seg *s, uint64_t id, int64_t amount);
@@ -981,6 +1082,13 @@ int      eng_wait_change(eng_seg *s, uint64_t id, int64_t since, int64_t timeout
                          int64_t *out_since);
 int      eng_snapshot(eng_seg *s, eng_row *rows, uint32_t max_rows, uint32_t *out_n);
 int      eng_recover(eng_seg *s, eng_recover_report *out);
+/* the journal (native/journal.c): the last published seq (0: none, or no
+ * journal); up to max records with seq > after (ENG_ELAPPED: one was
+ * overwritten, *out_resume the oldest retained); a wait for a seq > after */
+uint64_t eng_journal_seq(eng_seg *s);
+int      eng_journal_read(eng_seg *s, uint64_t after, eng_jrec *out, uint32_t max,
+                          uint32_t *out_n, uint64_t *out_resume);
+int      eng_journal_wait(eng_seg *s, uint64_t after, int64_t timeout_ns, uint64_t *out_seq);
 int      eng_proc_alive(uint32_t pid, uint64_t start_time);
 int      eng_entry_held(int fd, uint64_t registry_off, uint32_t entry);
 int      eng_owner_alive(eng_seg *s, uint32_t token);
@@ -1034,6 +1142,10 @@ _Static_assert(offsetof(eng_header, rec) % ENG_CACHE_LINE == 0, "record layout o
 _Static_assert(offsetof(eng_header, keyrecs_off) == offsetof(eng_header, rec) + ENG_CACHE_LINE, "keys line");
 _Static_assert(offsetof(eng_header, accounts_off) == offsetof(eng_header, keyrecs_off) + ENG_CACHE_LINE, "accounts line");
 _Static_assert(sizeof(eng_header) == ENG_HEADER_SIZE, "header size");
+_Static_assert(sizeof(eng_journal) == ENG_CACHE_LINE, "journal latch line");
+_Static_assert(sizeof(eng_jrec) == ENG_JREC_SIZE, "journal record");
+_Static_assert((ENG_JOURNAL_MIN_RECORDS & (ENG_JOURNAL_MIN_RECORDS - 1)) == 0 &&
+               (ENG_JOURNAL_MAX_RECORDS & (ENG_JOURNAL_MAX_RECORDS - 1)) == 0, "powers of two");
 _Static_assert(sizeof(eng_books) == 2 * ENG_CACHE_LINE, "books are two lines");
 _Static_assert(offsetof(eng_account, books) == ENG_CACHE_LINE, "books after the word's line");
 _Static_assert(sizeof(eng_account) % ENG_CACHE_LINE == 0, "account padded to lines");

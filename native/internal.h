@@ -447,7 +447,11 @@ static inline void op_end(op_timer t, int rc)
     case ENG_APPLIED: counter = &t.m->applied; break;
     case ENG_INVALID: counter = &t.m->invalid; break;
     case ENG_CONFLICT: counter = &t.m->conflicts; break;
-    case ENG_REJECTED: counter = &t.m->rejected; break;
+    case ENG_REJECTED:
+    case ENG_ERISK_HALTED:      /* a risk limit said no: a refusal, not an error */
+    case ENG_ERISK_EXPOSURE:
+    case ENG_ERISK_COUNT:
+    case ENG_ERISK_CASH: counter = &t.m->rejected; break;
     case ENG_HALTED: counter = &t.m->halted; break;
     default: counter = rc > 0 ? &t.m->applied : &t.m->errors; break;
     }

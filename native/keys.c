@@ -419,8 +419,10 @@ static uint16_t next_order(eng_seg *s, uint64_t id)
     return (uint16_t)next;
 }
 
-/* Insert key k for opening id (I1-I7). */
-static int key_insert(eng_seg *s, uint64_t id, const eng_key *k, op_timer t)
+/* Insert key k for opening id (I1-I7).  record: bind_key's insert is a
+ * change of its own, journaled (J1 before I6, which is its J3); an open's
+ * key is recorded by the open. */
+static int key_insert(eng_seg *s, uint64_t id, const eng_key *k, op_timer t, int record)
 {
     key_place p = key_place_of(s, k->key, k->len);
     int rc = stripe_lock(s, p.b1, t);                              /* I1 */
@@ -444,11 +446,25 @@ static int key_insert(eng_seg *s, uint64_t id, const eng_key *k, op_timer t)
             fence_seq_cst();   /* our cell before the scan: pairs with theirs */
             rc = key_conflicts(s, k, &p, slot, r, t);              /* I5 */
         }
+        uint64_t JL = 0;
         if (rc == 0) {
             die_if(s, ENG_FAULT_DIE_IN_KEY);
+            if (record && s->journal && journal_latch(s, t, &JL) != 0)   /* J1 */
+                rc = ENG_EBUSY;   /* the journal latch busy past its bound: retract */
+        }
+        if (rc == 0) {
+            uint64_t words[ENG_KEY_MAX / 8];
+            memcpy(words, body.key, sizeof words);
+            if (JL)
+                journal_fill_release(s, JL, ENG_JK_KEY, 0, id, r, words, ENG_KEY_MAX / 8,
+                                     body.len);                     /* J2 */
             uint64_t busy = kr_tag(ENG_KR_BUSY, s->token);
-            if (!cas_acq_rel_u64(&kr->tag, &busy, kr_held(id)))    /* I6 */
+            if (!cas_acq_rel_u64(&kr->tag, &busy, kr_held(id)))    /* I6 (J3) */
                 rc = ENG_EBUSY;   /* revoked: we were proven gone */
+            if (JL && rc)
+                journal_abort(s, JL);
+            else if (JL)
+                journal_publish(s, JL);                             /* J4 */
         } else if (keyrec_take(s, slot, r, kr_tag(ENG_KR_BUSY, s->token))) {
             keyrec_free(s, slot, r, ENG_KR_CLEARING);              /* retract */
         }
@@ -470,7 +486,7 @@ int eng_bind_key(eng_seg *s, uint64_t id, const char *key, uint32_t key_len)
     if (rc)
         return rc;
     op_timer t = op_begin(s, ENG_OP_KEY);
-    rc = key_insert(s, id, &k, t);
+    rc = key_insert(s, id, &k, t, 1);
     op_end(t, rc);
     return rc;
 }

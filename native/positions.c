@@ -105,7 +105,7 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         int keyed = 0;   /* this opening's key is inserted */
         int retry = 0;   /* refused on this slot only: undo, then try another */
         if (key) {
-            rc = key_insert(s, id, &kbuf, t);   /* visible once the opening commits */
+            rc = key_insert(s, id, &kbuf, t, 0);   /* visible once the opening commits */
             if (rc)
                 goto undo;
             keyed = 1;
@@ -139,7 +139,16 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         price_rec_at(s, sl, &r, entry, ts);
         if (s->exit_armed)   /* the trailing peak starts at the entry (side space) */
             exit_peak_set(s, sl, latched, entry * copysign(1.0, as_f8(load_relaxed_u64(&sl->pnl_size))));
-        if (price_publish(sl, latched, &r) != 0) {
+        uint64_t JL = 0;   /* journal_prices: every price publish is the journal latch holder's */
+        if (s->jprices && journal_latch(s, t, &JL) != 0) {
+            price_unlatch(sl, latched);
+            rc = ENG_EBUSY;   /* a live holder kept the journal latch past its bound */
+            goto undo;
+        }
+        int published = price_publish(sl, latched, &r);
+        if (JL)
+            journal_abort(s, JL);   /* the open's own record covers its opening price */
+        if (published != 0) {
             rc = ENG_EBUSY;   /* our latch was taken: we were judged gone, */
             keyed = 0;        /* and the key is left for the next insert or recover() */
             goto undo;
@@ -193,7 +202,7 @@ int eng_abandon_open(eng_seg *s, uint64_t id, uint64_t word)
     if (account_of_locked(s, sl, w))
         return ENG_INVALID;   /* its reservation stays booked: it stays open (see accounts) */
     uint64_t nw = sw_make(0, sw_gen(w) + 1, sw_ctx(w));
-    if (!cas_acq_rel_u64(&sl->word, &w, nw))
+    if (journal_commit(s, sl, id, w, nw, ENG_JK_RELEASE) != 0)
         return ENG_INVALID;
     commit_after(s, sl, w, nw);
     keys_drop(s, id);
@@ -229,7 +238,7 @@ int eng_release_position(eng_seg *s, uint64_t id)
             return rc;
         uint64_t nw = sw_make(0, sw_gen(w) + 1, sw_ctx(w));
         uint64_t old = w;
-        if (cas_acq_rel_u64(&sl->word, &w, nw)) {
+        if (journal_commit(s, sl, id, w, nw, ENG_JK_RELEASE) == 0) {
             commit_after(s, sl, old, nw);
             keys_drop(s, id);   /* already stale; clear them for the next inserts */
             tindex_drop(s, (uint32_t)(id & ENG_ID_SLOT_MASK));

@@ -264,6 +264,9 @@ ALWAYS_INLINE int write_price_checked(eng_seg *s, eng_slot *sl, double price, in
     price_rec_at(s, sl, &r, price, ts);
     if (__builtin_expect(tear, 0))
         price_write_torn(sl, latched, &r);
+    if (s->jprices)
+        return journal_price(s, sl, latched, &r,
+                             make_id(v.opening, (uint32_t)(((uint8_t *)sl - s->slots) / s->slot_size)));
     return price_publish(sl, latched, &r);
 }
 

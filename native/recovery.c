@@ -49,6 +49,7 @@ static int take_recovery_flag(eng_seg *s)
 static void sweep_dead(eng_seg *s, eng_recover_report *out)
 {
     op_timer t = {s->me ? &s->me->op[ENG_OP_RECOVER] : NULL, 0};
+    journal_sweep(s);   /* first: a slot takeover that rolls forward takes the latch */
     for (uint32_t i = 0; i < s->capacity; i++) {
         eng_slot *sl = slot_at(s, i);
         uint64_t w = load_acquire_u64(&sl->word);
@@ -119,6 +120,8 @@ int eng_recover(eng_seg *s, eng_recover_report *out)
 int eng_set_halt(eng_seg *s, uint32_t on)
 {
     CHECK_SEG(s);
+    if (s->journal)
+        return journal_halt(s, on ? 1 : 0);
     store_release_u32(&s->hdr->halted, on ? 1 : 0);   /* read relaxed on hot paths */
     return 0;
 }

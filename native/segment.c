@@ -172,7 +172,7 @@ static inline uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) & ~
 
 typedef struct layout {
     uint64_t registry_off, shards_off, slots_off, keyrecs_off, keyidx_off, stripes_off;
-    uint64_t tindex_off, accounts_off, size;
+    uint64_t tindex_off, accounts_off, journal_off, size;
     uint32_t rec_size, slot_size, key_buckets, tindex_buckets;
 } layout;
 
@@ -194,7 +194,7 @@ static inline uint32_t tindex_buckets_for(uint32_t capacity)
 }
 
 static layout compute_layout(uint32_t capacity, uint32_t n_words, uint32_t kpp,
-                             uint32_t max_accounts)
+                             uint32_t max_accounts, uint32_t journal_records)
 {
     layout l;
     l.rec_size = (uint32_t)align_up(8 * (ENG_REC_META_WORDS + n_words), ENG_REC_ALIGN);
@@ -210,16 +210,37 @@ static layout compute_layout(uint32_t capacity, uint32_t n_words, uint32_t kpp,
     l.tindex_off = align_line(l.stripes_off + sizeof(uint32_t) * (uint64_t)l.key_buckets);
     l.accounts_off = align_line(l.tindex_off + sizeof(uint64_t) * (uint64_t)l.tindex_buckets);
     l.size = l.accounts_off + sizeof(eng_account) * (uint64_t)max_accounts;
+    l.journal_off = 0;
+    if (journal_records) {
+        l.journal_off = align_line(l.size);
+        l.size = l.journal_off + sizeof(eng_journal) + sizeof(eng_jrec) * (uint64_t)journal_records;
+    }
     return l;
+}
+
+static inline int journal_records_ok(uint32_t n)
+{
+    return n == 0 || (n >= ENG_JOURNAL_MIN_RECORDS && n <= ENG_JOURNAL_MAX_RECORDS &&
+                      (n & (n - 1)) == 0);
+}
+
+uint64_t eng_segment_size_journal(uint32_t capacity, uint32_t n_words,
+                                  uint32_t keys_per_position, uint32_t max_accounts,
+                                  uint32_t journal_records)
+{
+    if (capacity == 0 || capacity > ENG_MAX_CAPACITY || n_words > ENG_MAX_FIELD_WORDS ||
+        keys_per_position > ENG_MAX_KEYS_PER_POSITION || max_accounts > ENG_MAX_ACCOUNTS ||
+        !journal_records_ok(journal_records))
+        return 0;
+    return compute_layout(capacity, n_words, keys_per_position, max_accounts,
+                          journal_records).size;
 }
 
 uint64_t eng_segment_size(uint32_t capacity, uint32_t n_words, uint32_t keys_per_position,
                           uint32_t max_accounts)
 {
-    if (capacity == 0 || capacity > ENG_MAX_CAPACITY || n_words > ENG_MAX_FIELD_WORDS ||
-        keys_per_position > ENG_MAX_KEYS_PER_POSITION || max_accounts > ENG_MAX_ACCOUNTS)
-        return 0;
-    return compute_layout(capacity, n_words, keys_per_position, max_accounts).size;
+    return eng_segment_size_journal(capacity, n_words, keys_per_position, max_accounts,
+                                    ENG_JOURNAL_DEFAULT_RECORDS);
 }
 
 int eng_noop(void) { return 0; }
@@ -270,6 +291,8 @@ const char *eng_strerror(int code)
     case ENG_EACCTFULL: return "no free account record";
     case ENG_EACCTBUSY: return "the account has open positions";
     case ENG_EVERSION: return "the account's version moved";
+    case ENG_ELAPPED: return "the journal's records after that seq were overwritten";
+    case ENG_ENOJOURNAL: return "the engine has no journal";
     default: return "unknown code";
     }
 }
@@ -289,7 +312,9 @@ const char *eng_strerror(int code)
 #define FAULT_FLAGS_KNOWN (ENG_FAULT_SKIP_GEN | ENG_FAULT_BLIND_STORE | ENG_FAULT_DIE_AFTER_CAS | \
                            ENG_FAULT_DIE_AFTER_LOCK | ENG_FAULT_DIE_IN_KEY |                    \
                            ENG_FAULT_DIE_IN_BOOKING | ENG_FAULT_DIE_IN_TINDEX_ADD |             \
-                           ENG_FAULT_DIE_IN_TINDEX_DEL | ENG_FAULT_TEAR_PRICE |              \
+                           ENG_FAULT_DIE_IN_TINDEX_DEL | ENG_FAULT_TEAR_PRICE |                \
+                           ENG_FAULT_DIE_AFTER_JLATCH | ENG_FAULT_DIE_IN_JFILL |                \
+                           ENG_FAULT_DIE_AFTER_JFILL | ENG_FAULT_DIE_BEFORE_JPUBLISH |            \
                            ENG_FAULT_DIE_IN_EXIT)
 
 static int test_faults_on = -1;   /* -1 until the first question reads the environment */
@@ -439,12 +464,15 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
                const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
                uint32_t initial_index, uint32_t closed_mask,
                uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec,
-               uint32_t max_accounts)
+               uint32_t max_accounts, uint32_t journal_records, uint32_t journal_flags)
 {
     if (!base || !table || !rec || capacity == 0 || capacity > ENG_MAX_CAPACITY ||
-        !rec_layout_ok(rec) || max_accounts > ENG_MAX_ACCOUNTS)
+        !rec_layout_ok(rec) || max_accounts > ENG_MAX_ACCOUNTS ||
+        !journal_records_ok(journal_records) || journal_flags & ~(uint32_t)ENG_JOURNAL_PRICES ||
+        (journal_flags && !journal_records))
         return ENG_EBADARG;
-    layout l = compute_layout(capacity, rec->n_words, rec->keys_per_position, max_accounts);
+    layout l = compute_layout(capacity, rec->n_words, rec->keys_per_position, max_accounts,
+                              journal_records);
     if (size < l.size)
         return ENG_ESIZE;
     const char *bad = table_problem(table, n_states, n_triggers, initial_index, closed_mask,
@@ -469,6 +497,9 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
     h->tindex_buckets = l.tindex_buckets;
     h->accounts_off = l.accounts_off;
     h->max_accounts = max_accounts;
+    h->journal_off = l.journal_off;
+    h->journal_records = journal_records;
+    h->journal_flags = journal_flags;
     if (getrandom(&h->key_seed, sizeof h->key_seed, GRND_NONBLOCK) != sizeof h->key_seed)
         h->key_seed = (uint64_t)now_ns(CLOCK_MONOTONIC) ^ ((uint64_t)creator_pid << 32);
     h->fingerprint = fingerprint;
@@ -519,8 +550,12 @@ static int header_check(const void *base, uint64_t size, uint64_t fingerprint,
         BAD(ENG_ECORRUPT, "rec", h->rec.n_words);
     if (h->max_accounts > ENG_MAX_ACCOUNTS)
         BAD(ENG_ECORRUPT, "max_accounts", h->max_accounts);
+    if (!journal_records_ok(h->journal_records))
+        BAD(ENG_ECORRUPT, "journal_records", h->journal_records);
+    if (h->journal_flags & ~(uint32_t)ENG_JOURNAL_PRICES || (h->journal_flags && !h->journal_records))
+        BAD(ENG_ECORRUPT, "journal_flags", h->journal_flags);
     layout l = compute_layout(h->capacity, h->rec.n_words, h->rec.keys_per_position,
-                              h->max_accounts);
+                              h->max_accounts, h->journal_records);
     if (h->slot_size != l.slot_size)
         BAD(ENG_ECORRUPT, "slot_size", h->slot_size);
     if (h->rec_size != l.rec_size)
@@ -539,7 +574,8 @@ static int header_check(const void *base, uint64_t size, uint64_t fingerprint,
         {"keyidx_off", offsetof(eng_header, keyidx_off), offsetof(layout, keyidx_off)},
         {"stripes_off", offsetof(eng_header, stripes_off), offsetof(layout, stripes_off)},
         {"tindex_off", offsetof(eng_header, tindex_off), offsetof(layout, tindex_off)},
-        {"accounts_off", offsetof(eng_header, accounts_off), offsetof(layout, accounts_off)}};
+        {"accounts_off", offsetof(eng_header, accounts_off), offsetof(layout, accounts_off)},
+        {"journal_off", offsetof(eng_header, journal_off), offsetof(layout, journal_off)}};
     for (size_t i = 0; i < sizeof offs / sizeof offs[0]; i++) {
         uint64_t got, want;
         memcpy(&got, (const uint8_t *)h + offs[i].hdr_off, sizeof got);
@@ -673,6 +709,12 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     s->tindex_buckets = hc.tindex_buckets;
     s->accounts = (eng_account *)((uint8_t *)base + hc.accounts_off);
     s->max_accounts = hc.max_accounts;
+    if (hc.journal_records) {
+        s->journal = (eng_journal *)((uint8_t *)base + hc.journal_off);
+        s->jring = (eng_jrec *)((uint8_t *)s->journal + sizeof(eng_journal));
+        s->jrecords = hc.journal_records;
+        s->jprices = (hc.journal_flags & ENG_JOURNAL_PRICES) != 0;
+    }
     s->slot_size = hc.slot_size;
     s->rec_size = hc.rec_size;
     s->n_words = hc.rec.n_words;

@@ -65,13 +65,34 @@ static inline uint32_t next_gen(eng_seg *s, uint32_t gen)
 static int takeover(eng_seg *s, eng_slot *sl, uint64_t L, op_timer t)
 {
     uint32_t pending = sw_ctx(L) ^ 1;
-    int forward = load_acquire_u64(&copy_of(s, sl, pending)->commit) == L;   /* pairs with W2 */
+    const eng_ctx_rec *pc = copy_of(s, sl, pending);
+    int forward = load_acquire_u64(&pc->commit) == L;   /* pairs with W2 */
     uint32_t st = sw_state(L);
     uint64_t resolved = forward ? sw_make(1u << sw_target(L), sw_gen(L) + 1, pending)
                                 : sw_unlocked(L) | (st ? ENG_SW_ERROR : 0);
     uint64_t expected = L;
-    if (!cas_acq_rel_u64(&sl->word, &expected, resolved))
+    uint64_t JL = 0;
+    if (forward && s->journal) {
+        /* a roll forward is a commit: made by the journal latch holder, with
+         * its record (filled from the sealed copy) on the dead holder's behalf */
+        if (journal_latch(s, t, &JL) != 0)
+            return 0;
+        if (load_acquire_u64(&sl->word) != L) {
+            journal_abort(s, JL);
+            return 0;
+        }
+        uint32_t slot = (uint32_t)(((uint8_t *)sl - s->slots) / s->slot_size);
+        uint64_t id = make_id(load_relaxed_u32(&sl->opening), slot);
+        journal_fill_ctx(s, JL, st ? ENG_JK_TRANSITION : ENG_JK_OPEN,
+                         (uint32_t)load_relaxed_u64(&pc->cause), id, resolved, pc);
+    }
+    if (!cas_acq_rel_u64(&sl->word, &expected, resolved)) {
+        if (JL)
+            journal_abort(s, JL);
         return 0;
+    }
+    if (JL)
+        journal_publish(s, JL);
     OP_TAKEOVERS(t, 1);
     if (forward) {
         OP_FORWARDS(t, 1);
@@ -171,7 +192,27 @@ int eng_transition(eng_seg *s, uint64_t id, uint32_t trigger)
             break;
         }
         uint64_t old = w;
-        if (cas_acq_rel_u64(&sl->word, &w, nw)) {   /* on failure w is reloaded */
+        if (s->journal) {
+            /* J1, then the word again: only the latch holder commits, so a
+             * word read under it moves only by a lock (see the journal) */
+            uint64_t JL;
+            if ((rc = journal_latch(s, t, &JL)) != 0)
+                break;
+            w = load_acquire_u64(&sl->word);
+            if (w != old) {
+                journal_abort(s, JL);
+                continue;   /* locked or committed meanwhile: look again */
+            }
+            journal_fill_ctx(s, JL, ENG_JK_TRANSITION, trigger, id, nw,
+                             copy_of(s, sl, sw_ctx(w)));                       /* J2 */
+            if (cas_acq_rel_u64(&sl->word, &w, nw)) {                          /* J3 */
+                journal_publish(s, JL);                                        /* J4 */
+                commit_after(s, sl, old, nw);
+                rc = ENG_APPLIED;
+                break;
+            }
+            journal_abort(s, JL);
+        } else if (cas_acq_rel_u64(&sl->word, &w, nw)) {   /* on failure w is reloaded */
             commit_after(s, sl, old, nw);
             rc = ENG_APPLIED;
             break;
@@ -220,6 +261,7 @@ static int lock_slot(eng_seg *s, eng_slot *sl, uint64_t id, uint32_t trigger, in
         disown_seal(s, sl, L);
         if (cas_acq_rel_u64(&sl->word, &w, L)) {
             die_if(s, ENG_FAULT_DIE_AFTER_LOCK);
+            s->jtrigger = trigger;   /* sealed with the copy, recorded with the commit */
             *out_L = L;
             rc = ENG_APPLIED;
             break;
@@ -232,6 +274,12 @@ static int lock_slot(eng_seg *s, eng_slot *sl, uint64_t id, uint32_t trigger, in
     }
     OP_RETRIES(t, retries);
     return rc;
+}
+
+/* Holder of L gives up: restore the word exactly. */
+static void unlock_unchanged(eng_slot *sl, uint64_t L)
+{
+    seq_publish_acq_rel(&sl->word, L, sw_unlocked(L));
 }
 
 static void test_pause(eng_seg *s)
@@ -254,33 +302,48 @@ static void test_pause(eng_seg *s)
 static int ctx_publish(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx, uint64_t *nw)
 {
     uint32_t c = sw_ctx(L);
+    uint32_t trigger = sw_state(L) ? s->jtrigger : 0;
     if (ctx) {
         eng_ctx_rec *dst = copy_of(s, sl, c ^ 1);
         ctx->version = load_relaxed_u64(&copy_of(s, sl, c)->version) + 1;
+        ctx->cause = trigger;
         seq_fill_release((uint64_t *)dst + 1, (uint64_t *)ctx + 1, rec_words(s) - 1,
                          &dst->commit, L);
         c ^= 1;
     }
     test_pause(s);
     *nw = sw_make(1u << sw_target(L), next_gen(s, sw_gen(L)), c);
-    return seq_publish_acq_rel(&sl->word, L, *nw);
+    if (!s->journal)
+        return seq_publish_acq_rel(&sl->word, L, *nw);
+    uint64_t JL;
+    op_timer none = {NULL, 0};
+    if (journal_latch(s, none, &JL) != 0) {
+        unlock_unchanged(sl, L);   /* nothing committed, nothing recorded */
+        return ENG_EBUSY;
+    }
+    uint32_t slot = (uint32_t)(((uint8_t *)sl - s->slots) / s->slot_size);
+    journal_fill_ctx(s, JL, sw_state(L) ? ENG_JK_TRANSITION : ENG_JK_OPEN, trigger,
+                     make_id(load_relaxed_u32(&sl->opening), slot), *nw,
+                     copy_of(s, sl, c));                                       /* J2 */
+    if (seq_publish_acq_rel(&sl->word, L, *nw) != 0) {                         /* J3 */
+        journal_abort(s, JL);
+        return ENG_EBUSY;
+    }
+    journal_publish(s, JL);                                                    /* J4 */
+    return 0;
 }
 
 /* Holder of L: publish (ctx_publish), then count the commit and wake. */
 static int finish_locked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx)
 {
     uint64_t nw;
-    if (ctx_publish(s, sl, L, ctx, &nw) != 0)
-        return ENG_CONFLICT;   /* taken over: only if we were proven dead */
+    if (ctx_publish(s, sl, L, ctx, &nw) != 0)   /* the journal's latch busy past the bound */
+        return sw_state(L) ? ENG_CONFLICT : ENG_EBUSY;   /* (or taken over: only if proven dead) */
     commit_after(s, sl, sw_unlocked(L), nw);
     return ENG_APPLIED;
 }
 
-/* Holder of L gives up: restore the word exactly. */
-static void unlock_unchanged(eng_slot *sl, uint64_t L)
-{
-    seq_publish_acq_rel(&sl->word, L, sw_unlocked(L));
-}
+
 
 /* 0 if every word in mask holds a value of its field's type. */
 static int check_words(const eng_seg *s, const uint64_t *w, uint32_t mask)

@@ -36,11 +36,21 @@ def until(pred: Callable[[], Any], what: str, timeout: float = READY_TIMEOUT) ->
         time.sleep(0.001)
 
 
-def sigkill(p: Any) -> None:
-    """SIGKILL a child and reap it (a zombie would still count as dead)."""
-    os.kill(p.pid, signal.SIGKILL)
+def sigkill(p: Any, may_have_exited: bool = False) -> None:
+    """SIGKILL a child, reap it, and check it died of the kill.
+
+    Reaping matters: a zombie would still count as dead.  A child that ended
+    before the kill (an exception, a crash, an early return) fails the check
+    unless the caller passes ``may_have_exited=True``.
+    """
+    if p.exitcode is None:   # polls; a reaped child's pid may be reused: never signal it
+        os.kill(p.pid, signal.SIGKILL)
     p.join(JOIN_TIMEOUT)
     assert not p.is_alive(), f"process {p.pid} survived SIGKILL"
+    if not may_have_exited:
+        assert p.exitcode == -signal.SIGKILL, (
+            f"process {p.pid} ended with exit code {p.exitcode} before its SIGKILL "
+            f"(expected {-signal.SIGKILL})")
 
 
 def exit_guarded_spec(guard: Callable[[Any, Any], bool], name: str) -> MachineSpec:

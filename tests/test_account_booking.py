@@ -122,9 +122,11 @@ def parked_open_spec() -> MachineSpec:
 @pytest.mark.shm_only
 class TestOutOfClosedStates:
     def test_such_specs_refuse_booking_at_open(self, make_engine: Any) -> None:
-        """The fix (issue 20): a spec whose positions could leave a closed state,
-        or start in one, builds; opening one on an account raises SpecError
-        naming the rule and reserves nothing."""
+        """A spec that leaves a closed state (or starts in one) builds; booking on it is refused.
+
+        The fix of issue 20: opening one on an account raises SpecError naming
+        the rule and reserves nothing.
+        """
         for build, rule in ((reopen_spec, "REOPEN"), (parked_spec, "PARKED")):
             eng = make_engine(capacity=4, spec=build())
             a = eng.open_account(1000, 1000, 10, 1000)
@@ -298,7 +300,9 @@ def release_race_trial(spawner: Any) -> list[str]:
 @pytest.mark.shm_only
 class TestReleaseRace:
     def test_release_racing_a_booked_close_loses_the_booking(self, spawner: Any) -> None:
-        """Interleaving (each step is real; the timing is arranged with the
+        """A release racing a booked close (test pause, then SIGKILL) loses no booking.
+
+        Interleaving (each step is real; the timing is arranged with the
         test pause and a SIGKILL, it needs no fault that production lacks):
 
           Q release_position(X): read_ctx, acct_settle(A) sees word W0 latched
@@ -329,9 +333,7 @@ class TestReleaseRace:
 @pytest.mark.shm_only
 class TestUpdateAccountMetrics:
     def test_retries_are_counted_once_per_retry(self, engine: Engine) -> None:
-        """Five version conflicts are five retries.  C adds `attempt` (the
-        tries before this one) on every try, so k retries count k(k+1)/2
-        (here 15): the contention figure of seed 003 is inflated."""
+        """Five version conflicts count five retries, not k(k+1)/2 = 15."""
         a = engine.open_account(100, 100, 1, 10)
         before = engine.metrics()["account"]
         calls: list[int] = []
@@ -356,9 +358,12 @@ class TestUpdateAccountMetrics:
 @pytest.mark.shm_only
 class TestMaxLossHalt:
     def test_loss_already_past_a_lowered_max_loss_halts(self, engine: Engine) -> None:
-        """realized = -80; update_account lowers max_loss to 50: the losses
+        """Lowering max_loss below losses already realized halts the account at once.
+
+        realized = -80; update_account lowers max_loss to 50: the losses
         have reached max_loss, yet the account stays open for new positions
-        (it halts only at the next close, even a profitable one)."""
+        (it halts only at the next close, even a profitable one).
+        """
         a = engine.open_account(1000, 1000, 10, 500)
         p = engine.open_position(100.0, 1.0, account=a)
         engine.update_price(p, 20.0)
@@ -393,9 +398,12 @@ def parked_opener(handle: Any, acct: int, ready: Any) -> None:
 class TestHeld:
     def test_held_readers_see_state_and_books_together_in_a_dead_booking(
             self, engine: Engine, spawner: Any) -> None:
-        """held: closer killed between B5 and B6; before any resolution the
+        """Readers of a booking killed between B5 and B6 see CLOSED with the released books.
+
+        held: closer killed between B5 and B6; before any resolution the
         position reads CLOSED and the account reads the released books; a
-        deposit resolves the latch forward; books exact."""
+        deposit resolves the latch forward; books exact.
+        """
         a = engine.open_account(1000, 1000, 10, 1000)
         x = engine.open_position(100.0, 1.0, account=a)
         engine.update_price(x, 110.0)
@@ -418,9 +426,7 @@ class TestHeld:
 
     def test_held_stopped_latch_holder_gives_bounded_busy(self, engine: Engine,
                                                           spawner: Any) -> None:
-        """held: a SIGSTOPped holder of the account latch makes deposit, an
-        opening and recover() give up within the bound (BusyError / no
-        resolution of a live holder); reads never wait."""
+        """A stopped account-latch holder makes writers give up in bound; reads never wait."""
         a = engine.open_account(1000, 1000, 10, 1000)
         engine._set_fault(0, 5_000_000_000)
         ready = spawner.ctx.Event()
@@ -497,10 +503,7 @@ def check_room(eng: Engine, acct: int) -> None:
 class TestOpeningKeepsRoom:
     def test_an_opening_whose_close_could_not_be_booked_is_refused_with_the_range(
             self, engine: Engine) -> None:
-        """Cash near the top of money, a long whose close at 1024 x entry
-        would pass it: MoneyError at the opening naming the band, the worst
-        gain and the range; nothing changes (before: accepted, and its close
-        was refused for good)."""
+        """An opening whose close at the band's top could not be booked raises MoneyError."""
         a = engine.open_account(BIG, BIG, 4, BIG)
         before = engine.account(a)
         with pytest.raises(MoneyError) as exc:
@@ -521,9 +524,7 @@ class TestOpeningKeepsRoom:
         assert engine.account(a).reserved == 0
 
     def test_realized_wins_leave_no_room_for_the_next_opening(self, engine: Engine) -> None:
-        """Large wins grow realized while the cash is withdrawn: the opening
-        whose worst gain would pass realized's top is refused at the opening
-        (before: accepted, then its close failed as EBADMONEY for good)."""
+        """An opening whose worst gain would pass realized's top is refused at the opening."""
         amount = 30_000_000.0      # notional 3e15 units, worst gain 1023 x that
         a = engine.open_account(amount, amount, 4, BIG)
         wins = 0
@@ -541,9 +542,7 @@ class TestOpeningKeepsRoom:
         assert acc.open_positions == 0 and acc.reserved == 0
 
     def test_a_deposit_that_would_eat_the_room_is_refused(self, engine: Engine) -> None:
-        """An open long keeps room for its worst gain: a deposit past it is
-        refused with the numbers; nothing changes (before: accepted, and the
-        long's close at the band's top then failed)."""
+        """A deposit that would eat an open long's room for its worst gain is refused."""
         a = engine.open_account(10_000_000, 10_000_000, 4, BIG)
         p = exiting(engine, 100.0, 100_000.0, 1, a)
         before = engine.account(a)
@@ -569,9 +568,7 @@ class TestCloseAlwaysBooks:
     @example(cash=BIG, legs=[(1000.0, 50_000.0, -1, True), (1.0, 1.0, 1, False)])
     def test_every_accepted_opening_closes_at_either_end_of_its_band(
             self, engine: Engine, cash: int, legs: list[tuple[float, float, int, bool]]) -> None:
-        """Openings refused or accepted; each accepted one closes APPLIED at
-        1024 x entry or at the smallest price; the books stay exact and the
-        room holds after every step."""
+        """Every accepted opening closes APPLIED at either end of its band; books stay exact."""
         a = engine.open_account(cash, BIG, 8, BIG)
         opened = []
         for entry, amount, side, high in legs:
@@ -588,9 +585,7 @@ class TestCloseAlwaysBooks:
 
     def test_a_close_above_the_band_is_refused_then_books_within_it(
             self, engine: Engine) -> None:
-        """A last price above 1024 x entry: MoneyError naming the price and the
-        band, the position stays EXITING with its reservation; a price within
-        the band closes it."""
+        """A close above the band raises MoneyError and changes nothing; one within it books."""
         a = engine.open_account(1_000_000, 1_000_000, 4, BIG)
         p = exiting(engine, 2.0, 10.0, -1, a)
         engine.update_price(p, 2.0 * MULT * 1.5)
@@ -610,9 +605,12 @@ class TestCloseAlwaysBooks:
 
 class TestTransitionManyErrors:
     def test_an_element_error_raises_it_with_every_outcome(self, engine: Engine) -> None:
-        """[closable, close above the band, closable]: MoneyError for index 1
+        """A batch element's MoneyError is raised with every element's outcome.
+
+        [closable, close above the band, closable]: MoneyError for index 1
         with .outcomes = [APPLIED, MANY_ERROR | EBADMONEY, APPLIED]; the two
-        others applied (before: CONFLICT, and the cause was lost)."""
+        others applied (before: CONFLICT, and the cause was lost).
+        """
         a = engine.open_account(1_000_000, 1_000_000, 8, BIG)
         ps = [exiting(engine, 1.0, 10.0, 1, a) for _ in range(3)]
         engine.update_price(ps[1], 1e12)

@@ -122,8 +122,7 @@ class TestMoneyInputBounds:
     """Money is range-checked before any exact arithmetic (issue 18, item 5)."""
 
     def test_a_huge_decimal_exponent_answers_in_a_child_process(self) -> None:
-        """deposit(acct, Decimal("1E+100000000")) gives MoneyError, not a hang:
-        the child must finish within the bound (it hung for minutes before)."""
+        """deposit() of Decimal("1E+100000000") raises MoneyError within the bound, no hang."""
         code = ("from decimal import Decimal\n"
                 "from engine import Engine, MoneyError\n"
                 "e = Engine.create(capacity=4)\n"
@@ -147,8 +146,7 @@ class TestMoneyInputBounds:
     @pytest.mark.parametrize("text", _HUGE_EXPONENTS)
     def test_every_money_path_refuses_a_huge_exponent_and_changes_nothing(
             self, engine: Engine, text: str) -> None:
-        """deposit, withdraw, open_account (cash and limits), update_account:
-        MoneyError naming the value; the books do not move."""
+        """Every money path refuses a huge exponent with MoneyError; the books do not move."""
         v = Decimal(text)
         a = engine.open_account(100, 1000, 4, 50)
         before = engine.account(a)
@@ -170,8 +168,7 @@ class TestMoneyInputBounds:
                              ids=["long-int", "long-negative-int", "negative", "long-past-range",
                                   "long-finer"])
     def test_long_ints_and_decimals_are_refused_by_their_range(self, bad: Any) -> None:
-        """An int too long for repr, a negative Decimal, a long coefficient past
-        the range or finer than 1e-8: MoneyError with the range or the scale."""
+        """Long ints and out-of-range or too-fine Decimals raise MoneyError with the range."""
         with pytest.raises(MoneyError, match=r"92233720368\.54775807|finer than the fixed"):
             to_units(bad)
 
@@ -558,8 +555,11 @@ def account_worker(handle: Any, accts: list[int], seed: int, q: Any) -> None:
 class TestMultiprocess:
     def test_books_exact_with_more_workers_than_cores(self, make_engine: Any,
                                                       spawner: Any) -> None:
-        """N spawned workers share 3 accounts; afterwards the books balance to the unit.
-        Allowed: refusals by limits.  Forbidden: any difference at all."""
+        """Books balance to the unit after more workers than cores share 3 accounts.
+
+        N spawned workers share 3 accounts; afterwards the books balance to the unit.
+        Allowed: refusals by limits.  Forbidden: any difference at all.
+        """
         eng = make_engine(capacity=512)
         accts = [eng.open_account(50_000, 20_000, 40, 10**9) for _ in range(N_ACCOUNTS)]
         n = max(4, 2 * (os.cpu_count() or 2) + 1)
@@ -601,8 +601,7 @@ class TestMoneyOfAnyType:
     ], ids=["deposit", "withdraw", "open_account"])
     def test_a_fraction_too_long_to_print_is_a_type_error(
             self, eng: Engine, call: Callable[[Engine, int, Any], Any]) -> None:
-        """A Fraction whose numerator has more digits than int->str allows:
-        EngineTypeError naming its type (was ValueError from its repr)."""
+        """A Fraction too long for int->str raises EngineTypeError naming its type."""
         a = eng.open_account(1000, 1000, 8, 1000)
         before = eng.account(a)
         with pytest.raises(EngineTypeError, match="Fraction"):

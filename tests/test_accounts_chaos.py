@@ -223,9 +223,12 @@ class TestChaosAccounts:
         assert out["fault_kills"] >= 5
 
     def test_die_in_booking_is_rolled_forward(self, make_engine: Any, spawner: Any) -> None:
-        """Killed between the slot commit and the account publish: the state is
+        """A booking killed after the slot commit is rolled forward by recover().
+
+        Killed between the slot commit and the account publish: the state is
         committed, so recover() publishes the books (forward), and a reader saw
-        them already before that."""
+        them already before that.
+        """
         eng = make_engine(capacity=8)
         a = eng.open_account(1000, 1000, 10, 1000)
         ready = spawner.ctx.Event()

@@ -156,8 +156,7 @@ class TestAccountLedger:
     @given(ops=st.lists(OPS, max_size=40))
     def test_books_follow_a_decimal_ledger_after_every_step(self, backend: str,
                                                             ops: list[tuple[Any, ...]]) -> None:
-        """After every op, each outcome, refusal and book figure equals a plain
-        Decimal ledger's, and the account invariant holds exactly."""
+        """After every step the books equal a plain Decimal ledger's and the invariant holds."""
         eng = Engine.create(capacity=32, **create_args(backend))
         try:
             ledger = Ledger(eng)
@@ -171,11 +170,14 @@ class TestAccountLedger:
 
 class TestAccountStress:
     def test_books_exact_after_a_multiprocess_run(self, backend: str) -> None:
-        """Four spawned workers (more than the cores) open, price, close and
+        """After a multiprocess run every account's books equal the workers' journals.
+
+        Four spawned workers (more than the cores) open, price, close and
         release positions and move money on three shared accounts; afterwards
         every account's cash, reserved, realized and open count equal what
         the workers' journals add up to.  Allowed: refusals by a limit.
-        Forbidden: any difference, any violation."""
+        Forbidden: any difference, any violation.
+        """
         res = run_stress(StressConfig(workers=4, seconds=2.0, mix="accounts",
                                       **create_args(backend)))
         assert res.violations == 0, res.violation_messages

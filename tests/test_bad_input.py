@@ -202,8 +202,7 @@ class TestBadSlots:
         for call in SLOT_CALLS
         if not (call == "state_word" and which == "capacity+opening")])   # a slot index
     def test_out_of_range(self, eng, call, which):
-        """An id outside the ids of the engine's slots (or a slot index outside
-        [0, capacity) for state_word) raises SlotError naming it and the range."""
+        """An id or slot index outside the engine's range raises SlotError naming the range."""
         slot = out_of_range(eng, which)
         needle = f"[0, {eng.capacity})" if call == "state_word" else ID_RANGE
         err = refused(eng, SlotError, slot_calls(eng, slot)[call], str(slot), needle)
@@ -212,8 +211,7 @@ class TestBadSlots:
     @pytest.mark.parametrize("call", SLOT_CALLS)
     @pytest.mark.parametrize("slot", [1.5, "3", None, 1.0, b"\x01"], ids=repr)
     def test_wrong_type(self, eng, call, slot):
-        """A non-int id raises EngineTypeError naming it and what is allowed (an
-        int from open_position; for state_word's slot index, the range)."""
+        """A non-int id raises EngineTypeError naming it and what is allowed."""
         needle = f"[0, {eng.capacity})" if call == "state_word" else "open_position"
         err = refused(eng, EngineTypeError, slot_calls(eng, slot)[call], repr(slot), needle)
         assert isinstance(err, TypeError)
@@ -221,8 +219,7 @@ class TestBadSlots:
     @pytest.mark.parametrize("call", [c for c in SLOT_CALLS if c != "state_word"])
     @pytest.mark.parametrize("opening", [0, 1, 2], ids=["opening0", "opening1", "opening2"])
     def test_never_opened(self, eng, call, opening):
-        """An id never issued (a never-opened slot's index, or an opening the
-        slot has not reached) raises NotOpenError and changes nothing."""
+        """An id never issued raises NotOpenError and changes nothing."""
         pos = (opening << SLOT_BITS) | eng.free
         err = refused(eng, NotOpenError, slot_calls(eng, pos)[call], str(pos), "never issued")
         assert not isinstance(err, StaleIdError)
@@ -235,8 +232,7 @@ class TestBadSlots:
         refused(eng, NotOpenError, slot_calls(eng, pos)[call], str(pos), "never issued")
 
     def test_released_slot_is_not_open(self, make_engine):
-        """A released position's id is refused like a never-opened one
-        (StaleIdError, a NotOpenError), also after its slot was reopened."""
+        """A released position's id raises StaleIdError, also after its slot reopened."""
         engine = make_engine(capacity=1)
         pos = engine.open_position(100.0, 1.0)
         for trig in ("POSITION_OPENED", "EXIT_CONDITION_MET", "EXIT_STARTED", "EXIT_COMPLETED"):
@@ -414,10 +410,13 @@ class TestBadBatches:
                            str(eng.free), "index 1")
 
     def test_stale_id_in_the_middle_is_skipped(self, make_engine):
-        """A released position's id in a batch is skipped, not refused: the others
+        """A released id in a price batch is skipped, never written into the slot's new opening.
+
+        A released position's id in a batch is skipped, not refused: the others
         are written, the return counts it out, and the new opening of its slot is
         not touched; forbidden: a refusal, or the stale id's price in the new
-        opening."""
+        opening.
+        """
         engine = make_engine(capacity=3)
         a, gone, b = (engine.open_position(100.0, 1.0) for _ in range(3))
         for trig in ("POSITION_OPENED", "EXIT_CONDITION_MET", "EXIT_STARTED", "EXIT_COMPLETED"):
@@ -526,8 +525,7 @@ class TestHugeIntArguments:
             "create"])
     def test_an_int_too_long_to_print_is_a_range_error(
             self, eng: Engine, call: Callable[[Engine, int, int], Any]) -> None:
-        """10**5000 as an id, a price, a field, an account, a timeout, a capacity:
-        an EngineError, nothing changed (was ValueError from the message)."""
+        """An int too long to print, in any argument, raises an EngineError and changes nothing."""
         p = eng.open_position(10.0, 1.0)
         before = eng.snapshot().tobytes()
         with pytest.raises(EngineError):

@@ -334,8 +334,11 @@ class TestKillsEverywhere:
     """Short run for ``make test``."""
 
     def test_kills_leave_nothing_held_or_inconsistent(self, chaos_engine, tmp_path):
-        """4 workers on every protocol, 60 SIGKILLs: nothing stays held past
-        CLEAR_BOUND, every context matches its state, every price its opening."""
+        """60 kills at random protocol points leave nothing held and every record consistent.
+
+        4 workers on every protocol, 60 SIGKILLs: nothing stays held past
+        CLEAR_BOUND, every context matches its state, every price its opening.
+        """
         figs = run_chaos(chaos_engine, tmp_path, workers=4, kills=60, max_seconds=90,
                          kill_every=0.05, seed=5)
         print("\n" + report(figs, chaos_engine))
@@ -348,8 +351,7 @@ class TestThousandKills:
     """The long run (``make test-all``): 1000 SIGKILLs, 8 workers on 2 cores."""
 
     def test_thousand_kills(self, chaos_engine, tmp_path):
-        """8 workers, 1000 SIGKILLs at random points of every protocol: same
-        guarantees as the short run."""
+        """1000 kills at random protocol points keep the short run's guarantees."""
         figs = run_chaos(chaos_engine, tmp_path, workers=8, kills=1000, max_seconds=1500,
                          kill_every=0.05, seed=1000)
         print("\n" + report(figs, chaos_engine))

@@ -71,11 +71,16 @@ def make():
     return eng, [calls[NAME]]
 
 def hammer(call, started, stop, seen):
+    # stop is set once close() returned: one more call after seeing it, so a
+    # thread that finished its call just before the close still makes the next
     try:
-        while not stop.is_set():
+        while True:
             started.set()
+            last = stop.is_set()
             call()
             seen["calls"] += 1
+            if last:
+                break
         seen["thread"] = "stopped"
     except ClosedError:
         seen["thread"] = "closed"
@@ -145,8 +150,7 @@ class TestCloseWhileInFlight:
 
     @pytest.mark.parametrize("name", RELEASED_CALLS)
     def test_close_waits_for_the_call_then_refuses_the_next(self, name):
-        """close() returns (it waited for the call in flight, or woke the wait)
-        and the thread's next call raises ClosedError."""
+        """close() waits for the call in flight, then the thread's next call raises ClosedError."""
         for r in run_rounds(name, 3):
             assert r["close"] == "ok", r
             assert r["thread"] == "closed", r
@@ -243,9 +247,12 @@ class TestCloseWaitIsBounded:
     """A call that does not return (a guard blocked on an event) against close()."""
 
     def test_past_the_bound_close_refuses_and_changes_nothing(self):
-        """Forbidden: close returning or hanging while the call is in flight;
+        """close() past its bound raises ClosedError and leaves the Engine open and usable.
+
+        Forbidden: close returning or hanging while the call is in flight;
         past the bound it raises ClosedError, the Engine stays open and usable,
-        and a later close (the call returned) succeeds."""
+        and a later close (the call returned) succeeds.
+        """
         first, last = run_blocked("bound")
         assert first["close"] == "ClosedError", first
         assert "did not return within" in str(first["message"]), first
@@ -254,22 +261,19 @@ class TestCloseWaitIsBounded:
         assert last["alive"] is False and last["closed"] is True, last
 
     def test_a_signal_during_the_wait_leaves_the_engine_open(self):
-        """An exception from a signal handler while close waits: the gate is
-        open again (calls work), nothing closed."""
+        """A signal handler's exception while close() waits leaves the Engine open and usable."""
         first, last = run_blocked("signal")
         assert first == {"close": "Alarm", "closed": False, "snapshot": 1}, first
         assert last["thread"] == {"first": "APPLIED", "next": "ClosedError"}, last
 
     def test_a_fork_child_closes_without_waiting_for_the_parents_threads(self):
-        """A child forked while a parent thread is in a call: its close()
-        neither waits for that thread (not copied) nor fails."""
+        """A fork child's close() neither waits for the parent's threads nor fails."""
         first, last = run_blocked("fork")
         assert first == {"child": 0}, first
         assert last["thread"] == {"first": "APPLIED", "next": "ClosedError"}, last
 
     def test_close_from_inside_its_own_guard_refuses(self):
-        """close() in a guard of the same Engine (the call it would wait for
-        is its own): ClosedError at once, the transition not applied."""
+        """close() inside a guard of the same Engine raises ClosedError at once."""
         def closing_guard(ctx, price):
             eng.close()
             return True
@@ -379,10 +383,13 @@ class TestCloseDuringWait:
     """close() from another thread never unmaps an Engine under a wait in progress."""
 
     def test_close_from_other_thread_during_wait_ends_the_wait(self, make_engine):
-        """A thread sleeps in wait_for_change; the main thread's close() ends the
+        """close() from another thread ends a wait_for_change with ClosedError, no crash.
+
+        A thread sleeps in wait_for_change; the main thread's close() ends the
         wait (ClosedError in the waiter, within one wait slice) and then closes
         (in a child interpreter); forbidden: a crash (SIGSEGV), the wait running
-        to its timeout under a close."""
+        to its timeout under a close.
+        """
         eng = make_engine(capacity=2)
         pos = eng.open_position(100.0, 1.0)
         proc = subprocess.run([sys.executable, "-c", CLOSE_DURING_WAIT_SCRIPT, eng.name, str(pos)],
@@ -403,8 +410,11 @@ class TestCloseInterrupted:
 
     def test_interrupted_after_the_gate_shut_leaves_the_engine_usable(
             self, eng: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-        """Forbidden: an Engine that says it is open while its gated calls
-        (update_prices, snapshot, recover) raise ClosedError for good."""
+        """A close() interrupted after its gate shut leaves the Engine open and usable.
+
+        Forbidden: an Engine that says it is open while its gated calls
+        (update_prices, snapshot, recover) raise ClosedError for good.
+        """
         pos = eng.open_position(10.0, 1.0)
         monkeypatch.setattr(core, "_fastpath", _FastpathRaisingOnUnbind(core._fastpath))
         with pytest.raises(Interrupt):
@@ -415,8 +425,7 @@ class TestCloseInterrupted:
 
     def test_interrupted_just_before_detach_leaves_the_engine_usable(
             self, eng: Engine) -> None:
-        """The same with the exception at the detach call itself: gated calls
-        and the fast path work, a second close() closes."""
+        """A close() interrupted at detach leaves the Engine usable; a second one closes."""
         pos = eng.open_position(10.0, 1.0)
         real = eng._lib
         eng._lib = _LibRaisingOnDetach(real)

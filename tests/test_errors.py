@@ -217,8 +217,27 @@ class CFuzz:
             rc = self.call(name, base, lib.eng_format,
                            self.buf if base == "buf" else ffi.NULL, size, d(U32S),
                            d(st.sampled_from([ffi.NULL, self.table])), d(U32S), d(U32S),
-                           d(U32S), d(U32S), d(U64S), d(U32S), self.layout(d), d(U32S))
+                           d(U32S), d(U32S), d(U64S), d(U32S), self.layout(d), d(U32S),
+                           d(U32S), d(U32S))
             x(name, base, rc)
+        elif name == "eng_segment_size_journal":
+            self.call(name, "-", lib.eng_segment_size_journal, d(U32S), d(U32S), d(U32S),
+                      d(U32S), d(U32S))
+        elif name == "eng_journal_seq":
+            kind, s = self.seg(d)
+            self.call(name, kind, lib.eng_journal_seq, s)
+        elif name == "eng_journal_read":
+            kind, s = self.seg(d)
+            out = ffi.NULL if d(st.booleans()) else ffi.new("eng_jrec[]", 4)
+            n = d(U32S) if out == ffi.NULL else d(st.integers(0, 4))
+            x(name, kind, self.call(name, kind, lib.eng_journal_read, s, d(U64S), out, n,
+                                    self.out(d, "uint32_t *"), self.out(d, "uint64_t *")),
+              (ERRNO_MIN, 0))
+        elif name == "eng_journal_wait":
+            kind, s = self.seg(d)
+            timeout = d(I64S) if kind != "foreign" else d(st.integers(-(2**63), 1_000_000))
+            x(name, kind, self.call(name, kind, lib.eng_journal_wait, s, d(U64S), timeout,
+                                    self.out(d, "uint64_t *")), (ERRNO_MIN, 0))
         elif name == "eng_validate":
             base = d(st.sampled_from(["null", "buf", "foreign"]))
             fsize = int(self.segs["foreign"].size)
@@ -267,9 +286,10 @@ class CFuzz:
         elif name == "eng_bind_key":
             kind, s = self.seg(d)
             x(name, kind, self.call(name, kind, lib.eng_bind_key, s, d(ids), *self.key(d)))
-        elif name == "eng_lookup":
+        elif name in ("eng_lookup", "eng_lookup_account"):
             kind, s = self.seg(d)
-            x(name, kind, self.call(name, kind, lib.eng_lookup, s, *self.key(d)), (ERRNO_MIN, 0))
+            x(name, kind, self.call(name, kind, getattr(lib, name), s, *self.key(d)),
+              (ERRNO_MIN, 0))
         elif name == "eng_keys":
             kind, s = self.seg(d)
             k = d(st.integers(0, 3))
@@ -468,7 +488,7 @@ class CFuzz:
         aid = d(st.one_of(self.ids, st.sampled_from([1 << 24, (1 << 24) | 63, 2 << 24])))
         if name == "eng_open_account":
             cash = d(st.integers(-(2**63), -1)) if kind == "foreign" else d(money)
-            args: tuple[Any, ...] = (cash, d(money), d(U32S), d(money),
+            args: tuple[Any, ...] = (cash, d(money), d(U32S), d(money), ffi.NULL, 0,
                                      self.out(d, "uint64_t *"))
         elif name in ("eng_deposit", "eng_withdraw"):
             args = (aid, d(money))
@@ -569,9 +589,12 @@ class TestRawCBoundary:
         assert not missing, f"declared but not in lib: {missing}"
 
     def test_hostile_raw_calls_return_codes(self, make_engine, spawn, tmp_path):
-        """Raw lib calls with NULL / zeroed / detached / forked / foreign segments,
+        """Hostile raw lib calls return negative codes; never a crash or a change.
+
+        Raw lib calls with NULL / zeroed / detached / forked / foreign segments,
         NULL outs and hostile ids and values return a negative code (or a
-        documented value); forbidden: a crash, a change to the home engine."""
+        documented value); forbidden: a crash, a change to the home engine.
+        """
         home, foreign = make_engine(capacity=4), make_engine(capacity=3)
         pos = monitoring(home)
         slot = home.slot_of(pos)
@@ -602,8 +625,7 @@ class TestErrors:
     EngineError; EngineError itself is never raised."""
 
     def test_codes_are_contiguous_and_each_has_words(self):
-        """Every code from -1 down to ENG_ERRNO_MIN has a name and its own
-        non-empty eng_strerror text."""
+        """Every code from -1 to ENG_ERRNO_MIN has a name and its own eng_strerror text."""
         codes = c_error_codes()
         assert sorted(codes.values()) == list(range(min(codes.values()), 0)), codes
         words = {code: ffi.string(lib.eng_strerror(code)).decode() for code in codes.values()}
@@ -611,8 +633,7 @@ class TestErrors:
         assert len(set(words.values())) == len(words), f"two codes share their words: {words}"
 
     def test_every_code_maps_to_a_proper_subclass(self):
-        """The table maps every ENG_E* code to a subclass of EngineError (never
-        EngineError itself), the named ones to their documented class."""
+        """Every ENG_E* code maps to its own subclass of EngineError, never EngineError itself."""
         table = error_table()
         for name, code in c_error_codes().items():
             assert code in table, f"{name} ({code}) has no exception class"
@@ -624,9 +645,7 @@ class TestErrors:
         assert not issubclass(table[lib.ENG_ENOTOPEN], StaleIdError)
 
     def test_raise_for_every_code_raises_a_proper_subclass(self):
-        """engine.errors.raise_for, the one function C codes go through, raises a
-        subclass of EngineError (never EngineError) with a non-empty message for
-        every code, and for a code C never returns."""
+        """raise_for() raises a proper EngineError subclass with a message for every code."""
         table = error_table()
         for code in [*c_error_codes().values(), -999]:
             with pytest.raises(EngineError) as info:
@@ -645,16 +664,22 @@ class TestErrors:
         assert not offenders, offenders
 
     def test_class_hierarchy(self):
-        """StaleIdError is a NotOpenError (so SlotError, IndexError, LookupError);
-        InternalError is a RuntimeError; both are EngineErrors."""
+        """StaleIdError is a NotOpenError and InternalError a RuntimeError, both EngineErrors.
+
+        StaleIdError is a NotOpenError (so SlotError, IndexError, LookupError);
+        InternalError is a RuntimeError; both are EngineErrors.
+        """
         for base in (NotOpenError, SlotError, EngineError, IndexError, LookupError):
             assert issubclass(StaleIdError, base), base
         assert issubclass(InternalError, EngineError) and issubclass(InternalError, RuntimeError)
 
     def test_busy_recover_says_recovering_not_slot_none(self, make_engine, spawn):
-        """recover() while a live process holds the recovery flag raises BusyError
+        """recover() beside a live recoverer raises BusyError naming no slot; a dead one's is taken.
+
+        recover() while a live process holds the recovery flag raises BusyError
         whose message names no slot; once that process is dead, recover() takes
-        the flag over; forbidden: "slot None", a hang."""
+        the flag over; forbidden: "slot None", a hang.
+        """
         eng = make_engine()
         q = CTX.Queue()
         holder = spawn(hold_worker, eng.handle, [(3, 0)], q)
@@ -671,8 +696,11 @@ class TestErrors:
 
     @pytest.mark.parametrize("timeout", [1e10, 2.0**62, sys.float_info.max])
     def test_wait_with_huge_timeout_returns_on_change(self, make_engine, timeout):
-        """wait_for_change with any huge finite timeout returns the new state when
-        the slot changes; forbidden: a type error, an immediate timeout."""
+        """wait_for_change with a huge finite timeout returns the new state on a change.
+
+        wait_for_change with any huge finite timeout returns the new state when
+        the slot changes; forbidden: a type error, an immediate timeout.
+        """
         eng = make_engine()
         pos = monitoring(eng)
         other = Engine.attach(eng.handle)
@@ -686,8 +714,7 @@ class TestErrors:
         assert state is State.PAUSED and 0.1 < took < ANSWER_BOUND, (state, took)
 
     def test_raw_wait_with_int64_max_timeout_does_not_overflow(self, make_engine):
-        """eng_wait_change(timeout INT64_MAX) sleeps until the change; forbidden:
-        a deadline that overflowed into the past (immediate ETIMEDOUT)."""
+        """eng_wait_change(INT64_MAX) sleeps until the change; its deadline does not overflow."""
         eng = make_engine()
         pos = monitoring(eng)
         other = Engine.attach(eng.handle)
@@ -706,8 +733,11 @@ class TestErrors:
     @pytest.mark.parametrize("price", [np.complex128(5 + 7j), 5 + 7j, np.complex64(5 + 0j),
                                        complex(5, 0)], ids=repr)
     def test_complex_price_refused(self, make_engine, price):
-        """update_price with a complex number raises EngineTypeError and changes
-        nothing; forbidden: storing its real part."""
+        """update_price with a complex number raises EngineTypeError and changes nothing.
+
+        update_price with a complex number raises EngineTypeError and changes
+        nothing; forbidden: storing its real part.
+        """
         eng = make_engine()
         pos = monitoring(eng)
         before = eng.price(pos)

@@ -159,8 +159,7 @@ class TestRacingWriters:
 @pytest.mark.shm_only
 class TestProcesses:
     def test_processes_more_than_cores_fire_once(self, engine, spawner):
-        """WRITERS processes (more than cores) by id, batch and token: each position
-        fires exactly once, at a crossing price, with STOP_LOSS."""
+        """More writer processes than cores, every way: each position fires once, crossing."""
         ids = open_armed(engine, 12)
         before = commits_of(engine)
         go = spawner.ctx.Event()
@@ -174,8 +173,7 @@ class TestProcesses:
         assert check_exits(engine, ids, before)["fired"] == len(ids)
 
     def test_pauser_never_fired_while_paused(self, engine, spawner):
-        """A pauser toggles PAUSE/RESUME while writers cross: no fire from PAUSED;
-        at the end no armed position shows a crossing price."""
+        """A pauser toggles PAUSE/RESUME while writers cross: no fire from PAUSED, none lost."""
         ids = open_armed(engine, 6)
         before = commits_of(engine)
         go = spawner.ctx.Event()
@@ -205,8 +203,10 @@ class TestKills:
         engine._set_fault(0)
 
     def test_killed_between_fire_and_publish(self, engine, spawner):
-        """SIGKILL after the fire, before the publish: fired once at the writer's
-        price; its price is not published; the next write takes the latch over."""
+        """Killed between fire and publish: fired once at its price, the price unpublished.
+
+        The next write takes the dead writer's latch over and does not fire again.
+        """
         (pos,) = open_armed(engine, 1)
         engine.update_price(pos, 96.0)
         version, commits = engine.price(pos).version, commits_of(engine)[pos]
@@ -224,8 +224,7 @@ class TestKills:
         assert commits_of(engine)[pos] == commits + 1
 
     def test_killed_inside_the_fire(self, engine, spawner):
-        """SIGKILL right after the fire's lock: rolled back, nothing published; the
-        next crossing write fires once, at its own price."""
+        """Killed right after the fire's lock: rolled back; the next crossing fires once."""
         (pos,) = open_armed(engine, 1)
         engine.update_price(pos, 96.0)
         commits = commits_of(engine)[pos]
@@ -241,8 +240,7 @@ class TestKills:
         assert commits_of(engine)[pos] == commits + 1
 
     def test_killed_inside_the_fire_then_no_crossing(self, engine, spawner):
-        """SIGKILL after the fire's lock, then a write that does not cross: no fire,
-        and the position shows that price armed (the dead write never happened)."""
+        """Killed inside the fire, then a write that does not cross: no fire, armed."""
         (pos,) = open_armed(engine, 1)
         p = spawner.start(die_in_fire, engine.handle, pos, lib.ENG_FAULT_DIE_AFTER_LOCK, 94.0)
         p.join(JOIN_TIMEOUT)
@@ -254,8 +252,7 @@ class TestKills:
         assert engine.state(pos) is State.MONITORING
 
     def test_random_kills(self, engine, spawner):
-        """Writers SIGKILLed at random while writing every way: after recover() no
-        armed position shows a crossing price, and none fired twice."""
+        """Writers killed at random: no armed position at a crossing price, none fired twice."""
         ids = open_armed(engine, 16)
         before = commits_of(engine)
         rng = np.random.default_rng(7)
@@ -295,9 +292,11 @@ def adjustable_spec() -> Any:
 @pytest.mark.shm_only
 class TestLevelsMovedMeanwhile:
     def test_fire_uses_the_levels_it_locks_from(self, spawner):
-        """A stop moved (ADJUST, held in its slow path by another process) while a
-        crossing write waits for the lock: the write checks the new stop and does
-        not fire; with the old one it would have."""
+        """A stop moved while a crossing write waits for the lock: the new stop decides.
+
+        ADJUST is held in its slow path by another process; the write checks
+        the new stop and does not fire (with the old one it would have).
+        """
         eng = Engine.create(capacity=4, spec=adjustable_spec())
         try:
             pos = eng.open_position(100.0, 1.0, stop_loss=95.0)

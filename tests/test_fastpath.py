@@ -103,8 +103,7 @@ class TestSameBehaviour:
             assert fast[1][:1] + fast[1][2:] == slow[1][:1] + slow[1][2:]
 
     def test_the_comparison_is_c_against_python(self):
-        """The class attributes are the C descriptors; the PY_* they are compared
-        with above are the Python methods (plain functions) they stand for."""
+        """The compared class attributes are the C descriptors and the PY_* the Python methods."""
         for name in ("transition", "update_price", "price"):
             assert type(getattr(Engine, name)) is engine_core._fastpath.FastMethod
         assert all(inspect.isfunction(f) for f in (PY_TRANSITION, PY_UPDATE_PRICE, PY_PRICE))
@@ -129,8 +128,7 @@ class TestLifetime:
         Engine.attach(eng.name).unlink()
 
     def test_a_kept_call_keeps_its_engine(self):
-        """A hot call taken from an Engine held nowhere else works, as a bound
-        Python method would: the call keeps its Engine alive."""
+        """A hot call kept alone keeps its Engine alive, as a bound method would."""
         eng = Engine.create(2)
         name = eng.name
         pos = eng.open_position(100.0, 1.0)
@@ -154,8 +152,7 @@ class TestLifetime:
             eng.unlink()
 
     def test_a_dropped_kept_call_releases_its_engine_at_once(self):
-        """The last reference to a kept call gone, its Engine is detached at
-        once (no reference cycle: no wait for the collector)."""
+        """Dropping the last reference to a kept call detaches its Engine at once."""
         eng = Engine.create(2)
         name, fin, ref = eng.name, eng._finalizer, weakref.ref(eng)
         watch = Engine.attach(name)   # sees the registry
@@ -174,8 +171,7 @@ class TestLifetime:
         watch.unlink()
 
     def test_a_call_stored_on_its_engine_is_collected(self):
-        """An Engine holding one of its own calls (a cycle the user made) is
-        still detached by the collector."""
+        """An Engine holding one of its own calls (a cycle) is still detached by the collector."""
         eng = Engine.create(2)
         name, fin = eng.name, eng._finalizer
         eng.cb = eng.update_price   # type: ignore[attr-defined]
@@ -219,8 +215,7 @@ class TestSnapshotReuse:
             eng.unlink()
 
     def test_a_dropped_snapshot_is_filled_with_the_new_record(self):
-        """A result dropped by its caller comes back with the current record,
-        equal to the Python method's, never the old values."""
+        """A result dropped and reused comes back with the current record, never old values."""
         eng = Engine.create(4)
         try:
             pos = eng.open_position(100.0, 2.0)

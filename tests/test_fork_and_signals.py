@@ -373,9 +373,12 @@ class TestFork:
 
     def test_os_fork_child_refuses_inherited_engine_and_close_is_harmless(
             self, make_engine, spawn):
-        """os.fork child: every inherited call raises ClosedError naming attach,
+        """An os.fork child's inherited Engine raises ClosedError; the parent is untouched.
+
+        os.fork child: every inherited call raises ClosedError naming attach,
         attach works, eng.close() then os._exit; the parent's entry and its paused
-        slow path are untouched; forbidden: a takeover of the live parent."""
+        slow path are untouched; forbidden: a takeover of the live parent.
+        """
         eng = make_engine()
         pos = monitoring(eng)
         handle = eng.handle
@@ -405,9 +408,12 @@ class TestFork:
         assert_parent_still_owns(eng, spawn, pos)
 
     def test_multiprocessing_fork_child_exit_keeps_parent_entry(self, spawn):
-        """multiprocessing 'fork' child that drops (finalizes) the inherited Engine
+        """A multiprocessing fork child that drops the inherited Engine keeps the parent's entry.
+
+        multiprocessing 'fork' child that drops (finalizes) the inherited Engine
         and exits normally: the parent's entry and paused slow path are untouched;
-        forbidden: the child freeing the parent's entry."""
+        forbidden: the child freeing the parent's entry.
+        """
         _FORKED["eng"] = Engine.create(capacity=16)
         try:
             _FORKED["handle"] = _FORKED["eng"].handle
@@ -434,9 +440,12 @@ class TestFork:
             eng.unlink()
 
     def test_fork_child_sys_exit_keeps_parent_entry(self, make_engine, child_env):
-        """A plain interpreter forks; its child exits with sys.exit (atexit hooks
+        """A fork child's sys.exit keeps the parent's entry and its paused slow path.
+
+        A plain interpreter forks; its child exits with sys.exit (atexit hooks
         and finalizers run): the parent's entry stays, and its paused slow path
-        is not taken over by this process; forbidden: APPLIED for us, a rollback."""
+        is not taken over by this process; forbidden: APPLIED for us, a rollback.
+        """
         eng = make_engine()
         pos = monitoring(eng)
         slot = eng.slot_of(pos)
@@ -481,10 +490,13 @@ class TestSignalStorm:
     (live) process."""
 
     def test_handler_exceptions_leak_nothing(self, make_engine):
-        """SIGALRM every 0.1-1 ms raising from its handler while one process runs
+        """Exceptions from a signal handler during every call leave nothing held.
+
+        SIGALRM every 0.1-1 ms raising from its handler while one process runs
         guarded/slow/fast transitions, opens, releases, prices, waits, attaches and
         recover(): afterwards nothing is held and every position still answers;
-        forbidden: any lock, latch, flag or entry held by this live process."""
+        forbidden: any lock, latch, flag or entry held by this live process.
+        """
         eng = make_engine(capacity=8, spec=BRIEF_GUARD_SPEC)
         rng = random.Random(4)
         ids: list[int] = []
@@ -546,10 +558,13 @@ class TestSignalStorm:
 
     @pytest.mark.parametrize("armed_in", ["attach", "close"])
     def test_attach_and_close_under_storm_leave_no_entry(self, make_engine, armed_in):
-        """Engine.attach / Engine.close interrupted by a handler's exception at
+        """attach and close interrupted at every point leave no registry entry behind.
+
+        Engine.attach / Engine.close interrupted by a handler's exception at
         every point: afterwards only the test's own entry is in the registry;
         forbidden: an entry held forever by this live process (recover() cannot
-        free it: the process is alive)."""
+        free it: the process is alive).
+        """
         eng = make_engine(capacity=2)
         stats: collections.Counter[str] = collections.Counter()
         with sigalrm_storm() as t0:
@@ -582,9 +597,12 @@ class TestForkInheritedMapping:
     dead parent's liveness lock (so its transition locks) alive."""
 
     def test_dead_holders_lock_taken_over_while_its_fork_child_lives(self, make_engine):
-        """The holder of a transition lock forks a sleeping child and is SIGKILLed:
+        """A dead holder's lock is taken over while its fork child still lives.
+
+        The holder of a transition lock forks a sleeping child and is SIGKILLed:
         while the child lives, a transition on that slot is APPLIED within 2 s and
-        recover() removes the holder; forbidden: CONFLICT for the child's lifetime."""
+        recover() removes the holder; forbidden: CONFLICT for the child's lifetime.
+        """
         eng = make_engine(capacity=2)
         pos = eng.open_position(100.0, 1.0)
         slot = eng.slot_of(pos)
@@ -621,9 +639,12 @@ class TestHandlerSnapshot:
     same Engine leaves the outer result whole: its row count is its own."""
 
     def test_handler_snapshot_does_not_change_outer_rows(self, make_engine, monkeypatch):
-        """SIGALRM lands while the main loop's snapshot runs in C; the handler opens a
+        """A snapshot in a signal handler does not change the interrupted snapshot's rows.
+
+        SIGALRM lands while the main loop's snapshot runs in C; the handler opens a
         position and snapshots: the outer snapshot has exactly the rows open before,
-        none with id 0; forbidden: the handler's count applied to the outer rows."""
+        none with id 0; forbidden: the handler's count applied to the outer rows.
+        """
         eng = make_engine(capacity=64)
         ids = [eng.open_position(100.0, 1.0) for _ in range(8)]
         spy = SignalAfterCall("eng_snapshot")
@@ -654,9 +675,12 @@ class TestHandlerOpenAbandon:
     the C call) is undone even when the handler opened a position first."""
 
     def test_outer_open_undone_after_handler_opens_and_raises(self, make_engine, monkeypatch):
-        """SIGALRM right after eng_open returns; the handler opens its own
+        """An open interrupted by a raising handler is given back; the handler's stay.
+
+        SIGALRM right after eng_open returns; the handler opens its own
         position and raises: the handler's positions stay, the outer opening is
-        given back; forbidden: an open position whose id nobody received."""
+        given back; forbidden: an open position whose id nobody received.
+        """
         eng = make_engine(capacity=64)
         spy = SignalAfterCall("eng_open")
         monkeypatch.setattr(eng, "_lib", spy)   # the interface the Engine calls

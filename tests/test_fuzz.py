@@ -154,8 +154,7 @@ class TestFuzzReads:
     @FUZZ
     @given(slot=IDS)
     def test_reads(self, eng, slot):
-        """Garbage ids and slot indexes: a value or an EngineError, never another
-        exception."""
+        """Garbage ids and slot indexes give a value or an EngineError, never another exception."""
         for read in (eng.state, eng.state_word, eng.price, eng.context, eng.id_of):
             check_call(eng, lambda read=read: read(slot))
 
@@ -247,8 +246,7 @@ class TestFuzzLifecycle:
         lambda c: not (isinstance(c, int) and 64 < c <= lib.ENG_MAX_CAPACITY))),
         name=st.one_of(st.none(), GARBAGE), spec=st.one_of(st.none(), GARBAGE))
     def test_create(self, capacity, name, spec):
-        """Garbage capacity/name/spec: a working Engine or an EngineError, and
-        no segment left behind by a refused create."""
+        """Garbage create arguments give an Engine or an EngineError and leave no segment."""
         # Only names this call could have created are checked (and removed):
         # other processes create and remove /dev/shm entries all the time.
         generated: list[str] = []
@@ -351,9 +349,12 @@ class TestEdgeValues:
     """Every edge number through every argument of every call: deterministic."""
 
     def test_edge_numbers(self, eng):
-        """NaN, infinities, ints too large for a double or the C type, numpy
+        """Edge numbers in every argument work or raise an EngineError with nothing changed.
+
+        NaN, infinities, ints too large for a double or the C type, numpy
         scalars, through each argument: the call works or raises an
-        EngineError with nothing changed.  Lists every escape it finds."""
+        EngineError with nothing changed.  Lists every escape it finds.
+        """
         escaped = []
         for call, fn in _edge_calls(eng).items():
             for v in EDGE_NUMBERS:
@@ -370,8 +371,7 @@ class TestEdgeValues:
         assert not escaped, f"{len(escaped)} escapes:\n" + "\n".join(escaped)
 
     def test_non_integral_ids_are_refused(self, eng):
-        """A slot id or trigger that is a number but not an integer (numpy
-        float32, float16, longdouble, complex64) raises, never truncates."""
+        """A non-integral numeric id or trigger raises, never truncates."""
         accepted = []
         for call, fn in _edge_calls(eng).items():
             if not call.endswith(("(slot)", "(trigger)", "(slots)")):

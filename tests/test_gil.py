@@ -17,9 +17,7 @@ LOOP_SECONDS = 0.2   # each thread's loop: 40 GIL switch intervals, so the two i
 
 class TestReleasedCalls:
     def test_other_thread_runs_while_one_waits(self, make_engine):
-        """A thread in wait_for_change (its own Engine: one per thread)
-        sleeps with the GIL released: the main thread keeps running Python
-        and its commit wakes the waiter."""
+        """wait_for_change releases the GIL: another thread runs and its commit wakes the waiter."""
         eng = make_engine()
         pos = eng.open_position(100.0, 1.0)
         eng.transition(pos, Trigger.POSITION_OPENED)

@@ -78,9 +78,12 @@ class TestHaltDuringGuard:
     """halt() stops a guarded transition whose guard is still running."""
 
     def test_halt_while_guard_runs_returns_halted(self, make_engine):
-        """Another Engine calls halt() while the guard runs (the guard then says
+        """A halt() during the guard makes the transition return HALTED with nothing changed.
+
+        Another Engine calls halt() while the guard runs (the guard then says
         yes): the transition returns HALTED, state, generation and context are
-        unchanged; forbidden: APPLIED after halt() returned."""
+        unchanged; forbidden: APPLIED after halt() returned.
+        """
         eng = make_engine(capacity=2, spec=HALT_GUARD_SPEC)
         other = Engine.attach(eng.handle)
         pos = eng.open_position(100.0, 1.0)

@@ -178,8 +178,7 @@ class TestTestFaultWords:
                                             ("test_pause_ns", 30_000_000_000)])
     def test_a_release_process_refuses_a_segment_with_a_fault_word_set(
             self, segment: Engine, child_env: dict[str, str], word: str, value: int) -> None:
-        """A process without ENGINE_TEST_FAULTS attaches a crafted segment:
-        SegmentError naming the word and its value, not a SIGKILL or a stall."""
+        """A process without the fault switch refuses a segment with a fault word set."""
         off, size = _field(word)
         _poke(segment.name, off, value.to_bytes(size, "little"))
         env = {k: v for k, v in child_env.items() if k != "ENGINE_TEST_FAULTS"}
@@ -196,8 +195,7 @@ class TestTestFaultWords:
 
     def test_fault_words_written_after_attach_are_not_honoured(
             self, segment: Engine, spawner: Spawner) -> None:
-        """Switch off: fault words that appear after attach (a crafted write)
-        kill nobody and pause nothing; every fault site ignores them."""
+        """With the switch off, fault words written after attach are ignored everywhere."""
         flags = sum(getattr(lib, n) for n in dir(lib) if n.startswith("ENG_FAULT_"))
         q = spawner.ctx.Queue()
         spawner.start(_after_attach_child, segment.name, flags, q)
@@ -205,8 +203,7 @@ class TestTestFaultWords:
         spawner.join_all(CHILD_TIMEOUT)
 
     def test_set_fault_is_refused_while_the_switch_is_off(self, segment: Engine) -> None:
-        """eng_set_faults refuses to set a fault word in a process that does
-        not honour them (clearing is allowed); nothing is written."""
+        """eng_set_faults refuses to set a fault word while the switch is off."""
         lib.eng_test_faults(0)
         try:
             with pytest.raises(EngineError, match="ENGINE_TEST_FAULTS=1"):
@@ -222,8 +219,7 @@ class TestTestFaultWords:
                                             ("test_pause_ns", lib.ENG_TEST_PAUSE_MAX_NS + 1)])
     def test_out_of_range_fault_words_are_refused_even_with_the_switch_on(
             self, segment: Engine, word: str, value: int) -> None:
-        """An unknown fault bit, or a pause past the bound: SegmentError, in a
-        test process too."""
+        """An unknown fault bit or a pause past the bound raises SegmentError, switch on too."""
         assert lib.eng_test_faults(-1) == 1
         off, size = _field(word)
         _poke(segment.name, off, value.to_bytes(size, "little"))
@@ -231,8 +227,7 @@ class TestTestFaultWords:
             Engine.attach(segment.name)
 
     def test_the_switch_on_attaches_a_segment_with_faults_set(self, segment: Engine) -> None:
-        """A test process (switch on) attaches a segment whose faults another
-        test process set: the suite's fault tests keep working."""
+        """With the switch on, a segment whose faults another test process set attaches."""
         segment._set_fault(lib.ENG_FAULT_SKIP_GEN, 1000)
         try:
             Engine.attach(segment.name).close()
@@ -263,9 +258,12 @@ class TestHeaderWords:
 
     def test_every_scalar_word_is_refused_or_harmless(self, segment: Engine,
                                                       spawner: Spawner) -> None:
-        """Every scalar and pad word at 0, 1, 2, 3, 0x40, all ones, the top
+        """Every corrupted scalar header word is refused naming it, or harmless; never a crash.
+
+        Every scalar and pad word at 0, 1, 2, 3, 0x40, all ones, the top
         bit, its value + 1: SegmentError naming the word, or a workload that
-        answers with engine outcomes; never a crash or a non-engine error."""
+        answers with engine outcomes; never a crash or a non-engine error.
+        """
         results = _run_sweep(spawner, segment.name, _scalar_cases(segment.name))
         defects = [r for r in results if r[2].startswith("DEFECT")]
         assert not defects, defects
@@ -297,9 +295,12 @@ class TestHeaderWords:
 
     def test_every_table_and_record_layout_entry_is_refused_or_harmless(
             self, segment: Engine, spawner: Spawner) -> None:
-        """Stray rule bits, targets or sources past the machine, a rule out of
+        """Every corrupted table or record-layout entry is refused as a corrupt header.
+
+        Stray rule bits, targets or sources past the machine, a rule out of
         a closed state (booked twice), bad word types and roles: refused as
-        a corrupt header naming table or rec; never a crash."""
+        a corrupt header naming table or rec; never a crash.
+        """
         results = _run_sweep(spawner, segment.name, _layout_cases(segment))
         defects = [r for r in results if r[2].startswith("DEFECT")]
         assert not defects, defects
@@ -358,8 +359,11 @@ class TestHeaderWordFlippedDuringAttach:
     @pytest.mark.parametrize("word", ["capacity", "registry_off", "slots_off", "accounts_off",
                                       "max_accounts"])
     def test_attach_never_crashes(self, eng: Engine, word: str) -> None:
-        """SIGSEGV/SIGBUS before the fix: attach validated the live header,
-        then read the word again to place its views."""
+        """attach never crashes on a header that changes while it attaches.
+
+        SIGSEGV/SIGBUS before the fix: attach validated the live header,
+        then read the word again to place its views.
+        """
         f = dict(ffi.typeof("eng_header").fields)[word]
         off, size = f.offset, ffi.sizeof(f.type)
         env = {k: v for k, v in os.environ.items() if k != "ENGINE_TEST_FAULTS"}
@@ -392,8 +396,11 @@ class TestHeaderWordWrittenAfterAttach:
     the attached Engine keeps the layout it checked."""
 
     def test_metrics_read_the_shards_where_attach_placed_them(self, eng: Engine) -> None:
-        """shards_off crafted after attach: metrics() answers as before (was
-        ValueError from an offset past the mapping)."""
+        """metrics() reads the shards where attach placed them, whatever shards_off says later.
+
+        shards_off crafted after attach: metrics() answers as before (was
+        ValueError from an offset past the mapping).
+        """
         eng.open_position(10.0, 1.0)
         before = eng.metrics()
         f = dict(ffi.typeof("eng_header").fields)["shards_off"]

@@ -82,9 +82,12 @@ class TestStaleIds:
 
     @pytest.mark.parametrize("name, call", ID_CALLS, ids=[n for n, _ in ID_CALLS])
     def test_old_id_is_refused_and_changes_nothing(self, reopened, name, call):
-        """The released opening's id raises StaleIdError and leaves the new
+        """A released opening's id raises StaleIdError and leaves the new position alone.
+
+        The released opening's id raises StaleIdError and leaves the new
         position's state, price and context as they were; forbidden: reading or
-        writing the new position."""
+        writing the new position.
+        """
         eng, old, new = reopened
         before = observe(eng, new)
         with pytest.raises(StaleIdError):
@@ -93,9 +96,12 @@ class TestStaleIds:
 
     @pytest.mark.parametrize("name, call", BATCH_CALLS, ids=[n for n, _ in BATCH_CALLS])
     def test_old_id_in_a_batch_is_skipped_and_changes_nothing(self, reopened, name, call):
-        """update_prices skips the released opening's id: it returns 0 (nothing
+        """update_prices skips a released opening's id and leaves the new position alone.
+
+        update_prices skips the released opening's id: it returns 0 (nothing
         written) and leaves the new position as it was; forbidden: a refusal,
-        or a price written into the new opening."""
+        or a price written into the new opening.
+        """
         eng, old, new = reopened
         before = observe(eng, new)
         assert call(eng, old) == 0
@@ -103,8 +109,7 @@ class TestStaleIds:
 
     @pytest.mark.parametrize("name, call", ALL_ID_CALLS, ids=[n for n, _ in ALL_ID_CALLS])
     def test_new_id_works(self, reopened, name, call):
-        """The current opening's id is served (an outcome or a value, no error
-        other than a wait timeout; update_prices writes it)."""
+        """The current opening's id is served by every call."""
         eng, _, new = reopened
         with contextlib.suppress(WaitTimeout):
             out = call(eng, new)
@@ -112,8 +117,7 @@ class TestStaleIds:
                 assert out == 1
 
     def test_released_slot_refuses_old_id_before_reopen(self, make_engine):
-        """An id whose slot was released and is still free raises StaleIdError
-        (update_prices skips it: returns 0, changes nothing)."""
+        """A released, still-free slot's old id raises StaleIdError; update_prices skips it."""
         eng = make_engine(capacity=1)
         old = eng.open_position(100.0, 1.0)
         close_and_release(eng, old)
@@ -126,10 +130,13 @@ class TestStaleIds:
         assert pword(eng, 0) == pw
 
     def test_batches_of_stale_ids_racing_reopens_write_nothing(self, make_engine):
-        """A thread hammers update_prices with ids of released openings while the
+        """Batches of stale ids racing reopens of their slot write nothing.
+
+        A thread hammers update_prices with ids of released openings while the
         main thread closes, releases and reopens the slot: every batch returns 0
         and each new opening keeps its opening price; forbidden: a stale id's
-        price in a later opening, or a refusal."""
+        price in a later opening, or a refusal.
+        """
         eng = make_engine(capacity=1)
         history = [eng.open_position(100.0, 1.0)]
         stop, results, errors = threading.Event(), [], []
@@ -159,8 +166,7 @@ class TestStaleIds:
         assert results and set(results) == {0}
 
     def test_slot_of_and_id_of(self, reopened):
-        """Old and new ids name the same slot but differ; id_of and the snapshot
-        give the new one."""
+        """Old and new ids name one slot but differ; id_of and the snapshot give the new one."""
         eng, old, new = reopened
         assert old != new and eng.slot_of(old) == eng.slot_of(new) == 0
         assert eng.id_of(0) == new
@@ -170,10 +176,13 @@ class TestStaleIds:
     @pytest.mark.parametrize("which", ["zero", "future opening"])
     @pytest.mark.parametrize("name, call", ALL_ID_CALLS, ids=[n for n, _ in ALL_ID_CALLS])
     def test_never_issued_id_is_not_open_not_stale(self, reopened, which, name, call):
-        """An id never issued (0, a future opening, a bare slot number) raises
+        """An id never issued raises NotOpenError, not StaleIdError, and changes nothing.
+
+        An id never issued (0, a future opening, a bare slot number) raises
         NotOpenError but not StaleIdError, and changes nothing.  update_prices
         refuses opening 0 from its arrays alone and skips a future opening
-        (returns 0): it checks openings only under each slot's latch."""
+        (returns 0): it checks openings only under each slot's latch.
+        """
         eng, _, new = reopened
         opening = int(eng._slot(0).opening)
         bad = {"zero": 0, "future opening": ((opening + 5) << lib.ENG_ID_SLOT_BITS) | 0}[which]

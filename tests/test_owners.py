@@ -258,8 +258,11 @@ class TestPidReuse:
 
     @pytest.mark.parametrize("how", ["guard", "hold"])
     def test_transition_takes_over_dead_owner_whose_pid_was_reused(self, make_engine, spawn, how):
-        """A transition on a slot locked by a dead owner whose pid now belongs to a
-        live attached process is APPLIED within seconds; forbidden: CONFLICT forever."""
+        """A dead owner's lock is taken over even when its pid now names a live process.
+
+        A transition on a slot locked by a dead owner whose pid now belongs to a
+        live attached process is APPLIED within seconds; forbidden: CONFLICT forever.
+        """
         eng = make_engine(spec=GUARDED_SPEC)
         s = self._dead_owner_then_impostor(eng, spawn, how)
         pos, slot = s["pos"], s["slot"]
@@ -281,8 +284,11 @@ class TestPidReuse:
 
     @pytest.mark.parametrize("how", ["guard", "hold"])
     def test_recover_rolls_back_dead_owner_whose_pid_was_reused(self, make_engine, spawn, how):
-        """recover() rolls back a lock whose dead owner's pid is reused by a live
-        attached process, removes only the dead entry; forbidden: skipping it."""
+        """recover() rolls back a dead owner's lock even when its pid was reused.
+
+        recover() rolls back a lock whose dead owner's pid is reused by a live
+        attached process, removes only the dead entry; forbidden: skipping it.
+        """
         eng = make_engine(spec=GUARDED_SPEC)
         s = self._dead_owner_then_impostor(eng, spawn, how)
         report, took = timed(eng.recover)
@@ -322,8 +328,11 @@ class TestUnknownLiveness:
         return result, took
 
     def test_starved_checker_gets_conflict_not_the_lock(self, make_engine, spawn):
-        """A checker with no free fds transitions a slot whose owner is stopped
-        (alive): CONFLICT, the lock stays the owner's; forbidden: APPLIED."""
+        """A checker with no free fds gets CONFLICT, never a stopped owner's lock.
+
+        A checker with no free fds transitions a slot whose owner is stopped
+        (alive): CONFLICT, the lock stays the owner's; forbidden: APPLIED.
+        """
         eng = make_engine()
         pos = monitoring(eng)
         slot = eng.slot_of(pos)
@@ -341,8 +350,11 @@ class TestUnknownLiveness:
         assert outcome is Outcome.APPLIED and took < ANSWER_BOUND
 
     def test_starved_price_writer_gets_busy_and_writes_nothing(self, make_engine, spawn):
-        """A checker with no free fds updates a price whose latch a stopped (alive)
-        writer holds: BusyError, price word and record unchanged; forbidden: a write."""
+        """A price writer with no free fds gets BusyError beside a stopped latch holder.
+
+        A checker with no free fds updates a price whose latch a stopped (alive)
+        writer holds: BusyError, price word and record unchanged; forbidden: a write.
+        """
         eng = make_engine()
         pos = monitoring(eng)
         slot = eng.slot_of(pos)
@@ -362,8 +374,11 @@ class TestUnknownLiveness:
         assert eng.price(pos).price == 104.0 and latch_owner(eng, slot) == 0
 
     def test_starved_recover_leaves_live_owner_alone(self, make_engine, spawn):
-        """recover() from a process with no free fds rolls back no lock and frees
-        no latch or entry of a stopped (alive) owner; forbidden: any of them."""
+        """recover() with no free fds leaves a stopped owner's lock, latch and entry alone.
+
+        recover() from a process with no free fds rolls back no lock and frees
+        no latch or entry of a stopped (alive) owner; forbidden: any of them.
+        """
         eng = make_engine()
         locked, latched = monitoring(eng), monitoring(eng)
         holder = self._stopped_holder(eng, spawn, [(2, locked), (1, latched)])
@@ -387,10 +402,13 @@ class TestReplacedDescriptor:
     the engine cannot tell who is alive: it takes nothing over and frees nothing."""
 
     def test_replaced_fd_takes_no_live_lock_and_frees_no_entry(self, make_engine, spawn):
-        """/dev/null dup2'd over an Engine's descriptor: its transition on a slot a
+        """An Engine whose descriptor was replaced takes no live lock and frees no entry.
+
+        /dev/null dup2'd over an Engine's descriptor: its transition on a slot a
         live process holds is CONFLICT, its recover() raises ClosedError, the
         holder's lock and entry stay, and a healthy Engine then also gets CONFLICT;
-        forbidden: APPLIED, a rollback, the live holder's entry freed."""
+        forbidden: APPLIED, a rollback, the live holder's entry freed.
+        """
         eng = make_engine(capacity=2)
         pos = eng.open_position(100.0, 1.0)
         slot = eng.slot_of(pos)
@@ -437,10 +455,13 @@ class TestIncarnationWrap:
         pytest.param("real", marks=pytest.mark.slow),   # those claims, for real (~5-10 s)
     ])
     def test_wrapped_incarnation_does_not_revive_dead_lock(self, make_engine, spawn, claims):
-        """A dead owner's lock in a slot; its entry is taken over (registry full) and
+        """A wrapped incarnation carrying a dead owner's token does not revive its lock.
+
+        A dead owner's lock in a slot; its entry is taken over (registry full) and
         claimed until a live Engine carries the dead owner's exact token: a
         transition on the slot is APPLIED within 2 s; forbidden: CONFLICT while
-        that Engine stays attached."""
+        that Engine stays attached.
+        """
         eng = make_engine(capacity=2)
         pos = eng.open_position(100.0, 1.0)
         slot = eng.slot_of(pos)
@@ -490,10 +511,13 @@ class TestLocalEngineLimit:
     """More Engines in one process than the fork hook can track are refused."""
 
     def test_engine_past_local_limit_raises_capacity_error(self, make_engine, names):
-        """A process (RLIMIT_NOFILE raised) attaches ENG_MAX_LOCAL_ENGINES Engines;
+        """An attach past ENG_MAX_LOCAL_ENGINES raises CapacityError and leaks no descriptor.
+
+        A process (RLIMIT_NOFILE raised) attaches ENG_MAX_LOCAL_ENGINES Engines;
         the next attach raises CapacityError, leaking no descriptor, and one
         attaches again after a close; forbidden: attaching an Engine whose
-        liveness descriptor a fork child would keep (the parent's lock with it)."""
+        liveness descriptor a fork child would keep (the parent's lock with it).
+        """
         # builds before the limit had a constant had the same 1024-entry table, unchecked
         limit = int(getattr(lib, "ENG_MAX_LOCAL_ENGINES", 1024))
         segs = [names() for _ in range(limit // lib.ENG_MAX_PROCS + 1)]

@@ -68,8 +68,7 @@ class TestPriceClock:
         assert lib.eng_price_clock(-1) == mode
 
     def test_tsc_is_used_where_the_kernel_uses_it(self):
-        """Where the kernel's clocksource is the TSC, a fresh process uses it;
-        ENGINE_PRICE_CLOCK=realtime turns it off."""
+        """Prices use the TSC where the kernel does, unless ENGINE_PRICE_CLOCK=realtime."""
         code = "from engine._native import lib; print(lib.eng_price_clock(-1))"
         env = {k: v for k, v in os.environ.items() if k != "ENGINE_PRICE_CLOCK"}
         auto = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
@@ -124,8 +123,7 @@ class TestPriceClock:
         assert ok == b"1"
 
     def test_price_timestamps_use_it(self, mode):
-        """update_price, update_prices, update_token_price and open stamp their
-        records with this clock, within the bound of the call."""
+        """Every price write and open stamps its record with this clock, within the call."""
         eng = Engine.create(8)
         try:
             pos = eng.open_position(100.0, 1.0, token=3)
@@ -169,9 +167,12 @@ class TestClockStep:
     @pytest.mark.parametrize("clock", [lib.ENG_CLOCK_TSC, lib.ENG_CLOCK_REALTIME],
                              ids=["tsc", "realtime"])
     def test_steps_both_ways(self, shim: Path, clock: int) -> None:
-        """After a step, every timestamp is back within the bound of the stepped
+        """After a clock step either way, timestamps follow the stepped clock by the next anchor.
+
+        After a step, every timestamp is back within the bound of the stepped
         clock by the next anchor renewal, and never goes back within a thread
-        unless the real clock went back."""
+        unless the real clock went back.
+        """
         got = clockstep.run_child(shim, clock)
         if "skip" in got:
             pytest.skip(got["skip"])
@@ -182,11 +183,14 @@ class TestClockStep:
     @pytest.mark.parametrize("clock", [lib.ENG_CLOCK_TSC, lib.ENG_CLOCK_REALTIME],
                              ids=["tsc", "realtime"])
     def test_fast_slews(self, shim: Path, clock: int) -> None:
-        """Slews of +-5,000, +-20,000 and +-100,000 ppm, starting, stopping and
+        """Under fast slews every timestamp stays within ENG_CLOCK_BACK_NS of the clock.
+
+        Slews of +-5,000, +-20,000 and +-100,000 ppm, starting, stopping and
         flipping from the fastest to the slowest (chronyd slews at up to 83,333
         ppm by default; the kernel's tick adjustment allows 10%): every
         timestamp within ENG_CLOCK_BACK_NS of the clock read around it, and a
-        thread's never going back (the real clock never does)."""
+        thread's never going back (the real clock never does).
+        """
         got = clockstep.run_child(shim, clock, slews_ppm=[
             5000, 0, -5000, 0, 20000, -20000, 0, 100000, 0, -100000, 0, 100000, -100000,
             100000, 0])

@@ -89,8 +89,7 @@ class TestPrices:
         assert engine.context(pos) == ctx
 
     def test_update_prices_batch(self, make_engine):
-        """update_prices writes each position's price and PnL, one version step each,
-        and returns how many it wrote."""
+        """update_prices writes each price and PnL, one version step each, and counts them."""
         eng = make_engine(capacity=10)
         ids = np.array([eng.open_position(10.0 + i, 1.0 + i, side=1 if i % 2 else -1)
                         for i in range(10)])
@@ -105,9 +104,12 @@ class TestPrices:
                                                                 ctx.amount, ctx.side)
 
     def test_pnl_follows_the_slots_current_opening(self, make_engine):
-        """After a release and a reopen of the same slot with another entry, amount
+        """PnL follows the slot's current opening, bit for bit, after a release and reopen.
+
+        After a release and a reopen of the same slot with another entry, amount
         and side, every price write computes PnL from the new opening, bit for bit;
-        forbidden: PnL from the released opening's entry, amount or side."""
+        forbidden: PnL from the released opening's entry, amount or side.
+        """
         eng = make_engine(capacity=1)
         old = eng.open_position(50.0, 3.0, side=1, token=4)
         for trig in (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
@@ -194,9 +196,12 @@ class TestTokenReopenRace:
     token, even while the slot is released and reopened on another token."""
 
     def test_token_price_never_lands_in_other_tokens_position(self, make_engine, spawn):
-        """Capacity 1, two feeders pricing tokens A ([100, 200)) and B ([1000, 2000))
+        """A token's price never lands in a position of another token on a cycling slot.
+
+        Capacity 1, two feeders pricing tokens A ([100, 200)) and B ([1000, 2000))
         while the slot cycles open(A)/close/release/open(B); forbidden: an A price
-        in a B position or vice versa, in reads and snapshot rows."""
+        in a B position or vice versa, in reads and snapshot rows.
+        """
         eng = make_engine(capacity=1)
         stop = CTX.Event()
         for seed in (1, 2):

@@ -116,8 +116,7 @@ class TestServe:
     """``python -m engine serve`` answers a real HTTP GET with what the engine holds."""
 
     def test_counters_match_metrics(self, engine, child_env):
-        """engine_calls_total{op, outcome} and the retry and takeover counters
-        equal eng.metrics() after a known workload."""
+        """The call, retry and takeover counters equal eng.metrics() after a known workload."""
         workload(engine)
         with serving(engine, child_env) as url:
             got = http_get(url)
@@ -134,8 +133,7 @@ class TestServe:
         assert value(got, "engine_calls_total", op="transition", outcome="invalid") == 1
 
     def test_positions_by_state_match_snapshot(self, engine, child_env):
-        """engine_positions{state} counts snapshot()'s rows by state name, every
-        state of the spec listed."""
+        """engine_positions{state} counts the snapshot's rows by state, every state listed."""
         workload(engine)
         with serving(engine, child_env) as url:
             got = http_get(url)
@@ -149,8 +147,11 @@ class TestServe:
         assert value(got, "engine_positions_capacity") == engine.capacity
 
     def test_accounts_match_their_books(self, engine, child_env):
-        """Per account (label: its id): cash, reserved, realized PnL, open
-        positions and halted equal the account's books."""
+        """Each account's gauges equal its books.
+
+        Per account (label: its id): cash, reserved, realized PnL, open
+        positions and halted equal the account's books.
+        """
         ids = workload(engine)
         with serving(engine, child_env) as url:
             got = http_get(url)
@@ -168,8 +169,11 @@ class TestServe:
         assert value(got, "engine_account_halted", account=str(ids["losing"])) == 1
 
     def test_histogram_is_the_c_buckets(self, engine, child_env):
-        """engine_call_duration_seconds: one bucket per C bucket, le = (2^b - 1)
-        ns, +Inf last, cumulative counts equal to the merged C histogram."""
+        """engine_call_duration_seconds has the C histogram's buckets and counts.
+
+        engine_call_duration_seconds: one bucket per C bucket, le = (2^b - 1)
+        ns, +Inf last, cumulative counts equal to the merged C histogram.
+        """
         workload(engine)
         with serving(engine, child_env) as url:
             got = http_get(url)
@@ -205,8 +209,7 @@ class TestServe:
 
     @pytest.mark.shm_only
     def test_registry_alive_and_dead(self, engine, child_env):
-        """engine_registry_entries: this process and serve alive; a process
-        killed while attached counts dead until recover()."""
+        """engine_registry_entries counts a killed process dead until recover()."""
         pos = engine.open_position(entry_price=100.0, amount=1.0, token=1)
         die_holding_latch(engine, pos, child_env)
         with serving(engine, child_env) as url:
@@ -216,8 +219,7 @@ class TestServe:
 
     @pytest.mark.shm_only
     def test_a_scrape_beside_a_held_latch_answers(self, engine, child_env):
-        """A price latch held by a dead process (nobody resolves it): the scrape
-        still answers, and leaves the latch alone (it never takes one)."""
+        """A scrape beside a dead process's held latch answers and leaves the latch alone."""
         pos = engine.open_position(entry_price=100.0, amount=1.0, token=1)
         die_holding_latch(engine, pos, child_env)
         slot = engine.slot_of(pos)
@@ -263,8 +265,11 @@ class TestBuckets:
     """C's log2 buckets map to Prometheus le bounds exactly."""
 
     def test_every_whole_ns_latency_lands_under_its_bucket_bound(self):
-        """For latencies at and around every power of two, C's bucket
-        (bit_length, clamped) is the first whose le bound holds it."""
+        """Every whole-ns latency lands in the first bucket whose le bound holds it.
+
+        For latencies at and around every power of two, C's bucket
+        (bit_length, clamped) is the first whose le bound holds it.
+        """
         bounds = [*bucket_bounds(), float("inf")]
         assert len(bounds) == lib.ENG_HIST_BUCKETS
         for k in range(lib.ENG_HIST_BUCKETS + 2):
@@ -291,8 +296,7 @@ class TestExtra:
     """prometheus_client is optional: without it, a typed error names the extra."""
 
     def test_missing_prometheus_client(self, engine, monkeypatch):
-        """collector() without prometheus_client raises MissingExtraError
-        naming engine[metrics]; the engine keeps working."""
+        """collector() without prometheus_client raises MissingExtraError naming engine[metrics]."""
         for mod in [m for m in sys.modules if m.startswith("prometheus_client")]:
             monkeypatch.delitem(sys.modules, mod)
         monkeypatch.setitem(sys.modules, "prometheus_client", None)
@@ -307,8 +311,7 @@ class TestLogging:
     """What an operator must know is logged on logging.getLogger("engine")."""
 
     def test_account_that_halted_itself(self, engine, caplog):
-        """An opening refused because the account halted itself at max_loss
-        logs a warning naming the account, once."""
+        """An opening refused by a self-halted account logs a warning naming it, once."""
         ids = workload(engine)
         caplog.set_level(logging.INFO, logger="engine")
         for _ in range(2):
@@ -321,8 +324,11 @@ class TestLogging:
         assert "halted itself" in recs[0].getMessage()
 
     def test_operator_halt_is_not_logged_by_the_refusal(self, engine, caplog):
-        """An account an operator halted refuses openings without a log line
-        from the refusal (the operator knows; the collector still reports it)."""
+        """An account an operator halted refuses openings without a log line.
+
+        An account an operator halted refuses openings without a log line
+        from the refusal (the operator knows; the collector still reports it).
+        """
         a = engine.open_account(cash=100, max_exposure=100, max_positions=2, max_loss=5)
         engine.halt_account(a)
         caplog.set_level(logging.INFO, logger="engine")
@@ -331,8 +337,7 @@ class TestLogging:
         assert not [r for r in caplog.records if r.name == "engine"]
 
     def test_concurrent_scrapes_agree(self, engine, child_env):
-        """Eight scrapes at once (serve answers each in its own thread): every
-        one answers 200 with the same counters."""
+        """Eight concurrent scrapes all answer 200 with the same counters."""
         workload(engine)
         with serving(engine, child_env) as url, ThreadPoolExecutor(8) as pool:
             got = list(pool.map(lambda _: http_get(url), range(8)))
@@ -355,8 +360,7 @@ class TestLogging:
 
     @pytest.mark.shm_only
     def test_takeover_and_recover(self, engine, child_env, caplog):
-        """A dead owner's latch taken over is logged at the next scrape; so is
-        what recover() released."""
+        """A latch takeover and what recover() released are logged at the next scrape."""
         caplog.set_level(logging.INFO, logger="engine")
         registry = CollectorRegistry(auto_describe=False)
         registry.register(collector(engine))
@@ -378,8 +382,11 @@ class TestLogging:
         assert not caplog.records   # nothing done: nothing said
 
     def test_redis_resend(self, backend, engine, caplog):
-        """Calls sent again after lost connections are logged, one line a
-        second at most (a burst of five resends: one line)."""
+        """Calls resent after lost connections are logged, one line a second at most.
+
+        Calls sent again after lost connections are logged, one line a
+        second at most (a burst of five resends: one line).
+        """
         if backend != "redis":
             pytest.skip("a Redis connection's resend")
         import redis

@@ -145,8 +145,7 @@ class TestLayout:
 
     @pytest.mark.shm_only
     def test_segment_header_records_each_words_type(self, make_engine):
-        """C keeps the type of every word: numeric codes per field, BYTES for
-        each word of a bytes field, 0 beyond the record."""
+        """The segment header records every word's type: field codes, BYTES, 0 beyond the record."""
         eng = make_engine(capacity=2, spec=ALL_SPEC)
         rec = eng._seg.hdr.rec
         assert rec.n_words == 17
@@ -158,8 +157,7 @@ class TestLayout:
         assert all(rec.roles[k] == lib.ENG_ROLE_NONE for k in range(lib.ENG_ROLE_COUNT))
 
     def test_position_spec_roles(self):
-        """The default record: 11 one-word fields; entry_price, amount, side,
-        token, opened_ns, account are roles (set at open only)."""
+        """The default record has 11 one-word fields, six of them roles set at open only."""
         rec = POSITION_SPEC.record
         assert rec.n_words == 11
         assert rec.fixed == {"entry_price", "amount", "side", "token", "opened_ns", "account"}
@@ -180,8 +178,11 @@ class TestLayout:
         "bytes", "", " f8", "f8 ", "S8\n", "f8\n", 8, None, b"f8", float,
     ])
     def test_bad_type_strings_are_refused(self, ftype):
-        """Anything but exactly f8, i8, i4, u8 or S1..S32 raises SpecError
-        (no surrounding whitespace, no trailing newline, no other case)."""
+        """Any type string but exactly f8, i8, i4, u8 or S1..S32 raises SpecError.
+
+        Anything but exactly f8, i8, i4, u8 or S1..S32 raises SpecError
+        (no surrounding whitespace, no trailing newline, no other case).
+        """
         with pytest.raises(SpecError):
             two_state_spec({"x": ftype})
 
@@ -202,16 +203,18 @@ class TestLayout:
 
     @pytest.mark.parametrize("name", ["class", "def", "None", "lambda"])
     def test_keyword_names_are_refused_with_spec_error(self, name):
-        """A Python keyword cannot be a field (it can be neither a named-tuple
-        field nor a keyword argument): SpecError, like every malformed spec."""
+        """A Python keyword as a field name raises SpecError, like every malformed spec."""
         with pytest.raises(SpecError):
             two_state_spec({name: "i8"})
 
     @pytest.mark.parametrize("name", ["pos", "trigger", "self"])
     def test_every_accepted_name_can_be_set(self, make_engine, name):
-        """A field name the spec accepts can be set by open(**fields) and by
+        """Every field name a spec accepts can be set by open() and by transition().
+
+        A field name the spec accepts can be set by open(**fields) and by
         transition(id, trigger, **fields); a name that cannot (it collides with
-        a parameter of those calls) must be refused by the spec instead."""
+        a parameter of those calls) must be refused by the spec instead.
+        """
         try:
             spec = two_state_spec({name: "i8"}, f"param_{name}")
         except SpecError:
@@ -232,8 +235,11 @@ class TestLayout:
         {"entry_price": "f8", "amount": "f8", "side": "S1"},
     ])
     def test_role_fields_of_the_wrong_type_are_refused(self, fields):
-        """Fields the engine reads (token, opened_ns, entry_price, amount, side)
-        must have their type: SpecError naming the field otherwise."""
+        """A role field of the wrong type raises SpecError naming the field.
+
+        Fields the engine reads (token, opened_ns, entry_price, amount, side)
+        must have their type: SpecError naming the field otherwise.
+        """
         bad = next(n for n, t in fields.items()
                    if (n, t) not in {("entry_price", "f8"), ("amount", "f8"),
                                      ("side", "i4")})
@@ -241,8 +247,7 @@ class TestLayout:
             two_state_spec(fields)
 
     def test_empty_record_works(self, make_engine):
-        """fields={}: no field words; open, transition, context (version only)
-        and snapshot work; any field given is unknown."""
+        """A record without fields works: open, transition, context and snapshot."""
         eng = make_engine(capacity=2, spec=two_state_spec({}, "empty"))
         assert eng.spec.record.n_words == 0
         pos = eng.open()
@@ -270,8 +275,7 @@ class TestLayout:
         check_everywhere(eng, pos, vals)
 
     def test_twenty_four_one_word_fields_end_to_end(self, make_engine):
-        """24 one-word fields of mixed types (more than twelve 8-byte fields):
-        each keeps its own value through open, transition and snapshot."""
+        """Each of 24 one-word fields of mixed types keeps its own value end to end."""
         types = ["f8", "i8", "i4", "u8"]
         fields = {f"w{i}": types[i % 4] for i in range(MAX_WORDS)}
         eng = make_engine(capacity=3, spec=two_state_spec(fields, "wide"))
@@ -341,8 +345,11 @@ class TestRoundTrip:
         ("b32", bytearray(b"ba"), b"ba"), ("b8", "", b""),
     ])
     def test_bytes_fields(self, make_engine, name, value, want):
-        """Bytes come back with trailing NULs stripped (inner and leading NULs
-        kept); a str is stored UTF-8 encoded."""
+        """Bytes fields come back with trailing NULs stripped; a str is stored as UTF-8.
+
+        Bytes come back with trailing NULs stripped (inner and leading NULs
+        kept); a str is stored UTF-8 encoded.
+        """
         eng = make_engine(capacity=2, spec=ALL_SPEC)
         pos = eng.open(**{name: value})
         assert getattr(eng.context(pos), name) == want
@@ -353,8 +360,7 @@ class TestRoundTrip:
         assert getattr(eng.context(pos), name) == want
 
     def test_fields_not_given_are_zero(self, make_engine):
-        """open() with no fields: every numeric field 0 (f8 +0.0), bytes empty;
-        a field given as None counts as not given."""
+        """Fields not given (or given as None) read as zero: 0, +0.0, empty bytes."""
         eng = make_engine(capacity=2, spec=ALL_SPEC)
         pos = eng.open()
         check_everywhere(eng, pos, {})
@@ -371,8 +377,11 @@ class TestRoundTrip:
         check_everywhere(eng, pos, {**vals, "h": 9, "b9": b""})
 
     def test_record_version_counts_field_commits(self, make_engine):
-        """open publishes version 1; each applied transition with fields +1; a
-        transition without fields, or one that is not applied, leaves it."""
+        """The record version counts the applied commits that set fields.
+
+        open publishes version 1; each applied transition with fields +1; a
+        transition without fields, or one that is not applied, leaves it.
+        """
         eng = make_engine(capacity=2, spec=ALL_SPEC)
         pos = eng.open(i=1)
         assert eng.context(pos).version == 1
@@ -385,8 +394,7 @@ class TestRoundTrip:
             *[{"i": 2}.get(n, b"" if t[0] == "S" else 0) for n, t in ALL_TYPES.items()], 2)
 
     def test_random_values_round_trip(self, make_engine):
-        """Any value in range of each type reads back exactly (context and
-        snapshot), set at open and by a transition."""
+        """Any value in each type's range reads back exactly, set at open and by a transition."""
         eng = make_engine(capacity=2, spec=ALL_SPEC)
 
         def size(t: str) -> int:
@@ -510,17 +518,14 @@ class TestBadInput:
 
     @pytest.mark.parametrize("path", ["open", "transition"])
     def test_unencodable_str_in_a_bytes_field(self, order, path):
-        """A str with no UTF-8 form (a lone surrogate) for a bytes field is
-        refused with an engine error naming the field, not a codec error;
-        nothing changes."""
+        """A str with no UTF-8 form for a bytes field raises an engine error naming the field."""
         eng, pos = order
         call = ((lambda: eng.open(symbol="\ud800")) if path == "open" else
                 (lambda: eng.transition(pos, "ACCEPT", symbol="ab\udfff")))
         self._refused(eng, pos, EngineError, call, "symbol")
 
     def test_set_at_open_field_in_a_transition(self, order):
-        """token (a role of ORDER_SPEC) cannot change after open: FieldError,
-        also when it comes with good fields."""
+        """A set-at-open field in a transition raises FieldError, also beside good fields."""
         eng, pos = order
         self._refused(eng, pos, FieldError, lambda: eng.transition(pos, "ACCEPT", token=5),
                       "token")
@@ -681,7 +686,9 @@ def _atomic_reader(handle: Any, ids: list[int], start: Any, stop: Any, out: Any)
 class TestAtomicFields:
     def test_readers_never_see_a_state_with_another_commits_fields(self, make_engine,
                                                                     spawner):
-        """Two writer processes flip their position A <-> B, each transition
+        """Readers never see a state with another commit's fields.
+
+        Two writer processes flip their position A <-> B, each transition
         setting five fields (i8, f8, u8, i4, S16) derived from its sequence
         number; two reader processes poll context()+state()+context() and
         snapshot().  Whenever no commit came between two context reads (equal
@@ -689,7 +696,8 @@ class TestAtomicFields:
         committed with those fields; every snapshot row likewise, and its
         generation equals its record version (both count commits).
         Forbidden: the new state with the old fields or the old state with
-        the new fields; a record mixing two commits; a version going back."""
+        the new fields; a record mixing two commits; a version going back.
+        """
         eng = make_engine(capacity=4, spec=ATOMIC_SPEC)
         ids = [eng.open(**atomic_values(0)) for _ in range(2)]
         ctx = spawner.ctx
@@ -735,9 +743,12 @@ class TestOrderSpec:
         assert rec.n_words == 20
 
     def test_fill_flow_with_keys(self, make_engine):
-        """SUBMIT, ACCEPT (exchange id bound), PARTIAL_FILL x2, FILL: every
+        """An order's fill flow lands each step's fields with its state; keys find it until release.
+
+        SUBMIT, ACCEPT (exchange id bound), PARTIAL_FILL x2, FILL: every
         step's fields land with its state; both keys find the order until it
-        is released, then neither does and the id is stale."""
+        is released, then neither does and the id is stale.
+        """
         eng = make_engine(capacity=4, spec=ORDER_SPEC)
         other = eng.open(key="cl-other", qty=1.0, side=-1)
         pos = eng.open(key="cl-1001", qty=100.0, leaves_qty=100.0, limit_px=101.25, side=1,
@@ -788,8 +799,7 @@ class TestOrderSpec:
         assert eng.lookup("cl-other") == other and eng.keys(other) == ("cl-other",)
 
     def test_cancel_flow(self, make_engine):
-        """ACCEPT, REQUEST_CANCEL -> PENDING_CANCEL, CANCEL -> CANCELED; an
-        ACCEPT after the cancel is INVALID and writes nothing."""
+        """A cancelled order ends CANCELED; a later ACCEPT is INVALID and writes nothing."""
         eng = make_engine(capacity=2, spec=ORDER_SPEC)
         S = ORDER_SPEC.State
         pos = eng.open(key="cl-2", qty=5.0, leaves_qty=5.0, side=-1, symbol="MSFT")
@@ -810,8 +820,7 @@ class TestOrderSpec:
         assert eng.lookup("cl-2") is None and eng.lookup("EX-2") is None
 
     def test_reject_flow(self, make_engine):
-        """SUBMIT, REJECT with a reason: REJECTED (closed) with the reason;
-        releasable; its client key is free again."""
+        """A rejected order is REJECTED (closed) with its reason, releasable, its key free again."""
         eng = make_engine(capacity=2, spec=ORDER_SPEC)
         pos = eng.open(key="cl-3", qty=1.0)
         assert eng.transition(pos, "SUBMIT") is Outcome.APPLIED
@@ -823,9 +832,12 @@ class TestOrderSpec:
         assert eng.lookup("cl-3") == again != pos
 
     def test_reused_slot_never_answers_to_old_keys_or_ids(self, make_engine):
-        """Capacity 1: every order reuses the slot.  After release, the old
+        """A reused slot never answers to the old order's keys or id.
+
+        Capacity 1: every order reuses the slot.  After release, the old
         order's keys find nothing (also once the slot holds a new order), the
-        old id is stale for every call, and the old keys are free to bind."""
+        old id is stale for every call, and the old keys are free to bind.
+        """
         eng = make_engine(capacity=1, spec=ORDER_SPEC, keys_per_position=3)
         old_ids: list[int] = []
         for n in range(5):
@@ -887,8 +899,7 @@ class TestFingerprint:
             assert again.spec.record.types == ORDER_SPEC.record.types
 
     def test_custom_spec_without_fields_keeps_the_position_fields(self, make_engine):
-        """fields=None: the position record, so open_position, PnL and
-        update_token_price work on a custom machine."""
+        """A custom machine without fields keeps the position record and its price calls."""
         spec = two_state_spec(None, "posfields")
         assert spec.record.types == POSITION_SPEC.record.types
         eng = make_engine(capacity=2, spec=spec)
@@ -905,9 +916,12 @@ class TestFingerprint:
 class TestMemory:
     @pytest.mark.parametrize("capacity", [1_000, 65_536, 1_000_000])
     def test_default_spec_costs_at_most_576_bytes_per_position(self, capacity):
-        """Marginal segment bytes per position (slot, both record copies, key
+        """The position spec with 2 keys costs at most 576 segment bytes per position.
+
+        Marginal segment bytes per position (slot, both record copies, key
         records, index and stripe locks) of the position spec (11 words, with
-        trailing_stop and exit_price) with the default 2 keys per position: <= 576."""
+        trailing_stop and exit_price) with the default 2 keys per position.
+        """
         n_words = POSITION_SPEC.record.n_words
         one = lib.eng_segment_size(capacity, n_words, 2, 64)
         two = lib.eng_segment_size(2 * capacity, n_words, 2, 64)

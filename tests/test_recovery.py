@@ -120,9 +120,12 @@ class TestGenerationCoincidence:
     @pytest.mark.parametrize("owner", ["same", "other"])
     def test_killed_after_lock_on_coincident_seal_rolls_back(self, make_engine, spawn,
                                                              owner, end):
-        """EXIT_CONDITION_MET(9) killed after the lock CAS whose lock word equals
+        """A transition killed after a lock equal to a stale seal is rolled back, not forward.
+
+        EXIT_CONDITION_MET(9) killed after the lock CAS whose lock word equals
         the stale seal of A (exit_reason 7): state, generation and context stay,
-        E set; forbidden: rolled forward into EXIT_PENDING with the stale context."""
+        E set; forbidden: rolled forward into EXIT_PENDING with the stale context.
+        """
         eng = make_engine(capacity=2)
         pos = monitoring(eng)
         slot = eng.slot_of(pos)
@@ -158,9 +161,12 @@ class TestGenerationCoincidence:
         assert eng.context(pos).exit_reason == 0
 
     def test_opener_killed_after_lock_leaves_slot_free(self, make_engine, spawn):
-        """open_position killed right after locking a (previously used) free slot:
+        """An open killed right after locking a used free slot leaves it free after recover().
+
+        open_position killed right after locking a (previously used) free slot:
         after recover() the slot is free and opens normally; forbidden: a
-        half-open slot or one rolled forward with a stale context."""
+        half-open slot or one rolled forward with a stale context.
+        """
         eng = make_engine(capacity=1)
         old = eng.open_position(100.0, 1.0, token=5)
         for trig in (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,

@@ -127,8 +127,11 @@ class TestConnect:
             assert other.state(pos) is State.MONITORING
 
     def test_evalsha_fallback_runs_the_same_functions(self, made, url):
-        """With Functions off (servers before 7), the same library runs as one
-        EVALSHA script: a lifecycle, a key, a batch and an account."""
+        """Without Functions (servers before 7), the same library runs as one EVALSHA script.
+
+        With Functions off (servers before 7), the same library runs as one
+        EVALSHA script: a lifecycle, a key, a batch and an account.
+        """
         e = made(url=url + "?functions=0")
         assert not e._seg.conn.functions
         redis.Redis.from_url(url).script_flush()   # NOSCRIPT: the client loads it again
@@ -148,8 +151,7 @@ BITS = [0.1 + 0.2, 5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, 1 / 
 class TestExactValues:
     @pytest.mark.parametrize("x", BITS)
     def test_a_double_reads_back_bit_identical(self, made, x):
-        """Prices, entry prices and the PnL computed on the server are the
-        IEEE doubles C computes (no decimal text on the way)."""
+        """Prices and PnL computed on the server are the IEEE doubles C computes."""
         e = made()
         entry = 1.0000000000000002
         pos = e.open_position(entry, 3.0000000000000004, side=-1)
@@ -174,8 +176,11 @@ class TestExactValues:
         assert e.context(pos).lo == 2**53 + 1
 
     def test_money_stays_exact_past_2_to_the_53(self, made):
-        """Cash of 10^10 + 1e-8 is 10^18 + 1 units: Lua doubles would lose the
-        unit; the server's int64 HINCRBY keeps it."""
+        """Money stays exact past 2^53 units (int64 HINCRBY, not Lua doubles).
+
+        Cash of 10^10 + 1e-8 is 10^18 + 1 units: Lua doubles would lose the
+        unit; the server's int64 HINCRBY keeps it.
+        """
         e = made()
         a = e.open_account(cash=Decimal("10000000000.00000001"), max_exposure=10**9,
                            max_positions=4, max_loss=1)
@@ -186,8 +191,7 @@ class TestExactValues:
 
 class TestShards:
     def test_a_sharded_batch_skips_a_stale_id(self, made):
-        """shards=4 on one server: a batch spans the shards; a stale id in it is
-        skipped (not written, not counted) and the others are written."""
+        """A batch across shards skips a stale id and writes the others."""
         e = made(capacity=16, shards=4)
         ids = [e.open_position(100.0, 1.0) for _ in range(8)]
         assert len({e.slot_of(i) % 4 for i in ids}) == 4
@@ -235,8 +239,11 @@ class TestGuards:
 
     def test_a_client_killed_mid_guard_never_commits_and_blocks_only_until_expiry(
             self, made, spawner, tmp_path):
-        """Forbidden: the dead client's transition applied; the position stuck
-        past the lock's expiry.  Allowed: CONFLICT for others while it lives."""
+        """A client killed mid-guard never commits and blocks the position only until expiry.
+
+        Forbidden: the dead client's transition applied; the position stuck
+        past the lock's expiry.  Allowed: CONFLICT for others while it lives.
+        """
         e, pos = self._pending(made)
         gate = tmp_path / "hold"
         gate.write_text("")
@@ -256,8 +263,7 @@ class TestGuards:
         assert e.snapshot()["transitions"][0] == 4   # open, OPENED, EXIT_MET, CANCELLED
 
     def test_a_guard_stalled_past_expiry_cannot_commit(self, made, spawner):
-        """A guard that outlives its lock: another client moves the position;
-        the stalled commit says CONFLICT and changes nothing."""
+        """A guard stalled past its lock's expiry gets CONFLICT and changes nothing."""
         e, pos = self._pending(made)
         out = spawner.ctx.Queue()
         spawner.start(_guarded_exit, e.handle, pos,
@@ -272,8 +278,11 @@ class TestGuards:
         assert e.state(pos) is State.MONITORING
 
     def test_a_raising_guard_releases_its_lock_at_once(self, url, made):
-        """A guard that raises: the exception reaches the caller and the lock
-        is gone (the next transition does not wait for the expiry)."""
+        """A raising guard's exception reaches the caller and its lock goes at once.
+
+        A guard that raises: the exception reaches the caller and the lock
+        is gone (the next transition does not wait for the expiry).
+        """
         def boom(ctx: Any, price: Any) -> bool:
             raise RuntimeError("guard failed")
 
@@ -302,8 +311,11 @@ def _batcher(handle: Any, ids: list[int], ready: Any, out: Any) -> None:
 
 class TestKills:
     def test_a_client_killed_mid_batch_leaves_no_half_batch(self, made, spawner):
-        """A batch on one shard is one script: after a SIGKILL every position
-        shows the same batch.  Forbidden: two prices among them."""
+        """A client killed mid-batch leaves no half batch on a shard.
+
+        A batch on one shard is one script: after a SIGKILL every position
+        shows the same batch.  Forbidden: two prices among them.
+        """
         e = made(capacity=512)
         ids = [e.open_position(100.0, 1.0) for _ in range(512)]
         out = spawner.ctx.Queue()
@@ -319,8 +331,7 @@ class TestKills:
         assert not e.recover().changed
 
     def test_server_gone_mid_run(self):
-        """The server dies: the next call, and a wait in progress, raise
-        ServerError within the url's timeout; nothing hangs."""
+        """A server gone mid-run makes calls and waits raise ServerError within the timeout."""
         server = PrivateRedis()
         try:
             e = Engine.create(4, url=server.url + "?timeout=2")
@@ -352,8 +363,7 @@ class TestKills:
 
 class TestWait:
     def test_ctrl_c_interrupts_a_wait_and_the_engine_goes_on(self, made):
-        """SIGINT in a wait: KeyboardInterrupt now; the next call reads its own
-        reply (the interrupted one is not mistaken for it)."""
+        """SIGINT interrupts a wait at once and the next call reads its own reply."""
         e = made()
         pos = opened(e)
         timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
@@ -449,9 +459,12 @@ def _listening(port: int) -> bool:
 @pytest.mark.slow
 class TestCluster:
     def test_the_api_on_a_three_node_cluster(self, cluster):
-        """Positions spread over the nodes, each call on one node: lifecycle,
+        """The whole API works on a three-node cluster, each call on one node.
+
+        Positions spread over the nodes, each call on one node: lifecycle,
         fields, prices, token fan-out, batch, keys, an account, snapshot,
-        wait, release, attach by handle."""
+        wait, release, attach by handle.
+        """
         e = Engine.create(64, url=cluster, shards=6)
         try:
             acct = e.open_account(cash=10_000, max_exposure=10_000, max_positions=8,
@@ -484,12 +497,15 @@ class TestCluster:
 
 
     def test_a_reshard_under_load_applies_every_call_once(self, cluster):
-        """redis-cli --cluster reshard moves every slot of one node to another
+        """A reshard under load applies every call once and loses no slot.
+
+        redis-cli --cluster reshard moves every slot of one node to another
         and back while a worker cycles positions (some booked on an account,
         some with a key) through open, transitions, a guarded exit, the
         closing and release.  Forbidden: a lost or doubled slot (free + open
         != capacity per shard), a guard's lock key left behind, a call applied
-        twice or half (the worker's model and the books disagree)."""
+        twice or half (the worker's model and the books disagree).
+        """
         capacity, shards = 3000, 16
         e = Engine.create(capacity, url=cluster + "?timeout=20", shards=shards,
                           spec=RESHARD_SPEC)
@@ -614,8 +630,11 @@ def _exiting(e: Engine, acct: int) -> int:
 
 class TestNothingHalfApplied:
     def test_a_closing_refused_by_the_books_leaves_the_record_untouched(self, made):
-        """A close whose realized PnL cannot be booked (last x amount past
-        int64 units) is refused; the fields given with it must not stick."""
+        """A close refused by the books leaves the fields given with it unwritten.
+
+        A close whose realized PnL cannot be booked (last x amount past
+        int64 units) is refused; the fields given with it must not stick.
+        """
         e = made()
         a = e.open_account(cash=1_000_000, max_exposure=1_000_000, max_positions=4,
                            max_loss=10**9)
@@ -632,10 +651,13 @@ class TestNothingHalfApplied:
         assert acc.reserved == 1000 and acc.open_positions == 1 and acc.cash == 1_000_000
 
     def test_realized_past_int64_is_refused_at_the_opening(self, made):
-        """Large wins with the cash withdrawn between them: the opening whose
+        """An opening whose worst close would pass realized's int64 top is refused.
+
+        Large wins with the cash withdrawn between them: the opening whose
         worst close would pass realized's int64 top is refused at the opening
         (before: accepted, and its close refused for good); the books stay
-        exact."""
+        exact.
+        """
         e = made()
         amount = 30_000_000.0      # notional 3e15 units; worst gain 1023x that
         a = e.open_account(cash=amount, max_exposure=amount, max_positions=4, max_loss=10**9)
@@ -683,9 +705,12 @@ class TestWaits:
 
 class TestBatches:
     def test_transition_many_reports_a_refused_close_as_its_error(self, made):
-        """C mapped every error of one element but stale/not-open to CONFLICT
+        """transition_many raises an element's MoneyError with every outcome.
+
+        C mapped every error of one element but stale/not-open to CONFLICT
         (and a negative code packed as a byte read back as a bogus outcome,
-        221): now the element's MoneyError is raised, with every outcome."""
+        221): now the element's MoneyError is raised, with every outcome.
+        """
 
         e = made()
         a = e.open_account(cash=1_000_000, max_exposure=1_000_000, max_positions=4,
@@ -701,8 +726,11 @@ class TestBatches:
 
 class TestAccountsEdges:
     def test_withdrawals_past_int64_are_refused_whole(self, made):
-        """Cumulative withdrawals can pass int64 while cash never does; the
-        cash must not move when the withdrawals counter cannot."""
+        """A withdrawal that would pass the withdrawals counter's int64 top leaves cash alone.
+
+        Cumulative withdrawals can pass int64 while cash never does; the
+        cash must not move when the withdrawals counter cannot.
+        """
         e = made()
         big = 90_000_000_000                     # 9e18 units
         a = e.open_account(cash=big, max_exposure=1, max_positions=1, max_loss=1)

@@ -176,9 +176,12 @@ def _again(call: Any) -> Any:
 @pytest.mark.parametrize("op", OPS, ids=[o.name for o in OPS])
 class TestExactlyOnce:
     def test_a_call_given_up_on_applies_once_when_made_again(self, debug_server, engines, op):
-        """The server runs the call after its client gave up (ServerError: not
+        """A call given up on and made again returns the first reply and applies once.
+
+        The server runs the call after its client gave up (ServerError: not
         known to have applied); the same call made again returns the first
-        reply and applies nothing: one apply, never two."""
+        reply and applies nothing: one apply, never two.
+        """
         e = engines(debug_server.url + "?timeout=0.5")
         ctx = op.setup(e)
         stall = _stall_after_queued(debug_server.url, debug_server.port)
@@ -189,9 +192,12 @@ class TestExactlyOnce:
         op.check(e, ctx, result)
 
     def test_a_reply_lost_with_its_connection_is_not_applied_again(self, engines, op):
-        """The connection is killed (CLIENT KILL) after the function ran and
+        """A reply lost with its connection is resent with the first reply; it applied once.
+
+        The connection is killed (CLIENT KILL) after the function ran and
         before its reply is read: the call returns, resent, with the first
-        reply; it applied once."""
+        reply; it applied once.
+        """
         url = redis_url()
         e = engines(url)
         ctx = op.setup(e)
@@ -219,8 +225,7 @@ class TestExactlyOnce:
         op.check(e, ctx, result)
 
     def test_a_call_after_the_server_closed_the_idle_connection(self, engines, op):
-        """The server's idle timeout closed the connection: the next call is
-        sent on a new one and applies once (no ServerError)."""
+        """A call after the server closed the idle connection goes on a new one, applied once."""
         with PrivateRedis() as r:
             e = engines(r.url)
             ctx = op.setup(e)
@@ -237,8 +242,7 @@ class TestExactlyOnce:
 
 class TestRequestIds:
     def test_an_older_request_is_refused(self, engines):
-        """A copy of an earlier request (delayed on a dead connection) that
-        reaches the shard after a later one is refused and applies nothing."""
+        """An older request reaching the shard after a later one is refused and applies nothing."""
         e = engines(redis_url())
         a = _account(e)
         e.deposit(a, 1)
@@ -256,8 +260,7 @@ class TestRequestIds:
 
 class TestIdleConnection:
     def test_a_plain_command_after_the_server_closed_the_idle_connection(self):
-        """metrics() (HGETALL, not a function) after the idle timeout closed
-        the connection: sent on a new one, no ServerError."""
+        """A plain command after the idle timeout goes on a new connection, no ServerError."""
         with PrivateRedis() as r:
             e = Engine.create(16, url=r.url)
             e.open_position(100.0, 1.0)
@@ -271,9 +274,12 @@ class TestIdleConnection:
             e.close()
 
     def test_an_idle_check_on_a_descriptor_above_1024(self):
-        """The idle connection's check works on any descriptor number (select()
+        """The idle connection check works on a descriptor above 1024.
+
+        The idle connection's check works on any descriptor number (select()
         refused those past FD_SETSIZE: every call of a process with many files
-        open failed)."""
+        open failed).
+        """
         import os
         import resource
         import time
@@ -325,11 +331,14 @@ def _checking_script() -> str:
 
 class TestDeclaredKeys:
     def test_every_key_a_function_touches_is_declared(self, monkeypatch):
-        """Every function, run through the API (positions with keys, tokens
+        """Every server function touches only the keys its call declared.
+
+        Every function, run through the API (positions with keys, tokens
         and accounts; guarded and booked closings; releases; batches; waits;
         accounts), touches only keys its call declared, and never one it
         deleted: the property that lets a Cluster refuse a call whole while
-        its slot migrates."""
+        its slot migrates.
+        """
         import hashlib
 
         import numpy as np
@@ -411,9 +420,12 @@ def _lose_reply_of(e: Engine, fn: str, nth: int) -> list[int]:
 
 class TestThreads:
     def test_two_threads_on_one_engine_never_read_each_others_replies(self, made):
-        """Two threads calling one Engine: every deposit that returned is in
+        """Two threads on one Engine never read each other's replies.
+
+        Two threads calling one Engine: every deposit that returned is in
         the books once (none answered with another call's recorded reply),
-        every state read is the position's, and the Engine stays in step."""
+        every state read is the position's, and the Engine stays in step.
+        """
         e = made(16)
         acct = e.open_account(cash=0, max_exposure=0, max_positions=0, max_loss=0)
         pos = e.open_position(100.0, 1.0)
@@ -445,9 +457,12 @@ class TestThreads:
 class TestSeveralShards:
     @pytest.mark.parametrize("shard", [1, 2])
     def test_transition_many_made_again_returns_the_first_outcomes(self, made, shard):
-        """transition_many over 3 shards raises ServerError after shard
+        """transition_many made again after a partial run returns the first outcomes.
+
+        transition_many over 3 shards raises ServerError after shard
         ``shard``'s part ran: made again, every element's outcome is the
-        first one (APPLIED), each transition applied once."""
+        first one (APPLIED), each transition applied once.
+        """
         e = made(12, shards=3)
         ids = [e.open_position(100.0, 1.0) for _ in range(6)]
         _lose_reply_of(e, "txmany", shard + 1)
@@ -459,8 +474,11 @@ class TestSeveralShards:
 
     @pytest.mark.parametrize("shard", [1, 2])
     def test_update_prices_made_again_applies_each_price_once(self, made, shard):
-        """update_prices over 3 shards raises ServerError after shard
-        ``shard``'s part ran: made again, every price applied once (version 2)."""
+        """update_prices made again after a partial run applies each price once.
+
+        update_prices over 3 shards raises ServerError after shard
+        ``shard``'s part ran: made again, every price applied once (version 2).
+        """
         e = made(12, shards=3)
         ids = [e.open_position(100.0, 1.0) for _ in range(6)]
         _lose_reply_of(e, "upds", shard + 1)
@@ -471,8 +489,11 @@ class TestSeveralShards:
 
     @pytest.mark.parametrize("shard", [1, 2])
     def test_update_token_price_made_again_applies_each_price_once(self, made, shard):
-        """update_token_price over 3 shards raises ServerError after shard
-        ``shard``'s part ran: made again, every position's price applied once."""
+        """update_token_price made again after a partial run applies each price once.
+
+        update_token_price over 3 shards raises ServerError after shard
+        ``shard``'s part ran: made again, every position's price applied once.
+        """
         e = made(12, shards=3)
         ids = [e.open_position(100.0, 1.0, token=9) for _ in range(6)]
         _lose_reply_of(e, "tokp", shard + 1)
@@ -482,8 +503,11 @@ class TestSeveralShards:
         assert [e.price(i).version for i in ids] == [2] * 6
 
     def test_another_call_in_between_makes_it_a_new_call(self, made):
-        """After a partial update_prices, another writing call, then the same
-        update_prices: a new call (every shard's part sent again, as new requests)."""
+        """Another writing call in between makes the same update_prices a new call.
+
+        After a partial update_prices, another writing call, then the same
+        update_prices: a new call (every shard's part sent again, as new requests).
+        """
         e = made(12, shards=3)
         ids = [e.open_position(100.0, 1.0) for _ in range(6)]
         _lose_reply_of(e, "upds", 2)
@@ -497,12 +521,15 @@ class TestSeveralShards:
 
 class TestWaitAfterResend:
     def test_a_resent_call_answered_from_its_record_still_waits_for_the_replica(self):
-        """?wait=1, the replica stopped: a deposit runs on the primary, its
+        """A resent call answered from its record still waits for the replica.
+
+        ?wait=1, the replica stopped: a deposit runs on the primary, its
         reply is lost with the connection (CLIENT KILL) and the resend is
         answered from the request record on a new connection.  It must not
         return (the replica never got it; a failover would lose it): it
         raises ServerError; made again once the replica runs, it returns and
-        applied once."""
+        applied once.
+        """
         with PrivateRedis() as primary, PrivateRedis(replicaof=primary.port) as replica:
             rep = redis.Redis.from_url(replica.url)
             until(lambda: rep.info("replication")["master_link_status"] == "up",
@@ -542,11 +569,14 @@ class TestWaitAfterResend:
 
 class TestRequestWindow:
     def test_a_call_made_again_past_the_window_is_not_applied_twice(self, made, url):
-        """A deposit ran but raised ServerError (reply lost); the same call
+        """A call made again past the request window is not applied twice.
+
+        A deposit ran but raised ServerError (reply lost); the same call
         made again after the request window (the server forgot its record):
         it must not apply a second time.  It raises ServerError saying the
         window passed; the books hold the one deposit.  Made once more, it is
-        a new call."""
+        a new call.
+        """
         e = made(16)
         acct = e.open_account(cash=0, max_exposure=0, max_positions=0, max_loss=0)
         _lose_reply_of(e, "acash", 1)
@@ -567,10 +597,13 @@ class TestRequestWindow:
 
 class TestSignalHandler:
     def test_a_handlers_call_in_the_middle_of_a_call_never_takes_its_reply(self, made):
-        """A signal handler calls the Engine while the interrupted thread's
+        """A signal handler's call never takes the interrupted call's reply.
+
+        A signal handler calls the Engine while the interrupted thread's
         call waits for its reply (same thread, same connection): the
         handler's call is refused (BusyError, nothing sent), the interrupted
-        call gets its own reply, and the Engine stays in step."""
+        call gets its own reply, and the Engine stays in step.
+        """
         e = made(16)
         created = e.open_position(100.0, 1.0)
         monitoring = e.open_position(100.0, 1.0)

@@ -141,9 +141,12 @@ def _create_big(url: str, name: str, out: Any) -> None:
 
 class TestCreate:
     def test_racing_creators_exactly_one_wins(self, url, r, spawner):
-        """Two processes create one name at once, 12 times: exactly one wins
+        """Of two processes creating one name at once, exactly one wins.
+
+        Two processes create one name at once, 12 times: exactly one wins
         and the other gets SegmentError; the free lists hold every slot once.
-        Forbidden: two winners, a ServerError, a slot listed twice."""
+        Forbidden: two winners, a ServerError, a slot listed twice.
+        """
         names = [f"race_{os.getpid()}_{i}_{time.monotonic_ns()}" for i in range(12)]
         barrier = spawner.ctx.Barrier(2)
         out = spawner.ctx.Queue()
@@ -161,10 +164,13 @@ class TestCreate:
                 remove(url, name)
 
     def test_a_creator_killed_half_way_never_hands_slots_out_twice(self, url, r, spawner):
-        """SIGKILL a creator while it fills the free list: the next create
+        """A creator killed half-way never makes the next create hand slots out twice.
+
+        SIGKILL a creator while it fills the free list: the next create
         refuses (SegmentError naming how to remove it) while the dead
         creator's lease lasts, then clears the remains and builds the
-        engine whole.  Forbidden: a create over a partial free list."""
+        engine whole.  Forbidden: a create over a partial free list.
+        """
         name = f"killed_{os.getpid()}_{time.monotonic_ns()}"
         out = spawner.ctx.Queue()
         p = spawner.start(_create_big, url, name, out)
@@ -185,10 +191,13 @@ class TestCreate:
             remove(url, name)
 
     def test_a_creator_killed_at_every_step(self, url, r, spawner):
-        """A creator stopped for good and SIGKILLed after each of its steps
+        """A creator killed after any of its steps leaves a name the next create builds whole.
+
+        A creator stopped for good and SIGKILLed after each of its steps
         (claim, shard init, every chunk, every seal): attach says not ready,
         create refuses while the lease lasts and afterwards builds the engine
-        whole (each slot and account listed once, every shard ready)."""
+        whole (each slot and account listed once, every shard ready).
+        """
         capacity, shards = 2 * lib.ENG_REDIS_CREATE_CHUNK + 100, 2
         steps: list[str] = []
         probe = f"probe_{os.getpid()}_{time.monotonic_ns()}"
@@ -221,10 +230,13 @@ class TestCreate:
                 remove(url, name)
 
     def test_a_creator_stalled_past_its_lease_at_every_step(self, url, r, spawner):
-        """A creator stalled after each of its steps until its lease is gone;
+        """A creator stalled past its lease never changes the engine that took its name over.
+
+        A creator stalled after each of its steps until its lease is gone;
         another create takes the name over and finishes; then the stalled one
         goes on.  Allowed: it gets SegmentError.  Forbidden: it succeeds, or
-        changes the winner's engine (free lists, readiness, incarnation)."""
+        changes the winner's engine (free lists, readiness, incarnation).
+        """
         capacity, shards = 2 * lib.ENG_REDIS_CREATE_CHUNK + 100, 2
         for stop_at in range(1, 10):
             name = f"stall{stop_at}_{os.getpid()}_{time.monotonic_ns()}"
@@ -253,9 +265,12 @@ class TestCreate:
                 remove(url, name)
 
     def test_a_takeover_killed_after_clearing(self, url, r, spawner):
-        """A creator killed half-way, then the creator that took the name over
+        """A takeover killed right after clearing the remains leaves the third create whole.
+
+        A creator killed half-way, then the creator that took the name over
         killed right after clearing the remains: the third create builds the
-        engine whole."""
+        engine whole.
+        """
         capacity = 2 * lib.ENG_REDIS_CREATE_CHUNK + 100
         name = f"takeover_{os.getpid()}_{time.monotonic_ns()}"
         try:
@@ -271,8 +286,7 @@ class TestCreate:
             remove(url, name)
 
     def test_a_dead_creators_lease_expires_by_itself(self, url, r, spawner):
-        """Without any help, a create after the lease's expiry clears the dead
-        creator's remains and succeeds."""
+        """A dead creator's lease expires by itself; the next create clears and succeeds."""
         name = f"expire_{os.getpid()}_{time.monotonic_ns()}"
         stopped, out = spawner.ctx.Event(), spawner.ctx.Queue()
         p = spawner.start(_create_until, url, name, 2, 64, 2, stopped, out)
@@ -288,9 +302,12 @@ class TestCreate:
 
     @pytest.mark.parametrize("key", ["m", "free"])
     def test_a_foreign_key_in_a_later_shard(self, url, r, key):
-        """A key of another kind where shard 1's keys go: SegmentError naming
+        """A foreign key where shard 1's keys go raises SegmentError naming it.
+
+        A key of another kind where shard 1's keys go: SegmentError naming
         it, no key of the name left but the foreign one; once it is removed,
-        the name can be created."""
+        the name can be created.
+        """
         name = f"foreign_{os.getpid()}_{time.monotonic_ns()}"
         foreign = f"eng:{{{name}:1}}:{key}"
         r.set(foreign, "someone else's")
@@ -325,10 +342,13 @@ def _unlink_until(handle: Any, stop_at: str, stopped: Any, out: Any) -> None:
 class TestRemove:
     @pytest.mark.parametrize("stop_at", ["drop", "cleared"])
     def test_an_unlink_killed_half_way(self, url, r, spawner, stop_at):
-        """An unlink SIGKILLed after it claimed the name, or after it deleted
+        """An unlink killed half-way leaves a name that reads as gone and can be created again.
+
+        An unlink SIGKILLed after it claimed the name, or after it deleted
         everything but the claim: attached Engines get SegmentNotFoundError,
         attach says not ready, and a create after the lease builds the
-        engine whole."""
+        engine whole.
+        """
         e = Engine.create(64, url=url, shards=2, max_accounts=8)
         name = e.name
         try:
@@ -352,8 +372,7 @@ class TestRemove:
             remove(url, name)
 
     def test_remove_by_name_without_attaching(self, url, r):
-        """RedisStore.remove deletes a ready engine by name; Engines attached
-        to it get SegmentNotFoundError; a missing name: SegmentNotFoundError."""
+        """RedisStore.remove deletes a ready engine by name; a missing name raises."""
         e = Engine.create(64, url=url, shards=2)
         pos = opened(e)
         assert rb.RedisStore.remove(url, e.name) > 0
@@ -365,9 +384,12 @@ class TestRemove:
         e.close()
 
     def test_remove_of_a_name_being_created(self, url, r, spawner):
-        """While a creator holds its lease, remove refuses (SegmentError);
+        """remove refuses a name being created unless forced; the creator then leaves nothing.
+
+        While a creator holds its lease, remove refuses (SegmentError);
         with force it removes the name, and the creator, going on, gets
-        SegmentError and leaves nothing."""
+        SegmentError and leaves nothing.
+        """
         name = f"removing_{os.getpid()}_{time.monotonic_ns()}"
         stopped, go, out = spawner.ctx.Event(), spawner.ctx.Event(), spawner.ctx.Queue()
         spawner.start(_create_stalled, url, name, 2, 64, 2, stopped, go, out)
@@ -386,9 +408,12 @@ class TestRemove:
             remove(url, name)
 
     def test_an_engine_of_another_layout(self, url, r):
-        """An engine an older version made (layout 1, no incarnation): attach
+        """attach refuses an engine of an older layout saying how to remove it.
+
+        An engine an older version made (layout 1, no incarnation): attach
         refuses it saying how to remove it; remove deletes it; then the name
-        can be created."""
+        can be created.
+        """
         name = f"layout1_{os.getpid()}_{time.monotonic_ns()}"
         P = f"eng:{{{name}:0}}:"
         r.hset(P + "m", mapping={"magic": "engine-redis", "layout": "1", "ready": "1",
@@ -409,9 +434,12 @@ class TestRemove:
 # -- item 6: incarnations, durability, ?wait=N ----------------------------------------------------
 class TestIncarnation:
     def test_an_old_engine_never_acts_on_a_recreated_one(self, url):
-        """Unlink and create the name again: an Engine and a handle of the
+        """An Engine of a name's first incarnation never acts on the recreated one.
+
+        Unlink and create the name again: an Engine and a handle of the
         first incarnation get SegmentNotFoundError and change nothing.
-        Forbidden: the old id moving the new engine's position."""
+        Forbidden: the old id moving the new engine's position.
+        """
         first = Engine.create(16, url=url)
         old = Engine.attach(first.handle)
         pos = opened(first)
@@ -437,8 +465,7 @@ class TestIncarnation:
                 new.unlink()
 
     def test_a_server_restarted_empty(self):
-        """No persistence, the server restarts empty and the name is created
-        again: the old Engine's calls raise SegmentNotFoundError, never act."""
+        """After a server restarted empty, the old Engine's calls raise SegmentNotFoundError."""
         with PrivateRedis() as server:
             old = Engine.create(16, url=server.url)
             pos = opened(old)
@@ -453,9 +480,12 @@ class TestIncarnation:
             old.close()
 
     def test_aof_always_keeps_every_acknowledged_call_over_a_kill(self):
-        """appendfsync always: SIGKILL the server mid-workload and restart it:
+        """With appendfsync always, every acknowledged call survives a server SIGKILL.
+
+        appendfsync always: SIGKILL the server mid-workload and restart it:
         the engine is there (same incarnation) and every deposit that
-        returned is in the books; the Engine goes on after the restart."""
+        returned is in the books; the Engine goes on after the restart.
+        """
         with PrivateRedis(appendfsync="always") as server:
             e = Engine.create(16, url=server.url + "?timeout=2")
             acct = e.open_account(cash=0, max_exposure=0, max_positions=0, max_loss=0)
@@ -491,10 +521,13 @@ class TestIncarnation:
             e.close()
 
     def test_wait_1_survives_a_replica_promotion(self):
-        """?wait=1: while the replica is stopped a deposit cannot return (it
+        """With ?wait=1, every returned deposit survives a replica promotion.
+
+        ?wait=1: while the replica is stopped a deposit cannot return (it
         raises ServerError); once it runs, a deposit that returned is on it.
         SIGKILL the primary, promote the replica: both deposits are there,
-        the handle attaches to it (same incarnation), the engine goes on."""
+        the handle attaches to it (same incarnation), the engine goes on.
+        """
         with PrivateRedis() as primary, PrivateRedis(replicaof=primary.port) as replica:
             rep = redis.Redis.from_url(replica.url)
             until(lambda: rep.info("replication")["master_link_status"] == "up",
@@ -527,8 +560,7 @@ class TestIncarnation:
             Engine.create(4, url=f"{url}?wait={bad}")
 
     def test_wait_without_enough_replicas_is_a_server_error(self):
-        """?wait=1 with no replica: create and each mutating call apply on the
-        primary, but raise ServerError saying a failover may lose them."""
+        """?wait=1 without a replica makes every mutating call raise ServerError."""
         with PrivateRedis() as server:
             slow = server.url + "?wait=1&timeout=1"
             with pytest.raises(ServerError, match="0 of 1 replica"):
@@ -578,10 +610,13 @@ class TestUnlinked:
     @pytest.mark.parametrize("call", sorted(CALLS))
     def test_every_call_after_unlink_is_segment_not_found_and_writes_nothing(self, url, r,
                                                                             call):
-        """Another Engine unlinked the engine: each call raises
+        """Every call after unlink raises SegmentNotFoundError and writes nothing.
+
+        Another Engine unlinked the engine: each call raises
         SegmentNotFoundError and leaves no key behind; the name can be
         created again.  Forbidden: NotOpenError, CapacityError, a meta hash
-        recreated by halt()."""
+        recreated by halt().
+        """
         e = Engine.create(16, url=url, max_accounts=4)
         name = e.name
         try:
@@ -602,9 +637,7 @@ class TestUnlinked:
 
 class TestResend:
     def test_create_and_remove_steps_sent_twice_apply_once(self, url, r):
-        """Every create and remove step sent again (as after a lost reply)
-        answers as the first time and changes nothing more: the engine is
-        built whole and removed whole."""
+        """Create and remove steps sent twice apply once."""
         real = rb._Conn.call
 
         def twice(self: Any, key: Any, fn: str, *args: Any) -> Any:
@@ -665,12 +698,15 @@ def _cycler(handle: Any, acct: int, stop: Any, started: Any, out: Any) -> None:
 @pytest.mark.slow
 class TestKilledServer:
     def test_kill_9_with_aof_always_under_workers_applies_every_call_once(self):
-        """appendfsync always, 3 shards, 5 worker processes (more than the
+        """Server SIGKILLs under workers with appendfsync always apply every call once.
+
+        appendfsync always, 3 shards, 5 worker processes (more than the
         cores) cycling deposit, booked open, transitions, token price and
         release, each call made again until it returns; the server SIGKILLed
         and restarted 6 times.  Forbidden: a deposit or close booked twice or
         lost (cash != opening + 2 per cycle, deposits != cycles), a slot lost
-        or doubled (free + open != capacity per shard), a guard lock left."""
+        or doubled (free + open != capacity per shard), a guard lock left.
+        """
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")
         with PrivateRedis(appendfsync="always") as server:

@@ -81,10 +81,13 @@ def _child_report(w: int, e: Engine, created: int, monitoring: int) -> None:
 
 class TestFork:
     def test_an_inherited_engine_is_closed_in_the_child(self, made):
-        """A fork child's inherited Engine raises ClosedError (fork, attach)
+        """A fork child's inherited Engine is closed; the parent's calls read their own replies.
+
+        A fork child's inherited Engine raises ClosedError (fork, attach)
         and never answers (state, unlink, metrics, halt); its own attach
         works; the parent's calls, in flight across the fork in another
-        thread, all read their own replies."""
+        thread, all read their own replies.
+        """
         e = made()
         created = e.open_position(100.0, 1.0)
         monitoring = _monitoring(e)
@@ -128,8 +131,7 @@ class TestFork:
 # -- FUNCTION FLUSH --------------------------------------------------------------------------
 class TestFunctionFlush:
     def test_calls_go_on_after_function_flush(self, server):
-        """After FUNCTION FLUSH the next call loads the library again and
-        runs: no "Function not found"."""
+        """After FUNCTION FLUSH the next call loads the library again and runs."""
         e = Engine.create(16, url=server.url)
         try:
             pos = e.open_position(100.0, 1.0)
@@ -142,9 +144,12 @@ class TestFunctionFlush:
             e.close()
 
     def test_a_flush_mid_workload_loses_no_call(self, server):
-        """Workers opening and moving positions while the library is flushed
+        """Library flushes mid-workload lose no call and apply each once.
+
+        Workers opening and moving positions while the library is flushed
         ten times: every call returns (no ServerError) and each applied once
-        (the open positions are exactly the ones the workers were given)."""
+        (the open positions are exactly the ones the workers were given).
+        """
         e = Engine.create(4096, url=server.url)
         errors: list[BaseException] = []
         opened: list[int] = []
@@ -188,8 +193,7 @@ class TestFunctionFlush:
 class TestReadOnlyServers:
     @pytest.mark.parametrize("functions", ["1", "0"])
     def test_readers_answer_on_a_full_server(self, server, functions):
-        """At maxmemory (noeviction) every reader answers and a writer is
-        refused with ServerError (OOM); read metrics still count."""
+        """On a full server (noeviction) readers answer and writers raise ServerError."""
         u = f"{server.url}?functions={functions}"
         e = Engine.create(16, url=u, keys_per_position=2)
         try:
@@ -223,8 +227,7 @@ class TestReadOnlyServers:
 
     @pytest.mark.parametrize("functions", ["1", "0"])
     def test_readers_answer_on_a_read_only_replica(self, server, functions):
-        """Attached to a read-only replica, every reader answers and a
-        writer is refused (ServerError READONLY)."""
+        """On a read-only replica readers answer and a writer raises ServerError (READONLY)."""
         e = Engine.create(16, url=server.url, keys_per_position=1)
         try:
             pos = e.open_position(100.0, 1.0, key="K")
@@ -253,8 +256,11 @@ class TestReadOnlyServers:
 class TestAcl:
     @pytest.mark.parametrize("rules", ["-function|load", "-function"])
     def test_a_user_who_may_not_load_functions_attaches(self, server, rules):
-        """A user allowed FCALL but not FUNCTION LOAD (nor, second case, any
-        FUNCTION subcommand) attaches to a loaded library and works."""
+        """A user allowed FCALL but not FUNCTION LOAD attaches to a loaded library.
+
+        A user allowed FCALL but not FUNCTION LOAD (nor, second case, any
+        FUNCTION subcommand) attaches to a loaded library and works.
+        """
         e = Engine.create(16, url=server.url)
         try:
             admin(server.url).execute_command("ACL", "SETUSER", "trader", "on", ">tpw", "~*",
@@ -268,8 +274,7 @@ class TestAcl:
             e.close()
 
     def test_a_missing_library_and_no_right_to_load_it_says_so(self, server):
-        """The library flushed and a user who may not load it: ServerError
-        naming FUNCTION LOAD, never a hang or a wrong answer."""
+        """A missing library the user may not load raises ServerError naming FUNCTION LOAD."""
         e = Engine.create(16, url=server.url)
         try:
             pos = e.open_position(100.0, 1.0)
@@ -292,8 +297,11 @@ class TestAcl:
 # -- passwords -------------------------------------------------------------------------------
 class TestRedaction:
     def test_a_password_is_never_shown(self, server):
-        """repr(Engine), repr/str of its handle and ServerError messages
-        show ``***`` for the password; the handle still carries it to attach."""
+        """A url's password is never shown in reprs or messages; the handle still carries it.
+
+        repr(Engine), repr/str of its handle and ServerError messages
+        show ``***`` for the password; the handle still carries it to attach.
+        """
         admin(server.url).config_set("requirepass", "s3cret-pw")
         u = server.url.replace("redis://", "redis://default:s3cret-pw@")
         e = Engine.create(16, url=u)
@@ -369,9 +377,12 @@ CYCLE = (("POSITION_OPENED", State.MONITORING), ("EXIT_CONDITION_MET", State.EXI
 
 class TestSnapshotPages:
     def test_no_call_reads_more_than_about_a_page(self, made):
-        """A snapshot of six pages of open positions takes several calls of
+        """A snapshot reads at most about a page per call and returns every position once.
+
+        A snapshot of six pages of open positions takes several calls of
         at most about a page each (other clients run between them) and
-        returns every open position exactly once."""
+        returns every open position exactly once.
+        """
         e = made(PAGE * 6 + 10)
         ids = [e.open_position(100.0, 1.0) for _ in range(PAGE * 6)]
         sizes: list[int] = []
@@ -389,9 +400,12 @@ class TestSnapshotPages:
         assert len(sizes) >= 3 and max(sizes) <= 2 * PAGE, sizes
 
     def test_every_row_is_one_instant_of_one_opening(self, made):
-        """While a writer moves positions (stamping exit_reason with each
+        """Every snapshot row under a moving writer is one instant of one opening.
+
+        While a writer moves positions (stamping exit_reason with each
         step) and releases and reopens them, every snapshot row's state and
-        context agree, and its id is an opening the writer made."""
+        context agree, and its id is an opening the writer made.
+        """
         e = made(PAGE * 4)
         ids = [e.open_position(100.0, 1.0) for _ in range(PAGE * 3)]
         made_ids = set(ids)
@@ -465,9 +479,12 @@ def _worst_latency(handle: Any, pos: int, based: Any, stop: Any, q: Any) -> None
 @pytest.mark.slow
 class TestSnapshotMillion:
     def test_a_million_positions_snapshot_while_another_client_runs(self, server):
-        """A 1,000,000-position snapshot completes at the default timeout,
+        """A 1,000,000-position snapshot completes while another client's calls go on.
+
+        A 1,000,000-position snapshot completes at the default timeout,
         returns every position, and another client's calls go on during it
-        (its worst call latency is reported, not asserted)."""
+        (its worst call latency is reported, not asserted).
+        """
         import multiprocessing
         n = 1_000_000
         e = Engine.create(n, url=server.url)
@@ -548,8 +565,11 @@ def _moved_by_shard(e: Engine, ids: list[int]) -> dict[int, set[str]]:
 
 class TestHalt:
     def test_a_shard_that_refuses_does_not_stop_the_others(self, server):
-        """halt with shard 0 unusable (its meta key replaced): shards 1-3 are
-        halted all the same, and one ServerError names shard 0 and inspect."""
+        """halt with one shard unusable halts the others and names that shard.
+
+        halt with shard 0 unusable (its meta key replaced): shards 1-3 are
+        halted all the same, and one ServerError names shard 0 and inspect.
+        """
         e = Engine.create(16, url=server.url, shards=4)
         try:
             ids = [e.open_position(100.0, 1.0) for _ in range(8)]
@@ -569,8 +589,11 @@ class TestHalt:
             e.close()
 
     def test_a_silent_server_is_named_not_waited_on_per_shard(self, server):
-        """halt against a stopped server (SIGSTOP): one ServerError naming
-        every shard; nothing hangs (the figure is printed, not asserted)."""
+        """halt against a stopped server raises one ServerError naming every shard; no hang.
+
+        halt against a stopped server (SIGSTOP): one ServerError naming
+        every shard; nothing hangs (the figure is printed, not asserted).
+        """
         import signal
         e = Engine.create(16, url=f"{server.url}?timeout=0.3", shards=8)
         try:
@@ -591,8 +614,7 @@ class TestHalt:
             e.close()
 
     def test_halt_with_wait_says_when_replicas_did_not_confirm(self, server):
-        """?wait=1 with no replica: halt applies on the primary and raises
-        ServerError saying no replica acknowledged it (as every mutating call)."""
+        """halt with ?wait=1 and no replica applies and raises ServerError saying so."""
         e = Engine.create(16, url=server.url, shards=2)
         try:
             with Engine.attach(e.name, url=f"{server.url}?wait=1&timeout=0.3") as waiting, \
@@ -621,9 +643,12 @@ class TestHalt:
 @pytest.mark.slow
 class TestClusterOps:
     def test_a_stopped_node_leaves_the_others_halted_and_is_named(self, cluster):  # noqa: F811
-        """One of three nodes stopped (SIGSTOP): halt switches every shard on
+        """halt with one cluster node stopped halts the others and names its shards.
+
+        One of three nodes stopped (SIGSTOP): halt switches every shard on
         the two others and raises one ServerError naming exactly the stopped
-        node's shards (elapsed time printed, not asserted)."""
+        node's shards (elapsed time printed, not asserted).
+        """
         import signal
         e = Engine.create(64, url=f"{cluster}?timeout=0.5", shards=6)
         try:
@@ -653,8 +678,7 @@ class TestClusterOps:
             e.close()
 
     def test_calls_go_on_after_function_flush_on_every_node(self, cluster):  # noqa: F811
-        """FUNCTION FLUSH on every node of the cluster: the next calls, on
-        every shard, load the library again and run."""
+        """After FUNCTION FLUSH on every cluster node, calls on every shard run."""
         e = Engine.create(64, url=cluster, shards=6)
         try:
             ids = [e.open_position(100.0, 1.0) for _ in range(12)]
@@ -670,11 +694,14 @@ class TestClusterOps:
 @pytest.mark.parametrize("policy", ["volatile-ttl", "allkeys-lru"])
 class TestEviction:
     def test_a_server_that_may_evict_the_engines_keys_is_refused(self, policy):
-        """A server whose maxmemory-policy evicts keys would drop a request
+        """A server whose maxmemory-policy may evict keys is refused by create and attach.
+
+        A server whose maxmemory-policy evicts keys would drop a request
         record (volatile-ttl: an acknowledged deposit applied twice on its
         resend) or the engine itself (allkeys-lru): create refuses it with
         SegmentError naming the policy, and so does attach after the policy
-        was switched on a running engine; nothing is created."""
+        was switched on a running engine; nothing is created.
+        """
         with PrivateRedis() as server:
             admin = redis.Redis.from_url(server.url)
             admin.config_set("maxmemory-policy", policy)
@@ -692,12 +719,15 @@ class TestEviction:
 @pytest.mark.slow
 class TestClusterWait:
     def test_a_call_answered_after_ask_waits_on_the_node_that_ran_it(self, cluster):  # noqa: F811
-        """?wait=1 while the engine's slot migrates (its keys already on the
+        """A call redirected by ASK waits for replicas on the node that ran it.
+
+        ?wait=1 while the engine's slot migrates (its keys already on the
         importing node): a deposit is redirected (ASK) and runs on the
         importing node; its WAIT must go to that node's connection (there it
         counts the deposit's write), not to the slot's old owner, where it
         would count nothing of it and could say a write is replicated that
-        is not."""
+        is not.
+        """
         from redis.cluster import RedisCluster
         e = Engine.create(16, url=cluster + "?timeout=2", shards=1, name="askwait")
         acct = e.open_account(cash=0, max_exposure=0, max_positions=0, max_loss=0)

@@ -132,10 +132,13 @@ class TestForkDuringAttach:
     Engine.create keeps none of its parent's locks alive."""
 
     def test_fork_racing_attach_and_create_keeps_no_dead_lock(self, make_engine, names):
-        """A thread forks waiting children while the main thread attaches 100 Engines
+        """Forks racing attach and create leave no entry or lock a child keeps alive.
+
+        A thread forks waiting children while the main thread attaches 100 Engines
         (each holding a transition lock) and creates 12; the process is SIGKILLed:
         with every child alive, recover() removes each of its entries and rolls back
-        each lock; forbidden: an entry or lock kept by a child (CONFLICT for good)."""
+        each lock; forbidden: an entry or lock kept by a child (CONFLICT for good).
+        """
         for rnd in range(FORK_ROUNDS):
             eng = make_engine(capacity=ATTACHES)
             ids = [eng.open_position(100.0, 1.0) for _ in range(ATTACHES)]
@@ -225,10 +228,13 @@ class TestRecoverKilledHolder:
         pytest.param("real", marks=pytest.mark.slow),   # those claims, for real
     ])
     def test_holder_killed_during_recover_never_revives(self, make_engine, claims):
-        """A lock holder is SIGKILLed while recover() runs (after its sweep, before
+        """A lock holder killed during recover() never has its lock revived.
+
+        A lock holder is SIGKILLed while recover() runs (after its sweep, before
         it frees entries); its entry is then claimed until a live Engine carries the
         holder's exact token: a transition on the slot is APPLIED within 2 s;
-        forbidden: a freed entry whose lock stays (CONFLICT while that Engine lives)."""
+        forbidden: a freed entry whose lock stays (CONFLICT while that Engine lives).
+        """
         eng = make_engine(capacity=2)
         pos = eng.open_position(100.0, 1.0)
         slot = eng.slot_of(pos)

@@ -277,8 +277,7 @@ class TestMutatedHeaders:
                   st.integers(0, 255)),
         min_size=1, max_size=6))
     def test_mutated_header_is_refused_or_usable(self, engine_segment, edits):
-        """Random byte edits: attach raises SegmentError, or attaches and every
-        call either works or raises an EngineError."""
+        """A randomly edited header is refused by attach or every call works or raises."""
         name = engine_segment()
         try:
             mm = segment.open_existing(name)

@@ -76,9 +76,12 @@ class TestSnapshotPairing:
     """Each snapshot row pairs a state with the context committed with it."""
 
     def test_rows_pair_state_with_own_context_under_flipping_writer(self, make_engine, spawn):
-        """A child flips MONITORING (exit_reason 0) <-> EXIT_PENDING (exit_reason 7)
+        """Snapshot rows pair each state with its own context under a flipping writer.
+
+        A child flips MONITORING (exit_reason 0) <-> EXIT_PENDING (exit_reason 7)
         while snapshots run: every row, locked ones too, pairs EXIT_PENDING with 7
-        and MONITORING with 0; forbidden: a mismatched row."""
+        and MONITORING with 0; forbidden: a mismatched row.
+        """
         eng = make_engine(capacity=2)
         pos, still = monitoring(eng), monitoring(eng, entry_price=50.0)
         slot = eng.slot_of(pos)

@@ -91,8 +91,11 @@ class TestInterface:
 
 class TestEngineStore:
     def test_store_and_seg_are_the_raw_call_pair(self, backend: str) -> None:
-        """eng.store.eng_transition(eng.seg, ...) is the raw call: the same
-        outcome code as the public call, on either store."""
+        """eng.store.eng_transition(eng.seg, ...) gives the public call's outcome on either store.
+
+        eng.store.eng_transition(eng.seg, ...) is the raw call: the same
+        outcome code as the public call, on either store.
+        """
         with Engine.create(capacity=4, **create_args(backend)) as eng:
             try:
                 pos = eng.open_position(100.0, 1.0)
@@ -120,10 +123,13 @@ class TestEngineStore:
                 eng.unlink()
 
     def test_raw_calls_after_close_say_closed(self, backend: str) -> None:
-        """After close, a raw call through eng.store and eng.seg, or through a
+        """Raw calls after close, through the store or a kept seg, say closed.
+
+        After close, a raw call through eng.store and eng.seg, or through a
         seg kept from before the close, says closed: ENG_ECLOSED (C), or
         ClosedError (a RedisStore raises the engine's exceptions itself).
-        Forbidden: any other answer, a call reaching the unmapped segment."""
+        Forbidden: any other answer, a call reaching the unmapped segment.
+        """
         eng = Engine.create(capacity=4, **create_args(backend))
         try:
             pos = eng.open_position(100.0, 1.0)

@@ -149,8 +149,11 @@ class TestVerifyChains:
                                      final=news[-1])
 
     def test_duplicated_link(self) -> None:
-        """Two links from the same generation are reported as a duplicate (even when
-        the counter counted both, as a store without CAS would)."""
+        """Two links from the same generation are reported as a duplicate.
+
+        Two links from the same generation are reported as a duplicate (even when
+        the counter counted both, as a store without CAS would).
+        """
         slots, olds, news = chain()
         found = check([*slots, 0], [*olds, olds[2]], [*news, news[2]], counter=len(slots) + 1,
                       final=news[-1])
@@ -187,8 +190,11 @@ class TestVerifyChains:
         assert rep.by_category == {"final_word": 1}
 
     def test_wrapped_generations_from_two_processes(self) -> None:
-        """70,000 commits (the 16-bit generation wraps) logged by two processes,
-        with their clocks slightly out of order, still verify clean."""
+        """70,000 commits from two processes (the generation wraps) verify clean.
+
+        70,000 commits (the 16-bit generation wraps) logged by two processes,
+        with their clocks slightly out of order, still verify clean.
+        """
         n = 70_000
         states = [0, State.CREATED] + [State.MONITORING if i % 2 == 0 else State.PAUSED
                                        for i in range(n - 1)]
@@ -249,8 +255,7 @@ class TestFaultsAreCaught:
         assert_gone(res)
 
     def test_blind_store(self) -> None:
-        """Fast-path stores without CAS lose or duplicate commits under contention,
-        and the chain check reports it."""
+        """The chain check reports commits lost or duplicated by stores without CAS."""
         res = run_stress(StressConfig(workers=4, positions=2, seconds=2.0, mix="transitions",
                                       fault="blind-store"))
         assert res.violations > 0
@@ -325,11 +330,14 @@ def redis_keys_of(url: str, name: str) -> list[bytes]:
 
 class TestCommitWords:
     def test_redis_reports_what_c_leaves_in_eng_seg(self, tmp_path: pathlib.Path) -> None:
-        """The same commits on both backends (an open, a lifecycle with a field
+        """The same commits log the same links on both backends.
+
+        The same commits on both backends (an open, a lifecycle with a field
         update, a release, a reopen of the slot) log the same links, which
         verify against the slot's counter and final word: the server's
         functions report each commit's states and generation as C leaves
-        them in ``eng_seg``."""
+        them in ``eng_seg``.
+        """
         from engine import Engine, Trigger
         from engine.tools.stress.codec import LinkLog
 
@@ -373,8 +381,11 @@ class TestRunStressOnRedis:
 
     @pytest.mark.parametrize("mix", ["default", "orders", "accounts"])
     def test_clean_run(self, mix: str) -> None:
-        """A short run of each workload verifies clean, with every commit's link
-        checked against the server's counters, and leaves no key behind."""
+        """A short run of each workload verifies clean and leaves no key behind.
+
+        A short run of each workload verifies clean, with every commit's link
+        checked against the server's counters, and leaves no key behind.
+        """
         url = redis_url()
         res = run_stress(StressConfig(workers=2, seconds=1.5, mix=mix, url=url,
                                       sample_every=1))
@@ -388,8 +399,7 @@ class TestRunStressOnRedis:
         assert_gone_gate(res)
 
     def test_a_password_is_not_reported(self) -> None:
-        """A url's password reaches neither the result, its JSON nor the
-        report; the workers still attach with it."""
+        """A url's password reaches neither the result, its JSON nor the report."""
         import redis
 
         from engine.tools.redis_server import PrivateRedis
@@ -404,8 +414,11 @@ class TestRunStressOnRedis:
         assert "pw-secret" not in shown and ":***@" in shown
 
     def test_latency_is_the_workers(self) -> None:
-        """The latency columns hold the workers' samples (the parent makes no
-        transition): on Redis they come with the workers' summaries."""
+        """The latency columns hold the workers' samples, on Redis too.
+
+        The latency columns hold the workers' samples (the parent makes no
+        transition): on Redis they come with the workers' summaries.
+        """
         res = run_stress(StressConfig(workers=2, positions=4, seconds=1.0, url=redis_url(),
                                       sample_every=1, mix="transitions"))
         assert res.violations == 0, res.violation_messages

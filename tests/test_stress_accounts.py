@@ -133,14 +133,16 @@ class TestAccountMix:
                                      "accounts,trade=-1", "default,trade=1", "orders,cash=1",
                                      "accounts," + ",".join(f"{k}=0" for k in ACCOUNT_KINDS)])
     def test_bad_account_mix(self, bad: str) -> None:
-        """Kinds of another workload, a preset after weights, negative or all-zero
-        weights are refused."""
+        """A bad account mix (other kinds, preset after weights, bad weights) is refused."""
         with pytest.raises(ValueError):
             parse_mix(bad)
 
     def test_config(self) -> None:
-        """Slots: 64, or twice what the workers hold; 3 accounts by default; the
-        leak fault only for the account workload; at least one account."""
+        """The account workload's defaults: slots, accounts, the leak fault.
+
+        Slots: 64, or twice what the workers hold; 3 accounts by default; the
+        leak fault only for the account workload; at least one account.
+        """
         assert StressConfig(mix="accounts", workers=4).positions == 64
         assert StressConfig(mix="accounts", workers=16).positions == 128
         assert StressConfig(mix="accounts", positions=8).positions == 8
@@ -155,8 +157,11 @@ class TestAccountMix:
 
     @pytest.mark.parametrize("workers", [1, 2, 8, 32])
     def test_terms(self, workers: int) -> None:
-        """The limits sit above what an account carries on average, the cash
-        above the exposure, the bands around the limits."""
+        """The account terms sit above the average load: limits, cash, bands.
+
+        The limits sit above what an account carries on average, the cash
+        above the exposure, the bands around the limits.
+        """
         t = terms_for(workers, 4, 3)
         m = workers * 4 / 3
         assert t.max_positions > m and t.max_exposure > m * 100 * SCALE
@@ -168,8 +173,7 @@ class TestAccountMix:
 
 class TestMoneyRules:
     def test_notional_and_realized_as_c_books_them(self, make_engine: Any) -> None:
-        """Recomputed bookings equal what the engine books, to the unit, for
-        prices whose products need rounding; both sides."""
+        """Recomputed bookings equal the engine's to the unit, rounding included."""
         eng = make_engine(capacity=8)
         acct = eng.open_account(10**6, 10**6, 100, 10**6)
         want = 0
@@ -256,8 +260,11 @@ class TestVerifyBooks:
     @pytest.mark.parametrize("what, category", [
         ("deposits", "cash"), ("withdrawals", "cash"), ("realized", "cash")])
     def test_journal_one_unit_off(self, what: str, category: str) -> None:
-        """A journal one unit off (a movement the engine made that nobody
-        journaled, or the other way round) breaks cash and its own figure."""
+        """A journal one unit off breaks cash and its own figure.
+
+        A journal one unit off (a movement the engine made that nobody
+        journaled, or the other way round) breaks cash and its own figure.
+        """
         led = Ledger()
         setattr(led.journals[B], what, getattr(led.journals[B], what) + 1)
         got = led.verify()
@@ -265,8 +272,11 @@ class TestVerifyBooks:
         assert got.get("realized" if what == "realized" else "money_moved") == 1
 
     def test_position_one_unit_off(self) -> None:
-        """An open position whose notional is one unit more than reserved: the
-        entry price moved by the smallest step that changes the rounded notional."""
+        """An open position's notional one unit off its reservation is caught.
+
+        An open position whose notional is one unit more than reserved: the
+        entry price moved by the smallest step that changes the rounded notional.
+        """
         led = Ledger()
         r = led.rows[2]
         base = money_of(r["entry_price"], r["amount"])
@@ -278,8 +288,11 @@ class TestVerifyBooks:
         assert led.verify() == {"reserved": 1}
 
     def test_counts_and_states(self) -> None:
-        """A closed position counted as open (or the reverse), a missing open
-        position, and the count."""
+        """Miscounted or missing open positions are caught, and so is the count.
+
+        A closed position counted as open (or the reverse), a missing open
+        position, and the count.
+        """
         led = Ledger()
         led.rows[3]["state"] = int(State.EXITING)        # still reserving
         assert led.verify() == {"reserved": 1, "open_positions": 1}
@@ -310,8 +323,7 @@ class TestVerifyBooks:
         assert led.verify(latched={A: 0, B: 7}) == {"latched": 1}
 
     def test_snapshot_rows_too(self, make_engine: Any) -> None:
-        """The checker reads snapshot rows (numpy records) of a real engine, and
-        a real account's books one unit off are caught."""
+        """The checker reads a real engine's rows and catches its books one unit off."""
         eng = make_engine(capacity=8)
         acct = eng.open_account(1000, 1000, 10, 100)
         eng.open_position(100.1, 0.3, 1, 0, account=acct)
@@ -328,9 +340,12 @@ class TestVerifyBooks:
 
 class TestAccountRuns:
     def test_clean_run(self) -> None:
-        """Four workers for five seconds on three shared accounts: positions open
+        """A short account run on shared accounts leaves the books exact and the chains clean.
+
+        Four workers for five seconds on three shared accounts: positions open
         (some refused by a limit), close with booked PnL, are released; money
-        moves; the books come out exact and the chains verify."""
+        moves; the books come out exact and the chains verify.
+        """
         res = run_stress(StressConfig(workers=4, seconds=5.0, mix="accounts"))
         assert res.violations == 0, res.violation_messages
         a = res.accounts
@@ -355,8 +370,11 @@ class TestAccountRuns:
         assert_gone(res)
 
     def test_leak_is_caught(self) -> None:
-        """With the planted bug (one withdrawal in eight takes one more unit that
-        nobody journals), the books check reports cash and withdrawals off."""
+        """The planted withdrawal leak is reported as cash and withdrawals off.
+
+        With the planted bug (one withdrawal in eight takes one more unit that
+        nobody journals), the books check reports cash and withdrawals off.
+        """
         res = run_stress(StressConfig(workers=2, seconds=2.0, mix="accounts", fault="leak"))
         assert res.violations > 0
         a = res.accounts

@@ -83,14 +83,12 @@ class TestOrderMix:
     @pytest.mark.parametrize("bad", ["orders,price=1", "ws=1,orders", "orders,own=-1",
                                      "orders,own=0,ws=0,peek=0", "default,ws=1"])
     def test_bad_order_mix(self, bad: str) -> None:
-        """Kinds of the other workload, a preset after weights, negative or all-zero
-        weights are refused."""
+        """A bad order mix (other kinds, preset after weights, bad weights) is refused."""
         with pytest.raises(ValueError):
             parse_mix(bad)
 
     def test_positions_default(self) -> None:
-        """The order workload defaults to 64 slots, the position workload keeps 16;
-        a given count is kept."""
+        """The order workload defaults to 64 slots, the position workload keeps 16."""
         assert StressConfig(mix="orders").positions == 64
         assert StressConfig().positions == 16
         assert StressConfig(mix="orders", positions=8).positions == 8
@@ -124,8 +122,11 @@ class TestRecordCheckers:
         assert "W1-7" in found[0][1] and "W2-9" in found[0][1]
 
     def test_fill_applied_to_another_order(self) -> None:
-        """A fill meant for A read back from B's record: a wrong fill, and B's record
-        now carries A's fill (inconsistent for whoever reads it next)."""
+        """A fill read back from another order's record is reported as a wrong fill.
+
+        A fill meant for A read back from B's record: a wrong fill, and B's record
+        now carries A's fill (inconsistent for whoever reads it next).
+        """
         rec = misfilled(B, meant_for=A)
         assert {c for c, _ in check_filled(rec, A)} == {"wrong_fill", "bad_record"}
         assert [c for c, _ in check_reached(rec, B)] == ["bad_record"]
@@ -203,8 +204,11 @@ class TestVerifyOrders:
         assert rep.by_category == {} and rep.keys_out_of_order == 1
 
     def test_released_key_found_and_misfilled_record(self) -> None:
-        """A released order's key that still finds an id; an open record carrying a
-        fill meant for another order."""
+        """A released key that still finds an id, and a misfilled record, are reported.
+
+        A released order's key that still finds an id; an open record carrying a
+        fill meant for another order.
+        """
         rows, held, keys_of, lookups = scan_input(self.IDS)
         gone = tag_of(1, 3)
         lookups[client_key(gone)] = self.IDS[A]
@@ -215,9 +219,12 @@ class TestVerifyOrders:
 
 class TestOrderRuns:
     def test_clean_run(self) -> None:
-        """Four workers for five seconds on 64 slots: orders open, get keys, are
+        """A short order run violates nothing and its chains verify.
+
+        Four workers for five seconds on 64 slots: orders open, get keys, are
         filled by lookup by their owners and by other workers, close and are
-        released; nothing is violated and the chains verify."""
+        released; nothing is violated and the chains verify.
+        """
         res = run_stress(StressConfig(workers=4, seconds=5.0, mix="orders"))
         assert res.violations == 0, res.violation_messages
         assert res.config["positions"] == 64
@@ -238,8 +245,11 @@ class TestOrderRuns:
         assert_gone(res)
 
     def test_misrouted_lookups_are_caught(self) -> None:
-        """With the planted bug (one found lookup in eight answers the order open at
-        a random slot), wrong lookups and fills applied to the wrong order are reported."""
+        """The planted misrouted lookup is reported with the fills it misapplied.
+
+        With the planted bug (one found lookup in eight answers the order open at
+        a random slot), wrong lookups and fills applied to the wrong order are reported.
+        """
         res = run_stress(StressConfig(workers=2, seconds=2.0, mix="orders", fault="misroute"))
         assert res.violations > 0
         o = res.orders

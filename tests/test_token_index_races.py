@@ -386,9 +386,12 @@ class TestStoppedBucketHolder:
         return p
 
     def test_open_on_the_busy_chain_waits_once(self, make_engine, spawner):
-        """Capacity 512, 200 open on token 7: an open on token 7 needs 7's
+        """An open on a busy token chain raises BusyError after one wait, not one per slot.
+
+        Capacity 512, 200 open on token 7: an open on token 7 needs 7's
         chain whatever slot it picks; it must say BusyError after one wait,
-        not after one wait per free slot (312 x ~20 ms)."""
+        not after one wait per free slot (312 x ~20 ms).
+        """
         eng = make_engine(capacity=512)
         ids = [eng.open_position(100.0, 1.0, 1, token=7) for _ in range(200)]
         other = tokens_in_other_buckets(eng, 7, 1)[0]
@@ -413,10 +416,13 @@ class TestStoppedBucketHolder:
         assert_index_matches_snapshot(eng)
 
     def test_slots_left_on_the_busy_chain_cost_one_wait(self, make_engine, spawner):
-        """Releases while the chain is held leave their free slots linked on it
+        """Free slots left linked on a busy chain cost another token's open one wait in all.
+
+        Releases while the chain is held leave their free slots linked on it
         (allowed).  When those are the only free slots, an open on another
         token must give up after one wait for that chain, not one (or two) per
-        linked slot."""
+        linked slot.
+        """
         eng = make_engine(capacity=160)
         ids = [eng.open_position(100.0, 1.0, 1, token=7) for _ in range(120)]
         other = tokens_in_other_buckets(eng, 7, 1)[0]
@@ -540,8 +546,11 @@ class TestKillsAtEveryStep:
         assert_index_matches_snapshot(eng)
 
     def test_killed_mid_link_then_used_without_recover(self, make_engine, spawner):
-        """Dead holder of 4's chain with a half-linked slot: the next open and
-        update take the lock over; the half-linked slot is never written."""
+        """A chain whose holder died mid-link is taken over; the half-linked slot is never written.
+
+        Dead holder of 4's chain with a half-linked slot: the next open and
+        update take the lock over; the half-linked slot is never written.
+        """
         eng = make_engine(capacity=4)
         a = eng.open_position(100.0, 1.0, 1, token=4)
         eng.transition(a, Trigger.POSITION_OPENED)
@@ -558,9 +567,12 @@ class TestKillsAtEveryStep:
         assert_index_matches_snapshot(eng)
 
     def test_killed_releasing_before_the_unlink(self, make_engine, spawner):
-        """Killed right after the release CAS (ENG_FAULT_DIE_AFTER_CAS): its
+        """A release killed before its unlink leaves a slot that walks skip and a reopen moves.
+
+        Killed right after the release CAS (ENG_FAULT_DIE_AFTER_CAS): its
         free slot stays on 4's chain; walks skip it; its reopen on token 9
-        moves it without recover()."""
+        moves it without recover().
+        """
         eng = make_engine(capacity=2)
         a = eng.open_position(100.0, 1.0, 1, token=4)
         eng.transition(a, Trigger.POSITION_OPENED)
@@ -577,9 +589,12 @@ class TestKillsAtEveryStep:
         assert_index_matches_snapshot(eng)
 
     def test_killed_in_the_unlink_step_of_a_reopen(self, make_engine, spawner):
-        """A free slot left on 4's chain is reopened on token 9 by a process
+        """A reopen killed in its unlink: walks take its lock over, recover() rolls it back.
+
+        A free slot left on 4's chain is reopened on token 9 by a process
         killed inside its unlink (ENG_FAULT_DIE_IN_TINDEX_DEL: off the chain,
-        tbucket not cleared, bucket and slot locks held)."""
+        tbucket not cleared, bucket and slot locks held).
+        """
         eng = make_engine(capacity=2)
         a = eng.open_position(100.0, 1.0, 1, token=4)
         eng.transition(a, Trigger.POSITION_OPENED)

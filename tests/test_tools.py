@@ -282,8 +282,7 @@ class TestInspect:
         assert me["token"] & lib.ENG_TOKEN_ENTRY_MASK == me["index"]
 
     def test_held_locks_resolve_tokens_to_pids(self, capsys, eng, dead_holder):
-        """Locks and latches name their holder by token; inspect and top show the
-        holder's pid (and that it is dead), not the raw token alone."""
+        """inspect and top name a lock's holder by pid (and say when it is dead)."""
         lock_pos, latch_pos = eng.id_of(2), eng.id_of(3)
         locker = dead_holder(2, lock_pos)
         latcher = dead_holder(1, latch_pos)
@@ -319,9 +318,10 @@ class TestRm:
     """``rm`` unlinks engine segments, and others only with --force."""
 
     def test_removes(self, capsys, eng):
-        """An engine segment is removed; processes attached keep working."""
+        """An engine segment is removed (--force: this process holds it);
+        processes attached keep working."""
         pos = eng.id_of(0)
-        code, out, _ = run(capsys, "rm", eng.name)
+        code, out, _ = run(capsys, "rm", "--force", eng.name)
         assert code == 0 and f"removed {eng.name}" in out and "1 live" in out
         assert not os.path.exists(os.path.join(segment.SHM_DIR, eng.name))
         assert eng.state(pos) is State.CREATED
@@ -361,9 +361,10 @@ class TestTop:
         assert code == 0 and eng.name in out
         assert "CREATED 2" in out and "EXIT_PENDING 2" in out
         rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.strip()}
-        for op in ("transition", "transition_ctx", "open", "price", "recover"):
+        for op in ("transition", "transition(fields/guard)", "open_position/open",
+                   "update_price", "recover"):
             assert op in rows
-        assert rows["price"][2] == "50" and rows["open"][2] == "6"
+        assert rows["update_price"][2] == "50" and rows["open_position/open"][2] == "6"
         assert rows["OP"][:3] == ["OP", "OPS/S", "ATTEMPTS"]
 
     def test_refuses_foreign(self, capsys, foreign):
@@ -390,7 +391,7 @@ class TestCommandLine:
         assert eng.name in call("ls").stdout
         assert "registry" in call("inspect", eng.name).stdout
         assert "transition" in call("top", eng.name, "--once", "--interval", "0.01").stdout
-        r = call("rm", eng.name)
+        r = call("rm", "--force", eng.name)
         assert r.returncode == 0 and eng.name not in call("ls").stdout
 
     def test_parsers_have_funcs(self):
@@ -429,8 +430,7 @@ class TestOnRedis:
         assert got["capacity"] == 32 and got["halted_shards"] == []
 
     def test_inspect_counts_match_snapshot_and_shows_a_partial_halt(self, capsys, on_redis):
-        """inspect --url: per-state counts equal the snapshot's, and a halt
-        flag on one shard only reads as a partial halt naming that shard."""
+        """inspect --url counts states as the snapshot does and names a partial halt's shard."""
         import redis
         ids = [on_redis.open_position(100.0, 1.0) for _ in range(7)]
         for i in ids[:3]:
@@ -470,8 +470,7 @@ class TestOnRedis:
         assert code == 1 and "no engine" in err
 
     def test_rm_removes_a_half_made_engine(self, capsys, on_redis):
-        """An engine whose shard 0 meta is gone (a creator killed half-way):
-        inspect says so (1), rm removes the rest."""
+        """inspect reports a half-made Redis engine (exit 1) and rm removes it."""
         import redis
         r = redis.Redis.from_url(on_redis.url)
         r.delete(on_redis._seg.meta_keys[0])
@@ -482,8 +481,7 @@ class TestOnRedis:
         assert list(r.scan_iter(match=f"eng:{{{on_redis.name}:*")) == []
 
     def test_foreign_keys_are_refused(self, capsys):
-        """A key in an engine's place that is not one: inspect and rm refuse
-        (2); rm --force removes it."""
+        """inspect and rm refuse foreign keys in an engine's place; rm --force removes them."""
         import redis
         from conftest import redis_url
         r = redis.Redis.from_url(redis_url())
@@ -516,8 +514,7 @@ class TestOnRedis:
 
 class TestPrivateRedis:
     def test_starts_answers_and_stops(self):
-        """A private redis-server: on loopback, persistence off, gone after stop()
-        (which may be called again)."""
+        """A private redis-server listens on loopback without persistence and goes at stop()."""
         import redis
 
         from engine.tools.redis_server import PrivateRedis
@@ -537,10 +534,13 @@ class TestPrivateRedis:
 
 class TestBenchOnRedis:
     def test_engine_on_redis_row_and_costs(self, tmp_path, capsys):
-        """The bench runs the engine on the Redis peer's server: a row per
+        """The bench's engine-on-Redis rows report each workload's cost against the peer.
+
+        The bench runs the engine on the Redis peer's server: a row per
         workload, its cost per call against the peer, and the probe of one
         call against a raw EVALSHA round trip (client CPU, server time) in the
-        report and the JSON; the server is stopped at the end."""
+        report and the JSON; the server is stopped at the end.
+        """
         import json
 
         from engine.tools.bench import peers
@@ -608,8 +608,7 @@ class TestBenchScaling:
     predictions, JSON and plots (no timing is asserted)."""
 
     def test_sweep_plan(self):
-        """--scaling: 1..8 workers, disjoint and shared, transition and
-        update_price on every system, the C fast paths on the engine only."""
+        """--scaling plans 1..8 workers, disjoint and shared, C fast paths on the engine only."""
         args = bench_args("--scaling", "--quick")
         sweep = bench._scaling_plan(args, bench._plan(args))
         assert sweep is not None and sweep.title == "scaling sweep"
@@ -640,8 +639,7 @@ class TestBenchScaling:
         assert max(seen) < N_SLOTS
 
     def test_c_batch_ops(self):
-        """transition_c / update_price_c: C_BATCH operations on the id per
-        call, all applied on a slot of one's own."""
+        """The C batch operations apply C_BATCH calls on the id per call."""
         host = EngineHost()
         host.setup()
         try:
@@ -663,8 +661,11 @@ class TestBenchScaling:
             host.teardown()
 
     def test_c_workload_counts_every_op(self):
-        """A C batch case counts C_BATCH ops per call and its commits (two
-        spawned workers on one slot, a short budget)."""
+        """A C batch case counts C_BATCH ops per call and its commits.
+
+        A C batch case counts C_BATCH ops per call and its commits (two
+        spawned workers on one slot, a short budget).
+        """
         host = EngineHost()
         host.setup()
         try:
@@ -707,8 +708,11 @@ class TestBenchScaling:
             <= scaling.line_rate(scaling.LINE_MOVE_NS[64][0], 2, 1e9 / 20e6)
 
     def test_rates_per_cpu_second(self):
-        """A case whose workers got half a CPU each: the per-core rate is
-        taken per CPU-second, and a line move from such C rows is flagged."""
+        """Per-core rates are taken per CPU-second, and such C rows' line moves are flagged.
+
+        A case whose workers got half a CPU each: the per-core rate is
+        taken per CPU-second, and a line move from such C rows is flagged.
+        """
         args = bench_args("--scaling-only", "--scaling-workers", "2")
         sweep = bench._scaling_plan(args, bench._plan(args))
         assert sweep is not None
@@ -729,8 +733,7 @@ class TestBenchScaling:
         assert "unreliable" in text and "not both on a CPU" in text
 
     def test_busy_calls_are_counted(self):
-        """A call that raises one of Ops.busy is counted and the loop goes
-        on; anything else still propagates."""
+        """A call raising one of Ops.busy is counted and the loop goes on; others propagate."""
         calls = []
 
         def flaky(slot: int, price: float) -> None:
@@ -748,8 +751,7 @@ class TestBenchScaling:
             runner._loops("update_price", strict, 0)[0](6)
 
     def test_ratio_per_cpu_second(self):
-        """The one-worker ratios are also given per CPU-second of each side's
-        worker (CPU-bound peers only)."""
+        """The one-worker ratios are also given per CPU-second of each side's worker."""
         cases = [fake_case("engine", "transition", 1, "single", 1e6, cpu=0.5),
                  fake_case("value_lock_tuned", "transition", 1, "single", 1e6, cpu=1.0),
                  fake_case("redis", "transition", 1, "single", 1e3, cpu=0.3)]
@@ -769,8 +771,7 @@ class TestBenchScaling:
         assert scaling.shared_rate(64, 100.0, 2, 900.0, 0.0) == pytest.approx(5e6)
 
     def test_run_writes_json_and_plots(self, capsys, monkeypatch, tmp_path):
-        """--scaling-only end to end on made-up cases: the table, the host
-        note, the labelled predictions, the JSON section and three PNGs."""
+        """--scaling-only writes the table, the notes, the JSON section and three PNGs."""
         monkeypatch.setattr(bench, "run_cases", fake_sweep)
         monkeypatch.setattr(bench, "probe_host", lambda plan: Probe(0.99, 20.0))
         path, plots = tmp_path / "b.json", tmp_path / "plots"
@@ -809,8 +810,11 @@ class TestBenchFloor:
         assert json.dumps(b.as_dict())
 
     def test_layers_from_known_numbers(self):
-        """wrapper = method - raw; C work = raw - same-shape; argument passing
-        = same-shape - empty; ratios are peer ns / engine ns."""
+        """The cost layers are the differences of the measured rows; ratios are peer / engine.
+
+        wrapper = method - raw; C work = raw - same-shape; argument passing
+        = same-shape - empty; ratios are peer ns / engine ns.
+        """
         lay = floor.layers({"empty": 20.0, "shape": 100.0, "raw": 120.0, "method": 250.0,
                             "atomicshm": 500.0})
         assert (lay["wrapper_ns"], lay["c_work_ns"], lay["argument_passing_ns"]) == (

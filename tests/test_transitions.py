@@ -35,8 +35,7 @@ DEFAULT_WALK = [
 
 class TestOpenRelease:
     def test_open_starts_created_with_context(self, engine):
-        """open_position returns the id of a position in CREATED whose context
-        holds its arguments."""
+        """open_position returns the id of a CREATED position whose context holds its arguments."""
         before = time.time_ns()
         pos = engine.open_position(entry_price=100.0, amount=2.5, side=-1, token=42)
         assert 0 <= engine.slot_of(pos) < engine.capacity

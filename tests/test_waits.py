@@ -150,9 +150,12 @@ class TestKilledCommitter:
     costs a waiter one wait slice, not its timeout."""
 
     def test_waiter_sees_change_of_committer_killed_before_wake(self, make_engine, spawn):
-        """wait_for_change(timeout=5) returns the new state well within the timeout
+        """A waiter sees the change of a committer killed before its wake, well before timeout.
+
+        wait_for_change(timeout=5) returns the new state well within the timeout
         after the committer died before bumping the counter; forbidden: sleeping
-        until the timeout."""
+        until the timeout.
+        """
         eng = make_engine()
         pos = monitoring(eng)
         slot = eng.slot_of(pos)
@@ -179,9 +182,12 @@ class TestKilledWaiter:
     """A waiter killed inside wait_for_change leaves at most one spurious wake."""
 
     def test_killed_waiter_flag_cleared_by_next_commit(self, make_engine, spawn):
-        """After a waiter is SIGKILLed asleep, the first commit clears the slot's
+        """A killed waiter's flag is cleared by the next commit and stays clear.
+
+        After a waiter is SIGKILLed asleep, the first commit clears the slot's
         waiting flag and 2000 more leave it clear, while a live waiter is still
-        woken; forbidden: the flag staying set (a futex syscall per commit)."""
+        woken; forbidden: the flag staying set (a futex syscall per commit).
+        """
         eng = make_engine()
         pos = monitoring(eng)
         slot = eng.slot_of(pos)

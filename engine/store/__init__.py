@@ -24,14 +24,17 @@ from __future__ import annotations
 import mmap
 import re
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from engine.errors import ArgumentError
 
 if TYPE_CHECKING:
+    from engine.journal import JournalSource
     from engine.spec import MachineSpec
 
-__all__ = ["Attached", "Backend", "Seg", "Store", "backend", "check_name", "random_name"]
+__all__ = ["Attached", "Backend", "Seg", "Store", "backend", "check_name", "create",
+           "journal_source", "random_name"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 
@@ -157,7 +160,14 @@ class Store(Protocol):
 
     # -- accounts (money in int64 units of 1 / ENG_MONEY_SCALE)
     def eng_open_account(self, s: Seg, cash: int, max_exposure: int, max_positions: int,
-                         max_loss: int, out_id: Any, /) -> int: ...
+                         max_loss: int, key: Any, key_len: int, out_id: Any, /) -> int:
+        """``key``: NULL for none, else unique among open accounts
+        (ENG_EKEYEXISTS, and nothing changes)."""
+        ...
+
+    def eng_lookup_account(self, s: Seg, key: Any, key_len: int, /) -> int:
+        """The id of the open account with the key, 0 if none, or a code."""
+        ...
 
     def eng_close_account(self, s: Seg, id: int, /) -> int: ...
 
@@ -230,6 +240,12 @@ class Backend(Protocol):
 
     def unlink(self, name: str, seg: Any) -> None: ...
 
+    def remover(self, name: str, seg: Any) -> Callable[[], None]:
+        """What removes the engine just created (``create(temporary=True)``),
+        however much later: the segment only while the name still names the
+        file created; on Redis, this incarnation's keys only."""
+        ...
+
 
 def backend(url: str | None) -> Backend:
     """The backend for ``url``: shared memory for None, else Redis (an
@@ -239,3 +255,27 @@ def backend(url: str | None) -> Backend:
         return SHARED_MEMORY
     from engine.store.redis import RedisBackend, check_url
     return RedisBackend(check_url(url))
+
+
+def create(store: Backend, owner: object, name: str, spec: MachineSpec, capacity: int,
+           keys_per_position: int, max_accounts: int, shards: int | None,
+           journal_records: int, journal_flags: int) -> Attached:
+    """``store.create`` with the journal's options: a ring of
+    ``journal_records`` records (0: none) in a segment on shared memory; an
+    engine on Redis keeps its journal in its streams."""
+    if store.url is None:
+        from engine.store.shm import SHARED_MEMORY
+        return SHARED_MEMORY.create(owner, name, spec, capacity, keys_per_position,
+                                    max_accounts, shards, journal_records=journal_records,
+                                    journal_flags=journal_flags)
+    return store.create(owner, name, spec, capacity, keys_per_position, max_accounts, shards)
+
+
+def journal_source(engine: Any) -> JournalSource:
+    """A reader of ``engine``'s journal (a new one per caller: it owns a
+    buffer): the ring in the segment, or the Redis store's streams
+    (``RedisStore.journal()``)."""
+    if engine.url is not None:
+        return engine.seg.journal()  # type: ignore[no-any-return]
+    from engine.store.shm_journal import SegmentJournal
+    return SegmentJournal(engine)

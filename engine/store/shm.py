@@ -21,6 +21,7 @@ import mmap
 import os
 import shutil
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -245,19 +246,23 @@ class SharedMemory:
     url: str | None = None
 
     def create(self, owner: object, name: str, spec: MachineSpec, capacity: int,
-               keys_per_position: int, max_accounts: int, shards: int | None) -> Attached:
-        """Create segment ``name``, format it for ``spec`` and attach to it."""
+               keys_per_position: int, max_accounts: int, shards: int | None, *,
+               journal_records: int = lib.ENG_JOURNAL_DEFAULT_RECORDS,
+               journal_flags: int = 0) -> Attached:
+        """Create segment ``name``, format it for ``spec`` and attach to it;
+        its journal holds ``journal_records`` records (0: none)."""
         if shards is not None:
             raise ArgumentError("shards is for an engine on Redis (url=...)")
-        size = lib.eng_segment_size(capacity, spec.record.n_words, keys_per_position,
-                                    max_accounts)
+        size = lib.eng_segment_size_journal(capacity, spec.record.n_words, keys_per_position,
+                                            max_accounts, journal_records)
         mm, ident = create_mapped(name, size)
         table = spec.table_bytes()
         with ffi.from_buffer(mm) as buf:
             rc = lib.eng_format(buf, size, capacity, table, len(spec.states),
                                 len(spec.triggers), spec.state_index[spec.initial],
                                 spec.closed_mask, spec.fingerprint, os.getpid(),
-                                spec.c_layout(keys_per_position), max_accounts)
+                                spec.c_layout(keys_per_position), max_accounts,
+                                journal_records, journal_flags)
         if rc:
             mm.close()
             unlink(name)
@@ -275,6 +280,19 @@ class SharedMemory:
 
     def unlink(self, name: str, seg: Any) -> None:
         unlink(name)
+
+    def remover(self, name: str, seg: Any) -> Callable[[], None]:
+        """Unlinks ``name`` while it still names this attachment's file (C's
+        own descriptor of it says which): never a segment created again
+        under the name after someone else removed this one."""
+        st = os.fstat(seg.fd)
+        ident = (st.st_dev, st.st_ino)
+
+        def remove() -> None:
+            st = os.stat(path_of(name))
+            if (st.st_dev, st.st_ino) == ident:
+                unlink(name)
+        return remove
 
 
 SHARED_MEMORY = SharedMemory()

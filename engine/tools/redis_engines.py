@@ -36,7 +36,7 @@ from engine.errors import (
     ServerError,
     redact,
 )
-from engine.metrics import OPS
+from engine.metrics import OP_CALLS, OP_LEGEND, OPS
 from engine.spec import POSITION_SPEC
 from engine.store import check_name
 from engine.store.redis import RedisStore, check_url
@@ -338,7 +338,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     out.write(f"  capacity {info.capacity}  shards {len(info.shards)}  keys/position "
               f"{m.get('kpp')}  max accounts {m.get('nacct')}  spec: {spec}  age "
               f"{_fmt_age(info.age_s)}\n")
-    out.write(f"halted: {_halted(info)}\n")
+    out.write(f"engine halted (halt()): {_halted(info)}\n")
     if 0 < len(info.halted_shards) < len(info.shards):
         out.write("  a partial halt: transitions still apply on the shards not halted; "
                   "halt() again (or halt(False) to undo) once every node answers\n")
@@ -354,7 +354,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _table(rows, out)
     out.write("metrics (every client's writes; reads are counted per process):\n")
     rows = [["OP", *[k.upper() for k in _KINDS]]]
-    rows += [[op, *[str(c[k]) for k in _KINDS]] for op, c in info.metrics.items()]
+    rows += [[OP_CALLS[op], *[str(c[k]) for k in _KINDS]] for op, c in info.metrics.items()]
     _table(rows, out)
     return EXIT_OK if info.ok else EXIT_FAILED
 
@@ -411,8 +411,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def _render(info: EngineInfo, prev: EngineInfo | None, dt: float, out: TextIO) -> None:
     opened = sum(s.open for s in info.shards)
     out.write(f"engine {info.name}  capacity {info.capacity}  open {opened}  shards "
-              f"{len(info.shards)}  halted {_halted(info)}  status {info.status}\n\n")
-    rows = [["OP", "OPS/S", "ATTEMPTS", "APPLIED", "INVALID", "CONFLICTS", "ERRORS",
+              f"{len(info.shards)}  engine halted (halt()): {_halted(info)}  status "
+              f"{info.status}\n\n")
+    rows = [["OP", "OPS/S", "ATTEMPTS", "APPLIED", "INVALID", "CONFLICTS", "REFUSED", "ERRORS",
              "RETRIES"]]
     for op, c in info.metrics.items():
         attempts = sum(c[k] for k in _KINDS if k != "retries")
@@ -420,9 +421,11 @@ def _render(info: EngineInfo, prev: EngineInfo | None, dt: float, out: TextIO) -
         if prev is not None and dt > 0:
             before = sum(prev.metrics[op][k] for k in _KINDS if k != "retries")
             rate = f"{(attempts - before) / dt:,.0f}"
-        rows.append([op, rate, str(attempts), str(c["applied"]), str(c["invalid"]),
-                     str(c["conflicts"]), str(c["errors"]), str(c["retries"])])
+        rows.append([OP_CALLS[op], rate, str(attempts), str(c["applied"]), str(c["invalid"]),
+                     str(c["conflicts"]), str(c["rejected"] + c["halted"]), str(c["errors"]),
+                     str(c["retries"])])
     _table(rows, out)
+    out.write(OP_LEGEND)
     out.write("(server counts: every client's writes; reads are counted per process)\n")
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -41,7 +42,7 @@ import numpy as np
 from engine._native import ffi, lib
 from engine.accounts import from_units
 from engine.errors import EngineError, SegmentError, SegmentNotFoundError
-from engine.metrics import OPS, Metrics, read_metrics
+from engine.metrics import OP_CALLS, OP_LEGEND, OPS, Metrics, read_metrics
 from engine.records import PROC_DTYPE
 from engine.spec import POSITION_SPEC
 from engine.store import shm as segment
@@ -291,8 +292,8 @@ def _fmt_books(rows: Sequence[dict[str, Any]]) -> str:
     realized = sum((r["realized"] for r in rows), from_units(0))
     return (f"accounts {len(rows)} open  cash {cash:f}  reserved {reserved:f}  "
             f"realized {realized:f}  "
-            f"positions {sum(r['open_positions'] for r in rows)}  halted {halted}  "
-            f"latched {latched}")
+            f"positions {sum(r['open_positions'] for r in rows)}  "
+            f"halted accounts {halted}  latched {latched}")
 
 
 def held(words: np.ndarray, pwords: np.ndarray, procs: Sequence[ProcEntry]) -> list[Holder]:
@@ -362,6 +363,11 @@ def _fmt_size(n: int) -> str:
             return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
         v /= 1024
     return f"{n} B"
+
+
+def _fmt_engine_halt(h: dict[str, int]) -> str:
+    """The engine-wide emergency stop (``halt()``), named apart from accounts' halts."""
+    return f"engine halted (halt()): {'YES' if h['halted'] else 'no'}"
 
 
 def _fmt_ns(ns: float) -> str:
@@ -509,7 +515,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             out.write(f"  {key:<15} {shown}\n")
         out.write(f"  {'rules':<15} {info.rules} ({info.guarded_rules} guarded)\n")
         out.write(f"metrics: {'on' if h['metrics_on'] else 'off'}, latency sampled every "
-                  f"{h['sample_mask'] + 1} operations; halted: {'yes' if h['halted'] else 'no'}\n")
+                  f"{h['sample_mask'] + 1} operations; {_fmt_engine_halt(h)}\n")
     if not info.ok:
         return EXIT_FAILED
     out.write("states:\n")
@@ -547,10 +553,103 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # -- rm -----------------------------------------------------------------------------------
+def live_holders(info: SegmentInfo, probe_fd: int) -> list[int]:
+    """The pids of the live processes that hold the segment: its attached
+    Engines (each holds its registry entry's liveness lock), and its creator
+    while it is still making it (not ready yet, or ready but never attached:
+    between format and attach).  ``probe_fd``: a descriptor of the segment."""
+    pids = [p.pid for p in info.procs if p.alive]
+    creator = info.header.get("creator_pid", 0)
+    if creator and lib.eng_proc_alive(creator, 0) and creator not in pids and (
+            info.status == lib.ENG_ENOTREADY or (info.ok and not _ever_attached(info, probe_fd))):
+        pids.append(creator)
+    return pids
+
+
+def _ever_attached(info: SegmentInfo, fd: int) -> bool:
+    """True once any Engine attached (a claim bumps its entry's incarnation
+    for good)."""
+    data = os.pread(fd, _REGISTRY_SIZE, info.header["registry_off"])
+    if len(data) < _REGISTRY_SIZE:
+        return True   # cannot tell: count it as used
+    return bool(np.frombuffer(data, dtype=PROC_DTYPE, count=lib.ENG_MAX_PROCS)["incarnation"].any())
+
+
+def _rm_stale(args: argparse.Namespace) -> int:
+    """Remove every engine segment no live process holds (of ``args.names``
+    if given: the others are left alone, held ones kept without an error).
+
+    Each candidate is opened and the whole registry locked for writing (an
+    fcntl record lock, which conflicts with the Engines' OFD liveness locks):
+    granted, it proves no Engine holds an entry, and no attach can claim one
+    until the segment is unlinked; refused, a live process holds it."""
+    code = EXIT_OK
+    removed = 0
+    for name in args.names or segment.list_names():
+        try:
+            segment.check_name(name)
+        except EngineError as e:
+            _err(f"rm: {e}")
+            code = max(code, EXIT_REFUSED)
+            continue
+        path = os.path.join(segment.SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue                     # removed while we looked
+        except PermissionError:
+            continue                     # not ours to remove
+        try:
+            head = os.pread(fd, _MAGIC_SIZE, 0)
+            if len(head) < _MAGIC_SIZE or int.from_bytes(head, "little") != lib.ENG_MAGIC:
+                continue                 # not an engine segment: never touched
+            info = _info_from_fd(name, fd)
+            if not info.ok and info.status != lib.ENG_ENOTREADY:
+                if not args.quiet:
+                    sys.stdout.write(f"kept {name}: {info.problem} (rm {name} removes it)\n")
+                continue
+            held = live_holders(info, fd)
+            if info.ok and not held:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, _REGISTRY_SIZE,
+                                info.header["registry_off"])
+                except OSError:          # an Engine attached since we looked
+                    held = [p.pid for p in _info_from_fd(name, fd).procs if p.alive] or [0]
+            if held:
+                if args.names and not args.quiet:
+                    sys.stdout.write(f"kept {name}: held by live pids "
+                                     f"{', '.join(map(str, held))}\n")
+                continue
+            segment.unlink(name)
+            removed += 1
+            if not args.quiet:
+                sys.stdout.write(f"removed {name} (stale: no live process held it)\n")
+        except SegmentNotFoundError:
+            continue
+        except OSError as e:
+            _err(f"rm: {name}: {e}")
+            code = max(code, EXIT_FAILED)
+        finally:
+            os.close(fd)                 # drops the registry lock
+    if not args.quiet and removed == 0:
+        sys.stdout.write("no stale engine segments\n")
+    return code
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
-    """Unlink segments (engine segments only, unless --force)."""
+    """Unlink segments (engine segments no live process holds, unless
+    --force); ``--stale``: every engine segment no live process holds."""
+    if not args.stale and not args.names:
+        _err("rm: give segment NAMEs, or --stale")
+        return EXIT_REFUSED
     if getattr(args, "url", None) is not None:
+        if args.stale:
+            _err("rm: --stale is for shared-memory segments: a Redis server keeps no record "
+                 "of which clients are alive (remove engines there by name)")
+            return EXIT_REFUSED
         return _on_redis("cmd_rm", args)
+    if args.stale:
+        return _rm_stale(args)
     code = EXIT_OK
     for name in args.names:
         try:
@@ -560,7 +659,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
             code = max(code, EXIT_REFUSED)
             continue
         path = os.path.join(segment.SHM_DIR, name)
-        live = 0
+        live: list[int] = []
         try:
             if not is_engine_file(path):
                 if not args.force:
@@ -571,9 +670,15 @@ def cmd_rm(args: argparse.Namespace) -> int:
             else:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    live = sum(1 for p in _info_from_fd(name, fd).procs if p.alive)
+                    live = live_holders(_info_from_fd(name, fd), fd)
                 finally:
                     os.close(fd)
+                if live and not args.force:
+                    _err(f"rm: segment {name!r} is held by {len(live)} live process(es), "
+                         f"pids {', '.join(map(str, live))}; refusing (--force removes it "
+                         "anyway: they keep their mappings until they exit)")
+                    code = max(code, EXIT_REFUSED)
+                    continue
         except FileNotFoundError:
             _err(f"rm: no segment named {name!r}")
             code = max(code, EXIT_FAILED)
@@ -594,7 +699,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
             _err(f"rm: cannot remove {name!r}: {e}")
             code = max(code, EXIT_FAILED)
             continue
-        note = f" ({live} live processes keep their mappings until they exit)" if live else ""
+        note = (f" ({len(live)} live processes keep their mappings until they exit: pids "
+                f"{', '.join(map(str, live))})" if live else "")
         if not args.quiet:
             sys.stdout.write(f"removed {name}{note}\n")
     return code
@@ -629,7 +735,7 @@ def _render(name: str, cur: _Frame, prev: _Frame | None, out: TextIO) -> None:
     alive = sum(1 for p in cur.procs if p.alive)
     opened = h["capacity"] - cur.counts["free"]
     out.write(f"segment {name}  capacity {h['capacity']}  open {opened}  processes {alive} alive"
-              f" / {len(cur.procs) - alive} dead  halted {'YES' if h['halted'] else 'no'}  "
+              f" / {len(cur.procs) - alive} dead  {_fmt_engine_halt(h)}  "
               f"metrics {'on' if h['metrics_on'] else 'off'}\n")
     out.write("  ".join(f"{k} {v}" for k, v in cur.counts.items()
                         if v or k not in ("invalid", "locked", "rolled_back")) + "\n")
@@ -642,7 +748,7 @@ def _render(name: str, cur: _Frame, prev: _Frame | None, out: TextIO) -> None:
         more = f" (+{len(cur.holders) - 6} more)" if len(cur.holders) > 6 else ""
         out.write(f"held: {'; '.join(shown)}{more}\n")
     out.write("\n")
-    rows = [["OP", "OPS/S", "ATTEMPTS", "APPLIED", "INVALID", "CONFLICTS", "ERRORS",
+    rows = [["OP", "OPS/S", "ATTEMPTS", "APPLIED", "INVALID", "CONFLICTS", "REFUSED", "ERRORS",
              "RETRIES", "TAKEOVERS", "P50", "P99", "MAX"]]
     dt = cur.at - prev.at if prev else 0.0
     for op in OPS:
@@ -650,12 +756,14 @@ def _render(name: str, cur: _Frame, prev: _Frame | None, out: TextIO) -> None:
         rate = "-"
         if prev and dt > 0:
             rate = f"{(m.attempts - prev.metrics[op].attempts) / dt:,.0f}"
-        rows.append([op, rate, str(m.attempts), str(m.applied), str(m.invalid),
-                     str(m.conflicts), str(m.errors), str(m.retries), str(m.takeovers),
+        rows.append([OP_CALLS[op], rate, str(m.attempts), str(m.applied), str(m.invalid),
+                     str(m.conflicts), str(m.rejected + m.halted), str(m.errors),
+                     str(m.retries), str(m.takeovers),
                      _fmt_ns(m.p50_ns) if m.samples else "-",
                      _fmt_ns(m.p99_ns) if m.samples else "-",
                      _fmt_ns(m.max_ns) if m.samples else "-"])
     _table(rows, out)
+    out.write(OP_LEGEND)
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -726,11 +834,16 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.set_defaults(func=cmd_inspect)
 
     p = subparsers.add_parser("rm", help="remove engine segments",
-                              description="Unlink segments.  Processes still attached keep "
-                                          "their mappings until they exit.")
-    p.add_argument("names", metavar="NAME", nargs="+")
+                              description="Unlink segments.  A segment live processes hold "
+                                          "is refused unless --force (they keep their "
+                                          "mappings until they exit).")
+    p.add_argument("names", metavar="NAME", nargs="*")
+    p.add_argument("--stale", action="store_true",
+                   help="remove every engine segment (of the NAMEs, if given) no live process "
+                        "holds: left by processes that were killed")
     p.add_argument("--force", action="store_true",
-                   help="remove even what is not an engine segment")
+                   help="remove even what is not an engine segment, or what live processes "
+                        "hold")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     _url_option(p)
     p.set_defaults(func=cmd_rm)
@@ -752,11 +865,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.tools.segments",
                                      description="Inspect and manage engine segments.")
     add_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        return 130
+    from engine.cli import run
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -111,8 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.tools.serve",
                                      description="Serve an engine's metrics to Prometheus.")
     add_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    from engine.cli import run
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ money as decimal int64 strings added on the server (``HINCRBY``).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from engine.spec import MachineSpec
@@ -56,6 +57,14 @@ class RedisBackend:
 
     def unlink(self, name: str, seg: Any) -> None:
         seg.destroy()
+
+    def remover(self, name: str, seg: Any) -> Callable[[], None]:
+        """Deletes this incarnation's keys (never an engine created again
+        under the name): Engines attached elsewhere get SegmentNotFoundError
+        from then on (Redis keeps nothing alive for them)."""
+        def remove() -> None:
+            seg.destroy()
+        return remove
 
 
 def _attached(owner: object, store: RedisStore) -> Attached:

@@ -126,7 +126,10 @@ end
 
 local OUTCOME = {[APPLIED] = 'applied', [INVALID] = 'invalid', [CONFLICT] = 'conflicts',
                  [EVERSION] = 'conflicts',
-                 [REJECTED] = 'rejected', [HALTED] = 'halted'}
+                 [REJECTED] = 'rejected', [HALTED] = 'halted',
+                 -- a risk limit said no: a refusal, not an error (as C counts it)
+                 [ERISK_HALTED] = 'rejected', [ERISK_EXPOSURE] = 'rejected',
+                 [ERISK_COUNT] = 'rejected', [ERISK_CASH] = 'rejected'}
 local function outcome(P, op, rc)
     if rc ~= EBUSY then count(P, op, OUTCOME[rc] or 'errors') end
     return rc
@@ -921,14 +924,19 @@ REG('setmetrics', function(keys, args)
 end)
 
 -- accounts -------------------------------------------------------------------------
--- args: cash, max_exposure, max_positions, max_loss, the free account number
--- the client declared ('' for none) and its pick (see pick_free)
+-- args: cash, max_exposure, max_positions, max_loss, the key ('' for none:
+-- akeys maps each open account's key to 'n:op'), the free account number the
+-- client declared ('' for none) and its pick (see pick_free)
 -- returns {0, n, op, next} or {code}
 REG('aopen', once(function(keys, args)
     local P = tag(keys)
-    local pick = tonumber(args[6])
-    local n, cand = pick_free(P .. 'afree', args[5], pick)
+    local pick = tonumber(args[7])
+    local n, cand = pick_free(P .. 'afree', args[6], pick)
     if n == nil then return need(cand, {P .. 'a:' .. cand}) end
+    local akey = args[5]
+    if akey ~= '' and redis.call('HEXISTS', P .. 'akeys', akey) == 1 then
+        return {outcome(P, 'account', EKEYEXISTS)}
+    end
     count(P, 'account', 'applied')
     if not n then return {EACCTFULL} end
     redis.call('LREM', P .. 'afree', 1, n)
@@ -939,6 +947,12 @@ REG('aopen', once(function(keys, args)
                'max_exposure', args[2], 'max_positions', args[3], 'max_loss', args[4],
                'open_positions', '0', 'halted', '0', 'worst_gain', '0', 'worst_loss', '0')
     redis.call('HINCRBY', a, 'version', 1)
+    if akey ~= '' then
+        redis.call('HSET', P .. 'akeys', akey, n .. ':' .. op)
+        redis.call('HSET', a, 'key', akey)
+    else
+        redis.call('HDEL', a, 'key')
+    end
     return {0, tonumber(n), op, next_free(P .. 'afree', pick)}
 end))
 
@@ -1009,9 +1023,22 @@ REG('aclose', once(function(keys, args)
     if not a then return err end
     if redis.call('HGET', a, 'open_positions') ~= '0' then return EACCTBUSY end
     redis.call('HSET', a, 'open', '0')
+    local k = redis.call('HGET', a, 'key')
+    if k then   -- its key names nothing from now on
+        redis.call('HDEL', P .. 'akeys', k)
+        redis.call('HDEL', a, 'key')
+    end
     redis.call('RPUSH', P .. 'afree', args[1])
     return 0
 end))
+
+-- the open account with key args[1]: {0, n, op}, or {0}
+REG('alookup', function(keys, args)
+    local v = redis.call('HGET', tag(keys) .. 'akeys', args[1])
+    if not v then return {0} end
+    local n, op = string.match(v, '^(%d+):(%d+)$')
+    return {0, tonumber(n), tonumber(op)}
+end, NO_WRITES)
 
 REG('alist', function(keys, args)
     local P = tag(keys)

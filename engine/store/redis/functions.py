@@ -26,6 +26,7 @@ EACCTFULL: int = lib.ENG_EACCTFULL
 EBADACCOUNT: int = lib.ENG_EBADACCOUNT
 EBADARG: int = lib.ENG_EBADARG
 EBADKEY: int = lib.ENG_EBADKEY
+EKEYEXISTS: int = lib.ENG_EKEYEXISTS
 EBADMONEY: int = lib.ENG_EBADMONEY
 EBADPRICE: int = lib.ENG_EBADPRICE
 EBADSLOT: int = lib.ENG_EBADSLOT
@@ -83,7 +84,8 @@ _OP_OF = {"tx": OP_TRANSITION, "gcommit": OP_TRANSITION_CTX,
           "open": OP_OPEN, "upd": OP_PRICE, "upds": OP_PRICE_BATCH,
           "tokp": OP_PRICE_BATCH, "price": OP_READ, "context": OP_READ,
           "wprep": OP_WAIT, "bind": OP_KEY, "lookup": OP_LOOKUP,
-          "aopen": OP_ACCOUNT, "acash": OP_ACCOUNT, "aset": OP_ACCOUNT}
+          "aopen": OP_ACCOUNT, "acash": OP_ACCOUNT, "aset": OP_ACCOUNT,
+          "alookup": OP_LOOKUP}
 #: the functions that write, wrapped in ``once`` (functions.lua): each
 #: call carries a request number and declares the client's request record
 _ONCE = frozenset({"tx", "glock", "gcommit", "upd", "upds", "tokp", "txmany", "open", "bind",

@@ -60,6 +60,7 @@ from engine.store.redis.functions import (
     EFORKED,
     EFULL,
     EGUARDFAIL,
+    EKEYEXISTS,
     ENOTOPEN,
     ESTALE,
     ETIMEDOUT,
@@ -945,29 +946,48 @@ class RedisStore:
     def _acall(self, n: int, fn: str, *args: Any) -> Any:
         s = n % self.shards
         P = self.prefixes[s]
-        return self._fn(s, fn, n, *args,
-                        keys=[f"{P}a:{n}", *([P + "afree"] if fn == "aclose" else [])])
+        return self._fn(s, fn, n, *args, keys=[f"{P}a:{n}", *([P + "afree", P + "akeys"]
+                                                         if fn == "aclose" else [])])
 
     def eng_open_account(self, seg: Any, cash: int, max_exposure: int, max_positions: int,
-                         max_loss: int, out: Any) -> int:
+                         max_loss: int, key: Any, key_len: int, out: Any) -> int:
         if min(cash, max_exposure, max_loss) < 0:
             return EBADMONEY
+        k = b"" if key == ffi.NULL or key is None else bytes(key[:key_len])
+        if k and not 1 <= key_len <= KEY_MAX:
+            return EBADKEY
         if self._closed:
             return self._closed_code()
         if self._raised["aopen"] is None:
             self._next += 1
-        for s in self._from_raised("aopen", [(self._next + i) % self.shards
-                                             for i in range(self.shards)]):
+        # a keyed account opens on its key's shard: key and account change in one call
+        shards = [self._key_shard(k)] if k else [(self._next + i) % self.shards
+                                                 for i in range(self.shards)]
+        for s in self._from_raised("aopen", shards):
             self._raised["aopen"] = s
             P = self.prefixes[s]
-            r = self._take(s, "aopen", [P + "afree"], lambda h, P=P: [f"{P}a:{h}"],
-                           cash, max_exposure, max_positions, max_loss)
+            r = self._take(s, "aopen", [P + "afree", P + "akeys"], lambda h, P=P: [f"{P}a:{h}"],
+                           cash, max_exposure, max_positions, max_loss, k)
+            if r[0] == EKEYEXISTS:
+                self._raised["aopen"] = None
+                return EKEYEXISTS
             if r[0] == 0:
                 out[0] = int(r[2]) << ID_SLOT_BITS | int(r[1])
                 self._raised["aopen"] = None
                 return 0
         self._raised["aopen"] = None
         return EACCTFULL
+
+    def eng_lookup_account(self, seg: Any, key: bytes, key_len: int) -> int:
+        if not 1 <= key_len <= KEY_MAX:
+            return EBADKEY
+        if self._closed:
+            return self._closed_code()
+        k = bytes(key[:key_len])
+        s = self._key_shard(k)
+        r = self._fn(s, "alookup", k, keys=[self.prefixes[s] + "akeys"])
+        self._reads["lookup"] += self._metrics_on
+        return 0 if len(r) == 1 else int(r[2]) << ID_SLOT_BITS | int(r[1])
 
     def _books_row(self, id: int, b: list[bytes], row: Any) -> None:
         (cash, reserved, realized, opening, deposits, withdrawals, max_exposure, max_loss,

@@ -2,9 +2,9 @@
 
 import argparse
 
+from engine.cli import run
 from engine.tools.stress import add_parsers
 
 _p = argparse.ArgumentParser(prog="python -m engine.tools.stress")
 add_parsers(_p.add_subparsers(dest="command", required=True))
-_a = _p.parse_args()
-raise SystemExit(_a.func(_a))
+raise SystemExit(run(_p))
