@@ -61,8 +61,7 @@ def _guarded_error_spec() -> MachineSpec:
 class TestFireVersusGuardLock:
     @pytest.mark.parametrize("call", ["update_price", "update_prices", "update_token_price"])
     def test_crossing_write_does_not_fire_under_a_guards_lock(self, make_engine, call):
-        """A crossing price written while a guarded transition holds the lock neither fires
-        nor publishes (BusyError); the guarded transition commits from the state its guard saw."""
+        """A crossing write under a guarded transition's lock neither fires nor publishes."""
         _inside.clear()
         _writer_done.clear()
         eng = make_engine(capacity=8, spec=_guarded_error_spec())
@@ -128,8 +127,7 @@ class TestRedisRuleIsCs:
     @given(side=st.sampled_from([1, -1]), stop=_LEVEL, take=_LEVEL, trail=_LEVEL,
            ops=st.lists(_OPS, max_size=14))
     def test_same_fire_on_the_same_path(self, both, side, stop, take, trail, ops):
-        """On any path of price writes and transitions, Redis fires as shared memory:
-        same state, exit_reason, exit_price and price after every step."""
+        """On any path of writes and transitions Redis fires exactly as shared memory."""
         token = next(_token)
         ids = []
         for e in both:
@@ -159,8 +157,7 @@ class TestRedisRuleIsCs:
 
 class TestCloseAtFillRefused:
     def test_refused_fill_is_named_not_the_last_price(self, engine):
-        """A fill above the booking band is refused (MoneyError) naming that fill, not the
-        last price written; nothing changes."""
+        """A fill above the booking band is refused naming that fill; nothing changes."""
         acct = engine.open_account(cash=10_000, max_exposure=10_000, max_positions=10,
                                    max_loss=5_000)
         pos = engine.open_position(entry_price=100.0, amount=2.0, side=1, account=acct,
@@ -216,8 +213,7 @@ def _manual_exit(handle: Any, ids: list[int], go: Any, out: Any) -> None:
 
 class TestRacingProcesses:
     def test_manual_exit_races_the_fire(self, engine, spawner):
-        """A hand EXIT_CONDITION_MET racing crossing writers (more processes than cores):
-        exactly one of them commits; the hand one leaves exit_reason 0, a fire STOP_LOSS."""
+        """A hand EXIT_CONDITION_MET racing crossing writers: exactly one of them commits."""
         ids = []
         for _ in range(12):
             pos = engine.open_position(entry_price=100.0, amount=1.0, token=5, stop_loss=95.0)
@@ -245,9 +241,7 @@ class TestRacingProcesses:
                 assert r["exit_reason"] == ExitReason.STOP_LOSS and 90.0 <= r["exit_price"] <= 95.0
 
     def test_trailing_peak_not_lost_to_a_lower_racing_write(self, engine, spawner):
-        """Writers race in [110, 111] (no crossing: trail 2) while one writes a 120 spike;
-        every write after the spike crosses 118, so each position fires TRAILING_STOP
-        exactly once below 118: a peak lost to a lower racing write would leave it armed."""
+        """A 120 spike amid racing writes at 110-111 (trail 2) is never lost: fires once."""
         ids = []
         for _ in range(8):
             pos = engine.open_position(entry_price=100.0, amount=1.0, token=6, trailing_stop=2.0)
@@ -301,8 +295,7 @@ class TestKillsInTheFire:
         return pos, int(next(r for r in engine.snapshot() if int(r["id"]) == pos)["transitions"])
 
     def test_killed_after_the_fires_commit_cas(self, engine, spawner):
-        """SIGKILL right after the fire's commit CAS (before its wake and publish): fired
-        once, at the writer's price; recover() and later writes never fire it again."""
+        """A fire killed after its commit CAS fired once at its price, never again."""
         pos, commits = self._armed(engine)
         p = spawner.start(_die_writing, engine.handle, pos, lib.ENG_FAULT_DIE_AFTER_CAS, 94.25)
         p.join(JOIN_TIMEOUT)
@@ -319,8 +312,7 @@ class TestKillsInTheFire:
         assert int(rows[pos]["transitions"]) <= commits + 1   # one fire (its bump may be lost)
 
     def test_killed_pause_never_fires(self, engine, spawner):
-        """A PAUSE SIGKILLed right after its commit CAS: crossing writes of every kind
-        and recover() never fire the paused position."""
+        """A PAUSE killed after its CAS: no write of any kind nor recover() fires it."""
         pos, _ = self._armed(engine)
         p = spawner.start(_die_transition, engine.handle, pos, lib.ENG_FAULT_DIE_AFTER_CAS,
                           int(Trigger.PAUSE))
@@ -370,8 +362,7 @@ class TestRedisResendFiresOnce:
     @pytest.mark.parametrize("call", ["update_price", "update_prices", "update_token_price"])
     @pytest.mark.parametrize("nth", [1, 2])
     def test_a_lost_reply_of_a_firing_write(self, call, nth):
-        """A crossing write (4 shards) whose reply is lost with its connection: resent,
-        each position fired exactly once, at that write's price."""
+        """A firing write whose reply is lost is resent and fires each position once."""
         e = Engine.create(capacity=16, url=redis_url(), shards=4)
         try:
             ids = []
@@ -424,8 +415,7 @@ def _late_fill_all(handle: Any, ids: list[int], go: Any, out: Any) -> None:
 
 class TestLateFillVersusRelease:
     def test_late_partial_fill_races_the_release(self, make_engine, spawner):
-        """A late PARTIAL_FILL on a CANCELED order racing its release (processes): never
-        both applied; the fill applied leaves an open order with its fields, else no row."""
+        """A late PARTIAL_FILL racing the release of its CANCELED order: never both apply."""
         eng = make_engine(capacity=64, spec=ORDER_SPEC)
         ids = []
         for _ in range(40):
