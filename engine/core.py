@@ -616,9 +616,10 @@ class Engine(_EngineBase, Generic[S, C, T]):
                   n_triggers=len(self.spec.triggers), spec=self.spec.name, price=price,
                   name=self.name, **more)
 
-    def _close_money(self, pos: int) -> str:
-        """Why a booked close of ``pos`` was refused: its price is above the
-        band its opening kept room for (see ENG_BOOK_PRICE_MULT)."""
+    def _close_money(self, pos: int, fill: float | None = None) -> str:
+        """Why a booked close of ``pos`` was refused: its price (the fill
+        given as exit_price, else the last price) is above the band its
+        opening kept room for (see ENG_BOOK_PRICE_MULT)."""
         try:
             c: Any = self.context(pos)
             price = self.price(pos).price
@@ -626,11 +627,14 @@ class Engine(_EngineBase, Generic[S, C, T]):
         except (EngineError, AttributeError):
             return f"id {pos}: a booked close could not be booked"
         top = entry * lib.ENG_BOOK_PRICE_MULT
-        return (f"id {pos}: a booked close books its last price, {price!r}, which is above "
+        what = "its last price" if fill is None else "the fill it was given (exit_price)"
+        price = price if fill is None else float(fill)
+        return (f"id {pos}: a booked close books {what}, {price!r}, which is above "
                 f"the band its opening kept room for: (0, ENG_BOOK_PRICE_MULT "
                 f"{lib.ENG_BOOK_PRICE_MULT} x entry_price {entry!r} = {top!r}] (its value "
                 f"there, x amount {amount!r}, is {from_units(money_of(top, amount))}); "
-                "nothing changed: write a price within the band, then close")
+                "nothing changed: " + ("write a price within the band, then close"
+                                       if fill is None else "close at a fill within the band"))
 
     def _open_money(self, fields: Mapping[str, Any]) -> str:
         """Why an opening on an account was refused as money: the worst case
@@ -944,6 +948,9 @@ class Engine(_EngineBase, Generic[S, C, T]):
             failure = _take_guard_failure()
             if failure is not None:
                 raise failure
+        if rc == lib.ENG_EBADMONEY and _is_number(fields.get("exit_price")) \
+                and fields["exit_price"] > 0:   # booked at the fill given: name it
+            self._fail(rc, pos, trigger, money=self._close_money(pos, fields["exit_price"]))
         return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos, trigger)
 
     def state(self, pos: int) -> S:

@@ -518,13 +518,19 @@ local function word_update(mask, upd, w, bytes)
 end
 
 -- a price write to the position p (state st, record rec): the exit first (the
--- armed trigger's commit with exit_reason and exit_price), then the price
+-- armed trigger's commit with exit_reason and exit_price), then the price;
+-- 0, or EBUSY with nothing written when it would fire while a guarded
+-- transition holds the slot's lock (as C, whose fire waits for that lock)
 local function price_write(P, X, slot, p, st, rec, price, ts)
     if X and st == X.armed then
         local pk, peak = redis.call('HGET', p, 'pk'), nil
         if pk then peak = struct.unpack('<d', pk)
         else peak = word_f8(rec, (roles(P))) * word_i8(rec, X.side) end
         local reason, top = crossing(X, rec, price, peak)
+        if reason ~= 0 and redis.call('HGET', P .. 'm', 'halted') ~= '1' and
+                redis.call('EXISTS', P .. 'g:' .. slot) == 1 then
+            return EBUSY
+        end
         if reason ~= 0 then
             local e = rule(P, st, X.trigger)
             local target = e % (RULE_TARGET_MASK + 1)
@@ -542,7 +548,8 @@ local function price_write(P, X, slot, p, st, rec, price, ts)
         end
         if top ~= peak then redis.call('HSET', p, 'pk', struct.pack('<d', top)) end
     end
-    return write_price(P, p, rec, price, ts)
+    write_price(P, p, rec, price, ts)
+    return 0
 end
 
 REG('tx', once(function(keys, args)
@@ -633,10 +640,12 @@ REG('upd', once(function(keys, args)
     local p = P .. 'p:' .. args[1]
     local st, err = live(p, tonumber(args[2]))
     if not st then return outcome(P, 'price', err) end
-    price_write(P, exits(P), args[1], p, st, redis.call('HGET', p, 'rec'),
-                struct.unpack('<d', args[3]), args[4])
-    journal_price(P, args[1], p, tonumber(redis.call('HGET', p, 'st')))
-    return outcome(P, 'price', 0)
+    local rc = price_write(P, exits(P), args[1], p, st, redis.call('HGET', p, 'rec'),
+                           struct.unpack('<d', args[3]), args[4])
+    if rc == 0 then
+        journal_price(P, args[1], p, tonumber(redis.call('HGET', p, 'st')))
+    end
+    return outcome(P, 'price', rc)
 end))
 
 -- batch: slots and openings as '<I4' arrays, prices '<d'; live ones written
@@ -652,8 +661,10 @@ REG('upds', once(function(keys, args)
         local p = P .. 'p:' .. slot
         local st = live(p, (struct.unpack('<I4', ops, i * 4 + 1)))
         if st then
-            price_write(P, X, slot, p, st, redis.call('HGET', p, 'rec'),
-                        (struct.unpack('<d', prices, i * 8 + 1)), ts)
+            if price_write(P, X, slot, p, st, redis.call('HGET', p, 'rec'),
+                           (struct.unpack('<d', prices, i * 8 + 1)), ts) ~= 0 then
+                return {EBUSY, written, i}   -- as C: the pass stops there, with its index
+            end
             journal_price(P, slot, p, tonumber(redis.call('HGET', p, 'st')))
             written = written + 1
         end
@@ -674,16 +685,21 @@ REG('tokp', once(function(keys, args)
         if not d[k] then return need('', list) end
     end
     local X = exits(P)
+    local busy = false
     for _, slot in ipairs(slots) do
         local p = P .. 'p:' .. slot
         local v = redis.call('HMGET', p, 'st', 'rec')
         if not is_closed(P, tonumber(v[1])) then
-            price_write(P, X, slot, p, tonumber(v[1]), v[2], price, args[3])
-            journal_price(P, slot, p, tonumber(redis.call('HGET', p, 'st')))
-            n = n + 1
+            if price_write(P, X, slot, p, tonumber(v[1]), v[2], price, args[3]) == 0 then
+                journal_price(P, slot, p, tonumber(redis.call('HGET', p, 'st')))
+                n = n + 1
+            else
+                busy = true   -- as C: write the others, then say EBUSY
+            end
         end
     end
     count(P, 'price_batch', 'applied')
+    if busy then return EBUSY end
     return n
 end))
 

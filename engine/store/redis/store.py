@@ -862,6 +862,9 @@ class RedisStore:
                     r = done[s] = self._fn(s, "upds", slots, ops, p[idx].astype("<f8").tobytes(),
                                            _TS, keys=self._pos_keys(s, a[idx], ("p",)))
                 written += int(r[1])
+                if r[0]:   # as C: the pass stops at the busy element, with its index
+                    out[0], out_n[0] = int(idx[int(r[2])]), written
+                    return int(r[0])
         out[0], out_n[0] = 0, written
         return 0
 
@@ -934,15 +937,16 @@ class RedisStore:
             return self._closed_code()
         if not _positive(price):
             return EBADPRICE
-        total = 0
+        total, busy = 0, False
         with self._parts(("tokp", token, price)) as done:
             for s, P in enumerate(self.prefixes):
                 r = done.get(s)
                 if r is None:
                     r = done[s] = self._fn(s, "tokp", token, _F8.pack(price), _TS,
                                            keys=[f"{P}t:{token}"], learn=(s, token))
-                total += int(r)
-        return total
+                busy = busy or int(r) == EBUSY   # as C: the others written, then EBUSY
+                total += max(int(r), 0)
+        return EBUSY if busy else total
 
     # -- accounts ---------------------------------------------------------------------
     def _acct(self, id: int) -> tuple[int, int] | int:
