@@ -227,12 +227,20 @@ HOT_CALLS: dict[str, tuple[str, float | None, str]] = {
     "transition_no_journal": ("floor_transition_shape", None, "floor_method_transition"),
     "update_price_no_journal": ("floor_update_price_shape", None, "floor_method_update_price"),
     "update_price_journaled": ("floor_update_price_shape", None, "floor_method_update_price"),
+    "update_price_armed": ("floor_update_price_shape", 2.0, "floor_method_update_price"),
+    "update_price_armed_raw": ("floor_update_price_shape", None, "floor_method_update_price"),
+}
+#: exits (bench/test_bench_exits.py): armed call -> (the unarmed call, target ratio)
+EXITS: dict[str, tuple[str, float]] = {
+    "update_price_armed": ("update_price", 1.1),
+    "update_price_armed_raw": ("update_price_raw", 1.1),
+    "exit_ab_armed": ("exit_ab_unarmed", 1.1),
 }
 FLOORS = ("floor_noop", "floor_1arg", "floor_2arg", "floor_transition_shape",
           "floor_update_price_shape", "floor_price_read_shape", "floor_method_transition",
           "floor_method_update_price", "floor_method_price")
 TARGET_BATCH_NS = 10.0
-TARGET_BYTES = 512
+TARGET_BYTES = 576   # 11 words since trailing_stop and exit_price (512 with 9)
 TARGET_METRICS_PCT = 10.0
 #: measured key -> (floor key measured in the same run, target: ns per unit, or None)
 SPEED: dict[str, tuple[str, float | None]] = {
@@ -293,7 +301,19 @@ def summarize(rec: Recorder) -> dict[str, Any]:
             row["target_met_vs_same_shape"] = (None if target is None
                                                else row["ratio_to_same_shape"] <= target)
         out["calls"][k] = row
-    for k in ("update_prices_batch", "update_prices_batch_raw"):
+    out["exits"] = {}
+    for k, (base, target) in EXITS.items():
+        a = r[k].min_ns if k in r else rec.values.get(f"{k}_ns")
+        b = r[base].min_ns if base in r else rec.values.get(f"{base}_ns")
+        if a and b:
+            out["exits"][k] = {"armed_ns": a, "unarmed": base, "unarmed_ns": b,
+                               "ratio": a / b, "target_ratio": target,
+                               "target_met": a / b <= target}
+    for q in ("p50", "p99"):
+        if f"exit_wake_{q}_ns" in rec.values:
+            out["exits"][f"wake_{q}_us"] = rec.values[f"exit_wake_{q}_ns"] / 1e3
+    for k in ("update_prices_batch", "update_prices_batch_raw", "update_prices_armed_batch",
+              "update_prices_armed_batch_raw", "update_prices_no_exits_batch_raw"):
         if k in r:
             out["batch"][k] = {"ns_per_slot_min": r[k].min_ns, "ns_per_slot_median": r[k].median_ns,
                                "slots": r[k].units_per_round, "target_ns_per_slot": TARGET_BATCH_NS,
@@ -349,6 +369,13 @@ def format_summary(s: dict[str, Any]) -> list[str]:
                      f"floor {v['floor']} {fl if fl is None else round(fl, 2)} "
                      f"(x{v['ratio_to_floor']:.2f}) "
                      + ("" if v["target_met"] is None else _verdict(v["target_met"])))
+    for k, v in s.get("exits", {}).items():
+        if isinstance(v, dict):
+            lines.append(f"{k:24s} {v['armed_ns']:7.1f} ns vs {v['unarmed']} "
+                         f"{v['unarmed_ns']:.1f} ns: x{v['ratio']:.3f}, target "
+                         f"<= {v['target_ratio']}: {_verdict(v['target_met'])}")
+        else:
+            lines.append(f"exit wake (tick -> executor in another process) {k}: {v:.1f}")
     if s["memory"]:
         m = s["memory"]
         lines.append(f"memory per position: {m['bytes_per_position']:.1f} B at capacity "

@@ -45,6 +45,7 @@ from engine.records import Context, PriceSnapshot
 from engine.spec import (
     ORDER_SPEC,
     POSITION_SPEC,
+    ExitReason,
     MachineSpec,
     Outcome,
     Rule,
@@ -67,6 +68,7 @@ __all__ = [
     "EngineError",
     "EngineTypeError",
     "Event",
+    "ExitReason",
     "FieldError",
     "Handle",
     "InternalError",

@@ -56,6 +56,7 @@ from engine.errors import (
     RiskLimitError,
     SegmentNotFoundError,
     SlotError,
+    SpecError,
     TriggerError,
     WaitTimeout,
     raise_for,
@@ -390,7 +391,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
                spec: MachineSpec | None = None,
                keys_per_position: int = _DEFAULT_KEYS,
                max_accounts: int = _DEFAULT_ACCOUNTS, url: str | None = None,
-               shards: int | None = None, temporary: bool = False, journal: bool | None = True,
+               shards: int | None = None, temporary: bool = False, journal: bool | None = False,
                journal_records: int = _DEFAULT_JOURNAL_RECORDS,
                journal_prices: bool = False) -> Engine[Any, Any, Any]:
         """Create a new segment for ``capacity`` positions and attach to it.
@@ -416,11 +417,17 @@ class Engine(_EngineBase, Generic[S, C, T]):
         hash tags spread its positions over a cluster's nodes (default 1 on
         one server, 16 on a cluster).
 
-        ``journal`` (on by default; None turns it off) records every
-        committed change in a ring of ``journal_records`` records (a power
-        of two in [``ENG_JOURNAL_MIN_RECORDS``, ``ENG_JOURNAL_MAX_RECORDS``])
-        in the segment, read with ``events()``; ``journal_prices`` records
-        every price write too."""
+        ``journal=True`` records every committed change in a ring of
+        ``journal_records`` records (a power of two in
+        [``ENG_JOURNAL_MIN_RECORDS``, ``ENG_JOURNAL_MAX_RECORDS``]) in the
+        segment (on Redis: a stream per shard), read with ``events()``;
+        ``journal_prices`` records every price write too.  It is off by
+        default (False or None): on shared memory every commit then passes
+        through one journal latch, so a process stopped while it holds the
+        latch (SIGSTOP, a debugger) stalls every other commit until it runs
+        again (each waits ``ENG_JOURNAL_WAIT_STEPS``, then CONFLICT or
+        BusyError), and a transition costs about twice as much: see
+        docs/journal.md."""
         spec = _check_spec(spec)
         for what, v, hi in (("capacity", capacity, lib.ENG_MAX_CAPACITY),
                             ("keys_per_position", keys_per_position,
@@ -609,9 +616,10 @@ class Engine(_EngineBase, Generic[S, C, T]):
                   n_triggers=len(self.spec.triggers), spec=self.spec.name, price=price,
                   name=self.name, **more)
 
-    def _close_money(self, pos: int) -> str:
-        """Why a booked close of ``pos`` was refused: its price is above the
-        band its opening kept room for (see ENG_BOOK_PRICE_MULT)."""
+    def _close_money(self, pos: int, fill: float | None = None) -> str:
+        """Why a booked close of ``pos`` was refused: its price (the fill
+        given as exit_price, else the last price) is above the band its
+        opening kept room for (see ENG_BOOK_PRICE_MULT)."""
         try:
             c: Any = self.context(pos)
             price = self.price(pos).price
@@ -619,11 +627,14 @@ class Engine(_EngineBase, Generic[S, C, T]):
         except (EngineError, AttributeError):
             return f"id {pos}: a booked close could not be booked"
         top = entry * lib.ENG_BOOK_PRICE_MULT
-        return (f"id {pos}: a booked close books its last price, {price!r}, which is above "
+        what = "its last price" if fill is None else "the fill it was given (exit_price)"
+        price = price if fill is None else float(fill)
+        return (f"id {pos}: a booked close books {what}, {price!r}, which is above "
                 f"the band its opening kept room for: (0, ENG_BOOK_PRICE_MULT "
                 f"{lib.ENG_BOOK_PRICE_MULT} x entry_price {entry!r} = {top!r}] (its value "
                 f"there, x amount {amount!r}, is {from_units(money_of(top, amount))}); "
-                "nothing changed: write a price within the band, then close")
+                "nothing changed: " + ("write a price within the band, then close"
+                                       if fill is None else "close at a fill within the band"))
 
     def _open_money(self, fields: Mapping[str, Any]) -> str:
         """Why an opening on an account was refused as money: the worst case
@@ -735,6 +746,10 @@ class Engine(_EngineBase, Generic[S, C, T]):
         rec = self._rec
         if rec.pnl:
             self._check_pnl_fields(fields)
+        if self.spec.reopens and fields.get("account") and "account" in rec.roles:
+            raise SpecError(f"spec {self.spec.name!r} lets a closed state be left "
+                            f"({self.spec.reopens}): a position booked on an account is "
+                            "booked at its closing once, so open it without account=")
         words = ffi.new("uint64_t[]", lib.ENG_MAX_FIELD_WORDS)
         rec.pack(fields, words)
         k = ffi.NULL if key is None else _key_bytes(key)
@@ -759,17 +774,29 @@ class Engine(_EngineBase, Generic[S, C, T]):
 
     def open_position(self, entry_price: float, amount: float, side: Side | int = Side.BUY,
                       token: int = 0, key: str | bytes | None = None,
-                      account: int | None = None) -> int:
+                      account: int | None = None, *, stop_loss: float | None = None,
+                      take_profit: float | None = None,
+                      trailing_stop: float | None = None) -> int:
         """Open a position of the position spec: ``open`` with its fields.
 
         With ``account``, its notional |entry_price x amount| is reserved on
         that account atomically with the opening, or ``RiskLimitError`` is
-        raised and nothing changes."""
+        raised and nothing changes.  ``stop_loss``, ``take_profit`` and
+        ``trailing_stop`` (0 or None: off) arm the exits a price write fires
+        once the position is in the spec's armed state (MONITORING)."""
         if not self._rec.pnl or "token" not in self._rec.roles:
             raise ArgumentError(f"open_position needs entry_price, amount, side and token "
                                 f"fields; spec {self.spec.name!r} has "
                                 f"{[f.name for f in self._rec.fields]}: use open(**fields)")
         fields = {"entry_price": entry_price, "amount": amount, "side": side, "token": token}
+        for name, level in (("stop_loss", stop_loss), ("take_profit", take_profit),
+                            ("trailing_stop", trailing_stop)):
+            if level is None:
+                continue
+            if name not in self._rec.types:
+                raise FieldError(f"spec {self.spec.name!r} has no f8 field {name!r}; its "
+                                 f"record has {[f.name for f in self._rec.fields]}")
+            fields[name] = level
         if account is not None:
             if "account" not in self._rec.roles:
                 raise FieldError(f"spec {self.spec.name!r} has no i8 field 'account': positions "
@@ -921,6 +948,9 @@ class Engine(_EngineBase, Generic[S, C, T]):
             failure = _take_guard_failure()
             if failure is not None:
                 raise failure
+        if rc == lib.ENG_EBADMONEY and _is_number(fields.get("exit_price")) \
+                and fields["exit_price"] > 0:   # booked at the fill given: name it
+            self._fail(rc, pos, trigger, money=self._close_money(pos, fields["exit_price"]))
         return _OUTCOMES[rc] if rc >= 0 else self._fail(rc, pos, trigger)
 
     def state(self, pos: int) -> S:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from engine.prometheus import EngineCollector
 
 OPS = ("transition", "transition_ctx", "open", "price", "price_batch", "read", "wait", "recover",
-       "key", "lookup", "account")
+       "key", "lookup", "account", "exit")
 assert len(OPS) == lib.ENG_OP_COUNT
 assert [getattr(lib, "ENG_OP_" + op.upper()) for op in OPS] == list(range(len(OPS)))
 #: the public calls each operation of ``metrics()`` counts, as the tools show
@@ -45,6 +45,7 @@ OP_CALLS = {
     "key": "bind_key",
     "lookup": "lookup",
     "account": "*_account/deposit/withdraw",
+    "exit": "update_price*(fired)",   # exits fired by price writes
 }
 assert tuple(OP_CALLS) == OPS
 #: what the tools' counter columns mean, under their tables

@@ -93,11 +93,13 @@ class Context(NamedTuple):
     amount: float
     stop_loss: float
     take_profit: float
+    trailing_stop: float
     token: int
     opened_ns: int
     side: int
     exit_reason: int
     account: int
+    exit_price: float
     version: int
 
 
@@ -133,9 +135,16 @@ ROLES = {"entry_price": (lib.ENG_ROLE_ENTRY_PRICE, ("f8",)),
          # the account the opening reserved on: only where PnL is computed
          "account": (lib.ENG_ROLE_ACCOUNT, ("i8",))}
 _PNL = ("entry_price", "amount", "side")
+#: fields exits read and write (engine.spec.EXIT_FIELDS), by C role; only
+#: where PnL is computed.  Unlike ROLES they are not set at open only.
+EXIT_ROLES = {"stop_loss": (lib.ENG_ROLE_STOP_LOSS, ("f8",)),
+              "take_profit": (lib.ENG_ROLE_TAKE_PROFIT, ("f8",)),
+              "trailing_stop": (lib.ENG_ROLE_TRAILING, ("f8",)),
+              "exit_reason": (lib.ENG_ROLE_EXIT_REASON, ("i4", "i8")),
+              "exit_price": (lib.ENG_ROLE_EXIT_PRICE, ("f8",))}
 _FMAX = 1.7976931348623157e308
 #: f8 fields that hold a price level, so never negative
-PRICE_LEVELS = frozenset({"stop_loss", "take_profit"})
+PRICE_LEVELS = frozenset({"stop_loss", "take_profit", "trailing_stop", "exit_price"})
 _ROW_FIELDS = dtype_for("eng_row").fields
 assert _ROW_FIELDS is not None
 _ROW_FIXED = [(n, f) for n, f in _ROW_FIELDS.items() if n != "w"]
@@ -208,6 +217,10 @@ class RecordLayout:
                 self.roles.pop(n, None)
         #: fields set at open only: the engine reads them
         self.fixed = frozenset(self.roles)
+        #: exit fields (EXIT_ROLES) of the right type -> word; only with PnL
+        self.exit_roles: dict[str, int] = {
+            n: self.by_name[n].word for n, (_, ok) in EXIT_ROLES.items()
+            if self.pnl and n in self.by_name and self.by_name[n].type in ok}
         names = [f.name for f in out]
         self.Context: type[tuple[Any, ...]] = (
             Context if names == list(Context._fields[:-1]) else
@@ -231,8 +244,10 @@ class RecordLayout:
             "offsets": [f[1] for _, f in _ROW_FIXED] + [_ROW_W + f.word * _WORD for f in out],
             "itemsize": ffi.sizeof("eng_row")})
 
-    def c_layout(self, keys_per_position: int) -> Any:
-        """The ``eng_rec_layout`` for eng_format."""
+    def c_layout(self, keys_per_position: int,
+                 exits: tuple[int, int] | None = None) -> Any:
+        """The ``eng_rec_layout`` for eng_format; ``exits``: the armed state's
+        index and the exit trigger's (None: the spec has no exits)."""
         lay = ffi.new("eng_rec_layout *")
         lay.n_words = self.n_words
         lay.keys_per_position = keys_per_position
@@ -245,6 +260,10 @@ class RecordLayout:
         if self.roles:
             for name, word in self.roles.items():
                 lay.roles[ROLES[name][0]] = word
+        for name, word in self.exit_roles.items():
+            lay.roles[EXIT_ROLES[name][0]] = word
+        lay.exit_state, lay.exit_trigger = exits if exits is not None else (
+            lib.ENG_EXITS_NONE, 0)
         return lay
 
     # -- values ----------------------------------------------------------------------

@@ -123,10 +123,15 @@ class MachineSpec:
 
     def __init__(self, states: Sequence[str], triggers: Sequence[str],
                  rules: Iterable[Rule], initial: str, closed: Iterable[str] = (),
-                 name: str = "custom", fields: Mapping[str, str] | None = None) -> None:
+                 name: str = "custom", fields: Mapping[str, str] | None = None,
+                 exits: tuple[str, str] | None = None) -> None:
         """``fields`` maps each record field to its type: ``f8``, ``i8``,
         ``i4``, ``u8`` or fixed bytes ``S1``..``S32``, in record order.
-        None: the position fields (entry_price, amount, ...)."""
+        None: the position fields (entry_price, amount, ...).
+
+        ``exits=(armed_state, trigger)``: every price write fires ``trigger``
+        on a position in ``armed_state`` whose price crossed its stop_loss,
+        take_profit or trailing_stop (see "Exits fired by the price")."""
         self.name = name
         #: the compiled record: fields, words, roles, row dtype
         self.record: RecordLayout = RecordLayout(POSITION_FIELDS if fields is None else fields)
@@ -135,8 +140,12 @@ class MachineSpec:
         self.rules: tuple[Rule, ...] = tuple(rules)
         self.initial = initial
         self.closed: tuple[str, ...] = tuple(closed)
+        self.exits: tuple[str, str] | None = None if exits is None else _exits_pair(exits)
         self._check()
-        self._check_booked()
+        #: the first rule that leaves a closed state (or the closed initial
+        #: state), in words; None if a closing happens once
+        self.reopens: str | None = self._reopening()
+        self._check_exits()
         self.state_index: Mapping[str, int] = {s: i for i, s in enumerate(self.states)}
         self.trigger_index: Mapping[str, int] = {t: i for i, t in enumerate(self.triggers)}
         self.State: type[enum.IntEnum] = (
@@ -170,7 +179,7 @@ class MachineSpec:
         ]
         return cls(states=list(s.__members__), triggers=list(t.__members__), rules=rules,
                    initial=s.CREATED.name, closed=[s.CLOSED.name], name="position",
-                   fields=POSITION_FIELDS)
+                   fields=POSITION_FIELDS, exits=(s.MONITORING.name, t.EXIT_CONDITION_MET.name))
 
     def _check(self) -> None:
         n_states, n_triggers = len(self.states), len(self.triggers)
@@ -205,20 +214,48 @@ class MachineSpec:
                     raise SpecError(f"two rules for trigger {r.trigger} from {src}")
                 seen.add((src, r.trigger))
 
-    def _check_booked(self) -> None:
-        """A record with an account is booked at its closing, exactly once: its
-        positions may not start closed nor leave a closed state."""
-        if "account" not in self.record.roles:
-            return
+    def _reopening(self) -> str | None:
         closed = set(self.closed)
         if self.initial in closed:
-            raise SpecError(f"initial state {self.initial!r} is closed: positions of a spec with "
-                            "an account field must open before they close")
+            return f"initial state {self.initial!r} is closed"
         for r in self.rules:
             if r.target not in closed and closed.intersection(r.sources):
-                raise SpecError(f"rule {r.trigger} leaves closed state(s) "
-                                f"{sorted(closed.intersection(r.sources))}: a spec with an "
-                                "account field books a closing once, so nothing may leave one")
+                return (f"rule {r.trigger} leaves closed state(s) "
+                        f"{sorted(closed.intersection(r.sources))} for {r.target!r}")
+        return None
+
+    def _check_exits(self) -> None:
+        """The armed state's rule for the exit trigger, and the fields an exit
+        reads and writes (see ``EXIT_FIELDS``)."""
+        if self.exits is None:
+            return
+        armed, trigger = self.exits
+        if armed not in self.states:
+            raise SpecError(f"exits: armed state {armed!r} is not one of {self.states}")
+        if trigger not in self.triggers:
+            raise SpecError(f"exits: trigger {trigger!r} is not one of {self.triggers}")
+        rule = next((r for r in self.rules if r.trigger == trigger and armed in r.sources), None)
+        if rule is None:
+            raise SpecError(f"exits: no rule for trigger {trigger} from armed state {armed!r}")
+        if rule.guard is not None:
+            raise SpecError(f"exits: the rule {trigger} from {armed!r} has a guard; a price "
+                            "write fires in C and cannot call it")
+        if rule.target == armed or rule.target in self.closed:
+            raise SpecError(f"exits: the rule {trigger} from {armed!r} goes to {rule.target!r}; "
+                            "it must leave the armed state for a state that is not closed "
+                            "(the executor closes at its fill)")
+        have = self.record.types
+        if not self.record.pnl:
+            raise SpecError(f"exits need the PnL fields entry_price (f8), amount (f8) and side "
+                            f"(i4 or i8); the record has {list(have)}")
+        for name, allowed in EXIT_FIELDS.items():
+            if name in EXIT_LEVELS and name not in have:
+                continue   # a level the spec does not use: off
+            if have.get(name) not in allowed:
+                raise SpecError(f"exits need field {name!r} of type {' or '.join(allowed)}; "
+                                f"the record has {name}={have.get(name)!r}")
+        if not any(n in have for n in EXIT_LEVELS):
+            raise SpecError(f"exits need at least one of the fields {sorted(EXIT_LEVELS)} (f8)")
 
     # -- compiled forms ------------------------------------------------------------
     def table_bytes(self) -> bytes:
@@ -233,6 +270,12 @@ class MachineSpec:
                 table[self.state_index[src] * lib.ENG_MAX_TRIGGERS + t] = entry
         return bytes(table)
 
+    def c_layout(self, keys_per_position: int) -> Any:
+        """The record layout for eng_format, with the exits' state and trigger."""
+        exits = None if self.exits is None else (self.state_index[self.exits[0]],
+                                                 self.trigger_index[self.exits[1]])
+        return self.record.c_layout(keys_per_position, exits)
+
     @property
     def closed_mask(self) -> int:
         return sum(1 << self.state_index[c] for c in self.closed)
@@ -246,6 +289,8 @@ class MachineSpec:
             "rules": sorted((r.trigger, list(r.sources), r.target,
                              _guard_name(r.guard)) for r in self.rules),
         }
+        if self.exits is not None:
+            doc["exits"] = list(self.exits)
         digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).digest()
         return int.from_bytes(digest[:8], "little") or 1
 
@@ -262,10 +307,18 @@ class MachineSpec:
     def __getstate__(self) -> dict[str, Any]:
         return {"name": self.name, "states": self.states, "triggers": self.triggers,
                 "rules": self.rules, "initial": self.initial, "closed": self.closed,
-                "fields": dict(self.record.types)}
+                "fields": dict(self.record.types), "exits": self.exits}
 
     def __setstate__(self, st: dict[str, Any]) -> None:
         self.__init__(**st)  # type: ignore[misc]
+
+
+def _exits_pair(exits: Any) -> tuple[str, str]:
+    if (not isinstance(exits, (tuple, list)) or len(exits) != 2
+            or not all(isinstance(x, str) for x in exits)):
+        raise SpecError(f"exits must be a pair (armed state, trigger) of names, "
+                        f"got {exits!r:.80}")
+    return (exits[0], exits[1])
 
 
 def _int_enum(name: str, members: dict[str, int]) -> type[enum.IntEnum]:
@@ -280,13 +333,35 @@ def _guard_name(g: Guard | None) -> str | None:
     return f"{getattr(g, '__module__', '?')}.{getattr(g, '__qualname__', repr(g))}"
 
 
+class ExitReason(enum.IntEnum):
+    """Why an exit fired (the record's ``exit_reason``); other codes are the user's."""
+
+    NONE = lib.ENG_EXIT_NONE
+    STOP_LOSS = lib.ENG_EXIT_STOP_LOSS
+    TAKE_PROFIT = lib.ENG_EXIT_TAKE_PROFIT
+    TRAILING_STOP = lib.ENG_EXIT_TRAILING_STOP
+
+
+#: The fields an exit reads (the levels: 0 is off; a spec may leave out the
+#: levels it does not use) and writes (exit_reason, exit_price), with the
+#: types each may have.
+EXIT_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "stop_loss": ("f8",), "take_profit": ("f8",), "trailing_stop": ("f8",),
+    "exit_reason": ("i4", "i8"), "exit_price": ("f8",),
+}
+EXIT_LEVELS = frozenset({"stop_loss", "take_profit", "trailing_stop"})
+
 #: The record of the default position lifecycle.  entry_price, amount and
 #: side give PnL in C; token drives update_token_price; opened_ns is stamped
-#: by open.  These are set at open only.
+#: by open.  These are set at open only.  stop_loss, take_profit and
+#: trailing_stop arm its exits (0: off); a fired exit sets exit_reason and
+#: exit_price, and the close books at exit_price when it is set.
 POSITION_FIELDS: Mapping[str, str] = {
     "entry_price": "f8", "amount": "f8", "stop_loss": "f8", "take_profit": "f8",
+    "trailing_stop": "f8",   # beside the other levels: a price write reads one line
     "token": "i8", "opened_ns": "i8", "side": "i4", "exit_reason": "i4",
     "account": "i8",   # the account the opening reserved on (0: none); set at open only
+    "exit_price": "f8",
 }
 
 POSITION_SPEC = MachineSpec.position()
@@ -297,6 +372,7 @@ def _order_spec() -> MachineSpec:
     """The usual exchange order lifecycle (FIX-like order states)."""
     live = ["SUBMITTED", "ACCEPTED", "PARTIALLY_FILLED", "PENDING_UPDATE", "PENDING_CANCEL",
             "TRIGGERED"]
+    late = ["CANCELED", "EXPIRED"]
     rule = Rule.of
     rules = [
         rule("SUBMIT", "INITIALIZED", "SUBMITTED"),
@@ -304,9 +380,11 @@ def _order_spec() -> MachineSpec:
         rule("ACCEPT", "SUBMITTED", "ACCEPTED"),
         rule("REJECT", ["SUBMITTED", "PENDING_UPDATE", "PENDING_CANCEL"], "REJECTED"),
         rule("TRIGGER", "ACCEPTED", "TRIGGERED"),              # a stop order became live
+        # a fill in flight when a cancel or an expiry was acknowledged still
+        # arrives ("real world possibility" in Nautilus Trader's table)
         rule("PARTIAL_FILL", ["SUBMITTED", "ACCEPTED", "TRIGGERED", "PARTIALLY_FILLED",
-                              "PENDING_UPDATE", "PENDING_CANCEL"], "PARTIALLY_FILLED"),
-        rule("FILL", live, "FILLED"),
+                              "PENDING_UPDATE", "PENDING_CANCEL", *late], "PARTIALLY_FILLED"),
+        rule("FILL", [*live, *late], "FILLED"),
         rule("REQUEST_UPDATE", ["ACCEPTED", "TRIGGERED", "PARTIALLY_FILLED"], "PENDING_UPDATE"),
         rule("UPDATED", "PENDING_UPDATE", "ACCEPTED"),
         rule("UPDATE_REJECTED", "PENDING_UPDATE", "ACCEPTED"),

@@ -402,9 +402,11 @@ static int books_release(eng_books *b, int64_t notional, int64_t realized, int64
     return 0;
 }
 
-/* B1-B3 for the position in record c (the copy about to be sealed with L). */
+/* B1-B3 for the position in record c (the copy about to be sealed with L).
+ * A close books at fill when it is > 0 (the closing transition's
+ * exit_price), else at the last price written. */
 static int book_position(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec *c, int kind,
-                         op_timer t, eng_account **out_a, uint64_t *out_AL)
+                         double fill, op_timer t, eng_account **out_a, uint64_t *out_AL)
 {
     uint64_t acct = c->w[s->acct_role];
     eng_account *a;
@@ -419,10 +421,9 @@ static int book_position(eng_seg *s, eng_slot *sl, uint64_t L, const eng_ctx_rec
     if (rc)
         return rc;
     if (kind == BOOK_CLOSE) {
-        eng_price_rec p;
+        eng_price_rec p = {.price = fill};
         uint64_t pv;
-        rc = read_price_rec(sl, &p, &pv);
-        if (rc)
+        if (!(fill > 0.0) && (rc = read_price_rec(sl, &p, &pv)) != 0)
             return rc;
         int64_t last = money_of(p.price, amount);
         if (last < 0 || last > top)
@@ -481,7 +482,9 @@ static int commit_booked_close(eng_seg *s, eng_slot *sl, uint64_t L, const eng_c
                 c.w[i] = u->w[i];
     eng_account *a;
     uint64_t AL;
-    int rc = book_position(s, sl, L, &c, BOOK_CLOSE, t, &a, &AL);
+    uint8_t xp = s->roles[ENG_ROLE_EXIT_PRICE];
+    double fill = (u && xp != ENG_ROLE_NONE && (u->mask >> xp) & 1) ? as_f8(u->w[xp]) : 0.0;
+    int rc = book_position(s, sl, L, &c, BOOK_CLOSE, fill, t, &a, &AL);
     if (rc) {
         unlock_unchanged(sl, L);
         return rc;

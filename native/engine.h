@@ -137,8 +137,9 @@
  * token; open stamps opened_ns.  Role words are set at open only.
  *
  * One record copy in the segment:  | commit | version | word 0 .. n-1 |
- * padded to ENG_REC_ALIGN; the slot is eng_slot followed by two copies,
- * padded to a cache line (hdr.slot_size).
+ * padded to ENG_REC_ALIGN; the slot is eng_slot followed by two copies and
+ * the trailing peak pair (ENG_SLOT_PEAKS bytes: two doubles, see exits in
+ * the prices part), padded to a cache line (hdr.slot_size).
  */
 #define ENG_MAX_FIELD_WORDS  24
 #define ENG_REC_META_WORDS   3       /* commit, version, cause */
@@ -155,8 +156,22 @@
 #define ENG_ROLE_OPENED_NS   4       /* i8: stamped by open */
 /* i8: the account the opening reserved on (0: none); only with the PnL roles */
 #define ENG_ROLE_ACCOUNT     5
-#define ENG_ROLE_COUNT       8
+/* exits (see "exits fired by the price" in the prices part): the levels an
+ * armed position fires at (f8, 0: off), and what a fire writes */
+#define ENG_ROLE_STOP_LOSS   6       /* f8 */
+#define ENG_ROLE_TAKE_PROFIT 7       /* f8 */
+#define ENG_ROLE_TRAILING    8       /* f8: the trailing stop's distance */
+#define ENG_ROLE_EXIT_REASON 9       /* i4/i8: ENG_EXIT_* */
+#define ENG_ROLE_EXIT_PRICE  10      /* f8: the firing price; a closing books at it when given */
+#define ENG_ROLE_COUNT       16
+#define ENG_ROLE_AT_OPEN     6       /* roles below it are set at open only */
 #define ENG_ROLE_NONE        0xFF
+#define ENG_EXITS_NONE       0xFF    /* eng_rec_layout.exit_state: the spec has no exits */
+/* exit reasons a fire writes (Python: ExitReason; other codes are the user's) */
+#define ENG_EXIT_NONE        0
+#define ENG_EXIT_STOP_LOSS   1
+#define ENG_EXIT_TAKE_PROFIT 2
+#define ENG_EXIT_TRAILING_STOP 3
 
 /*
  * ---- keys -----------------------------------------------------------------------
@@ -334,7 +349,8 @@
 #define ENG_OP_KEY           8       /* bind_key (open's key counts under OPEN) */
 #define ENG_OP_LOOKUP        9
 #define ENG_OP_ACCOUNT       10      /* account books: open/deposit/withdraw/halt/update */
-#define ENG_OP_COUNT         11
+#define ENG_OP_EXIT          11      /* exits fired by price writes (each a transition) */
+#define ENG_OP_COUNT         12
 
 /* ---- registry entry states ----------------------------------------------- */
 #define ENG_PROC_FREE        0
@@ -373,6 +389,8 @@
 #define ENG_FAULT_DIE_AFTER_JFILL 2048
 /* a committer SIGKILLs itself after its commit CAS (J3), before publishing the record (J4) */
 #define ENG_FAULT_DIE_BEFORE_JPUBLISH 4096
+/* a price writer SIGKILLs itself between its exit's commit and its price publish */
+#define ENG_FAULT_DIE_IN_EXIT 8192
 
 /*
  * ---- bounded back-off ----------------------------------------------------------
@@ -537,6 +555,7 @@
 
 /* ---- misc ---------------------------------------------------------------- */
 #define ENG_SLOT_HEAD        128     /* sizeof(eng_slot): the record copies follow */
+#define ENG_SLOT_PEAKS       16      /* the trailing peak pair after the record copies */
 #define ENG_BATCH_PREFETCH   8       /* update_prices prefetches the slot this many ids ahead */
 #define ENG_BATCH_CHECK      256     /* update_prices checks its arrays in blocks of this many */
 #define ENG_HEADER_SIZE      4544
@@ -620,6 +639,9 @@ typedef struct eng_rec_layout {
     uint32_t keys_per_position;              /* 0 .. ENG_MAX_KEYS_PER_POSITION */
     uint8_t  word_type[ENG_MAX_FIELD_WORDS]; /* ENG_FT_* of each word */
     uint8_t  roles[ENG_ROLE_COUNT];          /* word index of each role, or ENG_ROLE_NONE */
+    uint8_t  exit_state;                     /* exits: the armed state's index, or ENG_EXITS_NONE */
+    uint8_t  exit_trigger;                   /* ... and the trigger a fire commits */
+    uint8_t  pad[6];
 } eng_rec_layout;
 
 /*
@@ -821,10 +843,9 @@ typedef struct eng_header {
      * = target index + 1, | ENG_RULE_GUARDED; 0 = no rule */
     uint8_t  table[ENG_MAX_STATES * ENG_MAX_TRIGGERS];
     /* after the table, line R: the record layout, written once */
-    eng_rec_layout rec;      /* 40 bytes */
+    eng_rec_layout rec;      /* 56 bytes */
     uint32_t rec_size;       /* bytes of one record copy */
     uint32_t pad4;
-    uint64_t pad5[2];
     /* line K: keys, written once */
     uint64_t keyrecs_off;
     uint64_t keyidx_off;
@@ -892,6 +913,10 @@ typedef struct eng_seg {
     uint32_t        jprices;     /* price writes are journaled */
     uint32_t        jtrigger;    /* the trigger of the transition being committed */
     int64_t         jts;         /* the time of the record being appended */
+    uint32_t        exit_armed;  /* exits: the armed one-hot state (0: the spec has none) */
+    uint32_t        exit_trigger;
+    uint32_t        reopens;     /* 1: a rule leaves a closed state (booking refused) */
+    uint32_t        pad2;
 } eng_seg;
 
 /* Record words a transition changes, atomically with the state. */
@@ -1102,7 +1127,9 @@ _Static_assert(ENG_KC_SLOT_SHIFT == ENG_KC_R_SHIFT + 3 && ENG_KC_SLOT_SHIFT + EN
 _Static_assert(ENG_KC_R_SHIFT == ENG_KC_GEN_SHIFT + 16 && ENG_KC_FP_MASK + 1 == 1ULL << ENG_KC_GEN_SHIFT, "cell fields");
 _Static_assert(sizeof(eng_key) + sizeof(uint64_t) == sizeof(eng_keyrec), "a key record is a tag and an eng_key");
 _Static_assert(ENG_MAX_FIELD_WORDS <= 32, "update mask is 32 bits");
-_Static_assert(sizeof(eng_rec_layout) == 40, "record layout");
+_Static_assert(sizeof(eng_rec_layout) == 56, "record layout");
+_Static_assert(ENG_ROLE_EXIT_PRICE < ENG_ROLE_COUNT, "exit roles fit");
+_Static_assert(ENG_MAX_STATES < ENG_EXITS_NONE && ENG_MAX_TRIGGERS - 1 <= 0xFF, "exit state and trigger fit a byte");
 _Static_assert(offsetof(eng_slot, opening) < ENG_CACHE_LINE, "opening beside the word");
 _Static_assert(offsetof(eng_slot, tbucket) < ENG_CACHE_LINE, "token links beside the word");
 _Static_assert(offsetof(eng_slot, pnl_size) + sizeof(uint64_t) <= ENG_CACHE_LINE &&

@@ -62,6 +62,8 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
     if (key && s->kpp == 0)
         return ENG_EKEYLIMIT;
     uint64_t acct = s->acct_role == ENG_ROLE_NONE ? 0 : c.w[s->acct_role];
+    if (acct && s->reopens)
+        return ENG_EBADFIELD;   /* a closing may happen twice: it cannot be booked once */
     if (acct) {
         /* the cheap refusals before a slot is taken; the latch decides */
         eng_account *a;
@@ -135,6 +137,8 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         }
         eng_price_rec r;
         price_rec_at(s, sl, &r, entry, ts);
+        if (s->exit_armed)   /* the trailing peak starts at the entry (side space) */
+            exit_peak_set(s, sl, latched, entry * copysign(1.0, as_f8(load_relaxed_u64(&sl->pnl_size))));
         uint64_t JL = 0;   /* journal_prices: every price publish is the journal latch holder's */
         if (s->jprices && journal_latch(s, t, &JL) != 0) {
             price_unlatch(sl, latched);
@@ -152,7 +156,7 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         if (acct) {
             eng_account *a;
             uint64_t AL;
-            rc = book_position(s, sl, L, &c, BOOK_OPEN, t, &a, &AL);   /* reserve */
+            rc = book_position(s, sl, L, &c, BOOK_OPEN, 0.0, t, &a, &AL);   /* reserve */
             if (rc)
                 goto undo;
             rc = finish_booked(s, sl, L, &c, a, AL, t);

@@ -33,6 +33,7 @@
 typedef struct slot_view {
     uint32_t opening;
     int64_t  token;
+    double   stop, take, trail;   /* exits: the levels of an armed position (else 0) */
 } slot_view;
 
 static void copy_slot_view(eng_seg *s, const void *obj, uint64_t w, void *out)
@@ -57,6 +58,156 @@ static inline int is_open_state(eng_seg *s, uint32_t st)
 }
 
 enum { BY_ID, BY_TOKEN };
+
+/* ==== exits fired by the price ===================================================
+ *
+ * A spec with exits names an armed state and a trigger (exit_armed,
+ * exit_trigger).  Every price write (update_price, update_prices,
+ * update_token_price: all through write_price_checked) to a position in the
+ * armed state checks its levels, in side space (x = price x side, side the
+ * sign of the opening's pnl_size):
+ *
+ *   STOP_LOSS      stop  > 0 and x <= stop x side
+ *   TRAILING_STOP  trail > 0 and x <= peak - trail
+ *   TAKE_PROFIT    take  > 0 and x >= take x side       (first that holds wins)
+ *
+ * peak is the highest x written while armed, the entry's at first.  It is
+ * part of the price record: peaks[q & 1] (after the slot's record copies)
+ * belongs to price sequence q, is written by the latch holder with its copy
+ * and made the slot's by the same publish (W3), so a writer killed before
+ * its publish leaves the peak as it was, with the price.
+ *
+ * A crossing fires BEFORE the price is published, holding the price latch:
+ * the armed trigger's slow-path commit (lock_slot, commit_with_update) with
+ * exit_reason and exit_price in the same commit, from exactly the state word
+ * the levels were read under (if it moved, the check is made again), so
+ * waiters wake, metrics count it (ENG_OP_EXIT) and a rolled-forward or -back
+ * takeover treats it as any transition.  Guarantees:
+ *   - a write killed anywhere has done a prefix of (fire, publish): nothing;
+ *     the fire alone (its price unpublished, exit_price = that price); or
+ *     both.  A crossing price is never published on an armed position
+ *     without its fire, except while the engine is halted (then nothing
+ *     fires, and the price is written);
+ *   - exactly once per arming: the fire is a commit out of the armed state,
+ *     and a slot's writers hold its latch in turn;
+ *   - a position that is not in the armed state (paused, exiting) never fires.
+ * Does not guarantee: a fire for a crossing written before the position was
+ * armed (RESUME, EXIT_CANCELLED): the next write decides; a price write that
+ * fires waits for the slot's transition lock (bounded: a live holder past the
+ * bound makes the write ENG_EBUSY, nothing published).
+ */
+
+/* A level of record copy c (0: the spec has no such field, or it is off). */
+static inline double level_of(const eng_seg *s, const eng_ctx_rec *c, uint32_t role)
+{
+    uint8_t wi = s->roles[role];
+    return wi == ENG_ROLE_NONE ? 0.0 : as_f8(load_relaxed_u64(&c->w[wi]));
+}
+
+/* Copy for a writer's check: the opening, the token and, if w is in the
+ * armed state, the levels of the copy w publishes. */
+static void copy_slot_exits(eng_seg *s, const void *obj, uint64_t w, void *out)
+{
+    const eng_slot *sl = obj;
+    slot_view *v = out;
+    v->opening = load_relaxed_u32(&sl->opening);
+    v->token = (int64_t)load_relaxed_u64((const uint64_t *)&sl->token);
+    v->stop = v->take = v->trail = 0.0;
+    if (sw_state(w) == s->exit_armed) {
+        const eng_ctx_rec *c = copy_of(s, sl, sw_ctx(w));
+        v->stop = level_of(s, c, ENG_ROLE_STOP_LOSS);
+        v->take = level_of(s, c, ENG_ROLE_TAKE_PROFIT);
+        v->trail = level_of(s, c, ENG_ROLE_TRAILING);
+    }
+}
+
+static inline uint32_t exit_reason_at(const slot_view *v, double side, double x, double peak)
+{
+    if (v->stop > 0.0 && x <= v->stop * side)
+        return ENG_EXIT_STOP_LOSS;
+    if (v->trail > 0.0 && x <= peak - v->trail)
+        return ENG_EXIT_TRAILING_STOP;
+    if (v->take > 0.0 && x >= v->take * side)
+        return ENG_EXIT_TAKE_PROFIT;
+    return ENG_EXIT_NONE;
+}
+
+/* Holder of the price latch, which checked the position under state word w:
+ * fire the armed trigger with (reason, price).  Returns 0 to publish the
+ * price (fired; or no longer armed nor crossing; or halted), or an error
+ * that leaves the price unpublished: ENG_ESTALE (the opening is gone),
+ * ENG_EBUSY (a live holder kept the slot locked past the bound). */
+static __attribute__((noinline, cold)) int exit_fire(eng_seg *s, eng_slot *sl, uint64_t w,
+                                                    slot_view v, uint64_t id, double price,
+                                                    double side, double peak, uint32_t reason)
+{
+    op_timer t = op_begin(s, ENG_OP_EXIT);
+    if (id == 0)   /* by token: the opening the check saw */
+        id = make_id(v.opening, (uint32_t)(((uint8_t *)sl - s->slots) / s->slot_size));
+    int rc;
+    for (uint32_t tries = 0;; tries++) {
+        uint64_t L;
+        rc = lock_slot(s, sl, id, s->exit_trigger, 0, t, &L);
+        if (rc != ENG_APPLIED)
+            break;
+        if (((L ^ w) & SW_COMMITTED) == 0) {   /* locked from the word the levels came from */
+            eng_ctx_update u = {.mask = 0};
+            uint8_t r = s->roles[ENG_ROLE_EXIT_REASON], p = s->roles[ENG_ROLE_EXIT_PRICE];
+            if (r != ENG_ROLE_NONE) {
+                u.mask |= 1u << r;
+                u.w[r] = reason;
+            }
+            u.mask |= 1u << p;
+            u.w[p] = f8_bits(price);
+            rc = commit_with_update(s, sl, L, &u, t);
+            if (rc == ENG_APPLIED)
+                die_if(s, ENG_FAULT_DIE_IN_EXIT);   /* tests: fired, price not yet published */
+            break;
+        }
+        unlock_unchanged(sl, L);   /* it moved since the check: check again */
+        if (tries >= CAS_RETRIES) {
+            rc = ENG_CONFLICT;
+            break;
+        }
+        rc = seq_read_acquire(s, &sl->word, SW_COMMITTED, copy_slot_exits, sl, &v, &w);
+        if (rc == 0 && opening_check(w, v.opening, id) != 0)
+            rc = ENG_ESTALE;
+        if (rc)
+            break;
+        reason = sw_state(w) == s->exit_armed ? exit_reason_at(&v, side, price * side, peak) : 0;
+        if (!reason) {
+            rc = ENG_INVALID;
+            break;
+        }
+    }
+    op_end(t, rc);
+    if (rc == ENG_APPLIED || rc == ENG_INVALID || rc == ENG_HALTED)
+        return 0;
+    return rc == ENG_ESTALE || rc == ENG_ENOTOPEN ? ENG_ESTALE : ENG_EBUSY;
+}
+
+/* Holder of the price latch `latched`, which checked the position under
+ * state word w (view v): carry the peak into the copy about to be
+ * published, and fire if armed and crossing.  0, or exit_fire's error. */
+ALWAYS_INLINE int exit_check(eng_seg *s, eng_slot *sl, uint64_t latched, uint64_t w,
+                             const slot_view *v, double price, uint64_t id)
+{
+    uint64_t *pk = slot_peaks(s, sl);
+    uint64_t q = pw_seq(latched);
+    double peak = as_f8(load_relaxed_u64(&pk[q & 1])), next = peak;
+    uint32_t reason = ENG_EXIT_NONE;
+    double side = 1.0;
+    if (sw_state(w) == s->exit_armed) {
+        side = copysign(1.0, as_f8(load_relaxed_u64(&sl->pnl_size)));
+        double x = price * side;
+        reason = exit_reason_at(v, side, x, peak);
+        next = x > peak ? x : peak;
+    }
+    store_relaxed_u64(&pk[(q + 1) & 1], f8_bits(next));   /* published by our W3 */
+    if (__builtin_expect(reason != ENG_EXIT_NONE, 0))
+        return exit_fire(s, sl, w, *v, id, price, side, peak, reason);
+    return 0;
+}
 
 /* Test fault ENG_FAULT_TEAR_PRICE: a price write without the seqlock
  * discipline.  The latch holder writes rec into the copy the word names (the
@@ -96,11 +247,16 @@ ALWAYS_INLINE int write_price_checked(eng_seg *s, eng_slot *sl, double price, in
     int rc = price_latch(s, sl, t, &latched);
     if (__builtin_expect(rc, 0))
         return rc;
-    rc = seq_read_acquire(s, &sl->word, SW_COMMITTED,
-                          by == BY_ID ? copy_slot_opening : copy_slot_view, sl, &v, &w);
+    if (s->exit_armed)   /* the levels too (two inlined reads: no indirect call) */
+        rc = seq_read_acquire(s, &sl->word, SW_COMMITTED, copy_slot_exits, sl, &v, &w);
+    else
+        rc = seq_read_acquire(s, &sl->word, SW_COMMITTED,
+                              by == BY_ID ? copy_slot_opening : copy_slot_view, sl, &v, &w);
     if (rc == 0 && !(by == BY_ID ? opening_check(w, v.opening, key) == 0
                                  : is_open_state(s, sw_state(w)) && v.token == (int64_t)key))
         rc = ENG_ESTALE;
+    if (rc == 0 && s->exit_armed)   /* a spec with exits: see "exits fired by the price" */
+        rc = exit_check(s, sl, latched, w, &v, price, by == BY_ID ? key : 0);
     if (__builtin_expect(rc, 0)) {
         price_unlatch(sl, latched);
         return rc;

@@ -206,6 +206,20 @@ static inline void price_rec_at(const eng_seg *s, const eng_slot *sl, eng_price_
     }
 }
 
+/* The trailing peak pair of exits (see "exits fired by the price"): after
+ * the slot's record copies; peaks[q & 1] belongs to price sequence q. */
+static inline uint64_t *slot_peaks(const eng_seg *s, const eng_slot *sl)
+{
+    return (uint64_t *)((uint8_t *)sl + ENG_SLOT_HEAD + 2ULL * s->rec_size);
+}
+
+/* Holder of the price latch `latched`: the peak that its publish makes the
+ * slot's (ordered before the publish by W3, read only by latch holders). */
+static inline void exit_peak_set(const eng_seg *s, const eng_slot *sl, uint64_t latched, double peak)
+{
+    store_relaxed_u64(&slot_peaks(s, sl)[(pw_seq(latched) + 1) & 1], f8_bits(peak));
+}
+
 /* ==== contexts: published by the state word ===================================== */
 /*
  * A slot's context is a latch-seqlock (above) whose word is the state word:

@@ -198,7 +198,7 @@ static layout compute_layout(uint32_t capacity, uint32_t n_words, uint32_t kpp,
 {
     layout l;
     l.rec_size = (uint32_t)align_up(8 * (ENG_REC_META_WORDS + n_words), ENG_REC_ALIGN);
-    l.slot_size = (uint32_t)align_line(sizeof(eng_slot) + 2ULL * l.rec_size);
+    l.slot_size = (uint32_t)align_line(sizeof(eng_slot) + 2ULL * l.rec_size + ENG_SLOT_PEAKS);
     l.key_buckets = key_buckets_for(capacity, kpp);
     l.registry_off = align_line(sizeof(eng_header));
     l.shards_off = align_line(l.registry_off + sizeof(eng_proc) * ENG_MAX_PROCS);
@@ -314,7 +314,8 @@ const char *eng_strerror(int code)
                            ENG_FAULT_DIE_IN_BOOKING | ENG_FAULT_DIE_IN_TINDEX_ADD |             \
                            ENG_FAULT_DIE_IN_TINDEX_DEL | ENG_FAULT_TEAR_PRICE |                \
                            ENG_FAULT_DIE_AFTER_JLATCH | ENG_FAULT_DIE_IN_JFILL |                \
-                           ENG_FAULT_DIE_AFTER_JFILL | ENG_FAULT_DIE_BEFORE_JPUBLISH)
+                           ENG_FAULT_DIE_AFTER_JFILL | ENG_FAULT_DIE_BEFORE_JPUBLISH |            \
+                           ENG_FAULT_DIE_IN_EXIT)
 
 static int test_faults_on = -1;   /* -1 until the first question reads the environment */
 
@@ -367,7 +368,10 @@ static int rec_layout_ok(const eng_rec_layout *r)
     static const uint8_t role_type[ENG_ROLE_COUNT] = {
         [ENG_ROLE_ENTRY_PRICE] = ENG_FT_F8, [ENG_ROLE_AMOUNT] = ENG_FT_F8,
         [ENG_ROLE_SIDE] = ENG_FT_I4, [ENG_ROLE_TOKEN] = ENG_FT_I8,
-        [ENG_ROLE_OPENED_NS] = ENG_FT_I8, [ENG_ROLE_ACCOUNT] = ENG_FT_I8};
+        [ENG_ROLE_OPENED_NS] = ENG_FT_I8, [ENG_ROLE_ACCOUNT] = ENG_FT_I8,
+        [ENG_ROLE_STOP_LOSS] = ENG_FT_F8, [ENG_ROLE_TAKE_PROFIT] = ENG_FT_F8,
+        [ENG_ROLE_TRAILING] = ENG_FT_F8, [ENG_ROLE_EXIT_REASON] = ENG_FT_I4,
+        [ENG_ROLE_EXIT_PRICE] = ENG_FT_F8};
     if (r->n_words > ENG_MAX_FIELD_WORDS || r->keys_per_position > ENG_MAX_KEYS_PER_POSITION)
         return 0;
     for (uint32_t i = 0; i < ENG_MAX_FIELD_WORDS; i++) {
@@ -382,9 +386,15 @@ static int rec_layout_ok(const eng_rec_layout *r)
         if (wi >= r->n_words || !role_type[k])
             return 0;
         uint8_t ty = r->word_type[wi];
-        if (ty != role_type[k] && !(k == ENG_ROLE_SIDE && ty == ENG_FT_I8))
+        if (ty != role_type[k] &&
+            !((k == ENG_ROLE_SIDE || k == ENG_ROLE_EXIT_REASON) && ty == ENG_FT_I8))
             return 0;
     }
+    /* exits fire from the price (PnL roles) and write the firing price */
+    if (r->exit_state != ENG_EXITS_NONE &&
+        (r->roles[ENG_ROLE_SIDE] == ENG_ROLE_NONE || r->roles[ENG_ROLE_ENTRY_PRICE] == ENG_ROLE_NONE ||
+         r->roles[ENG_ROLE_AMOUNT] == ENG_ROLE_NONE || r->roles[ENG_ROLE_EXIT_PRICE] == ENG_ROLE_NONE))
+        return 0;
     /* an account reserves |entry x amount|: only with the PnL roles */
     if (r->roles[ENG_ROLE_ACCOUNT] != ENG_ROLE_NONE &&
         (r->roles[ENG_ROLE_ENTRY_PRICE] == ENG_ROLE_NONE ||
@@ -395,12 +405,13 @@ static int rec_layout_ok(const eng_rec_layout *r)
 
 /* The machine's words (also what eng_format was given): NULL if they are
  * well formed, else the name of the first bad word (*value: its value; for
- * "table", the index of the bad entry).  A booked record (booked) also needs
- * an initial state that is not closed and no rule out of a closed state into
- * an open one: a closing is booked exactly once. */
+ * "table", the index of the bad entry).  With exits (rec->exit_state), the
+ * armed state's rule for the exit trigger exists, has no guard and leads to
+ * another state that is not closed.  (A rule may leave a closed state: an
+ * opening on an account is refused on such a machine instead, see reopens.) */
 static const char *table_problem(const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
-                                 uint32_t initial_index, uint32_t closed_mask, int booked,
-                                 uint64_t *value)
+                                 uint32_t initial_index, uint32_t closed_mask,
+                                 const eng_rec_layout *rec, uint64_t *value)
 {
     uint64_t ignored;
     if (!value)
@@ -411,17 +422,42 @@ static const char *table_problem(const uint8_t *table, uint32_t n_states, uint32
         return *value = n_triggers, "n_triggers";
     if (initial_index >= n_states)
         return *value = initial_index, "initial_index";
-    if ((closed_mask >> n_states) != 0 || (booked && (closed_mask >> initial_index) & 1))
+    if ((closed_mask >> n_states) != 0)
         return *value = closed_mask, "closed_mask";
     for (uint32_t i = 0; i < ENG_MAX_STATES * ENG_MAX_TRIGGERS; i++) {
         uint32_t st = i / ENG_MAX_TRIGGERS, tr = i % ENG_MAX_TRIGGERS;
         uint32_t tgt = table[i] & ENG_RULE_TARGET_MASK;
         if ((table[i] & ~(ENG_RULE_TARGET_MASK | ENG_RULE_GUARDED)) ||
-            (tgt && (st >= n_states || tr >= n_triggers || tgt > n_states)) ||
-            (tgt && booked && ((closed_mask >> st) & 1) && !((closed_mask >> (tgt - 1)) & 1)))
+            (tgt && (st >= n_states || tr >= n_triggers || tgt > n_states)))
             return *value = i, "table";
     }
+    if (rec->exit_state != ENG_EXITS_NONE) {
+        uint32_t st = rec->exit_state, tr = rec->exit_trigger;
+        uint8_t e = st < n_states && tr < n_triggers ? table[st * ENG_MAX_TRIGGERS + tr] : 0;
+        uint32_t tgt = (e & ENG_RULE_TARGET_MASK);
+        if (!tgt || (e & ENG_RULE_GUARDED) || tgt - 1 == st || ((closed_mask >> (tgt - 1)) & 1))
+            return *value = st * ENG_MAX_TRIGGERS + tr, "exit_state";
+    }
     return NULL;
+}
+
+/* 1 if a rule leaves a closed state, or the initial state is closed: a
+ * closing may then happen more than once, so nothing opens on an account. */
+static int table_reopens(const uint8_t *table, uint32_t n_states, uint32_t initial_index,
+                         uint32_t closed_mask)
+{
+    if ((closed_mask >> initial_index) & 1)
+        return 1;
+    for (uint32_t st = 0; st < n_states; st++) {
+        if (!((closed_mask >> st) & 1))
+            continue;
+        for (uint32_t tr = 0; tr < ENG_MAX_TRIGGERS; tr++) {
+            uint32_t tgt = table[st * ENG_MAX_TRIGGERS + tr] & ENG_RULE_TARGET_MASK;
+            if (tgt && !((closed_mask >> (tgt - 1)) & 1))
+                return 1;
+        }
+    }
+    return 0;
 }
 
 int eng_format(void *base, uint64_t size, uint32_t capacity,
@@ -440,7 +476,7 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
     if (size < l.size)
         return ENG_ESIZE;
     const char *bad = table_problem(table, n_states, n_triggers, initial_index, closed_mask,
-                                    rec->roles[ENG_ROLE_ACCOUNT] != ENG_ROLE_NONE, NULL);
+                                    rec, NULL);
     if (bad)
         return ENG_EBADARG;
     /* A fresh segment is zero-filled; the header goes in field by field and
@@ -549,8 +585,7 @@ static int header_check(const void *base, uint64_t size, uint64_t fingerprint,
     }
     uint64_t v;
     const char *bad = table_problem(h->table, h->n_states, h->n_triggers, h->initial_index,
-                                    h->closed_mask, h->rec.roles[ENG_ROLE_ACCOUNT] != ENG_ROLE_NONE,
-                                    &v);
+                                    h->closed_mask, &h->rec, &v);
     if (bad)
         BAD(ENG_ECORRUPT, bad, v);
     /* the controls: their C setters store only these values */
@@ -691,6 +726,10 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     s->pnl = s->roles[ENG_ROLE_ENTRY_PRICE] != ENG_ROLE_NONE &&
              s->roles[ENG_ROLE_AMOUNT] != ENG_ROLE_NONE &&
              s->roles[ENG_ROLE_SIDE] != ENG_ROLE_NONE;
+    s->exit_armed = hc.rec.exit_state == ENG_EXITS_NONE ? 0 : 1u << hc.rec.exit_state;
+    s->exit_trigger = hc.rec.exit_trigger;
+    s->reopens = (uint32_t)table_reopens(hc.table, hc.n_states, hc.initial_index,
+                                         hc.closed_mask);
     s->capacity = hc.capacity;
     s->n_triggers = hc.n_triggers;
     s->fd = fd;

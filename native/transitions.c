@@ -373,7 +373,7 @@ static int check_words(const eng_seg *s, const uint64_t *w, uint32_t mask)
 static inline uint32_t role_mask(const eng_seg *s)
 {
     uint32_t m = 0;
-    for (uint32_t k = 0; k < ENG_ROLE_COUNT; k++)
+    for (uint32_t k = 0; k < ENG_ROLE_AT_OPEN; k++)
         if (s->roles[k] != ENG_ROLE_NONE)
             m |= 1u << s->roles[k];
     return m;

@@ -287,7 +287,7 @@ class TestHeaderWords:
                 assert ok(value) or f"header word {word} = {value}" in res, (word, value, res)
         # words without meaning to attach and use: any value runs the workload
         for word in ("creator_pid", "pad0", "created_ns", "pad1", "pad2", "alloc_hint",
-                     "recovering", "pad3", "pad4", "pad5", "key_seed", "pad7", "account_hint",
+                     "recovering", "pad3", "pad4", "key_seed", "pad7", "account_hint",
                      "pad8", "ready"):
             for value, res in by_word[word]:
                 assert res.startswith("ok APPLIED") or (word == "ready" and value == 0), (

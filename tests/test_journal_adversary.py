@@ -27,6 +27,16 @@ from engine._native import ffi, lib
 from engine.errors import BusyError, ClosedError, EngineError, JournalLappedError
 from engine.journal import Event
 
+
+@pytest.fixture
+def make_engine(make_engine: Any) -> Any:
+    """conftest's make_engine with the journal on (Engine.create has it off by default)."""
+    def make(capacity: int = 16, **kw: Any) -> Any:
+        kw.setdefault("journal", True)
+        return make_engine(capacity=capacity, **kw)
+    return make
+
+
 pytestmark = pytest.mark.shm_only
 
 SLOT_MASK = (1 << lib.ENG_ID_SLOT_BITS) - 1

@@ -161,17 +161,16 @@ class TestRecords:
         assert [(e.kind, e.record.price) for e in got] == [
             ("price", 103.0), ("price", 104.0), ("price", 105.0)]
 
-    def test_on_by_default_and_off_with_zero_records(self, eng):
-        """The journal is on by default and journal_records=0 records nothing.
-
-        Created with the defaults the journal is on (Engine.create's journal_records
-        retained, prices not journaled); journal_records=0 records nothing.
-        """
+    def test_off_by_default_on_with_journal_true(self, made):
+        """Created with the defaults nothing is journaled; journal=True keeps journal_records."""
+        off = made(16)
+        r = redis.Redis.from_url(off.url)
+        assert r.hget(off._seg.meta_keys[0], "jrec") == b"0"
+        eng = made(16, journal=True)
         j = RedisJournal(eng._seg, eng.spec)
         pos = _opened(eng)
         eng.update_price(pos, 101.0)
         assert [e.kind for e in j.read(0, 10)] == ["open"]
-        r = redis.Redis.from_url(eng.url)
         assert r.hmget(eng._seg.meta_keys[0], "jrec", "jprices") == [
             str(lib.ENG_JOURNAL_DEFAULT_RECORDS).encode(), b"0"]
         _enable(eng, records=0)
@@ -463,7 +462,7 @@ class TestCluster:
         call (its key declared, same hash tag): a cursor per shard reads every
         open and transition once, halt once per shard.
         """
-        e = Engine.create(64, url=cluster, shards=6)
+        e = Engine.create(64, url=cluster, shards=6, journal=True)
         try:
             j = e._seg.journal_source(e.spec)
             ids = [_opened(e) for _ in range(12)]

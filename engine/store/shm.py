@@ -185,17 +185,19 @@ def _machine_mismatch(hdr: Any, spec: MachineSpec) -> str | None:
     """The first header word of the machine that differs from what ``spec``
     compiles to (the fingerprint alone would let a crafted table or layout
     run another machine under the spec's name), as a message; None if all agree."""
-    lay = spec.record.c_layout(hdr.rec.keys_per_position)
+    lay = spec.c_layout(hdr.rec.keys_per_position)
     want = {"n_states": len(spec.states), "n_triggers": len(spec.triggers),
             "initial_index": spec.state_index[spec.initial], "closed_mask": spec.closed_mask,
             "table": spec.table_bytes(), "rec.n_words": lay.n_words,
             "rec.word_type": bytes(ffi.buffer(lay.word_type)),
-            "rec.roles": bytes(ffi.buffer(lay.roles))}
+            "rec.roles": bytes(ffi.buffer(lay.roles)),
+            "rec.exit_state": lay.exit_state, "rec.exit_trigger": lay.exit_trigger}
     got = {"n_states": hdr.n_states, "n_triggers": hdr.n_triggers,
            "initial_index": hdr.initial_index, "closed_mask": hdr.closed_mask,
            "table": bytes(ffi.buffer(hdr.table)), "rec.n_words": hdr.rec.n_words,
            "rec.word_type": bytes(ffi.buffer(hdr.rec.word_type)),
-           "rec.roles": bytes(ffi.buffer(hdr.rec.roles))}
+           "rec.roles": bytes(ffi.buffer(hdr.rec.roles)),
+           "rec.exit_state": hdr.rec.exit_state, "rec.exit_trigger": hdr.rec.exit_trigger}
     for word, value in want.items():
         if got[word] != value:
             if isinstance(value, bytes):
@@ -258,7 +260,7 @@ class SharedMemory:
             rc = lib.eng_format(buf, size, capacity, table, len(spec.states),
                                 len(spec.triggers), spec.state_index[spec.initial],
                                 spec.closed_mask, spec.fingerprint, os.getpid(),
-                                spec.record.c_layout(keys_per_position), max_accounts,
+                                spec.c_layout(keys_per_position), max_accounts,
                                 journal_records, journal_flags)
         if rc:
             mm.close()

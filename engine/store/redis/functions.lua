@@ -334,16 +334,18 @@ local function reserve(a, notional, gain, loss)
 end
 
 -- a closing booked on its account: release the reservation, book realized
--- = side x (money(last price x amount) - notional) into cash; losses reaching
--- max_loss halt the account
-local function book_close(P, p, rec)
+-- = side x (money(price x amount) - notional) into cash, price the fill
+-- (the closing transition's exit_price, when it gives one > 0) or else the
+-- last price; losses reaching max_loss halt the account
+local function book_close(P, p, rec, fill)
     local an, aop = unpack(redis.call('HMGET', p, 'an', 'aop'))
     if not aop or aop == '0' then return 0 end
     local e, am, sd = roles(P)
     local a = P .. 'a:' .. an
     local amount, side = word_f8(rec, am), word_i8(rec, sd)
     local notional, top, gain, loss = worst(a, word_f8(rec, e), amount, side)
-    local last = money(struct.unpack('<d', redis.call('HGET', p, 'pr'), 1) * amount)
+    local at = fill or struct.unpack('<d', redis.call('HGET', p, 'pr'), 1)
+    local last = money(at * amount)
     -- a price above the band (or past money): refused, nothing changes
     if not notional or not last or cmp(last, top) > 0 then return EBADMONEY end
     local up, down = last, notional
@@ -436,7 +438,11 @@ local function commit(P, slot, p, st, target, mask, upd, keys, trigger)
     if not is_closed(P, st) and is_closed(P, new) then
         local a = keys and account_key(P, p)
         if a and not declared(keys)[a] then return need('', {a}) end
-        local rc = book_close(P, p, rec)
+        local xp, fill = tonumber(redis.call('HGET', P .. 'm', 'r_xprice')), nil
+        if xp and xp >= 0 and math.floor(mask / 2 ^ xp) % 2 == 1 and word_f8(upd, xp) > 0 then
+            fill = word_f8(upd, xp)
+        end
+        local rc = book_close(P, p, rec, fill)
         if rc ~= 0 then return rc end
         booked = account_key(P, p)
     end
@@ -467,6 +473,83 @@ local function transition(P, slot, op, trigger, mask, upd, guard_token, keys)
     if target == 0 then return INVALID end
     if e >= RULE_GUARDED and not guard_token then return EGUARDED end
     return commit(P, slot, p, st, target - 1, mask, upd, keys, trigger)
+end
+
+-- Exits fired by the price, as C's (see "exits" in native/prices.c): the
+-- meta's x_armed (the armed one-hot state; absent: the spec has no exits),
+-- x_trigger, and the words of the levels and of what a fire writes (r_stop,
+-- r_tp, r_trail, r_reason, r_xprice; -1: the spec has no such field).  In
+-- side space (x = price x side) a position fires STOP_LOSS at x <= stop x
+-- side, TRAILING_STOP at x <= peak - trail, TAKE_PROFIT at x >= tp x side
+-- (a level of 0 is off); peak ('pk', 8 bytes) is the highest x written while
+-- armed, entry x side at first.  The same doubles as C, so the same decision.
+local function exits(P)
+    local v = redis.call('HMGET', P .. 'm', 'x_armed', 'x_trigger', 'r_stop', 'r_tp', 'r_trail',
+                         'r_reason', 'r_xprice', 'r_side')
+    if not v[1] then return nil end
+    local X = {}
+    for i, k in ipairs({'armed', 'trigger', 'stop', 'tp', 'trail', 'reason', 'xprice', 'side'}) do
+        X[k] = tonumber(v[i])
+    end
+    return X
+end
+
+local function level(rec, w)
+    if not w or w < 0 then return 0.0 end
+    return word_f8(rec, w)
+end
+
+-- the reason the price fires for record rec and peak (0: none), and the new peak
+local function crossing(X, rec, price, peak)
+    local side = word_i8(rec, X.side)
+    local x = price * side
+    local stop, tp, trail = level(rec, X.stop), level(rec, X.tp), level(rec, X.trail)
+    local reason = 0
+    if stop > 0 and x <= stop * side then reason = EXIT_STOP_LOSS
+    elseif trail > 0 and x <= peak - trail then reason = EXIT_TRAILING_STOP
+    elseif tp > 0 and x >= tp * side then reason = EXIT_TAKE_PROFIT end
+    if x > peak then peak = x end
+    return reason, peak
+end
+
+-- one word's update: mask bit and 8 bytes, placed at word w of upd
+local function word_update(mask, upd, w, bytes)
+    return mask + 2 ^ w, string.sub(upd, 1, w * 8) .. bytes .. string.sub(upd, w * 8 + 9)
+end
+
+-- a price write to the position p (state st, record rec): the exit first (the
+-- armed trigger's commit with exit_reason and exit_price), then the price;
+-- 0, or EBUSY with nothing written when it would fire while a guarded
+-- transition holds the slot's lock (as C, whose fire waits for that lock)
+local function price_write(P, X, slot, p, st, rec, price, ts)
+    if X and st == X.armed then
+        local pk, peak = redis.call('HGET', p, 'pk'), nil
+        if pk then peak = struct.unpack('<d', pk)
+        else peak = word_f8(rec, (roles(P))) * word_i8(rec, X.side) end
+        local reason, top = crossing(X, rec, price, peak)
+        if reason ~= 0 and redis.call('HGET', P .. 'm', 'halted') ~= '1' and
+                redis.call('EXISTS', P .. 'g:' .. slot) == 1 then
+            return EBUSY
+        end
+        if reason ~= 0 then
+            local e = rule(P, st, X.trigger)
+            local target = e % (RULE_TARGET_MASK + 1)
+            local mask, upd = 0, string.rep('\0', #rec)
+            if X.reason >= 0 then
+                mask, upd = word_update(mask, upd, X.reason, struct.pack('<l', reason))
+            end
+            mask, upd = word_update(mask, upd, X.xprice, struct.pack('<d', price))
+            local rc = HALTED
+            if redis.call('HGET', P .. 'm', 'halted') ~= '1' and target > 0 then
+                rc = commit(P, slot, p, st, target - 1, mask, upd, nil, X.trigger)
+            end
+            count(P, 'exit', OUTCOME[rc] or 'errors')
+            if rc == APPLIED then rec = redis.call('HGET', p, 'rec') end
+        end
+        if top ~= peak then redis.call('HSET', p, 'pk', struct.pack('<d', top)) end
+    end
+    write_price(P, p, rec, price, ts)
+    return 0
 end
 
 REG('tx', once(function(keys, args)
@@ -557,9 +640,12 @@ REG('upd', once(function(keys, args)
     local p = P .. 'p:' .. args[1]
     local st, err = live(p, tonumber(args[2]))
     if not st then return outcome(P, 'price', err) end
-    write_price(P, p, redis.call('HGET', p, 'rec'), struct.unpack('<d', args[3]), args[4])
-    journal_price(P, args[1], p, st)
-    return outcome(P, 'price', 0)
+    local rc = price_write(P, exits(P), args[1], p, st, redis.call('HGET', p, 'rec'),
+                           struct.unpack('<d', args[3]), args[4])
+    if rc == 0 then
+        journal_price(P, args[1], p, tonumber(redis.call('HGET', p, 'st')))
+    end
+    return outcome(P, 'price', rc)
 end))
 
 -- batch: slots and openings as '<I4' arrays, prices '<d'; live ones written
@@ -569,14 +655,17 @@ REG('upds', once(function(keys, args)
     local P = tag(keys)
     local slots, ops, prices, ts = args[1], args[2], args[3], args[4]
     local n, written = #slots / 4, 0
+    local X = exits(P)
     for i = 0, n - 1 do
         local slot = struct.unpack('<I4', slots, i * 4 + 1)
         local p = P .. 'p:' .. slot
         local st = live(p, (struct.unpack('<I4', ops, i * 4 + 1)))
         if st then
-            write_price(P, p, redis.call('HGET', p, 'rec'),
-                        (struct.unpack('<d', prices, i * 8 + 1)), ts)
-            journal_price(P, slot, p, st)
+            if price_write(P, X, slot, p, st, redis.call('HGET', p, 'rec'),
+                           (struct.unpack('<d', prices, i * 8 + 1)), ts) ~= 0 then
+                return {EBUSY, written, i}   -- as C: the pass stops there, with its index
+            end
+            journal_price(P, slot, p, tonumber(redis.call('HGET', p, 'st')))
             written = written + 1
         end
     end
@@ -595,16 +684,22 @@ REG('tokp', once(function(keys, args)
     for _, k in ipairs(list) do
         if not d[k] then return need('', list) end
     end
+    local X = exits(P)
+    local busy = false
     for _, slot in ipairs(slots) do
         local p = P .. 'p:' .. slot
         local v = redis.call('HMGET', p, 'st', 'rec')
         if not is_closed(P, tonumber(v[1])) then
-            write_price(P, p, v[2], price, args[3])
-            journal_price(P, slot, p, v[1])
-            n = n + 1
+            if price_write(P, X, slot, p, tonumber(v[1]), v[2], price, args[3]) == 0 then
+                journal_price(P, slot, p, tonumber(redis.call('HGET', p, 'st')))
+                n = n + 1
+            else
+                busy = true   -- as C: write the others, then say EBUSY
+            end
         end
     end
     count(P, 'price_batch', 'applied')
+    if busy then return EBUSY end
     return n
 end))
 
@@ -751,6 +846,10 @@ REG('open', once(function(keys, args)
     if e and e >= 0 then first = word_f8(rec, e) end
     redis.call('HSET', p, 'st', initial, 'rec', rec, 'tok', tok, 'an', an, 'aop', aop or 0,
                'pr', price_rec(P, rec, first, ts))
+    local X = exits(P)
+    if X then   -- the peak of exits (see price_write): entry x side at first
+        redis.call('HSET', p, 'pk', struct.pack('<d', first * word_i8(rec, X.side)))
+    end
     redis.call('HINCRBY', p, 'cv', 1)
     redis.call('HINCRBY', p, 'pv', 1)
     local gen = redis.call('HINCRBY', p, 'gen', 1)

@@ -107,6 +107,21 @@ _TS = _Now()
 CREATE_HOOK: Callable[[str], None] | None = None
 
 
+def _exit_meta(spec: MachineSpec) -> dict[str, Any]:
+    """The meta fields of exits (see price_write in redis_functions.lua): the
+    words of the exit fields (-1: none), and with exits the armed one-hot
+    state and the trigger."""
+    rec = spec.record
+    meta: dict[str, Any] = {
+        "r_" + k: rec.exit_roles.get(v, -1)
+        for k, v in (("stop", "stop_loss"), ("tp", "take_profit"), ("trail", "trailing_stop"),
+                     ("reason", "exit_reason"), ("xprice", "exit_price"))}
+    if spec.exits is not None:
+        meta["x_armed"] = 1 << spec.state_index[spec.exits[0]]
+        meta["x_trigger"] = spec.trigger_index[spec.exits[1]]
+    return meta
+
+
 def _create_step(what: str) -> None:
     if CREATE_HOOK is not None:
         CREATE_HOOK(what)
@@ -228,7 +243,8 @@ class RedisStore:
                 "closed": spec.closed_mask, "initial": 1 << spec.state_index[spec.initial],
                 "halted": "0", "metrics": "1", "created_ns": time.time_ns(),
                 "jrec": journal_records, "jprices": 1 if journal_prices else 0,
-                **{"r_" + k: rec.roles.get(v, -1) for k, v in roles.items()}}
+                **{"r_" + k: rec.roles.get(v, -1) for k, v in roles.items()},
+                **_exit_meta(spec)}
             inc = _Creator(conn, name, url, _create_step).create(meta, n, capacity, max_accounts)
             if conn.wait:
                 conn.replicate(f"eng:{{{name}:0}}:m")
@@ -846,6 +862,9 @@ class RedisStore:
                     r = done[s] = self._fn(s, "upds", slots, ops, p[idx].astype("<f8").tobytes(),
                                            _TS, keys=self._pos_keys(s, a[idx], ("p",)))
                 written += int(r[1])
+                if r[0]:   # as C: the pass stops at the busy element, with its index
+                    out[0], out_n[0] = int(idx[int(r[2])]), written
+                    return int(r[0])
         out[0], out_n[0] = 0, written
         return 0
 
@@ -918,15 +937,16 @@ class RedisStore:
             return self._closed_code()
         if not _positive(price):
             return EBADPRICE
-        total = 0
+        total, busy = 0, False
         with self._parts(("tokp", token, price)) as done:
             for s, P in enumerate(self.prefixes):
                 r = done.get(s)
                 if r is None:
                     r = done[s] = self._fn(s, "tokp", token, _F8.pack(price), _TS,
                                            keys=[f"{P}t:{token}"], learn=(s, token))
-                total += int(r)
-        return total
+                busy = busy or int(r) == EBUSY   # as C: the others written, then EBUSY
+                total += max(int(r), 0)
+        return EBUSY if busy else total
 
     # -- accounts ---------------------------------------------------------------------
     def _acct(self, id: int) -> tuple[int, int] | int:

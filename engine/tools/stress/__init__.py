@@ -225,7 +225,11 @@ def add_parsers(subparsers: Any) -> None:
                    "the account workload (positions opened on a few shared accounts, closed "
                    "with booked PnL, deposits, withdrawals and limit updates; the books "
                    "checked exactly at the end), optionally with weights of "
-                   + ", ".join(ACCOUNT_KINDS) + " (e.g. 'accounts,cash=4')")
+                   + ", ".join(ACCOUNT_KINDS) + " (e.g. 'accounts,cash=4'); or 'exits' for "
+                   "the exits workload (prices that cross stop losses, take profits and "
+                   "trailing stops, written every way while positions are paused and "
+                   "re-armed; each fire checked for its reason and counted once), optionally "
+                   "with weights of tick, batch, token, pause, rearm")
     p.add_argument("--accounts", type=_positive_int, default=DEFAULT_ACCOUNTS, metavar="N",
                    help="shared accounts of --mix accounts (default: %(default)s)")
     p.add_argument("--wait-us", type=float, default=d.wait_timeout * 1e6, metavar="US",

@@ -134,6 +134,7 @@ class StressResult:
     gate: str = ""
     orders: dict[str, Any] | None = None    # the order workload's figures (--mix orders)
     accounts: dict[str, Any] | None = None  # the account workload's figures (--mix accounts)
+    exits: dict[str, Any] | None = None     # the exits workload's figures (--mix exits)
     url: str | None = None          # the Redis server the engine was on (None: shared memory)
     notes: list[str] = field(default_factory=list)   # what this backend checks differently
 
@@ -155,4 +156,6 @@ class StressResult:
             d["orders"] = self.orders
         if self.accounts is not None:
             d["accounts"] = self.accounts
+        if self.exits is not None:
+            d["exits"] = self.exits
         return d

@@ -54,6 +54,18 @@ ACCOUNT_PRESETS: dict[str, dict[str, int]] = {
     "accounts": {"trade": 10, "mark": 3, "cash": 1, "limits": 1, "books": 2},
 }
 
+#: The exits workload's kinds (``--mix exits``; see ``engine.tools.stress.exits``):
+#: ``tick`` / ``batch`` / ``token`` write prices that cross the positions'
+#: levels (update_price, update_prices of all, update_token_price); ``pause``
+#: pauses one, writes it crossing prices, resumes it; ``rearm`` checks a fired
+#: one and cancels its exit (armed again).
+EXIT_KINDS = ("tick", "batch", "token", "pause", "rearm")
+
+#: Presets that switch the whole run to the exits workload (weights over EXIT_KINDS).
+EXIT_PRESETS: dict[str, dict[str, int]] = {
+    "exits": {"tick": 4, "batch": 1, "token": 4, "pause": 2, "rearm": 3},
+}
+
 #: What one operation of the mix ended with.  The first three equal the C
 #: outcome codes APPLIED / INVALID / CONFLICT, so a transition maps directly.
 RESULTS = ("ok", "invalid", "conflict", "not_open", "busy", "full", "timeout", "unexpected")
@@ -68,10 +80,13 @@ N_TOKENS = 4
 TOKEN_PARAMS: tuple[tuple[float, float, int], ...] = tuple(
     (100.0 + 10.0 * t, 1.0 + t, 1 if t % 2 == 0 else -1) for t in range(N_TOKENS))
 
-#: Context updates carry stop_loss and take_profit derived from exit_reason,
-#: so a context record mixing two updates is detectable too.
+#: Context updates carry trailing_stop and exit_price derived from
+#: exit_reason, so a context record mixing two updates is detectable too.
+#: The trailing stop is TRAIL_BASE and more, so no price write of the run
+#: fires it (the exits workload, ``--mix exits``, is the one that fires).
 STOP_PER_REASON = 0.25
 TAKE_PER_REASON = 0.75
+TRAIL_BASE = 1e6
 
 FAULTS = {"skip-gen": lib.ENG_FAULT_SKIP_GEN, "blind-store": lib.ENG_FAULT_BLIND_STORE,
           "tear-price": lib.ENG_FAULT_TEAR_PRICE}
@@ -92,6 +107,7 @@ WORKLOADS: dict[str, tuple[tuple[str, ...], dict[str, dict[str, int]]]] = {
     "positions": (KINDS, PRESETS),
     "orders": (ORDER_KINDS, ORDER_PRESETS),
     "accounts": (ACCOUNT_KINDS, ACCOUNT_PRESETS),
+    "exits": (EXIT_KINDS, EXIT_PRESETS),
 }
 
 
@@ -100,12 +116,12 @@ def workload_of(text: str | Mapping[str, int]) -> str:
     starts with one of their presets (a mapping: when all its kinds are of
     that workload), else ``"positions"``."""
     if isinstance(text, Mapping):
-        for name in ("orders", "accounts"):
+        for name in ("orders", "accounts", "exits"):
             if text and set(text) <= set(WORKLOADS[name][0]):
                 return name
         return "positions"
     first = next((p.strip() for p in text.split(",") if p.strip()), "")
-    for name in ("orders", "accounts"):
+    for name in ("orders", "accounts", "exits"):
         if first in WORKLOADS[name][1]:
             return name
     return "positions"
@@ -143,8 +159,8 @@ def parse_mix(text: str | Mapping[str, int]) -> dict[str, int]:
     if "=" not in items[0]:
         preset = items.pop(0)
         if preset not in presets:
-            raise ValueError(f"unknown mix preset {preset!r}; presets: "
-                             f"{', '.join([*PRESETS, *ORDER_PRESETS, *ACCOUNT_PRESETS])}")
+            known = ", ".join([*PRESETS, *ORDER_PRESETS, *ACCOUNT_PRESETS, *EXIT_PRESETS])
+            raise ValueError(f"unknown mix preset {preset!r}; presets: {known}")
         weights.update(presets[preset])
     for item in items:
         key, sep, value = item.partition("=")

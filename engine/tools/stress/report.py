@@ -65,6 +65,12 @@ def format_report(res: StressResult) -> str:
         lines += ["", *_order_lines(res.orders)]
     if res.accounts is not None:
         lines += ["", *_account_lines(res.accounts)]
+    if res.exits is not None:
+        e = res.exits
+        lines += ["", f"exits: {e['fires']:,} fires ({e['fires_counted']:,} counted by the "
+                      f"engine), {e['fires_checked']:,} checked for reason and price, "
+                      f"{e['pauses']:,} pauses, {e['cancels']:,} re-arms; at the end "
+                      f"{e['armed_at_end']} armed, {e['pending_at_end']} fired"]
     for a in res.alerts:
         lines.append(f"ALERT {a}")
     if res.violations:

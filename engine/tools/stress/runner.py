@@ -235,6 +235,9 @@ def run_stress(config: StressConfig) -> StressResult:
     for the run, and stopped after it).
     """
     weights = config.check()
+    if config.workload == "exits":
+        from engine.tools.stress.exits import run_exits
+        return run_exits(config, weights)
     orders, booked = config.orders, config.booked
     kinds = WORKLOADS[config.workload][0]
     out = config.progress

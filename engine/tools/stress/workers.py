@@ -36,6 +36,7 @@ from engine.tools.stress.mix import (
     STOP_PER_REASON,
     TAKE_PER_REASON,
     TOKEN_PARAMS,
+    TRAIL_BASE,
 )
 from engine.tools.stress.verify import _MAX_MESSAGES
 
@@ -133,9 +134,10 @@ class _Worker(BaseWorker):
             if reason is None:
                 out = int(self.eng.transition(pos, trigger))
             else:
-                out = int(self.eng.transition(pos, trigger, exit_reason=reason,
-                                              stop_loss=reason * STOP_PER_REASON,
-                                              take_profit=reason * TAKE_PER_REASON))
+                out = int(self.eng.transition(
+                    pos, trigger, exit_reason=reason,
+                    trailing_stop=TRAIL_BASE + reason * STOP_PER_REASON,
+                    exit_price=reason * TAKE_PER_REASON))
         except NotOpenError:
             return self.gone(slot)
         except BusyError:
@@ -280,8 +282,9 @@ class _Worker(BaseWorker):
             self.note(f"torn price read on slot {slot}: {p}")
         ok_params = 0 <= c.token < N_TOKENS and TOKEN_PARAMS[c.token] == (
             c.entry_price, c.amount, c.side)
-        if not (ok_params and c.stop_loss == c.exit_reason * STOP_PER_REASON
-                and c.take_profit == c.exit_reason * TAKE_PER_REASON):
+        trail = TRAIL_BASE + c.exit_reason * STOP_PER_REASON if c.exit_reason else 0.0
+        if not (ok_params and c.trailing_stop == trail and c.stop_loss == c.take_profit == 0.0
+                and c.exit_price == c.exit_reason * TAKE_PER_REASON):
             self.torn_context += 1
             self.note(f"torn context read on slot {slot}: {c}")
         if p.version < self.last_pv[slot] or c.version < self.last_cv[slot]:
