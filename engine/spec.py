@@ -333,7 +333,7 @@ def _guard_name(g: Guard | None) -> str | None:
     return f"{getattr(g, '__module__', '?')}.{getattr(g, '__qualname__', repr(g))}"
 
 
-class ExitReason(enum.IntEnum):
+class ExitReason(NamedIntEnum):
     """Why an exit fired (the record's ``exit_reason``); other codes are the user's."""
 
     NONE = lib.ENG_EXIT_NONE

@@ -286,8 +286,9 @@ class TestCloseAtFill:
 
 
 class TestJournaled:
-    def test_fire_is_journaled_as_a_transition(self, engine):
+    def test_fire_is_journaled_as_a_transition(self, make_engine):
         """A fire is one journal record: EXIT_CONDITION_MET to EXIT_PENDING, with its fields."""
+        engine = make_engine(capacity=4, journal=True)
         pos = armed(engine, stop_loss=95.0)
         since = engine.journal_seq
         engine.update_price(pos, 94.0)

@@ -17,6 +17,7 @@ from engine import (
     ORDER_SPEC,
     Engine,
     EngineTypeError,
+    ExitReason,
     Outcome,
     SegmentNotFoundError,
     Side,
@@ -208,7 +209,7 @@ class TestPrinting:
 
     def test_str_is_the_name(self):
         """print(State.EXIT_PENDING) shows EXIT_PENDING, Outcome.APPLIED shows APPLIED."""
-        for member in (*State, *Trigger, *Outcome, *Side):
+        for member in (*State, *Trigger, *Outcome, *Side, *ExitReason):
             assert str(member) == member.name and f"{member}" == member.name
 
     def test_custom_spec_enums(self):
