@@ -50,8 +50,11 @@ def _waiter_threads() -> int:
 
 class TestThreads:
     def test_200_awaiting_waits_use_one_thread(self, make_engine):
-        """200 tasks awaiting 200 positions: one waiter thread, not 200; each
-        gets its state once it commits (forbidden: more than one new thread)."""
+        """200 awaiting waits use one waiter thread, not 200, and each gets its state.
+
+        200 tasks awaiting 200 positions: one waiter thread, not 200; each
+        gets its state once it commits (forbidden: more than one new thread).
+        """
         eng = make_engine(capacity=256)
         ids = [eng.open_position(entry_price=100.0, amount=1.0, side=1, token=1)
                for _ in range(200)]
@@ -139,8 +142,11 @@ class TestNoLostWake:
         monkeypatch.setattr(RedisStore, "wait_slice_ms", lambda self: 3_600_000)
 
     def test_a_commit_right_after_any_probe_step_ends_the_wait(self, make_engine, monkeypatch):
-        """A commit after each step of the probe (check, arm, check again) wakes
-        the waiter: forbidden, a WaitTimeout with the state reached."""
+        """A commit right after any step of the probe wakes the awaiting waiter.
+
+        A commit after each step of the probe (check, arm, check again) wakes
+        the waiter: forbidden, a WaitTimeout with the state reached.
+        """
         eng = make_engine()
         steps = SHM_PROBE_STEPS if eng.url is None else REDIS_PROBE_STEPS
         for step, nth in steps:
@@ -172,8 +178,11 @@ class TestNoLostWake:
 
 
     def test_commits_while_asleep_wake_every_wait(self, make_engine):
-        """Commits made while the waiter sleeps wake it (the waiting flag was
-        armed): forbidden, a wait left asleep with its state reached."""
+        """Commits made while the waiter thread sleeps wake every wait they satisfy.
+
+        Commits made while the waiter sleeps wake it (the waiting flag was
+        armed): forbidden, a wait left asleep with its state reached.
+        """
         eng = make_engine(capacity=64)
         ids = [_monitoring(eng) for _ in range(50)]
 
@@ -205,8 +214,11 @@ def _die_after_cas(handle: Any, pos: int) -> None:
 class TestCrash:
     @pytest.mark.shm_only
     def test_a_committer_killed_before_its_wake_costs_a_slice(self, make_engine, spawner):
-        """The commit lands but its wake never comes (SIGKILL after the CAS): the
-        waiter's per-slice probe still ends the wait (forbidden: WaitTimeout)."""
+        """A committer SIGKILLed before its wake delays the wait by one slice, never to a timeout.
+
+        The commit lands but its wake never comes (SIGKILL after the CAS): the
+        waiter's per-slice probe still ends the wait (forbidden: WaitTimeout).
+        """
         eng = make_engine()
         pos = _monitoring(eng)
 
@@ -223,8 +235,11 @@ class TestCrash:
 
 
     def test_a_dead_server_fails_the_wait_with_server_error(self):
-        """The Redis server killed under an awaiting wait: ServerError (an
-        EngineError), not a hang and not a raw redis exception."""
+        """A Redis server killed under an awaiting wait fails it with ServerError, not a hang.
+
+        The Redis server killed under an awaiting wait: ServerError (an
+        EngineError), not a hang and not a raw redis exception.
+        """
         from engine.errors import ServerError
         from engine.tools.redis_server import PrivateRedis
         with PrivateRedis() as server:
@@ -261,8 +276,11 @@ class TestEnds:
         run(main())
 
     def test_close_ends_pending_waits_with_closed_error(self, make_engine):
-        """close() fails every awaiting wait with ClosedError; later ones too;
-        its thread ends."""
+        """close() fails every awaiting wait, and later ones, with ClosedError; its thread ends.
+
+        close() fails every awaiting wait with ClosedError; later ones too;
+        its thread ends.
+        """
         eng = make_engine()
         pos = _monitoring(eng)
 
@@ -299,8 +317,11 @@ class TestEnds:
         assert engine._aio_waiter is None
 
     def test_a_released_id_raises_stale(self, make_engine):
-        """The position released while awaited: StaleIdError, never the next
-        opening's state."""
+        """A position released while awaited raises StaleIdError, never the next opening's state.
+
+        The position released while awaited: StaleIdError, never the next
+        opening's state.
+        """
         eng = make_engine()
         pos = _monitoring(eng)
 
@@ -337,9 +358,12 @@ class TestCluster:
     pytestmark = pytest.mark.slow
 
     def test_waits_on_every_node_of_a_cluster(self, cluster):  # noqa: F811
-        """Awaiting positions on three nodes: one waiter thread blocks on each
+        """One waiter thread serves awaiting waits on every node of a three-node cluster.
+
+        Awaiting positions on three nodes: one waiter thread blocks on each
         node's streams at once; a wait registered while it is blocked is
-        served too (its block is ended with CLIENT UNBLOCK)."""
+        served too (its block is ended with CLIENT UNBLOCK).
+        """
         e = Engine.create(64, url=cluster, shards=6)
         try:
             ids = [_monitoring(e) for _ in range(12)]

@@ -94,9 +94,12 @@ def assert_record_iff_commit(eng: Engine) -> list[Event]:
 class TestBadArguments:
     @pytest.mark.parametrize("since", [2**64, 2**70, "past"])
     def test_since_past_the_seq_space_is_refused(self, make_engine: Any, since: Any) -> None:
-        """since past the largest seq a journal can reach (2**40 - 1 seq bits, or past 64
+        """A since past the seq space is refused with ArgumentError naming the range, at the call.
+
+        since past the largest seq a journal can reach (2**40 - 1 seq bits, or past 64
         bits): ArgumentError with the range at the call, never an OverflowError from the C
-        call nor a wait that can never end."""
+        call nor a wait that can never end.
+        """
         eng = make_engine(capacity=4)
         eng.open_position(10.0, 1.0)
         top = (1 << (64 - lib.ENG_TOKEN_BITS)) - 1
@@ -149,8 +152,11 @@ class TestCorruptRecord:
                                              ("trigger", 77)])
     def test_corrupt_record_is_a_typed_error(self, make_engine: Any, field: str,
                                              value: int) -> None:
-        """A whole record with a kind or trigger off its range: a typed EngineError naming the
-        value and the range, never an IndexError / KeyError; the other records still read."""
+        """A record with a kind or trigger off its range is a typed EngineError naming the range.
+
+        A whole record with a kind or trigger off its range: a typed EngineError naming the
+        value and the range, never an IndexError / KeyError; the other records still read.
+        """
         eng = make_engine(capacity=4)
         pos = eng.open_position(10.0, 1.0)
         eng.transition(pos, Trigger.POSITION_OPENED)
@@ -200,8 +206,11 @@ JFAULTS = ["ENG_FAULT_DIE_AFTER_JLATCH", "ENG_FAULT_DIE_IN_JFILL", "ENG_FAULT_DI
 class TestHaltKills:
     @pytest.mark.parametrize("fault", JFAULTS)
     def test_halt_record_iff_flag_changed(self, make_engine: Any, fault: str) -> None:
-        """SIGKILL at each step of a halt's append: a halt record iff the flag changed; the
-        next committer resolves the latch; no gap."""
+        """A halt SIGKILLed at any step of its append leaves a halt record iff the flag changed.
+
+        SIGKILL at each step of a halt's append: a halt record iff the flag changed; the
+        next committer resolves the latch; no gap.
+        """
         eng = make_engine(capacity=4)
         p = mp.get_context("spawn").Process(target=die_halting,
                                             args=(eng.handle, getattr(lib, fault)))
@@ -233,9 +242,12 @@ def hammer(handle: Any, pos: int, ready: Any, stop: Any) -> None:
 class TestStoppedAppender:
     def test_stopped_latch_holder_is_never_taken_over(self, make_engine: Any,
                                                       spawner: Any) -> None:
-        """SIGSTOP a writer while it holds the journal latch: other committers get bounded
+        """A SIGSTOPped holder of the journal latch is never taken over; others get bounded errors.
+
+        SIGSTOP a writer while it holds the journal latch: other committers get bounded
         CONFLICT / BusyError (never spin forever), readers read what was published, recover()
-        leaves the latch alone; after SIGCONT every commit has exactly its record."""
+        leaves the latch alone; after SIGCONT every commit has exactly its record.
+        """
         eng = make_engine(capacity=4, journal_prices=True, max_accounts=1)
         pos = eng.open_position(10.0, 1.0)
         mine = eng.open_position(10.0, 1.0)
@@ -306,10 +318,13 @@ def flipper(handle: Any, ids: list[int], n: int, ready: Any, go: Any) -> None:
 class TestWrapRace:
     def test_lapped_slow_reader_on_the_smallest_ring(self, make_engine: Any,
                                                      spawner: Any) -> None:
-        """A ring of ENG_JOURNAL_MIN_RECORDS, three writers, a reader in this process: every
+        """A slow reader on the smallest ring gets whole records, in order, or a reported lap.
+
+        A ring of ENG_JOURNAL_MIN_RECORDS, three writers, a reader in this process: every
         record it gets is whole (its trigger agrees with its state), seqs run without a
         repeat or a silent gap, per id the states alternate (the commit order), each
-        lap's resume_seq is past what it lost."""
+        lap's resume_seq is past what it lost.
+        """
         eng = make_engine(capacity=8, journal_records=lib.ENG_JOURNAL_MIN_RECORDS)
         ids = [eng.open_position(10.0, 1.0) for _ in range(4)]
         for pos in ids:
@@ -362,8 +377,11 @@ def assert_record_iff_commit_tail(eng: Engine, others: int = 0) -> None:
 
 class TestSignals:
     def test_handler_that_commits_during_a_wait_is_delivered(self, make_engine: Any) -> None:
-        """A signal handler that commits while events(timeout=None) waits in C (same thread):
-        no deadlock, and the iterator yields the handler's record."""
+        """A signal handler committing during events(timeout=None) is delivered without deadlock.
+
+        A signal handler that commits while events(timeout=None) waits in C (same thread):
+        no deadlock, and the iterator yields the handler's record.
+        """
         eng = make_engine(capacity=4)
         pos = eng.open_position(10.0, 1.0)
 
@@ -393,9 +411,12 @@ def die_before_publish(handle: Any, pos: int) -> None:
 
 class TestDeadHolderReader:
     def test_waiting_reader_resolves_a_dead_holders_latch(self, make_engine: Any) -> None:
-        """A holder dies after its commit, before publishing; no committer and no recover()
+        """A reader blocked in events() resolves a dead holder's latch and gets its record.
+
+        A holder dies after its commit, before publishing; no committer and no recover()
         follow: a reader blocked in events() still gets the record (it resolves the latch
-        itself) instead of waiting forever."""
+        itself) instead of waiting forever.
+        """
         eng = make_engine(capacity=4)
         pos = eng.open_position(10.0, 1.0)
         eng.transition(pos, Trigger.POSITION_OPENED)
@@ -415,10 +436,13 @@ class TestDeadHolderReader:
 
 class TestForkHoldingLatch:
     def test_fork_while_a_thread_commits(self, make_engine: Any) -> None:
-        """fork() while another thread of the parent is inside journaled commits with the GIL
+        """A fork while a thread commits leaves nobody waiting forever and records == commits.
+
+        fork() while another thread of the parent is inside journaled commits with the GIL
         released (transition_many: the latch may be held at the fork): the child's inherited
         Engine is refused (typed), a fresh attach commits, nobody waits forever, and
-        records == commits (modulo the generation's range)."""
+        records == commits (modulo the generation's range).
+        """
         import threading
 
         import numpy as np
@@ -493,9 +517,12 @@ class TestFullCommitKills:
     @pytest.mark.parametrize("op,fault", [(op, f) for op, fs in FULL.items() for f in fs])
     def test_record_iff_commit_for_keyed_booked_indexed_changes(self, make_engine: Any,
                                                                 op: str, fault: str) -> None:
-        """SIGKILL inside an open with key + token + account, a booked close, a release with
+        """A keyed, booked or indexed change SIGKILLed mid-commit has a record iff it committed.
+
+        SIGKILL inside an open with key + token + account, a booked close, a release with
         key + token: after recover(), slot records == slot commits, no gap, the key resolves
-        iff the open has its record, and each slot's last record says its state now."""
+        iff the open has its record, and each slot's last record says its state now.
+        """
         eng = make_engine(capacity=4, max_accounts=1)
         acct = eng.open_account(cash=1000, max_exposure=500, max_positions=3, max_loss=100)
         pos = eng.open_position(10.0, 1.0, token=5, key="K-pos", account=acct)
@@ -538,8 +565,11 @@ def one_transition(handle: Any, pos: int, ready: Any, out: Any) -> None:
 
 class TestRecordTime:
     def test_ts_never_goes_back_in_seq_order(self, make_engine: Any, spawner: Any) -> None:
-        """A committer that waited for the latch (its holder stopped) must not record a time
-        before the record published ahead of it: ts_ns is non-decreasing in seq order."""
+        """A record's ts_ns never goes back in seq order, even after a wait for the latch.
+
+        A committer that waited for the latch (its holder stopped) must not record a time
+        before the record published ahead of it: ts_ns is non-decreasing in seq order.
+        """
         eng = make_engine(capacity=4)
         pos = eng.open_position(10.0, 1.0)
         late = eng.open_position(10.0, 1.0)

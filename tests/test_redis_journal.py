@@ -64,8 +64,11 @@ def _opened(e: Engine, **kw: Any) -> int:
 
 class TestRecords:
     def test_every_kind_once_in_commit_order(self, eng):
-        """Each committed change: one record of its kind, seq 1, 2, ... in
-        commit order, carrying the state, trigger and record after it."""
+        """Each committed change is recorded once, of its kind, in commit order.
+
+        Each committed change: one record of its kind, seq 1, 2, ... in
+        commit order, carrying the state, trigger and record after it.
+        """
         j = _enable(eng, prices=True)
         acct = eng.open_account(cash=1000, max_exposure=1000, max_positions=5, max_loss=100)
         pos = _opened(eng, account=acct)
@@ -103,8 +106,11 @@ class TestRecords:
         assert j.seq() == len(evs)
 
     def test_refused_calls_record_nothing(self, eng):
-        """INVALID, HALTED, KeyExistsError, RiskLimitError, a stale id, a halt
-        that changes nothing: no record (forbidden: any record of them)."""
+        """Refused calls and a halt that changes nothing record nothing.
+
+        INVALID, HALTED, KeyExistsError, RiskLimitError, a stale id, a halt
+        that changes nothing: no record (forbidden: any record of them).
+        """
         j = _enable(eng, prices=True)
         acct = eng.open_account(cash=10, max_exposure=10, max_positions=1, max_loss=1)
         pos = _opened(eng, key="K")
@@ -137,8 +143,11 @@ class TestRecords:
         assert j.seq() == after
 
     def test_prices_only_with_journal_prices(self, eng):
-        """Price writes are journaled only with journal_prices; every path
-        (update_price, update_prices, update_token_price) when they are."""
+        """Price writes are journaled on every path with journal_prices, and only with it.
+
+        Price writes are journaled only with journal_prices; every path
+        (update_price, update_prices, update_token_price) when they are.
+        """
         j = _enable(eng, prices=False)
         pos = _opened(eng)
         eng.update_price(pos, 101.0)
@@ -170,8 +179,11 @@ class TestRecords:
 
     @pytest.mark.parametrize("bad", [-1, lib.ENG_REDIS_JOURNAL_MAX + 1, 1.0, True, "9"])
     def test_bad_journal_records_are_refused(self, url, bad):
-        """journal_records outside [0, ENG_REDIS_JOURNAL_MAX]: ArgumentError naming
-        the range; nothing is created."""
+        """journal_records out of range is refused with ArgumentError; nothing is created.
+
+        journal_records outside [0, ENG_REDIS_JOURNAL_MAX]: ArgumentError naming
+        the range; nothing is created.
+        """
         with pytest.raises(ArgumentError, match=r"journal_records must be an int in \[0, "):
             RedisStore.create(url, "jbad", POSITION_SPEC, 16, 2, 4, None, journal_records=bad)
         r = redis.Redis.from_url(url)
@@ -192,8 +204,11 @@ class TestRecords:
 
 class TestReaders:
     def test_a_reader_behind_the_retained_records_is_told(self, eng):
-        """Trimmed past a reader's seq: JournalLappedError with resume_seq, the
-        oldest retained; resuming there reads the rest with no gap."""
+        """A reader behind the retained records gets JournalLappedError and resumes with no gap.
+
+        Trimmed past a reader's seq: JournalLappedError with resume_seq, the
+        oldest retained; resuming there reads the rest with no gap.
+        """
         j = _enable(eng, records=5)
         pos = _opened(eng)
         for _ in range(6):
@@ -208,8 +223,11 @@ class TestReaders:
         assert j.read(7, 10) == []
 
     def test_several_shards_resume_by_a_cursor_per_shard(self, made):
-        """With several shards each has its own seq 1, 2, ...; a cursor is one
-        seq per shard; one int is refused, not guessed."""
+        """Several shards resume by one seq per shard; a single int cursor is refused.
+
+        With several shards each has its own seq 1, 2, ...; a cursor is one
+        seq per shard; one int is refused, not guessed.
+        """
         e = made(16, shards=3)
         j = _enable(e)
         ids = [_opened(e) for _ in range(6)]
@@ -226,8 +244,11 @@ class TestReaders:
         assert [(ev.kind, ev.id) for ev in more] == [("transition", ids[0])]
 
     def test_wait_returns_once_a_record_is_there(self, eng):
-        """wait(after) blocks on the server until a record past ``after``, and
-        is False after its timeout with none."""
+        """wait(after) returns once a record past ``after`` is there, and is False on timeout.
+
+        wait(after) blocks on the server until a record past ``after``, and
+        is False after its timeout with none.
+        """
         j = _enable(eng)
         pos = _opened(eng)
         assert j.wait(0, 0) is True
@@ -260,10 +281,13 @@ _RESENT = {   # a call, and the kinds it records
 class TestExactlyOnce:
     @pytest.mark.parametrize("call", list(_RESENT))
     def test_a_reply_lost_with_its_connection_records_once(self, eng, call, monkeypatch):
-        """The connection dies after the function ran, before its reply: the
+        """A call whose reply is lost with its connection is resent and recorded once.
+
+        The connection dies after the function ran, before its reply: the
         call is resent and answered by the request record (halt raises
         ServerError and is made again: the flag is already set); one record
-        (forbidden: two)."""
+        (forbidden: two).
+        """
         j = _enable(eng)
         acct = eng.open_account(cash=1000, max_exposure=1000, max_positions=5, max_loss=100)
         pos = _opened(eng)
@@ -304,10 +328,13 @@ class TestExactlyOnce:
 
 class TestKill:
     def test_records_match_commits_over_a_server_kill(self):
-        """appendfsync always, SIGKILL the server mid-workload, restart: for
+        """Over a server SIGKILL and restart, every commit has exactly one record and no more.
+
+        appendfsync always, SIGKILL the server mid-workload, restart: for
         every position the journal's chain ends in its state and has one
         record per commit (forbidden: a record of a change that is not there,
-        a commit without its record, a duplicate)."""
+        a commit without its record, a duplicate).
+        """
         with PrivateRedis(appendfsync="always") as server:
             e = Engine.create(32, url=server.url + "?timeout=2")
             j = _enable(e)
@@ -379,8 +406,11 @@ def _until(cond: Callable[[], bool]) -> None:
 
 class TestAsyncFollower:
     def test_an_awaiting_follower_wakes_on_the_next_record(self, eng):
-        """A shard's probe through the Engine's waiter thread (what events_async
-        uses): it sleeps on the stream past its seq and wakes on the next record."""
+        """A shard's probe on the waiter thread sleeps past its seq and wakes on the next record.
+
+        A shard's probe through the Engine's waiter thread (what events_async
+        uses): it sleeps on the stream past its seq and wakes on the next record.
+        """
         j = _enable(eng)
         pos = _opened(eng)
         shard = j.shards[0]
@@ -402,8 +432,11 @@ class TestAsyncFollower:
 
 class TestWaitConnection:
     def test_a_blocked_journal_wait_does_not_hold_the_engines_calls(self, eng):
-        """A thread blocked in wait() (its own connection) leaves the Engine's
-        calls free: a transition from the Engine's thread lands and ends it."""
+        """A thread blocked in the journal's wait() leaves the Engine's calls free.
+
+        A thread blocked in wait() (its own connection) leaves the Engine's
+        calls free: a transition from the Engine's thread lands and ends it.
+        """
         j = _enable(eng)
         pos = _opened(eng)
         woke: list[bool] = []
@@ -423,9 +456,12 @@ class TestCluster:
     pytestmark = pytest.mark.slow
 
     def test_each_shard_journals_on_its_node(self, cluster):  # noqa: F811
-        """On three nodes every shard's stream is written by the change's own
+        """On a three-node cluster every shard journals on its own node, each change once.
+
+        On three nodes every shard's stream is written by the change's own
         call (its key declared, same hash tag): a cursor per shard reads every
-        open and transition once, halt once per shard."""
+        open and transition once, halt once per shard.
+        """
         e = Engine.create(64, url=cluster, shards=6, journal=True)
         try:
             j = e._seg.journal_source(e.spec)

@@ -115,8 +115,11 @@ REDIS_STEPS = ("wait_probe",)
 
 class TestReadmePattern:
     def test_the_old_pattern_misses_a_change_between_its_check_and_its_wait(self, make_engine):
-        """Forbidden with wait_for, shown here for the old pattern: the state is
-        EXIT_PENDING, yet its wait_for_change times out."""
+        """The old check-then-wait pattern misses a change made between its check and its wait.
+
+        Forbidden with wait_for, shown here for the old pattern: the state is
+        EXIT_PENDING, yet its wait_for_change times out.
+        """
         eng = make_engine()
         pos = _monitoring(eng)
         other = Engine.attach(eng.handle)
@@ -144,8 +147,11 @@ class TestWaitFor:
         assert engine.wait_for(pos, State.MONITORING, timeout=0) is State.MONITORING
 
     def test_a_commit_right_after_any_step_is_not_missed(self, make_engine):
-        """A commit after each step of the wait (the check, the word read, the
-        arming) ends it; forbidden: a WaitTimeout with the state reached."""
+        """A commit right after any step of wait_for ends it; none is missed.
+
+        A commit after each step of the wait (the check, the word read, the
+        arming) ends it; forbidden: a WaitTimeout with the state reached.
+        """
         eng = make_engine()
         other = Engine.attach(eng.handle)
         try:
@@ -161,8 +167,11 @@ class TestWaitFor:
             other.close()
 
     def test_a_passing_state_does_not_end_it(self, make_engine):
-        """A commit to a state not waited for, right after a step, leaves it
-        waiting: it times out, and the state is the one committed."""
+        """A commit to a state not waited for leaves wait_for waiting until its timeout.
+
+        A commit to a state not waited for, right after a step, leaves it
+        waiting: it times out, and the state is the one committed.
+        """
         eng = make_engine()
         other = Engine.attach(eng.handle)
         try:
@@ -196,8 +205,11 @@ class TestWaitFor:
         (1 << 15, ArgumentError), ([True], ArgumentError), (2.0, EngineTypeError),
         ([None], ArgumentError)])
     def test_bad_states_are_refused_naming_the_states(self, engine, states, exc):
-        """A state the spec lacks, none, or a wrong type: a typed error naming the
-        spec's states; nothing waits."""
+        """Bad states are refused with a typed error naming the spec's states; nothing waits.
+
+        A state the spec lacks, none, or a wrong type: a typed error naming the
+        spec's states; nothing waits.
+        """
         pos = _monitoring(engine)
         with pytest.raises(exc) as e:
             engine.wait_for(pos, states, timeout=None)
@@ -218,8 +230,11 @@ class TestWaitFor:
             engine.wait_for(pos, State.CLOSED, timeout=0.05)
 
     def test_a_released_id_raises_stale(self, make_engine):
-        """The position released while waited on: StaleIdError, never the next
-        opening's state."""
+        """A position released while waited on raises StaleIdError, never the next opening's state.
+
+        The position released while waited on: StaleIdError, never the next
+        opening's state.
+        """
         eng = make_engine()
         pos = _monitoring(eng)
         other = Engine.attach(eng.handle)
@@ -240,8 +255,11 @@ class TestWaitFor:
             other.close()
 
     def test_timeout_none_waits_and_lets_a_signal_through(self, engine, watchdog):
-        """timeout=None sleeps until a signal handler raises: the exception comes
-        out of wait_for (Ctrl-C works), not a hang or a WaitTimeout."""
+        """wait_for(timeout=None) lets a signal handler's exception through, not a hang.
+
+        timeout=None sleeps until a signal handler raises: the exception comes
+        out of wait_for (Ctrl-C works), not a hang or a WaitTimeout.
+        """
         pos = _monitoring(engine)
         watchdog(0.3)
         with pytest.raises(_Alarm):
@@ -260,9 +278,12 @@ def _ping(handle: Any, pos: int, rounds: int, mine: str, trigger: str, go: Any) 
 
 class TestAcrossProcesses:
     def test_a_position_handed_back_and_forth_never_stalls(self, make_engine, spawner):
-        """Two processes hand a position back and forth 300 times, each waiting
+        """A position handed back and forth 300 times between two processes never stalls.
+
+        Two processes hand a position back and forth 300 times, each waiting
         with wait_for: forbidden, a handoff that waits past its bound (WaitTimeout
-        in a child: exit code 1)."""
+        in a child: exit code 1).
+        """
         eng = make_engine()
         pos = _monitoring(eng)
         go = spawner.ctx.Event()
