@@ -990,7 +990,7 @@ int      eng_format(void *base, uint64_t size, uint32_t capacity,
                     uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec,
                     uint32_t max_accounts, uint32_t journal_records, uint32_t journal_flags);
 /* eng_segment_size for a ring of journal_records records (0: no journal);
- * eng_segment_size is it with ENG_JOURNAL_DEFAULT_RECORDS */
+ * eng_segment_size is it with no journal (Engine.create's default) */
 uint64_t eng_segment_size_journal(uint32_t capacity, uint32_t n_words,
                                   uint32_t keys_per_position, uint32_t max_accounts,
                                   uint32_t journal_records);

@@ -239,8 +239,7 @@ uint64_t eng_segment_size_journal(uint32_t capacity, uint32_t n_words,
 uint64_t eng_segment_size(uint32_t capacity, uint32_t n_words, uint32_t keys_per_position,
                           uint32_t max_accounts)
 {
-    return eng_segment_size_journal(capacity, n_words, keys_per_position, max_accounts,
-                                    ENG_JOURNAL_DEFAULT_RECORDS);
+    return eng_segment_size_journal(capacity, n_words, keys_per_position, max_accounts, 0);
 }
 
 int eng_noop(void) { return 0; }
