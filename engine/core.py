@@ -294,7 +294,7 @@ def _journal_args(journal: Any, records: Any, prices: Any) -> tuple[int, int]:
     if journal is False:
         journal = None
     if journal is not None and journal is not True:
-        raise EngineTypeError(f"journal must be True or None, got {shown(journal)}")
+        raise EngineTypeError(f"journal must be True, False or None (off), got {shown(journal)}")
     if not isinstance(records, int) or isinstance(records, bool):
         raise EngineTypeError(f"journal_records must be an int, got {shown(records)}")
     lo, hi = lib.ENG_JOURNAL_MIN_RECORDS, lib.ENG_JOURNAL_MAX_RECORDS
@@ -381,8 +381,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
     @classmethod
     def create(cls, capacity: int = ..., *, name: str | None = ..., spec: MachineSpec,
                keys_per_position: int = ..., max_accounts: int = ..., url: str | None = ...,
-               shards: int | None = ...,
-               temporary: bool = ...,
+               shards: int | None = ..., temporary: bool = ...,
                journal: bool | None = ..., journal_records: int = ...,
                journal_prices: bool = ...) -> Engine[Any, Any, Any]: ...
 

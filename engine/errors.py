@@ -262,8 +262,8 @@ ERRORS: dict[int, tuple[type[EngineError], str]] = {
     lib.ENG_EVERSION: (InternalError, "internal status {code} ({why}) escaped: please report"),
     lib.ENG_ELAPPED: (JournalLappedError, "journal of {name!r}: the records after the "
                                           "reader's seq were overwritten"),
-    lib.ENG_ENOJOURNAL: (ArgumentError, "engine {name!r} has no journal (created with "
-                                        "journal=None)"),
+    lib.ENG_ENOJOURNAL: (ArgumentError, "engine {name!r} has no journal (it is on only "
+                                        "when created with journal=True)"),
     lib.ENG_EGUARDED: (InternalError, "internal status {code} ({why}) escaped: please report"),
     lib.ENG_EINTR: (InternalError, "internal status {code} ({why}) escaped: please report"),
 }
