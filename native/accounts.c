@@ -219,7 +219,8 @@ static int acct_publish(eng_account *a, uint64_t AL)
 
 /* A change of account a alone (id), latched as AL: seal books b and publish
  * them (B3, W3), journaled: J1 before the seal (busy past the bound: unlatch,
- * nothing sealed, ENG_EBUSY), J2 the books after, J3 the publish, J4. */
+ * nothing sealed, ENG_EBUSY), J2 the books after, J3 the publish, J4.
+ * fault: a test fault switch honoured once the change is sealed (0: none). */
 static int acct_commit(eng_seg *s, eng_account *a, uint64_t AL, eng_books *b, uint64_t id,
                        uint32_t fault)
 {
