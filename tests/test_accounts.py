@@ -20,7 +20,7 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from engine import (
@@ -410,102 +410,8 @@ class TestUpdateAccount:
 ENTRIES = (10.0, 33.3, 99.99, 101.5)
 AMOUNTS = (0.5, 1.0, 2.25, 7.0)
 
-op = st.one_of(
-    st.tuples(st.just("open"), st.integers(0, 1), st.sampled_from(ENTRIES),
-              st.sampled_from(AMOUNTS), st.sampled_from((1, -1))),
-    st.tuples(st.just("price"), st.integers(0, 15), st.floats(1.0, 200.0)),
-    st.tuples(st.just("close"), st.integers(0, 15)),
-    st.tuples(st.just("deposit"), st.integers(0, 1), st.decimals(0, 500, places=8)),
-    st.tuples(st.just("withdraw"), st.integers(0, 1), st.decimals(0, 500, places=8)),
-    st.tuples(st.just("halt"), st.integers(0, 1), st.booleans()),
-    st.tuples(st.just("limits"), st.integers(0, 1), st.integers(0, 4),
-              st.decimals(0, 2000, places=2)),
-)
-
-
-class TestModel:
-    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(st.lists(op, max_size=40))
-    def test_books_follow_a_plain_decimal_ledger(self, ops: list[tuple[Any, ...]]) -> None:
-        """Every op's outcome and the books equal a plain-Python Decimal ledger's."""
-        with Engine.create(capacity=32) as eng:
-            try:
-                ledger = [dict(cash=Decimal(1000), reserved=Decimal(0), realized=Decimal(0),
-                               n=0, halted=False, max_exposure=Decimal(800), max_positions=3,
-                               max_loss=Decimal(60)) for _ in range(2)]
-                ids = [eng.open_account(1000, 800, 3, 60) for _ in range(2)]
-                positions: list[tuple[int, int, float, float, int]] = []   # id, acct, e, a, s
-                last: dict[int, float] = {}
-                for o in ops:
-                    self._step(eng, o, ledger, ids, positions, last)
-                for k, a in enumerate(ids):
-                    acc, m = eng.account(a), ledger[k]
-                    assert (acc.cash, acc.reserved, acc.realized_pnl, acc.open_positions,
-                            acc.halted) == (m["cash"], m["reserved"], m["realized"], m["n"],
-                                            m["halted"])
-                    check_books(eng, a)
-            finally:
-                eng.unlink()
-
-    @staticmethod
-    def _step(eng: Engine, o: tuple[Any, ...], ledger: list[dict[str, Any]], ids: list[int],
-              positions: list[tuple[int, int, float, float, int]], last: dict[int, float]) -> None:
-        kind = o[0]
-        if kind == "open":
-            _, k, e, amt, side = o
-            m = ledger[k]
-            notional = from_units(money_of(e, amt))
-            want = ("halted" if m["halted"] else "count" if m["n"] >= m["max_positions"] else
-                    "exposure" if m["reserved"] + notional > m["max_exposure"] else
-                    "cash" if notional > m["cash"] - m["reserved"] else None)
-            try:
-                p = eng.open_position(e, amt, side=side, account=ids[k])
-            except RiskLimitError as err:
-                assert err.limit == want
-                return
-            assert want is None
-            m["reserved"] += notional
-            m["n"] += 1
-            positions.append((p, k, e, amt, side))
-            last[p] = e
-        elif kind == "price" and positions:
-            p = positions[o[1] % len(positions)][0]
-            eng.update_price(p, o[2])
-            last[p] = o[2]
-        elif kind == "close" and positions:
-            p, k, e, amt, side = positions.pop(o[1] % len(positions))
-            close(eng, p)
-            m = ledger[k]
-            r = realized_of(e, amt, side, last[p])
-            m["reserved"] -= from_units(money_of(e, amt))
-            m["n"] -= 1
-            m["cash"] += r
-            m["realized"] += r
-            if m["realized"] < 0 and m["realized"] <= -m["max_loss"]:
-                m["halted"] = True
-            eng.release_position(p)
-        elif kind == "deposit":
-            eng.deposit(ids[o[1]], o[2])
-            ledger[o[1]]["cash"] += o[2]
-        elif kind == "withdraw":
-            m = ledger[o[1]]
-            if o[2] > m["cash"] - m["reserved"]:
-                with pytest.raises(RiskLimitError):
-                    eng.withdraw(ids[o[1]], o[2])
-            else:
-                eng.withdraw(ids[o[1]], o[2])
-                m["cash"] -= o[2]
-        elif kind == "halt":
-            eng.halt_account(ids[o[1]], o[2])
-            ledger[o[1]]["halted"] = o[2]
-        elif kind == "limits":
-            _, k, mp, mx = o
-            eng.update_account(ids[k], lambda acc: {"max_positions": mp, "max_exposure": mx})
-            m = ledger[k]
-            m.update(max_positions=mp, max_exposure=mx)
-            # an update re-checks max_loss, as a closing does
-            if m["realized"] < 0 and m["realized"] <= -m["max_loss"]:
-                m["halted"] = True
+# The Decimal-ledger model of the books (every op's outcome, the invariant after
+# every step) runs on both backends: tests/test_backends_invariants.py.
 
 
 # -- multiprocess ----------------------------------------------------------------------

@@ -21,18 +21,13 @@ import pytest
 from conftest import create_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_accounts import AMOUNTS, ENTRIES, check_books, close, realized_of
 
-from engine import Account, Engine, RiskLimitError, State, Trigger
-from engine._native import lib
+from engine import Engine, RiskLimitError
 from engine.accounts import from_units, money_of
 from engine.tools.stress import StressConfig, run_stress
 
 BACKENDS = ("shm", "redis")
-
-CLOSE = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
-         Trigger.EXIT_COMPLETED)
-ENTRIES = (10.0, 33.3, 99.99, 101.5)
-AMOUNTS = (0.5, 1.0, 2.25, 7.0)
 
 OPS = st.one_of(
     st.tuples(st.just("open"), st.integers(0, 1), st.sampled_from(ENTRIES),
@@ -45,26 +40,6 @@ OPS = st.one_of(
     st.tuples(st.just("limits"), st.integers(0, 1), st.integers(0, 4),
               st.decimals(0, 2000, places=2)),
 )
-
-
-def assert_invariant(eng: Engine, acct: int) -> Account:
-    """The account's books against its open positions in snapshot(), exactly."""
-    a = eng.account(acct)
-    rows = eng.snapshot()
-    mine = [r for r in rows[rows["account"] == acct] if State(int(r["state"])) != State.CLOSED]
-    assert a.reserved == sum((from_units(money_of(float(r["entry_price"]), float(r["amount"])))
-                              for r in mine), Decimal(0)), a
-    assert a.open_positions == len(mine), a
-    gain = loss = 0   # the room the open positions keep: their worst closes in the band
-    for r in mine:
-        n = money_of(float(r["entry_price"]), float(r["amount"]))
-        top = money_of(float(r["entry_price"]) * lib.ENG_BOOK_PRICE_MULT, float(r["amount"])) - n
-        g, lo = (top, n) if int(r["side"]) > 0 else (n, top)
-        gain, loss = gain + g, loss + lo
-    row = next(b for b in eng.accounts() if int(b["id"]) == acct)
-    assert (int(row["worst_gain"]), int(row["worst_loss"])) == (gain, loss), row
-    assert a.cash == a.opening_cash + a.deposits - a.withdrawals + a.realized_pnl, a
-    return a
 
 
 class Ledger:
@@ -105,11 +80,9 @@ class Ledger:
             self.last[p] = o[2]
         elif kind == "close" and self.positions:
             p, k, e, amt, side = self.positions.pop(o[1] % len(self.positions))
-            for trig in CLOSE:
-                assert eng.transition(p, trig).name == "APPLIED"
+            close(eng, p)
             m = self.books[k]
-            diff = money_of(self.last[p], amt) - money_of(e, amt)
-            r = from_units(diff if side > 0 else -diff)
+            r = realized_of(e, amt, side, self.last[p])
             m["reserved"] -= from_units(money_of(e, amt))
             m["n"] -= 1
             m["cash"] += r
@@ -142,7 +115,7 @@ class Ledger:
     def check(self) -> None:
         """Every account: the invariant, and the ledger's figures."""
         for k, acct in enumerate(self.ids):
-            a, m = assert_invariant(self.eng, acct), self.books[k]
+            a, m = check_books(self.eng, acct), self.books[k]
             assert (a.cash, a.reserved, a.realized_pnl, a.open_positions, a.halted) == (
                 m["cash"], m["reserved"], m["realized"], m["n"], m["halted"]), (a, m)
 

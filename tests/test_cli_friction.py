@@ -5,7 +5,6 @@ stress says what its columns mean; a closed pipe ends any command quietly."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import multiprocessing
 import os
@@ -18,36 +17,18 @@ from typing import Any
 import pytest
 from conftest import REPO_ROOT, segment_path
 from procs import JOIN_TIMEOUT, READY_TIMEOUT, sigkill
+from test_tools import attach_and_wait, run
 
 from engine import Engine, RiskLimitError, SegmentNotFoundError
 from engine._native import lib
 from engine.metrics import OPS, OpMetrics
 from engine.spec import POSITION_SPEC
 from engine.store import shm as segment
-from engine.tools import segments
 from engine.tools.stress.config import StressResult
 from engine.tools.stress.report import format_report
 from engine.tools.stress.runner import _metrics_table
 
 CTX = multiprocessing.get_context("spawn")
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Parse ``argv`` with the tools' parsers, run it; (exit code, stdout, stderr)."""
-    parser = argparse.ArgumentParser(prog="engine")
-    segments.add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    code = args.func(args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def attach_and_wait(name: str, ready: Any) -> None:
-    """Attach, say so, then wait to be killed."""
-    eng = Engine.attach(name)
-    ready.set()
-    signal.pause()
-    eng.close()
 
 
 @pytest.fixture
