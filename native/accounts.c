@@ -630,20 +630,7 @@ static int acct_key_from(const char *key, uint32_t len, eng_key *k)
 
 static int acct_key_lock(eng_seg *s, op_timer t)
 {
-    uint32_t *lk = &s->hdr->acct_key_lock;
-    for (uint32_t step = 0; step < MAX_WAIT_STEPS; step++) {
-        uint32_t cur = load_relaxed_u32(lk);
-        if (cur == 0 || (time_to_check_owner(step) && token_dead(s, cur))) {
-            if (cas_acq_rel_u32(lk, &cur, s->token)) {
-                if (cur)
-                    OP_TAKEOVERS(t, 1);
-                return 0;
-            }
-        }
-        OP_RETRIES(t, 1);
-        backoff_step(step);
-    }
-    return ENG_EBUSY;
+    return token_lock(s, &s->hdr->acct_key_lock, t);
 }
 
 static void acct_key_unlock(eng_seg *s)

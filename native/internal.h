@@ -627,6 +627,26 @@ static int token_dead(eng_seg *s, uint32_t token)
     return freed || (held == 0 && fd_is_segment(s));
 }
 
+/* Take lock word lk, which holds its owner's token: when it is free, or its
+ * owner is proven dead (asked every few steps).  Bounded: ENG_EBUSY after
+ * MAX_WAIT_STEPS back-off steps against a live owner. */
+static int token_lock(eng_seg *s, uint32_t *lk, op_timer t)
+{
+    for (uint32_t step = 0; step < MAX_WAIT_STEPS; step++) {
+        uint32_t cur = load_relaxed_u32(lk);
+        if (cur == 0 || (time_to_check_owner(step) && token_dead(s, cur))) {
+            if (cas_acq_rel_u32(lk, &cur, s->token)) {
+                if (cur)
+                    OP_TAKEOVERS(t, 1);
+                return 0;
+            }
+        }
+        OP_RETRIES(t, 1);
+        backoff_step(step);
+    }
+    return ENG_EBUSY;
+}
+
 /* ==== futex ==================================================================== */
 
 /* The futex word is the low 32 bits of the slot's transition counter

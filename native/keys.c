@@ -262,20 +262,7 @@ static void keys_drop(eng_seg *s, uint64_t id)
 
 static int stripe_lock(eng_seg *s, uint32_t b, op_timer t)
 {
-    uint32_t *lk = &s->stripes[b];
-    for (uint32_t step = 0; step < MAX_WAIT_STEPS; step++) {
-        uint32_t cur = load_relaxed_u32(lk);
-        if (cur == 0 || (time_to_check_owner(step) && token_dead(s, cur))) {
-            if (cas_acq_rel_u32(lk, &cur, s->token)) {
-                if (cur)
-                    OP_TAKEOVERS(t, 1);
-                return 0;
-            }
-        }
-        OP_RETRIES(t, 1);
-        backoff_step(step);
-    }
-    return ENG_EBUSY;
+    return token_lock(s, &s->stripes[b], t);
 }
 
 static void stripe_unlock(eng_seg *s, uint32_t b)
