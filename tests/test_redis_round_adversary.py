@@ -16,6 +16,7 @@ from test_redis_calls import _checking_script, _lose_reply_of
 from engine import Engine, Outcome, ServerError, State, Trigger
 from engine.errors import EngineError
 
+
 def _armed(e: Engine, account: Any = None, token: int = 7) -> int:
     pos = e.open_position(entry_price=100.0, amount=2.0, side=1, token=token, stop_loss=90.0,
                           account=account)
@@ -30,7 +31,7 @@ def _account(e: Engine, **kw: Any) -> Any:
 
 class TestFiresDeclareTheirKeys:
     def test_a_firing_price_write_touches_only_declared_keys(self, monkeypatch):
-        """A fire in upd, upds and tokp (on an account, the journal on) touches only declared keys."""
+        """A fire in upd, upds and tokp (booked, journal on) touches only declared keys."""
         from engine.store.redis import connection as rb
         script = _checking_script()
         monkeypatch.setattr(rb, "_SCRIPT", script)

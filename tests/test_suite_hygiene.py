@@ -19,6 +19,9 @@ from procs import sigkill
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 TEST_FILES = sorted(TESTS_DIR.glob("test_*.py"))
+# parsed at collection, before any test runs: CPython 3.11's AST constructor can fail
+# ("recursion depth mismatch") in a process where an earlier test hit a RecursionError
+TREES = {p: ast.parse(p.read_text(), filename=str(p)) for p in TEST_FILES}
 SENTENCE_ENDS = (".", "!", "?")
 CLOSERS = ")]\"'`"   # a sentence may end inside a parenthesis or a quote: "(see x)." or "x.)"
 
@@ -54,7 +57,7 @@ def docstring_problem(doc: str | None) -> str | None:
 
 def offenders(path: pathlib.Path) -> list[str]:
     """``line test: why`` for every test in ``path`` whose docstring breaks the rule."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = TREES.get(path) or ast.parse(path.read_text(), filename=str(path))
     out = []
     for fn in collected_tests(tree):
         problem = docstring_problem(ast.get_docstring(fn))
