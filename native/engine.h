@@ -776,6 +776,31 @@ typedef struct eng_shard {
 #define ENG_JK_HALT          5
 #define ENG_JK_PRICE         6
 #define ENG_JREC_SIZE        256
+/* The journal on disk (durability: native/durable.c writes, native/restore.c
+ * reads; docs/durability.md).  A journal directory DIR (0700) holds, each file
+ * 0600:
+ *  meta.json      the engine's identity (format, name, capacity, spec, create
+ *                 options), written once at create (tmp, fsync, rename).
+ *  journal-<seq, 20 digits>.log  preallocated to its size at creation (a full
+ *                 disk is an error then, never later); a file header of
+ *                 ENG_DJ_FILE_HDR bytes (u32 magic ENG_DJ_FILE_MAGIC, u32
+ *                 ENG_DJ_FORMAT, u32 ENG_DJ_FRAME_BYTES, u32 0, u64 the seq of
+ *                 its first record, zeros), then frames back to back; the
+ *                 first frame whose magic is 0 ends the file's records.
+ *  checkpoint-<seq, 20 digits>.ckpt  written to a .tmp, fsynced, renamed:
+ *                 a file header (u32 ENG_DJ_CKPT_MAGIC, u32 ENG_DJ_FORMAT,
+ *                 u32 ENG_DJ_FRAME_BYTES, u32 0, u64 start seq = the journal
+ *                 seq read before the scan began, u64 frames), then one frame
+ *                 per object as the journal would record it (seq 0).
+ * A frame (ENG_DJ_FRAME_BYTES): u32 ENG_DJ_FRAME_MAGIC, u32 the CRC-32C of
+ * the ENG_JREC_SIZE bytes that follow, then the record as eng_journal_read
+ * returns it. */
+#define ENG_DJ_FORMAT        1
+#define ENG_DJ_FILE_MAGIC    0x4C4A4E45u   /* "ENJL" little-endian */
+#define ENG_DJ_CKPT_MAGIC    0x4B434E45u   /* "ENCK" */
+#define ENG_DJ_FRAME_MAGIC   0x52464E45u   /* "ENFR" */
+#define ENG_DJ_FILE_HDR      64
+#define ENG_DJ_FRAME_BYTES   (8 + ENG_JREC_SIZE)
 /* back-off steps a committer waits for the journal latch (each past
  * ENG_YIELD_STEPS sleeps ENG_BACKOFF_SLEEP_NS: about 0.2 s): every commit
  * passes through it, so a holder preempted on a crowded host is waited for
