@@ -680,11 +680,15 @@ REG('tokp', once(function(keys, args)
     local n = 0
     local slots, list = redis.call('SMEMBERS', P .. 't:' .. args[1]), {}
     local d = declared(keys)
-    for i, slot in ipairs(slots) do list[i] = P .. 'p:' .. slot end
+    local X = exits(P)
+    -- a fire (X) also reads the guard's lock and wakes waiters (commit)
+    local parts = X and {'p:', 'g:', 'wf:', 'w:'} or {'p:'}
+    for _, slot in ipairs(slots) do
+        for _, x in ipairs(parts) do list[#list + 1] = P .. x .. slot end
+    end
     for _, k in ipairs(list) do
         if not d[k] then return need('', list) end
     end
-    local X = exits(P)
     local busy = false
     for _, slot in ipairs(slots) do
         local p = P .. 'p:' .. slot

@@ -94,7 +94,7 @@ _ONCE = frozenset({"tx", "glock", "gcommit", "upd", "upds", "tokp", "txmany", "o
 #: g: its guard lock, pk: its keys, wf, w: its wait flag and stream)
 _SLOT_KEYS = {"tx": ("p", "g", "wf", "w"), "gcommit": ("p", "g", "wf", "w"),
               "glock": ("p", "g"), "gunlock": ("g",), "state": ("p",), "word": ("p", "g"),
-              "price": ("p",), "context": ("p",), "upd": ("p",), "bind": ("p", "pk"),
+              "price": ("p",), "context": ("p",), "upd": ("p", "g", "wf", "w"), "bind": ("p", "pk"),
               "keys": ("p", "pk"), "release": ("p", "g", "pk", "wf", "w"),
               "wprep": ("p", "wf", "w")}
 #: the functions whose further keys depend on the position's data (the account

@@ -94,6 +94,8 @@ _PRICE_OUT = struct.Struct("<32sQ")      # the 32 bytes of the record, then the 
 _ROW_HEAD = struct.Struct("<QIIIIQ32sQQ")
 _SNAP = struct.Struct("<IIII3d")            # what snap returns before the record bytes
 _WAIT_SLICE_MS = 1000                      # XREAD BLOCK at most this long per round trip
+#: the keys of a position a price write may touch: a fire reads the guard's lock and wakes waiters
+_FIRE_KEYS = _SLOT_KEYS["upd"]
 
 
 class _Now:
@@ -860,7 +862,7 @@ class RedisStore:
                 r = done.get(s)
                 if r is None:
                     r = done[s] = self._fn(s, "upds", slots, ops, p[idx].astype("<f8").tobytes(),
-                                           _TS, keys=self._pos_keys(s, a[idx], ("p",)))
+                                           _TS, keys=self._pos_keys(s, a[idx], _FIRE_KEYS))
                 written += int(r[1])
                 if r[0]:   # as C: the pass stops at the busy element, with its index
                     out[0], out_n[0] = int(idx[int(r[2])]), written
