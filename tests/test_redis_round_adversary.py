@@ -60,10 +60,11 @@ class TestFiresDeclareTheirKeys:
 class TestFiringWriteLostReply:
     @pytest.mark.parametrize("fn", ["upd", "upds", "tokp"])
     def test_a_fire_made_again_books_once(self, made, fn):
-        """A firing price write whose reply was lost, made again, fires and prices once."""
-        e = made(16, max_accounts=4, journal=True)
+        """A firing write whose reply was lost, made again, fires, prices and journals once."""
+        e = made(16, max_accounts=4, journal=True, journal_prices=True)
         a = _account(e)
         pos = _armed(e, account=a)
+        since = e.journal_seq
         _lose_reply_of(e, fn, 1)
 
         def write() -> Any:
@@ -78,6 +79,8 @@ class TestFiringWriteLostReply:
         assert e.state(pos) is State.EXIT_PENDING
         assert e.context(pos).exit_price == 80.0
         assert e.price(pos).version == 2
+        kinds = [ev.kind for ev in e.events(since=since, timeout=0)]
+        assert sorted(kinds) == sorted(["transition", "price"]), kinds   # journaled once
 
 
 class TestKeyedOpenLostReply:
