@@ -159,6 +159,8 @@ class RedisStore:
         self.kpp = int(meta[b"kpp"])
         self.max_accounts = int(meta[b"nacct"])
         self.n_words = int(meta[b"nwords"])
+        #: the keys of a position a batch price write declares (a fire touches more)
+        self._price_keys = _FIRE_KEYS if b"x_armed" in meta else ("p",)
         self.n_triggers = int(meta[b"ntrig"])
         self.roles = {r: int(meta[b"r_" + r.encode()]) for r in
                       ("entry", "amount", "side", "token", "opened", "account")}
@@ -862,7 +864,7 @@ class RedisStore:
                 r = done.get(s)
                 if r is None:
                     r = done[s] = self._fn(s, "upds", slots, ops, p[idx].astype("<f8").tobytes(),
-                                           _TS, keys=self._pos_keys(s, a[idx], _FIRE_KEYS))
+                                           _TS, keys=self._pos_keys(s, a[idx], self._price_keys))
                 written += int(r[1])
                 if r[0]:   # as C: the pass stops at the busy element, with its index
                     out[0], out_n[0] = int(idx[int(r[2])]), written
