@@ -148,6 +148,19 @@ class TestFunctionFlush:
         a = _account(e, key="flushed")
         assert e.lookup_account("flushed") == a and len(e.accounts()) == 1
 
+    def test_a_lost_fire_made_again_after_function_flush_applies_once(self, made):
+        """A firing write whose reply was lost, made again after FUNCTION FLUSH, applies once."""
+        e = made(16, max_accounts=4, journal=True)
+        pos = _armed(e)
+        _lose_reply_of(e, "upd", 1)
+        with pytest.raises(ServerError):
+            e.update_price(pos, 80.0)
+        r = redis.Redis.from_url(redis_url())
+        r.function_flush()
+        r.script_flush()
+        e.update_price(pos, 80.0)
+        assert e.state(pos) is State.EXIT_PENDING and e.price(pos).version == 2
+
 
 class TestPausedWrites:
     def _again(self, call: Any) -> Any:
@@ -219,3 +232,4 @@ class TestKeyedAccountsAcrossShards:
         for k in keys[:4]:
             _account(e, key=k)
         assert len(e.accounts()) == 4
+
