@@ -32,7 +32,7 @@ def _account(e: Engine, **kw: Any) -> Any:
 
 class TestFiresDeclareTheirKeys:
     def test_a_firing_price_write_touches_only_declared_keys(self, monkeypatch):
-        """Fires in upd, upds, tokp and keyed aopen, alookup, aclose touch only declared keys."""
+        """Fires in upd, upds, tokp, halt and keyed aopen, alookup, aclose: only declared keys."""
         from engine.store.redis import connection as rb
         script = _checking_script()
         monkeypatch.setattr(rb, "_SCRIPT", script)
@@ -48,6 +48,8 @@ class TestFiresDeclareTheirKeys:
             assert e.update_token_price(9, 80.0) == 2              # tokp fires
             assert [e.context(i).exit_price for i in ids] == [80.0] * 6
             assert [e.state(i) for i in ids] == [State.EXIT_PENDING] * 6
+            e.halt(True)                                       # halt journals
+            e.halt(False)
             b = _account(e, key="acct-2")                      # aopen, alookup, aclose
             assert e.lookup_account("acct-2") == b
             e.close_account(b)
