@@ -57,6 +57,7 @@ from engine.errors import (
     SegmentNotFoundError,
     SlotError,
     SpecError,
+    StaleAccountError,
     TriggerError,
     WaitTimeout,
     raise_for,
@@ -1324,9 +1325,14 @@ class Engine(_EngineBase, Generic[S, C, T]):
     def close_account(self, account: int) -> Account:
         """Close an account with no open position; its id goes stale.
         Returns its last books."""
-        last = self.account(account)
+        try:
+            last: Account | None = self.account(account)
+        except StaleAccountError:
+            last = None   # closed already; on Redis maybe by this call's first try (below)
         account = self._account_id(account)
         self._account_call(self._lib.eng_close_account(self._seg, account), account)
+        if last is None:   # Redis: made again after a lost reply, its first reply's books
+            last = account_from_row(self._seg.last_closed)
         return last
 
     def account(self, account: int) -> Account:

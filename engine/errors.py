@@ -111,6 +111,23 @@ class CapacityError(EngineError, MemoryError):
     """No free slot, or no free entry in the process registry."""
 
 
+class ShardFullError(CapacityError):
+    """A keyed account on a sharded Redis engine: its key's shard has no free
+    account record (other shards may have some).  The key's index and the
+    account's record change in one function call on one node, so a keyed
+    account opens only on its key's shard.  ``key``, ``shard`` and
+    ``shards``; ``records``: the shard's account records (all open);
+    ``max_accounts``; ``free_elsewhere``: the free records the other shards
+    had when refused (None if a shard did not answer).  Nothing was changed."""
+
+    def __init__(self, message: str, key: bytes = b"", shard: int = 0, shards: int = 0,
+                 records: int = 0, max_accounts: int = 0,
+                 free_elsewhere: int | None = None) -> None:
+        super().__init__(message)
+        self.key, self.shard, self.shards = key, shard, shards
+        self.records, self.max_accounts, self.free_elsewhere = records, max_accounts, free_elsewhere
+
+
 class BusyError(EngineError, TimeoutError):
     """A live writer held a record past the bound; nothing was changed."""
 

@@ -14,7 +14,7 @@ from conftest import redis_url
 from test_redis_calls import _checking_script, _lose_reply_of
 
 from engine import Engine, Outcome, ServerError, State, Trigger
-from engine.errors import EngineError
+from engine.errors import EngineError, ShardFullError
 from engine.tools.redis_server import PrivateRedis
 
 
@@ -223,9 +223,11 @@ class TestRestartWithoutPersistence:
 
 
 class TestKeyedAccountsAcrossShards:
-    @pytest.mark.xfail(strict=True, reason="a keyed account opens only on its key's shard: "
-                       "keys that hash to one shard fill it while others have free records "
-                       "(shm: one pool of max_accounts); needs a cross-shard key index")
+    @pytest.mark.xfail(strict=True, raises=ShardFullError,
+                       reason="by design (docs/accounts.md): a keyed account opens only on its "
+                       "key's shard, its index and record in one call on one node; keys that "
+                       "hash to one shard fill it while others have free records (shm: one "
+                       "pool of max_accounts): ShardFullError says so")
     def test_keyed_opens_use_every_free_account(self, made):
         """Keyed accounts can use all max_accounts records, as on shared memory."""
         e = made(8, shards=2, max_accounts=4)

@@ -1113,6 +1113,9 @@ REG('aclose', once(function(keys, args)
     local a, err = account_of(P, args[1], tonumber(args[2]))
     if not a then return err end
     if redis.call('HGET', a, 'open_positions') ~= '0' then return EACCTBUSY end
+    -- the books it closes with, in the reply: a close made again after a lost
+    -- reply gets them from its request record (the account reads stale by then)
+    local last = books(a)
     redis.call('HSET', a, 'open', '0')
     local k = redis.call('HGET', a, 'key')
     if k then   -- its key names nothing from now on
@@ -1121,7 +1124,7 @@ REG('aclose', once(function(keys, args)
     end
     redis.call('RPUSH', P .. 'afree', args[1])
     journal_account(P, args[1], a)
-    return 0
+    return {0, last}
 end))
 
 -- the open account with key args[1]: {0, n, op}, or {0}

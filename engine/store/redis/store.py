@@ -29,6 +29,7 @@ from engine.errors import (
     SegmentError,
     SegmentNotFoundError,
     ServerError,
+    ShardFullError,
     SpecMismatchError,
 )
 from engine.metrics import OPS, Metrics, OpMetrics, percentile
@@ -171,6 +172,9 @@ class RedisStore:
         self.prefixes = [k[:-1] for k in self.meta_keys]
         self._books = ffi.new("eng_books *")
         self.last_books = self._books[0]
+        #: the books of the account this store's last close_account closed
+        #: (a close made again after a lost reply returns them: Engine.close_account)
+        self.last_closed = ffi.new("eng_account_row *")
         self._initial = int(meta[b"initial"]).bit_length()   # state index + 1
         self._last = _COMMITTED   # the last commit's committed() reply
         self.last_amount = 0
@@ -976,7 +980,17 @@ class RedisStore:
             return self._closed_code()
         if self._raised["aopen"] is None:
             self._next += 1
-        # a keyed account opens on its key's shard: key and account change in one call
+        # A keyed account opens on its key's shard: its index entry (akeys, on
+        # the key's shard, where lookup_account finds it) and its record
+        # change in one function call, so the key's uniqueness and "a key
+        # names only an open account" are one atomic step.  Taking another
+        # shard's free record would split that into calls on two nodes of a
+        # cluster: a crash, a lost reply or a failover (asynchronous
+        # replication: one node's half lost, the other's kept) between them
+        # leaves a key naming a closed or missing account, or an account
+        # whose key a second open takes again.  So a full key shard refuses
+        # the key (ShardFullError, with the numbers) even when other shards
+        # have free records; see docs/accounts.md.
         shards = [self._key_shard(k)] if k else [(self._next + i) % self.shards
                                                  for i in range(self.shards)]
         for s in self._from_raised("aopen", shards):
@@ -992,7 +1006,41 @@ class RedisStore:
                 self._raised["aopen"] = None
                 return 0
         self._raised["aopen"] = None
+        if k and self.shards > 1:
+            self._shard_full(k, shards[0])
         return EACCTFULL
+
+    def _shard_full(self, k: bytes, s: int) -> None:
+        """Raise ShardFullError: keyed account ``k``'s shard ``s`` has no free
+        record; how many the other shards have (read now: a hint, not a promise)."""
+        records = len(range(s, self.max_accounts, self.shards))
+        free: int | None = 0
+        try:
+            for o in range(self.shards):
+                if o != s:
+                    mine = range(o, self.max_accounts, self.shards)
+                    P = self.prefixes[o]
+                    opened = self._fn(o, "alist", o, self.max_accounts, self.shards,
+                                      keys=[f"{P}a:{n}" for n in mine])
+                    free = (free or 0) + len(mine) - len(opened)
+        except ServerError:
+            free = None
+        where = (f"account key {k!r} belongs to shard {s} of this {self.shards}-shard Redis "
+                 f"engine, whose {records} account records are all open")
+        if free is None:
+            why = "; another shard did not answer, so its free records are not known"
+        elif free:
+            why = (f"; the other shards have {free} free account records, which a keyed "
+                   "account cannot take (it opens on its key's shard: the key's index and "
+                   "the account change in one call on one node)")
+        else:
+            why = f" (all {self.max_accounts} account records are open)"
+        raise ShardFullError(
+            f"{where}{why}; close an account of shard {s}, open it with another key (or "
+            f"none), or create the engine with a larger max_accounts (now "
+            f"{self.max_accounts}); nothing was changed",
+            key=k, shard=s, shards=self.shards, records=records,
+            max_accounts=self.max_accounts, free_elsewhere=free)
 
     def eng_lookup_account(self, seg: Any, key: bytes, key_len: int) -> int:
         if not 1 <= key_len <= KEY_MAX:
@@ -1064,7 +1112,13 @@ class RedisStore:
 
     def eng_close_account(self, seg: Any, id: int) -> int:
         sp = self._acct(id)
-        return sp if isinstance(sp, int) else int(self._acall(sp[0], "aclose", sp[1]))
+        if isinstance(sp, int):
+            return sp
+        r = self._acall(sp[0], "aclose", sp[1])
+        if isinstance(r, list):   # closed: its last books (a resend gets the first reply's)
+            self._books_row(id, r[1], self.last_closed)
+            return int(r[0])
+        return int(r)
 
     def eng_accounts(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
         if self._closed:
