@@ -20,8 +20,7 @@ import redis
 from procs import JOIN_TIMEOUT, READY_TIMEOUT
 from test_redis_calls import _lose_reply_of
 
-from engine import CapacityError, Engine, KeyExistsError, ServerError
-from engine.errors import ShardFullError
+from engine import CapacityError, Engine, KeyExistsError, ServerError, ShardFullError
 from engine.tools.redis_server import PrivateRedis
 
 
