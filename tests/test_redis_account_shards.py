@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 import redis
-from procs import JOIN_TIMEOUT, READY_TIMEOUT
+from procs import JOIN_TIMEOUT, READY_TIMEOUT, until
+from test_redis import cluster  # noqa: F401 - the 3-node cluster fixture
 from test_redis_calls import _lose_reply_of
 
 from engine import CapacityError, Engine, KeyExistsError, ServerError, ShardFullError
@@ -63,7 +64,7 @@ def _index_problems(e: Engine, r: Any) -> list[str]:
 
 class TestKeyShardFull:
     def test_a_full_key_shard_raises_shard_full_with_its_numbers(self, made):
-        """A keyed open on a full key shard: ShardFullError naming the shard and the room elsewhere."""
+        """A keyed open on a full key shard: ShardFullError, naming the shard and room elsewhere."""
         e = made(8, shards=2, max_accounts=4)
         for k in _keys_of(e, 0, 2):
             _open(e, k)
@@ -79,7 +80,7 @@ class TestKeyShardFull:
         assert e.lookup_account(third) is None and len(e.accounts()) == 2   # nothing changed
 
     def test_the_other_shard_still_opens_and_a_full_engine_says_so(self, made):
-        """With the key shard full, other shards open accounts; all full, the error says none is free."""
+        """Key shard full: other shards still open accounts; all full: the error says none free."""
         e = made(8, shards=2, max_accounts=4)
         for k in _keys_of(e, 0, 2):
             _open(e, k)
@@ -93,7 +94,7 @@ class TestKeyShardFull:
             _open(e)
 
     def test_a_record_freed_on_the_key_shard_opens_the_key(self, made):
-        """A record freed on the key's shard opens the next keyed account there: no false refusal."""
+        """A record freed on the key's shard opens the next keyed account: no false refusal."""
         e = made(8, shards=2, max_accounts=4)
         first, second, third = _keys_of(e, 0, 3)
         a = _open(e, first)
@@ -130,7 +131,7 @@ def _race_keys(h: Any, keys: list[str], go: Any, out: Any) -> None:
 
 class TestKeyedOpenRaces:
     def test_six_processes_racing_each_key_open_one_account(self, made, spawner):
-        """Six processes opening the same keys on a 2-shard engine: one account per key, never two."""
+        """Six processes opening the same keys on 2 shards: one account per key, never two."""
         e = made(8, shards=2, max_accounts=16)
         keys = [*_keys_of(e, 0, 6, "race"), *_keys_of(e, 1, 6, "race")]
         go, out = spawner.ctx.Event(), spawner.ctx.Queue()
@@ -160,7 +161,7 @@ class TestKeyedLostReplies:
         assert _index_problems(e, redis.Redis.from_url(e.url)) == []
 
     def test_a_lost_keyed_open_on_a_full_key_shard_made_again_opens_once(self, made):
-        """A lost keyed open that took its shard's last record, made again: one account, not full."""
+        """A lost keyed open that took its shard's last record, made again: one account."""
         e = made(8, shards=2, max_accounts=4)
         first, last = _keys_of(e, 0, 2)
         _open(e, first)
@@ -241,3 +242,182 @@ class TestKilledServer:
                     assert _index_problems(again, r) == []
             finally:
                 e.close()
+
+
+def _slot_mover(e: Engine, shard: int) -> Any:
+    """(cluster client, slot of ``shard``'s keys, its node, another primary,
+    {node name: node id}) for moving the shard's slot by hand."""
+    from redis.cluster import RedisCluster
+    rc = RedisCluster.from_url(e.url.split("?")[0].replace("redis+cluster", "redis"))
+    meta = e._seg.meta_keys[shard]
+    source = rc.get_node_from_key(meta)
+    target = next(n for n in rc.get_primaries() if n.name != source.name)
+    ids = {n.name: rc.get_redis_connection(n).execute_command("CLUSTER", "MYID").decode()
+           for n in rc.get_primaries()}
+    return rc, rc.keyslot(meta), source, target, ids
+
+
+def _begin_move(rc: Any, slot: int, source: Any, target: Any, ids: dict[str, str]) -> None:
+    rc.get_redis_connection(target).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING",
+                                                    ids[source.name])
+    rc.get_redis_connection(source).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING",
+                                                    ids[target.name])
+
+
+def _move_keys(rc: Any, slot: int, source: Any, target: Any, keys: Any = None) -> int:
+    """MIGRATE ``keys`` (default: all, one at a time) of ``slot`` from source to target."""
+    src = rc.get_redis_connection(source)
+    moved = 0
+    while True:
+        batch = [keys.pop()] if keys else [] if keys is not None else \
+            src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1)
+        if not batch:
+            return moved
+        src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *batch)
+        moved += 1
+
+
+def _end_move(rc: Any, slot: int, target: Any, ids: dict[str, str]) -> None:
+    for n in rc.get_primaries():
+        rc.get_redis_connection(n).execute_command("CLUSTER", "SETSLOT", slot, "NODE",
+                                                   ids[target.name])
+    rc.nodes_manager.initialize()
+
+
+class TestKeyedOpenOnAMigratingSlot:
+    def test_a_keyed_open_with_its_keys_split_over_two_nodes_is_refused_whole(
+            self, cluster):  # noqa: F811
+        """A keyed open with its key index moved, its free list not: refused whole, then once.
+
+        The key's shard's slot is MIGRATING with only akeys on the importing
+        node: the call's declared keys straddle two nodes, the server
+        refuses it (TRYAGAIN) before it runs, so no account is taken without
+        its index entry; made again after the move, it opens one account.
+        """
+        e = Engine.create(8, url=cluster + "?timeout=1", shards=3, max_accounts=12)
+        try:
+            first, key = _keys_of(e, 1, 2, "mig")
+            _open(e, first)                              # akeys exists; the hint is learned
+            rc, slot, source, target, ids = _slot_mover(e, 1)
+            P = e._seg.prefixes[1]
+            before = rc.lrange(P + "afree", 0, -1)
+            _begin_move(rc, slot, source, target, ids)
+            try:
+                _move_keys(rc, slot, source, target, [(P + "akeys").encode()])
+                with pytest.raises(ServerError):
+                    _open(e, key)
+                src = rc.get_redis_connection(source)
+                dst = redis.Redis(host=target.host, port=target.port,
+                                  single_connection_client=True)
+                dst.execute_command("ASKING")                            # (importing node)
+                assert set(dst.hkeys(P + "akeys")) == {first.encode()}    # no index entry
+                dst.close()
+                assert src.lrange(P + "afree", 0, -1) == before           # no record taken
+                _move_keys(rc, slot, source, target)
+            finally:
+                _end_move(rc, slot, target, ids)
+            a = _open(e, key)                            # made again: applies once
+            assert e.lookup_account(key) == a and len(e.accounts()) == 2
+            assert _index_problems(e, rc) == []
+            rc.close()
+        finally:
+            e.unlink()
+            e.close()
+
+
+def _churn_keys(h: Any, keys: list[str], go: Any, stop: Any, out: Any, done: Any) -> None:
+    """Open and close accounts of ``keys`` until ``stop``, each call made again
+    after ServerError until it returns; after each open, the key must name
+    this account.  Counts each open tried in ``done``; puts "ready" once
+    attached, then (opens, problems)."""
+    def again(call: Any) -> Any:
+        for _ in range(200):
+            try:
+                return call()
+            except ServerError:
+                continue
+        raise AssertionError("a call never returned")
+
+    problems: list[str] = []
+    opens = 0
+    with Engine.attach(h) as e:
+        out.put("ready")
+        if not go.wait(READY_TIMEOUT):
+            return
+        i = 0
+        while not stop.is_set():
+            k = keys[i % len(keys)]
+            i += 1
+            with done.get_lock():
+                done.value += 1
+            try:
+                a = again(lambda k=k: _open(e, k))
+            except KeyExistsError:
+                continue
+            opens += 1
+            found = again(lambda k=k: e.lookup_account(k))
+            if found != a:
+                problems.append(f"opened {a} with key {k!r}, which names {found}")
+            again(lambda a=a: e.close_account(a))
+    out.put((opens, problems))
+
+
+@pytest.mark.slow
+class TestKeyedOpensUnderAReshard:
+    def test_six_processes_churn_keys_while_their_slot_moves_twice(
+            self, cluster, spawner):  # noqa: F811
+        """Six processes open and close keyed accounts while their shard's slot moves away and back.
+
+        Forbidden: an open whose key names another account (two accounts
+        with one key), a key left naming a closed account, an account
+        record lost or listed free twice.
+        """
+        e = Engine.create(8, url=cluster + "?timeout=5", shards=3, max_accounts=24)
+        try:
+            keys = _keys_of(e, 1, 3, "churn")
+            go, stop, out = spawner.ctx.Event(), spawner.ctx.Event(), spawner.ctx.Queue()
+            done = spawner.ctx.Value("l", 0)
+            for i in range(6):
+                spawner.start(_churn_keys, e.handle, keys[i % 3:] + keys[:i % 3], go, stop, out,
+                              done)
+            assert [out.get(timeout=READY_TIMEOUT) for _ in range(6)] == ["ready"] * 6
+            rc, slot, source, target, ids = _slot_mover(e, 1)
+            go.set()
+
+            def churned() -> None:   # the workers ran some opens since the last look
+                at = done.value
+                until(lambda: done.value >= at + 6, "six more opens tried")
+
+            def refused(node: Any) -> int:   # calls the node refused while the slot was split
+                stats = rc.get_redis_connection(node).info("errorstats")
+                return int(stats.get("errorstat_TRYAGAIN", {}).get("count", 0))
+            try:
+                churned()
+                moved = 0
+                for a, b in ((source, target), (target, source)):
+                    _begin_move(rc, slot, a, b, ids)
+                    try:
+                        at = refused(a)
+                        moved += _move_keys(rc, slot, a, b, keys=[*rc.get_redis_connection(a)
+                                            .execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1)])
+                        # the slot is split over two nodes: wait until calls meet it
+                        until(lambda a=a, at=at: refused(a) > at, "a call refused (TRYAGAIN)")
+                        moved += _move_keys(rc, slot, a, b)
+                    finally:
+                        _end_move(rc, slot, b, ids)
+                    churned()
+            finally:
+                stop.set()
+            got = [out.get(timeout=60) for _ in range(6)]
+            spawner.join_all(60)
+            assert moved > 2, f"only {moved} keys moved"
+            assert [p for _, ps in got for p in ps] == []
+            assert sum(n for n, _ in got) > 0, "no process opened an account"
+            assert len(e.accounts()) == 0 and _index_problems(e, rc) == []
+            P = e._seg.prefixes[1]
+            free = [int(x) for x in rc.lrange(P + "afree", 0, -1)]
+            assert sorted(free) == list(range(1, 24, 3)), f"shard 1's free list {free}"
+            rc.close()
+        finally:
+            e.unlink()
+            e.close()
