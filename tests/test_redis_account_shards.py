@@ -421,3 +421,60 @@ class TestKeyedOpensUnderAReshard:
         finally:
             e.unlink()
             e.close()
+
+
+def _more(acc: Any) -> dict[str, int]:
+    return {"max_positions": acc.max_positions + 10}
+
+
+class TestUpdateAccountMadeAgain:
+    def test_a_lost_update_made_again_applies_fn_once(self, made):
+        """update_account whose reply was lost, made again with the same fn: fn applied once."""
+        e = made(8, shards=2, max_accounts=4)
+        a = e.open_account(cash=0, max_exposure=0, max_positions=1, max_loss=0)
+        _lose_reply_of(e, "aset", 1)
+        with pytest.raises(ServerError):
+            e.update_account(a, _more)
+        assert e.update_account(a, _more).max_positions == 11
+        assert e.account(a).max_positions == 11
+
+    def test_a_lost_update_retried_with_an_inline_lambda_applies_once(self, made):
+        """A retry loop passing the same lambda expression again: applied once, not twice."""
+        e = made(8, max_accounts=4)
+        a = e.open_account(cash=0, max_exposure=0, max_positions=1, max_loss=0)
+        step = 10
+        _lose_reply_of(e, "aset", 1)
+        for _ in range(3):
+            try:
+                e.update_account(a, lambda acc: {"max_positions": acc.max_positions + step})
+                break
+            except ServerError:
+                continue
+        assert e.account(a).max_positions == 11
+
+    def test_an_update_that_never_ran_made_again_applies_once(self, made):
+        """update_account whose request never reached the server, made again: applied once."""
+        e = made(8, max_accounts=4)
+        a = e.open_account(cash=0, max_exposure=0, max_positions=1, max_loss=0)
+        conn = e._seg.conn
+        real = conn.fcall
+
+        def lost(route: Any, keys: bytes, nk: int, f: str, args: Any) -> Any:
+            if f == "aset":
+                conn.fcall = real
+                raise ServerError("aset failed (not known to have applied): never sent")
+            return real(route, keys, nk, f, args)
+        conn.fcall = lost
+        with pytest.raises(ServerError):
+            e.update_account(a, _more)
+        assert e.update_account(a, _more).max_positions == 11
+
+    def test_another_fn_after_a_lost_update_is_a_new_call(self, made):
+        """After a lost update, an update with another fn is a new call: both apply."""
+        e = made(8, max_accounts=4)
+        a = e.open_account(cash=0, max_exposure=0, max_positions=1, max_loss=0)
+        _lose_reply_of(e, "aset", 1)
+        with pytest.raises(ServerError):
+            e.update_account(a, _more)
+        got = e.update_account(a, lambda acc: {"max_positions": acc.max_positions + 100})
+        assert got.max_positions == 111
