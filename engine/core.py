@@ -1412,7 +1412,11 @@ class Engine(_EngineBase, Generic[S, C, T]):
         # runs it now against the version that fn saw
         again, self._update_again = self._update_again, None
         if again is not None and again[0] == account and _same_fn(again[1], fn):
-            rc = self._lib.eng_update_account(self._seg, account, *again[2])
+            try:
+                rc = self._lib.eng_update_account(self._seg, account, *again[2])
+            except ServerError:
+                self._update_again = again   # still not known: made again, it is sent again
+                raise
             if rc == 0:
                 return self.account(account)
             if rc != lib.ENG_EVERSION:

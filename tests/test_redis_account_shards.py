@@ -478,3 +478,13 @@ class TestUpdateAccountMadeAgain:
             e.update_account(a, _more)
         got = e.update_account(a, lambda acc: {"max_positions": acc.max_positions + 100})
         assert got.max_positions == 111
+
+    def test_a_lost_update_lost_again_then_made_again_applies_once(self, made):
+        """A lost update whose resend is lost too, made a third time: fn applied once."""
+        e = made(8, max_accounts=4)
+        a = e.open_account(cash=0, max_exposure=0, max_positions=1, max_loss=0)
+        for _ in range(2):
+            _lose_reply_of(e, "aset", 1)
+            with pytest.raises(ServerError):
+                e.update_account(a, _more)
+        assert e.update_account(a, _more).max_positions == 11
