@@ -73,8 +73,8 @@ class TestKeyShardFull:
             _open(e, third)
         err = got.value
         assert isinstance(err, CapacityError)
-        assert (err.key, err.shard, err.shards, err.records, err.max_accounts,
-                err.free_elsewhere) == (third.encode(), 0, 2, 2, 4, 2)
+        assert (err.kind, err.key, err.shard, err.shards, err.records, err.total,
+                err.free_elsewhere) == ("account", third.encode(), 0, 2, 2, 4, 2)
         msg = str(err)
         assert "shard 0" in msg and "2 free" in msg and "all 4" not in msg, msg
         assert e.lookup_account(third) is None and len(e.accounts()) == 2   # nothing changed
@@ -114,6 +114,37 @@ class TestKeyShardFull:
             _open(e, "c")
         assert not isinstance(got.value, ShardFullError)
         assert "all 2 account records are open" in str(got.value)
+
+
+class TestPositionShardFull:
+    def test_a_keyed_position_on_a_full_key_shard_raises_shard_full(self, made):
+        """A keyed position on a full key shard: ShardFullError, naming other shards' free slots."""
+        e = made(4, shards=2, max_accounts=4)
+        keys = _keys_of(e, 0, 3, "pos")
+        for k in keys[:2]:
+            e.open_position(100.0, 1.0, token=7, key=k)
+        with pytest.raises(ShardFullError) as got:
+            e.open_position(100.0, 1.0, token=7, key=keys[2])
+        err = got.value
+        assert (err.kind, err.key, err.shard, err.records, err.total, err.free_elsewhere) == \
+            ("position", keys[2].encode(), 0, 2, 4, 2)
+        assert "2 free position slots" in str(err) and "all 4" not in str(err), str(err)
+        assert e.lookup(keys[2]) is None and len(e.snapshot()) == 2        # nothing changed
+        e.open_position(100.0, 1.0, token=7)                              # shard 1 has room
+
+    def test_a_booked_position_on_a_full_account_shard_raises_shard_full(self, made):
+        """A position booked on an account of a full shard: ShardFullError naming the account."""
+        e = made(4, shards=2, max_accounts=4)
+        a = _open(e)
+        s = e._seg._acct(a)[0] % 2
+        for _ in range(2):
+            e.open_position(10.0, 1.0, token=7, account=a)
+        with pytest.raises(ShardFullError) as got:
+            e.open_position(10.0, 1.0, token=7, account=a)
+        err = got.value
+        assert (err.kind, err.account, err.shard, err.free_elsewhere) == ("position", a, s, 2)
+        assert f"account {a}" in str(err), str(err)
+        assert e.account(a).open_positions == 2 and len(e.snapshot()) == 2   # nothing changed
 
 
 def _race_keys(h: Any, keys: list[str], go: Any, out: Any) -> None:
@@ -488,3 +519,21 @@ class TestUpdateAccountMadeAgain:
             with pytest.raises(ServerError):
                 e.update_account(a, _more)
         assert e.update_account(a, _more).max_positions == 11
+
+
+class TestRefusedOpenMetrics:
+    def test_a_full_refusal_counts_as_an_error_as_on_shared_memory(self, made):
+        """open_account on a full engine counts one error and no applied, as shared memory does."""
+        counts = []
+        for e in (made(8, max_accounts=1), Engine.create(8, max_accounts=1)):
+            try:
+                _open(e)
+                with pytest.raises(CapacityError):
+                    _open(e)
+                m = e.metrics()["account"]
+                counts.append((m.applied, m.errors))
+            finally:
+                if e.url is None:
+                    e.unlink()
+                    e.close()
+        assert counts == [(1, 1), (1, 1)], counts

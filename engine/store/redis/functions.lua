@@ -1025,8 +1025,8 @@ REG('aopen', once(function(keys, args)
     if akey ~= '' and redis.call('HEXISTS', P .. 'akeys', akey) == 1 then
         return {outcome(P, 'account', EKEYEXISTS)}
     end
+    if not n then return {outcome(P, 'account', EACCTFULL)} end   -- an error, as C counts it
     count(P, 'account', 'applied')
-    if not n then return {EACCTFULL} end
     redis.call('LREM', P .. 'afree', 1, n)
     local a = P .. 'a:' .. n
     local op = redis.call('HINCRBY', a, 'op', 1)
@@ -1145,6 +1145,13 @@ REG('alist', function(keys, args)
         end
     end
     return out
+end, NO_WRITES)
+
+-- the shard's free position slots and free account records: {free, afree}
+-- (the numbers of a keyed or booked open refused on a full shard)
+REG('nfree', function(keys, args)
+    local P = tag(keys)
+    return {redis.call('LLEN', P .. 'free'), redis.call('LLEN', P .. 'afree')}
 end, NO_WRITES)
 
 -- a no-op: the incarnation check alone (metrics() reads the counters directly)

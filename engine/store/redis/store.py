@@ -600,6 +600,8 @@ class RedisStore:
             if rc != EFULL:
                 break
         self._raised["open"] = None
+        if rc == EFULL and self.shards > 1 and (acct or k):   # it could open on one shard only
+            self._shard_full("position", k, shards[0], acct)
         return rc
 
     def _from_raised(self, fn: str, shards: list[int]) -> list[int]:
@@ -1007,40 +1009,43 @@ class RedisStore:
                 return 0
         self._raised["aopen"] = None
         if k and self.shards > 1:
-            self._shard_full(k, shards[0])
+            self._shard_full("account", k, shards[0])
         return EACCTFULL
 
-    def _shard_full(self, k: bytes, s: int) -> None:
-        """Raise ShardFullError: keyed account ``k``'s shard ``s`` has no free
-        record; how many the other shards have (read now: a hint, not a promise)."""
-        records = len(range(s, self.max_accounts, self.shards))
+    def _shard_full(self, kind: str, k: bytes, s: int, acct: int = 0) -> None:
+        """Raise ShardFullError: a keyed account, or a keyed or booked position
+        (``kind``), must open on shard ``s``, which has no free record of that
+        kind; with how many the other shards have (read now: a hint)."""
+        total = self.max_accounts if kind == "account" else self.capacity
+        records = len(range(s, total, self.shards))
         free: int | None = 0
         try:
             for o in range(self.shards):
                 if o != s:
-                    mine = range(o, self.max_accounts, self.shards)
                     P = self.prefixes[o]
-                    opened = self._fn(o, "alist", o, self.max_accounts, self.shards,
-                                      keys=[f"{P}a:{n}" for n in mine])
-                    free = (free or 0) + len(mine) - len(opened)
+                    n = self._fn(o, "nfree", keys=[P + "free", P + "afree"])
+                    free = (free or 0) + int(n[kind == "account"])
         except ServerError:
             free = None
-        where = (f"account key {k!r} belongs to shard {s} of this {self.shards}-shard Redis "
-                 f"engine, whose {records} account records are all open")
+        things = "account records" if kind == "account" else "position slots"
+        why = (f"account key {k!r} belongs to shard {s}" if kind == "account" else
+               f"a position on account {acct} opens on that account's shard {s}" if acct else
+               f"position key {k!r} belongs to shard {s}")
+        where = (f"{why} of this {self.shards}-shard Redis engine, whose {records} {things} "
+                 "are all taken")
         if free is None:
-            why = "; another shard did not answer, so its free records are not known"
+            room = f"; another shard did not answer, so its free {things} are not known"
         elif free:
-            why = (f"; the other shards have {free} free account records, which a keyed "
-                   "account cannot take (it opens on its key's shard: the key's index and "
-                   "the account change in one call on one node)")
+            room = (f"; the other shards have {free} free {things}, which it cannot take "
+                    "(the key's index or the account's books change in the same call as "
+                    "the record, on one node)")
         else:
-            why = f" (all {self.max_accounts} account records are open)"
+            room = f" (all {total} {things} are taken)"
         raise ShardFullError(
-            f"{where}{why}; close an account of shard {s}, open it with another key (or "
-            f"none), or create the engine with a larger max_accounts (now "
-            f"{self.max_accounts}); nothing was changed",
-            key=k, shard=s, shards=self.shards, records=records,
-            max_accounts=self.max_accounts, free_elsewhere=free)
+            f"{where}{room}; free one on shard {s}, open it with another key, or create the "
+            f"engine with more (now {total}); nothing was changed",
+            kind=kind, key=k, account=acct, shard=s, shards=self.shards, records=records,
+            total=total, free_elsewhere=free)
 
     def eng_lookup_account(self, seg: Any, key: bytes, key_len: int) -> int:
         if not 1 <= key_len <= KEY_MAX:
