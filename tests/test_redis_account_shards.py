@@ -54,8 +54,12 @@ def _index_problems(e: Engine, r: Any) -> list[str]:
                 bad.append(f"shard {s}: key {key!r} names {v}, whose record is {a}")
             if e._seg._key_shard(key.encode()) != s:
                 bad.append(f"shard {s}: key {key!r} is indexed off its shard")
-        for n in range(s, e._seg.max_accounts, e._seg.shards):
-            a = {f.decode(): x.decode() for f, x in r.hgetall(f"{P}a:{n}").items()}
+        records = range(s, e._seg.max_accounts, e._seg.shards)
+        pipe = r.pipeline(transaction=False)
+        for n in records:
+            pipe.hgetall(f"{P}a:{n}")
+        for n, raw in zip(records, pipe.execute(), strict=True):
+            a = {f.decode(): x.decode() for f, x in raw.items()}
             if a.get("open") == "1" and "key" in a and index.get(a["key"]) != f"{n}:{a['op']}":
                 bad.append(f"shard {s}: open account {n} has key {a['key']!r}, which the "
                            f"index names as {index.get(a['key'])}")
@@ -218,6 +222,60 @@ class TestKeyedLostReplies:
         assert _index_problems(e, redis.Redis.from_url(e.url)) == []
 
 
+class _Churn:
+    """A thread that opens keyed accounts kill-0, kill-1, ... on ``e`` and
+    closes every third, until a call raises ServerError or ``join``:
+    what was acknowledged (``opened``, ``closed``) and the key whose call
+    was in doubt.  ``started`` is set after the first ten."""
+
+    def __init__(self, e: Engine) -> None:
+        self.e, self.opened, self.closed = e, dict[str, int](), set[str]()
+        self.doubt: list[str] = []
+        self.started, self.stop = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for i in range(3000):   # (2000 open at most)
+                if self.stop.is_set():
+                    return
+                k = f"kill-{i}"
+                self.doubt[:] = [k]
+                self.opened[k] = _open(self.e, k)
+                if i % 3 == 2:
+                    self.e.close_account(self.opened[k])
+                    self.closed.add(k)
+                self.doubt.clear()
+                if i == 10:
+                    self.started.set()
+        except ServerError:
+            pass
+        finally:
+            self.started.set()
+
+    def join(self) -> None:
+        self.stop.set()
+        self.thread.join(JOIN_TIMEOUT)
+        assert not self.thread.is_alive()
+
+    def check(self, again: Engine, r: Any) -> None:
+        """On ``again`` (the same engine after the fault): every acknowledged
+        open is found by its key and every acknowledged close names nothing;
+        the call in doubt, made again by a new Engine, is whole or refused;
+        the index agrees with the records."""
+        for k, a in self.opened.items():
+            if k not in self.doubt:
+                assert again.lookup_account(k) == (None if k in self.closed else a), k
+        assert _index_problems(again, r) == []
+        for k in self.doubt:
+            found = again.lookup_account(k)
+            if found is None:
+                found = _open(again, k)
+            assert again.lookup_account(k) == found
+        assert _index_problems(again, r) == []
+
+
 class TestKilledServer:
     def test_acknowledged_keyed_opens_survive_kill_9_with_appendfsync_always(self):
         """kill -9 of redis-server (appendfsync always) mid-opens: every acknowledged key is kept.
@@ -229,48 +287,40 @@ class TestKilledServer:
         index agrees with the records (no key on a closed account).
         """
         with PrivateRedis(appendfsync="always") as server:
-            e = Engine.create(8, url=server.url + "?timeout=2", shards=2, max_accounts=64)
-            opened: dict[str, int] = {}
-            closed: set[str] = set()
-            doubt: list[str] = []
-            started = threading.Event()
-
-            def work() -> None:
-                try:
-                    for i in range(60):
-                        k = f"kill-{i}"
-                        doubt[:] = [k]
-                        opened[k] = _open(e, k)
-                        if i % 3 == 2:
-                            e.close_account(opened[k])
-                            closed.add(k)
-                        doubt.clear()
-                        if i == 10:
-                            started.set()
-                except ServerError:
-                    pass
-                finally:
-                    started.set()
-            t = threading.Thread(target=work)
-            t.start()
+            e = Engine.create(8, url=server.url + "?timeout=2", shards=2, max_accounts=4096)
+            churn = _Churn(e)
             try:
-                assert started.wait(READY_TIMEOUT)
+                assert churn.started.wait(READY_TIMEOUT)
                 server.restart(kill=True)
-                t.join(JOIN_TIMEOUT)
-                assert not t.is_alive()
+                churn.join()
                 with Engine.attach(e.handle) as again:
-                    for k, a in opened.items():
-                        if k in doubt:
-                            continue
-                        assert again.lookup_account(k) == (None if k in closed else a), k
-                    r = redis.Redis.from_url(server.url)
-                    assert _index_problems(again, r) == []
-                    for k in doubt:   # in doubt: made again by a new Engine, whole or refused
-                        found = again.lookup_account(k)
-                        if found is None:
-                            found = _open(again, k)
-                        assert again.lookup_account(k) == found
-                    assert _index_problems(again, r) == []
+                    churn.check(again, redis.Redis.from_url(server.url))
+            finally:
+                e.close()
+
+    def test_a_failover_to_a_waited_replica_keeps_every_acknowledged_key(self):
+        """kill -9 of the primary mid-opens, its replica promoted (?wait=1): every acknowledged key kept.
+
+        The key's index entry and the account's record replicate as one
+        function's effects, so the promoted replica never has one without
+        the other; with ?wait=1 an open or close that returned is on it.
+        """
+        with PrivateRedis() as primary, PrivateRedis(replicaof=primary.port) as replica:
+            rep = redis.Redis.from_url(replica.url)
+            until(lambda: rep.info("replication")["master_link_status"] == "up",
+                  "the replica to sync")
+            e = Engine.create(8, url=primary.url + "?timeout=2&wait=1", shards=2,
+                              max_accounts=4096)
+            churn = _Churn(e)
+            try:
+                assert churn.started.wait(READY_TIMEOUT)
+                assert primary.proc is not None
+                primary.proc.kill()
+                primary.proc.wait()
+                churn.join()
+                rep.execute_command("REPLICAOF", "NO", "ONE")
+                with Engine.attach(e.handle, url=replica.url) as promoted:
+                    churn.check(promoted, rep)
             finally:
                 e.close()
 
