@@ -299,7 +299,7 @@ class TestKilledServer:
                 e.close()
 
     def test_a_failover_to_a_waited_replica_keeps_every_acknowledged_key(self):
-        """kill -9 of the primary mid-opens, its replica promoted (?wait=1): every acknowledged key kept.
+        """kill -9 of the primary mid-opens, replica promoted (?wait=1): acknowledged keys all kept.
 
         The key's index entry and the account's record replicate as one
         function's effects, so the promoted replica never has one without
