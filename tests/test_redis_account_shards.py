@@ -406,6 +406,37 @@ class TestKeyedOpenOnAMigratingSlot:
             e.close()
 
 
+class TestLostReplyAcrossAReshard:
+    def test_a_lost_keyed_open_made_again_after_its_slot_moved_opens_once(
+            self, cluster):  # noqa: F811
+        """A keyed open whose reply was lost, made again after its slot moved node: opens once.
+
+        The client's request record lives in the shard's hash tag, so it
+        moves with the account and the key index: the resend, redirected to
+        the new node, gets the first reply there instead of opening again.
+        """
+        e = Engine.create(8, url=cluster + "?timeout=2", shards=3, max_accounts=12)
+        try:
+            key = _keys_of(e, 2, 1, "moved")[0]
+            _lose_reply_of(e, "aopen", 1)
+            with pytest.raises(ServerError):
+                _open(e, key)
+            rc, slot, source, target, ids = _slot_mover(e, 2)
+            _begin_move(rc, slot, source, target, ids)
+            try:
+                assert _move_keys(rc, slot, source, target) > 3
+            finally:
+                _end_move(rc, slot, target, ids)
+            a = _open(e, key)
+            assert e.lookup_account(key) == a and len(e.accounts()) == 1
+            assert rc.get_node_from_key(e._seg.meta_keys[2]).name == target.name
+            assert _index_problems(e, rc) == []
+            rc.close()
+        finally:
+            e.unlink()
+            e.close()
+
+
 def _churn_keys(h: Any, keys: list[str], go: Any, stop: Any, out: Any, done: Any) -> None:
     """Open and close accounts of ``keys`` until ``stop``, each call made again
     after ServerError until it returns; after each open, the key must name
