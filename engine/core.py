@@ -55,8 +55,10 @@ from engine.errors import (
     PriceError,
     RiskLimitError,
     SegmentNotFoundError,
+    ServerError,
     SlotError,
     SpecError,
+    StaleAccountError,
     TriggerError,
     WaitTimeout,
     raise_for,
@@ -117,6 +119,21 @@ _DEFAULT_KEYS = 2
 _DEFAULT_ACCOUNTS = 64
 _DEFAULT_JOURNAL_RECORDS = lib.ENG_JOURNAL_DEFAULT_RECORDS
 _ACCOUNT_TRIES = 32          # update_account: tries before BusyError
+
+
+def _same_fn(f: Any, g: Any) -> bool:
+    """``f`` and ``g`` are the same update_account fn: one object, or one
+    function expression (the same code) with equal defaults and captured values."""
+    if f is g:
+        return True
+    code = getattr(f, "__code__", None)
+    if code is None or code is not getattr(g, "__code__", None):
+        return False
+    try:
+        cells = [tuple(c.cell_contents for c in (h.__closure__ or ())) for h in (f, g)]
+        return bool(f.__defaults__ == g.__defaults__ and cells[0] == cells[1])
+    except Exception:   # an empty cell, or values that do not compare: not the same
+        return False
 _ACCOUNT_BACKOFF_S = 20e-6   # first back-off; doubles per try, capped at 2 ms
 _RISK_LIMITS = {lib.ENG_ERISK_HALTED: "halted", lib.ENG_ERISK_EXPOSURE: "exposure",
                 lib.ENG_ERISK_COUNT: "count", lib.ENG_ERISK_CASH: "cash"}
@@ -320,6 +337,8 @@ class Engine(_EngineBase, Generic[S, C, T]):
     _buf: Any                 # ... and the cffi buffer over it
     _seg: Seg                 # the first argument of every eng_* call (see engine.store)
     _finalizer: Any           # detaches, once (weakref.finalize)
+    #: update_account's try that raised ServerError: (account, fn, what it sent)
+    _update_again: tuple[int, Any, tuple[int, ...]] | None = None
 
     # -- life cycle ------------------------------------------------------------------
     @classmethod
@@ -1324,9 +1343,14 @@ class Engine(_EngineBase, Generic[S, C, T]):
     def close_account(self, account: int) -> Account:
         """Close an account with no open position; its id goes stale.
         Returns its last books."""
-        last = self.account(account)
+        try:
+            last: Account | None = self.account(account)
+        except StaleAccountError:
+            last = None   # closed already; on Redis maybe by this call's first try (below)
         account = self._account_id(account)
         self._account_call(self._lib.eng_close_account(self._seg, account), account)
+        if last is None:   # Redis: made again after a lost reply, its first reply's books
+            last = account_from_row(self._seg.last_closed)
         return last
 
     def account(self, account: int) -> Account:
@@ -1381,6 +1405,22 @@ class Engine(_EngineBase, Generic[S, C, T]):
         account = self._account_id(account)
         if not callable(fn):
             raise EngineTypeError(f"fn must be callable, got {shown(fn)}")
+        # Redis: the same call made again after ServerError (same account, the
+        # same fn: one object, or one expression with equal captured values)
+        # first sends its lost try as it was, the same request: the server
+        # answers with its first reply if it ran (fn is not applied twice), or
+        # runs it now against the version that fn saw
+        again, self._update_again = self._update_again, None
+        if again is not None and again[0] == account and _same_fn(again[1], fn):
+            try:
+                rc = self._lib.eng_update_account(self._seg, account, *again[2])
+            except ServerError:
+                self._update_again = again   # still not known: made again, it is sent again
+                raise
+            if rc == 0:
+                return self.account(account)
+            if rc != lib.ENG_EVERSION:
+                self._fail_account(rc, account)
         for attempt in range(_ACCOUNT_TRIES):
             seen = self.account(account)
             new = fn(seen)
@@ -1407,8 +1447,12 @@ class Engine(_EngineBase, Generic[S, C, T]):
                 raise EngineTypeError(f"halted must be a bool, got {shown(halted)}")
             exposure = to_units(change["max_exposure"], "max_exposure")
             loss = to_units(change["max_loss"], "max_loss")
-            rc = self._lib.eng_update_account(self._seg, account, seen.version, exposure, mp, loss,
-                                        1 if halted else 0, attempt)
+            sent = (seen.version, exposure, mp, loss, 1 if halted else 0, attempt)
+            try:
+                rc = self._lib.eng_update_account(self._seg, account, *sent)
+            except ServerError:
+                self._update_again = (account, fn, sent)
+                raise
             if rc == 0:
                 return self.account(account)
             if rc != lib.ENG_EVERSION:

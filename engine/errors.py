@@ -111,6 +111,28 @@ class CapacityError(EngineError, MemoryError):
     """No free slot, or no free entry in the process registry."""
 
 
+class ShardFullError(CapacityError):
+    """An open on a sharded Redis engine that must use one shard found it full
+    while other shards may have room: a keyed account (its key's shard), a
+    keyed position (its key's shard) or a booked one (its account's shard).
+    The key's index (or the account's books) and the new record change in
+    one function call on one node, so such an open takes only that shard's
+    free records.  ``kind`` ("account" or "position"), ``key`` (b"" if none),
+    ``account`` (a booked position's account id, else 0), ``shard``,
+    ``shards``; ``records``: the shard's records of that kind (all taken);
+    ``total``: the engine's (max_accounts or capacity); ``free_elsewhere``:
+    the other shards' free ones when refused (None if a shard did not
+    answer).  Nothing was changed."""
+
+    def __init__(self, message: str, kind: str = "", key: bytes = b"", account: int = 0,
+                 shard: int = 0, shards: int = 0, records: int = 0, total: int = 0,
+                 free_elsewhere: int | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.key, self.account = kind, key, account
+        self.shard, self.shards, self.records = shard, shards, records
+        self.total, self.free_elsewhere = total, free_elsewhere
+
+
 class BusyError(EngineError, TimeoutError):
     """A live writer held a record past the bound; nothing was changed."""
 

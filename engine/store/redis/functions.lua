@@ -1025,8 +1025,8 @@ REG('aopen', once(function(keys, args)
     if akey ~= '' and redis.call('HEXISTS', P .. 'akeys', akey) == 1 then
         return {outcome(P, 'account', EKEYEXISTS)}
     end
+    if not n then return {outcome(P, 'account', EACCTFULL)} end   -- an error, as C counts it
     count(P, 'account', 'applied')
-    if not n then return {EACCTFULL} end
     redis.call('LREM', P .. 'afree', 1, n)
     local a = P .. 'a:' .. n
     local op = redis.call('HINCRBY', a, 'op', 1)
@@ -1113,6 +1113,9 @@ REG('aclose', once(function(keys, args)
     local a, err = account_of(P, args[1], tonumber(args[2]))
     if not a then return err end
     if redis.call('HGET', a, 'open_positions') ~= '0' then return EACCTBUSY end
+    -- the books it closes with, in the reply: a close made again after a lost
+    -- reply gets them from its request record (the account reads stale by then)
+    local last = books(a)
     redis.call('HSET', a, 'open', '0')
     local k = redis.call('HGET', a, 'key')
     if k then   -- its key names nothing from now on
@@ -1121,7 +1124,7 @@ REG('aclose', once(function(keys, args)
     end
     redis.call('RPUSH', P .. 'afree', args[1])
     journal_account(P, args[1], a)
-    return 0
+    return {0, last}
 end))
 
 -- the open account with key args[1]: {0, n, op}, or {0}
@@ -1142,6 +1145,13 @@ REG('alist', function(keys, args)
         end
     end
     return out
+end, NO_WRITES)
+
+-- the shard's free position slots and free account records: {free, afree}
+-- (the numbers of a keyed or booked open refused on a full shard)
+REG('nfree', function(keys, args)
+    local P = tag(keys)
+    return {redis.call('LLEN', P .. 'free'), redis.call('LLEN', P .. 'afree')}
 end, NO_WRITES)
 
 -- a no-op: the incarnation check alone (metrics() reads the counters directly)

@@ -29,6 +29,7 @@ from engine.errors import (
     SegmentError,
     SegmentNotFoundError,
     ServerError,
+    ShardFullError,
     SpecMismatchError,
 )
 from engine.metrics import OPS, Metrics, OpMetrics, percentile
@@ -171,6 +172,9 @@ class RedisStore:
         self.prefixes = [k[:-1] for k in self.meta_keys]
         self._books = ffi.new("eng_books *")
         self.last_books = self._books[0]
+        #: the books of the account this store's last close_account closed
+        #: (a close made again after a lost reply returns them: Engine.close_account)
+        self.last_closed = ffi.new("eng_account_row *")
         self._initial = int(meta[b"initial"]).bit_length()   # state index + 1
         self._last = _COMMITTED   # the last commit's committed() reply
         self.last_amount = 0
@@ -596,6 +600,8 @@ class RedisStore:
             if rc != EFULL:
                 break
         self._raised["open"] = None
+        if rc == EFULL and self.shards > 1 and (acct or k):   # it could open on one shard only
+            self._shard_full("position", k, shards[0], acct)
         return rc
 
     def _from_raised(self, fn: str, shards: list[int]) -> list[int]:
@@ -976,7 +982,17 @@ class RedisStore:
             return self._closed_code()
         if self._raised["aopen"] is None:
             self._next += 1
-        # a keyed account opens on its key's shard: key and account change in one call
+        # A keyed account opens on its key's shard: its index entry (akeys, on
+        # the key's shard, where lookup_account finds it) and its record
+        # change in one function call, so the key's uniqueness and "a key
+        # names only an open account" are one atomic step.  Taking another
+        # shard's free record would split that into calls on two nodes of a
+        # cluster: a crash, a lost reply or a failover (asynchronous
+        # replication: one node's half lost, the other's kept) between them
+        # leaves a key naming a closed or missing account, or an account
+        # whose key a second open takes again.  So a full key shard refuses
+        # the key (ShardFullError, with the numbers) even when other shards
+        # have free records; see docs/accounts.md.
         shards = [self._key_shard(k)] if k else [(self._next + i) % self.shards
                                                  for i in range(self.shards)]
         for s in self._from_raised("aopen", shards):
@@ -992,7 +1008,44 @@ class RedisStore:
                 self._raised["aopen"] = None
                 return 0
         self._raised["aopen"] = None
+        if k and self.shards > 1:
+            self._shard_full("account", k, shards[0])
         return EACCTFULL
+
+    def _shard_full(self, kind: str, k: bytes, s: int, acct: int = 0) -> None:
+        """Raise ShardFullError: a keyed account, or a keyed or booked position
+        (``kind``), must open on shard ``s``, which has no free record of that
+        kind; with how many the other shards have (read now: a hint)."""
+        total = self.max_accounts if kind == "account" else self.capacity
+        records = len(range(s, total, self.shards))
+        free: int | None = 0
+        try:
+            for o in range(self.shards):
+                if o != s:
+                    P = self.prefixes[o]
+                    n = self._fn(o, "nfree", keys=[P + "free", P + "afree"])
+                    free = (free or 0) + int(n[kind == "account"])
+        except ServerError:
+            free = None
+        things = "account records" if kind == "account" else "position slots"
+        why = (f"account key {k!r} belongs to shard {s}" if kind == "account" else
+               f"a position on account {acct} opens on that account's shard {s}" if acct else
+               f"position key {k!r} belongs to shard {s}")
+        where = (f"{why} of this {self.shards}-shard Redis engine, whose {records} {things} "
+                 "are all taken")
+        if free is None:
+            room = f"; another shard did not answer, so its free {things} are not known"
+        elif free:
+            room = (f"; the other shards have {free} free {things}, which it cannot take "
+                    "(the key's index or the account's books change in the same call as "
+                    "the record, on one node)")
+        else:
+            room = f" (all {total} {things} are taken)"
+        raise ShardFullError(
+            f"{where}{room}; free one on shard {s}, open it with another key, or create the "
+            f"engine with more (now {total}); nothing was changed",
+            kind=kind, key=k, account=acct, shard=s, shards=self.shards, records=records,
+            total=total, free_elsewhere=free)
 
     def eng_lookup_account(self, seg: Any, key: bytes, key_len: int) -> int:
         if not 1 <= key_len <= KEY_MAX:
@@ -1064,7 +1117,13 @@ class RedisStore:
 
     def eng_close_account(self, seg: Any, id: int) -> int:
         sp = self._acct(id)
-        return sp if isinstance(sp, int) else int(self._acall(sp[0], "aclose", sp[1]))
+        if isinstance(sp, int):
+            return sp
+        r = self._acall(sp[0], "aclose", sp[1])
+        if isinstance(r, list):   # closed: its last books (a resend gets the first reply's)
+            self._books_row(id, r[1], self.last_closed)
+            return int(r[0])
+        return int(r)
 
     def eng_accounts(self, seg: Any, rows: Any, max_rows: int, n: Any) -> int:
         if self._closed:
