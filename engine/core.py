@@ -63,7 +63,7 @@ from engine.errors import (
     redact,
     shown,
 )
-from engine.journal import Event, JournalSource, JournalWaker, follow, follow_async
+from engine.journal import Event, JournalSource, JournalWaker, follow, follow_async, read_array
 from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, Context, PriceSnapshot
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome, Side, State, TriggerName
@@ -1490,6 +1490,20 @@ class Engine(_EngineBase, Generic[S, C, T]):
         if waker is None:
             waker = self._journal_waker = JournalWaker(self._journal_source())
         return follow_async(self._journal_source(), waker, since, timeout)
+
+    def read_events(self, since: int, max: int = 4096) -> Any:
+        """Up to ``max`` retained records with seq > ``since`` as one numpy
+        structured array (``engine.journal.EVENT_DTYPE``: columns ``seq``,
+        ``ts_ns``, ``kind`` (an index into ``KINDS``), ``id``, ``state``,
+        ``trigger``, and the record's words ``w`` and ``version``), in seq
+        order; empty when there is nothing after ``since``.  Never blocks
+        (``events()`` waits).  For consumers that want columns: no Python
+        object per record.  ``JournalLappedError`` (with ``resume_seq``) if
+        a record after ``since`` was overwritten, as ``events()``."""
+        reader = self.__dict__.get("_journal_reader")   # its buffer, kept between calls
+        if reader is None:
+            reader = self._journal_reader = self._journal_source()
+        return read_array(reader, since, max)
 
     def wait_for(self, pos: int, states: Any, timeout: float | None = None) -> Any:
         """Block until the position's state is one of ``states``; return it.

@@ -17,7 +17,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, NamedTuple, Protocol
 
-__all__ = ["KINDS", "Event", "JournalSource", "JournalWaker", "follow", "follow_async"]
+__all__ = ["EVENT_DTYPE", "KINDS", "Event", "JournalSource", "JournalWaker", "follow",
+           "follow_async"]
 
 #: records one ``read`` asks for; a wait sleeps at most this long per C call so
 #: that signal handlers (Ctrl-C) run between calls
@@ -26,6 +27,36 @@ WAIT_SLICE_S = 0.25
 
 #: what a record says happened (``price`` only with ``journal_prices=True``)
 KINDS: tuple[str, ...] = ("open", "transition", "release", "key", "account", "halt", "price")
+
+
+def _event_dtype() -> Any:
+    """EVENT_DTYPE: named columns laid over the C record (``eng_jrec``), so a
+    read copies records once, into the array the caller gets; ``state``
+    takes the place of the record's latch word (which a reader has no use
+    for), the C record's state word stays out of view."""
+    import numpy as np
+
+    from engine._native import ffi, lib
+
+    cols = [("seq", "seq", "<u8"), ("ts_ns", "ts_ns", "<i8"), ("kind", "kind", "<u4"),
+            ("id", "id", "<u8"), ("state", "latch", "<u4"), ("trigger", "trigger", "<u4"),
+            ("w", "w", ("<u8", (int(lib.ENG_MAX_FIELD_WORDS),))),
+            ("version", "version", "<u8")]
+    return np.dtype({"names": [c[0] for c in cols], "formats": [c[2] for c in cols],
+                     "offsets": [ffi.offsetof("eng_jrec", c[1]) for c in cols],
+                     "itemsize": ffi.sizeof("eng_jrec")})
+
+
+#: ``Engine.read_events()``'s rows, one per record (a numpy structured dtype):
+#: ``seq``, ``ts_ns``, ``id`` as in ``Event``; ``kind`` the index of the kind
+#: in ``KINDS``; ``state`` the state's one-hot int after an ``open`` or a
+#: ``transition`` (0 for the other kinds); ``trigger`` the trigger's int for a
+#: ``transition`` (0 for the others); ``w`` the record's words after the
+#: change (``open`` / ``transition`` / ``release``: the spec's fields, as
+#: ``Engine.context()`` packs them; ``account``: the books; ``price``: price,
+#: timestamp, pnl %, pnl $; ``key``: the key's bytes; ``halt``: ``w[0]`` is
+#: the new flag) and ``version`` its version (``key``: the key's length).
+EVENT_DTYPE: Any = _event_dtype()
 
 
 class Event(NamedTuple):
@@ -68,6 +99,32 @@ class JournalSource(Protocol):
     def read(self, after: int, limit: int) -> list[Event]: ...
 
     def wait(self, after: int, timeout: float) -> bool: ...
+
+    def read_array(self, after: int, limit: int) -> Any: ...
+
+
+def check_read_max(limit: Any) -> int:
+    """``read_events``'s ``max``, checked: an int in [1, ENG_JOURNAL_MAX_RECORDS]."""
+    from engine._native import lib
+    from engine.errors import ArgumentError, EngineTypeError, shown
+
+    hi = int(lib.ENG_JOURNAL_MAX_RECORDS)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        raise EngineTypeError(f"max must be an int, got {shown(limit)}")
+    if not 1 <= limit <= hi:
+        raise ArgumentError(f"max must be in [1, {hi}], got {shown(limit)}")
+    return limit
+
+
+def read_array(source: JournalSource, since: Any, limit: Any) -> Any:
+    """``Engine.read_events``: the arguments checked, then one read."""
+    from engine.errors import ArgumentError
+
+    if since is None:
+        raise ArgumentError("since must be a seq (records with seq > since are read); "
+                            "start from eng.journal_seq for only what comes next")
+    _check_since(since)
+    return source.read_array(since, check_read_max(limit))
 
 
 def _check_timeout(timeout: float | None) -> None:
@@ -115,9 +172,8 @@ def _follow(source: JournalSource, after: int, timeout: float | None) -> Iterato
     while True:
         batch = source.read(after, READ_BATCH)
         if batch:
-            for ev in batch:
-                after = ev.seq
-                yield ev
+            after = batch[-1].seq   # a consumer that stops inside the batch ends the generator
+            yield from batch
             continue
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
