@@ -183,9 +183,9 @@ class SegmentJournal:
             n = out_n[0]
             if not n:
                 break
-            arr = arr[:n] if 2 * n >= ask else arr[:n].copy()   # a few: not the whole buffer
-            self._fill(arr)
-            parts.append(arr)
+            arr = arr[:n]
+            self._fill(arr)   # first: a copy keeps the named columns only
+            parts.append(arr if 2 * n >= ask else arr.copy())   # a few: not the whole buffer
             got += n
             after = int(arr["seq"][n - 1])
             if n < ask:
