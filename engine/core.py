@@ -1469,8 +1469,8 @@ class Engine(_EngineBase, Generic[S, C, T]):
         """The seq of the last committed record (0: none yet)."""
         return self._journal_source().seq()
 
-    def events(self, since: int | None = None,
-               timeout: float | None = None) -> Iterator[Event]:
+    def events(self, since: int | None = None, timeout: float | None = None,
+               spin_us: float | None = None) -> Iterator[Event]:
         """Every committed change as an ``Event``, in seq order.
 
         ``since=None`` starts at the next change; ``since=N`` yields every
@@ -1478,8 +1478,12 @@ class Engine(_EngineBase, Generic[S, C, T]):
         ``resume_seq``, if one of them was overwritten: never a silent gap).
         The iterator ends after ``timeout`` seconds with nothing new;
         ``timeout=None`` waits forever.  Ctrl-C and other signals are handled
-        while it waits."""
-        return follow(self._journal_source(), since, timeout)
+        while it waits.  With nothing to read it keeps looking for
+        ``spin_us`` microseconds before it sleeps (None: the default,
+        ``ENG_JOURNAL_SPIN_US``; 0: sleep at once; at most
+        ``ENG_JOURNAL_SPIN_MAX_US``): a commit inside that window is seen
+        without a wake-up, at the price of a busy core (docs/journal.md)."""
+        return follow(self._journal_source(), since, timeout, spin_us)
 
     def events_async(self, since: int | None = None,
                      timeout: float | None = None) -> AsyncIterator[Event]:

@@ -158,17 +158,38 @@ def _check_since(since: int | None) -> None:
                             f"got {shown(since)}")
 
 
-def follow(source: JournalSource, since: int | None, timeout: float | None) -> Iterator[Event]:
+def _check_spin(spin_us: Any) -> int:
+    """``events``'s ``spin_us``, checked; the window in nanoseconds."""
+    from engine._native import lib
+    from engine.errors import ArgumentError, shown
+
+    hi = int(lib.ENG_JOURNAL_SPIN_MAX_US)
+    if (not isinstance(spin_us, (int, float)) or isinstance(spin_us, bool)
+            or not 0 <= spin_us <= hi):
+        raise ArgumentError(f"spin_us must be a number of microseconds in [0, {hi}], "
+                            f"got {shown(spin_us)}")
+    return int(spin_us * 1000)
+
+
+def follow(source: JournalSource, since: int | None, timeout: float | None,
+           spin_us: float | None = None) -> Iterator[Event]:
     """The events after ``since`` (None: after the journal's seq now), in seq
     order; ends once ``timeout`` seconds pass with nothing new (None: never).
-    Waits in slices so that a signal handler (Ctrl-C) runs between them.
-    Arguments are checked here, before the first event is asked for."""
+    With nothing to read it first looks again for ``spin_us`` microseconds
+    (None: ``ENG_JOURNAL_SPIN_US``; 0: sleeps at once), then sleeps in
+    slices so that a signal handler (Ctrl-C) runs between them.  Arguments
+    are checked here, before the first event is asked for."""
+    from engine._native import lib
+
     _check_since(since)
     _check_timeout(timeout)
-    return _follow(source, source.seq() if since is None else since, timeout)
+    spin_ns = _check_spin(lib.ENG_JOURNAL_SPIN_US if spin_us is None else spin_us)
+    return _follow(source, source.seq() if since is None else since, timeout, spin_ns)
 
 
-def _follow(source: JournalSource, after: int, timeout: float | None) -> Iterator[Event]:
+def _follow(source: JournalSource, after: int, timeout: float | None,
+            spin_ns: int = 0) -> Iterator[Event]:
+    clock = time.perf_counter_ns
     while True:
         batch = source.read(after, READ_BATCH)
         if batch:
@@ -176,6 +197,13 @@ def _follow(source: JournalSource, after: int, timeout: float | None) -> Iterato
             yield from batch
             continue
         deadline = None if timeout is None else time.monotonic() + timeout
+        if spin_ns:   # bounded: a few tens of microseconds of seq() looks, then the sleep
+            seq = source.seq
+            end = clock() + spin_ns
+            while seq() <= after and clock() < end:
+                pass
+            if seq() > after:
+                continue
         while True:
             left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S,
                                                              deadline - time.monotonic())
