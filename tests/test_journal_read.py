@@ -204,3 +204,116 @@ class TestReadEventsRedis:
         assert rows.dtype == EVENT_DTYPE
         assert len(j.read_array(int(rows["seq"][-1]), 10)) == 0
         assert np.all(np.diff(rows["seq"].astype(np.int64)) == 1)
+
+
+def _commit_burst(handle: Any, pos: int, n: int, go: Any) -> None:
+    """In another process: wait for ``go``, then ``n`` transitions of ``pos``."""
+    with Engine.attach(handle) as eng:
+        go.wait(30)
+        for i in range(n):
+            eng.transition(pos, Trigger.PAUSE if i % 2 == 0 else Trigger.RESUME)
+
+
+class TestSpin:
+    @pytest.mark.parametrize("spin", [-1, lib.ENG_JOURNAL_SPIN_MAX_US + 1, float("nan"),
+                                      True, "50", float("inf")])
+    def test_a_spin_off_its_range_is_refused(self, make_engine: Any, spin: Any) -> None:
+        """spin_us off [0, ENG_JOURNAL_SPIN_MAX_US] or not a number: ArgumentError naming it."""
+        eng = make_engine(capacity=4, journal=True)
+        with pytest.raises(ArgumentError, match="spin_us"):
+            eng.events(since=0, timeout=0, spin_us=spin)
+
+    @pytest.mark.parametrize("spin", [0, 50, lib.ENG_JOURNAL_SPIN_MAX_US])
+    def test_a_spinning_follower_gets_every_record_once_in_order(
+            self, make_engine: Any, spawner: Any, spin: int) -> None:
+        """A follower spinning (or not) while another process commits: every seq once, in order."""
+        import multiprocessing as mp
+
+        eng = make_engine(capacity=4, journal=True, journal_records=4096)
+        pos = eng.open_position(entry_price=10.0, amount=1.0)
+        eng.transition(pos, Trigger.POSITION_OPENED)
+        since = eng.journal_seq
+        go = mp.get_context("spawn").Event()
+        n = 2000
+        proc = spawner.start(_commit_burst, eng.handle, pos, n, go)
+        go.set()   # the child attaches first: the follower is waiting when commits land
+        seen = []
+        for ev in eng.events(since=since, timeout=30, spin_us=spin):
+            seen.append(ev.seq)
+            if len(seen) == n:
+                break
+        proc.join(30)
+        assert seen == list(range(since + 1, since + n + 1))
+
+    def test_a_spinning_follower_still_ends_at_its_timeout(self, make_engine: Any) -> None:
+        """With nothing committed, events(timeout=, spin_us=max) ends (the spin is bounded)."""
+        eng = make_engine(capacity=4, journal=True)
+        assert list(eng.events(timeout=0.01, spin_us=lib.ENG_JOURNAL_SPIN_MAX_US)) == []
+
+
+class TestRacingTheWrap:
+    def test_read_events_racing_a_writer_round_a_small_ring_never_tears(
+            self, make_engine: Any, spawner: Any) -> None:
+        """Rows read while another process laps a 16-record ring: whole, consecutive, or a lap."""
+        import multiprocessing as mp
+
+        from engine import State
+
+        eng = make_engine(capacity=4, journal=True, journal_records=16)
+        pos = eng.open_position(entry_price=10.0, amount=1.0)
+        eng.transition(pos, Trigger.POSITION_OPENED)
+        go = mp.get_context("spawn").Event()
+        n = 20000
+        proc = spawner.start(_commit_burst, eng.handle, pos, n, go)
+        after, laps, rows_seen = eng.journal_seq, 0, 0
+        want = {int(Trigger.PAUSE): int(State.PAUSED), int(Trigger.RESUME): int(State.MONITORING)}
+        go.set()
+        while proc.is_alive() or after < eng.journal_seq:
+            try:
+                rows = eng.read_events(after, max=64)
+            except JournalLappedError as e:
+                laps += 1
+                assert e.resume_seq > after + 1
+                after = e.resume_seq - 1
+                continue
+            if not len(rows):
+                continue
+            seqs = rows["seq"].astype(np.int64)
+            assert list(seqs) == list(range(after + 1, after + 1 + len(rows)))
+            for trig, state in zip(rows["trigger"], rows["state"], strict=True):
+                assert want[int(trig)] == int(state)   # a torn record pairs them wrong
+            rows_seen += len(rows)
+            after = int(seqs[-1])
+        proc.join(30)
+        assert after == eng.journal_seq
+        assert rows_seen > 0
+
+    def test_events_racing_a_writer_round_a_small_ring_never_tears(
+            self, make_engine: Any, spawner: Any) -> None:
+        """events() while another process laps a 16-record ring: whole Events in order, or a lap."""
+        import multiprocessing as mp
+
+        from engine import State
+
+        eng = make_engine(capacity=4, journal=True, journal_records=16)
+        pos = eng.open_position(entry_price=10.0, amount=1.0)
+        eng.transition(pos, Trigger.POSITION_OPENED)
+        go = mp.get_context("spawn").Event()
+        n = 20000
+        proc = spawner.start(_commit_burst, eng.handle, pos, n, go)
+        after, seen = eng.journal_seq, 0
+        want = {Trigger.PAUSE: State.PAUSED, Trigger.RESUME: State.MONITORING}
+        go.set()
+        while proc.is_alive() or after < eng.journal_seq:
+            try:
+                for ev in eng.events(since=after, timeout=0):
+                    assert ev.seq == after + 1
+                    assert want[ev.trigger] is ev.state
+                    assert ev.record.version >= 1
+                    after = ev.seq
+                    seen += 1
+            except JournalLappedError as e:
+                assert e.resume_seq > after + 1
+                after = e.resume_seq - 1
+        proc.join(30)
+        assert after == eng.journal_seq and seen > 0
