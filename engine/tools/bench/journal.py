@@ -254,7 +254,7 @@ def scaling(seconds: float = 1.0) -> dict[str, dict[int, float]]:
         for workers in (1, 2):
             best = 0.0
             for _ in range(2):
-                eng = Engine.create(capacity=8, **kw)  # type: ignore[arg-type]
+                eng = Engine.create(capacity=8, **kw)
                 try:
                     ids = [eng.open_position(entry_price=100.0, amount=1.0)
                            for _ in range(workers)]
