@@ -1141,7 +1141,7 @@ void     eng_test_recover_hook(eng_test_hook_fn fn);
  * (the GIL held, one core busy) before it sleeps in eng_journal_wait; a commit
  * inside the window is seen without a futex wake.  The default and why:
  * docs/journal.md, "Commit to subscriber". */
-#define ENG_JOURNAL_SPIN_US      50
+#define ENG_JOURNAL_SPIN_US      20
 #define ENG_JOURNAL_SPIN_MAX_US  10000
 
 /* cdef-end */

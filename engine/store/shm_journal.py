@@ -170,7 +170,15 @@ class SegmentJournal:
         parts = []
         got = 0
         while got < limit:
-            ask = min(limit - got, ARRAY_CHUNK)
+            # no more than the journal holds now: an idle poll allocates nothing
+            ask = min(limit - got, ARRAY_CHUNK, int(lib.eng_journal_seq(eng._seg)) - after)
+            if ask <= 0:
+                if not got:   # nothing new, or no journal: the C read says which
+                    rc = lib.eng_journal_read(eng._seg, after, self._buf, 0, out_n,
+                                              self._out_resume)
+                    if rc:
+                        raise_for(rc, name=eng.name)
+                break
             arr = np.empty(ask, EVENT_DTYPE)
             rc = lib.eng_journal_read(eng._seg, after, ffi.from_buffer("eng_jrec[]", arr), ask,
                                       out_n, self._out_resume)

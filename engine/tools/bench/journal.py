@@ -47,6 +47,17 @@ GAP_S = 0.002
 BUSY_SPIN_US = 10_000
 
 
+def _pause(ns: int) -> None:
+    """Idle ``ns``: a sleep, or under a millisecond (shorter than the
+    kernel's sleep granularity) a busy wait."""
+    if ns >= 1_000_000:
+        time.sleep(ns / 1e9)
+        return
+    end = time.perf_counter_ns() + ns
+    while time.perf_counter_ns() < end:
+        pass
+
+
 def _pcts(lat_ns: Any) -> dict[str, float]:
     a = np.asarray(lat_ns, dtype=np.float64)
     if a.size == 0:
@@ -65,24 +76,39 @@ def _engine_subscriber(handle: Any, since: int, count: int, spin_us: float, read
     at = np.zeros(count, np.int64)
     n = 0
     with Engine.attach(handle) as eng:
-        it = eng.events(since=since, timeout=5.0, spin_us=spin_us)
-        ready.set()
-        for ev in it:
-            at[n] = clock()
-            seqs[n] = ev.seq
-            n += 1
-            if n == count:
-                break
+        if spin_us < 0:   # busy on read_events(): numpy rows, never a sleep
+            ready.set()
+            after, end = since, time.monotonic() + 60
+            while n < count and time.monotonic() < end:
+                rows = eng.read_events(after, max=4096)
+                if not len(rows):
+                    continue
+                k = min(len(rows), count - n)
+                at[n:n + k] = clock()
+                seqs[n:n + k] = rows["seq"][:k]
+                n += k
+                after = int(rows["seq"][-1])
+        else:
+            it = eng.events(since=since, timeout=5.0, spin_us=spin_us)
+            ready.set()
+            for ev in it:
+                at[n] = clock()
+                seqs[n] = ev.seq
+                n += 1
+                if n == count:
+                    break
     conn.send((seqs[:n], at[:n]))
     conn.close()
 
 
 def engine_latency(spin_us: float, bursts: int, burst: int = BURST,
                    gap_s: float = GAP_S) -> dict[str, float]:
-    """p50/p99 commit -> subscriber (another process) over paced bursts."""
+    """p50/p99 commit -> subscriber (another process) over paced bursts: it
+    follows ``events(spin_us=spin_us)``, or with ``spin_us < 0`` calls
+    ``read_events()`` in a loop (busy, numpy rows)."""
     from engine import Engine, Trigger
 
-    eng = Engine.create(capacity=burst, journal=True, journal_records=1 << 16)
+    eng = Engine.create(capacity=max(burst, 4), journal=True, journal_records=1 << 16)
     try:
         ids = [eng.open_position(entry_price=100.0, amount=1.0) for _ in range(burst)]
         for p in ids:
@@ -104,13 +130,14 @@ def engine_latency(spin_us: float, bursts: int, burst: int = BURST,
         transition = eng.transition
         trig = (int(Trigger.PAUSE), int(Trigger.RESUME))
         k = 0
+        gap_ns = int(gap_s * 1e9)
         for b in range(bursts):
             t = trig[b & 1]
-            for p in ids:
+            for p in ids[:burst]:
                 t0[k] = clock()
                 transition(p, t)
                 k += 1
-            time.sleep(gap_s)
+            _pause(gap_ns)
         seqs, at = rx.recv() if rx.poll(60) else (np.zeros(0, np.int64),) * 2
         proc.join(10)
         lat = at - t0[seqs - since - 1]
@@ -369,7 +396,7 @@ def iceoryx2_latency(woken: bool, bursts: int, burst: int = BURST,
             sample.send()
             if notifier is not None:
                 notifier.notify()
-        time.sleep(gap_s)
+        _pause(int(gap_s * 1e9))
     seqs, lat = rx.recv() if rx.poll(60) else (np.zeros(0, np.int64),) * 2
     proc.join(10)
     out = _pcts(lat)
@@ -437,6 +464,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
                            "spin_us_default": int(lib.ENG_JOURNAL_SPIN_US)}
     eng: dict[str, Any] = {
         "busy": engine_latency(BUSY_SPIN_US, bursts),
+        "busy_rows": engine_latency(-1, bursts),
         "spin": engine_latency(lib.ENG_JOURNAL_SPIN_US, bursts),
         "sleep": engine_latency(0, bursts),
     }
@@ -470,7 +498,8 @@ def report_lines(res: dict[str, Any]) -> list[str]:
         lines.append(f"  {label:44} {_us(d['p50_us']):>10} {_us(d['p99_us']):>10}"
                      + (f"  ({d['missing']} not received)" if d.get("missing") else ""))
 
-    row("engine: commit -> busy subscriber", e["busy"])
+    row("engine: commit -> busy subscriber, events()", e["busy"])
+    row("engine: commit -> busy subscriber, read_events()", e["busy_rows"])
     row(f"engine: spin {res['spin_us_default']} us, then sleep (default)", e["spin"])
     row("engine: commit -> sleeping subscriber", e["sleep"])
     if "skipped" in i:
