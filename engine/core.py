@@ -1480,9 +1480,12 @@ class Engine(_EngineBase, Generic[S, C, T]):
         ``timeout=None`` waits forever.  Ctrl-C and other signals are handled
         while it waits.  With nothing to read it keeps looking for
         ``spin_us`` microseconds before it sleeps (None: the default,
-        ``ENG_JOURNAL_SPIN_US``; 0: sleep at once; at most
-        ``ENG_JOURNAL_SPIN_MAX_US``): a commit inside that window is seen
-        without a wake-up, at the price of a busy core (docs/journal.md)."""
+        ``ENG_JOURNAL_SPIN_US``, on Redis 0: a look there is a round trip;
+        0: sleep at once; at most ``ENG_JOURNAL_SPIN_MAX_US``): a commit
+        inside that window is seen without a wake-up, at the price of a busy
+        core (docs/journal.md)."""
+        if spin_us is None and self.url is not None:
+            spin_us = 0
         return follow(self._journal_source(), since, timeout, spin_us)
 
     def events_async(self, since: int | None = None,

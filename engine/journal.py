@@ -200,9 +200,10 @@ def _follow(source: JournalSource, after: int, timeout: float | None,
         if spin_ns:   # bounded: a few tens of microseconds of seq() looks, then the sleep
             seq = source.seq
             end = clock() + spin_ns
-            while seq() <= after and clock() < end:
-                pass
-            if seq() > after:
+            now = seq()
+            while now <= after and clock() < end:
+                now = seq()
+            if now > after:
                 continue
         while True:
             left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S,

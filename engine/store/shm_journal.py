@@ -105,23 +105,19 @@ class SegmentJournal:
         mask, size, mv = _STATE_MASK, self._size, self._mv
         rows = self._rows
         assert rows is not None
-        i = 0
-        for r in rows.iter_unpack(mv[:n * size]):
+        for i, r in enumerate(rows.iter_unpack(mv[:n * size])):
             kind = r[4]
             if kind == _TRANSITION_KIND:
                 trig = triggers.get(r[5])
                 if trig is not None:
                     add(new(ev_cls, (r[0], r[1], "transition", r[2], states.get(r[3] & mask),
                                      trig, new(ctx_cls, r[6:]))))
-                    i += 1
                     continue
             elif kind == _OPEN_KIND:
                 add(new(ev_cls, (r[0], r[1], "open", r[2], states.get(r[3] & mask), None,
                                  new(ctx_cls, r[6:]))))
-                i += 1
                 continue
             add(self._event(mv, i * size))
-            i += 1
         return out
 
     def _event(self, view: memoryview, base: int) -> Event:
