@@ -20,7 +20,9 @@ $(PYTHON):
 # import hook is invisible to mypy: a user's script got import-not-found for engine)
 EDITABLE := --config-settings editable_mode=compat
 $(STAMP): $(PYTHON) $(SOURCES)
-	$(BIN)/pip install -q -e '.[dev]' $(EDITABLE)
+	$(BIN)/pip install -q -e '.[dev,peer]' $(EDITABLE) || \
+	  { echo "the extra 'peer' (iceoryx2) could not be installed: bench --journal skips it"; \
+	    $(BIN)/pip install -q -e '.[dev]' $(EDITABLE); }
 	touch $@
 
 # the type stub of engine._native, generated from the cdef (not kept in git): with it mypy
@@ -63,7 +65,7 @@ bench-suite: $(STAMP)
 bench: $(STAMP)
 	@$(MAKE) -s redis-server || echo "redis-server could not be installed: the bench will say so and skip Redis"
 	$(BIN)/pip install -q -e '.[dev,bench]' $(EDITABLE)
-	$(PYTHON) -m engine bench --json bench.json --plots bench
+	$(PYTHON) -m engine bench --journal --json bench.json --plots bench
 
 ## spin: the model checker (Debian's package, installed when missing)
 spin:

@@ -6,7 +6,7 @@ the summary shows with / without side by side against the same floors."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -38,7 +38,7 @@ def no_journal() -> Iterator[Engine]:
 @pytest.fixture(scope="module")
 def price_journal() -> Iterator[Engine]:
     """One open position on an engine created with ``journal_prices=True``."""
-    yield from _engine(journal_prices=True)
+    yield from _engine(journal=True, journal_prices=True)
 
 
 @pytest.mark.benchmark(group="journal (us per round = ns per call)")
@@ -58,3 +58,66 @@ class TestJournalCost:
         """``Engine.update_price`` with ``journal_prices=True``: one record per write."""
         timer.calls("update_price_journaled", ["f(s, 101.5)", "f(s, 99.5)"],
                     f=price_journal.update_price, s=price_journal.id_of(0))
+
+
+#: records each read benchmark reads per round
+READ_RECORDS = 4096
+
+
+@pytest.fixture(scope="module")
+def filled() -> Iterator[tuple[Engine, int]]:
+    """A journal holding READ_RECORDS transitions after the returned seq."""
+    eng = Engine.create(capacity=64, journal=True, journal_records=1 << 14)
+    try:
+        ids = [eng.open_position(entry_price=100.0, amount=1.0) for _ in range(64)]
+        for p in ids:
+            eng.transition(p, Trigger.POSITION_OPENED)
+        first = eng.journal_seq
+        while eng.journal_seq < first + READ_RECORDS:
+            for p in ids:
+                eng.transition(p, PAUSE)
+                eng.transition(p, RESUME)
+        yield eng, first
+    finally:
+        eng.close()
+        eng.unlink()
+
+
+@pytest.mark.benchmark(group="journal reads (us per round = ns per record / 4.096)")
+class TestJournalReads:
+    def test_events_read(self, timer: CallTimer, filled: tuple[Engine, int]) -> None:
+        """``events()``: READ_RECORDS Events per round from a filled ring."""
+        eng, first = filled
+
+        def read() -> None:
+            for _ev, _ in zip(eng.events(since=first, timeout=0), range(READ_RECORDS),
+                              strict=False):
+                pass
+
+        timer.rounds("journal_events_read", read, READ_RECORDS, unit="record")
+
+    def test_read_events(self, timer: CallTimer, filled: tuple[Engine, int]) -> None:
+        """``read_events()``: READ_RECORDS numpy rows per round from a filled ring."""
+        eng, first = filled
+        timer.rounds("journal_read_events", lambda: eng.read_events(first, max=READ_RECORDS),
+                     READ_RECORDS, unit="record")
+
+
+class TestJournalFigures:
+    def test_commit_to_subscriber_and_scaling(self, benchmark: Any, recorder: Any) -> None:
+        """Commit -> subscriber in another process (busy, spin-then-sleep, sleeping) and 1 vs 2
+        workers with and without the journal (``engine.tools.bench.journal``), noted."""
+        from engine._native import lib
+        from engine.tools.bench import journal
+
+        def measure() -> None:
+            for label, spin in (("busy", journal.BUSY_SPIN_US),
+                                ("spin", lib.ENG_JOURNAL_SPIN_US), ("sleep", 0)):
+                got = journal.engine_latency(spin, bursts=100)
+                recorder.note(f"journal_{label}_p50_ns", got["p50_us"] * 1e3)
+                recorder.note(f"journal_{label}_p99_ns", got["p99_us"] * 1e3)
+            for label, by in journal.scaling(0.5).items():
+                for workers, rate in by.items():
+                    recorder.note(f"journal_scaling_{label}_{workers}w_per_s", rate)
+
+        benchmark.pedantic(measure, rounds=1, iterations=1)   # one run: the figures are noted

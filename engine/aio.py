@@ -127,7 +127,8 @@ class Waiter:
         self._redis = redis
         self._bell = _Doorbell()
         self._started = threading.Event()
-        self._failed: BaseException | None = None
+        self._failed: BaseException | None = None   # attaching failed (raised by __init__)
+        self._died: BaseException | None = None     # the thread ended on this error
         #: waits the thread holds after its last pass (tests, tools)
         self.held = 0
         self._thread = threading.Thread(target=self._run, name=f"engine-waiter-{name}",
@@ -143,6 +144,8 @@ class Waiter:
         fut: asyncio.Future[Any] = loop.create_future()
         with self._lock:
             if self.closed:
+                if self._died is not None:   # the thread died of it: say so
+                    raise self._died
                 raise ClosedError("the engine was closed")
             self._new.append(_Wait(probe, fut, loop))
         self._bell.ring()
@@ -200,7 +203,11 @@ class Waiter:
                 fired = sleeper.sleep([w.sleep_on for w in waits if w.sleep_on is not None],
                                       bell)
         except BaseException as e:   # the engine failed under us: every wait learns it
-            for w in waits + self._new:
+            with self._lock:
+                self._died = e   # and every later one (Waiter.wait)
+                self.closed = True
+                new, self._new = self._new, []
+            for w in waits + new:
                 _post(w, False, e)
             waits = []
         finally:
@@ -236,6 +243,16 @@ class Waiter:
             w.sleep_on = value
             keep.append(w)
         return keep
+
+
+def _poll(fds: list[int], timeout_s: float) -> set[int]:
+    """The descriptors among ``fds`` readable (or at their end) within
+    ``timeout_s`` seconds.  poll, not select: a busy process's descriptors
+    are numbered past select()'s FD_SETSIZE (1024), where select raises."""
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    return {fd for fd, _ in p.poll(max(0, int(timeout_s * 1000)))}
 
 
 class _Doorbell:
@@ -345,7 +362,7 @@ class _RedisSleeper:
         or a slice passes; the (stream, id) pairs that got entries."""
         limit_s = self.slice_s
         if not streams:
-            select.select([self.bell.r], [], [], limit_s)
+            _poll([self.bell.r], limit_s)
             return set()
         by_node: dict[str, tuple[Any, int, dict[str, bytes]]] = {}
         for stream, last in streams:
@@ -361,14 +378,14 @@ class _RedisSleeper:
                 self.conns.pop(name, None)
                 raise ServerError(f"{self.store.url}: wait failed: {e}") from None
             sent.append((name, conn, cid))
-        socks = {conn._sock: (name, conn, cid) for name, conn, cid in sent}
         # the socket wait is a little longer than the server's block
-        ready, _, _ = select.select([*socks, self.bell.r], [], [], limit_s + 1.0)
+        ready = _poll([*(conn._sock.fileno() for _, conn, _ in sent), self.bell.r],
+                      limit_s + 1.0)
         fired: set[Any] = set()
         for name, conn, cid in sent:
             want = by_node[name][2]
             try:
-                if conn._sock not in ready:   # ends its block at once (a nil reply)
+                if conn._sock.fileno() not in ready:   # ends its block at once (a nil reply)
                     self._unblock(conn, cid, next(iter(want)))
                 got = conn.read_response()
             except BaseException as e:
@@ -391,7 +408,7 @@ class _RedisSleeper:
         for _ in range(_UNBLOCK_TRIES):
             if self.store.conn.unblock(cid, key):
                 return
-            if select.select([conn._sock], [], [], _UNBLOCK_PAUSE_S)[0]:
+            if _poll([conn._sock.fileno()], _UNBLOCK_PAUSE_S):
                 return
 
     def close(self) -> None:

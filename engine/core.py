@@ -65,7 +65,7 @@ from engine.errors import (
     redact,
     shown,
 )
-from engine.journal import Event, JournalSource, JournalWaker, follow, follow_async
+from engine.journal import Event, JournalSource, JournalWaker, follow, follow_async, read_array
 from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, Context, PriceSnapshot
 from engine.spec import POSITION_SPEC, MachineSpec, Outcome, Side, State, TriggerName
@@ -1513,8 +1513,8 @@ class Engine(_EngineBase, Generic[S, C, T]):
         """The seq of the last committed record (0: none yet)."""
         return self._journal_source().seq()
 
-    def events(self, since: int | None = None,
-               timeout: float | None = None) -> Iterator[Event]:
+    def events(self, since: int | None = None, timeout: float | None = None,
+               spin_us: float | None = None) -> Iterator[Event]:
         """Every committed change as an ``Event``, in seq order.
 
         ``since=None`` starts at the next change; ``since=N`` yields every
@@ -1522,8 +1522,15 @@ class Engine(_EngineBase, Generic[S, C, T]):
         ``resume_seq``, if one of them was overwritten: never a silent gap).
         The iterator ends after ``timeout`` seconds with nothing new;
         ``timeout=None`` waits forever.  Ctrl-C and other signals are handled
-        while it waits."""
-        return follow(self._journal_source(), since, timeout)
+        while it waits.  With nothing to read it keeps looking for
+        ``spin_us`` microseconds before it sleeps (None: the default,
+        ``ENG_JOURNAL_SPIN_US``, on Redis 0: a look there is a round trip;
+        0: sleep at once; at most ``ENG_JOURNAL_SPIN_MAX_US``): a commit
+        inside that window is seen without a wake-up, at the price of a busy
+        core (docs/journal.md)."""
+        if spin_us is None and self.url is not None:
+            spin_us = 0
+        return follow(self._journal_source(), since, timeout, spin_us)
 
     def events_async(self, since: int | None = None,
                      timeout: float | None = None) -> AsyncIterator[Event]:
@@ -1534,6 +1541,20 @@ class Engine(_EngineBase, Generic[S, C, T]):
         if waker is None:
             waker = self._journal_waker = JournalWaker(self._journal_source())
         return follow_async(self._journal_source(), waker, since, timeout)
+
+    def read_events(self, since: int, max: int = 4096) -> Any:
+        """Up to ``max`` retained records with seq > ``since`` as one numpy
+        structured array (``engine.journal.EVENT_DTYPE``: columns ``seq``,
+        ``ts_ns``, ``kind`` (an index into ``KINDS``), ``id``, ``state``,
+        ``trigger``, and the record's words ``w`` and ``version``), in seq
+        order; empty when there is nothing after ``since``.  Never blocks
+        (``events()`` waits).  For consumers that want columns: no Python
+        object per record.  ``JournalLappedError`` (with ``resume_seq``) if
+        a record after ``since`` was overwritten, as ``events()``."""
+        reader = self.__dict__.get("_journal_reader")   # its buffer, kept between calls
+        if reader is None:
+            reader = self._journal_reader = self._journal_source()
+        return read_array(reader, since, max)
 
     def wait_for(self, pos: int, states: Any, timeout: float | None = None) -> Any:
         """Block until the position's state is one of ``states``; return it.

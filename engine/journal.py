@@ -17,7 +17,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, NamedTuple, Protocol
 
-__all__ = ["KINDS", "Event", "JournalSource", "JournalWaker", "follow", "follow_async"]
+__all__ = ["EVENT_DTYPE", "KINDS", "Event", "JournalSource", "JournalWaker", "follow",
+           "follow_async"]
 
 #: records one ``read`` asks for; a wait sleeps at most this long per C call so
 #: that signal handlers (Ctrl-C) run between calls
@@ -26,6 +27,36 @@ WAIT_SLICE_S = 0.25
 
 #: what a record says happened (``price`` only with ``journal_prices=True``)
 KINDS: tuple[str, ...] = ("open", "transition", "release", "key", "account", "halt", "price")
+
+
+def _event_dtype() -> Any:
+    """EVENT_DTYPE: named columns laid over the C record (``eng_jrec``), so a
+    read copies records once, into the array the caller gets; ``state``
+    takes the place of the record's latch word (which a reader has no use
+    for), the C record's state word stays out of view."""
+    import numpy as np
+
+    from engine._native import ffi, lib
+
+    cols = [("seq", "seq", "<u8"), ("ts_ns", "ts_ns", "<i8"), ("kind", "kind", "<u4"),
+            ("id", "id", "<u8"), ("state", "latch", "<u4"), ("trigger", "trigger", "<u4"),
+            ("w", "w", ("<u8", (int(lib.ENG_MAX_FIELD_WORDS),))),
+            ("version", "version", "<u8")]
+    return np.dtype({"names": [c[0] for c in cols], "formats": [c[2] for c in cols],
+                     "offsets": [ffi.offsetof("eng_jrec", c[1]) for c in cols],
+                     "itemsize": ffi.sizeof("eng_jrec")})
+
+
+#: ``Engine.read_events()``'s rows, one per record (a numpy structured dtype):
+#: ``seq``, ``ts_ns``, ``id`` as in ``Event``; ``kind`` the index of the kind
+#: in ``KINDS``; ``state`` the state's one-hot int after an ``open`` or a
+#: ``transition`` (0 for the other kinds); ``trigger`` the trigger's int for a
+#: ``transition`` (0 for the others); ``w`` the record's words after the
+#: change (``open`` / ``transition`` / ``release``: the spec's fields, as
+#: ``Engine.context()`` packs them; ``account``: the books; ``price``: price,
+#: timestamp, pnl %, pnl $; ``key``: the key's bytes; ``halt``: ``w[0]`` is
+#: the new flag) and ``version`` its version (``key``: the key's length).
+EVENT_DTYPE: Any = _event_dtype()
 
 
 class Event(NamedTuple):
@@ -69,6 +100,32 @@ class JournalSource(Protocol):
 
     def wait(self, after: int, timeout: float) -> bool: ...
 
+    def read_array(self, after: int, limit: int) -> Any: ...
+
+
+def check_read_max(limit: Any) -> int:
+    """``read_events``'s ``max``, checked: an int in [1, ENG_JOURNAL_MAX_RECORDS]."""
+    from engine._native import lib
+    from engine.errors import ArgumentError, EngineTypeError, shown
+
+    hi = int(lib.ENG_JOURNAL_MAX_RECORDS)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        raise EngineTypeError(f"max must be an int, got {shown(limit)}")
+    if not 1 <= limit <= hi:
+        raise ArgumentError(f"max must be in [1, {hi}], got {shown(limit)}")
+    return limit
+
+
+def read_array(source: JournalSource, since: Any, limit: Any) -> Any:
+    """``Engine.read_events``: the arguments checked, then one read."""
+    from engine.errors import ArgumentError
+
+    if since is None:
+        raise ArgumentError("since must be a seq (records with seq > since are read); "
+                            "start from eng.journal_seq for only what comes next")
+    _check_since(since)
+    return source.read_array(since, check_read_max(limit))
+
 
 def _check_timeout(timeout: float | None) -> None:
     from engine.errors import ArgumentError, shown
@@ -101,25 +158,53 @@ def _check_since(since: int | None) -> None:
                             f"got {shown(since)}")
 
 
-def follow(source: JournalSource, since: int | None, timeout: float | None) -> Iterator[Event]:
+def _check_spin(spin_us: Any) -> int:
+    """``events``'s ``spin_us``, checked; the window in nanoseconds."""
+    from engine._native import lib
+    from engine.errors import ArgumentError, shown
+
+    hi = int(lib.ENG_JOURNAL_SPIN_MAX_US)
+    if (not isinstance(spin_us, (int, float)) or isinstance(spin_us, bool)
+            or not 0 <= spin_us <= hi):
+        raise ArgumentError(f"spin_us must be a number of microseconds in [0, {hi}], "
+                            f"got {shown(spin_us)}")
+    return int(spin_us * 1000)
+
+
+def follow(source: JournalSource, since: int | None, timeout: float | None,
+           spin_us: float | None = None) -> Iterator[Event]:
     """The events after ``since`` (None: after the journal's seq now), in seq
     order; ends once ``timeout`` seconds pass with nothing new (None: never).
-    Waits in slices so that a signal handler (Ctrl-C) runs between them.
-    Arguments are checked here, before the first event is asked for."""
+    With nothing to read it first looks again for ``spin_us`` microseconds
+    (None: ``ENG_JOURNAL_SPIN_US``; 0: sleeps at once), then sleeps in
+    slices so that a signal handler (Ctrl-C) runs between them.  Arguments
+    are checked here, before the first event is asked for."""
+    from engine._native import lib
+
     _check_since(since)
     _check_timeout(timeout)
-    return _follow(source, source.seq() if since is None else since, timeout)
+    spin_ns = _check_spin(lib.ENG_JOURNAL_SPIN_US if spin_us is None else spin_us)
+    return _follow(source, source.seq() if since is None else since, timeout, spin_ns)
 
 
-def _follow(source: JournalSource, after: int, timeout: float | None) -> Iterator[Event]:
+def _follow(source: JournalSource, after: int, timeout: float | None,
+            spin_ns: int = 0) -> Iterator[Event]:
+    clock = time.perf_counter_ns
     while True:
         batch = source.read(after, READ_BATCH)
         if batch:
-            for ev in batch:
-                after = ev.seq
-                yield ev
+            after = batch[-1].seq   # a consumer that stops inside the batch ends the generator
+            yield from batch
             continue
         deadline = None if timeout is None else time.monotonic() + timeout
+        if spin_ns:   # bounded: a few tens of microseconds of seq() looks, then the sleep
+            seq = source.seq
+            end = clock() + spin_ns
+            now = seq()
+            while now <= after and clock() < end:
+                now = seq()
+            if now > after:
+                continue
         while True:
             left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S,
                                                              deadline - time.monotonic())

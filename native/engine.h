@@ -1136,6 +1136,14 @@ int      eng_test_hold(eng_seg *s, uint32_t what, uint64_t id);
 typedef void (*eng_test_hook_fn)(void);
 void     eng_test_recover_hook(eng_test_hook_fn fn);
 
+/* ---- journal readers (engine/journal.py) ------------------------------------
+ * events(spin_us=): microseconds a follower with nothing to read keeps looking
+ * (the GIL held, one core busy) before it sleeps in eng_journal_wait; a commit
+ * inside the window is seen without a futex wake.  The default and why:
+ * docs/journal.md, "Commit to subscriber". */
+#define ENG_JOURNAL_SPIN_US      20
+#define ENG_JOURNAL_SPIN_MAX_US  10000
+
 /* cdef-end */
 
 /* ---- layout checks --------------------------------------------------------- */

@@ -405,8 +405,6 @@ def _until(cond: Callable[[], bool]) -> None:
 
 
 class TestAsyncFollower:
-    @pytest.mark.xfail(strict=False, reason="intermittent in full runs: the waiter thread had "
-                       "not taken the wait after 10 s (2 of about 6 runs); open in issue 21")
     def test_an_awaiting_follower_wakes_on_the_next_record(self, eng):
         """A shard's probe on the waiter thread sleeps past its seq and wakes on the next record.
 

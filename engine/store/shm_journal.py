@@ -10,12 +10,14 @@ released, through the Engine's close gate.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, NoReturn
+
+import numpy as np
 
 from engine._native import ffi, lib
 from engine.accounts import account_from_row
 from engine.errors import JournalLappedError, SegmentError, raise_for
-from engine.journal import KINDS, Event
+from engine.journal import EVENT_DTYPE, KINDS, Event
 from engine.records import PriceSnapshot
 
 __all__ = ["SegmentJournal"]
@@ -25,12 +27,30 @@ _W_END = ffi.offsetof("eng_jrec", "version") + 8
 _STATE_MASK = lib.ENG_SW_STATE_MASK
 _PRICE_KIND, _HALT_KIND, _KEY_KIND = lib.ENG_JK_PRICE, lib.ENG_JK_HALT, lib.ENG_JK_KEY
 _ACCOUNT_KIND, _RELEASE_KIND = lib.ENG_JK_ACCOUNT, lib.ENG_JK_RELEASE
-_TRANSITION_KIND = lib.ENG_JK_TRANSITION
+_TRANSITION_KIND, _OPEN_KIND = lib.ENG_JK_TRANSITION, lib.ENG_JK_OPEN
 #: seq, ts_ns, id, word, kind, trigger (the latch word between seq and ts_ns skipped)
 _HEAD = struct.Struct("<Q8xqQQII")
 _U64 = struct.Struct("<Q")
 _VERSION_OFF = ffi.offsetof("eng_jrec", "version")
 _PRICE = struct.Struct("<dqdd")
+#: records one C read of read_array copies at most
+ARRAY_CHUNK = 4096
+
+
+#: the record's state word, beside EVENT_DTYPE's columns of the same buffer
+_RAW = np.dtype({"names": ["word"], "formats": ["<u8"],
+                 "offsets": [ffi.offsetof("eng_jrec", "word")], "itemsize": ffi.sizeof("eng_jrec")})
+
+
+def _row_struct(record: struct.Struct) -> struct.Struct | None:
+    """One record of the ring as one struct: the header (``_HEAD``) then the
+    spec's fields and version at ``w`` (the record's ``eng_ctx_out`` layout),
+    then the padding; None if that does not make exactly one ``eng_jrec``."""
+    fmt = _HEAD.format + record.format.lstrip("<@=!>")
+    pad = ffi.sizeof("eng_jrec") - struct.calcsize(fmt)
+    if _HEAD.size != _W_OFF or _W_OFF + record.size != _W_END or pad < 0:
+        return None
+    return struct.Struct(fmt + "x" * pad)
 
 
 class SegmentJournal:
@@ -41,10 +61,17 @@ class SegmentJournal:
         self._n = batch
         self._buf = ffi.new("eng_jrec[]", batch)
         self._view = ffi.buffer(self._buf)
+        self._mv = memoryview(self._view)
         self._size = ffi.sizeof("eng_jrec")
         self._out_n = ffi.new("uint32_t *")
         self._out_resume = ffi.new("uint64_t *")
         self._triggers = {int(t): t for t in engine.spec.Trigger}
+        self._trigger_ints = np.array(sorted(self._triggers), np.uint32)
+        self._state_ints = np.array(sorted(engine._states), np.uint64)
+        self._rows = _row_struct(engine._rec._struct)
+        #: the decoder of open / transition records from one row (None: the
+        #: record has bytes fields, stripped of their padding by _event)
+        self._plain = self._rows is not None and not engine._rec._bytes_at
 
     def seq(self) -> int:
         eng = self._eng
@@ -56,16 +83,42 @@ class SegmentJournal:
         rc = lib.eng_journal_read(eng._seg, after, self._buf, min(limit, self._n), self._out_n,
                                   self._out_resume)
         if rc == lib.ENG_ELAPPED:
-            resume = int(self._out_resume[0])
-            raise JournalLappedError(
-                f"journal of {eng.name!r}: the records after seq {after} were overwritten "
-                f"before they were read (the ring holds {eng.journal_records} records); "
-                f"the oldest retained is seq {resume}: resync from snapshot(), then "
-                f"events(since={resume - 1})", resume)
+            self._lapped(after)
         if rc:
             raise_for(rc, name=eng.name)
-        view = memoryview(self._view)
-        return [self._event(view, i * self._size) for i in range(self._out_n[0])]
+        n = self._out_n[0]
+        if not self._plain:
+            return [self._event(self._mv, i * self._size) for i in range(n)]
+        return self._decode(n)
+
+    def _decode(self, n: int) -> list[Event]:
+        """The first ``n`` records of the buffer as Events: every record
+        unpacked in one ``iter_unpack`` pass (header and the spec's fields
+        together); open and transition records (the many) built here
+        straight from the row, the other kinds (and anything that fails a
+        check) by ``_event``, which raises on a corrupt record."""
+        out: list[Event] = []
+        add = out.append
+        new = tuple.__new__
+        ev_cls, ctx_cls = Event, self._eng._rec.Context
+        states, triggers = self._eng._states, self._triggers
+        mask, size, mv = _STATE_MASK, self._size, self._mv
+        rows = self._rows
+        assert rows is not None
+        for i, r in enumerate(rows.iter_unpack(mv[:n * size])):
+            kind = r[4]
+            if kind == _TRANSITION_KIND:
+                trig = triggers.get(r[5])
+                if trig is not None:
+                    add(new(ev_cls, (r[0], r[1], "transition", r[2], states.get(r[3] & mask),
+                                     trig, new(ctx_cls, r[6:]))))
+                    continue
+            elif kind == _OPEN_KIND:
+                add(new(ev_cls, (r[0], r[1], "open", r[2], states.get(r[3] & mask), None,
+                                 new(ctx_cls, r[6:]))))
+                continue
+            add(self._event(mv, i * size))
+        return out
 
     def _event(self, view: memoryview, base: int) -> Event:
         eng = self._eng
@@ -98,6 +151,85 @@ class SegmentJournal:
                 state = eng._states.get(word & _STATE_MASK)
         return Event(seq, ts, KINDS[kind], pid, state,
                      self._triggers[trigger] if kind == _TRANSITION_KIND else None, record)
+
+    def read_array(self, after: int, limit: int) -> Any:
+        """Up to ``limit`` records with seq > ``after`` as an ``EVENT_DTYPE``
+        array (empty: nothing new).  C copies up to ``ARRAY_CHUNK`` records
+        at a time straight into the array returned (its dtype is laid over
+        ``eng_jrec``), numpy then fills ``state`` and clears what a kind does
+        not have: no Python object per record.  JournalLappedError as
+        ``read`` (for the first record; a lap met after some were read ends
+        the array there, and the next call reports it); a corrupt record
+        raises SegmentError."""
+        eng = self._eng
+        out_n = self._out_n
+        parts = []
+        got = 0
+        while got < limit:
+            # no more than the journal holds now: an idle poll allocates nothing
+            ask = min(limit - got, ARRAY_CHUNK, int(lib.eng_journal_seq(eng._seg)) - after)
+            if ask <= 0:
+                if not got:   # nothing new, or no journal: the C read says which
+                    rc = lib.eng_journal_read(eng._seg, after, self._buf, 0, out_n,
+                                              self._out_resume)
+                    if rc:
+                        raise_for(rc, name=eng.name)
+                break
+            arr = np.empty(ask, EVENT_DTYPE)
+            rc = lib.eng_journal_read(eng._seg, after, ffi.from_buffer("eng_jrec[]", arr), ask,
+                                      out_n, self._out_resume)
+            if rc == lib.ENG_ELAPPED:
+                if got:
+                    break
+                self._lapped(after)
+            if rc:
+                raise_for(rc, name=eng.name)
+            n = out_n[0]
+            if not n:
+                break
+            arr = arr[:n]
+            self._fill(arr)   # first: a copy keeps the named columns only
+            parts.append(arr if 2 * n >= ask else arr.copy())   # a few: not the whole buffer
+            got += n
+            after = int(arr["seq"][n - 1])
+            if n < ask:
+                break   # read up to the journal's seq
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros(0, EVENT_DTYPE)
+
+    def _fill(self, arr: Any) -> None:
+        """Whole records as copied by C, checked, made ``EVENT_DTYPE`` rows
+        in place: ``state`` from the state word (open, transition), 0 where
+        a kind has no state or trigger, a halt's flag in ``w[0]``."""
+        raw = arr.view(_RAW)
+        kind = arr["kind"]
+        trig = arr["trigger"]
+        tr = kind == _TRANSITION_KIND
+        bad = (kind >= len(KINDS)) | (tr & ~np.isin(trig, self._trigger_ints))
+        if bad.any():
+            at = int(np.argmax(bad))
+            raise SegmentError(
+                f"journal of {self._eng.name!r}: record seq {int(arr['seq'][at])} is corrupt: "
+                f"kind {int(kind[at])} (in [0, {len(KINDS)})), trigger {int(trig[at])} (one of "
+                f"the spec's {sorted(self._triggers)} for a transition)")
+        word = raw["word"]
+        state = word & _STATE_MASK
+        has_state = (tr | (kind == _OPEN_KIND)) & np.isin(state, self._state_ints)
+        arr["state"] = np.where(has_state, state, 0)
+        trig[~tr] = 0
+        halt = kind == _HALT_KIND
+        if halt.any():
+            arr["w"][halt, 0] = word[halt] != 0
+
+    def _lapped(self, after: int) -> NoReturn:
+        eng = self._eng
+        resume = int(self._out_resume[0])
+        raise JournalLappedError(
+            f"journal of {eng.name!r}: the records after seq {after} were overwritten "
+            f"before they were read (the ring holds {eng.journal_records} records); "
+            f"the oldest retained is seq {resume}: resync from snapshot(), then "
+            f"events(since={resume - 1})", resume)
 
     def wait(self, after: int, timeout: float) -> bool:
         eng = self._eng

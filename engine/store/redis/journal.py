@@ -31,10 +31,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from engine._native import ffi, lib
 from engine.accounts import account_from_row
 from engine.errors import ArgumentError, JournalLappedError, ServerError
-from engine.journal import Event
+from engine.journal import EVENT_DTYPE, KINDS, Event
 from engine.records import PRICE_STRUCT, PriceSnapshot
 from engine.spec import MachineSpec
 
@@ -42,6 +44,8 @@ __all__ = ["RedisJournal", "ShardJournal", "shard_of"]
 
 _ID_SLOT_BITS = lib.ENG_ID_SLOT_BITS
 _ID_SLOT_MASK = lib.ENG_ID_SLOT_MASK
+#: entries one jread of read_array asks for at most
+ARRAY_CHUNK = 4096
 _POSITION_KINDS = frozenset(("open", "transition", "release", "key", "price"))
 
 
@@ -83,6 +87,11 @@ class ShardJournal:
             raise ArgumentError(f"after must be an int seq >= 0, got {after!r:.40}")
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1 << 20:
             raise ArgumentError(f"limit must be an int in [1, {1 << 20}], got {limit!r:.40}")
+        return [self._event(e) for e in self._entries(after, limit)]
+
+    def _entries(self, after: int, limit: int) -> list[Any]:
+        """The stream entries of up to ``limit`` records after ``after``
+        (JournalLappedError if the next one was trimmed)."""
         r = self._jread(after, limit)
         last, oldest = int(r[0]), int(r[1])
         if after < last and (oldest == 0 or oldest > after + 1):
@@ -90,7 +99,70 @@ class ShardJournal:
                 f"journal of shard {self.shard}: the records after seq {after} were trimmed "
                 f"(retained: {oldest} to {last}); resync from snapshot() and resume from "
                 f"seq {max(oldest, 1) - 1}", resume_seq=max(oldest, 1))
-        return [self._event(e) for e in r[2:]]
+        return r[2:]
+
+    def read_array(self, after: int, limit: int) -> Any:
+        """``read`` as an ``EVENT_DTYPE`` array (``Engine.read_events``): the
+        same columns as on shared memory, built from the stream entries
+        (``w`` holds the words the entry carries: a position's record, an
+        account's books, a price, a key's bytes, a halt's flag), read
+        ``ARRAY_CHUNK`` entries per call."""
+        parts = []
+        got = 0
+        while got < limit:
+            ask = min(limit - got, ARRAY_CHUNK)
+            try:
+                entries = self._entries(after, ask)
+            except JournalLappedError:
+                if got:
+                    break   # what was read first; the next call reports the lap
+                raise
+            if not entries:
+                break
+            arr = np.zeros(len(entries), EVENT_DTYPE)
+            for i, e in enumerate(entries):
+                self._row(e, arr[i:i + 1])
+            parts.append(arr)
+            got += len(entries)
+            after = int(arr["seq"][-1])
+            if len(entries) < ask:
+                break
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros(0, EVENT_DTYPE)
+
+    def _row(self, entry: Any, row: Any) -> None:
+        """One stream entry into one ``EVENT_DTYPE`` row (a view of length 1)."""
+        eid, flat = entry[0], entry[1]
+        f = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+        kind = _text(f["k"])
+        if kind not in KINDS:
+            raise ServerError(f"journal of shard {self.shard}: entry {_text(eid)} is corrupt: "
+                              f"kind {kind!r} (one of {KINDS})")
+        row["seq"] = int(_text(eid).split("-")[0])
+        row["ts_ns"] = int(f["ts"])
+        row["kind"] = KINDS.index(kind)
+        words = row["w"].view(np.uint8).reshape(-1)
+        if kind == "halt":
+            row["w"][0, 0] = _text(f["r"]) == "1"
+            return
+        ident = int(f["o"]) << _ID_SLOT_BITS | int(f["s"])
+        row["id"] = ident
+        if kind == "account":
+            acct = ffi.new("eng_account_row *")
+            self._store._books_row(ident, _text(f["r"]).split(","), acct)
+            b = bytes(ffi.buffer(ffi.addressof(acct[0], "b"), ffi.sizeof("eng_books")))
+            words[:len(b)] = np.frombuffer(b, np.uint8)
+            row["version"] = int(acct.version)
+            return
+        if kind in ("open", "transition"):
+            st = int(f.get("st") or 0)
+            row["state"] = st if st in self._states else 0
+        if kind == "transition":
+            row["trigger"] = int(f["t"])
+        raw = bytes(f.get("r") or b"")
+        words[:len(raw)] = np.frombuffer(raw, np.uint8)
+        row["version"] = len(raw) if kind == "key" else int(f.get("v") or 0)
 
     def wait(self, after: int, timeout: float) -> bool:
         """Block (a slice at a time, on the server) until the shard holds a
@@ -193,6 +265,9 @@ class RedisJournal:
 
     def wait(self, after: int, timeout: float) -> bool:
         return self._one().wait(after, timeout)
+
+    def read_array(self, after: int, limit: int) -> Any:
+        return self._one().read_array(after, limit)
 
     def seqs(self) -> tuple[int, ...]:
         """Each shard's last seq: the cursor of "now"."""

@@ -129,6 +129,14 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--scaling-systems", nargs="+", choices=SYSTEMS, default=None,
                    metavar="SYSTEM",
                    help=f"systems of the sweep (default {' '.join(SCALING_SYSTEMS)})")
+    p.add_argument("--journal", action="store_true",
+                   help="also the journal's figures beside Eclipse iceoryx2 (pip install "
+                        "'engine[peer]'): commit -> subscriber in another process p50/p99 "
+                        "(busy, spin-then-sleep, sleeping), events/s through events() and "
+                        "read_events(), samples/s of one Python publisher, and 1 vs 2 workers "
+                        "on disjoint slots with and without the journal")
+    p.add_argument("--journal-only", action="store_true",
+                   help="run the journal section and nothing else (implies --journal)")
     p.set_defaults(func=run)
 
 
@@ -178,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
+    if getattr(args, "journal_only", False):
+        return _journal_section(args)
     compare = not args.scaling_only
     probe = probe_host(plan if compare or sweep is None else sweep)
     res, summary, breakdown = Results(), None, None
@@ -203,7 +213,26 @@ def run(args: argparse.Namespace) -> int:
             write_plots(args.plots, plan, res.cases)
         if sweep is not None and swept is not None:
             write_scaling_plots(args.plots, sweep, swept.cases)
+    if getattr(args, "journal", False):
+        _journal_section(args)
     ran = res.cases + (swept.cases if swept else [])
     ok = any(c.system == "engine" and c.error is None for c in ran)
     wanted = "engine" in plan.systems or (sweep is not None and "engine" in sweep.systems)
     return 0 if ok or not wanted else 1
+
+
+def _journal_section(args: argparse.Namespace) -> int:
+    """The journal beside iceoryx2 (``journal``); its figures join the JSON
+    file under "journal"."""
+    import json
+
+    from engine.tools.bench import journal
+
+    res = journal.measure(quick=bool(args.quick))
+    print("\n".join(journal.report_lines(res)), flush=True)
+    if args.json:
+        path = Path(args.json)
+        data = json.loads(path.read_text()) if path.exists() and not args.journal_only else {}
+        data["journal"] = res
+        path.write_text(json.dumps(data, indent=1, default=str))
+    return 0
