@@ -109,6 +109,7 @@ from engine.tools.stress.mix import (
     ACCOUNT_PRESETS,
     FAULTS,
     KINDS,
+    LINK_FAULTS,
     ORDER_FAULTS,
     ORDER_KINDS,
     ORDER_PRESETS,
@@ -259,7 +260,12 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the figures and verdict as JSON")
     p.add_argument("--quiet", action="store_true",
                    help="print one summary line: no progress, no tables")
-    p.add_argument("--fault", choices=sorted([*FAULTS, *ORDER_FAULTS, *ACCOUNT_FAULTS]),
+    p.add_argument("--no-journal", dest="journal", action="store_false",
+                   help="run the engine without its journal, and so without the journal "
+                        "cross-check (by default the engine journals and every record is "
+                        "checked against the workers' commits, the slots and the books)")
+    p.add_argument("--fault", choices=sorted([*FAULTS, *ORDER_FAULTS, *ACCOUNT_FAULTS,
+                                              *LINK_FAULTS]),
                    help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
@@ -279,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, sample_every=sample_every, wait_timeout=args.wait_us / 1e6,
         alert_p99_us=alert if alert and alert > 0 else None,
         alert_success=args.alert_success, fault=args.fault, accounts=args.accounts,
-        url=args.url, progress=None if args.quiet else sys.stderr)
+        url=args.url, journal=args.journal, progress=None if args.quiet else sys.stderr)
     try:
         res = run_stress(config)
     except (ValueError, RuntimeError, EngineError) as e:
@@ -309,8 +315,10 @@ def run(args: argparse.Namespace) -> int:
         where = f" (engine on Redis at {res.url})" if res.url else ""
         tx = next((r for r in res.table if r["op"] == "transition" and r["samples"]), None)
         p99 = f", transition p99 {tx['p99_us']:,.1f} us" if tx else ""
+        j = res.verification.get("journal")
+        journal = f", {j['checked']:,} journal records cross-checked" if j else ""
         print(f"stress {status}{where}: {res.ops:,} ops, {res.ops_per_s:,.0f} ops/s{p99}, "
-              f"{res.verification['links']:,} links verified{orders}, "
+              f"{res.verification['links']:,} links verified{journal}{orders}, "
               f"{res.violations} violations")
         for m in res.violation_messages[:10]:
             print(f"  {m}")
