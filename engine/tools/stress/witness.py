@@ -728,3 +728,8 @@ def add_to_result(res: Any, rep: JournalReport, jr: JournalRecords) -> None:
     res.violations += rep.violations
     res.violation_messages.extend(rep.messages)
     res.verification["journal"] = journal_summary(rep, jr)
+
+
+#: ``Engine.create`` options of an engine a chaos run's witness follows
+#: between kill rounds (64 MiB of ring: a round commits far fewer)
+WITNESS_JOURNAL: dict[str, Any] = {"journal": True, "journal_records": 1 << 18}
