@@ -341,7 +341,7 @@ def _cross_check(res: StressResult, eng: Engine, follower: JournalFollower) -> N
     # the positions were opened in slot order, position i at slot i (run_exits)
     index = {int(r["id"]): int(r["slot"]) for r in rows}
     levels = {p: levels_for(i) for p, i in index.items()}
-    fire = int(eng.spec.Trigger.EXIT_CONDITION_MET)
+    fire = int(Trigger.EXIT_CONDITION_MET)
     kinds = jr.rows["kind"]
     bad: list[str] = []
     for i in np.flatnonzero((kinds == lib.ENG_JK_TRANSITION) & (jr.rows["trigger"] == fire)):

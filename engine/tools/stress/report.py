@@ -65,7 +65,7 @@ def format_report(res: StressResult) -> str:
     if j is not None:
         lines += [f"journal cross-check: {j['checked']:,} records"
                   + (" (per shard: states, no generations)" if j["per_shard"] else "")
-                  + f" against the commits, counters and final words"
+                  + " against the commits, counters and final words"
                   + (f", books of {j['accounts']} accounts" if j["accounts"] else "")
                   + (f"; LAPPED: {j['lapped']}" if j["lapped"] else "")
                   + (f"; {sum(j['violations'].values())} violations" if j["violations"]

@@ -43,7 +43,7 @@ import numpy as np
 
 from engine._native import ffi, lib
 from engine.journal import KINDS, Event
-from engine.tools.stress.verify import _MAX_MESSAGES, ChainReport, _state_name, chain_order
+from engine.tools.stress.verify import ChainReport, _state_name, chain_order
 
 __all__ = ["JREC_DTYPE", "JournalRecords", "JournalWitness", "follower_main", "read_redis",
            "read_shm", "verify_journal"]
@@ -192,7 +192,7 @@ def follower_main(handle: Any, path: str, stop: Any, target: Any, status: Any) -
                     continue
                 if stop.value and after >= target.value:
                     return
-                eng._lib.eng_journal_wait(eng._seg, after, 20_000_000, seq_out)
+                lib.eng_journal_wait(eng._seg, after, 20_000_000, seq_out)   # (no other thread)
     finally:
         eng.close()
 
@@ -311,10 +311,14 @@ def verify_journal(jr: JournalRecords, spec: Any, *, final_words: np.ndarray,
         want_first = (start[0] + 1 if start is not None else 1) if not jr.lapped else int(s[0])
         d = np.diff(np.r_[want_first - 1, s])
         bad = np.flatnonzero(d != 1)
-        rep.add("journal_seq", len(bad), lambda i, s=s, d=d, sh=sh: (
-            f"shard {sh}: " if jr.shards > 1 else "") + (
-            f"seq {s[i]} seen twice" if d[i] <= 0 else
-            f"seqs {s[i] - d[i] + 1}..{s[i] - 1} missing (no VOID record says so)"), bad)
+        prefix = f"shard {sh}: " if jr.shards > 1 else ""
+
+        def seq_problem(i: int, s: np.ndarray = s, d: np.ndarray = d,
+                        prefix: str = prefix) -> str:
+            return prefix + (f"seq {s[i]} seen twice" if d[i] <= 0 else
+                            f"seqs {s[i] - d[i] + 1}..{s[i] - 1} missing (no VOID record "
+                            "says so)")
+        rep.add("journal_seq", len(bad), seq_problem, bad)
     shard = jr.shard     # (a VOID record has none of the kinds checked below)
 
     # the position records, per slot in commit order
@@ -406,7 +410,7 @@ def verify_journal(jr: JournalRecords, spec: Any, *, final_words: np.ndarray,
         wrong_ids = [s for s, i in final_ids.items() if last_id.get(s) != i]
         rep.add("journal_final", len(wrong_ids), lambda s: f"slot {s}: open as id "
                 f"{final_ids[s]:#x}, its last record names "
-                f"{last_id[s] if s in last_id else None}", wrong_ids)
+                f"{last_id.get(s)}", wrong_ids)
 
     # the workers' links, in chain order, against the records, in seq order
     if links is not None:
@@ -477,8 +481,8 @@ def _verify_books(jr: JournalRecords, rows: np.ndarray, kind: np.ndarray, seq: n
         steps = sorted(walk.get(aid, []), key=lambda x: x[0])
         rep.accounts += 1
         cur: Any = None
-        version = reserved = opened = 0
-        inv = Decimal(0)
+        version = opened = 0
+        reserved = inv = Decimal(0)
         problems: list[str] = []
         booking = False
         for s, what, r in steps:
@@ -522,8 +526,9 @@ def _verify_books(jr: JournalRecords, rows: np.ndarray, kind: np.ndarray, seq: n
             problems += [f"{k} is {got[k]}, its records make {want[k]}"
                          for k in want if got[k] != want[k]]
         if problems:
-            rep.add("journal_books", len(problems), lambda j, aid=aid, p=problems:
-                    f"account {aid:#x}: {p[j]}", range(min(len(problems), _MAX_MESSAGES)))
+            def book_problem(j: int, aid: int = aid, problems: list[str] = problems) -> str:
+                return f"account {aid:#x}: {problems[j]}"
+            rep.add("journal_books", len(problems), book_problem, list(range(len(problems))))
 
 
 # -- the chaos run's witness --------------------------------------------------------------
@@ -606,9 +611,12 @@ class JournalWitness:
             ev = jr.event(i)
             ctx = eng.context(pid)
             if tuple(ev.record) != tuple(ctx):
-                rep.add("journal_final", 1, lambda _, slot=slot, ev=ev, ctx=ctx:
-                        f"slot {slot}: last record seq {ev.seq} holds {ev.record}, the "
-                        f"context is {ctx}", [0])
+                msg = (f"slot {slot}: last record seq {ev.seq} holds {ev.record}, the "
+                       f"context is {ctx}")
+
+                def final_problem(_: int, msg: str = msg) -> str:
+                    return msg
+                rep.add("journal_final", 1, final_problem, [0])
         return rep
 
 
