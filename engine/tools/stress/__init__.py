@@ -61,6 +61,23 @@ above.
    unlocked; readers saw no torn record and no version going backwards; and
    the totals agree with the engine's own metrics.  Any violation makes the
    exit code non-zero.
+5. The journal, a second and independent witness (``witness``; off with
+   ``--no-journal``): the engine is created with its journal, and a
+   dedicated process follows it from seq 0 while the workers run (a ring of
+   ``witness.STRESS_RING_RECORDS``; a lap, or a follower that does not end,
+   is a ``journal_lapped`` violation, never a silent pass).  At the end every
+   record is checked: seq 1, 2, 3, ... once each; per slot, the records form
+   one chain of moves the spec allows (one generation each, one id per
+   opening), as many as the slot's counter and the workers' links, with the
+   same states and generations in the same order, ending at the final state
+   word and id; per account, the books walked through its records (account
+   records, booked opens and closes) equal the account read at the end.  The
+   exits workload has no links: its records per trigger must equal the run's
+   pauses, resumes, re-arms and fires, and every fire's record must match its
+   position's levels.  On Redis each shard's stream is read after the run
+   (states in commit order per id; no generations).  The count of records
+   checked and any ``journal_*`` violation are in the report and the JSON
+   (``verification.journal``).
 
 On Redis (``--url redis://...``, or ``--url auto`` for a private
 redis-server started for the run, persistence off, stopped after it) every
@@ -78,7 +95,8 @@ The package, one module per part: ``mix`` (the workload), ``codec`` (the
 links), ``workers`` (a worker process), ``orders`` (the order workload's
 rules and checkers) and ``order_workers`` (its worker), ``accounts`` and
 ``account_workers`` (the same for the account workload), ``runner`` (the parent:
-``run_stress``), ``verify`` (the chain checker), ``config`` (configuration
+``run_stress``), ``verify`` (the chain checker), ``witness`` (the journal
+cross-check, and the chaos runs' ``JournalWitness``), ``config`` (configuration
 and results), ``report`` (the tables); the command line is here.  Only
 ``runner`` and ``workers`` start or are processes: ``verify`` and the
 modules it needs import without ``multiprocessing``, so this package loads

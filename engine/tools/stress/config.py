@@ -90,10 +90,12 @@ class StressConfig:
     def check(self) -> dict[str, int]:
         """Validate; returns the parsed mix.  Raises ``ValueError``."""
         self._default_positions()
-        if not 1 <= self.workers < lib.ENG_MAX_PROCS:
-            raise ValueError(f"workers must be in [1, {lib.ENG_MAX_PROCS - 1}] (the registry "
-                             f"holds {lib.ENG_MAX_PROCS} Engines, the parent's included), "
-                             f"got {self.workers}")
+        most = lib.ENG_MAX_PROCS - 1 - (1 if self.journal else 0)
+        if not 1 <= self.workers <= most:
+            raise ValueError(f"workers must be in [1, {most}] (the registry "
+                             f"holds {lib.ENG_MAX_PROCS} Engines, the parent's included"
+                             + (", and the journal follower's" if self.journal else "")
+                             + f"), got {self.workers}")
         if not 1 <= self.positions <= lib.ENG_MAX_CAPACITY:
             raise ValueError(f"positions must be in [1, {lib.ENG_MAX_CAPACITY}], "
                              f"got {self.positions}")
