@@ -70,6 +70,7 @@ def format_report(res: StressResult) -> str:
                   + (f"; LAPPED: {j['lapped']}" if j["lapped"] else "")
                   + (f"; {sum(j['violations'].values())} violations" if j["violations"]
                      else "; agrees")]
+        lines += [f"  {k}: {text}" for k, text in j.get("meaning", {}).items()]
     if res.orders is not None:
         lines += ["", *_order_lines(res.orders)]
     if res.accounts is not None:

@@ -725,6 +725,7 @@ def journal_summary(rep: JournalReport, jr: JournalRecords) -> dict[str, Any]:
     return {"records": len(jr), "checked": rep.links, "lapped": rep.lapped,
             "by_trigger": rep.triggers, "accounts": rep.accounts,
             "violations": {k: n for k, n in rep.by_category.items() if k in CATEGORIES},
+            "meaning": {k: CATEGORIES[k] for k in rep.by_category if k in CATEGORIES},
             "per_shard": not jr.has_gen}
 
 
