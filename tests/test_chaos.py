@@ -47,6 +47,7 @@ from engine import (
 )
 from engine._native import lib
 from engine.store import shm as segment
+from engine.tools.stress.witness import WITNESS_JOURNAL, JournalWitness, assert_clean
 
 CTX = mp.get_context("spawn")
 ANSWER_BOUND = 2.0         # a transition or recover() must return within this
@@ -405,8 +406,9 @@ def make_engine() -> Iterator[Callable[..., Engine]]:
     """Engines on random segment names; all closed and unlinked afterwards."""
     made: list[Engine] = []
 
-    def make(capacity: int = 16, spec: MachineSpec | None = None) -> Engine:
-        eng = Engine.create(capacity=capacity, name=f"tchaos_{secrets.token_hex(6)}", spec=spec)
+    def make(capacity: int = 16, spec: MachineSpec | None = None, **opts: Any) -> Engine:
+        eng = Engine.create(capacity=capacity, name=f"tchaos_{secrets.token_hex(6)}", spec=spec,
+                            **opts)
         made.append(eng)
         return eng
 
@@ -861,6 +863,7 @@ def run_chaos(eng: Engine, spawn: Any, workers: int, seconds: float, kill_every:
         pos = eng.open_position(100.0, 1.0 + i % 4, side=1 if i % 2 else -1, token=i % 5)
         eng.transition(pos, Trigger.POSITION_OPENED)
     figs = ChaosFigures()
+    witness = JournalWitness(eng) if eng.journal_records else None
     stop = CTX.Event()
     ops, errors = [], CTX.Queue()
     counter, rready, rstop, rout = (CTX.Value("Q", 0, lock=False), CTX.Event(), CTX.Event(),
@@ -889,6 +892,8 @@ def run_chaos(eng: Engine, spawn: Any, workers: int, seconds: float, kill_every:
             assert took < ANSWER_BOUND
             assert set(report.removed_pids) <= figs.killed, report
             figs.add(report)
+            if witness is not None:   # record iff committed: the records so far
+                assert_clean(witness.follow(), f"journal after kill {figs.kills}")
             pool.append(start_worker())
     finally:
         eng._set_fault(pause_ns=0)
@@ -931,6 +936,9 @@ def run_chaos(eng: Engine, spawn: Any, workers: int, seconds: float, kill_every:
         outcome, took = timed(lambda pos=pos: eng.transition(pos, Trigger.ERROR_OCCURRED,
                                                              exit_reason=-1))
         assert outcome is Outcome.APPLIED and took < ANSWER_BOUND
+    if witness is not None:   # at rest: every commit has its record, nothing else has one
+        assert_clean(witness.check(), "journal at rest")
+        print(f"\njournal witness: {witness.records} records, {witness.rounds} rounds")
     print(f"\nchaos: {workers} workers, {figs.seconds:.0f} s, {figs.kills} kills, "
           f"{figs.operations} hammer calls, {figs.takeovers} takeovers (metrics), "
           f"recover: {figs.rolled_forward} rolled forward, {figs.rolled_back} rolled back, "
@@ -951,7 +959,7 @@ class TestChaos:
         afterwards every slot is unlocked, one-hot, context-consistent and
         answers within the bound; recover() removed exactly the killed.
         """
-        eng = make_engine(capacity=48, spec=CHAOS_SPEC)
+        eng = make_engine(capacity=48, spec=CHAOS_SPEC, **WITNESS_JOURNAL)
         figs = run_chaos(eng, spawn, workers=4, seconds=15, kill_every=0.4,
                          pause_ns=200_000, seed=11)
         assert figs.kills >= 5, "too few kills to mean anything (is the host overloaded?)"
@@ -963,14 +971,14 @@ class TestChaosSoak:
 
     def test_oversubscribed_kills_for_two_minutes(self, make_engine, spawn):
         """Random kills of 8 oversubscribed workers for 120 s keep the short run's guarantees."""
-        eng = make_engine(capacity=128, spec=CHAOS_SPEC)
+        eng = make_engine(capacity=128, spec=CHAOS_SPEC, **WITNESS_JOURNAL)
         figs = run_chaos(eng, spawn, workers=8, seconds=120, kill_every=0.5,
                          pause_ns=200_000, seed=23)
         assert figs.kills >= 100
 
     def test_kills_without_pause(self, make_engine, spawn):
         """Same, at full speed (no test pause): kills land wherever they land."""
-        eng = make_engine(capacity=64, spec=CHAOS_SPEC)
+        eng = make_engine(capacity=64, spec=CHAOS_SPEC, **WITNESS_JOURNAL)
         figs = run_chaos(eng, spawn, workers=8, seconds=60, kill_every=0.3,
                          pause_ns=0, seed=29)
         assert figs.kills >= 50

@@ -42,6 +42,7 @@ from engine import (
     WaitTimeout,
 )
 from engine._native import lib
+from engine.tools.stress.witness import WITNESS_JOURNAL, JournalWitness, assert_clean
 
 ANSWER_BOUND = 2.0       # seconds: a transition or recover() returns within this
 CLEAR_BOUND = 2.0        # seconds: what a dead process held is taken over within this
@@ -191,6 +192,7 @@ class Figures:
     removed: set[int] = field(default_factory=set)
     killed: set[int] = field(default_factory=set)
     seconds: float = 0.0
+    records: int = 0         # journal records the witness checked
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.clear_s, q)) if self.clear_s else 0.0
@@ -227,6 +229,7 @@ def run_chaos(eng: Engine, tmp: pathlib.Path, workers: int, kills: int, max_seco
     for _ in range(eng.capacity // 2):
         eng.open_position(100.0, 1.0, token=rng.randrange(4))
     figs = Figures()
+    witness = JournalWitness(eng)
 
     def start() -> Any:
         ready = ctx.Event()
@@ -265,6 +268,8 @@ def run_chaos(eng: Engine, tmp: pathlib.Path, workers: int, kills: int, max_seco
                 figs.rolled_back += rep.rolled_back
                 figs.price_latches += rep.price_latches
                 figs.removed.update(rep.removed_pids)
+            # record iff committed: the records so far
+            assert_clean(witness.follow(), f"journal after kill {figs.kills}")
             pool.append(start())
     finally:
         eng._set_fault()
@@ -279,6 +284,9 @@ def run_chaos(eng: Engine, tmp: pathlib.Path, workers: int, kills: int, max_seco
     figs.price_latches += rep.price_latches
     figs.removed.update(rep.removed_pids)
     check_after(eng, tmp, figs)
+    # at rest: every commit has its record, no change that did not commit has one
+    assert_clean(witness.check(), "journal at rest")
+    figs.records = witness.records
     return figs
 
 
@@ -317,12 +325,12 @@ def report(figs: Figures, eng: Engine) -> str:
             f"the driver's recover() calls: {figs.rolled_forward} forward, {figs.rolled_back} "
             f"back, {figs.price_latches} latches, {len(figs.removed)} dead entries removed; "
             f"transitions applied {m['transition'].applied + m['transition_ctx'].applied}, "
-            f"opens {m['open'].applied}")
+            f"opens {m['open'].applied}; journal records checked {figs.records}")
 
 
 @pytest.fixture
 def chaos_engine():
-    eng = Engine.create(capacity=48, spec=CHAOS_SPEC)
+    eng = Engine.create(capacity=48, spec=CHAOS_SPEC, **WITNESS_JOURNAL)
     try:
         yield eng
     finally:

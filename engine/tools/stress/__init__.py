@@ -61,6 +61,23 @@ above.
    unlocked; readers saw no torn record and no version going backwards; and
    the totals agree with the engine's own metrics.  Any violation makes the
    exit code non-zero.
+5. The journal, a second and independent witness (``witness``; off with
+   ``--no-journal``): the engine is created with its journal, and a
+   dedicated process follows it from seq 0 while the workers run (a ring of
+   ``witness.STRESS_RING_RECORDS``; a lap, or a follower that does not end,
+   is a ``journal_lapped`` violation, never a silent pass).  At the end every
+   record is checked: seq 1, 2, 3, ... once each; per slot, the records form
+   one chain of moves the spec allows (one generation each, one id per
+   opening), as many as the slot's counter and the workers' links, with the
+   same states and generations in the same order, ending at the final state
+   word and id; per account, the books walked through its records (account
+   records, booked opens and closes) equal the account read at the end.  The
+   exits workload has no links: its records per trigger must equal the run's
+   pauses, resumes, re-arms and fires, and every fire's record must match its
+   position's levels.  On Redis each shard's stream is read after the run
+   (states in commit order per id; no generations).  The count of records
+   checked and any ``journal_*`` violation are in the report and the JSON
+   (``verification.journal``).
 
 On Redis (``--url redis://...``, or ``--url auto`` for a private
 redis-server started for the run, persistence off, stopped after it) every
@@ -78,7 +95,8 @@ The package, one module per part: ``mix`` (the workload), ``codec`` (the
 links), ``workers`` (a worker process), ``orders`` (the order workload's
 rules and checkers) and ``order_workers`` (its worker), ``accounts`` and
 ``account_workers`` (the same for the account workload), ``runner`` (the parent:
-``run_stress``), ``verify`` (the chain checker), ``config`` (configuration
+``run_stress``), ``verify`` (the chain checker), ``witness`` (the journal
+cross-check, and the chaos runs' ``JournalWitness``), ``config`` (configuration
 and results), ``report`` (the tables); the command line is here.  Only
 ``runner`` and ``workers`` start or are processes: ``verify`` and the
 modules it needs import without ``multiprocessing``, so this package loads
@@ -109,6 +127,7 @@ from engine.tools.stress.mix import (
     ACCOUNT_PRESETS,
     FAULTS,
     KINDS,
+    LINK_FAULTS,
     ORDER_FAULTS,
     ORDER_KINDS,
     ORDER_PRESETS,
@@ -259,7 +278,12 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the figures and verdict as JSON")
     p.add_argument("--quiet", action="store_true",
                    help="print one summary line: no progress, no tables")
-    p.add_argument("--fault", choices=sorted([*FAULTS, *ORDER_FAULTS, *ACCOUNT_FAULTS]),
+    p.add_argument("--no-journal", dest="journal", action="store_false",
+                   help="run the engine without its journal, and so without the journal "
+                        "cross-check (by default the engine journals and every record is "
+                        "checked against the workers' commits, the slots and the books)")
+    p.add_argument("--fault", choices=sorted([*FAULTS, *ORDER_FAULTS, *ACCOUNT_FAULTS,
+                                              *LINK_FAULTS]),
                    help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
@@ -279,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, sample_every=sample_every, wait_timeout=args.wait_us / 1e6,
         alert_p99_us=alert if alert and alert > 0 else None,
         alert_success=args.alert_success, fault=args.fault, accounts=args.accounts,
-        url=args.url, progress=None if args.quiet else sys.stderr)
+        url=args.url, journal=args.journal, progress=None if args.quiet else sys.stderr)
     try:
         res = run_stress(config)
     except (ValueError, RuntimeError, EngineError) as e:
@@ -309,8 +333,10 @@ def run(args: argparse.Namespace) -> int:
         where = f" (engine on Redis at {res.url})" if res.url else ""
         tx = next((r for r in res.table if r["op"] == "transition" and r["samples"]), None)
         p99 = f", transition p99 {tx['p99_us']:,.1f} us" if tx else ""
+        j = res.verification.get("journal")
+        journal = f", {j['checked']:,} journal records cross-checked" if j else ""
         print(f"stress {status}{where}: {res.ops:,} ops, {res.ops_per_s:,.0f} ops/s{p99}, "
-              f"{res.verification['links']:,} links verified{orders}, "
+              f"{res.verification['links']:,} links verified{journal}{orders}, "
               f"{res.violations} violations")
         for m in res.violation_messages[:10]:
             print(f"  {m}")

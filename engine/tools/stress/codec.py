@@ -14,6 +14,7 @@ The state and generation fields come from the C state word layout
 
 from __future__ import annotations
 
+import os
 import time
 from array import array
 from collections.abc import Sequence
@@ -30,6 +31,9 @@ _T_SHIFT = 10               # ns -> units of 1024 ns
 _SLOT_SHIFT = 40
 _GEN_MOD = lib.ENG_SW_GEN_MASK + 1
 _FLUSH_WORDS = 3 * 65536    # raw words buffered before a pack-and-write
+#: the ``drop-link`` test fault (``mix.LINK_FAULTS``): the number of the
+#: applied commit each log leaves out (0: none), set by the runner for its workers
+DROP_LINK_ENV = "ENGINE_STRESS_DROP_LINK"
 
 
 def encode_links(raw: np.ndarray) -> np.ndarray:
@@ -76,9 +80,14 @@ class LinkLog:
         self._file = open(path, "ab")   # noqa: SIM115 (closed by close())
         self._buf = array("Q")
         self.count = 0
+        self._drop = int(os.environ.get(DROP_LINK_ENV, "0") or 0)
 
     def record(self, slot: int) -> None:
         """Log the commit this Engine just applied on ``slot`` (call right after APPLIED)."""
+        if self._drop:
+            self._drop -= 1
+            if not self._drop:
+                return      # the test fault: this commit goes unlogged
         t = time.monotonic_ns()
         seg = self._seg
         buf = self._buf

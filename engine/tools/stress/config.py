@@ -10,7 +10,14 @@ from typing import Any, TextIO
 from engine._native import lib
 from engine.errors import ArgumentError
 from engine.store.redis import check_url
-from engine.tools.stress.mix import ACCOUNT_FAULTS, FAULTS, ORDER_FAULTS, parse_mix, workload_of
+from engine.tools.stress.mix import (
+    ACCOUNT_FAULTS,
+    FAULTS,
+    LINK_FAULTS,
+    ORDER_FAULTS,
+    parse_mix,
+    workload_of,
+)
 
 #: Shared slots when ``positions`` is not given: few for the position workload
 #: (contention), more for the order workload (each worker keeps ``inflight``
@@ -48,6 +55,8 @@ class StressConfig:
     inflight: int = 4                   # order / account workload: own orders (positions)
                                         # a worker keeps open
     accounts: int = DEFAULT_ACCOUNTS    # account workload: shared accounts
+    journal: bool = True                # the engine journals; every commit is cross-checked
+                                        # against the journal (engine.tools.stress.witness)
     url: str | None = None              # None: shared memory; a Redis url; "auto": a private
                                         # redis-server started for the run (AUTO_URL)
 
@@ -81,10 +90,12 @@ class StressConfig:
     def check(self) -> dict[str, int]:
         """Validate; returns the parsed mix.  Raises ``ValueError``."""
         self._default_positions()
-        if not 1 <= self.workers < lib.ENG_MAX_PROCS:
-            raise ValueError(f"workers must be in [1, {lib.ENG_MAX_PROCS - 1}] (the registry "
-                             f"holds {lib.ENG_MAX_PROCS} Engines, the parent's included), "
-                             f"got {self.workers}")
+        most = lib.ENG_MAX_PROCS - 1 - (1 if self.journal else 0)
+        if not 1 <= self.workers <= most:
+            raise ValueError(f"workers must be in [1, {most}] (the registry "
+                             f"holds {lib.ENG_MAX_PROCS} Engines, the parent's included"
+                             + (", and the journal follower's" if self.journal else "")
+                             + f"), got {self.workers}")
         if not 1 <= self.positions <= lib.ENG_MAX_CAPACITY:
             raise ValueError(f"positions must be in [1, {lib.ENG_MAX_CAPACITY}], "
                              f"got {self.positions}")
@@ -97,7 +108,7 @@ class StressConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         faults = [*FAULTS, *{"orders": ORDER_FAULTS, "accounts": ACCOUNT_FAULTS}.get(
-            self.workload, ())]
+            self.workload, ()), *(LINK_FAULTS if self.workload != "exits" else ())]
         if self.fault is not None and self.fault not in faults:
             raise ValueError(f"fault must be one of {sorted(faults)}, got {self.fault!r}")
         if self.url is not None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import random
+import tempfile
 import threading
 import time
 import traceback
@@ -44,8 +45,15 @@ from typing import Any
 import numpy as np
 
 from engine import BusyError, Engine, ExitReason, Outcome, State, Trigger
+from engine._native import lib
 from engine.tools.stress.config import StressConfig, StressResult
 from engine.tools.stress.mix import EXIT_KINDS, RESULTS
+from engine.tools.stress.witness import (
+    JournalFollower,
+    add_to_result,
+    journal_options,
+    verify_journal,
+)
 
 PRICE_LO, PRICE_HI = 92.0, 108.0
 PRICE_SIGMA = 4.0
@@ -224,9 +232,21 @@ def run_exits(config: StressConfig, weights: dict[str, int]) -> StressResult:
         server = PrivateRedis(prefix="engine-stress-redis-").__enter__()
         url = server.url
     try:
-        eng = Engine.create(capacity=config.positions, url=url)
+        eng = Engine.create(capacity=config.positions, url=url,
+                            **(journal_options(url) if config.journal else {}))
         try:
-            return _run(eng, config, weights, ctx)
+            with tempfile.TemporaryDirectory(prefix="eng_stress_") as tmp:
+                follower = JournalFollower(ctx, eng, tmp) if config.journal else None
+                try:
+                    if follower is not None:
+                        follower.start()
+                    res = _run(eng, config, weights, ctx)
+                    if follower is not None:
+                        _cross_check(res, eng, follower)
+                    return res
+                finally:
+                    if follower is not None:
+                        follower.kill()
         finally:
             eng.close()
             eng.unlink()
@@ -296,6 +316,43 @@ def _run(eng: Engine, config: StressConfig, weights: dict[str, int], ctx: Any) -
         if n:
             res.verification["by_category"][k] = res.verification["by_category"].get(k, 0) + n
     return res
+
+
+def _cross_check(res: StressResult, eng: Engine, follower: JournalFollower) -> None:
+    """The journal, the second witness of the exits run: every slot's records
+    against its counter and final word, the transition records per trigger
+    against what the workers and the parent did (pauses, resumes, re-arms,
+    fires), and every fire's record (its exit_reason and exit_price) against
+    the position's levels: fires inside price writes are journaled too."""
+    jr = follower.finish()
+    rows = eng.snapshot()
+    counters = np.zeros(eng.capacity, dtype=np.uint64)
+    counters[rows["slot"]] = rows["transitions"]
+    words = np.array([eng.state_word(s) for s in range(eng.capacity)], dtype=np.uint64)
+    rep = verify_journal(jr, eng.spec, final_words=words, counters=counters,
+                         final_ids={int(r["slot"]): int(r["id"]) for r in rows})
+    e = res.exits
+    assert e is not None
+    want = {"POSITION_OPENED": eng.capacity, "PAUSE": e["pauses"], "RESUME": e["resumes"],
+            "EXIT_CANCELLED": e["cancels"], "EXIT_CONDITION_MET": e["fires"]}
+    wrong = [t for t, n in want.items() if rep.triggers.get(t, 0) != n]
+    rep.add("journal_count", len(wrong), lambda i: f"{wrong[i]}: {rep.triggers.get(wrong[i], 0)} "
+            f"records, the run made {want[wrong[i]]}", range(len(wrong)))
+    # the positions were opened in slot order, position i at slot i (run_exits)
+    index = {int(r["id"]): int(r["slot"]) for r in rows}
+    levels = {p: levels_for(i) for p, i in index.items()}
+    fire = int(Trigger.EXIT_CONDITION_MET)
+    kinds = jr.rows["kind"]
+    bad: list[str] = []
+    for i in np.flatnonzero((kinds == lib.ENG_JK_TRANSITION) & (jr.rows["trigger"] == fire)):
+        ev = jr.event(int(i))
+        lv = levels.get(ev.id)
+        why = None if lv is None else fire_problem(lv, int(ev.record.exit_reason),
+                                                   ev.record.exit_price)
+        if why:
+            bad.append(f"record seq {ev.seq} (position {index.get(ev.id)}): {why}")
+    rep.add("journal_chain", len(bad), lambda i: f"a fire's record: {bad[i]}", range(len(bad)))
+    add_to_result(res, rep, jr)
 
 
 def _rearm_all(eng: Engine, ids: list[int], viol: dict[str, int], messages: list[str]) -> int:
@@ -391,7 +448,8 @@ def verify_exits(eng: Engine, config: StressConfig, weights: dict[str, int], ids
     ops = sum(sum(c.values()) for c in counts.values())
     n_viol = sum(viol.values())
     exits = {"fires": fires, "fires_counted": counted, "fires_checked": tot["fires_checked"]
-             + pending, "pauses": tot["pauses"], "cancels": tot["cancels"],
+             + pending, "pauses": tot["pauses"], "resumes": tot["resumes"],
+             "cancels": tot["cancels"],
              "armed_at_end": armed, "pending_at_end": pending, "unchecked": len(unchecked),
              "violations": viol}
     verification = {"links": 0, "slots": len(ids), "applied": commits,

@@ -102,6 +102,13 @@ ORDER_FAULTS = ("misroute",)
 #: books check must report it.
 ACCOUNT_FAULTS = ("leak",)
 
+#: Faults of every workload's link log (tests only): ``drop-link`` makes each
+#: worker leave its 100th applied commit out of its log, as a worker that
+#: lost a commit would; the chain check and the journal cross-check must
+#: report it.
+LINK_FAULTS = ("drop-link",)
+DROP_LINK_AT = 100
+
 #: The workloads: name -> (kinds, presets).
 WORKLOADS: dict[str, tuple[tuple[str, ...], dict[str, dict[str, int]]]] = {
     "positions": (KINDS, PRESETS),

@@ -61,6 +61,16 @@ def format_report(res: StressResult) -> str:
               f"engine metrics {v['engine_applied']:,}); {v['reads_checked']:,} reads checked, "
               f"torn {v['torn_price_reads'] + v['torn_context_reads']}, "
               f"version regressions {v['version_regressions']}"]
+    j = v.get("journal")
+    if j is not None:
+        lines += [f"journal cross-check: {j['checked']:,} records"
+                  + (" (per shard: states, no generations)" if j["per_shard"] else "")
+                  + " against the commits, counters and final words"
+                  + (f", books of {j['accounts']} accounts" if j["accounts"] else "")
+                  + (f"; LAPPED: {j['lapped']}" if j["lapped"] else "")
+                  + (f"; {sum(j['violations'].values())} violations" if j["violations"]
+                     else "; agrees")]
+        lines += [f"  {k}: {text}" for k, text in j.get("meaning", {}).items()]
     if res.orders is not None:
         lines += ["", *_order_lines(res.orders)]
     if res.accounts is not None:

@@ -36,7 +36,7 @@ from engine.tools.redis_server import PrivateRedis
 from engine.tools.stress import accounts as acc
 from engine.tools.stress.account_workers import _AccountPlan, _AccountWorker
 from engine.tools.stress.base import worker_main
-from engine.tools.stress.codec import LinkLog, decode_links
+from engine.tools.stress.codec import DROP_LINK_ENV, LinkLog, decode_links
 from engine.tools.stress.config import (
     AUTO_URL,
     ORDER_KEYS_PER_POSITION,
@@ -44,6 +44,7 @@ from engine.tools.stress.config import (
     StressResult,
 )
 from engine.tools.stress.mix import (
+    DROP_LINK_AT,
     FAULTS,
     KINDS,
     N_TOKENS,
@@ -61,6 +62,12 @@ from engine.tools.stress.orders import (
     verify_orders,
 )
 from engine.tools.stress.verify import ChainReport, verify_chains
+from engine.tools.stress.witness import (
+    JournalFollower,
+    add_to_result,
+    journal_options,
+    verify_journal,
+)
 from engine.tools.stress.workers import _Plan, _Worker
 
 #: A worker whose published op count stays put this long (during the run)
@@ -275,13 +282,22 @@ def run_stress(config: StressConfig) -> StressResult:
             url = server.url
             _say(out, f"stress: started a private redis-server at {url} (persistence off; "
                       "stopped at the end)")
+        jopts = journal_options(url) if config.journal else {}
         eng = (Engine.create(capacity=config.positions, spec=ORDER_SPEC,
-                             keys_per_position=ORDER_KEYS_PER_POSITION, url=url) if orders
+                             keys_per_position=ORDER_KEYS_PER_POSITION, url=url, **jopts)
+               if orders
                else Engine.create(capacity=config.positions, max_accounts=config.accounts,
-                                  url=url)
-               if booked else Engine.create(capacity=config.positions, url=url))
+                                  url=url, **jopts)
+               if booked else Engine.create(capacity=config.positions, url=url, **jopts))
         cleanup.callback(eng.unlink)
         cleanup.callback(eng.close)
+        follower = JournalFollower(ctx, eng, tmp) if config.journal else None
+        if follower is not None:    # from seq 0, before the first commit
+            follower.start()
+            cleanup.callback(follower.kill)
+        if config.fault == "drop-link":   # the workers (and this log) inherit it
+            os.environ[DROP_LINK_ENV] = str(DROP_LINK_AT)
+            cleanup.callback(os.environ.pop, DROP_LINK_ENV, None)
         gate = posix_ipc.Semaphore(gate_name, posix_ipc.O_CREX, mode=0o600, initial_value=0)
         cleanup.callback(posix_ipc.unlink_semaphore, gate_name)
         cleanup.callback(gate.close)
@@ -364,6 +380,8 @@ def run_stress(config: StressConfig) -> StressResult:
         metrics = _with_worker_latency(eng, eng.metrics(), summaries)
         res = _result(config, weights, summaries, problems, chains, counters, metrics,
                       n_rows, parent_log.count, kinds)
+        if follower is not None:
+            _cross_check(res, eng, follower, counters, words, links, account_ids)
         if orders:
             _add_orders(res, eng, config, summaries, stalls)
         if booked:
@@ -372,6 +390,21 @@ def run_stress(config: StressConfig) -> StressResult:
         res.url = redact(url) if url else url
         res.notes = list(REDIS_NOTES) if url else []
     return res
+
+
+def _cross_check(res: StressResult, eng: Engine, follower: JournalFollower,
+                 counters: np.ndarray, words: np.ndarray, links: np.ndarray,
+                 account_ids: tuple[int, ...]) -> None:
+    """The journal, the second witness: every record it holds against the
+    workers' links, the slots' counters and final words, the open ids, and
+    the books of every account (``engine.tools.stress.witness``)."""
+    jr = follower.finish()
+    rows = eng.snapshot()
+    final_ids = {int(r["slot"]): int(r["id"]) for r in rows}
+    books = {a: eng.account(a) for a in account_ids} if account_ids else None
+    rep = verify_journal(jr, eng.spec, final_words=words, counters=counters, links=links,
+                         final_ids=final_ids, books=books)
+    add_to_result(res, rep, jr)
 
 
 def _result(config: StressConfig, weights: dict[str, int], summaries: list[dict[str, Any]],

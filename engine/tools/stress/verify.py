@@ -61,6 +61,30 @@ def _state_name(onehot: Any, states: type[enum.IntEnum] = State) -> str:
         return f"{onehot:#x}"
 
 
+def chain_order(links: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The links in chain order, by (slot, unwrapped old generation), and
+    those unwrapped generations.
+
+    Ordered by (slot, time) first, then the 16-bit generations are unwrapped
+    with signed differences (exact while the clock disorder on a slot is
+    < 32768 commits)."""
+    if not len(links):
+        return links, np.empty(0, dtype=np.int64)
+    order = np.lexsort((np.arange(len(links)), links["t"], links["slot"]))
+    lk = links[order]
+    slot = lk["slot"].astype(np.int64)
+    g = lk["old_gen"].astype(np.int64)
+    first = np.r_[True, slot[1:] != slot[:-1]]
+    group = np.cumsum(first) - 1
+    step = np.zeros(len(lk), dtype=np.int64)
+    step[1:] = ((np.diff(g) + _GEN_MOD // 2) % _GEN_MOD) - _GEN_MOD // 2
+    step[first] = 0
+    cum = np.cumsum(step)
+    u = cum - cum[first][group] + g[first][group]
+    order = np.lexsort((u, slot))
+    return lk[order], u[order]
+
+
 def verify_chains(links: np.ndarray, counters: np.ndarray, final_words: np.ndarray, *,
                   initial_state: int = 0, initial_gen: int = 0,
                   state_enum: type[enum.IntEnum] = State) -> ChainReport:
@@ -125,23 +149,8 @@ def verify_chains(links: np.ndarray, counters: np.ndarray, final_words: np.ndarr
     if not len(links):
         return rep
 
-    # order by (slot, time), then unwrap the 16-bit generations with signed
-    # differences (exact while the clock disorder on a slot is < 32768 commits)
-    order = np.lexsort((np.arange(len(links)), links["t"], links["slot"]))
-    lk = links[order]
+    lk, u = chain_order(links)
     slot = lk["slot"].astype(np.int64)
-    g = lk["old_gen"].astype(np.int64)
-    first = np.r_[True, slot[1:] != slot[:-1]]
-    group = np.cumsum(first) - 1
-    step = np.zeros(len(lk), dtype=np.int64)
-    step[1:] = ((np.diff(g) + _GEN_MOD // 2) % _GEN_MOD) - _GEN_MOD // 2
-    step[first] = 0
-    cum = np.cumsum(step)
-    u = cum - cum[first][group] + g[first][group]
-
-    # order by (slot, unwrapped generation): this is the chain
-    order = np.lexsort((u, slot))
-    lk, u, slot = lk[order], u[order], slot[order]
     old_s, new_s = lk["old_state"].astype(np.int64), lk["new_state"].astype(np.int64)
     first = np.r_[True, slot[1:] != slot[:-1]]
     last = np.r_[slot[1:] != slot[:-1], True]
