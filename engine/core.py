@@ -44,6 +44,7 @@ from engine.accounts import (
     money_of,
     to_units,
 )
+from engine.durable.writer import Writer, durable_args, journal_dir, prepare_dir, write_meta
 from engine.errors import (
     ArgumentError,
     BusyError,
@@ -64,7 +65,6 @@ from engine.errors import (
     redact,
     shown,
 )
-from engine.durable.writer import Writer, durable_args, journal_dir, prepare_dir, write_meta
 from engine.journal import Event, JournalSource, JournalWaker, follow, follow_async
 from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, Context, PriceSnapshot

@@ -436,3 +436,19 @@ class TestJournalCommand:
         rows = [json.loads(line) for line in r.stdout.splitlines()]
         assert [row["seq"] for row in rows] == list(range(2, last))
         assert "checksum" in r.stderr and f"after seq {last - 1}" in r.stderr
+
+
+class TestRm:
+    def test_rm_writes_the_journal_before_the_segment_goes(self, durable: Any) -> None:
+        """`python -m engine rm` writes and fdatasyncs the records no writer wrote yet."""
+        eng = durable()
+        hand_off_writer(eng)   # nobody writes: the records stay in the ring
+        for _ in range(12):
+            eng.open_position(1.0, 1.0)
+        last = eng.journal_seq
+        assert durable_info(eng).written_seq < last
+        r = subprocess.run([sys.executable, "-m", "engine", "rm", "--force", eng.name],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        got, end = file_records(eng.jdir)
+        assert end.torn is None and [f.seq for f in got] == list(range(1, last + 1))
