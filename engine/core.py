@@ -342,7 +342,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
         if url is None and self._seg.durable != ffi.NULL:   # the journal on disk: a writer
             self._durable = Writer(self._seg, name)
             # after the store's finalizer: runs before it (the thread stops before the unmap)
-            weakref.finalize(self, self._durable.stop)
+            weakref.finalize(self, self._durable.shutdown)
         return self
 
     def _bind(self, name: str, spec: MachineSpec, impl: Store, url: str | None) -> None:
@@ -614,6 +614,8 @@ class Engine(_EngineBase, Generic[S, C, T]):
             # again and the hot calls on their C view
             if shm and lib.eng_check(self._seg) == 0:
                 lib.eng_gate_open(self._seg)
+                if self._durable is not None:
+                    self._durable.start()   # still attached: it writes (or watches) again
                 if _fastpath is not None:
                     _fastpath.bind(self, int(ffi.cast("uintptr_t", self._seg)), self._seg)
             raise

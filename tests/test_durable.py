@@ -452,3 +452,85 @@ class TestRm:
         assert r.returncode == 0, r.stderr
         got, end = file_records(eng.jdir)
         assert end.torn is None and [f.seq for f in got] == list(range(1, last + 1))
+
+
+def child_checkpointer(handle: Any) -> None:
+    """Set the fault that kills a checkpoint before its rename, then checkpoint."""
+    eng = Engine.attach(handle)
+    assert lib.eng_durable_fault(eng.seg, lib.ENG_DJ_FAULT_DIE_IN_CKPT) == 0
+    eng.checkpoint()   # SIGKILLed inside
+
+
+_DROPPED = """
+import gc, sys
+from engine import Engine
+eng = Engine.create(capacity=16, journal=sys.argv[1])
+print(eng.name, flush=True)
+for _ in range(10):
+    eng.open_position(1.0, 1.0)
+del eng
+gc.collect()
+print("ok", flush=True)
+"""
+
+
+class TestAdversary:
+    def test_a_forked_child_neither_hangs_nor_writes(self, durable: Any) -> None:
+        """A child forked from a process with a durable engine can close it (it is closed
+        there) and exit at once; the parent's writer goes on."""
+        eng = durable()
+        eng.open_position(1.0, 1.0)
+        pid = os.fork()
+        if pid == 0:   # the child: no writer thread here; close must not wait for one
+            code = 0
+            try:
+                eng.close()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung in close()")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+        eng.open_position(1.0, 1.0)
+        assert eng.flush() == eng.journal_seq == 2
+
+    def test_an_engine_dropped_without_close_stops_its_writer_first(self,
+                                                                    tmp_path: Any) -> None:
+        """An Engine garbage-collected without close stops its writer thread before the
+        segment is unmapped (no crash) and writes its records."""
+        jdir = str(tmp_path / "dropped")
+        r = subprocess.run([sys.executable, "-c", _DROPPED, jdir], capture_output=True,
+                           text=True, timeout=120)
+        name = r.stdout.split()[0] if r.stdout else None
+        try:
+            assert r.returncode == 0 and r.stdout.split()[-1] == "ok", r.stderr
+            got, end = file_records(jdir)
+            assert end.torn is None and [f.seq for f in got] == list(range(1, 11))
+        finally:
+            if name:
+                with contextlib.suppress(Exception):
+                    Engine.attach(name).unlink()
+
+    def test_a_checkpointer_killed_before_its_rename_leaves_no_checkpoint(
+            self, durable: Any, spawner: Any) -> None:
+        """A process SIGKILLed while writing a checkpoint leaves only its .tmp (never a
+        checkpoint file); the next checkpoint takes the dead one's lock over."""
+        eng = durable()
+        workload(eng, 8)
+        p = spawner.start(child_checkpointer, eng.handle)
+        p.join(READY_TIMEOUT)
+        assert p.exitcode == -signal.SIGKILL, p.exitcode
+        names = os.listdir(eng.jdir)
+        assert not [n for n in names if n.endswith(".ckpt")]
+        assert [n for n in names if n.endswith(".ckpt.tmp")]
+        assert lib.eng_durable_fault(eng.seg, 0) == 0
+        start = eng.checkpoint()
+        assert os.path.exists(os.path.join(eng.jdir, f"checkpoint-{start:020d}.ckpt"))

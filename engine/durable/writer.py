@@ -10,6 +10,7 @@ stopped.  The file format is native/engine.h's ("The journal on disk").
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import pickle
@@ -133,9 +134,26 @@ class Writer:
         if dw == ffi.NULL:
             raise MemoryError("cannot allocate the journal writer's state")
         self._dw = ffi.gc(dw, lib.eng_dw_free)
-        self._thread = threading.Thread(target=_run, args=(seg, self._dw), name=THREAD_NAME,
-                                        daemon=True)
+        self._thread = threading.Thread()
+        self.start()
+
+    def start(self) -> None:
+        """Start the thread (again, after ``stop``: a close that did not happen)."""
+        if self._thread.is_alive() or os.getpid() != self._pid:
+            return
+        lib.eng_dw_stop(self._dw, 0)
+        self._thread = threading.Thread(target=_run, args=(self._seg, self._dw),
+                                        name=THREAD_NAME, daemon=True)
         self._thread.start()
+
+    def shutdown(self) -> None:
+        """The Engine's finalizer (garbage-collected or at exit without close):
+        stop, then write what this Engine can; never raises."""
+        if os.getpid() != self._pid:
+            return
+        self.stop()
+        with contextlib.suppress(Exception):
+            self.release()
 
     @property
     def running(self) -> bool:
@@ -208,7 +226,8 @@ def flush_segment(name: str) -> int | None:
     from engine.spec import POSITION_SPEC
     from engine.store.shm import attach_mapped, open_mapped
 
-    att = attach_mapped(_Owner(), name, open_mapped(name), POSITION_SPEC, check_spec=False)
+    owner = _Owner()   # the mapping lives as long as it does: keep it until the end
+    att = attach_mapped(owner, name, open_mapped(name), POSITION_SPEC, check_spec=False)
     try:
         if att.seg.durable == ffi.NULL:
             return None
@@ -220,3 +239,4 @@ def flush_segment(name: str) -> int | None:
         return int(out[0])
     finally:
         att.finalizer()
+        del owner
