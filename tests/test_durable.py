@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from engine import (
@@ -26,6 +27,8 @@ from engine import (
     JournalFullError,
     Outcome,
     State,
+    Trigger,
+    WaitTimeout,
 )
 from engine._native import ffi, lib
 from engine.durable import frames
@@ -287,6 +290,8 @@ class TestFailStop:
                     eng.open_position(1.0, 1.0)
             seq, state = eng.journal_seq, eng.state(pos)
             assert err.value.writer_pid == p.pid
+            with pytest.raises(WaitTimeout):   # flush cannot finish while the holder is stopped
+                eng.flush(timeout=0.2)
             with pytest.raises(JournalFullError):
                 eng.transition(pos, "POSITION_OPENED")
             assert (eng.journal_seq, eng.state(pos)) == (seq, state)   # nothing changed
@@ -411,6 +416,41 @@ class TestCheckpoint:
                for i in range((len(data) - HDR) // FRAME)]
         assert [(r["kind"], r["id"]) for r in rel if r["kind"] != lib.ENG_JK_HALT] == [
             (lib.ENG_JK_RELEASE, pos)]
+
+
+class TestCheckpointSchedule:
+    def test_a_checkpoint_is_written_every_n_records(self, durable: Any) -> None:
+        """With checkpoint_records=N the writer writes a checkpoint on its own past N records."""
+        eng = durable(checkpoint_records=50, checkpoint_s=0)
+        for _ in range(60):
+            eng.open_position(1.0, 1.0)
+        eng.flush()
+        until(lambda: any(n.endswith(".ckpt") for n in os.listdir(eng.jdir)),
+              "the writer's own checkpoint")
+
+    def test_files_before_the_previous_checkpoint_are_removed(self, durable: Any) -> None:
+        """A checkpoint removes the journal files wholly before the previous checkpoint's
+        start seq and the checkpoints before that one; what is left still restores."""
+        eng = durable(capacity=1024, checkpoint_records=0, checkpoint_s=0)
+        ids = np.array([eng.open_position(1.0, 1.0) for _ in range(1024)], dtype=np.uint64)
+        eng.transition_many(ids, int(Trigger.POSITION_OPENED))
+        trig = int(Trigger.PAUSE)
+        while eng.journal_seq <= lib.ENG_DJ_FILE_RECORDS + 10:
+            eng.transition_many(ids, trig)
+            trig = int(Trigger.RESUME) if trig == int(Trigger.PAUSE) else int(Trigger.PAUSE)
+        a = eng.checkpoint()
+        eng.transition_many(ids[:4], trig)
+        b = eng.checkpoint()
+        first_files = [f for f, _ in frames.journal_files(eng.jdir)]
+        assert first_files == [lib.ENG_DJ_FILE_RECORDS + 1]   # [1, 65536] is wholly <= a
+        eng.transition_many(ids[:4], int(Trigger.PAUSE) + int(Trigger.RESUME) - trig)
+        c = eng.checkpoint()
+        ckpts = sorted(n for n in os.listdir(eng.jdir) if n.endswith(".ckpt"))
+        assert ckpts == [f"checkpoint-{b:020d}.ckpt", f"checkpoint-{c:020d}.ckpt"]
+        assert a < b < c
+        got, end = file_records(eng.jdir, since=b)
+        assert end.torn is None and [f.seq for f in got] == list(range(b + 1,
+                                                                        eng.journal_seq + 1))
 
 
 class TestJournalCommand:
