@@ -670,8 +670,14 @@ int eng_durable_run(eng_seg *s, eng_dw *w)
             wait = due < 0 ? 0 : due < wait ? due : wait;
         }
         uint64_t seq;
-        if (wait > 0 && eng_journal_seq(s) <= W)
-            eng_journal_wait(s, W, wait, &seq);   /* new records, a sync due, or a stop check */
+        if (wait > 0 && eng_journal_seq(s) <= W) {
+            /* caught up: a nap first, so a busy journal is written in batches
+             * without a futex wake per commit; idle, sleep on the journal */
+            struct timespec nap = {0, ENG_DJ_NAP_NS};
+            nanosleep(&nap, NULL);
+            if (eng_journal_seq(s) <= W)
+                eng_journal_wait(s, W, wait, &seq);   /* new records, a sync due, a stop check */
+        }
     }
 }
 
