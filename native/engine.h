@@ -857,7 +857,8 @@ typedef struct eng_shard {
  */
 typedef struct eng_durable {
     uint64_t written_seq;    /* every record <= it is in the files (pwrite done) */
-    int32_t  failure;        /* 0, or the errno the writer failed with: commits refused */
+    int32_t  failure;        /* 0, or the errno the writer failed with: commits refused
+                                (> 0 a reservation, retried; < 0 -errno of a write or sync) */
     uint32_t room_waiting;   /* 1: a committer may sleep on written_seq's low half */
     uint64_t pad0[6];
     uint32_t lease;          /* token of the writer holding the lease (0: none) */
