@@ -824,6 +824,7 @@ static int keyrec_read(const eng_keyrec *kr, uint64_t *tag, eng_key *out);
 
 typedef struct ckpt_out {
     eng_dw  *w;
+    uint8_t *buf;        /* ENG_DJ_BATCH frames (not w->frames: the writer's, see ckpt_scan) */
     int      fd;
     uint32_t n;          /* frames in w->frames not written yet */
     uint64_t frames;     /* frames in the file */
@@ -837,7 +838,7 @@ static void ckpt_flush(ckpt_out *o)
     if (!o->n || o->err)
         return;
     size_t bytes = (size_t)o->n * ENG_DJ_FRAME_BYTES;
-    o->err = pwrite_all(o->fd, o->w->frames, bytes, o->off);
+    o->err = pwrite_all(o->fd, o->buf, bytes, o->off);
     o->off += (off_t)bytes;
     o->n = 0;
 }
@@ -858,7 +859,7 @@ static void ckpt_frame(ckpt_out *o, uint32_t kind, uint32_t trigger, uint64_t id
     if (words)
         memcpy(r.w, words, nwords * sizeof(uint64_t));
     r.version = version;
-    uint8_t *f = o->w->frames + (size_t)o->n * ENG_DJ_FRAME_BYTES;
+    uint8_t *f = o->buf + (size_t)o->n * ENG_DJ_FRAME_BYTES;
     uint32_t h[2] = {ENG_DJ_FRAME_MAGIC, eng_crc32c(0, &r, ENG_JREC_SIZE)};
     memcpy(f, h, 8);
     memcpy(f + 8, &r, ENG_JREC_SIZE);
@@ -867,11 +868,25 @@ static void ckpt_frame(ckpt_out *o, uint32_t kind, uint32_t trigger, uint64_t id
         ckpt_flush(o);
 }
 
+/* A long scan by the lease holder keeps the ring draining (w->mu is held):
+ * commits do not wait for the checkpoint. */
+static void ckpt_keep_writing(eng_seg *s, ckpt_out *o)
+{
+    if (load_acquire_u32(&s->durable->lease) != s->token || load_acquire_i32(&s->durable->failure))
+        return;
+    int reservation = 0;
+    int rc = dw_write_upto(s, o->w, eng_journal_seq(s), &reservation);
+    if (rc && rc != EAGAIN)
+        durable_fail(s, o->w, rc, reservation);
+}
+
 /* The scan: every object read consistently on its own (see the protocol). */
 static void ckpt_scan(eng_seg *s, ckpt_out *o)
 {
     static __thread eng_ctx_rec ctx;   /* the largest record copy: off the stack */
     for (uint32_t i = 0; i < s->capacity && !o->err; i++) {
+        if ((i & (ENG_DJ_CKPT_WRITE_EVERY - 1)) == ENG_DJ_CKPT_WRITE_EVERY - 1)
+            ckpt_keep_writing(s, o);
         eng_slot *sl = slot_at(s, i);
         uint64_t w;
         uint32_t opening;
@@ -906,6 +921,8 @@ static void ckpt_scan(eng_seg *s, ckpt_out *o)
         }
     }
     for (uint32_t i = 0; i < s->max_accounts && !o->err; i++) {
+        if ((i & (ENG_DJ_CKPT_WRITE_EVERY - 1)) == ENG_DJ_CKPT_WRITE_EVERY - 1)
+            ckpt_keep_writing(s, o);
         eng_account *a = &s->accounts[i];
         uint64_t words[ENG_MAX_FIELD_WORDS] = {0};
         eng_books b;
@@ -1017,8 +1034,11 @@ static int durable_checkpoint_locked(eng_seg *s, eng_dw *w, uint64_t *out_start)
     int fd = err ? -1 : open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (!err && fd < 0)
         err = errno;
+    uint8_t *buf = err ? NULL : malloc((size_t)ENG_DJ_BATCH * ENG_DJ_FRAME_BYTES);
+    if (!err && !buf)
+        err = ENOMEM;
     if (!err) {
-        ckpt_out o = {w, fd, 0, 0, ENG_DJ_FILE_HDR, 0, price_clock()};
+        ckpt_out o = {w, buf, fd, 0, 0, ENG_DJ_FILE_HDR, 0, price_clock()};
         ckpt_scan(s, &o);
         err = o.err;
         if (!err) {
@@ -1044,6 +1064,7 @@ static int durable_checkpoint_locked(eng_seg *s, eng_dw *w, uint64_t *out_start)
         err = fsync_dir(w->dir);
     if (fd >= 0)
         close(fd);
+    free(buf);
     if (err || rc) {
         unlink(tmp);
         store_release_u32(&d->ckpt_lock, 0);

@@ -834,6 +834,7 @@ typedef struct eng_shard {
 #define ENG_DJ_WATCH_NS      10000000LL
 #define ENG_DJ_BATCH         512           /* frames per pwrite */
 #define ENG_DJ_NAP_NS        50000         /* a writer that caught up naps this long before it sleeps */
+#define ENG_DJ_CKPT_WRITE_EVERY 1024       /* a checkpoint by the writer writes the ring every this many objects */
 #define ENG_DJ_RETRY_NS      100000000LL   /* a failed writer retries its reservation this often */
 /* A checkpoint's account frame carries the account's key (open_account(key=)):
  * trigger = its length (0: none), its bytes from w[ENG_DJ_ACCT_KEY_WORD] on. */
