@@ -226,9 +226,10 @@ static int acct_commit(eng_seg *s, eng_account *a, uint64_t AL, eng_books *b, ui
 {
     uint64_t JL = 0;
     op_timer none = {NULL, 0};
-    if (s->journal && journal_latch(s, none, &JL) != 0) {           /* J1 */
+    int jrc = s->journal ? journal_latch(s, none, &JL) : 0;         /* J1 */
+    if (jrc) {
         acct_unlatch(a, AL);
-        return ENG_EBUSY;
+        return journal_refusal(jrc, ENG_EBUSY);
     }
     acct_write_pending(a, AL, b, 0, 0);
     if (fault)
@@ -461,9 +462,10 @@ static int finish_booked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *c, e
                          uint64_t AL, op_timer t)
 {
     uint64_t nw;
-    if (ctx_publish(s, sl, L, c, &nw) != 0) {                      /* B4, B5 */
+    int rc = ctx_publish(s, sl, L, c, &nw);                        /* B4, B5 */
+    if (rc) {
         acct_resolve(s, a, AL, t);   /* not committed (journal busy, or judged gone): the evidence decides */
-        return sw_state(L) ? ENG_CONFLICT : ENG_EBUSY;
+        return journal_refusal(rc, sw_state(L) ? ENG_CONFLICT : ENG_EBUSY);
     }
     die_if(s, ENG_FAULT_DIE_IN_BOOKING);
     acct_publish(a, AL);                                           /* B6 */

@@ -317,9 +317,10 @@ static int ctx_publish(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx, u
         return seq_publish_acq_rel(&sl->word, L, *nw);
     uint64_t JL;
     op_timer none = {NULL, 0};
-    if (journal_latch(s, none, &JL) != 0) {
+    int rc = journal_latch(s, none, &JL);
+    if (rc) {
         unlock_unchanged(sl, L);   /* nothing committed, nothing recorded */
-        return ENG_EBUSY;
+        return journal_refusal(rc, ENG_EBUSY);
     }
     uint32_t slot = (uint32_t)(((uint8_t *)sl - s->slots) / s->slot_size);
     journal_fill_ctx(s, JL, sw_state(L) ? ENG_JK_TRANSITION : ENG_JK_OPEN, trigger,
@@ -337,8 +338,9 @@ static int ctx_publish(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx, u
 static int finish_locked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx)
 {
     uint64_t nw;
-    if (ctx_publish(s, sl, L, ctx, &nw) != 0)   /* the journal's latch busy past the bound */
-        return sw_state(L) ? ENG_CONFLICT : ENG_EBUSY;   /* (or taken over: only if proven dead) */
+    int rc = ctx_publish(s, sl, L, ctx, &nw);
+    if (rc)   /* the journal's latch busy past the bound (or taken over: only if proven dead) */
+        return journal_refusal(rc, sw_state(L) ? ENG_CONFLICT : ENG_EBUSY);
     commit_after(s, sl, sw_unlocked(L), nw);
     return ENG_APPLIED;
 }

@@ -137,6 +137,11 @@ def add_parsers(subparsers: Any) -> None:
                         "on disjoint slots with and without the journal")
     p.add_argument("--journal-only", action="store_true",
                    help="run the journal section and nothing else (implies --journal)")
+    p.add_argument("--durable", action="store_true",
+                   help="also measure the journal on disk: durable records/s, flush() "
+                        "p50/p99, bytes per transition, and SQLite (WAL) side by side")
+    p.add_argument("--durable-only", action="store_true",
+                   help="measure the journal on disk and nothing else")
     p.set_defaults(func=run)
 
 
@@ -188,6 +193,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if getattr(args, "journal_only", False):
         return _journal_section(args)
+    if args.durable or args.durable_only:   # the journal on disk (engine/durable/bench.py)
+        from engine.durable import bench as durable_bench
+        print("\n".join(durable_bench.report_lines(durable_bench.measure(plan.seconds))),
+              flush=True)
+        if args.durable_only:
+            return 0
     compare = not args.scaling_only
     probe = probe_host(plan if compare or sweep is None else sweep)
     res, summary, breakdown = Results(), None, None
