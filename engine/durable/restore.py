@@ -203,7 +203,8 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
         if seq != first:
             raise RestoreError(f"{path}: header seq {seq}, its name says {first}", str(path), 0)
         frames, status, rest = _frames(data, path)
-        stop = int(np.argmin(status == 1)) if len(status) and not status.all() else len(status)
+        ok = status == 1
+        stop = len(status) if ok.all() else int(np.argmin(ok))
         if stop < len(status) and (status[stop:] == 1).any():
             bad = fmt.FILE_HDR + stop * fmt.FRAME_BYTES
             raise RestoreError(f"{path}: corrupt frame at byte {bad} with valid frames after "
