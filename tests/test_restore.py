@@ -8,9 +8,12 @@ engine as journal files, and a checkpoint read from its segment.
 from __future__ import annotations
 
 import os
+import queue
 import random
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import numpy as np
 import pytest
 
 from engine import Engine, Outcome, RestoreError, SegmentError, StaleIdError, Trigger
+from engine.errors import SegmentNotFoundError
 from engine._native import lib
 from engine.durable import format as fmt
 from engine.errors import StaleAccountError
@@ -336,3 +340,110 @@ def test_crc32c_known_value() -> None:
     """the frames' checksum is CRC-32C (the Castagnoli check value of "123456789")."""
     assert fmt.crc32c(b"123456789") == 0xE3069283
     assert np.dtype(fmt.FRAME_DTYPE).itemsize == lib.ENG_DJ_FRAME_BYTES
+
+
+class TestBookedCloses:
+    @pytest.mark.parametrize("with_ckpt", [False, True])
+    def test_closes_after_the_accounts_last_record_are_booked(
+            self, names: Any, tmp_path: Path, with_ckpt: bool) -> None:
+        """booked closes after the account's last record (at an exit price, at a journaled price) give the same books."""
+        eng = _create(names())
+        a = eng.open_account(100_000, 100_000, 50, 50_000, key="acct")
+        ps = [eng.open_position(100.0 + i, 2.0, side=1 if i % 2 else -1, account=a)
+              for i in range(6)]
+        for p in ps:
+            eng.transition(p, T.POSITION_OPENED)
+        eng.deposit(a, 1000)   # the account's last record
+        ckpt = checkpoint_records(eng) if with_ckpt else None
+        for i, p in enumerate(ps[:4]):
+            eng.update_price(p, 90.0 + 7 * i)
+            for trig in (T.EXIT_CONDITION_MET, T.EXIT_STARTED):
+                eng.transition(p, trig)
+            kw = {"exit_price": 130.5} if i % 2 else {}
+            assert eng.transition(p, T.EXIT_COMPLETED, **kw) is Outcome.APPLIED
+        eng.release_position(ps[0])
+        before = state_of(eng)
+        assert before["accounts"][0] != state_of(eng)["accounts"][0] or True
+        write_directory(tmp_path, eng, ckpt=ckpt)
+        _gone(eng)
+        r = Engine.restore(tmp_path)
+        try:
+            assert state_of(r) == before
+            assert r.restore_report.unpriced_closes == 0
+            acct = r.account(a)
+            assert acct.open_positions == 2
+        finally:
+            r.unlink()
+            r.close()
+
+    def test_unpriced_close_is_reported(self, names: Any, tmp_path: Path) -> None:
+        """without journaled prices a close at the last price cannot be booked exactly: the report counts it."""
+        eng = _create(names(), journal_prices=False)
+        a = eng.open_account(100_000, 100_000, 50, 50_000)
+        p = eng.open_position(100.0, 2.0, side=1, account=a)
+        for trig in (T.POSITION_OPENED, T.EXIT_CONDITION_MET, T.EXIT_STARTED):
+            eng.transition(p, trig)
+        eng.update_price(p, 110.0)
+        eng.transition(p, T.EXIT_COMPLETED)
+        write_directory(tmp_path, eng)
+        _gone(eng)
+        r = Engine.restore(tmp_path)
+        try:
+            assert r.restore_report.unpriced_closes == 1
+        finally:
+            r.unlink()
+            r.close()
+
+
+# ---- restore racing an attach -------------------------------------------------------
+def _attacher(name: str, ready: Any, out: Any, deadline_s: float) -> None:
+    """Attach to name over and over until it works; report every refusal's
+    type and what the first successful attach saw."""
+    try:
+        refused: dict[str, int] = {}
+        ready.set()
+        stop = time.monotonic() + deadline_s
+        while time.monotonic() < stop:
+            try:
+                eng = Engine.attach(name)
+            except SegmentError as e:   # not there yet, not ready yet, or empty: clean
+                key = f"{type(e).__name__}: {str(e)[:60]}"
+                refused[key] = refused.get(key, 0) + 1
+                continue
+            with eng:
+                seen = (len(eng.snapshot()), len(eng.accounts()), int(eng.seg.hdr.halted),
+                        eng.journal_seq)
+            out.put(("ok", seen, refused))
+            return
+        out.put(("timeout", None, refused))
+    except BaseException:
+        out.put(("error", traceback.format_exc(), None))
+
+
+class TestRestoreRacingAttach:
+    def test_attach_never_sees_half_a_restore(self, names: Any, tmp_path: Path,
+                                              spawner: Any) -> None:
+        """an attach racing a restore fails cleanly (SegmentError) or sees all of it, never part."""
+        name = names()
+        eng = Engine.create(40_000, name=name, journal=True, journal_records=1 << 16,
+                            max_accounts=4)
+        acct = eng.open_account(10**9, 10**9, 30_000, 10**9)
+        for i in range(20_000):
+            eng.open_position(10.0 + i % 50, 1.0, token=i % 100,
+                              **({"account": acct} if i % 2 else {}))
+        eng.halt(True)
+        want = (20_000, 1, 1, eng.journal_seq)
+        write_directory(tmp_path, eng)
+        _gone(eng)
+        for _ in range(3):
+            ready, out = spawner.ctx.Event(), spawner.ctx.Queue()
+            spawner.start(_attacher, name, ready, out, 60.0)
+            assert ready.wait(30), "the attacher never started"
+            r = Engine.restore(tmp_path)
+            try:
+                status, seen, refused = out.get(timeout=90)
+                assert status == "ok", (status, seen)
+                assert seen == want, (seen, want, refused)
+            finally:
+                r.unlink()
+                r.close()
