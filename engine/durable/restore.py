@@ -30,8 +30,7 @@ from engine._native import ffi, lib
 from engine.durable import format as fmt
 from engine.errors import RestoreError
 from engine.spec import MachineSpec
-from engine.store import check_name
-from engine.store import shm
+from engine.store import check_name, shm
 
 __all__ = ["RestoreReport", "load_directory", "reduce_records", "restore"]
 
