@@ -534,3 +534,83 @@ class TestRestoreAfterKills:
         finally:
             r.unlink()
             r.close()
+
+
+class TestCraftedFiles:
+    def test_mutated_sealed_records_never_crash(self, names: Any, tmp_path: Path) -> None:
+        """records with random fields (CRC resealed): restored or a typed error, no segment left."""
+        from engine.errors import EngineError
+        eng = _create(names())
+        workload(eng, random.Random(8), n=16)
+        recs = ring_records(eng)
+        os.makedirs(tmp_path, exist_ok=True)
+        fmt.write_meta(tmp_path, eng)
+        _gone(eng)
+        rng = random.Random(9)
+        fields = ["kind", "id", "word", "trigger", "version", "w", "seq"]
+        outcomes = {"ok": 0, "refused": 0}
+        for _ in range(150):
+            bad = recs.copy()
+            for _ in range(rng.randrange(1, 4)):
+                i, f = rng.randrange(len(bad)), rng.choice(fields)
+                if f == "w":
+                    bad["w"][i][rng.randrange(lib.ENG_MAX_FIELD_WORDS)] = rng.getrandbits(64)
+                elif f in ("kind", "trigger"):
+                    bad[f][i] = rng.choice((rng.getrandbits(32), rng.randrange(8)))
+                else:
+                    bad[f][i] = rng.choice((rng.getrandbits(64), rng.getrandbits(8),
+                                            int(bad[f][i]) ^ (1 << rng.randrange(64))))
+            for old in tmp_path.glob("journal-*"):
+                old.unlink()
+            write_journal(tmp_path, bad)
+            n = names()
+            try:
+                r = Engine.restore(tmp_path, name=n)
+            except EngineError:
+                outcomes["refused"] += 1
+                assert not os.path.exists(f"/dev/shm/{n}"), "a refused restore left a segment"
+                continue
+            outcomes["ok"] += 1
+            r.snapshot()
+            r.accounts()
+            r.unlink()
+            r.close()
+        assert outcomes["refused"] > 0
+
+
+def _restorer(directory: str, name: str) -> None:
+    Engine.restore(directory, name=name).close()
+
+
+class TestRestoreKilled:
+    def test_restore_killed_midway_leaves_nothing_attachable(self, names: Any, tmp_path: Path,
+                                                             spawner: Any) -> None:
+        """a restore SIGKILLed mid-way: attach refuses the segment; rm, restore again: equal."""
+        from procs import sigkill, until
+        name = names()
+        eng = Engine.create(60_000, name=name, journal=True, journal_records=1 << 16)
+        for i in range(30_000):
+            eng.open_position(10.0 + i % 50, 1.0, token=i % 100)
+        before = state_of(eng)
+        write_directory(tmp_path, eng)
+        _gone(eng)
+        shm_path = Path("/dev/shm") / name
+        p = spawner.start(_restorer, str(tmp_path), name)
+        until(lambda: shm_path.exists() or p.exitcode is not None, "the restore to create")
+        sigkill(p, may_have_exited=True)
+        try:
+            r = Engine.attach(name)
+        except SegmentError:   # killed before ready: never attachable, and refused again
+            with pytest.raises(SegmentError, match="already exists"):
+                Engine.restore(tmp_path)
+            # as after a create killed mid-way: a segment not ready (or not yet
+            # sized: not an engine segment) is removed by rm (--force)
+            out = subprocess.run([sys.executable, "-m", "engine", "rm", "--force", name],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            r = Engine.restore(tmp_path)
+        try:
+            assert state_of(r) == before
+        finally:
+            r.unlink()
+            r.close()

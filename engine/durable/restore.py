@@ -18,6 +18,7 @@ anything is read into it (the create is exclusive).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -485,7 +486,11 @@ def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None
     acct_last = {int(acct_recs["id"][i]) & lib.ENG_ID_SLOT_MASK: int(acct_idx[i])
                  for i in range(len(acct_recs))}
     bumps: dict[int, int] = {}
-    unpriced = _booked_closes(ld, allr, acct_last, books, bumps) if books else 0
+    try:
+        unpriced = _booked_closes(ld, allr, acct_last, books, bumps) if books else 0
+    except (OverflowError, ValueError) as e:   # crafted books or fields: beyond int64
+        raise RestoreError(f"{directory}: the booked closes cannot be booked ({e})",
+                           str(directory), None) from None
     for i in range(len(acct_recs)):
         more = bumps.get(int(acct_recs["id"][i]) & lib.ENG_ID_SLOT_MASK, 0)
         acct_recs["version"][i] += np.uint64(more)
@@ -532,7 +537,10 @@ def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None
                                    f"account that is not open (code {rc})", None, None)
     except BaseException:
         mm.close()
-        shm.unlink(name)
+        with contextlib.suppress(OSError):   # only the segment this restore created
+            st = os.stat(shm.path_of(name))
+            if (st.st_dev, st.st_ino) == ident:
+                shm.unlink(name)
         raise
     report = RestoreReport(name, len(ld.tail), ld.ckpt_name, ld.ckpt_seq, last_seq,
                            ld.tail_cut, ld.skipped, unpriced, 0.0)
