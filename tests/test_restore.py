@@ -227,6 +227,42 @@ class TestRestoreRefused:
         with pytest.raises(RestoreError, match="missing"):
             Engine.restore(tmp_path)
 
+    def test_gap_before_the_checkpoint_is_not_needed(self, names: Any, tmp_path: Path) -> None:
+        """a file missing before the checkpoint's start seq is not needed: restored, equal."""
+        eng = _create(names())
+        for _ in range(4):
+            eng.open_position(10.0, 1.0)
+        ckpt = checkpoint_records(eng)
+        for _ in range(4):
+            eng.open_position(11.0, 1.0)
+        before = state_of(eng)
+        os.makedirs(tmp_path, exist_ok=True)
+        fmt.write_meta(tmp_path, eng)
+        fmt.write_checkpoint(tmp_path, ckpt[0], ckpt[1])
+        files = write_journal(tmp_path, ring_records(eng), per_file=2)
+        files[1].unlink()   # seqs 3-4: covered by the checkpoint
+        _gone(eng)
+        r = Engine.restore(tmp_path)
+        try:
+            assert state_of(r) == before and r.restore_report.records_replayed == 4
+        finally:
+            r.unlink()
+            r.close()
+
+    def test_overlapping_files_are_an_error(self, names: Any, tmp_path: Path) -> None:
+        """two files holding the same seqs stop the restore (never a record applied twice)."""
+        eng = _create(names())
+        for _ in range(4):
+            eng.open_position(10.0, 1.0)
+        recs = ring_records(eng)
+        os.makedirs(tmp_path, exist_ok=True)
+        fmt.write_meta(tmp_path, eng)
+        write_journal(tmp_path, recs[:3])
+        write_journal(tmp_path, recs[1:])
+        _gone(eng)
+        with pytest.raises(RestoreError, match="repeated"):
+            Engine.restore(tmp_path)
+
 
 def _frames_bytes(path: Path) -> tuple[bytes, int]:
     data = path.read_bytes()

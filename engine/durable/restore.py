@@ -228,10 +228,13 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
                                str(path), bad)
         end = fmt.FILE_HDR + stop * fmt.FRAME_BYTES
         cut = (str(path), end) if np.frombuffer(data, np.uint8, offset=end).any() else None
-        if prev_last is not None and stop and first != prev_last + 1:
+        # a gap or an overlap matters where the restore needs the records
+        if prev_last is not None and stop and first != prev_last + 1 and \
+                max(first - 1, prev_last) > ckpt_seq:
             where = prev_cut or (files[-1], -1)
             raise RestoreError(f"{path}: starts at seq {first}, the file before ends at seq "
-                               f"{prev_last} (records missing in the middle: nothing restored)",
+                               f"{prev_last} (records missing or repeated in the middle: nothing "
+                               "restored)",
                                where[0], where[1] if where[1] >= 0 else None)
         if stop:
             files.append(str(path))
@@ -436,15 +439,26 @@ def _options(meta: dict[str, Any]) -> tuple[int, int, int, int]:
     return kpp, acc, n_records, flags
 
 
-def _place(seg: Any, call: Any, recs: np.ndarray, where: Any, what: str) -> None:
-    """Place recs in batches through call; a refusal names the record's file
-    and offset (where(i) for the index into recs)."""
+def _place(seg: Any, call: Any, recs: np.ndarray, idx: np.ndarray | None, where: Any,
+           what: str) -> None:
+    """Place recs[idx] (idx None: all of recs) in batches through call, with
+    no copy of the records; a refusal names the record's file and offset
+    (where(i) for the index into recs)."""
     bad = ffi.new("uint64_t *")
-    for start in range(0, len(recs), BATCH):
-        chunk = np.ascontiguousarray(recs[start:start + BATCH])
-        rc = call(seg, ffi.cast("eng_jrec *", ffi.from_buffer(chunk)), len(chunk), bad)
+    recs = np.ascontiguousarray(recs)
+    base = ffi.cast("eng_jrec *", ffi.from_buffer(recs)) if len(recs) else ffi.NULL
+    n = len(recs) if idx is None else len(idx)
+    picks = None if idx is None else np.ascontiguousarray(idx, dtype=np.uint64)
+    for start in range(0, n, BATCH):
+        if picks is None:
+            rc = call(seg, base + start, len(recs) - start, ffi.NULL, min(BATCH, n - start), bad)
+        else:
+            chunk = picks[start:start + BATCH]
+            rc = call(seg, base, len(recs), ffi.cast("uint64_t *", ffi.from_buffer(chunk)),
+                      len(chunk), bad)
         if rc:
-            path, off = where(start + int(bad[0]))
+            i = start + int(bad[0])
+            path, off = where(i if idx is None else int(idx[i]))
             raise RestoreError(f"{path}: the {what} record at byte {off} is refused "
                                f"({ffi.string(lib.eng_strerror(rc)).decode()}, code {rc})",
                                path, off)
@@ -516,12 +530,11 @@ def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None
                 raise RestoreError(f"meta.json: the segment cannot be formatted for it "
                                    f"(code {rc})", None, None)
 
-            def at(idx: np.ndarray) -> Any:
-                return lambda i: where(int(idx[i]))
-            _place(seg, lib.eng_restore_slots, allr[red["slots"]], at(red["slots"]), "slot")
-            _place(seg, lib.eng_restore_prices, allr[red["prices"]], at(red["prices"]), "price")
-            _place(seg, lib.eng_restore_keys, allr[red["keys"]], at(red["keys"]), "key")
-            _place(seg, lib.eng_restore_accounts, acct_recs, at(acct_idx), "account")
+            _place(seg, lib.eng_restore_slots, allr, red["slots"], where, "slot")
+            _place(seg, lib.eng_restore_prices, allr, red["prices"], where, "price")
+            _place(seg, lib.eng_restore_keys, allr, red["keys"], where, "key")
+            _place(seg, lib.eng_restore_accounts, acct_recs, None,
+                   lambda i: where(int(acct_idx[i])), "account")
             if n_records and len(ld.tail):
                 ring = np.ascontiguousarray(ld.tail[-(n_records - 1):])
                 rc = lib.eng_restore_ring(seg, ffi.cast("eng_jrec *", ffi.from_buffer(ring)),
