@@ -398,6 +398,8 @@ class Engine(_EngineBase, Generic[S, C, T]):
         self._temporary: weakref.finalize[Any, Any] | None = None
         #: the journal on disk: this Engine's writer (None: not durable)
         self._durable: Writer | None = None
+        #: Engine.restore: what the restore did (engine.durable.restore.RestoreReport)
+        self.restore_report: Any = None
 
     @overload
     @classmethod
@@ -526,6 +528,21 @@ class Engine(_EngineBase, Generic[S, C, T]):
             eng._temporary = weakref.finalize(eng, _remove_temporary, name,
                                               store.remover(name, eng._seg), os.getpid())
         return eng
+
+    @classmethod
+    def restore(cls, directory: str | os.PathLike[str],
+                name: str | None = None) -> Engine[Any, Any, Any]:
+        """A new segment from the journal directory ``directory`` (shared
+        memory; see docs/journal.md): the name (or ``name``), spec, capacity
+        and options of meta.json, and every open position with its id,
+        state, record, keys and last journaled price, the accounts, the halt
+        flag; released ids stay stale; the journal continues at the next seq.
+        Refused (``SegmentError``, nothing changes) if the name exists; a
+        torn tail is cut and reported, corruption in the middle raises
+        ``RestoreError`` naming the file and offset.  The report:
+        ``eng.restore_report`` (``engine.durable.restore.RestoreReport``)."""
+        from engine.durable.restore import restore
+        return restore(cls, directory, name)  # type: ignore[no-any-return]
 
     @overload
     @classmethod

@@ -945,7 +945,8 @@ static void ckpt_scan(eng_seg *s, ckpt_out *o)
         if (klen > ENG_KEY_MAX)
             klen = 0;
         memcpy(&words[ENG_DJ_ACCT_KEY_WORD], a->key, klen);
-        ckpt_frame(o, ENG_JK_ACCOUNT, klen, make_id(b.opening, i), aw_make(version), words,
+        words[ENG_DJ_ACCT_KEYLEN_WORD] = klen;   /* as an account's journal record has it */
+        ckpt_frame(o, ENG_JK_ACCOUNT, 0, make_id(b.opening, i), aw_make(version), words,
                    ENG_MAX_FIELD_WORDS, version);
     }
     ckpt_frame(o, ENG_JK_HALT, 0, 0, load_acquire_u32(&s->hdr->halted), NULL, 0, 0);

@@ -803,6 +803,11 @@ typedef struct eng_shard {
 #define ENG_DJ_FRAME_MAGIC   0x52464E45u   /* "ENFR" */
 #define ENG_DJ_FILE_HDR      64
 #define ENG_DJ_FRAME_BYTES   (8 + ENG_JREC_SIZE)
+/* An account record's w (in the ring and on disk): the books (eng_books, 16
+ * words), then the account's key (ENG_KEY_MAX bytes) and its length: a
+ * restore gives the account its key back */
+#define ENG_DJ_ACCT_KEY_WORD 16
+#define ENG_DJ_ACCT_KEYLEN_WORD 22
 /* back-off steps a committer waits for the journal latch (each past
  * ENG_YIELD_STEPS sleeps ENG_BACKOFF_SLEEP_NS: about 0.2 s): every commit
  * passes through it, so a holder preempted on a crowded host is waited for
@@ -836,9 +841,6 @@ typedef struct eng_shard {
 #define ENG_DJ_NAP_NS        50000         /* a writer that caught up naps this long before it sleeps */
 #define ENG_DJ_CKPT_WRITE_EVERY 1024       /* a checkpoint by the writer writes the ring every this many objects */
 #define ENG_DJ_RETRY_NS      100000000LL   /* a failed writer retries its reservation this often */
-/* A checkpoint's account frame carries the account's key (open_account(key=)):
- * trigger = its length (0: none), its bytes from w[ENG_DJ_ACCT_KEY_WORD] on. */
-#define ENG_DJ_ACCT_KEY_WORD 16
 /* eng_durable.fault (tests only, eng_durable_fault; honoured where eng_test_faults is on) */
 #define ENG_DJ_FAULT_NOSPACE 1             /* a reservation fails with ENOSPC */
 #define ENG_DJ_FAULT_DIE_MIDWRITE 2        /* the writer writes half a batch, then SIGKILLs itself */
@@ -1252,6 +1254,27 @@ void     eng_test_recover_hook(eng_test_hook_fn fn);
  * docs/journal.md, "Commit to subscriber". */
 #define ENG_JOURNAL_SPIN_US      20
 #define ENG_JOURNAL_SPIN_MAX_US  10000
+/* restore (native/restore.c): a fresh segment, not ready, placed from the
+ * journal on disk (see there); eng_dj_*: the on-disk format's checks */
+int      eng_restore_format(eng_seg *s, void *base, uint64_t size, uint32_t capacity,
+                            const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
+                            uint32_t initial_index, uint32_t closed_mask, uint64_t fingerprint,
+                            uint32_t creator_pid, const eng_rec_layout *rec,
+                            uint32_t max_accounts, uint32_t journal_records,
+                            uint32_t journal_flags);
+int      eng_restore_slots(eng_seg *s, const eng_jrec *recs, uint64_t n_recs,
+                         const uint64_t *idx, uint64_t n, uint64_t *out_bad);
+int      eng_restore_prices(eng_seg *s, const eng_jrec *recs, uint64_t n_recs,
+                         const uint64_t *idx, uint64_t n, uint64_t *out_bad);
+int      eng_restore_keys(eng_seg *s, const eng_jrec *recs, uint64_t n_recs,
+                         const uint64_t *idx, uint64_t n, uint64_t *out_bad);
+int      eng_restore_accounts(eng_seg *s, const eng_jrec *recs, uint64_t n_recs,
+                         const uint64_t *idx, uint64_t n, uint64_t *out_bad);
+int      eng_restore_ring(eng_seg *s, const eng_jrec *recs, uint64_t n);
+int      eng_restore_finish(eng_seg *s, uint32_t halted, uint64_t next_seq, int64_t last_ts,
+                            uint64_t *out_bad);
+uint32_t eng_dj_crc32c(uint32_t crc, const void *data, uint64_t n);
+int      eng_dj_check_frames(const uint8_t *buf, uint64_t n, uint8_t *out);
 
 /* cdef-end */
 
@@ -1295,9 +1318,10 @@ _Static_assert(offsetof(eng_durable, lease) == ENG_CACHE_LINE &&
                offsetof(eng_durable, ckpt_start) == 2 * ENG_CACHE_LINE &&
                offsetof(eng_durable, dir) == 3 * ENG_CACHE_LINE, "durable area lines");
 _Static_assert((ENG_DJ_FILE_RECORDS & (ENG_DJ_FILE_RECORDS - 1)) == 0, "file records: a power of two");
-_Static_assert(ENG_DJ_ACCT_KEY_WORD * 8 >= sizeof(eng_books) &&
-               ENG_DJ_ACCT_KEY_WORD + ENG_KEY_MAX / 8 <= ENG_MAX_FIELD_WORDS, "account key words");
 _Static_assert(ENG_DJ_FRAME_BYTES == 264 && ENG_DJ_FILE_HDR % 8 == 0, "frame size");
+_Static_assert(ENG_DJ_ACCT_KEY_WORD * 8 == sizeof(eng_books) &&
+               ENG_DJ_ACCT_KEYLEN_WORD == ENG_DJ_ACCT_KEY_WORD + ENG_KEY_MAX / 8 &&
+               ENG_DJ_ACCT_KEYLEN_WORD < ENG_MAX_FIELD_WORDS, "an account record: books, key, length");
 _Static_assert((ENG_JOURNAL_MIN_RECORDS & (ENG_JOURNAL_MIN_RECORDS - 1)) == 0 &&
                (ENG_JOURNAL_MAX_RECORDS & (ENG_JOURNAL_MAX_RECORDS - 1)) == 0, "powers of two");
 _Static_assert(sizeof(eng_books) == 2 * ENG_CACHE_LINE, "books are two lines");
