@@ -407,7 +407,7 @@ class TestCheckpoint:
         assert kinds.count("release") == 1
         assert kinds.count("key") == 1 and kinds.count("halt") == 1
         acct = [r for r in recs if r["kind"] == lib.ENG_JK_ACCOUNT]
-        assert len(acct) == 1 and acct[0]["trigger"] == len("acct")
+        assert len(acct) == 1 and acct[0]["w"][lib.ENG_DJ_ACCT_KEYLEN_WORD] == len("acct")
         key_words = acct[0]["w"][lib.ENG_DJ_ACCT_KEY_WORD:]
         assert struct.pack("<6Q", *key_words[:6])[:4] == b"acct"
         assert all(r["seq"] == 0 for r in recs)
