@@ -53,6 +53,9 @@ class Account(NamedTuple):
     opening_cash: Decimal
     deposits: Decimal
     withdrawals: Decimal
+    #: the account's key (``open_account(key=)``): str where the bytes are
+    #: UTF-8, else bytes; None when it has none
+    key: str | bytes | None = None
 
     @property
     def available(self) -> Decimal:
@@ -138,6 +141,15 @@ def account_from_row(row: Any) -> Account:
     (aid, version, cash, reserved, realized, opening, deposits, withdrawals, max_exposure,
      max_loss, max_positions, open_positions, halted) = _ROW.unpack_from(ffi.buffer(row))
     m = from_units
+    n = row.key_len
     return Account(aid, m(cash), m(reserved), m(realized), open_positions, bool(halted), version,
                    m(max_exposure), max_positions, m(max_loss), m(opening), m(deposits),
-                   m(withdrawals))
+                   m(withdrawals), key_value(ffi.buffer(row.key)[:n]) if n else None)
+
+
+def key_value(data: bytes) -> str | bytes:
+    """A key as the API returns it: str where the bytes are UTF-8, else bytes."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data

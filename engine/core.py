@@ -41,6 +41,7 @@ from engine.accounts import (
     Account,
     account_from_row,
     from_units,
+    key_value,
     money_of,
     to_units,
 )
@@ -267,13 +268,6 @@ def _key_bytes(key: Any) -> bytes:
         raise ArgumentError(f"a key is 1 to {_KEY_MAX} bytes (UTF-8 for a str), got "
                             f"{len(data)} bytes: {key!r:.60}")
     return data
-
-
-def _key_value(data: bytes) -> str | bytes:
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        return data
 
 
 # -- guards ----------------------------------------------------------------------------
@@ -968,7 +962,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
             raise self._bad_types(pos) from None
         if rc:
             self._fail(rc, pos)
-        return tuple(_key_value(ffi.buffer(out[i].key)[:out[i].len]) for i in range(n[0]))
+        return tuple(key_value(ffi.buffer(out[i].key)[:out[i].len]) for i in range(n[0]))
 
     def release_position(self, pos: int) -> Outcome:
         """Return a closed position's slot to the free pool; ``pos`` goes stale."""
@@ -1597,8 +1591,9 @@ class Engine(_EngineBase, Generic[S, C, T]):
         files; returns the durable seq (every record <= it is on disk).  Any
         process may call it.  ``WaitTimeout`` if the writer did not write
         them within ``timeout`` s; ``DurabilityError`` if it failed."""
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-            raise ArgumentError(f"timeout must be a number >= 0, got {timeout!r}")
+        if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                or not 0 <= timeout < float("inf")):
+            raise ArgumentError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
         return self._writer().flush(float(timeout))
 
     @property

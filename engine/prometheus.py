@@ -25,7 +25,10 @@ Names (``engine_`` prefix, units in the name, ``_total`` counters):
 ``engine_positions{state}``                 open positions by state name
 ``engine_positions_capacity``               slots in the segment
 ``engine_account_cash{account}``            and ``_reserved``, ``_realized_pnl``,
-                                            ``_open_positions``, ``_halted``
+                                            ``_open_positions``, ``_halted``; the label
+                                            is the account's key, or its id
+``engine_journal_seq``                      the last committed record's seq
+``engine_journal_durable_seq``              every record <= it is on disk
 ``engine_registry_entries{status}``         ``alive`` / ``dead`` (shared memory)
 ==========================================  =====================================
 
@@ -39,8 +42,8 @@ Only sampled calls are in it (``set_metrics(sample_every=...)``).  On Redis
 it holds only the scraping Engine's own round trips (nothing on the server
 records latency), which for ``serve`` is none.
 
-Not yet exported: the journal's seq and durable seq and exits fired by
-reason (they do not exist yet).
+Not yet exported: exits fired by reason (C counts them as calls of op
+``exit``, not by reason).
 
 Logged through ``logging.getLogger("engine")`` at scrape time: an account
 seen halted for the first time, and takeovers of dead owners' locks counted
@@ -57,8 +60,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine._native import lib
-from engine.accounts import SCALE
-from engine.errors import BusyError, MissingExtraError
+from engine.accounts import SCALE, key_value
+from engine.errors import BusyError, EngineError, MissingExtraError
 from engine.metrics import OPS
 from engine.store.shm import registry_liveness
 
@@ -169,6 +172,7 @@ class EngineCollector:
 
         yield from self._positions()
         yield from self._accounts()
+        yield from self._journal()
         if eng.url is None:
             yield from self._registry()
 
@@ -208,12 +212,27 @@ class EngineCollector:
                      "open_positions", False),
                     ("halted", "1: the account refuses openings", "halted", False))]
         for row in rows:
-            account = str(int(row["id"]))
+            account = _account_label(row)
             for fam, col, money in fams:
                 v = int(row[col])
                 fam.add_metric(self._values(account), v / SCALE if money else v)
             self._log_halted(row)
         yield from (fam for fam, _, _ in fams)
+
+    def _journal(self) -> Iterator[Metric]:
+        eng = self.eng
+        try:
+            seq = eng.journal_seq
+        except EngineError:   # no journal
+            return
+        fam = self._family("gauge", "engine_journal_seq", "Seq of the last committed record")
+        fam.add_metric(self._values(), seq)
+        yield fam
+        if eng._durable is not None:
+            fam = self._family("gauge", "engine_journal_durable_seq",
+                               "Every journal record with seq <= it is on disk (fdatasynced)")
+            fam.add_metric(self._values(), eng.durable_seq)
+            yield fam
 
     def _registry(self) -> Iterator[Metric]:
         eng = self.eng
@@ -252,3 +271,13 @@ class EngineCollector:
                if realized < 0 and realized <= -max_loss else "halted by an operator")
         _log.warning("engine %s: account %d is halted (%s; realized %s, max_loss %s)",
                      self.eng.name, account, why, realized / SCALE, max_loss / SCALE)
+
+
+def _account_label(row: Any) -> str:
+    """An account's ``account`` label: its key where it has one (as the API
+    returns it), else its id."""
+    n = int(row["key_len"])
+    if not n:
+        return str(int(row["id"]))
+    key = key_value(bytes(row["key"][:n]))
+    return key if isinstance(key, str) else key.hex()

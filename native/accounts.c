@@ -267,6 +267,8 @@ static int acct_commit(eng_seg *s, eng_account *a, uint64_t AL, eng_books *b, ui
 typedef struct books_view {
     eng_books *b;
     uint64_t version;
+    uint32_t *key_len;       /* non-NULL: also the opening's key, in the same read */
+    uint64_t *key;           /* ENG_KEY_MAX / 8 words */
 } books_view;
 
 /* R1 of the books reader: books[v & 1], or pend if it is sealed with w and
@@ -290,13 +292,17 @@ static void copy_books(eng_seg *s, const void *obj, uint64_t w, void *out)
     }
     copy_words_relaxed(v->b, src, BOOKS_WORDS);
     v->version = ver;
+    if (v->key_len) {   /* written only while the record is free: the version re-check covers it */
+        *v->key_len = load_relaxed_u32(&a->key_len);
+        copy_words_relaxed(v->key, (const uint64_t *)a->key, ENG_KEY_MAX / 8);
+    }
 }
 
 /* A consistent read of the books (see the reader above); never waits. */
 static int acct_read(eng_seg *s, const eng_account *a, eng_books *out, uint64_t *version,
                      uint32_t *latched)
 {
-    books_view v = {out, 0};
+    books_view v = {out, 0, NULL, NULL};
     uint64_t w;
     int rc = seq_read_acquire(s, &a->word, ~0ULL, copy_books, a, &v, &w);
     if (rc)
@@ -833,9 +839,17 @@ int eng_update_account(eng_seg *s, uint64_t id, uint64_t version, int64_t max_ex
 
 static int account_row(eng_seg *s, uint32_t i, eng_account_row *r)
 {
-    int rc = acct_read(s, &s->accounts[i], &r->b, &r->version, &r->latched);
+    uint64_t key[ENG_KEY_MAX / 8];
+    books_view v = {&r->b, 0, &r->key_len, key};
+    uint64_t w;
+    int rc = seq_read_acquire(s, &s->accounts[i].word, ~0ULL, copy_books, &s->accounts[i], &v, &w);
     if (rc)
         return rc;
+    if (r->key_len > ENG_KEY_MAX || !r->b.open)
+        r->key_len = 0;
+    memcpy(r->key, key, sizeof key);
+    r->version = v.version;
+    r->latched = aw_token(w) != 0;
     r->index = i;
     r->id = make_id(r->b.opening, i);
     return 0;

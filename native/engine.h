@@ -704,6 +704,9 @@ typedef struct eng_account_row {
     uint32_t index;
     uint32_t latched;        /* a holder had the latch when it was read */
     eng_books b;
+    uint32_t key_len;        /* the opening's key (open_account(key=)); 0: none */
+    uint8_t  key[ENG_KEY_MAX];
+    uint32_t pad;
 } eng_account_row;
 
 /* One registry entry per attached Engine object (64 bytes). */
@@ -768,6 +771,9 @@ typedef struct eng_shard {
  */
 #define ENG_JOURNAL_DEFAULT_RECORDS 16384
 #define ENG_JOURNAL_MIN_RECORDS 4
+/* records one commit fills under one latch: the slot's, an open's key (an
+ * open takes one), a booked change's account books (see journal_fill_riders) */
+#define ENG_JOURNAL_MAX_FILL 3
 #define ENG_JOURNAL_MAX_RECORDS 4194304
 #define ENG_JOURNAL_PRICES   1       /* hdr.journal_flags: price writes are journaled */
 #define ENG_JK_OPEN          0       /* the kinds, in engine.journal.KINDS order */
@@ -1322,6 +1328,7 @@ _Static_assert(ENG_DJ_FRAME_BYTES == 264 && ENG_DJ_FILE_HDR % 8 == 0, "frame siz
 _Static_assert(ENG_DJ_ACCT_KEY_WORD * 8 == sizeof(eng_books) &&
                ENG_DJ_ACCT_KEYLEN_WORD == ENG_DJ_ACCT_KEY_WORD + ENG_KEY_MAX / 8 &&
                ENG_DJ_ACCT_KEYLEN_WORD < ENG_MAX_FIELD_WORDS, "an account record: books, key, length");
+_Static_assert(ENG_JOURNAL_MAX_FILL < ENG_JOURNAL_MIN_RECORDS, "one commit's records fit the ring");
 _Static_assert((ENG_JOURNAL_MIN_RECORDS & (ENG_JOURNAL_MIN_RECORDS - 1)) == 0 &&
                (ENG_JOURNAL_MAX_RECORDS & (ENG_JOURNAL_MAX_RECORDS - 1)) == 0, "powers of two");
 _Static_assert(sizeof(eng_books) == 2 * ENG_CACHE_LINE, "books are two lines");

@@ -125,8 +125,15 @@ static int journal_takeover(eng_seg *s, uint64_t JL)
         forward = journal_committed(s, load_relaxed_u32(&r->kind), load_relaxed_u64(&r->id),
                                     load_relaxed_u64(&r->word));
     }
+    /* forward: with the riders its holder filled under JL (all of them:
+     * every fill comes before the commit, J3) */
+    uint64_t last = n + forward;
+    while (forward && last < n + ENG_JOURNAL_MAX_FILL &&
+           load_acquire_u64(&jrec_at(s, last + 1)->seq) == last + 1 &&
+           load_relaxed_u64(&jrec_at(s, last + 1)->latch) == JL)
+        last++;
     uint64_t expected = JL;
-    if (!cas_seq_cst_u64(&j->latch, &expected, jl_make(forward ? n + 1 : n)))
+    if (!cas_seq_cst_u64(&j->latch, &expected, jl_make(last)))
         return 0;
     if (forward && load_seq_cst_u32(&j->waiting) && exchange_seq_cst_u32(&j->waiting, 0))
         futex(journal_futex(j), FUTEX_WAKE, INT_MAX, NULL);
@@ -168,11 +175,10 @@ static int journal_latch(eng_seg *s, op_timer t, uint64_t *out)
 /* J2: fill the record for seq n + 1 under latch JL: kind, trigger, id, the
  * word the commit publishes, and the record after it (nwords words and its
  * version; words not given read as 0). */
-static void journal_fill_release(eng_seg *s, uint64_t JL, uint32_t kind, uint32_t trigger,
-                                 uint64_t id, uint64_t word, const uint64_t *words,
-                                 uint32_t nwords, uint64_t version)
+static void journal_fill_at(eng_seg *s, uint64_t JL, uint64_t seq, uint32_t kind,
+                            uint32_t trigger, uint64_t id, uint64_t word, const uint64_t *words,
+                            uint32_t nwords, uint64_t version)
 {
-    uint64_t seq = jl_seq(JL) + 1;
     eng_jrec *r = jrec_at(s, seq);
     store_relaxed_u64(&r->seq, 0);
     fence_release();   /* pairs with a reader's fence: one that copied a word below sees seq 0 */
@@ -196,6 +202,19 @@ static void journal_fill_release(eng_seg *s, uint64_t JL, uint32_t kind, uint32_
     die_if(s, ENG_FAULT_DIE_AFTER_JFILL);
 }
 
+static inline void journal_fill_release(eng_seg *s, uint64_t JL, uint32_t kind,
+                                        uint32_t trigger, uint64_t id, uint64_t word,
+                                        const uint64_t *words, uint32_t nwords, uint64_t version)
+{
+    journal_fill_at(s, JL, jl_seq(JL) + 1, kind, trigger, id, word, words, nwords, version);
+}
+
+/* J2 of the records that ride on a slot commit of kind (see "riders"):
+ * filled after the slot's own record (seq n + 1), at n + 2, ...; returns
+ * how many.  Defined in keys.c, after the key records and the accounts. */
+static uint32_t journal_fill_riders(eng_seg *s, uint64_t JL, uint32_t kind, uint64_t id,
+                                    uint64_t L, const eng_ctx_rec *c);
+
 /* J2 with the record words of context copy c. */
 static inline void journal_fill_ctx(eng_seg *s, uint64_t JL, uint32_t kind, uint32_t trigger,
                                     uint64_t id, uint64_t word, const eng_ctx_rec *c)
@@ -206,15 +225,17 @@ static inline void journal_fill_ctx(eng_seg *s, uint64_t JL, uint32_t kind, uint
 
 /* J4: publish the record and give the latch up; wake sleeping readers.  The
  * CAS (seq_cst) pairs with a reader's seq_cst store of `waiting`. */
-static void journal_publish(eng_seg *s, uint64_t JL)
+static void journal_publish_n(eng_seg *s, uint64_t JL, uint32_t count)
 {
     eng_journal *j = s->journal;
     die_if(s, ENG_FAULT_DIE_BEFORE_JPUBLISH);
     uint64_t expected = JL;
-    cas_seq_cst_u64(&j->latch, &expected, jl_make(jl_seq(JL) + 1));   /* fails only if taken over */
+    cas_seq_cst_u64(&j->latch, &expected, jl_make(jl_seq(JL) + count));   /* fails only if taken over */
     if (load_seq_cst_u32(&j->waiting) && exchange_seq_cst_u32(&j->waiting, 0))
         futex(journal_futex(j), FUTEX_WAKE, INT_MAX, NULL);
 }
+
+static inline void journal_publish(eng_seg *s, uint64_t JL) { journal_publish_n(s, JL, 1); }
 
 /* Give the latch back, nothing published (the commit did not happen). */
 static void journal_abort(eng_seg *s, uint64_t JL)
@@ -337,7 +358,8 @@ uint64_t eng_journal_seq(eng_seg *s)
 static inline uint64_t journal_resume(const eng_seg *s)
 {
     uint64_t pub = jl_seq(load_acquire_u64(&s->journal->latch));
-    return pub + 2 > s->jrecords ? pub + 2 - s->jrecords : 1;
+    /* a holder filling after pub overwrites up to ENG_JOURNAL_MAX_FILL records */
+    return pub + 1 + ENG_JOURNAL_MAX_FILL > s->jrecords ? pub + 1 + ENG_JOURNAL_MAX_FILL - s->jrecords : 1;
 }
 
 /* Copy up to max records with seq > after into out, in seq order.  0 with

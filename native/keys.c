@@ -571,3 +571,53 @@ static uint32_t keys_sweep(eng_seg *s)
     }
     return n;
 }
+
+/* ---- riders: the records that ride on a slot commit ----------------------------- */
+/*
+ * A slot commit can change more than the slot: an open publishes its key
+ * (inserted before the commit, visible once it commits: key_insert with
+ * record 0) and a booked change publishes its account's books (sealed
+ * pending with the slot's lock word, B3; published after, B6, or by a
+ * resolver that finds the slot committed).  Each such change is committed
+ * iff the slot's is, so its record is filled by the same latch holder before
+ * the same commit (J2), right after the slot's own record, and published
+ * with it (journal_publish_n; a takeover publishes every record its dead
+ * holder filled under the latch).  A reader sees the slot's record first,
+ * then the key's, then the account's, all or none.  Per account the order
+ * is the commit order: the booker holds the account latch across the slot
+ * commit.
+ */
+static uint32_t journal_fill_riders(eng_seg *s, uint64_t JL, uint32_t kind, uint64_t id,
+                                    uint64_t L, const eng_ctx_rec *c)
+{
+    uint64_t seq = jl_seq(JL) + 2;   /* the slot's record is n + 1 */
+    uint32_t slot = (uint32_t)(id & ENG_ID_SLOT_MASK);
+    if (kind == ENG_JK_OPEN) {   /* an open takes one key: the record it holds */
+        for (uint32_t r = 0; r < s->kpp; r++) {
+            eng_keyrec *kr = keyrec_at(s, slot, r);
+            if (load_acquire_u64(&kr->tag) != kr_held(id))
+                continue;
+            uint64_t words[ENG_KEY_MAX / 8];
+            copy_words_relaxed(words, (const uint64_t *)kr->key, ENG_KEY_MAX / 8);
+            journal_fill_at(s, JL, seq++, ENG_JK_KEY, 0, id, r, words, ENG_KEY_MAX / 8,
+                            __atomic_load_n(&kr->len, __ATOMIC_RELAXED));
+            break;
+        }
+    }
+    eng_account *a;
+    if (s->acct_role != ENG_ROLE_NONE && acct_of_id(s, c->w[s->acct_role], &a) == 0) {
+        uint64_t AL = load_acquire_u64(&a->word);
+        uint64_t v = aw_version(AL);
+        const eng_books *pend = &a->books[(v + 1) & 1];
+        if (aw_token(AL) && load_acquire_u64(&pend->seal) == AL &&           /* pairs with B3 */
+            load_relaxed_u64(&pend->seal_slot) == (uint64_t)slot + 1 &&
+            load_relaxed_u64(&pend->seal_word) == L) {
+            uint64_t words[ACCT_RECORD_WORDS];
+            acct_record_words(a, pend, words);
+            journal_fill_at(s, JL, seq++, ENG_JK_ACCOUNT, 0,
+                            make_id(load_relaxed_u32(&pend->opening), (uint32_t)(a - s->accounts)),
+                            aw_make(v + 1), words, ACCT_RECORD_WORDS, v + 1);
+        }
+    }
+    return (uint32_t)(seq - jl_seq(JL) - 2);
+}

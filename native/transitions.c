@@ -72,6 +72,7 @@ static int takeover(eng_seg *s, eng_slot *sl, uint64_t L, op_timer t)
                                 : sw_unlocked(L) | (st ? ENG_SW_ERROR : 0);
     uint64_t expected = L;
     uint64_t JL = 0;
+    uint32_t riders = 0;
     if (forward && s->journal) {
         /* a roll forward is a commit: made by the journal latch holder, with
          * its record (filled from the sealed copy) on the dead holder's behalf */
@@ -83,8 +84,9 @@ static int takeover(eng_seg *s, eng_slot *sl, uint64_t L, op_timer t)
         }
         uint32_t slot = (uint32_t)(((uint8_t *)sl - s->slots) / s->slot_size);
         uint64_t id = make_id(load_relaxed_u32(&sl->opening), slot);
-        journal_fill_ctx(s, JL, st ? ENG_JK_TRANSITION : ENG_JK_OPEN,
-                         (uint32_t)load_relaxed_u64(&pc->cause), id, resolved, pc);
+        uint32_t kind = st ? ENG_JK_TRANSITION : ENG_JK_OPEN;
+        journal_fill_ctx(s, JL, kind, (uint32_t)load_relaxed_u64(&pc->cause), id, resolved, pc);
+        riders = journal_fill_riders(s, JL, kind, id, L, pc);
     }
     if (!cas_acq_rel_u64(&sl->word, &expected, resolved)) {
         if (JL)
@@ -92,7 +94,7 @@ static int takeover(eng_seg *s, eng_slot *sl, uint64_t L, op_timer t)
         return 0;
     }
     if (JL)
-        journal_publish(s, JL);
+        journal_publish_n(s, JL, 1 + riders);
     OP_TAKEOVERS(t, 1);
     if (forward) {
         OP_FORWARDS(t, 1);
@@ -323,14 +325,15 @@ static int ctx_publish(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx, u
         return journal_refusal(rc, ENG_EBUSY);
     }
     uint32_t slot = (uint32_t)(((uint8_t *)sl - s->slots) / s->slot_size);
-    journal_fill_ctx(s, JL, sw_state(L) ? ENG_JK_TRANSITION : ENG_JK_OPEN, trigger,
-                     make_id(load_relaxed_u32(&sl->opening), slot), *nw,
-                     copy_of(s, sl, c));                                       /* J2 */
+    uint32_t kind = sw_state(L) ? ENG_JK_TRANSITION : ENG_JK_OPEN;
+    uint64_t id = make_id(load_relaxed_u32(&sl->opening), slot);
+    journal_fill_ctx(s, JL, kind, trigger, id, *nw, copy_of(s, sl, c));       /* J2 */
+    uint32_t riders = journal_fill_riders(s, JL, kind, id, L, copy_of(s, sl, c));
     if (seq_publish_acq_rel(&sl->word, L, *nw) != 0) {                         /* J3 */
         journal_abort(s, JL);
         return ENG_EBUSY;
     }
-    journal_publish(s, JL);                                                    /* J4 */
+    journal_publish_n(s, JL, 1 + riders);                                      /* J4 */
     return 0;
 }
 

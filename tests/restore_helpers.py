@@ -151,5 +151,5 @@ def state_of(eng: Engine, prices: bool = True) -> dict[str, Any]:
     rows = sorted((tuple(r[c].item() for c in cols), eng.keys(int(r["id"]))) for r in snap)
     acc = eng.accounts()
     acols = [c for c in acc.dtype.names if c not in _SKIP_ACCT]
-    accts = sorted(tuple(r[c].item() for c in acols) for r in acc)
+    accts = sorted(tuple(np.asarray(r[c]).tolist() for c in acols) for r in acc)
     return {"rows": rows, "accounts": accts, "halted": int(eng.seg.hdr.halted)}

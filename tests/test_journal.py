@@ -135,15 +135,16 @@ class TestEvents:
         assert evs[-1].record == eng.account(acct) and evs[-1].record.halted
 
     def test_bind_key_is_recorded_with_its_key(self, make_engine: Any) -> None:
-        """bind_key: one key record with the key's bytes; a refused bind records nothing."""
+        """An open's key and bind_key: one key record each, with the key's bytes; a refused bind records nothing."""
         eng = make_engine(capacity=4)
         a = eng.open_position(10.0, 1.0, key="A-1")
         b = eng.open_position(10.0, 1.0)
         eng.bind_key(b, "EX-778899")
         with pytest.raises(KeyExistsError):
             eng.bind_key(b, "A-1")
-        assert [(e.kind, e.id, e.record) for e in drain(eng)] == [
-            ("open", a, drain(eng)[0].record), ("open", b, drain(eng)[1].record),
+        evs = drain(eng)
+        assert [(e.kind, e.id, e.record) for e in evs] == [
+            ("open", a, evs[0].record), ("key", a, b"A-1"), ("open", b, evs[2].record),
             ("key", b, b"EX-778899")]
 
     def test_halt_records_each_change_of_the_flag(self, make_engine: Any) -> None:

@@ -416,8 +416,9 @@ class TestBookedCloses:
             r.unlink()
             r.close()
 
-    def test_unpriced_close_is_reported(self, names: Any, tmp_path: Path) -> None:
-        """without journaled prices a close at the last price is counted as unpriced."""
+    def test_a_close_at_an_unjournaled_price_restores_its_books_exactly(
+            self, names: Any, tmp_path: Path) -> None:
+        """Without journaled prices a booked close's account record gives the books exactly."""
         eng = _create(names(), journal_prices=False)
         a = eng.open_account(100_000, 100_000, 50, 50_000)
         p = eng.open_position(100.0, 2.0, side=1, account=a)
@@ -425,11 +426,14 @@ class TestBookedCloses:
             eng.transition(p, trig)
         eng.update_price(p, 110.0)
         eng.transition(p, T.EXIT_COMPLETED)
+        lost = eng.account(a)
+        assert lost.realized_pnl == 20
         write_directory(tmp_path, eng)
         _gone(eng)
         r = Engine.restore(tmp_path)
         try:
-            assert r.restore_report.unpriced_closes == 1
+            assert r.restore_report.unpriced_closes == 0
+            assert r.account(a) == lost
         finally:
             r.unlink()
             r.close()

@@ -869,6 +869,7 @@ REG('open', once(function(keys, args)
         redis.call('DEL', pk)
     end
     journal_pos(P, 'open', slot, p)
+    if kk then journal(P, 'key', 's', slot, 'o', op, 'st', initial, 'r', key) end
     if a then journal_account(P, an, a) end
     count(P, 'open', 'applied')
     return {0, tonumber(slot), op, gen, next_free(P .. 'free', pick)}
@@ -1048,7 +1049,7 @@ end))
 REG('aread', function(keys, args)
     local a, err = account_of(tag(keys), args[1], tonumber(args[2]))
     if not a then return {err} end
-    return {0, books(a)}
+    return {0, books(a), redis.call('HGET', a, 'key')}
 end, NO_WRITES)
 
 -- cash moves: args n, op, kind ('deposit' / 'withdraw'), amount (decimal)
@@ -1141,7 +1142,7 @@ REG('alist', function(keys, args)
     for n = tonumber(args[1]), tonumber(args[2]) - 1, tonumber(args[3]) do
         local a = P .. 'a:' .. n
         if redis.call('HGET', a, 'open') == '1' then
-            out[#out + 1] = {n, books(a)}
+            out[#out + 1] = {n, books(a), redis.call('HGET', a, 'key')}
         end
     end
     return out

@@ -1079,6 +1079,7 @@ class RedisStore:
         if r[0]:
             return int(r[0])
         self._books_row(id, r[1], row)
+        _key_row(row, r[2] if len(r) > 2 else None)
         return 0
 
     def _cash(self, id: int, kind: str, units: int) -> int:
@@ -1131,12 +1132,13 @@ class RedisStore:
         found = []
         for s, P in enumerate(self.prefixes):
             accounts = range(s, self.max_accounts, self.shards)
-            for num, b in self._fn(s, "alist", s, self.max_accounts, self.shards,
-                                   keys=[f"{P}a:{n}" for n in accounts]):
-                found.append((int(num), b))
-        found.sort()
-        for i, (num, b) in enumerate(found[:max_rows]):
+            for num, b, *key in self._fn(s, "alist", s, self.max_accounts, self.shards,
+                                         keys=[f"{P}a:{n}" for n in accounts]):
+                found.append((int(num), b, key[0] if key else None))
+        found.sort(key=lambda f: f[0])
+        for i, (num, b, key) in enumerate(found[:max_rows]):
             self._books_row(int(b[12]) << ID_SLOT_BITS | num, b, rows[i])
+            _key_row(rows[i], key)
         n[0] = min(len(found), max_rows)
         return 0
 
@@ -1366,3 +1368,11 @@ if TYPE_CHECKING:
         """mypy checks RedisStore against every call of the store interface
         (engine/store/__init__.py), as it checks lib."""
         return store
+
+
+def _key_row(row: Any, key: bytes | None) -> None:
+    """An account row's key (``open_account(key=)``) from the hash's ``key``
+    field (None or empty: no key)."""
+    data = bytes(key or b"")[: len(row.key)]
+    row.key_len = len(data)
+    ffi.memmove(row.key, data.ljust(len(row.key), b"\0"), len(row.key))
