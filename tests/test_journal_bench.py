@@ -49,7 +49,8 @@ def quick_parts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(journal, "engine_read_rate", lambda *_a: {
         "events_per_s": 1e6, "read_events_per_s": 1e7, "bytes_per_record": 256.0})
     monkeypatch.setattr(journal, "engine_live_rate", lambda *_a: {
-        "commits_per_s": 1e6, "events_per_s": 1e6, "read": 10, "written": 10})
+        "commits_per_s": 1e6, "events_per_s": 1e6, "read": 10, "written": 10,
+        "lapped_records": 0})
     monkeypatch.setattr(journal, "engine_commit_rate", lambda *_a: 1e6)
     monkeypatch.setattr(journal, "scaling", lambda *_a: {
         "journal=None": {1: 2e6, 2: 4e6}, "journal=True": {1: 1e6, 2: 1.2e6}})
