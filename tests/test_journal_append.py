@@ -16,6 +16,7 @@ per-object append (native/journal_append.pml) replaces the latch.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -104,7 +105,7 @@ class TestStoppedWriter:
     @pytest.mark.parametrize("stop", STOPS)
     def test_commits_on_other_ids_go_on_while_a_writer_is_stopped(
             self, make_engine: Any, spawner: Any, stop: str, op: str) -> None:
-        """A writer SIGSTOPped between two append steps never refuses nor stalls another id's commit."""
+        """A writer SIGSTOPped between two append steps never refuses another id's commit."""
         eng = make_engine(capacity=8, max_accounts=1)
         mine = eng.open_position(10.0, 1.0)
         fast = eng.open_position(10.0, 1.0)
@@ -145,7 +146,7 @@ class TestStoppedWriter:
     @pytest.mark.parametrize("stop", STOPS)
     def test_a_stopped_writer_is_never_taken_over(self, make_engine: Any, spawner: Any,
                                                   stop: str) -> None:
-        """A writer SIGSTOPped mid-append survives recover(); after SIGCONT its change has one record."""
+        """A writer SIGSTOPped mid-append survives recover(); then its change has one record."""
         eng = make_engine(capacity=4)
         mine = eng.open_position(10.0, 1.0)
         eng.transition(mine, Trigger.POSITION_OPENED)
@@ -157,7 +158,8 @@ class TestStoppedWriter:
             eng._set_fault(0)
             eng.recover()
             # before its commit CAS the change is not in; after it (J3) it is
-            want = State.EXIT_PENDING if stop == "ENG_FAULT_DIE_BEFORE_JPUBLISH" else State.MONITORING
+            late = stop == "ENG_FAULT_DIE_BEFORE_JPUBLISH"
+            want = State.EXIT_PENDING if late else State.MONITORING
             assert eng.state(mine) is want, "a live writer's change was rolled"
         finally:
             os.kill(child.pid, signal.SIGCONT)
@@ -193,7 +195,7 @@ def racer(handle: Any, ids: list[int], n: int, followed: Any, lead: int, ready: 
 class TestRacingWriters:
     def test_every_applied_transition_has_one_record_in_commit_order(
             self, make_engine: Any, spawner: Any) -> None:
-        """Six writers on two cores through a wrapping ring: one record per APPLIED transition, per-id order."""
+        """Six writers, two cores, a wrapping ring: one record per APPLIED transition, in order."""
         records = 256
         eng = make_engine(capacity=16, journal_records=records)
         ids = [eng.open_position(10.0, 1.0) for _ in range(6)]
@@ -236,7 +238,7 @@ class TestRacingWriters:
         assert recorded == applied, "an APPLIED transition without its record, or counted twice"
         for pos in ids:   # per id the records alternate as committed: commit order
             states = [e.state for e in seen if e.id == pos]
-            for a, b in zip(states, states[1:]):
+            for a, b in itertools.pairwise(states):
                 assert a is not b, f"id {pos}: two records of the same state in a row"
         gens = slot_commits(eng)   # open + POSITION_OPENED, then one commit per record
         assert {pos & SLOT_MASK: 2 + recorded[pos] for pos in ids} == gens, \
