@@ -39,13 +39,20 @@
  *   journal_fill_release(s, JL, kind, trig, id, w, c) J2
  *   journal_publish(s, JL) / journal_abort(s, JL)     J4 / give the latch back
  *
+ * Riders (keys.c, journal_fill_riders): a slot commit that also publishes an
+ * open's key or a booked change's account books fills their records at
+ * n + 2, n + 3 (J2, before J3, under the same latch) and J4 publishes them
+ * with the slot's (journal_publish_n); a takeover that rolls forward
+ * publishes every record filled under JL (each filled before J3, so all of
+ * them), one that rolls back none.  At most ENG_JOURNAL_MAX_FILL records.
+ *
  * Guarantees: a record exists iff its change committed, wherever a process
  * dies; seq is one total order that is the commit order of every slot; a
  * reader never gets a record twice, nor a torn one, nor skips one silently.
  * Does not guarantee: progress while a live latch holder is stopped (SIGSTOP):
  * commits wait their bound and report CONFLICT, as for a stopped lock owner;
- * retention of more than records - 1 records (a holder refilling the record
- * after the last one may die mid-fill).
+ * retention of more than records - ENG_JOURNAL_MAX_FILL records (a holder
+ * refilling the records after the last one may die mid-fill).
  *
  * The per-object append that replaces this latch (a change journals under its
  * own object's lock, so a stopped writer stalls only its object and the ring's
