@@ -643,6 +643,23 @@ int eng_durable_setup(eng_seg *s, const char *dir, int64_t sync_ns, uint64_t fil
     return 0;
 }
 
+/* A restored engine's files already hold every record <= seq (restore read
+ * them back from disk): the writer continues after it.  Before
+ * eng_durable_setup only (no writer runs yet). */
+int eng_durable_continue(eng_seg *s, uint64_t seq)
+{
+    int rc = durable_check(s);
+    if (rc)
+        return rc;
+    eng_durable *d = s->durable;
+    if (load_acquire_u32(&d->state) != 0 || seq > eng_journal_seq(s))
+        return ENG_EBADARG;
+    store_release_u64(&d->written_seq, seq);
+    store_release_u64(&d->durable_seq, seq);
+    store_release_u64(&d->ckpt_seq, seq);
+    return 0;
+}
+
 /* The writer thread's body: until eng_dw_stop or close(), write while holding
  * the lease, else watch the holder.  0 (stopped), ENG_ECLOSED. */
 int eng_durable_run(eng_seg *s, eng_dw *w)

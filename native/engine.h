@@ -1231,6 +1231,7 @@ void     eng_dw_free(eng_dw *w);
 void     eng_dw_stop(eng_dw *w, uint32_t stop);
 int      eng_durable_setup(eng_seg *s, const char *dir, int64_t sync_ns, uint64_t file_records,
                            uint64_t ckpt_records, int64_t ckpt_ns);
+int      eng_durable_continue(eng_seg *s, uint64_t seq);
 int      eng_durable_run(eng_seg *s, eng_dw *w);
 int      eng_durable_flush(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_seq);
 int      eng_durable_release(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_seq);
