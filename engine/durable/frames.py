@@ -2,26 +2,24 @@
 frames of a journal directory in seq order, each checked (magic, CRC-32C,
 seq), and where the valid records end and why.
 
-For ``python -m engine journal DIR`` and the tests; the restore side has its
-own codec (engine/durable/format.py): this one only reads.
+For ``python -m engine journal DIR`` and the tests: a streaming reader over
+the codec of engine/durable/format.py (names, headers, sizes).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from engine._native import ffi, lib
+from engine.durable import format as fmt
 
-FRAME = int(lib.ENG_DJ_FRAME_BYTES)
-HDR = int(lib.ENG_DJ_FILE_HDR)
-REC = int(lib.ENG_JREC_SIZE)
-_JOURNAL_FILE = re.compile(r"^journal-(\d{20})\.log$")
-_FILE_HDR = struct.Struct("<IIIIQ")
+FRAME = fmt.FRAME_BYTES
+HDR = fmt.FILE_HDR
+REC = fmt.JREC_SIZE
 _FRAME_HDR = struct.Struct("<II")
 
 
@@ -57,9 +55,9 @@ def journal_files(path: str) -> list[tuple[int, str]]:
     """(first seq, file path) of every journal file in directory ``path``, in seq order."""
     out = []
     for name in os.listdir(path):
-        m = _JOURNAL_FILE.match(name)
-        if m:
-            out.append((int(m.group(1)), os.path.join(path, name)))
+        parsed = fmt.parse_name(name)
+        if parsed is not None and parsed[0] == "journal":
+            out.append((parsed[1], os.path.join(path, name)))
     return sorted(out)
 
 
@@ -99,9 +97,8 @@ def read(path: str, since: int = 0, end: End | None = None) -> Iterator[Frame]:
             if len(head) < HDR:
                 end.path, end.offset, end.torn = fpath, 0, "file header cut short"
                 return
-            magic, fmt, fbytes, _, hfirst = _FILE_HDR.unpack_from(head)
-            if (magic, fmt, fbytes, hfirst) != (lib.ENG_DJ_FILE_MAGIC, lib.ENG_DJ_FORMAT,
-                                                FRAME, first):
+            magic, form, fbytes, hfirst, _ = fmt.parse_header(head)
+            if (magic, form, fbytes, hfirst) != (fmt.FILE_MAGIC, fmt.FORMAT, FRAME, first):
                 end.path, end.offset, end.torn = fpath, 0, "bad file header"
                 return
             if expect and first != expect:
