@@ -49,6 +49,8 @@ pytestmark = pytest.mark.skipif(
     reason="durability (issue 22: Engine.flush, Engine.restore) is not in this build")
 
 FLUSH_TIMEOUT = 10.0
+#: create() arguments for journal files of a few frames each (many files)
+SMALL_FILES: dict[str, Any] = {"journal_file_records": 16}
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -316,3 +318,200 @@ class TestCorruption:
         data[off: off + 2 * FRAME] = b + a
         p.write_bytes(bytes(data))
         refused_mid_file(made, d, p, off, off)
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+def checkpoint_whole(path: pathlib.Path) -> bool:
+    """A checkpoint file is whole: its header's frame count matches its
+    frames, each with the magic and a right checksum."""
+    data = path.read_bytes()
+    magic, _, fb, _, _, n = struct.unpack_from("<IIIIQQ", data, 0)
+    if fb != FRAME or len(data) < HDR + n * FRAME:
+        return False
+    for i in range(n):
+        fr = data[HDR + i * FRAME: HDR + (i + 1) * FRAME]
+        if struct.unpack_from("<II", fr, 0) != (FRAME_MAGIC, crc32c(fr[8:])):
+            return False
+    return True
+
+
+class TestCheckpoint:
+    def test_restore_from_a_checkpoint_and_its_tail(self, made: Made) -> None:
+        """checkpoint() mid-workload, more changes, flush: the restore equals the engine."""
+        eng = made.create()
+        w = Workload(eng, 41)
+        run(w, 150)
+        eng.checkpoint()
+        run(w, 150)
+        flushed(eng)
+        d = copy_dir(made.jdir(eng), made.dir("copy"))
+        assert checkpoint_files(d), "checkpoint() wrote no checkpoint file"
+        assert all(checkpoint_whole(c) for c in checkpoint_files(d))
+        want = dump(eng)
+        got = made.restore(d)
+        same(want, dump(got))
+        check_lookups(got, want, w.acct_keys)
+
+    def test_released_ids_stay_stale_across_a_checkpoint(self, made: Made) -> None:
+        """Slots released before a checkpoint never reissue an old id after the restore."""
+        eng = made.create(capacity=8)
+        released = set()
+        for _ in range(5):   # every slot opened and released a few times
+            ids = [eng.open_position(100.0, 1.0) for _ in range(8)]
+            for pid in ids:
+                eng.transition(pid, "POSITION_OPENED")
+                eng.transition(pid, "EXIT_CONDITION_MET", exit_reason=1)
+                eng.transition(pid, "EXIT_STARTED")
+                eng.transition(pid, "EXIT_COMPLETED", exit_price=101.0)
+                eng.release_position(pid)
+                released.add(pid)
+        eng.checkpoint()
+        keep = eng.open_position(100.0, 2.0)
+        flushed(eng)
+        want = dump(eng)
+        eng.close()
+        Engine.attach(want["name"]).unlink()
+        got = made.restore(made.jdir(eng), name=want["name"])
+        same(want, dump(got))
+        assert got.state(keep) is not None
+        check_stale(got, released)
+
+    def test_released_accounts_stay_stale_across_a_checkpoint(self, made: Made) -> None:
+        """Accounts closed before a checkpoint keep their ids stale after the restore."""
+        eng = made.create(max_accounts=4)
+        closed = set()
+        for _ in range(4):
+            accts = [eng.open_account(1000, 1000, 5, 1000) for _ in range(4)]
+            for a in accts:
+                eng.close_account(a)
+                closed.add(a)
+        eng.checkpoint()
+        flushed(eng)
+        got = made.restore(copy_dir(made.jdir(eng), made.dir("copy")))
+        fresh = [got.open_account(1000, 1000, 5, 1000) for _ in range(4)]
+        assert not set(fresh) & closed, "a restored engine reissued a closed account's id"
+
+    def test_a_truncated_checkpoint_is_refused_or_passed_over(self, made: Made) -> None:
+        """A checkpoint cut short is named in an error or passed over for an older start; never half-used."""
+        eng = made.create()
+        w = Workload(eng, 42)
+        run(w, 100)
+        eng.checkpoint()
+        run(w, 100)
+        eng.checkpoint()
+        run(w, 50)
+        flushed(eng)
+        d = copy_dir(made.jdir(eng), made.dir("copy"))
+        newest = checkpoint_files(d)[-1]
+        data = newest.read_bytes()
+        newest.write_bytes(data[: HDR + (len(data) - HDR) // FRAME // 2 * FRAME + 100])
+        try:
+            got = made.restore(d)
+        except EngineError as e:
+            assert newest.name in str(e), f"the error does not name {newest.name}: {e}"
+            return
+        same(dump(eng), dump(got))
+
+    def test_a_checkpoint_that_missed_its_rename_is_ignored(self, made: Made) -> None:
+        """A checkpoint left as .tmp (killed before its rename) is never read."""
+        eng = made.create()
+        w = Workload(eng, 43)
+        run(w, 100)
+        eng.checkpoint()
+        run(w, 100)
+        flushed(eng)
+        d = copy_dir(made.jdir(eng), made.dir("copy"))
+        real = checkpoint_files(d)[-1]
+        bogus = d / f"checkpoint-{eng.journal_seq:020d}.ckpt.tmp"
+        bogus.write_bytes(real.read_bytes()[: HDR + FRAME + 17])
+        os.chmod(bogus, 0o600)
+        same(dump(eng), dump(made.restore(d)))
+
+
+# -- the directory and its files ------------------------------------------------------------
+class TestFiles:
+    def test_modes_0600_in_0700_under_umask_0(self, made: Made) -> None:
+        """Under umask 0 the directory is 0700 and every file in it 0600."""
+        old = os.umask(0)
+        try:
+            eng = made.create()
+            run(Workload(eng, 51), 50)
+            eng.checkpoint()
+            flushed(eng)
+        finally:
+            os.umask(old)
+        d = made.jdir(eng)
+        assert d.stat().st_mode & 0o777 == 0o700, oct(d.stat().st_mode)
+        bad = {p.name: oct(p.stat().st_mode & 0o777) for p in d.iterdir()
+               if p.stat().st_mode & 0o777 != 0o600}
+        assert not bad, f"files not 0600: {bad}"
+
+    def test_create_over_another_engines_journal_is_refused(self, made: Made) -> None:
+        """create(journal=DIR) where DIR holds another engine's journal is refused; DIR unchanged."""
+        a = made.create()
+        run(Workload(a, 52), 60)
+        flushed(a)
+        want = dump(a)
+        a.close()
+        d = made.jdir(a)
+        before = tree(d)
+        with pytest.raises(EngineError):
+            made.create(journal=d)
+        assert tree(d) == before, "another engine's journal directory was changed"
+        Engine.attach(want["name"]).unlink()
+        same(want, dump(made.restore(d, name=want["name"])))
+
+    def test_a_missing_middle_file_is_refused(self, made: Made) -> None:
+        """A journal file missing between two others stops the restore, naming what is missing."""
+        eng = made.create(**SMALL_FILES)
+        run(Workload(eng, 53, halts=False), 200)
+        flushed(eng)
+        d = copy_dir(made.jdir(eng), made.dir("copy"))
+        files = journal_files(d)
+        assert len(files) >= 4, f"{len(files)} journal files: the test needs small files"
+        gone = files[len(files) // 2]
+        gone.unlink()
+        name = made.names()
+        with pytest.raises(EngineError) as exc:
+            made.restore(d, name=name)
+        msg = str(exc.value)
+        assert gone.name in msg or str(first_seq(files[len(files) // 2 - 1])) in msg or \
+            "missing" in msg or "gap" in msg, msg
+        assert not segment_exists(name)
+
+    def test_a_flipped_byte_in_an_earlier_file_names_it(self, made: Made) -> None:
+        """Corruption in a file that is not the last one stops the restore, naming file and offset."""
+        eng = made.create(**SMALL_FILES)
+        run(Workload(eng, 54, halts=False), 200)
+        flushed(eng)
+        d = copy_dir(made.jdir(eng), made.dir("copy"))
+        recs = valid_records(d)
+        files = journal_files(d)
+        assert len(files) >= 3
+        p = files[1]
+        off = next(o for q, o, _ in recs if q == p) + FRAME   # its second frame
+        data = bytearray(p.read_bytes())
+        data[off + 8 + 100] ^= 0x80
+        p.write_bytes(bytes(data))
+        refused_mid_file(made, d, p, off, off + 8 + 100)
+
+    def test_a_last_file_cut_at_its_end_is_a_torn_tail(self, made: Made) -> None:
+        """The last file truncated mid-frame (no preallocation left) restores the frames before the cut."""
+        eng = made.create(**SMALL_FILES)
+        w = Workload(eng, 55, halts=False)
+        run(w, 100)
+        d0 = flushed(eng)
+        while (d0 - first_seq(locate(made.jdir(eng), d0)[0]) + 1) % SMALL_FILES["journal_file_records"] == 0:
+            w.step()   # the cut must fall inside a file, not at its end
+            d0 = flushed(eng)
+        want = dump(eng)
+        run(w, 30)
+        flushed(eng)
+        d = copy_dir(made.jdir(eng), made.dir("copy"))
+        p, off = locate(d, d0)
+        with p.open("r+b") as f:
+            f.truncate(off + FRAME + FRAME // 2)
+        for q in journal_files(d):
+            if first_seq(q) > d0:
+                q.unlink()
+        same(want, dump(made.restore(d)))
