@@ -27,8 +27,8 @@ from engine import (
     State,
     Trigger,
 )
-from engine.errors import MoneyError
 from engine._native import lib
+from engine.errors import MoneyError
 
 HDR = lib.ENG_DJ_FILE_HDR
 FRAME = lib.ENG_DJ_FRAME_BYTES

@@ -17,17 +17,16 @@ import hashlib
 import os
 import pathlib
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from durable_helpers import (
-    CKPT_RE,
     FRAME,
     FRAME_MAGIC,
     HDR,
     Workload,
-    books_invariant,
     check_lookups,
     check_stale,
     checkpoint_files,
@@ -42,7 +41,7 @@ from durable_helpers import (
     valid_records,
 )
 
-from engine import Engine, EngineError, SegmentNotFoundError
+from engine import Engine, EngineError, SegmentError, SegmentNotFoundError
 
 pytestmark = pytest.mark.skipif(
     not (hasattr(Engine, "restore") and hasattr(Engine, "flush")),
@@ -515,3 +514,157 @@ class TestFiles:
             if first_seq(q) > d0:
                 q.unlink()
         same(want, dump(made.restore(d)))
+
+
+# -- restore against other engines and processes --------------------------------------------
+def attach_watcher(name: str, want: tuple[int, int, int], go: Any, q: Any,
+                   seconds: float) -> None:
+    """Attach ``name`` as soon as it can be attached; report what it saw
+    first (positions, accounts, halt), or that it never could."""
+    go.set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            eng = Engine.attach(name)
+        except SegmentError:
+            continue
+        except Exception as e:   # anything else is a finding
+            q.put(("error", f"{type(e).__name__}: {e}"))
+            return
+        try:
+            seen = (len(eng.snapshot()), len(eng.accounts()), int(eng._seg.hdr.halted))
+        finally:
+            eng.close()
+        q.put(("seen", seen))
+        return
+    q.put(("never", None))
+
+
+def restorer(d: str, name: str, go: Any, q: Any) -> None:
+    """Restore ``d`` as ``name`` when ``go`` is set; report the outcome."""
+    go.wait(60)
+    try:
+        eng = Engine.restore(d, name=name)
+    except EngineError as e:
+        q.put(("refused", f"{type(e).__name__}: {e}"))
+        return
+    except Exception as e:
+        q.put(("error", f"{type(e).__name__}: {e}"))
+        return
+    q.put(("restored", (len(eng.snapshot()), len(eng.accounts()))))
+    eng.close()
+
+
+class TestRestoreRaces:
+    def test_restore_over_an_existing_name_is_refused(self, made: Made) -> None:
+        """Restore into a name that exists raises and changes neither that engine nor the journal."""
+        eng, d = frozen(made, 61)
+        other = made.create()
+        run(Workload(other, 62), 40)
+        flushed(other)
+        for target in (eng, other):
+            want, files = dump(target), tree(made.jdir(target))
+            before_d = tree(d)
+            with pytest.raises(EngineError):
+                made.restore(d, name=target.name)
+            same(want, dump(target))
+            assert tree(d) == before_d, "a refused restore changed the directory it read"
+            target.update_price(int(target.snapshot()[0]["id"]), 99.5)   # still works
+            flushed(target)
+            assert set(tree(made.jdir(target))) >= set(files)
+
+    def test_restore_by_its_own_name_while_the_engine_lives_is_refused(self, made: Made) -> None:
+        """Engine.restore(DIR) (name from the journal) while that engine is alive is refused."""
+        eng, _ = frozen(made, 63)
+        want = dump(eng)
+        with pytest.raises(EngineError):
+            Engine.restore(str(made.jdir(eng)))
+        same(want, dump(eng))
+        run(Workload(eng, 64), 20)
+        flushed(eng)
+
+    def test_attach_never_sees_a_half_restored_segment(self, made: Made, spawner: Any) -> None:
+        """A process attaching while restore runs sees nothing, or the whole engine."""
+        eng = made.create(capacity=2000, max_accounts=32)
+        w = Workload(eng, 65, halts=False)
+        for _ in range(1500):
+            w.step()
+        for _ in range(300):
+            eng.open_position(100.0, 1.0, key=None)
+        flushed(eng)
+        want = dump(eng)
+        d = copy_dir(made.jdir(eng), made.dir("copy"))
+        name = made.names()
+        q, go = spawner.ctx.Queue(), spawner.ctx.Event()
+        spawner.start(attach_watcher, name, (0, 0, 0), go, q, 120.0)
+        assert go.wait(60)
+        got = made.restore(d, name=name)
+        kind, seen = q.get(timeout=130)
+        assert kind == "seen", (kind, seen)
+        assert seen == (len(want["positions"]), len(want["accounts"]), want["halted"]), (
+            f"attach saw {seen} (positions, accounts, halt) of a restore in progress; "
+            f"whole: {(len(want['positions']), len(want['accounts']), want['halted'])}")
+        same(want, dump(got))
+
+    def test_two_restores_of_one_name_one_wins(self, made: Made, spawner: Any) -> None:
+        """Two processes restoring the same name at once: one wins, the other is refused."""
+        eng, d = frozen(made, 66, steps=400)
+        want = dump(eng)
+        name = made.names()
+        q, go = spawner.ctx.Queue(), spawner.ctx.Event()
+        for _ in range(2):
+            spawner.start(restorer, str(d), name, go, q)
+        go.set()
+        out = sorted(q.get(timeout=120) for _ in range(2))
+        kinds = [k for k, _ in out]
+        assert kinds == ["refused", "restored"], out
+        with Engine.attach(name) as got:
+            same(want, dump(got))
+        made.engines.append(Engine.attach(name))
+
+    def test_restore_of_a_dir_twice_with_two_names(self, made: Made) -> None:
+        """One directory restored under two names gives two equal engines, each its own."""
+        eng, d = frozen(made, 67)
+        want = dump(eng)
+        a = made.restore(d)
+        b = made.restore(copy_dir(made.jdir(eng), made.dir("copy")))
+        same(want, dump(a))
+        same(want, dump(b))
+        a.update_price(int(a.snapshot()[0]["id"]), 77.25)
+        same(want, dump(b))
+
+
+class TestAfterRestore:
+    def test_a_restored_engine_journals_on(self, made: Made) -> None:
+        """Restore, change, flush, unlink, restore again: equal to the second engine."""
+        eng, d = frozen(made, 71)
+        first = made.restore(d)
+        w = Workload(first, 72)
+        run(w, 150)
+        flushed(first)
+        want = dump(first)
+        name = first.name
+        first.close()
+        Engine.attach(name).unlink()
+        got = made.restore(d, name=name)
+        same(want, dump(got))
+        check_stale(got, w.released)
+
+    def test_a_torn_tail_cut_then_journaled_over(self, made: Made) -> None:
+        """A restore that cut a torn tail, then new records and a second restore: no corruption
+        reported where the old tail was, and the second engine comes back."""
+        eng = made.create()
+        w = Workload(eng, 73, halts=False)
+        run(w, 100)
+        d0 = flushed(eng)
+        run(w, 20)
+        flushed(eng)
+        d = power_cut(made.jdir(eng), made.dir("cut"), d0, extra=5 * FRAME + 77)
+        first = made.restore(d)
+        run(Workload(first, 74, halts=False), 3)   # fewer records than the old tail
+        flushed(first)
+        want = dump(first)
+        name = first.name
+        first.close()
+        Engine.attach(name).unlink()
+        same(want, dump(made.restore(d, name=name)))
