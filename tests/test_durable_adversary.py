@@ -42,6 +42,7 @@ from durable_helpers import (
 )
 
 from engine import Engine, EngineError, SegmentError, SegmentNotFoundError
+from engine._native import lib
 
 pytestmark = pytest.mark.skipif(
     not (hasattr(Engine, "restore") and hasattr(Engine, "flush")),
@@ -668,3 +669,348 @@ class TestAfterRestore:
         first.close()
         Engine.attach(name).unlink()
         same(want, dump(made.restore(d, name=name)))
+
+
+# -- the writer: its lease, its ring, its disk ----------------------------------------------
+def file_first(seq: int, fr: int) -> int:
+    return 1 + ((seq - 1) // fr) * fr
+
+
+def frames_whole(d: pathlib.Path, lo: int, hi: int, fr: int) -> str:
+    """'' if the frames of seqs lo..hi are in the files, whole, in order;
+    else where the first one is not."""
+    cache: dict[int, bytes] = {}
+    for seq in range(lo, hi + 1):
+        first = file_first(seq, fr)
+        if first not in cache:
+            p = d / f"journal-{first:020d}.log"
+            if not p.exists():
+                return f"seq {seq}: {p.name} is missing"
+            cache[first] = p.read_bytes()
+        off = HDR + (seq - first) * FRAME
+        fr_ = cache[first][off: off + FRAME]
+        if len(fr_) < FRAME or struct.unpack_from("<II", fr_, 0) != (FRAME_MAGIC,
+                                                                        crc32c(fr_[8:])):
+            return f"seq {seq}: the frame at {off} of journal-{first:020d}.log is not whole"
+        if struct.unpack_from("<Q", fr_, 8)[0] != seq:
+            return f"seq {seq}: the frame at {off} has seq {struct.unpack_from('<Q', fr_, 8)[0]}"
+    return ""
+
+
+def writer_info(eng: Engine) -> Any:
+    """The durable area as a committer sees it (lease, writer pid, seqs)."""
+    from engine._native import ffi, lib
+    out = ffi.new("eng_durable_info *")
+    rc = lib.eng_durable_info_of(eng._seg, out)
+    assert rc == 0, rc
+    return out
+
+
+def durable_fault(eng: Engine, flags: int) -> None:
+    from engine._native import lib
+    rc = lib.eng_durable_fault(eng._seg, flags)
+    assert rc == 0, rc
+
+
+def flusher(handle: Any, d: str, seed: int, rounds: int, fr: int, go: Any, q: Any) -> None:
+    """Commit, flush, and check each flush against the files, ``rounds`` times."""
+    try:
+        eng = Engine.attach(handle)
+        w = Workload(eng, seed, halts=False)
+        go.wait(60)
+        problems, last = [], 0
+        for _ in range(rounds):
+            for _ in range(5):
+                w.step()
+            before = eng.journal_seq
+            got = int(eng.flush(timeout=FLUSH_TIMEOUT))
+            if got < before:
+                problems.append(f"flush() = {got} below the seq {before} committed before it")
+            if got < last:
+                problems.append(f"flush() went back: {last} then {got}")
+            where = frames_whole(pathlib.Path(d), last + 1, got, fr)
+            if where:
+                problems.append(f"flush() = {got} but {where}")
+            last = max(last, got)
+        eng.close()
+        q.put(("done", problems))
+    except Exception as e:
+        q.put(("done", [f"{type(e).__name__}: {e}"]))
+
+
+def lease_holder(name: str, d: str, kw: dict[str, Any], q: Any, cmd: Any) -> None:
+    """Create the engine (its writer takes the lease first), then do what
+    the parent asks: "commit N", "die-midwrite", "checkpoint-loop", "idle"."""
+    eng = Engine.create(64, name=name, journal=d, journal_prices=True, **kw)
+    acct = eng.open_account(10**6, 10**6, 64, 10**6)
+    q.put(("ready", eng.handle, acct))
+    while True:
+        what = cmd.get()
+        if what == "die-midwrite":
+            durable_fault(eng, lib.ENG_DJ_FAULT_DIE_MIDWRITE)
+            for _ in range(lib.ENG_DJ_BATCH * 2):
+                eng.deposit(acct, 1)
+            time.sleep(60)   # unreachable: the writer kills this process
+        elif what == "checkpoint-loop":
+            while True:
+                eng.checkpoint()
+        elif what == "stop":
+            eng.close()
+            return
+        else:
+            q.put(("idle", None))
+
+
+class TestLease:
+    def test_two_processes_flushing_at_once(self, made: Made, spawner: Any) -> None:
+        """Two processes committing and flushing at once: every flush covers what was committed
+        before it, and those frames are whole in the files when it returns."""
+        eng = made.create(capacity=64, **SMALL_FILES)
+        q, go = spawner.ctx.Queue(), spawner.ctx.Event()
+        d = made.jdir(eng)
+        for seed in (81, 82):
+            spawner.start(flusher, eng.handle, str(d), seed, 40,
+                          SMALL_FILES["journal_file_records"], go, q)
+        go.set()
+        out = [q.get(timeout=300) for _ in range(2)]
+        assert all(not p for _, p in out), out
+        flushed(eng)
+        same(dump(eng), dump(made.restore(copy_dir(d, made.dir("copy")))))
+
+    def test_the_lease_holder_killed_mid_write(self, made: Made, spawner: Any) -> None:
+        """The writer dies with half a batch written: another process takes over, the files
+        end whole, and a restore equals the engine."""
+        name, d = made.names(), made.dir()
+        q, cmd = spawner.ctx.Queue(), spawner.ctx.Queue()
+        child = spawner.start(lease_holder, name, str(d), SMALL_FILES, q, cmd)
+        _, handle, acct = q.get(timeout=60)
+        eng = Engine.attach(handle)
+        made.engines.append(eng)
+        assert writer_info(eng).writer_pid == child.pid
+        cmd.put("die-midwrite")
+        child.join(60)
+        assert child.exitcode == -9, child.exitcode
+        for _ in range(50):
+            eng.deposit(acct, 3)
+        got = flushed(eng)
+        assert writer_info(eng).writer_pid == os.getpid()
+        assert frames_whole(d, 1, got, SMALL_FILES["journal_file_records"]) == ""
+        same(dump(eng), dump(made.restore(copy_dir(d, made.dir("copy")))))
+
+    def test_the_ring_full_behind_a_stopped_lease_holder(self, made: Made,
+                                                         spawner: Any) -> None:
+        """The lease holder stopped: commits past the ring are refused with a typed error and
+        change nothing; after it runs again nothing is lost."""
+        import signal
+        name, d = made.names(), made.dir()
+        q, cmd = spawner.ctx.Queue(), spawner.ctx.Queue()
+        child = spawner.start(lease_holder, name, str(d), {"journal_records": 16}, q, cmd)
+        _, handle, acct = q.get(timeout=60)
+        eng = Engine.attach(handle)
+        made.engines.append(eng)
+        eng.flush(timeout=FLUSH_TIMEOUT)
+        os.kill(child.pid, signal.SIGSTOP)
+        try:
+            refused = None
+            for _ in range(40):
+                cash = eng.account(acct).cash
+                seq = eng.journal_seq
+                try:
+                    eng.deposit(acct, 1)
+                except EngineError as e:
+                    refused = e
+                    assert eng.account(acct).cash == cash, "a refused deposit changed the books"
+                    assert eng.journal_seq == seq, "a refused deposit was journaled"
+                    break
+            assert refused is not None, "40 commits into a ring of 16 behind a stopped writer"
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+        for _ in range(20):
+            eng.deposit(acct, 2)
+        got = flushed(eng)
+        assert frames_whole(d, 1, got, 65536) == ""
+        same(dump(eng), dump(made.restore(copy_dir(d, made.dir("copy")))))
+        cmd.put("stop")
+
+    def test_kills_during_checkpoints(self, made: Made, spawner: Any) -> None:
+        """Checkpointing processes SIGKILLed at random: checkpoints stay whole or absent, the
+        next one is written, and a restore equals the engine."""
+        import random
+        import signal
+        eng = made.create(capacity=64)
+        w = Workload(eng, 91)
+        rng = random.Random(91)
+        run(w, 100)
+        for _ in range(6):
+            p = spawner.start(checkpointer, eng.handle)
+            for _ in range(rng.randrange(20, 80)):
+                w.step()
+            time.sleep(rng.uniform(0.0, 0.05))
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(30)
+            eng.recover()
+        eng.checkpoint()
+        flushed(eng)
+        d = made.jdir(eng)
+        bad = [c.name for c in checkpoint_files(d) if not checkpoint_whole(c)]
+        assert not bad, f"checkpoint files not whole: {bad}"
+        got = made.restore(copy_dir(d, made.dir("copy")))
+        same(dump(eng), dump(got))
+        check_stale(got, w.released)
+
+
+def checkpointer(handle: Any) -> None:
+    eng = Engine.attach(handle)
+    while True:
+        eng.checkpoint()
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: pathlib.Path, size: int) -> Iterator[pathlib.Path]:
+    """A tmpfs of ``size`` bytes mounted at ``path`` (root only; skips otherwise)."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("a small tmpfs needs root")
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def commits_until_refused(eng: Engine, acct: int, most: int) -> EngineError | None:
+    """Deposit 1 until a deposit is refused; check the refusal changed nothing."""
+    for _ in range(most):
+        cash, seq = eng.account(acct).cash, eng.journal_seq
+        try:
+            eng.deposit(acct, 1)
+        except EngineError as e:
+            assert eng.account(acct).cash == cash, "a refused deposit changed the books"
+            assert eng.journal_seq == seq, "a refused deposit was journaled"
+            return e
+    return None
+
+
+class TestDiskFull:
+    def test_a_full_disk_refuses_commits_it_cannot_journal(self, made: Made,
+                                                           tmp_path: pathlib.Path) -> None:
+        """On a full disk a commit is refused with a typed error; every commit that returned is
+        in the files (fail-stop: nothing committed that cannot be journaled)."""
+        fr = SMALL_FILES["journal_file_records"]
+        file_bytes = HDR + fr * FRAME
+        with small_tmpfs(tmp_path / "mnt", 4096 * ((6 * file_bytes + 8192) // 4096)) as mnt:
+            eng = made.create(journal=mnt / "j", **SMALL_FILES)
+            acct = eng.open_account(10**6, 10**6, 64, 10**6)
+            refused = commits_until_refused(eng, acct, 50 * fr)
+            assert refused is not None, "the disk never filled"
+            with contextlib.suppress(EngineError):
+                eng.flush(timeout=2.0)
+            top = max((s for _, _, s in valid_records(mnt / "j")), default=0)
+            assert top >= eng.journal_seq, (
+                f"commits up to seq {eng.journal_seq} returned, the files hold up to {top}: "
+                f"{eng.journal_seq - top} committed changes cannot be restored")
+            copy = copy_dir(mnt / "j", made.dir("copy"))
+            same(dump(eng), dump(made.restore(copy)))
+
+    def test_a_full_disk_by_the_fault_switch(self, made: Made) -> None:
+        """The writer's ENOSPC switch: commits refused with a typed error, nothing committed
+        past the files; space back, commits go on and a restore equals the engine."""
+        fr = SMALL_FILES["journal_file_records"]
+        eng = made.create(**SMALL_FILES)
+        acct = eng.open_account(10**6, 10**6, 64, 10**6)
+        eng.flush(timeout=FLUSH_TIMEOUT)
+        durable_fault(eng, lib.ENG_DJ_FAULT_NOSPACE)
+        refused = commits_until_refused(eng, acct, 50 * fr)
+        assert refused is not None, "ENOSPC never refused a commit"
+        top = max((s for _, _, s in valid_records(made.jdir(eng))), default=0)
+        assert top >= eng.journal_seq, (
+            f"commits up to seq {eng.journal_seq} returned, the files hold up to {top}")
+        durable_fault(eng, 0)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                eng.deposit(acct, 1)
+                break
+            except EngineError:
+                assert time.monotonic() < deadline, "commits never resumed after ENOSPC ended"
+                time.sleep(0.05)
+        flushed(eng)
+        same(dump(eng), dump(made.restore(copy_dir(made.jdir(eng), made.dir("copy")))))
+
+
+# -- SIGKILL storms -------------------------------------------------------------------------
+def storm_worker(handle: Any, seed: int, out: str, ready: Any) -> None:
+    """The workload, with flushes and checkpoints, until killed; released ids to ``out``."""
+    eng = Engine.attach(handle)
+    w = Workload(eng, seed)
+    ready.set()
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    seen = 0
+    while True:
+        w.step()
+        if len(w.released) > seen:
+            os.write(fd, "".join(f"{i}\n" for i in w.released).encode())
+            seen = len(w.released)
+        if w.rng.random() < 0.02:
+            with contextlib.suppress(EngineError):
+                eng.flush(timeout=FLUSH_TIMEOUT)
+        if w.rng.random() < 0.003:
+            eng.checkpoint()
+        if w.rng.random() < 0.01:
+            eng.recover()
+
+
+def storm(made: Made, spawner: Any, rounds: int, workers: int, seed: int) -> None:
+    import random
+    import signal
+    rng = random.Random(seed)
+    eng = made.create(capacity=48, max_accounts=16, checkpoint_records=500)
+    w = Workload(eng, seed)
+    run(w, 50)
+    out = made.tmp / f"released-{seed}"
+    for r in range(rounds):
+        procs = []
+        for k in range(workers):
+            ready = spawner.ctx.Event()
+            procs.append((spawner.start(storm_worker, eng.handle, seed * 1000 + r * 10 + k,
+                                        str(out), ready), ready))
+        for _, ready in procs:
+            assert ready.wait(60)
+        for p, _ in procs:
+            time.sleep(rng.uniform(0.0, 0.15))
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(30)
+            assert p.exitcode == -signal.SIGKILL, p.exitcode
+        eng.recover()
+        run(w, 5)
+    eng.recover()
+    flushed(eng)
+    want = dump(eng)
+    books_invariant(eng)
+    released = set(w.released)
+    if out.exists():
+        released |= {int(x) for x in out.read_text().split()}
+    name, d = eng.name, made.jdir(eng)
+    eng.close()
+    Engine.attach(name).unlink()
+    got = made.restore(d, name=name)
+    same(want, dump(got))
+    check_lookups(got, want, w.acct_keys)
+    books_invariant(got)
+    check_stale(got, released)
+
+
+class TestKillStorm:
+    def test_sigkill_storm_then_restore_equals(self, made: Made, spawner: Any) -> None:
+        """Workers killed at random (keys, accounts, releases, halts, flushes, checkpoints),
+        recover, flush, unlink, restore: equal to the lost engine, books balanced."""
+        storm(made, spawner, rounds=4, workers=3, seed=101)
+
+    @pytest.mark.slow
+    def test_sigkill_storm_long(self, made: Made, spawner: Any) -> None:
+        """The same, 40 rounds of 4 workers."""
+        storm(made, spawner, rounds=40, workers=4, seed=102)
