@@ -27,6 +27,7 @@ from durable_helpers import (
     FRAME_MAGIC,
     HDR,
     Workload,
+    books_invariant,
     check_lookups,
     check_stale,
     checkpoint_files,
@@ -202,6 +203,54 @@ class TestPowerLoss:
                 same(at[whole], dump(got))
             got.close()
             got.unlink()
+
+    def test_a_lost_page_among_unflushed_frames(self, made: Made) -> None:
+        """Unflushed frames persisted out of order (one lost, later ones whole): the restore
+        stops at the hole (cut, or an error naming it), never replays past it."""
+        eng = made.create()
+        w = Workload(eng, 14, halts=False)
+        run(w, 60)
+        acct = int(eng.accounts()[0]["id"])
+        d0 = flushed(eng)
+        at = {d0: dump(eng)}
+        for _ in range(6):
+            eng.deposit(acct, 1)   # one record each
+            at[eng.journal_seq] = dump(eng)
+        flushed(eng)
+        d = copy_dir(made.jdir(eng), made.dir("copy"))
+        p, off = locate(d, d0 + 3)
+        data = bytearray(p.read_bytes())
+        data[off: off + FRAME] = bytes(FRAME)
+        p.write_bytes(bytes(data))
+        try:
+            got = made.restore(d)
+        except EngineError as e:
+            assert names_place(str(e), p, off, off), e
+            return
+        same(at[d0 + 2], dump(got))
+
+    def test_a_checkpoint_past_the_durable_journal(self, made: Made) -> None:
+        """A checkpoint whose rename reached the disk while the journal's last frames did not:
+        the restore is the engine at the flush or at the checkpoint, nothing mixed."""
+        eng = made.create()
+        w = Workload(eng, 15)
+        run(w, 100)
+        d0 = flushed(eng)
+        at_flush = dump(eng)
+        run(w, 40)
+        eng.checkpoint()
+        at_ckpt = dump(eng)
+        src = copy_dir(made.jdir(eng), made.dir("copy"))
+        cut = made.dir("cut")
+        power_cut(src, cut, d0)
+        for c in checkpoint_files(src):
+            if not (cut / c.name).exists():
+                (cut / c.name).write_bytes(c.read_bytes())
+                os.chmod(cut / c.name, 0o600)
+        got = dump(made.restore(cut))
+        got["name"] = at_flush["name"]
+        assert got in (at_flush, at_ckpt), "restored neither the flushed state nor the " \
+            "checkpoint's:\n" + diff(at_ckpt, got)
 
 
 # -- torn tails and corruption --------------------------------------------------------------
