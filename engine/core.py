@@ -368,6 +368,8 @@ class Engine(_EngineBase, Generic[S, C, T]):
         self._states = {1 << i: spec.State(1 << i) for i in range(len(spec.states))}
         #: create(temporary=True): removes the segment (or the Redis keys) once
         self._temporary: weakref.finalize[Any, Any] | None = None
+        #: Engine.restore: what the restore did (engine.durable.restore.RestoreReport)
+        self.restore_report: Any = None
 
     @overload
     @classmethod
@@ -449,6 +451,21 @@ class Engine(_EngineBase, Generic[S, C, T]):
             eng._temporary = weakref.finalize(eng, _remove_temporary, name,
                                               store.remover(name, eng._seg), os.getpid())
         return eng
+
+    @classmethod
+    def restore(cls, directory: str | os.PathLike[str],
+                name: str | None = None) -> Engine[Any, Any, Any]:
+        """A new segment from the journal directory ``directory`` (shared
+        memory; see docs/journal.md): the name (or ``name``), spec, capacity
+        and options of meta.json, and every open position with its id,
+        state, record, keys and last journaled price, the accounts, the halt
+        flag; released ids stay stale; the journal continues at the next seq.
+        Refused (``SegmentError``, nothing changes) if the name exists; a
+        torn tail is cut and reported, corruption in the middle raises
+        ``RestoreError`` naming the file and offset.  The report:
+        ``eng.restore_report`` (``engine.durable.restore.RestoreReport``)."""
+        from engine.durable.restore import restore
+        return restore(cls, directory, name)  # type: ignore[no-any-return]
 
     @overload
     @classmethod

@@ -142,6 +142,18 @@ class SpecMismatchError(SegmentError):
     """The segment runs another machine spec than the one given."""
 
 
+class RestoreError(EngineError, ValueError):
+    """A journal directory that cannot be restored: corruption in the
+    middle of a journal file (a bad frame with valid ones after it), a gap
+    in the seqs, a bad meta.json or a record the segment refuses.  ``path``
+    names the file and ``offset`` the byte in it (None where none applies)."""
+
+    def __init__(self, message: str, path: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+
 class SpecError(EngineError, ValueError):
     """A machine spec that is not well formed."""
 

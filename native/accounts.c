@@ -127,6 +127,18 @@ static int slot_decision(eng_seg *s, uint64_t slot_ref, uint64_t Ls, op_timer t,
     return load_acquire_u64(&copy_of(s, sl, sw_ctx(w))->commit) == Ls;   /* pairs with W2 */
 }
 
+/* An account record's words: the books, then the key and its length (see
+ * ENG_DJ_ACCT_KEY_WORD): the key is written before the open's seal and
+ * stable while the account is open, so a record of its latch holder has it. */
+#define ACCT_RECORD_WORDS (ENG_DJ_ACCT_KEYLEN_WORD + 1)
+static void acct_record_words(const eng_account *a, const eng_books *b, uint64_t *words)
+{
+    copy_words_relaxed(words, (const uint64_t *)b, BOOKS_WORDS);
+    copy_words_relaxed(&words[ENG_DJ_ACCT_KEY_WORD], (const uint64_t *)a->key, ENG_KEY_MAX / 8);
+    uint32_t len = load_relaxed_u32(&a->key_len);
+    words[ENG_DJ_ACCT_KEYLEN_WORD] = len <= ENG_KEY_MAX ? len : 0;
+}
+
 /* Resolve latch AL by its evidence (its holder is proven dead, or is us
  * after our slot commit failed).  1 forward, 2 back, 0 word moved / undecided. */
 static int acct_resolve(eng_seg *s, eng_account *a, uint64_t AL, op_timer t)
@@ -155,8 +167,10 @@ static int acct_resolve(eng_seg *s, eng_account *a, uint64_t AL, op_timer t)
             return 0;
         }
         uint64_t id = make_id(load_relaxed_u32(&pend->opening), (uint32_t)(a - s->accounts));
-        journal_fill_release(s, JL, ENG_JK_ACCOUNT, 0, id, aw_make(v + 1),
-                             (const uint64_t *)pend, BOOKS_WORDS, v + 1);
+        uint64_t words[ACCT_RECORD_WORDS];
+        acct_record_words(a, pend, words);
+        journal_fill_release(s, JL, ENG_JK_ACCOUNT, 0, id, aw_make(v + 1), words,
+                             ACCT_RECORD_WORDS, v + 1);
     }
     if (!cas_acq_rel_u64(&a->word, &expected, aw_make(forward ? v + 1 : v))) {
         if (JL)
@@ -233,9 +247,12 @@ static int acct_commit(eng_seg *s, eng_account *a, uint64_t AL, eng_books *b, ui
     acct_write_pending(a, AL, b, 0, 0);
     if (fault)
         die_if(s, fault);   /* latch held, the change sealed, its record not filled */
-    if (JL)
-        journal_fill_release(s, JL, ENG_JK_ACCOUNT, 0, id, aw_make(aw_version(AL) + 1),
-                             (const uint64_t *)b, BOOKS_WORDS, aw_version(AL) + 1);   /* J2 */
+    if (JL) {
+        uint64_t words[ACCT_RECORD_WORDS];
+        acct_record_words(a, b, words);
+        journal_fill_release(s, JL, ENG_JK_ACCOUNT, 0, id, aw_make(aw_version(AL) + 1), words,
+                             ACCT_RECORD_WORDS, aw_version(AL) + 1);   /* J2 */
+    }
     if (acct_publish(a, AL) != 0) {                                 /* J3 */
         if (JL)   /* not reached while we hold the journal latch: a resolver needs it */
             journal_abort(s, JL);

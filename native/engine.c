@@ -35,3 +35,5 @@
 #include "prices.c"
 /* recovery and the controls */
 #include "recovery.c"
+/* restore: a fresh segment placed from the journal on disk, ready last */
+#include "restore.c"

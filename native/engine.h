@@ -801,6 +801,11 @@ typedef struct eng_shard {
 #define ENG_DJ_FRAME_MAGIC   0x52464E45u   /* "ENFR" */
 #define ENG_DJ_FILE_HDR      64
 #define ENG_DJ_FRAME_BYTES   (8 + ENG_JREC_SIZE)
+/* An account record's w (in the ring and on disk): the books (eng_books, 16
+ * words), then the account's key (ENG_KEY_MAX bytes) and its length: a
+ * restore gives the account its key back */
+#define ENG_DJ_ACCT_KEY_WORD 16
+#define ENG_DJ_ACCT_KEYLEN_WORD 22
 /* back-off steps a committer waits for the journal latch (each past
  * ENG_YIELD_STEPS sleeps ENG_BACKOFF_SLEEP_NS: about 0.2 s): every commit
  * passes through it, so a holder preempted on a crowded host is waited for
@@ -1136,6 +1141,24 @@ int      eng_test_hold(eng_seg *s, uint32_t what, uint64_t id);
 typedef void (*eng_test_hook_fn)(void);
 void     eng_test_recover_hook(eng_test_hook_fn fn);
 
+/* restore (native/restore.c): a fresh segment, not ready, placed from the
+ * journal on disk (see there); eng_dj_*: the on-disk format's checks */
+int      eng_restore_format(eng_seg *s, void *base, uint64_t size, uint32_t capacity,
+                            const uint8_t *table, uint32_t n_states, uint32_t n_triggers,
+                            uint32_t initial_index, uint32_t closed_mask, uint64_t fingerprint,
+                            uint32_t creator_pid, const eng_rec_layout *rec,
+                            uint32_t max_accounts, uint32_t journal_records,
+                            uint32_t journal_flags);
+int      eng_restore_slots(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out_bad);
+int      eng_restore_prices(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out_bad);
+int      eng_restore_keys(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out_bad);
+int      eng_restore_accounts(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out_bad);
+int      eng_restore_ring(eng_seg *s, const eng_jrec *recs, uint64_t n);
+int      eng_restore_finish(eng_seg *s, uint32_t halted, uint64_t next_seq, int64_t last_ts,
+                            uint64_t *out_bad);
+uint32_t eng_dj_crc32c(uint32_t crc, const void *data, uint64_t n);
+int      eng_dj_check_frames(const uint8_t *buf, uint64_t n, uint8_t *out);
+
 /* cdef-end */
 
 /* ---- layout checks --------------------------------------------------------- */
@@ -1174,6 +1197,9 @@ _Static_assert(offsetof(eng_header, accounts_off) == offsetof(eng_header, keyrec
 _Static_assert(sizeof(eng_header) == ENG_HEADER_SIZE, "header size");
 _Static_assert(sizeof(eng_journal) == ENG_CACHE_LINE, "journal latch line");
 _Static_assert(sizeof(eng_jrec) == ENG_JREC_SIZE, "journal record");
+_Static_assert(ENG_DJ_ACCT_KEY_WORD * 8 == sizeof(eng_books) &&
+               ENG_DJ_ACCT_KEYLEN_WORD == ENG_DJ_ACCT_KEY_WORD + ENG_KEY_MAX / 8 &&
+               ENG_DJ_ACCT_KEYLEN_WORD < ENG_MAX_FIELD_WORDS, "an account record: books, key, length");
 _Static_assert((ENG_JOURNAL_MIN_RECORDS & (ENG_JOURNAL_MIN_RECORDS - 1)) == 0 &&
                (ENG_JOURNAL_MAX_RECORDS & (ENG_JOURNAL_MAX_RECORDS - 1)) == 0, "powers of two");
 _Static_assert(sizeof(eng_books) == 2 * ENG_CACHE_LINE, "books are two lines");

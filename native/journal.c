@@ -302,7 +302,7 @@ static inline uint32_t journal_words(const eng_seg *s, uint32_t kind)
 {
     _Static_assert(REC_WORDS(eng_books) <= ENG_MAX_FIELD_WORDS, "books fit a record");
     if (kind == ENG_JK_ACCOUNT)
-        return REC_WORDS(eng_books);
+        return ENG_DJ_ACCT_KEYLEN_WORD + 1;   /* books, key, key length */
     if (kind == ENG_JK_PRICE)
         return REC_WORDS(eng_price_rec);
     if (kind == ENG_JK_KEY)

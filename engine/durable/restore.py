@@ -1,0 +1,522 @@
+"""Engine.restore: a new segment from a journal directory.
+
+The directory (its format: ``engine.durable.format``) is read and checked
+whole before the segment exists: meta.json, the newest checkpoint whose
+frames all check, then every journal file.  A journal file's records end at
+its first frame that is not whole; what follows is a torn tail (cut at the
+last valid record and reported) if nothing valid follows it, and corruption
+(``RestoreError`` naming file and offset: nothing is created) if a valid
+frame of the same file follows it, or the next file does not continue at
+the next seq.  The records after the checkpoint's start seq, with the
+checkpoint's objects before them, are reduced to the last record of each
+object (numpy over the frames) and placed by C in batches into a segment
+created under the name and not ready (native/restore.c): an attach meanwhile
+is refused (not ready) and never sees half a restore; any failure removes
+the segment again.  Restoring over an existing name is refused before
+anything is read into it (the create is exclusive).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine._native import ffi, lib
+from engine.durable import format as fmt
+from engine.errors import RestoreError
+from engine.spec import MachineSpec
+from engine.store import check_name
+from engine.store import shm
+
+__all__ = ["RestoreReport", "load_directory", "reduce_records", "restore"]
+
+#: records one C call places
+BATCH = 65536
+
+_SLOT_KINDS = (lib.ENG_JK_OPEN, lib.ENG_JK_TRANSITION, lib.ENG_JK_RELEASE)
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """What a restore did.  ``records_replayed``: journal records after the
+    checkpoint; ``checkpoint``: the checkpoint file used (None: none) and
+    ``checkpoint_seq`` its start seq; ``last_seq``: the last restored seq
+    (the journal continues at the next); ``tail_cut``: (file, byte offset)
+    where a torn or corrupt tail was cut, None if every file ended cleanly;
+    ``skipped_checkpoints``: newer checkpoints that failed their checks;
+    ``unpriced_closes``: booked closes after the last record of their
+    account that carried no exit price and no journaled price (booked at
+    the entry: realized 0); ``seconds``: the restore's wall time."""
+
+    name: str
+    records_replayed: int
+    checkpoint: str | None
+    checkpoint_seq: int
+    last_seq: int
+    tail_cut: tuple[str, int] | None
+    skipped_checkpoints: tuple[str, ...]
+    unpriced_closes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        cut = "none" if self.tail_cut is None else f"{self.tail_cut[0]} at byte {self.tail_cut[1]}"
+        return (f"restored {self.name!r}: checkpoint {self.checkpoint or 'none'} "
+                f"(start seq {self.checkpoint_seq}), {self.records_replayed} records replayed, "
+                f"last seq {self.last_seq}, torn tail cut: {cut}, "
+                f"{self.seconds:.3f} s")
+
+
+@dataclass
+class Loaded:
+    """A journal directory, read and checked."""
+
+    meta: dict[str, Any]
+    spec: MachineSpec
+    ckpt: np.ndarray            # JREC_DTYPE: the checkpoint's objects
+    ckpt_name: str | None
+    ckpt_seq: int
+    tail: np.ndarray            # JREC_DTYPE: the records after ckpt_seq, in seq order
+    tail_src: np.ndarray        # int64: each tail record's byte offset in its file
+    tail_file: np.ndarray       # int32: its file's index in files
+    files: list[str]
+    tail_cut: tuple[str, int] | None
+    skipped: tuple[str, ...]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise RestoreError(f"cannot read {path}: {e.strerror}", str(path), None) from None
+
+
+def _frames(data: bytes, path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """The frames after the header: (frames, status per frame, bytes after
+    the last whole frame)."""
+    body = memoryview(data)[fmt.FILE_HDR:]
+    n = len(body) // fmt.FRAME_BYTES
+    frames = np.frombuffer(body, dtype=fmt.FRAME_DTYPE, count=n)
+    status = np.empty(n, dtype=np.uint8)
+    if n:
+        rc = lib.eng_dj_check_frames(ffi.from_buffer(body), n, ffi.from_buffer(status))
+        if rc:
+            raise RestoreError(f"cannot check the frames of {path} (code {rc})", str(path), None)
+    return frames, status, len(body) - n * fmt.FRAME_BYTES
+
+
+def _check_header(data: bytes, path: Path, magic: int) -> tuple[int, int]:
+    if len(data) < fmt.FILE_HDR:
+        raise RestoreError(f"{path}: {len(data)} bytes, shorter than its header "
+                           f"({fmt.FILE_HDR} bytes)", str(path), 0)
+    got, version, fb, seq, frames = fmt.parse_header(data)
+    for what, have, want in (("magic", got, magic), ("format", version, fmt.FORMAT),
+                             ("frame bytes", fb, fmt.FRAME_BYTES)):
+        if have != want:
+            raise RestoreError(f"{path}: header {what} is {have:#x}, expected {want:#x}",
+                               str(path), 0)
+    return seq, frames
+
+
+def _load_checkpoint(path: Path) -> tuple[np.ndarray, int]:
+    """A checkpoint's objects and start seq; RestoreError if any check fails."""
+    data = _read(path)
+    seq, count = _check_header(data, path, fmt.CKPT_MAGIC)
+    want = fmt.FILE_HDR + count * fmt.FRAME_BYTES
+    if len(data) != want:
+        raise RestoreError(f"{path}: {len(data)} bytes, its header says {count} frames "
+                           f"({want} bytes)", str(path), min(len(data), want))
+    frames, status, _ = _frames(data, path)
+    bad = np.flatnonzero(status != 1)
+    if len(bad):
+        off = fmt.FILE_HDR + int(bad[0]) * fmt.FRAME_BYTES
+        raise RestoreError(f"{path}: frame at byte {off} fails its check", str(path), off)
+    return frames["rec"].copy(), seq
+
+
+def _check_meta(meta: dict[str, Any], directory: Path) -> MachineSpec:
+    where = str(directory / fmt.META_NAME)
+    if meta.get("format") != fmt.META_FORMAT:
+        raise RestoreError(f"{where}: format {meta.get('format')!r}, this engine reads "
+                           f"{fmt.META_FORMAT}", where, None)
+    for key, typ in (("name", str), ("capacity", int), ("spec", str), ("options", dict)):
+        if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
+            raise RestoreError(f"{where}: {key} must be a {typ.__name__}, got "
+                               f"{meta.get(key)!r}", where, None)
+    try:
+        spec = fmt.load_spec(meta)
+    except Exception as e:   # a spec that does not unpickle: the file is bad
+        raise RestoreError(f"{where}: its spec does not load ({e!r})", where, None) from None
+    if not isinstance(spec, MachineSpec):
+        raise RestoreError(f"{where}: spec is a {type(spec).__name__}, not a MachineSpec",
+                           where, None)
+    return spec
+
+
+def load_directory(directory: str | os.PathLike[str]) -> Loaded:
+    """Read and check a journal directory (nothing is created)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise RestoreError(f"{d} is not a directory", str(d), None)
+    try:
+        meta = fmt.read_meta(d)
+    except (OSError, ValueError) as e:
+        raise RestoreError(f"{d / fmt.META_NAME}: cannot be read ({e})",
+                           str(d / fmt.META_NAME), None) from None
+    spec = _check_meta(meta, d)
+    journals: list[tuple[int, str]] = []
+    ckpts: list[tuple[int, str]] = []
+    for entry in os.listdir(d):
+        parsed = fmt.parse_name(entry)
+        if parsed:
+            (journals if parsed[0] == "journal" else ckpts).append((parsed[1], entry))
+    journals.sort()
+    ckpts.sort(reverse=True)
+    ckpt = np.zeros(0, dtype=fmt.JREC_DTYPE)
+    ckpt_name, ckpt_seq, skipped = None, 0, []
+    for seq, entry in ckpts:
+        try:
+            ckpt, got = _load_checkpoint(d / entry)
+        except RestoreError:
+            skipped.append(entry)
+            continue
+        if got != seq:
+            skipped.append(entry)
+            continue
+        ckpt_name, ckpt_seq = entry, seq
+        break
+    # every journal file: its whole records, where they stop, and what follows
+    parts: list[tuple[int, str, np.ndarray, np.ndarray]] = []   # first, name, recs, offsets
+    files: list[str] = []
+    tail_cut: tuple[str, int] | None = None
+    prev_last = None   # the last seq of the file before
+    prev_cut: tuple[str, int] | None = None
+    for first, entry in journals:
+        path = d / entry
+        data = _read(path)
+        seq, _ = _check_header(data, path, fmt.FILE_MAGIC)
+        if seq != first:
+            raise RestoreError(f"{path}: header seq {seq}, its name says {first}", str(path), 0)
+        frames, status, rest = _frames(data, path)
+        stop = int(np.argmin(status == 1)) if len(status) and not status.all() else len(status)
+        if stop < len(status) and (status[stop:] == 1).any():
+            bad = fmt.FILE_HDR + stop * fmt.FRAME_BYTES
+            raise RestoreError(f"{path}: corrupt frame at byte {bad} with valid frames after "
+                               "it (corruption in the middle: nothing restored)", str(path), bad)
+        recs = frames["rec"][:stop]
+        want = np.arange(first, first + stop, dtype=np.uint64)
+        wrong = np.flatnonzero(recs["seq"] != want)
+        if len(wrong):
+            bad = fmt.FILE_HDR + int(wrong[0]) * fmt.FRAME_BYTES
+            raise RestoreError(f"{path}: frame at byte {bad} holds seq "
+                               f"{int(recs['seq'][wrong[0]])}, expected {int(want[wrong[0]])}",
+                               str(path), bad)
+        end = fmt.FILE_HDR + stop * fmt.FRAME_BYTES
+        cut = (str(path), end) if any(memoryview(data)[end:]) else None
+        if prev_last is not None and stop and first != prev_last + 1:
+            where = prev_cut or (files[-1], -1)
+            raise RestoreError(f"{path}: starts at seq {first}, the file before ends at seq "
+                               f"{prev_last} (records missing in the middle: nothing restored)",
+                               where[0], where[1] if where[1] >= 0 else None)
+        if stop:
+            files.append(str(path))
+            offs = fmt.FILE_HDR + np.arange(stop, dtype=np.int64) * fmt.FRAME_BYTES
+            parts.append((first, str(path), recs, offs))
+            prev_last = first + stop - 1
+            prev_cut = cut
+            tail_cut = cut   # only the last file's cut stands (an earlier one was continued)
+        elif cut is not None:
+            tail_cut = cut
+        del rest
+    # the records after the checkpoint
+    tails, srcs, fidx = [], [], []
+    for i, (first, _name, recs, offs) in enumerate(parts):
+        keep = recs["seq"] > ckpt_seq
+        tails.append(recs[keep])
+        srcs.append(offs[keep])
+        fidx.append(np.full(int(keep.sum()), i, dtype=np.int32))
+        del first
+    tail = _cat(tails)
+    tail_src = np.concatenate(srcs) if srcs else np.zeros(0, dtype=np.int64)
+    tail_file = np.concatenate(fidx) if fidx else np.zeros(0, dtype=np.int32)
+    first_needed = ckpt_seq + 1
+    if len(tail) and int(tail["seq"][0]) != first_needed:
+        raise RestoreError(f"{files[int(tail_file[0])]}: the journal resumes at seq "
+                           f"{int(tail['seq'][0])}, the restore needs seq {first_needed} "
+                           f"({'checkpoint ' + ckpt_name if ckpt_name else 'no checkpoint'}): "
+                           "records missing", files[int(tail_file[0])], int(tail_src[0]))
+    return Loaded(meta, spec, ckpt, ckpt_name, ckpt_seq, tail, tail_src, tail_file, files,
+                  tail_cut, tuple(skipped))
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    """Records back to back in JREC_DTYPE itself (np.concatenate promotes a
+    structured dtype to a packed one: not eng_jrec's layout)."""
+    out = np.empty(sum(len(p) for p in parts), dtype=fmt.JREC_DTYPE)
+    at = 0
+    for p in parts:
+        out[at:at + len(p)] = p
+        at += len(p)
+    return out
+
+
+def _last_per(keys: np.ndarray) -> np.ndarray:
+    """Indices of the last occurrence of each key (keys in order), sorted."""
+    if not len(keys):
+        return np.zeros(0, dtype=np.int64)
+    rev = keys[::-1]
+    _, first = np.unique(rev, return_index=True)
+    return np.sort(len(keys) - 1 - first)
+
+
+def reduce_records(ckpt: np.ndarray, tail: np.ndarray) -> dict[str, np.ndarray]:
+    """The last record of each object: the checkpoint's objects first, then
+    the tail in seq order.  Returns index arrays into the concatenation
+    ``np.concatenate([ckpt, tail])`` per kind: slots, prices, keys,
+    accounts, halt (at most one)."""
+    allr = _cat([ckpt, tail])
+    kind = allr["kind"]
+    slot = allr["id"] & np.uint64(lib.ENG_ID_SLOT_MASK)
+    out: dict[str, np.ndarray] = {}
+    is_slot = np.isin(kind, np.array(_SLOT_KINDS, dtype=np.uint32))
+    idx = np.flatnonzero(is_slot)
+    out["slots"] = idx[_last_per(slot[idx])]
+    idx = np.flatnonzero(kind == lib.ENG_JK_PRICE)
+    out["prices"] = idx[_last_per(slot[idx])]
+    idx = np.flatnonzero(kind == lib.ENG_JK_KEY)
+    kk = allr["id"][idx] * np.uint64(8) + allr["word"][idx] % np.uint64(8)
+    out["keys"] = idx[_last_per(kk)] if len(idx) and int(allr["id"][idx].max()) < (1 << 60) \
+        else idx   # an id too large for the key product: C refuses it (ENG_ECORRUPT)
+    idx = np.flatnonzero(kind == lib.ENG_JK_ACCOUNT)
+    out["accounts"] = idx[_last_per(slot[idx])]
+    idx = np.flatnonzero(kind == lib.ENG_JK_HALT)
+    out["halt"] = idx[-1:]
+    other = np.flatnonzero(kind > lib.ENG_JK_PRICE)
+    out["bad"] = other
+    return out
+
+
+def _booked_closes(ld: Loaded, allr: np.ndarray, acct_last: dict[int, int],
+                   books: dict[int, np.ndarray]) -> int:
+    """Book the closes of booked positions after each account's last record
+    into books (index -> the record's w words, changed in place): cash and
+    realized move by each close's realized PnL, as accounts.c books it.
+    Returns the closes booked without a known price."""
+    spec = ld.spec
+    roles = spec.c_layout(0).roles
+    acct_w = roles[lib.ENG_ROLE_ACCOUNT]
+    ep, am, sd = (roles[lib.ENG_ROLE_ENTRY_PRICE], roles[lib.ENG_ROLE_AMOUNT],
+                  roles[lib.ENG_ROLE_SIDE])
+    xp = roles[lib.ENG_ROLE_EXIT_PRICE]
+    none = lib.ENG_ROLE_NONE
+    if none in (acct_w, ep, am, sd) or not len(ld.tail):
+        return 0
+    closed = spec.closed_mask
+    n_ck = len(ld.ckpt)
+    state_mask = np.uint64(lib.ENG_SW_STATE_MASK)
+    # the state and exit price of each slot before each tail record
+    prev_state: dict[int, int] = {}
+    prev_xp: dict[int, int] = {}
+    last_price: dict[int, tuple[int, float]] = {}   # slot -> (id, price)
+    for i in np.flatnonzero(np.isin(ld.ckpt["kind"], np.array(_SLOT_KINDS, dtype=np.uint32))):
+        r = ld.ckpt[i]
+        s = int(r["id"]) & lib.ENG_ID_SLOT_MASK
+        prev_state[s] = int(r["word"] & state_mask)
+        prev_xp[s] = int(r["w"][xp]) if xp != none else 0
+    for i in np.flatnonzero(ld.ckpt["kind"] == lib.ENG_JK_PRICE):
+        r = ld.ckpt[i]
+        last_price[int(r["id"]) & lib.ENG_ID_SLOT_MASK] = (int(r["id"]),
+                                                          float(r["w"][:1].view("<f8")[0]))
+    unpriced = 0
+    tail = ld.tail
+    kinds = tail["kind"]
+    wanted = np.isin(kinds, np.array((*_SLOT_KINDS, lib.ENG_JK_PRICE), dtype=np.uint32))
+    for j in np.flatnonzero(wanted):
+        r = tail[j]
+        k = int(r["kind"])
+        pid = int(r["id"])
+        s = pid & lib.ENG_ID_SLOT_MASK
+        if k == lib.ENG_JK_PRICE:
+            last_price[s] = (pid, float(r["w"][:1].view("<f8")[0]))
+            continue
+        st = int(r["word"] & state_mask)
+        before, xbefore = prev_state.get(s, 0), prev_xp.get(s, 0)
+        w = r["w"]
+        prev_state[s] = st if k != lib.ENG_JK_RELEASE else 0
+        prev_xp[s] = int(w[xp]) if xp != none else 0
+        acct = int(w[acct_w])
+        if not (k == lib.ENG_JK_TRANSITION and acct and before and not before & closed
+                and st & closed):
+            continue
+        index = acct & lib.ENG_ID_SLOT_MASK
+        if index not in books or acct_last.get(index, -1) >= n_ck + j:
+            continue   # the account's own later record has it
+        entry = float(w[ep:ep + 1].view("<f8")[0])
+        amount = float(w[am:am + 1].view("<f8")[0])
+        side = int(w[sd:sd + 1].view("<i8")[0])
+        fill = float(w[xp:xp + 1].view("<f8")[0]) if xp != none else 0.0
+        if not (fill > 0.0 and int(w[xp]) != xbefore):
+            got = last_price.get(s)
+            if got is not None and got[0] == pid:
+                fill = got[1]
+            else:
+                fill, unpriced = entry, unpriced + 1
+        notional = int(lib.eng_money_of(entry, amount))
+        last = int(lib.eng_money_of(fill, amount))
+        realized = last - notional if side > 0 else notional - last
+        b = books[index]
+        bv = b[:16].view(ffi_books_dtype())[0]
+        cash, total = int(bv["cash"]) + realized, int(bv["realized"]) + realized
+        b[_BOOKS_OFF["cash"]] = np.int64(cash).view(np.uint64)
+        b[_BOOKS_OFF["realized"]] = np.int64(total).view(np.uint64)
+        if total < 0 and total <= -int(bv["max_loss"]):
+            hw = _BOOKS_OFF["halted"]   # u32 pair word: halted is the low half
+            word = int(b[hw])
+            b[hw] = np.uint64((word & ~0xFFFFFFFF) | 1)
+    return unpriced
+
+
+def _books_offsets() -> dict[str, int]:
+    return {name: int(ffi.offsetof("eng_books", name)) // 8
+            for name in ("cash", "realized", "max_loss", "halted")}
+
+
+_BOOKS_OFF = _books_offsets()
+assert int(ffi.offsetof("eng_books", "halted")) % 8 == 0, "halted: the low half of its word"
+
+
+def ffi_books_dtype() -> np.dtype[Any]:
+    return np.dtype({"names": ["cash", "realized", "max_loss"],
+                     "formats": ["<i8", "<i8", "<i8"],
+                     "offsets": [int(ffi.offsetof("eng_books", n))
+                                 for n in ("cash", "realized", "max_loss")],
+                     "itemsize": int(ffi.sizeof("eng_books"))})
+
+
+def _options(meta: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(keys_per_position, max_accounts, journal_records, journal_flags) of
+    meta's options, checked as Engine.create checks them."""
+    opts = meta["options"]
+    from engine.core import _DEFAULT_ACCOUNTS, _DEFAULT_KEYS, _journal_args
+    kpp = opts.get("keys_per_position", _DEFAULT_KEYS)
+    acc = opts.get("max_accounts", _DEFAULT_ACCOUNTS)
+    journal = opts.get("journal", False)
+    if isinstance(journal, str):   # a journal directory: the ring, written on by durable
+        journal = True
+    records = opts.get("journal_records", lib.ENG_JOURNAL_DEFAULT_RECORDS)
+    n_records, flags = _journal_args(journal, records, bool(opts.get("journal_prices", False)))
+    for what, v, hi in (("keys_per_position", kpp, lib.ENG_MAX_KEYS_PER_POSITION),
+                        ("max_accounts", acc, lib.ENG_MAX_ACCOUNTS)):
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
+            raise RestoreError(f"meta.json: options.{what} must be an int in [0, {hi}], "
+                               f"got {v!r}", None, None)
+    return kpp, acc, n_records, flags
+
+
+def _place(seg: Any, call: Any, recs: np.ndarray, where: Any, what: str) -> None:
+    """Place recs in batches through call; a refusal names the record's file
+    and offset (where(i) for the index into recs)."""
+    bad = ffi.new("uint64_t *")
+    for start in range(0, len(recs), BATCH):
+        chunk = np.ascontiguousarray(recs[start:start + BATCH])
+        rc = call(seg, ffi.cast("eng_jrec *", ffi.from_buffer(chunk)), len(chunk), bad)
+        if rc:
+            path, off = where(start + int(bad[0]))
+            raise RestoreError(f"{path}: the {what} record at byte {off} is refused "
+                               f"({ffi.string(lib.eng_strerror(rc)).decode()}, code {rc})",
+                               path, off)
+
+
+def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None) -> Any:
+    """Engine.restore (see there)."""
+    t0 = time.perf_counter()
+    ld = load_directory(directory)
+    spec = ld.spec
+    meta = ld.meta
+    name = check_name(name if name is not None else meta["name"])
+    capacity = meta["capacity"]
+    if not 1 <= capacity <= lib.ENG_MAX_CAPACITY:
+        raise RestoreError(f"meta.json: capacity must be in [1, {lib.ENG_MAX_CAPACITY}], "
+                           f"got {capacity}", None, None)
+    kpp, max_accounts, n_records, flags = _options(meta)
+    n_ck = len(ld.ckpt)
+    allr = _cat([ld.ckpt, ld.tail])
+    red = reduce_records(ld.ckpt, ld.tail)
+
+    def where(i: int) -> tuple[str, int]:
+        if i < n_ck:
+            return (str(Path(directory) / (ld.ckpt_name or "?")),
+                    fmt.FILE_HDR + i * fmt.FRAME_BYTES)
+        j = i - n_ck
+        return ld.files[int(ld.tail_file[j])], int(ld.tail_src[j])
+
+    if len(red["bad"]):
+        path, off = where(int(red["bad"][0]))
+        raise RestoreError(f"{path}: the record at byte {off} has kind "
+                           f"{int(allr['kind'][red['bad'][0]])} (not a kind of the journal)",
+                           path, off)
+    # accounts: their last records, then the booked closes after them
+    acct_idx = red["accounts"]
+    acct_recs = allr[acct_idx].copy()
+    books = {int(acct_recs["id"][i]) & lib.ENG_ID_SLOT_MASK: acct_recs["w"][i]
+             for i in range(len(acct_recs))}
+    acct_last = {int(acct_recs["id"][i]) & lib.ENG_ID_SLOT_MASK: int(acct_idx[i])
+                 for i in range(len(acct_recs))}
+    unpriced = _booked_closes(ld, allr, acct_last, books) if books else 0
+    last_seq = max(ld.ckpt_seq, int(ld.tail["seq"][-1]) if len(ld.tail) else 0)
+    last_ts = int(ld.tail["ts_ns"][-1]) if len(ld.tail) else 0
+    halted = int(allr["word"][red["halt"][0]]) if len(red["halt"]) else 0
+    if halted > 1:
+        path, off = where(int(red["halt"][0]))
+        raise RestoreError(f"{path}: the halt record at byte {off} has flag {halted} "
+                           "(0 or 1)", path, off)
+    size = lib.eng_segment_size_journal(capacity, spec.record.n_words, kpp, max_accounts,
+                                        n_records)
+    mm, ident = shm.create_mapped(name, size)   # exclusive: an existing name is refused here
+    try:
+        seg = ffi.new("eng_seg *")
+        with ffi.from_buffer(mm) as buf:
+            rc = lib.eng_restore_format(seg, buf, size, capacity, spec.table_bytes(),
+                                        len(spec.states), len(spec.triggers),
+                                        spec.state_index[spec.initial], spec.closed_mask,
+                                        spec.fingerprint, os.getpid(), spec.c_layout(kpp),
+                                        max_accounts, n_records, flags)
+            if rc:
+                raise RestoreError(f"meta.json: the segment cannot be formatted for it "
+                                   f"(code {rc})", None, None)
+
+            def at(idx: np.ndarray) -> Any:
+                return lambda i: where(int(idx[i]))
+            _place(seg, lib.eng_restore_slots, allr[red["slots"]], at(red["slots"]), "slot")
+            _place(seg, lib.eng_restore_prices, allr[red["prices"]], at(red["prices"]), "price")
+            _place(seg, lib.eng_restore_keys, allr[red["keys"]], at(red["keys"]), "key")
+            _place(seg, lib.eng_restore_accounts, acct_recs, at(acct_idx), "account")
+            if n_records and len(ld.tail):
+                ring = np.ascontiguousarray(ld.tail[-(n_records - 1):])
+                rc = lib.eng_restore_ring(seg, ffi.cast("eng_jrec *", ffi.from_buffer(ring)),
+                                          len(ring))
+                if rc:
+                    raise RestoreError(f"the journal's last records do not go back into the "
+                                       f"ring (code {rc})", None, None)
+            bad = ffi.new("uint64_t *")
+            rc = lib.eng_restore_finish(seg, halted, last_seq + 1 if n_records else 0,
+                                        last_ts, bad)
+            if rc:
+                raise RestoreError(f"slot {int(bad[0])}: an open position booked on an "
+                                   f"account that is not open (code {rc})", None, None)
+    except BaseException:
+        mm.close()
+        shm.unlink(name)
+        raise
+    report = RestoreReport(name, len(ld.tail), ld.ckpt_name, ld.ckpt_seq, last_seq,
+                           ld.tail_cut, ld.skipped, unpriced, 0.0)
+    eng = cls._made(name, spec, None, lambda eng: shm.attach_mapped(
+        eng, name, (mm, ident), spec, check_spec=True))
+    eng.restore_report = RestoreReport(**{**report.__dict__,
+                                          "seconds": time.perf_counter() - t0})
+    return eng
