@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {stress,bench,top,inspect,ls,rm,serve}``.
+"""Command line: ``python -m engine {stress,bench,top,inspect,ls,rm,serve,restore}``.
 
 Each subcommand lives in its own module, which adds its parser with
 ``add_parsers(subparsers)`` and sets ``func(args) -> exit code``.
@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +25,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parsers(sub)
     segments.add_parsers(sub)
     serve.add_parsers(sub)
+    add_restore_parser(sub)
     return parser
+
+
+def add_restore_parser(sub: Any) -> None:
+    """``restore DIR [--name N]``: Engine.restore from a journal directory."""
+    p = sub.add_parser("restore", help="restore an engine from its journal directory",
+                       description="Create the engine again from the journal directory DIR "
+                                   "(meta.json, checkpoints, journal files) and print what "
+                                   "the restore did.  Refused if the name exists.")
+    p.add_argument("dir", metavar="DIR", help="the engine's journal directory")
+    p.add_argument("--name", default=None, help="restore under this name (default: meta.json's)")
+    p.set_defaults(func=_restore)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from engine.core import Engine
+    from engine.errors import EngineError
+
+    try:
+        eng = Engine.restore(args.dir, name=args.name)
+    except EngineError as e:
+        print(f"restore failed: {e}", file=sys.stderr)
+        return 1
+    try:
+        print(eng.restore_report)
+    finally:
+        eng.close()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

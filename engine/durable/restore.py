@@ -203,7 +203,8 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
         if seq != first:
             raise RestoreError(f"{path}: header seq {seq}, its name says {first}", str(path), 0)
         frames, status, rest = _frames(data, path)
-        stop = int(np.argmin(status == 1)) if len(status) and not status.all() else len(status)
+        ok = status == 1
+        stop = len(status) if ok.all() else int(np.argmin(ok))
         if stop < len(status) and (status[stop:] == 1).any():
             bad = fmt.FILE_HDR + stop * fmt.FRAME_BYTES
             raise RestoreError(f"{path}: corrupt frame at byte {bad} with valid frames after "
@@ -302,11 +303,13 @@ def reduce_records(ckpt: np.ndarray, tail: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _booked_closes(ld: Loaded, allr: np.ndarray, acct_last: dict[int, int],
-                   books: dict[int, np.ndarray]) -> int:
+                   books: dict[int, np.ndarray], bumps: dict[int, int]) -> int:
     """Book the closes of booked positions after each account's last record
     into books (index -> the record's w words, changed in place): cash and
     realized move by each close's realized PnL, as accounts.c books it.
-    Returns the closes booked without a known price."""
+    bumps[index] counts the booked changes (opens, closes) after it: each
+    published the account once more.  Returns the closes booked without a
+    known price."""
     spec = ld.spec
     roles = spec.c_layout(0).roles
     acct_w = roles[lib.ENG_ROLE_ACCOUNT]
@@ -350,12 +353,15 @@ def _booked_closes(ld: Loaded, allr: np.ndarray, acct_last: dict[int, int],
         prev_state[s] = st if k != lib.ENG_JK_RELEASE else 0
         prev_xp[s] = int(w[xp]) if xp != none else 0
         acct = int(w[acct_w])
-        if not (k == lib.ENG_JK_TRANSITION and acct and before and not before & closed
-                and st & closed):
-            continue
         index = acct & lib.ENG_ID_SLOT_MASK
-        if index not in books or acct_last.get(index, -1) >= n_ck + j:
-            continue   # the account's own later record has it
+        if not acct or index not in books or acct_last.get(index, -1) >= n_ck + j:
+            continue   # not booked, or the account's own later record has it
+        if k == lib.ENG_JK_OPEN:
+            bumps[index] = bumps.get(index, 0) + 1   # its reservation: from the open positions
+            continue
+        if not (k == lib.ENG_JK_TRANSITION and before and not before & closed and st & closed):
+            continue
+        bumps[index] = bumps.get(index, 0) + 1
         entry = float(w[ep:ep + 1].view("<f8")[0])
         amount = float(w[am:am + 1].view("<f8")[0])
         side = int(w[sd:sd + 1].view("<i8")[0])
@@ -467,7 +473,11 @@ def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None
              for i in range(len(acct_recs))}
     acct_last = {int(acct_recs["id"][i]) & lib.ENG_ID_SLOT_MASK: int(acct_idx[i])
                  for i in range(len(acct_recs))}
-    unpriced = _booked_closes(ld, allr, acct_last, books) if books else 0
+    bumps: dict[int, int] = {}
+    unpriced = _booked_closes(ld, allr, acct_last, books, bumps) if books else 0
+    for i in range(len(acct_recs)):
+        more = bumps.get(int(acct_recs["id"][i]) & lib.ENG_ID_SLOT_MASK, 0)
+        acct_recs["version"][i] += np.uint64(more)
     last_seq = max(ld.ckpt_seq, int(ld.tail["seq"][-1]) if len(ld.tail) else 0)
     last_ts = int(ld.tail["ts_ns"][-1]) if len(ld.tail) else 0
     halted = int(allr["word"][red["halt"][0]]) if len(red["halt"]) else 0
