@@ -11,6 +11,7 @@ and one output buffer.  Attach one Engine per thread (they are cheap).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import importlib
@@ -63,6 +64,7 @@ from engine.errors import (
     redact,
     shown,
 )
+from engine.durable.writer import Writer, durable_args, journal_dir, prepare_dir, write_meta
 from engine.journal import Event, JournalSource, JournalWaker, follow, follow_async
 from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, Context, PriceSnapshot
@@ -116,6 +118,9 @@ _KEY_MAX = lib.ENG_KEY_MAX
 _DEFAULT_KEYS = 2
 _DEFAULT_ACCOUNTS = 64
 _DEFAULT_JOURNAL_RECORDS = lib.ENG_JOURNAL_DEFAULT_RECORDS
+_DEFAULT_SYNC_MS = lib.ENG_DJ_SYNC_NS / 1e6
+_DEFAULT_CKPT_RECORDS = int(lib.ENG_DJ_CKPT_RECORDS)
+_DEFAULT_CKPT_S = lib.ENG_DJ_CKPT_NS / 1e9
 _ACCOUNT_TRIES = 32          # update_account: tries before BusyError
 _ACCOUNT_BACKOFF_S = 20e-6   # first back-off; doubles per try, capped at 2 ms
 _RISK_LIMITS = {lib.ENG_ERISK_HALTED: "halted", lib.ENG_ERISK_EXPOSURE: "exposure",
@@ -334,6 +339,10 @@ class Engine(_EngineBase, Generic[S, C, T]):
         self._bind(name, spec, att.store, url)
         if _fastpath is not None and url is None:   # the hot calls' view (see _install_fastpath)
             _fastpath.bind(self, int(ffi.cast("uintptr_t", self._seg)), self._seg)
+        if url is None and self._seg.durable != ffi.NULL:   # the journal on disk: a writer
+            self._durable = Writer(self._seg, name)
+            # after the store's finalizer: runs before it (the thread stops before the unmap)
+            weakref.finalize(self, self._durable.stop)
         return self
 
     def _bind(self, name: str, spec: MachineSpec, impl: Store, url: str | None) -> None:
@@ -370,31 +379,41 @@ class Engine(_EngineBase, Generic[S, C, T]):
         self._temporary: weakref.finalize[Any, Any] | None = None
         #: Engine.restore: what the restore did (engine.durable.restore.RestoreReport)
         self.restore_report: Any = None
+        #: the journal on disk: this Engine's writer (None: not durable)
+        self._durable: Writer | None = None
 
     @overload
     @classmethod
     def create(cls, capacity: int = ..., *, name: str | None = ..., spec: None = ...,
                keys_per_position: int = ..., max_accounts: int = ..., url: str | None = ...,
                shards: int | None = ..., temporary: bool = ...,
-               journal: bool | None = ..., journal_records: int = ...,
-               journal_prices: bool = ...) -> Engine: ...
+               journal: bool | str | os.PathLike[str] | None = ...,
+               journal_records: int = ..., journal_prices: bool = ...,
+               journal_sync_ms: float = ..., checkpoint_records: int = ...,
+               checkpoint_s: float = ...) -> Engine: ...
 
     @overload
     @classmethod
     def create(cls, capacity: int = ..., *, name: str | None = ..., spec: MachineSpec,
                keys_per_position: int = ..., max_accounts: int = ..., url: str | None = ...,
                shards: int | None = ..., temporary: bool = ...,
-               journal: bool | None = ..., journal_records: int = ...,
-               journal_prices: bool = ...) -> Engine[Any, Any, Any]: ...
+               journal: bool | str | os.PathLike[str] | None = ...,
+               journal_records: int = ..., journal_prices: bool = ...,
+               journal_sync_ms: float = ..., checkpoint_records: int = ...,
+               checkpoint_s: float = ...) -> Engine[Any, Any, Any]: ...
 
     @classmethod
     def create(cls, capacity: int = 10_000, *, name: str | None = None,
                spec: MachineSpec | None = None,
                keys_per_position: int = _DEFAULT_KEYS,
                max_accounts: int = _DEFAULT_ACCOUNTS, url: str | None = None,
-               shards: int | None = None, temporary: bool = False, journal: bool | None = False,
+               shards: int | None = None, temporary: bool = False,
+               journal: bool | str | os.PathLike[str] | None = False,
                journal_records: int = _DEFAULT_JOURNAL_RECORDS,
-               journal_prices: bool = False) -> Engine[Any, Any, Any]:
+               journal_prices: bool = False,
+               journal_sync_ms: float = _DEFAULT_SYNC_MS,
+               checkpoint_records: int = _DEFAULT_CKPT_RECORDS,
+               checkpoint_s: float = _DEFAULT_CKPT_S) -> Engine[Any, Any, Any]:
         """Create a new segment for ``capacity`` positions and attach to it.
 
         ``temporary=True``: the segment is removed (unlinked) when this
@@ -428,7 +447,20 @@ class Engine(_EngineBase, Generic[S, C, T]):
         latch (SIGSTOP, a debugger) stalls every other commit until it runs
         again (each waits ``ENG_JOURNAL_WAIT_STEPS``, then CONFLICT or
         BusyError), and a transition costs about twice as much: see
-        docs/journal.md."""
+        docs/journal.md.
+
+        ``journal="/path/dir"`` (shared memory only) also writes the journal
+        to files in that directory (made 0700 if absent; files 0600; one that
+        holds another engine's journal is refused): ``flush()``,
+        ``durable_seq``, ``checkpoint()``, ``Engine.restore``.  Every
+        process attached runs a writer thread; one holds the writer lease
+        and writes, and fdatasyncs every ``journal_sync_ms`` (default
+        ``ENG_DJ_SYNC_NS``: what a power failure can lose at most); a crash
+        of processes loses nothing committed.  A checkpoint is written every
+        ``checkpoint_records`` records or ``checkpoint_s`` seconds (0:
+        never).  Fail-stop: a change the writer cannot keep up with
+        (``JournalFullError``) or cannot write (``DurabilityError``) is
+        refused; see docs/durability.md."""
         spec = _check_spec(spec)
         for what, v, hi in (("capacity", capacity, lib.ENG_MAX_CAPACITY),
                             ("keys_per_position", keys_per_position,
@@ -441,12 +473,38 @@ class Engine(_EngineBase, Generic[S, C, T]):
                                     f"{hi}], got {shown(v)}")
         if not isinstance(temporary, bool):
             raise EngineTypeError(f"temporary must be a bool, got {shown(temporary)}")
+        jdir = journal_dir(journal)
+        durable = durable_args(journal_sync_ms, checkpoint_records, checkpoint_s)
+        if jdir is not None:
+            if url is not None:
+                raise ArgumentError("journal=DIR writes the journal of shared memory to files; "
+                                    "on Redis durability is the server's (AOF, replicas)")
+            journal = True
         n_records, flags = _journal_args(journal, journal_records, journal_prices)
         name = check_name(name) if name is not None else random_name()
+        if jdir is not None:
+            flags |= lib.ENG_JOURNAL_DURABLE
+            prepare_dir(jdir)
         store = backend(url)
         eng = cls._made(name, spec, store.url, lambda eng: store.create(
             eng, name, spec, capacity, keys_per_position, max_accounts, shards,
             journal_records=n_records, journal_flags=flags))
+        if jdir is not None:
+            try:
+                write_meta(jdir, name, capacity, spec, {
+                    "keys_per_position": keys_per_position, "max_accounts": max_accounts,
+                    "journal": jdir, "journal_records": journal_records,
+                    "journal_prices": journal_prices, "journal_sync_ms": journal_sync_ms,
+                    "checkpoint_records": checkpoint_records, "checkpoint_s": checkpoint_s,
+                    "temporary": temporary})
+                rc = lib.eng_durable_setup(eng._seg, jdir.encode(), durable[0],
+                                           lib.ENG_DJ_FILE_RECORDS, durable[1], durable[2])
+                if rc:
+                    raise_for(rc, name=name, what="journal settings")
+            except BaseException:
+                eng.close()
+                store.unlink(name, None)
+                raise
         if temporary:
             eng._temporary = weakref.finalize(eng, _remove_temporary, name,
                                               store.remover(name, eng._seg), os.getpid())
@@ -552,6 +610,10 @@ class Engine(_EngineBase, Generic[S, C, T]):
         temporary = self._temporary
         if self._aio_waiter is not None:   # awaiting tasks end with ClosedError
             self._aio_waiter.close()
+        if shm and self._durable is not None and self._pid == os.getpid():
+            self._durable.stop()   # the writer thread first: it runs inside the close gate
+            with contextlib.suppress(EngineError):   # a failed writer: what is on disk stays
+                self._durable.release()   # written and fdatasynced; the lease given back
         try:
             if shm:
                 self._shut_gate()
@@ -1475,6 +1537,33 @@ class Engine(_EngineBase, Generic[S, C, T]):
                 since = int(out[0])
                 continue
             self._fail(rc, pos, timeout=timeout)
+
+    # -- the journal on disk --------------------------------------------------------
+    def _writer(self) -> Writer:
+        w = self._durable
+        if w is None:
+            raise ArgumentError(f"engine {self.name!r} has no journal directory (create it with "
+                                "journal='/path/dir')")
+        return w
+
+    def flush(self, timeout: float = 5.0) -> int:
+        """fdatasync every change committed before the call to the journal
+        files; returns the durable seq (every record <= it is on disk).  Any
+        process may call it.  ``WaitTimeout`` if the writer did not write
+        them within ``timeout`` s; ``DurabilityError`` if it failed."""
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+            raise ArgumentError(f"timeout must be a number >= 0, got {timeout!r}")
+        return self._writer().flush(float(timeout))
+
+    @property
+    def durable_seq(self) -> int:
+        """Every journal record with seq <= it is fdatasynced to the files."""
+        return int(self._writer().info().durable_seq)
+
+    def checkpoint(self) -> int:
+        """Write a checkpoint now (one frame per object); returns its start
+        seq: a restore applies it, then replays every record after it."""
+        return self._writer().checkpoint()
 
     # -- the journal ---------------------------------------------------------------
     def _journal_source(self) -> JournalSource:

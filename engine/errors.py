@@ -7,6 +7,7 @@ inherits the builtin a caller would naturally catch (``SlotError`` is an
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, NoReturn
 
@@ -128,6 +129,26 @@ class JournalLappedError(EngineError):
     def __init__(self, message: str, resume_seq: int = 0) -> None:
         super().__init__(message)
         self.resume_seq = resume_seq
+
+
+class DurabilityError(EngineError, OSError):
+    """The journal's file writer failed (disk full, I/O error): the engine is
+    fail-stop, so every change is refused (nothing changed) until the writer
+    can write again.  ``durable_seq`` is what is on disk; ``writer_pid`` the
+    writer's process; ``failure`` its errno."""
+
+    def __init__(self, message: str, durable_seq: int = 0, writer_pid: int = 0,
+                 failure: int = 0) -> None:
+        super().__init__(message)
+        self.durable_seq = durable_seq
+        self.writer_pid = writer_pid
+        self.failure = failure
+
+
+class JournalFullError(DurabilityError, TimeoutError):
+    """The journal's ring is full of records the file writer has not written
+    yet, and it did not catch up within ``ENG_DJ_ROOM_WAIT_NS`` (its process
+    stopped, or the disk too slow): the change was refused, nothing changed."""
 
 
 class SegmentError(EngineError, OSError):
@@ -276,6 +297,14 @@ ERRORS: dict[int, tuple[type[EngineError], str]] = {
                                           "reader's seq were overwritten"),
     lib.ENG_ENOJOURNAL: (ArgumentError, "engine {name!r} has no journal (it is on only "
                                         "when created with journal=True)"),
+    lib.ENG_EJOURNALFULL: (JournalFullError, "the journal's file writer (pid {writer_pid}) is "
+                           "behind: the ring holds only records not yet in the files "
+                           "(journal seq {journal_seq}, written {written_seq}, durable "
+                           "{durable_seq}) and none was freed within "
+                           f"{lib.ENG_DJ_ROOM_WAIT_NS / 1e9:g} s; nothing was changed"),
+    lib.ENG_EDURABLE: (DurabilityError, "the journal's file writer (pid {writer_pid}) failed: "
+                       "{failure_words} (errno {failure}); every change is refused until it "
+                       "writes again (durable seq {durable_seq}); nothing was changed"),
     lib.ENG_EGUARDED: (InternalError, "internal status {code} ({why}) escaped: please report"),
     lib.ENG_EINTR: (InternalError, "internal status {code} ({why}) escaped: please report"),
 }
@@ -304,11 +333,25 @@ def header_detail(buf: Any, size: int, fingerprint: int) -> str:
     return detail
 
 
+def _raise_durable(cls: type[EngineError], template: str, code: int, why: str,
+                   context: dict[str, Any]) -> NoReturn:
+    info = ffi.new("eng_durable_info *")
+    lib.eng_durable_refusal(info)
+    seen = {"journal_seq": info.journal_seq, "written_seq": info.written_seq,
+            "durable_seq": info.durable_seq, "writer_pid": info.writer_pid,
+            "failure": info.failure,
+            "failure_words": os.strerror(info.failure) if info.failure else "?"}
+    message = template.format_map(_Context({**context, **seen}, code=code, why=why))
+    raise cls(message, int(info.durable_seq), int(info.writer_pid), int(info.failure))
+
+
 def raise_for(code: int, **context: Any) -> NoReturn:
     """Raise the exception for C status ``code``; ``context`` fills its message."""
     cls, template = ERRORS.get(code, (InternalError, "engine call failed with code {code} ({why})"))
     why = ffi.string(lib.eng_strerror(code)).decode()
     context.setdefault("detail", "")
+    if code in (lib.ENG_EJOURNALFULL, lib.ENG_EDURABLE):   # what the refusal saw (this thread)
+        _raise_durable(cls, template, code, why, context)
     context = {k: _Shown(shown(v)) if isinstance(v, int) and v.bit_length() > 128 else v
                for k, v in context.items()}
     raise cls(template.format_map(_Context(context, code=code, why=why)))

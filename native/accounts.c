@@ -240,9 +240,10 @@ static int acct_commit(eng_seg *s, eng_account *a, uint64_t AL, eng_books *b, ui
 {
     uint64_t JL = 0;
     op_timer none = {NULL, 0};
-    if (s->journal && journal_latch(s, none, &JL) != 0) {           /* J1 */
+    int jrc = s->journal ? journal_latch(s, none, &JL) : 0;         /* J1 */
+    if (jrc) {
         acct_unlatch(a, AL);
-        return ENG_EBUSY;
+        return journal_refusal(jrc, ENG_EBUSY);
     }
     acct_write_pending(a, AL, b, 0, 0);
     if (fault)

@@ -93,6 +93,14 @@ RELEASED = {   # name: (return type, parameters, arguments)
     "eng_accounts": ("int", "eng_seg *s, eng_account_row *rows, uint32_t max_rows, "
                             "uint32_t *out_n", "s, rows, max_rows, out_n"),
     "eng_recover": ("int", "eng_seg *s, eng_recover_report *out", "s, out"),
+    # the journal's file writer (native/durable.c): pwrite, fdatasync, a scan
+    "eng_durable_run": ("int", "eng_seg *s, eng_dw *w", "s, w"),
+    "eng_durable_flush": ("int", "eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_seq",
+                          "s, w, timeout_ns, out_seq"),
+    "eng_durable_release": ("int", "eng_seg *s, eng_dw *w, int64_t timeout_ns, "
+                                   "uint64_t *out_seq", "s, w, timeout_ns, out_seq"),
+    "eng_durable_checkpoint": ("int", "eng_seg *s, eng_dw *w, uint64_t *out_start",
+                               "s, w, out_start"),
 }
 
 # released, but outside the close gate (see above)

@@ -21,6 +21,8 @@
 #include "records.h"
 /* the journal: every commit's record, in one order (its model: journal.pml) */
 #include "journal.c"
+/* the journal on disk: the file writer, flush, checkpoints (journal_room) */
+#include "durable.c"
 /* transitions: the fast and slow paths, commit, takeover */
 #include "transitions.c"
 /* accounts: books that move with the positions booked on them */

@@ -335,7 +335,9 @@
 #define ENG_EVERSION         -38     /* update_account: the version moved (Python retries) */
 #define ENG_ELAPPED          -39     /* journal: the record after the reader's seq was overwritten */
 #define ENG_ENOJOURNAL       -40     /* journal: the engine was created without one */
-#define ENG_ERRNO_MIN        -40     /* the lowest code: every code in [it, -1] has words */
+#define ENG_EJOURNALFULL     -41     /* durable: the file writer is behind (ring full) */
+#define ENG_EDURABLE         -42     /* durable: the file writer failed (disk full, I/O error) */
+#define ENG_ERRNO_MIN        -42     /* the lowest code: every code in [it, -1] has words */
 
 /* ---- metrics operations -------------------------------------------------- */
 #define ENG_OP_TRANSITION    0       /* fast path */
@@ -812,6 +814,88 @@ typedef struct eng_shard {
  * longer than one slot's lock */
 #define ENG_JOURNAL_WAIT_STEPS 4000
 
+/* ---- the journal's file writer (native/durable.c; docs/durability.md) -------
+ * hdr.journal_flags ENG_JOURNAL_DURABLE: the segment has a durable area
+ * (eng_durable) and no record leaves the ring before the file writer wrote it. */
+#define ENG_JOURNAL_DURABLE  2
+#define ENG_DJ_PATH_MAX      1024          /* bytes of the directory's path, NUL included */
+/* frames per journal file (a power of two): 65536 * 264 B = 16.5 MiB preallocated;
+ * the file of seq k starts at seq 1 + ((k - 1) / this) * this */
+#define ENG_DJ_FILE_RECORDS  65536
+#define ENG_DJ_FILE_RECORDS_MIN 16
+#define ENG_DJ_FILE_RECORDS_MAX 16777216
+/* background fdatasync period (create's journal_sync_ms): what a power failure
+ * can lose at most (plus one fdatasync); measured in bench/test_bench_durable.py */
+#define ENG_DJ_SYNC_NS       5000000LL
+#define ENG_DJ_SYNC_MIN_NS   100000LL
+#define ENG_DJ_SYNC_MAX_NS   10000000000LL
+/* checkpoints (create's checkpoint_records / checkpoint_s): every this many
+ * records or this long after the last one with records since (0: never) */
+#define ENG_DJ_CKPT_RECORDS  1000000ULL
+#define ENG_DJ_CKPT_NS       60000000000LL
+/* a committer waits this long for the writer to free a ring record, then
+ * ENG_EJOURNALFULL; the writer watches its lease holder this often */
+#define ENG_DJ_ROOM_WAIT_NS  2000000000LL
+#define ENG_DJ_WATCH_NS      10000000LL
+#define ENG_DJ_BATCH         512           /* frames per pwrite */
+#define ENG_DJ_RETRY_NS      100000000LL   /* a failed writer retries its reservation this often */
+/* eng_durable.fault (tests only, eng_durable_fault; honoured where eng_test_faults is on) */
+#define ENG_DJ_FAULT_NOSPACE 1             /* a reservation fails with ENOSPC */
+#define ENG_DJ_FAULT_DIE_MIDWRITE 2        /* the writer writes half a batch, then SIGKILLs itself */
+
+/*
+ * The durable area (one per durable segment, after the journal ring):
+ *
+ *  line 0 (every commit reads it: journal_room)
+ *   | written_seq | failure | room_waiting | pad ...
+ *  line 1 (the writer)
+ *   | lease | writer_pid | durable_seq | sync_ns | file_records | ckpt_records |
+ *   | ckpt_ns | ckpt_lock | fault | state |
+ *  line 2 (checkpoints)
+ *   | ckpt_start | ckpt_prev | ckpt_seq | ckpt_wall_ns | ckpt_mono_ns | checkpoints |
+ *  then dir[ENG_DJ_PATH_MAX]: the journal directory, written once at setup
+ */
+typedef struct eng_durable {
+    uint64_t written_seq;    /* every record <= it is in the files (pwrite done) */
+    int32_t  failure;        /* 0, or the errno the writer failed with: commits refused */
+    uint32_t room_waiting;   /* 1: a committer may sleep on written_seq's low half */
+    uint64_t pad0[6];
+    uint32_t lease;          /* token of the writer holding the lease (0: none) */
+    uint32_t writer_pid;     /* its pid (for messages) */
+    uint64_t durable_seq;    /* every record <= it is fdatasynced */
+    int64_t  sync_ns;        /* background fdatasync period */
+    uint64_t file_records;   /* frames per journal file */
+    uint64_t ckpt_records;   /* a checkpoint every this many records (0: never) */
+    int64_t  ckpt_ns;        /* ... or this long (0: never) */
+    uint32_t ckpt_lock;      /* token of the process writing a checkpoint (0: none) */
+    uint32_t fault;          /* ENG_DJ_FAULT_*: tests only */
+    uint32_t state;          /* 0: directory not set yet, 1: set (setup done) */
+    uint32_t pad1;
+    uint64_t ckpt_start;     /* start seq of the newest checkpoint (0: none) */
+    uint64_t ckpt_prev;      /* ... and of the one before */
+    uint64_t ckpt_seq;       /* written_seq when the newest was written */
+    int64_t  ckpt_mono_ns;   /* CLOCK_MONOTONIC then (this host) */
+    uint64_t checkpoints;    /* checkpoints written */
+    uint64_t pad2[3];
+    char     dir[ENG_DJ_PATH_MAX];
+} eng_durable;
+
+/* What a refused commit saw (eng_durable_refusal): for its message. */
+typedef struct eng_durable_info {
+    uint64_t journal_seq;
+    uint64_t written_seq;
+    uint64_t durable_seq;
+    uint64_t ckpt_start;
+    uint64_t checkpoints;
+    int32_t  failure;
+    uint32_t writer_pid;
+    uint32_t lease;
+    uint32_t holder;         /* 1: this Engine holds the lease */
+} eng_durable_info;
+
+/* Process-local writer state (opaque: eng_dw_new / eng_dw_free). */
+typedef struct eng_dw eng_dw;
+
 typedef struct eng_journal {
     uint64_t latch;          /* seq << ENG_TOKEN_BITS | holder token, see above */
     uint32_t waiting;        /* 1: some reader may sleep on the latch word's low half */
@@ -855,8 +939,9 @@ typedef struct eng_header {
     uint64_t slots_off;
     uint64_t journal_off;    /* 0: no journal */
     uint32_t journal_records;/* a power of two, or 0 */
-    uint32_t journal_flags;  /* ENG_JOURNAL_PRICES */
-    uint64_t pad1[2];
+    uint32_t journal_flags;  /* ENG_JOURNAL_PRICES, ENG_JOURNAL_DURABLE */
+    uint64_t durable_off;    /* the durable area (0: no journal) */
+    uint64_t pad1[1];
     /* line 2: controls, read on hot paths, written rarely (by C setters) */
     uint32_t halted;
     uint32_t metrics_on;
@@ -947,6 +1032,7 @@ typedef struct eng_seg {
     uint32_t        exit_trigger;
     uint32_t        reopens;     /* 1: a rule leaves a closed state (booking refused) */
     uint32_t        pad2;
+    eng_durable    *durable;     /* NULL: the journal is not written to files */
 } eng_seg;
 
 /* Record words a transition changes, atomically with the state. */
@@ -1124,6 +1210,22 @@ uint64_t eng_journal_seq(eng_seg *s);
 int      eng_journal_read(eng_seg *s, uint64_t after, eng_jrec *out, uint32_t max,
                           uint32_t *out_n, uint64_t *out_resume);
 int      eng_journal_wait(eng_seg *s, uint64_t after, int64_t timeout_ns, uint64_t *out_seq);
+/* the journal's file writer (native/durable.c) */
+uint32_t eng_crc32c(uint32_t crc, const void *p, uint64_t n);
+int      eng_crc32c_hw(void);
+eng_dw  *eng_dw_new(void);
+void     eng_dw_free(eng_dw *w);
+void     eng_dw_stop(eng_dw *w, uint32_t stop);
+int      eng_durable_setup(eng_seg *s, const char *dir, int64_t sync_ns, uint64_t file_records,
+                           uint64_t ckpt_records, int64_t ckpt_ns);
+int      eng_durable_run(eng_seg *s, eng_dw *w);
+int      eng_durable_flush(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_seq);
+int      eng_durable_release(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_seq);
+int      eng_durable_checkpoint(eng_seg *s, eng_dw *w, uint64_t *out_start);
+int      eng_durable_info_of(eng_seg *s, eng_durable_info *out);
+void     eng_durable_refusal(eng_durable_info *out);
+int      eng_durable_fault(eng_seg *s, uint32_t flags);
+int      eng_durable_dir(eng_seg *s, char *out, uint32_t max);
 int      eng_proc_alive(uint32_t pid, uint64_t start_time);
 int      eng_entry_held(int fd, uint64_t registry_off, uint32_t entry);
 int      eng_owner_alive(eng_seg *s, uint32_t token);
@@ -1200,6 +1302,11 @@ _Static_assert(sizeof(eng_jrec) == ENG_JREC_SIZE, "journal record");
 _Static_assert(ENG_DJ_ACCT_KEY_WORD * 8 == sizeof(eng_books) &&
                ENG_DJ_ACCT_KEYLEN_WORD == ENG_DJ_ACCT_KEY_WORD + ENG_KEY_MAX / 8 &&
                ENG_DJ_ACCT_KEYLEN_WORD < ENG_MAX_FIELD_WORDS, "an account record: books, key, length");
+_Static_assert(offsetof(eng_durable, lease) == ENG_CACHE_LINE &&
+               offsetof(eng_durable, ckpt_start) == 2 * ENG_CACHE_LINE &&
+               offsetof(eng_durable, dir) == 3 * ENG_CACHE_LINE, "durable area lines");
+_Static_assert((ENG_DJ_FILE_RECORDS & (ENG_DJ_FILE_RECORDS - 1)) == 0, "file records: a power of two");
+_Static_assert(ENG_DJ_FRAME_BYTES == 264 && ENG_DJ_FILE_HDR % 8 == 0, "frame size");
 _Static_assert((ENG_JOURNAL_MIN_RECORDS & (ENG_JOURNAL_MIN_RECORDS - 1)) == 0 &&
                (ENG_JOURNAL_MAX_RECORDS & (ENG_JOURNAL_MAX_RECORDS - 1)) == 0, "powers of two");
 _Static_assert(sizeof(eng_books) == 2 * ENG_CACHE_LINE, "books are two lines");

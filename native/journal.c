@@ -51,6 +51,16 @@
 #define JL_SEQ_SHIFT ENG_TOKEN_BITS
 
 static void die_if(eng_seg *s, uint32_t fault);   /* transitions.c: the fault switches */
+/* durable.c: 0 when record seq may be filled (the files hold the record it
+ * overwrites), else ENG_EJOURNALFULL / ENG_EDURABLE; called before J1 */
+static inline int journal_room(eng_seg *s, uint64_t seq);
+
+/* A refused J1's code as a caller reports it: the durable refusals as they
+ * are, anything else (a live holder past the bound) as `otherwise`. */
+static inline int journal_refusal(int rc, int otherwise)
+{
+    return rc == ENG_EJOURNALFULL || rc == ENG_EDURABLE ? rc : otherwise;
+}
 
 static inline uint64_t jl_seq(uint64_t jl) { return jl >> JL_SEQ_SHIFT; }
 static inline uint32_t jl_token(uint64_t jl) { return (uint32_t)(jl & ENG_TOKEN_MASK); }
@@ -124,7 +134,8 @@ static int journal_takeover(eng_seg *s, uint64_t JL)
 }
 
 /* J1: take the journal latch.  0 with *out = the latched word, or
- * ENG_CONFLICT when a live holder kept it past the bound. */
+ * ENG_CONFLICT when a live holder kept it past the bound, or journal_room's
+ * refusal (nothing taken). */
 static int journal_latch(eng_seg *s, op_timer t, uint64_t *out)
 {
     eng_journal *j = s->journal;
@@ -132,6 +143,9 @@ static int journal_latch(eng_seg *s, op_timer t, uint64_t *out)
     uint64_t w = load_relaxed_u64(&j->latch);
     for (uint32_t step = 0; step < ENG_JOURNAL_WAIT_STEPS; step++) {
         if (!jl_token(w)) {
+            int room = journal_room(s, jl_seq(w) + 1);   /* before the latch: waits unlatched */
+            if (room)
+                return room;
             uint64_t JL = w | s->token;
             if (cas_acq_rel_u64(&j->latch, &w, JL)) {   /* on failure w is reloaded */
                 die_if(s, ENG_FAULT_DIE_AFTER_JLATCH);
@@ -220,8 +234,9 @@ static int journal_commit(eng_seg *s, eng_slot *sl, uint64_t id, uint64_t w, uin
         return cas_acq_rel_u64(&sl->word, &w, nw) ? 0 : ENG_CONFLICT;
     uint64_t JL;
     op_timer none = {NULL, 0};
-    if (journal_latch(s, none, &JL) != 0)                                      /* J1 */
-        return ENG_CONFLICT;
+    int rc = journal_latch(s, none, &JL);                                      /* J1 */
+    if (rc)
+        return journal_refusal(rc, ENG_CONFLICT);
     if (load_acquire_u64(&sl->word) != w) {
         journal_abort(s, JL);
         return ENG_CONFLICT;
@@ -244,9 +259,10 @@ static int journal_price(eng_seg *s, eng_slot *sl, uint64_t latched, const eng_p
 {
     uint64_t JL;
     op_timer none = {NULL, 0};
-    if (journal_latch(s, none, &JL) != 0) {                                     /* J1 */
+    int rc = journal_latch(s, none, &JL);                                       /* J1 */
+    if (rc) {
         price_unlatch(sl, latched);
-        return ENG_EBUSY;
+        return journal_refusal(rc, ENG_EBUSY);
     }
     uint64_t q = pw_seq(latched) + 1;
     uint64_t words[REC_WORDS(eng_price_rec)];
@@ -267,8 +283,9 @@ static int journal_halt(eng_seg *s, uint32_t on)
 {
     uint64_t JL;
     op_timer none = {NULL, 0};
-    if (journal_latch(s, none, &JL) != 0)                                       /* J1 */
-        return ENG_EBUSY;
+    int rc = journal_latch(s, none, &JL);                                       /* J1 */
+    if (rc)
+        return journal_refusal(rc, ENG_EBUSY);
     uint32_t old = on ^ 1;
     if (load_acquire_u32(&s->hdr->halted) == on) {
         journal_abort(s, JL);

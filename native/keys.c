@@ -436,8 +436,8 @@ static int key_insert(eng_seg *s, uint64_t id, const eng_key *k, op_timer t, int
         uint64_t JL = 0;
         if (rc == 0) {
             die_if(s, ENG_FAULT_DIE_IN_KEY);
-            if (record && s->journal && journal_latch(s, t, &JL) != 0)   /* J1 */
-                rc = ENG_EBUSY;   /* the journal latch busy past its bound: retract */
+            if (record && s->journal && (rc = journal_latch(s, t, &JL)) != 0)   /* J1 */
+                rc = journal_refusal(rc, ENG_EBUSY);   /* busy past its bound: retract */
         }
         if (rc == 0) {
             uint64_t words[ENG_KEY_MAX / 8];

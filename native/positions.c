@@ -140,9 +140,9 @@ int eng_open(eng_seg *s, const uint64_t *words, const char *key, uint32_t key_le
         if (s->exit_armed)   /* the trailing peak starts at the entry (side space) */
             exit_peak_set(s, sl, latched, entry * copysign(1.0, as_f8(load_relaxed_u64(&sl->pnl_size))));
         uint64_t JL = 0;   /* journal_prices: every price publish is the journal latch holder's */
-        if (s->jprices && journal_latch(s, t, &JL) != 0) {
+        if (s->jprices && (rc = journal_latch(s, t, &JL)) != 0) {
             price_unlatch(sl, latched);
-            rc = ENG_EBUSY;   /* a live holder kept the journal latch past its bound */
+            rc = journal_refusal(rc, ENG_EBUSY);   /* a live holder kept the latch past its bound */
             goto undo;
         }
         int published = price_publish(sl, latched, &r);

@@ -172,7 +172,7 @@ static inline uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) & ~
 
 typedef struct layout {
     uint64_t registry_off, shards_off, slots_off, keyrecs_off, keyidx_off, stripes_off;
-    uint64_t tindex_off, accounts_off, journal_off, size;
+    uint64_t tindex_off, accounts_off, journal_off, durable_off, size;
     uint32_t rec_size, slot_size, key_buckets, tindex_buckets;
 } layout;
 
@@ -211,9 +211,12 @@ static layout compute_layout(uint32_t capacity, uint32_t n_words, uint32_t kpp,
     l.accounts_off = align_line(l.tindex_off + sizeof(uint64_t) * (uint64_t)l.tindex_buckets);
     l.size = l.accounts_off + sizeof(eng_account) * (uint64_t)max_accounts;
     l.journal_off = 0;
+    l.durable_off = 0;
     if (journal_records) {
         l.journal_off = align_line(l.size);
         l.size = l.journal_off + sizeof(eng_journal) + sizeof(eng_jrec) * (uint64_t)journal_records;
+        l.durable_off = align_line(l.size);   /* the file writer's area (native/durable.c) */
+        l.size = l.durable_off + sizeof(eng_durable);
     }
     return l;
 }
@@ -292,6 +295,8 @@ const char *eng_strerror(int code)
     case ENG_EVERSION: return "the account's version moved";
     case ENG_ELAPPED: return "the journal's records after that seq were overwritten";
     case ENG_ENOJOURNAL: return "the engine has no journal";
+    case ENG_EJOURNALFULL: return "the journal's file writer is behind: the ring is full";
+    case ENG_EDURABLE: return "the journal's file writer failed: changes are refused";
     default: return "unknown code";
     }
 }
@@ -467,7 +472,8 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
 {
     if (!base || !table || !rec || capacity == 0 || capacity > ENG_MAX_CAPACITY ||
         !rec_layout_ok(rec) || max_accounts > ENG_MAX_ACCOUNTS ||
-        !journal_records_ok(journal_records) || journal_flags & ~(uint32_t)ENG_JOURNAL_PRICES ||
+        !journal_records_ok(journal_records) ||
+        journal_flags & ~(uint32_t)(ENG_JOURNAL_PRICES | ENG_JOURNAL_DURABLE) ||
         (journal_flags && !journal_records))
         return ENG_EBADARG;
     layout l = compute_layout(capacity, rec->n_words, rec->keys_per_position, max_accounts,
@@ -499,6 +505,7 @@ int eng_format(void *base, uint64_t size, uint32_t capacity,
     h->journal_off = l.journal_off;
     h->journal_records = journal_records;
     h->journal_flags = journal_flags;
+    h->durable_off = l.durable_off;
     if (getrandom(&h->key_seed, sizeof h->key_seed, GRND_NONBLOCK) != sizeof h->key_seed)
         h->key_seed = (uint64_t)now_ns(CLOCK_MONOTONIC) ^ ((uint64_t)creator_pid << 32);
     h->fingerprint = fingerprint;
@@ -551,7 +558,8 @@ static int header_check(const void *base, uint64_t size, uint64_t fingerprint,
         BAD(ENG_ECORRUPT, "max_accounts", h->max_accounts);
     if (!journal_records_ok(h->journal_records))
         BAD(ENG_ECORRUPT, "journal_records", h->journal_records);
-    if (h->journal_flags & ~(uint32_t)ENG_JOURNAL_PRICES || (h->journal_flags && !h->journal_records))
+    if (h->journal_flags & ~(uint32_t)(ENG_JOURNAL_PRICES | ENG_JOURNAL_DURABLE) ||
+        (h->journal_flags && !h->journal_records))
         BAD(ENG_ECORRUPT, "journal_flags", h->journal_flags);
     layout l = compute_layout(h->capacity, h->rec.n_words, h->rec.keys_per_position,
                               h->max_accounts, h->journal_records);
@@ -574,7 +582,8 @@ static int header_check(const void *base, uint64_t size, uint64_t fingerprint,
         {"stripes_off", offsetof(eng_header, stripes_off), offsetof(layout, stripes_off)},
         {"tindex_off", offsetof(eng_header, tindex_off), offsetof(layout, tindex_off)},
         {"accounts_off", offsetof(eng_header, accounts_off), offsetof(layout, accounts_off)},
-        {"journal_off", offsetof(eng_header, journal_off), offsetof(layout, journal_off)}};
+        {"journal_off", offsetof(eng_header, journal_off), offsetof(layout, journal_off)},
+        {"durable_off", offsetof(eng_header, durable_off), offsetof(layout, durable_off)}};
     for (size_t i = 0; i < sizeof offs / sizeof offs[0]; i++) {
         uint64_t got, want;
         memcpy(&got, (const uint8_t *)h + offs[i].hdr_off, sizeof got);
@@ -713,6 +722,8 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
         s->jring = (eng_jrec *)((uint8_t *)s->journal + sizeof(eng_journal));
         s->jrecords = hc.journal_records;
         s->jprices = (hc.journal_flags & ENG_JOURNAL_PRICES) != 0;
+        if (hc.journal_flags & ENG_JOURNAL_DURABLE)
+            s->durable = (eng_durable *)((uint8_t *)base + hc.durable_off);
     }
     s->slot_size = hc.slot_size;
     s->rec_size = hc.rec_size;

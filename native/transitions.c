@@ -317,9 +317,10 @@ static int ctx_publish(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx, u
         return seq_publish_acq_rel(&sl->word, L, *nw);
     uint64_t JL;
     op_timer none = {NULL, 0};
-    if (journal_latch(s, none, &JL) != 0) {
+    int rc = journal_latch(s, none, &JL);
+    if (rc) {
         unlock_unchanged(sl, L);   /* nothing committed, nothing recorded */
-        return ENG_EBUSY;
+        return journal_refusal(rc, ENG_EBUSY);
     }
     uint32_t slot = (uint32_t)(((uint8_t *)sl - s->slots) / s->slot_size);
     journal_fill_ctx(s, JL, sw_state(L) ? ENG_JK_TRANSITION : ENG_JK_OPEN, trigger,

@@ -1,3 +1,4 @@
-"""The journal on disk: its format (``format``), its restore (``restore``).
+"""The journal on disk (issue 22): its format (``format``), the file writer
+(``writer``) and its restore (``restore``).
 
 See docs/journal.md and native/engine.h ("The journal on disk")."""

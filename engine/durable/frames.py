@@ -1,0 +1,136 @@
+"""Reading the journal files (native/engine.h, "The journal on disk"): the
+frames of a journal directory in seq order, each checked (magic, CRC-32C,
+seq), and where the valid records end and why.
+
+For ``python -m engine journal DIR`` and the tests; the restore side has its
+own codec (engine/durable/format.py): this one only reads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from engine._native import ffi, lib
+
+FRAME = int(lib.ENG_DJ_FRAME_BYTES)
+HDR = int(lib.ENG_DJ_FILE_HDR)
+REC = int(lib.ENG_JREC_SIZE)
+_JOURNAL_FILE = re.compile(r"^journal-(\d{20})\.log$")
+_FILE_HDR = struct.Struct("<IIIIQ")
+_FRAME_HDR = struct.Struct("<II")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One valid record, as eng_journal_read returns it, and where it is."""
+
+    path: str
+    offset: int
+    seq: int
+    ts_ns: int
+    id: int
+    word: int
+    kind: int
+    trigger: int
+    w: tuple[int, ...]
+    version: int
+
+
+@dataclass
+class End:
+    """Where the valid records end: ``torn`` is None at a clean end (a frame
+    whose magic is 0 in the newest file), else what is wrong at ``path`` and
+    ``offset`` (a torn or corrupt frame); ``last_seq`` is the last valid seq."""
+
+    last_seq: int = 0
+    path: str = ""
+    offset: int = 0
+    torn: str | None = None
+
+
+def journal_files(path: str) -> list[tuple[int, str]]:
+    """(first seq, file path) of every journal file in directory ``path``, in seq order."""
+    out = []
+    for name in os.listdir(path):
+        m = _JOURNAL_FILE.match(name)
+        if m:
+            out.append((int(m.group(1)), os.path.join(path, name)))
+    return sorted(out)
+
+
+def decode(rec: bytes) -> dict[str, Any]:
+    """The fields of one record (ENG_JREC_SIZE bytes), by the header's struct."""
+    r = ffi.cast("eng_jrec *", ffi.from_buffer(rec))
+    return {"seq": int(r.seq), "ts_ns": int(r.ts_ns), "id": int(r.id), "word": int(r.word),
+            "kind": int(r.kind), "trigger": int(r.trigger), "w": tuple(int(x) for x in r.w),
+            "version": int(r.version)}
+
+
+def check_frame(buf: bytes) -> str | None:
+    """None for a valid frame (FRAME bytes), else why not."""
+    if len(buf) < FRAME:
+        return f"cut short ({len(buf)} of {FRAME} bytes)"
+    magic, crc = _FRAME_HDR.unpack_from(buf)
+    if magic != lib.ENG_DJ_FRAME_MAGIC:
+        return f"bad frame magic {magic:#x}"
+    if lib.eng_crc32c(0, buf[8:FRAME], REC) != crc:
+        return "checksum mismatch"
+    return None
+
+
+def read(path: str, since: int = 0, end: End | None = None) -> Iterator[Frame]:
+    """Every valid record with seq > ``since`` in directory ``path``, in seq
+    order; stops at the first invalid frame and fills ``end`` with where
+    and why (a clean end leaves ``end.torn`` None)."""
+    end = end if end is not None else End()
+    files = journal_files(path)
+    expect = 0
+    for i, (first, fpath) in enumerate(files):
+        nxt = files[i + 1][0] if i + 1 < len(files) else None
+        if nxt is not None and nxt <= since:
+            continue
+        with open(fpath, "rb") as f:
+            head = f.read(HDR)
+            if len(head) < HDR:
+                end.path, end.offset, end.torn = fpath, 0, "file header cut short"
+                return
+            magic, fmt, fbytes, _, hfirst = _FILE_HDR.unpack_from(head)
+            if (magic, fmt, fbytes, hfirst) != (lib.ENG_DJ_FILE_MAGIC, lib.ENG_DJ_FORMAT,
+                                                FRAME, first):
+                end.path, end.offset, end.torn = fpath, 0, "bad file header"
+                return
+            if expect and first != expect:
+                end.path, end.offset, end.torn = fpath, 0, f"gap: expected seq {expect}"
+                return
+            seq = first
+            if since >= first:   # skip whole frames up to since
+                skip = min(since + 1 - first, (os.fstat(f.fileno()).st_size - HDR) // FRAME)
+                f.seek(HDR + skip * FRAME)
+                seq = first + skip
+            while True:
+                off = f.tell()
+                buf = f.read(FRAME)
+                if not buf.strip(b"\0"):
+                    break   # the end of this file's records (zeros: never written)
+                why = check_frame(buf)
+                if why is None:
+                    rec = decode(buf[8:])
+                    if rec["seq"] != seq:
+                        why = f"seq {rec['seq']} where {seq} belongs"
+                if why is not None:
+                    end.path, end.offset, end.torn = fpath, off, why
+                    return
+                seq += 1
+                end.last_seq, end.path, end.offset = rec["seq"], fpath, off + FRAME
+                if rec["seq"] > since:
+                    yield Frame(fpath, off, **rec)
+            expect = seq
+            if nxt is not None and nxt != seq:
+                end.path, end.offset, end.torn = fpath, f.tell(), (
+                    f"file ends at seq {seq - 1}, the next file starts at {nxt}")
+                return
