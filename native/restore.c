@@ -382,64 +382,10 @@ int eng_restore_finish(eng_seg *s, uint32_t halted, uint64_t next_seq, int64_t l
 }
 
 /* ---- CRC-32C (Castagnoli), the frames' checksum ------------------------------------- */
-static uint32_t crc32c_table[8][256];
-static pthread_once_t crc32c_once = PTHREAD_ONCE_INIT;
-
-static void crc32c_init(void)
-{
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-        crc32c_table[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            crc32c_table[t][i] = (crc32c_table[t - 1][i] >> 8) ^
-                                 crc32c_table[0][crc32c_table[t - 1][i] & 0xFF];
-}
-
-#if defined(__x86_64__)
-__attribute__((target("sse4.2")))
-static uint32_t crc32c_hw(uint32_t crc, const uint8_t *p, uint64_t n)
-{
-    uint64_t c = crc;
-    for (; n >= 8; n -= 8, p += 8) {
-        uint64_t v;
-        memcpy(&v, p, 8);
-        c = __builtin_ia32_crc32di(c, v);
-    }
-    uint32_t c32 = (uint32_t)c;
-    for (; n; n--, p++)
-        c32 = __builtin_ia32_crc32qi(c32, *p);
-    return c32;
-}
-#endif
-
-/* The CRC-32C of n bytes at p, continuing crc (0 to start). */
+/* merge (dadv): durable.c's eng_crc32c is the one implementation */
 uint32_t eng_dj_crc32c(uint32_t crc, const void *data, uint64_t n)
 {
-    const uint8_t *p = data;
-    if (!p)
-        return crc;
-    crc = ~crc;
-#if defined(__x86_64__)
-    if (__builtin_cpu_supports("sse4.2"))
-        return ~crc32c_hw(crc, p, n);
-#endif
-    pthread_once(&crc32c_once, crc32c_init);
-    for (; n >= 8; n -= 8, p += 8) {
-        uint64_t v;
-        memcpy(&v, p, 8);
-        v ^= crc;
-        crc = crc32c_table[7][v & 0xFF] ^ crc32c_table[6][(v >> 8) & 0xFF] ^
-              crc32c_table[5][(v >> 16) & 0xFF] ^ crc32c_table[4][(v >> 24) & 0xFF] ^
-              crc32c_table[3][(v >> 32) & 0xFF] ^ crc32c_table[2][(v >> 40) & 0xFF] ^
-              crc32c_table[1][(v >> 48) & 0xFF] ^ crc32c_table[0][v >> 56];
-    }
-    for (; n; n--, p++)
-        crc = crc32c_table[0][(crc ^ *p) & 0xFF] ^ (crc >> 8);
-    return ~crc;
+    return data ? eng_crc32c(crc, data, n) : crc;
 }
 
 /* Check n frames at buf (n x ENG_DJ_FRAME_BYTES bytes): out[i] = 1 whole
