@@ -54,11 +54,25 @@ def _crc_table() -> list[int]:
 _TABLE = _crc_table()
 
 
-def crc32c(data: bytes) -> int:
+def crc32c_py(data: bytes) -> int:
+    """CRC-32C in plain Python (the reference the C one is checked against)."""
     c = 0xFFFFFFFF
     for b in data:
         c = _TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
     return c ^ 0xFFFFFFFF
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C: the engine's C function when it has one (fast), checked once
+    against the plain Python one."""
+    fn = getattr(lib, "eng_crc32c", None)
+    if fn is None:
+        return crc32c_py(data)
+    from engine._native import ffi
+    return int(fn(0, ffi.from_buffer(data), len(data)))
+
+
+assert crc32c(b"123456789") == crc32c_py(b"123456789") == 0xE3069283
 
 
 # -- the files ------------------------------------------------------------------------------
@@ -157,6 +171,14 @@ def power_cut(src: pathlib.Path, dst: pathlib.Path, durable: int, extra: int = 0
     return dst
 
 
+def fill(eng: Engine, n: int) -> None:
+    """``n`` more journal records, fast: price writes of one position (the
+    engine journals prices)."""
+    pid = eng.open_position(100.0, 1.0)
+    for i in range(n - 1):
+        eng.update_price(pid, 100.0 + (i % 1000) / 100)
+
+
 # -- a comparable dump ----------------------------------------------------------------------
 ACCOUNT_COLS = ("cash", "reserved", "realized", "opening_cash", "deposits", "withdrawals",
                 "max_exposure", "max_loss", "max_positions", "open_positions", "halted")
@@ -248,6 +270,12 @@ STEPS = {State.CREATED: Trigger.POSITION_OPENED, State.MONITORING: Trigger.EXIT_
          State.EXIT_PENDING: Trigger.EXIT_STARTED, State.EXITING: Trigger.EXIT_COMPLETED}
 
 
+#: open_position(key=) in the workload; off: keys are bound right after the
+#: open (bind_key), so the one break found (keys given at open are not
+#: journaled) shows in its own test and does not hide the others
+OPEN_KEYS = False
+
+
 class Workload:
     """Random changes of every kind the journal records (opens with keys and
     accounts, transitions with fields, prices, keys, releases, deposits,
@@ -255,7 +283,8 @@ class Workload:
     time; ``released`` and ``acct_keys`` remember what a restore is checked
     against."""
 
-    def __init__(self, eng: Engine, seed: int, halts: bool = True) -> None:
+    def __init__(self, eng: Engine, seed: int, halts: bool = True,
+                 open_keys: bool = OPEN_KEYS) -> None:
         self.eng = eng
         self.rng = random.Random(seed)
         self.seed = seed
@@ -263,6 +292,7 @@ class Workload:
         self.acct_keys: dict[str, int] = {}
         self.accounts: list[int] = []
         self.halts = halts
+        self.open_keys = open_keys
         self.n = 0
 
     def new_account(self) -> None:
@@ -300,9 +330,12 @@ class Workload:
             if len(rows) == 0 or x < 0.25:
                 key = f"k-{self.seed}-{self.n}" if r.random() < 0.5 else None
                 acct = r.choice(self.accounts) if r.random() < 0.6 else None
-                eng.open_position(round(r.uniform(50, 150), 2), round(r.uniform(0.5, 3), 2),
-                                  r.choice((1, -1)), token=r.randrange(4), key=key,
-                                  account=acct)
+                pid = eng.open_position(round(r.uniform(50, 150), 2),
+                                        round(r.uniform(0.5, 3), 2), r.choice((1, -1)),
+                                        token=r.randrange(4),
+                                        key=key if self.open_keys else None, account=acct)
+                if key is not None and not self.open_keys:
+                    eng.bind_key(pid, key)
                 return
             row = rows[r.randrange(len(rows))]
             pid, st = int(row["id"]), State(int(row["state"]))

@@ -35,6 +35,7 @@ from durable_helpers import (
     crc32c,
     diff,
     dump,
+    fill,
     first_seq,
     journal_files,
     locate,
@@ -50,8 +51,8 @@ pytestmark = pytest.mark.skipif(
     reason="durability (issue 22: Engine.flush, Engine.restore) is not in this build")
 
 FLUSH_TIMEOUT = 10.0
-#: create() arguments for journal files of a few frames each (many files)
-SMALL_FILES: dict[str, Any] = {"journal_file_records": 16}
+#: frames per journal file (fixed by the build)
+FILE_RECORDS = lib.ENG_DJ_FILE_RECORDS
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -524,8 +525,9 @@ class TestFiles:
 
     def test_a_missing_middle_file_is_refused(self, made: Made) -> None:
         """A journal file missing between two others stops the restore, naming what is missing."""
-        eng = made.create(**SMALL_FILES)
-        run(Workload(eng, 53, halts=False), 200)
+        eng = made.create()
+        run(Workload(eng, 53, halts=False), 50)
+        fill(eng, 3 * FILE_RECORDS)
         flushed(eng)
         d = copy_dir(made.jdir(eng), made.dir("copy"))
         files = journal_files(d)
@@ -542,8 +544,9 @@ class TestFiles:
 
     def test_a_flipped_byte_in_an_earlier_file_names_it(self, made: Made) -> None:
         """Corruption in a file that is not the last one stops the restore, naming file and offset."""
-        eng = made.create(**SMALL_FILES)
-        run(Workload(eng, 54, halts=False), 200)
+        eng = made.create()
+        run(Workload(eng, 54, halts=False), 50)
+        fill(eng, 2 * FILE_RECORDS)
         flushed(eng)
         d = copy_dir(made.jdir(eng), made.dir("copy"))
         recs = valid_records(d)
@@ -558,13 +561,10 @@ class TestFiles:
 
     def test_a_last_file_cut_at_its_end_is_a_torn_tail(self, made: Made) -> None:
         """The last file truncated mid-frame (no preallocation left) restores the frames before the cut."""
-        eng = made.create(**SMALL_FILES)
+        eng = made.create()
         w = Workload(eng, 55, halts=False)
         run(w, 100)
         d0 = flushed(eng)
-        while (d0 - first_seq(locate(made.jdir(eng), d0)[0]) + 1) % SMALL_FILES["journal_file_records"] == 0:
-            w.step()   # the cut must fall inside a file, not at its end
-            d0 = flushed(eng)
         want = dump(eng)
         run(w, 30)
         flushed(eng)
@@ -838,12 +838,12 @@ class TestLease:
     def test_two_processes_flushing_at_once(self, made: Made, spawner: Any) -> None:
         """Two processes committing and flushing at once: every flush covers what was committed
         before it, and those frames are whole in the files when it returns."""
-        eng = made.create(capacity=64, **SMALL_FILES)
+        eng = made.create(capacity=64)
         q, go = spawner.ctx.Queue(), spawner.ctx.Event()
         d = made.jdir(eng)
         for seed in (81, 82):
             spawner.start(flusher, eng.handle, str(d), seed, 40,
-                          SMALL_FILES["journal_file_records"], go, q)
+                          FILE_RECORDS, go, q)
         go.set()
         out = [q.get(timeout=300) for _ in range(2)]
         assert all(not p for _, p in out), out
@@ -855,7 +855,7 @@ class TestLease:
         end whole, and a restore equals the engine."""
         name, d = made.names(), made.dir()
         q, cmd = spawner.ctx.Queue(), spawner.ctx.Queue()
-        child = spawner.start(lease_holder, name, str(d), SMALL_FILES, q, cmd)
+        child = spawner.start(lease_holder, name, str(d), {}, q, cmd)
         _, handle, acct = q.get(timeout=60)
         eng = Engine.attach(handle)
         made.engines.append(eng)
@@ -867,7 +867,7 @@ class TestLease:
             eng.deposit(acct, 3)
         got = flushed(eng)
         assert writer_info(eng).writer_pid == os.getpid()
-        assert frames_whole(d, 1, got, SMALL_FILES["journal_file_records"]) == ""
+        assert frames_whole(d, 1, got, FILE_RECORDS) == ""
         same(dump(eng), dump(made.restore(copy_dir(d, made.dir("copy")))))
 
     def test_the_ring_full_behind_a_stopped_lease_holder(self, made: Made,
@@ -901,7 +901,7 @@ class TestLease:
         for _ in range(20):
             eng.deposit(acct, 2)
         got = flushed(eng)
-        assert frames_whole(d, 1, got, 65536) == ""
+        assert frames_whole(d, 1, got, FILE_RECORDS) == ""
         same(dump(eng), dump(made.restore(copy_dir(d, made.dir("copy")))))
         cmd.put("stop")
 
@@ -955,17 +955,26 @@ def small_tmpfs(path: pathlib.Path, size: int) -> Iterator[pathlib.Path]:
         subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
-def commits_until_refused(eng: Engine, acct: int, most: int) -> EngineError | None:
-    """Deposit 1 until a deposit is refused; check the refusal changed nothing."""
-    for _ in range(most):
-        cash, seq = eng.account(acct).cash, eng.journal_seq
+def commits_until_refused(eng: Engine, most: int) -> EngineError | None:
+    """Price writes (one record each) until one is refused; check the
+    refusal changed nothing (the price, the journal seq)."""
+    pid = eng.open_position(100.0, 1.0)
+    for i in range(most):
+        px = 100.0 + (i % 1000) / 100
+        before, seq = eng.price(pid).price, eng.journal_seq
         try:
-            eng.deposit(acct, 1)
+            eng.update_price(pid, px)
         except EngineError as e:
-            assert eng.account(acct).cash == cash, "a refused deposit changed the books"
-            assert eng.journal_seq == seq, "a refused deposit was journaled"
+            assert eng.price(pid).price == before, "a refused price write changed the price"
+            assert eng.journal_seq == seq, "a refused price write was journaled"
             return e
     return None
+
+
+def files_hold(d: pathlib.Path) -> int:
+    """The last seq of the whole frames in the files, in order."""
+    recs = valid_records(d)
+    return recs[-1][2] if recs else 0
 
 
 class TestDiskFull:
@@ -973,40 +982,39 @@ class TestDiskFull:
                                                            tmp_path: pathlib.Path) -> None:
         """On a full disk a commit is refused with a typed error; every commit that returned is
         in the files (fail-stop: nothing committed that cannot be journaled)."""
-        fr = SMALL_FILES["journal_file_records"]
-        file_bytes = HDR + fr * FRAME
-        with small_tmpfs(tmp_path / "mnt", 4096 * ((6 * file_bytes + 8192) // 4096)) as mnt:
-            eng = made.create(journal=mnt / "j", **SMALL_FILES)
-            acct = eng.open_account(10**6, 10**6, 64, 10**6)
-            refused = commits_until_refused(eng, acct, 50 * fr)
+        file_bytes = HDR + FILE_RECORDS * FRAME
+        with small_tmpfs(tmp_path / "mnt", 4096 * ((2 * file_bytes + file_bytes // 2) // 4096)
+                         ) as mnt:
+            eng = made.create(journal=mnt / "j")
+            refused = commits_until_refused(eng, 4 * FILE_RECORDS)
             assert refused is not None, "the disk never filled"
             with contextlib.suppress(EngineError):
                 eng.flush(timeout=2.0)
-            top = max((s for _, _, s in valid_records(mnt / "j")), default=0)
+            top = files_hold(mnt / "j")
             assert top >= eng.journal_seq, (
                 f"commits up to seq {eng.journal_seq} returned, the files hold up to {top}: "
-                f"{eng.journal_seq - top} committed changes cannot be restored")
+                f"{eng.journal_seq - top} committed changes cannot be restored ({refused})")
             copy = copy_dir(mnt / "j", made.dir("copy"))
             same(dump(eng), dump(made.restore(copy)))
 
     def test_a_full_disk_by_the_fault_switch(self, made: Made) -> None:
         """The writer's ENOSPC switch: commits refused with a typed error, nothing committed
         past the files; space back, commits go on and a restore equals the engine."""
-        fr = SMALL_FILES["journal_file_records"]
-        eng = made.create(**SMALL_FILES)
-        acct = eng.open_account(10**6, 10**6, 64, 10**6)
+        eng = made.create()
         eng.flush(timeout=FLUSH_TIMEOUT)
         durable_fault(eng, lib.ENG_DJ_FAULT_NOSPACE)
-        refused = commits_until_refused(eng, acct, 50 * fr)
+        refused = commits_until_refused(eng, 2 * FILE_RECORDS)
         assert refused is not None, "ENOSPC never refused a commit"
-        top = max((s for _, _, s in valid_records(made.jdir(eng))), default=0)
+        top = files_hold(made.jdir(eng))
         assert top >= eng.journal_seq, (
-            f"commits up to seq {eng.journal_seq} returned, the files hold up to {top}")
+            f"commits up to seq {eng.journal_seq} returned, the files hold up to {top}: "
+            f"{eng.journal_seq - top} committed changes cannot be restored ({refused})")
         durable_fault(eng, 0)
         deadline = time.monotonic() + 10
+        pid = int(eng.snapshot()[0]["id"])
         while True:
             try:
-                eng.deposit(acct, 1)
+                eng.update_price(pid, 123.0)
                 break
             except EngineError:
                 assert time.monotonic() < deadline, "commits never resumed after ENOSPC ended"
