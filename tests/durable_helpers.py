@@ -179,6 +179,26 @@ def fill(eng: Engine, n: int) -> None:
         eng.update_price(pid, 100.0 + (i % 1000) / 100)
 
 
+def whole_after_cut(src: pathlib.Path, cut: pathlib.Path, durable: int) -> int:
+    """The last seq whose frame a power cut left byte for byte as written
+    (a frame whose lost bytes were zeros anyway is whole), counting on from
+    ``durable``."""
+    seq = durable
+    for p, off, s in valid_records(src):
+        if s <= durable:
+            continue
+        q = cut / p.name
+        if not q.exists():
+            break
+        with p.open("rb") as a, q.open("rb") as b:
+            a.seek(off)
+            b.seek(off)
+            if a.read(FRAME) != b.read(FRAME):
+                break
+        seq = s
+    return seq
+
+
 # -- a comparable dump ----------------------------------------------------------------------
 ACCOUNT_COLS = ("cash", "reserved", "realized", "opening_cash", "deposits", "withdrawals",
                 "max_exposure", "max_loss", "max_positions", "open_positions", "halted")

@@ -41,6 +41,7 @@ from durable_helpers import (
     locate,
     power_cut,
     valid_records,
+    whole_after_cut,
 )
 
 from engine import Engine, EngineError, SegmentError, SegmentNotFoundError
@@ -176,8 +177,10 @@ class TestPowerLoss:
                           if 0 <= b <= (top - d0) * FRAME})
         for extra in offsets:
             cut = power_cut(src, made.dir("cut"), d0, extra=extra)
-            whole = d0 + extra // FRAME
+            whole = whole_after_cut(src, cut, d0)
+            assert d0 + extra // FRAME <= whole <= d0 + (extra + FRAME - 1) // FRAME
             got = made.restore(cut)
+            assert got.restore_report.last_seq == whole, (extra, got.restore_report, whole)
             if whole in at:
                 same(at[whole], dump(got))
             got.close()
@@ -199,7 +202,8 @@ class TestPowerLoss:
         for extra in range(3 * FRAME + 1):
             cut = power_cut(src, made.dir("cut"), d0, extra=extra)
             got = made.restore(cut)
-            whole = d0 + extra // FRAME
+            whole = whole_after_cut(src, cut, d0)
+            assert got.restore_report.last_seq == whole, (extra, got.restore_report, whole)
             if whole in at:
                 same(at[whole], dump(got))
             got.close()
