@@ -864,12 +864,17 @@ class TestLease:
         eng = Engine.attach(handle)
         made.engines.append(eng)
         assert writer_info(eng).writer_pid == child.pid
-        cmd.put("die-midwrite")
-        child.join(60)
-        assert child.exitcode == -9, child.exitcode
-        for _ in range(50):
-            eng.deposit(acct, 3)
-        got = flushed(eng)
+        lib.eng_test_faults(0)   # the switch is in the segment: this process must not honour it
+        try:
+            cmd.put("die-midwrite")
+            child.join(60)
+            assert child.exitcode == -9, child.exitcode
+            for _ in range(50):
+                eng.deposit(acct, 3)
+            got = flushed(eng)
+            durable_fault(eng, 0)
+        finally:
+            lib.eng_test_faults(1)
         assert writer_info(eng).writer_pid == os.getpid()
         assert frames_whole(d, 1, got, FILE_RECORDS) == ""
         same(dump(eng), dump(made.restore(copy_dir(d, made.dir("copy")))))
