@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {stress,bench,top,inspect,ls,rm,serve,restore}``.
+"""Command line: ``python -m engine {stress,bench,top,inspect,ls,rm,serve,journal,restore}``.
 
 Each subcommand lives in its own module, which adds its parser with
 ``add_parsers(subparsers)`` and sets ``func(args) -> exit code``.
@@ -14,6 +14,7 @@ from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.durable import journal_cli
     from engine.tools import bench, segments, serve, stress
 
     parser = argparse.ArgumentParser(
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parsers(sub)
     segments.add_parsers(sub)
     serve.add_parsers(sub)
+    journal_cli.add_parsers(sub)
     add_restore_parser(sub)
     return parser
 

@@ -799,12 +799,246 @@ int eng_durable_dir(eng_seg *s, char *out, uint32_t max)
 
 /* ---- checkpoints ------------------------------------------------------------------- */
 
+/* defined further on in the unit (accounts.c, keys.c): the consistent readers */
+static int acct_read(eng_seg *s, const eng_account *a, eng_books *out, uint64_t *version,
+                     uint32_t *latched);
+static inline uint64_t aw_make(uint64_t v);
+static int keyrec_read(const eng_keyrec *kr, uint64_t *tag, eng_key *out);
+
+typedef struct ckpt_out {
+    eng_dw  *w;
+    int      fd;
+    uint32_t n;          /* frames in w->frames not written yet */
+    uint64_t frames;     /* frames in the file */
+    off_t    off;
+    int      err;
+    int64_t  ts;
+} ckpt_out;
+
+static void ckpt_flush(ckpt_out *o)
+{
+    if (!o->n || o->err)
+        return;
+    size_t bytes = (size_t)o->n * ENG_DJ_FRAME_BYTES;
+    o->err = pwrite_all(o->fd, o->w->frames, bytes, o->off);
+    o->off += (off_t)bytes;
+    o->n = 0;
+}
+
+/* One frame (seq 0) as the journal would record it. */
+static void ckpt_frame(ckpt_out *o, uint32_t kind, uint32_t trigger, uint64_t id, uint64_t word,
+                       const uint64_t *words, uint32_t nwords, uint64_t version)
+{
+    eng_jrec r;
+    memset(&r, 0, sizeof r);
+    r.ts_ns = o->ts;
+    r.id = id;
+    r.word = word;
+    r.kind = kind;
+    r.trigger = trigger;
+    if (nwords > ENG_MAX_FIELD_WORDS)
+        nwords = ENG_MAX_FIELD_WORDS;
+    if (words)
+        memcpy(r.w, words, nwords * sizeof(uint64_t));
+    r.version = version;
+    uint8_t *f = o->w->frames + (size_t)o->n * ENG_DJ_FRAME_BYTES;
+    uint32_t h[2] = {ENG_DJ_FRAME_MAGIC, eng_crc32c(0, &r, ENG_JREC_SIZE)};
+    memcpy(f, h, 8);
+    memcpy(f + 8, &r, ENG_JREC_SIZE);
+    o->frames++;
+    if (++o->n == ENG_DJ_BATCH)
+        ckpt_flush(o);
+}
+
+/* The scan: every object read consistently on its own (see the protocol). */
+static void ckpt_scan(eng_seg *s, ckpt_out *o)
+{
+    static __thread eng_ctx_rec ctx;   /* the largest record copy: off the stack */
+    for (uint32_t i = 0; i < s->capacity && !o->err; i++) {
+        eng_slot *sl = slot_at(s, i);
+        uint64_t w;
+        uint32_t opening;
+        if (read_ctx(s, sl, &ctx, &w, &opening) != 0)
+            continue;   /* it kept changing: changes after the start seq have records */
+        if (opening == 0)
+            continue;   /* never opened */
+        uint64_t id = make_id(opening, i), word = sw_unlocked(w);
+        if (!sw_state(w)) {   /* released (or being opened): its id stays stale */
+            ckpt_frame(o, ENG_JK_RELEASE, 0, id, word, ctx.w, s->n_words,
+                       load_relaxed_u64(&ctx.version));
+            continue;
+        }
+        ckpt_frame(o, ENG_JK_OPEN, 0, id, word, ctx.w, s->n_words, load_relaxed_u64(&ctx.version));
+        eng_price_rec pr;
+        uint64_t pv;
+        if (read_price_rec(sl, &pr, &pv) == 0 && pv) {
+            uint64_t words[REC_WORDS(eng_price_rec)];
+            memcpy(words, &pr, sizeof words);
+            ckpt_frame(o, ENG_JK_PRICE, 0, id, pv << ENG_PW_SEQ_SHIFT, words,
+                       REC_WORDS(eng_price_rec), pv);
+        }
+        for (uint32_t r = 0; r < s->kpp; r++) {
+            uint64_t tag;
+            eng_key k;
+            if (keyrec_read(&s->keyrecs[(uint64_t)i * s->kpp + r], &tag, &k) != 0 ||
+                tag != ((id << 8) | ENG_KR_HELD) || !k.len)
+                continue;
+            uint64_t words[ENG_KEY_MAX / 8];
+            memcpy(words, k.key, sizeof words);
+            ckpt_frame(o, ENG_JK_KEY, 0, id, r, words, ENG_KEY_MAX / 8, k.len);
+        }
+    }
+    for (uint32_t i = 0; i < s->max_accounts && !o->err; i++) {
+        eng_account *a = &s->accounts[i];
+        uint64_t words[ENG_MAX_FIELD_WORDS] = {0};
+        eng_books b;
+        uint64_t version;
+        if (acct_read(s, a, &b, &version, NULL) != 0 || !b.open)
+            continue;
+        memcpy(words, &b, sizeof b);
+        uint32_t klen = load_relaxed_u32(&a->key_len);   /* stable while the account is open */
+        if (klen > ENG_KEY_MAX)
+            klen = 0;
+        memcpy(&words[ENG_DJ_ACCT_KEY_WORD], a->key, klen);
+        ckpt_frame(o, ENG_JK_ACCOUNT, klen, make_id(b.opening, i), aw_make(version), words,
+                   ENG_MAX_FIELD_WORDS, version);
+    }
+    ckpt_frame(o, ENG_JK_HALT, 0, 0, load_acquire_u32(&s->hdr->halted), NULL, 0, 0);
+    ckpt_flush(o);
+}
+
+/* Records up to seq `upto` written and fdatasynced (w->mu held): by us if we
+ * can take the lease, else waited for (bounded).  0 or an ENG_ code. */
+static int durable_upto(eng_seg *s, eng_dw *w, uint64_t upto)
+{
+    eng_durable *d = s->durable;
+    int64_t deadline = now_ns(CLOCK_MONOTONIC) + ENG_DJ_ROOM_WAIT_NS;
+    for (;;) {
+        if (load_acquire_i32(&d->failure))
+            return ENG_EDURABLE;
+        uint64_t W = load_acquire_u64(&d->written_seq);
+        if (W >= upto)
+            break;
+        if (lease_take(s)) {
+            int reservation = 0;
+            int rc = dw_write_upto(s, w, upto, &reservation);
+            if (rc) {
+                durable_fail(s, w, rc, reservation);
+                return ENG_EDURABLE;
+            }
+            continue;
+        }
+        int64_t left = deadline - now_ns(CLOCK_MONOTONIC);
+        if (left <= 0)
+            return ENG_ETIMEDOUT;
+        durable_sleep_written(d, W, left < 1000000 ? left : 1000000);
+    }
+    int rc = dw_sync(s, w);
+    if (rc) {
+        durable_fail(s, w, rc, 0);
+        return ENG_EDURABLE;
+    }
+    return 0;
+}
+
+/* Remove what the newest two checkpoints make unneeded: older checkpoints,
+ * and journal files whose every record is <= the second newest's start seq. */
+static void ckpt_prune(eng_seg *s, eng_dw *w)
+{
+    DIR *dir = opendir(w->dir);
+    if (!dir)
+        return;
+    uint64_t newest = 0, second = 0;
+    struct dirent *e;
+    while ((e = readdir(dir)) != NULL) {
+        unsigned long long v;
+        char tail[8];
+        if (sscanf(e->d_name, "checkpoint-%20llu.ck%7s", &v, tail) == 2 && !strcmp(tail, "pt")) {
+            if (v > newest) {
+                second = newest;
+                newest = v;
+            } else if (v > second && v != newest) {
+                second = v;
+            }
+        }
+    }
+    if (second) {
+        uint64_t fr = load_relaxed_u64(&s->durable->file_records);
+        rewinddir(dir);
+        while ((e = readdir(dir)) != NULL) {
+            unsigned long long v;
+            char tail[8];
+            char path[ENG_DJ_PATH_MAX + 300];
+            int k = snprintf(path, sizeof path, "%s/%s", w->dir, e->d_name);
+            if (k <= 0 || (size_t)k >= sizeof path)
+                continue;
+            if (sscanf(e->d_name, "checkpoint-%20llu.ck%7s", &v, tail) == 2 &&
+                !strcmp(tail, "pt") && v < second)
+                unlink(path);
+            else if (sscanf(e->d_name, "journal-%20llu.lo%7s", &v, tail) == 2 &&
+                     !strcmp(tail, "g") && v + fr - 1 <= second)
+                unlink(path);
+        }
+    }
+    closedir(dir);
+}
+
 static int durable_checkpoint_locked(eng_seg *s, eng_dw *w, uint64_t *out_start)
 {
-    (void)s;
-    (void)w;
+    eng_durable *d = s->durable;
     *out_start = 0;
-    return ENG_EBADARG;
+    if (load_acquire_u32(&d->state) != 1 || dw_dir(s, w))
+        return ENG_ENOJOURNAL;
+    op_timer none = {NULL, 0};
+    if (token_lock(s, &d->ckpt_lock, none) != 0)   /* one checkpoint at a time */
+        return ENG_EBUSY;
+    uint64_t S = eng_journal_seq(s);   /* before the scan: see the protocol */
+    char path[ENG_DJ_PATH_MAX + 64], tmp[ENG_DJ_PATH_MAX + 64];
+    int rc = 0, err = dw_path(w, path, sizeof path, "checkpoint", S, ".ckpt");
+    if (!err)
+        err = dw_path(w, tmp, sizeof tmp, "checkpoint", S, ".ckpt.tmp");
+    int fd = err ? -1 : open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (!err && fd < 0)
+        err = errno;
+    if (!err) {
+        ckpt_out o = {w, fd, 0, 0, ENG_DJ_FILE_HDR, 0, price_clock()};
+        ckpt_scan(s, &o);
+        err = o.err;
+        if (!err) {
+            uint8_t hdr[ENG_DJ_FILE_HDR] = {0};
+            uint32_t h32[4] = {ENG_DJ_CKPT_MAGIC, ENG_DJ_FORMAT, ENG_DJ_FRAME_BYTES, 0};
+            memcpy(hdr, h32, sizeof h32);
+            memcpy(hdr + 16, &S, 8);
+            memcpy(hdr + 24, &o.frames, 8);
+            err = pwrite_all(fd, hdr, sizeof hdr, 0);
+        }
+        if (!err && fdatasync(fd))
+            err = errno;
+    }
+    /* every change the fuzzy scan saw is journaled and on disk before the
+     * checkpoint is: a restore never holds a change its journal lost */
+    if (!err)
+        rc = durable_upto(s, w, eng_journal_seq(s));
+    if (!err && !rc && rename(tmp, path))
+        err = errno;
+    if (!err && !rc)
+        err = fsync_dir(w->dir);
+    if (fd >= 0)
+        close(fd);
+    if (err || rc) {
+        unlink(tmp);
+        store_release_u32(&d->ckpt_lock, 0);
+        return rc ? rc : ENG_EDURABLE;
+    }
+    store_relaxed_u64(&d->ckpt_prev, load_relaxed_u64(&d->ckpt_start));
+    store_release_u64(&d->ckpt_start, S);
+    store_release_u64(&d->ckpt_seq, load_acquire_u64(&d->written_seq));
+    store_relaxed_u64((uint64_t *)&d->ckpt_mono_ns, (uint64_t)now_ns(CLOCK_MONOTONIC));
+    fetch_add_relaxed_u64(&d->checkpoints, 1);
+    ckpt_prune(s, w);
+    store_release_u32(&d->ckpt_lock, 0);
+    *out_start = S;
+    return 0;
 }
 
 int eng_durable_checkpoint(eng_seg *s, eng_dw *w, uint64_t *out_start)
@@ -817,5 +1051,7 @@ int eng_durable_checkpoint(eng_seg *s, eng_dw *w, uint64_t *out_start)
     pthread_mutex_lock(&w->mu);
     rc = durable_checkpoint_locked(s, w, out_start);
     pthread_mutex_unlock(&w->mu);
+    if (rc == ENG_EDURABLE || rc == ENG_ETIMEDOUT)
+        durable_fill_info(s, &durable_refused);
     return rc;
 }

@@ -839,6 +839,9 @@ typedef struct eng_shard {
 #define ENG_DJ_WATCH_NS      10000000LL
 #define ENG_DJ_BATCH         512           /* frames per pwrite */
 #define ENG_DJ_RETRY_NS      100000000LL   /* a failed writer retries its reservation this often */
+/* A checkpoint's account frame carries the account's key (open_account(key=)):
+ * trigger = its length (0: none), its bytes from w[ENG_DJ_ACCT_KEY_WORD] on. */
+#define ENG_DJ_ACCT_KEY_WORD 16
 /* eng_durable.fault (tests only, eng_durable_fault; honoured where eng_test_faults is on) */
 #define ENG_DJ_FAULT_NOSPACE 1             /* a reservation fails with ENOSPC */
 #define ENG_DJ_FAULT_DIE_MIDWRITE 2        /* the writer writes half a batch, then SIGKILLs itself */
@@ -1306,6 +1309,8 @@ _Static_assert(offsetof(eng_durable, lease) == ENG_CACHE_LINE &&
                offsetof(eng_durable, ckpt_start) == 2 * ENG_CACHE_LINE &&
                offsetof(eng_durable, dir) == 3 * ENG_CACHE_LINE, "durable area lines");
 _Static_assert((ENG_DJ_FILE_RECORDS & (ENG_DJ_FILE_RECORDS - 1)) == 0, "file records: a power of two");
+_Static_assert(ENG_DJ_ACCT_KEY_WORD * 8 >= sizeof(eng_books) &&
+               ENG_DJ_ACCT_KEY_WORD + ENG_KEY_MAX / 8 <= ENG_MAX_FIELD_WORDS, "account key words");
 _Static_assert(ENG_DJ_FRAME_BYTES == 264 && ENG_DJ_FILE_HDR % 8 == 0, "frame size");
 _Static_assert((ENG_JOURNAL_MIN_RECORDS & (ENG_JOURNAL_MIN_RECORDS - 1)) == 0 &&
                (ENG_JOURNAL_MAX_RECORDS & (ENG_JOURNAL_MAX_RECORDS - 1)) == 0, "powers of two");

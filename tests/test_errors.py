@@ -476,6 +476,26 @@ class CFuzz:
         elif name == "eng_gate_open":
             kind, s = self.seg(d)
             assert self.call(name, kind, lib.eng_gate_open, s) is None
+        elif name.startswith(("eng_durable_", "eng_dw_", "eng_crc32c")):   # test_durable*.py
+            kind, s, dw = *self.seg(d), lib.eng_dw_new()   # no segment here is durable
+            out = self.out(d, "uint64_t *")
+            args = {"eng_durable_setup": (b"/tmp", d(I32S), d(U64S), d(U64S), d(I32S)),
+                    "eng_durable_fault": (d(U32S),), "eng_durable_dir": (ffi.NULL, d(U32S)),
+                    "eng_durable_info_of": (self.out(d, "eng_durable_info *"),),
+                    "eng_durable_run": (dw,), "eng_durable_checkpoint": (dw, out),
+                    "eng_durable_flush": (dw, d(I32S), out),
+                    "eng_durable_release": (dw, d(I32S), out)}.get(name)
+            if args is None:   # no segment: the CRC (its known vector), the writer state
+                args = {"eng_crc32c": (0, b"123456789", 9), "eng_crc32c_hw": (),
+                        "eng_dw_new": (), "eng_dw_free": (ffi.NULL,),
+                        "eng_dw_stop": (ffi.NULL if d(st.booleans()) else dw, d(U32S)),
+                        "eng_durable_refusal": (self.out(d, "eng_durable_info *"),)}[name]
+                rc = self.call(name, "-", getattr(lib, name), *args)
+                assert rc in ({0xE3069283} if name == "eng_crc32c" else {0, 1, None}) or (
+                    name == "eng_dw_new" and lib.eng_dw_free(rc) is None), rc
+            else:
+                x(name, kind, self.call(name, kind, getattr(lib, name), s, *args))
+            lib.eng_dw_free(dw)
         else:
             raise AssertionError(f"{name}: no fuzz plan (add one to CFuzz.one)")
 
