@@ -447,3 +447,88 @@ class TestRestoreRacingAttach:
             finally:
                 r.unlink()
                 r.close()
+
+
+# ---- SIGKILLed workers, recover(), restore ----------------------------------------------
+def _booking_worker(name: str, acct: int, seed: int, ready: Any) -> None:
+    """Open booked positions, move them, price them, close some at an exit
+    price, release some, bind keys, deposit: until killed."""
+    rng = random.Random(seed)
+    with Engine.attach(name) as eng:
+        ready.set()
+        n = 0
+        while True:
+            n += 1
+            try:
+                p = eng.open_position(20.0 + rng.random() * 10, 1.0 + rng.random(),
+                                      side=rng.choice((1, -1)), token=rng.randrange(9),
+                                      account=acct)
+            except Exception:   # the account's limits or capacity: close some first
+                p = None
+            if p is not None:
+                eng.transition(p, T.POSITION_OPENED)
+                eng.update_price(p, 15.0 + rng.random() * 20)
+                if rng.random() < 0.3:
+                    try:
+                        eng.bind_key(p, f"w{seed}-{n}")
+                    except Exception:
+                        pass
+            for pos in eng.snapshot()["id"][:3] if rng.random() < 0.5 else ():
+                pos = int(pos)
+                for trig in (T.EXIT_CONDITION_MET, T.EXIT_STARTED):
+                    eng.transition(pos, trig)
+                kw = {"exit_price": 25.0 + rng.random()} if rng.random() < 0.5 else {}
+                if eng.transition(pos, T.EXIT_COMPLETED, **kw) is Outcome.APPLIED and \
+                        rng.random() < 0.5:
+                    eng.release_position(pos)
+            if rng.random() < 0.1:
+                eng.deposit(acct, 1)
+
+
+def _books_invariant(eng: Engine) -> None:
+    """every open account reserves exactly its open booked positions' notionals."""
+    snap = eng.snapshot()
+    closed = int(eng.spec.closed_mask)
+    for a in eng.accounts():
+        mine = snap[(snap["account"] == a["id"]) & ((snap["state"] & closed) == 0)]
+        notional = sum(int(lib.eng_money_of(float(r["entry_price"]), float(r["amount"])))
+                       for r in mine)
+        assert int(a["reserved"]) == notional and int(a["open_positions"]) == len(mine)
+
+
+class TestRestoreAfterKills:
+    def test_sigkilled_workers_recover_then_restore_equal(self, names: Any, tmp_path: Path,
+                                                          spawner: Any) -> None:
+        """workers SIGKILLed at random points, recover(): the restore equals the engine that was lost, books invariant holds."""
+        from procs import sigkill
+        name = names()
+        eng = Engine.create(256, name=name, journal=True, journal_records=1 << 18,
+                            journal_prices=True, keys_per_position=2, max_accounts=4)
+        acct = eng.open_account(10**7, 10**7, 200, 10**7, key="book")
+        rng = random.Random(7)
+        for rnd in range(3):
+            procs = []
+            for w in range(3):
+                ready = spawner.ctx.Event()
+                procs.append(spawner.start(_booking_worker, name, acct, rnd * 10 + w, ready))
+                assert ready.wait(60), "worker never attached"
+            start = eng.journal_seq
+            deadline = time.monotonic() + 30
+            while eng.journal_seq < start + 200 + rng.randrange(400):
+                assert time.monotonic() < deadline, "workers made no progress"
+                time.sleep(0.002)
+            for p in procs:
+                sigkill(p)
+            eng.recover()
+        _books_invariant(eng)
+        before = state_of(eng)
+        write_directory(tmp_path, eng)
+        _gone(eng)
+        r = Engine.restore(tmp_path)
+        try:
+            assert state_of(r) == before
+            _books_invariant(r)
+            assert r.restore_report.unpriced_closes == 0
+        finally:
+            r.unlink()
+            r.close()

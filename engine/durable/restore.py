@@ -77,15 +77,24 @@ class Loaded:
 
     meta: dict[str, Any]
     spec: MachineSpec
-    ckpt: np.ndarray            # JREC_DTYPE: the checkpoint's objects
+    allr: np.ndarray            # JREC_DTYPE: the checkpoint's objects, then the tail
+    n_ck: int                   # how many of allr are the checkpoint's
     ckpt_name: str | None
     ckpt_seq: int
-    tail: np.ndarray            # JREC_DTYPE: the records after ckpt_seq, in seq order
     tail_src: np.ndarray        # int64: each tail record's byte offset in its file
     tail_file: np.ndarray       # int32: its file's index in files
     files: list[str]
     tail_cut: tuple[str, int] | None
     skipped: tuple[str, ...]
+
+    @property
+    def ckpt(self) -> np.ndarray:
+        return self.allr[:self.n_ck]
+
+    @property
+    def tail(self) -> np.ndarray:
+        """The records after ckpt_seq, in seq order."""
+        return self.allr[self.n_ck:]
 
 
 def _read(path: Path) -> bytes:
@@ -136,7 +145,7 @@ def _load_checkpoint(path: Path) -> tuple[np.ndarray, int]:
     if len(bad):
         off = fmt.FILE_HDR + int(bad[0]) * fmt.FRAME_BYTES
         raise RestoreError(f"{path}: frame at byte {off} fails its check", str(path), off)
-    return frames["rec"].copy(), seq
+    return _records(frames, len(frames)), seq
 
 
 def _check_meta(meta: dict[str, Any], directory: Path) -> MachineSpec:
@@ -191,7 +200,7 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
         ckpt_name, ckpt_seq = entry, seq
         break
     # every journal file: its whole records, where they stop, and what follows
-    parts: list[tuple[int, str, np.ndarray, np.ndarray]] = []   # first, name, recs, offsets
+    parts: list[tuple[int, str, np.ndarray, int]] = []   # first, name, frames, whole ones
     files: list[str] = []
     tail_cut: tuple[str, int] | None = None
     prev_last = None   # the last seq of the file before
@@ -209,16 +218,16 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
             bad = fmt.FILE_HDR + stop * fmt.FRAME_BYTES
             raise RestoreError(f"{path}: corrupt frame at byte {bad} with valid frames after "
                                "it (corruption in the middle: nothing restored)", str(path), bad)
-        recs = frames["rec"][:stop]
+        seqs = frames["rec"]["seq"][:stop]
         want = np.arange(first, first + stop, dtype=np.uint64)
-        wrong = np.flatnonzero(recs["seq"] != want)
+        wrong = np.flatnonzero(seqs != want)
         if len(wrong):
             bad = fmt.FILE_HDR + int(wrong[0]) * fmt.FRAME_BYTES
             raise RestoreError(f"{path}: frame at byte {bad} holds seq "
-                               f"{int(recs['seq'][wrong[0]])}, expected {int(want[wrong[0]])}",
+                               f"{int(seqs[wrong[0]])}, expected {int(want[wrong[0]])}",
                                str(path), bad)
         end = fmt.FILE_HDR + stop * fmt.FRAME_BYTES
-        cut = (str(path), end) if any(memoryview(data)[end:]) else None
+        cut = (str(path), end) if np.frombuffer(data, np.uint8, offset=end).any() else None
         if prev_last is not None and stop and first != prev_last + 1:
             where = prev_cut or (files[-1], -1)
             raise RestoreError(f"{path}: starts at seq {first}, the file before ends at seq "
@@ -226,23 +235,31 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
                                where[0], where[1] if where[1] >= 0 else None)
         if stop:
             files.append(str(path))
-            offs = fmt.FILE_HDR + np.arange(stop, dtype=np.int64) * fmt.FRAME_BYTES
-            parts.append((first, str(path), recs, offs))
+            parts.append((first, str(path), frames, stop))
             prev_last = first + stop - 1
             prev_cut = cut
             tail_cut = cut   # only the last file's cut stands (an earlier one was continued)
         elif cut is not None:
             tail_cut = cut
         del rest
-    # the records after the checkpoint
-    tails, srcs, fidx = [], [], []
-    for i, (first, _name, recs, offs) in enumerate(parts):
-        keep = recs["seq"] > ckpt_seq
-        tails.append(recs[keep])
-        srcs.append(offs[keep])
-        fidx.append(np.full(int(keep.sum()), i, dtype=np.int32))
-        del first
-    tail = _cat(tails)
+    # the records after the checkpoint, copied once (bytes) behind the checkpoint's
+    ranges = [(i, frames, max(0, ckpt_seq + 1 - first), stop)
+              for i, (first, _name, frames, stop) in enumerate(parts)
+              if max(0, ckpt_seq + 1 - first) < stop]
+    n_ck = len(ckpt)
+    allr = np.empty(n_ck + sum(hi - lo for _, _, lo, hi in ranges), dtype=fmt.JREC_DTYPE)
+    raw = allr.view(np.uint8).reshape(len(allr), fmt.JREC_SIZE)
+    raw[:n_ck] = ckpt.view(np.uint8).reshape(n_ck, fmt.JREC_SIZE)
+    at = n_ck
+    srcs, fidx = [], []
+    for i, frames, lo, hi in ranges:
+        fr = frames.view(np.uint8).reshape(len(frames), fmt.FRAME_BYTES)
+        raw[at:at + hi - lo] = fr[lo:hi, 8:]
+        at += hi - lo
+        srcs.append(fmt.FILE_HDR + np.arange(lo, hi, dtype=np.int64) * fmt.FRAME_BYTES)
+        fidx.append(np.full(hi - lo, i, dtype=np.int32))
+    del parts, ranges
+    tail = allr[n_ck:]
     tail_src = np.concatenate(srcs) if srcs else np.zeros(0, dtype=np.int64)
     tail_file = np.concatenate(fidx) if fidx else np.zeros(0, dtype=np.int32)
     first_needed = ckpt_seq + 1
@@ -251,19 +268,15 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
                            f"{int(tail['seq'][0])}, the restore needs seq {first_needed} "
                            f"({'checkpoint ' + ckpt_name if ckpt_name else 'no checkpoint'}): "
                            "records missing", files[int(tail_file[0])], int(tail_src[0]))
-    return Loaded(meta, spec, ckpt, ckpt_name, ckpt_seq, tail, tail_src, tail_file, files,
+    return Loaded(meta, spec, allr, n_ck, ckpt_name, ckpt_seq, tail_src, tail_file, files,
                   tail_cut, tuple(skipped))
 
 
-def _cat(parts: list[np.ndarray]) -> np.ndarray:
-    """Records back to back in JREC_DTYPE itself (np.concatenate promotes a
-    structured dtype to a packed one: not eng_jrec's layout)."""
-    out = np.empty(sum(len(p) for p in parts), dtype=fmt.JREC_DTYPE)
-    at = 0
-    for p in parts:
-        out[at:at + len(p)] = p
-        at += len(p)
-    return out
+def _records(frames: np.ndarray, stop: int) -> np.ndarray:
+    """The records of the first stop frames, copied out as JREC_DTYPE (bytes,
+    not fields: a nested field's copy goes field by field)."""
+    raw = frames.view(np.uint8).reshape(len(frames), fmt.FRAME_BYTES)[:stop, 8:]
+    return np.ascontiguousarray(raw).view(fmt.JREC_DTYPE).reshape(stop)
 
 
 def _last_per(keys: np.ndarray) -> np.ndarray:
@@ -275,12 +288,11 @@ def _last_per(keys: np.ndarray) -> np.ndarray:
     return np.sort(len(keys) - 1 - first)
 
 
-def reduce_records(ckpt: np.ndarray, tail: np.ndarray) -> dict[str, np.ndarray]:
-    """The last record of each object: the checkpoint's objects first, then
-    the tail in seq order.  Returns index arrays into the concatenation
-    ``np.concatenate([ckpt, tail])`` per kind: slots, prices, keys,
-    accounts, halt (at most one)."""
-    allr = _cat([ckpt, tail])
+def reduce_records(allr: np.ndarray) -> dict[str, np.ndarray]:
+    """The last record of each object in allr (the checkpoint's objects
+    first, then the tail in seq order).  Returns index arrays into allr per
+    kind: slots, prices, keys, accounts, halt (at most one), bad (kinds the
+    journal has not)."""
     kind = allr["kind"]
     slot = allr["id"] & np.uint64(lib.ENG_ID_SLOT_MASK)
     out: dict[str, np.ndarray] = {}
@@ -451,8 +463,8 @@ def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None
                            f"got {capacity}", None, None)
     kpp, max_accounts, n_records, flags = _options(meta)
     n_ck = len(ld.ckpt)
-    allr = _cat([ld.ckpt, ld.tail])
-    red = reduce_records(ld.ckpt, ld.tail)
+    allr = ld.allr
+    red = reduce_records(allr)
 
     def where(i: int) -> tuple[str, int]:
         if i < n_ck:
