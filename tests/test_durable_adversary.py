@@ -457,6 +457,20 @@ class TestCheckpoint:
         fresh = [got.open_account(1000, 1000, 5, 1000) for _ in range(4)]
         assert not set(fresh) & closed, "a restored engine reissued a closed account's id"
 
+    def test_keys_come_back_from_a_checkpoint(self, made: Made) -> None:
+        """Position keys (bound) and account keys written before a checkpoint are found after
+        a restore from it."""
+        eng = made.create()
+        a = eng.open_account(10**6, 10**6, 10, 10**6, key="desk")
+        p = eng.open_position(100.0, 1.0, account=a)
+        eng.bind_key(p, "bound")
+        eng.checkpoint()
+        flushed(eng)
+        got = made.restore(copy_dir(made.jdir(eng), made.dir("copy")))
+        assert got.restore_report.checkpoint is not None
+        assert (got.lookup("bound"), got.lookup_account("desk")) == (p, a), (
+            got.lookup("bound"), got.lookup_account("desk"))
+
     def test_a_truncated_checkpoint_is_refused_or_passed_over(self, made: Made) -> None:
         """A checkpoint cut short is named in an error or passed over for an older start; never half-used."""
         eng = made.create()
