@@ -17,6 +17,7 @@ import hashlib
 import os
 import pathlib
 import struct
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -1118,3 +1119,48 @@ class TestKillStorm:
     def test_sigkill_storm_long(self, made: Made, spawner: Any) -> None:
         """The same, 40 rounds of 4 workers."""
         storm(made, spawner, rounds=40, workers=4, seed=102)
+
+
+def crasher(name: str, d: str, conn: Any) -> None:
+    """Create a durable engine, commit, report the state, then SIGKILL itself
+    before anything is flushed or closed."""
+    import signal
+    eng = Engine.create(64, name=name, journal=d, journal_prices=True, journal_sync_ms=10_000)
+    w = Workload(eng, 111, halts=False)
+    run(w, 300)
+    fill(eng, 3000)
+    conn.send((dump(eng), eng.journal_seq, int(eng.durable_seq)))   # a pipe: sent when it returns
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TestCrashOfEveryProcess:
+    @pytest.mark.parametrize("how", ["attach-flush", "attach-unlink-close", "rm"])
+    def test_nothing_committed_is_lost(self, made: Made, spawner: Any, how: str,
+                                       child_env: dict[str, str]) -> None:
+        """Every process killed before a flush: attach and flush, or unlink, or `rm`, then
+        restore: every committed change comes back."""
+        import subprocess
+        name, d = made.names(), made.dir()
+        mine, theirs = spawner.ctx.Pipe()
+        p = spawner.start(crasher, name, str(d), theirs)
+        assert mine.poll(120), "the crasher never reported"
+        want, seq, durable = mine.recv()
+        p.join(30)
+        assert p.exitcode == -9
+        if how == "attach-flush":
+            with Engine.attach(name) as eng:
+                assert int(eng.flush(timeout=FLUSH_TIMEOUT)) >= seq
+                eng.unlink()
+        elif how == "attach-unlink-close":
+            eng = Engine.attach(name)
+            eng.unlink()
+            eng.close()
+        else:
+            r = subprocess.run([sys.executable, "-m", "engine", "rm", name], env=child_env,
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+        assert not segment_exists(name)
+        top = files_hold(d)
+        assert top >= seq, (f"{seq} records committed ({durable} durable at the kill), "
+                            f"the files hold {top} after {how}")
+        same(want, dump(made.restore(d, name=name)))
