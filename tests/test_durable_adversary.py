@@ -1048,7 +1048,7 @@ class TestDiskFull:
 
 
 # -- SIGKILL storms -------------------------------------------------------------------------
-def storm_worker(handle: Any, seed: int, out: str, ready: Any) -> None:
+def storm_worker(handle: Any, seed: int, out: str, ready: Any, checkpoints: bool) -> None:
     """The workload, with flushes and checkpoints, until killed; released ids to ``out``."""
     eng = Engine.attach(handle)
     w = Workload(eng, seed)
@@ -1063,17 +1063,19 @@ def storm_worker(handle: Any, seed: int, out: str, ready: Any) -> None:
         if w.rng.random() < 0.02:
             with contextlib.suppress(EngineError):
                 eng.flush(timeout=FLUSH_TIMEOUT)
-        if w.rng.random() < 0.003:
+        if checkpoints and w.rng.random() < 0.003:
             eng.checkpoint()
         if w.rng.random() < 0.01:
             eng.recover()
 
 
-def storm(made: Made, spawner: Any, rounds: int, workers: int, seed: int) -> None:
+def storm(made: Made, spawner: Any, rounds: int, workers: int, seed: int,
+          checkpoints: bool = True) -> None:
     import random
     import signal
     rng = random.Random(seed)
-    eng = made.create(capacity=48, max_accounts=16, checkpoint_records=500)
+    eng = made.create(capacity=48, max_accounts=16,
+                      checkpoint_records=500 if checkpoints else 0, checkpoint_s=0)
     w = Workload(eng, seed)
     run(w, 50)
     out = made.tmp / f"released-{seed}"
@@ -1082,7 +1084,7 @@ def storm(made: Made, spawner: Any, rounds: int, workers: int, seed: int) -> Non
         for k in range(workers):
             ready = spawner.ctx.Event()
             procs.append((spawner.start(storm_worker, eng.handle, seed * 1000 + r * 10 + k,
-                                        str(out), ready), ready))
+                                        str(out), ready, checkpoints), ready))
         for _, ready in procs:
             assert ready.wait(60)
         for p, _ in procs:
@@ -1114,6 +1116,10 @@ class TestKillStorm:
         """Workers killed at random (keys, accounts, releases, halts, flushes, checkpoints),
         recover, flush, unlink, restore: equal to the lost engine, books balanced."""
         storm(made, spawner, rounds=4, workers=3, seed=101)
+
+    def test_sigkill_storm_without_checkpoints(self, made: Made, spawner: Any) -> None:
+        """The same with no checkpoint: the restore replays the whole journal."""
+        storm(made, spawner, rounds=4, workers=3, seed=103, checkpoints=False)
 
     @pytest.mark.slow
     def test_sigkill_storm_long(self, made: Made, spawner: Any) -> None:
@@ -1164,3 +1170,54 @@ class TestCrashOfEveryProcess:
         assert top >= seq, (f"{seq} records committed ({durable} durable at the kill), "
                             f"the files hold {top} after {how}")
         same(want, dump(made.restore(d, name=name)))
+
+
+class TestPruning:
+    def test_a_corrupt_newest_checkpoint_after_pruning(self, made: Made) -> None:
+        """Checkpoints across several files (old files pruned), the newest one corrupt: the
+        restore falls back to the one before (its files kept) or names the bad one."""
+        eng = made.create()
+        w = Workload(eng, 121)
+        for _ in range(4):
+            run(w, 60)
+            fill(eng, FILE_RECORDS // 2 + 10)
+            eng.checkpoint()
+        run(w, 60)
+        flushed(eng)
+        d = copy_dir(made.jdir(eng), made.dir("copy"))
+        ckpts = checkpoint_files(d)
+        assert len(ckpts) >= 2, [c.name for c in ckpts]
+        assert first_seq(journal_files(d)[0]) > 1, "no journal file was pruned"
+        newest = ckpts[-1]
+        data = bytearray(newest.read_bytes())
+        data[HDR + FRAME + 20] ^= 0x04
+        newest.write_bytes(bytes(data))
+        try:
+            got = made.restore(d)
+        except EngineError as e:
+            assert newest.name in str(e), e
+            return
+        assert got.restore_report.checkpoint is not None
+        assert newest.name not in got.restore_report.checkpoint
+        same(dump(eng), dump(got))
+
+    def test_every_checkpoint_corrupt_after_pruning_is_refused(self, made: Made) -> None:
+        """Every checkpoint corrupt and the journal's first files pruned: refused, never a
+        restore from the files that are left (records missing)."""
+        eng = made.create()
+        w = Workload(eng, 122)
+        for _ in range(4):
+            run(w, 30)
+            fill(eng, FILE_RECORDS // 2 + 10)
+            eng.checkpoint()
+        flushed(eng)
+        d = copy_dir(made.jdir(eng), made.dir("copy"))
+        assert first_seq(journal_files(d)[0]) > 1, "no journal file was pruned"
+        for c in checkpoint_files(d):
+            data = bytearray(c.read_bytes())
+            data[HDR + 30] ^= 0x01
+            c.write_bytes(bytes(data))
+        name = made.names()
+        with pytest.raises(EngineError):
+            made.restore(d, name=name)
+        assert not segment_exists(name)
