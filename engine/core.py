@@ -44,6 +44,7 @@ from engine.accounts import (
     money_of,
     to_units,
 )
+from engine.durable.writer import Writer, durable_args, journal_dir, prepare_dir, write_meta
 from engine.errors import (
     ArgumentError,
     BusyError,
@@ -64,7 +65,6 @@ from engine.errors import (
     redact,
     shown,
 )
-from engine.durable.writer import Writer, durable_args, journal_dir, prepare_dir, write_meta
 from engine.journal import Event, JournalSource, JournalWaker, follow, follow_async
 from engine.metrics import Metrics, merge_shards, read_metrics, read_shards, shard_histograms
 from engine.records import ACCOUNT_ROW_DTYPE, PRICE_STRUCT, PRICES_DTYPE, Context, PriceSnapshot
@@ -342,7 +342,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
         if url is None and self._seg.durable != ffi.NULL:   # the journal on disk: a writer
             self._durable = Writer(self._seg, name)
             # after the store's finalizer: runs before it (the thread stops before the unmap)
-            weakref.finalize(self, self._durable.stop)
+            weakref.finalize(self, self._durable.shutdown)
         return self
 
     def _bind(self, name: str, spec: MachineSpec, impl: Store, url: str | None) -> None:
@@ -631,6 +631,8 @@ class Engine(_EngineBase, Generic[S, C, T]):
             # again and the hot calls on their C view
             if shm and lib.eng_check(self._seg) == 0:
                 lib.eng_gate_open(self._seg)
+                if self._durable is not None:
+                    self._durable.start()   # still attached: it writes (or watches) again
                 if _fastpath is not None:
                     _fastpath.bind(self, int(ffi.cast("uintptr_t", self._seg)), self._seg)
             raise

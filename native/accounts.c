@@ -479,9 +479,10 @@ static int finish_booked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *c, e
                          uint64_t AL, op_timer t)
 {
     uint64_t nw;
-    if (ctx_publish(s, sl, L, c, &nw) != 0) {                      /* B4, B5 */
+    int rc = ctx_publish(s, sl, L, c, &nw);                        /* B4, B5 */
+    if (rc) {
         acct_resolve(s, a, AL, t);   /* not committed (journal busy, or judged gone): the evidence decides */
-        return sw_state(L) ? ENG_CONFLICT : ENG_EBUSY;
+        return journal_refusal(rc, sw_state(L) ? ENG_CONFLICT : ENG_EBUSY);
     }
     die_if(s, ENG_FAULT_DIE_IN_BOOKING);
     acct_publish(a, AL);                                           /* B6 */

@@ -772,7 +772,8 @@ int eng_durable_fault(eng_seg *s, uint32_t flags)
     int rc = durable_check(s);
     if (rc)
         return rc;
-    if (flags & ~(uint32_t)(ENG_DJ_FAULT_NOSPACE | ENG_DJ_FAULT_DIE_MIDWRITE) ||
+    if (flags & ~(uint32_t)(ENG_DJ_FAULT_NOSPACE | ENG_DJ_FAULT_DIE_MIDWRITE |
+                            ENG_DJ_FAULT_DIE_IN_CKPT) ||
         (flags && !faults_allowed()))
         return ENG_EBADARG;
     store_release_u32(&s->durable->fault, flags);
@@ -973,8 +974,8 @@ static void ckpt_prune(eng_seg *s, eng_dw *w)
             if (k <= 0 || (size_t)k >= sizeof path)
                 continue;
             if (sscanf(e->d_name, "checkpoint-%20llu.ck%7s", &v, tail) == 2 &&
-                !strcmp(tail, "pt") && v < second)
-                unlink(path);
+                (!strcmp(tail, "pt") || !strcmp(tail, "pt.tmp")) && v < second)
+                unlink(path);   /* older checkpoints, and a dead checkpointer's .tmp */
             else if (sscanf(e->d_name, "journal-%20llu.lo%7s", &v, tail) == 2 &&
                      !strcmp(tail, "g") && v + fr - 1 <= second)
                 unlink(path);
@@ -1019,6 +1020,8 @@ static int durable_checkpoint_locked(eng_seg *s, eng_dw *w, uint64_t *out_start)
      * checkpoint is: a restore never holds a change its journal lost */
     if (!err)
         rc = durable_upto(s, w, eng_journal_seq(s));
+    if (!err && !rc && dj_fault(s, ENG_DJ_FAULT_DIE_IN_CKPT))
+        kill(getpid(), SIGKILL);   /* holding ckpt_lock, the .tmp whole */
     if (!err && !rc && rename(tmp, path))
         err = errno;
     if (!err && !rc)
@@ -1028,6 +1031,9 @@ static int durable_checkpoint_locked(eng_seg *s, eng_dw *w, uint64_t *out_start)
     if (err || rc) {
         unlink(tmp);
         store_release_u32(&d->ckpt_lock, 0);
+        durable_fill_info(s, &durable_refused);
+        if (!rc)   /* the checkpoint's own write failed: the journal goes on */
+            durable_refused.failure = err;
         return rc ? rc : ENG_EDURABLE;
     }
     store_relaxed_u64(&d->ckpt_prev, load_relaxed_u64(&d->ckpt_start));
@@ -1051,7 +1057,5 @@ int eng_durable_checkpoint(eng_seg *s, eng_dw *w, uint64_t *out_start)
     pthread_mutex_lock(&w->mu);
     rc = durable_checkpoint_locked(s, w, out_start);
     pthread_mutex_unlock(&w->mu);
-    if (rc == ENG_EDURABLE || rc == ENG_ETIMEDOUT)
-        durable_fill_info(s, &durable_refused);
     return rc;
 }

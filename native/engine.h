@@ -845,6 +845,7 @@ typedef struct eng_shard {
 /* eng_durable.fault (tests only, eng_durable_fault; honoured where eng_test_faults is on) */
 #define ENG_DJ_FAULT_NOSPACE 1             /* a reservation fails with ENOSPC */
 #define ENG_DJ_FAULT_DIE_MIDWRITE 2        /* the writer writes half a batch, then SIGKILLs itself */
+#define ENG_DJ_FAULT_DIE_IN_CKPT 4         /* a checkpoint SIGKILLs itself: its .tmp whole, not renamed */
 
 /*
  * The durable area (one per durable segment, after the journal ring):

@@ -338,8 +338,9 @@ static int ctx_publish(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx, u
 static int finish_locked(eng_seg *s, eng_slot *sl, uint64_t L, eng_ctx_rec *ctx)
 {
     uint64_t nw;
-    if (ctx_publish(s, sl, L, ctx, &nw) != 0)   /* the journal's latch busy past the bound */
-        return sw_state(L) ? ENG_CONFLICT : ENG_EBUSY;   /* (or taken over: only if proven dead) */
+    int rc = ctx_publish(s, sl, L, ctx, &nw);
+    if (rc)   /* the journal's latch busy past the bound (or taken over: only if proven dead) */
+        return journal_refusal(rc, sw_state(L) ? ENG_CONFLICT : ENG_EBUSY);
     commit_after(s, sl, sw_unlocked(L), nw);
     return ENG_APPLIED;
 }

@@ -10,6 +10,7 @@ stopped.  The file format is native/engine.h's ("The journal on disk").
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import pickle
@@ -34,9 +35,11 @@ def journal_dir(journal: Any) -> str | None:
     in the segment only (True, False, None)."""
     if journal is None or isinstance(journal, bool):
         return None
-    if not isinstance(journal, (str, os.PathLike)):
-        raise EngineTypeError(f"journal must be True, False, None or a directory (str or "
-                              f"os.PathLike), got {journal!r}")
+    # a str must be an absolute path: journal="yes" is a mistake, not a directory
+    if not isinstance(journal, os.PathLike) and not (isinstance(journal, str) and
+                                                     journal.startswith("/")):
+        raise EngineTypeError(f"journal must be True, False, None or a directory (an absolute "
+                              f"path str, or an os.PathLike), got {journal!r}")
     path = os.path.abspath(os.fspath(journal))
     if not isinstance(path, str):
         raise EngineTypeError(f"journal must be a str path, got {journal!r}")
@@ -131,9 +134,26 @@ class Writer:
         if dw == ffi.NULL:
             raise MemoryError("cannot allocate the journal writer's state")
         self._dw = ffi.gc(dw, lib.eng_dw_free)
-        self._thread = threading.Thread(target=_run, args=(seg, self._dw), name=THREAD_NAME,
-                                        daemon=True)
+        self._thread = threading.Thread()
+        self.start()
+
+    def start(self) -> None:
+        """Start the thread (again, after ``stop``: a close that did not happen)."""
+        if self._thread.is_alive() or os.getpid() != self._pid:
+            return
+        lib.eng_dw_stop(self._dw, 0)
+        self._thread = threading.Thread(target=_run, args=(self._seg, self._dw),
+                                        name=THREAD_NAME, daemon=True)
         self._thread.start()
+
+    def shutdown(self) -> None:
+        """The Engine's finalizer (garbage-collected or at exit without close):
+        stop, then write what this Engine can; never raises."""
+        if os.getpid() != self._pid:
+            return
+        self.stop()
+        with contextlib.suppress(Exception):
+            self.release()
 
     @property
     def running(self) -> bool:
@@ -192,3 +212,31 @@ class Writer:
         if rc:
             raise_for(rc, name=self._name)
         return out
+
+
+class _Owner:
+    """What a raw attach's mapping belongs to (flush_segment)."""
+
+
+def flush_segment(name: str) -> int | None:
+    """``python -m engine rm NAME``: before the segment goes, write and
+    fdatasync its journal's records not yet on disk (taking the writer lease
+    if it is free or its holder is dead).  The durable seq; None if the
+    segment's journal is not written to files."""
+    from engine.spec import POSITION_SPEC
+    from engine.store.shm import attach_mapped, open_mapped
+
+    owner = _Owner()   # the mapping lives as long as it does: keep it until the end
+    att = attach_mapped(owner, name, open_mapped(name), POSITION_SPEC, check_spec=False)
+    try:
+        if att.seg.durable == ffi.NULL:
+            return None
+        dw = ffi.gc(lib.eng_dw_new(), lib.eng_dw_free)
+        out = ffi.new("uint64_t *")
+        rc = lib.eng_durable_release(att.seg, dw, 0, out)
+        if rc:
+            raise_for(rc, name=name)
+        return int(out[0])
+    finally:
+        att.finalizer()
+        del owner

@@ -575,6 +575,20 @@ def _ever_attached(info: SegmentInfo, fd: int) -> bool:
     return bool(np.frombuffer(data, dtype=PROC_DTYPE, count=lib.ENG_MAX_PROCS)["incarnation"].any())
 
 
+def _flush_journal(name: str, force: bool) -> bool:
+    """rm: a segment whose journal is written to files has its records not yet
+    on disk written and fdatasynced first.  False: that failed, refuse."""
+    from engine.durable.writer import flush_segment
+    try:
+        flush_segment(name)
+    except EngineError as e:
+        _err(f"rm: the journal of {name!r} could not be written to its files ({e}); "
+             + ("removing it anyway (--force)" if force else
+                "refusing (--force removes it anyway: its records not on disk are lost)"))
+        return force
+    return True
+
+
 def _rm_stale(args: argparse.Namespace) -> int:
     """Remove every engine segment no live process holds (of ``args.names``
     if given: the others are left alone, held ones kept without an error).
@@ -677,6 +691,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
                     _err(f"rm: segment {name!r} is held by {len(live)} live process(es), "
                          f"pids {', '.join(map(str, live))}; refusing (--force removes it "
                          "anyway: they keep their mappings until they exit)")
+                    code = max(code, EXIT_REFUSED)
+                    continue
+                if not _flush_journal(name, args.force):
                     code = max(code, EXIT_REFUSED)
                     continue
         except FileNotFoundError:

@@ -129,6 +129,11 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--scaling-systems", nargs="+", choices=SYSTEMS, default=None,
                    metavar="SYSTEM",
                    help=f"systems of the sweep (default {' '.join(SCALING_SYSTEMS)})")
+    p.add_argument("--durable", action="store_true",
+                   help="also measure the journal on disk: durable records/s, flush() "
+                        "p50/p99, bytes per transition, and SQLite (WAL) side by side")
+    p.add_argument("--durable-only", action="store_true",
+                   help="measure the journal on disk and nothing else")
     p.set_defaults(func=run)
 
 
@@ -178,6 +183,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
+    if args.durable or args.durable_only:   # the journal on disk (engine/durable/bench.py)
+        from engine.durable import bench as durable_bench
+        print("\n".join(durable_bench.report_lines(durable_bench.measure(plan.seconds))),
+              flush=True)
+        if args.durable_only:
+            return 0
     compare = not args.scaling_only
     probe = probe_host(plan if compare or sweep is None else sweep)
     res, summary, breakdown = Results(), None, None
