@@ -1255,10 +1255,14 @@ int      eng_restore_format(eng_seg *s, void *base, uint64_t size, uint32_t capa
                             uint32_t creator_pid, const eng_rec_layout *rec,
                             uint32_t max_accounts, uint32_t journal_records,
                             uint32_t journal_flags);
-int      eng_restore_slots(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out_bad);
-int      eng_restore_prices(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out_bad);
-int      eng_restore_keys(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out_bad);
-int      eng_restore_accounts(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out_bad);
+int      eng_restore_slots(eng_seg *s, const eng_jrec *recs, uint64_t n_recs,
+                         const uint64_t *idx, uint64_t n, uint64_t *out_bad);
+int      eng_restore_prices(eng_seg *s, const eng_jrec *recs, uint64_t n_recs,
+                         const uint64_t *idx, uint64_t n, uint64_t *out_bad);
+int      eng_restore_keys(eng_seg *s, const eng_jrec *recs, uint64_t n_recs,
+                         const uint64_t *idx, uint64_t n, uint64_t *out_bad);
+int      eng_restore_accounts(eng_seg *s, const eng_jrec *recs, uint64_t n_recs,
+                         const uint64_t *idx, uint64_t n, uint64_t *out_bad);
 int      eng_restore_ring(eng_seg *s, const eng_jrec *recs, uint64_t n);
 int      eng_restore_finish(eng_seg *s, uint32_t halted, uint64_t next_seq, int64_t last_ts,
                             uint64_t *out_bad);

@@ -117,16 +117,31 @@ static int word_ok(const eng_seg *s, uint64_t w, uint32_t kind)
     return st != 0 && (st & (st - 1)) == 0 && onehot_index(st) < s->hdr->n_states;
 }
 
+/* Record i of a batch: recs[idx[i]] (idx NULL: recs[i]); NULL if past n_recs. */
+static inline const eng_jrec *pick(const eng_jrec *recs, uint64_t n_recs, const uint64_t *idx,
+                                   uint64_t i)
+{
+    uint64_t k = idx ? idx[i] : i;
+    return k < n_recs ? &recs[k] : NULL;
+}
+
+/* R2 calls take a batch as n records recs[idx[0]], ... (idx NULL: recs[0],
+ * ...) of the n_recs at recs, so a caller places its picks without copying
+ * them out; *out_bad: the batch index of a record refused. */
+
 /* R2: the last slot record (open, transition or release) of each slot, in
  * any order, one per slot.  A released slot keeps its opening count (its
  * ids stay stale) and its generation. */
-int eng_restore_slots(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out_bad)
+int eng_restore_slots(eng_seg *s, const eng_jrec *recs, uint64_t n_recs, const uint64_t *idx,
+                      uint64_t n, uint64_t *out_bad)
 {
     if (!restoring(s) || (!recs && n) || !out_bad)
         return ENG_EBADARG;
     for (uint64_t i = 0; i < n; i++) {
-        const eng_jrec *r = &recs[i];
+        const eng_jrec *r;
         *out_bad = i;
+        if (!(r = pick(recs, n_recs, idx, i)))
+            return ENG_EBADARG;
         uint64_t slot = r->id & ENG_ID_SLOT_MASK;
         uint32_t opening = id_opening(r->id);
         if (r->id > ENG_ID_MAX || slot >= s->capacity || opening == 0 || !slot_kind(r->kind) ||
@@ -161,13 +176,16 @@ int eng_restore_slots(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *ou
 /* R2: the last price record of each open position (after eng_restore_slots):
  * a record of another opening than the slot's is skipped (the open's own
  * price stands, see R4); the price sequence is the record's. */
-int eng_restore_prices(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out_bad)
+int eng_restore_prices(eng_seg *s, const eng_jrec *recs, uint64_t n_recs, const uint64_t *idx,
+                      uint64_t n, uint64_t *out_bad)
 {
     if (!restoring(s) || (!recs && n) || !out_bad)
         return ENG_EBADARG;
     for (uint64_t i = 0; i < n; i++) {
-        const eng_jrec *r = &recs[i];
+        const eng_jrec *r;
         *out_bad = i;
+        if (!(r = pick(recs, n_recs, idx, i)))
+            return ENG_EBADARG;
         uint64_t slot = r->id & ENG_ID_SLOT_MASK;
         eng_price_rec p;
         memcpy(&p, r->w, sizeof p);
@@ -190,13 +208,16 @@ int eng_restore_prices(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *o
  * its length); a key of an opening not open is skipped.  The key goes into
  * its record and a cell of one of its buckets; a key already held, or both
  * buckets full (the new segment hashes with a new seed), is an error. */
-int eng_restore_keys(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out_bad)
+int eng_restore_keys(eng_seg *s, const eng_jrec *recs, uint64_t n_recs, const uint64_t *idx,
+                      uint64_t n, uint64_t *out_bad)
 {
     if (!restoring(s) || (!recs && n) || !out_bad)
         return ENG_EBADARG;
     for (uint64_t i = 0; i < n; i++) {
-        const eng_jrec *r = &recs[i];
+        const eng_jrec *r;
         *out_bad = i;
+        if (!(r = pick(recs, n_recs, idx, i)))
+            return ENG_EBADARG;
         uint64_t slot = r->id & ENG_ID_SLOT_MASK;
         if (r->kind != ENG_JK_KEY || r->id > ENG_ID_MAX || slot >= s->capacity ||
             r->word >= s->kpp || r->version < 1 || r->version > ENG_KEY_MAX)
@@ -253,13 +274,16 @@ int eng_restore_keys(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out
 /* R2: the last record of each account: its books (w), key (see
  * ENG_DJ_ACCT_KEY_WORD) and version.  A closed account keeps its opening
  * count (its ids stay stale). */
-int eng_restore_accounts(eng_seg *s, const eng_jrec *recs, uint64_t n, uint64_t *out_bad)
+int eng_restore_accounts(eng_seg *s, const eng_jrec *recs, uint64_t n_recs, const uint64_t *idx,
+                      uint64_t n, uint64_t *out_bad)
 {
     if (!restoring(s) || (!recs && n) || !out_bad)
         return ENG_EBADARG;
     for (uint64_t i = 0; i < n; i++) {
-        const eng_jrec *r = &recs[i];
+        const eng_jrec *r;
         *out_bad = i;
+        if (!(r = pick(recs, n_recs, idx, i)))
+            return ENG_EBADARG;
         uint64_t index = r->id & ENG_ID_SLOT_MASK;
         eng_books b;
         memcpy(&b, r->w, sizeof b);

@@ -7,8 +7,8 @@ engine as journal files, and a checkpoint read from its segment.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import queue
 import random
 import subprocess
 import sys
@@ -19,14 +19,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+from restore_helpers import (
+    checkpoint_records,
+    ring_records,
+    state_of,
+    write_directory,
+    write_journal,
+)
 
 from engine import Engine, Outcome, RestoreError, SegmentError, StaleIdError, Trigger
-from engine.errors import SegmentNotFoundError
 from engine._native import lib
 from engine.durable import format as fmt
 from engine.errors import StaleAccountError
-from restore_helpers import checkpoint_records, ring_records, state_of, write_directory, \
-    write_journal
 
 T = Trigger
 
@@ -92,7 +96,7 @@ def _gone(eng: Engine) -> str:
 
 class TestRestoreEqual:
     def test_everything_equal_after_restore(self, names: Any, tmp_path: Path) -> None:
-        """positions, ids, states, records, keys, prices, accounts with keys and halt come back equal."""
+        """positions, ids, states, records, keys, prices, accounts, halt: all equal."""
         eng = _create(names())
         info = workload(eng, random.Random(1))
         before, seq = state_of(eng), eng.journal_seq
@@ -117,7 +121,7 @@ class TestRestoreEqual:
             r.close()
 
     def test_checkpoint_then_tail_equal(self, names: Any, tmp_path: Path) -> None:
-        """a checkpoint mid-workload plus the records after it restores the same as the whole journal."""
+        """a checkpoint mid-workload plus the records after it: the same engine."""
         eng = _create(names())
         workload(eng, random.Random(2), n=20)
         ckpt = checkpoint_records(eng)
@@ -141,7 +145,7 @@ class TestRestoreEqual:
             r.close()
 
     def test_journal_continues_at_the_next_seq(self, names: Any, tmp_path: Path) -> None:
-        """the restored engine's first record has seq = last restored seq + 1, and events() reads the tail."""
+        """the first record after restore has seq last + 1; events() reads the tail."""
         eng = _create(names())
         p = eng.open_position(10.0, 1.0)
         eng.transition(p, T.POSITION_OPENED)
@@ -179,7 +183,7 @@ class TestRestoreEqual:
 
 class TestRestoreRefused:
     def test_existing_name_refused_and_unchanged(self, names: Any, tmp_path: Path) -> None:
-        """restoring over an existing name raises and changes neither the engine nor the directory."""
+        """restore over an existing name raises; the engine and the directory are unchanged."""
         eng = _create(names())
         workload(eng, random.Random(4), n=10)
         write_directory(tmp_path, eng)
@@ -196,7 +200,7 @@ class TestRestoreRefused:
             eng.close()
 
     def test_crafted_record_is_an_error_not_a_crash(self, names: Any, tmp_path: Path) -> None:
-        """a record naming a slot past the capacity (CRC valid) is a RestoreError with its file and offset; nothing is created."""
+        """a crafted record (slot past capacity): RestoreError at its file/offset, no segment."""
         eng = _create(names())
         eng.open_position(10.0, 1.0)
         recs = ring_records(eng)
@@ -211,7 +215,7 @@ class TestRestoreRefused:
         assert not os.path.exists(f"/dev/shm/{name}")
 
     def test_missing_records_are_an_error(self, names: Any, tmp_path: Path) -> None:
-        """a gap between journal files (a file lost) stops the restore with the file named."""
+        """a gap between journal files (one lost) stops the restore, naming the file."""
         eng = _create(names())
         for _ in range(6):
             eng.open_position(10.0, 1.0)
@@ -221,6 +225,42 @@ class TestRestoreRefused:
         files[1].unlink()
         _gone(eng)
         with pytest.raises(RestoreError, match="missing"):
+            Engine.restore(tmp_path)
+
+    def test_gap_before_the_checkpoint_is_not_needed(self, names: Any, tmp_path: Path) -> None:
+        """a file missing before the checkpoint's start seq is not needed: restored, equal."""
+        eng = _create(names())
+        for _ in range(4):
+            eng.open_position(10.0, 1.0)
+        ckpt = checkpoint_records(eng)
+        for _ in range(4):
+            eng.open_position(11.0, 1.0)
+        before = state_of(eng)
+        os.makedirs(tmp_path, exist_ok=True)
+        fmt.write_meta(tmp_path, eng)
+        fmt.write_checkpoint(tmp_path, ckpt[0], ckpt[1])
+        files = write_journal(tmp_path, ring_records(eng), per_file=2)
+        files[1].unlink()   # seqs 3-4: covered by the checkpoint
+        _gone(eng)
+        r = Engine.restore(tmp_path)
+        try:
+            assert state_of(r) == before and r.restore_report.records_replayed == 4
+        finally:
+            r.unlink()
+            r.close()
+
+    def test_overlapping_files_are_an_error(self, names: Any, tmp_path: Path) -> None:
+        """two files holding the same seqs stop the restore (never a record applied twice)."""
+        eng = _create(names())
+        for _ in range(4):
+            eng.open_position(10.0, 1.0)
+        recs = ring_records(eng)
+        os.makedirs(tmp_path, exist_ok=True)
+        fmt.write_meta(tmp_path, eng)
+        write_journal(tmp_path, recs[:3])
+        write_journal(tmp_path, recs[1:])
+        _gone(eng)
+        with pytest.raises(RestoreError, match="repeated"):
             Engine.restore(tmp_path)
 
 
@@ -238,7 +278,7 @@ class TestTornAndCorrupt:
     @pytest.mark.parametrize("seed", range(6))
     def test_torn_tail_at_random_offset_is_cut(self, names: Any, tmp_path: Path,
                                                seed: int) -> None:
-        """a file cut at a random byte restores the whole records before the cut and reports where."""
+        """a file cut at a random byte: the records before the cut, the cut reported."""
         rng = random.Random(seed)
         eng = _create(names())
         workload(eng, rng, n=12)
@@ -277,7 +317,7 @@ class TestTornAndCorrupt:
 
     def test_flipped_byte_mid_file_stops_with_file_and_offset(self, names: Any,
                                                               tmp_path: Path) -> None:
-        """one flipped byte in a record with valid records after it: RestoreError naming file and frame offset, no segment."""
+        """a flipped byte mid-file: RestoreError naming file and frame offset, no segment."""
         eng = _create(names())
         workload(eng, random.Random(5), n=10)
         os.makedirs(tmp_path, exist_ok=True)
@@ -295,7 +335,7 @@ class TestTornAndCorrupt:
         assert not os.path.exists(f"/dev/shm/{name}")
 
     def test_bad_newest_checkpoint_falls_back(self, names: Any, tmp_path: Path) -> None:
-        """a checkpoint with a flipped byte is skipped (reported) for the journal from the start."""
+        """a checkpoint with a flipped byte is skipped (reported): the journal from seq 1."""
         eng = _create(names())
         workload(eng, random.Random(6), n=10)
         before = state_of(eng)
@@ -318,7 +358,7 @@ class TestTornAndCorrupt:
 class TestCli:
     def test_cli_restore_prints_the_report(self, names: Any, tmp_path: Path,
                                            child_env: dict[str, str]) -> None:
-        """python -m engine restore DIR --name N restores and prints the report; again: refused, exit 1."""
+        """`restore DIR --name N` prints the report; again: refused, exit 1."""
         eng = _create(names())
         eng.open_position(10.0, 1.0)
         write_directory(tmp_path, eng)
@@ -346,7 +386,7 @@ class TestBookedCloses:
     @pytest.mark.parametrize("with_ckpt", [False, True])
     def test_closes_after_the_accounts_last_record_are_booked(
             self, names: Any, tmp_path: Path, with_ckpt: bool) -> None:
-        """booked closes after the account's last record (at an exit price, at a journaled price) give the same books."""
+        """booked closes after the account's last record (exit / journaled price): same books."""
         eng = _create(names())
         a = eng.open_account(100_000, 100_000, 50, 50_000, key="acct")
         ps = [eng.open_position(100.0 + i, 2.0, side=1 if i % 2 else -1, account=a)
@@ -377,7 +417,7 @@ class TestBookedCloses:
             r.close()
 
     def test_unpriced_close_is_reported(self, names: Any, tmp_path: Path) -> None:
-        """without journaled prices a close at the last price cannot be booked exactly: the report counts it."""
+        """without journaled prices a close at the last price is counted as unpriced."""
         eng = _create(names(), journal_prices=False)
         a = eng.open_account(100_000, 100_000, 50, 50_000)
         p = eng.open_position(100.0, 2.0, side=1, account=a)
@@ -423,7 +463,7 @@ def _attacher(name: str, ready: Any, out: Any, deadline_s: float) -> None:
 class TestRestoreRacingAttach:
     def test_attach_never_sees_half_a_restore(self, names: Any, tmp_path: Path,
                                               spawner: Any) -> None:
-        """an attach racing a restore fails cleanly (SegmentError) or sees all of it, never part."""
+        """an attach racing a restore fails cleanly or sees all of it, never part."""
         name = names()
         eng = Engine.create(40_000, name=name, journal=True, journal_records=1 << 16,
                             max_accounts=4)
@@ -469,10 +509,8 @@ def _booking_worker(name: str, acct: int, seed: int, ready: Any) -> None:
                 eng.transition(p, T.POSITION_OPENED)
                 eng.update_price(p, 15.0 + rng.random() * 20)
                 if rng.random() < 0.3:
-                    try:
+                    with contextlib.suppress(Exception):
                         eng.bind_key(p, f"w{seed}-{n}")
-                    except Exception:
-                        pass
             for pos in eng.snapshot()["id"][:3] if rng.random() < 0.5 else ():
                 pos = int(pos)
                 for trig in (T.EXIT_CONDITION_MET, T.EXIT_STARTED):
@@ -499,7 +537,7 @@ def _books_invariant(eng: Engine) -> None:
 class TestRestoreAfterKills:
     def test_sigkilled_workers_recover_then_restore_equal(self, names: Any, tmp_path: Path,
                                                           spawner: Any) -> None:
-        """workers SIGKILLed at random points, recover(): the restore equals the engine that was lost, books invariant holds."""
+        """SIGKILLed workers, recover(): the restore equals the lost engine; books hold."""
         from procs import sigkill
         name = names()
         eng = Engine.create(256, name=name, journal=True, journal_records=1 << 18,
@@ -529,6 +567,86 @@ class TestRestoreAfterKills:
             assert state_of(r) == before
             _books_invariant(r)
             assert r.restore_report.unpriced_closes == 0
+        finally:
+            r.unlink()
+            r.close()
+
+
+class TestCraftedFiles:
+    def test_mutated_sealed_records_never_crash(self, names: Any, tmp_path: Path) -> None:
+        """records with random fields (CRC resealed): restored or a typed error, no segment left."""
+        from engine.errors import EngineError
+        eng = _create(names())
+        workload(eng, random.Random(8), n=16)
+        recs = ring_records(eng)
+        os.makedirs(tmp_path, exist_ok=True)
+        fmt.write_meta(tmp_path, eng)
+        _gone(eng)
+        rng = random.Random(9)
+        fields = ["kind", "id", "word", "trigger", "version", "w", "seq"]
+        outcomes = {"ok": 0, "refused": 0}
+        for _ in range(150):
+            bad = recs.copy()
+            for _ in range(rng.randrange(1, 4)):
+                i, f = rng.randrange(len(bad)), rng.choice(fields)
+                if f == "w":
+                    bad["w"][i][rng.randrange(lib.ENG_MAX_FIELD_WORDS)] = rng.getrandbits(64)
+                elif f in ("kind", "trigger"):
+                    bad[f][i] = rng.choice((rng.getrandbits(32), rng.randrange(8)))
+                else:
+                    bad[f][i] = rng.choice((rng.getrandbits(64), rng.getrandbits(8),
+                                            int(bad[f][i]) ^ (1 << rng.randrange(64))))
+            for old in tmp_path.glob("journal-*"):
+                old.unlink()
+            write_journal(tmp_path, bad)
+            n = names()
+            try:
+                r = Engine.restore(tmp_path, name=n)
+            except EngineError:
+                outcomes["refused"] += 1
+                assert not os.path.exists(f"/dev/shm/{n}"), "a refused restore left a segment"
+                continue
+            outcomes["ok"] += 1
+            r.snapshot()
+            r.accounts()
+            r.unlink()
+            r.close()
+        assert outcomes["refused"] > 0
+
+
+def _restorer(directory: str, name: str) -> None:
+    Engine.restore(directory, name=name).close()
+
+
+class TestRestoreKilled:
+    def test_restore_killed_midway_leaves_nothing_attachable(self, names: Any, tmp_path: Path,
+                                                             spawner: Any) -> None:
+        """a restore SIGKILLed mid-way: attach refuses the segment; rm, restore again: equal."""
+        from procs import sigkill, until
+        name = names()
+        eng = Engine.create(60_000, name=name, journal=True, journal_records=1 << 16)
+        for i in range(30_000):
+            eng.open_position(10.0 + i % 50, 1.0, token=i % 100)
+        before = state_of(eng)
+        write_directory(tmp_path, eng)
+        _gone(eng)
+        shm_path = Path("/dev/shm") / name
+        p = spawner.start(_restorer, str(tmp_path), name)
+        until(lambda: shm_path.exists() or p.exitcode is not None, "the restore to create")
+        sigkill(p, may_have_exited=True)
+        try:
+            r = Engine.attach(name)
+        except SegmentError:   # killed before ready: never attachable, and refused again
+            with pytest.raises(SegmentError, match="already exists"):
+                Engine.restore(tmp_path)
+            # as after a create killed mid-way: a segment not ready (or not yet
+            # sized: not an engine segment) is removed by rm (--force)
+            out = subprocess.run([sys.executable, "-m", "engine", "rm", "--force", name],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            r = Engine.restore(tmp_path)
+        try:
+            assert state_of(r) == before
         finally:
             r.unlink()
             r.close()

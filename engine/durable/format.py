@@ -67,9 +67,11 @@ assert FRAME_BYTES == 8 + JREC_SIZE and ffi.sizeof("eng_jrec") == JREC_SIZE
 _HDR = struct.Struct("<IIIIQQ")
 
 
-def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
-    """The CRC-32C (Castagnoli) of ``data``, continuing ``crc``."""
-    return int(lib.eng_dj_crc32c(crc, ffi.from_buffer(data), len(data)))
+def crc32c(data: bytes | bytearray | memoryview | np.ndarray, crc: int = 0) -> int:
+    """The CRC-32C (Castagnoli) of ``data`` (bytes, or a contiguous uint8
+    array), continuing ``crc``."""
+    n = data.nbytes if isinstance(data, np.ndarray) else len(data)
+    return int(lib.eng_dj_crc32c(crc, ffi.from_buffer(data), n))
 
 
 def journal_name(first_seq: int) -> str:

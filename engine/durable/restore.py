@@ -18,6 +18,7 @@ anything is read into it (the create is exclusive).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -30,8 +31,7 @@ from engine._native import ffi, lib
 from engine.durable import format as fmt
 from engine.errors import RestoreError
 from engine.spec import MachineSpec
-from engine.store import check_name
-from engine.store import shm
+from engine.store import check_name, shm
 
 __all__ = ["RestoreReport", "load_directory", "reduce_records", "restore"]
 
@@ -228,10 +228,13 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
                                str(path), bad)
         end = fmt.FILE_HDR + stop * fmt.FRAME_BYTES
         cut = (str(path), end) if np.frombuffer(data, np.uint8, offset=end).any() else None
-        if prev_last is not None and stop and first != prev_last + 1:
+        # a gap or an overlap matters where the restore needs the records
+        if prev_last is not None and stop and first != prev_last + 1 and \
+                max(first - 1, prev_last) > ckpt_seq:
             where = prev_cut or (files[-1], -1)
             raise RestoreError(f"{path}: starts at seq {first}, the file before ends at seq "
-                               f"{prev_last} (records missing in the middle: nothing restored)",
+                               f"{prev_last} (records missing or repeated in the middle: nothing "
+                               "restored)",
                                where[0], where[1] if where[1] >= 0 else None)
         if stop:
             files.append(str(path))
@@ -436,15 +439,26 @@ def _options(meta: dict[str, Any]) -> tuple[int, int, int, int]:
     return kpp, acc, n_records, flags
 
 
-def _place(seg: Any, call: Any, recs: np.ndarray, where: Any, what: str) -> None:
-    """Place recs in batches through call; a refusal names the record's file
-    and offset (where(i) for the index into recs)."""
+def _place(seg: Any, call: Any, recs: np.ndarray, idx: np.ndarray | None, where: Any,
+           what: str) -> None:
+    """Place recs[idx] (idx None: all of recs) in batches through call, with
+    no copy of the records; a refusal names the record's file and offset
+    (where(i) for the index into recs)."""
     bad = ffi.new("uint64_t *")
-    for start in range(0, len(recs), BATCH):
-        chunk = np.ascontiguousarray(recs[start:start + BATCH])
-        rc = call(seg, ffi.cast("eng_jrec *", ffi.from_buffer(chunk)), len(chunk), bad)
+    recs = np.ascontiguousarray(recs)
+    base = ffi.cast("eng_jrec *", ffi.from_buffer(recs)) if len(recs) else ffi.NULL
+    n = len(recs) if idx is None else len(idx)
+    picks = None if idx is None else np.ascontiguousarray(idx, dtype=np.uint64)
+    for start in range(0, n, BATCH):
+        if picks is None:
+            rc = call(seg, base + start, len(recs) - start, ffi.NULL, min(BATCH, n - start), bad)
+        else:
+            chunk = picks[start:start + BATCH]
+            rc = call(seg, base, len(recs), ffi.cast("uint64_t *", ffi.from_buffer(chunk)),
+                      len(chunk), bad)
         if rc:
-            path, off = where(start + int(bad[0]))
+            i = start + int(bad[0])
+            path, off = where(i if idx is None else int(idx[i]))
             raise RestoreError(f"{path}: the {what} record at byte {off} is refused "
                                f"({ffi.string(lib.eng_strerror(rc)).decode()}, code {rc})",
                                path, off)
@@ -486,7 +500,11 @@ def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None
     acct_last = {int(acct_recs["id"][i]) & lib.ENG_ID_SLOT_MASK: int(acct_idx[i])
                  for i in range(len(acct_recs))}
     bumps: dict[int, int] = {}
-    unpriced = _booked_closes(ld, allr, acct_last, books, bumps) if books else 0
+    try:
+        unpriced = _booked_closes(ld, allr, acct_last, books, bumps) if books else 0
+    except (OverflowError, ValueError) as e:   # crafted books or fields: beyond int64
+        raise RestoreError(f"{directory}: the booked closes cannot be booked ({e})",
+                           str(directory), None) from None
     for i in range(len(acct_recs)):
         more = bumps.get(int(acct_recs["id"][i]) & lib.ENG_ID_SLOT_MASK, 0)
         acct_recs["version"][i] += np.uint64(more)
@@ -512,12 +530,11 @@ def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None
                 raise RestoreError(f"meta.json: the segment cannot be formatted for it "
                                    f"(code {rc})", None, None)
 
-            def at(idx: np.ndarray) -> Any:
-                return lambda i: where(int(idx[i]))
-            _place(seg, lib.eng_restore_slots, allr[red["slots"]], at(red["slots"]), "slot")
-            _place(seg, lib.eng_restore_prices, allr[red["prices"]], at(red["prices"]), "price")
-            _place(seg, lib.eng_restore_keys, allr[red["keys"]], at(red["keys"]), "key")
-            _place(seg, lib.eng_restore_accounts, acct_recs, at(acct_idx), "account")
+            _place(seg, lib.eng_restore_slots, allr, red["slots"], where, "slot")
+            _place(seg, lib.eng_restore_prices, allr, red["prices"], where, "price")
+            _place(seg, lib.eng_restore_keys, allr, red["keys"], where, "key")
+            _place(seg, lib.eng_restore_accounts, acct_recs, None,
+                   lambda i: where(int(acct_idx[i])), "account")
             if n_records and len(ld.tail):
                 ring = np.ascontiguousarray(ld.tail[-(n_records - 1):])
                 rc = lib.eng_restore_ring(seg, ffi.cast("eng_jrec *", ffi.from_buffer(ring)),
@@ -533,7 +550,10 @@ def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None
                                    f"account that is not open (code {rc})", None, None)
     except BaseException:
         mm.close()
-        shm.unlink(name)
+        with contextlib.suppress(OSError):   # only the segment this restore created
+            st = os.stat(shm.path_of(name))
+            if (st.st_dev, st.st_ino) == ident:
+                shm.unlink(name)
         raise
     report = RestoreReport(name, len(ld.tail), ld.ckpt_name, ld.ckpt_seq, last_seq,
                            ld.tail_cut, ld.skipped, unpriced, 0.0)
