@@ -835,6 +835,7 @@ def lease_holder(name: str, d: str, kw: dict[str, Any], q: Any, cmd: Any) -> Non
     the parent asks: "commit N", "die-midwrite", "checkpoint-loop", "idle"."""
     eng = Engine.create(64, name=name, journal=d, journal_prices=True, **kw)
     acct = eng.open_account(10**6, 10**6, 64, 10**6)
+    eng.flush(timeout=FLUSH_TIMEOUT)   # a record to write: this process takes the lease
     q.put(("ready", eng.handle, acct))
     while True:
         what = cmd.get()
@@ -906,6 +907,7 @@ class TestLease:
         eng = Engine.attach(handle)
         made.engines.append(eng)
         eng.flush(timeout=FLUSH_TIMEOUT)
+        assert writer_info(eng).writer_pid == child.pid, "the child does not hold the lease"
         os.kill(child.pid, signal.SIGSTOP)
         try:
             refused = None
