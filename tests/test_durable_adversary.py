@@ -844,6 +844,12 @@ def lease_holder(name: str, d: str, kw: dict[str, Any], q: Any, cmd: Any) -> Non
             for _ in range(lib.ENG_DJ_BATCH * 2):
                 eng.deposit(acct, 1)
             time.sleep(60)   # unreachable: the writer kills this process
+        elif what == "die-in-checkpoint":
+            for _ in range(100):
+                eng.deposit(acct, 1)
+            durable_fault(eng, lib.ENG_DJ_FAULT_DIE_IN_CKPT)
+            eng.checkpoint()
+            time.sleep(60)   # unreachable: the checkpoint kills this process
         elif what == "checkpoint-loop":
             while True:
                 eng.checkpoint()
@@ -930,6 +936,36 @@ class TestLease:
         assert frames_whole(d, 1, got, FILE_RECORDS) == ""
         same(dump(eng), dump(made.restore(copy_dir(d, made.dir("copy")))))
         cmd.put("stop")
+
+    def test_the_lease_holder_killed_in_its_checkpoint(self, made: Made,
+                                                       spawner: Any) -> None:
+        """The lease holder dies in a checkpoint (its .tmp whole, the lock held, not renamed):
+        another process writes the next checkpoint and the journal; the restore equals."""
+        name, d = made.names(), made.dir()
+        q, cmd = spawner.ctx.Queue(), spawner.ctx.Queue()
+        child = spawner.start(lease_holder, name, str(d), {}, q, cmd)
+        _, handle, acct = q.get(timeout=60)
+        eng = Engine.attach(handle)
+        made.engines.append(eng)
+        assert writer_info(eng).writer_pid == child.pid
+        lib.eng_test_faults(0)   # the switch is in the segment: this process must not honour it
+        try:
+            cmd.put("die-in-checkpoint")
+            child.join(60)
+            assert child.exitcode == -9, child.exitcode
+            durable_fault(eng, 0)
+        finally:
+            lib.eng_test_faults(1)
+        for _ in range(30):
+            eng.deposit(acct, 2)
+        start = eng.checkpoint()
+        assert start >= 101
+        got = flushed(eng)
+        assert frames_whole(d, 1, got, FILE_RECORDS) == ""
+        assert all(checkpoint_whole(c) for c in checkpoint_files(d))
+        restored = made.restore(copy_dir(d, made.dir("copy")))
+        assert restored.restore_report.checkpoint is not None
+        same(dump(eng), dump(restored))
 
     def test_kills_during_checkpoints(self, made: Made, spawner: Any) -> None:
         """Checkpointing processes SIGKILLed at random: checkpoints stay whole or absent, the
