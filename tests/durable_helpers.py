@@ -88,7 +88,7 @@ def checkpoint_files(d: pathlib.Path) -> list[pathlib.Path]:
 def first_seq(path: pathlib.Path) -> int:
     with path.open("rb") as f:
         magic, fmt, fb, _, seq = struct.unpack("<IIIIQ", f.read(24))
-    assert (magic, fb) == (FILE_MAGIC, FRAME), (path, hex(magic), fb)
+    assert (magic, fmt, fb) == (FILE_MAGIC, lib.ENG_DJ_FORMAT, FRAME), (path, hex(magic), fmt, fb)
     return int(seq)
 
 

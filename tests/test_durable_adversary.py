@@ -211,8 +211,11 @@ class TestPowerLoss:
             got.unlink()
 
     def test_a_lost_page_among_unflushed_frames(self, made: Made) -> None:
-        """Unflushed frames persisted out of order (one lost, later ones whole): the restore
-        stops at the hole (cut, or an error naming it), never replays past it."""
+        """A lost page among unflushed frames stops the restore at the hole, never past it.
+
+        Unflushed frames persisted out of order (one lost, later ones whole): the restore stops at
+        the hole (cut, or an error naming it), never replays past it.
+        """
         eng = made.create()
         w = Workload(eng, 14, halts=False)
         run(w, 60)
@@ -236,8 +239,11 @@ class TestPowerLoss:
         same(at[d0 + 2], dump(got))
 
     def test_a_checkpoint_past_the_durable_journal(self, made: Made) -> None:
-        """A checkpoint whose rename reached the disk while the journal's last frames did not:
-        the restore is the engine at the flush or at the checkpoint, nothing mixed."""
+        """A checkpoint past the durable journal restores the flushed or checkpointed state.
+
+        A checkpoint whose rename reached the disk while the journal's last frames did not: the
+        restore is the engine at the flush or at the checkpoint, nothing mixed.
+        """
         eng = made.create()
         w = Workload(eng, 15)
         run(w, 100)
@@ -312,7 +318,10 @@ class TestTornTail:
         same(dump(eng), dump(made.restore(d)))
 
     def test_a_copy_of_the_last_frame_is_not_replayed(self, made: Made) -> None:
-        """A whole, checksummed frame repeated after the tail (its seq not the next) is not replayed."""
+        """A copy of the last frame after the tail is never replayed.
+
+        A whole, checksummed frame repeated after the tail (its seq not the next) is not replayed.
+        """
         eng, _ = frozen(made, 22)
         a = eng.accounts()[0]["id"]
         eng.deposit(int(a), 777)    # the last record: applied twice would show in cash
@@ -325,7 +334,10 @@ class TestTornTail:
         cut_or_named(made, eng, d, p, off + FRAME)
 
     def test_an_old_frame_after_the_tail_is_not_replayed(self, made: Made) -> None:
-        """A valid frame of an earlier seq after the tail (a recycled file's leftover) is not replayed."""
+        """A valid frame of an earlier seq after the tail is never replayed.
+
+        A valid frame of an earlier seq after the tail (a recycled file's leftover) is not replayed.
+        """
         eng, d = frozen(made, 23)
         p, off = locate(d, eng.journal_seq)
         q, old = locate(d, eng.journal_seq // 2)
@@ -350,7 +362,10 @@ class TestTornTail:
 
 class TestCorruption:
     def test_a_flipped_byte_mid_file_names_file_and_offset(self, made: Made) -> None:
-        """A flipped byte in a frame with whole frames after it stops the restore, naming the place."""
+        """A flipped byte mid-file stops the restore with an error naming file and offset.
+
+        A flipped byte in a frame with whole frames after it stops the restore, naming the place.
+        """
         eng, d = frozen(made, 31)
         p, off = locate(d, eng.journal_seq // 2)
         data = bytearray(p.read_bytes())
@@ -377,7 +392,10 @@ class TestCorruption:
         refused_mid_file(made, d, p, off, off)
 
     def test_a_swapped_frame_order_is_refused(self, made: Made) -> None:
-        """Two whole frames swapped mid-file (each checksum right, the seqs out of order) are refused."""
+        """Two whole frames swapped mid-file are refused, naming the place.
+
+        Two whole frames swapped mid-file (each checksum right, the seqs out of order) are refused.
+        """
         eng, d = frozen(made, 34)
         p, off = locate(d, eng.journal_seq // 2)
         data = bytearray(p.read_bytes())
@@ -393,7 +411,7 @@ def checkpoint_whole(path: pathlib.Path) -> bool:
     frames, each with the magic and a right checksum."""
     data = path.read_bytes()
     magic, _, fb, _, _, n = struct.unpack_from("<IIIIQQ", data, 0)
-    if fb != FRAME or len(data) < HDR + n * FRAME:
+    if magic != lib.ENG_DJ_CKPT_MAGIC or fb != FRAME or len(data) < HDR + n * FRAME:
         return False
     for i in range(n):
         fr = data[HDR + i * FRAME: HDR + (i + 1) * FRAME]
@@ -459,8 +477,11 @@ class TestCheckpoint:
         assert not set(fresh) & closed, "a restored engine reissued a closed account's id"
 
     def test_keys_come_back_from_a_checkpoint(self, made: Made) -> None:
-        """Position keys (bound) and account keys written before a checkpoint are found after
-        a restore from it."""
+        """Bound keys and account keys come back from a checkpoint.
+
+        Position keys (bound) and account keys written before a checkpoint are found after a restore
+        from it.
+        """
         eng = made.create()
         a = eng.open_account(10**6, 10**6, 10, 10**6, key="desk")
         p = eng.open_position(100.0, 1.0, account=a)
@@ -473,7 +494,11 @@ class TestCheckpoint:
             got.lookup("bound"), got.lookup_account("desk"))
 
     def test_a_truncated_checkpoint_is_refused_or_passed_over(self, made: Made) -> None:
-        """A checkpoint cut short is named in an error or passed over for an older start; never half-used."""
+        """A truncated checkpoint is named in an error or passed over, never half-used.
+
+        A checkpoint cut short is named in an error or passed over for an older start; never half-
+        used.
+        """
         eng = made.create()
         w = Workload(eng, 42)
         run(w, 100)
@@ -528,7 +553,10 @@ class TestFiles:
         assert not bad, f"files not 0600: {bad}"
 
     def test_create_over_another_engines_journal_is_refused(self, made: Made) -> None:
-        """create(journal=DIR) where DIR holds another engine's journal is refused; DIR unchanged."""
+        """create() over another engine's journal directory is refused; it stays unchanged.
+
+        create(journal=DIR) where DIR holds another engine's journal is refused; DIR unchanged.
+        """
         a = made.create()
         run(Workload(a, 52), 60)
         flushed(a)
@@ -562,7 +590,10 @@ class TestFiles:
         assert not segment_exists(name)
 
     def test_a_flipped_byte_in_an_earlier_file_names_it(self, made: Made) -> None:
-        """Corruption in a file that is not the last one stops the restore, naming file and offset."""
+        """Corruption in an earlier journal file stops the restore, naming file and offset.
+
+        Corruption in a file that is not the last one stops the restore, naming file and offset.
+        """
         eng = made.create()
         run(Workload(eng, 54, halts=False), 50)
         fill(eng, 2 * FILE_RECORDS)
@@ -579,7 +610,11 @@ class TestFiles:
         refused_mid_file(made, d, p, off, off + 8 + 100)
 
     def test_a_last_file_cut_at_its_end_is_a_torn_tail(self, made: Made) -> None:
-        """The last file truncated mid-frame (no preallocation left) restores the frames before the cut."""
+        """A last file truncated mid-frame restores the whole frames before the cut.
+
+        The last file truncated mid-frame (no preallocation left) restores the frames before the
+        cut.
+        """
         eng = made.create()
         w = Workload(eng, 55, halts=False)
         run(w, 100)
@@ -638,7 +673,10 @@ def restorer(d: str, name: str, go: Any, q: Any) -> None:
 
 class TestRestoreRaces:
     def test_restore_over_an_existing_name_is_refused(self, made: Made) -> None:
-        """Restore into a name that exists raises and changes neither that engine nor the journal."""
+        """Restore into an existing name is refused; that engine and the journal unchanged.
+
+        Restore into a name that exists raises and changes neither that engine nor the journal.
+        """
         eng, d = frozen(made, 61)
         other = made.create()
         run(Workload(other, 62), 40)
@@ -730,7 +768,7 @@ class TestAfterRestore:
 
     def test_a_restored_engine_journals_on(self, made: Made) -> None:
         """Restore, change, flush, unlink, restore again: equal to the second engine."""
-        eng, d = frozen(made, 71)
+        _, d = frozen(made, 71)
         first = made.restore(d)
         w = Workload(first, 72)
         run(w, 150)
@@ -744,8 +782,11 @@ class TestAfterRestore:
         check_stale(got, w.released)
 
     def test_a_torn_tail_cut_then_journaled_over(self, made: Made) -> None:
-        """A restore that cut a torn tail, then new records and a second restore: no corruption
-        reported where the old tail was, and the second engine comes back."""
+        """A cut torn tail journaled over restores again without a corruption report.
+
+        A restore that cut a torn tail, then new records and a second restore: no corruption
+        reported where the old tail was, and the second engine comes back.
+        """
         eng = made.create()
         w = Workload(eng, 73, halts=False)
         run(w, 100)
@@ -862,8 +903,11 @@ def lease_holder(name: str, d: str, kw: dict[str, Any], q: Any, cmd: Any) -> Non
 
 class TestLease:
     def test_two_processes_flushing_at_once(self, made: Made, spawner: Any) -> None:
-        """Two processes committing and flushing at once: every flush covers what was committed
-        before it, and those frames are whole in the files when it returns."""
+        """Two processes flushing at once: each flush covers its commits, frames whole.
+
+        Two processes committing and flushing at once: every flush covers what was committed before
+        it, and those frames are whole in the files when it returns.
+        """
         eng = made.create(capacity=64)
         q, go = spawner.ctx.Queue(), spawner.ctx.Event()
         d = made.jdir(eng)
@@ -877,8 +921,11 @@ class TestLease:
         same(dump(eng), dump(made.restore(copy_dir(d, made.dir("copy")))))
 
     def test_the_lease_holder_killed_mid_write(self, made: Made, spawner: Any) -> None:
-        """The writer dies with half a batch written: another process takes over, the files
-        end whole, and a restore equals the engine."""
+        """The lease holder killed mid-write is taken over; files whole, restore equal.
+
+        The writer dies with half a batch written: another process takes over, the files end whole,
+        and a restore equals the engine.
+        """
         name, d = made.names(), made.dir()
         q, cmd = spawner.ctx.Queue(), spawner.ctx.Queue()
         child = spawner.start(lease_holder, name, str(d), {}, q, cmd)
@@ -903,8 +950,11 @@ class TestLease:
 
     def test_the_ring_full_behind_a_stopped_lease_holder(self, made: Made,
                                                          spawner: Any) -> None:
-        """The lease holder stopped: commits past the ring are refused with a typed error and
-        change nothing; after it runs again nothing is lost."""
+        """A full ring behind a stopped lease holder refuses commits typed, losing nothing.
+
+        The lease holder stopped: commits past the ring are refused with a typed error and change
+        nothing; after it runs again nothing is lost.
+        """
         import signal
         name, d = made.names(), made.dir()
         q, cmd = spawner.ctx.Queue(), spawner.ctx.Queue()
@@ -939,8 +989,11 @@ class TestLease:
 
     def test_the_lease_holder_killed_in_its_checkpoint(self, made: Made,
                                                        spawner: Any) -> None:
-        """The lease holder dies in a checkpoint (its .tmp whole, the lock held, not renamed):
-        another process writes the next checkpoint and the journal; the restore equals."""
+        """The lease holder killed inside its checkpoint is taken over; restore equal.
+
+        The lease holder dies in a checkpoint (its .tmp whole, the lock held, not renamed): another
+        process writes the next checkpoint and the journal; the restore equals.
+        """
         name, d = made.names(), made.dir()
         q, cmd = spawner.ctx.Queue(), spawner.ctx.Queue()
         child = spawner.start(lease_holder, name, str(d), {}, q, cmd)
@@ -968,8 +1021,11 @@ class TestLease:
         same(dump(eng), dump(restored))
 
     def test_kills_during_checkpoints(self, made: Made, spawner: Any) -> None:
-        """Checkpointing processes SIGKILLed at random: checkpoints stay whole or absent, the
-        next one is written, and a restore equals the engine."""
+        """Checkpointers SIGKILLed at random leave whole checkpoints; restore equal.
+
+        Checkpointing processes SIGKILLed at random: checkpoints stay whole or absent, the next one
+        is written, and a restore equals the engine.
+        """
         import random
         import signal
         eng = made.create(capacity=64)
@@ -1042,8 +1098,11 @@ def files_hold(d: pathlib.Path) -> int:
 class TestDiskFull:
     def test_a_full_disk_refuses_commits_it_cannot_journal(self, made: Made,
                                                            tmp_path: pathlib.Path) -> None:
-        """On a full disk a commit is refused with a typed error; every commit that returned is
-        in the files (fail-stop: nothing committed that cannot be journaled)."""
+        """A full disk refuses commits; every commit that returned is in the files.
+
+        On a full disk a commit is refused with a typed error; every commit that returned is in the
+        files (fail-stop: nothing committed that cannot be journaled).
+        """
         file_bytes = HDR + FILE_RECORDS * FRAME
         with small_tmpfs(tmp_path / "mnt", 4096 * ((2 * file_bytes + file_bytes // 2) // 4096)
                          ) as mnt:
@@ -1060,8 +1119,11 @@ class TestDiskFull:
             same(dump(eng), dump(made.restore(copy)))
 
     def test_a_full_disk_by_the_fault_switch(self, made: Made) -> None:
-        """The writer's ENOSPC switch: commits refused with a typed error, nothing committed
-        past the files; space back, commits go on and a restore equals the engine."""
+        """The ENOSPC switch refuses commits; nothing committed past the files.
+
+        The writer's ENOSPC switch: commits refused with a typed error, nothing committed past the
+        files; space back, commits go on and a restore equals the engine.
+        """
         eng = made.create()
         eng.flush(timeout=FLUSH_TIMEOUT)
         durable_fault(eng, lib.ENG_DJ_FAULT_NOSPACE)
@@ -1151,8 +1213,11 @@ def storm(made: Made, spawner: Any, rounds: int, workers: int, seed: int,
 
 class TestKillStorm:
     def test_sigkill_storm_then_restore_equals(self, made: Made, spawner: Any) -> None:
-        """Workers killed at random (keys, accounts, releases, halts, flushes, checkpoints),
-        recover, flush, unlink, restore: equal to the lost engine, books balanced."""
+        """A SIGKILL storm, recover, flush, unlink, restore: equal, books balanced.
+
+        Workers killed at random (keys, accounts, releases, halts, flushes, checkpoints), recover,
+        flush, unlink, restore: equal to the lost engine, books balanced.
+        """
         storm(made, spawner, rounds=4, workers=3, seed=101)
 
     def test_sigkill_storm_without_checkpoints(self, made: Made, spawner: Any) -> None:
@@ -1181,8 +1246,11 @@ class TestCrashOfEveryProcess:
     @pytest.mark.parametrize("how", ["attach-flush", "attach-unlink-close", "rm"])
     def test_nothing_committed_is_lost(self, made: Made, spawner: Any, how: str,
                                        child_env: dict[str, str]) -> None:
-        """Every process killed before a flush: attach and flush, or unlink, or `rm`, then
-        restore: every committed change comes back."""
+        """A crash of every process before a flush loses nothing committed.
+
+        Every process killed before a flush: attach and flush, or unlink, or `rm`, then restore:
+        every committed change comes back.
+        """
         import subprocess
         name, d = made.names(), made.dir()
         mine, theirs = spawner.ctx.Pipe()
@@ -1212,8 +1280,11 @@ class TestCrashOfEveryProcess:
 
 class TestPruning:
     def test_a_corrupt_newest_checkpoint_after_pruning(self, made: Made) -> None:
-        """Checkpoints across several files (old files pruned), the newest one corrupt: the
-        restore falls back to the one before (its files kept) or names the bad one."""
+        """A corrupt newest checkpoint after pruning falls back or is named.
+
+        Checkpoints across several files (old files pruned), the newest one corrupt: the restore
+        falls back to the one before (its files kept) or names the bad one.
+        """
         eng = made.create()
         w = Workload(eng, 121)
         for _ in range(4):
@@ -1240,8 +1311,11 @@ class TestPruning:
         same(dump(eng), dump(got))
 
     def test_every_checkpoint_corrupt_after_pruning_is_refused(self, made: Made) -> None:
-        """Every checkpoint corrupt and the journal's first files pruned: refused, never a
-        restore from the files that are left (records missing)."""
+        """Every checkpoint corrupt after pruning: the restore is refused.
+
+        Every checkpoint corrupt and the journal's first files pruned: refused, never a restore from
+        the files that are left (records missing).
+        """
         eng = made.create()
         w = Workload(eng, 122)
         for _ in range(4):
@@ -1274,8 +1348,11 @@ def committer(handle: Any, seed: int, go: Any, stop: Any) -> None:
 
 class TestLiveDirectory:
     def test_restore_of_a_directory_being_written(self, made: Made, spawner: Any) -> None:
-        """Restoring (under another name) the directory a live engine writes: a torn tail at
-        most, never corruption reported, and the books balance."""
+        """A restore of a directory a live engine writes never reports corruption.
+
+        Restoring (under another name) the directory a live engine writes: a torn tail at most,
+        never corruption reported, and the books balance.
+        """
         eng = made.create(capacity=256, journal_sync_ms=1)
         go, stop = spawner.ctx.Event(), spawner.ctx.Event()
         spawner.start(committer, eng.handle, 131, go, stop)
@@ -1317,8 +1394,11 @@ class TestCommandLine:
 
     def test_journal_stops_at_corruption_naming_it(self, made: Made,
                                                    child_env: dict[str, str]) -> None:
-        """`journal DIR` over a flipped byte mid-file: an error naming file and offset, a
-        failing exit code, and no record printed from the bad one on."""
+        """`journal DIR` over mid-file corruption fails, naming the place, printing no more.
+
+        `journal DIR` over a flipped byte mid-file: an error naming file and offset, a failing exit
+        code, and no record printed from the bad one on.
+        """
         import json
         eng, d = frozen(made, 142)
         bad = eng.journal_seq // 2
