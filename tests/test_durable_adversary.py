@@ -1421,3 +1421,65 @@ class TestCommandLine:
         assert r.returncode != 0
         assert eng.name in r.stderr and "Traceback" not in r.stderr, r.stderr[-300:]
         same(want, dump(eng))
+
+
+class TestFileBoundary:
+    def test_a_power_cut_at_a_file_boundary(self, made: Made) -> None:
+        """A power cut with the durable seq at a file's end restores the engine at it."""
+        eng = made.create()
+        run(Workload(eng, 151, halts=False), 40)
+        fill(eng, FILE_RECORDS - eng.journal_seq)
+        assert eng.journal_seq == FILE_RECORDS
+        d0 = flushed(eng)
+        want = dump(eng)
+        acct = eng.open_account(10**6, 10**6, 10, 10**6)
+        for _ in range(10):
+            eng.deposit(acct, 1)
+        flushed(eng)
+        src = made.jdir(eng)
+        assert len(journal_files(src)) == 2
+        for drop in (False, True):
+            cut = power_cut(src, made.dir("cut"), d0, drop_files=drop)
+            tmp = cut / f"journal-{FILE_RECORDS + 1:020d}.log.tmp"
+            tmp.write_bytes(b"\0" * 4096)   # a reservation killed before its rename
+            os.chmod(tmp, 0o600)
+            got = made.restore(cut)
+            assert got.restore_report.last_seq == d0
+            same(want, dump(got))
+
+
+class TestBadDirectories:
+    def test_a_bad_meta_json_is_a_typed_error(self, made: Made) -> None:
+        """meta.json missing, cut short or of another format: a typed error, no segment."""
+        _, d = frozen(made, 161)
+        meta = (d / "meta.json").read_bytes()
+        for bad in (None, meta[: len(meta) // 2], meta.replace(b'"format": 1', b'"format": 99')):
+            if bad is None:
+                (d / "meta.json").unlink()
+            else:
+                (d / "meta.json").write_bytes(bad)
+            name = made.names()
+            with pytest.raises(EngineError):
+                made.restore(d, name=name)
+            assert not segment_exists(name)
+
+    def test_no_directory_or_a_file_is_a_typed_error(self, made: Made,
+                                                     tmp_path: pathlib.Path) -> None:
+        """Restore of a missing directory or of a plain file: a typed error, no segment."""
+        f = tmp_path / "plain"
+        f.write_bytes(b"x")
+        for d in (tmp_path / "absent", f):
+            name = made.names()
+            with pytest.raises(EngineError):
+                made.restore(d, name=name)
+            assert not segment_exists(name)
+
+    def test_a_journal_path_too_long_leaves_nothing(self, made: Made,
+                                                    tmp_path: pathlib.Path) -> None:
+        """create(journal=) with a path past ENG_DJ_PATH_MAX: a typed error, no segment left."""
+        long = tmp_path / ("x" * 200) / ("y" * 200) / ("z" * 200) / ("w" * 200) / ("v" * 250)
+        assert len(str(long)) >= lib.ENG_DJ_PATH_MAX
+        name = made.names()
+        with pytest.raises(EngineError):
+            Engine.create(16, name=name, journal=str(long))
+        assert not segment_exists(name)
