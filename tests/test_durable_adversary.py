@@ -1483,3 +1483,47 @@ class TestBadDirectories:
         with pytest.raises(EngineError):
             Engine.create(16, name=name, journal=str(long))
         assert not segment_exists(name)
+
+
+class TestRefusedKinds:
+    def test_every_kind_of_change_is_refused_whole(self, made: Made) -> None:
+        """Once the writer failed, each kind of change is refused typed and changes nothing."""
+        from engine import Outcome, Trigger
+        eng = made.create()
+        a = eng.open_account(10**6, 10**6, 10, 10**6, key="a")
+        p = eng.open_position(100.0, 1.0, account=a)
+        for trig in (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED):
+            kw = {"exit_reason": 1} if trig is Trigger.EXIT_CONDITION_MET else {}
+            assert eng.transition(p, trig, **kw) is Outcome.APPLIED
+        q = eng.open_position(100.0, 1.0)
+        eng.flush(timeout=FLUSH_TIMEOUT)
+        durable_fault(eng, lib.ENG_DJ_FAULT_NOSPACE)
+        assert commits_until_refused(eng, 2 * FILE_RECORDS) is not None
+        before, seq = dump(eng), eng.journal_seq
+        changes = {
+            "open with an account": lambda: eng.open_position(100.0, 1.0, account=a),
+            "open with a key": lambda: eng.open_position(100.0, 1.0, key="new"),
+            "close with a booking": lambda: eng.transition(p, Trigger.EXIT_COMPLETED,
+                                                           exit_price=101.0),
+            "transition": lambda: eng.transition(q, Trigger.POSITION_OPENED),
+            "bind_key": lambda: eng.bind_key(q, "bound"),
+            "deposit": lambda: eng.deposit(a, 5),
+            "withdraw": lambda: eng.withdraw(a, 5),
+            "halt_account": lambda: eng.halt_account(a),
+            "update_account": lambda: eng.update_account(a, lambda x: {"max_positions": 9}),
+            "open_account": lambda: eng.open_account(10, 10, 1, 10),
+            "update_price": lambda: eng.update_price(q, 101.0),
+        }
+        applied = []
+        for what, change in changes.items():
+            try:
+                out = change()
+            except EngineError:
+                pass
+            else:
+                if not isinstance(out, Outcome) or out is Outcome.APPLIED:
+                    applied.append(what)   # an Outcome other than APPLIED is a refusal
+            now = dump(eng)
+            assert now == before, f"{what} refused but changed:\n" + diff(before, now)
+        assert not applied, f"applied while the writer cannot write: {applied}"
+        assert eng.journal_seq == seq
