@@ -1527,3 +1527,25 @@ class TestRefusedKinds:
             assert now == before, f"{what} refused but changed:\n" + diff(before, now)
         assert not applied, f"applied while the writer cannot write: {applied}"
         assert eng.journal_seq == seq
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("timeout", [float("nan"), -1.0, True, "1", None])
+    def test_flush_refuses_a_bad_timeout_typed(self, made: Made, timeout: Any) -> None:
+        """flush(timeout=) not a number >= 0 (NaN too) raises an EngineError, nothing else."""
+        eng = made.create()
+        with pytest.raises(EngineError):
+            eng.flush(timeout=timeout)
+
+    @pytest.mark.parametrize("directory", [123, None, b"/tmp"])
+    def test_restore_refuses_a_bad_directory_typed(self, made: Made, directory: Any) -> None:
+        """Engine.restore(dir) of the wrong type raises an EngineError, nothing else."""
+        with pytest.raises(EngineError):
+            Engine.restore(directory)
+
+    def test_restore_refuses_a_bad_name_typed(self, made: Made) -> None:
+        """Engine.restore(dir, name=) not a valid name raises an EngineError, no segment."""
+        _, d = frozen(made, 171, steps=20)
+        for name in (5, "", "a/b", "x" * 300):
+            with pytest.raises(EngineError):
+                Engine.restore(str(d), name=name)  # type: ignore[arg-type]
