@@ -182,6 +182,28 @@ def fill(eng: Engine, n: int) -> None:
         eng.update_price(pid, 100.0 + (i % 1000) / 100)
 
 
+class Cutter:
+    """Power cuts at many offsets past one durable seq without copying the
+    directory each time: one copy, whose unflushed bytes are rewritten in
+    place (the original's bytes up to the cut, zeros after) before each
+    restore."""
+
+    def __init__(self, src: pathlib.Path, dst: pathlib.Path, durable: int) -> None:
+        self.src, self.durable = src, durable
+        self.dir = power_cut(src, dst, durable)
+        p, off = locate(src, durable) if durable else (journal_files(src)[0], HDR - FRAME)
+        self.file, self.start = p.name, off + FRAME
+        self.orig = p.read_bytes()
+
+    def cut(self, extra: int) -> pathlib.Path:
+        data = self.orig[self.start:]
+        region = data[:extra] + bytes(len(data) - min(extra, len(data)))
+        with (self.dir / self.file).open("r+b") as f:
+            f.seek(self.start)
+            f.write(region)
+        return self.dir
+
+
 def whole_after_cut(src: pathlib.Path, cut: pathlib.Path, durable: int) -> int:
     """The last seq whose frame a power cut left byte for byte as written
     (a frame whose lost bytes were zeros anyway is whole), counting on from

@@ -27,6 +27,7 @@ from durable_helpers import (
     FRAME,
     FRAME_MAGIC,
     HDR,
+    Cutter,
     Workload,
     books_invariant,
     check_lookups,
@@ -176,8 +177,9 @@ class TestPowerLoss:
         offsets = sorted({b for k in range(top - d0 + 1)
                           for b in (k * FRAME - 1, k * FRAME, k * FRAME + 1, k * FRAME + 131)
                           if 0 <= b <= (top - d0) * FRAME})
+        cutter = Cutter(src, made.dir("cut"), d0)
         for extra in offsets:
-            cut = power_cut(src, made.dir("cut"), d0, extra=extra)
+            cut = cutter.cut(extra)
             whole = whole_after_cut(src, cut, d0)
             assert d0 + extra // FRAME <= whole <= d0 + (extra + FRAME - 1) // FRAME
             got = made.restore(cut)
@@ -200,8 +202,9 @@ class TestPowerLoss:
             at[eng.journal_seq] = dump(eng)
         flushed(eng)
         src = made.jdir(eng)
+        cutter = Cutter(src, made.dir("cut"), d0)
         for extra in range(3 * FRAME + 1):
-            cut = power_cut(src, made.dir("cut"), d0, extra=extra)
+            cut = cutter.cut(extra)
             got = made.restore(cut)
             whole = whole_after_cut(src, cut, d0)
             assert got.restore_report.last_seq == whole, (extra, got.restore_report, whole)
