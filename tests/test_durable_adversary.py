@@ -1228,9 +1228,10 @@ class TestKillStorm:
         storm(made, spawner, rounds=4, workers=3, seed=103, checkpoints=False)
 
     @pytest.mark.slow
-    def test_sigkill_storm_long(self, made: Made, spawner: Any) -> None:
-        """The same, 40 rounds of 4 workers."""
-        storm(made, spawner, rounds=40, workers=4, seed=102)
+    @pytest.mark.parametrize("checkpoints", [True, False])
+    def test_sigkill_storm_long(self, made: Made, spawner: Any, checkpoints: bool) -> None:
+        """The same, 40 rounds of 4 workers, with checkpoints and without."""
+        storm(made, spawner, rounds=40, workers=4, seed=102, checkpoints=checkpoints)
 
 
 def crasher(name: str, d: str, conn: Any) -> None:
