@@ -339,10 +339,10 @@ def _raise_durable(cls: type[EngineError], template: str, code: int, why: str,
     lib.eng_durable_refusal(info)
     seen = {"journal_seq": info.journal_seq, "written_seq": info.written_seq,
             "durable_seq": info.durable_seq, "writer_pid": info.writer_pid,
-            "failure": info.failure,
-            "failure_words": os.strerror(info.failure) if info.failure else "?"}
+            "failure": abs(info.failure),   # < 0: a write or sync failed (never retried)
+            "failure_words": os.strerror(abs(info.failure)) if info.failure else "?"}
     message = template.format_map(_Context({**context, **seen}, code=code, why=why))
-    raise cls(message, int(info.durable_seq), int(info.writer_pid), int(info.failure))
+    raise cls(message, int(info.durable_seq), int(info.writer_pid), abs(int(info.failure)))
 
 
 def raise_for(code: int, **context: Any) -> NoReturn:

@@ -165,9 +165,7 @@ struct eng_dw {
     int32_t  fd;             /* the journal file open for writing (-1: none) */
     uint64_t fd_first;       /* ... and its first seq */
     int64_t  last_sync_ns;   /* CLOCK_MONOTONIC of this writer's last fdatasync */
-    int64_t  last_fail_ns;
-    uint32_t reserve_failed; /* 1: failure was a reservation (retried; cleared on success) */
-    uint32_t pad;
+    int64_t  last_fail_ns;   /* when this writer last failed (a reservation's retry) */
     char     dir[ENG_DJ_PATH_MAX];
     eng_jrec recs[ENG_DJ_BATCH];
     uint8_t  frames[ENG_DJ_BATCH * ENG_DJ_FRAME_BYTES];
@@ -361,6 +359,11 @@ static int dj_reserve(eng_seg *s, eng_dw *w, uint64_t first, int *out_fd)
         return rc;
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd >= 0) {   /* reserved before (by us or a predecessor): whole, header and all */
+        rc = fsync_dir(w->dir);   /* a predecessor may have died before its directory fsync */
+        if (rc) {
+            close(fd);
+            return rc;
+        }
         *out_fd = fd;
         return 0;
     }
@@ -419,15 +422,17 @@ static void durable_raise_to(uint64_t *p, uint64_t v)
         ;
 }
 
-/* The writer failed with errno e (fail-stop: commits are refused from now). */
+/* The writer failed with errno e (fail-stop: commits are refused from now).
+ * failure > 0: a reservation failed (any holder retries it every
+ * ENG_DJ_RETRY_NS); < 0: a write or an fdatasync failed (never retried: what
+ * it lost is unknown). */
 static void durable_fail(eng_seg *s, eng_dw *w, int e, int reservation)
 {
     eng_durable *d = s->durable;
-    w->reserve_failed = (uint32_t)reservation;
     w->last_fail_ns = now_ns(CLOCK_MONOTONIC);
-    int32_t zero = 0;
-    __atomic_compare_exchange_n(&d->failure, &zero, e ? e : EIO, 0, __ATOMIC_ACQ_REL,
-                                __ATOMIC_ACQUIRE);
+    int32_t zero = 0, code = e ? e : EIO;
+    __atomic_compare_exchange_n(&d->failure, &zero, reservation ? code : -code, 0,
+                                __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     durable_wake_room(d);
 }
 
@@ -569,16 +574,15 @@ static int dw_step(eng_seg *s, eng_dw *w, int sync_now, uint64_t upto)
     eng_durable *d = s->durable;
     int reservation = 0;
     int32_t failed = load_acquire_i32(&d->failure);
-    if (failed && !(w->reserve_failed && now_ns(CLOCK_MONOTONIC) - w->last_fail_ns >= ENG_DJ_RETRY_NS))
-        return ENG_EDURABLE;
+    if (failed && !(failed > 0 && now_ns(CLOCK_MONOTONIC) - w->last_fail_ns >= ENG_DJ_RETRY_NS))
+        return ENG_EDURABLE;   /* a reservation is retried (by whichever holder), I/O never */
     int rc = dw_write_upto(s, w, upto, &reservation);
     if (rc) {
         if (rc != EAGAIN)
             durable_fail(s, w, rc, reservation);
         return rc == EAGAIN ? 0 : ENG_EDURABLE;
     }
-    if (failed && w->reserve_failed) {   /* the reservation worked this time: go on */
-        w->reserve_failed = 0;
+    if (failed > 0) {   /* the reservation worked this time: go on */
         int32_t f = failed;
         __atomic_compare_exchange_n(&d->failure, &f, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     }
@@ -670,8 +674,14 @@ int eng_durable_run(eng_seg *s, eng_dw *w)
             wait = due < 0 ? 0 : due < wait ? due : wait;
         }
         uint64_t seq;
-        if (wait > 0 && eng_journal_seq(s) <= W)
-            eng_journal_wait(s, W, wait, &seq);   /* new records, a sync due, or a stop check */
+        if (wait > 0 && eng_journal_seq(s) <= W) {
+            /* caught up: a nap first, so a busy journal is written in batches
+             * without a futex wake per commit; idle, sleep on the journal */
+            struct timespec nap = {0, ENG_DJ_NAP_NS};
+            nanosleep(&nap, NULL);
+            if (eng_journal_seq(s) <= W)
+                eng_journal_wait(s, W, wait, &seq);   /* new records, a sync due, a stop check */
+        }
     }
 }
 
@@ -692,23 +702,29 @@ int eng_durable_flush(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_s
     uint64_t target = eng_journal_seq(s);
     *out_seq = load_acquire_u64(&d->durable_seq);
     for (;;) {
-        if (load_acquire_i32(&d->failure)) {
+        if (load_acquire_u32(&s->gate_shut))
+            return ENG_ECLOSED;
+        int32_t failed = load_acquire_i32(&d->failure);
+        uint64_t W = load_acquire_u64(&d->written_seq);
+        if (failed < 0) {   /* a write or sync failed: never retried */
             durable_fill_info(s, &durable_refused);
             return ENG_EDURABLE;
         }
-        if (load_acquire_u32(&s->gate_shut))
-            return ENG_ECLOSED;
-        uint64_t W = load_acquire_u64(&d->written_seq);
         if (W >= target)
             break;
-        if (lease_take(s)) {
+        if (lease_take(s)) {   /* writes itself (and retries a failed reservation when due) */
             pthread_mutex_lock(&w->mu);
             rc = dw_step(s, w, 0, target);
             pthread_mutex_unlock(&w->mu);
-            if (rc)
-                continue;   /* the failure is reported above */
+            if (rc) {
+                durable_fill_info(s, &durable_refused);
+                return ENG_EDURABLE;
+            }
             if (load_acquire_u64(&d->written_seq) >= target)
                 break;
+        } else if (failed) {   /* the live holder's reservation failed */
+            durable_fill_info(s, &durable_refused);
+            return ENG_EDURABLE;
         }
         int64_t left = deadline - now_ns(CLOCK_MONOTONIC);
         if (left <= 0) {
@@ -808,6 +824,7 @@ static int keyrec_read(const eng_keyrec *kr, uint64_t *tag, eng_key *out);
 
 typedef struct ckpt_out {
     eng_dw  *w;
+    uint8_t *buf;        /* ENG_DJ_BATCH frames (not w->frames: the writer's, see ckpt_scan) */
     int      fd;
     uint32_t n;          /* frames in w->frames not written yet */
     uint64_t frames;     /* frames in the file */
@@ -821,7 +838,7 @@ static void ckpt_flush(ckpt_out *o)
     if (!o->n || o->err)
         return;
     size_t bytes = (size_t)o->n * ENG_DJ_FRAME_BYTES;
-    o->err = pwrite_all(o->fd, o->w->frames, bytes, o->off);
+    o->err = pwrite_all(o->fd, o->buf, bytes, o->off);
     o->off += (off_t)bytes;
     o->n = 0;
 }
@@ -842,7 +859,7 @@ static void ckpt_frame(ckpt_out *o, uint32_t kind, uint32_t trigger, uint64_t id
     if (words)
         memcpy(r.w, words, nwords * sizeof(uint64_t));
     r.version = version;
-    uint8_t *f = o->w->frames + (size_t)o->n * ENG_DJ_FRAME_BYTES;
+    uint8_t *f = o->buf + (size_t)o->n * ENG_DJ_FRAME_BYTES;
     uint32_t h[2] = {ENG_DJ_FRAME_MAGIC, eng_crc32c(0, &r, ENG_JREC_SIZE)};
     memcpy(f, h, 8);
     memcpy(f + 8, &r, ENG_JREC_SIZE);
@@ -851,11 +868,25 @@ static void ckpt_frame(ckpt_out *o, uint32_t kind, uint32_t trigger, uint64_t id
         ckpt_flush(o);
 }
 
+/* A long scan by the lease holder keeps the ring draining (w->mu is held):
+ * commits do not wait for the checkpoint. */
+static void ckpt_keep_writing(eng_seg *s, ckpt_out *o)
+{
+    if (load_acquire_u32(&s->durable->lease) != s->token || load_acquire_i32(&s->durable->failure))
+        return;
+    int reservation = 0;
+    int rc = dw_write_upto(s, o->w, eng_journal_seq(s), &reservation);
+    if (rc && rc != EAGAIN)
+        durable_fail(s, o->w, rc, reservation);
+}
+
 /* The scan: every object read consistently on its own (see the protocol). */
 static void ckpt_scan(eng_seg *s, ckpt_out *o)
 {
     static __thread eng_ctx_rec ctx;   /* the largest record copy: off the stack */
     for (uint32_t i = 0; i < s->capacity && !o->err; i++) {
+        if ((i & (ENG_DJ_CKPT_WRITE_EVERY - 1)) == ENG_DJ_CKPT_WRITE_EVERY - 1)
+            ckpt_keep_writing(s, o);
         eng_slot *sl = slot_at(s, i);
         uint64_t w;
         uint32_t opening;
@@ -890,6 +921,8 @@ static void ckpt_scan(eng_seg *s, ckpt_out *o)
         }
     }
     for (uint32_t i = 0; i < s->max_accounts && !o->err; i++) {
+        if ((i & (ENG_DJ_CKPT_WRITE_EVERY - 1)) == ENG_DJ_CKPT_WRITE_EVERY - 1)
+            ckpt_keep_writing(s, o);
         eng_account *a = &s->accounts[i];
         uint64_t words[ENG_MAX_FIELD_WORDS] = {0};
         eng_books b;
@@ -1001,8 +1034,11 @@ static int durable_checkpoint_locked(eng_seg *s, eng_dw *w, uint64_t *out_start)
     int fd = err ? -1 : open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (!err && fd < 0)
         err = errno;
+    uint8_t *buf = err ? NULL : malloc((size_t)ENG_DJ_BATCH * ENG_DJ_FRAME_BYTES);
+    if (!err && !buf)
+        err = ENOMEM;
     if (!err) {
-        ckpt_out o = {w, fd, 0, 0, ENG_DJ_FILE_HDR, 0, price_clock()};
+        ckpt_out o = {w, buf, fd, 0, 0, ENG_DJ_FILE_HDR, 0, price_clock()};
         ckpt_scan(s, &o);
         err = o.err;
         if (!err) {
@@ -1028,6 +1064,7 @@ static int durable_checkpoint_locked(eng_seg *s, eng_dw *w, uint64_t *out_start)
         err = fsync_dir(w->dir);
     if (fd >= 0)
         close(fd);
+    free(buf);
     if (err || rc) {
         unlink(tmp);
         store_release_u32(&d->ckpt_lock, 0);

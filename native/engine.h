@@ -838,6 +838,8 @@ typedef struct eng_shard {
 #define ENG_DJ_ROOM_WAIT_NS  2000000000LL
 #define ENG_DJ_WATCH_NS      10000000LL
 #define ENG_DJ_BATCH         512           /* frames per pwrite */
+#define ENG_DJ_NAP_NS        50000         /* a writer that caught up naps this long before it sleeps */
+#define ENG_DJ_CKPT_WRITE_EVERY 1024       /* a checkpoint by the writer writes the ring every this many objects */
 #define ENG_DJ_RETRY_NS      100000000LL   /* a failed writer retries its reservation this often */
 /* A checkpoint's account frame carries the account's key (open_account(key=)):
  * trigger = its length (0: none), its bytes from w[ENG_DJ_ACCT_KEY_WORD] on. */
@@ -861,7 +863,8 @@ typedef struct eng_shard {
  */
 typedef struct eng_durable {
     uint64_t written_seq;    /* every record <= it is in the files (pwrite done) */
-    int32_t  failure;        /* 0, or the errno the writer failed with: commits refused */
+    int32_t  failure;        /* 0, or the errno the writer failed with: commits refused
+                                (> 0 a reservation, retried; < 0 -errno of a write or sync) */
     uint32_t room_waiting;   /* 1: a committer may sleep on written_seq's low half */
     uint64_t pad0[6];
     uint32_t lease;          /* token of the writer holding the lease (0: none) */

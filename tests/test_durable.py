@@ -326,6 +326,24 @@ class TestFailStop:
         got, end = file_records(eng.jdir)
         assert end.torn is None and frame_keys(got) == event_keys(eng)
 
+    def test_a_failed_reservation_of_a_dead_writer_is_retried_by_the_next(
+            self, durable: Any, spawner: Any) -> None:
+        """A writer that failed its reservation and then died does not leave the engine
+        refusing forever: the next holder retries the reservation and goes on."""
+        eng = durable()
+        hand_off_writer(eng)
+        ctx = spawner.ctx
+        ready, go = ctx.Event(), ctx.Event()
+        p = spawner.start(child_writer, eng.handle, ready, go, lib.ENG_DJ_FAULT_NOSPACE)
+        assert ready.wait(READY_TIMEOUT)
+        eng.open_position(1.0, 1.0)   # the child's reservation for it fails
+        until(lambda: durable_info(eng).failure != 0, "the child's reservation to fail")
+        sigkill(p)
+        assert lib.eng_durable_fault(eng.seg, 0) == 0
+        assert eng.flush(timeout=10) == eng.journal_seq == 1   # the lease taken, retried
+        assert durable_info(eng).failure == 0
+        eng.open_position(1.0, 1.0)
+
     def test_a_full_tmpfs_refuses_commits(self, tmp_path: Any) -> None:
         """On a real full disk (a small tmpfs), the reservation fails: DurabilityError."""
         mnt = tmp_path / "small"
