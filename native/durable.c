@@ -24,7 +24,10 @@
  *     written_seq + ring records, or a bounded wait, then ENG_EJOURNALFULL;
  *     a writer failure (reservation, I/O) refuses at once (ENG_EDURABLE,
  *     fail-stop): the ring never overwrites a record the files lack, and
- *     nothing commits that cannot be journaled.
+ *     nothing commits that cannot be journaled.  failure > 0: a reservation
+ *     failed (whichever Engine holds the lease retries it every
+ *     ENG_DJ_RETRY_NS and clears it); < 0: a write or an fdatasync failed
+ *     (never retried: what the kernel dropped is unknown; restore).
  *
  *   writer (holder)                              committer (journal_room)
  *     n = journal seq; read (written, n]            W = written_seq (acquire)
@@ -40,13 +43,21 @@
  * fine: every change after S has its record with a seq > S, restore applies
  * the checkpoint and then every record after S in order, and the last record
  * of each object wins; an object the scan saw after such a change is set
- * again to the same value by the record.  Journal files wholly before the
+ * again to the same value by the record.  Before the rename the journal is
+ * made durable past the scan's end, so no change the scan saw is missing from
+ * the journal after a power failure (cross-object invariants, the books, hold
+ * after the replay).  A lease holder's scan keeps writing the ring every
+ * ENG_DJ_CKPT_WRITE_EVERY objects.  Journal files wholly before the
  * previous checkpoint's S are removed (two checkpoints stay restorable).
  *
  * Does not guarantee: progress while a live lease holder is stopped
  * (SIGSTOP): commits wait ENG_DJ_ROOM_WAIT_NS once the ring is full, then
  * ENG_EJOURNALFULL; durability of what is not yet fdatasynced against a
- * power failure (at most sync_ns of records, plus one fdatasync).
+ * power failure (at most sync_ns of records, plus one fdatasync); writing
+ * anything for a segment whose creator died before eng_durable_setup (commits
+ * stop once the ring is full); a journal that starts again at seq 1 in a
+ * directory holding one (the frame of seq k has one place: a restored engine
+ * continues the seqs, or journals into a fresh directory).
  */
 
 #include <sys/uio.h>

@@ -205,8 +205,7 @@ class TestFlush:
         assert end.torn is None and got[-1].seq == last and len(got) == last
 
     def test_two_processes_flushing_at_once(self, durable: Any, spawner: Any) -> None:
-        """Two processes committing and flushing at once each get a durable seq covering
-        their own commits, and the files hold every record once, in order."""
+        """Two processes flushing at once each get a durable seq covering their commits."""
         eng = durable(capacity=1024)
         ctx = spawner.ctx
         start, out = ctx.Event(), ctx.Queue()
@@ -224,8 +223,7 @@ class TestFlush:
 
 class TestLease:
     def test_a_writer_killed_mid_write_is_taken_over(self, durable: Any, spawner: Any) -> None:
-        """A lease holder SIGKILLed in the middle of a pwrite leaves a torn frame; another
-        process takes the lease, writes over it, and the files are whole and complete."""
+        """A writer SIGKILLed mid-pwrite is taken over and its torn frame written over."""
         eng = durable()
         hand_off_writer(eng)
         ctx = spawner.ctx
@@ -246,8 +244,7 @@ class TestLease:
 
     def test_records_of_a_killed_process_are_written_by_the_next(self, durable: Any,
                                                                  spawner: Any) -> None:
-        """Records committed while the only writer was killed reach the files once another
-        process runs: a crash of processes loses nothing committed."""
+        """Records left unwritten by a killed writer are written by the next process."""
         eng = durable()
         hand_off_writer(eng)
         ctx = spawner.ctx
@@ -273,9 +270,7 @@ class TestLease:
 class TestFailStop:
     def test_ring_full_behind_a_stopped_writer_refuses_commits(self, durable: Any,
                                                                spawner: Any) -> None:
-        """With the lease holder stopped, a commit that would overwrite an unwritten record
-        raises JournalFullError (naming the writer's pid) and changes nothing; once the
-        writer runs again, commits go through."""
+        """A stopped writer's full ring refuses commits (JournalFullError), nothing changed."""
         eng = durable(journal_records=16)
         hand_off_writer(eng)
         ctx = spawner.ctx
@@ -306,8 +301,7 @@ class TestFailStop:
         assert end.torn is None and frame_keys(got)[since:] == event_keys(eng, since)
 
     def test_a_failed_reservation_refuses_commits(self, durable: Any) -> None:
-        """When a journal file cannot be reserved (disk full), commits raise DurabilityError
-        and change nothing; when space is back the writer goes on and nothing is lost."""
+        """A failed reservation (disk full) refuses commits until it succeeds; nothing lost."""
         eng = durable()
         assert lib.eng_durable_fault(eng.seg, lib.ENG_DJ_FAULT_NOSPACE) == 0
         pos = eng.open_position(1.0, 1.0)   # in the ring; the writer's reservation fails
@@ -328,8 +322,7 @@ class TestFailStop:
 
     def test_a_failed_reservation_of_a_dead_writer_is_retried_by_the_next(
             self, durable: Any, spawner: Any) -> None:
-        """A writer that failed its reservation and then died does not leave the engine
-        refusing forever: the next holder retries the reservation and goes on."""
+        """A dead writer's failed reservation is retried by the next holder."""
         eng = durable()
         hand_off_writer(eng)
         ctx = spawner.ctx
@@ -372,8 +365,7 @@ class TestFailStop:
 class TestPowerLoss:
     def test_the_bytes_up_to_the_durable_seq_hold_every_frame(self, durable: Any,
                                                               tmp_path: Any) -> None:
-        """Keep only the bytes up to what flush reported durable (later writes dropped, as
-        a power failure may): every frame up to durable_seq is there and valid."""
+        """Files cut at the durable seq's bytes (a power loss) hold every frame up to it."""
         eng = durable()
         workload(eng, 30)
         d = eng.flush()
@@ -393,8 +385,7 @@ class TestPowerLoss:
 
 class TestCheckpoint:
     def test_a_checkpoint_holds_one_valid_frame_per_object(self, durable: Any) -> None:
-        """checkpoint() returns the journal seq read before its scan; its file has a frame
-        per opening (open or released), price, key, open account (key included) and halt."""
+        """A checkpoint starts at the seq before its scan and has a valid frame per object."""
         eng = durable(max_accounts=4)
         ids = workload(eng, 10)
         before = eng.journal_seq
@@ -447,8 +438,7 @@ class TestCheckpointSchedule:
               "the writer's own checkpoint")
 
     def test_files_before_the_previous_checkpoint_are_removed(self, durable: Any) -> None:
-        """A checkpoint removes the journal files wholly before the previous checkpoint's
-        start seq and the checkpoints before that one; what is left still restores."""
+        """A checkpoint removes files wholly before the previous one's start seq."""
         eng = durable(capacity=1024, checkpoint_records=0, checkpoint_s=0)
         ids = np.array([eng.open_position(1.0, 1.0) for _ in range(1024)], dtype=np.uint64)
         eng.transition_many(ids, int(Trigger.POSITION_OPENED))
@@ -474,8 +464,7 @@ class TestCheckpointSchedule:
 class TestJournalCommand:
     def test_json_lines_and_a_torn_tail_reported_not_printed(self, durable: Any,
                                                              tmp_path: Any) -> None:
-        """`python -m engine journal DIR --json` prints one object a line; a corrupt last
-        frame is reported on stderr and never printed."""
+        """`journal --json` prints a JSON object a line; a corrupt tail is reported only."""
         eng = durable()
         workload(eng, 5)
         last = eng.flush()
@@ -534,8 +523,7 @@ print("ok", flush=True)
 
 class TestAdversary:
     def test_a_forked_child_neither_hangs_nor_writes(self, durable: Any) -> None:
-        """A child forked from a process with a durable engine can close it (it is closed
-        there) and exit at once; the parent's writer goes on."""
+        """A forked child closes its inherited durable engine at once; the parent goes on."""
         eng = durable()
         eng.open_position(1.0, 1.0)
         pid = os.fork()
@@ -562,8 +550,7 @@ class TestAdversary:
 
     def test_an_engine_dropped_without_close_stops_its_writer_first(self,
                                                                     tmp_path: Any) -> None:
-        """An Engine garbage-collected without close stops its writer thread before the
-        segment is unmapped (no crash) and writes its records."""
+        """An Engine dropped without close stops its writer before the unmap and writes."""
         jdir = str(tmp_path / "dropped")
         r = subprocess.run([sys.executable, "-c", _DROPPED, jdir], capture_output=True,
                            text=True, timeout=120)
@@ -579,8 +566,7 @@ class TestAdversary:
 
     def test_a_checkpointer_killed_before_its_rename_leaves_no_checkpoint(
             self, durable: Any, spawner: Any) -> None:
-        """A process SIGKILLed while writing a checkpoint leaves only its .tmp (never a
-        checkpoint file); the next checkpoint takes the dead one's lock over."""
+        """A checkpointer killed before its rename leaves no checkpoint; the next works."""
         eng = durable()
         workload(eng, 8)
         p = spawner.start(child_checkpointer, eng.handle)
