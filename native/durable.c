@@ -955,11 +955,12 @@ static void ckpt_scan(eng_seg *s, ckpt_out *o)
         uint64_t words[ENG_MAX_FIELD_WORDS] = {0};
         eng_books b;
         uint64_t version;
-        if (acct_read(s, a, &b, &version, NULL) != 0 || !b.open)
+        /* a closed account too: its opening count keeps its ids stale */
+        if (acct_read(s, a, &b, &version, NULL) != 0 || !b.opening)
             continue;
         memcpy(words, &b, sizeof b);
         uint32_t klen = load_relaxed_u32(&a->key_len);   /* stable while the account is open */
-        if (klen > ENG_KEY_MAX)
+        if (klen > ENG_KEY_MAX || !b.open)
             klen = 0;
         memcpy(&words[ENG_DJ_ACCT_KEY_WORD], a->key, klen);
         words[ENG_DJ_ACCT_KEYLEN_WORD] = klen;   /* as an account's journal record has it */

@@ -131,3 +131,22 @@ def read(path: str, since: int = 0, end: End | None = None) -> Iterator[Frame]:
                 end.path, end.offset, end.torn = fpath, f.tell(), (
                     f"file ends at seq {seq - 1}, the next file starts at {nxt}")
                 return
+
+
+def valid_frame_after(path: str, end: End) -> tuple[str, int] | None:
+    """Where the first valid frame after ``end``'s invalid one is (file,
+    offset), or None: a valid frame after it means corruption in the middle,
+    none a torn tail."""
+    started = False
+    for _first, fpath in journal_files(path):
+        started = started or fpath == end.path
+        if not started:
+            continue
+        with open(fpath, "rb") as f:
+            data = f.read()
+        off = end.offset + FRAME if fpath == end.path else HDR
+        off = HDR + max(0, (off - HDR + FRAME - 1) // FRAME) * FRAME   # on a frame boundary
+        for at in range(off, len(data) - FRAME + 1, FRAME):
+            if check_frame(data[at:at + FRAME]) is None:
+                return fpath, at
+    return None

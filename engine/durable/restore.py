@@ -29,7 +29,7 @@ import numpy as np
 
 from engine._native import ffi, lib
 from engine.durable import format as fmt
-from engine.errors import RestoreError
+from engine.errors import RestoreError, SegmentError
 from engine.spec import MachineSpec
 from engine.store import check_name, shm
 
@@ -469,6 +469,7 @@ def _place(seg: Any, call: Any, recs: np.ndarray, idx: np.ndarray | None, where:
 def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None) -> Any:
     """Engine.restore (see there)."""
     t0 = time.perf_counter()
+    _refuse_a_live_directory(directory)
     ld = load_directory(directory)
     spec = ld.spec
     meta = ld.meta
@@ -573,6 +574,22 @@ def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None
     return eng
 
 
+def _refuse_a_live_directory(directory: str | os.PathLike[str]) -> None:
+    """SegmentError if an attached Engine writes the directory (it holds its
+    lock, see Writer.hold): read mid-write, its files could show a frame
+    written before an earlier one, and the restored engine would write into
+    the same files.  A copy of the directory restores."""
+    from engine.durable.writer import live_holders
+    if live_holders(os.fspath(directory)):
+        try:
+            owner = repr(fmt.read_meta(directory).get("name"))
+        except (OSError, ValueError):
+            owner = "(meta.json unreadable)"
+        raise SegmentError(f"{os.fspath(directory)!r} is written by live engine {owner} (its "
+                           f"processes hold {os.path.join(os.fspath(directory), 'lock')}): "
+                           f"restore a copy of the directory, or close that engine first")
+
+
 def _continue_files(eng: Any, directory: str, ld: Loaded, meta: dict[str, Any],
                     last_seq: int) -> None:
     """A restored engine created with journal=DIR journals on in ``directory``:
@@ -598,6 +615,9 @@ def _continue_files(eng: Any, directory: str, ld: Loaded, meta: dict[str, Any],
             os.close(fd)
     if eng.name != meta["name"] or opts.get("journal") != directory:
         write_meta(directory, eng.name, eng.capacity, eng.spec, {**opts, "journal": directory})
+    if eng._durable is None:
+        raise RestoreError(f"{directory}: the restored segment has no journal writer",
+                           directory, None)
     for rc in (lib.eng_durable_continue(eng.seg, last_seq),
                lib.eng_durable_setup(eng.seg, directory.encode(), sync_ns,
                                      lib.ENG_DJ_FILE_RECORDS, ckpt_records, ckpt_ns)):
@@ -605,3 +625,4 @@ def _continue_files(eng: Any, directory: str, ld: Loaded, meta: dict[str, Any],
             raise RestoreError(f"{directory}: the journal cannot go on in it "
                                f"({ffi.string(lib.eng_strerror(rc)).decode()}, code {rc})",
                                directory, None)
+    eng._durable.hold(directory)
