@@ -516,6 +516,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
                     raise_for(rc, name=name, what="journal settings")
                 assert eng._durable is not None
                 eng._durable.hold(jdir)
+                eng._durable.flush(5.0)   # the first file reserved: a full disk fails here
             except BaseException:
                 eng.close()
                 store.unlink(name, None)

@@ -128,9 +128,19 @@ def read(path: str, since: int = 0, end: End | None = None) -> Iterator[Frame]:
                     yield Frame(fpath, off, **rec)
             expect = seq
             if nxt is not None and nxt != seq:
+                if not _has_records(files[i + 1][1]):   # reserved ahead, never written
+                    return
                 end.path, end.offset, end.torn = fpath, f.tell(), (
                     f"file ends at seq {seq - 1}, the next file starts at {nxt}")
                 return
+
+
+def _has_records(fpath: str) -> bool:
+    """Whether a journal file's first frame was ever written (the writer
+    reserves the next file before the current one is full)."""
+    with open(fpath, "rb") as f:
+        f.seek(HDR)
+        return bool(f.read(FRAME).strip(b"\0"))
 
 
 def valid_frame_after(path: str, end: End) -> tuple[str, int] | None:

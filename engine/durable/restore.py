@@ -626,3 +626,4 @@ def _continue_files(eng: Any, directory: str, ld: Loaded, meta: dict[str, Any],
                                f"({ffi.string(lib.eng_strerror(rc)).decode()}, code {rc})",
                                directory, None)
     eng._durable.hold(directory)
+    eng._durable.flush(5.0)   # the next file reserved: a full disk fails here
