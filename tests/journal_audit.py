@@ -1,0 +1,227 @@
+"""Helpers for the journal adversary tests (test_journal_adversary2..): the
+books a journal must balance against, a segment mapped by the test, and
+children that die or stop at a fault site.
+
+``audit`` states the forbidden outcomes of every attack at once: a seq twice,
+out of order or skipped silently; a slot commit without its record or a
+record without its commit (records per slot == the slot's generation); an
+account change, a price write, a bound key or a change of the halt flag
+without its record (or with two); a slot whose last record disagrees with
+its state now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import pathlib
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from engine import Engine
+from engine._native import ffi, lib
+from engine.journal import Event
+
+SLOT_MASK = (1 << lib.ENG_ID_SLOT_BITS) - 1
+TOKEN_MASK = (1 << lib.ENG_TOKEN_BITS) - 1
+SLOT_KINDS = ("open", "transition", "release")
+HERE = pathlib.Path(__file__).resolve().parent
+
+#: every fault site that SIGKILLs its process, whatever the append's steps are named
+DIE_FAULTS = sorted(n for n in dir(lib) if n.startswith("ENG_FAULT_DIE_"))
+
+
+def drain(eng: Engine, since: int = 0) -> list[Event]:
+    """Every retained record after ``since``, without waiting."""
+    return list(eng.events(since=since, timeout=0))
+
+
+def gen_of(eng: Engine, slot: int) -> int:
+    return int((eng.state_word(slot) >> lib.ENG_SW_GEN_SHIFT) & lib.ENG_SW_GEN_MASK)
+
+
+def locked(eng: Engine, slot: int) -> bool:
+    return bool(eng.state_word(slot) & lib.ENG_SW_LOCK)
+
+
+def check_seqs(evs: list[Event], top: int, first: int = 1) -> None:
+    """Seqs run first, first + 1, .., top: no repeat, no reorder, no silent gap."""
+    seqs = [e.seq for e in evs]
+    dup = sorted({s for s in seqs if seqs.count(s) > 1})
+    assert not dup, f"seq delivered twice: {dup[:5]}"
+    assert seqs == sorted(seqs), f"seqs out of order: {seqs[:20]}"
+    missing = sorted(set(range(first, top + 1)) - set(seqs))
+    assert not missing, f"seqs skipped silently: {missing[:10]} (journal_seq {top})"
+    assert (seqs[-1] if seqs else first - 1) == top, (seqs[-3:], top)
+
+
+def audit(eng: Engine, accounts: tuple[int, ...] = (), prices: dict[int, int] | None = None,
+          keys: tuple[str, ...] = (), halt: bool | None = None) -> list[Event]:
+    """Every retained record against the books (see the module docstring).
+
+    ``prices``: id -> its price version when the journal began counting
+    (writes since then must each have one price record); ``keys``: keys whose
+    binding must have exactly one record (open's key or bind_key) iff bound;
+    ``halt``: the halt flag's records must say its state now.
+    """
+    evs = drain(eng)
+    check_seqs(evs, eng.journal_seq)
+    per_slot: dict[int, int] = {}
+    for e in evs:
+        if e.kind in SLOT_KINDS:
+            per_slot[e.id & SLOT_MASK] = per_slot.get(e.id & SLOT_MASK, 0) + 1
+    gens = {s: g for s in range(eng.capacity) if (g := gen_of(eng, s))}
+    assert per_slot == gens, \
+        f"slot records {per_slot} != slot commits {gens}: a commit without its record or a " \
+        f"record without its commit"
+    last = {e.id & SLOT_MASK: e for e in evs if e.kind in SLOT_KINDS}
+    for slot, ev in last.items():
+        if ev.kind != "release" and not locked(eng, slot):
+            assert eng.state(ev.id) == ev.state, f"slot {slot}: last record {ev}, now " \
+                                                 f"{eng.state(ev.id)}"
+    for a in accounts:
+        own = sum(1 for e in evs if e.kind == "account" and e.id == a)
+        booked = sum(1 for e in evs if e.kind == "open" and e.record.account == a) + \
+            sum(1 for e in evs if e.kind == "transition" and e.record.account == a
+                and e.state is not None and e.state.name == "CLOSED")
+        acc = eng.account(a)
+        assert own + booked == acc.version, \
+            f"account {a}: {own} account + {booked} booked records, version {acc.version}"
+        mine = [e for e in evs if e.kind == "account" and e.id == a]
+        if mine and mine[-1].seq > max((e.seq for e in evs if e.kind in SLOT_KINDS
+                                        and e.record.account == a), default=0):
+            assert mine[-1].record == acc, (mine[-1].record, acc)
+    for pid, v0 in (prices or {}).items():
+        recs = [e for e in evs if e.kind == "price" and e.id == pid]
+        v = eng.price(pid).version
+        assert len(recs) == v - v0, f"id {pid}: {len(recs)} price records, {v - v0} writes"
+        if recs:
+            assert recs[-1].record == eng.price(pid)
+    for k in keys:
+        bound = eng.lookup(k)
+        kr = [e for e in evs if e.kind == "key" and e.record == k.encode()]
+        if bound is None:
+            assert not kr, f"key {k} is not bound, yet recorded: {kr}"
+        else:
+            opened = [e for e in evs if e.kind == "open" and e.id == bound]
+            assert len(kr) + len(opened) >= 1 and len(kr) <= 1 and \
+                all(e.id == bound for e in kr), f"key {k} bound to {bound}: records {kr}, {opened}"
+    if halt is not None:
+        flags = [e.record for e in evs if e.kind == "halt"]
+        assert (flags[-1] if flags else False) == halt, f"halt is {halt}, records say {flags}"
+    return evs
+
+
+class Segment:
+    """The segment's bytes, mapped by the test itself (to read words, to corrupt records)."""
+
+    def __init__(self, eng: Engine) -> None:
+        fd = os.open("/dev/shm/" + eng.name.lstrip("/"), os.O_RDWR)
+        try:
+            self.mm = mmap.mmap(fd, 0)
+        finally:
+            os.close(fd)
+        self.joff = struct.unpack_from("<Q", self.mm, ffi.offsetof("eng_header", "journal_off"))[0]
+        self.records = eng.journal_records
+        self.ring = self.joff + ffi.sizeof("eng_journal")
+
+    def u64(self, off: int) -> int:
+        return int(struct.unpack_from("<Q", self.mm, off)[0])
+
+    def put_u64(self, off: int, v: int) -> None:
+        struct.pack_into("<Q", self.mm, off, v)
+
+    def record(self, seq: int) -> int:
+        """Offset of the ring record that holds ``seq``."""
+        return self.ring + (seq & (self.records - 1)) * ffi.sizeof("eng_jrec")
+
+    def halted(self) -> bool:
+        return bool(struct.unpack_from("<I", self.mm, ffi.offsetof("eng_header", "halted"))[0])
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self.mm.close()
+
+
+# -- children that die or stop at a fault site ---------------------------------------------
+
+def forked(fn: Callable[[], int], timeout: float = 60.0) -> int:
+    """Run ``fn`` in a forked child (it attaches on its own); its wait status as
+    ``os.waitstatus_to_exitcode`` gives it (-9: it SIGKILLed itself at a fault)."""
+    pid = os.fork()
+    if pid == 0:   # the child: never returns into pytest
+        code = 1
+        try:
+            code = fn()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child {pid} still running after {timeout} s (a hang)")
+        time.sleep(0.002)
+
+
+_SHIM: list[str] = []
+
+
+def stop_shim() -> str:
+    """A preload library that turns a fault site's self-SIGKILL into a SIGSTOP
+    (when ENG_TEST_STOP_NOT_KILL is set in the process): the process stops at
+    exactly that step and goes on from it after SIGCONT."""
+    if not _SHIM:
+        out = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"eng_stop_shim_{os.getpid()}.so"
+        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(out),
+                        str(HERE / "stop_shim.c"), "-ldl"], check=True)
+        _SHIM.append(str(out))
+    return _SHIM[0]
+
+
+def wait_stopped(pid: int, timeout: float) -> bool:
+    """True once ``pid`` (a child) is stopped; False if it exited or time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if info is not None and info.si_pid == pid:
+            return info.si_code == os.CLD_STOPPED
+        time.sleep(0.002)
+    return False
+
+
+@contextlib.contextmanager
+def preloaded(path: str) -> Iterator[None]:
+    """Children started inside get ``path`` preloaded."""
+    old = os.environ.get("LD_PRELOAD")
+    os.environ["LD_PRELOAD"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LD_PRELOAD"]
+        else:
+            os.environ["LD_PRELOAD"] = old
+
+
+def faults_off() -> None:
+    """This process ignores the fault switches from now on (they live in the
+    segment: another process may have set them)."""
+    lib.eng_test_faults(0)
+
+
+def faults_on() -> None:
+    lib.eng_test_faults(1)
+
+
+def libc() -> Any:
+    return ctypes.CDLL(None)
