@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from engine import Engine
+from engine import Engine, Trigger
 from engine._native import ffi, lib
 from engine.journal import Event
 
@@ -151,14 +151,14 @@ class Segment:
 
 # -- children that die or stop at a fault site ---------------------------------------------
 
-def forked(fn: Callable[[], int], timeout: float = 60.0) -> int:
-    """Run ``fn`` in a forked child (it attaches on its own); its wait status as
+def forked(fn: Callable[..., int], *args: Any, timeout: float = 60.0) -> int:
+    """Run ``fn(*args)`` in a forked child (it attaches on its own); its wait status as
     ``os.waitstatus_to_exitcode`` gives it (-9: it SIGKILLed itself at a fault)."""
     pid = os.fork()
     if pid == 0:   # the child: never returns into pytest
         code = 1
         try:
-            code = fn()
+            code = fn(*args)
         finally:
             os._exit(code)
     deadline = time.monotonic() + timeout
@@ -225,3 +225,61 @@ def faults_on() -> None:
 
 def libc() -> Any:
     return ctypes.CDLL(None)
+
+
+# -- one object ready for each kind of commit -----------------------------------------------
+
+class World:
+    """The ids of an engine with one object ready for each kind of commit (picklable)."""
+
+    def __init__(self, eng: Engine) -> None:
+        self.acct = eng.open_account(cash=1000, max_exposure=500, max_positions=4, max_loss=100)
+        self.plain = eng.open_position(10.0, 1.0)
+        eng.transition(self.plain, Trigger.POSITION_OPENED)
+        self.booked = eng.open_position(10.0, 1.0, token=5, key="K-book", account=self.acct)
+        eng.transition(self.booked, Trigger.POSITION_OPENED)
+        eng.transition(self.booked, Trigger.EXIT_CONDITION_MET, exit_reason=1)
+        eng.transition(self.booked, Trigger.EXIT_STARTED)
+        self.closed = eng.open_position(10.0, 1.0, token=7, key="K-closed")
+        for t in (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
+                  Trigger.EXIT_COMPLETED):
+            eng.transition(self.closed, t, **({"exit_reason": 2}
+                                              if t is Trigger.EXIT_CONDITION_MET else {}))
+        self.armed = eng.open_position(10.0, 1.0, stop_loss=9.0)
+        eng.transition(self.armed, Trigger.POSITION_OPENED)
+        self.prices = {p: eng.price(p).version for p in (self.plain, self.armed)}
+
+    def run(self, kind: str, eng: Engine) -> None:
+        """The commit of ``kind``, through ``eng`` (a child's own attach)."""
+        if kind == "open":
+            eng.open_position(50.0, 1.0)
+        elif kind == "booked_open":
+            eng.open_position(10.0, 1.0, token=9, key="K-new", account=self.acct)
+        elif kind == "fast":
+            eng.transition(self.plain, Trigger.PAUSE)
+        elif kind == "slow":
+            eng.transition(self.plain, Trigger.EXIT_CONDITION_MET, exit_reason=3)
+        elif kind == "booked_close":
+            eng.transition(self.booked, Trigger.EXIT_COMPLETED)
+        elif kind == "release":
+            eng.release_position(self.closed)
+        elif kind == "key":
+            eng.bind_key(self.plain, "K-bound")
+        elif kind == "account":
+            eng.deposit(self.acct, 7)
+        elif kind == "halt":
+            eng.halt(True)
+        elif kind == "price":
+            eng.update_price(self.plain, 12.5)
+        elif kind == "exit_fire":
+            eng.update_price(self.armed, 8.0)
+        else:
+            raise AssertionError(kind)
+
+    def check(self, eng: Engine, seg: Segment) -> None:
+        audit(eng, accounts=(self.acct,), prices=self.prices,
+              keys=("K-book", "K-closed", "K-new", "K-bound"), halt=seg.halted())
+
+
+KINDS = ["open", "booked_open", "fast", "slow", "booked_close", "release", "key", "account",
+         "halt", "price", "exit_fire"]

@@ -21,10 +21,10 @@ import signal
 from typing import Any
 
 import pytest
+from journal_audit import DIE_FAULTS, KINDS, SLOT_MASK, Segment, World, drain, forked, locked
 
 from engine import Engine, Trigger
 from engine._native import lib
-from journal_audit import DIE_FAULTS, SLOT_MASK, Segment, audit, drain, forked, locked
 
 pytestmark = pytest.mark.shm_only
 
@@ -41,61 +41,6 @@ def make_engine(make_engine: Any) -> Any:
     return make
 
 
-class World:
-    """An engine with one object ready for each kind of commit."""
-
-    def __init__(self, eng: Engine) -> None:
-        self.eng = eng
-        self.acct = eng.open_account(cash=1000, max_exposure=500, max_positions=4, max_loss=100)
-        self.plain = eng.open_position(10.0, 1.0)
-        eng.transition(self.plain, Trigger.POSITION_OPENED)
-        self.booked = eng.open_position(10.0, 1.0, token=5, key="K-book", account=self.acct)
-        eng.transition(self.booked, Trigger.POSITION_OPENED)
-        eng.transition(self.booked, Trigger.EXIT_CONDITION_MET, exit_reason=1)
-        eng.transition(self.booked, Trigger.EXIT_STARTED)
-        self.closed = eng.open_position(10.0, 1.0, token=7, key="K-closed")
-        for t in (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
-                  Trigger.EXIT_COMPLETED):
-            eng.transition(self.closed, t, **({"exit_reason": 2}
-                                              if t is Trigger.EXIT_CONDITION_MET else {}))
-        self.armed = eng.open_position(10.0, 1.0, stop_loss=9.0)
-        eng.transition(self.armed, Trigger.POSITION_OPENED)
-        self.prices = {p: eng.price(p).version for p in (self.plain, self.armed)}
-
-    def run(self, kind: str, eng: Engine) -> None:
-        """The commit of ``kind``, through ``eng`` (a child's own attach)."""
-        if kind == "open":
-            eng.open_position(50.0, 1.0)
-        elif kind == "booked_open":
-            eng.open_position(10.0, 1.0, token=9, key="K-new", account=self.acct)
-        elif kind == "fast":
-            eng.transition(self.plain, Trigger.PAUSE)
-        elif kind == "slow":
-            eng.transition(self.plain, Trigger.EXIT_CONDITION_MET, exit_reason=3)
-        elif kind == "booked_close":
-            eng.transition(self.booked, Trigger.EXIT_COMPLETED)
-        elif kind == "release":
-            eng.release_position(self.closed)
-        elif kind == "key":
-            eng.bind_key(self.plain, "K-bound")
-        elif kind == "account":
-            eng.deposit(self.acct, 7)
-        elif kind == "halt":
-            eng.halt(True)
-        elif kind == "price":
-            eng.update_price(self.plain, 12.5)
-        elif kind == "exit_fire":
-            eng.update_price(self.armed, 8.0)
-        else:
-            raise AssertionError(kind)
-
-    def check(self, seg: Segment) -> None:
-        audit(self.eng, accounts=(self.acct,), prices=self.prices,
-              keys=("K-book", "K-closed", "K-new", "K-bound"), halt=seg.halted())
-
-
-KINDS = ["open", "booked_open", "fast", "slow", "booked_close", "release", "key", "account",
-         "halt", "price", "exit_fire"]
 #: the short run: the faults a journal append passes on every kind
 SHORT = [f for f in DIE_FAULTS if "J" in f.split("ENG_FAULT_DIE_")[1]
          or any(w in f for w in ("CLAIM", "FILL", "DONE", "VOID", "TAIL", "APPEND", "RECORD"))]
@@ -108,10 +53,9 @@ def die_at(handle: str, fault: int, world: World, kind: str) -> int:
     return NOT_FIRED
 
 
-def after_death(world: World, seg: Segment, before: list[Any]) -> None:
+def after_death(eng: Engine, world: World, seg: Segment) -> None:
     """Reader first, then a commit elsewhere, then recover(): the books balance, and the
     reader's early records are exactly the final ones."""
-    eng = world.eng
     early = drain(eng)
     other = eng.open_position(20.0, 1.0)
     eng.transition(other, Trigger.POSITION_OPENED)
@@ -120,7 +64,7 @@ def after_death(world: World, seg: Segment, before: list[Any]) -> None:
     for e in early:
         assert final.get(e.seq) == e, f"a record read before the resolution changed: " \
                                       f"{e} -> {final.get(e.seq)}"
-    world.check(seg)
+    world.check(eng, seg)
 
 
 def kill_round(make_engine: Any, kind: str, faults: list[str]) -> list[str]:
@@ -131,12 +75,12 @@ def kill_round(make_engine: Any, kind: str, faults: list[str]) -> list[str]:
         world = World(eng)
         seg = Segment(eng)
         try:
-            code = forked(lambda: die_at(eng.handle, getattr(lib, name), world, kind))
+            code = forked(die_at, eng.handle, getattr(lib, name), world, kind)
             eng._set_fault(0)
             assert code in (KILLED, NOT_FIRED), f"{kind}/{name}: child ended with {code}"
             if code == KILLED:
                 fired.append(name)
-            after_death(world, seg, [])
+            after_death(eng, world, seg)
         except AssertionError as e:
             raise AssertionError(f"{kind} killed at {name}: {e}") from e
         finally:
@@ -186,16 +130,16 @@ def takeover_round(make_engine: Any, first: list[str], second: list[str]) -> int
             world = World(eng)
             seg = Segment(eng)
             try:
-                code = forked(lambda: slow_dies(eng.handle, getattr(lib, a), world.plain))
+                code = forked(slow_dies, eng.handle, getattr(lib, a), world.plain)
                 assert code in (KILLED, NOT_FIRED)
                 if code != KILLED or not locked(eng, world.plain & SLOT_MASK):
                     eng._set_fault(0)
                     continue   # the slot is not left locked: no takeover to attack
-                code = forked(lambda: taker_dies(eng.handle, getattr(lib, b), world.plain))
+                code = forked(taker_dies, eng.handle, getattr(lib, b), world.plain)
                 eng._set_fault(0)
                 assert code in (KILLED, NOT_FIRED, 0), f"taker ended with {code}"
                 tried += 1
-                after_death(world, seg, [])
+                after_death(eng, world, seg)
             except AssertionError as e:
                 raise AssertionError(f"owner killed at {a}, taker at {b}: {e}") from e
             finally:
