@@ -139,7 +139,7 @@ class Segment:
 
     def record(self, seq: int) -> int:
         """Offset of the ring record that holds ``seq``."""
-        return self.ring + (seq & (self.records - 1)) * ffi.sizeof("eng_jrec")
+        return int(self.ring + (seq & (self.records - 1)) * ffi.sizeof("eng_jrec"))
 
     def halted(self) -> bool:
         return bool(struct.unpack_from("<I", self.mm, ffi.offsetof("eng_header", "halted"))[0])
@@ -158,7 +158,7 @@ def forked(fn: Callable[..., int], *args: Any, timeout: float = 60.0) -> int:
     if pid == 0:   # the child: never returns into pytest
         code = 1
         try:
-            code = fn(*args)
+            code = int(fn(*args))
         finally:
             os._exit(code)
     deadline = time.monotonic() + timeout
