@@ -189,12 +189,16 @@ def stop_shim() -> str:
 
 
 def wait_stopped(pid: int, timeout: float) -> bool:
-    """True once ``pid`` (a child) is stopped; False if it exited or time ran out."""
+    """True once ``pid`` (a child) stops (the stop is consumed: a later call waits for
+    the next one); False if it exited or ``timeout`` ran out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG)
         if info is not None and info.si_pid == pid:
-            return info.si_code == os.CLD_STOPPED
+            return True
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if info is not None and info.si_pid == pid:
+            return False
         time.sleep(0.002)
     return False
 
@@ -233,7 +237,7 @@ class World:
     """The ids of an engine with one object ready for each kind of commit (picklable)."""
 
     def __init__(self, eng: Engine) -> None:
-        self.acct = eng.open_account(cash=1000, max_exposure=500, max_positions=4, max_loss=100)
+        self.acct = eng.open_account(cash=1000, max_exposure=500, max_positions=16, max_loss=100)
         self.plain = eng.open_position(10.0, 1.0)
         eng.transition(self.plain, Trigger.POSITION_OPENED)
         self.booked = eng.open_position(10.0, 1.0, token=5, key="K-book", account=self.acct)
