@@ -197,8 +197,8 @@ def check_ring_at(eng: Engine, pos: int, top: int) -> None:
             check_seqs(got, top, first=r)
             continue
         check_seqs(evs, top, first=since + 1)
-        for e in evs:
-            assert (e.kind == "transition" and e.id == pos) or e.seq <= 2, e
+        for ev in evs:
+            assert (ev.kind == "transition" and ev.id == pos) or ev.seq <= 2, ev
     if top > n:
         assert oldest is not None or top - n - 1 < 0, f"top {top}: no lap reported at all"
 
@@ -315,7 +315,7 @@ class TestCraftedHeaders:
                         findings.append(f"{name}={crafted:#x} {step}: lapped with resume_seq "
                                         f"{what} <= the bad record {victim}: a follower "
                                         f"resuming there loops forever")
-                if res["commit"] not in ("APPLIED",) and not res["commit"][0] == "error":
+                if res["commit"] != "APPLIED" and res["commit"][0] != "error":
                     findings.append(f"{name}={crafted:#x}: commit {res['commit']}")
                 eng.close()
         assert not findings, "\n".join(findings)
