@@ -319,3 +319,76 @@ class TestWrapOntoStoppedRecord:
         span = lib.ENG_SW_GEN_MASK + 1   # past a wrap only the sum can be checked
         commits = sum(gen_of(eng, s) for s in range(eng.capacity)) + 1   # + open_account
         assert (commits - top) % span == 0, f"{commits} commits, {top} records"
+
+
+def same_object_commits(eng: Engine, kind: str, w: World, j: int) -> list[str]:
+    """Commits on the very object the stopped writer is changing; what each returned."""
+    outs: list[str] = []
+    calls: list[Any] = []
+    if kind in ("fast", "slow"):
+        calls = [lambda: eng.transition(w.plain, Trigger.PAUSE if eng.state(w.plain)
+                                        is State.MONITORING else Trigger.RESUME),
+                 lambda: eng.transition(w.plain, Trigger.EXIT_CONDITION_MET, exit_reason=2)
+                 if eng.state(w.plain) is State.MONITORING
+                 else eng.transition(w.plain, Trigger.EXIT_CANCELLED)]
+    elif kind == "price":
+        calls = [lambda: eng.update_price(w.plain, 40.0 + j)]
+    elif kind == "account":
+        calls = [lambda: eng.deposit(w.acct, 3)]
+    elif kind == "halt":
+        calls = [lambda: eng.halt(j % 2 == 1)]
+    for call in calls:
+        try:
+            out = call()
+            outs.append(out.name if isinstance(out, Outcome) else "APPLIED")
+        except EngineError as e:
+            outs.append(type(e).__name__)
+    return outs
+
+
+class TestSameObjectWhileStopped:
+    @pytest.mark.parametrize("kind", ["fast", "slow", "price", "account", "halt"])
+    def test_commit_on_the_stopped_writers_object_then_read(
+            self, make_engine: Any, spawner: Any, quiet_faults: Any, kind: str) -> None:
+        """The stopped writer's own object committed by another, then read: one record per commit.
+
+        A writer stopped at each journal step of a change on object o; this
+        process commits on o too (refused within a bound, or applied if the
+        protocol lets it) and a reader resolves what it finds: after SIGCONT
+        every commit of o has exactly one record (a reader that took another
+        commit's generation as the stopped writer's evidence would record a
+        change twice, or one that never happened).
+        """
+        eng = make_engine(capacity=16, max_accounts=2, journal_prices=True, journal_records=256)
+        w = World(eng)
+        ctx = spawner.ctx
+        mine, theirs = ctx.Pipe()
+        with preloaded(stop_shim()):
+            child = spawner.start(victim, eng.handle, kind, w, [], theirs)
+        assert mine.poll(STOP_TIMEOUT) and mine.recv() == "ready"
+        seen: list[str] = []
+        after = 0
+        got: list[Any] = []
+        try:
+            for j, name in enumerate(SHORT):
+                mine.send(getattr(lib, name))
+                if wait_stopped(child.pid, 5.0):
+                    seen += same_object_commits(eng, kind, w, j)
+                    got += list(eng.events(since=after, timeout=0))
+                    after = got[-1].seq if got else after
+                    for _ in range(16):
+                        os.kill(child.pid, signal.SIGCONT)
+                        if not wait_stopped(child.pid, 0.5):
+                            break
+                assert mine.poll(STOP_TIMEOUT), f"{kind} at {name}: the writer never finished"
+                mine.recv()
+            mine.send(None)
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+        spawner.join_all(60)
+        assert set(seen) <= {"APPLIED", "CONFLICT", "INVALID", "BusyError"}, seen
+        final = {e.seq: e for e in drain(eng)}
+        for e in got:
+            assert final.get(e.seq) == e, f"read {e} while stopped, now {final.get(e.seq)}"
+        w.check(eng, Segment(eng))
+        print(f"{kind}: same-object commits while stopped: {seen}")
