@@ -280,6 +280,39 @@ class World:
         else:
             raise AssertionError(kind)
 
+    def again(self, kind: str, eng: Engine) -> None:
+        """A commit on the object ``run(kind)`` changes, valid whether or not that change
+        happened (its next holder: resolves whatever the last one left first)."""
+        from engine import State
+        from engine.errors import EngineError
+        try:
+            if kind in ("fast", "slow", "key"):
+                st = eng.state(self.plain)
+                if st is State.MONITORING:
+                    eng.transition(self.plain, Trigger.PAUSE)
+                elif st is State.PAUSED:
+                    eng.transition(self.plain, Trigger.RESUME)
+                else:
+                    eng.transition(self.plain, Trigger.EXIT_CANCELLED)
+            elif kind in ("booked_open", "account"):
+                eng.deposit(self.acct, 5)
+            elif kind == "booked_close":
+                if eng.state(self.booked) is State.EXITING:
+                    eng.transition(self.booked, Trigger.EXIT_COMPLETED)
+                eng.deposit(self.acct, 5)
+            elif kind == "release":
+                eng.release_position(self.closed)
+            elif kind == "halt":
+                eng.halt(True)
+            elif kind == "price":
+                eng.update_price(self.plain, 13.5)
+            elif kind == "exit_fire":
+                eng.update_price(self.armed, 7.5)
+            else:
+                eng.open_position(60.0, 1.0)
+        except EngineError:
+            pass   # refused (typed): nothing changed, checked by the audit
+
     def check(self, eng: Engine, seg: Segment) -> None:
         audit(eng, accounts=(self.acct,), prices=self.prices,
               keys=("K-book", "K-closed", "K-new", "K-bound"), halt=seg.halted())

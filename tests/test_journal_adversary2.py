@@ -53,10 +53,15 @@ def die_at(handle: str, fault: int, world: World, kind: str) -> int:
     return NOT_FIRED
 
 
-def after_death(eng: Engine, world: World, seg: Segment) -> None:
-    """Reader first, then a commit elsewhere, then recover(): the books balance, and the
-    reader's early records are exactly the final ones."""
+def after_death(eng: Engine, world: World, seg: Segment, kind: str, order: str) -> None:
+    """Reader first (or the dead writer's object committed again first, by its next holder),
+    then a commit elsewhere, then recover(): the books balance, and the records a reader got
+    early are exactly the final ones."""
+    if order == "same_first":
+        world.again(kind, eng)
     early = drain(eng)
+    if order == "read_first":
+        world.again(kind, eng)
     other = eng.open_position(20.0, 1.0)
     eng.transition(other, Trigger.POSITION_OPENED)
     eng.recover()
@@ -67,7 +72,7 @@ def after_death(eng: Engine, world: World, seg: Segment) -> None:
     world.check(eng, seg)
 
 
-def kill_round(make_engine: Any, kind: str, faults: list[str]) -> list[str]:
+def kill_round(make_engine: Any, kind: str, faults: list[str], order: str) -> list[str]:
     fired = []
     for name in faults:
         eng = make_engine(capacity=8, max_accounts=2, journal_prices=kind in ("price",
@@ -80,7 +85,7 @@ def kill_round(make_engine: Any, kind: str, faults: list[str]) -> list[str]:
             assert code in (KILLED, NOT_FIRED), f"{kind}/{name}: child ended with {code}"
             if code == KILLED:
                 fired.append(name)
-            after_death(eng, world, seg)
+            after_death(eng, world, seg, kind, order)
         except AssertionError as e:
             raise AssertionError(f"{kind} killed at {name}: {e}") from e
         finally:
@@ -90,18 +95,22 @@ def kill_round(make_engine: Any, kind: str, faults: list[str]) -> list[str]:
 
 
 class TestKillEveryStep:
+    @pytest.mark.parametrize("order", ["read_first", "same_first"])
     @pytest.mark.parametrize("kind", KINDS)
-    def test_record_iff_commit_at_each_journal_step(self, make_engine: Any, kind: str) -> None:
+    def test_record_iff_commit_at_each_journal_step(self, make_engine: Any, kind: str,
+                                                    order: str) -> None:
         """A commit of each kind SIGKILLed at each journal step: records == commits, no gap."""
-        fired = kill_round(make_engine, kind, SHORT)
+        fired = kill_round(make_engine, kind, SHORT, order)
         print(f"{kind}: fired {fired}")
         assert len(fired) >= min(3, len(SHORT)), f"{kind}: only {fired} of {SHORT} fired"
 
     @pytest.mark.slow
+    @pytest.mark.parametrize("order", ["read_first", "same_first"])
     @pytest.mark.parametrize("kind", KINDS)
-    def test_record_iff_commit_at_every_fault_site(self, make_engine: Any, kind: str) -> None:
+    def test_record_iff_commit_at_every_fault_site(self, make_engine: Any, kind: str,
+                                                   order: str) -> None:
         """A commit of each kind SIGKILLed at every fault site: records == commits, no gap."""
-        fired = kill_round(make_engine, kind, DIE_FAULTS)
+        fired = kill_round(make_engine, kind, DIE_FAULTS, order)
         print(f"{kind}: fired {fired}")
         assert len(fired) >= 3
 
@@ -139,7 +148,7 @@ def takeover_round(make_engine: Any, first: list[str], second: list[str]) -> int
                 eng._set_fault(0)
                 assert code in (KILLED, NOT_FIRED, 0), f"taker ended with {code}"
                 tried += 1
-                after_death(eng, world, seg)
+                after_death(eng, world, seg, "slow", "same_first")
             except AssertionError as e:
                 raise AssertionError(f"owner killed at {a}, taker at {b}: {e}") from e
             finally:

@@ -251,3 +251,82 @@ class TestForkMidAppend:
             stop.set()
             th.join(60)
         assert set(codes) == {0}, codes
+
+
+def spinning_reader(handle: str, since: int, stopfile: str, out: str) -> int:
+    """Forked child: read from ``since`` in a tight loop (resolving what it finds) until
+    ``stopfile`` exists; write every record it ever got."""
+    faults_on()
+    eng = Engine.attach(handle)
+    seen: dict[int, list[Any]] = {}
+    while not os.path.exists(stopfile):
+        for e in eng.events(since=since, timeout=0):
+            seen.setdefault(e.seq, [e.seq, e.kind, e.id, e.state.name if e.state else None])
+    with open(out, "w") as f:
+        json.dump(list(seen.values()), f)
+    return 0
+
+
+def start_forked(fn: Any, *args: Any) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = fn(*args)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def during_round(make_engine: Any, tmp_path: Any, kind: str, name: str) -> None:
+    eng = make_engine(capacity=8, max_accounts=2, journal_prices=kind in ("price", "exit_fire"))
+    world = World(eng)
+    seg = Segment(eng)
+    since = eng.journal_seq
+    stopfile = str(tmp_path / "stop")
+    if os.path.exists(stopfile):
+        os.unlink(stopfile)
+    outs = [str(tmp_path / f"spin{i}.json") for i in range(2)]
+    readers = [start_forked(spinning_reader, eng.handle, since, stopfile, o) for o in outs]
+    try:
+        forked(die_at, eng.handle, getattr(lib, name), world, kind)
+        eng._set_fault(0)
+        world.again(kind, eng)
+    finally:
+        open(stopfile, "w").close()
+        for pid in readers:
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+    eng.recover()
+    final = {e.seq: [e.seq, e.kind, e.id, e.state.name if e.state else None]
+             for e in drain(eng, since)}
+    try:
+        for out in outs:
+            with open(out) as f:
+                for ev in json.load(f):
+                    assert final.get(ev[0]) == ev, \
+                        f"a spinning reader got {ev}, the journal says {final.get(ev[0])}"
+        world.check(eng, seg)
+    except AssertionError as e:
+        raise AssertionError(f"{kind} killed at {name}: {e}") from e
+    finally:
+        seg.close()
+
+
+class TestResolveDuringDeath:
+    @pytest.mark.parametrize("kind", ["fast", "slow", "account", "halt"])
+    def test_readers_resolving_while_the_writer_dies(self, make_engine: Any, tmp_path: Any,
+                                                     kind: str) -> None:
+        """Readers spinning on a record while its writer commits and dies: one outcome."""
+        for _ in range(3):
+            for name in SHORT:
+                during_round(make_engine, tmp_path, kind, name)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_readers_resolving_while_the_writer_dies_many(self, make_engine: Any,
+                                                          tmp_path: Any, kind: str) -> None:
+        """The same, every kind and fault site, 30 rounds."""
+        for _ in range(30):
+            for name in DIE_FAULTS:
+                during_round(make_engine, tmp_path, kind, name)
