@@ -330,3 +330,90 @@ class TestResolveDuringDeath:
         for _ in range(30):
             for name in DIE_FAULTS:
                 during_round(make_engine, tmp_path, kind, name)
+
+
+PID_WRITER = """
+import os, pickle, sys
+from engine import Engine
+from engine._native import lib
+world, kind, fault, handle = pickle.loads(bytes.fromhex(sys.argv[1]))
+print(os.getpid(), flush=True)
+eng = Engine.attach(handle)
+eng._set_fault(getattr(lib, fault))
+world.run(kind, eng)
+sys.exit(3)
+"""
+
+PID_HEIR = """
+import os, pickle, sys
+from engine import Engine, State, Trigger
+world, kind, fault, handle = pickle.loads(bytes.fromhex(sys.argv[1]))
+eng = Engine.attach(handle)
+print(os.getpid(), flush=True)
+sys.stdin.readline()   # alive, with the dead writer's pid, until the test is done
+"""
+
+
+def in_new_pidns(code: str, arg: str, child_env: dict[str, str], **kw: Any) -> Any:
+    """``code`` as pid 2 of a new pid namespace (sh is its pid 1: pid 1 ignores SIGKILL
+    sent by itself)."""
+    import pathlib
+    import subprocess
+    import sys
+    env = dict(child_env)
+    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).parent),
+                                         env.get("PYTHONPATH", "")])
+    return subprocess.Popen(["unshare", "--pid", "--fork", "sh", "-c",
+                             '"$0" -c "$1" "$2"; exit $?', sys.executable, code, arg],
+                            env=env, text=True, stdout=subprocess.PIPE, **kw)
+
+
+class TestPidReuse:
+    @pytest.mark.parametrize("kind", ["fast", "slow", "account"])
+    def test_dead_writers_pid_reused_by_a_live_process(self, make_engine: Any, tmp_path: Any,
+                                                       child_env: dict[str, str],
+                                                       kind: str) -> None:
+        """A live process with the dead writer's very pid: the dead writer's record still resolves.
+
+        Each in a new pid namespace, so both have pid 2: the writer dies at each
+        journal step, the heir attaches and stays alive; commits elsewhere go on,
+        a reader gets past the dead record, and records == commits.
+        """
+        import pickle
+        import shutil
+        import subprocess
+        if shutil.which("unshare") is None or \
+                subprocess.run(["unshare", "--pid", "--fork", "true"]).returncode != 0:
+            pytest.skip("no pid namespaces here")
+        for name in SHORT:
+            eng = make_engine(capacity=8, max_accounts=2)
+            world = World(eng)
+            other = eng.open_position(20.0, 1.0)
+            eng.transition(other, Trigger.POSITION_OPENED)
+            arg = pickle.dumps((world, kind, name, eng.handle)).hex()
+            w = in_new_pidns(PID_WRITER, arg, child_env)
+            out, _ = w.communicate(timeout=120)
+            eng._set_fault(0)
+            if w.returncode == 3:
+                continue   # the fault is not on this path
+            assert w.returncode == 128 + 9, f"{name}: the writer ended with {w.returncode}"
+            dead_pid = int(out.split()[0])
+            heir = in_new_pidns(PID_HEIR, arg, child_env, stdin=subprocess.PIPE)
+            try:
+                assert heir.stdout is not None and heir.stdin is not None
+                heir_pid = int(heir.stdout.readline())
+                assert heir_pid == dead_pid, (heir_pid, dead_pid)
+                flip = eng.transition(other, Trigger.PAUSE if eng.state(other)
+                                      is State.MONITORING else Trigger.RESUME)
+                assert flip is Outcome.APPLIED, f"{name}: a commit elsewhere got {flip}"
+                world.again(kind, eng)
+                check_seqs(drain(eng), eng.journal_seq)
+            except AssertionError as e:
+                raise AssertionError(f"{kind} killed at {name}: {e}") from e
+            finally:
+                assert heir.stdin is not None
+                heir.stdin.write("\n")
+                heir.stdin.close()
+                heir.wait(60)
+            eng.recover()
+            world.check(eng, Segment(eng))
