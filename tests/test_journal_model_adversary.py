@@ -1,0 +1,47 @@
+"""Adversary of the journal's append model (native/journal.pml): the order of resolve's reads.
+
+The model checks resolve() as one atomic step; C cannot.  A copy of the model
+with resolve split into its real steps (tests/models/journal_resolve_order.pml)
+shows which order is safe: reading the object's generation (the evidence)
+before proving the record's writer dead voids a committed change's record
+when the writer commits and dies between the two reads (MUTANT 10, must
+fail); header and fields, then the liveness proof, then the evidence, then a
+CAS of the exact header read, holds (MUTANT 11).
+
+Forbidden outcome: the split model holding with the evidence read first (it
+could not catch the bug), or failing with the safe order.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+MODEL = pathlib.Path(__file__).parent / "models" / "journal_resolve_order.pml"
+
+
+def pan(tmp: pathlib.Path, mutant: int) -> str:
+    """Run Spin exhaustively on the split model with ``mutant``; pan's report."""
+    shutil.copy(MODEL, tmp / "m.pml")
+    subprocess.run(["spin", f"-DMUTANT={mutant}", "-a", "m.pml"], cwd=tmp, check=True,
+                   capture_output=True)
+    subprocess.run(["cc", "-O2", "-w", "-DSAFETY", "-o", "pan", "pan.c"], cwd=tmp, check=True)
+    out = subprocess.run(["./pan", "-m200000"], cwd=tmp, capture_output=True, text=True,
+                         timeout=1200).stdout
+    assert "max search depth too small" not in out, out
+    return out
+
+
+@pytest.mark.slow
+class TestResolveOrder:
+    @pytest.mark.parametrize("mutant,fails", [(0, False), (10, True), (11, False)])
+    def test_resolve_reads_evidence_after_the_liveness_proof(self, tmp_path: pathlib.Path,
+                                                             mutant: int, fails: bool) -> None:
+        """Evidence before the liveness proof fails the model; proof, evidence, CAS holds."""
+        if shutil.which("spin") is None:
+            pytest.skip("spin is not installed (make spin)")
+        out = pan(tmp_path, mutant)
+        assert ("errors: 0" not in out) == fails, out[-2000:]
