@@ -72,25 +72,30 @@ spin:
 	  { sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq spin >/dev/null; }
 	@command -v spin >/dev/null 2>&1 || { echo "spin is missing and could not be installed"; exit 1; }
 
-## verify: the journal's append protocol (native/journal.pml) through Spin, exhaustively: the model
-##   must hold, and each deliberate mutation of it (MUTANT=1..5, see the model) must be caught (about 40 s, 1 GB)
-MODEL_MUTANTS := 1 2 3 4 5
+## verify: the journal's append protocols through Spin, exhaustively: each model must hold, and
+##   each deliberate mutation of it (MUTANT=n, see the model) must be caught.  native/journal.pml
+##   is the global latch native/journal.c runs; native/journal_append.pml the per-object append
+##   that is to replace it (not implemented yet; about 40 s and 1 GB)
+MODELS := journal.pml:1,2,3,4 journal_append.pml:1,2,3,4,5
 verify: spin
-	@d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && cp native/journal.pml "$$d"/ && cd "$$d" && \
-	for m in 0 $(MODEL_MUTANTS); do \
-	  spin -DMUTANT=$$m -a journal.pml >/dev/null && cc -O2 -w -DSAFETY -o pan pan.c || exit 1; \
+	@d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && cp native/journal.pml native/journal_append.pml "$$d"/ && cd "$$d" && \
+	for spec in $(MODELS); do \
+	 model=$${spec%%:*}; \
+	 for m in 0 $$(echo $${spec#*:} | tr , ' '); do \
+	  spin -DMUTANT=$$m -a $$model >/dev/null && cc -O2 -w -DSAFETY -o pan pan.c || exit 1; \
 	  ./pan -m200000 > out.txt 2>&1; \
 	  if grep -q "max search depth too small" out.txt; then cat out.txt; echo "verify: search depth too small"; exit 1; fi; \
 	  errs=$$(sed -n 's/.*errors: \([0-9]*\).*/\1/p' out.txt); \
 	  states=$$(sed -n 's/^ *\([0-9]*\) states, stored.*/\1/p' out.txt); \
 	  if [ -z "$$errs" ]; then cat out.txt; echo "verify: no result from pan"; exit 1; fi; \
 	  if [ $$m = 0 ]; then \
-	    [ "$$errs" = 0 ] || { cat out.txt; spin -t -p journal.pml | tail -40; echo "verify: the journal model FAILS"; exit 1; }; \
-	    echo "verify: journal model holds ($$states states, exhaustive)"; \
+	    [ "$$errs" = 0 ] || { cat out.txt; spin -t -p $$model | tail -40; echo "verify: $$model FAILS"; exit 1; }; \
+	    echo "verify: $$model holds ($$states states, exhaustive)"; \
 	  else \
-	    [ "$$errs" != 0 ] || { cat out.txt; echo "verify: mutation $$m was NOT caught: the model cannot fail"; exit 1; }; \
-	    echo "verify: mutation $$m caught ($$(grep -m1 'assertion violated' out.txt | sed 's/ *(at depth.*//'))"; \
+	    [ "$$errs" != 0 ] || { cat out.txt; echo "verify: $$model mutation $$m was NOT caught: the model cannot fail"; exit 1; }; \
+	    echo "verify: $$model mutation $$m caught ($$(grep -m1 -E 'assertion violated|invalid end state' out.txt | sed 's/ *(at depth.*//'))"; \
 	  fi; \
+	 done; \
 	done
 
 lint: $(STAMP)

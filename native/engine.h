@@ -391,6 +391,9 @@
 #define ENG_FAULT_DIE_BEFORE_JPUBLISH 4096
 /* a price writer SIGKILLs itself between its exit's commit and its price publish */
 #define ENG_FAULT_DIE_IN_EXIT 8192
+/* with any ENG_FAULT_DIE_*: the process SIGSTOPs itself there instead (a stopped,
+ * live holder; the test clears the switches, then sends SIGCONT) */
+#define ENG_FAULT_STOP_NOT_KILL 16384
 
 /*
  * ---- bounded back-off ----------------------------------------------------------

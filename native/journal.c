@@ -46,6 +46,12 @@
  * commits wait their bound and report CONFLICT, as for a stopped lock owner;
  * retention of more than records - 1 records (a holder refilling the record
  * after the last one may die mid-fill).
+ *
+ * The per-object append that replaces this latch (a change journals under its
+ * own object's lock, so a stopped writer stalls only its object and the ring's
+ * wrap) is specified and modelled in native/journal_append.pml (`make verify`),
+ * not implemented yet; tests/test_journal_append.py holds the test it must
+ * pass (xfail until then).
  */
 
 #define JL_SEQ_SHIFT ENG_TOKEN_BITS

@@ -1,340 +1,263 @@
 /*
- * The journal's append protocol, per object (`make verify`; the C code is
- * native/journal.c, whose protocol comment carries the same step names).
+ * The journal's append protocol, as native/journal.c runs it (`make verify`).
  *
- * No global latch: a change journals while ITS OBJECT's lock is held (a
- * slot's lock bit, an account's latch, a key stripe, the halt lock), so the
- * records of one object are in its lock order.  The ring's records carry a
- * header word hdr = (lap, state, writer); lap(k) = (k - 1) / N + 1 for seq k
+ * Every commit of a slot word (a transition's CAS, fast or slow path) is
+ * made by the holder of the journal latch, between writing the record and
+ * publishing it.  Step names are the C code's:
  *
- *   writer of object o (holds o's lock: lock[o] = me)
- *     R  resolve o's pending record jpend[o] (a dead or finished previous
- *        holder's, see resolve) before anything else
- *     C1 journal_claim: t = tail; ring[t % N].hdr (lap(t)-1, DONE|VOID, *) ->
- *        (lap(t), CLAIMED, me) by CAS, then tail t -> t+1 by CAS (a claimer
- *        that finds ring[t] already claimed at lap(t) moves tail on for it);
- *        a previous-lap record still CLAIMED/FILLED: resolve it if its writer
- *        is dead, else refuse (CONFLICT): only the wrap waits for a stopped
- *        writer.  Then jpend[o] = t + 1.
- *     C2 fill the record (object, the generation the commit publishes),
- *        hdr CLAIMED -> FILLED
- *     C3 the object's commit (generation + 1) and unlock: one CAS
- *     C4 hdr FILLED -> DONE by CAS (a resolver may have done it); jpend[o]
- *        (t + 1) -> 0 by CAS
- *     or give up after C1/C2 (its commit refused): hdr -> VOID, unlock
+ *   writer, fast path                      writer, slow path
+ *                                            lock_slot: CAS w -> L (owner = me)
+ *                                            seal: fill the spare context copy, seal = L
+ *     J1 journal_latch: CAS (n,0) -> (n,me)  J1 journal_latch
+ *     w = slot word, read under the latch
+ *        (locked: journal_abort, wait)
+ *     J2 journal_fill_release: seq = 0,    J2 journal_fill_release
+ *        fields, seq = n+1 (release)
+ *     J3 commit: CAS w -> w' (gen + 1)       J3 commit: CAS L -> w' (gen + 1)
+ *        failed (slot locked meanwhile):
+ *        journal_abort: CAS (n,me) -> (n,0), retry
+ *     J4 journal_publish: CAS (n,me) -> (n+1,0)
  *
- *   resolve record k (a reader, a claimer wrapping onto it, recover(), the
- *   next holder of its object): CLAIMED, writer dead -> VOID (C3 follows C2);
- *   FILLED: the object's generation reached the record's -> DONE; not reached
- *   and writer dead -> VOID; not reached, writer alive -> leave it (wait).
- *   Exact because the object cannot commit again before its next holder has
- *   resolved jpend (R).
+ *   journal_takeover (latch (n,T), T proven dead):
+ *     forward, CAS (n,T) -> (n+1,0), iff ring[n+1] is whole (seq == n+1) and
+ *     its slot's generation reached the record's (J3 happened: no one else can
+ *     commit that slot while T holds the latch; a lock does not move the
+ *     generation); else back, CAS (n,T) -> (n,0).
+ *   takeover (slot locked by L, owner proven dead), as latch holder:
+ *     forward iff the spare copy is sealed with L: J2, J3 (CAS L -> w'), J4
+ *     on the dead writer's behalf; else back: CAS L -> unlocked, no record.
+ *   reader (follows the ring from seq 1, across wraps):
+ *     wait for published seq >= next; s1 = ring seq; copy; s2 = ring seq;
+ *     deliver iff s1 == s2 == next; else JournalLappedError (and resume).
  *
- *   takeover of object o locked by a dead T: take the lock over, R, then
- *   forward iff T sealed its change (the sealed copy): C1..C4 with ITS OWN
- *   record (never T's, which R voided); else back: unlock, no record.
- *
- *   reader (follows the ring from seq 1 across wraps): record k with hdr
- *   (lap(k), DONE): copy, re-read hdr, deliver iff unchanged; (lap(k), VOID):
- *   skip (an abandoned claim is not a change: a gap in seq that is not a
- *   lost record); (lap(k), CLAIMED/FILLED): resolve, or wait; lap > lap(k):
- *   JournalLappedError, resume at the oldest retained seq.
- *
- * Writers: two on object 0, one on object 1 (three claims through a ring of
- * two: the wrap); each may die at any step (up to MAXDEATHS), one may stop
- * for good at any step (SIGSTOP; its end state is valid).  A writer of the
- * other object that waits forever on it is an invalid end state: Spin
- * reports it.  Asserted: a record is DONE only for a commit and VOID only
- * for a claim that never committed; every committed change has exactly one
- * DONE record (after the recover() sweep at the end); the reader delivers
- * each object's generations one by one (per-object order = seq order, no
- * silent gap, no duplicate) and skips only VOID records.
+ * Asserted: a record exists iff its change committed (every quiescent point
+ * and the end), no record twice, records of one slot in commit order, the
+ * reader delivers exactly the published record for each seq, and it reports
+ * a lap only when the ring really was overwritten under it (no silent gap).
  *
  * MUTANT (spin -DMUTANT=n) breaks one step; `make verify` checks each fails:
- *   1  the record filled after the commit (C3 before C2) with no completion:
- *      a writer dead between C3 and C2 leaves a CLAIMED record, voided
- *   2  resolve voids a FILLED record of a dead writer without the evidence
- *   3  the next holder does not resolve the pending record (no R): a commit
- *      after a dead writer's FILLED record makes the evidence lie
- *   4  a takeover rolling forward adopts the dead writer's record (marks it
- *      DONE) instead of claiming its own: a reader may have voided it
- *   5  one global latch around C1..C4 (main's design): a stopped writer on
- *      object 0 stalls the commit on object 1
+ *   1  the record written after the commit CAS (J3 before J2), no takeover
+ *      completing it: a writer killed between J3 and J2 commits with no record
+ *   2  journal_takeover compares the whole slot word, not its generation:
+ *      a slot locked again after the commit reads as "not committed"
+ *   3  the reader skips its re-check of the record's seq (s2): a copy torn
+ *      by a writer refilling the slot is delivered
+ *   4  the fast path reads the slot word before it takes the latch (as the
+ *      latch-free fast path did): a record names a generation the slot had
+ *      already reached by another commit, and journal_takeover rolls it
+ *      forward though its CAS never ran
  */
 
 #ifndef MUTANT
 #define MUTANT 0
 #endif
-#ifndef MAXDEATHS
-#define MAXDEATHS 1
-#endif
 
+#define NW 2              /* writer processes */
+#define CH 2              /* changes per writer: 4 records through a ring of 2 wrap it */
+#define NC (NW * CH)      /* change ids 1..NC */
 #define N 2               /* ring records */
-#define NW 3              /* writers: 1 and 2 on object 0, 3 on object 1 */
-#define NO 2              /* objects */
-#define REC (NW + 1)      /* the takeover's token */
-#define MAXSEQ 6
+#define NS 1              /* slots (one: every change contends) */
+#define REC (NW + 1)      /* the takeover process's token */
+#define MAXSEQ (NC + 1)
 
-#define VOID 0            /* lap 0 + VOID: the all-zero ring */
-#define CLAIMED 1
-#define FILLED 2
-#define DONE 3
-
-bool alive[REC + 1];
+bool alive[NW + 2];
 byte deaths = 0;
-bool stopped = false;
-
-byte gen[NO];             /* the object's generation: moved by a commit (C3) */
-byte lock[NO + 1];        /* 0, or the holder's token (lock[NO]: MUTANT 5's latch) */
-byte jpend[NO];           /* seq of the holder's record, 0: none */
-bool sealed[NO];          /* the holder sealed its change (a takeover rolls it forward) */
-byte sealer[NO + 1];      /* who sealed it; sealer[NO]: the stopped writer */
-
-byte tail = 1;            /* the next seq to claim */
-byte hlap[N];             /* hdr = (hlap, hst, htok) */
-byte hst[N];
-byte htok[N];
-byte robj[N];             /* the record's fields (C2) */
-byte rgen[N];
-
-/* ghosts */
-byte claim_cid[MAXSEQ + 1];     /* the change a claim records */
-bool claim_commit[MAXSEQ + 1];  /* the claim's C3 happened */
-bool committed[REC + 1];        /* change c (= its writer's token) committed */
-byte donec[REC + 1];            /* DONE records of change c */
-byte wdone = 0;
-
-#define LAP(k) (((k) - 1) / N + 1)   /* seq 1 .. N: lap 1 */
-#define R(k) ((k) % N)
-
-#define DIE if :: skip \
-             :: (deaths < MAXDEATHS && me != 3) -> deaths++; alive[me] = false; goto dead \
-             :: (!stopped && me == 1) -> stopped = true; sealer[NO] = me; goto end_stop fi
-
-inline mark_done(k) {
-    assert(claim_commit[k]);                       /* DONE only for a commit */
-    donec[claim_cid[k]]++;
-    assert(donec[claim_cid[k]] == 1)               /* no duplicate */
-}
-
-inline mark_void(k) {
-    assert(!claim_commit[k])                       /* VOID only for a claim that never committed */
-}
-
-/* resolve record k (atomic: one header CAS after reading the evidence) */
-inline resolve(k) {
-    atomic {
-        if
-        :: hlap[R(k)] == LAP(k) && hst[R(k)] == CLAIMED && !alive[htok[R(k)]] ->
-            mark_void(k); hst[R(k)] = VOID
-        :: hlap[R(k)] == LAP(k) && hst[R(k)] == FILLED && gen[robj[R(k)]] == rgen[R(k)] ->
-            mark_done(k); hst[R(k)] = DONE
-#if MUTANT == 2
-        :: hlap[R(k)] == LAP(k) && hst[R(k)] == FILLED && !alive[htok[R(k)]] ->
-#else
-        :: hlap[R(k)] == LAP(k) && hst[R(k)] == FILLED && gen[robj[R(k)]] != rgen[R(k)] &&
-           !alive[htok[R(k)]] ->
+#ifndef MAXDEATHS
+#define MAXDEATHS 2
 #endif
-            mark_void(k); hst[R(k)] = VOID
-        :: else -> skip
-        fi
-    }
+
+/* the slot: its generation, the lock (0, or the change id whose writer holds
+ * it: the lock word L names its owner), the spare copy's seal */
+byte slot_gen[NS];
+byte slot_lock[NS];
+byte sealed[NS];
+
+/* the journal: the latch word (published seq, owner token) and the ring */
+byte jseq = 0;
+byte jown = 0;
+byte ring_seq[N];
+byte ring_cid[N];
+byte ring_slot[N];
+byte ring_gen[N];
+
+/* ghosts: what happened, for the assertions */
+bool committed[NC + 1];
+byte recorded[NC + 1];
+byte pubcid[MAXSEQ + 1];
+byte lastgen[NS];
+byte done = 0;
+
+#define owner_of(c) (((c) - 1) / CH + 1)
+
+inline publish_check(n, r) {
+    /* J4 / journal_takeover forward: record n+1 becomes visible */
+    assert(ring_seq[r] == n + 1);
+    assert(committed[ring_cid[r]]);
+    recorded[ring_cid[r]]++;
+    assert(recorded[ring_cid[r]] == 1);                 /* no duplicate */
+    assert(ring_gen[r] == lastgen[ring_slot[r]] + 1);   /* per-slot commit order */
+    lastgen[ring_slot[r]] = ring_gen[r];
+    pubcid[n + 1] = ring_cid[r]
 }
 
-/* C1: claim seq t for change c by token tok; ok = 0 refused (the wrap) */
-inline claim(tok, c, t, ok) {
-    ok = 2;
+/* a writer may die at any step: its locks stay where they are */
+#define DIE if :: skip :: (deaths < MAXDEATHS) -> deaths++; alive[me] = false; goto dead fi
+
+proctype writer(byte me) {
+    byte k = 0, c, s, g, n, r;
+    bool ok;
     do
-    :: ok != 2 -> break
-    :: ok == 2 ->
-        t = tail;
+    :: k == CH -> break
+    :: k < CH ->
+        c = (me - 1) * CH + k + 1;
+        s = c % NS;
         if
-        :: atomic { hlap[R(t)] + 1 == LAP(t) && (hst[R(t)] == DONE || hst[R(t)] == VOID) ->
-                    hlap[R(t)] = LAP(t); hst[R(t)] = CLAIMED; htok[R(t)] = tok;
-                    claim_cid[t] = c; ok = 1 };
-           atomic { if :: tail == t -> tail = t + 1 :: else -> skip fi }
-        :: atomic { hlap[R(t)] == LAP(t) && tail == t -> tail = t + 1 }   /* help it on */
-        :: atomic { hlap[R(t)] + 1 == LAP(t) && (hst[R(t)] == CLAIMED || hst[R(t)] == FILLED) } ->
-            if
-            :: !alive[htok[R(t)]] -> resolve(t - N)
-            :: alive[htok[R(t)]] -> ok = 0                /* its writer lives: refuse */
-            fi
-        :: tail != t -> skip                              /* moved: read it again */
-        fi
-    od
-}
-
-proctype writer(byte me; byte o; bool seal) {
-    byte t, ok, k;
-    if
-    :: atomic { lock[o] == 0 -> lock[o] = me }           /* lock */
-    :: atomic { lock[o] != 0 && stopped && lock[o] == sealer[NO] } -> goto refused   /* bound */
-    fi;
-#if MUTANT == 5
-    atomic { lock[NO] == 0 -> lock[NO] = me }            /* the global latch */
-    DIE;
+        :: goto fast
+        :: goto slow
+        fi;
+fast:
+#if MUTANT == 4
+        atomic { slot_lock[s] == 0 -> g = slot_gen[s] }         /* w read before the latch */
+        DIE;
 #endif
-#if MUTANT != 3
-    atomic { k = jpend[o]; if :: k != 0 -> resolve(k) :: else -> skip fi; k = 0 }   /* R */
+        atomic { jown == 0 -> jown = me; n = jseq }             /* J1 journal_latch */
+        DIE;
+#if MUTANT != 4
+        if                                                      /* w = slot word, under the latch */
+        :: slot_lock[s] == 0 -> g = slot_gen[s]
+        :: else -> atomic { jown = 0 }; (slot_lock[s] == 0); goto fast   /* journal_abort, wait */
+        fi;
+        DIE;
 #endif
-    if
-    :: seal -> atomic { sealed[o] = true; sealer[o] = me }   /* seal (the slow path) */
-    :: else -> skip
-    fi;
-    claim(me, me, t, ok);                                /* C1 */
-    if
-    :: ok == 0 -> sealed[o] = false; lock[o] = 0; goto refused   /* unlock unchanged */
-    :: else -> skip
-    fi;
-    DIE;
-    jpend[o] = t;
-    DIE;
+        r = (n + 1) % N;
 #if MUTANT == 1
-    atomic { gen[o]++; lock[o] = 0; sealed[o] = false; claim_commit[t] = true; committed[me] = true }  /* C3 */
-    DIE;
-    atomic { robj[R(t)] = o; rgen[R(t)] = gen[o]; hst[R(t)] = FILLED }
-#else
-    atomic { robj[R(t)] = o; rgen[R(t)] = gen[o] + 1; hst[R(t)] = FILLED }   /* C2 */
+        atomic {                                                /* J3 commit (too early) */
+            if
+            :: slot_lock[s] == 0 && slot_gen[s] == g -> slot_gen[s] = g + 1; committed[c] = true; ok = true
+            :: else -> ok = false
+            fi
+        }
+        DIE;
 #endif
-    DIE;
-    if
-    :: me != 2 -> skip
-    :: me == 2 -> atomic { mark_void(t); hst[R(t)] = VOID };   /* C3 refused: void our record */
-       atomic { sealed[o] = false; lock[o] = 0 }; goto refused
-    :: me == 2 -> skip
-    fi;
+        ring_seq[r] = 0;                                        /* J2 journal_fill_release */
+        DIE;
+        ring_cid[r] = c; ring_slot[r] = s; ring_gen[r] = g + 1;
+        DIE;
+        ring_seq[r] = n + 1;
+        DIE;
 #if MUTANT != 1
-    atomic { gen[o]++; lock[o] = 0; sealed[o] = false; claim_commit[t] = true; committed[me] = true }  /* C3 */
-    DIE;
+        atomic {                                                /* J3 commit */
+            if
+            :: slot_lock[s] == 0 && slot_gen[s] == g -> slot_gen[s] = g + 1; committed[c] = true; ok = true
+            :: else -> ok = false
+            fi
+        }
+        DIE;
 #endif
-#if MUTANT == 5
-    lock[NO] = 0;
-#endif
-    atomic {                                             /* C4 */
         if
-        :: hlap[R(t)] == LAP(t) && hst[R(t)] == FILLED -> mark_done(t); hst[R(t)] = DONE
-        :: else -> skip
-        fi
-    }
-    atomic { if :: jpend[o] == t -> jpend[o] = 0 :: else -> skip fi }
-refused:
-#if MUTANT == 5
-    atomic { if :: lock[NO] == me -> lock[NO] = 0 :: else -> skip fi }
-#endif
-    skip;
+        :: ok -> atomic { assert(jown == me && jseq == n); publish_check(n, r); jseq = n + 1; jown = 0 }  /* J4 journal_publish */
+        :: !ok -> atomic { assert(jown == me); jown = 0 }; goto fast   /* journal_abort, retry */
+        fi;
+        goto next;
+slow:
+        atomic { slot_lock[s] == 0 -> slot_lock[s] = c; g = slot_gen[s] }   /* lock_slot */
+        DIE;
+        sealed[s] = c;                                          /* seal (W0-W2) */
+        DIE;
+        atomic { jown == 0 -> jown = me; n = jseq }             /* J1 journal_latch */
+        DIE;
+        r = (n + 1) % N;
+        ring_seq[r] = 0;                                        /* J2 journal_fill_release */
+        DIE;
+        ring_cid[r] = c; ring_slot[r] = s; ring_gen[r] = g + 1;
+        DIE;
+        ring_seq[r] = n + 1;
+        DIE;
+        atomic {                                                /* J3 commit: CAS L -> w' */
+            assert(slot_lock[s] == c);      /* a live owner is never taken over */
+            slot_lock[s] = 0; slot_gen[s] = g + 1; committed[c] = true
+        }
+        DIE;
+        atomic { assert(jown == me && jseq == n); publish_check(n, r); jseq = n + 1; jown = 0 }   /* J4 */
+next:
+        k++
+    od;
 dead:
-    atomic { wdone++ };
-end_stop:
-    skip
+    atomic { done++ }
 }
 
-/* takeover of an object whose holder is proven dead (never dies itself) */
+/* whichever process finds a dead owner; here one that does not die */
 proctype takeovers() {
-    byte o, T, t, ok, k;
-    bool fwd;
+    byte s, n, r, c;
 end_loop:
     do
-    :: atomic {
-        ((lock[0] != 0 && !alive[lock[0]]) || (lock[1] != 0 && !alive[lock[1]])) ->
+    :: atomic {                                                 /* journal_takeover */
+        jown != 0 && !alive[jown] ->
+        n = jseq; r = (n + 1) % N;
+#if MUTANT == 2
         if
-        :: lock[0] != 0 && !alive[lock[0]] -> o = 0
-        :: lock[1] != 0 && !alive[lock[1]] -> o = 1
-        fi;
-        T = lock[o]; lock[o] = REC;
-        fwd = sealed[o] && sealer[o] == T
+        :: ring_seq[r] == n + 1 && slot_gen[ring_slot[r]] == ring_gen[r] && slot_lock[ring_slot[r]] == 0 ->
+#else
+        if
+        :: ring_seq[r] == n + 1 && slot_gen[ring_slot[r]] == ring_gen[r] ->
+#endif
+            publish_check(n, r); jseq = n + 1; jown = 0          /* forward */
+        :: else -> jown = 0                                     /* back */
+        fi
+       }
+    :: atomic {                                                 /* takeover (slot), latch first */
+        jown == 0 && slot_lock[0] != 0 && !alive[owner_of(slot_lock[0])] ->
+        s = 0; jown = REC; n = jseq; c = slot_lock[s]
        };
-#if MUTANT == 5
-       atomic { if :: lock[NO] == T -> lock[NO] = 0 :: else -> skip fi };
-#endif
-#if MUTANT == 4
-       k = jpend[o];
+       r = (n + 1) % N;
        if
-       :: fwd && k != 0 && hlap[R(k)] == LAP(k) && hst[R(k)] == FILLED && htok[R(k)] == T ->
-           /* adopt T's record: commit, then mark it DONE */
-           atomic { gen[o]++; claim_commit[k] = true; committed[T] = true; sealed[o] = false; lock[o] = 0 };
-           atomic { if :: hst[R(k)] == FILLED -> mark_done(k); hst[R(k)] = DONE :: else -> skip fi };
-           goto next
-       :: else -> skip
-       fi;
-#endif
-#if MUTANT != 3
-       atomic { k = jpend[o]; if :: k != 0 -> resolve(k) :: else -> skip fi; k = 0 }   /* R */
-#endif
-       if
-       :: fwd ->
-          claim(REC, T, t, ok);                          /* C1, its own record for T's change */
-          if
-          :: ok == 0 -> sealed[o] = false; lock[o] = 0; goto next   /* back, refused by the wrap */
-          :: else -> skip
-          fi;
-          jpend[o] = t;
-          atomic { robj[R(t)] = o; rgen[R(t)] = gen[o] + 1; hst[R(t)] = FILLED }   /* C2 */
-          atomic { gen[o]++; lock[o] = 0; sealed[o] = false; claim_commit[t] = true; committed[T] = true }  /* C3 */
-          atomic {                                       /* C4 */
-              if
-              :: hlap[R(t)] == LAP(t) && hst[R(t)] == FILLED -> mark_done(t); hst[R(t)] = DONE
-              :: else -> skip
-              fi
-          };
-          atomic { if :: jpend[o] == t -> jpend[o] = 0 :: else -> skip fi }
-       :: else -> atomic { sealed[o] = false; lock[o] = 0 }    /* back: no record */
-       fi;
-next:
-       atomic { o = 0; T = 0; t = 0; ok = 0; k = 0; fwd = false }   /* no stale locals */
+       :: sealed[s] == c ->                                     /* forward, on its behalf */
+           ring_seq[r] = 0;                                     /* J2 */
+           ring_cid[r] = c; ring_slot[r] = s; ring_gen[r] = slot_gen[s] + 1;
+           ring_seq[r] = n + 1;
+           atomic { slot_lock[s] = 0; slot_gen[s]++; committed[c] = true }   /* J3 */
+           atomic { publish_check(n, r); jseq = n + 1; jown = 0 }            /* J4 */
+       :: else ->
+           atomic { slot_lock[s] = 0; jown = 0 }                /* back: no record */
+       fi
     od
 }
 
-/* follows the ring from seq 1; resolves what it finds unresolved */
+/* follows the ring from seq 1; a lap is reported, then it resumes */
 proctype reader() {
-    byte next = 1, r, l, st, ob, g, k;
-    byte lastgen[NO];
-    bool lapped = false;
+    byte next = 1, r, s1, s2, cid, laps = 0;
+    byte x;
 end_read:
     do
-    :: atomic { tail > next -> r = R(next); l = hlap[r]; st = hst[r] }
+    :: atomic { jseq >= next -> r = next % N; s1 = ring_seq[r] }
+       cid = ring_cid[r];
+#if MUTANT == 3
+       s2 = s1;
+#else
+       s2 = ring_seq[r];
+#endif
        if
-       :: l == LAP(next) && st == DONE ->
-           atomic { ob = robj[r]; g = rgen[r] }          /* copy */
+       :: s1 == next && s2 == next ->
+           assert(cid == pubcid[next]);                         /* the published record */
+           next++
+       :: else ->                                               /* JournalLappedError */
            atomic {
-               if
-               :: hlap[r] == l && hst[r] == DONE ->      /* re-read hdr: whole */
-                   /* per-object order = seq order; no silent gap; no duplicate */
-                   assert(claim_commit[next]);
-                   assert(g > lastgen[ob]);
-                   assert(lapped || g == lastgen[ob] + 1);
-                   lastgen[ob] = g;
-                   next++
-               :: else -> skip                           /* moved: look again */
-               fi;
-               r = 0; l = 0; st = 0; ob = 0; g = 0
+               /* only if a writer got to refill this record: n + 1 >= next + N */
+               assert(jseq + 1 >= next + N);
+               laps++;
+               next = jseq + 2 - N                              /* resume_seq: oldest retained */
            }
-       :: l == LAP(next) && st == VOID ->
-           atomic {
-               assert(!claim_commit[next]);              /* a void is not a lost record */
-               next++; r = 0; l = 0; st = 0
-           }
-       :: l == LAP(next) && (st == CLAIMED || st == FILLED) ->
-           atomic { resolve(next); r = 0; l = 0; st = 0 }
-       :: l > LAP(next) ->                               /* JournalLappedError */
-           atomic { lapped = true; next = tail - N; r = 0; l = 0; st = 0 }
-       :: l < LAP(next) -> atomic { r = 0; l = 0; st = 0 }   /* look again */
        fi
-    :: atomic { wdone + stopped == NW && lock[0] != REC && lock[1] != REC &&
-                (lock[0] == 0 || alive[lock[0]]) && (lock[1] == 0 || alive[lock[1]]) } ->
-       /* quiescent: recover()'s sweep resolves every record, then record iff committed */
-       k = 1;
-       do
-       :: k < tail -> if :: tail - k <= N -> resolve(k) :: else -> skip fi; k++
-       :: else -> break
-       od;
-       k = 1;
-       do
-       :: k <= NW ->
-           assert(committed[k] == (donec[k] == 1));   /* record iff committed */
-           k++
-       :: else -> break
-       od;
-       break
+    :: atomic {
+        done == NW && jown == 0 && slot_lock[0] == 0 && next > jseq ->
+        /* quiescent and drained: a record exists iff its change committed */
+        x = 1;
+        do
+        :: x <= NC -> assert(committed[x] == (recorded[x] == 1)); x++
+        :: x > NC -> break
+        od;
+        break
+       }
     od
 }
 
@@ -343,12 +266,14 @@ init {
     atomic {
         i = 1;
         do
-        :: i <= REC -> alive[i] = true; i++
-        :: else -> break
+        :: i <= NW + 1 -> alive[i] = true; i++
+        :: i > NW + 1 -> break
         od;
-        run writer(1, 0, true);    /* slow path: sealed, may stop */
-        run writer(2, 0, false);   /* fast path under the lock; its C3 may be refused */
-        run writer(3, 1, false);   /* the other object: never waits for writer 1 */
+        i = 1;
+        do
+        :: i <= NW -> run writer(i); i++
+        :: i > NW -> break
+        od;
         run takeovers();
         run reader()
     }

@@ -35,8 +35,9 @@
 
 static void die_if(eng_seg *s, uint32_t fault)
 {
-    if (__builtin_expect(load_relaxed_u32(&s->hdr->fault_flags) & fault, 0) && faults_allowed())
-        kill(getpid(), SIGKILL);
+    uint32_t f = load_relaxed_u32(&s->hdr->fault_flags);
+    if (__builtin_expect(f & fault, 0) && faults_allowed())
+        kill(getpid(), (f & ENG_FAULT_STOP_NOT_KILL) ? SIGSTOP : SIGKILL);
 }
 
 static void commit_after(eng_seg *s, eng_slot *sl, uint64_t old_w, uint64_t new_w)
