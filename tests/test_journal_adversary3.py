@@ -392,3 +392,49 @@ class TestSameObjectWhileStopped:
             assert final.get(e.seq) == e, f"read {e} while stopped, now {final.get(e.seq)}"
         w.check(eng, Segment(eng))
         print(f"{kind}: same-object commits while stopped: {seen}")
+
+
+class TestStoppedAfterCommit:
+    def test_a_committed_stopped_record_neither_stalls_the_wrap_nor_readers(
+            self, make_engine: Any, spawner: Any, quiet_faults: Any, tmp_path: Any) -> None:
+        """A writer stopped after its commit (before completing its record) stalls nobody.
+
+        Its change is committed and its object unlocked: the record's evidence
+        (the object's generation) proves it, so any reader or claimer can
+        complete it.  On the smallest ring, 3 rings' worth of commits on other
+        ids must all apply, and a reader must get the stopped writer's record,
+        while the writer is still stopped (forbidden: CONFLICT / BusyError at
+        the wrap, or a reader stuck before that record).
+        """
+        n = lib.ENG_JOURNAL_MIN_RECORDS
+        eng = make_engine(capacity=16, max_accounts=2, journal_records=n)
+        w = World(eng)
+        ids = [eng.open_position(30.0, 1.0) for _ in range(3)]
+        for p in ids:
+            eng.transition(p, Trigger.POSITION_OPENED)
+        ctx = spawner.ctx
+        mine, theirs = ctx.Pipe()
+        with preloaded(stop_shim()):
+            child = spawner.start(victim, eng.handle, "fast", w, [], theirs)
+        assert mine.poll(STOP_TIMEOUT) and mine.recv() == "ready"
+        seq0 = eng.journal_seq
+        mine.send(lib.ENG_FAULT_DIE_BEFORE_JPUBLISH)   # after its commit, before C4 / J4
+        try:
+            assert wait_stopped(child.pid, STOP_TIMEOUT), "the writer never stopped"
+            assert eng.state(w.plain) is State.PAUSED, "stopped before its commit"
+            got = [(e.seq, e.id, e.state) for e in eng.events(since=seq0, timeout=1.0)]
+            out = str(tmp_path / "wrap.json")
+            code = forked(wrap_commits, eng.handle, ids, 3 * n, out, timeout=120)
+            assert code == 0
+            with open(out) as f:
+                res = json.load(f)
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+        assert mine.poll(STOP_TIMEOUT)
+        mine.recv()
+        mine.send(None)
+        spawner.join_all(60)
+        assert (seq0 + 1, w.plain, State.PAUSED) in got, \
+            f"a reader got {got} while the committed writer was stopped: stuck before its record"
+        assert res == ["APPLIED"] * (3 * n), \
+            f"commits on other ids refused at the wrap onto a committed record: {res}"

@@ -1,5 +1,5 @@
 /*
- * JADV (tests/test_journal_model_adversary.py): native/journal.pml (commit b3571ba) with
+ * JADV (tests/test_journal_model_adversary.py): native/journal_append.pml (commit b3571ba: the per-object append) with
  * resolve() split the way C must run it -- it cannot read a record's header, prove its
  * writer dead, read the object's generation and CAS the header in one atomic step -- and
  * the reader's call of resolve no longer wrapped in an atomic block.
