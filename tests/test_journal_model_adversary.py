@@ -8,8 +8,14 @@ when the writer commits and dies between the two reads (MUTANT 10, must
 fail); header and fields, then the liveness proof, then the evidence, then a
 CAS of the exact header read, holds (MUTANT 11).
 
+A second finding: the model's claim at the wrap refuses a record whose
+writer lives even when the evidence proves its change committed (a writer
+stopped between C3 and C4): every commit at the wrap stalls although any
+claimer could complete the record (MUTANT 14 asserts it never happens: must
+fail); resolving it by its evidence first keeps every assertion (MUTANT 12).
+
 Forbidden outcome: the split model holding with the evidence read first (it
-could not catch the bug), or failing with the safe order.
+could not catch the bug), or failing with the safe order; the same for 14/12.
 """
 
 from __future__ import annotations
@@ -41,6 +47,18 @@ class TestResolveOrder:
     def test_resolve_reads_evidence_after_the_liveness_proof(self, tmp_path: pathlib.Path,
                                                              mutant: int, fails: bool) -> None:
         """Evidence before the liveness proof fails the model; proof, evidence, CAS holds."""
+        if shutil.which("spin") is None:
+            pytest.skip("spin is not installed (make spin)")
+        out = pan(tmp_path, mutant)
+        assert ("errors: 0" not in out) == fails, out[-2000:]
+
+
+@pytest.mark.slow
+class TestWrapOntoCommitted:
+    @pytest.mark.parametrize("mutant,fails", [(14, True), (12, False)])
+    def test_claim_completes_a_committed_record_instead_of_refusing(
+            self, tmp_path: pathlib.Path, mutant: int, fails: bool) -> None:
+        """The model's claim refuses a committed stopped record (14); resolving it holds (12)."""
         if shutil.which("spin") is None:
             pytest.skip("spin is not installed (make spin)")
         out = pan(tmp_path, mutant)

@@ -11,6 +11,11 @@
  *              evidence; CAS the exact header read: holds
  * The order of MUTANT 11 is what native/journal.c's resolve must do; the model as
  * written (resolve atomic) cannot tell 10 from 11.
+ *   MUTANT 14  the model's claim at the wrap, asserting it never refuses a record its
+ *              evidence proves committed: fails -- a writer stopped between C3 and C4
+ *              (committed, unlocked) makes every claimer at the wrap refuse
+ *   MUTANT 12  the claim resolves such a record by its evidence instead (whatever its
+ *              writer's liveness) and refuses only an unproven one: holds
  */
 /*
  * The journal's append protocol, per object (`make verify`; the C code is
@@ -198,7 +203,21 @@ inline claim(tok, c, t, ok) {
         :: atomic { hlap[R(t)] + 1 == LAP(t) && (hst[R(t)] == CLAIMED || hst[R(t)] == FILLED) } ->
             if
             :: !alive[htok[R(t)]] -> resolve(t - N)
-            :: alive[htok[R(t)]] -> ok = 0                /* its writer lives: refuse */
+#if MUTANT == 12 || MUTANT == 13
+            /* JADV: a live writer's record that its evidence proves committed (stopped
+             * between C3 and C4) is completed, not waited for */
+            :: alive[htok[R(t)]] && hst[R(t)] == FILLED && gen[robj[R(t)]] == rgen[R(t)] ->
+                resolve(t - N)
+            :: alive[htok[R(t)]] && !(hst[R(t)] == FILLED && gen[robj[R(t)]] == rgen[R(t)]) ->
+                ok = 0
+#else
+            :: alive[htok[R(t)]] ->
+#if MUTANT == 14
+                /* JADV: the model's claim refuses even when the evidence says committed */
+                assert(!(hst[R(t)] == FILLED && gen[robj[R(t)]] == rgen[R(t)]));
+#endif
+                ok = 0                                    /* its writer lives: refuse */
+#endif
             fi
         :: tail != t -> skip                              /* moved: read it again */
         fi
