@@ -1,4 +1,4 @@
-"""Adversary of the journal's append model (native/journal_append.pml): the order of resolve's reads.
+"""Adversary of the per-object append model (native/journal_append.pml): resolve, the wrap.
 
 The model checks resolve() as one atomic step; C cannot.  A copy of the model
 with resolve split into its real steps (tests/models/journal_resolve_order.pml)
