@@ -46,6 +46,10 @@ pytestmark = pytest.mark.shm_only
 SHORT = [f for f in DIE_FAULTS if "J" in f.split("ENG_FAULT_DIE_")[1]
          or any(w in f for w in ("CLAIM", "FILL", "DONE", "VOID", "TAIL", "APPEND", "RECORD"))]
 STOP_TIMEOUT = 30.0   # a spawned child on a loaded host
+#: main's (and append's, at a24a698) journal: one global latch held from J1 to J4
+LATCH_DESIGN = ("the journal's append holds one global latch from J1 to J4: a writer stopped "
+                "at any step stalls every commit and reader (the per-object append of "
+                "native/journal_append.pml is not implemented yet)")
 
 
 @pytest.fixture
@@ -217,6 +221,7 @@ def stop_round(make_engine: Any, spawner: Any, kind: str,
 
 
 class TestStoppedWriter:
+    @pytest.mark.xfail(strict=True, reason=LATCH_DESIGN)
     @pytest.mark.parametrize("kind", ["fast", "slow", "open", "account"])
     def test_unrelated_commits_go_on_while_a_writer_is_stopped(
             self, make_engine: Any, spawner: Any, quiet_faults: Any, kind: str) -> None:
@@ -226,6 +231,7 @@ class TestStoppedWriter:
         assert not stalls, "\n".join(stalls)
 
     @pytest.mark.slow
+    @pytest.mark.xfail(strict=True, reason=LATCH_DESIGN)
     @pytest.mark.parametrize("kind", STOP_KINDS)
     def test_unrelated_commits_go_on_at_every_fault_site(
             self, make_engine: Any, spawner: Any, quiet_faults: Any, kind: str) -> None:
@@ -395,6 +401,9 @@ class TestSameObjectWhileStopped:
 
 
 class TestStoppedAfterCommit:
+    @pytest.mark.xfail(strict=True, reason=LATCH_DESIGN + "; and journal_append.pml's claim "
+                       "refuses a live writer's record even when its evidence proves it "
+                       "committed (tests/test_journal_model_adversary.py, MUTANT 14)")
     def test_a_committed_stopped_record_neither_stalls_the_wrap_nor_readers(
             self, make_engine: Any, spawner: Any, quiet_faults: Any, tmp_path: Any) -> None:
         """A writer stopped after its commit (before completing its record) stalls nobody.

