@@ -222,7 +222,12 @@ def stop_round(make_engine: Any, spawner: Any, kind: str,
 
 class TestStoppedWriter:
     @pytest.mark.xfail(strict=True, reason=LATCH_DESIGN)
-    @pytest.mark.parametrize("kind", ["fast", "slow", "open", "account"])
+    @pytest.mark.parametrize("kind", [
+        "fast",
+        pytest.param("slow", marks=pytest.mark.slow),
+        pytest.param("open", marks=pytest.mark.slow),
+        "account",
+    ])
     def test_unrelated_commits_go_on_while_a_writer_is_stopped(
             self, make_engine: Any, spawner: Any, quiet_faults: Any, kind: str) -> None:
         """A writer stopped at each journal step stalls no commit on another object."""
@@ -240,7 +245,11 @@ class TestStoppedWriter:
         assert stopped >= 1
         assert not stalls, "\n".join(stalls)
 
-    @pytest.mark.parametrize("kind", ["fast", "halt", "price"])
+    @pytest.mark.parametrize("kind", [
+        "fast",
+        pytest.param("halt", marks=pytest.mark.slow),
+        pytest.param("price", marks=pytest.mark.slow),
+    ])
     def test_reader_resumes_in_order_after_sigcont(
             self, make_engine: Any, spawner: Any, quiet_faults: Any, kind: str) -> None:
         """A reader never skips a stopped writer's seq nor repeats one; in order after SIGCONT."""
@@ -273,8 +282,10 @@ def wrap_commits(handle: str, ids: list[int], n: int, out: str) -> int:
 
 
 class TestWrapOntoStoppedRecord:
+    @pytest.mark.parametrize("sites", ["two", pytest.param("all", marks=pytest.mark.slow)])
     def test_ring_wraps_onto_a_stopped_writers_record(
-            self, make_engine: Any, spawner: Any, quiet_faults: Any, tmp_path: Any) -> None:
+            self, make_engine: Any, spawner: Any, quiet_faults: Any, tmp_path: Any,
+            sites: str) -> None:
         """On the smallest ring a wrap onto a stopped record waits its bound: typed, nothing half.
 
         The writer is stopped at each journal step; others commit 3 rings' worth:
@@ -295,11 +306,12 @@ class TestWrapOntoStoppedRecord:
         assert mine.poll(STOP_TIMEOUT) and mine.recv() == "ready"
         summary = []
         try:
-            for name in SHORT:
+            for name in SHORT if sites == "all" else SHORT[-2:]:
                 mine.send(getattr(lib, name))
                 if wait_stopped(child.pid, 5.0):
                     out = str(tmp_path / f"{name}.json")
-                    code = forked(wrap_commits, eng.handle, ids, 3 * n, out, timeout=120)
+                    code = forked(wrap_commits, eng.handle, ids, (3 if sites == "all" else 2) * n,
+                                  out, timeout=120)
                     assert code == 0, f"stopped at {name}: committer ended with {code}"
                     with open(out) as f:
                         res = json.load(f)
@@ -353,7 +365,13 @@ def same_object_commits(eng: Engine, kind: str, w: World, j: int) -> list[str]:
 
 
 class TestSameObjectWhileStopped:
-    @pytest.mark.parametrize("kind", ["fast", "slow", "price", "account", "halt"])
+    @pytest.mark.parametrize("kind", [
+        "fast",
+        pytest.param("slow", marks=pytest.mark.slow),
+        pytest.param("price", marks=pytest.mark.slow),
+        "account",
+        pytest.param("halt", marks=pytest.mark.slow),
+    ])
     def test_commit_on_the_stopped_writers_object_then_read(
             self, make_engine: Any, spawner: Any, quiet_faults: Any, kind: str) -> None:
         """The stopped writer's own object committed by another, then read: one record per commit.

@@ -318,7 +318,7 @@ class TestResolveDuringDeath:
     def test_readers_resolving_while_the_writer_dies(self, make_engine: Any, tmp_path: Any,
                                                      kind: str) -> None:
         """Readers spinning on a record while its writer commits and dies: one outcome."""
-        for _ in range(3):
+        for _ in range(2):
             for name in SHORT:
                 during_round(make_engine, tmp_path, kind, name)
 
@@ -369,7 +369,8 @@ def in_new_pidns(code: str, arg: str, child_env: dict[str, str], **kw: Any) -> A
 
 
 class TestPidReuse:
-    @pytest.mark.parametrize("kind", ["fast", "slow", "account"])
+    @pytest.mark.parametrize("kind", ["fast", pytest.param("slow", marks=pytest.mark.slow),
+                                      pytest.param("account", marks=pytest.mark.slow)])
     def test_dead_writers_pid_reused_by_a_live_process(self, make_engine: Any, tmp_path: Any,
                                                        child_env: dict[str, str],
                                                        kind: str) -> None:
