@@ -38,7 +38,13 @@ def no_journal() -> Iterator[Engine]:
 @pytest.fixture(scope="module")
 def price_journal() -> Iterator[Engine]:
     """One open position on an engine created with ``journal_prices=True``."""
-    yield from _engine(journal_prices=True)
+    yield from _engine(journal=True, journal_prices=True)   # the journal is off by default
+
+
+@pytest.fixture(scope="module")
+def journal_on() -> Iterator[Engine]:
+    """One open position on an engine created with ``journal=True``."""
+    yield from _engine(journal=True)
 
 
 @pytest.mark.benchmark(group="journal (us per round = ns per call)")
@@ -47,6 +53,12 @@ class TestJournalCost:
         """``Engine.transition`` PAUSE / RESUME without a journal."""
         eng = no_journal
         timer.calls("transition_no_journal", ["f(s, P)", "f(s, R)"], f=eng.transition,
+                    s=eng.id_of(0), P=PAUSE, R=RESUME)
+
+    def test_transition_journaled(self, timer: CallTimer, journal_on: Engine) -> None:
+        """``Engine.transition`` PAUSE / RESUME with the journal: one record per commit."""
+        eng = journal_on
+        timer.calls("transition_journaled", ["f(s, P)", "f(s, R)"], f=eng.transition,
                     s=eng.id_of(0), P=PAUSE, R=RESUME)
 
     def test_update_price_no_journal(self, timer: CallTimer, no_journal: Engine) -> None:
