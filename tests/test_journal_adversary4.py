@@ -178,7 +178,8 @@ def advance(eng: Engine, pos: int, n: int) -> None:
 
 def check_ring_at(eng: Engine, pos: int, top: int) -> None:
     """At journal_seq == top: every since in [0, top] reads exactly since+1..top or laps
-    with resume_seq the oldest readable record; the last records - ENG_JOURNAL_MAX_FILL always read."""
+    with resume_seq the oldest readable record; the last records - ENG_JOURNAL_MAX_FILL
+    always read."""
     n = eng.journal_records
     assert eng.journal_seq == top
     oldest = None
