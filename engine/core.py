@@ -514,6 +514,9 @@ class Engine(_EngineBase, Generic[S, C, T]):
                                            lib.ENG_DJ_FILE_RECORDS, durable[1], durable[2])
                 if rc:
                     raise_for(rc, name=name, what="journal settings")
+                assert eng._durable is not None
+                eng._durable.hold(jdir)
+                eng._durable.flush(5.0)   # the first file reserved: a full disk fails here
             except BaseException:
                 eng.close()
                 store.unlink(name, None)
@@ -535,6 +538,10 @@ class Engine(_EngineBase, Generic[S, C, T]):
         torn tail is cut and reported, corruption in the middle raises
         ``RestoreError`` naming the file and offset.  The report:
         ``eng.restore_report`` (``engine.durable.restore.RestoreReport``)."""
+        if not isinstance(directory, (str, os.PathLike)) or not isinstance(
+                os.fspath(directory), str):
+            raise EngineTypeError(f"directory must be a str or an os.PathLike path, "
+                                  f"got {shown(directory)}")
         from engine.durable.restore import restore
         return restore(cls, directory, name)  # type: ignore[no-any-return]
 

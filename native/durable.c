@@ -21,7 +21,10 @@
  *     fdatasynced whole before the first frame of the next is written, so
  *     only the file of written_seq can hold unsynced frames.
  *   journal_room (every commit, before its record is filled): seq <=
- *     written_seq + ring records, or a bounded wait, then ENG_EJOURNALFULL;
+ *     written_seq + ring records and seq <= reserved_seq (its frame has a
+ *     place in a preallocated file: the writer reserves the next file half a
+ *     file ahead, so a full disk refuses commits before one lacks a place),
+ *     or a bounded wait, then ENG_EJOURNALFULL;
  *     a writer failure (reservation, I/O) refuses at once (ENG_EDURABLE,
  *     fail-stop): the ring never overwrites a record the files lack, and
  *     nothing commits that cannot be journaled.  failure > 0: a reservation
@@ -265,7 +268,7 @@ static __attribute__((noinline)) int durable_room_wait(eng_seg *s, uint64_t seq)
             return ENG_EDURABLE;
         }
         uint64_t w = load_acquire_u64(&d->written_seq);   /* pairs with the writer's release */
-        if (seq <= w + s->jrecords)
+        if (seq <= w + s->jrecords && seq <= load_acquire_u64(&d->reserved_seq))
             return 0;
         if (step < YIELD_STEPS) {
             backoff_step(step);
@@ -290,6 +293,7 @@ static inline int journal_room(eng_seg *s, uint64_t seq)
     if (!d)
         return 0;
     if (__builtin_expect(seq <= load_acquire_u64(&d->written_seq) + s->jrecords &&
+                         seq <= load_acquire_u64(&d->reserved_seq) &&
                          !load_relaxed_u32((const uint32_t *)&d->failure), 1))
         return 0;
     return durable_room_wait(s, seq);
@@ -472,12 +476,36 @@ static int dw_file_for(eng_seg *s, eng_dw *w, uint64_t next, int *reservation)
         close(w->fd);
     w->fd = fd;
     w->fd_first = first;
+    durable_raise_to(&s->durable->reserved_seq, first + s->durable->file_records - 1);
+    durable_wake_room(s->durable);
+    return 0;
+}
+
+/* Reserve the file after the one of seq `next` once next is half way
+ * through its own: commits are admitted only up to reserved_seq, so a full
+ * disk is met by a reservation a half file ahead, never by a commit whose
+ * record has no place.  0 or the errno of the reservation. */
+static int dw_reserve_ahead(eng_seg *s, eng_dw *w, uint64_t next)
+{
+    eng_durable *d = s->durable;
+    uint64_t fr = load_relaxed_u64(&d->file_records);
+    uint64_t first = dj_file_first(d, next), after = first + fr;
+    if (next - first < fr / 2 || load_acquire_u64(&d->reserved_seq) >= after + fr - 1)
+        return 0;
+    int fd = -1;
+    int rc = dj_reserve(s, w, after, &fd);
+    if (rc)
+        return rc;
+    close(fd);
+    durable_raise_to(&d->reserved_seq, after + fr - 1);
+    durable_wake_room(d);
     return 0;
 }
 
 /* Write every record in (written_seq, upto] to the files (the lease and w->mu
  * held).  0, or an errno (*reservation: 1 if reserving a file failed). */
-static int dw_write_upto(eng_seg *s, eng_dw *w, uint64_t upto, int *reservation)
+static int dw_write_upto(eng_seg *s, eng_dw *w, uint64_t upto, int *reservation,
+                         int reserve_ahead)
 {
     eng_durable *d = s->durable;
     *reservation = 0;
@@ -486,10 +514,16 @@ static int dw_write_upto(eng_seg *s, eng_dw *w, uint64_t upto, int *reservation)
         return rc;
     uint64_t W = load_acquire_u64(&d->written_seq);
     uint64_t fr = load_relaxed_u64(&d->file_records);
+    rc = dw_file_for(s, w, W + 1, reservation);   /* reserved before any record needs it */
+    if (rc)
+        return rc;
+    int ahead = reserve_ahead ? dw_reserve_ahead(s, w, W + 1) : 0;
     while (W < upto) {
         rc = dw_file_for(s, w, W + 1, reservation);
         if (rc)
             return rc;
+        if (!ahead && reserve_ahead)
+            ahead = dw_reserve_ahead(s, w, W + 1);
         uint64_t first = w->fd_first, room = first + fr - (W + 1), n = upto - W;
         if (n > ENG_DJ_BATCH)
             n = ENG_DJ_BATCH;
@@ -521,6 +555,10 @@ static int dw_write_upto(eng_seg *s, eng_dw *w, uint64_t upto, int *reservation)
         W += got;
         store_seq_cst_u64(&d->written_seq, W);   /* after the pwrite: pairs with the acquires */
         durable_wake_room(d);
+    }
+    if (ahead) {   /* every record with a place is written: now the failure */
+        *reservation = 1;
+        return ahead;
     }
     return 0;
 }
@@ -585,9 +623,17 @@ static int dw_step(eng_seg *s, eng_dw *w, int sync_now, uint64_t upto)
     eng_durable *d = s->durable;
     int reservation = 0;
     int32_t failed = load_acquire_i32(&d->failure);
-    if (failed && !(failed > 0 && now_ns(CLOCK_MONOTONIC) - w->last_fail_ns >= ENG_DJ_RETRY_NS))
-        return ENG_EDURABLE;   /* a reservation is retried (by whichever holder), I/O never */
-    int rc = dw_write_upto(s, w, upto, &reservation);
+    if (failed < 0)
+        return ENG_EDURABLE;   /* a write or an fdatasync failed: never retried */
+    if (failed && now_ns(CLOCK_MONOTONIC) - w->last_fail_ns < ENG_DJ_RETRY_NS) {
+        /* a reservation failed, its retry not due: what has its place is still written */
+        uint64_t R = load_acquire_u64(&d->reserved_seq);
+        if (load_acquire_u64(&d->written_seq) < R && dw_write_upto(s, w, upto < R ? upto : R,
+                                                                   &reservation, 0) == 0)
+            dw_sync(s, w);
+        return ENG_EDURABLE;
+    }
+    int rc = dw_write_upto(s, w, upto, &reservation, 1);
     if (rc) {
         if (rc != EAGAIN)
             durable_fail(s, w, rc, reservation);
@@ -640,6 +686,23 @@ int eng_durable_setup(eng_seg *s, const char *dir, int64_t sync_ns, uint64_t fil
     store_relaxed_u64((uint64_t *)&d->ckpt_ns, (uint64_t)ckpt_ns);
     store_relaxed_u64((uint64_t *)&d->ckpt_mono_ns, (uint64_t)now_ns(CLOCK_MONOTONIC));
     store_release_u32(&d->state, 1);   /* last: pairs with dw_dir's acquire */
+    return 0;
+}
+
+/* A restored engine's files already hold every record <= seq (restore read
+ * them back from disk): the writer continues after it.  Before
+ * eng_durable_setup only (no writer runs yet). */
+int eng_durable_continue(eng_seg *s, uint64_t seq)
+{
+    int rc = durable_check(s);
+    if (rc)
+        return rc;
+    eng_durable *d = s->durable;
+    if (load_acquire_u32(&d->state) != 0 || seq > eng_journal_seq(s))
+        return ENG_EBADARG;
+    store_release_u64(&d->written_seq, seq);
+    store_release_u64(&d->durable_seq, seq);
+    store_release_u64(&d->ckpt_seq, seq);
     return 0;
 }
 
@@ -721,8 +784,8 @@ int eng_durable_flush(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_s
             durable_fill_info(s, &durable_refused);
             return ENG_EDURABLE;
         }
-        if (W >= target)
-            break;
+        if (W >= target && load_acquire_u64(&d->reserved_seq) > W)
+            break;   /* written, and the next record has its place */
         if (lease_take(s)) {   /* writes itself (and retries a failed reservation when due) */
             pthread_mutex_lock(&w->mu);
             rc = dw_step(s, w, 0, target);
@@ -886,7 +949,7 @@ static void ckpt_keep_writing(eng_seg *s, ckpt_out *o)
     if (load_acquire_u32(&s->durable->lease) != s->token || load_acquire_i32(&s->durable->failure))
         return;
     int reservation = 0;
-    int rc = dw_write_upto(s, o->w, eng_journal_seq(s), &reservation);
+    int rc = dw_write_upto(s, o->w, eng_journal_seq(s), &reservation, 1);
     if (rc && rc != EAGAIN)
         durable_fail(s, o->w, rc, reservation);
 }
@@ -938,11 +1001,12 @@ static void ckpt_scan(eng_seg *s, ckpt_out *o)
         uint64_t words[ENG_MAX_FIELD_WORDS] = {0};
         eng_books b;
         uint64_t version;
-        if (acct_read(s, a, &b, &version, NULL) != 0 || !b.open)
+        /* a closed account too: its opening count keeps its ids stale */
+        if (acct_read(s, a, &b, &version, NULL) != 0 || !b.opening)
             continue;
         memcpy(words, &b, sizeof b);
         uint32_t klen = load_relaxed_u32(&a->key_len);   /* stable while the account is open */
-        if (klen > ENG_KEY_MAX)
+        if (klen > ENG_KEY_MAX || !b.open)
             klen = 0;
         memcpy(&words[ENG_DJ_ACCT_KEY_WORD], a->key, klen);
         words[ENG_DJ_ACCT_KEYLEN_WORD] = klen;   /* as an account's journal record has it */
@@ -967,7 +1031,7 @@ static int durable_upto(eng_seg *s, eng_dw *w, uint64_t upto)
             break;
         if (lease_take(s)) {
             int reservation = 0;
-            int rc = dw_write_upto(s, w, upto, &reservation);
+            int rc = dw_write_upto(s, w, upto, &reservation, 1);
             if (rc) {
                 durable_fail(s, w, rc, reservation);
                 return ENG_EDURABLE;

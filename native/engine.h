@@ -872,7 +872,8 @@ typedef struct eng_durable {
     int32_t  failure;        /* 0, or the errno the writer failed with: commits refused
                                 (> 0 a reservation, retried; < 0 -errno of a write or sync) */
     uint32_t room_waiting;   /* 1: a committer may sleep on written_seq's low half */
-    uint64_t pad0[6];
+    uint64_t reserved_seq;   /* every seq <= it has its frame's place in a reserved file */
+    uint64_t pad0[5];
     uint32_t lease;          /* token of the writer holding the lease (0: none) */
     uint32_t writer_pid;     /* its pid (for messages) */
     uint64_t durable_seq;    /* every record <= it is fdatasynced */
@@ -1231,6 +1232,7 @@ void     eng_dw_free(eng_dw *w);
 void     eng_dw_stop(eng_dw *w, uint32_t stop);
 int      eng_durable_setup(eng_seg *s, const char *dir, int64_t sync_ns, uint64_t file_records,
                            uint64_t ckpt_records, int64_t ckpt_ns);
+int      eng_durable_continue(eng_seg *s, uint64_t seq);
 int      eng_durable_run(eng_seg *s, eng_dw *w);
 int      eng_durable_flush(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_seq);
 int      eng_durable_release(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_seq);

@@ -412,6 +412,13 @@ int eng_journal_read(eng_seg *s, uint64_t after, eng_jrec *out, uint32_t max, ui
         if (s1 != k || load_relaxed_u64(&r->seq) != k) {
             if (n)
                 break;   /* hand over what was whole; the next call reports the lap */
+            /* a writer refills record k only once it fills seq k + records, at
+             * most ENG_JOURNAL_MAX_FILL past the published seq: read before
+             * that, a record that is not k's is corrupt, not lapped (a lap's
+             * resume seq is then always past k) */
+            if (k + s->jrecords > jl_seq(load_acquire_u64(&s->journal->latch)) +
+                                      ENG_JOURNAL_MAX_FILL)
+                return ENG_ECORRUPT;
             *out_resume = journal_resume(s);
             return ENG_ELAPPED;
         }

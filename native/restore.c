@@ -58,41 +58,7 @@ int eng_restore_format(eng_seg *s, void *base, uint64_t size, uint32_t capacity,
         return rc;
     hc.ready = 0;
     memcpy(base, &hc, sizeof hc);
-    memset(s, 0, sizeof *s);
-    s->base = base;
-    s->size = size;
-    s->hdr = base;
-    s->registry = (eng_proc *)((uint8_t *)base + hc.registry_off);
-    s->shards = (eng_shard *)((uint8_t *)base + hc.shards_off);
-    s->slots = (uint8_t *)base + hc.slots_off;
-    s->keyrecs = (eng_keyrec *)((uint8_t *)base + hc.keyrecs_off);
-    s->keyidx = (uint64_t *)((uint8_t *)base + hc.keyidx_off);
-    s->stripes = (uint32_t *)((uint8_t *)base + hc.stripes_off);
-    s->tindex = (uint64_t *)((uint8_t *)base + hc.tindex_off);
-    s->tindex_buckets = hc.tindex_buckets;
-    s->accounts = (eng_account *)((uint8_t *)base + hc.accounts_off);
-    s->max_accounts = hc.max_accounts;
-    if (hc.journal_records) {
-        s->journal = (eng_journal *)((uint8_t *)base + hc.journal_off);
-        s->jring = (eng_jrec *)((uint8_t *)s->journal + sizeof(eng_journal));
-        s->jrecords = hc.journal_records;
-        s->jprices = (hc.journal_flags & ENG_JOURNAL_PRICES) != 0;
-    }
-    s->slot_size = hc.slot_size;
-    s->rec_size = hc.rec_size;
-    s->n_words = hc.rec.n_words;
-    s->kpp = hc.rec.keys_per_position;
-    s->key_buckets = hc.key_buckets;
-    s->key_seed = hc.key_seed;
-    memcpy(s->roles, hc.rec.roles, sizeof s->roles);
-    s->acct_role = s->roles[ENG_ROLE_ACCOUNT];
-    s->pnl = s->roles[ENG_ROLE_ENTRY_PRICE] != ENG_ROLE_NONE &&
-             s->roles[ENG_ROLE_AMOUNT] != ENG_ROLE_NONE &&
-             s->roles[ENG_ROLE_SIDE] != ENG_ROLE_NONE;
-    s->exit_armed = hc.rec.exit_state == ENG_EXITS_NONE ? 0 : 1u << hc.rec.exit_state;
-    s->exit_trigger = hc.rec.exit_trigger;
-    s->capacity = hc.capacity;
-    s->n_triggers = hc.n_triggers;
+    seg_view(s, base, size, base, &hc);
     s->fd = -1;
     /* no registry entry, no token: nothing here takes a lock */
     return 0;

@@ -626,6 +626,52 @@ int eng_validate_detail(const void *base, uint64_t size, uint64_t fingerprint,
     return header_check(base, size, fingerprint, out_field, out_value);
 }
 
+/* The views of a segment at base whose header (validated) is hc, the live
+ * header at `live`: everything of s but its process-local part. */
+static void seg_view(eng_seg *s, void *base, uint64_t size, eng_header *live,
+                     const eng_header *hc)
+{
+    memset(s, 0, sizeof *s);
+    s->base = base;
+    s->size = size;
+    s->hdr = live;   /* the live header: its controls (halted, metrics, ...) */
+    s->registry = (eng_proc *)((uint8_t *)base + hc->registry_off);
+    s->shards = (eng_shard *)((uint8_t *)base + hc->shards_off);
+    s->slots = (uint8_t *)base + hc->slots_off;
+    s->keyrecs = (eng_keyrec *)((uint8_t *)base + hc->keyrecs_off);
+    s->keyidx = (uint64_t *)((uint8_t *)base + hc->keyidx_off);
+    s->stripes = (uint32_t *)((uint8_t *)base + hc->stripes_off);
+    s->tindex = (uint64_t *)((uint8_t *)base + hc->tindex_off);
+    s->tindex_buckets = hc->tindex_buckets;
+    s->accounts = (eng_account *)((uint8_t *)base + hc->accounts_off);
+    s->max_accounts = hc->max_accounts;
+    if (hc->journal_records) {
+        s->journal = (eng_journal *)((uint8_t *)base + hc->journal_off);
+        s->jring = (eng_jrec *)((uint8_t *)s->journal + sizeof(eng_journal));
+        s->jrecords = hc->journal_records;
+        s->jprices = (hc->journal_flags & ENG_JOURNAL_PRICES) != 0;
+        if (hc->journal_flags & ENG_JOURNAL_DURABLE)
+            s->durable = (eng_durable *)((uint8_t *)base + hc->durable_off);
+    }
+    s->slot_size = hc->slot_size;
+    s->rec_size = hc->rec_size;
+    s->n_words = hc->rec.n_words;
+    s->kpp = hc->rec.keys_per_position;
+    s->key_buckets = hc->key_buckets;
+    s->key_seed = hc->key_seed;
+    memcpy(s->roles, hc->rec.roles, sizeof s->roles);
+    s->acct_role = s->roles[ENG_ROLE_ACCOUNT];
+    s->pnl = s->roles[ENG_ROLE_ENTRY_PRICE] != ENG_ROLE_NONE &&
+             s->roles[ENG_ROLE_AMOUNT] != ENG_ROLE_NONE &&
+             s->roles[ENG_ROLE_SIDE] != ENG_ROLE_NONE;
+    s->exit_armed = hc->rec.exit_state == ENG_EXITS_NONE ? 0 : 1u << hc->rec.exit_state;
+    s->exit_trigger = hc->rec.exit_trigger;
+    s->reopens = (uint32_t)table_reopens(hc->table, hc->n_states, hc->initial_index,
+                                         hc->closed_mask);
+    s->capacity = hc->capacity;
+    s->n_triggers = hc->n_triggers;
+}
+
 /*
  * Registry protocol.  Claim: take entry i's liveness lock (F_OFD_SETLK on its
  * first byte), then CAS pid -> our pid (CLAIMED), bump the incarnation (never
@@ -703,45 +749,7 @@ int eng_attach(eng_seg *s, void *base, uint64_t size, uint64_t fingerprint, int 
     if (rc)
         return rc;
     pthread_once(&fork_hook_once, install_fork_hook);
-    memset(s, 0, sizeof *s);
-    s->base = base;
-    s->size = size;
-    s->hdr = h;   /* the live header: its controls (halted, metrics, ...) */
-    s->registry = (eng_proc *)((uint8_t *)base + hc.registry_off);
-    s->shards = (eng_shard *)((uint8_t *)base + hc.shards_off);
-    s->slots = (uint8_t *)base + hc.slots_off;
-    s->keyrecs = (eng_keyrec *)((uint8_t *)base + hc.keyrecs_off);
-    s->keyidx = (uint64_t *)((uint8_t *)base + hc.keyidx_off);
-    s->stripes = (uint32_t *)((uint8_t *)base + hc.stripes_off);
-    s->tindex = (uint64_t *)((uint8_t *)base + hc.tindex_off);
-    s->tindex_buckets = hc.tindex_buckets;
-    s->accounts = (eng_account *)((uint8_t *)base + hc.accounts_off);
-    s->max_accounts = hc.max_accounts;
-    if (hc.journal_records) {
-        s->journal = (eng_journal *)((uint8_t *)base + hc.journal_off);
-        s->jring = (eng_jrec *)((uint8_t *)s->journal + sizeof(eng_journal));
-        s->jrecords = hc.journal_records;
-        s->jprices = (hc.journal_flags & ENG_JOURNAL_PRICES) != 0;
-        if (hc.journal_flags & ENG_JOURNAL_DURABLE)
-            s->durable = (eng_durable *)((uint8_t *)base + hc.durable_off);
-    }
-    s->slot_size = hc.slot_size;
-    s->rec_size = hc.rec_size;
-    s->n_words = hc.rec.n_words;
-    s->kpp = hc.rec.keys_per_position;
-    s->key_buckets = hc.key_buckets;
-    s->key_seed = hc.key_seed;
-    memcpy(s->roles, hc.rec.roles, sizeof s->roles);
-    s->acct_role = s->roles[ENG_ROLE_ACCOUNT];
-    s->pnl = s->roles[ENG_ROLE_ENTRY_PRICE] != ENG_ROLE_NONE &&
-             s->roles[ENG_ROLE_AMOUNT] != ENG_ROLE_NONE &&
-             s->roles[ENG_ROLE_SIDE] != ENG_ROLE_NONE;
-    s->exit_armed = hc.rec.exit_state == ENG_EXITS_NONE ? 0 : 1u << hc.rec.exit_state;
-    s->exit_trigger = hc.rec.exit_trigger;
-    s->reopens = (uint32_t)table_reopens(hc.table, hc.n_states, hc.initial_index,
-                                         hc.closed_mask);
-    s->capacity = hc.capacity;
-    s->n_triggers = hc.n_triggers;
+    seg_view(s, base, size, h, &hc);
     s->fd = fd;
     struct stat st;
     if (fstat(fd, &st) != 0) {

@@ -26,6 +26,7 @@ from engine import (
     Engine,
     JournalFullError,
     Outcome,
+    SegmentNotFoundError,
     State,
     Trigger,
     WaitTimeout,
@@ -303,22 +304,27 @@ class TestFailStop:
     def test_a_failed_reservation_refuses_commits(self, durable: Any) -> None:
         """A failed reservation (disk full) refuses commits until it succeeds; nothing lost."""
         eng = durable()
+        pos = eng.open_position(1.0, 1.0)
+        hand_off_writer(eng)   # the first file is reserved; the next one will fail
         assert lib.eng_durable_fault(eng.seg, lib.ENG_DJ_FAULT_NOSPACE) == 0
-        pos = eng.open_position(1.0, 1.0)   # in the ring; the writer's reservation fails
-        until(lambda: durable_info(eng).failure != 0, "the writer to fail its reservation")
-        seq = eng.journal_seq
+        eng._durable.start()
         with pytest.raises(DurabilityError, match="No space") as err:
-            eng.transition(pos, "POSITION_OPENED")
+            # half a file on, the writer reserves the next: that fails, and from then on
+            # every commit is refused (each one before had its place in the first file)
+            for i in range(lib.ENG_DJ_FILE_RECORDS):
+                eng.transition(pos, "PAUSE" if i % 2 else "POSITION_OPENED" if i == 0
+                               else "RESUME")
+        seq = eng.journal_seq
+        assert seq < lib.ENG_DJ_FILE_RECORDS   # refused before a record lacked its place
         with pytest.raises(DurabilityError):
             eng.open_position(1.0, 1.0)
         assert err.value.failure == 28 and eng.journal_seq == seq
-        assert eng.state(pos) is State.CREATED
         assert lib.eng_durable_fault(eng.seg, 0) == 0
         until(lambda: durable_info(eng).failure == 0, "the writer to retry its reservation")
-        assert eng.transition(pos, "POSITION_OPENED") is Outcome.APPLIED
+        assert eng.transition(pos, "ERROR_OCCURRED") is Outcome.APPLIED
         assert eng.flush() == eng.journal_seq
         got, end = file_records(eng.jdir)
-        assert end.torn is None and frame_keys(got) == event_keys(eng)
+        assert end.torn is None and [f.seq for f in got] == list(range(1, eng.journal_seq + 1))
 
     def test_a_failed_reservation_of_a_dead_writer_is_retried_by_the_next(
             self, durable: Any, spawner: Any) -> None:
@@ -329,11 +335,15 @@ class TestFailStop:
         ready, go = ctx.Event(), ctx.Event()
         p = spawner.start(child_writer, eng.handle, ready, go, lib.ENG_DJ_FAULT_NOSPACE)
         assert ready.wait(READY_TIMEOUT)
-        eng.open_position(1.0, 1.0)   # the child's reservation for it fails
-        until(lambda: durable_info(eng).failure != 0, "the child's reservation to fail")
+        pos = eng.open_position(1.0, 1.0)
+        with pytest.raises(DurabilityError):   # half a file on, the child's reservation fails
+            for i in range(lib.ENG_DJ_FILE_RECORDS):
+                eng.transition(pos, "PAUSE" if i % 2 else "POSITION_OPENED" if i == 0
+                               else "RESUME")
+        assert durable_info(eng).failure != 0
         sigkill(p)
         assert lib.eng_durable_fault(eng.seg, 0) == 0
-        assert eng.flush(timeout=10) == eng.journal_seq == 1   # the lease taken, retried
+        assert eng.flush(timeout=10) == eng.journal_seq   # the lease taken, retried
         assert durable_info(eng).failure == 0
         eng.open_position(1.0, 1.0)
 
@@ -348,16 +358,11 @@ class TestFailStop:
         if r.returncode:
             pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
         try:
-            eng = Engine.create(capacity=8, journal=str(mnt / "j"))
-            try:
-                pos = eng.open_position(1.0, 1.0)
-                until(lambda: durable_info(eng).failure != 0, "the reservation to fail")
-                with pytest.raises(DurabilityError, match="No space"):
-                    eng.transition(pos, "POSITION_OPENED")
-                assert eng.state(pos) is State.CREATED
-            finally:
-                eng.close()
-                eng.unlink()
+            name = f"tseg_full_{os.getpid()}"
+            with pytest.raises(DurabilityError, match="No space"):   # the first file does not fit
+                Engine.create(capacity=8, name=name, journal=str(mnt / "j"))
+            with pytest.raises(SegmentNotFoundError):   # nothing left behind
+                Engine.attach(name)
         finally:
             subprocess.run(["umount", "-l", str(mnt)], check=False)
 

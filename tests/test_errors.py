@@ -484,7 +484,8 @@ class CFuzz:
                     "eng_durable_info_of": (self.out(d, "eng_durable_info *"),),
                     "eng_durable_run": (dw,), "eng_durable_checkpoint": (dw, out),
                     "eng_durable_flush": (dw, d(I32S), out),
-                    "eng_durable_release": (dw, d(I32S), out)}.get(name)
+                    "eng_durable_release": (dw, d(I32S), out),
+                    "eng_durable_continue": (d(U64S),)}.get(name)
             if args is None:   # no segment: the CRC (its known vector), the writer state
                 args = {"eng_crc32c": (0, b"123456789", 9), "eng_crc32c_hw": (),
                         "eng_dw_new": (), "eng_dw_free": (ffi.NULL,),
@@ -496,6 +497,41 @@ class CFuzz:
             else:
                 x(name, kind, self.call(name, kind, getattr(lib, name), s, *args))
             lib.eng_dw_free(dw)
+        elif name == "eng_restore_format":   # a fresh view; the buffer is below a header
+            s = ffi.NULL if d(st.booleans()) else ffi.new("eng_seg *")
+            base = d(st.sampled_from(["null", "buf"]))
+            rc = self.call(name, base, lib.eng_restore_format, s,
+                           self.buf if base == "buf" else ffi.NULL,
+                           d(st.integers(0, SMALL_BUF)) if base == "buf" else d(U64S), d(U32S),
+                           d(st.sampled_from([ffi.NULL, self.table])), d(U32S), d(U32S),
+                           d(U32S), d(U32S), d(U64S), d(U32S), self.layout(d), d(U32S),
+                           d(U32S), d(U32S))
+            x(name, base, rc)
+        elif name in ("eng_restore_slots", "eng_restore_prices", "eng_restore_keys",
+                      "eng_restore_accounts", "eng_restore_ring", "eng_restore_finish"):
+            kind, s = self.seg(d)   # none of them is a restore's not-ready view: refused
+            recs = ffi.NULL if d(st.booleans()) else ffi.new("eng_jrec[]", 4)
+            n = d(st.integers(0, 4)) if recs != ffi.NULL else d(U64S)
+            if name == "eng_restore_ring":
+                args: tuple[Any, ...] = (recs, n)
+            elif name == "eng_restore_finish":
+                args = (d(U32S), d(U64S), d(st.integers(-(2**63), 2**63 - 1)),
+                        self.out(d, "uint64_t *"))
+            else:
+                idx = ffi.NULL if d(st.booleans()) else ffi.new("uint64_t[]", [d(U64S)] * 4)
+                args = (recs, d(U64S), idx, n, self.out(d, "uint64_t *"))
+            x(name, kind, self.call(name, kind, getattr(lib, name), s, *args))
+        elif name == "eng_dj_crc32c":
+            data = d(st.sampled_from([ffi.NULL, self.buf]))
+            self.call(name, "-", lib.eng_dj_crc32c, d(U32S), data,
+                      d(st.integers(0, SMALL_BUF)) if data != ffi.NULL else d(U64S))
+        elif name == "eng_dj_check_frames":
+            k = SMALL_BUF // lib.ENG_DJ_FRAME_BYTES
+            buf = d(st.sampled_from([ffi.NULL, self.buf]))
+            n = d(st.integers(0, k)) if buf != ffi.NULL else d(U64S)
+            out = ffi.NULL if d(st.booleans()) else ffi.new("uint8_t[]", k)
+            rc = self.call(name, "-", lib.eng_dj_check_frames, buf, n, out)
+            assert rc in (0, lib.ENG_EBADARG), rc
         else:
             raise AssertionError(f"{name}: no fuzz plan (add one to CFuzz.one)")
 

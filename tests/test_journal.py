@@ -135,7 +135,7 @@ class TestEvents:
         assert evs[-1].record == eng.account(acct) and evs[-1].record.halted
 
     def test_bind_key_is_recorded_with_its_key(self, make_engine: Any) -> None:
-        """An open's key and bind_key: one key record each, with the key's bytes; a refused bind records nothing."""
+        """An open's key and bind_key: a key record each (its bytes); a refused bind, none."""
         eng = make_engine(capacity=4)
         a = eng.open_position(10.0, 1.0, key="A-1")
         b = eng.open_position(10.0, 1.0)

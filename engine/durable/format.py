@@ -160,10 +160,10 @@ def write_checkpoint(directory: str | os.PathLike[str], start_seq: int,
 # -- meta.json ------------------------------------------------------------------------
 def write_meta(directory: str | os.PathLike[str], engine: Any,
                options: dict[str, Any] | None = None) -> Path:
-    """Write meta.json for ``engine`` (tmp, fsync, rename; 0600): format, name,
-    capacity, spec (base64 of its pickle), spec_name and the create options
-    (``options`` overrides or adds to those read from the engine)."""
-    spec = engine.spec
+    """Write meta.json for ``engine`` as ``Engine.create(journal=DIR)`` does
+    (engine.durable.writer.write_meta), with the create options read from the
+    engine (``options`` overrides or adds to them)."""
+    from engine.durable.writer import write_meta as write
     opts: dict[str, Any] = {"keys_per_position": engine.keys_per_position,
                             "max_accounts": engine.max_accounts,
                             "journal": bool(engine.journal_records),
@@ -172,12 +172,8 @@ def write_meta(directory: str | os.PathLike[str], engine: Any,
                             "journal_prices": bool(engine.journal_records
                                                    and engine._seg.jprices)}
     opts.update(options or {})
-    meta = {"format": META_FORMAT, "name": engine.name, "capacity": engine.capacity,
-            "spec": base64.b64encode(pickle.dumps(spec)).decode("ascii"),
-            "spec_name": spec.name, "options": opts}
-    path = Path(directory) / META_NAME
-    _write(path, json.dumps(meta, sort_keys=True).encode())
-    return path
+    write(os.fspath(directory), engine.name, engine.capacity, engine.spec, opts)
+    return Path(directory) / META_NAME
 
 
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:

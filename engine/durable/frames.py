@@ -2,26 +2,24 @@
 frames of a journal directory in seq order, each checked (magic, CRC-32C,
 seq), and where the valid records end and why.
 
-For ``python -m engine journal DIR`` and the tests; the restore side has its
-own codec (engine/durable/format.py): this one only reads.
+For ``python -m engine journal DIR`` and the tests: a streaming reader over
+the codec of engine/durable/format.py (names, headers, sizes).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from engine._native import ffi, lib
+from engine.durable import format as fmt
 
-FRAME = int(lib.ENG_DJ_FRAME_BYTES)
-HDR = int(lib.ENG_DJ_FILE_HDR)
-REC = int(lib.ENG_JREC_SIZE)
-_JOURNAL_FILE = re.compile(r"^journal-(\d{20})\.log$")
-_FILE_HDR = struct.Struct("<IIIIQ")
+FRAME = fmt.FRAME_BYTES
+HDR = fmt.FILE_HDR
+REC = fmt.JREC_SIZE
 _FRAME_HDR = struct.Struct("<II")
 
 
@@ -57,9 +55,9 @@ def journal_files(path: str) -> list[tuple[int, str]]:
     """(first seq, file path) of every journal file in directory ``path``, in seq order."""
     out = []
     for name in os.listdir(path):
-        m = _JOURNAL_FILE.match(name)
-        if m:
-            out.append((int(m.group(1)), os.path.join(path, name)))
+        parsed = fmt.parse_name(name)
+        if parsed is not None and parsed[0] == "journal":
+            out.append((parsed[1], os.path.join(path, name)))
     return sorted(out)
 
 
@@ -99,9 +97,8 @@ def read(path: str, since: int = 0, end: End | None = None) -> Iterator[Frame]:
             if len(head) < HDR:
                 end.path, end.offset, end.torn = fpath, 0, "file header cut short"
                 return
-            magic, fmt, fbytes, _, hfirst = _FILE_HDR.unpack_from(head)
-            if (magic, fmt, fbytes, hfirst) != (lib.ENG_DJ_FILE_MAGIC, lib.ENG_DJ_FORMAT,
-                                                FRAME, first):
+            magic, form, fbytes, hfirst, _ = fmt.parse_header(head)
+            if (magic, form, fbytes, hfirst) != (fmt.FILE_MAGIC, fmt.FORMAT, FRAME, first):
                 end.path, end.offset, end.torn = fpath, 0, "bad file header"
                 return
             if expect and first != expect:
@@ -131,6 +128,35 @@ def read(path: str, since: int = 0, end: End | None = None) -> Iterator[Frame]:
                     yield Frame(fpath, off, **rec)
             expect = seq
             if nxt is not None and nxt != seq:
+                if not _has_records(files[i + 1][1]):   # reserved ahead, never written
+                    return
                 end.path, end.offset, end.torn = fpath, f.tell(), (
                     f"file ends at seq {seq - 1}, the next file starts at {nxt}")
                 return
+
+
+def _has_records(fpath: str) -> bool:
+    """Whether a journal file's first frame was ever written (the writer
+    reserves the next file before the current one is full)."""
+    with open(fpath, "rb") as f:
+        f.seek(HDR)
+        return bool(f.read(FRAME).strip(b"\0"))
+
+
+def valid_frame_after(path: str, end: End) -> tuple[str, int] | None:
+    """Where the first valid frame after ``end``'s invalid one is (file,
+    offset), or None: a valid frame after it means corruption in the middle,
+    none a torn tail."""
+    started = False
+    for _first, fpath in journal_files(path):
+        started = started or fpath == end.path
+        if not started:
+            continue
+        with open(fpath, "rb") as f:
+            data = f.read()
+        off = end.offset + FRAME if fpath == end.path else HDR
+        off = HDR + max(0, (off - HDR + FRAME - 1) // FRAME) * FRAME   # on a frame boundary
+        for at in range(off, len(data) - FRAME + 1, FRAME):
+            if check_frame(data[at:at + FRAME]) is None:
+                return fpath, at
+    return None

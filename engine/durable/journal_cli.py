@@ -99,6 +99,12 @@ def cmd_journal(args: argparse.Namespace) -> int:
             break
         time.sleep(_FOLLOW_POLL_S)   # a torn tail may be a write in progress: read again
     if end.torn is not None:
+        later = frames.valid_frame_after(path, end)
+        if later is not None:   # valid records follow the bad one: not a torn tail
+            sys.stderr.write(f"journal: corrupt record after seq {end.last_seq}: {end.torn} "
+                             f"at {end.path} offset {end.offset}; valid records follow it "
+                             f"(first at {later[0]} offset {later[1]}): stopped there\n")
+            return 1
         sys.stderr.write(f"journal: torn or corrupt tail after seq {end.last_seq}: "
                          f"{end.torn} at {end.path} offset {end.offset} (not printed)\n")
     return 0

@@ -29,7 +29,7 @@ import numpy as np
 
 from engine._native import ffi, lib
 from engine.durable import format as fmt
-from engine.errors import RestoreError
+from engine.errors import RestoreError, SegmentError
 from engine.spec import MachineSpec
 from engine.store import check_name, shm
 
@@ -427,10 +427,12 @@ def _options(meta: dict[str, Any]) -> tuple[int, int, int, int]:
     kpp = opts.get("keys_per_position", _DEFAULT_KEYS)
     acc = opts.get("max_accounts", _DEFAULT_ACCOUNTS)
     journal = opts.get("journal", False)
-    if isinstance(journal, str):   # a journal directory: the ring, written on by durable
-        journal = True
+    durable = isinstance(journal, str)   # a journal directory: written on after the restore
     records = opts.get("journal_records", lib.ENG_JOURNAL_DEFAULT_RECORDS)
-    n_records, flags = _journal_args(journal, records, bool(opts.get("journal_prices", False)))
+    n_records, flags = _journal_args(True if durable else journal, records,
+                                     bool(opts.get("journal_prices", False)))
+    if durable:
+        flags |= lib.ENG_JOURNAL_DURABLE
     for what, v, hi in (("keys_per_position", kpp, lib.ENG_MAX_KEYS_PER_POSITION),
                         ("max_accounts", acc, lib.ENG_MAX_ACCOUNTS)):
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
@@ -467,6 +469,7 @@ def _place(seg: Any, call: Any, recs: np.ndarray, idx: np.ndarray | None, where:
 def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None) -> Any:
     """Engine.restore (see there)."""
     t0 = time.perf_counter()
+    _refuse_a_live_directory(directory)
     ld = load_directory(directory)
     spec = ld.spec
     meta = ld.meta
@@ -559,6 +562,68 @@ def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None
                            ld.tail_cut, ld.skipped, unpriced, 0.0)
     eng = cls._made(name, spec, None, lambda eng: shm.attach_mapped(
         eng, name, (mm, ident), spec, check_spec=True))
+    if flags & lib.ENG_JOURNAL_DURABLE:
+        try:
+            _continue_files(eng, os.path.abspath(directory), ld, meta, last_seq)
+        except BaseException:
+            eng.close()
+            shm.unlink(name)
+            raise
     eng.restore_report = RestoreReport(**{**report.__dict__,
                                           "seconds": time.perf_counter() - t0})
     return eng
+
+
+def _refuse_a_live_directory(directory: str | os.PathLike[str]) -> None:
+    """SegmentError if an attached Engine writes the directory (it holds its
+    lock, see Writer.hold): read mid-write, its files could show a frame
+    written before an earlier one, and the restored engine would write into
+    the same files.  A copy of the directory restores."""
+    from engine.durable.writer import live_holders
+    if live_holders(os.fspath(directory)):
+        try:
+            owner = repr(fmt.read_meta(directory).get("name"))
+        except (OSError, ValueError):
+            owner = "(meta.json unreadable)"
+        raise SegmentError(f"{os.fspath(directory)!r} is written by live engine {owner} (its "
+                           f"processes hold {os.path.join(os.fspath(directory), 'lock')}): "
+                           f"restore a copy of the directory, or close that engine first")
+
+
+def _continue_files(eng: Any, directory: str, ld: Loaded, meta: dict[str, Any],
+                    last_seq: int) -> None:
+    """A restored engine created with journal=DIR journals on in ``directory``:
+    the bytes after a cut tail are zeroed (the next frames go there), meta.json
+    names the restored engine, and the writer continues after ``last_seq``
+    (every record up to it is in the files it was read from)."""
+    from engine.durable.writer import durable_args, write_meta
+    opts = meta["options"]
+    sync_ns, ckpt_records, ckpt_ns = durable_args(
+        opts.get("journal_sync_ms", lib.ENG_DJ_SYNC_NS / 1e6),
+        opts.get("checkpoint_records", lib.ENG_DJ_CKPT_RECORDS),
+        opts.get("checkpoint_s", lib.ENG_DJ_CKPT_NS / 1e9))
+    if ld.tail_cut is not None:
+        path, off = ld.tail_cut
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            size = os.fstat(fd).st_size
+            zeros = bytes(1 << 20)
+            while off < size:
+                off += os.pwrite(fd, zeros[: min(len(zeros), size - off)], off)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if eng.name != meta["name"] or opts.get("journal") != directory:
+        write_meta(directory, eng.name, eng.capacity, eng.spec, {**opts, "journal": directory})
+    if eng._durable is None:
+        raise RestoreError(f"{directory}: the restored segment has no journal writer",
+                           directory, None)
+    for rc in (lib.eng_durable_continue(eng.seg, last_seq),
+               lib.eng_durable_setup(eng.seg, directory.encode(), sync_ns,
+                                     lib.ENG_DJ_FILE_RECORDS, ckpt_records, ckpt_ns)):
+        if rc:
+            raise RestoreError(f"{directory}: the journal cannot go on in it "
+                               f"({ffi.string(lib.eng_strerror(rc)).decode()}, code {rc})",
+                               directory, None)
+    eng._durable.hold(directory)
+    eng._durable.flush(5.0)   # the next file reserved: a full disk fails here

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import pickle
@@ -95,6 +96,25 @@ def prepare_dir(path: str) -> None:
                             "empty directory")
 
 
+#: the file every attached Engine of a journal directory holds shared (flock)
+LOCK = "lock"
+
+
+def live_holders(directory: str) -> bool:
+    """Whether some attached Engine holds the directory's lock (see Writer.hold)."""
+    try:
+        fd = os.open(os.path.join(directory, LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:   # no lock file, or not a directory: nobody holds it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def write_meta(path: str, name: str, capacity: int, spec: Any, options: dict[str, Any]) -> None:
     """meta.json, written once: to a .tmp (0600), fsynced, renamed, the
     directory fsynced."""
@@ -135,7 +155,30 @@ class Writer:
             raise MemoryError("cannot allocate the journal writer's state")
         self._dw = ffi.gc(dw, lib.eng_dw_free)
         self._thread = threading.Thread()
+        self._lock_fd = -1
+        buf = ffi.new("char[]", lib.ENG_DJ_PATH_MAX)
+        if lib.eng_durable_dir(seg, buf, lib.ENG_DJ_PATH_MAX) == 0:   # set up: attach
+            self.hold(ffi.string(buf).decode())
         self.start()
+
+    def hold(self, directory: str) -> None:
+        """Hold the directory's ``lock`` file shared (flock) while this Engine is
+        attached: a restore, which needs it exclusively, refuses a directory a
+        live engine writes.  The kernel drops it with the process."""
+        if self._lock_fd >= 0:
+            return
+        fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _unhold(self) -> None:
+        fd, self._lock_fd = self._lock_fd, -1
+        if fd >= 0 and os.getpid() == self._pid:
+            os.close(fd)
 
     def start(self) -> None:
         """Start the thread (again, after ``stop``: a close that did not happen)."""
@@ -175,6 +218,7 @@ class Writer:
         rc = lib.eng_durable_release(self._seg, self._dw, 0, out)
         if rc:
             raise_for(rc, name=self._name)
+        self._unhold()
         return int(out[0])
 
     def flush(self, timeout: float) -> int:
