@@ -1376,6 +1376,8 @@ class TestLiveDirectory:
             assert eng.flush() >= seq   # the live engine's writer goes on
         finally:
             stop.set()
+        spawner.join_all(60)
+        eng.close()   # written and fdatasynced: the directory is at rest
         got = made.restore(copy_dir(made.jdir(eng), made.dir("copy")))   # a copy restores
         books_invariant(got)
 
