@@ -15,6 +15,8 @@ import multiprocessing
 import os
 import pathlib
 import secrets
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,6 +72,17 @@ def redis_url() -> str:
     if _server is None:
         _server = PrivateRedis(prefix="engine-test-redis-")
     return _server.url
+
+
+@pytest.fixture(autouse=True)
+def _sigint_is_pythons() -> Iterator[None]:
+    """Every test ends with Python's own SIGINT handler in place: a test that
+    leaves another one behind (an asyncio runner's, whose main task never
+    finished, swallows Ctrl-C) does not change what a later test's Ctrl-C does."""
+    yield
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
