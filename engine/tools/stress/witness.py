@@ -164,9 +164,18 @@ def follower_main(handle: Any, path: str, stop: Any, target: Any, status: Any) -
     [records read, last seq, lapped (1), the oldest retained seq on a lap]."""
     import signal
 
+    # the parent decides when to stop (a process's main: the handler is put
+    # back at the end, for a caller that runs it in its own process)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _follow(handle, path, stop, target, status)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _follow(handle: Any, path: str, stop: Any, target: Any, status: Any) -> None:
     from engine.core import Engine
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides when to stop
     eng = Engine.attach(handle)
     buf = ffi.new("eng_jrec[]", READ_BATCH)
     n = ffi.new("uint32_t *")
