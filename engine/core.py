@@ -421,7 +421,7 @@ class Engine(_EngineBase, Generic[S, C, T]):
                keys_per_position: int = _DEFAULT_KEYS,
                max_accounts: int = _DEFAULT_ACCOUNTS, url: str | None = None,
                shards: int | None = None, temporary: bool = False,
-               journal: bool | str | os.PathLike[str] | None = False,
+               journal: bool | str | os.PathLike[str] | None = True,
                journal_records: int = _DEFAULT_JOURNAL_RECORDS,
                journal_prices: bool = False,
                journal_sync_ms: float = _DEFAULT_SYNC_MS,
@@ -450,16 +450,17 @@ class Engine(_EngineBase, Generic[S, C, T]):
         hash tags spread its positions over a cluster's nodes (default 1 on
         one server, 16 on a cluster).
 
-        ``journal=True`` records every committed change in a ring of
-        ``journal_records`` records (a power of two in
+        ``journal=True`` (the default) records every committed change in a
+        ring of ``journal_records`` records (a power of two in
         [``ENG_JOURNAL_MIN_RECORDS``, ``ENG_JOURNAL_MAX_RECORDS``]) in the
         segment (on Redis: a stream per shard), read with ``events()``;
-        ``journal_prices`` records every price write too.  It is off by
-        default (False or None): on shared memory every commit then passes
-        through one journal latch, so a process stopped while it holds the
-        latch (SIGSTOP, a debugger) stalls every other commit until it runs
-        again (each waits ``ENG_JOURNAL_WAIT_STEPS``, then CONFLICT or
-        BusyError), and a transition costs about twice as much: see
+        ``journal_prices`` records every price write too.  ``journal=None``
+        (or False) turns it off.  On shared memory every commit passes
+        through one journal latch: a process stopped while it holds it
+        (SIGSTOP, a debugger; the latch is held for the ~40 ns of an append)
+        stalls every other commit until it runs again, each waiting
+        ``ENG_JOURNAL_WAIT_STEPS`` before CONFLICT or BusyError, and a
+        transition costs about twice as much as without it: see
         docs/journal.md.
 
         ``journal="/path/dir"`` (shared memory only) also writes the journal

@@ -1119,8 +1119,9 @@ int      eng_format(void *base, uint64_t size, uint32_t capacity,
                     uint32_t initial_index, uint32_t closed_mask,
                     uint64_t fingerprint, uint32_t creator_pid, const eng_rec_layout *rec,
                     uint32_t max_accounts, uint32_t journal_records, uint32_t journal_flags);
-/* eng_segment_size for a ring of journal_records records (0: no journal);
- * eng_segment_size is it with no journal (Engine.create's default) */
+/* eng_segment_size for a ring of journal_records records (0: no journal;
+ * Engine.create's default is ENG_JOURNAL_DEFAULT_RECORDS); eng_segment_size
+ * is it with no journal (journal=None) */
 uint64_t eng_segment_size_journal(uint32_t capacity, uint32_t n_words,
                                   uint32_t keys_per_position, uint32_t max_accounts,
                                   uint32_t journal_records);

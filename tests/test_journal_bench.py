@@ -52,6 +52,7 @@ def quick_parts(monkeypatch: pytest.MonkeyPatch) -> None:
         "commits_per_s": 1e6, "events_per_s": 1e6, "read": 10, "written": 10,
         "lapped_records": 0})
     monkeypatch.setattr(journal, "engine_commit_rate", lambda *_a: 1e6)
+    monkeypatch.setattr(journal, "executor_latency", _stub_latency)
     monkeypatch.setattr(journal, "scaling", lambda *_a: {
         "journal=None": {1: 2e6, 2: 4e6}, "journal=True": {1: 1e6, 2: 1.2e6}})
 
@@ -81,7 +82,8 @@ class TestJournalSection:
         lines = "\n".join(journal.report_lines(journal.measure(quick=True)))
         for want in ("busy subscriber, events()", "busy subscriber, read_events()",
                      "sleeping subscriber", "iceoryx2: publish -> busy subscriber",
-                     "Listener-woken", "iceoryx2 300 k samples/s", "x1.20"):
+                     "Listener-woken", "iceoryx2 300 k samples/s", "x1.20",
+                     "executor following events()", "executor following states()"):
             assert want in lines
 
 
@@ -92,6 +94,20 @@ class TestEngineLatency:
             got = journal.engine_latency(spin, bursts=3, burst=4, gap_s=0.001)
             assert got["missing"] == 0 and got["n"] == 12
             assert got["p50_us"] >= 0 and math.isfinite(got["p99_us"])
+
+
+class TestExecutorLatency:
+    @pytest.mark.parametrize("way", journal.EXECUTOR_WAYS)
+    def test_every_triggered_position_is_closed_and_paired(self, way: str) -> None:
+        """A real run of 3 triggers: each EXIT_PENDING met by the executor's EXIT_STARTED."""
+        got = journal.executor_latency(way, 3, gap_s=0.001)
+        assert got["missing"] == 0 and got["n"] == 3
+        assert got["p50_us"] > 0 and math.isfinite(got["p99_us"])
+
+    def test_an_unknown_way_is_refused(self) -> None:
+        """A way that is not one of EXECUTOR_WAYS: ValueError naming the allowed ones."""
+        with pytest.raises(ValueError, match="events"):
+            journal.executor_latency("poll", 1)
 
 
 class TestIceoryx2Peer:

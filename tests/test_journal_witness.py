@@ -226,7 +226,7 @@ class TestJournalWitness:
 
     def test_needs_a_journal(self):
         """The witness refuses an engine without a journal instead of passing vacuously."""
-        eng = Engine.create(capacity=4)
+        eng = Engine.create(capacity=4, journal=None)
         try:
             with pytest.raises(ValueError, match="journal=True"):
                 JournalWitness(eng)

@@ -161,12 +161,12 @@ class TestRecords:
         assert [(e.kind, e.record.price) for e in got] == [
             ("price", 103.0), ("price", 104.0), ("price", 105.0)]
 
-    def test_off_by_default_on_with_journal_true(self, made):
-        """Created with the defaults nothing is journaled; journal=True keeps journal_records."""
-        off = made(16)
+    def test_on_by_default_off_with_journal_none(self, made):
+        """journal=None journals nothing; the defaults keep journal_records records."""
+        off = made(16, journal=None)
         r = redis.Redis.from_url(off.url)
         assert r.hget(off._seg.meta_keys[0], "jrec") == b"0"
-        eng = made(16, journal=True)
+        eng = made(16)
         j = RedisJournal(eng._seg, eng.spec)
         pos = _opened(eng)
         eng.update_price(pos, 101.0)

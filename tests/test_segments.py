@@ -50,7 +50,8 @@ from engine.store import shm as segment
 BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)
 
 HEADER_SIZE = ffi.sizeof("eng_header")
-SIZE_16 = lib.eng_segment_size(16, POSITION_SPEC.record.n_words, 2, 64)
+SIZE_16 = lib.eng_segment_size_journal(16, POSITION_SPEC.record.n_words, 2, 64,
+                                      lib.ENG_JOURNAL_DEFAULT_RECORDS)   # the default journal
 _HEADER_FIELDS = dict(ffi.typeof("eng_header").fields)
 
 

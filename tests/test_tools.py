@@ -153,7 +153,8 @@ class TestLs:
         row = next(r for r in json.loads(out) if r["name"] == eng.name)
         assert row["header"]["creator_pid"] == os.getpid()
         assert row["header"]["capacity"] == 32
-        assert row["size"] == lib.eng_segment_size(32, POSITION_SPEC.record.n_words, 2, 64)
+        assert row["size"] == lib.eng_segment_size_journal(32, POSITION_SPEC.record.n_words, 2, 64,
+                                                           lib.ENG_JOURNAL_DEFAULT_RECORDS)
         assert 0 <= row["age_s"] < 600 and row["ok"]
         assert [(p["pid"], p["alive"]) for p in row["procs"]] == [(os.getpid(), True)]
 

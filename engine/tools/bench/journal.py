@@ -16,6 +16,14 @@ Engine (the journal on, ``journal=True`` passed explicitly):
     what one subscriber reads through ``events()`` and through
     ``read_events()`` (numpy rows), from a ring filled first, and
     ``events()`` keeping up with a live writer.
+``trigger -> close``
+    the README's exit executor in another process, over ``EXECUTOR_IDS``
+    positions, three ways: following ``events()``, looping
+    ``wait_for_change(pos, 0.01)`` over the ids, and polling ``states(ids)``
+    every millisecond.  The main process moves one random position at a time
+    to EXIT_PENDING; the latency is the journal's ``ts_ns`` of the
+    executor's EXIT_STARTED minus that of the EXIT_PENDING (one clock, read
+    in C at each commit).
 ``scaling``
     transition commits/s of 1 and 2 worker processes on disjoint slots, with
     ``journal=None`` and ``journal=True``.
@@ -29,6 +37,7 @@ sends.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import multiprocessing as mp
@@ -143,6 +152,96 @@ def engine_latency(spin_us: float, bursts: int, burst: int = BURST,
         lat = at - t0[seqs - since - 1]
         out = _pcts(lat)
         out["missing"] = count - len(seqs)
+        return out
+    finally:
+        eng.close()
+        eng.unlink()
+
+
+# -- the engine: trigger -> close (an exit executor following the engine) -----------------
+#: the positions an executor watches, and the pause between two triggers
+EXECUTOR_IDS = 50
+EXECUTOR_GAP_S = 0.02
+EXECUTOR_WAYS = ("events", "wait_for_change", "states")
+
+
+def _executor(handle: Any, ids: list[int], since: int, count: int, way: str,
+              ready: Any) -> None:
+    """Close (EXIT_STARTED) ``count`` positions that reach EXIT_PENDING, found ``way``."""
+    from engine import Engine, State, Trigger
+    from engine.errors import WaitTimeout
+
+    started = int(Trigger.EXIT_STARTED)
+    with Engine.attach(handle) as eng:
+        ready.set()
+        end = time.monotonic() + 120
+        n = 0
+        if way == "events":
+            for ev in eng.events(since=since, timeout=10.0):
+                if ev.kind == "transition" and ev.state is State.EXIT_PENDING:
+                    eng.transition(ev.id, started)
+                    n += 1
+                    if n == count:
+                        return
+            return
+        pending = int(State.EXIT_PENDING)
+        while n < count and time.monotonic() < end:
+            if way == "wait_for_change":   # a new user's loop: one id at a time
+                for pos in ids:
+                    with contextlib.suppress(WaitTimeout):
+                        eng.wait_for_change(pos, 0.01)
+                    if eng.state(pos) is State.EXIT_PENDING:
+                        eng.transition(pos, started)
+                        n += 1
+            else:                          # poll every id's state each millisecond
+                for pos, st in zip(ids, eng.states(ids), strict=True):
+                    if int(st) == pending:
+                        eng.transition(pos, started)
+                        n += 1
+                time.sleep(0.001)
+
+
+def executor_latency(way: str, triggers: int, gap_s: float = EXECUTOR_GAP_S) -> dict[str, float]:
+    """p50/p99 from a position's EXIT_PENDING to its EXIT_STARTED by an
+    executor in another process that finds it ``way`` (see the module)."""
+    from engine import Engine, State, Trigger
+
+    if way not in EXECUTOR_WAYS:
+        raise ValueError(f"way must be one of {EXECUTOR_WAYS}, got {way!r}")
+    eng = Engine.create(capacity=EXECUTOR_IDS, journal=True, journal_records=1 << 16)
+    try:
+        ids = [eng.open_position(entry_price=100.0, amount=1.0) for _ in range(EXECUTOR_IDS)]
+        for p in ids:
+            eng.transition(p, Trigger.POSITION_OPENED)
+        ctx = mp.get_context("spawn")
+        ready = ctx.Event()
+        since = eng.journal_seq
+        proc = ctx.Process(target=_executor, args=(eng.handle, ids, since, triggers, way, ready),
+                           daemon=True)
+        proc.start()
+        if not ready.wait(60):
+            raise RuntimeError("the executor did not start")
+        time.sleep(0.05)
+        rng = np.random.default_rng(7)
+        live = list(ids)
+        for _ in range(min(triggers, len(live))):
+            pos = live.pop(int(rng.integers(len(live))))
+            eng.transition(pos, Trigger.EXIT_CONDITION_MET)
+            time.sleep(gap_s)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+        at: dict[int, int] = {}
+        lat = []
+        for ev in eng.events(since=since, timeout=0):
+            if ev.kind != "transition":
+                continue
+            if ev.state is State.EXIT_PENDING:
+                at[ev.id] = ev.ts_ns
+            elif ev.state is State.EXITING and ev.id in at:
+                lat.append(ev.ts_ns - at.pop(ev.id))
+        out = _pcts(lat)
+        out["missing"] = len(at)
         return out
     finally:
         eng.close()
@@ -483,6 +582,8 @@ def measure(quick: bool = False) -> dict[str, Any]:
     eng.update(engine_read_rate(50_000 if quick else 200_000))
     eng["live"] = engine_live_rate(0.5 if quick else 1.0)
     eng["commits_per_s"] = engine_commit_rate(50_000 if quick else 200_000)
+    eng["executor"] = {way: executor_latency(way, 20 if quick else EXECUTOR_IDS)
+                       for way in EXECUTOR_WAYS}
     out["engine"] = eng
     missing = iceoryx2_missing()
     if missing:
@@ -530,6 +631,10 @@ def report_lines(res: dict[str, Any]) -> list[str]:
                  + ("" if "skipped" in i else
                     f", iceoryx2 {i['samples_per_s'] / 1e3:.0f} k samples/s"))
     lines.append(f"  {e['bytes_per_record']:.0f} bytes per record")
+    lines.append(f"trigger -> close: EXIT_PENDING -> an executor's EXIT_STARTED "
+                 f"({EXECUTOR_IDS} positions, another process; journal ts_ns)")
+    for way, d in e.get("executor", {}).items():
+        row(f"  executor following {way}()", d)
     lines.append("scaling: transition commits/s on disjoint slots (sum over worker processes)")
     for label, by in res["scaling"].items():
         one, two = by.get(1, math.nan), by.get(2, math.nan)
