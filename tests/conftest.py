@@ -6,7 +6,10 @@ The public-API test modules run on both backends: a module that sets
 ``make_engine`` or ``backend`` once per backend, except those marked
 ``shm_only`` (tests about shared memory itself: mmap, futex, segment files,
 C fault hooks).  The Redis runs use a private ``redis-server`` on a free
-loopback port with persistence off, started once per session."""
+loopback port with persistence off, started once per session.  A module that
+also sets ``JOURNAL_OFF_TOO = True`` runs them once more on shared memory with
+``journal=None``: the journal is on by default, and the commit without it (one
+CAS on the fast path) keeps its own crash and race tests."""
 
 from __future__ import annotations
 
@@ -127,17 +130,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     both = getattr(metafunc.module, "BACKENDS", ("shm",))
     if metafunc.definition.get_closest_marker("shm_only"):
         both = ("shm",)
+    if getattr(metafunc.module, "JOURNAL_OFF_TOO", False):
+        both = (*both, "shm-nojournal")
     metafunc.parametrize("backend", both)
 
 
 @pytest.fixture
 def backend() -> str:
-    """Which store the test's engines live in: "shm" or "redis" (parametrized)."""
+    """Which store the test's engines live in: "shm", "redis" or "shm-nojournal"
+    (parametrized)."""
     return "shm"   # replaced by the parametrization above
 
 
 def create_args(backend: str) -> dict[str, Any]:
-    return {"url": redis_url()} if backend == "redis" else {}
+    """Engine.create's arguments for a backend: "shm" (the defaults: the journal
+    on), "redis", or "shm-nojournal" (``journal=None``: the bare commit)."""
+    if backend == "redis":
+        return {"url": redis_url()}
+    return {"journal": None} if backend == "shm-nojournal" else {}
 
 
 @pytest.fixture

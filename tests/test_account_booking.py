@@ -44,6 +44,7 @@ from engine._native import lib
 from engine.accounts import UNITS_MAX, from_units, money_of
 
 BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
 
 TO_EXITING = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED)
 CLOSE = (*TO_EXITING, Trigger.EXIT_COMPLETED)

@@ -49,6 +49,8 @@ from engine._native import lib
 from engine.store import shm as segment
 from engine.tools.stress.witness import WITNESS_JOURNAL, JournalWitness, assert_clean
 
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
+
 CTX = mp.get_context("spawn")
 ANSWER_BOUND = 2.0         # a transition or recover() must return within this
 LONG_PAUSE_NS = 60_000_000_000   # a child "paused holding the lock" sleeps this long

@@ -30,6 +30,7 @@ from engine import Engine, ExitReason, Outcome, State, Trigger
 from engine._native import lib
 
 BACKENDS = ("shm", "redis")
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
 STOP = 95.0
 WRITERS = 2 * (os.cpu_count() or 2) + 2     # more processes than cores
 

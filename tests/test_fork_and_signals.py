@@ -56,6 +56,8 @@ from engine import (
 )
 from engine._native import lib
 
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
+
 FORK_CTX = mp.get_context("fork")
 PARENT_PAUSE_NS = 1_000_000_000   # the parent's slow path holds its lock this long
 

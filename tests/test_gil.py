@@ -12,6 +12,8 @@ import time
 
 from engine import Engine, State, Trigger
 
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
+
 LOOP_SECONDS = 0.2   # each thread's loop: 40 GIL switch intervals, so the two interleave
 
 

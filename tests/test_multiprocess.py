@@ -19,6 +19,7 @@ from engine import Engine, Outcome, State, Trigger, WaitTimeout
 from engine._native import lib
 
 BACKENDS = ("shm", "redis")
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
 
 
 def blocked_clients(url: str) -> int:

@@ -24,6 +24,8 @@ from procs import READY_TIMEOUT, sigkill
 from engine import BusyError, Engine, Outcome, RiskLimitError, State, Trigger
 from engine._native import lib
 
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
+
 TOKEN_MASK = int(lib.ENG_TOKEN_MASK)
 CLOSE = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
          Trigger.EXIT_COMPLETED)

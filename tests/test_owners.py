@@ -55,6 +55,8 @@ from engine import (
 from engine._native import ffi, lib
 from engine.store import shm as segment
 
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
+
 TAKEOVER_WITHIN = 5.0      # "a few seconds": retries allowed until then
 GUARD_SLEEP_S = 60.0
 

@@ -21,6 +21,7 @@ from engine import BusyError, Engine, Outcome, Trigger
 from engine._native import lib
 
 BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
 
 
 def expected_pnl(price: float, entry: float, amount: float, side: int) -> tuple[float, float]:

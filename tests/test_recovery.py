@@ -33,6 +33,7 @@ from engine import Engine, NotOpenError, Outcome, State, Trigger
 from engine._native import lib
 
 BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
 
 OWNER_FIELD = TOKEN_MASK << lib.ENG_SW_OWNER_SHIFT
 

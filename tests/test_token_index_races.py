@@ -56,6 +56,8 @@ from engine import (
 )
 from engine._native import lib
 
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
+
 CLOSE = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
          Trigger.EXIT_COMPLETED)
 INC_PERIOD = lib.ENG_TOKEN_INC_MASK   # incarnations 1 .. 2^17 - 1

@@ -15,6 +15,7 @@ from engine import CapacityError, Context, NotOpenError, Outcome, PriceSnapshot,
 from engine._native import lib
 
 BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
 
 DEFAULT_WALK = [
     (Trigger.POSITION_OPENED, State.MONITORING),

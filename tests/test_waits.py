@@ -20,6 +20,7 @@ from engine import Engine, NotOpenError, Outcome, State, Trigger, WaitTimeout
 from engine._native import lib
 
 BACKENDS = ("shm", "redis")   # the public API runs on both (conftest)
+JOURNAL_OFF_TOO = True   # also on shared memory with journal=None (conftest)
 
 
 def waiting(eng: Engine, pos: int) -> int:
