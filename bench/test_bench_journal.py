@@ -38,7 +38,7 @@ def no_journal() -> Iterator[Engine]:
 @pytest.fixture(scope="module")
 def price_journal() -> Iterator[Engine]:
     """One open position on an engine created with ``journal_prices=True``."""
-    yield from _engine(journal=True, journal_prices=True)   # the journal is off by default
+    yield from _engine(journal_prices=True)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from engine.journal import Event
 
 @pytest.fixture
 def make_engine(make_engine: Any) -> Any:
-    """conftest's make_engine with the journal on (Engine.create has it off by default)."""
+    """conftest's make_engine with the journal on (explicitly: the tests do not lean on the default)."""
     def make(capacity: int = 16, **kw: Any) -> Any:
         kw.setdefault("journal", True)
         return make_engine(capacity=capacity, **kw)
