@@ -928,7 +928,11 @@ typedef struct eng_jrec {
     uint32_t trigger;
     uint64_t w[ENG_MAX_FIELD_WORDS];
     uint64_t version;
-    uint64_t pad[1];
+    uint32_t riders;         /* records after this one that ride on its commit (the
+                                slot's record of a keyed open or a booked change;
+                                0 for the others): a restore tells a whole commit
+                                from one a power cut split */
+    uint32_t pad;
 } eng_jrec;
 
 typedef struct eng_header {

@@ -211,6 +211,7 @@ static void journal_fill_at(eng_seg *s, uint64_t JL, uint64_t seq, uint32_t kind
     for (uint32_t i = 0; i < nwords; i++)
         store_relaxed_u64(&r->w[i], load_relaxed_u64(&words[i]));
     store_relaxed_u64(&r->version, version);
+    store_relaxed_u32(&r->riders, 0);   /* journal_fill_riders counts the slot record's */
     store_release_u64(&r->seq, seq);   /* last: the record is whole */
     die_if(s, ENG_FAULT_DIE_AFTER_JFILL);
 }
@@ -407,6 +408,8 @@ int eng_journal_read(eng_seg *s, uint64_t after, eng_jrec *out, uint32_t max, ui
             for (uint32_t i = nw; i < ENG_MAX_FIELD_WORDS; i++)
                 o->w[i] = 0;
             o->version = load_relaxed_u64(&r->version);
+            o->riders = load_relaxed_u32(&r->riders);
+            o->pad = 0;
             fence_acquire();                                       /* pairs with J2's fence */
         }
         if (s1 != k || load_relaxed_u64(&r->seq) != k) {

@@ -619,5 +619,11 @@ static uint32_t journal_fill_riders(eng_seg *s, uint64_t JL, uint32_t kind, uint
                             aw_make(v + 1), words, ACCT_RECORD_WORDS, v + 1);
         }
     }
-    return (uint32_t)(seq - jl_seq(JL) - 2);
+    uint32_t riders = (uint32_t)(seq - jl_seq(JL) - 2);
+    /* the slot's record (unpublished: no reader sees it change) counts them
+     * before the commit (J3, release), so a takeover that rolls it forward
+     * publishes exactly as many */
+    if (riders)
+        store_relaxed_u32(&jrec_at(s, jl_seq(JL) + 1)->riders, riders);
+    return riders;
 }
