@@ -78,7 +78,7 @@ spin:
 ##   each deliberate mutation of it (MUTANT=n, see the model) must be caught.  native/journal.pml
 ##   is the global latch native/journal.c runs; native/journal_append.pml the per-object append
 ##   that is to replace it (not implemented yet; about 40 s and 1 GB)
-MODELS := journal.pml:1,2,3,4 journal_append.pml:1,2,3,4,5
+MODELS := journal.pml:1,2,3,4,5,6,7,8 journal_append.pml:1,2,3,4,5
 verify: spin
 	@d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && cp native/journal.pml native/journal_append.pml "$$d"/ && cd "$$d" && \
 	for spec in $(MODELS); do \
