@@ -29,7 +29,13 @@
  *     generation); then it publishes n+1 and every record n+2.. whose seq
  *     and latch word match JL (all T's riders: each was filled before J3),
  *     at most MAX_FILL records: CAS (n,T) -> (last,0).  Else back, CAS
- *     (n,T) -> (n,0), publishing none.
+ *     (n,T) -> (n,0), publishing none.  It is one step here: the C code
+ *     proves T dead before it reads the records (journal_latch, journal_sweep
+ *     and eng_journal_wait call token_dead first), and while the latch word is
+ *     (n,T) with T dead nothing it reads can move (only the latch holder
+ *     fills a record or commits a slot); its CAS from (n,T) fails if the word
+ *     moved.  (journal_append.pml's resolve has no such latch: it runs in
+ *     steps.)
  *   takeover (slot locked by L, owner proven dead), as latch holder:
  *     forward iff the spare copy is sealed with L: J2 (with the riders), J3
  *     (CAS L -> w'), J4 on the dead writer's behalf; else back: CAS L ->
