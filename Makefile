@@ -94,7 +94,7 @@ verify: spin
 	  if [ -z "$$errs" ]; then cat out.txt; echo "verify: no result from pan"; exit 1; fi; \
 	  if [ $$m = 0 ]; then \
 	    [ "$$errs" = 0 ] || { cat out.txt; spin -t -p $$model | tail -40; echo "verify: $$model FAILS"; exit 1; }; \
-	    echo "verify: $$model holds ($$states states, exhaustive)"; \
+	    echo "verify: $$model holds ($$states states, exhaustive, $$(sed -n 's/^pan: elapsed time //p' out.txt))"; \
 	  else \
 	    [ "$$errs" != 0 ] || { cat out.txt; echo "verify: $$model mutation $$m was NOT caught: the model cannot fail"; exit 1; }; \
 	    echo "verify: $$model mutation $$m caught ($$(grep -m1 -E 'assertion violated|invalid end state' out.txt | sed 's/ *(at depth.*//'))"; \
