@@ -33,7 +33,10 @@
  *     k <= published seq (acquire, pairs with J4); s1 = r.seq (acquire, pairs
  *     with J2's release); copy (relaxed); fence (acquire, pairs with J2's
  *     fence); s2 = r.seq; whole iff s1 == s2 == k, else the ring moved past k:
- *     ENG_ELAPPED with the oldest seq still retained (published + 2 - records).
+ *     ENG_ELAPPED with the oldest seq still retained (published + 1 +
+ *     ENG_JOURNAL_MAX_FILL - records, journal_resume), or ENG_ECORRUPT if
+ *     k + records > published + ENG_JOURNAL_MAX_FILL (no holder can have
+ *     refilled record k yet: never, the model asserts it).
  *
  *   journal_latch(s, t, &JL)                          J1 (takes a dead holder's latch over)
  *   journal_fill_release(s, JL, kind, trig, id, w, c) J2
@@ -45,6 +48,16 @@
  * with the slot's (journal_publish_n); a takeover that rolls forward
  * publishes every record filled under JL (each filled before J3, so all of
  * them), one that rolls back none.  At most ENG_JOURNAL_MAX_FILL records.
+ * The model has them (journal.pml: a commit of 1 + r records, r <= 2, and
+ * the reader's retention of records - ENG_JOURNAL_MAX_FILL across the wrap);
+ * its mutations 5-7 are a takeover that publishes only the slot's record, a
+ * J4 that publishes n + 1 only, and a takeover that publishes a rider
+ * without comparing its latch word with JL (a rider left at n + 2 by an
+ * earlier holder of (n, T') rolled back).  The latch word is what makes the
+ * takeover exact: a live holder never abandons a fill with riders (their J3
+ * is a CAS from its own lock L, which only a takeover of a proven-dead owner
+ * moves), so a record after n + 1 whose latch word is JL is one T filled
+ * for the commit whose evidence the takeover read.
  *
  * Guarantees: a record exists iff its change committed, wherever a process
  * dies; seq is one total order that is the commit order of every slot; a

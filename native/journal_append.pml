@@ -14,8 +14,10 @@
  *        (lap(t), CLAIMED, me) by CAS, then tail t -> t+1 by CAS (a claimer
  *        that finds ring[t] already claimed at lap(t) moves tail on for it);
  *        a previous-lap record still CLAIMED/FILLED: resolve it if its writer
- *        is dead, else refuse (CONFLICT): only the wrap waits for a stopped
- *        writer.  Then jpend[o] = t + 1.
+ *        is dead, or if it is FILLED and its evidence proves it committed
+ *        (a live writer stopped between C3 and C4: completed, not waited
+ *        for), else refuse (CONFLICT): only the wrap waits, and only for a
+ *        stopped writer whose change has not committed.  Then jpend[o] = t + 1.
  *     C2 fill the record (object, the generation the commit publishes),
  *        hdr CLAIMED -> FILLED
  *     C3 the object's commit (generation + 1) and unlock: one CAS
@@ -24,11 +26,21 @@
  *     or give up after C1/C2 (its commit refused): hdr -> VOID, unlock
  *
  *   resolve record k (a reader, a claimer wrapping onto it, recover(), the
- *   next holder of its object): CLAIMED, writer dead -> VOID (C3 follows C2);
- *   FILLED: the object's generation reached the record's -> DONE; not reached
- *   and writer dead -> VOID; not reached, writer alive -> leave it (wait).
- *   Exact because the object cannot commit again before its next holder has
- *   resolved jpend (R).
+ *   next holder of its object), in four steps, none atomic with another:
+ *     H  read the header and the fields (object, generation)
+ *     P  prove the header's writer dead (token_dead) or not
+ *     G  read the object's generation (the evidence)
+ *     X  CAS the header from exactly what H read: CLAIMED, writer dead ->
+ *        VOID (C3 follows C2); FILLED, the generation reached the record's
+ *        -> DONE (writer dead or alive); FILLED, not reached, writer dead ->
+ *        VOID; else leave it (wait).
+ *   P before G: read the other way, a writer that commits (C3) and dies
+ *   between the two reads is proven dead with evidence of no commit, and its
+ *   committed change's record is voided.  P then G is exact: once the writer
+ *   is dead its commit cannot happen after G, and the object cannot commit
+ *   again before its next holder has resolved jpend (R).  The CAS from H's
+ *   header fails if the record moved meanwhile (ABA: the header holds the
+ *   lap).
  *
  *   takeover of object o locked by a dead T: take the lock over, R, then
  *   forward iff T sealed its change (the sealed copy): C1..C4 with ITS OWN
@@ -48,7 +60,11 @@
  * for a claim that never committed; every committed change has exactly one
  * DONE record (after the recover() sweep at the end); the reader delivers
  * each object's generations one by one (per-object order = seq order, no
- * silent gap, no duplicate) and skips only VOID records.
+ * silent gap, no duplicate) and skips only VOID records; a claim at the wrap
+ * refuses only a record whose change has not committed.  Every resolve
+ * (R, the claim's, the reader's) runs its steps H, P, G, X interleaved with
+ * everything else; only the recover() sweep at the end, with every writer
+ * dead, stopped or done, is one step.
  *
  * STATUS: modelled, NOT implemented.  native/journal.c still runs the global
  * latch (native/journal.pml).  What the C code needs, per kind (worked out
@@ -58,6 +74,23 @@
  *    token); eng_journal.latch becomes tail (the next seq), plus a done-seq
  *    hint for eng_journal_seq and a wake word for readers' futex (C4 bumps
  *    it only when `waiting` is set, seq_cst pair as today).
+ *  - resolve: its four steps in this order, each its own access: H the
+ *    header (acquire) and the fields (relaxed, then an acquire fence), P
+ *    token_dead of the header's writer, G the object's evidence (acquire;
+ *    per kind as journal_committed), X CAS of the header word exactly as H
+ *    read it (acq_rel).  Never the evidence before the proof (MUTANT 6).
+ *  - the claim at the wrap (C1) completes a previous-lap FILLED record its
+ *    evidence proves committed, whatever its writer's liveness (X: FILLED ->
+ *    DONE; the writer's own C4 CAS then fails, which it ignores), and waits
+ *    (bounded, then CONFLICT) only for a CLAIMED record or a FILLED one not
+ *    proven committed, of a live writer (MUTANT 7).
+ *  - riders (today's latch: journal_fill_riders, an open's key and a booked
+ *    change's books filled at n+2, n+3 and published with the slot's): no
+ *    latch holds them next to the slot's record here.  Each needs a claim of
+ *    its own, filled before the slot's C3, whose evidence is the SLOT's
+ *    generation (it committed iff the slot did), or one claim of 1 + r
+ *    consecutive records; not modelled yet.  The "one record" of a booked
+ *    change below predates the riders.
  *  - jpend needs a word per object written under its lock: the slot head is
  *    full (two lines), so either a third head line (layout version + 1,
  *    slot_size + 64) or a per-slot array padded to a line in the journal
@@ -117,6 +150,13 @@
  *      DONE) instead of claiming its own: a reader may have voided it
  *   5  one global latch around C1..C4 (main's design): a stopped writer on
  *      object 0 stalls the commit on object 1
+ *   6  resolve reads the evidence (G) before the liveness proof (P): a writer
+ *      that commits and dies between the two has its record voided
+ *      (tests/models/journal_resolve_order.pml, MUTANT 10, found it)
+ *   7  the claim at the wrap refuses every record of a live writer (as this
+ *      model did first), even one its evidence proves committed: a writer
+ *      stopped between C3 and C4 makes every claimer at the wrap refuse
+ *      (tests/models/journal_resolve_order.pml, MUTANT 14)
  */
 
 #ifndef MUTANT
@@ -178,23 +218,45 @@ inline mark_void(k) {
     assert(!claim_commit[k])                       /* VOID only for a claim that never committed */
 }
 
-/* resolve record k (atomic: one header CAS after reading the evidence) */
+/* resolve record k, in the steps C must run (a record's header and fields, its
+ * writer's liveness and its object's generation cannot be read in one step):
+ *   H read the header and the fields; P prove the header's writer dead;
+ *   G read the object's generation (the evidence); X CAS the exact header
+ *   read.  P before G: a writer that commits (C3) and dies between the two
+ *   reads would read as dead and not committed (MUTANT 6).  The ev* words
+ *   are the resolver's registers, by _pid. */
+byte evhdr[8];
+byte evobj[8];
+byte evrgen[8];
+bool evdead[8];
+byte evg[8];
+#define HDR(r) (hlap[r] * 64 + hst[r] * 8 + htok[r])
+#define EVHDR(k) (evhdr[_pid] == HDR(R(k)))
 inline resolve(k) {
-    atomic {
+    atomic { evhdr[_pid] = HDR(R(k)); evobj[_pid] = robj[R(k)]; evrgen[_pid] = rgen[R(k)] }   /* H */
+#if MUTANT == 6
+    evg[_pid] = gen[evobj[_pid]];                                  /* G before P */
+    evdead[_pid] = !alive[evhdr[_pid] % 8];                        /* P */
+#else
+    evdead[_pid] = !alive[evhdr[_pid] % 8];                        /* P: token_dead */
+    evg[_pid] = gen[evobj[_pid]];                                  /* G */
+#endif
+    atomic {                                                       /* X: CAS hdr as read */
         if
-        :: hlap[R(k)] == LAP(k) && hst[R(k)] == CLAIMED && !alive[htok[R(k)]] ->
+        :: EVHDR(k) && hlap[R(k)] == LAP(k) && hst[R(k)] == CLAIMED && evdead[_pid] ->
             mark_void(k); hst[R(k)] = VOID
-        :: hlap[R(k)] == LAP(k) && hst[R(k)] == FILLED && gen[robj[R(k)]] == rgen[R(k)] ->
+        :: EVHDR(k) && hlap[R(k)] == LAP(k) && hst[R(k)] == FILLED && evg[_pid] == evrgen[_pid] ->
             mark_done(k); hst[R(k)] = DONE
 #if MUTANT == 2
-        :: hlap[R(k)] == LAP(k) && hst[R(k)] == FILLED && !alive[htok[R(k)]] ->
+        :: EVHDR(k) && hlap[R(k)] == LAP(k) && hst[R(k)] == FILLED && evdead[_pid] ->
 #else
-        :: hlap[R(k)] == LAP(k) && hst[R(k)] == FILLED && gen[robj[R(k)]] != rgen[R(k)] &&
-           !alive[htok[R(k)]] ->
+        :: EVHDR(k) && hlap[R(k)] == LAP(k) && hst[R(k)] == FILLED && evg[_pid] != evrgen[_pid] &&
+           evdead[_pid] ->
 #endif
             mark_void(k); hst[R(k)] = VOID
         :: else -> skip
-        fi
+        fi;
+        evhdr[_pid] = 0; evobj[_pid] = 0; evrgen[_pid] = 0; evdead[_pid] = false; evg[_pid] = 0
     }
 }
 
@@ -214,7 +276,21 @@ inline claim(tok, c, t, ok) {
         :: atomic { hlap[R(t)] + 1 == LAP(t) && (hst[R(t)] == CLAIMED || hst[R(t)] == FILLED) } ->
             if
             :: !alive[htok[R(t)]] -> resolve(t - N)
-            :: alive[htok[R(t)]] -> ok = 0                /* its writer lives: refuse */
+#if MUTANT == 7
+            :: atomic { hlap[R(t)] + 1 == LAP(t) && alive[htok[R(t)]] &&
+                        (hst[R(t)] == CLAIMED || hst[R(t)] == FILLED) ->
+#else
+            /* a live writer's record its evidence proves committed (a writer
+             * stopped between C3 and C4): completed, not waited for */
+            :: alive[htok[R(t)]] && hst[R(t)] == FILLED && gen[robj[R(t)]] == rgen[R(t)] ->
+                resolve(t - N)
+            :: atomic { hlap[R(t)] + 1 == LAP(t) && alive[htok[R(t)]] &&
+                        (hst[R(t)] == CLAIMED || (hst[R(t)] == FILLED && gen[robj[R(t)]] != rgen[R(t)])) ->
+#endif
+                /* refuse (CONFLICT) only a record whose change has not committed */
+                assert(!claim_commit[t - N]);
+                ok = 0 }
+            :: else -> skip                               /* moved: look again */
             fi
         :: tail != t -> skip                              /* moved: read it again */
         fi
@@ -232,7 +308,9 @@ proctype writer(byte me; byte o; bool seal) {
     DIE;
 #endif
 #if MUTANT != 3
-    atomic { k = jpend[o]; if :: k != 0 -> resolve(k) :: else -> skip fi; k = 0 }   /* R */
+    k = jpend[o];                                        /* R */
+    if :: k != 0 -> resolve(k) :: else -> skip fi;
+    k = 0;
 #endif
     if
     :: seal -> atomic { sealed[o] = true; sealer[o] = me }   /* seal (the slow path) */
@@ -315,7 +393,9 @@ end_loop:
        fi;
 #endif
 #if MUTANT != 3
-       atomic { k = jpend[o]; if :: k != 0 -> resolve(k) :: else -> skip fi; k = 0 }   /* R */
+       k = jpend[o];                                     /* R */
+       if :: k != 0 -> resolve(k) :: else -> skip fi;
+       k = 0;
 #endif
        if
        :: fwd ->
@@ -371,7 +451,7 @@ end_read:
                next++; r = 0; l = 0; st = 0
            }
        :: l == LAP(next) && (st == CLAIMED || st == FILLED) ->
-           atomic { resolve(next); r = 0; l = 0; st = 0 }
+           resolve(next); atomic { r = 0; l = 0; st = 0 }
        :: l > LAP(next) ->                               /* JournalLappedError */
            atomic { lapped = true; next = tail - N; r = 0; l = 0; st = 0 }
        :: l < LAP(next) -> atomic { r = 0; l = 0; st = 0 }   /* look again */

@@ -11,6 +11,9 @@
  *              evidence; CAS the exact header read: holds
  * The order of MUTANT 11 is what native/journal.c's resolve must do; the model as
  * written (resolve atomic) cannot tell 10 from 11.
+ * Folded into native/journal_append.pml (`make verify`): its resolve runs MUTANT 11's
+ * steps everywhere (MUTANT 6 there is 10 here) and its claim at the wrap is MUTANT 12's
+ * (MUTANT 7 there is 14 here).  This copy stays as the finding's record.
  *   MUTANT 14  the model's claim at the wrap, asserting it never refuses a record its
  *              evidence proves committed: fails -- a writer stopped between C3 and C4
  *              (committed, unlocked) makes every claimer at the wrap refuse
