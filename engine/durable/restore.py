@@ -324,7 +324,13 @@ def _booked_closes(ld: Loaded, allr: np.ndarray, acct_last: dict[int, int],
     realized move by each close's realized PnL, as accounts.c books it.
     bumps[index] counts the booked changes (opens, closes) after it: each
     published the account once more.  Returns the closes booked without a
-    known price."""
+    known price.
+
+    Every booked change journals its account's books right after its slot
+    record (a rider, native/keys.c journal_fill_riders), so this books
+    nothing in a journal whose last commit is whole; it books the last
+    commit when a power cut kept its slot frame and lost its rider (the
+    writer's batches and files end anywhere; tests/test_restore_split_commit.py)."""
     spec = ld.spec
     roles = spec.c_layout(0).roles
     acct_w = roles[lib.ENG_ROLE_ACCOUNT]

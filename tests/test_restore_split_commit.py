@@ -1,0 +1,123 @@
+"""Restore after a power cut that splits one commit's records: a booked close's
+slot frame reached the disk, the account record that rides on it (native/keys.c
+journal_fill_riders) did not.
+
+The writer writes in batches that end anywhere (ENG_DJ_BATCH, a file's last
+frame) and a power failure keeps any prefix of the unsynced frames, so the
+journal's last whole record can be a booked close without its account record.
+The restore books such a close itself (engine/durable/restore.py,
+_booked_closes): forbidden is a closed position whose realized PnL is missing
+from its account's cash and realized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from durable_helpers import power_cut
+
+from engine import Engine, Outcome, State, Trigger
+from engine._native import lib
+from engine.durable.frames import read
+
+T = Trigger
+
+
+class Split:
+    """An engine journaling to a directory, cut by a power failure right
+    after one seq; every engine made is closed and unlinked at teardown."""
+
+    def __init__(self, names: Callable[[], str], tmp: pathlib.Path) -> None:
+        self.names, self.tmp = names, tmp
+        self.engines: list[Engine] = []
+
+    def create(self, **kw: Any) -> Engine:
+        eng = Engine.create(16, name=self.names(), journal=str(self.tmp / "j"),
+                            max_accounts=4, **kw)
+        self.engines.append(eng)
+        return eng
+
+    def cut_and_restore(self, eng: Engine, durable: int) -> Engine:
+        """Flush and close ``eng``, keep the frames up to ``durable`` (the
+        rest zeroed, as a power cut leaves them) and restore that."""
+        eng.flush(10.0)
+        eng.close()
+        cut = power_cut(self.tmp / "j", self.tmp / "cut", durable)
+        got = Engine.restore(str(cut), name=self.names())
+        self.engines.append(got)
+        return got
+
+    def cleanup(self) -> None:
+        for eng in self.engines:
+            with contextlib.suppress(Exception):
+                eng.close()
+            with contextlib.suppress(Exception), Engine.attach(eng.name) as e:
+                e.unlink()
+
+
+@pytest.fixture
+def split(names: Callable[[], str], tmp_path: pathlib.Path) -> Iterator[Split]:
+    s = Split(names, tmp_path)
+    try:
+        yield s
+    finally:
+        s.cleanup()
+
+
+def _booked_close(eng: Engine, exit_price: float | None) -> tuple[int, int, Any, int]:
+    """A booked position opened at 100 x 2, priced at 110 and closed (at
+    ``exit_price`` if given): (account, position, the account after the
+    close, the close's seq)."""
+    a = eng.open_account(100_000, 100_000, 5, 50_000, key="acct")
+    p = eng.open_position(100.0, 2.0, side=1, account=a)
+    for trig in (T.POSITION_OPENED, T.EXIT_CONDITION_MET, T.EXIT_STARTED):
+        eng.transition(p, trig)
+    eng.update_price(p, 110.0)
+    seq = eng.journal_seq + 1
+    kw = {"exit_price": exit_price} if exit_price is not None else {}
+    assert eng.transition(p, T.EXIT_COMPLETED, **kw) is Outcome.APPLIED
+    return a, p, eng.account(a), seq
+
+
+def _kinds_after(directory: pathlib.Path, seq: int) -> list[int]:
+    return [f.kind for f in read(str(directory)) if f.seq >= seq]
+
+
+class TestSplitBookedClose:
+    def test_close_at_a_journaled_price_without_its_account_record(self, split: Split) -> None:
+        """Its account record lost: the close restores with its books at the journaled price."""
+        eng = split.create(journal_prices=True)
+        a, p, after, seq = _booked_close(eng, None)
+        eng.flush(10.0)
+        assert _kinds_after(split.tmp / "j", seq) == [lib.ENG_JK_TRANSITION, lib.ENG_JK_ACCOUNT]
+        got = split.cut_and_restore(eng, seq)
+        assert got.restore_report.last_seq == seq
+        assert got.state(p) is State.CLOSED
+        assert got.account(a) == after
+        assert got.restore_report.unpriced_closes == 0
+
+    def test_close_at_an_exit_price_without_its_account_record(self, split: Split) -> None:
+        """Its account record lost, no prices journaled: a close at an exit price books exactly."""
+        eng = split.create(journal_prices=False)
+        a, p, after, seq = _booked_close(eng, 130.0)
+        assert after.realized_pnl == 60
+        got = split.cut_and_restore(eng, seq)
+        assert got.state(p) is State.CLOSED
+        assert got.account(a) == after
+        assert got.restore_report.unpriced_closes == 0
+
+    def test_close_at_no_known_price_is_reported(self, split: Split) -> None:
+        """Its account record lost, no price known: booked at the entry and reported."""
+        eng = split.create(journal_prices=False)
+        a, p, after, seq = _booked_close(eng, None)
+        got = split.cut_and_restore(eng, seq)
+        assert got.state(p) is State.CLOSED
+        books = got.account(a)
+        assert (books.reserved, books.open_positions, books.version) == \
+            (after.reserved, after.open_positions, after.version)
+        assert books.realized_pnl == 0 and books.cash == books.opening_cash
+        assert got.restore_report.unpriced_closes == 1
