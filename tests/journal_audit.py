@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
+
 from engine import Engine, Trigger
 from engine._native import ffi, lib
 from engine.journal import Event
@@ -35,6 +37,21 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 #: every fault site that SIGKILLs its process, whatever the append's steps are named
 DIE_FAULTS = sorted(n for n in dir(lib) if n.startswith("ENG_FAULT_DIE_"))
+#: the short run: the faults a journal append passes on every kind
+SHORT = [f for f in DIE_FAULTS if "J" in f.split("ENG_FAULT_DIE_")[1]
+         or any(w in f for w in ("CLAIM", "FILL", "DONE", "VOID", "TAIL", "APPEND", "RECORD"))]
+#: a child's exit code: SIGKILLed at its fault; its fault never fired (die_at)
+KILLED = -signal.SIGKILL
+NOT_FIRED = 3
+
+
+@pytest.fixture(name="make_engine")
+def journal_on(make_engine: Any) -> Any:
+    """conftest's make_engine with the journal on (a test module imports it to use it)."""
+    def make(capacity: int = 16, **kw: Any) -> Any:
+        kw.setdefault("journal", True)
+        return make_engine(capacity=capacity, **kw)
+    return make
 
 
 def drain(eng: Engine, since: int = 0) -> list[Event]:
@@ -165,6 +182,14 @@ class Segment:
         """Offset of the ring record that holds ``seq``."""
         return int(self.ring + (seq & (self.records - 1)) * ffi.sizeof("eng_jrec"))
 
+    def field(self, seq: int, name: str) -> int:
+        """Offset of field ``name`` of the ring record that holds ``seq``."""
+        return self.record(seq) + int(ffi.offsetof("eng_jrec", name))
+
+    def latch(self) -> int:
+        """The journal's latch word."""
+        return self.u64(self.joff)
+
     def halted(self) -> bool:
         return bool(struct.unpack_from("<I", self.mm, ffi.offsetof("eng_header", "halted"))[0])
 
@@ -174,6 +199,15 @@ class Segment:
 
 
 # -- children that die or stop at a fault site ---------------------------------------------
+
+def die_at(handle: str, fault: int, world: World, kind: str) -> int:
+    """A child: attach, set ``fault``, run the ``kind`` commit (SIGKILLed at the fault);
+    NOT_FIRED if the fault is not on its path."""
+    eng = Engine.attach(handle)
+    eng._set_fault(fault)
+    world.run(kind, eng)
+    return NOT_FIRED
+
 
 def forked(fn: Callable[..., int], *args: Any, timeout: float = 60.0) -> int:
     """Run ``fn(*args)`` in a forked child (it attaches on its own); its wait status as

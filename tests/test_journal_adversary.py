@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import mmap
 import multiprocessing as mp
 import os
 import signal
@@ -21,57 +20,20 @@ import time
 from typing import Any
 
 import pytest
+from journal_audit import (
+    SLOT_MASK,
+    TOKEN_MASK,
+    Segment,
+    drain,
+    journal_on,  # noqa: F401 (the make_engine fixture, journal on)
+)
 
 from engine import ArgumentError, Engine, Outcome, State, Trigger
 from engine._native import ffi, lib
 from engine.errors import BusyError, ClosedError, EngineError, JournalLappedError
 from engine.journal import Event
 
-
-@pytest.fixture
-def make_engine(make_engine: Any) -> Any:
-    """conftest's make_engine with the journal on (Engine.create has it off by default)."""
-    def make(capacity: int = 16, **kw: Any) -> Any:
-        kw.setdefault("journal", True)
-        return make_engine(capacity=capacity, **kw)
-    return make
-
-
 pytestmark = pytest.mark.shm_only
-
-SLOT_MASK = (1 << lib.ENG_ID_SLOT_BITS) - 1
-TOKEN_MASK = (1 << lib.ENG_TOKEN_BITS) - 1
-
-
-def drain(eng: Engine, since: int = 0) -> list[Event]:
-    """Every retained record after ``since``, without waiting."""
-    return list(eng.events(since=since, timeout=0))
-
-
-class Segment:
-    """The segment's bytes, mapped by the test itself (to read the latch, to corrupt)."""
-
-    def __init__(self, eng: Engine) -> None:
-        fd = os.open("/dev/shm/" + eng.name.lstrip("/"), os.O_RDWR)
-        try:
-            self.mm = mmap.mmap(fd, 0)
-        finally:
-            os.close(fd)
-        self.joff = struct.unpack_from("<Q", self.mm, ffi.offsetof("eng_header", "journal_off"))[0]
-        self.records = eng.journal_records
-        self.ring = self.joff + ffi.sizeof("eng_journal")
-
-    def latch(self) -> int:
-        return int(struct.unpack_from("<Q", self.mm, self.joff)[0])
-
-    def field(self, seq: int, name: str) -> int:
-        """Offset of field ``name`` of the ring record that holds ``seq``."""
-        return (self.ring + (seq & (self.records - 1)) * ffi.sizeof("eng_jrec")
-                + ffi.offsetof("eng_jrec", name))
-
-    def close(self) -> None:
-        self.mm.close()
-
 
 def assert_record_iff_commit(eng: Engine) -> list[Event]:
     """Seqs run 1.. with no gap; slot records per slot == the slot's commits (generation)."""

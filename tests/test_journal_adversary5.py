@@ -25,13 +25,17 @@ import numpy as np
 import pytest
 from journal_audit import (
     DIE_FAULTS,
+    KILLED,
     KINDS,
+    SHORT,
     Segment,
     World,
     check_seqs,
+    die_at,
     drain,
     faults_on,
     forked,
+    journal_on,  # noqa: F401 (the make_engine fixture, journal on)
 )
 
 from engine import Engine, Outcome, State, Trigger
@@ -39,26 +43,6 @@ from engine._native import lib
 from engine.errors import EngineError
 
 pytestmark = pytest.mark.shm_only
-
-KILLED = -9
-SHORT = [f for f in DIE_FAULTS if "J" in f.split("ENG_FAULT_DIE_")[1]
-         or any(w in f for w in ("CLAIM", "FILL", "DONE", "VOID", "TAIL", "APPEND", "RECORD"))]
-
-
-@pytest.fixture
-def make_engine(make_engine: Any) -> Any:
-    """conftest's make_engine with the journal on."""
-    def make(capacity: int = 16, **kw: Any) -> Any:
-        kw.setdefault("journal", True)
-        return make_engine(capacity=capacity, **kw)
-    return make
-
-
-def die_at(handle: str, fault: int, world: World, kind: str) -> int:
-    eng = Engine.attach(handle)
-    eng._set_fault(fault)
-    world.run(kind, eng)
-    return 3
 
 
 def racer(handle: str, role: str, since: int, gate: int, out: str, other: int) -> int:
