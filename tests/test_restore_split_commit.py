@@ -12,13 +12,9 @@ from its account's cash and realized.
 
 from __future__ import annotations
 
-import contextlib
-import pathlib
-from collections.abc import Callable, Iterator
 from typing import Any
 
-import pytest
-from durable_helpers import power_cut
+from durable_helpers import Made, made_engines, power_cut  # noqa: F401 (the made fixture)
 
 from engine import Engine, Outcome, State, Trigger
 from engine._native import lib
@@ -27,45 +23,12 @@ from engine.durable.frames import read
 T = Trigger
 
 
-class Split:
-    """An engine journaling to a directory, cut by a power failure right
-    after one seq; every engine made is closed and unlinked at teardown."""
-
-    def __init__(self, names: Callable[[], str], tmp: pathlib.Path) -> None:
-        self.names, self.tmp = names, tmp
-        self.engines: list[Engine] = []
-
-    def create(self, **kw: Any) -> Engine:
-        eng = Engine.create(16, name=self.names(), journal=str(self.tmp / "j"),
-                            max_accounts=4, **kw)
-        self.engines.append(eng)
-        return eng
-
-    def cut_and_restore(self, eng: Engine, durable: int) -> Engine:
-        """Flush and close ``eng``, keep the frames up to ``durable`` (the
-        rest zeroed, as a power cut leaves them) and restore that."""
-        eng.flush(10.0)
-        eng.close()
-        cut = power_cut(self.tmp / "j", self.tmp / "cut", durable)
-        got = Engine.restore(str(cut), name=self.names())
-        self.engines.append(got)
-        return got
-
-    def cleanup(self) -> None:
-        for eng in self.engines:
-            with contextlib.suppress(Exception):
-                eng.close()
-            with contextlib.suppress(Exception), Engine.attach(eng.name) as e:
-                e.unlink()
-
-
-@pytest.fixture
-def split(names: Callable[[], str], tmp_path: pathlib.Path) -> Iterator[Split]:
-    s = Split(names, tmp_path)
-    try:
-        yield s
-    finally:
-        s.cleanup()
+def cut_and_restore(made: Made, eng: Engine, durable: int) -> Engine:
+    """Flush and close ``eng``, keep its frames up to ``durable`` (the rest
+    zeroed, as a power cut leaves them) and restore that."""
+    eng.flush(10.0)
+    eng.close()
+    return made.restore(power_cut(made.jdir(eng), made.dir("cut"), durable))
 
 
 def _booked_close(eng: Engine, exit_price: float | None) -> tuple[int, int, Any, int]:
@@ -83,38 +46,38 @@ def _booked_close(eng: Engine, exit_price: float | None) -> tuple[int, int, Any,
     return a, p, eng.account(a), seq
 
 
-def _kinds_after(directory: pathlib.Path, seq: int) -> list[int]:
-    return [f.kind for f in read(str(directory)) if f.seq >= seq]
+def _kinds_after(made: Made, eng: Engine, seq: int) -> list[int]:
+    return [f.kind for f in read(str(made.jdir(eng))) if f.seq >= seq]
 
 
 class TestSplitBookedClose:
-    def test_close_at_a_journaled_price_without_its_account_record(self, split: Split) -> None:
+    def test_close_at_a_journaled_price_without_its_account_record(self, made: Made) -> None:
         """Its account record lost: the close restores with its books at the journaled price."""
-        eng = split.create(journal_prices=True)
+        eng = made.create(max_accounts=4, journal_prices=True)
         a, p, after, seq = _booked_close(eng, None)
         eng.flush(10.0)
-        assert _kinds_after(split.tmp / "j", seq) == [lib.ENG_JK_TRANSITION, lib.ENG_JK_ACCOUNT]
-        got = split.cut_and_restore(eng, seq)
+        assert _kinds_after(made, eng, seq) == [lib.ENG_JK_TRANSITION, lib.ENG_JK_ACCOUNT]
+        got = cut_and_restore(made, eng, seq)
         assert got.restore_report.last_seq == seq
         assert got.state(p) is State.CLOSED
         assert got.account(a) == after
         assert got.restore_report.unpriced_closes == 0
 
-    def test_close_at_an_exit_price_without_its_account_record(self, split: Split) -> None:
+    def test_close_at_an_exit_price_without_its_account_record(self, made: Made) -> None:
         """Its account record lost, no prices journaled: a close at an exit price books exactly."""
-        eng = split.create(journal_prices=False)
+        eng = made.create(max_accounts=4, journal_prices=False)
         a, p, after, seq = _booked_close(eng, 130.0)
         assert after.realized_pnl == 60
-        got = split.cut_and_restore(eng, seq)
+        got = cut_and_restore(made, eng, seq)
         assert got.state(p) is State.CLOSED
         assert got.account(a) == after
         assert got.restore_report.unpriced_closes == 0
 
-    def test_close_at_no_known_price_is_reported(self, split: Split) -> None:
+    def test_close_at_no_known_price_is_reported(self, made: Made) -> None:
         """Its account record lost, no price known: booked at the entry and reported."""
-        eng = split.create(journal_prices=False)
+        eng = made.create(max_accounts=4, journal_prices=False)
         a, p, after, seq = _booked_close(eng, None)
-        got = split.cut_and_restore(eng, seq)
+        got = cut_and_restore(made, eng, seq)
         assert got.state(p) is State.CLOSED
         books = got.account(a)
         assert (books.reserved, books.open_positions, books.version) == \
