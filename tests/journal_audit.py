@@ -20,10 +20,12 @@ import pathlib
 import signal
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from engine import Engine, Trigger
@@ -196,6 +198,26 @@ class Segment:
     def close(self) -> None:
         with contextlib.suppress(BufferError):
             self.mm.close()
+
+
+def churning(eng: Engine, pos: int) -> Callable[[], None]:
+    """A thread that flips ``pos`` (PAUSE, RESUME: 100 commits in one C call, the GIL
+    released) until the stop() returned is called."""
+    stop = threading.Event()
+    many = np.array([pos] * 100, dtype=np.uint64)
+    flips = np.array([int(Trigger.PAUSE), int(Trigger.RESUME)] * 50, dtype=np.uint32)
+
+    def churn() -> None:
+        while not stop.is_set():
+            eng.transition_many(many, flips)   # one C call, the GIL released
+
+    th = threading.Thread(target=churn)
+    th.start()
+
+    def stop_churn() -> None:
+        stop.set()
+        th.join(60)
+    return stop_churn
 
 
 # -- children that die or stop at a fault site ---------------------------------------------

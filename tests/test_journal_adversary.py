@@ -24,6 +24,7 @@ from journal_audit import (
     SLOT_MASK,
     TOKEN_MASK,
     Segment,
+    churning,
     drain,
     journal_on,  # noqa: F401 (the make_engine fixture, journal on)
 )
@@ -405,25 +406,12 @@ class TestForkHoldingLatch:
         Engine is refused (typed), a fresh attach commits, nobody waits forever, and
         records == commits (modulo the generation's range).
         """
-        import threading
-
-        import numpy as np
-
         eng = make_engine(capacity=8)
         ids = [eng.open_position(10.0, 1.0) for _ in range(3)]
         for pos in ids:
             eng.transition(pos, Trigger.POSITION_OPENED)
-        stop = threading.Event()
-        many = np.array([ids[2]] * 100, dtype=np.uint64)
-        flips = np.array([int(Trigger.PAUSE), int(Trigger.RESUME)] * 50, dtype=np.uint32)
-
-        def churn() -> None:
-            while not stop.is_set():
-                eng.transition_many(many, flips)   # one C call, the GIL released
-
         seg = Segment(eng)
-        th = threading.Thread(target=churn)
-        th.start()
+        stop_churn = churning(eng, ids[2])
         codes = []
         try:
             for i in range(20):
@@ -445,8 +433,7 @@ class TestForkHoldingLatch:
                 _, status = os.waitpid(pid, 0)
                 codes.append(os.waitstatus_to_exitcode(status))
         finally:
-            stop.set()
-            th.join(60)
+            stop_churn()
             seg.close()
         assert set(codes) <= {0, 10}, codes   # 10: the parent's thread held the latch
         print(f"fork: {codes.count(10)} of 20 forks with the latch held")

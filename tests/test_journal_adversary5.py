@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from typing import Any
 
-import numpy as np
 import pytest
 from journal_audit import (
     DIE_FAULTS,
@@ -31,6 +29,7 @@ from journal_audit import (
     Segment,
     World,
     check_seqs,
+    churning,
     die_at,
     drain,
     faults_on,
@@ -189,16 +188,7 @@ class TestForkMidAppend:
         ids = [eng.open_position(10.0, 1.0) for _ in range(3)]
         for pos in ids:
             eng.transition(pos, Trigger.POSITION_OPENED)
-        stop = threading.Event()
-        many = np.array([ids[2]] * 100, dtype=np.uint64)
-        flips = np.array([int(Trigger.PAUSE), int(Trigger.RESUME)] * 50, dtype=np.uint32)
-
-        def churn() -> None:
-            while not stop.is_set():
-                eng.transition_many(many, flips)   # one C call, the GIL released
-
-        th = threading.Thread(target=churn)
-        th.start()
+        stop_churn = churning(eng, ids[2])
         codes = []
         try:
             for i in range(30):
@@ -232,8 +222,7 @@ class TestForkMidAppend:
                 _, status = os.waitpid(pid, 0)
                 codes.append(os.waitstatus_to_exitcode(status))
         finally:
-            stop.set()
-            th.join(60)
+            stop_churn()
         assert set(codes) == {0}, codes
 
 
