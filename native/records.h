@@ -124,30 +124,8 @@ static int read_price_rec(const eng_slot *sl, eng_price_rec *out, uint64_t *vers
     return rc;
 }
 
-/* The latch's back-off loop, from step `from` on. */
-static int price_latch_wait(eng_seg *s, eng_slot *sl, op_timer t, uint64_t *latched,
-                            uint32_t from)
-{
-    for (uint32_t step = from; step < MAX_WAIT_STEPS; step++) {
-        uint64_t cur = load_relaxed_u64(&sl->pword);
-        uint32_t holder = pw_token(cur);
-        if (holder == 0 || (time_to_check_owner(step) && token_dead(s, holder))) {
-            uint64_t mine = (cur & ~ENG_TOKEN_MASK) | s->token;
-            if (cas_acq_rel_u64(&sl->pword, &cur, mine)) {
-                if (holder)
-                    OP_TAKEOVERS(t, 1);
-                *latched = mine;
-                return 0;
-            }
-        }
-        OP_RETRIES(t, 1);
-        backoff_step(step);
-    }
-    return ENG_EBUSY;
-}
-
 /* Take the latch; *latched receives the latched word.  Step 0 of the loop
- * inline (a free latch: one CAS), the rest out of line. */
+ * inline (a free latch: one CAS), the rest out of line (token_lock_u64). */
 static inline int price_latch(eng_seg *s, eng_slot *sl, op_timer t, uint64_t *latched)
 {
     uint64_t cur = load_relaxed_u64(&sl->pword);
@@ -158,7 +136,7 @@ static inline int price_latch(eng_seg *s, eng_slot *sl, op_timer t, uint64_t *la
     }
     OP_RETRIES(t, 1);
     backoff_step(0);
-    return price_latch_wait(s, sl, t, latched, 1);
+    return token_lock_u64(s, &sl->pword, ~ENG_TOKEN_MASK, t, latched, 1);
 }
 
 /* Publish rec and unlatch (W0-W3).  ENG_EBUSY if the latch was taken over
