@@ -288,6 +288,18 @@ static inline int id_word(eng_seg *s, uint64_t id, eng_slot **sl, uint64_t *w)
     return id_live(*sl, *w, id);
 }
 
+/* A key argument (len bytes at key) as an eng_key, or ENG_EBADKEY: a
+ * position's key (keys.c) and an account's (accounts.c) alike. */
+static int key_from(const char *key, uint32_t len, eng_key *k)
+{
+    if (!key || len < 1 || len > ENG_KEY_MAX)
+        return ENG_EBADKEY;
+    memset(k, 0, sizeof *k);
+    k->len = (uint16_t)len;
+    memcpy(k->key, key, len);
+    return 0;
+}
+
 /* ---- preambles of the exported calls ----------------------------------------
  * The view first (closed, forked), then the caller's own argument check
  * (arg_rc: 0, or the error it found), then the id, in that order: a call
