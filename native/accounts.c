@@ -642,17 +642,6 @@ static inline int money_ok(int64_t m) { return m >= 0; }
  */
 _Static_assert(ENG_KEY_MAX % 8 == 0, "an account key is whole words");
 
-/* A key argument as an eng_key, or ENG_EBADKEY (as the position keys' check). */
-static int acct_key_from(const char *key, uint32_t len, eng_key *k)
-{
-    if (!key || len < 1 || len > ENG_KEY_MAX)
-        return ENG_EBADKEY;
-    memset(k, 0, sizeof *k);
-    k->len = (uint16_t)len;
-    memcpy(k->key, key, len);
-    return 0;
-}
-
 static int acct_key_lock(eng_seg *s, op_timer t)
 {
     return token_lock(s, &s->hdr->acct_key_lock, t);
@@ -717,7 +706,7 @@ int64_t eng_lookup_account(eng_seg *s, const char *key, uint32_t key_len)
 {
     CHECK_SEG(s);
     eng_key k;
-    int rc = acct_key_from(key, key_len, &k);
+    int rc = key_from(key, key_len, &k);
     if (rc)
         return rc;
     for (uint32_t i = 0; i < s->max_accounts; i++) {
@@ -739,7 +728,7 @@ int eng_open_account(eng_seg *s, int64_t cash, int64_t max_exposure, uint32_t ma
     if (!money_ok(cash) || !money_ok(max_exposure) || !money_ok(max_loss))
         return ENG_EBADMONEY;
     eng_key kbuf;
-    if (key && acct_key_from(key, key_len, &kbuf) != 0)
+    if (key && key_from(key, key_len, &kbuf) != 0)
         return ENG_EBADKEY;
     if (s->max_accounts == 0)
         return ENG_EACCTFULL;

@@ -647,6 +647,32 @@ static int token_lock(eng_seg *s, uint32_t *lk, op_timer t)
     return ENG_EBUSY;
 }
 
+/* The same for a 64-bit word whose low ENG_TOKEN_MASK bits hold its owner's
+ * token (0: free) beside other fields: taken by one CAS cur -> (cur & keep) |
+ * our token (keep: the fields the lock leaves as they are), from back-off
+ * step `from` on; *locked receives the word taken.  The price latch
+ * (records.h) and a token-index bucket's lock (token_index.c). */
+static int token_lock_u64(eng_seg *s, uint64_t *word, uint64_t keep, op_timer t,
+                          uint64_t *locked, uint32_t from)
+{
+    for (uint32_t step = from; step < MAX_WAIT_STEPS; step++) {
+        uint64_t cur = load_relaxed_u64(word);
+        uint32_t holder = (uint32_t)(cur & ENG_TOKEN_MASK);
+        if (holder == 0 || (time_to_check_owner(step) && token_dead(s, holder))) {
+            uint64_t mine = (cur & keep) | s->token;
+            if (cas_acq_rel_u64(word, &cur, mine)) {   /* acquire: as the last holder left it */
+                if (holder)
+                    OP_TAKEOVERS(t, 1);
+                *locked = mine;
+                return 0;
+            }
+        }
+        OP_RETRIES(t, 1);
+        backoff_step(step);
+    }
+    return ENG_EBUSY;
+}
+
 /* ==== futex ==================================================================== */
 
 /* The futex word is the low 32 bits of the slot's transition counter

@@ -381,17 +381,6 @@ static int key_conflicts(eng_seg *s, const eng_key *k, const key_place *p, uint3
     return 0;
 }
 
-/* A key argument (len bytes at key) as an eng_key, or ENG_EBADKEY. */
-static int key_from(const char *key, uint32_t len, eng_key *k)
-{
-    if (!key || len < 1 || len > ENG_KEY_MAX)
-        return ENG_EBADKEY;
-    memset(k, 0, sizeof *k);
-    k->len = (uint16_t)len;
-    memcpy(k->key, key, len);
-    return 0;
-}
-
 /* The bind order of id's next key: one past its keys' highest. */
 static uint16_t next_order(eng_seg *s, uint64_t id)
 {

@@ -124,30 +124,8 @@ static int read_price_rec(const eng_slot *sl, eng_price_rec *out, uint64_t *vers
     return rc;
 }
 
-/* The latch's back-off loop, from step `from` on. */
-static int price_latch_wait(eng_seg *s, eng_slot *sl, op_timer t, uint64_t *latched,
-                            uint32_t from)
-{
-    for (uint32_t step = from; step < MAX_WAIT_STEPS; step++) {
-        uint64_t cur = load_relaxed_u64(&sl->pword);
-        uint32_t holder = pw_token(cur);
-        if (holder == 0 || (time_to_check_owner(step) && token_dead(s, holder))) {
-            uint64_t mine = (cur & ~ENG_TOKEN_MASK) | s->token;
-            if (cas_acq_rel_u64(&sl->pword, &cur, mine)) {
-                if (holder)
-                    OP_TAKEOVERS(t, 1);
-                *latched = mine;
-                return 0;
-            }
-        }
-        OP_RETRIES(t, 1);
-        backoff_step(step);
-    }
-    return ENG_EBUSY;
-}
-
 /* Take the latch; *latched receives the latched word.  Step 0 of the loop
- * inline (a free latch: one CAS), the rest out of line. */
+ * inline (a free latch: one CAS), the rest out of line (token_lock_u64). */
 static inline int price_latch(eng_seg *s, eng_slot *sl, op_timer t, uint64_t *latched)
 {
     uint64_t cur = load_relaxed_u64(&sl->pword);
@@ -158,7 +136,7 @@ static inline int price_latch(eng_seg *s, eng_slot *sl, op_timer t, uint64_t *la
     }
     OP_RETRIES(t, 1);
     backoff_step(0);
-    return price_latch_wait(s, sl, t, latched, 1);
+    return token_lock_u64(s, &sl->pword, ~ENG_TOKEN_MASK, t, latched, 1);
 }
 
 /* Publish rec and unlatch (W0-W3).  ENG_EBUSY if the latch was taken over
@@ -308,6 +286,18 @@ static inline int id_word(eng_seg *s, uint64_t id, eng_slot **sl, uint64_t *w)
         return rc;
     *w = load_acquire_u64(&(*sl)->word);
     return id_live(*sl, *w, id);
+}
+
+/* A key argument (len bytes at key) as an eng_key, or ENG_EBADKEY: a
+ * position's key (keys.c) and an account's (accounts.c) alike. */
+static int key_from(const char *key, uint32_t len, eng_key *k)
+{
+    if (!key || len < 1 || len > ENG_KEY_MAX)
+        return ENG_EBADKEY;
+    memset(k, 0, sizeof *k);
+    k->len = (uint16_t)len;
+    memcpy(k->key, key, len);
+    return 0;
 }
 
 /* ---- preambles of the exported calls ----------------------------------------

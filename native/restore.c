@@ -93,13 +93,10 @@ static inline const eng_jrec *pick(const eng_jrec *recs, uint64_t n_recs, const 
 
 /* R2 calls take a batch as n records recs[idx[0]], ... (idx NULL: recs[0],
  * ...) of the n_recs at recs, so a caller places its picks without copying
- * them out; *out_bad: the batch index of a record refused. */
-
-/* R2: the last slot record (open, transition or release) of each slot, in
- * any order, one per slot.  A released slot keeps its opening count (its
- * ids stay stale) and its generation. */
-int eng_restore_slots(eng_seg *s, const eng_jrec *recs, uint64_t n_recs, const uint64_t *idx,
-                      uint64_t n, uint64_t *out_bad)
+ * them out; *out_bad: the batch index of a record refused.  place(s, r)
+ * places one record: 0, or the code that refuses it. */
+static int place_batch(eng_seg *s, const eng_jrec *recs, uint64_t n_recs, const uint64_t *idx,
+                       uint64_t n, uint64_t *out_bad, int (*place)(eng_seg *, const eng_jrec *))
 {
     if (!restoring(s) || (!recs && n) || !out_bad)
         return ENG_EBADARG;
@@ -108,65 +105,78 @@ int eng_restore_slots(eng_seg *s, const eng_jrec *recs, uint64_t n_recs, const u
         *out_bad = i;
         if (!(r = pick(recs, n_recs, idx, i)))
             return ENG_EBADARG;
-        uint64_t slot = r->id & ENG_ID_SLOT_MASK;
-        uint32_t opening = id_opening(r->id);
-        if (r->id > ENG_ID_MAX || slot >= s->capacity || opening == 0 || !slot_kind(r->kind) ||
-            !word_ok(s, r->word, r->kind))
-            return ENG_ECORRUPT;
-        if (r->kind != ENG_JK_RELEASE) {
-            if (check_words(s, r->w, 0xFFFFFFFFu) || check_roles(s, r->w))
-                return ENG_ECORRUPT;
-            if (r->kind == ENG_JK_TRANSITION && r->trigger >= s->n_triggers)
-                return ENG_ECORRUPT;
-        }
-        eng_slot *sl = slot_at(s, (uint32_t)slot);
-        eng_ctx_rec *c = copy_of(s, sl, sw_ctx(r->word));
-        c->commit = 0;
-        c->version = r->version;
-        c->cause = r->trigger;
-        memcpy(c->w, r->w, sizeof(uint64_t) * s->n_words);
-        sl->opening = opening;
-        sl->word = r->word;
-        sl->token = r->kind == ENG_JK_RELEASE ? 0 : token_of(s, r->w);
-        sl->tnext = sl->tbucket = 0;
-        if (r->kind != ENG_JK_RELEASE && s->pnl) {
-            double entry = as_f8(r->w[s->roles[ENG_ROLE_ENTRY_PRICE]]);
-            price_set_pnl(sl, entry, as_f8(r->w[s->roles[ENG_ROLE_AMOUNT]]) *
-                                     (double)(int64_t)r->w[s->roles[ENG_ROLE_SIDE]]);
-        }
+        int rc = place(s, r);
+        if (rc)
+            return rc;
     }
     *out_bad = n;
     return 0;
 }
 
+/* R2: the last slot record (open, transition or release) of each slot, in
+ * any order, one per slot.  A released slot keeps its opening count (its
+ * ids stay stale) and its generation. */
+static int place_slots(eng_seg *s, const eng_jrec *r)
+{
+    uint64_t slot = r->id & ENG_ID_SLOT_MASK;
+    uint32_t opening = id_opening(r->id);
+    if (r->id > ENG_ID_MAX || slot >= s->capacity || opening == 0 || !slot_kind(r->kind) ||
+        !word_ok(s, r->word, r->kind))
+        return ENG_ECORRUPT;
+    if (r->kind != ENG_JK_RELEASE) {
+        if (check_words(s, r->w, 0xFFFFFFFFu) || check_roles(s, r->w))
+            return ENG_ECORRUPT;
+        if (r->kind == ENG_JK_TRANSITION && r->trigger >= s->n_triggers)
+            return ENG_ECORRUPT;
+    }
+    eng_slot *sl = slot_at(s, (uint32_t)slot);
+    eng_ctx_rec *c = copy_of(s, sl, sw_ctx(r->word));
+    c->commit = 0;
+    c->version = r->version;
+    c->cause = r->trigger;
+    memcpy(c->w, r->w, sizeof(uint64_t) * s->n_words);
+    sl->opening = opening;
+    sl->word = r->word;
+    sl->token = r->kind == ENG_JK_RELEASE ? 0 : token_of(s, r->w);
+    sl->tnext = sl->tbucket = 0;
+    if (r->kind != ENG_JK_RELEASE && s->pnl) {
+        double entry = as_f8(r->w[s->roles[ENG_ROLE_ENTRY_PRICE]]);
+        price_set_pnl(sl, entry, as_f8(r->w[s->roles[ENG_ROLE_AMOUNT]]) *
+                                 (double)(int64_t)r->w[s->roles[ENG_ROLE_SIDE]]);
+    }
+    return 0;
+}
+
+int eng_restore_slots(eng_seg *s, const eng_jrec *recs, uint64_t n_recs, const uint64_t *idx,
+                      uint64_t n, uint64_t *out_bad)
+{
+    return place_batch(s, recs, n_recs, idx, n, out_bad, place_slots);
+}
+
 /* R2: the last price record of each open position (after eng_restore_slots):
  * a record of another opening than the slot's is skipped (the open's own
  * price stands, see R4); the price sequence is the record's. */
+static int place_prices(eng_seg *s, const eng_jrec *r)
+{
+    uint64_t slot = r->id & ENG_ID_SLOT_MASK;
+    eng_price_rec p;
+    memcpy(&p, r->w, sizeof p);
+    if (r->kind != ENG_JK_PRICE || r->id > ENG_ID_MAX || slot >= s->capacity ||
+        r->version == 0 || r->version > (UINT64_MAX >> ENG_PW_SEQ_SHIFT) ||
+        !price_ok(p.price) || !isfinite(p.pnl_pct) || !isfinite(p.pnl_usd))
+        return ENG_ECORRUPT;
+    eng_slot *sl = slot_at(s, (uint32_t)slot);
+    if (sl->opening != id_opening(r->id) || !sw_state(sl->word))
+        return 0;
+    sl->price[r->version & 1] = p;
+    sl->pword = r->version << ENG_PW_SEQ_SHIFT;
+    return 0;
+}
+
 int eng_restore_prices(eng_seg *s, const eng_jrec *recs, uint64_t n_recs, const uint64_t *idx,
                       uint64_t n, uint64_t *out_bad)
 {
-    if (!restoring(s) || (!recs && n) || !out_bad)
-        return ENG_EBADARG;
-    for (uint64_t i = 0; i < n; i++) {
-        const eng_jrec *r;
-        *out_bad = i;
-        if (!(r = pick(recs, n_recs, idx, i)))
-            return ENG_EBADARG;
-        uint64_t slot = r->id & ENG_ID_SLOT_MASK;
-        eng_price_rec p;
-        memcpy(&p, r->w, sizeof p);
-        if (r->kind != ENG_JK_PRICE || r->id > ENG_ID_MAX || slot >= s->capacity ||
-            r->version == 0 || r->version > (UINT64_MAX >> ENG_PW_SEQ_SHIFT) ||
-            !price_ok(p.price) || !isfinite(p.pnl_pct) || !isfinite(p.pnl_usd))
-            return ENG_ECORRUPT;
-        eng_slot *sl = slot_at(s, (uint32_t)slot);
-        if (sl->opening != id_opening(r->id) || !sw_state(sl->word))
-            continue;
-        sl->price[r->version & 1] = p;
-        sl->pword = r->version << ENG_PW_SEQ_SHIFT;
-    }
-    *out_bad = n;
-    return 0;
+    return place_batch(s, recs, n_recs, idx, n, out_bad, place_prices);
 }
 
 /* R2: the keys of the open positions (after eng_restore_slots): each record
@@ -174,102 +184,94 @@ int eng_restore_prices(eng_seg *s, const eng_jrec *recs, uint64_t n_recs, const 
  * its length); a key of an opening not open is skipped.  The key goes into
  * its record and a cell of one of its buckets; a key already held, or both
  * buckets full (the new segment hashes with a new seed), is an error. */
+static int place_keys(eng_seg *s, const eng_jrec *r)
+{
+    uint64_t slot = r->id & ENG_ID_SLOT_MASK;
+    if (r->kind != ENG_JK_KEY || r->id > ENG_ID_MAX || slot >= s->capacity ||
+        r->word >= s->kpp || r->version < 1 || r->version > ENG_KEY_MAX)
+        return ENG_ECORRUPT;
+    eng_slot *sl = slot_at(s, (uint32_t)slot);
+    if (sl->opening != id_opening(r->id) || !sw_state(sl->word))
+        return 0;
+    eng_keyrec *kr = keyrec_at(s, (uint32_t)slot, (uint32_t)r->word);
+    if (kr->tag)
+        return ENG_ECORRUPT;   /* two keys in one record of one opening */
+    eng_key k;
+    memset(&k, 0, sizeof k);
+    k.len = (uint16_t)r->version;
+    memcpy(k.key, r->w, k.len);
+    key_place p = key_place_of(s, k.key, k.len);
+    /* unique: no open opening holds it yet */
+    for (int b = 0; b < 2; b++) {
+        uint64_t *cells = bucket_at(s, b ? p.b2 : p.b1);
+        for (uint32_t j = 0; j < ENG_KEY_BUCKET; j++) {
+            uint64_t c = cells[j];
+            if (!c || (c & ENG_KC_FP_MASK) != p.fp)
+                continue;
+            const eng_keyrec *o = keyrec_at(s, kc_slot(c), kc_r(c));
+            if (o->len == k.len && memcmp(o->key, k.key, k.len) == 0)
+                return ENG_EKEYEXISTS;
+        }
+    }
+    uint16_t order = 0;
+    for (uint32_t q = 0; q < s->kpp; q++) {
+        const eng_keyrec *o = keyrec_at(s, (uint32_t)slot, q);
+        if (o->tag == kr_held(r->id) && o->order + 1u > order)
+            order = (uint16_t)(o->order + 1u);
+    }
+    uint64_t *cell = NULL;
+    for (int b = 0; b < 2 && !cell; b++) {
+        uint64_t *cells = bucket_at(s, b ? p.b2 : p.b1);
+        for (uint32_t j = 0; j < ENG_KEY_BUCKET && !cell; j++)
+            if (!cells[j])
+                cell = &cells[j];
+    }
+    if (!cell)
+        return ENG_EKEYFULL;
+    kr->len = k.len;
+    kr->order = order;
+    kr->gen = (uint16_t)(kr->gen + 1);
+    memcpy(kr->key, k.key, ENG_KEY_MAX);
+    kr->tag = kr_held(r->id);
+    *cell = kc_make((uint32_t)slot, (uint32_t)r->word, kr->gen, p.fp);
+    return 0;
+}
+
 int eng_restore_keys(eng_seg *s, const eng_jrec *recs, uint64_t n_recs, const uint64_t *idx,
                       uint64_t n, uint64_t *out_bad)
 {
-    if (!restoring(s) || (!recs && n) || !out_bad)
-        return ENG_EBADARG;
-    for (uint64_t i = 0; i < n; i++) {
-        const eng_jrec *r;
-        *out_bad = i;
-        if (!(r = pick(recs, n_recs, idx, i)))
-            return ENG_EBADARG;
-        uint64_t slot = r->id & ENG_ID_SLOT_MASK;
-        if (r->kind != ENG_JK_KEY || r->id > ENG_ID_MAX || slot >= s->capacity ||
-            r->word >= s->kpp || r->version < 1 || r->version > ENG_KEY_MAX)
-            return ENG_ECORRUPT;
-        eng_slot *sl = slot_at(s, (uint32_t)slot);
-        if (sl->opening != id_opening(r->id) || !sw_state(sl->word))
-            continue;
-        eng_keyrec *kr = keyrec_at(s, (uint32_t)slot, (uint32_t)r->word);
-        if (kr->tag)
-            return ENG_ECORRUPT;   /* two keys in one record of one opening */
-        eng_key k;
-        memset(&k, 0, sizeof k);
-        k.len = (uint16_t)r->version;
-        memcpy(k.key, r->w, k.len);
-        key_place p = key_place_of(s, k.key, k.len);
-        /* unique: no open opening holds it yet */
-        for (int b = 0; b < 2; b++) {
-            uint64_t *cells = bucket_at(s, b ? p.b2 : p.b1);
-            for (uint32_t j = 0; j < ENG_KEY_BUCKET; j++) {
-                uint64_t c = cells[j];
-                if (!c || (c & ENG_KC_FP_MASK) != p.fp)
-                    continue;
-                const eng_keyrec *o = keyrec_at(s, kc_slot(c), kc_r(c));
-                if (o->len == k.len && memcmp(o->key, k.key, k.len) == 0)
-                    return ENG_EKEYEXISTS;
-            }
-        }
-        uint16_t order = 0;
-        for (uint32_t q = 0; q < s->kpp; q++) {
-            const eng_keyrec *o = keyrec_at(s, (uint32_t)slot, q);
-            if (o->tag == kr_held(r->id) && o->order + 1u > order)
-                order = (uint16_t)(o->order + 1u);
-        }
-        uint64_t *cell = NULL;
-        for (int b = 0; b < 2 && !cell; b++) {
-            uint64_t *cells = bucket_at(s, b ? p.b2 : p.b1);
-            for (uint32_t j = 0; j < ENG_KEY_BUCKET && !cell; j++)
-                if (!cells[j])
-                    cell = &cells[j];
-        }
-        if (!cell)
-            return ENG_EKEYFULL;
-        kr->len = k.len;
-        kr->order = order;
-        kr->gen = (uint16_t)(kr->gen + 1);
-        memcpy(kr->key, k.key, ENG_KEY_MAX);
-        kr->tag = kr_held(r->id);
-        *cell = kc_make((uint32_t)slot, (uint32_t)r->word, kr->gen, p.fp);
-    }
-    *out_bad = n;
-    return 0;
+    return place_batch(s, recs, n_recs, idx, n, out_bad, place_keys);
 }
 
 /* R2: the last record of each account: its books (w), key (see
  * ENG_DJ_ACCT_KEY_WORD) and version.  A closed account keeps its opening
  * count (its ids stay stale). */
+static int place_accounts(eng_seg *s, const eng_jrec *r)
+{
+    uint64_t index = r->id & ENG_ID_SLOT_MASK;
+    eng_books b;
+    memcpy(&b, r->w, sizeof b);
+    uint64_t key_len = r->w[ENG_DJ_ACCT_KEYLEN_WORD];
+    if (r->kind != ENG_JK_ACCOUNT || r->id > ENG_ACCOUNT_ID_MAX || index >= s->max_accounts ||
+        b.opening != id_opening(r->id) || b.opening == 0 || b.open > 1 ||
+        key_len > ENG_KEY_MAX || r->version == 0 ||
+        r->version > (UINT64_MAX >> ENG_AW_VERSION_SHIFT) || b.cash < 0 || b.reserved < 0)
+        return ENG_ECORRUPT;
+    eng_account *a = &s->accounts[index];
+    b.seal = aw_make(r->version);
+    b.seal_slot = b.seal_word = 0;
+    a->books[r->version & 1] = b;
+    a->key_len = (uint32_t)key_len;
+    memset(a->key, 0, sizeof a->key);
+    memcpy(a->key, &r->w[ENG_DJ_ACCT_KEY_WORD], key_len);
+    a->word = aw_make(r->version);
+    return 0;
+}
+
 int eng_restore_accounts(eng_seg *s, const eng_jrec *recs, uint64_t n_recs, const uint64_t *idx,
                       uint64_t n, uint64_t *out_bad)
 {
-    if (!restoring(s) || (!recs && n) || !out_bad)
-        return ENG_EBADARG;
-    for (uint64_t i = 0; i < n; i++) {
-        const eng_jrec *r;
-        *out_bad = i;
-        if (!(r = pick(recs, n_recs, idx, i)))
-            return ENG_EBADARG;
-        uint64_t index = r->id & ENG_ID_SLOT_MASK;
-        eng_books b;
-        memcpy(&b, r->w, sizeof b);
-        uint64_t key_len = r->w[ENG_DJ_ACCT_KEYLEN_WORD];
-        if (r->kind != ENG_JK_ACCOUNT || r->id > ENG_ACCOUNT_ID_MAX || index >= s->max_accounts ||
-            b.opening != id_opening(r->id) || b.opening == 0 || b.open > 1 ||
-            key_len > ENG_KEY_MAX || r->version == 0 ||
-            r->version > (UINT64_MAX >> ENG_AW_VERSION_SHIFT) || b.cash < 0 || b.reserved < 0)
-            return ENG_ECORRUPT;
-        eng_account *a = &s->accounts[index];
-        b.seal = aw_make(r->version);
-        b.seal_slot = b.seal_word = 0;
-        a->books[r->version & 1] = b;
-        a->key_len = (uint32_t)key_len;
-        memset(a->key, 0, sizeof a->key);
-        memcpy(a->key, &r->w[ENG_DJ_ACCT_KEY_WORD], key_len);
-        a->word = aw_make(r->version);
-    }
-    *out_bad = n;
-    return 0;
+    return place_batch(s, recs, n_recs, idx, n, out_bad, place_accounts);
 }
 
 /* R3: records back into the ring, each at its seq (the caller gives the

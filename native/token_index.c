@@ -82,25 +82,10 @@ static inline uint32_t tb_of_token(const eng_seg *s, int64_t token)
     return (uint32_t)(fmix64((uint64_t)token ^ s->key_seed) & (s->tindex_buckets - 1));
 }
 
+/* Lock bucket b (its head kept); acquire: the chain as the last holder left it. */
 static int tb_lock(eng_seg *s, uint32_t b, op_timer t, uint64_t *locked)
 {
-    uint64_t *p = &s->tindex[b];
-    for (uint32_t step = 0; step < MAX_WAIT_STEPS; step++) {
-        uint64_t cur = load_relaxed_u64(p);
-        uint32_t holder = tb_holder(cur);
-        if (holder == 0 || (time_to_check_owner(step) && token_dead(s, holder))) {
-            uint64_t mine = tb_make(tb_head(cur), s->token);
-            if (cas_acq_rel_u64(p, &cur, mine)) {   /* acquire: the chain as the last holder left it */
-                if (holder)
-                    OP_TAKEOVERS(t, 1);
-                *locked = mine;
-                return 0;
-            }
-        }
-        OP_RETRIES(t, 1);
-        backoff_step(step);
-    }
-    return ENG_EBUSY;
+    return token_lock_u64(s, &s->tindex[b], tb_make(UINT32_MAX, 0), t, locked, 0);
 }
 
 /* Give the lock back (release: our chain stores before it).  Fails only if

@@ -12,8 +12,10 @@ import random
 import re
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import pytest
 
 from engine import (
     CapacityError,
@@ -405,3 +407,54 @@ class Workload:
                 eng.transition(pid, Trigger.RECOVER if st is State.ERROR else Trigger.RESUME)
         except ALLOWED:
             pass
+
+
+# -- engines a test makes ------------------------------------------------------------------
+class Made:
+    """Engines made or restored by a test; closed and unlinked at teardown."""
+
+    def __init__(self, names: Callable[[], str], tmp: pathlib.Path) -> None:
+        self.names = names
+        self.tmp = tmp
+        self.engines: list[Engine] = []
+        self.dirs: dict[str, pathlib.Path] = {}
+        self.n = 0
+
+    def dir(self, what: str = "j") -> pathlib.Path:
+        self.n += 1
+        return self.tmp / f"{what}{self.n}"
+
+    def create(self, capacity: int = 32, journal: pathlib.Path | None = None,
+               **kw: Any) -> Engine:
+        d = journal if journal is not None else self.dir()
+        kw.setdefault("journal_prices", True)
+        eng = Engine.create(capacity, name=self.names(), journal=str(d), **kw)
+        self.dirs[eng.name] = d
+        self.engines.append(eng)
+        return eng
+
+    def jdir(self, eng: Engine) -> pathlib.Path:
+        """The journal directory ``eng`` was created with."""
+        return self.dirs[eng.name]
+
+    def restore(self, d: pathlib.Path, name: str | None = None) -> Engine:
+        eng = Engine.restore(str(d), name=name if name is not None else self.names())
+        self.engines.append(eng)
+        return eng
+
+    def cleanup(self) -> None:
+        for eng in self.engines:
+            with contextlib.suppress(Exception):
+                eng.close()
+            with contextlib.suppress(Exception), Engine.attach(eng.name) as e:
+                e.unlink()
+
+
+@pytest.fixture(name="made")
+def made_engines(names: Callable[[], str], tmp_path: pathlib.Path) -> Iterator[Made]:
+    """A Made for the test (a test module imports it to use it)."""
+    m = Made(names, tmp_path)
+    try:
+        yield m
+    finally:
+        m.cleanup()

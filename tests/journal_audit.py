@@ -20,9 +20,13 @@ import pathlib
 import signal
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import numpy as np
+import pytest
 
 from engine import Engine, Trigger
 from engine._native import ffi, lib
@@ -35,6 +39,21 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 #: every fault site that SIGKILLs its process, whatever the append's steps are named
 DIE_FAULTS = sorted(n for n in dir(lib) if n.startswith("ENG_FAULT_DIE_"))
+#: the short run: the faults a journal append passes on every kind
+SHORT = [f for f in DIE_FAULTS if "J" in f.split("ENG_FAULT_DIE_")[1]
+         or any(w in f for w in ("CLAIM", "FILL", "DONE", "VOID", "TAIL", "APPEND", "RECORD"))]
+#: a child's exit code: SIGKILLed at its fault; its fault never fired (die_at)
+KILLED = -signal.SIGKILL
+NOT_FIRED = 3
+
+
+@pytest.fixture(name="make_engine")
+def journal_on(make_engine: Any) -> Any:
+    """conftest's make_engine with the journal on (a test module imports it to use it)."""
+    def make(capacity: int = 16, **kw: Any) -> Any:
+        kw.setdefault("journal", True)
+        return make_engine(capacity=capacity, **kw)
+    return make
 
 
 def drain(eng: Engine, since: int = 0) -> list[Event]:
@@ -165,6 +184,14 @@ class Segment:
         """Offset of the ring record that holds ``seq``."""
         return int(self.ring + (seq & (self.records - 1)) * ffi.sizeof("eng_jrec"))
 
+    def field(self, seq: int, name: str) -> int:
+        """Offset of field ``name`` of the ring record that holds ``seq``."""
+        return self.record(seq) + int(ffi.offsetof("eng_jrec", name))
+
+    def latch(self) -> int:
+        """The journal's latch word."""
+        return self.u64(self.joff)
+
     def halted(self) -> bool:
         return bool(struct.unpack_from("<I", self.mm, ffi.offsetof("eng_header", "halted"))[0])
 
@@ -173,7 +200,36 @@ class Segment:
             self.mm.close()
 
 
+def churning(eng: Engine, pos: int) -> Callable[[], None]:
+    """A thread that flips ``pos`` (PAUSE, RESUME: 100 commits in one C call, the GIL
+    released) until the stop() returned is called."""
+    stop = threading.Event()
+    many = np.array([pos] * 100, dtype=np.uint64)
+    flips = np.array([int(Trigger.PAUSE), int(Trigger.RESUME)] * 50, dtype=np.uint32)
+
+    def churn() -> None:
+        while not stop.is_set():
+            eng.transition_many(many, flips)   # one C call, the GIL released
+
+    th = threading.Thread(target=churn)
+    th.start()
+
+    def stop_churn() -> None:
+        stop.set()
+        th.join(60)
+    return stop_churn
+
+
 # -- children that die or stop at a fault site ---------------------------------------------
+
+def die_at(handle: str, fault: int, world: World, kind: str) -> int:
+    """A child: attach, set ``fault``, run the ``kind`` commit (SIGKILLed at the fault);
+    NOT_FIRED if the fault is not on its path."""
+    eng = Engine.attach(handle)
+    eng._set_fault(fault)
+    world.run(kind, eng)
+    return NOT_FIRED
+
 
 def forked(fn: Callable[..., int], *args: Any, timeout: float = 60.0) -> int:
     """Run ``fn(*args)`` in a forked child (it attaches on its own); its wait status as

@@ -19,28 +19,30 @@ import pathlib
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from durable_helpers import (
     FRAME,
-    FRAME_MAGIC,
     HDR,
     Cutter,
+    Made,
     Workload,
     books_invariant,
     check_lookups,
     check_stale,
     checkpoint_files,
     copy_dir,
-    crc32c,
     diff,
     dump,
     fill,
     first_seq,
+    frame_seq,
+    frame_valid,
     journal_files,
     locate,
+    made_engines,  # noqa: F401 (the made fixture)
     power_cut,
     valid_records,
     whole_after_cut,
@@ -56,56 +58,6 @@ pytestmark = pytest.mark.skipif(
 FLUSH_TIMEOUT = 10.0
 #: frames per journal file (fixed by the build)
 FILE_RECORDS = lib.ENG_DJ_FILE_RECORDS
-
-
-# -- fixtures -------------------------------------------------------------------------------
-class Made:
-    """Engines made or restored by a test; closed and unlinked at teardown."""
-
-    def __init__(self, names: Callable[[], str], tmp: pathlib.Path) -> None:
-        self.names = names
-        self.tmp = tmp
-        self.engines: list[Engine] = []
-        self.dirs: dict[str, pathlib.Path] = {}
-        self.n = 0
-
-    def dir(self, what: str = "j") -> pathlib.Path:
-        self.n += 1
-        return self.tmp / f"{what}{self.n}"
-
-    def create(self, capacity: int = 32, journal: pathlib.Path | None = None,
-               **kw: Any) -> Engine:
-        d = journal if journal is not None else self.dir()
-        kw.setdefault("journal_prices", True)
-        eng = Engine.create(capacity, name=self.names(), journal=str(d), **kw)
-        self.dirs[eng.name] = d
-        self.engines.append(eng)
-        return eng
-
-    def jdir(self, eng: Engine) -> pathlib.Path:
-        """The journal directory ``eng`` was created with."""
-        return self.dirs[eng.name]
-
-    def restore(self, d: pathlib.Path, name: str | None = None) -> Engine:
-        eng = Engine.restore(str(d), name=name if name is not None else self.names())
-        self.engines.append(eng)
-        return eng
-
-    def cleanup(self) -> None:
-        for eng in self.engines:
-            with contextlib.suppress(Exception):
-                eng.close()
-            with contextlib.suppress(Exception), Engine.attach(eng.name) as e:
-                e.unlink()
-
-
-@pytest.fixture
-def made(names: Callable[[], str], tmp_path: pathlib.Path) -> Iterator[Made]:
-    m = Made(names, tmp_path)
-    try:
-        yield m
-    finally:
-        m.cleanup()
 
 
 def same(want: dict[str, Any], got: dict[str, Any]) -> None:
@@ -416,11 +368,7 @@ def checkpoint_whole(path: pathlib.Path) -> bool:
     magic, _, fb, _, _, n = struct.unpack_from("<IIIIQQ", data, 0)
     if magic != lib.ENG_DJ_CKPT_MAGIC or fb != FRAME or len(data) < HDR + n * FRAME:
         return False
-    for i in range(n):
-        fr = data[HDR + i * FRAME: HDR + (i + 1) * FRAME]
-        if struct.unpack_from("<II", fr, 0) != (FRAME_MAGIC, crc32c(fr[8:])):
-            return False
-    return True
+    return all(frame_valid(data[HDR + i * FRAME:HDR + (i + 1) * FRAME]) for i in range(n))
 
 
 class TestCheckpoint:
@@ -825,11 +773,10 @@ def frames_whole(d: pathlib.Path, lo: int, hi: int, fr: int) -> str:
             cache[first] = p.read_bytes()
         off = HDR + (seq - first) * FRAME
         fr_ = cache[first][off: off + FRAME]
-        if len(fr_) < FRAME or struct.unpack_from("<II", fr_, 0) != (FRAME_MAGIC,
-                                                                        crc32c(fr_[8:])):
+        if len(fr_) < FRAME or not frame_valid(fr_):
             return f"seq {seq}: the frame at {off} of journal-{first:020d}.log is not whole"
-        if struct.unpack_from("<Q", fr_, 8)[0] != seq:
-            return f"seq {seq}: the frame at {off} has seq {struct.unpack_from('<Q', fr_, 8)[0]}"
+        if frame_seq(fr_) != seq:
+            return f"seq {seq}: the frame at {off} has seq {frame_seq(fr_)}"
     return ""
 
 

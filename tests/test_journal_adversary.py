@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import mmap
 import multiprocessing as mp
 import os
 import signal
@@ -21,56 +20,21 @@ import time
 from typing import Any
 
 import pytest
+from journal_audit import (
+    SLOT_MASK,
+    TOKEN_MASK,
+    Segment,
+    churning,
+    drain,
+    journal_on,  # noqa: F401 (the make_engine fixture, journal on)
+)
 
 from engine import ArgumentError, Engine, Outcome, State, Trigger
 from engine._native import ffi, lib
 from engine.errors import BusyError, ClosedError, EngineError, JournalLappedError
 from engine.journal import Event
 
-
-@pytest.fixture
-def make_engine(make_engine: Any) -> Any:
-    """conftest's make_engine with the journal on (explicitly: the tests do not lean on the default)."""
-    def make(capacity: int = 16, **kw: Any) -> Any:
-        kw.setdefault("journal", True)
-        return make_engine(capacity=capacity, **kw)
-    return make
-
-
 pytestmark = pytest.mark.shm_only
-
-SLOT_MASK = (1 << lib.ENG_ID_SLOT_BITS) - 1
-TOKEN_MASK = (1 << lib.ENG_TOKEN_BITS) - 1
-
-
-def drain(eng: Engine, since: int = 0) -> list[Event]:
-    """Every retained record after ``since``, without waiting."""
-    return list(eng.events(since=since, timeout=0))
-
-
-class Segment:
-    """The segment's bytes, mapped by the test itself (to read the latch, to corrupt)."""
-
-    def __init__(self, eng: Engine) -> None:
-        fd = os.open("/dev/shm/" + eng.name.lstrip("/"), os.O_RDWR)
-        try:
-            self.mm = mmap.mmap(fd, 0)
-        finally:
-            os.close(fd)
-        self.joff = struct.unpack_from("<Q", self.mm, ffi.offsetof("eng_header", "journal_off"))[0]
-        self.records = eng.journal_records
-        self.ring = self.joff + ffi.sizeof("eng_journal")
-
-    def latch(self) -> int:
-        return int(struct.unpack_from("<Q", self.mm, self.joff)[0])
-
-    def field(self, seq: int, name: str) -> int:
-        """Offset of field ``name`` of the ring record that holds ``seq``."""
-        return (self.ring + (seq & (self.records - 1)) * ffi.sizeof("eng_jrec")
-                + ffi.offsetof("eng_jrec", name))
-
-    def close(self) -> None:
-        self.mm.close()
 
 
 def assert_record_iff_commit(eng: Engine) -> list[Event]:
@@ -443,25 +407,12 @@ class TestForkHoldingLatch:
         Engine is refused (typed), a fresh attach commits, nobody waits forever, and
         records == commits (modulo the generation's range).
         """
-        import threading
-
-        import numpy as np
-
         eng = make_engine(capacity=8)
         ids = [eng.open_position(10.0, 1.0) for _ in range(3)]
         for pos in ids:
             eng.transition(pos, Trigger.POSITION_OPENED)
-        stop = threading.Event()
-        many = np.array([ids[2]] * 100, dtype=np.uint64)
-        flips = np.array([int(Trigger.PAUSE), int(Trigger.RESUME)] * 50, dtype=np.uint32)
-
-        def churn() -> None:
-            while not stop.is_set():
-                eng.transition_many(many, flips)   # one C call, the GIL released
-
         seg = Segment(eng)
-        th = threading.Thread(target=churn)
-        th.start()
+        stop_churn = churning(eng, ids[2])
         codes = []
         try:
             for i in range(20):
@@ -483,8 +434,7 @@ class TestForkHoldingLatch:
                 _, status = os.waitpid(pid, 0)
                 codes.append(os.waitstatus_to_exitcode(status))
         finally:
-            stop.set()
-            th.join(60)
+            stop_churn()
             seg.close()
         assert set(codes) <= {0, 10}, codes   # 10: the parent's thread held the latch
         print(f"fork: {codes.count(10)} of 20 forks with the latch held")

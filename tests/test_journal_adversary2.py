@@ -17,40 +17,29 @@ resolution that differs from (or is missing in) what it reads after; a hang.
 from __future__ import annotations
 
 import os
-import signal
 from typing import Any
 
 import pytest
-from journal_audit import DIE_FAULTS, KINDS, SLOT_MASK, Segment, World, drain, forked, locked
+from journal_audit import (
+    DIE_FAULTS,
+    KILLED,
+    KINDS,
+    NOT_FIRED,
+    SHORT,
+    SLOT_MASK,
+    Segment,
+    World,
+    die_at,
+    drain,
+    forked,
+    journal_on,  # noqa: F401 (the make_engine fixture, journal on)
+    locked,
+)
 
 from engine import Engine, Trigger
 from engine._native import lib
 
 pytestmark = pytest.mark.shm_only
-
-KILLED = -signal.SIGKILL
-NOT_FIRED = 3
-
-
-@pytest.fixture
-def make_engine(make_engine: Any) -> Any:
-    """conftest's make_engine with the journal on."""
-    def make(capacity: int = 16, **kw: Any) -> Any:
-        kw.setdefault("journal", True)
-        return make_engine(capacity=capacity, **kw)
-    return make
-
-
-#: the short run: the faults a journal append passes on every kind
-SHORT = [f for f in DIE_FAULTS if "J" in f.split("ENG_FAULT_DIE_")[1]
-         or any(w in f for w in ("CLAIM", "FILL", "DONE", "VOID", "TAIL", "APPEND", "RECORD"))]
-
-
-def die_at(handle: str, fault: int, world: World, kind: str) -> int:
-    eng = Engine.attach(handle)
-    eng._set_fault(fault)
-    world.run(kind, eng)
-    return NOT_FIRED
 
 
 def after_death(eng: Engine, world: World, seg: Segment, kind: str, order: str) -> None:

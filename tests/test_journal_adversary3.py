@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from journal_audit import (
     DIE_FAULTS,
+    SHORT,
     Segment,
     World,
     check_seqs,
@@ -32,6 +33,7 @@ from journal_audit import (
     faults_on,
     forked,
     gen_of,
+    journal_on,  # noqa: F401 (the make_engine fixture, journal on)
     preloaded,
     stop_shim,
     wait_stopped,
@@ -43,22 +45,11 @@ from engine.errors import BusyError, EngineError
 
 pytestmark = pytest.mark.shm_only
 
-SHORT = [f for f in DIE_FAULTS if "J" in f.split("ENG_FAULT_DIE_")[1]
-         or any(w in f for w in ("CLAIM", "FILL", "DONE", "VOID", "TAIL", "APPEND", "RECORD"))]
 STOP_TIMEOUT = 30.0   # a spawned child on a loaded host
 #: main's (and append's, at a24a698) journal: one global latch held from J1 to J4
 LATCH_DESIGN = ("the journal's append holds one global latch from J1 to J4: a writer stopped "
                 "at any step stalls every commit and reader (the per-object append of "
                 "native/journal_append.pml is not implemented yet)")
-
-
-@pytest.fixture
-def make_engine(make_engine: Any) -> Any:
-    """conftest's make_engine with the journal on."""
-    def make(capacity: int = 16, **kw: Any) -> Any:
-        kw.setdefault("journal", True)
-        return make_engine(capacity=capacity, **kw)
-    return make
 
 
 @pytest.fixture

@@ -22,7 +22,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from journal_audit import Segment, check_seqs, drain, forked
+from journal_audit import (
+    Segment,
+    check_seqs,
+    drain,
+    forked,
+    journal_on,  # noqa: F401 (the make_engine fixture, journal on)
+)
 from procs import exit_guarded_spec
 
 from engine import Engine, Outcome, State, Trigger
@@ -30,15 +36,6 @@ from engine._native import ffi, lib
 from engine.errors import EngineError, JournalLappedError
 
 pytestmark = pytest.mark.shm_only
-
-
-@pytest.fixture
-def make_engine(make_engine: Any) -> Any:
-    """conftest's make_engine with the journal on."""
-    def make(capacity: int = 16, **kw: Any) -> Any:
-        kw.setdefault("journal", True)
-        return make_engine(capacity=capacity, **kw)
-    return make
 
 
 # -- re-entry: a guard (and a signal handler inside it) commits mid-append ------------------

@@ -18,20 +18,23 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from typing import Any
 
-import numpy as np
 import pytest
 from journal_audit import (
     DIE_FAULTS,
+    KILLED,
     KINDS,
+    SHORT,
     Segment,
     World,
     check_seqs,
+    churning,
+    die_at,
     drain,
     faults_on,
     forked,
+    journal_on,  # noqa: F401 (the make_engine fixture, journal on)
 )
 
 from engine import Engine, Outcome, State, Trigger
@@ -39,26 +42,6 @@ from engine._native import lib
 from engine.errors import EngineError
 
 pytestmark = pytest.mark.shm_only
-
-KILLED = -9
-SHORT = [f for f in DIE_FAULTS if "J" in f.split("ENG_FAULT_DIE_")[1]
-         or any(w in f for w in ("CLAIM", "FILL", "DONE", "VOID", "TAIL", "APPEND", "RECORD"))]
-
-
-@pytest.fixture
-def make_engine(make_engine: Any) -> Any:
-    """conftest's make_engine with the journal on."""
-    def make(capacity: int = 16, **kw: Any) -> Any:
-        kw.setdefault("journal", True)
-        return make_engine(capacity=capacity, **kw)
-    return make
-
-
-def die_at(handle: str, fault: int, world: World, kind: str) -> int:
-    eng = Engine.attach(handle)
-    eng._set_fault(fault)
-    world.run(kind, eng)
-    return 3
 
 
 def racer(handle: str, role: str, since: int, gate: int, out: str, other: int) -> int:
@@ -205,16 +188,7 @@ class TestForkMidAppend:
         ids = [eng.open_position(10.0, 1.0) for _ in range(3)]
         for pos in ids:
             eng.transition(pos, Trigger.POSITION_OPENED)
-        stop = threading.Event()
-        many = np.array([ids[2]] * 100, dtype=np.uint64)
-        flips = np.array([int(Trigger.PAUSE), int(Trigger.RESUME)] * 50, dtype=np.uint32)
-
-        def churn() -> None:
-            while not stop.is_set():
-                eng.transition_many(many, flips)   # one C call, the GIL released
-
-        th = threading.Thread(target=churn)
-        th.start()
+        stop_churn = churning(eng, ids[2])
         codes = []
         try:
             for i in range(30):
@@ -248,8 +222,7 @@ class TestForkMidAppend:
                 _, status = os.waitpid(pid, 0)
                 codes.append(os.waitstatus_to_exitcode(status))
         finally:
-            stop.set()
-            th.join(60)
+            stop_churn()
         assert set(codes) == {0}, codes
 
 

@@ -18,21 +18,15 @@ import contextlib
 from typing import Any
 
 import pytest
-from journal_audit import drain
+from journal_audit import (
+    drain,
+    journal_on,  # noqa: F401 (the make_engine fixture, journal on)
+)
 
 from engine import Engine, Trigger
 from engine.errors import EngineError
 
 pytestmark = pytest.mark.shm_only
-
-
-@pytest.fixture
-def make_engine(make_engine: Any) -> Any:
-    """conftest's make_engine with the journal on."""
-    def make(capacity: int = 16, **kw: Any) -> Any:
-        kw.setdefault("journal", True)
-        return make_engine(capacity=capacity, **kw)
-    return make
 
 
 def depositor(handle: str, acct: int, n: int, ready: Any, go: Any) -> None:

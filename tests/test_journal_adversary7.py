@@ -22,22 +22,16 @@ import time
 from typing import Any
 
 import pytest
-from journal_audit import gen_of
+from journal_audit import (
+    gen_of,
+    journal_on,  # noqa: F401 (the make_engine fixture, journal on)
+)
 
 from engine import Engine, Outcome, State, Trigger
 from engine._native import lib
 from engine.errors import EngineError, JournalLappedError
 
 pytestmark = pytest.mark.shm_only
-
-
-@pytest.fixture
-def make_engine(make_engine: Any) -> Any:
-    """conftest's make_engine with the journal on."""
-    def make(capacity: int = 16, **kw: Any) -> Any:
-        kw.setdefault("journal", True)
-        return make_engine(capacity=capacity, **kw)
-    return make
 
 
 def writer(handle: str, ids: list[int], n: int, ready: Any, go: Any, out: Any) -> None:

@@ -8,7 +8,9 @@ the records) and ``checkpoint-<seq>.ckpt`` files (a header, then one frame
 per object).  A frame: u32 magic, u32 CRC-32C of the record, the record.
 
 This module encodes and decodes files, frames and meta.json; the restore
-(``engine.durable.restore``) and the writer (durable) both use it.
+(``engine.durable.restore``), the frame reader (``engine.durable.frames``)
+and the writer (durable) use it, and no other module spells a size, an
+offset or a magic of the format.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import numpy as np
 from engine._native import ffi, lib
 
 __all__ = ["CKPT_MAGIC", "FILE_HDR", "FILE_MAGIC", "FORMAT", "FRAME_BYTES", "FRAME_DTYPE",
-           "FRAME_MAGIC", "JREC_DTYPE", "JREC_SIZE", "META_FORMAT", "META_NAME",
-           "checkpoint_name", "crc32c", "encode_checkpoint", "encode_frames",
-           "encode_journal_file", "journal_name", "parse_header", "read_meta", "seal_frames",
-           "write_checkpoint", "write_journal_file", "write_meta"]
+           "FRAME_HDR", "FRAME_MAGIC", "JREC_DTYPE", "JREC_SIZE", "META_FORMAT", "META_NAME",
+           "check_frame", "checkpoint_name", "crc32c", "decode_record", "encode_checkpoint",
+           "encode_frames", "encode_journal_file", "header_problem", "journal_name",
+           "list_files", "parse_header", "read_meta", "seal_frames", "write_checkpoint",
+           "write_journal_file", "write_meta"]
 
 FORMAT: int = lib.ENG_DJ_FORMAT
 FILE_MAGIC: int = lib.ENG_DJ_FILE_MAGIC
@@ -38,6 +41,8 @@ FRAME_MAGIC: int = lib.ENG_DJ_FRAME_MAGIC
 FILE_HDR: int = lib.ENG_DJ_FILE_HDR
 FRAME_BYTES: int = lib.ENG_DJ_FRAME_BYTES
 JREC_SIZE: int = lib.ENG_JREC_SIZE
+#: a frame's bytes before its record: u32 magic, u32 CRC-32C
+FRAME_HDR: int = FRAME_BYTES - JREC_SIZE
 META_NAME = "meta.json"
 #: meta.json's "format"
 META_FORMAT = 1
@@ -59,8 +64,8 @@ JREC_DTYPE = np.dtype({
 #: one frame: magic, CRC-32C of the record, the record
 FRAME_DTYPE = np.dtype({"names": ["magic", "crc", "rec"],
                         "formats": ["<u4", "<u4", JREC_DTYPE],
-                        "offsets": [0, 4, 8], "itemsize": FRAME_BYTES})
-assert FRAME_BYTES == 8 + JREC_SIZE and ffi.sizeof("eng_jrec") == JREC_SIZE
+                        "offsets": [0, 4, FRAME_HDR], "itemsize": FRAME_BYTES})
+assert ffi.sizeof("eng_jrec") == JREC_SIZE and 2 * np.dtype("<u4").itemsize == FRAME_HDR
 
 #: a file's header: u32 magic, u32 format, u32 frame bytes, u32 0, u64 seq,
 #: (a checkpoint:) u64 frames; zeros to FILE_HDR bytes
@@ -84,6 +89,13 @@ def checkpoint_name(start_seq: int) -> str:
     return f"checkpoint-{start_seq:020d}.ckpt"
 
 
+def list_files(directory: str | os.PathLike[str], kind: str) -> list[tuple[int, str]]:
+    """(seq, file name) of every file of ``kind`` ("journal" | "checkpoint")
+    in ``directory``, in seq order."""
+    return sorted((parsed[1], name) for name in os.listdir(directory)
+                  if (parsed := parse_name(name)) is not None and parsed[0] == kind)
+
+
 def parse_name(name: str) -> tuple[str, int] | None:
     """("journal" | "checkpoint", seq) for a file of the format, else None."""
     for kind, pre, suf in (("journal", "journal-", ".log"), ("checkpoint", "checkpoint-", ".ckpt")):
@@ -104,11 +116,47 @@ def parse_header(data: bytes | memoryview) -> tuple[int, int, int, int, int]:
     return magic, fmt, fb, seq, frames
 
 
+def header_problem(data: bytes | memoryview, magic: int) -> str | None:
+    """None if ``data`` starts with a header of a file of ``magic``
+    (FILE_MAGIC or CKPT_MAGIC) this engine reads, else what is wrong."""
+    if len(data) < FILE_HDR:
+        return f"{len(data)} bytes, shorter than its header ({FILE_HDR} bytes)"
+    got, version, fb, _seq, _frames = parse_header(data)
+    for what, have, want in (("magic", got, magic), ("format", version, FORMAT),
+                             ("frame bytes", fb, FRAME_BYTES)):
+        if have != want:
+            return f"header {what} is {have:#x}, expected {want:#x}"
+    return None
+
+
+def check_frame(buf: bytes | memoryview) -> str | None:
+    """None for a valid frame (its first FRAME_BYTES bytes), else why not."""
+    if len(buf) < FRAME_BYTES:
+        return f"cut short ({len(buf)} of {FRAME_BYTES} bytes)"
+    status = ffi.new("uint8_t *")
+    if lib.eng_dj_check_frames(ffi.from_buffer(buf), 1, status) == 0 and status[0] == 1:
+        return None
+    head = np.frombuffer(buf, dtype=FRAME_DTYPE, count=1)[0]
+    if int(head["magic"]) != FRAME_MAGIC:
+        return f"bad frame magic {int(head['magic']):#x}"
+    if crc32c(memoryview(buf)[FRAME_HDR:FRAME_BYTES]) != int(head["crc"]):
+        return "checksum mismatch"
+    return None
+
+
+def decode_record(rec: bytes | memoryview) -> dict[str, Any]:
+    """The fields of one record (JREC_SIZE bytes), by the header's struct."""
+    r = ffi.cast("eng_jrec *", ffi.from_buffer(rec))
+    return {"seq": int(r.seq), "ts_ns": int(r.ts_ns), "id": int(r.id), "word": int(r.word),
+            "kind": int(r.kind), "trigger": int(r.trigger), "w": tuple(int(x) for x in r.w),
+            "version": int(r.version)}
+
+
 def seal_frames(frames: np.ndarray) -> None:
     """Set magic and CRC of every frame (FRAME_DTYPE) from its record."""
     raw = frames.view(np.uint8).reshape(len(frames), FRAME_BYTES)
     frames["magic"] = FRAME_MAGIC
-    frames["crc"] = [crc32c(raw[i, 8:]) for i in range(len(frames))]
+    frames["crc"] = [crc32c(raw[i, FRAME_HDR:]) for i in range(len(frames))]
 
 
 def encode_frames(recs: np.ndarray) -> bytes:

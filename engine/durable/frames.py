@@ -3,24 +3,23 @@ frames of a journal directory in seq order, each checked (magic, CRC-32C,
 seq), and where the valid records end and why.
 
 For ``python -m engine journal DIR`` and the tests: a streaming reader over
-the codec of engine/durable/format.py (names, headers, sizes).
+the codec of engine/durable/format.py, which owns the format (names,
+headers, sizes, the frame check and the record's fields).
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
-from engine._native import ffi, lib
 from engine.durable import format as fmt
 
 FRAME = fmt.FRAME_BYTES
 HDR = fmt.FILE_HDR
-REC = fmt.JREC_SIZE
-_FRAME_HDR = struct.Struct("<II")
+#: the frame check and the record's fields, as format has them
+check_frame = fmt.check_frame
+decode = fmt.decode_record
 
 
 @dataclass(frozen=True)
@@ -53,32 +52,7 @@ class End:
 
 def journal_files(path: str) -> list[tuple[int, str]]:
     """(first seq, file path) of every journal file in directory ``path``, in seq order."""
-    out = []
-    for name in os.listdir(path):
-        parsed = fmt.parse_name(name)
-        if parsed is not None and parsed[0] == "journal":
-            out.append((parsed[1], os.path.join(path, name)))
-    return sorted(out)
-
-
-def decode(rec: bytes) -> dict[str, Any]:
-    """The fields of one record (ENG_JREC_SIZE bytes), by the header's struct."""
-    r = ffi.cast("eng_jrec *", ffi.from_buffer(rec))
-    return {"seq": int(r.seq), "ts_ns": int(r.ts_ns), "id": int(r.id), "word": int(r.word),
-            "kind": int(r.kind), "trigger": int(r.trigger), "w": tuple(int(x) for x in r.w),
-            "version": int(r.version)}
-
-
-def check_frame(buf: bytes) -> str | None:
-    """None for a valid frame (FRAME bytes), else why not."""
-    if len(buf) < FRAME:
-        return f"cut short ({len(buf)} of {FRAME} bytes)"
-    magic, crc = _FRAME_HDR.unpack_from(buf)
-    if magic != lib.ENG_DJ_FRAME_MAGIC:
-        return f"bad frame magic {magic:#x}"
-    if lib.eng_crc32c(0, buf[8:FRAME], REC) != crc:
-        return "checksum mismatch"
-    return None
+    return [(seq, os.path.join(path, name)) for seq, name in fmt.list_files(path, "journal")]
 
 
 def read(path: str, since: int = 0, end: End | None = None) -> Iterator[Frame]:
@@ -97,8 +71,7 @@ def read(path: str, since: int = 0, end: End | None = None) -> Iterator[Frame]:
             if len(head) < HDR:
                 end.path, end.offset, end.torn = fpath, 0, "file header cut short"
                 return
-            magic, form, fbytes, hfirst, _ = fmt.parse_header(head)
-            if (magic, form, fbytes, hfirst) != (fmt.FILE_MAGIC, fmt.FORMAT, FRAME, first):
+            if fmt.header_problem(head, fmt.FILE_MAGIC) or fmt.parse_header(head)[3] != first:
                 end.path, end.offset, end.torn = fpath, 0, "bad file header"
                 return
             if expect and first != expect:
@@ -116,7 +89,7 @@ def read(path: str, since: int = 0, end: End | None = None) -> Iterator[Frame]:
                     break   # the end of this file's records (zeros: never written)
                 why = check_frame(buf)
                 if why is None:
-                    rec = decode(buf[8:])
+                    rec = decode(buf[fmt.FRAME_HDR:])
                     if rec["seq"] != seq:
                         why = f"seq {rec['seq']} where {seq} belongs"
                 if why is not None:

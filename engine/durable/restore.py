@@ -120,15 +120,10 @@ def _frames(data: bytes, path: Path) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _check_header(data: bytes, path: Path, magic: int) -> tuple[int, int]:
-    if len(data) < fmt.FILE_HDR:
-        raise RestoreError(f"{path}: {len(data)} bytes, shorter than its header "
-                           f"({fmt.FILE_HDR} bytes)", str(path), 0)
-    got, version, fb, seq, frames = fmt.parse_header(data)
-    for what, have, want in (("magic", got, magic), ("format", version, fmt.FORMAT),
-                             ("frame bytes", fb, fmt.FRAME_BYTES)):
-        if have != want:
-            raise RestoreError(f"{path}: header {what} is {have:#x}, expected {want:#x}",
-                               str(path), 0)
+    why = fmt.header_problem(data, magic)
+    if why is not None:
+        raise RestoreError(f"{path}: {why}", str(path), 0)
+    _magic, _version, _fb, seq, frames = fmt.parse_header(data)
     return seq, frames
 
 
@@ -178,14 +173,8 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
         raise RestoreError(f"{d / fmt.META_NAME}: cannot be read ({e})",
                            str(d / fmt.META_NAME), None) from None
     spec = _check_meta(meta, d)
-    journals: list[tuple[int, str]] = []
-    ckpts: list[tuple[int, str]] = []
-    for entry in os.listdir(d):
-        parsed = fmt.parse_name(entry)
-        if parsed:
-            (journals if parsed[0] == "journal" else ckpts).append((parsed[1], entry))
-    journals.sort()
-    ckpts.sort(reverse=True)
+    journals = fmt.list_files(d, "journal")
+    ckpts = fmt.list_files(d, "checkpoint")[::-1]
     ckpt = np.zeros(0, dtype=fmt.JREC_DTYPE)
     ckpt_name, ckpt_seq, skipped = None, 0, []
     for seq, entry in ckpts:
@@ -257,7 +246,7 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
     srcs, fidx = [], []
     for i, frames, lo, hi in ranges:
         fr = frames.view(np.uint8).reshape(len(frames), fmt.FRAME_BYTES)
-        raw[at:at + hi - lo] = fr[lo:hi, 8:]
+        raw[at:at + hi - lo] = fr[lo:hi, fmt.FRAME_HDR:]
         at += hi - lo
         srcs.append(fmt.FILE_HDR + np.arange(lo, hi, dtype=np.int64) * fmt.FRAME_BYTES)
         fidx.append(np.full(hi - lo, i, dtype=np.int32))
@@ -278,7 +267,7 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
 def _records(frames: np.ndarray, stop: int) -> np.ndarray:
     """The records of the first stop frames, copied out as JREC_DTYPE (bytes,
     not fields: a nested field's copy goes field by field)."""
-    raw = frames.view(np.uint8).reshape(len(frames), fmt.FRAME_BYTES)[:stop, 8:]
+    raw = frames.view(np.uint8).reshape(len(frames), fmt.FRAME_BYTES)[:stop, fmt.FRAME_HDR:]
     return np.ascontiguousarray(raw).view(fmt.JREC_DTYPE).reshape(stop)
 
 
@@ -324,7 +313,13 @@ def _booked_closes(ld: Loaded, allr: np.ndarray, acct_last: dict[int, int],
     realized move by each close's realized PnL, as accounts.c books it.
     bumps[index] counts the booked changes (opens, closes) after it: each
     published the account once more.  Returns the closes booked without a
-    known price."""
+    known price.
+
+    Every booked change journals its account's books right after its slot
+    record (a rider, native/keys.c journal_fill_riders), so this books
+    nothing in a journal whose last commit is whole; it books the last
+    commit when a power cut kept its slot frame and lost its rider (the
+    writer's batches and files end anywhere; tests/test_restore_split_commit.py)."""
     spec = ld.spec
     roles = spec.c_layout(0).roles
     acct_w = roles[lib.ENG_ROLE_ACCOUNT]

@@ -45,8 +45,7 @@ import numpy as np
 
 from engine.accounts import SCALE, Account, from_units, money_of
 from engine.spec import State
-
-_MAX_MESSAGES = 20          # messages kept per violation category
+from engine.tools.stress.verify import Violations
 
 #: Latencies the workers sample (client side: the Python call,
 #: time.perf_counter_ns).  ``open`` (open_position with account=, refused
@@ -265,7 +264,7 @@ class AccountCheck:
 
 
 @dataclass
-class BooksReport:
+class BooksReport(Violations):
     """What ``verify_books`` found at the end of a run."""
 
     accounts: int = 0                           # accounts checked
@@ -274,16 +273,6 @@ class BooksReport:
     checks: list[AccountCheck] = field(default_factory=list)
     by_category: dict[str, int] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
-
-    @property
-    def violations(self) -> int:
-        return sum(self.by_category.values())
-
-    def add(self, category: str, message: str) -> None:
-        n = self.by_category.get(category, 0)
-        self.by_category[category] = n + 1
-        if n < _MAX_MESSAGES:
-            self.messages.append(f"{category}: {message}")
 
 
 def verify_books(books: Mapping[int, Account], rows: Iterable[Any],

@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from engine.tools.stress.verify import Violations
+
 _N_BITS = 32
 _N_MASK = (1 << _N_BITS) - 1
-_MAX_MESSAGES = 20          # messages kept per violation category
 
 #: Latencies the workers sample (client side: the Python call, time.perf_counter_ns):
 #: open (with the client key), bind (bind_key), lookup, fill (a PARTIAL_FILL /
@@ -179,7 +180,7 @@ def keys_problem(have: Collection[str | bytes], want: list[str]) -> str | None:
 
 
 @dataclass
-class OrderReport:
+class OrderReport(Violations):
     """What ``verify_orders`` found at the end of a run."""
 
     open_orders: int = 0                        # open records scanned
@@ -187,16 +188,6 @@ class OrderReport:
     keys_out_of_order: int = 0                  # keys() right, but not in bind order
     by_category: dict[str, int] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
-
-    @property
-    def violations(self) -> int:
-        return sum(self.by_category.values())
-
-    def add(self, category: str, message: str) -> None:
-        n = self.by_category.get(category, 0)
-        self.by_category[category] = n + 1
-        if n < _MAX_MESSAGES:
-            self.messages.append(f"{category}: {message}")
 
 
 def verify_orders(rows: Iterable[Any], held: Mapping[int, tuple[int, bool]],

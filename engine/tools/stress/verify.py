@@ -27,6 +27,25 @@ from engine.tools.stress.codec import _GEN_MOD
 _MAX_MESSAGES = 20          # messages kept per violation category
 
 
+class Violations:
+    """A report's violation counts per category and the first
+    ``_MAX_MESSAGES`` messages of each; the report (a dataclass) declares
+    both fields."""
+
+    by_category: dict[str, int]
+    messages: list[str]
+
+    @property
+    def violations(self) -> int:
+        return sum(self.by_category.values())
+
+    def add(self, category: str, message: str) -> None:
+        n = self.by_category.get(category, 0)
+        self.by_category[category] = n + 1
+        if n < _MAX_MESSAGES:
+            self.messages.append(f"{category}: {message}")
+
+
 @dataclass
 class ChainReport:
     """What ``verify_chains`` found: violation counts per category and the
