@@ -20,6 +20,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from journal_audit import journal_on  # noqa: F401 (the make_engine fixture, journal on)
 
 from engine import (
     ArgumentError,
@@ -34,16 +35,6 @@ from engine import (
 from engine._native import lib
 from engine.errors import ClosedError, JournalLappedError, PriceError
 from engine.journal import Event
-
-
-@pytest.fixture
-def make_engine(make_engine: Any) -> Any:
-    """conftest's make_engine with the journal on (explicitly: the tests do not lean on the default)."""
-    def make(capacity: int = 16, **kw: Any) -> Any:
-        kw.setdefault("journal", True)
-        return make_engine(capacity=capacity, **kw)
-    return make
-
 
 SLOT_MASK = (1 << lib.ENG_ID_SLOT_BITS) - 1
 
