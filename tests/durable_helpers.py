@@ -29,7 +29,7 @@ from engine import (
     State,
     Trigger,
 )
-from engine._native import lib
+from engine._native import ffi, lib
 from engine.errors import MoneyError
 
 HDR = lib.ENG_DJ_FILE_HDR
@@ -223,6 +223,22 @@ def whole_after_cut(src: pathlib.Path, cut: pathlib.Path, durable: int) -> int:
             if a.read(FRAME) != b.read(FRAME):
                 break
         seq = s
+    return seq
+
+
+def whole_commits(src: pathlib.Path, seq: int, durable: int = 0) -> int:
+    """The last seq <= ``seq`` that ends a commit: a restore keeps a commit
+    whole or cuts it (the slot's record counts its riders, eng_jrec.riders),
+    so records kept of a commit that continues past ``seq`` are cut with it.
+    ``durable``: a seq known to end a commit (what flush() reported)."""
+    riders_at = FRAME - lib.ENG_JREC_SIZE + int(ffi.offsetof("eng_jrec", "riders"))
+    for p, off, s in valid_records(src):
+        if durable < s <= seq:
+            with p.open("rb") as f:
+                f.seek(off + riders_at)
+                riders = int.from_bytes(f.read(4), "little")
+            if s + riders > seq:
+                return s - 1
     return seq
 
 

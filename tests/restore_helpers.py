@@ -118,7 +118,7 @@ def checkpoint_records(eng: Engine) -> tuple[int, np.ndarray]:
                  np.zeros(lib.ENG_MAX_FIELD_WORDS, dtype=np.uint64), 0))
     arr = np.zeros(len(recs), dtype=fmt.JREC_DTYPE)
     for j, r in enumerate(recs):
-        arr[j] = r
+        arr[j] = (*r, 0)   # riders: 0 (a checkpoint's objects stand alone)
     return start, arr
 
 
@@ -153,3 +153,13 @@ def state_of(eng: Engine, prices: bool = True) -> dict[str, Any]:
     acols = [c for c in acc.dtype.names if c not in _SKIP_ACCT]
     accts = sorted(tuple(np.asarray(r[c]).tolist() for c in acols) for r in acc)
     return {"rows": rows, "accounts": accts, "halted": int(eng.seg.hdr.halted)}
+
+
+def whole_commits(riders: Any, n: int) -> int:
+    """How many of the first ``n`` records (``riders``: their eng_jrec.riders)
+    a restore keeps: n, or the first record of a commit whose riders run past
+    n (a commit is restored whole or not at all)."""
+    for i in range(n):
+        if riders[i] and i + int(riders[i]) >= n:
+            return i
+    return n

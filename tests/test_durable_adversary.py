@@ -46,6 +46,7 @@ from durable_helpers import (
     power_cut,
     valid_records,
     whole_after_cut,
+    whole_commits,
 )
 
 from engine import BusyError, Engine, EngineError, SegmentError, SegmentNotFoundError
@@ -114,7 +115,7 @@ class TestPowerLoss:
             check_stale(got, released)
 
     def test_unflushed_bytes_of_the_last_file(self, made: Made) -> None:
-        """Any prefix of the unflushed bytes restores the whole frames in it, no more, no less."""
+        """Any prefix of the unflushed bytes restores the whole commits in it, no more, no less."""
         eng = made.create(journal_prices=True)
         w = Workload(eng, 12, halts=False)
         run(w, 80)
@@ -132,8 +133,9 @@ class TestPowerLoss:
         cutter = Cutter(src, made.dir("cut"), d0)
         for extra in offsets:
             cut = cutter.cut(extra)
-            whole = whole_after_cut(src, cut, d0)
-            assert d0 + extra // FRAME <= whole <= d0 + (extra + FRAME - 1) // FRAME
+            frames = whole_after_cut(src, cut, d0)
+            assert d0 + extra // FRAME <= frames <= d0 + (extra + FRAME - 1) // FRAME
+            whole = whole_commits(src, frames, d0)
             got = made.restore(cut)
             assert got.restore_report.last_seq == whole, (extra, got.restore_report, whole)
             if whole in at:
@@ -143,7 +145,7 @@ class TestPowerLoss:
 
     @pytest.mark.slow
     def test_unflushed_bytes_every_offset(self, made: Made) -> None:
-        """Every byte offset of the last three frames: a torn frame is cut, the whole ones kept."""
+        """Every byte offset of the last three frames: torn frames and commits cut, whole kept."""
         eng = made.create()
         w = Workload(eng, 13, halts=False)
         run(w, 50)
@@ -158,7 +160,7 @@ class TestPowerLoss:
         for extra in range(3 * FRAME + 1):
             cut = cutter.cut(extra)
             got = made.restore(cut)
-            whole = whole_after_cut(src, cut, d0)
+            whole = whole_commits(src, whole_after_cut(src, cut, d0), d0)
             assert got.restore_report.last_seq == whole, (extra, got.restore_report, whole)
             if whole in at:
                 same(at[whole], dump(got))

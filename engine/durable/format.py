@@ -56,10 +56,11 @@ def _field(name: str) -> int:
 
 #: one eng_jrec, field by field at the C offsets
 JREC_DTYPE = np.dtype({
-    "names": ["seq", "latch", "ts_ns", "id", "word", "kind", "trigger", "w", "version"],
-    "formats": ["<u8", "<u8", "<i8", "<u8", "<u8", "<u4", "<u4", ("<u8", (_W,)), "<u8"],
+    "names": ["seq", "latch", "ts_ns", "id", "word", "kind", "trigger", "w", "version",
+              "riders"],
+    "formats": ["<u8", "<u8", "<i8", "<u8", "<u8", "<u4", "<u4", ("<u8", (_W,)), "<u8", "<u4"],
     "offsets": [_field(n) for n in ("seq", "latch", "ts_ns", "id", "word", "kind", "trigger",
-                                    "w", "version")],
+                                    "w", "version", "riders")],
     "itemsize": JREC_SIZE})
 #: one frame: magic, CRC-32C of the record, the record
 FRAME_DTYPE = np.dtype({"names": ["magic", "crc", "rec"],
@@ -149,7 +150,7 @@ def decode_record(rec: bytes | memoryview) -> dict[str, Any]:
     r = ffi.cast("eng_jrec *", ffi.from_buffer(rec))
     return {"seq": int(r.seq), "ts_ns": int(r.ts_ns), "id": int(r.id), "word": int(r.word),
             "kind": int(r.kind), "trigger": int(r.trigger), "w": tuple(int(x) for x in r.w),
-            "version": int(r.version)}
+            "version": int(r.version), "riders": int(r.riders)}
 
 
 def seal_frames(frames: np.ndarray) -> None:

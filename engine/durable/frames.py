@@ -36,6 +36,7 @@ class Frame:
     trigger: int
     w: tuple[int, ...]
     version: int
+    riders: int   # records after this one that ride on its commit (eng_jrec.riders)
 
 
 @dataclass

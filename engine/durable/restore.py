@@ -49,9 +49,7 @@ class RestoreReport:
     (the journal continues at the next); ``tail_cut``: (file, byte offset)
     where a torn or corrupt tail was cut, None if every file ended cleanly;
     ``skipped_checkpoints``: newer checkpoints that failed their checks;
-    ``unpriced_closes``: booked closes after the last record of their
-    account that carried no exit price and no journaled price (booked at
-    the entry: realized 0); ``seconds``: the restore's wall time."""
+    ``seconds``: the restore's wall time."""
 
     name: str
     records_replayed: int
@@ -60,7 +58,6 @@ class RestoreReport:
     last_seq: int
     tail_cut: tuple[str, int] | None
     skipped_checkpoints: tuple[str, ...]
-    unpriced_closes: int
     seconds: float
 
     def __str__(self) -> str:
@@ -254,6 +251,11 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
     tail = allr[n_ck:]
     tail_src = np.concatenate(srcs) if srcs else np.zeros(0, dtype=np.int64)
     tail_file = np.concatenate(fidx) if fidx else np.zeros(0, dtype=np.int32)
+    split = _split_commit(tail, lambda j: (files[int(tail_file[j])], int(tail_src[j])))
+    if split is not None:   # the last commit lost riders: cut whole, as a torn tail
+        tail_cut = (files[int(tail_file[split])], int(tail_src[split]))
+        allr, tail_src, tail_file = allr[:n_ck + split], tail_src[:split], tail_file[:split]
+        tail = allr[n_ck:]
     first_needed = ckpt_seq + 1
     if len(tail) and int(tail["seq"][0]) != first_needed:
         raise RestoreError(f"{files[int(tail_file[0])]}: the journal resumes at seq "
@@ -262,6 +264,38 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
                            "records missing", files[int(tail_file[0])], int(tail_src[0]))
     return Loaded(meta, spec, allr, n_ck, ckpt_name, ckpt_seq, tail_src, tail_file, files,
                   tail_cut, tuple(skipped))
+
+
+def _split_commit(tail: np.ndarray, where: Any) -> int | None:
+    """A commit's records are all or none.  The slot's record of a keyed open
+    or a booked change counts the records that ride on its commit (the key's,
+    the account's: ``riders``, native/keys.c), each right after it with the
+    same latch word.  A power cut can keep the slot's record and lose riders
+    after it (the writer's batches and files end anywhere, past what any
+    flush() reported): the index of that last commit's first record, to cut
+    it whole, or None.  Riders missing or foreign before the end are
+    corruption (RestoreError naming the file and offset, via ``where``)."""
+    riders = tail["riders"].astype(np.int64)
+    heads = np.flatnonzero(riders)
+    if not len(heads):
+        return None
+    n, latch = len(tail), tail["latch"]
+    for k in range(1, lib.ENG_JOURNAL_MAX_FILL + 1):
+        has = heads[riders[heads] >= k]
+        if k == lib.ENG_JOURNAL_MAX_FILL and len(has):
+            path, off = where(int(has[0]))
+            raise RestoreError(f"{path}: the record at byte {off} counts "
+                               f"{int(riders[has[0]])} riders (at most "
+                               f"{lib.ENG_JOURNAL_MAX_FILL - 1})", path, off)
+        has = has[has + k < n]
+        bad = has[(latch[has + k] != latch[has]) | (riders[has + k] != 0)]
+        if len(bad):
+            path, off = where(int(bad[0]) + k)
+            raise RestoreError(f"{path}: the record at byte {off} should ride on the commit "
+                               f"of the record before it and does not (corruption in the "
+                               "middle: nothing restored)", path, off)
+    last = int(heads[-1])
+    return last if last + int(riders[last]) >= n else None
 
 
 def _records(frames: np.ndarray, stop: int) -> np.ndarray:
@@ -304,114 +338,6 @@ def reduce_records(allr: np.ndarray) -> dict[str, np.ndarray]:
     other = np.flatnonzero(kind > lib.ENG_JK_PRICE)
     out["bad"] = other
     return out
-
-
-def _booked_closes(ld: Loaded, allr: np.ndarray, acct_last: dict[int, int],
-                   books: dict[int, np.ndarray], bumps: dict[int, int]) -> int:
-    """Book the closes of booked positions after each account's last record
-    into books (index -> the record's w words, changed in place): cash and
-    realized move by each close's realized PnL, as accounts.c books it.
-    bumps[index] counts the booked changes (opens, closes) after it: each
-    published the account once more.  Returns the closes booked without a
-    known price.
-
-    Every booked change journals its account's books right after its slot
-    record (a rider, native/keys.c journal_fill_riders), so this books
-    nothing in a journal whose last commit is whole; it books the last
-    commit when a power cut kept its slot frame and lost its rider (the
-    writer's batches and files end anywhere; tests/test_restore_split_commit.py)."""
-    spec = ld.spec
-    roles = spec.c_layout(0).roles
-    acct_w = roles[lib.ENG_ROLE_ACCOUNT]
-    ep, am, sd = (roles[lib.ENG_ROLE_ENTRY_PRICE], roles[lib.ENG_ROLE_AMOUNT],
-                  roles[lib.ENG_ROLE_SIDE])
-    xp = roles[lib.ENG_ROLE_EXIT_PRICE]
-    none = lib.ENG_ROLE_NONE
-    if none in (acct_w, ep, am, sd) or not len(ld.tail):
-        return 0
-    closed = spec.closed_mask
-    n_ck = len(ld.ckpt)
-    state_mask = np.uint64(lib.ENG_SW_STATE_MASK)
-    # the state and exit price of each slot before each tail record
-    prev_state: dict[int, int] = {}
-    prev_xp: dict[int, int] = {}
-    last_price: dict[int, tuple[int, float]] = {}   # slot -> (id, price)
-    for i in np.flatnonzero(np.isin(ld.ckpt["kind"], np.array(_SLOT_KINDS, dtype=np.uint32))):
-        r = ld.ckpt[i]
-        s = int(r["id"]) & lib.ENG_ID_SLOT_MASK
-        prev_state[s] = int(r["word"] & state_mask)
-        prev_xp[s] = int(r["w"][xp]) if xp != none else 0
-    for i in np.flatnonzero(ld.ckpt["kind"] == lib.ENG_JK_PRICE):
-        r = ld.ckpt[i]
-        last_price[int(r["id"]) & lib.ENG_ID_SLOT_MASK] = (int(r["id"]),
-                                                          float(r["w"][:1].view("<f8")[0]))
-    unpriced = 0
-    tail = ld.tail
-    kinds = tail["kind"]
-    wanted = np.isin(kinds, np.array((*_SLOT_KINDS, lib.ENG_JK_PRICE), dtype=np.uint32))
-    for j in np.flatnonzero(wanted):
-        r = tail[j]
-        k = int(r["kind"])
-        pid = int(r["id"])
-        s = pid & lib.ENG_ID_SLOT_MASK
-        if k == lib.ENG_JK_PRICE:
-            last_price[s] = (pid, float(r["w"][:1].view("<f8")[0]))
-            continue
-        st = int(r["word"] & state_mask)
-        before, xbefore = prev_state.get(s, 0), prev_xp.get(s, 0)
-        w = r["w"]
-        prev_state[s] = st if k != lib.ENG_JK_RELEASE else 0
-        prev_xp[s] = int(w[xp]) if xp != none else 0
-        acct = int(w[acct_w])
-        index = acct & lib.ENG_ID_SLOT_MASK
-        if not acct or index not in books or acct_last.get(index, -1) >= n_ck + j:
-            continue   # not booked, or the account's own later record has it
-        if k == lib.ENG_JK_OPEN:
-            bumps[index] = bumps.get(index, 0) + 1   # its reservation: from the open positions
-            continue
-        if not (k == lib.ENG_JK_TRANSITION and before and not before & closed and st & closed):
-            continue
-        bumps[index] = bumps.get(index, 0) + 1
-        entry = float(w[ep:ep + 1].view("<f8")[0])
-        amount = float(w[am:am + 1].view("<f8")[0])
-        side = int(w[sd:sd + 1].view("<i8")[0])
-        fill = float(w[xp:xp + 1].view("<f8")[0]) if xp != none else 0.0
-        if not (fill > 0.0 and int(w[xp]) != xbefore):
-            got = last_price.get(s)
-            if got is not None and got[0] == pid:
-                fill = got[1]
-            else:
-                fill, unpriced = entry, unpriced + 1
-        notional = int(lib.eng_money_of(entry, amount))
-        last = int(lib.eng_money_of(fill, amount))
-        realized = last - notional if side > 0 else notional - last
-        b = books[index]
-        bv = b[:16].view(ffi_books_dtype())[0]
-        cash, total = int(bv["cash"]) + realized, int(bv["realized"]) + realized
-        b[_BOOKS_OFF["cash"]] = np.int64(cash).view(np.uint64)
-        b[_BOOKS_OFF["realized"]] = np.int64(total).view(np.uint64)
-        if total < 0 and total <= -int(bv["max_loss"]):
-            hw = _BOOKS_OFF["halted"]   # u32 pair word: halted is the low half
-            word = int(b[hw])
-            b[hw] = np.uint64((word & ~0xFFFFFFFF) | 1)
-    return unpriced
-
-
-def _books_offsets() -> dict[str, int]:
-    return {name: int(ffi.offsetof("eng_books", name)) // 8
-            for name in ("cash", "realized", "max_loss", "halted")}
-
-
-_BOOKS_OFF = _books_offsets()
-assert int(ffi.offsetof("eng_books", "halted")) % 8 == 0, "halted: the low half of its word"
-
-
-def ffi_books_dtype() -> np.dtype[Any]:
-    return np.dtype({"names": ["cash", "realized", "max_loss"],
-                     "formats": ["<i8", "<i8", "<i8"],
-                     "offsets": [int(ffi.offsetof("eng_books", n))
-                                 for n in ("cash", "realized", "max_loss")],
-                     "itemsize": int(ffi.sizeof("eng_books"))})
 
 
 def _options(meta: dict[str, Any]) -> tuple[int, int, int, int]:
@@ -490,22 +416,10 @@ def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None
         raise RestoreError(f"{path}: the record at byte {off} has kind "
                            f"{int(allr['kind'][red['bad'][0]])} (not a kind of the journal)",
                            path, off)
-    # accounts: their last records, then the booked closes after them
+    # accounts: their last records (a booked change journals its account's books
+    # with it, as a rider: see _split_commit)
     acct_idx = red["accounts"]
     acct_recs = allr[acct_idx].copy()
-    books = {int(acct_recs["id"][i]) & lib.ENG_ID_SLOT_MASK: acct_recs["w"][i]
-             for i in range(len(acct_recs))}
-    acct_last = {int(acct_recs["id"][i]) & lib.ENG_ID_SLOT_MASK: int(acct_idx[i])
-                 for i in range(len(acct_recs))}
-    bumps: dict[int, int] = {}
-    try:
-        unpriced = _booked_closes(ld, allr, acct_last, books, bumps) if books else 0
-    except (OverflowError, ValueError) as e:   # crafted books or fields: beyond int64
-        raise RestoreError(f"{directory}: the booked closes cannot be booked ({e})",
-                           str(directory), None) from None
-    for i in range(len(acct_recs)):
-        more = bumps.get(int(acct_recs["id"][i]) & lib.ENG_ID_SLOT_MASK, 0)
-        acct_recs["version"][i] += np.uint64(more)
     last_seq = max(ld.ckpt_seq, int(ld.tail["seq"][-1]) if len(ld.tail) else 0)
     last_ts = int(ld.tail["ts_ns"][-1]) if len(ld.tail) else 0
     halted = int(allr["word"][red["halt"][0]]) if len(red["halt"]) else 0
@@ -554,7 +468,7 @@ def restore(cls: Any, directory: str | os.PathLike[str], name: str | None = None
                 shm.unlink(name)
         raise
     report = RestoreReport(name, len(ld.tail), ld.ckpt_name, ld.ckpt_seq, last_seq,
-                           ld.tail_cut, ld.skipped, unpriced, 0.0)
+                           ld.tail_cut, ld.skipped, 0.0)
     eng = cls._made(name, spec, None, lambda eng: shm.attach_mapped(
         eng, name, (mm, ident), spec, check_spec=True))
     if flags & lib.ENG_JOURNAL_DURABLE:
@@ -597,17 +511,19 @@ def _continue_files(eng: Any, directory: str, ld: Loaded, meta: dict[str, Any],
         opts.get("journal_sync_ms", lib.ENG_DJ_SYNC_NS / 1e6),
         opts.get("checkpoint_records", lib.ENG_DJ_CKPT_RECORDS),
         opts.get("checkpoint_s", lib.ENG_DJ_CKPT_NS / 1e9))
-    if ld.tail_cut is not None:
-        path, off = ld.tail_cut
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            size = os.fstat(fd).st_size
-            zeros = bytes(1 << 20)
-            while off < size:
-                off += os.pwrite(fd, zeros[: min(len(zeros), size - off)], off)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    if ld.tail_cut is not None:   # zeros from the cut, in its file and every later one
+        cut_path, cut_off = ld.tail_cut
+        later = ld.files[ld.files.index(cut_path) + 1:] if cut_path in ld.files else []
+        for path, off in ((cut_path, cut_off), *((p, fmt.FILE_HDR) for p in later)):
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                size = os.fstat(fd).st_size
+                zeros = bytes(1 << 20)
+                while off < size:
+                    off += os.pwrite(fd, zeros[: min(len(zeros), size - off)], off)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     if eng.name != meta["name"] or opts.get("journal") != directory:
         write_meta(directory, eng.name, eng.capacity, eng.spec, {**opts, "journal": directory})
     if eng._durable is None:
