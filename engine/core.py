@@ -1596,8 +1596,9 @@ class Engine(_EngineBase, Generic[S, C, T]):
 
     def flush(self, timeout: float = 5.0) -> int:
         """fdatasync every change committed before the call to the journal
-        files; returns the durable seq (every record <= it is on disk).  Any
-        process may call it.  ``WaitTimeout`` if the writer did not write
+        files; returns the journal seq of the last of them (every record <= it
+        is on disk, and it ends a commit: a restore gives every change up to
+        it back).  Any process may call it.  ``WaitTimeout`` if the writer did not write
         them within ``timeout`` s; ``DurabilityError`` if it failed."""
         if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
                 or not 0 <= timeout < float("inf")):
@@ -1606,7 +1607,9 @@ class Engine(_EngineBase, Generic[S, C, T]):
 
     @property
     def durable_seq(self) -> int:
-        """Every journal record with seq <= it is fdatasynced to the files."""
+        """Every journal record with seq <= it is fdatasynced to the files (it
+        may stop inside a commit whose other records are not: a restore keeps
+        a commit whole or not at all; ``flush()``'s seq always ends one)."""
         return int(self._writer().info().durable_seq)
 
     def checkpoint(self) -> int:

@@ -815,7 +815,10 @@ int eng_durable_flush(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_s
         durable_fill_info(s, &durable_refused);
         return ENG_EDURABLE;
     }
-    *out_seq = load_acquire_u64(&d->durable_seq);
+    /* the seq the call was for (durable_seq >= it): a published seq, so it ends
+     * a commit, which a restore keeps whole; durable_seq itself may stop inside
+     * a later commit whose riders are not written yet */
+    *out_seq = target;
     return 0;
 }
 
