@@ -163,7 +163,12 @@ static int journal_latch(eng_seg *s, op_timer t, uint64_t *out)
     uint64_t w = load_relaxed_u64(&j->latch);
     for (uint32_t step = 0; step < ENG_JOURNAL_WAIT_STEPS; step++) {
         if (!jl_token(w)) {
-            int room = journal_room(s, jl_seq(w) + 1);   /* before the latch: waits unlatched */
+            /* room for every record this holder may fill (n + 1 and its riders,
+             * up to n + ENG_JOURNAL_MAX_FILL), not only the first: a keyed,
+             * booked open let in at the ring's last free record filled its
+             * riders over two records the files still lacked, and the writer
+             * failed (EOVERFLOW) with them lost */
+            int room = journal_room(s, jl_seq(w) + ENG_JOURNAL_MAX_FILL);   /* before the latch: waits unlatched */
             if (room)
                 return room;
             uint64_t JL = w | s->token;

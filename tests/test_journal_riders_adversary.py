@@ -44,14 +44,15 @@ class TestDurableRoomForRiders:
         written = durable_info(eng).written_seq
         os.kill(p.pid, signal.SIGSTOP)   # the holder cannot write: the ring fills
         try:
-            while eng.journal_seq + 1 < written + 16:
-                eng.open_position(1.0, 1.0)
-            # the next commit's own record is the ring's last free one; its two
-            # riders (key, books) would overwrite written + 1 and written + 2
-            try:
+            try:   # plain opens (one record each) up to the ring's last free record
+                while eng.journal_seq + 1 < written + 16:
+                    eng.open_position(1.0, 1.0)
+                # this commit's own record is the last free one; its two riders
+                # (key, books) would overwrite written + 1 and written + 2
                 eng.open_position(10.0, 1.0, key="K-rider", account=acct)
             except JournalFullError:
-                pass   # refused, nothing changed: what the fix does
+                pass   # refused, nothing changed (what the fix does)
+            assert eng.journal_seq <= written + 16, "the ring overwrote a record the files lack"
         finally:
             os.kill(p.pid, signal.SIGCONT)
         until(lambda: durable_info(eng).written_seq == eng.journal_seq or
