@@ -201,6 +201,8 @@ static void journal_fill_at(eng_seg *s, uint64_t JL, uint64_t seq, uint32_t kind
     store_relaxed_u64(&r->seq, 0);
     fence_release();   /* pairs with a reader's fence: one that copied a word below sees seq 0 */
     die_if(s, ENG_FAULT_DIE_IN_JFILL);
+    if (seq != jl_seq(JL) + 1)
+        die_if(s, ENG_FAULT_DIE_IN_RIDER);
     store_relaxed_u64(&r->latch, JL);
     /* the clock was read before the latch (J1): a holder that waited for it
      * must not record a time before the record published ahead of it */
@@ -218,6 +220,8 @@ static void journal_fill_at(eng_seg *s, uint64_t JL, uint64_t seq, uint32_t kind
     store_relaxed_u64(&r->version, version);
     store_release_u64(&r->seq, seq);   /* last: the record is whole */
     die_if(s, ENG_FAULT_DIE_AFTER_JFILL);
+    if (seq != jl_seq(JL) + 1)
+        die_if(s, ENG_FAULT_DIE_AFTER_RIDER);
 }
 
 static inline void journal_fill_release(eng_seg *s, uint64_t JL, uint32_t kind,

@@ -11,11 +11,14 @@ live engine, and (durable) a rider that overwrites a record the files lack.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import pathlib
 import signal
 from typing import Any
 
 import pytest
+from durable_helpers import check_lookups, dump
 from test_durable import (  # noqa: F401  (the fixture)
     child_writer,
     durable,
@@ -25,9 +28,122 @@ from test_durable import (  # noqa: F401  (the fixture)
     frame_keys,
     hand_off_writer,
 )
+from test_durable_adversary import Made, made, same  # noqa: F401  (the fixture)
+from test_journal import SLOT_MASK, assert_record_iff_commit
 
-from engine import Engine, JournalFullError
+from engine import Engine, JournalFullError, Trigger
+from engine._native import ffi, lib
 from tests.procs import READY_TIMEOUT, sigkill, until
+
+KEY = "K-rider"
+#: every step of a commit with riders a process can die at
+STEPS = ["ENG_FAULT_DIE_AFTER_LOCK", "ENG_FAULT_DIE_IN_KEY", "ENG_FAULT_DIE_AFTER_JLATCH",
+         "ENG_FAULT_DIE_IN_JFILL", "ENG_FAULT_DIE_AFTER_JFILL", "ENG_FAULT_DIE_IN_RIDER",
+         "ENG_FAULT_DIE_AFTER_RIDER", "ENG_FAULT_DIE_BEFORE_JPUBLISH",
+         "ENG_FAULT_DIE_AFTER_CAS", "ENG_FAULT_DIE_IN_BOOKING"]
+OPS = ["keyed booked open", "keyed open", "booked open", "booked close", "abandoned keyed open"]
+#: the exit code of a child whose fault was not on its op's path
+MISSED = 3
+#: (op, step) pairs whose step the op never passes
+OFF_PATH = {("abandoned keyed open", "ENG_FAULT_DIE_AFTER_LOCK"),
+            ("abandoned keyed open", "ENG_FAULT_DIE_IN_KEY"),
+            ("abandoned keyed open", "ENG_FAULT_DIE_IN_RIDER"),
+            ("abandoned keyed open", "ENG_FAULT_DIE_AFTER_RIDER"),
+            ("abandoned keyed open", "ENG_FAULT_DIE_IN_BOOKING"),
+            ("booked open", "ENG_FAULT_DIE_IN_KEY"), ("booked close", "ENG_FAULT_DIE_IN_KEY"),
+            ("keyed open", "ENG_FAULT_DIE_IN_BOOKING")}
+OP_STEPS = [(op, f) for op in OPS for f in STEPS if (op, f) not in OFF_PATH]
+
+
+def run_op(eng: Engine, op: str, pos: int, acct: int, fault: int) -> None:
+    """Switch ``fault`` on and run ``op`` (the fault kills the process)."""
+    if op == "abandoned keyed open":   # an open whose id never reached its caller
+        pid = eng.open_position(10.0, 1.0, key=KEY)
+        word = ffi.new("uint64_t *")
+        assert lib.eng_state_word(eng.seg, pid & SLOT_MASK, word) == 0
+        eng._set_fault(fault)
+        lib.eng_abandon_open(eng.seg, pid, word[0])
+        return
+    eng._set_fault(fault)
+    if op == "keyed booked open":
+        eng.open_position(10.0, 1.0, key=KEY, account=acct)
+    elif op == "keyed open":
+        eng.open_position(10.0, 1.0, key=KEY)
+    elif op == "booked open":
+        eng.open_position(10.0, 1.0, account=acct)
+    elif op == "booked close":
+        eng.transition(pos, Trigger.EXIT_COMPLETED, exit_price=12.5)
+
+
+def die_in(handle: Any, op: str, pos: int, acct: int, fault: int) -> None:
+    """Child: run ``op`` with ``fault`` on; exit MISSED if it did not fire."""
+    run_op(Engine.attach(handle), op, pos, acct, fault)
+    os._exit(MISSED)
+
+
+def booked_engine(make: Any) -> tuple[Engine, int, int]:
+    """An engine with an account and a booked position in EXITING."""
+    eng = make(capacity=8, max_accounts=2, keys_per_position=2)
+    acct = eng.open_account(10_000, 10_000, 5, 5_000)
+    pos = eng.open_position(10.0, 2.0, side=1, account=acct)
+    for t in (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED):
+        eng.transition(pos, t)
+    return eng, pos, acct
+
+
+def assert_riders(eng: Engine, acct: int) -> list[Any]:
+    """Record iff commit; every rider right after its slot's record, once; the
+    key recorded iff bound; the books recorded at each version, the last equal
+    to the account's."""
+    evs = assert_record_iff_commit(eng)
+    for i, ev in enumerate(evs):
+        if ev.kind == "key":   # only an open's rider here (no bind_key)
+            assert evs[i - 1].kind == "open" and evs[i - 1].id == ev.id, "a key record alone"
+        if ev.kind == "account" and i and evs[i - 1].kind in ("open", "transition", "key"):
+            slot = evs[i - 1] if evs[i - 1].kind != "key" else evs[i - 2]
+            assert slot.record.account == acct == ev.id, "books ride on another's commit"
+    owner = eng.lookup(KEY)
+    keyed = [e for e in evs if e.kind == "key" and e.record == KEY.encode()]
+    if owner is not None:
+        assert keyed and keyed[-1].id == owner, "a bound key without its record"
+    for e in keyed:
+        if e.id != owner:   # recorded, not bound: only if its opening ended later
+            assert any(r.kind == "release" and r.id == e.id for r in evs), "a key record alone"
+    books = eng.account(acct)
+    recs = [e for e in evs if e.kind == "account" and e.id == acct]
+    assert [r.record.version for r in recs] == list(range(1, books.version + 1)), \
+        "a booked change without its books' record, or one twice"
+    assert recs[-1].record == books, "the last books recorded are not the account's"
+    return evs
+
+
+def restored_equals_live(made: Made, eng: Engine) -> None:
+    """Flush, close, restore the directory: the restored engine is the live one."""
+    want = dump(eng)
+    acct_keys: dict[str, int] = {}
+    eng.flush(timeout=10)
+    d = made.jdir(eng)
+    eng.close()
+    got = made.restore(d)
+    same(want, dump(got))
+    check_lookups(got, want, acct_keys)
+
+
+class TestKillsBetweenSteps:
+    @pytest.mark.parametrize(("op", "fault"), OP_STEPS)
+    def test_a_kill_at_each_step_leaves_riders_iff_commit_and_restore_equal(
+            self, made: Made, spawner: Any, op: str, fault: str) -> None:
+        """SIGKILL at each step of each op with riders: riders iff commit, restore == live."""
+        eng, pos, acct = booked_engine(lambda **kw: made.create(journal_prices=False, **kw))
+        p = spawner.start(die_in, eng.handle, op, pos, acct, getattr(lib, fault))
+        p.join(60)
+        eng._set_fault(0)
+        assert p.exitcode == -signal.SIGKILL, f"the fault did not fire: exit {p.exitcode}"
+        eng.recover()
+        assert_riders(eng, acct)
+        eng.open_position(10.0, 1.0, key=KEY + "2", account=acct)   # the latch moves on
+        assert_riders(eng, acct)
+        restored_equals_live(made, eng)
 
 
 class TestDurableRoomForRiders:
