@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from durable_helpers import check_lookups, dump
+from journal_audit import wait_stopped
 from test_durable import (  # noqa: F401  (the fixture)
     child_writer,
     durable,
@@ -157,9 +158,10 @@ class TestDurableRoomForRiders:
         p = spawner.start(child_writer, eng.handle, ready, go, 0)
         assert ready.wait(READY_TIMEOUT)
         until(lambda: durable_info(eng).written_seq == eng.journal_seq, "the child to write")
-        written = durable_info(eng).written_seq
         os.kill(p.pid, signal.SIGSTOP)   # the holder cannot write: the ring fills
         try:
+            assert wait_stopped(p.pid, READY_TIMEOUT), "the writer never stopped"
+            written = durable_info(eng).written_seq
             try:   # plain opens (one record each) up to the ring's last free record
                 while eng.journal_seq + 1 < written + 16:
                     eng.open_position(1.0, 1.0)
