@@ -32,7 +32,7 @@ from test_durable import (  # noqa: F401  (the fixture)
 from test_durable_adversary import Made, made, same  # noqa: F401  (the fixture)
 from test_journal import SLOT_MASK, assert_record_iff_commit
 
-from engine import Engine, JournalFullError, Trigger
+from engine import Engine, JournalFullError, State, Trigger
 from engine._native import ffi, lib
 from tests.procs import READY_TIMEOUT, sigkill, until
 
@@ -183,3 +183,62 @@ class TestDurableRoomForRiders:
         assert end.torn is None
         since = max(0, eng.journal_seq - 13)
         assert frame_keys(got)[since:] == event_keys(eng, since)
+
+
+def take_over(handle: Any, how: str, acct: int, fault: int) -> None:
+    """Child: with ``fault`` on, resolve a dead opener's lock by ``how``:
+    recover(), a booked open on its account, or an open of its key."""
+    eng = Engine.attach(handle)
+    eng._set_fault(fault)
+    if how == "recover":
+        eng.recover()
+    elif how == "account":
+        eng.open_position(10.0, 1.0, account=acct)
+    else:
+        try:
+            eng.open_position(10.0, 1.0, key=KEY)
+        except Exception:
+            pass   # the rolled-forward open holds the key: refused
+    os._exit(MISSED)
+
+
+TAKER_STEPS = ["ENG_FAULT_DIE_AFTER_JLATCH", "ENG_FAULT_DIE_IN_JFILL", "ENG_FAULT_DIE_AFTER_JFILL",
+               "ENG_FAULT_DIE_IN_RIDER", "ENG_FAULT_DIE_AFTER_RIDER",
+               "ENG_FAULT_DIE_BEFORE_JPUBLISH", "ENG_FAULT_DIE_AFTER_CAS"]
+SLOW = pytest.mark.slow
+TAKERS = [("keyed booked open", "recover"),
+          pytest.param("keyed booked open", "account", marks=SLOW),
+          pytest.param("keyed booked open", "key", marks=SLOW), ("keyed open", "recover"),
+          pytest.param("keyed open", "key", marks=SLOW), ("booked open", "recover"),
+          pytest.param("booked open", "account", marks=SLOW), ("booked close", "recover"),
+          pytest.param("booked close", "account", marks=SLOW)]
+
+
+class TestTakeoverKills:
+    @pytest.mark.parametrize(("op", "how"), TAKERS)
+    @pytest.mark.parametrize("fault", TAKER_STEPS)
+    def test_a_taker_killed_at_each_step_of_a_roll_forward(self, made: Made, spawner: Any,
+                                                           op: str, how: str,
+                                                           fault: str) -> None:
+        """An opener dead after its seal, its taker dead at each step: riders iff commit, restore == live."""
+        eng, pos, acct = booked_engine(lambda **kw: made.create(journal_prices=False, **kw))
+        a = spawner.start(die_in, eng.handle, op, pos, acct, lib.ENG_FAULT_DIE_AFTER_JLATCH)
+        a.join(60)
+        assert a.exitcode == -signal.SIGKILL, "the opener did not die holding the journal latch"
+        b = spawner.start(take_over, eng.handle, how, acct, getattr(lib, fault))
+        b.join(60)
+        eng._set_fault(0)
+        assert b.exitcode == -signal.SIGKILL, f"the taker's fault did not fire: exit {b.exitcode}"
+        eng.recover()
+        evs = assert_riders(eng, acct)
+        opened = [e for e in evs if e.kind == "open" and e.record.entry_price == 10.0 and
+                  e.record.amount == 1.0]
+        if op != "booked close":
+            assert len(opened) <= 1 + (how != "recover"), "one open recorded twice"
+        if "keyed" in op:   # sealed before it died: rolled forward, key and all
+            assert eng.lookup(KEY) is not None, "a sealed open was not rolled forward"
+        else:
+            assert eng.state(pos) is State.CLOSED or op != "booked close"
+        eng.open_position(10.0, 1.0, key=KEY + "2", account=acct)
+        assert_riders(eng, acct)
+        restored_equals_live(made, eng)
