@@ -32,7 +32,7 @@ from test_durable import (  # noqa: F401  (the fixture)
 from test_durable_adversary import Made, made, same  # noqa: F401  (the fixture)
 from test_journal import SLOT_MASK, assert_record_iff_commit
 
-from engine import Engine, JournalFullError, State, Trigger
+from engine import Engine, JournalFullError, JournalLappedError, State, Trigger
 from engine._native import ffi, lib
 from tests.procs import READY_TIMEOUT, sigkill, until
 
@@ -43,6 +43,7 @@ STEPS = ["ENG_FAULT_DIE_AFTER_LOCK", "ENG_FAULT_DIE_IN_KEY", "ENG_FAULT_DIE_AFTE
          "ENG_FAULT_DIE_AFTER_RIDER", "ENG_FAULT_DIE_BEFORE_JPUBLISH",
          "ENG_FAULT_DIE_AFTER_CAS", "ENG_FAULT_DIE_IN_BOOKING"]
 OPS = ["keyed booked open", "keyed open", "booked open", "booked close", "abandoned keyed open"]
+SLOW = pytest.mark.slow
 #: the exit code of a child whose fault was not on its op's path
 MISSED = 3
 #: (op, step) pairs whose step the op never passes
@@ -205,7 +206,6 @@ def take_over(handle: Any, how: str, acct: int, fault: int) -> None:
 TAKER_STEPS = ["ENG_FAULT_DIE_AFTER_JLATCH", "ENG_FAULT_DIE_IN_JFILL", "ENG_FAULT_DIE_AFTER_JFILL",
                "ENG_FAULT_DIE_IN_RIDER", "ENG_FAULT_DIE_AFTER_RIDER",
                "ENG_FAULT_DIE_BEFORE_JPUBLISH", "ENG_FAULT_DIE_AFTER_CAS"]
-SLOW = pytest.mark.slow
 TAKERS = [("keyed booked open", "recover"),
           pytest.param("keyed booked open", "account", marks=SLOW),
           pytest.param("keyed booked open", "key", marks=SLOW), ("keyed open", "recover"),
@@ -240,5 +240,92 @@ class TestTakeoverKills:
         else:
             assert eng.state(pos) is State.CLOSED or op != "booked close"
         eng.open_position(10.0, 1.0, key=KEY + "2", account=acct)
+        assert_riders(eng, acct)
+        restored_equals_live(made, eng)
+
+
+def follow(handle: Any, out: str, ready: Any, stop: Any) -> None:
+    """Child: follow the journal from seq 0; write 'seq kind id' lines, 'LAP after resume' on a lap."""
+    eng = Engine.attach(handle)
+    ready.set()
+    after = 0
+    with open(out, "w") as f:
+        while True:
+            try:
+                for ev in eng.events(since=after, timeout=0.05):
+                    f.write(f"{ev.seq} {ev.kind} {ev.id}\n")
+                    after = ev.seq
+                if stop.is_set() and after == eng.journal_seq:
+                    return
+            except JournalLappedError as e:
+                f.write(f"LAP {after} {e.resume_seq}\n")
+                after = e.resume_seq - 1
+
+
+def followed(out: str) -> list[tuple[int, str, int]]:
+    """A follower's lines, checked: every seq once and in order, or a reported
+    lap that skips only what the ring lost; returns (seq, kind, id) lines with
+    a (0, 'LAP', resume) line at each lap."""
+    got: list[tuple[int, str, int]] = []
+    expect = 1
+    for line in pathlib.Path(out).read_text().splitlines():
+        parts = line.split()
+        if parts[0] == "LAP":
+            resume = int(parts[2])
+            assert int(parts[1]) == expect - 1 and resume > expect, "a lap that lost nothing"
+            expect = resume
+            got.append((0, "LAP", resume))
+            continue
+        seq = int(parts[0])
+        assert seq == expect, f"seq {seq} where {expect} was due (a duplicate or a silent gap)"
+        expect += 1
+        got.append((seq, parts[1], int(parts[2])))
+    return got
+
+
+def riders_follow_their_commit(got: list[tuple[int, str, int]]) -> None:
+    """Seen without a lap between: a key right after its id's open; books
+    right after a slot's record or its key (never alone, never twice)."""
+    for prev, cur in zip(got, got[1:]):
+        if prev[1] == "LAP":
+            continue
+        if cur[1] == "key":
+            assert prev[1] == "open" and prev[2] == cur[2], f"key {cur} not right after its open"
+        if cur[1] == "account" and prev[1] in ("key", "account"):
+            assert prev[1] == "key", f"books {cur} twice in a row"
+
+
+class TestStoppedWriter:
+    @pytest.mark.parametrize(("op", "fault"), [
+        pytest.param(op, f, marks=() if op == "keyed booked open" else SLOW)
+        for op, f in OP_STEPS if op != "abandoned keyed open"])
+    def test_a_writer_stopped_at_each_step_resumes_in_order(self, made: Made, spawner: Any,
+                                                            tmp_path: Any, op: str,
+                                                            fault: str) -> None:
+        """SIGSTOP at each step, then SIGCONT: a follower sees every record once, in order, riders with their commit."""
+        eng, pos, acct = booked_engine(lambda **kw: made.create(journal_prices=False, **kw))
+        ready, stop = spawner.ctx.Event(), spawner.ctx.Event()
+        out = str(tmp_path / "follow.txt")
+        f = spawner.start(follow, eng.handle, out, ready, stop)
+        assert ready.wait(READY_TIMEOUT)
+        a = spawner.start(die_in, eng.handle, op, pos, acct,
+                          getattr(lib, fault) | lib.ENG_FAULT_STOP_NOT_KILL)
+        try:
+            assert wait_stopped(a.pid, READY_TIMEOUT), "the writer never stopped"
+            eng._set_fault(0)
+            eng.recover()   # a stopped writer is alive: nothing of it resolved
+            seq = eng.journal_seq
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        a.join(60)
+        assert a.exitcode == MISSED, f"the stopped writer did not finish: exit {a.exitcode}"
+        assert eng.journal_seq >= seq
+        eng.open_position(10.0, 1.0, key=KEY + "2", account=acct)
+        stop.set()
+        f.join(60)
+        assert f.exitcode == 0, f"the follower failed: exit {f.exitcode}"
+        got = followed(out)
+        assert [g[0] for g in got] == list(range(1, eng.journal_seq + 1)), "not every record once"
+        riders_follow_their_commit(got)
         assert_riders(eng, acct)
         restored_equals_live(made, eng)
