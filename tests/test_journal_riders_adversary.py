@@ -18,7 +18,7 @@ import signal
 from typing import Any
 
 import pytest
-from durable_helpers import check_lookups, dump
+from durable_helpers import books_invariant, check_lookups, dump
 from journal_audit import wait_stopped
 from test_durable import (  # noqa: F401  (the fixture)
     child_writer,
@@ -32,7 +32,15 @@ from test_durable import (  # noqa: F401  (the fixture)
 from test_durable_adversary import Made, made, same  # noqa: F401  (the fixture)
 from test_journal import SLOT_MASK, assert_record_iff_commit
 
-from engine import Engine, JournalFullError, JournalLappedError, State, Trigger
+from engine import (
+    Engine,
+    EngineError,
+    JournalFullError,
+    JournalLappedError,
+    Outcome,
+    State,
+    Trigger,
+)
 from engine._native import ffi, lib
 from tests.procs import READY_TIMEOUT, sigkill, until
 
@@ -329,3 +337,86 @@ class TestStoppedWriter:
         riders_follow_their_commit(got)
         assert_riders(eng, acct)
         restored_equals_live(made, eng)
+
+
+def churn(handle: Any, w: int, n: int, acct: int, ready: Any, go: Any) -> None:
+    """Child: n rounds of a keyed booked, a keyed, and a booked open, each
+    closed (the booked ones booked) and released; refusals of contention skipped."""
+    eng = Engine.attach(handle)
+    ready.set()
+    go.wait(READY_TIMEOUT)
+    trigs = (Trigger.POSITION_OPENED, Trigger.EXIT_CONDITION_MET, Trigger.EXIT_STARTED,
+             Trigger.EXIT_COMPLETED)
+    for i in range(n):
+        for kw in ({"key": f"w{w}-{i}", "account": acct}, {"key": f"v{w}-{i}"},
+                   {"account": acct}):
+            try:
+                pos = eng.open_position(10.0, 1.0, **kw)
+            except EngineError:
+                continue   # busy, full, or the account's limits: nothing opened
+            for t in trigs:
+                for _ in range(100):
+                    if eng.transition(pos, t, exit_price=11.0) is Outcome.APPLIED:
+                        break
+                else:
+                    raise AssertionError(f"{t.name} never applied to {pos:#x}")
+            for _ in range(100):
+                try:
+                    eng.release_position(pos)
+                    break
+                except EngineError:
+                    pass
+    eng.close()
+
+
+WRITERS = 4   # more writer processes than the host's 2 cores
+
+
+def wrap_run(eng: Engine, spawner: Any, tmp_path: Any, rounds: int) -> list[tuple[int, str, int]]:
+    """Writers churning opens with riders through a minimal ring, followed;
+    returns the follower's checked lines."""
+    acct = eng.open_account(1_000_000, 1_000_000, 64, 500_000)
+    ctx = spawner.ctx
+    go, stop = ctx.Event(), ctx.Event()
+    readies = [ctx.Event() for _ in range(WRITERS + 1)]
+    out = str(tmp_path / "follow.txt")
+    f = spawner.start(follow, eng.handle, out, readies[0], stop)
+    writers = [spawner.start(churn, eng.handle, w, rounds, acct, readies[w + 1], go)
+               for w in range(WRITERS)]
+    for r in readies:
+        assert r.wait(READY_TIMEOUT)
+    go.set()
+    for p in writers:
+        p.join(300)
+        assert p.exitcode == 0, f"a writer failed: exit {p.exitcode}"
+    stop.set()
+    f.join(60)
+    assert f.exitcode == 0, f"the follower failed: exit {f.exitcode}"
+    got = followed(out)
+    assert max(g[0] for g in got) == eng.journal_seq
+    riders_follow_their_commit(got)
+    books = eng.account(acct)
+    assert books.open_positions == 0 and books.reserved == 0
+    books_invariant(eng)
+    return got
+
+
+class TestWrapOverRiders:
+    @pytest.mark.parametrize("rounds", [20, pytest.param(300, marks=SLOW)])
+    def test_a_minimal_ring_wrapping_over_riders(self, made: Made, spawner: Any, tmp_path: Any,
+                                                 rounds: int) -> None:
+        """A ring of the minimum size, more writers than cores: followed in order, restore == live."""
+        eng = made.create(capacity=16, max_accounts=2, journal_prices=False, keys_per_position=1,
+                          journal_records=lib.ENG_JOURNAL_MIN_RECORDS)
+        got = wrap_run(eng, spawner, tmp_path, rounds)
+        assert any(g[1] == "account" for g in got) and any(g[1] == "key" for g in got)
+        restored_equals_live(made, eng)
+
+    @pytest.mark.parametrize("rounds", [20, pytest.param(300, marks=SLOW)])
+    def test_a_minimal_shared_memory_ring_wrapping_over_riders(self, names: Any, spawner: Any,
+                                                               tmp_path: Any,
+                                                               rounds: int) -> None:
+        """The same without files (a small ring the follower can keep up with at times): laps reported, no silent gap."""
+        with Engine.create(16, name=names(), max_accounts=2, journal=True, keys_per_position=1,
+                           journal_records=64) as eng:
+            wrap_run(eng, spawner, tmp_path, rounds)
