@@ -15,6 +15,8 @@ import multiprocessing as mp
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -420,3 +422,68 @@ class TestWrapOverRiders:
         with Engine.create(16, name=names(), max_accounts=2, journal=True, keys_per_position=1,
                            journal_records=64) as eng:
             wrap_run(eng, spawner, tmp_path, rounds)
+
+
+def rm(name: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "engine", "rm", name], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "ENGINE_TEST_FAULTS": "1"})
+
+
+class TestDeadHolderOfThreeRecords:
+    @pytest.mark.parametrize("how", ["recover", "close", "rm"])
+    def test_a_committed_open_of_a_dead_holder_reaches_the_files(self, made: Made, spawner: Any,
+                                                                 how: str) -> None:
+        """A holder dead after its commit with 3 filled records: recover(), close, rm keep them; restore == live."""
+        eng, pos, acct = booked_engine(lambda **kw: made.create(journal_prices=False, **kw))
+        a = spawner.start(die_in, eng.handle, "keyed booked open", pos, acct,
+                          lib.ENG_FAULT_DIE_BEFORE_JPUBLISH)
+        a.join(60)
+        eng._set_fault(0)
+        assert a.exitcode == -signal.SIGKILL
+        want = dump(eng)   # the open committed (J3): readers of the slot see it
+        assert KEY in want["keys"]
+        d = made.jdir(eng)
+        if how == "recover":
+            eng.recover()
+            assert_riders(eng, acct)
+            eng.flush(timeout=10)
+        name = eng.name
+        eng.close()
+        if how == "rm":
+            r = rm(name)
+            assert r.returncode == 0, r.stderr
+        got = made.restore(d)
+        same(want, dump(got))
+        check_lookups(got, want, {})
+
+
+def create_and_die(name: str, d: str, q: Any) -> None:
+    """Child: create a durable engine (its writer holds the lease), book a
+    position, then die after a keyed booked open's commit (J3), before J4."""
+    eng = Engine.create(8, name=name, journal=d, journal_prices=False, max_accounts=2,
+                        keys_per_position=2)
+    acct = eng.open_account(10_000, 10_000, 5, 5_000)
+    eng.open_position(10.0, 2.0, side=1, account=acct)
+    eng.flush(timeout=10)
+    q.put((acct, eng.account(acct).version))
+    q.close()
+    q.join_thread()   # in the pipe before the kill
+    run_op(eng, "keyed booked open", 0, acct, lib.ENG_FAULT_DIE_BEFORE_JPUBLISH)
+    os._exit(MISSED)
+
+
+class TestRmOfADeadHolder:
+    def test_rm_writes_a_dead_holders_committed_riders(self, made: Made, spawner: Any) -> None:
+        """Every process dead, the last one after its commit with 3 filled records: rm then restore keeps the open, key and books."""
+        name, d = made.names(), made.dir()
+        q = spawner.ctx.Queue()
+        c = spawner.start(create_and_die, name, str(d), q)
+        acct, version = q.get(timeout=60)
+        c.join(60)
+        assert c.exitcode == -signal.SIGKILL
+        r = rm(name)
+        assert r.returncode == 0, r.stderr
+        got = made.restore(d)
+        assert got.lookup(KEY) is not None, "the committed keyed open is not in the files"
+        assert got.account(acct).version == version + 1, "its books are not in the files"
+        assert got.account(acct).open_positions == 2
