@@ -834,6 +834,11 @@ int eng_durable_release(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out
     eng_durable *d = s->durable;
     rc = 0;
     if (load_acquire_u32(&d->state) == 1 && lease_take(s)) {
+        /* a latch holder dead after its commit (J3) before publishing (J4)
+         * left committed records above the journal seq; with every process
+         * gone (rm) nobody else resolves them: roll them forward first, or
+         * the files lose a committed change and its riders */
+        journal_sweep(s);
         pthread_mutex_lock(&w->mu);
         rc = dw_step(s, w, 1, eng_journal_seq(s));
         pthread_mutex_unlock(&w->mu);
