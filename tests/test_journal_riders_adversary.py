@@ -487,3 +487,37 @@ class TestRmOfADeadHolder:
         assert got.lookup(KEY) is not None, "the committed keyed open is not in the files"
         assert got.account(acct).version == version + 1, "its books are not in the files"
         assert got.account(acct).open_positions == 2
+
+
+def transition_dying(handle: Any, pos: int, fault: int) -> None:
+    """Child: a plain transition (one record, no rider) with ``fault`` on."""
+    eng = Engine.attach(handle)
+    eng._set_fault(fault)
+    eng.transition(pos, Trigger.PAUSE)
+    os._exit(MISSED)
+
+
+class TestStaleRiders:
+    @pytest.mark.parametrize("first", ["ENG_FAULT_DIE_IN_RIDER", "ENG_FAULT_DIE_AFTER_RIDER"])
+    @pytest.mark.parametrize("second", ["ENG_FAULT_DIE_BEFORE_JPUBLISH", "ENG_FAULT_DIE_AFTER_CAS"])
+    def test_a_rider_left_by_a_rolled_back_latch_is_never_published(
+            self, made: Made, spawner: Any, first: str, second: str) -> None:
+        """A holder dead mid-riders (latch taken back), the next holder fills one record and dies: the old rider stays unpublished."""
+        eng, pos, acct = booked_engine(lambda **kw: made.create(journal_prices=False, **kw))
+        other = eng.open_position(20.0, 1.0)
+        eng.transition(other, Trigger.POSITION_OPENED)
+        n = eng.journal_seq
+        a = spawner.start(die_in, eng.handle, "keyed booked open", pos, acct, getattr(lib, first))
+        a.join(60)
+        assert a.exitcode == -signal.SIGKILL
+        b = spawner.start(transition_dying, eng.handle, other, getattr(lib, second))
+        b.join(60)
+        eng._set_fault(0)
+        assert b.exitcode == -signal.SIGKILL
+        eng.recover()
+        evs = assert_riders(eng, acct)
+        after = [(e.kind, e.id) for e in evs if e.seq > n]
+        assert after[0] == ("transition", other), "the second holder's record is not next"
+        assert [k for k, _ in after[1:]] == ["open", "key", "account"], \
+            "the rolled-forward open without its riders, or a stale rider published"
+        restored_equals_live(made, eng)
