@@ -47,6 +47,15 @@ class TestAccountKeyInItsRecords:
         assert recs[-1] == eng.account(acct)
         assert eng.account(acct).key == "desk-1" and pos
 
+    def test_a_close_is_recorded_with_the_key_it_closed(self, make_engine: Any) -> None:
+        """An account close's record carries the key the account had (both backends alike)."""
+        eng = make_engine(capacity=4, journal=True, max_accounts=2)
+        acct = eng.open_account(1000, 1000, 5, 100, key="desk-1")
+        last = eng.close_account(acct)
+        recs = account_events(eng, acct)
+        assert len(recs) == 2 and recs[-1].key == last.key == "desk-1"
+        assert eng.lookup_account("desk-1") is None
+
     def test_every_key_value_reads_back_as_bound(self, make_engine: Any) -> None:
         """Keys of every byte value, maximal length, unicode: read back, listed, recorded as bound."""
         eng = make_engine(capacity=4, journal=True, max_accounts=2, keys_per_position=1)
