@@ -13,9 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import redis
+from procs import readable
+from test_redis_calls import _lose_reply_of
 
-from engine import Engine
+from engine import Engine, KeyExistsError, ServerError
 from engine._native import lib
+from engine.store.redis.journal import RedisJournal
 
 BACKENDS = ("shm", "redis")
 KEY_MAX = lib.ENG_KEY_MAX
@@ -77,3 +81,162 @@ class TestAccountKeyInItsRecords:
         evs = list(eng.events(since=0, timeout=0))
         assert [e.record for e in evs if e.kind == "key"] == [as_bytes(k) for k in KEYS], \
             "a key record missing, twice, or not the bound key"
+
+
+# -- Redis only ---------------------------------------------------------------------------------
+def keys_of(e: Engine, shard: int, n: int, prefix: str = "k") -> list[str]:
+    """``n`` keys that hash to ``shard`` of ``e`` (a Redis engine)."""
+    out = [k for k in (f"{prefix}-{i}" for i in range(100_000))
+           if e._seg._key_shard(k.encode()) == shard][:n]
+    assert len(out) == n
+    return out
+
+
+def acct_shard(e: Engine, acct: int) -> int:
+    """The shard account ``acct`` lives on (accounts are dealt round the shards)."""
+    return (acct & lib.ENG_ID_SLOT_MASK) % len(e._seg.prefixes)
+
+
+def lose_next_reply(e: Engine) -> list[int]:
+    """The next call's reply is lost with its connection (CLIENT KILL after
+    the function ran, before the reply is read); the call is resent."""
+    conn = e._seg.conn.conn
+    cid = e._seg.conn.command("CLIENT", "ID")
+    admin = redis.Redis.from_url(e.url.split("?")[0])
+    read = conn.read_response
+    killed: list[int] = []
+
+    def lose_reply(*args: Any, **kw: Any) -> Any:
+        conn.read_response = read   # once
+        assert readable(conn._sock, 10), "no reply"   # the function ran
+        admin.execute_command("CLIENT", "KILL", "ID", cid)
+        killed.append(cid)
+        conn.disconnect()
+        raise redis.ConnectionError("killed before the reply was read")
+
+    conn.read_response = lose_reply
+    return killed
+
+
+def _all_records(e: Engine) -> list[Any]:
+    """Every record of every shard, shard by shard, each in its seq order."""
+    j = RedisJournal(e._seg, e.spec)
+    out: list[Any] = []
+    cursor = (0,) * len(j.shards)
+    while True:
+        got, cursor = j.read_cursor(cursor, 1000)
+        if not got:
+            return out
+        out += got
+
+
+def new_since(e: Engine, before: list[Any]) -> list[Any]:
+    seen = set(before)
+    return [ev for ev in _all_records(e) if ev not in seen]
+
+
+def assert_key_records_match(e: Engine, keys: list[str], pos: bool = True) -> None:
+    """Per key: exactly one key record (or account record with it) per
+    binding, naming the id the key is bound to."""
+    evs = _all_records(e)
+    for k in keys:
+        if pos:
+            recs = [ev for ev in evs if ev.kind == "key" and ev.record == k.encode()]
+            owner = e.lookup(k)
+        else:
+            recs = [ev for ev in evs if ev.kind == "account" and ev.record.key == k and
+                    ev.record.version == 1]
+            owner = e.lookup_account(k)
+        assert len(recs) == (owner is not None), f"key {k!r}: {len(recs)} records, bound to {owner}"
+        if owner is not None:
+            assert recs[0].id == owner, f"key {k!r} recorded for {recs[0].id}, bound to {owner}"
+
+
+OPENS = {
+    "keyed open": (lambda e, k, a: e.open_position(10.0, 1.0, key=k), ["open", "key"]),
+    "keyed booked open": (lambda e, k, a: e.open_position(10.0, 1.0, key=k, account=a),
+                          ["open", "key", "account"]),
+    "keyed account open": (lambda e, k, a: e.open_account(1000, 1000, 5, 100, key=k),
+                           ["account"]),
+}
+
+
+@pytest.fixture
+def rmade(made: Any) -> Any:
+    """A Redis engine with the journal on, 2 shards."""
+    def make(**kw: Any) -> Engine:
+        kw.setdefault("journal", True)
+        return made(8, shards=2, max_accounts=8, keys_per_position=1, **kw)
+    return make
+
+
+class TestLostReplies:
+    @pytest.mark.parametrize("op", list(OPENS))
+    def test_a_keyed_open_whose_reply_is_lost_is_recorded_once(self, rmade: Any, op: str) -> None:
+        """A keyed open resent after its reply was lost: one open, one key record, not two."""
+        e = rmade()
+        acct = e.open_account(10_000, 10_000, 5, 5_000)
+        k = keys_of(e, acct_shard(e, acct), 1, "lost")[0]
+        before = _all_records(e)
+        killed = lose_next_reply(e)
+        act, kinds = OPENS[op]
+        got = act(e, k, acct)
+        assert killed, "the fault never happened"
+        new = new_since(e, before)
+        assert sorted(ev.kind for ev in new) == sorted(kinds), f"recorded {[ev.kind for ev in new]}"
+        assert all(ev.id in (got, acct) for ev in new)
+        assert_key_records_match(e, [k], pos=op != "keyed account open")
+
+    @pytest.mark.parametrize("op", list(OPENS))
+    def test_a_keyed_open_given_up_on_and_made_again_is_recorded_once(self, rmade: Any,
+                                                                      op: str) -> None:
+        """A keyed open that raised ServerError (reply lost), made again: the first reply, one record."""
+        e = rmade()
+        acct = e.open_account(10_000, 10_000, 5, 5_000)
+        fn = "aopen" if op == "keyed account open" else "open"
+        k = keys_of(e, acct_shard(e, acct), 1, "again")[0]
+        _lose_reply_of(e, fn, 1)
+        act, kinds = OPENS[op]
+        before = _all_records(e)
+        with pytest.raises(ServerError):
+            act(e, k, acct)
+        got = act(e, k, acct)   # the first reply, not KeyExistsError
+        new = new_since(e, before)
+        assert sorted(ev.kind for ev in new) == sorted(kinds)
+        assert all(ev.id in (got, acct) for ev in new)
+        assert_key_records_match(e, [k], pos=op != "keyed account open")
+
+
+def race_keys(h: Any, keys: list[str], accounts: bool, go: Any, out: Any) -> None:
+    """Child: open a position (or an account) for each key once ``go`` is
+    set; put (key, id or 0 when refused as taken)."""
+    with Engine.attach(h) as e:
+        if not go.wait(60):
+            return
+        for k in keys:
+            try:
+                got = (e.open_account(1000, 1000, 5, 100, key=k) if accounts
+                       else e.open_position(10.0, 1.0, key=k))
+                out.put((k, got))
+            except KeyExistsError:
+                out.put((k, 0))
+
+
+class TestRacingCreates:
+    @pytest.mark.parametrize("accounts", [False, True], ids=["positions", "accounts"])
+    def test_processes_racing_one_key_one_winner_one_record(self, rmade: Any, spawner: Any,
+                                                            accounts: bool) -> None:
+        """Four processes opening the same keys on 2 shards: one winner per key, one key record."""
+        e = rmade()
+        keys = [*keys_of(e, 0, 3, "race"), *keys_of(e, 1, 3, "race")]
+        go, out = spawner.ctx.Event(), spawner.ctx.Queue()
+        for i in range(4):
+            spawner.start(race_keys, e.handle, keys[i:] + keys[:i], accounts, go, out)
+        go.set()
+        got = [out.get(timeout=60) for _ in range(4 * len(keys))]
+        spawner.join_all(60)
+        for k in keys:
+            winners = [a for kk, a in got if kk == k and a]
+            assert len(winners) == 1, f"key {k!r} opened {winners}"
+            assert (e.lookup_account(k) if accounts else e.lookup(k)) == winners[0]
+        assert_key_records_match(e, keys, pos=not accounts)
