@@ -10,16 +10,20 @@ id different from the commit order.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
 import redis
 from procs import readable
+from test_redis import cluster  # noqa: F401  (the three-node cluster fixture)
+from test_redis_account_shards import _begin_move, _end_move, _move_keys, _slot_mover
 from test_redis_calls import _lose_reply_of
 
-from engine import Engine, KeyExistsError, ServerError
+from engine import Engine, KeyExistsError, Outcome, ServerError
 from engine._native import lib
-from engine.store.redis.journal import RedisJournal
+from engine.store.redis.journal import RedisJournal, shard_of
 from engine.tools.redis_server import PrivateRedis
 
 BACKENDS = ("shm", "redis")
@@ -313,3 +317,74 @@ class TestKilledServer:
             finally:
                 e.unlink()
                 e.close()
+
+
+def again(call: Any, tries: int = 400) -> Any:
+    """The same call made again until it returns (a slot mid-move refuses
+    calls whose keys straddle two nodes; each try is bounded by the url's timeout)."""
+    for i in range(tries):
+        try:
+            return call()
+        except ServerError:
+            time.sleep(min(0.001 * i, 0.02))
+    raise AssertionError("the call never returned")
+
+
+CLOSE = ("POSITION_OPENED", "EXIT_CONDITION_MET", "EXIT_STARTED", "EXIT_COMPLETED")
+
+
+class TestReshard:
+    def test_per_id_order_and_one_key_record_across_a_slot_move(self, cluster: Any) -> None:  # noqa: F811
+        """Keyed opens, transitions and releases while their shard's slot moves node: per-id order, one key record."""
+        e = Engine.create(32, url=cluster + "?timeout=2", shards=3, journal=True,
+                          keys_per_position=1)
+        try:
+            keys = keys_of(e, 1, 40, "moving")
+            done: list[int] = []
+            errors: list[BaseException] = []
+            halfway = threading.Event()
+
+            def write() -> None:
+                try:
+                    for i, k in enumerate(keys):
+                        pos = again(lambda k=k: e.open_position(10.0, 1.0, key=k))
+                        for t in CLOSE:
+                            assert again(lambda t=t: e.transition(pos, t)) is Outcome.APPLIED
+                        again(lambda: e.release_position(pos))
+                        done.append(pos)
+                        if i == 5:
+                            halfway.set()
+                except BaseException as err:   # reported by the test
+                    errors.append(err)
+                    halfway.set()
+
+            w = threading.Thread(target=write)
+            w.start()
+            assert halfway.wait(60)
+            rc, slot, source, target, ids = _slot_mover(e, 1)
+            _begin_move(rc, slot, source, target, ids)
+            try:
+                at_begin = len(done)
+                _move_keys(rc, slot, source, target)
+            finally:
+                _end_move(rc, slot, target, ids)
+            w.join(120)
+            assert at_begin < len(keys), "the writer finished before the move began"
+            assert not w.is_alive() and not errors, errors
+            assert rc.get_node_from_key(e._seg.meta_keys[1]).name == target.name, "never moved"
+            rc.close()
+            evs = [ev for ev in _all_records(e) if shard_of(ev, 3) == 1]
+            assert [ev.seq for ev in evs] == list(range(1, len(evs) + 1)), "a gap or a duplicate"
+            assert len(done) == len(keys)
+            for pos, k in zip(done, keys):
+                mine = [(ev.kind, ev.state.name if ev.state else None) for ev in evs
+                        if ev.id == pos]
+                assert mine == [("open", "CREATED"), ("key", "CREATED"),
+                                ("transition", "MONITORING"), ("transition", "EXIT_PENDING"),
+                                ("transition", "EXITING"), ("transition", "CLOSED"),
+                                ("release", None)], f"id {pos:#x} out of commit order: {mine}"
+                assert [ev.record for ev in evs if ev.kind == "key" and ev.id == pos] == \
+                    [k.encode()]
+        finally:
+            e.unlink()
+            e.close()
