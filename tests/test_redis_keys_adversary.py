@@ -342,7 +342,7 @@ class TestReshard:
             keys = keys_of(e, 1, 40, "moving")
             done: list[int] = []
             errors: list[BaseException] = []
-            halfway = threading.Event()
+            halfway, moving = threading.Event(), threading.Event()
 
             def write() -> None:
                 try:
@@ -354,6 +354,7 @@ class TestReshard:
                         done.append(pos)
                         if i == 5:
                             halfway.set()
+                            assert moving.wait(60)   # the rest goes on while the slot moves
                 except BaseException as err:   # reported by the test
                     errors.append(err)
                     halfway.set()
@@ -365,6 +366,7 @@ class TestReshard:
             _begin_move(rc, slot, source, target, ids)
             try:
                 at_begin = len(done)
+                moving.set()
                 _move_keys(rc, slot, source, target)
             finally:
                 _end_move(rc, slot, target, ids)
