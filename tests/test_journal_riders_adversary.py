@@ -52,7 +52,8 @@ STEPS = ["ENG_FAULT_DIE_AFTER_LOCK", "ENG_FAULT_DIE_IN_KEY", "ENG_FAULT_DIE_AFTE
          "ENG_FAULT_DIE_IN_JFILL", "ENG_FAULT_DIE_AFTER_JFILL", "ENG_FAULT_DIE_IN_RIDER",
          "ENG_FAULT_DIE_AFTER_RIDER", "ENG_FAULT_DIE_BEFORE_JPUBLISH",
          "ENG_FAULT_DIE_AFTER_CAS", "ENG_FAULT_DIE_IN_BOOKING"]
-OPS = ["keyed booked open", "keyed open", "booked open", "booked close", "abandoned keyed open"]
+OPS = ["keyed booked open", "keyed open", "booked open", "booked close", "booked transition",
+       "abandoned keyed open"]
 SLOW = pytest.mark.slow
 #: the exit code of a child whose fault was not on its op's path
 MISSED = 3
@@ -63,7 +64,10 @@ OFF_PATH = {("abandoned keyed open", "ENG_FAULT_DIE_AFTER_LOCK"),
             ("abandoned keyed open", "ENG_FAULT_DIE_AFTER_RIDER"),
             ("abandoned keyed open", "ENG_FAULT_DIE_IN_BOOKING"),
             ("booked open", "ENG_FAULT_DIE_IN_KEY"), ("booked close", "ENG_FAULT_DIE_IN_KEY"),
-            ("keyed open", "ENG_FAULT_DIE_IN_BOOKING")}
+            ("keyed open", "ENG_FAULT_DIE_IN_BOOKING")} | {
+            ("booked transition", f) for f in ("ENG_FAULT_DIE_IN_KEY", "ENG_FAULT_DIE_IN_RIDER",
+                                               "ENG_FAULT_DIE_AFTER_RIDER",
+                                               "ENG_FAULT_DIE_IN_BOOKING")}
 OP_STEPS = [(op, f) for op in OPS for f in STEPS if (op, f) not in OFF_PATH]
 
 
@@ -75,6 +79,12 @@ def run_op(eng: Engine, op: str, pos: int, acct: int, fault: int) -> None:
         assert lib.eng_state_word(eng.seg, pid & SLOT_MASK, word) == 0
         eng._set_fault(fault)
         lib.eng_abandon_open(eng.seg, pid, word[0])
+        return
+    if op == "booked transition":   # a booked position's change that books nothing
+        mine = eng.open_position(10.0, 1.0, account=acct)
+        eng.transition(mine, Trigger.POSITION_OPENED)
+        eng._set_fault(fault)
+        eng.transition(mine, Trigger.EXIT_CONDITION_MET, exit_reason=2)
         return
     eng._set_fault(fault)
     if op == "keyed booked open":
