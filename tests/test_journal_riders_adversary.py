@@ -11,27 +11,28 @@ live engine, and (durable) a rider that overwrites a record the files lack.
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import contextlib
+import itertools
 import os
 import pathlib
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from durable_helpers import books_invariant, check_lookups, dump
 from journal_audit import wait_stopped
-from test_durable import (  # noqa: F401  (the fixture)
+from test_durable import (
     child_writer,
-    durable,
     durable_info,
     event_keys,
     file_records,
     frame_keys,
     hand_off_writer,
 )
-from test_durable_adversary import Made, made, same  # noqa: F401  (the fixture)
+from test_durable_adversary import Made, same
 from test_journal import SLOT_MASK, assert_record_iff_commit
 
 from engine import (
@@ -39,12 +40,23 @@ from engine import (
     EngineError,
     JournalFullError,
     JournalLappedError,
+    KeyExistsError,
     Outcome,
     State,
     Trigger,
 )
 from engine._native import ffi, lib
 from tests.procs import READY_TIMEOUT, sigkill, until
+
+
+@pytest.fixture
+def jmade(names: Any, tmp_path: pathlib.Path) -> Iterator[Made]:
+    """Durable engines (journal=DIR) made or restored by a test; gone at teardown."""
+    m = Made(names, tmp_path)
+    try:
+        yield m
+    finally:
+        m.cleanup()
 
 KEY = "K-rider"
 #: every step of a commit with riders a process can die at
@@ -154,9 +166,9 @@ def restored_equals_live(made: Made, eng: Engine) -> None:
 class TestKillsBetweenSteps:
     @pytest.mark.parametrize(("op", "fault"), OP_STEPS)
     def test_a_kill_at_each_step_leaves_riders_iff_commit_and_restore_equal(
-            self, made: Made, spawner: Any, op: str, fault: str) -> None:
-        """SIGKILL at each step of each op with riders: riders iff commit, restore == live."""
-        eng, pos, acct = booked_engine(lambda **kw: made.create(journal_prices=False, **kw))
+            self, jmade: Made, spawner: Any, op: str, fault: str) -> None:
+        """SIGKILL at each step of an op with riders: riders iff commit, restore == live."""
+        eng, pos, acct = booked_engine(lambda **kw: jmade.create(journal_prices=False, **kw))
         p = spawner.start(die_in, eng.handle, op, pos, acct, getattr(lib, fault))
         p.join(60)
         eng._set_fault(0)
@@ -165,14 +177,16 @@ class TestKillsBetweenSteps:
         assert_riders(eng, acct)
         eng.open_position(10.0, 1.0, key=KEY + "2", account=acct)   # the latch moves on
         assert_riders(eng, acct)
-        restored_equals_live(made, eng)
+        restored_equals_live(jmade, eng)
 
 
 class TestDurableRoomForRiders:
-    def test_riders_never_overwrite_a_record_the_files_lack(self, durable: Any,
+    def test_riders_never_overwrite_a_record_the_files_lack(self, jmade: Made,
                                                            spawner: Any) -> None:
-        """A keyed, booked open at the last free record of a stopped writer's ring: refused, files whole."""
-        eng = durable(journal_records=16, max_accounts=2)
+        """A keyed booked open at a stopped writer's last free record: refused, files whole."""
+        eng = jmade.create(journal_records=16, max_accounts=2, journal_prices=False,
+                           keys_per_position=1)
+        jdir = str(jmade.jdir(eng))
         acct = eng.open_account(10_000, 10_000, 50, 5_000)
         hand_off_writer(eng)
         ready, go = spawner.ctx.Event(), spawner.ctx.Event()
@@ -196,11 +210,11 @@ class TestDurableRoomForRiders:
             os.kill(p.pid, signal.SIGCONT)
         until(lambda: durable_info(eng).written_seq == eng.journal_seq or
               durable_info(eng).failure != 0, "the writer to drain the ring")
-        assert durable_info(eng).failure == 0, "the writer failed: a record it lacked was overwritten"
+        assert durable_info(eng).failure == 0, "the writer failed: a record it lacked is gone"
         sigkill(p)
         eng.flush(timeout=10)
-        got, end = file_records(eng.jdir)
-        assert [f.seq for f in got] == list(range(1, eng.journal_seq + 1)), "a record missing from the files"
+        got, end = file_records(jdir)
+        assert [f.seq for f in got] == list(range(1, eng.journal_seq + 1)), "a record not in files"
         assert end.torn is None
         since = max(0, eng.journal_seq - 13)
         assert frame_keys(got)[since:] == event_keys(eng, since)
@@ -216,10 +230,8 @@ def take_over(handle: Any, how: str, acct: int, fault: int) -> None:
     elif how == "account":
         eng.open_position(10.0, 1.0, account=acct)
     else:
-        try:
+        with contextlib.suppress(KeyExistsError):   # the rolled-forward open holds the key
             eng.open_position(10.0, 1.0, key=KEY)
-        except Exception:
-            pass   # the rolled-forward open holds the key: refused
     os._exit(MISSED)
 
 
@@ -237,11 +249,11 @@ TAKERS = [("keyed booked open", "recover"),
 class TestTakeoverKills:
     @pytest.mark.parametrize(("op", "how"), TAKERS)
     @pytest.mark.parametrize("fault", TAKER_STEPS)
-    def test_a_taker_killed_at_each_step_of_a_roll_forward(self, made: Made, spawner: Any,
+    def test_a_taker_killed_at_each_step_of_a_roll_forward(self, jmade: Made, spawner: Any,
                                                            op: str, how: str,
                                                            fault: str) -> None:
-        """An opener dead after its seal, its taker dead at each step: riders iff commit, restore == live."""
-        eng, pos, acct = booked_engine(lambda **kw: made.create(journal_prices=False, **kw))
+        """Opener dead after its seal, its taker dead at each step: riders iff commit."""
+        eng, pos, acct = booked_engine(lambda **kw: jmade.create(journal_prices=False, **kw))
         a = spawner.start(die_in, eng.handle, op, pos, acct, lib.ENG_FAULT_DIE_AFTER_JLATCH)
         a.join(60)
         assert a.exitcode == -signal.SIGKILL, "the opener did not die holding the journal latch"
@@ -261,11 +273,11 @@ class TestTakeoverKills:
             assert eng.state(pos) is State.CLOSED or op != "booked close"
         eng.open_position(10.0, 1.0, key=KEY + "2", account=acct)
         assert_riders(eng, acct)
-        restored_equals_live(made, eng)
+        restored_equals_live(jmade, eng)
 
 
 def follow(handle: Any, out: str, ready: Any, stop: Any) -> None:
-    """Child: follow the journal from seq 0; write 'seq kind id' lines, 'LAP after resume' on a lap."""
+    """Child: follow the journal from seq 0: 'seq kind id' lines, 'LAP after resume' on a lap."""
     eng = Engine.attach(handle)
     ready.set()
     after = 0
@@ -306,7 +318,7 @@ def followed(out: str) -> list[tuple[int, str, int]]:
 def riders_follow_their_commit(got: list[tuple[int, str, int]]) -> None:
     """Seen without a lap between: a key right after its id's open; books
     right after a slot's record or its key (never alone, never twice)."""
-    for prev, cur in zip(got, got[1:]):
+    for prev, cur in itertools.pairwise(got):
         if prev[1] == "LAP":
             continue
         if cur[1] == "key":
@@ -319,11 +331,11 @@ class TestStoppedWriter:
     @pytest.mark.parametrize(("op", "fault"), [
         pytest.param(op, f, marks=() if op == "keyed booked open" else SLOW)
         for op, f in OP_STEPS if op != "abandoned keyed open"])
-    def test_a_writer_stopped_at_each_step_resumes_in_order(self, made: Made, spawner: Any,
+    def test_a_writer_stopped_at_each_step_resumes_in_order(self, jmade: Made, spawner: Any,
                                                             tmp_path: Any, op: str,
                                                             fault: str) -> None:
-        """SIGSTOP at each step, then SIGCONT: a follower sees every record once, in order, riders with their commit."""
-        eng, pos, acct = booked_engine(lambda **kw: made.create(journal_prices=False, **kw))
+        """SIGSTOP at each step, then SIGCONT: a follower sees every record once, in order."""
+        eng, pos, acct = booked_engine(lambda **kw: jmade.create(journal_prices=False, **kw))
         ready, stop = spawner.ctx.Event(), spawner.ctx.Event()
         out = str(tmp_path / "follow.txt")
         f = spawner.start(follow, eng.handle, out, ready, stop)
@@ -348,7 +360,7 @@ class TestStoppedWriter:
         assert [g[0] for g in got] == list(range(1, eng.journal_seq + 1)), "not every record once"
         riders_follow_their_commit(got)
         assert_riders(eng, acct)
-        restored_equals_live(made, eng)
+        restored_equals_live(jmade, eng)
 
 
 def churn(handle: Any, w: int, n: int, acct: int, ready: Any, go: Any) -> None:
@@ -415,20 +427,20 @@ def wrap_run(eng: Engine, spawner: Any, tmp_path: Any, rounds: int) -> list[tupl
 
 class TestWrapOverRiders:
     @pytest.mark.parametrize("rounds", [20, pytest.param(300, marks=SLOW)])
-    def test_a_minimal_ring_wrapping_over_riders(self, made: Made, spawner: Any, tmp_path: Any,
+    def test_a_minimal_ring_wrapping_over_riders(self, jmade: Made, spawner: Any, tmp_path: Any,
                                                  rounds: int) -> None:
-        """A ring of the minimum size, more writers than cores: followed in order, restore == live."""
-        eng = made.create(capacity=16, max_accounts=2, journal_prices=False, keys_per_position=1,
+        """A minimal ring, more writers than cores: followed in order, restore == live."""
+        eng = jmade.create(capacity=16, max_accounts=2, journal_prices=False, keys_per_position=1,
                           journal_records=lib.ENG_JOURNAL_MIN_RECORDS)
         got = wrap_run(eng, spawner, tmp_path, rounds)
         assert any(g[1] == "account" for g in got) and any(g[1] == "key" for g in got)
-        restored_equals_live(made, eng)
+        restored_equals_live(jmade, eng)
 
     @pytest.mark.parametrize("rounds", [20, pytest.param(300, marks=SLOW)])
     def test_a_minimal_shared_memory_ring_wrapping_over_riders(self, names: Any, spawner: Any,
                                                                tmp_path: Any,
                                                                rounds: int) -> None:
-        """The same without files (a small ring the follower can keep up with at times): laps reported, no silent gap."""
+        """The same without files (a small ring): laps reported, no silent gap, no duplicate."""
         with Engine.create(16, name=names(), max_accounts=2, journal=True, keys_per_position=1,
                            journal_records=64) as eng:
             wrap_run(eng, spawner, tmp_path, rounds)
@@ -441,10 +453,10 @@ def rm(name: str) -> subprocess.CompletedProcess[str]:
 
 class TestDeadHolderOfThreeRecords:
     @pytest.mark.parametrize("how", ["recover", "close", "rm"])
-    def test_a_committed_open_of_a_dead_holder_reaches_the_files(self, made: Made, spawner: Any,
+    def test_a_committed_open_of_a_dead_holder_reaches_the_files(self, jmade: Made, spawner: Any,
                                                                  how: str) -> None:
-        """A holder dead after its commit with 3 filled records: recover(), close, rm keep them; restore == live."""
-        eng, pos, acct = booked_engine(lambda **kw: made.create(journal_prices=False, **kw))
+        """A holder dead after J3 with 3 records filled: recover(), close, rm keep them."""
+        eng, pos, acct = booked_engine(lambda **kw: jmade.create(journal_prices=False, **kw))
         a = spawner.start(die_in, eng.handle, "keyed booked open", pos, acct,
                           lib.ENG_FAULT_DIE_BEFORE_JPUBLISH)
         a.join(60)
@@ -452,7 +464,7 @@ class TestDeadHolderOfThreeRecords:
         assert a.exitcode == -signal.SIGKILL
         want = dump(eng)   # the open committed (J3): readers of the slot see it
         assert KEY in want["keys"]
-        d = made.jdir(eng)
+        d = jmade.jdir(eng)
         if how == "recover":
             eng.recover()
             assert_riders(eng, acct)
@@ -462,7 +474,7 @@ class TestDeadHolderOfThreeRecords:
         if how == "rm":
             r = rm(name)
             assert r.returncode == 0, r.stderr
-        got = made.restore(d)
+        got = jmade.restore(d)
         same(want, dump(got))
         check_lookups(got, want, {})
 
@@ -483,9 +495,9 @@ def create_and_die(name: str, d: str, q: Any) -> None:
 
 
 class TestRmOfADeadHolder:
-    def test_rm_writes_a_dead_holders_committed_riders(self, made: Made, spawner: Any) -> None:
-        """Every process dead, the last one after its commit with 3 filled records: rm then restore keeps the open, key and books."""
-        name, d = made.names(), made.dir()
+    def test_rm_writes_a_dead_holders_committed_riders(self, jmade: Made, spawner: Any) -> None:
+        """All dead, the last after J3 with 3 records filled: rm, restore keeps open, key, books."""
+        name, d = jmade.names(), jmade.dir()
         q = spawner.ctx.Queue()
         c = spawner.start(create_and_die, name, str(d), q)
         acct, version = q.get(timeout=60)
@@ -493,7 +505,7 @@ class TestRmOfADeadHolder:
         assert c.exitcode == -signal.SIGKILL
         r = rm(name)
         assert r.returncode == 0, r.stderr
-        got = made.restore(d)
+        got = jmade.restore(d)
         assert got.lookup(KEY) is not None, "the committed keyed open is not in the files"
         assert got.account(acct).version == version + 1, "its books are not in the files"
         assert got.account(acct).open_positions == 2
@@ -511,9 +523,9 @@ class TestStaleRiders:
     @pytest.mark.parametrize("first", ["ENG_FAULT_DIE_IN_RIDER", "ENG_FAULT_DIE_AFTER_RIDER"])
     @pytest.mark.parametrize("second", ["ENG_FAULT_DIE_BEFORE_JPUBLISH", "ENG_FAULT_DIE_AFTER_CAS"])
     def test_a_rider_left_by_a_rolled_back_latch_is_never_published(
-            self, made: Made, spawner: Any, first: str, second: str) -> None:
-        """A holder dead mid-riders (latch taken back), the next holder fills one record and dies: the old rider stays unpublished."""
-        eng, pos, acct = booked_engine(lambda **kw: made.create(journal_prices=False, **kw))
+            self, jmade: Made, spawner: Any, first: str, second: str) -> None:
+        """A rolled-back latch's rider, the next holder dead after one record: never published."""
+        eng, pos, acct = booked_engine(lambda **kw: jmade.create(journal_prices=False, **kw))
         other = eng.open_position(20.0, 1.0)
         eng.transition(other, Trigger.POSITION_OPENED)
         n = eng.journal_seq
@@ -530,4 +542,4 @@ class TestStaleRiders:
         assert after[0] == ("transition", other), "the second holder's record is not next"
         assert [k for k, _ in after[1:]] == ["open", "key", "account"], \
             "the rolled-forward open without its riders, or a stale rider published"
-        restored_equals_live(made, eng)
+        restored_equals_live(jmade, eng)
