@@ -543,3 +543,30 @@ class TestStaleRiders:
         assert [k for k, _ in after[1:]] == ["open", "key", "account"], \
             "the rolled-forward open without its riders, or a stale rider published"
         restored_equals_live(jmade, eng)
+
+
+class TestReaderRacingATakeover:
+    def test_a_waiting_reader_rolls_three_records_forward_and_reads_them_once(
+            self, jmade: Made, spawner: Any, tmp_path: Any) -> None:
+        """A holder dead after J3 with 3 records: a waiting reader publishes them, reads them once."""
+        eng, pos, acct = booked_engine(lambda **kw: jmade.create(journal_prices=False, **kw))
+        n = eng.journal_seq
+        ready, stop = spawner.ctx.Event(), spawner.ctx.Event()
+        out = str(tmp_path / "follow.txt")
+        f = spawner.start(follow, eng.handle, out, ready, stop)
+        assert ready.wait(READY_TIMEOUT)
+        a = spawner.start(die_in, eng.handle, "keyed booked open", pos, acct,
+                          lib.ENG_FAULT_DIE_BEFORE_JPUBLISH)
+        a.join(60)
+        eng._set_fault(0)
+        assert a.exitcode == -signal.SIGKILL
+        # nobody here resolves the latch: the follower's wait does, once per slice
+        until(lambda: eng.journal_seq == n + 3, "the waiting follower to roll the latch forward")
+        stop.set()
+        f.join(60)
+        assert f.exitcode == 0, f"the follower failed: exit {f.exitcode}"
+        got = followed(out)
+        assert [g[0] for g in got] == list(range(1, n + 4)), "not every record once"
+        assert [g[1] for g in got[n:]] == ["open", "key", "account"]
+        assert_riders(eng, acct)
+        restored_equals_live(jmade, eng)
