@@ -548,7 +548,7 @@ class TestStaleRiders:
 class TestReaderRacingATakeover:
     def test_a_waiting_reader_rolls_three_records_forward_and_reads_them_once(
             self, jmade: Made, spawner: Any, tmp_path: Any) -> None:
-        """A holder dead after J3 with 3 records: a waiting reader publishes them, reads them once."""
+        """A holder dead after J3 with 3 records: a waiting reader publishes, reads them once."""
         eng, pos, acct = booked_engine(lambda **kw: jmade.create(journal_prices=False, **kw))
         n = eng.journal_seq
         ready, stop = spawner.ctx.Event(), spawner.ctx.Event()
