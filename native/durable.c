@@ -784,8 +784,18 @@ int eng_durable_flush(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_s
             durable_fill_info(s, &durable_refused);
             return ENG_EDURABLE;
         }
-        if (W >= target && load_acquire_u64(&d->reserved_seq) > W)
-            break;   /* written, and the next record has its place */
+        if (W >= target && load_acquire_u64(&d->reserved_seq) > W) {
+            /* written, and the next record has its place; a failed reservation
+             * whose holder is gone is retried here (when due), or commits stay
+             * refused with nobody left to retry it: its dead holder had written
+             * every record, so the lease branch below is never reached */
+            if (failed > 0 && lease_take(s)) {
+                pthread_mutex_lock(&w->mu);
+                (void)dw_step(s, w, 0, target);   /* what is written stays durable either way */
+                pthread_mutex_unlock(&w->mu);
+            }
+            break;
+        }
         if (lease_take(s)) {   /* writes itself (and retries a failed reservation when due) */
             pthread_mutex_lock(&w->mu);
             rc = dw_step(s, w, 0, target);
