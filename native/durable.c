@@ -20,7 +20,8 @@
  *     whoever fdatasyncs the file of a written_seq it read; a file is
  *     fdatasynced whole before the first frame of the next is written, so
  *     only the file of written_seq can hold unsynced frames.
- *   journal_room (every commit, before its record is filled): seq <=
+ *   journal_room (every commit, before its records are filled; seq: its
+ *     last possible one, n + ENG_JOURNAL_MAX_FILL with riders): seq <=
  *     written_seq + ring records and seq <= reserved_seq (its frame has a
  *     place in a preallocated file: the writer reserves the next file half a
  *     file ahead, so a full disk refuses commits before one lacks a place),
