@@ -20,7 +20,8 @@
  *     whoever fdatasyncs the file of a written_seq it read; a file is
  *     fdatasynced whole before the first frame of the next is written, so
  *     only the file of written_seq can hold unsynced frames.
- *   journal_room (every commit, before its record is filled): seq <=
+ *   journal_room (every commit, before its records are filled; seq: its
+ *     last possible one, n + ENG_JOURNAL_MAX_FILL with riders): seq <=
  *     written_seq + ring records and seq <= reserved_seq (its frame has a
  *     place in a preallocated file: the writer reserves the next file half a
  *     file ahead, so a full disk refuses commits before one lacks a place),
@@ -784,8 +785,18 @@ int eng_durable_flush(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_s
             durable_fill_info(s, &durable_refused);
             return ENG_EDURABLE;
         }
-        if (W >= target && load_acquire_u64(&d->reserved_seq) > W)
-            break;   /* written, and the next record has its place */
+        if (W >= target && load_acquire_u64(&d->reserved_seq) > W) {
+            /* written, and the next record has its place; a failed reservation
+             * whose holder is gone is retried here (when due), or commits stay
+             * refused with nobody left to retry it: its dead holder had written
+             * every record, so the lease branch below is never reached */
+            if (failed > 0 && lease_take(s)) {
+                pthread_mutex_lock(&w->mu);
+                (void)dw_step(s, w, 0, target);   /* what is written stays durable either way */
+                pthread_mutex_unlock(&w->mu);
+            }
+            break;
+        }
         if (lease_take(s)) {   /* writes itself (and retries a failed reservation when due) */
             pthread_mutex_lock(&w->mu);
             rc = dw_step(s, w, 0, target);
@@ -837,6 +848,11 @@ int eng_durable_release(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out
     eng_durable *d = s->durable;
     rc = 0;
     if (load_acquire_u32(&d->state) == 1 && lease_take(s)) {
+        /* a latch holder dead after its commit (J3) before publishing (J4)
+         * left committed records above the journal seq; with every process
+         * gone (rm) nobody else resolves them: roll them forward first, or
+         * the files lose a committed change and its riders */
+        journal_sweep(s);
         pthread_mutex_lock(&w->mu);
         rc = dw_step(s, w, 1, eng_journal_seq(s));
         pthread_mutex_unlock(&w->mu);

@@ -393,6 +393,13 @@
 #define ENG_FAULT_DIE_BEFORE_JPUBLISH 4096
 /* a price writer SIGKILLs itself between its exit's commit and its price publish */
 #define ENG_FAULT_DIE_IN_EXIT 8192
+/* a committer SIGKILLs itself in J2 of a rider (a record at n + 2 or later: an
+ * open's key, a booked change's books): the rider's seq cleared, its fields not
+ * written (the slot's own record whole before it) */
+#define ENG_FAULT_DIE_IN_RIDER 32768
+/* a committer SIGKILLs itself right after a rider's J2 (the next rider, if any,
+ * not filled; the commit CAS J3 not made) */
+#define ENG_FAULT_DIE_AFTER_RIDER 65536
 /* with any ENG_FAULT_DIE_*: the process SIGSTOPs itself there instead (a stopped,
  * live holder; the test clears the switches, then sends SIGCONT) */
 #define ENG_FAULT_STOP_NOT_KILL 16384

@@ -176,7 +176,12 @@ static int journal_latch(eng_seg *s, op_timer t, uint64_t *out)
     uint64_t w = load_relaxed_u64(&j->latch);
     for (uint32_t step = 0; step < ENG_JOURNAL_WAIT_STEPS; step++) {
         if (!jl_token(w)) {
-            int room = journal_room(s, jl_seq(w) + 1);   /* before the latch: waits unlatched */
+            /* room for every record this holder may fill (n + 1 and its riders,
+             * up to n + ENG_JOURNAL_MAX_FILL), not only the first: a keyed,
+             * booked open let in at the ring's last free record filled its
+             * riders over two records the files still lacked, and the writer
+             * failed (EOVERFLOW) with them lost */
+            int room = journal_room(s, jl_seq(w) + ENG_JOURNAL_MAX_FILL);   /* before the latch: waits unlatched */
             if (room)
                 return room;
             uint64_t JL = w | s->token;
@@ -209,6 +214,8 @@ static void journal_fill_at(eng_seg *s, uint64_t JL, uint64_t seq, uint32_t kind
     store_relaxed_u64(&r->seq, 0);
     fence_release();   /* pairs with a reader's fence: one that copied a word below sees seq 0 */
     die_if(s, ENG_FAULT_DIE_IN_JFILL);
+    if (seq != jl_seq(JL) + 1)
+        die_if(s, ENG_FAULT_DIE_IN_RIDER);
     store_relaxed_u64(&r->latch, JL);
     /* the clock was read before the latch (J1): a holder that waited for it
      * must not record a time before the record published ahead of it */
@@ -227,6 +234,8 @@ static void journal_fill_at(eng_seg *s, uint64_t JL, uint64_t seq, uint32_t kind
     store_relaxed_u32(&r->riders, 0);   /* journal_fill_riders counts the slot record's */
     store_release_u64(&r->seq, seq);   /* last: the record is whole */
     die_if(s, ENG_FAULT_DIE_AFTER_JFILL);
+    if (seq != jl_seq(JL) + 1)
+        die_if(s, ENG_FAULT_DIE_AFTER_RIDER);
 }
 
 static inline void journal_fill_release(eng_seg *s, uint64_t JL, uint32_t kind,

@@ -319,7 +319,8 @@ const char *eng_strerror(int code)
                            ENG_FAULT_DIE_IN_TINDEX_DEL | ENG_FAULT_TEAR_PRICE |                \
                            ENG_FAULT_DIE_AFTER_JLATCH | ENG_FAULT_DIE_IN_JFILL |                \
                            ENG_FAULT_DIE_AFTER_JFILL | ENG_FAULT_DIE_BEFORE_JPUBLISH |            \
-                           ENG_FAULT_DIE_IN_EXIT | ENG_FAULT_STOP_NOT_KILL)
+                           ENG_FAULT_DIE_IN_EXIT | ENG_FAULT_STOP_NOT_KILL |                  \
+                           ENG_FAULT_DIE_IN_RIDER | ENG_FAULT_DIE_AFTER_RIDER)
 
 static int test_faults_on = -1;   /* -1 until the first question reads the environment */
 

@@ -27,6 +27,8 @@ _W_END = ffi.offsetof("eng_jrec", "version") + 8
 _STATE_MASK = lib.ENG_SW_STATE_MASK
 _PRICE_KIND, _HALT_KIND, _KEY_KIND = lib.ENG_JK_PRICE, lib.ENG_JK_HALT, lib.ENG_JK_KEY
 _ACCOUNT_KIND, _RELEASE_KIND = lib.ENG_JK_ACCOUNT, lib.ENG_JK_RELEASE
+_ACCT_KEY_OFF = _W_OFF + lib.ENG_DJ_ACCT_KEY_WORD * 8
+_ACCT_KEYLEN_OFF = _W_OFF + lib.ENG_DJ_ACCT_KEYLEN_WORD * 8
 _TRANSITION_KIND, _OPEN_KIND = lib.ENG_JK_TRANSITION, lib.ENG_JK_OPEN
 #: seq, ts_ns, id, word, kind, trigger (the latch word between seq and ts_ns skipped)
 _HEAD = struct.Struct("<Q8xqQQII")
@@ -143,6 +145,12 @@ class SegmentJournal:
             row.id, row.version, row.index = pid, version, pid & lib.ENG_ID_SLOT_MASK
             ffi.memmove(ffi.addressof(row[0], "b"), view[base + _W_OFF:base + _W_END],
                         ffi.sizeof("eng_books"))
+            # then the account's key and its length (ENG_DJ_ACCT_KEY_WORD): the
+            # Account an event carries is the account's, key and all
+            n = min(int.from_bytes(view[base + _ACCT_KEYLEN_OFF:base + _ACCT_KEYLEN_OFF + 8],
+                                   "little"), lib.ENG_KEY_MAX)
+            row.key_len = n
+            ffi.memmove(row.key, view[base + _ACCT_KEY_OFF:base + _ACCT_KEY_OFF + n], n)
             record = account_from_row(row)
         else:
             record = tuple.__new__(eng._rec.Context,

@@ -411,11 +411,17 @@ local function journal_pos(P, kind, slot, p, trigger)
             'v', v[4] or '0')
 end
 
--- the journal entry of account a's change (number n): its books after it
+-- the journal entry of account a's change (number n): its books after it,
+-- and its key (the Account an event carries is the account's, key and all)
 local function journal_account(P, n, a)
     local b = books(a)
     for i = 1, #BOOKS do b[i] = b[i] or '0' end
-    journal(P, 'account', 's', n, 'o', b[13], 'r', table.concat(b, ','))
+    local key = redis.call('HGET', a, 'key')
+    if key then
+        journal(P, 'account', 's', n, 'o', b[13], 'r', table.concat(b, ','), 'key', key)
+    else
+        journal(P, 'account', 's', n, 'o', b[13], 'r', table.concat(b, ','))
+    end
 end
 
 -- the account key a closing of position p books on, or nil
@@ -1118,13 +1124,13 @@ REG('aclose', once(function(keys, args)
     -- reply gets them from its request record (the account reads stale by then)
     local last = books(a)
     redis.call('HSET', a, 'open', '0')
+    journal_account(P, args[1], a)   -- with its key, as on shared memory: before it goes
     local k = redis.call('HGET', a, 'key')
     if k then   -- its key names nothing from now on
         redis.call('HDEL', P .. 'akeys', k)
         redis.call('HDEL', a, 'key')
     end
     redis.call('RPUSH', P .. 'afree', args[1])
-    journal_account(P, args[1], a)
     return {0, last}
 end))
 

@@ -46,6 +46,8 @@ _ID_SLOT_BITS = lib.ENG_ID_SLOT_BITS
 _ID_SLOT_MASK = lib.ENG_ID_SLOT_MASK
 #: entries one jread of read_array asks for at most
 ARRAY_CHUNK = 4096
+#: where an account record's key starts in its words (after the books), as on shm
+_ACCT_KEY_OFF = lib.ENG_DJ_ACCT_KEY_WORD * 8
 _POSITION_KINDS = frozenset(("open", "transition", "release", "key", "price"))
 
 
@@ -153,6 +155,9 @@ class ShardJournal:
             self._store._books_row(ident, _text(f["r"]).split(","), acct)
             b = bytes(ffi.buffer(ffi.addressof(acct[0], "b"), ffi.sizeof("eng_books")))
             words[:len(b)] = np.frombuffer(b, np.uint8)
+            key = bytes(f.get("key") or b"")[:lib.ENG_KEY_MAX]   # then the key, as on shm
+            words[_ACCT_KEY_OFF:_ACCT_KEY_OFF + len(key)] = np.frombuffer(key, np.uint8)
+            row["w"][0, lib.ENG_DJ_ACCT_KEYLEN_WORD] = len(key)
             row["version"] = int(acct.version)
             return
         if kind in ("open", "transition"):
@@ -217,6 +222,9 @@ class ShardJournal:
         if kind == "account":
             row = ffi.new("eng_account_row *")
             self._store._books_row(ident, _text(f["r"]).split(","), row)
+            key = bytes(f.get("key") or b"")[:lib.ENG_KEY_MAX]   # its key, as aread reads it
+            row.key_len = len(key)
+            ffi.memmove(row.key, key, len(key))
             return Event(seq, ts, kind, ident, None, None, account_from_row(row))
         st = int(f.get("st") or 0)
         state = self._states.get(st)
