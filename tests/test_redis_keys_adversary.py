@@ -65,6 +65,14 @@ class TestAccountKeyInItsRecords:
         assert len(recs) == 2 and recs[-1].key == last.key == "desk-1"
         assert eng.lookup_account("desk-1") is None
 
+    def test_every_account_record_has_the_next_version(self, make_engine: Any) -> None:
+        """Open, deposit, close: the account records' versions run 1, 2, 3 on both backends."""
+        eng = make_engine(capacity=4, journal=True, max_accounts=2)
+        acct = eng.open_account(1000, 1000, 5, 100, key="desk-1")
+        eng.deposit(acct, 5)
+        eng.close_account(acct)
+        assert [r.version for r in account_events(eng, acct)] == [1, 2, 3]
+
     def test_every_key_value_reads_back_as_bound(self, make_engine: Any) -> None:
         """Keys of every byte value, maximal length, unicode: read, listed, recorded as bound."""
         eng = make_engine(capacity=4, journal=True, max_accounts=2, keys_per_position=1)

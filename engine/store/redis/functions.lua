@@ -1124,6 +1124,7 @@ REG('aclose', once(function(keys, args)
     -- reply gets them from its request record (the account reads stale by then)
     local last = books(a)
     redis.call('HSET', a, 'open', '0')
+    redis.call('HINCRBY', a, 'version', 1)   -- a change of the account, as on shared memory
     journal_account(P, args[1], a)   -- with its key, as on shared memory: before it goes
     local k = redis.call('HGET', a, 'key')
     if k then   -- its key names nothing from now on
