@@ -75,6 +75,17 @@ def _pcts(lat_ns: Any) -> dict[str, float]:
             "p99_us": float(np.percentile(a, 99)) / 1e3, "n": int(a.size)}
 
 
+def _monitoring(n: int) -> tuple[Any, list[int]]:
+    """An engine (journal on, a ring of 2^16) with ``n`` positions in MONITORING."""
+    from engine import Engine, Trigger
+
+    eng = Engine.create(capacity=max(n, 4), journal=True, journal_records=1 << 16)
+    ids = [eng.open_position(entry_price=100.0, amount=1.0) for _ in range(n)]
+    for p in ids:
+        eng.transition(p, Trigger.POSITION_OPENED)
+    return eng, ids
+
+
 # -- the engine: commit -> subscriber ------------------------------------------------------
 def _engine_subscriber(handle: Any, since: int, count: int, spin_us: float, ready: Any,
                        conn: Any) -> None:
@@ -115,13 +126,10 @@ def engine_latency(spin_us: float, bursts: int, burst: int = BURST,
     """p50/p99 commit -> subscriber (another process) over paced bursts: it
     follows ``events(spin_us=spin_us)``, or with ``spin_us < 0`` calls
     ``read_events()`` in a loop (busy, numpy rows)."""
-    from engine import Engine, Trigger
+    from engine import Trigger
 
-    eng = Engine.create(capacity=max(burst, 4), journal=True, journal_records=1 << 16)
+    eng, ids = _monitoring(burst)
     try:
-        ids = [eng.open_position(entry_price=100.0, amount=1.0) for _ in range(burst)]
-        for p in ids:
-            eng.transition(p, Trigger.POSITION_OPENED)
         ctx = mp.get_context("spawn")
         ready = ctx.Event()
         rx, tx = ctx.Pipe(duplex=False)
@@ -204,15 +212,12 @@ def _executor(handle: Any, ids: list[int], since: int, count: int, way: str,
 def executor_latency(way: str, triggers: int, gap_s: float = EXECUTOR_GAP_S) -> dict[str, float]:
     """p50/p99 from a position's EXIT_PENDING to its EXIT_STARTED by an
     executor in another process that finds it ``way`` (see the module)."""
-    from engine import Engine, State, Trigger
+    from engine import State, Trigger
 
     if way not in EXECUTOR_WAYS:
         raise ValueError(f"way must be one of {EXECUTOR_WAYS}, got {way!r}")
-    eng = Engine.create(capacity=EXECUTOR_IDS, journal=True, journal_records=1 << 16)
+    eng, ids = _monitoring(EXECUTOR_IDS)
     try:
-        ids = [eng.open_position(entry_price=100.0, amount=1.0) for _ in range(EXECUTOR_IDS)]
-        for p in ids:
-            eng.transition(p, Trigger.POSITION_OPENED)
         ctx = mp.get_context("spawn")
         ready = ctx.Event()
         since = eng.journal_seq
