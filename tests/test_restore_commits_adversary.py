@@ -1,0 +1,146 @@
+"""Adversary of "a commit is restored whole or not at all" (docs/durability.md):
+the slot's record of a keyed open or a booked change counts its riders
+(eng_jrec.riders), and restore (engine/durable/restore.py, _split_commit) cuts a
+last commit missing riders as a torn tail, calls riders missing or foreign in
+the middle corruption, and flush() returns a seq that ends a commit.
+
+Forbidden outcomes: a restore that keeps part of a commit (an open without its
+key, a change without the books it moved), a cut that drops a whole commit, a
+crash or an untyped error on crafted riders counts, a restored engine whose
+journal does not restore again after it wrote on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from durable_helpers import (  # noqa: F401
+    FRAME,
+    HDR,
+    Cutter,
+    Made,
+    copy_dir,
+    crc32c,
+    dump,
+    fill,
+    journal_files,
+    locate,
+    made_engines,
+    power_cut,
+    whole_after_cut,
+)
+
+from engine import Engine
+from engine._native import ffi, lib
+from engine.errors import EngineError, RestoreError
+
+RIDERS_AT = int(ffi.offsetof("eng_jrec", "riders"))
+FILE_RECORDS = lib.ENG_DJ_FILE_RECORDS
+
+
+def state(eng: Engine) -> dict[str, Any]:
+    """dump() without the engine's name (a restore is named anew)."""
+    d = dump(eng)
+    del d["name"]
+    return d
+
+
+def gone(made: Made, eng: Engine) -> None:
+    """Close ``eng`` and remove its segment (its directory may be restored again)."""
+    name = eng.name
+    eng.close()
+    with Engine.attach(name) as e:
+        e.unlink()
+    made.engines.remove(eng)
+
+
+def keyed_booked_open(eng: Engine, a: int, key: str) -> tuple[int, int]:
+    """A keyed, booked open (three records: the slot's, its key's, the account's):
+    (position, the slot record's seq)."""
+    seq = eng.journal_seq + 1
+    p = eng.open_position(100.0, 2.0, side=1, account=a, key=key)
+    assert eng.journal_seq == seq + 2
+    return p, seq
+
+
+class TestCommitAcrossTwoFiles:
+    """The slot's record is the last frame of one journal file, its riders the
+    first two of the next."""
+
+    @pytest.fixture(name="straddle")
+    def _straddle(self, made: Made) -> tuple[Path, dict[str, Any], dict[str, Any], int]:
+        eng = made.create(max_accounts=4)
+        a = eng.open_account(100_000, 100_000, 5, 50_000, key="acct")
+        fill(eng, FILE_RECORDS - 1 - eng.journal_seq)
+        assert eng.journal_seq == FILE_RECORDS - 1
+        before = state(eng)
+        _p, seq = keyed_booked_open(eng, a, "k1")
+        assert seq == FILE_RECORDS   # the file's last frame; its riders in the next file
+        after = state(eng)
+        eng.flush(10.0)
+        src = made.jdir(eng)
+        gone(made, eng)
+        files = journal_files(src)
+        assert [int(f.name[8:28]) for f in files[:2]] == [1, FILE_RECORDS + 1]
+        return src, before, after, seq
+
+    @pytest.mark.parametrize("drop", [False, True])
+    def test_a_power_cut_at_every_byte_around_the_boundary(
+            self, made: Made, straddle: tuple[Path, dict[str, Any], dict[str, Any], int],
+            drop: bool) -> None:
+        """A cut at any frame and byte of the straddling commit: it is restored whole or not."""
+        src, before, after, seq = straddle
+        work = power_cut(src, made.dir("cut"), seq - 1)
+        f1, f2 = journal_files(src)[:2]
+        orig1, orig2 = f1.read_bytes(), f2.read_bytes()
+        head_off = HDR + (FILE_RECORDS - 1) * FRAME
+        assert len(orig1) == head_off + FRAME
+        stream = orig1[head_off:] + orig2[HDR:HDR + 2 * FRAME]
+        cuts = sorted({k * FRAME + b for k in range(3)
+                       for b in (0, 1, 4, 7, 8, 9, 16, FRAME // 2, FRAME - 1)} |
+                      {3 * FRAME})
+        for n in cuts:
+            kept = stream[:n] + bytes(3 * FRAME - n)
+            for extra in set(os.listdir(work)) - set(os.listdir(src)):
+                os.unlink(work / extra)
+            with (work / f1.name).open("r+b") as f:
+                f.seek(head_off)
+                f.write(kept[:FRAME])
+            if drop and n <= FRAME:   # the next file's creation never reached the disk
+                (work / f2.name).unlink()
+            else:
+                data = bytearray(orig2)
+                data[HDR:HDR + 2 * FRAME] = kept[FRAME:]
+                (work / f2.name).write_bytes(bytes(data))
+            whole = whole_after_cut(src, work, seq - 1)
+            got = made.restore(work)
+            want = after if whole >= seq + 2 else before
+            assert state(got) == want, (n, drop, whole)
+            assert got.restore_report.last_seq == (seq + 2 if whole >= seq + 2 else seq - 1)
+            gone(made, got)
+
+    @pytest.mark.parametrize("drop", [False, True])
+    @pytest.mark.parametrize("frames_kept", [1, 2])
+    def test_the_journal_goes_on_over_a_cut_straddling_commit(
+            self, made: Made, straddle: tuple[Path, dict[str, Any], dict[str, Any], int],
+            drop: bool, frames_kept: int) -> None:
+        """Restored over a cut straddling commit, written on and restored again: the new state."""
+        src, before, _after, seq = straddle
+        cut = power_cut(src, made.dir("cut"), seq - 1 + frames_kept, drop_files=drop)
+        got = made.restore(cut)
+        assert state(got) == before
+        assert got.restore_report.last_seq == seq - 1
+        a = next(iter(before["accounts"]))
+        for i in range(3):
+            keyed_booked_open(got, a, f"k2-{i}")
+        got.flush(10.0)
+        want = state(got)
+        gone(made, got)
+        again = made.restore(cut)
+        assert state(again) == want
+        assert again.lookup("k1") is None and again.lookup("k2-2") is not None
+        assert again.restore_report.tail_cut is None
