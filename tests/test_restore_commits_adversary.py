@@ -144,3 +144,106 @@ class TestCommitAcrossTwoFiles:
         assert state(again) == want
         assert again.lookup("k1") is None and again.lookup("k2-2") is not None
         assert again.restore_report.tail_cut is None
+
+
+def set_riders(d: Path, seq: int, riders: int) -> tuple[Path, int]:
+    """Rewrite the riders count of seq's record, its frame's CRC made valid again:
+    (file, the frame's offset)."""
+    path, off = locate(d, seq)
+    data = bytearray(path.read_bytes())
+    rec = off + FRAME - lib.ENG_JREC_SIZE
+    data[rec + RIDERS_AT:rec + RIDERS_AT + 4] = riders.to_bytes(4, "little")
+    data[off + 4:off + 8] = crc32c(bytes(data[rec:rec + lib.ENG_JREC_SIZE])).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path, off
+
+
+def riders_of(d: Path, seq: int) -> int:
+    path, off = locate(d, seq)
+    with path.open("rb") as f:
+        f.seek(off + FRAME - lib.ENG_JREC_SIZE + RIDERS_AT)
+        return int.from_bytes(f.read(4), "little")
+
+
+class TestCraftedRidersCounts:
+    """Riders counts rewritten with valid CRCs: a typed RestoreError naming the
+    file and offset, or a cut of the last commit; never a crash, never a split
+    commit restored."""
+
+    @pytest.fixture(name="journal")
+    def _journal(self, made: Made) -> tuple[Path, dict[str, int], dict[str, Any]]:
+        eng = made.create(max_accounts=4)
+        a = eng.open_account(100_000, 100_000, 5, 50_000, key="acct")
+        seqs = {}
+        _p, seqs["head"] = keyed_booked_open(eng, a, "k1")   # riders 2
+        seqs["price"] = eng.journal_seq + 1
+        eng.update_price(_p, 101.0)
+        seqs["plain"] = eng.journal_seq + 1
+        eng.open_position(100.0, 1.0)   # riders 0, a price record after it
+        eng.update_price(_p, 102.0)
+        _q, seqs["last_head"] = keyed_booked_open(eng, a, "k2")
+        eng.update_price(_q, 99.0)   # riders 0, the last record
+        seqs["end"] = eng.journal_seq
+        live = state(eng)
+        eng.flush(10.0)
+        d = made.jdir(eng)
+        gone(made, eng)
+        assert riders_of(d, seqs["head"]) == 2 and riders_of(d, seqs["plain"]) == 0
+        return d, seqs, live
+
+    @pytest.mark.parametrize("riders", [3, 255, 2**31, 2**32 - 1])
+    @pytest.mark.parametrize("where", ["head", "plain", "end"])
+    def test_a_count_past_the_largest_commit_is_corruption(
+            self, made: Made, journal: tuple[Path, dict[str, int], dict[str, Any]],
+            riders: int, where: str) -> None:
+        """A count above ENG_JOURNAL_MAX_FILL - 1, middle or end: RestoreError at or after it."""
+        d, seqs, _live = journal
+        path, off = set_riders(d, seqs[where], riders)
+        with pytest.raises(RestoreError, match=f"counts {riders} riders|should ride") as err:
+            made.restore(d)
+        assert err.value.path == str(path)  # type: ignore[attr-defined]
+        assert off <= err.value.offset < off + lib.ENG_JOURNAL_MAX_FILL * FRAME  # type: ignore[attr-defined]
+
+    @pytest.mark.parametrize(("where", "riders"), [("plain", 1), ("plain", 2), ("price", 2)])
+    def test_a_count_over_foreign_records_in_the_middle_is_corruption(
+            self, made: Made, journal: tuple[Path, dict[str, int], dict[str, Any]],
+            where: str, riders: int) -> None:
+        """A count that takes in another commit's records, in the middle: RestoreError."""
+        d, seqs, _live = journal
+        set_riders(d, seqs[where], riders)
+        with pytest.raises(RestoreError, match="should ride on the commit") as err:
+            made.restore(d)
+        path, off = err.value.path, err.value.offset  # type: ignore[attr-defined]
+        assert path is not None and off is not None and Path(path).parent == d
+
+    @pytest.mark.parametrize("riders", [1, 2])
+    def test_a_count_larger_than_what_follows_at_the_end_cuts_that_commit(
+            self, made: Made, journal: tuple[Path, dict[str, int], dict[str, Any]],
+            riders: int) -> None:
+        """The last record counting riders that never came: cut as a torn tail."""
+        d, seqs, _live = journal
+        set_riders(d, seqs["end"], riders)
+        got = made.restore(d)
+        assert got.restore_report.last_seq == seqs["end"] - 1
+        assert got.restore_report.tail_cut is not None
+
+    def test_a_last_head_counting_more_than_written_cuts_it_whole(
+            self, made: Made, journal: tuple[Path, dict[str, int], dict[str, Any]]) -> None:
+        """The last commit's head counting 2, its second rider's frame on zeroed: cut whole."""
+        d, seqs, _live = journal
+        path, off = locate(d, seqs["last_head"] + 2)
+        data = bytearray(path.read_bytes())
+        data[off:off + 2 * FRAME] = bytes(2 * FRAME)
+        path.write_bytes(bytes(data))
+        got = made.restore(d)
+        assert got.restore_report.last_seq == seqs["last_head"] - 1
+        assert got.lookup("k2") is None and got.lookup("k1") is not None
+
+    def test_a_count_below_the_riders_restores_every_record(
+            self, made: Made, journal: tuple[Path, dict[str, int], dict[str, Any]]) -> None:
+        """Heads counting 1 or 0 of their 2 riders (the rest read as their own): all restored."""
+        d, seqs, live = journal
+        set_riders(d, seqs["head"], 1)
+        set_riders(d, seqs["last_head"], 0)
+        got = made.restore(d)
+        assert state(got) == live and got.restore_report.tail_cut is None
