@@ -247,3 +247,78 @@ class TestCraftedRidersCounts:
         set_riders(d, seqs["last_head"], 0)
         got = made.restore(d)
         assert state(got) == live and got.restore_report.tail_cut is None
+
+
+class TestTornTails:
+    def test_a_torn_tail_at_any_byte_of_a_commit_and_after_it(self, made: Made) -> None:
+        """Cut at any byte of a 3-record commit or the record after: whole commits kept, no part."""
+        eng = made.create(max_accounts=4)
+        a = eng.open_account(100_000, 100_000, 5, 50_000, key="acct")
+        x = eng.open_position(100.0, 1.0)
+        durable = eng.journal_seq
+        states = [state(eng)]
+        p, head = keyed_booked_open(eng, a, "k1")
+        states.append(state(eng))
+        eng.update_price(x, 101.5)
+        states.append(state(eng))
+        eng.flush(10.0)
+        src = made.jdir(eng)
+        gone(made, eng)
+        cutter = Cutter(src, made.dir("cut"), durable)
+        for extra in sorted({k * FRAME + b for k in range(5)
+                             for b in (0, 1, 8, 9, 100, FRAME - 2, FRAME - 1)}):
+            d = cutter.cut(extra)
+            whole = whole_after_cut(src, d, durable)
+            want = 2 if whole >= head + 3 else 1 if whole >= head + 2 else 0
+            got = made.restore(d)
+            assert state(got) == states[want], (extra, whole)
+            assert got.restore_report.last_seq == [durable, head + 2, head + 3][want]
+            assert (got.lookup("k1") == p) == (want > 0)
+            gone(made, got)
+
+
+class TestCheckpointAroundACommit:
+    @pytest.mark.parametrize("kept", [0, 1, 2])
+    def test_a_checkpoint_right_before_a_split_commit(self, made: Made, kept: int) -> None:
+        """Checkpoint at the seq before a commit that lost riders: the checkpoint's state, goes on."""
+        eng = made.create(max_accounts=4)
+        a = eng.open_account(100_000, 100_000, 5, 50_000, key="acct")
+        eng.open_position(100.0, 1.0, key="k0", account=a)
+        start = eng.checkpoint()
+        before = state(eng)
+        _p, head = keyed_booked_open(eng, a, "k1")
+        assert head == start + 1
+        eng.flush(10.0)
+        src = made.jdir(eng)
+        gone(made, eng)
+        cut = power_cut(src, made.dir("cut"), head - 1 + kept)
+        got = made.restore(cut)
+        rep = got.restore_report
+        assert rep.checkpoint_seq == start and rep.last_seq == (start if kept < 3 else head + 2)
+        assert state(got) == before
+        q, _ = keyed_booked_open(got, a, "k2")
+        got.flush(10.0)
+        want = state(got)
+        gone(made, got)
+        again = made.restore(cut)
+        assert state(again) == want and again.lookup("k1") is None and again.lookup("k2") == q
+
+    @pytest.mark.parametrize("kept", [0, 1, 2, 3])
+    def test_a_checkpoint_right_after_a_commit_then_a_split_one(self, made: Made,
+                                                                kept: int) -> None:
+        """Checkpoint at a commit's end, the next commit cut at each record: whole or not."""
+        eng = made.create(max_accounts=4)
+        a = eng.open_account(100_000, 100_000, 5, 50_000, key="acct")
+        _p, head = keyed_booked_open(eng, a, "k1")
+        start = eng.checkpoint()
+        assert start == head + 2
+        before = state(eng)
+        keyed_booked_open(eng, a, "k2")
+        after = state(eng)
+        eng.flush(10.0)
+        src = made.jdir(eng)
+        gone(made, eng)
+        got = made.restore(power_cut(src, made.dir("cut"), start + kept))
+        assert got.restore_report.checkpoint_seq == start
+        assert state(got) == (after if kept == 3 else before)
+        assert got.restore_report.last_seq == (start + 3 if kept == 3 else start)
