@@ -322,3 +322,57 @@ class TestCheckpointAroundACommit:
         assert got.restore_report.checkpoint_seq == start
         assert state(got) == (after if kept == 3 else before)
         assert got.restore_report.last_seq == (start + 3 if kept == 3 else start)
+
+
+def commit_loop(handle: Any, acct: int, ready: Any, stop: Any) -> None:
+    """Child: keyed booked opens, their booked closes and releases, until ``stop``."""
+    from engine import Trigger as T
+    eng = Engine.attach(handle)
+    i = 0
+    try:
+        while not stop.is_set() and i < 100_000:
+            if i == 1:
+                ready.set()
+            p = eng.open_position(100.0, 1.0, side=1, account=acct, key=f"c-{i}")
+            for trig in (T.POSITION_OPENED, T.EXIT_CONDITION_MET, T.EXIT_STARTED):
+                eng.transition(p, trig)
+            eng.transition(p, T.EXIT_COMPLETED, exit_price=100.5)
+            eng.release_position(p)
+            i += 1
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        os._exit(2)
+    os._exit(0)
+
+
+class TestFlushEndsACommit:
+    def test_a_power_cut_at_what_flush_returned_keeps_every_change(
+            self, made: Made, spawner: Any) -> None:
+        """flush() racing another process's commits with riders: a cut at its seq loses nothing."""
+        eng = made.create(capacity=64, max_accounts=4, journal_prices=False)
+        a = eng.open_account(10**9, 10**9, 50, 10**8, key="acct")
+        ready, stop = spawner.ctx.Event(), spawner.ctx.Event()
+        child = spawner.start(commit_loop, eng.handle, a, ready, stop)
+        assert ready.wait(60)
+        got_seqs: list[int] = []
+        try:   # until 50 flushes returned different seqs (bounded)
+            while len(got_seqs) < 20_000 and len(set(got_seqs)) < 50:
+                got_seqs.append(eng.flush(10.0))
+        finally:
+            stop.set()
+            child.join(60)
+        assert child.exitcode == 0, f"the committer failed (exit {child.exitcode})"
+        eng.flush(10.0)
+        src = made.jdir(eng)
+        gone(made, eng)
+        from durable_helpers import whole_commits
+        ends = sorted(set(got_seqs))
+        assert len(ends) > 10, "the child committed too little to race flush"
+        split = [d for d in ends if whole_commits(src, d) != d]
+        assert not split, f"flush returned seqs inside a commit: {split[:5]}"
+        for d in (ends[0], ends[len(ends) // 2], ends[-1]):
+            for extra in (0, FRAME + 9):
+                got = made.restore(power_cut(src, made.dir("cut"), d, extra=extra))
+                assert got.restore_report.last_seq >= d, (d, extra)
+                gone(made, got)
