@@ -13,7 +13,7 @@ journal does not restore again after it wrote on.
 from __future__ import annotations
 
 import os
-import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,10 @@ from durable_helpers import (  # noqa: F401
     made_engines,
     power_cut,
     whole_after_cut,
+    whole_commits,
 )
+from test_journal_riders_adversary import booked_engine, die_in
+from test_tools import run
 
 from engine import Engine
 from engine._native import ffi, lib
@@ -366,7 +369,6 @@ class TestFlushEndsACommit:
         eng.flush(10.0)
         src = made.jdir(eng)
         gone(made, eng)
-        from durable_helpers import whole_commits
         ends = sorted(set(got_seqs))
         assert len(ends) > 10, "the child committed too little to race flush"
         split = [d for d in ends if whole_commits(src, d) != d]
@@ -376,3 +378,39 @@ class TestFlushEndsACommit:
                 got = made.restore(power_cut(src, made.dir("cut"), d, extra=extra))
                 assert got.restore_report.last_seq >= d, (d, extra)
                 gone(made, got)
+
+
+class TestKilledMidRiders:
+    @pytest.mark.parametrize("then", ["recover", "rm"])
+    @pytest.mark.parametrize("fault", ["ENG_FAULT_DIE_IN_RIDER", "ENG_FAULT_DIE_AFTER_RIDER"])
+    @pytest.mark.parametrize("op", ["keyed booked open", "keyed open", "booked close"])
+    def test_a_committer_killed_in_its_riders_then_recover_or_rm_restores_equal(
+            self, made: Made, spawner: Any, capsys: Any, op: str, fault: str,
+            then: str) -> None:
+        """SIGKILL in a commit's riders, files on, recover() or rm: restore equals the engine."""
+        eng, pos, acct = booked_engine(lambda **kw: made.create(journal_prices=False, **kw))
+        before = state(eng)
+        child = spawner.start(die_in, eng.handle, op, pos, acct, getattr(lib, fault))
+        child.join(60)
+        eng._set_fault(0)
+        assert child.exitcode == -signal.SIGKILL, f"the fault did not fire: {child.exitcode}"
+        d = made.jdir(eng)
+        if then == "recover":
+            eng.recover()
+            want = state(eng)
+            eng.flush(10.0)
+            gone(made, eng)
+        else:   # the unpublished commit rolls back: the engine as before it
+            name = eng.name
+            eng.close()
+            made.engines.remove(eng)
+            code, _out, err = run(capsys, "rm", name)
+            assert code == 0, err
+            want = before
+        got = made.restore(d)
+        assert state(got) == want
+        assert got.restore_report.tail_cut is None
+        got.open_position(10.0, 1.0, key="after", account=acct)   # the journal goes on
+        want = state(got)
+        gone(made, got)
+        assert state(made.restore(d)) == want
