@@ -31,10 +31,11 @@ from durable_helpers import (  # noqa: F401
     locate,
     made_engines,
     power_cut,
+    books_invariant,
     whole_after_cut,
     whole_commits,
 )
-from test_journal_riders_adversary import booked_engine, die_in
+from test_journal_riders_adversary import KEY, booked_engine, die_in
 from test_tools import run
 
 from engine import Engine
@@ -414,3 +415,24 @@ class TestKilledMidRiders:
         want = state(got)
         gone(made, got)
         assert state(made.restore(d)) == want
+
+    @pytest.mark.parametrize("fault", ["ENG_FAULT_DIE_BEFORE_JPUBLISH", "ENG_FAULT_DIE_AFTER_CAS"])
+    def test_a_committer_killed_after_its_commit_then_rm_restores_it_whole(
+            self, made: Made, spawner: Any, capsys: Any, fault: str) -> None:
+        """SIGKILL after the commit CAS, unpublished, then close and rm: restored with riders."""
+        eng, pos, acct = booked_engine(lambda **kw: made.create(journal_prices=False, **kw))
+        child = spawner.start(die_in, eng.handle, "keyed booked open", pos, acct,
+                              getattr(lib, fault))
+        child.join(60)
+        eng._set_fault(0)
+        assert child.exitcode == -signal.SIGKILL, f"the fault did not fire: {child.exitcode}"
+        d, name = made.jdir(eng), eng.name
+        eng.close()
+        made.engines.remove(eng)
+        code, _out, err = run(capsys, "rm", name)
+        assert code == 0, err
+        got = made.restore(d)
+        p = got.lookup(KEY)
+        assert p is not None, "a committed open lost by rm"
+        assert int(next(iter(got.accounts()))["open_positions"]) == 2
+        books_invariant(got)
