@@ -436,3 +436,22 @@ class TestKilledMidRiders:
         assert p is not None, "a committed open lost by rm"
         assert int(next(iter(got.accounts()))["open_positions"]) == 2
         books_invariant(got)
+
+
+class TestMissingRecordsBeforeACutCommit:
+    def test_a_lost_first_file_before_a_cut_commit_is_records_missing(self, made: Made) -> None:
+        """The first file gone, the next holding only a commit that lost riders: RestoreError."""
+        eng = made.create(max_accounts=4)
+        a = eng.open_account(100_000, 100_000, 5, 50_000, key="acct")
+        fill(eng, FILE_RECORDS - eng.journal_seq)
+        _p, head = keyed_booked_open(eng, a, "k1")
+        assert head == FILE_RECORDS + 1   # the next file's first record
+        eng.flush(10.0)
+        src = made.jdir(eng)
+        gone(made, eng)
+        cut = power_cut(src, made.dir("cut"), head)   # the head kept, its riders lost
+        first = journal_files(cut)[0]
+        first.unlink()
+        with pytest.raises(RestoreError, match="records missing") as err:
+            made.restore(cut)
+        assert err.value.path == str(journal_files(cut)[0])  # type: ignore[attr-defined]
