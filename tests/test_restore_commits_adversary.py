@@ -439,7 +439,9 @@ class TestKilledMidRiders:
 
 
 class TestMissingRecordsBeforeACutCommit:
-    def test_a_lost_first_file_before_a_cut_commit_is_records_missing(self, made: Made) -> None:
+    @pytest.mark.parametrize("riders_kept", [0, 1, 2])
+    def test_a_lost_first_file_before_a_cut_commit_is_records_missing(
+            self, made: Made, riders_kept: int) -> None:
         """The first file gone, the next holding only a commit that lost riders: RestoreError."""
         eng = made.create(max_accounts=4)
         a = eng.open_account(100_000, 100_000, 5, 50_000, key="acct")
@@ -449,7 +451,7 @@ class TestMissingRecordsBeforeACutCommit:
         eng.flush(10.0)
         src = made.jdir(eng)
         gone(made, eng)
-        cut = power_cut(src, made.dir("cut"), head)   # the head kept, its riders lost
+        cut = power_cut(src, made.dir("cut"), head + riders_kept)   # 2: the commit whole
         first = journal_files(cut)[0]
         first.unlink()
         with pytest.raises(RestoreError, match="records missing") as err:
