@@ -23,7 +23,7 @@ from durable_helpers import (  # noqa: F401
     HDR,
     Cutter,
     Made,
-    copy_dir,
+    books_invariant,
     crc32c,
     dump,
     fill,
@@ -31,7 +31,6 @@ from durable_helpers import (  # noqa: F401
     locate,
     made_engines,
     power_cut,
-    books_invariant,
     whole_after_cut,
     whole_commits,
 )
@@ -40,7 +39,7 @@ from test_tools import run
 
 from engine import Engine
 from engine._native import ffi, lib
-from engine.errors import EngineError, RestoreError
+from engine.errors import RestoreError
 
 RIDERS_AT = int(ffi.offsetof("eng_jrec", "riders"))
 FILE_RECORDS = lib.ENG_DJ_FILE_RECORDS
@@ -284,7 +283,7 @@ class TestTornTails:
 class TestCheckpointAroundACommit:
     @pytest.mark.parametrize("kept", [0, 1, 2])
     def test_a_checkpoint_right_before_a_split_commit(self, made: Made, kept: int) -> None:
-        """Checkpoint at the seq before a commit that lost riders: the checkpoint's state, goes on."""
+        """Checkpoint right before a commit that lost riders: its state; the journal goes on."""
         eng = made.create(max_accounts=4)
         a = eng.open_account(100_000, 100_000, 5, 50_000, key="acct")
         eng.open_position(100.0, 1.0, key="k0", account=a)
