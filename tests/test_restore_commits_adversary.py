@@ -148,6 +148,30 @@ class TestCommitAcrossTwoFiles:
         assert again.lookup("k1") is None and again.lookup("k2-2") is not None
         assert again.restore_report.tail_cut is None
 
+    @pytest.mark.parametrize("extra", [1, FRAME // 2, FRAME - 1, FRAME + 9])
+    def test_the_journal_goes_on_over_a_torn_next_file(
+            self, made: Made, straddle: tuple[Path, dict[str, Any], dict[str, Any], int],
+            extra: int) -> None:
+        """The riders' file torn, one record written on, then a straddling one: each restores."""
+        src, before, _after, seq = straddle
+        cut = power_cut(src, made.dir("cut"), seq, extra=extra)
+        got = made.restore(cut)
+        assert state(got) == before
+        x = next(iter(before["positions"]))
+        got.update_price(x, 77.0)   # one record: the first file's last frame
+        got.flush(10.0)
+        want = state(got)
+        gone(made, got)
+        again = made.restore(cut)
+        assert state(again) == want and again.restore_report.last_seq == seq
+        a = next(iter(before["accounts"]))
+        keyed_booked_open(again, a, "k3")   # in the next file, over the torn bytes
+        again.flush(10.0)
+        want = state(again)
+        gone(made, again)
+        third = made.restore(cut)
+        assert state(third) == want and third.restore_report.tail_cut is None
+
 
 def set_riders(d: Path, seq: int, riders: int) -> tuple[Path, int]:
     """Rewrite the riders count of seq's record, its frame's CRC made valid again:
