@@ -126,14 +126,15 @@ class TestCommitAcrossTwoFiles:
             assert got.restore_report.last_seq == (seq + 2 if whole >= seq + 2 else seq - 1)
             gone(made, got)
 
-    @pytest.mark.parametrize("drop", [False, True])
-    @pytest.mark.parametrize("frames_kept", [1, 2])
+    @pytest.mark.parametrize(("frames_kept", "drop"), [(1, False), (1, True), (2, False)])
     def test_the_journal_goes_on_over_a_cut_straddling_commit(
             self, made: Made, straddle: tuple[Path, dict[str, Any], dict[str, Any], int],
             drop: bool, frames_kept: int) -> None:
         """Restored over a cut straddling commit, written on and restored again: the new state."""
         src, before, _after, seq = straddle
-        cut = power_cut(src, made.dir("cut"), seq - 1 + frames_kept, drop_files=drop)
+        cut = power_cut(src, made.dir("cut"), seq - 1 + frames_kept)
+        if drop:   # the riders' file never reached the disk
+            journal_files(cut)[1].unlink()
         got = made.restore(cut)
         assert state(got) == before
         assert got.restore_report.last_seq == seq - 1
