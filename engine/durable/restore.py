@@ -251,17 +251,18 @@ def load_directory(directory: str | os.PathLike[str]) -> Loaded:
     tail = allr[n_ck:]
     tail_src = np.concatenate(srcs) if srcs else np.zeros(0, dtype=np.int64)
     tail_file = np.concatenate(fidx) if fidx else np.zeros(0, dtype=np.int32)
-    split = _split_commit(tail, lambda j: (files[int(tail_file[j])], int(tail_src[j])))
-    if split is not None:   # the last commit lost riders: cut whole, as a torn tail
-        tail_cut = (files[int(tail_file[split])], int(tail_src[split]))
-        allr, tail_src, tail_file = allr[:n_ck + split], tail_src[:split], tail_file[:split]
-        tail = allr[n_ck:]
+    # records missing before the tail, checked before a cut commit could empty it
     first_needed = ckpt_seq + 1
     if len(tail) and int(tail["seq"][0]) != first_needed:
         raise RestoreError(f"{files[int(tail_file[0])]}: the journal resumes at seq "
                            f"{int(tail['seq'][0])}, the restore needs seq {first_needed} "
                            f"({'checkpoint ' + ckpt_name if ckpt_name else 'no checkpoint'}): "
                            "records missing", files[int(tail_file[0])], int(tail_src[0]))
+    split = _split_commit(tail, lambda j: (files[int(tail_file[j])], int(tail_src[j])))
+    if split is not None:   # the last commit lost riders: cut whole, as a torn tail
+        tail_cut = (files[int(tail_file[split])], int(tail_src[split]))
+        allr, tail_src, tail_file = allr[:n_ck + split], tail_src[:split], tail_file[:split]
+        tail = allr[n_ck:]
     return Loaded(meta, spec, allr, n_ck, ckpt_name, ckpt_seq, tail_src, tail_file, files,
                   tail_cut, tuple(skipped))
 
