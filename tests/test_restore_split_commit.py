@@ -15,6 +15,9 @@ a torn tail.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +163,21 @@ class TestSplitCommitInTheMiddle:
         with pytest.raises(RestoreError, match="should ride on the commit") as err:
             made.restore(d)
         assert err.value.offset == off   # type: ignore[attr-defined]
+
+
+class TestSplitCommitInTheFilesCommand:
+    def test_journal_command_holds_a_cut_commit_back(self, made: Made) -> None:
+        """`journal DIR` prints what a restore keeps: a cut commit is reported, not printed."""
+        eng = made.create(max_accounts=4)
+        before = eng.journal_seq
+        eng.open_position(100.0, 2.0, key="order-1")
+        eng.flush(10.0)
+        eng.close()
+        cut = power_cut(made.jdir(eng), made.dir("cut"), before + 1)   # the open, not its key
+        r = subprocess.run([sys.executable, "-m", "engine", "journal", str(cut), "--json"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert [json.loads(line)["seq"] for line in r.stdout.splitlines()] == \
+            list(range(1, before + 1))
+        assert "a commit cut short (1 of its 2 records" in r.stderr
+        assert f"after seq {before}" in r.stderr

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from engine._native import lib
 from engine.durable import format as fmt
 
 FRAME = fmt.FRAME_BYTES
@@ -58,9 +59,35 @@ def journal_files(path: str) -> list[tuple[int, str]]:
 
 def read(path: str, since: int = 0, end: End | None = None) -> Iterator[Frame]:
     """Every valid record with seq > ``since`` in directory ``path``, in seq
-    order; stops at the first invalid frame and fills ``end`` with where
+    order, a commit's records all or none (as a restore keeps them: a last
+    commit whose riders are not all on disk is held back and reported as a
+    torn tail); stops at the first invalid frame and fills ``end`` with where
     and why (a clean end leaves ``end.torn`` None)."""
     end = end if end is not None else End()
+    held: list[Frame] = []   # a commit's records until its last one is read
+    for fr in _valid_frames(path, since, end):
+        if fr.riders >= lib.ENG_JOURNAL_MAX_FILL:   # crafted: no commit has that many
+            end.path, end.offset = fr.path, fr.offset
+            end.torn = (f"the record counts {fr.riders} riders "
+                        f"(at most {lib.ENG_JOURNAL_MAX_FILL - 1})")
+            end.last_seq = (held[0].seq if held else fr.seq) - 1
+            return
+        if held or fr.riders:
+            held.append(fr)
+            if len(held) == 1 + held[0].riders:
+                yield from held
+                held = []
+        else:
+            yield fr
+    if held:
+        end.last_seq = held[0].seq - 1
+        cut = (f"a commit cut short ({len(held)} of its {1 + held[0].riders} records, "
+               f"from {held[0].path} offset {held[0].offset})")
+        end.torn = cut if end.torn is None else f"{cut}; then {end.torn}"
+
+
+def _valid_frames(path: str, since: int, end: End) -> Iterator[Frame]:
+    """read()'s frames one by one, whole commits or not."""
     files = journal_files(path)
     expect = 0
     for i, (first, fpath) in enumerate(files):
