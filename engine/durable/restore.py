@@ -280,15 +280,14 @@ def _split_commit(tail: np.ndarray, where: Any) -> int | None:
     heads = np.flatnonzero(riders)
     if not len(heads):
         return None
+    over = heads[riders[heads] >= lib.ENG_JOURNAL_MAX_FILL]
+    if len(over):
+        path, off = where(int(over[0]))
+        raise RestoreError(f"{path}: the record at byte {off} counts {int(riders[over[0]])} "
+                           f"riders (at most {lib.ENG_JOURNAL_MAX_FILL - 1})", path, off)
     n, latch = len(tail), tail["latch"]
-    for k in range(1, lib.ENG_JOURNAL_MAX_FILL + 1):
-        has = heads[riders[heads] >= k]
-        if k == lib.ENG_JOURNAL_MAX_FILL and len(has):
-            path, off = where(int(has[0]))
-            raise RestoreError(f"{path}: the record at byte {off} counts "
-                               f"{int(riders[has[0]])} riders (at most "
-                               f"{lib.ENG_JOURNAL_MAX_FILL - 1})", path, off)
-        has = has[has + k < n]
+    for k in range(1, lib.ENG_JOURNAL_MAX_FILL):   # the k-th rider of each commit read
+        has = heads[(riders[heads] >= k) & (heads + k < n)]
         bad = has[(latch[has + k] != latch[has]) | (riders[has + k] != 0)]
         if len(bad):
             path, off = where(int(bad[0]) + k)
