@@ -48,6 +48,8 @@
  * with the slot's (journal_publish_n); a takeover that rolls forward
  * publishes every record filled under JL (each filled before J3, so all of
  * them), one that rolls back none.  At most ENG_JOURNAL_MAX_FILL records.
+ * The slot's record counts them (eng_jrec.riders, stored before J3), so a
+ * reader of the files tells a whole commit from one a power cut split.
  * The model has them (journal.pml: a commit of 1 + r records, r <= 2, and
  * the reader's retention of records - ENG_JOURNAL_MAX_FILL across the wrap);
  * its mutations 5-7 are a takeover that publishes only the slot's record, a
@@ -181,7 +183,7 @@ static int journal_latch(eng_seg *s, op_timer t, uint64_t *out)
              * booked open let in at the ring's last free record filled its
              * riders over two records the files still lacked, and the writer
              * failed (EOVERFLOW) with them lost */
-            int room = journal_room(s, jl_seq(w) + ENG_JOURNAL_MAX_FILL);   /* before the latch: waits unlatched */
+            int room = journal_room(s, jl_seq(w) + ENG_JOURNAL_MAX_FILL);   /* waits unlatched */
             if (room)
                 return room;
             uint64_t JL = w | s->token;
