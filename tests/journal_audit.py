@@ -30,6 +30,7 @@ import pytest
 
 from engine import Engine, Trigger
 from engine._native import ffi, lib
+from engine.errors import JournalLappedError
 from engine.journal import Event
 
 SLOT_MASK = (1 << lib.ENG_ID_SLOT_BITS) - 1
@@ -400,3 +401,24 @@ class World:
 
 KINDS = ["open", "booked_open", "fast", "slow", "booked_close", "release", "key", "account",
          "halt", "price", "exit_fire"]
+
+
+def follow_to_file(handle: Any, out: str, ready: Any, stop: Any) -> None:
+    """Child: follow the journal from seq 0 until ``stop`` is set and it has read
+    everything; write 'seq kind id state' lines (state '-' for a record of no
+    position), and 'LAP after resume' at each lap."""
+    eng = Engine.attach(handle)
+    ready.set()
+    after = 0
+    with open(out, "w") as f:
+        while True:
+            try:
+                for ev in eng.events(since=after, timeout=0.05):
+                    state = ev.state.name if ev.state is not None else "-"
+                    f.write(f"{ev.seq} {ev.kind} {ev.id} {state}\n")
+                    after = ev.seq
+                if stop.is_set() and after == eng.journal_seq:
+                    return
+            except JournalLappedError as e:
+                f.write(f"LAP {after} {e.resume_seq}\n")
+                after = e.resume_seq - 1

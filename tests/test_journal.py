@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from journal_audit import journal_on  # noqa: F401 (the make_engine fixture, journal on)
+from journal_audit import follow_to_file, journal_on  # noqa: F401 (make_engine: journal on)
 
 from engine import (
     ArgumentError,
@@ -459,24 +459,6 @@ def racer(handle: Any, ids: list[int], n: int, ready: Any, go: Any) -> None:
                        else Trigger.RESUME)
 
 
-def follower(handle: Any, out: Any, ready: Any, stop: Any) -> None:
-    """Child: follow the journal from seq 0; write 'seq id state' lines, LAP on a lap."""
-    eng = Engine.attach(handle)
-    ready.set()
-    after = 0
-    with open(out, "w") as f:
-        while True:
-            try:
-                for ev in eng.events(since=after, timeout=0.2):
-                    f.write(f"{ev.seq} {ev.id} {ev.state.name}\n")
-                    after = ev.seq
-                if stop.is_set() and after == eng.journal_seq:
-                    return
-            except JournalLappedError as e:
-                f.write(f"LAP {after} {e.resume_seq}\n")
-                after = e.resume_seq - 1
-
-
 class TestRacingWriters:
     def test_no_duplicate_no_silent_gap_across_wraps(self, make_engine: Any, spawner: Any,
                                                      tmp_path: Any) -> None:
@@ -494,7 +476,7 @@ class TestRacingWriters:
         go, stop = ctx.Event(), ctx.Event()
         readies = [ctx.Event() for _ in range(5)]
         out = str(tmp_path / "follow.txt")
-        spawner.start(follower, eng.handle, out, readies[0], stop)
+        spawner.start(follow_to_file, eng.handle, out, readies[0], stop)
         writers = [spawner.start(racer, eng.handle, ids[i::2] if i < 2 else ids, 3000,
                                  readies[i + 1], go) for i in range(4)]
         for r in readies:
@@ -521,7 +503,7 @@ class TestRacingWriters:
                 expect = resume
                 last_state.clear()
                 continue
-            seq, pid, st = int(parts[0]), int(parts[1]), parts[2]
+            seq, pid, st = int(parts[0]), int(parts[2]), parts[3]
             assert seq == expect, f"seq {seq} where {expect} was due (duplicate or silent gap)"
             expect += 1
             if pid in last_state and st != "CREATED":

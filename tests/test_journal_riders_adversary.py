@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from durable_helpers import books_invariant, check_lookups, dump
-from journal_audit import wait_stopped
+from journal_audit import follow_to_file, wait_stopped
 from test_durable import (
     child_writer,
     durable_info,
@@ -40,7 +40,6 @@ from engine import (
     Engine,
     EngineError,
     JournalFullError,
-    JournalLappedError,
     KeyExistsError,
     Outcome,
     State,
@@ -277,24 +276,6 @@ class TestTakeoverKills:
         restored_equals_live(jmade, eng)
 
 
-def follow(handle: Any, out: str, ready: Any, stop: Any) -> None:
-    """Child: follow the journal from seq 0: 'seq kind id' lines, 'LAP after resume' on a lap."""
-    eng = Engine.attach(handle)
-    ready.set()
-    after = 0
-    with open(out, "w") as f:
-        while True:
-            try:
-                for ev in eng.events(since=after, timeout=0.05):
-                    f.write(f"{ev.seq} {ev.kind} {ev.id}\n")
-                    after = ev.seq
-                if stop.is_set() and after == eng.journal_seq:
-                    return
-            except JournalLappedError as e:
-                f.write(f"LAP {after} {e.resume_seq}\n")
-                after = e.resume_seq - 1
-
-
 def followed(out: str) -> list[tuple[int, str, int]]:
     """A follower's lines, checked: every seq once and in order, or a reported
     lap that skips only what the ring lost; returns (seq, kind, id) lines with
@@ -339,7 +320,7 @@ class TestStoppedWriter:
         eng, pos, acct = booked_engine(lambda **kw: jmade.create(journal_prices=False, **kw))
         ready, stop = spawner.ctx.Event(), spawner.ctx.Event()
         out = str(tmp_path / "follow.txt")
-        f = spawner.start(follow, eng.handle, out, ready, stop)
+        f = spawner.start(follow_to_file, eng.handle, out, ready, stop)
         assert ready.wait(READY_TIMEOUT)
         a = spawner.start(die_in, eng.handle, op, pos, acct,
                           getattr(lib, fault) | lib.ENG_FAULT_STOP_NOT_KILL)
@@ -405,7 +386,7 @@ def wrap_run(eng: Engine, spawner: Any, tmp_path: Any, rounds: int) -> list[tupl
     go, stop = ctx.Event(), ctx.Event()
     readies = [ctx.Event() for _ in range(WRITERS + 1)]
     out = str(tmp_path / "follow.txt")
-    f = spawner.start(follow, eng.handle, out, readies[0], stop)
+    f = spawner.start(follow_to_file, eng.handle, out, readies[0], stop)
     writers = [spawner.start(churn, eng.handle, w, rounds, acct, readies[w + 1], go)
                for w in range(WRITERS)]
     for r in readies:
@@ -554,7 +535,7 @@ class TestReaderRacingATakeover:
         n = eng.journal_seq
         ready, stop = spawner.ctx.Event(), spawner.ctx.Event()
         out = str(tmp_path / "follow.txt")
-        f = spawner.start(follow, eng.handle, out, ready, stop)
+        f = spawner.start(follow_to_file, eng.handle, out, ready, stop)
         assert ready.wait(READY_TIMEOUT)
         a = spawner.start(die_in, eng.handle, "keyed booked open", pos, acct,
                           lib.ENG_FAULT_DIE_BEFORE_JPUBLISH)
