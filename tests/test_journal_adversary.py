@@ -506,11 +506,14 @@ class TestFullCommitKills:
 
 # -- record time in seq order --------------------------------------------------------------------
 
-def one_transition(handle: Any, pos: int, ready: Any, out: Any) -> None:
-    """Child: say it is about to commit, commit one fast transition, send its outcome."""
+def one_transition(handle: Any, pos: int, ready: Any, stop: Any, out: Any) -> None:
+    """Child: say it is about to commit, commit one fast transition, set ``stop`` at once
+    (so the hammer's later records cannot lap this one out of the ring), send its outcome."""
     eng = Engine.attach(handle)
     ready.set()
-    out.send(int(eng.transition(pos, Trigger.PAUSE)))
+    outcome = eng.transition(pos, Trigger.PAUSE)
+    stop.set()
+    out.send(int(outcome))
 
 
 class TestRecordTime:
@@ -520,7 +523,7 @@ class TestRecordTime:
         A committer that waited for the latch (its holder stopped) must not record a time
         before the record published ahead of it: ts_ns is non-decreasing in seq order.
         """
-        eng = make_engine(capacity=4)
+        eng = make_engine(capacity=4, journal_records=1 << 16)
         pos = eng.open_position(10.0, 1.0)
         late = eng.open_position(10.0, 1.0)
         eng.transition(pos, Trigger.POSITION_OPENED)
@@ -539,7 +542,7 @@ class TestRecordTime:
                 os.kill(child.pid, signal.SIGCONT)
             assert seg.latch() & TOKEN_MASK, "never caught the writer holding the latch"
             rx, tx = ctx.Pipe(duplex=False)
-            waiter = spawner.start(one_transition, eng.handle, late, b_ready, tx)
+            waiter = spawner.start(one_transition, eng.handle, late, b_ready, stop, tx)
             assert b_ready.wait(60)
             time.sleep(0.05)   # the waiter reads its clock, then waits for the latch
         finally:
@@ -547,7 +550,6 @@ class TestRecordTime:
             seg.close()
         assert rx.poll(60)
         assert rx.recv() == int(Outcome.APPLIED)
-        stop.set()
         spawner.join_all(60)
         assert child.exitcode == 0 and waiter.exitcode == 0
         evs = drain(eng, max(0, eng.journal_seq - eng.journal_records + 2))
