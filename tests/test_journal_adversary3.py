@@ -217,7 +217,7 @@ class TestStoppedWriter:
         "fast",
         pytest.param("slow", marks=pytest.mark.slow),
         pytest.param("open", marks=pytest.mark.slow),
-        "account",
+        pytest.param("account", marks=pytest.mark.slow),
     ])
     def test_unrelated_commits_go_on_while_a_writer_is_stopped(
             self, make_engine: Any, spawner: Any, quiet_faults: Any, kind: str) -> None:

@@ -224,20 +224,22 @@ class TestExactlyOnce:
         assert killed, "the fault never happened"
         op.check(e, ctx, result)
 
-    def test_a_call_after_the_server_closed_the_idle_connection(self, engines, op):
+    def test_a_call_after_the_server_closed_the_idle_connection(self, op):
         """A call after the server closed the idle connection goes on a new one, applied once."""
-        with PrivateRedis() as r:
-            e = engines(r.url)
-            ctx = op.setup(e)
-            cid = e._seg.conn.command("CLIENT", "ID")
-            admin = redis.Redis.from_url(r.url)
-            admin.config_set("timeout", 1)
-            until(lambda: str(cid) not in {c["id"] for c in admin.client_list()},
-                  "the server closing the idle connection", 20)
-            result = op.act(e, ctx)
-            op.check(e, ctx, result)
-            e.unlink()
-            e.close()
+        with PrivateRedis() as r:   # not the engines fixture: its server is gone at teardown
+            e = Engine.create(16, url=r.url, spec=GUARDED)
+            try:
+                ctx = op.setup(e)
+                cid = e._seg.conn.command("CLIENT", "ID")
+                admin = redis.Redis.from_url(r.url)
+                admin.config_set("timeout", 1)
+                until(lambda: str(cid) not in {c["id"] for c in admin.client_list()},
+                      "the server closing the idle connection", 20)
+                result = op.act(e, ctx)
+                op.check(e, ctx, result)
+            finally:
+                e.unlink()
+                e.close()
 
 
 class TestRequestIds:
