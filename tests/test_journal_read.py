@@ -153,7 +153,8 @@ class TestReadEvents:
         rows = eng.read_events(resume - 1)
         assert list(rows["seq"]) == list(range(resume, eng.journal_seq + 1))
 
-    @pytest.mark.parametrize("field,value", [("kind", 99), ("trigger", 77)])
+    @pytest.mark.parametrize("field,value", [("kind", 99), ("trigger", 77),
+                                             ("trigger", 256), ("trigger", 2**32 - 1)])
     def test_a_corrupt_record_is_a_typed_error(self, make_engine: Any, field: str,
                                                value: int) -> None:
         """A record with a kind or trigger off its range: SegmentError naming it; others read."""

@@ -68,8 +68,12 @@ class SegmentJournal:
         self._out_n = ffi.new("uint32_t *")
         self._out_resume = ffi.new("uint64_t *")
         self._triggers = {int(t): t for t in engine.spec.Trigger}
-        self._trigger_ints = np.array(sorted(self._triggers), np.uint32)
-        self._state_ints = np.array(sorted(engine._states), np.uint64)
+        # lookup tables for read_array (np.isin costs ~15 us a call): a trigger
+        # in the spec (the last entry stands for any out of range), a one-hot state
+        self._trigger_ok = np.zeros(lib.ENG_MAX_TRIGGERS + 1, bool)
+        self._trigger_ok[list(self._triggers)] = True
+        self._state_ok = np.zeros(_STATE_MASK + 1, bool)
+        self._state_ok[list(engine._states)] = True
         self._rows = _row_struct(engine._rec._struct)
         #: the decoder of open / transition records from one row (None: the
         #: record has bytes fields, stripped of their padding by _event)
@@ -209,13 +213,16 @@ class SegmentJournal:
     def _fill(self, arr: Any) -> None:
         """Whole records as copied by C, checked, made ``EVENT_DTYPE`` rows
         in place: ``state`` from the state word (open, transition), 0 where
-        a kind has no state or trigger, a halt's flag in ``w[0]``."""
+        a kind has no state or trigger, a halt's flag in ``w[0]``.  Tables
+        and counts, not np.isin or any(): a call returning a few rows pays
+        numpy's per-call cost a dozen times, not its sort."""
         raw = arr.view(_RAW)
         kind = arr["kind"]
         trig = arr["trigger"]
         tr = kind == _TRANSITION_KIND
-        bad = (kind >= len(KINDS)) | (tr & ~np.isin(trig, self._trigger_ints))
-        if bad.any():
+        known = self._trigger_ok[np.minimum(trig, lib.ENG_MAX_TRIGGERS)]
+        bad = (kind >= len(KINDS)) | (tr & ~known)
+        if np.count_nonzero(bad):
             at = int(np.argmax(bad))
             raise SegmentError(
                 f"journal of {self._eng.name!r}: record seq {int(arr['seq'][at])} is corrupt: "
@@ -223,11 +230,10 @@ class SegmentJournal:
                 f"the spec's {sorted(self._triggers)} for a transition)")
         word = raw["word"]
         state = word & _STATE_MASK
-        has_state = (tr | (kind == _OPEN_KIND)) & np.isin(state, self._state_ints)
-        arr["state"] = np.where(has_state, state, 0)
-        trig[~tr] = 0
+        arr["state"] = state * ((tr | (kind == _OPEN_KIND)) & self._state_ok[state])
+        np.multiply(trig, tr, out=trig)   # 0 but for a transition
         halt = kind == _HALT_KIND
-        if halt.any():
+        if np.count_nonzero(halt):
             arr["w"][halt, 0] = word[halt] != 0
 
     def _lapped(self, after: int) -> NoReturn:
