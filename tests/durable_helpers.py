@@ -138,8 +138,16 @@ def locate(d: pathlib.Path, seq: int) -> tuple[pathlib.Path, int]:
     raise AssertionError(f"seq {seq} is not in {d}")
 
 
+def _copy_if_there(src: str, dst: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shutil.copy2(src, dst)
+
+
 def copy_dir(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
-    shutil.copytree(src, dst)
+    """A copy of a journal directory, as a backup of a live one takes it: a
+    file gone between the listing and its copy (a reservation's .tmp the
+    writer dropped to retry on a full disk) is not in the copy."""
+    shutil.copytree(src, dst, copy_function=_copy_if_there)
     os.chmod(dst, 0o700)
     return dst
 
