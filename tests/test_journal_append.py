@@ -101,8 +101,9 @@ def check_log(eng: Engine) -> list[Event]:
 
 class TestStoppedWriter:
     @pytest.mark.xfail(strict=True, reason=LATCH_DESIGN)
-    @pytest.mark.parametrize("op", ["fast", "slow"])
-    @pytest.mark.parametrize("stop", STOPS)
+    @pytest.mark.parametrize("stop,op", [   # one case states the stall; the rest are slow
+        pytest.param(stop, op, marks=() if (stop, op) == (STOPS[1], "fast") else pytest.mark.slow)
+        for stop in STOPS for op in ("fast", "slow")])
     def test_commits_on_other_ids_go_on_while_a_writer_is_stopped(
             self, make_engine: Any, spawner: Any, stop: str, op: str) -> None:
         """A writer SIGSTOPped between two append steps never refuses another id's commit."""
