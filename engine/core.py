@@ -1607,9 +1607,9 @@ class Engine(_EngineBase, Generic[S, C, T]):
 
     @property
     def durable_seq(self) -> int:
-        """Every journal record with seq <= it is fdatasynced to the files (it
-        may stop inside a commit whose other records are not: a restore keeps
-        a commit whole or not at all; ``flush()``'s seq always ends one)."""
+        """Every change with journal seq <= it is fdatasynced to the files,
+        whole: it ends a commit (a restore keeps a commit whole or not at
+        all), so a power cut gives back every change up to it."""
         return int(self._writer().info().durable_seq)
 
     def checkpoint(self) -> int:

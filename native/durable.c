@@ -19,7 +19,15 @@
  *   durable_seq: every record <= it is fdatasynced.  Raised (max, CAS) by
  *     whoever fdatasyncs the file of a written_seq it read; a file is
  *     fdatasynced whole before the first frame of the next is written, so
- *     only the file of written_seq can hold unsynced frames.
+ *     only the file of written_seq can hold unsynced frames.  It may stop
+ *     inside a commit (a batch, a file or another process's fdatasync ends
+ *     anywhere), and a restore cuts a commit whose riders are missing.
+ *   written_commit_seq, durable_commit_seq: the same two, kept at commit
+ *     ends.  A writer that wrote up to a published journal seq (J4 publishes
+ *     a commit's records together, so it ends one) raises written_commit_seq
+ *     to it after written_seq; an fdatasync raises durable_commit_seq to the
+ *     written_commit_seq it read before written_seq.  durable_commit_seq is
+ *     what eng.durable_seq reports: every change <= it survives a power cut.
  *   journal_room (every commit, before its records are filled; seq: its
  *     last possible one, n + ENG_JOURNAL_MAX_FILL with riders): seq <=
  *     written_seq + ring records and seq <= reserved_seq (its frame has a
@@ -223,7 +231,7 @@ static void durable_fill_info(eng_seg *s, eng_durable_info *o)
     memset(o, 0, sizeof *o);
     o->journal_seq = eng_journal_seq(s);
     o->written_seq = load_acquire_u64(&d->written_seq);
-    o->durable_seq = load_acquire_u64(&d->durable_seq);
+    o->durable_seq = load_acquire_u64(&d->durable_commit_seq);
     o->ckpt_start = load_acquire_u64(&d->ckpt_start);
     o->checkpoints = load_relaxed_u64(&d->checkpoints);
     o->failure = load_acquire_i32(&d->failure);
@@ -504,9 +512,10 @@ static int dw_reserve_ahead(eng_seg *s, eng_dw *w, uint64_t next)
 }
 
 /* Write every record in (written_seq, upto] to the files (the lease and w->mu
- * held).  0, or an errno (*reservation: 1 if reserving a file failed). */
-static int dw_write_upto(eng_seg *s, eng_dw *w, uint64_t upto, int *reservation,
-                         int reserve_ahead)
+ * held); `published`: upto is a published journal seq (it ends a commit).
+ * 0, or an errno (*reservation: 1 if reserving a file failed). */
+static int dw_write_upto(eng_seg *s, eng_dw *w, uint64_t upto, int published,
+                         int *reservation, int reserve_ahead)
 {
     eng_durable *d = s->durable;
     *reservation = 0;
@@ -557,6 +566,8 @@ static int dw_write_upto(eng_seg *s, eng_dw *w, uint64_t upto, int *reservation,
         store_seq_cst_u64(&d->written_seq, W);   /* after the pwrite: pairs with the acquires */
         durable_wake_room(d);
     }
+    if (published && W >= upto)
+        durable_raise_to(&d->written_commit_seq, upto);   /* after written_seq: <= it */
     if (ahead) {   /* every record with a place is written: now the failure */
         *reservation = 1;
         return ahead;
@@ -564,21 +575,24 @@ static int dw_write_upto(eng_seg *s, eng_dw *w, uint64_t upto, int *reservation,
     return 0;
 }
 
-/* fdatasync what is written: durable_seq = the written_seq read first. */
+/* fdatasync what is written: durable_seq = the written_seq read first, and
+ * durable_commit_seq = the written_commit_seq read before it (so <= it). */
 static int dw_sync(eng_seg *s, eng_dw *w)
 {
     eng_durable *d = s->durable;
     int rc = dw_dir(s, w);
     if (rc)
         return rc;
+    uint64_t C = load_acquire_u64(&d->written_commit_seq);
     uint64_t W = load_acquire_u64(&d->written_seq);
-    if (W <= load_acquire_u64(&d->durable_seq))
-        return 0;
-    rc = dj_sync_file(w, dj_file_first(d, W));
-    w->last_sync_ns = now_ns(CLOCK_MONOTONIC);
-    if (rc)
-        return rc;
-    durable_raise_to(&d->durable_seq, W);
+    if (W > load_acquire_u64(&d->durable_seq)) {
+        rc = dj_sync_file(w, dj_file_first(d, W));
+        w->last_sync_ns = now_ns(CLOCK_MONOTONIC);
+        if (rc)
+            return rc;
+        durable_raise_to(&d->durable_seq, W);
+    }
+    durable_raise_to(&d->durable_commit_seq, C);
     return 0;
 }
 
@@ -629,12 +643,12 @@ static int dw_step(eng_seg *s, eng_dw *w, int sync_now, uint64_t upto)
     if (failed && now_ns(CLOCK_MONOTONIC) - w->last_fail_ns < ENG_DJ_RETRY_NS) {
         /* a reservation failed, its retry not due: what has its place is still written */
         uint64_t R = load_acquire_u64(&d->reserved_seq);
-        if (load_acquire_u64(&d->written_seq) < R && dw_write_upto(s, w, upto < R ? upto : R,
-                                                                   &reservation, 0) == 0)
+        if (load_acquire_u64(&d->written_seq) < R &&
+            dw_write_upto(s, w, upto < R ? upto : R, upto <= R, &reservation, 0) == 0)
             dw_sync(s, w);
         return ENG_EDURABLE;
     }
-    int rc = dw_write_upto(s, w, upto, &reservation, 1);
+    int rc = dw_write_upto(s, w, upto, 1, &reservation, 1);
     if (rc) {
         if (rc != EAGAIN)
             durable_fail(s, w, rc, reservation);
@@ -703,6 +717,8 @@ int eng_durable_continue(eng_seg *s, uint64_t seq)
         return ENG_EBADARG;
     store_release_u64(&d->written_seq, seq);
     store_release_u64(&d->durable_seq, seq);
+    store_release_u64(&d->written_commit_seq, seq);   /* a restore keeps whole commits */
+    store_release_u64(&d->durable_commit_seq, seq);
     store_release_u64(&d->ckpt_seq, seq);
     return 0;
 }
@@ -775,7 +791,7 @@ int eng_durable_flush(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_s
         timeout_ns = ENG_MAX_TIMEOUT_NS;
     int64_t deadline = now_ns(CLOCK_MONOTONIC) + timeout_ns;
     uint64_t target = eng_journal_seq(s);
-    *out_seq = load_acquire_u64(&d->durable_seq);
+    *out_seq = load_acquire_u64(&d->durable_commit_seq);
     for (;;) {
         if (load_acquire_u32(&s->gate_shut))
             return ENG_ECLOSED;
@@ -826,9 +842,9 @@ int eng_durable_flush(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_s
         durable_fill_info(s, &durable_refused);
         return ENG_EDURABLE;
     }
-    /* the seq the call was for (durable_seq >= it): a published seq, so it ends
-     * a commit, which a restore keeps whole; durable_seq itself may stop inside
-     * a later commit whose riders are not written yet */
+    /* the seq the call was for (written and fdatasynced): a published seq, so
+     * it ends a commit, which a restore keeps whole */
+    durable_raise_to(&d->durable_commit_seq, target);
     *out_seq = target;
     return 0;
 }
@@ -858,7 +874,7 @@ int eng_durable_release(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out
         pthread_mutex_unlock(&w->mu);
         lease_give_back(s);
     }
-    *out_seq = load_acquire_u64(&d->durable_seq);
+    *out_seq = load_acquire_u64(&d->durable_commit_seq);
     if (rc)
         durable_fill_info(s, &durable_refused);
     return rc;
@@ -968,7 +984,7 @@ static void ckpt_keep_writing(eng_seg *s, ckpt_out *o)
     if (load_acquire_u32(&s->durable->lease) != s->token || load_acquire_i32(&s->durable->failure))
         return;
     int reservation = 0;
-    int rc = dw_write_upto(s, o->w, eng_journal_seq(s), &reservation, 1);
+    int rc = dw_write_upto(s, o->w, eng_journal_seq(s), 1, &reservation, 1);
     if (rc && rc != EAGAIN)
         durable_fail(s, o->w, rc, reservation);
 }
@@ -1050,7 +1066,7 @@ static int durable_upto(eng_seg *s, eng_dw *w, uint64_t upto)
             break;
         if (lease_take(s)) {
             int reservation = 0;
-            int rc = dw_write_upto(s, w, upto, &reservation, 1);
+            int rc = dw_write_upto(s, w, upto, 1, &reservation, 1);
             if (rc) {
                 durable_fail(s, w, rc, reservation);
                 return ENG_EDURABLE;

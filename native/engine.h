@@ -866,7 +866,8 @@ typedef struct eng_shard {
  * The durable area (one per durable segment, after the journal ring):
  *
  *  line 0 (every commit reads it: journal_room)
- *   | written_seq | failure | room_waiting | pad ...
+ *   | written_seq | failure | room_waiting | reserved_seq | written_commit_seq |
+ *   | durable_commit_seq | pad ...
  *  line 1 (the writer)
  *   | lease | writer_pid | durable_seq | sync_ns | file_records | ckpt_records |
  *   | ckpt_ns | ckpt_lock | fault | state |
@@ -880,7 +881,9 @@ typedef struct eng_durable {
                                 (> 0 a reservation, retried; < 0 -errno of a write or sync) */
     uint32_t room_waiting;   /* 1: a committer may sleep on written_seq's low half */
     uint64_t reserved_seq;   /* every seq <= it has its frame's place in a reserved file */
-    uint64_t pad0[5];
+    uint64_t written_commit_seq;  /* a published seq <= written_seq (so it ends a commit) */
+    uint64_t durable_commit_seq;  /* ... <= durable_seq: every commit <= it is whole on disk */
+    uint64_t pad0[3];
     uint32_t lease;          /* token of the writer holding the lease (0: none) */
     uint32_t writer_pid;     /* its pid (for messages) */
     uint64_t durable_seq;    /* every record <= it is fdatasynced */
@@ -905,7 +908,7 @@ typedef struct eng_durable {
 typedef struct eng_durable_info {
     uint64_t journal_seq;
     uint64_t written_seq;
-    uint64_t durable_seq;
+    uint64_t durable_seq;    /* durable_commit_seq: every change <= it survives a power cut */
     uint64_t ckpt_start;
     uint64_t checkpoints;
     int32_t  failure;

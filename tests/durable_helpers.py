@@ -234,19 +234,27 @@ def whole_after_cut(src: pathlib.Path, cut: pathlib.Path, durable: int) -> int:
     return seq
 
 
+def riders_by_seq(src: pathlib.Path) -> dict[int, int]:
+    """Each valid record's seq and its riders count (eng_jrec.riders: the
+    records after a slot's record that ride on its commit), in one pass."""
+    riders_at = FRAME - lib.ENG_JREC_SIZE + int(ffi.offsetof("eng_jrec", "riders"))
+    out: dict[int, int] = {}
+    for p, off, s in valid_records(src):
+        with p.open("rb") as f:
+            f.seek(off + riders_at)
+            out[s] = int.from_bytes(f.read(4), "little")
+    return out
+
+
 def whole_commits(src: pathlib.Path, seq: int, durable: int = 0) -> int:
     """The last seq <= ``seq`` that ends a commit: a restore keeps a commit
     whole or cuts it (the slot's record counts its riders, eng_jrec.riders),
     so records kept of a commit that continues past ``seq`` are cut with it.
     ``durable``: a seq known to end a commit (what flush() reported)."""
-    riders_at = FRAME - lib.ENG_JREC_SIZE + int(ffi.offsetof("eng_jrec", "riders"))
-    for p, off, s in valid_records(src):
-        if durable < s <= seq:
-            with p.open("rb") as f:
-                f.seek(off + riders_at)
-                riders = int.from_bytes(f.read(4), "little")
-            if s + riders > seq:
-                return s - 1
+    riders = riders_by_seq(src)
+    for s in sorted(riders):
+        if durable < s <= seq and s + riders[s] > seq:
+            return s - 1
     return seq
 
 

@@ -31,6 +31,7 @@ from durable_helpers import (  # noqa: F401
     locate,
     made_engines,
     power_cut,
+    riders_by_seq,
     whole_after_cut,
     whole_commits,
 )
@@ -403,6 +404,56 @@ class TestFlushEndsACommit:
                 got = made.restore(power_cut(src, made.dir("cut"), d, extra=extra))
                 assert got.restore_report.last_seq >= d, (d, extra)
                 gone(made, got)
+
+
+def flush_loop(handle: Any, ready: Any, stop: Any) -> None:
+    """Child: flush() in a loop until ``stop`` (its fdatasync lands anywhere in the writing)."""
+    eng = Engine.attach(handle)
+    try:
+        ready.set()
+        while not stop.is_set():
+            eng.flush(10.0)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        os._exit(2)
+    os._exit(0)
+
+
+class TestDurableSeqEndsACommit:
+    def test_durable_seq_read_racing_flushes_never_stops_inside_a_commit(
+            self, made: Made, spawner: Any) -> None:
+        """durable_seq, read while commits with riders race flushes, never stops inside a commit."""
+        eng = made.create(capacity=64, max_accounts=4, journal_prices=False)
+        a = eng.open_account(10**9, 10**9, 50, 10**8, key="acct")
+        ready, flushing, stop = (spawner.ctx.Event() for _ in range(3))
+        committer = spawner.start(commit_loop, eng.handle, a, ready, stop)
+        flusher = spawner.start(flush_loop, eng.handle, flushing, stop)
+        assert ready.wait(60) and flushing.wait(60)
+        seen: set[int] = set()
+        try:   # until 300 different values were read (bounded)
+            for _ in range(2_000_000):
+                seen.add(eng.durable_seq)
+                if len(seen) >= 300:
+                    break
+        finally:
+            stop.set()
+            committer.join(60)
+            flusher.join(60)
+        assert committer.exitcode == 0 and flusher.exitcode == 0
+        eng.flush(10.0)
+        src = made.jdir(eng)
+        gone(made, eng)
+        ends = sorted(seen)
+        assert len(ends) > 10, "durable_seq moved too little to race the flushes"
+        riders = riders_by_seq(src)   # a commit ending past d has its slot's record near d
+        split = [d for d in ends if any(s + riders.get(s, 0) > d for s in
+                                        range(d - lib.ENG_JOURNAL_MAX_FILL + 2, d + 1))]
+        assert not split, f"durable_seq stopped inside a commit: {split[:5]} (of {len(ends)})"
+        for d in (ends[len(ends) // 2], ends[-1]):
+            got = made.restore(power_cut(src, made.dir("cut"), d))
+            assert got.restore_report.last_seq >= d, d
+            gone(made, got)
 
 
 class TestKilledMidRiders:
