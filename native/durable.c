@@ -759,7 +759,8 @@ int eng_durable_run(eng_seg *s, eng_dw *w)
         }
         uint64_t W = load_acquire_u64(&d->written_seq);
         int64_t wait = ENG_DJ_WATCH_NS;
-        if (W > load_acquire_u64(&d->durable_seq)) {
+        if (W > load_acquire_u64(&d->durable_seq) ||   /* or a commit end to report */
+            load_acquire_u64(&d->written_commit_seq) > load_acquire_u64(&d->durable_commit_seq)) {
             int64_t due = w->last_sync_ns + (int64_t)load_relaxed_u64((uint64_t *)&d->sync_ns) -
                           now_ns(CLOCK_MONOTONIC);
             wait = due < 0 ? 0 : due < wait ? due : wait;

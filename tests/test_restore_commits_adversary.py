@@ -35,6 +35,7 @@ from durable_helpers import (  # noqa: F401
     whole_after_cut,
     whole_commits,
 )
+from procs import until
 from test_journal_riders_adversary import KEY, booked_engine, die_in
 from test_tools import run
 
@@ -454,6 +455,16 @@ class TestDurableSeqEndsACommit:
             got = made.restore(power_cut(src, made.dir("cut"), d))
             assert got.restore_report.last_seq >= d, d
             gone(made, got)
+
+
+    def test_an_idle_writer_brings_durable_seq_to_the_journal_seq(self, made: Made) -> None:
+        """With no flush() called, durable_seq reaches the journal seq once commits stop."""
+        eng = made.create(capacity=64, max_accounts=2, journal_prices=False)
+        a = eng.open_account(10**9, 10**9, 50, 10**8, key="acct")
+        for i in range(40):   # keyed booked opens: 3 records a commit
+            eng.open_position(100.0, 1.0, side=1, account=a, key=f"idle-{i}")
+        until(lambda: eng.durable_seq == eng.journal_seq,
+              f"durable_seq {eng.durable_seq} reaching the journal seq {eng.journal_seq}", 10)
 
 
 class TestKilledMidRiders:
