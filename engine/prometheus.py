@@ -28,7 +28,7 @@ Names (``engine_`` prefix, units in the name, ``_total`` counters):
                                             ``_open_positions``, ``_halted``; the label
                                             is the account's key, or its id
 ``engine_journal_seq``                      the last committed record's seq
-``engine_journal_durable_seq``              every record <= it is on disk
+``engine_journal_durable_seq``              every change <= it is on disk (it ends a commit)
 ``engine_registry_entries{status}``         ``alive`` / ``dead`` (shared memory)
 ==========================================  =====================================
 
@@ -230,7 +230,8 @@ class EngineCollector:
         yield fam
         if eng._durable is not None:
             fam = self._family("gauge", "engine_journal_durable_seq",
-                               "Every journal record with seq <= it is on disk (fdatasynced)")
+                               "Every change with journal seq <= it is on disk "
+                               "(fdatasynced, whole commits)")
             fam.add_metric(self._values(), eng.durable_seq)
             yield fam
 
