@@ -566,6 +566,8 @@ static int dw_write_upto(eng_seg *s, eng_dw *w, uint64_t upto, int published,
         store_seq_cst_u64(&d->written_seq, W);   /* after the pwrite: pairs with the acquires */
         durable_wake_room(d);
     }
+    if (published && W >= upto && dj_fault(s, ENG_DJ_FAULT_DIE_BEFORE_COMMIT_END))
+        kill(getpid(), SIGKILL);   /* written_seq stored, written_commit_seq not raised */
     if (published && W >= upto)
         durable_raise_to(&d->written_commit_seq, upto);   /* after written_seq: <= it */
     if (ahead) {   /* every record with a place is written: now the failure */
@@ -586,6 +588,8 @@ static int dw_sync(eng_seg *s, eng_dw *w)
     uint64_t C = load_acquire_u64(&d->written_commit_seq);
     uint64_t W = load_acquire_u64(&d->written_seq);
     if (W > load_acquire_u64(&d->durable_seq)) {
+        if (dj_fault(s, ENG_DJ_FAULT_DIE_IN_SYNC))
+            kill(getpid(), SIGKILL);   /* W and C read, the file of W not synced yet */
         rc = dj_sync_file(w, dj_file_first(d, W));
         w->last_sync_ns = now_ns(CLOCK_MONOTONIC);
         if (rc)
@@ -899,7 +903,8 @@ int eng_durable_fault(eng_seg *s, uint32_t flags)
     if (rc)
         return rc;
     if (flags & ~(uint32_t)(ENG_DJ_FAULT_NOSPACE | ENG_DJ_FAULT_DIE_MIDWRITE |
-                            ENG_DJ_FAULT_DIE_IN_CKPT) ||
+                            ENG_DJ_FAULT_DIE_IN_CKPT | ENG_DJ_FAULT_DIE_BEFORE_COMMIT_END |
+                            ENG_DJ_FAULT_DIE_IN_SYNC) ||
         (flags && !faults_allowed()))
         return ENG_EBADARG;
     store_release_u32(&s->durable->fault, flags);
