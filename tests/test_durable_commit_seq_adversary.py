@@ -104,8 +104,7 @@ def holder(name: str, d: str, q: Any, cmd: Any) -> None:
     """Create a durable engine (its writer holds the lease), then on "fault F":
     set durable fault F and commit keyed, booked opens; on "stop": close."""
     try:
-        eng = Engine.create(64, name=name, journal=d, journal_prices=False, max_accounts=4,
-                            journal_sync_ms=10_000.0)
+        eng = Engine.create(64, name=name, journal=d, journal_prices=False, max_accounts=4)
         a = eng.open_account(10**9, 10**9, 60, 10**8, key="acct")
         eng.flush(10.0)   # written by this process's writer: it holds the lease
         q.put(("ready", eng.handle, a))
@@ -214,7 +213,7 @@ class TestStaleSyncAfterPrune:
     def test_a_flusher_stopped_in_its_sync_while_checkpoints_prune_its_file(
             self, made: Made, spawner: Any) -> None:
         """A flusher stopped before its fdatasync while checkpoints prune that file: no failure."""
-        eng, a = booked(made, journal_sync_ms=10_000.0)
+        eng, a = booked(made, journal_sync_ms=10_000.0, journal_prices=True)
         keyed_opens(eng, a, "x", 2)
         eng.flush(10.0)
         keyed_opens(eng, a, "y", 2)   # written by the holder, not synced (its period is 10 s)
