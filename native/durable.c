@@ -592,6 +592,12 @@ static int dw_sync(eng_seg *s, eng_dw *w)
             kill(getpid(), SIGKILL);   /* W and C read, the file of W not synced yet */
         rc = dj_sync_file(w, dj_file_first(d, W));
         w->last_sync_ns = now_ns(CLOCK_MONOTONIC);
+        /* gone: a checkpoint's prune removed it while this caller was
+         * descheduled after reading W, and a checkpoint makes its journal
+         * durable before it prunes -- durable_seq tells (a stale flusher
+         * failed the engine for good here, -ENOENT) */
+        if (rc == ENOENT && load_acquire_u64(&d->durable_seq) >= W)
+            rc = 0;
         if (rc)
             return rc;
         durable_raise_to(&d->durable_seq, W);
