@@ -386,3 +386,31 @@ class TestFork:
         os.close(r)
         assert os.waitstatus_to_exitcode(status) == 0 and msg.startswith("ok "), msg
         assert int(eng.durable_seq) >= int(msg.split()[1])
+
+
+class TestDiskFull:
+    def test_a_full_disk_with_the_journal_at_its_last_reserved_seq_still_syncs(
+            self, made: Made) -> None:
+        """Disk full with every reserved place used: what is written still becomes durable, no flush."""
+        eng, a = booked(made, journal_records=1 << 17)
+        eng.flush(10.0)
+        eng._durable.stop()   # the only writer: the ring fills ahead of it
+        R = int(eng._seg.durable.reserved_seq)
+        assert R == FILE_RECORDS, R
+        while eng.journal_seq < R - lib.ENG_JOURNAL_MAX_FILL:
+            eng.deposit(a, 1)
+        eng.open_position(100.0, 1.0, side=1, account=a, key="last")   # three records: up to R
+        assert eng.journal_seq == R
+        durable_fault(eng, lib.ENG_DJ_FAULT_NOSPACE)
+        try:
+            eng._durable.start()   # writes every record to R, then the next file's reservation fails
+            until(lambda: writer_info(eng).written_seq == R and writer_info(eng).failure != 0,
+                  "the writer writing to R and failing its reservation", IDLE_BOUND_S)
+            until(lambda: int(eng.durable_seq) == eng.journal_seq,
+                  f"durable_seq {eng.durable_seq} reaching the journal seq {eng.journal_seq} "
+                  "(every record written) on a full disk", IDLE_BOUND_S)
+        finally:
+            durable_fault(eng, 0)
+        until(lambda: writer_info(eng).failure == 0, "the reservation retried", IDLE_BOUND_S)
+        eng.deposit(a, 1)   # commits go on
+        assert int(eng.flush(10.0)) == eng.journal_seq
