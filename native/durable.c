@@ -653,8 +653,11 @@ static int dw_step(eng_seg *s, eng_dw *w, int sync_now, uint64_t upto)
     if (failed && now_ns(CLOCK_MONOTONIC) - w->last_fail_ns < ENG_DJ_RETRY_NS) {
         /* a reservation failed, its retry not due: what has its place is still written */
         uint64_t R = load_acquire_u64(&d->reserved_seq);
-        if (load_acquire_u64(&d->written_seq) < R &&
-            dw_write_upto(s, w, upto < R ? upto : R, upto <= R, &reservation, 0) == 0)
+        int wr = load_acquire_u64(&d->written_seq) < R
+                     ? dw_write_upto(s, w, upto < R ? upto : R, upto <= R, &reservation, 0)
+                     : 0;
+        if (wr == 0)   /* also with every place written (written_seq == R): the failed
+                        * retry wrote them and did not sync, nothing else would */
             dw_sync(s, w);
         return ENG_EDURABLE;
     }
