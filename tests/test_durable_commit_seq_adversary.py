@@ -414,3 +414,89 @@ class TestDiskFull:
         until(lambda: writer_info(eng).failure == 0, "the reservation retried", IDLE_BOUND_S)
         eng.deposit(a, 1)   # commits go on
         assert int(eng.flush(10.0)) == eng.journal_seq
+
+
+def sampler(handle: Any, go: Any, stop: Any, q: Any) -> None:
+    """Read durable_seq in a loop until ``stop``; report the values and any step back."""
+    try:
+        eng = Engine.attach(handle)
+        go.set()
+        seen: list[int] = []
+        while not stop.is_set():
+            for _ in range(200):
+                v = int(eng.durable_seq)
+                if not seen or v != seen[-1]:
+                    seen.append(v)
+        back = [(x, y) for x, y in zip(seen, seen[1:]) if y < x]
+        eng.close()
+        q.put(("done", sorted(set(seen)), back[:3]))
+    except Exception as e:
+        q.put(("error", repr(e), []))
+
+
+class TestFilesAndCheckpoints:
+    def test_durable_seq_read_across_a_file_boundary_and_checkpoints(
+            self, made: Made, spawner: Any) -> None:
+        """Commits with riders across a file end, checkpoints every 64 records: durable_seq ends commits."""
+        eng, a = booked(made, journal_prices=True, checkpoint_records=64)
+        fill(eng, FILE_RECORDS - 200 - eng.journal_seq)
+        go, stop, q = spawner.ctx.Event(), spawner.ctx.Event(), spawner.ctx.Queue()
+        spawner.start(sampler, eng.handle, go, stop, q)
+        assert go.wait(60)
+        seen: set[int] = set()
+        try:
+            for i in range(150):   # 450+ records: past the file's end, checkpoints on the way
+                keyed_opens(eng, a, f"b{i}", 1)
+                seen.add(int(eng.durable_seq))
+                if i % 7 == 0:
+                    seen.add(int(eng.flush(10.0)))
+                if i % 40 == 0:
+                    eng.checkpoint()
+        finally:
+            stop.set()
+        out = q.get(timeout=60)
+        assert out[0] == "done" and not out[2], out[:1] + out[2:]
+        seen |= set(out[1])
+        until(lambda: int(eng.durable_seq) == eng.journal_seq, "the idle writer", IDLE_BOUND_S)
+        seen.add(int(eng.durable_seq))
+        assert eng.journal_seq > FILE_RECORDS and int(writer_info(eng).checkpoints) > 3
+        src = made.jdir(eng)
+        gone(made, eng)
+        assert not inside_commits(src, seen), sorted(seen)
+        for d in sorted(x for x in seen if x > FILE_RECORDS - 200)[-3:]:
+            got = made.restore(power_cut(src, made.dir("cut"), d, drop_files=True))
+            assert got.restore_report.last_seq >= d, d
+            gone(made, got)
+
+
+class TestAfterARestore:
+    def test_durable_seq_of_a_restore_of_a_cut_commit_then_more_commits(
+            self, made: Made, spawner: Any) -> None:
+        """Restored over a cut commit: durable_seq read at once ends a commit; more commits keep it so."""
+        eng, a = booked(made)
+        keyed_opens(eng, a, "x", 5)
+        eng.flush(10.0)
+        head = eng.journal_seq + 1
+        eng.open_position(100.0, 1.0, side=1, account=a, key="split")   # head .. head + 2
+        eng.flush(10.0)
+        src = made.jdir(eng)
+        gone(made, eng)
+        cut = power_cut(src, made.dir("cut"), head + 1)   # one rider lost: the commit cut
+        got = made.restore(cut)   # journals on in ``cut``
+        first = int(got.durable_seq)
+        assert first == got.restore_report.last_seq == head - 1, (first, head)
+        go, stop, q = spawner.ctx.Event(), spawner.ctx.Event(), spawner.ctx.Queue()
+        spawner.start(sampler, got.handle, go, stop, q)
+        assert go.wait(60)
+        a2 = int(got.accounts()[0]["id"])
+        try:
+            keyed_opens(got, a2, "y", 30)
+        finally:
+            stop.set()
+        out = q.get(timeout=60)
+        assert out[0] == "done" and not out[2], out[:1] + out[2:]
+        until(lambda: int(got.durable_seq) == got.journal_seq, "the idle writer", IDLE_BOUND_S)
+        seen = {first, int(got.durable_seq), *out[1]}
+        assert min(seen) >= first
+        gone(made, got)
+        assert not inside_commits(cut, seen), sorted(seen)
