@@ -500,3 +500,83 @@ class TestAfterARestore:
         assert min(seen) >= first
         gone(made, got)
         assert not inside_commits(cut, seen), sorted(seen)
+
+
+@pytest.mark.slow
+class TestRounds:
+    """The attacks above, many rounds each (``-m slow``)."""
+
+    @pytest.mark.parametrize("round_", range(8))
+    def test_killed_before_the_commit_end_rounds(self, made: Made, spawner: Any,
+                                                 round_: int) -> None:
+        """Round of: holder SIGKILLed between written_seq and written_commit_seq."""
+        TestKilledBetweenWrittenAndCommitEnd(
+        ).test_the_holder_killed_before_its_commit_end_then_durable_seq_reaches_the_journal(
+            made, spawner)
+
+    @pytest.mark.parametrize("round_", range(8))
+    def test_stopped_before_the_commit_end_rounds(self, made: Made, spawner: Any,
+                                                  round_: int) -> None:
+        """Round of: holder SIGSTOPped between written_seq and written_commit_seq while others flush."""
+        TestKilledBetweenWrittenAndCommitEnd(
+        ).test_the_holder_stopped_before_its_commit_end_while_others_flush(made, spawner)
+
+    @pytest.mark.parametrize("round_", range(5))
+    def test_many_flushers_rounds(self, made: Made, spawner: Any, round_: int) -> None:
+        """Round of: four processes committing and flushing on two cores."""
+        TestManyFlushers().test_four_processes_committing_and_flushing_on_two_cores(
+            made, spawner)
+
+    @pytest.mark.parametrize("round_", range(5))
+    def test_stale_sync_after_prune_rounds(self, made: Made, spawner: Any, round_: int) -> None:
+        """Round of: a flusher stopped in its sync while checkpoints prune its file."""
+        TestStaleSyncAfterPrune().test_a_flusher_stopped_in_its_sync_while_checkpoints_prune_its_file(
+            made, spawner)
+
+    @pytest.mark.parametrize("round_", range(3))
+    def test_files_and_checkpoints_rounds(self, made: Made, spawner: Any, round_: int) -> None:
+        """Round of: durable_seq across a file end and checkpoints."""
+        TestFilesAndCheckpoints().test_durable_seq_read_across_a_file_boundary_and_checkpoints(
+            made, spawner)
+
+
+def early_flusher(name: str, q: Any, go: Any) -> None:
+    """On ``go``: attach ``name`` (made, its journal directory not set yet) and
+    flush at once; report what the flush returned or raised."""
+    try:
+        go.wait(60)
+        eng = Engine.attach(name)
+        try:
+            q.put(("flushed", int(eng.flush(0.3))))
+        except Exception as e:
+            q.put(("raised", type(e).__name__))
+        eng.close()
+    except Exception as e:
+        q.put(("error", repr(e)))
+
+
+class TestBeforeSetup:
+    def test_a_flush_between_create_and_its_journal_setup_does_not_fail_the_engine(
+            self, made: Made, spawner: Any, monkeypatch: Any) -> None:
+        """An attach flushing before the creator set the journal directory: the engine goes on."""
+        import engine.core as core
+        q, go = spawner.ctx.Queue(), spawner.ctx.Event()
+        name = made.names()
+        spawner.start(early_flusher, name, q, go)
+        real = core.write_meta
+        early: list[Any] = []
+
+        def meta_after_a_flush(*args: Any, **kw: Any) -> None:
+            go.set()   # the segment exists; eng_durable_setup has not run
+            early.append(q.get(timeout=60))
+            real(*args, **kw)
+
+        monkeypatch.setattr(core, "write_meta", meta_after_a_flush)
+        eng = Engine.create(64, name=name, journal=str(made.dir()), max_accounts=2)
+        made.engines.append(eng)
+        assert early and early[0][0] != "error", early
+        assert early[0][1] != "DurabilityError", f"the early flush failed the engine: {early}"
+        assert writer_info(eng).failure == 0
+        a = eng.open_account(1000, 1000, 5, 1000, key="acct")
+        eng.open_position(100.0, 1.0, side=1, account=a, key="k")
+        assert int(eng.flush(10.0)) == eng.journal_seq
