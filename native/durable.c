@@ -815,6 +815,20 @@ int eng_durable_flush(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_s
             durable_fill_info(s, &durable_refused);
             return ENG_EDURABLE;
         }
+        if (load_acquire_u32(&d->state) != 1) {
+            /* the directory is not set yet (an attach between the creator's or
+             * a restore's format and its eng_durable_setup): nothing can be
+             * written or synced -- wait for it (an fdatasync here failed with
+             * EAGAIN, and the engine for good) */
+            int64_t left = deadline - now_ns(CLOCK_MONOTONIC);
+            if (left <= 0) {
+                durable_fill_info(s, &durable_refused);
+                return ENG_ETIMEDOUT;
+            }
+            struct timespec ts = {0, left < ENG_DJ_WATCH_NS / 10 ? left : ENG_DJ_WATCH_NS / 10};
+            nanosleep(&ts, NULL);
+            continue;
+        }
         if (W >= target && load_acquire_u64(&d->reserved_seq) > W) {
             /* written, and the next record has its place; a failed reservation
              * whose holder is gone is retried here (when due), or commits stay
