@@ -262,13 +262,15 @@ class TestKilledBetweenWrittenAndCommitEnd:
         assert writer_info(eng).writer_pid == child.pid
         return child, eng, got[2], q, cmd
 
+    @pytest.mark.parametrize("fault", ["ENG_DJ_FAULT_DIE_BEFORE_COMMIT_END",
+                                       "ENG_DJ_FAULT_DIE_IN_SYNC", "ENG_DJ_FAULT_DIE_MIDWRITE"])
     def test_the_holder_killed_before_its_commit_end_then_durable_seq_reaches_the_journal(
-            self, made: Made, spawner: Any) -> None:
-        """Holder SIGKILLed after written_seq, before written_commit_seq: durable_seq still gets there."""
+            self, made: Made, spawner: Any, fault: str) -> None:
+        """Holder SIGKILLed before its commit end, its sync, mid-write: durable_seq still gets there."""
         child, eng, a, _q, cmd = self._holder(made, spawner, stop=False)
         lib.eng_test_faults(0)
         try:
-            cmd.put(f"fault {lib.ENG_DJ_FAULT_DIE_BEFORE_COMMIT_END}")
+            cmd.put(f"fault {getattr(lib, fault)}")
             child.join(60)
             assert child.exitcode == -signal.SIGKILL, child.exitcode
             durable_fault(eng, 0)
@@ -506,13 +508,15 @@ class TestAfterARestore:
 class TestRounds:
     """The attacks above, many rounds each (``-m slow``)."""
 
-    @pytest.mark.parametrize("round_", range(8))
-    def test_killed_before_the_commit_end_rounds(self, made: Made, spawner: Any,
+    @pytest.mark.parametrize("round_", range(5))
+    @pytest.mark.parametrize("fault", ["ENG_DJ_FAULT_DIE_BEFORE_COMMIT_END",
+                                       "ENG_DJ_FAULT_DIE_IN_SYNC", "ENG_DJ_FAULT_DIE_MIDWRITE"])
+    def test_killed_before_the_commit_end_rounds(self, made: Made, spawner: Any, fault: str,
                                                  round_: int) -> None:
-        """Round of: holder SIGKILLed between written_seq and written_commit_seq."""
+        """Round of: holder SIGKILLed before its commit end, in its sync, mid-write."""
         TestKilledBetweenWrittenAndCommitEnd(
         ).test_the_holder_killed_before_its_commit_end_then_durable_seq_reaches_the_journal(
-            made, spawner)
+            made, spawner, fault)
 
     @pytest.mark.parametrize("round_", range(8))
     def test_stopped_before_the_commit_end_rounds(self, made: Made, spawner: Any,
