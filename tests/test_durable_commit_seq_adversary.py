@@ -13,6 +13,7 @@ flusher whose fdatasync found its file pruned by checkpoints meanwhile.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import pathlib
 import signal
@@ -168,7 +169,7 @@ def committer_flusher(handle: Any, a: int, tag: str, rounds: int, go: Any, q: An
             if d < t:
                 problems.append(f"flush() returned {t}, then durable_seq {d}")
             seen += [t, d]
-        back = [(x, y) for x, y in zip(seen, seen[1:]) if y < x and y != 0]
+        back = [(x, y) for x, y in itertools.pairwise(seen) if y < x and y != 0]
         problems += [f"durable_seq went back: {x} then {y}" for x, y in back[:3]]
         eng.close()
         q.put(("done", sorted(set(seen)), problems))
@@ -180,7 +181,7 @@ def committer_flusher(handle: Any, a: int, tag: str, rounds: int, go: Any, q: An
 class TestRestoredDurableSeq:
     def test_a_restored_engines_durable_seq_is_fdatasynced_before_it_is_reported(
             self, made: Made, spawner: Any, tmp_path: pathlib.Path) -> None:
-        """A restore of a copy nobody synced: the files its durable_seq claims are fdatasynced first."""
+        """A restore of an unsynced copy: the files its durable_seq claims are fdatasynced first."""
         eng, a = booked(made)
         keyed_opens(eng, a, "x", 8)
         eng.checkpoint()
@@ -266,7 +267,7 @@ class TestKilledBetweenWrittenAndCommitEnd:
                                        "ENG_DJ_FAULT_DIE_IN_SYNC", "ENG_DJ_FAULT_DIE_MIDWRITE"])
     def test_the_holder_killed_before_its_commit_end_then_durable_seq_reaches_the_journal(
             self, made: Made, spawner: Any, fault: str) -> None:
-        """Holder SIGKILLed before its commit end, its sync, mid-write: durable_seq still gets there."""
+        """Holder SIGKILLed before its commit end, in its sync, mid-write: durable_seq gets on."""
         child, eng, a, _q, cmd = self._holder(made, spawner, stop=False)
         lib.eng_test_faults(0)
         try:
@@ -294,8 +295,8 @@ class TestKilledBetweenWrittenAndCommitEnd:
 
     def test_the_holder_stopped_before_its_commit_end_while_others_flush(
             self, made: Made, spawner: Any) -> None:
-        """Holder SIGSTOPped after written_seq, before written_commit_seq: flushes and reads stay right."""
-        child, eng, a, q, cmd = self._holder(made, spawner, stop=True)
+        """Holder SIGSTOPped before written_commit_seq: flushes, durable_seq reads stay right."""
+        child, eng, _a, q, cmd = self._holder(made, spawner, stop=True)
         lib.eng_test_faults(0)
         try:
             cmd.put(f"fault {lib.ENG_DJ_FAULT_DIE_BEFORE_COMMIT_END}")
@@ -311,7 +312,7 @@ class TestKilledBetweenWrittenAndCommitEnd:
         assert q.get(timeout=60)[0] == "committed"
         until(lambda: seen.append(int(eng.durable_seq)) or seen[-1] == eng.journal_seq,
               "durable_seq reaching the journal seq after SIGCONT", IDLE_BOUND_S)
-        assert all(y >= x for x, y in zip(seen, seen[1:])), f"durable_seq went back: {seen}"
+        assert all(y >= x for x, y in itertools.pairwise(seen)), f"durable_seq went back: {seen}"
         cmd.put("stop")
         assert q.get(timeout=60)[0] == "stopped"
         child.join(60)
@@ -323,7 +324,7 @@ class TestKilledBetweenWrittenAndCommitEnd:
 class TestStoppedHolderLiveness:
     def test_a_stopped_then_continued_holder_brings_durable_seq_to_the_journal(
             self, made: Made, spawner: Any) -> None:
-        """Holder SIGSTOPped with records unsynced, then SIGCONTed: durable_seq reaches the journal seq."""
+        """Holder SIGSTOPped with records unsynced, SIGCONTed: durable_seq reaches the journal."""
         child, eng, a, q, cmd = TestKilledBetweenWrittenAndCommitEnd()._holder(
             made, spawner, stop=False)
         cmd.put("fault 0")
@@ -344,7 +345,7 @@ class TestStoppedHolderLiveness:
 class TestManyFlushers:
     def test_four_processes_committing_and_flushing_on_two_cores(
             self, made: Made, spawner: Any) -> None:
-        """Four processes commit and flush at once: durable_seq ends commits, never back, >= each flush."""
+        """Four processes commit and flush: durable_seq ends commits, never back, >= each flush."""
         eng, a = booked(made)
         go, q = spawner.ctx.Event(), spawner.ctx.Queue()
         for i in range(4):
@@ -362,7 +363,7 @@ class TestManyFlushers:
 class TestFork:
     def test_a_forked_child_reads_durable_seq_typed_and_flushes_through_its_own_attach(
             self, made: Made) -> None:
-        """A fork child: the inherited Engine refuses typed; its own attach flushes; the parent sees it."""
+        """A fork child: its inherited Engine refuses typed; its own attach flushes for all."""
         eng, a = booked(made)
         keyed_opens(eng, a, "x", 2)
         r, w = os.pipe()
@@ -393,7 +394,7 @@ class TestFork:
 class TestDiskFull:
     def test_a_full_disk_with_the_journal_at_its_last_reserved_seq_still_syncs(
             self, made: Made) -> None:
-        """Disk full with every reserved place used: what is written still becomes durable, no flush."""
+        """Disk full, every reserved place used: what is written still becomes durable, no flush."""
         eng, a = booked(made, journal_records=1 << 17)
         eng.flush(10.0)
         eng._durable.stop()   # the only writer: the ring fills ahead of it
@@ -405,7 +406,7 @@ class TestDiskFull:
         assert eng.journal_seq == R
         durable_fault(eng, lib.ENG_DJ_FAULT_NOSPACE)
         try:
-            eng._durable.start()   # writes every record to R, then the next file's reservation fails
+            eng._durable.start()   # writes every record to R, then the next reservation fails
             until(lambda: writer_info(eng).written_seq == R and writer_info(eng).failure != 0,
                   "the writer writing to R and failing its reservation", IDLE_BOUND_S)
             until(lambda: int(eng.durable_seq) == eng.journal_seq,
@@ -429,7 +430,7 @@ def sampler(handle: Any, go: Any, stop: Any, q: Any) -> None:
                 v = int(eng.durable_seq)
                 if not seen or v != seen[-1]:
                     seen.append(v)
-        back = [(x, y) for x, y in zip(seen, seen[1:]) if y < x]
+        back = [(x, y) for x, y in itertools.pairwise(seen) if y < x]
         eng.close()
         q.put(("done", sorted(set(seen)), back[:3]))
     except Exception as e:
@@ -439,7 +440,7 @@ def sampler(handle: Any, go: Any, stop: Any, q: Any) -> None:
 class TestFilesAndCheckpoints:
     def test_durable_seq_read_across_a_file_boundary_and_checkpoints(
             self, made: Made, spawner: Any) -> None:
-        """Commits with riders across a file end, checkpoints every 64 records: durable_seq ends commits."""
+        """Commits with riders across a file end and checkpoints: durable_seq ends commits."""
         eng, a = booked(made, journal_prices=True, checkpoint_records=64)
         fill(eng, FILE_RECORDS - 200 - eng.journal_seq)
         go, stop, q = spawner.ctx.Event(), spawner.ctx.Event(), spawner.ctx.Queue()
@@ -474,7 +475,7 @@ class TestFilesAndCheckpoints:
 class TestAfterARestore:
     def test_durable_seq_of_a_restore_of_a_cut_commit_then_more_commits(
             self, made: Made, spawner: Any) -> None:
-        """Restored over a cut commit: durable_seq read at once ends a commit; more commits keep it so."""
+        """Restored over a cut commit: durable_seq read at once ends a commit, and after more."""
         eng, a = booked(made)
         keyed_opens(eng, a, "x", 5)
         eng.flush(10.0)
@@ -521,7 +522,7 @@ class TestRounds:
     @pytest.mark.parametrize("round_", range(8))
     def test_stopped_before_the_commit_end_rounds(self, made: Made, spawner: Any,
                                                   round_: int) -> None:
-        """Round of: holder SIGSTOPped between written_seq and written_commit_seq while others flush."""
+        """Round of: holder SIGSTOPped before written_commit_seq while others flush."""
         TestKilledBetweenWrittenAndCommitEnd(
         ).test_the_holder_stopped_before_its_commit_end_while_others_flush(made, spawner)
 
