@@ -19,7 +19,9 @@
  *   durable_seq: every record <= it is fdatasynced.  Raised (max, CAS) by
  *     whoever fdatasyncs the file of a written_seq it read; a file is
  *     fdatasynced whole before the first frame of the next is written, so
- *     only the file of written_seq can hold unsynced frames.  It may stop
+ *     only the file of written_seq can hold unsynced frames (gone when
+ *     fdatasynced: a checkpoint's prune, after it made the journal durable
+ *     past it; durable_seq >= the W read tells).  It may stop
  *     inside a commit (a batch, a file or another process's fdatasync ends
  *     anywhere), and a restore cuts a commit whose riders are missing.
  *   written_commit_seq, durable_commit_seq: the same two, kept at commit
@@ -718,7 +720,8 @@ int eng_durable_setup(eng_seg *s, const char *dir, int64_t sync_ns, uint64_t fil
 }
 
 /* A restored engine's files already hold every record <= seq (restore read
- * them back from disk): the writer continues after it.  Before
+ * them back and fsynced them: restore.py's _sync_read_files): the writer
+ * continues after it.  Before
  * eng_durable_setup only (no writer runs yet). */
 int eng_durable_continue(eng_seg *s, uint64_t seq)
 {

@@ -37,7 +37,7 @@ from procs import until
 from test_durable_adversary import durable_fault, writer_info
 from test_restore_commits_adversary import gone
 
-from engine import ClosedError, Engine, Trigger
+from engine import ClosedError, Engine, EngineError, Trigger
 from engine._native import lib
 
 HERE = pathlib.Path(__file__).parent
@@ -101,11 +101,13 @@ def booked(made: Made, **kw: Any) -> tuple[Engine, int]:
 
 
 # -- children ---------------------------------------------------------------------------------
-def holder(name: str, d: str, q: Any, cmd: Any) -> None:
+def holder(name: str, d: str, q: Any, cmd: Any, sync_ms: float | None = None) -> None:
     """Create a durable engine (its writer holds the lease), then on "fault F":
     set durable fault F and commit keyed, booked opens; on "stop": close."""
     try:
-        eng = Engine.create(64, name=name, journal=d, journal_prices=False, max_accounts=4)
+        kw = {} if sync_ms is None else {"journal_sync_ms": sync_ms}
+        eng = Engine.create(64, name=name, journal=d, journal_prices=False, max_accounts=4,
+                            **kw)
         a = eng.open_account(10**9, 10**9, 60, 10**8, key="acct")
         eng.flush(10.0)   # written by this process's writer: it holds the lease
         q.put(("ready", eng.handle, a))
@@ -419,6 +421,41 @@ class TestDiskFull:
         assert int(eng.flush(10.0)) == eng.journal_seq
 
 
+    def test_a_failed_fdatasync_while_a_reservation_fails_stops_the_engine(
+            self, made: Made, spawner: Any, tmp_path: pathlib.Path) -> None:
+        """An fdatasync failing while the disk is full: fail-stop, durable_seq never passes it."""
+        name, d = made.names(), made.dir()
+        made.dirs[name] = d
+        bad, log = tmp_path / "disk-drops-writes", tmp_path / "synced.log"
+        q, cmd = spawner.ctx.Queue(), spawner.ctx.Queue()
+        with preloaded(sync_shim()), env(ENG_TEST_SYNC_LOG=str(log),
+                                         ENG_TEST_SYNC_FAIL=str(bad)):
+            spawner.start(holder, name, str(d), q, cmd, 10_000.0)   # syncs every 10 s
+        got = q.get(timeout=60)
+        assert got[0] == "ready", got
+        eng = Engine.attach(got[1])
+        made.engines.append(eng)
+        before = int(eng.durable_seq)
+        bad.touch()   # from now the holder's fdatasync fails
+        durable_fault(eng, lib.ENG_DJ_FAULT_NOSPACE)
+        refused = None
+        for _ in range(FILE_RECORDS):   # half a file in, the next reservation fails
+            try:
+                eng.deposit(got[2], 1)
+            except EngineError as e:
+                refused = e
+                break
+        assert refused is not None
+        until(lambda: "EIO " in log.read_text(), "an fdatasync failing", IDLE_BOUND_S)
+        bad.unlink()   # the disk answers again, and has room
+        durable_fault(eng, 0)
+        with contextlib.suppress(AssertionError):   # what the writer does next, bounded
+            until(lambda: writer_info(eng).failure == 0, "", 1.0)
+        info = writer_info(eng)
+        assert info.failure < 0 and int(info.durable_seq) == before, (
+            f"after a failed fdatasync: failure {info.failure}, durable_seq {info.durable_seq} "
+            f"(was {before}): what the kernel dropped is reported durable")
+
 def sampler(handle: Any, go: Any, stop: Any, q: Any) -> None:
     """Read durable_seq in a loop until ``stop``; report the values and any step back."""
     try:
@@ -585,3 +622,5 @@ class TestBeforeSetup:
         a = eng.open_account(1000, 1000, 5, 1000, key="acct")
         eng.open_position(100.0, 1.0, side=1, account=a, key="k")
         assert int(eng.flush(10.0)) == eng.journal_seq
+
+
