@@ -456,9 +456,12 @@ static void durable_fail(eng_seg *s, eng_dw *w, int e, int reservation)
 {
     eng_durable *d = s->durable;
     w->last_fail_ns = now_ns(CLOCK_MONOTONIC);
-    int32_t zero = 0, code = e ? e : EIO;
-    __atomic_compare_exchange_n(&d->failure, &zero, reservation ? code : -code, 0,
-                                __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    int32_t cur = load_acquire_i32(&d->failure), code = e ? e : EIO;
+    /* a write or sync failure replaces a reservation's (it is never retried) */
+    while ((cur == 0 || (cur > 0 && !reservation)) &&
+           !__atomic_compare_exchange_n(&d->failure, &cur, reservation ? code : -code, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        ;
     durable_wake_room(d);
 }
 
@@ -658,9 +661,13 @@ static int dw_step(eng_seg *s, eng_dw *w, int sync_now, uint64_t upto)
         int wr = load_acquire_u64(&d->written_seq) < R
                      ? dw_write_upto(s, w, upto < R ? upto : R, upto <= R, &reservation, 0)
                      : 0;
-        if (wr == 0)   /* also with every place written (written_seq == R): the failed
-                        * retry wrote them and did not sync, nothing else would */
-            dw_sync(s, w);
+        if (wr == 0) {   /* also with every place written (written_seq == R): the
+                          * failed retry wrote them and did not sync, nothing else would */
+            int sr = dw_sync(s, w);
+            if (sr)   /* never retried, as anywhere: a later fdatasync that
+                       * succeeds says nothing of what this one dropped */
+                durable_fail(s, w, sr, 0);
+        }
         return ENG_EDURABLE;
     }
     int rc = dw_write_upto(s, w, upto, 1, &reservation, 1);
