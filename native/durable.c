@@ -19,7 +19,9 @@
  *   durable_seq: every record <= it is fdatasynced.  Raised (max, CAS) by
  *     whoever fdatasyncs the file of a written_seq it read; a file is
  *     fdatasynced whole before the first frame of the next is written, so
- *     only the file of written_seq can hold unsynced frames.  It may stop
+ *     only the file of written_seq can hold unsynced frames (gone when
+ *     fdatasynced: a checkpoint's prune, after it made the journal durable
+ *     past it; durable_seq >= the W read tells).  It may stop
  *     inside a commit (a batch, a file or another process's fdatasync ends
  *     anywhere), and a restore cuts a commit whose riders are missing.
  *   written_commit_seq, durable_commit_seq: the same two, kept at commit
@@ -454,9 +456,12 @@ static void durable_fail(eng_seg *s, eng_dw *w, int e, int reservation)
 {
     eng_durable *d = s->durable;
     w->last_fail_ns = now_ns(CLOCK_MONOTONIC);
-    int32_t zero = 0, code = e ? e : EIO;
-    __atomic_compare_exchange_n(&d->failure, &zero, reservation ? code : -code, 0,
-                                __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    int32_t cur = load_acquire_i32(&d->failure), code = e ? e : EIO;
+    /* a write or sync failure replaces a reservation's (it is never retried) */
+    while ((cur == 0 || (cur > 0 && !reservation)) &&
+           !__atomic_compare_exchange_n(&d->failure, &cur, reservation ? code : -code, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        ;
     durable_wake_room(d);
 }
 
@@ -566,6 +571,8 @@ static int dw_write_upto(eng_seg *s, eng_dw *w, uint64_t upto, int published,
         store_seq_cst_u64(&d->written_seq, W);   /* after the pwrite: pairs with the acquires */
         durable_wake_room(d);
     }
+    if (published && W >= upto && dj_fault(s, ENG_DJ_FAULT_DIE_BEFORE_COMMIT_END))
+        kill(getpid(), SIGKILL);   /* written_seq stored, written_commit_seq not raised */
     if (published && W >= upto)
         durable_raise_to(&d->written_commit_seq, upto);   /* after written_seq: <= it */
     if (ahead) {   /* every record with a place is written: now the failure */
@@ -586,8 +593,16 @@ static int dw_sync(eng_seg *s, eng_dw *w)
     uint64_t C = load_acquire_u64(&d->written_commit_seq);
     uint64_t W = load_acquire_u64(&d->written_seq);
     if (W > load_acquire_u64(&d->durable_seq)) {
+        if (dj_fault(s, ENG_DJ_FAULT_DIE_IN_SYNC))
+            kill(getpid(), SIGKILL);   /* W and C read, the file of W not synced yet */
         rc = dj_sync_file(w, dj_file_first(d, W));
         w->last_sync_ns = now_ns(CLOCK_MONOTONIC);
+        /* gone: a checkpoint's prune removed it while this caller was
+         * descheduled after reading W, and a checkpoint makes its journal
+         * durable before it prunes -- durable_seq tells (a stale flusher
+         * failed the engine for good here, -ENOENT) */
+        if (rc == ENOENT && load_acquire_u64(&d->durable_seq) >= W)
+            rc = 0;
         if (rc)
             return rc;
         durable_raise_to(&d->durable_seq, W);
@@ -643,9 +658,16 @@ static int dw_step(eng_seg *s, eng_dw *w, int sync_now, uint64_t upto)
     if (failed && now_ns(CLOCK_MONOTONIC) - w->last_fail_ns < ENG_DJ_RETRY_NS) {
         /* a reservation failed, its retry not due: what has its place is still written */
         uint64_t R = load_acquire_u64(&d->reserved_seq);
-        if (load_acquire_u64(&d->written_seq) < R &&
-            dw_write_upto(s, w, upto < R ? upto : R, upto <= R, &reservation, 0) == 0)
-            dw_sync(s, w);
+        int wr = load_acquire_u64(&d->written_seq) < R
+                     ? dw_write_upto(s, w, upto < R ? upto : R, upto <= R, &reservation, 0)
+                     : 0;
+        if (wr == 0) {   /* also with every place written (written_seq == R): the
+                          * failed retry wrote them and did not sync, nothing else would */
+            int sr = dw_sync(s, w);
+            if (sr)   /* never retried, as anywhere: a later fdatasync that
+                       * succeeds says nothing of what this one dropped */
+                durable_fail(s, w, sr, 0);
+        }
         return ENG_EDURABLE;
     }
     int rc = dw_write_upto(s, w, upto, 1, &reservation, 1);
@@ -705,7 +727,8 @@ int eng_durable_setup(eng_seg *s, const char *dir, int64_t sync_ns, uint64_t fil
 }
 
 /* A restored engine's files already hold every record <= seq (restore read
- * them back from disk): the writer continues after it.  Before
+ * them back and fsynced them: restore.py's _sync_read_files): the writer
+ * continues after it.  Before
  * eng_durable_setup only (no writer runs yet). */
 int eng_durable_continue(eng_seg *s, uint64_t seq)
 {
@@ -801,6 +824,20 @@ int eng_durable_flush(eng_seg *s, eng_dw *w, int64_t timeout_ns, uint64_t *out_s
         if (failed < 0) {   /* a write or sync failed: never retried */
             durable_fill_info(s, &durable_refused);
             return ENG_EDURABLE;
+        }
+        if (load_acquire_u32(&d->state) != 1) {
+            /* the directory is not set yet (an attach between the creator's or
+             * a restore's format and its eng_durable_setup): nothing can be
+             * written or synced -- wait for it (an fdatasync here failed with
+             * EAGAIN, and the engine for good) */
+            int64_t left = deadline - now_ns(CLOCK_MONOTONIC);
+            if (left <= 0) {
+                durable_fill_info(s, &durable_refused);
+                return ENG_ETIMEDOUT;
+            }
+            struct timespec ts = {0, left < ENG_DJ_WATCH_NS / 10 ? left : ENG_DJ_WATCH_NS / 10};
+            nanosleep(&ts, NULL);
+            continue;
         }
         if (W >= target && load_acquire_u64(&d->reserved_seq) > W) {
             /* written, and the next record has its place; a failed reservation
@@ -899,7 +936,8 @@ int eng_durable_fault(eng_seg *s, uint32_t flags)
     if (rc)
         return rc;
     if (flags & ~(uint32_t)(ENG_DJ_FAULT_NOSPACE | ENG_DJ_FAULT_DIE_MIDWRITE |
-                            ENG_DJ_FAULT_DIE_IN_CKPT) ||
+                            ENG_DJ_FAULT_DIE_IN_CKPT | ENG_DJ_FAULT_DIE_BEFORE_COMMIT_END |
+                            ENG_DJ_FAULT_DIE_IN_SYNC) ||
         (flags && !faults_allowed()))
         return ENG_EBADARG;
     store_release_u32(&s->durable->fault, flags);

@@ -861,6 +861,8 @@ typedef struct eng_shard {
 #define ENG_DJ_FAULT_NOSPACE 1             /* a reservation fails with ENOSPC */
 #define ENG_DJ_FAULT_DIE_MIDWRITE 2        /* the writer writes half a batch, then SIGKILLs itself */
 #define ENG_DJ_FAULT_DIE_IN_CKPT 4         /* a checkpoint SIGKILLs itself: its .tmp whole, not renamed */
+#define ENG_DJ_FAULT_DIE_BEFORE_COMMIT_END 8  /* the writer SIGKILLs itself after written_seq, before written_commit_seq */
+#define ENG_DJ_FAULT_DIE_IN_SYNC 16        /* an fdatasync SIGKILLs itself after reading written_seq, before the sync */
 
 /*
  * The durable area (one per durable segment, after the journal ring):
