@@ -293,6 +293,10 @@ class TestFailStop:
             assert (eng.journal_seq, eng.state(pos)) == (seq, state)   # nothing changed
         finally:
             os.kill(p.pid, signal.SIGCONT)
+        # a commit waits only ENG_DJ_ROOM_WAIT_NS for room: wait for the continued writer
+        # itself (on a loaded host it may run later than that), then its drain made room
+        until(lambda: durable_info(eng).written_seq == eng.journal_seq,
+              "the continued writer to drain the ring")
         eng.open_position(1.0, 1.0)   # the writer drained the ring: room again
         sigkill(p)
         eng.flush(timeout=10)
