@@ -284,6 +284,22 @@ def wait_stopped(pid: int, timeout: float) -> bool:
     return False
 
 
+def continue_until_answer(conn: Any, pid: int, timeout: float) -> bool:
+    """SIGCONT ``pid`` (a child) now and each time it stops again until ``conn`` holds
+    its answer; False if none came within ``timeout``.  Sequenced by the answer, not by
+    a window: a fault site may come again in one commit, and on a loaded host a stop
+    may land long after a caller gave up waiting for it."""
+    deadline = time.monotonic() + timeout
+    os.kill(pid, signal.SIGCONT)
+    while not conn.poll(0.002):
+        if time.monotonic() > deadline:
+            return False
+        info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG)
+        if info is not None and info.si_pid == pid:
+            os.kill(pid, signal.SIGCONT)
+    return True
+
+
 @contextlib.contextmanager
 def preloaded(path: str) -> Iterator[None]:
     """Children started inside get ``path`` preloaded."""

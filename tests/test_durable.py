@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from journal_audit import wait_stopped
 
 from engine import (
     ArgumentError,
@@ -281,6 +282,9 @@ class TestFailStop:
         pos = eng.open_position(1.0, 1.0)
         os.kill(p.pid, signal.SIGSTOP)
         try:
+            # kill() returns before the stop: the holder's writer thread may write on
+            # until its main thread takes the stop (on a loaded host, the whole loop below)
+            assert wait_stopped(p.pid, READY_TIMEOUT), "the writer never stopped"
             with pytest.raises(JournalFullError, match=f"pid {p.pid}") as err:
                 for _ in range(40):   # at most a ring of 16 records fits
                     eng.open_position(1.0, 1.0)
@@ -293,6 +297,10 @@ class TestFailStop:
             assert (eng.journal_seq, eng.state(pos)) == (seq, state)   # nothing changed
         finally:
             os.kill(p.pid, signal.SIGCONT)
+        # a commit waits only ENG_DJ_ROOM_WAIT_NS for room: wait for the continued writer
+        # itself (on a loaded host it may run later than that), then its drain made room
+        until(lambda: durable_info(eng).written_seq == eng.journal_seq,
+              "the continued writer to drain the ring")
         eng.open_position(1.0, 1.0)   # the writer drained the ring: room again
         sigkill(p)
         eng.flush(timeout=10)

@@ -48,6 +48,7 @@ from durable_helpers import (
     whole_after_cut,
     whole_commits,
 )
+from journal_audit import wait_stopped
 
 from engine import BusyError, Engine, EngineError, SegmentError, SegmentNotFoundError
 from engine._native import lib
@@ -918,6 +919,9 @@ class TestLease:
         assert writer_info(eng).writer_pid == child.pid, "the child does not hold the lease"
         os.kill(child.pid, signal.SIGSTOP)
         try:
+            # kill() returns before the stop: the holder's writer thread may write on
+            # until its main thread takes the stop (on a loaded host, the whole loop below)
+            assert wait_stopped(child.pid, 60), "the lease holder never stopped"
             refused = None
             for _ in range(40):
                 cash = eng.account(acct).cash
@@ -932,6 +936,9 @@ class TestLease:
             assert refused is not None, "40 commits into a ring of 16 behind a stopped writer"
         finally:
             os.kill(child.pid, signal.SIGCONT)
+        # a commit waits only ENG_DJ_ROOM_WAIT_NS for room: on a loaded host the continued
+        # holder may run later than that, so wait for it to write the whole ring first
+        flushed(eng)
         for _ in range(20):
             eng.deposit(acct, 2)
         got = flushed(eng)

@@ -28,6 +28,7 @@ from journal_audit import (
     Segment,
     World,
     check_seqs,
+    continue_until_answer,
     drain,
     faults_off,
     faults_on,
@@ -188,11 +189,10 @@ def stop_round(make_engine: Any, spawner: Any, kind: str,
                 for ev in eng.events(since=after, timeout=0):
                     got.append(ev)
                     after = ev.seq
-                for _ in range(16):   # the same site may come again in one commit
-                    os.kill(child.pid, signal.SIGCONT)
-                    if not wait_stopped(child.pid, 0.5):
-                        break
-            assert mine.poll(STOP_TIMEOUT), f"{kind} at {name}: the writer never finished"
+            # on from each stop (the same site may come again in one commit, or stop
+            # after the 5 s above on a loaded host) until the writer answers
+            assert continue_until_answer(mine, child.pid, STOP_TIMEOUT), \
+                f"{kind} at {name}: the writer never finished"
             mine.recv()
             for ev in eng.events(since=after, timeout=0):   # resumes in order
                 got.append(ev)
@@ -306,11 +306,7 @@ class TestWrapOntoStoppedRecord:
                     assert not half, f"stopped at {name}: half-done commits {half}"
                     assert set(res) <= {"APPLIED", "CONFLICT", "BusyError"}, res
                     summary.append((name, res.count("APPLIED"), len(res)))
-                    for _ in range(16):
-                        os.kill(child.pid, signal.SIGCONT)
-                        if not wait_stopped(child.pid, 0.5):
-                            break
-                assert mine.poll(STOP_TIMEOUT)
+                assert continue_until_answer(mine, child.pid, STOP_TIMEOUT)
                 mine.recv()
             mine.send(None)
         finally:
@@ -389,11 +385,8 @@ class TestSameObjectWhileStopped:
                     seen += same_object_commits(eng, kind, w, j)
                     got += list(eng.events(since=after, timeout=0))
                     after = got[-1].seq if got else after
-                    for _ in range(16):
-                        os.kill(child.pid, signal.SIGCONT)
-                        if not wait_stopped(child.pid, 0.5):
-                            break
-                assert mine.poll(STOP_TIMEOUT), f"{kind} at {name}: the writer never finished"
+                assert continue_until_answer(mine, child.pid, STOP_TIMEOUT), \
+                    f"{kind} at {name}: the writer never finished"
                 mine.recv()
             mine.send(None)
         finally:

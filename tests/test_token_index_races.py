@@ -42,6 +42,7 @@ import threading
 import time
 from typing import Any
 
+from journal_audit import wait_stopped
 from procs import JOIN_TIMEOUT, READY_TIMEOUT, collect, sigkill
 
 from engine import (
@@ -147,7 +148,9 @@ def stop_holding_bucket(eng: Engine, p: Any, bucket: int) -> int:
     """SIGSTOP ``p`` at a moment it holds ``bucket``'s lock; returns its token."""
     for _ in range(2000):
         os.kill(p.pid, signal.SIGSTOP)
-        time.sleep(0.002)   # let the stop land
+        # kill() returns before the stop lands: a fixed sleep may end first on a loaded
+        # host, and a feeder still running lets go of the lock it was just seen holding
+        assert wait_stopped(p.pid, READY_TIMEOUT), "the feeder never stopped"
         holder = held_buckets(eng).get(bucket)
         if holder:
             return holder
