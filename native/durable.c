@@ -457,7 +457,8 @@ static void durable_fail(eng_seg *s, eng_dw *w, int e, int reservation)
     eng_durable *d = s->durable;
     w->last_fail_ns = now_ns(CLOCK_MONOTONIC);
     int32_t cur = load_acquire_i32(&d->failure), code = e ? e : EIO;
-    /* a write or sync failure replaces a reservation's (it is never retried) */
+    /* a write or sync failure replaces a reservation's (it is never retried);
+     * a CAS is lost only to another failure or a retry's clear: bounded */
     while ((cur == 0 || (cur > 0 && !reservation)) &&
            !__atomic_compare_exchange_n(&d->failure, &cur, reservation ? code : -code, 0,
                                         __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
@@ -571,10 +572,11 @@ static int dw_write_upto(eng_seg *s, eng_dw *w, uint64_t upto, int published,
         store_seq_cst_u64(&d->written_seq, W);   /* after the pwrite: pairs with the acquires */
         durable_wake_room(d);
     }
-    if (published && W >= upto && dj_fault(s, ENG_DJ_FAULT_DIE_BEFORE_COMMIT_END))
-        kill(getpid(), SIGKILL);   /* written_seq stored, written_commit_seq not raised */
-    if (published && W >= upto)
+    if (published && W >= upto) {
+        if (dj_fault(s, ENG_DJ_FAULT_DIE_BEFORE_COMMIT_END))
+            kill(getpid(), SIGKILL);   /* written_seq stored, written_commit_seq not raised */
         durable_raise_to(&d->written_commit_seq, upto);   /* after written_seq: <= it */
+    }
     if (ahead) {   /* every record with a place is written: now the failure */
         *reservation = 1;
         return ahead;
