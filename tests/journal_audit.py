@@ -254,19 +254,25 @@ def forked(fn: Callable[..., int], *args: Any, timeout: float = 60.0) -> int:
         time.sleep(0.002)
 
 
-_SHIM: list[str] = []
+_SHIMS: dict[str, str] = {}
+
+
+def compiled_shim(source: str) -> str:
+    """tests/<source> built once per process as a preload library; its path."""
+    if source not in _SHIMS:
+        stem = source.removesuffix(".c")
+        out = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"eng_{stem}_{os.getpid()}.so"
+        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(out),
+                        str(HERE / source), "-ldl"], check=True)
+        _SHIMS[source] = str(out)
+    return _SHIMS[source]
 
 
 def stop_shim() -> str:
     """A preload library that turns a fault site's self-SIGKILL into a SIGSTOP
     (when ENG_TEST_STOP_NOT_KILL is set in the process): the process stops at
     exactly that step and goes on from it after SIGCONT."""
-    if not _SHIM:
-        out = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"eng_stop_shim_{os.getpid()}.so"
-        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(out),
-                        str(HERE / "stop_shim.c"), "-ldl"], check=True)
-        _SHIM.append(str(out))
-    return _SHIM[0]
+    return compiled_shim("stop_shim.c")
 
 
 def wait_stopped(pid: int, timeout: float) -> bool:

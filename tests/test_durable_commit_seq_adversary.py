@@ -17,7 +17,6 @@ import itertools
 import os
 import pathlib
 import signal
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +31,7 @@ from durable_helpers import (  # noqa: F401
     riders_by_seq,
     valid_records,
 )
-from journal_audit import preloaded, stop_shim, wait_stopped
+from journal_audit import compiled_shim, preloaded, stop_shim, wait_stopped
 from procs import until
 from test_durable_adversary import durable_fault, writer_info
 from test_restore_commits_adversary import gone
@@ -40,23 +39,14 @@ from test_restore_commits_adversary import gone
 from engine import ClosedError, Engine, EngineError, Trigger
 from engine._native import lib
 
-HERE = pathlib.Path(__file__).parent
 FILE_RECORDS = lib.ENG_DJ_FILE_RECORDS
 #: a bound for the idle writer to bring durable_seq to the journal seq (many sync periods)
 IDLE_BOUND_S = 10.0
 
-_SYNC_SHIM: list[str] = []
-
-
 def sync_shim() -> str:
     """A preload library that logs the path of every successful fsync and
     fdatasync to $ENG_TEST_SYNC_LOG (tests/sync_shim.c)."""
-    if not _SYNC_SHIM:
-        out = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"eng_sync_shim_{os.getpid()}.so"
-        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(out),
-                        str(HERE / "sync_shim.c"), "-ldl"], check=True)
-        _SYNC_SHIM.append(str(out))
-    return _SYNC_SHIM[0]
+    return compiled_shim("sync_shim.c")
 
 
 @contextlib.contextmanager

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from durable_helpers import (  # noqa: F401
@@ -354,13 +355,26 @@ class TestCheckpointAroundACommit:
         assert got.restore_report.last_seq == (start + 3 if kept == 3 else start)
 
 
+def exit_with(body: Callable[[], None]) -> NoReturn:
+    """A child's end: os._exit(0) after ``body``, or 2 with its traceback printed."""
+    try:
+        body()
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        os._exit(2)
+    os._exit(0)
+
+
 def commit_loop(handle: Any, acct: int, ready: Any, stop: Any) -> None:
     """Child: keyed booked opens, their booked closes and releases, until ``stop``."""
     from engine import Trigger as T
     eng = Engine.attach(handle)
-    i = 0
-    try:
-        while not stop.is_set() and i < 100_000:
+
+    def body() -> None:
+        for i in range(100_000):
+            if stop.is_set():
+                return
             if i == 1:
                 ready.set()
             p = eng.open_position(100.0, 1.0, side=1, account=acct, key=f"c-{i}")
@@ -368,12 +382,7 @@ def commit_loop(handle: Any, acct: int, ready: Any, stop: Any) -> None:
                 eng.transition(p, trig)
             eng.transition(p, T.EXIT_COMPLETED, exit_price=100.5)
             eng.release_position(p)
-            i += 1
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        os._exit(2)
-    os._exit(0)
+    exit_with(body)
 
 
 class TestFlushEndsACommit:
@@ -410,15 +419,12 @@ class TestFlushEndsACommit:
 def flush_loop(handle: Any, ready: Any, stop: Any) -> None:
     """Child: flush() in a loop until ``stop`` (its fdatasync lands anywhere in the writing)."""
     eng = Engine.attach(handle)
-    try:
+
+    def body() -> None:
         ready.set()
         while not stop.is_set():
             eng.flush(10.0)
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        os._exit(2)
-    os._exit(0)
+    exit_with(body)
 
 
 class TestDurableSeqEndsACommit:
