@@ -1,0 +1,154 @@
+"""Closing an account on Redis on an operator's bad day: the close's reply
+lost and the call resent, writes paused past the url's timeout, a full
+server, the library flushed.
+
+The property: a close applies exactly once or not at all, and says which;
+its journal record (kind ``account``) carries version == previous + 1,
+one record per close; the account's version never moves twice for one close."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+from conftest import redis_url
+from procs import readable
+from test_redis_calls import GUARDED, _again, _stall_after_queued, debug_server  # noqa: F401
+
+from engine import Engine, ServerError
+from engine.journal import Event
+from engine.store.redis.journal import RedisJournal
+from engine.tools.redis_server import PrivateRedis
+
+
+
+def _made(url: str) -> tuple[Engine, RedisJournal, int]:
+    """A journaled engine with one open account (no positions)."""
+    e = Engine.create(16, url=url, spec=GUARDED)
+    r = redis.Redis.from_url(e.url.split("?")[0])
+    for k in e._seg.meta_keys:
+        r.hset(k, mapping={"jrec": 1000, "jprices": 0})
+    a = e.open_account(cash=100, max_exposure=100, max_positions=4, max_loss=100)
+    e.deposit(a, 1)   # a version past the open's
+    return e, RedisJournal(e._seg, e.spec), a
+
+
+def _hash(e: Engine, a: int) -> dict[bytes, bytes]:
+    """The account's record on its shard, read straight from Redis."""
+    from engine.store.redis.store import ID_SLOT_MASK
+    n = a & ID_SLOT_MASK
+    P = e._seg.prefixes[n % e._seg.shards]
+    return redis.Redis.from_url(e.url.split("?")[0]).hgetall(f"{P}a:{n}")
+
+
+def _records(j: RedisJournal, a: int) -> list[Event]:
+    return [ev for ev in j.read(0, 1000) if ev.kind == "account" and ev.id == a]
+
+
+def _version(e: Engine, a: int) -> int:
+    return int(_hash(e, a)[b"version"])
+
+
+def _closed_once(e: Engine, j: RedisJournal, a: int, v0: int, n0: int) -> None:
+    """Applied once: one close record more, version v0 + 1 in it and on the account."""
+    recs = _records(j, a)
+    assert len(recs) == n0 + 1, f"{len(recs) - n0} close records for one close"
+    assert recs[-1].record.version == v0 + 1, "the close record's version is not previous + 1"
+    h = _hash(e, a)
+    assert h[b"open"] == b"0", "a close record without the close"
+    assert int(h[b"version"]) == v0 + 1, "the version moved twice (or not at all) for one close"
+
+
+def _not_closed(e: Engine, j: RedisJournal, a: int, v0: int, n0: int) -> None:
+    """Applied nothing: no close record, version and open flag unchanged."""
+    assert len(_records(j, a)) == n0, "a close record without the close"
+    h = _hash(e, a)
+    assert h[b"open"] == b"1", "the close applied though refused"
+    assert int(h[b"version"]) == v0, "the version moved for a refused close"
+
+
+def _close(e: Engine) -> None:
+    try:
+        e.unlink()
+        e.close()
+    except ServerError:
+        pass
+
+
+class TestLostReply:
+    def test_a_close_whose_reply_is_lost_is_resent_and_applies_once(self):
+        """A close whose reply is lost with its connection, resent: one version bump, one record."""
+        e, j, a = _made(redis_url())
+        try:
+            v0, n0 = _version(e, a), len(_records(j, a))
+            conn = e._seg.conn.conn
+            cid = e._seg.conn.command("CLIENT", "ID")
+            admin = redis.Redis.from_url(redis_url())
+            read = conn.read_response
+            killed: list[int] = []
+
+            def lose_reply(*args: Any, **kw: Any) -> Any:
+                conn.read_response = read   # once
+                assert readable(conn._sock, 10), "no reply"   # the function ran
+                admin.execute_command("CLIENT", "KILL", "ID", cid)
+                killed.append(cid)
+                conn.disconnect()   # with the reply in its buffer
+                raise redis.ConnectionError("killed before the reply was read")
+
+            conn.read_response = lose_reply
+            e.close_account(a)
+            assert killed, "the fault never happened"
+            _closed_once(e, j, a, v0, n0)
+        finally:
+            _close(e)
+
+
+class TestPausedWrites:
+    def test_a_close_given_up_on_in_a_write_pause_applies_once(self, debug_server):  # noqa: F811
+        """A close stalled past the url's timeout, made again: applied once, one record."""
+        e, j, a = _made(debug_server.url + "?timeout=0.5")
+        try:
+            v0, n0 = _version(e, a), len(_records(j, a))
+            stall = _stall_after_queued(debug_server.url, debug_server.port)
+            with pytest.raises(ServerError, match="not known to have applied"):
+                e.close_account(a)
+            _again(lambda: e.close_account(a))
+            stall.join(10)
+            _closed_once(e, j, a, v0, n0)
+        finally:
+            _close(e)
+
+
+class TestFullServer:
+    def test_a_close_on_a_full_server_is_refused_and_applies_nothing(self):
+        """At maxmemory (noeviction) a close raises ServerError and applies nothing; then once."""
+        with PrivateRedis() as srv:
+            e, j, a = _made(srv.url)
+            admin = redis.Redis.from_url(srv.url)
+            try:
+                v0, n0 = _version(e, a), len(_records(j, a))
+                admin.config_set("maxmemory", "1")
+                try:
+                    with pytest.raises(ServerError, match="maxmemory"):
+                        e.close_account(a)
+                finally:
+                    admin.config_set("maxmemory", "0")
+                _not_closed(e, j, a, v0, n0)
+                e.close_account(a)
+                _closed_once(e, j, a, v0, n0)
+            finally:
+                _close(e)
+
+
+class TestFunctionFlush:
+    def test_a_close_after_function_flush_applies_once(self):
+        """After FUNCTION FLUSH a close loads the library again and applies once."""
+        e, j, a = _made(redis_url())
+        try:
+            v0, n0 = _version(e, a), len(_records(j, a))
+            redis.Redis.from_url(redis_url()).function_flush()
+            e.close_account(a)
+            _closed_once(e, j, a, v0, n0)
+        finally:
+            _close(e)
