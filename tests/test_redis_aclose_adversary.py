@@ -8,18 +8,23 @@ one record per close; the account's version never moves twice for one close."""
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import pytest
 import redis
 from conftest import redis_url
-from procs import readable
+from procs import readable, until
 from test_redis_calls import GUARDED, _again, _stall_after_queued, debug_server  # noqa: F401
 
-from engine import Engine, ServerError
+from engine import Engine, EngineError, ServerError
+from engine._native import lib
 from engine.journal import Event
 from engine.store.redis.journal import RedisJournal
 from engine.tools.redis_server import PrivateRedis
+
+ID_SLOT_MASK = lib.ENG_ID_SLOT_MASK
 
 
 
@@ -36,7 +41,6 @@ def _made(url: str) -> tuple[Engine, RedisJournal, int]:
 
 def _hash(e: Engine, a: int) -> dict[bytes, bytes]:
     """The account's record on its shard, read straight from Redis."""
-    from engine.store.redis.store import ID_SLOT_MASK
     n = a & ID_SLOT_MASK
     P = e._seg.prefixes[n % e._seg.shards]
     return redis.Redis.from_url(e.url.split("?")[0]).hgetall(f"{P}a:{n}")
@@ -152,3 +156,54 @@ class TestFunctionFlush:
             _closed_once(e, j, a, v0, n0)
         finally:
             _close(e)
+
+
+class TestKilledServer:
+    def test_kill_9_between_a_close_and_its_reply_applies_once(self):
+        """kill -9 of the server (AOF, fsync always) after the close ran, before its reply: once."""
+        with PrivateRedis(appendfsync="always") as server:
+            e, j, a = _made(server.url + "?timeout=2")
+            try:
+                v0, n0 = _version(e, a), len(_records(j, a))
+                conn = e._seg.conn.conn
+                read = conn.read_response
+                killed: list[int] = []
+
+                def kill_then_read(*args: Any, **kw: Any) -> Any:
+                    conn.read_response = read   # once
+                    assert readable(conn._sock, 10), "no reply"   # the close ran (fsynced)
+                    server.restart(kill=True)
+                    killed.append(1)
+                    conn.disconnect()
+                    raise redis.ConnectionError("the server died before the reply was read")
+
+                conn.read_response = kill_then_read
+                e.close_account(a)   # resent to the restarted server: the first reply
+                assert killed, "the fault never happened"
+                _closed_once(e, j, a, v0, n0)
+            finally:
+                _close(e)
+
+
+class TestFailover:
+    def test_a_waited_close_survives_a_replica_promotion_once(self):
+        """A close returned with ?wait=1, then the primary killed and the replica promoted: once."""
+        with PrivateRedis() as primary, PrivateRedis(replicaof=primary.port) as replica:
+            rep = redis.Redis.from_url(replica.url)
+            until(lambda: rep.info("replication")["master_link_status"] == "up",
+                  "the replica to sync")
+            e, _, a = _made(primary.url + "?wait=1&timeout=2")
+            j0 = RedisJournal(e._seg, e.spec)
+            v0, n0 = _version(e, a), len(_records(j0, a))
+            e.close_account(a)
+            assert primary.proc is not None
+            os.kill(primary.proc.pid, signal.SIGKILL)
+            primary.proc.wait()
+            rep.execute_command("REPLICAOF", "NO", "ONE")
+            with Engine.attach(e.handle, url=replica.url) as promoted:
+                j = RedisJournal(promoted._seg, promoted.spec)
+                _closed_once(promoted, j, a, v0, n0)
+                with pytest.raises(EngineError):   # closed: a second close is refused
+                    promoted.close_account(a)
+                _closed_once(promoted, j, a, v0, n0)
+            e.close()
