@@ -108,6 +108,38 @@ class TestLostReply:
             _close(e)
 
 
+class TestIdleConnection:
+    def test_a_close_after_the_server_closed_the_idle_connection_applies_once(self):
+        """A close after the server closed the idle connection goes on a new one, applied once."""
+        with PrivateRedis() as srv:
+            e, j, a = _made(srv.url)
+            try:
+                v0, n0 = _version(e, a), len(_records(j, a))
+                cid = e._seg.conn.command("CLIENT", "ID")
+                admin = redis.Redis.from_url(srv.url)
+                admin.config_set("timeout", 1)
+                until(lambda: str(cid) not in {c["id"] for c in admin.client_list()},
+                      "the server closing the idle connection", 20)
+                e.close_account(a)
+                _closed_once(e, j, a, v0, n0)
+            finally:
+                _close(e)
+
+
+class TestRefusedClose:
+    def test_a_close_of_an_account_with_open_positions_applies_nothing(self):
+        """A close refused (open positions): a typed error, no record, version unchanged."""
+        e, j, a = _made(redis_url())
+        try:
+            e.open_position(100.0, 1.0, account=a)
+            v0, n0 = _version(e, a), len(_records(j, a))
+            with pytest.raises(EngineError):
+                e.close_account(a)
+            _not_closed(e, j, a, v0, n0)
+        finally:
+            _close(e)
+
+
 class TestPausedWrites:
     def test_a_close_given_up_on_in_a_write_pause_applies_once(self, debug_server):  # noqa: F811
         """A close stalled past the url's timeout, made again: applied once, one record."""
