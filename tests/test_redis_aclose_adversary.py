@@ -16,6 +16,8 @@ import pytest
 import redis
 from conftest import redis_url
 from procs import readable, until
+from test_redis import cluster  # noqa: F401 - the 3-node cluster fixture
+from test_redis_account_shards import _begin_move, _end_move, _move_keys, _slot_mover
 from test_redis_calls import GUARDED, _again, _stall_after_queued, debug_server  # noqa: F401
 
 from engine import Engine, EngineError, ServerError
@@ -28,10 +30,19 @@ ID_SLOT_MASK = lib.ENG_ID_SLOT_MASK
 
 
 
-def _made(url: str) -> tuple[Engine, RedisJournal, int]:
+def _client(e: Engine) -> Any:
+    """A client of the engine's server (a cluster client on a cluster)."""
+    url = e.url.split("?")[0]
+    if url.startswith("redis+cluster"):
+        from redis.cluster import RedisCluster
+        return RedisCluster.from_url(url.replace("redis+cluster", "redis"))
+    return redis.Redis.from_url(url)
+
+
+def _made(url: str, **kw: Any) -> tuple[Engine, RedisJournal, int]:
     """A journaled engine with one open account (no positions)."""
-    e = Engine.create(16, url=url, spec=GUARDED)
-    r = redis.Redis.from_url(e.url.split("?")[0])
+    e = Engine.create(16, url=url, spec=GUARDED, **kw)
+    r = _client(e)
     for k in e._seg.meta_keys:
         r.hset(k, mapping={"jrec": 1000, "jprices": 0})
     a = e.open_account(cash=100, max_exposure=100, max_positions=4, max_loss=100)
@@ -43,11 +54,19 @@ def _hash(e: Engine, a: int) -> dict[bytes, bytes]:
     """The account's record on its shard, read straight from Redis."""
     n = a & ID_SLOT_MASK
     P = e._seg.prefixes[n % e._seg.shards]
-    return redis.Redis.from_url(e.url.split("?")[0]).hgetall(f"{P}a:{n}")
+    got: dict[bytes, bytes] = _client(e).hgetall(f"{P}a:{n}")
+    return got
 
 
 def _records(j: RedisJournal, a: int) -> list[Event]:
-    return [ev for ev in j.read(0, 1000) if ev.kind == "account" and ev.id == a]
+    """The account's records, every shard's stream read with a cursor."""
+    out: list[Event] = []
+    cursor = (0,) * len(j.shards)
+    while True:
+        got, cursor = j.read_cursor(cursor, 1000)
+        if not got:
+            return [ev for ev in out if ev.kind == "account" and ev.id == a]
+        out += got
 
 
 def _version(e: Engine, a: int) -> int:
@@ -239,3 +258,35 @@ class TestFailover:
                     promoted.close_account(a)
                 _closed_once(promoted, j, a, v0, n0)
             e.close()
+
+
+class TestReshard:
+    def test_a_close_with_its_keys_split_over_two_nodes_is_refused_whole(
+            self, cluster):  # noqa: F811
+        """A close whose account moved to the importing node, its free list not: refused whole.
+
+        The account's shard slot is MIGRATING with only the account record on
+        the importing node: the close's declared keys straddle two nodes, the
+        server refuses it before it runs (no record, no version move); after
+        the move it applies once.
+        """
+        e, j, a = _made(cluster + "?timeout=1", shards=3, max_accounts=12)
+        try:
+            n = a & ID_SLOT_MASK
+            s = n % 3
+            P = e._seg.prefixes[s]
+            v0, n0 = _version(e, a), len(_records(j, a))
+            rc, slot, source, target, ids = _slot_mover(e, s)
+            _begin_move(rc, slot, source, target, ids)
+            try:
+                _move_keys(rc, slot, source, target, [f"{P}a:{n}".encode()])
+                with pytest.raises(ServerError):
+                    e.close_account(a)
+                _move_keys(rc, slot, source, target)
+            finally:
+                _end_move(rc, slot, target, ids)
+            _not_closed(e, j, a, v0, n0)
+            e.close_account(a)
+            _closed_once(e, j, a, v0, n0)
+        finally:
+            _close(e)
