@@ -91,6 +91,31 @@ def _not_closed(e: Engine, j: RedisJournal, a: int, v0: int, n0: int) -> None:
     assert int(h[b"version"]) == v0, "the version moved for a refused close"
 
 
+def _lose_close_reply(e: Engine, a: int, fault: Any) -> list[int]:
+    """The next close's reply lost: once the close ran on the server (its
+    account reads closed there), ``fault()`` runs (it breaks the connection
+    or the server) and the reply is never read; the call is resent."""
+    conn = e._seg.conn.conn
+    read = conn.read_response
+    seen: list[int] = []
+    reads = [0]
+
+    def lose_reply(*args: Any, **kw: Any) -> Any:
+        reads[0] += 1
+        if reads[0] < 2:   # close_account reads the account first
+            return read(*args, **kw)
+        conn.read_response = read   # once
+        assert readable(conn._sock, 10), "no reply"   # the close ran
+        assert _hash(e, a)[b"open"] == b"0", "the reply lost is not the close's"
+        fault()
+        seen.append(1)
+        conn.disconnect()   # with the reply in its buffer
+        raise redis.ConnectionError("the reply was lost")
+
+    conn.read_response = lose_reply
+    return seen
+
+
 def _close(e: Engine) -> None:
     try:
         e.unlink()
@@ -105,24 +130,62 @@ class TestLostReply:
         e, j, a = _made(redis_url())
         try:
             v0, n0 = _version(e, a), len(_records(j, a))
+            cid = e._seg.conn.command("CLIENT", "ID")
+            admin = redis.Redis.from_url(redis_url())
+            killed = _lose_close_reply(e, a, lambda: admin.execute_command("CLIENT", "KILL",
+                                                                           "ID", cid))
+            e.close_account(a)
+            assert killed, "the fault never happened"
+            _closed_once(e, j, a, v0, n0)
+        finally:
+            _close(e)
+
+
+    def test_a_resent_close_never_closes_the_account_that_took_its_slot(self):
+        """A close's reply lost; its slot reopened before the resend: the new account untouched.
+
+        One account slot: the close runs, its reply is lost, another handle
+        opens an account (the same slot, the next op) before the close is
+        resent; the resend returns the first reply and neither closes the
+        new account nor moves its version, and the old one has one record.
+        """
+        e, j, a = _made(redis_url(), max_accounts=1)
+        try:
+            v0, n0 = _version(e, a), len(_records(j, a))
+            other = Engine.attach(e.handle)
             conn = e._seg.conn.conn
             cid = e._seg.conn.command("CLIENT", "ID")
             admin = redis.Redis.from_url(redis_url())
             read = conn.read_response
-            killed: list[int] = []
+            reopened: list[int] = []
+            reads = [0]
 
             def lose_reply(*args: Any, **kw: Any) -> Any:
+                reads[0] += 1
+                if reads[0] < 2:   # close_account reads the account first
+                    return read(*args, **kw)
                 conn.read_response = read   # once
-                assert readable(conn._sock, 10), "no reply"   # the function ran
+                assert readable(conn._sock, 10), "no reply"   # the close ran
                 admin.execute_command("CLIENT", "KILL", "ID", cid)
-                killed.append(cid)
-                conn.disconnect()   # with the reply in its buffer
+                conn.disconnect()
+                reopened.append(other.open_account(cash=7, max_exposure=7, max_positions=1,
+                                                   max_loss=7))
                 raise redis.ConnectionError("killed before the reply was read")
 
-            conn.read_response = lose_reply
-            e.close_account(a)
-            assert killed, "the fault never happened"
-            _closed_once(e, j, a, v0, n0)
+            try:
+                conn.read_response = lose_reply
+                e.close_account(a)
+                assert reopened, "the fault never happened"
+                b = reopened[0]
+                assert b & ID_SLOT_MASK == a & ID_SLOT_MASK and b != a   # its slot, a new id
+                closes = [ev for ev in _records(j, a)][n0:]
+                assert len(closes) == 1 and closes[0].record.version == v0 + 1
+                assert other.account(b).cash == 7, "the resend closed the new account"
+                assert [ev.record.version for ev in _records(j, b)] == \
+                    [other.account(b).version], "the resend moved the new account's version"
+                assert _hash(e, b)[b"open"] == b"1"
+            finally:
+                other.close()
         finally:
             _close(e)
 
@@ -216,19 +279,7 @@ class TestKilledServer:
             e, j, a = _made(server.url + "?timeout=2")
             try:
                 v0, n0 = _version(e, a), len(_records(j, a))
-                conn = e._seg.conn.conn
-                read = conn.read_response
-                killed: list[int] = []
-
-                def kill_then_read(*args: Any, **kw: Any) -> Any:
-                    conn.read_response = read   # once
-                    assert readable(conn._sock, 10), "no reply"   # the close ran (fsynced)
-                    server.restart(kill=True)
-                    killed.append(1)
-                    conn.disconnect()
-                    raise redis.ConnectionError("the server died before the reply was read")
-
-                conn.read_response = kill_then_read
+                killed = _lose_close_reply(e, a, lambda: server.restart(kill=True))
                 e.close_account(a)   # resent to the restarted server: the first reply
                 assert killed, "the fault never happened"
                 _closed_once(e, j, a, v0, n0)
